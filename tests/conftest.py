@@ -1,0 +1,41 @@
+"""Test-wide policy: facility markers, the must-work switch, and stores on tmpfs.
+
+A test marked `@pytest.mark.needs("overlay_userns", ...)` is skipped with the probe's reason when
+the host lacks a facility — unless the facility is named in `VELO_TEST_MUST_WORK` (comma separated,
+or `all`), where the skip becomes a failure. `.ci/run` sets that list, so on CI machines nothing the
+product promises can go silently untested.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["tests.helpers.fixtures"]
+
+
+def must_work() -> set[str]:
+    return {w.strip() for w in os.environ.get("VELO_TEST_MUST_WORK", "").split(",") if w.strip()}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*features): skip unless the probe finds the features")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("needs")
+    if marker is None:
+        return
+    from veloverlay import probe
+
+    caps = probe.detect()
+    required = must_work()
+    for name in marker.args:
+        feature = caps.feature(name)
+        if feature.ok:
+            continue
+        msg = f"{name}: {feature.reason}"
+        if name in required or "all" in required:
+            pytest.fail(f"VELO_TEST_MUST_WORK names {name!r} but the probe says: {msg}")
+        pytest.skip(msg)

@@ -1,0 +1,65 @@
+"""BLAKE3 digests: the only module that imports blake3.
+
+A `Digest` is the 32 raw bytes; its hex form names objects on disk. Hashing never starts threads
+(`max_threads` stays 1): a process that ever ran threads cannot create a user namespace, and the
+session manager must be able to.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NewType
+
+import blake3
+
+__all__ = ["Digest", "DIGEST_SIZE", "hash_bytes", "Hasher", "hash_fd", "from_hex", "node_digest"]
+
+Digest = NewType("Digest", bytes)
+DIGEST_SIZE = 32
+_CHUNK = 1 << 20
+# Domain separation: a directory node never hashes like a file with the same bytes.
+_NODE_KEY = b"veloverlay-dir-node-v1\0"
+
+
+def hash_bytes(data: bytes | memoryview) -> Digest:
+    return Digest(blake3.blake3(data).digest())
+
+
+def node_digest(encoding: bytes) -> Digest:
+    h = blake3.blake3(_NODE_KEY)
+    h.update(encoding)
+    return Digest(h.digest())
+
+
+class Hasher:
+    """Incremental hasher for streamed content."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+
+    def digest(self) -> Digest:
+        return Digest(self._h.digest())
+
+
+def hash_fd(fd: int) -> tuple[Digest, int]:
+    """Hash everything readable from `fd` (from its current offset); return digest and length."""
+    h = blake3.blake3()
+    total = 0
+    while True:
+        chunk = os.read(fd, _CHUNK)
+        if not chunk:
+            return Digest(h.digest()), total
+        h.update(chunk)
+        total += len(chunk)
+
+
+def from_hex(text: str) -> Digest:
+    raw = bytes.fromhex(text)
+    if len(raw) != DIGEST_SIZE:
+        raise ValueError(f"a digest has {DIGEST_SIZE * 2} hex digits, got {len(text)}")
+    return Digest(raw)

@@ -1,0 +1,23 @@
+"""Every environment variable veloverlay reads, with its meaning (the README table follows this)."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["VARS", "get"]
+
+VARS: dict[str, str] = {
+    "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay)",
+    "VELO_FORCE_LOWER": "force the lower-layer form: 'links' or 'data-only'",
+    "VELO_MAP_SIZE": "LMDB map size in bytes for a new environment (default 64 GiB, sparse)",
+    "VELO_JOBS": "worker processes for ingest and fsck (default: CPU count)",
+    "NO_COLOR": "disable colour in output",
+    "VELO_TEST_MUST_WORK": "tests: comma-separated probe features whose skips become failures",
+    "VELO_INTERNAL__TEST_UID": "tests: the unprivileged uid for root-free tests (default 1500)",
+    "VELO_INTERNAL__TEST_FAULT": "tests: inject a fault at a named point (crash tests)",
+}
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    assert name in VARS, name
+    return os.environ.get(name, default)

@@ -1,0 +1,145 @@
+"""Errors with a machine-readable reason.
+
+Every failure the user can meet is a `VeloError` carrying a `Reason` (a stable slug that scripts and
+tests match on, never the wording), an optional `hint`, and an optional `detail`. Failed syscalls raise
+`SysError`, an `OSError` that also names the call and the path(s), so library users can keep catching
+`OSError`. This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+
+__all__ = ["Reason", "VeloError", "SysError", "syscall_hint"]
+
+
+class Reason(enum.Enum):
+    """Why an operation failed. The value is the slug printed as `reason: <slug>`."""
+
+    # input and names
+    BAD_NAME = "bad-name"
+    BAD_PATH = "bad-path"
+    BAD_REF = "bad-ref"
+    NOT_FOUND = "not-found"
+    EXISTS = "exists"
+    SPECIAL_FILE = "special-file"
+    NOT_A_DIRECTORY = "not-a-directory"
+    ESCAPES_ROOT = "escapes-root"
+    # store and manifests
+    STORE_MISSING = "store-missing"
+    STORE_PERMISSION = "store-permission"
+    STORE_ON_NFS = "store-on-nfs"
+    STORE_FULL = "store-full"
+    MAP_FULL = "map-full"
+    OBJECT_MISSING = "object-missing"
+    OBJECT_CORRUPT = "object-corrupt"
+    MANIFEST_CORRUPT = "manifest-corrupt"
+    MANIFEST_SCHEMA = "manifest-schema"
+    BUNDLE_INVALID = "bundle-invalid"
+    REF_MOVED = "ref-moved"
+    CONFLICT = "conflict"
+    SOURCE_UNSTABLE = "source-unstable"
+    LOCKED = "locked"
+    # kernel facilities
+    SYSCALL = "syscall"
+    USERNS_DENIED = "userns-denied"
+    OVERLAY_UNSUPPORTED = "overlay-unsupported"
+    IMMUTABLE_DENIED = "immutable-denied"
+    FALLBACK_FORBIDDEN = "fallback-forbidden"
+    TOO_MANY_LAYERS = "too-many-layers"
+    # sessions
+    TARGET_INVALID = "target-invalid"
+    SESSION_NOT_FOUND = "session-not-found"
+    SESSION_ACTIVE = "session-active"
+    BACKEND_UNAVAILABLE = "backend-unavailable"
+    COMMAND_NOT_FOUND = "command-not-found"
+    USAGE = "usage"
+
+
+class VeloError(Exception):
+    """A failure with a stable `reason`, a one-line message and an optional hint."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: Reason,
+        hint: str | None = None,
+        detail: str | None = None,
+        path: str | bytes | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.hint = hint
+        self.detail = detail
+        self.path = os.fsdecode(path) if path is not None else None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "error": self.message,
+            "reason": self.reason.value,
+            "hint": self.hint,
+            "detail": self.detail,
+            "path": self.path,
+        }
+
+
+# Canned advice for the traps we know, keyed by (syscall, errno).
+_HINTS: dict[tuple[str, int], str] = {
+    ("unshare", _errno.EPERM): (
+        "unprivileged user namespaces are restricted on this host (e.g. AppArmor's "
+        "kernel.apparmor_restrict_unprivileged_userns=1); use --backend shim or run as root"
+    ),
+    ("unshare", _errno.EINVAL): (
+        "a multi-threaded process cannot create a user namespace; this is a veloverlay bug"
+    ),
+    ("unshare", _errno.ENOSPC): "user.max_user_namespaces is exhausted or 0 on this host",
+    ("ioctl(FS_IOC_SETFLAGS)", _errno.EPERM): (
+        "chattr +i needs CAP_LINUX_IMMUTABLE in the initial user namespace (real root)"
+    ),
+    ("rename", _errno.EXDEV): (
+        "overlay cannot rename a directory that comes from a lower layer without redirect_dir; "
+        "tools such as mv fall back to copy + delete"
+    ),
+    ("mount", _errno.ELOOP): "overlay directories may not overlap",
+    ("fsconfig", _errno.ELOOP): "overlay directories may not overlap",
+    ("mount", _errno.ENOSPC): "mount limit reached: check /proc/sys/fs/mount-max",
+    ("fsopen", _errno.ENODEV): "this kernel has no overlayfs",
+    ("mount", _errno.ENODEV): "this kernel has no overlayfs",
+}
+
+
+def syscall_hint(syscall: str, err: int) -> str | None:
+    if err == _errno.ENOSYS:
+        return f"the kernel ({os.uname().release}) or a seccomp filter does not provide {syscall}"
+    return _HINTS.get((syscall, err))
+
+
+class SysError(OSError):
+    """A failed system call: carries errno, the call's name and the path(s) it acted on."""
+
+    def __init__(
+        self,
+        err: int,
+        syscall: str,
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+        path2: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+        *,
+        hint: str | None = None,
+    ) -> None:
+        p1 = os.fsdecode(path) if path is not None else None
+        p2 = os.fsdecode(path2) if path2 is not None else None
+        super().__init__(err, os.strerror(err), p1, None, p2)
+        self.syscall = syscall
+        self.hint = hint if hint is not None else syscall_hint(syscall, err)
+
+    def __str__(self) -> str:
+        where = ""
+        if self.filename is not None:
+            where = f" {self.filename!r}"
+            if self.filename2 is not None:
+                where += f" -> {self.filename2!r}"
+        return f"{self.syscall}{where}: {self.strerror} ({_errno.errorcode.get(self.errno, self.errno)})"
