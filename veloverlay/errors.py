@@ -41,6 +41,7 @@ class Reason(enum.Enum):
     REF_MOVED = "ref-moved"
     CONFLICT = "conflict"
     SOURCE_UNSTABLE = "source-unstable"
+    SOURCE_UNREADABLE = "source-unreadable"
     LOCKED = "locked"
     # kernel facilities
     SYSCALL = "syscall"

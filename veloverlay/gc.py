@@ -1,0 +1,140 @@
+"""Garbage collection: mark from every root that may still be needed, sweep the rest.
+
+Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), each
+ref's last ingested source tree, the ingest stat cache, and the base/head roots of live or
+unharvested sessions (`sessions/<id>/state.json`, key "roots"). Only objects older than `grace`
+seconds (by ctime: the time they were renamed into the store) are swept, and gc holds the store
+lock exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
+real run would delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cas import Store
+from .manifest import EMPTY_ROOT, Manifests
+
+
+__all__ = ["GcReport", "gc", "session_roots"]
+
+
+@dataclass
+class GcReport:
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    nodes_deleted: int = 0
+    commits_deleted: int = 0
+    objects_kept: int = 0
+    young_kept: int = 0
+    dry_run: bool = False
+    deleted: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d.pop("deleted")
+        return d
+
+
+def session_roots(store: Store) -> set[bytes]:
+    out: set[bytes] = set()
+    try:
+        ids = os.listdir(store.sessions)
+    except FileNotFoundError:
+        return out
+    for sid in ids:
+        p = store.sessions / sid / "state.json"
+        try:
+            state = json.loads(p.read_text())
+        except (FileNotFoundError, ValueError, NotADirectoryError):
+            continue
+        for r in state.get("roots", []):
+            with contextlib.suppress(ValueError):
+                out.add(bytes.fromhex(r))
+    return out
+
+
+def gc(
+    store: Store,
+    m: Manifests,
+    *,
+    keep: int | None = None,
+    grace: float = 3600.0,
+    dry_run: bool = False,
+) -> GcReport:
+    rep = GcReport(dry_run=dry_run)
+    with store.lock(exclusive=True):
+        nodes: set[bytes] = set()
+        objects: set[bytes] = set()
+        kept_commits: set[str] = set()
+        with m.read() as txn:
+            roots: set[bytes] = set(session_roots(store)) | {EMPTY_ROOT}
+            for ref in m.refs(txn):
+                if ref.ingest_root:
+                    roots.add(bytes.fromhex(ref.ingest_root))
+                cid: str | None = ref.head
+                n = 0
+                while cid is not None and (keep is None or n < keep):
+                    if cid in kept_commits:
+                        break
+                    c = m.get_commit(txn, cid)
+                    kept_commits.add(cid)
+                    roots.add(bytes.fromhex(c.root))
+                    cid = c.parent
+                    n += 1
+            for r in roots:
+                if m.has_node(txn, r):
+                    m.reachable(txn, r, nodes, objects)
+            with txn.cursor(db=m.statcache) as cur:
+                for _k, v in cur:
+                    objects.add(bytes(v)[-32:])
+            dead_commits = [c.id for c in m.iter_commits(txn) if c.id not in kept_commits]
+            dead_nodes = [k for k, _ in m.iter_nodes(txn) if k not in nodes]
+        now = time.time()
+        victims: list[Path] = []
+        for name, path in store.iter_objects():
+            try:
+                digest = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if digest in objects:
+                rep.objects_kept += 1
+                continue
+            st = os.lstat(path)
+            if now - st.st_ctime < grace:
+                rep.young_kept += 1
+                continue
+            victims.append(path)
+            rep.bytes_freed += st.st_size
+        rep.objects_deleted = len(victims)
+        rep.commits_deleted = len(dead_commits)
+        rep.nodes_deleted = len([d for d in dead_nodes if d])
+        rep.deleted = [p.name for p in victims]
+        if dry_run:
+            return rep
+        # Manifest first: after this commit nothing references the victims.
+        with m.write() as txn:
+            for cid in dead_commits:
+                m.delete_commit(txn, cid)
+            for d in dead_nodes:
+                m.delete_node(txn, d)
+        for path in victims:
+            _unlink_object(path)
+    return rep
+
+
+def _unlink_object(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except PermissionError:
+        from . import fsflags
+
+        fsflags.set_immutable(path, False)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

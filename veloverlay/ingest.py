@@ -1,0 +1,579 @@
+"""Ingest a directory into the store and commit it as a version of a ref.
+
+Pipeline: walk (main process, lstat only) → hash and stage the files whose stat changed (forked worker
+processes, each reading a source under `flock(LOCK_SH|LOCK_NB)` and re-reading it if it changed while
+read) → build the Merkle nodes bottom-up → publish the staged objects durably → one LMDB transaction
+that compare-and-swaps the ref (merging with session commits made since the last ingest) and updates
+the stat cache.
+
+Stat cache: per ref and path, (ino, size, mtime_ns, ctime_ns) → digest. An unchanged stat skips the
+read. git's "racy" rule: a file whose mtime is within `RACY_NS` of the scan is hashed but not cached,
+so a write in the same timestamp tick is never missed by the next ingest.
+
+Workers are forked before any thread exists and never touch LMDB.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import multiprocessing
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from . import paths
+from .cas import Stage, Store
+from .digest import Digest
+from .errors import Reason, VeloError
+from .manifest import Manifests
+from .merge import three_way
+from .tiers import Rules
+from .tree import Entry, Kind
+
+__all__ = ["IngestResult", "ingest", "scan"]
+
+RACY_NS = 1_000_000_000
+MAX_REREADS = 8
+LOCK_TRIES = 200  # × 5 ms: a writer holding an exclusive lock for > 1 s makes the source unstable
+_SMALL = 1 << 20
+_CHUNK_FILES = 256
+_STAT = struct.Struct("<QQqq32s")
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IngestResult:
+    ref: str
+    root: str
+    commit: str | None
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    hashed: int = 0
+    new_objects: int = 0
+    new_bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stripped_setid: int = 0
+    merged: bool = False
+    unchanged: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["skipped"] = [{"path": p, "kind": k} for p, k in self.skipped]
+        d["dedup_bytes"] = self.bytes - self.new_bytes
+        return d
+
+
+# -- reading a source file stably --------------------------------------------------------------
+
+
+def _flock(fd: int, op: int) -> None:
+    """fcntl.flock, as a seam for tests that inject ENOTSUP/ENOLCK."""
+    fcntl.flock(fd, op)
+
+
+def _lock_source(fd: int, st: os.stat_result, store: Store) -> int:
+    """Take a shared lock on the source; return a sidecar fd to close, or -1."""
+    for _ in range(LOCK_TRIES):
+        try:
+            _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return -1
+        except BlockingIOError:
+            time.sleep(0.005)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            # The filesystem cannot lock: a sidecar lock in the store, keyed by (dev, ino),
+            # never a file written into the tree being ingested.
+            side = os.open(
+                store.locks / f"{st.st_dev:x}-{st.st_ino:x}.lock",
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
+            )
+            for _ in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(side, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return side
+                except BlockingIOError:
+                    time.sleep(0.005)
+            os.close(side)
+            break
+    raise VeloError(
+        "a writer holds the source file locked", reason=Reason.SOURCE_UNSTABLE
+    )
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (
+        a.st_size == b.st_size
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_ctime_ns == b.st_ctime_ns
+        and a.st_ino == b.st_ino
+    )
+
+
+def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.stat_result, bool]:
+    """Hash and stage one complete version of `path`. Returns (digest, stat of it, racy)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for _ in range(MAX_REREADS):
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise VeloError(
+                    f"cannot read {os.fsdecode(path)}: {exc.strerror}",
+                    reason=Reason.SOURCE_UNREADABLE,
+                    path=path,
+                ) from None
+            raise
+        side = -1
+        try:
+            st1 = os.fstat(fd)
+            if not stat.S_ISREG(st1.st_mode):
+                raise _Changed
+            side = _lock_source(fd, st1, store)
+            st1 = os.fstat(fd)
+            racy = time.time_ns() - st1.st_mtime_ns < RACY_NS
+            if st1.st_size <= _SMALL:
+                data = _read_all(fd, st1.st_size)
+                st2 = os.fstat(fd)
+                if not _same(st1, st2) or len(data) != st1.st_size:
+                    continue
+                if racy and os.pread(fd, st1.st_size + 1, 0) != data:
+                    continue
+                digest = stage.add_bytes(data)
+                return digest, st1, racy
+            digest, size, new = stage.add_fd(fd)
+            st2 = os.fstat(fd)
+            if not _same(st1, st2) or size != st1.st_size:
+                if new:
+                    os.unlink(stage.staged.pop(digest))
+                continue
+            return digest, st1, racy
+        finally:
+            if side >= 0:
+                os.close(side)
+            os.close(fd)
+    raise VeloError(
+        f"{os.fsdecode(path)} kept changing while it was read ({MAX_REREADS} tries)",
+        reason=Reason.SOURCE_UNSTABLE,
+        path=path,
+        hint="stop the writer, or retry the ingest",
+    )
+
+
+class _Changed(Exception):
+    """The path stopped being a regular file between walk and read."""
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Read up to size+1 bytes (one more than expected reveals a file that grew)."""
+    data = os.read(fd, size + 1)
+    if 0 < len(data) <= size:  # a short read: keep reading until EOF or past the size
+        parts = [data]
+        got = len(data)
+        while got <= size:
+            more = os.read(fd, size + 1 - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+_W: dict[str, object] = {}
+
+
+def _worker_init(store_root: str, stage_name: str) -> None:
+    store = Store(store_root)
+    _W["store"] = store
+    _W["stage"] = Stage.attach(store, stage_name)
+
+
+_Job = tuple[bytes, bytes]  # (relpath, abspath)
+_Done = tuple[bytes, bytes, int, int, int, int, int, bool]  # rel, digest, size, mtime, ctime, ino, mode, racy
+_Fail = tuple[bytes, str, str]
+
+
+def _hash_chunk(jobs: list[_Job]) -> tuple[list[_Done], list[_Fail], dict[bytes, bytes]]:
+    store = _W["store"]
+    stage = _W["stage"]
+    assert isinstance(store, Store) and isinstance(stage, Stage)
+    stage.staged = {}
+    done: list[_Done] = []
+    failed: list[_Fail] = []
+    for rel, absp in jobs:
+        try:
+            digest, st, racy = read_stable(absp, stage, store)
+        except _Changed:
+            failed.append((rel, "changed", "no longer a regular file"))
+            continue
+        except FileNotFoundError:
+            failed.append((rel, "vanished", "deleted during ingest"))
+            continue
+        except VeloError as exc:
+            failed.append((rel, exc.reason.value, exc.message))
+            continue
+        done.append(
+            (rel, digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, racy)
+        )
+    return done, failed, stage.staged
+
+
+# -- walking -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Dir:
+    rel: bytes
+    mode: int
+    mtime_ns: int
+    entries: list[Entry] = field(default_factory=list)
+
+
+def _walk(top: bytes, res: IngestResult) -> Iterator[tuple[_Dir, bytes, os.stat_result, str]]:
+    """Yield (parent dir, name, lstat, kind) for every entry below `top`; dirs come first."""
+    st = os.lstat(top)
+    root = _Dir(b"", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    yield root, b"", st, "root"
+    stack = [(top, root)]
+    while stack:
+        absdir, d = stack.pop()
+        try:
+            it = os.scandir(absdir)
+        except PermissionError as exc:
+            raise VeloError(
+                f"cannot list {os.fsdecode(absdir)}: {exc.strerror}",
+                reason=Reason.SOURCE_UNREADABLE,
+                path=absdir,
+            ) from None
+        with it:
+            for de in it:
+                name = de.name
+                assert isinstance(name, bytes)
+                st = de.stat(follow_symlinks=False)
+                m = st.st_mode
+                if stat.S_ISDIR(m):
+                    sub = _Dir(paths.join(d.rel, name), stat.S_IMODE(m), st.st_mtime_ns)
+                    yield d, name, st, "dir"
+                    yield sub, b"", st, "enter"
+                    stack.append((de.path, sub))  # type: ignore[arg-type]
+                elif stat.S_ISREG(m):
+                    yield d, name, st, "file"
+                elif stat.S_ISLNK(m):
+                    yield d, name, st, "symlink"
+                else:
+                    kind = (
+                        "fifo" if stat.S_ISFIFO(m)
+                        else "socket" if stat.S_ISSOCK(m)
+                        else "device"
+                    )
+                    res.skipped.append((paths.display(paths.join(d.rel, name)), kind))
+
+
+def _load_cache(m: Manifests, name: str) -> dict[bytes, tuple[int, int, int, int, bytes]]:
+    prefix = name.encode() + b"\0"
+    out: dict[bytes, tuple[int, int, int, int, bytes]] = {}
+    with m.read() as txn, txn.cursor(db=m.statcache) as cur:
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not bytes(k).startswith(prefix):
+                    break
+                ino, size, mt, ct, dg = _STAT.unpack(bytes(v))
+                out[bytes(k)[len(prefix) :]] = (ino, size, mt, ct, dg)
+    return out
+
+
+def scan(
+    store: Store,
+    top: bytes,
+    rules: Rules,
+    cache: dict[bytes, tuple[int, int, int, int, bytes]],
+    res: IngestResult,
+    *,
+    stage: Stage,
+    jobs: int,
+    keep_setid: bool,
+    progress: Progress | None = None,
+) -> tuple[list[_Dir], dict[bytes, tuple[int, int, int, int, bytes] | None]]:
+    """Walk and hash `top`. Returns the directories (pre-order) and the new stat-cache entries."""
+    dirs: list[_Dir] = []
+    pending: list[tuple[_Dir, bytes, os.stat_result]] = []
+    new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None] = {}
+    now = time.time_ns()
+    for d, name, st, kind in _walk(top, res):
+        if kind in ("root", "enter"):
+            dirs.append(d)
+            continue
+        rel = paths.join(d.rel, name)
+        if kind == "dir":
+            continue
+        if kind == "symlink":
+            target = os.readlink(os.path.join(top, rel))
+            if not target or len(target) > 4095:
+                res.skipped.append((paths.display(rel), "bad-symlink"))
+                continue
+            d.entries.append(
+                Entry(name, Kind.SYMLINK, 0o777, len(target), st.st_mtime_ns, b"", target, 0)
+            )
+            res.symlinks += 1
+            continue
+        res.files += 1
+        res.bytes += st.st_size
+        c = cache.get(rel)
+        if (
+            c is not None
+            and c[0] == st.st_ino
+            and c[1] == st.st_size
+            and c[2] == st.st_mtime_ns
+            and c[3] == st.st_ctime_ns
+        ):
+            _add_file(d, name, rel, st.st_mode, st.st_size, st.st_mtime_ns, c[4], rules, res, keep_setid)
+            new_cache[rel] = c
+            continue
+        pending.append((d, name, st))
+    res.dirs = len(dirs) - 1
+    if pending:
+        _hash_pending(store, top, pending, rules, res, new_cache, now, stage, jobs, keep_setid, progress)
+    return dirs, new_cache
+
+
+def _add_file(
+    d: _Dir,
+    name: bytes,
+    rel: bytes,
+    mode: int,
+    size: int,
+    mtime_ns: int,
+    digest: bytes,
+    rules: Rules,
+    res: IngestResult,
+    keep_setid: bool,
+) -> None:
+    perm = stat.S_IMODE(mode)
+    if perm & _SETID and not keep_setid:
+        perm &= ~_SETID
+        res.stripped_setid += 1
+    d.entries.append(Entry(name, Kind.FILE, perm, size, mtime_ns, digest, b"", rules.classify(rel)))
+
+
+def _hash_pending(
+    store: Store,
+    top: bytes,
+    pending: list[tuple[_Dir, bytes, os.stat_result]],
+    rules: Rules,
+    res: IngestResult,
+    new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None],
+    now: int,
+    stage: Stage,
+    jobs: int,
+    keep_setid: bool,
+    progress: Progress | None,
+) -> None:
+    by_rel: dict[bytes, tuple[_Dir, bytes]] = {}
+    job_list: list[_Job] = []
+    for d, name, _st in pending:
+        rel = paths.join(d.rel, name)
+        by_rel[rel] = (d, name)
+        job_list.append((rel, os.path.join(top, rel)))
+    chunks = [job_list[i : i + _CHUNK_FILES] for i in range(0, len(job_list), _CHUNK_FILES)]
+    total = len(job_list)
+    done_count = 0
+    failures: list[_Fail] = []
+
+    def consume(result: tuple[list[_Done], list[_Fail], dict[bytes, bytes]]) -> None:
+        nonlocal done_count
+        done, failed, staged = result
+        before = len(stage.staged)
+        for dg, p in staged.items():
+            if dg not in stage.staged:
+                res.new_bytes += os.stat(p).st_size
+        stage.adopt(staged)
+        res.new_objects += len(stage.staged) - before
+        failures.extend(failed)
+        for rel, digest, size, mtime, ctime, ino, mode, racy in done:
+            d, name = by_rel[rel]
+            _add_file(d, name, rel, mode, size, mtime, digest, rules, res, keep_setid)
+            new_cache[rel] = None if racy else (ino, size, mtime, ctime, digest)
+            res.hashed += 1
+        done_count += len(done) + len(failed)
+        if progress is not None:
+            progress(done_count, total)
+
+    if jobs <= 1 or len(chunks) <= 1:
+        _worker_init(os.fspath(store.root), stage.name)
+        for ch in chunks:
+            consume(_hash_chunk(ch))
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(jobs, _worker_init, (os.fspath(store.root), stage.name)) as pool:
+            for result in pool.imap_unordered(_hash_chunk, chunks):
+                consume(result)
+    # Files that vanished or stopped being regular during the ingest are reported, not fatal;
+    # anything else (unreadable, unstable) fails the whole ingest before anything is committed.
+    for rel, reason, msg in failures:
+        if reason in ("vanished", "changed"):
+            res.files -= 1
+            res.skipped.append((paths.display(rel), reason))
+            continue
+        raise VeloError(
+            f"{paths.display(rel)}: {msg}",
+            reason=Reason(reason),
+            path=rel,
+            hint="nothing was committed; fix the source and retry",
+        )
+
+
+def _check_source(src: str, store: Store) -> bytes:
+    real = os.path.realpath(src)
+    if not os.path.isdir(real):
+        raise VeloError(
+            f"{src} is not a directory",
+            reason=Reason.NOT_A_DIRECTORY if os.path.exists(real) else Reason.NOT_FOUND,
+            path=src,
+        )
+    sroot = os.path.realpath(store.root)
+    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real + "/"):
+        raise VeloError(
+            f"{src} contains or lies inside the store {sroot}",
+            reason=Reason.BAD_PATH,
+            hint="ingest a directory outside the store",
+        )
+    return os.fsencode(real)
+
+
+def ingest(
+    store: Store,
+    m: Manifests,
+    src: str,
+    name: str,
+    *,
+    rules: Rules | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    keep_setid: bool = False,
+    message: str | None = None,
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Ingest `src` as a new version of ref `name` (created if missing)."""
+    from .manifest import check_ref_name
+
+    t0 = time.perf_counter()
+    check_ref_name(name)
+    if "@" in name:
+        raise VeloError("cannot ingest into a session ref", reason=Reason.BAD_REF)
+    top = _check_source(src, store)
+    store.writable()
+    jobs = jobs or int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    with m.read() as txn:
+        existing = m.get_ref(txn, name)
+    if rules is None:
+        rules = Rules.from_json(existing.tiers if existing else None)
+    res = IngestResult(name, "", None)
+    with store.lock(), store.stage() as stage:
+        store.reclaim_tmp()
+        cache = _load_cache(m, name)
+        dirs, new_cache = scan(
+            store, top, rules, cache, res,
+            stage=stage, jobs=jobs, keep_setid=keep_setid, progress=progress,
+        )
+        # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
+        stage.publish()
+        with m.write() as txn:
+            root = _build_nodes(m, txn, dirs)
+            res.root = root.hex()
+            ref = m.get_ref(txn, name)
+            msg = message or f"ingest {os.fsdecode(top)}"
+            target = root
+            if ref is not None:
+                head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
+                base = bytes.fromhex(ref.ingest_root) if ref.ingest_root else head_root
+                if base != head_root:
+                    mr = three_way(m, txn, base, root, head_root)
+                    if mr.root is None:
+                        if not force:
+                            shown = ", ".join(paths.display(p) for p in mr.conflicts[:5])
+                            raise VeloError(
+                                f"sessions changed {name} since the last ingest, and the source "
+                                f"changed the same paths: {shown}",
+                                reason=Reason.CONFLICT,
+                                hint="nothing was committed; re-run with --force to take the "
+                                "source's version of every path",
+                            )
+                    else:
+                        target = mr.root
+                        res.merged = True
+                if target == head_root:
+                    res.unchanged = True
+            if not res.unchanged:
+                delta = m.diff(txn, head_root, target) if ref is not None else None
+                c = m.commit(
+                    txn, name, target,
+                    expect_head=ref.head if ref else None,
+                    message=msg, delta=delta, path=os.fsdecode(top),
+                    tiers=rules.to_json(), ingest_root=root,
+                )
+                res.commit = c.id
+            else:
+                assert ref is not None
+                res.commit = ref.head
+                if ref.ingest_root != root.hex():
+                    ref.ingest_root = root.hex()
+                    m.put_ref(txn, ref)
+            _write_cache(m, txn, name, cache, new_cache)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _build_nodes(m: Manifests, txn: object, dirs: list[_Dir]) -> Digest:
+    """Encode directories bottom-up (reverse pre-order puts children before parents)."""
+    by_rel = {d.rel: d for d in dirs}
+    digest = Digest(b"")
+    for d in reversed(dirs):
+        digest = m.put_node(txn, d.mode, d.mtime_ns, d.entries)
+        if d.rel:
+            parent_rel, _, name = d.rel.rpartition(b"/")
+            by_rel[parent_rel].entries.append(Entry(name, Kind.DIR, digest=digest))
+    return digest
+
+
+def _write_cache(
+    m: Manifests,
+    txn: object,
+    name: str,
+    old: dict[bytes, tuple[int, int, int, int, bytes]],
+    new: dict[bytes, tuple[int, int, int, int, bytes] | None],
+) -> None:
+    prefix = name.encode() + b"\0"
+    db = m.statcache
+    put = txn.put  # type: ignore[attr-defined]
+    delete = txn.delete  # type: ignore[attr-defined]
+    for rel in old.keys() - new.keys():
+        delete(prefix + rel, db=db)
+    for rel, v in new.items():
+        if v is None:
+            if rel in old:
+                delete(prefix + rel, db=db)
+        elif old.get(rel) != v:
+            put(prefix + rel, _STAT.pack(*v), db=db)
+
+
+def drop_cache(m: Manifests, txn: object, name: str) -> None:
+    prefix = name.encode() + b"\0"
+    with txn.cursor(db=m.statcache) as cur:  # type: ignore[attr-defined]
+        if cur.set_range(prefix):
+            while bytes(cur.key()).startswith(prefix):
+                if not cur.delete():
+                    break
+
