@@ -50,8 +50,13 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
         m.reachable(txn, root, nodes, objects)
         w(MAGIC + struct.pack("<I", VERSION))
         meta = json.dumps(
-            {"ref": ref.name.split("@")[0], "root": commit.root, "path": ref.path,
-             "tiers": ref.tiers, "message": commit.message}
+            {
+                "ref": ref.name.split("@")[0],
+                "root": commit.root,
+                "path": ref.path,
+                "tiers": ref.tiers,
+                "message": commit.message,
+            }
         ).encode()
         w(_REC.pack(_META, len(meta)) + meta)
         for d in sorted(nodes):
@@ -68,7 +73,9 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
             while left:
                 chunk = os.read(fd, min(_CHUNK, left))
                 if not chunk:
-                    raise VeloError(f"object {d.hex()} shrank while exported", reason=Reason.OBJECT_CORRUPT)
+                    raise VeloError(
+                        f"object {d.hex()} shrank while exported", reason=Reason.OBJECT_CORRUPT
+                    )
                 w(chunk)
                 left -= len(chunk)
             size_total += size
@@ -76,13 +83,19 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
             os.close(fd)
     trailer = h.digest()
     out.write(_REC.pack(_END, DIGEST_SIZE) + trailer)
-    return {"ref": ref.name, "root": commit.root, "nodes": len(nodes), "objects": len(objects),
-            "bytes": size_total}
+    return {
+        "ref": ref.name,
+        "root": commit.root,
+        "nodes": len(nodes),
+        "objects": len(objects),
+        "bytes": size_total,
+    }
 
 
 def _bad(msg: str) -> VeloError:
-    return VeloError(f"invalid bundle: {msg}", reason=Reason.BUNDLE_INVALID,
-                     hint="nothing was imported")
+    return VeloError(
+        f"invalid bundle: {msg}", reason=Reason.BUNDLE_INVALID, hint="nothing was imported"
+    )
 
 
 class _Reader:
@@ -186,7 +199,9 @@ def import_bundle(
                 for e in decode(data).entries:
                     if e.kind is Kind.DIR:
                         stack.append(e.digest)
-                    elif e.kind is Kind.FILE and e.digest not in objects and not store.has(e.digest):
+                    elif (
+                        e.kind is Kind.FILE and e.digest not in objects and not store.has(e.digest)
+                    ):
                         raise _bad(f"object {e.digest.hex()[:16]} is missing")
         stage.publish()
         with m.write() as txn:
@@ -195,14 +210,23 @@ def import_bundle(
             existing = m.get_ref(txn, refname)
             if existing is not None and not force:
                 raise VeloError(
-                    f"ref {refname!r} exists", reason=Reason.EXISTS,
+                    f"ref {refname!r} exists",
+                    reason=Reason.EXISTS,
                     hint="import under another name with --name, or --force to add a version",
                 )
             c = m.commit(
-                txn, refname, root, expect_head=existing.head if existing else None,
+                txn,
+                refname,
+                root,
+                expect_head=existing.head if existing else None,
                 message=f"import: {meta.get('message', '')}",
                 path=meta.get("path") if isinstance(meta.get("path"), str) else None,
                 tiers=meta.get("tiers") if isinstance(meta.get("tiers"), list) else None,
             )
-    return {"ref": refname, "root": root.hex(), "commit": c.id, "nodes": len(nodes),
-            "objects": len(objects)}
+    return {
+        "ref": refname,
+        "root": root.hex(),
+        "commit": c.id,
+        "nodes": len(nodes),
+        "objects": len(objects),
+    }

@@ -96,7 +96,9 @@ def _write_file(store: Store, dfd: int, name: bytes, digest: bytes, mode: int, m
     src = store.open_object(digest)
     try:
         fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
             dir_fd=dfd,
         )
         try:

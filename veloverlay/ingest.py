@@ -106,9 +106,7 @@ def _lock_source(fd: int, st: os.stat_result, store: Store) -> int:
                     time.sleep(0.005)
             os.close(side)
             break
-    raise VeloError(
-        "a writer holds the source file locked", reason=Reason.SOURCE_UNSTABLE
-    )
+    raise VeloError("a writer holds the source file locked", reason=Reason.SOURCE_UNSTABLE)
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -202,7 +200,9 @@ def _worker_init(store_root: str, stage_name: str) -> None:
 
 
 _Job = tuple[bytes, bytes]  # (relpath, abspath)
-_Done = tuple[bytes, bytes, int, int, int, int, int, bool]  # rel, digest, size, mtime, ctime, ino, mode, racy
+_Done = tuple[
+    bytes, bytes, int, int, int, int, int, bool
+]  # rel, digest, size, mtime, ctime, ino, mode, racy
 _Fail = tuple[bytes, str, str]
 
 
@@ -275,9 +275,7 @@ def _walk(top: bytes, res: IngestResult) -> Iterator[tuple[_Dir, bytes, os.stat_
                     yield d, name, st, "symlink"
                 else:
                     kind = (
-                        "fifo" if stat.S_ISFIFO(m)
-                        else "socket" if stat.S_ISSOCK(m)
-                        else "device"
+                        "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
                     )
                     res.skipped.append((paths.display(paths.join(d.rel, name)), kind))
 
@@ -339,13 +337,17 @@ def scan(
             and c[2] == st.st_mtime_ns
             and c[3] == st.st_ctime_ns
         ):
-            _add_file(d, name, rel, st.st_mode, st.st_size, st.st_mtime_ns, c[4], rules, res, keep_setid)
+            _add_file(
+                d, name, rel, st.st_mode, st.st_size, st.st_mtime_ns, c[4], rules, res, keep_setid
+            )
             new_cache[rel] = c
             continue
         pending.append((d, name, st))
     res.dirs = len(dirs) - 1
     if pending:
-        _hash_pending(store, top, pending, rules, res, new_cache, now, stage, jobs, keep_setid, progress)
+        _hash_pending(
+            store, top, pending, rules, res, new_cache, now, stage, jobs, keep_setid, progress
+        )
     return dirs, new_cache
 
 
@@ -485,8 +487,15 @@ def ingest(
         store.reclaim_tmp()
         cache = _load_cache(m, name)
         dirs, new_cache = scan(
-            store, top, rules, cache, res,
-            stage=stage, jobs=jobs, keep_setid=keep_setid, progress=progress,
+            store,
+            top,
+            rules,
+            cache,
+            res,
+            stage=stage,
+            jobs=jobs,
+            keep_setid=keep_setid,
+            progress=progress,
         )
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
         stage.publish()
@@ -519,10 +528,15 @@ def ingest(
             if not res.unchanged:
                 delta = m.diff(txn, head_root, target) if ref is not None else None
                 c = m.commit(
-                    txn, name, target,
+                    txn,
+                    name,
+                    target,
                     expect_head=ref.head if ref else None,
-                    message=msg, delta=delta, path=os.fsdecode(top),
-                    tiers=rules.to_json(), ingest_root=root,
+                    message=msg,
+                    delta=delta,
+                    path=os.fsdecode(top),
+                    tiers=rules.to_json(),
+                    ingest_root=root,
                 )
                 res.commit = c.id
             else:
@@ -576,4 +590,3 @@ def drop_cache(m: Manifests, txn: object, name: str) -> None:
             while bytes(cur.key()).startswith(prefix):
                 if not cur.delete():
                     break
-

@@ -57,7 +57,12 @@ class Ref:
     ingest_root: str | None = None  # the source tree as last ingested: base of re-ingest merges
 
     def to_json(self) -> bytes:
-        d = {"head": self.head, "path": self.path, "tiers": self.tiers, "ingest_root": self.ingest_root}
+        d = {
+            "head": self.head,
+            "path": self.path,
+            "tiers": self.tiers,
+            "ingest_root": self.ingest_root,
+        }
         return json.dumps(d, sort_keys=True).encode()
 
 
@@ -298,7 +303,9 @@ class Manifests:
         for op in trie.ops:
             if op.kind is OpKind.PUT:
                 if op.entry is None or op.entry.kind is not Kind.DIR:
-                    raise VeloError("the root can only be replaced by a directory", reason=Reason.BAD_PATH)
+                    raise VeloError(
+                        "the root can only be replaced by a directory", reason=Reason.BAD_PATH
+                    )
                 root = op.entry.digest
                 meta = None
             elif op.kind is OpKind.META:
@@ -348,7 +355,9 @@ class Manifests:
                         f"{paths.display(paths.join(where, name))} is not a directory",
                         reason=Reason.NOT_A_DIRECTORY,
                     )
-                new = self._apply_dir(txn, cur.digest, sub.children, child_meta, paths.join(where, name))
+                new = self._apply_dir(
+                    txn, cur.digest, sub.children, child_meta, paths.join(where, name)
+                )
                 cur = Entry(name, Kind.DIR, digest=new)
             if cur is None:
                 entries.pop(name, None)
@@ -533,7 +542,9 @@ class Manifests:
         commit = self.get_commit(txn, ref.head)
         for _ in range(int(m.group("n") or 0)):
             if commit.parent is None:
-                raise VeloError(f"{spec}: the log of {ref.name} is shorter", reason=Reason.NOT_FOUND)
+                raise VeloError(
+                    f"{spec}: the log of {ref.name} is shorter", reason=Reason.NOT_FOUND
+                )
             commit = self.get_commit(txn, commit.parent)
         return ref, commit
 

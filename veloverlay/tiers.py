@@ -31,7 +31,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(1, "**/*.gguf", "model weights"),
     Rule(1, "**/*.onnx", "model weights"),
     Rule(1, "**/*.ckpt", "model checkpoints"),
-    Rule(1, "**/*.pth", "model checkpoints (not Python .pth path files: those live in site-packages)"),
+    Rule(
+        1, "**/*.pth", "model checkpoints (not Python .pth path files: those live in site-packages)"
+    ),
     Rule(2, "**", "everything else is Tier-2: copy-up on write keeps programs working"),
 )
 

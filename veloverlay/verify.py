@@ -114,7 +114,9 @@ def fsck(
         for key, data in m.iter_nodes(txn):
             rep.nodes += 1
             if node_digest(data) != key:
-                rep.findings.append(Finding("node-corrupt", key.hex(), "encoding does not hash to its key"))
+                rep.findings.append(
+                    Finding("node-corrupt", key.hex(), "encoding does not hash to its key")
+                )
                 continue
             try:
                 node = m.get_node(txn, key)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The built-in example: ingest a small project, project it as a live directory, change it inside
+# a session, let the harvester commit the change, and show the result. Uses a throw-away store.
+set -euo pipefail
+work=$(mktemp -d /tmp/veloverlay-demo.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export VELO_STORE="$work/store"
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+
+mkdir -p "$work/project/src" "$work/project/empty"
+printf 'print("hello from v1")\n' > "$work/project/src/app.py"
+printf 'demo project\n' > "$work/project/README"
+printf 'remove me\n' > "$work/project/obsolete.txt"
+ln -s src/app.py "$work/project/main.py"
+
+say veloverlay ingest project --name demo
+veloverlay ingest "$work/project" --name demo
+say veloverlay doctor
+veloverlay doctor | tail -4
+say "veloverlay run demo --at $work/live -- sh -c '...change things...'"
+veloverlay run demo --at "$work/live" -m "demo change" -- sh -c '
+  set -e
+  echo "inside: $(pwd)"; ls -l
+  sed -i "s/v1/v2/" src/app.py
+  echo "new file" > src/added.txt
+  rm obsolete.txt
+  chmod 0600 README
+'
+say "ls $work/live   # nothing stays mounted or written outside the session"
+ls -A "$work/live"
+say veloverlay log demo
+veloverlay log demo
+say veloverlay diff 'demo@{1}' demo
+veloverlay diff 'demo@{1}' demo
+say veloverlay cat demo src/app.py
+veloverlay cat demo src/app.py
+say veloverlay run demo --at "$work/live" -- python3 main.py
+veloverlay run demo --at "$work/live" -- python3 main.py
+say veloverlay fsck
+veloverlay fsck

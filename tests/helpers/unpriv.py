@@ -1,0 +1,96 @@
+"""Run test code as an unprivileged user, and give it a directory it can use.
+
+`run_unprivileged(fn)` forks (ns.run_in_child), drops to UNPRIV_UID/GID for good, then calls fn:
+anything fn does — unsharing a user namespace, mounting — happens as that uid, exactly as a
+root-free user would do it. The uid need not exist in /etc/passwd. The pytest process itself never
+changes identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from veloverlay import fsflags, mount, ns
+
+__all__ = [
+    "UNPRIV_UID",
+    "UNPRIV_GID",
+    "run_unprivileged",
+    "run_in_userns",
+    "unpriv_tmpdir",
+    "mount_lines",
+]
+
+T = TypeVar("T")
+
+UNPRIV_UID = int(os.environ.get("VELO_INTERNAL__TEST_UID", "1500"))
+UNPRIV_GID = UNPRIV_UID
+
+
+def _as_unprivileged(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    ns.drop_to_user(UNPRIV_UID, UNPRIV_GID)
+    return fn(*args, **kw)
+
+
+def run_unprivileged(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """fn(*args, **kw) in a forked child running as UNPRIV_UID; its result or exception."""
+    return ns.run_in_child(_as_unprivileged, fn, *args, **kw)
+
+
+def _make_removable(path: str) -> None:
+    """Clear +i and give the owner rwx on every directory (overlay leaves work/work at 000)."""
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                continue
+            with contextlib.suppress(OSError):
+                if fsflags.is_immutable(full):
+                    fsflags.set_immutable(full, False)
+            if name in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(full, 0o700)
+
+
+@contextlib.contextmanager
+def unpriv_tmpdir() -> Iterator[str]:
+    """A fresh 0755 directory under /dev/shm owned by UNPRIV_UID, removed afterwards.
+
+    pytest's tmp_path lies under /tmp/pytest-of-root (0700), which that uid cannot reach.
+    """
+    path = tempfile.mkdtemp(prefix="velo-test-", dir="/dev/shm")
+    try:
+        os.chown(path, UNPRIV_UID, UNPRIV_GID)
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            fsflags.set_immutable(path, False)
+        os.chmod(path, 0o700)
+        _make_removable(path)
+        shutil.rmtree(path)
+
+
+def _enter_and_run(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    ns.enter_userns(map_root=True)
+    mount.make_rprivate("/")
+    return fn(*args, **kw)
+
+
+def run_in_userns(fn: Callable[..., T], *args: Any, privileged: bool, **kw: Any) -> T:
+    """fn in a forked child that entered its own user+mount namespace (root mapped to itself
+    with `privileged`, else as UNPRIV_UID mapped to 0), with `/` made private."""
+    if privileged:
+        return ns.run_in_child(_enter_and_run, fn, *args, **kw)
+    return run_unprivileged(_enter_and_run, fn, *args, **kw)
+
+
+def mount_lines() -> list[str]:
+    """The calling process's mountinfo lines: tests compare them to prove nothing leaked."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split(" ", 4)[4] for line in f]

@@ -1,0 +1,159 @@
+"""The ctypes layer: errors carry errno/call/path, wrappers reach the real syscalls."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import re
+
+import pytest
+
+from tests.helpers.unpriv import run_unprivileged
+from veloverlay import _libc
+from veloverlay.errors import SysError
+
+PKG = pathlib.Path(__file__).resolve().parents[2] / "veloverlay"
+
+
+def test_check_passes_non_negative_results_through() -> None:
+    assert _libc.check(0, "x") == 0
+    assert _libc.check(7, "x") == 7
+
+
+def test_syserror_carries_errno_syscall_and_paths(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(SysError) as info:
+        _libc.umount2(missing)
+    err = info.value
+    assert isinstance(err, OSError)
+    assert err.errno == errno.ENOENT
+    assert err.syscall == "umount2"
+    assert err.filename == os.fspath(missing)
+    assert "umount2" in str(err) and "ENOENT" in str(err)
+
+
+def test_check_reads_errno_of_the_failed_call(tmp_path: pathlib.Path) -> None:
+    # a plain directory is not a mount point: EINVAL, not a stale errno from earlier calls
+    with pytest.raises(SysError) as info:
+        _libc.umount2(tmp_path)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_fsopen_unknown_fs_names_it() -> None:
+    with pytest.raises(SysError) as info:
+        _libc.fsopen("no-such-fs-xyz")
+    assert info.value.errno == errno.ENODEV
+    assert info.value.filename == "no-such-fs-xyz"
+
+
+def test_fsconfig_error_names_key_and_value() -> None:
+    fd = _libc.fsopen("tmpfs")
+    try:
+        with pytest.raises(SysError) as info:
+            _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "no-such-key", "1")
+        assert info.value.errno == errno.EINVAL
+        assert info.value.filename == "no-such-key=1"
+        # the context stays usable after a rejected parameter
+        _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "size", "1m")
+    finally:
+        os.close(fd)
+
+
+def test_unshare_eperm_carries_the_canned_hint() -> None:
+    def try_mount_ns() -> None:
+        # an unprivileged process may not create a mount namespace without a user namespace
+        _libc.unshare(_libc.CLONE_NEWNS)
+
+    with pytest.raises(SysError) as info:
+        run_unprivileged(try_mount_ns)
+    assert info.value.errno == errno.EPERM
+    assert info.value.syscall == "unshare"
+    assert info.value.hint and "user namespaces" in info.value.hint
+
+
+def test_openat2_resolve_beneath(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "inner").write_text("x")
+    (tmp_path / "escape").symlink_to("/etc/passwd")
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd = _libc.openat2(dfd, "inner", os.O_RDONLY | os.O_CLOEXEC, 0, _libc.RESOLVE_BENEATH)
+        assert os.read(fd, 10) == b"x"
+        os.close(fd)
+        for path in ("../etc/passwd", "escape", "/etc/passwd"):
+            with pytest.raises(SysError) as info:
+                _libc.openat2(dfd, path, os.O_RDONLY, 0, _libc.RESOLVE_BENEATH)
+            assert info.value.errno == errno.EXDEV
+            assert info.value.syscall == "openat2"
+    finally:
+        os.close(dfd)
+
+
+def test_syncfs(tmp_path: pathlib.Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(SysError) as info:
+        _libc.syncfs(-1)
+    assert info.value.errno == errno.EBADF
+
+
+def test_getflags_and_ficlone_on_tmpfs() -> None:
+    path = "/dev/shm/velo-libc-test"
+    with open(path, "wb") as f:
+        f.write(b"data")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert _libc.ioctl_getflags(fd) & _libc.FS_IMMUTABLE_FL == 0
+            dst = os.open(path + ".clone", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with pytest.raises(SysError) as info:
+                    _libc.ficlone(dst, fd)  # tmpfs has no reflink
+                assert info.value.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL)
+                assert info.value.syscall == "ioctl(FICLONE)"
+            finally:
+                os.close(dst)
+        finally:
+            os.close(fd)
+    finally:
+        for p in (path, path + ".clone"):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_statfs_type() -> None:
+    assert _libc.statfs_type("/dev/shm") == _libc.TMPFS_MAGIC
+    assert _libc.statfs_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
+    with pytest.raises(SysError) as info:
+        _libc.statfs_type("/nonexistent-velo-path")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_kernel_constants_match_the_headers() -> None:
+    # values from <linux/fs.h>, <linux/mount.h>, <linux/sched.h> for 64-bit Linux
+    assert _libc.FS_IOC_GETFLAGS == 0x80086601
+    assert _libc.FS_IOC_SETFLAGS == 0x40086602
+    assert _libc.FICLONE == 0x40049409
+    assert _libc.CLONE_NEWUSER == 0x10000000
+    assert _libc.FSCONFIG_SET_FD == 5 and _libc.FSCONFIG_CMD_CREATE == 6
+    assert _libc.MOVE_MOUNT_F_EMPTY_PATH == 4
+    assert _libc.mount_attr.__dict__["_fields_"][0][0] == "attr_set"
+    assert _libc.fsverity_enable_arg().__class__.__name__ == "fsverity_enable_arg"
+    import ctypes  # the test may; the package may not (see below)
+
+    assert ctypes.sizeof(_libc.mount_attr) == _libc.MOUNT_ATTR_SIZE_VER0
+    assert ctypes.sizeof(_libc.open_how) == 24
+    assert ctypes.sizeof(_libc.fsverity_enable_arg) == 128
+
+
+def test_only_libc_imports_ctypes() -> None:
+    offenders = [
+        p.name
+        for p in PKG.glob("*.py")
+        if p.name != "_libc.py"
+        and re.search(r"^\s*(import ctypes|from ctypes)", p.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up everything veloverlay needs on a Debian 12 machine, as root: Debian packages, then a
+# virtualenv (made from Debian's world-readable /usr/bin/python3, so other uids can run it too)
+# with the package and its test tools. Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+# libcap-dev: python-prctl builds from source; gcc/make/python3-dev: it and the shim;
+# attr: getfattr/setfattr for debugging; hyperfine + time + git: benchmarks and their peers.
+PKGS="libcap-dev gcc make python3-dev python3-venv attr hyperfine time git"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing Debian packages:$missing" >&2
+    echo "hint: run as root, or: sudo apt-get install -y$missing" >&2
+    exit 1
+  fi
+  echo "setup: installing Debian packages:$missing" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV from /usr/bin/python3" >&2
+  /usr/bin/python3 -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py 2>/dev/null | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  echo "setup: installing veloverlay and test tools into $VENV" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi

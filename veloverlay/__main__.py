@@ -1,0 +1,4 @@
+from veloverlay.cli import main
+import sys
+
+sys.exit(main())

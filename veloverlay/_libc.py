@@ -1,0 +1,374 @@
+"""The one ctypes layer: libc prototypes, kernel constants and typed syscall wrappers.
+
+Owns every `ctypes` use in the package (no other module may import ctypes). Prototypes are declared
+once at import; the variadic `ioctl`, `prctl` and `syscall` get one separate prototype per argument
+shape instead of re-assigning `argtypes` at call sites (global mutable state; STYLE C6). Every
+wrapper returns the call's result or raises `errors.SysError` naming the call and its path(s).
+
+Imports only the standard library and `veloverlay.errors`. The new mount API, `mount_setattr` and
+`openat2` go through raw `syscall(NR)`: glibc 2.36 has some of the wrappers, older ones do not, and
+the numbers (424 and up) are unified across architectures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+from veloverlay.errors import SysError
+
+__all__ = [
+    "libc",
+    "check",
+    "unshare",
+    "mount",
+    "umount2",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "syncfs",
+    "openat2",
+    "ioctl_getflags",
+    "ioctl_setflags",
+    "ficlone",
+    "enable_verity",
+    "set_dumpable",
+    "statfs_type",
+]
+
+Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+# --- <linux/sched.h> -------------------------------------------------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# --- <linux/mount.h> (classic mount flags) -----------------------------------------------------
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+
+# --- <linux/fs.h> / <sys/mount.h>: umount2 flags ------------------------------------------------
+MNT_FORCE = 0x1
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# --- <linux/mount.h> (new mount API) -----------------------------------------------------------
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_BINARY = 2
+FSCONFIG_SET_PATH = 3
+FSCONFIG_SET_PATH_EMPTY = 4
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+FSCONFIG_CMD_RECONFIGURE = 7
+FSMOUNT_CLOEXEC = 0x1
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR__ATIME = 0x70
+MOUNT_ATTR_RELATIME = 0x0
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
+MOUNT_ATTR_IDMAP = 0x100000
+MOUNT_ATTR_NOSYMFOLLOW = 0x200000
+MOUNT_ATTR_SIZE_VER0 = 32
+MOVE_MOUNT_F_SYMLINKS = 0x1
+MOVE_MOUNT_F_AUTOMOUNTS = 0x2
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_SYMLINKS = 0x10
+MOVE_MOUNT_T_AUTOMOUNTS = 0x20
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+
+# --- <linux/fcntl.h> ---------------------------------------------------------------------------
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+
+# --- <linux/openat2.h> -------------------------------------------------------------------------
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+RESOLVE_CACHED = 0x20
+
+# --- <linux/fs.h>: inode flags ioctls, FICLONE ------------------------------------------------
+FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long); the kernel reads and writes an int
+FS_IOC_SETFLAGS = 0x40086602  # _IOW('f', 2, long)
+FS_IMMUTABLE_FL = 0x00000010
+FS_APPEND_FL = 0x00000020
+FS_NOCOW_FL = 0x00800000
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+
+# --- <linux/fsverity.h> ------------------------------------------------------------------------
+FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg) (128 bytes)
+FS_VERITY_HASH_ALG_SHA256 = 1
+
+# --- <linux/prctl.h> ---------------------------------------------------------------------------
+PR_SET_DUMPABLE = 4
+
+# --- <linux/magic.h> ---------------------------------------------------------------------------
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
+NFS_SUPER_MAGIC = 0x6969
+SMB_SUPER_MAGIC = 0x517B
+CIFS_SUPER_MAGIC = 0xFF534D42
+SMB2_SUPER_MAGIC = 0xFE534D42
+TMPFS_MAGIC = 0x01021994
+
+# --- syscall numbers --------------------------------------------------------------------------
+# Since Linux 5.2 new syscalls share one number on every architecture except alpha (which adds
+# 110); x86_64 (asm/unistd_64.h) and aarch64 (asm-generic/unistd.h) both use these.
+_UNIFIED_NR = {
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "openat2": 437,
+    "mount_setattr": 442,
+}
+_ARCHES_WITH_UNIFIED_NR = frozenset({"x86_64", "aarch64", "arm64"})
+_ENOSYS_NR = -1  # makes the kernel answer ENOSYS on an architecture we have no table for
+
+
+def _nr(name: str) -> int:
+    if platform.machine() in _ARCHES_WITH_UNIFIED_NR:
+        return _UNIFIED_NR[name]
+    return _ENOSYS_NR
+
+
+# --- structs ----------------------------------------------------------------------------------
+class mount_attr(ctypes.Structure):  # noqa: N801 - named like the kernel struct
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class open_how(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+class fsverity_enable_arg(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("version", ctypes.c_uint32),
+        ("hash_algorithm", ctypes.c_uint32),
+        ("block_size", ctypes.c_uint32),
+        ("salt_size", ctypes.c_uint32),
+        ("salt_ptr", ctypes.c_uint64),
+        ("sig_size", ctypes.c_uint32),
+        ("reserved1", ctypes.c_uint32),
+        ("sig_ptr", ctypes.c_uint64),
+        ("reserved2", ctypes.c_uint64 * 11),
+    ]
+
+
+# --- prototypes (declared once) ---------------------------------------------------------------
+_c_int, _c_uint, _c_ulong, _c_long = ctypes.c_int, ctypes.c_uint, ctypes.c_ulong, ctypes.c_long
+_c_char_p, _c_void_p, _c_size_t = ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
+
+
+def _proto(name: str, restype: Any, *argtypes: Any) -> Callable[..., int]:
+    """A private function object for `name` with a fixed signature.
+
+    `CFUNCTYPE(...)((name, libc))` makes a new foreign-function object each time, so the variadic
+    `syscall`/`ioctl`/`prctl` can have several shapes without touching a shared `argtypes`.
+    """
+    factory = ctypes.CFUNCTYPE(restype, *argtypes, use_errno=True)
+    fn: Callable[..., int] = factory((name, libc))
+    return fn
+
+
+_unshare = _proto("unshare", _c_int, _c_int)
+_mount = _proto("mount", _c_int, _c_char_p, _c_char_p, _c_char_p, _c_ulong, _c_char_p)
+_umount2 = _proto("umount2", _c_int, _c_char_p, _c_int)
+_syncfs = _proto("syncfs", _c_int, _c_int)
+_statfs = _proto("statfs", _c_int, _c_char_p, _c_void_p)
+_ioctl_int = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_int)
+_ioctl_ptr = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_void_p)
+_prctl = _proto("prctl", _c_int, _c_int, _c_ulong, _c_ulong, _c_ulong, _c_ulong)
+# syscall(NR, ...) shapes, one per new-mount-API call
+_sys_fsopen = _proto("syscall", _c_long, _c_long, _c_char_p, _c_uint)
+_sys_fsconfig = _proto("syscall", _c_long, _c_long, _c_int, _c_uint, _c_char_p, _c_char_p, _c_int)
+_sys_fsmount = _proto("syscall", _c_long, _c_long, _c_int, _c_uint, _c_uint)
+_sys_move_mount = _proto("syscall", _c_long, _c_long, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
+_sys_open_tree = _proto("syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint)
+_sys_mount_setattr = _proto(
+    "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint, _c_void_p, _c_size_t
+)
+_sys_openat2 = _proto("syscall", _c_long, _c_long, _c_int, _c_char_p, _c_void_p, _c_size_t)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def check(
+    ret: int,
+    syscall: str,
+    path: Path | None = None,
+    path2: Path | None = None,
+) -> int:
+    """Return `ret`, or raise `SysError(errno, syscall, path, path2)` when it is negative."""
+    if ret < 0:
+        raise SysError(ctypes.get_errno(), syscall, path, path2)
+    return ret
+
+
+def _b(path: Path | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+# --- wrappers ---------------------------------------------------------------------------------
+def unshare(flags: int) -> None:
+    check(_unshare(flags), "unshare")
+
+
+def mount(
+    source: Path | None,
+    target: Path,
+    fstype: str | bytes | None,
+    flags: int,
+    data: str | bytes | None,
+) -> None:
+    fs = fstype.encode() if isinstance(fstype, str) else fstype
+    opts = data.encode() if isinstance(data, str) else data
+    check(_mount(_b(source), _b(target), fs, flags, opts), "mount", target)
+
+
+def umount2(target: Path, flags: int = 0) -> None:
+    check(_umount2(_b(target), flags), "umount2", target)
+
+
+def fsopen(fsname: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    return check(_sys_fsopen(_nr("fsopen"), fsname.encode(), flags), "fsopen", fsname)
+
+
+def fsconfig(
+    fd: int,
+    cmd: int,
+    key: str | None = None,
+    value: str | bytes | None = None,
+    aux: int = 0,
+) -> None:
+    """fsconfig(2). A failure names `key=value` (or the key alone) as the error's path."""
+    k = key.encode() if key is not None else None
+    v = value.encode() if isinstance(value, str) else value
+    ret = _sys_fsconfig(_nr("fsconfig"), fd, cmd, k, v, aux)
+    if ret < 0:
+        where = None if k is None else k if v is None else k + b"=" + v
+        check(ret, "fsconfig", where)
+
+
+def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attrs: int = 0) -> int:
+    return check(_sys_fsmount(_nr("fsmount"), fd, flags, attrs), "fsmount")
+
+
+def move_mount(
+    from_dfd: int,
+    from_path: Path,
+    to_dfd: int,
+    to_path: Path,
+    flags: int,
+) -> None:
+    ret = _sys_move_mount(_nr("move_mount"), from_dfd, _b(from_path), to_dfd, _b(to_path), flags)
+    check(ret, "move_mount", to_path)
+
+
+def open_tree(dfd: int, path: Path, flags: int) -> int:
+    return check(_sys_open_tree(_nr("open_tree"), dfd, _b(path), flags), "open_tree", path)
+
+
+def mount_setattr(
+    dfd: int,
+    path: Path,
+    flags: int,
+    *,
+    attr_set: int = 0,
+    attr_clr: int = 0,
+    propagation: int = 0,
+    userns_fd: int = 0,
+) -> None:
+    attr = mount_attr(attr_set, attr_clr, propagation, userns_fd)
+    ret = _sys_mount_setattr(
+        _nr("mount_setattr"), dfd, _b(path), flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    check(ret, "mount_setattr", path)
+
+
+def syncfs(fd: int) -> None:
+    check(_syncfs(fd), "syncfs")
+
+
+def openat2(dirfd: int, path: Path, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    how = open_how(flags, mode, resolve)
+    ret = _sys_openat2(_nr("openat2"), dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    return check(ret, "openat2", path)
+
+
+def ioctl_getflags(fd: int) -> int:
+    flags = ctypes.c_int(0)
+    check(_ioctl_ptr(fd, FS_IOC_GETFLAGS, ctypes.byref(flags)), "ioctl(FS_IOC_GETFLAGS)")
+    return flags.value
+
+
+def ioctl_setflags(fd: int, flags: int) -> None:
+    value = ctypes.c_int(flags)
+    check(_ioctl_ptr(fd, FS_IOC_SETFLAGS, ctypes.byref(value)), "ioctl(FS_IOC_SETFLAGS)")
+
+
+def ficlone(dst_fd: int, src_fd: int) -> None:
+    check(_ioctl_int(dst_fd, FICLONE, src_fd), "ioctl(FICLONE)")
+
+
+def enable_verity(fd: int, *, block_size: int = 4096) -> None:
+    """FS_IOC_ENABLE_VERITY with SHA-256 and no salt or signature."""
+    arg = fsverity_enable_arg(version=1, hash_algorithm=FS_VERITY_HASH_ALG_SHA256)
+    arg.block_size = block_size
+    check(_ioctl_ptr(fd, FS_IOC_ENABLE_VERITY, ctypes.byref(arg)), "ioctl(FS_IOC_ENABLE_VERITY)")
+
+
+def set_dumpable(*, on: bool = True) -> None:
+    """prctl(PR_SET_DUMPABLE). A process that changed its uids is non-dumpable, which makes its
+    /proc/self files belong to root, so it could no longer write its own uid_map (measured)."""
+    check(_prctl(PR_SET_DUMPABLE, 1 if on else 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def statfs_type(path: Path) -> int:
+    """statfs(2)'s f_type (a *_SUPER_MAGIC), which os.statvfs does not expose.
+
+    f_type is the first member of struct statfs (a `long` on 64-bit Linux); the buffer is larger
+    than the struct on every architecture.
+    """
+    buf = (ctypes.c_long * 64)()
+    check(_statfs(_b(path), ctypes.byref(buf)), "statfs", path)
+    return int(buf[0]) & 0xFFFFFFFF

@@ -1,0 +1,66 @@
+"""Inode flags: read them, and set or clear FS_IMMUTABLE_FL (`chattr +i`).
+
+Owns FS_IOC_GETFLAGS/FS_IOC_SETFLAGS. Imports only the standard library, `veloverlay.errors` and
+`veloverlay._libc`. Setting or clearing +i needs CAP_LINUX_IMMUTABLE in the initial user namespace:
+it is EPERM for everyone else, root inside a user namespace included (measured), and the raised
+`SysError` carries that hint. ENOTTY/EOPNOTSUPP (a filesystem without inode flags) are raised too;
+callers treat them as "unsupported" and record it (never a silent best effort, STYLE B6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
+from veloverlay import _libc
+from veloverlay.errors import SysError
+
+__all__ = ["FS_IMMUTABLE_FL", "get_flags", "set_immutable", "is_immutable"]
+
+FS_IMMUTABLE_FL = _libc.FS_IMMUTABLE_FL
+
+StrPath = str | os.PathLike[str]
+
+
+@contextlib.contextmanager
+def _open_for_flags(path: StrPath) -> Iterator[int]:
+    # Read-only is enough for both ioctls and works on directories; O_NONBLOCK keeps a FIFO from
+    # blocking; O_NOFOLLOW acts on the link itself (then ELOOP), never on what it points to.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _named(path: StrPath, exc: SysError) -> SysError:
+    """The ioctl only knew an fd; name the path (the hint is recomputed from syscall+errno)."""
+    return SysError(exc.errno or errno.EIO, exc.syscall, path)
+
+
+def get_flags(path: StrPath) -> int:
+    """The inode's FS_*_FL flags (as `lsattr` shows them)."""
+    with _open_for_flags(path) as fd:
+        try:
+            return _libc.ioctl_getflags(fd)
+        except SysError as exc:
+            raise _named(path, exc) from None
+
+
+def set_immutable(path: StrPath, on: bool = True) -> None:
+    """Set (or clear, with `on=False`) the immutable flag; a no-op when it already is so."""
+    with _open_for_flags(path) as fd:
+        try:
+            flags = _libc.ioctl_getflags(fd)
+            wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
+            if wanted != flags:
+                _libc.ioctl_setflags(fd, wanted)
+        except SysError as exc:
+            raise _named(path, exc) from None
+
+
+def is_immutable(path: StrPath) -> bool:
+    return bool(get_flags(path) & FS_IMMUTABLE_FL)

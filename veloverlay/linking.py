@@ -1,0 +1,148 @@
+"""Placing a file's bytes at a new name: reflink, hard link or copy, reporting which was done.
+
+Owns the fallback chain (uv's `link_dir`, ostree's HardlinkResult): every function returns the
+`LinkMode` it actually used, so callers record it and `--strict` can refuse a fallback
+(`allow_copy=False` -> `Reason.FALLBACK_FORBIDDEN`). Imports only the standard library,
+`veloverlay.errors` and `veloverlay._libc`.
+
+A destination is always created exclusively and without following symlinks (O_CREAT|O_EXCL|
+O_NOFOLLOW), so these functions never write through an existing name; a half-written copy is
+removed before the error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import stat
+
+from veloverlay import _libc
+from veloverlay.errors import Reason, SysError, VeloError
+
+__all__ = ["LinkMode", "clone_or_copy", "hardlink_or_copy"]
+
+StrPath = str | os.PathLike[str]
+
+# errnos meaning "this way is not possible here, try the next one" rather than a real failure
+_NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS})
+_NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+# EMLINK: ext4 stops at 65,000 links per inode (measured); EXDEV: another filesystem; EPERM:
+# an immutable (+i) source, or fs.protected_hardlinks for a file we do not own.
+_NO_HARDLINK = frozenset({errno.EMLINK, errno.EXDEV, errno.EPERM})
+
+_CHUNK = 1 << 30
+
+
+class LinkMode(enum.Enum):
+    """How a file was placed."""
+
+    REFLINK = "reflink"
+    """A copy-on-write clone (FICLONE): a new inode sharing the source's extents."""
+    HARDLINK = "hardlink"
+    """A second name for the source inode: shares its mode, owner and flags."""
+    COPY = "copy"
+    """A new inode holding a byte copy (copy_file_range, sendfile or read/write)."""
+    SYMLINK = "symlink"
+    """A symbolic link to the source path; reads resolve to the source."""
+
+
+def _copy_bytes(src_fd: int, dst_fd: int) -> None:
+    """Copy from the current offsets to EOF, by the best call the kernel accepts here."""
+    try:
+        while os.copy_file_range(src_fd, dst_fd, _CHUNK):
+            pass
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_FILE_RANGE:
+            raise
+    # Whatever copy_file_range moved before refusing, start again from the beginning.
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    os.ftruncate(dst_fd, 0)
+    try:
+        offset = 0
+        while sent := os.sendfile(dst_fd, src_fd, offset, _CHUNK):
+            offset += sent
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_SENDFILE:
+            raise
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    os.ftruncate(dst_fd, 0)
+    while chunk := os.read(src_fd, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view) :]
+
+
+def clone_or_copy(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    mode: int | None = None,
+    allow_copy: bool = True,
+) -> LinkMode:
+    """Create `dst` as a reflink of regular file `src`, else as a copy; return which.
+
+    `mode` is the new file's permission bits (default: the source's); it is applied exactly,
+    whatever the umask. Raises VeloError(FALLBACK_FORBIDDEN) when only a copy is possible and
+    `allow_copy` is False, and FileExistsError when `dst` exists.
+    """
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VeloError(
+                f"not a regular file: {os.fspath(src)}",
+                reason=Reason.SPECIAL_FILE,
+                path=os.fspath(src),
+            )
+        perms = stat.S_IMODE(st.st_mode) if mode is None else mode
+        dst_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst_fd = os.open(dst, dst_flags, 0o600)
+        try:
+            used = _fill(src_fd, dst_fd, src, dst, allow_copy=allow_copy)
+            os.fchmod(dst_fd, perms)
+        except BaseException:
+            os.close(dst_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            raise
+        os.close(dst_fd)
+        return used
+    finally:
+        os.close(src_fd)
+
+
+def _fill(src_fd: int, dst_fd: int, src: StrPath, dst: StrPath, *, allow_copy: bool) -> LinkMode:
+    try:
+        _libc.ficlone(dst_fd, src_fd)
+        return LinkMode.REFLINK
+    except SysError as exc:
+        if exc.errno not in _NO_REFLINK:
+            raise SysError(exc.errno or errno.EIO, exc.syscall, src, dst) from None
+        why = f"{exc.syscall}: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+    if not allow_copy:
+        raise VeloError(
+            f"cannot reflink {os.fspath(src)!r} to {os.fspath(dst)!r} ({why}) and copying is "
+            "not allowed",
+            reason=Reason.FALLBACK_FORBIDDEN,
+            path=os.fspath(dst),
+        )
+    _copy_bytes(src_fd, dst_fd)
+    return LinkMode.COPY
+
+
+def hardlink_or_copy(src: StrPath, dst: StrPath, *, allow_copy: bool = True) -> LinkMode:
+    """Hard-link `src` as `dst`; on EMLINK/EXDEV/EPERM fall back to `clone_or_copy`."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return LinkMode.HARDLINK
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINK:
+            raise
+    return clone_or_copy(src, dst, allow_copy=allow_copy)

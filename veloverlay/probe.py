@@ -1,0 +1,524 @@
+"""Capability detection by trying, in throw-away forked children and temp dirs.
+
+Owns the answer to "what can this host do": `detect()` returns a frozen `Capabilities` whose
+feature names are a stable API (tests, CI's VELO_TEST_MUST_WORK and `doctor --json` use them).
+Nothing is inferred from the kernel version; it is only logged. Every probe runs the real
+operation — unshare, mount an overlay, mknod a whiteout, FS_IOC_SETFLAGS, FICLONE — and a failing
+feature's reason names the call and errno. Namespace probes run in forked children (the calling
+process never unshares); temp dirs live under /dev/shm (or the temp dir) and are removed.
+
+Imports the standard library and the kernel modules (`ns`, `mount`, `fsflags`, `_libc`, errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+
+from veloverlay import _libc, fsflags, mount, ns
+from veloverlay.errors import Reason, SysError, VeloError
+
+__all__ = [
+    "FEATURES",
+    "Feature",
+    "Capabilities",
+    "detect",
+    "store_fs_check",
+    "lower_form",
+    "LOWER_FORMS",
+]
+
+log = logging.getLogger(__name__)
+
+FEATURES = (
+    "root",
+    "userns",
+    "overlay_root",
+    "overlay_userns",
+    "data_only_root",
+    "data_only_userns",
+    "lowerdir_append",
+    "fsconfig_fd",
+    "whiteout_mknod",
+    "chattr",
+    "fsverity",
+    "reflink",
+    "userns_unrestricted",
+    "fuse",
+)
+LOWER_FORMS = ("data-only", "links")
+
+# The uid/gid a root caller drops to for the unprivileged probes.
+_NOBODY = 65534
+_CAP_SYS_ADMIN = 21
+_OBJECT_BYTES = b"veloverlay data-only probe\n"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Feature:
+    ok: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    kernel: str
+    features: dict[str, Feature]
+
+    def feature(self, name: str) -> Feature:
+        found = self.features.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.features))
+            return Feature(False, f"unknown feature {name!r} (known: {known})")
+        return found
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kernel": self.kernel,
+            "features": {
+                name: {"ok": f.ok, "reason": f.reason} for name, f in self.features.items()
+            },
+        }
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _why(exc: BaseException) -> str:
+    """'call: ERRNO (hint)' for syscall failures, the message otherwise."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        call = exc.syscall if isinstance(exc, SysError) else "os"
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = exc.hint if isinstance(exc, SysError) else None
+        return f"{call}{where}: {name} ({hint or exc.strerror})"
+    if isinstance(exc, VeloError):
+        return f"{exc.message} [{exc.reason.value}]"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _attempt(fn: Callable[[], str]) -> tuple[bool, str]:
+    try:
+        return True, fn()
+    except Exception as exc:  # noqa: BLE001 - a probe turns every failure into a reason
+        return False, _why(exc)
+
+
+def _scratch_base() -> str:
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
+
+
+def _force_rmtree(path: str) -> None:
+    """Remove a probe dir: clear +i where set and open up mode-000 dirs (overlay's work/work)."""
+
+    def onerror(_fn: object, failed: str, _exc: object) -> None:
+        with contextlib.suppress(OSError):
+            fsflags.set_immutable(failed, False)
+        parent = os.path.dirname(failed)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, 0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(failed, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, onerror=onerror)
+            else:
+                os.unlink(failed)
+
+    for root, dirs, _files in os.walk(path):
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, d), 0o700)
+    shutil.rmtree(path, onerror=onerror)
+
+
+@contextlib.contextmanager
+def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="velo-probe-", dir=under or _scratch_base())
+    try:
+        if owner is not None:
+            os.chown(path, owner, owner)
+            os.chmod(path, 0o755)
+        yield path
+    finally:
+        _force_rmtree(path)
+
+
+# --- probes run inside a namespace child ------------------------------------------------------
+def _overlay_whiteout(base: str, *, api: mount.MountApi | None = None) -> str:
+    """Mount lower+upper, delete a lower file through it, expect a 0/0 char device in upper."""
+    lower, upper, work, merged = (os.path.join(base, d) for d in ("l", "u", "w", "m"))
+    for d in (lower, upper, work, merged):
+        os.mkdir(d)
+    with open(os.path.join(lower, "gone"), "wb") as f:
+        f.write(b"x")
+    used = mount.overlay(
+        lowers=[lower], upper=upper, work=work, target=merged, userxattr=True, api=api
+    )
+    try:
+        os.unlink(os.path.join(merged, "gone"))
+        st = os.lstat(os.path.join(upper, "gone"))
+        if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+            raise VeloError("deleting a lower file left no whiteout", reason=Reason.SYSCALL)
+    finally:
+        mount.umount(merged)
+    return f"overlay with userxattr mounted ({used.value} mount API), whiteout written"
+
+
+def _data_only(base: str) -> str:
+    """A sparse metadata file with user.overlay.metacopy/redirect over a data-only lower."""
+    meta, objs, upper, work, merged = (
+        os.path.join(base, d) for d in ("meta", "objs", "du", "dw", "dm")
+    )
+    for d in (meta, objs, os.path.join(objs, "ab"), upper, work, merged):
+        os.mkdir(d)
+    with open(os.path.join(objs, "ab", "cd"), "wb") as f:
+        f.write(_OBJECT_BYTES)
+    mfile = os.path.join(meta, "file")
+    with open(mfile, "wb") as f:
+        f.truncate(len(_OBJECT_BYTES))  # sparse of the real size, so stat shows it
+    os.chmod(mfile, 0o640)
+    os.setxattr(mfile, "user.overlay.metacopy", b"")
+    os.setxattr(mfile, "user.overlay.redirect", b"/ab/cd")
+    used = mount.overlay(
+        lowers=[meta], data_lowers=[objs], upper=upper, work=work, target=merged, userxattr=True
+    )
+    try:
+        merged_file = os.path.join(merged, "file")
+        with open(merged_file, "rb") as f:
+            data = f.read()
+        st = os.stat(merged_file)
+    finally:
+        mount.umount(merged)
+    if data != _OBJECT_BYTES:
+        raise VeloError(
+            f"read through the metadata file returned {data[:32]!r}, not the object",
+            reason=Reason.OVERLAY_UNSUPPORTED,
+        )
+    if stat.S_IMODE(st.st_mode) != 0o640 or st.st_size != len(_OBJECT_BYTES):
+        raise VeloError(
+            f"merged file shows mode {oct(st.st_mode)} size {st.st_size}, not the metadata file's",
+            reason=Reason.OVERLAY_UNSUPPORTED,
+        )
+    return f"metacopy+redirect into a data-only lower with userxattr ({used.value} mount API)"
+
+
+def _lowerdir_append(base: str) -> tuple[tuple[bool, str], tuple[bool, str]]:
+    """(`lowerdir+` validated, `FSCONFIG_SET_FD` for `lowerdir+`) in the current userns."""
+    a, b = os.path.join(base, "a"), os.path.join(base, "b")
+    os.mkdir(a)
+    os.mkdir(b)
+    fd = _libc.fsopen("overlay", _libc.FSOPEN_CLOEXEC)
+    try:
+
+        def append() -> str:
+            try:
+                _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "veloverlay-bogus-key", "1")
+            except SysError:
+                pass
+            else:
+                raise VeloError("fsconfig accepts unknown keys", reason=Reason.SYSCALL)
+            _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "lowerdir+", a)
+            try:
+                _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "lowerdir+", base + "/missing")
+            except SysError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise VeloError("lowerdir+ accepted a missing path", reason=Reason.SYSCALL)
+            return "fsconfig lowerdir+ accepted, and a missing path refused"
+
+        def set_fd() -> str:
+            dfd = os.open(b, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _libc.fsconfig(fd, _libc.FSCONFIG_SET_FD, "lowerdir+", None, dfd)
+            finally:
+                os.close(dfd)
+            _libc.fsconfig(fd, _libc.FSCONFIG_CMD_CREATE)
+            os.close(_libc.fsmount(fd, _libc.FSMOUNT_CLOEXEC, 0))
+            return "fsconfig FSCONFIG_SET_FD lowerdir+ accepted; read-only overlay created"
+
+        appended = _attempt(append)
+        if not appended[0]:
+            return appended, (False, f"needs lowerdir+: {appended[1]}")
+        return appended, _attempt(set_fd)
+    finally:
+        os.close(fd)
+
+
+def _whiteout_mknod(base: str) -> str:
+    path = os.path.join(base, "wh")
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    os.unlink(path)
+    return "mknod c 0 0 allowed in a user namespace"
+
+
+def _namespace_probes(base: str, *, drop: bool, extras: bool) -> dict[str, tuple[bool, str]]:
+    """Runs in a forked child: optionally become nobody, enter a userns, try each facility."""
+    who = "unprivileged" if drop or os.getuid() != 0 else "root"
+    if drop:
+        ns.drop_to_user(_NOBODY, _NOBODY)
+    outside_uid = os.getuid()
+    suffix = "userns" if who == "unprivileged" else "root"
+    names = ["overlay_" + suffix, "data_only_" + suffix]
+    if extras:
+        names += ["lowerdir_append", "fsconfig_fd", "whiteout_mknod"]
+    try:
+        ns.enter_userns(map_root=True)
+        mount.make_rprivate("/")
+    except Exception as exc:  # noqa: BLE001
+        reason = f"no user namespace: {_why(exc)}"
+        return {"userns": (False, reason), **{n: (False, reason) for n in names}}
+    out: dict[str, tuple[bool, str]] = {
+        "userns": (True, f"user+mount namespace created as {who} uid {outside_uid}"),
+        "overlay_" + suffix: _attempt(lambda: _overlay_whiteout(base)),
+        "data_only_" + suffix: _attempt(lambda: _data_only(base)),
+    }
+    if extras:
+        out["lowerdir_append"], out["fsconfig_fd"] = _lowerdir_append(base)
+        out["whiteout_mknod"] = _attempt(lambda: _whiteout_mknod(base))
+    return out
+
+
+def _in_child(base: str, *, drop: bool, extras: bool) -> dict[str, tuple[bool, str]]:
+    try:
+        return ns.run_in_child(_namespace_probes, base, drop=drop, extras=extras)
+    except Exception as exc:  # noqa: BLE001
+        return {"userns": (False, f"probe child failed: {_why(exc)}")}
+
+
+# --- probes run in the calling process --------------------------------------------------------
+def _has_root() -> tuple[bool, str]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            capeff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            initial = f.read().split() == ["0", "0", "4294967295"]
+    except (OSError, StopIteration) as exc:
+        return False, f"cannot read /proc/self/status: {exc}"
+    if not initial:
+        return False, "running inside a user namespace (not the initial one)"
+    if int(capeff, 16) >> _CAP_SYS_ADMIN & 1:
+        return True, f"CAP_SYS_ADMIN in CapEff={capeff} of the initial user namespace"
+    return False, f"no CAP_SYS_ADMIN in CapEff={capeff}"
+
+
+def _where(base: str) -> str:
+    return f"under {os.path.dirname(base)} ({_mountinfo_fstype(base) or 'unknown fs'})"
+
+
+def _chattr(base: str) -> str:
+    path = os.path.join(base, "immutable")
+    with open(path, "wb"):
+        pass
+    fsflags.set_immutable(path, True)
+    try:
+        if not fsflags.is_immutable(path):
+            raise VeloError("FS_IOC_SETFLAGS did not stick", reason=Reason.IMMUTABLE_DENIED)
+    finally:
+        fsflags.set_immutable(path, False)
+    return f"FS_IOC_SETFLAGS +i set and cleared {_where(base)}"
+
+
+def _fsverity(base: str) -> str:
+    path = os.path.join(base, "verity")
+    with open(path, "wb") as f:
+        f.write(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _libc.enable_verity(fd)
+    finally:
+        os.close(fd)
+    return f"FS_IOC_ENABLE_VERITY works {_where(base)}"
+
+
+def _reflink(base: str) -> str:
+    src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+    with open(src, "wb") as f:
+        f.write(b"x" * 4096)
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _libc.ficlone(dfd, sfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return f"FICLONE works {_where(base)}"
+
+
+def _userns_unrestricted() -> tuple[bool, str]:
+    # sysctl -> the value that means "unrestricted"; a missing file is no restriction.
+    knobs = {
+        "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "0",  # Ubuntu >= 23.10
+        "/proc/sys/kernel/unprivileged_userns_clone": "1",  # Debian's older patch
+        "/proc/sys/user/max_user_namespaces": None,  # 0 forbids them for everyone
+    }
+    for path, good in knobs.items():
+        try:
+            with open(path, encoding="ascii") as f:
+                value = f.read().strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return False, f"cannot read {path}: {_why(exc)}"
+        if (good is not None and value != good) or (good is None and value == "0"):
+            return False, f"{path} = {value}: unprivileged user namespaces are restricted"
+    return True, "no AppArmor or sysctl restriction on unprivileged user namespaces"
+
+
+def _open_fuse() -> str:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SysError(exc.errno or errno.EIO, f"open as uid {os.getuid()}", "/dev/fuse") from None
+    os.close(fd)
+    return f"/dev/fuse opens read-write as uid {os.getuid()}"
+
+
+def _fuse(*, drop: bool) -> tuple[bool, str]:
+    if not drop:
+        return _attempt(_open_fuse)
+
+    def as_nobody() -> tuple[bool, str]:
+        ns.drop_to_user(_NOBODY, _NOBODY)
+        return _attempt(_open_fuse)
+
+    try:
+        return ns.run_in_child(as_nobody)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"probe child failed: {_why(exc)}"
+
+
+# --- public -----------------------------------------------------------------------------------
+_cache: Capabilities | None = None
+
+
+def _detect() -> Capabilities:
+    kernel = os.uname().release
+    log.debug("probing kernel %s (version logged only, never trusted)", kernel)
+    results: dict[str, tuple[bool, str]] = {"root": _has_root()}
+    is_root = results["root"][0]
+    real_uid0 = os.getuid() == 0
+    with _scratch(owner=_NOBODY if real_uid0 else None) as base:
+        unpriv_base = os.path.join(base, "unpriv")
+        os.mkdir(unpriv_base)
+        if real_uid0:
+            os.chown(unpriv_base, _NOBODY, _NOBODY)
+        # The unprivileged attempt: root becomes nobody in the child before unsharing.
+        unpriv = _in_child(unpriv_base, drop=real_uid0, extras=not is_root)
+        for name in ("overlay_userns", "data_only_userns"):
+            unpriv.setdefault(name, (False, unpriv["userns"][1]))
+        results.update(unpriv)
+        if is_root:
+            root_base = os.path.join(base, "root")
+            os.mkdir(root_base)
+            privileged = _in_child(root_base, drop=False, extras=True)
+            privileged.pop("userns", None)
+            results.update(privileged)
+        else:
+            why = f"not root: {results['root'][1]}"
+            results["overlay_root"] = (False, why)
+            results["data_only_root"] = (False, why)
+        for name in ("lowerdir_append", "fsconfig_fd", "whiteout_mknod"):
+            results.setdefault(name, (False, "no user namespace to try it in"))
+    # chattr, fs-verity and reflink depend on the filesystem: try them where the temp dir is
+    # (a disk filesystem, like the default store location), not on tmpfs.
+    with _scratch(under=tempfile.gettempdir()) as tmp_dir:
+        results["chattr"] = _attempt(lambda: _chattr(tmp_dir))
+        results["fsverity"] = _attempt(lambda: _fsverity(tmp_dir))
+        results["reflink"] = _attempt(lambda: _reflink(tmp_dir))
+    results["userns_unrestricted"] = _userns_unrestricted()
+    results["fuse"] = _fuse(drop=real_uid0)
+    features = {name: Feature(*results[name]) for name in FEATURES}
+    for name, feat in features.items():
+        log.debug("feature %s: %s (%s)", name, "yes" if feat.ok else "no", feat.reason)
+    return Capabilities(kernel=kernel, features=features)
+
+
+def detect(*, refresh: bool = False) -> Capabilities:
+    """Probe the host once per process (again with `refresh`)."""
+    global _cache
+    if _cache is None or refresh:
+        _cache = _detect()
+    return _cache
+
+
+# Filesystems a store must not live on: LMDB's locking and overlay uppers need a local fs.
+_NETWORK_MAGIC = {
+    _libc.NFS_SUPER_MAGIC: "nfs",
+    _libc.SMB_SUPER_MAGIC: "smb",
+    _libc.CIFS_SUPER_MAGIC: "cifs",
+    _libc.SMB2_SUPER_MAGIC: "smb2",
+}
+_NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
+
+
+def _mountinfo_fstype(path: str) -> str | None:
+    """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
+    best, fstype = -1, None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) > best:
+                    best, fstype = len(mnt), right.split()[0]
+    except OSError:
+        return None
+    return fstype
+
+
+def store_fs_check(path: str | os.PathLike[str]) -> Feature:
+    """Is `path` on a filesystem a store may live on? Refuses NFS/SMB (LMDB, overlay uppers)."""
+    real = os.path.realpath(path)
+    probe_at = real
+    while not os.path.exists(probe_at):
+        probe_at = os.path.dirname(probe_at)
+    try:
+        magic = _libc.statfs_type(probe_at)
+    except SysError as exc:
+        return Feature(False, f"cannot check the filesystem: {_why(exc)}")
+    if magic in _NETWORK_MAGIC:
+        return Feature(False, f"{probe_at} is on {_NETWORK_MAGIC[magic]} (f_type {magic:#x})")
+    fstype = _mountinfo_fstype(probe_at)
+    if fstype in _NETWORK_FSTYPES:
+        return Feature(False, f"{probe_at} is on a {fstype} mount")
+    return Feature(True, f"{probe_at} is on {fstype or 'a local filesystem'} (f_type {magic:#x})")
+
+
+def lower_form(privileged: bool) -> str:
+    """The lower-layer form sessions should use: "data-only" or "links".
+
+    VELO_FORCE_LOWER wins (and raises when the forced form is unavailable); otherwise data-only
+    where the probe could mount it for this privilege level, else links.
+    """
+    caps = detect()
+    suffix = "root" if privileged else "userns"
+    data_only = caps.feature("data_only_" + suffix)
+    links = caps.feature("overlay_" + suffix)
+    forced = os.environ.get("VELO_FORCE_LOWER", "").strip()
+    if forced:
+        if forced not in LOWER_FORMS:
+            raise VeloError(
+                f"VELO_FORCE_LOWER={forced!r} is not one of {', '.join(LOWER_FORMS)}",
+                reason=Reason.USAGE,
+            )
+        needed = data_only if forced == "data-only" else links
+        if not needed.ok:
+            raise VeloError(
+                f"VELO_FORCE_LOWER={forced} but that lower form is unavailable: {needed.reason}",
+                reason=Reason.OVERLAY_UNSUPPORTED,
+            )
+        return forced
+    return "data-only" if data_only.ok else "links"
