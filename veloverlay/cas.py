@@ -27,7 +27,7 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from . import _libc
@@ -370,29 +370,56 @@ class Stage:
             else:
                 self.staged[digest] = path
 
-    def publish(self) -> int:
-        """syncfs; rename staged objects into objects-v1; syncfs. Returns objects published."""
+    def publish(self, mapper: Mapper | None = None) -> int:
+        """syncfs; rename staged objects into objects-v1; syncfs. Returns objects published.
+
+        `mapper` (e.g. a process pool's `map`) spreads the renames over workers: creating the
+        shard directories and renaming is most of the cost of storing many small objects.
+        """
         if not self.staged:
             return 0
-        store = self.store
         syncfs_path(self.dir)
-        published = 0
-        for digest, path in self.staged.items():
-            hexname = digest.hex().encode()
-            dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
-            try:
-                # rename over an existing (identical) object is harmless, but keep the
-                # older inode: it may carry +i and short-name links.
-                if os.path.lexists(dst):
-                    os.unlink(path)
-                    continue
-                os.rename(path, dst)
-                published += 1
-            except OSError as exc:
-                raise _store_error(exc, "rename", path, dst) from exc
-        syncfs_path(store.objects)
+        items = list(self.staged.items())
+        root = os.fspath(self.store.root)
+        if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
+            published = _publish_chunk((root, items))
+        else:
+            chunks = [
+                (root, items[i : i + _PUBLISH_CHUNK]) for i in range(0, len(items), _PUBLISH_CHUNK)
+            ]
+            published = sum(mapper(_publish_chunk, chunks))
+        syncfs_path(self.store.objects)
         self.staged.clear()
         return published
+
+
+Mapper = Callable[[Callable[[tuple[str, list[tuple[bytes, bytes]]]], int],
+                   list[tuple[str, list[tuple[bytes, bytes]]]]], Iterable[int]]
+_PUBLISH_CHUNK = 512
+_stores: dict[str, Store] = {}
+
+
+def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
+    """Rename staged files to their object names (in any process; shard dirs cached per store)."""
+    root, items = job
+    store = _stores.get(root)
+    if store is None:
+        store = _stores[root] = Store(root)
+    published = 0
+    for digest, path in items:
+        hexname = digest.hex().encode()
+        dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
+        try:
+            # An identical object may exist already (another writer): keep the older inode,
+            # it may carry +i and short-name links.
+            if os.path.lexists(dst):
+                os.unlink(path)
+                continue
+            os.rename(path, dst)
+            published += 1
+        except OSError as exc:
+            raise _store_error(exc, "rename", path, dst) from exc
+    return published
 
 
 def _create(path: bytes) -> int:

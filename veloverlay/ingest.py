@@ -15,6 +15,7 @@ Workers are forked before any thread exists and never touch LMDB.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import multiprocessing
@@ -24,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 
 from . import paths
 from .cas import Stage, Store
@@ -80,7 +82,7 @@ def _flock(fd: int, op: int) -> None:
     fcntl.flock(fd, op)
 
 
-def _lock_source(fd: int, st: os.stat_result, store: Store) -> int:
+def _lock_source(fd: int, path: bytes, store: Store) -> int:
     """Take a shared lock on the source; return a sidecar fd to close, or -1."""
     for _ in range(LOCK_TRIES):
         try:
@@ -93,6 +95,7 @@ def _lock_source(fd: int, st: os.stat_result, store: Store) -> int:
                 raise
             # The filesystem cannot lock: a sidecar lock in the store, keyed by (dev, ino),
             # never a file written into the tree being ingested.
+            st = os.fstat(fd)
             side = os.open(
                 store.locks / f"{st.st_dev:x}-{st.st_ino:x}.lock",
                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
@@ -106,7 +109,9 @@ def _lock_source(fd: int, st: os.stat_result, store: Store) -> int:
                     time.sleep(0.005)
             os.close(side)
             break
-    raise VeloError("a writer holds the source file locked", reason=Reason.SOURCE_UNSTABLE)
+    raise VeloError(
+        f"a writer holds {os.fsdecode(path)} locked", reason=Reason.SOURCE_UNSTABLE, path=path
+    )
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -134,21 +139,23 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
             raise
         side = -1
         try:
+            # Lock first (O_NONBLOCK made the open safe for FIFOs), then one fstat before and
+            # one after the read: any write in between changes size, mtime or ctime.
+            side = _lock_source(fd, path, store)
             st1 = os.fstat(fd)
             if not stat.S_ISREG(st1.st_mode):
                 raise _Changed
-            side = _lock_source(fd, st1, store)
-            st1 = os.fstat(fd)
             racy = time.time_ns() - st1.st_mtime_ns < RACY_NS
             if st1.st_size <= _SMALL:
                 data = _read_all(fd, st1.st_size)
                 st2 = os.fstat(fd)
                 if not _same(st1, st2) or len(data) != st1.st_size:
                     continue
+                # Within the timestamp's resolution a write may leave no trace in the stat:
+                # for a file modified just now, a second read must agree with the first.
                 if racy and os.pread(fd, st1.st_size + 1, 0) != data:
                     continue
-                digest = stage.add_bytes(data)
-                return digest, st1, racy
+                return stage.add_bytes(data), st1, racy
             digest, size, new = stage.add_fd(fd)
             st2 = os.fstat(fd)
             if not _same(st1, st2) or size != st1.st_size:
@@ -173,13 +180,13 @@ class _Changed(Exception):
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """Read up to size+1 bytes (one more than expected reveals a file that grew)."""
-    data = os.read(fd, size + 1)
-    if 0 < len(data) <= size:  # a short read: keep reading until EOF or past the size
+    """Read `size` bytes (a file that grows or shrinks meanwhile shows in the second fstat)."""
+    data = os.read(fd, size)
+    if len(data) < size:  # a short read: keep going until EOF
         parts = [data]
         got = len(data)
-        while got <= size:
-            more = os.read(fd, size + 1 - got)
+        while got < size:
+            more = os.read(fd, size - got)
             if not more:
                 break
             parts.append(more)
@@ -206,11 +213,14 @@ _Done = tuple[
 _Fail = tuple[bytes, str, str]
 
 
-def _hash_chunk(jobs: list[_Job]) -> tuple[list[_Done], list[_Fail], dict[bytes, bytes]]:
+def _hash_chunk(
+    jobs: list[_Job],
+) -> tuple[list[_Done], list[_Fail], dict[bytes, tuple[bytes, int]]]:
     store = _W["store"]
     stage = _W["stage"]
     assert isinstance(store, Store) and isinstance(stage, Stage)
     stage.staged = {}
+    sizes: dict[bytes, int] = {}
     done: list[_Done] = []
     failed: list[_Fail] = []
     for rel, absp in jobs:
@@ -228,7 +238,9 @@ def _hash_chunk(jobs: list[_Job]) -> tuple[list[_Done], list[_Fail], dict[bytes,
         done.append(
             (rel, digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, racy)
         )
-    return done, failed, stage.staged
+        if digest in stage.staged and digest not in sizes:
+            sizes[digest] = st.st_size
+    return done, failed, {d: (p, sizes[d]) for d, p in stage.staged.items()}
 
 
 # -- walking -------------------------------------------------------------------------------------
@@ -301,7 +313,7 @@ def scan(
     res: IngestResult,
     *,
     stage: Stage,
-    jobs: int,
+    pool: Pool | None,
     keep_setid: bool,
     progress: Progress | None = None,
 ) -> tuple[list[_Dir], dict[bytes, tuple[int, int, int, int, bytes] | None]]:
@@ -346,7 +358,7 @@ def scan(
     res.dirs = len(dirs) - 1
     if pending:
         _hash_pending(
-            store, top, pending, rules, res, new_cache, now, stage, jobs, keep_setid, progress
+            store, top, pending, rules, res, new_cache, now, stage, pool, keep_setid, progress
         )
     return dirs, new_cache
 
@@ -379,7 +391,7 @@ def _hash_pending(
     new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None],
     now: int,
     stage: Stage,
-    jobs: int,
+    pool: Pool | None,
     keep_setid: bool,
     progress: Progress | None,
 ) -> None:
@@ -394,15 +406,16 @@ def _hash_pending(
     done_count = 0
     failures: list[_Fail] = []
 
-    def consume(result: tuple[list[_Done], list[_Fail], dict[bytes, bytes]]) -> None:
+    def consume(result: tuple[list[_Done], list[_Fail], dict[bytes, tuple[bytes, int]]]) -> None:
         nonlocal done_count
         done, failed, staged = result
-        before = len(stage.staged)
-        for dg, p in staged.items():
-            if dg not in stage.staged:
-                res.new_bytes += os.stat(p).st_size
-        stage.adopt(staged)
-        res.new_objects += len(stage.staged) - before
+        for dg, (p, size) in staged.items():
+            if dg in stage.staged:
+                os.unlink(p)  # two workers staged the same new content
+            else:
+                stage.staged[dg] = p
+                res.new_objects += 1
+                res.new_bytes += size
         failures.extend(failed)
         for rel, digest, size, mtime, ctime, ino, mode, racy in done:
             d, name = by_rel[rel]
@@ -413,15 +426,13 @@ def _hash_pending(
         if progress is not None:
             progress(done_count, total)
 
-    if jobs <= 1 or len(chunks) <= 1:
+    if pool is None or len(chunks) <= 1:
         _worker_init(os.fspath(store.root), stage.name)
         for ch in chunks:
             consume(_hash_chunk(ch))
     else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(jobs, _worker_init, (os.fspath(store.root), stage.name)) as pool:
-            for result in pool.imap_unordered(_hash_chunk, chunks):
-                consume(result)
+        for result in pool.imap_unordered(_hash_chunk, chunks):
+            consume(result)
     # Files that vanished or stopped being regular during the ingest are reported, not fatal;
     # anything else (unreadable, unstable) fails the whole ingest before anything is committed.
     for rel, reason, msg in failures:
@@ -483,9 +494,16 @@ def ingest(
     if rules is None:
         rules = Rules.from_json(existing.tiers if existing else None)
     res = IngestResult(name, "", None)
-    with store.lock(), store.stage() as stage:
+    with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
         store.reclaim_tmp()
         cache = _load_cache(m, name)
+        pool = None
+        if jobs > 1:
+            # Workers are forked now, before this process ever starts a thread.
+            ctx = multiprocessing.get_context("fork")
+            pool = stack.enter_context(
+                ctx.Pool(jobs, _worker_init, (os.fspath(store.root), stage.name))
+            )
         dirs, new_cache = scan(
             store,
             top,
@@ -493,12 +511,12 @@ def ingest(
             cache,
             res,
             stage=stage,
-            jobs=jobs,
+            pool=pool,
             keep_setid=keep_setid,
             progress=progress,
         )
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
-        stage.publish()
+        stage.publish(pool.map if pool is not None else None)
         with m.write() as txn:
             root = _build_nodes(m, txn, dirs)
             res.root = root.hex()

@@ -78,6 +78,15 @@ class Rules:
         self.rules = tuple(rules)
         self._compiled = [(r, _glob_to_regex(r.glob)) for r in self.rules]
         self._tier1 = any(r.tier == 1 for r in self.rules)
+        # One alternation in rule order: the regex engine tries alternatives left to right, so
+        # the first group that matched is the first rule that matches (one scan per path).
+        self._combined = (
+            re.compile(
+                b"|".join(b"(" + rx.pattern + b")" for _r, rx in self._compiled), re.DOTALL
+            )
+            if self._compiled
+            else None
+        )
 
     @classmethod
     def default(cls) -> Rules:
@@ -99,12 +108,12 @@ class Rules:
         return 2, None
 
     def classify(self, path: bytes) -> int:
-        if not self._tier1:
+        if not self._tier1 or self._combined is None:
             return 2
-        for rule, rx in self._compiled:
-            if rx.match(path):
-                return rule.tier
-        return 2
+        m = self._combined.match(path)
+        if m is None or m.lastindex is None:
+            return 2
+        return self.rules[m.lastindex - 1].tier
 
 
 def parse_rules(text: str) -> Rules:

@@ -1,0 +1,75 @@
+"""Build directory trees from a spec and compare two trees the way the manifest models them.
+
+Compared: the set of paths, kinds, file bytes, permission bits, mtimes (ns, for files, dirs and
+symlinks), symlink targets, empty directories. Not compared — not modelled in v1, and excluded on
+purpose: owners, xattrs, hard-link identity, atimes/ctimes, special files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str  # file | dir | symlink
+    mode: int
+    mtime_ns: int | None
+    data: bytes | None  # file content or symlink target
+
+
+def snapshot(root: str | bytes, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[bytes, Item]:
+    root_b = os.fsencode(root)
+    out: dict[bytes, Item] = {}
+    st = os.lstat(root_b)
+    out[b""] = Item("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns if dir_mtimes else None, None)
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        rel_dir = os.path.relpath(dirpath, root_b)
+        rel_dir = b"" if rel_dir == b"." else rel_dir
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            st = os.lstat(p)
+            m = st.st_mode
+            if stat.S_ISDIR(m):
+                out[rel] = Item("dir", stat.S_IMODE(m), st.st_mtime_ns if dir_mtimes else None, None)
+            elif stat.S_ISLNK(m):
+                out[rel] = Item("symlink", 0, st.st_mtime_ns if mtimes else None, os.readlink(p))
+            elif stat.S_ISREG(m):
+                with open(p, "rb") as f:
+                    data = f.read()
+                out[rel] = Item("file", stat.S_IMODE(m), st.st_mtime_ns if mtimes else None, data)
+        # os.walk lists symlinks to dirs in dirnames but does not descend: fine.
+    return out
+
+
+def diff_snapshots(a: dict[bytes, Item], b: dict[bytes, Item]) -> list[str]:
+    problems = []
+    for p in sorted(a.keys() | b.keys()):
+        x, y = a.get(p), b.get(p)
+        if x != y:
+            problems.append(f"{p!r}: {x} != {y}")
+    return problems
+
+
+def assert_same_tree(a: str | bytes, b: str | bytes, **kw: bool) -> None:
+    problems = diff_snapshots(snapshot(a, **kw), snapshot(b, **kw))
+    assert not problems, "trees differ:\n" + "\n".join(problems[:20])
+
+
+def make_tree(root: str, spec: dict[str, object]) -> None:
+    """spec: path -> bytes (file), None (dir), ("link", target) (symlink)."""
+    os.makedirs(root, exist_ok=True)
+    for path, what in spec.items():
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if what is None:
+            os.makedirs(full, exist_ok=True)
+        elif isinstance(what, tuple):
+            os.symlink(what[1], full)
+        else:
+            assert isinstance(what, bytes)
+            with open(full, "wb") as f:
+                f.write(what)
