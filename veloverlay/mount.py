@@ -53,7 +53,10 @@ FSCONFIG_VALUE_MAX = 255
 # user.overlay.metacopy="" and user.overlay.redirect="/ab/obj" over `datadir+`/`::`) reads the
 # object's bytes and shows the metadata file's mode/mtime/size. Adding metacopy=on, or
 # redirect_dir=on/follow, to `userxattr` is EINVAL ("conflicting options", at FSCONFIG_CMD_CREATE
-# for the new API); data-only redirects are followed regardless of redirect_dir.
+# for the new API, reported only in dmesg); so is redirect_dir=off, which this kernel's
+# CONFIG_OVERLAY_FS_REDIRECT_ALWAYS_FOLLOW=y turns into "follow". `nofollow` is the one value
+# that goes with `userxattr`, and the redirect of a metacopy file into a data-only layer is
+# followed anyway.
 PINNED_OPTIONS: Mapping[str, str] = {
     "index": "off",
     "metacopy": "off",
@@ -105,22 +108,35 @@ _LOCKED_ST_FLAGS = (
 )
 
 
-def bind(src: StrPath, dst: StrPath, *, readonly: bool = False, recursive: bool = True) -> None:
-    """Bind `src` onto `dst`; with `readonly`, every mount of the (recursive) copy is read-only.
+def bind(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    readonly: bool = False,
+    recursive: bool = True,
+    api: MountApi | None = None,
+) -> MountApi:
+    """Bind `src` onto `dst`; with `readonly` the copy is read-only. Returns the API used.
 
-    Bind the store read-only only after the overlay is mounted: a read-only mount under the upper
-    dir makes the overlay read-only (measured, DESIGN.md "Sessions").
+    With the new API (default, `open_tree` + `mount_setattr` + `move_mount`) every mount of a
+    recursive read-only copy is read-only; the classic fallback (bind + remount, forced with
+    `api=CLASSIC`, used on ENOSYS) only makes the top mount read-only. Bind the store read-only
+    only after the overlay is mounted: a read-only mount under the upper dir makes the overlay
+    read-only (measured, DESIGN.md "Sessions").
     """
     if not readonly:
         flags = _libc.MS_BIND | (_libc.MS_REC if recursive else 0)
         _libc.mount(src, dst, None, flags, None)
-        return
-    try:
-        _bind_readonly_new(src, dst, recursive=recursive)
-    except SysError as exc:
-        if exc.errno != errno.ENOSYS:
-            raise
-        _bind_readonly_classic(src, dst, recursive=recursive)
+        return MountApi.CLASSIC
+    if api is not MountApi.CLASSIC:
+        try:
+            _bind_readonly_new(src, dst, recursive=recursive)
+            return MountApi.NEW
+        except SysError as exc:
+            if exc.errno != errno.ENOSYS or api is MountApi.NEW:
+                raise
+    _bind_readonly_classic(src, dst, recursive=recursive)
+    return MountApi.CLASSIC
 
 
 def _bind_readonly_new(src: StrPath, dst: StrPath, *, recursive: bool) -> None:
@@ -368,7 +384,7 @@ def _overlay_new(
         else:
             raise _UseClassic("fsconfig accepts unknown keys (no parameter validation)")
         try:
-            # Flags first: `userxattr` decides which xattrs the layer checks below look at.
+            # Options, then layers: the order mount(2)'s string gives them to the kernel.
             for key, value in opts.items():
                 ctx.set_option(key, value)
             for i, path in enumerate(lowers):

@@ -72,7 +72,7 @@ def _dumps(obj: object) -> bytes:
 
 def _child_payload(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> bytes:
     try:
-        return _dumps(("ok", fn(*args, **kw)))
+        result = fn(*args, **kw)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         exc.add_note(f"(raised in child pid {os.getpid()}:)\n" + traceback.format_exc().rstrip())
         try:
@@ -84,6 +84,15 @@ def _child_payload(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, 
                 detail=f"pickling failed: {pickle_exc!r}",
             )
             return _dumps(("err", err))
+    try:
+        return _dumps(("ok", result))
+    except Exception as pickle_exc:  # noqa: BLE001
+        err = VeloError(
+            f"child returned an unpicklable {type(result).__name__}",
+            reason=Reason.SYSCALL,
+            detail=f"pickling failed: {pickle_exc!r}",
+        )
+        return _dumps(("err", err))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -138,6 +147,16 @@ def _wait(pid: int) -> int:
             continue
 
 
+def _no_result(pid: int, status: int) -> VeloError:
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return VeloError(f"child process {pid} was killed by signal {name}", reason=Reason.SYSCALL)
+    code = os.waitstatus_to_exitcode(status)
+    return VeloError(
+        f"child process {pid} exited with status {code} without a result", reason=Reason.SYSCALL
+    )
+
+
 def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """Run `fn(*args, **kw)` in a forked child; return its result or re-raise its exception.
 
@@ -164,21 +183,17 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     finally:
         os.close(rfd)
         status = _wait(pid)
-    if not data:
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            raise VeloError(
-                f"child process {pid} was killed by signal {signal.Signals(sig).name}",
-                reason=Reason.SYSCALL,
-            )
-        raise VeloError(
-            f"child process {pid} exited with status {os.waitstatus_to_exitcode(status)} "
-            "without a result",
-            reason=Reason.SYSCALL,
-        )
-    kind, value = pickle.loads(data)
-    if kind == "err":
+    kind: str = ""
+    value: Any = None
+    if data:
+        try:
+            kind, value = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - a child killed while writing leaves a torn pickle
+            kind = ""
+    if kind == "err" and isinstance(value, BaseException):
         raise value
+    if kind != "ok":
+        raise _no_result(pid, status)
     result: T = value
     return result
 

@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -90,11 +91,13 @@ class Capabilities:
 
 # --- helpers ----------------------------------------------------------------------------------
 def _why(exc: BaseException) -> str:
-    """'call: ERRNO (hint)' for syscall failures, the message otherwise."""
+    """'call path: ERRNO (hint)' for syscall failures, the message otherwise. Paths inside a
+    probe's scratch dir are left out: they are random and gone once the probe ends."""
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         call = exc.syscall if isinstance(exc, SysError) else "os"
-        where = f" {exc.filename}" if exc.filename else ""
+        shown = exc.filename and _SCRATCH_PREFIX not in os.fsdecode(exc.filename)
+        where = f" {exc.filename}" if shown else ""
         hint = exc.hint if isinstance(exc, SysError) else None
         return f"{call}{where}: {name} ({hint or exc.strerror})"
     if isinstance(exc, VeloError):
@@ -109,6 +112,9 @@ def _attempt(fn: Callable[[], str]) -> tuple[bool, str]:
         return False, _why(exc)
 
 
+_SCRATCH_PREFIX = "velo-probe-"
+
+
 def _scratch_base() -> str:
     shm = "/dev/shm"
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
@@ -118,31 +124,23 @@ def _scratch_base() -> str:
 
 def _force_rmtree(path: str) -> None:
     """Remove a probe dir: clear +i where set and open up mode-000 dirs (overlay's work/work)."""
-
-    def onerror(_fn: object, failed: str, _exc: object) -> None:
-        with contextlib.suppress(OSError):
-            fsflags.set_immutable(failed, False)
-        parent = os.path.dirname(failed)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, 0o700)
-        with contextlib.suppress(OSError):
-            os.chmod(failed, 0o700)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                shutil.rmtree(failed, onerror=onerror)
-            else:
-                os.unlink(failed)
-
-    for root, dirs, _files in os.walk(path):
-        for d in dirs:
+    for root, dirs, files in os.walk(path):  # top-down: a dir is opened up before it is read
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                continue
             with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, d), 0o700)
-    shutil.rmtree(path, onerror=onerror)
+                if fsflags.is_immutable(full):
+                    fsflags.set_immutable(full, False)
+            if name in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(full, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="velo-probe-", dir=under or _scratch_base())
+    path = tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=under or _scratch_base())
     try:
         if owner is not None:
             os.chown(path, owner, owner)
@@ -153,16 +151,14 @@ def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[
 
 
 # --- probes run inside a namespace child ------------------------------------------------------
-def _overlay_whiteout(base: str, *, api: mount.MountApi | None = None) -> str:
+def _overlay_whiteout(base: str) -> str:
     """Mount lower+upper, delete a lower file through it, expect a 0/0 char device in upper."""
     lower, upper, work, merged = (os.path.join(base, d) for d in ("l", "u", "w", "m"))
     for d in (lower, upper, work, merged):
         os.mkdir(d)
     with open(os.path.join(lower, "gone"), "wb") as f:
         f.write(b"x")
-    used = mount.overlay(
-        lowers=[lower], upper=upper, work=work, target=merged, userxattr=True, api=api
-    )
+    used = mount.overlay(lowers=[lower], upper=upper, work=work, target=merged, userxattr=True)
     try:
         os.unlink(os.path.join(merged, "gone"))
         st = os.lstat(os.path.join(upper, "gone"))
@@ -463,6 +459,9 @@ _NETWORK_MAGIC = {
 _NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space as \040 etc.
+
+
 def _mountinfo_fstype(path: str) -> str | None:
     """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
     best, fstype = -1, None
@@ -470,7 +469,7 @@ def _mountinfo_fstype(path: str) -> str | None:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                mnt = left.split()[4].replace("\\040", " ")
+                mnt = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), left.split()[4])
                 inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
                 if inside and len(mnt) > best:
                     best, fstype = len(mnt), right.split()[0]

@@ -28,18 +28,25 @@ __all__ = [
 
 T = TypeVar("T")
 
-UNPRIV_UID = int(os.environ.get("VELO_INTERNAL__TEST_UID", "1500"))
-UNPRIV_GID = UNPRIV_UID
+# Root drops to this uid (it need not exist in /etc/passwd); a suite run by an unprivileged user
+# (the VM matrix) simply stays itself.
+UNPRIV_UID = (
+    int(os.environ.get("VELO_INTERNAL__TEST_UID", "1500")) if os.getuid() == 0 else os.getuid()
+)
+UNPRIV_GID = UNPRIV_UID if os.getuid() == 0 else os.getgid()
 
 
 def _as_unprivileged(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-    ns.drop_to_user(UNPRIV_UID, UNPRIV_GID)
-    return fn(*args, **kw)
+    if (os.getuid(), os.getgid()) != (UNPRIV_UID, UNPRIV_GID):
+        ns.drop_to_user(UNPRIV_UID, UNPRIV_GID)
+    result: T = fn(*args, **kw)
+    return result
 
 
 def run_unprivileged(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """fn(*args, **kw) in a forked child running as UNPRIV_UID; its result or exception."""
-    return ns.run_in_child(_as_unprivileged, fn, *args, **kw)
+    result: T = ns.run_in_child(_as_unprivileged, fn, *args, **kw)
+    return result
 
 
 def _make_removable(path: str) -> None:
@@ -65,7 +72,8 @@ def unpriv_tmpdir() -> Iterator[str]:
     """
     path = tempfile.mkdtemp(prefix="velo-test-", dir="/dev/shm")
     try:
-        os.chown(path, UNPRIV_UID, UNPRIV_GID)
+        if os.getuid() == 0:
+            os.chown(path, UNPRIV_UID, UNPRIV_GID)
         os.chmod(path, 0o755)
         yield path
     finally:
@@ -79,15 +87,19 @@ def unpriv_tmpdir() -> Iterator[str]:
 def _enter_and_run(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     ns.enter_userns(map_root=True)
     mount.make_rprivate("/")
-    return fn(*args, **kw)
+    result: T = fn(*args, **kw)
+    return result
 
 
 def run_in_userns(fn: Callable[..., T], *args: Any, privileged: bool, **kw: Any) -> T:
     """fn in a forked child that entered its own user+mount namespace (root mapped to itself
     with `privileged`, else as UNPRIV_UID mapped to 0), with `/` made private."""
+    result: T
     if privileged:
-        return ns.run_in_child(_enter_and_run, fn, *args, **kw)
-    return run_unprivileged(_enter_and_run, fn, *args, **kw)
+        result = ns.run_in_child(_enter_and_run, fn, *args, **kw)
+    else:
+        result = run_unprivileged(_enter_and_run, fn, *args, **kw)
+    return result
 
 
 def mount_lines() -> list[str]:

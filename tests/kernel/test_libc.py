@@ -6,14 +6,22 @@ import errno
 import os
 import pathlib
 import re
+from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.unpriv import run_unprivileged
+from tests.helpers.unpriv import mount_lines, run_in_userns, run_unprivileged
 from veloverlay import _libc
 from veloverlay.errors import SysError
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "veloverlay"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mounts() -> Iterator[None]:
+    before = mount_lines()
+    yield
+    assert mount_lines() == before
 
 
 def test_check_passes_non_negative_results_through() -> None:
@@ -33,31 +41,49 @@ def test_syserror_carries_errno_syscall_and_paths(tmp_path: pathlib.Path) -> Non
     assert "umount2" in str(err) and "ENOENT" in str(err)
 
 
+def _umount_plain_dir(path: str) -> None:
+    _libc.umount2(path)
+
+
+@pytest.mark.needs("userns")
 def test_check_reads_errno_of_the_failed_call(tmp_path: pathlib.Path) -> None:
     # a plain directory is not a mount point: EINVAL, not a stale errno from earlier calls
     with pytest.raises(SysError) as info:
-        _libc.umount2(tmp_path)
+        run_in_userns(_umount_plain_dir, "/proc/self/fd", privileged=False)
     assert info.value.errno == errno.EINVAL
 
 
+def _fsopen(name: str) -> None:
+    os.close(_libc.fsopen(name))
+
+
+@pytest.mark.needs("userns")
 def test_fsopen_unknown_fs_names_it() -> None:
     with pytest.raises(SysError) as info:
-        _libc.fsopen("no-such-fs-xyz")
+        run_in_userns(_fsopen, "no-such-fs-xyz", privileged=False)
     assert info.value.errno == errno.ENODEV
     assert info.value.filename == "no-such-fs-xyz"
 
 
-def test_fsconfig_error_names_key_and_value() -> None:
+def _fsconfig_bad_key() -> tuple[int, str | None]:
     fd = _libc.fsopen("tmpfs")
     try:
-        with pytest.raises(SysError) as info:
+        try:
             _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "no-such-key", "1")
-        assert info.value.errno == errno.EINVAL
-        assert info.value.filename == "no-such-key=1"
+        except SysError as exc:
+            failed = (exc.errno or 0, exc.filename)
+        else:
+            raise AssertionError("fsconfig accepted an unknown key")
         # the context stays usable after a rejected parameter
         _libc.fsconfig(fd, _libc.FSCONFIG_SET_STRING, "size", "1m")
+        return failed
     finally:
         os.close(fd)
+
+
+@pytest.mark.needs("userns")
+def test_fsconfig_error_names_key_and_value() -> None:
+    assert run_in_userns(_fsconfig_bad_key, privileged=False) == (errno.EINVAL, "no-such-key=1")
 
 
 def test_unshare_eperm_carries_the_canned_hint() -> None:

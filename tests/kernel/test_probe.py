@@ -1,0 +1,189 @@
+"""Capability detection: every feature answered with a reason, cheap, cached, side-effect free."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.unpriv import mount_lines
+from veloverlay import _libc, probe
+from veloverlay.errors import Reason, VeloError
+from veloverlay.probe import Capabilities, Feature
+
+EXPECTED = {
+    "root",
+    "userns",
+    "overlay_root",
+    "overlay_userns",
+    "data_only_root",
+    "data_only_userns",
+    "lowerdir_append",
+    "fsconfig_fd",
+    "whiteout_mknod",
+    "chattr",
+    "fsverity",
+    "reflink",
+    "userns_unrestricted",
+    "fuse",
+}
+
+
+def _leftovers() -> set[str]:
+    return set(glob.glob("/dev/shm/velo-probe-*")) | set(
+        glob.glob(os.path.join(tempfile.gettempdir(), "velo-probe-*"))
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh() -> Capabilities:
+    return probe.detect(refresh=True)
+
+
+def test_every_feature_is_answered_with_a_reason(fresh: Capabilities) -> None:
+    assert set(fresh.features) == EXPECTED == set(probe.FEATURES)
+    for name, feature in fresh.features.items():
+        assert isinstance(feature.ok, bool), name
+        assert feature.reason.strip(), name
+    assert fresh.kernel == os.uname().release
+
+
+def test_failures_name_the_call_and_errno(fresh: Capabilities) -> None:
+    for name in ("fsverity", "reflink", "chattr"):
+        feature = fresh.feature(name)
+        if not feature.ok:
+            assert "ioctl(" in feature.reason and ": E" in feature.reason, feature.reason
+
+
+def test_root_follows_capeff(fresh: Capabilities) -> None:
+    with open("/proc/self/status") as f:
+        capeff = int(next(line.split()[1] for line in f if line.startswith("CapEff")), 16)
+    assert fresh.feature("root").ok == bool(capeff >> 21 & 1)
+
+
+def test_fuse_is_probed_as_an_unprivileged_uid(fresh: Capabilities) -> None:
+    # root always opens /dev/fuse; the probe must answer for an unprivileged uid (0600 here)
+    try:
+        st = os.stat("/dev/fuse")
+    except FileNotFoundError:
+        assert not fresh.feature("fuse").ok
+        return
+    if os.getuid() == 0:
+        expected = st.st_mode & 0o006 == 0o006
+    else:
+        expected = os.access("/dev/fuse", os.R_OK | os.W_OK)
+    assert fresh.feature("fuse").ok == expected, fresh.feature("fuse").reason
+
+
+def test_unknown_feature() -> None:
+    feature = probe.detect().feature("no_such_thing")
+    assert not feature.ok
+    assert "unknown feature" in feature.reason
+
+
+def test_cached_per_process_and_refreshable() -> None:
+    first = probe.detect()
+    assert probe.detect() is first
+    again = probe.detect(refresh=True)
+    assert again is not first
+    assert again.features == first.features
+
+
+def test_cheap_and_leaves_nothing_behind() -> None:
+    mounts, temps = mount_lines(), _leftovers()
+    start = time.monotonic()
+    probe.detect(refresh=True)
+    assert time.monotonic() - start < 1.0
+    assert mount_lines() == mounts
+    assert _leftovers() == temps
+
+
+def test_to_dict_is_json(fresh: Capabilities) -> None:
+    data = json.loads(json.dumps(fresh.to_dict()))
+    assert data["kernel"] == fresh.kernel
+    assert set(data["features"]) == EXPECTED
+    assert data["features"]["root"] == {
+        "ok": fresh.feature("root").ok,
+        "reason": fresh.feature("root").reason,
+    }
+
+
+# --- lower_form -------------------------------------------------------------------------------
+def _caps(**ok: bool) -> Capabilities:
+    features = {name: Feature(ok.get(name, True), f"synthetic {name}") for name in EXPECTED}
+    return Capabilities(kernel="test", features=features)
+
+
+@pytest.fixture
+def synthetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    monkeypatch.delenv("VELO_FORCE_LOWER", raising=False)
+    yield monkeypatch
+
+
+def test_lower_form_prefers_data_only(synthetic: pytest.MonkeyPatch) -> None:
+    synthetic.setattr(probe, "_cache", _caps())
+    assert probe.lower_form(privileged=True) == "data-only"
+    synthetic.setattr(probe, "_cache", _caps(data_only_userns=False))
+    assert probe.lower_form(privileged=False) == "links"
+    assert probe.lower_form(privileged=True) == "data-only"
+
+
+@pytest.mark.parametrize("form", ["links", "data-only"])
+def test_force_lower_wins(synthetic: pytest.MonkeyPatch, form: str) -> None:
+    synthetic.setattr(probe, "_cache", _caps())
+    synthetic.setenv("VELO_FORCE_LOWER", form)
+    assert probe.lower_form(privileged=False) == form
+    assert probe.lower_form(privileged=True) == form
+
+
+def test_forcing_an_unavailable_form_raises(synthetic: pytest.MonkeyPatch) -> None:
+    synthetic.setattr(probe, "_cache", _caps(data_only_root=False))
+    synthetic.setenv("VELO_FORCE_LOWER", "data-only")
+    with pytest.raises(VeloError) as info:
+        probe.lower_form(privileged=True)
+    assert info.value.reason is Reason.OVERLAY_UNSUPPORTED
+    assert "synthetic data_only_root" in info.value.message
+    synthetic.setenv("VELO_FORCE_LOWER", "hardlinks")
+    with pytest.raises(VeloError) as usage:
+        probe.lower_form(privileged=False)
+    assert usage.value.reason is Reason.USAGE
+
+
+def test_lower_form_on_this_host(synthetic: pytest.MonkeyPatch) -> None:
+    caps = probe.detect()
+    want = "data-only" if caps.feature("data_only_userns").ok else "links"
+    assert probe.lower_form(privileged=False) == want
+
+
+# --- store filesystem -------------------------------------------------------------------------
+def test_store_fs_local_is_fine(tmp_path: os.PathLike[str]) -> None:
+    assert probe.store_fs_check(tmp_path).ok
+    not_yet = os.path.join(os.fspath(tmp_path), "store", "deeper")  # need not exist yet
+    feature = probe.store_fs_check(not_yet)
+    assert feature.ok and feature.reason
+
+
+def test_store_fs_refuses_nfs_by_magic(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_libc, "statfs_type", lambda _p: _libc.NFS_SUPER_MAGIC)
+    feature = probe.store_fs_check(tmp_path)
+    assert not feature.ok and "nfs" in feature.reason
+
+
+def test_store_fs_refuses_network_mounts_by_mountinfo(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(probe, "_mountinfo_fstype", lambda _p: "cifs")
+    feature = probe.store_fs_check(tmp_path)
+    assert not feature.ok and "cifs" in feature.reason
+
+
+def test_mountinfo_fstype_finds_the_longest_mount_point() -> None:
+    assert probe._mountinfo_fstype("/dev/shm/x") == "tmpfs"
+    assert probe._mountinfo_fstype("/proc/self") == "proc"
