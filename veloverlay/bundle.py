@@ -193,8 +193,8 @@ def import_bundle(
                 if d in seen:
                     continue
                 seen.add(d)
-                data = nodes.get(d) or m.raw_node(txn, d)
-                if data is None:
+                found = nodes.get(d) or m.raw_node(txn, d)
+                if found is None:
                     raise _bad(f"node {d.hex()[:16]} is missing")
                 for e in decode(data).entries:
                     if e.kind is Kind.DIR:

@@ -11,10 +11,11 @@ Layout (versioned names, so a format change is a new directory, never a migratio
     <store>/manifests.lmdb/             the manifest database (manifest.py)
 
 Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
-actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file into
-`objects-v1/`, and runs syncfs again, after which the caller may commit a manifest that references
-them. A power cut leaves either no named object or a durable, correct one. A stage directory is
-flock-ed by its writer; a stage whose lock can be taken belongs to a dead writer and is reclaimed.
+actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
+into `objects-v1/`, and runs syncfs again, after which the caller may commit a manifest that
+references them. A power cut leaves either no named object or a durable, correct one. A stage
+directory is flock-ed by its writer; a stage whose lock can be taken belongs to a dead writer and
+is reclaimed.
 
 Writers (ingest, harvest, import) hold `lock` shared; `gc` holds it exclusively.
 """
@@ -150,7 +151,7 @@ class Store:
     def read_object(self, digest: bytes) -> bytes:
         fd = self.open_object(digest)
         try:
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 b = os.read(fd, _CHUNK)
                 if not b:
@@ -393,8 +394,13 @@ class Stage:
         return published
 
 
-Mapper = Callable[[Callable[[tuple[str, list[tuple[bytes, bytes]]]], int],
-                   list[tuple[str, list[tuple[bytes, bytes]]]]], Iterable[int]]
+Mapper = Callable[
+    [
+        Callable[[tuple[str, list[tuple[bytes, bytes]]]], int],
+        list[tuple[str, list[tuple[bytes, bytes]]]],
+    ],
+    Iterable[int],
+]
 _PUBLISH_CHUNK = 512
 _stores: dict[str, Store] = {}
 

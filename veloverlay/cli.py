@@ -34,7 +34,9 @@ _COMMAND: list[str] = []  # what follows `--` on a `run` command line
 
 StoreOpt = Annotated[
     str | None,
-    typer.Option("--store", envvar="VELO_STORE", help="Store directory [default: $XDG_DATA_HOME/veloverlay]"),
+    typer.Option(
+        "--store", envvar="VELO_STORE", help="Store directory [default: $XDG_DATA_HOME/veloverlay]"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
 
@@ -75,11 +77,22 @@ def init(as_json: JsonOpt = False) -> None:
 @app.command()
 def ingest(
     directory: Annotated[str, typer.Argument(help="Directory to ingest")],
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Ref name [default: the directory's name]")] = None,
-    tiers: Annotated[str | None, typer.Option("--tiers", help="Tier rules file ('<1|2> <glob>' per line)")] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")] = None,
-    force: Annotated[bool, typer.Option("--force", help="On conflict with session commits, take the source's version")] = False,
-    keep_setid: Annotated[bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Ref name [default: the directory's name]")
+    ] = None,
+    tiers: Annotated[
+        str | None, typer.Option("--tiers", help="Tier rules file ('<1|2> <glob>' per line)")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="On conflict with session commits, take the source's version"),
+    ] = False,
+    keep_setid: Annotated[
+        bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
+    ] = False,
     message: Annotated[str | None, typer.Option("--message", "-m")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -100,8 +113,16 @@ def ingest(
     progress = ui.Progress("hashing")
     try:
         res = do_ingest(
-            repo.store, repo.m, directory, ref, rules=rules, jobs=jobs, force=force,
-            keep_setid=keep_setid, message=message, progress=progress,
+            repo.store,
+            repo.m,
+            directory,
+            ref,
+            rules=rules,
+            jobs=jobs,
+            force=force,
+            keep_setid=keep_setid,
+            message=message,
+            progress=progress,
         )
     finally:
         progress.done()
@@ -115,18 +136,25 @@ def ingest(
     if res.stripped_setid:
         ui.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
     rate = res.files / res.seconds if res.seconds else 0
-    state = "unchanged" if res.unchanged else ("merged with session commits" if res.merged else "committed")
+    state = (
+        "unchanged"
+        if res.unchanged
+        else ("merged with session commits" if res.merged else "committed")
+    )
     print(
         f"{res.ref}: {state} {res.root[:16]}  {res.files} files, {res.dirs} dirs, "
         f"{res.symlinks} symlinks, {ui.human_bytes(res.bytes)}; {res.new_objects} new objects "
-        f"({ui.human_bytes(res.new_bytes)}), dedup saved {ui.human_bytes(res.bytes - res.new_bytes)}; "
+        f"({ui.human_bytes(res.new_bytes)}), "
+        f"dedup saved {ui.human_bytes(res.bytes - res.new_bytes)}; "
         f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
     )
 
 
 @app.command()
 def refs(
-    delete: Annotated[str | None, typer.Option("--delete", help="Delete this ref (its objects go at the next gc)")] = None,
+    delete: Annotated[
+        str | None, typer.Option("--delete", help="Delete this ref (its objects go at the next gc)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List refs (name, head, root, ingest path)."""
@@ -138,8 +166,16 @@ def refs(
     items = repo.refs()
     if _json(as_json):
         ui.emit_json(
-            [{"name": r.name, "head": r.head, "root": c.root, "path": r.path, "time_ns": c.time_ns}
-             for r, c in items]
+            [
+                {
+                    "name": r.name,
+                    "head": r.head,
+                    "root": c.root,
+                    "path": r.path,
+                    "time_ns": c.time_ns,
+                }
+                for r, c in items
+            ]
         )
         return
     ui.table(
@@ -164,7 +200,9 @@ def ls_cmd(
     for e in entries:
         name = os.fsdecode(e.path) + ("/" if e.kind == "dir" else "")
         extra = f" -> {e.target}" if e.target else ""
-        rows.append((e.kind, f"{e.mode:04o}", e.size, f"T{e.tier}" if e.tier else "-", name + extra))
+        rows.append(
+            (e.kind, f"{e.mode:04o}", e.size, f"T{e.tier}" if e.tier else "-", name + extra)
+        )
     ui.table(rows)
 
 
@@ -193,7 +231,10 @@ def log(
     for i, c in enumerate(commits):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time_ns / 1e9))
         sess = f" session={c.session}" if c.session else ""
-        print(f"{ref}@{{{i}}}  {c.id[:12]}  root {c.root[:16]}  {when}  +{c.delta_count} ops{sess}  {c.message}")
+        print(
+            f"{ref}@{{{i}}}  {c.id[:12]}  root {c.root[:16]}  {when}  "
+            f"+{c.delta_count} ops{sess}  {c.message}"
+        )
 
 
 @app.command()
@@ -219,7 +260,9 @@ def checkout(ref: str, dest: str) -> None:
 
 
 @app.command()
-def rollback(ref: str, n: Annotated[int, typer.Argument(help="How many versions back")] = 1) -> None:
+def rollback(
+    ref: str, n: Annotated[int, typer.Argument(help="How many versions back")] = 1
+) -> None:
     """Make REF@{N} the new head of REF (as a new commit; history is kept)."""
     c = _repo().rollback(ref, n)
     print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]})")
@@ -247,14 +290,20 @@ def export_cmd(
     if _json(as_json) and output != "-":
         ui.emit_json(info)
     elif output != "-":
-        print(f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to {output}")
+        print(
+            f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to {output}"
+        )
 
 
 @app.command("import")
 def import_cmd(
     bundle: str,
-    name: Annotated[str | None, typer.Option("--name", help="Ref name [default: the bundle's]")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Add as a new version of an existing ref")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Ref name [default: the bundle's]")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Add as a new version of an existing ref")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
@@ -308,9 +357,16 @@ def fsck(
 
 @app.command()
 def gc(
-    keep: Annotated[int | None, typer.Option("--keep", help="Keep the newest N commits of each ref [default: all]")] = None,
-    grace: Annotated[float, typer.Option("--grace", help="Never delete objects younger than this (seconds)")] = 3600.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be deleted")] = False,
+    keep: Annotated[
+        int | None,
+        typer.Option("--keep", help="Keep the newest N commits of each ref [default: all]"),
+    ] = None,
+    grace: Annotated[
+        float, typer.Option("--grace", help="Never delete objects younger than this (seconds)")
+    ] = 3600.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be deleted")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
@@ -363,7 +419,10 @@ def doctor(as_json: JsonOpt = False) -> None:
     else:
         print(f"kernel: {caps.kernel}")
         ui.table(
-            ((name, "yes" if f.ok else "no", f.reason) for name, f in sorted(caps.features.items())),
+            (
+                (name, "yes" if f.ok else "no", f.reason)
+                for name, f in sorted(caps.features.items())
+            ),
             ("FEATURE", "OK", "REASON"),
         )
         print(f"store: {store_path}: {'ok' if store_fs.ok else 'REFUSED'} ({store_fs.reason})")
@@ -401,19 +460,30 @@ def status(as_json: JsonOpt = False) -> None:
 @tiers_app.command("explain")
 def tiers_explain(
     path: str,
-    ref: Annotated[str | None, typer.Option("--ref", help="Use the rules stored with this ref")] = None,
+    ref: Annotated[
+        str | None, typer.Option("--ref", help="Use the rules stored with this ref")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Say which tier PATH gets, and which rule decided."""
     tier, rule, _rules = _repo().explain_tier(path, ref) if ref else _explain_default(path)
     if _json(as_json):
-        ui.emit_json({"path": path, "tier": tier, "rule": rule.glob if rule else None,
-                      "why": rule.why if rule else "no rule matched: Tier-2"})
+        ui.emit_json(
+            {
+                "path": path,
+                "tier": tier,
+                "rule": rule.glob if rule else None,
+                "why": rule.why if rule else "no rule matched: Tier-2",
+            }
+        )
         return
     if rule is None:
         print(f"{path}: tier {tier} (no rule matched)")
     else:
-        print(f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'" + (f" — {rule.why}" if rule.why else ""))
+        print(
+            f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
+            + (f" — {rule.why}" if rule.why else "")
+        )
 
 
 def _explain_default(path: str):  # type: ignore[no-untyped-def]
@@ -427,9 +497,13 @@ def _explain_default(path: str):  # type: ignore[no-untyped-def]
 
 # -- sessions ----------------------------------------------------------------------------------
 
-AtOpt = Annotated[str | None, typer.Option("--at", help="Project here [default: the ref's ingest path]")]
+AtOpt = Annotated[
+    str | None, typer.Option("--at", help="Project here [default: the ref's ingest path]")
+]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto, overlay or shim")]
-NetOpt = Annotated[str, typer.Option("--net", help="host, or none (a new network namespace with lo)")]
+NetOpt = Annotated[
+    str, typer.Option("--net", help="host, or none (a new network namespace with lo)")
+]
 
 
 def _session_options(refs: list[str], **kw: object):  # type: ignore[no-untyped-def]
@@ -439,7 +513,7 @@ def _session_options(refs: list[str], **kw: object):  # type: ignore[no-untyped-
         raise VeloError("--backend is auto, overlay or shim", reason=Reason.USAGE)
     if kw.get("net") not in ("host", "none"):
         raise VeloError("--net is host or none", reason=Reason.USAGE)
-    return SessionOptions(refs=refs, **kw)  # type: ignore[arg-type]
+    return SessionOptions(refs=refs, **kw)
 
 
 def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
@@ -467,11 +541,19 @@ def run(
     backend: BackendOpt = "auto",
     net: NetOpt = "host",
     discard: Annotated[bool, typer.Option("--discard", help="Throw all changes away")] = False,
-    no_commit: Annotated[bool, typer.Option("--no-commit", help="Keep changes as REF@SESSION only")] = False,
+    no_commit: Annotated[
+        bool, typer.Option("--no-commit", help="Keep changes as REF@SESSION only")
+    ] = False,
     message: Annotated[str | None, typer.Option("--message", "-m")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse any degraded protection or backend")] = False,
-    as_root: Annotated[bool, typer.Option("--as-root", help="Root-free: appear as uid 0 inside")] = False,
-    grace: Annotated[float, typer.Option("--grace", help="Seconds between SIGTERM and SIGKILL for leftovers")] = 5.0,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse any degraded protection or backend")
+    ] = False,
+    as_root: Annotated[
+        bool, typer.Option("--as-root", help="Root-free: appear as uid 0 inside")
+    ] = False,
+    grace: Annotated[
+        float, typer.Option("--grace", help="Seconds between SIGTERM and SIGKILL for leftovers")
+    ] = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a command in a projection of REF (several REFs stack, the last on top)."""
@@ -483,8 +565,16 @@ def run(
             "no command given", reason=Reason.USAGE, hint="veloverlay run REF -- COMMAND [ARGS...]"
         )
     opts = _session_options(
-        refs, at=at, backend=backend, net=net, discard=discard, commit=not no_commit,
-        message=message, strict=strict, as_root=as_root, grace=grace,
+        refs,
+        at=at,
+        backend=backend,
+        net=net,
+        discard=discard,
+        commit=not no_commit,
+        message=message,
+        strict=strict,
+        as_root=as_root,
+        grace=grace,
     )
     res = do_run(_repo().store, opts, list(_COMMAND))
     _render_session(res, as_json)
@@ -508,8 +598,16 @@ def enter(
     from .session import enter as do_enter
 
     opts = _session_options(
-        refs, at=at, backend=backend, net=net, discard=discard, commit=not no_commit,
-        message=message, strict=strict, as_root=as_root, grace=grace,
+        refs,
+        at=at,
+        backend=backend,
+        net=net,
+        discard=discard,
+        commit=not no_commit,
+        message=message,
+        strict=strict,
+        as_root=as_root,
+        grace=grace,
     )
     res = do_enter(_repo().store, opts)
     _render_session(res, False)
@@ -518,7 +616,9 @@ def enter(
 
 @app.command()
 def sessions(
-    clean: Annotated[bool, typer.Option("--clean", help="Remove finished session directories")] = False,
+    clean: Annotated[
+        bool, typer.Option("--clean", help="Remove finished session directories")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List sessions (running, unharvested after a crash, finished)."""
@@ -591,8 +691,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # click usage errors and the like
         name = type(exc).__name__
-        if name in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "BadArgumentUsage"):
-            show = getattr(exc, "format_message", lambda: str(exc))()
+        if name in (
+            "UsageError",
+            "BadParameter",
+            "NoSuchOption",
+            "MissingParameter",
+            "BadArgumentUsage",
+        ):
+            fmt = getattr(exc, "format_message", None)
+            show = fmt() if fmt is not None else str(exc)
             sys.stderr.write(f"error: {show}\nreason: usage\n")
             return 2
         if name == "Abort":

@@ -1,9 +1,9 @@
 """Errors with a machine-readable reason.
 
-Every failure the user can meet is a `VeloError` carrying a `Reason` (a stable slug that scripts and
-tests match on, never the wording), an optional `hint`, and an optional `detail`. Failed syscalls raise
-`SysError`, an `OSError` that also names the call and the path(s), so library users can keep catching
-`OSError`. This module imports nothing from the package.
+Every failure the user can meet is a `VeloError` carrying a `Reason` (a stable slug that scripts
+and tests match on, never the wording), an optional `hint`, and an optional `detail`. Failed
+syscalls raise `SysError`, an `OSError` that also names the call and the path(s), so library users
+can keep catching `OSError`. This module imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class VeloError(Exception):
         reason: Reason,
         hint: str | None = None,
         detail: str | None = None,
-        path: str | bytes | None = None,
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -77,6 +77,10 @@ class VeloError(Exception):
         self.hint = hint
         self.detail = detail
         self.path = os.fsdecode(path) if path is not None else None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (forked namespace children, worker pools).
+        return (_rebuild_velo, (self.message, self.reason, self.hint, self.detail, self.path))
 
     def as_dict(self) -> dict[str, str | None]:
         return {
@@ -86,6 +90,12 @@ class VeloError(Exception):
             "detail": self.detail,
             "path": self.path,
         }
+
+
+def _rebuild_velo(
+    message: str, reason: Reason, hint: str | None, detail: str | None, path: str | None
+) -> VeloError:
+    return VeloError(message, reason=reason, hint=hint, detail=detail, path=path)
 
 
 # Canned advice for the traps we know, keyed by (syscall, errno).
@@ -143,4 +153,17 @@ class SysError(OSError):
             where = f" {self.filename!r}"
             if self.filename2 is not None:
                 where += f" -> {self.filename2!r}"
-        return f"{self.syscall}{where}: {self.strerror} ({_errno.errorcode.get(self.errno, self.errno)})"
+        code = _errno.errorcode.get(self.errno, str(self.errno)) if self.errno else "?"
+        return f"{self.syscall}{where}: {self.strerror} ({code})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_sys,
+            (self.errno, self.syscall, self.filename, self.filename2, self.hint),
+        )
+
+
+def _rebuild_sys(
+    err: int, syscall: str, path: str | None, path2: str | None, hint: str | None
+) -> SysError:
+    return SysError(err, syscall, path, path2, hint=hint)

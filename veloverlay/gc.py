@@ -20,7 +20,6 @@ from pathlib import Path
 from .cas import Store
 from .manifest import EMPTY_ROOT, Manifests
 
-
 __all__ = ["GcReport", "gc", "session_roots"]
 
 

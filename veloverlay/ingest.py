@@ -1,14 +1,14 @@
 """Ingest a directory into the store and commit it as a version of a ref.
 
-Pipeline: walk (main process, lstat only) → hash and stage the files whose stat changed (forked worker
-processes, each reading a source under `flock(LOCK_SH|LOCK_NB)` and re-reading it if it changed while
-read) → build the Merkle nodes bottom-up → publish the staged objects durably → one LMDB transaction
-that compare-and-swaps the ref (merging with session commits made since the last ingest) and updates
-the stat cache.
+Pipeline: walk (main process, lstat only) → hash and stage the files whose stat changed (forked
+worker processes, each reading a source under `flock(LOCK_SH|LOCK_NB)` and re-reading it if it
+changed while read) → build the Merkle nodes bottom-up → publish the staged objects durably → one
+LMDB transaction that compare-and-swaps the ref (merging with session commits made since the last
+ingest) and updates the stat cache.
 
 Stat cache: per ref and path, (ino, size, mtime_ns, ctime_ns) → digest. An unchanged stat skips the
-read. git's "racy" rule: a file whose mtime is within `RACY_NS` of the scan is hashed but not cached,
-so a write in the same timestamp tick is never missed by the next ingest.
+read. git's "racy" rule: a file whose mtime is within `RACY_NS` of the scan is hashed but not
+cached, so a write in the same timestamp tick is never missed by the next ingest.
 
 Workers are forked before any thread exists and never touch LMDB.
 """
@@ -280,7 +280,7 @@ def _walk(top: bytes, res: IngestResult) -> Iterator[tuple[_Dir, bytes, os.stat_
                     sub = _Dir(paths.join(d.rel, name), stat.S_IMODE(m), st.st_mtime_ns)
                     yield d, name, st, "dir"
                     yield sub, b"", st, "enter"
-                    stack.append((de.path, sub))  # type: ignore[arg-type]
+                    stack.append((os.fsencode(de.path), sub))
                 elif stat.S_ISREG(m):
                     yield d, name, st, "file"
                 elif stat.S_ISLNK(m):
@@ -522,7 +522,7 @@ def ingest(
             res.root = root.hex()
             ref = m.get_ref(txn, name)
             msg = message or f"ingest {os.fsdecode(top)}"
-            target = root
+            target: bytes = root
             if ref is not None:
                 head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
                 base = bytes.fromhex(ref.ingest_root) if ref.ingest_root else head_root

@@ -1,10 +1,9 @@
 """Three-way merge of trees, per path, against a common base.
 
 Disjoint changes merge. Both sides making the identical change is not a conflict. A directory's own
-mode/mtime never conflicts (the later side, `ours`, wins). A real conflict is both sides changing one
-path differently, or one side replacing/deleting a directory inside which the other changed
-something. The caller keeps a conflicting side under its own ref: nothing is ever dropped.
-"""
+mode/mtime never conflicts (the later side, `ours`, wins). A real conflict is both sides changing
+one path differently, or one side replacing/deleting a directory inside which the other changed
+something. The caller keeps a conflicting side under its own ref: nothing is ever dropped."""
 
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ def three_way(m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes) -
     """Merge `ours` (base→ours) into `theirs` (base→theirs)."""
     if theirs == base:
         return MergeResult(ours, (), tuple(m.diff(txn, base, ours)))
-    if ours == base or ours == theirs:
+    if ours in (base, theirs):
         return MergeResult(theirs, (), ())
     mine = m.diff(txn, base, ours)
     other = m.diff(txn, base, theirs)

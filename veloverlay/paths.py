@@ -42,7 +42,7 @@ def join(parent: bytes, name: bytes) -> bytes:
 
 
 def parse_user_path(text: str | bytes) -> bytes:
-    """A path typed by a user: leading/trailing/duplicate slashes and `.` are dropped, `..` refused."""
+    """A path typed by a user: extra slashes and `.` are dropped, `..` is refused."""
     raw = os.fsencode(text)
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     for p in parts:

@@ -81,9 +81,7 @@ class Rules:
         # One alternation in rule order: the regex engine tries alternatives left to right, so
         # the first group that matched is the first rule that matches (one scan per path).
         self._combined = (
-            re.compile(
-                b"|".join(b"(" + rx.pattern + b")" for _r, rx in self._compiled), re.DOTALL
-            )
+            re.compile(b"|".join(b"(" + rx.pattern + b")" for _r, rx in self._compiled), re.DOTALL)
             if self._compiled
             else None
         )

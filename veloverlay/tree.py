@@ -1,9 +1,9 @@
 """Merkle directory nodes and deltas: the pure data model (no I/O, no LMDB).
 
 A directory node is the canonical encoding of the directory's own mode and mtime followed by its
-entries sorted by name (bytes order). Its digest (BLAKE3 with a node domain key) names it; the digest
-of the root node names a whole version. Entry kinds: FILE (content digest), DIR (child node digest),
-SYMLINK (target bytes, kept as-is), MASK (a deletion of a path a lower ref provides).
+entries sorted by name (bytes order). Its digest (BLAKE3 with a node domain key) names it; the
+digest of the root node names a whole version. Entry kinds: FILE (content digest), DIR (child node
+digest), SYMLINK (target bytes, kept as-is), MASK (a deletion of a path a lower ref provides).
 
 Encoding v1 (little endian):
     node  = b"VDN1" u32 mode  i64 mtime_ns  u32 count  entry*count
