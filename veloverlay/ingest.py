@@ -23,7 +23,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 
@@ -254,42 +254,8 @@ class _Dir:
     entries: list[Entry] = field(default_factory=list)
 
 
-def _walk(top: bytes, res: IngestResult) -> Iterator[tuple[_Dir, bytes, os.stat_result, str]]:
-    """Yield (parent dir, name, lstat, kind) for every entry below `top`; dirs come first."""
-    st = os.lstat(top)
-    root = _Dir(b"", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-    yield root, b"", st, "root"
-    stack = [(top, root)]
-    while stack:
-        absdir, d = stack.pop()
-        try:
-            it = os.scandir(absdir)
-        except PermissionError as exc:
-            raise VeloError(
-                f"cannot list {os.fsdecode(absdir)}: {exc.strerror}",
-                reason=Reason.SOURCE_UNREADABLE,
-                path=absdir,
-            ) from None
-        with it:
-            for de in it:
-                name = de.name
-                assert isinstance(name, bytes)
-                st = de.stat(follow_symlinks=False)
-                m = st.st_mode
-                if stat.S_ISDIR(m):
-                    sub = _Dir(paths.join(d.rel, name), stat.S_IMODE(m), st.st_mtime_ns)
-                    yield d, name, st, "dir"
-                    yield sub, b"", st, "enter"
-                    stack.append((os.fsencode(de.path), sub))
-                elif stat.S_ISREG(m):
-                    yield d, name, st, "file"
-                elif stat.S_ISLNK(m):
-                    yield d, name, st, "symlink"
-                else:
-                    kind = (
-                        "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
-                    )
-                    res.skipped.append((paths.display(paths.join(d.rel, name)), kind))
+def _special_kind(m: int) -> str:
+    return "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
 
 
 def _load_cache(m: Manifests, name: str) -> dict[bytes, tuple[int, int, int, int, bytes]]:
@@ -317,49 +283,99 @@ def scan(
     keep_setid: bool,
     progress: Progress | None = None,
 ) -> tuple[list[_Dir], dict[bytes, tuple[int, int, int, int, bytes] | None]]:
-    """Walk and hash `top`. Returns the directories (pre-order) and the new stat-cache entries."""
-    dirs: list[_Dir] = []
+    """Walk and hash `top`. Returns the directories (pre-order) and the new stat-cache entries.
+
+    The walk is one tight loop (it is the whole cost of a re-ingest): lstat via scandir, a
+    stat-cache hit adds the entry directly, a miss is queued for the hashing workers.
+    """
+    st = os.lstat(top)
+    root = _Dir(b"", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    dirs: list[_Dir] = [root]
     pending: list[tuple[_Dir, bytes, os.stat_result]] = []
     new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None] = {}
-    now = time.time_ns()
-    for d, name, st, kind in _walk(top, res):
-        if kind in ("root", "enter"):
-            dirs.append(d)
-            continue
-        rel = paths.join(d.rel, name)
-        if kind == "dir":
-            continue
-        if kind == "symlink":
-            target = os.readlink(os.path.join(top, rel))
-            if not target or len(target) > 4095:
-                res.skipped.append((paths.display(rel), "bad-symlink"))
-                continue
-            d.entries.append(
-                Entry(name, Kind.SYMLINK, 0o777, len(target), st.st_mtime_ns, b"", target, 0)
-            )
-            res.symlinks += 1
-            continue
-        res.files += 1
-        res.bytes += st.st_size
-        c = cache.get(rel)
-        if (
-            c is not None
-            and c[0] == st.st_ino
-            and c[1] == st.st_size
-            and c[2] == st.st_mtime_ns
-            and c[3] == st.st_ctime_ns
-        ):
-            _add_file(
-                d, name, rel, st.st_mode, st.st_size, st.st_mtime_ns, c[4], rules, res, keep_setid
-            )
-            new_cache[rel] = c
-            continue
-        pending.append((d, name, st))
+    stack: list[tuple[bytes, _Dir]] = [(top, root)]
+    classify = rules.classify
+    cache_get = cache.get
+    S_ISDIR, S_ISREG, S_ISLNK, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
+    nfiles = nbytes = nlinks = 0
+    while stack:
+        absdir, d = stack.pop()
+        prefix = d.rel + b"/" if d.rel else b""
+        entries = d.entries
+        try:
+            it = os.scandir(absdir)
+        except PermissionError as exc:
+            raise VeloError(
+                f"cannot list {os.fsdecode(absdir)}: {exc.strerror}",
+                reason=Reason.SOURCE_UNREADABLE,
+                path=absdir,
+            ) from None
+        with it:
+            for de in it:
+                name = de.name
+                est = de.stat(follow_symlinks=False)
+                m = est.st_mode
+                if S_ISREG(m):
+                    rel = prefix + name
+                    nfiles += 1
+                    nbytes += est.st_size
+                    c = cache_get(rel)
+                    if (
+                        c is not None
+                        and c[0] == est.st_ino
+                        and c[1] == est.st_size
+                        and c[2] == est.st_mtime_ns
+                        and c[3] == est.st_ctime_ns
+                    ):
+                        perm = S_IMODE(m)
+                        if perm & _SETID and not keep_setid:
+                            perm &= ~_SETID
+                            res.stripped_setid += 1
+                        entries.append(
+                            Entry(
+                                name,
+                                Kind.FILE,
+                                perm,
+                                est.st_size,
+                                est.st_mtime_ns,
+                                c[4],
+                                b"",
+                                classify(rel),
+                            )
+                        )
+                        new_cache[rel] = c
+                    else:
+                        pending.append((d, name, est))
+                elif S_ISDIR(m):
+                    sub = _Dir(prefix + name, S_IMODE(m), est.st_mtime_ns)
+                    dirs.append(sub)
+                    stack.append((os.fsencode(de.path), sub))
+                elif S_ISLNK(m):
+                    target = os.readlink(de.path)
+                    if not target or len(target) > 4095:
+                        res.skipped.append((paths.display(prefix + name), "bad-symlink"))
+                        continue
+                    entries.append(
+                        Entry(
+                            name,
+                            Kind.SYMLINK,
+                            0o777,
+                            len(target),
+                            est.st_mtime_ns,
+                            b"",
+                            os.fsencode(target),
+                            0,
+                        )
+                    )
+                    nlinks += 1
+                else:
+                    res.skipped.append((paths.display(prefix + name), _special_kind(m)))
+    res.files += nfiles
+    res.bytes += nbytes
+    res.symlinks += nlinks
     res.dirs = len(dirs) - 1
     if pending:
-        _hash_pending(
-            store, top, pending, rules, res, new_cache, now, stage, pool, keep_setid, progress
-        )
+        _hash_pending(store, top, pending, rules, res, new_cache, stage, pool, keep_setid, progress)
     return dirs, new_cache
 
 
@@ -389,7 +405,6 @@ def _hash_pending(
     rules: Rules,
     res: IngestResult,
     new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None],
-    now: int,
     stage: Stage,
     pool: Pool | None,
     keep_setid: bool,

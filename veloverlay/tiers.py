@@ -15,6 +15,8 @@ from .errors import Reason, VeloError
 
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 
+_SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)$")
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:
@@ -78,13 +80,23 @@ class Rules:
         self.rules = tuple(rules)
         self._compiled = [(r, _glob_to_regex(r.glob)) for r in self.rules]
         self._tier1 = any(r.tier == 1 for r in self.rules)
-        # One alternation in rule order: the regex engine tries alternatives left to right, so
-        # the first group that matched is the first rule that matches (one scan per path).
-        self._combined = (
-            re.compile(b"|".join(b"(" + rx.pattern + b")" for _r, rx in self._compiled), re.DOTALL)
-            if self._compiled
-            else None
-        )
+        # Fast path for the common rule shapes (`**/*.ext`, `**`): suffix tests (consecutive
+        # suffix rules of one tier share one `endswith(tuple)`) or a constant instead of a regex,
+        # in rule order; any other glob keeps its regex.
+        self._tests: list[tuple[int, tuple[bytes, ...] | None, re.Pattern[bytes] | None]] = []
+        for r, rx in self._compiled:
+            m = _SUFFIX_RULE.match(r.glob)
+            if r.glob == "**":
+                self._tests.append((r.tier, (b"",), None))
+            elif m is not None:
+                sfx = m.group(1).encode("utf-8", "surrogateescape")
+                last = self._tests[-1] if self._tests else None
+                if last is not None and last[0] == r.tier and last[1] and last[1] != (b"",):
+                    self._tests[-1] = (r.tier, (*last[1], sfx), None)
+                else:
+                    self._tests.append((r.tier, (sfx,), None))
+            else:
+                self._tests.append((r.tier, None, rx))
 
     @classmethod
     def default(cls) -> Rules:
@@ -106,12 +118,16 @@ class Rules:
         return 2, None
 
     def classify(self, path: bytes) -> int:
-        if not self._tier1 or self._combined is None:
+        if not self._tier1:
             return 2
-        m = self._combined.match(path)
-        if m is None or m.lastindex is None:
-            return 2
-        return self.rules[m.lastindex - 1].tier
+        for tier, suffixes, rx in self._tests:
+            if suffixes is not None:
+                # `**/*.ext`: `*` may be empty, so any path ending in the suffix matches.
+                if path.endswith(suffixes):
+                    return tier
+            elif rx is not None and rx.match(path):
+                return tier
+        return 2
 
 
 def parse_rules(text: str) -> Rules:

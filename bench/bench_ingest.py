@@ -1,0 +1,203 @@
+"""Ingest throughput against `git add -A` (git's own content-addressed store), in one run.
+
+Trees: 20,000 files of 4 KiB (200 dirs), and a real tree of >= 10,000 files (/usr/share by
+default). For each: page cache warmed first; `veloverlay ingest` into a fresh store and
+`git add -A` into a fresh git dir (outside the tree), each timed as a whole command (wall clock,
+interpreter start-up included), median of --repeat runs; then re-ingest of the unchanged tree (stat
+cache). Finally peak memory (sum of RSS over the process tree, sampled) for ingesting 200,000 small
+files. Every run uses new directories: on ext4, creating inodes right after mass deletes in the same
+block group is several times slower (feasibility.md §9), so nothing is deleted until the end.
+
+Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--quick]
+Prints a table and writes bench/results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def make_small_tree(root: Path, files: int, size: int = 4096, per_dir: int = 100) -> None:
+    rnd = os.urandom
+    for i in range(files):
+        d = root / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        with open(d / f"f{i % per_dir:03d}", "wb") as f:
+            f.write(rnd(size))
+    # Backdate: files younger than the racy window are read twice by design; a real tree is old.
+    old = time.time_ns() - 3_600_000_000_000
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            os.utime(os.path.join(dirpath, n), ns=(old, old))
+
+
+def count_files(root: Path) -> tuple[int, int]:
+    n = b = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                n += 1
+                b += os.lstat(p).st_size
+    return n, b
+
+
+def warm(root: Path) -> None:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    with open(p, "rb") as f:
+                        while f.read(1 << 20):
+                            pass
+                except OSError:
+                    pass
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def velo_cmd() -> list[str]:
+    return [sys.executable, "-m", "veloverlay"]
+
+
+def bench_tree(name: str, tree: Path, base: Path, repeat: int) -> dict[str, object]:
+    files, nbytes = count_files(tree)
+    warm(tree)
+    velo, git, reingest = [], [], []
+    for i in range(repeat):
+        store = base / f"store-{name}-{i}"
+        env = dict(os.environ, VELO_STORE=os.fspath(store))
+        velo.append(timed([*velo_cmd(), "ingest", os.fspath(tree), "--name", name], env))
+        reingest.append(timed([*velo_cmd(), "ingest", os.fspath(tree), "--name", name], env))
+        gitdir = base / f"git-{name}-{i}"
+        subprocess.run(["git", "init", "-q", "--bare", os.fspath(gitdir)], check=True)
+        git.append(
+            timed(["git", f"--git-dir={gitdir}", f"--work-tree={tree}", "add", "-A"], cwd=os.fspath(tree))
+        )
+    v, g, r = statistics.median(velo), statistics.median(git), statistics.median(reingest)
+    return {
+        "tree": name,
+        "files": files,
+        "bytes": nbytes,
+        "veloverlay_s": v,
+        "git_add_s": g,
+        "reingest_s": r,
+        "veloverlay_files_per_s": files / v,
+        "git_files_per_s": files / g,
+        "reingest_files_per_s": files / r,
+        "ratio_vs_git": g / v,
+        "runs": {"veloverlay": velo, "git": git, "reingest": reingest},
+    }
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """RSS of pid and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ppid = int(fields[1])
+            with open(f"/proc/{d}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss[int(d)] = int(line.split()[1])
+                        break
+            children.setdefault(ppid, []).append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def bench_memory(base: Path, files: int) -> dict[str, object]:
+    tree = base / "mem-tree"
+    make_small_tree(tree, files, size=512, per_dir=500)
+    store = base / "store-mem"
+    env = dict(os.environ, VELO_STORE=os.fspath(store))
+    proc = subprocess.Popen(
+        [*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env=env, stdout=subprocess.DEVNULL
+    )
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss_kb(proc.pid))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample)
+    t0 = time.perf_counter()
+    t.start()
+    rc = proc.wait()
+    done.set()
+    t.join()
+    if rc != 0:
+        raise SystemExit(f"ingest of the memory tree failed ({rc})")
+    return {"files": files, "peak_rss_mb": peak / 1024, "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="/var/tmp", help="where trees and stores go (default ext4)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--real", default="/usr/share", help="a real tree of >= 10,000 files")
+    ap.add_argument("--small-files", type=int, default=20000)
+    ap.add_argument("--memory-files", type=int, default=200000)
+    ap.add_argument("--quick", action="store_true", help="small sizes, one run (smoke test)")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeat, args.small_files, args.memory_files = 1, 2000, 5000
+    base = Path(tempfile.mkdtemp(prefix="velo-bench-ingest-", dir=args.base))
+    try:
+        small = base / "small"
+        make_small_tree(small, args.small_files)
+        results = [bench_tree("small-4k", small, base, args.repeat)]
+        results.append(bench_tree("real", Path(args.real), base, args.repeat))
+        mem = bench_memory(base, args.memory_files)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"ingest vs git add -A  (base {args.base}, median of {args.repeat}, 2 cores, cache warm)")
+    hdr = f"{'tree':10} {'files':>7} {'velo f/s':>10} {'git f/s':>9} {'ratio':>6} {'re-ingest f/s':>14}"
+    print(hdr)
+    for r in results:
+        print(
+            f"{r['tree']:10} {r['files']:>7} {r['veloverlay_files_per_s']:>10,.0f} "
+            f"{r['git_files_per_s']:>9,.0f} {r['ratio_vs_git']:>5.2f}x "
+            f"{r['reingest_files_per_s']:>14,.0f}"
+        )
+    print(f"peak memory ingesting {mem['files']:,} files: {mem['peak_rss_mb']:.0f} MB (process tree)")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"base": args.base, "repeat": args.repeat, "trees": results, "memory": mem}
+    (RESULTS / "ingest.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
