@@ -1,7 +1,8 @@
 """Garbage collection: mark from every root that may still be needed, sweep the rest.
 
 Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), each
-ref's last ingested source tree, the ingest stat cache, and the base/head roots of live or
+ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
+base/head roots of live or
 unharvested sessions (`sessions/<id>/state.json`, key "roots"). Only objects older than `grace`
 seconds (by ctime: the time they were renamed into the store) are swept, and gc holds the store
 lock exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
@@ -68,6 +69,8 @@ def gc(
 ) -> GcReport:
     rep = GcReport(dry_run=dry_run)
     with store.lock(exclusive=True):
+        if not dry_run:
+            store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
         nodes: set[bytes] = set()
         objects: set[bytes] = set()
         kept_commits: set[str] = set()
@@ -89,9 +92,6 @@ def gc(
             for r in roots:
                 if m.has_node(txn, r):
                     m.reachable(txn, r, nodes, objects)
-            with txn.cursor(db=m.statcache) as cur:
-                for _k, v in cur:
-                    objects.add(bytes(v)[-32:])
             dead_commits = [c.id for c in m.iter_commits(txn) if c.id not in kept_commits]
             dead_nodes = [k for k, _ in m.iter_nodes(txn) if k not in nodes]
         now = time.time()

@@ -18,20 +18,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import multiprocessing
 import os
 import stat
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 
-from . import paths
+from . import paths, statcache
 from .cas import Stage, Store
-from .digest import Digest
+from .digest import Digest, hash_bytes
 from .errors import Reason, VeloError
-from .manifest import Manifests
+from .manifest import Manifests, Txn
 from .merge import three_way
 from .tiers import Rules
 from .tree import Entry, Kind
@@ -43,7 +43,6 @@ MAX_REREADS = 8
 LOCK_TRIES = 200  # × 5 ms: a writer holding an exclusive lock for > 1 s makes the source unstable
 _SMALL = 1 << 20
 _CHUNK_FILES = 256
-_STAT = struct.Struct("<QQqq32s")
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 Progress = Callable[[int, int], None]
@@ -251,57 +250,70 @@ class _Dir:
     rel: bytes
     mode: int
     mtime_ns: int
-    entries: list[Entry] = field(default_factory=list)
+    ino: int
+    ctime_ns: int
+    cached: statcache.DirCache | None = None
+    dirty: bool = True
+    entries: list[Entry] = field(default_factory=list)  # hashed files (and the rest at rebuild)
+    hits: list[tuple[bytes, int, int, int, bytes, int, int]] = field(default_factory=list)
+    links: list[tuple[bytes, int, int, int]] = field(
+        default_factory=list
+    )  # name, ino, mtime, ctime
+    subs: list[_Dir] = field(default_factory=list)
+    hashed: dict[bytes, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
+    digest: bytes = b""
 
 
 def _special_kind(m: int) -> str:
     return "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
 
 
-def _load_cache(m: Manifests, name: str) -> dict[bytes, tuple[int, int, int, int, bytes]]:
-    prefix = name.encode() + b"\0"
-    out: dict[bytes, tuple[int, int, int, int, bytes]] = {}
-    with m.read() as txn, txn.cursor(db=m.statcache) as cur:
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if not bytes(k).startswith(prefix):
-                    break
-                ino, size, mt, ct, dg = _STAT.unpack(bytes(v))
-                out[bytes(k)[len(prefix) :]] = (ino, size, mt, ct, dg)
-    return out
+def _new_dir(rel: bytes, st: os.stat_result, raw: bytes | None) -> _Dir:
+    d = _Dir(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if raw is not None:
+        dc = statcache.decode(raw)
+        d.cached = dc
+        d.dirty = dc is None or (dc.ino, dc.mtime_ns, dc.ctime_ns, dc.mode) != (
+            d.ino,
+            d.mtime_ns,
+            d.ctime_ns,
+            d.mode,
+        )
+    return d
 
 
 def scan(
     store: Store,
     top: bytes,
-    rules: Rules,
-    cache: dict[bytes, tuple[int, int, int, int, bytes]],
+    cache: dict[bytes, bytes],
     res: IngestResult,
     *,
     stage: Stage,
     pool: Pool | None,
     keep_setid: bool,
     progress: Progress | None = None,
-) -> tuple[list[_Dir], dict[bytes, tuple[int, int, int, int, bytes] | None]]:
-    """Walk and hash `top`. Returns the directories (pre-order) and the new stat-cache entries.
+) -> list[_Dir]:
+    """Walk `top`, hashing what the stat cache cannot vouch for. Returns the dirs in pre-order.
 
-    The walk is one tight loop (it is the whole cost of a re-ingest): lstat via scandir, a
-    stat-cache hit adds the entry directly, a miss is queued for the hashing workers.
+    The walk is one tight loop (it is the whole cost of a re-ingest): lstat via scandir; a file
+    whose stat matches the cache is taken as is, anything else is queued for the hash workers; a
+    directory stays clean (its cached node reusable) only if its own stat and every name in it
+    match what the cache recorded.
     """
-    st = os.lstat(top)
-    root = _Dir(b"", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    root = _new_dir(b"", os.lstat(top), cache.get(b""))
     dirs: list[_Dir] = [root]
     pending: list[tuple[_Dir, bytes, os.stat_result]] = []
-    new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None] = {}
     stack: list[tuple[bytes, _Dir]] = [(top, root)]
-    classify = rules.classify
     cache_get = cache.get
-    S_ISDIR, S_ISREG, S_ISLNK, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
-    nfiles = nbytes = nlinks = 0
+    S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
+    nfiles = nbytes = nlinks = nsetid = 0
     while stack:
         absdir, d = stack.pop()
         prefix = d.rel + b"/" if d.rel else b""
-        entries = d.entries
+        dc = d.cached
+        cfiles = dc.files if dc is not None else {}
+        clinks = dc.links if dc is not None else {}
+        hits = d.hits
         try:
             it = os.scandir(absdir)
         except PermissionError as exc:
@@ -316,10 +328,11 @@ def scan(
                 est = de.stat(follow_symlinks=False)
                 m = est.st_mode
                 if S_ISREG(m):
-                    rel = prefix + name
                     nfiles += 1
                     nbytes += est.st_size
-                    c = cache_get(rel)
+                    if m & _SETID:
+                        nsetid += 1
+                    c = cfiles.get(name)
                     if (
                         c is not None
                         and c[0] == est.st_ino
@@ -327,84 +340,55 @@ def scan(
                         and c[2] == est.st_mtime_ns
                         and c[3] == est.st_ctime_ns
                     ):
-                        perm = S_IMODE(m)
-                        if perm & _SETID and not keep_setid:
-                            perm &= ~_SETID
-                            res.stripped_setid += 1
-                        entries.append(
-                            Entry(
-                                name,
-                                Kind.FILE,
-                                perm,
-                                est.st_size,
-                                est.st_mtime_ns,
-                                c[4],
-                                b"",
-                                classify(rel),
-                            )
-                        )
-                        new_cache[rel] = c
+                        hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
                     else:
                         pending.append((d, name, est))
+                        d.dirty = True
                 elif S_ISDIR(m):
-                    sub = _Dir(prefix + name, S_IMODE(m), est.st_mtime_ns)
+                    rel = prefix + name
+                    sub = _new_dir(rel, est, cache_get(rel))
+                    d.subs.append(sub)
                     dirs.append(sub)
                     stack.append((os.fsencode(de.path), sub))
                 elif S_ISLNK(m):
-                    target = os.readlink(de.path)
-                    if not target or len(target) > 4095:
-                        res.skipped.append((paths.display(prefix + name), "bad-symlink"))
-                        continue
-                    entries.append(
-                        Entry(
-                            name,
-                            Kind.SYMLINK,
-                            0o777,
-                            len(target),
-                            est.st_mtime_ns,
-                            b"",
-                            os.fsencode(target),
-                            0,
-                        )
-                    )
+                    link = (name, est.st_ino, est.st_mtime_ns, est.st_ctime_ns)
+                    d.links.append(link)
                     nlinks += 1
+                    if clinks.get(name) != link[1:]:
+                        d.dirty = True
                 else:
                     res.skipped.append((paths.display(prefix + name), _special_kind(m)))
+        if (
+            dc is not None
+            and not d.dirty
+            and (
+                len(hits) != len(cfiles)
+                or len(d.links) != len(clinks)
+                or len(d.subs) != len(dc.subs)
+            )
+        ):
+            d.dirty = True
     res.files += nfiles
     res.bytes += nbytes
     res.symlinks += nlinks
+    if not keep_setid:
+        res.stripped_setid += nsetid
     res.dirs = len(dirs) - 1
     if pending:
-        _hash_pending(store, top, pending, rules, res, new_cache, stage, pool, keep_setid, progress)
-    return dirs, new_cache
+        _hash_pending(store, top, pending, res, stage, pool, keep_setid, progress)
+    return dirs
 
 
-def _add_file(
-    d: _Dir,
-    name: bytes,
-    rel: bytes,
-    mode: int,
-    size: int,
-    mtime_ns: int,
-    digest: bytes,
-    rules: Rules,
-    res: IngestResult,
-    keep_setid: bool,
-) -> None:
+def _perm(mode: int, keep_setid: bool) -> int:
     perm = stat.S_IMODE(mode)
-    if perm & _SETID and not keep_setid:
-        perm &= ~_SETID
-        res.stripped_setid += 1
-    d.entries.append(Entry(name, Kind.FILE, perm, size, mtime_ns, digest, b"", rules.classify(rel)))
+    return perm if keep_setid else perm & ~_SETID
 
 
 def _hash_pending(
     store: Store,
     top: bytes,
     pending: list[tuple[_Dir, bytes, os.stat_result]],
-    rules: Rules,
     res: IngestResult,
-    new_cache: dict[bytes, tuple[int, int, int, int, bytes] | None],
     stage: Stage,
     pool: Pool | None,
     keep_setid: bool,
@@ -434,8 +418,10 @@ def _hash_pending(
         failures.extend(failed)
         for rel, digest, size, mtime, ctime, ino, mode, racy in done:
             d, name = by_rel[rel]
-            _add_file(d, name, rel, mode, size, mtime, digest, rules, res, keep_setid)
-            new_cache[rel] = None if racy else (ino, size, mtime, ctime, digest)
+            # The tier is decided when the node is built (_build_nodes), as for cache hits.
+            d.entries.append(Entry(name, Kind.FILE, _perm(mode, keep_setid), size, mtime, digest))
+            if not racy:
+                d.hashed[name] = (ino, size, mtime, ctime, digest)
             res.hashed += 1
         done_count += len(done) + len(failed)
         if progress is not None:
@@ -509,9 +495,15 @@ def ingest(
     if rules is None:
         rules = Rules.from_json(existing.tiers if existing else None)
     res = IngestResult(name, "", None)
+    config = (
+        hash_bytes(json.dumps([rules.to_json(), keep_setid, os.fsdecode(top)]).encode())
+        .hex()[:16]
+        .encode()
+    )
     with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
         store.reclaim_tmp()
-        cache = _load_cache(m, name)
+        cache, cache_keys = statcache.load(m, name, config)
+        scan_ns = time.time_ns()
         pool = None
         if jobs > 1:
             # Workers are forked now, before this process ever starts a thread.
@@ -519,10 +511,9 @@ def ingest(
             pool = stack.enter_context(
                 ctx.Pool(jobs, _worker_init, (os.fspath(store.root), stage.name))
             )
-        dirs, new_cache = scan(
+        dirs = scan(
             store,
             top,
-            rules,
             cache,
             res,
             stage=stage,
@@ -533,7 +524,7 @@ def ingest(
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
         stage.publish(pool.map if pool is not None else None)
         with m.write() as txn:
-            root = _build_nodes(m, txn, dirs)
+            root = _build_nodes(m, txn, top, dirs, rules, keep_setid, res)
             res.root = root.hex()
             ref = m.get_ref(txn, name)
             msg = message or f"ingest {os.fsdecode(top)}"
@@ -578,48 +569,107 @@ def ingest(
                 if ref.ingest_root != root.hex():
                     ref.ingest_root = root.hex()
                     m.put_ref(txn, ref)
-            _write_cache(m, txn, name, cache, new_cache)
+            statcache.write(
+                m, txn, name, config, cache_keys, cache, _cache_values(dirs, cache, scan_ns)
+            )
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _build_nodes(m: Manifests, txn: object, dirs: list[_Dir]) -> Digest:
-    """Encode directories bottom-up (reverse pre-order puts children before parents)."""
-    by_rel = {d.rel: d for d in dirs}
-    digest = Digest(b"")
-    for d in reversed(dirs):
-        digest = m.put_node(txn, d.mode, d.mtime_ns, d.entries)
-        if d.rel:
-            parent_rel, _, name = d.rel.rpartition(b"/")
-            by_rel[parent_rel].entries.append(Entry(name, Kind.DIR, digest=digest))
-    return digest
-
-
-def _write_cache(
+def _build_nodes(
     m: Manifests,
-    txn: object,
-    name: str,
-    old: dict[bytes, tuple[int, int, int, int, bytes]],
-    new: dict[bytes, tuple[int, int, int, int, bytes] | None],
-) -> None:
-    prefix = name.encode() + b"\0"
-    db = m.statcache
-    put = txn.put  # type: ignore[attr-defined]
-    delete = txn.delete  # type: ignore[attr-defined]
-    for rel in old.keys() - new.keys():
-        delete(prefix + rel, db=db)
-    for rel, v in new.items():
-        if v is None:
-            if rel in old:
-                delete(prefix + rel, db=db)
-        elif old.get(rel) != v:
-            put(prefix + rel, _STAT.pack(*v), db=db)
+    txn: Txn,
+    top: bytes,
+    dirs: list[_Dir],
+    rules: Rules,
+    keep_setid: bool,
+    res: IngestResult,
+) -> Digest:
+    """Nodes bottom-up (reverse pre-order: children before parents); clean dirs reuse theirs."""
+    classify = rules.classify
+    for d in reversed(dirs):
+        dc = d.cached
+        if (
+            not d.dirty
+            and dc is not None
+            and all(dc.subs.get(_base(s.rel)) == s.digest for s in d.subs)
+            and m.has_node(txn, dc.node)
+        ):
+            d.digest = dc.node
+            continue
+        prefix = d.rel + b"/" if d.rel else b""
+        entries = [
+            Entry(
+                e.name,
+                Kind.FILE,
+                e.mode,
+                e.size,
+                e.mtime_ns,
+                e.digest,
+                b"",
+                classify(prefix + e.name),
+            )
+            for e in d.entries
+        ]
+        for name, mode, size, mtime, digest, _ino, _ctime in d.hits:
+            entries.append(
+                Entry(
+                    name,
+                    Kind.FILE,
+                    _perm(mode, keep_setid),
+                    size,
+                    mtime,
+                    digest,
+                    b"",
+                    classify(prefix + name),
+                )
+            )
+        for name, _ino, mtime, _ctime in d.links:
+            try:
+                target = os.readlink(os.path.join(top, prefix + name))
+            except OSError:
+                res.skipped.append((paths.display(prefix + name), "vanished"))
+                continue
+            if not target or len(target) > 4095:
+                res.skipped.append((paths.display(prefix + name), "bad-symlink"))
+                continue
+            entries.append(Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0))
+        for sub in d.subs:
+            entries.append(Entry(_base(sub.rel), Kind.DIR, digest=sub.digest))
+        d.digest = m.put_node(txn, d.mode, d.mtime_ns, entries)
+    return Digest(dirs[0].digest)
 
 
-def drop_cache(m: Manifests, txn: object, name: str) -> None:
-    prefix = name.encode() + b"\0"
-    with txn.cursor(db=m.statcache) as cur:  # type: ignore[attr-defined]
-        if cur.set_range(prefix):
-            while bytes(cur.key()).startswith(prefix):
-                if not cur.delete():
-                    break
+def _base(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[2]
+
+
+def _cache_values(dirs: list[_Dir], old: dict[bytes, bytes], scan_ns: int) -> dict[bytes, bytes]:
+    """What the stat cache keeps after this ingest (racy directories are left out)."""
+    out: dict[bytes, bytes] = {}
+    for d in dirs:
+        if scan_ns - d.mtime_ns < RACY_NS:
+            continue
+        dc = d.cached
+        if not d.dirty and dc is not None and dc.node == d.digest:
+            out[d.rel] = old[d.rel]  # unchanged: the stored value stays as it is
+            continue
+        files = {n: (ino, size, mt, ct, dg) for n, _m, size, mt, dg, ino, ct in d.hits}
+        files.update(d.hashed)
+        out[d.rel] = statcache.encode(
+            statcache.DirCache(
+                d.ino,
+                d.mtime_ns,
+                d.ctime_ns,
+                d.mode,
+                d.digest,
+                files,
+                {name: (ino, mt, ct) for name, ino, mt, ct in d.links},
+                {_base(s.rel): s.digest for s in d.subs},
+            )
+        )
+    return out
+
+
+def drop_cache(m: Manifests, txn: Txn, name: str) -> None:
+    statcache.drop(m, txn, name)
