@@ -18,6 +18,7 @@ import os
 import struct
 from typing import IO, Any
 
+from . import faults
 from .cas import Store
 from .digest import DIGEST_SIZE, Hasher, node_digest
 from .errors import Reason, VeloError
@@ -142,6 +143,7 @@ def import_bundle(
                     raise _bad("data after the end record")
                 break
             r.h.update(rec)
+            faults.point("import.record")
             if typ == _META:
                 if meta is not None or length > _MAX_META:
                     raise _bad("duplicate or oversized metadata")

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from . import _libc
+from . import _libc, faults
 from .digest import Digest, Hasher
 from .errors import Reason, SysError, VeloError
 
@@ -328,6 +328,7 @@ class Stage:
                 view = view[n:]
         finally:
             os.close(fd)
+        faults.point("stage.written")
         self.staged[digest] = path
         return digest
 
@@ -360,6 +361,7 @@ class Stage:
         if digest in self.staged or self.store.has(digest):
             os.unlink(path)
             return digest, size, False
+        faults.point("stage.written")
         self.staged[digest] = path
         return digest, size, True
 
@@ -380,6 +382,7 @@ class Stage:
         if not self.staged:
             return 0
         syncfs_path(self.dir)
+        faults.point("publish.synced")
         items = list(self.staged.items())
         root = os.fspath(self.store.root)
         if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
@@ -390,6 +393,7 @@ class Stage:
             ]
             published = sum(mapper(_publish_chunk, chunks))
         syncfs_path(self.store.objects)
+        faults.point("publish.done")
         self.staged.clear()
         return published
 
@@ -422,6 +426,7 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
                 os.unlink(path)
                 continue
             os.rename(path, dst)
+            faults.point("publish.renamed")
             published += 1
         except OSError as exc:
             raise _store_error(exc, "rename", path, dst) from exc

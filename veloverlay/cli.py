@@ -506,14 +506,37 @@ NetOpt = Annotated[
 ]
 
 
-def _session_options(refs: list[str], **kw: object):  # type: ignore[no-untyped-def]
+def _session_options(  # type: ignore[no-untyped-def]
+    refs: list[str],
+    *,
+    at: str | None,
+    backend: str,
+    net: str,
+    discard: bool,
+    commit: bool,
+    message: str | None,
+    strict: bool,
+    as_root: bool,
+    grace: float,
+):
     from .session import SessionOptions
 
-    if kw.get("backend") not in ("auto", "overlay", "shim"):
+    if backend not in ("auto", "overlay", "shim"):
         raise VeloError("--backend is auto, overlay or shim", reason=Reason.USAGE)
-    if kw.get("net") not in ("host", "none"):
+    if net not in ("host", "none"):
         raise VeloError("--net is host or none", reason=Reason.USAGE)
-    return SessionOptions(refs=refs, **kw)
+    return SessionOptions(
+        refs=refs,
+        at=at,
+        backend=backend,
+        net=net,
+        discard=discard,
+        commit=commit,
+        message=message,
+        strict=strict,
+        as_root=as_root,
+        grace=grace,
+    )
 
 
 def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]

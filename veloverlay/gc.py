@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import faults
 from .cas import Store
 from .manifest import EMPTY_ROOT, Manifests
 
@@ -124,6 +125,7 @@ def gc(
                 m.delete_node(txn, d)
         for path in victims:
             _unlink_object(path)
+            faults.point("gc.sweep")
     return rep
 
 

@@ -19,15 +19,13 @@ import contextlib
 import errno
 import fcntl
 import json
-import multiprocessing
 import os
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.pool import Pool
 
-from . import paths, statcache
+from . import faults, paths, statcache
 from .cas import Stage, Store
 from .digest import Digest, hash_bytes
 from .errors import Reason, VeloError
@@ -35,6 +33,7 @@ from .manifest import Manifests, Txn
 from .merge import three_way
 from .tiers import Rules
 from .tree import Entry, Kind
+from .workers import Workers
 
 __all__ = ["IngestResult", "ingest", "scan"]
 
@@ -289,7 +288,7 @@ def scan(
     res: IngestResult,
     *,
     stage: Stage,
-    pool: Pool | None,
+    pool: Workers | None,
     keep_setid: bool,
     progress: Progress | None = None,
 ) -> list[_Dir]:
@@ -390,7 +389,7 @@ def _hash_pending(
     pending: list[tuple[_Dir, bytes, os.stat_result]],
     res: IngestResult,
     stage: Stage,
-    pool: Pool | None,
+    pool: Workers | None,
     keep_setid: bool,
     progress: Progress | None,
 ) -> None:
@@ -432,7 +431,7 @@ def _hash_pending(
         for ch in chunks:
             consume(_hash_chunk(ch))
     else:
-        for result in pool.imap_unordered(_hash_chunk, chunks):
+        for result in pool.map_unordered(_hash_chunk, chunks):
             consume(result)
     # Files that vanished or stopped being regular during the ingest are reported, not fatal;
     # anything else (unreadable, unstable) fails the whole ingest before anything is committed.
@@ -506,10 +505,9 @@ def ingest(
         scan_ns = time.time_ns()
         pool = None
         if jobs > 1:
-            # Workers are forked now, before this process ever starts a thread.
-            ctx = multiprocessing.get_context("fork")
+            # Forked workers; they never touch LMDB, and die with this process.
             pool = stack.enter_context(
-                ctx.Pool(jobs, _worker_init, (os.fspath(store.root), stage.name))
+                Workers(jobs, _worker_init, (os.fspath(store.root), stage.name))
             )
         dirs = scan(
             store,
@@ -572,6 +570,7 @@ def ingest(
             statcache.write(
                 m, txn, name, config, cache_keys, cache, _cache_values(dirs, cache, scan_ns)
             )
+    faults.point("commit.after")
     res.seconds = time.perf_counter() - t0
     return res
 

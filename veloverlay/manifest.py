@@ -29,7 +29,7 @@ from typing import Any
 
 import lmdb
 
-from . import paths, tree
+from . import faults, paths, tree
 from .cas import Store
 from .digest import Digest, hash_bytes
 from .errors import Reason, VeloError
@@ -515,6 +515,7 @@ class Manifests:
         c = self.put_commit(
             txn, ref=name, root=root, parent=head, message=message, session=session, delta=delta
         )
+        faults.point("commit.before")
         new = Ref(
             name,
             c.id,

@@ -1,0 +1,40 @@
+"""Crash points for the crash-safety tests: die by SIGKILL at the N-th crossing of a named point.
+
+`VELO_INTERNAL__TEST_FAULT=<point>:<n>` makes `point("<point>")` kill the process (SIGKILL: no
+cleanup, no atexit, no flush — a power cut as far as user space can fake one) the n-th time it is
+reached. Unset, `point()` is one dict lookup. Points sit between the steps whose order makes the
+store crash-safe (stage, syncfs, rename, syncfs, commit), so the tests can stop at each of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["point", "POINTS"]
+
+POINTS = (
+    "stage.written",  # an object file written into tmp/ (per object)
+    "publish.synced",  # after the first syncfs, before any rename
+    "publish.renamed",  # after one rename into objects-v1 (per object)
+    "publish.done",  # after the second syncfs, before the manifest commit
+    "commit.before",  # inside the LMDB write transaction, before it commits
+    "commit.after",  # after the manifest commit
+    "gc.sweep",  # gc: after deleting one object (per object)
+    "import.record",  # bundle import: after reading one record
+    "lower.build",  # lower-layer build: per entry written
+    "harvest.file",  # harvest: per upper file staged
+)
+
+_spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")
+_target, _, _count = _spec.partition(":")
+_left = int(_count or 1) if _target else 0
+
+
+def point(name: str) -> None:
+    global _left
+    if name != _target:
+        return
+    _left -= 1
+    if _left <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)

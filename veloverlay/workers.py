@@ -1,0 +1,174 @@
+"""A small pool of forked worker processes, without threads.
+
+Why not multiprocessing/concurrent.futures: both start helper threads in the parent (a process
+that ever had threads cannot create a user namespace, and a session manager must), a worker
+killed by a signal hangs `multiprocessing.Pool` forever (its task is lost), and Python 3.11's
+`ProcessPoolExecutor` can hang in `terminate_broken()` when its feeder thread is blocked on a
+full call queue (measured in crash tests). Here: one task in flight per worker over its own pipe
+pair, results read with `select`; a worker that dies is an error, never a hang; workers die with
+their parent (PR_SET_PDEATHSIG) and never outlive the pool.
+
+Functions and arguments cross as pickles, so `fn` must be a module-level function.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar, cast
+
+from .errors import Reason, VeloError
+
+__all__ = ["Workers"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+_LEN = struct.Struct("<Q")
+
+
+def _write_frame(fd: int, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_LEN.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    parts = []
+    while n:
+        b = os.read(fd, min(n, 1 << 20))
+        if not b:
+            return None
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+def _read_frame(fd: int) -> tuple[bool, object]:
+    head = _read_exact(fd, _LEN.size)
+    if head is None:
+        return False, None
+    body = _read_exact(fd, _LEN.unpack(head)[0])
+    if body is None:
+        return False, None
+    return True, pickle.loads(body)
+
+
+def _set_pdeathsig() -> None:
+    try:
+        import prctl  # python-prctl
+
+        prctl.set_pdeathsig(signal.SIGKILL)
+    except ImportError:  # pragma: no cover - declared dependency
+        pass
+
+
+class Workers:
+    """`with Workers(n, init, args) as w: for r in w.map_unordered(fn, items): ...`"""
+
+    def __init__(
+        self, n: int, init: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
+    ) -> None:
+        self._procs: list[tuple[int, int, int]] = []  # (pid, task write fd, result read fd)
+        parent = os.getpid()
+        for _ in range(n):
+            task_r, task_w = os.pipe2(os.O_CLOEXEC)
+            res_r, res_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    for _pid, tw, rr in self._procs:  # siblings' pipes are not ours
+                        os.close(tw)
+                        os.close(rr)
+                    os.close(task_w)
+                    os.close(res_r)
+                    _set_pdeathsig()
+                    if os.getppid() != parent:
+                        os._exit(1)
+                    if init is not None:
+                        init(*initargs)
+                    self._serve(task_r, res_w)
+                finally:
+                    os._exit(0)
+            os.close(task_r)
+            os.close(res_w)
+            self._procs.append((pid, task_w, res_r))
+
+    @staticmethod
+    def _serve(task_r: int, res_w: int) -> None:
+        while True:
+            ok, msg = _read_frame(task_r)
+            if not ok:
+                return
+            fn, arg = cast(tuple[Callable[[Any], Any], Any], msg)
+            try:
+                out: tuple[bool, object] = (True, fn(arg))
+            except BaseException as exc:  # report, then keep serving
+                out = (False, exc)
+            _write_frame(res_w, out)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every worker: idle ones have nothing to lose, busy ones are being abandoned."""
+        for pid, tw, rr in self._procs:
+            os.close(tw)
+            os.close(rr)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        self._procs = []
+
+    def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn over items, results in completion order; exceptions in fn are re-raised here."""
+        it = iter(items)
+        idle = list(self._procs)
+        busy: dict[int, tuple[int, int, int]] = {}  # result fd -> proc
+        exhausted = False
+        while True:
+            while idle and not exhausted:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                proc = idle.pop()
+                try:
+                    _write_frame(proc[1], (fn, item))
+                except BrokenPipeError:
+                    raise self._died(proc[0]) from None
+                busy[proc[2]] = proc
+            if not busy:
+                return
+            ready, _, _ = select.select(list(busy), [], [])
+            for fd in ready:
+                proc = busy.pop(fd)
+                ok, msg = _read_frame(fd)
+                if not ok:
+                    raise self._died(proc[0])
+                success, value = cast(tuple[bool, Any], msg)
+                if not success:
+                    raise cast(BaseException, value)
+                idle.append(proc)
+                yield cast(R, value)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        return list(self.map_unordered(fn, items))
+
+    @staticmethod
+    def _died(pid: int) -> VeloError:
+        return VeloError(
+            f"worker process {pid} died (killed?); nothing was committed",
+            reason=Reason.SYSCALL,
+            hint="retry; anything staged is reclaimed",
+        )
