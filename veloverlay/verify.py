@@ -6,7 +6,7 @@ names its culprit: the object (digest and path) or the ref/commit/node and path 
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import re
 import stat
@@ -19,6 +19,7 @@ from .digest import hash_fd
 from .errors import VeloError
 from .manifest import Manifests
 from .tree import Kind
+from .workers import Workers
 
 __all__ = ["Finding", "FsckReport", "fsck"]
 
@@ -82,6 +83,10 @@ def _check_object(item: tuple[str, str]) -> tuple[str, str, str] | None:
     return None
 
 
+def _check_chunk(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    return [r for r in map(_check_object, items) if r is not None]
+
+
 def fsck(
     store: Store,
     m: Manifests,
@@ -94,19 +99,16 @@ def fsck(
     rep.objects = len(items)
     present = {n for n, _ in items}
     jobs = jobs or os.cpu_count() or 1
-    if jobs > 1 and len(items) > 2000:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.imap_unordered(_check_object, items, chunksize=256)
-            for i, r in enumerate(results, 1):
-                if r is not None:
-                    rep.findings.append(Finding(*r))
-                if progress is not None and i % 2000 == 0:
-                    progress(i)
-    else:
-        for item in items:
-            r = _check_object(item)
-            if r is not None:
-                rep.findings.append(Finding(*r))
+    chunks = [items[i : i + 256] for i in range(0, len(items), 256)]
+    checked = 0
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(Workers(jobs)) if jobs > 1 and len(items) > 2000 else None
+        results = pool.map_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
+        for found in results:
+            rep.findings.extend(Finding(*r) for r in found)
+            checked += 256
+            if progress is not None:
+                progress(min(checked, len(items)))
     # Manifest side: every node decodes and hashes to its key, every reference resolves.
     from .digest import node_digest
 
