@@ -127,6 +127,7 @@ def import_bundle(
     meta: dict[str, Any] | None = None
     nodes: dict[bytes, bytes] = {}
     with store.lock(), store.stage() as stage:
+        store.reclaim_tmp()
         objects: set[bytes] = set()
         while True:
             rec = r.f.read(_REC.size)

@@ -123,6 +123,7 @@ def gc(
                 m.delete_commit(txn, cid)
             for d in dead_nodes:
                 m.delete_node(txn, d)
+            faults.point("commit.before")
         for path in victims:
             _unlink_object(path)
             faults.point("gc.sweep")
