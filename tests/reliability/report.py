@@ -1,4 +1,4 @@
-"""Write measured figures into docs/reliability.md between named markers (generated, never edited)."""
+"""Write measured figures into docs/reliability.md between named markers (never by hand)."""
 
 from __future__ import annotations
 

@@ -268,16 +268,17 @@ def test_crash_store_writers(world: World) -> None:
     if report.enabled():
         lines = [
             f"Store writers killed with SIGKILL: {RUNS} runs, seed {SEED} "
-            "(tests/reliability/test_crash_store.py). After every kill: fsck clean, every ref at the "
-            "old or the new version, the rerun converged to the uninterrupted result, staging "
-            "reclaimed.",
+            "(tests/reliability/test_crash_store.py). After every kill: fsck clean, every ref "
+            "at the old or the new version, the rerun converged to the uninterrupted result, "
+            "staging reclaimed.",
             "",
-            "| scenario | killed | failed cleanly (a worker was killed) | completed (kill point not reached) |",
+            "| scenario | killed | failed cleanly (a worker was killed) "
+            "| completed (kill point not reached) |",
             "| --- | --- | --- | --- |",
         ]
         for scenario in sorted(POINTS):
             lines.append(
-                f"| {scenario} | {outcomes[(scenario, 'killed')]} | {outcomes[(scenario, 'failed')]} "
-                f"| {outcomes[(scenario, 'completed')]} |"
+                f"| {scenario} | {outcomes[(scenario, 'killed')]} "
+                f"| {outcomes[(scenario, 'failed')]} | {outcomes[(scenario, 'completed')]} |"
             )
         report.write_section("crash-store", "\n".join(lines))
