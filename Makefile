@@ -17,7 +17,7 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 test-full: setup
-	VELO_TEST_FULL=1 $(PY) -m pytest -q -ra -m ""
+	VELO_TEST_FULL=1 VELO_WRITE_DOCS=1 $(PY) -m pytest -q -ra -m ""
 
 lint: setup
 	$(PY) -m ruff check veloverlay tests bench
