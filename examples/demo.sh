@@ -3,7 +3,8 @@
 # a session, let the harvester commit the change, and show the result. Uses a throw-away store.
 set -euo pipefail
 work=$(mktemp -d /tmp/veloverlay-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# As root, projected objects carry chattr +i (that is the point): clear it to delete the store.
+trap 'chattr -R -i "$work/store" 2>/dev/null; rm -rf "$work"' EXIT
 export VELO_STORE="$work/store"
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
@@ -18,9 +19,10 @@ veloverlay ingest "$work/project" --name demo
 say veloverlay doctor
 veloverlay doctor | tail -4
 say "veloverlay run demo --at $work/live -- sh -c '...change things...'"
+cd "$work"  # a session keeps the caller's directory; the projection appears at --at
 veloverlay run demo --at "$work/live" -m "demo change" -- sh -c '
   set -e
-  echo "inside: $(pwd)"; ls -l
+  cd live; echo "inside: $(pwd)"; ls -l
   sed -i "s/v1/v2/" src/app.py
   echo "new file" > src/added.txt
   rm obsolete.txt
@@ -34,7 +36,7 @@ say veloverlay diff 'demo@{1}' demo
 veloverlay diff 'demo@{1}' demo
 say veloverlay cat demo src/app.py
 veloverlay cat demo src/app.py
-say veloverlay run demo --at "$work/live" -- python3 main.py
-veloverlay run demo --at "$work/live" -- python3 main.py
+say veloverlay run demo --at "$work/live" -- python3 live/main.py
+veloverlay run demo --at "$work/live" -- python3 live/main.py
 say veloverlay fsck
 veloverlay fsck

@@ -699,7 +699,10 @@ def _split_command(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="veloverlay", standalone_mode=False)
+        # Without standalone mode, click returns the code of a typer.Exit instead of raising it.
+        rv = app(args=args, prog_name="veloverlay", standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except VeloError as exc:
         if _state["debug"]:
             raise
