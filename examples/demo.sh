@@ -4,7 +4,7 @@
 set -euo pipefail
 work=$(mktemp -d /tmp/veloverlay-demo.XXXXXX)
 # As root, projected objects carry chattr +i (that is the point): clear it to delete the store.
-trap 'chattr -R -i "$work/store" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'chattr -R -i "$work/store" 2>/dev/null || true; rm -rf "$work"' EXIT
 export VELO_STORE="$work/store"
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
