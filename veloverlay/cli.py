@@ -94,6 +94,13 @@ def ingest(
         bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
     ] = False,
     message: Annotated[str | None, typer.Option("--message", "-m")] = None,
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            "--adopt",
+            help="Then move DIRECTORY aside (checked unchanged) so sessions can take its place",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
@@ -123,6 +130,7 @@ def ingest(
             keep_setid=keep_setid,
             message=message,
             progress=progress,
+            adopt=adopt,
         )
     finally:
         progress.done()
@@ -148,6 +156,8 @@ def ingest(
         f"dedup saved {ui.human_bytes(res.bytes - res.new_bytes)}; "
         f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
     )
+    if res.adopted_to:
+        print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {directory}")
 
 
 @app.command()

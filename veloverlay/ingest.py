@@ -64,6 +64,7 @@ class IngestResult:
     merged: bool = False
     unchanged: bool = False
     seconds: float = 0.0
+    adopted_to: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -478,8 +479,13 @@ def ingest(
     keep_setid: bool = False,
     message: str | None = None,
     progress: Progress | None = None,
+    adopt: bool = False,
 ) -> IngestResult:
-    """Ingest `src` as a new version of ref `name` (created if missing)."""
+    """Ingest `src` as a new version of ref `name` (created if missing).
+
+    `adopt`: afterwards, check that the source still matches what was committed and move it
+    aside (`<src>.velo-adopted`), so that a shim session can materialise the ref at its path.
+    """
     from .manifest import check_ref_name
 
     t0 = time.perf_counter()
@@ -571,8 +577,33 @@ def ingest(
                 m, txn, name, config, cache_keys, cache, _cache_values(dirs, cache, scan_ns)
             )
     faults.point("commit.after")
+    if adopt:
+        res.adopted_to = _adopt(store, m, src, name, res, rules, keep_setid)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _adopt(
+    store: Store, m: Manifests, src: str, name: str, res: IngestResult, rules: Rules, keep: bool
+) -> str:
+    """Move a just-ingested source aside, after checking nothing changed it meanwhile."""
+    real = os.path.realpath(src)
+    aside = real + ".velo-adopted"
+    if os.path.lexists(aside):
+        raise VeloError(
+            f"cannot adopt {src}: {aside} already exists",
+            reason=Reason.EXISTS,
+            hint="the ingest itself was committed; move or remove the old copy and re-run",
+        )
+    again = ingest(store, m, src, name, rules=rules, jobs=1, keep_setid=keep)
+    if again.root != res.root:
+        raise VeloError(
+            f"{src} changed while it was ingested; not moved aside",
+            reason=Reason.SOURCE_UNSTABLE,
+            hint="stop whatever writes there and run 'veloverlay ingest --adopt' again",
+        )
+    os.rename(real, aside)
+    return aside
 
 
 def _build_nodes(
