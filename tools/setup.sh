@@ -26,7 +26,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV from /usr/bin/python3" >&2
   /usr/bin/python3 -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat pyproject.toml setup.py 2>/dev/null | sha256sum | cut -c1-16)"
+# Reinstall when the build inputs change (setup.py builds the shim; it may not exist yet).
+stamp="$VENV/.installed-$(cat pyproject.toml $(ls setup.py shim/*.[ch] shim/Makefile 2>/dev/null) | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   echo "setup: installing veloverlay and test tools into $VENV" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
