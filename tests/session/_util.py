@@ -1,0 +1,224 @@
+"""Shared machinery for the session tests: modes, a base tree, and a tree comparator.
+
+Every scenario runs in a forked child: as root (mode "root") or, for mode "rootfree", in a child
+that really dropped to UNPRIV_UID (tests/helpers/unpriv.py) before any namespace is made. The
+store lives under an `unpriv_tmpdir()` on /dev/shm, which both identities can use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.helpers.trees import Item
+from tests.helpers.unpriv import run_unprivileged
+from veloverlay import ns, session
+from veloverlay.cas import Store
+from veloverlay.checkout import checkout
+from veloverlay.ingest import ingest
+from veloverlay.manifest import Manifests
+from veloverlay.verify import fsck
+
+T = TypeVar("T")
+
+OLD_NS = 1_600_000_000 * 10**9  # every base entry's mtime (2020-09-13)
+
+MODE_MARKS = {
+    "root": ("root", "overlay_root"),
+    "rootfree": ("userns", "overlay_userns"),
+}
+FORM_MARKS = {
+    ("root", "data-only"): ("data_only_root",),
+    ("rootfree", "data-only"): ("data_only_userns",),
+    ("root", "links"): (),
+    ("rootfree", "links"): (),
+}
+
+
+def mode_params(*modes: str) -> list[Any]:
+    return [pytest.param(m, marks=pytest.mark.needs(*MODE_MARKS[m]), id=m) for m in modes]
+
+
+def mode_form_params() -> list[Any]:
+    out = []
+    for m in ("root", "rootfree"):
+        for f in ("data-only", "links"):
+            marks = (*MODE_MARKS[m], *FORM_MARKS[(m, f)])
+            out.append(pytest.param(m, f, marks=pytest.mark.needs(*marks), id=f"{m}-{f}"))
+    return out
+
+
+def as_mode(mode: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """fn in a forked child: root, or a child that dropped to the unprivileged uid for good."""
+    if mode == "root":
+        return ns.run_in_child(fn, *args, **kw)
+    return run_unprivileged(fn, *args, **kw)
+
+
+BASE_FILES: dict[str, bytes] = {
+    "f1": b"one\n",
+    "f2": b"two\n",
+    "f3": b"three three three\n",
+    "f4": b"four\n",
+    "f5": b"five\n",
+    "f6": b"six\n",
+    "f7": b"seven\n",
+    "f8": b"eight\n",
+    "exec.sh": b"#!/bin/sh\necho hi\n",
+    "d/b": b"bee\n",
+    "d/c": b"sea\n",
+    "dir1/x": b"ex\n",
+    "dir1/sub/y": b"why\n",
+    "dir2/z": b"zed\n",
+    "dir3/w": b"double-u\n",
+    "model.gguf": b"GGUF weights, Tier-1 by the default rules\n",
+}
+
+
+def make_base(root: str) -> None:
+    os.makedirs(root)
+    for rel, data in BASE_FILES.items():
+        p = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+    os.chmod(os.path.join(root, "exec.sh"), 0o755)
+    os.chmod(os.path.join(root, "f6"), 0o640)
+    os.mkdir(os.path.join(root, "emptydir"))
+    os.symlink("f1", os.path.join(root, "link"))
+    os.symlink("/usr/bin/env", os.path.join(root, "abs-link"))
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+    os.utime(root, ns=(OLD_NS, OLD_NS))
+
+
+def new_store(base: str, name: str = "t") -> tuple[Store, str]:
+    """A store at base/store with ref `name` ingested from base/src (path recorded)."""
+    src = os.path.join(base, "src")
+    make_base(src)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, name, jobs=1)
+    finally:
+        m.close()
+    return store, src
+
+
+def head_root(store: Store, name: str) -> bytes:
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _ref, c = m.resolve(txn, name)
+            return bytes.fromhex(c.root)
+    finally:
+        m.close()
+
+
+def checkout_ref(store: Store, name: str, dest: str) -> None:
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _ref, c = m.resolve(txn, name)
+            checkout(store, m, txn, bytes.fromhex(c.root), dest)
+    finally:
+        m.close()
+
+
+def fsck_ok(store: Store) -> list[str]:
+    m = Manifests(store)
+    try:
+        rep = fsck(store, m, jobs=1)
+        return [f"{f.kind} {f.what} {f.detail}" for f in rep.findings]
+    finally:
+        m.close()
+
+
+def snapshot(root: str) -> dict[bytes, Item]:
+    """Like tests.helpers.trees.snapshot, but reads what the owner made unreadable (mode 000
+    files, 0555/000 dirs) by opening it up after recording the real mode and mtime."""
+    root_b = os.fsencode(root)
+    out: dict[bytes, Item] = {}
+
+    def visit(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            out[rel] = Item("dir", mode, st.st_mtime_ns, None)
+            if mode & 0o500 != 0o500:
+                os.chmod(path, mode | 0o700)
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name), os.path.join(rel, name) if rel else name)
+        elif stat.S_ISLNK(st.st_mode):
+            out[rel] = Item("symlink", 0, st.st_mtime_ns, os.readlink(path))
+        elif stat.S_ISREG(st.st_mode):
+            if not mode & 0o400:
+                os.chmod(path, mode | 0o400)
+            with open(path, "rb") as f:
+                out[rel] = Item("file", mode, st.st_mtime_ns, f.read())
+
+    visit(root_b, b"")
+    return out
+
+
+def compare_trees(got: str, want: str, *, since_ns: int, file_mtimes: bool = True) -> list[str]:
+    """Differences between two trees; mtimes must be equal unless both are recent (set 'now'
+    by the operation in each tree: the two runs happen at different times)."""
+    a, b = snapshot(got), snapshot(want)
+    problems = []
+    for p in sorted(a.keys() | b.keys()):
+        x, y = a.get(p), b.get(p)
+        if x is None or y is None:
+            problems.append(f"{p!r}: {x} != {y}")
+            continue
+        if (x.kind, x.mode, x.data) != (y.kind, y.mode, y.data):
+            problems.append(f"{p!r}: {x} != {y}")
+            continue
+        if x.kind == "file" and not file_mtimes:
+            continue
+        assert x.mtime_ns is not None and y.mtime_ns is not None
+        both_recent = x.mtime_ns >= since_ns and y.mtime_ns >= since_ns
+        if x.mtime_ns != y.mtime_ns and not both_recent:
+            problems.append(f"{p!r}: mtime {x.mtime_ns} != {y.mtime_ns}")
+    return problems
+
+
+def hash_tree(root: str) -> dict[str, tuple[int, str, bytes]]:
+    """(mode, content hash or link target, xattrs) of everything under root, for before/after."""
+    out: dict[str, tuple[int, str, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            try:
+                xattrs = b"|".join(
+                    k.encode() + b"=" + os.getxattr(p, k, follow_symlinks=False)
+                    for k in sorted(os.listxattr(p, follow_symlinks=False))
+                )
+            except OSError:
+                xattrs = b""
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                digest = os.readlink(p)
+            else:
+                digest = ""
+            out[os.path.relpath(p, root)] = (st.st_mode, digest + f"@{st.st_mtime_ns}", xattrs)
+    return out
+
+
+def sh(script: str, cwd: str) -> None:
+    subprocess.run(["sh", "-euc", script], cwd=cwd, check=True)
+
+
+def run_session(store: Store, refs: list[str], argv: list[str], **kw: Any) -> session.SessionResult:
+    opts = session.SessionOptions(refs=refs, grace=kw.pop("grace", 2.0), **kw)
+    return session.run(store, opts, argv)

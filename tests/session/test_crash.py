@@ -1,0 +1,104 @@
+"""A manager killed with SIGKILL: the session dies with it, the upper dir stays, `harvest_resume`
+commits it later, and nothing stays mounted in the caller's namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.helpers.unpriv import mount_lines, unpriv_tmpdir
+from tests.session._util import as_mode, checkout_ref, fsck_ok, mode_params, new_store, run_session
+from veloverlay import session
+from veloverlay.errors import VeloError
+
+
+def _session_env_procs(sid: str) -> list[int]:
+    """Live processes whose environment names the session (ours: same uid, readable)."""
+    out = []
+    needle = f"VELO_SESSION={sid}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _kill_manager(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_session(
+                store,
+                ["t"],
+                ["sh", "-c", f"cd {proj}; printf x > killed.txt; rm f1; exec sleep 60"],
+                at=proj,
+            )
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 20
+    sid = ""
+    while not sid:
+        assert time.monotonic() < deadline, "the session did not start"
+        for s in os.listdir(store.sessions):
+            if os.path.exists(os.path.join(store.sessions, s, "upper", "killed.txt")):
+                sid = s
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    # The session's processes die with their manager (parent-death signals down the chain).
+    deadline = time.monotonic() + 10
+    while _session_env_procs(sid):
+        assert time.monotonic() < deadline, "session processes outlived their manager"
+        time.sleep(0.02)
+    states = {i.id: i.state for i in session.list_sessions(store)}
+    cleaned = session.clean_sessions(store)
+    upper_kept = os.path.exists(os.path.join(store.sessions, sid, "upper", "killed.txt"))
+    try:
+        session.harvest_resume(store, "no-such-session")
+        missing = "ok"
+    except VeloError as exc:
+        missing = exc.reason.value
+    results = session.harvest_resume(store, None)
+    again = session.harvest_resume(store, None)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return {
+        "state": states[sid],
+        "cleaned": cleaned,
+        "upper_kept": upper_kept,
+        "missing": missing,
+        "results": [(r.session_id, r.commit is not None, r.changed) for r in results],
+        "again": len(again),
+        "sid": sid,
+        "killed.txt": open(os.path.join(got, "killed.txt")).read(),
+        "f1": os.path.exists(os.path.join(got, "f1")),
+        "after": session.list_sessions(store)[0].state,
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_kill_manager_then_resume(mode: str) -> None:
+    before = mount_lines()
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _kill_manager, base)
+        assert not [line for line in mount_lines() if base in line]
+    assert mount_lines() == before
+    assert r["state"] == "dead-unharvested"
+    assert r["cleaned"] == 0 and r["upper_kept"]
+    assert r["missing"] == "session-not-found"
+    assert r["results"] == [(r["sid"], True, 3)]  # put, delete, the root mtime
+    assert r["again"] == 0
+    assert r["killed.txt"] == "x" and r["f1"] is False
+    assert r["after"] == "harvested"
+    assert r["fsck"] == []

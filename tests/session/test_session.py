@@ -1,0 +1,508 @@
+"""Sessions beyond single file operations: exit codes, the cwd, Tier-1 and the read-only store,
+concurrent sessions and conflicts, delta layers, stacked refs, options and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import (
+    as_mode,
+    checkout_ref,
+    fsck_ok,
+    hash_tree,
+    head_root,
+    mode_params,
+    new_store,
+    run_session,
+)
+from veloverlay import fsflags, projection, session
+from veloverlay.errors import Reason, VeloError
+from veloverlay.manifest import Manifests
+from veloverlay.tree import Kind
+
+BOTH = mode_params("root", "rootfree")
+
+
+def _exit_codes(base: str) -> list[int]:
+    store, src = new_store(base)
+    proj = os.path.join(base, "proj")
+    out = []
+    for argv in (
+        ["sh", "-c", "exit 3"],
+        ["no-such-command-veloverlay"],
+        ["sh", "-c", "kill -9 $$"],
+        ["true"],
+    ):
+        out.append(run_session(store, ["t"], argv, at=proj).exit_status)
+    return out
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_exit_status_passes_through(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        assert as_mode(mode, _exit_codes, base) == [3, 127, 137, 0]
+
+
+def _cwd_inside_target(base: str) -> tuple[str, str]:
+    store, src = new_store(base)
+    with open(os.path.join(src, "f1"), "w") as f:
+        f.write("host copy, hidden by the projection\n")
+    out = os.path.join(base, "out")
+    os.chdir(src)  # the ref's recorded path is the default target
+    res = run_session(store, ["t"], ["sh", "-c", f"cat f1 > {out}; pwd >> {out}; ls >> {out}"])
+    os.chdir("/")
+    with open(out) as f:
+        return f.read(), res.session_id
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_shell_started_inside_target_sees_projection(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        text, _sid = as_mode(mode, _cwd_inside_target, base)
+    lines = text.splitlines()
+    assert lines[0] == "one"
+    assert lines[1].endswith("/src")
+    assert "model.gguf" in lines and "emptydir" in lines
+
+
+def _readonly(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    out = os.path.join(base, "out")
+    s = os.fspath(store.root)
+    # Warm the lower layers so that they exist before the "before" snapshot.
+    run_session(store, ["t"], ["true"], at=proj)
+    watched = {
+        "objects": os.fspath(store.objects),
+        "layers": os.fspath(store.trees / "layers"),
+        "ids": os.fspath(store.root / "ids-v1"),
+        "proxies": os.fspath(store.trees / "proxies"),
+    }
+    before = {k: hash_tree(v) for k, v in watched.items() if os.path.isdir(v)}
+    script = f"""
+cd {proj}
+r() {{ if "$@" 2>>{out}.err; then echo "$1 ok" >> {out}; else echo "$1 failed" >> {out}; fi; }}
+r sh -c 'printf x >> model.gguf'
+r sh -c 'printf x > {s}/objects-v1/new'
+r sh -c 'printf x >> {s}/manifests.lmdb/data.mdb'
+r sh -c 'mkdir {s}/trees-v1/x'
+r sh -c 'mount -o remount,bind,rw {s}'
+r sh -c 'umount -l {proj}'
+for f in f1 f2 f3 d/b dir1/sub/y exec.sh; do printf appended >> $f; chmod 600 $f; done
+r sh -c 'printf new > fresh'
+cat model.gguf > model.copy
+"""
+    res = run_session(store, ["t"], ["sh", "-c", script], at=proj)
+    after = {k: hash_tree(v) for k, v in watched.items() if os.path.isdir(v)}
+    with open(out) as f:
+        lines = f.read().splitlines()
+    with open(out + ".err") as f:
+        errors = f.read()
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            objs = [bytes.fromhex(n) for n, _p in store.iter_objects()]
+            _r, c = m.resolve(txn, "t")
+            e = m.lookup(txn, bytes.fromhex(c.root), b"model.gguf")
+            tier = e.tier if e else None
+    finally:
+        m.close()
+    immutable = all(fsflags.is_immutable(store.object_path(d)) for d in objs)
+    return {
+        "lines": lines,
+        "errors": errors,
+        # harvest adds objects; nothing that existed may change
+        "same": {k: all(after[k].get(p) == v for p, v in before[k].items()) for k in before},
+        "protection": res.protection,
+        "immutable": immutable,
+        "tier": tier,
+        "fsck": fsck_ok(store),
+        "changed": res.changed,
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_tier1_writes_fail_and_store_is_read_only(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _readonly, base)
+    lines = r["lines"]
+    assert isinstance(lines, list)
+    assert "sh failed" in lines[0], lines  # Tier-1 path
+    assert lines[1:6] == ["sh failed"] * 5, (lines, r["errors"])  # store, lmdb, trees, mounts
+    assert lines[6] == "sh ok"  # the overlay itself stays writable
+    assert "Read-only file system" in str(r["errors"])
+    assert r["same"] == {k: True for k in r["same"]}  # type: ignore[union-attr]
+    assert r["tier"] == 1
+    assert r["fsck"] == []
+    if mode == "root":
+        assert r["protection"] == "immutable" and r["immutable"]
+    else:
+        assert r["protection"] == "read-only-mount"
+
+
+def _concurrent(base: str, same_file: bool) -> dict[str, object]:
+    store, _src = new_store(base)
+    go = os.path.join(base, "go")
+    proj_a, proj_b = os.path.join(base, "pa"), os.path.join(base, "pb")
+    a_file = "f1" if same_file else "d/from_a"
+    b_file = "f1" if same_file else "d/from_b"
+    result_a = os.path.join(base, "a.json")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            res = run_session(
+                store,
+                ["t"],
+                [
+                    "sh",
+                    "-c",
+                    f"printf A > {proj_a}/{a_file}; while [ ! -e {go} ]; do sleep 0.02; done",
+                ],
+                at=proj_a,
+            )
+            with open(result_a, "w") as f:
+                json.dump(res.to_dict(), f)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 20
+    while not any(
+        os.path.exists(os.path.join(store.sessions, s, "upper", a_file))
+        for s in os.listdir(store.sessions)
+    ):
+        assert time.monotonic() < deadline, "session A did not start"
+        time.sleep(0.02)
+    res_b = run_session(store, ["t"], ["sh", "-c", f"printf B > {proj_b}/{b_file}"], at=proj_b)
+    open(go, "w").close()
+    os.waitpid(pid, 0)
+    with open(result_a) as f:
+        res_a = json.load(f)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    out: dict[str, object] = {"a": res_a, "b": res_b.to_dict(), "fsck": fsck_ok(store)}
+    for name in ("f1", "d/from_a", "d/from_b"):
+        p = os.path.join(got, name)
+        out["head:" + name] = open(p).read() if os.path.exists(p) else None
+    if res_a["conflict_ref"]:
+        cref = os.path.join(base, "cref")
+        checkout_ref(store, res_a["conflict_ref"], cref)
+        out["conflict:f1"] = open(os.path.join(cref, "f1")).read()
+    return out
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_concurrent_sessions_disjoint_files_both_land(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _concurrent, base, False)
+    assert r["head:d/from_a"] == "A" and r["head:d/from_b"] == "B"
+    a = r["a"]
+    assert isinstance(a, dict)
+    assert a["commit"] and a["conflict_ref"] is None
+    assert r["fsck"] == []
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_concurrent_sessions_same_file_conflict_keeps_both(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _concurrent, base, True)
+    a = r["a"]
+    assert isinstance(a, dict)
+    assert a["conflict_ref"] == f"t@{a['session_id']}"
+    assert a["conflicts"] == ["f1"]
+    assert r["head:f1"] == "B"  # the first to commit
+    assert r["conflict:f1"] == "A"  # nothing lost
+    assert r["fsck"] == []
+
+
+def _delta_layers(base: str, flatten_after: int) -> dict[str, object]:
+    projection.FLATTEN_AFTER = flatten_after
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    out = os.path.join(base, "out")
+    built = []
+    scripts = [
+        "printf v1 > f1; printf added > added; rm d/b",
+        f"cat f1 added > {out}; echo >> {out}; ls d >> {out}; rm added; printf v2 > f1; "
+        "mkdir -p q/r",
+        f"cat f1 >> {out}; echo >> {out}; ls >> {out}; printf v3 > f3",
+        "printf v4 > f4",
+    ]
+    for script in scripts:
+        root = head_root(store, "t")
+        run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
+        for form in projection.FORMS:
+            p = store.trees / "stacks" / f"{form}-{root.hex()}.json"
+            if p.exists():
+                data = json.loads(p.read_text())
+                built.append((data["built"], len(data["layers"])))
+    with open(out) as f:
+        seen = f.read().splitlines()
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return {
+        "built": built,
+        "seen": seen,
+        "final": sorted(os.listdir(got)),
+        "f1": open(os.path.join(got, "f1")).read(),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_next_session_stacks_a_delta_layer(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _delta_layers, base, 20)
+    assert r["built"] == [("full", 1), ("delta", 2), ("delta", 3), ("delta", 4)]
+    assert r["seen"][:3] == ["v1added", "c", "v2"]
+    assert "added" not in r["final"] and "q" in r["final"]
+    assert r["f1"] == "v2"
+    assert r["fsck"] == []
+
+
+def test_flatten_after_n_layers() -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode("root", _delta_layers, base, 2)
+    assert r["built"] == [("full", 1), ("delta", 2), ("full", 1), ("delta", 2)]
+    assert r["f1"] == "v2"
+
+
+def _stacked(base: str) -> dict[str, object]:
+    store, src = new_store(base)
+    top_src = os.path.join(base, "top")
+    os.makedirs(os.path.join(top_src, "d"))
+    with open(os.path.join(top_src, "d", "c"), "w") as f:
+        f.write("top version\n")
+    with open(os.path.join(top_src, "only-top"), "w") as f:
+        f.write("t\n")
+    from veloverlay.ingest import ingest
+
+    m = Manifests(store)
+    try:
+        ingest(store, m, top_src, "u", jobs=1)
+    finally:
+        m.close()
+    proj = os.path.join(base, "proj")
+    out = os.path.join(base, "out")
+    script = (
+        f"cd {proj}; cat d/c f1 > {out}; rm f2; rm -r dir2; printf changed >> f3; "
+        "printf new > d/new; chmod 700 exec.sh"
+    )
+    res = run_session(store, ["t", "u"], ["sh", "-euc", script], at=proj)
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _r, c = m.resolve(txn, "u")
+            root = bytes.fromhex(c.root)
+            kinds = {
+                p: m.lookup(txn, root, p.encode()).kind.name  # type: ignore[union-attr]
+                for p in ("f2", "dir2", "f3", "d/new", "d/c", "exec.sh", "only-top")
+            }
+            base_t = m.resolve(txn, "t")[1].root
+    finally:
+        m.close()
+    # The next stacked session sees the masks hide the lower ref's paths.
+    seen2 = os.path.join(base, "seen2")
+    run_session(store, ["t", "u"], ["sh", "-c", f"cd {proj}; ls > {seen2}"], at=proj)
+    with open(out) as f:
+        first = f.read()
+    with open(seen2) as f:
+        listing = f.read().split()
+    return {
+        "first": first,
+        "kinds": kinds,
+        "listing": listing,
+        "t_unchanged": base_t == head_root(store, "t").hex(),
+        "ref": res.ref,
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_stacked_refs_delta_goes_to_top_with_masks(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _stacked, base)
+    assert r["first"] == "top version\none\n"
+    assert r["ref"] == "u"
+    assert r["kinds"] == {
+        "f2": "MASK",
+        "dir2": "MASK",
+        "f3": "FILE",
+        "d/new": "FILE",
+        "d/c": "FILE",
+        "exec.sh": "FILE",
+        "only-top": "FILE",
+    }
+    listing = r["listing"]
+    assert isinstance(listing, list)
+    assert "f2" not in listing and "dir2" not in listing and "f1" in listing
+    assert r["t_unchanged"]
+    assert r["fsck"] == []
+
+
+def _options(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    head0 = head_root(store, "t")
+    r1 = run_session(store, ["t"], ["sh", "-c", f"printf x > {proj}/gone"], at=proj, discard=True)
+    head1 = head_root(store, "t")
+    r2 = run_session(store, ["t"], ["sh", "-c", f"printf y > {proj}/kept"], at=proj, commit=False)
+    head2 = head_root(store, "t")
+    sref = os.path.join(base, "sref")
+    checkout_ref(store, r2.conflict_ref or "?", sref)
+    infos = {i.id: i.state for i in session.list_sessions(store)}
+    cleaned = session.clean_sessions(store)
+    left = session.list_sessions(store)
+    return {
+        "discard_unchanged": head0 == head1 and r1.commit is None,
+        "nocommit_unchanged": head1 == head2 and r2.commit is None,
+        "sref": r2.conflict_ref,
+        "sid": r2.session_id,
+        "kept": open(os.path.join(sref, "kept")).read(),
+        "states": sorted(infos.values()),
+        "cleaned": cleaned,
+        "left": len(left),
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_discard_no_commit_list_and_clean(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _options, base)
+    assert r["discard_unchanged"] and r["nocommit_unchanged"]
+    assert r["sref"] == f"t@{r['sid']}"
+    assert r["kept"] == "y"
+    assert r["states"] == ["discarded", "harvested"]
+    assert r["cleaned"] == 2 and r["left"] == 0
+
+
+def _refusals(base: str) -> dict[str, str]:
+    store, _src = new_store(base)
+    out: dict[str, str] = {}
+    cases: dict[str, dict[str, object]] = {
+        "normal": {"at": os.path.join(base, "p")},
+        "inside-store": {"at": os.path.join(os.fspath(store.root), "x")},
+        "contains-store": {"at": base},
+        "no-parent": {"at": os.path.join(base, "missing", "deeper")},
+        "shim": {"at": os.path.join(base, "p"), "backend": "shim"},
+        "strict": {"at": os.path.join(base, "p"), "strict": True},
+    }
+    for name, kw in cases.items():
+        try:
+            run_session(store, ["t"], ["true"], **kw)
+            out[name] = "ok"
+        except VeloError as exc:
+            out[name] = exc.reason.value
+    os.environ["VELO_FORCE_LOWER"] = "links"
+    try:
+        run_session(store, ["t"], ["true"], at=os.path.join(base, "p"), strict=True)
+        out["strict-links"] = "ok"
+    except VeloError as exc:
+        out["strict-links"] = exc.reason.value
+    out["created"] = str(os.path.isdir(os.path.join(base, "p")))
+    return out
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_refusals(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _refusals, base)
+    assert r["inside-store"] == Reason.TARGET_INVALID.value
+    assert r["contains-store"] == Reason.TARGET_INVALID.value
+    assert r["no-parent"] == Reason.TARGET_INVALID.value
+    assert r["shim"] == Reason.BACKEND_UNAVAILABLE.value
+    assert r["strict-links"] == Reason.FALLBACK_FORBIDDEN.value
+    assert r["strict"] == ("ok" if mode == "root" else Reason.IMMUTABLE_DENIED.value)
+    assert r["normal"] == "ok" and r["created"] == "True"
+
+
+def _net_none(base: str) -> str:
+    store, _src = new_store(base)
+    out = os.path.join(base, "out")
+    script = (
+        "import socket, sys\n"
+        "names = [l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]]\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "c = socket.create_connection(s.getsockname(), timeout=2)\n"
+        f"open({out!r}, 'w').write(','.join(names) + ' lo-ok')\n"
+    )
+    run_session(
+        store, ["t"], ["/usr/bin/python3", "-c", script], at=os.path.join(base, "p"), net="none"
+    )
+    with open(out) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_net_none_has_only_loopback_up(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        assert as_mode(mode, _net_none, base) == "lo lo-ok"
+
+
+def test_mask_kind_exists() -> None:
+    assert Kind.MASK.name == "MASK"
+
+
+def _id_clash_and_prune(base: str) -> dict[str, object]:
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    store, _src = new_store(base)
+    root = head_root(store, "t")
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            f1 = m.lookup(txn, root, b"f1")
+            f2 = m.lookup(txn, root, b"f2")
+            assert f1 is not None and f2 is not None
+    finally:
+        m.close()
+    ids = store.root / "ids-v1"
+    # f1's short name taken by other bytes (a prefix collision); f2's by a stale inode of the
+    # same bytes (gc removed the object, the name stayed).
+    h1, h2 = f1.digest.hex(), f2.digest.hex()
+    for h, data in ((h1, b"not f1\n"), (h2, b"two\n")):
+        (ids / h[:2]).mkdir(parents=True, exist_ok=True)
+        (ids / h[:2] / h[2:20]).write_bytes(data)
+    proj = os.path.join(base, "proj")
+    out = os.path.join(base, "out")
+    run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 {proj}/f2 > {out}"], at=proj)
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            alt = txn.get(f1.digest, db=m.ids)
+    finally:
+        m.close()
+    stale_replaced = (
+        os.lstat(ids / h2[:2] / h2[2:20]).st_ino == os.lstat(store.object_path(f2.digest)).st_ino
+    )
+    # Prune: the head's stack (a delta over the first root's layer) stays whole; then nothing.
+    run_session(store, ["t"], ["sh", "-c", f"printf x > {proj}/new"], at=proj)
+    run_session(store, ["t"], ["true"], at=proj)
+    before = len(os.listdir(store.trees / "layers"))
+    kept = projection.prune(store, {head_root(store, "t")})
+    removed = projection.prune(store, set())
+    after = len(os.listdir(store.trees / "layers"))
+    run_session(store, ["t"], ["sh", "-c", f"cat {proj}/new >> {out}"], at=proj)
+    with open(out) as f:
+        text = f.read()
+    return {
+        "text": text,
+        "alt": bytes(alt).decode() if alt is not None else None,
+        "h1": h1,
+        "stale_replaced": stale_replaced,
+        "layers": (before, kept, removed, after),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_short_id_collision_stale_name_and_prune(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _id_clash_and_prune, base)
+    assert r["text"] == "one\ntwo\nx"
+    assert r["alt"] == str(r["h1"])[:21]
+    assert r["stale_replaced"]
+    assert r["layers"] == (2, 0, 2, 0)
+    assert r["fsck"] == []

@@ -1,0 +1,840 @@
+"""Lower layers: turn a manifest root into directories an overlay can stack, cached per root.
+
+Two forms (DESIGN.md "Projection"), chosen by the probe (`probe.lower_form`), never by version:
+
+* **data-only** — a *metadata layer*: per Tier-2 file a sparse file of the real size with the
+  manifest's mode and mtime and the xattrs `user.overlay.metacopy` (empty) and
+  `user.overlay.redirect` = `/<ab>/<id>`, a path in the *data-only layer* `<store>/ids-v1/`, which
+  holds a second hard link of each object under a short name (`ab` + 18 more hex digits of the
+  digest = 80 bits). Redirect values stay at 22 bytes: on ext4 a value above ~24 bytes no longer
+  fits in the inode and costs a 4 KiB xattr block per file (measured: 80 MB per 20,000 files with
+  the 71-byte object path, 0.5 MB with the short id; the short-name hard link costs ~10 µs per
+  object on first use, ~98,000/s, and a symlink in the data-only layer is not followed by
+  overlayfs: ENOENT, measured). Mounted as `lowerdir=<meta>` + data-only lower `ids-v1` with
+  `userxattr`.
+* **links** — a tree of hard links to per-(digest, mode) *proxy* inodes in `trees-v1/proxies/`:
+  copies (reflinks where the filesystem can) of the object with the entry's mode, never the 0444
+  object itself (a non-root owner could not write the merged file). A proxy is shared by every
+  path with that content and mode, so its mtime cannot be each path's: it is normalised to
+  `PROXY_MTIME_NS` (1 s after the epoch, as Nix does), and harvest ignores that value on
+  copied-up files whose content did not change. EMLINK (65,000 links on ext4) opens another proxy.
+
+Both forms project Tier-1 entries as symlinks to their objects (absolute paths) and skip MASK
+entries. When `protect` is set (real root with a working FS_IOC_SETFLAGS), every object a lower
+references gets `chattr +i` after its short-name link exists (link() to a +i inode is EPERM,
+measured); what was reached is returned, never assumed (P0-d).
+
+Cost follows the change: a layer set ("stack") is cached per (form, root) in `trees-v1/stacks/`.
+For a new root whose ancestor (a hint) has a cached stack, only the delta is built, as a small
+extra layer on top (puts as entries, deletions as whiteouts — a 0/0 char device where mknod works,
+else a zero-size file with `user.overlay.whiteout` inside a directory marked `user.overlay.opaque=x`
+— replaced directories as `user.overlay.opaque=y`); after `FLATTEN_AFTER` layers the root is built
+whole again. Builds run under a per-(form, root) flock, into a temp dir renamed into place.
+
+Layout under the store:
+    ids-v1/<ab>/<18 hex>                       short names of objects (data-only layer)
+    trees-v1/layers/<name>/                    one layer (immutable once renamed into place)
+    trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
+    trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
+    trees-v1/locks/  trees-v1/tmp/
+
+Imports the kernel modules (`fsflags`, `linking`) and the manifest layer; nothing here mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import fsflags, linking, paths
+from .cas import Store
+from .digest import hash_fd
+from .errors import Reason, SysError, VeloError
+from .manifest import Manifests, Txn
+from .tree import Entry, Kind, Node, Op, OpKind
+
+__all__ = [
+    "FORMS",
+    "PROXY_MTIME_NS",
+    "FLATTEN_AFTER",
+    "Lowers",
+    "ensure_lowers",
+    "ids_dir",
+    "short_id_path",
+    "stack_roots",
+    "name_and_protect",
+    "prune",
+    "force_rmtree",
+]
+
+FORMS = ("data-only", "links")
+PROXY_MTIME_NS = 1_000_000_000
+FLATTEN_AFTER = 20
+# A delta with more operations than this is cheaper to build whole (a layer per op would be big).
+DELTA_MAX_OPS = 20_000
+# Data-only delta layers copy the changed files' bytes (see _Writer); above this, rebuild.
+DELTA_MAX_COPY = 256 << 20
+_ID_HEX = 20  # 80 bits: "ab" directory + 18 hex digits
+_XATTR_METACOPY = "user.overlay.metacopy"
+_XATTR_REDIRECT = "user.overlay.redirect"
+_XATTR_OPAQUE = "user.overlay.opaque"
+_XATTR_WHITEOUT = "user.overlay.whiteout"
+_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Lowers:
+    """The layers that project `root`: pass `layers` (topmost first) and `data_layers` to mount."""
+
+    form: str
+    root: bytes
+    layers: tuple[str, ...]
+    data_layers: tuple[str, ...]
+    built: str  # "cached" | "delta" | "full"
+    seconds: float
+    immutable: bool  # every object these layers reference carries +i
+    protection_note: str
+
+
+def ids_dir(store: Store) -> Path:
+    return store.root / "ids-v1"
+
+
+def short_id_path(store: Store, short: str) -> bytes:
+    return os.fsencode(ids_dir(store)) + b"/" + short[:2].encode() + b"/" + short[2:].encode()
+
+
+def _trees(store: Store, *parts: str) -> Path:
+    return store.trees.joinpath(*parts)
+
+
+# --- small fs helpers --------------------------------------------------------------------------
+def force_rmtree(path: str | os.PathLike[str]) -> None:
+    """Remove a tree we own whatever its modes (0555/000 dirs, overlay's work/work)."""
+    p = os.fspath(path)
+    if not os.path.lexists(p):
+        return
+
+    def onerror(_fn: object, failed: str, _exc: object) -> None:
+        for target in (os.path.dirname(failed), failed):
+            with contextlib.suppress(OSError):
+                if not os.path.islink(target):
+                    os.chmod(target, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, onerror=onerror)
+            else:
+                os.unlink(failed)
+
+    if os.path.isdir(p) and not os.path.islink(p):
+        with contextlib.suppress(OSError):
+            os.chmod(p, 0o700)
+        for root, dirs, _files in os.walk(p):
+            for d in dirs:
+                full = os.path.join(root, d)
+                with contextlib.suppress(OSError):
+                    if not os.path.islink(full):
+                        os.chmod(full, 0o700)
+        shutil.rmtree(p, onerror=onerror)
+    else:
+        os.unlink(p)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.rename(tmp, path)
+
+
+# --- object names and protection ---------------------------------------------------------------
+class _Objects:
+    """Per-build bookkeeping for the objects a layer references: short names, +i, proxies."""
+
+    def __init__(self, store: Store, m: Manifests, txn: Txn, *, protect: bool, form: str) -> None:
+        self.store = store
+        self.m = m
+        self.txn = txn
+        self.protect = protect
+        self.form = form
+        self.ids_b = os.fsencode(ids_dir(store))
+        self.proxies_b = os.fsencode(_trees(store, "proxies"))
+        self.seen_ids: dict[bytes, str] = {}
+        self.made_dirs: set[bytes] = set()
+        self.protected: set[bytes] = set()
+        self.protect_failed: list[str] = []
+        self.proxies: dict[tuple[bytes, int], tuple[bytes, int]] = {}
+        if form == "links":  # parents made here, before a build sets umask 0
+            os.makedirs(self.proxies_b, exist_ok=True)
+
+    # -- +i
+    def _immutable(self, digest: bytes) -> None:
+        if not self.protect or digest in self.protected:
+            return
+        self.protected.add(digest)
+        try:
+            fsflags.set_immutable(os.fsdecode(self.store.object_path_b(digest)), True)
+        except OSError as exc:
+            if len(self.protect_failed) < 5:
+                self.protect_failed.append(f"{digest.hex()[:16]}: {exc}")
+
+    # -- short ids (data-only layer)
+    def short_id(self, digest: bytes) -> str:
+        """Ensure `ids-v1/<ab>/<rest>` is a hard link of the object; return the id."""
+        known = self.seen_ids.get(digest)
+        if known is not None:
+            return known
+        alt = self.txn.get(digest, db=self.m.ids)
+        short = bytes(alt).decode() if alt is not None else digest.hex()[:_ID_HEX]
+        short = self._link_id(digest, short)
+        self.seen_ids[digest] = short
+        return short
+
+    def _link_id(self, digest: bytes, short: str) -> str:
+        src = self.store.object_path_b(digest)
+        dname = self.ids_b + b"/" + short[:2].encode()
+        if dname not in self.made_dirs:
+            os.makedirs(dname, 0o755, exist_ok=True)
+            self.made_dirs.add(dname)
+        dst = dname + b"/" + short[2:].encode()
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            a, b = os.lstat(src), os.lstat(dst)
+            if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
+                self._immutable(digest)
+                return short
+            return self._id_clash(digest, short, dst)
+        except PermissionError:
+            # The object is +i already (link() to an immutable inode is EPERM, measured): only
+            # a process that may clear the flag can name it; it sets it again at once.
+            if not self.protect:
+                raise
+            fsflags.set_immutable(os.fsdecode(src), False)
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            finally:
+                fsflags.set_immutable(os.fsdecode(src), True)
+        except FileNotFoundError:
+            raise VeloError(
+                f"object {digest.hex()} is missing from the store",
+                reason=Reason.OBJECT_MISSING,
+                hint="run 'veloverlay fsck' to see what else is affected",
+            ) from None
+        self._immutable(digest)
+        return short
+
+    def _id_clash(self, digest: bytes, short: str, dst: bytes) -> str:
+        """`dst` names another inode: a stale name of this object (same bytes, e.g. after gc)
+        is replaced; another object sharing the 80-bit prefix gets a longer id, kept in LMDB."""
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            same = hash_fd(fd)[0] == digest
+        finally:
+            os.close(fd)
+        if same:
+            tmp = dst + b".%d.tmp" % os.getpid()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.link(self.store.object_path_b(digest), tmp, follow_symlinks=False)
+            try:
+                os.rename(tmp, dst)
+            except PermissionError:
+                if not self.protect:
+                    raise
+                fsflags.set_immutable(os.fsdecode(dst), False)
+                os.rename(tmp, dst)
+            self._immutable(digest)
+            return short
+        full = digest.hex()
+        for n in range(_ID_HEX + 1, len(full) + 1):
+            candidate = full[:n]
+            if candidate == short:
+                continue
+            path = short_id_path(self.store, candidate)
+            if os.path.lexists(path):
+                st, ob = os.lstat(path), os.lstat(self.store.object_path_b(digest))
+                if st.st_ino != ob.st_ino:
+                    continue
+            with self.m.write() as wtxn:
+                wtxn.put(digest, candidate.encode(), db=self.m.ids)
+            return self._link_id(digest, candidate)
+        raise VeloError(f"no free short id for {full}", reason=Reason.OBJECT_CORRUPT)
+
+    # -- proxies (links form)
+    def proxy(self, digest: bytes, mode: int, *, bump: bool = False) -> bytes:
+        key = (digest, mode)
+        cur = self.proxies.get(key)
+        index = 0 if cur is None else cur[1] + (1 if bump else 0)
+        if cur is not None and not bump:
+            return cur[0]
+        hexname = digest.hex()
+        pdir = self.proxies_b + b"/" + hexname[:2].encode()
+        if pdir not in self.made_dirs:
+            os.makedirs(pdir, 0o755, exist_ok=True)
+            self.made_dirs.add(pdir)
+        name = f"{hexname}-{mode:04o}" + (f"-{index}" if index else "")
+        path = pdir + b"/" + name.encode()
+        if not os.path.lexists(path):
+            tmp = path + b".%d.%s" % (os.getpid(), os.urandom(3).hex().encode())
+            src = self.store.object_path_b(digest)
+            try:
+                linking.clone_or_copy(os.fsdecode(src), os.fsdecode(tmp), mode=mode)
+            except FileNotFoundError:
+                raise VeloError(
+                    f"object {hexname} is missing from the store",
+                    reason=Reason.OBJECT_MISSING,
+                    hint="run 'veloverlay fsck' to see what else is affected",
+                ) from None
+            os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            os.unlink(tmp)
+            self._immutable(digest)
+        self.proxies[key] = (path, index)
+        return path
+
+    def link_proxy(self, digest: bytes, mode: int, name: bytes, dfd: int) -> None:
+        path = self.proxy(digest, mode)
+        for _ in range(64):
+            try:
+                os.link(path, name, dst_dir_fd=dfd, follow_symlinks=False)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                path = self.proxy(digest, mode, bump=True)
+        raise SysError(errno.EMLINK, "link", path)
+
+    def tier1(self, digest: bytes) -> bytes:
+        if self.form == "data-only":
+            self.short_id(digest)  # name it before +i so a later Tier-2 use needs no clearing
+        else:
+            if not self.store.has(digest):
+                raise VeloError(
+                    f"object {digest.hex()} is missing from the store",
+                    reason=Reason.OBJECT_MISSING,
+                )
+            self._immutable(digest)
+        return self.store.object_path_b(digest)
+
+
+# --- writing entries ---------------------------------------------------------------------------
+class _Writer:
+    """Writes manifest entries into a layer directory (either form)."""
+
+    def __init__(self, objs: _Objects, form: str, *, bottom: bool = True) -> None:
+        self.objs = objs
+        self.form = form
+        # Without metacopy=on (impossible with userxattr) overlayfs honours a metacopy file only
+        # in the bottom-most regular lower layer: in any layer above it, lookup is EPERM
+        # ("refusing to follow metacopy origin", measured). Delta layers carry copies instead.
+        self.metacopy = form == "data-only" and bottom
+        self.whiteout_mknod = True
+        self.entries = 0
+        self.copied = 0
+
+    def put(self, dfd: int, e: Entry) -> None:
+        name = e.name
+        self.entries += 1
+        if e.kind is Kind.SYMLINK:
+            os.symlink(e.target, name, dir_fd=dfd)
+            os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        elif e.kind is Kind.FILE:
+            if e.tier == 1:
+                os.symlink(self.objs.tier1(e.digest), name, dir_fd=dfd)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif self.form == "links":
+                self.objs.link_proxy(e.digest, e.mode, name, dfd)
+            elif self.metacopy or not e.size:
+                self._metacopy(dfd, e)
+            else:
+                self.copy(dfd, e)
+        # DIR entries are created by the caller (it needs the fd); MASK: nothing to show.
+
+    def copy(self, dfd: int, e: Entry) -> None:
+        """A private copy (reflink where possible) with the entry's mode and mtime.
+
+        Used for Tier-2 files in data-only delta layers (see `metacopy` above).
+        """
+        self.copied += e.size
+        dst = b"/proc/self/fd/%d/%s" % (dfd, e.name)
+        linking.clone_or_copy(
+            os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=e.mode
+        )
+        os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+    def _metacopy(self, dfd: int, e: Entry) -> None:
+        fd = os.open(e.name, _NEWFILE, e.mode & 0o777, dir_fd=dfd)
+        try:
+            if e.size:
+                redirect = b"/%s/%s" % (
+                    (short := self.objs.short_id(e.digest))[:2].encode(),
+                    short[2:].encode(),
+                )
+                os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
+                os.setxattr(fd, _XATTR_METACOPY, b"")
+                os.setxattr(fd, _XATTR_REDIRECT, redirect)
+            if e.mode & 0o7000:
+                os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def whiteout(self, dfd: int, name: bytes, marked: set[int]) -> None:
+        if self.whiteout_mknod:
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+                return
+            except PermissionError:
+                self.whiteout_mknod = False
+        fd = os.open(name, _NEWFILE, 0o000, dir_fd=dfd)
+        try:
+            os.setxattr(fd, _XATTR_WHITEOUT, b"")
+        finally:
+            os.close(fd)
+        if dfd not in marked:
+            # overlayfs looks for xattr whiteouts only in directories marked "x" (6.7+).
+            with contextlib.suppress(OSError):
+                if os.getxattr(dfd, _XATTR_OPAQUE) == b"y":
+                    marked.add(dfd)
+                    return
+            os.setxattr(dfd, _XATTR_OPAQUE, b"x")
+            marked.add(dfd)
+
+
+@dataclass
+class _DirMeta:
+    fd: int
+    mode: int
+    mtime_ns: int
+
+
+@dataclass
+class _Build:
+    """An open layer under construction."""
+
+    path: Path
+    top_fd: int
+    dirs: list[_DirMeta] = field(default_factory=list)
+    by_path: dict[bytes, int] = field(default_factory=dict)
+    xmarked: set[int] = field(default_factory=set)
+
+    def close(self) -> None:
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                os.close(d.fd)
+        self.dirs.clear()
+
+    def finish(self) -> None:
+        """Directory modes and mtimes last, deepest first (children change a dir's mtime)."""
+        for d in reversed(self.dirs):
+            os.utime(d.fd, ns=(d.mtime_ns, d.mtime_ns))
+            os.fchmod(d.fd, d.mode)
+
+
+def _write_subtree(
+    m: Manifests, txn: Txn, w: _Writer, b: _Build, fd: int, node: Node, rel: bytes
+) -> None:
+    stack: list[tuple[int, Node, bytes]] = [(fd, node, rel)]
+    while stack:
+        dfd, n, where = stack.pop()
+        for e in n.entries:
+            if e.kind is Kind.DIR:
+                child = m.get_node(txn, e.digest)
+                os.mkdir(e.name, 0o700, dir_fd=dfd)
+                cfd = os.open(e.name, _DIRFLAGS, dir_fd=dfd)
+                b.dirs.append(_DirMeta(cfd, child.mode, child.mtime_ns))
+                p = paths.join(where, e.name)
+                b.by_path[p] = cfd
+                stack.append((cfd, child, p))
+            else:
+                w.put(dfd, e)
+
+
+def _new_build(store: Store, name: str) -> _Build:
+    tmpdir = _trees(store, "tmp")
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    path = tmpdir / f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    os.mkdir(path, 0o700)
+    fd = os.open(path, _DIRFLAGS)
+    return _Build(path, fd, by_path={b"": fd})
+
+
+def _full_layer(
+    store: Store, m: Manifests, txn: Txn, objs: _Objects, form: str, root: bytes, name: str
+) -> Path:
+    w = _Writer(objs, form)
+    b = _new_build(store, name)
+    old_umask = os.umask(0)
+    try:
+        top = m.get_node(txn, root)
+        b.dirs.append(_DirMeta(b.top_fd, top.mode, top.mtime_ns))
+        _write_subtree(m, txn, w, b, b.top_fd, top, b"")
+        b.finish()
+    except BaseException:
+        b.close()
+        force_rmtree(b.path)
+        raise
+    finally:
+        os.umask(old_umask)
+    b.close()
+    return b.path
+
+
+def _delta_layer(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    objs: _Objects,
+    form: str,
+    base: bytes,
+    root: bytes,
+    ops: Sequence[Op],
+    name: str,
+) -> Path:
+    """A layer that turns the view of `base` into the view of `root` when stacked on top."""
+    w = _Writer(objs, form, bottom=False)
+    b = _new_build(store, name)
+    old_umask = os.umask(0)
+    try:
+        top = m.get_node(txn, root)
+        b.dirs.append(_DirMeta(b.top_fd, top.mode, top.mtime_ns))
+
+        def ensure_dir(path: bytes) -> int:
+            """The directory `path` in the layer (non-opaque: merges with the layers below),
+            created with every ancestor, carrying the new root's mode/mtime."""
+            fd = b.by_path.get(path)
+            if fd is not None:
+                return fd
+            parent, _, leaf = path.rpartition(b"/")
+            pfd = ensure_dir(parent)
+            e = m.lookup(txn, root, path)
+            if e is None or e.kind is not Kind.DIR:
+                raise VeloError(
+                    f"delta layer: {paths.display(path)} is not a directory in the new root",
+                    reason=Reason.MANIFEST_CORRUPT,
+                )
+            node = m.get_node(txn, e.digest)
+            os.mkdir(leaf, 0o700, dir_fd=pfd)
+            fd = os.open(leaf, _DIRFLAGS, dir_fd=pfd)
+            b.dirs.append(_DirMeta(fd, node.mode, node.mtime_ns))
+            b.by_path[path] = fd
+            return fd
+
+        for op in sorted(ops, key=lambda o: o.path):
+            if op.path == b"":
+                continue  # the root's own mode/mtime: already taken from `root`
+            parent, _, leaf = op.path.rpartition(b"/")
+            new = m.lookup(txn, root, op.path)
+            old = m.lookup(txn, base, op.path)
+            visible_old = old is not None and old.kind is not Kind.MASK
+            if op.kind is OpKind.META and new is not None and new.kind is Kind.DIR:
+                ensure_dir(op.path)
+                continue
+            pfd = ensure_dir(parent)
+            if new is None or new.kind is Kind.MASK:
+                if visible_old:
+                    w.whiteout(pfd, leaf, b.xmarked)
+                continue
+            if new.kind is Kind.DIR:
+                node = m.get_node(txn, new.digest)
+                os.mkdir(leaf, 0o700, dir_fd=pfd)
+                fd = os.open(leaf, _DIRFLAGS, dir_fd=pfd)
+                b.dirs.append(_DirMeta(fd, node.mode, node.mtime_ns))
+                b.by_path[op.path] = fd
+                if visible_old:
+                    os.setxattr(fd, _XATTR_OPAQUE, b"y")  # hide what the base had there
+                _write_subtree(m, txn, w, b, fd, node, op.path)
+            else:
+                w.put(pfd, new)
+        b.finish()
+    except BaseException:
+        b.close()
+        force_rmtree(b.path)
+        raise
+    finally:
+        os.umask(old_umask)
+    b.close()
+    return b.path
+
+
+def _copy_bytes(m: Manifests, txn: Txn, root: bytes, ops: Sequence[Op]) -> int:
+    """Bytes a data-only delta layer would copy for `ops` (Tier-2 file contents)."""
+    total = 0
+    for op in ops:
+        if op.kind is OpKind.DELETE:
+            continue
+        e = m.lookup(txn, root, op.path)
+        if e is None:
+            continue
+        if e.kind is Kind.DIR:
+            if op.kind is OpKind.PUT:
+                for _p, sub, _n in m.walk(txn, e.digest):
+                    if sub.kind is Kind.FILE and sub.tier != 1:
+                        total += sub.size
+        elif e.kind is Kind.FILE and e.tier != 1:
+            total += e.size
+        if total > DELTA_MAX_COPY:
+            break
+    return total
+
+
+# --- stacks ------------------------------------------------------------------------------------
+def _stack_path(store: Store, form: str, root: bytes) -> Path:
+    return _trees(store, "stacks", f"{form}-{root.hex()}.json")
+
+
+def _read_stack(store: Store, form: str, root: bytes) -> tuple[list[str], bool] | None:
+    """(layer names top first, whether every object they reference is +i) or None."""
+    try:
+        data = json.loads(_stack_path(store, form, root).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    base = _trees(store, "layers")
+    if not all(isinstance(n, str) and (base / n).is_dir() for n in layers):
+        return None
+    return [str(n) for n in layers], data.get("immutable") is True
+
+
+def _write_stack(
+    store: Store, form: str, root: bytes, layers: list[str], built: str, immutable: bool
+) -> None:
+    _write_json_atomic(
+        _stack_path(store, form, root),
+        {
+            "form": form,
+            "root": root.hex(),
+            "layers": layers,
+            "built": built,
+            "immutable": immutable,
+        },
+    )
+
+
+def _protect_all(store: Store, m: Manifests, root: bytes, form: str) -> list[str]:
+    """+i on every object `root` references (a stack built without it, now used by root)."""
+    with m.read() as txn:
+        objects: set[bytes] = set()
+        m.reachable(txn, root, set(), objects)
+        objs = _Objects(store, m, txn, protect=True, form=form)
+        for d in sorted(objects):
+            if form == "data-only":
+                objs.short_id(d)
+            else:
+                objs._immutable(d)
+    return objs.protect_failed
+
+
+def _publish_layer(store: Store, built: Path, name: str) -> Path:
+    final = _trees(store, "layers", name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(built, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        force_rmtree(built)  # built by an earlier, interrupted run: identical content
+    return final
+
+
+def _clean_tmp(store: Store, name: str) -> None:
+    """Remove half-built layers of `name` (we hold its lock, so their builders are dead)."""
+    tmpdir = _trees(store, "tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(tmpdir):
+            if entry.startswith(name + "."):
+                force_rmtree(tmpdir / entry)
+
+
+def ensure_lowers(
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    *,
+    form: str,
+    protect: bool,
+    hints: Iterable[bytes] = (),
+) -> Lowers:
+    """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
+
+    `hints` are roots whose layers may already exist (e.g. the ref's earlier commits, newest
+    first): the first one cached is used as the base of a delta layer.
+    """
+    if form not in FORMS:
+        raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
+    t0 = time.perf_counter()
+    layers_dir = _trees(store, "layers")
+    data_layers = (os.fspath(ids_dir(store)),) if form == "data-only" else ()
+    if form == "data-only":
+        ids_dir(store).mkdir(exist_ok=True)
+    key = f"{form}-{root.hex()}"
+    cached = _read_stack(store, form, root)
+    failed: list[str] = []
+    built = "cached"
+    if cached is None or (protect and not cached[1]):
+        with _flock(_trees(store, "locks", key + ".lock")):
+            cached = _read_stack(store, form, root)  # another session may have built it
+            if cached is None:
+                layers, built, immutable, failed = _build(store, m, root, form, protect, hints)
+                _write_stack(store, form, root, layers, built, immutable)
+                cached = layers, immutable
+            elif protect and not cached[1]:
+                failed = _protect_all(store, m, root, form)
+                cached = cached[0], not failed
+                _write_stack(store, form, root, cached[0], "upgraded", cached[1])
+    return Lowers(
+        form,
+        root,
+        tuple(os.fspath(layers_dir / n) for n in cached[0]),
+        data_layers,
+        built,
+        time.perf_counter() - t0,
+        protect and cached[1],
+        _note(protect, failed, form),
+    )
+
+
+def _build(
+    store: Store, m: Manifests, root: bytes, form: str, protect: bool, hints: Iterable[bytes]
+) -> tuple[list[str], str, bool, list[str]]:
+    """Build what projects `root` (caller holds its lock): (layers, built, immutable, failed)."""
+    key = f"{form}-{root.hex()}"
+    _clean_tmp(store, key)
+    with m.read() as txn:
+        objs = _Objects(store, m, txn, protect=protect, form=form)
+        base: tuple[list[str], bool] | None = None
+        base_root = b""
+        for h in hints:
+            if h != root and (found := _read_stack(store, form, h)) is not None:
+                base, base_root = found, h
+                break
+        ops: list[Op] | None = None
+        if base is not None and len(base[0]) < FLATTEN_AFTER:
+            ops = m.diff(txn, base_root, root)
+            if len(ops) > DELTA_MAX_OPS:
+                ops = None
+            elif form == "data-only" and _copy_bytes(m, txn, root, ops) > DELTA_MAX_COPY:
+                ops = None  # cheaper to write a new metadata layer than to copy the data
+        if base is not None and ops is not None:
+            name = f"{key}-on-{base_root.hex()[:16]}"
+            _clean_tmp(store, name)
+            path = _delta_layer(store, m, txn, objs, form, base_root, root, ops, name)
+            _publish_layer(store, path, name)
+            immutable = protect and base[1] and not objs.protect_failed
+            return [name, *base[0]], "delta", immutable, objs.protect_failed
+        path = _full_layer(store, m, txn, objs, form, root, key)
+        _publish_layer(store, path, key)
+        return [key], "full", protect and not objs.protect_failed, objs.protect_failed
+
+
+def _note(protect: bool, failed: list[str], form: str) -> str:
+    if not protect:
+        return "objects are not immutable (chattr +i needs real root)"
+    if failed:
+        return "chattr +i failed for some objects: " + "; ".join(failed)
+    return "every object referenced is immutable (chattr +i)"
+
+
+def name_and_protect(store: Store, m: Manifests, digests: Iterable[bytes]) -> list[str]:
+    """Give new objects (e.g. just harvested) their short names, then +i (root only).
+
+    Done at once rather than at the next lower build so that, when root, no object of the
+    store stays mutable in between (P0-a). Returns what failed (empty when all went well).
+    """
+    ids_dir(store).mkdir(exist_ok=True)
+    with m.read() as txn:
+        objs = _Objects(store, m, txn, protect=True, form="data-only")
+        for d in digests:
+            objs.short_id(d)
+    return objs.protect_failed
+
+
+def prune(store: Store, keep: set[bytes]) -> int:
+    """Evict cached layers: stacks of roots not in `keep`, layers no stack uses, proxies no
+    layer links. For `gc`, which holds the store lock exclusively (no session can be starting);
+    a running session keeps its layers mounted whatever happens to their names. Returns the
+    number of layers removed."""
+    stacks, layers = _trees(store, "stacks"), _trees(store, "layers")
+    used: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(stacks):
+            path = stacks / name
+            try:
+                data = json.loads(path.read_text())
+                root = bytes.fromhex(data["root"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if root in keep:
+                used.update(str(n) for n in data.get("layers", []))
+            else:
+                path.unlink()
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(layers):
+            if name not in used:
+                force_rmtree(layers / name)
+                removed += 1
+    with contextlib.suppress(FileNotFoundError):
+        for shard in os.scandir(_trees(store, "proxies")):
+            for proxy in os.scandir(shard.path):
+                if proxy.stat(follow_symlinks=False).st_nlink == 1:
+                    os.unlink(proxy.path)
+    return removed
+
+
+# --- stacked refs ------------------------------------------------------------------------------
+def stack_roots(m: Manifests, txn: Txn, roots: Sequence[bytes]) -> bytes:
+    """The view of refs stacked bottom to top (later wins, MASK hides what is below).
+
+    Writes the merged directory nodes (content-addressed, so harmless to add) and returns the
+    merged root. One root is returned as is. Needs a write transaction.
+    """
+    if not roots:
+        raise VeloError("no roots to stack", reason=Reason.USAGE)
+    merged = roots[0]
+    for upper in roots[1:]:
+        merged = _overlay_nodes(m, txn, merged, upper)
+    return merged
+
+
+def _overlay_nodes(m: Manifests, txn: Txn, lower: bytes, upper: bytes) -> bytes:
+    lo, up = m.get_node(txn, lower), m.get_node(txn, upper)
+    entries = lo.as_dict()
+    for e in up.entries:
+        below = entries.get(e.name)
+        if e.kind is Kind.MASK:
+            entries.pop(e.name, None)
+        elif e.kind is Kind.DIR and below is not None and below.kind is Kind.DIR:
+            entries[e.name] = Entry(
+                e.name, Kind.DIR, digest=_overlay_nodes(m, txn, below.digest, e.digest)
+            )
+        else:
+            entries[e.name] = e
+    return m.put_node(txn, up.mode, up.mtime_ns, entries.values())
