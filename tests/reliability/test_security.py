@@ -1,0 +1,108 @@
+"""Security properties of sessions: no_new_privs, no setuid helper root-free, the store (other
+sessions' upper dirs and staging included) unwritable from inside, setuid/setgid bits not carried
+into projections unless asked."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import as_mode, mode_params, new_store
+from veloverlay import session
+from veloverlay.ingest import ingest
+from veloverlay.manifest import Manifests
+
+PROBE = r"""
+import json, os, sys
+store, out = sys.argv[1], sys.argv[2]
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+res = {
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "uid_map": open("/proc/self/uid_map").read().split("\n")[:-1],
+}
+for d in sorted(os.listdir(os.path.join(store, "sessions"))):
+    try:
+        with open(os.path.join(store, "sessions", d, "upper", "evil"), "w") as f:
+            f.write("x")
+        res.setdefault("wrote", []).append(d)
+    except OSError as e:
+        res.setdefault("refused", []).append(e.errno)
+for sub in ("tmp", "locks-v1", "manifests.lmdb"):
+    try:
+        open(os.path.join(store, sub, "evil"), "w").close()
+        res.setdefault("wrote", []).append(sub)
+    except OSError as e:
+        res.setdefault("refused", []).append(e.errno)
+with open(out, "w") as f:
+    json.dump(res, f)
+"""
+
+
+def _scenario(base: str) -> dict[str, Any]:
+    import json
+
+    store, src = new_store(base)
+    script, out = os.path.join(base, "probe.py"), os.path.join(base, "out.json")
+    with open(script, "w") as f:
+        f.write(PROBE)
+    at = os.path.join(base, "at")
+    r = session.run(
+        store,
+        session.SessionOptions(refs=["t"], at=at, discard=True),
+        ["/usr/bin/python3", script, os.fspath(store.root), out],
+    )
+    with open(out) as f:
+        res: dict[str, Any] = json.load(f)
+    res["exit"] = r.exit_status
+    # A setuid file created in a session is harvested without the bit.
+    r = session.run(
+        store,
+        session.SessionOptions(refs=["t"], at=at),
+        ["sh", "-c", f"cp /bin/true {at}/suid && chmod 6755 {at}/suid"],
+    )
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            e = m.lookup(txn, bytes.fromhex(m.resolve(txn, "t")[1].root), b"suid")
+            res["harvested_mode"] = e.mode if e else None
+    finally:
+        m.close()
+    # ... and an ingested setuid file too (unless asked).
+    os.chmod(os.path.join(src, "exec.sh"), 0o4755)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "u", jobs=1)
+        ingest(store, m, src, "k", jobs=1, keep_setid=True)
+        with m.read() as txn:
+            res["ingested_mode"] = m.lookup(
+                txn, bytes.fromhex(m.resolve(txn, "u")[1].root), b"exec.sh"
+            ).mode  # type: ignore[union-attr]
+            res["kept_mode"] = m.lookup(
+                txn, bytes.fromhex(m.resolve(txn, "k")[1].root), b"exec.sh"
+            ).mode  # type: ignore[union-attr]
+    finally:
+        m.close()
+    return res
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_session_security(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        res = as_mode(mode, _scenario, base)
+    assert res["exit"] == 0
+    assert res["no_new_privs"] == "1", "the session's command can gain privileges"
+    if mode == "rootfree":
+        # One line, mapping only the invoking uid: what an unprivileged process can write
+        # itself. A setuid newuidmap would have been needed for more.
+        assert len(res["uid_map"]) == 1, res["uid_map"]
+        assert res["uid_map"][0].split()[2] == "1"
+    assert "wrote" not in res, f"wrote into the store from a session: {res['wrote']}"
+    assert res.get("refused"), "nothing was tried"
+    assert res["harvested_mode"] is not None
+    assert not res["harvested_mode"] & (stat.S_ISUID | stat.S_ISGID), oct(res["harvested_mode"])
+    assert res["ingested_mode"] == 0o755
+    assert res["kept_mode"] == 0o4755
