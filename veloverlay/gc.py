@@ -2,12 +2,10 @@
 
 Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), each
 ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
-base/head roots of live or
-unharvested sessions (`sessions/<id>/state.json`, key "roots"). Only objects older than `grace`
-seconds (by ctime: the time they were renamed into the store) are swept, and gc holds the store
-lock exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
-real run would delete.
-"""
+base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
+ones pin nothing). Only objects older than `grace` seconds (by ctime: the time they were renamed
+into the store) are swept, and gc holds the store lock exclusively, so no writer can be between
+staging and commit. `dry_run` computes exactly what a real run would delete."""
 
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ class GcReport:
     bytes_freed: int = 0
     nodes_deleted: int = 0
     commits_deleted: int = 0
+    layers_evicted: int = 0
     objects_kept: int = 0
     young_kept: int = 0
     dry_run: bool = False
@@ -54,6 +53,8 @@ def session_roots(store: Store) -> set[bytes]:
             state = json.loads(p.read_text())
         except (FileNotFoundError, ValueError, NotADirectoryError):
             continue
+        if state.get("state") in ("harvested", "discarded"):
+            continue  # finished: what it produced is reachable from refs, or was thrown away
         for r in state.get("roots", []):
             with contextlib.suppress(ValueError):
                 out.add(bytes.fromhex(r))
@@ -93,10 +94,14 @@ def gc(
             for r in roots:
                 if m.has_node(txn, r):
                     m.reachable(txn, r, nodes, objects)
+            heads = set(session_roots(store))
+            for ref in m.refs(txn):
+                heads.add(bytes.fromhex(m.get_commit(txn, ref.head).root))
             dead_commits = [c.id for c in m.iter_commits(txn) if c.id not in kept_commits]
             dead_nodes = [k for k, _ in m.iter_nodes(txn) if k not in nodes]
         now = time.time()
         victims: list[Path] = []
+        short_ids: dict[str, str] = {}  # victim hex -> its short name in ids-v1
         for name, path in store.iter_objects():
             try:
                 digest = bytes.fromhex(name)
@@ -111,6 +116,9 @@ def gc(
                 continue
             victims.append(path)
             rep.bytes_freed += st.st_size
+            with m.read() as txn:
+                alt = txn.get(digest, db=m.ids)
+            short_ids[path.name] = bytes(alt).decode() if alt is not None else name[:20]
         rep.objects_deleted = len(victims)
         rep.commits_deleted = len(dead_commits)
         rep.nodes_deleted = len([d for d in dead_nodes if d])
@@ -123,20 +131,38 @@ def gc(
                 m.delete_commit(txn, cid)
             for d in dead_nodes:
                 m.delete_node(txn, d)
+            for hexname in short_ids:
+                txn.delete(bytes.fromhex(hexname), db=m.ids)
             faults.point("commit.before")
         for path in victims:
-            _unlink_object(path)
+            _unlink_object(store, path, short_ids.get(path.name))
             faults.point("gc.sweep")
+        # Lower layers of versions no ref head or session uses any more: rebuilt on demand.
+        from .projection import prune
+
+        rep.layers_evicted = prune(store, heads)
     return rep
 
 
-def _unlink_object(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except PermissionError:
-        from . import fsflags
+def _unlink_object(store: Store, path: Path, short: str | None) -> None:
+    """Delete an object and its short name (the data-only layer's hard link), clearing +i."""
+    names = [path]
+    if short is not None:
+        from .projection import short_id_path
 
-        fsflags.set_immutable(path, False)
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        link = Path(os.fsdecode(short_id_path(store, short)))
+        try:
+            if os.path.samefile(link, path):
+                names.append(link)
+        except FileNotFoundError:
+            pass
+    for name in names:
+        try:
+            os.unlink(name)
+        except PermissionError:
+            from . import fsflags
+
+            fsflags.set_immutable(name, False)  # one inode: clears it for every name
+            os.unlink(name)
+        except FileNotFoundError:
+            pass

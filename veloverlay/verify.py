@@ -87,6 +87,35 @@ def _check_chunk(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     return [r for r in map(_check_object, items) if r is not None]
 
 
+def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Finding]:
+    """Every name in ids-v1 (the data-only layer) is a hard link of the object it names: same
+    inode, so the object's re-hash above covers its bytes too."""
+    ids = store.root / "ids-v1"
+    if not ids.is_dir():
+        return []
+    by_prefix = {h[:20]: h for h in present}
+    with m.read() as txn:
+        longer = {bytes(v).decode(): bytes(k).hex() for k, v in txn.cursor(db=m.ids)}
+    out = []
+    for shard in sorted(os.scandir(ids), key=lambda e: e.name):
+        for e in os.scandir(shard.path):
+            short = shard.name + e.name
+            if short.endswith(".tmp"):
+                continue
+            hexname = longer.get(short) or by_prefix.get(short)
+            if hexname is None:
+                out.append(Finding("id-stray", e.path, "names no object in the store"))
+                continue
+            obj = store.object_path(bytes.fromhex(hexname))
+            try:
+                same = os.path.samefile(e.path, obj)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                out.append(Finding("id-mismatch", e.path, f"is not a hard link of {hexname}"))
+    return out
+
+
 def fsck(
     store: Store,
     m: Manifests,
@@ -109,6 +138,7 @@ def fsck(
             checked += 256
             if progress is not None:
                 progress(min(checked, len(items)))
+    rep.findings.extend(_check_short_names(store, m, present))
     # Manifest side: every node decodes and hashes to its key, every reference resolves.
     from .digest import node_digest
 
