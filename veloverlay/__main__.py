@@ -1,4 +1,5 @@
-from veloverlay.cli import main
 import sys
+
+from veloverlay.cli import main
 
 sys.exit(main())

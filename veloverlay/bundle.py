@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import IO, Any
 
@@ -22,7 +23,8 @@ from . import faults
 from .cas import Store
 from .digest import DIGEST_SIZE, Hasher, node_digest
 from .errors import Reason, VeloError
-from .manifest import Manifests, check_ref_name
+from .manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
+from .tiers import Rules
 from .tree import Kind, decode
 
 __all__ = ["export_bundle", "import_bundle", "MAGIC"]
@@ -91,6 +93,40 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
         "objects": len(objects),
         "bytes": size_total,
     }
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | None:
+    existing = m.get_ref(txn, refname)
+    if existing is not None and not force:
+        raise VeloError(
+            f"ref {refname!r} exists",
+            reason=Reason.EXISTS,
+            hint="import under another name with --name, or --force to add a version",
+        )
+    return existing
+
+
+def _valid_tiers(tiers: object) -> bool:
+    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile."""
+    if not isinstance(tiers, list):
+        return False
+    for rule in tiers:
+        if not (
+            isinstance(rule, list)
+            and len(rule) == 3
+            and rule[0] in (1, 2)
+            and isinstance(rule[1], str)
+            and isinstance(rule[2], str)
+        ):
+            return False
+    try:
+        Rules.from_json(tiers)
+    except VeloError:
+        return False
+    return True
 
 
 def _bad(msg: str) -> VeloError:
@@ -180,13 +216,17 @@ def import_bundle(
                 objects.add(d)
             else:
                 raise _bad(f"unknown record type {typ}")
-        if meta is None or not isinstance(meta.get("root"), str):
+        if not isinstance(meta, dict) or not isinstance(meta.get("root"), str):
             raise _bad("no metadata record")
-        try:
-            root = bytes.fromhex(meta["root"])
-        except ValueError:
-            raise _bad("bad root digest") from None
-        refname = check_ref_name(name or str(meta.get("ref", "")))
+        if not _HEX64.match(meta["root"]):
+            raise _bad("bad root digest")
+        root = bytes.fromhex(meta["root"])
+        if name is None and not (isinstance(meta.get("ref"), str) and REF_RE.match(meta["ref"])):
+            raise _bad(f"bad ref name {meta.get('ref')!r}")
+        refname = check_ref_name(name or meta["ref"])
+        tiers = meta.get("tiers")
+        if tiers is not None and not _valid_tiers(tiers):
+            raise _bad("bad tier rules")
         # Closure: every node reachable from the root is in the bundle (or the store), and every
         # object is in the bundle or already stored.
         with m.read() as txn:
@@ -199,24 +239,19 @@ def import_bundle(
                 found = nodes.get(d) or m.raw_node(txn, d)
                 if found is None:
                     raise _bad(f"node {d.hex()[:16]} is missing")
-                for e in decode(data).entries:
+                for e in decode(found).entries:
                     if e.kind is Kind.DIR:
                         stack.append(e.digest)
                     elif (
                         e.kind is Kind.FILE and e.digest not in objects and not store.has(e.digest)
                     ):
                         raise _bad(f"object {e.digest.hex()[:16]} is missing")
+            _check_new_ref(m, txn, refname, force)  # before anything is stored
         stage.publish()
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
-            existing = m.get_ref(txn, refname)
-            if existing is not None and not force:
-                raise VeloError(
-                    f"ref {refname!r} exists",
-                    reason=Reason.EXISTS,
-                    hint="import under another name with --name, or --force to add a version",
-                )
+            existing = _check_new_ref(m, txn, refname, force)
             c = m.commit(
                 txn,
                 refname,
@@ -224,7 +259,7 @@ def import_bundle(
                 expect_head=existing.head if existing else None,
                 message=f"import: {meta.get('message', '')}",
                 path=meta.get("path") if isinstance(meta.get("path"), str) else None,
-                tiers=meta.get("tiers") if isinstance(meta.get("tiers"), list) else None,
+                tiers=tiers,
             )
     return {
         "ref": refname,

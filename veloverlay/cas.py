@@ -322,10 +322,10 @@ class Stage:
         path = self._tmpname()
         fd = _create(path)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data, path)
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         faults.point("stage.written")
@@ -347,10 +347,7 @@ class Stage:
                 if not chunk:
                     break
                 h.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                _write_all(fd, chunk, path)
                 size += len(chunk)
         except BaseException:
             os.close(fd)
@@ -431,6 +428,17 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
         except OSError as exc:
             raise _store_error(exc, "rename", path, dst) from exc
     return published
+
+
+def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
+    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...)."""
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as exc:
+        raise _store_error(exc, "write", path) from exc
 
 
 def _create(path: bytes) -> int:

@@ -708,6 +708,9 @@ def _split_command(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _split_command(list(sys.argv[1:] if argv is None else argv))
+    # Known before any command runs, so that an error raised before a command reads its own
+    # --json flag (e.g. a missing ref in `ls REF --json`) is rendered as JSON too.
+    _state["json"] = "--json" in args
     try:
         # Without standalone mode, click returns the code of a typer.Exit instead of raising it.
         rv = app(args=args, prog_name="veloverlay", standalone_mode=False)

@@ -542,12 +542,16 @@ class Manifests:
             )
         commit = self.get_commit(txn, ref.head)
         for _ in range(int(m.group("n") or 0)):
-            if commit.parent is None:
+            if commit.parent is None or not self._has_commit(txn, commit.parent):
                 raise VeloError(
-                    f"{spec}: the log of {ref.name} is shorter", reason=Reason.NOT_FOUND
+                    f"{spec}: the log of {ref.name} is shorter (or pruned by gc --keep)",
+                    reason=Reason.NOT_FOUND,
                 )
             commit = self.get_commit(txn, commit.parent)
         return ref, commit
+
+    def _has_commit(self, txn: Txn, cid: str) -> bool:
+        return txn.get(bytes.fromhex(cid), db=self._commits) is not None
 
     def log(self, txn: Txn, name: str, limit: int | None = None) -> list[Commit]:
         ref = self.require_ref(txn, name)
@@ -557,6 +561,8 @@ class Manifests:
             c = self.get_commit(txn, cid)
             out.append(c)
             cid = c.parent
+            if cid is not None and not self._has_commit(txn, cid):
+                break  # `gc --keep N` pruned the older history
         return out
 
 

@@ -63,11 +63,12 @@ def three_way(m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes) -
             if _is_dir_meta(m, txn, ours, op) and _is_dir_meta(m, txn, theirs, o):
                 apply.append(op)  # a directory's mtime never conflicts: later wins
                 continue
-            if op.kind is OpKind.META and o.kind is OpKind.META:
+            if op.kind is OpKind.META or not _is_dir_meta(m, txn, theirs, o):
                 conflicts.append(op.path)
                 continue
-            conflicts.append(op.path)
-            continue
+            # They only touched the directory's own mtime/mode, which never conflicts: our delete
+            # or replacement of it is checked below like any other change (against what they
+            # changed inside it).
         if any(a in replaced for a in _ancestors(op.path) if a != op.path):
             conflicts.append(op.path)
             continue

@@ -121,8 +121,11 @@ def write(
     for k in old_keys:
         if k not in keep:
             txn.delete(k, db=m.statcache)
+    limit = m.env.max_key_size()
     for rel, raw in new.items():
-        if old.get(rel) != raw:
+        # A directory whose key would exceed LMDB's key limit (511 bytes: deep paths of long
+        # names) is not cached: it is simply read again next time.
+        if old.get(rel) != raw and len(mine) + len(rel) <= limit:
             txn.put(mine + rel, raw, db=m.statcache)
 
 

@@ -105,6 +105,7 @@ def encode(mode: int, mtime_ns: int, entries: Iterable[Entry]) -> tuple[Digest, 
     for e in ordered:
         if e.name == prev:
             raise _bad(f"duplicate name {e.name!r}")
+        check_name(e.name)  # never write a node that decode() would refuse (BAD_NAME)
         prev = e.name
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
         parts.append(len(e.name).to_bytes(2, "little"))
