@@ -91,7 +91,10 @@ def bench_tree(name: str, tree: Path, base: Path, repeat: int) -> dict[str, obje
         gitdir = base / f"git-{name}-{i}"
         subprocess.run(["git", "init", "-q", "--bare", os.fspath(gitdir)], check=True)
         git.append(
-            timed(["git", f"--git-dir={gitdir}", f"--work-tree={tree}", "add", "-A"], cwd=os.fspath(tree))
+            timed(
+                ["git", f"--git-dir={gitdir}", f"--work-tree={tree}", "add", "-A"],
+                cwd=os.fspath(tree),
+            )
         )
     v, g, r = statistics.median(velo), statistics.median(git), statistics.median(reingest)
     return {
@@ -142,7 +145,9 @@ def bench_memory(base: Path, files: int) -> dict[str, object]:
     store = base / "store-mem"
     env = dict(os.environ, VELO_STORE=os.fspath(store))
     proc = subprocess.Popen(
-        [*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env=env, stdout=subprocess.DEVNULL
+        [*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"],
+        env=env,
+        stdout=subprocess.DEVNULL,
     )
     peak = 0
     done = threading.Event()
@@ -185,7 +190,10 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"ingest vs git add -A  (base {args.base}, median of {args.repeat}, 2 cores, cache warm)")
-    hdr = f"{'tree':10} {'files':>7} {'velo f/s':>10} {'git f/s':>9} {'ratio':>6} {'re-ingest f/s':>14}"
+    hdr = (
+        f"{'tree':10} {'files':>7} {'velo f/s':>10} {'git f/s':>9} {'ratio':>6} "
+        f"{'re-ingest f/s':>14}"
+    )
     print(hdr)
     for r in results:
         print(
@@ -193,7 +201,9 @@ def main() -> None:
             f"{r['git_files_per_s']:>9,.0f} {r['ratio_vs_git']:>5.2f}x "
             f"{r['reingest_files_per_s']:>14,.0f}"
         )
-    print(f"peak memory ingesting {mem['files']:,} files: {mem['peak_rss_mb']:.0f} MB (process tree)")
+    print(
+        f"peak memory ingesting {mem['files']:,} files: {mem['peak_rss_mb']:.0f} MB (process tree)"
+    )
     RESULTS.mkdir(exist_ok=True)
     out = {"base": args.base, "repeat": args.repeat, "trees": results, "memory": mem}
     (RESULTS / "ingest.json").write_text(json.dumps(out, indent=2))

@@ -45,7 +45,7 @@ def _force_rmtree(path: str) -> None:
 
 @pytest.fixture
 def repo(shm_tmp: str, request: pytest.FixtureRequest) -> Iterator[Repo]:
-    """A fresh store on tmpfs. After the test, fsck must pass (unless the test corrupts on purpose)."""
+    """A fresh store on tmpfs; fsck must pass after the test (unless it corrupts on purpose)."""
     r = Repo.open(os.path.join(shm_tmp, "store"), create=True)
     yield r
     if request.node.get_closest_marker("corrupts_store") is None:

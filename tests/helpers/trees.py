@@ -20,7 +20,9 @@ class Item:
     data: bytes | None  # file content or symlink target
 
 
-def snapshot(root: str | bytes, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[bytes, Item]:
+def snapshot(
+    root: str | bytes, *, mtimes: bool = True, dir_mtimes: bool = True
+) -> dict[bytes, Item]:
     root_b = os.fsencode(root)
     out: dict[bytes, Item] = {}
     st = os.lstat(root_b)
@@ -34,7 +36,9 @@ def snapshot(root: str | bytes, *, mtimes: bool = True, dir_mtimes: bool = True)
             st = os.lstat(p)
             m = st.st_mode
             if stat.S_ISDIR(m):
-                out[rel] = Item("dir", stat.S_IMODE(m), st.st_mtime_ns if dir_mtimes else None, None)
+                out[rel] = Item(
+                    "dir", stat.S_IMODE(m), st.st_mtime_ns if dir_mtimes else None, None
+                )
             elif stat.S_ISLNK(m):
                 out[rel] = Item("symlink", 0, st.st_mtime_ns if mtimes else None, os.readlink(p))
             elif stat.S_ISREG(m):

@@ -1,0 +1,313 @@
+"""The `veloverlay` command line, run as a user runs it: `python -m veloverlay` in a subprocess.
+
+Asserts exit codes, `reason:` slugs and data on stdout (never the wording of messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.helpers.trees import assert_same_tree, make_tree, snapshot
+
+ISSUE_VERBS = {
+    "init",
+    "ingest",
+    "ls",
+    "cat",
+    "log",
+    "diff",
+    "checkout",
+    "export",
+    "import",
+    "fsck",
+    "gc",
+    "doctor",
+    "refs",
+    "rollback",
+    "tiers",
+}
+
+
+def velo(
+    store: str | None, *args: str, input: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    e = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    e.pop("VELO_STORE", None)
+    if store is not None:
+        e["VELO_STORE"] = store
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", *args],
+        env=e,
+        capture_output=True,
+        input=input,
+        timeout=300,
+    )
+
+
+def ok(p: subprocess.CompletedProcess[bytes]) -> str:
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    return p.stdout.decode()
+
+
+def data(p: subprocess.CompletedProcess[bytes]) -> Any:
+    return json.loads(ok(p))
+
+
+def failed(p: subprocess.CompletedProcess[bytes], reason: str, code: int = 1) -> str:
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == code, (p.returncode, err)
+    assert err.startswith("error: "), err
+    assert re.search(rf"^reason: {re.escape(reason)}$", err, re.M), err
+    assert "Traceback" not in err
+    return err
+
+
+def commands(help_text: str) -> list[str]:
+    block = help_text.split("Commands:", 1)[1]
+    return [
+        line.split()[0] for line in block.splitlines() if line.startswith("  ") and line.split()
+    ]
+
+
+@pytest.fixture
+def store(shm_tmp: str) -> str:
+    return os.path.join(shm_tmp, "store")
+
+
+@pytest.fixture
+def src(shm_tmp: str) -> str:
+    path = os.path.join(shm_tmp, "proj")
+    make_tree(
+        path,
+        {
+            "README": b"hello\n",
+            "bin/tool": b"#!/bin/sh\necho hi\n",
+            "lib/data.bin": os.urandom(5000),
+            "empty": None,
+            "link": ("link", "bin/tool"),
+        },
+    )
+    os.chmod(os.path.join(path, "bin/tool"), 0o755)
+    return path
+
+
+# -- help --------------------------------------------------------------------------------------
+
+
+def test_every_verb_in_help_exists_and_has_its_own_help() -> None:
+    top = ok(velo(None, "--help"))
+    verbs = commands(top)
+    assert set(verbs) >= ISSUE_VERBS, ISSUE_VERBS - set(verbs)
+    for verb in verbs:
+        out = ok(velo(None, verb, "--help"))
+        assert out.startswith("Usage: veloverlay " + verb), out
+        if "Commands:" in out:  # a group: each of its verbs too
+            for sub in commands(out):
+                sub_out = ok(velo(None, verb, sub, "--help"))
+                assert sub_out.startswith(f"Usage: veloverlay {verb} {sub}")
+    assert "explain" in commands(ok(velo(None, "tiers", "--help")))
+
+
+def test_no_arguments_prints_help() -> None:
+    p = velo(None)
+    assert b"Usage: veloverlay" in p.stdout + p.stderr
+    assert p.returncode in (0, 2)
+
+
+# -- a whole workflow --------------------------------------------------------------------------
+
+
+def test_workflow(store: str, src: str, shm_tmp: str) -> None:
+    assert "store ready" in ok(velo(store, "init"))
+    res = data(velo(store, "ingest", src, "--name", "proj", "--json"))
+    assert (res["ref"], res["files"], res["dirs"], res["symlinks"]) == ("proj", 3, 3, 1)
+    assert res["skipped"] == [] and len(res["root"]) == 64
+
+    listing = data(velo(store, "ls", "proj", "--json"))
+    assert {e["path"] for e in listing} == {"README", "bin", "lib", "empty", "link"}
+    kinds = {e["path"]: (e["kind"], e["mode"]) for e in listing}
+    assert kinds["link"][0] == "symlink" and kinds["bin"][0] == "dir"
+    deep = data(velo(store, "ls", "proj", "bin", "--json"))
+    assert [(e["path"], e["mode"]) for e in deep] == [("bin/tool", "0755")]
+    rec = data(velo(store, "ls", "-r", "proj", "--json"))
+    assert "lib/data.bin" in {e["path"] for e in rec}
+    assert "README" in ok(velo(store, "ls", "proj"))
+
+    assert (
+        velo(store, "cat", "proj", "lib/data.bin").stdout
+        == open(os.path.join(src, "lib/data.bin"), "rb").read()
+    )
+
+    with open(os.path.join(src, "README"), "wb") as f:
+        f.write(b"changed\n")
+    res2 = data(velo(store, "ingest", src, "--name", "proj", "--json"))
+    assert res2["hashed"] >= 1 and res2["root"] != res["root"]
+
+    log = data(velo(store, "log", "proj", "--json"))
+    assert [c["root"] for c in log] == [res2["root"], res["root"]]
+    assert log[0]["parent"] == log[1]["id"]
+    assert "proj@{1}" in ok(velo(store, "log", "proj"))
+
+    diff = data(velo(store, "diff", "proj@{1}", "proj", "--json"))
+    assert [(d["op"], d["path"]) for d in diff] == [("put", "README")]
+    assert ok(velo(store, "diff", "proj@{1}", "proj")).strip() == "+ README  file"
+
+    out = os.path.join(shm_tmp, "out")
+    assert "checked out" in ok(velo(store, "checkout", "proj", out))
+    assert_same_tree(src, out)
+
+    refs = data(velo(store, "refs", "--json"))
+    assert [(r["name"], r["root"]) for r in refs] == [("proj", res2["root"])]
+
+    bundle = os.path.join(shm_tmp, "proj.velo")
+    info = data(velo(store, "export", "proj", "-o", bundle, "--json"))
+    assert info["root"] == res2["root"] and os.path.exists(bundle)
+    other = os.path.join(shm_tmp, "other-store")
+    imp = data(velo(other, "import", bundle, "--json"))
+    assert imp["root"] == res2["root"]
+    piped = velo(store, "export", "proj", "-o", "-").stdout
+    imp2 = data(velo(other, "import", "-", "--name", "piped", "--json", input=piped))
+    assert imp2["root"] == res2["root"]
+
+    for s in (store, other):
+        rep = data(velo(s, "fsck", "--json"))
+        assert rep["ok"] is True and rep["findings"] == [] and rep["objects"] >= 3
+        assert ok(velo(s, "fsck")).strip().startswith("ok:")
+
+    rb = ok(velo(store, "rollback", "proj", "1"))
+    assert res["root"][:16] in rb
+    assert data(velo(store, "log", "proj", "--json"))[0]["root"] == res["root"]
+
+    gc = data(velo(store, "gc", "--dry-run", "--json"))
+    assert gc["dry_run"] is True and gc["objects_deleted"] == 0  # everything is young or kept
+
+
+def test_store_option_and_environment(store: str, src: str, shm_tmp: str) -> None:
+    elsewhere = os.path.join(shm_tmp, "elsewhere")
+    ok(velo(None, "--store", store, "ingest", src, "-n", "a"))
+    ok(velo(elsewhere, "ingest", src, "-n", "b"))
+    assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["a"]
+    # --store wins over VELO_STORE
+    assert [r["name"] for r in data(velo(store, "--store", elsewhere, "refs", "--json"))] == ["b"]
+    xdg = os.path.join(shm_tmp, "xdg")
+    ok(velo(None, "ingest", src, "-n", "c", env={"XDG_DATA_HOME": xdg}))
+    assert os.path.isdir(os.path.join(xdg, "veloverlay", "objects-v1"))
+
+
+def test_ingest_defaults_the_ref_name_to_the_directory(store: str, src: str) -> None:
+    assert data(velo(store, "ingest", src + "/", "--json"))["ref"] == "proj"
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_errors_have_a_reason_and_exit_1(store: str, src: str, shm_tmp: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    failed(velo(store, "ls", "nosuch"), "not-found")
+    failed(velo(store, "ls", "proj", "no/such/path"), "not-found")
+    failed(velo(store, "cat", "proj", "bin"), "bad-path")
+    failed(velo(store, "cat", "proj", "../etc/passwd"), "bad-path")
+    failed(velo(store, "log", "proj@{5}"), "not-found")
+    failed(velo(store, "diff", "proj", "proj@{9}"), "not-found")
+    failed(velo(store, "ingest", os.path.join(shm_tmp, "nothing"), "-n", "x"), "not-found")
+    failed(velo(store, "ingest", src, "-n", "bad name"), "bad-ref")
+    failed(velo(store, "ingest", store, "-n", "self"), "bad-path")
+    failed(velo(store, "rollback", "proj", "3"), "not-found")
+    failed(velo(store, "export", "nosuch", "-o", os.path.join(shm_tmp, "x.velo")), "not-found")
+    assert not os.path.exists(os.path.join(shm_tmp, "x.velo"))
+    garbage = os.path.join(shm_tmp, "garbage.velo")
+    with open(garbage, "wb") as f:
+        f.write(b"VELOBNDL\1\0\0\0garbage")
+    failed(velo(store, "import", garbage), "bundle-invalid")
+    failed(velo(store, "import", os.path.join(shm_tmp, "missing.velo")), "not-found")
+    tiers = os.path.join(shm_tmp, "tiers")
+    with open(tiers, "w") as f:
+        f.write("7 *.x\n")
+    failed(velo(store, "ingest", src, "-n", "t", "--tiers", tiers), "usage")
+    failed(velo(os.path.join(shm_tmp, "no-store"), "ls", "x"), "store-missing")
+    assert not os.path.exists(os.path.join(shm_tmp, "no-store"))  # reading never creates one
+
+
+def test_json_errors_are_json_too(store: str, src: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    p = velo(store, "ls", "nosuch", "--json")
+    failed(p, "not-found")
+    assert json.loads(p.stdout)["reason"] == "not-found"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ingest"],  # a missing argument
+        ["ls", "--no-such-option", "x"],
+        ["no-such-verb"],
+        ["log", "r", "--limit", "many"],
+        ["rollback", "r", "x"],
+    ],
+)
+def test_usage_errors_exit_2(store: str, args: list[str]) -> None:
+    failed(velo(store, *args), "usage", code=2)
+
+
+def test_debug_shows_the_traceback(store: str, src: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    p = velo(store, "--debug", "ls", "nosuch")
+    assert p.returncode != 0 and b"Traceback" in p.stderr and b"VeloError" in p.stderr
+
+
+def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, shm_tmp: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    dest = os.path.join(shm_tmp, "busy")
+    make_tree(dest, {"mine.txt": b"do not touch", "sub/x": b"x"})
+    before = snapshot(dest)
+    failed(velo(store, "checkout", "proj", dest), "exists")
+    assert snapshot(dest) == before
+    afile = os.path.join(shm_tmp, "afile")
+    with open(afile, "wb") as f:
+        f.write(b"x")
+    failed(velo(store, "checkout", "proj", afile), "exists")
+    failed(velo(store, "checkout", "proj", os.path.join(shm_tmp, "no", "parent")), "not-found")
+    empty = os.path.join(shm_tmp, "empty-dir")
+    os.mkdir(empty)
+    ok(velo(store, "checkout", "proj", empty))  # an empty directory is fine
+    assert_same_tree(src, empty)
+
+
+def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
+    res = data(velo(store, "ingest", src, "-n", "proj", "--json"))
+    assert data(velo(store, "fsck", "--json"))["ok"] is True
+    listing = data(velo(store, "ls", "proj", "README", "--json"))
+    digest = listing[0]["digest"]
+    path = os.path.join(store, "objects-v1", digest[:2], digest[2:4], digest)
+    os.chmod(path, 0o644)
+    with open(path, "ab") as f:
+        f.write(b"tampered")
+    os.chmod(path, 0o444)
+    p = velo(store, "fsck")
+    failed(p, "object-corrupt")
+    assert digest in p.stdout.decode()
+    p = velo(store, "fsck", "--json")
+    assert p.returncode == 1
+    report = json.loads(p.stdout.decode().split("\n}\n", 1)[0] + "\n}")
+    assert report["ok"] is False and digest in report["findings"][0]["what"]
+    assert res["root"]
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+def test_doctor_names_a_backend(store: str) -> None:
+    out = ok(velo(store, "doctor"))
+    assert re.search(r"^backend: (overlay|shim) \(", out, re.M), out
+    assert re.search(r"^lower form: ", out, re.M)
+    report = data(velo(store, "doctor", "--json"))
+    assert report["chosen"]["backend"] in ("overlay", "shim")
+    assert report["chosen"]["backend_reason"]
+    assert report["store"]["ok"] is True

@@ -1,0 +1,42 @@
+"""Linters are tests: ruff (lint and format) over the package, tests and benchmarks; mypy (strict,
+configured in pyproject.toml) over the package. A missing tool is a skip, unless
+VELO_TEST_MUST_WORK names `lint` (or `all`): then it is a failure."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUFF_PATHS = ["veloverlay", "tests", "bench"]
+
+
+def _tool(module: str) -> list[str]:
+    if importlib.util.find_spec(module) is None:
+        wanted = {w.strip() for w in os.environ.get("VELO_TEST_MUST_WORK", "").split(",")}
+        if wanted & {"lint", "all"}:
+            pytest.fail(f"VELO_TEST_MUST_WORK names lint but {module} is not installed")
+        pytest.skip(f"{module} is not installed")
+    return [sys.executable, "-m", module]
+
+
+def _run(cmd: list[str]) -> None:
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{' '.join(cmd[2:])} failed:\n{p.stdout}\n{p.stderr}"
+
+
+def test_ruff_check() -> None:
+    _run([*_tool("ruff"), "check", *RUFF_PATHS])
+
+
+def test_ruff_format() -> None:
+    _run([*_tool("ruff"), "format", "--check", *RUFF_PATHS])
+
+
+def test_mypy() -> None:
+    _run([*_tool("mypy")])  # files and flags come from [tool.mypy] in pyproject.toml
