@@ -150,8 +150,16 @@ class _Reader:
 
 
 def import_bundle(
-    store: Store, m: Manifests, f: IO[bytes], *, name: str | None = None, force: bool = False
+    store: Store,
+    m: Manifests,
+    f: IO[bytes],
+    *,
+    name: str | None = None,
+    force: bool = False,
+    path: str | None = None,
 ) -> dict[str, Any]:
+    """Import a bundle. The bundle's own ingest path is only reported, never trusted as the
+    ref's default projection point (a bundle from elsewhere could name /etc): pass `path`."""
     store.writable()
     r = _Reader(f)
     head = r.exact(len(MAGIC) + 4)
@@ -258,10 +266,11 @@ def import_bundle(
                 root,
                 expect_head=existing.head if existing else None,
                 message=f"import: {meta.get('message', '')}",
-                path=meta.get("path") if isinstance(meta.get("path"), str) else None,
+                path=os.path.abspath(path) if path is not None else None,
                 tiers=tiers,
             )
     return {
+        "bundle_path": meta.get("path") if isinstance(meta.get("path"), str) else None,
         "ref": refname,
         "root": root.hex(),
         "commit": c.id,

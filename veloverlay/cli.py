@@ -314,6 +314,12 @@ def import_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Add as a new version of an existing ref")
     ] = False,
+    path: Annotated[
+        str | None,
+        typer.Option(
+            "--path", help="Default projection point of the ref [default: none, use --at]"
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
@@ -325,11 +331,16 @@ def import_cmd(
     except FileNotFoundError:
         raise VeloError(f"no such file {bundle}", reason=Reason.NOT_FOUND) from None
     with f:
-        info = import_bundle(repo.store, repo.m, f, name=name, force=force)
+        info = import_bundle(repo.store, repo.m, f, name=name, force=force, path=path)
     if _json(as_json):
         ui.emit_json(info)
     else:
         print(f"imported {info['ref']} at root {info['root'][:16]}")
+        if path is None and info.get("bundle_path"):
+            ui.info(
+                f"the bundle was ingested at {info['bundle_path']}; sessions need --at "
+                f"(or import with --path {info['bundle_path']})"
+            )
 
 
 @app.command()

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,8 +151,10 @@ def test_export_import_round_trip(
     dst.checkout("tree", out)
     assert_same_tree(src, out)
     assert dst.log("tree")[0].message.startswith("import:")
+    # The bundle's ingest path is reported, not trusted as the ref's projection point.
+    assert info["bundle_path"] == os.path.realpath(src)
     with dst.m.read() as txn:
-        assert dst.m.require_ref(txn, "tree").path == os.path.realpath(src)
+        assert dst.m.require_ref(txn, "tree").path is None
     # Again: the ref exists. Refused, and the store is left as it was.
     before = state(dst)
     with pytest.raises(VeloError) as ei:
@@ -405,3 +408,35 @@ def test_fuzz_bundle_bytes(dst: Repo, exported: tuple[bytes, str, str]) -> None:
 @pytest.mark.slow
 def test_fuzz_bundle_bytes_long(dst: Repo, exported: tuple[bytes, str, str]) -> None:
     _fuzz(dst, exported, 5000)
+
+
+def test_import_does_not_trust_the_bundles_path(tmp_path: Path, shm_tmp: str) -> None:
+    """A bundle names the directory it was ingested from; import never makes that the ref's
+    default projection point by itself (a bundle from elsewhere could name /etc)."""
+    from veloverlay.bundle import export_bundle, import_bundle
+    from veloverlay.repo import Repo
+
+    src = Path(shm_tmp) / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    a = Repo.open(str(Path(shm_tmp) / "a"), create=True)
+    b = Repo.open(str(Path(shm_tmp) / "b"), create=True)
+    try:
+        from veloverlay.ingest import ingest
+
+        ingest(a.store, a.m, str(src), "r", jobs=1)
+        bundle = tmp_path / "r.velo"
+        with open(bundle, "wb") as f:
+            export_bundle(a.store, a.m, "r", f)
+        with open(bundle, "rb") as f:
+            info = import_bundle(b.store, b.m, f)
+        assert info["bundle_path"] == str(src)
+        with b.m.read() as txn:
+            assert b.m.require_ref(txn, "r").path is None
+        with open(bundle, "rb") as f:
+            import_bundle(b.store, b.m, f, name="r2", path="/srv/where")
+        with b.m.read() as txn:
+            assert b.m.require_ref(txn, "r2").path == "/srv/where"
+    finally:
+        a.close()
+        b.close()
