@@ -567,8 +567,8 @@ def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
         return
     for w in d.get("warnings", []):
         ui.warn(w)
-    for pid, comm in d.get("killed", []):
-        ui.warn(f"killed leftover process {pid} ({comm})")
+    for k in d.get("killed", []):
+        ui.warn(f"killed leftover process {k['pid']} ({k['comm']})")
     if d.get("conflict_ref"):
         ui.warn(
             f"conflict: the ref moved and changed the same paths; this session is kept as "

@@ -9,6 +9,7 @@ This module finds them, cheaply: only the file kinds that are known to embed pre
 from __future__ import annotations
 
 import os
+import re
 
 from . import paths
 from .cas import Store
@@ -25,25 +26,24 @@ _NAMES = (b"pyvenv.cfg", b"RECORD", b"direct_url.json", b"activate", b"activate.
 def _candidate(path: bytes) -> bool:
     parent, _, name = path.rpartition(b"/")
     return (
-        name in _NAMES
-        or name.endswith(_SUFFIXES)
-        or parent == b"bin"
-        or parent.endswith(b"/bin")
+        name in _NAMES or name.endswith(_SUFFIXES) or parent == b"bin" or parent.endswith(b"/bin")
     )
 
 
 def find_baked(
     store: Store, m: Manifests, txn: Txn, root: bytes, original: str, *, limit: int = 20
 ) -> tuple[int, list[str]]:
-    """(count, up to `limit` paths) of files in `root` that embed the absolute path `original`."""
-    needle = os.fsencode(original.rstrip("/")) + b"/"
+    """(count, up to `limit` paths) of files in `root` that embed the absolute path `original`
+    (as a whole path component sequence: `/x/venv` matches `/x/venv/bin`, not `/x/venv2`).
+    Well-known files (pyvenv.cfg, RECORD, ...) are listed first."""
+    needle = re.compile(re.escape(os.fsencode(original.rstrip("/"))) + rb"(?![\w.+-])")
     count = 0
-    found: list[str] = []
+    found: list[tuple[int, bytes]] = []
     for path, entry, _node in m.walk(txn, root):
         if entry.kind is not Kind.FILE or entry.size > _MAX_READ or not _candidate(path):
             continue
-        if needle in store.read_object(entry.digest):
+        if needle.search(store.read_object(entry.digest)):
             count += 1
-            if len(found) < limit:
-                found.append(paths.display(path))
-    return count, found
+            found.append((0 if path.rpartition(b"/")[2] in _NAMES else 1, path))
+    found.sort()
+    return count, [paths.display(p) for _rank, p in found[:limit]]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import overlay, paths, projection
+from . import overlay, paths, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
 from .harvest import harvest_upper, to_top_ref
@@ -339,6 +339,24 @@ def _ancestors(m: Manifests, txn: Txn, commit: Commit, limit: int = 32) -> list[
     return out
 
 
+def relocation_warnings(
+    store: Store, m: Manifests, root: bytes, original: str | None, target: str
+) -> list[str]:
+    """Projected away from where it was ingested, a tree's baked absolute paths (venv scripts,
+    pyvenv.cfg, .pc files) still name the original place: say which (issue: real envs)."""
+    if not original or os.path.realpath(original) == os.path.realpath(target):
+        return []
+    with m.read() as txn:
+        count, found = relocation.find_baked(store, m, txn, root, original)
+    if not count:
+        return []
+    shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
+    return [
+        f"{count} files name the ingest path {original} ({shown}); projected at {target} "
+        f"they still point there: project at {original} (the default) to keep them working"
+    ]
+
+
 def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
     if not opts.refs:
         raise VeloError("name at least one ref", reason=Reason.USAGE)
@@ -390,6 +408,7 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
         below = projection.stack_roots(m, txn, roots[:-1]) if len(roots) > 1 else None
         hints = _ancestors(m, txn, commits[-1]) if len(roots) == 1 else []
     target = _resolve_target(store, opts.at, refs[-1])
+    warnings.extend(relocation_warnings(store, m, view, refs[-1].path, target))
     lowers = projection.ensure_lowers(store, m, view, form=form, protect=protect, hints=hints)
     if lowers.immutable:
         protection = "immutable"  # +i on every referenced object, store read-only inside

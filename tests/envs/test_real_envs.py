@@ -147,6 +147,10 @@ def _venv_scenario(base: str, wheels: str, form: str) -> dict[str, Any]:
     out["host_untouched"] = not os.path.exists(f"{venv}/{site}/{EXTRA}")
     r = _run(store, "venv", [f"{venv}/bin/python", "-c", f"import {EXTRA}.version"])
     out["fresh_import"] = r.exit_status
+    # Projected elsewhere, the venv's baked paths are named; at home, nothing is said.
+    elsewhere = _run(store, "venv", ["true"], at=os.path.join(base, "elsewhere"), discard=True)
+    out["moved_warning"] = " ".join(elsewhere.warnings)
+    out["home_warnings"] = _run(store, "venv", ["true"], discard=True).warnings
     out["fsck"] = _fsck(store)
     return out
 
@@ -160,6 +164,8 @@ def test_venv(mode: str, form: str, wheels: str) -> None:
     assert out["in_ref"], "the harvested ref lacks the package pip installed"
     assert out["host_untouched"], "the session wrote into the host's venv"
     assert out["fresh_import"] == 0, "a fresh session cannot import the harvested package"
+    assert "pyvenv.cfg" in out["moved_warning"] and "bin/" in out["moved_warning"], out
+    assert not any("ingest path" in w for w in out["home_warnings"]), out["home_warnings"]
     assert out["fsck"] == []
 
 
