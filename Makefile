@@ -29,3 +29,13 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results
+
+# The VM matrix and the power-cut test under qemu (tools/matrix/, vagrant/): as root, slow
+# (tens of minutes), never part of .ci/run. They write docs/matrix.md and the powercut section
+# of docs/reliability.md. Images and kernels are cached in $VELO_MATRIX_CACHE
+# (default /var/cache/veloverlay-matrix).
+matrix:
+	/usr/bin/python3 tools/matrix/matrix.py
+
+powercut:
+	/usr/bin/python3 tools/matrix/powercut.py
