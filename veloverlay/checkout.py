@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .cas import Store
 from .errors import Reason, SysError, VeloError
 from .manifest import Manifests, Txn
-from .tree import Kind
+from .tree import Entry, Kind
 
 __all__ = ["checkout"]
 
@@ -56,30 +56,39 @@ def checkout(
     """Write the tree `root` into `dest` (new or empty). Returns the number of entries written."""
     top = _prepare_dest(dest)
     count = 0
-    dir_meta: list[tuple[int, int, int]] = []  # (dirfd, mode, mtime) set after the contents
+    # Depth first, one open directory fd per level (never one per directory: a tree with more
+    # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
+    # set when everything below it is written, and its fd is closed then.
+    stack: list[tuple[int, Iterator[Entry], int, int]] = []
+
+    def enter(dfd: int, digest: bytes) -> None:
+        node = m.get_node(txn, digest)
+        stack.append((dfd, iter(node.entries), node.mode, node.mtime_ns))
+
     try:
-        stack = [(top, root)]
+        enter(top, root)
         while stack:
-            dfd, digest = stack.pop()
-            node = m.get_node(txn, digest)
-            dir_meta.append((dfd, node.mode, node.mtime_ns))
-            for e in node.entries:
-                name = e.name
-                if e.kind is Kind.DIR:
-                    os.mkdir(name, 0o700, dir_fd=dfd)
-                    stack.append((os.open(name, _DIRFLAGS, dir_fd=dfd), e.digest))
-                elif e.kind is Kind.SYMLINK:
-                    os.symlink(e.target, name, dir_fd=dfd)
-                    os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-                elif e.kind is Kind.FILE:
-                    _write_file(store, dfd, name, e.digest, e.mode, e.mtime_ns)
-                # MASK entries are deletions for stacked refs: nothing to write
-                count += 1
-                if progress is not None and count % 1000 == 0:
-                    progress(count)
-        for dfd, mode, mtime in reversed(dir_meta):
-            os.utime(dfd, ns=(mtime, mtime))
-            os.chmod(dfd, mode)
+            dfd, entries, mode, mtime = stack[-1]
+            e = next(entries, None)
+            if e is None:
+                stack.pop()
+                os.utime(dfd, ns=(mtime, mtime))
+                os.chmod(dfd, mode)
+                os.close(dfd)
+                continue
+            name = e.name
+            if e.kind is Kind.DIR:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                enter(os.open(name, _DIRFLAGS, dir_fd=dfd), e.digest)
+            elif e.kind is Kind.SYMLINK:
+                os.symlink(e.target, name, dir_fd=dfd)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif e.kind is Kind.FILE:
+                _write_file(store, dfd, name, e.digest, e.mode, e.mtime_ns)
+            # MASK entries are deletions for stacked refs: nothing to write
+            count += 1
+            if progress is not None and count % 1000 == 0:
+                progress(count)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VeloError(
@@ -87,7 +96,7 @@ def checkout(
             ) from exc
         raise SysError(exc.errno or errno.EIO, "checkout", dest) from exc
     finally:
-        for dfd, _m, _t in dir_meta:
+        for dfd, _e, _m, _t in stack:
             os.close(dfd)
     return count
 

@@ -51,6 +51,7 @@ import os
 import shutil
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,51 +429,75 @@ class _Writer:
 
 @dataclass
 class _DirMeta:
-    fd: int
+    path: bytes  # relative to the layer's top
     mode: int
     mtime_ns: int
 
 
+_MAX_OPEN_DIRS = 64
+
+
 @dataclass
 class _Build:
-    """An open layer under construction."""
+    """An open layer under construction. Directories are addressed by path and their fds kept
+    in a small LRU: a tree may have more directories than RLIMIT_NOFILE allows open at once."""
 
     path: Path
     top_fd: int
     dirs: list[_DirMeta] = field(default_factory=list)
-    by_path: dict[bytes, int] = field(default_factory=dict)
+    known: set[bytes] = field(default_factory=lambda: {b""})
     xmarked: set[int] = field(default_factory=set)
+    _fds: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+
+    def fd(self, rel: bytes) -> int:
+        """An fd of the layer directory `rel`; valid until the next call that opens another."""
+        if not rel:
+            return self.top_fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        # Every component is a directory this build created: no symlink can be on the way.
+        fd = os.open(rel, _DIRFLAGS, dir_fd=self.top_fd)
+        self._fds[rel] = fd
+        if len(self._fds) > _MAX_OPEN_DIRS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def mkdir(self, rel: bytes, mode: int, mtime_ns: int) -> None:
+        parent, _, leaf = rel.rpartition(b"/")
+        os.mkdir(leaf, 0o700, dir_fd=self.fd(parent))
+        self.dirs.append(_DirMeta(rel, mode, mtime_ns))
+        self.known.add(rel)
 
     def close(self) -> None:
-        for d in self.dirs:
+        for fd in self._fds.values():
             with contextlib.suppress(OSError):
-                os.close(d.fd)
-        self.dirs.clear()
+                os.close(fd)
+        self._fds.clear()
+        with contextlib.suppress(OSError):
+            os.close(self.top_fd)
 
     def finish(self) -> None:
         """Directory modes and mtimes last, deepest first (children change a dir's mtime)."""
         for d in reversed(self.dirs):
-            os.utime(d.fd, ns=(d.mtime_ns, d.mtime_ns))
-            os.fchmod(d.fd, d.mode)
+            fd = self.fd(d.path)
+            os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
+            os.fchmod(fd, d.mode)
 
 
-def _write_subtree(
-    m: Manifests, txn: Txn, w: _Writer, b: _Build, fd: int, node: Node, rel: bytes
-) -> None:
-    stack: list[tuple[int, Node, bytes]] = [(fd, node, rel)]
+def _write_subtree(m: Manifests, txn: Txn, w: _Writer, b: _Build, node: Node, rel: bytes) -> None:
+    stack: list[tuple[bytes, Node]] = [(rel, node)]
     while stack:
-        dfd, n, where = stack.pop()
+        where, n = stack.pop()
         for e in n.entries:
             if e.kind is Kind.DIR:
                 child = m.get_node(txn, e.digest)
-                os.mkdir(e.name, 0o700, dir_fd=dfd)
-                cfd = os.open(e.name, _DIRFLAGS, dir_fd=dfd)
-                b.dirs.append(_DirMeta(cfd, child.mode, child.mtime_ns))
                 p = paths.join(where, e.name)
-                b.by_path[p] = cfd
-                stack.append((cfd, child, p))
+                b.mkdir(p, child.mode, child.mtime_ns)
+                stack.append((p, child))
             else:
-                w.put(dfd, e)
+                w.put(b.fd(where), e)
 
 
 def _new_build(store: Store, name: str) -> _Build:
@@ -481,7 +506,7 @@ def _new_build(store: Store, name: str) -> _Build:
     path = tmpdir / f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
     os.mkdir(path, 0o700)
     fd = os.open(path, _DIRFLAGS)
-    return _Build(path, fd, by_path={b"": fd})
+    return _Build(path, fd)
 
 
 def _full_layer(
@@ -492,8 +517,8 @@ def _full_layer(
     old_umask = os.umask(0)
     try:
         top = m.get_node(txn, root)
-        b.dirs.append(_DirMeta(b.top_fd, top.mode, top.mtime_ns))
-        _write_subtree(m, txn, w, b, b.top_fd, top, b"")
+        b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
+        _write_subtree(m, txn, w, b, top, b"")
         b.finish()
     except BaseException:
         b.close()
@@ -522,16 +547,15 @@ def _delta_layer(
     old_umask = os.umask(0)
     try:
         top = m.get_node(txn, root)
-        b.dirs.append(_DirMeta(b.top_fd, top.mode, top.mtime_ns))
+        b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
 
         def ensure_dir(path: bytes) -> int:
             """The directory `path` in the layer (non-opaque: merges with the layers below),
             created with every ancestor, carrying the new root's mode/mtime."""
-            fd = b.by_path.get(path)
-            if fd is not None:
-                return fd
-            parent, _, leaf = path.rpartition(b"/")
-            pfd = ensure_dir(parent)
+            if path in b.known:
+                return b.fd(path)
+            parent, _, _leaf = path.rpartition(b"/")
+            ensure_dir(parent)
             e = m.lookup(txn, root, path)
             if e is None or e.kind is not Kind.DIR:
                 raise VeloError(
@@ -539,11 +563,8 @@ def _delta_layer(
                     reason=Reason.MANIFEST_CORRUPT,
                 )
             node = m.get_node(txn, e.digest)
-            os.mkdir(leaf, 0o700, dir_fd=pfd)
-            fd = os.open(leaf, _DIRFLAGS, dir_fd=pfd)
-            b.dirs.append(_DirMeta(fd, node.mode, node.mtime_ns))
-            b.by_path[path] = fd
-            return fd
+            b.mkdir(path, node.mode, node.mtime_ns)
+            return b.fd(path)
 
         for op in sorted(ops, key=lambda o: o.path):
             if op.path == b"":
@@ -562,13 +583,10 @@ def _delta_layer(
                 continue
             if new.kind is Kind.DIR:
                 node = m.get_node(txn, new.digest)
-                os.mkdir(leaf, 0o700, dir_fd=pfd)
-                fd = os.open(leaf, _DIRFLAGS, dir_fd=pfd)
-                b.dirs.append(_DirMeta(fd, node.mode, node.mtime_ns))
-                b.by_path[op.path] = fd
-                if visible_old:
-                    os.setxattr(fd, _XATTR_OPAQUE, b"y")  # hide what the base had there
-                _write_subtree(m, txn, w, b, fd, node, op.path)
+                b.mkdir(op.path, node.mode, node.mtime_ns)
+                if visible_old:  # hide what the base had there
+                    os.setxattr(b.fd(op.path), _XATTR_OPAQUE, b"y")
+                _write_subtree(m, txn, w, b, node, op.path)
             else:
                 w.put(pfd, new)
         b.finish()
