@@ -333,8 +333,9 @@ class _NewApiContext:
         _libc.fsconfig(self.fd, _libc.FSCONFIG_SET_STRING, key, value)
 
     def set_dir(self, key: str, path: StrPath, *, first: bool = False) -> None:
-        """Pass a directory. The first call finds out what the kernel supports: an EINVAL for
-        SET_FD falls back to SET_STRING, and an EINVAL for that means no `lowerdir+`."""
+        """Pass a directory. The first call finds out what the kernel supports: SET_FD refused
+        (EINVAL; EBADF on 6.12, which has `lowerdir+` but takes no fds for it — found by the VM
+        matrix) falls back to SET_STRING, and an EINVAL for that means no `lowerdir+`."""
         self.rendered.append(f"{key}={os.fspath(path)}")
         if self.use_fd:
             try:
@@ -342,7 +343,7 @@ class _NewApiContext:
                     _libc.fsconfig(self.fd, _libc.FSCONFIG_SET_FD, key, None, dfd)
                 return
             except SysError as exc:
-                if not (first and exc.errno == errno.EINVAL):
+                if not (first and exc.errno in (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP)):
                     raise
                 _kernel_log(self.fd)  # discard the rejection message
                 self.use_fd = False

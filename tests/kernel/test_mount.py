@@ -394,3 +394,27 @@ def test_proc_in_pid_namespace_and_tmpfs(base: str) -> None:
     got = run_unprivileged(_enter_pid_ns_and, base)
     assert got["tmpfs"] == (0o701, True, True)
     assert got["proc_self"] == "1"
+
+
+def _set_fd_refused(base: str, err: int) -> dict[str, object]:
+    """Kernel 6.12 has `lowerdir+` but refuses FSCONFIG_SET_FD for it with EBADF (found by the
+    VM matrix): the new API must go on with SET_STRING, not give up on overlay."""
+    from veloverlay import _libc
+
+    real = _libc.fsconfig
+
+    def fsconfig(fd: int, cmd: int, key: str | None = None, value: object = None, aux: int = 0):  # type: ignore[no-untyped-def]
+        if cmd == _libc.FSCONFIG_SET_FD and key == "lowerdir+":
+            raise SysError(err, "fsconfig", key)
+        return real(fd, cmd, key, value, aux)  # type: ignore[arg-type]
+
+    _libc.fsconfig = fsconfig  # type: ignore[assignment]
+    return _basic(base, MountApi.NEW)
+
+
+@pytest.mark.needs("overlay_root", "lowerdir_append")
+@pytest.mark.parametrize("err", [errno.EBADF, errno.EINVAL])
+def test_new_api_falls_back_to_strings_when_set_fd_is_refused(base: str, err: int) -> None:
+    got = run_in_userns(_set_fd_refused, base, err, privileged=True)
+    assert got["used"] is MountApi.NEW
+    assert got["upper_new"] == b"fresh" and got["seen"] == ["keep", "new"]
