@@ -496,6 +496,27 @@ def store_fs_check(path: str | os.PathLike[str]) -> Feature:
     return Feature(True, f"{probe_at} is on {fstype or 'a local filesystem'} (f_type {magic:#x})")
 
 
+def user_xattrs(path: str | os.PathLike[str]) -> Feature:
+    """Can `path`'s filesystem hold user.* xattrs? Overlay with `userxattr` keeps its whiteout,
+    opaque and redirect markers there: without them (tmpfs before Linux 6.6) renames and
+    deletes of lower directories fail with EIO (found by the VM matrix on 6.1)."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".velo-xattr-", dir=path)
+    except OSError as exc:
+        return Feature(False, f"cannot create a probe file in {path}: {exc.strerror}")
+    try:
+        os.setxattr(fd, "user.velo.probe", b"1")
+        return Feature(True, f"user xattrs work under {path}")
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return Feature(False, f"setxattr(user.*) under {path}: {code} ({exc.strerror})")
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def lower_form(privileged: bool) -> str:
     """The lower-layer form sessions should use: "data-only" or "links".
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import overlay, paths, projection, relocation
+from . import overlay, paths, probe, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
 from .harvest import harvest_upper, to_top_ref
@@ -171,7 +171,6 @@ def _capabilities(store: Store) -> _Caps:
         data = json.loads(path.read_text())
         if data["key"] == key:
             return _Caps({n: (bool(v[0]), str(v[1])) for n, v in data["features"].items()})
-    from . import probe
 
     # Probe afresh: a cached answer of this process may predate a change of identity.
     caps = probe.detect(refresh=True)
@@ -374,6 +373,13 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
             f"overlay sessions are not possible here: {why}",
             reason=Reason.BACKEND_UNAVAILABLE,
             hint="the shim backend is not available yet",
+        )
+    xattrs = probe.user_xattrs(store.sessions)
+    if not xattrs.ok:
+        raise VeloError(
+            f"overlay sessions need user xattrs on the store's filesystem: {xattrs.reason}",
+            reason=Reason.BACKEND_UNAVAILABLE,
+            hint="keep the store on ext4/xfs/btrfs (or tmpfs on Linux >= 6.6), or use the shim",
         )
     form, forced = _choose_form(caps, privileged)
     warnings: list[str] = []

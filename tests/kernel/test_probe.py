@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +189,15 @@ def test_store_fs_refuses_network_mounts_by_mountinfo(
 def test_mountinfo_fstype_finds_the_longest_mount_point() -> None:
     assert probe._mountinfo_fstype("/dev/shm/x") == "tmpfs"
     assert probe._mountinfo_fstype("/proc/self") == "proc"
+
+
+def test_user_xattrs_probe_and_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert probe.user_xattrs(str(tmp_path)).ok
+    assert not os.listdir(tmp_path), "the probe left its file behind"
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    f = probe.user_xattrs(str(tmp_path))
+    assert not f.ok and "ENOTSUP" in f.reason  # errno.EOPNOTSUPP == ENOTSUP on Linux
