@@ -87,32 +87,41 @@ def _check_chunk(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     return [r for r in map(_check_object, items) if r is not None]
 
 
+def _same_file(a: str, b: os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
+
+
 def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Finding]:
     """Every name in ids-v1 (the data-only layer) is a hard link of the object it names: same
     inode, so the object's re-hash above covers its bytes too."""
     ids = store.root / "ids-v1"
     if not ids.is_dir():
         return []
-    by_prefix = {h[:20]: h for h in present}
+    by_prefix: dict[str, list[str]] = {}
+    for h in present:
+        by_prefix.setdefault(h[:20], []).append(h)
     with m.read() as txn:
         longer = {bytes(v).decode(): bytes(k).hex() for k, v in txn.cursor(db=m.ids)}
+    renamed = set(longer.values())  # objects whose prefix collided: they use their longer id
     out = []
     for shard in sorted(os.scandir(ids), key=lambda e: e.name):
         for e in os.scandir(shard.path):
             short = shard.name + e.name
             if short.endswith(".tmp"):
                 continue
-            hexname = longer.get(short) or by_prefix.get(short)
-            if hexname is None:
+            if short in longer:
+                candidates = [longer[short]]
+            else:
+                candidates = [h for h in by_prefix.get(short, ()) if h not in renamed]
+            if not candidates:
                 out.append(Finding("id-stray", e.path, "names no object in the store"))
                 continue
-            obj = store.object_path(bytes.fromhex(hexname))
-            try:
-                same = os.path.samefile(e.path, obj)
-            except FileNotFoundError:
-                same = False
-            if not same:
-                out.append(Finding("id-mismatch", e.path, f"is not a hard link of {hexname}"))
+            if not any(_same_file(e.path, store.object_path(bytes.fromhex(h))) for h in candidates):
+                shown = " or ".join(h[:24] for h in candidates)
+                out.append(Finding("id-mismatch", e.path, f"is not a hard link of {shown}"))
     return out
 
 
