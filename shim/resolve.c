@@ -1,0 +1,245 @@
+/* Deciding whether a call touches the projection, by the target's identity rather than its text.
+ *
+ * A path is resolved the way the kernel will resolve it: open it with O_PATH (following a final
+ * symlink only when the call does), then ask the kernel for the canonical name of that fd
+ * (/proc/self/fd/N) and fstat it. A target that does not exist yet (create, mkdir, rename's
+ * destination) is its resolved parent directory plus the last name. So relative paths, dirfds,
+ * `..`, and symlinks into or out of the projection all land where the kernel puts them. Only when
+ * not even the parent resolves (the call will fail anyway) is the text compared as given.
+ */
+#include "veloshim.h"
+
+#include <string.h>
+
+static int has_prefix(const char *path, size_t len, const char *prefix, size_t plen)
+{
+        if (plen == 0 || len < plen || memcmp(path, prefix, plen) != 0)
+                return 0;
+        return len == plen || path[plen] == '/';
+}
+
+static void classify(struct velo_target *t)
+{
+        size_t rlen;
+        const char *root = velo_conf_root(&rlen);
+        t->inside = has_prefix(t->path, t->len, root, rlen);
+        t->protect = 0;
+        const char *p = velo_conf_protect();
+        while (*p) {
+                const char *end = strchr(p, ':');
+                size_t plen = end ? (size_t)(end - p) : strlen(p);
+                if (has_prefix(t->path, t->len, p, plen)) {
+                        t->protect = 1;
+                        break;
+                }
+                p += plen + (end ? 1 : 0);
+        }
+}
+
+/* Canonical name of an fd; 0 on success. A deleted file has no name in any tree. */
+static int fd_name(int fd, struct velo_target *t)
+{
+        ssize_t n = velo_sys_readlink_fd(fd, t->path, sizeof t->path - 1);
+        if (n <= 0 || t->path[0] != '/')
+                return -1;
+        if ((size_t)n >= sizeof t->path - 1)
+                t->trunc = 1;
+        t->path[n] = '\0';
+        t->len = (size_t)n;
+        static const char deleted[] = " (deleted)";
+        if (t->len > sizeof deleted - 1 &&
+            memcmp(t->path + t->len - (sizeof deleted - 1), deleted, sizeof deleted - 1) == 0)
+                return -1;
+        return 0;
+}
+
+static void reset(struct velo_target *t)
+{
+        t->len = 0;
+        t->path[0] = '\0';
+        t->inside = t->protect = t->exists = t->trunc = t->unknown = 0;
+}
+
+/* Text fallback: dirfd's name (or the cwd) joined with path, as given. */
+static void textual(int dirfd, const char *path, struct velo_target *t)
+{
+        t->unknown = 1;
+        size_t n = 0;
+        if (path[0] != '/') {
+                if (dirfd == AT_FDCWD) {
+                        long r = syscall(SYS_getcwd, t->path, sizeof t->path - 2);
+                        n = r > 0 ? strlen(t->path) : 0;
+                } else {
+                        ssize_t r = velo_sys_readlink_fd(dirfd, t->path, sizeof t->path - 2);
+                        n = r > 0 ? (size_t)r : 0;
+                }
+                if (n == 0)
+                        return;
+                t->path[n++] = '/';
+        }
+        size_t plen = strlen(path);
+        if (n + plen >= sizeof t->path) {
+                plen = sizeof t->path - 1 - n;
+                t->trunc = 1;
+        }
+        memcpy(t->path + n, path, plen);
+        t->len = n + plen;
+        t->path[t->len] = '\0';
+        classify(t);
+}
+
+void velo_resolve_fd(int fd, struct velo_target *t)
+{
+        reset(t);
+        if (velo_sys_fstat(fd, &t->st) == 0)
+                t->exists = 1;
+        if (fd_name(fd, t) < 0) {
+                reset(t);
+                t->unknown = 1;
+                return;
+        }
+        classify(t);
+}
+
+void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_target *t)
+{
+        reset(t);
+        if (path == NULL) {
+                t->unknown = 1;
+                return;
+        }
+        if (path[0] == '\0' && (flags & VELO_EMPTY)) {
+                velo_resolve_fd(dirfd, t);
+                return;
+        }
+        int oflags = O_PATH | O_CLOEXEC | ((flags & VELO_FOLLOW) ? 0 : O_NOFOLLOW);
+        int fd = path[0] ? velo_sys_openat(dirfd, path, oflags, 0) : -1;
+        if (fd >= 0) {
+                int ok = velo_sys_fstat(fd, &t->st) == 0 && fd_name(fd, t) == 0;
+                velo_sys_close(fd);
+                if (ok) {
+                        t->exists = 1;
+                        classify(t);
+                        return;
+                }
+                reset(t);
+        }
+        /* Not there (yet): resolve the parent, keep the last name. */
+        size_t plen = strlen(path);
+        while (plen > 1 && path[plen - 1] == '/')
+                plen--;
+        if (plen == 0 || plen >= PATH_MAX) {
+                textual(dirfd, path, t);
+                return;
+        }
+        char dir[PATH_MAX];
+        size_t slash = plen;
+        while (slash > 0 && path[slash - 1] != '/')
+                slash--;
+        const char *base = path + slash;
+        size_t blen = plen - slash;
+        if (slash == 0) {
+                dir[0] = '.';
+                dir[1] = '\0';
+        } else {
+                memcpy(dir, path, slash);
+                dir[slash] = '\0';
+        }
+        int pfd = velo_sys_openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+        if (pfd < 0) {
+                textual(dirfd, path, t);
+                return;
+        }
+        int ok = fd_name(pfd, t) == 0;
+        velo_sys_close(pfd);
+        if (!ok) {
+                reset(t);
+                textual(dirfd, path, t);
+                return;
+        }
+        if (t->len + 1 + blen >= sizeof t->path) {
+                t->trunc = 1;
+                blen = sizeof t->path - 2 - t->len;
+        }
+        if (t->len > 1) /* "/" stays "/" */
+                t->path[t->len++] = '/';
+        memcpy(t->path + t->len, base, blen);
+        t->len += blen;
+        t->path[t->len] = '\0';
+        classify(t);
+}
+
+/* Common tail of the pre-call checks: refuse store writes, break shared inodes, journal. */
+int velo_decide(int type, uint32_t arg, unsigned flags, struct velo_target *t1,
+                struct velo_target *t2)
+{
+        int ours = t1->inside || (t2 != NULL && t2->inside);
+        int guarded = ((flags & VELO_WRITE) && t1->protect);
+        if (guarded) {
+                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t1, t2);
+                errno = EROFS;
+                return VELO_DENY;
+        }
+        if (!ours)
+                return VELO_PASS;
+        if ((flags & VELO_BBW) && t1->inside && velo_bbw(t1) < 0)
+                return VELO_DENY; /* never write through a shared inode */
+        velo_checkin_live();
+        velo_journal_target(type, VELO_P_INTENT, 0, arg, t1, t2);
+        return VELO_TRACK;
+}
+
+int velo_pre1(int type, uint32_t arg, int dirfd, const char *path, unsigned flags,
+              struct velo_target *t)
+{
+        velo_init();
+        if (!velo_active)
+                return VELO_PASS;
+        VELO_SAVE_ERRNO;
+        velo_resolve(dirfd, path, flags, t);
+        int r = velo_decide(type, arg, flags, t, NULL);
+        if (r != VELO_DENY)
+                VELO_RESTORE_ERRNO;
+        return r;
+}
+
+int velo_pre_fd(int type, uint32_t arg, int fd, unsigned flags, struct velo_target *t)
+{
+        velo_init();
+        if (!velo_active)
+                return VELO_PASS;
+        VELO_SAVE_ERRNO;
+        velo_resolve_fd(fd, t);
+        int r = velo_decide(type, arg, flags, t, NULL);
+        if (r != VELO_DENY)
+                VELO_RESTORE_ERRNO;
+        return r;
+}
+
+int velo_pre2(int type, uint32_t arg, int dirfd1, const char *p1, unsigned f1, int dirfd2,
+              const char *p2, unsigned f2, struct velo_target *t1, struct velo_target *t2)
+{
+        velo_init();
+        if (!velo_active)
+                return VELO_PASS;
+        VELO_SAVE_ERRNO;
+        velo_resolve(dirfd1, p1, f1, t1);
+        velo_resolve(dirfd2, p2, f2, t2);
+        if ((f2 & VELO_WRITE) && t2->protect) {
+                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t2, t1);
+                errno = EROFS;
+                return VELO_DENY;
+        }
+        int r = velo_decide(type, arg, f1, t1, t2);
+        if (r != VELO_DENY)
+                VELO_RESTORE_ERRNO;
+        return r;
+}
+
+void velo_post(int type, uint32_t arg, const struct velo_target *t1,
+               const struct velo_target *t2, long ret, int err)
+{
+        VELO_SAVE_ERRNO;
+        velo_journal_target(type, VELO_P_DONE, ret < 0 ? -err : (int32_t)ret, arg, t1, t2);
+        VELO_RESTORE_ERRNO;
+}

@@ -1,0 +1,42 @@
+"""snapshot(root): rel -> [kind, mode, mtime_ns, content sha256 | symlink target | None].
+
+Self-contained (stdlib only): it also runs as a script inside sessions, under the shim, where it
+prints the tree the session's processes see as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+from typing import Any
+
+
+def snapshot(root: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        names = dirnames + filenames
+        if dirpath == root:
+            names = [".", *names]
+        for name in names:
+            p = root if name == "." else os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ["dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns, None]
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ["symlink", 0, st.st_mtime_ns, os.readlink(p)]
+            else:
+                try:
+                    with open(p, "rb") as f:
+                        digest: str | None = hashlib.sha256(f.read()).hexdigest()
+                except PermissionError:
+                    digest = None
+                out[rel] = ["file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest]
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(snapshot(sys.argv[1])))

@@ -1,0 +1,370 @@
+"""The C library alone: shim/tests/try_syscall under LD_PRELOAD, then what the journal says.
+
+No session here: a hand-written export names a projection dir, a journal and a lock dir, so each
+intercepted call can be checked for its INTENT (before the call) and DONE (after) records, the
+written-fd table (close, dup2, dup3, F_DUPFD, close_range), fork/exec/spawn check-ins,
+inherited fds, refused store writes and Break-Before-Write in --link mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from veloverlay import shim
+from veloverlay.shim import Phase, Record, RecType
+
+
+class Lab:
+    """A projection dir + session dir + export, and a runner for try_syscall."""
+
+    def __init__(self, base: Path, lib: Path, exe: Path, *, link: bool = False) -> None:
+        self.base = base
+        self.proj = base / "proj"
+        self.sess = base / "sess"
+        self.store = base / "store"
+        self.exe = exe
+        self.lib = lib
+        for d in (self.proj, self.sess / "locks", self.store / "objects-v1"):
+            d.mkdir(parents=True)
+        (self.proj / "a").write_bytes(b"hello\n")
+        (self.proj / "sub").mkdir()
+        self.link = link
+        self.proxies: list[tuple[int, int]] = []
+        shim.create_journal(self.sess / "journal", "lab")
+        self.reader = shim.JournalReader(self.sess / "journal")
+
+    def export(self) -> None:
+        shim.write_config(
+            self.sess / "shim.conf",
+            root=os.fsencode(self.proj),
+            journal=os.fsencode(self.sess / "journal"),
+            sock=b"",
+            locks=os.fsencode(self.sess / "locks"),
+            protect=[os.fsencode(self.store / "objects-v1")],
+            link=self.link,
+            proxies=self.proxies,
+        )
+
+    def env(self) -> dict[str, str]:
+        return shim.environment(os.environ, self.lib, self.sess / "shim.conf")
+
+    def run(self, *ops: str, cwd: Path | None = None) -> tuple[list[str], list[Record]]:
+        self.export()
+        proc = subprocess.run(
+            [os.fspath(self.exe), *ops],
+            env=self.env(),
+            cwd=cwd or self.proj,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines(), self.reader.read(final=True)
+
+    def p(self, rel: str) -> bytes:
+        return os.fsencode(self.proj / rel) if rel else os.fsencode(self.proj)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, shim_build: Path, try_syscall: Path) -> Lab:
+    return Lab(tmp_path, shim_build / "libveloshim.so", try_syscall)
+
+
+def kinds(recs: list[Record]) -> list[tuple[str, str, bytes, bytes]]:
+    return [(RecType(r.type).name, Phase(r.phase).name, r.path1, r.path2) for r in recs]
+
+
+def test_every_process_checks_in(lab: Lab) -> None:
+    out, recs = lab.run("open_r", "a")
+    assert out == ["open_r 3 0"]
+    assert [RecType(r.type) for r in recs] == [RecType.CHECKIN]  # a read is never journaled
+    assert recs[0].path1 == os.fsencode(lab.exe.resolve())
+
+
+WRITES = {
+    # op args -> (record type, path1, path2) expected as INTENT then DONE
+    "open_w": (["open_w", "a"], RecType.OPEN, "a", ""),
+    "openat": (["openat_w", "sub", "f"], RecType.OPEN, "sub/f", ""),
+    "creat": (["creat", "c"], RecType.OPEN, "c", ""),
+    "fopen_w": (["fopen_w", "fw"], RecType.OPEN, "fw", ""),
+    "fopen_a": (["fopen_a", "a"], RecType.OPEN, "a", ""),
+    "freopen": (["freopen", "fr"], RecType.OPEN, "fr", ""),
+    "truncate": (["truncate", "a"], RecType.TRUNCATE, "a", ""),
+    "ftruncate": (["ftruncate", "a"], RecType.TRUNCATE, "a", ""),
+    "rename": (["rename", "a", "b"], RecType.RENAME, "a", "b"),
+    "renameat2": (["renameat2", "a", "b"], RecType.RENAME, "a", "b"),
+    "exchange": (["exchange", "a", "sub"], RecType.RENAME, "a", "sub"),
+    "unlink": (["unlink", "a"], RecType.UNLINK, "a", ""),
+    "mkdir": (["mkdir", "d"], RecType.MKDIR, "d", ""),
+    "rmdir": (["rmdir", "sub"], RecType.RMDIR, "sub", ""),
+    "link": (["link", "a", "hl"], RecType.LINK, "a", "hl"),
+    "symlink": (["symlink", "target-text", "sl"], RecType.SYMLINK, "sl", "=target-text"),
+    "chmod": (["chmod", "a"], RecType.CHMOD, "a", ""),
+    "fchmod": (["fchmod", "a"], RecType.CHMOD, "a", ""),
+    "chown": (["chown", "a"], RecType.CHOWN, "a", ""),
+    "utimes": (["utime", "a"], RecType.UTIME, "a", ""),
+    "futimens": (["futimens", "a"], RecType.UTIME, "a", ""),
+    "setxattr": (["setxattr", "a"], RecType.XATTR, "a", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES))
+def test_write_intent_journaled_before_and_after(lab: Lab, name: str) -> None:
+    args, rtype, p1, p2 = WRITES[name]
+    out, recs = lab.run(*args)
+    assert out[-1].split()[0] == args[0] and out[-1].endswith(" 0"), out
+    mine = [r for r in recs if r.type == rtype]
+    assert [Phase(r.phase) for r in mine[:2]] == [Phase.INTENT, Phase.DONE], kinds(recs)
+    want2 = p2[1:].encode() if p2.startswith("=") else (lab.p(p2) if p2 else b"")
+    for r in mine[:2]:
+        assert r.path1 == lab.p(p1)
+        assert r.path2 == want2
+    assert mine[1].ret >= 0
+    # the INTENT is written before the call: it precedes the DONE in the file
+    assert mine[0].offset < mine[1].offset
+
+
+def test_close_of_written_fds(lab: Lab) -> None:
+    _out, recs = lab.run("open_w", "a", "--", "fopen_w", "f")
+    closes = [r for r in recs if r.type == RecType.CLOSE]
+    assert [c.path1 for c in closes] == [lab.p("a"), lab.p("f")]  # fclose is a close too
+
+
+def test_dup2_then_close(lab: Lab) -> None:
+    _out, recs = lab.run("dup2close", "d")
+    closes = [(r.ret, r.path1) for r in recs if r.type == RecType.CLOSE]
+    assert closes == [(3, lab.p("d")), (40, lab.p("d"))]  # the dup of a written fd is written
+
+
+def test_dup3_over_a_written_fd_is_its_close(lab: Lab) -> None:
+    _out, recs = lab.run("dup3over", "d3")
+    closes = [r.ret for r in recs if r.type == RecType.CLOSE]
+    assert closes == [3]  # replaced by dup3; its later close() is no longer ours
+
+
+def test_fcntl_dupfd(lab: Lab) -> None:
+    _out, recs = lab.run("fcntl_dup", "d")
+    assert [r.ret for r in recs if r.type == RecType.CLOSE] == [3, 50]
+
+
+def test_close_range(lab: Lab) -> None:
+    _out, recs = lab.run("close_range", "d")
+    assert [r.ret for r in recs if r.type == RecType.CLOSE] == [3, 60]
+
+
+def test_mkstemp_in_the_projection(lab: Lab) -> None:
+    out, recs = lab.run("mkstemp", os.fspath(lab.proj / "sub"))
+    name = next(line.split()[1] for line in out if line.startswith("mkstemp-name"))
+    done = [r for r in recs if r.type == RecType.OPEN and r.phase == Phase.DONE]
+    assert done and done[0].path1 == os.fsencode(name)
+
+
+def test_outside_the_projection_is_not_ours(lab: Lab, tmp_path: Path) -> None:
+    _out, recs = lab.run("open_w", os.fspath(tmp_path / "elsewhere"))
+    assert [RecType(r.type) for r in recs] == [RecType.CHECKIN]
+
+
+def test_decided_by_the_target_not_the_text(lab: Lab, tmp_path: Path) -> None:
+    """A symlink from outside into the projection, `..` and relative paths from another cwd all
+    land on the canonical path inside."""
+    (tmp_path / "door").symlink_to(lab.proj)
+    other = tmp_path / "cwd"
+    other.mkdir()
+    _out, recs = lab.run(
+        "open_w",
+        os.fspath(tmp_path / "door" / "via-link"),
+        "--",
+        "open_w",
+        "../proj/sub/../dotdot",
+        cwd=other,
+    )
+    paths = [r.path1 for r in recs if r.type == RecType.OPEN and r.phase == Phase.DONE]
+    assert paths == [lab.p("via-link"), lab.p("dotdot")]
+
+
+def test_fork_exec_child_checks_in_under_its_pid(lab: Lab) -> None:
+    _out, recs = lab.run("fork_exec", os.fspath(lab.exe), "child-file")
+    execs = [r for r in recs if r.type == RecType.EXEC and r.phase == Phase.INTENT]
+    assert len(execs) == 1
+    child = execs[0].pid
+    later = [r for r in recs if r.offset > execs[0].offset and r.pid == child]
+    assert later and later[0].type == RecType.CHECKIN
+    assert any(r.type == RecType.OPEN and r.path1 == lab.p("child-file") for r in later)
+
+
+def test_posix_spawn_child_pid_and_check_in(lab: Lab) -> None:
+    out, recs = lab.run("spawn", "/bin/true")
+    pid = int(next(line.split()[1] for line in out if line.startswith("spawn-pid")))
+    spawn = [r for r in recs if r.type == RecType.SPAWN]
+    assert spawn and spawn[0].ret == pid
+    assert any(r.type == RecType.CHECKIN and r.pid == pid for r in recs)
+
+
+def test_failed_exec_is_journaled(lab: Lab) -> None:
+    _out, recs = lab.run("exec_missing", "/nonexistent/program")
+    ex = [r for r in recs if r.type == RecType.EXEC]
+    assert [Phase(r.phase) for r in ex] == [Phase.INTENT, Phase.DONE]
+    assert ex[1].ret == -2  # ENOENT
+
+
+def test_fd_inherited_across_exec_is_adopted(lab: Lab) -> None:
+    _out, recs = lab.run("inherit", "inh")
+    inh = [r for r in recs if r.type == RecType.INHERIT]
+    assert inh and inh[0].path1 == lab.p("inh") and inh[0].ret == 3
+    # and the new image journals its close at exit (the kernel closes it)
+    assert any(r.type == RecType.CLOSE and r.arg == 2 and r.offset > inh[0].offset for r in recs)
+    assert (lab.proj / "inh").read_bytes() == b"inherited\n"
+
+
+def test_writes_into_the_store_are_refused(lab: Lab) -> None:
+    obj = lab.store / "objects-v1" / "obj"
+    obj.write_bytes(b"object\n")
+    (lab.proj / "tier1").symlink_to(obj)
+    out, recs = lab.run("open_append", "tier1", "--", "chmod", os.fspath(obj))
+    assert out == ["open_append -1 30", "chmod -1 30"]  # EROFS
+    assert obj.read_bytes() == b"object\n"
+    assert [r for r in recs if r.type == RecType.DENIED]
+
+
+def test_no_export_no_effect(lab: Lab) -> None:
+    env = dict(os.environ, LD_PRELOAD=os.fspath(lab.lib))
+    env.pop(shim.CONFIG_ENV, None)
+    proc = subprocess.run(
+        [os.fspath(lab.exe), "open_w", "a"], env=env, cwd=lab.proj, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == ["open_w", "7", "0"]
+    assert lab.reader.read() == []
+
+
+def test_threads_each_journal_their_writes(lab: Lab) -> None:
+    lab.export()
+    code = (
+        "import threading\n"
+        "def w(i):\n"
+        "    for k in range(20):\n"
+        "        with open(f't{i}-{k}', 'w') as f: f.write('x')\n"
+        "ts = [threading.Thread(target=w, args=(i,)) for i in range(8)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+    )
+    subprocess.run(["/usr/bin/python3", "-c", code], env=lab.env(), cwd=lab.proj, check=True)
+    recs = lab.reader.read(final=True)
+    assert lab.reader.damaged == 0
+    closes = {r.path1 for r in recs if r.type == RecType.CLOSE}
+    assert closes == {lab.p(f"t{i}-{k}") for i in range(8) for k in range(20)}
+
+
+# --- --link: Break-Before-Write --------------------------------------------------------------
+def _proxy_lab(lab: Lab, content: bytes = b"shared\n") -> Path:
+    proxy = lab.store / "proxy"
+    proxy.write_bytes(content)
+    os.utime(proxy, ns=(10**9, 10**9))
+    os.link(proxy, lab.proj / "p1")
+    os.link(proxy, lab.proj / "p2")
+    st = proxy.stat()
+    lab.link = True
+    lab.proxies = [(st.st_dev, st.st_ino)]
+    return proxy
+
+
+def test_bbw_breaks_a_proxy_before_the_write(lab: Lab) -> None:
+    proxy = _proxy_lab(lab)
+    dir_mtime = (lab.proj).stat().st_mtime_ns
+    _out, recs = lab.run("open_append", "p1")
+    assert proxy.read_bytes() == b"shared\n"
+    assert (lab.proj / "p1").read_bytes() == b"shared\nappended\n"
+    assert (lab.proj / "p2").read_bytes() == b"shared\n"
+    assert (lab.proj / "p1").stat().st_ino != proxy.stat().st_ino
+    assert (lab.proj / "p1").stat().st_mtime_ns != 10**9  # written after the break
+    assert lab.proj.stat().st_mtime_ns == dir_mtime  # the swap does not show in the directory
+    bbw = [r for r in recs if r.type == RecType.BBW]
+    assert len(bbw) == 1 and bbw[0].ino == proxy.stat().st_ino
+
+
+@pytest.mark.parametrize("op", ["chmod", "fchmod", "utime", "futimens", "truncate", "link"])
+def test_bbw_before_metadata_changes(lab: Lab, op: str) -> None:
+    proxy = _proxy_lab(lab)
+    before = proxy.stat()
+    args = [op, "p1", "p1-hl"] if op == "link" else [op, "p1"]
+    lab.run(*args)
+    after = proxy.stat()
+    assert (after.st_mode, after.st_mtime_ns, after.st_size) == (
+        before.st_mode,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    assert proxy.read_bytes() == b"shared\n"
+    if op == "link":  # the new name shares the private inode, as in a real directory
+        assert (lab.proj / "p1-hl").stat().st_ino == (lab.proj / "p1").stat().st_ino
+        assert (lab.proj / "p1").stat().st_ino != proxy.stat().st_ino
+
+
+def test_bbw_two_writers_lose_nothing(lab: Lab) -> None:
+    proxy = _proxy_lab(lab, b"")
+    lab.export()
+    code = (
+        "import os, sys\n"
+        "for k in range(200):\n"
+        "    fd = os.open('p1', os.O_WRONLY | os.O_APPEND)\n"
+        "    os.write(fd, (sys.argv[1] + '\\n').encode()); os.close(fd)\n"
+    )
+    procs = [
+        subprocess.Popen(["/usr/bin/python3", "-c", code, tag], env=lab.env(), cwd=lab.proj)
+        for tag in ("A", "B")
+    ]
+    errors: list[int] = []
+    threading.Thread(target=lambda: errors.extend(p.wait() for p in procs)).run()
+    assert errors == [0, 0]
+    lines = (lab.proj / "p1").read_text().split()
+    assert sorted(lines) == ["A"] * 200 + ["B"] * 200
+    assert proxy.read_bytes() == b""
+    assert [r.type for r in lab.reader.read(final=True)].count(RecType.BBW) == 1
+
+
+def test_a_path_too_long_for_a_record_is_cut_and_flagged(lab: Lab) -> None:
+    d = lab.proj
+    while len(os.fsencode(d)) < 4060 - 250:  # the record holds at most 4,040 bytes of path
+        d = d / ("x" * 240)
+    d = d / ("y" * (4060 - len(os.fsencode(d)) - 1))
+    os.makedirs(d.parent, exist_ok=True)
+    rel = os.path.relpath(d, lab.proj)
+    assert 4040 < len(os.fsencode(d)) < 4095
+    out, recs = lab.run("open_w", rel, cwd=lab.proj)
+    assert out == ["open_w 7 0"], out
+    opens = [r for r in recs if r.type == RecType.OPEN]
+    assert len(opens) == 2
+    assert opens and all(r.flags & shim.F_TRUNC1 for r in opens)
+    assert all(len(r.path1) + 56 <= shim.REC_MAX for r in recs)
+    # the daemon then re-scans the deepest directory the cut path still names, whole
+    from veloverlay import daemon
+
+    class Top:
+        top = os.fsencode(lab.proj)
+
+        def rel(self, p: bytes) -> bytes | None:
+            return daemon.TreeSync.rel(self, p)  # type: ignore[arg-type]
+
+    dirty: dict[bytes, int] = {}
+    daemon.dirty_paths(opens, Top(), dirty)  # type: ignore[arg-type]
+    assert dirty and all(f & daemon.SUBTREE for f in dirty.values())
+    assert all(os.fsencode(rel).startswith(p) for p in dirty)
+
+
+def test_journal_reader_waits_for_a_half_written_record(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    shim.create_journal(path, "t")
+    rec = shim._REC.pack(shim.REC_MAGIC, 56 + 3, 6, 1, 0, 42, 0, 0, 0, 0, 0, 3, 0, 0) + b"/ab"
+    with open(path, "ab") as f:
+        f.write(rec[:30])
+    reader = shim.JournalReader(path)
+    assert reader.read() == []  # incomplete: left for the next read
+    with open(path, "ab") as f:
+        f.write(rec[30:] + b"garbage!" + rec)
+    recs = reader.read(final=True)
+    assert [(r.pid, r.path1) for r in recs] == [(42, b"/ab"), (42, b"/ab")]
+    assert reader.damaged == 1

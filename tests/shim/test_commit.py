@@ -1,0 +1,123 @@
+"""How a shim session ends: commit, --discard, --no-commit, a ref that moved meanwhile (merged
+when disjoint, kept as REF@<session> on conflict)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import fsck_ok, new_store
+from tests.shim._util import run_shim
+from veloverlay.cas import Store
+from veloverlay.manifest import Manifests
+from veloverlay.repo import Repo
+from veloverlay.tree import Entry, Kind, Op, OpKind
+
+
+def _cat(store: Store, spec: str, path: str) -> bytes:
+    r = Repo.open(os.fspath(store.root))
+    try:
+        out = io.BytesIO()
+        r.cat(spec, path, out)
+        return out.getvalue()
+    finally:
+        r.close()
+
+
+def _refs(store: Store) -> list[str]:
+    r = Repo.open(os.fspath(store.root))
+    try:
+        return sorted(ref.name for ref, _c in r.refs())
+    finally:
+        r.close()
+
+
+def test_discard_and_no_commit() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        cmd = ["sh", "-c", f"cd {proj} && printf changed > f1"]
+        res = run_shim(store, "t", cmd, link=False, at=proj, discard=True)
+        assert res.commit is None and res.state == "discarded"
+        assert _cat(store, "t", "f1") == b"one\n" and _refs(store) == ["t"]
+        assert not os.path.exists(proj)
+        res = run_shim(store, "t", cmd, link=False, at=proj, commit=False)
+        assert res.commit is None and res.conflict_ref == f"t@{res.session_id}"
+        assert _cat(store, res.conflict_ref, "f1") == b"changed"
+        assert _cat(store, "t", "f1") == b"one\n"
+        assert not fsck_ok(store)
+
+
+def _move_ref(store: Store, path: bytes, data: bytes) -> None:
+    m = Manifests(store)
+    try:
+        with store.stage() as stage:
+            digest = stage.add_bytes(data)
+            stage.publish()
+        with m.write() as txn:
+            ref, c = m.resolve(txn, "t")
+            e = Entry(path.rsplit(b"/", 1)[-1], Kind.FILE, 0o644, len(data), 1, digest, b"", 2)
+            root = m.apply(txn, bytes.fromhex(c.root), [Op(OpKind.PUT, path, e)])
+            m.commit(txn, "t", root, expect_head=ref.head, message="moved meanwhile")
+    finally:
+        m.close()
+
+
+def _session_while_ref_moves(base: str, store: Store, path: bytes, data: bytes):  # type: ignore[no-untyped-def]
+    proj = os.path.join(base, "proj")
+    go, started = os.path.join(base, "go"), os.path.join(base, "started")
+    script = (
+        f"cd {proj}; printf mine > f1; touch {started}; while [ ! -e {go} ]; do sleep 0.02; done"
+    )
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            res = run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
+            os.write(wfd, repr((res.commit, res.conflict_ref, res.conflicts)).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(started):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    _move_ref(store, path, data)
+    Path(go).touch()
+    out = b""
+    while chunk := os.read(rfd, 4096):
+        out += chunk
+    os.waitpid(pid, 0)
+    return eval(out.decode())  # noqa: S307 - our own repr
+
+
+def test_ref_moved_disjoint_changes_merge() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        commit, kept, conflicts = _session_while_ref_moves(base, store, b"f2", b"theirs")
+        assert commit and kept is None and not conflicts
+        assert _cat(store, "t", "f1") == b"mine" and _cat(store, "t", "f2") == b"theirs"
+        assert _refs(store) == ["t"]
+
+
+def test_ref_moved_conflict_keeps_the_session() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        commit, kept, conflicts = _session_while_ref_moves(base, store, b"f1", b"theirs")
+        assert commit is None and kept and conflicts == ["f1"]
+        assert _cat(store, "t", "f1") == b"theirs" and _cat(store, kept, "f1") == b"mine"
+        assert not fsck_ok(store)
+
+
+def test_command_not_found_is_127_and_no_false_alarm() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        res = run_shim(store, "t", ["/nonexistent/program"], link=False, at=proj)
+        assert res.exit_status == 127 and res.commit is None
+        assert not [w for w in res.warnings if "without the shim" in w], res.warnings
+        assert not os.path.exists(proj) and _refs(store) == ["t"]

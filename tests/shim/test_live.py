@@ -1,0 +1,251 @@
+"""While a shim session runs: the live view in REF@<session>, the daemon's socket rules, and a
+daemon killed with SIGKILL (nothing is lost); and a manager killed with SIGKILL (resume)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, unpriv_tmpdir
+from tests.session._util import checkout_ref, fsck_ok, new_store
+from tests.shim._util import run_shim
+from veloverlay import shim_backend, shim_procs
+from veloverlay.cas import Store
+from veloverlay.errors import Reason, VeloError
+from veloverlay.repo import Repo
+
+
+def _wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _session_state(store: Store) -> dict[str, Any] | None:
+    try:
+        names = os.listdir(store.sessions)
+    except FileNotFoundError:
+        return None
+    for n in names:
+        with_state = store.sessions / n / "state.json"
+        try:
+            st: dict[str, Any] = json.loads(with_state.read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        if st.get("state") == "running" and st.get("daemon"):
+            return st
+    return None
+
+
+def _in_background(fn: Callable[[], Any]) -> int:
+    """fn in a forked child (a session needs the main thread for its signal handling)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _cat(store: Store, spec: str, path: str) -> bytes | None:
+    r = Repo.open(os.fspath(store.root))
+    try:
+        out = io.BytesIO()
+        r.cat(spec, path, out)
+        return out.getvalue()
+    except VeloError:
+        return None
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_live_view_within_one_second(link: bool) -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        m1, m2 = os.path.join(base, "m1"), os.path.join(base, "m2")
+        g1, g2 = os.path.join(base, "g1"), os.path.join(base, "g2")
+        wait = "while [ ! -e {} ]; do sleep 0.02; done"
+        script = (
+            f"cd {proj}; printf v1 > live.txt; touch {m1}; {wait.format(g1)}; "
+            f"printf v2 >> f1; touch {m2}; {wait.format(g2)}"
+        )
+        pid = _in_background(lambda: run_shim(store, "t", ["sh", "-c", script], link=link, at=proj))
+        try:
+            st = _wait_for(lambda: _session_state(store), 10, "the session to start")
+            spec = st["session_ref"]
+            _wait_for(lambda: os.path.exists(m1), 10, "the first write")
+            _wait_for(lambda: _cat(store, spec, "live.txt") == b"v1", 1.0, "v1 in the live view")
+            Path(g1).touch()
+            _wait_for(lambda: os.path.exists(m2), 10, "the second write")
+            _wait_for(lambda: _cat(store, spec, "f1") == b"one\nv2", 1.0, "an append, live")
+        finally:
+            Path(g1).touch()
+            Path(g2).touch()
+            _, status = os.waitpid(pid, 0)
+        assert status == 0
+        assert _cat(store, "t", "live.txt") == b"v1"
+        assert not fsck_ok(store)
+
+
+def test_daemon_sigkill_loses_nothing() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        m1, go = os.path.join(base, "m1"), os.path.join(base, "go")
+        script = (
+            f"cd {proj}; printf before > a.txt; touch {m1}; "
+            f"while [ ! -e {go} ]; do sleep 0.02; done; "
+            "printf after > b.txt; printf more >> f1; rm f2; mkdir nd; sleep 0.2"
+        )
+        pid = _in_background(lambda: _run_and_save(store, proj, script, base))
+        try:
+            st = _wait_for(lambda: _session_state(store), 10, "the session to start")
+            _wait_for(lambda: os.path.exists(m1), 10, "the first write")
+            os.kill(int(st["daemon"]), signal.SIGKILL)
+            Path(go).touch()
+        finally:
+            _, status = os.waitpid(pid, 0)
+        assert status == 0
+        res = json.loads(Path(base, "result.json").read_text())
+        got = os.path.join(base, "got")
+        checkout_ref(store, "t", got)
+        assert Path(got, "a.txt").read_bytes() == b"before"
+        assert Path(got, "b.txt").read_bytes() == b"after"
+        assert Path(got, "f1").read_bytes() == b"one\nmore"
+        assert not Path(got, "f2").exists() and Path(got, "nd").is_dir()
+        assert any("daemon" in w and "died" in w for w in res["warnings"]), res["warnings"]
+        assert not fsck_ok(store)
+
+
+def _run_and_save(store: Store, proj: str, script: str, base: str) -> None:
+    res = run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
+    Path(base, "result.json").write_text(json.dumps(res.to_dict()))
+
+
+def test_socket_checks_peer_uid_and_frame_size() -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        go = os.path.join(base, "go")
+        script = f"while [ ! -e {go} ]; do sleep 0.02; done"
+
+        def session() -> None:
+            # An abstract socket: no directory permission stands between another uid and the
+            # daemon (the session dir is 0700), so SO_PEERCRED is what must refuse it.
+            shim_backend._socket_address = lambda _sdir, sid: f"@velo-test-{sid}"  # type: ignore[assignment]
+            _run_and_save(store, proj, script, base)
+
+        pid = _in_background(session)
+        try:
+            st = _wait_for(lambda: _session_state(store), 10, "the session to start")
+            addr = "\0" + st["socket"][1:]
+            daemon_json = store.sessions / st["id"] / "daemon.json"
+            _wait_for(daemon_json.exists, 10, "the daemon to run")
+            # another uid: accepted by the kernel, closed by the daemon at once
+            child = os.fork()
+            if child == 0:
+                os.setgroups([])
+                os.setresgid(UNPRIV_GID, UNPRIV_GID, UNPRIV_GID)
+                os.setresuid(UNPRIV_UID, UNPRIV_UID, UNPRIV_UID)
+                os._exit(_connect_and_probe(addr, b"x"))
+            _, cstatus = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(cstatus) == 0
+            # the right uid, but a frame over 4 KiB: the connection is dropped
+            assert _connect_and_probe(addr, b"\0" * 6000) == 0
+            _wait_for(
+                lambda: (
+                    daemon_json.exists()
+                    and json.loads(daemon_json.read_text()).get("rejected") == 1
+                    and json.loads(daemon_json.read_text()).get("oversized") == 1
+                ),
+                5,
+                "the daemon to count a rejected peer and an oversized frame",
+            )
+        finally:
+            Path(go).touch()
+            os.waitpid(pid, 0)
+
+
+def _connect_and_probe(addr: str, payload: bytes) -> int:
+    """0 when the daemon closed the connection on us (EOF or reset) within 2 s."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(addr)
+        try:
+            s.sendall(payload)
+            data = s.recv(16)
+        except (ConnectionResetError, BrokenPipeError):
+            return 0
+        return 0 if data == b"" else 1
+    except OSError:
+        return 2
+    finally:
+        s.close()
+
+
+def test_manager_killed_then_resume() -> None:
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        m1, go = os.path.join(base, "m1"), os.path.join(base, "go")
+        script = (
+            f"cd {proj}; printf one > x.txt; touch {m1}; "
+            f"while [ ! -e {go} ]; do sleep 0.02; done; printf two > y.txt"
+        )
+        manager = _in_background(
+            lambda: run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
+        )
+        st = _wait_for(lambda: _session_state(store), 10, "the session to start")
+        _wait_for(lambda: os.path.exists(m1), 10, "the first write")
+        os.kill(manager, signal.SIGKILL)
+        os.waitpid(manager, 0)
+        with pytest.raises(VeloError) as exc:
+            shim_backend.resume(store, st["id"])  # the command still runs
+        assert exc.value.reason is Reason.SESSION_ACTIVE
+        Path(go).touch()
+        reaper_json = store.sessions / st["id"] / "reaper.json"
+        _wait_for(reaper_json.exists, 10, "the command to end")
+        _wait_for(lambda: shim_procs.proc_start(int(st["child"])) is None, 10, "the reaper")
+        res = shim_backend.resume(store, st["id"])
+        assert res.commit and res.exit_status == 0
+        got = os.path.join(base, "got")
+        checkout_ref(store, "t", got)
+        assert Path(got, "x.txt").read_bytes() == b"one"
+        assert Path(got, "y.txt").read_bytes() == b"two"
+        assert not os.path.exists(proj)
+        assert not fsck_ok(store)
+        with pytest.raises(VeloError):
+            shim_backend.resume(store, st["id"])  # once only
+
+
+def test_checkin_frame_layout() -> None:
+    """The daemon reads what the C shim sends (journal.c struct velo_checkin_frame)."""
+    from veloverlay import daemon
+
+    assert daemon._CHECKIN.size == struct.calcsize("<IIiiII") == 24
