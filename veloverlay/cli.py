@@ -429,6 +429,14 @@ def doctor(as_json: JsonOpt = False) -> None:
         if privileged and caps.feature("chattr").ok
         else "prevented in sessions (read-only store); detected outside (fsck)"
     )
+    from . import shim as shimlib
+
+    shim_info: dict[str, object]
+    try:
+        shim_info = {"ok": True, "library": os.fspath(shimlib.library_path())}
+    except VeloError as exc:
+        shim_info = {"ok": False, "reason": exc.message}
+    report["shim"] = shim_info
     report["chosen"] = {
         "backend": backend,
         "backend_reason": overlay_ok.reason,
@@ -450,6 +458,14 @@ def doctor(as_json: JsonOpt = False) -> None:
         print(f"backend: {backend} ({overlay_ok.reason})")
         print(f"lower form: {form}")
         print(f"store protection: {protection}")
+        print(
+            "shim library: "
+            + (
+                str(shim_info["library"])
+                if shim_info["ok"]
+                else f"unavailable ({shim_info['reason']})"
+            )
+        )
     if not store_fs.ok:
         raise VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
 
@@ -527,6 +543,16 @@ NetOpt = Annotated[
 ]
 
 
+LinkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--link",
+        help="Shim backend: hard links to shared proxies with Break-Before-Write (faster; "
+        "writers the shim cannot see are only detected, by fsck)",
+    ),
+]
+
+
 def _session_options(  # type: ignore[no-untyped-def]
     refs: list[str],
     *,
@@ -539,6 +565,7 @@ def _session_options(  # type: ignore[no-untyped-def]
     strict: bool,
     as_root: bool,
     grace: float,
+    link: bool,
 ):
     from .session import SessionOptions
 
@@ -557,6 +584,7 @@ def _session_options(  # type: ignore[no-untyped-def]
         strict=strict,
         as_root=as_root,
         grace=grace,
+        link=link,
     )
 
 
@@ -598,6 +626,7 @@ def run(
     grace: Annotated[
         float, typer.Option("--grace", help="Seconds between SIGTERM and SIGKILL for leftovers")
     ] = 5.0,
+    link: LinkOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a command in a projection of REF (several REFs stack, the last on top)."""
@@ -619,6 +648,7 @@ def run(
         strict=strict,
         as_root=as_root,
         grace=grace,
+        link=link,
     )
     res = do_run(_repo().store, opts, list(_COMMAND))
     _render_session(res, as_json)
@@ -637,6 +667,7 @@ def enter(
     strict: Annotated[bool, typer.Option("--strict")] = False,
     as_root: Annotated[bool, typer.Option("--as-root")] = False,
     grace: Annotated[float, typer.Option("--grace")] = 5.0,
+    link: LinkOpt = False,
 ) -> None:
     """Open an interactive shell in a projection of REF; changes are committed when it exits."""
     from .session import enter as do_enter
@@ -652,6 +683,7 @@ def enter(
         strict=strict,
         as_root=as_root,
         grace=grace,
+        link=link,
     )
     res = do_enter(_repo().store, opts)
     _render_session(res, False)
@@ -666,6 +698,8 @@ def sessions(
     as_json: JsonOpt = False,
 ) -> None:
     """List sessions (running, unharvested after a crash, finished)."""
+    import time
+
     from .session import clean_sessions, list_sessions
 
     repo = _repo()
@@ -680,7 +714,8 @@ def sessions(
     rows = []
     for s in items:
         d = s.to_dict()
-        rows.append((d["id"], ",".join(d.get("refs", [])), d["state"], d.get("start", "")))
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(d.get("start") or 0)))
+        rows.append((d["id"], ",".join(d.get("refs", [])), d["state"], start))
     ui.table(rows, ("ID", "REFS", "STATE", "START"))
 
 
@@ -702,6 +737,16 @@ def harvest(
     for r in results:
         _render_session(r, False)
     print(f"harvested {len(results)} sessions")
+
+
+@app.command()
+def daemon(
+    session: Annotated[str, typer.Argument(help="The shim session whose journal to commit")],
+) -> None:
+    """Run a shim session's daemon in the foreground (sessions start their own)."""
+    from .daemon import main as daemon_main
+
+    raise typer.Exit(daemon_main(_repo().store.root, session))
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ VARS: dict[str, str] = {
     "VELO_FORCE_LOWER": "force the lower-layer form: 'links' or 'data-only'",
     "VELO_MAP_SIZE": "LMDB map size in bytes for a new environment (default 64 GiB, sparse)",
     "VELO_JOBS": "worker processes for ingest and fsck (default: CPU count)",
+    "VELO_SHIM_LIBRARY": "the shim library to preload (default: the one this package built)",
+    "VELO_SHIM_CONFIG": "set by shim sessions for their processes: the session's shim export",
     "NO_COLOR": "disable colour in output",
     "VELO_TEST_MUST_WORK": "tests: comma-separated probe features whose skips become failures",
     "VELO_INTERNAL__TEST_UID": "tests: the unprivileged uid for root-free tests (default 1500)",

@@ -30,6 +30,7 @@ class GcReport:
     nodes_deleted: int = 0
     commits_deleted: int = 0
     layers_evicted: int = 0
+    proxies_removed: int = 0
     objects_kept: int = 0
     young_kept: int = 0
     dry_run: bool = False
@@ -141,6 +142,9 @@ def gc(
         from .projection import prune
 
         rep.layers_evicted = prune(store, heads)
+        from .materialize import prune_proxies
+
+        rep.proxies_removed = prune_proxies(store)
     return rep
 
 

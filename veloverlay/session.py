@@ -78,6 +78,7 @@ class SessionOptions:
     strict: bool = False  # refuse any degradation (no +i, fallback lower form)
     as_root: bool = False  # root-free: map yourself to 0 inside
     grace: float = 5.0  # SIGTERM -> grace -> SIGKILL for leftovers when the command exits
+    link: bool = False  # shim backend: hard links to proxies with Break-Before-Write
 
 
 @dataclass
@@ -786,17 +787,51 @@ def _drop_upper(sdir: Path) -> None:
 
 
 # --- public verbs --------------------------------------------------------------------------------
+def choose_backend(store: Store, opts: SessionOptions) -> tuple[str, str]:
+    """(backend, why): the one asked for, or with `auto` overlay where this host can mount it
+    for this store (kernel, user namespaces, user xattrs on the store), else the shim."""
+    if opts.backend in ("overlay", "shim"):
+        return opts.backend, "asked for"
+    caps = _capabilities(store)
+    feature = "overlay_root" if caps.ok("root") else "overlay_userns"
+    if not caps.ok(feature):
+        return "shim", caps.reason(feature)
+    xattrs = probe.user_xattrs(store.sessions)
+    if not xattrs.ok:
+        return "shim", xattrs.reason
+    return "overlay", caps.reason(feature)
+
+
+def _dispatch(
+    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool
+) -> SessionResult:
+    backend, why = choose_backend(store, opts)
+    if backend == "overlay":
+        return _session(store, opts, argv, interactive=interactive)
+    if opts.backend == "auto" and opts.strict:
+        raise VeloError(
+            f"--strict: overlay is unavailable here ({why}); the shim would be a fallback",
+            reason=Reason.FALLBACK_FORBIDDEN,
+        )
+    from . import shim_backend
+
+    res = shim_backend.run_shim(store, opts, argv, interactive=interactive)
+    if opts.backend == "auto":  # P0-d: a degradation is said, never silent
+        res.warnings.insert(0, f"overlay is unavailable here ({why}): used the shim backend")
+    return res
+
+
 def run(
     store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
 ) -> SessionResult:
     """Run `argv` in a session of `opts.refs`; harvest and commit when it exits."""
-    return _session(store, opts, argv, interactive=interactive)
+    return _dispatch(store, opts, argv, interactive=interactive)
 
 
 def enter(store: Store, opts: SessionOptions) -> SessionResult:
     """An interactive $SHELL in a session (the prompt names the ref)."""
     shell = os.environ.get("SHELL") or "/bin/sh"
-    return _session(store, opts, [shell, "-i"], interactive=True)
+    return _dispatch(store, opts, [shell, "-i"], interactive=True)
 
 
 def _info(store: Store, st: dict[str, Any]) -> SessionInfo:
@@ -842,6 +877,15 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
     try:
         for st in states:
             info = _info(store, st)
+            if st.get("backend") == "shim" and info.state not in ("harvested", "discarded"):
+                from . import shim_backend
+
+                try:
+                    out.append(shim_backend.resume(store, str(st["id"])))
+                except VeloError as exc:
+                    if session_id is not None or exc.reason is not Reason.SESSION_ACTIVE:
+                        raise
+                continue
             if info.state in ("harvested", "discarded", "failed"):
                 if session_id is not None:
                     raise VeloError(

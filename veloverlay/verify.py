@@ -148,6 +148,11 @@ def fsck(
             if progress is not None:
                 progress(min(checked, len(items)))
     rep.findings.extend(_check_short_names(store, m, present))
+    # --link proxies of shim sessions: the documented limit is that a writer the shim cannot
+    # see may change one; this is where that is detected.
+    from .materialize import verify_proxies
+
+    rep.findings.extend(Finding(f.kind, f.path, f.detail) for f in verify_proxies(store))
     # Manifest side: every node decodes and hashes to its key, every reference resolves.
     from .digest import node_digest
 
