@@ -37,7 +37,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import paths, tree
+from . import faults, paths, tree
 from .cas import Stage, Store
 from .digest import hash_fd
 from .manifest import Manifests, Txn
@@ -286,6 +286,7 @@ class _Harvester:
                 self.res.bytes_read += size
         finally:
             os.close(fd)
+        faults.point("harvest.file")
         if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
             # As ingest does unless asked (keep_setid): a session does not mint setuid/setgid
             # files; bits the manifest already had are kept.

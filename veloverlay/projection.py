@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsflags, linking, paths
+from . import faults, fsflags, linking, paths
 from .cas import Store
 from .digest import hash_fd
 from .errors import Reason, SysError, VeloError
@@ -361,6 +361,7 @@ class _Writer:
     def put(self, dfd: int, e: Entry) -> None:
         name = e.name
         self.entries += 1
+        faults.point("lower.build")
         if e.kind is Kind.SYMLINK:
             os.symlink(e.target, name, dir_fd=dfd)
             os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)

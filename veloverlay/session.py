@@ -658,6 +658,7 @@ def _finish(store: Store, m: Manifests, st: dict[str, Any]) -> SessionResult:
     below_root = bytes.fromhex(st["below_root"]) if st.get("below_root") else None
     base_cid = st["bases"][-1]
     with store.lock(), store.stage() as stage:
+        store.reclaim_tmp()  # stages of writers that died, e.g. a manager killed mid-harvest
         with m.read() as txn:
             done, done_ref = _already_committed(m, txn, st)
             base = m.get_commit(txn, base_cid)
