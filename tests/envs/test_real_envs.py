@@ -367,3 +367,63 @@ def test_two_venvs_share_the_store(
             f"{extra}-byte difference"
         )
     assert b.new_bytes <= extra + 64 * 1024, "the second venv stored far more than its difference"
+
+
+def _venv_shim_scenario(base: str, wheels: str, link: bool) -> dict[str, Any]:
+    """The shim cannot hide a host directory: the venv is adopted (moved aside once stored)
+    and the session materialises it at its own path, so its baked paths keep working."""
+    venv = os.path.join(base, "venv")
+    site = "lib/python3.11/site-packages"
+    subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True)
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "pip",
+            "--python",
+            f"{venv}/bin/python",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            wheels,
+            "pip",
+            *PACKAGES,
+        ],
+        check=True,
+        env=dict(os.environ, HOME=base),
+    )
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    res = ingest(store, m, venv, "venv", jobs=1, adopt=True)
+    m.close()
+    out: dict[str, Any] = {"adopted": res.adopted_to, "gone": not os.path.exists(venv)}
+    kw: dict[str, Any] = {"backend": "shim", "link": link}
+    out["import"] = _run(
+        store, "venv", [f"{venv}/bin/python", "-c", "import six, idna, markupsafe._speedups"], **kw
+    ).exit_status
+    r = _run(
+        store,
+        "venv",
+        [f"{venv}/bin/pip", "install", "-q", "--no-index", "--find-links", wheels, EXTRA],
+        **kw,
+    )
+    out["pip"] = (r.exit_status, r.commit is not None, r.conflict_ref)
+    out["in_ref"] = _ls(store, "venv", f"{site}/{EXTRA}/version.py")
+    out["fresh_import"] = _run(
+        store, "venv", [f"{venv}/bin/python", "-c", f"import {EXTRA}.version"], **kw
+    ).exit_status
+    out["fsck"] = _fsck(store)
+    return out
+
+
+@pytest.mark.needs("root")
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_venv_with_the_shim_after_adopt(link: bool, wheels: str) -> None:
+    with unpriv_tmpdir() as base:
+        out = as_mode("root", _venv_shim_scenario, base, wheels, link)
+    assert out["adopted"] and out["gone"], out
+    assert out["import"] == 0
+    assert out["pip"] == (0, True, None), out["pip"]
+    assert out["in_ref"] and out["fresh_import"] == 0
+    assert out["fsck"] == []
