@@ -4,8 +4,8 @@ Trees: 20,000 files of 4 KiB (200 dirs), and a real tree of >= 10,000 files (/us
 default). For each: page cache warmed first; `veloverlay ingest` into a fresh store and
 `git add -A` into a fresh git dir (outside the tree), each timed as a whole command (wall clock,
 interpreter start-up included), median of --repeat runs; then re-ingest of the unchanged tree (stat
-cache). Finally peak memory (sum of RSS over the process tree, sampled) for ingesting 200,000 small
-files. Every run uses new directories: on ext4, creating inodes right after mass deletes in the same
+cache). Finally peak memory (PSS summed over the process tree, sampled every 50 ms) for ingesting
+200,000 small files. Every run uses new directories: on ext4, creating inodes right after mass deletes in the same
 block group is several times slower (feasibility.md §9), so nothing is deleted until the end.
 
 Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--quick]
@@ -112,31 +112,35 @@ def bench_tree(name: str, tree: Path, base: Path, repeat: int) -> dict[str, obje
     }
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """RSS of pid and all its descendants (from /proc)."""
+def _tree_mem_kb(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of pid and all its descendants, from /proc. PSS splits pages shared between
+    the processes (the forked workers share the interpreter with their parent) instead of
+    counting them once per process as a sum of RSS does."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ppid = int(fields[1])
-            with open(f"/proc/{d}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss[int(d)] = int(line.split()[1])
-                        break
-            children.setdefault(ppid, []).append(int(d))
+            children.setdefault(int(fields[1]), []).append(int(d))
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [pid]
+    pss = rss = 0
+    stack = [pid]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+        except OSError:
+            pass
         stack.extend(children.get(p, []))
-    return total
+    return pss, rss
 
 
 def bench_memory(base: Path, files: int) -> dict[str, object]:
@@ -149,13 +153,14 @@ def bench_memory(base: Path, files: int) -> dict[str, object]:
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    peak = 0
+    peak = peak_rss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_rss
         while not done.is_set():
-            peak = max(peak, _tree_rss_kb(proc.pid))
+            pss, rss = _tree_mem_kb(proc.pid)
+            peak, peak_rss = max(peak, pss), max(peak_rss, rss)
             time.sleep(0.05)
 
     t = threading.Thread(target=sample)
@@ -166,7 +171,12 @@ def bench_memory(base: Path, files: int) -> dict[str, object]:
     t.join()
     if rc != 0:
         raise SystemExit(f"ingest of the memory tree failed ({rc})")
-    return {"files": files, "peak_rss_mb": peak / 1024, "seconds": time.perf_counter() - t0}
+    return {
+        "files": files,
+        "peak_pss_mb": peak / 1024,
+        "peak_rss_sum_mb": peak_rss / 1024,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:

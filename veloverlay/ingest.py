@@ -22,7 +22,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import faults, paths, statcache
@@ -233,11 +233,10 @@ def _worker_init(store_root: str, stage_name: str) -> None:
     _W["stage"] = Stage.attach(store, stage_name)
 
 
-_Job = tuple[bytes, bytes]  # (relpath, abspath)
-_Done = tuple[
-    bytes, bytes, int, int, int, int, int, bool
-]  # rel, digest, size, mtime, ctime, ino, mode, racy
-_Fail = tuple[bytes, str, str]
+_Job = tuple[int, bytes]  # (index in the pending list, absolute path)
+_Done = tuple[int, bytes, int, int, int, int, int, bool]  # index, digest, size, mtime, ctime,
+# ino, mode, racy
+_Fail = tuple[int, str, str]
 
 
 def _hash_chunk(
@@ -250,20 +249,20 @@ def _hash_chunk(
     sizes: dict[bytes, int] = {}
     done: list[_Done] = []
     failed: list[_Fail] = []
-    for rel, absp in jobs:
+    for i, absp in jobs:
         try:
             digest, st, racy = read_stable(absp, stage, store)
         except _Changed:
-            failed.append((rel, "changed", "no longer a regular file"))
+            failed.append((i, "changed", "no longer a regular file"))
             continue
         except FileNotFoundError:
-            failed.append((rel, "vanished", "deleted during ingest"))
+            failed.append((i, "vanished", "deleted during ingest"))
             continue
         except VeloError as exc:
-            failed.append((rel, exc.reason.value, exc.message))
+            failed.append((i, exc.reason.value, exc.message))
             continue
         done.append(
-            (rel, digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, racy)
+            (i, digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, racy)
         )
         if digest in stage.staged and digest not in sizes:
             sizes[digest] = st.st_size
@@ -330,7 +329,7 @@ def scan(
     """
     root = _new_dir(b"", os.lstat(top), cache.get(b""))
     dirs: list[_Dir] = [root]
-    pending: list[tuple[_Dir, bytes, os.stat_result]] = []
+    pending: list[tuple[_Dir, bytes]] = []  # small: 200,000 files must ingest in < 300 MB
     stack: list[tuple[bytes, _Dir]] = [(top, root)]
     cache_get = cache.get
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
@@ -370,7 +369,7 @@ def scan(
                     ):
                         hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
                     else:
-                        pending.append((d, name, est))
+                        pending.append((d, name))
                         d.dirty = True
                 elif S_ISDIR(m):
                     rel = prefix + name
@@ -415,21 +414,26 @@ def _perm(mode: int, keep_setid: bool) -> int:
 def _hash_pending(
     store: Store,
     top: bytes,
-    pending: list[tuple[_Dir, bytes, os.stat_result]],
+    pending: list[tuple[_Dir, bytes]],
     res: IngestResult,
     stage: Stage,
     pool: Workers | None,
     keep_setid: bool,
     progress: Progress | None,
 ) -> None:
-    by_rel: dict[bytes, tuple[_Dir, bytes]] = {}
-    job_list: list[_Job] = []
-    for d, name, _st in pending:
-        rel = paths.join(d.rel, name)
-        by_rel[rel] = (d, name)
-        job_list.append((rel, os.path.join(top, rel)))
-    chunks = [job_list[i : i + _CHUNK_FILES] for i in range(0, len(job_list), _CHUNK_FILES)]
-    total = len(job_list)
+    total = len(pending)
+
+    def rel_of(i: int) -> bytes:
+        d, name = pending[i]
+        return paths.join(d.rel, name)
+
+    def chunks() -> Iterator[list[_Job]]:  # made as workers ask for them, not all at once
+        for start in range(0, total, _CHUNK_FILES):
+            yield [
+                (i, os.path.join(top, rel_of(i)))
+                for i in range(start, min(start + _CHUNK_FILES, total))
+            ]
+
     done_count = 0
     failures: list[_Fail] = []
 
@@ -444,8 +448,8 @@ def _hash_pending(
                 res.new_objects += 1
                 res.new_bytes += size
         failures.extend(failed)
-        for rel, digest, size, mtime, ctime, ino, mode, racy in done:
-            d, name = by_rel[rel]
+        for i, digest, size, mtime, ctime, ino, mode, racy in done:
+            d, name = pending[i]
             # The tier is decided when the node is built (_build_nodes), as for cache hits.
             d.entries.append(Entry(name, Kind.FILE, _perm(mode, keep_setid), size, mtime, digest))
             if not racy:
@@ -455,16 +459,17 @@ def _hash_pending(
         if progress is not None:
             progress(done_count, total)
 
-    if pool is None or len(chunks) <= 1:
+    if pool is None or total <= _CHUNK_FILES:
         _worker_init(os.fspath(store.root), stage.name)
-        for ch in chunks:
+        for ch in chunks():
             consume(_hash_chunk(ch))
     else:
-        for result in pool.map_unordered(_hash_chunk, chunks):
+        for result in pool.map_unordered(_hash_chunk, chunks()):
             consume(result)
     # Files that vanished or stopped being regular during the ingest are reported, not fatal;
     # anything else (unreadable, unstable) fails the whole ingest before anything is committed.
-    for rel, reason, msg in failures:
+    for i, reason, msg in failures:
+        rel = rel_of(i)
         if reason in ("vanished", "changed"):
             res.files -= 1
             res.skipped.append((paths.display(rel), reason))
