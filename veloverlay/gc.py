@@ -142,6 +142,11 @@ def gc(
         from .projection import prune
 
         rep.layers_evicted = prune(store, heads)
+        keep_hex = {h.hex() for h in heads}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(store.trees / "relocation"):  # relocation.cached_find_baked
+                if entry.name.split("-", 1)[0] not in keep_hex:
+                    os.unlink(entry.path)
         from .materialize import prune_proxies
 
         rep.proxies_removed = prune_proxies(store)

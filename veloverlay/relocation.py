@@ -47,3 +47,30 @@ def find_baked(
             found.append((0 if path.rpartition(b"/")[2] in _NAMES else 1, path))
     found.sort()
     return count, [paths.display(p) for _rank, p in found[:limit]]
+
+
+def cached_find_baked(
+    store: Store, m: Manifests, root: bytes, original: str
+) -> tuple[int, list[str]]:
+    """find_baked, computed once per (root, original path) like a lower layer: a session
+    projected elsewhere must not walk a 100,000-file manifest every time it starts."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(os.fsencode(original)).hexdigest()[:16]
+    path = store.trees / "relocation" / f"{root.hex()}-{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        return int(data["count"]), [str(p) for p in data["found"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    with m.read() as txn:
+        count, found = find_baked(store, m, txn, root, original)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"count": count, "found": found}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only store still works, it just rescans
+    return count, found

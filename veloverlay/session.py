@@ -346,8 +346,7 @@ def relocation_warnings(
     pyvenv.cfg, .pc files) still name the original place: say which (issue: real envs)."""
     if not original or os.path.realpath(original) == os.path.realpath(target):
         return []
-    with m.read() as txn:
-        count, found = relocation.find_baked(store, m, txn, root, original)
+    count, found = relocation.cached_find_baked(store, m, root, original)
     if not count:
         return []
     shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
