@@ -3,7 +3,8 @@
 A venv's `bin/` scripts carry `#!/orig/path/bin/python`, `pyvenv.cfg` names its home, `.pth`,
 pkg-config and libtool files embed prefixes. Projected at its ingest path (the default) all of
 that keeps working; projected elsewhere (`--at`), those files still point at the original path.
-This module finds them, cheaply: only the file kinds that are known to embed prefixes are read.
+This module finds them, cheaply: only the top directory levels are searched, and only the file
+kinds known to embed prefixes are read.
 """
 
 from __future__ import annotations
@@ -31,20 +32,40 @@ def _candidate(path: bytes) -> bool:
 
 
 def find_baked(
-    store: Store, m: Manifests, txn: Txn, root: bytes, original: str, *, limit: int = 20
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    original: str,
+    *,
+    limit: int = 20,
+    max_depth: int = 3,
 ) -> tuple[int, list[str]]:
     """(count, up to `limit` paths) of files in `root` that embed the absolute path `original`
     (as a whole path component sequence: `/x/venv` matches `/x/venv/bin`, not `/x/venv2`).
-    Well-known files (pyvenv.cfg, RECORD, ...) are listed first."""
+
+    Only the top `max_depth` directory levels are searched (a venv's bin/ and pyvenv.cfg, a
+    project's .venv/bin, node_modules/.bin): the check runs when a session starts, and must not
+    cost a walk of a 100,000-file manifest. Well-known files are listed first."""
     needle = re.compile(re.escape(os.fsencode(original.rstrip("/"))) + rb"(?![\w.+-])")
     count = 0
     found: list[tuple[int, bytes]] = []
-    for path, entry, _node in m.walk(txn, root):
-        if entry.kind is not Kind.FILE or entry.size > _MAX_READ or not _candidate(path):
-            continue
-        if needle.search(store.read_object(entry.digest)):
-            count += 1
-            found.append((0 if path.rpartition(b"/")[2] in _NAMES else 1, path))
+    stack: list[tuple[bytes, bytes, int]] = [(root, b"", 0)]
+    while stack:
+        digest, where, depth = stack.pop()
+        for e in m.get_node(txn, digest).entries:
+            path = paths.join(where, e.name)
+            if e.kind is Kind.DIR:
+                if depth + 1 < max_depth:
+                    stack.append((e.digest, path, depth + 1))
+            elif (
+                e.kind is Kind.FILE
+                and e.size <= _MAX_READ
+                and _candidate(path)
+                and needle.search(store.read_object(e.digest))
+            ):
+                count += 1
+                found.append((0 if e.name in _NAMES else 1, path))
     found.sort()
     return count, [paths.display(p) for _rank, p in found[:limit]]
 
