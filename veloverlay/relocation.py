@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 from . import paths
 from .cas import Store
 from .manifest import Manifests, Txn
-from .tree import Kind
+from .tree import Kind, Op, OpKind
 
 __all__ = ["find_baked"]
 
@@ -70,28 +71,61 @@ def find_baked(
     return count, [paths.display(p) for _rank, p in found[:limit]]
 
 
+def _touches_scope(ops: list[Op], max_depth: int) -> bool:
+    """Could these changes alter what find_baked sees (a candidate file or a directory within
+    its depth)? Metadata-only changes never do: only contents are searched."""
+    for op in ops:
+        if not op.path or op.path.count(b"/") + 1 > max_depth or op.kind is OpKind.META:
+            continue
+        if op.kind is OpKind.DELETE or (op.entry is not None and op.entry.kind is Kind.DIR):
+            return True
+        if _candidate(op.path):
+            return True
+    return False
+
+
 def cached_find_baked(
-    store: Store, m: Manifests, root: bytes, original: str
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    original: str,
+    *,
+    ancestors: Sequence[bytes] = (),
+    max_depth: int = 3,
 ) -> tuple[int, list[str]]:
-    """find_baked, computed once per (root, original path) like a lower layer: a session
-    projected elsewhere must not walk a 100,000-file manifest every time it starts."""
+    """find_baked, computed once per (root, original path), like a lower layer; for a root
+    whose ancestor's answer is cached and whose changes since touch nothing the search looks
+    at, that answer is reused: a session after a commit must not pay a new search."""
     import hashlib
     import json
 
     key = hashlib.sha256(os.fsencode(original)).hexdigest()[:16]
-    path = store.trees / "relocation" / f"{root.hex()}-{key}.json"
-    try:
-        data = json.loads(path.read_text())
-        return int(data["count"]), [str(p) for p in data["found"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    cache_dir = store.trees / "relocation"
+
+    def load(r: bytes) -> tuple[int, list[str]] | None:
+        try:
+            data = json.loads((cache_dir / f"{r.hex()}-{key}.json").read_text())
+            return int(data["count"]), [str(p) for p in data["found"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    answer = load(root)
+    if answer is not None:
+        return answer
     with m.read() as txn:
-        count, found = find_baked(store, m, txn, root, original)
+        for anc in ancestors:
+            prior = load(anc)
+            if prior is not None and not _touches_scope(m.diff(txn, anc, root), max_depth):
+                answer = prior
+                break
+        if answer is None:
+            answer = find_baked(store, m, txn, root, original, max_depth=max_depth)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = cache_dir / f"{root.hex()}-{key}.json"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"count": count, "found": found}))
+        tmp.write_text(json.dumps({"count": answer[0], "found": answer[1]}))
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only store still works, it just rescans
-    return count, found
+        pass  # a read-only store still works, it just searches again
+    return answer

@@ -340,13 +340,18 @@ def _ancestors(m: Manifests, txn: Txn, commit: Commit, limit: int = 32) -> list[
 
 
 def relocation_warnings(
-    store: Store, m: Manifests, root: bytes, original: str | None, target: str
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    original: str | None,
+    target: str,
+    ancestors: list[bytes] | None = None,
 ) -> list[str]:
     """Projected away from where it was ingested, a tree's baked absolute paths (venv scripts,
     pyvenv.cfg, .pc files) still name the original place: say which (issue: real envs)."""
     if not original or os.path.realpath(original) == os.path.realpath(target):
         return []
-    count, found = relocation.cached_find_baked(store, m, root, original)
+    count, found = relocation.cached_find_baked(store, m, root, original, ancestors=ancestors or [])
     if not count:
         return []
     shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
@@ -414,7 +419,7 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
         below = projection.stack_roots(m, txn, roots[:-1]) if len(roots) > 1 else None
         hints = _ancestors(m, txn, commits[-1]) if len(roots) == 1 else []
     target = _resolve_target(store, opts.at, refs[-1])
-    warnings.extend(relocation_warnings(store, m, view, refs[-1].path, target))
+    warnings.extend(relocation_warnings(store, m, view, refs[-1].path, target, hints))
     lowers = projection.ensure_lowers(store, m, view, form=form, protect=protect, hints=hints)
     if lowers.immutable:
         protection = "immutable"  # +i on every referenced object, store read-only inside
