@@ -5,8 +5,9 @@ default). For each: page cache warmed first; `veloverlay ingest` into a fresh st
 `git add -A` into a fresh git dir (outside the tree), each timed as a whole command (wall clock,
 interpreter start-up included), median of --repeat runs; then re-ingest of the unchanged tree (stat
 cache). Finally peak memory (PSS summed over the process tree, sampled every 50 ms) for ingesting
-200,000 small files. Every run uses new directories: on ext4, creating inodes right after mass deletes in the same
-block group is several times slower (feasibility.md §9), so nothing is deleted until the end.
+200,000 small files. Every run uses new directories: on ext4, creating inodes right after mass
+deletes in the same block group is several times slower (feasibility.md §9), so nothing is deleted
+until the end.
 
 Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--quick]
 Prints a table and writes bench/results/ingest.json.
@@ -212,7 +213,8 @@ def main() -> None:
             f"{r['reingest_files_per_s']:>14,.0f}"
         )
     print(
-        f"peak memory ingesting {mem['files']:,} files: {mem['peak_rss_mb']:.0f} MB (process tree)"
+        f"peak memory ingesting {mem['files']:,} files: {mem['peak_pss_mb']:.0f} MB PSS "
+        f"(process tree; sum of RSS {mem['peak_rss_sum_mb']:.0f} MB)"
     )
     RESULTS.mkdir(exist_ok=True)
     out = {"base": args.base, "repeat": args.repeat, "trees": results, "memory": mem}
