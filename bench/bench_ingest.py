@@ -203,8 +203,9 @@ def main() -> None:
         loop = Path(tempfile.mkdtemp(prefix="velo-bench-fs-", dir=args.base))
         image = loop / "fs.img"
         with open(image, "wb") as f:
-            f.truncate(8 << 30)
-        subprocess.run(["mkfs.ext4", "-q", "-F", os.fspath(image)], check=True)
+            f.truncate(12 << 30)
+        # One inode per 4 KiB: the trees and stores are mostly small files and shard dirs.
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", os.fspath(image)], check=True)
         (loop / "mnt").mkdir()
         subprocess.run(
             ["mount", "-o", "loop", os.fspath(image), os.fspath(loop / "mnt")], check=True

@@ -65,6 +65,7 @@ class Store:
         self.locks = self.root / "locks-v1"
         self.db_path = self.root / "manifests.lmdb"
         self._objects_b = os.fsencode(self.objects)
+        self.objects_b = self._objects_b
         self._known_shards: set[bytes] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -415,7 +416,10 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
     published = 0
     for digest, path in items:
         hexname = digest.hex().encode()
-        dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
+        try:
+            dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
+        except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
+            raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
         try:
             # An identical object may exist already (another writer): keep the older inode,
             # it may carry +i and short-name links.

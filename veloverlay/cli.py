@@ -492,6 +492,8 @@ def status(as_json: JsonOpt = False) -> None:
     for s in sessions:
         d = s.to_dict()
         print(f"session {d['id']}: {d['state']} ({', '.join(d.get('refs', []))})")
+        for w in d["warnings"]:  # e.g. baked paths of a tree projected away from its home
+            print(f"  warning: {w}")
 
 
 @tiers_app.command("explain")

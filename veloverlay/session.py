@@ -127,9 +127,11 @@ class SessionInfo:
     target: str
     commit: str | None = None
     conflict_ref: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the session said at its start
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "warnings": self.warnings,
             "id": self.id,
             "refs": self.refs,
             "state": self.state,
@@ -852,6 +854,7 @@ def _info(store: Store, st: dict[str, Any]) -> SessionInfo:
         target=str(st.get("target", "")),
         commit=st.get("commit"),
         conflict_ref=st.get("conflict_ref"),
+        warnings=[str(w) for w in st.get("warnings", [])],
     )
 
 

@@ -150,6 +150,12 @@ def _venv_scenario(base: str, wheels: str, form: str) -> dict[str, Any]:
     # Projected elsewhere, the venv's baked paths are named; at home, nothing is said.
     elsewhere = _run(store, "venv", ["true"], at=os.path.join(base, "elsewhere"), discard=True)
     out["moved_warning"] = " ".join(elsewhere.warnings)
+    out["in_status"] = any(  # `veloverlay status` / `sessions --json` show it too
+        "pyvenv.cfg" in w
+        for info in session.list_sessions(store)
+        if info.id == elsewhere.session_id
+        for w in info.warnings
+    )
     out["home_warnings"] = _run(store, "venv", ["true"], discard=True).warnings
     out["fsck"] = _fsck(store)
     return out
@@ -165,6 +171,7 @@ def test_venv(mode: str, form: str, wheels: str) -> None:
     assert out["host_untouched"], "the session wrote into the host's venv"
     assert out["fresh_import"] == 0, "a fresh session cannot import the harvested package"
     assert "pyvenv.cfg" in out["moved_warning"] and "bin/" in out["moved_warning"], out
+    assert out["in_status"], "status does not show the relocation warning"
     assert not any("ingest path" in w for w in out["home_warnings"]), out["home_warnings"]
     assert out["fsck"] == []
 

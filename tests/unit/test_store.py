@@ -516,3 +516,23 @@ def test_a_store_that_is_not_writable_is_store_permission(how: str) -> None:
         assert rc == "rc=1"
         assert "error:" in stderr and "reason: store-permission" in stderr
         os.chmod(os.path.join(store, "objects-v1"), 0o755)
+
+
+def test_no_space_for_a_shard_directory_is_store_full(
+    repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC can come from creating a shard directory too (found by the ingest benchmark on a
+    filesystem out of inodes): it is STORE_FULL like a failed write, not a raw OSError."""
+    import errno as _errno
+
+    from veloverlay.cas import Store as _Store
+
+    def full(self: _Store, hexname: bytes) -> bytes:
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    with repo.store.stage() as st:
+        st.add_bytes(b"some content")
+        monkeypatch.setattr(_Store, "shard_dir", full)
+        with pytest.raises(VeloError) as ei:
+            st.publish()
+    assert ei.value.reason is Reason.STORE_FULL
