@@ -350,3 +350,18 @@ def loopback_up(*, use_pyroute2: bool = True) -> None:
                 ipr.link("set", index=index, state="up")
             return
     _loopback_up_ioctl()
+
+
+def proc_start(pid: int) -> int | None:
+    """A process's start time in clock ticks, or None if it is gone or a zombie. Compared with
+    a recorded value, it tells a live process from a new one that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return None if fields[0] == b"Z" else int(fields[19])
+    except (IndexError, ValueError):
+        return None

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import overlay, paths, probe, projection, relocation
+from . import ns, overlay, paths, probe, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
 from .harvest import harvest_upper, to_top_ref
@@ -247,25 +247,9 @@ def _save_state(store: Store, st: dict[str, Any]) -> None:
     projection._write_json_atomic(_state_path(store, st["id"]), st)
 
 
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks (guards against pid reuse), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        if fields[0] == b"Z":
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def _alive(st: dict[str, Any]) -> bool:
     pid = int(st.get("pid") or 0)
-    return pid > 0 and _proc_start(pid) == st.get("pid_start")
+    return pid > 0 and ns.proc_start(pid) == st.get("pid_start")
 
 
 # --- target ------------------------------------------------------------------------------------
@@ -472,7 +456,7 @@ def _make_session_dir(store: Store, plan: _Plan, m: Manifests, opts: SessionOpti
         "below_root": plan.below_root.hex() if plan.below_root is not None else None,
         "target": plan.target,
         "pid": os.getpid(),
-        "pid_start": _proc_start(os.getpid()),
+        "pid_start": ns.proc_start(os.getpid()),
         "child": 0,
         "state": "starting",
         "start": time.time(),
@@ -909,17 +893,17 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
                     )
                 continue
             child = int(st.get("child") or 0)
-            if child > 0 and _proc_start(child) is not None:
+            if child > 0 and ns.proc_start(child) is not None:
                 # A parent-death SIGKILL is on its way; make sure before reading the upper.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(child, signal.SIGKILL)
                 for _ in range(200):
-                    if _proc_start(child) is None:
+                    if ns.proc_start(child) is None:
                         break
                     time.sleep(0.01)
             # Take over the session so that a concurrent resume does not harvest it twice.
             st["pid"] = os.getpid()
-            st["pid_start"] = _proc_start(os.getpid())
+            st["pid_start"] = ns.proc_start(os.getpid())
             _save_state(store, st)
             res = _finish(store, m, st)
             res.exit_status = int(

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import projection
 from .cas import Store
+from .ns import proc_start
 
 __all__ = ["ShimStatus", "run_command", "start_daemon", "stop_daemon", "proc_start", "same_process"]
 
@@ -47,19 +48,6 @@ class ShimStatus:
 
 def _save_state(store: Store, st: dict[str, Any]) -> None:
     projection._write_json_atomic(store.sessions / st["id"] / "state.json", st)
-
-
-def proc_start(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return None if fields[0] == b"Z" else int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def same_process(pid: int, start: int | None) -> bool:

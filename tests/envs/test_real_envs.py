@@ -98,10 +98,10 @@ def _fsck(store: Store) -> list[str]:
         m.close()
 
 
-def _venv_scenario(base: str, wheels: str, form: str) -> dict[str, Any]:
-    os.environ["VELO_FORCE_LOWER"] = form
-    venv = os.path.join(base, "venv")
-    site = "lib/python3.11/site-packages"
+def make_venv(
+    venv: str, wheels: str, packages: list[str], *, home: str | None = None, compile: bool = True
+) -> None:
+    """A venv from Debian's world-readable Python with `packages` installed offline."""
     subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True)
     subprocess.run(
         [
@@ -113,14 +113,22 @@ def _venv_scenario(base: str, wheels: str, form: str) -> dict[str, Any]:
             "install",
             "-q",
             "--no-index",
+            "--compile" if compile else "--no-compile",
             "--find-links",
             wheels,
             "pip",
-            *PACKAGES,
+            *packages,
         ],
         check=True,
-        env=dict(os.environ, HOME=base),
+        env=dict(os.environ, HOME=home) if home is not None else None,
     )
+
+
+def _venv_scenario(base: str, wheels: str, form: str) -> dict[str, Any]:
+    os.environ["VELO_FORCE_LOWER"] = form
+    venv = os.path.join(base, "venv")
+    site = "lib/python3.11/site-packages"
+    make_venv(venv, wheels, PACKAGES, home=base)
     store = Store.init(os.path.join(base, "store"))
     m = Manifests(store)
     ingest(store, m, venv, "venv", jobs=1)
@@ -343,25 +351,7 @@ def test_two_venvs_share_the_store(
     sizes = {}
     for name, pkgs in (("a", PACKAGES), ("b", [*PACKAGES, EXTRA])):
         venv = os.path.join(shm_tmp, name)
-        subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True)
-        subprocess.run(
-            [
-                PY,
-                "-m",
-                "pip",
-                "--python",
-                f"{venv}/bin/python",
-                "install",
-                "-q",
-                "--no-index",
-                "--no-compile",
-                "--find-links",
-                wheels,
-                "pip",
-                *pkgs,
-            ],
-            check=True,
-        )
+        make_venv(venv, wheels, pkgs, compile=False)
         sizes[name] = ingest(store, m, venv, name, jobs=1)
     m.close()
     a, b = sizes["a"], sizes["b"]
@@ -381,25 +371,7 @@ def _venv_shim_scenario(base: str, wheels: str, link: bool) -> dict[str, Any]:
     and the session materialises it at its own path, so its baked paths keep working."""
     venv = os.path.join(base, "venv")
     site = "lib/python3.11/site-packages"
-    subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True)
-    subprocess.run(
-        [
-            PY,
-            "-m",
-            "pip",
-            "--python",
-            f"{venv}/bin/python",
-            "install",
-            "-q",
-            "--no-index",
-            "--find-links",
-            wheels,
-            "pip",
-            *PACKAGES,
-        ],
-        check=True,
-        env=dict(os.environ, HOME=base),
-    )
+    make_venv(venv, wheels, PACKAGES, home=base)
     store = Store.init(os.path.join(base, "store"))
     m = Manifests(store)
     res = ingest(store, m, venv, "venv", jobs=1, adopt=True)
