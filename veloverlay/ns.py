@@ -101,8 +101,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _read_result(rfd: int, pid: int) -> bytes:
-    """Read the child's answer until EOF, or until the child has exited and the pipe is drained.
+def read_until_exit(rfd: int, pid: int) -> bytes:
+    """Read a child's pipe until EOF, or until the child has exited and the pipe is drained.
 
     A grandchild that `fn` forked and left running keeps the write end open; watching a pidfd
     of the child (Linux >= 5.3) stops us from waiting for that grandchild.
@@ -179,7 +179,7 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
             os._exit(status)
     os.close(wfd)
     try:
-        data = _read_result(rfd, pid)
+        data = read_until_exit(rfd, pid)
     finally:
         os.close(rfd)
         status = _wait(pid)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -307,40 +306,12 @@ def _reap_rest(grace: float) -> list[tuple[int, str]]:
 
 # --- the manager side --------------------------------------------------------------------------
 def read_report(rfd: int, pid: int) -> dict[str, Any]:
-    chunks: list[bytes] = []
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        pidfd = -1
-    try:
-        poller = select.poll()
-        poller.register(rfd, select.POLLIN)
-        if pidfd >= 0:
-            poller.register(pidfd, select.POLLIN)
-        while True:
-            try:
-                events = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if events.get(rfd):
-                chunk = os.read(rfd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                continue
-            if pidfd >= 0 and events.get(pidfd):
-                os.set_blocking(rfd, False)
-                with contextlib.suppress(BlockingIOError):
-                    while chunk := os.read(rfd, 1 << 16):
-                        chunks.append(chunk)
-                break
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-    if not chunks:
+    """The session child's JSON report ({} when it died before writing one)."""
+    raw = ns.read_until_exit(rfd, pid)
+    if not raw:
         return {}
     try:
-        data: dict[str, Any] = json.loads(b"".join(chunks))
+        data: dict[str, Any] = json.loads(raw)
     except ValueError:
         return {}
     return data
