@@ -39,6 +39,7 @@ from typing import Any
 from . import paths, tree
 from .cas import Stage, Store
 from .digest import hash_fd
+from .harvest import StoreLinks
 from .manifest import Manifests, Txn
 from .materialize import Baseline
 from .projection import PROXY_MTIME_NS
@@ -95,13 +96,9 @@ class TreeSync:
         # Files hashed here are cached only when their ctime is older than this margin: a write
         # within the same coarse clock tick would not move ctime (git's "racy clean" rule).
         self.racy_ns = racy_ns
-        prefixes = {os.fsencode(store.objects) + b"/"}
-        with contextlib.suppress(OSError):
-            prefixes.add(os.fsencode(os.path.realpath(store.objects)) + b"/")
-        self.obj_prefixes = tuple(prefixes)
+        self.links = StoreLinks(store)
         self._txn: Txn = None
         self._root = b""
-        self._modes: dict[bytes, int] | None = None
 
     # -- paths
     def rel(self, path: bytes) -> bytes | None:
@@ -138,8 +135,7 @@ class TreeSync:
     def sync(self, txn: Txn, root: bytes, dirty: dict[bytes, int], stage: Stage) -> SyncResult:
         res = SyncResult()
         self._txn = txn
-        if root != self._root:
-            self._root, self._modes = root, None
+        self._root = root
         done: list[bytes] = []  # paths replaced or deleted whole: skip what lies below
         subtrees = sorted(p for p, f in dirty.items() if f & SUBTREE)
         for p in sorted(dirty):
@@ -294,15 +290,18 @@ class TreeSync:
             return self._file(dfd, name, st, p, low, stage, res)
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(name, dir_fd=dfd)
-            digest = self._store_object(target)
-            if digest is not None:
-                if low is not None and low.kind is Kind.FILE and low.digest == digest:
-                    return Entry(name, Kind.FILE, low.mode, low.size, mtime, digest, b"", low.tier)
-                size = os.stat(self.store.object_path_b(digest)).st_size
-                mode = self._tier1_mode(digest)
-                return Entry(
-                    name, Kind.FILE, mode, size, mtime, digest, b"", self.rules.classify(p)
-                )
+            copied = self.links.entry(
+                self.m,
+                self._txn,
+                self._root,
+                name,
+                target,
+                mtime,
+                low,
+                lambda: self.rules.classify(p),
+            )
+            if copied is not None:
+                return copied
             return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
         kind = (
             "fifo"
@@ -312,29 +311,6 @@ class TreeSync:
             else "device"
         )
         res.warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
-        return None
-
-    def _tier1_mode(self, digest: bytes) -> int:
-        """The mode the manifest records for this object (what `cp -a` of the file keeps):
-        one walk of the root on first need (copies of Tier-1 symlinks are rare)."""
-        if self._modes is None:
-            self._modes = {}
-            for _p, e, _n in self.m.walk(self._txn, self._root):
-                if e.kind is Kind.FILE and e.tier == 1:
-                    self._modes.setdefault(e.digest, e.mode)
-        return self._modes.get(digest, 0o644)
-
-    def _store_object(self, target: bytes) -> bytes | None:
-        for prefix in self.obj_prefixes:
-            if target.startswith(prefix):
-                rest = target[len(prefix) :].split(b"/")
-                if len(rest) == 3 and len(rest[2]) == 64 and rest[2][:2] == rest[0]:
-                    try:
-                        digest = bytes.fromhex(rest[2].decode())
-                    except ValueError:
-                        return None
-                    if rest[2][2:4] == rest[1] and self.store.has(digest):
-                        return digest
         return None
 
     def _file(

@@ -34,7 +34,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import faults, paths, tree
@@ -53,6 +53,65 @@ _XATTR_METACOPY = "user.overlay.metacopy"
 _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETID = stat.S_ISUID | stat.S_ISGID
 _OBJ_RE = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})$")
+
+
+class StoreLinks:
+    """A symlink into the store that a program copied (`cp -a`, npm) from a Tier-1 entry: the
+    program meant to keep the file, so it is harvested back into a FILE entry of that object,
+    with the mode the manifest records. Shared by the overlay harvester and the shim's daemon."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        prefixes = {os.fsencode(store.objects) + b"/"}
+        with contextlib.suppress(OSError):
+            prefixes.add(os.fsencode(os.path.realpath(store.objects)) + b"/")
+        self.prefixes = tuple(prefixes)
+        self._root: bytes | None = None
+        self._modes: dict[bytes, int] = {}
+
+    def object_of(self, target: bytes) -> bytes | None:
+        """The digest of the stored object `target` names, or None."""
+        for prefix in self.prefixes:
+            if target.startswith(prefix):
+                mt = _OBJ_RE.match(target[len(prefix) :])
+                if mt and mt.group(1) == mt.group(3)[:2] and mt.group(2) == mt.group(3)[2:4]:
+                    digest = bytes.fromhex(mt.group(3).decode())
+                    if self.store.has(digest):
+                        return digest
+        return None
+
+    def entry(
+        self,
+        m: Manifests,
+        txn: Txn,
+        root: bytes,
+        name: bytes,
+        target: bytes,
+        mtime_ns: int,
+        low: Entry | None,
+        tier: Callable[[], int],
+    ) -> Entry | None:
+        """The FILE entry for a copied store symlink, or None for any other symlink."""
+        digest = self.object_of(target)
+        if digest is None:
+            return None
+        if low is not None and low.kind is Kind.FILE and low.digest == digest:
+            return Entry(name, Kind.FILE, low.mode, low.size, mtime_ns, digest, b"", low.tier)
+        size = os.stat(self.store.object_path_b(digest)).st_size
+        return Entry(
+            name, Kind.FILE, self._mode(m, txn, root, digest), size, mtime_ns, digest, b"", tier()
+        )
+
+    def _mode(self, m: Manifests, txn: Txn, root: bytes, digest: bytes) -> int:
+        """The mode `root` records for the object (what `cp -a` of the file keeps). Built on
+        first need by one walk of the root: copies of Tier-1 symlinks are rare."""
+        if root != self._root:
+            self._root = root
+            self._modes = {}
+            for _p, e, _n in m.walk(txn, root):
+                if e.kind is Kind.FILE and e.tier == 1:
+                    self._modes.setdefault(e.digest, e.mode)
+        return self._modes.get(digest, 0o644)
 
 
 @dataclass
@@ -108,12 +167,8 @@ class _Harvester:
         self.form = form
         self.rules = rules
         self.res = HarvestResult()
-        prefixes = {os.fsencode(store.objects) + b"/"}
-        with contextlib.suppress(OSError):
-            prefixes.add(os.fsencode(os.path.realpath(store.objects)) + b"/")
-        self.obj_prefixes = tuple(prefixes)
+        self.links = StoreLinks(store)
         self.view_root = b""
-        self._modes: dict[bytes, int] | None = None
 
     # -- opening what the session made unreadable
     def _open_dir(self, dfd: int, name: bytes, st: os.stat_result) -> int:
@@ -222,14 +277,18 @@ class _Harvester:
             return self._file(dfd, name, st, p, low)
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(name, dir_fd=dfd)
-            digest = self._store_object(target)
-            if digest is not None:
-                if low is not None and low.kind is Kind.FILE and low.digest == digest:
-                    return Entry(name, Kind.FILE, low.mode, low.size, mtime, digest, b"", low.tier)
-                size = os.stat(self.store.object_path_b(digest)).st_size
-                tier = self.rules.classify(p)
-                mode = self._tier1_mode(digest)
-                return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+            copied = self.links.entry(
+                self.m,
+                self.txn,
+                self.view_root,
+                name,
+                target,
+                mtime,
+                low,
+                lambda: self.rules.classify(p),
+            )
+            if copied is not None:
+                return copied
             return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
         kind = (
             "fifo"
@@ -239,28 +298,6 @@ class _Harvester:
             else "device"
         )
         self.res.warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
-        return None
-
-    def _tier1_mode(self, digest: bytes) -> int:
-        """The mode the view records for this object (what `cp -a` of the file would keep).
-
-        Built on first need by one walk of the view: copies of Tier-1 symlinks are rare.
-        """
-        if self._modes is None:
-            self._modes = {}
-            for _p, e, _n in self.m.walk(self.txn, self.view_root):
-                if e.kind is Kind.FILE and e.tier == 1:
-                    self._modes.setdefault(e.digest, e.mode)
-        return self._modes.get(digest, 0o644)
-
-    def _store_object(self, target: bytes) -> bytes | None:
-        for prefix in self.obj_prefixes:
-            if target.startswith(prefix):
-                mt = _OBJ_RE.match(target[len(prefix) :])
-                if mt and mt.group(1) == mt.group(3)[:2] and mt.group(2) == mt.group(3)[2:4]:
-                    digest = bytes.fromhex(mt.group(3).decode())
-                    if self.store.has(digest):
-                        return digest
         return None
 
     def _file(
