@@ -64,13 +64,26 @@ def _make_removable(path: str) -> None:
                     os.chmod(full, 0o700)
 
 
+_PARENT: list[str] = []
+
+
+def _scratch_parent() -> str:
+    if not _PARENT:
+        from veloverlay import probe
+
+        _PARENT.append("/dev/shm" if probe.user_xattrs("/dev/shm").ok else "/var/tmp")
+    return _PARENT[0]
+
+
 @contextlib.contextmanager
 def unpriv_tmpdir() -> Iterator[str]:
-    """A fresh 0755 directory under /dev/shm owned by UNPRIV_UID, removed afterwards.
+    """A fresh 0755 directory owned by UNPRIV_UID, removed afterwards: under /dev/shm where its
+    tmpfs holds user xattrs (overlay sessions need them on the store's filesystem; tmpfs has
+    them since Linux 6.6), else under /var/tmp.
 
     pytest's tmp_path lies under /tmp/pytest-of-root (0700), which that uid cannot reach.
     """
-    path = tempfile.mkdtemp(prefix="velo-test-", dir="/dev/shm")
+    path = tempfile.mkdtemp(prefix="velo-test-", dir=_scratch_parent())
     try:
         if os.getuid() == 0:
             os.chown(path, UNPRIV_UID, UNPRIV_GID)
