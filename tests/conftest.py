@@ -4,11 +4,16 @@ A test marked `@pytest.mark.needs("overlay_userns", ...)` is skipped with the pr
 the host lacks a facility — unless the facility is named in `VELO_TEST_MUST_WORK` (comma separated,
 or `all`), where the skip becomes a failure. `.ci/run` sets that list, so on CI machines nothing the
 product promises can go silently untested.
+
+The per-boot layer cache (veloverlay/volatile.py) of every test goes to one directory made for the
+run (VELO_RUNTIME_DIR, unless the caller set it) and removed at its end, so the suite leaves no
+layers in /run or /dev/shm behind.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -19,8 +24,25 @@ def must_work() -> set[str]:
     return {w.strip() for w in os.environ.get("VELO_TEST_MUST_WORK", "").split(",") if w.strip()}
 
 
+_RUNTIME: list[str] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(*features): skip unless the probe finds the features")
+    if "VELO_RUNTIME_DIR" not in os.environ:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        path = tempfile.mkdtemp(prefix="velo-test-runtime-", dir=base)
+        os.chmod(path, 0o1777)  # each uid (root, the root-free test uid) makes its own subdir
+        os.environ["VELO_RUNTIME_DIR"] = path
+        _RUNTIME.append(path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests.helpers.fixtures import _force_rmtree
+
+    for path in _RUNTIME:
+        _force_rmtree(path)
+    os.environ.pop("VELO_RUNTIME_DIR", None)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -10,6 +10,9 @@ VARS: dict[str, str] = {
     "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay)",
     "VELO_FORCE_LOWER": "force the lower-layer form: 'links' or 'data-only'",
     "VELO_MAP_SIZE": "LMDB map size in bytes for a new environment (default 64 GiB, sparse)",
+    "VELO_RUNTIME_DIR": "per-boot cache of data-only lower layers: DIR/veloverlay-UID (default "
+    "/run/veloverlay as root, else $XDG_RUNTIME_DIR/veloverlay or /dev/shm/veloverlay-UID, "
+    "tmpfs only); 'off' keeps layers in the store",
     "VELO_JOBS": "worker processes for ingest and fsck (default: CPU count)",
     "VELO_SHIM_LIBRARY": "the shim library to preload (default: the one this package built)",
     "VELO_SHIM_CONFIG": "set by shim sessions for their processes: the session's shim export",

@@ -107,6 +107,7 @@ def spec_for(
 class ChildSpec:
     spec: OverlaySpec
     store_root: str
+    readonly: list[str]  # more directories bound read-only (the per-boot layer cache)
     cwd: str
     argv: list[str]
     env: dict[str, str]
@@ -149,6 +150,8 @@ def child_main(ctx: ChildSpec) -> None:
         # Only now: a read-only store under the upper dir before the overlay mount would make
         # the overlay read-only (measured). The overlay keeps its own reference to the upper.
         mount.bind(ctx.store_root, ctx.store_root, readonly=True)
+        for path in ctx.readonly:
+            mount.bind(path, path, readonly=True)
         if ctx.net_none:
             ns.loopback_up()
     except BaseException as exc:  # noqa: BLE001 - reported to the manager

@@ -11,7 +11,10 @@ Two forms (DESIGN.md "Projection"), chosen by the probe (`probe.lower_form`), ne
   the 71-byte object path, 0.5 MB with the short id; the short-name hard link costs ~10 µs per
   object on first use, ~98,000/s, and a symlink in the data-only layer is not followed by
   overlayfs: ENOENT, measured). Mounted as `lowerdir=<meta>` + data-only lower `ids-v1` with
-  `userxattr`.
+  `userxattr`. That is the form kept in the store; where a per-boot tmpfs directory is usable
+  (`volatile.py`) metadata layers are built there instead — an inode on tmpfs costs a fraction
+  of an ext4 one and xattr size only memory — with redirects to the full object path
+  `/<ab>/<cd>/<hex>` and `objects-v1` itself as the data-only lower: no short names to make.
 * **links** — a tree of hard links to per-(digest, mode) *proxy* inodes in `trees-v1/proxies/`:
   copies (reflinks where the filesystem can) of the object with the entry's mode, never the 0444
   object itself (a non-root owner could not write the merged file). A proxy is shared by every
@@ -31,12 +34,14 @@ else a zero-size file with `user.overlay.whiteout` inside a directory marked `us
 — replaced directories as `user.overlay.opaque=y`); after `FLATTEN_AFTER` layers the root is built
 whole again. Builds run under a per-(form, root) flock, into a temp dir renamed into place.
 
-Layout under the store:
+Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp/):
     ids-v1/<ab>/<18 hex>                       short names of objects (data-only layer)
     trees-v1/layers/<name>/                    one layer (immutable once renamed into place)
     trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
     trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
     trees-v1/locks/  trees-v1/tmp/
+A stack is looked up in the per-boot cache, then in the store; a delta layer is only stacked on
+a base in the same place; a build that fills the cache (ENOSPC) is redone in the store.
 
 Imports the kernel modules (`fsflags`, `linking`) and the manifest layer; nothing here mounts.
 """
@@ -105,6 +110,8 @@ class Lowers:
     seconds: float
     immutable: bool  # every object these layers reference carries +i
     protection_note: str
+    home: str = ""  # the directory holding layers/ and stacks/ (store or per-boot cache)
+    warning: str = ""  # e.g. the per-boot cache was full and the layers went to the store
 
 
 def ids_dir(store: Store) -> Path:
@@ -117,6 +124,49 @@ def short_id_path(store: Store, short: str) -> bytes:
 
 def _trees(store: Store, *parts: str) -> Path:
     return store.trees.joinpath(*parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Home:
+    """Where layers, stacks, their locks and half-built layers live: the store's `trees-v1/`,
+    or (data-only form) the per-boot tmpfs directory of `volatile.py`, whose layers redirect
+    to full object paths under `objects-v1/` instead of short names under `ids-v1/`."""
+
+    root: Path
+    volatile: bool
+
+    def sub(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+
+def _disk_home(store: Store) -> _Home:
+    return _Home(store.trees, False)
+
+
+def _volatile_home(store: Store) -> _Home | None:
+    from . import volatile
+
+    path = volatile.home(store.root)
+    return _Home(path, True) if path is not None else None
+
+
+def _data_layers(store: Store, home: _Home, form: str) -> tuple[str, ...]:
+    if form != "data-only":
+        return ()
+    return (os.fspath(store.objects if home.volatile else ids_dir(store)),)
+
+
+def layer_homes(store: Store) -> list[Path]:
+    """The directories holding this store's `layers/` and `stacks/` for the calling user: the
+    per-boot cache (when there is one) and the store's `trees-v1/`."""
+    fast = _volatile_home(store)
+    return ([fast.root] if fast is not None else []) + [store.trees]
+
+
+def readonly_dirs(store: Store) -> list[str]:
+    """Directories outside the store that sessions must see read-only (the per-boot layers)."""
+    home = _volatile_home(store)
+    return [os.fspath(home.root)] if home is not None else []
 
 
 # --- small fs helpers --------------------------------------------------------------------------
@@ -173,8 +223,18 @@ def _write_json_atomic(path: Path, data: object) -> None:
 class _Objects:
     """Per-build bookkeeping for the objects a layer references: short names, +i, proxies."""
 
-    def __init__(self, store: Store, m: Manifests, txn: Txn, *, protect: bool, form: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        m: Manifests,
+        txn: Txn,
+        *,
+        protect: bool,
+        form: str,
+        volatile: bool = False,
+    ) -> None:
         self.store = store
+        self.volatile = volatile
         self.m = m
         self.txn = txn
         self.protect = protect
@@ -200,7 +260,16 @@ class _Objects:
             if len(self.protect_failed) < 5:
                 self.protect_failed.append(f"{digest.hex()[:16]}: {exc}")
 
-    # -- short ids (data-only layer)
+    # -- redirects (data-only layer)
+    def redirect(self, digest: bytes) -> bytes:
+        """The `user.overlay.redirect` value naming `digest` in the data-only layer."""
+        if self.volatile:  # the layer is objects-v1 itself; tmpfs does not mind 71 bytes
+            h = digest.hex().encode()
+            self._immutable(digest)
+            return b"/%s/%s/%s" % (h[:2], h[2:4], h)
+        short = self.short_id(digest)
+        return b"/%s/%s" % (short[:2].encode(), short[2:].encode())
+
     def short_id(self, digest: bytes) -> str:
         """Ensure `ids-v1/<ab>/<rest>` is a hard link of the object; return the id."""
         known = self.seen_ids.get(digest)
@@ -331,7 +400,7 @@ class _Objects:
         raise SysError(errno.EMLINK, "link", path)
 
     def tier1(self, digest: bytes) -> bytes:
-        if self.form == "data-only":
+        if self.form == "data-only" and not self.volatile:
             self.short_id(digest)  # name it before +i so a later Tier-2 use needs no clearing
         else:
             if not self.store.has(digest):
@@ -393,10 +462,7 @@ class _Writer:
         fd = os.open(e.name, _NEWFILE, e.mode & 0o777, dir_fd=dfd)
         try:
             if e.size:
-                redirect = b"/%s/%s" % (
-                    (short := self.objs.short_id(e.digest))[:2].encode(),
-                    short[2:].encode(),
-                )
+                redirect = self.objs.redirect(e.digest)
                 os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
                 os.setxattr(fd, _XATTR_METACOPY, b"")
                 os.setxattr(fd, _XATTR_REDIRECT, redirect)
@@ -501,8 +567,8 @@ def _write_subtree(m: Manifests, txn: Txn, w: _Writer, b: _Build, node: Node, re
                 w.put(b.fd(where), e)
 
 
-def _new_build(store: Store, name: str) -> _Build:
-    tmpdir = _trees(store, "tmp")
+def _new_build(home: _Home, name: str) -> _Build:
+    tmpdir = home.sub("tmp")
     tmpdir.mkdir(parents=True, exist_ok=True)
     path = tmpdir / f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
     os.mkdir(path, 0o700)
@@ -511,10 +577,10 @@ def _new_build(store: Store, name: str) -> _Build:
 
 
 def _full_layer(
-    store: Store, m: Manifests, txn: Txn, objs: _Objects, form: str, root: bytes, name: str
+    home: _Home, m: Manifests, txn: Txn, objs: _Objects, form: str, root: bytes, name: str
 ) -> Path:
     w = _Writer(objs, form)
-    b = _new_build(store, name)
+    b = _new_build(home, name)
     old_umask = os.umask(0)
     try:
         top = m.get_node(txn, root)
@@ -532,7 +598,7 @@ def _full_layer(
 
 
 def _delta_layer(
-    store: Store,
+    home: _Home,
     m: Manifests,
     txn: Txn,
     objs: _Objects,
@@ -544,7 +610,7 @@ def _delta_layer(
 ) -> Path:
     """A layer that turns the view of `base` into the view of `root` when stacked on top."""
     w = _Writer(objs, form, bottom=False)
-    b = _new_build(store, name)
+    b = _new_build(home, name)
     old_umask = os.umask(0)
     try:
         top = m.get_node(txn, root)
@@ -623,30 +689,30 @@ def _copy_bytes(m: Manifests, txn: Txn, root: bytes, ops: Sequence[Op]) -> int:
 
 
 # --- stacks ------------------------------------------------------------------------------------
-def _stack_path(store: Store, form: str, root: bytes) -> Path:
-    return _trees(store, "stacks", f"{form}-{root.hex()}.json")
+def _stack_path(home: _Home, form: str, root: bytes) -> Path:
+    return home.sub("stacks", f"{form}-{root.hex()}.json")
 
 
-def _read_stack(store: Store, form: str, root: bytes) -> tuple[list[str], bool] | None:
+def _read_stack(home: _Home, form: str, root: bytes) -> tuple[list[str], bool] | None:
     """(layer names top first, whether every object they reference is +i) or None."""
     try:
-        data = json.loads(_stack_path(store, form, root).read_text())
+        data = json.loads(_stack_path(home, form, root).read_text())
     except (FileNotFoundError, ValueError):
         return None
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         return None
-    base = _trees(store, "layers")
+    base = home.sub("layers")
     if not all(isinstance(n, str) and (base / n).is_dir() for n in layers):
         return None
     return [str(n) for n in layers], data.get("immutable") is True
 
 
 def _write_stack(
-    store: Store, form: str, root: bytes, layers: list[str], built: str, immutable: bool
+    home: _Home, form: str, root: bytes, layers: list[str], built: str, immutable: bool
 ) -> None:
     _write_json_atomic(
-        _stack_path(store, form, root),
+        _stack_path(home, form, root),
         {
             "form": form,
             "root": root.hex(),
@@ -657,22 +723,22 @@ def _write_stack(
     )
 
 
-def _protect_all(store: Store, m: Manifests, root: bytes, form: str) -> list[str]:
+def _protect_all(store: Store, m: Manifests, root: bytes, form: str, home: _Home) -> list[str]:
     """+i on every object `root` references (a stack built without it, now used by root)."""
     with m.read() as txn:
         objects: set[bytes] = set()
         m.reachable(txn, root, set(), objects)
-        objs = _Objects(store, m, txn, protect=True, form=form)
+        objs = _Objects(store, m, txn, protect=True, form=form, volatile=home.volatile)
         for d in sorted(objects):
-            if form == "data-only":
+            if form == "data-only" and not home.volatile:
                 objs.short_id(d)
             else:
                 objs._immutable(d)
     return objs.protect_failed
 
 
-def _publish_layer(store: Store, built: Path, name: str) -> Path:
-    final = _trees(store, "layers", name)
+def _publish_layer(home: _Home, built: Path, name: str) -> Path:
+    final = home.sub("layers", name)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(built, final)
@@ -683,9 +749,9 @@ def _publish_layer(store: Store, built: Path, name: str) -> Path:
     return final
 
 
-def _clean_tmp(store: Store, name: str) -> None:
+def _clean_tmp(home: _Home, name: str) -> None:
     """Remove half-built layers of `name` (we hold its lock, so their builders are dead)."""
-    tmpdir = _trees(store, "tmp")
+    tmpdir = home.sub("tmp")
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(tmpdir):
             if entry.startswith(name + "."):
@@ -704,54 +770,106 @@ def ensure_lowers(
     """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
 
     `hints` are roots whose layers may already exist (e.g. the ref's earlier commits, newest
-    first): the first one cached is used as the base of a delta layer.
+    first): the first one cached is used as the base of a delta layer. Data-only layers are
+    built in the per-boot directory (`volatile.py`) when there is one that holds user xattrs,
+    else in the store; a stack already in the store is used as it is.
     """
     if form not in FORMS:
         raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
     t0 = time.perf_counter()
-    layers_dir = _trees(store, "layers")
-    data_layers = (os.fspath(ids_dir(store)),) if form == "data-only" else ()
-    if form == "data-only":
-        ids_dir(store).mkdir(exist_ok=True)
+    disk = _disk_home(store)
+    fast = _volatile_home(store) if form == "data-only" else None
+    homes = [fast, disk] if fast is not None else [disk]
     key = f"{form}-{root.hex()}"
-    cached = _read_stack(store, form, root)
     failed: list[str] = []
+    warning = ""
     built = "cached"
-    if cached is None or (protect and not cached[1]):
-        with _flock(_trees(store, "locks", key + ".lock")):
-            cached = _read_stack(store, form, root)  # another session may have built it
+    found = next(((h, c) for h in homes if (c := _read_stack(h, form, root)) is not None), None)
+    if found is None or (protect and not found[1][1]):
+        home = found[0] if found is not None else homes[0]
+        with _flock(home.sub("locks", key + ".lock")):
+            cached = _read_stack(home, form, root)  # another session may have built it
+            if cached is None and home.volatile and not _holds_xattrs(home):
+                home = disk  # e.g. tmpfs before Linux 6.6: keep the layers in the store
+                cached = _read_stack(home, form, root)
             if cached is None:
-                layers, built, immutable, failed = _build(store, m, root, form, protect, hints)
-                _write_stack(store, form, root, layers, built, immutable)
-                cached = layers, immutable
+                try:
+                    layers, built, immutable, failed = _build(
+                        store, home, m, root, form, protect, hints
+                    )
+                except OSError as exc:
+                    if not home.volatile or exc.errno not in _FULL:
+                        raise
+                    warning = (
+                        f"the per-boot layer cache {home.root} is full "
+                        f"({errno.errorcode.get(exc.errno or 0, '?')}): layers built in the store"
+                    )
+                    home = disk
+                    with _flock(home.sub("locks", key + ".lock")):
+                        cached = _read_stack(home, form, root)
+                        if cached is None:
+                            layers, built, immutable, failed = _build(
+                                store, home, m, root, form, protect, hints
+                            )
+                            _write_stack(home, form, root, layers, built, immutable)
+                            cached = layers, immutable
+                else:
+                    _write_stack(home, form, root, layers, built, immutable)
+                    cached = layers, immutable
             elif protect and not cached[1]:
-                failed = _protect_all(store, m, root, form)
+                failed = _protect_all(store, m, root, form, home)
                 cached = cached[0], not failed
-                _write_stack(store, form, root, cached[0], "upgraded", cached[1])
+                _write_stack(home, form, root, cached[0], "upgraded", cached[1])
+            found = home, cached
+    home, (names, immutable) = found
+    if form == "data-only" and not home.volatile:
+        ids_dir(store).mkdir(exist_ok=True)
     return Lowers(
         form,
         root,
-        tuple(os.fspath(layers_dir / n) for n in cached[0]),
-        data_layers,
+        tuple(os.fspath(home.sub("layers", n)) for n in names),
+        _data_layers(store, home, form),
         built,
         time.perf_counter() - t0,
-        protect and cached[1],
+        protect and immutable,
         _note(protect, failed, form),
+        os.fspath(home.root),
+        warning,
     )
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
+
+
+def _holds_xattrs(home: _Home) -> bool:
+    from . import probe
+
+    return probe.user_xattrs(home.root).ok
+
+
 def _build(
-    store: Store, m: Manifests, root: bytes, form: str, protect: bool, hints: Iterable[bytes]
+    store: Store,
+    home: _Home,
+    m: Manifests,
+    root: bytes,
+    form: str,
+    protect: bool,
+    hints: Iterable[bytes],
 ) -> tuple[list[str], str, bool, list[str]]:
-    """Build what projects `root` (caller holds its lock): (layers, built, immutable, failed)."""
+    """Build what projects `root` in `home` (caller holds its lock): (layers, built,
+    immutable, failed). A delta is only stacked on a base in the same home."""
     key = f"{form}-{root.hex()}"
-    _clean_tmp(store, key)
+    _clean_tmp(home, key)
+    if home.volatile:  # at each build: drop the layers of stores deleted since
+        from . import volatile
+
+        volatile.reap_orphans(home.root)
     with m.read() as txn:
-        objs = _Objects(store, m, txn, protect=protect, form=form)
+        objs = _Objects(store, m, txn, protect=protect, form=form, volatile=home.volatile)
         base: tuple[list[str], bool] | None = None
         base_root = b""
         for h in hints:
-            if h != root and (found := _read_stack(store, form, h)) is not None:
+            if h != root and (found := _read_stack(home, form, h)) is not None:
                 base, base_root = found, h
                 break
         ops: list[Op] | None = None
@@ -763,13 +881,13 @@ def _build(
                 ops = None  # cheaper to write a new metadata layer than to copy the data
         if base is not None and ops is not None:
             name = f"{key}-on-{base_root.hex()[:16]}"
-            _clean_tmp(store, name)
-            path = _delta_layer(store, m, txn, objs, form, base_root, root, ops, name)
-            _publish_layer(store, path, name)
+            _clean_tmp(home, name)
+            path = _delta_layer(home, m, txn, objs, form, base_root, root, ops, name)
+            _publish_layer(home, path, name)
             immutable = protect and base[1] and not objs.protect_failed
             return [name, *base[0]], "delta", immutable, objs.protect_failed
-        path = _full_layer(store, m, txn, objs, form, root, key)
-        _publish_layer(store, path, key)
+        path = _full_layer(home, m, txn, objs, form, root, key)
+        _publish_layer(home, path, key)
         return [key], "full", protect and not objs.protect_failed, objs.protect_failed
 
 
@@ -797,10 +915,23 @@ def name_and_protect(store: Store, m: Manifests, digests: Iterable[bytes]) -> li
 
 def prune(store: Store, keep: set[bytes]) -> int:
     """Evict cached layers: stacks of roots not in `keep`, layers no stack uses, proxies no
-    layer links. For `gc`, which holds the store lock exclusively (no session can be starting);
-    a running session keeps its layers mounted whatever happens to their names. Returns the
-    number of layers removed."""
-    stacks, layers = _trees(store, "stacks"), _trees(store, "layers")
+    layer links — in the store and in this user's per-boot cache for it. For `gc`, which holds
+    the store lock exclusively (no session can be starting); a running session keeps its layers
+    mounted whatever happens to their names. Returns the number of layers removed."""
+    homes = [_disk_home(store)]
+    if (fast := _volatile_home(store)) is not None:
+        homes.append(fast)
+    removed = sum(_prune_home(home, keep) for home in homes)
+    with contextlib.suppress(FileNotFoundError):
+        for shard in os.scandir(_trees(store, "proxies")):
+            for proxy in os.scandir(shard.path):
+                if proxy.stat(follow_symlinks=False).st_nlink == 1:
+                    os.unlink(proxy.path)
+    return removed
+
+
+def _prune_home(home: _Home, keep: set[bytes]) -> int:
+    stacks, layers = home.sub("stacks"), home.sub("layers")
     used: set[str] = set()
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(stacks):
@@ -820,11 +951,6 @@ def prune(store: Store, keep: set[bytes]) -> int:
             if name not in used:
                 force_rmtree(layers / name)
                 removed += 1
-    with contextlib.suppress(FileNotFoundError):
-        for shard in os.scandir(_trees(store, "proxies")):
-            for proxy in os.scandir(shard.path):
-                if proxy.stat(follow_symlinks=False).st_nlink == 1:
-                    os.unlink(proxy.path)
     return removed
 
 

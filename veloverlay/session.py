@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ns, overlay, paths, probe, projection, relocation
+from . import ns, overlay, paths, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
 from .harvest import harvest_upper, to_top_ref
@@ -155,7 +155,9 @@ def _boot_id() -> str:
 
 class _Caps:
     """The probe's answers (feature -> (ok, reason)), cached per boot, kernel and euid in the
-    store: `probe.detect()` forks and mounts (~20 ms), and importing it costs too."""
+    store: `probe.detect()` forks and mounts (~20 ms), and importing it costs too. The feature
+    `store_xattrs` says whether the store's filesystem holds user xattrs (overlay keeps its
+    markers there), checked for the filesystem the store is on now."""
 
     def __init__(self, features: dict[str, tuple[bool, str]]) -> None:
         self.features = features
@@ -169,15 +171,23 @@ class _Caps:
 
 def _capabilities(store: Store) -> _Caps:
     path = store.trees / f"probe-{os.geteuid()}.json"
-    key = {"boot_id": _boot_id(), "kernel": os.uname().release}
+    key = {
+        "boot_id": _boot_id(),
+        "kernel": os.uname().release,
+        "store_dev": os.stat(store.sessions).st_dev,
+    }
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
         data = json.loads(path.read_text())
         if data["key"] == key:
             return _Caps({n: (bool(v[0]), str(v[1])) for n, v in data["features"].items()})
 
     # Probe afresh: a cached answer of this process may predate a change of identity.
+    from . import probe
+
     caps = probe.detect(refresh=True)
     feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
+    xattrs = probe.user_xattrs(store.sessions)
+    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
     with contextlib.suppress(OSError):
         projection._write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
     return _Caps(feats)
@@ -365,10 +375,10 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
             reason=Reason.BACKEND_UNAVAILABLE,
             hint="the shim backend is not available yet",
         )
-    xattrs = probe.user_xattrs(store.sessions)
-    if not xattrs.ok:
+    if not caps.ok("store_xattrs"):
         raise VeloError(
-            f"overlay sessions need user xattrs on the store's filesystem: {xattrs.reason}",
+            "overlay sessions need user xattrs on the store's filesystem: "
+            + caps.reason("store_xattrs"),
             reason=Reason.BACKEND_UNAVAILABLE,
             hint="keep the store on ext4/xfs/btrfs (or tmpfs on Linux >= 6.6), or use the shim",
         )
@@ -407,6 +417,8 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions) -> _Plan:
     target = _resolve_target(store, opts.at, refs[-1])
     warnings.extend(relocation_warnings(store, m, view, refs[-1].path, target, hints))
     lowers = projection.ensure_lowers(store, m, view, form=form, protect=protect, hints=hints)
+    if lowers.warning:
+        warnings.append(lowers.warning)
     if lowers.immutable:
         protection = "immutable"  # +i on every referenced object, store read-only inside
     else:
@@ -506,6 +518,7 @@ def _session(
         ctx = overlay.ChildSpec(
             spec=spec,
             store_root=os.fspath(store.root),
+            readonly=[plan.lowers.home] if plan.lowers.home != os.fspath(store.trees) else [],
             cwd=cwd,
             argv=list(argv),
             env=env,
@@ -787,9 +800,8 @@ def choose_backend(store: Store, opts: SessionOptions) -> tuple[str, str]:
     feature = "overlay_root" if caps.ok("root") else "overlay_userns"
     if not caps.ok(feature):
         return "shim", caps.reason(feature)
-    xattrs = probe.user_xattrs(store.sessions)
-    if not xattrs.ok:
-        return "shim", xattrs.reason
+    if not caps.ok("store_xattrs"):
+        return "shim", caps.reason("store_xattrs")
     return "overlay", caps.reason(feature)
 
 

@@ -12,8 +12,10 @@ import pytest
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store
 from veloverlay import session
+from veloverlay.cas import Store
 from veloverlay.gc import gc
 from veloverlay.manifest import Manifests
+from veloverlay.projection import layer_homes
 from veloverlay.verify import fsck
 
 
@@ -21,8 +23,14 @@ def _count(path: str) -> int:
     return sum(len(files) for _d, _dirs, files in os.walk(path))
 
 
-def _scenario(base: str, form: str) -> dict[str, object]:
+def _layers(store: Store) -> int:
+    return sum(len(os.listdir(h / "layers")) for h in layer_homes(store) if (h / "layers").exists())
+
+
+def _scenario(base: str, form: str, place: str) -> dict[str, object]:
     os.environ["VELO_FORCE_LOWER"] = form
+    if place == "store":
+        os.environ["VELO_RUNTIME_DIR"] = "off"
     store, _src = new_store(base)
     root = os.fspath(store.root)
     r = session.run(
@@ -34,7 +42,8 @@ def _scenario(base: str, form: str) -> dict[str, object]:
     m = Manifests(store)
     try:
         out["ids_before"] = _count(os.path.join(root, "ids-v1"))
-        out["layers_before"] = len(os.listdir(os.path.join(root, "trees-v1", "layers")))
+        out["layers_before"] = _layers(store)
+        out["in_store"] = os.path.isdir(os.path.join(root, "trees-v1", "layers"))
         # A session that is still running (simulated: its state names a root) pins that root.
         with m.read() as txn:
             head_root = m.resolve(txn, "t")[1].root
@@ -52,24 +61,37 @@ def _scenario(base: str, form: str) -> dict[str, object]:
         out["deleted"] = rep.objects_deleted
         out["objects_after"] = _count(os.path.join(root, "objects-v1"))
         out["ids_after"] = _count(os.path.join(root, "ids-v1"))
-        out["layers_after"] = len(os.listdir(os.path.join(root, "trees-v1", "layers")))
+        out["layers_after"] = _layers(store)
         out["fsck"] = [f.kind for f in fsck(store, m, jobs=1).findings]
     finally:
         m.close()
     return out
 
 
-@pytest.mark.parametrize(("mode", "form"), mode_form_params())
-def test_gc_removes_short_names_and_layers(mode: str, form: str) -> None:
+def _params() -> list[object]:
+    """Each mode and form; data-only both in the per-boot cache and kept in the store."""
+    out: list[object] = []
+    for p in mode_form_params():
+        mode, form = p.values
+        places = ("per-boot", "store") if form == "data-only" else ("store",)
+        for place in places:
+            out.append(pytest.param(mode, form, place, marks=p.marks, id=f"{p.id}-{place}"))
+    return out
+
+
+@pytest.mark.parametrize(("mode", "form", "place"), _params())
+def test_gc_removes_short_names_and_layers(mode: str, form: str, place: str) -> None:
     with unpriv_tmpdir() as base:
-        out = as_mode(mode, _scenario, base, form)
+        out = as_mode(mode, _scenario, base, form, place)
     assert out["exit"] == 0
     assert out["kept_while_live"], "gc deleted objects a live session needs"
     assert out["deleted"] > 0
     assert out["objects_after"] == 0 and out["ids_after"] == 0, out
     assert out["layers_after"] == 0 < out["layers_before"], out  # type: ignore[operator]
-    if form == "data-only":
+    if form == "data-only" and (place == "store" or mode == "root"):
+        # layers kept in the store name their objects; as root, harvest names new objects
         assert out["ids_before"] > 0
+    assert out["in_store"] == (place == "store")
     assert out["fsck"] == []
 
 

@@ -22,12 +22,13 @@ from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store
 from veloverlay import session
 from veloverlay.manifest import Manifests
+from veloverlay.projection import layer_homes
 from veloverlay.verify import fsck
 
 ATTACK = textwrap.dedent(
     r"""
     import ctypes, errno, json, mmap, os, sys
-    target, store, report = sys.argv[1], sys.argv[2], sys.argv[3]
+    target, store, report, per_boot = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     libc = ctypes.CDLL(None, use_errno=True)
     results = {}
 
@@ -50,7 +51,15 @@ ATTACK = textwrap.dedent(
     for d, _dirs, files in os.walk(os.path.join(store, "trees-v1")):
         layers += [os.path.join(d, f) for f in files if os.path.isfile(os.path.join(d, f))
                    and not os.path.islink(os.path.join(d, f))]
-    victims = objs[:3] + ids[:2] + layers[:3]
+    meta = []  # metadata layers in the per-boot cache (data-only form)
+    for d, _dirs, files in os.walk(os.path.join(per_boot, "layers")):
+        meta += [os.path.join(d, f) for f in files if os.path.isfile(os.path.join(d, f))
+                 and not os.path.islink(os.path.join(d, f))]
+    victims = objs[:3] + ids[:2] + layers[:3] + meta[:3]
+    results["per-boot-files"] = str(len(meta))
+    for i, p in enumerate(meta[:3]):
+        attempt(f"redirect-xattr-{i}", lambda: os.setxattr(p, "user.overlay.redirect", b"/x"))
+        attempt(f"plant-{i}", lambda: open(os.path.join(os.path.dirname(p), "planted"), "w"))
 
     def write(p, flags):
         fd = os.open(p, flags)
@@ -115,7 +124,7 @@ ATTACK = textwrap.dedent(
     attempt("tier2-append", lambda: write(os.path.join(target, "f1"), append))
     # Root in its own user namespace: try to make the store writable again, or peel it off.
     def remount():
-        for where in (store, os.path.join(store, "objects-v1")):
+        for where in (store, os.path.join(store, "objects-v1"), per_boot):
             # MS_REMOUNT | MS_BIND, without MS_RDONLY: make it writable
             if libc.mount(None, where.encode(), None, 0x20 | 0x1000, None) == 0:
                 return
@@ -147,16 +156,22 @@ ATTACK = textwrap.dedent(
 )
 
 
-def _hash_store(root: str) -> dict[str, str]:
+def _hash_store(root: str, per_boot: str) -> dict[str, str]:
+    """Content and xattrs of every file of the store and of the per-boot layers; names too."""
     out = {}
-    for sub in ("objects-v1", "ids-v1", "trees-v1"):
-        for d, _dirs, files in os.walk(os.path.join(root, sub)):
+    dirs = [os.path.join(root, s) for s in ("objects-v1", "ids-v1", "trees-v1")] + [per_boot]
+    for top in dirs:
+        for d, _dirs, files in os.walk(top):
             for name in files:
                 p = os.path.join(d, name)
                 if os.path.islink(p) or not os.path.isfile(p):
                     continue
+                h = hashlib.sha256()
                 with open(p, "rb") as f:
-                    out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+                    h.update(f.read())
+                for x in sorted(os.listxattr(p)):
+                    h.update(x.encode() + b"=" + os.getxattr(p, x))
+                out[p] = h.hexdigest()
     return out
 
 
@@ -170,13 +185,14 @@ def _scenario(base: str, form: str) -> dict[str, Any]:
     report = os.path.join(base, "report.json")
     # Build the lower layers first (a session), so they exist to be attacked.
     session.run(store, session.SessionOptions(refs=["t"], at=at, discard=True), ["true"])
-    before = _hash_store(os.fspath(store.root))
+    per_boot = os.fspath(layer_homes(store)[0])
+    before = _hash_store(os.fspath(store.root), per_boot)
     r = session.run(
         store,
         session.SessionOptions(refs=["t"], at=at, discard=True),
-        ["/usr/bin/python3", script, at, os.fspath(store.root), report],
+        ["/usr/bin/python3", script, at, os.fspath(store.root), report, per_boot],
     )
-    after = _hash_store(os.fspath(store.root))
+    after = _hash_store(os.fspath(store.root), per_boot)
     m = Manifests(store)
     try:
         findings = [f"{x.kind} {x.what}" for x in fsck(store, m, jobs=1).findings]
@@ -184,7 +200,7 @@ def _scenario(base: str, form: str) -> dict[str, Any]:
         m.close()
     with open(report) as f:
         results = json.load(f)
-    changed = sorted(k for k in before if after.get(k) != before[k])
+    changed = sorted(k for k in before.keys() | after.keys() if after.get(k) != before.get(k))
     return {
         "exit": r.exit_status,
         "results": results,
@@ -205,5 +221,8 @@ def test_hostile_writers_cannot_change_the_store(mode: str, form: str) -> None:
     assert results["tier1-symlink"] != "ok", "a write through a Tier-1 symlink succeeded"
     assert out["changed"] == [], f"store data changed: {out['changed'][:5]} ({results})"
     assert out["fsck"] == []
+    if form == "data-only":  # the metadata layers in the per-boot cache were attacked too
+        assert int(results["per-boot-files"]) > 0
+        assert all(results[f"redirect-xattr-{i}"] != "ok" for i in range(3)), results
     leaked = {k: v for k, v in results.items() if v == "ok" and k.startswith(("write-after",))}
     assert not leaked, f"the store became writable inside the session: {leaked}"

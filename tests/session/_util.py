@@ -45,13 +45,27 @@ def mode_params(*modes: str) -> list[Any]:
     return [pytest.param(m, marks=pytest.mark.needs(*MODE_MARKS[m]), id=m) for m in modes]
 
 
-def mode_form_params() -> list[Any]:
+def mode_form_params(*, store_layers: bool = False) -> list[Any]:
+    """(mode, form) for root and root-free x data-only and links; with `store_layers` also
+    "data-only-store": data-only layers kept in the store (short names) instead of the per-boot
+    cache (`use_form` sets that up)."""
     out = []
+    forms = ("data-only", "links", "data-only-store") if store_layers else ("data-only", "links")
     for m in ("root", "rootfree"):
-        for f in ("data-only", "links"):
-            marks = (*MODE_MARKS[m], *FORM_MARKS[(m, f)])
+        for f in forms:
+            marks = (*MODE_MARKS[m], *FORM_MARKS[(m, f.removesuffix("-store"))])
             out.append(pytest.param(m, f, marks=pytest.mark.needs(*marks), id=f"{m}-{f}"))
     return out
+
+
+def use_form(form: str) -> str:
+    """Set this (child) process up for `form` of mode_form_params; return the lower form the
+    session reports for it."""
+    if form == "data-only-store":
+        os.environ["VELO_RUNTIME_DIR"] = "off"
+        form = "data-only"
+    os.environ["VELO_FORCE_LOWER"] = form
+    return form
 
 
 def as_mode(mode: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:

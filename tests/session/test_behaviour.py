@@ -1,4 +1,5 @@
-"""The behaviour suite: {root, root-free} x {data-only, links} x file operations.
+"""The behaviour suite: {root, root-free} x {data-only, links} x file operations; data-only both
+with its layers in the per-boot cache (the default where a tmpfs allows) and kept in the store.
 
 Each operation runs as a shell script twice: inside a session projecting the ref (then harvested
 and committed) and in a plain directory checked out from the same ref. The committed version,
@@ -25,6 +26,7 @@ from tests.session._util import (
     new_store,
     run_session,
     sh,
+    use_form,
 )
 
 SCENARIOS: dict[str, str] = {
@@ -51,10 +53,7 @@ SCENARIOS: dict[str, str] = {
 
 
 def _scenario(base: str, form: str, script: str) -> tuple[list[str], list[str], int]:
-    if form == "links":
-        os.environ["VELO_FORCE_LOWER"] = "links"
-    else:
-        os.environ["VELO_FORCE_LOWER"] = "data-only"
+    reported = use_form(form)
     store, _src = new_store(base)
     proj = os.path.join(base, "proj")
     plain = os.path.join(base, "plain")
@@ -65,11 +64,11 @@ def _scenario(base: str, form: str, script: str) -> tuple[list[str], list[str], 
     got = os.path.join(base, "got")
     checkout_ref(store, "t", got)
     problems = compare_trees(got, plain, since_ns=since, file_mtimes=form != "links")
-    assert res.lower_form == form
+    assert res.lower_form == reported
     return problems, fsck_ok(store), res.exit_status
 
 
-@pytest.mark.parametrize("mode,form", mode_form_params())
+@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True))
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_operation(mode: str, form: str, name: str) -> None:
     with unpriv_tmpdir() as base:
@@ -80,7 +79,7 @@ def test_operation(mode: str, form: str, name: str) -> None:
 
 
 def _background(base: str, form: str) -> tuple[bytes, list[tuple[int, str]], list[str]]:
-    os.environ["VELO_FORCE_LOWER"] = form
+    use_form(form)
     store, _src = new_store(base)
     proj = os.path.join(base, "proj")
     script = (
@@ -96,7 +95,7 @@ def _background(base: str, form: str) -> tuple[bytes, list[tuple[int, str]], lis
     return data, res.killed, fsck_ok(store)
 
 
-@pytest.mark.parametrize("mode,form", mode_form_params())
+@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True))
 def test_background_writer_ended_and_harvested(mode: str, form: str) -> None:
     """A process still writing when the command exits gets SIGTERM (its trap's last write is
     harvested) and is reported as killed."""

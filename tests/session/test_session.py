@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers.unpriv import unpriv_tmpdir
+from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
 from tests.session._util import (
     as_mode,
     checkout_ref,
@@ -80,6 +80,7 @@ def _readonly(base: str) -> dict[str, object]:
     watched = {
         "objects": os.fspath(store.objects),
         "layers": os.fspath(store.trees / "layers"),
+        "per-boot layers": os.fspath(projection.layer_homes(store)[0] / "layers"),
         "ids": os.fspath(store.root / "ids-v1"),
         "proxies": os.fspath(store.trees / "proxies"),
     }
@@ -91,6 +92,7 @@ r sh -c 'printf x >> model.gguf'
 r sh -c 'printf x > {s}/objects-v1/new'
 r sh -c 'printf x >> {s}/manifests.lmdb/data.mdb'
 r sh -c 'mkdir {s}/trees-v1/x'
+r sh -c 'mkdir {watched["per-boot layers"]}/x'
 r sh -c 'mount -o remount,bind,rw {s}'
 r sh -c 'umount -l {proj}'
 for f in f1 f2 f3 d/b dir1/sub/y exec.sh; do printf appended >> $f; chmod 600 $f; done
@@ -119,6 +121,8 @@ cat model.gguf > model.copy
         # harvest adds objects; nothing that existed may change
         "same": {k: all(after[k].get(p) == v for p, v in before[k].items()) for k in before},
         "protection": res.protection,
+        "per_boot": os.path.isdir(watched["per-boot layers"]),
+        "form": res.lower_form,
         "immutable": immutable,
         "tier": tier,
         "fsck": fsck_ok(store),
@@ -133,8 +137,11 @@ def test_tier1_writes_fail_and_store_is_read_only(mode: str) -> None:
     lines = r["lines"]
     assert isinstance(lines, list)
     assert "sh failed" in lines[0], lines  # Tier-1 path
-    assert lines[1:6] == ["sh failed"] * 5, (lines, r["errors"])  # store, lmdb, trees, mounts
-    assert lines[6] == "sh ok"  # the overlay itself stays writable
+    # store, lmdb, trees, the per-boot layers, mounts
+    assert lines[1:7] == ["sh failed"] * 6, (lines, r["errors"])
+    assert lines[7] == "sh ok"  # the overlay itself stays writable
+    if r["form"] == "data-only":
+        assert r["per_boot"], "the data-only layers were not built in the per-boot cache"
     assert "Read-only file system" in str(r["errors"])
     assert r["same"] == {k: True for k in r["same"]}  # type: ignore[union-attr]
     assert r["tier"] == 1
@@ -235,10 +242,11 @@ def _delta_layers(base: str, flatten_after: int) -> dict[str, object]:
         root = head_root(store, "t")
         run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
         for form in projection.FORMS:
-            p = store.trees / "stacks" / f"{form}-{root.hex()}.json"
-            if p.exists():
-                data = json.loads(p.read_text())
-                built.append((data["built"], len(data["layers"])))
+            for home in projection.layer_homes(store):
+                p = home / "stacks" / f"{form}-{root.hex()}.json"
+                if p.exists():
+                    data = json.loads(p.read_text())
+                    built.append((data["built"], len(data["layers"])))
     with open(out) as f:
         seen = f.read().splitlines()
     got = os.path.join(base, "got")
@@ -419,6 +427,37 @@ def test_refusals(mode: str) -> None:
     assert r["normal"] == "ok" and r["created"] == "True"
 
 
+def _store_without_xattrs(base: str) -> dict[str, object]:
+    """A store on ramfs (no user xattrs at all): overlay must not be chosen nor forced."""
+    from veloverlay import _libc, mount
+
+    ram = os.path.join(base, "ram")
+    os.mkdir(ram)
+    _libc.mount("ramfs", ram, "ramfs", 0, "mode=0755")
+    try:
+        store, _src = new_store(ram)
+        out: dict[str, object] = {}
+        out["auto"] = session.choose_backend(store, session.SessionOptions(refs=["t"]))
+        try:
+            run_session(store, ["t"], ["true"], at=os.path.join(base, "p"), backend="overlay")
+            out["overlay"] = "ok"
+        except VeloError as exc:
+            out["overlay"] = (exc.reason.value, exc.message)
+        return out
+    finally:
+        mount.umount(ram)
+
+
+@pytest.mark.needs("root", "userns")
+def test_store_without_user_xattrs_gets_no_overlay() -> None:
+    with unpriv_tmpdir() as base:
+        r = run_in_userns(_store_without_xattrs, base, privileged=True)
+    backend, why = r["auto"]  # type: ignore[misc]
+    assert backend == "shim" and "setxattr(user.*)" in why
+    reason, message = r["overlay"]  # type: ignore[misc]
+    assert reason == Reason.BACKEND_UNAVAILABLE.value and "user xattrs" in message
+
+
 def _net_none(base: str) -> str:
     store, _src = new_store(base)
     out = os.path.join(base, "out")
@@ -448,6 +487,7 @@ def test_mask_kind_exists() -> None:
 
 def _id_clash_and_prune(base: str) -> dict[str, object]:
     os.environ["VELO_FORCE_LOWER"] = "data-only"
+    os.environ["VELO_RUNTIME_DIR"] = "off"  # short names exist for layers kept in the store
     store, _src = new_store(base)
     root = head_root(store, "t")
     m = Manifests(store)

@@ -1,0 +1,282 @@
+"""The per-boot layer cache (veloverlay/volatile.py): data-only metadata layers on tmpfs.
+
+Where the layers go and how they name objects, the store fallback (VELO_RUNTIME_DIR=off, an
+unsafe directory, a cache that fills up mid-build), eviction by gc, the removal of layers of
+stores that are gone, and a rebuild when the cache vanished (as after a reboot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
+from tests.session._util import (
+    FORM_MARKS,
+    MODE_MARKS,
+    as_mode,
+    fsck_ok,
+    head_root,
+    new_store,
+    run_session,
+)
+from veloverlay import mount, projection, volatile
+from veloverlay.cas import Store
+from veloverlay.manifest import Manifests
+
+# root and root-free, each where this host can mount data-only lowers for that identity
+BOTH = [
+    pytest.param(m, marks=pytest.mark.needs(*MODE_MARKS[m], *FORM_MARKS[(m, "data-only")]), id=m)
+    for m in ("root", "rootfree")
+]
+
+
+def _lowers(store: Store, *, protect: bool = False) -> projection.Lowers:
+    root = head_root(store, "t")
+    m = Manifests(store)
+    try:
+        return projection.ensure_lowers(store, m, root, form="data-only", protect=protect)
+    finally:
+        m.close()
+
+
+def _data_only(fn, *args):  # type: ignore[no-untyped-def]
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    return fn(*args)
+
+
+def _where(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    low = _lowers(store)
+    meta = os.path.join(low.layers[-1], "f1")
+    redirect = os.getxattr(meta, "user.overlay.redirect")
+    root = head_root(store, "t")
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            e = m.lookup(txn, root, b"f1")
+            assert e is not None
+            digest = e.digest.hex()
+    finally:
+        m.close()
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    res = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 {proj}/d/b > {out}"], at=proj)
+    with open(out, "rb") as f:
+        seen = f.read()
+    return {
+        "home": low.home,
+        "expected_home": os.path.join(os.environ["VELO_RUNTIME_DIR"], f"veloverlay-{os.geteuid()}"),
+        "data_layers": list(low.data_layers),
+        "objects": os.fspath(store.objects),
+        "redirect": redirect.decode(),
+        "digest": digest,
+        "ids": sorted(os.listdir(store.root / "ids-v1"))
+        if (store.root / "ids-v1").exists()
+        else [],
+        "seen": seen,
+        "status": res.exit_status,
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_data_only_layers_live_in_the_per_boot_cache(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _data_only, _where, base)
+    assert str(r["home"]).startswith(str(r["expected_home"]) + "/")
+    # the data-only layer is the object store itself, redirects name full object paths
+    assert r["data_layers"] == [r["objects"]]
+    d = str(r["digest"])
+    assert r["redirect"] == f"/{d[:2]}/{d[2:4]}/{d}"
+    assert r["ids"] == []  # no short names were needed
+    assert r["seen"] == b"one\nbee\n" and r["status"] == 0
+    assert r["fsck"] == []
+
+
+def _off(base: str) -> dict[str, object]:
+    os.environ["VELO_RUNTIME_DIR"] = "off"
+    store, _src = new_store(base)
+    low = _lowers(store)
+    meta = os.path.join(low.layers[-1], "f1")
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 > {out}"], at=proj)
+    return {
+        "home": low.home,
+        "trees": os.fspath(store.trees),
+        "data_layers": list(low.data_layers),
+        "ids": os.fspath(store.root / "ids-v1"),
+        "redirect_len": len(os.getxattr(meta, "user.overlay.redirect")),
+        "seen": open(out, "rb").read(),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.needs("root", "overlay_root", "data_only_root")
+def test_runtime_dir_off_keeps_layers_in_the_store() -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode("root", _off, base)
+    assert r["home"] == r["trees"]
+    assert r["data_layers"] == [r["ids"]]
+    assert r["redirect_len"] == 22  # "/ab/" + 18 hex digits: fits in an ext4 inode
+    assert r["seen"] == b"one\n"
+    assert r["fsck"] == []
+
+
+def _unsafe(base: str, how: str) -> dict[str, object]:
+    runtime = os.path.join(base, "runtime")
+    os.mkdir(runtime, 0o755)
+    os.environ["VELO_RUNTIME_DIR"] = runtime
+    mine = os.path.join(runtime, f"veloverlay-{os.geteuid()}")
+    if how == "open":
+        os.mkdir(mine, 0o755)
+        os.chmod(mine, 0o755)
+    elif how == "symlink":
+        os.mkdir(os.path.join(base, "elsewhere"), 0o700)
+        os.symlink(os.path.join(base, "elsewhere"), mine)
+    elif how == "file":
+        open(mine, "w").close()
+    store, _src = new_store(base)
+    home = volatile.home(store.root)
+    why = volatile.why_not()
+    low = _lowers(store)
+    return {
+        "home": home,
+        "why": why,
+        "lowers_home": low.home,
+        "trees": os.fspath(store.trees),
+        "elsewhere": os.listdir(os.path.join(base, "elsewhere")) if how == "symlink" else [],
+    }
+
+
+@pytest.mark.parametrize("how", ["open", "symlink", "file"])
+def test_unsafe_runtime_dir_is_not_used(how: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode("root", _unsafe, base, how)
+    assert r["home"] is None
+    expected = {"open": "open to other users", "symlink": "not a directory", "file": "not a dir"}
+    assert expected[how] in str(r["why"])
+    assert r["lowers_home"] == r["trees"]  # built in the store instead
+    assert r["elsewhere"] == []  # nothing was written through the planted symlink
+
+
+def _fills_up(base: str) -> dict[str, object]:
+    tiny = os.path.join(base, "tiny")
+    os.mkdir(tiny)
+    # 40 inodes: the store's base tree needs more, so the build in the cache hits ENOSPC
+    mount.mount_tmpfs(tiny, "nr_inodes=40,mode=1777")
+    try:
+        os.environ["VELO_RUNTIME_DIR"] = tiny
+        os.environ["VELO_FORCE_LOWER"] = "data-only"
+        store, src = new_store(base)
+        for i in range(60):
+            with open(os.path.join(src, "d", f"n{i}"), "w") as f:
+                f.write(f"file {i}\n")
+        from veloverlay.ingest import ingest
+
+        m = Manifests(store)
+        try:
+            ingest(store, m, src, "t", jobs=1)
+        finally:
+            m.close()
+        low = _lowers(store)
+        left = os.listdir(os.path.join(tiny, f"veloverlay-{os.geteuid()}"))
+        leftovers = []
+        for home in left:
+            tmp = os.path.join(tiny, f"veloverlay-{os.geteuid()}", home, "tmp")
+            leftovers += os.listdir(tmp) if os.path.isdir(tmp) else []
+        return {
+            "home": low.home,
+            "trees": os.fspath(store.trees),
+            "warning": low.warning,
+            "leftovers": leftovers,
+            "layer_files": len(os.listdir(os.path.join(low.layers[-1], "d"))),
+        }
+    finally:
+        mount.umount(tiny)
+
+
+@pytest.mark.needs("root", "userns", "data_only_root")
+def test_full_cache_falls_back_to_the_store() -> None:
+    with unpriv_tmpdir() as base:
+        r = run_in_userns(_fills_up, base, privileged=True)
+    assert r["home"] == r["trees"]
+    assert "is full (ENOSPC)" in str(r["warning"]), r["warning"]
+    assert r["leftovers"] == []  # the half-built layer was removed
+    assert r["layer_files"] == 62  # b, c and 60 new files
+
+
+def _gc_and_orphans(base: str) -> dict[str, object]:
+    from veloverlay import gc
+
+    store, _src = new_store(base)
+    low = _lowers(store)
+    home = os.path.dirname(os.path.dirname(low.layers[0]))
+    # a second store, projected once and then deleted without gc
+    other_base = os.path.join(base, "other")
+    os.mkdir(other_base)
+    other, _ = new_store(other_base)
+    other_home = os.path.dirname(os.path.dirname(_lowers(other).layers[0]))
+    shutil.rmtree(other_base)
+    # the next build of the first store (a delta for its new root) reaps the deleted store's
+    proj = os.path.join(base, "proj")
+    run_session(store, ["t"], ["sh", "-c", f"printf new > {proj}/f1"], at=proj)
+    kept = os.path.exists(other_home)
+    run_session(store, ["t"], ["true"], at=proj)
+    reaped = not os.path.exists(other_home)
+    before = sorted(os.listdir(os.path.join(home, "layers")))
+    m = Manifests(store)
+    try:
+        with m.write() as txn:
+            m.delete_ref(txn, "t")
+        rep = gc.gc(store, m)
+    finally:
+        m.close()
+    after = sorted(os.listdir(os.path.join(home, "layers")))
+    return {
+        "kept": kept,
+        "reaped": reaped,
+        "before": before,
+        "after": after,
+        "evicted": rep.layers_evicted,
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_gc_evicts_per_boot_layers_and_deleted_stores_are_reaped(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _data_only, _gc_and_orphans, base)
+    assert r["kept"] and r["reaped"]  # kept until a build, then reaped
+    assert len(r["before"]) >= 1  # type: ignore[arg-type]
+    assert r["after"] == [] and r["evicted"] == len(r["before"])  # type: ignore[arg-type]
+
+
+def _after_reboot(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    run_session(store, ["t"], ["true"], at=proj)
+    home = projection.layer_homes(store)[0]
+    first = sorted(os.listdir(home / "stacks"))
+    shutil.rmtree(home)  # what a reboot does to a tmpfs
+    second = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f3 > {out}"], at=proj)
+    stacks = sorted(os.listdir(home / "stacks"))
+    return {
+        "first": first,
+        "stacks": stacks,
+        "built": json.loads((home / "stacks" / stacks[0]).read_text())["built"],
+        "status": second.exit_status,
+        "seen": open(out, "rb").read(),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_sessions_rebuild_after_the_cache_vanished(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _data_only, _after_reboot, base)
+    assert r["first"] == r["stacks"] and len(r["stacks"]) == 1  # type: ignore[arg-type]
+    assert r["built"] == "full" and r["status"] == 0
+    assert r["seen"] == b"three three three\n"
+    assert r["fsck"] == []

@@ -1,0 +1,152 @@
+"""The per-boot layer cache: where data-only metadata layers live when a tmpfs can hold them.
+
+A metadata layer is one inode with two xattrs per file and no data (projection.py). On ext4 that
+inode costs about as much as `cp -a` pays per file, and a redirect longer than ~24 bytes spills
+into a 4 KiB xattr block, so layers kept in the store need short object names (`ids-v1/`, one
+hard link per object). On tmpfs an inode is several times cheaper and xattr size costs memory
+only, so a layer there redirects straight to `objects-v1/<ab>/<cd>/<hex>`: no naming pass. The
+price is RAM (about 1 KiB per file, measured in bench/bench_session.py) and a rebuild after each
+boot — the layers are a cache of what the manifests say, never data.
+
+Where (first usable wins):
+* `VELO_RUNTIME_DIR` if set: a directory under which `veloverlay-<uid>/` is used (any
+  filesystem with user xattrs), or `off` to keep every layer in the store;
+* root: `/run/veloverlay`; others: `$XDG_RUNTIME_DIR/veloverlay`, then `/dev/shm/veloverlay-<uid>`
+  — each only when it is on tmpfs.
+That directory must be a real directory owned by the caller with no group/other access (a
+planted metadata file would show its own bytes in someone else's projection); a store gets
+`<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in a file
+`store`: a build removes the directories of stores that are gone (`reap_orphans`). Sessions
+bind it read-only like the store.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from . import _libc, envvars
+from .errors import SysError
+
+__all__ = ["home", "why_not", "reap_orphans"]
+
+_why: dict[str, str] = {}
+
+
+def why_not() -> str:
+    """Why `home()` last returned None ('' when it did not)."""
+    return _why.get("last", "")
+
+
+def _own_private_dir(path: str, *, create: bool) -> str | None:
+    """Why `path` cannot be used (None: it can): create it 0700 if asked, then insist it is a
+    directory (not a symlink) that only the caller can enter."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror}"
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not {os.geteuid()}"
+    if st.st_mode & 0o077:
+        return f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _on_tmpfs(path: str) -> bool:
+    try:
+        return _libc.statfs_type(Path(path)) == _libc.TMPFS_MAGIC
+    except SysError:
+        return False
+
+
+def _base() -> str | None:
+    uid = os.geteuid()
+    asked = (envvars.get("VELO_RUNTIME_DIR") or "").strip()
+    if asked:
+        if asked == "off":
+            _why["last"] = "VELO_RUNTIME_DIR=off"
+            return None
+        path = os.path.join(asked, f"veloverlay-{uid}")
+        why = _own_private_dir(path, create=True)
+        _why["last"] = why or ""
+        return None if why else path
+    if uid == 0:
+        candidates = [("/run", "/run/veloverlay")]
+    else:
+        candidates = []
+        xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+        if xdg and os.path.isabs(xdg) and _own_private_dir(xdg, create=False) is None:
+            candidates.append((xdg, os.path.join(xdg, "veloverlay")))
+    candidates.append(("/dev/shm", f"/dev/shm/veloverlay-{uid}"))
+    reasons = []
+    for parent, path in candidates:
+        if not _on_tmpfs(parent):
+            reasons.append(f"{parent} is not a tmpfs")
+            continue
+        why = _own_private_dir(path, create=True)
+        if why is None:
+            _why["last"] = ""
+            return path
+        reasons.append(why)
+    _why["last"] = "; ".join(reasons)
+    return None
+
+
+def home(store_root: Path) -> Path | None:
+    """This store's per-boot layer directory (created), or None when there is none to use
+    (`why_not()` says why)."""
+    base = _base()
+    if base is None:
+        return None
+    st = os.stat(store_root)
+    path = os.path.join(base, _store_key(st))
+    why = _own_private_dir(path, create=True)
+    if why is not None:
+        _why["last"] = why
+        return None
+    note = os.path.join(path, "store")
+    if not os.path.exists(note):
+        tmp = f"{note}.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(os.fsencode(os.path.abspath(store_root)))
+        os.rename(tmp, note)
+    return Path(path)
+
+
+def _store_key(st: os.stat_result) -> str:
+    return f"{st.st_dev:x}-{st.st_ino:x}"
+
+
+def reap_orphans(current: Path) -> int:
+    """Remove the layer directories next to `current` whose store no longer exists at the path
+    it recorded (or is another store now). Returns how many went."""
+    from .projection import force_rmtree
+
+    removed = 0
+    base = current.parent
+    for entry in os.scandir(base):
+        if entry.path == os.fspath(current) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with open(os.path.join(entry.path, "store"), "rb") as f:
+                store_path = f.read()
+        except OSError:
+            continue  # being created right now, or not ours to judge
+        try:
+            alive = _store_key(os.stat(store_path)) == entry.name
+        except OSError:
+            alive = False
+        if not alive:
+            force_rmtree(entry.path)
+            removed += 1
+    return removed
