@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -158,7 +157,7 @@ _ENOSYS_NR = -1  # makes the kernel answer ENOSYS on an architecture we have no 
 
 
 def _nr(name: str) -> int:
-    if platform.machine() in _ARCHES_WITH_UNIFIED_NR:
+    if os.uname().machine in _ARCHES_WITH_UNIFIED_NR:
         return _UNIFIED_NR[name]
     return _ENOSYS_NR
 

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -271,7 +270,7 @@ class Stage:
 
     def __init__(self, store: Store, name: str | None = None) -> None:
         self.store = store
-        self.name = name or f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.name = name or f"{os.getpid()}-{os.urandom(6).hex()}"
         self.dir = store.tmp / self.name
         self._dir_b = os.fsencode(self.dir)
         self._lock_fd = -1

@@ -16,15 +16,11 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import io
 import os
-import pickle
 import select
 import signal
-import socket
 import struct
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -51,20 +47,25 @@ def _rebuild_oserror(cls: type[OSError], args: tuple[Any, ...], state: dict[str,
     return exc
 
 
-class _Pickler(pickle.Pickler):
+def _reduce_error(obj: Any) -> Any:
     """Pickles VeloError and SysError by state: their constructors take keyword-only or renamed
     arguments, so the default `Exception.__reduce__` (which replays `args`) cannot rebuild them."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, VeloError):
-            return _rebuild_velo, (type(obj), obj.message, dict(obj.__dict__))
-        if isinstance(obj, SysError):
-            args = (obj.errno, obj.strerror, obj.filename, None, obj.filename2)
-            return _rebuild_oserror, (type(obj), args, dict(obj.__dict__))
-        return NotImplemented
+    if isinstance(obj, VeloError):
+        return _rebuild_velo, (type(obj), obj.message, dict(obj.__dict__))
+    if isinstance(obj, SysError):
+        args = (obj.errno, obj.strerror, obj.filename, None, obj.filename2)
+        return _rebuild_oserror, (type(obj), args, dict(obj.__dict__))
+    return NotImplemented
 
 
 def _dumps(obj: object) -> bytes:
+    import io
+    import pickle  # here, not at import: sessions start faster without it
+
+    class _Pickler(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            return _reduce_error(obj)
+
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
@@ -74,6 +75,8 @@ def _child_payload(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, 
     try:
         result = fn(*args, **kw)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        import traceback
+
         exc.add_note(f"(raised in child pid {os.getpid()}:)\n" + traceback.format_exc().rstrip())
         try:
             return _dumps(("err", exc))
@@ -186,6 +189,8 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     kind: str = ""
     value: Any = None
     if data:
+        import pickle
+
         try:
             kind, value = pickle.loads(data)
         except Exception:  # noqa: BLE001 - a child killed while writing leaves a torn pickle
@@ -328,6 +333,8 @@ _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name[IFNAMSIZ], short ifr_fla
 
 
 def _loopback_up_ioctl() -> None:
+    import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             req = fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
