@@ -279,7 +279,10 @@ def _namespace_probes(base: str, *, drop: bool, extras: bool) -> dict[str, tuple
         "data_only_" + suffix: _attempt(lambda: _data_only(base)),
     }
     if extras:
-        out["lowerdir_append"], out["fsconfig_fd"] = _lowerdir_append(base)
+        try:
+            out["lowerdir_append"], out["fsconfig_fd"] = _lowerdir_append(base)
+        except Exception as exc:  # noqa: BLE001 - e.g. fsopen("overlay"): ENODEV, no module
+            out["lowerdir_append"] = out["fsconfig_fd"] = (False, _why(exc))
         out["whiteout_mknod"] = _attempt(lambda: _whiteout_mknod(base))
     return out
 
@@ -419,7 +422,9 @@ def _detect() -> Capabilities:
             root_base = os.path.join(base, "root")
             os.mkdir(root_base)
             privileged = _in_child(root_base, drop=False, extras=True)
-            privileged.pop("userns", None)
+            ok, why = privileged.pop("userns", (False, "no answer from the probe child"))
+            for name in ("overlay_root", "data_only_root"):  # a child that failed says why
+                privileged.setdefault(name, (False, why if not ok else "not probed"))
             results.update(privileged)
         else:
             why = f"not root: {results['root'][1]}"

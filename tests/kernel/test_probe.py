@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.unpriv import mount_lines
 from veloverlay import _libc, probe
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.probe import Capabilities, Feature
 
 EXPECTED = {
@@ -201,3 +201,32 @@ def test_user_xattrs_probe_and_refusal(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "setxattr", refuse)
     f = probe.user_xattrs(str(tmp_path))
     assert not f.ok and "ENOTSUP" in f.reason  # errno.EOPNOTSUPP == ENOTSUP on Linux
+
+
+@pytest.mark.needs("root", "userns")
+def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without overlayfs (fsopen and mount answer ENODEV): every overlay feature is
+    "no" with that reason, as root too — the VM matrix's no-overlay box once crashed here."""
+    real_fsopen, real_mount = _libc.fsopen, _libc.mount
+
+    def fsopen(fsname: str, flags: int = _libc.FSOPEN_CLOEXEC) -> int:
+        if fsname == "overlay":
+            raise SysError(errno.ENODEV, "fsopen", fsname)
+        return real_fsopen(fsname, flags)
+
+    def mount(source: object, target: object, fstype: object, *a: object, **k: object) -> None:
+        if fstype == "overlay":
+            raise SysError(errno.ENODEV, "mount", target)  # type: ignore[arg-type]
+        real_mount(source, target, fstype, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_libc, "fsopen", fsopen)
+    monkeypatch.setattr(_libc, "mount", mount)
+    caps = probe.detect(refresh=True)
+    try:
+        for name in ("overlay_root", "overlay_userns", "data_only_root", "fsconfig_fd"):
+            feature = caps.feature(name)
+            assert not feature.ok and "ENODEV" in feature.reason, (name, feature)
+        assert caps.feature("userns").ok  # namespaces themselves still work
+    finally:
+        monkeypatch.undo()
+        probe.detect(refresh=True)  # later tests see the real host again
