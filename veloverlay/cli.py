@@ -1,53 +1,320 @@
-"""The `veloverlay` command line: parse, call one library verb, render. The only typer importer.
+"""The `veloverlay` command line: parse (argparse), call one library verb, render.
+
+Parsing needs only the standard library's argparse; each verb imports the library modules it uses
+when it runs, so that a command starts fast. `--help` pages keep the layout users know (Usage,
+Arguments, Options and Commands sections), drawn by `_help`.
 
 Every failure leaves through `main()`: `error:`/`hint:`/`reason:` on stderr (and a JSON object on
-stdout with --json), exit status 1; `run` passes the command's own exit status through (127: not
-found). `--debug` re-raises with a traceback.
+stdout with --json), exit status 1; a command line the parser refuses (unknown verb or option,
+missing or malformed argument) is `reason: usage` with exit status 2. `run` passes the command's
+own exit status through (127: not found). `--debug` re-raises with a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Annotated
-
-import typer
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from . import ui
 from .errors import Reason, VeloError
 
-app = typer.Typer(
-    name="veloverlay",
-    help="Keep file trees in one content-addressed store and project them as live, writable "
+_HELP = (
+    "Keep file trees in one content-addressed store and project them as live, writable "
     "directories (OverlayFS, as root or root-free). Changes made in a session are harvested "
-    "into a new manifest version.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    "into a new manifest version."
 )
-tiers_app = typer.Typer(help="Tier rules: which files are store symlinks (1) or overlay files (2).")
-app.add_typer(tiers_app, name="tiers")
+_GROUPS = {"tiers": "Tier rules: which files are store symlinks (1) or overlay files (2)."}
+_ENVVARS = {"store": "VELO_STORE"}  # option (its dest) -> the environment variable that sets it
+_TYPE_NAMES: dict[object, str] = {int: "INTEGER", float: "FLOAT"}  # else TEXT
 
 _state: dict[str, object] = {"store": None, "debug": False, "json": False}
 _COMMAND: list[str] = []  # what follows `--` on a `run` command line
 
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store", envvar="VELO_STORE", help="Store directory [default: $XDG_DATA_HOME/veloverlay]"
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
+
+# -- the parser --------------------------------------------------------------------------------
 
 
-@app.callback()
-def _root(
-    store: StoreOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False,
-) -> None:
-    _state["store"] = store
-    _state["debug"] = debug
+class UsageError(Exception):
+    """A command line the parser refuses: `reason: usage`, exit status 2."""
+
+
+class _Help(Exception):
+    """`--help` was given: show the help page of `parser` (once parsing has unwound)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+class _HelpAction(argparse.Action):
+    # Raises rather than prints: the intermixed parsing of a verb (see `_Parser`) changes the
+    # verb's arguments while it runs, and restores them on the way out.
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, help=kwargs.get("help"))
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        raise _Help(parser)
+
+
+class _Formatter(argparse.HelpFormatter):
+    # argparse makes a formatter to check each argument it is given: a fixed width spares it the
+    # terminal query (and the import of shutil). Help pages are drawn by `_help`.
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=80)
+
+
+class _Parser(argparse.ArgumentParser):
+    """No `-h`, no abbreviated options, `--help` drawn by `_help`, errors raised (not exits)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(add_help=False, allow_abbrev=False, formatter_class=_Formatter, **kwargs)
+        self.add_argument("--help", action=_HelpAction, help="Show this message and exit.")
+        self._mixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A verb takes its options and arguments in any order (`ls REF -r PATH`, `run A --at D B`).
+        # argparse does that only in its intermixed mode, which a parser with verbs cannot use,
+        # so each verb's own parser switches to it (which calls back here, twice).
+        if self._mixing:
+            return super().parse_known_args(args, namespace)
+        if args is not None:
+            args = self._attach_values(args)
+        if self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+    def _attach_values(self, args: Sequence[str]) -> list[str]:
+        """`-m -x` as `-m=-x`: an option that takes a value takes the next word, whatever it
+        looks like (argparse would take `-x` for an option). Up to the verb, or to `--`."""
+        out: list[str] = []
+        words = iter(args)
+        for word in words:
+            out.append(word)
+            if word == "--" or (self._subparsers is not None and not word.startswith("-")):
+                break
+            action = self._option_string_actions.get(word)
+            if action is not None and action.nargs is None:
+                value = next(words, None)
+                if value is not None and value.startswith("-"):
+                    out[-1] = f"{word}={value}"
+                elif value is not None:
+                    out.append(value)
+        out.extend(words)
+        return out
+
+    def format_usage(self) -> str:
+        return f"Usage: {self.prog} {_usage_args(self)}\n"
+
+    def format_help(self) -> str:
+        return _help(self)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+_Spec = tuple[tuple[str, ...], dict[str, Any]]  # the arguments of one add_argument call
+_F = TypeVar("_F", bound=Callable[..., Any])
+# (group, verb) -> the function and its arguments; group None: a verb of `veloverlay` itself
+_VERBS: dict[tuple[str | None, str], tuple[Callable[..., Any], tuple[_Spec, ...]]] = {}
+
+
+def _verb(*specs: _Spec, name: str | None = None, group: str | None = None) -> Callable[[_F], _F]:
+    """Make a function a verb (of `group`, e.g. `tiers`): its docstring is its help."""
+
+    def register(fn: _F) -> _F:
+        _VERBS[group, name or fn.__name__] = (fn, specs)
+        return fn
+
+    return register
+
+
+def _pos(name: str, **kwargs: Any) -> _Spec:
+    return (name,), {"metavar": name.upper(), **kwargs}
+
+
+def _opt(*names: str, **kwargs: Any) -> _Spec:
+    return names, kwargs
+
+
+def _flag(*names: str, **kwargs: Any) -> _Spec:
+    return names, {"action": "store_true", **kwargs}
+
+
+_JSON = _flag("--json", dest="as_json", help="Machine-readable output on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the global options, then a verb (`tiers` has verbs of its own)."""
+    root = _Parser(prog="veloverlay", description=_HELP)
+    root.add_argument("--store", help="Store directory [default: $XDG_DATA_HOME/veloverlay]")
+    root.add_argument("--debug", action="store_true", help="Show tracebacks")
+    _add_verbs(root, None)
+    return root
+
+
+class _Verbs(dict[str, "argparse.ArgumentParser | None"]):
+    """The verbs of a parser, each one's parser built when it is first looked up: a command
+    builds the parsers it uses, not all of them (argparse takes ~0.1 ms a parser)."""
+
+    def __init__(self, prog: str, group: str | None) -> None:
+        names = [name for g, name in _VERBS if g == group]
+        super().__init__(dict.fromkeys(names + (list(_GROUPS) if group is None else [])))
+        self.prog = prog
+        self.group = group
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = super().__getitem__(name)
+        if parser is not None:
+            return parser
+        if self.group is None and name in _GROUPS:
+            parser = _Parser(prog=f"{self.prog} {name}", description=_GROUPS[name])
+            _add_verbs(parser, name)
+        else:
+            fn, specs = _VERBS[self.group, name]
+            parser = _Parser(prog=f"{self.prog} {name}", description=fn.__doc__)
+            for names, kwargs in specs:
+                parser.add_argument(*names, **kwargs)
+            parser.set_defaults(_func=fn)
+        self[name] = parser
+        return parser
+
+
+def _add_verbs(parser: argparse.ArgumentParser, group: str | None) -> None:
+    action = parser.add_subparsers(metavar="COMMAND", prog=parser.prog)
+    action.choices = action._name_parser_map = _Verbs(parser.prog, group)  # type: ignore[assignment]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The verbs of a parser (of `build_parser()`, or of its `tiers`), in --help order."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            verbs = action.choices
+            return {name: verbs[name] for name in verbs}
+    return {}
+
+
+# -- help pages, in the layout they have had since the CLI was built on click -------------------
+
+
+def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a
+        for a in parser._actions
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+    ]
+
+
+def _arg_name(action: argparse.Action) -> str:
+    name = str(action.metavar) + ("..." if action.nargs == "+" else "")
+    return name if action.required else f"[{name}]"
+
+
+def _usage_args(parser: argparse.ArgumentParser) -> str:
+    pieces = ["[OPTIONS]"] + [_arg_name(a) for a in _arguments(parser)]
+    if parser._subparsers is not None:
+        pieces.append("COMMAND [ARGS]...")
+    return " ".join(pieces)
+
+
+def _short_help(text: str, limit: int) -> str:
+    """The first sentence of `text` if it fits in `limit`, else as many words as fit, and '...'."""
+    words = text.split()
+    total = 0
+    for i, word in enumerate(words):
+        total += len(word) + (i > 0)
+        if total > limit:
+            break
+        if word.endswith("."):
+            return " ".join(words[: i + 1])
+        if total == limit and i != len(words) - 1:
+            break
+    else:
+        return " ".join(words)
+    total += 3
+    while i > 0:
+        total -= len(words[i]) + 1
+        if total <= limit:
+            break
+        i -= 1
+    return " ".join(words[:i]) + "..."
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    import shutil
+    import textwrap
+
+    width = max(min(shutil.get_terminal_size().columns, 80) - 2, 50)
+    prefix, args = f"Usage: {parser.prog} ", _usage_args(parser)
+    if width >= len(prefix) + 20:  # the arguments fit to the right of the prefix
+        out = [
+            textwrap.fill(args, width, initial_indent=prefix, subsequent_indent=" " * len(prefix))
+        ]
+    else:
+        out = [
+            prefix,
+            textwrap.fill(args, width, initial_indent=" " * 11, subsequent_indent=" " * 11),
+        ]
+    if parser.description:
+        text = " ".join(line.strip() for line in parser.description.strip().splitlines())
+        out += ["", textwrap.fill(text, width, initial_indent="  ", subsequent_indent="  ")]
+
+    def section(title: str, rows: list[tuple[str, str]]) -> None:
+        first = min(max(len(term) for term, _ in rows), 30) + 2
+        out.extend(("", f"{title}:"))
+        for term, text in rows:
+            lines = textwrap.wrap(text, max(width - first - 2, 10), replace_whitespace=False)
+            if not lines:
+                out.append(f"  {term}")
+                continue
+            if len(term) <= first - 2:
+                out.append(f"  {term.ljust(first)}{lines[0]}")
+            else:
+                out.extend((f"  {term}", " " * (first + 2) + lines[0]))
+            out.extend(" " * (first + 2) + line for line in lines[1:])
+
+    arguments, options = [], []
+    for action in sorted(parser._actions, key=lambda a: isinstance(a, _HelpAction)):  # it's last
+        if isinstance(action, argparse._SubParsersAction):
+            continue
+        extra = [f"env var: {_ENVVARS[action.dest]}"] if action.dest in _ENVVARS else []
+        default = action.default
+        if (
+            default is not None
+            and not isinstance(default, bool)
+            and default not in ("", argparse.SUPPRESS)
+        ):
+            extra.append(f"default: {default}")
+        if action.required:
+            extra.append("required")
+        text = action.help or ""
+        if extra:
+            text = f"{text}  [{'; '.join(extra)}]" if text else f"[{'; '.join(extra)}]"
+        if not action.option_strings:
+            arguments.append((_arg_name(action), text))
+            continue
+        names = ", ".join(sorted(action.option_strings, key=lambda s: len(s) - len(s.lstrip("-"))))
+        if action.nargs != 0:
+            names += " " + _TYPE_NAMES.get(action.type, "TEXT")
+        options.append((names, text))
+    if arguments:
+        section("Arguments", arguments)
+    section("Options", options)
+    verbs = subcommands(parser)
+    if verbs:
+        limit = width - 6 - max(len(name) for name in verbs)
+        section(
+            "Commands", [(n, _short_help(p.description or "", limit)) for n, p in verbs.items()]
+        )
+    return "\n".join(out) + "\n"
 
 
 def _repo(*, create: bool = False):  # type: ignore[no-untyped-def]
@@ -64,8 +331,8 @@ def _json(flag: bool) -> bool:
 # -- store -------------------------------------------------------------------------------------
 
 
-@app.command()
-def init(as_json: JsonOpt = False) -> None:
+@_verb(_JSON)
+def init(as_json: bool) -> None:
     """Create a store (idempotent)."""
     repo = _repo(create=True)
     if _json(as_json):
@@ -74,34 +341,30 @@ def init(as_json: JsonOpt = False) -> None:
         print(f"store ready at {repo.store.root}")
 
 
-@app.command()
+@_verb(
+    _pos("directory", help="Directory to ingest"),
+    _opt("--name", "-n", help="Ref name [default: the directory's name]"),
+    _opt("--tiers", help="Tier rules file ('<1|2> <glob>' per line)"),
+    _opt("--jobs", "-j", type=int, help="Worker processes [default: CPUs]"),
+    _flag("--force", help="On conflict with session commits, take the source's version"),
+    _flag("--keep-setid", help="Keep setuid/setgid bits (stripped by default)"),
+    _opt("--message", "-m"),
+    _flag(
+        "--adopt",
+        help="Then move DIRECTORY aside (checked unchanged) so sessions can take its place",
+    ),
+    _JSON,
+)
 def ingest(
-    directory: Annotated[str, typer.Argument(help="Directory to ingest")],
-    name: Annotated[
-        str | None, typer.Option("--name", "-n", help="Ref name [default: the directory's name]")
-    ] = None,
-    tiers: Annotated[
-        str | None, typer.Option("--tiers", help="Tier rules file ('<1|2> <glob>' per line)")
-    ] = None,
-    jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="On conflict with session commits, take the source's version"),
-    ] = False,
-    keep_setid: Annotated[
-        bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
-    ] = False,
-    message: Annotated[str | None, typer.Option("--message", "-m")] = None,
-    adopt: Annotated[
-        bool,
-        typer.Option(
-            "--adopt",
-            help="Then move DIRECTORY aside (checked unchanged) so sessions can take its place",
-        ),
-    ] = False,
-    as_json: JsonOpt = False,
+    directory: str,
+    name: str | None,
+    tiers: str | None,
+    jobs: int | None,
+    force: bool,
+    keep_setid: bool,
+    message: str | None,
+    adopt: bool,
+    as_json: bool,
 ) -> None:
     """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
     from .ingest import ingest as do_ingest
@@ -160,13 +423,8 @@ def ingest(
         print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {directory}")
 
 
-@app.command()
-def refs(
-    delete: Annotated[
-        str | None, typer.Option("--delete", help="Delete this ref (its objects go at the next gc)")
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(_opt("--delete", help="Delete this ref (its objects go at the next gc)"), _JSON)
+def refs(delete: str | None, as_json: bool) -> None:
     """List refs (name, head, root, ingest path)."""
     repo = _repo()
     if delete is not None:
@@ -194,13 +452,14 @@ def refs(
     )
 
 
-@app.command("ls")
-def ls_cmd(
-    ref: Annotated[str, typer.Argument(help="REF, REF@{n} or REF@SESSION")],
-    path: Annotated[str, typer.Argument()] = "",
-    recursive: Annotated[bool, typer.Option("--recursive", "-r")] = False,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _pos("ref", help="REF, REF@{n} or REF@SESSION"),
+    _pos("path", nargs="?", default=""),
+    _flag("--recursive", "-r"),
+    _JSON,
+    name="ls",
+)
+def ls_cmd(ref: str, path: str, recursive: bool, as_json: bool) -> None:
     """List a directory of a manifest."""
     entries = _repo().ls(ref, path, recursive=recursive)
     if _json(as_json):
@@ -216,7 +475,7 @@ def ls_cmd(
     ui.table(rows)
 
 
-@app.command()
+@_verb(_pos("ref"), _pos("path"))
 def cat(ref: str, path: str) -> None:
     """Write a file of a manifest to stdout."""
     repo = _repo()
@@ -225,12 +484,8 @@ def cat(ref: str, path: str) -> None:
     sys.stdout.buffer.flush()
 
 
-@app.command()
-def log(
-    ref: str,
-    limit: Annotated[int | None, typer.Option("--limit", "-n")] = None,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(_pos("ref"), _opt("--limit", "-n", type=int), _JSON)
+def log(ref: str, limit: int | None, as_json: bool) -> None:
     """Show the commit log of a ref, newest first."""
     import time
 
@@ -247,8 +502,8 @@ def log(
         )
 
 
-@app.command()
-def diff(a: str, b: str, as_json: JsonOpt = False) -> None:
+@_verb(_pos("a"), _pos("b"), _JSON)
+def diff(a: str, b: str, as_json: bool) -> None:
     """Show the path operations that turn version A into version B."""
     from .repo import op_to_dict
 
@@ -262,28 +517,27 @@ def diff(a: str, b: str, as_json: JsonOpt = False) -> None:
         print(f"{sym[d['op']]} {d['path'] or '/'}{'  ' + d['kind'] if 'kind' in d else ''}")
 
 
-@app.command()
+@_verb(_pos("ref"), _pos("dest"))
 def checkout(ref: str, dest: str) -> None:
     """Materialise a manifest as a real tree in DEST (new or empty directory)."""
     n = _repo().checkout(ref, dest)
     print(f"checked out {n} entries into {dest}")
 
 
-@app.command()
-def rollback(
-    ref: str, n: Annotated[int, typer.Argument(help="How many versions back")] = 1
-) -> None:
+@_verb(_pos("ref"), _pos("n", nargs="?", type=int, default=1, help="How many versions back"))
+def rollback(ref: str, n: int) -> None:
     """Make REF@{N} the new head of REF (as a new commit; history is kept)."""
     c = _repo().rollback(ref, n)
     print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]})")
 
 
-@app.command("export")
-def export_cmd(
-    ref: str,
-    output: Annotated[str, typer.Option("--output", "-o", help="Bundle file ('-' for stdout)")],
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _pos("ref"),
+    _opt("--output", "-o", required=True, help="Bundle file ('-' for stdout)"),
+    _JSON,
+    name="export",
+)
+def export_cmd(ref: str, output: str, as_json: bool) -> None:
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
     from .bundle import export_bundle
 
@@ -305,23 +559,15 @@ def export_cmd(
         )
 
 
-@app.command("import")
-def import_cmd(
-    bundle: str,
-    name: Annotated[
-        str | None, typer.Option("--name", help="Ref name [default: the bundle's]")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Add as a new version of an existing ref")
-    ] = False,
-    path: Annotated[
-        str | None,
-        typer.Option(
-            "--path", help="Default projection point of the ref [default: none, use --at]"
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _pos("bundle"),
+    _opt("--name", help="Ref name [default: the bundle's]"),
+    _flag("--force", help="Add as a new version of an existing ref"),
+    _opt("--path", help="Default projection point of the ref [default: none, use --at]"),
+    _JSON,
+    name="import",
+)
+def import_cmd(bundle: str, name: str | None, force: bool, path: str | None, as_json: bool) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
     from .bundle import import_bundle
 
@@ -343,11 +589,8 @@ def import_cmd(
             )
 
 
-@app.command()
-def fsck(
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j")] = None,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(_opt("--jobs", "-j", type=int), _JSON)
+def fsck(jobs: int | None, as_json: bool) -> None:
     """Re-hash every object against its name and check every manifest reference."""
     from .verify import fsck as do_fsck
 
@@ -376,20 +619,18 @@ def fsck(
         )
 
 
-@app.command()
-def gc(
-    keep: Annotated[
-        int | None,
-        typer.Option("--keep", help="Keep the newest N commits of each ref [default: all]"),
-    ] = None,
-    grace: Annotated[
-        float, typer.Option("--grace", help="Never delete objects younger than this (seconds)")
-    ] = 3600.0,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only count what would be deleted")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _opt("--keep", type=int, help="Keep the newest N commits of each ref [default: all]"),
+    _opt(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="Never delete objects younger than this (seconds)",
+    ),
+    _flag("--dry-run", help="Only count what would be deleted"),
+    _JSON,
+)
+def gc(keep: int | None, grace: float, dry_run: bool, as_json: bool) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
     from .gc import gc as do_gc
 
@@ -406,8 +647,8 @@ def gc(
     )
 
 
-@app.command()
-def doctor(as_json: JsonOpt = False) -> None:
+@_verb(_JSON)
+def doctor(as_json: bool) -> None:
     """Probe the kernel facilities by trying them, and say which backend would be used and why."""
     from . import probe
     from .cas import default_store_path
@@ -470,8 +711,8 @@ def doctor(as_json: JsonOpt = False) -> None:
         raise VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
 
 
-@app.command()
-def status(as_json: JsonOpt = False) -> None:
+@_verb(_JSON)
+def status(as_json: bool) -> None:
     """Summarise the store: refs, objects, sessions that still need a harvest."""
     from .session import list_sessions
 
@@ -496,14 +737,14 @@ def status(as_json: JsonOpt = False) -> None:
             print(f"  warning: {w}")
 
 
-@tiers_app.command("explain")
-def tiers_explain(
-    path: str,
-    ref: Annotated[
-        str | None, typer.Option("--ref", help="Use the rules stored with this ref")
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _pos("path"),
+    _opt("--ref", help="Use the rules stored with this ref"),
+    _JSON,
+    name="explain",
+    group="tiers",
+)
+def tiers_explain(path: str, ref: str | None, as_json: bool) -> None:
     """Say which tier PATH gets, and which rule decided."""
     tier, rule, _rules = _repo().explain_tier(path, ref) if ref else _explain_default(path)
     if _json(as_json):
@@ -536,23 +777,14 @@ def _explain_default(path: str):  # type: ignore[no-untyped-def]
 
 # -- sessions ----------------------------------------------------------------------------------
 
-AtOpt = Annotated[
-    str | None, typer.Option("--at", help="Project here [default: the ref's ingest path]")
-]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto, overlay or shim")]
-NetOpt = Annotated[
-    str, typer.Option("--net", help="host, or none (a new network namespace with lo)")
-]
-
-
-LinkOpt = Annotated[
-    bool,
-    typer.Option(
-        "--link",
-        help="Shim backend: hard links to shared proxies with Break-Before-Write (faster; "
-        "writers the shim cannot see are only detected, by fsck)",
-    ),
-]
+_AT = _opt("--at", help="Project here [default: the ref's ingest path]")
+_BACKEND = _opt("--backend", default="auto", help="auto, overlay or shim")
+_NET = _opt("--net", default="host", help="host, or none (a new network namespace with lo)")
+_LINK = _flag(
+    "--link",
+    help="Shim backend: hard links to shared proxies with Break-Before-Write (faster; "
+    "writers the shim cannot see are only detected, by fsck)",
+)
 
 
 def _session_options(  # type: ignore[no-untyped-def]
@@ -608,29 +840,39 @@ def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
         ui.info(f"committed {d['changed']} changes (commit {d['commit'][:12]})")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_verb(
+    _pos("refs", nargs="+", help="REF [REF...] -- COMMAND [ARGS...]"),
+    _AT,
+    _BACKEND,
+    _NET,
+    _flag("--discard", help="Throw all changes away"),
+    _flag("--no-commit", help="Keep changes as REF@SESSION only"),
+    _opt("--message", "-m"),
+    _flag("--strict", help="Refuse any degraded protection or backend"),
+    _flag("--as-root", help="Root-free: appear as uid 0 inside"),
+    _opt(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="Seconds between SIGTERM and SIGKILL for leftovers",
+    ),
+    _LINK,
+    _JSON,
+)
 def run(
-    refs: Annotated[list[str], typer.Argument(help="REF [REF...] -- COMMAND [ARGS...]")],
-    at: AtOpt = None,
-    backend: BackendOpt = "auto",
-    net: NetOpt = "host",
-    discard: Annotated[bool, typer.Option("--discard", help="Throw all changes away")] = False,
-    no_commit: Annotated[
-        bool, typer.Option("--no-commit", help="Keep changes as REF@SESSION only")
-    ] = False,
-    message: Annotated[str | None, typer.Option("--message", "-m")] = None,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Refuse any degraded protection or backend")
-    ] = False,
-    as_root: Annotated[
-        bool, typer.Option("--as-root", help="Root-free: appear as uid 0 inside")
-    ] = False,
-    grace: Annotated[
-        float, typer.Option("--grace", help="Seconds between SIGTERM and SIGKILL for leftovers")
-    ] = 5.0,
-    link: LinkOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
+    refs: list[str],
+    at: str | None,
+    backend: str,
+    net: str,
+    discard: bool,
+    no_commit: bool,
+    message: str | None,
+    strict: bool,
+    as_root: bool,
+    grace: float,
+    link: bool,
+    as_json: bool,
+) -> int:
     """Run a command in a projection of REF (several REFs stack, the last on top)."""
     from .session import run as do_run
 
@@ -654,23 +896,35 @@ def run(
     )
     res = do_run(_repo().store, opts, list(_COMMAND))
     _render_session(res, as_json)
-    raise typer.Exit(res.exit_status)
+    return int(res.exit_status)
 
 
-@app.command()
+@_verb(
+    _pos("refs", nargs="+", help="REF [REF...]"),
+    _AT,
+    _BACKEND,
+    _NET,
+    _flag("--discard"),
+    _flag("--no-commit"),
+    _opt("--message", "-m"),
+    _flag("--strict"),
+    _flag("--as-root"),
+    _opt("--grace", type=float, default=5.0),
+    _LINK,
+)
 def enter(
-    refs: Annotated[list[str], typer.Argument(help="REF [REF...]")],
-    at: AtOpt = None,
-    backend: BackendOpt = "auto",
-    net: NetOpt = "host",
-    discard: Annotated[bool, typer.Option("--discard")] = False,
-    no_commit: Annotated[bool, typer.Option("--no-commit")] = False,
-    message: Annotated[str | None, typer.Option("--message", "-m")] = None,
-    strict: Annotated[bool, typer.Option("--strict")] = False,
-    as_root: Annotated[bool, typer.Option("--as-root")] = False,
-    grace: Annotated[float, typer.Option("--grace")] = 5.0,
-    link: LinkOpt = False,
-) -> None:
+    refs: list[str],
+    at: str | None,
+    backend: str,
+    net: str,
+    discard: bool,
+    no_commit: bool,
+    message: str | None,
+    strict: bool,
+    as_root: bool,
+    grace: float,
+    link: bool,
+) -> int:
     """Open an interactive shell in a projection of REF; changes are committed when it exits."""
     from .session import enter as do_enter
 
@@ -689,16 +943,11 @@ def enter(
     )
     res = do_enter(_repo().store, opts)
     _render_session(res, False)
-    raise typer.Exit(res.exit_status)
+    return int(res.exit_status)
 
 
-@app.command()
-def sessions(
-    clean: Annotated[
-        bool, typer.Option("--clean", help="Remove finished session directories")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(_flag("--clean", help="Remove finished session directories"), _JSON)
+def sessions(clean: bool, as_json: bool) -> None:
     """List sessions (running, unharvested after a crash, finished)."""
     import time
 
@@ -721,12 +970,12 @@ def sessions(
     ui.table(rows, ("ID", "REFS", "STATE", "START"))
 
 
-@app.command()
-def harvest(
-    resume: Annotated[str | None, typer.Option("--resume", help="Harvest this session")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Harvest every unharvested session")] = False,
-    as_json: JsonOpt = False,
-) -> None:
+@_verb(
+    _opt("--resume", help="Harvest this session"),
+    _flag("--all", dest="all_", help="Harvest every unharvested session"),
+    _JSON,
+)
+def harvest(resume: str | None, all_: bool, as_json: bool) -> None:
     """Harvest sessions whose manager died (after a crash or kill)."""
     from .session import harvest_resume
 
@@ -741,21 +990,20 @@ def harvest(
     print(f"harvested {len(results)} sessions")
 
 
-@app.command()
-def daemon(
-    session: Annotated[str, typer.Argument(help="The shim session whose journal to commit")],
-) -> None:
+@_verb(_pos("session", help="The shim session whose journal to commit"))
+def daemon(session: str) -> int:
     """Run a shim session's daemon in the foreground (sessions start their own)."""
     from .daemon import main as daemon_main
 
-    raise typer.Exit(daemon_main(_repo().store.root, session))
+    return daemon_main(_repo().store.root, session)
 
 
 # -- entry point -------------------------------------------------------------------------------
 
 
 def _split_command(argv: list[str]) -> list[str]:
-    """`run REF... -- CMD`: click drops the `--`, so the command is split off here."""
+    """`run REF... -- CMD`: the command is split off here (argparse would take it for REFs)."""
+    _COMMAND.clear()
     if "run" in argv and "--" in argv:
         i = argv.index("--")
         if argv.index("run") < i:
@@ -769,11 +1017,28 @@ def main(argv: list[str] | None = None) -> int:
     # Known before any command runs, so that an error raised before a command reads its own
     # --json flag (e.g. a missing ref in `ls REF --json`) is rendered as JSON too.
     _state["json"] = "--json" in args
+    parser = build_parser()
+    if not args:
+        sys.stdout.write(parser.format_help())
+        return 0
     try:
-        # Without standalone mode, click returns the code of a typer.Exit instead of raising it.
-        rv = app(args=args, prog_name="veloverlay", standalone_mode=False)
-        if isinstance(rv, int):
-            return rv
+        known, unknown = parser.parse_known_args(args)
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        ns = vars(known)
+        if "_func" not in ns:  # `veloverlay --debug`, `veloverlay tiers`
+            raise UsageError("missing command")
+        func = ns.pop("_func")
+        store = ns.pop("store")
+        _state["store"] = (os.environ.get("VELO_STORE") or None) if store is None else store
+        _state["debug"] = ns.pop("debug")
+        rv = func(**ns)
+    except UsageError as exc:
+        sys.stderr.write(f"error: {exc}\nreason: usage\n")
+        return 2
+    except _Help as exc:
+        sys.stdout.write(exc.parser.format_help())
+        return 0
     except VeloError as exc:
         if _state["debug"]:
             raise
@@ -782,27 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         return ui.error(exc, as_json=bool(_state["json"]))
-    except typer.Exit as exc:
-        return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # click usage errors and the like
-        name = type(exc).__name__
-        if name in (
-            "UsageError",
-            "BadParameter",
-            "NoSuchOption",
-            "MissingParameter",
-            "BadArgumentUsage",
-        ):
-            fmt = getattr(exc, "format_message", None)
-            show = fmt() if fmt is not None else str(exc)
-            sys.stderr.write(f"error: {show}\nreason: usage\n")
-            return 2
-        if name == "Abort":
-            return 130
-        raise
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

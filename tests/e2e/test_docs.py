@@ -6,18 +6,15 @@ import re
 from pathlib import Path
 
 from veloverlay import envvars
-from veloverlay.cli import app
+from veloverlay.cli import build_parser, subcommands
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli_commands() -> set[str]:
-    import typer.main
-
-    group = typer.main.get_command(app)
     names = set()
-    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
-        sub = getattr(cmd, "commands", None)
+    for name, parser in subcommands(build_parser()).items():
+        sub = subcommands(parser)
         if sub:
             names.update(f"{name} {s}" for s in sub)
         else:
