@@ -168,6 +168,7 @@ def main() -> int:
         base = top / "work"
         base.mkdir()
     results: dict[str, Any] = {"files": args.files, "small": args.small, "fs": args.fs}
+    m: Manifests | None = None
     try:
         caps = probe.detect()
         privileged = caps.feature("root").ok
@@ -221,7 +222,6 @@ def main() -> int:
             "store_kept_s": store_kept,
             "store_kept_speedup": cpa / store_kept,
         }
-        m = Manifests(store)
         # Larger files: cp -a pays for the bytes, a metadata layer does not.
         m = Manifests(store)
         n_large = max(1000, args.files // 5)
@@ -335,6 +335,8 @@ def main() -> int:
             "goal": "<= 1.5x (100k vs 1k)",
         }
     finally:
+        if m is not None:
+            m.close()  # idempotent; an open environment keeps the loop fs busy
         unlock_tree(base)
         shutil.rmtree(runtime, ignore_errors=True)
         if mounted:

@@ -576,6 +576,81 @@ def _new_build(home: _Home, name: str) -> _Build:
     return _Build(path, fd)
 
 
+# A per-boot layer with at least this many entries is filled by worker processes (one per CPU,
+# VELO_JOBS): its files need no LMDB access, and inode creation plus +i scale with cores.
+PARALLEL_MIN_ENTRIES = 4000
+# What the workers fill: set before they are forked, inherited (copy-on-write), never pickled.
+_SHARES: list[list[tuple[bytes, list[Entry]]]] = []
+_SHARE_CTX: list[tuple[str, _Objects, str]] = []
+
+
+def _plan_subtree(m: Manifests, txn: Txn, b: _Build, node: Node) -> list[tuple[bytes, list[Entry]]]:
+    """Make every directory of the layer; return each directory's other entries, to fill."""
+    jobs: list[tuple[bytes, list[Entry]]] = []
+    stack: list[tuple[bytes, Node]] = [(b"", node)]
+    while stack:
+        where, n = stack.pop()
+        files = []
+        for e in n.entries:
+            if e.kind is Kind.DIR:
+                child = m.get_node(txn, e.digest)
+                p = paths.join(where, e.name)
+                b.mkdir(p, child.mode, child.mtime_ns)
+                stack.append((p, child))
+            elif e.kind is not Kind.MASK:
+                files.append(e)
+        if files:
+            jobs.append((where, files))
+    return jobs
+
+
+def _fill_share(k: int) -> tuple[int, list[str]]:
+    """In a worker: write share `k` of the layer; (entries written, +i failures)."""
+    layer, objs, form = _SHARE_CTX[0]
+    objs.protected = set()
+    objs.protect_failed = []
+    w = _Writer(objs, form)
+    top = os.open(layer, _DIRFLAGS)
+    try:
+        for rel, entries in _SHARES[k]:
+            dfd = os.open(rel, _DIRFLAGS, dir_fd=top) if rel else top
+            try:
+                for e in entries:
+                    w.put(dfd, e)
+            finally:
+                if dfd != top:
+                    os.close(dfd)
+    finally:
+        os.close(top)
+    return w.entries, objs.protect_failed
+
+
+def _fill_parallel(
+    b: _Build, objs: _Objects, form: str, jobs: list[tuple[bytes, list[Entry]]], n: int
+) -> None:
+    from .workers import Workers
+
+    shares: list[list[tuple[bytes, list[Entry]]]] = [[] for _ in range(n)]
+    load = [0] * n
+    for job in sorted(jobs, key=lambda j: -len(j[1])):  # biggest first, onto the lightest
+        k = load.index(min(load))
+        shares[k].append(job)
+        load[k] += len(job[1])
+    _SHARES[:] = shares
+    _SHARE_CTX[:] = [(os.fspath(b.path), objs, form)]
+    try:
+        with Workers(n) as pool:
+            for _count, failed in pool.map_unordered(_fill_share, range(n)):
+                objs.protect_failed.extend(failed[: max(0, 5 - len(objs.protect_failed))])
+    finally:
+        _SHARES.clear()
+        _SHARE_CTX.clear()
+
+
+def _jobs() -> int:
+    return int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
+
+
 def _full_layer(
     home: _Home, m: Manifests, txn: Txn, objs: _Objects, form: str, root: bytes, name: str
 ) -> Path:
@@ -585,7 +660,18 @@ def _full_layer(
     try:
         top = m.get_node(txn, root)
         b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
-        _write_subtree(m, txn, w, b, top, b"")
+        n = _jobs()
+        if home.volatile and n > 1:
+            jobs = _plan_subtree(m, txn, b, top)
+            if sum(len(files) for _rel, files in jobs) >= PARALLEL_MIN_ENTRIES:
+                _fill_parallel(b, objs, form, jobs, n)
+            else:
+                for rel, files in jobs:
+                    dfd = b.fd(rel)
+                    for e in files:
+                        w.put(dfd, e)
+        else:
+            _write_subtree(m, txn, w, b, top, b"")
         b.finish()
     except BaseException:
         b.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -279,4 +280,83 @@ def test_sessions_rebuild_after_the_cache_vanished(mode: str) -> None:
     assert r["first"] == r["stacks"] and len(r["stacks"]) == 1  # type: ignore[arg-type]
     assert r["built"] == "full" and r["status"] == 0
     assert r["seen"] == b"three three three\n"
+    assert r["fsck"] == []
+
+
+def _parallel(base: str, fault: bool) -> dict[str, object]:
+    projection.PARALLEL_MIN_ENTRIES = 1  # the base tree is small: fill it with workers anyway
+    os.environ["VELO_JOBS"] = "3"
+    store, src = new_store(base)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    error = ""
+    if fault:  # a worker dies at its second entry: the build fails whole, nothing half-made stays
+        os.environ["VELO_INTERNAL__TEST_FAULT"] = "lower.build:2"
+        from importlib import reload
+
+        from veloverlay import faults
+
+        reload(faults)
+        try:
+            _lowers(store)
+        except Exception as exc:  # noqa: BLE001
+            error = str(exc)
+        del os.environ["VELO_INTERNAL__TEST_FAULT"]
+        reload(faults)
+    home = projection.layer_homes(store)[0]
+    leftovers = os.listdir(home / "tmp") if (home / "tmp").exists() else []
+    stacks = os.listdir(home / "stacks") if (home / "stacks").exists() else []
+    low = _lowers(store)
+    script = f"cd {proj} && find . -print0 | sort -z | xargs -0 ls -ld --time-style=+%s > {out}"
+    run_session(store, ["t"], ["sh", "-c", script], at=proj)
+    seen = open(out).read()
+    plain = os.path.join(base, "plain")
+    from tests.session._util import checkout_ref
+
+    checkout_ref(store, "t", plain)
+    expected = subprocess.run(
+        ["sh", "-c", "find . -print0 | sort -z | xargs -0 ls -ld --time-style=+%s"],
+        cwd=plain,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {
+        "error": error,
+        "leftovers": leftovers,
+        "stacks_after_fault": stacks,
+        "built": low.built,
+        "seen": _strip_links(seen),
+        "expected": _strip_links(expected),
+        "fsck": fsck_ok(store),
+    }
+
+
+def _strip_links(listing: str) -> list[str]:
+    """`ls -ld` lines as mode, size, mtime and name: without link counts and owners (a
+    projection shows its files as the session's user) and without directory sizes (each
+    filesystem counts them its own way); the Tier-1 file (a store symlink in a projection) is
+    left out."""
+    out = []
+    for line in listing.splitlines():
+        cols = line.split()
+        if cols[-1].endswith("model.gguf") or "model.gguf ->" in line:
+            continue
+        size = "-" if cols[0].startswith("d") else cols[4]
+        out.append(" ".join([cols[0], size, *cols[5:]]))
+    return out
+
+
+@pytest.mark.parametrize("mode", BOTH)
+@pytest.mark.parametrize("fault", [False, True], ids=["filled", "worker-killed"])
+def test_parallel_fill(mode: str, fault: bool) -> None:
+    """A per-boot layer filled by several worker processes projects exactly the manifest (modes,
+    sizes, mtimes, names); a worker killed mid-build fails the build with nothing left behind,
+    and the next build succeeds."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _data_only, _parallel, base, fault)
+    if fault:
+        assert "died" in str(r["error"]), r["error"]
+        assert r["leftovers"] == [] and r["stacks_after_fault"] == []
+    assert r["built"] == "full"
+    assert r["seen"] == r["expected"]
     assert r["fsck"] == []
