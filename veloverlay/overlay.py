@@ -136,9 +136,7 @@ def _error_dict(exc: BaseException) -> dict[str, Any]:
 
 def child_main(ctx: ChildSpec) -> None:
     """The intermediate child: namespaces and mounts, then pid 1 of the new pid namespace."""
-    import prctl
-
-    prctl.set_pdeathsig(signal.SIGKILL)
+    ns.die_with_parent(signal.SIGKILL)
     if os.getppid() != ctx.manager_pid:  # the manager died before pdeathsig was armed
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -189,9 +187,7 @@ _CHILD_SIGNALS = (
 
 def _init_main(ctx: ChildSpec) -> None:
     """pid 1: /proc, lock the mounts, run the command, reap, clean up leftovers, report."""
-    import prctl
-
-    prctl.set_pdeathsig(signal.SIGKILL)
+    ns.die_with_parent(signal.SIGKILL)
     try:
         mount.mount_proc("/proc")
         # A nested user + mount namespace locks every mount made above (the kernel marks mounts
@@ -202,7 +198,7 @@ def _init_main(ctx: ChildSpec) -> None:
             os.chdir(ctx.cwd)  # re-resolve: a cwd inside the target now means the overlay
         except OSError:
             os.chdir(ctx.spec.target)
-        prctl.set_no_new_privs(1)
+        ns.no_new_privs()
     except BaseException as exc:  # noqa: BLE001
         with contextlib.suppress(OSError):
             _send(ctx.report_fd, {"error": _error_dict(exc)})

@@ -53,7 +53,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import stat
 import time
 from collections import OrderedDict
@@ -170,11 +169,38 @@ def readonly_dirs(store: Store) -> list[str]:
 
 
 # --- small fs helpers --------------------------------------------------------------------------
+def _rmdir_shallow(p: str) -> bool:
+    """Remove `p` if it is an empty directory or holds only empty directories (an untouched
+    session's upper and work dirs); False if it holds anything else."""
+    try:
+        os.rmdir(p)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+    try:
+        with os.scandir(p) as it:
+            entries = list(it)
+        if not all(e.is_dir(follow_symlinks=False) for e in entries):
+            return False  # files or symlinks (never chmod through a symlink): the full walk
+        for sub in (e.path for e in entries):
+            with contextlib.suppress(OSError):
+                os.chmod(sub, 0o700)  # overlay leaves work/work at 000
+            os.rmdir(sub)
+        os.rmdir(p)
+        return True
+    except OSError:
+        return False
+
+
 def force_rmtree(path: str | os.PathLike[str]) -> None:
     """Remove a tree we own whatever its modes (0555/000 dirs, overlay's work/work)."""
     p = os.fspath(path)
     if not os.path.lexists(p):
         return
+    if _rmdir_shallow(p):
+        return
+    import shutil  # here: a session's usual upper and work dirs go without it (start-up time)
 
     def onerror(_fn: object, failed: str, _exc: object) -> None:
         for target in (os.path.dirname(failed), failed):

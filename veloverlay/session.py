@@ -43,9 +43,7 @@ from typing import Any
 from . import ns, overlay, paths, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
-from .harvest import harvest_upper, to_top_ref
 from .manifest import Commit, Manifests, Ref, Txn
-from .tiers import Rules
 from .tree import Op
 
 __all__ = [
@@ -666,6 +664,9 @@ def _finish(store: Store, m: Manifests, st: dict[str, Any]) -> SessionResult:
             done, done_ref = _already_committed(m, txn, st)
             base = m.get_commit(txn, base_cid)
             ref = m.get_ref(txn, top_name)
+            from .harvest import harvest_upper  # not needed when nothing changed
+            from .tiers import Rules
+
             rules = Rules.from_json(ref.tiers if ref is not None else None)
             if done is None and done_ref is None:
                 h = harvest_upper(
@@ -693,6 +694,8 @@ def _finish(store: Store, m: Manifests, st: dict[str, Any]) -> SessionResult:
             base_root = bytes.fromhex(base.root)
             ops = h.ops
             if below_root is not None:
+                from .harvest import to_top_ref
+
                 ops = to_top_ref(m, txn, ops, base_root, below_root, view_root)
             res.changed = len(h.ops)
             new_root = m.apply(txn, base_root, ops) if ops else base_root

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import projection
 from .cas import Store
-from .ns import proc_start
+from .ns import child_subreaper, proc_start
 
 __all__ = ["ShimStatus", "run_command", "start_daemon", "stop_daemon", "proc_start", "same_process"]
 
@@ -139,17 +139,11 @@ def _kill_rest(grace: float) -> list[tuple[int, str]]:
     return killed
 
 
-def _set_subreaper() -> None:
-    import prctl  # python-prctl
-
-    prctl.set_child_subreaper(1)
-
-
 def _reaper_main(
     argv: list[str], env: dict[str, str], cwd: str, grace: float, wfd: int, sdir: Path
 ) -> None:
     with contextlib.suppress(Exception):
-        _set_subreaper()
+        child_subreaper()
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     # A close-on-exec pipe says whether the exec worked: EOF = it did, an errno = it did not

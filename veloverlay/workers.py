@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from .errors import Reason, VeloError
+from .ns import die_with_parent
 
 __all__ = ["Workers"]
 
@@ -58,15 +59,6 @@ def _read_frame(fd: int) -> tuple[bool, object]:
     return True, pickle.loads(body)
 
 
-def _set_pdeathsig() -> None:
-    try:
-        import prctl  # python-prctl
-
-        prctl.set_pdeathsig(signal.SIGKILL)
-    except ImportError:  # pragma: no cover - declared dependency
-        pass
-
-
 class Workers:
     """`with Workers(n, init, args) as w: for r in w.map_unordered(fn, items): ...`"""
 
@@ -86,7 +78,7 @@ class Workers:
                         os.close(rr)
                     os.close(task_w)
                     os.close(res_r)
-                    _set_pdeathsig()
+                    die_with_parent(signal.SIGKILL)
                     if os.getppid() != parent:
                         os._exit(1)
                     if init is not None:
