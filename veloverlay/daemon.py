@@ -32,17 +32,17 @@ import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, tree
+from . import paths, records, tree
 from .cas import Stage, Store
 from .digest import hash_fd
 from .harvest import StoreLinks
 from .manifest import Manifests, Txn
 from .materialize import Baseline
 from .projection import PROXY_MTIME_NS
+from .records import field
 from .shim import JournalReader, Record, RecType
 from .tiers import Rules
 from .tree import Entry, Kind, Node, Op, OpKind
@@ -64,8 +64,7 @@ class Unstable(Exception):
     """A file kept changing while it was read (a writer is still at it): try next tick."""
 
 
-@dataclass
-class SyncResult:
+class SyncResult(records.Record):
     ops: list[Op] = field(default_factory=list)
     nodes: dict[bytes, bytes] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -13,18 +13,17 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import faults
 from .cas import Store
 from .manifest import EMPTY_ROOT, Manifests
+from .records import Record, field
 
 __all__ = ["GcReport", "gc", "session_roots"]
 
 
-@dataclass
-class GcReport:
+class GcReport(Record):
     objects_deleted: int = 0
     bytes_freed: int = 0
     nodes_deleted: int = 0
@@ -37,7 +36,7 @@ class GcReport:
     deleted: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        d = dict(self.__dict__)
+        d = self.field_dict()
         d.pop("deleted")
         return d
 

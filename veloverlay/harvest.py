@@ -35,13 +35,13 @@ import os
 import re
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from . import faults, paths, tree
 from .cas import Stage, Store
 from .digest import hash_fd
 from .manifest import Manifests, Txn
 from .projection import PROXY_MTIME_NS
+from .records import Record, field
 from .tiers import Rules
 from .tree import Entry, Kind, Node, Op, OpKind
 
@@ -114,8 +114,7 @@ class StoreLinks:
         return self._modes.get(digest, 0o644)
 
 
-@dataclass
-class HarvestResult:
+class HarvestResult(Record):
     ops: list[Op] = field(default_factory=list)
     nodes: dict[bytes, bytes] = field(default_factory=dict)  # digest -> encoding
     files_read: int = 0

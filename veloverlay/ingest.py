@@ -23,7 +23,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from . import faults, paths, statcache
 from .cas import Stage, Store
@@ -31,6 +30,7 @@ from .digest import Digest, hash_bytes, hash_fd
 from .errors import Reason, VeloError
 from .manifest import Manifests, Txn
 from .merge import three_way
+from .records import Record, field
 from .tiers import Rules
 from .tree import Entry, Kind
 from .workers import Workers
@@ -47,8 +47,7 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 Progress = Callable[[int, int], None]
 
 
-@dataclass
-class IngestResult:
+class IngestResult(Record):
     ref: str
     root: str
     commit: str | None
@@ -67,7 +66,7 @@ class IngestResult:
     adopted_to: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        d = dict(self.__dict__)
+        d = self.field_dict()
         d["skipped"] = [{"path": p, "kind": k} for p, k in self.skipped]
         d["dedup_bytes"] = self.bytes - self.new_bytes
         return d
@@ -272,8 +271,7 @@ def _hash_chunk(
 # -- walking -------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Dir:
+class _Dir(Record):
     rel: bytes
     mode: int
     mtime_ns: int

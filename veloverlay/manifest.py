@@ -24,7 +24,6 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lmdb
@@ -33,6 +32,7 @@ from . import faults, paths, tree
 from .cas import Store
 from .digest import Digest, hash_bytes
 from .errors import Reason, VeloError
+from .records import Record, field
 from .tree import Entry, Kind, Node, Op, OpKind
 
 __all__ = ["Manifests", "Ref", "Commit", "Txn", "EMPTY_ROOT", "REF_RE"]
@@ -48,8 +48,7 @@ Txn = Any  # lmdb.Transaction (untyped library)
 EMPTY_ROOT, _EMPTY_ENC = tree.encode(tree.EMPTY_DIR_MODE, 0, [])
 
 
-@dataclass(slots=True)
-class Ref:
+class Ref(Record):
     name: str
     head: str  # commit id hex
     path: str | None = None  # the directory it was ingested from (default projection point)
@@ -66,8 +65,7 @@ class Ref:
         return json.dumps(d, sort_keys=True).encode()
 
 
-@dataclass(slots=True)
-class Commit:
+class Commit(Record):
     id: str
     root: str
     parent: str | None
@@ -274,7 +272,7 @@ class Manifests:
                 p = paths.join(base, e.name)
                 if e.kind is Kind.DIR:
                     child = self.get_node(txn, e.digest)
-                    yield p, replace(e, mode=child.mode, mtime_ns=child.mtime_ns), child
+                    yield p, e.replace(mode=child.mode, mtime_ns=child.mtime_ns), child
                     stack.append((p, child))
                 else:
                     yield p, e, None
@@ -336,7 +334,7 @@ class Manifests:
                     child_meta = None
                 elif op.kind is OpKind.PUT:
                     assert op.entry is not None
-                    cur = replace(op.entry, name=name)
+                    cur = op.entry.replace(name=name)
                     child_meta = None
                 else:
                     if cur is None or cur.kind is Kind.MASK:
@@ -348,7 +346,7 @@ class Manifests:
                     if cur.kind is Kind.DIR:
                         child_meta = (op.mode, op.mtime_ns)
                     else:
-                        cur = replace(cur, mode=op.mode, mtime_ns=op.mtime_ns)
+                        cur = cur.replace(mode=op.mode, mtime_ns=op.mtime_ns)
             if sub.children or child_meta is not None:
                 if cur is None or cur.kind is not Kind.DIR:
                     raise VeloError(

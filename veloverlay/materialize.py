@@ -28,7 +28,6 @@ import stat
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _libc, fsflags, linking
@@ -37,6 +36,7 @@ from .digest import hash_fd
 from .errors import Reason, SysError, VeloError
 from .manifest import Manifests, Txn
 from .projection import PROXY_MTIME_NS
+from .records import Record, field
 from .tree import Entry, Kind
 
 __all__ = [
@@ -91,8 +91,7 @@ class Baseline:
         return bl
 
 
-@dataclass
-class Materialized:
+class Materialized(Record):
     form: str  # "reflink" | "copy" | "link": how Tier-2 files were placed (the weakest used)
     entries: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -388,8 +387,7 @@ def materialize(
 
 
 # --- proxies in the store ----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ProxyFinding:
+class ProxyFinding(Record, frozen=True):
     kind: str  # proxy-corrupt | proxy-mode | proxy-stray
     path: str
     detail: str

@@ -8,16 +8,15 @@ something. The caller keeps a conflicting side under its own ref: nothing is eve
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 from .manifest import Manifests, Txn
+from .records import Record
 from .tree import Kind, Op, OpKind
 
 __all__ = ["MergeResult", "three_way"]
 
 
-@dataclass(frozen=True, slots=True)
-class MergeResult:
+class MergeResult(Record, frozen=True):
     root: bytes | None  # None when there are conflicts
     conflicts: tuple[bytes, ...]
     applied: tuple[Op, ...]

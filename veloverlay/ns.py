@@ -13,7 +13,6 @@ and a forked child has exactly one thread.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import os
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 
 from veloverlay import _libc
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.records import Record
 
 __all__ = [
     "IdMaps",
@@ -213,8 +213,7 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
 
 
 # --- user namespaces --------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, slots=True)
-class IdMaps:
+class IdMaps(Record, frozen=True):
     """What `enter_userns` wrote: the uid_map and gid_map lines, and whether it was root."""
 
     uid_map: str

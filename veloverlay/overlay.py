@@ -25,12 +25,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from . import mount, ns
 from .errors import Reason, SysError, VeloError
 from .projection import Lowers
+from .records import Record
 
 __all__ = [
     "OverlaySpec",
@@ -44,8 +44,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class OverlaySpec:
+class OverlaySpec(Record, frozen=True):
     lowers: tuple[str, ...]  # topmost first
     data_lowers: tuple[str, ...]
     upper: str
@@ -103,8 +102,7 @@ def spec_for(
 
 
 # --- the session's processes -------------------------------------------------------------------
-@dataclass
-class ChildSpec:
+class ChildSpec(Record):
     spec: OverlaySpec
     store_root: str
     readonly: list[str]  # more directories bound read-only (the per-boot layer cache)

@@ -13,7 +13,6 @@ Imports the standard library and the kernel modules (`ns`, `mount`, `fsflags`, `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 from veloverlay import _libc, fsflags, mount, ns
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.records import Record
 
 __all__ = [
     "FEATURES",
@@ -62,14 +62,12 @@ _CAP_SYS_ADMIN = 21
 _OBJECT_BYTES = b"veloverlay data-only probe\n"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Feature:
+class Feature(Record, frozen=True):
     ok: bool
     reason: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Capabilities:
+class Capabilities(Record, frozen=True):
     kernel: str
     features: dict[str, Feature]
 

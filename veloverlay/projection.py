@@ -57,7 +57,6 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import faults, fsflags, linking, paths
@@ -65,6 +64,7 @@ from .cas import Store
 from .digest import hash_fd
 from .errors import Reason, SysError, VeloError
 from .manifest import Manifests, Txn
+from .records import Record, field
 from .tree import Entry, Kind, Node, Op, OpKind
 
 __all__ = [
@@ -97,8 +97,7 @@ _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(frozen=True, slots=True)
-class Lowers:
+class Lowers(Record, frozen=True):
     """The layers that project `root`: pass `layers` (topmost first) and `data_layers` to mount."""
 
     form: str
@@ -125,8 +124,7 @@ def _trees(store: Store, *parts: str) -> Path:
     return store.trees.joinpath(*parts)
 
 
-@dataclass(frozen=True, slots=True)
-class _Home:
+class _Home(Record, frozen=True):
     """Where layers, stacks, their locks and half-built layers live: the store's `trees-v1/`,
     or (data-only form) the per-boot tmpfs directory of `volatile.py`, whose layers redirect
     to full object paths under `objects-v1/` instead of short names under `ids-v1/`."""
@@ -520,8 +518,7 @@ class _Writer:
             marked.add(dfd)
 
 
-@dataclass
-class _DirMeta:
+class _DirMeta(Record):
     path: bytes  # relative to the layer's top
     mode: int
     mtime_ns: int
@@ -530,8 +527,7 @@ class _DirMeta:
 _MAX_OPEN_DIRS = 64
 
 
-@dataclass
-class _Build:
+class _Build(Record):
     """An open layer under construction. Directories are addressed by path and their fds kept
     in a small LRU: a tree may have more directories than RLIMIT_NOFILE allows open at once."""
 

@@ -6,21 +6,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import IO, Any
 
 from . import paths
 from .cas import Store, default_store_path
 from .errors import Reason, VeloError
 from .manifest import Commit, Manifests, Ref
+from .records import Record
 from .tiers import Rule, Rules
 from .tree import Entry, Kind, Op, OpKind
 
 __all__ = ["Repo", "LsEntry"]
 
 
-@dataclass(frozen=True, slots=True)
-class LsEntry:
+class LsEntry(Record, frozen=True):
     path: bytes
     kind: str
     mode: int

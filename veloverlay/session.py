@@ -36,7 +36,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from . import ns, overlay, paths, projection, relocation
 from .cas import Store
 from .errors import Reason, VeloError
 from .manifest import Commit, Manifests, Ref, Txn
+from .records import Record, field
 from .tree import Op
 
 __all__ = [
@@ -64,8 +64,7 @@ _LOG_SCAN = 200  # commits of the ref searched for an earlier commit of this ses
 
 
 # --- public data ---------------------------------------------------------------------------------
-@dataclass
-class SessionOptions:
+class SessionOptions(Record):
     refs: list[str]  # stacked, later wins; the delta goes to the top (last) ref
     at: str | None = None  # target; default: the top ref's recorded ingest path
     backend: str = "auto"  # auto | overlay | shim
@@ -79,8 +78,7 @@ class SessionOptions:
     link: bool = False  # shim backend: hard links to proxies with Break-Before-Write
 
 
-@dataclass
-class SessionResult:
+class SessionResult(Record):
     session_id: str
     exit_status: int
     commit: str | None
@@ -115,8 +113,7 @@ class SessionResult:
         }
 
 
-@dataclass
-class SessionInfo:
+class SessionInfo(Record):
     id: str
     refs: list[str]
     state: str  # running | dead-unharvested | harvested | discarded | failed | starting
@@ -305,8 +302,7 @@ def _resolve_target(store: Store, at: str | None, top: Ref) -> str:
 
 
 # --- preparing a session -----------------------------------------------------------------------
-@dataclass
-class _Plan:
+class _Plan(Record):
     sid: str
     refs: list[Ref]
     commits: list[Commit]

@@ -28,9 +28,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
+from . import records
 from .cas import Store
 from .digest import hash_fd
 from .errors import Reason, VeloError
@@ -100,8 +100,7 @@ class Phase(enum.IntEnum):
     DONE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(records.Record, frozen=True):
     type: int
     phase: int
     flags: int

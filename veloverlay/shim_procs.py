@@ -22,21 +22,20 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import projection
 from .cas import Store
 from .ns import child_subreaper, proc_start
+from .records import Record, field
 
 __all__ = ["ShimStatus", "run_command", "start_daemon", "stop_daemon", "proc_start", "same_process"]
 
 _DAEMON_RESTARTS = 5
 
 
-@dataclass
-class ShimStatus:
+class ShimStatus(Record):
     """What the manager learnt while the command ran."""
 
     exit_status: int = -1

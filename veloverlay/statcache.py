@@ -15,9 +15,9 @@ the racy window of an ingest are not cached (ingest.py), so the next ingest look
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from .manifest import Manifests, Txn
+from .records import Record, field
 
 __all__ = ["DirCache", "encode", "decode", "load", "write", "drop"]
 
@@ -27,8 +27,7 @@ _LINK = struct.Struct("<Qqq")
 _NAME = struct.Struct("<H")
 
 
-@dataclass(slots=True)
-class DirCache:
+class DirCache(Record):
     ino: int
     mtime_ns: int
     ctime_ns: int

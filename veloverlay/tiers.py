@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .errors import Reason, VeloError
+from .records import Record
 
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 
 _SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)$")
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(Record, frozen=True):
     tier: int
     glob: str
     why: str = ""

@@ -17,11 +17,11 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from .digest import DIGEST_SIZE, Digest, node_digest
 from .errors import Reason, VeloError
 from .paths import check_name
+from .records import Record
 
 __all__ = [
     "Kind",
@@ -48,8 +48,7 @@ class Kind(enum.IntEnum):
     MASK = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(Record, frozen=True):
     """One name in a directory. `digest` for FILE/DIR, `target` for SYMLINK."""
 
     name: bytes
@@ -66,8 +65,7 @@ class Entry:
         return self.target if self.kind is Kind.SYMLINK else self.digest
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(Record, frozen=True):
     """A decoded directory node: its own metadata and its entries sorted by name."""
 
     mode: int
@@ -190,8 +188,7 @@ class OpKind(enum.Enum):
     """Change mode and mtime of an existing path, keeping its content."""
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
+class Op(Record, frozen=True):
     kind: OpKind
     path: bytes
     entry: Entry | None = None

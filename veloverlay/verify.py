@@ -11,13 +11,13 @@ import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from . import paths
 from .cas import Store
 from .digest import hash_fd
 from .errors import VeloError
 from .manifest import Manifests
+from .records import Record, field
 from .tree import Kind
 from .workers import Workers
 
@@ -26,15 +26,13 @@ __all__ = ["Finding", "FsckReport", "fsck"]
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(Record, frozen=True):
     kind: str  # object-corrupt, object-misplaced, object-missing, node-corrupt, commit-missing, ...
     what: str
     detail: str
 
 
-@dataclass
-class FsckReport:
+class FsckReport(Record):
     objects: int = 0
     nodes: int = 0
     refs: int = 0

@@ -1,0 +1,87 @@
+"""veloverlay.records: the dataclass subset the product uses, without importing dataclasses."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from veloverlay.records import FrozenRecordError, Record, field
+
+
+class Point(Record, frozen=True):
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = ()
+
+
+class Bag(Record):
+    name: str
+    items: list[int] = field(default_factory=list)
+
+
+def test_init_defaults_and_factories() -> None:
+    assert Point(1) == Point(1, 0, ()) == Point(x=1, y=0)
+    assert (Point(1, 2).x, Point(1, 2).y) == (1, 2)
+    a, b = Bag("a"), Bag("b")
+    a.items.append(1)
+    assert b.items == [] and a.items == [1]  # a fresh list per instance
+    with pytest.raises(TypeError):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Point(1, z=2)  # type: ignore[call-arg]
+
+
+def test_frozen_eq_hash_and_mutable_records() -> None:
+    p = Point(1, 2)
+    with pytest.raises(FrozenRecordError):
+        p.x = 3  # type: ignore[misc]
+    with pytest.raises(FrozenRecordError):
+        del p.x  # type: ignore[misc]
+    assert hash(p) == hash(Point(1, 2)) and p != Point(2, 1)
+    assert len({p, Point(1, 2)}) == 1
+    assert p != (1, 2, ())  # a record equals only records of its class
+    bag = Bag("b")
+    bag.name = "c"
+    assert bag == Bag("c")
+    with pytest.raises(TypeError):
+        hash(bag)  # mutable and compared by value: unhashable
+    assert not hasattr(p, "__dict__")  # slots
+    with pytest.raises(AttributeError):
+        bag.other = 1  # type: ignore[attr-defined]
+
+
+def test_replace_repr_pickle() -> None:
+    p = Point(1, 2, ("a",))
+    assert p.replace(y=5) == Point(1, 5, ("a",)) and p.y == 2
+    assert p.field_dict() == {"x": 1, "y": 2, "tags": ("a",)}
+    with pytest.raises(TypeError, match="no field 'z'"):
+        p.replace(z=1)
+    assert repr(p) == "Point(x=1, y=2, tags=('a',))"
+    assert pickle.loads(pickle.dumps(p)) == p
+    assert pickle.loads(pickle.dumps(Bag("x", [1]))) == Bag("x", [1])
+
+
+def test_declaration_errors() -> None:
+    with pytest.raises(TypeError, match="without a default"):
+
+        class Bad(Record):
+            a: int = 0
+            b: int
+
+    with pytest.raises(TypeError, match="do not inherit"):
+
+        class Child(Point):  # type: ignore[misc]
+            z: int = 0
+
+
+def test_session_start_path_does_not_import_dataclasses() -> None:
+    code = (
+        "import sys; from veloverlay import cli, session; "
+        "bad = {'dataclasses', 'inspect', 'typer', 'click', 'prctl'} & set(sys.modules); "
+        "print(sorted(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
