@@ -678,6 +678,15 @@ def doctor(as_json: bool) -> None:
     except VeloError as exc:
         shim_info = {"ok": False, "reason": exc.message}
     report["shim"] = shim_info
+    from . import volatile
+
+    cache, why_not = volatile.base()
+    if cache is not None:
+        xattrs = probe.user_xattrs(cache)
+        cache_ok, cache_why = xattrs.ok, xattrs.reason
+    else:
+        cache_ok, cache_why = False, why_not
+    report["layer_cache"] = {"path": cache, "ok": cache_ok, "reason": cache_why}
     report["chosen"] = {
         "backend": backend,
         "backend_reason": overlay_ok.reason,
@@ -698,6 +707,14 @@ def doctor(as_json: bool) -> None:
         print(f"store: {store_path}: {'ok' if store_fs.ok else 'REFUSED'} ({store_fs.reason})")
         print(f"backend: {backend} ({overlay_ok.reason})")
         print(f"lower form: {form}")
+        print(
+            "data-only layers: "
+            + (
+                f"per-boot cache {cache} ({cache_why})"
+                if cache_ok
+                else f"kept in the store ({cache_why})"
+            )
+        )
         print(f"store protection: {protection}")
         print(
             "shim library: "

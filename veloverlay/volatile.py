@@ -29,7 +29,7 @@ from pathlib import Path
 from . import _libc, envvars
 from .errors import SysError
 
-__all__ = ["home", "why_not", "reap_orphans"]
+__all__ = ["home", "base", "why_not", "reap_orphans"]
 
 _why: dict[str, str] = {}
 
@@ -100,6 +100,12 @@ def _base() -> str | None:
         reasons.append(why)
     _why["last"] = "; ".join(reasons)
     return None
+
+
+def base() -> tuple[str | None, str]:
+    """(the directory this user's per-boot layers go under, or None; why not)."""
+    path = _base()
+    return path, why_not()
 
 
 def home(store_root: Path) -> Path | None:

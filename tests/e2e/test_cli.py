@@ -311,3 +311,11 @@ def test_doctor_names_a_backend(store: str) -> None:
     assert report["chosen"]["backend"] in ("overlay", "shim")
     assert report["chosen"]["backend_reason"]
     assert report["store"]["ok"] is True
+    # the suite's per-boot cache (tests/conftest.py sets VELO_RUNTIME_DIR) is named, with a reason
+    cache = report["layer_cache"]
+    assert cache["path"] == os.path.join(
+        os.environ["VELO_RUNTIME_DIR"], f"veloverlay-{os.geteuid()}"
+    )
+    assert cache["reason"] and re.search(r"^data-only layers: ", out, re.M)
+    off = data(velo(store, "doctor", "--json", env={"VELO_RUNTIME_DIR": "off"}))
+    assert off["layer_cache"] == {"path": None, "ok": False, "reason": "VELO_RUNTIME_DIR=off"}
