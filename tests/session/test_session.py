@@ -168,7 +168,9 @@ def _concurrent(base: str, same_file: bool) -> dict[str, object]:
                 [
                     "sh",
                     "-c",
-                    f"printf A > {proj_a}/{a_file}; while [ ! -e {go} ]; do sleep 0.02; done",
+                    # waits for B, at most 30 s: a failing test never leaves A behind
+                    f"printf A > {proj_a}/{a_file}; n=0; "
+                    f"while [ ! -e {go} ] && [ $n -lt 1500 ]; do sleep 0.02; n=$((n+1)); done",
                 ],
                 at=proj_a,
             )
@@ -176,16 +178,18 @@ def _concurrent(base: str, same_file: bool) -> dict[str, object]:
                 json.dump(res.to_dict(), f)
         finally:
             os._exit(0)
-    deadline = time.monotonic() + 20
-    while not any(
-        os.path.exists(os.path.join(store.sessions, s, "upper", a_file))
-        for s in os.listdir(store.sessions)
-    ):
-        assert time.monotonic() < deadline, "session A did not start"
-        time.sleep(0.02)
-    res_b = run_session(store, ["t"], ["sh", "-c", f"printf B > {proj_b}/{b_file}"], at=proj_b)
-    open(go, "w").close()
-    os.waitpid(pid, 0)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(
+            os.path.exists(os.path.join(store.sessions, s, "upper", a_file))
+            for s in os.listdir(store.sessions)
+        ):
+            assert time.monotonic() < deadline, "session A did not start"
+            time.sleep(0.02)
+        res_b = run_session(store, ["t"], ["sh", "-c", f"printf B > {proj_b}/{b_file}"], at=proj_b)
+    finally:
+        open(go, "w").close()  # release A whatever happened here, then wait for it
+        os.waitpid(pid, 0)
     with open(result_a) as f:
         res_a = json.load(f)
     got = os.path.join(base, "got")
