@@ -33,7 +33,7 @@ from .merge import three_way
 from .records import Record, field
 from .tiers import Rules
 from .tree import Entry, Kind
-from .workers import Workers
+from .workers import Workers, default_jobs
 
 __all__ = ["IngestResult", "ingest", "scan"]
 
@@ -525,7 +525,7 @@ def ingest(
         raise VeloError("cannot ingest into a session ref", reason=Reason.BAD_REF)
     top = _check_source(src, store)
     store.writable()
-    jobs = jobs or int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    jobs = jobs or default_jobs()
     with m.read() as txn:
         existing = m.get_ref(txn, name)
     if rules is None:

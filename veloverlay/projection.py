@@ -286,7 +286,8 @@ class _Objects:
 
     # -- redirects (data-only layer)
     def redirect(self, digest: bytes) -> bytes:
-        """The `user.overlay.redirect` value naming `digest` in the data-only layer."""
+        """The `user.overlay.redirect` value naming `digest` in the data-only layer (the object
+        is named there first and made +i when protecting)."""
         if self.volatile:  # the layer is objects-v1 itself; tmpfs does not mind 71 bytes
             h = digest.hex().encode()
             self._immutable(digest)
@@ -575,18 +576,33 @@ class _Build(Record):
             os.fchmod(fd, d.mode)
 
 
-def _write_subtree(m: Manifests, txn: Txn, w: _Writer, b: _Build, node: Node, rel: bytes) -> None:
+def _plan_subtree(
+    m: Manifests, txn: Txn, b: _Build, node: Node, rel: bytes
+) -> list[tuple[bytes, list[Entry]]]:
+    """Make every directory below `rel` in the layer; return each directory's other entries."""
+    jobs: list[tuple[bytes, list[Entry]]] = []
     stack: list[tuple[bytes, Node]] = [(rel, node)]
     while stack:
         where, n = stack.pop()
+        files = []
         for e in n.entries:
             if e.kind is Kind.DIR:
                 child = m.get_node(txn, e.digest)
                 p = paths.join(where, e.name)
                 b.mkdir(p, child.mode, child.mtime_ns)
                 stack.append((p, child))
-            else:
-                w.put(b.fd(where), e)
+            elif e.kind is not Kind.MASK:
+                files.append(e)
+        if files:
+            jobs.append((where, files))
+    return jobs
+
+
+def _fill(w: _Writer, b: _Build, jobs: list[tuple[bytes, list[Entry]]]) -> None:
+    for rel, files in jobs:
+        dfd = b.fd(rel)
+        for e in files:
+            w.put(dfd, e)
 
 
 def _new_build(home: _Home, name: str) -> _Build:
@@ -604,26 +620,6 @@ PARALLEL_MIN_ENTRIES = 4000
 # What the workers fill: set before they are forked, inherited (copy-on-write), never pickled.
 _SHARES: list[list[tuple[bytes, list[Entry]]]] = []
 _SHARE_CTX: list[tuple[str, _Objects, str]] = []
-
-
-def _plan_subtree(m: Manifests, txn: Txn, b: _Build, node: Node) -> list[tuple[bytes, list[Entry]]]:
-    """Make every directory of the layer; return each directory's other entries, to fill."""
-    jobs: list[tuple[bytes, list[Entry]]] = []
-    stack: list[tuple[bytes, Node]] = [(b"", node)]
-    while stack:
-        where, n = stack.pop()
-        files = []
-        for e in n.entries:
-            if e.kind is Kind.DIR:
-                child = m.get_node(txn, e.digest)
-                p = paths.join(where, e.name)
-                b.mkdir(p, child.mode, child.mtime_ns)
-                stack.append((p, child))
-            elif e.kind is not Kind.MASK:
-                files.append(e)
-        if files:
-            jobs.append((where, files))
-    return jobs
 
 
 def _fill_share(k: int) -> tuple[int, list[str]]:
@@ -650,8 +646,6 @@ def _fill_share(k: int) -> tuple[int, list[str]]:
 def _fill_parallel(
     b: _Build, objs: _Objects, form: str, jobs: list[tuple[bytes, list[Entry]]], n: int
 ) -> None:
-    from .workers import Workers
-
     shares: list[list[tuple[bytes, list[Entry]]]] = [[] for _ in range(n)]
     load = [0] * n
     for job in sorted(jobs, key=lambda j: -len(j[1])):  # biggest first, onto the lightest
@@ -660,6 +654,8 @@ def _fill_parallel(
         load[k] += len(job[1])
     _SHARES[:] = shares
     _SHARE_CTX[:] = [(os.fspath(b.path), objs, form)]
+    from .workers import Workers
+
     try:
         with Workers(n) as pool:
             for _count, failed in pool.map_unordered(_fill_share, range(n)):
@@ -667,10 +663,6 @@ def _fill_parallel(
     finally:
         _SHARES.clear()
         _SHARE_CTX.clear()
-
-
-def _jobs() -> int:
-    return int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
 
 
 def _full_layer(
@@ -682,18 +674,14 @@ def _full_layer(
     try:
         top = m.get_node(txn, root)
         b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
-        n = _jobs()
-        if home.volatile and n > 1:
-            jobs = _plan_subtree(m, txn, b, top)
-            if sum(len(files) for _rel, files in jobs) >= PARALLEL_MIN_ENTRIES:
-                _fill_parallel(b, objs, form, jobs, n)
-            else:
-                for rel, files in jobs:
-                    dfd = b.fd(rel)
-                    for e in files:
-                        w.put(dfd, e)
+        jobs = _plan_subtree(m, txn, b, top, b"")
+        from .workers import default_jobs
+
+        n = default_jobs()
+        if home.volatile and n > 1 and sum(len(f) for _r, f in jobs) >= PARALLEL_MIN_ENTRIES:
+            _fill_parallel(b, objs, form, jobs, n)
         else:
-            _write_subtree(m, txn, w, b, top, b"")
+            _fill(w, b, jobs)
         b.finish()
     except BaseException:
         b.close()
@@ -761,7 +749,7 @@ def _delta_layer(
                 b.mkdir(op.path, node.mode, node.mtime_ns)
                 if visible_old:  # hide what the base had there
                     os.setxattr(b.fd(op.path), _XATTR_OPAQUE, b"y")
-                _write_subtree(m, txn, w, b, node, op.path)
+                _fill(w, b, _plan_subtree(m, txn, b, node, op.path))
             else:
                 w.put(pfd, new)
         b.finish()

@@ -19,7 +19,7 @@ from .errors import VeloError
 from .manifest import Manifests
 from .records import Record, field
 from .tree import Kind
-from .workers import Workers
+from .workers import Workers, default_jobs
 
 __all__ = ["Finding", "FsckReport", "fsck"]
 
@@ -134,7 +134,7 @@ def fsck(
     items = [(n, os.fspath(p)) for n, p in store.iter_objects()]
     rep.objects = len(items)
     present = {n for n, _ in items}
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or default_jobs()
     chunks = [items[i : i + 256] for i in range(0, len(items), 256)]
     checked = 0
     with contextlib.ExitStack() as stack:

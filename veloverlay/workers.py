@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 from .errors import Reason, VeloError
 from .ns import die_with_parent
 
-__all__ = ["Workers"]
+__all__ = ["Workers", "default_jobs"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,6 +57,11 @@ def _read_frame(fd: int) -> tuple[bool, object]:
     if body is None:
         return False, None
     return True, pickle.loads(body)
+
+
+def default_jobs() -> int:
+    """Worker processes to use: VELO_JOBS, else one per CPU."""
+    return int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
 
 
 class Workers:
