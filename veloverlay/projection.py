@@ -675,10 +675,13 @@ def _full_layer(
         top = m.get_node(txn, root)
         b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
         jobs = _plan_subtree(m, txn, b, top, b"")
+        entries = sum(len(f) for _r, f in jobs)
+        if home.volatile:
+            _check_room(home, entries + len(b.dirs))
         from .workers import default_jobs
 
         n = default_jobs()
-        if home.volatile and n > 1 and sum(len(f) for _r, f in jobs) >= PARALLEL_MIN_ENTRIES:
+        if home.volatile and n > 1 and entries >= PARALLEL_MIN_ENTRIES:
             _fill_parallel(b, objs, form, jobs, n)
         else:
             _fill(w, b, jobs)
@@ -889,33 +892,28 @@ def ensure_lowers(
                 home = disk  # e.g. tmpfs before Linux 6.6: keep the layers in the store
                 cached = _read_stack(home, form, root)
             if cached is None:
+                result: tuple[list[str], str, bool, list[str]] | None
                 try:
-                    layers, built, immutable, failed = _build(
-                        store, home, m, root, form, protect, hints
-                    )
-                except OSError as exc:
-                    if not home.volatile or exc.errno not in _FULL:
+                    result = _build(store, home, m, root, form, protect, hints)
+                except (_TooBig, OSError) as exc:
+                    if not home.volatile or (isinstance(exc, OSError) and exc.errno not in _FULL):
                         raise
-                    warning = (
-                        f"the per-boot layer cache {home.root} is full "
-                        f"({errno.errorcode.get(exc.errno or 0, '?')}): layers built in the store"
-                    )
-                    home = disk
+                    warning = _fallback_note(home, exc)
+                    home, result = disk, None
+                if result is None:  # the per-boot cache could not take it: in the store
                     with _flock(home.sub("locks", key + ".lock")):
                         cached = _read_stack(home, form, root)
                         if cached is None:
-                            layers, built, immutable, failed = _build(
-                                store, home, m, root, form, protect, hints
-                            )
-                            _write_stack(home, form, root, layers, built, immutable)
-                            cached = layers, immutable
-                else:
+                            result = _build(store, home, m, root, form, protect, hints)
+                if result is not None:
+                    layers, built, immutable, failed = result
                     _write_stack(home, form, root, layers, built, immutable)
                     cached = layers, immutable
             elif protect and not cached[1]:
                 failed = _protect_all(store, m, root, form, home)
                 cached = cached[0], not failed
                 _write_stack(home, form, root, cached[0], "upgraded", cached[1])
+            assert cached is not None  # built, or found by the store fallback
             found = home, cached
     home, (names, immutable) = found
     if form == "data-only" and not home.volatile:
@@ -935,6 +933,38 @@ def ensure_lowers(
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
+# Kernel memory a per-boot layer takes per entry (measured: ~1.3 KB, bench/bench_session.py), and
+# the share of available memory one layer may take before it is built in the store instead.
+_BYTES_PER_ENTRY = 1400
+_MEMORY_SHARE = 0.25
+
+
+def _fallback_note(home: _Home, exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "?")
+        return f"the per-boot layer cache {home.root} is full ({code}): layers built in the store"
+    return f"{exc}: layers built in the store"
+
+
+class _TooBig(Exception):
+    """A layer that would take too much of the machine's memory in the per-boot cache."""
+
+
+def _check_room(home: _Home, entries: int) -> None:
+    """Raise _TooBig when `entries` would take more than a quarter of MemAvailable."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            avail = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration, ValueError):
+        return
+    need = entries * _BYTES_PER_ENTRY
+    if need > avail * _MEMORY_SHARE:
+        raise _TooBig(
+            f"{entries} entries would take ~{need >> 20} MiB of the per-boot layer cache "
+            f"{home.root} (more than a quarter of the {avail >> 20} MiB available)"
+        )
 
 
 def _holds_xattrs(home: _Home) -> bool:

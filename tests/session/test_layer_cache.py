@@ -122,7 +122,7 @@ def test_runtime_dir_off_keeps_layers_in_the_store() -> None:
     assert r["home"] == r["trees"]
     assert r["data_layers"] == [r["ids"]]
     assert r["redirect_len"] == 22  # "/ab/" + 18 hex digits: fits in an ext4 inode
-    assert r["seen"] == b"one\n"
+    assert r["seen"] == b"one\n" and r["status"] == 0
     assert r["fsck"] == []
 
 
@@ -360,3 +360,31 @@ def test_parallel_fill(mode: str, fault: bool) -> None:
     assert r["built"] == "full"
     assert r["seen"] == r["expected"]
     assert r["fsck"] == []
+
+
+def _too_big(base: str) -> dict[str, object]:
+    projection._MEMORY_SHARE = 1e-12  # any layer is "too big" for this machine's memory
+    store, _src = new_store(base)
+    low = _lowers(store)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    res = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 > {out}"], at=proj)
+    home = projection.layer_homes(store)[0]
+    return {
+        "home": low.home,
+        "trees": os.fspath(store.trees),
+        "warning": low.warning,
+        "tmp": os.listdir(home / "tmp") if (home / "tmp").exists() else [],
+        "seen": open(out, "rb").read(),
+        "status": res.exit_status,
+    }
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_layer_too_big_for_memory_goes_to_the_store(mode: str) -> None:
+    """A layer that would take more than a quarter of MemAvailable is built in the store, said."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _data_only, _too_big, base)
+    assert r["home"] == r["trees"]
+    assert "MiB available" in str(r["warning"]) and "built in the store" in str(r["warning"])
+    assert r["tmp"] == []  # the directories planned in the cache were removed
+    assert r["seen"] == b"one\n" and r["status"] == 0
