@@ -3,9 +3,11 @@
 # a session, let the harvester commit the change, and show the result. Uses a throw-away store.
 set -euo pipefail
 work=$(mktemp -d /tmp/veloverlay-demo.XXXXXX)
+# The per-boot layer cache of this throw-away store: on tmpfs where there is one, removed with it.
+runtime=$(mktemp -d /dev/shm/veloverlay-demo.XXXXXX 2>/dev/null || mktemp -d "$work/runtime.XXXXXX")
 # As root, projected objects carry chattr +i (that is the point): clear it to delete the store.
-trap 'chattr -R -i "$work/store" 2>/dev/null || true; rm -rf "$work"' EXIT
-export VELO_STORE="$work/store"
+trap 'chattr -R -i "$work/store" 2>/dev/null || true; rm -rf "$work" "$runtime"' EXIT
+export VELO_STORE="$work/store" VELO_RUNTIME_DIR="$runtime"
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
 mkdir -p "$work/project/src" "$work/project/empty"
@@ -17,7 +19,7 @@ ln -s src/app.py "$work/project/main.py"
 say veloverlay ingest project --name demo
 veloverlay ingest "$work/project" --name demo
 say veloverlay doctor
-veloverlay doctor | tail -4
+veloverlay doctor | tail -5
 say "veloverlay run demo --at $work/live -- sh -c '...change things...'"
 cd "$work"  # a session keeps the caller's directory; the projection appears at --at
 veloverlay run demo --at "$work/live" -m "demo change" -- sh -c '
