@@ -96,10 +96,11 @@ def cached_find_baked(
     """find_baked, computed once per (root, original path), like a lower layer; for a root
     whose ancestor's answer is cached and whose changes since touch nothing the search looks
     at, that answer is reused: a session after a commit must not pay a new search."""
-    import hashlib
     import json
 
-    key = hashlib.sha256(os.fsencode(original)).hexdigest()[:16]
+    from .digest import hash_bytes
+
+    key = hash_bytes(os.fsencode(original)).hex()[:16]
     cache_dir = store.trees / "relocation"
 
     def load(r: bytes) -> tuple[int, list[str]] | None:
