@@ -16,10 +16,13 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import ui
 from .errors import Reason, VeloError
+
+if TYPE_CHECKING:
+    from .cas import Store
 
 _HELP = (
     "Keep file trees in one content-addressed store and project them as live, writable "
@@ -321,6 +324,14 @@ def _repo(*, create: bool = False):  # type: ignore[no-untyped-def]
     from .repo import Repo
 
     return Repo.open(_state["store"], create=create)  # type: ignore[arg-type]
+
+
+def _store() -> Store:
+    """The store alone, for verbs that open its manifests themselves (sessions, the daemon)."""
+    from .cas import Store, default_store_path
+
+    where = _state["store"]
+    return Store.open(where if isinstance(where, str) else default_store_path())
 
 
 def _json(flag: bool) -> bool:
@@ -911,7 +922,7 @@ def run(
         grace=grace,
         link=link,
     )
-    res = do_run(_repo().store, opts, list(_COMMAND))
+    res = do_run(_store(), opts, list(_COMMAND))
     _render_session(res, as_json)
     return int(res.exit_status)
 
@@ -958,7 +969,7 @@ def enter(
         grace=grace,
         link=link,
     )
-    res = do_enter(_repo().store, opts)
+    res = do_enter(_store(), opts)
     _render_session(res, False)
     return int(res.exit_status)
 
@@ -998,7 +1009,7 @@ def harvest(resume: str | None, all_: bool, as_json: bool) -> None:
 
     if (resume is None) == (not all_):
         raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
-    results = harvest_resume(_repo().store, resume)
+    results = harvest_resume(_store(), resume)
     if _json(as_json):
         ui.emit_json([r.to_dict() for r in results])
         return
@@ -1012,7 +1023,7 @@ def daemon(session: str) -> int:
     """Run a shim session's daemon in the foreground (sessions start their own)."""
     from .daemon import main as daemon_main
 
-    return daemon_main(_repo().store.root, session)
+    return daemon_main(_store().root, session)
 
 
 # -- entry point -------------------------------------------------------------------------------
