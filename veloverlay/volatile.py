@@ -76,7 +76,7 @@ def _base() -> str | None:
         if asked == "off":
             _why["last"] = "VELO_RUNTIME_DIR=off"
             return None
-        path = os.path.join(asked, f"veloverlay-{uid}")
+        path = os.path.join(os.path.abspath(asked), f"veloverlay-{uid}")
         why = _own_private_dir(path, create=True)
         _why["last"] = why or ""
         return None if why else path
