@@ -129,9 +129,12 @@ BOXES = (
         "bookworm",
         "deb11",
         "Debian 12 image on Debian 11's 5.10 kernel: no overlay in a user namespace (< 5.11)",
-        root=LINKS,
+        # Root sessions run in a user namespace too (DESIGN: Sessions, step 3), and overlayfs is
+        # mountable in one only from 5.11: everyone must choose the shim here (measured: the probe
+        # answers EPERM for overlay as root inside its user namespace).
+        root=SHIM,
         user=SHIM,
-        must_root=(*_BASE, *_ROOT, "userns"),
+        must_root=(*_BASE, "root", "userns", "shim"),
         must_user=("userns", "shim"),
     ),
 )
