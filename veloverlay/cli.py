@@ -816,38 +816,16 @@ _LINK = _flag(
 
 
 def _session_options(  # type: ignore[no-untyped-def]
-    refs: list[str],
-    *,
-    at: str | None,
-    backend: str,
-    net: str,
-    discard: bool,
-    commit: bool,
-    message: str | None,
-    strict: bool,
-    as_root: bool,
-    grace: float,
-    link: bool,
+    refs: list[str], *, no_commit: bool, backend: str, net: str, **options: Any
 ):
+    """SessionOptions from a `run`/`enter` command line (its option names are the fields')."""
     from .session import SessionOptions
 
     if backend not in ("auto", "overlay", "shim"):
         raise VeloError("--backend is auto, overlay or shim", reason=Reason.USAGE)
     if net not in ("host", "none"):
         raise VeloError("--net is host or none", reason=Reason.USAGE)
-    return SessionOptions(
-        refs=refs,
-        at=at,
-        backend=backend,
-        net=net,
-        discard=discard,
-        commit=commit,
-        message=message,
-        strict=strict,
-        as_root=as_root,
-        grace=grace,
-        link=link,
-    )
+    return SessionOptions(refs=refs, commit=not no_commit, backend=backend, net=net, **options)
 
 
 def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
@@ -887,20 +865,7 @@ def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     _LINK,
     _JSON,
 )
-def run(
-    refs: list[str],
-    at: str | None,
-    backend: str,
-    net: str,
-    discard: bool,
-    no_commit: bool,
-    message: str | None,
-    strict: bool,
-    as_root: bool,
-    grace: float,
-    link: bool,
-    as_json: bool,
-) -> int:
+def run(refs: list[str], as_json: bool, **options: Any) -> int:
     """Run a command in a projection of REF (several REFs stack, the last on top)."""
     from .session import run as do_run
 
@@ -909,20 +874,7 @@ def run(
         raise VeloError(
             "no command given", reason=Reason.USAGE, hint="veloverlay run REF -- COMMAND [ARGS...]"
         )
-    opts = _session_options(
-        refs,
-        at=at,
-        backend=backend,
-        net=net,
-        discard=discard,
-        commit=not no_commit,
-        message=message,
-        strict=strict,
-        as_root=as_root,
-        grace=grace,
-        link=link,
-    )
-    res = do_run(_store(), opts, list(_COMMAND))
+    res = do_run(_store(), _session_options(refs, **options), list(_COMMAND))
     _render_session(res, as_json)
     return int(res.exit_status)
 
@@ -940,36 +892,11 @@ def run(
     _opt("--grace", type=float, default=5.0),
     _LINK,
 )
-def enter(
-    refs: list[str],
-    at: str | None,
-    backend: str,
-    net: str,
-    discard: bool,
-    no_commit: bool,
-    message: str | None,
-    strict: bool,
-    as_root: bool,
-    grace: float,
-    link: bool,
-) -> int:
+def enter(refs: list[str], **options: Any) -> int:
     """Open an interactive shell in a projection of REF; changes are committed when it exits."""
     from .session import enter as do_enter
 
-    opts = _session_options(
-        refs,
-        at=at,
-        backend=backend,
-        net=net,
-        discard=discard,
-        commit=not no_commit,
-        message=message,
-        strict=strict,
-        as_root=as_root,
-        grace=grace,
-        link=link,
-    )
-    res = do_enter(_store(), opts)
+    res = do_enter(_store(), _session_options(refs, **options))
     _render_session(res, False)
     return int(res.exit_status)
 
