@@ -160,12 +160,6 @@ def layer_homes(store: Store) -> list[Path]:
     return ([fast.root] if fast is not None else []) + [store.trees]
 
 
-def readonly_dirs(store: Store) -> list[str]:
-    """Directories outside the store that sessions must see read-only (the per-boot layers)."""
-    home = _volatile_home(store)
-    return [os.fspath(home.root)] if home is not None else []
-
-
 # --- small fs helpers --------------------------------------------------------------------------
 def _rmdir_shallow(p: str) -> bool:
     """Remove `p` if it is an empty directory or holds only empty directories (an untouched
