@@ -1,8 +1,12 @@
 /* fd lifetime: close, dup/dup2/dup3, fcntl(F_DUPFD*), close_range, closefrom.
  *
  * A written fd's close is journaled after the close returned (the data is then complete for this
- * fd); its name is taken before, while the fd still names the file. An fd replaced by dup2/dup3
- * is closed by the kernel: that counts as a close. A dup of a written fd is written.
+ * fd); its name is taken before, while the fd still names the file, and its mark is cleared
+ * before too: once the kernel frees the number, another thread's open may get it and mark it,
+ * and clearing afterwards would erase that mark (its close then went unjournaled: found by the
+ * full suite in the VM matrix, 8 threads writing). An fd replaced by dup2/dup3 is closed by the
+ * kernel: that counts as a close (the number is never free there). A dup of a written fd is
+ * written.
  */
 #include "veloshim.h"
 
@@ -31,7 +35,6 @@ static int close_begin(int fd, struct closing *c)
 static void close_end(struct closing *c)
 {
         VELO_SAVE_ERRNO;
-        velo_fd_clear(c->fd);
         if (c->t.inside)
                 velo_journal_target(VELO_R_CLOSE, VELO_P_EVENT, c->fd, 0, &c->t, NULL);
         VELO_RESTORE_ERRNO;
@@ -42,6 +45,8 @@ VELO_EXPORT int close(int fd)
         velo_init();
         struct closing c;
         int tracked = close_begin(fd, &c);
+        if (tracked)
+                velo_fd_clear(fd); /* before the number can be reused (see above) */
         int rc = REAL(close) != NULL ? REAL(close)(fd) : velo_sys_close(fd);
         if (tracked)
                 close_end(&c); /* even on EINTR/EIO: Linux has released the fd */
@@ -70,8 +75,10 @@ static int do_dup3(int oldfd, int newfd, int flags, int is_dup2)
                 rc = REAL(dup3) != NULL ? REAL(dup3)(oldfd, newfd, flags)
                                             : (int)syscall(SYS_dup3, oldfd, newfd, flags);
         if (rc >= 0 && velo_active) {
-                if (tracked)
+                if (tracked) {
+                        velo_fd_clear(newfd); /* the old file; velo_fd_copy marks the new one */
                         close_end(&c);
+                }
                 velo_fd_copy(oldfd, rc);
         }
         return rc;
