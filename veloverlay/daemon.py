@@ -38,7 +38,7 @@ from typing import Any
 from . import paths, records, tree
 from .cas import Stage, Store
 from .digest import hash_fd
-from .harvest import StoreLinks
+from .harvest import StoreLinks, other_leaf
 from .manifest import Manifests, Txn
 from .materialize import Baseline
 from .projection import PROXY_MTIME_NS
@@ -284,33 +284,21 @@ class TreeSync:
         stage: Stage,
         res: SyncResult,
     ) -> Entry | None:
-        mtime = st.st_mtime_ns
         if stat.S_ISREG(st.st_mode):
             return self._file(dfd, name, st, p, low, stage, res)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=dfd)
-            copied = self.links.entry(
-                self.m,
-                self._txn,
-                self._root,
-                name,
-                target,
-                mtime,
-                low,
-                lambda: self.rules.classify(p),
-            )
-            if copied is not None:
-                return copied
-            return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
-        kind = (
-            "fifo"
-            if stat.S_ISFIFO(st.st_mode)
-            else "socket"
-            if stat.S_ISSOCK(st.st_mode)
-            else "device"
+        return other_leaf(
+            self.links,
+            self.m,
+            self._txn,
+            self._root,
+            self.rules,
+            dfd,
+            name,
+            st,
+            p,
+            low,
+            res.warnings,
         )
-        res.warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
-        return None
 
     def _file(
         self,

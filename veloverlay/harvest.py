@@ -123,6 +123,36 @@ class HarvestResult(Record):
     stripped_setid: int = 0
 
 
+def other_leaf(
+    links: StoreLinks,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    rules: Rules,
+    dfd: int,
+    name: bytes,
+    st: os.stat_result,
+    p: bytes,
+    low: Entry | None,
+    warnings: list[str],
+) -> Entry | None:
+    """The entry of a non-regular, non-directory leaf at `p` (the harvester's and the shim
+    daemon's): a symlink (a copied Tier-1 store link becomes its file again), else — fifo,
+    socket, device — nothing, with a warning."""
+    mtime = st.st_mtime_ns
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dfd)
+        copied = links.entry(m, txn, root, name, target, mtime, low, lambda: rules.classify(p))
+        if copied is not None:
+            return copied
+        return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
+    kind = (
+        "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+    )
+    warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
+    return None
+
+
 def is_whiteout(st: os.stat_result, dfd: int, name: bytes) -> bool:
     """A 0/0 character device, or a zero-size file carrying `user.overlay.whiteout`."""
     if stat.S_ISCHR(st.st_mode):
@@ -271,33 +301,21 @@ class _Harvester:
     def _leaf(
         self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
     ) -> Entry | None:
-        mtime = st.st_mtime_ns
         if stat.S_ISREG(st.st_mode):
             return self._file(dfd, name, st, p, low)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=dfd)
-            copied = self.links.entry(
-                self.m,
-                self.txn,
-                self.view_root,
-                name,
-                target,
-                mtime,
-                low,
-                lambda: self.rules.classify(p),
-            )
-            if copied is not None:
-                return copied
-            return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
-        kind = (
-            "fifo"
-            if stat.S_ISFIFO(st.st_mode)
-            else "socket"
-            if stat.S_ISSOCK(st.st_mode)
-            else "device"
+        return other_leaf(
+            self.links,
+            self.m,
+            self.txn,
+            self.view_root,
+            self.rules,
+            dfd,
+            name,
+            st,
+            p,
+            low,
+            self.res.warnings,
         )
-        self.res.warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
-        return None
 
     def _file(
         self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
