@@ -38,10 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from tests.helpers.fixtures import _force_rmtree
+    from tests.helpers.trees import force_rmtree
 
     for path in _RUNTIME:
-        _force_rmtree(path)
+        force_rmtree(path)
     os.environ.pop("VELO_RUNTIME_DIR", None)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.trees import force_rmtree
 from veloverlay.repo import Repo
 
 
@@ -22,25 +22,7 @@ def shm_tmp() -> Iterator[str]:
     """A temp dir on tmpfs (fast), removed afterwards, immutable flags and all."""
     d = _shm_dir("velo-test-")
     yield d
-    _force_rmtree(d)
-
-
-def _force_rmtree(path: str) -> None:
-    def onerror(func, p, exc_info):  # type: ignore[no-untyped-def]
-        try:
-            from veloverlay import fsflags
-
-            fsflags.set_immutable(p, False)
-        except Exception:
-            pass
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
-        func(p)
-
-    shutil.rmtree(path, onerror=onerror)
+    force_rmtree(d)
 
 
 @pytest.fixture

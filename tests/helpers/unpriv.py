@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from veloverlay import fsflags, mount, ns
+from tests.helpers.trees import force_rmtree
+from veloverlay import mount, ns
 
 __all__ = [
     "UNPRIV_UID",
@@ -49,21 +49,6 @@ def run_unprivileged(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     return result
 
 
-def _make_removable(path: str) -> None:
-    """Clear +i and give the owner rwx on every directory (overlay leaves work/work at 000)."""
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            if os.path.islink(full):
-                continue
-            with contextlib.suppress(OSError):
-                if fsflags.is_immutable(full):
-                    fsflags.set_immutable(full, False)
-            if name in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(full, 0o700)
-
-
 _PARENT: list[str] = []
 
 
@@ -90,11 +75,7 @@ def unpriv_tmpdir() -> Iterator[str]:
         os.chmod(path, 0o755)
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            fsflags.set_immutable(path, False)
-        os.chmod(path, 0o700)
-        _make_removable(path)
-        shutil.rmtree(path)
+        force_rmtree(path)
 
 
 def _enter_and_run(fn: Callable[..., T], *args: Any, **kw: Any) -> T:

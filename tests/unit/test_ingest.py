@@ -31,7 +31,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.trees import Item, assert_same_tree, diff_snapshots, make_tree, snapshot
+from tests.helpers.trees import (
+    Item,
+    assert_same_tree,
+    diff_snapshots,
+    force_rmtree,
+    make_tree,
+    snapshot,
+)
+from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
 from tests.unit.test_tree import names as odd_names
 from veloverlay import ingest as ingest_mod
 from veloverlay.digest import hash_bytes
@@ -124,6 +132,11 @@ def gen_trees(draw: st.DrawFn) -> Any:
     return top
 
 
+# Root reads everything. Another user can ingest only what it can read (an unreadable file is a
+# SOURCE_UNREADABLE error, tested below), so there generated files keep the owner's read bit.
+OWNER_READ = 0 if os.getuid() == 0 else 0o400
+
+
 def materialise(path: bytes, spec: Any, *, top: bool = False) -> None:
     kind = spec[0]
     if kind == "dir":
@@ -137,7 +150,7 @@ def materialise(path: bytes, spec: Any, *, top: bool = False) -> None:
         _k, size, seed, mode, mtime = spec
         with open(path, "wb") as f:
             f.write(random.Random(seed).randbytes(size))
-        os.chmod(path, mode)
+        os.chmod(path, mode | OWNER_READ)
         os.utime(path, ns=(mtime, mtime))
     else:
         _k, target, mtime = spec
@@ -179,9 +192,8 @@ def round_trip(repo: Repo, base: str, spec: Any, *, keep_setid: bool, jobs: int)
         assert not problems, "\n".join(problems[:10])
         assert snapshot(src) == want  # ingest wrote nothing into the source
     finally:
-        shutil.rmtree(src)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
+        force_rmtree(src)
+        force_rmtree(dest)
 
 
 @settings(
@@ -229,6 +241,53 @@ def test_round_trip_fixed_odd_tree(repo: Repo, shm_tmp: str) -> None:
     )
     round_trip(repo, shm_tmp, spec, keep_setid=False, jobs=2)
     round_trip(repo, shm_tmp, spec, keep_setid=True, jobs=1)
+
+
+def _ingest_unreadable(base: str) -> list[tuple[str, str, bool, bool]]:
+    """As an unprivileged owner: ingest a tree, then the same tree with one part unreadable."""
+    src = os.path.join(base, "src")
+    write(os.path.join(src, "ok"), b"fine")
+    write(os.path.join(src, "sub", "inner"), b"inner")
+    r = Repo.open(os.path.join(base, "store"), create=True)
+    out = []
+    try:
+        run(r, src, "good")
+        before = head_of(r, "good")
+        for victim, mode in (("ok", 0o000), ("sub", 0o000)):
+            path = os.path.join(src, victim)
+            os.chmod(path, mode)
+            try:
+                with pytest.raises(VeloError) as ei:
+                    run(r, src, "good")
+                with pytest.raises(VeloError):
+                    run(r, src, "fresh")
+            finally:
+                os.chmod(path, 0o755)
+            from veloverlay.verify import fsck
+
+            out.append(
+                (
+                    ei.value.reason.value,
+                    ei.value.path or "",
+                    head_of(r, "good") == before and head_of(r, "fresh") is None,
+                    fsck(r.store, r.m, jobs=1).ok,
+                )
+            )
+    finally:
+        r.close()
+    return out
+
+
+def test_unreadable_source_is_a_clear_error_and_commits_nothing() -> None:
+    """What its owner cannot read, ingest refuses by name (root reads everything, so this runs
+    as the unprivileged test uid): the ref keeps its head, no ref is made, the store stays sound."""
+    with unpriv_tmpdir() as base:
+        got = run_unprivileged(_ingest_unreadable, base)
+    src = os.path.join(base, "src")
+    assert got == [
+        (Reason.SOURCE_UNREADABLE.value, os.path.join(src, "ok"), True, True),
+        (Reason.SOURCE_UNREADABLE.value, os.path.join(src, "sub"), True, True),
+    ]
 
 
 def test_setid_bits_are_stripped_unless_kept(repo: Repo, shm_tmp: str) -> None:
