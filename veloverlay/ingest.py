@@ -137,6 +137,9 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
     )
 
 
+_NOT_COMMITTED = "nothing was committed; fix the source and retry"
+
+
 def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.stat_result, bool]:
     """Hash and stage one complete version of `path`. Returns (digest, stat of it, racy)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -346,6 +349,7 @@ def scan(
                 f"cannot list {os.fsdecode(absdir)}: {exc.strerror}",
                 reason=Reason.SOURCE_UNREADABLE,
                 path=absdir,
+                hint=_NOT_COMMITTED,
             ) from None
         with it:
             for de in it:
@@ -472,11 +476,11 @@ def _hash_pending(
             res.files -= 1
             res.skipped.append((paths.display(rel), reason))
             continue
-        raise VeloError(
-            f"{paths.display(rel)}: {msg}",
+        raise VeloError(  # the workers' messages name the file (absolute)
+            msg,
             reason=Reason(reason),
-            path=rel,
-            hint="nothing was committed; fix the source and retry",
+            path=os.path.join(top, rel),
+            hint=_NOT_COMMITTED,
         )
 
 

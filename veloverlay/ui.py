@@ -36,14 +36,18 @@ def emit_json(obj: Any) -> None:
 
 
 def error(exc: BaseException, *, as_json: bool = False) -> int:
+    path: str | None = None
     if isinstance(exc, VeloError):
         msg, hint, reason, detail = exc.message, exc.hint, exc.reason.value, exc.detail
+        path = exc.path
     elif isinstance(exc, SysError):
         msg, hint, reason, detail = str(exc), exc.hint, "syscall", None
     elif isinstance(exc, OSError):
         msg, hint, reason, detail = str(exc), None, "os-error", None
     else:
         msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, "internal", None
+    if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):
+        path = os.fsdecode(exc.filename)
     sys.stderr.write(f"{_color('1;31', 'error:')} {msg}\n")
     if detail:
         sys.stderr.write(f"{detail}\n")
@@ -51,7 +55,7 @@ def error(exc: BaseException, *, as_json: bool = False) -> int:
         sys.stderr.write(f"\n{_color('1;36', 'hint:')} {hint}\n")
     sys.stderr.write(f"reason: {reason}\n")
     if as_json:
-        emit_json({"error": msg, "reason": reason, "hint": hint, "detail": detail})
+        emit_json({"error": msg, "reason": reason, "hint": hint, "detail": detail, "path": path})
     return 1
 
 

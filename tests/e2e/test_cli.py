@@ -240,6 +240,10 @@ def test_json_errors_are_json_too(store: str, src: str) -> None:
     p = velo(store, "ls", "nosuch", "--json")
     failed(p, "not-found")
     assert json.loads(p.stdout)["reason"] == "not-found"
+    missing = os.path.join(src, "no-such-dir")
+    p = velo(store, "ingest", missing, "--json")
+    failed(p, "not-found")
+    assert json.loads(p.stdout)["path"] == missing  # the file a failure concerns, for scripts
 
 
 @pytest.mark.parametrize(
