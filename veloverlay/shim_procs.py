@@ -139,8 +139,20 @@ def _kill_rest(grace: float) -> list[tuple[int, str]]:
 
 
 def _reaper_main(
-    argv: list[str], env: dict[str, str], cwd: str, grace: float, wfd: int, sdir: Path
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    grace: float,
+    wfd: int,
+    go: tuple[int, int],
+    sdir: Path,
 ) -> None:
+    # The command starts only once the manager has recorded this reaper in state.json: a manager
+    # killed before that leaves no command running that `resume` could not see (EOF: exit).
+    os.close(go[1])
+    if os.read(go[0], 1) != b"g":
+        os._exit(0)
+    os.close(go[0])
     with contextlib.suppress(Exception):
         child_subreaper()
     for sig in (signal.SIGINT, signal.SIGQUIT):
@@ -285,11 +297,15 @@ def run_command(
     sdir = store.sessions / st["id"]
     status = ShimStatus()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    reaper = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, sdir)
+    gofd, gowfd = os.pipe2(os.O_CLOEXEC)
+    reaper = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, (gofd, gowfd), sdir)
     os.close(wfd)
+    os.close(gofd)
     st["child"] = reaper
     st["child_start"] = proc_start(reaper)
     _save_state(store, st)
+    os.write(gowfd, b"g")
+    os.close(gowfd)
     buf = bytearray()
     with _ignore_sigint():
         while True:

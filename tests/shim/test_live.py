@@ -36,6 +36,14 @@ def _wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
+def _latency(cond: Callable[[], Any], what: str, bound: float) -> None:
+    """cond must hold within `bound` seconds; wait up to 10 s so a miss reports how late it was."""
+    start = time.monotonic()
+    _wait_for(cond, 10.0, what)
+    took = time.monotonic() - start
+    assert took <= bound, f"{what} took {took:.3f} s (the promise is {bound} s)"
+
+
 def _session_state(store: Store) -> dict[str, Any] | None:
     try:
         names = os.listdir(store.sessions)
@@ -97,10 +105,10 @@ def test_live_view_within_one_second(link: bool) -> None:
             st = _wait_for(lambda: _session_state(store), 10, "the session to start")
             spec = st["session_ref"]
             _wait_for(lambda: os.path.exists(m1), 10, "the first write")
-            _wait_for(lambda: _cat(store, spec, "live.txt") == b"v1", 1.0, "v1 in the live view")
+            _latency(lambda: _cat(store, spec, "live.txt") == b"v1", "v1 in the live view", 1.0)
             Path(g1).touch()
             _wait_for(lambda: os.path.exists(m2), 10, "the second write")
-            _wait_for(lambda: _cat(store, spec, "f1") == b"one\nv2", 1.0, "an append, live")
+            _latency(lambda: _cat(store, spec, "f1") == b"one\nv2", "an append, live", 1.0)
         finally:
             Path(g1).touch()
             Path(g2).touch()
@@ -221,8 +229,9 @@ def test_manager_killed_then_resume() -> None:
         manager = _in_background(
             lambda: run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
         )
-        st = _wait_for(lambda: _session_state(store), 10, "the session to start")
         _wait_for(lambda: os.path.exists(m1), 10, "the first write")
+        st = _session_state(store)  # the command runs: the state names its reaper
+        assert st is not None and int(st["child"]) > 0
         os.kill(manager, signal.SIGKILL)
         os.waitpid(manager, 0)
         with pytest.raises(VeloError) as exc:
@@ -242,6 +251,41 @@ def test_manager_killed_then_resume() -> None:
         assert not fsck_ok(store)
         with pytest.raises(VeloError):
             shim_backend.resume(store, st["id"])  # once only
+
+
+def _manager_dies_before_go(store: Store, proj: str, marker: str, side: str) -> None:
+    """A manager SIGKILLed right after forking the reaper, before state.json names it."""
+    real_save = shim_procs._save_state
+
+    def save(store_: Store, st: dict[str, Any]) -> None:
+        if st.get("child"):
+            Path(side).write_text(str(st["child"]))
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(store_, st)
+
+    shim_procs._save_state = save  # type: ignore[assignment]
+    run_shim(store, "t", ["sh", "-c", f"touch {marker}"], link=False, at=proj)
+
+
+def test_manager_killed_before_recording_the_command_runs_nothing() -> None:
+    """The reaper starts the command only once state.json names it: otherwise `resume` could
+    harvest (and remove) a tree a command still writes to."""
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        marker, side = os.path.join(base, "ran"), os.path.join(base, "reaper")
+        manager = _in_background(lambda: _manager_dies_before_go(store, proj, marker, side))
+        _, status = os.waitpid(manager, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        reaper = int(Path(side).read_text())
+        _wait_for(lambda: shim_procs.proc_start(reaper) is None, 10, "the reaper to exit")
+        assert not os.path.exists(marker)
+        st = json.loads(next(store.sessions.glob("*/state.json")).read_text())
+        assert st["child"] == 0  # what resume sees: no command to wait for
+        res = shim_backend.resume(store, st["id"])
+        assert (res.state, res.changed, res.commit) == ("harvested", 0, None)
+        assert not os.path.exists(proj)
+        assert not fsck_ok(store)
 
 
 def test_checkin_frame_layout() -> None:
