@@ -114,7 +114,9 @@ def render(results: list[dict[str, object]], meta: dict[str, str]) -> str:
         "built for its Python, and runs the suite as root and as the unprivileged user `velo` "
         "(uid 1500). Backend and lower form are what `veloverlay doctor --json` chose "
         "(`chosen`); the run fails a box whose choice differs from the expected one "
-        "(tools/matrix/boxes.py). Tests: passed / failed / skipped.",
+        "(tools/matrix/boxes.py). Tests: passed / failed / skipped. Under emulation the suite's "
+        "latency promises (the shim's live view: 1 s) are checked ×5 (`VELO_TEST_TIME_SCALE`, "
+        "tests/helpers/timing.py); CI checks them unscaled.",
         "",
     ]
     if meta.get("pending"):
