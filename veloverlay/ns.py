@@ -36,6 +36,9 @@ __all__ = [
     "die_with_parent",
     "no_new_privs",
     "child_subreaper",
+    "proc_start",
+    "tty_foreground",
+    "reclaim_terminal",
 ]
 
 T = TypeVar("T")
@@ -404,3 +407,28 @@ def proc_start(pid: int) -> int | None:
         return None if fields[0] == b"Z" else int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def tty_foreground() -> bool:
+    """Stdin is a terminal whose foreground process group is ours (a shell may take it)."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def reclaim_terminal() -> None:
+    """An interactive shell took the terminal's foreground; give it back to our group."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        if os.tcgetpgrp(fd) != os.getpgrp():
+            os.tcsetpgrp(fd, os.getpgrp())
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+        os.close(fd)

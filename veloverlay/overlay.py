@@ -39,8 +39,6 @@ __all__ = [
     "child_main",
     "read_report",
     "manager_signals",
-    "tty_foreground",
-    "reclaim_terminal",
 ]
 
 
@@ -334,27 +332,3 @@ def manager_signals(child: list[int]) -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-
-
-def tty_foreground() -> bool:
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
-
-
-def reclaim_terminal() -> None:
-    """An interactive shell took the terminal's foreground; give it back to our group."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
-        return
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        if os.tcgetpgrp(fd) != os.getpgrp():
-            os.tcsetpgrp(fd, os.getpgrp())
-    except OSError:
-        pass
-    finally:
-        signal.signal(signal.SIGTTOU, old)
-        os.close(fd)

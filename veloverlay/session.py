@@ -521,7 +521,7 @@ def _session(
             grace=opts.grace,
             report_fd=wfd,
             manager_pid=os.getpid(),
-            tty_foreground=overlay.tty_foreground(),
+            tty_foreground=ns.tty_foreground(),
         )
         child: list[int] = [0]
         with overlay.manager_signals(child):
@@ -550,7 +550,7 @@ def _session(
                     except InterruptedError:
                         continue
             if ctx.tty_foreground:
-                overlay.reclaim_terminal()
+                ns.reclaim_terminal()
         if "error" in report:
             err = report["error"]
             st["state"] = "failed"

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import projection
 from .cas import Store
-from .ns import child_subreaper, proc_start
+from .ns import child_subreaper, proc_start, reclaim_terminal
 from .records import Record, field
 
 __all__ = ["ShimStatus", "run_command", "start_daemon", "stop_daemon", "proc_start", "same_process"]
@@ -331,25 +331,8 @@ def run_command(
     with contextlib.suppress(ChildProcessError):
         os.waitpid(reaper, 0)
     if interactive:
-        _reclaim_terminal()
+        reclaim_terminal()
     return status
-
-
-def _reclaim_terminal() -> None:
-    """An interactive shell took the terminal's foreground; give it back to our group."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
-        return
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        if os.tcgetpgrp(fd) != os.getpgrp():
-            os.tcsetpgrp(fd, os.getpgrp())
-    except OSError:
-        pass
-    finally:
-        signal.signal(signal.SIGTTOU, old)
-        os.close(fd)
 
 
 def _watch_daemon(store: Store, st: dict[str, Any], status: ShimStatus) -> None:
