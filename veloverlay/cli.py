@@ -357,7 +357,10 @@ def init(as_json: bool) -> None:
     _opt("--name", "-n", help="Ref name [default: the directory's name]"),
     _opt("--tiers", help="Tier rules file ('<1|2> <glob>' per line)"),
     _opt("--jobs", "-j", type=int, help="Worker processes [default: CPUs]"),
-    _flag("--force", help="On conflict with session commits, take the source's version"),
+    _flag(
+        "--force",
+        help="On conflict with session commits, take the source's version of those paths",
+    ),
     _flag("--keep-setid", help="Keep setuid/setgid bits (stripped by default)"),
     _opt("--message", "-m"),
     _flag(
@@ -417,6 +420,12 @@ def ingest(
         ui.warn(f"... and {len(res.skipped) - 20} more skipped")
     if res.stripped_setid:
         ui.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
+    for path in res.overridden[:20]:
+        ui.warn(f"--force: the source's version replaced the session's at {path}")
+    if len(res.overridden) > 20:
+        ui.warn(f"... and {len(res.overridden) - 20} more paths")
+    if res.overridden:
+        ui.info(f"the session's versions stay in the history: veloverlay log {res.ref}")
     rate = res.files / res.seconds if res.seconds else 0
     state = (
         "unchanged"

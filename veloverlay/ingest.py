@@ -61,6 +61,7 @@ class IngestResult(Record):
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stripped_setid: int = 0
     merged: bool = False
+    overridden: list[str] = field(default_factory=list)  # --force: session changes left out
     unchanged: bool = False
     seconds: float = 0.0
     adopted_to: str | None = None
@@ -573,19 +574,24 @@ def ingest(
                 base = bytes.fromhex(ref.ingest_root) if ref.ingest_root else head_root
                 if base != head_root:
                     mr = three_way(m, txn, base, root, head_root)
+                    if mr.root is None and not force:
+                        shown = ", ".join(paths.display(p) for p in mr.conflicts[:5])
+                        raise VeloError(
+                            f"sessions changed {name} since the last ingest, and the source "
+                            f"changed the same paths: {shown}",
+                            reason=Reason.CONFLICT,
+                            hint="nothing was committed; re-run with --force to take the "
+                            "source's version of those paths (session changes elsewhere are "
+                            "kept)",
+                        )
                     if mr.root is None:
-                        if not force:
-                            shown = ", ".join(paths.display(p) for p in mr.conflicts[:5])
-                            raise VeloError(
-                                f"sessions changed {name} since the last ingest, and the source "
-                                f"changed the same paths: {shown}",
-                                reason=Reason.CONFLICT,
-                                hint="nothing was committed; re-run with --force to take the "
-                                "source's version of every path",
-                            )
-                    else:
-                        target = mr.root
-                        res.merged = True
+                        # --force: the sessions' changes merged onto the source, theirs left out
+                        # where they conflict (they stay in the ref's history).
+                        mr = three_way(m, txn, base, head_root, root, drop_conflicts=True)
+                        res.overridden = [paths.display(p) for p in mr.conflicts]
+                    assert mr.root is not None
+                    target = mr.root
+                    res.merged = True
                 if target == head_root:
                     res.unchanged = True
             if not res.unchanged:

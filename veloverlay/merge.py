@@ -3,7 +3,9 @@
 Disjoint changes merge. Both sides making the identical change is not a conflict. A directory's own
 mode/mtime never conflicts (the later side, `ours`, wins). A real conflict is both sides changing
 one path differently, or one side replacing/deleting a directory inside which the other changed
-something. The caller keeps a conflicting side under its own ref: nothing is ever dropped."""
+something. The caller keeps a conflicting side under its own ref, or (`drop_conflicts`, for
+`ingest --force`) lets `theirs` win the conflicting paths while the rest of `ours` still applies;
+the dropped side stays in the ref's history."""
 
 from __future__ import annotations
 
@@ -38,8 +40,12 @@ def _ancestors(path: bytes) -> list[bytes]:
     return out
 
 
-def three_way(m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes) -> MergeResult:
-    """Merge `ours` (base→ours) into `theirs` (base→theirs)."""
+def three_way(
+    m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes, *, drop_conflicts: bool = False
+) -> MergeResult:
+    """Merge `ours` (base→ours) into `theirs` (base→theirs). On conflicts the root is None, unless
+    `drop_conflicts`: then our conflicting changes are left out (theirs stand there), the others
+    are applied, and `conflicts` lists what was left out."""
     if theirs == base:
         return MergeResult(ours, (), tuple(m.diff(txn, base, ours)))
     if ours in (base, theirs):
@@ -60,7 +66,8 @@ def three_way(m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes) -
             if o.kind is OpKind.DELETE and _is_dir_meta(m, txn, ours, op):
                 continue  # they removed the directory; our touching its mtime does not matter
             if _is_dir_meta(m, txn, ours, op) and _is_dir_meta(m, txn, theirs, o):
-                apply.append(op)  # a directory's mtime never conflicts: later wins
+                if not drop_conflicts:  # a directory's mtime never conflicts: later wins
+                    apply.append(op)  # (with drop_conflicts, `theirs` is the winning side)
                 continue
             if op.kind is OpKind.META or not _is_dir_meta(m, txn, theirs, o):
                 conflicts.append(op.path)
@@ -80,6 +87,6 @@ def three_way(m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes) -
         elif _is_dir_meta(m, txn, ours, op) and m.lookup(txn, theirs, op.path) is None:
             continue  # the directory is gone on their side; its mtime does not matter
         apply.append(op)
-    if conflicts:
+    if conflicts and not drop_conflicts:
         return MergeResult(None, tuple(conflicts), ())
-    return MergeResult(m.apply(txn, theirs, apply), (), tuple(apply))
+    return MergeResult(m.apply(txn, theirs, apply), tuple(conflicts), tuple(apply))

@@ -818,5 +818,33 @@ def test_reingest_conflict_refuses_without_force(repo: Repo, src: str) -> None:
     res = run(repo, src, "r", force=True)
     assert res.commit != head
     assert cat(repo, "r", "a.txt") == b"source's a"  # the source's version wins
+    assert res.overridden == ["a.txt"]
+    assert cat(repo, "r", "new.txt") == b"from the session"  # a change elsewhere is kept
     assert len(repo.log("r")) == 3  # the session's commit is still in the history
     assert cat(repo, "r@{1}", "a.txt") == b"session's a"
+
+
+def test_force_keeps_the_source_where_sessions_deleted_or_added_below_it(
+    repo: Repo, src: str
+) -> None:
+    """--force on structural conflicts: the session deleted `sub` while the source changed a file
+    in it, and the session added a file in `empty` while the source deleted `empty`. The source
+    stands on both; the session's unrelated file stays."""
+    run(repo, src, "r")
+    session_commit(
+        repo, "r", {b"sub": None, b"empty/new.txt": b"in empty", b"mine.txt": b"session"}
+    )
+    write(os.path.join(src, "sub", "deep", "d.txt"), b"source's d", mtime_ns=OLD_NS + 5)
+    os.rmdir(os.path.join(src, "empty"))
+    with pytest.raises(VeloError) as ei:
+        run(repo, src, "r")
+    assert ei.value.reason is Reason.CONFLICT
+    res = run(repo, src, "r", force=True)
+    assert sorted(res.overridden) == ["empty/new.txt", "sub"]
+    assert cat(repo, "r", "sub/deep/d.txt") == b"source's d"
+    assert cat(repo, "r", "sub/c.txt") == b"gamma"
+    assert lookup(repo, "r", b"empty") is None
+    assert cat(repo, "r", "mine.txt") == b"session"
+    assert cat(repo, "r", "b.txt") == b"beta"
+    again = run(repo, src, "r")  # the source is now the ingest base: nothing left to merge
+    assert again.unchanged

@@ -185,3 +185,49 @@ def test_a_merge_never_drops_a_change_silently(repo: Repo, base: D, ours: D, the
                     if other is not None and other.kind is Kind.DIR:
                         continue
                 assert got == want, (op, got, want)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(base=trees, ours=trees, theirs=trees)
+def test_dropping_conflicts_keeps_theirs_and_the_rest_of_ours(
+    repo: Repo, base: D, ours: D, theirs: D
+) -> None:
+    """Property (`ingest --force`): with drop_conflicts there is always a result, with the plain
+    merge's conflicts; every change of theirs is in it as they made it (a directory's own mode
+    and mtime too, unless we deleted or replaced it: theirs is the winning side); every change of
+    ours is in it as we made it,
+    unless its path is reported in `conflicts` or it is a directory's metadata theirs changed."""
+    store_objects(repo, CONTENTS)
+    m = repo.m
+
+    def meta(root: bytes, path: bytes) -> tuple[int, int] | None:
+        e = m.lookup(txn, root, path)
+        return None if e is None else (e.mode, e.mtime_ns)
+
+    with m.write() as txn:
+        b, o, t = build(m, txn, base), build(m, txn, ours), build(m, txn, theirs)
+        plain = three_way(m, txn, b, o, t)
+        res = three_way(m, txn, b, o, t, drop_conflicts=True)
+        assert res.root is not None
+        assert res.conflicts == plain.conflicts
+        theirs_at = {op.path for op in m.diff(txn, b, t)}
+        ours_replaced = {op.path for op in m.diff(txn, b, o) if op.kind.value != "meta"}
+        for op in m.diff(txn, b, t):
+            want = m.lookup(txn, t, op.path)
+            if want is not None and want.kind is Kind.DIR:
+                # A directory's own metadata never conflicts with our deleting or replacing it.
+                if op.kind.value == "meta" and op.path not in ours_replaced:
+                    assert meta(res.root, op.path) == meta(t, op.path), op
+                continue  # a directory's content is checked through its own paths
+            assert m.lookup(txn, res.root, op.path) == want, op
+        for op in m.diff(txn, b, o):
+            if op.path in res.conflicts:
+                continue
+            want = m.lookup(txn, o, op.path)
+            if want is not None and want.kind is Kind.DIR:
+                if op.kind.value == "meta" and op.path not in theirs_at:
+                    assert meta(res.root, op.path) == meta(o, op.path), op
+                continue
+            assert m.lookup(txn, res.root, op.path) == want, (op, res.conflicts)
