@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from typing import IO, Any
 
 from . import faults
@@ -148,6 +149,13 @@ class _Reader:
             self.h.update(b)
         return b
 
+    def chunks(self, n: int) -> Iterator[bytes]:
+        """The next `n` bytes, a chunk at a time (an object is never held whole)."""
+        while n:
+            b = self.exact(min(_CHUNK, n))
+            n -= len(b)
+            yield b
+
 
 def import_bundle(
     store: Store,
@@ -212,13 +220,7 @@ def import_bundle(
                 if length < DIGEST_SIZE:
                     raise _bad("bad object record length")
                 d = r.exact(DIGEST_SIZE)
-                left = length - DIGEST_SIZE
-                buf = bytearray()
-                while left:
-                    chunk = r.exact(min(_CHUNK, left))
-                    buf += chunk
-                    left -= len(chunk)
-                got = stage.add_bytes(bytes(buf))
+                got, _size, _new = stage.add_stream(r.chunks(length - DIGEST_SIZE))
                 if got != d:
                     raise _bad(f"object {d.hex()[:16]} does not hash to its name")
                 objects.add(d)

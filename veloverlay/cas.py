@@ -337,15 +337,17 @@ class Stage:
 
         Returns (digest, size, new). Content already in the store is not kept twice.
         """
+        return self.add_stream(iter(lambda: os.read(src_fd, _CHUNK), b""))
+
+    def add_stream(self, chunks: Iterable[bytes]) -> tuple[Digest, int, bool]:
+        """Stage the concatenation of `chunks`, written and hashed as they come (memory stays at
+        one chunk, whatever the object's size). Returns (digest, size, new)."""
         path = self._tmpname()
         fd = _create(path)
         h = Hasher()
         size = 0
         try:
-            while True:
-                chunk = os.read(src_fd, _CHUNK)
-                if not chunk:
-                    break
+            for chunk in chunks:
                 h.update(chunk)
                 _write_all(fd, chunk, path)
                 size += len(chunk)
