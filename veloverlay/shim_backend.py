@@ -1,10 +1,11 @@
 """The shim backend of a session: for hosts where no overlay can be mounted.
 
-1. Resolve the ref; check the target (`--at`, default the ref's ingest path): it must be new or an
-   empty directory — nothing can hide what is in it (TARGET_INVALID).
+1. Resolve the refs (several stack, later wins: the view of the stack is what is projected); check
+   the target (`--at`, default the top ref's ingest path): it must be new or an empty directory —
+   nothing can hide what is in it (TARGET_INVALID).
 2. `sessions/<id>/`: state.json (the overlay sessions' schema plus `backend: shim`, so `sessions`
    lists it and gc keeps its roots), the journal, the read-only shim export, lock dir; the live
-   session ref `REF@<id>` at the base commit.
+   session ref `REF@<id>` (of the top ref) at the view.
 3. Materialise the tree (materialize.py: private reflinks/copies, or `--link` proxies), record the
    baseline, and wait until the coarse clock has passed the newest ctime written (a later write is
    then always visible as a changed ctime).
@@ -12,11 +13,12 @@
    the command with LD_PRELOAD + VELO_SHIM_CONFIG, waits for it, then SIGTERMs whatever is left
    of its descendants, waits `grace`, SIGKILLs. The manager (this process) ignores SIGINT
    meanwhile and restarts the daemon if it dies (the journal kept everything in between).
-5. Stop the daemon; run the stat-diff of the whole tree against the base (what no hook saw:
-   kernel-closed fds, mmap, static binaries, processes without the shim); commit with
-   compare-and-swap, three-way merge when the ref moved, `REF@<id>` kept on conflict; flag every
-   program that ran without the shim (an exec or spawn the journal shows with no check-in after
-   it); remove the tree.
+5. Stop the daemon; run the stat-diff of the whole tree against the view (what no hook saw:
+   kernel-closed fds, mmap, static binaries, processes without the shim); for a stack, restate
+   the change on the top ref alone (harvest.to_top_ref: MASKs for what lower refs provide); commit
+   with compare-and-swap, three-way merge when the ref moved, `REF@<id>` kept on conflict; flag
+   every program that ran without the shim (an exec or spawn the journal shows with no check-in
+   after it); remove the tree.
 
 A manager killed mid-session leaves state "running" with a dead pid: `resume(store, id)` waits for
 nothing, refuses while the command still runs, and finishes exactly as step 5.
@@ -36,9 +38,11 @@ from typing import Any
 from . import daemon, paths, projection, shim
 from .cas import Store
 from .errors import Reason, VeloError
+from .harvest import to_top_ref
 from .manifest import Commit, Manifests, Ref, Txn
 from .materialize import Baseline, materialize, prepare_target, verify_proxies
 from .merge import three_way
+from .records import Record
 from .session import SessionOptions, SessionResult
 from .shim import RecType
 from .shim_procs import (
@@ -79,24 +83,35 @@ def _socket_address(sdir: Path, sid: str) -> str:
 
 
 # --- preparing ----------------------------------------------------------------------------------
-def _resolve(store: Store, m: Manifests, opts: SessionOptions) -> tuple[Ref, Commit, str]:
-    if len(opts.refs) != 1:
-        raise VeloError(
-            "the shim backend projects one ref (stacking refs needs the overlay backend)",
-            reason=Reason.USAGE,
-        )
-    with m.read() as txn:
-        ref, commit = m.resolve(txn, opts.refs[0])
-    if "@" in ref.name:
-        raise VeloError("cannot run a session on a session ref", reason=Reason.BAD_REF)
-    where = opts.at if opts.at is not None else ref.path
+class _Stack(Record, frozen=True):
+    refs: list[Ref]
+    commits: list[Commit]
+    view: bytes  # the projected tree: the refs stacked, later wins (the top ref's root alone)
+    below: bytes | None  # the stack without the top ref (None: one ref)
+    target: str
+
+
+def _resolve(m: Manifests, opts: SessionOptions) -> _Stack:
+    # A stack writes its merged nodes; one ref only reads.
+    with m.write() if len(opts.refs) > 1 else m.read() as txn:
+        resolved = [m.resolve(txn, spec) for spec in opts.refs]
+        refs = [r for r, _c in resolved]
+        commits = [c for _r, c in resolved]
+        for ref in refs:
+            if "@" in ref.name:
+                raise VeloError("cannot run a session on a session ref", reason=Reason.BAD_REF)
+        roots = [bytes.fromhex(c.root) for c in commits]
+        view = projection.stack_roots(m, txn, roots)
+        below = projection.stack_roots(m, txn, roots[:-1]) if len(roots) > 1 else None
+    top = refs[-1]
+    where = opts.at if opts.at is not None else top.path
     if not where:
         raise VeloError(
-            f"ref {ref.name!r} has no recorded path to project at",
+            f"ref {top.name!r} has no recorded path to project at",
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR",
         )
-    return ref, commit, os.path.abspath(where)
+    return _Stack(refs, commits, view, below, os.path.abspath(where))
 
 
 def _protection(link: bool, tier1_protected: bool) -> str:
@@ -310,8 +325,12 @@ def _finish(store: Store, m: Manifests, st: dict[str, Any], status: ShimStatus) 
                     for digest, data in result.nodes.items():
                         m.put_raw_node(txn, digest, data)
                     ops = result.ops
-                    new_root = m.apply(txn, base_root, ops) if ops else base_root
                     res.changed = len(ops)
+                    top_root = bytes.fromhex(m.get_commit(txn, st["bases"][-1]).root)
+                    if st.get("below_root"):  # a stack: the same change, on the top ref alone
+                        below = bytes.fromhex(st["below_root"])
+                        ops = to_top_ref(m, txn, ops, top_root, below, base_root)
+                    new_root = m.apply(txn, top_root, ops) if ops else top_root
                     _commit(m, txn, st, new_root, ops, res)
         st["state"] = "harvested"
         res.state = "harvested"
@@ -332,7 +351,8 @@ def _finish(store: Store, m: Manifests, st: dict[str, Any], status: ShimStatus) 
 def run_shim(
     store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
 ) -> SessionResult:
-    """Run `argv` in a shim-backend session of `opts.refs[0]`; harvest and commit at exit.
+    """Run `argv` in a shim-backend session of `opts.refs` (stacked, later on top); harvest and
+    commit to the top ref at exit.
 
     `opts.backend` is not consulted (the caller chose this backend). `link` (an attribute the
     caller may set on opts, default False) selects --link mode.
@@ -359,8 +379,9 @@ def run_shim(
     lib = shim.library_path()
     m = Manifests(store)
     try:
-        ref, commit, target = _resolve(store, m, opts)
         store.writable()
+        stack = _resolve(m, opts)
+        ref, target = stack.refs[-1], stack.target
         created = prepare_target(target, store)
         sid = _new_id()
         sdir = store.sessions / sid
@@ -372,12 +393,14 @@ def run_shim(
             "version": STATE_VERSION,
             "backend": "shim",
             "id": sid,
-            "refs": [ref.name],
+            "refs": [r.name for r in stack.refs],
             "specs": list(opts.refs),
-            "bases": [commit.id],
-            "roots": [commit.root],
-            "view_root": commit.root,
-            "below_root": None,
+            "bases": [c.id for c in stack.commits],
+            # what gc must keep while the session lives
+            "roots": [c.root for c in stack.commits]
+            + [r.hex() for r in (stack.view, stack.below) if r is not None],
+            "view_root": stack.view.hex(),
+            "below_root": stack.below.hex() if stack.below is not None else None,
             "target": target,
             "target_real": os.path.realpath(target),
             "target_created": created,
@@ -404,10 +427,10 @@ def run_shim(
         _save_state(store, st)
         try:
             with m.write() as txn:
-                m.commit(
+                m.commit(  # the live view: the whole projected tree
                     txn,
                     sref,
-                    bytes.fromhex(commit.root),
+                    stack.view,
                     expect_head=None,
                     message=LIVE_MESSAGE,
                     session=sid,
@@ -416,7 +439,7 @@ def run_shim(
             protect = os.geteuid() == 0 and _chattr_ok(store)
             with m.read() as txn:
                 mat = materialize(
-                    store, m, txn, bytes.fromhex(commit.root), target, link=link, protect=protect
+                    store, m, txn, stack.view, target, link=link, protect=protect
                 )
             mat.baseline.save(sdir / "baseline")
             st["form"] = mat.form

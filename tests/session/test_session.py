@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import pytest
 
 from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
 from tests.session._util import (
+    MODE_MARKS,
     as_mode,
     checkout_ref,
     fsck_ok,
@@ -282,7 +284,9 @@ def test_flatten_after_n_layers() -> None:
     assert r["f1"] == "v2"
 
 
-def _stacked(base: str) -> dict[str, object]:
+def _stacked(base: str, **kw: Any) -> dict[str, object]:
+    """Two refs stacked (t below u): reads see u over t; deleting t's paths records MASKs in u;
+    t is untouched. `kw` picks the backend (and --link for the shim)."""
     store, src = new_store(base)
     top_src = os.path.join(base, "top")
     os.makedirs(os.path.join(top_src, "d"))
@@ -303,7 +307,7 @@ def _stacked(base: str) -> dict[str, object]:
         f"cd {proj}; cat d/c f1 > {out}; rm f2; rm -r dir2; printf changed >> f3; "
         "printf new > d/new; chmod 700 exec.sh"
     )
-    res = run_session(store, ["t", "u"], ["sh", "-euc", script], at=proj)
+    res = run_session(store, ["t", "u"], ["sh", "-euc", script], at=proj, **kw)
     m = Manifests(store)
     try:
         with m.read() as txn:
@@ -318,7 +322,7 @@ def _stacked(base: str) -> dict[str, object]:
         m.close()
     # The next stacked session sees the masks hide the lower ref's paths.
     seen2 = os.path.join(base, "seen2")
-    run_session(store, ["t", "u"], ["sh", "-c", f"cd {proj}; ls > {seen2}"], at=proj)
+    run_session(store, ["t", "u"], ["sh", "-c", f"cd {proj}; ls > {seen2}"], at=proj, **kw)
     with open(out) as f:
         first = f.read()
     with open(seen2) as f:
@@ -329,14 +333,28 @@ def _stacked(base: str) -> dict[str, object]:
         "listing": listing,
         "t_unchanged": base_t == head_root(store, "t").hex(),
         "ref": res.ref,
+        "backend": res.backend,
         "fsck": fsck_ok(store),
     }
 
 
-@pytest.mark.parametrize("mode", mode_params("root"))
-def test_stacked_refs_delta_goes_to_top_with_masks(mode: str) -> None:
+STACK_BACKENDS = [
+    pytest.param("root", {}, marks=pytest.mark.needs(*MODE_MARKS["root"]), id="overlay-root"),
+    *(
+        pytest.param(
+            m, {"backend": "shim", "link": link}, id=f"shim-{'link' if link else 'copy'}-{m}"
+        )
+        for m in ("root", "rootfree")
+        for link in (False, True)
+    ),
+]
+
+
+@pytest.mark.parametrize(("mode", "kw"), STACK_BACKENDS)
+def test_stacked_refs_delta_goes_to_top_with_masks(mode: Any, kw: dict[str, Any]) -> None:
     with unpriv_tmpdir() as base:
-        r = as_mode(mode, _stacked, base)
+        r = as_mode(mode, _stacked, base, **kw)
+    assert r["backend"] == kw.get("backend", "overlay")
     assert r["first"] == "top version\none\n"
     assert r["ref"] == "u"
     assert r["kinds"] == {
