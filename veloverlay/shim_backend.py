@@ -438,9 +438,7 @@ def run_shim(
             so = shim.install(store, lib)
             protect = os.geteuid() == 0 and _chattr_ok(store)
             with m.read() as txn:
-                mat = materialize(
-                    store, m, txn, stack.view, target, link=link, protect=protect
-                )
+                mat = materialize(store, m, txn, stack.view, target, link=link, protect=protect)
             mat.baseline.save(sdir / "baseline")
             st["form"] = mat.form
             st["protection"] = _protection(mat.form == "link", mat.tier1_protected)
