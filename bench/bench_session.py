@@ -62,18 +62,19 @@ def ten_files(root: Path) -> list[str]:
 def hyperfine(cmds: dict[str, str], runs: int, prepare: str | None = None) -> dict[str, float]:
     """Median seconds per command."""
     if shutil.which("hyperfine"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        with tempfile.NamedTemporaryFile(suffix=".json") as export:
             args = ["hyperfine", "-N", "--warmup", "3", "--runs", str(runs), "--export-json"]
-            args += [out.name, "--style", "none"]
+            args += [export.name, "--style", "none"]
             if prepare:
                 args += ["--prepare", prepare]
             names = list(cmds)
             for name in names:
                 args += ["-n", name, cmds[name]]
             subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-            data = json.load(open(out.name))
+            with open(export.name) as f:
+                data = json.load(f)
         return {r["command"]: float(r["median"]) for r in data["results"]}
-    out = {}
+    out: dict[str, float] = {}
     for name, cmd in cmds.items():
         times = []
         for _ in range(runs):
@@ -320,8 +321,8 @@ def main() -> int:
         )
         gits = []
         for i in range(max(3, args.repeat // 3)):
-            for f in ten_files(git_dir):
-                with open(git_dir / f, "a") as fh:
+            for name in ten_files(git_dir):
+                with open(git_dir / name, "a") as fh:
                     fh.write(f"g{i}")
             gits.append(
                 timed(["sh", "-c", "git add -A && git commit -qm change"], cwd=git_dir, env=genv)

@@ -66,7 +66,7 @@ def timed(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None
 def median_of(repeat: int, fn: Any, *, warm: bool = True) -> float:
     if warm:
         fn()  # warm-up (page cache, dentries)
-    return statistics.median(fn() for _ in range(repeat))
+    return float(statistics.median(fn() for _ in range(repeat)))
 
 
 def say(msg: str) -> None:

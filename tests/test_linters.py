@@ -1,5 +1,5 @@
 """Linters are tests: ruff (lint and format) over the package, tests and benchmarks; mypy (strict,
-configured in pyproject.toml) over the package. A missing tool is a skip, unless
+configured in pyproject.toml) over the package and the benchmarks. A missing tool is a skip, unless
 VELO_TEST_MUST_WORK names `lint` (or `all`): then it is a failure."""
 
 from __future__ import annotations
