@@ -82,7 +82,7 @@ def _flock(fd: int, op: int) -> None:
 
 
 def _lock_source(fd: int, path: bytes, store: Store) -> int:
-    """Take a shared lock on the source; return a sidecar fd to close, or -1."""
+    """Take a shared lock on the source; return a sidecar fd to release, or -1."""
     for _ in range(LOCK_TRIES):
         try:
             _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -94,23 +94,52 @@ def _lock_source(fd: int, path: bytes, store: Store) -> int:
                 raise
             # The filesystem cannot lock: a sidecar lock in the store, keyed by (dev, ino),
             # never a file written into the tree being ingested.
-            st = os.fstat(fd)
-            side = os.open(
-                store.locks / f"{st.st_dev:x}-{st.st_ino:x}.lock",
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                0o600,
-            )
-            for _ in range(LOCK_TRIES):
-                try:
-                    fcntl.flock(side, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    return side
-                except BlockingIOError:
-                    time.sleep(0.005)
-            os.close(side)
+            side = _lock_sidecar(_sidecar_path(store, fd))
+            if side >= 0:
+                return side
             break
     raise VeloError(
         f"a writer holds {os.fsdecode(path)} locked", reason=Reason.SOURCE_UNSTABLE, path=path
     )
+
+
+def _sidecar_path(store: Store, fd: int) -> str:
+    st = os.fstat(fd)
+    return os.fspath(store.locks / f"{st.st_dev:x}-{st.st_ino:x}.lock")
+
+
+def _lock_sidecar(path: str) -> int:
+    """flock(LOCK_SH) on the sidecar file at `path` (made if missing); -1 if it stays held.
+
+    A finishing reader removes the file when it is the last holder (`_release_sidecar`), so the
+    lock is good only if the file locked is still the one at `path` afterwards: else retry."""
+    for _ in range(LOCK_TRIES):
+        side = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(side, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            mine, cur = os.fstat(side), os.stat(path)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(side)
+            time.sleep(0.005)
+            continue
+        if (mine.st_dev, mine.st_ino) == (cur.st_dev, cur.st_ino):
+            return side
+        os.close(side)
+    return -1
+
+
+def _release_sidecar(side: int, path: str) -> None:
+    """Remove the sidecar if no one else holds it (then close): locks-v1 does not grow by one
+    file per file ever ingested."""
+    try:
+        fcntl.flock(side, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine, cur = os.fstat(side), os.stat(path)
+        if (mine.st_dev, mine.st_ino) == (cur.st_dev, cur.st_ino):
+            os.unlink(path)
+    except (BlockingIOError, FileNotFoundError):
+        pass  # another reader holds it (it removes it when done), or it is gone already
+    finally:
+        os.close(side)
 
 
 def _write_barrier(fd: int) -> None:
@@ -195,7 +224,7 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
             return digest, st1, racy
         finally:
             if side >= 0:
-                os.close(side)
+                _release_sidecar(side, _sidecar_path(store, fd))
             os.close(fd)
     raise VeloError(
         f"{os.fsdecode(path)} kept changing while it was read ({MAX_REREADS} tries)",

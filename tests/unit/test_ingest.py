@@ -679,28 +679,32 @@ def test_lock_fallback_uses_a_sidecar_in_the_store(
             calls.value += 1
         raise OSError(err, os.strerror(err))
 
+    sidecars = multiprocessing.get_context("fork").Value("i", 0)
+    real_lock = ingest_mod._lock_sidecar
+
+    def counted(side_path: str) -> int:
+        with sidecars.get_lock():
+            sidecars.value += 1
+        return real_lock(side_path)
+
     monkeypatch.setattr(ingest_mod, "_flock", no_flock)
+    monkeypatch.setattr(ingest_mod, "_lock_sidecar", counted)
     res = run(repo, path, "nolock", jobs=jobs)
     assert res.files == 600 and res.hashed == 600
     assert calls.value == 600
     assert snapshot(path) == before  # nothing written into the source tree, not even a name
-    sidecars = set(os.listdir(repo.store.locks))
-    want = set()
-    for dirpath, _dirs, fnames in os.walk(path):
-        for fname in fnames:
-            st = os.stat(os.path.join(dirpath, fname))
-            want.add(f"{st.st_dev:x}-{st.st_ino:x}.lock")
-    assert want <= sidecars
+    assert sidecars.value == 600  # each file was read under its sidecar lock...
+    assert os.listdir(repo.store.locks) == []  # ...which its last holder removed
     assert cat(repo, "nolock", "d3/f3") == b"3"
 
 
 @contextlib.contextmanager
-def locked_elsewhere(path: str) -> Iterator[None]:
-    """Another process holds flock(LOCK_EX) on `path` until the block ends."""
+def locked_elsewhere(path: str, how: str = "LOCK_EX") -> Iterator[None]:
+    """Another process holds flock(`how`) on `path` until the block ends."""
     code = (
         "import fcntl, os, sys\n"
         "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o600)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"fcntl.flock(fd, fcntl.{how})\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -750,6 +754,30 @@ def test_the_sidecar_lock_is_honoured(
     with locked_elsewhere(sidecar), pytest.raises(VeloError) as ei:
         run(repo, src, "r")
     assert ei.value.reason is Reason.SOURCE_UNSTABLE
+    # Another reader's shared lock lets this ingest through, and its file is not removed from
+    # under it.
+    with locked_elsewhere(sidecar, "LOCK_SH"):
+        assert run(repo, src, "r").files == 4
+        assert os.listdir(repo.store.locks) == [os.path.basename(sidecar)]
+    # A sidecar removed between our open and our lock is not trusted: the lock is taken again on
+    # the file at the path now, which a writer holds here, so the file is unstable.
+    real_open, removed = os.open, []
+    writer = contextlib.ExitStack()
+
+    def open_then_replace(p: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        fd = real_open(p, flags, mode, **kw)
+        if p == sidecar and not removed:
+            os.unlink(p)
+            removed.append(fd)
+            writer.enter_context(locked_elsewhere(sidecar))
+        return fd
+
+    with writer:
+        monkeypatch.setattr(os, "open", open_then_replace)
+        with pytest.raises(VeloError) as ei:
+            run(repo, src, "r2")
+        monkeypatch.undo()
+    assert removed and ei.value.reason is Reason.SOURCE_UNSTABLE
 
 
 # -- re-ingest is a compare-and-swap against session commits ----------------------------------
