@@ -38,7 +38,7 @@ from typing import Any
 from . import paths, records, tree
 from .cas import Stage, Store
 from .digest import hash_fd
-from .harvest import StoreLinks, other_leaf
+from .harvest import StoreLinks, leaf_op, other_leaf
 from .manifest import Manifests, Txn
 from .materialize import Baseline
 from .projection import PROXY_MTIME_NS
@@ -214,18 +214,10 @@ class TreeSync:
                 res.ops.append(Op(OpKind.DELETE, p))
                 return True
             return False
-        if (
-            low is not None
-            and low.kind is entry.kind
-            and low.payload == entry.payload
-            and low.size == entry.size
-            and low.tier == entry.tier
-        ):
-            if (low.mode, low.mtime_ns) != (entry.mode, entry.mtime_ns):
-                res.ops.append(Op(OpKind.META, p, mode=entry.mode, mtime_ns=entry.mtime_ns))
-            return False
-        res.ops.append(Op(OpKind.PUT, p, entry))
-        return True
+        op = leaf_op(p, low, entry)
+        if op is not None:
+            res.ops.append(op)
+        return op is not None and op.kind is OpKind.PUT
 
     @staticmethod
     def _dir_meta(p: bytes, st: os.stat_result, node: Node, res: SyncResult) -> None:

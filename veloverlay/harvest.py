@@ -45,7 +45,7 @@ from .records import Record, field
 from .tiers import Rules
 from .tree import Entry, Kind, Node, Op, OpKind
 
-__all__ = ["HarvestResult", "harvest_upper", "is_whiteout", "to_top_ref"]
+__all__ = ["HarvestResult", "harvest_upper", "is_whiteout", "leaf_op", "other_leaf", "to_top_ref"]
 
 _XATTR_OPAQUE = "user.overlay.opaque"
 _XATTR_WHITEOUT = "user.overlay.whiteout"
@@ -121,6 +121,22 @@ class HarvestResult(Record):
     bytes_read: int = 0
     warnings: list[str] = field(default_factory=list)
     stripped_setid: int = 0
+
+
+def leaf_op(p: bytes, low: Entry | None, entry: Entry) -> Op | None:
+    """The op that makes the leaf `low` (None: absent) at `p` into `entry`: None when equal, a
+    META when only mode or mtime differ, else a PUT."""
+    if (
+        low is not None
+        and low.kind is entry.kind
+        and low.payload == entry.payload
+        and low.size == entry.size
+        and low.tier == entry.tier
+    ):
+        if (low.mode, low.mtime_ns) == (entry.mode, entry.mtime_ns):
+            return None
+        return Op(OpKind.META, p, mode=entry.mode, mtime_ns=entry.mtime_ns)
+    return Op(OpKind.PUT, p, entry)
 
 
 def other_leaf(
@@ -262,19 +278,9 @@ class _Harvester:
                     os.close(cfd)
                 continue
             entry = self._leaf(dfd, name, st, p, low)
-            if entry is None:
-                continue
-            if (
-                low is not None
-                and low.kind is entry.kind
-                and low.payload == entry.payload
-                and low.size == entry.size
-                and low.tier == entry.tier
-            ):
-                if (low.mode, low.mtime_ns) != (entry.mode, entry.mtime_ns):
-                    ops.append(Op(OpKind.META, p, mode=entry.mode, mtime_ns=entry.mtime_ns))
-                continue
-            ops.append(Op(OpKind.PUT, p, entry))
+            op = leaf_op(p, low, entry) if entry is not None else None
+            if op is not None:
+                ops.append(op)
 
     def _new_dir(self, dfd: int, name: bytes, st: os.stat_result, rel: bytes) -> Entry:
         """A directory from the upper only (new, or opaque): its whole subtree."""

@@ -39,6 +39,8 @@ __all__ = [
     "proc_start",
     "tty_foreground",
     "reclaim_terminal",
+    "reap_until",
+    "shell_status",
 ]
 
 T = TypeVar("T")
@@ -432,3 +434,23 @@ def reclaim_terminal() -> None:
     finally:
         signal.signal(signal.SIGTTOU, old)
         os.close(fd)
+
+
+def reap_until(pid: int) -> int:
+    """As a subreaper or pid 1: reap every child until `pid` exits; its wait status (0 when there
+    is no child left to wait for)."""
+    while True:
+        try:
+            got, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+        if got == pid:
+            return status
+
+
+def shell_status(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal that killed."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code

@@ -227,21 +227,9 @@ def _init_main(ctx: ChildSpec) -> None:
                 os._exit(126)
         finally:
             os._exit(127)
-    status = 0
-    while True:
-        try:
-            pid, st = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-        if pid == cmd:
-            status = st
-            break
+    status = ns.reap_until(cmd)
     killed = _reap_rest(ctx.grace)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        code = 128 - code
+    code = ns.shell_status(status)
     with contextlib.suppress(OSError):
         _send(ctx.report_fd, {"status": code, "killed": killed})
     os._exit(0)

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import projection
 from .cas import Store
-from .ns import child_subreaper, proc_start, reclaim_terminal
+from .ns import child_subreaper, proc_start, reap_until, reclaim_terminal, shell_status
 from .records import Record, field
 
 __all__ = ["ShimStatus", "run_command", "start_daemon", "stop_daemon", "proc_start", "same_process"]
@@ -90,19 +90,6 @@ def _send(fd: int, obj: dict[str, Any]) -> None:
     data = json.dumps(obj).encode()
     with contextlib.suppress(OSError):
         os.write(fd, struct.pack("<I", len(data)) + data)
-
-
-def _reap_children(until: int) -> int:
-    """Reap children until `until` exits; returns its wait status."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return 0
-        if pid == until:
-            return status
 
 
 def _kill_rest(grace: float) -> list[tuple[int, str]]:
@@ -177,10 +164,7 @@ def _reaper_main(
     exec_error = os.read(erd, 64)
     os.close(erd)
     _send(wfd, {"child": pid, "exec_failed": bool(exec_error)})
-    status = _reap_children(pid)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        code = 128 - code
+    code = shell_status(reap_until(pid))
     killed = _kill_rest(grace)
     report = {"exit": code, "killed": killed, "child": pid, "exec_failed": bool(exec_error)}
     with contextlib.suppress(OSError):
