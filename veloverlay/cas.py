@@ -34,7 +34,7 @@ from . import _libc, faults
 from .digest import Digest, Hasher
 from .errors import Reason, SysError, VeloError
 
-__all__ = ["Store", "Stage", "OBJECT_MODE", "default_store_path"]
+__all__ = ["Store", "Stage", "OBJECT_MODE", "default_store_path", "object_missing"]
 
 OBJECT_MODE = 0o444
 _CACHEDIR_TAG = (
@@ -50,6 +50,15 @@ def default_store_path() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(xdg) / "veloverlay"
+
+
+def object_missing(digest: bytes) -> VeloError:
+    """The error for an object a manifest names but the store lacks."""
+    return VeloError(
+        f"object {digest.hex()} is missing from the store",
+        reason=Reason.OBJECT_MISSING,
+        hint="run 'veloverlay fsck' to see what else is affected",
+    )
 
 
 class Store:
@@ -142,11 +151,7 @@ class Store:
         try:
             return os.open(self.object_path_b(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise VeloError(
-                f"object {digest.hex()} is missing from the store",
-                reason=Reason.OBJECT_MISSING,
-                hint="run 'veloverlay fsck' to see what else is affected",
-            ) from None
+            raise object_missing(digest) from None
 
     def read_object(self, digest: bytes) -> bytes:
         fd = self.open_object(digest)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import _libc, fsflags, linking
-from .cas import Store
+from .cas import Store, object_missing
 from .digest import hash_fd
 from .errors import Reason, SysError, VeloError
 from .manifest import Manifests, Txn
@@ -286,11 +286,7 @@ class _Placer:
         if e.digest not in self.tier1_seen:
             self.tier1_seen.add(e.digest)
             if not self.store.has(e.digest):
-                raise VeloError(
-                    f"object {e.digest.hex()} is missing from the store",
-                    reason=Reason.OBJECT_MISSING,
-                    hint="run 'veloverlay fsck' to see what else is affected",
-                )
+                raise object_missing(e.digest)
             if self.protect:
                 try:
                     fsflags.set_immutable(os.fsdecode(obj), True)

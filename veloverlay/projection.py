@@ -60,7 +60,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from . import faults, fsflags, linking, paths
-from .cas import Store
+from .cas import Store, object_missing
 from .digest import hash_fd
 from .errors import Reason, SysError, VeloError
 from .manifest import Manifests, Txn
@@ -326,11 +326,7 @@ class _Objects:
             finally:
                 fsflags.set_immutable(os.fsdecode(src), True)
         except FileNotFoundError:
-            raise VeloError(
-                f"object {digest.hex()} is missing from the store",
-                reason=Reason.OBJECT_MISSING,
-                hint="run 'veloverlay fsck' to see what else is affected",
-            ) from None
+            raise object_missing(digest) from None
         self._immutable(digest)
         return short
 
@@ -391,11 +387,7 @@ class _Objects:
             try:
                 linking.clone_or_copy(os.fsdecode(src), os.fsdecode(tmp), mode=mode)
             except FileNotFoundError:
-                raise VeloError(
-                    f"object {hexname} is missing from the store",
-                    reason=Reason.OBJECT_MISSING,
-                    hint="run 'veloverlay fsck' to see what else is affected",
-                ) from None
+                raise object_missing(digest) from None
             os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
             try:
                 os.link(tmp, path)
@@ -423,10 +415,7 @@ class _Objects:
             self.short_id(digest)  # name it before +i so a later Tier-2 use needs no clearing
         else:
             if not self.store.has(digest):
-                raise VeloError(
-                    f"object {digest.hex()} is missing from the store",
-                    reason=Reason.OBJECT_MISSING,
-                )
+                raise object_missing(digest)
             self._immutable(digest)
         return self.store.object_path_b(digest)
 
