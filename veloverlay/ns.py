@@ -1,4 +1,5 @@
-"""Namespaces: run work in a forked child, enter a user namespace, become a user, bring `lo` up.
+"""Namespaces: run work in a forked child, enter a user namespace, become a user, bring `lo` up;
+and the process-level calls around them (prctl, start times, reaping, the terminal's foreground).
 
 Owns process-level namespace work. Imports only the standard library, `veloverlay.errors` and
 `veloverlay._libc`; pyroute2 is imported lazily inside `loopback_up` (its import costs 110-160 ms,

@@ -285,11 +285,13 @@ def run_command(
     reaper = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, (gofd, gowfd), sdir)
     os.close(wfd)
     os.close(gofd)
-    st["child"] = reaper
-    st["child_start"] = proc_start(reaper)
-    _save_state(store, st)
-    os.write(gowfd, b"g")
-    os.close(gowfd)
+    try:
+        st["child"] = reaper
+        st["child_start"] = proc_start(reaper)
+        _save_state(store, st)
+        os.write(gowfd, b"g")
+    finally:
+        os.close(gowfd)  # unless "g" went first, the reaper reads EOF and exits, running nothing
     buf = bytearray()
     with _ignore_sigint():
         while True:
