@@ -37,6 +37,36 @@ def pytest_configure(config: pytest.Config) -> None:
         _RUNTIME.append(path)
 
 
+def _first_unreadable(paths: list[str]) -> str | None:
+    for p in paths:
+        try:
+            os.listdir(p)
+        except OSError:
+            return p
+    return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """As root, the root-free tests run this installation as the test uid, which must be able to
+    read it: say so once, clearly, instead of failing a hundred tests with EACCES."""
+    if os.getuid() != 0:
+        return
+    import lmdb
+
+    import veloverlay
+    from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged
+
+    paths = [os.path.dirname(veloverlay.__file__), os.path.dirname(lmdb.__file__)]
+    blocked = run_unprivileged(_first_unreadable, paths)
+    if blocked is not None:
+        pytest.exit(
+            f"error: uid {UNPRIV_UID} (the root-free tests' user) cannot read {blocked}\n"
+            "hint: put the checkout and its .venv where every user can traverse the path "
+            "(e.g. not under a 0700 directory such as mktemp -d or /root)",
+            returncode=3,
+        )
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tests.helpers.trees import force_rmtree
 
