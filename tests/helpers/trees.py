@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 
@@ -82,36 +81,25 @@ def make_tree(root: str, spec: dict[str, object]) -> None:
 
 
 def force_rmtree(path: str | bytes) -> None:
-    """Remove `path` whatever its modes and immutable flags say (a generated tree can hold 0555
-    directories and 0000 files, overlay leaves work/work at 0000, stores set +i), as root or as
-    the tree's owner. Nothing outside `path` is touched: symlinks are never followed."""
-    from veloverlay import fsflags
+    """Remove `path` whatever its modes (the product's projection.force_rmtree: 0555 dirs, 0000
+    files, overlay's work/work) and immutable flags (stores under test set +i), as root or as the
+    tree's owner. Symlinks are never followed."""
+    from veloverlay import fsflags, projection
 
-    if not os.path.lexists(path):
+    p = os.fsdecode(path)
+    try:
+        projection.force_rmtree(p)
         return
+    except OSError:
+        pass  # an immutable file or directory in the way (its directories are opened up by now)
 
-    def removable(p: str | bytes, is_dir: bool) -> None:
+    def mutable(q: str) -> None:
         with contextlib.suppress(OSError):
-            if fsflags.is_immutable(p):
-                fsflags.set_immutable(p, False)
-        if is_dir:
-            with contextlib.suppress(OSError):
-                os.chmod(p, 0o700)
+            if not os.path.islink(q) and fsflags.is_immutable(q):
+                fsflags.set_immutable(q, False)
 
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return
-    with contextlib.suppress(OSError):
-        shutil.rmtree(path)  # the common case: nothing in the way
-        return
-    removable(path, True)
-    for dirpath, dirnames, filenames in os.walk(path):  # top-down: a dir is opened up first
-        for name in dirnames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
-                removable(full, True)
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
-                removable(full, False)
-    shutil.rmtree(path)
+    mutable(p)
+    for dirpath, dirnames, filenames in os.walk(p):
+        for name in dirnames + filenames:
+            mutable(os.path.join(dirpath, name))
+    projection.force_rmtree(p)
