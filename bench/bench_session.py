@@ -36,10 +36,12 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
-from veloverlay import probe, projection, session  # noqa: E402
-from veloverlay.cas import Store  # noqa: E402
+from veloverlay import session  # noqa: E402
 from veloverlay.ingest import ingest  # noqa: E402
-from veloverlay.manifest import Manifests  # noqa: E402
+from veloverlay.lower.stacks import ensure_lowers  # noqa: E402
+from veloverlay.session import select  # noqa: E402
+from veloverlay.store.cas import Store  # noqa: E402
+from veloverlay.store.manifest import Manifests  # noqa: E402
 
 
 def make_tree(root: Path, files: int, per_dir: int = 100, size: int | None = None) -> None:
@@ -94,7 +96,7 @@ def timed(argv: list[str], **kw: Any) -> float:
 def lib_cmd(py: str, store: Path, ref: str, at: Path) -> str:
     code = (
         "import sys;"
-        "from veloverlay.cas import Store;"
+        "from veloverlay.store.cas import Store;"
         "from veloverlay.session import run, SessionOptions;"
         f"sys.exit(run(Store({str(store)!r}), SessionOptions(refs=[{ref!r}], at={str(at)!r}),"
         " ['true']).exit_status)"
@@ -145,7 +147,7 @@ def main() -> int:
         args.files, args.repeat = 5_000, 5
     py = sys.executable
     top = Path(tempfile.mkdtemp(prefix="velo-bench-session-", dir=args.base))
-    # The per-boot layer cache (veloverlay/volatile.py) of this run: on tmpfs, removed at the end.
+    # The per-boot layer cache (lower/homes.py) of this run: on tmpfs, removed at the end.
     runtime = tempfile.mkdtemp(prefix="velo-bench-runtime-", dir="/dev/shm")
     os.environ["VELO_RUNTIME_DIR"] = runtime
     # Interpreters start with compiled bytecode as an installed package would (this machine
@@ -171,17 +173,17 @@ def main() -> int:
     results: dict[str, Any] = {"files": args.files, "small": args.small, "fs": args.fs}
     m: Manifests | None = None
     try:
-        caps = probe.detect()
-        privileged = caps.feature("root").ok
-        form = probe.lower_form(privileged)
-        protect = privileged and caps.feature("chattr").ok
-        results.update(form=form, privileged=privileged, protect=protect)
         big_src, small_src = base / "src-big", base / "src-small"
         t0 = time.perf_counter()
         make_tree(big_src, args.files)
         make_tree(small_src, args.small)
         results["generate_s"] = time.perf_counter() - t0
         store = Store.init(base / "store")
+        choice = select.decide(select.capabilities(store), "overlay")
+        choice.raise_error()
+        assert choice.form is not None
+        form, privileged, protect = choice.form, choice.privileged, choice.protect
+        results.update(form=form, privileged=privileged, protect=protect)
         m = Manifests(store)
         t0 = time.perf_counter()
         ingest(store, m, str(big_src), "big")
@@ -197,14 +199,14 @@ def main() -> int:
         os.sync()
         mem0 = kernel_memory()
         t0 = time.perf_counter()
-        lowers = projection.ensure_lowers(store, m, big_root, form=form, protect=protect)
+        lowers = ensure_lowers(store, m, big_root, form=form, protect=protect)
         cold = time.perf_counter() - t0
         ram = kernel_memory() - mem0
         unlock_tree(store.objects)
         os.environ["VELO_RUNTIME_DIR"] = "off"
         os.sync()
         t0 = time.perf_counter()
-        projection.ensure_lowers(store, m, big_root, form=form, protect=protect)
+        ensure_lowers(store, m, big_root, form=form, protect=protect)
         store_kept = time.perf_counter() - t0
         os.environ["VELO_RUNTIME_DIR"] = runtime
         m.close()
@@ -233,7 +235,7 @@ def main() -> int:
             root3 = bytes.fromhex(m.resolve(txn, "large")[1].root)
         os.sync()
         t0 = time.perf_counter()
-        projection.ensure_lowers(store, m, root3, form=form, protect=protect)
+        ensure_lowers(store, m, root3, form=form, protect=protect)
         large_build = time.perf_counter() - t0
         os.sync()
         large_cp = timed(["cp", "-a", str(large_src), str(base / "cp-a-large")])

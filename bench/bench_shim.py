@@ -36,11 +36,11 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
-from veloverlay import shim  # noqa: E402
-from veloverlay.cas import Store  # noqa: E402
 from veloverlay.ingest import ingest  # noqa: E402
-from veloverlay.manifest import Manifests  # noqa: E402
-from veloverlay.materialize import materialize, prepare_target  # noqa: E402
+from veloverlay.session.shim import library as shim  # noqa: E402
+from veloverlay.session.shim.materialize import materialize, prepare_target  # noqa: E402
+from veloverlay.store.cas import Store  # noqa: E402
+from veloverlay.store.manifest import Manifests  # noqa: E402
 
 PY = "/usr/bin/python3"
 

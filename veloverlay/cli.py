@@ -18,11 +18,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import ui
-from .errors import Reason, VeloError
+from veloverlay import ui
+from veloverlay.errors import Reason, VeloError
 
 if TYPE_CHECKING:
-    from .cas import Store
+    from veloverlay.store.cas import Store
 
 _HELP = (
     "Keep file trees in one content-addressed store and project them as live, writable "
@@ -321,14 +321,14 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 
 def _repo(*, create: bool = False):  # type: ignore[no-untyped-def]
-    from .repo import Repo
+    from veloverlay.verbs.repo import Repo
 
     return Repo.open(_state["store"], create=create)  # type: ignore[arg-type]
 
 
 def _store() -> Store:
     """The store alone, for verbs that open its manifests themselves (sessions, the daemon)."""
-    from .cas import Store, default_store_path
+    from veloverlay.store.cas import Store, default_store_path
 
     where = _state["store"]
     return Store.open(where if isinstance(where, str) else default_store_path())
@@ -381,8 +381,8 @@ def ingest(
     as_json: bool,
 ) -> None:
     """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
-    from .ingest import ingest as do_ingest
-    from .tiers import parse_rules
+    from veloverlay.ingest.pipeline import ingest as do_ingest
+    from veloverlay.tiers import parse_rules
 
     _json(as_json)
     repo = _repo(create=True)
@@ -525,7 +525,7 @@ def log(ref: str, limit: int | None, as_json: bool) -> None:
 @_verb(_pos("a"), _pos("b"), _JSON)
 def diff(a: str, b: str, as_json: bool) -> None:
     """Show the path operations that turn version A into version B."""
-    from .repo import op_to_dict
+    from veloverlay.verbs.repo import op_to_dict
 
     ops = _repo().diff(a, b)
     if _json(as_json):
@@ -559,7 +559,7 @@ def rollback(ref: str, n: int) -> None:
 )
 def export_cmd(ref: str, output: str, as_json: bool) -> None:
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
-    from .bundle import export_bundle
+    from veloverlay.store.bundle import export_bundle
 
     repo = _repo()
     if output == "-":
@@ -589,7 +589,7 @@ def export_cmd(ref: str, output: str, as_json: bool) -> None:
 )
 def import_cmd(bundle: str, name: str | None, force: bool, path: str | None, as_json: bool) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
-    from .bundle import import_bundle
+    from veloverlay.store.bundle import import_bundle
 
     repo = _repo(create=True)
     try:
@@ -612,7 +612,7 @@ def import_cmd(bundle: str, name: str | None, force: bool, path: str | None, as_
 @_verb(_opt("--jobs", "-j", type=int), _JSON)
 def fsck(jobs: int | None, as_json: bool) -> None:
     """Re-hash every object against its name and check every manifest reference."""
-    from .verify import fsck as do_fsck
+    from veloverlay.verbs.fsck import fsck as do_fsck
 
     repo = _repo()
     progress = ui.Progress("checking objects")
@@ -652,7 +652,7 @@ def fsck(jobs: int | None, as_json: bool) -> None:
 )
 def gc(keep: int | None, grace: float, dry_run: bool, as_json: bool) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
-    from .gc import gc as do_gc
+    from veloverlay.verbs.gc import gc as do_gc
 
     repo = _repo()
     rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run)
@@ -670,27 +670,32 @@ def gc(keep: int | None, grace: float, dry_run: bool, as_json: bool) -> None:
 @_verb(_JSON)
 def doctor(as_json: bool) -> None:
     """Probe the kernel facilities by trying them, and say which backend would be used and why."""
-    from . import probe
-    from .cas import default_store_path
+    from veloverlay import probe
+    from veloverlay.store.cas import default_store_path
 
     caps = probe.detect()
     store_path = _state["store"] or os.fspath(default_store_path())
     store_fs = probe.store_fs_check(str(store_path))
     report = caps.to_dict()
     report["store"] = {"path": store_path, "ok": store_fs.ok, "reason": store_fs.reason}
-    privileged = caps.feature("root").ok
-    try:
-        form = probe.lower_form(privileged)
-    except VeloError as exc:
-        form = f"unavailable ({exc.message})"
-    overlay_ok = caps.feature("overlay_root" if privileged else "overlay_userns")
-    backend = "overlay" if overlay_ok.ok else "shim"
+    from veloverlay.session import select
+
+    # The decision sessions make (session/select.py), over this probe and the store's filesystem.
+    feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
+    where = str(store_path)
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)  # a store not made yet: the filesystem it would be on
+    xattrs = probe.user_xattrs(where)
+    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
+    choice = select.decide(select.Caps(feats))
+    backend = choice.backend
+    form = choice.form or (f"unavailable ({choice.error})" if choice.error else "-")
     protection = (
         "prevented (store read-only in sessions, chattr +i on objects)"
-        if privileged and caps.feature("chattr").ok
+        if choice.protect
         else "prevented in sessions (read-only store); detected outside (fsck)"
     )
-    from . import shim as shimlib
+    from veloverlay.session.shim import library as shimlib
 
     shim_info: dict[str, object]
     try:
@@ -698,9 +703,9 @@ def doctor(as_json: bool) -> None:
     except VeloError as exc:
         shim_info = {"ok": False, "reason": exc.message}
     report["shim"] = shim_info
-    from . import volatile
+    from veloverlay.lower import homes
 
-    cache, why_not = volatile.base()
+    cache, why_not = homes.base()
     if cache is not None:
         xattrs = probe.user_xattrs(cache)
         cache_ok, cache_why = xattrs.ok, xattrs.reason
@@ -709,7 +714,7 @@ def doctor(as_json: bool) -> None:
     report["layer_cache"] = {"path": cache, "ok": cache_ok, "reason": cache_why}
     report["chosen"] = {
         "backend": backend,
-        "backend_reason": overlay_ok.reason,
+        "backend_reason": choice.backend_reason,
         "lower_form": form,
         "protection": protection,
     }
@@ -725,7 +730,7 @@ def doctor(as_json: bool) -> None:
             ("FEATURE", "OK", "REASON"),
         )
         print(f"store: {store_path}: {'ok' if store_fs.ok else 'REFUSED'} ({store_fs.reason})")
-        print(f"backend: {backend} ({overlay_ok.reason})")
+        print(f"backend: {backend} ({choice.backend_reason})")
         print(f"lower form: {form}")
         print(
             "data-only layers: "
@@ -751,7 +756,7 @@ def doctor(as_json: bool) -> None:
 @_verb(_JSON)
 def status(as_json: bool) -> None:
     """Summarise the store: refs, objects, sessions that still need a harvest."""
-    from .session import list_sessions
+    from veloverlay.session.core import list_sessions
 
     repo = _repo()
     items = repo.refs()
@@ -804,8 +809,8 @@ def tiers_explain(path: str, ref: str | None, as_json: bool) -> None:
 
 
 def _explain_default(path: str):  # type: ignore[no-untyped-def]
-    from . import paths
-    from .tiers import Rules
+    from veloverlay import paths
+    from veloverlay.tiers import Rules
 
     rules = Rules.default()
     tier, rule = rules.explain(paths.parse_user_path(path))
@@ -828,7 +833,7 @@ def _session_options(  # type: ignore[no-untyped-def]
     refs: list[str], *, no_commit: bool, backend: str, net: str, **options: Any
 ):
     """SessionOptions from a `run`/`enter` command line (its option names are the fields')."""
-    from .session import SessionOptions
+    from veloverlay.session.core import SessionOptions
 
     if backend not in ("auto", "overlay", "shim"):
         raise VeloError("--backend is auto, overlay or shim", reason=Reason.USAGE)
@@ -876,7 +881,7 @@ def _render_session(res, as_json: bool) -> None:  # type: ignore[no-untyped-def]
 )
 def run(refs: list[str], as_json: bool, **options: Any) -> int:
     """Run a command in a projection of REF (several REFs stack, the last on top)."""
-    from .session import run as do_run
+    from veloverlay.session.core import run as do_run
 
     _json(as_json)
     if not _COMMAND:
@@ -903,7 +908,7 @@ def run(refs: list[str], as_json: bool, **options: Any) -> int:
 )
 def enter(refs: list[str], **options: Any) -> int:
     """Open an interactive shell in a projection of REF; changes are committed when it exits."""
-    from .session import enter as do_enter
+    from veloverlay.session.core import enter as do_enter
 
     res = do_enter(_store(), _session_options(refs, **options))
     _render_session(res, False)
@@ -915,7 +920,7 @@ def sessions(clean: bool, as_json: bool) -> None:
     """List sessions (running, unharvested after a crash, finished)."""
     import time
 
-    from .session import clean_sessions, list_sessions
+    from veloverlay.session.core import clean_sessions, list_sessions
 
     repo = _repo()
     if clean:
@@ -941,7 +946,7 @@ def sessions(clean: bool, as_json: bool) -> None:
 )
 def harvest(resume: str | None, all_: bool, as_json: bool) -> None:
     """Harvest sessions whose manager died (after a crash or kill)."""
-    from .session import harvest_resume
+    from veloverlay.session.core import harvest_resume
 
     if (resume is None) == (not all_):
         raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
@@ -957,7 +962,7 @@ def harvest(resume: str | None, all_: bool, as_json: bool) -> None:
 @_verb(_pos("session", help="The shim session whose journal to commit"))
 def daemon(session: str) -> int:
     """Run a shim session's daemon in the foreground (sessions start their own)."""
-    from .daemon import main as daemon_main
+    from veloverlay.session.shim.daemon import main as daemon_main
 
     return daemon_main(_store().root, session)
 

@@ -21,7 +21,7 @@ import stat
 from veloverlay import _libc
 from veloverlay.errors import Reason, SysError, VeloError
 
-__all__ = ["LinkMode", "clone_or_copy", "hardlink_or_copy"]
+__all__ = ["LinkMode", "clone_or_copy", "copy_bytes", "hardlink_or_copy"]
 
 StrPath = str | os.PathLike[str]
 
@@ -49,7 +49,7 @@ class LinkMode(enum.Enum):
     """A symbolic link to the source path; reads resolve to the source."""
 
 
-def _copy_bytes(src_fd: int, dst_fd: int) -> None:
+def copy_bytes(src_fd: int, dst_fd: int) -> None:
     """Copy from the current offsets to EOF, by the best call the kernel accepts here."""
     try:
         while os.copy_file_range(src_fd, dst_fd, _CHUNK):
@@ -133,7 +133,7 @@ def _fill(src_fd: int, dst_fd: int, src: StrPath, dst: StrPath, *, allow_copy: b
             reason=Reason.FALLBACK_FORBIDDEN,
             path=os.fspath(dst),
         )
-    _copy_bytes(src_fd, dst_fd)
+    copy_bytes(src_fd, dst_fd)
     return LinkMode.COPY
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "tty_foreground",
     "reclaim_terminal",
     "reap_until",
+    "wait_child",
     "shell_status",
 ]
 
@@ -156,7 +157,8 @@ def read_until_exit(rfd: int, pid: int) -> bytes:
     return b"".join(chunks)
 
 
-def _wait(pid: int) -> int:
+def wait_child(pid: int) -> int:
+    """waitpid(pid, 0), retried on EINTR: the raw wait status."""
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -200,7 +202,7 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         data = read_until_exit(rfd, pid)
     finally:
         os.close(rfd)
-        status = _wait(pid)
+        status = wait_child(pid)
     kind: str = ""
     value: Any = None
     if data:
@@ -283,11 +285,11 @@ def _unshare_with_helper(flags: int, uid_map: str, gid_map: str) -> None:
         _libc.unshare(flags)
     except BaseException:
         os.close(go_w)  # the helper reads EOF and exits
-        _wait(helper)
+        wait_child(helper)
         raise
     os.write(go_w, b"1")
     os.close(go_w)
-    status = _wait(helper)
+    status = wait_child(helper)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         err = code if code > 0 else errno.EIO

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import Reason, VeloError
+from veloverlay.errors import Reason, VeloError
 
 __all__ = ["NAME_MAX", "check_name", "split", "join", "parse_user_path", "display"]
 

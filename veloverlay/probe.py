@@ -32,8 +32,6 @@ __all__ = [
     "Capabilities",
     "detect",
     "store_fs_check",
-    "lower_form",
-    "LOWER_FORMS",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ FEATURES = (
     "userns_unrestricted",
     "fuse",
 )
-LOWER_FORMS = ("data-only", "links")
 
 # The uid/gid a root caller drops to for the unprivileged probes.
 _NOBODY = 65534
@@ -518,30 +515,3 @@ def user_xattrs(path: str | os.PathLike[str]) -> Feature:
     finally:
         os.close(fd)
         os.unlink(name)
-
-
-def lower_form(privileged: bool) -> str:
-    """The lower-layer form sessions should use: "data-only" or "links".
-
-    VELO_FORCE_LOWER wins (and raises when the forced form is unavailable); otherwise data-only
-    where the probe could mount it for this privilege level, else links.
-    """
-    caps = detect()
-    suffix = "root" if privileged else "userns"
-    data_only = caps.feature("data_only_" + suffix)
-    links = caps.feature("overlay_" + suffix)
-    forced = os.environ.get("VELO_FORCE_LOWER", "").strip()
-    if forced:
-        if forced not in LOWER_FORMS:
-            raise VeloError(
-                f"VELO_FORCE_LOWER={forced!r} is not one of {', '.join(LOWER_FORMS)}",
-                reason=Reason.USAGE,
-            )
-        needed = data_only if forced == "data-only" else links
-        if not needed.ok:
-            raise VeloError(
-                f"VELO_FORCE_LOWER={forced} but that lower form is unavailable: {needed.reason}",
-                reason=Reason.OVERLAY_UNSUPPORTED,
-            )
-        return forced
-    return "data-only" if data_only.ok else "links"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .errors import Reason, VeloError
-from .records import Record
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
 
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 

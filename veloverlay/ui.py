@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .errors import SysError, VeloError
+from veloverlay.errors import SysError, VeloError
 
 __all__ = ["emit_json", "error", "warn", "table", "Progress", "human_bytes"]
 

@@ -21,8 +21,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
-from .errors import Reason, VeloError
-from .ns import die_with_parent
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ns import die_with_parent
 
 __all__ = ["Workers", "default_jobs"]
 

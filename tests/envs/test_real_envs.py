@@ -22,11 +22,11 @@ from tests.conftest import must_work
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params
 from veloverlay import session
-from veloverlay.cas import Store
-from veloverlay.checkout import checkout
 from veloverlay.ingest import ingest
-from veloverlay.manifest import Manifests
-from veloverlay.verify import fsck
+from veloverlay.store.cas import Store
+from veloverlay.store.checkout import checkout
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
 
 PY = "/usr/bin/python3"  # world-readable, so the unprivileged uid can run the venv too
 PACKAGES = ["six", "idna", "markupsafe"]  # markupsafe ships a compiled extension (_speedups)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.trees import force_rmtree
-from veloverlay.repo import Repo
+from veloverlay.verbs.repo import Repo
 
 
 def _shm_dir(prefix: str) -> str:
@@ -31,7 +31,7 @@ def repo(shm_tmp: str, request: pytest.FixtureRequest) -> Iterator[Repo]:
     r = Repo.open(os.path.join(shm_tmp, "store"), create=True)
     yield r
     if request.node.get_closest_marker("corrupts_store") is None:
-        from veloverlay.verify import fsck
+        from veloverlay.verbs.fsck import fsck
 
         report = fsck(r.store, r.m, jobs=1)
         assert report.ok, f"fsck after the test: {report.findings[:5]}"

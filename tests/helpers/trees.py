@@ -81,14 +81,14 @@ def make_tree(root: str, spec: dict[str, object]) -> None:
 
 
 def force_rmtree(path: str | bytes) -> None:
-    """Remove `path` whatever its modes (the product's projection.force_rmtree: 0555 dirs, 0000
+    """Remove `path` whatever its modes (the product's files.force_rmtree: 0555 dirs, 0000
     files, overlay's work/work) and immutable flags (stores under test set +i), as root or as the
     tree's owner. Symlinks are never followed."""
-    from veloverlay import fsflags, projection
+    from veloverlay import files, fsflags
 
     p = os.fsdecode(path)
     try:
-        projection.force_rmtree(p)
+        files.force_rmtree(p)
         return
     except OSError:
         pass  # an immutable file or directory in the way (its directories are opened up by now)
@@ -102,4 +102,4 @@ def force_rmtree(path: str | bytes) -> None:
     for dirpath, dirnames, filenames in os.walk(p):
         for name in dirnames + filenames:
             mutable(os.path.join(dirpath, name))
-    projection.force_rmtree(p)
+    files.force_rmtree(p)

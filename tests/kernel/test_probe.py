@@ -16,7 +16,8 @@ import pytest
 from tests.helpers.unpriv import mount_lines
 from veloverlay import _libc, probe
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.probe import Capabilities, Feature
+from veloverlay.probe import Capabilities
+from veloverlay.session import select
 
 EXPECTED = {
     "root",
@@ -115,10 +116,11 @@ def test_to_dict_is_json(fresh: Capabilities) -> None:
     }
 
 
-# --- lower_form -------------------------------------------------------------------------------
-def _caps(**ok: bool) -> Capabilities:
-    features = {name: Feature(ok.get(name, True), f"synthetic {name}") for name in EXPECTED}
-    return Capabilities(kernel="test", features=features)
+# --- the lower form (session/select.py: the one rule, over the probe's answers) --------------
+def _caps(**ok: bool) -> select.Caps:
+    return select.Caps(
+        {n: (ok.get(n, True), f"synthetic {n}") for n in [*EXPECTED, "store_xattrs"]}
+    )
 
 
 @pytest.fixture
@@ -128,38 +130,55 @@ def synthetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 
 def test_lower_form_prefers_data_only(synthetic: pytest.MonkeyPatch) -> None:
-    synthetic.setattr(probe, "_cache", _caps())
-    assert probe.lower_form(privileged=True) == "data-only"
-    synthetic.setattr(probe, "_cache", _caps(data_only_userns=False))
-    assert probe.lower_form(privileged=False) == "links"
-    assert probe.lower_form(privileged=True) == "data-only"
+    assert select.choose_form(_caps(), privileged=True) == ("data-only", False)
+    caps = _caps(data_only_userns=False)
+    assert select.choose_form(caps, privileged=False) == ("links", False)
+    assert select.choose_form(caps, privileged=True) == ("data-only", False)
 
 
 @pytest.mark.parametrize("form", ["links", "data-only"])
 def test_force_lower_wins(synthetic: pytest.MonkeyPatch, form: str) -> None:
-    synthetic.setattr(probe, "_cache", _caps())
     synthetic.setenv("VELO_FORCE_LOWER", form)
-    assert probe.lower_form(privileged=False) == form
-    assert probe.lower_form(privileged=True) == form
+    assert select.choose_form(_caps(), privileged=False) == (form, True)
+    assert select.choose_form(_caps(), privileged=True) == (form, True)
 
 
 def test_forcing_an_unavailable_form_raises(synthetic: pytest.MonkeyPatch) -> None:
-    synthetic.setattr(probe, "_cache", _caps(data_only_root=False))
     synthetic.setenv("VELO_FORCE_LOWER", "data-only")
     with pytest.raises(VeloError) as info:
-        probe.lower_form(privileged=True)
+        select.choose_form(_caps(data_only_root=False), privileged=True)
     assert info.value.reason is Reason.OVERLAY_UNSUPPORTED
     assert "synthetic data_only_root" in info.value.message
     synthetic.setenv("VELO_FORCE_LOWER", "hardlinks")
     with pytest.raises(VeloError) as usage:
-        probe.lower_form(privileged=False)
+        select.choose_form(_caps(), privileged=False)
     assert usage.value.reason is Reason.USAGE
+
+
+def test_backend_rule(synthetic: pytest.MonkeyPatch) -> None:
+    """Overlay where it mounts for this privilege and the store holds user xattrs, else the shim;
+    asking for overlay where it cannot work is an error with its reason, not a silent shim."""
+    assert select.decide(_caps()).backend == "overlay"
+    no_xattrs = _caps(store_xattrs=False)
+    assert select.decide(no_xattrs).backend == "shim"
+    assert "synthetic store_xattrs" in select.decide(no_xattrs).backend_reason
+    asked = select.decide(no_xattrs, "overlay")
+    assert asked.backend == "overlay" and asked.error_reason == Reason.BACKEND_UNAVAILABLE.value
+    with pytest.raises(VeloError) as info:
+        asked.raise_error()
+    assert info.value.reason is Reason.BACKEND_UNAVAILABLE
+    unpriv = _caps(root=False, overlay_userns=False)
+    assert select.decide(unpriv).backend == "shim"
+    assert select.decide(_caps(root=False)).privileged is False
+    assert select.decide(_caps(), "shim").backend == "shim"
 
 
 def test_lower_form_on_this_host(synthetic: pytest.MonkeyPatch) -> None:
     caps = probe.detect()
     want = "data-only" if caps.feature("data_only_userns").ok else "links"
-    assert probe.lower_form(privileged=False) == want
+    feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
+    if caps.feature("overlay_userns").ok:
+        assert select.choose_form(select.Caps(feats), privileged=False)[0] == want
 
 
 # --- store filesystem -------------------------------------------------------------------------

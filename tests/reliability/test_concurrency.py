@@ -17,8 +17,8 @@ import pytest
 
 from tests.session._util import new_store
 from veloverlay import paths
-from veloverlay.manifest import Manifests
-from veloverlay.verify import fsck
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
 
 FULL = os.environ.get("VELO_TEST_FULL") == "1"
 ROUNDS = 8 if FULL else 2

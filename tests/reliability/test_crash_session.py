@@ -22,8 +22,8 @@ import pytest
 from tests.helpers.unpriv import mount_lines
 from tests.reliability import report
 from tests.session._util import new_store
-from veloverlay.manifest import Manifests
-from veloverlay.verify import fsck
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
 
 SEED = int(os.environ.get("VELO_CRASH_SEED", "20261124"))
 FULL = os.environ.get("VELO_TEST_FULL") == "1"
@@ -54,7 +54,7 @@ def _velo(store: str, *args: str, fault: str | None = None) -> subprocess.Comple
 
 
 def _contents(store_root: str, ref: str) -> dict[str, str]:
-    from veloverlay.cas import Store
+    from veloverlay.store.cas import Store
 
     store = Store(store_root)
     m = Manifests(store)

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import report
-from veloverlay.repo import Repo
-from veloverlay.verify import fsck
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.repo import Repo
 
 SEED = int(os.environ.get("VELO_CRASH_SEED", "20261124"))
 FULL = os.environ.get("VELO_TEST_FULL") == "1"

@@ -12,11 +12,11 @@ import pytest
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store
 from veloverlay import session
-from veloverlay.cas import Store
-from veloverlay.gc import gc
-from veloverlay.manifest import Manifests
-from veloverlay.projection import layer_homes
-from veloverlay.verify import fsck
+from veloverlay.lower.homes import layer_homes
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.gc import gc
 
 
 def _count(path: str) -> int:

@@ -11,10 +11,10 @@ import pytest
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params
 from veloverlay import session
-from veloverlay.cas import Store
-from veloverlay.checkout import checkout
 from veloverlay.ingest import ingest
-from veloverlay.manifest import Manifests
+from veloverlay.store.cas import Store
+from veloverlay.store.checkout import checkout
+from veloverlay.store.manifest import Manifests
 
 DIRS = 600
 LIMIT = 256

@@ -14,7 +14,7 @@ from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_params, new_store
 from veloverlay import session
 from veloverlay.ingest import ingest
-from veloverlay.manifest import Manifests
+from veloverlay.store.manifest import Manifests
 
 PROBE = r"""
 import json, os, sys

@@ -19,11 +19,11 @@ import pytest
 from tests.helpers.trees import Item
 from tests.helpers.unpriv import run_unprivileged
 from veloverlay import ns, session
-from veloverlay.cas import Store
-from veloverlay.checkout import checkout
 from veloverlay.ingest import ingest
-from veloverlay.manifest import Manifests
-from veloverlay.verify import fsck
+from veloverlay.store.cas import Store
+from veloverlay.store.checkout import checkout
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The per-boot layer cache (veloverlay/volatile.py): data-only metadata layers on tmpfs.
+"""The per-boot layer cache (veloverlay/lower/homes.py): data-only metadata layers on tmpfs.
 
 Where the layers go and how they name objects, the store fallback (VELO_RUNTIME_DIR=off, an
 unsafe directory, a cache that fills up mid-build), eviction by gc, the removal of layers of
@@ -24,9 +24,10 @@ from tests.session._util import (
     new_store,
     run_session,
 )
-from veloverlay import mount, projection, volatile
-from veloverlay.cas import Store
-from veloverlay.manifest import Manifests
+from veloverlay import mount
+from veloverlay.lower import homes, layers, stacks
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
 
 # root and root-free, each where this host can mount data-only lowers for that identity
 BOTH = [
@@ -35,11 +36,11 @@ BOTH = [
 ]
 
 
-def _lowers(store: Store, *, protect: bool = False) -> projection.Lowers:
+def _lowers(store: Store, *, protect: bool = False) -> stacks.Lowers:
     root = head_root(store, "t")
     m = Manifests(store)
     try:
-        return projection.ensure_lowers(store, m, root, form="data-only", protect=protect)
+        return stacks.ensure_lowers(store, m, root, form="data-only", protect=protect)
     finally:
         m.close()
 
@@ -140,8 +141,8 @@ def _unsafe(base: str, how: str) -> dict[str, object]:
     elif how == "file":
         open(mine, "w").close()
     store, _src = new_store(base)
-    home = volatile.home(store.root)
-    why = volatile.why_not()
+    home = homes.boot_dir(store.root)
+    why = homes.why_not()
     low = _lowers(store)
     return {
         "home": home,
@@ -175,7 +176,7 @@ def _fills_up(base: str) -> dict[str, object]:
         for i in range(60):
             with open(os.path.join(src, "d", f"n{i}"), "w") as f:
                 f.write(f"file {i}\n")
-        from veloverlay.ingest import ingest
+        from veloverlay.ingest.pipeline import ingest
 
         m = Manifests(store)
         try:
@@ -210,7 +211,7 @@ def test_full_cache_falls_back_to_the_store() -> None:
 
 
 def _gc_and_orphans(base: str) -> dict[str, object]:
-    from veloverlay import gc
+    from veloverlay.verbs import gc
 
     store, _src = new_store(base)
     low = _lowers(store)
@@ -258,7 +259,7 @@ def _after_reboot(base: str) -> dict[str, object]:
     store, _src = new_store(base)
     proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
     run_session(store, ["t"], ["true"], at=proj)
-    home = projection.layer_homes(store)[0]
+    home = homes.layer_homes(store)[0]
     first = sorted(os.listdir(home / "stacks"))
     shutil.rmtree(home)  # what a reboot does to a tmpfs
     second = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f3 > {out}"], at=proj)
@@ -284,7 +285,7 @@ def test_sessions_rebuild_after_the_cache_vanished(mode: str) -> None:
 
 
 def _parallel(base: str, fault: bool) -> dict[str, object]:
-    projection.PARALLEL_MIN_ENTRIES = 1  # the base tree is small: fill it with workers anyway
+    layers.PARALLEL_MIN_ENTRIES = 1  # the base tree is small: fill it with workers anyway
     os.environ["VELO_JOBS"] = "3"
     store, src = new_store(base)
     proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
@@ -302,7 +303,7 @@ def _parallel(base: str, fault: bool) -> dict[str, object]:
             error = str(exc)
         del os.environ["VELO_INTERNAL__TEST_FAULT"]
         reload(faults)
-    home = projection.layer_homes(store)[0]
+    home = homes.layer_homes(store)[0]
     leftovers = os.listdir(home / "tmp") if (home / "tmp").exists() else []
     stacks = os.listdir(home / "stacks") if (home / "stacks").exists() else []
     low = _lowers(store)
@@ -363,12 +364,12 @@ def test_parallel_fill(mode: str, fault: bool) -> None:
 
 
 def _too_big(base: str) -> dict[str, object]:
-    projection._MEMORY_SHARE = 1e-12  # any layer is "too big" for this machine's memory
+    homes._MEMORY_SHARE = 1e-12  # any layer is "too big" for this machine's memory
     store, _src = new_store(base)
     low = _lowers(store)
     proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
     res = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 > {out}"], at=proj)
-    home = projection.layer_homes(store)[0]
+    home = homes.layer_homes(store)[0]
     return {
         "home": low.home,
         "trees": os.fspath(store.trees),

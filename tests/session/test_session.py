@@ -22,10 +22,11 @@ from tests.session._util import (
     new_store,
     run_session,
 )
-from veloverlay import fsflags, projection, session
+from veloverlay import fsflags, session
 from veloverlay.errors import Reason, VeloError
-from veloverlay.manifest import Manifests
-from veloverlay.tree import Kind
+from veloverlay.lower import homes, layers, prune, stacks
+from veloverlay.store.manifest import Manifests
+from veloverlay.store.tree import Kind
 
 BOTH = mode_params("root", "rootfree")
 
@@ -82,7 +83,7 @@ def _readonly(base: str) -> dict[str, object]:
     watched = {
         "objects": os.fspath(store.objects),
         "layers": os.fspath(store.trees / "layers"),
-        "per-boot layers": os.fspath(projection.layer_homes(store)[0] / "layers"),
+        "per-boot layers": os.fspath(homes.layer_homes(store)[0] / "layers"),
         "ids": os.fspath(store.root / "ids-v1"),
         "proxies": os.fspath(store.trees / "proxies"),
     }
@@ -232,7 +233,7 @@ def test_concurrent_sessions_same_file_conflict_keeps_both(mode: str) -> None:
 
 
 def _delta_layers(base: str, flatten_after: int) -> dict[str, object]:
-    projection.FLATTEN_AFTER = flatten_after
+    stacks.FLATTEN_AFTER = flatten_after
     store, _src = new_store(base)
     proj = os.path.join(base, "proj")
     out = os.path.join(base, "out")
@@ -247,8 +248,8 @@ def _delta_layers(base: str, flatten_after: int) -> dict[str, object]:
     for script in scripts:
         root = head_root(store, "t")
         run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
-        for form in projection.FORMS:
-            for home in projection.layer_homes(store):
+        for form in layers.FORMS:
+            for home in homes.layer_homes(store):
                 p = home / "stacks" / f"{form}-{root.hex()}.json"
                 if p.exists():
                     data = json.loads(p.read_text())
@@ -294,7 +295,7 @@ def _stacked(base: str, **kw: Any) -> dict[str, object]:
         f.write("top version\n")
     with open(os.path.join(top_src, "only-top"), "w") as f:
         f.write("t\n")
-    from veloverlay.ingest import ingest
+    from veloverlay.ingest.pipeline import ingest
 
     m = Manifests(store)
     try:
@@ -459,7 +460,8 @@ def _store_without_xattrs(base: str) -> dict[str, object]:
     try:
         store, _src = new_store(ram)
         out: dict[str, object] = {}
-        out["auto"] = session.choose_backend(store, session.SessionOptions(refs=["t"]))
+        choice = session.choose_backend(store, session.SessionOptions(refs=["t"]))
+        out["auto"] = (choice.backend, choice.backend_reason)
         try:
             run_session(store, ["t"], ["true"], at=os.path.join(base, "p"), backend="overlay")
             out["overlay"] = "ok"
@@ -543,8 +545,8 @@ def _id_clash_and_prune(base: str) -> dict[str, object]:
     run_session(store, ["t"], ["sh", "-c", f"printf x > {proj}/new"], at=proj)
     run_session(store, ["t"], ["true"], at=proj)
     before = len(os.listdir(store.trees / "layers"))
-    kept = projection.prune(store, {head_root(store, "t")})
-    removed = projection.prune(store, set())
+    kept = prune.prune(store, {head_root(store, "t")})
+    removed = prune.prune(store, set())
     after = len(os.listdir(store.trees / "layers"))
     run_session(store, ["t"], ["sh", "-c", f"cat {proj}/new >> {out}"], at=proj)
     with open(out) as f:

@@ -7,10 +7,10 @@ import json
 import os
 from typing import Any
 
-from veloverlay import shim_backend
-from veloverlay.cas import Store
-from veloverlay.projection import PROXY_MTIME_NS
+from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.session import SessionOptions, SessionResult
+from veloverlay.session.shim import backend as shim_backend
+from veloverlay.store.cas import Store
 
 # A PATH every uid can search (root's pyenv shims under /root are not reachable for others).
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from veloverlay import shim
 from veloverlay.errors import VeloError
+from veloverlay.session.shim import library as shim
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from veloverlay import shim
-from veloverlay.shim import Phase, Record, RecType
+from veloverlay.session.shim import library as shim
+from veloverlay.session.shim.library import Phase, Record, RecType
 
 
 class Lab:
@@ -348,17 +348,17 @@ def test_a_path_too_long_for_a_record_is_cut_and_flagged(lab: Lab) -> None:
     assert opens and all(r.flags & shim.F_TRUNC1 for r in opens)
     assert all(len(r.path1) + 56 <= shim.REC_MAX for r in recs)
     # the daemon then re-scans the deepest directory the cut path still names, whole
-    from veloverlay import daemon
+    from veloverlay.session.shim import treesync
 
     class Top:
         top = os.fsencode(lab.proj)
 
         def rel(self, p: bytes) -> bytes | None:
-            return daemon.TreeSync.rel(self, p)  # type: ignore[arg-type]
+            return treesync.TreeSync.rel(self, p)  # type: ignore[arg-type]
 
     dirty: dict[bytes, int] = {}
-    daemon.dirty_paths(opens, Top(), dirty)  # type: ignore[arg-type]
-    assert dirty and all(f & daemon.SUBTREE for f in dirty.values())
+    treesync.dirty_paths(opens, Top(), dirty)  # type: ignore[arg-type]
+    assert dirty and all(f & treesync.SUBTREE for f in dirty.values())
     assert all(os.fsencode(rel).startswith(p) for p in dirty)
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import fsck_ok, new_store
 from tests.shim._util import run_shim
-from veloverlay.cas import Store
-from veloverlay.manifest import Manifests
-from veloverlay.repo import Repo
-from veloverlay.tree import Entry, Kind, Op, OpKind
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
+from veloverlay.store.tree import Entry, Kind, Op, OpKind
+from veloverlay.verbs.repo import Repo
 
 
 def _cat(store: Store, spec: str, path: str) -> bytes:

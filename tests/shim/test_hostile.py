@@ -13,8 +13,8 @@ import pytest
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, fsck_ok, new_store
 from tests.shim._util import run_shim
-from veloverlay.cas import Store
-from veloverlay.materialize import verify_proxies
+from veloverlay.session.shim.materialize import verify_proxies
+from veloverlay.store.cas import Store
 
 
 def _objects(store: Store) -> dict[str, str]:

@@ -20,10 +20,13 @@ from tests.helpers.timing import bound
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, unpriv_tmpdir
 from tests.session._util import checkout_ref, fsck_ok, new_store
 from tests.shim._util import run_shim
-from veloverlay import shim_backend, shim_procs
-from veloverlay.cas import Store
+from veloverlay import ns
 from veloverlay.errors import Reason, VeloError
-from veloverlay.repo import Repo
+from veloverlay.session import state as session_state
+from veloverlay.session.shim import backend as shim_backend
+from veloverlay.session.state import State
+from veloverlay.store.cas import Store
+from veloverlay.verbs.repo import Repo
 
 
 def _wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -243,7 +246,7 @@ def test_manager_killed_then_resume() -> None:
         Path(go).touch()
         reaper_json = store.sessions / st["id"] / "reaper.json"
         _wait_for(reaper_json.exists, 10, "the command to end")
-        _wait_for(lambda: shim_procs.proc_start(int(st["child"])) is None, 10, "the reaper")
+        _wait_for(lambda: ns.proc_start(int(st["child"])) is None, 10, "the reaper")
         res = shim_backend.resume(store, st["id"])
         assert res.commit and res.exit_status == 0
         got = os.path.join(base, "got")
@@ -258,15 +261,15 @@ def test_manager_killed_then_resume() -> None:
 
 def _manager_dies_before_go(store: Store, proj: str, marker: str, side: str) -> None:
     """A manager SIGKILLed right after forking the reaper, before state.json names it."""
-    real_save = shim_procs._save_state
+    real_save = session_state.save
 
-    def save(store_: Store, st: dict[str, Any]) -> None:
-        if st.get("child"):
-            Path(side).write_text(str(st["child"]))
+    def save(store_: Store, st: State) -> None:
+        if st.child:
+            Path(side).write_text(str(st.child))
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(store_, st)
 
-    shim_procs._save_state = save  # type: ignore[assignment]
+    session_state.save = save  # type: ignore[assignment]
     run_shim(store, "t", ["sh", "-c", f"touch {marker}"], link=False, at=proj)
 
 
@@ -281,7 +284,7 @@ def test_manager_killed_before_recording_the_command_runs_nothing() -> None:
         _, status = os.waitpid(manager, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         reaper = int(Path(side).read_text())
-        _wait_for(lambda: shim_procs.proc_start(reaper) is None, 10, "the reaper to exit")
+        _wait_for(lambda: ns.proc_start(reaper) is None, 10, "the reaper to exit")
         assert not os.path.exists(marker)
         st = json.loads(next(store.sessions.glob("*/state.json")).read_text())
         assert st["child"] == 0  # what resume sees: no command to wait for
@@ -293,6 +296,6 @@ def test_manager_killed_before_recording_the_command_runs_nothing() -> None:
 
 def test_checkin_frame_layout() -> None:
     """The daemon reads what the C shim sends (journal.c struct velo_checkin_frame)."""
-    from veloverlay import daemon
+    from veloverlay.session.shim import daemon
 
     assert daemon._CHECKIN.size == struct.calcsize("<IIiiII") == 24

@@ -11,11 +11,10 @@ import pytest
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import new_store
 from tests.shim._util import run_shim
-from veloverlay import shim
-from veloverlay.cas import Store
 from veloverlay.errors import Reason, VeloError
-from veloverlay.manifest import Manifests
-from veloverlay.materialize import (
+from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.session.shim import library as shim
+from veloverlay.session.shim.materialize import (
     Baseline,
     materialize,
     prepare_target,
@@ -23,7 +22,8 @@ from veloverlay.materialize import (
     prune_proxies,
     verify_proxies,
 )
-from veloverlay.projection import PROXY_MTIME_NS
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
 
 
 def _materialize(store: Store, target: str, *, link: bool):  # type: ignore[no-untyped-def]

@@ -10,9 +10,9 @@ from pathlib import Path
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import checkout_ref, fsck_ok
 from tests.shim._util import run_shim
-from veloverlay.cas import Store
 from veloverlay.ingest import ingest
-from veloverlay.manifest import Manifests
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
 
 FILES, READERS, WRITERS, LINES = 5000, 100, 10, 50
 TIMEOUT = 120.0

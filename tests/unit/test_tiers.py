@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from veloverlay import cli
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
-from veloverlay.repo import Repo
 from veloverlay.tiers import DEFAULT_RULES, Rule, Rules, parse_rules
+from veloverlay.verbs.repo import Repo
 
 
 def tier(glob: str, path: bytes) -> int | None:

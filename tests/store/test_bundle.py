@@ -1,0 +1,468 @@
+""".velo bundles: export/import round trip, and malformed or malicious bundles.
+
+Every bad bundle must fail with BUNDLE_INVALID and leave the target store exactly as it was
+(refs, commits, nodes, objects, tmp/) with nothing written outside it. Hand-built bundles carry a
+correct node digest and trailer checksum, so that the check under test is the one that rejects.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers.trees import assert_same_tree, make_tree, snapshot
+from tests.store.test_tree import _raw_node
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import ingest
+from veloverlay.store import tree
+from veloverlay.store.bundle import MAGIC, export_bundle, import_bundle
+from veloverlay.store.digest import hash_bytes, node_digest
+from veloverlay.store.tree import Entry, Kind
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.repo import Repo
+
+META, NODE, OBJECT, END = 1, 2, 3, 0
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def dst(shm_tmp: str) -> Iterator[Repo]:
+    """A second, empty store to import into; fsck must pass at the end."""
+    r = Repo.open(os.path.join(shm_tmp, "dst"), create=True)
+    yield r
+    report = fsck(r.store, r.m, jobs=1)
+    assert report.ok, report.findings
+    r.close()
+
+
+@pytest.fixture
+def exported(repo: Repo, shm_tmp: str) -> tuple[bytes, str, str]:
+    """(bundle bytes, root hex, source dir) of a small tree with odd names."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(
+        src,
+        {
+            "a.txt": b"alpha",
+            "d/b.bin": os.urandom(70_000),
+            "d/e/c": b"",
+            "empty": None,
+            "same1": b"dup",
+            "same2": b"dup",
+            "abs": ("link", "/etc/passwd"),
+            "up": ("link", "../../x"),
+        },
+    )
+    os.mkdir(os.fsencode(src) + b"/odd \xff\n-x")
+    res = ingest(repo.store, repo.m, src, "tree", jobs=1)
+    buf = io.BytesIO()
+    export_bundle(repo.store, repo.m, "tree", buf)
+    return buf.getvalue(), res.root, src
+
+
+def state(r: Repo) -> tuple[Any, ...]:
+    """What an import may change: refs, commits, nodes, objects, staging."""
+    with r.m.read() as txn:
+        nodes = dict(r.m.iter_nodes(txn))
+        refs = {x.name: x.to_json() for x in r.m.refs(txn)}
+        commits = {c.id for c in r.m.iter_commits(txn)}
+    objects = {n: p.read_bytes() for n, p in r.store.iter_objects()}
+    return refs, commits, nodes, objects, sorted(os.listdir(r.store.tmp))
+
+
+def outside(r: Repo) -> dict[bytes, object]:
+    """Everything next to the store (the import may write nothing there)."""
+    parent = os.path.dirname(os.fspath(r.store.root))
+    return {
+        p: i
+        for p, i in snapshot(parent, dir_mtimes=False).items()
+        if not p.startswith(os.path.basename(os.fspath(r.store.root)).encode())
+    }
+
+
+def do_import(r: Repo, data: bytes, **kw: Any) -> dict[str, Any]:
+    return import_bundle(r.store, r.m, io.BytesIO(data), **kw)
+
+
+def assert_invalid(r: Repo, data: bytes, **kw: Any) -> None:
+    before, around = state(r), outside(r)
+    with pytest.raises(VeloError) as ei:
+        do_import(r, data, **kw)
+    assert ei.value.reason is Reason.BUNDLE_INVALID, ei.value.message
+    assert state(r) == before
+    assert outside(r) == around
+
+
+def build(records: list[tuple[int, bytes]], *, version: int = 1, magic: bytes = MAGIC) -> bytes:
+    """A bundle from raw records, with a correct trailer checksum."""
+    body = magic + struct.pack("<I", version)
+    body += b"".join(struct.pack("<BQ", t, len(p)) + p for t, p in records)
+    return body + struct.pack("<BQ", END, 32) + hash_bytes(body)
+
+
+def meta(root: bytes | str, /, **over: Any) -> tuple[int, bytes]:
+    d: dict[str, Any] = {
+        "ref": "hand",
+        "root": root if isinstance(root, str) else root.hex(),
+        "path": None,
+        "tiers": None,
+        "message": "m",
+    }
+    d.update(over)
+    return META, json.dumps(d).encode()
+
+
+def node(encoding: bytes) -> tuple[bytes, tuple[int, bytes]]:
+    d = node_digest(encoding)
+    return d, (NODE, d + encoding)
+
+
+def obj(content: bytes) -> tuple[int, bytes]:
+    return OBJECT, hash_bytes(content) + content
+
+
+def file_entry(name: bytes, content: bytes) -> Entry:
+    return Entry(name, Kind.FILE, 0o644, len(content), 1, hash_bytes(content), b"", 2)
+
+
+# -- round trip --------------------------------------------------------------------------------
+
+
+def test_export_import_round_trip(
+    repo: Repo, dst: Repo, exported: tuple[bytes, str, str], shm_tmp: str
+) -> None:
+    data, root, src = exported
+    info = do_import(dst, data)
+    assert (info["ref"], info["root"]) == ("tree", root)
+    assert dst.resolve_root("tree").hex() == root
+    assert fsck(dst.store, dst.m, jobs=1).ok
+    out = os.path.join(shm_tmp, "out")
+    dst.checkout("tree", out)
+    assert_same_tree(src, out)
+    assert dst.log("tree")[0].message.startswith("import:")
+    # The bundle's ingest path is reported, not trusted as the ref's projection point.
+    assert info["bundle_path"] == os.path.realpath(src)
+    with dst.m.read() as txn:
+        assert dst.m.require_ref(txn, "tree").path is None
+    # Again: the ref exists. Refused, and the store is left as it was.
+    before = state(dst)
+    with pytest.raises(VeloError) as ei:
+        do_import(dst, data)
+    assert ei.value.reason is Reason.EXISTS
+    assert state(dst) == before
+    # ... unless named differently, or forced (a new version of the ref).
+    assert do_import(dst, data, name="copy")["root"] == root
+    do_import(dst, data, force=True)
+    assert len(dst.log("tree")) == 2
+    # Importing into the store it came from needs no new objects.
+    n = len(list(repo.store.iter_objects()))
+    do_import(repo, data, name="again")
+    assert len(list(repo.store.iter_objects())) == n
+
+
+def test_export_of_an_older_version(repo: Repo, dst: Repo, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "v")
+    make_tree(src, {"f": b"one"})
+    first = ingest(repo.store, repo.m, src, "v", jobs=1)
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"two")
+    ingest(repo.store, repo.m, src, "v", jobs=1)
+    buf = io.BytesIO()
+    info = export_bundle(repo.store, repo.m, "v@{1}", buf)
+    assert info["root"] == first.root
+    assert do_import(dst, buf.getvalue())["root"] == first.root
+
+
+def test_import_streams_large_objects(repo: Repo, dst: Repo, shm_tmp: str) -> None:
+    """A 48 MiB object is staged a chunk at a time: import's Python allocations peak far below
+    the object's size (they held it whole, twice, before)."""
+    import tracemalloc
+
+    src = os.path.join(shm_tmp, "big")
+    size = 48 << 20
+    make_tree(src, {"model.bin": os.urandom(size)})
+    ingest(repo.store, repo.m, src, "big", jobs=1)
+    bundle = os.path.join(shm_tmp, "big.velo")
+    with open(bundle, "wb") as f:
+        export_bundle(repo.store, repo.m, "big", f)
+    tracemalloc.start()
+    try:
+        with open(bundle, "rb") as f:
+            res = import_bundle(dst.store, dst.m, f)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res["objects"] == 1
+    assert peak < size // 8, f"import peaked at {peak} bytes of Python allocations"
+    got = os.path.join(shm_tmp, "got")
+    dst.checkout("big", got)
+    assert_same_tree(src, got)
+
+
+def test_a_hand_built_bundle_is_accepted(dst: Repo) -> None:
+    """The builder below is right: the same shapes with one defect each are what is refused."""
+    _d, sub = tree.encode(0o755, 1, [file_entry(b"b", b"bee")])
+    sd, srec = node(sub)
+    _d, top = tree.encode(0o755, 1, [file_entry(b"a", b"ay"), Entry(b"d", Kind.DIR, digest=sd)])
+    rd, rrec = node(top)
+    do_import(dst, build([meta(rd), srec, rrec, obj(b"ay"), obj(b"bee")]))
+    buf = io.BytesIO()
+    dst.cat("hand", "d/b", buf)
+    assert buf.getvalue() == b"bee"
+
+
+# -- malformed and malicious bundles -----------------------------------------------------------
+
+
+def test_truncated_at_many_offsets(dst: Repo, exported: tuple[bytes, str, str]) -> None:
+    data = exported[0]
+    step = max(1, len(data) // 300)
+    offsets = sorted(set(range(0, len(data), step)) | set(range(len(data) - 40, len(data))))
+    for cut in offsets:
+        assert_invalid(dst, data[:cut])
+
+
+def test_every_nth_byte_flipped(dst: Repo, exported: tuple[bytes, str, str]) -> None:
+    data = exported[0]
+    step = max(1, len(data) // 300)
+    for pos in itertools.chain(range(0, len(data), step), range(len(data) - 45, len(data))):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0xFF
+        assert_invalid(dst, bytes(flipped))
+    for n in (7, 64, 1000):  # many bytes at once
+        flipped = bytearray(data)
+        for pos in range(0, len(data), n):
+            flipped[pos] ^= 0x01
+        assert_invalid(dst, bytes(flipped))
+
+
+def test_trailing_garbage_and_wrong_header(dst: Repo, exported: tuple[bytes, str, str]) -> None:
+    data = exported[0]
+    assert_invalid(dst, data + b"\0")
+    assert_invalid(dst, b"")
+    assert_invalid(dst, b"NOTVELO!" + data[8:])
+    assert_invalid(dst, data[:8] + struct.pack("<I", 2) + data[12:])
+    assert_invalid(dst, build([], magic=b"VELOBNDX"))
+    assert_invalid(dst, build([], version=0))
+    assert_invalid(dst, build([], version=2))
+
+
+BAD_NAME_NODES = {
+    "dotdot": [(b"..", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "dot": [(b".", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "absolute": [(b"/etc/passwd", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "slash": [(b"a/../../b", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "nul": [(b"a\0b", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "empty": [(b"", 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+    "duplicate": [
+        (b"a", 1, 2, 0o644, 1, 1, hash_bytes(b"x")),
+        (b"a", 3, 0, 0o777, 4, 1, b"/etc"),
+    ],
+    "overlong": [(b"n" * 256, 1, 2, 0o644, 1, 1, hash_bytes(b"x"))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAME_NODES))
+def test_nodes_with_bad_names(dst: Repo, case: str) -> None:
+    enc = _raw_node(BAD_NAME_NODES[case])
+    d, rec = node(enc)  # the digest matches: only the name check can refuse it
+    assert_invalid(dst, build([meta(d), rec, obj(b"x")]))
+    # ... also below the root
+    _sd, top = tree.encode(0o755, 1, [Entry(b"sub", Kind.DIR, digest=d)])
+    rd, rrec = node(top)
+    assert_invalid(dst, build([meta(rd), rec, rrec, obj(b"x")]))
+
+
+def test_a_missing_object(dst: Repo) -> None:
+    _d, sub = tree.encode(0o755, 1, [file_entry(b"b", b"not in the bundle")])
+    sd, srec = node(sub)
+    _d, top = tree.encode(0o755, 1, [file_entry(b"a", b"ay"), Entry(b"d", Kind.DIR, digest=sd)])
+    rd, rrec = node(top)
+    # The root node comes last, so a closure check that looked at the wrong node would pass.
+    assert_invalid(dst, build([meta(rd), srec, rrec, obj(b"ay")]))
+    assert_invalid(dst, build([meta(rd), rrec, srec, obj(b"ay")]))
+    assert_invalid(dst, build([meta(sd), srec]))
+
+
+def test_a_missing_node(dst: Repo) -> None:
+    _d, top = tree.encode(0o755, 1, [Entry(b"d", Kind.DIR, digest=b"\3" * 32)])
+    rd, rrec = node(top)
+    assert_invalid(dst, build([meta(rd), rrec]))
+    assert_invalid(dst, build([meta(b"\4" * 32)]))  # no root node at all
+
+
+def test_an_object_that_does_not_match_its_digest(dst: Repo) -> None:
+    _d, top = tree.encode(0o755, 1, [file_entry(b"a", b"the real bytes")])
+    rd, rrec = node(top)
+    forged = (OBJECT, hash_bytes(b"the real bytes") + b"something else")
+    assert_invalid(dst, build([meta(rd), rrec, forged]))
+
+
+def test_a_node_that_does_not_match_its_digest(dst: Repo) -> None:
+    _d, top = tree.encode(0o755, 1, [])
+    _d2, other = tree.encode(0o700, 1, [])
+    assert_invalid(dst, build([meta(node_digest(top)), (NODE, node_digest(top) + other)]))
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        pytest.param(lambda rd, rrec: [rrec], id="no-meta"),
+        pytest.param(lambda rd, rrec: [meta(rd), meta(rd), rrec], id="two-metas"),
+        pytest.param(lambda rd, rrec: [(META, b"not json"), rrec], id="meta-not-json"),
+        pytest.param(lambda rd, rrec: [(META, b"\xff\xfe"), rrec], id="meta-not-utf8"),
+        pytest.param(lambda rd, rrec: [(META, b"[1, 2]"), rrec], id="meta-a-list"),
+        pytest.param(lambda rd, rrec: [(META, b'"root"'), rrec], id="meta-a-string"),
+        pytest.param(lambda rd, rrec: [meta(""), rrec], id="root-empty"),
+        pytest.param(lambda rd, rrec: [meta("ab"), rrec], id="root-short"),
+        pytest.param(lambda rd, rrec: [meta("zz" * 32), rrec], id="root-not-hex"),
+        pytest.param(lambda rd, rrec: [meta("ab" * 300), rrec], id="root-long"),
+        pytest.param(lambda rd, rrec: [meta(rd, root=5), rrec], id="root-a-number"),
+        pytest.param(lambda rd, rrec: [meta(rd, ref="../../x"), rrec], id="bad-ref-name"),
+        pytest.param(lambda rd, rrec: [meta(rd, ref=None), rrec], id="no-ref-name"),
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[9, 5]]), rrec], id="bad-tiers"),
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[1, "/abs", ""]]), rrec], id="abs-tier"),
+        pytest.param(lambda rd, rrec: [meta(rd), rrec, (7, b"")], id="unknown-record"),
+        pytest.param(lambda rd, rrec: [meta(rd), (NODE, rd)], id="node-too-short"),
+        pytest.param(lambda rd, rrec: [meta(rd), rrec, (OBJECT, b"x")], id="object-too-short"),
+        pytest.param(lambda rd, rrec: [meta(rd), (META, b"{}")], id="meta-after"),
+    ],
+)
+def test_malformed_records(dst: Repo, records: Any) -> None:
+    _d, top = tree.encode(0o755, 1, [])
+    rd, rrec = node(top)
+    assert_invalid(dst, build(records(rd, rrec)))
+
+
+def test_oversized_lengths(dst: Repo) -> None:
+    body = MAGIC + struct.pack("<I", 1) + struct.pack("<BQ", OBJECT, 2**63) + b"\0" * 100
+    assert_invalid(dst, body)
+    body = MAGIC + struct.pack("<I", 1) + struct.pack("<BQ", META, 2**40) + b"{}"
+    assert_invalid(dst, body)
+    body = MAGIC + struct.pack("<I", 1) + struct.pack("<BQ", NODE, 2**40) + b"\0" * 100
+    assert_invalid(dst, body)
+
+
+def test_symlinks_out_of_the_tree_are_content_not_paths(dst: Repo, shm_tmp: str) -> None:
+    """A bundle may carry links to anywhere (a venv's bin/python); checkout creates the links and
+    writes nothing through them."""
+    victim = os.path.join(shm_tmp, "victim")
+    os.mkdir(victim)
+    link = Entry(b"l", Kind.SYMLINK, 0o777, len(victim), 1, b"", os.fsencode(victim))
+    _d, top = tree.encode(0o755, 1, [link, file_entry(b"m", b"payload")])
+    rd, rrec = node(top)
+    do_import(dst, build([meta(rd), rrec, obj(b"payload")]))
+    out = os.path.join(shm_tmp, "out")
+    dst.checkout("hand", out)
+    assert os.readlink(os.path.join(out, "l")) == victim
+    assert os.listdir(victim) == []
+
+
+# -- fuzzing -----------------------------------------------------------------------------------
+
+_fuzz_names = itertools.count()
+
+
+@st.composite
+def mutations(draw: st.DrawFn, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        what = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete", "dup"]))
+        pos = draw(st.integers(0, max(0, len(out) - 1)))
+        if what == "flip" and out:
+            out[pos] ^= 1 << draw(st.integers(0, 7))
+        elif what == "set" and out:
+            out[pos] = draw(st.integers(0, 255))
+        elif what == "truncate":
+            del out[pos:]
+        elif what == "insert":
+            out[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif what == "delete":
+            del out[pos : pos + draw(st.integers(1, 64))]
+        else:
+            out[pos:pos] = out[pos : pos + draw(st.integers(1, 64))]
+    return bytes(out)
+
+
+def fuzz_once(dst: Repo, original: bytes, root: str, data: bytes) -> None:
+    before = state(dst)
+    name = f"fuzz{next(_fuzz_names)}"
+    try:
+        info = do_import(dst, data, name=name)
+    except VeloError as exc:
+        assert exc.reason is Reason.BUNDLE_INVALID, exc.message
+        assert state(dst) == before
+        return
+    # Accepted: it must have been the same bundle after all.
+    assert data == original
+    assert info["root"] == root
+
+
+def _fuzz(dst: Repo, exported: tuple[bytes, str, str], n: int) -> None:
+    original, root, _src = exported
+    runs = []
+
+    @settings(
+        max_examples=n,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(mutations(original))
+    def run(data: bytes) -> None:
+        runs.append(1)
+        fuzz_once(dst, original, root, data)
+
+    run()
+    assert len(runs) >= n // 2  # it really ran
+
+
+def test_fuzz_bundle_bytes(dst: Repo, exported: tuple[bytes, str, str]) -> None:
+    _fuzz(dst, exported, 200)
+
+
+@pytest.mark.slow
+def test_fuzz_bundle_bytes_long(dst: Repo, exported: tuple[bytes, str, str]) -> None:
+    _fuzz(dst, exported, 5000)
+
+
+def test_import_does_not_trust_the_bundles_path(tmp_path: Path, shm_tmp: str) -> None:
+    """A bundle names the directory it was ingested from; import never makes that the ref's
+    default projection point by itself (a bundle from elsewhere could name /etc)."""
+    from veloverlay.store.bundle import export_bundle, import_bundle
+    from veloverlay.verbs.repo import Repo
+
+    src = Path(shm_tmp) / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    a = Repo.open(str(Path(shm_tmp) / "a"), create=True)
+    b = Repo.open(str(Path(shm_tmp) / "b"), create=True)
+    try:
+        from veloverlay.ingest.pipeline import ingest
+
+        ingest(a.store, a.m, str(src), "r", jobs=1)
+        bundle = tmp_path / "r.velo"
+        with open(bundle, "wb") as f:
+            export_bundle(a.store, a.m, "r", f)
+        with open(bundle, "rb") as f:
+            info = import_bundle(b.store, b.m, f)
+        assert info["bundle_path"] == str(src)
+        with b.m.read() as txn:
+            assert b.m.require_ref(txn, "r").path is None
+        with open(bundle, "rb") as f:
+            import_bundle(b.store, b.m, f, name="r2", path="/srv/where")
+        with b.m.read() as txn:
+            assert b.m.require_ref(txn, "r2").path == "/srv/where"
+    finally:
+        a.close()
+        b.close()

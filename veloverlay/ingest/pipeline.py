@@ -1,0 +1,300 @@
+"""Ingest a directory into the store and commit it as a version of a ref.
+
+Pipeline: walk (main process, lstat only) → hash and stage the files whose stat changed (forked
+worker processes, each reading a source under `flock(LOCK_SH|LOCK_NB)` and re-reading it if it
+changed while read) → build the Merkle nodes bottom-up → publish the staged objects durably → one
+LMDB transaction that compare-and-swaps the ref (merging with session commits made since the last
+ingest) and updates the stat cache.
+
+Stat cache: per ref and path, (ino, size, mtime_ns, ctime_ns) → digest. An unchanged stat skips the
+read. git's "racy" rule: a file whose mtime is within `RACY_NS` of the scan is hashed but not
+cached, so a write in the same timestamp tick is never missed by the next ingest.
+
+Workers are forked before any thread exists and never touch LMDB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+from veloverlay import faults, paths
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import statcache
+from veloverlay.ingest.scan import IngestResult, Progress, ScanDir, entry_mode, scan, worker_init
+from veloverlay.ingest.source import RACY_NS
+from veloverlay.store.cas import Store
+from veloverlay.store.digest import Digest, hash_bytes
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.merge import three_way
+from veloverlay.store.tree import Entry, Kind
+from veloverlay.tiers import Rules
+from veloverlay.workers import Workers, default_jobs
+
+__all__ = ["IngestResult", "ingest", "scan"]
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+
+def _check_source(src: str, store: Store) -> bytes:
+    real = os.path.realpath(src)
+    if not os.path.isdir(real):
+        raise VeloError(
+            f"{src} is not a directory",
+            reason=Reason.NOT_A_DIRECTORY if os.path.exists(real) else Reason.NOT_FOUND,
+            path=src,
+        )
+    sroot = os.path.realpath(store.root)
+    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
+        raise VeloError(
+            f"{src} contains or lies inside the store {sroot}",
+            reason=Reason.BAD_PATH,
+            hint="ingest a directory outside the store",
+        )
+    return os.fsencode(real)
+
+
+def ingest(
+    store: Store,
+    m: Manifests,
+    src: str,
+    name: str,
+    *,
+    rules: Rules | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    keep_setid: bool = False,
+    message: str | None = None,
+    progress: Progress | None = None,
+    adopt: bool = False,
+) -> IngestResult:
+    """Ingest `src` as a new version of ref `name` (created if missing).
+
+    `adopt`: afterwards, check that the source still matches what was committed and move it
+    aside (`<src>.velo-adopted`), so that a shim session can materialise the ref at its path.
+    """
+    from veloverlay.store.manifest import check_ref_name
+
+    t0 = time.perf_counter()
+    check_ref_name(name)
+    if "@" in name:
+        raise VeloError("cannot ingest into a session ref", reason=Reason.BAD_REF)
+    top = _check_source(src, store)
+    store.writable()
+    jobs = jobs or default_jobs()
+    with m.read() as txn:
+        existing = m.get_ref(txn, name)
+    if rules is None:
+        rules = Rules.from_json(existing.tiers if existing else None)
+    res = IngestResult(name, "", None)
+    config = (
+        hash_bytes(json.dumps([rules.to_json(), keep_setid, os.fsdecode(top)]).encode())
+        .hex()[:16]
+        .encode()
+    )
+    with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
+        store.reclaim_tmp()
+        cache, cache_keys = statcache.load(m, name, config)
+        scan_ns = time.time_ns()
+        pool = None
+        if jobs > 1:
+            # Forked workers; they never touch LMDB, and die with this process.
+            pool = stack.enter_context(
+                Workers(jobs, worker_init, (os.fspath(store.root), stage.name))
+            )
+        dirs = scan(
+            store,
+            top,
+            cache,
+            res,
+            stage=stage,
+            pool=pool,
+            keep_setid=keep_setid,
+            progress=progress,
+        )
+        # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
+        stage.publish(pool.map if pool is not None else None)
+        with m.write() as txn:
+            root = _build_nodes(m, txn, top, dirs, rules, keep_setid, res)
+            res.root = root.hex()
+            ref = m.get_ref(txn, name)
+            msg = message or f"ingest {os.fsdecode(top)}"
+            target: bytes = root
+            if ref is not None:
+                head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
+                base = bytes.fromhex(ref.ingest_root) if ref.ingest_root else head_root
+                if base != head_root:
+                    mr = three_way(m, txn, base, root, head_root)
+                    if mr.root is None and not force:
+                        shown = ", ".join(paths.display(p) for p in mr.conflicts[:5])
+                        raise VeloError(
+                            f"sessions changed {name} since the last ingest, and the source "
+                            f"changed the same paths: {shown}",
+                            reason=Reason.CONFLICT,
+                            hint="nothing was committed; re-run with --force to take the "
+                            "source's version of those paths (session changes elsewhere are "
+                            "kept)",
+                        )
+                    if mr.root is None:
+                        # --force: the sessions' changes merged onto the source, theirs left out
+                        # where they conflict (they stay in the ref's history).
+                        mr = three_way(m, txn, base, head_root, root, drop_conflicts=True)
+                        res.overridden = [paths.display(p) for p in mr.conflicts]
+                    assert mr.root is not None
+                    target = mr.root
+                    res.merged = True
+                if target == head_root:
+                    res.unchanged = True
+            if not res.unchanged:
+                delta = m.diff(txn, head_root, target) if ref is not None else None
+                c = m.commit(
+                    txn,
+                    name,
+                    target,
+                    expect_head=ref.head if ref else None,
+                    message=msg,
+                    delta=delta,
+                    path=os.fsdecode(top),
+                    tiers=rules.to_json(),
+                    ingest_root=root,
+                )
+                res.commit = c.id
+            else:
+                assert ref is not None
+                res.commit = ref.head
+                if ref.ingest_root != root.hex():
+                    ref.ingest_root = root.hex()
+                    m.put_ref(txn, ref)
+            statcache.write(
+                m, txn, name, config, cache_keys, cache, _cache_values(dirs, cache, scan_ns)
+            )
+    faults.point("commit.after")
+    if adopt:
+        res.adopted_to = _adopt(store, m, src, name, res, rules, keep_setid)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _adopt(
+    store: Store, m: Manifests, src: str, name: str, res: IngestResult, rules: Rules, keep: bool
+) -> str:
+    """Move a just-ingested source aside, after checking nothing changed it meanwhile."""
+    real = os.path.realpath(src)
+    aside = real + ".velo-adopted"
+    if os.path.lexists(aside):
+        raise VeloError(
+            f"cannot adopt {src}: {aside} already exists",
+            reason=Reason.EXISTS,
+            hint="the ingest itself was committed; move or remove the old copy and re-run",
+        )
+    again = ingest(store, m, src, name, rules=rules, jobs=1, keep_setid=keep)
+    if again.root != res.root:
+        raise VeloError(
+            f"{src} changed while it was ingested; not moved aside",
+            reason=Reason.SOURCE_UNSTABLE,
+            hint="stop whatever writes there and run 'veloverlay ingest --adopt' again",
+        )
+    os.rename(real, aside)
+    return aside
+
+
+def _build_nodes(
+    m: Manifests,
+    txn: Txn,
+    top: bytes,
+    dirs: list[ScanDir],
+    rules: Rules,
+    keep_setid: bool,
+    res: IngestResult,
+) -> Digest:
+    """Nodes bottom-up (reverse pre-order: children before parents); clean dirs reuse theirs."""
+    classify = rules.classify
+    for d in reversed(dirs):
+        dc = d.cached
+        if (
+            not d.dirty
+            and dc is not None
+            and all(dc.subs.get(_base(s.rel)) == s.digest for s in d.subs)
+            and m.has_node(txn, dc.node)
+        ):
+            d.digest = dc.node
+            continue
+        prefix = d.rel + b"/" if d.rel else b""
+        entries = [
+            Entry(
+                e.name,
+                Kind.FILE,
+                e.mode,
+                e.size,
+                e.mtime_ns,
+                e.digest,
+                b"",
+                classify(prefix + e.name),
+            )
+            for e in d.entries
+        ]
+        for name, mode, size, mtime, digest, _ino, _ctime in d.hits:
+            entries.append(
+                Entry(
+                    name,
+                    Kind.FILE,
+                    entry_mode(mode, keep_setid),
+                    size,
+                    mtime,
+                    digest,
+                    b"",
+                    classify(prefix + name),
+                )
+            )
+        for name, _ino, mtime, _ctime in d.links:
+            try:
+                target = os.readlink(os.path.join(top, prefix + name))
+            except OSError:
+                res.skipped.append((paths.display(prefix + name), "vanished"))
+                continue
+            if not target or len(target) > 4095:
+                res.skipped.append((paths.display(prefix + name), "bad-symlink"))
+                continue
+            entries.append(Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0))
+        for sub in d.subs:
+            entries.append(Entry(_base(sub.rel), Kind.DIR, digest=sub.digest))
+        d.digest = m.put_node(txn, d.mode, d.mtime_ns, entries)
+    return Digest(dirs[0].digest)
+
+
+def _base(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[2]
+
+
+def _cache_values(dirs: list[ScanDir], old: dict[bytes, bytes], scan_ns: int) -> dict[bytes, bytes]:
+    """What the stat cache keeps after this ingest (racy directories are left out)."""
+    out: dict[bytes, bytes] = {}
+    for d in dirs:
+        if scan_ns - d.mtime_ns < RACY_NS:
+            continue
+        dc = d.cached
+        if not d.dirty and dc is not None and dc.node == d.digest:
+            out[d.rel] = old[d.rel]  # unchanged: the stored value stays as it is
+            continue
+        files = {n: (ino, size, mt, ct, dg) for n, _m, size, mt, dg, ino, ct in d.hits}
+        files.update(d.hashed)
+        out[d.rel] = statcache.encode(
+            statcache.DirCache(
+                d.ino,
+                d.mtime_ns,
+                d.ctime_ns,
+                d.mode,
+                d.digest,
+                files,
+                {name: (ino, mt, ct) for name, ino, mt, ct in d.links},
+                {_base(s.rel): s.digest for s in d.subs},
+            )
+        )
+    return out
+
+
+def drop_cache(m: Manifests, txn: Txn, name: str) -> None:
+    statcache.drop(m, txn, name)

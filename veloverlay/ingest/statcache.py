@@ -1,0 +1,137 @@
+"""The ingest stat cache: per ref and source directory, what the last ingest saw there.
+
+One LMDB value per directory (key `ref \\0 config \\0 dir-path`, in the manifest database's
+`statcache` sub-database): the directory's own (ino, mtime, ctime, mode), the digest of the node
+the last ingest built for it, and per name: regular files (ino, size, mtime, ctime, content
+digest), symlinks (ino, mtime, ctime) and subdirectories (node digest). A re-ingest that finds a
+directory and everything in it unchanged reuses the node digest without reading a file or
+encoding a node; a file whose stat matches is never re-read. `config` is a hash of what else
+shapes a node (tier rules, setid policy, source path): changing it invalidates the cache.
+
+Entries are only as good as the stat they were taken from: files and directories modified within
+the racy window of an ingest are not cached (ingest.py), so the next ingest looks again.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from veloverlay.records import Record, field
+from veloverlay.store.manifest import Manifests, Txn
+
+__all__ = ["DirCache", "encode", "decode", "load", "write", "drop"]
+
+_HEAD = struct.Struct("<QqqI32sIII")
+_FILE = struct.Struct("<QQqq32s")
+_LINK = struct.Struct("<Qqq")
+_NAME = struct.Struct("<H")
+
+
+class DirCache(Record):
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int
+    node: bytes
+    files: dict[bytes, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
+    links: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
+    subs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def encode(dc: DirCache) -> bytes:
+    parts = [
+        _HEAD.pack(
+            dc.ino,
+            dc.mtime_ns,
+            dc.ctime_ns,
+            dc.mode,
+            dc.node,
+            len(dc.files),
+            len(dc.links),
+            len(dc.subs),
+        )
+    ]
+    for name, f in dc.files.items():
+        parts += [_NAME.pack(len(name)), name, _FILE.pack(*f)]
+    for name, ln in dc.links.items():
+        parts += [_NAME.pack(len(name)), name, _LINK.pack(*ln)]
+    for name, digest in dc.subs.items():
+        parts += [_NAME.pack(len(name)), name, digest]
+    return b"".join(parts)
+
+
+def decode(raw: bytes) -> DirCache | None:
+    """Decode a cache value; a damaged one is treated as absent (the cache is only a hint)."""
+    try:
+        ino, mtime, ctime, mode, node, nf, nl, ns = _HEAD.unpack_from(raw, 0)
+        dc = DirCache(ino, mtime, ctime, mode, node)
+        off = _HEAD.size
+        for count, size, kind in ((nf, _FILE.size, 0), (nl, _LINK.size, 1), (ns, 32, 2)):
+            for _ in range(count):
+                (n,) = _NAME.unpack_from(raw, off)
+                off += 2
+                name = raw[off : off + n]
+                off += n
+                if kind == 0:
+                    dc.files[name] = _FILE.unpack_from(raw, off)
+                elif kind == 1:
+                    dc.links[name] = _LINK.unpack_from(raw, off)
+                else:
+                    dc.subs[name] = raw[off : off + 32]
+                off += size
+        return dc if off == len(raw) else None
+    except struct.error:
+        return None
+
+
+def _prefix(ref: str) -> bytes:
+    return ref.encode() + b"\0"
+
+
+def load(m: Manifests, ref: str, config: bytes) -> tuple[dict[bytes, bytes], list[bytes]]:
+    """Raw values of `ref`'s directories under `config`, and every key `ref` has (to prune)."""
+    prefix = _prefix(ref)
+    mine = prefix + config + b"\0"
+    values: dict[bytes, bytes] = {}
+    keys: list[bytes] = []
+    with m.read() as txn, txn.cursor(db=m.statcache) as cur:
+        if cur.set_range(prefix):
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                keys.append(k)
+                if k.startswith(mine):
+                    values[k[len(mine) :]] = bytes(v)
+    return values, keys
+
+
+def write(
+    m: Manifests,
+    txn: Txn,
+    ref: str,
+    config: bytes,
+    old_keys: list[bytes],
+    old: dict[bytes, bytes],
+    new: dict[bytes, bytes],
+) -> None:
+    mine = _prefix(ref) + config + b"\0"
+    keep = {mine + rel for rel in new}
+    for k in old_keys:
+        if k not in keep:
+            txn.delete(k, db=m.statcache)
+    limit = m.env.max_key_size()
+    for rel, raw in new.items():
+        # A directory whose key would exceed LMDB's key limit (511 bytes: deep paths of long
+        # names) is not cached: it is simply read again next time.
+        if old.get(rel) != raw and len(mine) + len(rel) <= limit:
+            txn.put(mine + rel, raw, db=m.statcache)
+
+
+def drop(m: Manifests, txn: Txn, ref: str) -> None:
+    prefix = _prefix(ref)
+    with txn.cursor(db=m.statcache) as cur:
+        if cur.set_range(prefix):
+            while bytes(cur.key()).startswith(prefix):
+                if not cur.delete():
+                    break

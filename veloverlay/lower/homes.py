@@ -1,0 +1,260 @@
+"""The per-boot layer cache: where data-only metadata layers live when a tmpfs can hold them.
+
+A metadata layer is one inode with two xattrs per file and no data (projection.py). On ext4 that
+inode costs about as much as `cp -a` pays per file, and a redirect longer than ~24 bytes spills
+into a 4 KiB xattr block, so layers kept in the store need short object names (`ids-v1/`, one
+hard link per object). On tmpfs an inode is several times cheaper and xattr size costs memory
+only, so a layer there redirects straight to `objects-v1/<ab>/<cd>/<hex>`: no naming pass. The
+price is RAM (about 1 KiB per file, measured in bench/bench_session.py) and a rebuild after each
+boot — the layers are a cache of what the manifests say, never data.
+
+Where (first usable wins):
+* `VELO_RUNTIME_DIR` if set: a directory under which `veloverlay-<uid>/` is used (any
+  filesystem with user xattrs), or `off` to keep every layer in the store;
+* root: `/run/veloverlay`; others: `$XDG_RUNTIME_DIR/veloverlay`, then `/dev/shm/veloverlay-<uid>`
+  — each only when it is on tmpfs.
+That directory must be a real directory owned by the caller with no group/other access (a
+planted metadata file would show its own bytes in someone else's projection); a store gets
+`<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in a file
+`store`: a build removes the directories of stores that are gone (`reap_orphans`). Sessions
+bind it read-only like the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from veloverlay import _libc, envvars
+from veloverlay.errors import SysError
+from veloverlay.records import Record
+from veloverlay.store.cas import Store
+
+__all__ = ["base", "why_not", "reap_orphans"]
+
+_why: dict[str, str] = {}
+
+
+def why_not() -> str:
+    """Why `home()` last returned None ('' when it did not)."""
+    return _why.get("last", "")
+
+
+def _own_private_dir(path: str, *, create: bool) -> str | None:
+    """Why `path` cannot be used (None: it can): create it 0700 if asked, then insist it is a
+    directory (not a symlink) that only the caller can enter."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror}"
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not {os.geteuid()}"
+    if st.st_mode & 0o077:
+        return f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _on_tmpfs(path: str) -> bool:
+    try:
+        return _libc.statfs_type(Path(path)) == _libc.TMPFS_MAGIC
+    except SysError:
+        return False
+
+
+def _base() -> str | None:
+    uid = os.geteuid()
+    asked = (envvars.get("VELO_RUNTIME_DIR") or "").strip()
+    if asked:
+        if asked == "off":
+            _why["last"] = "VELO_RUNTIME_DIR=off"
+            return None
+        path = os.path.join(os.path.abspath(asked), f"veloverlay-{uid}")
+        why = _own_private_dir(path, create=True)
+        _why["last"] = why or ""
+        return None if why else path
+    if uid == 0:
+        candidates = [("/run", "/run/veloverlay")]
+    else:
+        candidates = []
+        xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+        if xdg and os.path.isabs(xdg) and _own_private_dir(xdg, create=False) is None:
+            candidates.append((xdg, os.path.join(xdg, "veloverlay")))
+    candidates.append(("/dev/shm", f"/dev/shm/veloverlay-{uid}"))
+    reasons = []
+    for parent, path in candidates:
+        if not _on_tmpfs(parent):
+            reasons.append(f"{parent} is not a tmpfs")
+            continue
+        why = _own_private_dir(path, create=True)
+        if why is None:
+            _why["last"] = ""
+            return path
+        reasons.append(why)
+    _why["last"] = "; ".join(reasons)
+    return None
+
+
+def base() -> tuple[str | None, str]:
+    """(the directory this user's per-boot layers go under, or None; why not)."""
+    path = _base()
+    return path, why_not()
+
+
+def boot_dir(store_root: Path) -> Path | None:
+    """This store's per-boot layer directory (created), or None when there is none to use
+    (`why_not()` says why)."""
+    base = _base()
+    if base is None:
+        return None
+    st = os.stat(store_root)
+    path = os.path.join(base, _store_key(st))
+    why = _own_private_dir(path, create=True)
+    if why is not None:
+        _why["last"] = why
+        return None
+    note = os.path.join(path, "store")
+    if not os.path.exists(note):
+        tmp = f"{note}.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(os.fsencode(os.path.abspath(store_root)))
+        os.rename(tmp, note)
+    return Path(path)
+
+
+def _store_key(st: os.stat_result) -> str:
+    return f"{st.st_dev:x}-{st.st_ino:x}"
+
+
+def reap_orphans(current: Path) -> int:
+    """Remove the layer directories next to `current` whose store no longer exists at the path
+    it recorded (or is another store now). Returns how many went."""
+    from veloverlay.files import force_rmtree
+
+    removed = 0
+    base = current.parent
+    for entry in os.scandir(base):
+        if entry.path == os.fspath(current) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with open(os.path.join(entry.path, "store"), "rb") as f:
+                store_path = f.read()
+        except OSError:
+            continue  # being created right now, or not ours to judge
+        try:
+            alive = _store_key(os.stat(store_path)) == entry.name
+        except OSError:
+            alive = False
+        if not alive:
+            force_rmtree(entry.path)
+            removed += 1
+    return removed
+
+
+# --- the homes of a store's layers ------------------------------------------------------------
+
+
+def trees_dir(store: Store, *parts: str) -> Path:
+    return store.trees.joinpath(*parts)
+
+
+class Home(Record, frozen=True):
+    """Where layers, stacks, their locks and half-built layers live: the store's `trees-v1/`,
+    or (data-only form) the per-boot tmpfs directory of `volatile.py`, whose layers redirect
+    to full object paths under `objects-v1/` instead of short names under `ids-v1/`."""
+
+    root: Path
+    volatile: bool
+
+    def sub(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+
+def disk_home(store: Store) -> Home:
+    return Home(store.trees, False)
+
+
+def boot_home(store: Store) -> Home | None:
+
+    path = boot_dir(store.root)
+    return Home(path, True) if path is not None else None
+
+
+def data_layers(store: Store, home: Home, form: str) -> tuple[str, ...]:
+    if form != "data-only":
+        return ()
+    return (os.fspath(store.objects if home.volatile else ids_dir(store)),)
+
+
+def layer_homes(store: Store) -> list[Path]:
+    """The directories holding this store's `layers/` and `stacks/` for the calling user: the
+    per-boot cache (when there is one) and the store's `trees-v1/`."""
+    fast = boot_home(store)
+    return ([fast.root] if fast is not None else []) + [store.trees]
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
+# Kernel memory a per-boot layer takes per entry (measured: ~1.3 KB, bench/bench_session.py), and
+# the share of available memory one layer may take before it is built in the store instead.
+_BYTES_PER_ENTRY = 1400
+_MEMORY_SHARE = 0.25
+
+
+def fallback_note(home: Home, exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "?")
+        return f"the per-boot layer cache {home.root} is full ({code}): layers built in the store"
+    return f"{exc}: layers built in the store"
+
+
+class TooBig(Exception):
+    """A layer that would take too much of the machine's memory in the per-boot cache."""
+
+
+def check_room(home: Home, entries: int) -> None:
+    """Raise TooBig when `entries` would take more than a quarter of MemAvailable."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            avail = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration, ValueError):
+        return
+    need = entries * _BYTES_PER_ENTRY
+    if need > avail * _MEMORY_SHARE:
+        raise TooBig(
+            f"{entries} entries would take ~{need >> 20} MiB of the per-boot layer cache "
+            f"{home.root} (more than a quarter of the {avail >> 20} MiB available)"
+        )
+
+
+def holds_xattrs(home: Home) -> bool:
+    """Can the cache's filesystem hold user xattrs (tmpfs: since Linux 6.6)? Tried on the
+    directory itself: no probe module, no temp file (this runs on every build there)."""
+    try:
+        os.setxattr(home.root, "user.velo.probe", b"1")
+        os.removexattr(home.root, "user.velo.probe")
+        return True
+    except OSError:
+        return False
+
+
+ID_HEX = 20  # 80 bits: "ab" directory + 18 hex digits
+
+
+def ids_dir(store: Store) -> Path:
+    return store.root / "ids-v1"
+
+
+def short_id_path(store: Store, short: str) -> bytes:
+    return os.fsencode(ids_dir(store)) + b"/" + short[:2].encode() + b"/" + short[2:].encode()

@@ -1,0 +1,404 @@
+"""Writing layers: full metadata/proxy-link layers and delta layers over a cached base."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+from veloverlay import faults, linking, paths
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree
+from veloverlay.lower.homes import Home, check_room
+from veloverlay.lower.objects import Objects
+from veloverlay.records import Record, field
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+
+__all__ = ["full_layer", "delta_layer", "copy_bytes", "publish_layer", "clean_tmp"]
+
+
+FORMS = ("data-only", "links")
+# A delta with more operations than this is cheaper to build whole (a layer per op would be big).
+DELTA_MAX_OPS = 20_000
+# Data-only delta layers copy the changed files' bytes (see _Writer); above this, rebuild.
+DELTA_MAX_COPY = 256 << 20
+_XATTR_METACOPY = "user.overlay.metacopy"
+_XATTR_REDIRECT = "user.overlay.redirect"
+_XATTR_OPAQUE = "user.overlay.opaque"
+_XATTR_WHITEOUT = "user.overlay.whiteout"
+
+
+# --- writing entries ---------------------------------------------------------------------------
+class _Writer:
+    """Writes manifest entries into a layer directory (either form)."""
+
+    def __init__(self, objs: Objects, form: str, *, bottom: bool = True) -> None:
+        self.objs = objs
+        self.form = form
+        # Without metacopy=on (impossible with userxattr) overlayfs honours a metacopy file only
+        # in the bottom-most regular lower layer: in any layer above it, lookup is EPERM
+        # ("refusing to follow metacopy origin", measured). Delta layers carry copies instead.
+        self.metacopy = form == "data-only" and bottom
+        self.whiteout_mknod = True
+        self.entries = 0
+        self.copied = 0
+
+    def put(self, dfd: int, e: Entry) -> None:
+        name = e.name
+        self.entries += 1
+        faults.point("lower.build")
+        if e.kind is Kind.SYMLINK:
+            os.symlink(e.target, name, dir_fd=dfd)
+            os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        elif e.kind is Kind.FILE:
+            if e.tier == 1:
+                os.symlink(self.objs.tier1(e.digest), name, dir_fd=dfd)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif self.form == "links":
+                self.objs.link_proxy(e.digest, e.mode, name, dfd)
+            elif self.metacopy or not e.size:
+                self._metacopy(dfd, e)
+            else:
+                self.copy(dfd, e)
+        # DIR entries are created by the caller (it needs the fd); MASK: nothing to show.
+
+    def copy(self, dfd: int, e: Entry) -> None:
+        """A private copy (reflink where possible) with the entry's mode and mtime.
+
+        Used for Tier-2 files in data-only delta layers (see `metacopy` above).
+        """
+        self.copied += e.size
+        dst = b"/proc/self/fd/%d/%s" % (dfd, e.name)
+        linking.clone_or_copy(
+            os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=e.mode
+        )
+        os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+    def _metacopy(self, dfd: int, e: Entry) -> None:
+        fd = os.open(e.name, NEWFILE, e.mode & 0o777, dir_fd=dfd)
+        try:
+            if e.size:
+                redirect = self.objs.redirect(e.digest)
+                os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
+                os.setxattr(fd, _XATTR_METACOPY, b"")
+                os.setxattr(fd, _XATTR_REDIRECT, redirect)
+            if e.mode & 0o7000:
+                os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def whiteout(self, dfd: int, name: bytes, marked: set[int]) -> None:
+        if self.whiteout_mknod:
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+                return
+            except PermissionError:
+                self.whiteout_mknod = False
+        fd = os.open(name, NEWFILE, 0o000, dir_fd=dfd)
+        try:
+            os.setxattr(fd, _XATTR_WHITEOUT, b"")
+        finally:
+            os.close(fd)
+        if dfd not in marked:
+            # overlayfs looks for xattr whiteouts only in directories marked "x" (6.7+).
+            with contextlib.suppress(OSError):
+                if os.getxattr(dfd, _XATTR_OPAQUE) == b"y":
+                    marked.add(dfd)
+                    return
+            os.setxattr(dfd, _XATTR_OPAQUE, b"x")
+            marked.add(dfd)
+
+
+class _DirMeta(Record):
+    path: bytes  # relative to the layer's top
+    mode: int
+    mtime_ns: int
+
+
+_MAX_OPEN_DIRS = 64
+
+
+class _Build(Record):
+    """An open layer under construction. Directories are addressed by path and their fds kept
+    in a small LRU: a tree may have more directories than RLIMIT_NOFILE allows open at once."""
+
+    path: Path
+    top_fd: int
+    dirs: list[_DirMeta] = field(default_factory=list)
+    known: set[bytes] = field(default_factory=lambda: {b""})
+    xmarked: set[int] = field(default_factory=set)
+    _fds: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+
+    def fd(self, rel: bytes) -> int:
+        """An fd of the layer directory `rel`; valid until the next call that opens another."""
+        if not rel:
+            return self.top_fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        # Every component is a directory this build created: no symlink can be on the way.
+        fd = os.open(rel, DIRFLAGS, dir_fd=self.top_fd)
+        self._fds[rel] = fd
+        if len(self._fds) > _MAX_OPEN_DIRS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def mkdir(self, rel: bytes, mode: int, mtime_ns: int) -> None:
+        parent, _, leaf = rel.rpartition(b"/")
+        os.mkdir(leaf, 0o700, dir_fd=self.fd(parent))
+        self.dirs.append(_DirMeta(rel, mode, mtime_ns))
+        self.known.add(rel)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        with contextlib.suppress(OSError):
+            os.close(self.top_fd)
+
+    def finish(self) -> None:
+        """Directory modes and mtimes last, deepest first (children change a dir's mtime)."""
+        for d in reversed(self.dirs):
+            fd = self.fd(d.path)
+            os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
+            os.fchmod(fd, d.mode)
+
+
+def _plan_subtree(
+    m: Manifests, txn: Txn, b: _Build, node: Node, rel: bytes
+) -> list[tuple[bytes, list[Entry]]]:
+    """Make every directory below `rel` in the layer; return each directory's other entries."""
+    jobs: list[tuple[bytes, list[Entry]]] = []
+    stack: list[tuple[bytes, Node]] = [(rel, node)]
+    while stack:
+        where, n = stack.pop()
+        files = []
+        for e in n.entries:
+            if e.kind is Kind.DIR:
+                child = m.get_node(txn, e.digest)
+                p = paths.join(where, e.name)
+                b.mkdir(p, child.mode, child.mtime_ns)
+                stack.append((p, child))
+            elif e.kind is not Kind.MASK:
+                files.append(e)
+        if files:
+            jobs.append((where, files))
+    return jobs
+
+
+def _fill(w: _Writer, b: _Build, jobs: list[tuple[bytes, list[Entry]]]) -> None:
+    for rel, files in jobs:
+        dfd = b.fd(rel)
+        for e in files:
+            w.put(dfd, e)
+
+
+def _new_build(home: Home, name: str) -> _Build:
+    tmpdir = home.sub("tmp")
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    path = tmpdir / f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    os.mkdir(path, 0o700)
+    fd = os.open(path, DIRFLAGS)
+    return _Build(path, fd)
+
+
+# A per-boot layer with at least this many entries is filled by worker processes (one per CPU,
+# VELO_JOBS): its files need no LMDB access, and inode creation plus +i scale with cores.
+PARALLEL_MIN_ENTRIES = 4000
+# What the workers fill: set before they are forked, inherited (copy-on-write), never pickled.
+_SHARES: list[list[tuple[bytes, list[Entry]]]] = []
+_SHARE_CTX: list[tuple[str, Objects, str]] = []
+
+
+def _fill_share(k: int) -> tuple[int, list[str]]:
+    """In a worker: write share `k` of the layer; (entries written, +i failures)."""
+    layer, objs, form = _SHARE_CTX[0]
+    objs.protected = set()
+    objs.protect_failed = []
+    w = _Writer(objs, form)
+    top = os.open(layer, DIRFLAGS)
+    try:
+        for rel, entries in _SHARES[k]:
+            dfd = os.open(rel, DIRFLAGS, dir_fd=top) if rel else top
+            try:
+                for e in entries:
+                    w.put(dfd, e)
+            finally:
+                if dfd != top:
+                    os.close(dfd)
+    finally:
+        os.close(top)
+    return w.entries, objs.protect_failed
+
+
+def _fill_parallel(
+    b: _Build, objs: Objects, form: str, jobs: list[tuple[bytes, list[Entry]]], n: int
+) -> None:
+    shares: list[list[tuple[bytes, list[Entry]]]] = [[] for _ in range(n)]
+    load = [0] * n
+    for job in sorted(jobs, key=lambda j: -len(j[1])):  # biggest first, onto the lightest
+        k = load.index(min(load))
+        shares[k].append(job)
+        load[k] += len(job[1])
+    _SHARES[:] = shares
+    _SHARE_CTX[:] = [(os.fspath(b.path), objs, form)]
+    from veloverlay.workers import Workers
+
+    try:
+        with Workers(n) as pool:
+            for _count, failed in pool.map_unordered(_fill_share, range(n)):
+                objs.protect_failed.extend(failed[: max(0, 5 - len(objs.protect_failed))])
+    finally:
+        _SHARES.clear()
+        _SHARE_CTX.clear()
+
+
+def full_layer(
+    home: Home, m: Manifests, txn: Txn, objs: Objects, form: str, root: bytes, name: str
+) -> Path:
+    w = _Writer(objs, form)
+    b = _new_build(home, name)
+    old_umask = os.umask(0)
+    try:
+        top = m.get_node(txn, root)
+        b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
+        jobs = _plan_subtree(m, txn, b, top, b"")
+        entries = sum(len(f) for _r, f in jobs)
+        if home.volatile:
+            check_room(home, entries + len(b.dirs))
+        from veloverlay.workers import default_jobs
+
+        n = default_jobs()
+        if home.volatile and n > 1 and entries >= PARALLEL_MIN_ENTRIES:
+            _fill_parallel(b, objs, form, jobs, n)
+        else:
+            _fill(w, b, jobs)
+        b.finish()
+    except BaseException:
+        b.close()
+        force_rmtree(b.path)
+        raise
+    finally:
+        os.umask(old_umask)
+    b.close()
+    return b.path
+
+
+def delta_layer(
+    home: Home,
+    m: Manifests,
+    txn: Txn,
+    objs: Objects,
+    form: str,
+    base: bytes,
+    root: bytes,
+    ops: Sequence[Op],
+    name: str,
+) -> Path:
+    """A layer that turns the view of `base` into the view of `root` when stacked on top."""
+    w = _Writer(objs, form, bottom=False)
+    b = _new_build(home, name)
+    old_umask = os.umask(0)
+    try:
+        top = m.get_node(txn, root)
+        b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
+
+        def ensure_dir(path: bytes) -> int:
+            """The directory `path` in the layer (non-opaque: merges with the layers below),
+            created with every ancestor, carrying the new root's mode/mtime."""
+            if path in b.known:
+                return b.fd(path)
+            parent, _, _leaf = path.rpartition(b"/")
+            ensure_dir(parent)
+            e = m.lookup(txn, root, path)
+            if e is None or e.kind is not Kind.DIR:
+                raise VeloError(
+                    f"delta layer: {paths.display(path)} is not a directory in the new root",
+                    reason=Reason.MANIFEST_CORRUPT,
+                )
+            node = m.get_node(txn, e.digest)
+            b.mkdir(path, node.mode, node.mtime_ns)
+            return b.fd(path)
+
+        for op in sorted(ops, key=lambda o: o.path):
+            if op.path == b"":
+                continue  # the root's own mode/mtime: already taken from `root`
+            parent, _, leaf = op.path.rpartition(b"/")
+            new = m.lookup(txn, root, op.path)
+            old = m.lookup(txn, base, op.path)
+            visible_old = old is not None and old.kind is not Kind.MASK
+            if op.kind is OpKind.META and new is not None and new.kind is Kind.DIR:
+                ensure_dir(op.path)
+                continue
+            pfd = ensure_dir(parent)
+            if new is None or new.kind is Kind.MASK:
+                if visible_old:
+                    w.whiteout(pfd, leaf, b.xmarked)
+                continue
+            if new.kind is Kind.DIR:
+                node = m.get_node(txn, new.digest)
+                b.mkdir(op.path, node.mode, node.mtime_ns)
+                if visible_old:  # hide what the base had there
+                    os.setxattr(b.fd(op.path), _XATTR_OPAQUE, b"y")
+                _fill(w, b, _plan_subtree(m, txn, b, node, op.path))
+            else:
+                w.put(pfd, new)
+        b.finish()
+    except BaseException:
+        b.close()
+        force_rmtree(b.path)
+        raise
+    finally:
+        os.umask(old_umask)
+    b.close()
+    return b.path
+
+
+def copy_bytes(m: Manifests, txn: Txn, root: bytes, ops: Sequence[Op]) -> int:
+    """Bytes a data-only delta layer would copy for `ops` (Tier-2 file contents)."""
+    total = 0
+    for op in ops:
+        if op.kind is OpKind.DELETE:
+            continue
+        e = m.lookup(txn, root, op.path)
+        if e is None:
+            continue
+        if e.kind is Kind.DIR:
+            if op.kind is OpKind.PUT:
+                for _p, sub, _n in m.walk(txn, e.digest):
+                    if sub.kind is Kind.FILE and sub.tier != 1:
+                        total += sub.size
+        elif e.kind is Kind.FILE and e.tier != 1:
+            total += e.size
+        if total > DELTA_MAX_COPY:
+            break
+    return total
+
+
+def publish_layer(home: Home, built: Path, name: str) -> Path:
+    final = home.sub("layers", name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(built, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        force_rmtree(built)  # built by an earlier, interrupted run: identical content
+    return final
+
+
+def clean_tmp(home: Home, name: str) -> None:
+    """Remove half-built layers of `name` (we hold its lock, so their builders are dead)."""
+    tmpdir = home.sub("tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(tmpdir):
+            if entry.startswith(name + "."):
+                force_rmtree(tmpdir / entry)

@@ -1,0 +1,231 @@
+"""The objects a lower layer references: short names in `ids-v1/`, `chattr +i`, proxies."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterable
+
+from veloverlay import fsflags, linking
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id_path, trees_dir
+from veloverlay.store.cas import Store, object_missing
+from veloverlay.store.digest import hash_fd
+from veloverlay.store.manifest import Manifests, Txn
+
+__all__ = ["ids_dir", "short_id_path", "Objects", "protect_all", "name_and_protect"]
+
+
+# --- object names and protection ---------------------------------------------------------------
+class Objects:
+    """Per-build bookkeeping for the objects a layer references: short names, +i, proxies."""
+
+    def __init__(
+        self,
+        store: Store,
+        m: Manifests,
+        txn: Txn,
+        *,
+        protect: bool,
+        form: str,
+        volatile: bool = False,
+    ) -> None:
+        self.store = store
+        self.volatile = volatile
+        self.m = m
+        self.txn = txn
+        self.protect = protect
+        self.form = form
+        self.ids_b = os.fsencode(ids_dir(store))
+        self.proxies_b = os.fsencode(trees_dir(store, "proxies"))
+        self.seen_ids: dict[bytes, str] = {}
+        self.made_dirs: set[bytes] = set()
+        self.protected: set[bytes] = set()
+        self.protect_failed: list[str] = []
+        self.proxies: dict[tuple[bytes, int], tuple[bytes, int]] = {}
+        if form == "links":  # parents made here, before a build sets umask 0
+            os.makedirs(self.proxies_b, exist_ok=True)
+
+    # -- +i
+    def _immutable(self, digest: bytes) -> None:
+        if not self.protect or digest in self.protected:
+            return
+        self.protected.add(digest)
+        try:
+            fsflags.set_immutable(os.fsdecode(self.store.object_path_b(digest)), True)
+        except OSError as exc:
+            if len(self.protect_failed) < 5:
+                self.protect_failed.append(f"{digest.hex()[:16]}: {exc}")
+
+    # -- redirects (data-only layer)
+    def redirect(self, digest: bytes) -> bytes:
+        """The `user.overlay.redirect` value naming `digest` in the data-only layer (the object
+        is named there first and made +i when protecting)."""
+        if self.volatile:  # the layer is objects-v1 itself; tmpfs does not mind 71 bytes
+            h = digest.hex().encode()
+            self._immutable(digest)
+            return b"/%s/%s/%s" % (h[:2], h[2:4], h)
+        short = self.short_id(digest)
+        return b"/%s/%s" % (short[:2].encode(), short[2:].encode())
+
+    def short_id(self, digest: bytes) -> str:
+        """Ensure `ids-v1/<ab>/<rest>` is a hard link of the object; return the id."""
+        known = self.seen_ids.get(digest)
+        if known is not None:
+            return known
+        alt = self.txn.get(digest, db=self.m.ids)
+        short = bytes(alt).decode() if alt is not None else digest.hex()[:ID_HEX]
+        short = self._link_id(digest, short)
+        self.seen_ids[digest] = short
+        return short
+
+    def _link_id(self, digest: bytes, short: str) -> str:
+        src = self.store.object_path_b(digest)
+        dname = self.ids_b + b"/" + short[:2].encode()
+        if dname not in self.made_dirs:
+            os.makedirs(dname, 0o755, exist_ok=True)
+            self.made_dirs.add(dname)
+        dst = dname + b"/" + short[2:].encode()
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            a, b = os.lstat(src), os.lstat(dst)
+            if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
+                self._immutable(digest)
+                return short
+            return self._id_clash(digest, short, dst)
+        except PermissionError:
+            # The object is +i already (link() to an immutable inode is EPERM, measured): only
+            # a process that may clear the flag can name it; it sets it again at once.
+            if not self.protect:
+                raise
+            fsflags.set_immutable(os.fsdecode(src), False)
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            finally:
+                fsflags.set_immutable(os.fsdecode(src), True)
+        except FileNotFoundError:
+            raise object_missing(digest) from None
+        self._immutable(digest)
+        return short
+
+    def _id_clash(self, digest: bytes, short: str, dst: bytes) -> str:
+        """`dst` names another inode: a stale name of this object (same bytes, e.g. after gc)
+        is replaced; another object sharing the 80-bit prefix gets a longer id, kept in LMDB."""
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            same = hash_fd(fd)[0] == digest
+        finally:
+            os.close(fd)
+        if same:
+            tmp = dst + b".%d.tmp" % os.getpid()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.link(self.store.object_path_b(digest), tmp, follow_symlinks=False)
+            try:
+                os.rename(tmp, dst)
+            except PermissionError:
+                if not self.protect:
+                    raise
+                fsflags.set_immutable(os.fsdecode(dst), False)
+                os.rename(tmp, dst)
+            self._immutable(digest)
+            return short
+        full = digest.hex()
+        for n in range(ID_HEX + 1, len(full) + 1):
+            candidate = full[:n]
+            if candidate == short:
+                continue
+            path = short_id_path(self.store, candidate)
+            if os.path.lexists(path):
+                st, ob = os.lstat(path), os.lstat(self.store.object_path_b(digest))
+                if st.st_ino != ob.st_ino:
+                    continue
+            with self.m.write() as wtxn:
+                wtxn.put(digest, candidate.encode(), db=self.m.ids)
+            return self._link_id(digest, candidate)
+        raise VeloError(f"no free short id for {full}", reason=Reason.OBJECT_CORRUPT)
+
+    # -- proxies (links form)
+    def proxy(self, digest: bytes, mode: int, *, bump: bool = False) -> bytes:
+        key = (digest, mode)
+        cur = self.proxies.get(key)
+        index = 0 if cur is None else cur[1] + (1 if bump else 0)
+        if cur is not None and not bump:
+            return cur[0]
+        hexname = digest.hex()
+        pdir = self.proxies_b + b"/" + hexname[:2].encode()
+        if pdir not in self.made_dirs:
+            os.makedirs(pdir, 0o755, exist_ok=True)
+            self.made_dirs.add(pdir)
+        name = f"{hexname}-{mode:04o}" + (f"-{index}" if index else "")
+        path = pdir + b"/" + name.encode()
+        if not os.path.lexists(path):
+            tmp = path + b".%d.%s" % (os.getpid(), os.urandom(3).hex().encode())
+            src = self.store.object_path_b(digest)
+            try:
+                linking.clone_or_copy(os.fsdecode(src), os.fsdecode(tmp), mode=mode)
+            except FileNotFoundError:
+                raise object_missing(digest) from None
+            os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            os.unlink(tmp)
+            self._immutable(digest)
+        self.proxies[key] = (path, index)
+        return path
+
+    def link_proxy(self, digest: bytes, mode: int, name: bytes, dfd: int) -> None:
+        path = self.proxy(digest, mode)
+        for _ in range(64):
+            try:
+                os.link(path, name, dst_dir_fd=dfd, follow_symlinks=False)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                path = self.proxy(digest, mode, bump=True)
+        raise SysError(errno.EMLINK, "link", path)
+
+    def tier1(self, digest: bytes) -> bytes:
+        if self.form == "data-only" and not self.volatile:
+            self.short_id(digest)  # name it before +i so a later Tier-2 use needs no clearing
+        else:
+            if not self.store.has(digest):
+                raise object_missing(digest)
+            self._immutable(digest)
+        return self.store.object_path_b(digest)
+
+
+def protect_all(store: Store, m: Manifests, root: bytes, form: str, home: Home) -> list[str]:
+    """+i on every object `root` references (a stack built without it, now used by root)."""
+    with m.read() as txn:
+        objects: set[bytes] = set()
+        m.reachable(txn, root, set(), objects)
+        objs = Objects(store, m, txn, protect=True, form=form, volatile=home.volatile)
+        for d in sorted(objects):
+            if form == "data-only" and not home.volatile:
+                objs.short_id(d)
+            else:
+                objs._immutable(d)
+    return objs.protect_failed
+
+
+def name_and_protect(store: Store, m: Manifests, digests: Iterable[bytes]) -> list[str]:
+    """Give new objects (e.g. just harvested) their short names, then +i (root only).
+
+    Done at once rather than at the next lower build so that, when root, no object of the
+    store stays mutable in between (P0-a). Returns what failed (empty when all went well).
+    """
+    ids_dir(store).mkdir(exist_ok=True)
+    with m.read() as txn:
+        objs = Objects(store, m, txn, protect=True, form="data-only")
+        for d in digests:
+            objs.short_id(d)
+    return objs.protect_failed
+
+
+PROXY_MTIME_NS = 1_000_000_000

@@ -1,0 +1,266 @@
+"""Lower layers: turn a manifest root into directories an overlay can stack, cached per root.
+
+Two forms (DESIGN.md "Projection"), chosen by the probe (`probe.lower_form`), never by version:
+
+* **data-only** — a *metadata layer*: per Tier-2 file a sparse file of the real size with the
+  manifest's mode and mtime and the xattrs `user.overlay.metacopy` (empty) and
+  `user.overlay.redirect` = `/<ab>/<id>`, a path in the *data-only layer* `<store>/ids-v1/`, which
+  holds a second hard link of each object under a short name (`ab` + 18 more hex digits of the
+  digest = 80 bits). Redirect values stay at 22 bytes: on ext4 a value above ~24 bytes no longer
+  fits in the inode and costs a 4 KiB xattr block per file (measured: 80 MB per 20,000 files with
+  the 71-byte object path, 0.5 MB with the short id; the short-name hard link costs ~10 µs per
+  object on first use, ~98,000/s, and a symlink in the data-only layer is not followed by
+  overlayfs: ENOENT, measured). Mounted as `lowerdir=<meta>` + data-only lower `ids-v1` with
+  `userxattr`. That is the form kept in the store; where a per-boot tmpfs directory is usable
+  (`volatile.py`) metadata layers are built there instead — an inode on tmpfs costs a fraction
+  of an ext4 one and xattr size only memory — with redirects to the full object path
+  `/<ab>/<cd>/<hex>` and `objects-v1` itself as the data-only lower: no short names to make.
+* **links** — a tree of hard links to per-(digest, mode) *proxy* inodes in `trees-v1/proxies/`:
+  copies (reflinks where the filesystem can) of the object with the entry's mode, never the 0444
+  object itself (a non-root owner could not write the merged file). A proxy is shared by every
+  path with that content and mode, so its mtime cannot be each path's: it is normalised to
+  `PROXY_MTIME_NS` (1 s after the epoch, as Nix does), and harvest ignores that value on
+  copied-up files whose content did not change. EMLINK (65,000 links on ext4) opens another proxy.
+
+Both forms project Tier-1 entries as symlinks to their objects (absolute paths) and skip MASK
+entries. When `protect` is set (real root with a working FS_IOC_SETFLAGS), every object a lower
+references gets `chattr +i` after its short-name link exists (link() to a +i inode is EPERM,
+measured); what was reached is returned, never assumed (P0-d).
+
+Cost follows the change: a layer set ("stack") is cached per (form, root) in `trees-v1/stacks/`.
+For a new root whose ancestor (a hint) has a cached stack, only the delta is built, as a small
+extra layer on top (puts as entries, deletions as whiteouts — a 0/0 char device where mknod works,
+else a zero-size file with `user.overlay.whiteout` inside a directory marked `user.overlay.opaque=x`
+— replaced directories as `user.overlay.opaque=y`); after `FLATTEN_AFTER` layers the root is built
+whole again. Builds run under a per-(form, root) flock, into a temp dir renamed into place.
+
+Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp/):
+    ids-v1/<ab>/<18 hex>                       short names of objects (data-only layer)
+    trees-v1/layers/<name>/                    one layer (immutable once renamed into place)
+    trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
+    trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
+    trees-v1/locks/  trees-v1/tmp/
+A stack is looked up in the per-boot cache, then in the store; a delta layer is only stacked on
+a base in the same place; a build that fills the cache (ENOSPC) is redone in the store.
+
+Imports the kernel modules (`fsflags`, `linking`) and the manifest layer; nothing here mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import flock, write_json_atomic
+from veloverlay.lower.homes import (
+    FULL_ERRNOS,
+    Home,
+    TooBig,
+    boot_home,
+    data_layers,
+    disk_home,
+    fallback_note,
+    holds_xattrs,
+    ids_dir,
+    reap_orphans,
+)
+from veloverlay.lower.layers import (
+    DELTA_MAX_COPY,
+    DELTA_MAX_OPS,
+    FORMS,
+    clean_tmp,
+    copy_bytes,
+    delta_layer,
+    full_layer,
+    publish_layer,
+)
+from veloverlay.lower.objects import Objects, protect_all
+from veloverlay.records import Record
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
+from veloverlay.store.tree import Op
+
+__all__ = ["FORMS", "FLATTEN_AFTER", "Lowers", "ensure_lowers", "ids_dir"]
+
+FLATTEN_AFTER = 20
+
+
+class Lowers(Record, frozen=True):
+    """The layers that project `root`: pass `layers` (topmost first) and `data_layers` to mount."""
+
+    form: str
+    root: bytes
+    layers: tuple[str, ...]
+    data_layers: tuple[str, ...]
+    built: str  # "cached" | "delta" | "full"
+    seconds: float
+    immutable: bool  # every object these layers reference carries +i
+    protection_note: str
+    home: str = ""  # the directory holding layers/ and stacks/ (store or per-boot cache)
+    warning: str = ""  # e.g. the per-boot cache was full and the layers went to the store
+
+
+# --- stacks ------------------------------------------------------------------------------------
+def _stack_path(home: Home, form: str, root: bytes) -> Path:
+    return home.sub("stacks", f"{form}-{root.hex()}.json")
+
+
+def _read_stack(home: Home, form: str, root: bytes) -> tuple[list[str], bool] | None:
+    """(layer names top first, whether every object they reference is +i) or None."""
+    try:
+        data = json.loads(_stack_path(home, form, root).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    base = home.sub("layers")
+    if not all(isinstance(n, str) and (base / n).is_dir() for n in layers):
+        return None
+    return [str(n) for n in layers], data.get("immutable") is True
+
+
+def _write_stack(
+    home: Home, form: str, root: bytes, layers: list[str], built: str, immutable: bool
+) -> None:
+    write_json_atomic(
+        _stack_path(home, form, root),
+        {
+            "form": form,
+            "root": root.hex(),
+            "layers": layers,
+            "built": built,
+            "immutable": immutable,
+        },
+    )
+
+
+def ensure_lowers(
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    *,
+    form: str,
+    protect: bool,
+    hints: Iterable[bytes] = (),
+) -> Lowers:
+    """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
+
+    `hints` are roots whose layers may already exist (e.g. the ref's earlier commits, newest
+    first): the first one cached is used as the base of a delta layer. Data-only layers are
+    built in the per-boot directory (`volatile.py`) when there is one that holds user xattrs,
+    else in the store; a stack already in the store is used as it is.
+    """
+    if form not in FORMS:
+        raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
+    t0 = time.perf_counter()
+    disk = disk_home(store)
+    fast = boot_home(store) if form == "data-only" else None
+    homes = [fast, disk] if fast is not None else [disk]
+    key = f"{form}-{root.hex()}"
+    failed: list[str] = []
+    warning = ""
+    built = "cached"
+    found = next(((h, c) for h in homes if (c := _read_stack(h, form, root)) is not None), None)
+    if found is None or (protect and not found[1][1]):
+        home = found[0] if found is not None else homes[0]
+        with flock(home.sub("locks", key + ".lock")):
+            cached = _read_stack(home, form, root)  # another session may have built it
+            if cached is None and home.volatile and not holds_xattrs(home):
+                home = disk  # e.g. tmpfs before Linux 6.6: keep the layers in the store
+                cached = _read_stack(home, form, root)
+            if cached is None:
+                result: tuple[list[str], str, bool, list[str]] | None
+                try:
+                    result = _build(store, home, m, root, form, protect, hints)
+                except (TooBig, OSError) as exc:
+                    if not home.volatile or (
+                        isinstance(exc, OSError) and exc.errno not in FULL_ERRNOS
+                    ):
+                        raise
+                    warning = fallback_note(home, exc)
+                    home, result = disk, None
+                if result is None:  # the per-boot cache could not take it: in the store
+                    with flock(home.sub("locks", key + ".lock")):
+                        cached = _read_stack(home, form, root)
+                        if cached is None:
+                            result = _build(store, home, m, root, form, protect, hints)
+                if result is not None:
+                    layers, built, immutable, failed = result
+                    _write_stack(home, form, root, layers, built, immutable)
+                    cached = layers, immutable
+            elif protect and not cached[1]:
+                failed = protect_all(store, m, root, form, home)
+                cached = cached[0], not failed
+                _write_stack(home, form, root, cached[0], "upgraded", cached[1])
+            assert cached is not None  # built, or found by the store fallback
+            found = home, cached
+    home, (names, immutable) = found
+    if form == "data-only" and not home.volatile:
+        ids_dir(store).mkdir(exist_ok=True)
+    return Lowers(
+        form,
+        root,
+        tuple(os.fspath(home.sub("layers", n)) for n in names),
+        data_layers(store, home, form),
+        built,
+        time.perf_counter() - t0,
+        protect and immutable,
+        _note(protect, failed, form),
+        os.fspath(home.root),
+        warning,
+    )
+
+
+def _build(
+    store: Store,
+    home: Home,
+    m: Manifests,
+    root: bytes,
+    form: str,
+    protect: bool,
+    hints: Iterable[bytes],
+) -> tuple[list[str], str, bool, list[str]]:
+    """Build what projects `root` in `home` (caller holds its lock): (layers, built,
+    immutable, failed). A delta is only stacked on a base in the same home."""
+    key = f"{form}-{root.hex()}"
+    clean_tmp(home, key)
+    if home.volatile:  # at each build: drop the layers of stores deleted since
+        reap_orphans(home.root)
+    with m.read() as txn:
+        objs = Objects(store, m, txn, protect=protect, form=form, volatile=home.volatile)
+        base: tuple[list[str], bool] | None = None
+        base_root = b""
+        for h in hints:
+            if h != root and (found := _read_stack(home, form, h)) is not None:
+                base, base_root = found, h
+                break
+        ops: list[Op] | None = None
+        if base is not None and len(base[0]) < FLATTEN_AFTER:
+            ops = m.diff(txn, base_root, root)
+            if len(ops) > DELTA_MAX_OPS:
+                ops = None
+            elif form == "data-only" and copy_bytes(m, txn, root, ops) > DELTA_MAX_COPY:
+                ops = None  # cheaper to write a new metadata layer than to copy the data
+        if base is not None and ops is not None:
+            name = f"{key}-on-{base_root.hex()[:16]}"
+            clean_tmp(home, name)
+            path = delta_layer(home, m, txn, objs, form, base_root, root, ops, name)
+            publish_layer(home, path, name)
+            immutable = protect and base[1] and not objs.protect_failed
+            return [name, *base[0]], "delta", immutable, objs.protect_failed
+        path = full_layer(home, m, txn, objs, form, root, key)
+        publish_layer(home, path, key)
+        return [key], "full", protect and not objs.protect_failed, objs.protect_failed
+
+
+def _note(protect: bool, failed: list[str], form: str) -> str:
+    if not protect:
+        return "objects are not immutable (chattr +i needs real root)"
+    if failed:
+        return "chattr +i failed for some objects: " + "; ".join(failed)
+    return "every object referenced is immutable (chattr +i)"

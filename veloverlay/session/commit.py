@@ -1,0 +1,193 @@
+"""Harvest and commit a finished session: the part both backends share.
+
+A backend says how its changes are read (`Harvest`: the overlay's upper dir, or the shim's
+stat-diff of the materialised tree); this module does the rest in one order, for both:
+
+1. under the store lock and a stage: if an earlier run of this session already committed (a
+   resume after a crash between commit and state save), report that commit and stop;
+2. harvest into the stage, publish the staged objects durably (`Stage.publish`), give them their
+   short names and +i when the session protects objects;
+3. one LMDB write transaction: the harvested nodes, the change restated on the top ref for a
+   stack (`harvest.to_top_ref`), then compare-and-swap on the ref from the session's base commit;
+   when the ref moved meanwhile a three-way merge per path; a conflict, `--no-commit` or a
+   vanished ref keeps the session's tree as `REF@<session>` and says which paths. Nothing is
+   ever dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from veloverlay import paths
+from veloverlay.lower.objects import name_and_protect
+from veloverlay.session.harvest import to_top_ref
+from veloverlay.session.options import SessionResult
+from veloverlay.session.state import State
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.manifest import Manifests, Ref, Txn
+from veloverlay.store.merge import three_way
+from veloverlay.store.tree import Op
+from veloverlay.tiers import Rules
+
+__all__ = ["Harvested", "session_ref_name", "already_committed", "harvest_and_commit"]
+
+LOG_SCAN = 200  # commits of the ref searched for an earlier commit of this session (resume)
+
+
+class Harvested(Protocol):
+    """What a backend's harvest returns: path operations against the view, the directory
+    nodes they need (digest -> encoding), and what to tell the user."""
+
+    ops: list[Op]
+    nodes: dict[bytes, bytes]
+    warnings: list[str]
+
+
+def session_ref_name(top: str, sid: str) -> str:
+    return f"{top.split('@', 1)[0]}@{sid}"
+
+
+def already_committed(
+    m: Manifests, txn: Txn, st: State, *, live_message: str | None = None
+) -> tuple[str | None, str | None]:
+    """(commit on the ref, kept session ref) when an earlier finish of `st` got that far.
+
+    A shim session's `REF@<id>` exists from its start (the live view, whose commits carry
+    `live_message`): only a session ref whose head is not a live-view commit counts as kept."""
+    sref = st.session_ref or session_ref_name(st.top, st.id)
+    r = m.get_ref(txn, sref)
+    if r is not None and (
+        live_message is None or m.get_commit(txn, r.head).message != live_message
+    ):
+        return None, sref
+    ref = m.get_ref(txn, st.top)
+    cid = ref.head if ref is not None else None
+    for _ in range(LOG_SCAN):
+        if cid is None:
+            break
+        c = m.get_commit(txn, cid)
+        if c.session == st.id:
+            return c.id, None
+        if c.id in st.bases:
+            break
+        cid = c.parent
+    return None, None
+
+
+def harvest_and_commit(
+    store: Store,
+    m: Manifests,
+    st: State,
+    res: SessionResult,
+    harvest: Callable[[Txn, Stage, Rules], Harvested],
+    *,
+    protect_new: bool = False,
+    live_message: str | None = None,
+) -> float | None:
+    """Steps 1-3 above; fills `res` (commit, conflict_ref, conflicts, changed, warnings).
+    Returns when (perf_counter) the harvest was done, None when an earlier run had committed."""
+    with store.lock(), store.stage() as stage:
+        store.reclaim_tmp()  # stages of writers that died, e.g. a manager killed mid-harvest
+        with m.read() as txn:
+            done, kept = already_committed(m, txn, st, live_message=live_message)
+            ref = m.get_ref(txn, st.top)
+            rules = Rules.from_json(ref.tiers if ref is not None else None)
+            h = harvest(txn, stage, rules) if done is None and kept is None else None
+        if h is None:
+            res.commit, res.conflict_ref = done, kept
+            return None
+        t_harvested = time.perf_counter()
+        res.warnings.extend(h.warnings)
+        new_objects = list(stage.staged)
+        stage.publish()
+        if protect_new and new_objects:
+            failed = name_and_protect(store, m, new_objects)
+            if failed:
+                res.warnings.append("chattr +i failed for new objects: " + "; ".join(failed))
+        with m.write() as txn:
+            for digest, data in h.nodes.items():
+                m.put_raw_node(txn, digest, data)
+            base_root = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
+            ops = h.ops
+            if st.below_root:  # a stack: the same change, on the top ref alone
+                view_root = bytes.fromhex(st.view_root)
+                below = bytes.fromhex(st.below_root)
+                ops = to_top_ref(m, txn, ops, base_root, below, view_root)
+            res.changed = len(h.ops)
+            new_root = m.apply(txn, base_root, ops) if ops else base_root
+            live = live_message is not None
+            if new_root != base_root or live:  # a shim session's live ref is settled either way
+                _commit(m, txn, st, base_root, new_root, ops, res, live=live)
+    return t_harvested
+
+
+def _commit(
+    m: Manifests,
+    txn: Txn,
+    st: State,
+    base_root: bytes,
+    new_root: bytes,
+    ops: list[Op],
+    res: SessionResult,
+    *,
+    live: bool,
+) -> None:
+    sid, top = st.id, st.top
+    sref = st.session_ref or session_ref_name(top, sid)
+    base_id = st.bases[-1]
+    message = st.message or f"session {sid}"
+    ref = m.get_ref(txn, top)
+    if st.commit_to_ref and ref is not None:
+        if new_root == base_root:
+            res.commit = None
+        elif ref.head == base_id:
+            c = m.commit(
+                txn, top, new_root, expect_head=base_id, message=message, session=sid, delta=ops
+            )
+            res.commit = c.id
+        else:
+            head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
+            mr = three_way(m, txn, base_root, new_root, head_root)
+            if mr.root is None:
+                res.conflicts = [paths.display(p) for p in mr.conflicts]
+                _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+                return
+            if mr.root != head_root:
+                c = m.commit(
+                    txn,
+                    top,
+                    mr.root,
+                    expect_head=ref.head,
+                    message=message + " (merged)",
+                    session=sid,
+                    delta=list(mr.applied),
+                )
+                res.commit = c.id
+            else:
+                res.commit = ref.head  # the ref already holds every change of the session
+        if live:
+            m.delete_ref(txn, sref)  # the live view has served its purpose
+        return
+    # --no-commit, or the ref vanished: the session's tree stays as REF@<session>.
+    _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+
+
+def _keep(
+    m: Manifests,
+    txn: Txn,
+    sref: str,
+    ref: Ref | None,
+    base_id: str,
+    new_root: bytes,
+    ops: list[Op],
+    message: str,
+    sid: str,
+    res: SessionResult,
+) -> None:
+    c = m.put_commit(
+        txn, ref=sref, root=new_root, parent=base_id, message=message, session=sid, delta=ops
+    )
+    m.put_ref(txn, Ref(sref, c.id, ref.path if ref else None, ref.tiers if ref else None, None))
+    res.conflict_ref = sref

@@ -1,0 +1,142 @@
+"""Sessions: project refs at a directory, run a command there, harvest and commit what it changed.
+
+The verbs (`run`, `enter`, `list_sessions`, `harvest_resume`, `clean_sessions`) over the two
+backends. session/select.py decides which backend a session gets; the backend makes the view and
+reads its changes (session/overlay/backend.py: an overlay mount, its upper dir;
+session/shim/backend.py: a materialised tree, the shim's journal and a stat-diff); what both
+share lives beside this module: the options and results (options.py), the state file
+(state.py), the refs and the target (target.py), the reaper and its protocol (reaper.py), and
+harvest-and-commit (commit.py). A backend that is unavailable where `auto` asked for it is said,
+never silent (P0-d).
+"""
+
+from __future__ import annotations
+
+import os
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import force_rmtree
+from veloverlay.session import state
+from veloverlay.session.options import SessionInfo, SessionOptions, SessionResult
+from veloverlay.session.select import Choice, capabilities, decide
+from veloverlay.session.state import State
+from veloverlay.store.cas import Store
+
+__all__ = [
+    "SessionOptions",
+    "SessionResult",
+    "SessionInfo",
+    "choose_backend",
+    "run",
+    "enter",
+    "list_sessions",
+    "harvest_resume",
+    "clean_sessions",
+]
+
+
+def choose_backend(store: Store, opts: SessionOptions) -> Choice:
+    """The backend (and lower form) a session with `opts` gets on this host for this store."""
+    return decide(capabilities(store), opts.backend)
+
+
+def _dispatch(
+    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool
+) -> SessionResult:
+    choice = choose_backend(store, opts)
+    if choice.backend == "overlay":
+        from veloverlay.session.overlay.backend import run_session
+
+        return run_session(store, opts, argv, choice, interactive=interactive)
+    if opts.backend == "auto" and opts.strict:
+        raise VeloError(
+            f"--strict: overlay is unavailable here ({choice.backend_reason}); the shim would "
+            "be a fallback",
+            reason=Reason.FALLBACK_FORBIDDEN,
+        )
+    from veloverlay.session.shim.backend import run_shim
+
+    res = run_shim(store, opts, argv, interactive=interactive)
+    if opts.backend == "auto":  # P0-d: a degradation is said, never silent
+        res.warnings.insert(
+            0, f"overlay is unavailable here ({choice.backend_reason}): used the shim backend"
+        )
+    return res
+
+
+def run(
+    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
+) -> SessionResult:
+    """Run `argv` in a session of `opts.refs`; harvest and commit when it exits."""
+    return _dispatch(store, opts, argv, interactive=interactive)
+
+
+def enter(store: Store, opts: SessionOptions) -> SessionResult:
+    """An interactive $SHELL in a session (the prompt names the ref)."""
+    shell = os.environ.get("SHELL") or "/bin/sh"
+    return _dispatch(store, opts, [shell, "-i"], interactive=True)
+
+
+def _info(st: State) -> SessionInfo:
+    return SessionInfo(
+        id=st.id,
+        refs=list(st.refs),
+        state=st.shown_state(),
+        start=st.start,
+        pid=st.pid,
+        target=st.target,
+        commit=st.commit,
+        conflict_ref=st.conflict_ref,
+        warnings=list(st.warnings),
+    )
+
+
+def list_sessions(store: Store) -> list[SessionInfo]:
+    return [_info(st) for st in state.iter_states(store)]
+
+
+def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
+    """Harvest sessions whose manager died (one, or all of them with None)."""
+    if session_id is not None:
+        states = [state.load(store, session_id)]
+    else:
+        states = list(state.iter_states(store))
+    out: list[SessionResult] = []
+    for st in states:
+        shown = st.shown_state()
+        if st.backend == "shim" and shown not in ("harvested", "discarded"):
+            from veloverlay.session.shim.backend import resume as resume_shim
+
+            try:
+                out.append(resume_shim(store, st.id))
+            except VeloError as exc:
+                if session_id is not None or exc.reason is not Reason.SESSION_ACTIVE:
+                    raise
+            continue
+        if shown in state.DONE_STATES:
+            if session_id is not None:
+                raise VeloError(f"session {st.id} is already {shown}", reason=Reason.USAGE)
+            continue
+        if shown != "dead-unharvested":
+            if session_id is not None:
+                raise VeloError(
+                    f"session {st.id} is still running (manager pid {st.pid})",
+                    reason=Reason.SESSION_ACTIVE,
+                )
+            continue
+        from veloverlay.session.overlay.backend import resume as resume_overlay
+
+        res = resume_overlay(store, st)
+        res.exit_status = st.exit_status if st.exit_status is not None else -1
+        out.append(res)
+    return out
+
+
+def clean_sessions(store: Store) -> int:
+    """Remove the directories of harvested, discarded and failed sessions."""
+    removed = 0
+    for st in list(state.iter_states(store)):
+        if st.shown_state() in state.DONE_STATES:
+            force_rmtree(store.sessions / st.id)
+            removed += 1
+    return removed

@@ -1,0 +1,228 @@
+"""What both backends share when they turn a session's files into path operations: the leaf
+comparison, symlinks and special files as leaves, symlinks into the store read back as Tier-1
+files, and a stacked session's change restated on its top ref.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Callable, Sequence
+
+from veloverlay import paths
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, Op, OpKind
+from veloverlay.tiers import Rules
+
+__all__ = ["StoreLinks", "leaf_op", "other_leaf", "to_top_ref"]
+
+
+class StoreLinks:
+    """A symlink into the store that a program copied (`cp -a`, npm) from a Tier-1 entry: the
+    program meant to keep the file, so it is harvested back into a FILE entry of that object,
+    with the mode the manifest records. Shared by the overlay harvester and the shim's daemon."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        prefixes = {os.fsencode(store.objects) + b"/"}
+        with contextlib.suppress(OSError):
+            prefixes.add(os.fsencode(os.path.realpath(store.objects)) + b"/")
+        self.prefixes = tuple(prefixes)
+        self._root: bytes | None = None
+        self._modes: dict[bytes, int] = {}
+
+    def object_of(self, target: bytes) -> bytes | None:
+        """The digest of the stored object `target` names, or None."""
+        for prefix in self.prefixes:
+            if target.startswith(prefix):
+                mt = _OBJ_RE.match(target[len(prefix) :])
+                if mt and mt.group(1) == mt.group(3)[:2] and mt.group(2) == mt.group(3)[2:4]:
+                    digest = bytes.fromhex(mt.group(3).decode())
+                    if self.store.has(digest):
+                        return digest
+        return None
+
+    def entry(
+        self,
+        m: Manifests,
+        txn: Txn,
+        root: bytes,
+        name: bytes,
+        target: bytes,
+        mtime_ns: int,
+        low: Entry | None,
+        tier: Callable[[], int],
+    ) -> Entry | None:
+        """The FILE entry for a copied store symlink, or None for any other symlink."""
+        digest = self.object_of(target)
+        if digest is None:
+            return None
+        if low is not None and low.kind is Kind.FILE and low.digest == digest:
+            return Entry(name, Kind.FILE, low.mode, low.size, mtime_ns, digest, b"", low.tier)
+        size = os.stat(self.store.object_path_b(digest)).st_size
+        return Entry(
+            name, Kind.FILE, self._mode(m, txn, root, digest), size, mtime_ns, digest, b"", tier()
+        )
+
+    def _mode(self, m: Manifests, txn: Txn, root: bytes, digest: bytes) -> int:
+        """The mode `root` records for the object (what `cp -a` of the file keeps). Built on
+        first need by one walk of the root: copies of Tier-1 symlinks are rare."""
+        if root != self._root:
+            self._root = root
+            self._modes = {}
+            for _p, e, _n in m.walk(txn, root):
+                if e.kind is Kind.FILE and e.tier == 1:
+                    self._modes.setdefault(e.digest, e.mode)
+        return self._modes.get(digest, 0o644)
+
+
+def leaf_op(p: bytes, low: Entry | None, entry: Entry) -> Op | None:
+    """The op that makes the leaf `low` (None: absent) at `p` into `entry`: None when equal, a
+    META when only mode or mtime differ, else a PUT."""
+    if (
+        low is not None
+        and low.kind is entry.kind
+        and low.payload == entry.payload
+        and low.size == entry.size
+        and low.tier == entry.tier
+    ):
+        if (low.mode, low.mtime_ns) == (entry.mode, entry.mtime_ns):
+            return None
+        return Op(OpKind.META, p, mode=entry.mode, mtime_ns=entry.mtime_ns)
+    return Op(OpKind.PUT, p, entry)
+
+
+def other_leaf(
+    links: StoreLinks,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    rules: Rules,
+    dfd: int,
+    name: bytes,
+    st: os.stat_result,
+    p: bytes,
+    low: Entry | None,
+    warnings: list[str],
+) -> Entry | None:
+    """The entry of a non-regular, non-directory leaf at `p` (the harvester's and the shim
+    daemon's): a symlink (a copied Tier-1 store link becomes its file again), else — fifo,
+    socket, device — nothing, with a warning."""
+    mtime = st.st_mtime_ns
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dfd)
+        copied = links.entry(m, txn, root, name, target, mtime, low, lambda: rules.classify(p))
+        if copied is not None:
+            return copied
+        return Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0)
+    kind = (
+        "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+    )
+    warnings.append(f"skipped {paths.display(p)}: a {kind} is not modelled in v1")
+    return None
+
+
+def to_top_ref(
+    m: Manifests, txn: Txn, ops: Sequence[Op], top_root: bytes, below: bytes, view: bytes
+) -> list[Op]:
+    """Re-express ops against the stacked view as ops on the top ref alone.
+
+    Deleting what a lower ref provides records a MASK; a path only a lower ref had gets its
+    directories created in the top ref (they merge with the lower ones); a replaced directory
+    masks the lower ref's names it no longer has.
+    """
+    out: list[Op] = []
+    made: set[bytes] = set()
+
+    def in_top(p: bytes) -> Entry | None:
+        e = m.lookup(txn, top_root, p)
+        return None if e is None or e.kind is Kind.MASK else e
+
+    def below_has(p: bytes) -> Entry | None:
+        e = m.lookup(txn, below, p)
+        return None if e is None or e.kind is Kind.MASK else e
+
+    def ensure_parents(p: bytes) -> None:
+        parts = p.split(b"/")[:-1]
+        cur = b""
+        for name in parts:
+            cur = paths.join(cur, name)
+            if cur in made or in_top(cur) is not None:
+                continue
+            v = m.lookup(txn, view, cur)
+            node = m.get_node(txn, v.digest) if v is not None and v.kind is Kind.DIR else None
+            mode, mtime = (node.mode, node.mtime_ns) if node else (0o755, 0)
+            out.append(
+                Op(OpKind.PUT, cur, Entry(name, Kind.DIR, digest=m.put_node(txn, mode, mtime, [])))
+            )
+            made.add(cur)
+
+    for op in ops:
+        p = op.path
+        if p == b"":
+            out.append(op)
+            continue
+        ensure_parents(p)
+        if op.kind is OpKind.DELETE:
+            if below_has(p) is not None:
+                out.append(Op(OpKind.PUT, p, Entry(p.rsplit(b"/", 1)[-1], Kind.MASK)))
+            else:
+                out.append(op)
+        elif op.kind is OpKind.PUT:
+            e = op.entry
+            assert e is not None
+            lower = below_has(p)
+            if e.kind is Kind.DIR and lower is not None and lower.kind is Kind.DIR:
+                e = Entry(e.name, Kind.DIR, digest=_mask_below(m, txn, e.digest, lower.digest))
+            out.append(Op(OpKind.PUT, p, e))
+            made.add(p)
+        else:  # META
+            if in_top(p) is not None or p in made:
+                out.append(op)
+                continue
+            v = m.lookup(txn, view, p)
+            if v is None:
+                continue
+            if v.kind is Kind.DIR:
+                d = m.put_node(txn, op.mode, op.mtime_ns, [])
+                out.append(Op(OpKind.PUT, p, Entry(v.name, Kind.DIR, digest=d)))
+            else:
+                out.append(
+                    Op(
+                        OpKind.PUT,
+                        p,
+                        Entry(
+                            v.name, v.kind, op.mode, v.size, op.mtime_ns, v.digest, v.target, v.tier
+                        ),
+                    )
+                )
+            made.add(p)
+    return out
+
+
+def _mask_below(m: Manifests, txn: Txn, new: bytes, lower: bytes) -> bytes:
+    """`new` plus MASK entries for what `lower` would otherwise show through it."""
+    n, lo = m.get_node(txn, new), m.get_node(txn, lower)
+    entries = n.as_dict()
+    changed = False
+    for e in lo.entries:
+        if e.kind is Kind.MASK:
+            continue
+        mine = entries.get(e.name)
+        if mine is None:
+            entries[e.name] = Entry(e.name, Kind.MASK)
+            changed = True
+        elif mine.kind is Kind.DIR and e.kind is Kind.DIR:
+            d = _mask_below(m, txn, mine.digest, e.digest)
+            if d != mine.digest:
+                entries[e.name] = Entry(e.name, Kind.DIR, digest=d)
+                changed = True
+    if not changed:
+        return new
+    return m.put_node(txn, n.mode, n.mtime_ns, entries.values())
+
+
+_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})$")

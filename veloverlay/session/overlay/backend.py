@@ -1,0 +1,375 @@
+"""The overlay backend: the view is an overlay mount in the session's namespaces; its changes
+are read from the upper directory.
+
+One code path for root and root-free (DESIGN.md "Sessions" steps 1-5):
+
+1. Resolve the ref(s) (session/target.py) and ensure the lower layers (lower/stacks.py: locked
+   and cached per root); the backend and lower form come from session/select.py.
+2. Create `sessions/<id>/{upper,work}` and the state file (session/state.py).
+3. Fork the namespace child (session/overlay/pid1.py): user + mount + pid (+ net) namespaces,
+   the overlay on the target, the store bound read-only after it, then pid 1 runs the command
+   under the session reaper (session/reaper.py).
+4. The manager (this process) ignores SIGINT while the session runs (Ctrl-C reaches only the
+   session), waits for the reaper's report, then harvests the upper dir
+   (session/overlay/harvest.py) and commits (session/commit.py).
+
+Every mount lives in the child's namespaces and disappears with them; nothing is mounted on any
+path of the caller's namespace. A manager killed with SIGKILL takes the session down with it
+(parent-death signals) and leaves the state "running" with a dead pid: `resume` finishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from veloverlay import ns, overlay
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import force_rmtree
+from veloverlay.lower.stacks import Lowers, ensure_lowers
+from veloverlay.records import Record
+from veloverlay.session import reaper, state
+from veloverlay.session.commit import Harvested, harvest_and_commit
+from veloverlay.session.options import SessionOptions, SessionResult
+from veloverlay.session.overlay.pid1 import ChildSpec, child_main
+from veloverlay.session.relocation import relocation_warnings
+from veloverlay.session.select import Choice
+from veloverlay.session.state import State
+from veloverlay.session.target import Stack, overlay_target, resolve_stack
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.tiers import Rules
+
+__all__ = ["run_session", "resume"]
+
+
+class _Plan(Record):
+    stack: Stack
+    target: str
+    lowers: Lowers
+    form: str
+    protection: str
+    warnings: list[str]
+
+
+def _prepare(store: Store, m: Manifests, opts: SessionOptions, choice: Choice) -> _Plan:
+    if opts.net not in ("host", "none"):
+        raise VeloError(f"unknown network mode {opts.net!r}", reason=Reason.USAGE)
+    choice.raise_error()
+    assert choice.form is not None
+    form, privileged, protect = choice.form, choice.privileged, choice.protect
+    warnings: list[str] = []
+    if form == "links":
+        why = (
+            "forced by VELO_FORCE_LOWER"
+            if choice.form_forced
+            else "data-only lowers are unavailable"
+        )
+        warnings.append(
+            f"lower form 'links' ({why}): file mtimes show as 1970-01-01 00:00:01 and files "
+            "with equal content and mode share an inode number"
+        )
+        if opts.strict:
+            raise VeloError(
+                f"--strict: the proxy-link lower form is a fallback ({why})",
+                reason=Reason.FALLBACK_FORBIDDEN,
+            )
+    if not protect and opts.strict:
+        why = "chattr +i is unavailable" if privileged else "not root"
+        raise VeloError(
+            f"--strict: store objects cannot be made immutable ({why})",
+            reason=Reason.IMMUTABLE_DENIED,
+            hint="without --strict the store is still read-only inside the session; "
+            "'veloverlay fsck' detects changes made outside sessions",
+        )
+    stack = resolve_stack(m, opts.refs)
+    target = overlay_target(store, opts.at, stack.refs[-1])
+    warnings.extend(
+        relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
+    )
+    lowers = ensure_lowers(store, m, stack.view, form=form, protect=protect, hints=stack.hints)
+    if lowers.warning:
+        warnings.append(lowers.warning)
+    if lowers.immutable:
+        protection = "immutable"  # +i on every referenced object, store read-only inside
+    else:
+        protection = "read-only-mount"  # store read-only inside the session only
+        if protect:
+            warnings.append(lowers.protection_note)
+        if opts.strict:
+            raise VeloError(f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED)
+    return _Plan(stack, target, lowers, form, protection, warnings)
+
+
+def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) -> State:
+    sid = state.new_id()
+    sdir = store.sessions / sid
+    store.sessions.mkdir(exist_ok=True)
+    os.mkdir(sdir, 0o700)
+    upper, work = sdir / "upper", sdir / "work"
+    os.mkdir(upper, 0o700)
+    os.mkdir(work, 0o700)
+    # The merged root shows the upper root's attributes: give it the view's.
+    with m.read() as txn:
+        node = m.get_node(txn, plan.stack.view)
+    os.chmod(upper, node.mode)
+    os.utime(upper, ns=(node.mtime_ns, node.mtime_ns))
+    stack = plan.stack
+    roots = {c.root for c in stack.commits} | {stack.view.hex()}
+    if stack.below is not None:
+        roots.add(stack.below.hex())
+    st = State(
+        id=sid,
+        refs=[r.name for r in stack.refs],
+        bases=[c.id for c in stack.commits],
+        view_root=stack.view.hex(),
+        target=plan.target,
+        specs=list(opts.refs),
+        roots=sorted(roots),
+        below_root=stack.below.hex() if stack.below is not None else None,
+        pid=os.getpid(),
+        pid_start=ns.proc_start(os.getpid()),
+        start=time.time(),
+        form=plan.form,
+        protection=plan.protection,
+        layers=list(plan.lowers.layers),
+        discard=opts.discard,
+        commit_to_ref=opts.commit,
+        message=opts.message,
+        warnings=plan.warnings,
+    )
+    state.save(store, st)
+    return st
+
+
+@contextlib.contextmanager
+def manager_signals(child: list[int]) -> Iterator[None]:
+    """Ctrl-C belongs to the session; SIGTERM/SIGHUP end it (then we harvest as usual)."""
+
+    def stop(_sig: int, _frame: object) -> None:
+        if child and child[0] > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child[0], signal.SIGKILL)  # pid 1 follows (pdeathsig), then the ns
+
+    old = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGQUIT: signal.signal(signal.SIGQUIT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, stop),
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run_session(
+    store: Store, opts: SessionOptions, argv: list[str], choice: Choice, *, interactive: bool
+) -> SessionResult:
+    if not argv:
+        raise VeloError("no command to run", reason=Reason.USAGE)
+    m = Manifests(store)
+    try:
+        t0 = time.perf_counter()
+        plan = _prepare(store, m, opts, choice)
+        t_prepared = time.perf_counter()
+        st = _new_state(store, plan, m, opts)
+        sdir = store.sessions / st.id
+        spec = overlay.OverlaySpec(
+            lowers=plan.lowers.layers,
+            data_lowers=plan.lowers.data_layers,
+            upper=os.fspath(sdir / "upper"),
+            work=os.fspath(sdir / "work"),
+            target=plan.target,
+        )
+        top = plan.stack.refs[-1].name
+        env = dict(os.environ)
+        env["VELO_SESSION"] = st.id
+        env["VELO_SESSION_REF"] = top
+        if interactive:
+            env["PS1"] = f"(velo:{top}) \\w\\$ "
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = plan.target
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        ctx = ChildSpec(
+            spec=spec,
+            store_root=os.fspath(store.root),
+            readonly=[plan.lowers.home] if plan.lowers.home != os.fspath(store.trees) else [],
+            cwd=cwd,
+            argv=list(argv),
+            env=env,
+            as_root=opts.as_root,
+            net_none=opts.net == "none",
+            grace=opts.grace,
+            report_fd=wfd,
+            manager_pid=os.getpid(),
+            tty_foreground=ns.tty_foreground(),
+        )
+        child: list[int] = [0]
+        with manager_signals(child):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                try:
+                    os.close(rfd)
+                    child_main(ctx)
+                finally:
+                    os._exit(70)
+            child[0] = pid
+            os.close(wfd)
+            st.child = pid
+            st.state = "running"
+            state.save(store, st)
+            try:
+                report: dict[str, object] = {}
+                for frame in reaper.read_until_exit(rfd, pid):
+                    report.update(frame)
+            finally:
+                os.close(rfd)
+                wstatus = ns.wait_child(pid)
+            if ctx.tty_foreground:
+                ns.reclaim_terminal()
+        err = report.get("error")
+        if isinstance(err, dict):
+            st.state = "failed"
+            st.error = err
+            state.save(store, st)
+            _drop_upper(sdir)
+            raise VeloError(
+                f"the session could not start: {err.get('message')}",
+                reason=Reason(err.get("reason", Reason.SYSCALL.value)),
+                hint=err.get("hint"),
+            )
+        if "exit" in report:
+            exit_status = int(report["exit"])  # type: ignore[call-overload]
+        else:
+            # pid 1 died without a report (killed): the session ended abnormally.
+            code = os.waitstatus_to_exitcode(wstatus)
+            exit_status = 128 - code if code < 0 else (code or 137)
+        killed_raw = report.get("killed", [])
+        killed = [(int(p), str(c)) for p, c in killed_raw] if isinstance(killed_raw, list) else []
+        st.exit_status = exit_status
+        st.killed = killed  # saved with the "harvesting" state
+        t_ran = time.perf_counter()
+        res = _finish(store, m, st)
+        res.timings = {
+            "prepare": t_prepared - t0,
+            "lowers": plan.lowers.seconds,
+            "run": t_ran - t_prepared,
+            **res.timings,
+            "total": time.perf_counter() - t0,
+        }
+        res.killed = killed
+        res.warnings = plan.warnings + res.warnings
+        if killed:
+            shown = ", ".join(f"{c}[{p}]" for p, c in killed[:10])
+            res.warnings.append(f"processes left when the command exited were ended: {shown}")
+        return res
+    finally:
+        m.close()
+
+
+# --- harvest and commit ------------------------------------------------------------------------
+def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
+    """Harvest the upper dir of a finished session and commit it (or discard it)."""
+    sdir = store.sessions / st.id
+    res = SessionResult(
+        session_id=st.id,
+        exit_status=st.exit_status if st.exit_status is not None else -1,
+        commit=None,
+        conflict_ref=None,
+        changed=0,
+        backend="overlay",
+        lower_form=st.form,
+        protection=st.protection,
+        ref=st.top,
+    )
+    if st.discard:
+        st.state = "discarded"
+        state.save(store, st)
+        _drop_upper(sdir)
+        res.state = "discarded"
+        return res
+    t_start = time.perf_counter()
+    st.state = "harvesting"
+    state.save(store, st)
+    view_root = bytes.fromhex(st.view_root)
+    if _untouched(sdir / "upper", view_root, m):
+        # Nothing reached the upper dir: no store lock, no staging, no transaction.
+        st.state, st.commit, st.conflict_ref, st.changed = "harvested", None, None, 0
+        state.save(store, st)
+        _drop_upper(sdir)
+        res.state = "harvested"
+        res.timings = {"harvest": time.perf_counter() - t_start, "commit": 0.0}
+        return res
+
+    def harvest(txn: Txn, stage: Stage, rules: Rules) -> Harvested:
+        from veloverlay.session.overlay.harvest import harvest_upper  # not needed when untouched
+
+        return harvest_upper(
+            store, m, txn, sdir / "upper", view_root, stage, form=st.form, rules=rules
+        )
+
+    t_harvested = harvest_and_commit(
+        store, m, st, res, harvest, protect_new=st.protection == "immutable"
+    )
+    if t_harvested is not None:
+        res.timings = {
+            "harvest": t_harvested - t_start,
+            "commit": time.perf_counter() - t_harvested,
+        }
+    st.state, st.commit, st.conflict_ref = "harvested", res.commit, res.conflict_ref
+    st.changed = res.changed
+    state.save(store, st)
+    _drop_upper(sdir)
+    res.state = "harvested"
+    return res
+
+
+def _untouched(upper: Path, view_root: bytes, m: Manifests) -> bool:
+    """The session changed nothing: an empty upper dir with the view root's mode and mtime."""
+    try:
+        if os.listdir(upper):
+            return False
+        st = os.stat(upper)
+    except OSError:
+        return False
+    with m.read() as txn:
+        node = m.get_node(txn, view_root)
+    return (st.st_mode & 0o7777, st.st_mtime_ns) == (node.mode, node.mtime_ns)
+
+
+def _drop_upper(sdir: Path) -> None:
+    for name in ("upper", "work"):
+        with contextlib.suppress(OSError):
+            force_rmtree(sdir / name)
+
+
+def resume(store: Store, st: State) -> SessionResult:
+    """Finish an overlay session whose manager died (its state shows dead-unharvested)."""
+    if st.child > 0 and ns.proc_start(st.child) is not None:
+        # A parent-death SIGKILL is on its way; make sure before reading the upper.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(st.child, signal.SIGKILL)
+        for _ in range(200):
+            if ns.proc_start(st.child) is None:
+                break
+            time.sleep(0.01)
+    # Take over the session so that a concurrent resume does not harvest it twice.
+    st.pid = os.getpid()
+    st.pid_start = ns.proc_start(os.getpid())
+    state.save(store, st)
+    m = Manifests(store)
+    try:
+        return _finish(store, m, st)
+    finally:
+        m.close()

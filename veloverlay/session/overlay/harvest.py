@@ -1,0 +1,289 @@
+"""Harvest: turn a session's overlay upper directory into path operations against its view.
+
+Walks the upper directory ONLY — never the projected tree — so the cost follows what the session
+changed. The session is over when this runs (every process of it is dead), so reading is
+close-to-open: nothing writes any more.
+
+What the upper holds, and what it becomes:
+* whiteout (0/0 char device, or a zero-size file with `user.overlay.whiteout`) -> DELETE
+* directory marked `user.overlay.opaque=y` -> PUT of a directory built from the upper only
+  (the kernel marks a directory made where a lower entry was deleted, e.g. an EXDEV rename or a
+  file replaced by a directory); a new directory the same way; a copied-up directory is walked
+  and gets META when its own mode/mtime changed
+* regular file -> PUT (content staged into the store); a copy-up whose content equals the
+  lower's (chmod, utime, an open for writing that wrote nothing, a metacopy copy-up) -> META only.
+  In the links form a copied-up file still carries the proxy's normalised mtime
+  (`projection.PROXY_MTIME_NS`); when its content did not change that mtime is not the user's
+  and the manifest's is kept.
+* symlink -> SYMLINK; a symlink into this store's objects (a Tier-1 entry a program copied, e.g.
+  `cp -a`, npm) -> back to a FILE entry of that object
+* hard links are two files (v1 does not model link identity); fifos, sockets and devices are
+  skipped with a warning; setuid/setgid bits a session sets are removed (as ingest does unless
+  asked), bits the manifest already had are kept.
+Files and directories the harvester cannot read as created (mode 000, 0555 dirs for a non-root
+owner) are chmod-ed to read them; the manifest records the mode they had.
+
+Staged objects are published by the caller, before its LMDB write transaction; directory nodes
+built here are returned as encodings (pure) and written by the caller in that transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from veloverlay import faults, paths
+from veloverlay.files import DIRFLAGS
+from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.records import Record, field
+from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
+from veloverlay.store import tree
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.digest import hash_fd
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.tiers import Rules
+
+__all__ = ["HarvestResult", "harvest_upper", "is_whiteout", "leaf_op", "other_leaf"]
+
+_XATTR_OPAQUE = "user.overlay.opaque"
+_XATTR_WHITEOUT = "user.overlay.whiteout"
+_XATTR_METACOPY = "user.overlay.metacopy"
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
+class HarvestResult(Record):
+    ops: list[Op] = field(default_factory=list)
+    nodes: dict[bytes, bytes] = field(default_factory=dict)  # digest -> encoding
+    files_read: int = 0
+    bytes_read: int = 0
+    warnings: list[str] = field(default_factory=list)
+    stripped_setid: int = 0
+
+
+def is_whiteout(st: os.stat_result, dfd: int, name: bytes) -> bool:
+    """A 0/0 character device, or a zero-size file carrying `user.overlay.whiteout`."""
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        try:
+            _getx(dfd, name, _XATTR_WHITEOUT)
+        except OSError:
+            return False
+        return True
+    return False
+
+
+def _getx(dfd: int, name: bytes, attr: str) -> bytes:
+    """getxattr relative to a directory fd (no *xattrat in Python): via /proc/self/fd."""
+    return os.getxattr(b"/proc/self/fd/%d/%s" % (dfd, name), attr, follow_symlinks=False)
+
+
+def _getx_fd(fd: int, attr: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, attr)
+    except OSError:
+        return None
+
+
+class _Harvester:
+    def __init__(
+        self,
+        store: Store,
+        m: Manifests,
+        txn: Txn,
+        stage: Stage,
+        *,
+        form: str,
+        rules: Rules,
+    ) -> None:
+        self.store = store
+        self.m = m
+        self.txn = txn
+        self.stage = stage
+        self.form = form
+        self.rules = rules
+        self.res = HarvestResult()
+        self.links = StoreLinks(store)
+        self.view_root = b""
+
+    # -- opening what the session made unreadable
+    def _open_dir(self, dfd: int, name: bytes, st: os.stat_result) -> int:
+        try:
+            return os.open(name, DIRFLAGS, dir_fd=dfd)
+        except PermissionError:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dfd, follow_symlinks=False)
+            return os.open(name, DIRFLAGS, dir_fd=dfd)
+
+    def _open_file(self, dfd: int, name: bytes, st: os.stat_result) -> int:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            return os.open(name, flags, dir_fd=dfd)
+        except PermissionError:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | 0o400, dir_fd=dfd, follow_symlinks=False)
+            return os.open(name, flags, dir_fd=dfd)
+
+    @staticmethod
+    def _names(dfd: int) -> list[bytes]:
+        return sorted(os.fsencode(n) for n in os.listdir(dfd))
+
+    # -- the walk
+    def run(self, upper: str, view_root: bytes) -> HarvestResult:
+        self.view_root = view_root
+        top = os.open(upper, DIRFLAGS)
+        try:
+            st = os.fstat(top)
+            node = self.m.get_node(self.txn, view_root)
+            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+            if (mode, mtime) != (node.mode, node.mtime_ns):
+                self.res.ops.append(Op(OpKind.META, b"", mode=mode, mtime_ns=mtime))
+            self._merged(top, b"", node)
+        finally:
+            os.close(top)
+        return self.res
+
+    def _merged(self, dfd: int, rel: bytes, lower: Node) -> None:
+        ops = self.res.ops
+        for name in self._names(dfd):
+            p = paths.join(rel, name)
+            st = os.lstat(name, dir_fd=dfd)
+            low = lower.lookup(name)
+            if low is not None and low.kind is Kind.MASK:
+                low = None
+            if is_whiteout(st, dfd, name):
+                if low is not None:
+                    ops.append(Op(OpKind.DELETE, p))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                cfd = self._open_dir(dfd, name, st)
+                try:
+                    opaque = _getx_fd(cfd, _XATTR_OPAQUE) == b"y"
+                    if low is not None and low.kind is Kind.DIR and not opaque:
+                        child = self.m.get_node(self.txn, low.digest)
+                        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+                        if (mode, mtime) != (child.mode, child.mtime_ns):
+                            ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
+                        self._merged(cfd, p, child)
+                    else:
+                        ops.append(Op(OpKind.PUT, p, self._new_dir(cfd, name, st, p)))
+                finally:
+                    os.close(cfd)
+                continue
+            entry = self._leaf(dfd, name, st, p, low)
+            op = leaf_op(p, low, entry) if entry is not None else None
+            if op is not None:
+                ops.append(op)
+
+    def _new_dir(self, dfd: int, name: bytes, st: os.stat_result, rel: bytes) -> Entry:
+        """A directory from the upper only (new, or opaque): its whole subtree."""
+        entries: list[Entry] = []
+        for child in self._names(dfd):
+            p = paths.join(rel, child)
+            cst = os.lstat(child, dir_fd=dfd)
+            if is_whiteout(cst, dfd, child):
+                continue  # hides a lower entry this directory does not show anyway
+            if stat.S_ISDIR(cst.st_mode):
+                cfd = self._open_dir(dfd, child, cst)
+                try:
+                    entries.append(self._new_dir(cfd, child, cst, p))
+                finally:
+                    os.close(cfd)
+                continue
+            e = self._leaf(dfd, child, cst, p, None)
+            if e is not None:
+                entries.append(e)
+        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries)
+        self.res.nodes[digest] = data
+        return Entry(name, Kind.DIR, digest=digest)
+
+    def _leaf(
+        self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
+    ) -> Entry | None:
+        if stat.S_ISREG(st.st_mode):
+            return self._file(dfd, name, st, p, low)
+        return other_leaf(
+            self.links,
+            self.m,
+            self.txn,
+            self.view_root,
+            self.rules,
+            dfd,
+            name,
+            st,
+            p,
+            low,
+            self.res.warnings,
+        )
+
+    def _file(
+        self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
+    ) -> Entry:
+        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+        low_file = low if low is not None and low.kind is Kind.FILE else None
+        fd = self._open_file(dfd, name, st)
+        try:
+            if low_file is not None and _getx_fd(fd, _XATTR_METACOPY) is not None:
+                # A metacopy copy-up: only the metadata is in the upper, the data is the lower's.
+                digest, size = low_file.digest, low_file.size
+            elif low_file is not None and st.st_size == low_file.size:
+                digest, size = hash_fd(fd)
+                self.res.files_read += 1
+                self.res.bytes_read += size
+                if digest != low_file.digest:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    digest, size, _new = self.stage.add_fd(fd)
+            else:
+                digest, size, _new = self.stage.add_fd(fd)
+                self.res.files_read += 1
+                self.res.bytes_read += size
+        finally:
+            os.close(fd)
+        faults.point("harvest.file")
+        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
+            # As ingest does unless asked (keep_setid): a session does not mint setuid/setgid
+            # files; bits the manifest already had are kept.
+            mode &= ~_SETID
+            self.res.stripped_setid += 1
+        if low_file is not None and digest == low_file.digest:
+            if self.form == "links" and mtime == PROXY_MTIME_NS:
+                mtime = low_file.mtime_ns  # the proxy's normalised mtime, not the user's
+            tier = low_file.tier
+        else:
+            tier = low_file.tier if low_file is not None else self.rules.classify(p)
+        return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+
+def harvest_upper(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    upper: str | os.PathLike[str],
+    view_root: bytes,
+    stage: Stage,
+    *,
+    form: str,
+    rules: Rules,
+) -> HarvestResult:
+    """Path operations that turn `view_root` into what the session left in `upper`.
+
+    `txn` is a read transaction (the view's nodes are only looked up); new file contents go to
+    `stage`; new directory nodes are in the result's `nodes`.
+    """
+    h = _Harvester(store, m, txn, stage, form=form, rules=rules)
+    try:
+        res = h.run(os.fspath(upper), view_root)
+        if res.stripped_setid:
+            res.warnings.append(
+                f"setuid/setgid bits removed from {res.stripped_setid} file(s) made in the session"
+            )
+        return res
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not os.path.isdir(upper):
+            from veloverlay.errors import Reason, VeloError
+
+            raise VeloError(
+                f"the session's upper directory {os.fspath(upper)} is missing",
+                reason=Reason.SESSION_NOT_FOUND,
+            ) from exc
+        raise

@@ -1,0 +1,93 @@
+"""The overlay session's processes, in forked children (DESIGN.md "Sessions" steps 3-5).
+
+`child_main` enters the namespaces, mounts the overlay, then binds the store read-only, and forks
+pid 1 (`_init_main`): a fresh /proc, a nested user namespace that locks those mounts, then the
+command under the session reaper (session/reaper.py), which ends leftovers and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from veloverlay import mount, ns
+from veloverlay.overlay import OverlaySpec
+from veloverlay.records import Record
+from veloverlay.session import reaper
+
+__all__ = ["ChildSpec", "child_main"]
+
+
+class ChildSpec(Record):
+    spec: OverlaySpec
+    store_root: str
+    readonly: list[str]  # more directories bound read-only (the per-boot layer cache)
+    cwd: str
+    argv: list[str]
+    env: dict[str, str]
+    as_root: bool
+    net_none: bool
+    grace: float
+    report_fd: int
+    manager_pid: int
+    tty_foreground: bool  # stdin is a terminal whose foreground process group is ours
+
+
+def child_main(ctx: ChildSpec) -> None:
+    """The intermediate child: namespaces and mounts, then pid 1 of the new pid namespace."""
+    ns.die_with_parent(signal.SIGKILL)
+    if os.getppid() != ctx.manager_pid:  # the manager died before pdeathsig was armed
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        ns.enter_userns(map_root=ctx.as_root, net=ctx.net_none, pid=True)
+        mount.make_rprivate("/")
+        ctx.spec.mount()
+        # Only now: a read-only store under the upper dir before the overlay mount would make
+        # the overlay read-only (measured). The overlay keeps its own reference to the upper.
+        mount.bind(ctx.store_root, ctx.store_root, readonly=True)
+        for path in ctx.readonly:
+            mount.bind(path, path, readonly=True)
+        if ctx.net_none:
+            ns.loopback_up()
+    except BaseException as exc:  # noqa: BLE001 - reported to the manager
+        reaper.send(ctx.report_fd, reaper.error_frame(exc))
+        os._exit(1)
+    pid1 = os.fork()
+    if pid1 == 0:
+        try:
+            _init_main(ctx)
+        finally:
+            os._exit(70)
+    os.close(ctx.report_fd)
+    status = ns.wait_child(pid1)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 70)
+
+
+def _init_main(ctx: ChildSpec) -> None:
+    """pid 1: /proc, lock the mounts, run the command, reap, clean up leftovers, report."""
+    ns.die_with_parent(signal.SIGKILL)
+    try:
+        mount.mount_proc("/proc")
+        # A nested user + mount namespace locks every mount made above (the kernel marks mounts
+        # copied into a less privileged namespace MNT_LOCK_*): the command, root or not, can
+        # neither remount the store writable nor unmount the overlay.
+        ns.enter_userns(map_root=os.getuid() == 0)
+        try:
+            os.chdir(ctx.cwd)  # re-resolve: a cwd inside the target now means the overlay
+        except OSError:
+            os.chdir(ctx.spec.target)
+        ns.no_new_privs()
+    except BaseException as exc:  # noqa: BLE001
+        reaper.send(ctx.report_fd, reaper.error_frame(exc))
+        os._exit(1)
+    reaper.run_and_reap(
+        ctx.argv,
+        ctx.env,
+        cwd=None,
+        grace=ctx.grace,
+        report_fd=ctx.report_fd,
+        tty_foreground=ctx.tty_foreground,
+    )
+    os._exit(0)

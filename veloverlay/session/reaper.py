@@ -1,0 +1,248 @@
+"""The session reaper and the manager <-> reaper protocol, one of each for both backends.
+
+The reaper is the process that runs the session's command: pid 1 of the overlay session's pid
+namespace, or a child subreaper of the shim session's manager. Either way every process the
+command leaves behind ends up as its descendant (orphans are reparented to it). `run_and_reap`
+forks the command, learns through a close-on-exec pipe whether the exec worked, waits for it,
+then ends what is left (`end_rest`: SIGTERM to every descendant, `grace` seconds, SIGKILL,
+reap) and returns the report.
+
+Wire format (reaper -> manager, one pipe): frames of `u32 length` + a JSON object. The reaper
+sends `{"child": pid, "exec_failed": bool}` once the command's exec is settled, then the final
+`{"exit": status, "killed": [[pid, comm], ...], "child": pid, "exec_failed": bool}`; a session
+that could not start sends `{"error": {"message", "reason", "hint"}}`.
+
+Everything here runs in forked children or the manager: plain os calls, no threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from veloverlay import ns
+from veloverlay.errors import Reason, SysError, VeloError
+
+__all__ = [
+    "send",
+    "frames",
+    "read_until_exit",
+    "error_frame",
+    "descendants",
+    "end_rest",
+    "run_and_reap",
+]
+
+_HEADER = struct.Struct("<I")
+
+# Signals the reaper ignores or handles that the command must get back at their defaults.
+CHILD_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGPIPE,
+    signal.SIGCHLD,
+    signal.SIGTERM,
+    signal.SIGHUP,
+)
+
+
+# --- the wire ------------------------------------------------------------------------------------
+def send(fd: int, obj: dict[str, Any]) -> None:
+    """Write one frame (errors ignored: a manager that is gone reads nothing anyway)."""
+    data = json.dumps(obj).encode()
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    with contextlib.suppress(OSError):
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def frames(buf: bytearray) -> Iterator[dict[str, Any]]:
+    """The complete frames at the start of `buf` (consumed); a partial one stays."""
+    while len(buf) >= _HEADER.size:
+        (n,) = _HEADER.unpack_from(buf)
+        if len(buf) < _HEADER.size + n:
+            return
+        data = bytes(buf[_HEADER.size : _HEADER.size + n])
+        del buf[: _HEADER.size + n]
+        with contextlib.suppress(ValueError):
+            obj = json.loads(data)
+            if isinstance(obj, dict):
+                yield obj
+
+
+def read_until_exit(rfd: int, pid: int) -> list[dict[str, Any]]:
+    """Every frame the reaper side sent, read until EOF or until `pid` (a child) has exited."""
+    return list(frames(bytearray(ns.read_until_exit(rfd, pid))))
+
+
+def error_frame(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, VeloError):
+        err = {"message": exc.message, "reason": exc.reason.value, "hint": exc.hint}
+    elif isinstance(exc, SysError):
+        err = {"message": str(exc), "reason": Reason.SYSCALL.value, "hint": exc.hint}
+    else:
+        err = {"message": f"{type(exc).__name__}: {exc}", "reason": Reason.SYSCALL.value}
+    return {"error": err}
+
+
+# --- ending what the command left ---------------------------------------------------------------
+def descendants(root: int) -> list[int]:
+    """Every live (not zombie) descendant of `root`, by the ppid chains in /proc."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        if len(rest) < 2 or rest[0] == b"Z":
+            continue
+        kids.setdefault(int(rest[1]), []).append(int(name))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _reap_exited() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid <= 0:
+            return
+
+
+def end_rest(grace: float) -> list[tuple[int, str]]:
+    """End every descendant still running: SIGTERM, up to `grace` seconds, SIGKILL; reap them.
+    Returns (pid, comm) of each process that was running when the command exited."""
+    _reap_exited()
+    me = os.getpid()
+    left = descendants(me)
+    if not left:
+        return []
+    killed = [(p, _comm(p)) for p in sorted(left)]
+    for p in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + max(grace, 0.0)
+    while time.monotonic() < deadline:
+        _reap_exited()
+        if not descendants(me):
+            return killed
+        time.sleep(0.01)
+    # SIGKILL until none is left (one could fork between listing and killing).
+    while rest := descendants(me):
+        for p in rest:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        _reap_exited()
+        time.sleep(0.001)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return killed
+
+
+# --- running the command -------------------------------------------------------------------------
+def _exec_child(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    ewr: int,
+    *,
+    tty_foreground: bool,
+    close_fds: bool,
+) -> None:
+    if tty_foreground:
+        # Its own process group in the terminal's foreground: Ctrl-C/Ctrl-Z reach it alone, and
+        # a shell that restores the terminal's group on exit finds one it can see.
+        os.setpgid(0, 0)
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(0, os.getpgrp())  # SIGTTOU is still ignored here
+    for sig in CHILD_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    if close_fds:  # nothing of the session machinery leaks in (the exec pipe closes on exec)
+        limit = os.sysconf("SC_OPEN_MAX")
+        os.closerange(3, ewr)
+        os.closerange(ewr + 1, limit if limit > 0 else 1 << 16)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        os.write(ewr, str(exc.errno or 0).encode())
+        if exc.errno == errno.ENOENT:
+            sys.stderr.write(f"veloverlay: {argv[0]}: command not found\n")
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            sys.stderr.write(f"veloverlay: {argv[0]}: permission denied\n")
+        else:
+            sys.stderr.write(f"veloverlay: {argv[0]}: {exc.strerror}\n")
+        sys.stderr.flush()
+        os._exit(127 if exc.errno == errno.ENOENT else 126)
+
+
+def run_and_reap(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    cwd: str | None,
+    grace: float,
+    report_fd: int,
+    tty_foreground: bool = False,
+    close_fds: bool = True,
+) -> dict[str, Any]:
+    """Run the command, wait for it, end what it left; send the frames above, return the final
+    report. Call in the reaper process (it must be the command's parent). `close_fds=False`
+    passes the caller's other descriptors on to the command (the shim session does)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+    # A close-on-exec pipe says whether the exec worked: EOF = it did, an errno = it did not
+    # (then no image ran: for the shim, its missing check-in is no sign of an unshimmed program).
+    erd, ewr = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the command's process
+        try:
+            os.close(erd)
+            os.close(report_fd)
+            _exec_child(argv, env, cwd, ewr, tty_foreground=tty_foreground, close_fds=close_fds)
+        finally:
+            os._exit(127)
+    os.close(ewr)
+    exec_error = os.read(erd, 64)
+    os.close(erd)
+    send(report_fd, {"child": pid, "exec_failed": bool(exec_error)})
+    code = ns.shell_status(ns.reap_until(pid))
+    killed = end_rest(grace)
+    report = {"exit": code, "killed": killed, "child": pid, "exec_failed": bool(exec_error)}
+    send(report_fd, report)
+    return report

@@ -1,0 +1,154 @@
+"""Absolute paths baked into a tree: what breaks when it is projected somewhere else.
+
+A venv's `bin/` scripts carry `#!/orig/path/bin/python`, `pyvenv.cfg` names its home, `.pth`,
+pkg-config and libtool files embed prefixes. Projected at its ingest path (the default) all of
+that keeps working; projected elsewhere (`--at`), those files still point at the original path.
+This module finds them, cheaply: only the top directory levels are searched, and only the file
+kinds known to embed prefixes are read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+from veloverlay import paths
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Kind, Op, OpKind
+
+__all__ = ["find_baked"]
+
+_MAX_READ = 256 * 1024
+_SUFFIXES = (b".pth", b".pc", b".la", b".cmake", b".cfg", b".sh")
+_NAMES = (b"pyvenv.cfg", b"RECORD", b"direct_url.json", b"activate", b"activate.fish")
+
+
+def _candidate(path: bytes) -> bool:
+    parent, _, name = path.rpartition(b"/")
+    return (
+        name in _NAMES or name.endswith(_SUFFIXES) or parent == b"bin" or parent.endswith(b"/bin")
+    )
+
+
+def find_baked(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    original: str,
+    *,
+    limit: int = 20,
+    max_depth: int = 3,
+) -> tuple[int, list[str]]:
+    """(count, up to `limit` paths) of files in `root` that embed the absolute path `original`
+    (as a whole path component sequence: `/x/venv` matches `/x/venv/bin`, not `/x/venv2`).
+
+    Only the top `max_depth` directory levels are searched (a venv's bin/ and pyvenv.cfg, a
+    project's .venv/bin, node_modules/.bin): the check runs when a session starts, and must not
+    cost a walk of a 100,000-file manifest. Well-known files are listed first."""
+    needle = re.compile(re.escape(os.fsencode(original.rstrip("/"))) + rb"(?![\w.+-])")
+    count = 0
+    found: list[tuple[int, bytes]] = []
+    stack: list[tuple[bytes, bytes, int]] = [(root, b"", 0)]
+    while stack:
+        digest, where, depth = stack.pop()
+        for e in m.get_node(txn, digest).entries:
+            path = paths.join(where, e.name)
+            if e.kind is Kind.DIR:
+                if depth + 1 < max_depth:
+                    stack.append((e.digest, path, depth + 1))
+            elif (
+                e.kind is Kind.FILE
+                and e.size <= _MAX_READ
+                and _candidate(path)
+                and needle.search(store.read_object(e.digest))
+            ):
+                count += 1
+                found.append((0 if e.name in _NAMES else 1, path))
+    found.sort()
+    return count, [paths.display(p) for _rank, p in found[:limit]]
+
+
+def _touches_scope(ops: list[Op], max_depth: int) -> bool:
+    """Could these changes alter what find_baked sees (a candidate file or a directory within
+    its depth)? Metadata-only changes never do: only contents are searched."""
+    for op in ops:
+        if not op.path or op.path.count(b"/") + 1 > max_depth or op.kind is OpKind.META:
+            continue
+        if op.kind is OpKind.DELETE or (op.entry is not None and op.entry.kind is Kind.DIR):
+            return True
+        if _candidate(op.path):
+            return True
+    return False
+
+
+def cached_find_baked(
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    original: str,
+    *,
+    ancestors: Sequence[bytes] = (),
+    max_depth: int = 3,
+) -> tuple[int, list[str]]:
+    """find_baked, computed once per (root, original path), like a lower layer; for a root
+    whose ancestor's answer is cached and whose changes since touch nothing the search looks
+    at, that answer is reused: a session after a commit must not pay a new search."""
+    import json
+
+    from veloverlay.store.digest import hash_bytes
+
+    key = hash_bytes(os.fsencode(original)).hex()[:16]
+    cache_dir = store.trees / "relocation"
+
+    def load(r: bytes) -> tuple[int, list[str]] | None:
+        try:
+            data = json.loads((cache_dir / f"{r.hex()}-{key}.json").read_text())
+            return int(data["count"]), [str(p) for p in data["found"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    answer = load(root)
+    if answer is not None:
+        return answer
+    with m.read() as txn:
+        for anc in ancestors:
+            prior = load(anc)
+            if prior is not None and not _touches_scope(m.diff(txn, anc, root), max_depth):
+                answer = prior
+                break
+        if answer is None:
+            answer = find_baked(store, m, txn, root, original, max_depth=max_depth)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = cache_dir / f"{root.hex()}-{key}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"count": answer[0], "found": answer[1]}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only store still works, it just searches again
+    return answer
+
+
+def relocation_warnings(
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    original: str | None,
+    target: str,
+    ancestors: list[bytes] | None = None,
+) -> list[str]:
+    """Projected away from where it was ingested, a tree's baked absolute paths (venv scripts,
+    pyvenv.cfg, .pc files) still name the original place: say which (issue: real envs)."""
+    if not original or os.path.realpath(original) == os.path.realpath(target):
+        return []
+    count, found = cached_find_baked(store, m, root, original, ancestors=ancestors or [])
+    if not count:
+        return []
+    shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
+    return [
+        f"{count} files name the ingest path {original} ({shown}); projected at {target} "
+        f"they still point there: project at {original} (the default) to keep them working"
+    ]

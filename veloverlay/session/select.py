@@ -1,0 +1,174 @@
+"""The one decision of which backend and lower form a session gets, and why.
+
+Sessions, `doctor` and the tests all ask here. The probe's answers (`probe.detect()`: it forks
+and mounts, ~20 ms, and importing it costs too) are cached per boot, kernel and euid in the store
+(`trees-v1/probe-<euid>.json`), with one more feature, `store_xattrs`: whether the store's
+filesystem holds user xattrs (overlay keeps its markers there), checked where the store is now.
+
+The rule (DESIGN.md "Projection", "Backends"): overlay where this host can mount it for this
+privilege level and the store holds user xattrs, else the shim; the lower form is data-only where
+the probe could mount it, else proxy links; `VELO_FORCE_LOWER` forces a form (and fails when that
+form is unavailable). Nothing here reads a kernel version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import write_json_atomic
+from veloverlay.records import Record
+from veloverlay.store.cas import Store
+
+__all__ = ["Caps", "Choice", "LOWER_FORMS", "capabilities", "choose_form", "decide"]
+
+LOWER_FORMS = ("data-only", "links")
+Features = Mapping[str, tuple[bool, str]]
+
+
+class Caps:
+    """The probe's answers: feature -> (ok, reason)."""
+
+    def __init__(self, features: dict[str, tuple[bool, str]]) -> None:
+        self.features = features
+
+    def ok(self, name: str) -> bool:
+        return self.features.get(name, (False, ""))[0]
+
+    def reason(self, name: str) -> str:
+        return self.features.get(name, (False, f"unknown feature {name!r}"))[1]
+
+
+class Choice(Record, frozen=True):
+    backend: str  # overlay | shim
+    backend_reason: str
+    privileged: bool  # real root (CAP_SYS_ADMIN in the initial namespace)
+    form: str | None = None  # overlay: data-only | links; None for the shim or when unavailable
+    form_forced: bool = False
+    protect: bool = False  # objects can get chattr +i here
+    # Why an overlay session cannot start after all (asked for where it is impossible, or
+    # VELO_FORCE_LOWER names an unavailable form): the error a session raises, with its reason.
+    error: str = ""
+    error_reason: str = ""
+    error_hint: str = ""
+
+    def raise_error(self) -> None:
+        if self.error:
+            raise VeloError(
+                self.error, reason=Reason(self.error_reason), hint=self.error_hint or None
+            )
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def capabilities(store: Store) -> Caps:
+    """The probe's answers for this store (cached; probed afresh once per boot/kernel/euid)."""
+    path = store.trees / f"probe-{os.geteuid()}.json"
+    key = {
+        "boot_id": _boot_id(),
+        "kernel": os.uname().release,
+        "store_dev": os.stat(store.sessions).st_dev,
+    }
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            return Caps({n: (bool(v[0]), str(v[1])) for n, v in data["features"].items()})
+
+    # Probe afresh: a cached answer of this process may predate a change of identity.
+    from veloverlay import probe
+
+    caps = probe.detect(refresh=True)
+    feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
+    xattrs = probe.user_xattrs(store.sessions)
+    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
+    with contextlib.suppress(OSError):
+        write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
+    return Caps(feats)
+
+
+def choose_form(caps: Caps, privileged: bool) -> tuple[str, bool]:
+    """(form, forced): VELO_FORCE_LOWER if set (raises when unavailable), else data-only where
+    the probe could mount it for this privilege level, else links (raises when neither)."""
+    suffix = "root" if privileged else "userns"
+    data_only = (caps.ok("data_only_" + suffix), caps.reason("data_only_" + suffix))
+    links = (caps.ok("overlay_" + suffix), caps.reason("overlay_" + suffix))
+    forced = os.environ.get("VELO_FORCE_LOWER", "").strip()
+    if forced:
+        if forced not in LOWER_FORMS:
+            raise VeloError(
+                f"VELO_FORCE_LOWER={forced!r} is not one of {', '.join(LOWER_FORMS)}",
+                reason=Reason.USAGE,
+            )
+        needed = data_only if forced == "data-only" else links
+        if not needed[0]:
+            raise VeloError(
+                f"VELO_FORCE_LOWER={forced} but that lower form is unavailable: {needed[1]}",
+                reason=Reason.OVERLAY_UNSUPPORTED,
+            )
+        return forced, True
+    if data_only[0]:
+        return "data-only", False
+    if links[0]:
+        return "links", False
+    raise VeloError(
+        f"this host cannot mount an overlay {'as root' if privileged else 'root-free'}: {links[1]}",
+        reason=Reason.BACKEND_UNAVAILABLE,
+        hint="use the shim backend (--backend shim)",
+    )
+
+
+def decide(caps: Caps, requested: str = "auto") -> Choice:
+    """The backend (and lower form) a session asking for `requested` gets with `caps`."""
+    if requested not in ("auto", "overlay", "shim"):
+        raise VeloError(f"unknown backend {requested!r}", reason=Reason.USAGE)
+    privileged = caps.ok("root")
+    protect = privileged and caps.ok("chattr")
+    feature = "overlay_root" if privileged else "overlay_userns"
+    if requested == "shim":
+        return Choice("shim", "asked for", privileged, protect=protect)
+    if not caps.ok(feature):
+        why = caps.reason(feature)
+        error = f"overlay sessions are not possible here: {why}"
+        hint = "use the shim backend (--backend shim or auto)"
+    elif not caps.ok("store_xattrs"):
+        why = caps.reason("store_xattrs")
+        error = f"overlay sessions need user xattrs on the store's filesystem: {why}"
+        hint = "keep the store on ext4/xfs/btrfs (or tmpfs on Linux >= 6.6), or use the shim"
+    else:
+        why, error, hint = caps.reason(feature), "", ""
+    if error:
+        if requested == "auto":
+            return Choice("shim", why, privileged, protect=protect)
+        return Choice(
+            "overlay",
+            "asked for",
+            privileged,
+            protect=protect,
+            error=error,
+            error_reason=Reason.BACKEND_UNAVAILABLE.value,
+            error_hint=hint,
+        )
+    if requested == "overlay":
+        why = "asked for"
+    try:
+        form, forced = choose_form(caps, privileged)
+    except VeloError as exc:
+        return Choice(
+            "overlay",
+            why,
+            privileged,
+            protect=protect,
+            error=exc.message,
+            error_reason=exc.reason.value,
+            error_hint=exc.hint or "",
+        )
+    return Choice("overlay", why, privileged, form, forced, protect=protect)

@@ -1,0 +1,434 @@
+"""The shim backend of a session: for hosts where no overlay can be mounted.
+
+1. Resolve the refs (several stack, later wins: the view of the stack is what is projected); check
+   the target (`--at`, default the top ref's ingest path): it must be new or an empty directory —
+   nothing can hide what is in it (TARGET_INVALID).
+2. `sessions/<id>/`: state.json (the overlay sessions' schema plus `backend: shim`, so `sessions`
+   lists it and gc keeps its roots), the journal, the read-only shim export, lock dir; the live
+   session ref `REF@<id>` (of the top ref) at the view.
+3. Materialise the tree (materialize.py: private reflinks/copies, or `--link` proxies), record the
+   baseline, and wait until the coarse clock has passed the newest ctime written (a later write is
+   then always visible as a changed ctime).
+4. Start the daemon (daemon.py) and fork a reaper (shim_procs.py): a child subreaper that runs
+   the command with LD_PRELOAD + VELO_SHIM_CONFIG, waits for it, then SIGTERMs whatever is left
+   of its descendants, waits `grace`, SIGKILLs. The manager (this process) ignores SIGINT
+   meanwhile and restarts the daemon if it dies (the journal kept everything in between).
+5. Stop the daemon; run the stat-diff of the whole tree against the view (what no hook saw:
+   kernel-closed fds, mmap, static binaries, processes without the shim); for a stack, restate
+   the change on the top ref alone (harvest.to_top_ref: MASKs for what lower refs provide); commit
+   with compare-and-swap, three-way merge when the ref moved, `REF@<id>` kept on conflict; flag
+   every program that ran without the shim (an exec or spawn the journal shows with no check-in
+   after it); remove the tree.
+
+A manager killed mid-session leaves state "running" with a dead pid: `resume(store, id)` waits for
+nothing, refuses while the command still runs, and finishes exactly as step 5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from veloverlay import paths
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import force_rmtree
+from veloverlay.lower.homes import ids_dir
+from veloverlay.ns import proc_start
+from veloverlay.session import state
+from veloverlay.session.commit import harvest_and_commit, session_ref_name
+from veloverlay.session.options import SessionOptions, SessionResult
+from veloverlay.session.shim import library
+from veloverlay.session.shim.library import RecType
+from veloverlay.session.shim.materialize import (
+    Baseline,
+    materialize,
+    prepare_target,
+    verify_proxies,
+)
+from veloverlay.session.shim.procs import ShimStatus, run_command, start_daemon, stop_daemon
+from veloverlay.session.shim.treesync import SUBTREE, SyncResult, TreeSync
+from veloverlay.session.state import State, same_process
+from veloverlay.session.target import Stack, resolve_stack
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.tiers import Rules
+
+__all__ = ["run_shim", "resume", "verify_proxies", "LIVE_MESSAGE", "ShimStatus"]
+
+LIVE_MESSAGE = "live (shim daemon)"
+
+
+# --- small helpers -----------------------------------------------------------------------------
+def _socket_address(sdir: Path, sid: str) -> str:
+    path = os.fspath(sdir / "daemon.sock")
+    if len(os.fsencode(path)) < 100:
+        return path
+    return f"@veloverlay-{os.getuid()}-{sid}"  # abstract: no path length limit (peer uid checked)
+
+
+# --- preparing ----------------------------------------------------------------------------------
+def _resolve(m: Manifests, opts: SessionOptions) -> tuple[Stack, str]:
+    stack = resolve_stack(m, opts.refs, hints=False)
+    if any("@" in ref.name for ref in stack.refs):
+        raise VeloError("cannot run a session on a session ref", reason=Reason.BAD_REF)
+    top = stack.refs[-1]
+    where = opts.at if opts.at is not None else top.path
+    if not where:
+        raise VeloError(
+            f"ref {top.name!r} has no recorded path to project at",
+            reason=Reason.TARGET_INVALID,
+            hint="pass --at DIR",
+        )
+    return stack, os.path.abspath(where)
+
+
+def _protection(link: bool, tier1_protected: bool) -> str:
+    if link:
+        return (
+            "link: Tier-2 files share per-(digest, mode) proxy inodes; the shim breaks them "
+            "before writes, a writer it cannot see changes a proxy (detected by fsck)"
+        )
+    if tier1_protected:
+        return "copy: no object inode in the tree; Tier-1 objects immutable (chattr +i)"
+    return (
+        "copy: no object inode in the tree; Tier-1 objects are 0444 behind symlinks "
+        "(a writer bypassing the shim can chmod them: detected by fsck)"
+    )
+
+
+def _wait_for_clock(max_ctime_ns: int) -> None:
+    """Sleep until the coarse clock is past every ctime materialisation wrote (≤ 1 jiffy)."""
+    while time.clock_gettime_ns(time.CLOCK_REALTIME) <= max_ctime_ns + 10_000_000:
+        time.sleep(0.002)
+
+
+# --- running ------------------------------------------------------------------------------------
+# --- finishing ----------------------------------------------------------------------------------
+def _unshimmed(store: Store, st: State, top_pid: int) -> tuple[list[str], int]:
+    """Programs the journal shows starting without a check-in; also count refused store writes.
+
+    One pass: an EXEC intent waits for its pid's next CHECKIN (the new image loaded the shim)
+    or EXEC failure; whatever still waits at the end ran unshimmed. A SPAWN child, and the
+    command itself, must have checked in at some point (journal or live socket)."""
+    sdir = store.sessions / st.id
+    reader = library.JournalReader(sdir / "journal")
+    checked_in: set[int] = set()
+    with contextlib.suppress(OSError, ValueError):
+        live = json.loads((sdir / "daemon.json").read_text()).get("checkins", {})
+        checked_in.update(int(pid) for pid in live)
+    pending: dict[int, str] = {}
+    spawned: list[tuple[int, str]] = []
+    denied = 0
+    for r in reader.read(final=True):
+        if r.type == RecType.CHECKIN:
+            checked_in.add(r.pid)
+            pending.pop(r.pid, None)
+        elif r.type == RecType.EXEC:
+            if r.phase == library.Phase.INTENT:
+                pending[r.pid] = os.fsdecode(r.path1)
+            else:
+                pending.pop(r.pid, None)  # the exec failed: the old image goes on
+        elif r.type == RecType.SPAWN and r.ret > 0:
+            spawned.append((r.ret, os.fsdecode(r.path1)))
+        elif r.type == RecType.DENIED:
+            denied += 1
+    # (journal order decides for execs: the same pid checked in before it exec'd)
+    out = [f"pid {pid} ran {prog}" for pid, prog in pending.items()]
+    out += [f"pid {pid} ran {prog}" for pid, prog in spawned if pid not in checked_in]
+    if top_pid and top_pid not in checked_in:
+        out.insert(0, f"pid {top_pid} ran {' '.join(st.argv[:1]) or '?'}")
+    if reader.damaged:
+        out.append(f"(the journal had {reader.damaged} damaged records)")
+    return out, denied
+
+
+def _remove_tree(st: State) -> None:
+    target = st.target
+    if not os.path.isdir(target) or os.path.islink(target):
+        return
+    if st.target_created:
+        force_rmtree(target)
+        return
+    # The directory was there (empty) before: leave it empty, with its old mode.
+    for name in os.listdir(target):
+        force_rmtree(os.path.join(target, name))
+    with contextlib.suppress(OSError):
+        os.chmod(target, st.target_mode)
+
+
+def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> SessionResult:
+    sid = st.id
+    sdir = store.sessions / sid
+    res = SessionResult(
+        session_id=sid,
+        exit_status=status.exit_status,
+        commit=None,
+        conflict_ref=None,
+        changed=0,
+        backend="shim",
+        lower_form=st.form,
+        protection=st.protection,
+        killed=status.killed,
+        warnings=list(st.warnings) + status.warnings,
+        ref=st.refs[-1],
+    )
+    unshimmed, denied = _unshimmed(store, st, status.top_pid)
+    if unshimmed:
+        res.warnings.append(
+            "processes ran without the shim (static or setuid programs, an environment "
+            "without LD_PRELOAD): their changes were caught only by the end-of-session "
+            "stat-diff; " + "; ".join(unshimmed[:10]) + (" ..." if len(unshimmed) > 10 else "")
+        )
+        st.unshimmed = unshimmed[:100]
+    if denied:
+        res.warnings.append(f"{denied} writes into the store were refused (EROFS)")
+    t0 = time.perf_counter()
+    if st.discard:
+        with m.write() as txn:
+            m.delete_ref(txn, st.session_ref)
+        st.state = "discarded"
+        res.state = "discarded"
+    else:
+        st.state = "harvesting"
+        state.save(store, st)
+        view_root = bytes.fromhex(st.view_root)
+
+        def harvest(txn: Txn, stage: Stage, rules: Rules) -> SyncResult:
+            sync = TreeSync(
+                store,
+                m,
+                os.fsencode(st.target_real),
+                Baseline.load(sdir / "baseline"),
+                rules,
+                link=st.link,
+            )
+            result = sync.sync(txn, view_root, {b"": SUBTREE}, stage)
+            if result.retry:
+                result.warnings.insert(
+                    0,
+                    "files kept changing while read at the end: "
+                    + ", ".join(paths.display(p) for p in sorted(result.retry)[:5]),
+                )
+            return result
+
+        harvest_and_commit(store, m, st, res, harvest, live_message=LIVE_MESSAGE)
+        st.state = "harvested"
+        res.state = "harvested"
+    res.timings["harvest"] = time.perf_counter() - t0
+    st.commit, st.conflict_ref, st.changed = res.commit, res.conflict_ref, res.changed
+    st.exit_status = res.exit_status
+    _remove_tree(st)
+    for name in ("journal", "baseline", "shim.conf", "daemon.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sdir / name)
+    with contextlib.suppress(OSError):
+        force_rmtree(sdir / "locks")
+    state.save(store, st)
+    return res
+
+
+# --- public entry points ------------------------------------------------------------------------
+def run_shim(
+    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
+) -> SessionResult:
+    """Run `argv` in a shim-backend session of `opts.refs` (stacked, later on top); harvest and
+    commit to the top ref at exit.
+
+    `opts.backend` is not consulted (the caller chose this backend). `link` (an attribute the
+    caller may set on opts, default False) selects --link mode.
+    """
+    if not argv:
+        raise VeloError("no command to run", reason=Reason.USAGE)
+    link = bool(getattr(opts, "link", False))
+    warnings: list[str] = []
+    if opts.strict and link:
+        raise VeloError(
+            "--link shares proxy inodes that a writer bypassing the shim can change "
+            "(detection only), which --strict refuses",
+            reason=Reason.FALLBACK_FORBIDDEN,
+            hint="drop --link (private copies), or drop --strict",
+        )
+    if opts.net != "host":
+        if opts.strict:
+            raise VeloError(
+                "the shim backend cannot isolate the network", reason=Reason.FALLBACK_FORBIDDEN
+            )
+        warnings.append("--net none is not available with the shim backend: the network is shared")
+    if opts.as_root:
+        warnings.append("--as-root is not available with the shim backend: ids are unchanged")
+    lib = library.library_path()
+    m = Manifests(store)
+    try:
+        store.writable()
+        stack, target = _resolve(m, opts)
+        ref = stack.refs[-1]
+        created = prepare_target(target, store)
+        sid = state.new_id()
+        sdir = store.sessions / sid
+        store.sessions.mkdir(exist_ok=True)
+        os.mkdir(sdir, 0o700)
+        os.mkdir(sdir / "locks", 0o700)
+        sref = session_ref_name(ref.name, sid)
+        st = State(
+            id=sid,
+            refs=[r.name for r in stack.refs],
+            bases=[c.id for c in stack.commits],
+            view_root=stack.view.hex(),
+            target=target,
+            backend="shim",
+            specs=list(opts.refs),
+            # what gc must keep while the session lives
+            roots=[c.root for c in stack.commits]
+            + [r.hex() for r in (stack.view, stack.below) if r is not None],
+            below_root=stack.below.hex() if stack.below is not None else None,
+            target_real=os.path.realpath(target),
+            target_created=created,
+            target_mode=0o755 if created else os.stat(target).st_mode & 0o7777,
+            pid=os.getpid(),
+            pid_start=proc_start(os.getpid()),
+            start=time.time(),
+            form="link" if link else "copy",
+            link=link,
+            uid=os.geteuid(),
+            tiers=ref.tiers,
+            session_ref=sref,
+            socket=_socket_address(sdir, sid),
+            argv=list(argv),
+            discard=opts.discard,
+            commit_to_ref=opts.commit,
+            message=opts.message,
+            warnings=warnings,
+        )
+        state.save(store, st)
+        try:
+            with m.write() as txn:
+                m.commit(  # the live view: the whole projected tree
+                    txn,
+                    sref,
+                    stack.view,
+                    expect_head=None,
+                    message=LIVE_MESSAGE,
+                    session=sid,
+                )
+            so = library.install(store, lib)
+            protect = os.geteuid() == 0 and _chattr_ok(store)
+            with m.read() as txn:
+                mat = materialize(store, m, txn, stack.view, target, link=link, protect=protect)
+            mat.baseline.save(sdir / "baseline")
+            st.form = mat.form
+            st.protection = _protection(mat.form == "link", mat.tier1_protected)
+            st.materialize = {"seconds": mat.seconds, "counts": mat.counts}
+            warnings.extend(mat.warnings)
+            library.create_journal(sdir / "journal", sid)
+            protect_dirs = {os.path.realpath(p) for p in _protected_dirs(store)}
+            library.write_config(
+                sdir / "shim.conf",
+                root=os.fsencode(st.target_real),
+                journal=os.fsencode(sdir / "journal"),
+                sock=os.fsencode(st.socket),
+                locks=os.fsencode(sdir / "locks"),
+                protect=[os.fsencode(p) for p in sorted(protect_dirs)],
+                link=mat.form == "link",
+                proxies=mat.proxies,
+            )
+            _wait_for_clock(mat.max_ctime_ns)
+            env = library.environment(os.environ, so, sdir / "shim.conf")
+            start_daemon(store, st)
+            st.state = "running"
+            state.save(store, st)
+        except BaseException:
+            _abandon(store, m, st)
+            raise
+        status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
+        stop_daemon(st)
+        return _finish(store, m, st, status)
+    finally:
+        m.close()
+
+
+def _protected_dirs(store: Store) -> list[Path]:
+    from veloverlay.session.shim.materialize import proxies_dir
+
+    return [store.objects, ids_dir(store), proxies_dir(store), store.db_path]
+
+
+def _chattr_ok(store: Store) -> bool:
+    """Can this process set +i on files of the store? Tried on a scratch file (the probe's own
+    answer forks and mounts: too slow for every session start)."""
+    from veloverlay import fsflags
+
+    probe = store.tmp / f".chattr-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        fsflags.set_immutable(probe, True)
+        fsflags.set_immutable(probe, False)
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _abandon(store: Store, m: Manifests, st: State) -> None:
+    """Undo a session that failed before its command ran."""
+    stop_daemon(st)
+    with contextlib.suppress(Exception), m.write() as txn:
+        m.delete_ref(txn, st.session_ref)
+    with contextlib.suppress(Exception):
+        _remove_tree(st)
+    st.state = "failed"
+    with contextlib.suppress(OSError):
+        state.save(store, st)
+
+
+def resume(store: Store, session_id: str) -> SessionResult:
+    """Finish a shim session whose manager died: the journal and the stat-diff of the tree still
+    hold every change. Refused while the manager or the command is still running."""
+    sdir = store.sessions / session_id
+    st = state.load(store, session_id)
+    if st.backend != "shim":
+        raise VeloError(f"session {session_id} is not a shim session", reason=Reason.USAGE)
+    if st.state in ("harvested", "discarded", "failed"):
+        raise VeloError(f"session {session_id} is already {st.state}", reason=Reason.USAGE)
+    if same_process(st.pid, st.pid_start):
+        raise VeloError(
+            f"session {session_id} is still running (manager pid {st.pid})",
+            reason=Reason.SESSION_ACTIVE,
+        )
+    if same_process(st.child, st.child_start):
+        raise VeloError(
+            f"the command of session {session_id} is still running (reaper pid {st.child})",
+            reason=Reason.SESSION_ACTIVE,
+            hint="wait for it to end, or kill it, then resume again",
+        )
+    pid = st.daemon
+    if same_process(pid, st.daemon_start):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(500):
+            if proc_start(pid) is None:
+                break
+            time.sleep(0.01)
+    status = ShimStatus(top_pid=st.top_pid)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        rep = json.loads((sdir / "reaper.json").read_text())
+        status.exit_status = int(rep["exit"])
+        status.killed = [(int(p), str(c)) for p, c in rep.get("killed", [])]
+    st.pid = os.getpid()
+    st.pid_start = proc_start(os.getpid())
+    state.save(store, st)
+    if not (sdir / "baseline").exists():
+        raise VeloError(
+            f"session {session_id} never got as far as running its command",
+            reason=Reason.SESSION_NOT_FOUND,
+        )
+    m = Manifests(store)
+    try:
+        return _finish(store, m, st, status)
+    finally:
+        m.close()

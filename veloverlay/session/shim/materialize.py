@@ -1,0 +1,460 @@
+"""Materialise a manifest as a real, writable tree for the shim backend (no mount namespace).
+
+Default (copy) mode: every Tier-2 file is a private reflink (FICLONE) or, where the filesystem
+cannot, a byte copy (copy_file_range): the object's inode is never in the tree, so no writer,
+shimmed or not, can reach an object through it (P0-a, review §2.2). `--link` mode: Tier-2 files
+are hard links to per-(digest, mode) *proxy* inodes `<store>/shim-v1/proxies/<ab>/<hex>-<mode>`
+(copies of the object, never the 0444 object itself) — fast, but shared: the shim breaks a proxy
+link before the first write (Break-Before-Write); a writer the shim cannot see changes the proxy,
+which `verify_proxies` (fsck) detects. Proxies carry the normalised mtime `PROXY_MTIME_NS` (as the
+overlay links form and Nix do). Tier-1 files are symlinks to their objects. MASK entries are
+skipped.
+
+Writes only inside the target: directories are created by us and entered by fd with O_NOFOLLOW,
+files are created O_EXCL|O_NOFOLLOW relative to them (as checkout.py). Directory modes and mtimes
+are set when the directory is complete (post-order).
+
+The *baseline* records what was materialised — per inode: size, mtime, ctime, digest — so the
+end-of-session stat-diff re-hashes only files whose inode, size, mtime or ctime changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from veloverlay import _libc, fsflags, linking
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.files import DIRFLAGS, NEWFILE
+from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.records import Record, field
+from veloverlay.store.cas import Store, object_missing
+from veloverlay.store.digest import hash_fd
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind
+
+__all__ = [
+    "Baseline",
+    "Materialized",
+    "materialize",
+    "prepare_target",
+    "proxies_dir",
+    "verify_proxies",
+    "prune_proxies",
+    "ProxyFinding",
+]
+
+_CHUNK = 1 << 30
+_BL_MAGIC = b"VBL1"
+_BL_REC = struct.Struct("<QQqq32s")
+
+
+def proxies_dir(store: Store) -> Path:
+    return store.root / "shim-v1" / "proxies"
+
+
+class Baseline:
+    """What materialisation wrote, by inode: (size, mtime_ns, ctime_ns, digest)."""
+
+    def __init__(self) -> None:
+        self.by_ino: dict[int, tuple[int, int, int, bytes]] = {}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        out = bytearray(_BL_MAGIC + struct.pack("<Q", len(self.by_ino)))
+        pack = _BL_REC.pack
+        for ino, (size, mtime, ctime, digest) in self.by_ino.items():
+            out += pack(ino, size, mtime, ctime, digest)
+        tmp = os.fspath(path) + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(out)
+        os.rename(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Baseline:
+        data = Path(path).read_bytes()
+        if data[:4] != _BL_MAGIC:
+            raise VeloError(f"{path}: not a baseline", reason=Reason.MANIFEST_CORRUPT)
+        (n,) = struct.unpack_from("<Q", data, 4)
+        if len(data) != 12 + n * _BL_REC.size:
+            raise VeloError(f"{path}: truncated baseline", reason=Reason.MANIFEST_CORRUPT)
+        bl = cls()
+        for ino, size, mtime, ctime, digest in _BL_REC.iter_unpack(data[12:]):
+            bl.by_ino[ino] = (size, mtime, ctime, digest)
+        return bl
+
+
+class Materialized(Record):
+    form: str  # "reflink" | "copy" | "link": how Tier-2 files were placed (the weakest used)
+    entries: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    proxies: set[tuple[int, int]] = field(default_factory=set)  # (dev, ino) of proxy inodes
+    baseline: Baseline = field(default_factory=Baseline)
+    max_ctime_ns: int = 0
+    seconds: float = 0.0
+    tier1_protected: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_target(target: str, store: Store) -> bool:
+    """Check `target` may receive a tree; create it if missing. Returns True if we created it.
+
+    Refused (TARGET_INVALID): a non-empty directory, a non-directory, a symlink, a path that
+    contains or lies inside the store, a missing parent.
+    """
+    real = os.path.realpath(target)
+    sroot = os.path.realpath(store.root)
+    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
+        raise VeloError(
+            f"{target} contains or lies inside the store {sroot}",
+            reason=Reason.TARGET_INVALID,
+            hint="project somewhere outside the store (--at DIR)",
+            path=target,
+        )
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        try:
+            os.mkdir(target, 0o700)
+        except FileNotFoundError:
+            raise VeloError(
+                f"the parent of {target} does not exist",
+                reason=Reason.TARGET_INVALID,
+                hint="create it, or choose another --at",
+                path=target,
+            ) from None
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        raise VeloError(
+            f"{target} exists and is not a directory",
+            reason=Reason.TARGET_INVALID,
+            path=target,
+        )
+    if os.listdir(target):
+        raise VeloError(
+            f"{target} is not empty: the shim backend materialises the tree there and cannot "
+            "hide what is already in it",
+            reason=Reason.TARGET_INVALID,
+            hint="use an empty or new directory (--at), or move the ingested source aside "
+            "(ingest --adopt)",
+            path=target,
+        )
+    return False
+
+
+class _Placer:
+    def __init__(self, store: Store, res: Materialized, *, link: bool, protect: bool) -> None:
+        self.store = store
+        self.res = res
+        self.link = link
+        self.protect = protect
+        self.reflink = True
+        self.proxy_paths: dict[tuple[bytes, int], tuple[bytes, int]] = {}
+        self.proxy_dirs: set[bytes] = set()
+        self.proxy_root = os.fsencode(proxies_dir(store))
+        self.tier1_seen: set[bytes] = set()
+        self.protect_failed = 0
+
+    def _count(self, what: str) -> None:
+        self.res.counts[what] = self.res.counts.get(what, 0) + 1
+
+    # -- Tier-2, copy mode
+    def copy(self, dfd: int, e: Entry) -> None:
+        fd = os.open(e.name, NEWFILE, e.mode, dir_fd=dfd)
+        try:
+            if e.size:
+                src = self.store.open_object(e.digest)
+                try:
+                    self._fill(src, fd)
+                finally:
+                    os.close(src)
+            else:
+                self._count("copy")
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.res.baseline.by_ino[st.st_ino] = (st.st_size, e.mtime_ns, st.st_ctime_ns, e.digest)
+        if st.st_ctime_ns > self.res.max_ctime_ns:
+            self.res.max_ctime_ns = st.st_ctime_ns
+
+    def _fill(self, src: int, dst: int) -> None:
+        if self.reflink:
+            try:
+                _libc.ficlone(dst, src)
+                self._count("reflink")
+                return
+            except SysError as exc:
+                if exc.errno not in (
+                    errno.EOPNOTSUPP,
+                    errno.ENOTTY,
+                    errno.EXDEV,
+                    errno.EINVAL,
+                    errno.ENOSYS,
+                ):
+                    raise
+                self.reflink = False
+        try:
+            while os.copy_file_range(src, dst, _CHUNK):
+                pass
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            linking.copy_bytes(src, dst)
+        self._count("copy")
+
+    # -- Tier-2, --link mode
+    def proxy(self, e: Entry, *, bump: bool = False) -> bytes:
+        key = (e.digest, e.mode)
+        cur = self.proxy_paths.get(key)
+        if cur is not None and not bump:
+            return cur[0]
+        index = 0 if cur is None else cur[1] + 1
+        hexname = e.digest.hex()
+        pdir = self.proxy_root + b"/" + hexname[:2].encode()
+        if pdir not in self.proxy_dirs:
+            os.makedirs(pdir, mode=0o755, exist_ok=True)
+            self.proxy_dirs.add(pdir)
+        name = f"{hexname}-{e.mode:04o}" + (f"-{index}" if index else "")
+        path = pdir + b"/" + name.encode()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not _proxy_looks_intact(st, e):
+            # Written behind the shim's back (its mtime or size moved): never link it again.
+            quarantine = path + b".corrupt-%d" % time.time_ns()
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, quarantine)
+            self.res.warnings.append(
+                f"proxy {os.fsdecode(path)} was modified outside any shim (size/mtime changed); "
+                f"moved aside as {os.fsdecode(quarantine)} — run 'veloverlay fsck'"
+            )
+            st = None
+        if st is None:
+            tmp = path + b".%d.%s.tmp" % (os.getpid(), secrets.token_hex(3).encode())
+            linking.clone_or_copy(self.store.object_path(e.digest), os.fsdecode(tmp), mode=e.mode)
+            os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            os.unlink(tmp)
+        self.proxy_paths[key] = (path, index)
+        return path
+
+    def hardlink(self, dfd: int, e: Entry) -> bool:
+        """Link `e` to its proxy; False when this filesystem cannot (then copy)."""
+        path = self.proxy(e)
+        for _ in range(64):
+            try:
+                os.link(path, e.name, dst_dir_fd=dfd, follow_symlinks=False)
+                self._count("link")
+                return True
+            except OSError as exc:
+                if exc.errno == errno.EMLINK:
+                    path = self.proxy(e, bump=True)
+                    continue
+                if exc.errno in (errno.EXDEV, errno.EPERM):
+                    return False
+                raise
+        raise SysError(errno.EMLINK, "link", path)
+
+    def finish_proxies(self) -> None:
+        """ctimes are read last: every link() above changed the proxies' ctime."""
+        for path, _index in self.proxy_paths.values():
+            st = os.lstat(path)
+            self.res.proxies.add((st.st_dev, st.st_ino))
+            digest = bytes.fromhex(os.path.basename(path).split(b"-")[0].decode())
+            self.res.baseline.by_ino[st.st_ino] = (
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                digest,
+            )
+            if st.st_ctime_ns > self.res.max_ctime_ns:
+                self.res.max_ctime_ns = st.st_ctime_ns
+
+    # -- Tier-1
+    def tier1(self, dfd: int, e: Entry) -> None:
+        obj = self.store.object_path_b(e.digest)
+        if e.digest not in self.tier1_seen:
+            self.tier1_seen.add(e.digest)
+            if not self.store.has(e.digest):
+                raise object_missing(e.digest)
+            if self.protect:
+                try:
+                    fsflags.set_immutable(os.fsdecode(obj), True)
+                except OSError:
+                    self.protect_failed += 1
+        os.symlink(obj, e.name, dir_fd=dfd)
+        os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        self._count("symlink")
+
+
+def _proxy_looks_intact(st: os.stat_result, e: Entry) -> bool:
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_size == e.size
+        and st.st_mtime_ns == PROXY_MTIME_NS
+        and stat.S_IMODE(st.st_mode) == e.mode
+    )
+
+
+def materialize(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    target: str,
+    *,
+    link: bool = False,
+    protect: bool = False,
+) -> Materialized:
+    """Write the tree `root` into the (new or empty, checked) directory `target`.
+
+    `protect`: set `chattr +i` on the Tier-1 objects the tree symlinks to (root only).
+    """
+    t0 = time.perf_counter()
+    res = Materialized(form="link" if link else "copy")
+    placer = _Placer(store, res, link=link, protect=protect)
+    old_umask = os.umask(0)  # modes are applied exactly as the manifest says
+    top = os.open(target, DIRFLAGS)
+    # Post-order over an explicit stack: ("dir", fd, digest) fills a directory, ("done", fd,
+    # mode, mtime) then sets its own metadata once everything inside it exists.
+    stack: list[tuple[str, int, bytes, int, int]] = [("dir", top, root, 0, 0)]
+    open_fds = [top]
+    try:
+        while stack:
+            what, dfd, digest, mode, mtime = stack.pop()
+            if what == "done":
+                os.utime(dfd, ns=(mtime, mtime))
+                os.chmod(dfd, mode)
+                os.close(dfd)
+                open_fds.remove(dfd)
+                continue
+            node = m.get_node(txn, digest)
+            stack.append(("done", dfd, b"", node.mode, node.mtime_ns))
+            for e in node.entries:
+                res.entries += 1
+                if e.kind is Kind.FILE:
+                    if e.tier == 1:
+                        placer.tier1(dfd, e)
+                    elif not link or not placer.hardlink(dfd, e):
+                        if link and res.form == "link":
+                            res.form = "copy"
+                            res.warnings.append(
+                                "--link: hard links to the store's proxies are not possible "
+                                "here (another filesystem?): Tier-2 files were copied"
+                            )
+                        placer.copy(dfd, e)
+                elif e.kind is Kind.DIR:
+                    os.mkdir(e.name, 0o700, dir_fd=dfd)
+                    cfd = os.open(e.name, DIRFLAGS, dir_fd=dfd)
+                    open_fds.append(cfd)
+                    stack.append(("dir", cfd, e.digest, 0, 0))
+                elif e.kind is Kind.SYMLINK:
+                    os.symlink(e.target, e.name, dir_fd=dfd)
+                    os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                # MASK: a deletion for stacked refs, nothing to write
+        placer.finish_proxies()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VeloError(
+                f"no space left while materialising into {target}", reason=Reason.STORE_FULL
+            ) from exc
+        if isinstance(exc, SysError):
+            raise
+        raise SysError(exc.errno or errno.EIO, "materialize", target) from exc
+    finally:
+        os.umask(old_umask)
+        for fd in open_fds:
+            os.close(fd)
+    if not link and placer.reflink and res.counts.get("reflink"):
+        res.form = "reflink"
+    res.tier1_protected = protect and placer.protect_failed == 0
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# --- proxies in the store ----------------------------------------------------------------------
+class ProxyFinding(Record, frozen=True):
+    kind: str  # proxy-corrupt | proxy-mode | proxy-stray
+    path: str
+    detail: str
+
+
+def _iter_proxies(store: Store) -> Iterator[Path]:
+    base = proxies_dir(store)
+    if not base.is_dir():
+        return
+    for shard in sorted(base.iterdir()):
+        if shard.is_dir() and not shard.is_symlink():
+            yield from sorted(shard.iterdir())
+
+
+def verify_proxies(store: Store) -> list[ProxyFinding]:
+    """Re-hash every --link proxy against the digest in its name (the documented limit of
+    --link: a writer the shim cannot see changes a proxy; this is where that is detected)."""
+    out: list[ProxyFinding] = []
+    for p in _iter_proxies(store):
+        name = p.name
+        if ".corrupt-" in name:
+            out.append(ProxyFinding("proxy-corrupt", os.fspath(p), "quarantined earlier"))
+            continue
+        parts = name.split("-")
+        try:
+            digest = bytes.fromhex(parts[0])
+            mode = int(parts[1], 8)
+        except (ValueError, IndexError):
+            out.append(ProxyFinding("proxy-stray", os.fspath(p), "not a proxy name"))
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            out.append(ProxyFinding("proxy-stray", os.fspath(p), exc.strerror or str(exc)))
+            continue
+        try:
+            st = os.fstat(fd)
+            got, _n = hash_fd(fd)
+        finally:
+            os.close(fd)
+        if got != digest:
+            out.append(
+                ProxyFinding(
+                    "proxy-corrupt",
+                    os.fspath(p),
+                    f"content hashes to {got.hex()}, not {digest.hex()} (written outside the "
+                    f"shim through a --link projection; {st.st_nlink - 1} links share it)",
+                )
+            )
+        elif stat.S_IMODE(st.st_mode) != mode:
+            out.append(
+                ProxyFinding(
+                    "proxy-mode",
+                    os.fspath(p),
+                    f"mode {stat.S_IMODE(st.st_mode):04o}, not {mode:04o}",
+                )
+            )
+    return out
+
+
+def prune_proxies(store: Store, *, repair: bool = False) -> int:
+    """Remove proxies no tree links any more (link count 1); with `repair`, corrupt ones too
+    (trees that still link a corrupt proxy keep their inode). Returns how many were removed."""
+    removed = 0
+    bad = {f.path for f in verify_proxies(store)} if repair else set()
+    for p in _iter_proxies(store):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if st.st_nlink == 1 or os.fspath(p) in bad:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed += 1
+    return removed

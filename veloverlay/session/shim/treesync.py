@@ -1,0 +1,429 @@
+"""The shim session's tree sync: the materialised tree -> path operations against a manifest root.
+
+`TreeSync` serves the live daemon (a set of dirty paths) and the end-of-session stat-diff (the
+whole tree: `b""` with SUBTREE). A file is re-hashed only when its inode, size, mtime or ctime
+differ from what the cache knows (the baseline written at materialisation; ctime catches a write
+whose mtime was put back); a directory is walked only when it must be. Symlinks into this store's
+objects are Tier-1 files; fifos, sockets and devices are skipped with a warning (not modelled in
+v1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+
+from veloverlay import paths, records
+from veloverlay.files import DIRFLAGS
+from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.records import field
+from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
+from veloverlay.session.shim.library import Record, RecType
+from veloverlay.session.shim.materialize import Baseline
+from veloverlay.store import tree
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.digest import hash_fd
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.tiers import Rules
+
+__all__ = ["Unstable", "SyncResult", "TreeSync", "dirty_paths"]
+
+
+SELF = 1
+
+
+class Unstable(Exception):
+    """A file kept changing while it was read (a writer is still at it): try next tick."""
+
+
+class SyncResult(records.Record):
+    ops: list[Op] = field(default_factory=list)
+    nodes: dict[bytes, bytes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    retry: set[bytes] = field(default_factory=set)  # dirty paths to look at again
+    files_hashed: int = 0
+
+
+class TreeSync:
+    """Compare the materialised tree at `top` with manifest roots."""
+
+    def __init__(
+        self,
+        store: Store,
+        m: Manifests,
+        top: bytes,
+        baseline: Baseline,
+        rules: Rules,
+        *,
+        link: bool,
+        racy_ns: int = 0,
+    ) -> None:
+        self.store = store
+        self.m = m
+        self.top = top.rstrip(b"/") or b"/"
+        self.cache = dict(baseline.by_ino)
+        self.rules = rules
+        self.link = link
+        # Files hashed here are cached only when their ctime is older than this margin: a write
+        # within the same coarse clock tick would not move ctime (git's "racy clean" rule).
+        self.racy_ns = racy_ns
+        self.links = StoreLinks(store)
+        self._txn: Txn = None
+        self._root = b""
+
+    # -- paths
+    def rel(self, path: bytes) -> bytes | None:
+        """Manifest path of an absolute path, or None when it is outside the tree."""
+        if path == self.top:
+            return b""
+        prefix = self.top + b"/" if self.top != b"/" else b"/"
+        if not path.startswith(prefix):
+            return None
+        rel = path[len(prefix) :]
+        try:
+            paths.split(rel)
+        except Exception:  # noqa: BLE001 - not a manifest path: the caller re-scans its parent
+            return None
+        return rel
+
+    def _walk_to_parent(self, rel: bytes) -> tuple[int, bytes] | None:
+        """An fd of rel's parent, reached without following any symlink; None if not there."""
+        fd = os.open(self.top, DIRFLAGS)
+        names = paths.split(rel)
+        try:
+            for name in names[:-1]:
+                nfd = os.open(name, DIRFLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                return None
+            raise
+        return fd, names[-1]
+
+    # -- the comparison
+    def sync(self, txn: Txn, root: bytes, dirty: dict[bytes, int], stage: Stage) -> SyncResult:
+        res = SyncResult()
+        self._txn = txn
+        self._root = root
+        done: list[bytes] = []  # paths replaced or deleted whole: skip what lies below
+        subtrees = sorted(p for p, f in dirty.items() if f & SUBTREE)
+        for p in sorted(dirty):
+            if _below_any(p, subtrees, strict=True) or _below_any(p, done, strict=False):
+                continue
+            try:
+                replaced = self._sync_path(txn, root, p, dirty[p], stage, res)
+            except Unstable:
+                res.retry.add(p)
+                continue
+            if replaced:
+                done.append(p)
+                done.sort()
+        return res
+
+    def _sync_path(
+        self, txn: Txn, root: bytes, p: bytes, flags: int, stage: Stage, res: SyncResult
+    ) -> bool:
+        if p == b"":
+            fd = os.open(self.top, DIRFLAGS)
+            try:
+                st = os.fstat(fd)
+                node = self.m.get_node(txn, root)
+                self._dir_meta(b"", st, node, res)
+                if flags & SUBTREE:
+                    self._compare_dir(fd, b"", node, stage, res)
+            finally:
+                os.close(fd)
+            return False
+        low = self.m.lookup(txn, root, p)
+        if low is not None and low.kind is Kind.MASK:
+            low = None
+        where = self._walk_to_parent(p)
+        if where is None:
+            if low is not None:
+                res.ops.append(Op(OpKind.DELETE, p))
+                return True
+            return False
+        dfd, name = where
+        try:
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                if low is not None:
+                    res.ops.append(Op(OpKind.DELETE, p))
+                    return True
+                return False
+            return self._compare_one(dfd, name, st, p, low, flags, stage, res)
+        finally:
+            os.close(dfd)
+
+    def _compare_one(
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        p: bytes,
+        low: Entry | None,
+        flags: int,
+        stage: Stage,
+        res: SyncResult,
+    ) -> bool:
+        """Compare one existing name; True when the path was replaced whole (PUT/DELETE)."""
+        if stat.S_ISDIR(st.st_mode):
+            with _opened_dir(dfd, name, st) as cfd:
+                if low is not None and low.kind is Kind.DIR:
+                    child = self.m.get_node(self._txn, low.digest)
+                    self._dir_meta(p, st, child, res)
+                    if flags & SUBTREE:
+                        self._compare_dir(cfd, p, child, stage, res)
+                    return False
+                res.ops.append(Op(OpKind.PUT, p, self._new_dir(cfd, name, st, p, stage, res)))
+                return True
+        entry = self._leaf(dfd, name, st, p, low, stage, res)
+        if entry is None:
+            if low is not None:
+                res.ops.append(Op(OpKind.DELETE, p))
+                return True
+            return False
+        op = leaf_op(p, low, entry)
+        if op is not None:
+            res.ops.append(op)
+        return op is not None and op.kind is OpKind.PUT
+
+    @staticmethod
+    def _dir_meta(p: bytes, st: os.stat_result, node: Node, res: SyncResult) -> None:
+        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+        if (mode, mtime) != (node.mode, node.mtime_ns):
+            res.ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
+
+    def _compare_dir(self, dfd: int, rel: bytes, node: Node, stage: Stage, res: SyncResult) -> None:
+        on_disk = {os.fsencode(n) for n in os.listdir(dfd)}
+        known = {e.name: e for e in node.entries if e.kind is not Kind.MASK}
+        for name in sorted(on_disk | known.keys()):
+            p = paths.join(rel, name)
+            low = known.get(name)
+            if name not in on_disk:
+                res.ops.append(Op(OpKind.DELETE, p))
+                continue
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                if low is not None:
+                    res.ops.append(Op(OpKind.DELETE, p))
+                continue
+            try:
+                self._compare_one(dfd, name, st, p, low, SUBTREE, stage, res)
+            except Unstable:
+                res.retry.add(p)
+
+    def _new_dir(
+        self, dfd: int, name: bytes, st: os.stat_result, rel: bytes, stage: Stage, res: SyncResult
+    ) -> Entry:
+        entries: list[Entry] = []
+        for child in sorted(os.fsencode(n) for n in os.listdir(dfd)):
+            p = paths.join(rel, child)
+            try:
+                cst = os.lstat(child, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                with _opened_dir(dfd, child, cst) as cfd:
+                    entries.append(self._new_dir(cfd, child, cst, p, stage, res))
+                continue
+            e = self._leaf(dfd, child, cst, p, None, stage, res)
+            if e is not None:
+                entries.append(e)
+        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries)
+        res.nodes[digest] = data
+        return Entry(name, Kind.DIR, digest=digest)
+
+    def _leaf(
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        p: bytes,
+        low: Entry | None,
+        stage: Stage,
+        res: SyncResult,
+    ) -> Entry | None:
+        if stat.S_ISREG(st.st_mode):
+            return self._file(dfd, name, st, p, low, stage, res)
+        return other_leaf(
+            self.links,
+            self.m,
+            self._txn,
+            self._root,
+            self.rules,
+            dfd,
+            name,
+            st,
+            p,
+            low,
+            res.warnings,
+        )
+
+    def _file(
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        p: bytes,
+        low: Entry | None,
+        stage: Stage,
+        res: SyncResult,
+    ) -> Entry:
+        mode = stat.S_IMODE(st.st_mode)
+        low_file = low if low is not None and low.kind is Kind.FILE else None
+        cached = self.cache.get(st.st_ino)
+        if cached is not None and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            digest, size = cached[3], st.st_size
+        else:
+            digest, size, st = self._hash(dfd, name, st, low_file, stage, res)
+        mtime = st.st_mtime_ns
+        if low_file is not None and digest == low_file.digest:
+            if self.link and mtime == PROXY_MTIME_NS:
+                mtime = low_file.mtime_ns  # the proxy's normalised mtime is not the user's
+            tier = low_file.tier
+        else:
+            tier = low_file.tier if low_file is not None else self.rules.classify(p)
+        return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+    def _hash(
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        low: Entry | None,
+        stage: Stage,
+        res: SyncResult,
+    ) -> tuple[bytes, int, os.stat_result]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        for _ in range(3):
+            try:
+                fd = os.open(name, flags, dir_fd=dfd)
+            except PermissionError:
+                # mode 000 and the like: the owner may read it after a chmod it undoes at once
+                os.chmod(name, stat.S_IMODE(st.st_mode) | 0o400, dir_fd=dfd, follow_symlinks=False)
+                try:
+                    fd = os.open(name, flags, dir_fd=dfd)
+                finally:
+                    os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd, follow_symlinks=False)
+            try:
+                before = os.fstat(fd)
+                if low is not None and before.st_size == low.size:
+                    digest, size = hash_fd(fd)
+                    if digest != low.digest:
+                        os.lseek(fd, 0, os.SEEK_SET)
+                        digest, size, _new = stage.add_fd(fd)
+                else:
+                    digest, size, _new = stage.add_fd(fd)
+                after = os.fstat(fd)
+            finally:
+                os.close(fd)
+            res.files_hashed += 1
+            sig = (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+            if (
+                sig == (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+                and size == after.st_size
+            ):
+                if time.time_ns() - after.st_ctime_ns > self.racy_ns:
+                    self.cache[after.st_ino] = (*sig, digest)
+                return digest, size, after
+            st = after
+        raise Unstable()
+
+
+@contextlib.contextmanager
+def _opened_dir(dfd: int, name: bytes, st: os.stat_result) -> Iterator[int]:
+    """A directory fd; a directory its owner made unreadable (000, 0300) is opened up for the
+    walk and given its mode back afterwards (chmod leaves its mtime alone)."""
+    mode = stat.S_IMODE(st.st_mode)
+    try:
+        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+        opened_up = False
+    except PermissionError:
+        os.chmod(name, mode | 0o700, dir_fd=dfd, follow_symlinks=False)
+        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+        opened_up = True
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+        if opened_up:
+            with contextlib.suppress(OSError):
+                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+
+
+def _below_any(p: bytes, sorted_paths: list[bytes], *, strict: bool) -> bool:
+    """Is p equal to (unless strict) or below one of the (sorted) paths?"""
+    for q in sorted_paths:
+        if q == p:
+            if not strict:
+                return True
+            continue
+        if q == b"" or p.startswith(q + b"/"):
+            return True
+    return False
+
+
+def _parent(rel: bytes) -> bytes:
+    i = rel.rfind(b"/")
+    return rel[:i] if i >= 0 else b""
+
+
+def dirty_paths(recs: Iterable[Record], sync: TreeSync, out: dict[bytes, int]) -> list[bytes]:
+    """Fold journal records into `out` (path -> SELF|SUBTREE); return paths opened for writing."""
+    opened: list[bytes] = []
+
+    def mark(raw: bytes, flag: int, truncated: bool) -> None:
+        if truncated:
+            # the record holds only the start of the path: re-scan the directory it names
+            raw = raw.rsplit(b"/", 1)[0]
+            flag = SUBTREE
+        rel = sync.rel(raw)
+        while rel is None and raw.startswith(sync.top + b"/"):
+            raw = raw.rsplit(b"/", 1)[0]  # not a valid manifest path: its parent, whole
+            flag = SUBTREE
+            rel = sync.rel(raw)
+        if rel is None:
+            return
+        out[rel] = out.get(rel, 0) | flag
+
+    for r in recs:
+        t = r.type
+        if t in (RecType.CHECKIN, RecType.EXEC, RecType.SPAWN, RecType.DENIED):
+            continue
+        if r.phase == 2 and r.ret < 0:
+            continue  # a failed call changed nothing (its intent marked the path already)
+        tr1, tr2 = bool(r.flags & 1), bool(r.flags & 2)
+        if t in (RecType.RENAME, RecType.LINK):
+            for raw, tr in ((r.path1, tr1), (r.path2, tr2)):
+                if raw:
+                    mark(raw, SUBTREE if t is RecType.RENAME else SELF, tr)
+                    mark(raw.rsplit(b"/", 1)[0], SELF, tr)
+            continue
+        if not r.path1:
+            continue
+        mark(r.path1, SELF, tr1)
+        if t in (RecType.UNLINK, RecType.RMDIR, RecType.MKDIR, RecType.SYMLINK) or (
+            t is RecType.OPEN and r.arg & _O_CREAT
+        ):
+            mark(r.path1.rsplit(b"/", 1)[0], SELF, tr1)
+        if t in (RecType.OPEN, RecType.INHERIT):
+            rel = sync.rel(r.path1)
+            if rel is not None:
+                opened.append(rel)
+    return opened
+
+
+SUBTREE = 2
+
+
+_O_CREAT = os.O_CREAT

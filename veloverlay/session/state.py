@@ -1,0 +1,157 @@
+"""A session's state file: one typed record, written atomically, read by `sessions`, resume and gc.
+
+`sessions/<id>/state.json` holds what a later process needs to find, finish or keep a session: its
+refs and base commits, the roots gc must keep while it lives, where it projects, which processes
+run it (pid + start time, so a recycled pid is never taken for the session), and how it ended.
+Both backends write the same record; fields one backend does not use keep their defaults. The
+JSON keys are the field names (schema `version` 1, as the first version wrote them); unknown keys
+are ignored and missing ones take their defaults, so a state written by an older run still loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from veloverlay import ns
+from veloverlay.errors import Reason, VeloError
+from veloverlay.files import write_json_atomic
+from veloverlay.records import Record, field
+from veloverlay.store.cas import Store
+
+__all__ = [
+    "State",
+    "LIVE_STATES",
+    "DONE_STATES",
+    "new_id",
+    "load",
+    "save",
+    "iter_states",
+    "same_process",
+]
+
+STATE_VERSION = 1
+LIVE_STATES = ("starting", "running", "harvesting")
+DONE_STATES = ("harvested", "discarded", "failed")
+
+
+class State(Record):
+    id: str
+    refs: list[str]  # resolved ref names, bottom to top; the change goes to the last
+    bases: list[str]  # the commit of each ref the session started from
+    view_root: str  # hex: the projected tree (the refs stacked)
+    target: str  # where the tree is projected
+    backend: str = "overlay"  # overlay | shim
+    specs: list[str] = field(default_factory=list)  # the refs as the user named them
+    roots: list[str] = field(default_factory=list)  # hex roots gc keeps while the session lives
+    below_root: str | None = None  # hex: the stack without the top ref (None: one ref)
+    pid: int = 0  # the manager
+    pid_start: int | None = None
+    child: int = 0  # the process that runs the command (overlay: the namespace child)
+    child_start: int | None = None
+    state: str = "starting"  # starting | running | harvesting | harvested | discarded | failed
+    start: float = 0.0
+    form: str = ""  # overlay: the lower form; shim: copy | link
+    protection: str = ""
+    discard: bool = False
+    commit_to_ref: bool = True
+    message: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    exit_status: int | None = None
+    killed: list[tuple[int, str]] = field(default_factory=list)
+    commit: str | None = None
+    conflict_ref: str | None = None
+    changed: int = 0
+    error: dict[str, Any] | None = None
+    version: int = STATE_VERSION
+    # overlay sessions
+    layers: list[str] = field(default_factory=list)
+    # shim sessions
+    session_ref: str = ""  # the live view REF@<id>
+    target_real: str = ""
+    target_created: bool = False
+    target_mode: int = 0o755
+    daemon: int = 0
+    daemon_start: int | None = None
+    link: bool = False
+    uid: int = 0
+    tiers: Any = None
+    socket: str = ""
+    argv: list[str] = field(default_factory=list)
+    top_pid: int = 0
+    materialize: dict[str, Any] | None = None
+    unshimmed: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.field_dict()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> State:
+        known = {k: v for k, v in data.items() if k in cls._fields}
+        if "killed" in known:
+            known["killed"] = [(int(p), str(c)) for p, c in known["killed"] or []]
+        return cls(**known)
+
+    @property
+    def top(self) -> str:
+        return self.refs[-1]
+
+    def manager_alive(self) -> bool:
+        return same_process(self.pid, self.pid_start)
+
+    def shown_state(self) -> str:
+        """The state, with a live state whose manager is gone shown as `dead-unharvested`."""
+        if self.state in LIVE_STATES and not self.manager_alive():
+            return "dead-unharvested"
+        return self.state
+
+
+def same_process(pid: int, start: int | None) -> bool:
+    """`pid` is still the process that started at `start` (not a recycled number)."""
+    return pid > 0 and start is not None and ns.proc_start(pid) == start
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def session_dir(store: Store, sid: str) -> Path:
+    return store.sessions / sid
+
+
+def save(store: Store, st: State) -> None:
+    write_json_atomic(session_dir(store, st.id) / "state.json", st.to_json())
+
+
+def load(store: Store, sid: str) -> State:
+    if not sid or "/" in sid or sid.startswith("."):
+        raise VeloError(f"bad session id {sid!r}", reason=Reason.SESSION_NOT_FOUND)
+    try:
+        data = json.loads((session_dir(store, sid) / "state.json").read_text())
+        return State.from_json(data)
+    except (FileNotFoundError, NotADirectoryError):
+        raise VeloError(
+            f"no session {sid!r}",
+            reason=Reason.SESSION_NOT_FOUND,
+            hint="'veloverlay sessions' lists the sessions of this store",
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise VeloError(
+            f"session {sid}: unreadable state file ({exc})", reason=Reason.SESSION_NOT_FOUND
+        ) from None
+
+
+def iter_states(store: Store) -> Iterator[State]:
+    try:
+        names = sorted(os.listdir(store.sessions))
+    except FileNotFoundError:
+        return
+    for sid in names:
+        try:
+            yield load(store, sid)
+        except VeloError:
+            continue

@@ -1,0 +1,98 @@
+"""What a session projects and where: the refs resolved and stacked, and the target directory.
+
+Both backends resolve their refs the same way (several stack, later wins; the change goes to the
+top ref; a stack's merged nodes are written, content-addressed, so a single ref only reads). The
+overlay backend projects over an existing directory (or one it may create); the shim backend
+materialises into a new or empty one (session/shim/materialize.prepare_target).
+"""
+
+from __future__ import annotations
+
+import os
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
+from veloverlay.store.stack import stack_roots
+
+__all__ = ["Stack", "resolve_stack", "ancestors", "inside", "overlay_target"]
+
+
+class Stack(Record, frozen=True):
+    refs: list[Ref]
+    commits: list[Commit]
+    view: bytes  # the projected tree: the refs stacked, later wins (one ref: its root)
+    below: bytes | None  # the stack without the top ref (None: one ref)
+    hints: list[bytes]  # roots of the top ref's earlier commits (one ref only): cached lowers
+
+
+def resolve_stack(m: Manifests, specs: list[str], *, hints: bool = True) -> Stack:
+    if not specs:
+        raise VeloError("name at least one ref", reason=Reason.USAGE)
+    # A stack writes its merged nodes; a single ref only reads (no write lock on the warm path).
+    with m.write() if len(specs) > 1 else m.read() as txn:
+        resolved = [m.resolve(txn, spec) for spec in specs]
+        refs = [r for r, _ in resolved]
+        commits = [c for _, c in resolved]
+        roots = [bytes.fromhex(c.root) for c in commits]
+        view = stack_roots(m, txn, roots)
+        below = stack_roots(m, txn, roots[:-1]) if len(roots) > 1 else None
+        older = ancestors(m, txn, commits[-1]) if hints and len(roots) == 1 else []
+    return Stack(refs, commits, view, below, older)
+
+
+def ancestors(m: Manifests, txn: Txn, commit: Commit, limit: int = 32) -> list[bytes]:
+    out: list[bytes] = []
+    cid = commit.parent
+    while cid is not None and len(out) < limit:
+        try:
+            c = m.get_commit(txn, cid)
+        except VeloError:
+            break
+        out.append(bytes.fromhex(c.root))
+        cid = c.parent
+    return out
+
+
+def inside(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def overlay_target(store: Store, at: str | None, top: Ref) -> str:
+    where = at if at is not None else top.path
+    if not where:
+        raise VeloError(
+            f"ref {top.name!r} has no recorded path to project at",
+            reason=Reason.TARGET_INVALID,
+            hint="pass --at DIR",
+        )
+    real = os.path.realpath(os.path.abspath(where))
+    sroot = os.path.realpath(store.root)
+    if inside(real, sroot) or inside(sroot, real):
+        raise VeloError(
+            f"the target {real} contains or lies inside the store {sroot}",
+            reason=Reason.TARGET_INVALID,
+            hint="project somewhere outside the store (--at DIR)",
+            path=real,
+        )
+    if real == "/":
+        raise VeloError("cannot project over /", reason=Reason.TARGET_INVALID, path=real)
+    if os.path.isdir(real):
+        return real
+    if os.path.lexists(real):
+        raise VeloError(
+            f"the target {real} exists and is not a directory",
+            reason=Reason.TARGET_INVALID,
+            path=real,
+        )
+    parent = os.path.dirname(real)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise VeloError(
+            f"the target {real} does not exist and its parent is not writable",
+            reason=Reason.TARGET_INVALID,
+            hint="pass --at DIR (an existing directory, or one whose parent is writable)",
+            path=real,
+        )
+    os.mkdir(real, 0o755)
+    return real

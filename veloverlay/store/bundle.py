@@ -1,0 +1,281 @@
+"""`.velo` bundles: one ref's version with every node and object it needs, self-contained.
+
+Format v1 (little endian): b"VELOBNDL" u32 version, then records `u8 type  u64 length  payload`:
+    1 META    JSON {ref, root, path, tiers, message}
+    2 NODE    32-byte digest + node encoding
+    3 OBJECT  32-byte digest + content
+    0 END     32-byte BLAKE3 of every byte before this record
+Import validates everything before it changes the store: the trailer checksum, every node decodes
+strictly (names: no `..`, `/`, NUL, empty, overlong, duplicates) and hashes to its digest, every
+object hashes to its digest, and the root's closure is complete. Objects are staged and published
+only then, and the ref is created in one transaction; a bad bundle leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from typing import IO, Any
+
+from veloverlay import faults
+from veloverlay.errors import Reason, VeloError
+from veloverlay.store.cas import Store
+from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
+from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
+from veloverlay.store.tree import Kind, decode
+from veloverlay.tiers import Rules
+
+__all__ = ["export_bundle", "import_bundle", "MAGIC"]
+
+MAGIC = b"VELOBNDL"
+VERSION = 1
+_REC = struct.Struct("<BQ")
+_META, _NODE, _OBJECT, _END = 1, 2, 3, 0
+_MAX_META = 1 << 20
+_MAX_NODE = 64 << 20
+_CHUNK = 1 << 20
+
+
+def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict[str, Any]:
+    h = Hasher()
+
+    def w(b: bytes) -> None:
+        h.update(b)
+        out.write(b)
+
+    with m.read() as txn:
+        ref, commit = m.resolve(txn, spec)
+        root = bytes.fromhex(commit.root)
+        nodes: set[bytes] = set()
+        objects: set[bytes] = set()
+        m.reachable(txn, root, nodes, objects)
+        w(MAGIC + struct.pack("<I", VERSION))
+        meta = json.dumps(
+            {
+                "ref": ref.name.split("@")[0],
+                "root": commit.root,
+                "path": ref.path,
+                "tiers": ref.tiers,
+                "message": commit.message,
+            }
+        ).encode()
+        w(_REC.pack(_META, len(meta)) + meta)
+        for d in sorted(nodes):
+            data = m.raw_node(txn, d)
+            assert data is not None
+            w(_REC.pack(_NODE, DIGEST_SIZE + len(data)) + d + data)
+    size_total = 0
+    for d in sorted(objects):
+        fd = store.open_object(d)
+        try:
+            size = os.fstat(fd).st_size
+            w(_REC.pack(_OBJECT, DIGEST_SIZE + size) + d)
+            left = size
+            while left:
+                chunk = os.read(fd, min(_CHUNK, left))
+                if not chunk:
+                    raise VeloError(
+                        f"object {d.hex()} shrank while exported", reason=Reason.OBJECT_CORRUPT
+                    )
+                w(chunk)
+                left -= len(chunk)
+            size_total += size
+        finally:
+            os.close(fd)
+    trailer = h.digest()
+    out.write(_REC.pack(_END, DIGEST_SIZE) + trailer)
+    return {
+        "ref": ref.name,
+        "root": commit.root,
+        "nodes": len(nodes),
+        "objects": len(objects),
+        "bytes": size_total,
+    }
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | None:
+    existing = m.get_ref(txn, refname)
+    if existing is not None and not force:
+        raise VeloError(
+            f"ref {refname!r} exists",
+            reason=Reason.EXISTS,
+            hint="import under another name with --name, or --force to add a version",
+        )
+    return existing
+
+
+def _valid_tiers(tiers: object) -> bool:
+    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile."""
+    if not isinstance(tiers, list):
+        return False
+    for rule in tiers:
+        if not (
+            isinstance(rule, list)
+            and len(rule) == 3
+            and rule[0] in (1, 2)
+            and isinstance(rule[1], str)
+            and isinstance(rule[2], str)
+        ):
+            return False
+    try:
+        Rules.from_json(tiers)
+    except VeloError:
+        return False
+    return True
+
+
+def _bad(msg: str) -> VeloError:
+    return VeloError(
+        f"invalid bundle: {msg}", reason=Reason.BUNDLE_INVALID, hint="nothing was imported"
+    )
+
+
+class _Reader:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.h = Hasher()
+
+    def exact(self, n: int, *, hashed: bool = True) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise _bad("truncated")
+        if hashed:
+            self.h.update(b)
+        return b
+
+    def chunks(self, n: int) -> Iterator[bytes]:
+        """The next `n` bytes, a chunk at a time (an object is never held whole)."""
+        while n:
+            b = self.exact(min(_CHUNK, n))
+            n -= len(b)
+            yield b
+
+
+def import_bundle(
+    store: Store,
+    m: Manifests,
+    f: IO[bytes],
+    *,
+    name: str | None = None,
+    force: bool = False,
+    path: str | None = None,
+) -> dict[str, Any]:
+    """Import a bundle. The bundle's own ingest path is only reported, never trusted as the
+    ref's default projection point (a bundle from elsewhere could name /etc): pass `path`."""
+    store.writable()
+    r = _Reader(f)
+    head = r.exact(len(MAGIC) + 4)
+    if head[: len(MAGIC)] != MAGIC:
+        raise _bad("not a .velo bundle (bad magic)")
+    (version,) = struct.unpack("<I", head[len(MAGIC) :])
+    if version != VERSION:
+        raise _bad(f"bundle version {version} is not supported (this is {VERSION})")
+    meta: dict[str, Any] | None = None
+    nodes: dict[bytes, bytes] = {}
+    with store.lock(), store.stage() as stage:
+        store.reclaim_tmp()
+        objects: set[bytes] = set()
+        while True:
+            rec = r.f.read(_REC.size)
+            if len(rec) != _REC.size:
+                raise _bad("truncated (no end record)")
+            typ, length = _REC.unpack(rec)
+            if typ == _END:
+                if length != DIGEST_SIZE:
+                    raise _bad("bad end record")
+                expect = r.h.digest()
+                if r.exact(DIGEST_SIZE, hashed=False) != expect:
+                    raise _bad("checksum mismatch (the file was altered or damaged)")
+                if r.f.read(1):
+                    raise _bad("data after the end record")
+                break
+            r.h.update(rec)
+            faults.point("import.record")
+            if typ == _META:
+                if meta is not None or length > _MAX_META:
+                    raise _bad("duplicate or oversized metadata")
+                try:
+                    meta = json.loads(r.exact(length))
+                except ValueError:
+                    raise _bad("metadata is not JSON") from None
+            elif typ == _NODE:
+                if not DIGEST_SIZE < length <= _MAX_NODE:
+                    raise _bad("bad node record length")
+                d = r.exact(DIGEST_SIZE)
+                data = r.exact(length - DIGEST_SIZE)
+                if node_digest(data) != d:
+                    raise _bad(f"node {d.hex()[:16]} does not hash to its name")
+                try:
+                    decode(data)
+                except VeloError as exc:
+                    raise _bad(exc.message) from None
+                nodes[d] = data
+            elif typ == _OBJECT:
+                if length < DIGEST_SIZE:
+                    raise _bad("bad object record length")
+                d = r.exact(DIGEST_SIZE)
+                got, _size, _new = stage.add_stream(r.chunks(length - DIGEST_SIZE))
+                if got != d:
+                    raise _bad(f"object {d.hex()[:16]} does not hash to its name")
+                objects.add(d)
+            else:
+                raise _bad(f"unknown record type {typ}")
+        if not isinstance(meta, dict) or not isinstance(meta.get("root"), str):
+            raise _bad("no metadata record")
+        if not _HEX64.match(meta["root"]):
+            raise _bad("bad root digest")
+        root = bytes.fromhex(meta["root"])
+        if name is None and not (isinstance(meta.get("ref"), str) and REF_RE.match(meta["ref"])):
+            raise _bad(f"bad ref name {meta.get('ref')!r}")
+        refname = check_ref_name(name or meta["ref"])
+        tiers = meta.get("tiers")
+        if tiers is not None and not _valid_tiers(tiers):
+            raise _bad("bad tier rules")
+        # Closure: every node reachable from the root is in the bundle (or the store), and every
+        # object is in the bundle or already stored.
+        with m.read() as txn:
+            stack, seen = [root], set()
+            while stack:
+                d = stack.pop()
+                if d in seen:
+                    continue
+                seen.add(d)
+                found = nodes.get(d) or m.raw_node(txn, d)
+                if found is None:
+                    raise _bad(f"node {d.hex()[:16]} is missing")
+                for e in decode(found).entries:
+                    if e.kind is Kind.DIR:
+                        stack.append(e.digest)
+                    elif (
+                        e.kind is Kind.FILE and e.digest not in objects and not store.has(e.digest)
+                    ):
+                        raise _bad(f"object {e.digest.hex()[:16]} is missing")
+            _check_new_ref(m, txn, refname, force)  # before anything is stored
+        stage.publish()
+        with m.write() as txn:
+            for d, data in nodes.items():
+                m.put_raw_node(txn, d, data)
+            existing = _check_new_ref(m, txn, refname, force)
+            c = m.commit(
+                txn,
+                refname,
+                root,
+                expect_head=existing.head if existing else None,
+                message=f"import: {meta.get('message', '')}",
+                path=os.path.abspath(path) if path is not None else None,
+                tiers=tiers,
+            )
+    return {
+        "bundle_path": meta.get("path") if isinstance(meta.get("path"), str) else None,
+        "ref": refname,
+        "root": root.hex(),
+        "commit": c.id,
+        "nodes": len(nodes),
+        "objects": len(objects),
+    }

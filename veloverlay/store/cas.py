@@ -1,0 +1,484 @@
+"""The content-addressed object store.
+
+Layout (versioned names, so a format change is a new directory, never a migration):
+
+    <store>/CACHEDIR.TAG  .gitignore  lock
+    <store>/objects-v1/ab/cd/<64 hex>   content, mode 0444, named by BLAKE3 of the bytes written
+    <store>/tmp/<stage>/                staging (same filesystem), one directory per writer
+    <store>/trees-v1/                   lower layers built from manifests (projection.py)
+    <store>/sessions/<id>/              session state (session.py)
+    <store>/locks-v1/                   sidecar locks for sources that refuse flock
+    <store>/manifests.lmdb/             the manifest database (manifest.py)
+
+Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
+actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
+into `objects-v1/`, and runs syncfs again, after which the caller may commit a manifest that
+references them. A power cut leaves either no named object or a durable, correct one. A stage
+directory is flock-ed by its writer; a stage whose lock can be taken belongs to a dead writer and
+is reclaimed.
+
+Writers (ingest, harvest, import) hold `lock` shared; `gc` holds it exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from veloverlay import _libc, faults
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.store.digest import Digest, Hasher
+
+__all__ = ["Store", "Stage", "OBJECT_MODE", "default_store_path", "object_missing"]
+
+OBJECT_MODE = 0o444
+_CACHEDIR_TAG = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file is a cache directory tag created by veloverlay.\n"
+)
+_CHUNK = 1 << 20
+
+
+def default_store_path() -> Path:
+    env = os.environ.get("VELO_STORE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return Path(xdg) / "veloverlay"
+
+
+def object_missing(digest: bytes) -> VeloError:
+    """The error for an object a manifest names but the store lacks."""
+    return VeloError(
+        f"object {digest.hex()} is missing from the store",
+        reason=Reason.OBJECT_MISSING,
+        hint="run 'veloverlay fsck' to see what else is affected",
+    )
+
+
+class Store:
+    """A store directory. Cheap to construct; `init()` creates it, `open()` checks it exists."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.objects = self.root / "objects-v1"
+        self.tmp = self.root / "tmp"
+        self.trees = self.root / "trees-v1"
+        self.sessions = self.root / "sessions"
+        self.locks = self.root / "locks-v1"
+        self.db_path = self.root / "manifests.lmdb"
+        self._objects_b = os.fsencode(self.objects)
+        self.objects_b = self._objects_b
+        self._known_shards: set[bytes] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | os.PathLike[str]) -> Store:
+        store = cls(root)
+        try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            for d in (store.objects, store.tmp, store.trees, store.sessions, store.locks):
+                d.mkdir(exist_ok=True)
+            tag = store.root / "CACHEDIR.TAG"
+            if not tag.exists():
+                tag.write_bytes(_CACHEDIR_TAG)
+            ignore = store.root / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("*\n")
+        except PermissionError as exc:
+            raise VeloError(
+                f"cannot create the store at {store.root}: {exc.strerror}",
+                reason=Reason.STORE_PERMISSION,
+                hint="choose a writable location with --store or VELO_STORE",
+            ) from exc
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise VeloError(
+                    f"no space left creating the store at {store.root}", reason=Reason.STORE_FULL
+                ) from exc
+            raise
+        return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> Store:
+        store = cls(root)
+        if not store.objects.is_dir():
+            raise VeloError(
+                f"no veloverlay store at {store.root}",
+                reason=Reason.STORE_MISSING,
+                hint="run 'veloverlay init' (or pass --store / set VELO_STORE)",
+            )
+        if not os.access(store.root, os.R_OK | os.X_OK):
+            raise VeloError(
+                f"the store at {store.root} is not readable by this user",
+                reason=Reason.STORE_PERMISSION,
+            )
+        return store
+
+    def writable(self) -> None:
+        """Raise a clear error when this user cannot write the store."""
+        for d in (self.root, self.objects, self.tmp):
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise VeloError(
+                    f"the store directory {d} is not writable by this user",
+                    reason=Reason.STORE_PERMISSION,
+                    hint="fix its ownership/permissions, or use another --store",
+                )
+
+    # -- objects ---------------------------------------------------------------------------
+    def object_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.objects / h[:2] / h[2:4] / h
+
+    def object_path_b(self, digest: bytes) -> bytes:
+        h = digest.hex().encode()
+        return b"%s/%s/%s/%s" % (self._objects_b, h[:2], h[2:4], h)
+
+    def has(self, digest: bytes) -> bool:
+        try:
+            os.stat(self.object_path_b(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open_object(self, digest: bytes) -> int:
+        """Open an object read-only; a missing object is OBJECT_MISSING, naming the digest."""
+        try:
+            return os.open(self.object_path_b(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise object_missing(digest) from None
+
+    def read_object(self, digest: bytes) -> bytes:
+        fd = self.open_object(digest)
+        try:
+            chunks: list[bytes] = []
+            while True:
+                b = os.read(fd, _CHUNK)
+                if not b:
+                    return b"".join(chunks)
+                chunks.append(b)
+        finally:
+            os.close(fd)
+
+    def iter_objects(self) -> Iterator[tuple[str, Path]]:
+        """Yield (hex name, path) of every entry under objects-v1 (names not validated)."""
+        for d1 in sorted(os.scandir(self.objects), key=lambda e: e.name):
+            if not d1.is_dir(follow_symlinks=False):
+                yield d1.name, Path(d1.path)
+                continue
+            for d2 in sorted(os.scandir(d1.path), key=lambda e: e.name):
+                if not d2.is_dir(follow_symlinks=False):
+                    yield d2.name, Path(d2.path)
+                    continue
+                for obj in os.scandir(d2.path):
+                    yield obj.name, Path(obj.path)
+
+    def shard_dir(self, hexname: bytes) -> bytes:
+        d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
+        if d not in self._known_shards:
+            os.makedirs(d, exist_ok=True)
+            self._known_shards.add(d)
+        return d
+
+    # -- locking ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
+        """The store lock: shared for writers, exclusive for gc."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            if not wait:
+                op |= fcntl.LOCK_NB
+            try:
+                fcntl.flock(fd, op)
+            except BlockingIOError:
+                raise VeloError(
+                    "the store is locked by another veloverlay process",
+                    reason=Reason.LOCKED,
+                    hint="wait for it (gc holds the store exclusively) and retry",
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def stage(self) -> Stage:
+        return Stage(self)
+
+    def reclaim_tmp(self) -> int:
+        """Remove stages left by dead writers (their flock is free). Returns entries removed."""
+        removed = 0
+        try:
+            names = os.listdir(self.tmp)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if not name.endswith(".lock"):
+                continue
+            lockpath = self.tmp / name
+            try:
+                fd = os.open(lockpath, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                stage_dir = self.tmp / name[: -len(".lock")]
+                removed += _rmtree(stage_dir)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lockpath)
+            finally:
+                os.close(fd)
+        return removed
+
+
+def _rmtree(path: Path) -> int:
+    count = 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    except PermissionError:
+        os.chmod(path, 0o700)
+        entries = list(os.scandir(path))
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            count += _rmtree(Path(e.path))
+        else:
+            os.unlink(e.path)
+            count += 1
+    os.rmdir(path)
+    return count
+
+
+def syncfs_path(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+class Stage:
+    """A writer's staging area. Stage objects, then `publish()` them durably in one batch.
+
+    Usable from forked worker processes: each worker calls `Stage.attach(store, name)` and writes
+    into the same directory under unique file names; the parent publishes.
+    """
+
+    def __init__(self, store: Store, name: str | None = None) -> None:
+        self.store = store
+        self.name = name or f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.dir = store.tmp / self.name
+        self._dir_b = os.fsencode(self.dir)
+        self._lock_fd = -1
+        self._seq = 0
+        self.staged: dict[bytes, bytes] = {}  # digest -> staged file path
+
+    def __enter__(self) -> Stage:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.store.tmp.mkdir(exist_ok=True)
+        self._lock_fd = os.open(
+            self.store.tmp / f"{self.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.makedirs(self.dir, exist_ok=True)
+
+    @classmethod
+    def attach(cls, store: Store, name: str) -> Stage:
+        """A view of an existing stage for a worker process (it does not own the lock)."""
+        return cls(store, name)
+
+    def close(self) -> None:
+        """Drop whatever was not published and release the stage."""
+        with contextlib.suppress(FileNotFoundError):
+            _rmtree(self.dir)
+        if self._lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.store.tmp / f"{self.name}.lock")
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _tmpname(self) -> bytes:
+        self._seq += 1
+        return b"%s/%d-%d" % (self._dir_b, os.getpid(), self._seq)
+
+    def add_bytes(self, data: bytes | memoryview, digest: Digest | None = None) -> Digest:
+        """Stage `data`; the name is the hash of exactly these bytes."""
+        if digest is None:
+            h = Hasher()
+            h.update(data)
+            digest = h.digest()
+        if digest in self.staged or self.store.has(digest):
+            return digest
+        path = self._tmpname()
+        fd = _create(path)
+        try:
+            _write_all(fd, data, path)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        faults.point("stage.written")
+        self.staged[digest] = path
+        return digest
+
+    def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
+        """Copy from `src_fd` into the stage, hashing the bytes as they are written.
+
+        Returns (digest, size, new). Content already in the store is not kept twice.
+        """
+        return self.add_stream(iter(lambda: os.read(src_fd, _CHUNK), b""))
+
+    def add_stream(self, chunks: Iterable[bytes]) -> tuple[Digest, int, bool]:
+        """Stage the concatenation of `chunks`, written and hashed as they come (memory stays at
+        one chunk, whatever the object's size). Returns (digest, size, new)."""
+        path = self._tmpname()
+        fd = _create(path)
+        h = Hasher()
+        size = 0
+        try:
+            for chunk in chunks:
+                h.update(chunk)
+                _write_all(fd, chunk, path)
+                size += len(chunk)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        digest = h.digest()
+        if digest in self.staged or self.store.has(digest):
+            os.unlink(path)
+            return digest, size, False
+        faults.point("stage.written")
+        self.staged[digest] = path
+        return digest, size, True
+
+    def adopt(self, staged: dict[bytes, bytes]) -> None:
+        """Take over objects staged by worker processes."""
+        for digest, path in staged.items():
+            if digest in self.staged:
+                os.unlink(path)
+            else:
+                self.staged[digest] = path
+
+    def publish(self, mapper: Mapper | None = None) -> int:
+        """syncfs; rename staged objects into objects-v1; syncfs. Returns objects published.
+
+        `mapper` (e.g. a process pool's `map`) spreads the renames over workers: creating the
+        shard directories and renaming is most of the cost of storing many small objects.
+        """
+        if not self.staged:
+            return 0
+        syncfs_path(self.dir)
+        faults.point("publish.synced")
+        items = list(self.staged.items())
+        root = os.fspath(self.store.root)
+        if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
+            published = _publish_chunk((root, items))
+        else:
+            chunks = [
+                (root, items[i : i + _PUBLISH_CHUNK]) for i in range(0, len(items), _PUBLISH_CHUNK)
+            ]
+            published = sum(mapper(_publish_chunk, chunks))
+        syncfs_path(self.store.objects)
+        faults.point("publish.done")
+        self.staged.clear()
+        return published
+
+
+Mapper = Callable[
+    [
+        Callable[[tuple[str, list[tuple[bytes, bytes]]]], int],
+        list[tuple[str, list[tuple[bytes, bytes]]]],
+    ],
+    Iterable[int],
+]
+_PUBLISH_CHUNK = 512
+_stores: dict[str, Store] = {}
+
+
+def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
+    """Rename staged files to their object names (in any process; shard dirs cached per store)."""
+    root, items = job
+    store = _stores.get(root)
+    if store is None:
+        store = _stores[root] = Store(root)
+    published = 0
+    for digest, path in items:
+        hexname = digest.hex().encode()
+        try:
+            dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
+        except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
+            raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
+        try:
+            # An identical object may exist already (another writer): keep the older inode,
+            # it may carry +i and short-name links.
+            if os.path.lexists(dst):
+                os.unlink(path)
+                continue
+            os.rename(path, dst)
+            faults.point("publish.renamed")
+            published += 1
+        except OSError as exc:
+            raise _store_error(exc, "rename", path, dst) from exc
+    return published
+
+
+def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
+    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...)."""
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as exc:
+        raise _store_error(exc, "write", path) from exc
+
+
+def _create(path: bytes) -> int:
+    try:
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, OBJECT_MODE
+        )
+    except OSError as exc:
+        raise _store_error(exc, "open", path) from exc
+
+
+def _store_error(exc: OSError, call: str, path: bytes, path2: bytes | None = None) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return VeloError(
+            "the store's filesystem is full",
+            reason=Reason.STORE_FULL,
+            hint="free space (e.g. 'veloverlay gc') and retry; nothing stored was changed",
+            path=path,
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return VeloError(
+            f"cannot write into the store: {exc.strerror}",
+            reason=Reason.STORE_PERMISSION,
+            path=path,
+        )
+    return SysError(exc.errno or errno.EIO, call, path, path2)
+
+
+def check_object_file(path: str | os.PathLike[str]) -> os.stat_result:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise VeloError(f"{path} is not a regular file", reason=Reason.OBJECT_CORRUPT, path=path)
+    return st

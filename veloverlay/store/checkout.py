@@ -1,0 +1,130 @@
+"""Materialise a manifest as a real directory tree (bytes, modes, mtimes, symlinks, empty dirs).
+
+Writes only inside the destination: every directory is created by us and entered through a
+directory fd opened with O_NOFOLLOW, every file is created with O_EXCL|O_NOFOLLOW relative to it,
+so no symlink (from the manifest or planted concurrently) is ever followed, and names were
+validated when the node was decoded. Directory modes and mtimes are set last, deepest first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.files import DIRFLAGS
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind
+
+__all__ = ["checkout"]
+
+
+def _prepare_dest(dest: str) -> int:
+    try:
+        os.mkdir(dest, 0o700)
+    except FileExistsError:
+        if os.path.islink(dest) or not os.path.isdir(dest):
+            raise VeloError(
+                f"{dest} exists and is not a directory", reason=Reason.EXISTS, path=dest
+            ) from None
+        if os.listdir(dest):
+            raise VeloError(
+                f"{dest} is not empty",
+                reason=Reason.EXISTS,
+                path=dest,
+                hint="check out into a new or empty directory",
+            ) from None
+    except FileNotFoundError:
+        raise VeloError(
+            f"the parent of {dest} does not exist", reason=Reason.NOT_FOUND, path=dest
+        ) from None
+    return os.open(dest, DIRFLAGS)
+
+
+def checkout(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    dest: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write the tree `root` into `dest` (new or empty). Returns the number of entries written."""
+    top = _prepare_dest(dest)
+    count = 0
+    # Depth first, one open directory fd per level (never one per directory: a tree with more
+    # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
+    # set when everything below it is written, and its fd is closed then.
+    stack: list[tuple[int, Iterator[Entry], int, int]] = []
+
+    def enter(dfd: int, digest: bytes) -> None:
+        node = m.get_node(txn, digest)
+        stack.append((dfd, iter(node.entries), node.mode, node.mtime_ns))
+
+    try:
+        enter(top, root)
+        while stack:
+            dfd, entries, mode, mtime = stack[-1]
+            e = next(entries, None)
+            if e is None:
+                stack.pop()
+                os.utime(dfd, ns=(mtime, mtime))
+                os.chmod(dfd, mode)
+                os.close(dfd)
+                continue
+            name = e.name
+            if e.kind is Kind.DIR:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                enter(os.open(name, DIRFLAGS, dir_fd=dfd), e.digest)
+            elif e.kind is Kind.SYMLINK:
+                os.symlink(e.target, name, dir_fd=dfd)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif e.kind is Kind.FILE:
+                _write_file(store, dfd, name, e.digest, e.mode, e.mtime_ns)
+            # MASK entries are deletions for stacked refs: nothing to write
+            count += 1
+            if progress is not None and count % 1000 == 0:
+                progress(count)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VeloError(
+                f"no space left while checking out into {dest}", reason=Reason.STORE_FULL
+            ) from exc
+        raise SysError(exc.errno or errno.EIO, "checkout", dest) from exc
+    finally:
+        for dfd, _e, _m, _t in stack:
+            os.close(dfd)
+    return count
+
+
+def _write_file(store: Store, dfd: int, name: bytes, digest: bytes, mode: int, mtime: int) -> None:
+    src = store.open_object(digest)
+    try:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dfd,
+        )
+        try:
+            size = os.fstat(src).st_size
+            off = 0
+            while off < size:
+                try:
+                    n = os.copy_file_range(src, fd, size - off)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    n = os.sendfile(fd, src, None, size - off)
+                if n == 0:
+                    break
+                off += n
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(src)

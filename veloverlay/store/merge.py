@@ -1,0 +1,92 @@
+"""Three-way merge of trees, per path, against a common base.
+
+Disjoint changes merge. Both sides making the identical change is not a conflict. A directory's own
+mode/mtime never conflicts (the later side, `ours`, wins). A real conflict is both sides changing
+one path differently, or one side replacing/deleting a directory inside which the other changed
+something. The caller keeps a conflicting side under its own ref, or (`drop_conflicts`, for
+`ingest --force`) lets `theirs` win the conflicting paths while the rest of `ours` still applies;
+the dropped side stays in the ref's history."""
+
+from __future__ import annotations
+
+import bisect
+
+from veloverlay.records import Record
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Kind, Op, OpKind
+
+__all__ = ["MergeResult", "three_way"]
+
+
+class MergeResult(Record, frozen=True):
+    root: bytes | None  # None when there are conflicts
+    conflicts: tuple[bytes, ...]
+    applied: tuple[Op, ...]
+
+
+def _is_dir_meta(m: Manifests, txn: Txn, root: bytes, op: Op) -> bool:
+    if op.kind is not OpKind.META:
+        return False
+    e = m.lookup(txn, root, op.path)
+    return e is not None and e.kind is Kind.DIR
+
+
+def _ancestors(path: bytes) -> list[bytes]:
+    out = [b""]
+    i = path.find(b"/")
+    while i >= 0:
+        out.append(path[:i])
+        i = path.find(b"/", i + 1)
+    return out
+
+
+def three_way(
+    m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes, *, drop_conflicts: bool = False
+) -> MergeResult:
+    """Merge `ours` (base→ours) into `theirs` (base→theirs). On conflicts the root is None, unless
+    `drop_conflicts`: then our conflicting changes are left out (theirs stand there), the others
+    are applied, and `conflicts` lists what was left out."""
+    if theirs == base:
+        return MergeResult(ours, (), tuple(m.diff(txn, base, ours)))
+    if ours in (base, theirs):
+        return MergeResult(theirs, (), ())
+    mine = m.diff(txn, base, ours)
+    other = m.diff(txn, base, theirs)
+    other_at = {op.path: op for op in other}
+    # Paths the other side replaced or deleted (a change below them conflicts).
+    replaced = {op.path for op in other if op.kind is not OpKind.META}
+    touched = sorted(op.path for op in other if not _is_dir_meta(m, txn, theirs, op))
+    conflicts: list[bytes] = []
+    apply: list[Op] = []
+    for op in mine:
+        o = other_at.get(op.path)
+        if o is not None:
+            if o == op:
+                continue
+            if o.kind is OpKind.DELETE and _is_dir_meta(m, txn, ours, op):
+                continue  # they removed the directory; our touching its mtime does not matter
+            if _is_dir_meta(m, txn, ours, op) and _is_dir_meta(m, txn, theirs, o):
+                if not drop_conflicts:  # a directory's mtime never conflicts: later wins
+                    apply.append(op)  # (with drop_conflicts, `theirs` is the winning side)
+                continue
+            if op.kind is OpKind.META or not _is_dir_meta(m, txn, theirs, o):
+                conflicts.append(op.path)
+                continue
+            # They only touched the directory's own mtime/mode, which never conflicts: our delete
+            # or replacement of it is checked below like any other change (against what they
+            # changed inside it).
+        if any(a in replaced for a in _ancestors(op.path) if a != op.path):
+            conflicts.append(op.path)
+            continue
+        if op.kind is not OpKind.META:
+            prefix = op.path + b"/" if op.path else b""
+            i = bisect.bisect_left(touched, prefix)
+            if i < len(touched) and touched[i].startswith(prefix):
+                conflicts.append(op.path)
+                continue
+        elif _is_dir_meta(m, txn, ours, op) and m.lookup(txn, theirs, op.path) is None:
+            continue  # the directory is gone on their side; its mtime does not matter
+        apply.append(op)
+    if conflicts and not drop_conflicts:
+        return MergeResult(None, tuple(conflicts), ())
+    return MergeResult(m.apply(txn, theirs, apply), tuple(conflicts), tuple(apply))

@@ -1,0 +1,207 @@
+"""Merkle directory nodes and deltas: the pure data model (no I/O, no LMDB).
+
+A directory node is the canonical encoding of the directory's own mode and mtime followed by its
+entries sorted by name (bytes order). Its digest (BLAKE3 with a node domain key) names it; the
+digest of the root node names a whole version. Entry kinds: FILE (content digest), DIR (child node
+digest), SYMLINK (target bytes, kept as-is), MASK (a deletion of a path a lower ref provides).
+
+Encoding v1 (little endian):
+    node  = b"VDN1" u32 mode  i64 mtime_ns  u32 count  entry*count
+    entry = u16 namelen name  u8 kind  u8 tier  u32 mode  u64 size  i64 mtime_ns  u16 paylen payload
+DIR entries carry mode/size/mtime 0 (the child node holds its own), MASK entries carry nothing.
+`decode` is strict: it is the validation of every node read from a bundle or the database.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.paths import check_name
+from veloverlay.records import Record
+from veloverlay.store.digest import DIGEST_SIZE, Digest, node_digest
+
+__all__ = [
+    "Kind",
+    "Entry",
+    "Node",
+    "encode",
+    "decode",
+    "Op",
+    "OpKind",
+    "EMPTY_DIR_MODE",
+]
+
+_MAGIC = b"VDN1"
+_HEAD = struct.Struct("<4sIqI")
+_ENT = struct.Struct("<BBIQqH")
+EMPTY_DIR_MODE = 0o755
+SYMLINK_MAX = 4095
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    MASK = 4
+
+
+class Entry(Record, frozen=True):
+    """One name in a directory. `digest` for FILE/DIR, `target` for SYMLINK."""
+
+    name: bytes
+    kind: Kind
+    mode: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes = b""
+    target: bytes = b""
+    tier: int = 0
+
+    @property
+    def payload(self) -> bytes:
+        return self.target if self.kind is Kind.SYMLINK else self.digest
+
+
+class Node(Record, frozen=True):
+    """A decoded directory node: its own metadata and its entries sorted by name."""
+
+    mode: int
+    mtime_ns: int
+    entries: tuple[Entry, ...]
+
+    def lookup(self, name: bytes) -> Entry | None:
+        # Binary search: entries are sorted and unique.
+        lo, hi = 0, len(self.entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            n = self.entries[mid].name
+            if n < name:
+                lo = mid + 1
+            elif n > name:
+                hi = mid
+            else:
+                return self.entries[mid]
+        return None
+
+    def as_dict(self) -> dict[bytes, Entry]:
+        return {e.name: e for e in self.entries}
+
+
+def _bad(msg: str) -> VeloError:
+    return VeloError(f"malformed directory node: {msg}", reason=Reason.MANIFEST_CORRUPT)
+
+
+def encode(mode: int, mtime_ns: int, entries: Iterable[Entry]) -> tuple[Digest, bytes]:
+    """Encode a node (entries in any order) and return (digest, encoding)."""
+    ordered = sorted(entries, key=lambda e: e.name)
+    parts = [_HEAD.pack(_MAGIC, mode & 0o7777, mtime_ns, len(ordered))]
+    prev: bytes | None = None
+    pack = _ENT.pack
+    for e in ordered:
+        if e.name == prev:
+            raise _bad(f"duplicate name {e.name!r}")
+        check_name(e.name)  # never write a node that decode() would refuse (BAD_NAME)
+        prev = e.name
+        payload = e.target if e.kind is Kind.SYMLINK else e.digest
+        parts.append(len(e.name).to_bytes(2, "little"))
+        parts.append(e.name)
+        parts.append(pack(e.kind, e.tier, e.mode & 0o7777, e.size, e.mtime_ns, len(payload)))
+        parts.append(payload)
+    data = b"".join(parts)
+    return node_digest(data), data
+
+
+def decode(data: bytes) -> Node:
+    """Strictly decode a node; any deviation from the canonical form raises MANIFEST_CORRUPT."""
+    if len(data) < _HEAD.size:
+        raise _bad("truncated header")
+    magic, mode, mtime_ns, count = _HEAD.unpack_from(data, 0)
+    if magic != _MAGIC:
+        raise _bad("bad magic")
+    if mode & ~0o7777:
+        raise _bad("mode has non-permission bits")
+    off = _HEAD.size
+    entries: list[Entry] = []
+    prev = b""
+    end = len(data)
+    unpack = _ENT.unpack_from
+    for _ in range(count):
+        if off + 2 > end:
+            raise _bad("truncated entry")
+        nlen = int.from_bytes(data[off : off + 2], "little")
+        off += 2
+        name = data[off : off + nlen]
+        off += nlen
+        if len(name) != nlen or off + _ENT.size > end:
+            raise _bad("truncated entry")
+        try:
+            check_name(name)
+        except VeloError as exc:
+            raise _bad(exc.message) from None
+        if entries and name <= prev:
+            raise _bad(f"entries not strictly sorted at {name!r}")
+        prev = name
+        kind_v, tier, emode, size, emtime, plen = unpack(data, off)
+        off += _ENT.size
+        payload = data[off : off + plen]
+        off += plen
+        if len(payload) != plen:
+            raise _bad("truncated payload")
+        try:
+            kind = Kind(kind_v)
+        except ValueError:
+            raise _bad(f"unknown kind {kind_v}") from None
+        if emode & ~0o7777:
+            raise _bad("entry mode has non-permission bits")
+        if kind is Kind.FILE:
+            if plen != DIGEST_SIZE or tier not in (1, 2):
+                raise _bad(f"bad file entry {name!r}")
+            entries.append(Entry(name, kind, emode, size, emtime, payload, b"", tier))
+        elif kind is Kind.DIR:
+            if plen != DIGEST_SIZE or tier or emode or size or emtime:
+                raise _bad(f"bad dir entry {name!r}")
+            entries.append(Entry(name, kind, digest=payload))
+        elif kind is Kind.SYMLINK:
+            if not 0 < plen <= SYMLINK_MAX or b"\0" in payload or tier or size != plen:
+                raise _bad(f"bad symlink entry {name!r}")
+            entries.append(Entry(name, kind, emode, size, emtime, b"", payload, 0))
+        else:
+            if plen or tier or emode or size or emtime:
+                raise _bad(f"bad mask entry {name!r}")
+            entries.append(Entry(name, kind))
+    if off != end:
+        raise _bad("trailing bytes")
+    return Node(mode, mtime_ns, tuple(entries))
+
+
+class OpKind(enum.Enum):
+    """A path operation in a delta."""
+
+    PUT = "put"
+    """Place `entry` at the path, replacing whatever was there (for a DIR: a whole subtree)."""
+    DELETE = "delete"
+    """Remove the path (and its subtree)."""
+    META = "meta"
+    """Change mode and mtime of an existing path, keeping its content."""
+
+
+class Op(Record, frozen=True):
+    kind: OpKind
+    path: bytes
+    entry: Entry | None = None
+    mode: int = 0
+    mtime_ns: int = 0
+
+    def to_json(self) -> list[object]:
+        from os import fsdecode
+
+        out: list[object] = [self.kind.value, fsdecode(self.path)]
+        if self.entry is not None:
+            e = self.entry
+            out += [int(e.kind), e.mode, e.size, e.mtime_ns, e.payload.hex(), e.tier]
+        elif self.kind is OpKind.META:
+            out += [self.mode, self.mtime_ns]
+        return out

@@ -1,0 +1,180 @@
+"""Garbage collection: mark from every root that may still be needed, sweep the rest.
+
+Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), each
+ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
+base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
+ones pin nothing). Only objects older than `grace` seconds (by ctime: the time they were renamed
+into the store) are swept, and gc holds the store lock exclusively, so no writer can be between
+staging and commit. `dry_run` computes exactly what a real run would delete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from veloverlay import faults
+from veloverlay.records import Record, field
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import EMPTY_ROOT, Manifests
+
+__all__ = ["GcReport", "gc", "session_roots"]
+
+
+class GcReport(Record):
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    nodes_deleted: int = 0
+    commits_deleted: int = 0
+    layers_evicted: int = 0
+    proxies_removed: int = 0
+    objects_kept: int = 0
+    young_kept: int = 0
+    dry_run: bool = False
+    deleted: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        d = self.field_dict()
+        d.pop("deleted")
+        return d
+
+
+def session_roots(store: Store) -> set[bytes]:
+    """The roots every unfinished session still needs (its state file's `roots`).
+
+    Read from the raw JSON on purpose, not through `session.state.load`: gc must keep what any
+    state file names, even one that this version could not load as a whole."""
+    out: set[bytes] = set()
+    try:
+        ids = os.listdir(store.sessions)
+    except FileNotFoundError:
+        return out
+    for sid in ids:
+        p = store.sessions / sid / "state.json"
+        try:
+            data = json.loads(p.read_text())
+        except (FileNotFoundError, ValueError, NotADirectoryError):
+            continue
+        if data.get("state") in ("harvested", "discarded"):
+            continue  # finished: what it produced is reachable from refs, or was thrown away
+        for r in data.get("roots", []):
+            with contextlib.suppress(ValueError):
+                out.add(bytes.fromhex(r))
+    return out
+
+
+def gc(
+    store: Store,
+    m: Manifests,
+    *,
+    keep: int | None = None,
+    grace: float = 3600.0,
+    dry_run: bool = False,
+) -> GcReport:
+    rep = GcReport(dry_run=dry_run)
+    with store.lock(exclusive=True):
+        if not dry_run:
+            store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
+        nodes: set[bytes] = set()
+        objects: set[bytes] = set()
+        kept_commits: set[str] = set()
+        with m.read() as txn:
+            roots: set[bytes] = set(session_roots(store)) | {EMPTY_ROOT}
+            for ref in m.refs(txn):
+                if ref.ingest_root:
+                    roots.add(bytes.fromhex(ref.ingest_root))
+                cid: str | None = ref.head
+                n = 0
+                while cid is not None and (keep is None or n < keep):
+                    if cid in kept_commits:
+                        break
+                    c = m.get_commit(txn, cid)
+                    kept_commits.add(cid)
+                    roots.add(bytes.fromhex(c.root))
+                    cid = c.parent
+                    n += 1
+            for r in roots:
+                if m.has_node(txn, r):
+                    m.reachable(txn, r, nodes, objects)
+            heads = set(session_roots(store))
+            for ref in m.refs(txn):
+                heads.add(bytes.fromhex(m.get_commit(txn, ref.head).root))
+            dead_commits = [c.id for c in m.iter_commits(txn) if c.id not in kept_commits]
+            dead_nodes = [k for k, _ in m.iter_nodes(txn) if k not in nodes]
+        now = time.time()
+        victims: list[Path] = []
+        short_ids: dict[str, str] = {}  # victim hex -> its short name in ids-v1
+        for name, path in store.iter_objects():
+            try:
+                digest = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if digest in objects:
+                rep.objects_kept += 1
+                continue
+            st = os.lstat(path)
+            if now - st.st_ctime < grace:
+                rep.young_kept += 1
+                continue
+            victims.append(path)
+            rep.bytes_freed += st.st_size
+            with m.read() as txn:
+                alt = txn.get(digest, db=m.ids)
+            short_ids[path.name] = bytes(alt).decode() if alt is not None else name[:20]
+        rep.objects_deleted = len(victims)
+        rep.commits_deleted = len(dead_commits)
+        rep.nodes_deleted = len([d for d in dead_nodes if d])
+        rep.deleted = [p.name for p in victims]
+        if dry_run:
+            return rep
+        # Manifest first: after this commit nothing references the victims.
+        with m.write() as txn:
+            for cid in dead_commits:
+                m.delete_commit(txn, cid)
+            for d in dead_nodes:
+                m.delete_node(txn, d)
+            for hexname in short_ids:
+                txn.delete(bytes.fromhex(hexname), db=m.ids)
+            faults.point("commit.before")
+        for path in victims:
+            _unlink_object(store, path, short_ids.get(path.name))
+            faults.point("gc.sweep")
+        # Lower layers of versions no ref head or session uses any more: rebuilt on demand.
+        from veloverlay.lower.prune import prune
+
+        rep.layers_evicted = prune(store, heads)
+        keep_hex = {h.hex() for h in heads}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(store.trees / "relocation"):  # relocation.cached_find_baked
+                if entry.name.split("-", 1)[0] not in keep_hex:
+                    os.unlink(entry.path)
+        from veloverlay.session.shim.materialize import prune_proxies
+
+        rep.proxies_removed = prune_proxies(store)
+    return rep
+
+
+def _unlink_object(store: Store, path: Path, short: str | None) -> None:
+    """Delete an object and its short name (the data-only layer's hard link), clearing +i."""
+    names = [path]
+    if short is not None:
+        from veloverlay.lower.homes import short_id_path
+
+        link = Path(os.fsdecode(short_id_path(store, short)))
+        try:
+            if os.path.samefile(link, path):
+                names.append(link)
+        except FileNotFoundError:
+            pass
+    for name in names:
+        try:
+            os.unlink(name)
+        except PermissionError:
+            from veloverlay import fsflags
+
+            fsflags.set_immutable(name, False)  # one inode: clears it for every name
+            os.unlink(name)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,186 @@
+"""The library's verbs over one store: what the CLI calls (it only parses and renders).
+
+`Repo.open(path)` joins the object store and the manifest database; each method is one verb.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Any
+
+from veloverlay import paths
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.store.cas import Store, default_store_path
+from veloverlay.store.manifest import Commit, Manifests, Ref
+from veloverlay.store.tree import Entry, Kind, Op, OpKind
+from veloverlay.tiers import Rule, Rules
+
+__all__ = ["Repo", "LsEntry"]
+
+
+class LsEntry(Record, frozen=True):
+    path: bytes
+    kind: str
+    mode: int
+    size: int
+    mtime_ns: int
+    digest: str | None
+    target: str | None
+    tier: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": os.fsdecode(self.path),
+            "kind": self.kind,
+            "mode": f"{self.mode:04o}",
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "digest": self.digest,
+            "target": self.target,
+            "tier": self.tier,
+        }
+
+
+def _ls_entry(path: bytes, e: Entry) -> LsEntry:
+    return LsEntry(
+        path,
+        e.kind.name.lower(),
+        e.mode,
+        e.size,
+        e.mtime_ns,
+        e.digest.hex() if e.kind in (Kind.FILE, Kind.DIR) else None,
+        os.fsdecode(e.target) if e.kind is Kind.SYMLINK else None,
+        e.tier,
+    )
+
+
+class Repo:
+    def __init__(self, store: Store, manifests: Manifests) -> None:
+        self.store = store
+        self.m = manifests
+
+    @classmethod
+    def open(cls, path: str | None = None, *, create: bool = False) -> Repo:
+        root = path or os.fspath(default_store_path())
+        store = Store.init(root) if create else Store.open(root)
+        return cls(store, Manifests(store))
+
+    def close(self) -> None:
+        self.m.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def refs(self) -> list[tuple[Ref, Commit]]:
+        with self.m.read() as txn:
+            return [(r, self.m.get_commit(txn, r.head)) for r in self.m.refs(txn)]
+
+    def ls(self, spec: str, path: str = "", *, recursive: bool = False) -> list[LsEntry]:
+        key = paths.parse_user_path(path)
+        with self.m.read() as txn:
+            _ref, commit = self.m.resolve(txn, spec)
+            root = bytes.fromhex(commit.root)
+            e = self.m.lookup(txn, root, key)
+            if e is None:
+                raise VeloError(
+                    f"{spec}: no such path {paths.display(key)}", reason=Reason.NOT_FOUND
+                )
+            if e.kind is not Kind.DIR:
+                return [_ls_entry(key, e)]
+            if recursive:
+                return [
+                    _ls_entry(p, ent) for p, ent, _n in self.m.walk(txn, e.digest, key) if p != key
+                ]
+            node = self.m.get_node(txn, e.digest)
+            out = []
+            for ent in node.entries:
+                if ent.kind is Kind.DIR:
+                    child = self.m.get_node(txn, ent.digest)
+                    ent = Entry(ent.name, Kind.DIR, child.mode, 0, child.mtime_ns, ent.digest)
+                out.append(_ls_entry(paths.join(key, ent.name), ent))
+            return out
+
+    def cat(self, spec: str, path: str, out: IO[bytes]) -> int:
+        key = paths.parse_user_path(path)
+        with self.m.read() as txn:
+            _ref, commit = self.m.resolve(txn, spec)
+            e = self.m.lookup(txn, bytes.fromhex(commit.root), key)
+        if e is None or e.kind is Kind.MASK:
+            raise VeloError(f"{spec}: no such path {paths.display(key)}", reason=Reason.NOT_FOUND)
+        if e.kind is not Kind.FILE:
+            raise VeloError(
+                f"{spec}: {paths.display(key)} is a {e.kind.name.lower()}, not a file",
+                reason=Reason.BAD_PATH,
+            )
+        fd = self.store.open_object(e.digest)
+        try:
+            n = 0
+            while chunk := os.read(fd, 1 << 20):
+                out.write(chunk)
+                n += len(chunk)
+            return n
+        finally:
+            os.close(fd)
+
+    def diff(self, a: str, b: str) -> list[Op]:
+        with self.m.read() as txn:
+            _ra, ca = self.m.resolve(txn, a)
+            _rb, cb = self.m.resolve(txn, b)
+            return self.m.diff(txn, bytes.fromhex(ca.root), bytes.fromhex(cb.root))
+
+    def log(self, name: str, limit: int | None = None) -> list[Commit]:
+        with self.m.read() as txn:
+            return self.m.log(txn, name, limit)
+
+    def resolve_root(self, spec: str) -> bytes:
+        with self.m.read() as txn:
+            return bytes.fromhex(self.m.resolve(txn, spec)[1].root)
+
+    def explain_tier(self, path: str, ref: str | None = None) -> tuple[int, Rule | None, Rules]:
+        rules = Rules.default()
+        if ref is not None:
+            with self.m.read() as txn:
+                rules = Rules.from_json(self.m.require_ref(txn, ref).tiers)
+        tier, rule = rules.explain(paths.parse_user_path(path))
+        return tier, rule, rules
+
+    # -- writing -----------------------------------------------------------------------------
+    def checkout(self, spec: str, dest: str) -> int:
+        from veloverlay.store.checkout import checkout
+
+        with self.m.read() as txn:
+            _ref, commit = self.m.resolve(txn, spec)
+            return checkout(self.store, self.m, txn, bytes.fromhex(commit.root), dest)
+
+    def rollback(self, name: str, n: int, *, message: str | None = None) -> Commit:
+        """Make the version `n` commits back the new head (a new commit: history is kept)."""
+        if n < 1:
+            raise VeloError("rollback needs N >= 1", reason=Reason.USAGE)
+        with self.m.write() as txn:
+            ref, target = self.m.resolve(txn, f"{name}@{{{n}}}")
+            head = self.m.get_commit(txn, ref.head)
+            delta = self.m.diff(txn, bytes.fromhex(head.root), bytes.fromhex(target.root))
+            return self.m.commit(
+                txn,
+                ref.name,
+                bytes.fromhex(target.root),
+                expect_head=ref.head,
+                message=message or f"rollback to {name}@{{{n}}} ({target.id[:12]})",
+                delta=delta,
+            )
+
+    def delete_ref(self, name: str) -> None:
+        from veloverlay.ingest.pipeline import drop_cache
+
+        with self.m.write() as txn:
+            if not self.m.delete_ref(txn, name):
+                raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
+            drop_cache(self.m, txn, name)
+
+
+def op_to_dict(op: Op) -> dict[str, Any]:
+    d: dict[str, Any] = {"op": op.kind.value, "path": os.fsdecode(op.path)}
+    if op.entry is not None:
+        d.update(_ls_entry(op.path, op.entry).to_dict())
+    elif op.kind is OpKind.META:
+        d.update({"mode": f"{op.mode:04o}", "mtime_ns": op.mtime_ns})
+    return d
