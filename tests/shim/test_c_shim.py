@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from veloverlay.session.shim import library as shim
-from veloverlay.session.shim.library import Phase, Record, RecType
+from veloverlay.session.shim.library import JournalRecord, Phase, RecType
 
 
 class Lab:
@@ -53,7 +53,7 @@ class Lab:
     def env(self) -> dict[str, str]:
         return shim.environment(os.environ, self.lib, self.sess / "shim.conf")
 
-    def run(self, *ops: str, cwd: Path | None = None) -> tuple[list[str], list[Record]]:
+    def run(self, *ops: str, cwd: Path | None = None) -> tuple[list[str], list[JournalRecord]]:
         self.export()
         proc = subprocess.run(
             [os.fspath(self.exe), *ops],
@@ -76,7 +76,7 @@ def lab(tmp_path: Path, shim_build: Path, try_syscall: Path) -> Lab:
     return Lab(tmp_path, shim_build / "libveloshim.so", try_syscall)
 
 
-def kinds(recs: list[Record]) -> list[tuple[str, str, bytes, bytes]]:
+def kinds(recs: list[JournalRecord]) -> list[tuple[str, str, bytes, bytes]]:
     return [(RecType(r.type).name, Phase(r.phase).name, r.path1, r.path2) for r in recs]
 
 

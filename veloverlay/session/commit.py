@@ -31,7 +31,7 @@ from veloverlay.store.merge import three_way
 from veloverlay.store.tree import Op
 from veloverlay.tiers import Rules
 
-__all__ = ["Harvested", "session_ref_name", "already_committed", "harvest_and_commit"]
+__all__ = ["Harvested", "result_for", "session_ref_name", "already_committed", "harvest_and_commit"]
 
 LOG_SCAN = 200  # commits of the ref searched for an earlier commit of this session (resume)
 
@@ -43,6 +43,21 @@ class Harvested(Protocol):
     ops: list[Op]
     nodes: dict[bytes, bytes]
     warnings: list[str]
+
+
+def result_for(st: State, exit_status: int) -> SessionResult:
+    """The result of session `st` before its harvest (filled in as it goes)."""
+    return SessionResult(
+        session_id=st.id,
+        exit_status=exit_status,
+        commit=None,
+        conflict_ref=None,
+        changed=0,
+        backend=st.backend,
+        lower_form=st.form,
+        protection=st.protection,
+        ref=st.top,
+    )
 
 
 def session_ref_name(top: str, sid: str) -> str:

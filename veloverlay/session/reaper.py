@@ -39,6 +39,7 @@ __all__ = [
     "descendants",
     "end_rest",
     "run_and_reap",
+    "manager_signals",
 ]
 
 _HEADER = struct.Struct("<I")
@@ -171,6 +172,32 @@ def end_rest(grace: float) -> list[tuple[int, str]]:
             continue
         except ChildProcessError:
             return killed
+
+
+# --- the manager's side --------------------------------------------------------------------------
+@contextlib.contextmanager
+def manager_signals(child: list[int] | None = None) -> Iterator[None]:
+    """While the session runs, Ctrl-C and Ctrl-\\ belong to the session, not the manager; with
+    `child` (a one-element list, filled once forked), SIGTERM/SIGHUP end the session by killing
+    that child (the manager then harvests as usual)."""
+
+    def stop(_sig: int, _frame: object) -> None:
+        if child and child[0] > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child[0], signal.SIGKILL)
+
+    old = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGQUIT: signal.signal(signal.SIGQUIT, signal.SIG_IGN),
+    }
+    if child is not None:
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # --- running the command -------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from veloverlay import ns, overlay
@@ -34,7 +33,7 @@ from veloverlay.files import force_rmtree
 from veloverlay.lower.stacks import Lowers, ensure_lowers
 from veloverlay.records import Record
 from veloverlay.session import reaper, state
-from veloverlay.session.commit import Harvested, harvest_and_commit
+from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
 from veloverlay.session.options import SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import relocation_warnings
@@ -147,28 +146,6 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
     return st
 
 
-@contextlib.contextmanager
-def manager_signals(child: list[int]) -> Iterator[None]:
-    """Ctrl-C belongs to the session; SIGTERM/SIGHUP end it (then we harvest as usual)."""
-
-    def stop(_sig: int, _frame: object) -> None:
-        if child and child[0] > 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child[0], signal.SIGKILL)  # pid 1 follows (pdeathsig), then the ns
-
-    old = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        signal.SIGQUIT: signal.signal(signal.SIGQUIT, signal.SIG_IGN),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, stop),
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 def run_session(
     store: Store, opts: SessionOptions, argv: list[str], choice: Choice, *, interactive: bool
 ) -> SessionResult:
@@ -214,7 +191,7 @@ def run_session(
             tty_foreground=ns.tty_foreground(),
         )
         child: list[int] = [0]
-        with manager_signals(child):
+        with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
@@ -282,17 +259,7 @@ def run_session(
 def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
     """Harvest the upper dir of a finished session and commit it (or discard it)."""
     sdir = store.sessions / st.id
-    res = SessionResult(
-        session_id=st.id,
-        exit_status=st.exit_status if st.exit_status is not None else -1,
-        commit=None,
-        conflict_ref=None,
-        changed=0,
-        backend="overlay",
-        lower_form=st.form,
-        protection=st.protection,
-        ref=st.top,
-    )
+    res = result_for(st, st.exit_status if st.exit_status is not None else -1)
     if st.discard:
         st.state = "discarded"
         state.save(store, st)

@@ -39,7 +39,7 @@ from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
 from veloverlay.ns import proc_start
 from veloverlay.session import state
-from veloverlay.session.commit import harvest_and_commit, session_ref_name
+from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
 from veloverlay.session.options import SessionOptions, SessionResult
 from veloverlay.session.shim import library
 from veloverlay.session.shim.library import RecType
@@ -163,19 +163,9 @@ def _remove_tree(st: State) -> None:
 def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> SessionResult:
     sid = st.id
     sdir = store.sessions / sid
-    res = SessionResult(
-        session_id=sid,
-        exit_status=status.exit_status,
-        commit=None,
-        conflict_ref=None,
-        changed=0,
-        backend="shim",
-        lower_form=st.form,
-        protection=st.protection,
-        killed=status.killed,
-        warnings=list(st.warnings) + status.warnings,
-        ref=st.refs[-1],
-    )
+    res = result_for(st, status.exit_status)
+    res.killed = status.killed
+    res.warnings = list(st.warnings) + status.warnings
     unshimmed, denied = _unshimmed(store, st, status.top_pid)
     if unshimmed:
         res.warnings.append(

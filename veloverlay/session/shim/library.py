@@ -38,7 +38,7 @@ from veloverlay.store.digest import hash_fd
 __all__ = [
     "RecType",
     "Phase",
-    "Record",
+    "JournalRecord",
     "library_path",
     "install",
     "build",
@@ -100,7 +100,7 @@ class Phase(enum.IntEnum):
     DONE = 2
 
 
-class Record(records.Record, frozen=True):
+class JournalRecord(records.Record, frozen=True):
     type: int
     phase: int
     flags: int
@@ -297,14 +297,14 @@ class JournalReader:
                 )
             self.offset = hsize
 
-    def read(self, *, final: bool = False) -> list[Record]:
+    def read(self, *, final: bool = False) -> list[JournalRecord]:
         """New complete records. With `final` (no writer is left), a partial tail is damage."""
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
         return list(self._parse(data, final=final))
 
-    def _parse(self, data: bytes, *, final: bool) -> Iterator[Record]:
+    def _parse(self, data: bytes, *, final: bool) -> Iterator[JournalRecord]:
         pos = 0
         end = len(data)
         magic = struct.pack("<I", REC_MAGIC)
@@ -324,7 +324,7 @@ class JournalReader:
             if pos + size > end:
                 break
             body = pos + _REC.size
-            yield Record(
+            yield JournalRecord(
                 rtype,
                 phase,
                 flags,

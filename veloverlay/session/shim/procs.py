@@ -17,7 +17,6 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +141,6 @@ def stop_daemon(st: State, *, timeout: float = 5.0) -> None:
         os.waitpid(pid, 0)
 
 
-@contextlib.contextmanager
-def _ignore_sigint() -> Iterator[None]:
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def run_command(
     store: Store,
     st: State,
@@ -176,7 +165,7 @@ def run_command(
     finally:
         os.close(gowfd)  # unless "g" went first, the reaper reads EOF and exits, running nothing
     buf = bytearray()
-    with _ignore_sigint():
+    with reaper.manager_signals():
         while True:
             try:
                 ready, _w, _x = select.select([rfd], [], [], 0.25)

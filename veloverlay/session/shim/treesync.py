@@ -22,7 +22,7 @@ from veloverlay.files import DIRFLAGS
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
 from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
-from veloverlay.session.shim.library import Record, RecType
+from veloverlay.session.shim.library import JournalRecord, RecType
 from veloverlay.session.shim.materialize import Baseline
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
@@ -378,7 +378,9 @@ def _parent(rel: bytes) -> bytes:
     return rel[:i] if i >= 0 else b""
 
 
-def dirty_paths(recs: Iterable[Record], sync: TreeSync, out: dict[bytes, int]) -> list[bytes]:
+def dirty_paths(
+    recs: Iterable[JournalRecord], sync: TreeSync, out: dict[bytes, int]
+) -> list[bytes]:
     """Fold journal records into `out` (path -> SELF|SUBTREE); return paths opened for writing."""
     opened: list[bytes] = []
 
