@@ -1,15 +1,22 @@
 """Ingest throughput against `git add -A` (git's own content-addressed store), in one run.
 
-Trees: 20,000 files of 4 KiB (200 dirs), and a real tree of >= 10,000 files (/usr/share by
-default). For each: page cache warmed first; `veloverlay ingest` into a fresh store and
-`git add -A` into a fresh git dir (outside the tree), each timed as a whole command (wall clock,
-interpreter start-up included), median of --repeat runs; then re-ingest of the unchanged tree (stat
-cache). Finally peak memory (PSS summed over the process tree, sampled every 50 ms) for ingesting
-200,000 small files. Every run uses new directories: on ext4, creating inodes right after mass
-deletes in the same block group is several times slower (feasibility.md §9), so nothing is deleted
-until the end.
+1. Scaling table: a 20,000-file and a 100,000-file tree (4 KiB files, 100 per directory), each
+   ingested into a fresh store with 1, 2, 4 ... up to the machine's CPUs workers, and `git add -A`
+   of the same tree into a fresh git dir, in the same run (median of --repeat runs each). Per row:
+   files/s of the whole command (interpreter start-up included) and of the ingest call alone, the
+   ratio against git, and the coordinator's serial cost: the CPU time (user + system) of the
+   ingesting process itself, without its workers, per file.
+2. A real tree (/usr/share by default, >= 10,000 files) against git, same way.
+3. Re-ingest of the unchanged trees (stat cache).
+4. Peak memory (PSS summed over the process tree, sampled every 50 ms) ingesting --memory-files
+   small files (200,000 by default; --million: 1,000,000), and the unchanged re-ingest of that tree.
 
-Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--quick]
+Every run uses new directories: on ext4, creating inodes right after mass deletes in the same block
+group is several times slower (feasibility.md section 9), so nothing is deleted until the end. As
+root, everything runs on a freshly made loop-mounted ext4 (--no-loop: --base as it is).
+
+Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--jobs 1,2] [--million] [--quick]
+       [--profile]
 Prints a table and writes bench/results/ingest.json.
 """
 
@@ -18,230 +25,229 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-
-
-def make_small_tree(root: Path, files: int, size: int = 4096, per_dir: int = 100) -> None:
-    rnd = os.urandom
-    for i in range(files):
-        d = root / f"d{i // per_dir:04d}"
-        if i % per_dir == 0:
-            d.mkdir(parents=True)
-        with open(d / f"f{i % per_dir:03d}", "wb") as f:
-            f.write(rnd(size))
-    # Backdate: files younger than the racy window are read twice by design; a real tree is old.
-    old = time.time_ns() - 3_600_000_000_000
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            os.utime(os.path.join(dirpath, n), ns=(old, old))
+from benchlib import (
+    RESULTS,
+    ROOT,
+    count_files,
+    git_add,
+    make_small_tree,
+    run_sampled,
+    scratch,
+    self_cpu,
+    velo_cmd,
+    warm,
+)
 
 
-def count_files(root: Path) -> tuple[int, int]:
-    n = b = 0
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            p = os.path.join(dirpath, name)
-            if os.path.isfile(p) and not os.path.islink(p):
-                n += 1
-                b += os.lstat(p).st_size
-    return n, b
+def probe(store: str, tree: str, ref: str, jobs: int, profile: bool) -> None:
+    """In a fresh interpreter: ingest once, print JSON (wall of the call, own CPU, counts)."""
+    sys.path.insert(0, str(ROOT))
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    st = Store.init(store)
+    m = Manifests(st)
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+    c0, t0 = self_cpu(), time.perf_counter()
+    if prof is not None:
+        prof.enable()
+    res = ingest(st, m, tree, ref, jobs=jobs)
+    if prof is not None:
+        prof.disable()
+    secs, cpu = time.perf_counter() - t0, self_cpu() - c0
+    m.close()
+    if prof is not None:
+        import pstats
+
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    out = {"seconds": secs, "cpu": cpu, "files": res.files, "hashed": res.hashed}
+    print(json.dumps(out))
 
 
-def warm(root: Path) -> None:
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            p = os.path.join(dirpath, name)
-            if os.path.isfile(p) and not os.path.islink(p):
-                try:
-                    with open(p, "rb") as f:
-                        while f.read(1 << 20):
-                            pass
-                except OSError:
-                    pass
+def run_probe(
+    store: Path, tree: Path, ref: str, jobs: int, profile: bool = False
+) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--probe", str(store), str(tree), ref, str(jobs)]
+    if profile:
+        cmd.append("--profile")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    out["command_s"] = time.perf_counter() - t0
+    return out
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+def jobs_list(spec: str | None) -> list[int]:
+    if spec:
+        return [int(j) for j in spec.split(",")]
+    n = os.cpu_count() or 1
+    out, j = [], 1
+    while j < n:
+        out.append(j)
+        j *= 2
+    return [*out, n]
 
 
-def velo_cmd() -> list[str]:
-    return [sys.executable, "-m", "veloverlay"]
-
-
-def bench_tree(name: str, tree: Path, base: Path, repeat: int) -> dict[str, object]:
+def bench_scaling(
+    name: str, tree: Path, base: Path, repeat: int, jobs: list[int], profile: bool
+) -> dict[str, Any]:
+    """Ingest of `tree` with each worker count vs git add -A, interleaved in each repeat."""
     files, nbytes = count_files(tree)
     warm(tree)
-    velo, git, reingest = [], [], []
+    git: list[float] = []
+    runs: dict[int, list[dict[str, Any]]] = {j: [] for j in jobs}
+    reingest: list[dict[str, Any]] = []
     for i in range(repeat):
-        store = base / f"store-{name}-{i}"
-        env = dict(os.environ, VELO_STORE=os.fspath(store))
-        velo.append(timed([*velo_cmd(), "ingest", os.fspath(tree), "--name", name], env))
-        reingest.append(timed([*velo_cmd(), "ingest", os.fspath(tree), "--name", name], env))
-        gitdir = base / f"git-{name}-{i}"
-        subprocess.run(["git", "init", "-q", "--bare", os.fspath(gitdir)], check=True)
-        git.append(
-            timed(
-                ["git", f"--git-dir={gitdir}", f"--work-tree={tree}", "add", "-A"],
-                cwd=os.fspath(tree),
-            )
+        git.append(git_add(tree, base / f"git-{name}-{i}"))
+        for j in jobs:
+            store = base / f"store-{name}-{i}-j{j}"
+            runs[j].append(run_probe(store, tree, name, j))
+            if j == jobs[-1]:
+                reingest.append(run_probe(store, tree, name, j))
+    if profile:
+        print(f"-- profile of the coordinator, {name}, {jobs[-1]} workers", file=sys.stderr)
+        run_probe(base / f"store-{name}-prof", tree, name, jobs[-1], profile=True)
+    g = statistics.median(git)
+    rows = []
+    for j in jobs:
+        cmd = statistics.median(r["command_s"] for r in runs[j])
+        call = statistics.median(r["seconds"] for r in runs[j])
+        cpu = statistics.median(r["cpu"] for r in runs[j])
+        rows.append(
+            {
+                "jobs": j,
+                "command_s": cmd,
+                "ingest_s": call,
+                "files_per_s": files / cmd,
+                "ingest_files_per_s": files / call,
+                "ratio_vs_git": g / cmd,
+                "coordinator_us_per_file": cpu / files * 1e6,
+                "runs": runs[j],
+            }
         )
-    v, g, r = statistics.median(velo), statistics.median(git), statistics.median(reingest)
+    r_cmd = statistics.median(r["command_s"] for r in reingest)
+    r_call = statistics.median(r["seconds"] for r in reingest)
     return {
         "tree": name,
         "files": files,
         "bytes": nbytes,
-        "veloverlay_s": v,
         "git_add_s": g,
-        "reingest_s": r,
-        "veloverlay_files_per_s": files / v,
         "git_files_per_s": files / g,
-        "reingest_files_per_s": files / r,
-        "ratio_vs_git": g / v,
-        "runs": {"veloverlay": velo, "git": git, "reingest": reingest},
+        "git_runs": git,
+        "rows": rows,
+        "reingest_command_s": r_cmd,
+        "reingest_files_per_s": files / r_call,
+        "reingest_command_files_per_s": files / r_cmd,
     }
 
 
-def _tree_mem_kb(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) of pid and all its descendants, from /proc. PSS splits pages shared between
-    the processes (the forked workers share the interpreter with their parent) instead of
-    counting them once per process as a sum of RSS does."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(d))
-        except (OSError, IndexError, ValueError):
-            continue
-    pss = rss = 0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-                    elif line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-        except OSError:
-            pass
-        stack.extend(children.get(p, []))
-    return pss, rss
-
-
-def bench_memory(base: Path, files: int) -> dict[str, object]:
+def bench_memory(base: Path, files: int) -> dict[str, Any]:
     tree = base / "mem-tree"
+    t0 = time.perf_counter()
     make_small_tree(tree, files, size=512, per_dir=500)
+    made = time.perf_counter() - t0
     store = base / "store-mem"
     env = dict(os.environ, VELO_STORE=os.fspath(store))
-    proc = subprocess.Popen(
-        [*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    peak = peak_rss = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak, peak_rss
-        while not done.is_set():
-            pss, rss = _tree_mem_kb(proc.pid)
-            peak, peak_rss = max(peak, pss), max(peak_rss, rss)
-            time.sleep(0.05)
-
-    t = threading.Thread(target=sample)
-    t0 = time.perf_counter()
-    t.start()
-    rc = proc.wait()
-    done.set()
-    t.join()
-    if rc != 0:
-        raise SystemExit(f"ingest of the memory tree failed ({rc})")
+    secs, pss, rss = run_sampled([*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env)
+    again = run_probe(store, tree, "mem", os.cpu_count() or 1)
+    r_secs, r_pss, _ = run_sampled([*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env)
     return {
         "files": files,
-        "peak_pss_mb": peak / 1024,
-        "peak_rss_sum_mb": peak_rss / 1024,
-        "seconds": time.perf_counter() - t0,
+        "generate_s": made,
+        "seconds": secs,
+        "files_per_s": files / secs,
+        "peak_pss_mb": pss,
+        "peak_rss_sum_mb": rss,
+        "reingest_s": again["seconds"],
+        "reingest_files_per_s": files / again["seconds"],
+        "reingest_command_s": r_secs,
+        "reingest_peak_pss_mb": r_pss,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--base", default="/var/tmp", help="where trees and stores go (default ext4)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--real", default="/usr/share", help="a real tree of >= 10,000 files")
     ap.add_argument("--small-files", type=int, default=20000)
+    ap.add_argument("--big-files", type=int, default=100000)
+    ap.add_argument("--jobs", help="worker counts, e.g. 1,2,4 (default: 1, 2, 4 ... CPUs)")
     ap.add_argument("--memory-files", type=int, default=200000)
+    ap.add_argument("--million", action="store_true", help="the 1,000,000-file memory row (long)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one run (smoke test)")
+    ap.add_argument("--profile", action="store_true", help="print the coordinator's profile")
     ap.add_argument(
         "--no-loop",
         action="store_true",
         help="use --base as it is instead of a fresh loop-mounted ext4 (the default as root)",
     )
+    ap.add_argument("--probe", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        store, tree, ref, jobs = args.probe
+        probe(store, tree, ref, int(jobs), args.profile)
+        return
+    if args.million:
+        args.memory_files = 1_000_000
     if args.quick:
-        args.repeat, args.small_files, args.memory_files = 1, 2000, 5000
-    loop = None
-    if os.geteuid() == 0 and not args.no_loop:
-        # A fresh ext4: the same state for every run and for both tools (a busy ext4 that just
-        # deleted many inodes creates new ones several times slower, measured: 2-3x swings).
-        loop = Path(tempfile.mkdtemp(prefix="velo-bench-fs-", dir=args.base))
-        image = loop / "fs.img"
-        with open(image, "wb") as f:
-            f.truncate(12 << 30)
-        # One inode per 4 KiB: the trees and stores are mostly small files and shard dirs.
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", os.fspath(image)], check=True)
-        (loop / "mnt").mkdir()
-        subprocess.run(
-            ["mount", "-o", "loop", os.fspath(image), os.fspath(loop / "mnt")], check=True
-        )
-        args.base = os.fspath(loop / "mnt")
-    base = Path(tempfile.mkdtemp(prefix="velo-bench-ingest-", dir=args.base))
-    try:
-        small = base / "small"
-        make_small_tree(small, args.small_files)
-        results = [bench_tree("small-4k", small, base, args.repeat)]
-        results.append(bench_tree("real", Path(args.real), base, args.repeat))
+        args.repeat, args.small_files, args.big_files = 1, 2000, 5000
+        args.memory_files = min(args.memory_files, 5000)
+    jobs = jobs_list(args.jobs)
+    loop = os.geteuid() == 0 and not args.no_loop
+    # One inode per 4 KiB: the trees and stores are mostly small files and shard dirs.
+    size = (16 << 30) + (args.memory_files * 12 << 10)
+    with scratch(args.base, "velo-bench-ingest-", size, 4096, loop) as base:
+        trees = []
+        for name, n in (("20k", args.small_files), ("100k", args.big_files)):
+            tree = base / f"tree-{name}"
+            make_small_tree(tree, n)
+            trees.append(bench_scaling(name, tree, base, args.repeat, jobs, args.profile))
+        real = bench_scaling("real", Path(args.real), base, args.repeat, [jobs[-1]], False)
         mem = bench_memory(base, args.memory_files)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        if loop is not None:
-            subprocess.run(["umount", os.fspath(loop / "mnt")], check=False)
-            shutil.rmtree(loop, ignore_errors=True)
-    where = "a fresh loop-mounted ext4" if loop is not None else f"base {args.base}"
-    print(f"ingest vs git add -A  ({where}, median of {args.repeat}, 2 cores, cache warm)")
-    hdr = (
-        f"{'tree':10} {'files':>7} {'velo f/s':>10} {'git f/s':>9} {'ratio':>6} "
-        f"{'re-ingest f/s':>14}"
+    where = "a fresh loop-mounted ext4" if loop else f"base {args.base}"
+    print(
+        f"ingest vs git add -A  ({where}, median of {args.repeat}, {os.cpu_count()} CPUs, "
+        "cache warm; f/s of the whole command, interpreter start-up included)"
     )
-    print(hdr)
-    for r in results:
+    print(
+        f"{'tree':6} {'files':>7} {'jobs':>4} {'velo f/s':>9} {'(call)':>8} {'git f/s':>8} "
+        f"{'ratio':>6} {'coord us/f':>10}"
+    )
+    for t in [*trees, real]:
+        for r in t["rows"]:
+            print(
+                f"{t['tree']:6} {t['files']:>7} {r['jobs']:>4} {r['files_per_s']:>9,.0f} "
+                f"{r['ingest_files_per_s']:>8,.0f} {t['git_files_per_s']:>8,.0f} "
+                f"{r['ratio_vs_git']:>5.2f}x {r['coordinator_us_per_file']:>10.1f}"
+            )
+    print("goals: >= 20,000 files/s and >= 2.5x git on 2 cores; coordinator <= 8 us/file")
+    for t in [*trees, real]:
         print(
-            f"{r['tree']:10} {r['files']:>7} {r['veloverlay_files_per_s']:>10,.0f} "
-            f"{r['git_files_per_s']:>9,.0f} {r['ratio_vs_git']:>5.2f}x "
-            f"{r['reingest_files_per_s']:>14,.0f}"
+            f"re-ingest unchanged {t['tree']:5}: {t['reingest_files_per_s']:>9,.0f} files/s "
+            f"(whole command {t['reingest_command_files_per_s']:,.0f})"
         )
     print(
-        f"peak memory ingesting {mem['files']:,} files: {mem['peak_pss_mb']:.0f} MB PSS "
-        f"(process tree; sum of RSS {mem['peak_rss_sum_mb']:.0f} MB)"
+        f"{mem['files']:,} files of 512 B: ingest {mem['files_per_s']:,.0f} files/s, peak memory "
+        f"{mem['peak_pss_mb']:.0f} MB PSS (process tree; sum of RSS {mem['peak_rss_sum_mb']:.0f} "
+        f"MB), goal < 1 GB at 1,000,000; unchanged re-ingest {mem['reingest_files_per_s']:,.0f} "
+        f"files/s (goal >= 100,000), whole command {mem['reingest_command_s']:.2f} s"
     )
     RESULTS.mkdir(exist_ok=True)
-    out = {"where": where, "repeat": args.repeat, "trees": results, "memory": mem}
+    out = {"where": where, "repeat": args.repeat, "jobs": jobs, "trees": trees, "real": real}
+    out["memory"] = mem
     (RESULTS / "ingest.json").write_text(json.dumps(out, indent=2))
 
 

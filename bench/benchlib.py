@@ -1,0 +1,201 @@
+"""Helpers shared by the benchmarks: trees, a fresh loop-mounted ext4, timing, peers, memory.
+
+Not a benchmark itself (run_all.py runs only the bench_*.py files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+# Peers run with these: `git gc --auto` detaches a background repack (its cwd in the repository)
+# after commits of many loose objects. It outlived the command being timed, kept the benchmark's
+# loop-mounted ext4 busy ("target is busy" at clean-up) and competed with the next measurement.
+GIT_QUIET = ["-c", "gc.auto=0", "-c", "gc.autoDetach=false", "-c", "maintenance.auto=false"]
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "b",
+    "GIT_AUTHOR_EMAIL": "b@b",
+    "GIT_COMMITTER_NAME": "b",
+    "GIT_COMMITTER_EMAIL": "b@b",
+}
+
+
+def make_small_tree(root: Path, files: int, size: int = 4096, per_dir: int = 100) -> None:
+    """`files` files of `size` random bytes in directories of `per_dir`, backdated an hour
+    (files younger than the racy window are read twice by design; a real tree is old)."""
+    rnd = os.urandom
+    old = time.time_ns() - 3_600_000_000_000
+    for i in range(files):
+        d = root / f"d{i // per_dir:05d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        p = d / f"f{i % per_dir:03d}"
+        with open(p, "wb") as f:
+            f.write(rnd(size))
+        os.utime(p, ns=(old, old))
+
+
+def count_files(root: Path) -> tuple[int, int]:
+    """(regular files, their bytes) under root."""
+    n = b = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                n += 1
+                b += st.st_size
+    return n, b
+
+
+def warm(root: Path) -> None:
+    """Read every regular file once (page cache warm for every contender)."""
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    with open(p, "rb") as f:
+                        while f.read(1 << 20):
+                            pass
+                except OSError:
+                    pass
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def velo_cmd() -> list[str]:
+    return [sys.executable, "-m", "veloverlay"]
+
+
+def git_add(tree: Path, gitdir: Path) -> float:
+    """`git add -A` of `tree` into a fresh bare git dir (outside the tree), timed."""
+    subprocess.run(["git", "init", "-q", "--bare", os.fspath(gitdir)], check=True)
+    return timed(
+        ["git", *GIT_QUIET, f"--git-dir={gitdir}", f"--work-tree={tree}", "add", "-A"],
+        cwd=os.fspath(tree),
+    )
+
+
+def unlock_tree(path: Path) -> None:
+    """Clear +i (objects of a root store) so a bench directory can be removed."""
+    if os.geteuid() == 0 and shutil.which("chattr") and path.exists():
+        subprocess.run(["chattr", "-R", "-i", str(path)], stderr=subprocess.DEVNULL, check=False)
+
+
+@contextlib.contextmanager
+def scratch(
+    base: str, prefix: str, size: int, inode_ratio: int | None, loop: bool
+) -> Iterator[Path]:
+    """A fresh directory for a benchmark: on a new loop-mounted ext4 under `base` when `loop`
+    (root only), else a temp dir in `base`. Everything is removed and unmounted afterwards; a
+    failed unmount says what still holds the filesystem."""
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    mnt = top / "mnt"
+    mounted = False
+    try:
+        if loop:
+            image = top / "fs.img"
+            with open(image, "wb") as f:
+                f.truncate(size)
+            opts = ["-i", str(inode_ratio)] if inode_ratio else []
+            subprocess.run(["mkfs.ext4", "-q", "-F", *opts, os.fspath(image)], check=True)
+            mnt.mkdir()
+            subprocess.run(["mount", "-o", "loop", os.fspath(image), os.fspath(mnt)], check=True)
+            mounted = True
+        else:
+            mnt.mkdir()
+        yield mnt
+    finally:
+        unlock_tree(mnt)
+        if mounted:
+            r = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, text=True)
+            if r.returncode != 0:
+                holders = subprocess.run(
+                    ["fuser", "-vm", os.fspath(mnt)], capture_output=True, text=True
+                )
+                print(
+                    f"bench: cannot unmount {mnt}: {r.stderr.strip()}\n{holders.stderr}",
+                    file=sys.stderr,
+                )
+                subprocess.run(["umount", "-l", os.fspath(mnt)], check=False)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def tree_mem_kb(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of pid and all its descendants, from /proc. PSS splits pages shared between
+    the processes (the forked workers share the interpreter with their parent) instead of
+    counting them once per process as a sum of RSS does."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    pss = rss = 0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+        except OSError:
+            pass
+        stack.extend(children.get(p, []))
+    return pss, rss
+
+
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Run `cmd`, sampling the PSS of its process tree every 50 ms: (seconds, peak PSS MB, peak
+    sum-of-RSS MB)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    peak = peak_rss = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, peak_rss
+        while not done.is_set():
+            pss, rss = tree_mem_kb(proc.pid)
+            peak, peak_rss = max(peak, pss), max(peak_rss, rss)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample)
+    t0 = time.perf_counter()
+    t.start()
+    rc = proc.wait()
+    secs = time.perf_counter() - t0
+    done.set()
+    t.join()
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc})")
+    return secs, peak / 1024, peak_rss / 1024
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
