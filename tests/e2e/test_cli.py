@@ -1,6 +1,7 @@
 """The `veloverlay` command line, run as a user runs it: `python -m veloverlay` in a subprocess.
 
-Asserts exit codes, `reason:` slugs and data on stdout (never the wording of messages).
+Asserts exit codes, `reason:` slugs (shown with --json or --debug) and data on stdout (never the
+wording of messages).
 """
 
 from __future__ import annotations
@@ -61,11 +62,16 @@ def data(p: subprocess.CompletedProcess[bytes]) -> Any:
 
 
 def failed(p: subprocess.CompletedProcess[bytes], reason: str, code: int = 1) -> str:
+    """A failure with `reason` (the command ran with --json or --debug, which show it)."""
     err = p.stderr.decode(errors="replace")
     assert p.returncode == code, (p.returncode, err)
+    assert "--json" in p.args or "--debug" in p.args, "the reason is shown with --json or --debug"
+    if "--debug" in p.args:  # the traceback first, then the error
+        err = err[err.index("\nerror: ") + 1 :]
+    else:
+        assert "Traceback" not in err
     assert err.startswith("error: "), err
     assert re.search(rf"^reason: {re.escape(reason)}$", err, re.M), err
-    assert "Traceback" not in err
     return err
 
 
@@ -210,28 +216,29 @@ def test_ingest_defaults_the_ref_name_to_the_directory(store: str, src: str) -> 
 
 def test_errors_have_a_reason_and_exit_1(store: str, src: str, shm_tmp: str) -> None:
     ok(velo(store, "ingest", src, "-n", "proj"))
-    failed(velo(store, "ls", "nosuch"), "not-found")
-    failed(velo(store, "ls", "proj", "no/such/path"), "not-found")
-    failed(velo(store, "cat", "proj", "bin"), "bad-path")
-    failed(velo(store, "cat", "proj", "../etc/passwd"), "bad-path")
-    failed(velo(store, "log", "proj@{5}"), "not-found")
-    failed(velo(store, "diff", "proj", "proj@{9}"), "not-found")
-    failed(velo(store, "ingest", os.path.join(shm_tmp, "nothing"), "-n", "x"), "not-found")
-    failed(velo(store, "ingest", src, "-n", "bad name"), "bad-ref")
-    failed(velo(store, "ingest", store, "-n", "self"), "bad-path")
-    failed(velo(store, "rollback", "proj", "3"), "not-found")
-    failed(velo(store, "export", "nosuch", "-o", os.path.join(shm_tmp, "x.velo")), "not-found")
+    failed(velo(store, "--json", "ls", "nosuch"), "not-found")
+    failed(velo(store, "--json", "ls", "proj", "no/such/path"), "not-found")
+    failed(velo(store, "--json", "cat", "proj", "bin"), "bad-path")
+    failed(velo(store, "--json", "cat", "proj", "../etc/passwd"), "bad-path")
+    failed(velo(store, "--json", "log", "proj@{5}"), "not-found")
+    failed(velo(store, "--json", "diff", "proj", "proj@{9}"), "not-found")
+    failed(velo(store, "--json", "ingest", os.path.join(shm_tmp, "nothing"), "-n", "x"), "not-found")
+    failed(velo(store, "--json", "ingest", src, "-n", "bad name"), "bad-ref")
+    failed(velo(store, "--json", "ingest", store, "-n", "self"), "bad-path")
+    failed(velo(store, "--json", "rollback", "proj", "3"), "not-found")
+    failed(velo(store, "--json", "export", "nosuch", "-o", os.path.join(shm_tmp, "x.velo")), "not-found")
     assert not os.path.exists(os.path.join(shm_tmp, "x.velo"))
     garbage = os.path.join(shm_tmp, "garbage.velo")
     with open(garbage, "wb") as f:
         f.write(b"VELOBNDL\1\0\0\0garbage")
-    failed(velo(store, "import", garbage), "bundle-invalid")
-    failed(velo(store, "import", os.path.join(shm_tmp, "missing.velo")), "not-found")
+    failed(velo(store, "--json", "import", garbage), "bundle-invalid")
+    failed(velo(store, "--json", "import", os.path.join(shm_tmp, "missing.velo")), "not-found")
     tiers = os.path.join(shm_tmp, "tiers")
     with open(tiers, "w") as f:
         f.write("7 *.x\n")
-    failed(velo(store, "ingest", src, "-n", "t", "--tiers", tiers), "usage")
-    failed(velo(os.path.join(shm_tmp, "no-store"), "ls", "x"), "store-missing")
+    # a usage error found by the library exits 2, as the parser's do (issue 15.7)
+    failed(velo(store, "--json", "ingest", src, "-n", "t", "--tiers", tiers), "usage", code=2)
+    failed(velo(os.path.join(shm_tmp, "no-store"), "ls", "x", "--json"), "store-missing")
     assert not os.path.exists(os.path.join(shm_tmp, "no-store"))  # reading never creates one
 
 
@@ -257,13 +264,15 @@ def test_json_errors_are_json_too(store: str, src: str) -> None:
     ],
 )
 def test_usage_errors_exit_2(store: str, args: list[str]) -> None:
-    failed(velo(store, *args), "usage", code=2)
+    failed(velo(store, "--json", *args), "usage", code=2)
 
 
 def test_debug_shows_the_traceback(store: str, src: str) -> None:
     ok(velo(store, "ingest", src, "-n", "proj"))
-    p = velo(store, "--debug", "ls", "nosuch")
-    assert p.returncode != 0 and b"Traceback" in p.stderr and b"VeloError" in p.stderr
+    for args in (["--debug", "ls", "nosuch"], ["ls", "nosuch", "--debug"]):
+        p = velo(store, *args)
+        assert p.returncode == 1 and b"Traceback" in p.stderr and b"VeloError" in p.stderr
+        assert re.search(rb"^reason: not-found$", p.stderr, re.M)
 
 
 def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, shm_tmp: str) -> None:
@@ -271,13 +280,13 @@ def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, sh
     dest = os.path.join(shm_tmp, "busy")
     make_tree(dest, {"mine.txt": b"do not touch", "sub/x": b"x"})
     before = snapshot(dest)
-    failed(velo(store, "checkout", "proj", dest), "exists")
+    failed(velo(store, "--json", "checkout", "proj", dest), "exists")
     assert snapshot(dest) == before
     afile = os.path.join(shm_tmp, "afile")
     with open(afile, "wb") as f:
         f.write(b"x")
-    failed(velo(store, "checkout", "proj", afile), "exists")
-    failed(velo(store, "checkout", "proj", os.path.join(shm_tmp, "no", "parent")), "not-found")
+    failed(velo(store, "--json", "checkout", "proj", afile), "exists")
+    failed(velo(store, "--json", "checkout", "proj", os.path.join(shm_tmp, "no", "parent")), "not-found")
     empty = os.path.join(shm_tmp, "empty-dir")
     os.mkdir(empty)
     ok(velo(store, "checkout", "proj", empty))  # an empty directory is fine
@@ -294,7 +303,7 @@ def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     with open(path, "ab") as f:
         f.write(b"tampered")
     os.chmod(path, 0o444)
-    p = velo(store, "fsck")
+    p = velo(store, "fsck", "--debug")
     failed(p, "object-corrupt")
     assert digest in p.stdout.decode()
     p = velo(store, "fsck", "--json")

@@ -5,20 +5,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from veloverlay import envvars
-from veloverlay.cli import build_parser, subcommands
+from veloverlay import cli, envvars
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli_commands() -> set[str]:
+    """Every verb typer knows (a group's verbs as 'group verb')."""
+    import typer
+
     names = set()
-    for name, parser in subcommands(build_parser()).items():
-        sub = subcommands(parser)
+    for name, command in typer.main.get_group(cli.app).commands.items():
+        sub = getattr(command, "commands", None)
         if sub:
             names.update(f"{name} {s}" for s in sub)
         else:
             names.add(name)
+    assert set(cli.VERBS) <= {n.split()[0] for n in names}
     return names
 
 

@@ -203,7 +203,7 @@ def test_fsck_names_a_flipped_object(populated: Repo) -> None:
     report = check(populated)
     assert_names(report, "object-corrupt", h)
     assert len(report.findings) == 1
-    p = velo(populated.store.root, "fsck")
+    p = velo(populated.store.root, "fsck", "--debug")
     assert p.returncode == 1
     assert h in p.stdout and "error:" in p.stderr and "reason: object-corrupt" in p.stderr
     p = velo(populated.store.root, "fsck", "--json")
@@ -221,7 +221,7 @@ def test_fsck_names_a_truncated_object(populated: Repo) -> None:
     with writable(path):
         os.truncate(path, 0)
     assert_names(check(populated), "object-corrupt", h)
-    p = velo(populated.store.root, "fsck")
+    p = velo(populated.store.root, "fsck", "--debug")
     assert p.returncode == 1 and h in p.stdout
 
 
@@ -231,7 +231,7 @@ def test_fsck_names_a_missing_object(populated: Repo) -> None:
     os.unlink(path)
     report = check(populated)
     assert_names(report, "object-missing", h)
-    p = velo(populated.store.root, "fsck")
+    p = velo(populated.store.root, "fsck", "--debug")
     assert p.returncode == 1 and h in p.stdout and "reason: object-" in p.stderr
 
 
@@ -254,7 +254,7 @@ def test_fsck_names_an_altered_node(populated: Repo, how: str) -> None:
     m._cache.clear()
     report = check(populated)
     assert_names(report, "node-corrupt", key.hex())
-    p = velo(populated.store.root, "fsck")
+    p = velo(populated.store.root, "fsck", "--debug")
     assert p.returncode == 1 and key.hex() in p.stdout and "reason: manifest-corrupt" in p.stderr
 
 
@@ -489,7 +489,7 @@ def _as_unprivileged(store: str, src: str) -> list[str]:
         reasons.append(exc.reason.value)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = cli.main(["--store", store, "ingest", src, "--name", "r"])
+        rc = cli.main(["--store", store, "--json", "ingest", src, "--name", "r"])
     reasons.append(f"rc={rc}")
     reasons.append(err.getvalue())
     return reasons

@@ -182,7 +182,6 @@ def test_rules_are_stored_with_the_ref_and_used(repo: Repo, shm_tmp: str) -> Non
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    cli._state["json"] = False
     rc = cli.main(list(args))
     out, err = capsys.readouterr()
     return rc, out, err
@@ -224,5 +223,5 @@ def test_tiers_explain_with_a_refs_rules(repo: Repo, shm_tmp: str) -> None:
     assert p.returncode == 0 and "tier 2" in p.stdout and "'2 keep/*'" in p.stdout
     p = velo(store, "tiers", "explain", "--ref", "t", "z.txt")
     assert p.returncode == 0 and "tier 2" in p.stdout and "no rule matched" in p.stdout
-    p = velo(store, "tiers", "explain", "--ref", "nope", "z")
+    p = velo(store, "tiers", "explain", "--ref", "nope", "z", "--json")
     assert p.returncode == 1 and "reason: not-found" in p.stderr

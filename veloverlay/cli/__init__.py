@@ -1,0 +1,205 @@
+"""The `veloverlay` command line, on typer: parse, call one library verb, render.
+
+The only package that imports typer (and rich, through `render`). One module per group of verbs:
+`store` (the store and its manifests), `session` (run, enter and their bookkeeping), `doctor`,
+with `common` (the options every verb shares) and `render` (all output). A command imports only
+the module of its verb: the top-level group (`_Verbs`) knows each verb's module by name and builds
+that module's typer commands when the verb is looked up, so `veloverlay run …` never imports the
+store verbs, and verb bodies import the library modules they call.
+
+Global options (`--store`, `--debug`, `--json`) are accepted before and after the verb. Exit
+status: 0, 1 for a failure (`error:`/`hint:` on stderr), 2 for a usage error (typer's, or a
+`VeloError` with `Reason.USAGE`), 141 when stdout is closed early (`veloverlay ls | head`, as git
+does), 130 on Ctrl-C; `run`/`enter` pass their command's status through (127: not found).
+`--debug` shows the traceback before the error.
+"""
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from .. import __version__
+from . import common, render
+
+__all__ = ["main", "VERBS", "app"]
+
+HELP = (
+    "Keep file trees in one content-addressed store and project them as live, writable "
+    "directories (OverlayFS, as root or root-free). Changes made in a session are harvested "
+    "into a new manifest version."
+)
+
+# Each verb and the module that defines it, in the order `--help` lists them.
+VERBS: dict[str, str] = {
+    "init": "store",
+    "ingest": "store",
+    "refs": "store",
+    "ls": "store",
+    "cat": "store",
+    "log": "store",
+    "diff": "store",
+    "checkout": "store",
+    "rollback": "store",
+    "export": "store",
+    "import": "store",
+    "fsck": "store",
+    "gc": "store",
+    "status": "store",
+    "tiers": "store",
+    "run": "session",
+    "enter": "session",
+    "sessions": "session",
+    "harvest": "session",
+    "daemon": "session",
+    "doctor": "doctor",
+}
+
+
+class _Commands(Mapping[str, Any]):
+    """The verbs by name; a verb's module is imported and its commands built on first lookup."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, dict[str, Any]] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        module = VERBS[name]
+        if module not in self._built:
+            verbs = importlib.import_module(f"{__name__}.{module}")
+            self._built[module] = dict(typer.main.get_group(verbs.app).commands)
+        return self._built[module][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(VERBS)
+
+    def __len__(self) -> int:
+        return len(VERBS)
+
+
+class _Verbs(TyperGroup):
+    """The top-level group: its commands are `_Commands` (typer suggests from their names)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands = _Commands()  # type: ignore[assignment]
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(VERBS)
+
+
+app = common.new_app(cls=_Verbs, help=HELP, add_completion=True, no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"veloverlay {__version__}\n")
+        raise typer.Exit()
+
+
+def _help_man(ctx: typer.Context, value: bool) -> None:
+    if value:
+        from .man import man_page
+
+        sys.stdout.write(man_page(ctx.command, ctx))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    store: common.StoreRootOpt = None,
+    debug: common.DebugOpt = False,
+    as_json: common.JsonOpt = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+    help_man: Annotated[
+        bool,
+        typer.Option(
+            "--help-man",
+            callback=_help_man,
+            is_eager=True,
+            help="Print the manual page (roff; try: veloverlay --help-man | man -l -) and exit.",
+        ),
+    ] = False,
+) -> None:
+    common.set_globals(store=store, debug=debug, as_json=as_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line; return its exit status (the console script's entry point)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    common.reset()
+    try:
+        command = typer.main.get_command(app)
+        rv = command.main(args, prog_name="veloverlay", standalone_mode=False)
+        sys.stdout.flush()
+    except typer.TyperException as exc:  # typer's usage errors (exit 2) and the like
+        # A command line typer refused may not have been read up to its --json or --debug.
+        words = args[: args.index("--")] if "--" in args else args
+        common.set_globals(store=None, debug="--debug" in words, as_json="--json" in words)
+        return _usage(exc)
+    except BaseException as exc:
+        return _failure(exc)
+    return rv if isinstance(rv, int) else 0
+
+
+def _usage(exc: Any) -> int:
+    ctx = getattr(exc, "ctx", None)
+    message = exc.format_message()
+    if message.startswith("Usage:"):  # no arguments at all: the help page
+        sys.stdout.write(message if message.endswith("\n") else message + "\n")
+        return 0
+    hint = None
+    if ctx is not None:
+        hint = f"see '{ctx.command_path} --help'"
+    render.error(
+        message,
+        hint=hint,
+        reason="usage",
+        show_reason=common.state.debug,
+        as_json=common.state.json,
+    )
+    return int(getattr(exc, "exit_code", 2))
+
+
+def _failure(exc: BaseException) -> int:
+    from ..errors import Reason, VeloError
+
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        return _broken_pipe()
+    if not isinstance(exc, (VeloError, OSError)) and not common.state.debug:
+        raise exc
+    if common.state.debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    render.error(
+        **render.describe(exc),
+        show_reason=common.state.debug,
+        as_json=common.state.json,
+    )
+    if isinstance(exc, VeloError) and exc.reason is Reason.USAGE:
+        return 2
+    return 1
+
+
+def _broken_pipe() -> int:
+    """The reader went away (`veloverlay ls | head`): stop quietly, as git does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141

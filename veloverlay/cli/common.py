@@ -1,0 +1,122 @@
+"""What every verb shares: the global options, the store they name, and the `verb` decorator.
+
+`--store`, `--debug` and `--json` are options of the top-level group (before the verb) and, added
+by `verb`, of every verb (after it); a value given after the verb wins. `VELO_STORE` is read by the
+top-level option only, so a verb's own `--store` always wins over it.
+"""
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from . import render
+
+if TYPE_CHECKING:
+    from ..cas import Store
+    from ..repo import Repo
+
+__all__ = ["state", "verb", "new_app", "repo", "store", "JsonOpt", "DebugOpt", "StoreOpt"]
+
+_STORE_HELP = "Store directory [default: $XDG_DATA_HOME/veloverlay]"
+StoreRootOpt = Annotated[
+    str | None,
+    typer.Option("--store", metavar="DIR", envvar="VELO_STORE", help=_STORE_HELP, show_envvar=True),
+]
+StoreOpt = Annotated[str | None, typer.Option("--store", metavar="DIR", help=_STORE_HELP)]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks and the reason slug of failures")
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Machine-readable output (and failures) as JSON on stdout"),
+]
+
+
+class _State:
+    store: str | None = None
+    debug: bool = False
+    json: bool = False
+
+
+state = _State()
+
+
+def reset() -> None:
+    state.store, state.debug, state.json = None, False, False
+
+
+def set_globals(*, store: str | None, debug: bool, as_json: bool) -> None:
+    if store is not None:
+        state.store = store
+    state.debug = state.debug or debug
+    state.json = state.json or as_json
+
+
+def new_app(**kwargs: Any) -> typer.Typer:
+    """A typer app with the settings every group of verbs shares (plain help off a terminal)."""
+    settings: dict[str, Any] = {
+        "add_completion": False,
+        "pretty_exceptions_enable": False,
+        "rich_markup_mode": "rich" if render.color_enabled(sys.stdout) else None,
+        "context_settings": {"help_option_names": ["--help"]},
+    }
+    settings.update(kwargs)
+    return typer.Typer(**settings)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_GLOBALS = [
+    inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=StoreOpt),
+    inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt),
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt),
+]
+
+
+def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[_F], _F]:
+    """Register `fn` as a verb of `app` with the global options added after its own.
+
+    `fn`'s docstring is its help; it reads `--json` from `state.json`.
+    """
+
+    def register(fn: _F) -> _F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, store: str | None, debug: bool, as_json: bool, **kw: Any) -> Any:
+            set_globals(store=store, debug=debug, as_json=as_json)
+            return fn(*args, **kw)
+
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        wrapper.__signature__ = sig.replace(parameters=params + _GLOBALS)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {
+            **fn.__annotations__,
+            **{p.name: p.annotation for p in _GLOBALS},
+        }
+        app.command(name, **kwargs)(wrapper)
+        return fn
+
+    return register
+
+
+def store_path() -> str:
+    from ..cas import default_store_path
+
+    return state.store or str(default_store_path())
+
+
+def repo(*, create: bool = False) -> "Repo":
+    from ..repo import Repo
+
+    return Repo.open(state.store, create=create)
+
+
+def store() -> "Store":
+    """The store alone, for verbs that open its manifests themselves (sessions, the daemon)."""
+    from ..cas import Store
+
+    return Store.open(store_path())

@@ -1,0 +1,205 @@
+"""Rendering for the command line: errors, warnings, tables, JSON and progress.
+
+Data goes to stdout, everything else to stderr. Output reads the same without colour; colour is
+used only on a terminal, and never with `NO_COLOR` set or `TERM=dumb`. A failure reads
+
+    error: <message>
+    hint: <hint>
+
+with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` or `--json`; with
+`--json` the failure is also one JSON object on stdout, which always carries the reason.
+
+Progress (ingest, checkout, fsck, gc, layer builds, materialisation) is drawn here and nowhere
+else: the library reports through a plain callback (`veloverlay.progress.Progress`), and this
+module turns it into a rich progress bar with bytes, rate and ETA on a terminal. rich is imported
+only when a bar is first drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import IO, Any
+
+from ..errors import SysError, VeloError
+
+__all__ = [
+    "color_enabled",
+    "emit_json",
+    "error",
+    "warn",
+    "info",
+    "table",
+    "Progress",
+    "human_bytes",
+]
+
+
+def color_enabled(stream: IO[Any]) -> bool:
+    """Colour only on a terminal, and never for `NO_COLOR` (any value) or `TERM=dumb`."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a file
+        return False
+
+
+def _paint(code: str, text: str) -> str:
+    return f"\033[{code}m{text}\033[0m" if color_enabled(sys.stderr) else text
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def describe(exc: BaseException) -> dict[str, Any]:
+    """The parts of a failure: message, hint, reason slug, detail and the path it concerns."""
+    path: str | None = None
+    if isinstance(exc, VeloError):
+        msg, hint, reason, detail = exc.message, exc.hint, exc.reason.value, exc.detail
+        path = exc.path
+    elif isinstance(exc, SysError):
+        msg, hint, reason, detail = str(exc), exc.hint, "syscall", None
+    elif isinstance(exc, OSError):
+        msg, hint, reason, detail = str(exc), None, "os-error", None
+    else:
+        msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, "internal", None
+    if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):
+        path = os.fsdecode(exc.filename)
+    return {"message": msg, "reason": reason, "hint": hint, "detail": detail, "path": path}
+
+
+def error(
+    message: str,
+    *,
+    hint: str | None = None,
+    reason: str,
+    detail: str | None = None,
+    path: str | None = None,
+    show_reason: bool = False,
+    as_json: bool = False,
+) -> None:
+    """Render one failure on stderr (and as JSON on stdout with `as_json`)."""
+    lines = [f"{_paint('1;31', 'error:')} {message}"]
+    if detail:
+        lines.append(detail)
+    if hint:
+        lines.append(f"{_paint('1;36', 'hint:')} {hint}")
+    if show_reason or as_json:
+        lines.append(f"reason: {reason}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    if as_json:
+        emit_json(
+            {"error": message, "reason": reason, "hint": hint, "detail": detail, "path": path}
+        )
+
+
+def warn(msg: str) -> None:
+    sys.stderr.write(f"{_paint('1;33', 'warning:')} {msg}\n")
+
+
+def info(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+def table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None) -> None:
+    data = [[str(c) for c in r] for r in rows]
+    if header:
+        data.insert(0, list(header))
+    if not data:
+        return
+    widths = [max(len(r[i]) for r in data if i < len(r)) for i in range(len(data[0]))]
+    for r in data:
+        cells = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Progress:
+    """A progress bar on stderr for one long operation, drawn only on a terminal.
+
+    Called as `progress(done, total, done_bytes, total_bytes)` (the library's
+    `veloverlay.progress.Progress`); totals may be None when unknown. With byte counts the bar
+    shows bytes, rate and ETA; without, items, rate and ETA. Nothing is drawn for operations
+    that end within half a second, and rich is imported only then.
+    """
+
+    def __init__(self, label: str, *, enabled: bool | None = None) -> None:
+        self.label = label
+        self.enabled = (color_enabled(sys.stderr) or _forced()) if enabled is None else enabled
+        self._start = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+        self._bytes = False
+
+    def __call__(
+        self,
+        done: int,
+        total: int | None = None,
+        done_bytes: int = 0,
+        total_bytes: int | None = None,
+    ) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            if time.monotonic() - self._start < 0.5:
+                return
+            self._open(total_bytes is not None or done_bytes > 0)
+        elapsed = max(time.monotonic() - self._start, 1e-3)
+        rate = f"{done / elapsed:,.0f} files/s"
+        if self._bytes:
+            self._bar.update(
+                self._task, completed=done_bytes, total=total_bytes, items=done, rate=rate
+            )
+        else:
+            self._bar.update(self._task, completed=done, total=total, items=done, rate=rate)
+
+    def _open(self, with_bytes: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        self._bytes = with_bytes
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+        if with_bytes:  # 12.0/80.0 MiB 41.2 MiB/s 1,204 files ETA 0:00:02
+            columns += [
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TextColumn("{task.fields[items]:,} files"),
+            ]
+        else:  # 1,204/20,000 9,700 files/s ETA 0:00:02
+            columns += [MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
+        columns += [TextColumn("ETA"), TimeRemainingColumn()]
+        console = Console(stderr=True, force_terminal=_forced() or None)
+        self._bar = Bar(*columns, console=console, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self.label, total=None, items=0, rate="")
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _forced() -> bool:
+    """VELO_INTERNAL__TEST_PROGRESS draws progress on a non-terminal (the suite checks it)."""
+    return bool(os.environ.get("VELO_INTERNAL__TEST_PROGRESS"))

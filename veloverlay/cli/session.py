@@ -1,0 +1,266 @@
+"""Session verbs: run, enter, sessions, harvest and daemon.
+
+`run REF... -- COMMAND`: everything after the first `--` is the command (`_RunCommand` splits it
+off before typer parses the rest). With `--json`, stdout carries only the session's JSON report:
+the command's own stdout goes to stderr for the session's lifetime, so the report stays
+parseable (`veloverlay run --json REF -- make | jq .commit`).
+"""
+
+import enum
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from . import common, render
+from .common import state, verb
+from .store import complete_ref
+
+app = common.new_app()
+
+
+class Backend(enum.StrEnum):
+    auto = "auto"
+    overlay = "overlay"
+    shim = "shim"
+
+
+class Net(enum.StrEnum):
+    host = "host"
+    none = "none"
+
+
+Refs = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="REF...",
+        help="Refs to project; several stack, the last on top (it receives the changes)",
+        autocompletion=complete_ref,
+    ),
+]
+At = Annotated[
+    str | None, typer.Option(metavar="DIR", help="Project here [default: the ref's ingest path]")
+]
+BackendOpt = Annotated[
+    Backend, typer.Option(help="auto: overlay where it can be mounted, else the shim")
+]
+NetOpt = Annotated[Net, typer.Option(help="host, or none (a new network namespace with lo)")]
+Discard = Annotated[bool, typer.Option("--discard", help="Throw all changes away")]
+NoCommit = Annotated[bool, typer.Option("--no-commit", help="Keep changes as REF@SESSION only")]
+Message = Annotated[str | None, typer.Option("--message", "-m", help="Commit message")]
+Strict = Annotated[bool, typer.Option("--strict", help="Refuse any degraded protection or backend")]
+AsRoot = Annotated[bool, typer.Option("--as-root", help="Root-free: appear as uid 0 inside")]
+Grace = Annotated[
+    float, typer.Option(help="Seconds between SIGTERM and SIGKILL for leftover processes")
+]
+Link = Annotated[
+    bool,
+    typer.Option(
+        "--link",
+        help="Shim backend: hard links to shared proxies with Break-Before-Write (faster; "
+        "writers the shim cannot see are only detected, by fsck)",
+    ),
+]
+
+
+class _RunCommand(TyperCommand):
+    """`run`: the words after the first `--` are the command, kept out of typer's parsing."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["velo.command"] = args[i + 1 :]
+            args = args[:i]
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), "-- COMMAND [ARGS]..."]
+
+
+def _options(refs: list[str], **options: Any) -> Any:
+    from ..session import SessionOptions
+
+    options["backend"] = options["backend"].value
+    options["net"] = options["net"].value
+    options["commit"] = not options.pop("no_commit")
+    return SessionOptions(refs=refs, **options)
+
+
+def _render(res: Any) -> None:
+    d = res.to_dict()
+    for w in d.get("warnings", []):
+        render.warn(w)
+    for k in d.get("killed", []):
+        render.warn(f"killed leftover process {k['pid']} ({k['comm']})")
+    if d.get("conflict_ref"):
+        render.warn(
+            f"conflict: the ref moved and changed the same paths; this session is kept as "
+            f"{d['conflict_ref']}"
+        )
+    elif d.get("commit"):
+        render.info(f"committed {d['changed']} changes (commit {d['commit'][:12]})")
+
+
+@verb(app, cls=_RunCommand, no_args_is_help=True)
+def run(
+    ctx: typer.Context,
+    refs: Refs,
+    at: At = None,
+    backend: BackendOpt = Backend.auto,
+    net: NetOpt = Net.host,
+    discard: Discard = False,
+    no_commit: NoCommit = False,
+    message: Message = None,
+    strict: Strict = False,
+    as_root: AsRoot = False,
+    grace: Grace = 5.0,
+    link: Link = False,
+) -> int:
+    """Run a command in a projection of REF (several REFs stack, the last on top).
+
+    The command is everything after `--`; its exit status is run's (127: not found). With
+    --json, stdout carries only the session's report and the command's stdout goes to stderr.
+    """
+    from ..errors import Reason, VeloError
+    from ..session import run as do_run
+
+    command = ctx.meta.get("velo.command")
+    if not command:
+        raise VeloError(
+            "no command given", reason=Reason.USAGE, hint="veloverlay run REF -- COMMAND [ARGS...]"
+        )
+    opts = _options(
+        refs,
+        at=at,
+        backend=backend,
+        net=net,
+        discard=discard,
+        no_commit=no_commit,
+        message=message,
+        strict=strict,
+        as_root=as_root,
+        grace=grace,
+        link=link,
+    )
+    if state.json:
+        res = _stdout_to_stderr(lambda: do_run(common.store(), opts, list(command)))
+        render.emit_json(res.to_dict())
+    else:
+        res = do_run(common.store(), opts, list(command))
+        _render(res)
+    return int(res.exit_status)
+
+
+def _stdout_to_stderr(fn: Any) -> Any:
+    """Call `fn` with file descriptor 1 pointing at stderr (the session's command inherits it)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        return fn()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@verb(app)
+def enter(
+    refs: Refs,
+    at: At = None,
+    backend: BackendOpt = Backend.auto,
+    net: NetOpt = Net.host,
+    discard: Discard = False,
+    no_commit: NoCommit = False,
+    message: Message = None,
+    strict: Strict = False,
+    as_root: AsRoot = False,
+    grace: Grace = 5.0,
+    link: Link = False,
+) -> int:
+    """Open an interactive shell in a projection of REF; changes are committed when it exits."""
+    from ..session import enter as do_enter
+
+    opts = _options(
+        refs,
+        at=at,
+        backend=backend,
+        net=net,
+        discard=discard,
+        no_commit=no_commit,
+        message=message,
+        strict=strict,
+        as_root=as_root,
+        grace=grace,
+        link=link,
+    )
+    res = do_enter(common.store(), opts)
+    if state.json:
+        render.emit_json(res.to_dict())
+    else:
+        _render(res)
+    return int(res.exit_status)
+
+
+@verb(app)
+def sessions(
+    clean: Annotated[
+        bool, typer.Option("--clean", help="Remove finished session directories")
+    ] = False,
+) -> None:
+    """List sessions (running, unharvested after a crash, finished)."""
+    import time
+
+    from ..session import clean_sessions, list_sessions
+
+    store = common.store()
+    if clean:
+        n = clean_sessions(store)
+        if state.json:
+            render.emit_json({"removed": n})
+        else:
+            print(f"removed {n} finished sessions")
+        return
+    items = list_sessions(store)
+    if state.json:
+        render.emit_json([s.to_dict() for s in items])
+        return
+    rows = []
+    for s in items:
+        d = s.to_dict()
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(d.get("start") or 0)))
+        rows.append((d["id"], ",".join(d.get("refs", [])), d["state"], start))
+    render.table(rows, ("ID", "REFS", "STATE", "START"))
+
+
+@verb(app)
+def harvest(
+    resume: Annotated[str | None, typer.Option(help="Harvest this session")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Harvest every unharvested session")] = False,
+) -> None:
+    """Harvest sessions whose manager died (after a crash or kill)."""
+    from ..errors import Reason, VeloError
+    from ..session import harvest_resume
+
+    if (resume is None) == (not all_):
+        raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
+    results = harvest_resume(common.store(), resume)
+    if state.json:
+        render.emit_json([r.to_dict() for r in results])
+        return
+    for r in results:
+        _render(r)
+    print(f"harvested {len(results)} sessions")
+
+
+@verb(app)
+def daemon(
+    session: Annotated[
+        str, typer.Argument(metavar="SESSION", help="The shim session whose journal to commit")
+    ],
+) -> int:
+    """Run a shim session's daemon in the foreground (sessions start their own)."""
+    from ..daemon import main as daemon_main
+
+    return daemon_main(common.store().root, session)

@@ -1,0 +1,487 @@
+"""Store verbs: init, ingest, refs, ls, cat, log, diff, checkout, rollback, export, import, fsck,
+gc, status and `tiers explain`. Each parses, calls one library verb and renders."""
+
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from . import common, render
+from .common import state, verb
+
+app = common.new_app()
+tiers_app = common.new_app(
+    help="Tier rules: which files are store symlinks (1) or overlay files (2).",
+    no_args_is_help=True,
+)
+app.add_typer(tiers_app, name="tiers")
+
+
+def complete_ref(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Ref names for shell completion, from the store the command line names (or the default)."""
+    from ..repo import Repo
+
+    store = None
+    for c in (ctx, *_parents(ctx)):
+        store = store or c.params.get("store")
+    try:
+        r = Repo.open(store)
+    except Exception:  # no store, no completion
+        return []
+    try:
+        return [ref.name for ref, _c in r.refs() if ref.name.startswith(incomplete)]
+    finally:
+        r.close()
+
+
+def _parents(ctx: typer.Context) -> list[typer.Context]:
+    out = []
+    while ctx.parent is not None:
+        ctx = ctx.parent  # type: ignore[assignment]
+        out.append(ctx)
+    return out
+
+
+Ref = Annotated[
+    str,
+    typer.Argument(
+        metavar="REF",
+        help="REF, REF@{n} (n versions back) or REF@SESSION",
+        autocompletion=complete_ref,
+    ),
+]
+
+
+@verb(app)
+def init() -> None:
+    """Create a store (idempotent)."""
+    repo = common.repo(create=True)
+    if state.json:
+        render.emit_json({"store": os.fspath(repo.store.root)})
+    else:
+        print(f"store ready at {repo.store.root}")
+
+
+@verb(app)
+def ingest(
+    directory: Annotated[str, typer.Argument(metavar="DIRECTORY", help="Directory to ingest")],
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Ref name [default: the directory's name]")
+    ] = None,
+    tiers: Annotated[
+        str | None, typer.Option(help="Tier rules file ('<1|2> <glob>' per line)")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="On conflict with session commits, take the source's version of those paths",
+        ),
+    ] = False,
+    keep_setid: Annotated[
+        bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
+    ] = False,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message")] = None,
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            "--adopt",
+            help="Then move DIRECTORY aside (checked unchanged) so sessions can take its place",
+        ),
+    ] = False,
+) -> None:
+    """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
+    from ..errors import Reason, VeloError
+    from ..ingest import ingest as do_ingest
+    from ..tiers import parse_rules
+
+    repo = common.repo(create=True)
+    rules = None
+    if tiers is not None:
+        try:
+            with open(tiers) as f:
+                rules = parse_rules(f.read())
+        except FileNotFoundError:
+            raise VeloError(f"no tiers file {tiers}", reason=Reason.NOT_FOUND) from None
+    ref = name or os.path.basename(os.path.abspath(directory).rstrip("/")) or "root"
+    progress = render.Progress("hashing")
+    try:
+        res = do_ingest(
+            repo.store,
+            repo.m,
+            directory,
+            ref,
+            rules=rules,
+            jobs=jobs,
+            force=force,
+            keep_setid=keep_setid,
+            message=message,
+            progress=progress,
+            adopt=adopt,
+        )
+    finally:
+        progress.done()
+    if state.json:
+        render.emit_json(res.to_dict())
+        return
+    _some(res.skipped, lambda p: f"skipped {p[1]}: {p[0]}", "more skipped")
+    if res.stripped_setid:
+        render.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
+    _some(res.overridden, lambda p: f"--force: the source's version replaced the session's at {p}")
+    if res.overridden:
+        render.info(f"the session's versions stay in the history: veloverlay log {res.ref}")
+    rate = res.files / res.seconds if res.seconds else 0
+    what = (
+        "unchanged"
+        if res.unchanged
+        else ("merged with session commits" if res.merged else "committed")
+    )
+    print(
+        f"{res.ref}: {what} {res.root[:16]}  {res.files} files, {res.dirs} dirs, "
+        f"{res.symlinks} symlinks, {render.human_bytes(res.bytes)}; {res.new_objects} new objects "
+        f"({render.human_bytes(res.new_bytes)}), "
+        f"dedup saved {render.human_bytes(res.bytes - res.new_bytes)}; "
+        f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
+    )
+    if res.adopted_to:
+        print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {directory}")
+
+
+def _some(items: list[Any], line: Any, more: str = "more paths") -> None:
+    for item in items[:20]:
+        render.warn(line(item))
+    if len(items) > 20:
+        render.warn(f"... and {len(items) - 20} {more}")
+
+
+@verb(app)
+def refs(
+    delete: Annotated[
+        str | None,
+        typer.Option(
+            help="Delete this ref (its objects go at the next gc)", autocompletion=complete_ref
+        ),
+    ] = None,
+) -> None:
+    """List refs (name, head, root, ingest path)."""
+    repo = common.repo()
+    if delete is not None:
+        repo.delete_ref(delete)
+        print(f"deleted ref {delete}")
+        return
+    items = repo.refs()
+    if state.json:
+        render.emit_json(
+            [
+                {
+                    "name": r.name,
+                    "head": r.head,
+                    "root": c.root,
+                    "path": r.path,
+                    "time_ns": c.time_ns,
+                }
+                for r, c in items
+            ]
+        )
+        return
+    render.table(
+        ((r.name, r.head[:12], c.root[:16], r.path or "-") for r, c in items),
+        ("REF", "HEAD", "ROOT", "PATH"),
+    )
+
+
+@verb(app, "ls")
+def ls_cmd(
+    ref: Ref,
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="Directory or file in the manifest")
+    ] = "",
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="List subdirectories too")
+    ] = False,
+) -> None:
+    """List a directory of a manifest."""
+    entries = common.repo().ls(ref, path, recursive=recursive)
+    if state.json:
+        render.emit_json([e.to_dict() for e in entries])
+        return
+    rows = []
+    for e in entries:
+        name = os.fsdecode(e.path) + ("/" if e.kind == "dir" else "")
+        extra = f" -> {e.target}" if e.target else ""
+        rows.append(
+            (e.kind, f"{e.mode:04o}", e.size, f"T{e.tier}" if e.tier else "-", name + extra)
+        )
+    render.table(rows)
+
+
+@verb(app)
+def cat(
+    ref: Ref,
+    path: Annotated[str, typer.Argument(metavar="PATH", help="File in the manifest")],
+) -> None:
+    """Write a file of a manifest to stdout."""
+    repo = common.repo()
+    sys.stdout.flush()
+    repo.cat(ref, path, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+
+
+@verb(app)
+def log(
+    ref: Ref,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Show at most N commits")
+    ] = None,
+) -> None:
+    """Show the commit log of a ref, newest first."""
+    import time
+
+    commits = common.repo().log(ref, limit)
+    if state.json:
+        render.emit_json([c.to_dict() for c in commits])
+        return
+    for i, c in enumerate(commits):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time_ns / 1e9))
+        sess = f" session={c.session}" if c.session else ""
+        print(
+            f"{ref}@{{{i}}}  {c.id[:12]}  root {c.root[:16]}  {when}  "
+            f"+{c.delta_count} ops{sess}  {c.message}"
+        )
+
+
+@verb(app)
+def diff(
+    a: Annotated[
+        str, typer.Argument(metavar="A", help="The old version", autocompletion=complete_ref)
+    ],
+    b: Annotated[
+        str, typer.Argument(metavar="B", help="The new version", autocompletion=complete_ref)
+    ],
+) -> None:
+    """Show the path operations that turn version A into version B."""
+    from ..repo import op_to_dict
+
+    ops = common.repo().diff(a, b)
+    if state.json:
+        render.emit_json([op_to_dict(op) for op in ops])
+        return
+    sym = {"put": "+", "delete": "-", "meta": "~"}
+    for op in ops:
+        d = op_to_dict(op)
+        print(f"{sym[d['op']]} {d['path'] or '/'}{'  ' + d['kind'] if 'kind' in d else ''}")
+
+
+@verb(app)
+def checkout(
+    ref: Ref,
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="A new or empty directory")],
+) -> None:
+    """Materialise a manifest as a real tree in DEST (new or empty directory)."""
+    n = common.repo().checkout(ref, dest)
+    if state.json:
+        render.emit_json({"ref": ref, "dest": dest, "entries": n})
+    else:
+        print(f"checked out {n} entries into {dest}")
+
+
+@verb(app)
+def rollback(
+    ref: Ref,
+    n: Annotated[int, typer.Argument(metavar="N", help="How many versions back")] = 1,
+) -> None:
+    """Make REF@{N} the new head of REF (as a new commit; history is kept)."""
+    c = common.repo().rollback(ref, n)
+    if state.json:
+        render.emit_json(c.to_dict())
+    else:
+        print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]})")
+
+
+@verb(app, "export")
+def export_cmd(
+    ref: Ref,
+    output: Annotated[str, typer.Option("--output", "-o", help="Bundle file ('-' for stdout)")],
+) -> None:
+    """Write a self-contained .velo bundle (manifest + objects) of one version."""
+    from ..bundle import export_bundle
+
+    repo = common.repo()
+    if output == "-":
+        info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer)
+        return
+    tmp = output + ".part"
+    with open(tmp, "wb") as f:
+        info = export_bundle(repo.store, repo.m, ref, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output)
+    if state.json:
+        render.emit_json(info)
+    else:
+        print(
+            f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to {output}"
+        )
+
+
+@verb(app, "import")
+def import_cmd(
+    bundle: Annotated[str, typer.Argument(metavar="BUNDLE", help="Bundle file ('-' for stdin)")],
+    name: Annotated[str | None, typer.Option(help="Ref name [default: the bundle's]")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Add as a new version of an existing ref")
+    ] = False,
+    path: Annotated[
+        str | None,
+        typer.Option(help="Default projection point of the ref [default: none, use --at]"),
+    ] = None,
+) -> None:
+    """Import a .velo bundle, fully validated before anything is stored."""
+    from ..bundle import import_bundle
+    from ..errors import Reason, VeloError
+
+    repo = common.repo(create=True)
+    try:
+        f = sys.stdin.buffer if bundle == "-" else open(bundle, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise VeloError(f"no such file {bundle}", reason=Reason.NOT_FOUND) from None
+    with f:
+        info = import_bundle(repo.store, repo.m, f, name=name, force=force, path=path)
+    if state.json:
+        render.emit_json(info)
+        return
+    print(f"imported {info['ref']} at root {info['root'][:16]}")
+    if path is None and info.get("bundle_path"):
+        render.info(
+            f"the bundle was ingested at {info['bundle_path']}; sessions need --at "
+            f"(or import with --path {info['bundle_path']})"
+        )
+
+
+@verb(app)
+def fsck(
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
+    ] = None,
+) -> None:
+    """Re-hash every object against its name and check every manifest reference."""
+    from ..errors import Reason, VeloError
+    from ..verify import fsck as do_fsck
+
+    repo = common.repo()
+    progress = render.Progress("checking objects")
+    try:
+        rep = do_fsck(repo.store, repo.m, jobs=jobs, progress=progress)
+    finally:
+        progress.done()
+    if state.json:
+        render.emit_json(rep.to_dict())
+    else:
+        for f in rep.findings:
+            print(f"{f.kind}: {f.what}: {f.detail}")
+        print(
+            f"{'ok' if rep.ok else 'FAILED'}: {rep.objects} objects, {rep.nodes} nodes, "
+            f"{rep.commits} commits, {rep.refs} refs, {len(rep.findings)} problems"
+        )
+    if not rep.ok:
+        first = rep.findings[0]
+        raise VeloError(
+            f"fsck found {len(rep.findings)} problems; first: {first.kind} {first.what}",
+            reason=Reason.OBJECT_CORRUPT
+            if first.kind.startswith("object")
+            else Reason.MANIFEST_CORRUPT,
+        )
+
+
+@verb(app)
+def gc(
+    keep: Annotated[
+        int | None, typer.Option(help="Keep the newest N commits of each ref [default: all]")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="Never delete objects younger than this (seconds)")
+    ] = 3600.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be deleted")
+    ] = False,
+) -> None:
+    """Delete objects, nodes and commits nothing needs any more."""
+    from ..gc import gc as do_gc
+
+    repo = common.repo()
+    rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run)
+    if state.json:
+        render.emit_json(rep.to_dict())
+        return
+    verb_ = "would delete" if dry_run else "deleted"
+    print(
+        f"{verb_} {rep.objects_deleted} objects ({render.human_bytes(rep.bytes_freed)}), "
+        f"{rep.nodes_deleted} nodes, {rep.commits_deleted} commits; kept {rep.objects_kept} "
+        f"(+{rep.young_kept} younger than the grace period)"
+    )
+
+
+@verb(app)
+def status() -> None:
+    """Summarise the store: refs, objects, sessions that still need a harvest."""
+    from ..session import list_sessions
+
+    repo = common.repo()
+    items = repo.refs()
+    sessions = list_sessions(repo.store)
+    objects = sum(1 for _ in repo.store.iter_objects())
+    data = {
+        "store": os.fspath(repo.store.root),
+        "refs": len(items),
+        "objects": objects,
+        "sessions": [s.to_dict() for s in sessions],
+    }
+    if state.json:
+        render.emit_json(data)
+        return
+    print(f"store {data['store']}: {len(items)} refs, {objects} objects")
+    for s in sessions:
+        d = s.to_dict()
+        print(f"session {d['id']}: {d['state']} ({', '.join(d.get('refs', []))})")
+        for w in d["warnings"]:  # e.g. baked paths of a tree projected away from its home
+            print(f"  warning: {w}")
+
+
+@verb(tiers_app, "explain")
+def tiers_explain(
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="A path inside a tree, e.g. models/x.gguf")
+    ],
+    ref: Annotated[
+        str | None,
+        typer.Option(help="Use the rules stored with this ref", autocompletion=complete_ref),
+    ] = None,
+) -> None:
+    """Say which tier PATH gets, and which rule decided."""
+    if ref is not None:
+        tier, rule, _rules = common.repo().explain_tier(path, ref)
+    else:
+        from .. import paths
+        from ..tiers import Rules
+
+        tier, rule = Rules.default().explain(paths.parse_user_path(path))
+    if state.json:
+        render.emit_json(
+            {
+                "path": path,
+                "tier": tier,
+                "rule": rule.glob if rule else None,
+                "why": rule.why if rule else "no rule matched: Tier-2",
+            }
+        )
+    elif rule is None:
+        print(f"{path}: tier {tier} (no rule matched)")
+    else:
+        print(
+            f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
+            + (f" — {rule.why}" if rule.why else "")
+        )
