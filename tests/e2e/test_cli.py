@@ -222,11 +222,16 @@ def test_errors_have_a_reason_and_exit_1(store: str, src: str, shm_tmp: str) -> 
     failed(velo(store, "--json", "cat", "proj", "../etc/passwd"), "bad-path")
     failed(velo(store, "--json", "log", "proj@{5}"), "not-found")
     failed(velo(store, "--json", "diff", "proj", "proj@{9}"), "not-found")
-    failed(velo(store, "--json", "ingest", os.path.join(shm_tmp, "nothing"), "-n", "x"), "not-found")
+    failed(
+        velo(store, "--json", "ingest", os.path.join(shm_tmp, "nothing"), "-n", "x"), "not-found"
+    )
     failed(velo(store, "--json", "ingest", src, "-n", "bad name"), "bad-ref")
     failed(velo(store, "--json", "ingest", store, "-n", "self"), "bad-path")
     failed(velo(store, "--json", "rollback", "proj", "3"), "not-found")
-    failed(velo(store, "--json", "export", "nosuch", "-o", os.path.join(shm_tmp, "x.velo")), "not-found")
+    failed(
+        velo(store, "--json", "export", "nosuch", "-o", os.path.join(shm_tmp, "x.velo")),
+        "not-found",
+    )
     assert not os.path.exists(os.path.join(shm_tmp, "x.velo"))
     garbage = os.path.join(shm_tmp, "garbage.velo")
     with open(garbage, "wb") as f:
@@ -286,7 +291,10 @@ def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, sh
     with open(afile, "wb") as f:
         f.write(b"x")
     failed(velo(store, "--json", "checkout", "proj", afile), "exists")
-    failed(velo(store, "--json", "checkout", "proj", os.path.join(shm_tmp, "no", "parent")), "not-found")
+    failed(
+        velo(store, "--json", "checkout", "proj", os.path.join(shm_tmp, "no", "parent")),
+        "not-found",
+    )
     empty = os.path.join(shm_tmp, "empty-dir")
     os.mkdir(empty)
     ok(velo(store, "checkout", "proj", empty))  # an empty directory is fine
@@ -332,3 +340,191 @@ def test_doctor_names_a_backend(store: str) -> None:
     assert cache["reason"] and re.search(r"^data-only layers: ", out, re.M)
     off = data(velo(store, "doctor", "--json", env={"VELO_RUNTIME_DIR": "off"}))
     assert off["layer_cache"] == {"path": None, "ok": False, "reason": "VELO_RUNTIME_DIR=off"}
+
+
+# -- what a CLI user expects (issue 16) ---------------------------------------------------------
+
+
+def test_version() -> None:
+    from veloverlay import __version__
+
+    assert ok(velo(None, "--version")) == f"veloverlay {__version__}\n"
+
+
+def test_a_misspelt_verb_gets_a_suggestion() -> None:
+    p = velo(None, "ingset", "x")
+    assert p.returncode == 2
+    assert "'ingest'" in p.stderr.decode().splitlines()[0]
+
+
+def test_global_options_are_taken_after_the_verb_too(store: str, src: str, shm_tmp: str) -> None:
+    other = os.path.join(shm_tmp, "other")
+    ok(velo(None, "ingest", src, "-n", "a", "--store", store))
+    ok(velo(None, "ingest", "--store", other, src, "-n", "b"))
+    assert [r["name"] for r in data(velo(None, "refs", "--store", store, "--json"))] == ["a"]
+    assert [r["name"] for r in data(velo(None, "--json", "--store", other, "refs"))] == ["b"]
+    # after the verb wins over before it, and over VELO_STORE
+    assert [
+        r["name"] for r in data(velo(store, "--store", store, "refs", "--store", other, "--json"))
+    ] == ["b"]
+    p = velo(store, "ls", "nosuch", "--debug")
+    assert b"Traceback" in p.stderr and re.search(rb"^reason: not-found$", p.stderr, re.M)
+
+
+def test_error_and_hint_lines(store: str, src: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    err = velo(store, "ls", "nosuch").stderr.decode()
+    lines = err.splitlines()
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), err
+    assert len(lines) == 2, err  # no blank line, no reason: for humans
+    p = velo(store, "ls", "nosuch", "--json")
+    assert p.stderr.decode().splitlines()[2] == "reason: not-found"
+    assert json.loads(p.stdout) | {} == {
+        "error": lines[0].removeprefix("error: "),
+        "hint": lines[1].removeprefix("hint: "),
+        "reason": "not-found",
+        "detail": None,
+        "path": None,
+    }
+
+
+def _click_tree() -> list[tuple[str, Any]]:
+    import typer
+
+    from veloverlay import cli
+
+    out = []
+    for name, command in typer.main.get_group(cli.app).commands.items():
+        subs = getattr(command, "commands", None) or {}
+        out += [(f"{name} {s}", c) for s, c in subs.items()] or [(name, command)]
+    return out
+
+
+def test_every_option_and_argument_has_help() -> None:
+    missing = [
+        (verb, p.name)
+        for verb, cmd in _click_tree()
+        for p in cmd.params
+        if not getattr(p, "help", None)
+    ]
+    assert missing == []
+
+
+def test_the_man_page_documents_every_verb_and_option(shm_tmp: str) -> None:
+    page = ok(velo(None, "--help-man"))
+    assert page.startswith(".TH VELOVERLAY 1 ")
+    for verb, cmd in _click_tree():
+        assert f"\\fBveloverlay {verb}\\fR" in page, verb
+        for p in cmd.params:
+            for opt in getattr(p, "opts", []):
+                if opt.startswith("--"):
+                    assert opt.replace("-", "\\-") in page, (verb, opt)
+    # groff reads it without a warning
+    r = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z"], input=page.encode(), capture_output=True
+    )
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+
+
+def test_bash_completes_a_verb_and_a_ref_name(store: str, src: str, shm_tmp: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "project1"))
+    ok(velo(store, "ingest", src, "-n", "other"))
+    bindir = os.path.join(shm_tmp, "bin")  # the console script, as an installed package has it
+    os.mkdir(bindir)
+    with open(os.path.join(bindir, "veloverlay"), "w") as f:
+        f.write(
+            f"#!{sys.executable}\nimport sys\nfrom veloverlay.cli import main\nsys.exit(main())\n"
+        )
+    os.chmod(os.path.join(bindir, "veloverlay"), 0o755)
+    script = ok(velo(None, "--show-completion", "bash"))
+
+    def complete(*words: str) -> list[str]:
+        code = (
+            script
+            + f"\nCOMP_WORDS=({' '.join(words)}); COMP_CWORD={len(words) - 1}\n"
+            + '_veloverlay_completion veloverlay; printf "%s\\n" "${COMPREPLY[@]}"\n'
+        )
+        env = {**os.environ, "PATH": bindir + ":" + os.environ["PATH"], "VELO_STORE": store}
+        r = subprocess.run(["bash", "-c", code], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("veloverlay", "ing") == ["ingest"]
+    assert complete("veloverlay", "ls", "pro") == ["project1"]
+    assert sorted(complete("veloverlay", "run", "--at", "/x", "")) == ["other", "project1"]
+    assert complete("veloverlay", "tiers", "ex") == ["explain"]
+
+
+def _in_a_terminal(args: list[str], env: dict[str, str]) -> bytes:
+    """Run the CLI with a pseudo-terminal as its stdout and stderr; return what it wrote."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(sys.executable, [sys.executable, "-m", "veloverlay", *args], env)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "colour"),
+    [
+        ({"TERM": "xterm"}, True),
+        ({"TERM": "xterm", "NO_COLOR": "1"}, False),
+        ({"TERM": "dumb"}, False),
+    ],
+)
+def test_colour_only_on_a_terminal_without_no_color(
+    store: str, extra: dict[str, str], colour: bool
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    env.update(VELO_STORE=store, **extra)
+    out = _in_a_terminal(["ls", "nosuch"], env)
+    assert b"error:" in out
+    assert (b"\x1b[" in out) is colour, out
+    # never when the output is not a terminal, whatever TERM says
+    p = velo(store, "ls", "nosuch", env={"TERM": "xterm"})
+    env2 = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    p = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "ls", "nosuch"],
+        env={**env2, "TERM": "xterm", "VELO_STORE": store},
+        capture_output=True,
+    )
+    assert p.returncode == 1 and b"\x1b[" not in p.stderr
+
+
+def test_a_closed_pipe_ends_quietly(store: str, shm_tmp: str) -> None:
+    """`veloverlay ls -r REF | head`: exit 141 as git does, nothing on stderr (issue 15.7)."""
+    big = os.path.join(shm_tmp, "big")
+    make_tree(big, {f"d{i // 100}/file-with-a-long-name-{i:05d}.txt": b"x" for i in range(3000)})
+    ok(velo(store, "ingest", big, "-n", "big"))
+    with open(os.path.join(big, "d0", "large"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    ok(velo(store, "ingest", big, "-n", "big"))
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    for args in (["ls", "-r", "big"], ["cat", "big", "d0/large"], ["log", "big"]):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "veloverlay", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.read(10)
+        p.stdout.close()
+        err = p.stderr.read()
+        rc = p.wait()
+        if args[0] == "log":  # small enough to be written before the pipe closed
+            assert rc in (0, 141) and err == b"", err
+        else:
+            assert (rc, err) == (141, b""), (args, rc, err)

@@ -61,23 +61,38 @@ VERBS: dict[str, str] = {
 
 
 class _Commands(Mapping[str, Any]):
-    """The verbs by name; a verb's module is imported and its commands built on first lookup."""
+    """The verbs by name; a verb's module is imported, and that verb alone built, on lookup."""
 
     def __init__(self) -> None:
-        self._built: dict[str, dict[str, Any]] = {}
+        self._built: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Any:
-        module = VERBS[name]
-        if module not in self._built:
-            verbs = importlib.import_module(f"{__name__}.{module}")
-            self._built[module] = dict(typer.main.get_group(verbs.app).commands)
-        return self._built[module][name]
+        if name not in self._built:
+            self._built[name] = _build(
+                name, importlib.import_module(f"{__name__}.{VERBS[name]}").app
+            )
+        return self._built[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(VERBS)
 
     def __len__(self) -> int:
         return len(VERBS)
+
+
+def _build(name: str, verbs: typer.Typer) -> Any:
+    """The typer command (or group) `name` of the verb module whose app is `verbs`."""
+    for info in verbs.registered_commands:
+        if info.name == name:
+            return typer.main.get_command_from_info(
+                info,
+                pretty_exceptions_short=verbs.pretty_exceptions_short,
+                rich_markup_mode=verbs.rich_markup_mode,
+            )
+    for group in verbs.registered_groups:
+        if group.name == name and group.typer_instance is not None:
+            return typer.main.get_group(group.typer_instance)
+    raise KeyError(name)
 
 
 class _Verbs(TyperGroup):
@@ -176,7 +191,7 @@ def _failure(exc: BaseException) -> int:
         raise exc
     if isinstance(exc, KeyboardInterrupt):
         return 130
-    if isinstance(exc, BrokenPipeError):
+    if isinstance(exc, (BrokenPipeError, common.StdoutClosed)):
         return _broken_pipe()
     if not isinstance(exc, (VeloError, OSError)) and not common.state.debug:
         raise exc

@@ -36,6 +36,10 @@ JsonOpt = Annotated[
 ]
 
 
+class StdoutClosed(Exception):
+    """Whoever read our stdout went away (`veloverlay ls | head`): `main` ends quietly."""
+
+
 class _State:
     store: str | None = None
     debug: bool = False
@@ -89,7 +93,10 @@ def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[
         @functools.wraps(fn)
         def wrapper(*args: Any, store: str | None, debug: bool, as_json: bool, **kw: Any) -> Any:
             set_globals(store=store, debug=debug, as_json=as_json)
-            return fn(*args, **kw)
+            try:
+                return fn(*args, **kw)
+            except BrokenPipeError:  # typer would turn it into exit status 1
+                raise StdoutClosed() from None
 
         params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
         wrapper.__signature__ = sig.replace(parameters=params + _GLOBALS)  # type: ignore[attr-defined]
@@ -97,7 +104,7 @@ def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[
             **fn.__annotations__,
             **{p.name: p.annotation for p in _GLOBALS},
         }
-        app.command(name, **kwargs)(wrapper)
+        app.command(name or fn.__name__.replace("_", "-"), **kwargs)(wrapper)
         return fn
 
     return register
@@ -120,3 +127,28 @@ def store() -> "Store":
     from ..cas import Store
 
     return Store.open(store_path())
+
+
+def complete_ref(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Ref names for shell completion, from the store the command line names (or the default)."""
+    from ..repo import Repo
+
+    store = None
+    for c in (ctx, *_parents(ctx)):
+        store = store or c.params.get("store")
+    try:
+        r = Repo.open(store)
+    except Exception:  # no store, no completion
+        return []
+    try:
+        return [ref.name for ref, _c in r.refs() if ref.name.startswith(incomplete)]
+    finally:
+        r.close()
+
+
+def _parents(ctx: typer.Context) -> list[typer.Context]:
+    out = []
+    while ctx.parent is not None:
+        ctx = ctx.parent  # type: ignore[assignment]
+        out.append(ctx)
+    return out

@@ -17,7 +17,6 @@ only when a bar is first drawn.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -53,6 +52,8 @@ def _paint(code: str, text: str) -> str:
 
 
 def emit_json(obj: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 

@@ -15,8 +15,7 @@ import typer
 from typer.core import TyperCommand
 
 from . import common, render
-from .common import state, verb
-from .store import complete_ref
+from .common import complete_ref, state, verb
 
 app = common.new_app()
 

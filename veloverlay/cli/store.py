@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from . import common, render
-from .common import state, verb
+from .common import complete_ref, state, verb
 
 app = common.new_app()
 tiers_app = common.new_app(
@@ -16,31 +16,6 @@ tiers_app = common.new_app(
     no_args_is_help=True,
 )
 app.add_typer(tiers_app, name="tiers")
-
-
-def complete_ref(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Ref names for shell completion, from the store the command line names (or the default)."""
-    from ..repo import Repo
-
-    store = None
-    for c in (ctx, *_parents(ctx)):
-        store = store or c.params.get("store")
-    try:
-        r = Repo.open(store)
-    except Exception:  # no store, no completion
-        return []
-    try:
-        return [ref.name for ref, _c in r.refs() if ref.name.startswith(incomplete)]
-    finally:
-        r.close()
-
-
-def _parents(ctx: typer.Context) -> list[typer.Context]:
-    out = []
-    while ctx.parent is not None:
-        ctx = ctx.parent  # type: ignore[assignment]
-        out.append(ctx)
-    return out
 
 
 Ref = Annotated[
@@ -425,14 +400,17 @@ def gc(
     )
 
 
+_FINISHED = ("harvested", "discarded", "failed")  # `sessions` lists these; `status` does not
+
+
 @verb(app)
 def status() -> None:
-    """Summarise the store: refs, objects, sessions that still need a harvest."""
+    """Summarise the store: refs, objects, and the sessions running or still to harvest."""
     from ..session import list_sessions
 
     repo = common.repo()
     items = repo.refs()
-    sessions = list_sessions(repo.store)
+    sessions = [s for s in list_sessions(repo.store) if s.state not in _FINISHED]
     objects = sum(1 for _ in repo.store.iter_objects())
     data = {
         "store": os.fspath(repo.store.root),
