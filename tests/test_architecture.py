@@ -15,7 +15,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "veloverlay"
 DOC = PKG.parent / "docs" / "architecture.md"
 
-LEAVES = {"_libc", "errors", "envvars", "records", "paths", "files", "faults"}
+LEAVES = {"_libc", "errors", "envvars", "records", "paths", "files", "faults", "progress"}
 FACILITIES = {"ns", "mount", "fsflags", "linking", "overlay", "probe", "tiers", "workers"}
 # What each part may import besides itself, leaves and facilities (lowest first).
 ALLOWED: dict[str, set[str]] = {
@@ -28,7 +28,6 @@ ALLOWED: dict[str, set[str]] = {
     "session.shim": {"store", "lower", "session"},
     "verbs": {"store", "ingest", "lower", "remote", "session", "session.overlay", "session.shim"},
     "cli": {"*"},
-    "ui": set(),
     "__main__": {"cli"},
     "": set(),  # veloverlay/__init__.py
 }
@@ -36,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
 OWNERS = {
     "typer": {"cli"},
     "click": {"cli"},
+    "rich": {"cli.render"},
     "lmdb": {"store.manifest"},
     "blake3": {"store.digest"},
     "ctypes": {"_libc"},
@@ -43,7 +43,7 @@ OWNERS = {
 MAX_LINES = 600
 # Modules still over the limit, each with the work that removes it (the exemption ends with the
 # file: an entry whose file is gone or small fails the test).
-OVERSIZE = {"cli.py": "issue 16: the typer CLI replaces it with the cli/ package"}
+OVERSIZE: dict[str, str] = {}
 
 
 def part(module: str) -> str:

@@ -346,9 +346,9 @@ def test_doctor_names_a_backend(store: str) -> None:
 
 
 def test_version() -> None:
-    from veloverlay import __version__
+    import veloverlay
 
-    assert ok(velo(None, "--version")) == f"veloverlay {__version__}\n"
+    assert ok(velo(None, "--version")) == f"veloverlay {veloverlay.__version__}\n"
 
 
 def test_a_misspelt_verb_gets_a_suggestion() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -55,3 +54,39 @@ def test_status_lists_only_running_or_unharvested_sessions(store: str, proj: str
     assert [s["state"] for s in data(velo(store, "sessions", "--json"))] == ["harvested"]
     assert data(velo(store, "status", "--json"))["sessions"] == []
     assert "session" not in ok(velo(store, "status"))
+
+
+def test_doctor_names_the_backend_a_session_gets(shm_tmp: str) -> None:
+    """One rule (session/select.py): on a filesystem without user xattrs a session takes the
+    shim, and doctor says so (it used to say overlay there)."""
+    mnt = os.path.join(shm_tmp, "ramfs")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "ramfs", "none", mnt], check=True)
+    try:
+        store = os.path.join(mnt, "store")
+        src = os.path.join(shm_tmp, "src")
+        make_tree(src, {"a.txt": b"a\n"})
+        ok(velo(store, "ingest", src, "-n", "r"))
+        report = data(velo(store, "doctor", "--json"))
+        assert report["store_xattrs"]["ok"] is False
+        at = os.path.join(shm_tmp, "at")
+        p = velo(store, "run", "r", "--at", at, "--json", "--", "true")
+        assert p.returncode == 0, p.stderr
+        assert report["chosen"]["backend"] == json.loads(p.stdout)["backend"] == "shim"
+        assert report["features"]["store_xattrs"]["matters"] == "for overlay"
+        # and where the store holds xattrs, both say overlay
+        good = os.path.join(shm_tmp, "store2")
+        ok(velo(good, "ingest", src, "-n", "r"))
+        p = velo(good, "run", "r", "--at", os.path.join(shm_tmp, "at2"), "--json", "--", "true")
+        chosen = data(velo(good, "doctor", "--json"))["chosen"]["backend"]
+        assert chosen == json.loads(p.stdout)["backend"] == "overlay"
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=True)
+
+
+def test_doctor_explains_each_feature(store: str) -> None:
+    out = ok(velo(store, "doctor"))
+    report = data(velo(store, "doctor", "--json"))
+    for name, f in report["features"].items():
+        assert f["purpose"] and f["matters"], name
+        assert name in out

@@ -23,8 +23,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from .. import __version__
-from . import common, render
+from veloverlay import __version__
+from veloverlay.cli import common, render
 
 __all__ = ["main", "VERBS", "app"]
 
@@ -117,7 +117,7 @@ def _version(value: bool) -> None:
 
 def _help_man(ctx: typer.Context, value: bool) -> None:
     if value:
-        from .man import man_page
+        from veloverlay.cli.man import man_page
 
         sys.stdout.write(man_page(ctx.command, ctx))
         raise typer.Exit()
@@ -185,7 +185,7 @@ def _usage(exc: Any) -> int:
 
 
 def _failure(exc: BaseException) -> int:
-    from ..errors import Reason, VeloError
+    from veloverlay.errors import Reason, VeloError
 
     if isinstance(exc, SystemExit):
         raise exc

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from . import render
+from veloverlay.cli import render
 
 if TYPE_CHECKING:
-    from ..cas import Store
-    from ..repo import Repo
+    from veloverlay.store.cas import Store
+    from veloverlay.verbs.repo import Repo
 
 __all__ = ["state", "verb", "new_app", "repo", "store", "JsonOpt", "DebugOpt", "StoreOpt"]
 
@@ -111,27 +111,27 @@ def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[
 
 
 def store_path() -> str:
-    from ..cas import default_store_path
+    from veloverlay.store.cas import default_store_path
 
     return state.store or str(default_store_path())
 
 
 def repo(*, create: bool = False) -> "Repo":
-    from ..repo import Repo
+    from veloverlay.verbs.repo import Repo
 
     return Repo.open(state.store, create=create)
 
 
 def store() -> "Store":
     """The store alone, for verbs that open its manifests themselves (sessions, the daemon)."""
-    from ..cas import Store
+    from veloverlay.store.cas import Store
 
     return Store.open(store_path())
 
 
 def complete_ref(ctx: typer.Context, incomplete: str) -> list[str]:
     """Ref names for shell completion, from the store the command line names (or the default)."""
-    from ..repo import Repo
+    from veloverlay.verbs.repo import Repo
 
     store = None
     for c in (ctx, *_parents(ctx)):

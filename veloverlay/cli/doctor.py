@@ -1,77 +1,142 @@
-"""`doctor`: probe the kernel facilities by trying them, and say what a session would use."""
+"""`doctor`: probe the kernel facilities by trying them, and say what a session would use here.
+
+The decision is the sessions' own (`session.select.decide`, store xattrs included); this module
+only explains it: each feature with what it is for and whether its absence matters on this host.
+"""
 
 import os
+from typing import Any
 
-from . import common, render
-from .common import state, verb
+from veloverlay.cli import common, render
+from veloverlay.cli.common import state, verb
 
 app = common.new_app()
+
+# feature -> (what it is for, who needs it: "root", "rootfree", "shim", "all" or "optional")
+PURPOSE: dict[str, tuple[str, str]] = {
+    "root": ("real root: mounts outside a user namespace, immutable objects", "optional"),
+    "userns": ("user namespaces: every overlay session runs in one", "all"),
+    "userns_unrestricted": ("user namespaces not blocked (AppArmor, sysctl)", "rootfree"),
+    "overlay_root": ("overlay sessions as root", "root"),
+    "overlay_userns": ("overlay sessions without root", "rootfree"),
+    "data_only_root": ("data-only layers as root: builds write metadata only", "root"),
+    "data_only_userns": ("data-only layers without root: builds write metadata only", "rootfree"),
+    "fsconfig_fd": ("layers passed by file descriptor (new mount API)", "optional"),
+    "lowerdir_append": ("many layers without the mount option length limit", "optional"),
+    "whiteout_mknod": ("deleting files inside root-free overlay sessions", "rootfree"),
+    "chattr": ("chattr +i: stored objects cannot be changed, even by root", "protect"),
+    "fsverity": ("fs-verity: the kernel checks object contents", "optional"),
+    "reflink": ("reflinks: shim sessions copy files without using space", "shim"),
+    "fuse": ("/dev/fuse (not used by veloverlay)", "optional"),
+    "store_xattrs": ("user xattrs where the store is: overlay keeps its markers there", "all"),
+}
+
+
+def _matters(who: str, privileged: bool, backend: str) -> str:
+    if who == "all" or (who == "root" and privileged) or (who == "rootfree" and not privileged):
+        return "needed" if backend == "overlay" else "for overlay"
+    if who == "shim" and backend == "shim":
+        return "saves space"
+    if who == "protect":
+        return "protection" if privileged else "not here"
+    if who == "optional":
+        return "optional"
+    return "not here"
 
 
 @verb(app)
 def doctor() -> None:
     """Probe the kernel facilities by trying them, and say which backend would be used and why."""
-    from .. import probe
-    from ..errors import Reason, VeloError
+    from veloverlay import probe
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.lower import homes
+    from veloverlay.session import select
+    from veloverlay.session.shim import library as shimlib
 
     caps = probe.detect()
     store_path = common.store_path()
     store_fs = probe.store_fs_check(store_path)
-    report = caps.to_dict()
+    report: dict[str, Any] = caps.to_dict()
     report["store"] = {"path": store_path, "ok": store_fs.ok, "reason": store_fs.reason}
-    privileged = caps.feature("root").ok
-    try:
-        form = probe.lower_form(privileged)
-    except VeloError as exc:
-        form = f"unavailable ({exc.message})"
-    overlay_ok = caps.feature("overlay_root" if privileged else "overlay_userns")
-    backend = "overlay" if overlay_ok.ok else "shim"
+    # The decision sessions make (session/select.py), over this probe and the store's filesystem.
+    feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
+    where = store_path
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)  # a store not made yet: the filesystem it would be on
+    xattrs = probe.user_xattrs(where)
+    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
+    choice = select.decide(select.Caps(feats))
+    form = choice.form or (f"unavailable ({choice.error})" if choice.error else "-")
     protection = (
         "prevented (store read-only in sessions, chattr +i on objects)"
-        if privileged and caps.feature("chattr").ok
+        if choice.protect
         else "prevented in sessions (read-only store); detected outside (fsck)"
     )
-    from .. import shim as shimlib
-
     shim_info: dict[str, object]
     try:
         shim_info = {"ok": True, "library": os.fspath(shimlib.library_path())}
     except VeloError as exc:
         shim_info = {"ok": False, "reason": exc.message}
     report["shim"] = shim_info
-    from .. import volatile
-
-    cache, why_not = volatile.base()
+    cache, why_not = homes.base()
     if cache is not None:
-        xattrs = probe.user_xattrs(cache)
-        cache_ok, cache_why = xattrs.ok, xattrs.reason
+        cx = probe.user_xattrs(cache)
+        cache_ok, cache_why = cx.ok, cx.reason
     else:
         cache_ok, cache_why = False, why_not
     report["layer_cache"] = {"path": cache, "ok": cache_ok, "reason": cache_why}
+    report["store_xattrs"] = {"ok": xattrs.ok, "reason": xattrs.reason}
     report["chosen"] = {
-        "backend": backend,
-        "backend_reason": overlay_ok.reason,
+        "backend": choice.backend,
+        "backend_reason": choice.backend_reason,
         "lower_form": form,
         "protection": protection,
     }
+    rows = []
+    features: Any = report["features"]
+    for name, (ok, reason) in sorted(feats.items()):
+        what, who = PURPOSE.get(name, ("", "optional"))
+        matters = _matters(who, choice.privileged, choice.backend)
+        entry = features.setdefault(name, {"ok": ok, "reason": reason})
+        entry.update(purpose=what, matters=matters)
+        rows.append((name, "yes" if ok else "no", matters, what, reason))
     if state.json:
         render.emit_json(report)
     else:
-        print(f"kernel: {caps.kernel}")
-        render.table(
-            (
-                (name, "yes" if f.ok else "no", f.reason)
-                for name, f in sorted(caps.features.items())
-            ),
-            ("FEATURE", "OK", "REASON"),
-        )
-        print(f"store: {store_path}: {'ok' if store_fs.ok else 'REFUSED'} ({store_fs.reason})")
-        print(f"backend: {backend} ({overlay_ok.reason})")
-        print(f"lower form: {form}")
-        layers = f"per-boot cache {cache}" if cache_ok else "kept in the store"
-        print(f"data-only layers: {layers} ({cache_why})")
-        print(f"store protection: {protection}")
-        lib = shim_info["library"] if shim_info["ok"] else f"unavailable ({shim_info['reason']})"
-        print(f"shim library: {lib}")
+        _print(report, rows, choice, form, protection, cache_ok, cache, cache_why, shim_info)
     if not store_fs.ok:
         raise VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
+
+
+def _print(
+    report: dict[str, Any],
+    rows: list[tuple[str, str, str, str, str]],
+    choice: Any,
+    form: str,
+    protection: str,
+    cache_ok: bool,
+    cache: str | None,
+    cache_why: str,
+    shim: dict[str, object],
+) -> None:
+    who = "as root" if choice.privileged else f"as uid {os.geteuid()} (root-free)"
+    print(f"kernel: {report['kernel']}, running {who}")
+    print(f"backend: {choice.backend} ({choice.backend_reason})")
+    print(f"lower form: {form}")
+    layers = f"per-boot cache {cache}" if cache_ok else "kept in the store"
+    print(f"data-only layers: {layers} ({cache_why})")
+    print(f"store protection: {protection}")
+    st = report["store"]
+    print(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
+    lib = shim["library"] if shim["ok"] else f"unavailable ({shim['reason']})"
+    print(f"shim library: {lib}")
+    print()
+    render.table(
+        ((n, ok, matters, what) for n, ok, matters, what, _r in rows),
+        ("FEATURE", "OK", "HERE", "WHAT IT IS FOR"),
+    )
+    missing = [(n, r) for n, ok, matters, _w, r in rows if ok == "no" and matters != "not here"]
+    if missing:
+        print()
+        for n, r in missing:
+            print(f"{n}: {r}")

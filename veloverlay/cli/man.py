@@ -4,7 +4,7 @@ as `--help`, so the two cannot disagree. View it with `veloverlay --help-man | m
 import time
 from typing import Any
 
-from .. import __version__, envvars
+from veloverlay import __version__, envvars
 
 __all__ = ["man_page"]
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
-from ..errors import SysError, VeloError
+from veloverlay.errors import SysError, VeloError
 
 __all__ = [
     "color_enabled",

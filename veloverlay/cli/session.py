@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from . import common, render
-from .common import complete_ref, state, verb
+from veloverlay.cli import common, render
+from veloverlay.cli.common import complete_ref, state, verb
 
 app = common.new_app()
 
@@ -79,7 +79,7 @@ class _RunCommand(TyperCommand):
 
 
 def _options(refs: list[str], **options: Any) -> Any:
-    from ..session import SessionOptions
+    from veloverlay.session.core import SessionOptions
 
     options["backend"] = options["backend"].value
     options["net"] = options["net"].value
@@ -122,8 +122,8 @@ def run(
     The command is everything after `--`; its exit status is run's (127: not found). With
     --json, stdout carries only the session's report and the command's stdout goes to stderr.
     """
-    from ..errors import Reason, VeloError
-    from ..session import run as do_run
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.session.core import run as do_run
 
     command = ctx.meta.get("velo.command")
     if not command:
@@ -179,7 +179,7 @@ def enter(
     link: Link = False,
 ) -> int:
     """Open an interactive shell in a projection of REF; changes are committed when it exits."""
-    from ..session import enter as do_enter
+    from veloverlay.session.core import enter as do_enter
 
     opts = _options(
         refs,
@@ -211,7 +211,7 @@ def sessions(
     """List sessions (running, unharvested after a crash, finished)."""
     import time
 
-    from ..session import clean_sessions, list_sessions
+    from veloverlay.session.core import clean_sessions, list_sessions
 
     store = common.store()
     if clean:
@@ -239,8 +239,8 @@ def harvest(
     all_: Annotated[bool, typer.Option("--all", help="Harvest every unharvested session")] = False,
 ) -> None:
     """Harvest sessions whose manager died (after a crash or kill)."""
-    from ..errors import Reason, VeloError
-    from ..session import harvest_resume
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.session.core import harvest_resume
 
     if (resume is None) == (not all_):
         raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
@@ -260,6 +260,6 @@ def daemon(
     ],
 ) -> int:
     """Run a shim session's daemon in the foreground (sessions start their own)."""
-    from ..daemon import main as daemon_main
+    from veloverlay.session.shim.daemon import main as daemon_main
 
     return daemon_main(common.store().root, session)

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from . import common, render
-from .common import complete_ref, state, verb
+from veloverlay.cli import common, render
+from veloverlay.cli.common import complete_ref, state, verb
 
 app = common.new_app()
 tiers_app = common.new_app(
@@ -70,9 +70,9 @@ def ingest(
     ] = False,
 ) -> None:
     """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
-    from ..errors import Reason, VeloError
-    from ..ingest import ingest as do_ingest
-    from ..tiers import parse_rules
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.ingest.pipeline import ingest as do_ingest
+    from veloverlay.tiers import parse_rules
 
     repo = common.repo(create=True)
     rules = None
@@ -239,7 +239,7 @@ def diff(
     ],
 ) -> None:
     """Show the path operations that turn version A into version B."""
-    from ..repo import op_to_dict
+    from veloverlay.verbs.repo import op_to_dict
 
     ops = common.repo().diff(a, b)
     if state.json:
@@ -283,7 +283,7 @@ def export_cmd(
     output: Annotated[str, typer.Option("--output", "-o", help="Bundle file ('-' for stdout)")],
 ) -> None:
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
-    from ..bundle import export_bundle
+    from veloverlay.store.bundle import export_bundle
 
     repo = common.repo()
     if output == "-":
@@ -316,8 +316,8 @@ def import_cmd(
     ] = None,
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
-    from ..bundle import import_bundle
-    from ..errors import Reason, VeloError
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.store.bundle import import_bundle
 
     repo = common.repo(create=True)
     try:
@@ -344,8 +344,8 @@ def fsck(
     ] = None,
 ) -> None:
     """Re-hash every object against its name and check every manifest reference."""
-    from ..errors import Reason, VeloError
-    from ..verify import fsck as do_fsck
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.verbs.fsck import fsck as do_fsck
 
     repo = common.repo()
     progress = render.Progress("checking objects")
@@ -385,7 +385,7 @@ def gc(
     ] = False,
 ) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
-    from ..gc import gc as do_gc
+    from veloverlay.verbs.gc import gc as do_gc
 
     repo = common.repo()
     rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run)
@@ -406,7 +406,7 @@ _FINISHED = ("harvested", "discarded", "failed")  # `sessions` lists these; `sta
 @verb(app)
 def status() -> None:
     """Summarise the store: refs, objects, and the sessions running or still to harvest."""
-    from ..session import list_sessions
+    from veloverlay.session.core import list_sessions
 
     repo = common.repo()
     items = repo.refs()
@@ -443,8 +443,8 @@ def tiers_explain(
     if ref is not None:
         tier, rule, _rules = common.repo().explain_tier(path, ref)
     else:
-        from .. import paths
-        from ..tiers import Rules
+        from veloverlay import paths
+        from veloverlay.tiers import Rules
 
         tier, rule = Rules.default().explain(paths.parse_user_path(path))
     if state.json:
