@@ -162,8 +162,8 @@ def test_workflow(store: str, src: str, shm_tmp: str) -> None:
     assert "proj@{1}" in ok(velo(store, "log", "proj"))
 
     diff = data(velo(store, "diff", "proj@{1}", "proj", "--json"))
-    assert [(d["op"], d["path"]) for d in diff] == [("put", "README")]
-    assert ok(velo(store, "diff", "proj@{1}", "proj")).strip() == "+ README  file"
+    assert [(d["status"], d["path"]) for d in diff] == [("M", "README")]
+    assert ok(velo(store, "diff", "proj@{1}", "proj")).strip() == "M README"
 
     out = os.path.join(shm_tmp, "out")
     assert "checked out" in ok(velo(store, "checkout", "proj", out))
@@ -528,3 +528,118 @@ def test_a_closed_pipe_ends_quietly(store: str, shm_tmp: str) -> None:
             assert rc in (0, 141) and err == b"", err
         else:
             assert (rc, err) == (141, b""), (args, rc, err)
+
+
+# -- diff (issue 15.6) -------------------------------------------------------------------------
+
+
+def _expected_changes(old: str, new: str) -> dict[str, str]:
+    """git's status letters for two real trees: files, symlinks and empty directories."""
+
+    def entries(root: str) -> dict[str, tuple[str, int, bytes]]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            if rel != "." and not dirnames and not filenames:
+                out[rel] = ("dir", 0, b"")
+            for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                p = os.path.join(dirpath, n)
+                key = os.path.normpath(os.path.join(rel, n))
+                st = os.lstat(p)
+                if os.path.islink(p):
+                    out[key] = ("link", 0, os.readlink(p).encode())
+                else:
+                    out[key] = ("file", st.st_mode & 0o7777, open(p, "rb").read())
+        return out
+
+    a, b = entries(old), entries(new)
+    want = {}
+    for p in a.keys() | b.keys():
+        if p not in b:
+            want[p] = "D"
+        elif p not in a:
+            want[p] = "A"
+        elif a[p][0] != b[p][0]:
+            want[p] = "T"
+        elif a[p] != b[p]:
+            want[p] = "M"
+    return want
+
+
+def test_diff_statuses_stat_and_patch(store: str, src: str, shm_tmp: str) -> None:
+    import shutil
+
+    with open(os.path.join(src, "notes.txt"), "w") as f:
+        f.write("one\ntwo\nthree\n")
+    os.makedirs(os.path.join(src, "gone", "deep"))
+    with open(os.path.join(src, "gone", "deep", "x"), "w") as f:
+        f.write("x\n")
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    before = os.path.join(shm_tmp, "before")
+    shutil.copytree(src, before, symlinks=True)
+    # the same operations a user makes: edit, delete a subtree, add, chmod, file <-> symlink,
+    # and a directory whose only change is its mtime (not a change)
+    with open(os.path.join(src, "notes.txt"), "w") as f:
+        f.write("one\nTWO\nthree\nfour\n")
+    shutil.rmtree(os.path.join(src, "gone"))
+    os.makedirs(os.path.join(src, "new", "empty"))
+    with open(os.path.join(src, "new", "file"), "w") as f:
+        f.write("fresh\n")
+    os.chmod(os.path.join(src, "bin/tool"), 0o700)
+    os.unlink(os.path.join(src, "link"))
+    with open(os.path.join(src, "link"), "w") as f:
+        f.write("now a file\n")
+    with open(os.path.join(src, "lib/data.bin"), "ab") as f:
+        f.write(b"\0more")
+    os.utime(os.path.join(src, "lib"), ns=(1, 1))
+    os.utime(src, ns=(1, 1))
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    want = _expected_changes(before, src)
+    got = dict(
+        line.split("\t", 1)[::-1]
+        for line in ok(velo(store, "diff", "proj@{1}", "proj", "--name-status")).splitlines()
+    )
+    assert got == want
+    assert {
+        d["path"]: d["status"] for d in data(velo(store, "diff", "proj@{1}", "proj", "--json"))
+    } == want
+    plain = ok(velo(store, "diff", "proj@{1}", "proj")).splitlines()
+    assert sorted(plain) == sorted(f"{s} {p}" for p, s in want.items())
+
+    # -p: each text file's hunks are those of `diff -u` on the real files
+    patch = ok(velo(store, "diff", "proj@{1}", "proj", "-p"))
+    real = subprocess.run(
+        ["diff", "-u", os.path.join(before, "notes.txt"), os.path.join(src, "notes.txt")],
+        capture_output=True,
+        text=True,
+    ).stdout
+    hunks = real.split("\n", 2)[2]  # without the two header lines
+    assert "--- a/notes.txt\n+++ b/notes.txt\n" + hunks in patch
+    assert "Binary files a/lib/data.bin and b/lib/data.bin differ" in patch
+    assert "old mode 755\nnew mode 700\n" in patch
+
+    # --stat: lines added and removed per text file, as diff counts them
+    stat = ok(velo(store, "diff", "proj@{1}", "proj", "--stat")).splitlines()
+    plus = sum(1 for x in hunks.splitlines() if x.startswith("+"))
+    minus = sum(1 for x in hunks.splitlines() if x.startswith("-"))
+    row = next(x for x in stat if x.split("|")[0].strip() == "notes.txt")
+    assert row.split("|")[1].split()[0] == str(plus + minus)
+    assert stat[-1].startswith(f" {len(want)} files changed")
+
+
+def test_long_operations_show_bytes_rate_and_eta(store: str, shm_tmp: str) -> None:
+    """The progress of ingest, fsck, checkout and gc (drawn at once and off a terminal for the
+    test: VELO_INTERNAL__TEST_PROGRESS)."""
+    big = os.path.join(shm_tmp, "big")
+    make_tree(big, {f"f{i:03d}": os.urandom(20_000) for i in range(300)})
+    env = {"VELO_INTERNAL__TEST_PROGRESS": "1"}
+    err = velo(store, "ingest", big, "-n", "big", env=env).stderr.decode()
+    assert "hashing" in err and "MiB" in err and "/s" in err and "ETA" in err, err
+    assert "300 files" in err
+    err = velo(store, "fsck", env=env).stderr.decode()
+    assert "checking objects" in err and "300/300" in err and "ETA" in err, err
+    ok(velo(store, "refs", "--delete", "big"))
+    err = velo(store, "gc", "--grace", "0", env=env).stderr.decode()
+    assert "deleting objects" in err and "MiB" in err and "300 objects" in err, err
+    # never without a terminal otherwise
+    assert b"hashing" not in velo(store, "ingest", big, "-n", "again").stderr

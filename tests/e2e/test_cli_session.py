@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -90,3 +94,172 @@ def test_doctor_explains_each_feature(store: str) -> None:
     for name, f in report["features"].items():
         assert f["purpose"] and f["matters"], name
         assert name in out
+
+
+# -- a session you can see into (issue 15.5) ------------------------------------------------------
+
+
+def _checkout(store: str, spec: str, dest: str) -> str:
+    ok(velo(store, "checkout", spec, dest))
+    return dest
+
+
+def _end_lines(stderr: bytes) -> dict[str, str]:
+    """The paths an end line lists: path -> status letter."""
+    out = {}
+    for line in stderr.decode().splitlines():
+        parts = line.split(" ", 3)
+        if line.startswith("  ") and len(parts) == 4 and len(parts[2]) == 1:
+            out[parts[3]] = parts[2]
+    return out
+
+
+def test_the_end_line_lists_the_changes_and_the_undo_works(
+    store: str, proj: str, shm_tmp: str
+) -> None:
+    from tests.e2e.test_cli import _expected_changes
+
+    before = _checkout(store, "proj", os.path.join(shm_tmp, "before"))
+    script = "echo more >> README && rm old.txt && mkdir -p new/dir && echo n > new/dir/f"
+    p = velo(store, "run", "proj", "--", "sh", "-c", f"cd {proj} && {script}")
+    assert p.returncode == 0, p.stderr
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    assert _end_lines(p.stderr) == _expected_changes(before, after)
+    assert b"\nundo: veloverlay rollback proj\n" in p.stderr
+    ok(velo(store, "rollback", "proj"))
+    again = _checkout(store, "proj", os.path.join(shm_tmp, "again"))
+    assert _expected_changes(before, again) == {}
+    # the JSON report carries the same list
+    p = velo(store, "run", "proj", "--json", "--", "sh", "-c", f"cd {proj} && {script}")
+    listed = {c["path"]: c["status"] for c in json.loads(p.stdout)["changes"]}
+    assert listed == _expected_changes(before, after)
+
+
+def _wait_running(store: str) -> str:
+    """The id of the one running session, once it runs (bounded: 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = [s for s in data(velo(store, "sessions", "--json")) if s["state"] == "running"]
+        if running:
+            return str(running[0]["id"])
+        time.sleep(0.05)
+    raise AssertionError("no session started")
+
+
+def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: str) -> None:
+    go = os.path.join(shm_tmp, "go")
+    wait = f"while [ ! -e {go} ]; do sleep 0.05; done"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "veloverlay",
+            "run",
+            "proj",
+            "--",
+            "sh",
+            "-c",
+            f"cd {proj} && echo first > README && touch mine && {wait}",
+        ],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_running(store)
+        ok(velo(store, "run", "proj", "--", "sh", "-c", f"cd {proj} && echo second > README"))
+    finally:
+        open(go, "w").close()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 1, err
+    text = err.decode()
+    assert (
+        "both changed: README" in text and "mine" not in text.split("conflict")[1].split("see:")[0]
+    )
+    kept = [r["name"] for r in data(velo(store, "refs", "--json")) if r["name"].startswith("proj@")]
+    assert len(kept) == 1 and kept[0] in text
+
+
+def test_status_and_diff_see_into_a_running_session(store: str, proj: str, shm_tmp: str) -> None:
+    from tests.e2e.test_cli import _expected_changes
+
+    before = _checkout(store, "proj", os.path.join(shm_tmp, "before"))
+    go = os.path.join(shm_tmp, "go")
+    script = (
+        f"cd {proj} && echo more >> README && rm old.txt && echo n > added && "
+        f"touch {shm_tmp}/ready && while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sid = _wait_running(store)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(shm_tmp, "ready")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        live = {
+            c["path"]: c["status"] for c in data(velo(store, "diff", "--session", sid, "--json"))
+        }
+        status = data(velo(store, "status", "--json"))["sessions"]
+        text = ok(velo(store, "status"))
+    finally:
+        open(go, "w").close()
+        session.communicate(timeout=120)
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    assert live == _expected_changes(before, after)
+    assert [s["id"] for s in status] == [sid]
+    assert {c["path"]: c["status"] for c in status[0]["changes"]} == live
+    assert f"veloverlay diff --session {sid}" in text and "  D old.txt" in text
+    # a finished session is not running any more: a usage error that says so
+    p = velo(store, "diff", "--session", sid)
+    assert p.returncode == 2 and b"harvested" in p.stderr
+
+
+def _enter_in_a_terminal(store: str, shell: str, home: str, cwd: str, proj: str) -> str:
+    """`veloverlay enter proj` on a pseudo-terminal: wait for the prompt, create a file, exit."""
+    env = {**os.environ, "VELO_STORE": store, "SHELL": shell, "HOME": home, "TERM": "dumb"}
+    env.pop("NO_COLOR", None)
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, "-m", "veloverlay", "enter", "proj"], env)
+        finally:
+            os._exit(127)
+    out, sent = b"", False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not sent and b"(velo:proj) " in out:
+                os.write(fd, f"cd {proj} && echo hi > from-the-shell; exit\n".encode())
+                sent = True
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("shell", "prompt"), [("/bin/bash", "custom> "), ("/bin/sh", "$ ")])
+def test_enter_says_where_and_how_to_leave_and_keeps_its_prompt_marker(
+    store: str, proj: str, shm_tmp: str, shell: str, prompt: str
+) -> None:
+    home = os.path.join(shm_tmp, "home")
+    os.makedirs(home, exist_ok=True)
+    with open(os.path.join(home, ".bashrc"), "w") as f:
+        f.write("PS1='custom> '\n")  # a user's .bashrc sets its own prompt
+    out = _enter_in_a_terminal(store, shell, home, shm_tmp, proj)
+    lines = out.replace("\r", "").splitlines()
+    assert lines[0] == f"veloverlay: proj projected at {proj} (overlay, {lines[0].split(', ')[-1]}"
+    assert "leave with 'exit' or Ctrl-D" in lines[1]
+    assert f"(velo:proj) {prompt}" in out  # the marker survived .bashrc; no literal \w
+    assert "\\w" not in out
+    assert "  A from-the-shell" in lines

@@ -1,11 +1,12 @@
 """The `veloverlay` command line, on typer: parse, call one library verb, render.
 
 The only package that imports typer (and rich, through `render`). One module per group of verbs:
-`store` (the store and its manifests), `session` (run, enter and their bookkeeping), `doctor`,
-with `common` (the options every verb shares) and `render` (all output). A command imports only
-the module of its verb: the top-level group (`_Verbs`) knows each verb's module by name and builds
-that module's typer commands when the verb is looked up, so `veloverlay run …` never imports the
-store verbs, and verb bodies import the library modules they call.
+`store` (the store and its manifests), `diff`, `session` (run, enter and their bookkeeping),
+`doctor`; `common` (the options every verb shares), `render` (all output), `man` (the manual
+page). A command imports only the module of its verb: the top-level group (`_Verbs`) knows each
+verb's module by name and builds that one typer command when the verb is looked up, so
+`veloverlay run …` never imports the store verbs, and verb bodies import the library modules they
+call.
 
 Global options (`--store`, `--debug`, `--json`) are accepted before and after the verb. Exit
 status: 0, 1 for a failure (`error:`/`hint:` on stderr), 2 for a usage error (typer's, or a
@@ -42,7 +43,7 @@ VERBS: dict[str, str] = {
     "ls": "store",
     "cat": "store",
     "log": "store",
-    "diff": "store",
+    "diff": "diff",
     "checkout": "store",
     "rollback": "store",
     "export": "store",

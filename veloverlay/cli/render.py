@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
+from veloverlay import envvars
 from veloverlay.errors import SysError, VeloError
 
 __all__ = [
@@ -128,6 +129,9 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+_DELAY = 0.5  # seconds before a bar appears: short operations draw nothing
+
+
 class Progress:
     """A progress bar on stderr for one long operation, drawn only on a terminal.
 
@@ -137,8 +141,9 @@ class Progress:
     that end within half a second, and rich is imported only then.
     """
 
-    def __init__(self, label: str, *, enabled: bool | None = None) -> None:
+    def __init__(self, label: str, *, unit: str = "files", enabled: bool | None = None) -> None:
         self.label = label
+        self.unit = unit
         self.enabled = (color_enabled(sys.stderr) or _forced()) if enabled is None else enabled
         self._start = time.monotonic()
         self._bar: Any = None
@@ -155,11 +160,11 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is None:
-            if time.monotonic() - self._start < 0.5:
+            if time.monotonic() - self._start < _DELAY and not _forced():
                 return
             self._open(total_bytes is not None or done_bytes > 0)
         elapsed = max(time.monotonic() - self._start, 1e-3)
-        rate = f"{done / elapsed:,.0f} files/s"
+        rate = f"{done / elapsed:,.0f} {self.unit}/s"
         if self._bytes:
             self._bar.update(
                 self._task, completed=done_bytes, total=total_bytes, items=done, rate=rate
@@ -185,7 +190,7 @@ class Progress:
             columns += [
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
-                TextColumn("{task.fields[items]:,} files"),
+                TextColumn("{task.fields[items]:,} " + self.unit),
             ]
         else:  # 1,204/20,000 9,700 files/s ETA 0:00:02
             columns += [MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
@@ -203,4 +208,4 @@ class Progress:
 
 def _forced() -> bool:
     """VELO_INTERNAL__TEST_PROGRESS draws progress on a non-terminal (the suite checks it)."""
-    return bool(os.environ.get("VELO_INTERNAL__TEST_PROGRESS"))
+    return bool(envvars.get("VELO_INTERNAL__TEST_PROGRESS"))

@@ -87,19 +87,61 @@ def _options(refs: list[str], **options: Any) -> Any:
     return SessionOptions(refs=refs, **options)
 
 
-def _render(res: Any) -> None:
+def _render(res: Any, *, shown: int = 20) -> int:
+    """The end of a session as a user reads it; returns the exit status the verb ends with.
+
+    A conflict is a failure (exit 1 when the command itself succeeded): the session's tree is
+    kept as REF@SESSION and the paths both sides changed are named."""
     d = res.to_dict()
     for w in d.get("warnings", []):
         render.warn(w)
     for k in d.get("killed", []):
         render.warn(f"killed leftover process {k['pid']} ({k['comm']})")
-    if d.get("conflict_ref"):
+    ref = d.get("ref") or "the ref"
+    changes = d.get("changes", [])
+    if d.get("conflict_ref") and d.get("conflicts"):
         render.warn(
-            f"conflict: the ref moved and changed the same paths; this session is kept as "
-            f"{d['conflict_ref']}"
+            f"conflict: {ref} moved meanwhile and changed the same paths; this session is "
+            f"kept as {d['conflict_ref']}"
         )
+        for p in d["conflicts"][:shown]:
+            render.info(f"  both changed: {p}")
+        render.info(
+            f"see: veloverlay diff {ref} {d['conflict_ref']}; take it: veloverlay run "
+            f"{d['conflict_ref']} -- ... (or ingest a merged tree)"
+        )
+        return int(res.exit_status) or 1
+    if d.get("conflict_ref"):
+        render.info(f"kept {len(changes)} changes as {d['conflict_ref']} (not committed to {ref})")
+    elif d.get("commit") and not changes:
+        render.info(f"{ref}: only timestamps changed (commit {d['commit'][:12]})")
     elif d.get("commit"):
-        render.info(f"committed {d['changed']} changes (commit {d['commit'][:12]})")
+        render.info(
+            f"{ref}: committed {len(changes)} change{'s' if len(changes) != 1 else ''} "
+            f"(commit {d['commit'][:12]})"
+        )
+    elif d.get("state") == "discarded":
+        render.info(f"{ref}: changes discarded (--discard)")
+    elif d.get("state") == "harvested":
+        render.info(f"{ref}: nothing changed")
+    for c in changes[:shown]:
+        render.info(f"  {c['status']} {c['path']}")
+    if len(changes) > shown:
+        render.info(f"  ... and {len(changes) - shown} more: veloverlay diff {ref}@{{1}} {ref}")
+    if d.get("commit") and changes and not d.get("conflict_ref"):
+        render.info(f"undo: veloverlay rollback {ref}")
+    return int(res.exit_status)
+
+
+def _banner(info: Any) -> None:
+    """The start of an interactive session: where the tree is, and how to leave."""
+    ref = info.refs[-1] if info.refs else "?"
+    how = f"{info.backend}, {info.form}" if info.form else info.backend
+    render.info(f"veloverlay: {'+'.join(info.refs)} projected at {info.target} ({how})")
+    render.info(
+        f"  leave with 'exit' or Ctrl-D: changes are committed to {ref}; "
+        f"'veloverlay status' shows them meanwhile (session {info.id})"
+    )
 
 
 @verb(app, cls=_RunCommand, no_args_is_help=True)
@@ -146,10 +188,8 @@ def run(
     if state.json:
         res = _stdout_to_stderr(lambda: do_run(common.store(), opts, list(command)))
         render.emit_json(res.to_dict())
-    else:
-        res = do_run(common.store(), opts, list(command))
-        _render(res)
-    return int(res.exit_status)
+        return int(res.exit_status) or (1 if res.conflicts else 0)
+    return _render(do_run(common.store(), opts, list(command)))
 
 
 def _stdout_to_stderr(fn: Any) -> Any:
@@ -194,12 +234,11 @@ def enter(
         grace=grace,
         link=link,
     )
-    res = do_enter(common.store(), opts)
+    res = do_enter(common.store(), opts, on_start=None if state.json else _banner)
     if state.json:
         render.emit_json(res.to_dict())
-    else:
-        _render(res)
-    return int(res.exit_status)
+        return int(res.exit_status) or (1 if res.conflicts else 0)
+    return _render(res)
 
 
 @verb(app)

@@ -123,7 +123,8 @@ def ingest(
         f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
     )
     if res.adopted_to:
-        print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {directory}")
+        where = os.path.abspath(directory)
+        print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {where}")
 
 
 def _some(items: list[Any], line: Any, more: str = "more paths") -> None:
@@ -230,34 +231,16 @@ def log(
 
 
 @verb(app)
-def diff(
-    a: Annotated[
-        str, typer.Argument(metavar="A", help="The old version", autocompletion=complete_ref)
-    ],
-    b: Annotated[
-        str, typer.Argument(metavar="B", help="The new version", autocompletion=complete_ref)
-    ],
-) -> None:
-    """Show the path operations that turn version A into version B."""
-    from veloverlay.verbs.repo import op_to_dict
-
-    ops = common.repo().diff(a, b)
-    if state.json:
-        render.emit_json([op_to_dict(op) for op in ops])
-        return
-    sym = {"put": "+", "delete": "-", "meta": "~"}
-    for op in ops:
-        d = op_to_dict(op)
-        print(f"{sym[d['op']]} {d['path'] or '/'}{'  ' + d['kind'] if 'kind' in d else ''}")
-
-
-@verb(app)
 def checkout(
     ref: Ref,
     dest: Annotated[str, typer.Argument(metavar="DEST", help="A new or empty directory")],
 ) -> None:
     """Materialise a manifest as a real tree in DEST (new or empty directory)."""
-    n = common.repo().checkout(ref, dest)
+    progress = render.Progress("checking out")
+    try:
+        n = common.repo().checkout(ref, dest, progress=progress)
+    finally:
+        progress.done()
     if state.json:
         render.emit_json({"ref": ref, "dest": dest, "entries": n})
     else:
@@ -348,7 +331,7 @@ def fsck(
     from veloverlay.verbs.fsck import fsck as do_fsck
 
     repo = common.repo()
-    progress = render.Progress("checking objects")
+    progress = render.Progress("checking objects", unit="objects")
     try:
         rep = do_fsck(repo.store, repo.m, jobs=jobs, progress=progress)
     finally:
@@ -388,7 +371,11 @@ def gc(
     from veloverlay.verbs.gc import gc as do_gc
 
     repo = common.repo()
-    rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run)
+    progress = render.Progress("deleting objects", unit="objects")
+    try:
+        rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run, progress=progress)
+    finally:
+        progress.done()
     if state.json:
         render.emit_json(rep.to_dict())
         return
@@ -400,33 +387,54 @@ def gc(
     )
 
 
-_FINISHED = ("harvested", "discarded", "failed")  # `sessions` lists these; `status` does not
+_FINISHED = ("harvested", "discarded", "failed")
+
+
+def _session_dict(repo: Any, s: Any) -> dict[str, Any]:
+    """A session for `status`: a running one with what it changed so far."""
+    from veloverlay.errors import VeloError
+    from veloverlay.session.core import live_changes
+
+    d: dict[str, Any] = s.to_dict()
+    if s.state == "running":
+        try:
+            live = live_changes(repo.store, s.id, repo.m)
+            d["changes"] = [{"status": c, "path": p} for c, p in live]
+        except VeloError:  # it ended meanwhile
+            pass
+    return d
 
 
 @verb(app)
 def status() -> None:
-    """Summarise the store: refs, objects, and the sessions running or still to harvest."""
+    """Summarise the store: refs, objects, and the sessions running (with what they changed so
+    far) or still to harvest."""
     from veloverlay.session.core import list_sessions
 
     repo = common.repo()
     items = repo.refs()
     sessions = [s for s in list_sessions(repo.store) if s.state not in _FINISHED]
     objects = sum(1 for _ in repo.store.iter_objects())
-    data = {
-        "store": os.fspath(repo.store.root),
-        "refs": len(items),
-        "objects": objects,
-        "sessions": [s.to_dict() for s in sessions],
-    }
+    shown = [_session_dict(repo, s) for s in sessions]
+    data = {"store": os.fspath(repo.store.root), "refs": len(items), "objects": objects}
+    data["sessions"] = shown
     if state.json:
         render.emit_json(data)
         return
     print(f"store {data['store']}: {len(items)} refs, {objects} objects")
-    for s in sessions:
-        d = s.to_dict()
-        print(f"session {d['id']}: {d['state']} ({', '.join(d.get('refs', []))})")
+    for sess, d in zip(sessions, shown, strict=True):
+        refs = ", ".join(d.get("refs", []))
+        print(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")
         for w in d["warnings"]:  # e.g. baked paths of a tree projected away from its home
             print(f"  warning: {w}")
+        changes = d.get("changes")
+        if changes is not None:
+            for c in changes[:20]:
+                print(f"  {c['status']} {c['path']}")
+            more = f" ({len(changes) - 20} more)" if len(changes) > 20 else ""
+            print(f"  {len(changes)} changes so far{more}: veloverlay diff --session {sess.id}")
+        elif d["state"] == "dead-unharvested":
+            print(f"  its manager died: veloverlay harvest --resume {sess.id}")
 
 
 @verb(tiers_app, "explain")

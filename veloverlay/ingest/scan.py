@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import statcache
 from veloverlay.ingest.source import NOT_COMMITTED, Changed, read_stable
+from veloverlay.progress import Progress as ProgressCallback
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.tree import Entry, Kind
@@ -78,6 +79,7 @@ def scan(
     root = _new_dir(b"", os.lstat(top), cache.get(b""))
     dirs: list[ScanDir] = [root]
     pending: list[tuple[ScanDir, bytes]] = []  # small: 200,000 files must ingest in < 300 MB
+    pending_bytes = 0
     stack: list[tuple[bytes, ScanDir]] = [(top, root)]
     cache_get = cache.get
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
@@ -119,6 +121,7 @@ def scan(
                         hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
                     else:
                         pending.append((d, name))
+                        pending_bytes += est.st_size
                         d.dirty = True
                 elif S_ISDIR(m):
                     rel = prefix + name
@@ -151,7 +154,7 @@ def scan(
         res.stripped_setid += nsetid
     res.dirs = len(dirs) - 1
     if pending:
-        _hash_pending(store, top, pending, res, stage, pool, keep_setid, progress)
+        _hash_pending(store, top, pending, res, stage, pool, keep_setid, progress, pending_bytes)
     return dirs
 
 
@@ -161,7 +164,7 @@ _CHUNK_FILES = 256
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
-Progress = Callable[[int, int], None]
+Progress = ProgressCallback  # (files hashed, files to hash, bytes hashed, bytes to hash)
 
 
 class IngestResult(Record):
@@ -253,6 +256,7 @@ def _hash_pending(
     pool: Workers | None,
     keep_setid: bool,
     progress: Progress | None,
+    total_bytes: int = 0,
 ) -> None:
     total = len(pending)
 
@@ -267,11 +271,11 @@ def _hash_pending(
                 for i in range(start, min(start + _CHUNK_FILES, total))
             ]
 
-    done_count = 0
+    done_count = done_bytes = 0
     failures: list[_Fail] = []
 
     def consume(result: tuple[list[_Done], list[_Fail], dict[bytes, tuple[bytes, int]]]) -> None:
-        nonlocal done_count
+        nonlocal done_count, done_bytes
         done, failed, staged = result
         for dg, (p, size) in staged.items():
             if dg in stage.staged:
@@ -290,9 +294,10 @@ def _hash_pending(
             if not racy:
                 d.hashed[name] = (ino, size, mtime, ctime, digest)
             res.hashed += 1
+            done_bytes += size
         done_count += len(done) + len(failed)
         if progress is not None:
-            progress(done_count, total)
+            progress(done_count, total, done_bytes, max(total_bytes, done_bytes))
 
     if pool is None or total <= _CHUNK_FILES:
         worker_init(os.fspath(store.root), stage.name)

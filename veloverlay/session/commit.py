@@ -26,6 +26,7 @@ from veloverlay.session.harvest import to_top_ref
 from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
+from veloverlay.store.changes import changes
 from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.merge import three_way
 from veloverlay.store.tree import Op
@@ -130,8 +131,11 @@ def harvest_and_commit(
                 view_root = bytes.fromhex(st.view_root)
                 below = bytes.fromhex(st.below_root)
                 ops = to_top_ref(m, txn, ops, base_root, below, view_root)
-            res.changed = len(h.ops)
             new_root = m.apply(txn, base_root, ops) if ops else base_root
+            res.changes = [
+                (c.status, paths.display(c.path)) for c in changes(m, txn, base_root, new_root)
+            ]
+            res.changed = len(res.changes)
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
                 _commit(m, txn, st, base_root, new_root, ops, res, live=live)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 
+from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
-from veloverlay.session import state
-from veloverlay.session.options import SessionInfo, SessionOptions, SessionResult
+from veloverlay.session import prompt, state
+from veloverlay.session.options import OnStart, SessionInfo, SessionOptions, SessionResult
 from veloverlay.session.select import Choice, capabilities, decide
-from veloverlay.session.state import State
 from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
 
 __all__ = [
     "SessionOptions",
@@ -32,6 +33,7 @@ __all__ = [
     "list_sessions",
     "harvest_resume",
     "clean_sessions",
+    "live_changes",
 ]
 
 
@@ -41,13 +43,18 @@ def choose_backend(store: Store, opts: SessionOptions) -> Choice:
 
 
 def _dispatch(
-    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool
+    store: Store,
+    opts: SessionOptions,
+    argv: list[str],
+    *,
+    interactive: bool,
+    on_start: OnStart | None,
 ) -> SessionResult:
     choice = choose_backend(store, opts)
     if choice.backend == "overlay":
         from veloverlay.session.overlay.backend import run_session
 
-        return run_session(store, opts, argv, choice, interactive=interactive)
+        return run_session(store, opts, argv, choice, interactive=interactive, on_start=on_start)
     if opts.backend == "auto" and opts.strict:
         raise VeloError(
             f"--strict: overlay is unavailable here ({choice.backend_reason}); the shim would "
@@ -56,7 +63,7 @@ def _dispatch(
         )
     from veloverlay.session.shim.backend import run_shim
 
-    res = run_shim(store, opts, argv, interactive=interactive)
+    res = run_shim(store, opts, argv, interactive=interactive, on_start=on_start)
     if opts.backend == "auto":  # P0-d: a degradation is said, never silent
         res.warnings.insert(
             0, f"overlay is unavailable here ({choice.backend_reason}): used the shim backend"
@@ -65,34 +72,27 @@ def _dispatch(
 
 
 def run(
-    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
+    store: Store,
+    opts: SessionOptions,
+    argv: list[str],
+    *,
+    interactive: bool = False,
+    on_start: OnStart | None = None,
 ) -> SessionResult:
-    """Run `argv` in a session of `opts.refs`; harvest and commit when it exits."""
-    return _dispatch(store, opts, argv, interactive=interactive)
+    """Run `argv` in a session of `opts.refs`; harvest and commit when it exits.
+
+    `on_start(info)` is called once the view is ready, just before the command starts."""
+    return _dispatch(store, opts, argv, interactive=interactive, on_start=on_start)
 
 
-def enter(store: Store, opts: SessionOptions) -> SessionResult:
-    """An interactive $SHELL in a session (the prompt names the ref)."""
+def enter(store: Store, opts: SessionOptions, *, on_start: OnStart | None = None) -> SessionResult:
+    """An interactive $SHELL in a session (the prompt names the ref, see session/prompt.py)."""
     shell = os.environ.get("SHELL") or "/bin/sh"
-    return _dispatch(store, opts, [shell, "-i"], interactive=True)
-
-
-def _info(st: State) -> SessionInfo:
-    return SessionInfo(
-        id=st.id,
-        refs=list(st.refs),
-        state=st.shown_state(),
-        start=st.start,
-        pid=st.pid,
-        target=st.target,
-        commit=st.commit,
-        conflict_ref=st.conflict_ref,
-        warnings=list(st.warnings),
-    )
+    return _dispatch(store, opts, prompt.shell_argv(shell), interactive=True, on_start=on_start)
 
 
 def list_sessions(store: Store) -> list[SessionInfo]:
-    return [_info(st) for st in state.iter_states(store)]
+    return [state.info(st) for st in state.iter_states(store)]
 
 
 def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
@@ -140,3 +140,37 @@ def clean_sessions(store: Store) -> int:
             force_rmtree(store.sessions / st.id)
             removed += 1
     return removed
+
+
+def live_changes(
+    store: Store, session_id: str, m: Manifests | None = None
+) -> list[tuple[str, str]]:
+    """What a running session has changed so far, as (status letter, path): read from its
+    upper dir (overlay) or its live view `REF@<session>` (shim). Nothing is committed. `m`: the
+    store's manifests when the caller has them open (LMDB opens an environment once a process)."""
+    st = state.load(store, session_id)
+    if st.shown_state() not in ("running", "starting"):
+        raise VeloError(
+            f"session {session_id} is {st.shown_state()}, not running",
+            reason=Reason.USAGE,
+            hint=f"what it committed: veloverlay log {st.top}",
+        )
+    own = m is None
+    m = Manifests(store) if m is None else m
+    try:
+        view = bytes.fromhex(st.view_root)
+        if st.backend == "shim":
+            from veloverlay.store.changes import changes
+
+            with m.read() as txn:
+                ref = m.get_ref(txn, st.session_ref or "")
+                if ref is None:
+                    return []
+                live = bytes.fromhex(m.get_commit(txn, ref.head).root)
+                return [(c.status, paths.display(c.path)) for c in changes(m, txn, view, live)]
+        from veloverlay.session.overlay.live import upper_changes
+
+        return upper_changes(m, os.fspath(store.sessions / st.id / "upper"), view)
+    finally:
+        if own:
+            m.close()

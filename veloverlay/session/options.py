@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from veloverlay.records import Record, field
 
-__all__ = ["SessionOptions", "SessionResult", "SessionInfo"]
+__all__ = ["SessionOptions", "SessionResult", "SessionInfo", "OnStart"]
 
 
 # --- public data ---------------------------------------------------------------------------------
@@ -40,6 +41,8 @@ class SessionResult(Record):
     state: str = ""
     conflicts: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # what the session changed, as `diff` shows it: (status letter, path); `changed` counts them
+    changes: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class SessionResult(Record):
             "ref": self.ref,
             "state": self.state,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "changes": [{"status": c, "path": p} for c, p in self.changes],
         }
 
 
@@ -70,6 +74,8 @@ class SessionInfo(Record):
     commit: str | None = None
     conflict_ref: str | None = None
     warnings: list[str] = field(default_factory=list)  # what the session said at its start
+    backend: str = ""
+    form: str = ""  # the overlay's lower form, or the shim's copy/link
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,4 +89,10 @@ class SessionInfo(Record):
             "target": self.target,
             "commit": self.commit,
             "conflict_ref": self.conflict_ref,
+            "backend": self.backend,
+            "form": self.form,
         }
+
+
+# Called once a session's view is ready, just before its command starts (the CLI's banner).
+OnStart = Callable[[SessionInfo], None]

@@ -21,6 +21,7 @@ from veloverlay import ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import write_json_atomic
 from veloverlay.records import Record, field
+from veloverlay.session.options import SessionInfo
 from veloverlay.store.cas import Store
 
 __all__ = [
@@ -155,3 +156,20 @@ def iter_states(store: Store) -> Iterator[State]:
             yield load(store, sid)
         except VeloError:
             continue
+
+
+def info(st: State) -> SessionInfo:
+    """What `sessions`, `status` and a session's start callback show of a state."""
+    return SessionInfo(
+        id=st.id,
+        refs=list(st.refs),
+        state=st.shown_state(),
+        start=st.start,
+        pid=st.pid,
+        target=st.target,
+        commit=st.commit,
+        conflict_ref=st.conflict_ref,
+        warnings=list(st.warnings),
+        backend=st.backend,
+        form=st.form,
+    )

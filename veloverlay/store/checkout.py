@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
+from veloverlay.progress import Progress
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
@@ -50,11 +51,12 @@ def checkout(
     root: bytes,
     dest: str,
     *,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> int:
-    """Write the tree `root` into `dest` (new or empty). Returns the number of entries written."""
+    """Write the tree `root` into `dest` (new or empty). Returns the number of entries written.
+    `progress(entries, None, bytes)` every 1,000 entries (the total is not known up front)."""
     top = _prepare_dest(dest)
-    count = 0
+    count = written = 0
     # Depth first, one open directory fd per level (never one per directory: a tree with more
     # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
     # set when everything below it is written, and its fd is closed then.
@@ -84,10 +86,11 @@ def checkout(
                 os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             elif e.kind is Kind.FILE:
                 _write_file(store, dfd, name, e.digest, e.mode, e.mtime_ns)
+                written += e.size
             # MASK entries are deletions for stacked refs: nothing to write
             count += 1
             if progress is not None and count % 1000 == 0:
-                progress(count)
+                progress(count, None, written)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VeloError(

@@ -10,10 +10,10 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Callable
 
 from veloverlay import paths
 from veloverlay.errors import VeloError
+from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_fd
@@ -128,7 +128,7 @@ def fsck(
     m: Manifests,
     *,
     jobs: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> FsckReport:
     rep = FsckReport()
     items = [(n, os.fspath(p)) for n, p in store.iter_objects()]
@@ -144,7 +144,7 @@ def fsck(
             rep.findings.extend(Finding(*r) for r in found)
             checked += 256
             if progress is not None:
-                progress(min(checked, len(items)))
+                progress(min(checked, len(items)), len(items))
     rep.findings.extend(_check_short_names(store, m, present))
     # --link proxies of shim sessions: the documented limit is that a writer the shim cannot
     # see may change one; this is where that is detected.

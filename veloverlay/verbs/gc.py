@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from veloverlay import faults
+from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests
@@ -72,7 +73,10 @@ def gc(
     keep: int | None = None,
     grace: float = 3600.0,
     dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> GcReport:
+    """Delete what nothing needs (see the module's docstring); `progress(objects deleted,
+    objects to delete, bytes freed, bytes to free)` while sweeping."""
     rep = GcReport(dry_run=dry_run)
     with store.lock(exclusive=True):
         if not dry_run:
@@ -138,9 +142,14 @@ def gc(
             for hexname in short_ids:
                 txn.delete(bytes.fromhex(hexname), db=m.ids)
             faults.point("commit.before")
-        for path in victims:
+        freed = 0
+        for i, path in enumerate(victims, 1):
+            with contextlib.suppress(OSError):
+                freed += os.lstat(path).st_size
             _unlink_object(store, path, short_ids.get(path.name))
             faults.point("gc.sweep")
+            if progress is not None and (i % 256 == 0 or i == len(victims)):
+                progress(i, len(victims), freed, rep.bytes_freed)
         # Lower layers of versions no ref head or session uses any more: rebuilt on demand.
         from veloverlay.lower.prune import prune
 

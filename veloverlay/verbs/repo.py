@@ -10,13 +10,17 @@ from typing import IO, Any
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
+from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.store.cas import Store, default_store_path
+from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import Commit, Manifests, Ref
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
 
-__all__ = ["Repo", "LsEntry"]
+__all__ = ["Repo", "LsEntry", "Change", "entry_dict", "op_to_dict", "TEXT_LIMIT"]
+
+TEXT_LIMIT = 8 << 20  # larger files are not diffed line by line (`patch` says binary)
 
 
 class LsEntry(Record, frozen=True):
@@ -127,6 +131,54 @@ class Repo:
             _rb, cb = self.m.resolve(txn, b)
             return self.m.diff(txn, bytes.fromhex(ca.root), bytes.fromhex(cb.root))
 
+    def changes(self, a: str, b: str) -> list[Change]:
+        """What changed from version `a` to version `b` (store/changes.py)."""
+        with self.m.read() as txn:
+            _ra, ca = self.m.resolve(txn, a)
+            _rb, cb = self.m.resolve(txn, b)
+            return changes(self.m, txn, bytes.fromhex(ca.root), bytes.fromhex(cb.root))
+
+    def patch(self, change: Change, *, context: int = 3) -> list[str] | None:
+        """The unified diff (git's format) of a change's content; None when either side is
+        binary or larger than TEXT_LIMIT. A symlink's content is its target."""
+        import difflib
+
+        old, new = self._lines(change.old), self._lines(change.new)
+        if old is None or new is None:
+            return None
+        name = os.fsdecode(change.path)
+        return list(
+            difflib.unified_diff(
+                old,
+                new,
+                f"a/{name}" if change.old is not None else "/dev/null",
+                f"b/{name}" if change.new is not None else "/dev/null",
+                n=context,
+            )
+        )
+
+    def _lines(self, e: Entry | None) -> list[str] | None:
+        if e is None or e.kind is Kind.DIR:
+            return []
+        if e.kind is Kind.SYMLINK:
+            return [os.fsdecode(e.target)]
+        if e.size > TEXT_LIMIT:
+            return None
+        fd = self.store.open_object(e.digest)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if b"\0" in data[:8192]:
+            return None
+        try:
+            return data.decode().splitlines(keepends=True)
+        except UnicodeDecodeError:
+            return None
+
     def log(self, name: str, limit: int | None = None) -> list[Commit]:
         with self.m.read() as txn:
             return self.m.log(txn, name, limit)
@@ -144,12 +196,13 @@ class Repo:
         return tier, rule, rules
 
     # -- writing -----------------------------------------------------------------------------
-    def checkout(self, spec: str, dest: str) -> int:
+    def checkout(self, spec: str, dest: str, *, progress: Progress | None = None) -> int:
         from veloverlay.store.checkout import checkout
 
         with self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
-            return checkout(self.store, self.m, txn, bytes.fromhex(commit.root), dest)
+            root = bytes.fromhex(commit.root)
+            return checkout(self.store, self.m, txn, root, dest, progress=progress)
 
     def rollback(self, name: str, n: int, *, message: str | None = None) -> Commit:
         """Make the version `n` commits back the new head (a new commit: history is kept)."""
@@ -175,6 +228,10 @@ class Repo:
             if not self.m.delete_ref(txn, name):
                 raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
             drop_cache(self.m, txn, name)
+
+
+def entry_dict(path: bytes, e: Entry) -> dict[str, Any]:
+    return _ls_entry(path, e).to_dict()
 
 
 def op_to_dict(op: Op) -> dict[str, Any]:

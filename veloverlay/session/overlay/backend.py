@@ -32,9 +32,9 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.stacks import Lowers, ensure_lowers
 from veloverlay.records import Record
-from veloverlay.session import reaper, state
+from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
-from veloverlay.session.options import SessionOptions, SessionResult
+from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import relocation_warnings
 from veloverlay.session.select import Choice
@@ -147,7 +147,13 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
 
 
 def run_session(
-    store: Store, opts: SessionOptions, argv: list[str], choice: Choice, *, interactive: bool
+    store: Store,
+    opts: SessionOptions,
+    argv: list[str],
+    choice: Choice,
+    *,
+    interactive: bool,
+    on_start: OnStart | None = None,
 ) -> SessionResult:
     if not argv:
         raise VeloError("no command to run", reason=Reason.USAGE)
@@ -170,7 +176,7 @@ def run_session(
         env["VELO_SESSION"] = st.id
         env["VELO_SESSION_REF"] = top
         if interactive:
-            env["PS1"] = f"(velo:{top}) \\w\\$ "
+            prompt.environment(env, top)
         try:
             cwd = os.getcwd()
         except OSError:
@@ -190,6 +196,8 @@ def run_session(
             manager_pid=os.getpid(),
             tty_foreground=ns.tty_foreground(),
         )
+        if on_start is not None:
+            on_start(state.info(st))
         child: list[int] = [0]
         with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()

@@ -38,9 +38,9 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
 from veloverlay.ns import proc_start
-from veloverlay.session import state
+from veloverlay.session import prompt, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
-from veloverlay.session.options import SessionOptions, SessionResult
+from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.shim import library
 from veloverlay.session.shim.library import RecType
 from veloverlay.session.shim.materialize import (
@@ -223,7 +223,12 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
 
 # --- public entry points ------------------------------------------------------------------------
 def run_shim(
-    store: Store, opts: SessionOptions, argv: list[str], *, interactive: bool = False
+    store: Store,
+    opts: SessionOptions,
+    argv: list[str],
+    *,
+    interactive: bool = False,
+    on_start: OnStart | None = None,
 ) -> SessionResult:
     """Run `argv` in a shim-backend session of `opts.refs` (stacked, later on top); harvest and
     commit to the top ref at exit.
@@ -333,6 +338,10 @@ def run_shim(
         except BaseException:
             _abandon(store, m, st)
             raise
+        if interactive:
+            prompt.environment(env, ref.name)
+        if on_start is not None:
+            on_start(state.info(st))
         status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
         stop_daemon(st)
         return _finish(store, m, st, status)

@@ -1,0 +1,75 @@
+"""What changed between two trees, as a user reads it: added, modified, deleted, type changed.
+
+`Manifests.diff` gives the path operations that turn one tree into another (what a commit
+stores); `changes` turns them into what `diff`, `status` and a session's end line show: one change
+per file, symlink or empty directory (a subtree added or deleted whole is listed entry by entry).
+A mode change counts; a directory's own mtime does not, nor a file's mtime alone (its content and
+mode unchanged), as in git.
+"""
+
+from __future__ import annotations
+
+from veloverlay.records import Record
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, OpKind
+
+__all__ = ["Change", "changes", "STATUS"]
+
+STATUS = {"A": "added", "M": "modified", "D": "deleted", "T": "type changed"}
+
+
+class Change(Record, frozen=True):
+    status: str  # a key of STATUS
+    path: bytes
+    old: Entry | None  # in the old tree (directories with their node's mode and mtime)
+    new: Entry | None  # in the new tree
+
+
+def _entry(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
+    e = m.lookup(txn, root, path)
+    if e is None or e.kind is Kind.MASK:
+        return None
+    if e.kind is Kind.DIR:
+        node = m.get_node(txn, e.digest)
+        e = e.replace(mode=node.mode, mtime_ns=node.mtime_ns)
+    return e
+
+
+def _subtree(m: Manifests, txn: Txn, e: Entry, path: bytes, status: str) -> list[Change]:
+    """Every file, symlink and empty directory of the directory `e` at `path`."""
+    out = []
+    for p, ent, node in m.walk(txn, e.digest, path):
+        if ent.kind is Kind.MASK or (node is not None and node.entries):
+            continue
+        out.append(
+            Change(status, p, ent if status == "D" else None, ent if status == "A" else None)
+        )
+    return out
+
+
+def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
+    """The changes that turn tree `a` into tree `b`, sorted by path."""
+    out: list[Change] = []
+    for op in m.diff(txn, a, b):
+        old = _entry(m, txn, a, op.path)
+        if op.kind is OpKind.META:
+            if old is not None and old.mode != op.mode:
+                out.append(Change("M", op.path, old, _entry(m, txn, b, op.path)))
+            continue
+        new = None if op.kind is OpKind.DELETE else _entry(m, txn, b, op.path)
+        if old is not None and new is not None and Kind.DIR not in (old.kind, new.kind):
+            out.append(Change("M" if old.kind is new.kind else "T", op.path, old, new))
+            continue
+        for e, status in ((old, "D"), (new, "A")):
+            if e is None:
+                continue
+            if e.kind is Kind.DIR:
+                out += _subtree(m, txn, e, op.path, status)
+            else:
+                out.append(
+                    Change(
+                        status, op.path, e if status == "D" else None, e if status == "A" else None
+                    )
+                )
+    out.sort(key=lambda c: (c.path, c.status != "D"))
+    return out
