@@ -643,3 +643,12 @@ def test_long_operations_show_bytes_rate_and_eta(store: str, shm_tmp: str) -> No
     assert "deleting objects" in err and "MiB" in err and "300 objects" in err, err
     # never without a terminal otherwise
     assert b"hashing" not in velo(store, "ingest", big, "-n", "again").stderr
+
+
+def test_help_on_a_terminal_is_typers_rich_page_and_keeps_every_word(store: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    env.update(VELO_STORE=store, TERM="xterm", COLUMNS="200")
+    out = re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]", b"", _in_a_terminal(["ingest", "--help"], env))
+    assert "╭─ Options".encode() in out  # rich panels on a terminal
+    # help texts are plain text, not rich markup: nothing in brackets or parentheses is eaten
+    assert b"(default: the directory's name)" in out and b"(default: CPUs)" in out

@@ -97,7 +97,7 @@ def test_kill_manager_then_resume(mode: str) -> None:
     assert r["state"] == "dead-unharvested"
     assert r["cleaned"] == 0 and r["upper_kept"]
     assert r["missing"] == "session-not-found"
-    assert r["results"] == [(r["sid"], True, 3)]  # put, delete, the root mtime
+    assert r["results"] == [(r["sid"], True, 2)]  # added, deleted (the root mtime is no change)
     assert r["again"] == 0
     assert r["killed.txt"] == "x" and r["f1"] is False
     assert r["after"] == "harvested"

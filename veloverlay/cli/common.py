@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["state", "verb", "new_app", "repo", "store", "JsonOpt", "DebugOpt", "StoreOpt"]
 
-_STORE_HELP = "Store directory [default: $XDG_DATA_HOME/veloverlay]"
+_STORE_HELP = "Store directory (default: $XDG_DATA_HOME/veloverlay)"
 StoreRootOpt = Annotated[
     str | None,
     typer.Option("--store", metavar="DIR", envvar="VELO_STORE", help=_STORE_HELP, show_envvar=True),

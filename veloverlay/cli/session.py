@@ -40,7 +40,7 @@ Refs = Annotated[
     ),
 ]
 At = Annotated[
-    str | None, typer.Option(metavar="DIR", help="Project here [default: the ref's ingest path]")
+    str | None, typer.Option(metavar="DIR", help="Project here (default: the ref's ingest path)")
 ]
 BackendOpt = Annotated[
     Backend, typer.Option(help="auto: overlay where it can be mounted, else the shim")

@@ -42,13 +42,13 @@ def init() -> None:
 def ingest(
     directory: Annotated[str, typer.Argument(metavar="DIRECTORY", help="Directory to ingest")],
     name: Annotated[
-        str | None, typer.Option("--name", "-n", help="Ref name [default: the directory's name]")
+        str | None, typer.Option("--name", "-n", help="Ref name (default: the directory's name)")
     ] = None,
     tiers: Annotated[
         str | None, typer.Option(help="Tier rules file ('<1|2> <glob>' per line)")
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)")
     ] = None,
     force: Annotated[
         bool,
@@ -289,13 +289,13 @@ def export_cmd(
 @verb(app, "import")
 def import_cmd(
     bundle: Annotated[str, typer.Argument(metavar="BUNDLE", help="Bundle file ('-' for stdin)")],
-    name: Annotated[str | None, typer.Option(help="Ref name [default: the bundle's]")] = None,
+    name: Annotated[str | None, typer.Option(help="Ref name (default: the bundle's)")] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Add as a new version of an existing ref")
     ] = False,
     path: Annotated[
         str | None,
-        typer.Option(help="Default projection point of the ref [default: none, use --at]"),
+        typer.Option(help="Default projection point of the ref (default: none, use --at)"),
     ] = None,
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
@@ -323,7 +323,7 @@ def import_cmd(
 @verb(app)
 def fsck(
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes [default: CPUs]")
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)")
     ] = None,
 ) -> None:
     """Re-hash every object against its name and check every manifest reference."""
@@ -358,7 +358,7 @@ def fsck(
 @verb(app)
 def gc(
     keep: Annotated[
-        int | None, typer.Option(help="Keep the newest N commits of each ref [default: all]")
+        int | None, typer.Option(help="Keep the newest N commits of each ref (default: all)")
     ] = None,
     grace: Annotated[
         float, typer.Option(help="Never delete objects younger than this (seconds)")
