@@ -263,3 +263,22 @@ def test_enter_says_where_and_how_to_leave_and_keeps_its_prompt_marker(
     assert f"(velo:proj) {prompt}" in out  # the marker survived .bashrc; no literal \w
     assert "\\w" not in out
     assert "  A from-the-shell" in lines
+
+
+def test_a_layer_build_shows_progress_and_a_warm_start_none(store: str, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "many")
+    make_tree(src, {f"d{i // 100}/f{i}": b"x" * (i % 7) for i in range(600)})
+    ok(velo(store, "ingest", src, "-n", "many", "--adopt"))
+    env = {
+        "VELO_INTERNAL__TEST_PROGRESS": "1",
+        "VELO_RUNTIME_DIR": os.path.join(shm_tmp, "fresh-cache"),  # a cold build
+    }
+    os.mkdir(env["VELO_RUNTIME_DIR"])
+    try:
+        cold = velo(store, "run", "many", "--", "true", env=env)
+        assert cold.returncode == 0, cold.stderr
+        assert b"building layers" in cold.stderr and b"entries" in cold.stderr
+        warm = velo(store, "run", "many", "--", "true", env=env)
+        assert warm.returncode == 0 and b"building layers" not in warm.stderr
+    finally:
+        subprocess.run(["chattr", "-R", "-i", env["VELO_RUNTIME_DIR"]], check=False)

@@ -185,11 +185,22 @@ def run(
         grace=grace,
         link=link,
     )
+    progress = render.Progress("building layers", unit="entries")
+
+    def start(info: Any) -> None:  # the bar goes before the command writes anything
+        progress.done()
+
+    def session() -> Any:
+        try:
+            return do_run(common.store(), opts, list(command), on_start=start, progress=progress)
+        finally:
+            progress.done()
+
     if state.json:
-        res = _stdout_to_stderr(lambda: do_run(common.store(), opts, list(command)))
+        res = _stdout_to_stderr(session)
         render.emit_json(res.to_dict())
         return int(res.exit_status) or (1 if res.conflicts else 0)
-    return _render(do_run(common.store(), opts, list(command)))
+    return _render(session())
 
 
 def _stdout_to_stderr(fn: Any) -> Any:
@@ -234,7 +245,17 @@ def enter(
         grace=grace,
         link=link,
     )
-    res = do_enter(common.store(), opts, on_start=None if state.json else _banner)
+    progress = render.Progress("building layers", unit="entries")
+
+    def start(info: Any) -> None:
+        progress.done()
+        if not state.json:
+            _banner(info)
+
+    try:
+        res = do_enter(common.store(), opts, on_start=start, progress=progress)
+    finally:
+        progress.done()
     if state.json:
         render.emit_json(res.to_dict())
         return int(res.exit_status) or (1 if res.conflicts else 0)

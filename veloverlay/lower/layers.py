@@ -15,6 +15,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree
 from veloverlay.lower.homes import Home, check_room
 from veloverlay.lower.objects import Objects
+from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
@@ -194,11 +195,17 @@ def _plan_subtree(
     return jobs
 
 
-def _fill(w: _Writer, b: _Build, jobs: list[tuple[bytes, list[Entry]]]) -> None:
+def _fill(
+    w: _Writer, b: _Build, jobs: list[tuple[bytes, list[Entry]]], progress: Progress | None
+) -> None:
+    total, done = sum(len(f) for _r, f in jobs), 0
     for rel, files in jobs:
         dfd = b.fd(rel)
         for e in files:
             w.put(dfd, e)
+        done += len(files)
+        if progress is not None:
+            progress(done, total)
 
 
 def _new_build(home: Home, name: str) -> _Build:
@@ -240,10 +247,17 @@ def _fill_share(k: int) -> tuple[int, list[str]]:
 
 
 def _fill_parallel(
-    b: _Build, objs: Objects, form: str, jobs: list[tuple[bytes, list[Entry]]], n: int
+    b: _Build,
+    objs: Objects,
+    form: str,
+    jobs: list[tuple[bytes, list[Entry]]],
+    n: int,
+    progress: Progress | None = None,
 ) -> None:
-    shares: list[list[tuple[bytes, list[Entry]]]] = [[] for _ in range(n)]
-    load = [0] * n
+    # With a progress callback, 8 shares a worker, so that it hears back as the build goes.
+    k_shares = n * 8 if progress is not None else n
+    shares: list[list[tuple[bytes, list[Entry]]]] = [[] for _ in range(k_shares)]
+    load = [0] * k_shares
     for job in sorted(jobs, key=lambda j: -len(j[1])):  # biggest first, onto the lightest
         k = load.index(min(load))
         shares[k].append(job)
@@ -253,16 +267,27 @@ def _fill_parallel(
     from veloverlay.workers import Workers
 
     try:
+        total, done = sum(load), 0
         with Workers(n) as pool:
-            for _count, failed in pool.map_unordered(_fill_share, range(n)):
+            for count, failed in pool.map_unordered(_fill_share, range(k_shares)):
                 objs.protect_failed.extend(failed[: max(0, 5 - len(objs.protect_failed))])
+                done += count
+                if progress is not None:
+                    progress(min(done, total), total)
     finally:
         _SHARES.clear()
         _SHARE_CTX.clear()
 
 
 def full_layer(
-    home: Home, m: Manifests, txn: Txn, objs: Objects, form: str, root: bytes, name: str
+    home: Home,
+    m: Manifests,
+    txn: Txn,
+    objs: Objects,
+    form: str,
+    root: bytes,
+    name: str,
+    progress: Progress | None = None,
 ) -> Path:
     w = _Writer(objs, form)
     b = _new_build(home, name)
@@ -278,9 +303,9 @@ def full_layer(
 
         n = default_jobs()
         if home.volatile and n > 1 and entries >= PARALLEL_MIN_ENTRIES:
-            _fill_parallel(b, objs, form, jobs, n)
+            _fill_parallel(b, objs, form, jobs, n, progress)
         else:
-            _fill(w, b, jobs)
+            _fill(w, b, jobs, progress)
         b.finish()
     except BaseException:
         b.close()
@@ -348,7 +373,7 @@ def delta_layer(
                 b.mkdir(op.path, node.mode, node.mtime_ns)
                 if visible_old:  # hide what the base had there
                     os.setxattr(b.fd(op.path), _XATTR_OPAQUE, b"y")
-                _fill(w, b, _plan_subtree(m, txn, b, node, op.path))
+                _fill(w, b, _plan_subtree(m, txn, b, node, op.path), None)
             else:
                 w.put(pfd, new)
         b.finish()

@@ -79,6 +79,7 @@ from veloverlay.lower.layers import (
     publish_layer,
 )
 from veloverlay.lower.objects import Objects, protect_all
+from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
@@ -147,6 +148,7 @@ def ensure_lowers(
     form: str,
     protect: bool,
     hints: Iterable[bytes] = (),
+    progress: Progress | None = None,
 ) -> Lowers:
     """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
 
@@ -176,7 +178,7 @@ def ensure_lowers(
             if cached is None:
                 result: tuple[list[str], str, bool, list[str]] | None
                 try:
-                    result = _build(store, home, m, root, form, protect, hints)
+                    result = _build(store, home, m, root, form, protect, hints, progress)
                 except (TooBig, OSError) as exc:
                     if not home.volatile or (
                         isinstance(exc, OSError) and exc.errno not in FULL_ERRNOS
@@ -188,7 +190,7 @@ def ensure_lowers(
                     with flock(home.sub("locks", key + ".lock")):
                         cached = _read_stack(home, form, root)
                         if cached is None:
-                            result = _build(store, home, m, root, form, protect, hints)
+                            result = _build(store, home, m, root, form, protect, hints, progress)
                 if result is not None:
                     layers, built, immutable, failed = result
                     _write_stack(home, form, root, layers, built, immutable)
@@ -224,6 +226,7 @@ def _build(
     form: str,
     protect: bool,
     hints: Iterable[bytes],
+    progress: Progress | None = None,
 ) -> tuple[list[str], str, bool, list[str]]:
     """Build what projects `root` in `home` (caller holds its lock): (layers, built,
     immutable, failed). A delta is only stacked on a base in the same home."""
@@ -253,7 +256,7 @@ def _build(
             publish_layer(home, path, name)
             immutable = protect and base[1] and not objs.protect_failed
             return [name, *base[0]], "delta", immutable, objs.protect_failed
-        path = full_layer(home, m, txn, objs, form, root, key)
+        path = full_layer(home, m, txn, objs, form, root, key, progress)
         publish_layer(home, path, key)
         return [key], "full", protect and not objs.protect_failed, objs.protect_failed
 

@@ -17,6 +17,7 @@ import os
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
+from veloverlay.progress import Progress
 from veloverlay.session import prompt, state
 from veloverlay.session.options import OnStart, SessionInfo, SessionOptions, SessionResult
 from veloverlay.session.select import Choice, capabilities, decide
@@ -49,12 +50,21 @@ def _dispatch(
     *,
     interactive: bool,
     on_start: OnStart | None,
+    progress: Progress | None = None,
 ) -> SessionResult:
     choice = choose_backend(store, opts)
     if choice.backend == "overlay":
         from veloverlay.session.overlay.backend import run_session
 
-        return run_session(store, opts, argv, choice, interactive=interactive, on_start=on_start)
+        return run_session(
+            store,
+            opts,
+            argv,
+            choice,
+            interactive=interactive,
+            on_start=on_start,
+            progress=progress,
+        )
     if opts.backend == "auto" and opts.strict:
         raise VeloError(
             f"--strict: overlay is unavailable here ({choice.backend_reason}); the shim would "
@@ -78,17 +88,28 @@ def run(
     *,
     interactive: bool = False,
     on_start: OnStart | None = None,
+    progress: Progress | None = None,
 ) -> SessionResult:
     """Run `argv` in a session of `opts.refs`; harvest and commit when it exits.
 
-    `on_start(info)` is called once the view is ready, just before the command starts."""
-    return _dispatch(store, opts, argv, interactive=interactive, on_start=on_start)
+    `on_start(info)` is called once the view is ready, just before the command starts;
+    `progress` hears how a build of the lower layers goes (overlay; a warm start builds none)."""
+    return _dispatch(
+        store, opts, argv, interactive=interactive, on_start=on_start, progress=progress
+    )
 
 
-def enter(store: Store, opts: SessionOptions, *, on_start: OnStart | None = None) -> SessionResult:
+def enter(
+    store: Store,
+    opts: SessionOptions,
+    *,
+    on_start: OnStart | None = None,
+    progress: Progress | None = None,
+) -> SessionResult:
     """An interactive $SHELL in a session (the prompt names the ref, see session/prompt.py)."""
     shell = os.environ.get("SHELL") or "/bin/sh"
-    return _dispatch(store, opts, prompt.shell_argv(shell), interactive=True, on_start=on_start)
+    argv = prompt.shell_argv(shell)
+    return _dispatch(store, opts, argv, interactive=True, on_start=on_start, progress=progress)
 
 
 def list_sessions(store: Store) -> list[SessionInfo]:

@@ -31,6 +31,7 @@ from veloverlay import ns, overlay
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.stacks import Lowers, ensure_lowers
+from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
@@ -56,7 +57,13 @@ class _Plan(Record):
     warnings: list[str]
 
 
-def _prepare(store: Store, m: Manifests, opts: SessionOptions, choice: Choice) -> _Plan:
+def _prepare(
+    store: Store,
+    m: Manifests,
+    opts: SessionOptions,
+    choice: Choice,
+    progress: Progress | None = None,
+) -> _Plan:
     if opts.net not in ("host", "none"):
         raise VeloError(f"unknown network mode {opts.net!r}", reason=Reason.USAGE)
     choice.raise_error()
@@ -91,7 +98,9 @@ def _prepare(store: Store, m: Manifests, opts: SessionOptions, choice: Choice) -
     warnings.extend(
         relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
     )
-    lowers = ensure_lowers(store, m, stack.view, form=form, protect=protect, hints=stack.hints)
+    lowers = ensure_lowers(
+        store, m, stack.view, form=form, protect=protect, hints=stack.hints, progress=progress
+    )
     if lowers.warning:
         warnings.append(lowers.warning)
     if lowers.immutable:
@@ -154,13 +163,15 @@ def run_session(
     *,
     interactive: bool,
     on_start: OnStart | None = None,
+    progress: Progress | None = None,
 ) -> SessionResult:
+    """`progress`: the lower layers' build, when they are built (see lower/layers.py)."""
     if not argv:
         raise VeloError("no command to run", reason=Reason.USAGE)
     m = Manifests(store)
     try:
         t0 = time.perf_counter()
-        plan = _prepare(store, m, opts, choice)
+        plan = _prepare(store, m, opts, choice, progress)
         t_prepared = time.perf_counter()
         st = _new_state(store, plan, m, opts)
         sdir = store.sessions / st.id
