@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from veloverlay import paths
-from veloverlay.lower.objects import name_and_protect
-from veloverlay.session.harvest import to_top_ref
 from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
-from veloverlay.store.changes import changes
 from veloverlay.store.manifest import Manifests, Ref, Txn
-from veloverlay.store.merge import three_way
 from veloverlay.store.tree import Op
-from veloverlay.tiers import Rules
+
+if TYPE_CHECKING:
+    from veloverlay.tiers import Rules
 
 __all__ = ["Harvested", "result_for", "session_ref_name", "already_committed", "harvest_and_commit"]
 
@@ -104,6 +102,13 @@ def harvest_and_commit(
 ) -> float | None:
     """Steps 1-3 above; fills `res` (commit, conflict_ref, conflicts, changed, warnings).
     Returns when (perf_counter) the harvest was done, None when an earlier run had committed."""
+    # Imported here, not at the top: a session that changed nothing never needs them (start-up
+    # time of every `run`).
+    from veloverlay.lower.objects import name_and_protect
+    from veloverlay.session.harvest import to_top_ref
+    from veloverlay.store.changes import changes
+    from veloverlay.tiers import Rules
+
     with store.lock(), store.stage() as stage:
         store.reclaim_tmp()  # stages of writers that died, e.g. a manager killed mid-harvest
         with m.read() as txn:
@@ -168,6 +173,8 @@ def _commit(
             res.commit = c.id
         else:
             head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
+            from veloverlay.store.merge import three_way
+
             mr = three_way(m, txn, base_root, new_root, head_root)
             if mr.root is None:
                 res.conflicts = [paths.display(p) for p in mr.conflicts]

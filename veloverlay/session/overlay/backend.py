@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from veloverlay import ns, overlay
 from veloverlay.errors import Reason, VeloError
@@ -41,9 +42,13 @@ from veloverlay.session.relocation import relocation_warnings
 from veloverlay.session.select import Choice
 from veloverlay.session.state import State
 from veloverlay.session.target import Stack, overlay_target, resolve_stack
-from veloverlay.store.cas import Stage, Store
-from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.tiers import Rules
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
+
+if TYPE_CHECKING:
+    from veloverlay.store.cas import Stage
+    from veloverlay.store.manifest import Txn
+    from veloverlay.tiers import Rules
 
 __all__ = ["run_session", "resume"]
 
