@@ -56,6 +56,13 @@ class Reason(enum.Enum):
     SESSION_ACTIVE = "session-active"
     BACKEND_UNAVAILABLE = "backend-unavailable"
     COMMAND_NOT_FOUND = "command-not-found"
+    # remotes (OCI registries)
+    REMOTE_UNREACHABLE = "remote-unreachable"
+    REMOTE_TLS = "remote-tls"
+    REMOTE_AUTH = "remote-auth"
+    REMOTE_DENIED = "remote-denied"
+    REMOTE_ERROR = "remote-error"
+    REMOTE_INVALID = "remote-invalid"
     USAGE = "usage"
 
 

@@ -1,0 +1,161 @@
+"""A real registry for the remote tests: Debian's `docker-registry` (CNCF distribution), started
+once per session on 127.0.0.1 at a free port with its own config, storage, htpasswd (bcrypt) and
+TLS from a throw-away CA made with openssl; stopped by pid at the end.
+
+Its access log (combined format, on stdout) says how many bytes each request sent: the tests
+count what a pull fetched at the registry, not from the product's own report. Its storage
+directory says what a push stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.trees import force_rmtree
+
+USER, PASSWORD = "velo", "s3cret-pw"
+
+
+class Registry:
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.ca = root / "ca.crt"
+        self.storage = root / "storage"
+        self.log = root / "registry.log"
+        self.auth_file = root / "auth.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def remote(self, repo: str, tag: str | None = None) -> str:
+        return f"{self.host}/{repo}" + (f":{tag}" if tag else "")
+
+    def stored_blob_bytes(self) -> int:
+        """Bytes of every blob the registry stores."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.storage / "docker/registry/v2/blobs"):
+            if "data" in files:
+                total += os.path.getsize(os.path.join(dirpath, "data"))
+        return total
+
+    def blob_path(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+    def log_mark(self) -> int:
+        return self.log.stat().st_size
+
+    def blob_bytes_sent(self, since: int, repo: str) -> int:
+        """Bytes of blob GETs answered for `repo` since `log_mark()` (from the access log)."""
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        pat = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 200 (\d+)')
+        return sum(int(x) for x in pat.findall(text))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(*argv: str, cwd: Path) -> None:
+    subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
+
+
+def _make_tls(d: Path) -> None:
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+         "-subj", "/CN=veloverlay test CA", cwd=d)  # fmt: skip
+    _run("openssl", "req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1",
+         cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _run("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "srv.crt", "-days", "2", "-extfile", "san.ext", cwd=d)  # fmt: skip
+
+
+def _bcrypt(password: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # libxcrypt does bcrypt, the only scheme distribution's htpasswd takes
+
+        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    exe = shutil.which("docker-registry")
+    if exe is None or shutil.which("openssl") is None:
+        pytest.fail("docker-registry (Debian package) and openssl are needed: run 'make setup'")
+    root = Path(tempfile.mkdtemp(prefix="velo-registry-"))
+    try:
+        _make_tls(root)
+        (root / "htpasswd").write_text(f"{USER}:{_bcrypt(PASSWORD)}\n")
+        reg = Registry(root, _free_port())
+        cfg = {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(reg.storage)},
+                "delete": {"enabled": True},
+                "cache": {"blobdescriptor": "inmemory"},
+            },
+            "http": {
+                "addr": reg.host,
+                "secret": "veloverlay-test",
+                "tls": {"certificate": str(root / "srv.crt"), "key": str(root / "srv.key")},
+            },
+            "auth": {"htpasswd": {"realm": "velo-test", "path": str(root / "htpasswd")}},
+        }
+        (root / "config.yml").write_text(json.dumps(cfg))  # JSON is YAML
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        reg.auth_file.write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        with open(reg.log, "wb") as log:
+            reg.proc = subprocess.Popen(
+                [exe, "serve", str(root / "config.yml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", reg.port), timeout=1).close()
+                break
+            except OSError:
+                if reg.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("docker-registry did not start:\n" + reg.log.read_text()[-2000:])
+                time.sleep(0.05)
+        yield reg
+    finally:
+        proc = locals().get("reg") and reg.proc
+        if proc:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        force_rmtree(str(root))
+
+
+@pytest.fixture
+def logged_in(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """The registry, with REGISTRY_AUTH_FILE naming the right credentials."""
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(registry.auth_file))
+    return registry

@@ -1,0 +1,490 @@
+"""A small OCI distribution client (httpx): the dozen requests veloverlay needs, nothing more.
+
+`GET /v2/` (probe), `HEAD`/`GET …/blobs/<d>`, `POST …/blobs/uploads/[?mount=&from=]` then
+`PUT <location>?digest=`, `GET`/`PUT …/manifests/<ref>`, `GET …/tags/list`. Auth follows the
+registry's `WWW-Authenticate` challenge: `Basic` with the stored credentials, or `Bearer`
+(a token from the realm, asked with the credentials if there are any, anonymously otherwise).
+TLS uses the system CAs, plus `/etc/containers/certs.d/HOST/*.crt`, `/etc/docker/certs.d/HOST/
+*.crt` and `ca_cert`; `tls_verify=False` turns verification off. Idempotent requests are retried
+with exponential backoff on connection errors, resets and 429/5xx; an upload is retried whole.
+One `Registry` is shared by the transfer threads (httpx.Client is thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from ..errors import Reason, VeloError
+from ..records import Record
+from .auth import Credentials, find_credentials, parse_challenge
+from .name import RemoteName
+
+__all__ = ["Options", "Registry", "MANIFEST_TYPES", "OCI_MANIFEST"]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST_TYPES = (
+    OCI_MANIFEST,
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class Options(Record):
+    """How to talk to a registry."""
+
+    tls_verify: bool = True
+    ca_cert: str | None = None
+    credentials: Credentials | None = None  # None: look them up in the credential files
+    jobs: int = 4  # parallel transfers
+    retries: int = 4  # per request, after the first try
+    timeout: float = 60.0
+    backoff: float = 0.25  # first retry delay (s); doubles, with jitter, capped at 8 s
+
+
+def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
+        for e in _cause_chain(exc)
+    )
+
+
+def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
+    if not opts.tls_verify:
+        return False
+    ctx = ssl.create_default_context()  # OpenSSL's default paths: the system CAs
+    extra = sorted(glob.glob(f"/etc/containers/certs.d/{host}/*.crt"))
+    extra += sorted(glob.glob(f"/etc/docker/certs.d/{host}/*.crt"))
+    if opts.ca_cert:
+        extra.append(opts.ca_cert)
+    for path in extra:
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise VeloError(
+                f"cannot load the CA certificate {path}: {exc}",
+                reason=Reason.REMOTE_TLS,
+                path=path,
+            ) from None
+    return ctx
+
+
+def _registry_error(resp: httpx.Response) -> str:
+    try:
+        errs = resp.json().get("errors") or []
+        first = errs[0]
+        return f"{first.get('code', '?')}: {first.get('message', '')}"
+    except Exception:
+        return resp.reason_phrase or ""
+
+
+class Registry:
+    """One repository on one registry, with its auth state and counters."""
+
+    def __init__(
+        self,
+        name: RemoteName,
+        opts: Options | None = None,
+        *,
+        push: bool = False,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.opts = opts or Options()
+        self.actions = "pull,push" if push else "pull"
+        self.scopes = [f"repository:{name.repo}:{self.actions}"]
+        limits = httpx.Limits(
+            max_connections=self.opts.jobs + 2, max_keepalive_connections=self.opts.jobs + 2
+        )
+        kw: dict[str, Any] = {}
+        if transport is not None:
+            kw["transport"] = transport
+        else:
+            kw["verify"] = ssl_context(name.host, self.opts)
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(self.opts.timeout, connect=min(10.0, self.opts.timeout)),
+            follow_redirects=True,
+            limits=limits,
+            headers={"User-Agent": "veloverlay"},
+            **kw,
+        )
+        self._lock = threading.Lock()
+        self._creds: Credentials | None = self.opts.credentials
+        self._creds_looked = self.opts.credentials is not None
+        self._auth: str | None = None  # the Authorization header value in use
+        self.auth_scheme = "none"  # what the registry asked for: none, basic, bearer
+        self.requests = 0
+        self.retried = 0
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return f"{self.name.base_url}/v2/{self.name.repo}/{path}"
+
+    def _credentials(self) -> Credentials | None:
+        if not self._creds_looked:
+            self._creds = find_credentials(self.name.host, self.name.repo)
+            self._creds_looked = True
+        return self._creds
+
+    def _refused(self, creds: Credentials | None, detail: str) -> VeloError:
+        if creds is None:
+            return VeloError(
+                f"{self.name.host} requires authentication and no credentials were found for it",
+                reason=Reason.REMOTE_AUTH,
+                hint=f"log in ('podman login {self.name.host}' or 'docker login'), or point "
+                "REGISTRY_AUTH_FILE at an auth.json",
+                detail=detail,
+            )
+        return VeloError(
+            f"{self.name.host} refused the credentials of user {creds.username!r} "
+            f"(from {creds.source})",
+            reason=Reason.REMOTE_AUTH,
+            hint="check the user name and password; log in again",
+            detail=detail,
+        )
+
+    def _authenticate(self, resp: httpx.Response) -> None:
+        """Answer a 401 challenge: set the Authorization header for the next tries."""
+        header = resp.headers.get("www-authenticate", "")
+        scheme, params = parse_challenge(header)
+        creds = self._credentials()
+        if scheme == "basic":
+            self.auth_scheme = "basic"
+            if creds is None:
+                raise self._refused(None, header)
+            self._auth = creds.basic()
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise VeloError(
+                f"{self.name.host} asks for an authentication scheme this client does not speak: "
+                f"{header!r}",
+                reason=Reason.REMOTE_AUTH,
+            )
+        self.auth_scheme = "bearer"
+        query: list[tuple[str, str | int | float | bool | None]] = []
+        if params.get("service"):
+            query.append(("service", params["service"]))
+        scopes = list(self.scopes)
+        if params.get("scope") and params["scope"] not in scopes:
+            scopes.append(params["scope"])
+        query += [("scope", s) for s in scopes]
+        headers = {"Authorization": creds.basic()} if creds is not None else {}
+        try:
+            tr = self.client.get(params["realm"], params=query, headers=headers)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, params["realm"]) from None
+        if tr.status_code in (401, 403):
+            raise self._refused(creds, f"token service: HTTP {tr.status_code}")
+        if tr.status_code != 200:
+            raise VeloError(
+                f"the token service {params['realm']} answered HTTP {tr.status_code}",
+                reason=Reason.REMOTE_AUTH,
+            )
+        try:
+            data = tr.json()
+            token = data.get("token") or data.get("access_token")
+        except ValueError:
+            token = None
+        if not isinstance(token, str) or not token:
+            raise VeloError(
+                f"the token service {params['realm']} gave no token", reason=Reason.REMOTE_AUTH
+            )
+        self._auth = f"Bearer {token}"
+
+    def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
+        if _is_tls_error(exc):
+            return VeloError(
+                f"TLS with {self.name.host} failed: {exc}",
+                reason=Reason.REMOTE_TLS,
+                hint="pass the registry's CA with --ca-cert FILE (or put it in "
+                f"/etc/containers/certs.d/{self.name.host}/ca.crt); --tls-verify=false "
+                "turns verification off",
+            )
+        return VeloError(
+            f"cannot reach {self.name.base_url}: {exc or type(exc).__name__}",
+            reason=Reason.REMOTE_UNREACHABLE,
+            hint="check the host, the port and the scheme (http:// for a registry without TLS)",
+            detail=url,
+        )
+
+    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        self.retried += 1
+        delay = min(8.0, self.opts.backoff * (2**attempt)) * (0.5 + random.random())
+        if resp is not None and resp.headers.get("retry-after", "").isdigit():
+            delay = min(30.0, float(resp.headers["retry-after"]))
+        time.sleep(delay)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        expect: tuple[int, ...] = (200,),
+        content: bytes | Callable[[], Any] | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+        retries: int | None = None,
+    ) -> httpx.Response:
+        """Send with auth and retries; a status outside `expect` is a VeloError."""
+        left = self.opts.retries if retries is None else retries
+        attempt = 0
+        answered_challenge = False
+        while True:
+            hdrs = dict(headers or {})
+            with self._lock:
+                auth = self._auth
+            if auth is not None:
+                hdrs["Authorization"] = auth
+            body = content() if callable(content) else content
+            try:
+                req = self.client.build_request(
+                    method, url, content=body, headers=hdrs, params=params
+                )
+                resp = self.client.send(req, stream=stream)
+                self.requests += 1
+            except httpx.TransportError as exc:
+                if _is_tls_error(exc) or attempt >= left:
+                    raise self._transport_error(exc, url) from None
+                self._sleep(attempt)
+                attempt += 1
+                continue
+            if resp.status_code == 401:
+                resp.close()
+                if answered_challenge:
+                    raise self._refused(self._credentials(), f"{method} {url}: HTTP 401")
+                with self._lock:
+                    if self._auth == auth:  # nobody answered this challenge meanwhile
+                        self._authenticate(resp)
+                answered_challenge = True
+                continue
+            if resp.status_code in _RETRY_STATUS and attempt < left:
+                resp.close()
+                self._sleep(attempt, resp)
+                attempt += 1
+                continue
+            if resp.status_code not in expect:
+                if stream:
+                    resp.read()
+                resp.close()
+                raise self._status_error(method, url, resp)
+            return resp
+
+    def _status_error(self, method: str, url: str, resp: httpx.Response) -> VeloError:
+        what = f"{method} {url.split('?')[0]}: HTTP {resp.status_code} {_registry_error(resp)}"
+        if resp.status_code == 403:
+            return VeloError(
+                f"{self.name.host} denied access to {self.name.repo}",
+                reason=Reason.REMOTE_DENIED,
+                hint="the credentials are valid but lack the right to "
+                f"{'push to' if 'push' in self.actions else 'pull from'} this repository",
+                detail=what,
+            )
+        return VeloError(f"registry error: {what}", reason=Reason.REMOTE_ERROR, detail=what)
+
+    # -- the API -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        self.request("GET", f"{self.name.base_url}/v2/")
+
+    def blob_exists(self, digest: str) -> bool:
+        r = self.request("HEAD", self.url(f"blobs/{digest}"), expect=(200, 404))
+        return r.status_code == 200
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount; False when the registry did not mount it."""
+        r = self.request(
+            "POST",
+            self.url("blobs/uploads/"),
+            params={"mount": digest, "from": from_repo},
+            expect=(201, 202),
+        )
+        if r.status_code == 201:
+            return True
+        loc = r.headers.get("location")
+        if loc:
+            with contextlib.suppress(VeloError):
+                self.request("DELETE", self._absolute(loc), expect=(204, 404), retries=0)
+        return False
+
+    def _absolute(self, location: str) -> str:
+        if location.startswith("/"):
+            return self.name.base_url + location
+        return location
+
+    def upload_blob(self, digest: str, size: int, content: Callable[[], Any]) -> None:
+        """POST + PUT `?digest=` (monolithic); the whole upload is retried on failure."""
+        attempt = 0
+        while True:
+            try:
+                r = self.request("POST", self.url("blobs/uploads/"), expect=(202,))
+                loc = r.headers.get("location")
+                if not loc:
+                    raise VeloError(
+                        "the registry started an upload without a Location",
+                        reason=Reason.REMOTE_ERROR,
+                    )
+                url = self._absolute(loc)
+                sep = "&" if "?" in url else "?"
+                self.request(
+                    "PUT",
+                    f"{url}{sep}digest={digest}",
+                    expect=(201, 204),
+                    content=content,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(size),
+                    },
+                    retries=0,
+                )
+                return
+            except VeloError as exc:
+                retry = exc.reason in (Reason.REMOTE_UNREACHABLE, Reason.REMOTE_ERROR) and (
+                    "HTTP 4" not in (exc.detail or "")
+                )
+                if not retry or attempt >= self.opts.retries:
+                    raise
+                self._sleep(attempt)
+                attempt += 1
+
+    @contextlib.contextmanager
+    def blob_stream(self, digest: str) -> Iterator[httpx.Response]:
+        r = self.request("GET", self.url(f"blobs/{digest}"), stream=True)
+        try:
+            yield r
+        finally:
+            r.close()
+
+    def get_blob(self, digest: str, size: int, *, limit: int = 256 << 20) -> bytes:
+        """A whole (small) blob, checked against its sha256 and size."""
+        if size > limit:
+            raise VeloError(
+                f"blob {digest} is {size} bytes, over the {limit} allowed here",
+                reason=Reason.REMOTE_INVALID,
+            )
+        with self.blob_stream(digest) as r:
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) > size:
+                    break
+        data = bytes(buf)
+        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise VeloError(
+                f"blob {digest} from {self.name.host} does not match its digest or size",
+                reason=Reason.REMOTE_INVALID,
+                hint="the registry served altered content; nothing was stored from it",
+            )
+        return data
+
+    def put_blob(self, data: bytes) -> tuple[str, bool]:
+        """Upload `data` unless the repository has it. Returns (digest, uploaded)."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.blob_exists(digest):
+            return digest, False
+        self.upload_blob(digest, len(data), lambda: data)
+        return digest, True
+
+    def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(body, digest, media type) of a manifest by tag or digest; NOT_FOUND when absent."""
+        try:
+            r = self.request(
+                "GET",
+                self.url(f"manifests/{reference}"),
+                headers={"Accept": ", ".join(MANIFEST_TYPES)},
+                stream=True,
+                expect=(200,),
+            )
+        except VeloError as exc:
+            if "HTTP 404" in (exc.detail or ""):
+                raise VeloError(
+                    f"{self.name.host}/{self.name.repo} has no {reference}",
+                    reason=Reason.NOT_FOUND,
+                    hint="list what is there with 'skopeo list-tags docker://"
+                    f"{self.name.host}/{self.name.repo}'",
+                ) from None
+            raise
+        try:
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) > MAX_MANIFEST:
+                    raise VeloError(
+                        f"the manifest {reference} is over {MAX_MANIFEST} bytes",
+                        reason=Reason.REMOTE_INVALID,
+                    )
+        finally:
+            r.close()
+        body = bytes(buf)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise VeloError(
+                f"the manifest served for {reference} has digest {digest}",
+                reason=Reason.REMOTE_INVALID,
+            )
+        ctype = r.headers.get("content-type", "").split(";")[0].strip()
+        return body, digest, ctype
+
+    def put_manifest(self, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
+        r = self.request(
+            "PUT",
+            self.url(f"manifests/{reference}"),
+            content=body,
+            headers={"Content-Type": media_type},
+            expect=(201, 200),
+        )
+        return r.headers.get("docker-content-digest") or (
+            "sha256:" + hashlib.sha256(body).hexdigest()
+        )
+
+    def tags(self) -> list[str]:
+        out: list[str] = []
+        url: str | None = self.url("tags/list")
+        while url:
+            r = self.request("GET", url, expect=(200, 404))
+            if r.status_code == 404:
+                return out
+            try:
+                out += list(r.json().get("tags") or [])
+            except ValueError:
+                raise VeloError("the tag list is not JSON", reason=Reason.REMOTE_ERROR) from None
+            link = r.headers.get("link", "")
+            url = None
+            if link.startswith("<") and ">" in link:
+                url = self._absolute(link[1 : link.index(">")])
+        return out
+
+
+def dumps(obj: object) -> bytes:
+    """Canonical JSON for what we push (stable bytes, so a re-push names the same blob)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

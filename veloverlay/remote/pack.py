@@ -1,0 +1,116 @@
+"""Packs: many small objects (or manifest nodes) in one registry blob, with a separate index.
+
+Pack v1 (`application/vnd.veloverlay.pack.v1`): `b"VELOPACK"`, u32 version (1), then the entries'
+bytes back to back, nothing between them. The index (`application/vnd.veloverlay.pack.index.v1`):
+`b"VELOPIDX"`, u32 version (1), u32 count, then `count` records of 49 bytes, sorted by (kind,
+digest) and unique: u8 kind (1 object, 2 node), 32-byte BLAKE3 digest, u64 offset, u64 length
+(little endian; offsets into the pack blob). Entries do not overlap. A pack holds one kind only.
+
+The index names content, the pack carries it: a puller reads every index (small) to learn which
+objects a version offers and where, and fetches only the packs holding objects it lacks. Nothing
+in a pack is trusted: every entry is hashed (BLAKE3, the node digest for nodes) before it gets a
+name, and the pack's sha256 and size must equal its descriptor's.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..digest import DIGEST_SIZE
+from ..errors import Reason, VeloError
+from ..records import Record
+
+__all__ = [
+    "PACK_MAGIC",
+    "PACK_HEADER",
+    "KIND_OBJECT",
+    "KIND_NODE",
+    "Entry",
+    "PackWriter",
+    "encode_index",
+    "decode_index",
+]
+
+PACK_MAGIC = b"VELOPACK"
+INDEX_MAGIC = b"VELOPIDX"
+VERSION = 1
+PACK_HEADER = PACK_MAGIC + struct.pack("<I", VERSION)
+KIND_OBJECT = 1
+KIND_NODE = 2
+_REC = struct.Struct(f"<B{DIGEST_SIZE}sQQ")
+_HEAD = struct.Struct("<8sII")
+MAX_INDEX_ENTRIES = 4_000_000
+
+
+class Entry(Record, frozen=True):
+    kind: int
+    digest: bytes
+    offset: int
+    length: int
+
+
+class PackWriter:
+    """Accumulates entries of one kind into a pack in memory (packs are size-bounded)."""
+
+    def __init__(self, kind: int) -> None:
+        self.kind = kind
+        self.buf = bytearray(PACK_HEADER)
+        self.entries: list[Entry] = []
+
+    def add(self, digest: bytes, data: bytes) -> None:
+        self.entries.append(Entry(self.kind, digest, len(self.buf), len(data)))
+        self.buf += data
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def finish(self) -> tuple[bytes, bytes]:
+        return bytes(self.buf), encode_index(self.entries)
+
+
+def encode_index(entries: list[Entry]) -> bytes:
+    ordered = sorted(entries, key=lambda e: (e.kind, e.digest))
+    out = bytearray(_HEAD.pack(INDEX_MAGIC, VERSION, len(ordered)))
+    for e in ordered:
+        out += _REC.pack(e.kind, e.digest, e.offset, e.length)
+    return bytes(out)
+
+
+def _bad(why: str) -> VeloError:
+    return VeloError(
+        f"invalid pack index on the remote: {why}",
+        reason=Reason.REMOTE_INVALID,
+        hint="the remote version is damaged or not made by veloverlay; nothing was stored from it",
+    )
+
+
+def decode_index(data: bytes, pack_size: int) -> list[Entry]:
+    """Parse and check an index against the size of its pack."""
+    if len(data) < _HEAD.size:
+        raise _bad("truncated")
+    magic, version, count = _HEAD.unpack_from(data)
+    if magic != INDEX_MAGIC:
+        raise _bad("bad magic")
+    if version != VERSION:
+        raise _bad(f"version {version} is not supported (this is {VERSION})")
+    if count > MAX_INDEX_ENTRIES or len(data) != _HEAD.size + count * _REC.size:
+        raise _bad("length does not match the entry count")
+    out: list[Entry] = []
+    prev: tuple[int, bytes] | None = None
+    for i in range(count):
+        kind, digest, offset, length = _REC.unpack_from(data, _HEAD.size + i * _REC.size)
+        if kind not in (KIND_OBJECT, KIND_NODE):
+            raise _bad(f"unknown entry kind {kind}")
+        key = (kind, digest)
+        if prev is not None and key <= prev:
+            raise _bad("entries not sorted or not unique")
+        prev = key
+        if offset < len(PACK_HEADER) or offset + length > pack_size:
+            raise _bad("an entry lies outside its pack")
+        out.append(Entry(kind, digest, offset, length))
+    by_offset = sorted(out, key=lambda e: e.offset)
+    for a, b in zip(by_offset, by_offset[1:], strict=False):
+        if a.offset + a.length > b.offset:
+            raise _bad("entries overlap")
+    return out

@@ -1,0 +1,331 @@
+"""Pull a version from a registry into the store: fetch only what is missing, verify everything.
+
+Order: the manifest (by tag or digest; by digest it must hash to it), its config, every pack index
+(each checked against its sha256). Then the nodes the store lacks, from the node packs: each must
+hash to its digest and decode strictly, and the root's closure must be complete — before any object
+is fetched. Then the packs (and lone blobs) holding objects the store lacks, `jobs` at a time, each
+streamed into its own stage: every object is hashed (BLAKE3) as it is written and must equal the
+name the index gives it, and the blob must match its descriptor's sha256 and size, or the whole
+blob is dropped. A blob that passes is published at once (syncfs, rename, syncfs), so a pull that
+is killed resumes where it stopped: the next pull finds those objects present and fetches the rest.
+The ref moves last, in one LMDB transaction with the nodes: a killed pull never leaves a ref that
+points at a version the store does not fully hold. Pulled objects are ordinary objects: `fsck`
+re-hashes them, `gc` keeps them when a ref reaches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from .. import faults
+from ..bundle import _valid_tiers
+from ..cas import Stage, Store
+from ..digest import node_digest
+from ..errors import Reason, VeloError
+from ..manifest import Manifests, check_ref_name
+from ..records import Record
+from ..tree import Kind, decode
+from .client import Options, Registry
+from .name import RemoteName, parse_remote
+from .pack import KIND_NODE, PACK_HEADER, Entry, decode_index
+from .progress import Meter, ProgressFn
+from .shamap import ShaMap
+from .version import Descriptor, PackRef, parse_config, parse_manifest
+
+__all__ = ["pull", "PullResult"]
+
+_CHUNK = 1 << 20
+
+
+class PullResult(Record):
+    remote: str
+    digest: str
+    ref: str
+    root: str
+    commit: str | None = None  # None: the ref already pointed at this version
+    objects: int = 0  # in the version's closure
+    objects_fetched: int = 0
+    blobs_fetched: int = 0
+    bytes_fetched: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.field_dict()
+
+
+def _invalid(msg: str) -> VeloError:
+    return VeloError(
+        msg,
+        reason=Reason.REMOTE_INVALID,
+        hint="the registry served content that does not match its names; nothing from that blob "
+        "was stored (run the pull again if it was a transfer error)",
+    )
+
+
+class _Reader:
+    """Sequential reads from a response stream, hashing (sha256) and counting everything."""
+
+    def __init__(self, chunks: Iterator[bytes], meter: Meter) -> None:
+        self.it = chunks
+        self.buf = b""
+        self.off = 0  # read position inside buf
+        self.pos = 0  # bytes consumed from the blob
+        self.sha = hashlib.sha256()
+        self.meter = meter
+
+    def _fill(self) -> bool:
+        for chunk in self.it:
+            if chunk:
+                self.sha.update(chunk)
+                self.meter.add(len(chunk))
+                self.buf, self.off = chunk, 0
+                return True
+        return False
+
+    def take(self, n: int) -> Iterator[bytes]:
+        while n:
+            if self.off >= len(self.buf) and not self._fill():
+                raise _invalid("a blob ended before its last entry")
+            k = min(n, len(self.buf) - self.off)
+            piece = self.buf[self.off : self.off + k]
+            self.off += k
+            self.pos += k
+            n -= k
+            yield piece
+
+    def exact(self, n: int) -> bytes:
+        return b"".join(self.take(n))
+
+    def skip(self, n: int) -> None:
+        while n:
+            if self.off >= len(self.buf) and not self._fill():
+                raise _invalid("a blob ended before its last entry")
+            k = min(n, len(self.buf) - self.off)
+            self.off += k
+            self.pos += k
+            n -= k
+
+    def drain(self) -> None:
+        self.pos += len(self.buf) - self.off
+        self.off = len(self.buf)
+        while self._fill():
+            self.pos += len(self.buf)
+            self.off = len(self.buf)
+
+
+def pull(
+    store: Store,
+    m: Manifests,
+    remote: str | RemoteName,
+    *,
+    name: str | None = None,
+    path: str | None = None,
+    options: Options | None = None,
+    progress: ProgressFn | None = None,
+) -> PullResult:
+    """Pull `remote` (`HOST/REPO:TAG` or `@sha256:…`) into ref `name` (default: the ref name the
+    version was pushed from). An existing ref gets the version as a new commit on top (its log
+    keeps what it had). The version's recorded ingest path is not trusted: pass `path`."""
+    t0 = time.monotonic()
+    rn = parse_remote(remote) if isinstance(remote, str) else remote
+    if rn.reference is None:
+        raise VeloError(
+            f"{rn} names no tag or digest",
+            reason=Reason.USAGE,
+            hint="append :TAG or @sha256:DIGEST",
+        )
+    if name is not None:
+        check_ref_name(name)
+    store.writable()
+    with Registry(rn, options) as reg, store.lock():
+        store.reclaim_tmp()
+        body, digest, ctype = reg.get_manifest(rn.reference)
+        v = parse_manifest(body, digest, ctype)
+        cfg = parse_config(reg.get_blob(v.config.digest, v.config.size, limit=1 << 20))
+        root = bytes.fromhex(cfg["root"])
+        refname = check_ref_name(name or str(cfg.get("ref") or rn.tag))
+        tiers = cfg.get("tiers")
+        if tiers is not None and not _valid_tiers(tiers):
+            raise _invalid("the version's tier rules are invalid")
+        res = PullResult(str(rn), digest, refname, root.hex())
+        jobs = max(1, reg.opts.jobs)
+        with ThreadPoolExecutor(jobs) as pool:
+            datas = list(pool.map(lambda p: reg.get_blob(p.index.digest, p.index.size), v.packs))
+            where: dict[tuple[int, bytes], tuple[PackRef, Entry]] = {}
+            for p, data in zip(v.packs, datas, strict=True):
+                for e in decode_index(data, p.pack.size):
+                    if (e.kind == KIND_NODE) != (p.kind == "nodes"):
+                        raise _invalid(f"pack {p.pack.digest} mixes nodes and objects")
+                    where.setdefault((e.kind, e.digest), (p, e))
+            nodes = _fetch_nodes(reg, m, where, pool)
+            objects = _closure(m, root, nodes)
+            res.objects = len(objects)
+            missing = sorted(d for d in objects if not store.has(d))
+            by_pack: dict[str, tuple[PackRef, list[Entry]]] = {}
+            alone: list[tuple[bytes, Descriptor]] = []
+            for d in missing:
+                hit = where.get((1, d))
+                if hit is not None:
+                    by_pack.setdefault(hit[0].pack.digest, (hit[0], []))[1].append(hit[1])
+                elif d in v.large:
+                    alone.append((d, v.large[d]))
+                else:
+                    raise _invalid(f"the remote version lacks object {d.hex()}")
+            total = sum(p.pack.size for p, _ in by_pack.values()) + sum(x.size for _, x in alone)
+            meter = Meter("pull", total, len(missing), progress)
+            shamap = ShaMap(store)
+            futs = [
+                pool.submit(_fetch_pack, reg, store, p, es, meter) for p, es in by_pack.values()
+            ]
+            futs += [pool.submit(_fetch_large, reg, store, d, x, meter, shamap) for d, x in alone]
+            for f in futs:
+                f.result()
+            meter.finish()
+        res.blobs_fetched = len(futs)
+        res.objects_fetched = len(missing)
+        res.bytes_fetched = meter.done
+        for d in objects:
+            if not store.has(d):
+                raise _invalid(f"object {d.hex()} did not arrive")
+        faults.point("remote.pull.fetched")
+        with m.write() as txn:
+            for d, data in nodes.items():
+                m.put_raw_node(txn, d, data)
+            existing = m.get_ref(txn, refname)
+            if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
+                res.commit = None
+            else:
+                c = m.commit(
+                    txn,
+                    refname,
+                    root,
+                    expect_head=existing.head if existing is not None else None,
+                    message=f"pull {rn.host}/{rn.repo}@{digest}: {cfg.get('message', '')}",
+                    path=os.path.abspath(path) if path is not None else None,
+                    tiers=tiers,
+                )
+                res.commit = c.id
+        res.requests = reg.requests
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _fetch_nodes(
+    reg: Registry,
+    m: Manifests,
+    where: dict[tuple[int, bytes], tuple[PackRef, Entry]],
+    pool: ThreadPoolExecutor,
+) -> dict[bytes, bytes]:
+    """The nodes this store lacks, from the node packs, each checked."""
+    wanted: dict[str, tuple[PackRef, list[Entry]]] = {}
+    with m.read() as txn:
+        for (kind, d), (p, e) in where.items():
+            if kind == KIND_NODE and not m.has_node(txn, d):
+                wanted.setdefault(p.pack.digest, (p, []))[1].append(e)
+    out: dict[bytes, bytes] = {}
+    packs = list(wanted.values())
+    blobs = pool.map(lambda pe: reg.get_blob(pe[0].pack.digest, pe[0].pack.size), packs)
+    for (_p, entries), blob in zip(packs, blobs, strict=True):
+        for e in entries:
+            data = blob[e.offset : e.offset + e.length]
+            if node_digest(data) != e.digest:
+                raise _invalid(f"node {e.digest.hex()} does not hash to its name")
+            try:
+                decode(data)
+            except VeloError as exc:
+                raise _invalid(f"node {e.digest.hex()}: {exc.message}") from None
+            out[e.digest] = data
+    return out
+
+
+def _closure(m: Manifests, root: bytes, fetched: dict[bytes, bytes]) -> set[bytes]:
+    objects: set[bytes] = set()
+    seen: set[bytes] = set()
+    stack = [root]
+    with m.read() as txn:
+        while stack:
+            d = stack.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            data = fetched.get(d) or m.raw_node(txn, d)
+            if data is None:
+                raise _invalid(f"the remote version lacks node {d.hex()}")
+            for e in decode(data).entries:
+                if e.kind is Kind.DIR:
+                    stack.append(e.digest)
+                elif e.kind is Kind.FILE:
+                    objects.add(e.digest)
+    return objects
+
+
+def _retrying(reg: Registry, fn: Any) -> None:
+    """Run a whole-blob fetch, again from the start after a transfer error (backoff)."""
+    attempt = 0
+    while True:
+        try:
+            fn()
+            return
+        except httpx.TransportError as exc:
+            if attempt >= reg.opts.retries:
+                raise reg._transport_error(exc, reg.name.base_url) from None
+            reg._sleep(attempt)
+            attempt += 1
+
+
+def _fetch_pack(
+    reg: Registry, store: Store, p: PackRef, entries: list[Entry], meter: Meter
+) -> None:
+    entries = sorted(entries, key=lambda e: e.offset)
+
+    def once() -> None:
+        with Stage(store) as stage:
+            with reg.blob_stream(p.pack.digest) as resp:
+                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+                if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
+                    raise _invalid(f"pack {p.pack.digest} has a bad header")
+                for e in entries:
+                    rd.skip(e.offset - rd.pos)
+                    got, _size, _new = stage.add_stream(rd.take(e.length))
+                    if got != e.digest:
+                        raise _invalid(
+                            f"object {e.digest.hex()} in pack {p.pack.digest} does not hash to "
+                            "its name"
+                        )
+                rd.drain()
+            if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
+                raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
+            stage.publish()
+            faults.point("remote.pull.blob")
+        meter.add(0, len(entries))
+
+    _retrying(reg, once)
+
+
+def _fetch_large(
+    reg: Registry, store: Store, d: bytes, x: Descriptor, meter: Meter, shamap: ShaMap
+) -> None:
+    def once() -> None:
+        with Stage(store) as stage:
+            with reg.blob_stream(x.digest) as resp:
+                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+                got, _size, _new = stage.add_stream(rd.take(x.size))
+                rd.drain()
+            if got != d:
+                raise _invalid(f"object {d.hex()} (blob {x.digest}) does not hash to its name")
+            if rd.pos != x.size or "sha256:" + rd.sha.hexdigest() != x.digest:
+                raise _invalid(f"blob {x.digest} does not match its digest or size")
+            stage.publish()
+            faults.point("remote.pull.blob")
+        shamap.add({d: x.digest})
+        meter.add(0, 1)
+
+    _retrying(reg, once)
