@@ -109,3 +109,159 @@ def test_incremental_push_uploads_the_delta(
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
     assert_same_tree(src, out)
+
+
+def _pushed(logged_in: Registry, repo: Repo, shm_tmp: str, tag: str) -> tuple[str, str]:
+    src = _source(shm_tmp)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    target = logged_in.remote(_repo_name(tag), "v1")
+    push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    return src, target
+
+
+def _layers(reg: Registry, target: str) -> list[dict[str, Any]]:
+    from veloverlay.remote import Registry as Client
+    from veloverlay.remote import parse_remote
+
+    with Client(parse_remote(target), _opts(reg)) as c:
+        body, _d, _t = c.get_manifest(parse_remote(target).tag or "")
+    layers: list[dict[str, Any]] = json.loads(body)["layers"]
+    return layers
+
+
+def _state(r: Repo) -> tuple[Any, ...]:
+    with r.m.read() as txn:
+        refs = {x.name for x in r.m.refs(txn)}
+    return refs, {n for n, _p in r.store.iter_objects()}
+
+
+@pytest.mark.parametrize("which", ["pack", "large"])
+def test_tampered_blob_is_refused_and_nothing_named(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, which: str
+) -> None:
+    _src, target = _pushed(logged_in, repo, shm_tmp, "tamper")
+    layers = _layers(logged_in, target)
+    if which == "pack":
+        layer = next(
+            x
+            for x in layers
+            if x["mediaType"].endswith("pack.v1")
+            and x["annotations"]["org.veloverlay.pack.kind"] == "objects"
+        )
+    else:
+        layer = next(x for x in layers if x["mediaType"].endswith("object.v1"))
+    path = logged_in.blob_path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last entry's last byte (a pack) / the object's last byte
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    before = _state(other)
+    try:
+        with pytest.raises(VeloError) as ei:
+            pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+        assert ei.value.reason is Reason.REMOTE_INVALID, ei.value
+        refs, objects = _state(other)
+        assert refs == before[0]  # no ref
+        # no object under a name it does not hash to (fsck at teardown), and the damaged one is
+        # not stored under any name: every object stored now is one the source store holds
+        assert objects <= {n for n, _p in repo.store.iter_objects()}
+        assert os.listdir(other.store.tmp) == []
+    finally:
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def test_killed_pull_resumes(logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str) -> None:
+    src, target = _pushed(logged_in, repo, shm_tmp, "resume")
+    repo_path = target.split("/", 1)[1].split(":")[0]
+    layers = _layers(logged_in, target)
+    full = sum(x["size"] for x in layers if not x["mediaType"].endswith("index.v1"))
+    script = (
+        "import sys\n"
+        "from veloverlay.repo import Repo\n"
+        "from veloverlay.remote import Options, pull\n"
+        "r = Repo.open(sys.argv[1])\n"
+        "pull(r.store, r.m, sys.argv[2], name='env', options=Options(ca_cert=sys.argv[3], jobs=1))\n"
+    )
+    env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="remote.pull.blob:2")
+    mark = logged_in.log_mark()
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(other.store.root), target, str(logged_in.ca)],
+        env=env,
+        capture_output=True,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    first = logged_in.blob_bytes_sent(mark, repo_path)
+    refs, objects = _state(other)
+    assert "env" not in refs  # no half-made ref
+    assert objects  # two blobs were published before the kill
+    mark = logged_in.log_mark()
+    res = pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    second = logged_in.blob_bytes_sent(mark, repo_path)
+    assert res.objects_fetched < res.objects
+    assert second < full <= first + second, (first, second, full)
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)
+
+
+def _isolate_auth(monkeypatch: pytest.MonkeyPatch, shm_tmp: str, content: object) -> str:
+    path = os.path.join(shm_tmp, "auth.json")
+    with open(path, "w") as f:
+        json.dump(content, f)
+    for var in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"):
+        monkeypatch.setenv(var, os.path.join(shm_tmp, "nothing"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", path)
+    return path
+
+
+def test_wrong_credentials_give_a_clear_error(
+    registry: Registry, repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest(repo.store, repo.m, _source(shm_tmp, n=3), "env", jobs=1)
+    target = registry.remote(_repo_name("auth"), "v1")
+    import base64
+
+    bad = base64.b64encode(f"{USER}:wrong".encode()).decode()
+    path = _isolate_auth(monkeypatch, shm_tmp, {"auths": {registry.host: {"auth": bad}}})
+    with pytest.raises(VeloError) as ei:
+        push(repo.store, repo.m, ["env"], target, options=_opts(registry))
+    e = ei.value
+    assert e.reason is Reason.REMOTE_AUTH
+    assert USER in e.message and path in e.message and "wrong" not in str(e.as_dict())
+    _isolate_auth(monkeypatch, shm_tmp, {})
+    with pytest.raises(VeloError) as ei:
+        push(repo.store, repo.m, ["env"], target, options=_opts(registry))
+    assert ei.value.reason is Reason.REMOTE_AUTH and "no credentials" in ei.value.message
+    # explicit credentials win over the files
+    creds = Credentials(USER, PASSWORD, "test")
+    [res] = push(repo.store, repo.m, ["env"], target, options=_opts(registry, credentials=creds))
+    assert res.blobs_uploaded > 0
+
+
+def test_tls_needs_the_ca_or_no_verify(logged_in: Registry, repo: Repo, shm_tmp: str) -> None:
+    ingest(repo.store, repo.m, _source(shm_tmp, n=3), "env", jobs=1)
+    target = logged_in.remote(_repo_name("tls"), "v1")
+    with pytest.raises(VeloError) as ei:
+        push(repo.store, repo.m, ["env"], target, options=Options(retries=0))
+    assert ei.value.reason is Reason.REMOTE_TLS and "--ca-cert" in (ei.value.hint or "")
+    [res] = push(repo.store, repo.m, ["env"], target, options=Options(tls_verify=False))
+    assert res.digest.startswith("sha256:")
+
+
+def test_skopeo_reads_what_we_push(logged_in: Registry, repo: Repo, shm_tmp: str) -> None:
+    _src, target = _pushed(logged_in, repo, shm_tmp, "skopeo")
+    certs = os.path.join(shm_tmp, "certs")
+    os.mkdir(certs)
+    with open(os.path.join(certs, "ca.crt"), "wb") as f:
+        f.write(logged_in.ca.read_bytes())
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--cert-dir", certs, "--creds", f"{USER}:{PASSWORD}",
+         f"docker://{target}"],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    m = json.loads(out.stdout)
+    assert m["artifactType"] == "application/vnd.veloverlay.version.v1"
+    assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert {x["digest"] for x in m["layers"]} == {x["digest"] for x in _layers(logged_in, target)}
