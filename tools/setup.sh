@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 # libcap-dev: python-prctl builds from source; gcc/make/python3-dev: it and the shim;
-# attr: getfattr/setfattr for debugging; hyperfine + time + git: benchmarks and their peers.
-PKGS="libcap-dev gcc make python3-dev python3-venv attr hyperfine time git"
+# attr: getfattr/setfattr for debugging; hyperfine + time + git: benchmarks and their peers;
+# docker-registry (CNCF distribution) + openssl: the registry the remote tests start, skopeo: reads
+# what they push and is the remote benchmark's peer, as is ostree.
+PKGS="libcap-dev gcc make python3-dev python3-venv attr hyperfine time git docker-registry openssl skopeo ostree"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -21,6 +23,12 @@ if [ -n "$missing" ]; then
   echo "setup: installing Debian packages:$missing" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  # The package starts a registry on :5000 (all interfaces) where systemd runs; the tests start
+  # their own on 127.0.0.1, so the service is not wanted.
+  if [[ " $missing " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    echo "setup: disabling the docker-registry service the package started (tests run their own)" >&2
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV from /usr/bin/python3" >&2

@@ -64,7 +64,9 @@ class Registry:
         with open(self.log, "rb") as f:
             f.seek(since)
             text = f.read().decode(errors="replace")
-        pat = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 200 (\d+)')
+        pat = re.compile(
+            rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 200 (\d+)'
+        )
         return sum(int(x) for x in pat.findall(text))
 
 
@@ -86,7 +88,8 @@ def _make_tls(d: Path) -> None:
          cwd=d)  # fmt: skip
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _run("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "srv.crt", "-days", "2", "-extfile", "san.ext", cwd=d)  # fmt: skip
+         "-CAcreateserial", "-out", "srv.crt", "-days", "2", "-extfile", "san.ext",
+         cwd=d)  # fmt: skip
 
 
 def _bcrypt(password: str) -> str:

@@ -181,7 +181,8 @@ def test_killed_pull_resumes(logged_in: Registry, repo: Repo, other: Repo, shm_t
         "from veloverlay.repo import Repo\n"
         "from veloverlay.remote import Options, pull\n"
         "r = Repo.open(sys.argv[1])\n"
-        "pull(r.store, r.m, sys.argv[2], name='env', options=Options(ca_cert=sys.argv[3], jobs=1))\n"
+        "opts = Options(ca_cert=sys.argv[3], jobs=1)\n"
+        "pull(r.store, r.m, sys.argv[2], name='env', options=opts)\n"
     )
     env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="remote.pull.blob:2")
     mark = logged_in.log_mark()

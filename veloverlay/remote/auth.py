@@ -71,7 +71,11 @@ def _normalise(key: str) -> str:
             key = key[len(s) :]
     if key.startswith("index.docker.io/v1") or key.startswith("registry-1.docker.io"):
         return "docker.io"
-    return key.rstrip("/")
+    key = key.rstrip("/")
+    for api in ("/v1", "/v2"):
+        if key.endswith(api):
+            key = key[: -len(api)]
+    return key
 
 
 def _from_entry(entry: object, path: str) -> Credentials | None:

@@ -85,7 +85,7 @@ def parse_remote(text: str) -> RemoteName:
             raise _bad(text, "a digest is sha256: and 64 lowercase hex digits")
     tag = None
     last = rest.rsplit("/", 1)[-1]
-    if ":" in last and "/" in rest:
+    if ":" in last:
         rest, tag = rest.rsplit(":", 1)
         check_tag(tag)
     host, sep, repo = rest.partition("/")

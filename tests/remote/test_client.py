@@ -1,0 +1,168 @@
+"""The client without a registry: remote names, credential files, the bearer-token flow, retries,
+pack indexes. A fake registry (httpx.MockTransport) answers as the distribution spec says."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+
+import httpx
+import pytest
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.remote import Options, Registry, parse_remote
+from veloverlay.remote.auth import find_credentials, parse_challenge
+from veloverlay.remote.pack import PACK_HEADER, PackWriter, decode_index
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("localhost:5000/team/envs:py311", ("https", "localhost:5000", "team/envs", "py311", None)),
+        ("http://127.0.0.1:5000/a/b", ("http", "127.0.0.1:5000", "a/b", None, None)),
+        ("ghcr.io/org/env@sha256:" + "a" * 64, ("https", "ghcr.io", "org/env", None, "sha256:" + "a" * 64)),
+        ("ubuntu:22.04", ("https", "docker.io", "library/ubuntu", "22.04", None)),
+        ("localhost/x", ("https", "localhost", "x", None, None)),
+    ],
+)  # fmt: skip
+def test_parse_remote(text: str, want: tuple[str, str, str, str | None, str | None]) -> None:
+    r = parse_remote(text)
+    assert (r.scheme, r.host, r.repo, r.tag, r.digest) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["localhost:5000/Team/x", "localhost:5000/x:-bad", "h.io/x@sha256:12", "h.io/a//b", ""]
+)
+def test_parse_remote_refuses(text: str) -> None:
+    with pytest.raises(VeloError) as ei:
+        parse_remote(text)
+    assert ei.value.reason is Reason.BAD_NAME
+
+
+def test_credentials_from_files(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = str(tmp_path)
+    for var in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"):
+        monkeypatch.setenv(var, os.path.join(d, var))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    assert find_credentials("h.io", "a/b") is None
+    os.makedirs(os.path.join(d, "DOCKER_CONFIG"))
+    docker = os.path.join(d, "DOCKER_CONFIG", "config.json")
+    with open(docker, "w") as f:
+        json.dump({"auths": {"https://h.io/v1/": {"auth": base64.b64encode(b"u1:p1").decode()}}}, f)
+    c = find_credentials("h.io", "a/b")
+    assert c is not None and (c.username, c.secret, c.source) == ("u1", "p1", docker)
+    assert "p1" not in repr(c)
+    # podman's file comes first, and a repository-specific key beats the registry's
+    os.makedirs(os.path.join(d, "XDG_RUNTIME_DIR", "containers"))
+    podman = os.path.join(d, "XDG_RUNTIME_DIR", "containers", "auth.json")
+    with open(podman, "w") as f:
+        json.dump({"auths": {"h.io": {"username": "u2", "password": "p2"},
+                             "h.io/a": {"auth": base64.b64encode(b"u3:p3").decode()}}}, f)  # fmt: skip
+    c = find_credentials("h.io", "a/b")
+    assert c is not None and c.username == "u3"
+    c = find_credentials("h.io", "z")
+    assert c is not None and c.username == "u2"
+    with open(podman, "w") as f:
+        f.write("{not json")
+    with pytest.raises(VeloError) as ei:
+        find_credentials("h.io", "z")
+    assert ei.value.reason is Reason.REMOTE_AUTH and podman in ei.value.message
+
+
+def test_parse_challenge() -> None:
+    s, p = parse_challenge('Bearer realm="https://a/token",service="reg",scope="repository:x:pull"')
+    assert s == "bearer" and p == {
+        "realm": "https://a/token",
+        "service": "reg",
+        "scope": "repository:x:pull",
+    }
+
+
+class FakeTokenRegistry:
+    """Registry with token auth: /v2/* needs `Bearer good-token`; /token wants u:p."""
+
+    def __init__(self, fail_first: int = 0, reset_first: int = 0) -> None:
+        self.token_requests: list[httpx.Request] = []
+        self.fail_first = fail_first
+        self.reset_first = reset_first
+        self.seen = 0
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/token":
+            self.token_requests.append(req)
+            if req.headers.get("authorization") != "Basic " + base64.b64encode(b"u:p").decode():
+                return httpx.Response(401)
+            return httpx.Response(200, json={"token": "good-token"})
+        if req.headers.get("authorization") != "Bearer good-token":
+            return httpx.Response(
+                401,
+                headers={
+                    "WWW-Authenticate": 'Bearer realm="https://reg.test/token",service="reg.test",'
+                    'scope="repository:team/x:pull"'
+                },
+            )
+        self.seen += 1
+        if self.seen <= self.reset_first:
+            raise httpx.ReadError("connection reset by peer", request=req)
+        if self.seen <= self.reset_first + self.fail_first:
+            return httpx.Response(503)
+        return httpx.Response(200, content=b"{}", headers={"Content-Type": "x"})
+
+
+def _client(fake: FakeTokenRegistry, user: str = "u", pw: str = "p") -> Registry:
+    from veloverlay.remote.auth import Credentials
+
+    opts = Options(credentials=Credentials(user, pw, "test"), backoff=0.0, retries=3)
+    return Registry(parse_remote("reg.test/team/x:t"), opts, transport=httpx.MockTransport(fake))
+
+
+def test_bearer_flow() -> None:
+    fake = FakeTokenRegistry()
+    with _client(fake) as c:
+        body, _d, _t = c.get_manifest("t")
+        assert body == b"{}" and c.auth_scheme == "bearer"
+        c.get_manifest("t")  # the token is reused
+    assert len(fake.token_requests) == 1
+    q = fake.token_requests[0].url.params
+    assert q.get("service") == "reg.test" and q.get_list("scope") == ["repository:team/x:pull"]
+
+
+def test_bearer_refused() -> None:
+    with _client(FakeTokenRegistry(), pw="bad") as c, pytest.raises(VeloError) as ei:
+        c.get_manifest("t")
+    assert ei.value.reason is Reason.REMOTE_AUTH and "'u'" in ei.value.message
+
+
+def test_retries_on_5xx_and_resets() -> None:
+    fake = FakeTokenRegistry(fail_first=2, reset_first=1)
+    with _client(fake) as c:
+        c.get_manifest("t")
+        assert c.retried == 3
+    fake = FakeTokenRegistry(fail_first=10)
+    with _client(fake) as c, pytest.raises(VeloError) as ei:
+        c.get_manifest("t")
+    assert ei.value.reason is Reason.REMOTE_ERROR and "503" in (ei.value.detail or "")
+
+
+def test_pack_index_round_trip_and_checks() -> None:
+    w = PackWriter(1)
+    w.add(b"\x02" * 32, b"bb")
+    w.add(b"\x01" * 32, b"a")
+    pack, index = w.finish()
+    entries = decode_index(index, len(pack))
+    assert [(e.digest[0], pack[e.offset : e.offset + e.length]) for e in entries] == [
+        (1, b"a"),
+        (2, b"bb"),
+    ]
+    assert pack.startswith(PACK_HEADER)
+    with pytest.raises(VeloError):
+        decode_index(index, len(pack) - 1)  # an entry past the end
+    rec = struct.Struct("<B32sQQ")
+    bad = index[:16] + rec.pack(1, b"\x01" * 32, 12, 2) + rec.pack(1, b"\x02" * 32, 13, 1)
+    with pytest.raises(VeloError) as ei:
+        decode_index(bad, 100)
+    assert ei.value.reason is Reason.REMOTE_INVALID and "overlap" in ei.value.message
