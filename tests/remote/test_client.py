@@ -17,12 +17,15 @@ from veloverlay.remote.auth import find_credentials, parse_challenge
 from veloverlay.remote.pack import PACK_HEADER, PackWriter, decode_index
 
 
+DIG = "sha256:" + "a" * 64
+
+
 @pytest.mark.parametrize(
     ("text", "want"),
     [
         ("localhost:5000/team/envs:py311", ("https", "localhost:5000", "team/envs", "py311", None)),
         ("http://127.0.0.1:5000/a/b", ("http", "127.0.0.1:5000", "a/b", None, None)),
-        ("ghcr.io/org/env@sha256:" + "a" * 64, ("https", "ghcr.io", "org/env", None, "sha256:" + "a" * 64)),
+        ("ghcr.io/org/env@" + DIG, ("https", "ghcr.io", "org/env", None, DIG)),
         ("ubuntu:22.04", ("https", "docker.io", "library/ubuntu", "22.04", None)),
         ("localhost/x", ("https", "localhost", "x", None, None)),
     ],
@@ -60,8 +63,10 @@ def test_credentials_from_files(
     os.makedirs(os.path.join(d, "XDG_RUNTIME_DIR", "containers"))
     podman = os.path.join(d, "XDG_RUNTIME_DIR", "containers", "auth.json")
     with open(podman, "w") as f:
-        json.dump({"auths": {"h.io": {"username": "u2", "password": "p2"},
-                             "h.io/a": {"auth": base64.b64encode(b"u3:p3").decode()}}}, f)  # fmt: skip
+        u3 = base64.b64encode(b"u3:p3").decode()
+        json.dump(
+            {"auths": {"h.io": {"username": "u2", "password": "p2"}, "h.io/a": {"auth": u3}}}, f
+        )
     c = find_credentials("h.io", "a/b")
     assert c is not None and c.username == "u3"
     c = find_credentials("h.io", "z")
