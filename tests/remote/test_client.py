@@ -16,7 +16,6 @@ from veloverlay.remote import Options, Registry, parse_remote
 from veloverlay.remote.auth import find_credentials, parse_challenge
 from veloverlay.remote.pack import PACK_HEADER, PackWriter, decode_index
 
-
 DIG = "sha256:" + "a" * 64
 
 
