@@ -1,0 +1,58 @@
+"""`veloverlay push` / `pull` as a user runs them: the README's two-machine workflow (two stores),
+and the error lines for wrong credentials and an untrusted certificate."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers.trees import assert_same_tree, make_tree
+from tests.remote.conftest import USER, Registry
+
+
+def velo(
+    store: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    e = {**os.environ, "VELO_STORE": store, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", *args], env=e, capture_output=True, timeout=300
+    )
+
+
+def test_two_machines(logged_in: Registry, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {f"lib/m{i}.py": f"x = {i}\n".encode() for i in range(50)})
+    here, there = os.path.join(shm_tmp, "here"), os.path.join(shm_tmp, "there")
+    remote = logged_in.remote(f"cli/env-{os.getpid()}")
+    ca = ["--ca-cert", str(logged_in.ca)]
+    assert velo(here, "ingest", src, "--name", "py311").returncode == 0
+    p = velo(here, "push", "py311", remote, *ca, "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    [pushed] = json.loads(p.stdout)
+    assert pushed["remote"] == f"{remote}:py311"
+    p = velo(there, "pull", f"{remote}:py311", *ca, "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    got = json.loads(p.stdout)
+    assert got["ref"] == "py311" and got["digest"] == pushed["digest"]
+    out = os.path.join(shm_tmp, "out")
+    assert velo(there, "checkout", "py311", out).returncode == 0
+    assert_same_tree(src, out)
+
+
+def test_errors_say_why(registry: Registry, shm_tmp: str) -> None:
+    store = os.path.join(shm_tmp, "s")
+    auth = os.path.join(shm_tmp, "auth.json")
+    with open(auth, "w") as f:
+        bad = base64.b64encode(f"{USER}:nope".encode()).decode()
+        json.dump({"auths": {registry.host: {"auth": bad}}}, f)
+    remote = registry.remote("cli/x", "t")
+    p = velo(store, "pull", remote, "--ca-cert", str(registry.ca), "--authfile", auth)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "error:" in err and "reason: remote-auth" in err, err
+    assert "nope" not in err
+    p = velo(store, "pull", remote, "--authfile", auth, env={"SSL_CERT_FILE": "/dev/null"})
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "reason: remote-tls" in err and "hint:" in err, err
