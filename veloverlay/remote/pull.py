@@ -6,8 +6,9 @@ hash to its digest and decode strictly, and the root's closure must be complete 
 is fetched. Then the packs (and lone blobs) holding objects the store lacks, `jobs` at a time, each
 streamed into its own stage: every object is hashed (BLAKE3) as it is written and must equal the
 name the index gives it, and the blob must match its descriptor's sha256 and size, or the whole
-blob is dropped. A blob that passes is published at once (syncfs, rename, syncfs), so a pull that
-is killed resumes where it stopped: the next pull finds those objects present and fetches the rest.
+blob is dropped. Blobs that pass are published in batches (syncfs, renames, syncfs; every
+`publish_bytes`, 64 MiB by default, and at the end), so a pull that is killed resumes where it
+stopped: the next pull finds those objects present and fetches the rest.
 The ref moves last, in one LMDB transaction with the nodes: a killed pull never leaves a ref that
 points at a version the store does not fully hold. Pulled objects are ordinary objects: `fsck`
 re-hashes them, `gc` keeps them when a ref reaches them.
@@ -18,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import Any, TypeVar
 
 import httpx
 
@@ -39,9 +40,12 @@ from .progress import Meter, ProgressFn
 from .shamap import ShaMap
 from .version import Descriptor, PackRef, parse_config, parse_manifest
 
-__all__ = ["pull", "PullResult"]
+__all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
+
+_T = TypeVar("_T")
 
 _CHUNK = 1 << 20
+PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
 
 
 class PullResult(Record):
@@ -130,10 +134,13 @@ def pull(
     path: str | None = None,
     options: Options | None = None,
     progress: ProgressFn | None = None,
+    publish_bytes: int = PUBLISH_BYTES,
 ) -> PullResult:
     """Pull `remote` (`HOST/REPO:TAG` or `@sha256:…`) into ref `name` (default: the ref name the
     version was pushed from). An existing ref gets the version as a new commit on top (its log
-    keeps what it had). The version's recorded ingest path is not trusted: pass `path`."""
+    keeps what it had). The version's recorded ingest path is not trusted: pass `path`.
+    Verified blobs are published (made durable and named) each time `publish_bytes` of them have
+    arrived, and at the end: what a killed pull published, the next one does not fetch again."""
     t0 = time.monotonic()
     rn = parse_remote(remote) if isinstance(remote, str) else remote
     if rn.reference is None:
@@ -186,8 +193,7 @@ def pull(
                 pool.submit(_fetch_pack, reg, store, p, es, meter) for p, es in by_pack.values()
             ]
             futs += [pool.submit(_fetch_large, reg, store, d, x, meter, shamap) for d, x in alone]
-            for f in futs:
-                f.result()
+            _publish_as_done(futs, publish_bytes)
             meter.finish()
         res.blobs_fetched = len(futs)
         res.objects_fetched = len(missing)
@@ -267,13 +273,12 @@ def _closure(m: Manifests, root: bytes, fetched: dict[bytes, bytes]) -> set[byte
     return objects
 
 
-def _retrying(reg: Registry, fn: Any) -> None:
+def _retrying(reg: Registry, fn: Callable[[], _T]) -> _T:
     """Run a whole-blob fetch, again from the start after a transfer error (backoff)."""
     attempt = 0
     while True:
         try:
-            fn()
-            return
+            return fn()
         except httpx.TransportError as exc:
             if attempt >= reg.opts.retries:
                 raise reg._transport_error(exc, reg.name.base_url) from None
@@ -281,13 +286,61 @@ def _retrying(reg: Registry, fn: Any) -> None:
             attempt += 1
 
 
+def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
+    """Collect the workers' verified stages; publish them together each `every` bytes (one
+    syncfs pair for the batch) and at the end. On any failure, what is not published is dropped."""
+    pending: list[Stage] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if not pending:
+            return
+        first = pending[0]
+        for other in pending[1:]:
+            first.adopt(other.staged)
+            other.staged = {}
+        first.publish()
+        for st in pending:
+            st.close()
+        pending.clear()
+        size = 0
+        faults.point("remote.pull.published")
+
+    try:
+        for f in as_completed(futs):
+            stage, n = f.result()
+            pending.append(stage)
+            size += n
+            if size >= every:
+                flush()
+        flush()
+    except BaseException:
+        for f in futs:
+            f.cancel()
+        for f in futs:
+            if not f.cancelled() and f.exception() is None:
+                pending.append(f.result()[0])
+        for st in pending:
+            st.close()
+        raise
+
+
+def _open_stage(store: Store) -> Stage:
+    stage = Stage(store)
+    stage.open()
+    return stage
+
+
 def _fetch_pack(
     reg: Registry, store: Store, p: PackRef, entries: list[Entry], meter: Meter
-) -> None:
+) -> tuple[Stage, int]:
+    """Fetch one pack into a new stage, every wanted entry verified; the caller publishes."""
     entries = sorted(entries, key=lambda e: e.offset)
 
-    def once() -> None:
-        with Stage(store) as stage:
+    def once() -> Stage:
+        stage = _open_stage(store)
+        try:
             with reg.blob_stream(p.pack.digest) as resp:
                 rd = _Reader(resp.iter_bytes(_CHUNK), meter)
                 if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
@@ -303,18 +356,21 @@ def _fetch_pack(
                 rd.drain()
             if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
                 raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
-            stage.publish()
-            faults.point("remote.pull.blob")
+        except BaseException:
+            stage.close()
+            raise
         meter.add(0, len(entries))
+        return stage
 
-    _retrying(reg, once)
+    return _retrying(reg, once), p.pack.size
 
 
 def _fetch_large(
     reg: Registry, store: Store, d: bytes, x: Descriptor, meter: Meter, shamap: ShaMap
-) -> None:
-    def once() -> None:
-        with Stage(store) as stage:
+) -> tuple[Stage, int]:
+    def once() -> Stage:
+        stage = _open_stage(store)
+        try:
             with reg.blob_stream(x.digest) as resp:
                 rd = _Reader(resp.iter_bytes(_CHUNK), meter)
                 got, _size, _new = stage.add_stream(rd.take(x.size))
@@ -323,9 +379,11 @@ def _fetch_large(
                 raise _invalid(f"object {d.hex()} (blob {x.digest}) does not hash to its name")
             if rd.pos != x.size or "sha256:" + rd.sha.hexdigest() != x.digest:
                 raise _invalid(f"blob {x.digest} does not match its digest or size")
-            stage.publish()
-            faults.point("remote.pull.blob")
+        except BaseException:
+            stage.close()
+            raise
         shamap.add({d: x.digest})
         meter.add(0, 1)
+        return stage
 
-    _retrying(reg, once)
+    return _retrying(reg, once), x.size

@@ -1,0 +1,354 @@
+"""Push and pull through a local registry against `skopeo copy` of the same tree as one tar layer,
+and against `ostree pull` of the same tree over local HTTP, in one run; then the incremental case
+(10 files changed).
+
+Each repetition starts a fresh `docker-registry` on 127.0.0.1 (plain HTTP, no auth, its own empty
+storage: nobody can mount or skip a blob from an earlier repetition). Timed, as whole commands
+(interpreter start-up included):
+- `veloverlay push REF REMOTE` from a store that holds the tree; `veloverlay pull REMOTE` into a
+  fresh store (objects written and published, the ref committed);
+- `skopeo copy oci:LAYOUT docker://…` of an OCI image whose one layer is the tree as a tar (gzip -1,
+  made before timing: a registry push of an uncompressed layer would make skopeo compress it), and
+  `skopeo copy docker://… dir:OUT` back (download only, nothing unpacked);
+- `ostree pull` of the same tree committed to an archive repo served by `python3 -m http.server`
+  (pull only: ostree has no push over HTTP).
+Incremental: 10 files rewritten, re-ingested (not timed), pushed and pulled into the store that
+holds the first version; the peers re-copy the new tar (which cannot share bytes with the old) and
+ostree pulls the new commit. Medians of --repeat runs. Prints a table, writes
+bench/results/remote.json.
+
+Usage: python bench/bench_remote.py [--files N] [--repeat N] [--quick] [--no-ostree]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def make_tree(root: Path, files: int, size: int = 4096, per_dir: int = 100) -> None:
+    for i in range(files):
+        d = root / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i % per_dir:03d}").write_bytes(os.urandom(size))
+    old = time.time_ns() - 3_600_000_000_000
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            os.utime(os.path.join(dirpath, n), ns=(old, old))
+
+
+def change_files(root: Path, n: int = 10) -> int:
+    """Rewrite `n` files spread over the tree; returns the bytes written."""
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    total = 0
+    for i in range(n):
+        f = sorted(dirs[(i * len(dirs)) // n].iterdir())[i]
+        data = os.urandom(4096)
+        f.write_bytes(data)
+        total += len(data)
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def registry(base: Path) -> Iterator[str]:
+    d = Path(tempfile.mkdtemp(prefix="reg-", dir=base))
+    port = free_port()
+    cfg = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(d / "storage")}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "bench"},
+    }
+    (d / "config.yml").write_text(json.dumps(cfg))
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(d / "config.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(d)
+
+
+@contextmanager
+def http_server(root: Path) -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed: {p.stderr.decode()[-2000:]}")
+    return time.perf_counter() - t
+
+
+def velo(store: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "veloverlay", "--store", str(store), *args]
+
+
+def oci_layout(tree: Path, out: Path) -> None:
+    """An OCI image layout whose single layer is `tree` as a tar (gzip level 1)."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    raw = out / "layer.tar"
+    with tarfile.open(raw, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(tree, arcname=".")
+    diff_id = hashlib.sha256(raw.read_bytes()).hexdigest()
+    gz = out / "layer.tar.gz"
+    with open(raw, "rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    raw.unlink()
+    layer = gz.read_bytes()
+    ld = hashlib.sha256(layer).hexdigest()
+    gz.rename(blobs / ld)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        }
+    ).encode()
+    cd = hashlib.sha256(config).hexdigest()
+    (blobs / cd).write_bytes(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": f"sha256:{cd}",
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": f"sha256:{ld}",
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    md = hashlib.sha256(manifest).hexdigest()
+    (blobs / md).write_bytes(manifest)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (out / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": f"sha256:{md}",
+                        "size": len(manifest),
+                        "annotations": {"org.opencontainers.image.ref.name": "v"},
+                    }
+                ],
+            }
+        )
+    )
+
+
+def skopeo_push(layout: Path, reg: str, repo: str) -> float:
+    return timed(
+        ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v",
+         f"docker://{reg}/{repo}:v"]
+    )  # fmt: skip
+
+
+def skopeo_pull(reg: str, repo: str, out: Path) -> float:
+    return timed(
+        ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{reg}/{repo}:v", f"dir:{out}"]
+    )
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=20_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-ostree", action="store_true")
+    ap.add_argument("--base", default=None, help="Directory for the trees [default: /var/tmp]")
+    args = ap.parse_args()
+    if args.quick:
+        args.files, args.repeat = 2000, 1
+    for tool in ("docker-registry", "skopeo") + (() if args.no_ostree else ("ostree",)):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} is not installed (make setup)", file=sys.stderr)
+            return 1
+    base = Path(tempfile.mkdtemp(prefix="velo-bench-remote-", dir=args.base or "/var/tmp"))
+    t: dict[str, list[float]] = {}
+
+    def rec(key: str, secs: float) -> None:
+        t.setdefault(key, []).append(secs)
+
+    try:
+        tree = base / "tree"
+        make_tree(tree, args.files)
+        src_store = base / "src-store"
+        subprocess.run(velo(src_store, "init"), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            velo(src_store, "ingest", str(tree), "--name", "t"),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        layout1 = base / "oci1"
+        oci_layout(tree, layout1)
+        ostree_srv = base / "ostree-srv"
+        if not args.no_ostree:
+            subprocess.run(["ostree", "init", f"--repo={ostree_srv}", "--mode=archive"], check=True)
+            subprocess.run(
+                ["ostree", "commit", f"--repo={ostree_srv}", "-b", "main", f"--tree=dir={tree}"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        # the second version, prepared now (not timed): 10 files changed
+        tree2 = base / "tree2"
+        shutil.copytree(tree, tree2, symlinks=True)
+        changed = change_files(tree2)
+        layout2 = base / "oci2"
+        oci_layout(tree2, layout2)
+        subprocess.run(
+            velo(src_store, "ingest", str(tree2), "--name", "t2"),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(args.repeat):
+            with registry(base) as reg:
+                r = f"http://{reg}/bench/velo"
+                rec("velo_push", timed(velo(src_store, "push", "t", f"{r}:v")))
+                dst = base / f"dst-{i}"
+                rec("velo_pull", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
+                rec("velo_push_inc", timed(velo(src_store, "push", "t2", f"{r}:v")))
+                rec("velo_pull_inc", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
+                rec("skopeo_push", skopeo_push(layout1, reg, "bench/tar"))
+                rec("skopeo_pull", skopeo_pull(reg, "bench/tar", base / f"sk-{i}"))
+                rec("skopeo_push_inc", skopeo_push(layout2, reg, "bench/tar"))
+                rec("skopeo_pull_inc", skopeo_pull(reg, "bench/tar", base / f"sk2-{i}"))
+            if not args.no_ostree:
+                client = base / f"ostree-client-{i}"
+                subprocess.run(
+                    ["ostree", "init", f"--repo={client}", "--mode=bare-user"], check=True
+                )
+                # first version only in the served repo for the full pull
+                srv = base / f"ostree-srv-{i}"
+                shutil.copytree(ostree_srv, srv, symlinks=True)
+                with http_server(srv) as port:
+                    subprocess.run(
+                        ["ostree", "remote", "add", f"--repo={client}", "--no-gpg-verify",
+                         "origin", f"http://127.0.0.1:{port}/"],
+                        check=True,
+                    )  # fmt: skip
+                    rec(
+                        "ostree_pull",
+                        timed(["ostree", "pull", f"--repo={client}", "origin", "main"]),
+                    )
+                    subprocess.run(
+                        ["ostree", "commit", f"--repo={srv}", "-b", "main", f"--tree=dir={tree2}"],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
+                    rec(
+                        "ostree_pull_inc",
+                        timed(["ostree", "pull", f"--repo={client}", "origin", "main"]),
+                    )
+        med = {k: median(v) for k, v in t.items()}
+        nbytes = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file())
+        ratios = {
+            "pull_vs_skopeo": med["velo_pull"] / med["skopeo_pull"],
+            "push_vs_skopeo": med["velo_push"] / med["skopeo_push"],
+            "inc_push_speedup_vs_skopeo": med["skopeo_push_inc"] / med["velo_push_inc"],
+            "inc_pull_speedup_vs_skopeo": med["skopeo_pull_inc"] / med["velo_pull_inc"],
+        }
+        if "ostree_pull" in med:
+            ratios["pull_vs_ostree"] = med["velo_pull"] / med["ostree_pull"]
+            ratios["inc_pull_vs_ostree"] = med["velo_pull_inc"] / med["ostree_pull_inc"]
+        out = {
+            "files": args.files,
+            "bytes": nbytes,
+            "changed_bytes": changed,
+            "repeat": args.repeat,
+            "median_s": med,
+            "runs_s": t,
+            "ratios": ratios,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "remote.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(
+            f"tree: {args.files} files, {nbytes / 1e6:.1f} MB; 10 files changed; "
+            f"median of {args.repeat}"
+        )
+        print(f"{'operation':<28}{'veloverlay':>12}{'skopeo (tar)':>14}{'ostree':>10}")
+        for op, vk, sk, ok in (
+            ("full push", "velo_push", "skopeo_push", None),
+            ("full pull", "velo_pull", "skopeo_pull", "ostree_pull"),
+            ("incremental push", "velo_push_inc", "skopeo_push_inc", None),
+            ("incremental pull", "velo_pull_inc", "skopeo_pull_inc", "ostree_pull_inc"),
+        ):
+            o = f"{med[ok]:>9.2f}s" if ok and ok in med else f"{'-':>10}"
+            print(f"{op:<28}{med[vk]:>11.2f}s{med[sk]:>13.2f}s{o}")
+        for k, v in ratios.items():
+            print(f"{k}: {v:.2f}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
