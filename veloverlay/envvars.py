@@ -17,6 +17,10 @@ VARS: dict[str, str] = {
     "VELO_SHIM_LIBRARY": "the shim library to preload (default: the one this package built)",
     "VELO_SHIM_CONFIG": "set by shim sessions for their processes: the session's shim export",
     "NO_COLOR": "disable colour in output",
+    "REGISTRY_AUTH_FILE": "push/pull: the registry credentials file read first (podman's "
+    "auth.json format; then $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/"
+    "auth.json, $DOCKER_CONFIG/config.json)",
+    "DOCKER_CONFIG": "push/pull: Docker's configuration directory (default ~/.docker)",
     "VELO_TEST_MUST_WORK": "tests: comma-separated probe features whose skips become failures",
     "VELO_INTERNAL__TEST_UID": "tests: the unprivileged uid for root-free tests (default 1500)",
     "VELO_INTERNAL__TEST_FAULT": "tests: inject a fault at a named point (crash tests)",

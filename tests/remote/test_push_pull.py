@@ -266,3 +266,26 @@ def test_skopeo_reads_what_we_push(logged_in: Registry, repo: Repo, shm_tmp: str
     assert m["artifactType"] == "application/vnd.veloverlay.version.v1"
     assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert {x["digest"] for x in m["layers"]} == {x["digest"] for x in _layers(logged_in, target)}
+
+
+def test_push_to_another_repository_mounts_blobs(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str
+) -> None:
+    src, first = _pushed(logged_in, repo, shm_tmp, "mount-a")
+    second = logged_in.remote(_repo_name("mount-b"), "v1")
+    second_repo = second.split("/", 1)[1].split(":")[0]
+    mark = logged_in.log_mark()
+    [res] = push(repo.store, repo.m, ["env"], second, options=_opts(logged_in))
+    with open(logged_in.log, "rb") as f:
+        f.seek(mark)
+        log = f.read().decode(errors="replace")
+    uploads = log.count(f'"PUT /v2/{second_repo}/blobs/uploads/')
+    mounts = log.count(f'"POST /v2/{second_repo}/blobs/uploads/?from=')
+    mounts += log.count(f'"POST /v2/{second_repo}/blobs/uploads/?mount=')
+    layers = _layers(logged_in, first)
+    assert res.blobs_mounted == len(layers) == mounts
+    assert uploads == 1  # the config only (it names no parent, so it is new to that repository)
+    pull(other.store, other.m, second, name="env", options=_opts(logged_in))
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)

@@ -148,8 +148,14 @@ class Registry:
         self.close()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def url(self, path: str) -> str:
-        return f"{self.name.base_url}/v2/{self.name.repo}/{path}"
+    def url(self, path: str, repo: str | None = None) -> str:
+        return f"{self.name.base_url}/v2/{repo or self.name.repo}/{path}"
+
+    def also_pull(self, repo: str) -> None:
+        """Ask for pull access to another repository of this registry too (mount sources)."""
+        scope = f"repository:{repo}:pull"
+        if scope not in self.scopes:
+            self.scopes.append(scope)
 
     def _credentials(self) -> Credentials | None:
         if not self._creds_looked:
@@ -378,21 +384,23 @@ class Registry:
                 attempt += 1
 
     @contextlib.contextmanager
-    def blob_stream(self, digest: str) -> Iterator[httpx.Response]:
-        r = self.request("GET", self.url(f"blobs/{digest}"), stream=True)
+    def blob_stream(self, digest: str, repo: str | None = None) -> Iterator[httpx.Response]:
+        r = self.request("GET", self.url(f"blobs/{digest}", repo), stream=True)
         try:
             yield r
         finally:
             r.close()
 
-    def get_blob(self, digest: str, size: int, *, limit: int = 256 << 20) -> bytes:
+    def get_blob(
+        self, digest: str, size: int, *, limit: int = 256 << 20, repo: str | None = None
+    ) -> bytes:
         """A whole (small) blob, checked against its sha256 and size."""
         if size > limit:
             raise VeloError(
                 f"blob {digest} is {size} bytes, over the {limit} allowed here",
                 reason=Reason.REMOTE_INVALID,
             )
-        with self.blob_stream(digest) as r:
+        with self.blob_stream(digest, repo) as r:
             buf = bytearray()
             for chunk in r.iter_bytes():
                 buf += chunk
@@ -415,12 +423,12 @@ class Registry:
         self.upload_blob(digest, len(data), lambda: data)
         return digest, True
 
-    def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
+    def get_manifest(self, reference: str, repo: str | None = None) -> tuple[bytes, str, str]:
         """(body, digest, media type) of a manifest by tag or digest; NOT_FOUND when absent."""
         try:
             r = self.request(
                 "GET",
-                self.url(f"manifests/{reference}"),
+                self.url(f"manifests/{reference}", repo),
                 headers={"Accept": ", ".join(MANIFEST_TYPES)},
                 stream=True,
                 expect=(200,),
@@ -428,7 +436,7 @@ class Registry:
         except VeloError as exc:
             if "HTTP 404" in (exc.detail or ""):
                 raise VeloError(
-                    f"{self.name.host}/{self.name.repo} has no {reference}",
+                    f"{self.name.host}/{repo or self.name.repo} has no {reference}",
                     reason=Reason.NOT_FOUND,
                     hint="list what is there with 'skopeo list-tags docker://"
                     f"{self.name.host}/{self.name.repo}'",

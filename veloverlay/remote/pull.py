@@ -37,7 +37,7 @@ from .client import Options, Registry
 from .name import RemoteName, parse_remote
 from .pack import KIND_NODE, PACK_HEADER, Entry, decode_index
 from .progress import Meter, ProgressFn
-from .shamap import ShaMap
+from .state import ShaMap, Versions
 from .version import Descriptor, PackRef, parse_config, parse_manifest
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
@@ -219,6 +219,7 @@ def pull(
                     tiers=tiers,
                 )
                 res.commit = c.id
+        Versions(store).set(rn.host, refname, rn.repo, digest)
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res

@@ -28,7 +28,7 @@ from .client import Options, Registry, dumps
 from .name import RemoteName, check_tag, parse_remote
 from .pack import KIND_NODE, KIND_OBJECT, PackWriter, decode_index
 from .progress import Meter, ProgressFn
-from .shamap import ShaMap
+from .state import ShaMap, Versions
 from .version import (
     A_BLAKE3,
     A_INDEX,
@@ -66,6 +66,7 @@ class PushResult(Record):
     large_reused: int = 0
     blobs_uploaded: int = 0
     blobs_present: int = 0  # the registry had them already (HEAD)
+    blobs_mounted: int = 0  # mounted from another repository of the registry
     bytes_uploaded: int = 0
     requests: int = 0
     seconds: float = 0.0
@@ -184,6 +185,20 @@ def _previous(reg: Registry, tag: str) -> Version | None:
         ) from None
 
 
+def _other_repo_version(reg: Registry, known: tuple[str, str] | None) -> tuple[Version, str] | None:
+    """The version this store last pushed or pulled of the same ref in another repository of the
+    same registry (its blobs can be mounted), if it is still there and readable."""
+    if known is None or known[0] == reg.name.repo:
+        return None
+    repo, digest = known
+    reg.also_pull(repo)
+    try:
+        body, got, ctype = reg.get_manifest(digest, repo=repo)
+        return parse_manifest(body, got, ctype), repo
+    except VeloError:
+        return None
+
+
 def push(
     store: Store,
     m: Manifests,
@@ -246,6 +261,12 @@ def _push_one(
     res = PushResult(ref.name, str(target), "", commit.root, len(objects), sum(sizes.values()))
 
     prev = _previous(reg, target.tag)
+    versions = Versions(store)
+    base_name = ref.name.split("@")[0]
+    bases: list[tuple[Version, str | None]] = [(prev, None)] if prev is not None else []
+    other = _other_repo_version(reg, versions.get(reg.name.host, base_name))
+    if other is not None:
+        bases.append(other)
     need_nodes = set(nodes)
     need_small = {d for d, s in sizes.items() if s < LARGE}
     large = sorted(d for d, s in sizes.items() if s >= LARGE)
@@ -253,22 +274,37 @@ def _push_one(
     large_descs: dict[bytes, Descriptor] = {}
     jobs = max(1, reg.opts.jobs)
     with ThreadPoolExecutor(jobs) as pool:
-        if prev is not None:
+        for base, from_repo in bases:
             indexes = list(
-                pool.map(lambda p: reg.get_blob(p.index.digest, p.index.size), prev.packs)
+                pool.map(
+                    lambda p: reg.get_blob(p.index.digest, p.index.size, repo=from_repo),  # noqa: B023
+                    base.packs,
+                )
             )
-            for p, data in zip(prev.packs, indexes, strict=True):
+            for p, data in zip(base.packs, indexes, strict=True):
                 entries = decode_index(data, p.pack.size)
                 need = need_nodes if p.kind == "nodes" else need_small
                 live = [e for e in entries if e.digest in need]
                 total = sum(e.length for e in entries) or 1
-                if live and sum(e.length for e in live) >= REUSE_MIN * total:
-                    packs.append(p)
-                    need.difference_update(e.digest for e in live)
-                    res.packs_reused += 1
+                if not live or sum(e.length for e in live) < REUSE_MIN * total:
+                    continue
+                if from_repo is not None:
+                    if not (
+                        reg.mount_blob(p.index.digest, from_repo)
+                        and reg.mount_blob(p.pack.digest, from_repo)
+                    ):
+                        continue
+                    res.blobs_mounted += 2
+                packs.append(p)
+                need.difference_update(e.digest for e in live)
+                res.packs_reused += 1
             for d in large:
-                if d in prev.large:
-                    large_descs[d] = prev.large[d]
+                if d in base.large and d not in large_descs:
+                    if from_repo is not None:
+                        if not reg.mount_blob(base.large[d].digest, from_repo):
+                            continue
+                        res.blobs_mounted += 1
+                    large_descs[d] = base.large[d]
                     res.large_reused += 1
         todo = sum(len(node_data[d]) for d in need_nodes) + sum(sizes[d] for d in need_small)
         todo += sum(sizes[d] for d in large if d not in large_descs)
@@ -340,6 +376,7 @@ def _push_one(
         },
     )
     res.digest = reg.put_manifest(target.tag, manifest)
+    versions.set(reg.name.host, base_name, reg.name.repo, res.digest)
     meter.finish()
     res.blobs_uploaded, res.blobs_present, res.bytes_uploaded = up.uploaded, up.present, up.bytes
     res.requests = reg.requests - requests0
