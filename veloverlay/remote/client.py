@@ -137,6 +137,7 @@ class Registry:
         self.auth_scheme = "none"  # what the registry asked for: none, basic, bearer
         self.requests = 0
         self.retried = 0
+        self.bytes_in = 0  # bytes of small blobs read whole (get_blob)
 
     def close(self) -> None:
         self.client.close()
@@ -407,6 +408,8 @@ class Registry:
                 if len(buf) > size:
                     break
         data = bytes(buf)
+        with self._lock:
+            self.bytes_in += len(data)
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise VeloError(
                 f"blob {digest} from {self.name.host} does not match its digest or size",

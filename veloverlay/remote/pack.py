@@ -96,21 +96,16 @@ def decode_index(data: bytes, pack_size: int) -> list[Entry]:
         raise _bad(f"version {version} is not supported (this is {VERSION})")
     if count > MAX_INDEX_ENTRIES or len(data) != _HEAD.size + count * _REC.size:
         raise _bad("length does not match the entry count")
-    out: list[Entry] = []
-    prev: tuple[int, bytes] | None = None
-    for i in range(count):
-        kind, digest, offset, length = _REC.unpack_from(data, _HEAD.size + i * _REC.size)
-        if kind not in (KIND_OBJECT, KIND_NODE):
-            raise _bad(f"unknown entry kind {kind}")
-        key = (kind, digest)
-        if prev is not None and key <= prev:
-            raise _bad("entries not sorted or not unique")
-        prev = key
-        if offset < len(PACK_HEADER) or offset + length > pack_size:
-            raise _bad("an entry lies outside its pack")
-        out.append(Entry(kind, digest, offset, length))
-    by_offset = sorted(out, key=lambda e: e.offset)
-    for a, b in zip(by_offset, by_offset[1:], strict=False):
-        if a.offset + a.length > b.offset:
-            raise _bad("entries overlap")
-    return out
+    raw = list(_REC.iter_unpack(memoryview(data)[_HEAD.size :]))
+    keys = [(k, d) for k, d, _o, _n in raw]
+    if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+        raise _bad("entries not sorted or not unique")
+    if raw and not {k for k, _d, _o, _n in raw} <= {KIND_OBJECT, KIND_NODE}:
+        raise _bad("unknown entry kind")
+    low = len(PACK_HEADER)
+    spans = sorted((o, o + n) for _k, _d, o, n in raw)
+    if spans and (spans[0][0] < low or max(e for _s, e in spans) > pack_size):
+        raise _bad("an entry lies outside its pack")
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise _bad("entries overlap")
+    return [Entry(k, d, o, n) for k, d, o, n in raw]

@@ -57,7 +57,7 @@ class PullResult(Record):
     objects: int = 0  # in the version's closure
     objects_fetched: int = 0
     blobs_fetched: int = 0
-    bytes_fetched: int = 0
+    bytes_fetched: int = 0  # every blob byte received
     requests: int = 0
     seconds: float = 0.0
 
@@ -163,6 +163,12 @@ def pull(
         if tiers is not None and not _valid_tiers(tiers):
             raise _invalid("the version's tier rules are invalid")
         res = PullResult(str(rn), digest, refname, root.hex())
+        with m.read() as txn:
+            existing = m.get_ref(txn, refname)
+            if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
+                res.requests = reg.requests
+                res.seconds = time.monotonic() - t0
+                return res  # up to date (a ref's whole closure is stored)
         jobs = max(1, reg.opts.jobs)
         with ThreadPoolExecutor(jobs) as pool:
             datas = list(pool.map(lambda p: reg.get_blob(p.index.digest, p.index.size), v.packs))
@@ -172,8 +178,7 @@ def pull(
                     if (e.kind == KIND_NODE) != (p.kind == "nodes"):
                         raise _invalid(f"pack {p.pack.digest} mixes nodes and objects")
                     where.setdefault((e.kind, e.digest), (p, e))
-            nodes = _fetch_nodes(reg, m, where, pool)
-            objects = _closure(m, root, nodes)
+            nodes, objects = _walk(reg, m, root, where)
             res.objects = len(objects)
             missing = sorted(d for d in objects if not store.has(d))
             by_pack: dict[str, tuple[PackRef, list[Entry]]] = {}
@@ -197,8 +202,8 @@ def pull(
             meter.finish()
         res.blobs_fetched = len(futs)
         res.objects_fetched = len(missing)
-        res.bytes_fetched = meter.done
-        for d in objects:
+        res.bytes_fetched = meter.done + reg.bytes_in  # + config, indexes, node packs
+        for d in missing:
             if not store.has(d):
                 raise _invalid(f"object {d.hex()} did not arrive")
         faults.point("remote.pull.fetched")
@@ -225,53 +230,50 @@ def pull(
     return res
 
 
-def _fetch_nodes(
+def _walk(
     reg: Registry,
     m: Manifests,
+    root: bytes,
     where: dict[tuple[int, bytes], tuple[PackRef, Entry]],
-    pool: ThreadPoolExecutor,
-) -> dict[bytes, bytes]:
-    """The nodes this store lacks, from the node packs, each checked."""
-    wanted: dict[str, tuple[PackRef, list[Entry]]] = {}
-    with m.read() as txn:
-        for (kind, d), (p, e) in where.items():
-            if kind == KIND_NODE and not m.has_node(txn, d):
-                wanted.setdefault(p.pack.digest, (p, []))[1].append(e)
+) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """The directory nodes of `root` this store lacks (fetched from the node packs, each checked)
+    and the objects they name. A node the store has is not descended into: every writer (ingest,
+    commit, import, pull) stores a node's whole closure before the node itself, and gc removes
+    nodes before the objects they name, so a stored node's objects are stored."""
+    packs: dict[str, bytes] = {}
     out: dict[bytes, bytes] = {}
-    packs = list(wanted.values())
-    blobs = pool.map(lambda pe: reg.get_blob(pe[0].pack.digest, pe[0].pack.size), packs)
-    for (_p, entries), blob in zip(packs, blobs, strict=True):
-        for e in entries:
-            data = blob[e.offset : e.offset + e.length]
-            if node_digest(data) != e.digest:
-                raise _invalid(f"node {e.digest.hex()} does not hash to its name")
-            try:
-                decode(data)
-            except VeloError as exc:
-                raise _invalid(f"node {e.digest.hex()}: {exc.message}") from None
-            out[e.digest] = data
-    return out
-
-
-def _closure(m: Manifests, root: bytes, fetched: dict[bytes, bytes]) -> set[bytes]:
     objects: set[bytes] = set()
-    seen: set[bytes] = set()
     stack = [root]
+    seen: set[bytes] = set()
     with m.read() as txn:
         while stack:
             d = stack.pop()
             if d in seen:
                 continue
             seen.add(d)
-            data = fetched.get(d) or m.raw_node(txn, d)
-            if data is None:
+            if m.has_node(txn, d):
+                continue
+            hit = where.get((KIND_NODE, d))
+            if hit is None:
                 raise _invalid(f"the remote version lacks node {d.hex()}")
-            for e in decode(data).entries:
-                if e.kind is Kind.DIR:
-                    stack.append(e.digest)
-                elif e.kind is Kind.FILE:
-                    objects.add(e.digest)
-    return objects
+            p, e = hit
+            blob = packs.get(p.pack.digest)
+            if blob is None:
+                blob = packs[p.pack.digest] = reg.get_blob(p.pack.digest, p.pack.size)
+            data = blob[e.offset : e.offset + e.length]
+            if node_digest(data) != d:
+                raise _invalid(f"node {d.hex()} does not hash to its name")
+            try:
+                node = decode(data)
+            except VeloError as exc:
+                raise _invalid(f"node {d.hex()}: {exc.message}") from None
+            out[d] = data
+            for ent in node.entries:
+                if ent.kind is Kind.DIR:
+                    stack.append(ent.digest)
+                elif ent.kind is Kind.FILE:
+                    objects.add(ent.digest)
+    return out, objects
 
 
 def _retrying(reg: Registry, fn: Callable[[], _T]) -> _T:
@@ -289,7 +291,8 @@ def _retrying(reg: Registry, fn: Callable[[], _T]) -> _T:
 
 def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
     """Collect the workers' verified stages; publish them together each `every` bytes (one
-    syncfs pair for the batch) and at the end. On any failure, what is not published is dropped."""
+    syncfs pair for the batch, the renames on two threads) and at the end. On any failure, what
+    is not published is dropped."""
     pending: list[Stage] = []
     size = 0
 
@@ -301,7 +304,8 @@ def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
         for other in pending[1:]:
             first.adopt(other.staged)
             other.staged = {}
-        first.publish()
+        with ThreadPoolExecutor(2) as renamers:  # mkdir/rename release the GIL
+            first.publish(renamers.map)
         for st in pending:
             st.close()
         pending.clear()

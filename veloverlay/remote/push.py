@@ -19,11 +19,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ..cas import Store, object_missing
+from ..cas import Store
 from ..digest import Hasher, hash_bytes
 from ..errors import Reason, VeloError
 from ..manifest import Manifests
 from ..records import Record
+from ..tree import Kind, decode
 from .client import Options, Registry, dumps
 from .name import RemoteName, check_tag, parse_remote
 from .pack import KIND_NODE, KIND_OBJECT, PackWriter, decode_index
@@ -243,21 +244,23 @@ def _push_one(
     with m.read() as txn:
         ref, commit = m.resolve(txn, spec)
         root = bytes.fromhex(commit.root)
-        nodes: set[bytes] = set()
-        objects: set[bytes] = set()
-        m.reachable(txn, root, nodes, objects)
         node_data: dict[bytes, bytes] = {}
-        for d in nodes:
+        sizes: dict[bytes, int] = {}  # object -> size, as the manifest records it
+        stack = [root]
+        while stack:
+            d = stack.pop()
+            if d in node_data:
+                continue
             data = m.raw_node(txn, d)
             if data is None:
                 raise VeloError(f"node {d.hex()} is missing", reason=Reason.MANIFEST_CORRUPT)
             node_data[d] = data
-    sizes: dict[bytes, int] = {}
-    for d in objects:
-        try:
-            sizes[d] = os.stat(store.object_path_b(d)).st_size
-        except FileNotFoundError:
-            raise object_missing(d) from None
+            for e in decode(data).entries:
+                if e.kind is Kind.DIR:
+                    stack.append(e.digest)
+                elif e.kind is Kind.FILE:
+                    sizes[e.digest] = e.size
+    nodes, objects = set(node_data), set(sizes)
     res = PushResult(ref.name, str(target), "", commit.root, len(objects), sum(sizes.values()))
 
     prev = _previous(reg, target.tag)
