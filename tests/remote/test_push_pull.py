@@ -18,8 +18,8 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.remote import Options, pull, push
 from veloverlay.remote.auth import Credentials
-from veloverlay.repo import Repo
-from veloverlay.verify import fsck
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.repo import Repo
 
 _counter = [0]
 
@@ -178,7 +178,7 @@ def test_killed_pull_resumes(logged_in: Registry, repo: Repo, other: Repo, shm_t
     full = sum(x["size"] for x in layers if not x["mediaType"].endswith("index.v1"))
     script = (
         "import sys\n"
-        "from veloverlay.repo import Repo\n"
+        "from veloverlay.verbs.repo import Repo\n"
         "from veloverlay.remote import Options, pull\n"
         "r = Repo.open(sys.argv[1])\n"
         "opts = Options(ca_cert=sys.argv[3], jobs=1)\n"

@@ -1,13 +1,18 @@
-"""Remotes: push and pull refs through any OCI registry (see push.py, pull.py, version.py for the
-format, pack.py for packs, client.py for the HTTP side, auth.py for credentials)."""
+"""Remotes: push and pull refs through any OCI registry.
+
+Owns the registry client (`client`: httpx, the only module that imports it; `auth`: credential
+files and challenges), the artifact and pack formats (`version`, `pack`), `push` and `pull`, and
+what a store remembers about remotes (`state`: `<store>/remote-v1/`). May import the store (and
+ingest); the session core imports it to pull a remote ref before a session starts. The format
+and guarantees: docs/remote.md."""
 
 from __future__ import annotations
 
-from .client import Options, Registry
-from .name import RemoteName, parse_remote
-from .progress import Transfer
-from .pull import PullResult, pull
-from .push import PushResult, push
+from veloverlay.remote.client import Options, Registry
+from veloverlay.remote.name import RemoteName, parse_remote
+from veloverlay.remote.progress import Transfer
+from veloverlay.remote.pull import PullResult, pull
+from veloverlay.remote.push import PushResult, push
 
 __all__ = [
     "Options",

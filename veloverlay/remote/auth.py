@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 
-from ..errors import Reason, VeloError
+from veloverlay.errors import Reason, VeloError
 
 __all__ = ["Credentials", "auth_files", "find_credentials", "parse_challenge"]
 

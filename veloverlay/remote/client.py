@@ -21,14 +21,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from ..errors import Reason, VeloError
-from ..records import Record
-from .auth import Credentials, find_credentials, parse_challenge
-from .name import RemoteName
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.remote.auth import Credentials, find_credentials, parse_challenge
+from veloverlay.remote.name import RemoteName
 
 __all__ = ["Options", "Registry", "MANIFEST_TYPES", "OCI_MANIFEST"]
 
@@ -41,6 +41,7 @@ MANIFEST_TYPES = (
 )
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_T = TypeVar("_T")
 
 
 class Options(Record):
@@ -319,6 +320,18 @@ class Registry:
                 detail=what,
             )
         return VeloError(f"registry error: {what}", reason=Reason.REMOTE_ERROR, detail=what)
+
+    def retrying(self, fn: Callable[[], _T]) -> _T:
+        """Run a whole-blob transfer, again from its start after a transfer error (backoff)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except httpx.TransportError as exc:
+                if attempt >= self.opts.retries:
+                    raise self._transport_error(exc, self.name.base_url) from None
+                self._sleep(attempt)
+                attempt += 1
 
     # -- the API -------------------------------------------------------------------------------
     def ping(self) -> None:

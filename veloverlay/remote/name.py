@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import Reason, VeloError
-from ..records import Record
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
 
 __all__ = ["RemoteName", "parse_remote", "tag_for_ref"]
 

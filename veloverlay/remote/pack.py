@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 
-from ..digest import DIGEST_SIZE
-from ..errors import Reason, VeloError
-from ..records import Record
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.store.digest import DIGEST_SIZE
 
 __all__ = [
     "PACK_MAGIC",

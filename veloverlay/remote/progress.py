@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..records import Record
+from veloverlay.records import Record
 
 __all__ = ["Transfer", "ProgressFn", "Meter"]
 

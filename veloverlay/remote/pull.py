@@ -19,30 +19,27 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
-
-from .. import faults
-from ..bundle import _valid_tiers
-from ..cas import Stage, Store
-from ..digest import node_digest
-from ..errors import Reason, VeloError
-from ..manifest import Manifests, check_ref_name
-from ..records import Record
-from ..tree import Kind, decode
-from .client import Options, Registry
-from .name import RemoteName, parse_remote
-from .pack import KIND_NODE, PACK_HEADER, Entry, decode_index
-from .progress import Meter, ProgressFn
-from .state import ShaMap, Versions
-from .version import Descriptor, PackRef, parse_config, parse_manifest
+from veloverlay import faults
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.remote.client import Options, Registry
+from veloverlay.remote.name import RemoteName, parse_remote
+from veloverlay.remote.pack import KIND_NODE, PACK_HEADER, Entry, decode_index
+from veloverlay.remote.progress import Meter, ProgressFn
+from veloverlay.remote.state import ShaMap, Versions
+from veloverlay.remote.version import Descriptor, PackRef, parse_config, parse_manifest
+from veloverlay.store.bundle import _valid_tiers
+from veloverlay.store.cas import Stage, Store
+from veloverlay.store.digest import node_digest
+from veloverlay.store.manifest import Manifests, check_ref_name
+from veloverlay.store.tree import Kind, decode
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
-_T = TypeVar("_T")
 
 _CHUNK = 1 << 20
 PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
@@ -276,19 +273,6 @@ def _walk(
     return out, objects
 
 
-def _retrying(reg: Registry, fn: Callable[[], _T]) -> _T:
-    """Run a whole-blob fetch, again from the start after a transfer error (backoff)."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except httpx.TransportError as exc:
-            if attempt >= reg.opts.retries:
-                raise reg._transport_error(exc, reg.name.base_url) from None
-            reg._sleep(attempt)
-            attempt += 1
-
-
 def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
     """Collect the workers' verified stages; publish them together each `every` bytes (one
     syncfs pair for the batch, the renames on two threads) and at the end. On any failure, what
@@ -367,7 +351,7 @@ def _fetch_pack(
         meter.add(0, len(entries))
         return stage
 
-    return _retrying(reg, once), p.pack.size
+    return reg.retrying(once), p.pack.size
 
 
 def _fetch_large(
@@ -391,4 +375,4 @@ def _fetch_large(
         meter.add(0, 1)
         return stage
 
-    return _retrying(reg, once), x.size
+    return reg.retrying(once), x.size

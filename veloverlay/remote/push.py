@@ -19,18 +19,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ..cas import Store
-from ..digest import Hasher, hash_bytes
-from ..errors import Reason, VeloError
-from ..manifest import Manifests
-from ..records import Record
-from ..tree import Kind, decode
-from .client import Options, Registry, dumps
-from .name import RemoteName, check_tag, parse_remote
-from .pack import KIND_NODE, KIND_OBJECT, PackWriter, decode_index
-from .progress import Meter, ProgressFn
-from .state import ShaMap, Versions
-from .version import (
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.remote.client import Options, Registry, dumps
+from veloverlay.remote.name import RemoteName, check_tag, parse_remote
+from veloverlay.remote.pack import KIND_NODE, KIND_OBJECT, PackWriter, decode_index
+from veloverlay.remote.progress import Meter, ProgressFn
+from veloverlay.remote.state import ShaMap, Versions
+from veloverlay.remote.version import (
     A_BLAKE3,
     A_INDEX,
     A_KIND,
@@ -45,6 +41,10 @@ from .version import (
     build_manifest,
     parse_manifest,
 )
+from veloverlay.store.cas import Store
+from veloverlay.store.digest import Hasher, hash_bytes
+from veloverlay.store.manifest import Manifests
+from veloverlay.store.tree import Kind, decode
 
 __all__ = ["push", "PushResult", "PACK_TARGET", "LARGE", "REUSE_MIN"]
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..cas import Store
+from veloverlay.store.cas import Store
 
 __all__ = ["ShaMap", "Versions"]
 

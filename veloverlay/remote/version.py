@@ -23,9 +23,9 @@ import json
 import re
 from typing import Any
 
-from ..errors import Reason, VeloError
-from ..records import Record, field
-from .client import OCI_MANIFEST, dumps
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record, field
+from veloverlay.remote.client import OCI_MANIFEST, dumps
 
 __all__ = [
     "ARTIFACT_TYPE",
