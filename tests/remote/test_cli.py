@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.conftest import USER, Registry
 
@@ -56,3 +58,22 @@ def test_errors_say_why(registry: Registry, shm_tmp: str) -> None:
     p = velo(store, "pull", remote, "--authfile", auth, env={"SSL_CERT_FILE": "/dev/null"})
     err = p.stderr.decode()
     assert p.returncode == 1 and "reason: remote-tls" in err and "hint:" in err, err
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_run_of_a_remote_ref_pulls_it_first(logged_in: Registry, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {f"lib/m{i}.py": f"x = {i}\n".encode() for i in range(20)})
+    here, there = os.path.join(shm_tmp, "here"), os.path.join(shm_tmp, "there")
+    remote = logged_in.remote(f"cli/run-{os.getpid()}", "v1")
+    assert velo(here, "ingest", src, "--name", "app").returncode == 0
+    assert velo(here, "push", "app", remote, "--ca-cert", str(logged_in.ca)).returncode == 0
+    assert velo(there, "init").returncode == 0
+    at = os.path.join(shm_tmp, "at")
+    env = {"SSL_CERT_FILE": str(logged_in.ca)}  # the session's pull trusts the system CAs
+    p = velo(there, "run", "--at", at, remote, "--", "cat", f"{at}/lib/m7.py", env=env)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout == b"x = 7\n"
+    out = os.path.join(shm_tmp, "out")
+    assert velo(there, "checkout", "app", out).returncode == 0
+    assert_same_tree(src, out)

@@ -43,6 +43,23 @@ def choose_backend(store: Store, opts: SessionOptions) -> Choice:
     return decide(capabilities(store), opts.backend)
 
 
+def _pull_remote_refs(store: Store, opts: SessionOptions) -> SessionOptions:
+    """A ref written as a remote (`HOST[:PORT]/REPO:TAG`; a ref name never holds '/') is pulled
+    first, as `pull` does: the objects of its whole closure the store lacks, verified, before the
+    command starts (root-free there is no lazy fetch). The session then runs on the local ref."""
+    if not any("/" in r for r in opts.refs):
+        return opts
+    from veloverlay.remote import pull
+    from veloverlay.store.manifest import Manifests
+
+    m = Manifests(store)
+    try:
+        refs = [pull(store, m, r).ref if "/" in r else r for r in opts.refs]
+    finally:
+        m.close()
+    return opts.replace(refs=refs)
+
+
 def _dispatch(
     store: Store,
     opts: SessionOptions,
@@ -52,6 +69,7 @@ def _dispatch(
     on_start: OnStart | None,
     progress: Progress | None = None,
 ) -> SessionResult:
+    opts = _pull_remote_refs(store, opts)
     choice = choose_backend(store, opts)
     if choice.backend == "overlay":
         from veloverlay.session.overlay.backend import run_session
