@@ -42,6 +42,14 @@ def test_two_machines(logged_in: Registry, shm_tmp: str) -> None:
     out = os.path.join(shm_tmp, "out")
     assert velo(there, "checkout", "py311", out).returncode == 0
     assert_same_tree(src, out)
+    # doctor reports the registry this store pulled from, and how it authenticates
+    p = velo(there, "doctor", "--json", env={"SSL_CERT_FILE": str(logged_in.ca)})
+    [r] = json.loads(p.stdout)["remotes"]
+    assert r["registry"] == logged_in.host and r["ok"] and r["auth"] == "basic", r
+    assert r["user"] == f"{USER} (from {logged_in.auth_file})"
+    p = velo(there, "doctor", "--json")  # without the test CA: unreachable, and why
+    [r] = json.loads(p.stdout)["remotes"]
+    assert not r["ok"] and "remote-tls" in r["reason"]
 
 
 def test_errors_say_why(registry: Registry, shm_tmp: str) -> None:

@@ -38,6 +38,11 @@ class RemoteName(Record, frozen=True):
         return f"{self.scheme}://{self.api_host}"
 
     @property
+    def registry(self) -> str:
+        """The registry as written: `HOST[:PORT]`, with `http://` for one without TLS."""
+        return f"http://{self.host}" if self.scheme == "http" else self.host
+
+    @property
     def reference(self) -> str | None:
         """What names the version on the registry: the digest if given, else the tag."""
         return self.digest or self.tag

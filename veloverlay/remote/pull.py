@@ -221,7 +221,7 @@ def pull(
                     tiers=tiers,
                 )
                 res.commit = c.id
-        Versions(store).set(rn.host, refname, rn.repo, digest)
+        Versions(store).set(rn.registry, refname, rn.repo, digest)
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res

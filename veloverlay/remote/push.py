@@ -267,7 +267,7 @@ def _push_one(
     versions = Versions(store)
     base_name = ref.name.split("@")[0]
     bases: list[tuple[Version, str | None]] = [(prev, None)] if prev is not None else []
-    other = _other_repo_version(reg, versions.get(reg.name.host, base_name))
+    other = _other_repo_version(reg, versions.get(reg.name.registry, base_name))
     if other is not None:
         bases.append(other)
     need_nodes = set(nodes)
@@ -379,7 +379,7 @@ def _push_one(
         },
     )
     res.digest = reg.put_manifest(target.tag, manifest)
-    versions.set(reg.name.host, base_name, reg.name.repo, res.digest)
+    versions.set(reg.name.registry, base_name, reg.name.repo, res.digest)
     meter.finish()
     res.blobs_uploaded, res.blobs_present, res.bytes_uploaded = up.uploaded, up.present, up.bytes
     res.requests = reg.requests - requests0

@@ -61,13 +61,14 @@ class ShaMap:
 
 class Versions:
     """The last version this store pushed or pulled per (registry, ref): `remote-v1/versions-v1
-    .json`, {host: {ref: [repository, manifest digest]}}. A push to another repository of the same
+    .json`, {registry: {ref: [repository, manifest digest]}} (registry: `HOST[:PORT]`, or
+    `http://HOST[:PORT]` without TLS). A push to another repository of the same
     registry uses it as a have-list and mounts its blobs instead of uploading them."""
 
     def __init__(self, store: Store) -> None:
         self.path = Path(store.root) / "remote-v1" / "versions-v1.json"
 
-    def _load(self) -> dict[str, dict[str, list[str]]]:
+    def load(self) -> dict[str, dict[str, list[str]]]:
         try:
             data = json.loads(self.path.read_bytes())
         except (FileNotFoundError, ValueError):
@@ -75,7 +76,7 @@ class Versions:
         return data if isinstance(data, dict) else {}
 
     def get(self, host: str, ref: str) -> tuple[str, str] | None:
-        hit = self._load().get(host, {}).get(ref)
+        hit = self.load().get(host, {}).get(ref)
         if isinstance(hit, list) and len(hit) == 2 and all(isinstance(x, str) for x in hit):
             return hit[0], hit[1]
         return None
@@ -87,7 +88,7 @@ class Versions:
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = self._load()
+            data = self.load()
             data.setdefault(host, {})[ref] = [repo, digest]
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, sort_keys=True))
