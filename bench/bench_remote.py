@@ -1,6 +1,7 @@
 """Push and pull through a local registry against `skopeo copy` of the same tree as one tar layer,
 and against `ostree pull` of the same tree over local HTTP, in one run; then the incremental case
-(10 files changed).
+(10 files changed). Two trees: 20,000 files of 4 KiB, and a real venv (this checkout's .venv by
+default, `--venv DIR`).
 
 Each repetition starts a fresh `docker-registry` on 127.0.0.1 (plain HTTP, no auth, its own empty
 storage: nobody can mount or skip a blob from an earlier repetition). Timed, as whole commands
@@ -19,7 +20,7 @@ holds the first version; the peers re-copy the new tar (which cannot share bytes
 ostree pulls the new commit. Medians of --repeat runs. Prints a table, writes
 bench/results/remote.json.
 
-Usage: python bench/bench_remote.py [--files N] [--repeat N] [--quick] [--no-ostree]
+Usage: python bench/bench_remote.py [--files N] [--venv DIR] [--repeat N] [--quick] [--no-ostree]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -58,13 +60,18 @@ def make_tree(root: Path, files: int, size: int = 4096, per_dir: int = 100) -> N
 
 
 def change_files(root: Path, n: int = 10) -> int:
-    """Rewrite `n` files spread over the tree; returns the bytes written."""
-    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    """Rewrite `n` regular files spread over the tree (4 KiB each); returns the bytes written."""
+    files = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in sorted(names):
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                files.append(p)
+    files.sort()
     total = 0
     for i in range(n):
-        f = sorted(dirs[(i * len(dirs)) // n].iterdir())[i]
         data = os.urandom(4096)
-        f.write_bytes(data)
+        files[(i * len(files)) // n].write_bytes(data)
         total += len(data)
     return total
 
@@ -229,12 +236,132 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def measure(base: Path, tree: Path, repeat: int, ostree: bool) -> dict[str, object]:
+    """Every operation on `tree` (and its 10-file change), `repeat` times; medians and ratios."""
+    t: dict[str, list[float]] = {}
+
+    def rec(key: str, secs: float) -> None:
+        t.setdefault(key, []).append(secs)
+
+    src_store = base / "src-store"
+    subprocess.run(velo(src_store, "init"), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        velo(src_store, "ingest", str(tree), "--name", "t"), check=True, stdout=subprocess.DEVNULL
+    )
+    layout1 = base / "oci1"
+    oci_layout(tree, layout1)
+    ostree_srv = base / "ostree-srv"
+    if ostree:
+        subprocess.run(["ostree", "init", f"--repo={ostree_srv}", "--mode=archive"], check=True)
+        subprocess.run(
+            ["ostree", "commit", f"--repo={ostree_srv}", "-b", "main", f"--tree=dir={tree}"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    # the second version, prepared now (not timed): 10 files changed
+    tree2 = base / "tree2"
+    shutil.copytree(tree, tree2, symlinks=True)
+    changed = change_files(tree2)
+    layout2 = base / "oci2"
+    oci_layout(tree2, layout2)
+    subprocess.run(
+        velo(src_store, "ingest", str(tree2), "--name", "t2"), check=True, stdout=subprocess.DEVNULL
+    )
+    for i in range(repeat):
+        with registry(base) as reg:
+            r = f"http://{reg}/bench/velo"
+            rec("velo_push", timed(velo(src_store, "push", "t", f"{r}:v")))
+            dst = base / f"dst-{i}"
+            rec("velo_pull", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
+            rec("velo_push_inc", timed(velo(src_store, "push", "t2", f"{r}:v")))
+            rec("velo_pull_inc", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
+            rec("skopeo_push", skopeo_push(layout1, reg, "bench/tar"))
+            rec("skopeo_pull", skopeo_pull(reg, "bench/tar", base / f"sk-{i}"))
+            rec("skopeo_pull_x", skopeo_pull_extract(reg, "bench/tar", base / f"skx-{i}"))
+            rec("velo_ingest", timed(velo(base / f"ing-{i}", "ingest", str(tree), "--name", "t")))
+            rec("skopeo_push_inc", skopeo_push(layout2, reg, "bench/tar"))
+            rec("skopeo_pull_inc", skopeo_pull(reg, "bench/tar", base / f"sk2-{i}"))
+        if ostree:
+            client = base / f"ostree-client-{i}"
+            subprocess.run(["ostree", "init", f"--repo={client}", "--mode=bare-user"], check=True)
+            srv = base / f"ostree-srv-{i}"  # the first version only, for the full pull
+            shutil.copytree(ostree_srv, srv, symlinks=True)
+            with http_server(srv) as port:
+                subprocess.run(
+                    ["ostree", "remote", "add", f"--repo={client}", "--no-gpg-verify",
+                     "origin", f"http://127.0.0.1:{port}/"],
+                    check=True,
+                )  # fmt: skip
+                pull = ["ostree", "pull", f"--repo={client}", "origin", "main"]
+                rec("ostree_pull", timed(pull))
+                subprocess.run(
+                    ["ostree", "commit", f"--repo={srv}", "-b", "main", f"--tree=dir={tree2}"],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+                rec("ostree_pull_inc", timed(pull))
+    med = {k: median(v) for k, v in t.items()}
+    nfiles = nbytes = 0
+    for dirpath, _dirs, names in os.walk(tree):
+        for name in names:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                nfiles += 1
+                nbytes += p.stat().st_size
+    ratios = {
+        "pull_vs_skopeo": med["velo_pull"] / med["skopeo_pull"],
+        "pull_vs_skopeo_and_untar": med["velo_pull"] / med["skopeo_pull_x"],
+        "pull_vs_local_ingest": med["velo_pull"] / med["velo_ingest"],
+        "push_vs_skopeo": med["velo_push"] / med["skopeo_push"],
+        "inc_push_speedup_vs_skopeo": med["skopeo_push_inc"] / med["velo_push_inc"],
+        "inc_pull_speedup_vs_skopeo": med["skopeo_pull_inc"] / med["velo_pull_inc"],
+    }
+    if "ostree_pull" in med:
+        ratios["pull_vs_ostree"] = med["velo_pull"] / med["ostree_pull"]
+        ratios["inc_pull_vs_ostree"] = med["velo_pull_inc"] / med["ostree_pull_inc"]
+    return {
+        "files": nfiles,
+        "bytes": nbytes,
+        "changed_bytes": changed,
+        "repeat": repeat,
+        "median_s": med,
+        "runs_s": t,
+        "ratios": ratios,
+    }
+
+
+def show(name: str, res: dict[str, Any]) -> None:
+    med = res["median_s"]
+    print(
+        f"{name}: {res['files']} files, {res['bytes'] / 1e6:.1f} MB; 10 files changed; "
+        f"median of {res['repeat']}"
+    )
+    print(f"{'operation':<28}{'veloverlay':>12}{'skopeo (tar)':>14}{'ostree':>10}")
+    for op, vk, sk, ok in (
+        ("full push", "velo_push", "skopeo_push", None),
+        ("full pull", "velo_pull", "skopeo_pull", "ostree_pull"),
+        ("full pull, peer untars", "velo_pull", "skopeo_pull_x", None),
+        ("(local ingest, no network)", "velo_ingest", "skopeo_pull_x", None),
+        ("incremental push", "velo_push_inc", "skopeo_push_inc", None),
+        ("incremental pull", "velo_pull_inc", "skopeo_pull_inc", "ostree_pull_inc"),
+    ):
+        o = f"{med[ok]:>9.2f}s" if ok and ok in med else f"{'-':>10}"
+        print(f"{op:<28}{med[vk]:>11.2f}s{med[sk]:>13.2f}s{o}")
+    for k, v in res["ratios"].items():
+        print(f"  {k}: {v:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-ostree", action="store_true")
+    ap.add_argument(
+        "--venv",
+        default=str(HERE.parent / ".venv"),
+        help="A real tree to measure too [default: this checkout's .venv]; '' for none",
+    )
     ap.add_argument("--base", default=None, help="Directory for the trees [default: /var/tmp]")
     args = ap.parse_args()
     if args.quick:
@@ -243,130 +370,24 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"error: {tool} is not installed (make setup)", file=sys.stderr)
             return 1
-    base = Path(tempfile.mkdtemp(prefix="velo-bench-remote-", dir=args.base or "/var/tmp"))
-    t: dict[str, list[float]] = {}
-
-    def rec(key: str, secs: float) -> None:
-        t.setdefault(key, []).append(secs)
-
-    try:
-        tree = base / "tree"
-        make_tree(tree, args.files)
-        src_store = base / "src-store"
-        subprocess.run(velo(src_store, "init"), check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            velo(src_store, "ingest", str(tree), "--name", "t"),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        layout1 = base / "oci1"
-        oci_layout(tree, layout1)
-        ostree_srv = base / "ostree-srv"
-        if not args.no_ostree:
-            subprocess.run(["ostree", "init", f"--repo={ostree_srv}", "--mode=archive"], check=True)
-            subprocess.run(
-                ["ostree", "commit", f"--repo={ostree_srv}", "-b", "main", f"--tree=dir={tree}"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        # the second version, prepared now (not timed): 10 files changed
-        tree2 = base / "tree2"
-        shutil.copytree(tree, tree2, symlinks=True)
-        changed = change_files(tree2)
-        layout2 = base / "oci2"
-        oci_layout(tree2, layout2)
-        subprocess.run(
-            velo(src_store, "ingest", str(tree2), "--name", "t2"),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        for i in range(args.repeat):
-            with registry(base) as reg:
-                r = f"http://{reg}/bench/velo"
-                rec("velo_push", timed(velo(src_store, "push", "t", f"{r}:v")))
-                dst = base / f"dst-{i}"
-                rec("velo_pull", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
-                rec("velo_push_inc", timed(velo(src_store, "push", "t2", f"{r}:v")))
-                rec("velo_pull_inc", timed(velo(dst, "pull", f"{r}:v", "--name", "t")))
-                rec("skopeo_push", skopeo_push(layout1, reg, "bench/tar"))
-                rec("skopeo_pull", skopeo_pull(reg, "bench/tar", base / f"sk-{i}"))
-                rec("skopeo_pull_x", skopeo_pull_extract(reg, "bench/tar", base / f"skx-{i}"))
-                rec(
-                    "velo_ingest",
-                    timed(velo(base / f"ing-{i}", "ingest", str(tree), "--name", "t")),
-                )
-                rec("skopeo_push_inc", skopeo_push(layout2, reg, "bench/tar"))
-                rec("skopeo_pull_inc", skopeo_pull(reg, "bench/tar", base / f"sk2-{i}"))
-            if not args.no_ostree:
-                client = base / f"ostree-client-{i}"
-                subprocess.run(
-                    ["ostree", "init", f"--repo={client}", "--mode=bare-user"], check=True
-                )
-                # first version only in the served repo for the full pull
-                srv = base / f"ostree-srv-{i}"
-                shutil.copytree(ostree_srv, srv, symlinks=True)
-                with http_server(srv) as port:
-                    subprocess.run(
-                        ["ostree", "remote", "add", f"--repo={client}", "--no-gpg-verify",
-                         "origin", f"http://127.0.0.1:{port}/"],
-                        check=True,
-                    )  # fmt: skip
-                    rec(
-                        "ostree_pull",
-                        timed(["ostree", "pull", f"--repo={client}", "origin", "main"]),
-                    )
-                    subprocess.run(
-                        ["ostree", "commit", f"--repo={srv}", "-b", "main", f"--tree=dir={tree2}"],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    rec(
-                        "ostree_pull_inc",
-                        timed(["ostree", "pull", f"--repo={client}", "origin", "main"]),
-                    )
-        med = {k: median(v) for k, v in t.items()}
-        nbytes = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file())
-        ratios = {
-            "pull_vs_skopeo": med["velo_pull"] / med["skopeo_pull"],
-            "pull_vs_skopeo_and_untar": med["velo_pull"] / med["skopeo_pull_x"],
-            "pull_vs_local_ingest": med["velo_pull"] / med["velo_ingest"],
-            "push_vs_skopeo": med["velo_push"] / med["skopeo_push"],
-            "inc_push_speedup_vs_skopeo": med["skopeo_push_inc"] / med["velo_push_inc"],
-            "inc_pull_speedup_vs_skopeo": med["skopeo_pull_inc"] / med["velo_pull_inc"],
-        }
-        if "ostree_pull" in med:
-            ratios["pull_vs_ostree"] = med["velo_pull"] / med["ostree_pull"]
-            ratios["inc_pull_vs_ostree"] = med["velo_pull_inc"] / med["ostree_pull_inc"]
-        out = {
-            "files": args.files,
-            "bytes": nbytes,
-            "changed_bytes": changed,
-            "repeat": args.repeat,
-            "median_s": med,
-            "runs_s": t,
-            "ratios": ratios,
-        }
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "remote.json").write_text(json.dumps(out, indent=2) + "\n")
-        print(
-            f"tree: {args.files} files, {nbytes / 1e6:.1f} MB; 10 files changed; "
-            f"median of {args.repeat}"
-        )
-        print(f"{'operation':<28}{'veloverlay':>12}{'skopeo (tar)':>14}{'ostree':>10}")
-        for op, vk, sk, ok in (
-            ("full push", "velo_push", "skopeo_push", None),
-            ("full pull", "velo_pull", "skopeo_pull", "ostree_pull"),
-            ("full pull, peer untars", "velo_pull", "skopeo_pull_x", None),
-            ("(local ingest, no network)", "velo_ingest", "skopeo_pull_x", None),
-            ("incremental push", "velo_push_inc", "skopeo_push_inc", None),
-            ("incremental pull", "velo_pull_inc", "skopeo_pull_inc", "ostree_pull_inc"),
-        ):
-            o = f"{med[ok]:>9.2f}s" if ok and ok in med else f"{'-':>10}"
-            print(f"{op:<28}{med[vk]:>11.2f}s{med[sk]:>13.2f}s{o}")
-        for k, v in ratios.items():
-            print(f"{k}: {v:.2f}")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    out: dict[str, Any] = {}
+    trees: list[tuple[str, Path | None]] = [("small-files", None)]
+    if args.venv:
+        trees.append(("venv", Path(args.venv)))
+    for name, src in trees:
+        base = Path(tempfile.mkdtemp(prefix="velo-bench-remote-", dir=args.base or "/var/tmp"))
+        try:
+            tree = base / "tree"
+            if src is None:
+                make_tree(tree, args.files)
+            else:
+                shutil.copytree(src, tree, symlinks=True)
+            out[name] = measure(base, tree, args.repeat, not args.no_ostree)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        show(name, out[name])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "remote.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

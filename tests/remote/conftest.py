@@ -65,7 +65,7 @@ class Registry:
             f.seek(since)
             text = f.read().decode(errors="replace")
         pat = re.compile(
-            rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 200 (\d+)'
+            rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 20[06] (\d+)'
         )
         return sum(int(x) for x in pat.findall(text))
 

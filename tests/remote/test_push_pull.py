@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -286,6 +287,32 @@ def test_push_to_another_repository_mounts_blobs(
     assert res.blobs_mounted == len(layers) == mounts
     assert uploads == 1  # the config only (it names no parent, so it is new to that repository)
     pull(other.store, other.m, second, name="env", options=_opts(logged_in))
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)
+
+
+def test_pull_reads_only_missing_entries_with_ranges(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str
+) -> None:
+    src, target = _pushed(logged_in, repo, shm_tmp, "ranges")
+    # the other store already holds every object but five small ones (from its own ingest)
+    partial = os.path.join(shm_tmp, "partial")
+    shutil.copytree(src, partial, symlinks=True)
+    gone = [f"pkg/m{i}/f{i * 50 + 7}.py" for i in range(5)]
+    for g in gone:
+        os.unlink(os.path.join(partial, g))
+    ingest(other.store, other.m, partial, "mine", jobs=1)
+    layers = _layers(logged_in, target)
+    packs = sum(x["size"] for x in layers if x["mediaType"].endswith("pack.v1"))
+    mark = logged_in.log_mark()
+    res = pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    fetched = logged_in.blob_bytes_sent(mark, target.split("/", 1)[1].split(":")[0])
+    with open(logged_in.log, "rb") as f:
+        f.seek(mark)
+        assert b'" 206 ' in f.read()  # ranges were used
+    assert res.objects_fetched == 5
+    assert fetched < packs / 4, (fetched, packs)
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
     assert_same_tree(src, out)

@@ -405,6 +405,22 @@ class Registry:
         finally:
             r.close()
 
+    @contextlib.contextmanager
+    def blob_range(self, digest: str, first: int, last: int) -> Iterator[httpx.Response]:
+        """Bytes first..last (inclusive) of a blob: 206 where the registry serves ranges, or 200
+        with the whole blob where it does not (the caller checks the status)."""
+        r = self.request(
+            "GET",
+            self.url(f"blobs/{digest}"),
+            headers={"Range": f"bytes={first}-{last}"},
+            stream=True,
+            expect=(200, 206),
+        )
+        try:
+            yield r
+        finally:
+            r.close()
+
     def get_blob(
         self, digest: str, size: int, *, limit: int = 256 << 20, repo: str | None = None
     ) -> bytes:

@@ -15,9 +15,9 @@ name, and the pack's sha256 and size must equal its descriptor's.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.records import Record
 from veloverlay.store.digest import DIGEST_SIZE
 
 __all__ = [
@@ -42,7 +42,9 @@ _HEAD = struct.Struct("<8sII")
 MAX_INDEX_ENTRIES = 4_000_000
 
 
-class Entry(Record, frozen=True):
+class Entry(NamedTuple):
+    """One index entry (a tuple: tens of thousands are made per pull)."""
+
     kind: int
     digest: bytes
     offset: int
@@ -108,4 +110,4 @@ def decode_index(data: bytes, pack_size: int) -> list[Entry]:
         raise _bad("an entry lies outside its pack")
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
         raise _bad("entries overlap")
-    return [Entry(k, d, o, n) for k, d, o, n in raw]
+    return list(map(Entry._make, raw))

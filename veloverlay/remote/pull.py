@@ -42,6 +42,8 @@ __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
 
 _CHUNK = 1 << 20
+_GAP = 64 << 10  # wanted entries closer than this are read in one range
+_MAX_RANGES = 32  # more ranges than this: read the whole pack
 PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
 
 
@@ -188,7 +190,11 @@ def pull(
                     alone.append((d, v.large[d]))
                 else:
                     raise _invalid(f"the remote version lacks object {d.hex()}")
-            total = sum(p.pack.size for p, _ in by_pack.values()) + sum(x.size for _, x in alone)
+            total = sum(x.size for _, x in alone)
+            for p, es in by_pack.values():
+                es.sort(key=lambda e: e.offset)
+                spans = ranges(es, p.pack.size)
+                total += p.pack.size if spans is None else sum(b - a for a, b in spans)
             meter = Meter("pull", total, len(missing), progress)
             shamap = ShaMap(store)
             futs = [
@@ -321,37 +327,86 @@ def _open_stage(store: Store) -> Stage:
     return stage
 
 
+def ranges(entries: list[Entry], pack_size: int) -> list[tuple[int, int]] | None:
+    """The byte ranges to read for `entries` (sorted by offset), entries less than `_GAP` apart
+    merged; None when the whole pack is the better read (half of it or more is wanted, or the
+    ranges would be too many requests)."""
+    if sum(e.length for e in entries) * 2 >= pack_size:
+        return None
+    spans: list[tuple[int, int]] = []
+    for e in entries:
+        if spans and e.offset - spans[-1][1] <= _GAP:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], e.offset + e.length))
+        else:
+            spans.append((e.offset, e.offset + e.length))
+    return spans if len(spans) <= _MAX_RANGES else None
+
+
 def _fetch_pack(
     reg: Registry, store: Store, p: PackRef, entries: list[Entry], meter: Meter
 ) -> tuple[Stage, int]:
-    """Fetch one pack into a new stage, every wanted entry verified; the caller publishes."""
+    """Fetch the wanted entries of one pack into a new stage, each verified; the caller
+    publishes. Few entries of a big pack are read with HTTP range requests where the registry
+    serves them (206); otherwise, or when it answers a range with the whole blob, the pack is read
+    whole and must match its sha256."""
     entries = sorted(entries, key=lambda e: e.offset)
+    spans = ranges(entries, p.pack.size)
+
+    def add(stage: Stage, rd: _Reader, e: Entry, base: int) -> None:
+        rd.skip(e.offset - base - rd.pos)
+        got, _size, _new = stage.add_stream(rd.take(e.length))
+        if got != e.digest:
+            raise _invalid(
+                f"object {e.digest.hex()} in pack {p.pack.digest} does not hash to its name"
+            )
+
+    def by_ranges(stage: Stage) -> bool:
+        assert spans is not None
+        todo = iter(entries)
+        e = next(todo, None)
+        for start, end in spans:
+            with reg.blob_range(p.pack.digest, start, end - 1) as resp:
+                if resp.status_code != 206:
+                    return False  # no ranges here: read it whole
+                if not resp.headers.get("content-range", "").startswith(
+                    f"bytes {start}-{end - 1}/"
+                ):
+                    raise _invalid(f"the registry sent another range of pack {p.pack.digest}")
+                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+                while e is not None and e.offset < end:
+                    add(stage, rd, e, start)
+                    e = next(todo, None)
+                rd.drain()
+                if rd.pos != end - start:
+                    raise _invalid(f"a range of pack {p.pack.digest} has the wrong length")
+        return True
+
+    def whole(stage: Stage) -> None:
+        with reg.blob_stream(p.pack.digest) as resp:
+            rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+            if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
+                raise _invalid(f"pack {p.pack.digest} has a bad header")
+            for e in entries:
+                add(stage, rd, e, 0)
+            rd.drain()
+        if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
+            raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
 
     def once() -> Stage:
         stage = _open_stage(store)
         try:
-            with reg.blob_stream(p.pack.digest) as resp:
-                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
-                if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
-                    raise _invalid(f"pack {p.pack.digest} has a bad header")
-                for e in entries:
-                    rd.skip(e.offset - rd.pos)
-                    got, _size, _new = stage.add_stream(rd.take(e.length))
-                    if got != e.digest:
-                        raise _invalid(
-                            f"object {e.digest.hex()} in pack {p.pack.digest} does not hash to "
-                            "its name"
-                        )
-                rd.drain()
-            if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
-                raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
+            if spans is None or not by_ranges(stage):
+                stage.close()
+                stage = _open_stage(store)
+                whole(stage)
         except BaseException:
             stage.close()
             raise
         meter.add(0, len(entries))
         return stage
 
-    return reg.retrying(once), p.pack.size
+    size = p.pack.size if spans is None else sum(b - a for a, b in spans)
+    return reg.retrying(once), size
 
 
 def _fetch_large(
