@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import struct
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -170,3 +171,18 @@ def test_pack_index_round_trip_and_checks() -> None:
     with pytest.raises(VeloError) as ei:
         decode_index(bad, 100)
     assert ei.value.reason is Reason.REMOTE_INVALID and "overlap" in ei.value.message
+
+
+def test_a_blob_longer_than_named_is_not_followed() -> None:
+    from veloverlay.remote.progress import Meter
+    from veloverlay.remote.pull import _Reader
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"x" * 1000
+
+    rd = _Reader(endless(), Meter("pull", 0, 0, None))
+    assert rd.exact(10) == b"x" * 10
+    with pytest.raises(VeloError) as ei:
+        rd.drain(5000)
+    assert ei.value.reason is Reason.REMOTE_INVALID and rd.pos <= 6000

@@ -116,12 +116,16 @@ class _Reader:
             self.pos += k
             n -= k
 
-    def drain(self) -> None:
+    def drain(self, limit: int) -> None:
+        """Read the rest of the stream; more than `limit` bytes in all is an error (a server
+        that sends more than it named is not followed forever)."""
         self.pos += len(self.buf) - self.off
         self.off = len(self.buf)
-        while self._fill():
+        while self.pos <= limit and self._fill():
             self.pos += len(self.buf)
             self.off = len(self.buf)
+        if self.pos > limit:
+            raise _invalid(f"a blob is longer than the {limit} bytes its descriptor names")
 
 
 def pull(
@@ -376,7 +380,7 @@ def _fetch_pack(
                 while e is not None and e.offset < end:
                     add(stage, rd, e, start)
                     e = next(todo, None)
-                rd.drain()
+                rd.drain(end - start)
                 if rd.pos != end - start:
                     raise _invalid(f"a range of pack {p.pack.digest} has the wrong length")
         return True
@@ -388,7 +392,7 @@ def _fetch_pack(
                 raise _invalid(f"pack {p.pack.digest} has a bad header")
             for e in entries:
                 add(stage, rd, e, 0)
-            rd.drain()
+            rd.drain(p.pack.size)
         if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
             raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
 
@@ -418,7 +422,7 @@ def _fetch_large(
             with reg.blob_stream(x.digest) as resp:
                 rd = _Reader(resp.iter_bytes(_CHUNK), meter)
                 got, _size, _new = stage.add_stream(rd.take(x.size))
-                rd.drain()
+                rd.drain(x.size)
             if got != d:
                 raise _invalid(f"object {d.hex()} (blob {x.digest}) does not hash to its name")
             if rd.pos != x.size or "sha256:" + rd.sha.hexdigest() != x.digest:
