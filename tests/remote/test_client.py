@@ -175,13 +175,13 @@ def test_pack_index_round_trip_and_checks() -> None:
 
 def test_a_blob_longer_than_named_is_not_followed() -> None:
     from veloverlay.remote.progress import Meter
-    from veloverlay.remote.pull import _Reader
+    from veloverlay.remote.pull import BlobReader
 
     def endless() -> Iterator[bytes]:
         while True:
             yield b"x" * 1000
 
-    rd = _Reader(endless(), Meter("pull", 0, 0, None))
+    rd = BlobReader(endless(), Meter("pull", 0, 0, None))
     assert rd.exact(10) == b"x" * 10
     with pytest.raises(VeloError) as ei:
         rd.drain(5000)

@@ -73,7 +73,7 @@ def _invalid(msg: str) -> VeloError:
     )
 
 
-class _Reader:
+class BlobReader:
     """Sequential reads from a response stream, hashing (sha256) and counting everything."""
 
     def __init__(self, chunks: Iterator[bytes], meter: Meter) -> None:
@@ -356,7 +356,7 @@ def _fetch_pack(
     entries = sorted(entries, key=lambda e: e.offset)
     spans = ranges(entries, p.pack.size)
 
-    def add(stage: Stage, rd: _Reader, e: Entry, base: int) -> None:
+    def add(stage: Stage, rd: BlobReader, e: Entry, base: int) -> None:
         rd.skip(e.offset - base - rd.pos)
         got, _size, _new = stage.add_stream(rd.take(e.length))
         if got != e.digest:
@@ -376,7 +376,7 @@ def _fetch_pack(
                     f"bytes {start}-{end - 1}/"
                 ):
                     raise _invalid(f"the registry sent another range of pack {p.pack.digest}")
-                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
                 while e is not None and e.offset < end:
                     add(stage, rd, e, start)
                     e = next(todo, None)
@@ -387,7 +387,7 @@ def _fetch_pack(
 
     def whole(stage: Stage) -> None:
         with reg.blob_stream(p.pack.digest) as resp:
-            rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+            rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
             if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
                 raise _invalid(f"pack {p.pack.digest} has a bad header")
             for e in entries:
@@ -420,7 +420,7 @@ def _fetch_large(
         stage = _open_stage(store)
         try:
             with reg.blob_stream(x.digest) as resp:
-                rd = _Reader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
                 got, _size, _new = stage.add_stream(rd.take(x.size))
                 rd.drain(x.size)
             if got != d:
