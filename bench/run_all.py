@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_ingest.py", "bench_large.py", "bench_session.py", "bench_cli.py", "bench_shim.py", "bench_remote.py"]
+ORDER = [
+    "bench_ingest.py",
+    "bench_large.py",
+    "bench_session.py",
+    "bench_cli.py",
+    "bench_shim.py",
+    "bench_remote.py",
+]
 MILLION = {"bench_ingest.py", "bench_session.py"}  # the benchmarks with 1,000,000-file rows
 
 

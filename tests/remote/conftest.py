@@ -2,9 +2,11 @@
 once per session on 127.0.0.1 at a free port with its own config, storage, htpasswd (bcrypt) and
 TLS from a throw-away CA made with openssl; stopped by pid at the end.
 
-Its access log (combined format, on stdout) says how many bytes each request sent: the tests
-count what a pull fetched at the registry, not from the product's own report. Its storage
-directory says what a push stored.
+A counting TCP proxy in front of it (`proxy`) says how many bytes the registry sent: the tests
+count what a pull fetched there, not from the product's own report (the proxy counts each byte
+before it forwards it, so the count is complete when the client has its answer; the registry's
+access log is written after the response and may lag). Its storage directory says what a push
+stored (a blob is stored before the registry answers the upload).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ class Registry:
         self.log = root / "registry.log"
         self.auth_file = root / "auth.json"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.proxy: CountingProxy | None = None
 
     def remote(self, repo: str, tag: str | None = None) -> str:
         return f"{self.host}/{repo}" + (f":{tag}" if tag else "")
@@ -56,18 +59,70 @@ class Registry:
         hexd = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
 
-    def log_mark(self) -> int:
-        return self.log.stat().st_size
+    def counted(self, repo: str, tag: str | None = None) -> str:
+        """The remote name through the counting proxy (`sent()` then says what was fetched)."""
+        assert self.proxy is not None
+        return self.proxy.remote(repo, tag)
 
-    def blob_bytes_sent(self, since: int, repo: str) -> int:
-        """Bytes of blob GETs answered for `repo` since `log_mark()` (from the access log)."""
-        with open(self.log, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        pat = re.compile(
-            rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/[0-9.]+" 20[06] (\d+)'
-        )
-        return sum(int(x) for x in pat.findall(text))
+    def received(self) -> int:
+        """Bytes sent to the registry through the proxy so far."""
+        assert self.proxy is not None
+        return self.proxy.up
+
+    def sent(self) -> int:
+        """Bytes the registry has sent through the proxy so far (TLS records and headers too)."""
+        assert self.proxy is not None
+        return self.proxy.down
+
+
+class CountingProxy:
+    """Forwards 127.0.0.1:port to the registry, counting the bytes each way."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.down = 0
+        self.up = 0
+        self._lock = threading.Lock()
+        self._srv = socket.socket()
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.port = int(self._srv.getsockname()[1])
+        self.host = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def remote(self, repo: str, tag: str | None = None) -> str:
+        return f"{self.host}/{repo}" + (f":{tag}" if tag else "")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    if count:
+                        self.down += len(data)
+                    else:
+                        self.up += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._srv.close()
 
 
 def _free_port() -> int:
@@ -126,8 +181,10 @@ def registry() -> Iterator[Registry]:
             "auth": {"htpasswd": {"realm": "velo-test", "path": str(root / "htpasswd")}},
         }
         (root / "config.yml").write_text(json.dumps(cfg))  # JSON is YAML
+        reg.proxy = CountingProxy(reg.port)
         auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        reg.auth_file.write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        auths = {reg.host: {"auth": auth}, reg.proxy.host: {"auth": auth}}
+        reg.auth_file.write_text(json.dumps({"auths": auths}))
         with open(reg.log, "wb") as log:
             reg.proc = subprocess.Popen(
                 [exe, "serve", str(root / "config.yml")],
@@ -146,6 +203,8 @@ def registry() -> Iterator[Registry]:
                 time.sleep(0.05)
         yield reg
     finally:
+        if "reg" in locals() and reg.proxy is not None:
+            reg.proxy.close()
         proc = locals().get("reg") and reg.proc
         if proc:
             proc.send_signal(signal.SIGTERM)

@@ -31,7 +31,7 @@ def test_two_machines(logged_in: Registry, shm_tmp: str) -> None:
     remote = logged_in.remote(f"cli/env-{os.getpid()}")
     ca = ["--ca-cert", str(logged_in.ca)]
     assert velo(here, "ingest", src, "--name", "py311").returncode == 0
-    p = velo(here, "push", "py311", remote, *ca, "--json")
+    p = velo(here, "push", "py311", remote, *ca, "--tls-verify=true", "--json")
     assert p.returncode == 0, p.stderr.decode()
     [pushed] = json.loads(p.stdout)
     assert pushed["remote"] == f"{remote}:py311"
@@ -59,11 +59,14 @@ def test_errors_say_why(registry: Registry, shm_tmp: str) -> None:
         bad = base64.b64encode(f"{USER}:nope".encode()).decode()
         json.dump({"auths": {registry.host: {"auth": bad}}}, f)
     remote = registry.remote("cli/x", "t")
-    p = velo(store, "pull", remote, "--ca-cert", str(registry.ca), "--authfile", auth)
+    p = velo(store, "pull", remote, "--ca-cert", str(registry.ca), "--authfile", auth, "--json")
     err = p.stderr.decode()
     assert p.returncode == 1 and "error:" in err and "reason: remote-auth" in err, err
-    assert "nope" not in err
-    p = velo(store, "pull", remote, "--authfile", auth, env={"SSL_CERT_FILE": "/dev/null"})
+    assert json.loads(p.stdout)["reason"] == "remote-auth"
+    assert "nope" not in err and "nope" not in p.stdout.decode()
+    p = velo(
+        store, "pull", remote, "--authfile", auth, "--json", env={"SSL_CERT_FILE": "/dev/null"}
+    )
     err = p.stderr.decode()
     assert p.returncode == 1 and "reason: remote-tls" in err and "hint:" in err, err
 

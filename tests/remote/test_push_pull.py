@@ -71,11 +71,12 @@ def test_round_trip(logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str) 
     out = os.path.join(shm_tmp, "out")
     other.checkout("env2", out)
     assert_same_tree(src, out)
-    # pulling again fetches nothing and adds no commit
-    mark = logged_in.log_mark()
-    again = pull(other.store, other.m, target, name="env2", options=_opts(logged_in))
+    # pulling again fetches nothing (manifest and config only) and adds no commit
+    counted = logged_in.counted(*target.split("/", 1)[1].split(":"))
+    before = logged_in.sent()
+    again = pull(other.store, other.m, counted, name="env2", options=_opts(logged_in))
     assert again.commit is None
-    assert logged_in.blob_bytes_sent(mark, target.split("/", 1)[1].split(":")[0]) < 20_000
+    assert logged_in.sent() - before < 20_000
 
 
 def test_incremental_push_uploads_the_delta(
@@ -102,10 +103,10 @@ def test_incremental_push_uploads_the_delta(
     # the ten files' bytes plus metadata (a small node pack, indexes, config), not the tree
     assert changed <= stored < changed + 60_000, (stored, changed)
     # and a pull of the new version fetches about the same
-    repo_path = target.split("/", 1)[1].split(":")[0]
-    mark = logged_in.log_mark()
-    pull(other.store, other.m, target, name="env", options=_opts(logged_in))
-    fetched = logged_in.blob_bytes_sent(mark, repo_path)
+    counted = logged_in.counted(*target.split("/", 1)[1].split(":"))
+    before = logged_in.sent()
+    pull(other.store, other.m, counted, name="env", options=_opts(logged_in))
+    fetched = logged_in.sent() - before
     assert changed <= fetched < changed + 400_000 < full_pull, (fetched, full_pull)
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
@@ -174,8 +175,8 @@ def test_tampered_blob_is_refused_and_nothing_named(
 
 def test_killed_pull_resumes(logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str) -> None:
     src, target = _pushed(logged_in, repo, shm_tmp, "resume")
-    repo_path = target.split("/", 1)[1].split(":")[0]
     layers = _layers(logged_in, target)
+    target = logged_in.counted(*target.split("/", 1)[1].split(":"))
     full = sum(x["size"] for x in layers if not x["mediaType"].endswith("index.v1"))
     script = (
         "import sys\n"
@@ -186,20 +187,20 @@ def test_killed_pull_resumes(logged_in: Registry, repo: Repo, other: Repo, shm_t
         "pull(r.store, r.m, sys.argv[2], name='env', options=opts, publish_bytes=1)\n"
     )
     env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="remote.pull.published:1")
-    mark = logged_in.log_mark()
+    before = logged_in.sent()
     proc = subprocess.run(
         [sys.executable, "-c", script, str(other.store.root), target, str(logged_in.ca)],
         env=env,
         capture_output=True,
     )
     assert proc.returncode == -9, proc.stderr.decode()
-    first = logged_in.blob_bytes_sent(mark, repo_path)
+    first = logged_in.sent() - before
     refs, objects = _state(other)
     assert "env" not in refs  # no half-made ref
     assert objects  # one blob was published before the kill
-    mark = logged_in.log_mark()
+    before = logged_in.sent()
     res = pull(other.store, other.m, target, name="env", options=_opts(logged_in))
-    second = logged_in.blob_bytes_sent(mark, repo_path)
+    second = logged_in.sent() - before
     assert res.objects_fetched < res.objects
     assert second < full <= first + second, (first, second, full)
     out = os.path.join(shm_tmp, "out")
@@ -272,20 +273,21 @@ def test_skopeo_reads_what_we_push(logged_in: Registry, repo: Repo, shm_tmp: str
 def test_push_to_another_repository_mounts_blobs(
     logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str
 ) -> None:
-    src, first = _pushed(logged_in, repo, shm_tmp, "mount-a")
-    second = logged_in.remote(_repo_name("mount-b"), "v1")
-    second_repo = second.split("/", 1)[1].split(":")[0]
-    mark = logged_in.log_mark()
+    src = _source(shm_tmp)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    first = logged_in.counted(_repo_name("mount-a"), "v1")  # both pushes through the proxy
+    push(repo.store, repo.m, ["env"], first, options=_opts(logged_in))
+    repo_b = _repo_name("mount-b")
+    second = logged_in.counted(repo_b, "v1")
+    before = logged_in.received()
     [res] = push(repo.store, repo.m, ["env"], second, options=_opts(logged_in))
-    with open(logged_in.log, "rb") as f:
-        f.seek(mark)
-        log = f.read().decode(errors="replace")
-    uploads = log.count(f'"PUT /v2/{second_repo}/blobs/uploads/')
-    mounts = log.count(f'"POST /v2/{second_repo}/blobs/uploads/?from=')
-    mounts += log.count(f'"POST /v2/{second_repo}/blobs/uploads/?mount=')
+    sent_up = logged_in.received() - before
     layers = _layers(logged_in, first)
-    assert res.blobs_mounted == len(layers) == mounts
-    assert uploads == 1  # the config only (it names no parent, so it is new to that repository)
+    assert res.blobs_mounted == len(layers)
+    blobs = sum(x["size"] for x in layers)
+    assert sent_up < 30_000 < blobs, (sent_up, blobs)  # requests and the config, no blob bytes
+    linked = logged_in.storage / "docker/registry/v2/repositories" / repo_b / "_layers/sha256"
+    assert {x["digest"].split(":")[1] for x in layers} <= set(os.listdir(linked))
     pull(other.store, other.m, second, name="env", options=_opts(logged_in))
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
@@ -305,12 +307,10 @@ def test_pull_reads_only_missing_entries_with_ranges(
     ingest(other.store, other.m, partial, "mine", jobs=1)
     layers = _layers(logged_in, target)
     packs = sum(x["size"] for x in layers if x["mediaType"].endswith("pack.v1"))
-    mark = logged_in.log_mark()
-    res = pull(other.store, other.m, target, name="env", options=_opts(logged_in))
-    fetched = logged_in.blob_bytes_sent(mark, target.split("/", 1)[1].split(":")[0])
-    with open(logged_in.log, "rb") as f:
-        f.seek(mark)
-        assert b'" 206 ' in f.read()  # ranges were used
+    counted = logged_in.counted(*target.split("/", 1)[1].split(":"))
+    before = logged_in.sent()
+    res = pull(other.store, other.m, counted, name="env", options=_opts(logged_in))
+    fetched = logged_in.sent() - before
     assert res.objects_fetched == 5
     assert fetched < packs / 4, (fetched, packs)
     out = os.path.join(shm_tmp, "out")

@@ -48,6 +48,8 @@ VERBS: dict[str, str] = {
     "rollback": "store",
     "export": "store",
     "import": "store",
+    "push": "remote",
+    "pull": "remote",
     "fsck": "store",
     "gc": "store",
     "status": "store",

@@ -86,6 +86,10 @@ def doctor() -> None:
         cache_ok, cache_why = False, why_not
     report["layer_cache"] = {"path": cache, "ok": cache_ok, "reason": cache_why}
     report["store_xattrs"] = {"ok": xattrs.ok, "reason": xattrs.reason}
+    from veloverlay.remote.check import check_remotes
+    from veloverlay.store.cas import Store
+
+    report["remotes"] = check_remotes(Store(store_path)) if os.path.isdir(store_path) else []
     report["chosen"] = {
         "backend": choice.backend,
         "backend_reason": choice.backend_reason,
@@ -130,6 +134,10 @@ def _print(
     print(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
     lib = shim["library"] if shim["ok"] else f"unavailable ({shim['reason']})"
     print(f"shim library: {lib}")
+    for r in report["remotes"]:
+        who = f", user {r['user']}" if r["user"] else ", no credentials"
+        ok = f"reachable, auth {r['auth']}{who}" if r["ok"] else f"UNREACHABLE: {r['reason']}"
+        print(f"remote {r['registry']}: {ok}")
     print()
     render.table(
         ((n, ok, matters, what) for n, ok, matters, what, _r in rows),
