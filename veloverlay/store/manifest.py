@@ -5,7 +5,8 @@ This is the only module that imports lmdb. Sub-databases:
     meta      b"schema" -> b"1"
     nodes     digest -> node encoding (tree.py); immutable, content-addressed
     refs      name -> JSON {head, path, tiers, ingest_root}
-    commits   commit id -> JSON {parent, root, time_ns, message, session, ref, delta}
+    commits   commit id -> JSON {parent, root, time_ns, message, session, ref, delta, path}
+    tags      name -> JSON {commit, time_ns, message}: named versions (gc keeps them)
     statcache ref \\0 path -> ingest stat cache (ingest.py)
     ids       digest -> short object id (projection.py)
 
@@ -36,12 +37,14 @@ from veloverlay.store.cas import Store
 from veloverlay.store.digest import Digest, hash_bytes
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 
-__all__ = ["Manifests", "Ref", "Commit", "Txn", "EMPTY_ROOT", "REF_RE"]
+__all__ = ["Manifests", "Ref", "Commit", "Tag", "Txn", "EMPTY_ROOT", "REF_RE", "MIN_PREFIX"]
 
 SCHEMA_VERSION = b"1"
 _DEFAULT_MAP_SIZE = 64 << 30
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?$")
 _REV_RE = re.compile(r"^(?P<name>[^@]+(?:@(?!\{)[A-Za-z0-9._+-]+)?)(?:@\{(?P<n>\d+)\})?$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+MIN_PREFIX = 4  # shortest commit-id prefix accepted (git's minimum too)
 _DELTA_KEEP = 20000
 
 Txn = Any  # lmdb.Transaction (untyped library)
@@ -76,6 +79,7 @@ class Commit(Record):
     ref: str
     delta: list[Any] = field(default_factory=list)
     delta_count: int = 0
+    path: str | None = None  # the ref's projection path as of this version (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,24 @@ class Commit(Record):
             "session": self.session,
             "ref": self.ref,
             "delta_count": self.delta_count,
+            "path": self.path,
+        }
+
+
+class Tag(Record):
+    """A named version: a commit that `gc` keeps whatever `--keep` says and the ref does."""
+
+    name: str
+    commit: str
+    time_ns: int
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "commit": self.commit,
+            "time_ns": self.time_ns,
+            "message": self.message,
         }
 
 
@@ -150,6 +172,7 @@ class Manifests:
             self._commits = self.env.open_db(b"commits", create=not readonly)
             self.statcache = self.env.open_db(b"statcache", create=not readonly)
             self.ids = self.env.open_db(b"ids", create=not readonly)
+            self._tags = self._open_optional(b"tags", readonly)
         except lmdb.Error as exc:
             raise _lmdb_error(exc, store) from exc
         self._cache: dict[bytes, Node] = {}
@@ -160,6 +183,14 @@ class Manifests:
                     txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
                     txn.put(EMPTY_ROOT, _EMPTY_ENC, db=self._nodes)
         self._check_schema()
+
+    def _open_optional(self, name: bytes, readonly: bool) -> Any:
+        """A sub-database added after schema 1 (a read-only open of an older store has none:
+        None, read as empty)."""
+        try:
+            return self.env.open_db(name, create=not readonly)
+        except lmdb.NotFoundError:
+            return None
 
     def _check_schema(self) -> None:
         with self.read() as txn:
@@ -448,6 +479,7 @@ class Manifests:
             d["ref"],
             d.get("delta", []),
             d.get("delta_count", 0),
+            d.get("path"),
         )
 
     def iter_commits(self, txn: Txn) -> Iterator[Commit]:
@@ -468,6 +500,7 @@ class Manifests:
         message: str,
         session: str | None = None,
         delta: list[Op] | None = None,
+        path: str | None = None,
     ) -> Commit:
         ops = delta or []
         d: dict[str, Any] = {
@@ -480,6 +513,8 @@ class Manifests:
             "delta_count": len(ops),
             "delta": [op.to_json() for op in ops[:_DELTA_KEEP]],
         }
+        if path is not None:
+            d["path"] = path
         data = json.dumps(d, sort_keys=True).encode()
         cid = hash_bytes(data)
         txn.put(cid, data, db=self._commits)
@@ -511,14 +546,28 @@ class Manifests:
             )
         if not self.has_node(txn, root):
             raise VeloError(f"root {root.hex()} is not stored", reason=Reason.MANIFEST_CORRUPT)
+        if ref is None and self.get_tag(txn, name) is not None:
+            raise VeloError(
+                f"{name!r} is a tag; a ref needs another name",
+                reason=Reason.EXISTS,
+                hint="choose another --name, or delete the tag ('veloverlay tag --delete')",
+            )
+        new_path = path if path is not None else (ref.path if ref else None)
         c = self.put_commit(
-            txn, ref=name, root=root, parent=head, message=message, session=session, delta=delta
+            txn,
+            ref=name,
+            root=root,
+            parent=head,
+            message=message,
+            session=session,
+            delta=delta,
+            path=new_path,
         )
         faults.point("commit.before")
         new = Ref(
             name,
             c.id,
-            path if path is not None else (ref.path if ref else None),
+            new_path,
             tiers if tiers is not None else (ref.tiers if ref else None),
             ref.ingest_root if ref else None,
         )
@@ -528,18 +577,32 @@ class Manifests:
         return c
 
     def resolve(self, txn: Txn, spec: str) -> tuple[Ref, Commit]:
-        """`NAME`, `NAME@{n}` (n commits back), `NAME@SESSION` (a session ref), a commit id."""
+        """A version, as `BASE` or `BASE@{n}` (n commits before BASE), where BASE is, first match
+        wins: a ref (`NAME`, or `NAME@SESSION` for a session ref), a tag, or a commit id or a
+        unique prefix of one (at least `MIN_PREFIX` hex digits). The ref returned is the one the
+        version belongs to (for a tag or a commit id: the ref that made the commit; a detached
+        record carrying the commit's path if that ref was deleted)."""
         m = _REV_RE.match(spec)
         if m is None:
             raise VeloError(f"cannot parse revision {spec!r}", reason=Reason.BAD_REF)
-        ref = self.get_ref(txn, m.group("name"))
-        if ref is None:
-            raise VeloError(
-                f"no ref named {m.group('name')!r}",
-                reason=Reason.NOT_FOUND,
-                hint="'veloverlay refs' lists the refs of this store",
-            )
-        commit = self.get_commit(txn, ref.head)
+        base = m.group("name")
+        ref = self.get_ref(txn, base)
+        if ref is not None:
+            commit = self.get_commit(txn, ref.head)
+        else:
+            tag = self.get_tag(txn, base)
+            if tag is not None:
+                commit = self.get_commit(txn, tag.commit)
+            elif _HEX_RE.match(base) and len(base) >= MIN_PREFIX:
+                commit = self.get_commit(txn, self.commit_by_prefix(txn, base))
+            else:
+                raise VeloError(
+                    f"no ref, tag or commit named {base!r}",
+                    reason=Reason.NOT_FOUND,
+                    hint="'veloverlay refs' lists the refs, 'veloverlay tag' the tags, "
+                    "'veloverlay log REF' the commit ids",
+                )
+            ref = self._ref_of(txn, commit)
         for _ in range(int(m.group("n") or 0)):
             if commit.parent is None or not self._has_commit(txn, commit.parent):
                 raise VeloError(
@@ -548,6 +611,100 @@ class Manifests:
                 )
             commit = self.get_commit(txn, commit.parent)
         return ref, commit
+
+    def _ref_of(self, txn: Txn, commit: Commit) -> Ref:
+        ref = self.get_ref(txn, commit.ref)
+        if ref is None:  # the ref was deleted; the version (a tag keeps it) is still readable
+            return Ref(commit.ref, commit.id, commit.path)
+        return ref
+
+    def commit_by_prefix(self, txn: Txn, prefix: str) -> str:
+        """The one commit id starting with `prefix` (hex); NOT_FOUND or an ambiguity error."""
+        prefix = prefix.lower()
+        if len(prefix) < MIN_PREFIX or not _HEX_RE.match(prefix):
+            raise VeloError(
+                f"{prefix!r} is not a commit id (at least {MIN_PREFIX} hex digits)",
+                reason=Reason.BAD_REF,
+            )
+        start = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
+        found: list[str] = []
+        with txn.cursor(db=self._commits) as cur:
+            if cur.set_range(start):
+                for k in cur.iternext(keys=True, values=False):
+                    h = bytes(k).hex()
+                    if not h.startswith(prefix[: len(start) * 2]):
+                        break
+                    if h.startswith(prefix):
+                        found.append(h)
+                        if len(found) > 5:
+                            break
+        if not found:
+            raise VeloError(
+                f"no commit id starts with {prefix}",
+                reason=Reason.NOT_FOUND,
+                hint="'veloverlay log REF' lists commit ids (gc may have removed old ones)",
+            )
+        if len(found) > 1:
+            raise VeloError(
+                f"commit id prefix {prefix} is ambiguous: "
+                + ", ".join(f[:16] for f in found[:5])
+                + (", ..." if len(found) > 5 else ""),
+                reason=Reason.BAD_REF,
+                hint="give more digits of the commit id",
+            )
+        return found[0]
+
+    # -- tags ----------------------------------------------------------------------------------
+    def get_tag(self, txn: Txn, name: str) -> Tag | None:
+        if self._tags is None:
+            return None
+        v = txn.get(name.encode(), db=self._tags)
+        if v is None:
+            return None
+        d = json.loads(bytes(v))
+        return Tag(name, d["commit"], d["time_ns"], d.get("message", ""))
+
+    def tags(self, txn: Txn) -> list[Tag]:
+        if self._tags is None:
+            return []
+        out = []
+        with txn.cursor(db=self._tags) as cur:
+            for k in cur.iternext(keys=True, values=False):
+                tag = self.get_tag(txn, bytes(k).decode())
+                assert tag is not None
+                out.append(tag)
+        return out
+
+    def put_tag(self, txn: Txn, name: str, commit_id: str, *, message: str = "") -> Tag:
+        """Name the version `commit_id`. A tag name may not be a ref's (refs resolve first,
+        so the tag could never be read) nor look like a commit id."""
+        if "@" in name or not REF_RE.match(name):
+            raise VeloError(
+                f"invalid tag name {name!r}",
+                reason=Reason.BAD_NAME,
+                hint="tag names use letters, digits and . _ + -",
+            )
+        if self.get_ref(txn, name) is not None:
+            raise VeloError(f"{name!r} is a ref; a tag needs another name", reason=Reason.EXISTS)
+        if _HEX_RE.match(name) and len(name) >= MIN_PREFIX:
+            raise VeloError(f"tag name {name!r} looks like a commit id", reason=Reason.BAD_NAME)
+        if self.get_tag(txn, name) is not None:
+            raise VeloError(
+                f"tag {name!r} exists",
+                reason=Reason.EXISTS,
+                hint="delete it first ('veloverlay tag --delete NAME') to move it",
+            )
+        if not self._has_commit(txn, commit_id):
+            raise VeloError(f"commit {commit_id} is missing", reason=Reason.NOT_FOUND)
+        tag = Tag(name, commit_id, time.time_ns(), message)
+        d = {"commit": commit_id, "time_ns": tag.time_ns, "message": message}
+        txn.put(name.encode(), json.dumps(d, sort_keys=True).encode(), db=self._tags)
+        return tag
+
+    def delete_tag(self, txn: Txn, name: str) -> bool:
+        if self._tags is None:
+            return False
+        return bool(txn.delete(name.encode(), db=self._tags))
 
     def _has_commit(self, txn: Txn, cid: str) -> bool:
         return txn.get(bytes.fromhex(cid), db=self._commits) is not None

@@ -1,6 +1,7 @@
 """Garbage collection: mark from every root that may still be needed, sweep the rest.
 
-Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), each
+Roots: every ref's head and the commits its log keeps (all, or the newest `keep` per ref), every
+tagged commit (a named version is kept whatever `keep` says, and after its ref is deleted), each
 ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
 base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
 ones pin nothing). Only objects older than `grace` seconds (by ctime: the time they were renamed
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from veloverlay import faults
+from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Store
@@ -99,6 +101,10 @@ def gc(
                     roots.add(bytes.fromhex(c.root))
                     cid = c.parent
                     n += 1
+            for tag in m.tags(txn):  # named versions outlive --keep and their ref
+                with contextlib.suppress(VeloError):
+                    roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
+                    kept_commits.add(tag.commit)
             for r in roots:
                 if m.has_node(txn, r):
                     m.reachable(txn, r, nodes, objects)

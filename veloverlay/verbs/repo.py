@@ -14,7 +14,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
-from veloverlay.store.manifest import Commit, Manifests, Ref
+from veloverlay.store.manifest import Commit, Manifests, Ref, Tag
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
 
@@ -204,22 +204,59 @@ class Repo:
             root = bytes.fromhex(commit.root)
             return checkout(self.store, self.m, txn, root, dest, progress=progress)
 
-    def rollback(self, name: str, n: int, *, message: str | None = None) -> Commit:
-        """Make the version `n` commits back the new head (a new commit: history is kept)."""
-        if n < 1:
-            raise VeloError("rollback needs N >= 1", reason=Reason.USAGE)
+    def rollback(self, name: str, version: int | str, *, message: str | None = None) -> Commit:
+        """Make an earlier version the new head of ref `name` (a new commit: history is kept).
+
+        `version` is N (the version N commits back, as `NAME@{N}`) or any version spec: a tag,
+        a commit id or a unique prefix of one, `REF@{n}`. The version's recorded projection
+        path comes back with its tree (a version that recorded none keeps the current path)."""
+        if isinstance(version, int) or version.isdigit():
+            n = int(version)
+            if n < 1:
+                raise VeloError("rollback needs N >= 1", reason=Reason.USAGE)
+            spec = f"{name}@{{{n}}}"
+        else:
+            spec = version
         with self.m.write() as txn:
-            ref, target = self.m.resolve(txn, f"{name}@{{{n}}}")
+            ref = self.m.require_ref(txn, name)
+            _owner, target = self.m.resolve(txn, spec)
             head = self.m.get_commit(txn, ref.head)
+            if target.id == head.id:
+                raise VeloError(
+                    f"{spec} is already the head of {name}",
+                    reason=Reason.USAGE,
+                    hint=f"'veloverlay log {name}' lists its versions",
+                )
             delta = self.m.diff(txn, bytes.fromhex(head.root), bytes.fromhex(target.root))
             return self.m.commit(
                 txn,
                 ref.name,
                 bytes.fromhex(target.root),
                 expect_head=ref.head,
-                message=message or f"rollback to {name}@{{{n}}} ({target.id[:12]})",
+                message=message or f"rollback to {spec} ({target.id[:12]})",
                 delta=delta,
+                path=target.path,
             )
+
+    # -- tags: named versions ----------------------------------------------------------------
+    def tag(self, name: str, version: str, *, message: str = "") -> Tag:
+        """Name a version (any spec `resolve` takes); gc keeps it."""
+        with self.m.write() as txn:
+            _ref, commit = self.m.resolve(txn, version)
+            return self.m.put_tag(txn, name, commit.id, message=message)
+
+    def tags(self) -> list[tuple[Tag, Commit]]:
+        with self.m.read() as txn:
+            return [(t, self.m.get_commit(txn, t.commit)) for t in self.m.tags(txn)]
+
+    def delete_tag(self, name: str) -> None:
+        with self.m.write() as txn:
+            if not self.m.delete_tag(txn, name):
+                raise VeloError(
+                    f"no tag named {name!r}",
+                    reason=Reason.NOT_FOUND,
+                    hint="'veloverlay tag' lists the tags",
+                )
 
     def delete_ref(self, name: str) -> None:
         from veloverlay.ingest.pipeline import drop_cache
