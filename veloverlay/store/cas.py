@@ -178,6 +178,40 @@ class Store:
                 for obj in os.scandir(d2.path):
                     yield obj.name, Path(obj.path)
 
+    def remove_empty_shards(self) -> int:
+        """Remove the fan-out directories under the objects directory that hold nothing (gc,
+        under the exclusive store lock, after a sweep). Returns how many went."""
+        removed = 0
+        top = os.fspath(self.objects)
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            if dirpath == top:
+                continue
+            try:
+                os.rmdir(dirpath)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
+                continue
+            removed += 1
+        self._known_shards.clear()
+        return removed
+
+    def disk_usage(self) -> dict[str, dict[str, int]]:
+        """Files, directories and bytes on disk (allocated blocks) per top-level part of the
+        store: objects, ids, trees (layers kept in the store), sessions, manifests, tmp, other.
+        A file with several names in the store (an object and its short id) counts once."""
+        parts: dict[str, dict[str, int]] = {}
+        seen: set[tuple[int, int]] = set()
+        # objects first: a short id shares its object's inode and counts there
+        entries = sorted(
+            os.scandir(self.root), key=lambda e: (_PART_NAMES.get(e.name) != "objects", e.name)
+        )
+        for entry in entries:
+            name = _PART_NAMES.get(entry.name, "other")
+            part = parts.setdefault(name, {"files": 0, "dirs": 0, "bytes": 0})
+            tree_usage(entry.path, part, seen)
+        return parts
+
     def shard_dir(self, hexname: bytes) -> bytes:
         d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
         if d not in self._known_shards:
@@ -237,6 +271,42 @@ class Store:
             finally:
                 os.close(fd)
         return removed
+
+
+_PART_NAMES = {
+    "objects-v1": "objects",
+    "objects-v2": "objects",
+    "ids-v1": "ids",
+    "trees-v1": "trees",
+    "sessions": "sessions",
+    "manifests.lmdb": "manifests",
+    "tmp": "tmp",
+}
+
+
+def tree_usage(path: str, part: dict[str, int], seen: set[tuple[int, int]]) -> None:
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue  # gone meanwhile, or unreadable: counted as nothing
+        if stat.S_ISDIR(st.st_mode):
+            part["dirs"] += 1
+            part["bytes"] += st.st_blocks * 512
+            try:
+                stack.extend(e.path for e in os.scandir(p))
+            except OSError:
+                pass
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        part["files"] += 1
+        part["bytes"] += st.st_blocks * 512
 
 
 def _rmtree(path: Path) -> int:
@@ -432,7 +502,14 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
             if os.path.lexists(dst):
                 os.unlink(path)
                 continue
-            os.rename(path, dst)
+            try:
+                os.rename(path, dst)
+            except FileNotFoundError:
+                if not os.path.exists(path):
+                    raise
+                # gc removed the (then empty) shard since this process cached it: make it again
+                store._known_shards.discard(dst.rsplit(b"/", 1)[0])
+                os.rename(path, b"%s/%s" % (store.shard_dir(hexname), hexname))
             faults.point("publish.renamed")
             published += 1
         except OSError as exc:

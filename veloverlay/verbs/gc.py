@@ -21,9 +21,9 @@ from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Store
-from veloverlay.store.manifest import EMPTY_ROOT, Manifests
+from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn
 
-__all__ = ["GcReport", "gc", "session_roots"]
+__all__ = ["GcReport", "RefFootprint", "gc", "ref_footprint", "session_roots"]
 
 
 class GcReport(Record):
@@ -35,6 +35,7 @@ class GcReport(Record):
     proxies_removed: int = 0
     objects_kept: int = 0
     young_kept: int = 0
+    dirs_removed: int = 0  # empty fan-out directories of the objects
     dry_run: bool = False
     deleted: list[str] = field(default_factory=list)
 
@@ -68,6 +69,87 @@ def session_roots(store: Store) -> set[bytes]:
     return out
 
 
+def _mark(
+    store: Store, m: Manifests, txn: Txn, keep: int | None, *, without: str | None = None
+) -> tuple[set[bytes], set[bytes], set[str]]:
+    """(nodes, objects, commits) that gc keeps; `without`: as if that ref were deleted."""
+    nodes: set[bytes] = set()
+    objects: set[bytes] = set()
+    kept_commits: set[str] = set()
+    roots: set[bytes] = set(session_roots(store)) | {EMPTY_ROOT}
+    for ref in m.refs(txn):
+        if ref.name == without:
+            continue
+        if ref.ingest_root:
+            roots.add(bytes.fromhex(ref.ingest_root))
+        cid: str | None = ref.head
+        n = 0
+        while cid is not None and (keep is None or n < keep):
+            if cid in kept_commits:
+                break
+            c = m.get_commit(txn, cid)
+            kept_commits.add(cid)
+            roots.add(bytes.fromhex(c.root))
+            cid = c.parent
+            n += 1
+    for tag in m.tags(txn):  # named versions outlive --keep and their ref
+        with contextlib.suppress(VeloError):
+            roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
+            kept_commits.add(tag.commit)
+    for r in roots:
+        if m.has_node(txn, r):
+            m.reachable(txn, r, nodes, objects)
+    return nodes, objects, kept_commits
+
+
+class RefFootprint(Record):
+    """What deleting a ref frees, and when: its objects that nothing else keeps (other refs,
+    tags, sessions) go at the first `gc` run once they are older than the grace period."""
+
+    ref: str
+    objects: int = 0
+    bytes: int = 0  # allocated on disk
+    objects_now: int = 0  # older than the grace already: the next gc frees them
+    bytes_now: int = 0
+    free_after: float = 0.0  # epoch seconds: from then on a gc frees all of it (0: now)
+    grace: float = 3600.0
+
+
+def ref_footprint(store: Store, m: Manifests, name: str, *, grace: float = 3600.0) -> RefFootprint:
+    """What deleting ref `name` would free (computed, nothing changed)."""
+    fp = RefFootprint(name, grace=grace)
+    with m.read() as txn:
+        m.require_ref(txn, name)
+        _n, others, _c = _mark(store, m, txn, None, without=name)
+        mine: set[bytes] = set()
+        _mark_ref(m, txn, name, mine)
+    now = time.time()
+    for digest in mine - others:
+        try:
+            st = os.lstat(store.object_path_b(digest))
+        except FileNotFoundError:
+            continue
+        used = st.st_blocks * 512
+        fp.objects += 1
+        fp.bytes += used
+        ready = st.st_ctime + grace
+        if ready <= now:
+            fp.objects_now += 1
+            fp.bytes_now += used
+        else:
+            fp.free_after = max(fp.free_after, ready)
+    return fp
+
+
+def _mark_ref(m: Manifests, txn: Txn, name: str, objects: set[bytes]) -> None:
+    ref = m.require_ref(txn, name)
+    nodes: set[bytes] = set()
+    if ref.ingest_root and m.has_node(txn, bytes.fromhex(ref.ingest_root)):
+        m.reachable(txn, bytes.fromhex(ref.ingest_root), nodes, objects)
+    for c in m.log(txn, name):
+        m.reachable(txn, bytes.fromhex(c.root), nodes, objects)
+
+
 def gc(
     store: Store,
     m: Manifests,
@@ -83,31 +165,8 @@ def gc(
     with store.lock(exclusive=True):
         if not dry_run:
             store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
-        nodes: set[bytes] = set()
-        objects: set[bytes] = set()
-        kept_commits: set[str] = set()
         with m.read() as txn:
-            roots: set[bytes] = set(session_roots(store)) | {EMPTY_ROOT}
-            for ref in m.refs(txn):
-                if ref.ingest_root:
-                    roots.add(bytes.fromhex(ref.ingest_root))
-                cid: str | None = ref.head
-                n = 0
-                while cid is not None and (keep is None or n < keep):
-                    if cid in kept_commits:
-                        break
-                    c = m.get_commit(txn, cid)
-                    kept_commits.add(cid)
-                    roots.add(bytes.fromhex(c.root))
-                    cid = c.parent
-                    n += 1
-            for tag in m.tags(txn):  # named versions outlive --keep and their ref
-                with contextlib.suppress(VeloError):
-                    roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
-                    kept_commits.add(tag.commit)
-            for r in roots:
-                if m.has_node(txn, r):
-                    m.reachable(txn, r, nodes, objects)
+            nodes, objects, kept_commits = _mark(store, m, txn, keep)
             heads = set(session_roots(store))
             for ref in m.refs(txn):
                 heads.add(bytes.fromhex(m.get_commit(txn, ref.head).root))
@@ -165,6 +224,7 @@ def gc(
             for entry in os.scandir(store.trees / "relocation"):  # relocation.cached_find_baked
                 if entry.name.split("-", 1)[0] not in keep_hex:
                     os.unlink(entry.path)
+        rep.dirs_removed = store.remove_empty_shards()
         from veloverlay.session.shim.materialize import prune_proxies
 
         rep.proxies_removed = prune_proxies(store)

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from typing import IO, Any
 
 from veloverlay import paths
@@ -17,8 +19,9 @@ from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import Commit, Manifests, Ref, Tag
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
+from veloverlay.verbs.gc import RefFootprint
 
-__all__ = ["Repo", "LsEntry", "Change", "entry_dict", "op_to_dict", "TEXT_LIMIT"]
+__all__ = ["Repo", "LsEntry", "Change", "entry_dict", "op_to_dict", "TEXT_LIMIT", "remove_store"]
 
 TEXT_LIMIT = 8 << 20  # larger files are not diffed line by line (`patch` says binary)
 
@@ -258,13 +261,121 @@ class Repo:
                     hint="'veloverlay tag' lists the tags",
                 )
 
-    def delete_ref(self, name: str) -> None:
+    def delete_ref(self, name: str, *, grace: float = 3600.0) -> RefFootprint:
+        """Delete ref `name` (its tags stay). Returns what that frees and when: its objects that
+        nothing else keeps go at the first `gc` once older than `grace` (gc's default)."""
         from veloverlay.ingest.pipeline import drop_cache
+        from veloverlay.verbs.gc import ref_footprint
 
+        fp = ref_footprint(self.store, self.m, name, grace=grace)
         with self.m.write() as txn:
             if not self.m.delete_ref(txn, name):
                 raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
             drop_cache(self.m, txn, name)
+        return fp
+
+    def disk_usage(self) -> dict[str, dict[str, int]]:
+        """Disk use of the store by part (see `Store.disk_usage`), plus `per-boot-cache`: this
+        user's layers of this store in the per-boot cache (memory when it is a tmpfs), and
+        `total` (the store's parts)."""
+        parts = self.store.disk_usage()
+        total = {k: sum(p[k] for p in parts.values()) for k in ("files", "dirs", "bytes")}
+        from veloverlay.lower.homes import boot_dir
+
+        cache = boot_dir(self.store.root)
+        if cache is not None:
+            part = {"files": 0, "dirs": 0, "bytes": 0}
+            from veloverlay.store.cas import tree_usage
+
+            tree_usage(os.fspath(cache), part, set())
+            parts["per-boot-cache"] = part
+        parts["total"] = total
+        return parts
+
+
+_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+
+
+def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[str, int]:
+    """Remove a whole store: its objects (clearing `chattr +i`, which `rm -rf` cannot), layers,
+    sessions, manifests, and this user's per-boot cache of it. Refuses a directory that is not a
+    veloverlay store, a store another veloverlay process holds (LOCKED), and one with sessions
+    that are live or not yet harvested (their work would be lost) unless `force`.
+    Returns {"files", "dirs", "bytes"} removed."""
+    from veloverlay import fsflags
+    from veloverlay.lower.homes import boot_dir
+    from veloverlay.verbs.gc import session_roots
+
+    store = Store.open(path)
+    tag = store.root / "CACHEDIR.TAG"
+    ours = tag.is_file() and b"veloverlay" in tag.read_bytes()
+    shards = os.listdir(store.objects)
+    # what `rm -rf` leaves of a root store: fan-out directories holding +i objects
+    left_over = bool(shards) and all(_HEX2.match(n) for n in shards)
+    if not (ours or (store.db_path / "data.mdb").is_file() or left_over):
+        raise VeloError(
+            f"{store.root} does not look like a veloverlay store (no CACHEDIR.TAG of ours, no "
+            "manifest database, objects that are not named as ours)",
+            reason=Reason.STORE_MISSING,
+        )
+    usage = store.disk_usage()
+    total = {k: sum(p[k] for p in usage.values()) for k in ("files", "dirs", "bytes")}
+    with store.lock(exclusive=True, wait=False):
+        if session_roots(store) and not force:
+            raise VeloError(
+                f"the store at {store.root} has sessions that are live or not yet harvested",
+                reason=Reason.SESSION_ACTIVE,
+                hint="end or harvest them first ('veloverlay sessions'), or pass --force to "
+                "lose their changes",
+            )
+        cache = boot_dir(store.root)
+        if cache is not None:
+            _remove_tree(os.fspath(cache), fsflags)
+        for entry in os.scandir(store.root):
+            if entry.name != "lock":
+                _remove_tree(entry.path, fsflags)
+    _remove_tree(os.fspath(store.root), fsflags)  # the lock file last: we held it
+    return total
+
+
+def _remove_tree(path: str, fsflags: Any) -> None:
+    """rm -rf that clears +i and opens up 0555/000 directories on its way (never follows a
+    symbolic link)."""
+
+    def unlocked(p: str) -> None:
+        with contextlib.suppress(OSError):
+            if fsflags.is_immutable(p):
+                fsflags.set_immutable(p, False)
+
+    def remove(p: str, isdir: bool) -> None:
+        try:
+            os.rmdir(p) if isdir else os.unlink(p)
+        except PermissionError:
+            unlocked(p)
+            unlocked(os.path.dirname(p))
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.dirname(p), 0o700)
+            os.rmdir(p) if isdir else os.unlink(p)
+
+    if os.path.islink(path) or not os.path.isdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            remove(path, False)
+        return
+    stack = [(path, False)]
+    while stack:
+        d, visited = stack.pop()
+        if visited:
+            remove(d, True)
+            continue
+        unlocked(d)
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o700)
+        stack.append((d, True))
+        for e in os.scandir(d):
+            if e.is_dir(follow_symlinks=False):
+                stack.append((e.path, False))
+            else:
+                remove(e.path, False)
 
 
 def entry_dict(path: bytes, e: Entry) -> dict[str, Any]:
