@@ -29,7 +29,7 @@ def _dirs_under(path: str) -> int:
 
 def _contents(root: str) -> set[bytes]:
     """BLAKE3 of every non-empty regular file under root (the objects its ingest stores)."""
-    out = set()
+    out: set[bytes] = set()
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             p = os.path.join(dirpath, name)
