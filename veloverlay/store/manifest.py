@@ -22,7 +22,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -31,95 +30,39 @@ import lmdb
 
 from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.records import Record, field
 from veloverlay.store import tree
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import Digest, hash_bytes
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.store.versions import (
+    MIN_PREFIX,
+    REF_RE,
+    Commit,
+    Ref,
+    Tag,
+    Versions,
+    check_ref_name,
+)
 
-__all__ = ["Manifests", "Ref", "Commit", "Tag", "Txn", "EMPTY_ROOT", "REF_RE", "MIN_PREFIX"]
+__all__ = [
+    "Manifests",
+    "Ref",
+    "Commit",
+    "Tag",
+    "Txn",
+    "EMPTY_ROOT",
+    "REF_RE",
+    "MIN_PREFIX",
+    "check_ref_name",
+]
 
 SCHEMA_VERSION = b"1"
 _DEFAULT_MAP_SIZE = 64 << 30
-REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?$")
-_REV_RE = re.compile(r"^(?P<name>[^@]+(?:@(?!\{)[A-Za-z0-9._+-]+)?)(?:@\{(?P<n>\d+)\})?$")
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
-MIN_PREFIX = 4  # shortest commit-id prefix accepted (git's minimum too)
 _DELTA_KEEP = 20000
 
 Txn = Any  # lmdb.Transaction (untyped library)
 
 EMPTY_ROOT, _EMPTY_ENC = tree.encode(tree.EMPTY_DIR_MODE, 0, [])
-
-
-class Ref(Record):
-    name: str
-    head: str  # commit id hex
-    path: str | None = None  # the directory it was ingested from (default projection point)
-    tiers: list[list[Any]] | None = None
-    ingest_root: str | None = None  # the source tree as last ingested: base of re-ingest merges
-
-    def to_json(self) -> bytes:
-        d = {
-            "head": self.head,
-            "path": self.path,
-            "tiers": self.tiers,
-            "ingest_root": self.ingest_root,
-        }
-        return json.dumps(d, sort_keys=True).encode()
-
-
-class Commit(Record):
-    id: str
-    root: str
-    parent: str | None
-    time_ns: int
-    message: str
-    session: str | None
-    ref: str
-    delta: list[Any] = field(default_factory=list)
-    delta_count: int = 0
-    path: str | None = None  # the ref's projection path as of this version (None: not recorded)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "root": self.root,
-            "parent": self.parent,
-            "time_ns": self.time_ns,
-            "message": self.message,
-            "session": self.session,
-            "ref": self.ref,
-            "delta_count": self.delta_count,
-            "path": self.path,
-        }
-
-
-class Tag(Record):
-    """A named version: a commit that `gc` keeps whatever `--keep` says and the ref does."""
-
-    name: str
-    commit: str
-    time_ns: int
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "commit": self.commit,
-            "time_ns": self.time_ns,
-            "message": self.message,
-        }
-
-
-def check_ref_name(name: str) -> str:
-    if not REF_RE.match(name):
-        raise VeloError(
-            f"invalid ref name {name!r}",
-            reason=Reason.BAD_REF,
-            hint="ref names use letters, digits and . _ + - (a session ref adds @<session>)",
-        )
-    return name
 
 
 class _Trie:
@@ -140,7 +83,7 @@ class _Trie:
             t.children = {}
 
 
-class Manifests:
+class Manifests(Versions):
     """The manifest database of one store."""
 
     def __init__(self, store: Store, *, readonly: bool = False) -> None:
@@ -575,136 +518,6 @@ class Manifests:
             new.ingest_root = ingest_root.hex()
         self.put_ref(txn, new)
         return c
-
-    def resolve(self, txn: Txn, spec: str) -> tuple[Ref, Commit]:
-        """A version, as `BASE` or `BASE@{n}` (n commits before BASE), where BASE is, first match
-        wins: a ref (`NAME`, or `NAME@SESSION` for a session ref), a tag, or a commit id or a
-        unique prefix of one (at least `MIN_PREFIX` hex digits). The ref returned is the one the
-        version belongs to (for a tag or a commit id: the ref that made the commit; a detached
-        record carrying the commit's path if that ref was deleted)."""
-        m = _REV_RE.match(spec)
-        if m is None:
-            raise VeloError(f"cannot parse revision {spec!r}", reason=Reason.BAD_REF)
-        base = m.group("name")
-        ref = self.get_ref(txn, base)
-        if ref is not None:
-            commit = self.get_commit(txn, ref.head)
-        else:
-            tag = self.get_tag(txn, base)
-            if tag is not None:
-                commit = self.get_commit(txn, tag.commit)
-            elif _HEX_RE.match(base) and len(base) >= MIN_PREFIX:
-                commit = self.get_commit(txn, self.commit_by_prefix(txn, base))
-            else:
-                raise VeloError(
-                    f"no ref, tag or commit named {base!r}",
-                    reason=Reason.NOT_FOUND,
-                    hint="'veloverlay refs' lists the refs, 'veloverlay tag' the tags, "
-                    "'veloverlay log REF' the commit ids",
-                )
-            ref = self._ref_of(txn, commit)
-        for _ in range(int(m.group("n") or 0)):
-            if commit.parent is None or not self._has_commit(txn, commit.parent):
-                raise VeloError(
-                    f"{spec}: the log of {ref.name} is shorter (or pruned by gc --keep)",
-                    reason=Reason.NOT_FOUND,
-                )
-            commit = self.get_commit(txn, commit.parent)
-        return ref, commit
-
-    def _ref_of(self, txn: Txn, commit: Commit) -> Ref:
-        ref = self.get_ref(txn, commit.ref)
-        if ref is None:  # the ref was deleted; the version (a tag keeps it) is still readable
-            return Ref(commit.ref, commit.id, commit.path)
-        return ref
-
-    def commit_by_prefix(self, txn: Txn, prefix: str) -> str:
-        """The one commit id starting with `prefix` (hex); NOT_FOUND or an ambiguity error."""
-        prefix = prefix.lower()
-        if len(prefix) < MIN_PREFIX or not _HEX_RE.match(prefix):
-            raise VeloError(
-                f"{prefix!r} is not a commit id (at least {MIN_PREFIX} hex digits)",
-                reason=Reason.BAD_REF,
-            )
-        start = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
-        found: list[str] = []
-        with txn.cursor(db=self._commits) as cur:
-            if cur.set_range(start):
-                for k in cur.iternext(keys=True, values=False):
-                    h = bytes(k).hex()
-                    if not h.startswith(prefix[: len(start) * 2]):
-                        break
-                    if h.startswith(prefix):
-                        found.append(h)
-                        if len(found) > 5:
-                            break
-        if not found:
-            raise VeloError(
-                f"no commit id starts with {prefix}",
-                reason=Reason.NOT_FOUND,
-                hint="'veloverlay log REF' lists commit ids (gc may have removed old ones)",
-            )
-        if len(found) > 1:
-            raise VeloError(
-                f"commit id prefix {prefix} is ambiguous: "
-                + ", ".join(f[:16] for f in found[:5])
-                + (", ..." if len(found) > 5 else ""),
-                reason=Reason.BAD_REF,
-                hint="give more digits of the commit id",
-            )
-        return found[0]
-
-    # -- tags ----------------------------------------------------------------------------------
-    def get_tag(self, txn: Txn, name: str) -> Tag | None:
-        if self._tags is None:
-            return None
-        v = txn.get(name.encode(), db=self._tags)
-        if v is None:
-            return None
-        d = json.loads(bytes(v))
-        return Tag(name, d["commit"], d["time_ns"], d.get("message", ""))
-
-    def tags(self, txn: Txn) -> list[Tag]:
-        if self._tags is None:
-            return []
-        out = []
-        with txn.cursor(db=self._tags) as cur:
-            for k in cur.iternext(keys=True, values=False):
-                tag = self.get_tag(txn, bytes(k).decode())
-                assert tag is not None
-                out.append(tag)
-        return out
-
-    def put_tag(self, txn: Txn, name: str, commit_id: str, *, message: str = "") -> Tag:
-        """Name the version `commit_id`. A tag name may not be a ref's (refs resolve first,
-        so the tag could never be read) nor look like a commit id."""
-        if "@" in name or not REF_RE.match(name):
-            raise VeloError(
-                f"invalid tag name {name!r}",
-                reason=Reason.BAD_NAME,
-                hint="tag names use letters, digits and . _ + -",
-            )
-        if self.get_ref(txn, name) is not None:
-            raise VeloError(f"{name!r} is a ref; a tag needs another name", reason=Reason.EXISTS)
-        if _HEX_RE.match(name) and len(name) >= MIN_PREFIX:
-            raise VeloError(f"tag name {name!r} looks like a commit id", reason=Reason.BAD_NAME)
-        if self.get_tag(txn, name) is not None:
-            raise VeloError(
-                f"tag {name!r} exists",
-                reason=Reason.EXISTS,
-                hint="delete it first ('veloverlay tag --delete NAME') to move it",
-            )
-        if not self._has_commit(txn, commit_id):
-            raise VeloError(f"commit {commit_id} is missing", reason=Reason.NOT_FOUND)
-        tag = Tag(name, commit_id, time.time_ns(), message)
-        d = {"commit": commit_id, "time_ns": tag.time_ns, "message": message}
-        txn.put(name.encode(), json.dumps(d, sort_keys=True).encode(), db=self._tags)
-        return tag
-
-    def delete_tag(self, txn: Txn, name: str) -> bool:
-        if self._tags is None:
-            return False
-        return bool(txn.delete(name.encode(), db=self._tags))
 
     def _has_commit(self, txn: Txn, cid: str) -> bool:
         return txn.get(bytes.fromhex(cid), db=self._commits) is not None

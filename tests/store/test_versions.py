@@ -16,10 +16,10 @@ import pytest
 
 from tests.envs.realtree import git, make_project
 from tests.helpers.trees import assert_same_tree
-from veloverlay.store.bundle import export_bundle, import_bundle
 from veloverlay.errors import Reason, VeloError
-from veloverlay.verbs.gc import gc
 from veloverlay.ingest import ingest
+from veloverlay.store.bundle import export_bundle, import_bundle
+from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
 
 

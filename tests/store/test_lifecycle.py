@@ -16,10 +16,10 @@ import pytest
 
 from tests.envs.realtree import make_project
 from veloverlay import fsflags
-from veloverlay.digest import hash_bytes
 from veloverlay.errors import Reason, VeloError
-from veloverlay.verbs.gc import gc
 from veloverlay.ingest import ingest
+from veloverlay.store.digest import hash_bytes
+from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo, remove_store
 
 
