@@ -58,12 +58,16 @@ def mode_form_params(*, store_layers: bool = False) -> list[Any]:
     return out
 
 
-def use_form(form: str) -> str:
+def use_form(form: str, *, fresh_cache: str | None = None) -> str:
     """Set this (child) process up for `form` of mode_form_params; return the lower form the
-    session reports for it."""
+    session reports for it. `fresh_cache`: a new directory for the per-boot layer cache (as
+    after a reboot: every layer is built whole)."""
     if form == "data-only-store":
         os.environ["VELO_RUNTIME_DIR"] = "off"
         form = "data-only"
+    elif fresh_cache is not None:
+        os.makedirs(fresh_cache, 0o700)
+        os.environ["VELO_RUNTIME_DIR"] = fresh_cache
     os.environ["VELO_FORCE_LOWER"] = form
     return form
 
@@ -95,13 +99,34 @@ BASE_FILES: dict[str, bytes] = {
 }
 
 
-def make_base(root: str) -> None:
+# Modes as real trees have them (issue 15): every git repository has 0444 files; read-only and
+# setgid directories, private files and directories. path -> (mode, content; None: a directory)
+REAL_MODE_FILES: dict[str, tuple[int, bytes | None]] = {
+    "ro.h": (0o444, b"#define RO 1\n"),
+    "secret": (0o600, b"s3cret\n"),
+    "tool": (0o755, b"#!/bin/sh\n"),
+    "private/run": (0o700, b"#!/bin/sh\n"),
+    "private": (0o700, None),
+    "vendor/lib.h": (0o444, b"/* lib */\n"),
+    "vendor": (0o555, None),
+    "shared/data": (0o664, b"d\n"),
+    "shared": (0o2775, None),
+}
+
+
+def make_base(root: str, *, real_modes: bool = False) -> None:
     os.makedirs(root)
-    for rel, data in BASE_FILES.items():
+    files = dict(BASE_FILES)
+    if real_modes:
+        files.update({k: v[1] for k, v in REAL_MODE_FILES.items() if v[1] is not None})
+    for rel, data in files.items():
         p = os.path.join(root, rel)
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb") as f:
             f.write(data)
+    if real_modes:  # (dict order: files before their directories)
+        for rel, (mode, _data) in REAL_MODE_FILES.items():
+            os.chmod(os.path.join(root, rel), mode)
     os.chmod(os.path.join(root, "exec.sh"), 0o755)
     os.chmod(os.path.join(root, "f6"), 0o640)
     os.mkdir(os.path.join(root, "emptydir"))
@@ -113,10 +138,11 @@ def make_base(root: str) -> None:
     os.utime(root, ns=(OLD_NS, OLD_NS))
 
 
-def new_store(base: str, name: str = "t") -> tuple[Store, str]:
-    """A store at base/store with ref `name` ingested from base/src (path recorded)."""
+def new_store(base: str, name: str = "t", *, real_modes: bool = False) -> tuple[Store, str]:
+    """A store at base/store with ref `name` ingested from base/src (path recorded); with
+    `real_modes` the tree also has REAL_MODE_FILES."""
     src = os.path.join(base, "src")
-    make_base(src)
+    make_base(src, real_modes=real_modes)
     store = Store.init(os.path.join(base, "store"))
     m = Manifests(store)
     try:

@@ -1,5 +1,7 @@
 """The behaviour suite: {root, root-free} x {data-only, links} x file operations; data-only both
-with its layers in the per-boot cache (the default where a tmpfs allows) and kept in the store.
+with its layers in the per-boot cache (the default where a tmpfs allows; a fresh one per test, as
+after a reboot) and kept in the store. The tree has the modes real trees have (0444 files as in
+every git repository, 0555 and setgid directories, 0600/0700/0755).
 
 Each operation runs as a shell script twice: inside a session projecting the ref (then harvested
 and committed) and in a plain directory checked out from the same ref. The committed version,
@@ -49,12 +51,14 @@ SCENARIOS: dict[str, str] = {
     "copy-tier1": "cp -a model.gguf model2.gguf; mkdir -p w; cp -a model.gguf w/",
     "unreadable": "printf secret > locked; chmod 000 locked; mkdir ro; printf r > ro/r; "
     "chmod 555 ro; chmod 000 emptydir",
+    "real-modes": "cat ro.h vendor/lib.h private/run secret >/dev/null; printf x >> shared/data; "
+    "chmod 644 ro.h; printf y >> ro.h; rm private/run; chmod 640 secret; printf n > shared/n",
 }
 
 
 def _scenario(base: str, form: str, script: str) -> tuple[list[str], list[str], int]:
-    reported = use_form(form)
-    store, _src = new_store(base)
+    reported = use_form(form, fresh_cache=os.path.join(base, "runtime"))
+    store, _src = new_store(base, real_modes=True)
     proj = os.path.join(base, "proj")
     plain = os.path.join(base, "plain")
     checkout_ref(store, "t", plain)

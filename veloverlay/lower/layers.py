@@ -81,15 +81,17 @@ class _Writer:
         os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
     def _metacopy(self, dfd: int, e: Entry) -> None:
-        fd = os.open(e.name, NEWFILE, e.mode & 0o777, dir_fd=dfd)
+        # Created writable by its owner, xattrs set, then the entry's mode: without
+        # CAP_DAC_OVERRIDE (root-free), setxattr on a 0444 file is EACCES, and every git
+        # repository has 0444 files.
+        fd = os.open(e.name, NEWFILE, 0o600, dir_fd=dfd)
         try:
             if e.size:
                 redirect = self.objs.redirect(e.digest)
                 os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
                 os.setxattr(fd, _XATTR_METACOPY, b"")
                 os.setxattr(fd, _XATTR_REDIRECT, redirect)
-            if e.mode & 0o7000:
-                os.fchmod(fd, e.mode)
+            os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
@@ -101,9 +103,10 @@ class _Writer:
                 return
             except PermissionError:
                 self.whiteout_mknod = False
-        fd = os.open(name, NEWFILE, 0o000, dir_fd=dfd)
+        fd = os.open(name, NEWFILE, 0o600, dir_fd=dfd)  # writable for setxattr (see above)
         try:
             os.setxattr(fd, _XATTR_WHITEOUT, b"")
+            os.fchmod(fd, 0o000)
         finally:
             os.close(fd)
         if dfd not in marked:
