@@ -123,7 +123,7 @@ def _xattr_whiteout_scenario(base: str) -> dict[str, Any]:
     def refused(*_a: object, **_k: object) -> None:
         raise PermissionError(1, "mknod refused (simulated)")
 
-    os.mknod = refused  # type: ignore[assignment]  # this forked child only
+    os.mknod = refused  # this forked child only
     src = os.path.join(base, "app")
     os.mkdir(src)  # no 0444 file here: what fails must be the whiteout
     for name in ("README", "main.c"):
