@@ -1,8 +1,8 @@
 """Builds the LD_PRELOAD shim as part of every install (pyproject.toml holds the metadata).
 
 `veloverlay._veloshim` is a plain shared object built from shim/*.c: it has no PyInit_ and is
-never imported, only preloaded by shim-backend sessions (veloverlay/session/shim/library.py finds it in
-the package root). Same flags as shim/Makefile: warnings are errors.
+never imported, only preloaded by shim-backend sessions (veloverlay/session/shim/library.py finds
+it in the package root). Same flags as shim/Makefile: warnings are errors.
 """
 
 from setuptools import Extension, setup
