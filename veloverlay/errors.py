@@ -42,6 +42,7 @@ class Reason(enum.Enum):
     CONFLICT = "conflict"
     SOURCE_UNSTABLE = "source-unstable"
     SOURCE_UNREADABLE = "source-unreadable"
+    OTHER_SOURCE = "other-source"  # a ref ingested from another directory than this one
     LOCKED = "locked"
     # kernel facilities
     SYSCALL = "syscall"
@@ -52,6 +53,7 @@ class Reason(enum.Enum):
     TOO_MANY_LAYERS = "too-many-layers"
     # sessions
     TARGET_INVALID = "target-invalid"
+    BAKED_PATHS = "baked-paths"  # the tree names its source's path, which the shim cannot hide
     SESSION_NOT_FOUND = "session-not-found"
     SESSION_ACTIVE = "session-active"
     BACKEND_UNAVAILABLE = "backend-unavailable"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -151,3 +152,139 @@ def _xattr_whiteout_scenario(base: str) -> dict[str, Any]:
 def test_xattr_whiteouts_in_a_delta_layer_root_free(mode: str, tmp_base: str) -> None:
     out = as_mode(mode, _xattr_whiteout_scenario, tmp_base)
     assert out == {"first": 0, "second": (0, True), "third": 0}
+
+
+# -- item 3: a venv projected elsewhere while its source is still in place -------------------
+
+PY = "/usr/bin/python3"  # world-readable: the root-free uid runs the venv too
+
+
+def _make_venv(venv: str) -> str:
+    """A venv with a console script whose #! line names the venv's own path (as pip writes
+    them); the script installs a module into the venv's site-packages, as `pip install` would.
+    Returns site-packages relative to the venv."""
+    subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True)
+    ver = subprocess.run(
+        [PY, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    tool = os.path.join(venv, "bin", "tool")
+    with open(tool, "w") as f:
+        f.write(
+            f"#!{venv}/bin/python\n"
+            "import site\n"
+            "open(site.getsitepackages()[0] + '/installed.py', 'w').write('x = 1\\n')\n"
+        )
+    os.chmod(tool, 0o755)
+    return f"lib/python{ver}/site-packages"
+
+
+def _in_ref(store: Store, ref: str, path: str) -> bool:
+    from veloverlay import paths
+
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _r, c = m.resolve(txn, ref)
+            return m.lookup(txn, bytes.fromhex(c.root), paths.parse_user_path(path)) is not None
+    finally:
+        m.close()
+
+
+def _venv_at_scenario(base: str, backend: str) -> dict[str, Any]:
+    _fresh_cache(base, "data-only")
+    os.environ.pop("VELO_FORCE_LOWER", None)
+    venv = os.path.join(base, "venv")
+    site = _make_venv(venv)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    ingest(store, m, venv, "venv", jobs=1)
+    m.close()
+    before = snapshot(venv)
+    other = os.path.join(base, "other")
+    opts = session.SessionOptions(refs=["venv"], at=other, backend=backend)
+    out: dict[str, Any] = {}
+    try:
+        res = session.run(store, opts, [f"{other}/bin/tool"])
+        out["run"] = (res.exit_status, res.commit is not None, res.backend)
+    except Exception as exc:
+        out["run"] = (getattr(getattr(exc, "reason", None), "value", repr(exc)), str(exc))
+    out["source_changed"] = diff_snapshots(before, snapshot(venv))
+    out["in_ref"] = _in_ref(store, "venv", f"{site}/installed.py")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_venv_at_elsewhere_never_changes_its_source(mode: str, tmp_base: str) -> None:
+    """The user's case: `run venv --at OTHER -- OTHER/bin/pip install six` installed into the
+    original directory (its #! line names it). Inside the overlay session the ingest path shows
+    the projection too: the install lands in the session and is harvested."""
+    from tests.session._util import MODE_MARKS
+    from veloverlay import probe
+
+    caps = probe.detect()
+    for feature in MODE_MARKS[mode]:
+        if not caps.feature(feature).ok:
+            pytest.skip(f"{feature}: {caps.feature(feature).reason}")
+    out = as_mode(mode, _venv_at_scenario, tmp_base, "overlay")
+    assert out["source_changed"] == [], out["source_changed"]
+    assert out["run"] == (0, True, "overlay"), out["run"]
+    assert out["in_ref"], "the install was not harvested into the ref"
+
+
+@pytest.mark.needs("root")
+def test_venv_at_elsewhere_with_the_shim_is_refused_before_it_runs(tmp_base: str) -> None:
+    out = as_mode("root", _venv_at_scenario, tmp_base, "shim")
+    assert out["run"][0] == "baked-paths", out["run"]
+    assert f"name its ingest path {tmp_base}/venv" in out["run"][1]
+    assert out["source_changed"] == [] and not out["in_ref"]
+
+
+def _not_found_scenario(base: str) -> dict[str, Any]:
+    _fresh_cache(base, "data-only")
+    os.environ.pop("VELO_FORCE_LOWER", None)
+    venv = os.path.join(base, "venv")
+    _make_venv(venv)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    ingest(store, m, venv, "venv", jobs=1, adopt=True)  # the source moves aside
+    m.close()
+    other = os.path.join(base, "other")
+    err = os.path.join(base, "stderr")
+    saved = os.dup(2)
+    fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    old_stderr = sys.stderr  # pytest's capture object: the reaper writes through sys.stderr
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    try:
+        opts = session.SessionOptions(refs=["venv"], at=other)
+        statuses = [
+            session.run(store, opts, [f"{other}/bin/tool"]).exit_status,
+            session.run(store, opts, ["no-such-command-velo"]).exit_status,
+        ]
+    finally:
+        sys.stderr.close()
+        sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+    with open(err) as f:
+        return {"statuses": statuses, "stderr": f.read(), "venv": venv}
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_not_found_names_what_is_missing(mode: str, tmp_base: str) -> None:
+    """After `--adopt` moved the venv aside, its script's interpreter is what is missing."""
+    from tests.session._util import MODE_MARKS
+    from veloverlay import probe
+
+    caps = probe.detect()
+    for feature in MODE_MARKS[mode]:
+        if not caps.feature(feature).ok:
+            pytest.skip(f"{feature}: {caps.feature(feature).reason}")
+    out = as_mode(mode, _not_found_scenario, tmp_base)
+    assert out["statuses"] == [127, 127]
+    assert f"its interpreter {out['venv']}/bin/python (named by its #! line)" in out["stderr"]
+    assert "no-such-command-velo: command not found (not in PATH)" in out["stderr"]

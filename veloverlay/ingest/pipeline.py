@@ -27,7 +27,7 @@ from veloverlay.ingest.scan import IngestResult, Progress, ScanDir, entry_mode, 
 from veloverlay.ingest.source import RACY_NS
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import Digest, hash_bytes
-from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.merge import three_way
 from veloverlay.store.tree import Entry, Kind
 from veloverlay.tiers import Rules
@@ -70,9 +70,14 @@ def ingest(
     message: str | None = None,
     progress: Progress | None = None,
     adopt: bool = False,
+    moved: bool = False,
 ) -> IngestResult:
     """Ingest `src` as a new version of ref `name` (created if missing).
 
+    A ref that came from another directory is refused (OTHER_SOURCE: a directory with the same
+    basename is often another tree) unless `moved` (the same tree, now at `src`: merged as any
+    re-ingest) or `force` (this tree is the ref's next version whatever it was). The path is
+    part of the version: a new path is recorded by a commit even when the tree is unchanged.
     `adopt`: afterwards, check that the source still matches what was committed and move it
     aside (`<src>.velo-adopted`), so that a shim session can materialise the ref at its path.
     """
@@ -87,6 +92,8 @@ def ingest(
     jobs = jobs or default_jobs()
     with m.read() as txn:
         existing = m.get_ref(txn, name)
+    if existing is not None:
+        _check_same_source(existing, top, force=force, moved=moved)
     if rules is None:
         rules = Rules.from_json(existing.tiers if existing else None)
     res = IngestResult(name, "", None)
@@ -123,7 +130,14 @@ def ingest(
             ref = m.get_ref(txn, name)
             msg = message or f"ingest {os.fsdecode(top)}"
             target: bytes = root
+            new_path = os.fsdecode(top)
+            path_changed = ref is not None and ref.path != new_path
             if ref is not None:
+                _check_same_source(ref, top, force=force, moved=moved)
+                if path_changed:
+                    res.moved_from = ref.path
+                    if message is None and ref.path is not None:
+                        msg += f" (the ref came from {ref.path})"
                 head_root = bytes.fromhex(m.get_commit(txn, ref.head).root)
                 base = bytes.fromhex(ref.ingest_root) if ref.ingest_root else head_root
                 if base != head_root:
@@ -148,7 +162,7 @@ def ingest(
                     res.merged = True
                 if target == head_root:
                     res.unchanged = True
-            if not res.unchanged:
+            if not res.unchanged or path_changed:  # a new path is a new version
                 delta = m.diff(txn, head_root, target) if ref is not None else None
                 c = m.commit(
                     txn,
@@ -157,7 +171,7 @@ def ingest(
                     expect_head=ref.head if ref else None,
                     message=msg,
                     delta=delta,
-                    path=os.fsdecode(top),
+                    path=new_path,
                     tiers=rules.to_json(),
                     ingest_root=root,
                 )
@@ -176,6 +190,22 @@ def ingest(
         res.adopted_to = _adopt(store, m, src, name, res, rules, keep_setid)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _check_same_source(ref: Ref, top: bytes, *, force: bool, moved: bool) -> None:
+    """Refuse to ingest a directory other than the one `ref` came from, unless told."""
+    if ref.path is None or force or moved:
+        return
+    new = os.fsdecode(top)
+    if ref.path == new or os.path.realpath(ref.path) == new:
+        return
+    raise VeloError(
+        f"ref {ref.name!r} was ingested from {ref.path}, not from {new}",
+        reason=Reason.OTHER_SOURCE,
+        hint=f"if this is the same tree moved, re-run with --moved; to make this tree the next "
+        f"version of {ref.name} anyway, --force; else choose another --name",
+        path=new,
+    )
 
 
 def _adopt(

@@ -185,6 +185,7 @@ class IngestResult(Record):
     unchanged: bool = False
     seconds: float = 0.0
     adopted_to: str | None = None
+    moved_from: str | None = None  # the ref's path before this ingest (a new path was recorded)
 
     def to_dict(self) -> dict[str, object]:
         d = self.field_dict()

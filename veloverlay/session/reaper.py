@@ -227,15 +227,62 @@ def _exec_child(
             os.chdir(cwd)
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
-        os.write(ewr, str(exc.errno or 0).encode())
-        if exc.errno == errno.ENOENT:
-            sys.stderr.write(f"veloverlay: {argv[0]}: command not found\n")
-        elif exc.errno in (errno.EACCES, errno.EPERM):
+        err = exc.errno
+        if err in (errno.EACCES, errno.EPERM) and "/" not in argv[0] and not _on_path(argv[0], env):
+            # execvp reports EACCES when a PATH directory was unreadable, though the command is
+            # in none of them: that is "not found" (127), as shells say
+            err = errno.ENOENT
+        os.write(ewr, str(err or 0).encode())
+        if err == errno.ENOENT:
+            sys.stderr.write(f"veloverlay: {argv[0]}: {not_found(argv[0], env)}\n")
+        elif err in (errno.EACCES, errno.EPERM):
             sys.stderr.write(f"veloverlay: {argv[0]}: permission denied\n")
         else:
             sys.stderr.write(f"veloverlay: {argv[0]}: {exc.strerror}\n")
         sys.stderr.flush()
-        os._exit(127 if exc.errno == errno.ENOENT else 126)
+        os._exit(127 if err == errno.ENOENT else 126)
+
+
+def _path_hits(cmd: str, env: dict[str, str]) -> list[str]:
+    dirs = (env.get("PATH") or os.defpath).split(":")
+    return [p for p in (os.path.join(d or ".", cmd) for d in dirs) if os.path.lexists(p)]
+
+
+def _on_path(cmd: str, env: dict[str, str]) -> bool:
+    return bool(_path_hits(cmd, env))
+
+
+def not_found(cmd: str, env: dict[str, str]) -> str:
+    """Say what is missing when exec of `cmd` is ENOENT: the command itself, or (it exists) the
+    interpreter its `#!` line names, e.g. a venv script whose tree was projected away from the
+    path baked into it."""
+    path = cmd
+    if "/" not in cmd:
+        hits = _path_hits(cmd, env)
+        if not hits:
+            return "command not found (not in PATH)"
+        path = hits[0]
+    if not os.path.lexists(path):
+        return "command not found (no such file)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if words:
+            interp = os.fsdecode(words[0])
+            if not os.path.exists(interp):
+                return f"its interpreter {interp} (named by its #! line) does not exist"
+            if os.path.basename(interp) == "env" and len(words) > 1:
+                prog = os.fsdecode(words[1])
+                return f"its #! line runs '{prog}' through env, and {prog} is not in PATH"
+    if head.startswith(b"\x7fELF"):
+        return "its program interpreter (the dynamic loader named in the ELF file) does not exist"
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+    return "not found"
 
 
 def run_and_reap(

@@ -14,11 +14,12 @@ import re
 from collections.abc import Sequence
 
 from veloverlay import paths
+from veloverlay.errors import Reason, VeloError
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Kind, Op, OpKind
 
-__all__ = ["find_baked"]
+__all__ = ["find_baked", "source_alias", "refuse_exposed_source", "relocation_warnings"]
 
 _MAX_READ = 256 * 1024
 _SUFFIXES = (b".pth", b".pc", b".la", b".cmake", b".cfg", b".sh")
@@ -152,3 +153,51 @@ def relocation_warnings(
         f"{count} files name the ingest path {original} ({shown}); projected at {target} "
         f"they still point there: project at {original} (the default) to keep them working"
     ]
+
+
+def _inside(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def source_alias(store: Store, original: str | None, target: str) -> str | None:
+    """Where else an overlay session should show its projection: the ingest path, when the tree
+    is projected elsewhere (`--at`) while its source is still there. Bound over the source inside
+    the session's mount namespace, the paths baked into the tree (a venv's `#!` lines, its
+    pyvenv.cfg) resolve to the projection, so nothing the session runs can change the source
+    (issue 15). None: no source in the way, or the two paths nest (one cannot hide the other)."""
+    if not original:
+        return None
+    real = os.path.realpath(original)
+    target = os.path.realpath(target)
+    sroot = os.path.realpath(store.root)
+    if not os.path.isdir(real) or real == "/":
+        return None
+    if _inside(real, target) or _inside(target, real) or _inside(real, sroot):
+        return None
+    return real
+
+
+def refuse_exposed_source(
+    store: Store, m: Manifests, root: bytes, original: str | None, target: str
+) -> None:
+    """The shim backend cannot hide a host directory: projected elsewhere while the source is
+    still at its ingest path, a tree whose files name that path (a venv's scripts) would have
+    programs write into the source. Refuse before anything runs, and say what to do."""
+    if not original:
+        return
+    real = os.path.realpath(original)
+    if real == os.path.realpath(target) or not os.path.isdir(real):
+        return
+    count, found = cached_find_baked(store, m, root, original)
+    if not count:
+        return
+    shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
+    raise VeloError(
+        f"{count} files of this tree name its ingest path {original} ({shown}), where its "
+        f"source still is: projected at {target} by the shim backend, programs following "
+        "those paths would change the source, not the session",
+        reason=Reason.BAKED_PATHS,
+        hint="project at the ingest path after 'veloverlay ingest --adopt' moves the source "
+        "aside, or use the overlay backend (it shows the projection at both paths)",
+        path=original,
+    )

@@ -71,6 +71,7 @@ class State(Record):
     version: int = STATE_VERSION
     # overlay sessions
     layers: list[str] = field(default_factory=list)
+    also_at: list[str] = field(default_factory=list)  # the ingest path, showing the projection
     # shim sessions
     session_ref: str = ""  # the live view REF@<id>
     target_real: str = ""

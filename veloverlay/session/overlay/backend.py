@@ -38,7 +38,7 @@ from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
-from veloverlay.session.relocation import relocation_warnings
+from veloverlay.session.relocation import relocation_warnings, source_alias
 from veloverlay.session.select import Choice
 from veloverlay.session.state import State
 from veloverlay.session.target import Stack, overlay_target, resolve_stack
@@ -60,6 +60,7 @@ class _Plan(Record):
     form: str
     protection: str
     warnings: list[str]
+    also_at: list[str]  # more paths showing the projection in the session (the ingest path)
 
 
 def _prepare(
@@ -100,9 +101,11 @@ def _prepare(
         )
     stack = resolve_stack(m, opts.refs)
     target = overlay_target(store, opts.at, stack.refs[-1])
-    warnings.extend(
-        relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
-    )
+    alias = source_alias(store, stack.refs[-1].path, target)
+    if alias is None:  # else the baked paths resolve to the projection: nothing to warn about
+        warnings.extend(
+            relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
+        )
     lowers = ensure_lowers(
         store, m, stack.view, form=form, protect=protect, hints=stack.hints, progress=progress
     )
@@ -116,7 +119,7 @@ def _prepare(
             warnings.append(lowers.protection_note)
         if opts.strict:
             raise VeloError(f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED)
-    return _Plan(stack, target, lowers, form, protection, warnings)
+    return _Plan(stack, target, lowers, form, protection, warnings, [alias] if alias else [])
 
 
 def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) -> State:
@@ -151,6 +154,7 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         form=plan.form,
         protection=plan.protection,
         layers=list(plan.lowers.layers),
+        also_at=list(plan.also_at),
         discard=opts.discard,
         commit_to_ref=opts.commit,
         message=opts.message,
@@ -202,6 +206,7 @@ def run_session(
             spec=spec,
             store_root=os.fspath(store.root),
             readonly=[plan.lowers.home] if plan.lowers.home != os.fspath(store.trees) else [],
+            also_at=list(plan.also_at),
             cwd=cwd,
             argv=list(argv),
             env=env,

@@ -22,6 +22,7 @@ class ChildSpec(Record):
     spec: OverlaySpec
     store_root: str
     readonly: list[str]  # more directories bound read-only (the per-boot layer cache)
+    also_at: list[str]  # more paths that show the projection (the ingest path, see relocation)
     cwd: str
     argv: list[str]
     env: dict[str, str]
@@ -44,6 +45,8 @@ def child_main(ctx: ChildSpec) -> None:
         ns.enter_userns(map_root=ctx.as_root, net=ctx.net_none, pid=True)
         mount.make_rprivate("/")
         ctx.spec.mount()
+        for path in ctx.also_at:  # the source stays as it is; its path shows the projection
+            mount.bind(ctx.spec.target, path)
         # Only now: a read-only store under the upper dir before the overlay mount would make
         # the overlay read-only (measured). The overlay keeps its own reference to the upper.
         mount.bind(ctx.store_root, ctx.store_root, readonly=True)

@@ -41,6 +41,7 @@ from veloverlay.ns import proc_start
 from veloverlay.session import prompt, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
+from veloverlay.session.relocation import refuse_exposed_source
 from veloverlay.session.shim import library
 from veloverlay.session.shim.library import RecType
 from veloverlay.session.shim.materialize import (
@@ -261,6 +262,7 @@ def run_shim(
         store.writable()
         stack, target = _resolve(m, opts)
         ref = stack.refs[-1]
+        refuse_exposed_source(store, m, stack.view, ref.path, target)
         created = prepare_target(target, store)
         sid = state.new_id()
         sdir = store.sessions / sid
