@@ -53,6 +53,8 @@ VERBS: dict[str, str] = {
     "fsck": "store",
     "gc": "store",
     "status": "store",
+    "tag": "versions",
+    "remove-store": "versions",
     "tiers": "store",
     "run": "session",
     "enter": "session",

@@ -22,7 +22,8 @@ Ref = Annotated[
     str,
     typer.Argument(
         metavar="REF",
-        help="REF, REF@{n} (n versions back) or REF@SESSION",
+        help="A version: REF, REF@{n} (n versions back), REF@SESSION, a tag, or a commit id "
+        "(a unique prefix of 4+ hex digits)",
         autocompletion=complete_ref,
     ),
 ]
@@ -54,7 +55,17 @@ def ingest(
         bool,
         typer.Option(
             "--force",
-            help="On conflict with session commits, take the source's version of those paths",
+            help="On conflict with session commits, take the source's version of those paths; "
+            "also: make DIRECTORY the ref's next version although the ref came from another "
+            "directory",
+        ),
+    ] = False,
+    moved: Annotated[
+        bool,
+        typer.Option(
+            "--moved",
+            help="DIRECTORY is the ref's tree, moved from the path the ref records (the new path "
+            "is a new version)",
         ),
     ] = False,
     keep_setid: Annotated[
@@ -69,7 +80,10 @@ def ingest(
         ),
     ] = False,
 ) -> None:
-    """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest)."""
+    """Ingest DIRECTORY into the store as a new version of a ref (incremental on re-ingest).
+
+    A ref that came from another directory is refused (two directories with the same name are
+    often different trees) unless --moved or --force says what is meant."""
     from veloverlay.errors import Reason, VeloError
     from veloverlay.ingest.pipeline import ingest as do_ingest
     from veloverlay.tiers import parse_rules
@@ -97,6 +111,7 @@ def ingest(
             message=message,
             progress=progress,
             adopt=adopt,
+            moved=moved,
         )
     finally:
         progress.done()
@@ -122,6 +137,8 @@ def ingest(
         f"dedup saved {render.human_bytes(res.bytes - res.new_bytes)}; "
         f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
     )
+    if res.moved_from is not None:
+        print(f"{res.ref}: its path is now {os.path.abspath(directory)} (was {res.moved_from})")
     if res.adopted_to:
         where = os.path.abspath(directory)
         print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {where}")
@@ -139,15 +156,25 @@ def refs(
     delete: Annotated[
         str | None,
         typer.Option(
-            help="Delete this ref (its objects go at the next gc)", autocompletion=complete_ref
+            help="Delete this ref (its tags stay), saying what gc then frees and from when",
+            autocompletion=complete_ref,
         ),
     ] = None,
+    grace: Annotated[
+        float, typer.Option(help="With --delete: gc's grace period to count with (seconds)")
+    ] = 3600.0,
 ) -> None:
     """List refs (name, head, root, ingest path)."""
     repo = common.repo()
     if delete is not None:
-        repo.delete_ref(delete)
+        from veloverlay.cli.versions import freed
+
+        fp = repo.delete_ref(delete, grace=grace)
+        if state.json:
+            render.emit_json({"deleted": delete, **fp.field_dict()})
+            return
         print(f"deleted ref {delete}")
+        print(freed(fp))
         return
     items = repo.refs()
     if state.json:
@@ -250,14 +277,22 @@ def checkout(
 @verb(app)
 def rollback(
     ref: Ref,
-    n: Annotated[int, typer.Argument(metavar="N", help="How many versions back")] = 1,
+    version: Annotated[
+        str,
+        typer.Argument(
+            metavar="N|VERSION",
+            help="N versions back, or a version: a tag, a commit id (prefix), REF@{n}",
+            autocompletion=complete_ref,
+        ),
+    ] = "1",
 ) -> None:
-    """Make REF@{N} the new head of REF (as a new commit; history is kept)."""
-    c = common.repo().rollback(ref, n)
+    """Make an earlier version the new head of REF (as a new commit; history is kept); the
+    version's recorded path comes back with its tree."""
+    c = common.repo().rollback(ref, version)
     if state.json:
         render.emit_json(c.to_dict())
     else:
-        print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]})")
+        print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]}), path {c.path or '-'}")
 
 
 @verb(app, "export")
@@ -384,6 +419,7 @@ def gc(
         f"{verb_} {rep.objects_deleted} objects ({render.human_bytes(rep.bytes_freed)}), "
         f"{rep.nodes_deleted} nodes, {rep.commits_deleted} commits; kept {rep.objects_kept} "
         f"(+{rep.young_kept} younger than the grace period)"
+        + (f"; removed {rep.dirs_removed} empty directories" if rep.dirs_removed else "")
     )
 
 
@@ -407,21 +443,27 @@ def _session_dict(repo: Any, s: Any) -> dict[str, Any]:
 
 @verb(app)
 def status() -> None:
-    """Summarise the store: refs, objects, and the sessions running (with what they changed so
-    far) or still to harvest."""
+    """Summarise the store: refs, objects, disk use by part, and the sessions running (with
+    what they changed so far) or still to harvest."""
     from veloverlay.session.core import list_sessions
 
     repo = common.repo()
     items = repo.refs()
     sessions = [s for s in list_sessions(repo.store) if s.state not in _FINISHED]
-    objects = sum(1 for _ in repo.store.iter_objects())
+    disk = repo.disk_usage()
+    objects = disk.get("objects", {}).get("files", 0)
     shown = [_session_dict(repo, s) for s in sessions]
     data = {"store": os.fspath(repo.store.root), "refs": len(items), "objects": objects}
+    data["disk"] = disk
     data["sessions"] = shown
     if state.json:
         render.emit_json(data)
         return
     print(f"store {data['store']}: {len(items)} refs, {objects} objects")
+    from veloverlay.cli.versions import disk_lines
+
+    for line in disk_lines(disk):
+        print(line)
     for sess, d in zip(sessions, shown, strict=True):
         refs = ", ".join(d.get("refs", []))
         print(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")
