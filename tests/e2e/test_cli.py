@@ -265,7 +265,7 @@ def test_json_errors_are_json_too(store: str, src: str) -> None:
         ["ls", "--no-such-option", "x"],
         ["no-such-verb"],
         ["log", "r", "--limit", "many"],
-        ["rollback", "r", "x"],
+        ["gc", "--keep", "x"],  # (rollback r x: x may name a version now, a tag)
     ],
 )
 def test_usage_errors_exit_2(store: str, args: list[str]) -> None:
