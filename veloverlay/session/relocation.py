@@ -19,7 +19,13 @@ from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Kind, Op, OpKind
 
-__all__ = ["find_baked", "source_alias", "refuse_exposed_source", "relocation_warnings"]
+__all__ = [
+    "alias_note",
+    "find_baked",
+    "refuse_exposed_source",
+    "relocation_warnings",
+    "source_alias",
+]
 
 _MAX_READ = 256 * 1024
 _SUFFIXES = (b".pth", b".pc", b".la", b".cmake", b".cfg", b".sh")
@@ -201,3 +207,24 @@ def refuse_exposed_source(
         "aside, or use the overlay backend (it shows the projection at both paths)",
         path=original,
     )
+
+
+def alias_note(
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    original: str,
+    target: str,
+    ancestors: list[bytes] | None = None,
+) -> list[str]:
+    """What a session projected at `target` says when its ingest path `original` shows the
+    projection too (source_alias): which files name that path, and that they reach the session."""
+    count, found = cached_find_baked(store, m, root, original, ancestors=ancestors or [])
+    if not count:
+        return []
+    shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
+    return [
+        f"{count} files name the ingest path {original} ({shown}); projected at {target}, this "
+        f"session also shows the projection at {original}, so they reach it: the source there "
+        "is not changed"
+    ]

@@ -38,7 +38,7 @@ from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
-from veloverlay.session.relocation import relocation_warnings, source_alias
+from veloverlay.session.relocation import alias_note, relocation_warnings, source_alias
 from veloverlay.session.select import Choice
 from veloverlay.session.state import State
 from veloverlay.session.target import Stack, overlay_target, resolve_stack
@@ -102,10 +102,12 @@ def _prepare(
     stack = resolve_stack(m, opts.refs)
     target = overlay_target(store, opts.at, stack.refs[-1])
     alias = source_alias(store, stack.refs[-1].path, target)
-    if alias is None:  # else the baked paths resolve to the projection: nothing to warn about
+    if alias is None:
         warnings.extend(
             relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
         )
+    else:  # the baked paths resolve to the projection: say so
+        warnings.extend(alias_note(store, m, stack.view, alias, target, stack.hints))
     lowers = ensure_lowers(
         store, m, stack.view, form=form, protect=protect, hints=stack.hints, progress=progress
     )
