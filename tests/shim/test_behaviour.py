@@ -30,7 +30,7 @@ LINKS = [pytest.param(False, id="copy"), pytest.param(True, id="link")]
 
 
 def _scenario(base: str, link: bool, script: str) -> tuple[list[str], list[str], list[str], int]:
-    store, _src = new_store(base)
+    store, _src = new_store(base, real_modes=True)  # the modes real trees have (issue 15)
     proj = os.path.join(base, "proj")
     plain = os.path.join(base, "plain")
     seen = os.path.join(base, "seen.json")
