@@ -16,11 +16,12 @@ __all__ = ["point", "POINTS"]
 POINTS = (
     "stage.written",  # an object file written into tmp/ (per object)
     "publish.synced",  # after the first syncfs, before any rename
-    "publish.renamed",  # after one rename into objects-v1 (per object)
+    "publish.renamed",  # after one rename into the objects directory (per object)
     "publish.done",  # after the second syncfs, before the manifest commit
     "commit.before",  # inside the LMDB write transaction, before it commits
     "commit.after",  # after the manifest commit
     "gc.sweep",  # gc: after deleting one object (per object)
+    "gc.migrate",  # gc: after moving one object into objects-v2 (per object)
     "import.record",  # bundle import: after reading one record
     "lower.build",  # lower-layer build: per entry written
     "harvest.file",  # harvest: per upper file staged

@@ -204,7 +204,7 @@ def test_store_option_and_environment(store: str, src: str, shm_tmp: str) -> Non
     assert [r["name"] for r in data(velo(store, "--store", elsewhere, "refs", "--json"))] == ["b"]
     xdg = os.path.join(shm_tmp, "xdg")
     ok(velo(None, "ingest", src, "-n", "c", env={"XDG_DATA_HOME": xdg}))
-    assert os.path.isdir(os.path.join(xdg, "veloverlay", "objects-v1"))
+    assert os.path.isdir(os.path.join(xdg, "veloverlay", "objects-v2"))
 
 
 def test_ingest_defaults_the_ref_name_to_the_directory(store: str, src: str) -> None:
@@ -306,7 +306,7 @@ def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     assert data(velo(store, "fsck", "--json"))["ok"] is True
     listing = data(velo(store, "ls", "proj", "README", "--json"))
     digest = listing[0]["digest"]
-    path = os.path.join(store, "objects-v1", digest[:2], digest[2:4], digest)
+    path = os.path.join(store, "objects-v2", digest[:2], digest)
     os.chmod(path, 0o644)
     with open(path, "ab") as f:
         f.write(b"tampered")

@@ -131,7 +131,7 @@ def _refs(store: Path) -> dict[str, str]:
 
 
 def _objects(store: Path) -> set[str]:
-    return {p.name for p in (store / "objects-v1").rglob("*") if p.is_file()}
+    return {p.name for p in (store / "objects-v2").rglob("*") if p.is_file()}
 
 
 def _open(store: Path):  # type: ignore[no-untyped-def]

@@ -59,7 +59,7 @@ def _scenario(base: str, form: str, place: str) -> dict[str, object]:
         os.rmdir(fake)
         rep = gc(store, m, grace=0)
         out["deleted"] = rep.objects_deleted
-        out["objects_after"] = _count(os.path.join(root, "objects-v1"))
+        out["objects_after"] = _count(os.path.join(root, "objects-v2"))
         out["ids_after"] = _count(os.path.join(root, "ids-v1"))
         out["layers_after"] = _layers(store)
         out["fsck"] = [f.kind for f in fsck(store, m, jobs=1).findings]

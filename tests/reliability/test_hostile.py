@@ -42,7 +42,7 @@ ATTACK = textwrap.dedent(
             results[name] = type(e).__name__
 
     objs = []
-    for d, _dirs, files in os.walk(os.path.join(store, "objects-v1")):
+    for d, _dirs, files in os.walk(os.path.join(store, "objects-v2")):
         objs += [os.path.join(d, f) for f in files]
     ids = []
     for d, _dirs, files in os.walk(os.path.join(store, "ids-v1")):
@@ -124,7 +124,7 @@ ATTACK = textwrap.dedent(
     attempt("tier2-append", lambda: write(os.path.join(target, "f1"), append))
     # Root in its own user namespace: try to make the store writable again, or peel it off.
     def remount():
-        for where in (store, os.path.join(store, "objects-v1"), per_boot):
+        for where in (store, os.path.join(store, "objects-v2"), per_boot):
             # MS_REMOUNT | MS_BIND, without MS_RDONLY: make it writable
             if libc.mount(None, where.encode(), None, 0x20 | 0x1000, None) == 0:
                 return
@@ -135,7 +135,7 @@ ATTACK = textwrap.dedent(
                     ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
     def setattr_rw():
         attr = MountAttr(0, 0x1, 0, 0)  # clear MOUNT_ATTR_RDONLY
-        for where in (os.path.join(store, "objects-v1"), store):
+        for where in (os.path.join(store, "objects-v2"), store):
             # mount_setattr(AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr): syscall 442
             if libc.syscall(442, -100, where.encode(), 0x8000, ctypes.byref(attr),
                             ctypes.sizeof(attr)) == 0:
@@ -145,7 +145,7 @@ ATTACK = textwrap.dedent(
     attempt("write-after-setattr", lambda: write(objs[0], os.O_WRONLY | os.O_APPEND))
     attempt("write-after-remount", lambda: write(objs[0], os.O_WRONLY | os.O_APPEND))
     def umount():
-        for where in (os.path.join(store, "objects-v1"), store):
+        for where in (os.path.join(store, "objects-v2"), store):
             if libc.umount2(where.encode(), 2) != 0:  # MNT_DETACH
                 raise OSError(ctypes.get_errno(), "umount2")
     attempt("umount-store", umount)
@@ -159,7 +159,7 @@ ATTACK = textwrap.dedent(
 def _hash_store(root: str, per_boot: str) -> dict[str, str]:
     """Content and xattrs of every file of the store and of the per-boot layers; names too."""
     out = {}
-    dirs = [os.path.join(root, s) for s in ("objects-v1", "ids-v1", "trees-v1")] + [per_boot]
+    dirs = [os.path.join(root, s) for s in ("objects-v2", "ids-v1", "trees-v1")] + [per_boot]
     for top in dirs:
         for d, _dirs, files in os.walk(top):
             for name in files:

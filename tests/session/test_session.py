@@ -92,7 +92,7 @@ def _readonly(base: str) -> dict[str, object]:
 cd {proj}
 r() {{ if "$@" 2>>{out}.err; then echo "$1 ok" >> {out}; else echo "$1 failed" >> {out}; fi; }}
 r sh -c 'printf x >> model.gguf'
-r sh -c 'printf x > {s}/objects-v1/new'
+r sh -c 'printf x > {s}/objects-v2/new'
 r sh -c 'printf x >> {s}/manifests.lmdb/data.mdb'
 r sh -c 'mkdir {s}/trees-v1/x'
 r sh -c 'mkdir {watched["per-boot layers"]}/x'

@@ -48,7 +48,7 @@ def same_as_seen(
         if a is None or b is None:
             problems.append(f"{p}: seen {a} != committed {b}")
             continue
-        if a[0] == "symlink" and "/objects-v1/" in a[3] and b[0] == "file":
+        if a[0] == "symlink" and "/objects-v2/" in a[3] and b[0] == "file":
             # a Tier-1 file is projected as a symlink to its object: compare the bytes
             with open(a[3], "rb") as f:
                 a = ["file", b[1], a[2], hashlib.sha256(f.read()).hexdigest()]

@@ -79,12 +79,12 @@ def test_layout_and_object_files(repo: Repo) -> None:
         .startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
     )
     assert (root / ".gitignore").read_text() == "*\n"
-    for d in ("objects-v1", "tmp", "trees-v1", "sessions", "locks-v1", "manifests.lmdb"):
+    for d in ("objects-v2", "tmp", "trees-v1", "sessions", "locks-v1", "manifests.lmdb"):
         assert (root / d).is_dir(), d
     (d,) = put(repo, b"hello")
     h = hash_bytes(b"hello").hex()
     assert d.hex() == h
-    path = root / "objects-v1" / h[:2] / h[2:4] / h
+    path = root / "objects-v2" / h[:2] / h
     assert repo.store.object_path(d) == path
     assert path.read_bytes() == b"hello"
     assert path.stat().st_mode & 0o7777 == 0o444  # modes live in manifests, not in objects
@@ -506,7 +506,7 @@ def test_a_store_that_is_not_writable_is_store_permission(how: str) -> None:
             for dirpath, dirnames, filenames in os.walk(base):
                 for n in dirnames + filenames:
                     os.lchown(os.path.join(dirpath, n), UNPRIV_UID, UNPRIV_GID)
-            os.chmod(os.path.join(store, "objects-v1"), 0o555)
+            os.chmod(os.path.join(store, "objects-v2"), 0o555)
         else:
             os.chown(src, UNPRIV_UID, UNPRIV_GID)
         if (os.getuid(), os.getgid()) == (UNPRIV_UID, UNPRIV_GID) and how == "owned-by-root":
@@ -515,7 +515,7 @@ def test_a_store_that_is_not_writable_is_store_permission(how: str) -> None:
         assert lib == "store-permission"
         assert rc == "rc=1"
         assert "error:" in stderr and "reason: store-permission" in stderr
-        os.chmod(os.path.join(store, "objects-v1"), 0o755)
+        os.chmod(os.path.join(store, "objects-v2"), 0o755)
 
 
 def test_no_space_for_a_shard_directory_is_store_full(

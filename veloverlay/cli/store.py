@@ -420,6 +420,11 @@ def gc(
         f"{rep.nodes_deleted} nodes, {rep.commits_deleted} commits; kept {rep.objects_kept} "
         f"(+{rep.young_kept} younger than the grace period)"
         + (f"; removed {rep.dirs_removed} empty directories" if rep.dirs_removed else "")
+        + (
+            f"; moved {rep.objects_migrated} objects to the one-level layout (objects-v2)"
+            if rep.objects_migrated
+            else ""
+        )
     )
 
 

@@ -4,7 +4,7 @@ A metadata layer is one inode with two xattrs per file and no data (projection.p
 inode costs about as much as `cp -a` pays per file, and a redirect longer than ~24 bytes spills
 into a 4 KiB xattr block, so layers kept in the store need short object names (`ids-v1/`, one
 hard link per object). On tmpfs an inode is several times cheaper and xattr size costs memory
-only, so a layer there redirects straight to `objects-v1/<ab>/<cd>/<hex>`: no naming pass. The
+only, so a layer there redirects straight to `objects-v2/<ab>/<hex>`: no naming pass. The
 price is RAM (about 1 KiB per file, measured in bench/bench_session.py) and a rebuild after each
 boot — the layers are a cache of what the manifests say, never data.
 
@@ -22,6 +22,7 @@ bind it read-only like the store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -171,7 +172,7 @@ def trees_dir(store: Store, *parts: str) -> Path:
 class Home(Record, frozen=True):
     """Where layers, stacks, their locks and half-built layers live: the store's `trees-v1/`,
     or (data-only form) the per-boot tmpfs directory of `volatile.py`, whose layers redirect
-    to full object paths under `objects-v1/` instead of short names under `ids-v1/`."""
+    to full object paths under `objects-v2/` instead of short names under `ids-v1/`."""
 
     root: Path
     volatile: bool
@@ -185,9 +186,18 @@ def disk_home(store: Store) -> Home:
 
 
 def boot_home(store: Store) -> Home | None:
-
+    """This store's per-boot layers, kept per object layout (their redirects name object paths
+    in it: a store migrated to objects-v2 must not find layers made for objects-v1). None while a
+    migration is unfinished (objects in two places): layers go to the store, with short ids."""
+    if store.legacy is not None:
+        return None
     path = boot_dir(store.root)
-    return Home(path, True) if path is not None else None
+    if path is None:
+        return None
+    sub = path / store.objects.name
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(sub, 0o700)
+    return Home(sub, True)
 
 
 def data_layers(store: Store, home: Home, form: str) -> tuple[str, ...]:

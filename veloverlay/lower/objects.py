@@ -62,10 +62,9 @@ class Objects:
     def redirect(self, digest: bytes) -> bytes:
         """The `user.overlay.redirect` value naming `digest` in the data-only layer (the object
         is named there first and made +i when protecting)."""
-        if self.volatile:  # the layer is objects-v1 itself; tmpfs does not mind 71 bytes
-            h = digest.hex().encode()
+        if self.volatile:  # the layer is the objects directory; tmpfs does not mind 68 bytes
             self._immutable(digest)
-            return b"/%s/%s/%s" % (h[:2], h[2:4], h)
+            return self.store.object_relpath_b(digest)
         short = self.short_id(digest)
         return b"/%s/%s" % (short[:2].encode(), short[2:].encode())
 

@@ -14,7 +14,7 @@ Two forms (DESIGN.md "Projection"), chosen by the probe (`probe.lower_form`), ne
   `userxattr`. That is the form kept in the store; where a per-boot tmpfs directory is usable
   (`volatile.py`) metadata layers are built there instead — an inode on tmpfs costs a fraction
   of an ext4 one and xattr size only memory — with redirects to the full object path
-  `/<ab>/<cd>/<hex>` and `objects-v1` itself as the data-only lower: no short names to make.
+  `/<ab>/<hex>` and `objects-v2` itself as the data-only lower: no short names to make.
 * **links** — a tree of hard links to per-(digest, mode) *proxy* inodes in `trees-v1/proxies/`:
   copies (reflinks where the filesystem can) of the object with the entry's mode, never the 0444
   object itself (a non-root owner could not write the merged file). A proxy is shared by every

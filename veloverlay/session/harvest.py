@@ -27,9 +27,12 @@ class StoreLinks:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        prefixes = {os.fsencode(store.objects) + b"/"}
-        with contextlib.suppress(OSError):
-            prefixes.add(os.fsencode(os.path.realpath(store.objects)) + b"/")
+        prefixes: set[bytes] = set()
+        for objects in (store.objects, store.legacy):  # legacy: a migration is unfinished
+            if objects is not None:
+                prefixes.add(os.fsencode(objects) + b"/")
+                with contextlib.suppress(OSError):
+                    prefixes.add(os.fsencode(os.path.realpath(objects)) + b"/")
         self.prefixes = tuple(prefixes)
         self._root: bytes | None = None
         self._modes: dict[bytes, int] = {}
@@ -38,8 +41,12 @@ class StoreLinks:
         """The digest of the stored object `target` names, or None."""
         for prefix in self.prefixes:
             if target.startswith(prefix):
-                mt = _OBJ_RE.match(target[len(prefix) :])
-                if mt and mt.group(1) == mt.group(3)[:2] and mt.group(2) == mt.group(3)[2:4]:
+                mt = _OBJ_RE.match(target[len(prefix) :])  # either fan-out (cas.py)
+                if (
+                    mt
+                    and mt.group(1) == mt.group(3)[:2]
+                    and mt.group(2) in (None, mt.group(3)[2:4])
+                ):
                     digest = bytes.fromhex(mt.group(3).decode())
                     if self.store.has(digest):
                         return digest
@@ -225,4 +232,4 @@ def _mask_below(m: Manifests, txn: Txn, new: bytes, lower: bytes) -> bytes:
     return m.put_node(txn, n.mode, n.mtime_ns, entries.values())
 
 
-_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})$")
+_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/(?:([0-9a-f]{2})/)?([0-9a-f]{64})$")

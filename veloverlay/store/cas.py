@@ -1,9 +1,9 @@
 """The content-addressed object store.
 
-Layout (versioned names, so a format change is a new directory, never a migration):
+Layout (versioned names: a format change is a new directory name):
 
     <store>/CACHEDIR.TAG  .gitignore  lock
-    <store>/objects-v1/ab/cd/<64 hex>   content, mode 0444, named by BLAKE3 of the bytes written
+    <store>/objects-v2/ab/<64 hex>      content, mode 0444, named by BLAKE3 of the bytes written
     <store>/tmp/<stage>/                staging (same filesystem), one directory per writer
     <store>/trees-v1/                   lower layers built from manifests (projection.py)
     <store>/sessions/<id>/              session state (session.py)
@@ -12,12 +12,20 @@ Layout (versioned names, so a format change is a new directory, never a migratio
 
 Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
 actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
-into `objects-v1/`, and runs syncfs again, after which the caller may commit a manifest that
+into the objects directory, and runs syncfs again, after which the caller may commit a manifest that
 references them. A power cut leaves either no named object or a durable, correct one. A stage
 directory is flock-ed by its writer; a stage whose lock can be taken belongs to a dead writer and
 is reclaimed.
 
 Writers (ingest, harvest, import) hold `lock` shared; `gc` holds it exclusively.
+
+The object fan-out is one level of 256 directories (`objects-v2/ab/`): bounded whatever the store
+holds. Stores made before issue 15 use `objects-v1/ab/cd/` (65,536 possible directories, in
+practice about one per object on small stores: 10,223 directories for 10,863 objects); such a store
+keeps that layout, read and written, until `gc` migrates it (`verbs/gc.migrate_objects`: each object
+renamed into `objects-v2`, cached layers evicted). From the moment `objects-v2` exists it is where
+objects are written; while `objects-v1` still exists too (a migration in progress or interrupted),
+an object not found in `objects-v2` is looked up there.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from veloverlay.store.digest import Digest, Hasher
 __all__ = ["Store", "Stage", "OBJECT_MODE", "default_store_path", "object_missing"]
 
 OBJECT_MODE = 0o444
+OBJECTS_V1 = "objects-v1"  # <ab>/<cd>/<hex>: stores made before issue 15 (migrated by gc)
+OBJECTS_V2 = "objects-v2"  # <ab>/<hex>: at most 256 fan-out directories
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file is a cache directory tag created by veloverlay.\n"
@@ -66,14 +76,25 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(os.path.abspath(root))
-        self.objects = self.root / "objects-v1"
         self.tmp = self.root / "tmp"
         self.trees = self.root / "trees-v1"
         self.sessions = self.root / "sessions"
         self.locks = self.root / "locks-v1"
         self.db_path = self.root / "manifests.lmdb"
+        self.choose_layout()
+
+    def choose_layout(self) -> None:
+        """Which object layout this store uses (see the module docstring); gc calls it again
+        after a migration step."""
+        v1, v2 = self.root / OBJECTS_V1, self.root / OBJECTS_V2
+        if v1.is_dir() and not v2.is_dir():
+            self.objects, self.fanout, self.legacy = v1, 2, None  # a store from before issue 15
+        else:
+            self.objects, self.fanout = v2, 1
+            self.legacy = v1 if v1.is_dir() else None
         self._objects_b = os.fsencode(self.objects)
         self.objects_b = self._objects_b
+        self._legacy_b = os.fsencode(self.legacy) if self.legacy is not None else None
         self._known_shards: set[bytes] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -132,12 +153,34 @@ class Store:
 
     # -- objects ---------------------------------------------------------------------------
     def object_path(self, digest: bytes) -> Path:
-        h = digest.hex()
-        return self.objects / h[:2] / h[2:4] / h
+        return Path(os.fsdecode(self.object_path_b(digest)))
 
     def object_path_b(self, digest: bytes) -> bytes:
         h = digest.hex().encode()
-        return b"%s/%s/%s/%s" % (self._objects_b, h[:2], h[2:4], h)
+        if self.fanout == 1:
+            path = b"%s/%s/%s" % (self._objects_b, h[:2], h)
+        else:
+            path = b"%s/%s/%s/%s" % (self._objects_b, h[:2], h[2:4], h)
+        if self._legacy_b is not None and not os.path.lexists(path):
+            old = b"%s/%s/%s/%s" % (self._legacy_b, h[:2], h[2:4], h)
+            if os.path.lexists(old):
+                return old
+        elif (
+            self.fanout == 2
+            and not os.path.lexists(path)
+            and (self.root / OBJECTS_V2).is_dir()  # gc began migrating since this was made
+        ):
+            self.choose_layout()
+            return self.object_path_b(digest)
+        return path
+
+    def object_relpath_b(self, digest: bytes) -> bytes:
+        """`/<fan-out>/<hex>`: the object's path below the objects directory (the redirect of a
+        metadata layer whose data-only layer is that directory)."""
+        h = digest.hex().encode()
+        if self.fanout == 1:
+            return b"/%s/%s" % (h[:2], h)
+        return b"/%s/%s/%s" % (h[:2], h[2:4], h)
 
     def has(self, digest: bytes) -> bool:
         try:
@@ -166,17 +209,21 @@ class Store:
             os.close(fd)
 
     def iter_objects(self) -> Iterator[tuple[str, Path]]:
-        """Yield (hex name, path) of every entry under objects-v1 (names not validated)."""
-        for d1 in sorted(os.scandir(self.objects), key=lambda e: e.name):
-            if not d1.is_dir(follow_symlinks=False):
-                yield d1.name, Path(d1.path)
-                continue
-            for d2 in sorted(os.scandir(d1.path), key=lambda e: e.name):
-                if not d2.is_dir(follow_symlinks=False):
-                    yield d2.name, Path(d2.path)
-                    continue
-                for obj in os.scandir(d2.path):
-                    yield obj.name, Path(obj.path)
+        """Yield (hex name, path) of every entry under the objects directory, and under the old
+        one while a migration is unfinished (names not validated)."""
+        yield from _iter_fanout(self.objects)
+        if self.legacy is not None:
+            yield from _iter_fanout(self.legacy)
+
+    def shard_dir(self, hexname: bytes) -> bytes:
+        if self.fanout == 1:
+            d = b"%s/%s" % (self._objects_b, hexname[:2])
+        else:
+            d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
+        if d not in self._known_shards:
+            os.makedirs(d, exist_ok=True)
+            self._known_shards.add(d)
+        return d
 
     def remove_empty_shards(self) -> int:
         """Remove the fan-out directories under the objects directory that hold nothing (gc,
@@ -211,13 +258,6 @@ class Store:
             part = parts.setdefault(name, {"files": 0, "dirs": 0, "bytes": 0})
             tree_usage(entry.path, part, seen)
         return parts
-
-    def shard_dir(self, hexname: bytes) -> bytes:
-        d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
-        if d not in self._known_shards:
-            os.makedirs(d, exist_ok=True)
-            self._known_shards.add(d)
-        return d
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -282,6 +322,24 @@ _PART_NAMES = {
     "manifests.lmdb": "manifests",
     "tmp": "tmp",
 }
+
+
+def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
+    """Every non-directory up to two directory levels below `top` (either fan-out)."""
+    try:
+        level1 = sorted(os.scandir(top), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for d1 in level1:
+        if not d1.is_dir(follow_symlinks=False):
+            yield d1.name, Path(d1.path)
+            continue
+        for d2 in sorted(os.scandir(d1.path), key=lambda e: e.name):
+            if not d2.is_dir(follow_symlinks=False):
+                yield d2.name, Path(d2.path)
+                continue
+            for obj in os.scandir(d2.path):
+                yield obj.name, Path(obj.path)
 
 
 def tree_usage(path: str, part: dict[str, int], seen: set[tuple[int, int]]) -> None:
@@ -448,7 +506,7 @@ class Stage:
                 self.staged[digest] = path
 
     def publish(self, mapper: Mapper | None = None) -> int:
-        """syncfs; rename staged objects into objects-v1; syncfs. Returns objects published.
+        """syncfs; rename staged objects into their names; syncfs. Returns objects published.
 
         `mapper` (e.g. a process pool's `map`) spreads the renames over workers: creating the
         shard directories and renaming is most of the cost of storing many small objects.
@@ -489,6 +547,8 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
     store = _stores.get(root)
     if store is None:
         store = _stores[root] = Store(root)
+    elif store.fanout == 2 and os.path.isdir(os.path.join(root, OBJECTS_V2)):
+        store.choose_layout()  # gc migrated the store since this process cached it
     published = 0
     for digest, path in items:
         hexname = digest.hex().encode()

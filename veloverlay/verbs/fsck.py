@@ -15,7 +15,7 @@ from veloverlay import paths
 from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store.cas import Store
+from veloverlay.store.cas import OBJECTS_V1, OBJECTS_V2, Store
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
@@ -61,7 +61,11 @@ def _check_object(item: tuple[str, str]) -> tuple[str, str, str] | None:
     if not _HEX.match(name):
         return ("object-stray", path, "not an object name")
     parts = path.rsplit("/", 3)
-    if parts[-3] != name[:2] or parts[-2] != name[2:4]:
+    one_level = parts[-3] == OBJECTS_V2 and parts[-2] == name[:2]
+    two_levels = (
+        parts[0].endswith("/" + OBJECTS_V1) and parts[-3] == name[:2] and parts[-2] == name[2:4]
+    )
+    if not (one_level or two_levels):
         return ("object-misplaced", path, f"object {name} is in the wrong shard")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

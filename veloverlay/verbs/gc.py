@@ -6,7 +6,10 @@ ref's last ingested source tree (which holds every digest its ingest stat cache 
 base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
 ones pin nothing). Only objects older than `grace` seconds (by ctime: the time they were renamed
 into the store) are swept, and gc holds the store lock exclusively, so no writer can be between
-staging and commit. `dry_run` computes exactly what a real run would delete."""
+staging and commit. `dry_run` computes exactly what a real run would delete.
+
+A store made before issue 15 (objects in `objects-v1/ab/cd/`) is migrated to the one-level fan-out
+`objects-v2/ab/` by the first gc that finds no live or unharvested session (`migrate_objects`)."""
 
 from __future__ import annotations
 
@@ -20,10 +23,17 @@ from veloverlay import faults
 from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store.cas import Store
+from veloverlay.store.cas import OBJECTS_V2, Store, syncfs_path
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn
 
-__all__ = ["GcReport", "RefFootprint", "gc", "ref_footprint", "session_roots"]
+__all__ = [
+    "GcReport",
+    "RefFootprint",
+    "gc",
+    "migrate_objects",
+    "ref_footprint",
+    "session_roots",
+]
 
 
 class GcReport(Record):
@@ -36,6 +46,7 @@ class GcReport(Record):
     objects_kept: int = 0
     young_kept: int = 0
     dirs_removed: int = 0  # empty fan-out directories of the objects
+    objects_migrated: int = 0  # moved from objects-v1/ab/cd/ to objects-v2/ab/ (migrate_objects)
     dry_run: bool = False
     deleted: list[str] = field(default_factory=list)
 
@@ -150,6 +161,51 @@ def _mark_ref(m: Manifests, txn: Txn, name: str, objects: set[bytes]) -> None:
         m.reachable(txn, bytes.fromhex(c.root), nodes, objects)
 
 
+def migrate_objects(store: Store) -> int:
+    """Move the objects of a store made before issue 15 from `objects-v1/ab/cd/<hex>` (a fan-out
+    of up to 65,536 directories) to `objects-v2/ab/<hex>` (256); returns how many moved. The
+    caller holds the store lock exclusively (no writer runs). Nothing is done while a session is
+    live or unharvested (a session's layers and trees name object paths: the next gc will).
+    Crash-safe: objects are renamed one by one, readers look in both places until `objects-v1` is
+    gone, and the next gc continues. Cached layers are evicted (theirs name the old paths; built
+    again on demand); the per-boot cache is kept per layout (lower/homes.py)."""
+    legacy = store.root / "objects-v1"
+    if not legacy.is_dir() or session_roots(store):
+        return 0
+    from veloverlay import fsflags
+
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(store.root / OBJECTS_V2, 0o755)
+    store.choose_layout()  # from now on: written to objects-v2, read from both
+    moved = 0
+    for dirpath, _dirs, files in os.walk(legacy):
+        for name in files:
+            if len(name) != 64 or not all(c in "0123456789abcdef" for c in name):
+                continue  # not an object: left where it is (fsck reports it)
+            src = os.path.join(dirpath, name)
+            dst = store.shard_dir(name.encode()) + b"/" + name.encode()
+            if os.path.lexists(dst):  # named in both (cannot happen but by hand): keep the new
+                _unlink_object(store, Path(src), None)
+                continue
+            try:
+                os.rename(src, dst)
+            except PermissionError:  # +i: only a process that may clear it gets here (root)
+                fsflags.set_immutable(src, False)
+                os.rename(src, dst)
+                fsflags.set_immutable(os.fsdecode(dst), True)
+            moved += 1
+            faults.point("gc.migrate")
+    syncfs_path(store.objects)
+    for dirpath, _dirs, _files in os.walk(legacy, topdown=False):
+        with contextlib.suppress(OSError):  # a stray file keeps its directory (and objects-v1)
+            os.rmdir(dirpath)
+    store.choose_layout()
+    from veloverlay.lower.prune import prune
+
+    prune(store, set())  # every cached layer: Tier-1 symlinks and redirects name old paths
+    return moved
+
+
 def gc(
     store: Store,
     m: Manifests,
@@ -165,6 +221,7 @@ def gc(
     with store.lock(exclusive=True):
         if not dry_run:
             store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
+            rep.objects_migrated = migrate_objects(store)
         with m.read() as txn:
             nodes, objects, kept_commits = _mark(store, m, txn, keep)
             heads = set(session_roots(store))

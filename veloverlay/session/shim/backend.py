@@ -354,7 +354,8 @@ def run_shim(
 def _protected_dirs(store: Store) -> list[Path]:
     from veloverlay.session.shim.materialize import proxies_dir
 
-    return [store.objects, ids_dir(store), proxies_dir(store), store.db_path]
+    legacy = [store.legacy] if store.legacy is not None else []  # a migration is unfinished
+    return [store.objects, *legacy, ids_dir(store), proxies_dir(store), store.db_path]
 
 
 def _chattr_ok(store: Store) -> bool:
