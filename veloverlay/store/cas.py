@@ -243,22 +243,6 @@ class Store:
         self._known_shards.clear()
         return removed
 
-    def disk_usage(self) -> dict[str, dict[str, int]]:
-        """Files, directories and bytes on disk (allocated blocks) per top-level part of the
-        store: objects, ids, trees (layers kept in the store), sessions, manifests, tmp, other.
-        A file with several names in the store (an object and its short id) counts once."""
-        parts: dict[str, dict[str, int]] = {}
-        seen: set[tuple[int, int]] = set()
-        # objects first: a short id shares its object's inode and counts there
-        entries = sorted(
-            os.scandir(self.root), key=lambda e: (_PART_NAMES.get(e.name) != "objects", e.name)
-        )
-        for entry in entries:
-            name = _PART_NAMES.get(entry.name, "other")
-            part = parts.setdefault(name, {"files": 0, "dirs": 0, "bytes": 0})
-            tree_usage(entry.path, part, seen)
-        return parts
-
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
@@ -313,17 +297,6 @@ class Store:
         return removed
 
 
-_PART_NAMES = {
-    "objects-v1": "objects",
-    "objects-v2": "objects",
-    "ids-v1": "ids",
-    "trees-v1": "trees",
-    "sessions": "sessions",
-    "manifests.lmdb": "manifests",
-    "tmp": "tmp",
-}
-
-
 def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
     """Every non-directory up to two directory levels below `top` (either fan-out)."""
     try:
@@ -340,31 +313,6 @@ def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
                 continue
             for obj in os.scandir(d2.path):
                 yield obj.name, Path(obj.path)
-
-
-def tree_usage(path: str, part: dict[str, int], seen: set[tuple[int, int]]) -> None:
-    stack = [path]
-    while stack:
-        p = stack.pop()
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue  # gone meanwhile, or unreadable: counted as nothing
-        if stat.S_ISDIR(st.st_mode):
-            part["dirs"] += 1
-            part["bytes"] += st.st_blocks * 512
-            try:
-                stack.extend(e.path for e in os.scandir(p))
-            except OSError:
-                pass
-            continue
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-        part["files"] += 1
-        part["bytes"] += st.st_blocks * 512
 
 
 def _rmtree(path: Path) -> int:

@@ -278,15 +278,15 @@ class Repo:
         """Disk use of the store by part (see `Store.disk_usage`), plus `per-boot-cache`: this
         user's layers of this store in the per-boot cache (memory when it is a tmpfs), and
         `total` (the store's parts)."""
-        parts = self.store.disk_usage()
+        from veloverlay.store.usage import disk_usage, tree_usage
+
+        parts = disk_usage(self.store)
         total = {k: sum(p[k] for p in parts.values()) for k in ("files", "dirs", "bytes")}
         from veloverlay.lower.homes import boot_dir
 
         cache = boot_dir(self.store.root)
         if cache is not None:
             part = {"files": 0, "dirs": 0, "bytes": 0}
-            from veloverlay.store.cas import tree_usage
-
             tree_usage(os.fspath(cache), part, set())
             parts["per-boot-cache"] = part
         parts["total"] = total
@@ -318,7 +318,9 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
             "manifest database, objects that are not named as ours)",
             reason=Reason.STORE_MISSING,
         )
-    usage = store.disk_usage()
+    from veloverlay.store.usage import disk_usage
+
+    usage = disk_usage(store)
     total = {k: sum(p[k] for p in usage.values()) for k in ("files", "dirs", "bytes")}
     with store.lock(exclusive=True, wait=False):
         if session_roots(store) and not force:
