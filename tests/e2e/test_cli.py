@@ -414,7 +414,8 @@ def test_the_man_page_documents_every_verb_and_option(shm_tmp: str) -> None:
     page = ok(velo(None, "--help-man"))
     assert page.startswith(".TH VELOVERLAY 1 ")
     for verb, cmd in _click_tree():
-        assert f"\\fBveloverlay {verb}\\fR" in page, verb
+        shown = verb.replace("-", "\\-")  # groff's hyphen, as for the options below
+        assert f"\\fBveloverlay {shown}\\fR" in page, verb
         for p in cmd.params:
             for opt in getattr(p, "opts", []):
                 if opt.startswith("--"):

@@ -143,6 +143,8 @@ def reap_orphans(current: Path) -> int:
     from veloverlay.files import force_rmtree
 
     removed = 0
+    if not (current / "store").exists() and (current.parent / "store").exists():
+        current = current.parent  # a per-layout home (boot_home): its store's directory
     base = current.parent
     for entry in os.scandir(base):
         if entry.path == os.fspath(current) or not entry.is_dir(follow_symlinks=False):
