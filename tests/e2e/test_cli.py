@@ -266,9 +266,20 @@ def test_json_errors_are_json_too(store: str, src: str) -> None:
         ["no-such-verb"],
         ["log", "r", "--limit", "many"],
         ["gc", "--keep", "x"],  # (rollback r x: x may name a version now, a tag)
+        # found by the verb or the library, not the parser: exit 2 as well (issue 15.7)
+        ["harvest"],  # neither --resume nor --all
+        ["run", "r", "--at", "/x"],  # no `-- COMMAND`
+        ["run", "r", "--backend", "fast", "--", "true"],
+        ["diff", "r"],  # A without B
+        ["tiers", "nope"],
+        ["sessions", "extra"],
     ],
 )
 def test_usage_errors_exit_2(store: str, args: list[str]) -> None:
+    p = velo(store, *args)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.startswith("error: "), err
+    assert "reason:" not in err and "Traceback" not in err  # the slug: with --json or --debug
     failed(velo(store, "--json", *args), "usage", code=2)
 
 
@@ -354,7 +365,8 @@ def test_version() -> None:
 def test_a_misspelt_verb_gets_a_suggestion() -> None:
     p = velo(None, "ingset", "x")
     assert p.returncode == 2
-    assert "'ingest'" in p.stderr.decode().splitlines()[0]
+    first = p.stderr.decode().splitlines()[0]
+    assert "'ingest'" in first and "'doctor'" not in first  # the close match, not every verb
 
 
 def test_global_options_are_taken_after_the_verb_too(store: str, src: str, shm_tmp: str) -> None:
