@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -244,6 +245,8 @@ def _enter_in_a_terminal(store: str, shell: str, home: str, cwd: str, proj: str)
             if not sent and b"(velo:proj) " in out:
                 os.write(fd, f"cd {proj} && echo hi > from-the-shell; exit\n".encode())
                 sent = True
+    if not sent:  # no prompt came: end the session rather than wait for a shell forever
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(fd)
     return out.decode(errors="replace")
