@@ -54,7 +54,18 @@ def force_rmtree(path: str | os.PathLike[str]) -> None:
         return
     import shutil  # here: a session's usual upper and work dirs go without it (start-up time)
 
-    def onerror(_fn: object, failed: str, _exc: object) -> None:
+    retried: set[str] = set()
+
+    def onerror(_fn: object, failed: str, exc: object) -> None:
+        # Open the path (and its parent) up and try once more; the same failure again is final.
+        # Without that limit an unremovable entry (+i) recursed without end on Python >= 3.13,
+        # whose rmtree reports this handler's own failure as a failure of the parent directory.
+        if failed in retried:
+            err = exc[1] if isinstance(exc, tuple) else exc
+            if isinstance(err, BaseException):
+                raise err
+            raise OSError(errno.EPERM, "cannot remove", failed)
+        retried.add(failed)
         for target in (os.path.dirname(failed), failed):
             with contextlib.suppress(OSError):
                 if not os.path.islink(target):
