@@ -102,7 +102,12 @@ def unlock_tree(path: Path) -> None:
 
 @contextlib.contextmanager
 def scratch(
-    base: str, prefix: str, size: int, inode_ratio: int | None, loop: bool
+    base: str,
+    prefix: str,
+    size: int,
+    inode_ratio: int | None,
+    loop: bool,
+    mkfs_opts: tuple[str, ...] = (),
 ) -> Iterator[Path]:
     """A fresh directory for a benchmark: on a new loop-mounted ext4 under `base` when `loop`
     (root only), else a temp dir in `base`. Everything is removed and unmounted afterwards; a
@@ -115,7 +120,7 @@ def scratch(
             image = top / "fs.img"
             with open(image, "wb") as f:
                 f.truncate(size)
-            opts = ["-i", str(inode_ratio)] if inode_ratio else []
+            opts = [*(["-i", str(inode_ratio)] if inode_ratio else []), *mkfs_opts]
             subprocess.run(["mkfs.ext4", "-q", "-F", *opts, os.fspath(image)], check=True)
             mnt.mkdir()
             subprocess.run(["mount", "-o", "loop", os.fspath(image), os.fspath(mnt)], check=True)

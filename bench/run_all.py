@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     "bench_ingest.py",
     "bench_large.py",
+    "bench_verity.py",
     "bench_session.py",
     "bench_cli.py",
     "bench_shim.py",

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "veloverlay"
 DOC = PKG.parent / "docs" / "architecture.md"
 
 LEAVES = {"_libc", "errors", "envvars", "records", "paths", "files", "faults", "progress"}
-FACILITIES = {"ns", "mount", "fsflags", "linking", "overlay", "probe", "tiers", "workers"}
+FACILITIES = {"ns", "mount", "fsflags", "verity", "linking", "overlay", "probe", "tiers", "workers"}
 # What each part may import besides itself, leaves and facilities (lowest first).
 ALLOWED: dict[str, set[str]] = {
     "store": set(),

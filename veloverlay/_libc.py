@@ -37,6 +37,7 @@ __all__ = [
     "ioctl_setflags",
     "ficlone",
     "enable_verity",
+    "measure_verity",
     "set_dumpable",
     "statfs_type",
 ]
@@ -127,7 +128,10 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 
 # --- <linux/fsverity.h> ------------------------------------------------------------------------
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg) (128 bytes)
+FS_IOC_MEASURE_VERITY = 0xC0046686  # _IOWR('f', 134, struct fsverity_digest) (4-byte header)
 FS_VERITY_HASH_ALG_SHA256 = 1
+FS_VERITY_FL = 0x00100000  # <linux/fs.h>: the inode has fs-verity enabled (read-only flag)
+FS_VERITY_MAX_DIGEST_SIZE = 64  # <linux/fsverity.h> (SHA-512)
 
 # --- <linux/prctl.h> ---------------------------------------------------------------------------
 PR_SET_DUMPABLE = 4
@@ -354,6 +358,17 @@ def enable_verity(fd: int, *, block_size: int = 4096) -> None:
     arg = fsverity_enable_arg(version=1, hash_algorithm=FS_VERITY_HASH_ALG_SHA256)
     arg.block_size = block_size
     check(_ioctl_ptr(fd, FS_IOC_ENABLE_VERITY, ctypes.byref(arg)), "ioctl(FS_IOC_ENABLE_VERITY)")
+
+
+def measure_verity(fd: int) -> tuple[int, bytes]:
+    """FS_IOC_MEASURE_VERITY: (hash algorithm, the file's fs-verity digest). ENODATA when the file
+    has no verity; the kernel reads only the stored descriptor, never the data."""
+    buf = (ctypes.c_uint8 * (4 + FS_VERITY_MAX_DIGEST_SIZE))()
+    header = ctypes.cast(buf, ctypes.POINTER(ctypes.c_uint16))
+    header[1] = FS_VERITY_MAX_DIGEST_SIZE  # in: room for the digest; out: its size
+    check(_ioctl_ptr(fd, FS_IOC_MEASURE_VERITY, ctypes.byref(buf)), "ioctl(FS_IOC_MEASURE_VERITY)")
+    size = min(int(header[1]), FS_VERITY_MAX_DIGEST_SIZE)
+    return int(header[0]), bytes(buf[4 : 4 + size])
 
 
 def set_dumpable(*, on: bool = True) -> None:

@@ -3,11 +3,13 @@
 Owns the answer to "what can this host do": `detect()` returns a frozen `Capabilities` whose
 feature names are a stable API (tests, CI's VELO_TEST_MUST_WORK and `doctor --json` use them).
 Nothing is inferred from the kernel version; it is only logged. Every probe runs the real
-operation — unshare, mount an overlay, mknod a whiteout, FS_IOC_SETFLAGS, FICLONE — and a failing
-feature's reason names the call and errno. Namespace probes run in forked children (the calling
-process never unshares); temp dirs live under /dev/shm (or the temp dir) and are removed.
+operation — unshare, mount an overlay, mknod a whiteout, FS_IOC_SETFLAGS, FS_IOC_ENABLE_VERITY,
+FICLONE — and a failing feature's reason names the call and errno. Namespace probes run in forked
+children (the calling process never unshares); temp dirs live under /dev/shm (or the temp dir) and
+are removed.
 
-Imports the standard library and the kernel modules (`ns`, `mount`, `fsflags`, `_libc`, errors).
+Imports the standard library and the kernel modules (`ns`, `mount`, `fsflags`, `verity`, `_libc`,
+errors).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
-from veloverlay import _libc, fsflags, mount, ns
+from veloverlay import _libc, fsflags, mount, ns, verity
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.records import Record
 
@@ -322,18 +324,6 @@ def _chattr(base: str) -> str:
     return f"FS_IOC_SETFLAGS +i set and cleared {_where(base)}"
 
 
-def _fsverity(base: str) -> str:
-    path = os.path.join(base, "verity")
-    with open(path, "wb") as f:
-        f.write(b"x" * 4096)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _libc.enable_verity(fd)
-    finally:
-        os.close(fd)
-    return f"FS_IOC_ENABLE_VERITY works {_where(base)}"
-
-
 def _reflink(base: str) -> str:
     src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
     with open(src, "wb") as f:
@@ -431,7 +421,8 @@ def _detect() -> Capabilities:
     # (a disk filesystem, like the default store location), not on tmpfs.
     with _scratch(under=tempfile.gettempdir()) as tmp_dir:
         results["chattr"] = _attempt(lambda: _chattr(tmp_dir))
-        results["fsverity"] = _attempt(lambda: _fsverity(tmp_dir))
+        ok, why = verity.usable_under(tmp_dir)
+        results["fsverity"] = (ok, f"{why} {_where(tmp_dir)}" if ok else why)
         results["reflink"] = _attempt(lambda: _reflink(tmp_dir))
     results["userns_unrestricted"] = _userns_unrestricted()
     results["fuse"] = _fuse(drop=real_uid0)

@@ -312,6 +312,21 @@ def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, sh
     assert_same_tree(src, empty)
 
 
+def test_fsck_repair_gives_a_writable_object_its_mode_back(store: str, src: str) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    digest = data(velo(store, "ls", "proj", "README", "--json"))[0]["digest"]
+    path = os.path.join(store, "objects-v2", digest[:2], digest)
+    os.chmod(path, 0o644)  # a chmod, no write: the bytes still match the name
+    assert "object-writable" in failed(velo(store, "fsck"), "object-corrupt")
+    out = ok(velo(store, "fsck", "--repair"))
+    assert out.splitlines()[-1].startswith("ok: ")
+    assert os.stat(path).st_mode & 0o777 == 0o444
+    report = data(velo(store, "fsck", "--quick", "--json"))
+    assert report["ok"] is True
+    # every object is sealed where the store has fs-verity, none is where it has not
+    assert report["fsverity"]["unsealed"] == 0
+
+
 def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     res = data(velo(store, "ingest", src, "-n", "proj", "--json"))
     assert data(velo(store, "fsck", "--json"))["ok"] is True
@@ -349,6 +364,17 @@ def test_doctor_names_a_backend(store: str) -> None:
         os.environ["VELO_RUNTIME_DIR"], f"veloverlay-{os.geteuid()}"
     )
     assert cache["reason"] and re.search(r"^data-only layers: ", out, re.M)
+    # fs-verity: the store's own probe answers; without it the protection is what it was
+    verity = report["store"]["fsverity"]
+    assert isinstance(verity["ok"], bool) and verity["reason"]
+    assert re.search(r"^fs-verity on objects: (yes|no) \(", out, re.M), out
+    if verity["ok"]:
+        assert report["chosen"]["protection"].startswith("prevented (fs-verity on every object")
+    else:
+        assert report["chosen"]["protection"] in (
+            "prevented (store read-only in sessions, chattr +i on objects)",
+            "prevented in sessions (read-only store); detected outside (fsck)",
+        )
     off = data(velo(store, "doctor", "--json", env={"VELO_RUNTIME_DIR": "off"}))
     assert off["layer_cache"] == {"path": None, "ok": False, "reason": "VELO_RUNTIME_DIR=off"}
 

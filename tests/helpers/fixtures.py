@@ -13,7 +13,10 @@ from veloverlay.verbs.repo import Repo
 
 
 def _shm_dir(prefix: str) -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    # VELO_INTERNAL__TEST_SCRATCH moves the stores elsewhere (the matrix's fs-verity box)
+    base = os.environ.get("VELO_INTERNAL__TEST_SCRATCH") or (
+        "/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
     return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 

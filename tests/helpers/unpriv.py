@@ -56,15 +56,20 @@ def _scratch_parent() -> str:
     if not _PARENT:
         from veloverlay import probe
 
-        _PARENT.append("/dev/shm" if probe.user_xattrs("/dev/shm").ok else "/var/tmp")
+        forced = os.environ.get("VELO_INTERNAL__TEST_SCRATCH")  # e.g. the matrix's verity disk
+        if forced:
+            _PARENT.append(forced)
+        else:
+            _PARENT.append("/dev/shm" if probe.user_xattrs("/dev/shm").ok else "/var/tmp")
     return _PARENT[0]
 
 
 @contextlib.contextmanager
 def unpriv_tmpdir() -> Iterator[str]:
-    """A fresh 0755 directory owned by UNPRIV_UID, removed afterwards: under /dev/shm where its
-    tmpfs holds user xattrs (overlay sessions need them on the store's filesystem; tmpfs has
-    them since Linux 6.6), else under /var/tmp.
+    """A fresh 0755 directory owned by UNPRIV_UID, removed afterwards: under
+    $VELO_INTERNAL__TEST_SCRATCH when set, else under /dev/shm where its tmpfs holds user xattrs
+    (overlay sessions need them on the store's filesystem; tmpfs has them since Linux 6.6), else
+    under /var/tmp.
 
     pytest's tmp_path lies under /tmp/pytest-of-root (0700), which that uid cannot reach.
     """

@@ -54,6 +54,10 @@ class Box:
     sysctls: tuple[tuple[str, str], ...] = ()
     no_overlay: bool = False  # overlay.ko removed and `install overlay /bin/false`
     full: bool = False  # the whole suite (`-m ""` minus slow), not the smoke subset
+    # An ext4 made with `-O verity` (a third disk) mounted on the guest's /tmp, where the suite
+    # keeps its stores (VELO_INTERNAL__TEST_SCRATCH=/tmp): objects get fs-verity there.
+    verity_disk: bool = False
+    suite: tuple[str, ...] = ()  # this box's own suite instead of the smoke subset
 
 
 KERNELS = {
@@ -101,6 +105,28 @@ BOXES = (
         must_root=(*_BASE, *_ROOT, *_USERNS, *_NEW_API, *_DATA_ONLY),
         must_user=(*_USERNS, "whiteout_mknod", *_NEW_API, "data_only_userns"),
         full=True,
+    ),
+    Box(
+        "deb13-verity",
+        "trixie",
+        "deb13",
+        "Debian 13, its 6.12 kernel, stores on an ext4 with fs-verity: objects the kernel "
+        "keeps immutable, root-free",
+        root=LINKS,
+        user=LINKS,
+        must_root=(*_BASE, *_ROOT, *_USERNS, *_NEW_API, "fsverity"),
+        must_user=(*_USERNS, "whiteout_mknod", *_NEW_API, "fsverity"),
+        verity_disk=True,
+        suite=(
+            "tests/kernel/test_verity.py",
+            "tests/unit/test_verity_store.py",
+            "tests/session/test_behaviour.py",
+            "tests/shim/test_behaviour.py",
+            "tests/shim/test_materialize.py",
+            "tests/reliability/test_hostile.py",
+            "tests/shim/test_hostile.py",
+            "tests/envs/test_real_envs.py",
+        ),
     ),
     Box(
         "deb12-nouserns",

@@ -2,9 +2,10 @@
 # The matrix guest's init (pid 1), run by the image's /velo-init.sh from the job disk (/job).
 #
 # /job/job.env says what to do (written by tools/matrix/run.py):
-#   BOX, MODE (suite | powercut), SYSCTLS ("key=value ..."), NO_OVERLAY (0/1),
+#   BOX, MODE (suite | powercut | bench), SYSCTLS ("key=value ..."), NO_OVERLAY (0/1),
+#   VERITY_DISK (0/1: /dev/vdc is an ext4 with fs-verity, mounted on /tmp for the suite's stores),
 #   SUITE (pytest arguments), MUST_ROOT / MUST_USER (VELO_TEST_MUST_WORK per identity),
-#   TEST_TIMEOUT (per-test seconds), PC_* (power-cut settings).
+#   TEST_TIMEOUT (per-test seconds), PC_* (power-cut settings), BENCH (bench mode's arguments).
 # Results go to /job/results (read by the host with debugfs once the guest is off) and the
 # progress to the serial console as "VELO-..." lines. Ends with a sysrq power-off.
 PATH=/opt/velo/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -40,7 +41,18 @@ mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/
 [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 mountpoint -q /run || mount -t tmpfs -o mode=755 tmpfs /run
 mount -o remount,rw / 2>/dev/null
-mkdir -p /tmp && chmod 1777 /tmp && rm -rf /tmp/* 2>/dev/null
+mkdir -p /tmp && rm -rf /tmp/* 2>/dev/null
+if [ "${VERITY_DISK:-0}" = 1 ]; then
+  if ! mount -t ext4 /dev/vdc /tmp; then
+    say "ERROR cannot mount the verity disk"
+    echo "cannot mount the verity disk /dev/vdc" >$R/error.txt
+    off
+  fi
+  # The suite's stores go there too (tests/helpers: VELO_INTERNAL__TEST_SCRATCH), not /dev/shm.
+  export VELO_INTERNAL__TEST_SCRATCH=/tmp
+  say "VERITY-DISK $(grep ' /tmp ' /proc/mounts)"
+fi
+chmod 1777 /tmp
 hostname "velo-$BOX" 2>/dev/null
 ip link set lo up 2>/dev/null || true
 step boot
@@ -97,8 +109,14 @@ step install
 if [ "$MODE" = powercut ]; then
   . /job/powercut.sh # never returns
 fi
-veloverlay doctor --json >$R/doctor-root.json 2>$R/doctor-root.err
-as_user veloverlay doctor --json >$R/doctor-user.json 2>$R/doctor-user.err
+droot= duser=
+if [ "${VERITY_DISK:-0}" = 1 ]; then # doctor answers for stores on the verity disk
+  veloverlay --store /tmp/doctor-root init >/dev/null 2>&1
+  as_user veloverlay --store /tmp/doctor-user init >/dev/null 2>&1
+  droot="--store /tmp/doctor-root" duser="--store /tmp/doctor-user"
+fi
+veloverlay $droot doctor --json >$R/doctor-root.json 2>$R/doctor-root.err
+as_user veloverlay $duser doctor --json >$R/doctor-user.json 2>$R/doctor-user.err
 step doctor
 for who in root user; do
   say "DOCTOR $who $(python3 -c "import json,sys; c=json.load(open('$R/doctor-$who.json'))['chosen']; print(c['backend'], c['lower_form'])" 2>&1)"
@@ -133,6 +151,14 @@ suite)
   step suite-root
   suite user "$MUST_USER"
   step suite-user
+  ;;
+bench)
+  # BENCH: a benchmark and its arguments, as root (e.g. bench/bench_verity.py --base /tmp)
+  python $BENCH >$R/bench.log 2>&1
+  echo $? >$R/rc-bench
+  cp bench/results/*.json $R/ 2>/dev/null
+  say "BENCH rc=$(cat $R/rc-bench) $(tail -1 $R/bench.log)"
+  step bench
   ;;
 esac
 off

@@ -43,6 +43,8 @@ FULL_TIMEOUT = 45 * 60
 
 
 def suite_for(b: Box) -> str:
+    if b.suite:
+        return " ".join(p for p in b.suite if (REPO / p).exists())
     if b.full:
         return "tests"  # pyproject's addopts: -m 'not slow' (what `make test` runs)
     return " ".join(p for p in SMOKE if (REPO / p).exists())
@@ -67,6 +69,9 @@ def check(b: Box, res: dict[str, object]) -> list[str]:
             why.append(
                 f"{who}: lower form {chosen.get('lower_form')!r}, expected {want.lower_form!r}"
             )
+        protection = str(chosen.get("protection", ""))
+        if b.verity_disk and not protection.startswith("prevented (fs-verity"):
+            why.append(f"{who}: protection {protection!r}, expected fs-verity on every object")
         counts = res.get(f"tests_{who}") or {}
         assert isinstance(counts, dict)
         if res.get(f"rc_{who}") != 0:
@@ -167,6 +172,10 @@ def render(results: list[dict[str, object]], meta: dict[str, str]) -> str:
             lines.append("- sysctls: " + ", ".join(f"`{k}={v}`" for k, v in b.sysctls))
         if b.no_overlay:
             lines.append("- overlay.ko removed and `install overlay /bin/false`")
+        if b.verity_disk:
+            lines.append(
+                "- the suite's stores on an ext4 made with `mkfs.ext4 -O verity` (mounted on /tmp)"
+            )
         lines.append(f"- suite: `{res.get('suite')}`")
         lines.append(
             f"- VELO_TEST_MUST_WORK as root: `{','.join(b.must_root)}`; "
@@ -178,6 +187,8 @@ def render(results: list[dict[str, object]], meta: dict[str, str]) -> str:
                 lines.append(
                     f"- doctor as {who}: {chosen.get('backend')}: {chosen.get('backend_reason')}"
                 )
+                if b.verity_disk:
+                    lines.append(f"- protection as {who}: {chosen.get('protection')}")
         if t:
             boot = t.get("boot", 0.0)
             parts = [f"boot to init {boot:.1f} s"]
@@ -255,7 +266,8 @@ def main() -> int:
     for n, b in enumerate(order):
         suite = suite_for(b)
         log(f"box {b.name}: {suite}")
-        res = run_box(b.name, suite=suite, timeout=FULL_TIMEOUT if b.full else SMOKE_TIMEOUT)
+        long = b.full or bool(b.suite)  # a box's own suite is longer than the smoke subset
+        res = run_box(b.name, suite=suite, timeout=FULL_TIMEOUT if long else SMOKE_TIMEOUT)
         entry = locks.get(b.kernel, {})
         res.update(
             {

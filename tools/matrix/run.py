@@ -8,12 +8,14 @@ untracked-but-not-ignored files; guest-init.sh; job.env), the box's kernel boote
 job disk and powers off with sysrq; the host reads them back with `debugfs -R rdump` (no mount).
 A run that outlives its timeout is killed (SIGKILL to the qemu pid this module started).
 
-Usage: run.py BOX [--suite 'pytest args'] [--timeout S] [--keep]   (as root)
+Usage: run.py BOX [--suite 'pytest args' | --bench 'bench/NAME.py args'] [--timeout S] [--keep]
+(as root)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -66,6 +68,7 @@ def job_env(b: Box, *, mode: str, suite: str, extra: dict[str, str]) -> str:
         "MODE": mode,
         "SYSCTLS": " ".join(f"{k}={v}" for k, v in b.sysctls),
         "NO_OVERLAY": "1" if b.no_overlay else "0",
+        "VERITY_DISK": "1" if b.verity_disk else "0",
         "SUITE": suite,
         "MUST_ROOT": ",".join(b.must_root),
         "MUST_USER": ",".join(b.must_user),
@@ -168,6 +171,18 @@ def make_job_disk(
     return img
 
 
+def verity_disk(workdir: Path, size: str = "4G") -> Path:
+    """A sparse ext4 with the `verity` feature (Debian's mke2fs leaves it off): the guest's
+    /dev/vdc, mounted on its /tmp (guest-init.sh)."""
+    img = workdir / "verity.img"
+    img.unlink(missing_ok=True)
+    run(
+        ["mkfs.ext4", "-q", "-F", "-O", "verity", "-L", "velo-verity", str(img), size],
+        stdout=subprocess.DEVNULL,
+    )
+    return img
+
+
 def read_results(job_img: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -212,8 +227,11 @@ def passed_in(path: Path, prefix: str) -> int:
     return n
 
 
-def run_box(name: str, *, suite: str, timeout: float, keep: bool = False) -> dict[str, object]:
-    """Boot box `name`, run `suite` as root and as uid 1500, return what the guest reported."""
+def run_box(
+    name: str, *, suite: str, timeout: float, keep: bool = False, bench: str | None = None
+) -> dict[str, object]:
+    """Boot box `name`, run `suite` as root and as uid 1500 (or, with `bench`, that benchmark
+    and its arguments as root), return what the guest reported."""
     b = box(name)
     image = cache_dir() / "images" / f"{b.dist}.img"
     if not image.exists():
@@ -228,15 +246,17 @@ def run_box(name: str, *, suite: str, timeout: float, keep: bool = False) -> dic
         run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "raw", str(overlay)]
         )
+        extra = {"TEST_TIMEOUT": str(int(min(600, timeout / 3)))}
+        if bench is not None:
+            extra["BENCH"] = bench
         job = make_job_disk(
-            workdir,
-            b,
-            mode="suite",
-            suite=suite,
-            extra={"TEST_TIMEOUT": str(int(min(600, timeout / 3)))},
+            workdir, b, mode="suite" if bench is None else "bench", suite=suite, extra=extra
         )
         console = workdir / "console.log"
-        guest = boot(b.kernel, [(overlay, "qcow2", "unsafe"), (job, "raw", "writeback")], console)
+        disks = [(overlay, "qcow2", "unsafe"), (job, "raw", "writeback")]
+        if b.verity_disk:
+            disks.append((verity_disk(workdir), "raw", "unsafe"))
+        guest = boot(b.kernel, disks, console)
         rc, wall = guest.wait(timeout)
         result.update({"qemu_rc": rc, "wall": round(wall, 1), "timed_out": rc is None})
         out = workdir / "results"
@@ -295,6 +315,10 @@ def collect(out: Path) -> dict[str, object]:
     res["steps"] = steps
     if (guest / "error.txt").exists():
         res["error"] = (guest / "error.txt").read_text().strip()
+    if (guest / "bench.log").exists():
+        res["bench_tail"] = (guest / "bench.log").read_text(errors="replace")[-2500:]
+        with contextlib.suppress(OSError, ValueError):
+            res["bench"] = json.loads((guest / "verity.json").read_text())
     return res
 
 
@@ -304,9 +328,12 @@ def main() -> int:
     ap.add_argument("--suite", default="tests/session/test_behaviour.py")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--keep", action="store_true", help="keep the run dir and results")
+    ap.add_argument("--bench", help="run this benchmark (bench/NAME.py ARGS) instead, as root")
     args = ap.parse_args()
     exit_on_sigterm()
-    res = run_box(args.box, suite=args.suite, timeout=args.timeout, keep=args.keep)
+    res = run_box(
+        args.box, suite=args.suite, timeout=args.timeout, keep=args.keep, bench=args.bench
+    )
     print(json.dumps(res, indent=2, default=str))
     return 0
 

@@ -9,11 +9,15 @@ Layout (versioned names: a format change is a new directory name):
     <store>/sessions/<id>/              session state (session.py)
     <store>/locks-v1/                   sidecar locks for sources that refuse flock
     <store>/manifests.lmdb/             the manifest database (manifest.py)
+    <store>/fsverity-v1.json            whether fs-verity works here (per boot, kernel, fs, euid)
 
 Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
 actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
 into the objects directory, and runs syncfs again, after which the caller may commit a manifest that
-references them. A power cut leaves either no named object or a durable, correct one. A stage
+references them. A power cut leaves either no named object or a durable, correct one. Where
+fs-verity works on the store's filesystem (probed once per boot, `verity.cached_support`), each
+object gets verity enabled just before it is named: the kernel then refuses every write to it,
+for its owner and root alike, and checks every read. A stage
 directory is flock-ed by its writer; a stage whose lock can be taken belongs to a dead writer and
 is reclaimed.
 
@@ -38,7 +42,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from veloverlay import _libc, faults
+from veloverlay import _libc, faults, verity
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.store.digest import Digest, Hasher
 
@@ -96,6 +100,7 @@ class Store:
         self.objects_b = self._objects_b
         self._legacy_b = os.fsencode(self.legacy) if self.legacy is not None else None
         self._known_shards: set[bytes] = set()
+        self._verity: tuple[bool, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -242,6 +247,13 @@ class Store:
             removed += 1
         self._known_shards.clear()
         return removed
+
+    def verity(self) -> tuple[bool, str]:
+        """(usable, reason): does fs-verity work for objects of this store? Probed on a scratch
+        file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store."""
+        if self._verity is None:
+            self._verity = verity.cached_support(self.root / "fsverity-v1.json", self.tmp)
+        return self._verity
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -465,11 +477,13 @@ class Stage:
         faults.point("publish.synced")
         items = list(self.staged.items())
         root = os.fspath(self.store.root)
+        seal = self.store.verity()[0]
         if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
-            published = _publish_chunk((root, items))
+            published = _publish_chunk((root, items, seal))
         else:
             chunks = [
-                (root, items[i : i + _PUBLISH_CHUNK]) for i in range(0, len(items), _PUBLISH_CHUNK)
+                (root, items[i : i + _PUBLISH_CHUNK], seal)
+                for i in range(0, len(items), _PUBLISH_CHUNK)
             ]
             published = sum(mapper(_publish_chunk, chunks))
         syncfs_path(self.store.objects)
@@ -478,20 +492,16 @@ class Stage:
         return published
 
 
-Mapper = Callable[
-    [
-        Callable[[tuple[str, list[tuple[bytes, bytes]]]], int],
-        list[tuple[str, list[tuple[bytes, bytes]]]],
-    ],
-    Iterable[int],
-]
+_Chunk = tuple[str, list[tuple[bytes, bytes]], bool]  # (store root, [(digest, staged)], seal)
+Mapper = Callable[[Callable[[_Chunk], int], list[_Chunk]], Iterable[int]]
 _PUBLISH_CHUNK = 512
 _stores: dict[str, Store] = {}
 
 
-def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
-    """Rename staged files to their object names (in any process; shard dirs cached per store)."""
-    root, items = job
+def _publish_chunk(job: _Chunk) -> int:
+    """Rename staged files to their object names (in any process; shard dirs cached per store),
+    each sealed with fs-verity first when `seal`."""
+    root, items, seal = job
     store = _stores.get(root)
     if store is None:
         store = _stores[root] = Store(root)
@@ -510,6 +520,8 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
             if os.path.lexists(dst):
                 os.unlink(path)
                 continue
+            if seal:
+                _seal(path)
             try:
                 os.rename(path, dst)
             except FileNotFoundError:
@@ -520,9 +532,20 @@ def _publish_chunk(job: tuple[str, list[tuple[bytes, bytes]]]) -> int:
                 os.rename(path, b"%s/%s" % (store.shard_dir(hexname), hexname))
             faults.point("publish.renamed")
             published += 1
+        except SysError:  # from _seal: it names its own call
+            raise
         except OSError as exc:
             raise _store_error(exc, "rename", path, dst) from exc
     return published
+
+
+def _seal(path: bytes) -> None:
+    """fs-verity on a staged object; a full store is STORE_FULL, like any write."""
+    try:
+        verity.seal(path)
+    except OSError as exc:
+        call = exc.syscall if isinstance(exc, SysError) else "open"
+        raise _store_error(exc, call, path) from exc
 
 
 def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:

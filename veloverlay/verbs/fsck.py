@@ -1,5 +1,11 @@
 """fsck: re-hash every object against its name; check that every manifest reference resolves.
 
+Where fs-verity works on the store's filesystem (`Store.verity`), objects are sealed when they are
+named; fsck counts sealed and unsealed objects, seals the unsealed ones with `repair` (the
+one-time upgrade of a store named before), and with `quick` lets the kernel vouch for sealed ones
+(it refuses every write to them and checks every read) instead of re-hashing their bytes. A read
+of a sealed object that fails its Merkle check (EIO) is an object-corrupt finding.
+
 Hashing runs in forked worker processes (it is CPU-bound; 2 cores hash twice as fast). A finding
 names its culprit: the object (digest and path) or the ref/commit/node and path that is broken.
 """
@@ -11,11 +17,11 @@ import os
 import re
 import stat
 
-from veloverlay import paths
+from veloverlay import fsflags, paths, verity
 from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store.cas import OBJECTS_V1, OBJECTS_V2, Store
+from veloverlay.store.cas import OBJECT_MODE, OBJECTS_V1, OBJECTS_V2, Store
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
@@ -37,6 +43,9 @@ class FsckReport(Record):
     nodes: int = 0
     refs: int = 0
     commits: int = 0
+    sealed: int = 0  # objects with fs-verity (where the store's filesystem has it)
+    unsealed: int = 0  # objects without it there (named before; `repair` seals them)
+    repaired: int = 0  # objects sealed by this run
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -50,43 +59,100 @@ class FsckReport(Record):
             "nodes": self.nodes,
             "refs": self.refs,
             "commits": self.commits,
+            "fsverity": {
+                "sealed": self.sealed,
+                "unsealed": self.unsealed,
+                "repaired": self.repaired,
+            },
             "findings": [
                 {"kind": f.kind, "what": f.what, "detail": f.detail} for f in self.findings
             ],
         }
 
 
-def _check_object(item: tuple[str, str]) -> tuple[str, str, str] | None:
+class _Opts(Record, frozen=True):
+    seal: bool = False  # fs-verity works on this store: objects are meant to carry it
+    repair: bool = False  # seal unsealed objects, give writable objects their 0444 back
+    quick: bool = False  # trust the kernel for sealed objects: no re-hash
+
+
+_CheckResult = tuple[tuple[str, str, str] | None, str]  # (finding, verity: sealed/unsealed/...)
+
+
+def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
     name, path = item
     if not _HEX.match(name):
-        return ("object-stray", path, "not an object name")
+        return ("object-stray", path, "not an object name"), ""
     parts = path.rsplit("/", 3)
     one_level = parts[-3] == OBJECTS_V2 and parts[-2] == name[:2]
     two_levels = (
         parts[0].endswith("/" + OBJECTS_V1) and parts[-3] == name[:2] and parts[-2] == name[2:4]
     )
     if not (one_level or two_levels):
-        return ("object-misplaced", path, f"object {name} is in the wrong shard")
+        return ("object-misplaced", path, f"object {name} is in the wrong shard"), ""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        return ("object-unreadable", path, exc.strerror or str(exc))
+        return ("object-unreadable", path, exc.strerror or str(exc)), ""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return ("object-corrupt", path, "not a regular file")
-        digest, _ = hash_fd(fd)
+            return ("object-corrupt", path, "not a regular file"), ""
+        sealed = opts.seal and verity.is_enabled_fd(fd)
+        if sealed and opts.quick:
+            # The kernel refuses every write to a sealed file, and sealing happened only to
+            # bytes that hashed to this name; the descriptor must still be readable.
+            verity.measure_fd(fd)
+        else:
+            try:
+                digest, _ = hash_fd(fd)
+            except OSError as exc:  # a sealed file whose blocks fail their Merkle check: EIO
+                why = "fs-verity: a block does not match its Merkle tree" if sealed else ""
+                return ("object-corrupt", path, f"read failed: {exc.strerror} {why}".strip()), ""
+            if digest.hex() != name:
+                return ("object-corrupt", path, f"content hashes to {digest.hex()}, not {name}"), ""
+    except OSError as exc:
+        return ("object-unreadable", path, exc.strerror or str(exc)), ""
     finally:
         os.close(fd)
-    if digest.hex() != name:
-        return ("object-corrupt", path, f"content hashes to {digest.hex()}, not {name}")
+    state = "sealed" if sealed else "unsealed" if opts.seal else ""
+    if opts.repair and st.st_mode & 0o222:
+        with contextlib.suppress(OSError):  # +i, or another owner: the finding stays
+            os.chmod(path, OBJECT_MODE)
+            st = os.lstat(path)
+    if opts.repair and state == "unsealed":
+        state = _seal_existing(path)
     if st.st_mode & 0o222:
-        return ("object-writable", path, f"mode {stat.S_IMODE(st.st_mode):o}: objects are 0444")
-    return None
+        return (
+            "object-writable",
+            path,
+            f"mode {stat.S_IMODE(st.st_mode):o}: objects are 0444",
+        ), state
+    return None, state
 
 
-def _check_chunk(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    return [r for r in map(_check_object, items) if r is not None]
+def _seal_existing(path: str) -> str:
+    """Seal an object fsck has just found correct; +i (set by root sessions) is lifted for the
+    ioctl and set again — only root may, anyone else leaves it unsealed."""
+    immutable = False
+    with contextlib.suppress(OSError):
+        immutable = fsflags.is_immutable(path)
+    try:
+        if immutable:
+            fsflags.set_immutable(path, False)
+        try:
+            verity.seal(path)
+        finally:
+            if immutable:
+                fsflags.set_immutable(path, True)
+    except OSError:
+        return "unsealed"
+    return "repaired"
+
+
+def _check_chunk(job: tuple[list[tuple[str, str]], _Opts]) -> list[_CheckResult]:
+    items, opts = job
+    return [_check_object(item, opts) for item in items]
 
 
 def _same_file(a: str, b: os.PathLike[str]) -> bool:
@@ -133,19 +199,34 @@ def fsck(
     *,
     jobs: int | None = None,
     progress: Progress | None = None,
+    repair: bool = False,
+    quick: bool = False,
 ) -> FsckReport:
+    """Check the store. Where fs-verity works on it, every object should carry it: `repair`
+    seals those that do not (after their re-hash proved them right) and gives writable objects
+    their 0444 back; `quick` lets the kernel vouch for sealed objects instead of re-hashing."""
     rep = FsckReport()
+    opts = _Opts(seal=store.verity()[0], repair=repair, quick=quick)
     items = [(n, os.fspath(p)) for n, p in store.iter_objects()]
     rep.objects = len(items)
     present = {n for n, _ in items}
     jobs = jobs or default_jobs()
-    chunks = [items[i : i + 256] for i in range(0, len(items), 256)]
+    chunks = [(items[i : i + 256], opts) for i in range(0, len(items), 256)]
     checked = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(Workers(jobs)) if jobs > 1 and len(items) > 2000 else None
         results = pool.map_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
         for found in results:
-            rep.findings.extend(Finding(*r) for r in found)
+            for finding, state in found:
+                if finding is not None:
+                    rep.findings.append(Finding(*finding))
+                if state == "sealed":
+                    rep.sealed += 1
+                elif state == "unsealed":
+                    rep.unsealed += 1
+                elif state == "repaired":
+                    rep.repaired += 1
+                    rep.sealed += 1
             checked += 256
             if progress is not None:
                 progress(min(checked, len(items)), len(items))
