@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -267,3 +270,28 @@ def test_fsck_repair_seals_objects_named_before(who: str) -> None:
     assert out["fixed"] == (True, 3)
     assert out["after"] == (True, 3, 0)
     assert out["sealed"] == [True, True, True]
+
+
+def _doctor(d: str) -> dict[str, object]:
+    store = os.path.join(d, "store")
+    Store.init(store)
+    out = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "--store", store, "doctor", "--json"],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    ).stdout
+    report: dict[str, object] = json.loads(out)
+    return report
+
+
+@pytest.mark.needs("fsverity")
+@pytest.mark.parametrize("who", ["root", "rootfree"])
+def test_doctor_says_writes_are_prevented(who: str) -> None:
+    with verity_dir() as d:
+        report = _doctor(d) if who == "root" else run_unprivileged(_doctor, d)
+    store = report["store"]
+    chosen = report["chosen"]
+    assert isinstance(store, dict) and isinstance(chosen, dict)
+    assert store["fsverity"]["ok"] is True, store
+    assert chosen["protection"].startswith("prevented (fs-verity on every object"), chosen

@@ -25,7 +25,10 @@ PURPOSE: dict[str, tuple[str, str]] = {
     "lowerdir_append": ("many layers without the mount option length limit", "optional"),
     "whiteout_mknod": ("deleting files inside root-free overlay sessions", "rootfree"),
     "chattr": ("chattr +i: stored objects cannot be changed, even by root", "protect"),
-    "fsverity": ("fs-verity: the kernel checks object contents", "optional"),
+    "fsverity": (
+        "fs-verity: the kernel refuses every write to stored objects, root-free",
+        "optional",
+    ),
     "reflink": ("reflinks: shim sessions copy files without using space", "shim"),
     "fuse": ("/dev/fuse (not used by veloverlay)", "optional"),
     "store_xattrs": ("user xattrs where the store is: overlay keeps its markers there", "all"),
@@ -42,6 +45,26 @@ def _matters(who: str, privileged: bool, backend: str) -> str:
     if who == "optional":
         return "optional"
     return "not here"
+
+
+def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str]]:
+    """What keeps objects unchanged here, and whether fs-verity does: the store's own answer
+    (probed in its tmp/ once per boot, cas.Store.verity); none before the store exists."""
+    from veloverlay.store.cas import Store
+
+    here = Store(store_path)
+    sealed = here.verity() if here.tmp.is_dir() else (False, "no store here yet")
+    if sealed[0]:
+        also = "chattr +i on projected objects; " if protect else ""
+        text = (
+            "prevented (fs-verity on every object: the kernel refuses writes to them, root-free; "
+            f"{also}store read-only in sessions)"
+        )
+    elif protect:
+        text = "prevented (store read-only in sessions, chattr +i on objects)"
+    else:
+        text = "prevented in sessions (read-only store); detected outside (fsck)"
+    return text, sealed
 
 
 @verb(app)
@@ -67,11 +90,8 @@ def doctor() -> None:
     feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
     choice = select.decide(select.Caps(feats))
     form = choice.form or (f"unavailable ({choice.error})" if choice.error else "-")
-    protection = (
-        "prevented (store read-only in sessions, chattr +i on objects)"
-        if choice.protect
-        else "prevented in sessions (read-only store); detected outside (fsck)"
-    )
+    protection, sealed = _protection(store_path, choice.protect)
+    report["store"]["fsverity"] = {"ok": sealed[0], "reason": sealed[1]}
     shim_info: dict[str, object]
     try:
         shim_info = {"ok": True, "library": os.fspath(shimlib.library_path())}
@@ -132,6 +152,8 @@ def _print(
     print(f"store protection: {protection}")
     st = report["store"]
     print(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
+    sealed = st["fsverity"]
+    print(f"fs-verity on objects: {'yes' if sealed['ok'] else 'no'} ({sealed['reason']})")
     lib = shim["library"] if shim["ok"] else f"unavailable ({shim['reason']})"
     print(f"shim library: {lib}")
     for r in report["remotes"]:

@@ -360,6 +360,17 @@ def fsck(
     jobs: Annotated[
         int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)")
     ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Seal objects named before fs-verity was usable here (after re-hashing them) "
+            "and give chmod-ed objects their 0444 back"
+        ),
+    ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(help="Let the kernel vouch for objects sealed with fs-verity (no re-hash)"),
+    ] = False,
 ) -> None:
     """Re-hash every object against its name and check every manifest reference."""
     from veloverlay.errors import Reason, VeloError
@@ -368,7 +379,7 @@ def fsck(
     repo = common.repo()
     progress = render.Progress("checking objects", unit="objects")
     try:
-        rep = do_fsck(repo.store, repo.m, jobs=jobs, progress=progress)
+        rep = do_fsck(repo.store, repo.m, jobs=jobs, progress=progress, repair=repair, quick=quick)
     finally:
         progress.done()
     if state.json:
@@ -376,6 +387,12 @@ def fsck(
     else:
         for f in rep.findings:
             print(f"{f.kind}: {f.what}: {f.detail}")
+        if rep.sealed or rep.unsealed:
+            print(
+                f"fs-verity: {rep.sealed} objects sealed ({rep.repaired} by this run), "
+                f"{rep.unsealed} not"
+                + ("" if not rep.unsealed or repair else " (fsck --repair seals them)")
+            )
         print(
             f"{'ok' if rep.ok else 'FAILED'}: {rep.objects} objects, {rep.nodes} nodes, "
             f"{rep.commits} commits, {rep.refs} refs, {len(rep.findings)} problems"
