@@ -28,6 +28,7 @@ __all__ = [
     "LEGACY_OPTIONS_MAX",
     "FSCONFIG_VALUE_MAX",
     "PINNED_OPTIONS",
+    "NATIVE_OPTIONS",
     "make_rprivate",
     "bind",
     "umount",
@@ -62,6 +63,17 @@ PINNED_OPTIONS: Mapping[str, str] = {
     "metacopy": "off",
     "redirect_dir": "nofollow",
 }
+
+# Root-native sessions (real root, initial user namespace, trusted.overlay.* xattrs) change one
+# pinned value: `redirect_dir=on`, so rename(2) of a lower or merged directory works (the kernel
+# writes trusted.overlay.redirect on the moved upper dir and a whiteout at its old name; the
+# harvester reads both). metacopy stays off: a metacopy copy-up keeps its data in the lower, and
+# the harvester reads upper files directly, so a chmod-then-rename would need the origin resolved
+# (copy-ups stay whole files). index stays off: no file handles to keep valid across rebuilt
+# layers, and an upper reused under another lower set is never mounted. Data-only lowers with
+# trusted.overlay.metacopy/redirect are followed with exactly this set (measured on 6.18, in a
+# private mount namespace as root, a lower directory renamed and its redirect written).
+NATIVE_OPTIONS: Mapping[str, str] = {**PINNED_OPTIONS, "redirect_dir": "on"}
 
 # A key no overlayfs knows: if fsconfig accepts it, the kernel does not validate parameters
 # through the new API, so `lowerdir+` would be silently ignored too (composefs's check).
@@ -172,7 +184,7 @@ def escape_option_path(path: StrPath) -> str:
 
 def _options(userxattr: bool, extra: Mapping[str, str] | None) -> dict[str, str | None]:
     """Option name -> value (None for a flag), pinned values first, `extra` overriding them."""
-    opts: dict[str, str | None] = dict(PINNED_OPTIONS)
+    opts: dict[str, str | None] = dict(PINNED_OPTIONS if userxattr else NATIVE_OPTIONS)
     if userxattr:
         opts["userxattr"] = None
     for key, value in (extra or {}).items():

@@ -329,6 +329,20 @@ def enter_userns(*, map_root: bool, net: bool = False, pid: bool = False) -> IdM
     return IdMaps(uid_map=uid_map, gid_map=gid_map, privileged=privileged)
 
 
+def enter_mountns(*, net: bool = False, pid: bool = False) -> None:
+    """Unshare a mount namespace (plus net/pid) in the current user namespace — for real root,
+    whose mounts there may use trusted.* xattrs (root-native overlay sessions). Mounts made in it
+    are not locked against the process's own later umount/remount: `enter_userns` afterwards (a
+    less privileged owner) locks them. With `pid`, only children forked afterwards are in the
+    new pid namespace."""
+    flags = _libc.CLONE_NEWNS
+    if net:
+        flags |= _libc.CLONE_NEWNET
+    if pid:
+        flags |= _libc.CLONE_NEWPID
+    _libc.unshare(flags)
+
+
 def drop_to_user(uid: int, gid: int) -> None:
     """Become `uid`/`gid` for good (no supplementary groups), e.g. in a forked test child.
 

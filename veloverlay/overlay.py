@@ -1,11 +1,16 @@
 """The overlay a session mounts: which layers, which options (plan, then execute).
 
-Option policy (STYLE C4): always `userxattr` — sessions mount inside a user namespace, root
-included (0->0), where trusted.* xattrs are out of reach, and the layers carry `user.overlay.*`
-xattrs (metacopy/redirect, opaque, whiteouts); a userns-made layer read without `userxattr` loses
-its opaque markers (measured). `mount.PINNED_OPTIONS` adds index=off, metacopy=off and
-redirect_dir=nofollow: copy-ups are whole files, renaming a lower directory is EXDEV (tools copy +
-delete, which harvest sees as delete + create). Data-only lowers are followed regardless.
+Option policy (STYLE C4), two modes (session/select.py picks one):
+* userns (root-free, and root where the root-native mount is impossible): `userxattr` — the mount
+  is made inside a user namespace, where trusted.* xattrs are out of reach, and the layers carry
+  `user.overlay.*` xattrs (metacopy/redirect, opaque, whiteouts); a userns-made layer read without
+  `userxattr` loses its opaque markers (measured). `mount.PINNED_OPTIONS` adds index=off,
+  metacopy=off and redirect_dir=nofollow: copy-ups are whole files, renaming a lower directory is
+  EXDEV (tools copy + delete, which harvest sees as delete + create).
+* native (real root, initial user namespace): no `userxattr`; the kernel reads and writes
+  `trusted.overlay.*`, so the layers must carry that prefix (lower/layers.py writes them per
+  prefix), and `mount.NATIVE_OPTIONS` turns redirect_dir on: directory renames work.
+Data-only lowers are followed in both.
 
 This module is the only caller of `mount.overlay`. It knows plain layer paths only (the session's
 process side lives in session/overlay/pid1.py); imports only the leaves and `mount`.
@@ -26,7 +31,7 @@ class OverlaySpec(Record, frozen=True):
     upper: str
     work: str
     target: str
-    userxattr: bool = True
+    userxattr: bool = True  # False: root-native (trusted.overlay.*, redirect_dir=on)
 
     def describe(self) -> str:
         return (

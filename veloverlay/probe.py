@@ -43,8 +43,11 @@ FEATURES = (
     "userns",
     "overlay_root",
     "overlay_userns",
+    "overlay_native",
     "data_only_root",
     "data_only_userns",
+    "data_only_native",
+    "userns_root",
     "lowerdir_append",
     "fsconfig_fd",
     "whiteout_mknod",
@@ -166,8 +169,9 @@ def _overlay_whiteout(base: str) -> str:
     return f"overlay with userxattr mounted ({used.value} mount API), whiteout written"
 
 
-def _data_only(base: str) -> str:
-    """A sparse metadata file with user.overlay.metacopy/redirect over a data-only lower."""
+def _data_only(base: str, *, prefix: str = "user") -> str:
+    """A sparse metadata file with <prefix>.overlay.metacopy/redirect over a data-only lower
+    (`user` with userxattr; `trusted` root-native, with its options)."""
     meta, objs, upper, work, merged = (
         os.path.join(base, d) for d in ("meta", "objs", "du", "dw", "dm")
     )
@@ -179,10 +183,15 @@ def _data_only(base: str) -> str:
     with open(mfile, "wb") as f:
         f.truncate(len(_OBJECT_BYTES))  # sparse of the real size, so stat shows it
     os.chmod(mfile, 0o640)
-    os.setxattr(mfile, "user.overlay.metacopy", b"")
-    os.setxattr(mfile, "user.overlay.redirect", b"/ab/cd")
+    os.setxattr(mfile, f"{prefix}.overlay.metacopy", b"")
+    os.setxattr(mfile, f"{prefix}.overlay.redirect", b"/ab/cd")
     used = mount.overlay(
-        lowers=[meta], data_lowers=[objs], upper=upper, work=work, target=merged, userxattr=True
+        lowers=[meta],
+        data_lowers=[objs],
+        upper=upper,
+        work=work,
+        target=merged,
+        userxattr=prefix == "user",
     )
     try:
         merged_file = os.path.join(merged, "file")
@@ -201,7 +210,50 @@ def _data_only(base: str) -> str:
             f"merged file shows mode {oct(st.st_mode)} size {st.st_size}, not the metadata file's",
             reason=Reason.OVERLAY_UNSUPPORTED,
         )
-    return f"metacopy+redirect into a data-only lower with userxattr ({used.value} mount API)"
+    how = "userxattr" if prefix == "user" else "trusted.overlay.* (root-native)"
+    return f"metacopy+redirect into a data-only lower with {how} ({used.value} mount API)"
+
+
+def _native_rename(base: str) -> str:
+    """Root-native: trusted.overlay.* xattrs and redirect_dir=on; rename(2) a lower directory
+    and expect its redirect xattr on the moved upper dir and a whiteout at the old name."""
+    lower, upper, work, merged = (os.path.join(base, d) for d in ("nl", "nu", "nw", "nm"))
+    for d in (lower, os.path.join(lower, "d"), upper, work, merged):
+        os.mkdir(d)
+    with open(os.path.join(lower, "d", "f"), "wb") as f:
+        f.write(b"x")
+    used = mount.overlay(lowers=[lower], upper=upper, work=work, target=merged, userxattr=False)
+    try:
+        os.rename(os.path.join(merged, "d"), os.path.join(merged, "e"))
+        with open(os.path.join(merged, "e", "f"), "rb") as f:
+            seen = f.read()
+    finally:
+        mount.umount(merged)
+    redirect = os.getxattr(os.path.join(upper, "e"), "trusted.overlay.redirect")
+    st = os.lstat(os.path.join(upper, "d"))
+    if seen != b"x" or redirect != b"d" or not stat.S_ISCHR(st.st_mode):
+        raise VeloError(
+            f"renamed lower directory: read {seen!r}, redirect {redirect!r}",
+            reason=Reason.OVERLAY_UNSUPPORTED,
+        )
+    return (
+        "overlay with trusted.overlay.* and redirect_dir=on, lower directory renamed "
+        f"({used.value} mount API)"
+    )
+
+
+def _native_probes(base: str) -> dict[str, tuple[bool, str]]:
+    """In a forked child of real root: a private mount namespace of the initial user namespace."""
+    try:
+        ns.enter_mountns()
+        mount.make_rprivate("/")
+    except Exception as exc:  # noqa: BLE001
+        reason = f"no mount namespace: {_why(exc)}"
+        return {"overlay_native": (False, reason), "data_only_native": (False, reason)}
+    return {
+        "overlay_native": _attempt(lambda: _native_rename(base)),
+        "data_only_native": _attempt(lambda: _data_only(base, prefix="trusted")),
+    }
 
 
 def _lowerdir_append(base: str) -> tuple[tuple[bool, str], tuple[bool, str]]:
@@ -408,13 +460,22 @@ def _detect() -> Capabilities:
             os.mkdir(root_base)
             privileged = _in_child(root_base, drop=False, extras=True)
             ok, why = privileged.pop("userns", (False, "no answer from the probe child"))
+            results["userns_root"] = (ok, why)
             for name in ("overlay_root", "data_only_root"):  # a child that failed says why
                 privileged.setdefault(name, (False, why if not ok else "not probed"))
             results.update(privileged)
+            native_base = os.path.join(base, "native")
+            os.mkdir(native_base)
+            try:
+                results.update(ns.run_in_child(_native_probes, native_base))
+            except Exception as exc:  # noqa: BLE001
+                why = f"probe child failed: {_why(exc)}"
+                results["overlay_native"] = results["data_only_native"] = (False, why)
         else:
             why = f"not root: {results['root'][1]}"
-            results["overlay_root"] = (False, why)
-            results["data_only_root"] = (False, why)
+            for name in ("overlay_root", "data_only_root", "overlay_native", "data_only_native"):
+                results[name] = (False, why)
+            results["userns_root"] = (False, why)
         for name in ("lowerdir_append", "fsconfig_fd", "whiteout_mknod"):
             results.setdefault(name, (False, "no user namespace to try it in"))
     # chattr, fs-verity and reflink depend on the filesystem: try them where the temp dir is

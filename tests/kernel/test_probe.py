@@ -24,8 +24,11 @@ EXPECTED = {
     "userns",
     "overlay_root",
     "overlay_userns",
+    "overlay_native",
     "data_only_root",
     "data_only_userns",
+    "data_only_native",
+    "userns_root",
     "lowerdir_append",
     "fsconfig_fd",
     "whiteout_mknod",
@@ -126,7 +129,40 @@ def _caps(**ok: bool) -> select.Caps:
 @pytest.fixture
 def synthetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     monkeypatch.delenv("VELO_FORCE_LOWER", raising=False)
+    monkeypatch.delenv("VELO_OVERLAY_MODE", raising=False)
     yield monkeypatch
+
+
+def test_overlay_mode_rule(synthetic: pytest.MonkeyPatch) -> None:
+    """Real root gets the root-native mount where the probe made one — also where no user
+    namespace can mount an overlay (Linux 5.10) or exist at all (max_user_namespaces=0); root-free
+    and root without it get userns; the reason is reported; forcing an impossible mode is an
+    error, not a silent fallback."""
+    c = select.decide(_caps())
+    assert (c.backend, c.mode, c.locked) == ("overlay", "native", True)
+    assert "synthetic overlay_native" in c.mode_reason
+    old = select.decide(_caps(overlay_root=False, overlay_userns=False, data_only_native=False))
+    assert (old.backend, old.mode, old.form) == ("overlay", "native", "links")
+    no_userns = select.decide(
+        _caps(userns=False, userns_root=False, overlay_root=False, overlay_userns=False)
+    )
+    assert (no_userns.backend, no_userns.mode, no_userns.locked) == ("overlay", "native", False)
+    assert "NOT locked" in select.mounts_note(no_userns)
+    fallback = select.decide(_caps(overlay_native=False))
+    assert (fallback.mode, fallback.form) == ("userns", "data-only")
+    assert "synthetic overlay_native" in fallback.mode_reason
+    unpriv = select.decide(_caps(root=False))
+    assert (unpriv.mode, unpriv.privileged) == ("userns", False)
+    assert select.decide(_caps(), "shim").mode == ""
+    synthetic.setenv("VELO_OVERLAY_MODE", "userns")
+    assert select.decide(_caps()).mode == "userns"
+    synthetic.setenv("VELO_OVERLAY_MODE", "native")
+    refused = select.decide(_caps(root=False))
+    assert refused.error_reason == Reason.BACKEND_UNAVAILABLE.value
+    synthetic.setenv("VELO_OVERLAY_MODE", "rootful")
+    with pytest.raises(VeloError) as info:
+        select.decide(_caps())
+    assert info.value.reason is Reason.USAGE
 
 
 def test_lower_form_prefers_data_only(synthetic: pytest.MonkeyPatch) -> None:
@@ -242,7 +278,14 @@ def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(_libc, "mount", mount)
     caps = probe.detect(refresh=True)
     try:
-        for name in ("overlay_root", "overlay_userns", "data_only_root", "fsconfig_fd"):
+        for name in (
+            "overlay_root",
+            "overlay_userns",
+            "overlay_native",
+            "data_only_root",
+            "data_only_native",
+            "fsconfig_fd",
+        ):
             feature = caps.feature(name)
             assert not feature.ok and "ENODEV" in feature.reason, (name, feature)
         assert caps.feature("userns").ok  # namespaces themselves still work

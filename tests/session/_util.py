@@ -29,29 +29,36 @@ T = TypeVar("T")
 
 OLD_NS = 1_600_000_000 * 10**9  # every base entry's mtime (2020-09-13)
 
+# "root": real root in a user namespace (userxattr; VELO_OVERLAY_MODE=userns), "native": real
+# root, root-native (trusted.overlay.*, redirect_dir=on), "rootfree": the unprivileged uid.
 MODE_MARKS = {
     "root": ("root", "overlay_root"),
+    "native": ("root", "overlay_native"),
     "rootfree": ("userns", "overlay_userns"),
 }
 FORM_MARKS = {
     ("root", "data-only"): ("data_only_root",),
+    ("native", "data-only"): ("data_only_native",),
     ("rootfree", "data-only"): ("data_only_userns",),
     ("root", "links"): (),
+    ("native", "links"): (),
     ("rootfree", "links"): (),
 }
+# The overlay mode a session of each test mode reports.
+OVERLAY_MODE = {"root": "userns", "native": "native", "rootfree": "userns"}
 
 
 def mode_params(*modes: str) -> list[Any]:
     return [pytest.param(m, marks=pytest.mark.needs(*MODE_MARKS[m]), id=m) for m in modes]
 
 
-def mode_form_params(*, store_layers: bool = False) -> list[Any]:
+def mode_form_params(*, store_layers: bool = False, native: bool = False) -> list[Any]:
     """(mode, form) for root and root-free x data-only and links; with `store_layers` also
     "data-only-store": data-only layers kept in the store (short names) instead of the per-boot
-    cache (`use_form` sets that up)."""
+    cache (`use_form` sets that up); with `native` also root's root-native overlay mode."""
     out = []
     forms = ("data-only", "links", "data-only-store") if store_layers else ("data-only", "links")
-    for m in ("root", "rootfree"):
+    for m in ("root", "native", "rootfree") if native else ("root", "rootfree"):
         for f in forms:
             marks = (*MODE_MARKS[m], *FORM_MARKS[(m, f.removesuffix("-store"))])
             out.append(pytest.param(m, f, marks=pytest.mark.needs(*marks), id=f"{m}-{f}"))
@@ -72,10 +79,16 @@ def use_form(form: str, *, fresh_cache: str | None = None) -> str:
     return form
 
 
+def _in_overlay_mode(overlay_mode: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    os.environ["VELO_OVERLAY_MODE"] = overlay_mode  # in the forked child only
+    return fn(*args, **kw)
+
+
 def as_mode(mode: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-    """fn in a forked child: root, or a child that dropped to the unprivileged uid for good."""
-    if mode == "root":
-        return ns.run_in_child(fn, *args, **kw)
+    """fn in a forked child: root (userns or root-native overlay mode), or a child that dropped
+    to the unprivileged uid for good."""
+    if mode in ("root", "native"):
+        return ns.run_in_child(_in_overlay_mode, OVERLAY_MODE[mode], fn, *args, **kw)
     return run_unprivileged(fn, *args, **kw)
 
 

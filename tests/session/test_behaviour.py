@@ -1,7 +1,10 @@
-"""The behaviour suite: {root, root-free} x {data-only, links} x file operations; data-only both
-with its layers in the per-boot cache (the default where a tmpfs allows; a fresh one per test, as
-after a reboot) and kept in the store. The tree has the modes real trees have (0444 files as in
-every git repository, 0555 and setgid directories, 0600/0700/0755).
+"""The behaviour suite: {root in a user namespace, root-native, root-free} x {data-only, links} x
+file operations; data-only both with its layers in the per-boot cache (the default where a tmpfs
+allows; a fresh one per test, as after a reboot) and kept in the store. The tree has the modes
+real trees have (0444 files as in every git repository, 0555 and setgid directories,
+0600/0700/0755). Root-native sessions rename directories with rename(2) (the kernel's redirects,
+harvested); the others get EXDEV and `mv` copies + deletes: either way the committed tree must
+equal the plain directory.
 
 Each operation runs as a shell script twice: inside a session projecting the ref (then harvested
 and committed) and in a plain directory checked out from the same ref. The committed version,
@@ -19,8 +22,8 @@ import time
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode as _as_mode
 from tests.session._util import (
+    OVERLAY_MODE,
     checkout_ref,
     compare_trees,
     fsck_ok,
@@ -30,6 +33,7 @@ from tests.session._util import (
     sh,
     use_form,
 )
+from tests.session._util import as_mode as _as_mode
 
 SCENARIOS: dict[str, str] = {
     "write": "printf XY | dd of=f1 bs=1 seek=2 conv=notrunc status=none",
@@ -40,6 +44,16 @@ SCENARIOS: dict[str, str] = {
     "delete": "rm d/b",
     "rename-file": "mv f5 f5.renamed",
     "rename-dir": "mv dir1 dir1.moved",
+    # Stored directories renamed with untouched siblings and children (dir1/sub, d/c, dir2)
+    "rename-dir-into": "mv dir1 d/; mv d/dir1/sub sub.out; printf added > d/dir1/added",
+    "rename-dir-changed": "mv dir1 dir9; printf changed > dir9/x; rm dir9/sub/y; "
+    "mkdir dir9/sub/new; chmod 700 dir9/sub; touch -d @1100000000 dir9",
+    "rename-dir-over-empty": "mv -T dir1 emptydir",
+    "rename-dir-swap": "mv dir1 tmp.x; mv dir2 dir1; mv tmp.x dir2",
+    "rename-dir-twice": "mv dir1 a1; mv a1 a2; mkdir a1; printf n > a1/n",
+    "rename-dir-back": "mv dir1 away; mv away dir1",
+    "rename-dir-renamed-parent": "mv dir1/sub dir1/sub2; mv dir1 top1; mv top1/sub2 sub3",
+    "rename-dir-rmrf": "mv dir1 gone; rm -rf gone",
     "mkdir-rmdir": "mkdir newdir; rmdir emptydir",
     "symlink": "ln -s f1 sl; ln -s /nonexistent/target dangling",
     "hardlink": "ln f1 hl",
@@ -69,15 +83,18 @@ def _scenario(base: str, form: str, script: str) -> tuple[list[str], list[str], 
     checkout_ref(store, "t", got)
     problems = compare_trees(got, plain, since_ns=since, file_mtimes=form != "links")
     assert res.lower_form == reported
-    return problems, fsck_ok(store), res.exit_status
+    return problems, fsck_ok(store), res.exit_status, res.mode
 
 
-@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True))
+@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True, native=True))
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_operation(mode: str, form: str, name: str) -> None:
     with unpriv_tmpdir() as base:
-        problems, findings, status = _as_mode(mode, _scenario, base, form, SCENARIOS[name])
+        problems, findings, status, got_mode = _as_mode(
+            mode, _scenario, base, form, SCENARIOS[name]
+        )
     assert status == 0
+    assert got_mode == OVERLAY_MODE[mode]
     assert not problems, f"{name}: committed tree != plain directory:\n" + "\n".join(problems)
     assert not findings, findings
 
@@ -99,7 +116,7 @@ def _background(base: str, form: str) -> tuple[bytes, list[tuple[int, str]], lis
     return data, res.killed, fsck_ok(store)
 
 
-@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True))
+@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True, native=True))
 def test_background_writer_ended_and_harvested(mode: str, form: str) -> None:
     """A process still writing when the command exits gets SIGTERM (its trap's last write is
     harvested) and is reported as killed."""

@@ -17,7 +17,13 @@ PURPOSE: dict[str, tuple[str, str]] = {
     "root": ("real root: mounts outside a user namespace, immutable objects", "optional"),
     "userns": ("user namespaces: every overlay session runs in one", "all"),
     "userns_unrestricted": ("user namespaces not blocked (AppArmor, sysctl)", "rootfree"),
-    "overlay_root": ("overlay sessions as root", "root"),
+    "overlay_root": ("overlay sessions as root in a user namespace (userxattr)", "root"),
+    "overlay_native": (
+        "root-native overlay sessions (trusted.overlay.*, directory renames work)",
+        "root",
+    ),
+    "data_only_native": ("data-only layers in root-native sessions", "root"),
+    "userns_root": ("root's user namespace: locks a root-native session's mounts", "root"),
     "overlay_userns": ("overlay sessions without root", "rootfree"),
     "data_only_root": ("data-only layers as root: builds write metadata only", "root"),
     "data_only_userns": ("data-only layers without root: builds write metadata only", "rootfree"),
@@ -115,6 +121,9 @@ def doctor() -> None:
         "backend_reason": choice.backend_reason,
         "lower_form": form,
         "protection": protection,
+        "mode": choice.mode or "-",
+        "mode_reason": choice.mode_reason,
+        "mounts": select.mounts_note(choice),
     }
     rows = []
     features: Any = report["features"]
@@ -147,6 +156,9 @@ def _print(
     print(f"kernel: {report['kernel']}, running {who}")
     print(f"backend: {choice.backend} ({choice.backend_reason})")
     print(f"lower form: {form}")
+    if choice.mode:
+        print(f"overlay mode: {choice.mode} ({choice.mode_reason})")
+        print(f"session mounts: {report['chosen']['mounts']}")
     layers = f"per-boot cache {cache}" if cache_ok else "kept in the store"
     print(f"data-only layers: {layers} ({cache_why})")
     print(f"store protection: {protection}")

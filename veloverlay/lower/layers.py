@@ -20,7 +20,14 @@ from veloverlay.records import Record, field
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 
-__all__ = ["full_layer", "delta_layer", "copy_bytes", "publish_layer", "clean_tmp"]
+__all__ = [
+    "XATTR_PREFIXES",
+    "full_layer",
+    "delta_layer",
+    "copy_bytes",
+    "publish_layer",
+    "clean_tmp",
+]
 
 
 FORMS = ("data-only", "links")
@@ -28,19 +35,25 @@ FORMS = ("data-only", "links")
 DELTA_MAX_OPS = 20_000
 # Data-only delta layers copy the changed files' bytes (see _Writer); above this, rebuild.
 DELTA_MAX_COPY = 256 << 20
-_XATTR_METACOPY = "user.overlay.metacopy"
-_XATTR_REDIRECT = "user.overlay.redirect"
-_XATTR_OPAQUE = "user.overlay.opaque"
-_XATTR_WHITEOUT = "user.overlay.whiteout"
+# Overlay markers (metacopy/redirect, opaque, xattr whiteouts) carry the prefix of the mount that
+# reads them: `user` for userxattr mounts (user namespaces), `trusted` for root-native ones.
+XATTR_PREFIXES = ("user", "trusted")
+
+
+def _x(prefix: str, name: str) -> str:
+    return f"{prefix}.overlay.{name}"
 
 
 # --- writing entries ---------------------------------------------------------------------------
 class _Writer:
     """Writes manifest entries into a layer directory (either form)."""
 
-    def __init__(self, objs: Objects, form: str, *, bottom: bool = True) -> None:
+    def __init__(
+        self, objs: Objects, form: str, *, bottom: bool = True, prefix: str = "user"
+    ) -> None:
         self.objs = objs
         self.form = form
+        self.prefix = prefix
         # Without metacopy=on (impossible with userxattr) overlayfs honours a metacopy file only
         # in the bottom-most regular lower layer: in any layer above it, lookup is EPERM
         # ("refusing to follow metacopy origin", measured). Delta layers carry copies instead.
@@ -89,8 +102,8 @@ class _Writer:
             if e.size:
                 redirect = self.objs.redirect(e.digest)
                 os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
-                os.setxattr(fd, _XATTR_METACOPY, b"")
-                os.setxattr(fd, _XATTR_REDIRECT, redirect)
+                os.setxattr(fd, _x(self.prefix, "metacopy"), b"")
+                os.setxattr(fd, _x(self.prefix, "redirect"), redirect)
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
@@ -105,17 +118,17 @@ class _Writer:
                 self.whiteout_mknod = False
         fd = os.open(name, NEWFILE, 0o600, dir_fd=dfd)  # writable for setxattr (see above)
         try:
-            os.setxattr(fd, _XATTR_WHITEOUT, b"")
+            os.setxattr(fd, _x(self.prefix, "whiteout"), b"")
             os.fchmod(fd, 0o000)
         finally:
             os.close(fd)
         if dfd not in marked:
             # overlayfs looks for xattr whiteouts only in directories marked "x" (6.7+).
             with contextlib.suppress(OSError):
-                if os.getxattr(dfd, _XATTR_OPAQUE) == b"y":
+                if os.getxattr(dfd, _x(self.prefix, "opaque")) == b"y":
                     marked.add(dfd)
                     return
-            os.setxattr(dfd, _XATTR_OPAQUE, b"x")
+            os.setxattr(dfd, _x(self.prefix, "opaque"), b"x")
             marked.add(dfd)
 
 
@@ -225,15 +238,15 @@ def _new_build(home: Home, name: str) -> _Build:
 PARALLEL_MIN_ENTRIES = 4000
 # What the workers fill: set before they are forked, inherited (copy-on-write), never pickled.
 _SHARES: list[list[tuple[bytes, list[Entry]]]] = []
-_SHARE_CTX: list[tuple[str, Objects, str]] = []
+_SHARE_CTX: list[tuple[str, Objects, str, str]] = []
 
 
 def _fill_share(k: int) -> tuple[int, list[str]]:
     """In a worker: write share `k` of the layer; (entries written, +i failures)."""
-    layer, objs, form = _SHARE_CTX[0]
+    layer, objs, form, prefix = _SHARE_CTX[0]
     objs.protected = set()
     objs.protect_failed = []
-    w = _Writer(objs, form)
+    w = _Writer(objs, form, prefix=prefix)
     top = os.open(layer, DIRFLAGS)
     try:
         for rel, entries in _SHARES[k]:
@@ -255,6 +268,7 @@ def _fill_parallel(
     form: str,
     jobs: list[tuple[bytes, list[Entry]]],
     n: int,
+    prefix: str,
     progress: Progress | None = None,
 ) -> None:
     # With a progress callback, 8 shares a worker, so that it hears back as the build goes.
@@ -266,7 +280,7 @@ def _fill_parallel(
         shares[k].append(job)
         load[k] += len(job[1])
     _SHARES[:] = shares
-    _SHARE_CTX[:] = [(os.fspath(b.path), objs, form)]
+    _SHARE_CTX[:] = [(os.fspath(b.path), objs, form, prefix)]
     from veloverlay.workers import Workers
 
     try:
@@ -291,8 +305,10 @@ def full_layer(
     root: bytes,
     name: str,
     progress: Progress | None = None,
+    *,
+    xattr: str = "user",
 ) -> Path:
-    w = _Writer(objs, form)
+    w = _Writer(objs, form, prefix=xattr)
     b = _new_build(home, name)
     old_umask = os.umask(0)
     try:
@@ -306,7 +322,7 @@ def full_layer(
 
         n = default_jobs()
         if home.volatile and n > 1 and entries >= PARALLEL_MIN_ENTRIES:
-            _fill_parallel(b, objs, form, jobs, n, progress)
+            _fill_parallel(b, objs, form, jobs, n, xattr, progress)
         else:
             _fill(w, b, jobs, progress)
         b.finish()
@@ -330,9 +346,11 @@ def delta_layer(
     root: bytes,
     ops: Sequence[Op],
     name: str,
+    *,
+    xattr: str = "user",
 ) -> Path:
     """A layer that turns the view of `base` into the view of `root` when stacked on top."""
-    w = _Writer(objs, form, bottom=False)
+    w = _Writer(objs, form, bottom=False, prefix=xattr)
     b = _new_build(home, name)
     old_umask = os.umask(0)
     try:
@@ -375,7 +393,7 @@ def delta_layer(
                 node = m.get_node(txn, new.digest)
                 b.mkdir(op.path, node.mode, node.mtime_ns)
                 if visible_old:  # hide what the base had there
-                    os.setxattr(b.fd(op.path), _XATTR_OPAQUE, b"y")
+                    os.setxattr(b.fd(op.path), _x(xattr, "opaque"), b"y")
                 _fill(w, b, _plan_subtree(m, txn, b, node, op.path), None)
             else:
                 w.put(pfd, new)

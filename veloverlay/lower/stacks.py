@@ -38,6 +38,8 @@ Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp
     ids-v1/<ab>/<18 hex>                       short names of objects (data-only layer)
     trees-v1/layers/<name>/                    one layer (immutable once renamed into place)
     trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
+                                               (<form>-trusted-...: root-native layers, whose
+                                               markers are trusted.overlay.*, see layers.py)
     trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
     trees-v1/locks/  trees-v1/tmp/
 A stack is looked up in the per-boot cache, then in the store; a delta layer is only stacked on
@@ -72,6 +74,7 @@ from veloverlay.lower.layers import (
     DELTA_MAX_COPY,
     DELTA_MAX_OPS,
     FORMS,
+    XATTR_PREFIXES,
     clean_tmp,
     copy_bytes,
     delta_layer,
@@ -149,6 +152,7 @@ def ensure_lowers(
     protect: bool,
     hints: Iterable[bytes] = (),
     progress: Progress | None = None,
+    xattr: str = "user",
 ) -> Lowers:
     """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
 
@@ -159,26 +163,29 @@ def ensure_lowers(
     """
     if form not in FORMS:
         raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
+    if xattr not in XATTR_PREFIXES:
+        raise VeloError(f"unknown overlay xattr prefix {xattr!r}", reason=Reason.USAGE)
     t0 = time.perf_counter()
     disk = disk_home(store)
     fast = boot_home(store) if form == "data-only" else None
     homes = [fast, disk] if fast is not None else [disk]
-    key = f"{form}-{root.hex()}"
+    variant = _variant(form, xattr)
+    key = f"{variant}-{root.hex()}"
     failed: list[str] = []
     warning = ""
     built = "cached"
-    found = next(((h, c) for h in homes if (c := _read_stack(h, form, root)) is not None), None)
+    found = next(((h, c) for h in homes if (c := _read_stack(h, variant, root)) is not None), None)
     if found is None or (protect and not found[1][1]):
         home = found[0] if found is not None else homes[0]
         with flock(home.sub("locks", key + ".lock")):
-            cached = _read_stack(home, form, root)  # another session may have built it
+            cached = _read_stack(home, variant, root)  # another session may have built it
             if cached is None and home.volatile and not holds_xattrs(home):
                 home = disk  # e.g. tmpfs before Linux 6.6: keep the layers in the store
-                cached = _read_stack(home, form, root)
+                cached = _read_stack(home, variant, root)
             if cached is None:
                 result: tuple[list[str], str, bool, list[str]] | None
                 try:
-                    result = _build(store, home, m, root, form, protect, hints, progress)
+                    result = _build(store, home, m, root, form, xattr, protect, hints, progress)
                 except (TooBig, OSError) as exc:
                     if not home.volatile or (
                         isinstance(exc, OSError) and exc.errno not in FULL_ERRNOS
@@ -188,17 +195,19 @@ def ensure_lowers(
                     home, result = disk, None
                 if result is None:  # the per-boot cache could not take it: in the store
                     with flock(home.sub("locks", key + ".lock")):
-                        cached = _read_stack(home, form, root)
+                        cached = _read_stack(home, variant, root)
                         if cached is None:
-                            result = _build(store, home, m, root, form, protect, hints, progress)
+                            result = _build(
+                                store, home, m, root, form, xattr, protect, hints, progress
+                            )
                 if result is not None:
                     layers, built, immutable, failed = result
-                    _write_stack(home, form, root, layers, built, immutable)
+                    _write_stack(home, variant, root, layers, built, immutable)
                     cached = layers, immutable
             elif protect and not cached[1]:
                 failed = protect_all(store, m, root, form, home)
                 cached = cached[0], not failed
-                _write_stack(home, form, root, cached[0], "upgraded", cached[1])
+                _write_stack(home, variant, root, cached[0], "upgraded", cached[1])
             assert cached is not None  # built, or found by the store fallback
             found = home, cached
     home, (names, immutable) = found
@@ -224,13 +233,15 @@ def _build(
     m: Manifests,
     root: bytes,
     form: str,
+    xattr: str,
     protect: bool,
     hints: Iterable[bytes],
     progress: Progress | None = None,
 ) -> tuple[list[str], str, bool, list[str]]:
     """Build what projects `root` in `home` (caller holds its lock): (layers, built,
     immutable, failed). A delta is only stacked on a base in the same home."""
-    key = f"{form}-{root.hex()}"
+    variant = _variant(form, xattr)
+    key = f"{variant}-{root.hex()}"
     clean_tmp(home, key)
     if home.volatile:  # at each build: drop the layers of stores deleted since
         reap_orphans(home.root)
@@ -239,7 +250,7 @@ def _build(
         base: tuple[list[str], bool] | None = None
         base_root = b""
         for h in hints:
-            if h != root and (found := _read_stack(home, form, h)) is not None:
+            if h != root and (found := _read_stack(home, variant, h)) is not None:
                 base, base_root = found, h
                 break
         ops: list[Op] | None = None
@@ -252,13 +263,20 @@ def _build(
         if base is not None and ops is not None:
             name = f"{key}-on-{base_root.hex()[:16]}"
             clean_tmp(home, name)
-            path = delta_layer(home, m, txn, objs, form, base_root, root, ops, name)
+            path = delta_layer(home, m, txn, objs, form, base_root, root, ops, name, xattr=xattr)
             publish_layer(home, path, name)
             immutable = protect and base[1] and not objs.protect_failed
             return [name, *base[0]], "delta", immutable, objs.protect_failed
-        path = full_layer(home, m, txn, objs, form, root, key, progress)
+        path = full_layer(home, m, txn, objs, form, root, key, progress, xattr=xattr)
         publish_layer(home, path, key)
         return [key], "full", protect and not objs.protect_failed, objs.protect_failed
+
+
+def _variant(form: str, xattr: str) -> str:
+    """The name layers and stacks of `form` carry: root-native ones (trusted.overlay.* markers)
+    are kept apart from the userxattr ones — a layer read with the other prefix loses its opaque
+    markers and metacopy redirects (resurrected files, sparse zeros)."""
+    return form if xattr == "user" else f"{form}-{xattr}"
 
 
 def _note(protect: bool, failed: list[str], form: str) -> str:

@@ -56,6 +56,7 @@ def result_for(st: State, exit_status: int) -> SessionResult:
         lower_form=st.form,
         protection=st.protection,
         ref=st.top,
+        mode=st.mode if st.backend == "overlay" else "",
     )
 
 

@@ -43,6 +43,7 @@ class SessionResult(Record):
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # what the session changed, as `diff` shows it: (status letter, path); `changed` counts them
     changes: list[tuple[str, str]] = field(default_factory=list)
+    mode: str = ""  # overlay: native | userns (session/select.py); shim: ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class SessionResult(Record):
             "changed": self.changed,
             "backend": self.backend,
             "lower_form": self.lower_form,
+            "mode": self.mode,
             "protection": self.protection,
             "killed": [{"pid": p, "comm": c} for p, c in self.killed],
             "warnings": self.warnings,

@@ -9,6 +9,14 @@ The rule (DESIGN.md "Projection", "Backends"): overlay where this host can mount
 privilege level and the store holds user xattrs, else the shim; the lower form is data-only where
 the probe could mount it, else proxy links; `VELO_FORCE_LOWER` forces a form (and fails when that
 form is unavailable). Nothing here reads a kernel version.
+
+The overlay mode: real root (CAP_SYS_ADMIN in the initial user namespace) gets the *root-native*
+mount where the probe could make one (`overlay_native`: a private mount namespace of the initial
+user namespace, trusted.overlay.* xattrs, redirect_dir=on, a lower directory renamed): directory
+renames work, and it needs no user namespace to mount (Linux 5.10, user.max_user_namespaces=0).
+Everyone else, and root where it failed, gets the *userns* mount (`userxattr`; directory renames
+are EXDEV). `VELO_OVERLAY_MODE=native|userns` forces one (tests, benchmarks; an impossible one is
+an error, never a silent fallback).
 """
 
 from __future__ import annotations
@@ -23,9 +31,19 @@ from veloverlay.files import write_json_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 
-__all__ = ["Caps", "Choice", "LOWER_FORMS", "capabilities", "choose_form", "decide"]
+__all__ = [
+    "Caps",
+    "Choice",
+    "LOWER_FORMS",
+    "MODES",
+    "capabilities",
+    "choose_form",
+    "decide",
+    "mounts_note",
+]
 
 LOWER_FORMS = ("data-only", "links")
+MODES = ("native", "userns")
 Features = Mapping[str, tuple[bool, str]]
 
 
@@ -49,6 +67,11 @@ class Choice(Record, frozen=True):
     form: str | None = None  # overlay: data-only | links; None for the shim or when unavailable
     form_forced: bool = False
     protect: bool = False  # objects can get chattr +i here
+    mode: str = ""  # overlay: native (root, trusted.overlay.*) | userns (userxattr); shim: ""
+    mode_reason: str = ""
+    # native: a nested user namespace locks the session's mounts for the command (else, with no
+    # user namespaces on this host, the command runs as real root and could unmount them)
+    locked: bool = True
     # Why an overlay session cannot start after all (asked for where it is impossible, or
     # VELO_FORCE_LOWER names an unavailable form): the error a session raises, with its reason.
     error: str = ""
@@ -95,10 +118,11 @@ def capabilities(store: Store) -> Caps:
     return Caps(feats)
 
 
-def choose_form(caps: Caps, privileged: bool) -> tuple[str, bool]:
+def choose_form(caps: Caps, privileged: bool, mode: str = "userns") -> tuple[str, bool]:
     """(form, forced): VELO_FORCE_LOWER if set (raises when unavailable), else data-only where
-    the probe could mount it for this privilege level, else links (raises when neither)."""
-    suffix = "root" if privileged else "userns"
+    the probe could mount it for this privilege level and mode, else links (raises when
+    neither)."""
+    suffix = "native" if mode == "native" else "root" if privileged else "userns"
     data_only = (caps.ok("data_only_" + suffix), caps.reason("data_only_" + suffix))
     links = (caps.ok("overlay_" + suffix), caps.reason("overlay_" + suffix))
     forced = os.environ.get("VELO_FORCE_LOWER", "").strip()
@@ -132,9 +156,29 @@ def decide(caps: Caps, requested: str = "auto") -> Choice:
         raise VeloError(f"unknown backend {requested!r}", reason=Reason.USAGE)
     privileged = caps.ok("root")
     protect = privileged and caps.ok("chattr")
-    feature = "overlay_root" if privileged else "overlay_userns"
     if requested == "shim":
         return Choice("shim", "asked for", privileged, protect=protect)
+    mode, mode_reason, mode_error = _mode(caps, privileged)
+    if mode_error:
+        return Choice(
+            "overlay",
+            "asked for",
+            privileged,
+            protect=protect,
+            error=mode_error,
+            error_reason=Reason.BACKEND_UNAVAILABLE.value,
+            error_hint="unset VELO_OVERLAY_MODE to let the probe choose",
+        )
+    feature = (
+        "overlay_native"
+        if mode == "native"
+        else ("overlay_root" if privileged else "overlay_userns")
+    )
+    extra = {
+        "mode": mode,
+        "mode_reason": mode_reason,
+        "locked": mode != "native" or caps.ok("userns_root"),
+    }
     if not caps.ok(feature):
         why = caps.reason(feature)
         error = f"overlay sessions are not possible here: {why}"
@@ -153,6 +197,7 @@ def decide(caps: Caps, requested: str = "auto") -> Choice:
             "asked for",
             privileged,
             protect=protect,
+            **extra,  # type: ignore[arg-type]
             error=error,
             error_reason=Reason.BACKEND_UNAVAILABLE.value,
             error_hint=hint,
@@ -160,15 +205,68 @@ def decide(caps: Caps, requested: str = "auto") -> Choice:
     if requested == "overlay":
         why = "asked for"
     try:
-        form, forced = choose_form(caps, privileged)
+        form, forced = choose_form(caps, privileged, mode)
     except VeloError as exc:
         return Choice(
             "overlay",
             why,
             privileged,
             protect=protect,
+            **extra,  # type: ignore[arg-type]
             error=exc.message,
             error_reason=exc.reason.value,
             error_hint=exc.hint or "",
         )
-    return Choice("overlay", why, privileged, form, forced, protect=protect)
+    return Choice(
+        "overlay",
+        why,
+        privileged,
+        form,
+        forced,
+        protect=protect,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def mounts_note(choice: Choice) -> str:
+    """What holds for the session's mounts (doctor, docs): who could undo them."""
+    if choice.backend != "overlay":
+        return "no mounts (the shim materialises the tree)"
+    if choice.mode == "native":
+        if choice.locked:
+            return (
+                "mounted in a private mount namespace of the initial user namespace, then "
+                "locked: the command runs in a nested user namespace and can neither unmount "
+                "the overlay nor remount the store writable; root outside can still see and "
+                "enter the namespace (nsenter)"
+            )
+        return (
+            "mounted in a private mount namespace of the initial user namespace, NOT locked "
+            "(no user namespaces here): the command runs as real root there and could unmount "
+            "the overlay or remount the store writable"
+        )
+    return (
+        "mounted inside the session's user namespace and locked by a nested one: the command "
+        "can neither unmount the overlay nor remount the store writable"
+    )
+
+
+def _mode(caps: Caps, privileged: bool) -> tuple[str, str, str]:
+    """(mode, why, error): native for real root where the probe mounted it, else userns;
+    VELO_OVERLAY_MODE forces one (error when impossible)."""
+    forced = os.environ.get("VELO_OVERLAY_MODE", "").strip()
+    if forced and forced not in MODES:
+        raise VeloError(
+            f"VELO_OVERLAY_MODE={forced!r} is not one of {', '.join(MODES)}", reason=Reason.USAGE
+        )
+    native_ok = privileged and caps.ok("overlay_native")
+    native_why = caps.reason("overlay_native") if privileged else "not real root"
+    if forced == "userns":
+        return "userns", "forced by VELO_OVERLAY_MODE", ""
+    if forced == "native":
+        if not native_ok:
+            return "native", "", f"VELO_OVERLAY_MODE=native is impossible here: {native_why}"
+        return "native", "forced by VELO_OVERLAY_MODE", ""
+    if native_ok:
+        return "native", f"real root: {native_why}", ""
+    return "userns", f"root-native overlay unavailable: {native_why}", ""

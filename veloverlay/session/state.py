@@ -72,6 +72,8 @@ class State(Record):
     # overlay sessions
     layers: list[str] = field(default_factory=list)
     also_at: list[str] = field(default_factory=list)  # the ingest path, showing the projection
+    mode: str = "userns"  # native (real root: trusted.overlay.*, redirect_dir=on) | userns
+    mounted_at: str = ""  # `veloverlay mount`: the session's overlay is on this path of the host
     # shim sessions
     session_ref: str = ""  # the live view REF@<id>
     target_real: str = ""

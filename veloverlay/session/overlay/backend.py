@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from veloverlay.store.manifest import Txn
     from veloverlay.tiers import Rules
 
-__all__ = ["run_session", "resume"]
+__all__ = ["run_session", "resume", "xattr_prefix"]
 
 
 class _Plan(Record):
@@ -61,6 +61,13 @@ class _Plan(Record):
     protection: str
     warnings: list[str]
     also_at: list[str]  # more paths showing the projection in the session (the ingest path)
+    mode: str  # native | userns
+    locked: bool  # the command cannot unmount or remount the session's mounts
+
+
+def xattr_prefix(mode: str) -> str:
+    """The overlay xattr prefix of a session's layers and upper: trusted root-native."""
+    return "trusted" if mode == "native" else "user"
 
 
 def _prepare(
@@ -108,8 +115,16 @@ def _prepare(
         )
     else:  # the baked paths resolve to the projection: say so
         warnings.extend(alias_note(store, m, stack.view, alias, target, stack.hints))
+    mode = choice.mode or "userns"
     lowers = ensure_lowers(
-        store, m, stack.view, form=form, protect=protect, hints=stack.hints, progress=progress
+        store,
+        m,
+        stack.view,
+        form=form,
+        protect=protect,
+        hints=stack.hints,
+        xattr=xattr_prefix(mode),
+        progress=progress,
     )
     if lowers.warning:
         warnings.append(lowers.warning)
@@ -121,7 +136,19 @@ def _prepare(
             warnings.append(lowers.protection_note)
         if opts.strict:
             raise VeloError(f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED)
-    return _Plan(stack, target, lowers, form, protection, warnings, [alias] if alias else [])
+    if not choice.locked:
+        # Root-native without user namespaces: nothing less privileged to enter after mounting.
+        warnings.append(
+            "no user namespace here: the command runs as real root in the session's mount "
+            "namespace and could unmount the overlay or remount the store writable"
+        )
+        if opts.strict:
+            raise VeloError(
+                "--strict: the session's mounts cannot be locked (no user namespaces)",
+                reason=Reason.FALLBACK_FORBIDDEN,
+            )
+    also_at = [alias] if alias else []
+    return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, choice.locked)
 
 
 def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) -> State:
@@ -157,6 +184,7 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         protection=plan.protection,
         layers=list(plan.lowers.layers),
         also_at=list(plan.also_at),
+        mode=plan.mode,
         discard=opts.discard,
         commit_to_ref=opts.commit,
         message=opts.message,
@@ -192,6 +220,7 @@ def run_session(
             upper=os.fspath(sdir / "upper"),
             work=os.fspath(sdir / "work"),
             target=plan.target,
+            userxattr=plan.mode != "native",
         )
         top = plan.stack.refs[-1].name
         env = dict(os.environ)
@@ -213,6 +242,8 @@ def run_session(
             argv=list(argv),
             env=env,
             as_root=opts.as_root,
+            native=plan.mode == "native",
+            lock=plan.locked,
             net_none=opts.net == "none",
             grace=opts.grace,
             report_fd=wfd,
@@ -314,7 +345,15 @@ def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
         from veloverlay.session.overlay.harvest import harvest_upper  # not needed when untouched
 
         return harvest_upper(
-            store, m, txn, sdir / "upper", view_root, stage, form=st.form, rules=rules
+            store,
+            m,
+            txn,
+            sdir / "upper",
+            view_root,
+            stage,
+            form=st.form,
+            rules=rules,
+            prefix=xattr_prefix(st.mode),
         )
 
     t_harvested = harvest_and_commit(

@@ -5,8 +5,19 @@ changed. The session is over when this runs (every process of it is dead), so re
 close-to-open: nothing writes any more.
 
 What the upper holds, and what it becomes:
-* whiteout (0/0 char device, or a zero-size file with `user.overlay.whiteout`) -> DELETE
-* directory marked `user.overlay.opaque=y` -> PUT of a directory built from the upper only
+The overlay markers are read with the prefix the session's mount used, and only that one:
+`user.overlay.*` for userxattr (userns) sessions, `trusted.overlay.*` for root-native ones. A
+marker of the other prefix is an ordinary xattr a program set (the kernel ignored it), so reading
+both would invent opaque dirs or whiteouts. Neither prefix ever reaches the store: only file
+contents are staged (v1 does not model xattrs).
+
+* whiteout (0/0 char device, or a zero-size file with `<prefix>.overlay.whiteout`) -> DELETE
+* directory with `trusted.overlay.redirect` (root-native: a directory renamed with rename(2);
+  the kernel moved the upper dir, set the redirect to its origin — relative to the parent's
+  origin, or absolute from the root — and left a whiteout at the old name) -> PUT of the whole
+  directory: the origin's subtree from the view, changed by what the upper holds below it
+  (untouched children keep their nodes); the old name's whiteout is the DELETE
+* directory marked `<prefix>.overlay.opaque=y` -> PUT of a directory built from the upper only
   (the kernel marks a directory made where a lower entry was deleted, e.g. an EXDEV rename or a
   file replaced by a directory); a new directory the same way; a copied-up directory is walked
   and gets META when its own mode/mtime changed
@@ -47,9 +58,6 @@ from veloverlay.tiers import Rules
 
 __all__ = ["HarvestResult", "harvest_upper", "is_whiteout", "leaf_op", "other_leaf"]
 
-_XATTR_OPAQUE = "user.overlay.opaque"
-_XATTR_WHITEOUT = "user.overlay.whiteout"
-_XATTR_METACOPY = "user.overlay.metacopy"
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
@@ -62,13 +70,13 @@ class HarvestResult(Record):
     stripped_setid: int = 0
 
 
-def is_whiteout(st: os.stat_result, dfd: int, name: bytes) -> bool:
-    """A 0/0 character device, or a zero-size file carrying `user.overlay.whiteout`."""
+def is_whiteout(st: os.stat_result, dfd: int, name: bytes, prefix: str = "user") -> bool:
+    """A 0/0 character device, or a zero-size file carrying `<prefix>.overlay.whiteout`."""
     if stat.S_ISCHR(st.st_mode):
         return st.st_rdev == 0
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
         try:
-            _getx(dfd, name, _XATTR_WHITEOUT)
+            _getx(dfd, name, f"{prefix}.overlay.whiteout")
         except OSError:
             return False
         return True
@@ -97,7 +105,14 @@ class _Harvester:
         *,
         form: str,
         rules: Rules,
+        prefix: str,
     ) -> None:
+        self.prefix = prefix
+        self.x_opaque = f"{prefix}.overlay.opaque"
+        self.x_metacopy = f"{prefix}.overlay.metacopy"
+        # userxattr mounts use redirect_dir=nofollow: no directory redirect is ever written or
+        # followed there, so only root-native sessions have them.
+        self.x_redirect = f"{prefix}.overlay.redirect" if prefix == "trusted" else ""
         self.store = store
         self.m = m
         self.txn = txn
@@ -151,22 +166,28 @@ class _Harvester:
             low = lower.lookup(name)
             if low is not None and low.kind is Kind.MASK:
                 low = None
-            if is_whiteout(st, dfd, name):
+            if is_whiteout(st, dfd, name, self.prefix):
                 if low is not None:
                     ops.append(Op(OpKind.DELETE, p))
                 continue
             if stat.S_ISDIR(st.st_mode):
                 cfd = self._open_dir(dfd, name, st)
                 try:
-                    opaque = _getx_fd(cfd, _XATTR_OPAQUE) == b"y"
-                    if low is not None and low.kind is Kind.DIR and not opaque:
+                    origin = self._redirect(cfd, rel)
+                    opaque = _getx_fd(cfd, self.x_opaque) == b"y"
+                    if origin is not None:
+                        node = self._origin_node(origin)
+                        ops.append(
+                            Op(OpKind.PUT, p, self._built_dir(cfd, name, st, p, node, origin))
+                        )
+                    elif low is not None and low.kind is Kind.DIR and not opaque:
                         child = self.m.get_node(self.txn, low.digest)
                         mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
                         if (mode, mtime) != (child.mode, child.mtime_ns):
                             ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
                         self._merged(cfd, p, child)
                     else:
-                        ops.append(Op(OpKind.PUT, p, self._new_dir(cfd, name, st, p)))
+                        ops.append(Op(OpKind.PUT, p, self._built_dir(cfd, name, st, p, None, p)))
                 finally:
                     os.close(cfd)
                 continue
@@ -175,26 +196,80 @@ class _Harvester:
             if op is not None:
                 ops.append(op)
 
-    def _new_dir(self, dfd: int, name: bytes, st: os.stat_result, rel: bytes) -> Entry:
-        """A directory from the upper only (new, or opaque): its whole subtree."""
-        entries: list[Entry] = []
+    def _redirect(self, cfd: int, parent_origin: bytes) -> bytes | None:
+        """The view path a renamed directory's lower content comes from, or None (no redirect).
+        Absolute values start at the root; relative ones name a sibling in the parent's origin."""
+        if not self.x_redirect:
+            return None
+        value = _getx_fd(cfd, self.x_redirect)
+        if value is None:
+            return None
+        if value.startswith(b"/"):
+            return value.strip(b"/")
+        return paths.join(parent_origin, value)
+
+    def _origin_node(self, origin: bytes) -> Node | None:
+        if origin == b"":
+            return self.m.get_node(self.txn, self.view_root)
+        e = self.m.lookup(self.txn, self.view_root, origin)
+        if e is None or e.kind is not Kind.DIR:
+            # The kernel found nothing there either: the directory shows only the upper.
+            self.res.warnings.append(
+                f"a renamed directory's origin {paths.display(origin)} is not in the view"
+            )
+            return None
+        return self.m.get_node(self.txn, e.digest)
+
+    def _built_dir(
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        rel: bytes,
+        origin: Node | None,
+        origin_path: bytes,
+    ) -> Entry:
+        """A directory's whole node: `origin`'s entries (None: a new or opaque directory, from
+        the upper only) changed by what the upper holds below it — whiteouts delete, leaves
+        replace, directories merge the same way (or follow their own redirect)."""
+        entries: dict[bytes, Entry] = {}
+        if origin is not None:
+            entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK}
         for child in self._names(dfd):
             p = paths.join(rel, child)
             cst = os.lstat(child, dir_fd=dfd)
-            if is_whiteout(cst, dfd, child):
-                continue  # hides a lower entry this directory does not show anyway
+            low = entries.get(child)
+            if is_whiteout(cst, dfd, child, self.prefix):
+                entries.pop(child, None)
+                continue
             if stat.S_ISDIR(cst.st_mode):
                 cfd = self._open_dir(dfd, child, cst)
                 try:
-                    entries.append(self._new_dir(cfd, child, cst, p))
+                    redirected = self._redirect(cfd, origin_path)
+                    if redirected is not None:
+                        sub: Node | None = self._origin_node(redirected)
+                        sub_path = redirected
+                    elif (
+                        low is not None
+                        and low.kind is Kind.DIR
+                        and _getx_fd(cfd, self.x_opaque) != b"y"
+                    ):
+                        sub = self.m.get_node(self.txn, low.digest)
+                        sub_path = paths.join(origin_path, child)
+                    else:
+                        sub, sub_path = None, paths.join(origin_path, child)
+                    entries[child] = self._built_dir(cfd, child, cst, p, sub, sub_path)
                 finally:
                     os.close(cfd)
                 continue
-            e = self._leaf(dfd, child, cst, p, None)
+            e = self._leaf(dfd, child, cst, p, low)
             if e is not None:
-                entries.append(e)
-        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries)
+                entries[child] = e
+            else:
+                entries.pop(child, None)
+        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries.values())
         self.res.nodes[digest] = data
+        # Subtrees kept from the view are already stored; the caller writes `nodes`.
         return Entry(name, Kind.DIR, digest=digest)
 
     def _leaf(
@@ -223,7 +298,7 @@ class _Harvester:
         low_file = low if low is not None and low.kind is Kind.FILE else None
         fd = self._open_file(dfd, name, st)
         try:
-            if low_file is not None and _getx_fd(fd, _XATTR_METACOPY) is not None:
+            if low_file is not None and _getx_fd(fd, self.x_metacopy) is not None:
                 # A metacopy copy-up: only the metadata is in the upper, the data is the lower's.
                 digest, size = low_file.digest, low_file.size
             elif low_file is not None and st.st_size == low_file.size:
@@ -264,13 +339,15 @@ def harvest_upper(
     *,
     form: str,
     rules: Rules,
+    prefix: str = "user",
 ) -> HarvestResult:
     """Path operations that turn `view_root` into what the session left in `upper`.
 
     `txn` is a read transaction (the view's nodes are only looked up); new file contents go to
-    `stage`; new directory nodes are in the result's `nodes`.
+    `stage`; new directory nodes are in the result's `nodes`. `prefix` is the overlay xattr
+    prefix of the session's mount (`user`, or `trusted` root-native).
     """
-    h = _Harvester(store, m, txn, stage, form=form, rules=rules)
+    h = _Harvester(store, m, txn, stage, form=form, rules=rules, prefix=prefix)
     try:
         res = h.run(os.fspath(upper), view_root)
         if res.stripped_setid:

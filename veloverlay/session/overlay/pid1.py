@@ -27,6 +27,8 @@ class ChildSpec(Record):
     argv: list[str]
     env: dict[str, str]
     as_root: bool
+    native: bool  # root-native: mount in the initial user namespace (trusted.overlay.*)
+    lock: bool  # pid 1 enters a user namespace that locks the mounts (False: none available)
     net_none: bool
     grace: float
     report_fd: int
@@ -42,7 +44,12 @@ def child_main(ctx: ChildSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     try:
-        ns.enter_userns(map_root=ctx.as_root, net=ctx.net_none, pid=True)
+        if ctx.native:
+            # Real root: a private mount namespace of the initial user namespace, where the
+            # overlay may use trusted.overlay.* and redirect_dir=on (directory renames work).
+            ns.enter_mountns(net=ctx.net_none, pid=True)
+        else:
+            ns.enter_userns(map_root=ctx.as_root, net=ctx.net_none, pid=True)
         mount.make_rprivate("/")
         ctx.spec.mount()
         for path in ctx.also_at:  # the source stays as it is; its path shows the projection
@@ -75,8 +82,10 @@ def _init_main(ctx: ChildSpec) -> None:
         mount.mount_proc("/proc")
         # A nested user + mount namespace locks every mount made above (the kernel marks mounts
         # copied into a less privileged namespace MNT_LOCK_*): the command, root or not, can
-        # neither remount the store writable nor unmount the overlay.
-        ns.enter_userns(map_root=os.getuid() == 0)
+        # neither remount the store writable nor unmount the overlay. Root-native sessions made
+        # their mounts in the initial user namespace; this is where they get locked too.
+        if ctx.lock:
+            ns.enter_userns(map_root=os.getuid() == 0)
         try:
             os.chdir(ctx.cwd)  # re-resolve: a cwd inside the target now means the overlay
         except OSError:
