@@ -359,6 +359,13 @@ def test_doctor_names_a_backend(store: str) -> None:
     report = data(velo(store, "doctor", "--json"))
     assert report["chosen"]["backend"] in ("overlay", "shim")
     assert report["chosen"]["backend_reason"]
+    # the overlay mode and why: root-native exactly where the probe mounted it as real root
+    chosen, feats = report["chosen"], report["features"]
+    native = feats["root"]["ok"] and feats["overlay_native"]["ok"]
+    if chosen["backend"] == "overlay":
+        assert chosen["mode"] == ("native" if native else "userns"), chosen
+        assert chosen["mode_reason"] and chosen["mounts"]
+        assert re.search(rf"^overlay mode: {chosen['mode']} \(", out, re.M), out
     assert report["store"]["ok"] is True
     # the suite's per-boot cache (tests/conftest.py sets VELO_RUNTIME_DIR) is named, with a reason
     cache = report["layer_cache"]

@@ -17,8 +17,8 @@ from veloverlay.ingest import ingest
 from veloverlay.store.manifest import Manifests
 
 PROBE = r"""
-import json, os, sys
-store, out = sys.argv[1], sys.argv[2]
+import json, os, subprocess, sys
+store, out, at = sys.argv[1], sys.argv[2], sys.argv[3]
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 res = {
     "no_new_privs": status["NoNewPrivs"].strip(),
@@ -37,6 +37,12 @@ for sub in ("tmp", "locks-v1", "manifests.lmdb"):
         res.setdefault("wrote", []).append(sub)
     except OSError as e:
         res.setdefault("refused", []).append(e.errno)
+# The session's mounts are locked: neither the store writable again nor the overlay removed.
+for cmd in (["mount", "-o", "remount,bind,rw", store], ["umount", "-l", at]):
+    r = subprocess.run(cmd, capture_output=True)
+    res.setdefault("mounts", []).append([" ".join(cmd[:2]), r.returncode])
+res["store_still_ro"] = not os.access(os.path.join(store, "tmp"), os.W_OK)
+res["overlay_still_there"] = os.path.exists(os.path.join(at, "f1"))
 with open(out, "w") as f:
     json.dump(res, f)
 """
@@ -53,7 +59,7 @@ def _scenario(base: str) -> dict[str, Any]:
     r = session.run(
         store,
         session.SessionOptions(refs=["t"], at=at, discard=True),
-        ["/usr/bin/python3", script, os.fspath(store.root), out],
+        ["/usr/bin/python3", script, os.fspath(store.root), out, at],
     )
     with open(out) as f:
         res: dict[str, Any] = json.load(f)
@@ -89,11 +95,13 @@ def _scenario(base: str) -> dict[str, Any]:
     return res
 
 
-@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+@pytest.mark.parametrize("mode", mode_params("root", "native", "rootfree"))
 def test_session_security(mode: str) -> None:
     with unpriv_tmpdir() as base:
         res = as_mode(mode, _scenario, base)
     assert res["exit"] == 0
+    assert all(code != 0 for _cmd, code in res["mounts"]), res["mounts"]
+    assert res["store_still_ro"] and res["overlay_still_there"], res
     assert res["no_new_privs"] == "1", "the session's command can gain privileges"
     if mode == "rootfree":
         # One line, mapping only the invoking uid: what an unprivileged process can write

@@ -61,6 +61,8 @@ VERBS: dict[str, str] = {
     "sessions": "session",
     "harvest": "session",
     "daemon": "session",
+    "mount": "session",
+    "umount": "session",
     "doctor": "doctor",
 }
 

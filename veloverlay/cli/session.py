@@ -1,4 +1,4 @@
-"""Session verbs: run, enter, sessions, harvest and daemon.
+"""Session verbs: run, enter, mount, umount, sessions, harvest and daemon.
 
 `run REF... -- COMMAND`: everything after the first `--` is the command (`_RunCommand` splits it
 off before typer parses the rest). With `--json`, stdout carries only the session's JSON report:
@@ -260,6 +260,62 @@ def enter(
         render.emit_json(res.to_dict())
         return int(res.exit_status) or (1 if res.conflicts else 0)
     return _render(res)
+
+
+@verb(app, no_args_is_help=True)
+def mount(
+    refs_and_dir: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="REF... DIR",
+            help="Refs to project (several stack, the last on top), then the directory",
+            autocompletion=complete_ref,
+        ),
+    ],
+    strict: Strict = False,
+) -> None:
+    """Mount a writable projection of REF on DIR for other programs (real root).
+
+    The session stays mounted, in this mount namespace, until 'veloverlay umount DIR' harvests
+    and commits it. Root-free: run a long-lived command in a session instead ('run REF -- sleep
+    infinity') and nsenter into it.
+    """
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.session.core import SessionOptions
+    from veloverlay.session.core import mount as do_mount
+
+    if len(refs_and_dir) < 2:
+        raise VeloError(
+            "give at least one REF and the DIR to mount on",
+            reason=Reason.USAGE,
+            hint="veloverlay mount REF [REF...] DIR",
+        )
+    *refs, where = refs_and_dir
+    opts = SessionOptions(refs=refs, at=where, backend="overlay", strict=strict)
+    res = do_mount(common.store(), opts)
+    if state.json:
+        render.emit_json(res.to_dict())
+        return
+    for w in res.warnings:
+        render.warn(w)
+    render.info(f"mounted {refs[-1]} on {os.path.realpath(where)} (session {res.session_id})")
+
+
+@verb(app, no_args_is_help=True)
+def umount(
+    where: Annotated[str, typer.Argument(metavar="DIR", help="Where 'mount' put the session")],
+    discard: Discard = False,
+    no_commit: NoCommit = False,
+    message: Message = None,
+) -> None:
+    """Unmount a mounted session, then harvest and commit its changes (as a run's end)."""
+    from veloverlay.session.core import umount as do_umount
+
+    res = do_umount(common.store(), where, discard=discard, commit=not no_commit, message=message)
+    if state.json:
+        render.emit_json(res.to_dict())
+    else:
+        _render(res)
 
 
 @verb(app)

@@ -13,7 +13,9 @@ from veloverlay.session.core import (
     enter,
     harvest_resume,
     list_sessions,
+    mount,
     run,
+    umount,
 )
 from veloverlay.session.options import SessionInfo, SessionOptions, SessionResult
 
@@ -26,5 +28,7 @@ __all__ = [
     "enter",
     "harvest_resume",
     "list_sessions",
+    "mount",
     "run",
+    "umount",
 ]

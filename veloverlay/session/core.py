@@ -35,6 +35,8 @@ __all__ = [
     "harvest_resume",
     "clean_sessions",
     "live_changes",
+    "mount",
+    "umount",
 ]
 
 
@@ -156,6 +158,14 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
             if session_id is not None:
                 raise VeloError(f"session {st.id} is already {shown}", reason=Reason.USAGE)
             continue
+        if shown == "mounted":
+            if session_id is not None:
+                raise VeloError(
+                    f"session {st.id} is mounted on {st.mounted_at}",
+                    reason=Reason.SESSION_ACTIVE,
+                    hint=f"veloverlay umount {st.mounted_at}",
+                )
+            continue
         if shown != "dead-unharvested":
             if session_id is not None:
                 raise VeloError(
@@ -169,6 +179,28 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
         res.exit_status = st.exit_status if st.exit_status is not None else -1
         out.append(res)
     return out
+
+
+def mount(store: Store, opts: SessionOptions) -> SessionResult:
+    """Put the projection of `opts.refs` on `opts.at` in the caller's mount namespace (real
+    root, root-native overlay); the session stays `mounted` until `umount`."""
+    from veloverlay.session.overlay.mounted import mount_session
+
+    return mount_session(store, opts, choose_backend(store, opts))
+
+
+def umount(
+    store: Store,
+    where: str,
+    *,
+    discard: bool = False,
+    commit: bool = True,
+    message: str | None = None,
+) -> SessionResult:
+    """Unmount the session on `where`, then harvest and commit it as the end of a `run`."""
+    from veloverlay.session.overlay.mounted import umount_session
+
+    return umount_session(store, where, discard=discard, commit=commit, message=message)
 
 
 def clean_sessions(store: Store) -> int:

@@ -36,6 +36,15 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
+
+
+def _mountinfo_escape(path: str) -> str:
+    """A path as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
+    for ch in ("\\", " ", "\t", "\n"):
+        path = path.replace(ch, f"\\{ord(ch):03o}")
+    return path
+
+
 LIVE_STATES = ("starting", "running", "harvesting")
 DONE_STATES = ("harvested", "discarded", "failed")
 
@@ -107,8 +116,25 @@ class State(Record):
     def manager_alive(self) -> bool:
         return same_process(self.pid, self.pid_start)
 
+    def mount_live(self) -> bool:
+        """`veloverlay mount`: this session's overlay is still on `mounted_at` (this namespace)."""
+        where = _mountinfo_escape(self.mounted_at)
+        upper = _mountinfo_escape(f"/{self.id}/upper")
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+                for line in f:
+                    fields = line.split(" ")
+                    if len(fields) > 4 and fields[4] == where and f"{upper}," in line:
+                        return True
+        except OSError:
+            return True  # cannot tell: never harvest what may still be written
+        return False
+
     def shown_state(self) -> str:
-        """The state, with a live state whose manager is gone shown as `dead-unharvested`."""
+        """The state, with a live state whose manager is gone shown as `dead-unharvested` (and
+        a `mounted` one whose overlay is gone: rebooted, unmounted by hand, umount killed)."""
+        if self.state == "mounted":
+            return "mounted" if self.mount_live() else "dead-unharvested"
         if self.state in LIVE_STATES and not self.manager_alive():
             return "dead-unharvested"
         return self.state

@@ -1,0 +1,146 @@
+"""`veloverlay mount` / `umount` end to end, as a user runs them (root): the projection on a host
+path, changed by programs outside any session (renames of stored directories included), committed
+by umount as a run would; a kill between unmount and commit recovered by `harvest --resume`;
+refusals (busy, not mounted, root-free)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.test_cli import data, failed, ok, velo
+from tests.helpers.trees import make_tree
+from tests.helpers.unpriv import mount_lines
+from tests.session._util import compare_trees
+
+pytestmark = pytest.mark.needs("root", "overlay_native")
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_left(shm_tmp: str) -> Iterator[None]:
+    """Whatever a failing test left mounted under its temp dir goes before the dir does."""
+    yield
+    for line in reversed(mount_lines()):
+        point = line.split(" ", 1)[0]
+        if point.startswith(shm_tmp):
+            subprocess.run(["umount", "-l", point], check=False)
+
+
+TREE = {
+    "README": b"hello\n",
+    "bin/tool": b"#!/bin/sh\necho hi\n",
+    "lib/a/one": b"1\n",
+    "lib/a/deep/two": b"2\n",
+    "lib/b": b"b\n",
+    "empty": None,
+}
+
+
+def _changes(root: str) -> None:
+    """What another program does to the mounted projection (the same to a plain directory)."""
+    os.rename(os.path.join(root, "lib/a"), os.path.join(root, "moved"))  # a stored directory
+    os.rename(os.path.join(root, "moved/deep"), os.path.join(root, "deep2"))
+    with open(os.path.join(root, "moved/new"), "w") as f:
+        f.write("new\n")
+    os.unlink(os.path.join(root, "lib/b"))
+    os.chmod(os.path.join(root, "bin/tool"), 0o700)
+
+
+def _setup(shm_tmp: str) -> tuple[str, str, str]:
+    store = os.path.join(shm_tmp, "store")
+    src, plain, at = (os.path.join(shm_tmp, d) for d in ("src", "plain", "at"))
+    make_tree(src, TREE)
+    ok(velo(store, "ingest", src, "--name", "t"))
+    shutil.copytree(src, plain, symlinks=True)
+    _changes(plain)
+    return store, plain, at
+
+
+def _sessions(store: str) -> dict[str, str]:
+    return {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
+
+
+def test_mount_change_umount_commits(shm_tmp: str) -> None:
+    store, plain, at = _setup(shm_tmp)
+    before = mount_lines()
+    mounted = data(velo(store, "mount", "t", at, "--json"))
+    sid = mounted["session_id"]
+    assert mounted["mode"] == "native" and mounted["state"] == "mounted"
+    try:
+        assert _sessions(store)[sid] == "mounted"
+        with open(os.path.join(at, "lib/a/deep/two"), "rb") as f:
+            assert f.read() == b"2\n"
+        _changes(at)  # this process: the caller's mount namespace sees the projection
+        failed(velo(store, "harvest", "--resume", sid, "--json"), "session-active")
+        # busy: a process with its cwd inside keeps it mounted
+        holder = subprocess.Popen(["sleep", "60"], cwd=at)
+        try:
+            failed(velo(store, "umount", at, "--json"), "session-active")
+        finally:
+            holder.kill()
+            holder.wait()
+    except BaseException:
+        velo(store, "umount", at, "--discard")
+        raise
+    res = data(velo(store, "umount", at, "-m", "from mount", "--json"))
+    assert res["commit"] and res["changed"] > 0
+    assert mount_lines() == before  # nothing left mounted
+    assert _sessions(store)[sid] == "harvested"
+    assert data(velo(store, "log", "t", "--json"))[0]["message"] == "from mount"
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=0) == []
+    failed(velo(store, "umount", at, "--json"), "session-not-found")
+    assert data(velo(store, "fsck", "--json"))["ok"] is True
+
+
+def test_kill_between_unmount_and_commit_is_resumed(shm_tmp: str) -> None:
+    store, plain, at = _setup(shm_tmp)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    _changes(at)
+    killed = velo(store, "umount", at, env={"VELO_INTERNAL__TEST_FAULT": "harvest.file:1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert _sessions(store)[sid] == "dead-unharvested"
+    assert sid not in mount_lines_text()
+    resumed = data(velo(store, "harvest", "--resume", sid, "--json"))
+    assert resumed[0]["commit"]
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=0) == []
+
+
+def test_unmounted_by_hand_is_resumed_and_discard_drops(shm_tmp: str) -> None:
+    store, _plain, at = _setup(shm_tmp)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    _changes(at)
+    subprocess.run(["umount", at], check=True)  # e.g. a reboot, or umount(8)
+    assert _sessions(store)[sid] == "dead-unharvested"
+    assert data(velo(store, "harvest", "--resume", sid, "--json"))[0]["commit"]
+    sid2 = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    with open(os.path.join(at, "scratch"), "w") as f:
+        f.write("x")
+    head = data(velo(store, "log", "t", "--json"))[0]["id"]
+    assert data(velo(store, "umount", at, "--discard", "--json"))["commit"] is None
+    assert data(velo(store, "log", "t", "--json"))[0]["id"] == head
+    assert _sessions(store)[sid2] == "discarded"
+
+
+def test_mount_is_refused_root_free(shm_tmp: str) -> None:
+    store, _plain, at = _setup(shm_tmp)
+    p = velo(store, "mount", "t", at, "--json", env={"VELO_OVERLAY_MODE": "userns"})
+    failed(p, "backend-unavailable")
+    assert not os.path.ismount(at)
+
+
+def mount_lines_text() -> str:
+    return "\n".join(mount_lines())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))

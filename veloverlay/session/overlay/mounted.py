@@ -1,0 +1,163 @@
+"""`veloverlay mount` / `umount`: a session whose overlay is on a path of the caller's mount
+namespace, for tools that are not one command (a systemd unit, a container runtime's bind mount,
+a CI step, an external test suite).
+
+Real root only, root-native mode only: a mount in the caller's namespace is a mount in the
+initial user namespace, so it uses trusted.overlay.* layers and `redirect_dir=on` like any
+root-native session (session/select.py). What differs from `run`:
+
+* No namespaces and no pid 1: every process of the caller's namespace sees the projection, and
+  nothing locks the mount or binds the store read-only (that would change the host's view of the
+  store). Root can unmount it or write the store; P0-a rests on `chattr +i` of every object the
+  layers reference (reported as the session's protection) and on `fsck`.
+* The session's state is `mounted` (listed by `sessions`) from before the mount until `umount`
+  unmounts it (never lazily: a process still holding a file would write into an upper dir being
+  harvested; EBUSY says so) and harvests and commits like the end of a `run`. A state `mounted`
+  whose overlay is gone (a reboot, a plain umount(8), a kill between the unmount and the harvest)
+  shows as `dead-unharvested` and `harvest --resume` finishes it.
+
+Root-free users have no way to put an overlay on a host path; `run REF -- sleep infinity` (or
+`enter`) and `nsenter --target PID --mount --user` into that session give other processes the
+projection (docs/sessions.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from veloverlay import mount, ns, overlay
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.session import state
+from veloverlay.session.options import SessionOptions, SessionResult
+from veloverlay.session.overlay.backend import _drop_upper, _finish, _new_state, _prepare
+from veloverlay.session.select import Choice
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests
+
+__all__ = ["mount_session", "umount_session"]
+
+
+def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> SessionResult:
+    """Mount the projection of `opts.refs` on `opts.at` in this mount namespace; record it."""
+    if not opts.at:
+        raise VeloError("mount needs a directory to mount on", reason=Reason.USAGE)
+    choice.raise_error()
+    if choice.backend != "overlay" or choice.mode != "native":
+        why = choice.mode_reason or choice.backend_reason
+        raise VeloError(
+            f"veloverlay mount needs real root and a root-native overlay: {why}",
+            reason=Reason.BACKEND_UNAVAILABLE,
+            hint="root-free: 'veloverlay run REF -- sleep infinity' and nsenter into that "
+            "session, or 'veloverlay enter REF' (docs/sessions.md)",
+        )
+    target = os.path.realpath(opts.at)
+    for other in state.iter_states(store):
+        if other.state == "mounted" and other.mounted_at == target and other.mount_live():
+            raise VeloError(
+                f"session {other.id} is already mounted on {target}",
+                reason=Reason.SESSION_ACTIVE,
+                hint=f"veloverlay umount {target}",
+            )
+    opts.at = target
+    m = Manifests(store)
+    try:
+        plan = _prepare(store, m, opts, choice)
+        if plan.lowers.immutable:
+            plan.protection = "immutable"  # +i on every object; the store is not bound ro
+        else:
+            plan.protection = "none"
+            plan.warnings.append(
+                "mounted on the host: the store is not read-only there and objects are not "
+                "immutable (chattr +i failed); 'veloverlay fsck' detects changes"
+            )
+        st = _new_state(store, plan, m, opts)
+        sdir = store.sessions / st.id
+        st.mounted_at, st.state, st.pid, st.pid_start = plan.target, "mounted", 0, None
+        state.save(store, st)  # before the mount: a crash after it leaves a record
+        spec = overlay.OverlaySpec(
+            lowers=plan.lowers.layers,
+            data_lowers=plan.lowers.data_layers,
+            upper=os.fspath(sdir / "upper"),
+            work=os.fspath(sdir / "work"),
+            target=plan.target,
+            userxattr=False,
+        )
+        try:
+            spec.mount()
+        except BaseException as exc:
+            st.state = "failed"
+            st.error = {"message": str(exc), "reason": Reason.SYSCALL.value}
+            state.save(store, st)
+            _drop_upper(sdir)
+            raise
+        res = SessionResult(
+            session_id=st.id,
+            exit_status=0,
+            commit=None,
+            conflict_ref=None,
+            changed=0,
+            backend="overlay",
+            lower_form=plan.form,
+            protection=plan.protection,
+            warnings=plan.warnings,
+            ref=st.top,
+            state="mounted",
+            mode="native",
+        )
+        return res
+    finally:
+        m.close()
+
+
+def umount_session(
+    store: Store,
+    where: str,
+    *,
+    discard: bool = False,
+    commit: bool = True,
+    message: str | None = None,
+) -> SessionResult:
+    """Unmount the session mounted on `where`, harvest and commit it (as the end of a run)."""
+    target = os.path.realpath(where)
+    found = [
+        st
+        for st in state.iter_states(store)
+        if st.state == "mounted" and st.mounted_at == target and st.mount_live()
+    ]
+    if not found:
+        raise VeloError(
+            f"no veloverlay session is mounted on {target}",
+            reason=Reason.SESSION_NOT_FOUND,
+            hint="'veloverlay sessions' lists them; an unmounted one is finished by "
+            "'veloverlay harvest --resume ID'",
+        )
+    st = found[0]
+    try:
+        mount.umount(target, detach=False)
+    except SysError as exc:
+        if exc.errno == 16:  # EBUSY
+            raise VeloError(
+                f"{target} is busy: processes still use the projection",
+                reason=Reason.SESSION_ACTIVE,
+                hint="stop them (fuser -vm DIR) and run umount again",
+            ) from None
+        raise
+    # Unmounted: from here a kill leaves a `mounted` state without its mount (dead-unharvested).
+    st.discard = st.discard or discard
+    st.commit_to_ref = st.commit_to_ref and commit
+    if message is not None:
+        st.message = message
+    st.pid, st.pid_start = os.getpid(), ns.proc_start(os.getpid())
+    st.exit_status = 0
+    st.state = "harvesting"
+    state.save(store, st)
+    m = Manifests(store)
+    try:
+        t0 = time.perf_counter()
+        res = _finish(store, m, st)
+        res.timings["total"] = time.perf_counter() - t0
+        res.mode = "native"
+        return res
+    finally:
+        m.close()
