@@ -6,6 +6,9 @@
 3. the next session after a 10-file commit against the warm start (goal <= 1.5x: no rebuild);
 4. harvest + commit of 10 changed files in a 100,000-file manifest against a 1,000-file one
    (goal <= 1.5x), and against `git add -A && git commit` of the same change.
+5. as root: the warm start in the root-native overlay mode (the default for real root since
+   issue 17) against the same session in the userns mode (root's sessions before it;
+   VELO_OVERLAY_MODE forces each).
 
 Commands are timed as whole processes (wall clock, interpreter start-up included) with hyperfine
 when installed (medians), else time.perf_counter over --repeat runs. Harvest + commit comes from the
@@ -260,6 +263,14 @@ def main() -> int:
         session.run(store, session.SessionOptions(refs=["big"], at=str(at)), ["true"])
         at_small = base / "proj-small"
         session.run(store, session.SessionOptions(refs=["small"], at=str(at_small)), ["true"])
+        native = choice.mode == "native"
+        results["mode"] = choice.mode
+        if native:  # warm the userns mode's own layers too (user.overlay.* markers)
+            os.environ["VELO_OVERLAY_MODE"] = "userns"
+            try:
+                session.run(store, session.SessionOptions(refs=["big"], at=str(at)), ["true"])
+            finally:
+                del os.environ["VELO_OVERLAY_MODE"]
         up, wk = base / "bl-upper", base / "bl-work"
         up.mkdir()
         wk.mkdir()
@@ -278,6 +289,10 @@ def main() -> int:
             ),
             "python -c 'import veloverlay.cli'": f"{py} -c 'import veloverlay.cli'",
         }
+        if native:
+            cmds["veloverlay (library) run -- true, userns mode"] = (
+                "env VELO_OVERLAY_MODE=userns " + lib_cmd(py, store.root, "big", at)
+            )
         warm = hyperfine(cmds, args.repeat)
         startup = warm["python -c pass"]
         baseline = warm["unshare -rm + overlay mount + true"]
@@ -296,6 +311,15 @@ def main() -> int:
             "big_over_small": lib / warm["veloverlay (library) run small -- true"],
             "goal": "<= 50 ms beyond interpreter start-up",
         }
+        if native:
+            userns = warm["veloverlay (library) run -- true, userns mode"]
+            results["native_vs_userns"] = {
+                "native_s": lib,
+                "userns_s": userns,
+                "ratio_native_over_userns": lib / userns,
+                "native_minus_startup_ms": (lib - startup) * 1e3,
+                "userns_minus_startup_ms": (userns - startup) * 1e3,
+            }
 
         # 3. the next session after a 10-file commit (a delta layer, no rebuild)
         nexts = []
@@ -432,6 +456,16 @@ def main() -> int:
             f"{h['ratio_git_over_ours']:.1f}x ours",
         ),
     ]
+    if "native_vs_userns" in results:
+        nv = results["native_vs_userns"]
+        rows.append(
+            (
+                "warm run -- true, root-native (minus start-up)",
+                f"{nv['native_minus_startup_ms']:.1f} ms",
+                f"{nv['ratio_native_over_userns']:.2f}x the userns mode "
+                f"({nv['userns_minus_startup_ms']:.1f} ms)",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>12}  {note}")

@@ -87,7 +87,7 @@ def _kill_manager(base: str) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+@pytest.mark.parametrize("mode", mode_params("root", "native", "rootfree"))
 def test_kill_manager_then_resume(mode: str) -> None:
     before = mount_lines()
     with unpriv_tmpdir() as base:

@@ -15,10 +15,11 @@ import dataclasses
 
 # The feature names are veloverlay/probe.py's FEATURES (a stable API, also used by .ci/run).
 _BASE = ("chattr", "whiteout_mknod")
-_ROOT = ("root", "overlay_root")
+_ROOT = ("root", "overlay_root", "overlay_native")
 _USERNS = ("userns", "overlay_userns", "userns_unrestricted")
 _NEW_API = ("lowerdir_append", "fsconfig_fd")  # lowerdir+ and FSCONFIG_SET_FD: Linux >= 6.8
-_DATA_ONLY = ("data_only_root", "data_only_userns")  # data-only lowers in a userns: >= 6.16
+# data-only lowers in a userns: >= 6.16 (root-native ones: >= 6.5 with metacopy=on, >= 6.16 off)
+_DATA_ONLY = ("data_only_root", "data_only_userns", "data_only_native")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +133,11 @@ BOXES = (
         "deb12-nouserns",
         "bookworm",
         "deb12",
-        "Debian 12, user.max_user_namespaces=0: root-free must choose the shim",
-        root=SHIM,  # root sessions unshare a user namespace too (DESIGN: Sessions, step 3)
+        "Debian 12, user.max_user_namespaces=0: root-free must choose the shim, root the "
+        "root-native overlay (no user namespace needed to mount; its mounts are not locked)",
+        root=LINKS,  # root-native (issue 17): a private mount namespace, trusted.overlay.*
         user=SHIM,
-        must_root=(*_BASE, "root", "shim"),
+        must_root=(*_BASE, "root", "overlay_native", "shim"),
         must_user=("shim",),
         sysctls=(("user.max_user_namespaces", "0"),),
     ),
@@ -155,12 +157,12 @@ BOXES = (
         "bookworm",
         "deb11",
         "Debian 12 image on Debian 11's 5.10 kernel: no overlay in a user namespace (< 5.11)",
-        # Root sessions run in a user namespace too (DESIGN: Sessions, step 3), and overlayfs is
-        # mountable in one only from 5.11: everyone must choose the shim here (measured: the probe
-        # answers EPERM for overlay as root inside its user namespace).
-        root=SHIM,
+        # overlayfs is mountable in a user namespace only from 5.11 (measured: EPERM for overlay
+        # as root inside its user namespace): root-free must choose the shim; root mounts
+        # root-native, in a private mount namespace of the initial user namespace (issue 17).
+        root=LINKS,
         user=SHIM,
-        must_root=(*_BASE, "root", "userns", "shim"),
+        must_root=(*_BASE, "root", "userns", "overlay_native", "shim"),
         must_user=("userns", "shim"),
     ),
 )

@@ -35,6 +35,8 @@ from run import run_box  # noqa: E402
 # The behaviour suites of both backends: every file operation, root and root-free, per lower form.
 SMOKE = (
     "tests/session/test_behaviour.py",
+    "tests/session/test_native.py",
+    "tests/e2e/test_mount.py",
     "tests/shim/test_behaviour.py",
     "tests/shim/test_materialize.py",
 )
