@@ -241,7 +241,8 @@ def live_changes(
                 return [(c.status, paths.display(c.path)) for c in changes(m, txn, view, live)]
         from veloverlay.session.overlay.live import upper_changes
 
-        return upper_changes(m, os.fspath(store.sessions / st.id / "upper"), view)
+        prefix = "trusted" if st.mode == "native" else "user"
+        return upper_changes(m, os.fspath(store.sessions / st.id / "upper"), view, prefix)
     finally:
         if own:
             m.close()

@@ -4,7 +4,9 @@ A peek for `veloverlay status` and `diff --session`: nothing is staged or commit
 session goes on. Whiteouts are deletions; an entry the view does not have is added; any other
 file or symlink in the upper dir was copied up: modified (a chmod, or an open for writing that
 wrote nothing yet, counts too: the content is compared only when the session ends). A directory
-counts only when it is new or replaces the view's (opaque), and then with its whole subtree.
+counts only when it is new or replaces the view's (opaque), and then with its whole subtree; a
+directory renamed in a root-native session (a redirect) counts as added, as itself. Markers are
+read with the session's xattr prefix (`user`, or `trusted` root-native), as the harvester does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from veloverlay.store.tree import Kind
 __all__ = ["upper_changes"]
 
 
-def upper_changes(m: Manifests, upper: str, view_root: bytes) -> list[tuple[str, str]]:
+def upper_changes(
+    m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
+) -> list[tuple[str, str]]:
     """(status letter, path) for what the upper dir `upper` changes in the tree `view_root`."""
     out: list[tuple[str, str]] = []
     with m.read() as txn:
@@ -38,14 +42,18 @@ def upper_changes(m: Manifests, upper: str, view_root: bytes) -> list[tuple[str,
                         st = os.lstat(os.path.join(dirpath, name))
                     except OSError:
                         continue
-                    if is_whiteout(st, dfd, name):
+                    if is_whiteout(st, dfd, name, prefix):
                         out.append(("D", paths.display(p)))
                         continue
                     low = None if new else m.lookup(txn, view_root, p)
                     if low is not None and low.kind is Kind.MASK:
                         low = None
                     if stat.S_ISDIR(st.st_mode):
-                        opaque = _opaque(os.path.join(dirpath, name))
+                        here = os.path.join(dirpath, name)
+                        if prefix == "trusted" and _xattr(here, "trusted.overlay.redirect"):
+                            out.append(("T" if low is not None else "A", paths.display(p)))
+                            continue
+                        opaque = _xattr(here, f"{prefix}.overlay.opaque") == b"y"
                         if low is None or low.kind is not Kind.DIR or opaque:
                             if low is not None:
                                 out.append(("D" if low.kind is Kind.DIR else "T", paths.display(p)))
@@ -70,11 +78,11 @@ def upper_changes(m: Manifests, upper: str, view_root: bytes) -> list[tuple[str,
     return out
 
 
-def _opaque(path: bytes) -> bool:
+def _xattr(path: bytes, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, "user.overlay.opaque", follow_symlinks=False) == b"y"
+        return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
-        return False
+        return None
 
 
 def _has_entries(path: bytes) -> bool:
