@@ -108,7 +108,7 @@ def _prefixes(base: str, form: str) -> tuple[list[str], list[str], list[str], li
         d = homes.boot_dir(store.root)
         if d is not None:
             layer_xattrs += _overlay_xattrs(os.fspath(d))
-    objects = _overlay_xattrs(os.path.join(store.root, "objects-v1"))
+    objects = _overlay_xattrs(os.fspath(store.objects))
     return seen, layer_xattrs, objects, fsck_ok(store)
 
 
