@@ -154,6 +154,7 @@ suite)
   ;;
 bench)
   # BENCH: a benchmark and its arguments, as root (e.g. bench/bench_verity.py --base /tmp)
+  modprobe loop 2>/dev/null # loop mounts (Debian builds it as a module)
   python $BENCH >$R/bench.log 2>&1
   echo $? >$R/rc-bench
   cp bench/results/*.json $R/ 2>/dev/null
