@@ -218,6 +218,7 @@ _unshare = _proto("unshare", _c_int, _c_int)
 _mount = _proto("mount", _c_int, _c_char_p, _c_char_p, _c_char_p, _c_ulong, _c_char_p)
 _umount2 = _proto("umount2", _c_int, _c_char_p, _c_int)
 _syncfs = _proto("syncfs", _c_int, _c_int)
+_renameat2 = _proto("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
 _statfs = _proto("statfs", _c_int, _c_char_p, _c_void_p)
 _ioctl_int = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_int)
 _ioctl_ptr = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_void_p)
@@ -330,6 +331,15 @@ def mount_setattr(
 
 def syncfs(fd: int) -> None:
     check(_syncfs(fd), "syncfs")
+
+
+RENAME_NOREPLACE = 1
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    """renameat2(2); `RENAME_NOREPLACE` fails with EEXIST instead of replacing `new`."""
+    if _renameat2(olddirfd, old, newdirfd, new, flags) < 0:
+        raise SysError(ctypes.get_errno(), "renameat2", old, new)
 
 
 def openat2(dirfd: int, path: Path, flags: int, mode: int = 0, resolve: int = 0) -> int:

@@ -18,6 +18,7 @@ import pickle
 import select
 import signal
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -158,6 +159,56 @@ class Workers:
                     raise cast(BaseException, value)
                 idle.append(proc)
                 yield cast(R, value)
+
+    def map_queue(self, fn: Callable[[T], R], queue: deque[T]) -> Iterator[R]:
+        """fn over the items of `queue`, results in completion order. The consumer may add items
+        to `queue` between results (tasks that discover more tasks); it ends when the queue is
+        empty and no task is running."""
+        idle = list(self._procs)
+        busy: dict[int, tuple[int, int, int]] = {}
+        while True:
+            while idle and queue:
+                proc = idle.pop()
+                try:
+                    _write_frame(proc[1], (fn, queue.popleft()))
+                except BrokenPipeError:
+                    raise self._died(proc[0]) from None
+                busy[proc[2]] = proc
+            if not busy:
+                return
+            ready, _, _ = select.select(list(busy), [], [])
+            for fd in ready:
+                proc = busy.pop(fd)
+                ok, msg = _read_frame(fd)
+                if not ok:
+                    raise self._died(proc[0])
+                success, value = cast(tuple[bool, Any], msg)
+                if not success:
+                    raise cast(BaseException, value)
+                idle.append(proc)
+                yield cast(R, value)
+
+    def each(self, fn: Callable[[T], R], arg: T) -> list[R]:
+        """fn(arg) once in every worker (call it with none busy); the results, worker by worker."""
+        for pid, tw, _rr in self._procs:
+            try:
+                _write_frame(tw, (fn, arg))
+            except BrokenPipeError:
+                raise self._died(pid) from None
+        out: list[R] = []
+        error: BaseException | None = None
+        for pid, _tw, rr in self._procs:
+            ok, msg = _read_frame(rr)
+            if not ok:
+                raise self._died(pid)
+            success, value = cast(tuple[bool, Any], msg)
+            if not success:
+                error = error or cast(BaseException, value)
+            else:
+                out.append(cast(R, value))
+        if error is not None:
+            raise error
+        return out
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return list(self.map_unordered(fn, items))

@@ -1,10 +1,11 @@
 """Ingest a directory into the store and commit it as a version of a ref.
 
-Pipeline: walk (main process, lstat only) → hash and stage the files whose stat changed (forked
-worker processes, each reading a source under `flock(LOCK_SH|LOCK_NB)` and re-reading it if it
-changed while read) → build the Merkle nodes bottom-up → publish the staged objects durably → one
-LMDB transaction that compare-and-swaps the ref (merging with session commits made since the last
-ingest) and updates the stat cache.
+Pipeline: walk, hash, stage and encode in forked worker processes (scan.py: each takes a directory
+subtree, lists it, reads every source whose stat changed under `flock(LOCK_SH|LOCK_NB)`, re-reading
+it if it changed while read, and encodes the node entries there) → publish the staged objects
+durably → one LMDB transaction that stores the Merkle nodes bottom-up (children before parents),
+compare-and-swaps the ref (merging with session commits made since the last ingest) and updates
+the stat cache.
 
 Stat cache: per ref and path, (ino, size, mtime_ns, ctime_ns) → digest. An unchanged stat skips the
 read. git's "racy" rule: a file whose mtime is within `RACY_NS` of the scan is hashed but not
@@ -23,20 +24,24 @@ import time
 from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import statcache
-from veloverlay.ingest.scan import IngestResult, Progress, ScanDir, entry_mode, scan, worker_init
+from veloverlay.ingest.scan import (
+    IngestResult,
+    Progress,
+    build,
+    publish,
+    walk,
+    worker_init,
+    worker_state,
+)
 from veloverlay.ingest.source import RACY_NS
 from veloverlay.store.cas import Store
-from veloverlay.store.digest import Digest, hash_bytes
+from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.merge import three_way
-from veloverlay.store.tree import Entry, Kind
 from veloverlay.tiers import Rules
 from veloverlay.workers import Workers, default_jobs
 
-__all__ = ["IngestResult", "ingest", "scan"]
-
-
-# -- worker processes ----------------------------------------------------------------------------
+__all__ = ["IngestResult", "ingest", "drop_cache"]
 
 
 def _check_source(src: str, store: Store) -> bytes:
@@ -106,26 +111,16 @@ def ingest(
         store.reclaim_tmp()
         cache, cache_keys = statcache.load(m, name, config)
         scan_ns = time.time_ns()
+        state = worker_state(store, stage, top, cache, rules, keep_setid)
         pool = None
         if jobs > 1:
             # Forked workers; they never touch LMDB, and die with this process.
-            pool = stack.enter_context(
-                Workers(jobs, worker_init, (os.fspath(store.root), stage.name))
-            )
-        dirs = scan(
-            store,
-            top,
-            cache,
-            res,
-            stage=stage,
-            pool=pool,
-            keep_setid=keep_setid,
-            progress=progress,
-        )
+            pool = stack.enter_context(Workers(jobs, worker_init, state))
+        recs, staged = walk(m, top, res, pool, state, progress)
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
-        stage.publish(pool.map if pool is not None else None)
+        publish(stage, pool, res, staged)
         with m.write() as txn:
-            root = _build_nodes(m, txn, top, dirs, rules, keep_setid, res)
+            root, values = build(m, txn, recs, cache, scan_ns - RACY_NS)
             res.root = root.hex()
             ref = m.get_ref(txn, name)
             msg = message or f"ingest {os.fsdecode(top)}"
@@ -182,9 +177,7 @@ def ingest(
                 if ref.ingest_root != root.hex():
                     ref.ingest_root = root.hex()
                     m.put_ref(txn, ref)
-            statcache.write(
-                m, txn, name, config, cache_keys, cache, _cache_values(dirs, cache, scan_ns)
-            )
+            statcache.write(m, txn, name, config, cache_keys, cache, values)
     faults.point("commit.after")
     if adopt:
         res.adopted_to = _adopt(store, m, src, name, res, rules, keep_setid)
@@ -229,101 +222,6 @@ def _adopt(
         )
     os.rename(real, aside)
     return aside
-
-
-def _build_nodes(
-    m: Manifests,
-    txn: Txn,
-    top: bytes,
-    dirs: list[ScanDir],
-    rules: Rules,
-    keep_setid: bool,
-    res: IngestResult,
-) -> Digest:
-    """Nodes bottom-up (reverse pre-order: children before parents); clean dirs reuse theirs."""
-    classify = rules.classify
-    for d in reversed(dirs):
-        dc = d.cached
-        if (
-            not d.dirty
-            and dc is not None
-            and all(dc.subs.get(_base(s.rel)) == s.digest for s in d.subs)
-            and m.has_node(txn, dc.node)
-        ):
-            d.digest = dc.node
-            continue
-        prefix = d.rel + b"/" if d.rel else b""
-        entries = [
-            Entry(
-                e.name,
-                Kind.FILE,
-                e.mode,
-                e.size,
-                e.mtime_ns,
-                e.digest,
-                b"",
-                classify(prefix + e.name),
-            )
-            for e in d.entries
-        ]
-        for name, mode, size, mtime, digest, _ino, _ctime in d.hits:
-            entries.append(
-                Entry(
-                    name,
-                    Kind.FILE,
-                    entry_mode(mode, keep_setid),
-                    size,
-                    mtime,
-                    digest,
-                    b"",
-                    classify(prefix + name),
-                )
-            )
-        for name, _ino, mtime, _ctime in d.links:
-            try:
-                target = os.readlink(os.path.join(top, prefix + name))
-            except OSError:
-                res.skipped.append((paths.display(prefix + name), "vanished"))
-                continue
-            if not target or len(target) > 4095:
-                res.skipped.append((paths.display(prefix + name), "bad-symlink"))
-                continue
-            entries.append(Entry(name, Kind.SYMLINK, 0o777, len(target), mtime, b"", target, 0))
-        for sub in d.subs:
-            entries.append(Entry(_base(sub.rel), Kind.DIR, digest=sub.digest))
-        d.digest = m.put_node(txn, d.mode, d.mtime_ns, entries)
-    return Digest(dirs[0].digest)
-
-
-def _base(rel: bytes) -> bytes:
-    return rel.rpartition(b"/")[2]
-
-
-def _cache_values(dirs: list[ScanDir], old: dict[bytes, bytes], scan_ns: int) -> dict[bytes, bytes]:
-    """What the stat cache keeps after this ingest (racy directories are left out)."""
-    out: dict[bytes, bytes] = {}
-    for d in dirs:
-        if scan_ns - d.mtime_ns < RACY_NS:
-            continue
-        dc = d.cached
-        if not d.dirty and dc is not None and dc.node == d.digest:
-            out[d.rel] = old[d.rel]  # unchanged: the stored value stays as it is
-            continue
-        files = {n: (ino, size, mt, ct, dg) for n, _m, size, mt, dg, ino, ct in d.hits}
-        files.update(d.hashed)
-        out[d.rel] = statcache.encode(
-            statcache.DirCache(
-                d.ino,
-                d.mtime_ns,
-                d.ctime_ns,
-                d.mode,
-                d.digest,
-                files,
-                {name: (ino, mt, ct) for name, ino, mt, ct in d.links},
-                {_base(s.rel): s.digest for s in d.subs},
-            )
-        )
-    return out
 
 
 def drop_cache(m: Manifests, txn: Txn, name: str) -> None:

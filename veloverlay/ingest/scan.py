@@ -1,170 +1,61 @@
-"""Walking the source tree (main process, lstat only) against the ingest stat cache."""
+"""Walking, hashing and encoding a source tree in the worker processes (ingest's parallel part).
+
+A task is a directory. The worker that takes it lists it (`scandir` + `lstat`), compares every name
+with the stat cache (the coordinator loaded it before forking, so each worker has it without a
+copy), reads and stages the files whose stat changed (`read_stable`), reads the symlinks, and
+encodes the node entries of the files and symlinks itself; then it goes on into the
+subdirectories, depth first, until it has done about `BUDGET` units of work, and hands the
+subdirectories it did not reach back as new tasks. A task's result is one record per directory:
+its entries already encoded (split where the subdirectories' entries go) and its stat-cache
+values, also encoded, or, for a directory the cache vouches for, only the digest of the node the
+last ingest built.
+
+Each worker keeps the list of what it staged: after the coordinator's first syncfs, every worker
+renames its own objects (`publish`), then the coordinator syncs again. The coordinator only
+queues tasks and, once every object is published, joins each directory's parts with its
+subdirectories' digests (children before parents) in the LMDB transaction: its cost is per
+directory, not per file. A directory the cache vouches for but whose subtree changed
+is rewritten from its stored node (cost follows the change); one whose stored node is gone is
+listed again, dirty, before anything is published.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections import deque
+from typing import Any, NamedTuple
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.ingest import statcache
-from veloverlay.ingest.source import NOT_COMMITTED, Changed, read_stable
+from veloverlay.ingest import source, statcache
+from veloverlay.ingest.source import NOT_COMMITTED
 from veloverlay.progress import Progress as ProgressCallback
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Stage, Store
-from veloverlay.store.tree import Entry, Kind
+from veloverlay.store.digest import Digest
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, dir_entry_bytes, encode_parts, entry_bytes
+from veloverlay.tiers import Rules
 from veloverlay.workers import Workers
 
-__all__ = ["ScanDir", "scan", "Progress", "IngestResult", "worker_init", "entry_mode"]
+__all__ = [
+    "DirRec",
+    "IngestResult",
+    "Progress",
+    "walk",
+    "publish",
+    "build",
+    "worker_init",
+    "worker_state",
+]
 
-
-# -- walking -------------------------------------------------------------------------------------
-
-
-class ScanDir(Record):
-    rel: bytes
-    mode: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-    cached: statcache.DirCache | None = None
-    dirty: bool = True
-    entries: list[Entry] = field(default_factory=list)  # hashed files (and the rest at rebuild)
-    hits: list[tuple[bytes, int, int, int, bytes, int, int]] = field(default_factory=list)
-    links: list[tuple[bytes, int, int, int]] = field(
-        default_factory=list
-    )  # name, ino, mtime, ctime
-    subs: list[ScanDir] = field(default_factory=list)
-    hashed: dict[bytes, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
-    digest: bytes = b""
-
-
-def _special_kind(m: int) -> str:
-    return "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
-
-
-def _new_dir(rel: bytes, st: os.stat_result, raw: bytes | None) -> ScanDir:
-    d = ScanDir(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if raw is not None:
-        dc = statcache.decode(raw)
-        d.cached = dc
-        d.dirty = dc is None or (dc.ino, dc.mtime_ns, dc.ctime_ns, dc.mode) != (
-            d.ino,
-            d.mtime_ns,
-            d.ctime_ns,
-            d.mode,
-        )
-    return d
-
-
-def scan(
-    store: Store,
-    top: bytes,
-    cache: dict[bytes, bytes],
-    res: IngestResult,
-    *,
-    stage: Stage,
-    pool: Workers | None,
-    keep_setid: bool,
-    progress: Progress | None = None,
-) -> list[ScanDir]:
-    """Walk `top`, hashing what the stat cache cannot vouch for. Returns the dirs in pre-order.
-
-    The walk is one tight loop (it is the whole cost of a re-ingest): lstat via scandir; a file
-    whose stat matches the cache is taken as is, anything else is queued for the hash workers; a
-    directory stays clean (its cached node reusable) only if its own stat and every name in it
-    match what the cache recorded.
-    """
-    root = _new_dir(b"", os.lstat(top), cache.get(b""))
-    dirs: list[ScanDir] = [root]
-    pending: list[tuple[ScanDir, bytes]] = []  # small: 200,000 files must ingest in < 300 MB
-    pending_bytes = 0
-    stack: list[tuple[bytes, ScanDir]] = [(top, root)]
-    cache_get = cache.get
-    S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
-    nfiles = nbytes = nlinks = nsetid = 0
-    while stack:
-        absdir, d = stack.pop()
-        prefix = d.rel + b"/" if d.rel else b""
-        dc = d.cached
-        cfiles = dc.files if dc is not None else {}
-        clinks = dc.links if dc is not None else {}
-        hits = d.hits
-        try:
-            it = os.scandir(absdir)
-        except PermissionError as exc:
-            raise VeloError(
-                f"cannot list {os.fsdecode(absdir)}: {exc.strerror}",
-                reason=Reason.SOURCE_UNREADABLE,
-                path=absdir,
-                hint=NOT_COMMITTED,
-            ) from None
-        with it:
-            for de in it:
-                name = de.name
-                est = de.stat(follow_symlinks=False)
-                m = est.st_mode
-                if S_ISREG(m):
-                    nfiles += 1
-                    nbytes += est.st_size
-                    if m & _SETID:
-                        nsetid += 1
-                    c = cfiles.get(name)
-                    if (
-                        c is not None
-                        and c[0] == est.st_ino
-                        and c[1] == est.st_size
-                        and c[2] == est.st_mtime_ns
-                        and c[3] == est.st_ctime_ns
-                    ):
-                        hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
-                    else:
-                        pending.append((d, name))
-                        pending_bytes += est.st_size
-                        d.dirty = True
-                elif S_ISDIR(m):
-                    rel = prefix + name
-                    sub = _new_dir(rel, est, cache_get(rel))
-                    d.subs.append(sub)
-                    dirs.append(sub)
-                    stack.append((os.fsencode(de.path), sub))
-                elif S_ISLNK(m):
-                    link = (name, est.st_ino, est.st_mtime_ns, est.st_ctime_ns)
-                    d.links.append(link)
-                    nlinks += 1
-                    if clinks.get(name) != link[1:]:
-                        d.dirty = True
-                else:
-                    res.skipped.append((paths.display(prefix + name), _special_kind(m)))
-        if (
-            dc is not None
-            and not d.dirty
-            and (
-                len(hits) != len(cfiles)
-                or len(d.links) != len(clinks)
-                or len(d.subs) != len(dc.subs)
-            )
-        ):
-            d.dirty = True
-    res.files += nfiles
-    res.bytes += nbytes
-    res.symlinks += nlinks
-    if not keep_setid:
-        res.stripped_setid += nsetid
-    res.dirs = len(dirs) - 1
-    if pending:
-        _hash_pending(store, top, pending, res, stage, pool, keep_setid, progress, pending_bytes)
-    return dirs
-
-
-_CHUNK_FILES = 256
-
-
+BUDGET = 4096  # units of work per task: one per name listed, 16 per file read
 _SETID = stat.S_ISUID | stat.S_ISGID
 
-
-Progress = ProgressCallback  # (files hashed, files to hash, bytes hashed, bytes to hash)
+Progress = ProgressCallback  # (files hashed, None while walking, bytes hashed, None)
+_Stat = tuple[int, int, int, int]  # a directory's mode (permissions), mtime_ns, ino, ctime_ns
+_Task = tuple[bytes, _Stat, bool]  # rel path, its stat, solo (this directory only, dirty)
 
 
 class IngestResult(Record):
@@ -194,130 +85,386 @@ class IngestResult(Record):
         return d
 
 
-_W: dict[str, object] = {}
+class DirRec(NamedTuple):
+    """What a worker found in one directory."""
+
+    rel: bytes
+    st: _Stat
+    subs: list[bytes]  # subdirectory names, sorted
+    nents: int  # entries other than subdirectories
+    segs: list[bytes] | None  # encoded entries, split at the subdirectories (None: clean)
+    node: bytes  # clean: the node the last ingest built for it
+    cached_subs: dict[bytes, bytes] | None  # clean: the subdirectories' digests then
+    nfiles: int  # stat-cache values (dirty only): files, encoded
+    cfiles: bytes
+    nlinks: int  # symlinks, encoded
+    clinks: bytes
 
 
-def worker_init(store_root: str, stage_name: str) -> None:
-    store = Store(store_root)
-    _W["store"] = store
-    _W["stage"] = Stage.attach(store, stage_name)
+class _Result(NamedTuple):
+    dirs: list[DirRec]
+    more: list[_Task]
+    staged: int  # objects newly staged (kept by the worker until `publish_own`)
+    failures: list[tuple[bytes, str, str]]  # rel, reason, message
+    skipped: list[tuple[str, str]]
+    counts: tuple[int, int, int, int, int, int]  # files, bytes, symlinks, hashed, hashed bytes,
+    # setid files
 
 
-_Job = tuple[int, bytes]  # (index in the pending list, absolute path)
+class _State:
+    def __init__(
+        self,
+        store: Store,
+        stage: Stage,
+        top: bytes,
+        cache: dict[bytes, bytes],
+        rules: Rules,
+        keep_setid: bool,
+    ) -> None:
+        self.store, self.stage, self.top, self.cache = store, stage, top, cache
+        self.classify = rules.classify
+        self.keep_setid = keep_setid
 
 
-_Done = tuple[int, bytes, int, int, int, int, int, bool]  # index, digest, size, mtime, ctime,
+_S: list[_State] = []
 
 
-# ino, mode, racy
-_Fail = tuple[int, str, str]
+def worker_state(
+    store: Store, stage: Stage, top: bytes, cache: dict[bytes, bytes], rules: Rules, keep: bool
+) -> tuple[Any, ...]:
+    """The worker initialiser's arguments (objects handed over by fork, never pickled)."""
+    return (store, stage.name, top, cache, rules, keep)
 
 
-def _hash_chunk(
-    jobs: list[_Job],
-) -> tuple[list[_Done], list[_Fail], dict[bytes, tuple[bytes, int]]]:
-    store = _W["store"]
-    stage = _W["stage"]
-    assert isinstance(store, Store) and isinstance(stage, Stage)
-    stage.staged = {}
-    sizes: dict[bytes, int] = {}
-    done: list[_Done] = []
-    failed: list[_Fail] = []
-    for i, absp in jobs:
+def worker_init(
+    store: Store, stage_name: str, top: bytes, cache: dict[bytes, bytes], rules: Rules, keep: bool
+) -> None:
+    _S[:] = [_State(store, Stage.attach(store, stage_name), top, cache, rules, keep)]
+
+
+class _Acc:
+    __slots__ = ("files", "nbytes", "links", "hashed", "hbytes", "setid", "failures", "skipped")
+
+    def __init__(self) -> None:
+        self.files = self.nbytes = self.links = self.hashed = self.hbytes = self.setid = 0
+        self.failures: list[tuple[bytes, str, str]] = []
+        self.skipped: list[tuple[str, str]] = []
+
+
+def _run_task(task: _Task) -> _Result:
+    s = _S[0]
+    before = len(s.stage.staged)
+    acc = _Acc()
+    rel, st, solo = task
+    stack: list[tuple[bytes, _Stat]] = [(rel, st)]
+    dirs: list[DirRec] = []
+    spent = 0
+    while stack and spent < BUDGET:
+        rel, st = stack.pop()
+        rec, subs, cost = _one_dir(s, rel, st, solo, acc)
+        spent += cost
+        if rec is not None:
+            dirs.append(rec)
+            if not solo:
+                stack.extend(subs)
+    staged = len(s.stage.staged) - before
+    counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.hbytes, acc.setid)
+    more = [(r, st, False) for r, st in stack]
+    return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
+
+
+def _special_kind(m: int) -> str:
+    return "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
+
+
+def _one_dir(
+    s: _State, rel: bytes, st: _Stat, solo: bool, acc: _Acc
+) -> tuple[DirRec | None, list[tuple[bytes, _Stat]], int]:
+    """List one directory; hash and encode what the cache cannot vouch for."""
+    absdir = s.top + b"/" + rel if rel else s.top
+    prefix = rel + b"/" if rel else b""
+    raw = s.cache.get(rel)
+    dc = statcache.decode(raw) if raw is not None else None
+    dirty = solo or dc is None or (dc.mode, dc.mtime_ns, dc.ino, dc.ctime_ns) != st
+    cfiles = dc.files if dc is not None else {}
+    clinks = dc.links if dc is not None else {}
+    hits: list[tuple[bytes, int, int, int, bytes, int, int]] = []
+    todo: list[bytes] = []
+    links: list[tuple[bytes, int, int, int]] = []
+    subs: list[tuple[bytes, _Stat]] = []
+    try:
+        it = os.scandir(absdir)
+    except PermissionError as exc:
+        msg = f"cannot list {os.fsdecode(absdir)}: {exc.strerror}"
+        acc.failures.append((rel, Reason.SOURCE_UNREADABLE.value, msg))
+        return None, [], 1
+    except (FileNotFoundError, NotADirectoryError):
+        msg = f"the directory {os.fsdecode(absdir)} was removed or replaced while it was ingested"
+        acc.failures.append((rel, Reason.SOURCE_UNSTABLE.value, msg))
+        return None, [], 1
+    S_ISDIR, S_ISREG, S_ISLNK, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
+    n = 0
+    with it:
+        for de in it:
+            n += 1
+            name = de.name
+            est = de.stat(follow_symlinks=False)
+            m = est.st_mode
+            if S_ISREG(m):
+                acc.files += 1
+                acc.nbytes += est.st_size
+                if m & _SETID:
+                    acc.setid += 1
+                c = cfiles.get(name)
+                if (
+                    c is not None
+                    and c[0] == est.st_ino
+                    and c[1] == est.st_size
+                    and c[2] == est.st_mtime_ns
+                    and c[3] == est.st_ctime_ns
+                ):
+                    hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
+                else:
+                    todo.append(name)
+                    dirty = True
+            elif S_ISDIR(m):
+                subs.append(
+                    (prefix + name, (S_IMODE(m), est.st_mtime_ns, est.st_ino, est.st_ctime_ns))
+                )
+            elif S_ISLNK(m):
+                acc.links += 1
+                links.append((name, est.st_ino, est.st_mtime_ns, est.st_ctime_ns))
+                if clinks.get(name) != (est.st_ino, est.st_mtime_ns, est.st_ctime_ns):
+                    dirty = True
+            else:
+                acc.skipped.append((paths.display(prefix + name), _special_kind(m)))
+    cut = len(prefix)
+    subnames = sorted(r[cut:] for r, _st in subs)
+    if (
+        not dirty
+        and dc is not None
+        and len(hits) == len(cfiles)
+        and len(links) == len(clinks)
+        and len(subs) == len(dc.subs)
+    ):
+        rec = DirRec(rel, st, subnames, 0, None, dc.node, dc.subs, 0, b"", 0, b"")
+        return rec, subs, n
+    # Dirty: read what changed, encode every entry (and the cache values) here.
+    classify, keep = s.classify, s.keep_setid
+    ents: list[tuple[bytes, bytes | None]] = [(n_, None) for n_ in subnames]
+    cache_files: list[bytes] = []
+    cache_links: list[bytes] = []
+    FILE, SYMLINK = Kind.FILE, Kind.SYMLINK
+    for name, m, size, mtime, digest, ino, ctime in hits:
+        perm = m & 0o7777 if keep else m & 0o7777 & ~_SETID
+        blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, mtime, digest)
+        ents.append((name, blob))
+        cache_files.append(statcache.file_bytes(name, ino, size, mtime, ctime, digest))
+    stage, store = s.stage, s.store
+    for name in todo:
+        absp = absdir + b"/" + name
         try:
-            digest, st, racy = read_stable(absp, stage, store)
-        except Changed:
-            failed.append((i, "changed", "no longer a regular file"))
+            digest, fst, racy = source.read_stable(absp, stage, store)
+        except source.Changed:
+            acc.files -= 1
+            acc.skipped.append((paths.display(prefix + name), "changed"))
             continue
         except FileNotFoundError:
-            failed.append((i, "vanished", "deleted during ingest"))
+            acc.files -= 1
+            acc.skipped.append((paths.display(prefix + name), "vanished"))
             continue
         except VeloError as exc:
-            failed.append((i, exc.reason.value, exc.message))
+            acc.failures.append((prefix + name, exc.reason.value, exc.message))
             continue
-        done.append(
-            (i, digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, racy)
-        )
-        if digest in stage.staged and digest not in sizes:
-            sizes[digest] = st.st_size
-    return done, failed, {d: (p, sizes[d]) for d, p in stage.staged.items()}
-
-
-def entry_mode(mode: int, keep_setid: bool) -> int:
-    perm = stat.S_IMODE(mode)
-    return perm if keep_setid else perm & ~_SETID
-
-
-def _hash_pending(
-    store: Store,
-    top: bytes,
-    pending: list[tuple[ScanDir, bytes]],
-    res: IngestResult,
-    stage: Stage,
-    pool: Workers | None,
-    keep_setid: bool,
-    progress: Progress | None,
-    total_bytes: int = 0,
-) -> None:
-    total = len(pending)
-
-    def rel_of(i: int) -> bytes:
-        d, name = pending[i]
-        return paths.join(d.rel, name)
-
-    def chunks() -> Iterator[list[_Job]]:  # made as workers ask for them, not all at once
-        for start in range(0, total, _CHUNK_FILES):
-            yield [
-                (i, os.path.join(top, rel_of(i)))
-                for i in range(start, min(start + _CHUNK_FILES, total))
-            ]
-
-    done_count = done_bytes = 0
-    failures: list[_Fail] = []
-
-    def consume(result: tuple[list[_Done], list[_Fail], dict[bytes, tuple[bytes, int]]]) -> None:
-        nonlocal done_count, done_bytes
-        done, failed, staged = result
-        for dg, (p, size) in staged.items():
-            if dg in stage.staged:
-                os.unlink(p)  # two workers staged the same new content
-            else:
-                stage.staged[dg] = p
-                res.new_objects += 1
-                res.new_bytes += size
-        failures.extend(failed)
-        for i, digest, size, mtime, ctime, ino, mode, racy in done:
-            d, name = pending[i]
-            # The tier is decided when the node is built (_build_nodes), as for cache hits.
-            d.entries.append(
-                Entry(name, Kind.FILE, entry_mode(mode, keep_setid), size, mtime, digest)
+        acc.hashed += 1
+        acc.hbytes += fst.st_size
+        size = fst.st_size
+        perm = fst.st_mode & 0o7777 if keep else fst.st_mode & 0o7777 & ~_SETID
+        blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, fst.st_mtime_ns, digest)
+        ents.append((name, blob))
+        if not racy:
+            cache_files.append(
+                statcache.file_bytes(
+                    name, fst.st_ino, size, fst.st_mtime_ns, fst.st_ctime_ns, digest
+                )
             )
-            if not racy:
-                d.hashed[name] = (ino, size, mtime, ctime, digest)
-            res.hashed += 1
-            done_bytes += size
-        done_count += len(done) + len(failed)
-        if progress is not None:
-            progress(done_count, total, done_bytes, max(total_bytes, done_bytes))
-
-    if pool is None or total <= _CHUNK_FILES:
-        worker_init(os.fspath(store.root), stage.name)
-        for ch in chunks():
-            consume(_hash_chunk(ch))
-    else:
-        for result in pool.map_unordered(_hash_chunk, chunks()):
-            consume(result)
-    # Files that vanished or stopped being regular during the ingest are reported, not fatal;
-    # anything else (unreadable, unstable) fails the whole ingest before anything is committed.
-    for i, reason, msg in failures:
-        rel = rel_of(i)
-        if reason in ("vanished", "changed"):
-            res.files -= 1
-            res.skipped.append((paths.display(rel), reason))
+    for name, ino, mtime, ctime in links:
+        cache_links.append(statcache.link_bytes(name, ino, mtime, ctime))
+        try:
+            target = os.readlink(absdir + b"/" + name)
+        except OSError:
+            acc.skipped.append((paths.display(prefix + name), "vanished"))
             continue
-        raise VeloError(  # the workers' messages name the file (absolute)
-            msg,
-            reason=Reason(reason),
-            path=os.path.join(top, rel),
-            hint=NOT_COMMITTED,
+        if not target or len(target) > 4095:
+            acc.skipped.append((paths.display(prefix + name), "bad-symlink"))
+            continue
+        ents.append((name, entry_bytes(name, SYMLINK, 0, 0o777, len(target), mtime, target)))
+    for name, _b in ents:
+        try:
+            paths.check_name(name)  # never write a node that decode() would refuse
+        except VeloError as exc:
+            acc.failures.append((prefix + name, exc.reason.value, exc.message))
+    ents.sort(key=lambda e: e[0])
+    segs: list[bytes] = []
+    cur: list[bytes] = []
+    for _name, piece in ents:
+        if piece is None:
+            segs.append(b"".join(cur))
+            cur = []
+        else:
+            cur.append(piece)
+    segs.append(b"".join(cur))
+    count = len(ents) - len(subnames)
+    rec = DirRec(
+        rel,
+        st,
+        subnames,
+        count,
+        segs,
+        b"",
+        None,
+        len(cache_files),
+        b"".join(cache_files),
+        len(cache_links),
+        b"".join(cache_links),
+    )
+    return rec, subs, n + 16 * len(todo)
+
+
+def walk(
+    m: Manifests,
+    top: bytes,
+    res: Any,
+    pool: Workers | None,
+    state: tuple[Any, ...],
+    progress: Progress | None = None,
+) -> tuple[dict[bytes, DirRec], int]:
+    """Walk `top` in the workers (or here, without a pool): every directory's record by path,
+    and how many objects were staged. Each worker keeps what it staged (`publish`)."""
+    st = os.lstat(top)
+    root: _Task = (
+        b"",
+        (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_ino, st.st_ctime_ns),
+        False,
+    )
+    recs: dict[bytes, DirRec] = {}
+    failures: list[tuple[bytes, str, str]] = []
+    hashed = hbytes = staged = 0
+    if pool is None:
+        worker_init(*state)
+
+    def run(queue: deque[_Task], recount: bool) -> None:
+        nonlocal hashed, hbytes, staged
+        results = (
+            pool.map_queue(_run_task, queue)
+            if pool is not None
+            else (_run_task(queue.popleft()) for _ in iter(lambda: bool(queue), False))
         )
+        for r in results:
+            staged += r.staged
+            for d in r.dirs:
+                recs[d.rel] = d
+            queue.extend(r.more)
+            failures.extend(r.failures)
+            files, nbytes, links, nhashed, nhbytes, setid = r.counts
+            res.hashed += nhashed
+            hashed += nhashed
+            hbytes += nhbytes
+            if progress is not None:
+                progress(hashed, None, hbytes, None)
+            if not recount:  # a second listing: counted the first time
+                continue
+            res.skipped.extend(r.skipped)
+            res.files += files
+            res.bytes += nbytes
+            res.symlinks += links
+            if not state[-1]:
+                res.stripped_setid += setid
+
+    run(deque([root]), True)
+    if not failures:
+        # A directory the cache vouches for whose node is gone (gc): list it again, dirty.
+        with m.read() as txn:
+            gone = [d for d in recs.values() if d.segs is None and not m.has_node(txn, d.node)]
+        run(deque((d.rel, d.st, True) for d in gone), False)
+    # Files that vanished or stopped being regular are reported (skipped), not fatal; anything
+    # else (unreadable, unstable) fails the whole ingest before anything is committed.
+    if failures:
+        rel, reason, msg = min(failures)
+        where = os.path.join(top, rel) if rel else top
+        raise VeloError(msg, reason=Reason(reason), path=where, hint=NOT_COMMITTED)
+    res.dirs = len(recs) - 1
+    if progress is not None:
+        progress(hashed, hashed, hbytes, hbytes)
+    return recs, staged
+
+
+def publish(stage: Stage, pool: Workers | None, res: Any, staged: int) -> None:
+    """The durability order: syncfs, every worker renames what it staged, syncfs."""
+    if not staged:
+        return
+
+    def others() -> int:
+        outs = pool.each(_publish_own, None) if pool is not None else [_publish_own(None)]
+        res.new_objects = sum(n for n, _b in outs)
+        res.new_bytes = sum(b for _n, b in outs)
+        return int(res.new_objects)
+
+    stage.publish(others=others)
+
+
+def _publish_own(_: None) -> tuple[int, int]:
+    return _S[0].stage.rename_own()
+
+
+def build(
+    m: Manifests,
+    txn: Txn,
+    recs: dict[bytes, DirRec],
+    cache: dict[bytes, bytes],
+    racy_since: int,
+) -> tuple[Digest, dict[bytes, bytes]]:
+    """Store the nodes, children before parents; returns the root digest and the stat-cache
+    values to keep (directories modified after `racy_since` are left out)."""
+    digests: dict[bytes, bytes] = {}
+    out: dict[bytes, bytes] = {}
+    for rel in sorted(recs, reverse=True):  # a parent's path is a prefix: it sorts before
+        d = recs[rel]
+        prefix = rel + b"/" if rel else b""
+        try:
+            subs = [(n, digests[prefix + n]) for n in d.subs]
+        except KeyError:
+            raise VeloError(
+                f"{os.fsdecode(rel) or '.'} changed while it was ingested",
+                reason=Reason.SOURCE_UNSTABLE,
+                hint="retry the ingest",
+            ) from None
+        mode, mtime, ino, ctime = d.st
+        value: bytes | None = None
+        if d.segs is None:
+            old = d.cached_subs or {}
+            if all(old.get(n) == dg for n, dg in subs):
+                digest = d.node
+                value = cache.get(rel)
+            else:  # only a subdirectory changed: rewrite the stored node (files are as cached)
+                node = m.get_node(txn, d.node)
+                keep = [e for e in node.entries if e.kind is not Kind.DIR]
+                keep += [Entry(n, Kind.DIR, digest=dg) for n, dg in subs]
+                digest = m.put_node(txn, mode, mtime, keep)
+                dc = statcache.decode(cache[rel])
+                assert dc is not None  # the worker decoded it to call the directory clean
+                dc.node, dc.subs = digest, dict(subs)
+                value = statcache.encode(dc)
+        else:
+            parts: list[bytes] = []
+            for seg, (n, dg) in zip(d.segs, subs, strict=False):
+                parts += (seg, dir_entry_bytes(n, dg))
+            parts.append(d.segs[-1])
+            digest, data = encode_parts(mode, mtime, d.nents + len(subs), parts)
+            m.put_raw_node(txn, digest, data)
+            head = (ino, mtime, ctime, mode, digest)
+            value = statcache.encode_parts(head, d.nfiles, d.cfiles, d.nlinks, d.clinks, subs)
+        digests[rel] = digest
+        if mtime <= racy_since and value is not None:
+            out[rel] = value
+    return Digest(digests[b""]), out

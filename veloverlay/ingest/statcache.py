@@ -19,7 +19,17 @@ import struct
 from veloverlay.records import Record, field
 from veloverlay.store.manifest import Manifests, Txn
 
-__all__ = ["DirCache", "encode", "decode", "load", "write", "drop"]
+__all__ = [
+    "DirCache",
+    "encode",
+    "encode_parts",
+    "file_bytes",
+    "link_bytes",
+    "decode",
+    "load",
+    "write",
+    "drop",
+]
 
 _HEAD = struct.Struct("<QqqI32sIII")
 _FILE = struct.Struct("<QQqq32s")
@@ -38,26 +48,39 @@ class DirCache(Record):
     subs: dict[bytes, bytes] = field(default_factory=dict)
 
 
-def encode(dc: DirCache) -> bytes:
-    parts = [
-        _HEAD.pack(
-            dc.ino,
-            dc.mtime_ns,
-            dc.ctime_ns,
-            dc.mode,
-            dc.node,
-            len(dc.files),
-            len(dc.links),
-            len(dc.subs),
-        )
-    ]
-    for name, f in dc.files.items():
-        parts += [_NAME.pack(len(name)), name, _FILE.pack(*f)]
-    for name, ln in dc.links.items():
-        parts += [_NAME.pack(len(name)), name, _LINK.pack(*ln)]
-    for name, digest in dc.subs.items():
+def file_bytes(
+    name: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: bytes
+) -> bytes:
+    return b"".join(
+        (_NAME.pack(len(name)), name, _FILE.pack(ino, size, mtime_ns, ctime_ns, digest))
+    )
+
+
+def link_bytes(name: bytes, ino: int, mtime_ns: int, ctime_ns: int) -> bytes:
+    return b"".join((_NAME.pack(len(name)), name, _LINK.pack(ino, mtime_ns, ctime_ns)))
+
+
+def encode_parts(
+    head: tuple[int, int, int, int, bytes],
+    nfiles: int,
+    files: bytes,
+    nlinks: int,
+    links: bytes,
+    subs: list[tuple[bytes, bytes]],
+) -> bytes:
+    """A value from pre-encoded parts: head = (ino, mtime_ns, ctime_ns, mode, node); `files` and
+    `links` are concatenations of `file_bytes` and `link_bytes`; subs are (name, node digest)."""
+    parts = [_HEAD.pack(*head, nfiles, nlinks, len(subs)), files, links]
+    for name, digest in subs:
         parts += [_NAME.pack(len(name)), name, digest]
     return b"".join(parts)
+
+
+def encode(dc: DirCache) -> bytes:
+    files = b"".join(file_bytes(n, *f) for n, f in dc.files.items())
+    links = b"".join(link_bytes(n, *ln) for n, ln in dc.links.items())
+    head = (dc.ino, dc.mtime_ns, dc.ctime_ns, dc.mode, dc.node)
+    return encode_parts(head, len(dc.files), files, len(dc.links), links, list(dc.subs.items()))
 
 
 def decode(raw: bytes) -> DirCache | None:

@@ -226,7 +226,12 @@ class Store:
         else:
             d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
         if d not in self._known_shards:
-            os.makedirs(d, exist_ok=True)
+            try:
+                os.mkdir(d)  # one call when its parent exists (the usual case)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                os.makedirs(d, exist_ok=True)
             self._known_shards.add(d)
         return d
 
@@ -369,6 +374,7 @@ class Stage:
         self._lock_fd = -1
         self._seq = 0
         self.staged: dict[bytes, bytes] = {}  # digest -> staged file path
+        self.sizes: dict[bytes, int] = {}  # digest -> bytes, of what this process staged
 
     def __enter__(self) -> Stage:
         self.open()
@@ -423,6 +429,7 @@ class Stage:
             os.close(fd)
         faults.point("stage.written")
         self.staged[digest] = path
+        self.sizes[digest] = len(data)
         return digest
 
     def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
@@ -455,6 +462,7 @@ class Stage:
             return digest, size, False
         faults.point("stage.written")
         self.staged[digest] = path
+        self.sizes[digest] = size
         return digest, size, True
 
     def adopt(self, staged: dict[bytes, bytes]) -> None:
@@ -465,19 +473,23 @@ class Stage:
             else:
                 self.staged[digest] = path
 
-    def publish(self, mapper: Mapper | None = None) -> int:
+    def publish(self, mapper: Mapper | None = None, others: Callable[[], int] | None = None) -> int:
         """syncfs; rename staged objects into their names; syncfs. Returns objects published.
 
         `mapper` (e.g. a process pool's `map`) spreads the renames over workers: creating the
         shard directories and renaming is most of the cost of storing many small objects.
+        `others` renames what other processes staged into this stage and kept themselves (each
+        worker its own, with `rename_own`), between the two syncfs; it returns their count.
         """
-        if not self.staged:
+        if not self.staged and others is None:
             return 0
         syncfs_path(self.dir)
         faults.point("publish.synced")
         items = list(self.staged.items())
         root = os.fspath(self.store.root)
         seal = self.store.verity()[0]
+        from veloverlay.store.publish import _publish_chunk
+
         if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
             published = _publish_chunk((root, items, seal))
         else:
@@ -486,66 +498,42 @@ class Stage:
                 for i in range(0, len(items), _PUBLISH_CHUNK)
             ]
             published = sum(mapper(_publish_chunk, chunks))
+        if others is not None:
+            published += others()
         syncfs_path(self.store.objects)
         faults.point("publish.done")
         self.staged.clear()
         return published
 
+    def rename_own(self) -> tuple[int, int]:
+        """In the process that staged them: rename this view's objects into their names (sealed
+        with fs-verity first where the store uses it), once the stage's owner has synced the
+        stage (`publish(others=...)` calls this in each worker). Returns (objects published,
+        their bytes); an object that exists already is kept."""
+        from veloverlay.store.publish import _rename_noreplace
+
+        store = self.store
+        seal = store.verity()[0]
+        objfd = os.open(store.objects_b, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        count = nbytes = 0
+        try:
+            for digest, path in self.staged.items():
+                if _rename_noreplace(store, objfd, path, digest, seal):
+                    faults.point("publish.renamed")
+                    count += 1
+                    nbytes += self.sizes.get(digest, 0)
+                else:
+                    os.unlink(path)
+        finally:
+            os.close(objfd)
+        self.staged.clear()
+        self.sizes.clear()
+        return count, nbytes
+
 
 _Chunk = tuple[str, list[tuple[bytes, bytes]], bool]  # (store root, [(digest, staged)], seal)
 Mapper = Callable[[Callable[[_Chunk], int], list[_Chunk]], Iterable[int]]
 _PUBLISH_CHUNK = 512
-_stores: dict[str, Store] = {}
-
-
-def _publish_chunk(job: _Chunk) -> int:
-    """Rename staged files to their object names (in any process; shard dirs cached per store),
-    each sealed with fs-verity first when `seal`."""
-    root, items, seal = job
-    store = _stores.get(root)
-    if store is None:
-        store = _stores[root] = Store(root)
-    elif store.fanout == 2 and os.path.isdir(os.path.join(root, OBJECTS_V2)):
-        store.choose_layout()  # gc migrated the store since this process cached it
-    published = 0
-    for digest, path in items:
-        hexname = digest.hex().encode()
-        try:
-            dst = b"%s/%s" % (store.shard_dir(hexname), hexname)
-        except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
-            raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
-        try:
-            # An identical object may exist already (another writer): keep the older inode,
-            # it may carry +i and short-name links.
-            if os.path.lexists(dst):
-                os.unlink(path)
-                continue
-            if seal:
-                _seal(path)
-            try:
-                os.rename(path, dst)
-            except FileNotFoundError:
-                if not os.path.exists(path):
-                    raise
-                # gc removed the (then empty) shard since this process cached it: make it again
-                store._known_shards.discard(dst.rsplit(b"/", 1)[0])
-                os.rename(path, b"%s/%s" % (store.shard_dir(hexname), hexname))
-            faults.point("publish.renamed")
-            published += 1
-        except SysError:  # from _seal: it names its own call
-            raise
-        except OSError as exc:
-            raise _store_error(exc, "rename", path, dst) from exc
-    return published
-
-
-def _seal(path: bytes) -> None:
-    """fs-verity on a staged object; a full store is STORE_FULL, like any write."""
-    try:
-        verity.seal(path)
-    except OSError as exc:
-        call = exc.syscall if isinstance(exc, SysError) else "open"
-        raise _store_error(exc, call, path) from exc
 
 
 def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:

@@ -28,6 +28,9 @@ __all__ = [
     "Entry",
     "Node",
     "encode",
+    "encode_parts",
+    "entry_bytes",
+    "dir_entry_bytes",
     "decode",
     "Op",
     "OpKind",
@@ -94,24 +97,45 @@ def _bad(msg: str) -> VeloError:
     return VeloError(f"malformed directory node: {msg}", reason=Reason.MANIFEST_CORRUPT)
 
 
+def entry_bytes(
+    name: bytes, kind: int, tier: int, mode: int, size: int, mtime_ns: int, payload: bytes
+) -> bytes:
+    """One entry's encoding (the caller has checked the name)."""
+    return b"".join(
+        (
+            len(name).to_bytes(2, "little"),
+            name,
+            _ENT.pack(kind, tier, mode & 0o7777, size, mtime_ns, len(payload)),
+            payload,
+        )
+    )
+
+
+def dir_entry_bytes(name: bytes, digest: bytes) -> bytes:
+    return entry_bytes(name, Kind.DIR, 0, 0, 0, 0, digest)
+
+
+def encode_parts(
+    mode: int, mtime_ns: int, count: int, parts: Iterable[bytes]
+) -> tuple[Digest, bytes]:
+    """A node from `count` entries already encoded (`entry_bytes`), given in name order."""
+    data = b"".join((_HEAD.pack(_MAGIC, mode & 0o7777, mtime_ns, count), *parts))
+    return node_digest(data), data
+
+
 def encode(mode: int, mtime_ns: int, entries: Iterable[Entry]) -> tuple[Digest, bytes]:
     """Encode a node (entries in any order) and return (digest, encoding)."""
     ordered = sorted(entries, key=lambda e: e.name)
-    parts = [_HEAD.pack(_MAGIC, mode & 0o7777, mtime_ns, len(ordered))]
+    parts = []
     prev: bytes | None = None
-    pack = _ENT.pack
     for e in ordered:
         if e.name == prev:
             raise _bad(f"duplicate name {e.name!r}")
         check_name(e.name)  # never write a node that decode() would refuse (BAD_NAME)
         prev = e.name
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
-        parts.append(len(e.name).to_bytes(2, "little"))
-        parts.append(e.name)
-        parts.append(pack(e.kind, e.tier, e.mode & 0o7777, e.size, e.mtime_ns, len(payload)))
-        parts.append(payload)
-    data = b"".join(parts)
-    return node_digest(data), data
+        parts.append(entry_bytes(e.name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload))
+    return encode_parts(mode, mtime_ns, len(ordered), parts)
 
 
 def decode(data: bytes) -> Node:

@@ -1,0 +1,174 @@
+"""The parallel walk (ingest/scan.py): subtrees split between workers, nodes encoded in them, a
+clean directory whose node is gone, the worker pool's task queue, and publishing objects with
+renameat2(RENAME_NOREPLACE) and without it. Every result is compared with the source tree itself
+(a checkout of the ref against the directory), never with the product's own output."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from typing import Any
+
+import pytest
+
+from tests.helpers.trees import assert_same_tree
+from veloverlay import _libc
+from veloverlay.errors import VeloError
+from veloverlay.ingest import scan
+from veloverlay.ingest.pipeline import ingest
+from veloverlay.store.digest import hash_bytes
+from veloverlay.store.tree import Entry, Kind, decode, encode
+from veloverlay.verbs.repo import Repo
+from veloverlay.workers import Workers
+
+OLD_NS = 1_500_000_000_123_456_789
+
+
+def _age(root: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+    os.utime(root, ns=(OLD_NS, OLD_NS))
+
+
+def _wide_tree(root: str, dirs: int, per_dir: int) -> None:
+    """More names than one task's budget: the walk hands subtrees back as new tasks."""
+    for d in range(dirs):
+        sub = os.path.join(root, f"d{d:03d}", "inner" if d % 3 == 0 else "")
+        os.makedirs(sub, exist_ok=True)
+        for f in range(per_dir):
+            with open(os.path.join(sub, f"f{f:03d}"), "wb") as fh:
+                fh.write(b"%d/%d" % (d, f))
+        if d % 5 == 0:
+            os.symlink(f"../d{d:03d}", os.path.join(root, f"d{d:03d}", "up"))
+    _age(root)
+
+
+def _checkout_equals(repo: Repo, ref: str, src: str, dest: str) -> None:
+    repo.checkout(ref, dest)
+    assert_same_tree(src, dest)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_tree_larger_than_a_task_round_trips_and_reingests(
+    repo: Repo, shm_tmp: str, jobs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scan, "BUDGET", 64)  # many tasks, many handed-back subtrees
+    src = os.path.join(shm_tmp, "wide")
+    _wide_tree(src, 60, 12)
+    first = ingest(repo.store, repo.m, src, "w", jobs=jobs)
+    assert (first.files, first.symlinks, first.dirs) == (720, 12, 80)
+    _checkout_equals(repo, "w", src, os.path.join(shm_tmp, "out1"))
+    # A deep change in place leaves every directory's own stat as it was: the clean ancestors
+    # are rewritten from their stored nodes, nothing else is read.
+    deep = os.path.join(src, "d003", "inner", "f005")
+    with open(deep, "r+b") as fh:
+        fh.write(b"CHANGED")
+    os.utime(deep, ns=(OLD_NS + 7, OLD_NS + 7))
+    second = ingest(repo.store, repo.m, src, "w", jobs=jobs)
+    assert second.hashed == 1 and second.root != first.root
+    _checkout_equals(repo, "w", src, os.path.join(shm_tmp, "out2"))
+    third = ingest(repo.store, repo.m, src, "w", jobs=jobs)
+    assert third.hashed == 0 and third.unchanged and third.root == second.root
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_clean_directory_whose_node_is_gone_is_listed_again(
+    repo: Repo, shm_tmp: str, jobs: int
+) -> None:
+    src = os.path.join(shm_tmp, "src")
+    _wide_tree(src, 4, 3)
+    first = ingest(repo.store, repo.m, src, "r", jobs=jobs)
+    with repo.m.read() as txn:
+        sub = repo.m.lookup(txn, bytes.fromhex(first.root), b"d001")
+    assert sub is not None
+    with repo.m.write() as txn:  # as a gc of an old version would
+        repo.m.delete_node(txn, sub.digest)
+    again = ingest(repo.store, repo.m, src, "r", jobs=jobs)
+    assert again.root == first.root and again.hashed == 0
+    assert (again.files, again.symlinks, again.dirs) == (first.files, first.symlinks, first.dirs)
+    with repo.m.read() as txn:
+        assert repo.m.has_node(txn, sub.digest)
+    _checkout_equals(repo, "r", src, os.path.join(shm_tmp, "out"))
+
+
+def test_nodes_from_encoded_parts_equal_the_reference_encoding() -> None:
+    entries = [
+        Entry(b"b", Kind.FILE, 0o644, 3, 5, hash_bytes(b"b"), b"", 2),
+        Entry(b"a", Kind.SYMLINK, 0o777, 2, 6, b"", b"..", 0),
+        Entry(b"c", Kind.DIR, digest=hash_bytes(b"c")),
+    ]
+    ref_digest, ref_data = encode(0o755, 9, entries)
+    from veloverlay.store.tree import dir_entry_bytes, encode_parts, entry_bytes
+
+    parts = [
+        entry_bytes(b"a", Kind.SYMLINK, 0, 0o777, 2, 6, b".."),
+        entry_bytes(b"b", Kind.FILE, 2, 0o644, 3, 5, hash_bytes(b"b")),
+        dir_entry_bytes(b"c", hash_bytes(b"c")),
+    ]
+    assert encode_parts(0o755, 9, 3, parts) == (ref_digest, ref_data)
+    assert decode(ref_data).entries == tuple(sorted(entries, key=lambda e: e.name))
+
+
+def _spawn(n: int) -> list[int]:
+    """A task that discovers more tasks: n -> its children below 40."""
+    return [c for c in (2 * n + 1, 2 * n + 2) if c < 40]
+
+
+def _die(n: int) -> int:
+    os._exit(3)
+
+
+def test_the_task_queue_runs_tasks_added_while_it_runs() -> None:
+    with Workers(2) as w:
+        queue: deque[int] = deque([0])
+        seen = []
+        for children in w.map_queue(_spawn, queue):
+            queue.extend(children)
+            seen.append(children)
+    done = {c for ch in seen for c in ch} | {0}
+    assert done == set(range(40)) and len(seen) == 40
+    with Workers(2) as w, pytest.raises(VeloError, match="died"):
+        list(w.map_queue(_die, deque([1, 2, 3])))
+
+
+def test_publish_keeps_an_existing_object_and_drops_the_staged_copy(repo: Repo) -> None:
+    store = repo.store
+    with store.stage() as stage:
+        digest = stage.add_bytes(b"same bytes")
+        staged = stage.staged[digest]
+        dst = store.object_path(digest)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as fh:  # another writer got there first
+            fh.write(b"same bytes")
+        os.chmod(dst, 0o444)
+        ino = os.stat(dst).st_ino
+        assert stage.publish() == 0
+        assert os.stat(dst).st_ino == ino and not os.path.exists(staged)
+
+
+def test_publish_without_rename_noreplace(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses RENAME_NOREPLACE (EINVAL) still gets every object, once."""
+
+    def refuse(*_a: Any) -> None:
+        raise OSError(errno.EINVAL, "not supported")
+
+    monkeypatch.setattr(_libc, "renameat2", refuse)
+    src = os.path.join(shm_tmp, "src")
+    _wide_tree(src, 5, 4)
+    res = ingest(repo.store, repo.m, src, "r", jobs=1)
+    assert res.new_objects == 20
+    assert len(list(repo.store.iter_objects())) == 20
+    _checkout_equals(repo, "r", src, os.path.join(shm_tmp, "out"))
+    with repo.store.stage() as stage:  # and an existing object stays the one it was
+        digest = stage.add_bytes(b"0/0-other")
+        assert stage.publish() == 1
+        ino = os.stat(repo.store.object_path(digest)).st_ino
+        stage.staged[digest] = stage._tmpname()
+        with open(stage.staged[digest], "wb") as fh:
+            fh.write(b"0/0-other")
+        assert stage.publish() == 0
+        assert os.stat(repo.store.object_path(digest)).st_ino == ino
