@@ -60,6 +60,23 @@ def _read_frame(fd: int) -> tuple[bool, object]:
     return True, pickle.loads(body)
 
 
+# Where `report` sends: the result pipe in a worker process; elsewhere (a pool-less run in the
+# calling process) the callback given to `local_reports`.
+_REPORT: list[Callable[[Any], None]] = []
+
+
+def report(value: object) -> None:
+    """From inside a task: send `value` to the pool user's `on_report` now (e.g. progress of a
+    long task), without ending the task."""
+    if _REPORT:
+        _REPORT[0](value)
+
+
+def local_reports(fn: Callable[[Any], None] | None) -> None:
+    """Route `report` to `fn` in this process (None: drop reports)."""
+    _REPORT[:] = [fn] if fn is not None else []
+
+
 def default_jobs() -> int:
     """Worker processes to use: VELO_JOBS, else one per CPU."""
     return int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
@@ -98,6 +115,7 @@ class Workers:
 
     @staticmethod
     def _serve(task_r: int, res_w: int) -> None:
+        _REPORT[:] = [lambda value: _write_frame(res_w, (None, value))]
         while True:
             ok, msg = _read_frame(task_r)
             if not ok:
@@ -154,16 +172,24 @@ class Workers:
                 ok, msg = _read_frame(fd)
                 if not ok:
                     raise self._died(proc[0])
-                success, value = cast(tuple[bool, Any], msg)
+                success, value = cast(tuple[bool | None, Any], msg)
+                if success is None:  # a report: no one asked for them here
+                    busy[fd] = proc
+                    continue
                 if not success:
                     raise cast(BaseException, value)
                 idle.append(proc)
                 yield cast(R, value)
 
-    def map_queue(self, fn: Callable[[T], R], queue: deque[T]) -> Iterator[R]:
+    def map_queue(
+        self,
+        fn: Callable[[T], R],
+        queue: deque[T],
+        on_report: Callable[[Any], None] | None = None,
+    ) -> Iterator[R]:
         """fn over the items of `queue`, results in completion order. The consumer may add items
         to `queue` between results (tasks that discover more tasks); it ends when the queue is
-        empty and no task is running."""
+        empty and no task is running. What a task sends with `report` goes to `on_report`."""
         idle = list(self._procs)
         busy: dict[int, tuple[int, int, int]] = {}
         while True:
@@ -182,7 +208,12 @@ class Workers:
                 ok, msg = _read_frame(fd)
                 if not ok:
                     raise self._died(proc[0])
-                success, value = cast(tuple[bool, Any], msg)
+                success, value = cast(tuple[bool | None, Any], msg)
+                if success is None:  # a report from a task still running
+                    busy[fd] = proc
+                    if on_report is not None:
+                        on_report(value)
+                    continue
                 if not success:
                     raise cast(BaseException, value)
                 idle.append(proc)
@@ -198,10 +229,12 @@ class Workers:
         out: list[R] = []
         error: BaseException | None = None
         for pid, _tw, rr in self._procs:
-            ok, msg = _read_frame(rr)
-            if not ok:
-                raise self._died(pid)
-            success, value = cast(tuple[bool, Any], msg)
+            success: bool | None = None
+            while success is None:  # reports, if any, are dropped
+                ok, msg = _read_frame(rr)
+                if not ok:
+                    raise self._died(pid)
+                success, value = cast(tuple[bool | None, Any], msg)
             if not success:
                 error = error or cast(BaseException, value)
             else:

@@ -120,6 +120,44 @@ def _die(n: int) -> int:
     os._exit(3)
 
 
+def _chatty(n: int) -> int:
+    from veloverlay import workers
+
+    for i in range(n):
+        workers.report(i)
+    return n
+
+
+def test_reports_reach_the_pool_user_while_the_task_runs() -> None:
+    got: list[int] = []
+    with Workers(2) as w:
+        assert list(w.map_queue(_chatty, deque([3]), got.append)) == [3]
+        assert sorted(w.each(_chatty, 2)) == [2, 2]  # reports dropped where no one listens
+        assert list(w.map_unordered(_chatty, [1])) == [1]
+    assert got == [0, 1, 2]
+
+
+def test_ingest_progress_counts_every_file_read(repo: Repo, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "src")
+    _wide_tree(src, 3, 100)
+    calls: list[tuple[int, int | None, int, int | None]] = []
+
+    def progress(
+        done: int, total: int | None = None, nbytes: int = 0, tbytes: int | None = None
+    ) -> None:
+        calls.append((done, total, nbytes, tbytes))
+
+    ingest(repo.store, repo.m, src, "r", jobs=2, progress=progress)
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[-1] == 300 and len(calls) > 2
+    assert calls[-1][2] == sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _s, fs in os.walk(src)
+        for f in fs
+        if not os.path.islink(os.path.join(d, f))
+    )
+
+
 def test_the_task_queue_runs_tasks_added_while_it_runs() -> None:
     with Workers(2) as w:
         queue: deque[int] = deque([0])

@@ -26,7 +26,7 @@ import stat
 from collections import deque
 from typing import Any, NamedTuple
 
-from veloverlay import paths
+from veloverlay import paths, workers
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import source, statcache
 from veloverlay.ingest.source import NOT_COMMITTED
@@ -51,9 +51,13 @@ __all__ = [
 ]
 
 BUDGET = 4096  # units of work per task: one per name listed, 16 per file read
+_REPORT_FILES = 64  # a worker reports its progress after reading this many files, or bytes
+_REPORT_BYTES = 16 << 20
 _SETID = stat.S_ISUID | stat.S_ISGID
 
-Progress = ProgressCallback  # (files hashed, None while walking, bytes hashed, None)
+# (files hashed, None, bytes hashed, None): the totals are never known before the end, as the
+# walk and the reads run together (and a total that changes restarts a bar's rate).
+Progress = ProgressCallback
 _Stat = tuple[int, int, int, int]  # a directory's mode (permissions), mtime_ns, ino, ctime_ns
 _Task = tuple[bytes, _Stat, bool]  # rel path, its stat, solo (this directory only, dirty)
 
@@ -107,8 +111,8 @@ class _Result(NamedTuple):
     staged: int  # objects newly staged (kept by the worker until `publish_own`)
     failures: list[tuple[bytes, str, str]]  # rel, reason, message
     skipped: list[tuple[str, str]]
-    counts: tuple[int, int, int, int, int, int]  # files, bytes, symlinks, hashed, hashed bytes,
-    # setid files
+    # files, bytes, symlinks, hashed, hashed files and bytes not reported yet, setid files
+    counts: tuple[int, int, int, int, int, int, int]
 
 
 class _State:
@@ -143,10 +147,22 @@ def worker_init(
 
 
 class _Acc:
-    __slots__ = ("files", "nbytes", "links", "hashed", "hbytes", "setid", "failures", "skipped")
+    __slots__ = (
+        "files",
+        "nbytes",
+        "links",
+        "hashed",
+        "hbytes",
+        "setid",
+        "failures",
+        "skipped",
+        "unrep",
+        "unrep_bytes",
+    )
 
     def __init__(self) -> None:
         self.files = self.nbytes = self.links = self.hashed = self.hbytes = self.setid = 0
+        self.unrep = self.unrep_bytes = 0  # hashed since the last progress report
         self.failures: list[tuple[bytes, str, str]] = []
         self.skipped: list[tuple[str, str]] = []
 
@@ -168,7 +184,7 @@ def _run_task(task: _Task) -> _Result:
             if not solo:
                 stack.extend(subs)
     staged = len(s.stage.staged) - before
-    counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.hbytes, acc.setid)
+    counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.unrep, acc.unrep_bytes, acc.setid)
     more = [(r, st, False) for r, st in stack]
     return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
 
@@ -278,6 +294,11 @@ def _one_dir(
             continue
         acc.hashed += 1
         acc.hbytes += fst.st_size
+        acc.unrep += 1
+        acc.unrep_bytes += fst.st_size
+        if acc.unrep >= _REPORT_FILES or acc.unrep_bytes >= _REPORT_BYTES:
+            workers.report((acc.unrep, acc.unrep_bytes))
+            acc.unrep = acc.unrep_bytes = 0
         size = fst.st_size
         perm = fst.st_mode & 0o7777 if keep else fst.st_mode & 0o7777 & ~_SETID
         blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, fst.st_mtime_ns, digest)
@@ -353,10 +374,17 @@ def walk(
     if pool is None:
         worker_init(*state)
 
+    def on_report(value: tuple[int, int]) -> None:
+        nonlocal hashed, hbytes
+        hashed += value[0]
+        hbytes += value[1]
+        if progress is not None:
+            progress(hashed, None, hbytes, None)
+
     def run(queue: deque[_Task], recount: bool) -> None:
         nonlocal hashed, hbytes, staged
         results = (
-            pool.map_queue(_run_task, queue)
+            pool.map_queue(_run_task, queue, on_report)
             if pool is not None
             else (_run_task(queue.popleft()) for _ in iter(lambda: bool(queue), False))
         )
@@ -366,12 +394,9 @@ def walk(
                 recs[d.rel] = d
             queue.extend(r.more)
             failures.extend(r.failures)
-            files, nbytes, links, nhashed, nhbytes, setid = r.counts
+            files, nbytes, links, nhashed, unrep, unrep_bytes, setid = r.counts
             res.hashed += nhashed
-            hashed += nhashed
-            hbytes += nhbytes
-            if progress is not None:
-                progress(hashed, None, hbytes, None)
+            on_report((unrep, unrep_bytes))
             if not recount:  # a second listing: counted the first time
                 continue
             res.skipped.extend(r.skipped)
@@ -381,12 +406,16 @@ def walk(
             if not state[-1]:
                 res.stripped_setid += setid
 
-    run(deque([root]), True)
-    if not failures:
-        # A directory the cache vouches for whose node is gone (gc): list it again, dirty.
-        with m.read() as txn:
-            gone = [d for d in recs.values() if d.segs is None and not m.has_node(txn, d.node)]
-        run(deque((d.rel, d.st, True) for d in gone), False)
+    workers.local_reports(on_report if pool is None else None)
+    try:
+        run(deque([root]), True)
+        if not failures:
+            # A directory the cache vouches for whose node is gone (gc): list it again, dirty.
+            with m.read() as txn:
+                gone = [d for d in recs.values() if d.segs is None and not m.has_node(txn, d.node)]
+            run(deque((d.rel, d.st, True) for d in gone), False)
+    finally:
+        workers.local_reports(None)
     # Files that vanished or stopped being regular are reported (skipped), not fatal; anything
     # else (unreadable, unstable) fails the whole ingest before anything is committed.
     if failures:
@@ -394,8 +423,6 @@ def walk(
         where = os.path.join(top, rel) if rel else top
         raise VeloError(msg, reason=Reason(reason), path=where, hint=NOT_COMMITTED)
     res.dirs = len(recs) - 1
-    if progress is not None:
-        progress(hashed, hashed, hbytes, hbytes)
     return recs, staged
 
 
