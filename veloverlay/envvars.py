@@ -18,6 +18,8 @@ VARS: dict[str, str] = {
     "VELO_JOBS": "worker processes for ingest, fsck and per-boot layer builds (default: CPU count)",
     "VELO_SHIM_LIBRARY": "the shim library to preload (default: the one this package built)",
     "VELO_SHIM_CONFIG": "set by shim sessions for their processes: the session's shim export",
+    "VELO_SESSION": "set by sessions for their processes: the session id (veloverlay commands "
+    "inside a session read the store and say why they cannot write it)",
     "NO_COLOR": "disable colour in output",
     "REGISTRY_AUTH_FILE": "push/pull: the registry credentials file read first (podman's "
     "auth.json format; then $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/"

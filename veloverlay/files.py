@@ -1,7 +1,7 @@
 """Small filesystem helpers every layer uses: remove a tree whatever its modes, write JSON
 atomically, hold an exclusive flock.
 
-A leaf: imports only the standard library.
+A leaf: imports only the standard library and `errors`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+
+from veloverlay.errors import Reason, VeloError
 
 __all__ = ["DIRFLAGS", "NEWFILE", "force_rmtree", "write_json_atomic", "flock"]
 
@@ -46,54 +49,64 @@ def _rmdir_shallow(p: str) -> bool:
 
 
 def force_rmtree(path: str | os.PathLike[str]) -> None:
-    """Remove a tree we own whatever its modes (0555/000 dirs, overlay's work/work)."""
+    """Remove a tree we own whatever its modes (0555/000 dirs, overlay's work/work) and whatever
+    its depth: an explicit stack of names under one open directory fd, never recursion (shutil
+    recurses once per level: a tree deeper than Python's recursion limit could never go) and
+    never a long path (deeper than PATH_MAX is ENAMETOOLONG). Symbolic links are removed,
+    never followed."""
     p = os.fspath(path)
     if not os.path.lexists(p):
         return
     if _rmdir_shallow(p):
         return
-    import shutil  # here: a session's usual upper and work dirs go without it (start-up time)
-
-    retried: set[str] = set()
-
-    def onerror(_fn: object, failed: str, exc: object) -> None:
-        # Open the path (and its parent) up and try once more; the same failure again is final.
-        # Without that limit an unremovable entry (+i) recursed without end on Python >= 3.13,
-        # whose rmtree reports this handler's own failure as a failure of the parent directory.
-        if failed in retried:
-            err = exc[1] if isinstance(exc, tuple) else exc
-            if isinstance(err, BaseException):
-                raise err
-            raise OSError(errno.EPERM, "cannot remove", failed)
-        retried.add(failed)
-        for target in (os.path.dirname(failed), failed):
-            with contextlib.suppress(OSError):
-                if not os.path.islink(target):
-                    os.chmod(target, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                shutil.rmtree(failed, onerror=onerror)
-            else:
-                os.unlink(failed)
-
-    if os.path.isdir(p) and not os.path.islink(p):
-        with contextlib.suppress(OSError):
-            os.chmod(p, 0o700)
-        for root, dirs, _files in os.walk(p):
-            for d in dirs:
-                full = os.path.join(root, d)
-                with contextlib.suppress(OSError):
-                    if not os.path.islink(full):
-                        os.chmod(full, 0o700)
-        shutil.rmtree(p, onerror=onerror)
-    else:
+    if not stat.S_ISDIR(os.lstat(p).st_mode):
         os.unlink(p)
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(p, 0o700)
+    fd = os.open(p, DIRFLAGS)
+    try:
+        names: list[str] = []  # the directory fd is at p/names...
+        pending = [_empty_files(fd)]  # per level: subdirectories still to remove
+        while True:
+            if pending[-1]:
+                sub = pending[-1].pop()
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, 0o700, dir_fd=fd)  # a directory (scandir said), not a link
+                child = os.open(sub, DIRFLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(sub)
+                pending.append(_empty_files(fd))
+                continue
+            pending.pop()
+            if not names:
+                break
+            parent = os.open("..", DIRFLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(p)
+
+
+def _empty_files(dfd: int) -> list[str]:
+    """Unlink every non-directory in the directory `dfd`; return its subdirectories' names."""
+    subdirs = []
+    for e in os.scandir(dfd):
+        if e.is_dir(follow_symlinks=False):
+            subdirs.append(e.name)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.name, dir_fd=dfd)
+    return subdirs
 
 
 @contextlib.contextmanager
 def flock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -102,7 +115,29 @@ def flock(path: Path) -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace `path` with `data` as JSON, atomically (a new file renamed over it, created
+    without following a symbolic link). A full filesystem is STORE_FULL and leaves no temporary
+    file; the old content stays."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.rename(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(data, sort_keys=True))
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VeloError(
+                f"the filesystem of {path.parent} is full",
+                reason=Reason.STORE_FULL,
+                hint="free space (e.g. 'veloverlay gc') and retry; what was committed is kept",
+                path=path,
+            ) from exc
+        raise

@@ -11,9 +11,26 @@ import os
 
 from veloverlay.errors import Reason, VeloError
 
-__all__ = ["NAME_MAX", "check_name", "split", "join", "parse_user_path", "display"]
+__all__ = [
+    "NAME_MAX",
+    "DEPTH_MAX",
+    "PATH_MAX",
+    "check_name",
+    "check_extent",
+    "bounded",
+    "split",
+    "join",
+    "parse_user_path",
+    "display",
+]
 
 NAME_MAX = 255
+# A tree is at most this deep, and a manifest path at most this long (bytes, relative to the
+# tree's root): the kernel's PATH_MAX, so every entry can be named by one path under its root.
+# 256 levels keeps the walks that still recurse once or twice per level (harvest, the shim's
+# tree sync) well inside Python's recursion limit (1000).
+DEPTH_MAX = 256
+PATH_MAX = 4095
 
 
 def check_name(name: bytes) -> bytes:
@@ -28,6 +45,26 @@ def check_name(name: bytes) -> bytes:
             f"name longer than {NAME_MAX} bytes: {name[:40]!r}...", reason=Reason.BAD_NAME
         )
     return name
+
+
+def check_extent(depth: int, length: int, where: bytes = b"") -> None:
+    """Refuse a tree deeper than DEPTH_MAX levels or with a path longer than PATH_MAX bytes
+    (`where`: the path that crossed it, if known)."""
+    if depth > DEPTH_MAX or length > PATH_MAX:
+        at = f" at {display(where[:60])}..." if where else ""
+        raise VeloError(
+            f"the tree is too deep{at}: {depth} levels, a path of {length} bytes (at most "
+            f"{DEPTH_MAX} levels and {PATH_MAX} bytes are kept)",
+            reason=Reason.TOO_DEEP,
+            hint="no program could open such a path under a projection; shorten that subtree",
+        )
+
+
+def bounded(p: bytes) -> None:
+    """Refuse the manifest path `p` if it is deeper than DEPTH_MAX or longer than PATH_MAX (for
+    walks that meet a tree's paths one at a time: harvest, the shim's tree sync)."""
+    if len(p) > PATH_MAX or p.count(b"/") >= DEPTH_MAX:
+        check_extent(p.count(b"/") + 1, len(p), p)
 
 
 def split(path: bytes) -> list[bytes]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.trees import assert_same_tree, make_tree, snapshot
+from veloverlay import fsflags
 
 ISSUE_VERBS = {
     "init",
@@ -335,6 +336,8 @@ def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     listing = data(velo(store, "ls", "proj", "README", "--json"))
     digest = listing[0]["digest"]
     path = os.path.join(store, "objects-v2", digest[:2], digest)
+    if os.geteuid() == 0:  # objects published as root carry +i
+        fsflags.set_immutable(path, False)
     os.chmod(path, 0o644)
     with open(path, "ab") as f:
         f.write(b"tampered")

@@ -186,7 +186,7 @@ def round_trip(repo: Repo, base: str, spec: Any, *, keep_setid: bool, jobs: int)
         res = run(repo, src, f"t{n}", keep_setid=keep_setid, jobs=jobs)
         assert (res.files, res.dirs, res.symlinks) == count(spec)
         assert res.skipped == []
-        repo.checkout(f"t{n}", dest)
+        repo.checkout(f"t{n}", dest, keep_setid=keep_setid)
         got = snapshot(dest)
         problems = diff_snapshots(want if keep_setid else strip_setid(want), got)
         assert not problems, "\n".join(problems[:10])

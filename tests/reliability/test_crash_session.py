@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections import Counter
 
 import pytest
 
+from tests.helpers.trees import force_rmtree
 from tests.helpers.unpriv import mount_lines
 from tests.reliability import report
 from tests.session._util import new_store
@@ -116,11 +116,9 @@ def test_session_manager_killed_at_crash_points() -> None:
                 assert fsck(s_store, m, jobs=1).ok
             finally:
                 m.close()
-            subprocess.run(["chattr", "-R", "-i", case], capture_output=True)
-            shutil.rmtree(case)
+            force_rmtree(case)
     finally:
-        subprocess.run(["chattr", "-R", "-i", base], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        force_rmtree(base)
     assert sum(n for (_p, o), n in outcomes.items() if o == "killed") > 0, outcomes
     if report.enabled():
         lines = [

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.trees import force_rmtree
 from tests.reliability import report
 from veloverlay.verbs.fsck import fsck
 from veloverlay.verbs.repo import Repo
@@ -166,7 +167,7 @@ def world() -> Iterator[World]:
     _ok(ref, "export", "a", "-o", os.fspath(bundle))
     expected["import"] = expected["ingest"]
     yield World(base, t0, t1, bundle, expected)
-    shutil.rmtree(base, ignore_errors=True)
+    force_rmtree(base)
 
 
 def _setup(world: World, scenario: str, store: Path, src: Path) -> list[str]:
@@ -254,7 +255,7 @@ def _crash_once(world: World, rng: random.Random, run: int) -> dict[str, object]
     m.close()
     leftovers = [n for n in os.listdir(store / "tmp")]
     assert leftovers == [], f"{scenario} {kill}: staging not reclaimed: {leftovers}"
-    shutil.rmtree(case_dir)
+    force_rmtree(case_dir)  # (objects published as root carry +i)
     return {"scenario": scenario, "kill": kill, "outcome": outcome, "jobs": jobs}
 
 

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from tests.helpers.trees import force_rmtree
 from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
 from tests.session._util import (
     FORM_MARKS,
@@ -221,7 +222,7 @@ def _gc_and_orphans(base: str) -> dict[str, object]:
     os.mkdir(other_base)
     other, _ = new_store(other_base)
     other_home = os.path.dirname(os.path.dirname(_lowers(other).layers[0]))
-    shutil.rmtree(other_base)
+    force_rmtree(other_base)  # (root's objects carry +i)
     # the next build of the first store (a delta for its new root) reaps the deleted store's
     proj = os.path.join(base, "proj")
     run_session(store, ["t"], ["sh", "-c", f"printf new > {proj}/f1"], at=proj)

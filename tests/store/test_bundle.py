@@ -24,6 +24,7 @@ from tests.helpers.trees import assert_same_tree, make_tree, snapshot
 from tests.store.test_tree import _raw_node
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
+from veloverlay.paths import DEPTH_MAX
 from veloverlay.store import tree
 from veloverlay.store.bundle import MAGIC, export_bundle, import_bundle
 from veloverlay.store.digest import hash_bytes, node_digest
@@ -466,3 +467,93 @@ def test_import_does_not_trust_the_bundles_path(tmp_path: Path, shm_tmp: str) ->
     finally:
         a.close()
         b.close()
+
+
+# -- issue 14: sizes, setuid bits, depth -------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", [1 << 40, 5, 7, 0])
+def test_a_file_entry_whose_size_is_not_its_objects_is_refused(dst: Repo, claim: int) -> None:
+    """A 6-byte object claimed as 1 TiB (or any other size) would make the first copy-up in a
+    session write zeros into the store until the disk is full."""
+    e = Entry(b"big", Kind.FILE, 0o644, claim, 1, hash_bytes(b"sixsix"), b"", 2)
+    rd, rrec = node(tree.encode(0o755, 1, [e])[1])
+    assert_invalid(dst, build([meta(rd), rrec, obj(b"sixsix")]))
+
+
+def test_a_size_lie_about_an_object_already_stored_is_refused(dst: Repo) -> None:
+    """The object is not in the bundle but in the store already: its real size is checked."""
+    _d, top = tree.encode(0o755, 1, [file_entry(b"a", b"sixsix")])
+    rd, rrec = node(top)
+    do_import(dst, build([meta(rd), rrec, obj(b"sixsix")]))
+    e = Entry(b"big", Kind.FILE, 0o644, 1 << 40, 1, hash_bytes(b"sixsix"), b"", 2)
+    rd2, rrec2 = node(tree.encode(0o755, 1, [e])[1])
+    assert_invalid(dst, build([meta(rd2, ref="other"), rrec2]))
+
+
+def test_import_strips_setuid_and_setgid_unless_kept(repo: Repo, dst: Repo, shm_tmp: str) -> None:
+    """A root checkout of an imported bundle must not make a setuid-root file: import applies
+    ingest's policy (--keep-setid keeps the bits)."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"suid": b"#!/bin/sh\n", "sgid": b"g", "plain": b"p"})
+    os.chmod(os.path.join(src, "suid"), 0o4755)
+    os.chmod(os.path.join(src, "sgid"), 0o2750)
+    ingest(repo.store, repo.m, src, "t", jobs=1, keep_setid=True)
+    buf = io.BytesIO()
+    export_bundle(repo.store, repo.m, "t", buf)
+    info = do_import(dst, buf.getvalue(), name="stripped")
+    assert info["stripped_setid"] == 2
+    kept = do_import(dst, buf.getvalue(), name="kept", keep_setid=True)
+    assert kept["stripped_setid"] == 0
+    want = {n: os.stat(os.path.join(src, n)).st_mode & 0o7777 for n in ("suid", "sgid", "plain")}
+    for ref, keep in (("stripped", False), ("kept", True)):
+        for co_keep in (False, True):
+            out = os.path.join(shm_tmp, f"co-{ref}-{co_keep}")
+            dst.checkout(ref, out, keep_setid=co_keep)
+            got = {n: os.stat(os.path.join(out, n)).st_mode & 0o7777 for n in want}
+            expect = {n: (m if keep and co_keep else m & ~0o6000) for n, m in want.items()}
+            assert got == expect, (ref, co_keep)
+
+
+def _chain(depth: int, leaf: bytes = b"f") -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A tree `d/d/.../d/f` `depth` directories deep: (root digest, node records)."""
+    _d, enc = tree.encode(0o755, 1, [file_entry(leaf, b"x")])
+    d, rec = node(enc)
+    recs = [rec]
+    for _ in range(depth):
+        d, rec = node(tree.encode(0o755, 1, [Entry(b"d", Kind.DIR, digest=d)])[1])
+        recs.append(rec)
+    return d, recs
+
+
+def test_a_tree_deeper_than_the_limit_is_refused_without_a_traceback(dst: Repo) -> None:
+    root, recs = _chain(10_000)
+    data = build([meta(root), *recs, obj(b"x")])
+    assert_invalid(dst, data)
+    with pytest.raises(VeloError) as ei:
+        do_import(dst, data)
+    assert "too deep" in ei.value.message
+
+
+def test_a_path_longer_than_path_max_is_refused(dst: Repo) -> None:
+    """Few levels, long names: 20 x 250 bytes is over the 4095 bytes a path may have."""
+    _d, enc = tree.encode(0o755, 1, [file_entry(b"f", b"x")])
+    d, rec = node(enc)
+    recs = [rec]
+    for i in range(20):
+        d, rec = node(
+            tree.encode(0o755, 1, [Entry(b"%03d" % i + b"n" * 247, Kind.DIR, digest=d)])[1]
+        )
+        recs.append(rec)
+    assert_invalid(dst, build([meta(d), *recs, obj(b"x")]))
+
+
+def test_a_tree_at_the_depth_limit_imports_and_checks_out(dst: Repo, shm_tmp: str) -> None:
+    root, recs = _chain(DEPTH_MAX - 1)  # DEPTH_MAX - 1 directories and the file: DEPTH_MAX
+    do_import(dst, build([meta(root), *recs, obj(b"x")]))
+    out = os.path.join(shm_tmp, "deep")
+    assert dst.checkout("hand", out) == DEPTH_MAX
+    with open(os.path.join(out, *(["d"] * (DEPTH_MAX - 1)), "f"), "rb") as f:
+        assert f.read() == b"x"
+    root, recs = _chain(DEPTH_MAX)
+    assert_invalid(dst, build([meta(root, ref="deeper"), *recs, obj(b"x")]))

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.trees import make_tree, snapshot
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpriv_tmpdir
-from veloverlay import cli, mount, ns
+from veloverlay import cli, fsflags, mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.store.cas import OBJECT_MODE, Store, default_store_path
@@ -61,11 +61,19 @@ def velo(store: str | os.PathLike[str], *args: str) -> subprocess.CompletedProce
 
 @contextlib.contextmanager
 def writable(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Let the test change an object as an attacker with root would: +i cleared, mode 0644."""
+    mutable(path)
     os.chmod(path, 0o644)
     try:
         yield
     finally:
         os.chmod(path, OBJECT_MODE)
+
+
+def mutable(path: str | os.PathLike[str]) -> None:
+    """Clear +i (objects published as root carry it) so that a test may damage the object."""
+    if os.geteuid() == 0:
+        fsflags.set_immutable(os.fspath(path), False)
 
 
 # -- the object store --------------------------------------------------------------------------
@@ -228,6 +236,7 @@ def test_fsck_names_a_truncated_object(populated: Repo) -> None:
 @pytest.mark.corrupts_store
 def test_fsck_names_a_missing_object(populated: Repo) -> None:
     h, path = obj(populated, b"gamma")
+    mutable(path)
     os.unlink(path)
     report = check(populated)
     assert_names(report, "object-missing", h)
@@ -276,6 +285,7 @@ def test_fsck_names_a_missing_node_and_commit(populated: Repo) -> None:
 @pytest.mark.corrupts_store
 def test_fsck_flags_writable_stray_and_misplaced_objects(populated: Repo) -> None:
     h, path = obj(populated, b"beta")
+    mutable(path)
     os.chmod(path, 0o644)
     assert_names(check(populated), "object-writable", h)
     os.chmod(path, OBJECT_MODE)

@@ -138,13 +138,13 @@ def test_any_field_change_changes_the_digest() -> None:
 # -- strict decoding ---------------------------------------------------------------------------
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"VDN1" + b)))
 def test_decode_random_bytes_is_strict(data: bytes) -> None:
     decode_or_corrupt(data)
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nodes(), st.data())
 def test_decode_bit_flipped_encodings_is_strict(
     spec: tuple[int, int, list[Entry]], data: st.DataObject

@@ -124,7 +124,7 @@ rel_paths = st.lists(
 ).map(b"/".join)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(globs, rel_paths)
 def test_classify_agrees_with_explain(rule_specs: list[tuple[int, str]], path: bytes) -> None:
     """The fast path (suffix tests) decides exactly as the rule-by-rule regexes do."""

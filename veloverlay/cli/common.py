@@ -116,10 +116,10 @@ def store_path() -> str:
     return state.store or str(default_store_path())
 
 
-def repo(*, create: bool = False) -> "Repo":
+def repo(*, create: bool = False, shared: bool = False) -> "Repo":
     from veloverlay.verbs.repo import Repo
 
-    return Repo.open(state.store, create=create)
+    return Repo.open(state.store, create=create, shared=shared)
 
 
 def store() -> "Store":

@@ -30,9 +30,17 @@ Ref = Annotated[
 
 
 @verb(app)
-def init() -> None:
+def init(
+    shared: Annotated[
+        bool,
+        typer.Option(
+            "--shared",
+            help="Let every local user read the store (default: private to you, mode 0700)",
+        ),
+    ] = False,
+) -> None:
     """Create a store (idempotent)."""
-    repo = common.repo(create=True)
+    repo = common.repo(create=True, shared=shared)
     if state.json:
         render.emit_json({"store": os.fspath(repo.store.root)})
     else:
@@ -261,11 +269,15 @@ def log(
 def checkout(
     ref: Ref,
     dest: Annotated[str, typer.Argument(metavar="DEST", help="A new or empty directory")],
+    keep_setid: Annotated[
+        bool,
+        typer.Option("--keep-setid", help="Write setuid/setgid bits (not written by default)"),
+    ] = False,
 ) -> None:
     """Materialise a manifest as a real tree in DEST (new or empty directory)."""
     progress = render.Progress("checking out")
     try:
-        n = common.repo().checkout(ref, dest, progress=progress)
+        n = common.repo().checkout(ref, dest, progress=progress, keep_setid=keep_setid)
     finally:
         progress.done()
     if state.json:
@@ -301,18 +313,13 @@ def export_cmd(
     output: Annotated[str, typer.Option("--output", "-o", help="Bundle file ('-' for stdout)")],
 ) -> None:
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
-    from veloverlay.store.bundle import export_bundle
+    from veloverlay.store.bundle import export_bundle, export_to_path
 
     repo = common.repo()
     if output == "-":
         info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer)
         return
-    tmp = output + ".part"
-    with open(tmp, "wb") as f:
-        info = export_bundle(repo.store, repo.m, ref, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
+    info = export_to_path(repo.store, repo.m, ref, output)
     if state.json:
         render.emit_json(info)
     else:
@@ -332,6 +339,9 @@ def import_cmd(
         str | None,
         typer.Option(help="Default projection point of the ref (default: none, use --at)"),
     ] = None,
+    keep_setid: Annotated[
+        bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
+    ] = False,
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
     from veloverlay.errors import Reason, VeloError
@@ -343,11 +353,17 @@ def import_cmd(
     except FileNotFoundError:
         raise VeloError(f"no such file {bundle}", reason=Reason.NOT_FOUND) from None
     with f:
-        info = import_bundle(repo.store, repo.m, f, name=name, force=force, path=path)
+        info = import_bundle(
+            repo.store, repo.m, f, name=name, force=force, path=path, keep_setid=keep_setid
+        )
     if state.json:
         render.emit_json(info)
         return
     print(f"imported {info['ref']} at root {info['root'][:16]}")
+    if info.get("stripped_setid"):
+        render.warn(
+            f"{info['stripped_setid']} setuid/setgid bits stripped (--keep-setid keeps them)"
+        )
     if path is None and info.get("bundle_path"):
         render.info(
             f"the bundle was ingested at {info['bundle_path']}; sessions need --at "
@@ -418,6 +434,14 @@ def gc(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only count what would be deleted")
     ] = False,
+    accept_lost_refs: Annotated[
+        bool,
+        typer.Option(
+            "--accept-lost-refs",
+            help="Sweep even though the manifests hold fewer refs than the store recorded "
+            "(only after checking they were deleted on purpose)",
+        ),
+    ] = False,
 ) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
     from veloverlay.verbs.gc import gc as do_gc
@@ -425,7 +449,15 @@ def gc(
     repo = common.repo()
     progress = render.Progress("deleting objects", unit="objects")
     try:
-        rep = do_gc(repo.store, repo.m, keep=keep, grace=grace, dry_run=dry_run, progress=progress)
+        rep = do_gc(
+            repo.store,
+            repo.m,
+            keep=keep,
+            grace=grace,
+            dry_run=dry_run,
+            progress=progress,
+            accept_lost_refs=accept_lost_refs,
+        )
     finally:
         progress.done()
     if state.json:

@@ -220,10 +220,21 @@ def _one_dir(
         return None, [], 1
     S_ISDIR, S_ISREG, S_ISLNK, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
     n = 0
+    # The depth bound (paths.DEPTH_MAX levels, PATH_MAX bytes), checked per name only in the
+    # rare directories where a name could cross it.
+    level = rel.count(b"/") + 2 if rel else 1  # of the entries listed here
+    near_limit = level > paths.DEPTH_MAX or len(prefix) + paths.NAME_MAX > paths.PATH_MAX
     with it:
         for de in it:
             n += 1
             name = de.name
+            if near_limit and (level > paths.DEPTH_MAX or len(prefix) + len(name) > paths.PATH_MAX):
+                msg = (
+                    f"the tree is too deep at {paths.display((prefix + name)[:60])}...: at most "
+                    f"{paths.DEPTH_MAX} levels and {paths.PATH_MAX}-byte paths are kept"
+                )
+                acc.failures.append((prefix + name, Reason.TOO_DEEP.value, msg))
+                return None, [], 1
             est = de.stat(follow_symlinks=False)
             m = est.st_mode
             if S_ISREG(m):

@@ -61,7 +61,7 @@ def _lock_sidecar(path: str) -> int:
     A finishing reader removes the file when it is the last holder (`_release_sidecar`), so the
     lock is good only if the file locked is still the one at `path` afterwards: else retry."""
     for _ in range(LOCK_TRIES):
-        side = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        side = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(side, fcntl.LOCK_SH | fcntl.LOCK_NB)
             mine, cur = os.fstat(side), os.stat(path)

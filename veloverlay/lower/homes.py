@@ -159,7 +159,10 @@ def reap_orphans(current: Path) -> int:
         except OSError:
             alive = False
         if not alive:
-            force_rmtree(entry.path)
+            try:
+                force_rmtree(entry.path)
+            except OSError:
+                continue  # another store's debris never stops this store's session
             removed += 1
     return removed
 

@@ -17,8 +17,10 @@ from veloverlay.lower.homes import Home, check_room
 from veloverlay.lower.objects import Objects
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.store.cas import object_corrupt, object_missing
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.store.tree import extent as tree_extent
 
 __all__ = [
     "XATTR_PREFIXES",
@@ -87,11 +89,22 @@ class _Writer:
         Used for Tier-2 files in data-only delta layers (see `metacopy` above).
         """
         self.copied += e.size
+        self._check_size(e)
         dst = b"/proc/self/fd/%d/%s" % (dfd, e.name)
         linking.clone_or_copy(
             os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=e.mode
         )
         os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+    def _check_size(self, e: Entry) -> None:
+        """The entry's size is its object's: a metadata file claiming more would make the
+        kernel's copy-up write that much (zeros past the object's end) into the session."""
+        try:
+            have = os.lstat(self.objs.store.object_path_b(e.digest)).st_size
+        except FileNotFoundError:
+            raise object_missing(e.digest) from None
+        if have != e.size:
+            raise object_corrupt(e.digest, f"it is {have} bytes, its manifest entry says {e.size}")
 
     def _metacopy(self, dfd: int, e: Entry) -> None:
         # Created writable by its owner, xattrs set, then the entry's mode: without
@@ -101,6 +114,7 @@ class _Writer:
         try:
             if e.size:
                 redirect = self.objs.redirect(e.digest)
+                self._check_size(e)
                 os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
                 os.setxattr(fd, _x(self.prefix, "metacopy"), b"")
                 os.setxattr(fd, _x(self.prefix, "redirect"), redirect)
@@ -308,6 +322,9 @@ def full_layer(
     *,
     xattr: str = "user",
 ) -> Path:
+    # A tree beyond the depth bound (a store made before it existed) is refused before anything
+    # is built: its paths could not be opened under the projection anyway.
+    paths.check_extent(*tree_extent(root, lambda d: m.get_node(txn, d)))
     w = _Writer(objs, form, prefix=xattr)
     b = _new_build(home, name)
     old_umask = os.umask(0)

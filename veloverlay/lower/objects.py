@@ -87,23 +87,13 @@ class Objects:
             self.made_dirs.add(dname)
         dst = dname + b"/" + short[2:].encode()
         try:
-            os.link(src, dst, follow_symlinks=False)
+            _link_object(src, dst)
         except FileExistsError:
             a, b = os.lstat(src), os.lstat(dst)
             if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
                 self._immutable(digest)
                 return short
             return self._id_clash(digest, short, dst)
-        except PermissionError:
-            # The object is +i already (link() to an immutable inode is EPERM, measured): only
-            # a process that may clear the flag can name it; it sets it again at once.
-            if not self.protect:
-                raise
-            fsflags.set_immutable(os.fsdecode(src), False)
-            try:
-                os.link(src, dst, follow_symlinks=False)
-            finally:
-                fsflags.set_immutable(os.fsdecode(src), True)
         except FileNotFoundError:
             raise object_missing(digest) from None
         self._immutable(digest)
@@ -121,14 +111,17 @@ class Objects:
             tmp = dst + b".%d.tmp" % os.getpid()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            os.link(self.store.object_path_b(digest), tmp, follow_symlinks=False)
+            obj = self.store.object_path_b(digest)
+            _link_object(obj, tmp)
             try:
                 os.rename(tmp, dst)
-            except PermissionError:
-                if not self.protect:
-                    raise
-                fsflags.set_immutable(os.fsdecode(dst), False)
-                os.rename(tmp, dst)
+            except PermissionError:  # either inode +i: the stale name's, or the object's own
+                _clear_immutable(dst)
+                _clear_immutable(obj)
+                try:
+                    os.rename(tmp, dst)
+                finally:
+                    fsflags.set_immutable(os.fsdecode(obj), True)
             self._immutable(digest)
             return short
         full = digest.hex()
@@ -228,3 +221,26 @@ def name_and_protect(store: Store, m: Manifests, digests: Iterable[bytes]) -> li
 
 
 PROXY_MTIME_NS = 1_000_000_000
+
+
+def _clear_immutable(path: bytes) -> None:
+    """Clear +i on an object (root's are +i from the moment they are named, cas.publish):
+    EPERM, with what was tried, for a process that may not."""
+    try:
+        fsflags.set_immutable(os.fsdecode(path), False)
+    except OSError:
+        why = "the object is immutable (+i) and this process cannot clear it"
+        raise PermissionError(errno.EPERM, why, path) from None
+
+
+def _link_object(src: bytes, dst: bytes) -> None:
+    """A hard link to an object. link() to an immutable inode is EPERM (measured): a process
+    that may clear the flag clears it for the instant of the link and sets it again."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except PermissionError:
+        _clear_immutable(src)
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        finally:
+            fsflags.set_immutable(os.fsdecode(src), True)

@@ -13,22 +13,24 @@ only then, and the ref is created in one transaction; a bad bundle leaves the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator
 from typing import IO, Any
 
-from veloverlay import faults
+from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.store.cas import Store
+from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
-from veloverlay.store.tree import Kind, decode
+from veloverlay.store.tree import Kind, Op, OpKind, decode, extent
 from veloverlay.tiers import Rules
 
-__all__ = ["export_bundle", "import_bundle", "MAGIC"]
+__all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC"]
 
 MAGIC = b"VELOBNDL"
 VERSION = 1
@@ -37,6 +39,7 @@ _META, _NODE, _OBJECT, _END = 1, 2, 3, 0
 _MAX_META = 1 << 20
 _MAX_NODE = 64 << 20
 _CHUNK = 1 << 20
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict[str, Any]:
@@ -52,6 +55,13 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
         nodes: set[bytes] = set()
         objects: set[bytes] = set()
         m.reachable(txn, root, nodes, objects)
+        sizes: dict[bytes, int] = {}  # object -> the size its entries give it
+        for d in nodes:
+            for e in m.get_node(txn, d).entries:
+                if e.kind is Kind.FILE and sizes.setdefault(e.digest, e.size) != e.size:
+                    raise object_corrupt(
+                        e.digest, f"its entries disagree on its size ({sizes[e.digest]}, {e.size})"
+                    )
         w(MAGIC + struct.pack("<I", VERSION))
         meta = json.dumps(
             {
@@ -71,17 +81,15 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
     for d in sorted(objects):
         fd = store.open_object(d)
         try:
-            size = os.fstat(fd).st_size
+            size = sizes[d]
+            # The record's length goes first: the size is checked before it (verified_chunks
+            # checks it again, and the BLAKE3 after the last byte).
+            have = os.fstat(fd).st_size
+            if have != size:
+                raise object_corrupt(d, f"it is {have} bytes, its manifest entry says {size}")
             w(_REC.pack(_OBJECT, DIGEST_SIZE + size) + d)
-            left = size
-            while left:
-                chunk = os.read(fd, min(_CHUNK, left))
-                if not chunk:
-                    raise VeloError(
-                        f"object {d.hex()} shrank while exported", reason=Reason.OBJECT_CORRUPT
-                    )
+            for chunk in verified_chunks(fd, d, size):
                 w(chunk)
-                left -= len(chunk)
             size_total += size
         finally:
             os.close(fd)
@@ -94,6 +102,34 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
         "objects": len(objects),
         "bytes": size_total,
     }
+
+
+def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[str, Any]:
+    """Export into the file `output`, atomically: the bundle is written to `output.part` (created
+    new, never through a symbolic link: one planted there is refused), fsynced and renamed over
+    `output`; on any failure the `.part` file is removed and `output` is left as it was.
+    (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.)"""
+    tmp = output + ".part"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise VeloError(
+            f"{tmp} exists (another export, or one that was killed)",
+            reason=Reason.EXISTS,
+            path=tmp,
+            hint="remove it if no export is running",
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            info = export_bundle(store, m, spec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return info
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -165,9 +201,12 @@ def import_bundle(
     name: str | None = None,
     force: bool = False,
     path: str | None = None,
+    keep_setid: bool = False,
 ) -> dict[str, Any]:
     """Import a bundle. The bundle's own ingest path is only reported, never trusted as the
-    ref's default projection point (a bundle from elsewhere could name /etc): pass `path`."""
+    ref's default projection point (a bundle from elsewhere could name /etc): pass `path`.
+    setuid/setgid bits of its files are removed unless `keep_setid` (reported as
+    `stripped_setid`)."""
     store.writable()
     r = _Reader(f)
     head = r.exact(len(MAGIC) + 4)
@@ -180,7 +219,7 @@ def import_bundle(
     nodes: dict[bytes, bytes] = {}
     with store.lock(), store.stage() as stage:
         store.reclaim_tmp()
-        objects: set[bytes] = set()
+        objects: dict[bytes, int] = {}  # digest -> size, as read from the bundle
         while True:
             rec = r.f.read(_REC.size)
             if len(rec) != _REC.size:
@@ -220,10 +259,10 @@ def import_bundle(
                 if length < DIGEST_SIZE:
                     raise _bad("bad object record length")
                 d = r.exact(DIGEST_SIZE)
-                got, _size, _new = stage.add_stream(r.chunks(length - DIGEST_SIZE))
+                got, size, _new = stage.add_stream(r.chunks(length - DIGEST_SIZE))
                 if got != d:
                     raise _bad(f"object {d.hex()[:16]} does not hash to its name")
-                objects.add(d)
+                objects[d] = size
             else:
                 raise _bad(f"unknown record type {typ}")
         if not isinstance(meta, dict) or not isinstance(meta.get("root"), str):
@@ -237,8 +276,9 @@ def import_bundle(
         tiers = meta.get("tiers")
         if tiers is not None and not _valid_tiers(tiers):
             raise _bad("bad tier rules")
-        # Closure: every node reachable from the root is in the bundle (or the store), and every
-        # object is in the bundle or already stored.
+        # Closure: every node reachable from the root is in the bundle (or the store), every
+        # object is in the bundle or already stored, and has the size its entries say (a 6-byte
+        # object claimed as 1 TiB would fill the disk at the first copy-up).
         with m.read() as txn:
             stack, seen = [root], set()
             while stack:
@@ -252,15 +292,27 @@ def import_bundle(
                 for e in decode(found).entries:
                     if e.kind is Kind.DIR:
                         stack.append(e.digest)
-                    elif (
-                        e.kind is Kind.FILE and e.digest not in objects and not store.has(e.digest)
-                    ):
-                        raise _bad(f"object {e.digest.hex()[:16]} is missing")
+                    elif e.kind is Kind.FILE:
+                        have = _object_size(store, objects, e.digest)
+                        if have is None:
+                            raise _bad(f"object {e.digest.hex()[:16]} is missing")
+                        if have != e.size:
+                            raise _bad(
+                                f"{paths.display(e.name)} claims {e.size} bytes, its object "
+                                f"{e.digest.hex()[:16]} has {have}"
+                            )
+            try:
+                paths.check_extent(*extent(root, lambda d: decode(nodes.get(d) or _raw(m, txn, d))))
+            except VeloError as exc:
+                raise _bad(exc.message) from None
             _check_new_ref(m, txn, refname, force)  # before anything is stored
         stage.publish()
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
+            stripped = 0
+            if not keep_setid:
+                root, stripped = _strip_setid(m, txn, root)
             existing = _check_new_ref(m, txn, refname, force)
             c = m.commit(
                 txn,
@@ -278,4 +330,32 @@ def import_bundle(
         "commit": c.id,
         "nodes": len(nodes),
         "objects": len(objects),
+        "stripped_setid": stripped,
     }
+
+
+def _raw(m: Manifests, txn: Txn, d: bytes) -> bytes:
+    data = m.raw_node(txn, d)
+    assert data is not None  # the closure was checked
+    return data
+
+
+def _object_size(store: Store, objects: dict[bytes, int], digest: bytes) -> int | None:
+    size = objects.get(digest)
+    if size is not None:
+        return size
+    try:
+        return os.lstat(store.object_path_b(digest)).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _strip_setid(m: Manifests, txn: Txn, root: bytes) -> tuple[bytes, int]:
+    """The tree without setuid/setgid bits on its files (ingest's and harvest's policy): a root
+    checkout or session of a bundle from elsewhere must not mint a setuid-root program."""
+    ops = [
+        Op(OpKind.META, p, mode=e.mode & ~_SETID, mtime_ns=e.mtime_ns)
+        for p, e, _node in m.walk(txn, root)
+        if e.kind is Kind.FILE and e.mode & _SETID
+    ]
+    return (m.apply(txn, root, ops), len(ops)) if ops else (root, 0)

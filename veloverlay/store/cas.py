@@ -9,7 +9,6 @@ Layout (versioned names: a format change is a new directory name):
     <store>/sessions/<id>/              session state (session.py)
     <store>/locks-v1/                   sidecar locks for sources that refuse flock
     <store>/manifests.lmdb/             the manifest database (manifest.py)
-    <store>/fsverity-v1.json            whether fs-verity works here (per boot, kernel, fs, euid)
 
 Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
 actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
@@ -44,9 +43,19 @@ from pathlib import Path
 
 from veloverlay import _libc, faults, verity
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.store import access
 from veloverlay.store.digest import Digest, Hasher
+from veloverlay.store.objread import object_corrupt, verified_chunks
 
-__all__ = ["Store", "Stage", "OBJECT_MODE", "default_store_path", "object_missing"]
+__all__ = [
+    "Store",
+    "Stage",
+    "OBJECT_MODE",
+    "default_store_path",
+    "object_missing",
+    "object_corrupt",
+    "verified_chunks",
+]
 
 OBJECT_MODE = 0o444
 OBJECTS_V1 = "objects-v1"  # <ab>/<cd>/<hex>: stores made before issue 15 (migrated by gc)
@@ -64,6 +73,15 @@ def default_store_path() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(xdg) / "veloverlay"
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but False for a store this user may not enter (another user's private
+    store: open() then says so, STORE_PERMISSION)."""
+    try:
+        return path.is_dir()
+    except PermissionError:
+        return False
 
 
 def object_missing(digest: bytes) -> VeloError:
@@ -85,37 +103,43 @@ class Store:
         self.sessions = self.root / "sessions"
         self.locks = self.root / "locks-v1"
         self.db_path = self.root / "manifests.lmdb"
+        self._verity: tuple[bool, str] | None = None
         self.choose_layout()
 
     def choose_layout(self) -> None:
         """Which object layout this store uses (see the module docstring); gc calls it again
         after a migration step."""
         v1, v2 = self.root / OBJECTS_V1, self.root / OBJECTS_V2
-        if v1.is_dir() and not v2.is_dir():
+        if _is_dir(v1) and not _is_dir(v2):
             self.objects, self.fanout, self.legacy = v1, 2, None  # a store from before issue 15
         else:
             self.objects, self.fanout = v2, 1
-            self.legacy = v1 if v1.is_dir() else None
+            self.legacy = v1 if _is_dir(v1) else None
         self._objects_b = os.fsencode(self.objects)
         self.objects_b = self._objects_b
         self._legacy_b = os.fsencode(self.legacy) if self.legacy is not None else None
         self._known_shards: set[bytes] = set()
-        self._verity: tuple[bool, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def init(cls, root: str | os.PathLike[str]) -> Store:
+    def init(cls, root: str | os.PathLike[str], *, shared: bool = False) -> Store:
+        """Create the store (idempotent). A new store is private to its owner (root directory
+        0700: objects are named by content, and a 0600 file's bytes must not become readable
+        through them); `shared` makes it readable by every local user (0755), never writable."""
         store = cls(root)
         try:
-            store.root.mkdir(parents=True, exist_ok=True)
+            store.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(store.root, 0o700)
+                os.chmod(store.root, 0o755 if shared else 0o700)
+            except FileExistsError:
+                if shared:
+                    os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
+            store.check_safe()
             for d in (store.objects, store.tmp, store.trees, store.sessions, store.locks):
-                d.mkdir(exist_ok=True)
-            tag = store.root / "CACHEDIR.TAG"
-            if not tag.exists():
-                tag.write_bytes(_CACHEDIR_TAG)
-            ignore = store.root / ".gitignore"
-            if not ignore.exists():
-                ignore.write_text("*\n")
+                access.mkdir_nofollow(d)
+            access.create_once(store.root / "CACHEDIR.TAG", _CACHEDIR_TAG)
+            access.create_once(store.root / ".gitignore", b"*\n")
         except PermissionError as exc:
             raise VeloError(
                 f"cannot create the store at {store.root}: {exc.strerror}",
@@ -127,29 +151,56 @@ class Store:
                 raise VeloError(
                     f"no space left creating the store at {store.root}", reason=Reason.STORE_FULL
                 ) from exc
+            if exc.errno == errno.EROFS:
+                raise store.write_refusal() or store.read_only_error(str(exc)) from exc
             raise
         return store
 
     @classmethod
     def open(cls, root: str | os.PathLike[str]) -> Store:
         store = cls(root)
+        if store.root.is_dir() and not os.access(store.root, os.R_OK | os.X_OK):
+            owner = store.root.stat().st_uid
+            raise VeloError(
+                f"the store at {store.root} is not readable by this user",
+                reason=Reason.STORE_PERMISSION,
+                hint=f"it is private to its owner (uid {owner}): use a store of your own, or "
+                "ask its owner for a shared one ('veloverlay init --shared')",
+            )
         if not store.objects.is_dir():
             raise VeloError(
                 f"no veloverlay store at {store.root}",
                 reason=Reason.STORE_MISSING,
                 hint="run 'veloverlay init' (or pass --store / set VELO_STORE)",
             )
-        if not os.access(store.root, os.R_OK | os.X_OK):
-            raise VeloError(
-                f"the store at {store.root} is not readable by this user",
-                reason=Reason.STORE_PERMISSION,
-            )
+        store.check_safe()
         return store
+
+    def check_safe(self) -> None:
+        """Refuse a store with planted symlinks, or (as root) one another user can write."""
+        access.check_safe(self.root)
+
+    def write_refusal(self, path: str | os.PathLike[str] | None = None) -> VeloError | None:
+        """Why this process cannot change `path` (default: the store), or None when it can."""
+        return access.write_refusal(self.root, path)
+
+    def read_only_error(self, why: str, *, inside: bool = False) -> VeloError:
+        return access.read_only_error(self.root, why, inside=inside)
+
+    def verity(self) -> tuple[bool, str]:
+        """(usable, reason): does fs-verity work for objects of this store? Probed on a scratch
+        file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store."""
+        if self._verity is None:
+            self._verity = verity.cached_support(self.root / "fsverity-v1.json", self.tmp)
+        return self._verity
 
     def writable(self) -> None:
         """Raise a clear error when this user cannot write the store."""
         for d in (self.root, self.objects, self.tmp):
             if not os.access(d, os.W_OK | os.X_OK):
+                refusal = self.write_refusal(d)
+                if refusal is not None and refusal.reason is Reason.STORE_READ_ONLY:
+                    raise refusal
                 raise VeloError(
                     f"the store directory {d} is not writable by this user",
                     reason=Reason.STORE_PERMISSION,
@@ -201,15 +252,18 @@ class Store:
         except FileNotFoundError:
             raise object_missing(digest) from None
 
-    def read_object(self, digest: bytes) -> bytes:
+    def read_object(self, digest: bytes, size: int | None = None) -> bytes:
+        """An object's bytes, verified against its name (and `size`, the entry's, if given)."""
+        return b"".join(self.stream_object(digest, size))
+
+    def stream_object(self, digest: bytes, size: int | None = None) -> Iterator[bytes]:
+        """An object's bytes a chunk at a time, hashed as they are read: an object whose bytes
+        were rewritten in place (a root-free owner can, outside sessions) raises OBJECT_CORRUPT
+        after its last chunk instead of ending quietly, and one whose size differs from the
+        manifest entry's `size` raises before its first."""
         fd = self.open_object(digest)
         try:
-            chunks: list[bytes] = []
-            while True:
-                b = os.read(fd, _CHUNK)
-                if not b:
-                    return b"".join(chunks)
-                chunks.append(b)
+            yield from verified_chunks(fd, digest, size)
         finally:
             os.close(fd)
 
@@ -253,65 +307,19 @@ class Store:
         self._known_shards.clear()
         return removed
 
-    def verity(self) -> tuple[bool, str]:
-        """(usable, reason): does fs-verity work for objects of this store? Probed on a scratch
-        file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store."""
-        if self._verity is None:
-            self._verity = verity.cached_support(self.root / "fsverity-v1.json", self.tmp)
-        return self._verity
-
     # -- locking ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, *, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
+    def lock(
+        self, *, exclusive: bool = False, wait: bool = True
+    ) -> contextlib.AbstractContextManager[None]:
         """The store lock: shared for writers, exclusive for gc."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            if not wait:
-                op |= fcntl.LOCK_NB
-            try:
-                fcntl.flock(fd, op)
-            except BlockingIOError:
-                raise VeloError(
-                    "the store is locked by another veloverlay process",
-                    reason=Reason.LOCKED,
-                    hint="wait for it (gc holds the store exclusively) and retry",
-                ) from None
-            yield
-        finally:
-            os.close(fd)
+        return access.store_lock(self.root, exclusive=exclusive, wait=wait)
 
     def stage(self) -> Stage:
         return Stage(self)
 
     def reclaim_tmp(self) -> int:
         """Remove stages left by dead writers (their flock is free). Returns entries removed."""
-        removed = 0
-        try:
-            names = os.listdir(self.tmp)
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            if not name.endswith(".lock"):
-                continue
-            lockpath = self.tmp / name
-            try:
-                fd = os.open(lockpath, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                stage_dir = self.tmp / name[: -len(".lock")]
-                removed += _rmtree(stage_dir)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lockpath)
-            finally:
-                os.close(fd)
-        return removed
+        return access.reclaim_stages(self.tmp)
 
 
 def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
@@ -330,25 +338,6 @@ def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
                 continue
             for obj in os.scandir(d2.path):
                 yield obj.name, Path(obj.path)
-
-
-def _rmtree(path: Path) -> int:
-    count = 0
-    try:
-        entries = list(os.scandir(path))
-    except FileNotFoundError:
-        return 0
-    except PermissionError:
-        os.chmod(path, 0o700)
-        entries = list(os.scandir(path))
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            count += _rmtree(Path(e.path))
-        else:
-            os.unlink(e.path)
-            count += 1
-    os.rmdir(path)
-    return count
 
 
 def syncfs_path(path: str | os.PathLike[str]) -> None:
@@ -384,12 +373,12 @@ class Stage:
         self.close()
 
     def open(self) -> None:
-        self.store.tmp.mkdir(exist_ok=True)
-        self._lock_fd = os.open(
-            self.store.tmp / f"{self.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        access.mkdir_nofollow(self.store.tmp)
+        self._lock_fd = access.open_nofollow(
+            self.store.tmp / f"{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o600
         )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        os.makedirs(self.dir, exist_ok=True)
+        access.mkdir_nofollow(self.dir)
 
     @classmethod
     def attach(cls, store: Store, name: str) -> Stage:
@@ -399,7 +388,7 @@ class Stage:
     def close(self) -> None:
         """Drop whatever was not published and release the stage."""
         with contextlib.suppress(FileNotFoundError):
-            _rmtree(self.dir)
+            access.rmtree_count(self.dir)
         if self._lock_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.store.tmp / f"{self.name}.lock")

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.progress import Progress
-from veloverlay.store.cas import Store
+from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
 
 __all__ = ["checkout"]
+
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def _prepare_dest(dest: str) -> int:
@@ -52,9 +55,13 @@ def checkout(
     dest: str,
     *,
     progress: Progress | None = None,
+    keep_setid: bool = False,
 ) -> int:
     """Write the tree `root` into `dest` (new or empty). Returns the number of entries written.
-    `progress(entries, None, bytes)` every 1,000 entries (the total is not known up front)."""
+    `progress(entries, None, bytes)` every 1,000 entries (the total is not known up front).
+
+    setuid/setgid bits are not written unless `keep_setid` (a root checkout of a bundle from
+    elsewhere must not mint a setuid-root program), as ingest and harvest do."""
     top = _prepare_dest(dest)
     count = written = 0
     # Depth first, one open directory fd per level (never one per directory: a tree with more
@@ -85,7 +92,8 @@ def checkout(
                 os.symlink(e.target, name, dir_fd=dfd)
                 os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             elif e.kind is Kind.FILE:
-                _write_file(store, dfd, name, e.digest, e.mode, e.mtime_ns)
+                fmode = e.mode if keep_setid else e.mode & ~_SETID
+                _write_file(store, dfd, name, e.digest, e.size, fmode, e.mtime_ns)
                 written += e.size
             # MASK entries are deletions for stacked refs: nothing to write
             count += 1
@@ -103,7 +111,11 @@ def checkout(
     return count
 
 
-def _write_file(store: Store, dfd: int, name: bytes, digest: bytes, mode: int, mtime: int) -> None:
+def _write_file(
+    store: Store, dfd: int, name: bytes, digest: bytes, size: int, mode: int, mtime: int
+) -> None:
+    """Copy one object into a new file, verifying its size and BLAKE3 as the bytes go by (they
+    are read anyway): a damaged object leaves no file behind and raises OBJECT_CORRUPT."""
     src = store.open_object(digest)
     try:
         fd = os.open(
@@ -113,21 +125,16 @@ def _write_file(store: Store, dfd: int, name: bytes, digest: bytes, mode: int, m
             dir_fd=dfd,
         )
         try:
-            size = os.fstat(src).st_size
-            off = 0
-            while off < size:
-                try:
-                    n = os.copy_file_range(src, fd, size - off)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
-                    n = os.sendfile(fd, src, None, size - off)
-                if n == 0:
-                    break
-                off += n
+            for chunk in verified_chunks(src, digest, size):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(name, dir_fd=dfd)
+            raise
+        os.close(fd)
     finally:
         os.close(src)

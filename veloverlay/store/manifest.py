@@ -30,10 +30,22 @@ import lmdb
 
 from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.store import tree
+from veloverlay.store import delta, tree
 from veloverlay.store.cas import Store
+from veloverlay.store.dbfile import (
+    CORRUPT_HINT,
+    check_data_file,
+    check_fresh,
+    corrupt,
+    json_record,
+    mkdir_nofollow,
+    put_record,
+    read_record,
+    record_lock,
+    write_record,
+)
 from veloverlay.store.digest import Digest, hash_bytes
-from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.store.tree import Entry, Kind, Node, Op
 from veloverlay.store.versions import (
     MIN_PREFIX,
     REF_RE,
@@ -54,6 +66,9 @@ __all__ = [
     "REF_RE",
     "MIN_PREFIX",
     "check_ref_name",
+    "check_data_file",
+    "read_record",
+    "write_record",
 ]
 
 SCHEMA_VERSION = b"1"
@@ -65,39 +80,39 @@ Txn = Any  # lmdb.Transaction (untyped library)
 EMPTY_ROOT, _EMPTY_ENC = tree.encode(tree.EMPTY_DIR_MODE, 0, [])
 
 
-class _Trie:
-    __slots__ = ("ops", "children")
-
-    def __init__(self) -> None:
-        self.ops: list[Op] = []
-        self.children: dict[bytes, _Trie] = {}
-
-    def add(self, names: list[bytes], op: Op) -> None:
-        t = self
-        for n in names:
-            t = t.children.setdefault(n, _Trie())
-        if op.kind is OpKind.META:
-            t.ops.append(op)
-        else:  # PUT/DELETE supersede anything earlier at or below this path
-            t.ops = [op]
-            t.children = {}
-
-
 class Manifests(Versions):
     """The manifest database of one store."""
 
     def __init__(self, store: Store, *, readonly: bool = False) -> None:
         self.store = store
+        # Why writes are refused (a read-only filesystem, inside a session, another user's
+        # store), as the error write() raises; None: writable.
+        self.refusal: VeloError | None = None
+        self._ref_delta = 0  # refs created minus deleted in the open write transaction
         map_size = int(os.environ.get("VELO_MAP_SIZE", _DEFAULT_MAP_SIZE))
+        if not readonly:
+            self.refusal = store.write_refusal(store.db_path)
+            readonly = self.refusal is not None
+        existing = check_data_file(store, writable=not readonly)
+        if not existing:
+            check_fresh(store)
+            if self.refusal is not None:
+                raise self.refusal
+        # Another user's shared store: its lock file is not writable, so reads go without
+        # LMDB's reader table (a read that overlaps the owner's commit may then fail as
+        # manifest-corrupt: retry). A read-only filesystem needs no lock: LMDB skips it.
+        lock = self.refusal is None or self.refusal.reason is not Reason.STORE_PERMISSION
+        lock = lock or os.access(store.db_path / "lock.mdb", os.W_OK)
         try:
-            if not readonly:
-                store.db_path.mkdir(exist_ok=True)
+            if not existing:
+                mkdir_nofollow(store.db_path)
             self.env = lmdb.open(
                 os.fspath(store.db_path),
                 map_size=map_size,
                 max_dbs=8,
                 readonly=readonly,
-                lock=True,
+                create=False,
+                lock=lock,
                 max_readers=512,
             )
         except lmdb.Error as exc:
@@ -109,6 +124,11 @@ class Manifests(Versions):
                 path=store.db_path,
             ) from exc
         try:
+            if existing:
+                with self.env.begin() as txn:  # the schema key is written with the database
+                    v = txn.get(b"schema", db=self.env.open_db(b"meta", txn=txn, create=False))
+                if v is None:
+                    raise lmdb.NotFoundError("no schema key")
             self._meta = self.env.open_db(b"meta", create=not readonly)
             self._nodes = self.env.open_db(b"nodes", create=not readonly)
             self._refs = self.env.open_db(b"refs", create=not readonly)
@@ -116,15 +136,24 @@ class Manifests(Versions):
             self.statcache = self.env.open_db(b"statcache", create=not readonly)
             self.ids = self.env.open_db(b"ids", create=not readonly)
             self._tags = self._open_optional(b"tags", readonly)
+        except lmdb.NotFoundError as exc:
+            self.env.close()
+            raise VeloError(
+                f"the manifest database at {store.db_path} has no schema record: it was "
+                "truncated, replaced or never finished",
+                reason=Reason.MANIFEST_CORRUPT,
+                hint=CORRUPT_HINT,
+                path=store.db_path,
+            ) from exc
         except lmdb.Error as exc:
+            self.env.close()
             raise _lmdb_error(exc, store) from exc
         self._cache: dict[bytes, Node] = {}
-        if not readonly:
+        if not existing:
             with self.write() as txn:
-                v = txn.get(b"schema", db=self._meta)
-                if v is None:
-                    txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
-                    txn.put(EMPTY_ROOT, _EMPTY_ENC, db=self._nodes)
+                txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
+                txn.put(EMPTY_ROOT, _EMPTY_ENC, db=self._nodes)
+            write_record(store, 0)
         self._check_schema()
 
     def _open_optional(self, name: bytes, readonly: bool) -> Any:
@@ -152,14 +181,22 @@ class Manifests(Versions):
     # -- transactions --------------------------------------------------------------------------
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
-        with self.env.begin(write=False) as txn:
-            yield txn
+        try:
+            with self.env.begin(write=False) as txn:
+                yield txn
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError) as exc:
+            raise corrupt(self.store, str(exc)) from exc
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
+        if self.refusal is not None:
+            raise self.refusal
         try:
+            self._ref_delta = 0
             with self.env.begin(write=True) as txn:
                 yield txn
+                if self._ref_delta:
+                    self._commit_counted(txn)
         except lmdb.MapFullError as exc:
             raise VeloError(
                 "the manifest database is full (LMDB map size reached); nothing was committed",
@@ -171,6 +208,8 @@ class Manifests(Versions):
                 "the disk is full while committing; nothing was committed",
                 reason=Reason.STORE_FULL,
             ) from exc
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+            raise corrupt(self.store, str(exc)) from exc
         except lmdb.Error as exc:
             if "No space" in str(exc):
                 raise VeloError(
@@ -178,6 +217,23 @@ class Manifests(Versions):
                     reason=Reason.STORE_FULL,
                 ) from exc
             raise
+        finally:
+            self._ref_delta = 0
+
+    def _commit_counted(self, txn: Txn) -> None:
+        """Commit a transaction that created or deleted refs, keeping the store record's ref
+        count (see dbfile.write_record) never above the database's, whenever a crash comes: the
+        lower of the counts before and after goes first, the new count once committed. The
+        record's lock is held throughout, so writers' records follow their commit order."""
+        after = txn.stat(self._refs)["entries"]
+        before = after - self._ref_delta
+        with record_lock(self.store) as fd:
+            put_record(fd, min(before, after))
+            txn.commit()
+            put_record(fd, after)
+
+    def ref_count(self, txn: Txn) -> int:
+        return int(txn.stat(self._refs)["entries"])
 
     # -- nodes ---------------------------------------------------------------------------------
     def get_node(self, txn: Txn, digest: bytes) -> Node:
@@ -269,116 +325,18 @@ class Manifests(Versions):
     # -- apply and diff ------------------------------------------------------------------------
     def apply(self, txn: Txn, root: bytes, ops: Iterable[Op]) -> Digest:
         """Apply path operations to `root`; only nodes on changed paths are rewritten."""
-        trie = _Trie()
-        for op in ops:
-            trie.add(paths.split(op.path), op)
-        meta: tuple[int, int] | None = None
-        for op in trie.ops:
-            if op.kind is OpKind.PUT:
-                if op.entry is None or op.entry.kind is not Kind.DIR:
-                    raise VeloError(
-                        "the root can only be replaced by a directory", reason=Reason.BAD_PATH
-                    )
-                root = op.entry.digest
-                meta = None
-            elif op.kind is OpKind.META:
-                meta = (op.mode, op.mtime_ns)
-            else:
-                raise VeloError("the root cannot be deleted", reason=Reason.BAD_PATH)
-        return self._apply_dir(txn, root, trie.children, meta, b"")
-
-    def _apply_dir(
-        self,
-        txn: Txn,
-        digest: bytes,
-        children: dict[bytes, _Trie],
-        meta: tuple[int, int] | None,
-        where: bytes,
-    ) -> Digest:
-        node = self.get_node(txn, digest)
-        mode, mtime = meta if meta is not None else (node.mode, node.mtime_ns)
-        if not children and meta is not None and (mode, mtime) == (node.mode, node.mtime_ns):
-            return Digest(digest)
-        entries = node.as_dict()
-        for name, sub in children.items():
-            cur = entries.get(name)
-            child_meta: tuple[int, int] | None = None
-            for op in sub.ops:
-                if op.kind is OpKind.DELETE:
-                    cur = None
-                    child_meta = None
-                elif op.kind is OpKind.PUT:
-                    assert op.entry is not None
-                    cur = op.entry.replace(name=name)
-                    child_meta = None
-                else:
-                    if cur is None or cur.kind is Kind.MASK:
-                        raise VeloError(
-                            f"cannot change metadata of a missing path "
-                            f"{paths.display(paths.join(where, name))}",
-                            reason=Reason.NOT_FOUND,
-                        )
-                    if cur.kind is Kind.DIR:
-                        child_meta = (op.mode, op.mtime_ns)
-                    else:
-                        cur = cur.replace(mode=op.mode, mtime_ns=op.mtime_ns)
-            if sub.children or child_meta is not None:
-                if cur is None or cur.kind is not Kind.DIR:
-                    raise VeloError(
-                        f"{paths.display(paths.join(where, name))} is not a directory",
-                        reason=Reason.NOT_A_DIRECTORY,
-                    )
-                new = self._apply_dir(
-                    txn, cur.digest, sub.children, child_meta, paths.join(where, name)
-                )
-                cur = Entry(name, Kind.DIR, digest=new)
-            if cur is None:
-                entries.pop(name, None)
-            else:
-                entries[name] = cur
-        return self.put_node(txn, mode, mtime, entries.values())
+        return delta.apply(self, txn, root, ops)
 
     def diff(self, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:
-        """Path operations that turn tree `a` into tree `b`."""
-        out: list[Op] = []
-        self._diff(txn, a, b, prefix, out)
-        return out
-
-    def _diff(self, txn: Txn, a: bytes, b: bytes, prefix: bytes, out: list[Op]) -> None:
-        if a == b:
-            return
-        na, nb = self.get_node(txn, a), self.get_node(txn, b)
-        if (na.mode, na.mtime_ns) != (nb.mode, nb.mtime_ns):
-            out.append(Op(OpKind.META, prefix, mode=nb.mode, mtime_ns=nb.mtime_ns))
-        ea, eb = na.as_dict(), nb.as_dict()
-        for name in sorted(ea.keys() | eb.keys()):
-            x, y = ea.get(name), eb.get(name)
-            if x == y:
-                continue
-            p = paths.join(prefix, name)
-            if y is None:
-                out.append(Op(OpKind.DELETE, p))
-            elif x is None:
-                out.append(Op(OpKind.PUT, p, y))
-            elif x.kind is Kind.DIR and y.kind is Kind.DIR:
-                self._diff(txn, x.digest, y.digest, p, out)
-            elif (
-                x.kind is y.kind
-                and x.kind is not Kind.MASK
-                and x.payload == y.payload
-                and x.tier == y.tier
-                and x.size == y.size
-            ):
-                out.append(Op(OpKind.META, p, mode=y.mode, mtime_ns=y.mtime_ns))
-            else:
-                out.append(Op(OpKind.PUT, p, y))
+        """Path operations that turn tree `a` into tree `b` (see delta.diff)."""
+        return delta.diff(self, txn, a, b, prefix)
 
     # -- refs and commits ----------------------------------------------------------------------
     def get_ref(self, txn: Txn, name: str) -> Ref | None:
         v = txn.get(name.encode(), db=self._refs)
         if v is None:
             return None
-        d = json.loads(bytes(v))
+        d = json_record(self.store, v, f"ref {name}")
         return Ref(name, d["head"], d.get("path"), d.get("tiers"), d.get("ingest_root"))
 
     def require_ref(self, txn: Txn, name: str) -> Ref:
@@ -393,10 +351,15 @@ class Manifests(Versions):
 
     def put_ref(self, txn: Txn, ref: Ref) -> None:
         check_ref_name(ref.name)
-        txn.put(ref.name.encode(), ref.to_json(), db=self._refs)
+        key = ref.name.encode()
+        new = txn.get(key, db=self._refs) is None
+        txn.put(key, ref.to_json(), db=self._refs)
+        self._ref_delta += new
 
     def delete_ref(self, txn: Txn, name: str) -> bool:
-        return bool(txn.delete(name.encode(), db=self._refs))
+        gone = bool(txn.delete(name.encode(), db=self._refs))
+        self._ref_delta -= gone
+        return gone
 
     def refs(self, txn: Txn) -> list[Ref]:
         out = []
@@ -411,7 +374,7 @@ class Manifests(Versions):
         v = txn.get(bytes.fromhex(cid), db=self._commits)
         if v is None:
             raise VeloError(f"commit {cid} is missing", reason=Reason.MANIFEST_CORRUPT)
-        d = json.loads(bytes(v))
+        d = json_record(self.store, v, f"commit {cid}")
         return Commit(
             cid,
             d["root"],
@@ -537,6 +500,8 @@ class Manifests(Versions):
 
 def _lmdb_error(exc: Exception, store: Store) -> VeloError:
     text = str(exc)
+    if "Read-only file system" in text:
+        return store.read_only_error(f"the store's filesystem is read-only ({store.root})")
     if isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text:
         return VeloError(
             f"cannot open the manifest database: {text}",
@@ -546,9 +511,7 @@ def _lmdb_error(exc: Exception, store: Store) -> VeloError:
     if "No space" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return VeloError("the store's filesystem is full", reason=Reason.STORE_FULL)
     if isinstance(exc, lmdb.InvalidError | lmdb.CorruptedError | lmdb.VersionMismatchError):
-        return VeloError(
-            f"the manifest database is damaged: {text}",
-            reason=Reason.MANIFEST_CORRUPT,
-            path=store.db_path,
-        )
-    return VeloError(f"LMDB: {text}", reason=Reason.MANIFEST_CORRUPT, path=store.db_path)
+        return corrupt(store, text)
+    return VeloError(
+        f"LMDB: {text}", reason=Reason.MANIFEST_CORRUPT, path=store.db_path, hint=CORRUPT_HINT
+    )

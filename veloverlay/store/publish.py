@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 
-from veloverlay import _libc, faults, verity
+from veloverlay import _libc, faults, fsflags, verity
 from veloverlay.errors import SysError
 from veloverlay.store.cas import OBJECTS_V2, Store, _Chunk, _store_error
 
@@ -71,6 +71,7 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
             raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
         try:
             _libc.renameat2(_AT_FDCWD, path, objfd, rel, _libc.RENAME_NOREPLACE)
+            _protect(store.objects_b + b"/" + rel)
             return True
         except OSError as exc:
             if exc.errno == errno.EEXIST:
@@ -89,4 +90,18 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
         os.rename(path, dst)
     except OSError as exc:
         raise _store_error(exc, "rename", path, dst) from exc
+    _protect(dst)
     return True
+
+
+def _protect(path: bytes) -> None:
+    """As root, an object is immutable (+i) from the moment it is named, before the second
+    syncfs: no process (root's included) can change its bytes through a hard link made later.
+    Where the flag cannot be set (a user namespace, a filesystem without inode flags) the
+    object stays as it is: doctor reports which protection holds."""
+    if os.geteuid() != 0:
+        return
+    try:
+        fsflags.set_immutable(os.fsdecode(path), True)
+    except OSError:
+        pass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from veloverlay.errors import Reason, VeloError
 from veloverlay.paths import check_name
@@ -35,6 +35,7 @@ __all__ = [
     "Op",
     "OpKind",
     "EMPTY_DIR_MODE",
+    "extent",
 ]
 
 _MAGIC = b"VDN1"
@@ -199,6 +200,30 @@ def decode(data: bytes) -> Node:
     if off != end:
         raise _bad("trailing bytes")
     return Node(mode, mtime_ns, tuple(entries))
+
+
+def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int]:
+    """(levels, bytes) of the deepest and of the longest path in the tree `root`, each node read
+    once through `load` (shared subtrees are not walked twice; no recursion, whatever the
+    depth). The root alone is (0, 0); a file at its top is (1, len(name))."""
+    memo: dict[bytes, tuple[int, int]] = {}
+    stack: list[tuple[bytes, Node | None]] = [(root, None)]
+    while stack:
+        digest, node = stack.pop()
+        if digest in memo:
+            continue
+        if node is None:
+            node = load(digest)
+            stack.append((digest, node))
+            stack.extend((e.digest, None) for e in node.entries if e.kind is Kind.DIR)
+            continue
+        depth = length = 0
+        for e in node.entries:
+            sub_depth, sub_len = memo[e.digest] if e.kind is Kind.DIR else (0, 0)
+            depth = max(depth, sub_depth + 1)
+            length = max(length, len(e.name) + (sub_len + 1 if sub_len else 0))
+        memo[digest] = (depth, length)
+    return memo[root]
 
 
 class OpKind(enum.Enum):

@@ -193,6 +193,15 @@ def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Fi
     return out
 
 
+def _size(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> int | None:
+    if digest not in sizes:
+        try:
+            sizes[digest] = os.lstat(store.object_path_b(digest)).st_size
+        except OSError:
+            sizes[digest] = None
+    return sizes[digest]
+
+
 def fsck(
     store: Store,
     m: Manifests,
@@ -236,9 +245,15 @@ def fsck(
     from veloverlay.session.shim.materialize import verify_proxies
 
     rep.findings.extend(Finding(f.kind, f.path, f.detail) for f in verify_proxies(store))
+    # Cached lower layers (store and per-boot cache) show exactly their manifest's tree: a file
+    # planted in one would show in every later session of that version.
+    from veloverlay.lower.check import verify_layers
+
+    rep.findings.extend(Finding(*f) for f in verify_layers(store, m))
     # Manifest side: every node decodes and hashes to its key, every reference resolves.
     from veloverlay.store.digest import node_digest
 
+    sizes: dict[bytes, int | None] = {}
     with m.read() as txn:
         for key, data in m.iter_nodes(txn):
             rep.nodes += 1
@@ -261,6 +276,15 @@ def fsck(
                             f"referenced as {paths.display(e.name)} in node {key.hex()[:16]}",
                         )
                     )
+                elif e.kind is Kind.FILE and _size(store, sizes, e.digest) not in (e.size, None):
+                    rep.findings.append(
+                        Finding(
+                            "size-mismatch",
+                            e.digest.hex(),
+                            f"{paths.display(e.name)} in node {key.hex()[:16]} claims {e.size} "
+                            f"bytes, the object has {sizes[e.digest]}",
+                        )
+                    )
                 elif e.kind is Kind.DIR and not m.has_node(txn, e.digest):
                     rep.findings.append(
                         Finding("node-missing", e.digest.hex(), f"child {paths.display(e.name)}")
@@ -275,4 +299,9 @@ def fsck(
             rep.refs += 1
             if ref.head not in commits:
                 rep.findings.append(Finding("commit-missing", ref.head, f"head of ref {ref.name}"))
+    from veloverlay.verbs.gc import lost_refs
+
+    why = lost_refs(store, rep.refs)
+    if why is not None:
+        rep.findings.append(Finding("refs-lost", os.fspath(store.db_path), why))
     return rep

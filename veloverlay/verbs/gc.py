@@ -20,16 +20,17 @@ import time
 from pathlib import Path
 
 from veloverlay import faults
-from veloverlay.errors import VeloError
+from veloverlay.errors import Reason, VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import OBJECTS_V2, Store, syncfs_path
-from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn
+from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
 
 __all__ = [
     "GcReport",
     "RefFootprint",
     "gc",
+    "lost_refs",
     "migrate_objects",
     "ref_footprint",
     "session_roots",
@@ -214,11 +215,21 @@ def gc(
     grace: float = 3600.0,
     dry_run: bool = False,
     progress: Progress | None = None,
+    accept_lost_refs: bool = False,
 ) -> GcReport:
     """Delete what nothing needs (see the module's docstring); `progress(objects deleted,
-    objects to delete, bytes freed, bytes to free)` while sweeping."""
+    objects to delete, bytes freed, bytes to free)` while sweeping. `accept_lost_refs`: sweep
+    even when the manifest database holds fewer refs than the store record says it had (or none
+    while the store holds objects and has no record): only after checking that those refs were
+    deleted on purpose, since everything they reached goes."""
     rep = GcReport(dry_run=dry_run)
     with store.lock(exclusive=True):
+        with m.read() as txn:
+            refs = m.ref_count(txn)
+        if not accept_lost_refs:
+            _refuse_lost_refs(store, refs)
+        elif not dry_run:  # accepted: the record follows the database from now on
+            write_record(store, refs)
         if not dry_run:
             store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
             rep.objects_migrated = migrate_objects(store)
@@ -286,6 +297,34 @@ def gc(
 
         rep.proxies_removed = prune_proxies(store)
     return rep
+
+
+def lost_refs(store: Store, refs: int) -> str | None:
+    """Why the manifest database looks as if it lost refs (None when it does not): fewer refs
+    than the store record says it last had, or none at all in a store that holds objects and
+    has no record (stores made before the record existed)."""
+    had = read_record(store)
+    if had is not None:
+        if refs < had:
+            return f"the store record says it had {had} refs; the manifest database has {refs}"
+        return None
+    if refs == 0:
+        for d in (store.objects, store.root / OBJECTS_V2):
+            with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
+                if next(it, None) is not None:
+                    return "the manifest database has no refs, but the store holds objects"
+    return None
+
+
+def _refuse_lost_refs(store: Store, refs: int) -> None:
+    why = lost_refs(store, refs)
+    if why is not None:
+        raise VeloError(
+            f"gc refuses to sweep: {why} (a truncated or replaced database reads as empty)",
+            reason=Reason.MANIFEST_CORRUPT,
+            hint="check 'veloverlay refs' and restore manifests.lmdb if refs are missing; if "
+            "they were deleted on purpose, run gc with --accept-lost-refs",
+        )
 
 
 def _unlink_object(store: Store, path: Path, short: str | None) -> None:

@@ -68,9 +68,10 @@ class Repo:
         self.m = manifests
 
     @classmethod
-    def open(cls, path: str | None = None, *, create: bool = False) -> Repo:
+    def open(cls, path: str | None = None, *, create: bool = False, shared: bool = False) -> Repo:
+        """The store at `path`; `create` makes it if missing (private unless `shared`)."""
         root = path or os.fspath(default_store_path())
-        store = Store.init(root) if create else Store.open(root)
+        store = Store.init(root, shared=shared) if create else Store.open(root)
         return cls(store, Manifests(store))
 
     def close(self) -> None:
@@ -107,6 +108,8 @@ class Repo:
             return out
 
     def cat(self, spec: str, path: str, out: IO[bytes]) -> int:
+        """Write a file's bytes to `out`, verified as they go: a damaged object ends with
+        OBJECT_CORRUPT (after what was written; the caller's exit status says so)."""
         key = paths.parse_user_path(path)
         with self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
@@ -118,15 +121,11 @@ class Repo:
                 f"{spec}: {paths.display(key)} is a {e.kind.name.lower()}, not a file",
                 reason=Reason.BAD_PATH,
             )
-        fd = self.store.open_object(e.digest)
-        try:
-            n = 0
-            while chunk := os.read(fd, 1 << 20):
-                out.write(chunk)
-                n += len(chunk)
-            return n
-        finally:
-            os.close(fd)
+        n = 0
+        for chunk in self.store.stream_object(e.digest, e.size):
+            out.write(chunk)
+            n += len(chunk)
+        return n
 
     def diff(self, a: str, b: str) -> list[Op]:
         with self.m.read() as txn:
@@ -199,13 +198,22 @@ class Repo:
         return tier, rule, rules
 
     # -- writing -----------------------------------------------------------------------------
-    def checkout(self, spec: str, dest: str, *, progress: Progress | None = None) -> int:
+    def checkout(
+        self,
+        spec: str,
+        dest: str,
+        *,
+        progress: Progress | None = None,
+        keep_setid: bool = False,
+    ) -> int:
         from veloverlay.store.checkout import checkout
 
         with self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
             root = bytes.fromhex(commit.root)
-            return checkout(self.store, self.m, txn, root, dest, progress=progress)
+            return checkout(
+                self.store, self.m, txn, root, dest, progress=progress, keep_setid=keep_setid
+            )
 
     def rollback(self, name: str, version: int | str, *, message: str | None = None) -> Commit:
         """Make an earlier version the new head of ref `name` (a new commit: history is kept).

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from veloverlay import ns, overlay
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
+from veloverlay.lower.homes import base
 from veloverlay.lower.stacks import Lowers, ensure_lowers
 from veloverlay.progress import Progress
 from veloverlay.records import Record
@@ -151,6 +152,19 @@ def _prepare(
     return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, choice.locked)
 
 
+def readonly_caches(store: Store, home: str) -> list[str]:
+    """What the session's mount namespace binds read-only besides the store: the whole per-boot
+    layer cache of this user (every store's layers, not only this store's: a session could
+    otherwise plant files in another store's cached layers, which its next session would show),
+    and this store's layer home if it lies elsewhere."""
+    cache, _why = base()
+    out = [cache] if cache is not None and os.path.isdir(cache) else []
+    inside = cache is not None and (home + "/").startswith(cache.rstrip("/") + "/")
+    if home != os.fspath(store.trees) and not inside:
+        out.append(home)
+    return out
+
+
 def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) -> State:
     sid = state.new_id()
     sdir = store.sessions / sid
@@ -236,7 +250,7 @@ def run_session(
         ctx = ChildSpec(
             spec=spec,
             store_root=os.fspath(store.root),
-            readonly=[plan.lowers.home] if plan.lowers.home != os.fspath(store.trees) else [],
+            readonly=readonly_caches(store, plan.lowers.home),
             also_at=list(plan.also_at),
             cwd=cwd,
             argv=list(argv),

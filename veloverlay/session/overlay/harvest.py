@@ -162,6 +162,7 @@ class _Harvester:
         ops = self.res.ops
         for name in self._names(dfd):
             p = paths.join(rel, name)
+            paths.bounded(p)
             st = os.lstat(name, dir_fd=dfd)
             low = lower.lookup(name)
             if low is not None and low.kind is Kind.MASK:
@@ -237,6 +238,7 @@ class _Harvester:
             entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK}
         for child in self._names(dfd):
             p = paths.join(rel, child)
+            paths.bounded(p)
             cst = os.lstat(child, dir_fd=dfd)
             low = entries.get(child)
             if is_whiteout(cst, dfd, child, self.prefix):

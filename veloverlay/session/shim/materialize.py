@@ -35,7 +35,7 @@ from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
-from veloverlay.store.cas import Store, object_missing
+from veloverlay.store.cas import Store, object_corrupt, object_missing
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
@@ -171,6 +171,11 @@ class _Placer:
             if e.size:
                 src = self.store.open_object(e.digest)
                 try:
+                    have = os.fstat(src).st_size
+                    if have != e.size:  # a lying entry: never copy what the object is not
+                        raise object_corrupt(
+                            e.digest, f"it is {have} bytes, its manifest entry says {e.size}"
+                        )
                     self._fill(src, fd)
                 finally:
                     os.close(src)

@@ -42,6 +42,9 @@ class ShimStatus(Record):
     daemon_restarts: int = 0
 
 
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW  # never through a symlink
+
+
 def _reaper_main(
     argv: list[str],
     env: dict[str, str],
@@ -107,7 +110,7 @@ def start_daemon(store: Store, st: State) -> None:
         env,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+            (os.POSIX_SPAWN_OPEN, 1, log, _LOG_FLAGS, 0o600),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ],
         setsid=True,

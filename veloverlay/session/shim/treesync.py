@@ -207,6 +207,7 @@ class TreeSync:
         known = {e.name: e for e in node.entries if e.kind is not Kind.MASK}
         for name in sorted(on_disk | known.keys()):
             p = paths.join(rel, name)
+            paths.bounded(p)
             low = known.get(name)
             if name not in on_disk:
                 res.ops.append(Op(OpKind.DELETE, p))
@@ -228,6 +229,7 @@ class TreeSync:
         entries: list[Entry] = []
         for child in sorted(os.fsencode(n) for n in os.listdir(dfd)):
             p = paths.join(rel, child)
+            paths.bounded(p)
             try:
                 cst = os.lstat(child, dir_fd=dfd)
             except FileNotFoundError:

@@ -1,0 +1,152 @@
+"""What a session may do to stores (issue 14): veloverlay commands inside a session read the
+store and say plainly why they cannot write it; a session cannot plant files in another store's
+cached layers; one store's debris in the per-boot cache never breaks another store's session."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import as_mode, mode_params, new_store, run_session
+
+INSIDE = r"""
+import json, subprocess, sys
+py, out, src = sys.argv[1], sys.argv[2], sys.argv[3]
+res = {}
+for verb in (["refs"], ["ls", "t"], ["cat", "t", "f1"], ["ingest", src, "--name", "u"]):
+    p = subprocess.run([py, "-m", "veloverlay", "--json", *verb], capture_output=True, text=True)
+    res[verb[0]] = [p.returncode, p.stdout, p.stderr]
+with open(out, "w") as f:
+    json.dump(res, f)
+"""
+
+
+def _inside(base: str) -> tuple[dict[str, list[object]], str, int]:
+    store, src = new_store(base)
+    os.environ["VELO_STORE"] = os.fspath(store.root)
+    script, out = os.path.join(base, "inside.py"), os.path.join(base, "inside.json")
+    with open(script, "w") as f:
+        f.write(INSIDE)
+    at = os.path.join(base, "at")
+    r = run_session(store, ["t"], [sys.executable, script, sys.executable, out, src], at=at)
+    with open(out) as f:
+        return json.load(f), r.session_id, r.exit_status
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_commands_inside_a_session_read_and_say_why_they_cannot_write(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        res, sid, status = as_mode(mode, _inside, base)
+    assert status == 0
+    for verb in ("refs", "ls", "cat"):
+        assert res[verb][0] == 0, (verb, res[verb])
+    assert res["cat"][1] == "one\n"
+    rc, _out, err = res["ingest"]
+    assert rc == 1, err
+    assert "reason: store-read-only" in str(err), err
+    assert f"inside the veloverlay session {sid}" in str(err), err
+
+
+def _plant(base: str) -> dict[str, object]:
+    from veloverlay.lower.homes import boot_dir
+
+    os.environ.pop("VELO_FORCE_LOWER", None)
+    a, _src_a = new_store(os.path.join(base, "a"))
+    b, _src_b = new_store(os.path.join(base, "b"))
+    # a session of A fills A's part of the per-boot cache
+    run_session(a, ["t"], ["true"], at=os.path.join(base, "a", "at"), discard=True)
+    home = boot_dir(a.root)
+    assert home is not None, "no per-boot cache here"
+    victim = os.path.join(home, "planted")
+    script = f"echo evil > {victim} 2>/dev/null; echo $? > {base}/plant-status"
+    r = run_session(b, ["t"], ["sh", "-c", script], at=os.path.join(base, "b", "at"), discard=True)
+    with open(os.path.join(base, "plant-status")) as f:
+        status = int(f.read())
+    return {"exit": r.exit_status, "status": status, "planted": os.path.exists(victim)}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_session_cannot_write_another_stores_cached_layers(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _plant, base)
+    assert out["exit"] == 0
+    assert out["status"] != 0 and not out["planted"], out
+
+
+def _debris(base: str) -> dict[str, object]:
+    from veloverlay.lower.homes import base as cache_base
+
+    store, _src = new_store(base)
+    cache, why = cache_base()
+    assert cache is not None, why
+    # a store that is gone left a half-built layer deeper than any recursion limit
+    dead = os.path.join(cache, "ffff-ffff")
+    os.makedirs(dead, exist_ok=True)
+    with open(os.path.join(dead, "store"), "wb") as f:
+        f.write(os.fsencode(os.path.join(base, "no-such-store")))
+    fd = os.open(dead, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+    r = run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
+    return {"exit": r.exit_status, "left": os.path.exists(dead)}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_another_stores_debris_never_breaks_a_session(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _debris, base)
+    assert out == {"exit": 0, "left": False}
+
+
+def test_sessions_bind_the_whole_layer_cache_read_only_helper() -> None:
+    """The list of read-only binds names the per-boot cache of this user, whatever store."""
+    from veloverlay.lower.homes import base
+    from veloverlay.session.overlay.backend import readonly_caches
+    from veloverlay.store.cas import Store
+
+    cache, _why = base()
+    if cache is None:
+        pytest.skip("no per-boot cache on this host")
+    store = Store(Path("/nonexistent-store"))
+    assert readonly_caches(store, os.path.join(cache, "1-2")) == [cache]
+
+
+def _tamper_cache(base: str) -> tuple[list[str], list[str]]:
+    import glob
+
+    from veloverlay.lower.homes import layer_homes
+    from veloverlay.store.manifest import Manifests
+    from veloverlay.verbs.fsck import fsck
+
+    store, _src = new_store(base)
+    run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
+    m = Manifests(store)
+    try:
+        clean = [f.kind for f in fsck(store, m, jobs=1).findings]
+        layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+        assert layers, "no cached layer was built"
+        with open(os.path.join(layers[0], "planted"), "w") as f:
+            f.write("evil")
+        os.unlink(os.path.join(layers[0], "f3"))
+        tampered = [f"{f.kind} {f.what}" for f in fsck(store, m, jobs=1).findings]
+    finally:
+        m.close()
+    return clean, tampered
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_fsck_verifies_cached_layers_against_their_manifests(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        clean, tampered = as_mode(mode, _tamper_cache, base)
+    assert clean == []
+    assert any(t.startswith("layer-mismatch") and t.endswith(": planted") for t in tampered)
+    assert any(t.startswith("layer-mismatch") and t.endswith(": f3") for t in tampered)

@@ -1,0 +1,626 @@
+"""Store integrity against a damaged manifest database, lying bundles, rewritten objects and
+read-only stores (issue 14). Every check compares with what is really on disk: the source files'
+bytes, the objects present before, the commands' exit status and reason line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.trees import make_tree
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import ingest
+from veloverlay.store.digest import hash_bytes
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.gc import gc
+from veloverlay.verbs.repo import Repo
+
+FILES = {"a.txt": b"alpha\n", "d/b.bin": bytes(range(256)) * 64, "d/e/c": b"gamma"}
+
+
+def velo(store: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real command line in its own process (a SIGBUS shows as a negative status), with
+    --json: failures then show their `reason:` line on stderr."""
+    env = {**os.environ, "VELO_STORE": os.fspath(store), "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", "--json", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def stored_objects(store: str) -> set[str]:
+    out = set()
+    for _dirpath, _dirs, files in os.walk(os.path.join(store, "objects-v2")):
+        out.update(f for f in files if len(f) == 64)
+    return out
+
+
+def source_digests() -> set[str]:
+    return {hash_bytes(data).hex() for data in FILES.values()}
+
+
+@pytest.fixture
+def ingested(shm_tmp: str) -> str:
+    """A store with one ref `t` of FILES; returns the store path (closed: nothing holds it)."""
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, FILES)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+    finally:
+        repo.close()
+    assert source_digests() <= stored_objects(store)
+    return store
+
+
+def _assert_refused_corrupt(res: subprocess.CompletedProcess[str]) -> None:
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert "error:" in res.stderr and "reason: manifest-corrupt" in res.stderr, res.stderr
+    assert "hint:" in res.stderr
+
+
+# -- item 1: a damaged manifest database is manifest-corrupt, never "empty" ------------------
+
+
+@pytest.mark.parametrize("keep", ["nothing", "half", "one-page"])
+def test_a_truncated_database_is_manifest_corrupt_and_gc_deletes_nothing(
+    ingested: str, keep: str
+) -> None:
+    data = os.path.join(ingested, "manifests.lmdb", "data.mdb")
+    size = os.path.getsize(data)
+    os.truncate(data, {"nothing": 0, "half": size // 2, "one-page": 4096}[keep])
+    before = stored_objects(ingested)
+    for args in (["refs"], ["ls", "t"], ["fsck"], ["gc", "--grace", "0"], ["log", "t"]):
+        _assert_refused_corrupt(velo(ingested, *args))
+    assert stored_objects(ingested) == before
+    assert source_digests() <= before
+
+
+def test_a_database_replaced_by_an_empty_one_is_manifest_corrupt(ingested: str) -> None:
+    """A valid LMDB file without veloverlay's schema record (e.g. recreated by a tool)."""
+    db = os.path.join(ingested, "manifests.lmdb")
+    shutil.rmtree(db)
+    import lmdb
+
+    lmdb.open(db, max_dbs=8).close()
+    before = stored_objects(ingested)
+    _assert_refused_corrupt(velo(ingested, "refs"))
+    _assert_refused_corrupt(velo(ingested, "gc", "--grace", "0"))
+    assert stored_objects(ingested) == before
+
+
+def test_a_missing_database_in_a_store_with_objects_is_manifest_corrupt(ingested: str) -> None:
+    shutil.rmtree(os.path.join(ingested, "manifests.lmdb"))
+    _assert_refused_corrupt(velo(ingested, "refs"))
+    _assert_refused_corrupt(velo(ingested, "gc", "--grace", "0"))
+    assert source_digests() <= stored_objects(ingested)
+    assert not os.path.exists(os.path.join(ingested, "manifests.lmdb", "data.mdb"))
+
+
+def test_gc_refuses_when_refs_vanished_unless_told(shm_tmp: str) -> None:
+    """An older copy of the database put back (the refs of the newer one are gone): gc must not
+    sweep the objects only they reached, and fsck says refs were lost."""
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, FILES)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    repo.close()
+    old = os.path.join(shm_tmp, "old.mdb")
+    shutil.copyfile(os.path.join(store, "manifests.lmdb", "data.mdb"), old)
+    repo = Repo.open(store)
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    repo.close()
+    shutil.copyfile(old, os.path.join(store, "manifests.lmdb", "data.mdb"))
+    before = stored_objects(store)
+    repo = Repo.open(store)
+    try:
+        with pytest.raises(VeloError) as ei:
+            gc(repo.store, repo.m, grace=0)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+        assert "accept-lost-refs" in (ei.value.hint or "")
+        assert stored_objects(store) == before
+        assert [f.kind for f in fsck(repo.store, repo.m, jobs=1).findings] == ["refs-lost"]
+        rep = gc(repo.store, repo.m, grace=0, accept_lost_refs=True)
+        assert rep.objects_deleted == len(before)
+    finally:
+        repo.close()
+    res = velo(store, "gc", "--grace", "0")
+    assert res.returncode == 0, res.stderr
+
+
+def test_gc_sweeps_after_every_ref_was_deleted_on_purpose(ingested: str) -> None:
+    repo = Repo.open(ingested)
+    try:
+        repo.delete_ref("t")
+        rep = gc(repo.store, repo.m, grace=0)
+        assert rep.objects_deleted == len(source_digests())
+        assert fsck(repo.store, repo.m, jobs=1).ok
+    finally:
+        repo.close()
+    assert stored_objects(ingested) == set()
+
+
+def test_gc_refuses_an_old_store_without_a_record_whose_refs_are_gone(ingested: str) -> None:
+    """Stores made before the record existed: no refs while objects exist is suspicious too."""
+    os.unlink(os.path.join(ingested, "manifests.record"))
+    m = Manifests(Repo.open(ingested).store)
+    try:
+        with m.write() as txn:  # the refs vanish without the record (as with an older build)
+            txn.drop(m._refs, delete=False)
+        with pytest.raises(VeloError) as ei:
+            gc(m.store, m, grace=0)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+    finally:
+        m.close()
+    assert source_digests() <= stored_objects(ingested)
+
+
+# -- item 2 and 12: entries and objects that lie, objects rewritten in place --------------------
+
+
+def _rewrite_in_place(store: str, content: bytes, new: bytes) -> str:
+    """Change an object's bytes behind the store's back (as its root-free owner can)."""
+    h = hash_bytes(content).hex()
+    path = os.path.join(store, "objects-v2", h[:2], h)
+    if os.geteuid() == 0:
+        from veloverlay import fsflags
+
+        fsflags.set_immutable(path, False)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(new)
+    os.chmod(path, 0o444)
+    return h
+
+
+@pytest.mark.parametrize("verb", ["cat", "checkout", "export"])
+def test_a_rewritten_object_is_refused_naming_it(ingested: str, shm_tmp: str, verb: str) -> None:
+    h = _rewrite_in_place(ingested, FILES["d/e/c"], b"GAMMA")  # same size, other bytes
+    out = os.path.join(shm_tmp, "out")
+    args = {
+        "cat": ["cat", "t", "d/e/c"],
+        "checkout": ["checkout", "t", out],
+        "export": ["export", "t", "-o", out],
+    }[verb]
+    res = velo(ingested, *args)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "reason: object-corrupt" in res.stderr and h in res.stderr, res.stderr
+    assert "fsck" in res.stderr
+    if verb == "checkout":
+        assert not os.path.exists(os.path.join(out, "d", "e", "c"))
+        with open(os.path.join(out, "a.txt"), "rb") as f:  # what was sound was written
+            assert f.read() == FILES["a.txt"]
+    if verb == "export":
+        assert not os.path.exists(out) and not os.path.exists(out + ".part")
+
+
+def test_cat_of_a_sound_object_is_its_bytes(ingested: str) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "cat", "t", "d/b.bin"],
+        env={**os.environ, "VELO_STORE": ingested},
+        capture_output=True,
+    )
+    assert res.returncode == 0 and res.stdout == FILES["d/b.bin"]
+
+
+def _lying_ref(repo: Repo, content: bytes, claim: int) -> None:
+    """A ref whose file entry claims `claim` bytes for the object of `content` (written straight
+    into the database: import refuses such a tree, an older build did not)."""
+    from veloverlay.store.tree import Entry, Kind
+
+    with repo.store.stage() as st:
+        d = st.add_bytes(content)
+        st.publish()
+    with repo.m.write() as txn:
+        root = repo.m.put_node(
+            txn, 0o755, 1, [Entry(b"big", Kind.FILE, 0o644, claim, 1, d, b"", 2)]
+        )
+        repo.m.commit(txn, "lie", root, expect_head=None, message="lie")
+
+
+@pytest.mark.corrupts_store
+def test_fsck_and_checkout_catch_a_size_lie(repo: Repo, shm_tmp: str) -> None:
+    _lying_ref(repo, b"sixsix", 1 << 40)
+    findings = fsck(repo.store, repo.m, jobs=1).findings
+    assert [(f.kind, f.what) for f in findings] == [("size-mismatch", hash_bytes(b"sixsix").hex())]
+    out = os.path.join(shm_tmp, "co")
+    with pytest.raises(VeloError) as ei:
+        repo.checkout("lie", out)
+    assert ei.value.reason is Reason.OBJECT_CORRUPT
+    assert os.listdir(out) == []
+    import io
+
+    with pytest.raises(VeloError) as ei:
+        repo.cat("lie", "big", io.BytesIO())
+    assert ei.value.reason is Reason.OBJECT_CORRUPT
+
+
+# -- item 11: export -o X ----------------------------------------------------------------------
+
+
+def test_export_never_follows_a_planted_part_symlink(ingested: str, shm_tmp: str) -> None:
+    victim = os.path.join(shm_tmp, "victim")
+    with open(victim, "wb") as f:
+        f.write(b"precious")
+    out = os.path.join(shm_tmp, "b.velo")
+    os.symlink(victim, out + ".part")
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 1 and "reason: exists" in res.stderr, res.stderr
+    with open(victim, "rb") as f:
+        assert f.read() == b"precious"
+    assert os.path.islink(out + ".part") and not os.path.exists(out)
+    os.unlink(out + ".part")
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.lexists(out + ".part")
+    dst = Repo.open(os.path.join(shm_tmp, "dst"), create=True)
+    try:
+        from veloverlay.store.bundle import import_bundle
+
+        with open(out, "rb") as f:
+            import_bundle(dst.store, dst.m, f)
+        assert dst.resolve_root("t") == Repo.open(ingested).resolve_root("t")
+    finally:
+        dst.close()
+
+
+# -- item 3: depth -------------------------------------------------------------------------------
+
+
+def test_diff_apply_and_merge_of_a_deep_tree_need_no_recursion(repo: Repo) -> None:
+    """1500 levels (deeper than Python's recursion limit; such trees exist in stores made before
+    the depth bound): diff, apply and three-way merge walk them with explicit stacks."""
+    from veloverlay.store.merge import three_way
+    from veloverlay.store.tree import Entry, Kind, Op, OpKind
+
+    with repo.store.stage() as st:
+        a, b = st.add_bytes(b"a"), st.add_bytes(b"b")
+        st.publish()
+    deep = b"/".join([b"d"] * 1500)
+    with repo.m.write() as txn:
+        f = Entry(b"f", Kind.FILE, 0o644, 1, 1, a, b"", 2)
+        base = repo.m.put_node(txn, 0o755, 1, [f])
+        for _ in range(1500):
+            base = repo.m.put_node(txn, 0o755, 1, [Entry(b"d", Kind.DIR, digest=base)])
+        ours = repo.m.apply(txn, base, [Op(OpKind.PUT, deep + b"/g", f)])
+        theirs = repo.m.apply(
+            txn, base, [Op(OpKind.PUT, deep + b"/f", f.replace(digest=b, size=1))]
+        )
+        ops = repo.m.diff(txn, base, ours)
+        assert [(o.kind, o.path) for o in ops] == [(OpKind.PUT, deep + b"/g")]
+        res = three_way(repo.m, txn, base, ours, theirs)
+        assert res.root is not None
+        got = repo.m.lookup(txn, res.root, deep + b"/f")
+        assert got is not None and got.digest == b
+        assert repo.m.lookup(txn, res.root, deep + b"/g") is not None
+
+
+# -- items 4 and 5: a read-only store, and the store as a session sees it ------------------------
+
+
+def _commands_on_a_read_only_store(store: str, out: str, session: str | None) -> list[object]:
+    from veloverlay import mount, ns
+
+    ns.enter_userns(map_root=True)
+    mount.make_rprivate("/")
+    mount.bind(store, store, readonly=True)
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    env.pop("VELO_SESSION", None)
+    if session is not None:
+        env["VELO_SESSION"] = session
+    results: list[object] = []
+    for args in (
+        ["refs"],
+        ["ls", "-r", "t"],
+        ["cat", "t", "a.txt"],
+        ["log", "t"],
+        ["diff", "t", "t"],
+        ["fsck"],
+        ["checkout", "t", out],
+        ["ingest", out, "--name", "u"],
+        ["refs", "--delete", "t"],
+        ["gc", "--grace", "0"],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        results.append((args[0], p.returncode, p.stdout, p.stderr))
+    return results
+
+
+@pytest.mark.needs("userns")
+@pytest.mark.parametrize("inside", [False, True], ids=["read-only-fs", "inside-a-session"])
+def test_reads_work_on_a_read_only_store_and_writes_say_why(
+    ingested: str, shm_tmp: str, inside: bool
+) -> None:
+    from veloverlay import ns
+
+    out = os.path.join(shm_tmp, "co")
+    results = ns.run_in_child(
+        _commands_on_a_read_only_store, ingested, out, "s123" if inside else None
+    )
+    for verb, rc, stdout, stderr in results[:7]:  # type: ignore[misc]
+        assert rc == 0, (verb, stdout, stderr)
+    assert results[2][2] == FILES["a.txt"].decode()  # type: ignore[index]
+    with open(os.path.join(out, "d", "b.bin"), "rb") as f:
+        assert f.read() == FILES["d/b.bin"]
+    for verb, rc, _stdout, stderr in results[7:]:  # type: ignore[misc]
+        assert rc == 1, (verb, stderr)
+        assert "reason: store-read-only" in stderr, (verb, stderr)
+        if inside:
+            assert "inside the veloverlay session s123" in stderr, stderr
+        else:
+            assert "read-only" in stderr and "Traceback" not in stderr, stderr
+    repo = Repo.open(ingested)  # nothing changed
+    try:
+        assert [r.name for r, _c in repo.refs()] == ["t"]
+    finally:
+        repo.close()
+    assert source_digests() <= stored_objects(ingested)
+
+
+# -- item 7: who can read a store ----------------------------------------------------------------
+
+
+def _read_as_other_user(store: str, digest_hex: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    obj = os.path.join(store, "objects-v2", digest_hex[:2], digest_hex)
+    try:
+        with open(obj, "rb") as f:
+            out["object"] = f.read()
+    except OSError as exc:
+        out["object"] = exc.errno
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    pub = os.path.join(os.path.dirname(store), "pub")
+    for verb in (["cat", "t", "secret"], ["ingest", pub, "--name", "x"]):
+        p = subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *verb],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        out[verb[0]] = (p.returncode, p.stdout, p.stderr)
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_a_new_store_is_private_unless_shared(shared: bool) -> None:
+    """A 0600 secret ingested by its owner must not become readable by every local user through
+    the store (objects are 0444 and named by content). A shared store is readable by all, and
+    writable only by its owner."""
+    import errno
+
+    from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
+    from veloverlay.store.cas import Store
+
+    if os.geteuid() != 0:
+        pytest.skip("needs a second user: runs as root, reading as the root-free tests' uid")
+    with unpriv_tmpdir() as base:
+        src = os.path.join(base, "src")
+        make_tree(src, {"secret": b"s3cret"})
+        make_tree(os.path.join(base, "pub"), {"p": b"public"})
+        os.chmod(src, 0o700)
+        os.chmod(os.path.join(src, "secret"), 0o600)
+        store = os.path.join(base, "store")
+        Store.init(store, shared=shared)
+        repo = Repo.open(store)
+        try:
+            ingest(repo.store, repo.m, src, "t", jobs=1)
+        finally:
+            repo.close()
+        assert os.stat(store).st_mode & 0o777 == (0o755 if shared else 0o700)
+        got = run_unprivileged(_read_as_other_user, store, hash_bytes(b"s3cret").hex())
+    if shared:
+        assert got["object"] == b"s3cret"
+        assert got["cat"][:2] == (0, "s3cret"), got["cat"]  # type: ignore[index]
+        rc, _out, err = got["ingest"]  # type: ignore[misc]
+        assert rc == 1 and "reason: store-permission" in err, err
+    else:
+        assert got["object"] == errno.EACCES
+        rc, _out, err = got["cat"]  # type: ignore[misc]
+        assert rc == 1 and "reason: store-permission" in err, err
+
+
+# -- item 8: root and a store others can write ---------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["lock", "manifests.lmdb/lock.mdb", "tmp"])
+def test_root_never_follows_a_symlink_planted_in_the_store(
+    ingested: str, shm_tmp: str, where: str
+) -> None:
+    target = os.path.join(shm_tmp, "planted-target")
+    path = os.path.join(ingested, where)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+    os.symlink(target, path)
+    for args in (["refs"], ["gc", "--grace", "0"], ["ingest", shm_tmp + "/src", "--name", "u"]):
+        res = velo(ingested, *args)
+        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        assert "reason: store-unsafe" in res.stderr, (args, res.stderr)
+        assert not os.path.lexists(target), args
+    assert source_digests() <= stored_objects(ingested)
+
+
+def test_root_refuses_a_store_another_user_can_write(ingested: str, shm_tmp: str) -> None:
+    from tests.helpers.unpriv import UNPRIV_UID
+
+    if os.geteuid() != 0:
+        pytest.skip("only root refuses (anyone else could not write into root's files anyway)")
+    for d, change in (
+        (ingested, lambda p: os.chown(p, UNPRIV_UID, -1)),
+        (os.path.join(ingested, "objects-v2"), lambda p: os.chmod(p, 0o777)),
+        (os.path.join(ingested, "manifests.lmdb"), lambda p: os.chmod(p, 0o775)),
+    ):
+        st = os.stat(d)
+        change(d)
+        try:
+            res = velo(ingested, "refs")
+            assert res.returncode == 1, res.stdout
+            assert "reason: store-unsafe" in res.stderr and d in res.stderr, res.stderr
+            assert "hint:" in res.stderr
+        finally:
+            os.chown(d, st.st_uid, st.st_gid)
+            os.chmod(d, st.st_mode & 0o7777)
+    assert velo(ingested, "refs").returncode == 0
+
+
+# -- tests that kill mutants the suite let live ------------------------------------------------
+
+
+def test_publish_syncs_before_and_after_naming_objects(
+    repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability order is syncfs -> rename -> syncfs: no object gets its name before its
+    bytes are durable (a power cut would leave a named, torn object that ingest trusts because
+    the name exists), and the caller commits only after the names are durable."""
+    from veloverlay import _libc
+    from veloverlay.store import cas as cas_mod
+
+    events: list[str] = []
+    objects_dir = os.fspath(repo.store.objects)
+    real_syncfs, real_rename = _libc.syncfs, os.rename
+
+    def syncfs(fd: int) -> None:
+        events.append("syncfs")
+        real_syncfs(fd)
+
+    def rename(src: object, dst: object, *a: object, **kw: object) -> None:
+        if os.fsdecode(dst).startswith(objects_dir):  # type: ignore[arg-type]
+            assert not os.path.exists(os.fsdecode(dst))  # type: ignore[arg-type]
+            events.append("rename")
+        real_rename(src, dst, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cas_mod._libc, "syncfs", syncfs)
+    monkeypatch.setattr(os, "rename", rename)
+    with repo.store.stage() as st:
+        digests = [st.add_bytes(b"one"), st.add_bytes(b"two"), st.add_bytes(b"three")]
+        assert events == []  # staging alone names nothing
+        assert not any(repo.store.has(d) for d in digests)
+        st.publish()
+    assert events == ["syncfs", "rename", "rename", "rename", "syncfs"]
+    for d, content in zip(digests, (b"one", b"two", b"three"), strict=True):
+        assert repo.store.read_object(d) == content
+
+
+def test_reingest_sees_a_file_rewritten_in_place_with_its_mtime_restored(
+    repo: Repo, shm_tmp: str
+) -> None:
+    """Same size, same inode, mtime put back (as `cp -p`, rsync or a careful tool does): only the
+    ctime says the file changed, and the stat cache must not take the old digest for it."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f": b"version-1", "g": b"unchanged"})
+    old = 1_500_000_000_000_000_000  # far from the scan: not in the racy window
+    for n in ("f", "g", ""):  # (a racy directory is not cached at all)
+        os.utime(os.path.join(src, n), ns=(old, old))
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert ingest(repo.store, repo.m, src, "t", jobs=1).unchanged  # the cache is in use
+    ino = os.stat(os.path.join(src, "f")).st_ino
+    with open(os.path.join(src, "f"), "r+b") as f:
+        f.write(b"version-2")
+    os.utime(os.path.join(src, "f"), ns=(old, old))
+    st = os.stat(os.path.join(src, "f"))
+    assert (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, 9, old)
+    res = ingest(repo.store, repo.m, src, "t", jobs=1)
+    import io
+
+    for n in ("f", "g"):
+        buf = io.BytesIO()
+        repo.cat("t", n, buf)
+        with open(os.path.join(src, n), "rb") as f:
+            assert buf.getvalue() == f.read(), n
+    assert res.new_objects == 1
+
+
+# -- item 10: root's objects are immutable from the moment they are named ------------------------
+
+
+def test_as_root_every_object_is_immutable_when_named(ingested: str, shm_tmp: str) -> None:
+    """A hard link made to an object (before any session projected it) must not let anyone,
+    root included, change the object's bytes."""
+    import errno
+
+    from veloverlay import fsflags
+
+    if os.geteuid() != 0:
+        pytest.skip("only root may set +i (a root-free store is checked by fsck instead)")
+    names = stored_objects(ingested)
+    assert names == source_digests()
+    for h in names:
+        assert fsflags.is_immutable(os.path.join(ingested, "objects-v2", h[:2], h)), h
+    h = hash_bytes(FILES["a.txt"]).hex()
+    obj = os.path.join(ingested, "objects-v2", h[:2], h)
+    with pytest.raises(OSError) as ei:
+        os.link(obj, os.path.join(ingested, "tmp", "alias"))
+    assert ei.value.errno == errno.EPERM
+    with pytest.raises(OSError) as ei:
+        open(obj, "r+b").close()
+    assert ei.value.errno == errno.EPERM
+    with open(obj, "rb") as f:
+        assert f.read() == FILES["a.txt"]
+
+
+def _deep_dir(root: str, levels: int, name: str = "d") -> None:
+    """root/d/d/.../d/f, `levels` directories deep (made fd-relative: the path is too long)."""
+    os.mkdir(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+
+
+@pytest.mark.parametrize(("levels", "name"), [(600, "d"), (3000, "d"), (20, "n" * 250)])
+def test_ingest_refuses_a_tree_beyond_the_depth_bound(
+    repo: Repo, shm_tmp: str, levels: int, name: str
+) -> None:
+    """Too deep, or a path longer than PATH_MAX: too-deep, nothing committed, no traceback."""
+    src = os.path.join(shm_tmp, "deep")
+    _deep_dir(src, levels, name)
+    with pytest.raises(VeloError) as ei:
+        ingest(repo.store, repo.m, src, "deep", jobs=1)
+    assert ei.value.reason is Reason.TOO_DEEP
+    assert repo.refs() == []
+
+
+def test_force_rmtree_removes_any_depth(shm_tmp: str) -> None:
+    """The product's force_rmtree (layers, sessions, the per-boot cache) must not recurse: a
+    3000-level tree with 0555 and 000 directories goes entirely."""
+    from veloverlay.files import force_rmtree
+
+    root = os.path.join(shm_tmp, "deep")
+    _deep_dir(root, 3000)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(3000):  # lock some levels down as a session might have left them
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        if i % 7 == 0:
+            os.chmod(child, 0o555)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+    force_rmtree(root)
+    assert not os.path.lexists(root)
+
+
+def test_the_store_path_itself_may_be_a_link_the_user_chose(ingested: str, shm_tmp: str) -> None:
+    alias = os.path.join(shm_tmp, "alias")
+    os.symlink(ingested, alias)
+    res = velo(alias, "refs")
+    assert res.returncode == 0, res.stderr
+    assert [r["name"] for r in json.loads(res.stdout)] == ["t"]

@@ -1,0 +1,199 @@
+"""The manifest database's files, checked before LMDB maps them, and the store record.
+
+`check_data_file` reads an existing `data.mdb`'s meta pages with plain reads (LMDB would map the
+file, and a read through the map of a page the file no longer has is a SIGBUS that kills the
+process without an error). `manifests.record`, outside LMDB, keeps the ref count at the last
+change of it, so that gc and fsck can tell a database that lost its refs from one that has none.
+This module does not import lmdb (store/manifest.py is the only one that does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.store.cas import Store
+
+__all__ = [
+    "CORRUPT_HINT",
+    "corrupt",
+    "check_data_file",
+    "check_fresh",
+    "json_record",
+    "mkdir_nofollow",
+    "record_lock",
+    "put_record",
+    "write_record",
+    "read_record",
+]
+
+CORRUPT_HINT = (
+    "nothing was changed; restore manifests.lmdb from a backup (the objects are intact: "
+    "'veloverlay fsck' re-hashes them), and do not run gc on this store until then"
+)
+_META_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<II")  # mm_magic, mm_version after the 16-byte page header
+_META_PSIZE = 40  # mm_dbs[FREE_DBI].md_pad holds the page size
+_META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
+_META_TAIL_AT = 136
+_SHORT_SLACK = 16  # pages a read-only open lets a data file be short by (see check_data_file)
+_RECORD = "manifests.record"
+_RECORD_SIZE = 64
+
+
+def corrupt(store: Store, what: str) -> VeloError:
+    return VeloError(
+        f"the manifest database is damaged: {what}",
+        reason=Reason.MANIFEST_CORRUPT,
+        hint=CORRUPT_HINT,
+        path=store.db_path / "data.mdb",
+    )
+
+
+def check_data_file(store: Store, *, writable: bool = True) -> bool:
+    """Check an existing `data.mdb` against its own header before LMDB maps it. Returns False
+    when there is no data file yet (a new store).
+
+    A file shorter than the pages its newest meta page says are in use makes a read through the
+    map a SIGBUS, which kills the process without an error. LMDB itself leaves the file short by
+    pages it allocated but freed again unwritten (measured: one page after a kill -9), so a short
+    file is not damage by itself: a writer extends it with zeros (fallocate, which never shrinks
+    it or touches bytes a concurrent writer put there), and a page that was cut off then reads as
+    a zero page, which LMDB reports as corrupted (MANIFEST_CORRUPT here) instead of faulting. A
+    reader that may not extend it refuses a file short by more than LMDB leaves."""
+    path = store.db_path / "data.mdb"
+    for name in (store.db_path, path, store.db_path / "lock.mdb"):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.lstat(name).st_mode):
+                raise VeloError(
+                    f"{name} is a symbolic link: nothing in a store may be one",
+                    reason=Reason.STORE_UNSAFE,
+                    hint="someone who can write the store planted it; remove it and check who can",
+                    path=name,
+                )
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except PermissionError as exc:
+        raise VeloError(
+            f"cannot open the manifest database: {exc.strerror}",
+            reason=Reason.STORE_PERMISSION,
+            path=path,
+        ) from exc
+    try:
+        head = os.pread(fd, 4096, 0)
+        metas: list[tuple[int, int]] = []  # (txnid, last page) of each valid meta page
+        psize = 0
+        if len(head) >= _META_TAIL_AT + _META_TAIL.size:
+            psize = struct.unpack_from("<I", head, _META_PSIZE)[0]
+        if 512 <= psize <= 65536:
+            for page in (head if psize <= len(head) else b"", os.pread(fd, 4096, psize)):
+                if len(page) < _META_TAIL_AT + _META_TAIL.size:
+                    continue
+                magic, version = _META.unpack_from(page, 16)
+                if magic == _META_MAGIC and version == 1:
+                    last_pg, txnid = _META_TAIL.unpack_from(page, _META_TAIL_AT)
+                    metas.append((txnid, last_pg))
+        size = os.fstat(fd).st_size
+        if not metas:
+            raise corrupt(store, f"data.mdb ({size} bytes) has no valid header")
+        need = (max(metas)[1] + 1) * psize
+        if size < need:
+            if writable:
+                try:
+                    os.posix_fallocate(fd, size, need - size)
+                except OSError as exc:
+                    raise corrupt(store, f"data.mdb is {size} bytes of {need}: {exc}") from exc
+            elif need - size > _SHORT_SLACK * psize:
+                raise corrupt(
+                    store, f"data.mdb is {size} bytes, shorter than the {need} its header uses"
+                )
+    finally:
+        os.close(fd)
+    return True
+
+
+def json_record(store: Store, value: Any, what: str) -> Any:
+    try:
+        d = json.loads(bytes(value))
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+        return d
+    except ValueError as exc:
+        raise corrupt(store, f"the record of {what} is not readable ({exc})") from None
+
+
+def check_fresh(store: Store) -> None:
+    """There is no data file: fine for a new store, damage for one that holds objects or whose
+    record says it had refs (never start an empty database over a store's content)."""
+    had = read_record(store)
+    try:
+        with os.scandir(store.objects) as it:
+            has_objects = next(it, None) is not None
+    except FileNotFoundError:
+        has_objects = False
+    if has_objects or (had or 0) > 0:
+        raise corrupt(
+            store,
+            "manifests.lmdb/data.mdb is missing, but the store holds "
+            + ("objects" if has_objects else f"{had} refs by its record"),
+        )
+
+
+def mkdir_nofollow(path: os.PathLike[str]) -> None:
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise VeloError(
+                f"{path} is not a directory", reason=Reason.MANIFEST_CORRUPT, path=path
+            ) from None
+
+
+@contextlib.contextmanager
+def record_lock(store: Store) -> Iterator[int]:
+    fd = os.open(store.root / _RECORD, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def put_record(fd: int, refs: int) -> None:
+    data = json.dumps({"refs": refs}).encode().ljust(_RECORD_SIZE)
+    os.pwrite(fd, data, 0)
+
+
+def write_record(store: Store, refs: int) -> None:
+    """The store record (`<store>/manifests.record`): how many refs the manifest database held
+    at its last change of that number. It lives outside LMDB so that `gc` and `fsck` can tell a
+    database that lost its refs (truncated, replaced by an older copy) from one that has none."""
+    with record_lock(store) as fd:
+        put_record(fd, refs)
+
+
+def read_record(store: Store) -> int | None:
+    """The ref count in the store record; None when there is none (older stores) or it is
+    unreadable."""
+    try:
+        fd = os.open(store.root / _RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, _RECORD_SIZE, 0)
+    finally:
+        os.close(fd)
+    try:
+        refs = json.loads(data)["refs"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return refs if isinstance(refs, int) and refs >= 0 else None
