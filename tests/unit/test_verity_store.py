@@ -152,6 +152,7 @@ def test_fsck_reports_an_unreadable_object_instead_of_crashing(
 ) -> None:
     """A sealed object whose block fails its Merkle check reads EIO; fsck names it."""
     store = Store.init(os.path.join(shm_tmp, "store"))
+    Manifests(store).close()  # (a store with objects and no manifest database is damage)
     with store.stage() as stage:
         digest = stage.add_bytes(b"bytes on a failing disk\n")
         stage.publish()
