@@ -504,7 +504,14 @@ def test_publish_syncs_before_and_after_naming_objects(
             events.append("rename")
         real_rename(src, dst, *a, **kw)  # type: ignore[arg-type]
 
+    real_renameat2 = _libc.renameat2
+
+    def renameat2(olddfd: int, old: bytes, newdfd: int, new: bytes, flags: int) -> None:
+        events.append("rename")  # relative to the objects directory: always an object's name
+        real_renameat2(olddfd, old, newdfd, new, flags)
+
     monkeypatch.setattr(cas_mod._libc, "syncfs", syncfs)
+    monkeypatch.setattr(_libc, "renameat2", renameat2)
     monkeypatch.setattr(os, "rename", rename)
     with repo.store.stage() as st:
         digests = [st.add_bytes(b"one"), st.add_bytes(b"two"), st.add_bytes(b"three")]
