@@ -147,39 +147,7 @@ class Workers:
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """fn over items, results in completion order; exceptions in fn are re-raised here."""
-        it = iter(items)
-        idle = list(self._procs)
-        busy: dict[int, tuple[int, int, int]] = {}  # result fd -> proc
-        exhausted = False
-        while True:
-            while idle and not exhausted:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                proc = idle.pop()
-                try:
-                    _write_frame(proc[1], (fn, item))
-                except BrokenPipeError:
-                    raise self._died(proc[0]) from None
-                busy[proc[2]] = proc
-            if not busy:
-                return
-            ready, _, _ = select.select(list(busy), [], [])
-            for fd in ready:
-                proc = busy.pop(fd)
-                ok, msg = _read_frame(fd)
-                if not ok:
-                    raise self._died(proc[0])
-                success, value = cast(tuple[bool | None, Any], msg)
-                if success is None:  # a report: no one asked for them here
-                    busy[fd] = proc
-                    continue
-                if not success:
-                    raise cast(BaseException, value)
-                idle.append(proc)
-                yield cast(R, value)
+        return self.map_queue(fn, deque(items))
 
     def map_queue(
         self,
