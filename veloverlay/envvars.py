@@ -28,7 +28,8 @@ VARS: dict[str, str] = {
     "VELO_TEST_MUST_WORK": "tests: comma-separated probe features whose skips become failures",
     "VELO_INTERNAL__TEST_UID": "tests: the unprivileged uid for root-free tests (default 1500)",
     "VELO_INTERNAL__TEST_FAULT": "tests: inject a fault at a named point (crash tests)",
-    "VELO_INTERNAL__TEST_PROGRESS": "tests: draw progress bars at once, on any stderr",
+    "VELO_INTERNAL__TEST_PROGRESS": "tests: draw progress bars at once (1: on any stderr, tty: "
+    "on a terminal only)",
     "VELO_INTERNAL__TEST_SCRATCH": "tests: where test stores live (default /dev/shm; the matrix's "
     "fs-verity box sets its verity ext4)",
 }

@@ -508,13 +508,15 @@ def test_bash_completes_a_verb_and_a_ref_name(store: str, src: str, shm_tmp: str
     assert complete("veloverlay", "tiers", "ex") == ["explain"]
 
 
-def _in_a_terminal(args: list[str], env: dict[str, str]) -> bytes:
-    """Run the CLI with a pseudo-terminal as its stdout and stderr; return what it wrote."""
+def _in_a_terminal(args: list[str], env: dict[str, str], script: str | None = None) -> bytes:
+    """Run the CLI (`python -m veloverlay`, or the console `script`) with a pseudo-terminal as
+    its stdout and stderr; return what it wrote."""
     import pty
 
+    argv = [script, *args] if script else [sys.executable, "-m", "veloverlay", *args]
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.execve(sys.executable, [sys.executable, "-m", "veloverlay", *args], env)
+        os.execve(argv[0], argv, env)
     out = b""
     while True:
         try:
@@ -680,22 +682,63 @@ def test_diff_statuses_stat_and_patch(store: str, src: str, shm_tmp: str) -> Non
     assert stat[-1].startswith(f" {len(want)} files changed")
 
 
+def _bar_line(err: str, label: str) -> str:
+    """The last drawing of the bar `label` in stderr (escape sequences and redraws removed)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", err)  # colours
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "\n", text.replace("\r", "\n"))  # cursor moves
+    lines = [x.strip() for x in text.splitlines() if x.strip().startswith(label)]
+    assert lines, (label, err)
+    return lines[-1]
+
+
 def test_long_operations_show_bytes_rate_and_eta(store: str, shm_tmp: str) -> None:
-    """The progress of ingest, fsck, checkout and gc (drawn at once and off a terminal for the
-    test: VELO_INTERNAL__TEST_PROGRESS)."""
+    """The progress of ingest, checkout, fsck and gc: bytes, a byte rate, the items and an ETA
+    (drawn at once and off a terminal for the test: VELO_INTERNAL__TEST_PROGRESS=1)."""
     big = os.path.join(shm_tmp, "big")
-    make_tree(big, {f"f{i:03d}": os.urandom(20_000) for i in range(300)})
+    make_tree(big, {f"d{i % 3}/f{i:03d}": os.urandom(20_000) for i in range(300)})
+    size = 300 * 20_000
     env = {"VELO_INTERNAL__TEST_PROGRESS": "1"}
-    err = velo(store, "ingest", big, "-n", "big", env=env).stderr.decode()
-    assert "hashing" in err and "MiB" in err and "/s" in err and "ETA" in err, err
-    assert "300 files" in err
-    err = velo(store, "fsck", env=env).stderr.decode()
-    assert "checking objects" in err and "300/300" in err and "ETA" in err, err
+    line = _bar_line(velo(store, "ingest", big, "-n", "big", env=env).stderr.decode(), "hashing")
+    assert "MiB" in line and "/s" in line and "300 files" in line and "ETA" in line, line
+    # checkout knows its totals before it starts: 303 entries (3 dirs) and every byte
+    out = os.path.join(shm_tmp, "out")
+    err = velo(store, "checkout", "big", out, env=env).stderr.decode()
+    line = _bar_line(err, "checking out")
+    want = f"{size / 2**20:.1f} MiB / {size / 2**20:.1f} MiB"
+    assert want in line and "MiB/s" in line and "303/303 entries" in line, line
+    assert re.search(r"ETA\s+\d+:\d\d:\d\d", line), line
+    assert_same_tree(big, out)
+    line = _bar_line(velo(store, "fsck", env=env).stderr.decode(), "checking objects")
+    assert f"{size / 2**20:.1f} MiB" in line and "MiB/s" in line, line
+    assert "300/300 objects" in line and "ETA" in line, line
     ok(velo(store, "refs", "--delete", "big"))
-    err = velo(store, "gc", "--grace", "0", env=env).stderr.decode()
-    assert "deleting objects" in err and "MiB" in err and "300 objects" in err, err
-    # never without a terminal otherwise
+    line = _bar_line(velo(store, "gc", "--grace", "0", env=env).stderr.decode(), "deleting")
+    assert "MiB" in line and "300/300 objects" in line and "ETA" in line, line
+    # never without a terminal otherwise, and never with --json
     assert b"hashing" not in velo(store, "ingest", big, "-n", "again").stderr
+    p = velo(store, "fsck", "--json", env=env)
+    assert p.stderr == b"" and json.loads(p.stdout)["objects"] == 300
+
+
+def test_progress_is_drawn_on_a_terminal_only(store: str, shm_tmp: str) -> None:
+    """The installed console script on a pseudo-terminal draws the bar (at once:
+    VELO_INTERNAL__TEST_PROGRESS=tty keeps the terminal rule); the same with stderr a pipe, or
+    with --json on the terminal, draws nothing."""
+    big = os.path.join(shm_tmp, "big")
+    make_tree(big, {f"f{i:03d}": os.urandom(20_000) for i in range(100)})
+    ok(velo(store, "ingest", big, "-n", "big"))
+    script = os.path.join(os.path.dirname(sys.executable), "veloverlay")
+    assert os.access(script, os.X_OK), script
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    env.update(VELO_STORE=store, TERM="xterm", COLUMNS="200", VELO_INTERNAL__TEST_PROGRESS="tty")
+    out = os.path.join(shm_tmp, "out")
+    line = _bar_line(_in_a_terminal(["checkout", "big", out], env, script).decode(), "checking")
+    assert "1.9 MiB / 1.9 MiB" in line and "MiB/s" in line and "100/100 entries" in line, line
+    assert re.search(r"ETA\s+\d+:\d\d:\d\d", line), line
+    p = subprocess.run([script, "fsck"], env=env, capture_output=True)
+    assert p.returncode == 0 and b"checking" not in p.stderr, p.stderr
+    text = _in_a_terminal(["fsck", "--json"], env, script).decode()
+    assert "checking" not in text and '"objects": 100' in text, text
 
 
 def test_help_on_a_terminal_is_typers_rich_page_and_keeps_every_word(store: str) -> None:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_cli import data, ok, velo
+from tests.e2e.test_cli import _bar_line, data, ok, velo
 from tests.helpers.trees import make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
@@ -281,8 +281,28 @@ def test_a_layer_build_shows_progress_and_a_warm_start_none(store: str, shm_tmp:
     try:
         cold = velo(store, "run", "many", "--", "true", env=env)
         assert cold.returncode == 0, cold.stderr
-        assert b"building layers" in cold.stderr and b"entries" in cold.stderr
+        line = _bar_line(cold.stderr.decode(), "preparing the tree")
+        assert "/600 entries" in line and "entries/s" in line and "ETA" in line, line
         warm = velo(store, "run", "many", "--", "true", env=env)
-        assert warm.returncode == 0 and b"building layers" not in warm.stderr
+        assert warm.returncode == 0 and b"preparing the tree" not in warm.stderr
     finally:
         subprocess.run(["chattr", "-R", "-i", env["VELO_RUNTIME_DIR"]], check=False)
+
+
+def test_the_shims_materialisation_shows_bytes_rate_and_eta(store: str, shm_tmp: str) -> None:
+    """The shim writes the whole tree before the command starts: its bar counts entries and
+    bytes against totals known up front; with --json nothing but the report is written."""
+    src = os.path.join(shm_tmp, "many")
+    make_tree(src, {f"d{i // 100}/f{i}": os.urandom(10_000) for i in range(300)})
+    ok(velo(store, "ingest", src, "-n", "many"))
+    at = os.path.join(shm_tmp, "at")
+    env = {"VELO_INTERNAL__TEST_PROGRESS": "1"}
+    p = velo(store, "run", "many", "--backend", "shim", "--at", at, "--", "true", env=env)
+    assert p.returncode == 0, p.stderr
+    line = _bar_line(p.stderr.decode(), "preparing the tree")
+    size = f"{300 * 10_000 / 2**20:.1f} MiB"
+    assert f"{size} / {size}" in line and "MiB/s" in line and "303/303 entries" in line, line
+    assert "ETA" in line, line
+    p = velo(store, "run", "--json", "many", "--backend", "shim", "--at", at, "--", "true", env=env)
+    assert p.returncode == 0 and b"preparing" not in p.stderr, p.stderr
+    assert json.loads(p.stdout)["exit_status"] == 0

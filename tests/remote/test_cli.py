@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,14 @@ def test_two_machines(logged_in: Registry, shm_tmp: str) -> None:
     out = os.path.join(shm_tmp, "out")
     assert velo(there, "checkout", "py311", out).returncode == 0
     assert_same_tree(src, out)
+    assert b"pull" not in p.stderr  # --json: no progress bar
+    # without --json, the pull draws its bar: bytes against the total, rate and ETA
+    forced = {"VELO_INTERNAL__TEST_PROGRESS": "1"}
+    third = os.path.join(shm_tmp, "third")
+    p = velo(third, "pull", f"{remote}:py311", *ca, env=forced)
+    assert p.returncode == 0, p.stderr.decode()
+    line = [x for x in p.stderr.decode().replace("\r", "\n").splitlines() if "pull" in x][-1]
+    assert re.search(r"\d B / \d+ B|KiB / ", line) and "/s" in line and "ETA" in line, line
     # doctor reports the registry this store pulled from, and how it authenticates
     p = velo(there, "doctor", "--json", env={"SSL_CERT_FILE": str(logged_in.ca)})
     [r] = json.loads(p.stdout)["remotes"]

@@ -51,6 +51,7 @@ state = _State()
 
 def reset() -> None:
     state.store, state.debug, state.json = None, False, False
+    render.machine_output(False)
 
 
 def set_globals(*, store: str | None, debug: bool, as_json: bool) -> None:
@@ -58,6 +59,7 @@ def set_globals(*, store: str | None, debug: bool, as_json: bool) -> None:
         state.store = store
     state.debug = state.debug or debug
     state.json = state.json or as_json
+    render.machine_output(state.json)
 
 
 def new_app(**kwargs: Any) -> typer.Typer:

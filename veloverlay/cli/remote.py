@@ -48,7 +48,7 @@ def _options(tls_verify: str, ca_cert: str | None, authfile: str | None, jobs: i
 
 
 def _bar(label: str) -> tuple[Any, Any]:
-    bar = render.Progress(label)
+    bar = render.Progress(label, unit="objects")
 
     def show(t: Any) -> None:
         bar(t.items_done, t.items_total, t.done, t.total)

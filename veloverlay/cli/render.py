@@ -9,10 +9,11 @@ used only on a terminal, and never with `NO_COLOR` set or `TERM=dumb`. A failure
 with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` or `--json`; with
 `--json` the failure is also one JSON object on stdout, which always carries the reason.
 
-Progress (ingest, checkout, fsck, gc, layer builds, materialisation) is drawn here and nowhere
-else: the library reports through a plain callback (`veloverlay.progress.Progress`), and this
-module turns it into a rich progress bar with bytes, rate and ETA on a terminal. rich is imported
-only when a bar is first drawn.
+Progress (ingest, checkout, fsck, gc, layer builds, shim materialisation, push and pull) is drawn
+here and nowhere else: the library reports through a plain callback
+(`veloverlay.progress.Progress`), and this module turns it into a rich progress bar with bytes,
+rate and ETA on a terminal. No bar is drawn off a terminal, with `--json`, or for an operation
+shorter than half a second; rich is imported only when a bar is first drawn.
 """
 
 from __future__ import annotations
@@ -130,25 +131,34 @@ def human_bytes(n: float) -> str:
 
 
 _DELAY = 0.5  # seconds before a bar appears: short operations draw nothing
+_MACHINE = [False]  # --json: output is for programs, and no bar is drawn even on a terminal
+
+
+def machine_output(on: bool) -> None:
+    """`--json` given: progress bars stay off (stderr carries only errors and warnings)."""
+    _MACHINE[0] = on
 
 
 class Progress:
     """A progress bar on stderr for one long operation, drawn only on a terminal.
 
     Called as `progress(done, total, done_bytes, total_bytes)` (the library's
-    `veloverlay.progress.Progress`); totals may be None when unknown. With byte counts the bar
-    shows bytes, rate and ETA; without, items, rate and ETA. Nothing is drawn for operations
-    that end within half a second, and rich is imported only then.
+    `veloverlay.progress.Progress`); totals may be None when unknown. An operation that moves
+    file data reports bytes: the bar shows them with a byte rate, and its ETA follows the bytes
+    when their total is known, else the items (fsck knows how many objects, not their size).
+    Without bytes (a layer build writes metadata only): items, their rate and the ETA. Nothing
+    is drawn for operations that end within half a second, and rich is imported only then.
     """
 
     def __init__(self, label: str, *, unit: str = "files", enabled: bool | None = None) -> None:
         self.label = label
         self.unit = unit
-        self.enabled = (color_enabled(sys.stderr) or _forced()) if enabled is None else enabled
+        if enabled is None:
+            enabled = not _MACHINE[0] and (color_enabled(sys.stderr) or _forced() == "1")
+        self.enabled = enabled
         self._start = time.monotonic()
         self._bar: Any = None
         self._task: Any = None
-        self._bytes = False
 
     def __call__(
         self,
@@ -162,43 +172,38 @@ class Progress:
         if self._bar is None:
             if time.monotonic() - self._start < _DELAY and not _forced():
                 return
-            self._open(total_bytes is not None or done_bytes > 0)
+            self._open()
         elapsed = max(time.monotonic() - self._start, 1e-3)
-        rate = f"{done / elapsed:,.0f} {self.unit}/s"
-        if self._bytes:
-            self._bar.update(
-                self._task, completed=done_bytes, total=total_bytes, items=done, rate=rate
-            )
+        with_bytes = total_bytes is not None or done_bytes > 0
+        count = f"{done:,}/{total:,}" if total is not None else f"{done:,}"
+        if with_bytes:  # 12.0/80.0 MiB  41.2 MiB/s  1,204/2,000 files  ETA 0:00:02
+            size = human_bytes(done_bytes)
+            if total_bytes is not None:
+                size = f"{size} / {human_bytes(total_bytes)}"
+            what = f"{size}  {human_bytes(done_bytes / elapsed)}/s  {count} {self.unit}"
+        else:  # 1,204/20,000 entries  9,700 entries/s  ETA 0:00:02
+            what = f"{count} {self.unit}  {done / elapsed:,.0f} {self.unit}/s"
+        if total_bytes is not None:
+            self._bar.update(self._task, completed=done_bytes, total=total_bytes, what=what)
         else:
-            self._bar.update(self._task, completed=done, total=total, items=done, rate=rate)
+            self._bar.update(self._task, completed=done, total=total, what=what)
 
-    def _open(self, with_bytes: bool) -> None:
+    def _open(self) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        self._bytes = with_bytes
-        columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
-        if with_bytes:  # 12.0/80.0 MiB 41.2 MiB/s 1,204 files ETA 0:00:02
-            columns += [
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TextColumn("{task.fields[items]:,} " + self.unit),
-            ]
-        else:  # 1,204/20,000 9,700 files/s ETA 0:00:02
-            columns += [MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
-        columns += [TextColumn("ETA"), TimeRemainingColumn()]
-        console = Console(stderr=True, force_terminal=_forced() or None)
+        columns: list[Any] = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[what]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ]
+        console = Console(stderr=True, force_terminal=_forced() == "1" or None)
         self._bar = Bar(*columns, console=console, transient=True)
         self._bar.start()
-        self._task = self._bar.add_task(self.label, total=None, items=0, rate="")
+        self._task = self._bar.add_task(self.label, total=None, what="")
 
     def done(self) -> None:
         if self._bar is not None:
@@ -206,6 +211,7 @@ class Progress:
             self._bar = None
 
 
-def _forced() -> bool:
-    """VELO_INTERNAL__TEST_PROGRESS draws progress on a non-terminal (the suite checks it)."""
-    return bool(envvars.get("VELO_INTERNAL__TEST_PROGRESS"))
+def _forced() -> str:
+    """VELO_INTERNAL__TEST_PROGRESS, for the suite: `1` draws bars at once on any stderr, `tty`
+    at once but only on a terminal (the rule itself stays under test)."""
+    return envvars.get("VELO_INTERNAL__TEST_PROGRESS") or ""

@@ -185,7 +185,7 @@ def run(
         grace=grace,
         link=link,
     )
-    progress = render.Progress("building layers", unit="entries")
+    progress = render.Progress("preparing the tree", unit="entries")
 
     def start(info: Any) -> None:  # the bar goes before the command writes anything
         progress.done()
@@ -245,7 +245,7 @@ def enter(
         grace=grace,
         link=link,
     )
-    progress = render.Progress("building layers", unit="entries")
+    progress = render.Progress("preparing the tree", unit="entries")
 
     def start(info: Any) -> None:
         progress.done()

@@ -275,7 +275,7 @@ def checkout(
     ] = False,
 ) -> None:
     """Materialise a manifest as a real tree in DEST (new or empty directory)."""
-    progress = render.Progress("checking out")
+    progress = render.Progress("checking out", unit="entries")
     try:
         n = common.repo().checkout(ref, dest, progress=progress, keep_setid=keep_setid)
     finally:

@@ -93,7 +93,7 @@ def _dispatch(
         )
     from veloverlay.session.shim.backend import run_shim
 
-    res = run_shim(store, opts, argv, interactive=interactive, on_start=on_start)
+    res = run_shim(store, opts, argv, interactive=interactive, on_start=on_start, progress=progress)
     if opts.backend == "auto":  # P0-d: a degradation is said, never silent
         res.warnings.insert(
             0, f"overlay is unavailable here ({choice.backend_reason}): used the shim backend"
@@ -113,7 +113,8 @@ def run(
     """Run `argv` in a session of `opts.refs`; harvest and commit when it exits.
 
     `on_start(info)` is called once the view is ready, just before the command starts;
-    `progress` hears how a build of the lower layers goes (overlay; a warm start builds none)."""
+    `progress` hears how a build of the lower layers goes (overlay; a warm start builds none) or
+    the shim's materialisation of the tree."""
     return _dispatch(
         store, opts, argv, interactive=interactive, on_start=on_start, progress=progress
     )

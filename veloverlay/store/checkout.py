@@ -20,7 +20,7 @@ from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
 
-__all__ = ["checkout"]
+__all__ = ["checkout", "tree_totals"]
 
 _SETID = stat.S_ISUID | stat.S_ISGID
 
@@ -47,6 +47,33 @@ def _prepare_dest(dest: str) -> int:
     return os.open(dest, DIRFLAGS)
 
 
+REPORT_BYTES = 8 << 20  # a progress report at least this often while big files are written
+
+
+def tree_totals(m: Manifests, txn: Txn, root: bytes) -> tuple[int, int]:
+    """(entries, file bytes) of the tree `root` as checkout and materialisation walk it: every
+    entry below the root (masks too) and the sizes of its files. Reads the nodes only, each
+    distinct node once, bottom-up by an explicit stack (trees may be 256 levels deep)."""
+    memo: dict[bytes, tuple[int, int]] = {}
+    stack: list[bytes] = [root]
+    while stack:
+        d = stack[-1]
+        if d in memo:
+            stack.pop()
+            continue
+        node = m.get_node(txn, d)
+        subdirs = [e.digest for e in node.entries if e.kind is Kind.DIR]
+        todo = [s for s in subdirs if s not in memo]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        count = len(node.entries) + sum(memo[s][0] for s in subdirs)
+        size = sum(e.size for e in node.entries if e.kind is Kind.FILE)
+        memo[d] = (count, size + sum(memo[s][1] for s in subdirs))
+    return memo[root]
+
+
 def checkout(
     store: Store,
     m: Manifests,
@@ -58,12 +85,15 @@ def checkout(
     keep_setid: bool = False,
 ) -> int:
     """Write the tree `root` into `dest` (new or empty). Returns the number of entries written.
-    `progress(entries, None, bytes)` every 1,000 entries (the total is not known up front).
+    With `progress`, the totals are counted first (`tree_totals`: the nodes only, no object is
+    read), then `progress(entries, total, bytes, total bytes)` follows every 1,000 entries or
+    `REPORT_BYTES` of file data.
 
     setuid/setgid bits are not written unless `keep_setid` (a root checkout of a bundle from
     elsewhere must not mint a setuid-root program), as ingest and harvest do."""
     top = _prepare_dest(dest)
-    count = written = 0
+    count = written = reported = 0
+    total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
     # Depth first, one open directory fd per level (never one per directory: a tree with more
     # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
     # set when everything below it is written, and its fd is closed then.
@@ -97,8 +127,11 @@ def checkout(
                 written += e.size
             # MASK entries are deletions for stacked refs: nothing to write
             count += 1
-            if progress is not None and count % 1000 == 0:
-                progress(count, None, written)
+            if progress is not None and (count % 1000 == 0 or written - reported >= REPORT_BYTES):
+                reported = written
+                progress(count, total, written, total_bytes)
+        if progress is not None:
+            progress(count, total, written, total_bytes)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VeloError(

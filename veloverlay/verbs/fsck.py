@@ -150,9 +150,14 @@ def _seal_existing(path: str) -> str:
     return "repaired"
 
 
-def _check_chunk(job: tuple[list[tuple[str, str]], _Opts]) -> list[_CheckResult]:
+def _check_chunk(job: tuple[list[tuple[str, str]], _Opts]) -> tuple[list[_CheckResult], int]:
+    """The results of a chunk of objects, and their bytes (for the progress)."""
     items, opts = job
-    return [_check_object(item, opts) for item in items]
+    size = 0
+    for _name, path in items:
+        with contextlib.suppress(OSError):  # gone or unreadable: _check_object reports it
+            size += os.lstat(path).st_size
+    return [_check_object(item, opts) for item in items], size
 
 
 def _same_file(a: str, b: os.PathLike[str]) -> bool:
@@ -221,11 +226,12 @@ def fsck(
     present = {n for n, _ in items}
     jobs = jobs or default_jobs()
     chunks = [(items[i : i + 256], opts) for i in range(0, len(items), 256)]
-    checked = 0
+    checked = nbytes = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(Workers(jobs)) if jobs > 1 and len(items) > 2000 else None
         results = pool.map_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
-        for found in results:
+        for found, size in results:
+            nbytes += size
             for finding, state in found:
                 if finding is not None:
                     rep.findings.append(Finding(*finding))
@@ -238,7 +244,7 @@ def fsck(
                     rep.sealed += 1
             checked += 256
             if progress is not None:
-                progress(min(checked, len(items)), len(items))
+                progress(min(checked, len(items)), len(items), nbytes)
     rep.findings.extend(_check_short_names(store, m, present))
     # --link proxies of shim sessions: the documented limit is that a writer the shim cannot
     # see may change one; this is where that is detected.

@@ -38,6 +38,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
 from veloverlay.ns import proc_start
+from veloverlay.progress import Progress
 from veloverlay.session import prompt, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
@@ -230,9 +231,10 @@ def run_shim(
     *,
     interactive: bool = False,
     on_start: OnStart | None = None,
+    progress: Progress | None = None,
 ) -> SessionResult:
     """Run `argv` in a shim-backend session of `opts.refs` (stacked, later on top); harvest and
-    commit to the top ref at exit.
+    commit to the top ref at exit. `progress` hears how the materialisation goes.
 
     `opts.backend` is not consulted (the caller chose this backend). `link` (an attribute the
     caller may set on opts, default False) selects --link mode.
@@ -314,7 +316,9 @@ def run_shim(
             so = library.install(store, lib)
             protect = os.geteuid() == 0 and _chattr_ok(store)
             with m.read() as txn:
-                mat = materialize(store, m, txn, stack.view, target, link=link, protect=protect)
+                mat = materialize(
+                    store, m, txn, stack.view, target, link=link, protect=protect, progress=progress
+                )
             mat.baseline.save(sdir / "baseline")
             st.form = mat.form
             st.protection = _protection(mat.form == "link", mat.tier1_protected)

@@ -34,8 +34,10 @@ from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE
 from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import Store, object_corrupt, object_missing
+from veloverlay.store.checkout import REPORT_BYTES, tree_totals
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
@@ -319,12 +321,16 @@ def materialize(
     *,
     link: bool = False,
     protect: bool = False,
+    progress: Progress | None = None,
 ) -> Materialized:
     """Write the tree `root` into the (new or empty, checked) directory `target`.
 
     `protect`: set `chattr +i` on the Tier-1 objects the tree symlinks to (root only).
+    `progress(entries, total, bytes, total bytes)`: as checkout's (the totals counted first).
     """
     t0 = time.perf_counter()
+    total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
+    placed = reported = 0
     res = Materialized(form="link" if link else "copy")
     placer = _Placer(store, res, link=link, protect=protect)
     old_umask = os.umask(0)  # modes are applied exactly as the manifest says
@@ -346,7 +352,13 @@ def materialize(
             stack.append(("done", dfd, b"", node.mode, node.mtime_ns))
             for e in node.entries:
                 res.entries += 1
+                if progress is not None and (
+                    res.entries % 1000 == 0 or placed - reported >= REPORT_BYTES
+                ):
+                    reported = placed
+                    progress(res.entries, total, placed, total_bytes)
                 if e.kind is Kind.FILE:
+                    placed += e.size
                     if e.tier == 1:
                         placer.tier1(dfd, e)
                     elif not link or not placer.hardlink(dfd, e):
@@ -367,6 +379,8 @@ def materialize(
                     os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
                 # MASK: a deletion for stacked refs, nothing to write
         placer.finish_proxies()
+        if progress is not None:
+            progress(res.entries, total, placed, total_bytes)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VeloError(
