@@ -54,6 +54,23 @@ def test_run_json_report_is_not_mixed_with_the_command_output(store: str, proj: 
     assert p.returncode == 3 and json.loads(p.stdout)["exit_status"] == 3
 
 
+def test_run_says_nothing_before_the_command_unless_verbose(store: str, proj: str) -> None:
+    """`run` leaves stdout and stderr to the command until it ends (no banner); --verbose puts
+    one line on stderr, before the command's first output, naming where and which session."""
+    p = velo(store, "run", "proj", "--", "sh", "-c", "echo out; echo err >&2")
+    assert p.returncode == 0 and p.stdout == b"out\n", p
+    assert p.stderr.decode().splitlines()[0] == "err", p.stderr  # nothing before the command's
+    assert b"projected at" not in p.stderr
+    p = velo(store, "run", "-v", "proj", "--", "sh", "-c", "echo out; echo err >&2")
+    assert p.returncode == 0 and p.stdout == b"out\n", p
+    first, second = p.stderr.decode().splitlines()[:2]
+    [sess] = [s for s in data(velo(store, "sessions", "--json")) if s["id"] in first]
+    assert first.startswith(f"veloverlay: proj projected at {os.path.realpath(proj)} (overlay, ")
+    assert first.endswith(f"), session {sess['id']}") and second == "err", first
+    p = velo(store, "run", "-v", "--json", "proj", "--", "true")  # --json: the report alone
+    assert p.returncode == 0 and b"projected" not in p.stderr and json.loads(p.stdout)
+
+
 def test_status_lists_only_running_or_unharvested_sessions(store: str, proj: str) -> None:
     ok(velo(store, "run", "proj", "--", "true"))
     assert [s["state"] for s in data(velo(store, "sessions", "--json"))] == ["harvested"]

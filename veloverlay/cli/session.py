@@ -54,6 +54,15 @@ AsRoot = Annotated[bool, typer.Option("--as-root", help="Root-free: appear as ui
 Grace = Annotated[
     float, typer.Option(help="Seconds between SIGTERM and SIGKILL for leftover processes")
 ]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Say on stderr where the tree is projected (backend, form, session id) before the "
+        "command starts",
+    ),
+]
 Link = Annotated[
     bool,
     typer.Option(
@@ -133,11 +142,17 @@ def _render(res: Any, *, shown: int = 20) -> int:
     return int(res.exit_status)
 
 
-def _banner(info: Any) -> None:
-    """The start of an interactive session: where the tree is, and how to leave."""
+def _banner(info: Any, *, interactive: bool = True) -> None:
+    """The start of a session, on stderr: where the tree is projected (and, for `enter`'s shell,
+    how to leave). `run` prints the first line only, and only with --verbose: its stdout and
+    stderr belong to the command, as `nix develop -c` and `docker run` leave them."""
     ref = info.refs[-1] if info.refs else "?"
     how = f"{info.backend}, {info.form}" if info.form else info.backend
-    render.info(f"veloverlay: {'+'.join(info.refs)} projected at {info.target} ({how})")
+    where = f"veloverlay: {'+'.join(info.refs)} projected at {info.target} ({how})"
+    if not interactive:
+        render.info(f"{where}, session {info.id}")
+        return
+    render.info(where)
     render.info(
         f"  leave with 'exit' or Ctrl-D: changes are committed to {ref}; "
         f"'veloverlay status' shows them meanwhile (session {info.id})"
@@ -158,11 +173,14 @@ def run(
     as_root: AsRoot = False,
     grace: Grace = 5.0,
     link: Link = False,
+    verbose: Verbose = False,
 ) -> int:
     """Run a command in a projection of REF (several REFs stack, the last on top).
 
-    The command is everything after `--`; its exit status is run's (127: not found). With
-    --json, stdout carries only the session's report and the command's stdout goes to stderr.
+    The command is everything after `--`; its exit status is run's (127: not found). Nothing is
+    printed before it starts (--verbose: one line on stderr saying where the tree is); when it
+    ends, what was committed is listed on stderr. With --json, stdout carries only the session's
+    report and the command's stdout goes to stderr.
     """
     from veloverlay.errors import Reason, VeloError
     from veloverlay.session.core import run as do_run
@@ -189,6 +207,8 @@ def run(
 
     def start(info: Any) -> None:  # the bar goes before the command writes anything
         progress.done()
+        if verbose and not state.json:
+            _banner(info, interactive=False)
 
     def session() -> Any:
         try:
