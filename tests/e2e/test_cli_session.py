@@ -248,7 +248,7 @@ def _enter_in_a_terminal(store: str, shell: str, home: str, cwd: str, proj: str)
             os.execve(sys.executable, [sys.executable, "-m", "veloverlay", "enter", "proj"], env)
         finally:
             os._exit(127)
-    out, sent = b"", False
+    out, sent, left = b"", False, False
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if select.select([fd], [], [], 1)[0]:
@@ -260,28 +260,53 @@ def _enter_in_a_terminal(store: str, shell: str, home: str, cwd: str, proj: str)
                 break
             out += chunk
             if not sent and b"(velo:proj) " in out:
-                os.write(fd, f"cd {proj} && echo hi > from-the-shell; exit\n".encode())
+                os.write(fd, f"cd {proj} && echo hi > from-the-shell\n".encode())
                 sent = True
-    if not sent:  # no prompt came: end the session rather than wait for a shell forever
+            elif sent and not left and out.count(b"(velo:proj) ") >= 2:  # the next prompt too
+                os.write(fd, b"exit\n")
+                left = True
+    if not left:  # no prompt came: end the session rather than wait for a shell forever
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(fd)
     return out.decode(errors="replace")
 
 
-@pytest.mark.parametrize(("shell", "prompt"), [("/bin/bash", "custom> "), ("/bin/sh", "$ ")])
+def _shell(name: str) -> str:
+    """The shell's path; a test for a shell this host lacks is skipped, saying which."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed here (apt-get install {name})")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shell", "prompt"),
+    [("bash", "custom> "), ("sh", "$ "), ("zsh", "custom> "), ("fish", "custom> ")],
+)
 def test_enter_says_where_and_how_to_leave_and_keeps_its_prompt_marker(
     store: str, proj: str, shm_tmp: str, shell: str, prompt: str
 ) -> None:
+    shell = _shell(shell)
     home = os.path.join(shm_tmp, "home")
-    os.makedirs(home, exist_ok=True)
+    os.makedirs(os.path.join(home, ".config", "fish"), exist_ok=True)
+    # the user's start-up files set their own prompts, each shell's way
     with open(os.path.join(home, ".bashrc"), "w") as f:
-        f.write("PS1='custom> '\n")  # a user's .bashrc sets its own prompt
+        f.write("PS1='custom> '\n")
+    with open(os.path.join(home, ".zshrc"), "w") as f:  # a theme that rebuilds it: a precmd
+        f.write(
+            "PROMPT='custom> '\nmy_theme() { PROMPT='custom> ' }\nprecmd_functions+=(my_theme)\n"
+        )
+    with open(os.path.join(home, ".config", "fish", "config.fish"), "w") as f:
+        f.write("function fish_prompt\n    echo -n 'custom> '\nend\n")
     out = _enter_in_a_terminal(store, shell, home, shm_tmp, proj)
     lines = out.replace("\r", "").splitlines()
     assert lines[0] == f"veloverlay: proj projected at {proj} (overlay, {lines[0].split(', ')[-1]}"
     assert "leave with 'exit' or Ctrl-D" in lines[1]
-    assert f"(velo:proj) {prompt}" in out  # the marker survived .bashrc; no literal \w
+    # the marker survived the user's start-up files, on the prompt after a command too; no \w
+    assert out.count(f"(velo:proj) {prompt}") >= 2, out
     assert "\\w" not in out
     assert "  A from-the-shell" in lines
 
