@@ -237,6 +237,66 @@ def test_status_and_diff_see_into_a_running_session(store: str, proj: str, shm_t
     assert p.returncode == 2 and b"harvested" in p.stderr
 
 
+def _hunks(patch: str) -> dict[str, str]:
+    """path -> its hunks, from `diff -p` output (everything after the `+++` line)."""
+    out: dict[str, str] = {}
+    for block in patch.split("diff --velo a/")[1:]:
+        name = block.split(" b/", 1)[0]
+        out[name] = block.split("\n+++ ", 1)[1].split("\n", 1)[1] if "\n+++ " in block else ""
+    return out
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_diff_of_a_running_session_stat_and_patch(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """`diff --session ID -p / --stat` while the command still runs, against `diff -u` of the
+    tree before and the tree the session commits."""
+    before = _checkout(store, "proj", os.path.join(shm_tmp, "before"))
+    go, ready = os.path.join(shm_tmp, "go"), os.path.join(shm_tmp, "ready")
+    script = (
+        f"cd {proj} && printf 'hello\\nmore\\n' > README && rm old.txt && echo n > added && "
+        "chmod 700 src/main.c && printf 'a\\0b' > blob && "
+        f"touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, "--"]
+        + ["sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sid = _wait_running(store)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        patch = ok(velo(store, "diff", "--session", sid, "-p"))
+        stat = ok(velo(store, "diff", "--session", sid, "--stat")).splitlines()
+        as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
+    finally:
+        open(go, "w").close()
+        session.communicate(timeout=120)
+    assert session.returncode == 0
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    got = _hunks(patch)
+    assert set(got) == {"README", "old.txt", "added", "src/main.c", "blob"}, patch
+    for name in ("README", "old.txt", "added"):  # -N: an absent side reads as empty
+        real = subprocess.run(
+            ["diff", "-uN", os.path.join(before, name), os.path.join(after, name)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert got[name] == real.split("\n", 2)[2], (name, patch)
+    assert "diff --velo a/src/main.c b/src/main.c\nold mode 644\nnew mode 700\n" in patch
+    assert "Binary files /dev/null and b/blob differ" in patch
+    assert {d["path"]: d["patch"] is None for d in as_json}["blob"]
+    rows = {x.split("|")[0].strip(): x.split("|")[1].split() for x in stat[:-1]}
+    assert rows["README"][0] == "1" and rows["old.txt"][0] == "1" and rows["added"][0] == "1"
+    assert rows["blob"] == ["Bin", "0", "->", "3", "bytes"]
+    assert stat[-1] == " 5 files changed, 2 insertions(+), 1 deletion(-)", stat
+
+
 def _enter_in_a_terminal(store: str, shell: str, home: str, cwd: str, proj: str) -> str:
     """`veloverlay enter proj` on a pseudo-terminal: wait for the prompt, create a file, exit."""
     env = {**os.environ, "VELO_STORE": store, "SHELL": shell, "HOME": home, "TERM": "dumb"}

@@ -1,9 +1,11 @@
 """`diff`: what changed between two versions (M A D T, --name-status, --stat, -p), or what a
-running session has changed so far (--session)."""
+running session has changed so far (--session, with --name-status, --stat and -p too)."""
 
+import functools
 import os
 import sys
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, NamedTuple
 
 import typer
 
@@ -26,7 +28,8 @@ def diff(
     session: Annotated[
         str | None,
         typer.Option(
-            metavar="ID", help="Instead of A and B: what a running session changed so far"
+            metavar="ID",
+            help="Instead of A and B: what a running session changed so far (also with --stat, -p)",
         ),
     ] = None,
     name_status: Annotated[
@@ -45,12 +48,9 @@ def diff(
     from veloverlay.errors import Reason, VeloError
 
     if session is not None:
-        if a is not None or stat or patch:
-            raise VeloError(
-                "--session shows names and status letters only, without A and B",
-                reason=Reason.USAGE,
-            )
-        _live(session, name_status)
+        if a is not None:
+            raise VeloError("--session ID takes no versions A and B", reason=Reason.USAGE)
+        _live(session, name_status, stat, patch)
         return
     if a is None or b is None:
         raise VeloError("diff needs A and B (or --session ID)", reason=Reason.USAGE)
@@ -59,27 +59,97 @@ def diff(
     if state.json:
         render.emit_json([_change_dict(repo, c, patch) for c in changes])
         return
+
+    def items(context: int) -> list[_Item]:
+        return [
+            _Item(
+                c.status,
+                os.fsdecode(c.path) or "/",
+                c.old.mode if c.old is not None else None,
+                c.new.mode if c.new is not None else None,
+                c.old.size if c.old is not None else 0,
+                c.new.size if c.new is not None else 0,
+                functools.partial(repo.patch, c, context=context),
+            )
+            for c in changes
+        ]
+
+    _show(items, name_status, stat, patch)
+
+
+class _Item(NamedTuple):
+    """One change as the human output shows it (of two versions, or of a running session)."""
+
+    status: str
+    name: str
+    old_mode: int | None
+    new_mode: int | None
+    old_size: int
+    new_size: int
+    lines: Callable[[], list[str] | None]  # the unified diff; None: binary or too large
+
+
+def _show(items: Callable[[int], list[_Item]], name_status: bool, stat: bool, patch: bool) -> None:
+    """`items(context)`: the changes, their diffs with `context` lines around each hunk."""
     if stat:
-        _stat(repo, changes)
-    for c in changes:
-        name = os.fsdecode(c.path) or "/"
+        _stat(items(0))
+        if not patch and not name_status:
+            return
+    for it in items(3):
         if name_status:
-            print(f"{c.status}\t{name}")
+            print(f"{it.status}\t{it.name}")
         elif not stat and not patch:
-            print(f"{c.status} {name}")
+            print(f"{it.status} {it.name}")
         if patch:
-            _patch(repo, c, name)
+            _patch(it)
 
 
-def _live(session: str, name_status: bool) -> None:
-    from veloverlay.session.core import live_changes
+def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
+    store = common.store()
+    if not stat and not patch:  # names only: the content is not read
+        from veloverlay.session.core import live_changes
 
-    items = live_changes(common.store(), session)
-    if state.json:
-        render.emit_json([{"status": c, "path": p} for c, p in items])
+        names = live_changes(store, session)
+        if state.json:
+            render.emit_json([{"status": c, "path": p} for c, p in names])
+            return
+        for c, p in names:
+            print(f"{c}\t{p}" if name_status else f"{c} {p}")
         return
-    for c, p in items:
-        print(f"{c}\t{p}" if name_status else f"{c} {p}")
+    from veloverlay.session.live import live_diff
+
+    if state.json:
+        render.emit_json(
+            [
+                {
+                    "status": c.status,
+                    "path": os.fsdecode(c.path),
+                    "patch": None if c.patch is None else "".join(c.patch),
+                }
+                for c in live_diff(store, session)
+            ]
+        )
+        return
+
+    def items(context: int) -> list[_Item]:
+        return [
+            _Item(
+                c.status,
+                os.fsdecode(c.path) or "/",
+                c.old_mode,
+                c.new_mode,
+                c.old_size,
+                c.new_size,
+                functools.partial(_given, c.patch),
+            )
+            for c in live_diff(store, session, context=context)
+        ]
+
+    _show(items, name_status, stat, patch)
+
+
+def _given(lines: list[str] | None) -> list[str] | None:
+    return lines
 
 
 def _change_dict(repo: Any, c: Any, patch: bool) -> dict[str, Any]:
@@ -97,41 +167,38 @@ def _change_dict(repo: Any, c: Any, patch: bool) -> dict[str, Any]:
     return d
 
 
-def _patch(repo: Any, c: Any, name: str) -> None:
-    out = sys.stdout
+def _patch(it: _Item) -> None:
+    out, name = sys.stdout, it.name
     out.write(f"diff --velo a/{name} b/{name}\n")
-    if c.old is not None and c.new is not None and c.old.mode != c.new.mode:
-        out.write(f"old mode {c.old.mode:o}\nnew mode {c.new.mode:o}\n")
-    elif c.old is None and c.new is not None:
-        out.write(f"new file mode {c.new.mode:o}\n")
-    elif c.new is None and c.old is not None:
-        out.write(f"deleted file mode {c.old.mode:o}\n")
-    lines = repo.patch(c)
+    if it.old_mode is not None and it.new_mode is not None and it.old_mode != it.new_mode:
+        out.write(f"old mode {it.old_mode:o}\nnew mode {it.new_mode:o}\n")
+    elif it.old_mode is None and it.new_mode is not None:
+        out.write(f"new file mode {it.new_mode:o}\n")
+    elif it.new_mode is None and it.old_mode is not None:
+        out.write(f"deleted file mode {it.old_mode:o}\n")
+    lines = it.lines()
     if lines is None:
         out.write(
-            f"Binary files {'a/' + name if c.old else '/dev/null'} and "
-            f"{'b/' + name if c.new else '/dev/null'} differ\n"
+            f"Binary files {'a/' + name if it.old_mode is not None else '/dev/null'} and "
+            f"{'b/' + name if it.new_mode is not None else '/dev/null'} differ\n"
         )
         return
     for line in lines:
         out.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
 
 
-def _stat(repo: Any, changes: list[Any]) -> None:
+def _stat(items: list[_Item]) -> None:
     rows: list[tuple[str, str, str | tuple[int, int]]] = []
     added = removed = 0
-    for c in changes:
-        lines = repo.patch(c, context=0)
-        name = os.fsdecode(c.path) or "/"
+    for it in items:
+        lines = it.lines()
         if lines is None:
-            old = c.old.size if c.old is not None else 0
-            new = c.new.size if c.new is not None else 0
-            rows.append((name, "Bin", f"{old} -> {new} bytes"))
+            rows.append((it.name, "Bin", f"{it.old_size} -> {it.new_size} bytes"))
             continue
         plus = sum(1 for x in lines[2:] if x.startswith("+"))
         minus = sum(1 for x in lines[2:] if x.startswith("-"))
         added, removed = added + plus, removed + minus
-        rows.append((name, str(plus + minus), (plus, minus)))
+        rows.append((it.name, str(plus + minus), (plus, minus)))
     width = max((len(r[0]) for r in rows), default=0)
     most = max((sum(r[2]) for r in rows if isinstance(r[2], tuple)), default=0)
     scale = min(1.0, 40 / most) if most else 1.0  # bars of at most 40 characters, as git's

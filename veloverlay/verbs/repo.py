@@ -17,13 +17,12 @@ from veloverlay.records import Record
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import Commit, Manifests, Ref, Tag
+from veloverlay.store.patch import TEXT_LIMIT, object_lines, unified
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
 from veloverlay.verbs.gc import RefFootprint
 
 __all__ = ["Repo", "LsEntry", "Change", "entry_dict", "op_to_dict", "TEXT_LIMIT", "remove_store"]
-
-TEXT_LIMIT = 8 << 20  # larger files are not diffed line by line (`patch` says binary)
 
 
 class LsEntry(Record, frozen=True):
@@ -143,43 +142,14 @@ class Repo:
     def patch(self, change: Change, *, context: int = 3) -> list[str] | None:
         """The unified diff (git's format) of a change's content; None when either side is
         binary or larger than TEXT_LIMIT. A symlink's content is its target."""
-        import difflib
-
-        old, new = self._lines(change.old), self._lines(change.new)
-        if old is None or new is None:
-            return None
-        name = os.fsdecode(change.path)
-        return list(
-            difflib.unified_diff(
-                old,
-                new,
-                f"a/{name}" if change.old is not None else "/dev/null",
-                f"b/{name}" if change.new is not None else "/dev/null",
-                n=context,
-            )
+        return unified(
+            os.fsdecode(change.path),
+            object_lines(self.store, change.old),
+            object_lines(self.store, change.new),
+            old_exists=change.old is not None,
+            new_exists=change.new is not None,
+            context=context,
         )
-
-    def _lines(self, e: Entry | None) -> list[str] | None:
-        if e is None or e.kind is Kind.DIR:
-            return []
-        if e.kind is Kind.SYMLINK:
-            return [os.fsdecode(e.target)]
-        if e.size > TEXT_LIMIT:
-            return None
-        fd = self.store.open_object(e.digest)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        if b"\0" in data[:8192]:
-            return None
-        try:
-            return data.decode().splitlines(keepends=True)
-        except UnicodeDecodeError:
-            return None
 
     def log(self, name: str, limit: int | None = None) -> list[Commit]:
         with self.m.read() as txn:

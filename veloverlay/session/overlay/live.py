@@ -19,14 +19,21 @@ from veloverlay.session.overlay.harvest import is_whiteout
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
-__all__ = ["upper_changes"]
+__all__ = ["upper_changes", "upper_changes_raw"]
 
 
 def upper_changes(
     m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
 ) -> list[tuple[str, str]]:
     """(status letter, path) for what the upper dir `upper` changes in the tree `view_root`."""
-    out: list[tuple[str, str]] = []
+    return [(c, paths.display(p)) for c, p in upper_changes_raw(m, upper, view_root, prefix)]
+
+
+def upper_changes_raw(
+    m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
+) -> list[tuple[str, bytes]]:
+    """`upper_changes` with each path as bytes, relative to the tree's root."""
+    out: list[tuple[str, bytes]] = []
     with m.read() as txn:
 
         def walk(dirpath: bytes, rel: bytes, new: bool) -> None:
@@ -43,7 +50,7 @@ def upper_changes(
                     except OSError:
                         continue
                     if is_whiteout(st, dfd, name, prefix):
-                        out.append(("D", paths.display(p)))
+                        out.append(("D", p))
                         continue
                     low = None if new else m.lookup(txn, view_root, p)
                     if low is not None and low.kind is Kind.MASK:
@@ -51,25 +58,25 @@ def upper_changes(
                     if stat.S_ISDIR(st.st_mode):
                         here = os.path.join(dirpath, name)
                         if prefix == "trusted" and _xattr(here, "trusted.overlay.redirect"):
-                            out.append(("T" if low is not None else "A", paths.display(p)))
+                            out.append(("T" if low is not None else "A", p))
                             continue
                         opaque = _xattr(here, f"{prefix}.overlay.opaque") == b"y"
                         if low is None or low.kind is not Kind.DIR or opaque:
                             if low is not None:
-                                out.append(("D" if low.kind is Kind.DIR else "T", paths.display(p)))
+                                out.append(("D" if low.kind is Kind.DIR else "T", p))
                             walk(os.path.join(dirpath, name), p, True)
                             if not _has_entries(os.path.join(dirpath, name)):
-                                out.append(("A", paths.display(p)))
+                                out.append(("A", p))
                         else:
                             walk(os.path.join(dirpath, name), p, False)
                     elif low is None:
-                        out.append(("A", paths.display(p)))
+                        out.append(("A", p))
                     elif low.kind is Kind.DIR or (low.kind is Kind.SYMLINK) != stat.S_ISLNK(
                         st.st_mode
                     ):
-                        out.append(("T", paths.display(p)))
+                        out.append(("T", p))
                     else:
-                        out.append(("M", paths.display(p)))
+                        out.append(("M", p))
             finally:
                 os.close(dfd)
 

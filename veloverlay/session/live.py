@@ -1,0 +1,139 @@
+"""What a running session has changed so far, with content: `diff --session ID --stat / -p`.
+
+The old side is the session's view (its manifest); the new side is the overlay's upper dir (a
+copied-up file holds the whole new content) or the shim's live view `REF@<session>`. Nothing is
+staged or committed, and the session goes on; a file the command is still writing shows the
+bytes it has so far.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.session import state
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.patch import object_lines, path_lines, unified
+from veloverlay.store.tree import Entry, Kind
+
+__all__ = ["LiveChange", "live_diff"]
+
+
+class LiveChange(Record, frozen=True):
+    status: str  # M A D T
+    path: bytes
+    old_mode: int | None  # permission bits; None where the side is absent
+    new_mode: int | None
+    old_size: int
+    new_size: int
+    patch: list[str] | None  # git's unified diff; None when a side is binary or too large
+
+
+def _entry(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
+    e = m.lookup(txn, root, path)
+    if e is None or e.kind is Kind.MASK:
+        return None
+    if e.kind is Kind.DIR:
+        node = m.get_node(txn, e.digest)
+        e = e.replace(mode=node.mode)
+    return e
+
+
+def live_diff(
+    store: Store, session_id: str, *, context: int = 3, m: Manifests | None = None
+) -> list[LiveChange]:
+    """Each change of the running session `session_id` with its unified diff (`context` lines
+    around each hunk: 0 for counting lines, as `--stat` does)."""
+    st = state.load(store, session_id)
+    if st.shown_state() not in ("running", "starting"):
+        raise VeloError(
+            f"session {session_id} is {st.shown_state()}, not running",
+            reason=Reason.USAGE,
+            hint=f"what it committed: veloverlay log {st.top}",
+        )
+    own = m is None
+    m = Manifests(store) if m is None else m
+    out: list[LiveChange] = []
+    try:
+        view = bytes.fromhex(st.view_root)
+        with m.read() as txn:
+            if st.backend == "shim":
+                from veloverlay.store.changes import changes
+
+                ref = m.get_ref(txn, st.session_ref or "")
+                if ref is None:
+                    return []
+                live = bytes.fromhex(m.get_commit(txn, ref.head).root)
+                for c in changes(m, txn, view, live):
+                    out.append(_from_entries(store, c.status, c.path, c.old, c.new, context))
+                return out
+            from veloverlay.session.overlay.live import upper_changes_raw
+
+            upper = os.fsencode(store.sessions / st.id / "upper")
+            prefix = "trusted" if st.mode == "native" else "user"
+            for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
+                old = _entry(m, txn, view, path)
+                out.append(_from_upper(store, status, path, old, upper, context))
+    finally:
+        if own:
+            m.close()
+    return out
+
+
+def _from_entries(
+    store: Store, status: str, path: bytes, old: Entry | None, new: Entry | None, context: int
+) -> LiveChange:
+    name = os.fsdecode(path)
+    patch = unified(
+        name,
+        object_lines(store, old),
+        object_lines(store, new),
+        old_exists=old is not None,
+        new_exists=new is not None,
+        context=context,
+    )
+    return LiveChange(
+        status,
+        path,
+        old.mode if old is not None else None,
+        new.mode if new is not None else None,
+        old.size if old is not None and old.kind is Kind.FILE else 0,
+        new.size if new is not None and new.kind is Kind.FILE else 0,
+        patch,
+    )
+
+
+def _from_upper(
+    store: Store, status: str, path: bytes, old: Entry | None, upper: bytes, context: int
+) -> LiveChange:
+    here = os.path.join(upper, path)
+    st: os.stat_result | None = None
+    if status != "D":
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:  # gone meanwhile: the command is still at work
+            st = None
+    try:
+        new_lines = path_lines(here, st)
+    except OSError:  # removed or replaced between the lstat and the read
+        new_lines = None
+    patch = unified(
+        os.fsdecode(path),
+        object_lines(store, old),
+        new_lines,
+        old_exists=old is not None,
+        new_exists=st is not None,
+        context=context,
+    )
+    return LiveChange(
+        status,
+        path,
+        old.mode if old is not None else None,
+        stat.S_IMODE(st.st_mode) if st is not None else None,
+        old.size if old is not None and old.kind is Kind.FILE else 0,
+        st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0,
+        patch,
+    )
