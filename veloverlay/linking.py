@@ -21,7 +21,7 @@ import stat
 from veloverlay import _libc
 from veloverlay.errors import Reason, SysError, VeloError
 
-__all__ = ["LinkMode", "clone_or_copy", "copy_bytes", "hardlink_or_copy"]
+__all__ = ["LinkMode", "clone_or_copy", "copy_bytes", "copy_in_kernel", "hardlink_or_copy"]
 
 StrPath = str | os.PathLike[str]
 
@@ -77,6 +77,46 @@ def copy_bytes(src_fd: int, dst_fd: int) -> None:
         view = memoryview(chunk)
         while view:
             view = view[os.write(dst_fd, view) :]
+
+
+def copy_in_kernel(src_fd: int, dst_fd: int) -> LinkMode | None:
+    """Fill the empty `dst_fd` with `src_fd`'s bytes from its current offset to EOF without
+    passing them through this process: a reflink (FICLONE, only from offset 0) where the
+    filesystem shares extents, else copy_file_range (itself a reflink on btrfs/XFS, an in-kernel
+    copy on ext4/tmpfs). Returns how, or None when neither is possible here (another filesystem,
+    an old kernel, a source copy_file_range reads short, such as procfs): then `dst_fd` is empty
+    again and both offsets are back where they were, for a copy by read/write. Other errors
+    (ENOSPC, EIO) propagate, `dst_fd` possibly partly written.
+
+    What lands in `dst_fd` is a copy of the source at some moment of the copy, not a snapshot:
+    a caller that must know the bytes hashes `dst_fd`, not the source."""
+    start = os.lseek(src_fd, 0, os.SEEK_CUR)
+    size = os.fstat(src_fd).st_size
+    if start == 0:
+        try:
+            _libc.ficlone(dst_fd, src_fd)
+            os.lseek(src_fd, 0, os.SEEK_END)
+            os.lseek(dst_fd, 0, os.SEEK_END)
+            return LinkMode.REFLINK
+        except SysError as exc:
+            if exc.errno not in _NO_REFLINK:
+                raise
+    copied = 0
+    try:
+        while n := os.copy_file_range(src_fd, dst_fd, _CHUNK):
+            copied += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_FILE_RANGE:
+            raise
+        copied = -1
+    if copied == max(size - start, 0):
+        return LinkMode.COPY
+    # Refused, or short of the size fstat gave (a file that copy_file_range reads as empty, or
+    # one that changed: the caller's own read and stat checks then see which).
+    os.lseek(src_fd, start, os.SEEK_SET)
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    os.ftruncate(dst_fd, 0)
+    return None
 
 
 def clone_or_copy(

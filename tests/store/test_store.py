@@ -4,6 +4,7 @@ cannot be written."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpri
 from veloverlay import cli, fsflags, mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
-from veloverlay.store.cas import OBJECT_MODE, Store, default_store_path
+from veloverlay.store.cas import OBJECT_MODE, Stage, Store, default_store_path
 from veloverlay.store.digest import hash_bytes
 from veloverlay.store.tree import Entry, Kind
 from veloverlay.verbs import gc as gc_mod
@@ -117,6 +118,98 @@ def test_add_fd_names_objects_by_the_bytes_written(repo: Repo, shm_tmp: str) -> 
         assert again == (digest, size, False)  # staged once
         assert stage.publish() == 1
     assert repo.store.read_object(digest) == data
+
+
+def _staged_bytes(stage: Stage, digest: bytes) -> bytes:
+    with open(stage.staged[digest], "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("refuse", ["none", "ficlone", "both", "short"])
+def test_add_fd_copies_large_files_in_the_kernel_or_falls_back(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch, refuse: str
+) -> None:
+    """A large file goes through copy_file_range (FICLONE is refused here on tmpfs, or by the
+    test); where the kernel refuses both, or copy_file_range reads short (as on procfs), the
+    bytes are read and written instead, from the same offset. Every way, the staged file is
+    the source's bytes and its name is their BLAKE3."""
+    from veloverlay import _libc
+    from veloverlay.errors import SysError
+
+    data = os.urandom(3 << 20) + b"tail"
+    src = os.path.join(shm_tmp, "big")
+    with open(src, "wb") as f:
+        f.write(data)
+    real_cfr = os.copy_file_range
+    calls: list[int] = []
+
+    def cfr(a: int, b: int, count: int, *rest: int) -> int:
+        calls.append(b)
+        if refuse == "both":
+            raise OSError(errno.EXDEV, "refused by the test")
+        if refuse == "short":
+            return 0
+        return real_cfr(a, b, count, *rest)
+
+    def ficlone(dst: int, src_fd: int) -> None:
+        raise SysError(errno.EOPNOTSUPP, "ioctl(FICLONE)")
+
+    monkeypatch.setattr(os, "copy_file_range", cfr)
+    if refuse != "none":
+        monkeypatch.setattr(_libc, "ficlone", ficlone)
+    with repo.store.stage() as stage:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            whole = stage.add_fd(fd)
+            assert os.lseek(fd, 0, os.SEEK_CUR) == len(data)
+            os.lseek(fd, 5, os.SEEK_SET)  # from the current offset, never a clone of it all
+            part = stage.add_fd(fd)
+        finally:
+            os.close(fd)
+        assert whole == (hash_bytes(data), len(data), True)
+        assert part == (hash_bytes(data[5:]), len(data) - 5, True)
+        assert calls, "copy_file_range was not tried"
+        for digest, body in ((whole[0], data), (part[0], data[5:])):
+            assert _staged_bytes(stage, digest) == body
+        assert stage.publish() == 2
+    assert repo.store.read_object(whole[0]) == data
+    assert repo.store.read_object(part[0]) == data[5:]
+
+
+def test_add_fd_names_what_it_copied_when_the_source_changes_meanwhile(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that changes the source in the middle of the in-kernel copy: the staged file
+    holds a mix of versions, and its name is the BLAKE3 of that mix (never of the source as it
+    was before or after), so the object cannot lie; ingest's stat check then refuses it."""
+    old = os.urandom(4 << 20)
+    new = os.urandom(4 << 20)
+    src = os.path.join(shm_tmp, "big")
+    with open(src, "wb") as f:
+        f.write(old)
+    real_cfr = os.copy_file_range
+    copied = 0
+
+    def cfr(a: int, b: int, count: int, *rest: int) -> int:
+        nonlocal copied
+        n = real_cfr(a, b, min(count, 1 << 20), *rest)
+        copied += n
+        if copied == 1 << 20:  # after the first MiB: the writer rewrites the whole file
+            with open(src, "r+b") as w:
+                w.write(new)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", cfr)
+    with repo.store.stage() as stage:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            digest, size, _new = stage.add_fd(fd)
+        finally:
+            os.close(fd)
+        mix = old[: 1 << 20] + new[1 << 20 :]
+        assert size == len(mix)
+        assert _staged_bytes(stage, digest) == mix
+        assert digest == hash_bytes(mix)
 
 
 def test_publishing_an_existing_object_keeps_the_old_inode(repo: Repo) -> None:
@@ -452,9 +545,12 @@ def _ingest_into_small_tmpfs(mnt: str, src: str, small: str) -> dict[str, object
 
 
 @pytest.mark.needs("userns")
-def test_ingest_into_a_full_filesystem(shm_tmp: str) -> None:
+@pytest.mark.parametrize(
+    "n,size", [(4, 700_000), (2, 3 << 19)], ids=["read-write", "copy_file_range"]
+)
+def test_ingest_into_a_full_filesystem(shm_tmp: str, n: int, size: int) -> None:
     src = os.path.join(shm_tmp, "big")
-    make_tree(src, {f"f{i}": os.urandom(700_000) for i in range(4)})  # 2.8 MB > 2 MiB
+    make_tree(src, {f"f{i}": os.urandom(size) for i in range(n)})  # 2.8 or 3 MiB > 2 MiB
     small = os.path.join(shm_tmp, "small")
     make_tree(small, {"s": b"fits"})
     mnt = os.path.join(shm_tmp, "mnt")

@@ -41,10 +41,10 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from veloverlay import _libc, faults, verity
+from veloverlay import _libc, faults, linking, verity
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.store import access
-from veloverlay.store.digest import Digest, Hasher
+from veloverlay.store.digest import Digest, Hasher, hash_own_file
 from veloverlay.store.objread import object_corrupt, verified_chunks
 
 __all__ = [
@@ -422,11 +422,30 @@ class Stage:
         return digest
 
     def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
-        """Copy from `src_fd` into the stage, hashing the bytes as they are written.
-
-        Returns (digest, size, new). Content already in the store is not kept twice.
-        """
-        return self.add_stream(iter(lambda: os.read(src_fd, _CHUNK), b""))
+        """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`
+        bytes or more is copied by the kernel (`linking.copy_in_kernel`: a reflink, or
+        copy_file_range) and named by the hash of the staged file itself, whatever the source
+        did meanwhile; the rest, or where the kernel cannot, is read, hashed and written.
+        Returns (digest, size, new); content already in the store is not kept twice."""
+        reader = iter(lambda: os.read(src_fd, _CHUNK), b"")
+        if os.fstat(src_fd).st_size - os.lseek(src_fd, 0, os.SEEK_CUR) < _CHUNK:
+            return self.add_stream(reader)
+        path = self._tmpname()
+        fd = _create(path, os.O_RDWR)
+        kept = False
+        try:
+            if linking.copy_in_kernel(src_fd, fd) is not None:
+                digest, size = hash_own_file(fd)
+                kept = True
+        except OSError as exc:
+            raise _store_error(exc, "copy_file_range", path) from exc
+        finally:
+            os.close(fd)
+            if not kept:
+                os.unlink(path)
+        if not kept:  # the kernel could not: read, hash and write
+            return self.add_stream(reader)
+        return self._keep(digest, size, path)
 
     def add_stream(self, chunks: Iterable[bytes]) -> tuple[Digest, int, bool]:
         """Stage the concatenation of `chunks`, written and hashed as they come (memory stays at
@@ -445,7 +464,11 @@ class Stage:
             os.unlink(path)
             raise
         os.close(fd)
-        digest = h.digest()
+        return self._keep(h.digest(), size, path)
+
+    def _keep(self, digest: Digest, size: int, path: bytes) -> tuple[Digest, int, bool]:
+        """Keep the staged file at `path` as `digest`, unless that content is staged or stored
+        already (then the file goes). Returns (digest, size, new)."""
         if digest in self.staged or self.store.has(digest):
             os.unlink(path)
             return digest, size, False
@@ -536,10 +559,10 @@ def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
         raise _store_error(exc, "write", path) from exc
 
 
-def _create(path: bytes) -> int:
+def _create(path: bytes, access_mode: int = os.O_WRONLY) -> int:
     try:
         return os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, OBJECT_MODE
+            path, access_mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, OBJECT_MODE
         )
     except OSError as exc:
         raise _store_error(exc, "open", path) from exc
