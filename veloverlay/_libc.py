@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "measure_verity",
     "set_dumpable",
     "statfs_type",
+    "statx_size_immutable",
 ]
 
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -220,6 +222,7 @@ _umount2 = _proto("umount2", _c_int, _c_char_p, _c_int)
 _syncfs = _proto("syncfs", _c_int, _c_int)
 _renameat2 = _proto("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
 _statfs = _proto("statfs", _c_int, _c_char_p, _c_void_p)
+_statx = _proto("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, _c_void_p)
 _ioctl_int = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_int)
 _ioctl_ptr = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_void_p)
 _prctl = _proto("prctl", _c_int, _c_int, _c_ulong, _c_ulong, _c_ulong, _c_ulong)
@@ -396,3 +399,22 @@ def statfs_type(path: Path) -> int:
     buf = (ctypes.c_long * 64)()
     check(_statfs(_b(path), ctypes.byref(buf)), "statfs", path)
     return int(buf[0]) & 0xFFFFFFFF
+
+
+# --- <linux/stat.h>: statx --------------------------------------------------------------------
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+STATX_SIZE = 0x200
+STATX_ATTR_IMMUTABLE = 0x10
+# struct statx: stx_attributes at 8, stx_size at 40, stx_attributes_mask at 56 (256 bytes).
+_STATX = struct.Struct("<8xQ24xQ8xQ")
+_STATX_BUF = ctypes.create_string_buffer(256)  # reused: its caller (a layer build) has one thread
+
+
+def statx_size_immutable(path: Path) -> tuple[int, bool | None]:
+    """(size, immutable) of `path` (a symlink itself, not followed) by one statx(2): the inode
+    flag without opening the file. `immutable` is None where the filesystem does not report it."""
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    check(_statx(AT_FDCWD, raw, AT_SYMLINK_NOFOLLOW, STATX_SIZE, _STATX_BUF), "statx", path)
+    attrs, size, mask = _STATX.unpack_from(_STATX_BUF)
+    return size, bool(attrs & STATX_ATTR_IMMUTABLE) if mask & STATX_ATTR_IMMUTABLE else None

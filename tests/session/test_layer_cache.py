@@ -390,3 +390,54 @@ def test_layer_too_big_for_memory_goes_to_the_store(mode: str) -> None:
     assert "MiB available" in str(r["warning"]) and "built in the store" in str(r["warning"])
     assert r["tmp"] == []  # the directories planned in the cache were removed
     assert r["seen"] == b"one\n" and r["status"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's objects are +i from publish")
+def test_a_cold_build_reopens_no_object_already_immutable(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root's objects carry +i from the moment they are named: the build learns that from the
+    statx it makes for the size check and never opens them to set it again; the metadata files
+    it writes still carry the entries' modes exactly (setid, sticky and read-only ones too),
+    sizes and redirects."""
+    from veloverlay import fsflags
+    from veloverlay.lower import objects as lower_objects
+    from veloverlay.store.tree import Kind
+
+    src = os.path.join(shm_tmp, "src")
+    modes = {"ro": 0o444, "x": 0o755, "suid": 0o4755, "sgid": 0o2711, "sticky": 0o1644, "p": 0o600}
+    os.mkdir(src)
+    for name, mode in modes.items():
+        p = os.path.join(src, name)
+        with open(p, "wb") as f:
+            f.write(name.encode() * 100)
+        os.chmod(p, mode)
+    os.utime(src, ns=(1, 1))
+    store = Store.init(os.path.join(shm_tmp, "store"))
+    m = Manifests(store)
+    try:
+        from veloverlay.ingest import ingest
+
+        ingest(store, m, src, "t", jobs=1, keep_setid=True)
+        with m.read() as txn:
+            root = bytes.fromhex(m.resolve(txn, "t")[1].root)
+            files = [e for e in m.get_node(txn, root).entries if e.kind is Kind.FILE]
+        if not all(fsflags.is_immutable(store.object_path(e.digest)) for e in files):
+            pytest.skip("this filesystem holds no +i")
+        calls: list[str] = []
+        monkeypatch.setattr(
+            lower_objects.fsflags, "set_immutable", lambda p, on=True: calls.append(str(p))
+        )
+        monkeypatch.setenv("VELO_RUNTIME_DIR", os.path.join(shm_tmp, "runtime"))
+        os.mkdir(os.path.join(shm_tmp, "runtime"), 0o700)
+        low = stacks.ensure_lowers(store, m, root, form="data-only", protect=True)
+    finally:
+        m.close()
+    assert low.built == "full" and low.immutable
+    assert calls == []
+    layer = low.layers[-1]
+    for e in files:
+        st = os.lstat(os.path.join(layer, os.fsdecode(e.name)))
+        assert (st.st_mode & 0o7777, st.st_size) == (modes[os.fsdecode(e.name)], e.size)
+        meta = os.getxattr(os.path.join(layer, os.fsdecode(e.name)), "user.overlay.redirect")
+        assert meta == store.object_relpath_b(e.digest)

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from veloverlay import faults, linking, paths
+from veloverlay import _libc, faults, linking, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree
 from veloverlay.lower.homes import Home, check_room
@@ -61,6 +61,7 @@ class _Writer:
         # ("refusing to follow metacopy origin", measured). Delta layers carry copies instead.
         self.metacopy = form == "data-only" and bottom
         self.whiteout_mknod = True
+        self.dac_override = os.geteuid() == 0
         self.entries = 0
         self.copied = 0
 
@@ -98,27 +99,45 @@ class _Writer:
 
     def _check_size(self, e: Entry) -> None:
         """The entry's size is its object's: a metadata file claiming more would make the
-        kernel's copy-up write that much (zeros past the object's end) into the session."""
+        kernel's copy-up write that much (zeros past the object's end) into the session.
+
+        The same statx tells whether the object is +i already (root's are, from publish): then
+        protecting it later costs no open and ioctl."""
         try:
-            have = os.lstat(self.objs.store.object_path_b(e.digest)).st_size
-        except FileNotFoundError:
-            raise object_missing(e.digest) from None
+            have, immutable = _libc.statx_size_immutable(self.objs.store.object_path_b(e.digest))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise object_missing(e.digest) from None
+            raise
         if have != e.size:
             raise object_corrupt(e.digest, f"it is {have} bytes, its manifest entry says {e.size}")
+        if immutable:
+            self.objs.protected.add(e.digest)
 
     def _metacopy(self, dfd: int, e: Entry) -> None:
         # Created writable by its owner, xattrs set, then the entry's mode: without
         # CAP_DAC_OVERRIDE (root-free), setxattr on a 0444 file is EACCES, and every git
         # repository has 0444 files.
-        fd = os.open(e.name, NEWFILE, 0o600, dir_fd=dfd)
+        # With CAP_DAC_OVERRIDE the file is created with its mode at once (one fchmod fewer per
+        # file), unless the mode has setid/sticky bits (fchmod sets those exactly).
+        direct = self.dac_override and not e.mode & 0o7000
+        fd = os.open(e.name, NEWFILE, e.mode if direct else 0o600, dir_fd=dfd)
         try:
             if e.size:
-                redirect = self.objs.redirect(e.digest)
                 self._check_size(e)
+                redirect = self.objs.redirect(e.digest)
                 os.ftruncate(fd, e.size)  # sparse: stat shows the real size, no blocks used
-                os.setxattr(fd, _x(self.prefix, "metacopy"), b"")
+                try:
+                    os.setxattr(fd, _x(self.prefix, "metacopy"), b"")
+                except PermissionError:
+                    if not direct:
+                        raise
+                    direct = self.dac_override = False  # e.g. root in a user namespace
+                    os.fchmod(fd, 0o600)
+                    os.setxattr(fd, _x(self.prefix, "metacopy"), b"")
                 os.setxattr(fd, _x(self.prefix, "redirect"), redirect)
-            os.fchmod(fd, e.mode)
+            if not direct:
+                os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
