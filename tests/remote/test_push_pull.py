@@ -316,3 +316,67 @@ def test_pull_reads_only_missing_entries_with_ranges(
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
     assert_same_tree(src, out)
+
+
+class _Requests:
+    """Every HTTP request the client sends to the registry (at httpx's transport, so each one
+    counted here went to the real registry)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import httpx
+
+        self.seen: list[tuple[str, str]] = []
+        real = httpx.HTTPTransport.handle_request
+
+        def handle(transport: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+            self.seen.append((request.method, request.url.path))
+            return real(transport, request)
+
+        monkeypatch.setattr(httpx.HTTPTransport, "handle_request", handle)
+
+    def blob_gets(self) -> list[str]:
+        return [p for m, p in self.seen if m == "GET" and "/blobs/sha256:" in p]
+
+
+def _change(src: str, first: int) -> None:
+    for i in range(10):
+        with open(os.path.join(src, f"pkg/m{i}/f{i * 50 + first}.py"), "wb") as f:
+            f.write(os.urandom(20_000))
+
+
+def test_incremental_push_reads_no_index_again(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-push after a 10-file change costs a manifest GET, the new blobs and the manifest PUT:
+    the have-list (the tag's pack indexes) comes from the store's own copy, checked against the
+    digests the manifest names; a damaged copy is fetched again, and the result stays right."""
+    src = _source(shm_tmp, n=2000)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    target = logged_in.remote(_repo_name("inc-req"), "v")
+    push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    _change(src, 1)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    seen = _Requests(monkeypatch)
+    [second] = push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    assert second.packs_reused >= 2
+    assert seen.blob_gets() == [], seen.seen  # no index fetched again
+    heads = [p for m, p in seen.seen if m == "HEAD"]
+    assert len(heads) == second.blobs_uploaded + second.blobs_present <= 6, seen.seen
+    assert len(seen.seen) <= 6 + 3 * len(heads), seen.seen
+    # damaged copies of the indexes are not trusted: fetched again, and the push stays right
+    cache = os.path.join(repo.store.root, "remote-v1", "blobs")
+    for name in os.listdir(cache):
+        with open(os.path.join(cache, name), "r+b") as f:
+            f.seek(20)
+            f.write(b"\xff" * 8)
+    _change(src, 2)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    seen.seen.clear()
+    [third] = push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    indexes = [x for x in _layers(logged_in, target) if x["mediaType"].endswith("index.v1")]
+    assert 0 < len(seen.blob_gets()) <= len(indexes), seen.seen
+    assert third.packs_reused >= 2
+    pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)

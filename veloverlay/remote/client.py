@@ -122,7 +122,7 @@ class Registry:
         kw: dict[str, Any] = {}
         if transport is not None:
             kw["transport"] = transport
-        else:
+        elif name.scheme == "https":  # building a context loads the system CAs (~35 ms)
             kw["verify"] = ssl_context(name.host, self.opts)
         self.client = httpx.Client(
             timeout=httpx.Timeout(self.opts.timeout, connect=min(10.0, self.opts.timeout)),

@@ -30,7 +30,7 @@ from veloverlay.remote.client import Options, Registry
 from veloverlay.remote.name import RemoteName, parse_remote
 from veloverlay.remote.pack import KIND_NODE, PACK_HEADER, Entry, decode_index
 from veloverlay.remote.progress import Meter, ProgressFn
-from veloverlay.remote.state import ShaMap, Versions
+from veloverlay.remote.state import BlobCache, ShaMap, Versions
 from veloverlay.remote.version import Descriptor, PackRef, parse_config, parse_manifest
 from veloverlay.store.bundle import _valid_tiers
 from veloverlay.store.cas import Stage, Store
@@ -174,7 +174,17 @@ def pull(
                 return res  # up to date (a ref's whole closure is stored)
         jobs = max(1, reg.opts.jobs)
         with ThreadPoolExecutor(jobs) as pool:
-            datas = list(pool.map(lambda p: reg.get_blob(p.index.digest, p.index.size), v.packs))
+            cache = BlobCache(store)
+            datas = list(
+                pool.map(
+                    lambda p: cache.fetch(
+                        p.index.digest,
+                        p.index.size,
+                        lambda: reg.get_blob(p.index.digest, p.index.size),  # noqa: B023
+                    ),
+                    v.packs,
+                )
+            )
             where: dict[tuple[int, bytes], tuple[PackRef, Entry]] = {}
             for p, data in zip(v.packs, datas, strict=True):
                 for e in decode_index(data, p.pack.size):

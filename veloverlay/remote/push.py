@@ -25,7 +25,7 @@ from veloverlay.remote.client import Options, Registry, dumps
 from veloverlay.remote.name import RemoteName, check_tag, parse_remote
 from veloverlay.remote.pack import KIND_NODE, KIND_OBJECT, PackWriter, decode_index
 from veloverlay.remote.progress import Meter, ProgressFn
-from veloverlay.remote.state import ShaMap, Versions
+from veloverlay.remote.state import BlobCache, ShaMap, Versions
 from veloverlay.remote.version import (
     A_BLAKE3,
     A_INDEX,
@@ -42,7 +42,7 @@ from veloverlay.remote.version import (
     parse_manifest,
 )
 from veloverlay.store.cas import Store
-from veloverlay.store.digest import Hasher, hash_bytes
+from veloverlay.store.digest import Hasher
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind, decode
 
@@ -79,8 +79,9 @@ class PushResult(Record):
 class _Up:
     """Upload bookkeeping shared by the transfer threads."""
 
-    def __init__(self, reg: Registry, meter: Meter) -> None:
+    def __init__(self, reg: Registry, meter: Meter, cache: BlobCache) -> None:
         self.reg = reg
+        self.cache = cache
         self.meter = meter
         self.lock = threading.Lock()
         self.uploaded = 0
@@ -100,6 +101,7 @@ class _Up:
 
     def pack(self, kind: str, pack: bytes, index: bytes) -> PackRef:
         i = self.blob(index)
+        self.cache.put(i.digest, index)  # the next push of this tag reads it here
         p = self.blob(pack)
         idx = Descriptor(INDEX_TYPE, i.digest, i.size)
         return PackRef(
@@ -144,6 +146,16 @@ def _sha256_verified(store: Store, d: bytes) -> str:
     if b3.digest() != d:
         raise _corrupt(d)
     return "sha256:" + sha.hexdigest()
+
+
+def _read_verified(store: Store, d: bytes, size: int) -> bytes:
+    """A small object's bytes, BLAKE3-checked as they are read (once: `read_object` verifies)."""
+    try:
+        return store.read_object(d, size)
+    except VeloError as exc:
+        if exc.reason is Reason.OBJECT_CORRUPT:
+            raise _corrupt(d) from None
+        raise
 
 
 def _file_chunks(store: Store, d: bytes, sha: str, meter: Meter) -> Any:
@@ -276,11 +288,16 @@ def _push_one(
     packs: list[PackRef] = []
     large_descs: dict[bytes, Descriptor] = {}
     jobs = max(1, reg.opts.jobs)
+    cache = BlobCache(store)
     with ThreadPoolExecutor(jobs) as pool:
         for base, from_repo in bases:
             indexes = list(
                 pool.map(
-                    lambda p: reg.get_blob(p.index.digest, p.index.size, repo=from_repo),  # noqa: B023
+                    lambda p: cache.fetch(
+                        p.index.digest,
+                        p.index.size,
+                        lambda: reg.get_blob(p.index.digest, p.index.size, repo=from_repo),  # noqa: B023
+                    ),
                     base.packs,
                 )
             )
@@ -312,7 +329,7 @@ def _push_one(
         todo = sum(len(node_data[d]) for d in need_nodes) + sum(sizes[d] for d in need_small)
         todo += sum(sizes[d] for d in large if d not in large_descs)
         meter = Meter("push", todo, len(need_small) + len(large) - len(large_descs), progress)
-        up = _Up(reg, meter)
+        up = _Up(reg, meter, cache)
         shamap = ShaMap(store)
         futures: list[Future[PackRef]] = []
         window = threading.Semaphore(jobs * 2)  # packs built but not yet sent (memory bound)
@@ -338,9 +355,7 @@ def _push_one(
                 if code == KIND_NODE:
                     data = node_data[d]
                 else:
-                    data = store.read_object(d)
-                    if hash_bytes(data) != d:
-                        raise _corrupt(d)
+                    data = _read_verified(store, d, sizes[d])
                 w.add(d, data)
                 if w.size >= PACK_TARGET:
                     send(kind, w)

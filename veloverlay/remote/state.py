@@ -1,6 +1,9 @@
 """What a store remembers about remotes, under `<store>/remote-v1/`.
 
 The BLAKE3 -> sha256 map of objects that travelled alone, so a second push needs no re-hash.
+The pack indexes of versions this store pushed or pulled (`blobs/`), so the next push or pull
+of that tag does not fetch them again (the have-list of an incremental push is then one
+manifest GET, not one GET per pack).
 
 `<store>/remote-v1/sha256-v1`: fixed 64-byte records (BLAKE3, sha256), appended under flock by
 whoever computed a pair (push while verifying an object, pull while receiving one). A torn last
@@ -10,14 +13,17 @@ wrong pair can only make a push name a blob the registry then refuses or a pull 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from veloverlay.store.cas import Store
 
-__all__ = ["ShaMap", "Versions"]
+__all__ = ["BlobCache", "ShaMap", "Versions"]
 
 _REC = 64
 
@@ -95,3 +101,72 @@ class Versions:
             os.replace(tmp, self.path)
         finally:
             os.close(fd)
+
+
+class BlobCache:
+    """Small registry blobs (pack indexes) by sha256: `remote-v1/blobs/<hex>`, one file each.
+
+    Registry blobs are immutable under their digest, so a copy stays right as long as its bytes
+    are intact: every read is checked against the sha256 and size the manifest names (a few
+    milliseconds for an index of 20,000 entries), and a copy that fails is deleted and the caller
+    fetches the blob again. Writes are atomic (rename) and not synced: a lost copy only costs a
+    fetch. The directory can be deleted at any time."""
+
+    MAX = 64 << 20  # bigger blobs are not kept
+
+    def __init__(self, store: Store) -> None:
+        self.dir = Path(store.root) / "remote-v1" / "blobs"
+
+    def _path(self, digest: str) -> Path | None:
+        algo, _, hexd = digest.partition(":")
+        if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+            return None
+        return self.dir / hexd
+
+    def get(self, digest: str, size: int) -> bytes | None:
+        path = self._path(digest)
+        if path is None or size > self.MAX:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, size + 1)
+        finally:
+            os.close(fd)
+        if len(data) == size and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+            return data
+        with contextlib.suppress(OSError):
+            path.unlink()  # damaged or foreign: fetched again
+        return None
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Keep `data` (the caller has checked it hashes to `digest`); failures are ignored."""
+        path = self._path(digest)
+        if path is None or len(data) > self.MAX:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def fetch(self, digest: str, size: int, get: Callable[[], bytes]) -> bytes:
+        """The kept copy, or `get()` (which checks what it fetched against `digest`), kept."""
+        data = self.get(digest, size)
+        if data is None:
+            data = get()
+            self.put(digest, data)
+        return data
