@@ -394,6 +394,8 @@ def main() -> int:
                 shutil.copytree(src, tree, symlinks=True)
             out[name] = measure(base, tree, args.repeat, not args.no_ostree)
         finally:
+            # root's stored objects are immutable (+i): clear the flag, or rmtree leaves them
+            subprocess.run(["chattr", "-R", "-i", str(base)], stderr=subprocess.DEVNULL)
             shutil.rmtree(base, ignore_errors=True)
         show(name, out[name])
     RESULTS.mkdir(exist_ok=True)
