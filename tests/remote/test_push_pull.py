@@ -3,6 +3,7 @@ verification, resume, auth, TLS and standard compliance (skopeo reads what we pu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -380,3 +381,37 @@ def test_incremental_push_reads_no_index_again(
     out = os.path.join(shm_tmp, "out")
     other.checkout("env", out)
     assert_same_tree(src, out)
+
+
+def test_push_refuses_a_damaged_object(logged_in: Registry, repo: Repo, shm_tmp: str) -> None:
+    """A small object whose bytes no longer match its name is never sent (it is hashed as it is
+    read for its pack), and the tag is not made."""
+    from veloverlay import fsflags
+
+    src = _source(shm_tmp)
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    digest = next(
+        d for d in (bytes.fromhex(n) for n, _p in repo.store.iter_objects())
+        if os.path.getsize(repo.store.object_path(d)) == len(b"# file 3\n" * 4)
+    )  # fmt: skip
+    path = os.fsdecode(repo.store.object_path(digest))
+    with contextlib.suppress(OSError):
+        fsflags.set_immutable(path, False)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        good = f.read()
+        f.seek(0)
+        f.write(b"X")  # same size, other bytes
+    target = logged_in.remote(_repo_name("damaged"), "v1")
+    try:
+        with pytest.raises(VeloError) as ei:
+            push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    finally:
+        with open(path, "wb") as f:
+            f.write(good)  # the fixture's fsck checks the store at the end
+        os.chmod(path, 0o444)
+    assert ei.value.reason is Reason.OBJECT_CORRUPT, ei.value
+    assert digest.hex() in ei.value.message
+    with pytest.raises(VeloError) as nf:
+        _layers(logged_in, target)
+    assert nf.value.reason is Reason.NOT_FOUND
