@@ -53,6 +53,20 @@ def test_frozen_eq_hash_and_mutable_records() -> None:
         bag.other = 1  # type: ignore[attr-defined]
 
 
+def test_equality_compares_every_field() -> None:
+    # __eq__ is generated field by field: a field left out of it would make unequal records equal.
+    base = Point(1, 2, ("a",))
+    for change in ({"x": 9}, {"y": 9}, {"tags": ("b",)}):
+        other = base.replace(**change)
+        assert other != base and base != other and (other == base) is False
+    assert base == Point(1, 2, ("a",)) and (base != Point(1, 2, ("a",))) is False
+
+    class Empty(Record, frozen=True):
+        pass
+
+    assert Empty() == Empty() and hash(Empty()) == hash(Empty()) and Empty()._values() == ()
+
+
 def test_replace_repr_pickle() -> None:
     p = Point(1, 2, ("a",))
     assert p.replace(y=5) == Point(1, 5, ("a",)) and p.y == 2
