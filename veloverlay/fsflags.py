@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from veloverlay import _libc
 from veloverlay.errors import SysError
 
-__all__ = ["FS_IMMUTABLE_FL", "get_flags", "set_immutable", "is_immutable"]
+__all__ = ["FS_IMMUTABLE_FL", "get_flags", "set_immutable", "is_immutable", "may_set_immutable"]
 
 FS_IMMUTABLE_FL = _libc.FS_IMMUTABLE_FL
 
@@ -64,3 +64,21 @@ def set_immutable(path: StrPath, on: bool = True) -> None:
 
 def is_immutable(path: StrPath) -> bool:
     return bool(get_flags(path) & FS_IMMUTABLE_FL)
+
+
+_may: bool | None = None
+
+
+def may_set_immutable() -> bool:
+    """Whether this process is real root: uid 0 in the initial user namespace (its uid_map
+    maps the whole range onto itself), the only place +i can be set. Decided once per process;
+    a failure where this holds is an anomaly to record, not the expected EPERM."""
+    global _may
+    if _may is None:
+        try:
+            with open("/proc/self/uid_map", "rb") as f:
+                whole = f.read().split() == [b"0", b"0", b"4294967295"]
+        except OSError:
+            whole = False
+        _may = os.geteuid() == 0 and whole
+    return _may

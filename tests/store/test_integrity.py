@@ -580,6 +580,66 @@ def test_as_root_every_object_is_immutable_when_named(ingested: str, shm_tmp: st
         assert f.read() == FILES["a.txt"]
 
 
+@pytest.mark.parametrize("code", ["EPERM", "EOPNOTSUPP"])
+def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """STYLE B6: where real root cannot set +i on a new object (a dropped capability, a
+    filesystem without inode flags) the failure is recorded, `status` says so, and `fsck
+    --repair` sets the flag and clears the record once every object carries it."""
+    import errno
+
+    from veloverlay import fsflags
+    from veloverlay.store import publish
+
+    if not fsflags.may_set_immutable():
+        pytest.skip("only real root sets +i at naming (root-free stores are not meant to)")
+    real = fsflags.set_immutable
+
+    def refuse(path: str, on: bool = True) -> None:
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), path)
+
+    monkeypatch.setattr(fsflags, "set_immutable", refuse)
+    monkeypatch.setattr(publish, "_flags_missing", set())
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, FILES)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+        recorded = publish.unprotected(repo.store)
+    finally:
+        repo.close()
+    names = stored_objects(store)
+    paths_ = [os.path.join(store, "objects-v2", h[:2], h) for h in names]
+    assert not any(fsflags.is_immutable(p) for p in paths_)
+    if code == "EPERM":  # one line per object
+        assert sorted(recorded) == sorted((h, "EPERM") for h in names)
+    else:  # the filesystem has no flags: said once, then not tried again in this process
+        assert recorded == [("*", errno.errorcode[errno.EOPNOTSUPP])]  # ENOTSUP on Linux
+    monkeypatch.setattr(fsflags, "set_immutable", real)
+    status = velo(store, "status")
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)["unprotected"]
+    assert sorted((u["object"], u["errno"]) for u in shown) == sorted(recorded)
+    human = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "status"],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert "warning:" in human.stdout and "chattr +i" in human.stdout, human.stdout
+    check = velo(store, "fsck")
+    report = json.loads(check.stdout)["immutable"]
+    assert report["expected"] is True and report["missing"] == len(names), report
+    repaired = velo(store, "fsck", "--repair")
+    assert repaired.returncode == 0, repaired.stderr
+    report = json.loads(repaired.stdout)["immutable"]
+    assert report["repaired"] == len(names) and report["missing"] == 0, report
+    assert all(fsflags.is_immutable(p) for p in paths_)
+    assert json.loads(velo(store, "status").stdout)["unprotected"] == []
+
+
 def _deep_dir(root: str, levels: int, name: str = "d") -> None:
     """root/d/d/.../d/f, `levels` directories deep (made fd-relative: the path is too long)."""
     os.mkdir(root)

@@ -409,6 +409,17 @@ def fsck(
                 f"{rep.unsealed} not"
                 + ("" if not rep.unsealed or repair else " (fsck --repair seals them)")
             )
+        if rep.mutable or rep.protected or rep.unprotected_record:
+            print(
+                f"chattr +i: {rep.immutable} objects immutable ({rep.protected} by this run), "
+                f"{rep.mutable} not"
+                + ("" if not rep.mutable or repair else " (fsck --repair sets it)")
+                + (
+                    f"; {rep.unprotected_record} failures recorded at naming"
+                    if rep.unprotected_record
+                    else ""
+                )
+            )
         print(
             f"{'ok' if rep.ok else 'FAILED'}: {rep.objects} objects, {rep.nodes} nodes, "
             f"{rep.commits} commits, {rep.refs} refs, {len(rep.findings)} problems"
@@ -509,6 +520,10 @@ def status() -> None:
     shown = [_session_dict(repo, s) for s in sessions]
     data = {"store": os.fspath(repo.store.root), "refs": len(items), "objects": objects}
     data["disk"] = disk
+    from veloverlay.store.publish import unprotected
+
+    failed = unprotected(repo.store)
+    data["unprotected"] = [{"object": n, "errno": e} for n, e in failed]
     data["sessions"] = shown
     if state.json:
         render.emit_json(data)
@@ -518,6 +533,15 @@ def status() -> None:
 
     for line in disk_lines(disk):
         print(line)
+    objs = sorted({e for n, e in failed if n != "*"})
+    if objs:
+        count = sum(n != "*" for n, _ in failed)
+        print(
+            f"warning: {count} objects were named without chattr +i ({', '.join(objs)}); "
+            "'veloverlay fsck --repair' sets it"
+        )
+    if any(n == "*" for n, _ in failed):
+        print("warning: the store's filesystem refused chattr +i: its objects are not immutable")
     for sess, d in zip(sessions, shown, strict=True):
         refs = ", ".join(d.get("refs", []))
         print(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")

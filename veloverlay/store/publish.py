@@ -11,7 +11,14 @@ from veloverlay import _libc, faults, fsflags, verity
 from veloverlay.errors import SysError
 from veloverlay.store.cas import OBJECTS_V2, Store, _Chunk, _store_error
 
-__all__: list[str] = []
+__all__ = ["UNPROTECTED", "unprotected", "forget_unprotected"]
+
+# Objects named without the +i that real root gives every object: one line each,
+# `<hex> <ERRNO>`, or `* <ERRNO>` when the filesystem has no inode flags at all (then this
+# process stops trying). `status` shows them; `fsck --repair` sets +i and clears the record.
+UNPROTECTED = "unprotected-v1"
+_NO_FLAGS = (errno.ENOTTY, errno.EOPNOTSUPP)
+_flags_missing: set[bytes] = set()  # stores whose filesystem refused +i (this process)
 
 _stores: dict[str, Store] = {}
 
@@ -71,7 +78,7 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
             raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
         try:
             _libc.renameat2(_AT_FDCWD, path, objfd, rel, _libc.RENAME_NOREPLACE)
-            _protect(store.objects_b + b"/" + rel)
+            _protect(store, store.objects_b + b"/" + rel)
             return True
         except OSError as exc:
             if exc.errno == errno.EEXIST:
@@ -90,18 +97,49 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
         os.rename(path, dst)
     except OSError as exc:
         raise _store_error(exc, "rename", path, dst) from exc
-    _protect(dst)
+    _protect(store, dst)
     return True
 
 
-def _protect(path: bytes) -> None:
-    """As root, an object is immutable (+i) from the moment it is named, before the second
+def _protect(store: Store, path: bytes) -> None:
+    """As real root, an object is immutable (+i) from the moment it is named, before the second
     syncfs: no process (root's included) can change its bytes through a hard link made later.
-    Where the flag cannot be set (a user namespace, a filesystem without inode flags) the
-    object stays as it is: doctor reports which protection holds."""
-    if os.geteuid() != 0:
+    Anyone else cannot set it (doctor says which protection holds). Where real root fails, the
+    object is recorded in UNPROTECTED, never passed over in silence (STYLE B6)."""
+    if not fsflags.may_set_immutable() or store.objects_b in _flags_missing:
         return
     try:
         fsflags.set_immutable(os.fsdecode(path), True)
-    except OSError:
-        pass
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        if code in _NO_FLAGS:
+            _flags_missing.add(store.objects_b)
+        name = b"*" if code in _NO_FLAGS else os.path.basename(path)
+        line = b"%s %s\n" % (name, errno.errorcode.get(code, str(code)).encode())
+        fd = os.open(
+            os.path.join(os.fsencode(store.root), UNPROTECTED.encode()),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o644,
+        )
+        try:
+            os.write(fd, line)  # one short O_APPEND write: whole lines from any process
+        finally:
+            os.close(fd)
+
+
+def unprotected(store: Store) -> list[tuple[str, str]]:
+    """The recorded (object hex or '*', errno name) pairs; empty when none."""
+    try:
+        data = (store.root / UNPROTECTED).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in data.decode("ascii", "replace").splitlines():
+        name, _, code = line.partition(" ")
+        if name and code:
+            out.append((name, code))
+    return out
+
+
+def forget_unprotected(store: Store) -> None:
+    (store.root / UNPROTECTED).unlink(missing_ok=True)

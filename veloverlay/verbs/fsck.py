@@ -13,17 +13,19 @@ names its culprit: the object (digest and path) or the ref/commit/node and path 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
 
-from veloverlay import fsflags, paths, verity
+from veloverlay import _libc, fsflags, paths, verity
 from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import OBJECT_MODE, OBJECTS_V1, OBJECTS_V2, Store
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
+from veloverlay.store.publish import forget_unprotected, unprotected
 from veloverlay.store.tree import Kind
 from veloverlay.workers import Workers, default_jobs
 
@@ -46,6 +48,11 @@ class FsckReport(Record):
     sealed: int = 0  # objects with fs-verity (where the store's filesystem has it)
     unsealed: int = 0  # objects without it there (named before; `repair` seals them)
     repaired: int = 0  # objects sealed by this run
+    protect: bool = False  # real root: objects are meant to carry chattr +i (set at naming)
+    immutable: int = 0  # objects with +i
+    mutable: int = 0  # objects without it where they should have it (`repair` sets it)
+    protected: int = 0  # objects given +i by this run
+    unprotected_record: int = 0  # lines of the store's record of failed +i at naming
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -64,6 +71,13 @@ class FsckReport(Record):
                 "unsealed": self.unsealed,
                 "repaired": self.repaired,
             },
+            "immutable": {
+                "expected": self.protect,
+                "set": self.immutable,
+                "missing": self.mutable,
+                "repaired": self.protected,
+                "recorded_failures": self.unprotected_record,
+            },
             "findings": [
                 {"kind": f.kind, "what": f.what, "detail": f.detail} for f in self.findings
             ],
@@ -74,31 +88,44 @@ class _Opts(Record, frozen=True):
     seal: bool = False  # fs-verity works on this store: objects are meant to carry it
     repair: bool = False  # seal unsealed objects, give writable objects their 0444 back
     quick: bool = False  # trust the kernel for sealed objects: no re-hash
+    protect: bool = False  # real root: objects are meant to carry +i
 
 
-_CheckResult = tuple[tuple[str, str, str] | None, str]  # (finding, verity: sealed/unsealed/...)
+# (finding, verity: sealed/unsealed/repaired/"", +i: set/missing/repaired/"")
+_CheckResult = tuple[tuple[str, str, str] | None, str, str]
+
+
+def _flags(fd: int) -> int | None:
+    """The inode flags, or None where the filesystem has none (ENOTTY/EOPNOTSUPP)."""
+    try:
+        return _libc.ioctl_getflags(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
     name, path = item
     if not _HEX.match(name):
-        return ("object-stray", path, "not an object name"), ""
+        return ("object-stray", path, "not an object name"), "", ""
     parts = path.rsplit("/", 3)
     one_level = parts[-3] == OBJECTS_V2 and parts[-2] == name[:2]
     two_levels = (
         parts[0].endswith("/" + OBJECTS_V1) and parts[-3] == name[:2] and parts[-2] == name[2:4]
     )
     if not (one_level or two_levels):
-        return ("object-misplaced", path, f"object {name} is in the wrong shard"), ""
+        return ("object-misplaced", path, f"object {name} is in the wrong shard"), "", ""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        return ("object-unreadable", path, exc.strerror or str(exc)), ""
+        return ("object-unreadable", path, exc.strerror or str(exc)), "", ""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return ("object-corrupt", path, "not a regular file"), ""
+            return ("object-corrupt", path, "not a regular file"), "", ""
         sealed = opts.seal and verity.is_enabled_fd(fd)
+        flags = _flags(fd) if opts.protect else None
         if sealed and opts.quick:
             # The kernel refuses every write to a sealed file, and sealing happened only to
             # bytes that hashed to this name; the descriptor must still be readable.
@@ -108,11 +135,19 @@ def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
                 digest, _ = hash_fd(fd)
             except OSError as exc:  # a sealed file whose blocks fail their Merkle check: EIO
                 why = "fs-verity: a block does not match its Merkle tree" if sealed else ""
-                return ("object-corrupt", path, f"read failed: {exc.strerror} {why}".strip()), ""
+                return (
+                    ("object-corrupt", path, f"read failed: {exc.strerror} {why}".strip()),
+                    "",
+                    "",
+                )
             if digest.hex() != name:
-                return ("object-corrupt", path, f"content hashes to {digest.hex()}, not {name}"), ""
+                return (
+                    ("object-corrupt", path, f"content hashes to {digest.hex()}, not {name}"),
+                    "",
+                    "",
+                )
     except OSError as exc:
-        return ("object-unreadable", path, exc.strerror or str(exc)), ""
+        return ("object-unreadable", path, exc.strerror or str(exc)), "", ""
     finally:
         os.close(fd)
     state = "sealed" if sealed else "unsealed" if opts.seal else ""
@@ -124,11 +159,16 @@ def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
         state = _seal_existing(path)
     if st.st_mode & 0o222:
         return (
-            "object-writable",
-            path,
-            f"mode {stat.S_IMODE(st.st_mode):o}: objects are 0444",
-        ), state
-    return None, state
+            ("object-writable", path, f"mode {stat.S_IMODE(st.st_mode):o}: objects are 0444"),
+            state,
+            "",
+        )
+    immutable = "" if flags is None else "set" if flags & fsflags.FS_IMMUTABLE_FL else "missing"
+    if opts.repair and immutable == "missing":
+        with contextlib.suppress(OSError):  # counted as missing, and the record stays
+            fsflags.set_immutable(path, True)
+            immutable = "repaired"
+    return None, state, immutable
 
 
 def _seal_existing(path: str) -> str:
@@ -220,7 +260,11 @@ def fsck(
     seals those that do not (after their re-hash proved them right) and gives writable objects
     their 0444 back; `quick` lets the kernel vouch for sealed objects instead of re-hashing."""
     rep = FsckReport()
-    opts = _Opts(seal=store.verity()[0], repair=repair, quick=quick)
+    protect = fsflags.may_set_immutable()
+    opts = _Opts(seal=store.verity()[0], repair=repair, quick=quick, protect=protect)
+    rep.protect = protect
+    recorded = unprotected(store)
+    rep.unprotected_record = len(recorded)
     items = [(n, os.fspath(p)) for n, p in store.iter_objects()]
     rep.objects = len(items)
     present = {n for n, _ in items}
@@ -232,7 +276,7 @@ def fsck(
         results = pool.map_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
         for found, size in results:
             nbytes += size
-            for finding, state in found:
+            for finding, state, immutable in found:
                 if finding is not None:
                     rep.findings.append(Finding(*finding))
                 if state == "sealed":
@@ -242,9 +286,19 @@ def fsck(
                 elif state == "repaired":
                     rep.repaired += 1
                     rep.sealed += 1
+                if immutable == "set":
+                    rep.immutable += 1
+                elif immutable == "missing":
+                    rep.mutable += 1
+                elif immutable == "repaired":
+                    rep.protected += 1
+                    rep.immutable += 1
             checked += 256
             if progress is not None:
                 progress(min(checked, len(items)), len(items), nbytes)
+    if repair and protect and recorded and rep.immutable == rep.objects:
+        forget_unprotected(store)  # every object carries +i now: the record is history
+        rep.unprotected_record = 0
     rep.findings.extend(_check_short_names(store, m, present))
     # --link proxies of shim sessions: the documented limit is that a writer the shim cannot
     # see may change one; this is where that is detected.
