@@ -140,10 +140,11 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
             if not stat.S_ISREG(st1.st_mode):
                 raise Changed
             racy = time.time_ns() - st1.st_mtime_ns < RACY_NS
-            if racy:
-                # A write(2) stamps mtime/ctime when it starts, then copies: one still copying
-                # now was stamped before st1, and st2 would not see it. Wait it out first.
-                _write_barrier(fd)
+            # A write(2) stamps mtime/ctime when it starts, then copies: one still copying now
+            # was stamped before st1, and st2 would not see it. Wait it out first, whatever
+            # the stamp's age: a writer descheduled mid-copy on a loaded machine can hold a
+            # stamp older than RACY_NS (a mixed version was committed that way once).
+            _write_barrier(fd)
             if st1.st_size <= _SMALL:
                 data = _read_all(fd, st1.st_size)
                 st2 = os.fstat(fd)

@@ -1,0 +1,118 @@
+"""A write(2) still copying when the ingest reads the file, whose mtime stamp is old.
+
+write(2) stamps mtime/ctime when it starts and then copies, holding the inode lock. A writer
+descheduled mid-copy on a loaded machine can leave a stamp older than RACY_NS while its copy is
+still in flight: a read then sees half the new bytes and identical stats before and after. The
+ingest must wait for the write (its barrier), never stage that mix.
+
+The stall is made exact with userfaultfd: the writer's source buffer has its second half
+unpopulated, so pwrite() copies the first half and blocks on the fault, inode lock held, until
+this test supplies the pages. RACY_NS is set to 0 so the fresh stamp counts as old (the loaded
+machine's case, without waiting for it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import threading
+
+import pytest
+
+from veloverlay.ingest import source as ingest_mod
+from veloverlay.store.digest import hash_bytes
+from veloverlay.verbs.repo import Repo
+
+_NR_USERFAULTFD = 323  # x86_64
+_UFFDIO_API = 0xC018AA3F
+_UFFDIO_REGISTER = 0xC020AA00
+_UFFDIO_COPY = 0xC028AA03
+_MISSING = 1
+_PAGEFAULT = 0x12
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def _ioctl(fd: int, req: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    if _libc.ioctl(fd, req, ctypes.addressof(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _userfaultfd() -> int:
+    if os.uname().machine != "x86_64":
+        pytest.skip("the userfaultfd syscall number here is x86_64's")
+    fd = _libc.syscall(_NR_USERFAULTFD, os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        pytest.skip(f"userfaultfd: {os.strerror(err)} (unprivileged use off, or no kernel support)")
+    api = ctypes.create_string_buffer(struct.pack("QQQ", 0xAA, 0, 0), 24)
+    _ioctl(fd, _UFFDIO_API, api)
+    return int(fd)
+
+
+def _state(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 4 << 20
+    old, new = b"o" * size, b"n" * size
+    path = os.path.join(shm_tmp, "f")
+    with open(path, "wb") as f:
+        f.write(old)
+    uffd = _userfaultfd()
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    half = size // 2
+    assert half % mmap.PAGESIZE == 0  # userfaultfd registers whole pages
+    buf[:half] = new[:half]  # populated: copied at once; the second half faults
+    anchor = ctypes.c_char.from_buffer(buf)
+    base = ctypes.addressof(anchor)
+    reg = ctypes.create_string_buffer(struct.pack("QQQQ", base + half, size - half, _MISSING, 0))
+    _ioctl(uffd, _UFFDIO_REGISTER, reg)
+    wfd = os.open(path, os.O_WRONLY)
+    wrote: list[int] = []
+    writer = threading.Thread(target=lambda: wrote.append(os.pwrite(wfd, buf, 0)))
+    writer.start()
+    fill = ctypes.create_string_buffer(new[half:], size - half)
+    reader_tid = threading.get_native_id()
+    done = threading.Event()
+
+    def supply_pages() -> None:
+        # Until the reader blocks (in the barrier, state D) or is done: the write stays
+        # stalled exactly as long as the reader could see it half made.
+        while not done.is_set() and _state(reader_tid) != "D":
+            done.wait(0.001)
+        copy = ctypes.create_string_buffer(
+            struct.pack("QQQQq", base + half, ctypes.addressof(fill), size - half, 0, 0), 40
+        )
+        _ioctl(uffd, _UFFDIO_COPY, copy)
+
+    resolver = threading.Thread(target=supply_pages)
+    try:
+        msg = os.read(uffd, 32)  # the writer is in the fault now, its stamp already set
+        assert msg[0] == _PAGEFAULT
+        monkeypatch.setattr(ingest_mod, "RACY_NS", 0)
+        resolver.start()
+        with repo.store.stage() as stage:
+            digest, _st, _racy = ingest_mod.read_stable(os.fsencode(path), stage, repo.store)
+    finally:
+        done.set()
+        if resolver.ident is not None:
+            resolver.join(30)
+        else:  # never started: let the writer finish
+            supply_pages()
+        writer.join(30)
+        os.close(wfd)
+        os.close(uffd)
+        del anchor
+        buf.close()
+    assert wrote == [size]
+    assert digest in (hash_bytes(old), hash_bytes(new)), "a half-written version was staged"
