@@ -5,6 +5,8 @@ descheduled mid-copy on a loaded machine can leave a stamp older than RACY_NS wh
 still in flight: a read then sees half the new bytes and identical stats before and after. The
 ingest must wait for the write (its barrier), never stage that mix.
 
+The shim's live sync (treesync) hashes a session's files the same way, and must wait too.
+
 The stall is made exact with userfaultfd: the writer's source buffer has its second half
 unpopulated, so pwrite() copies the first half and blocks on the fault, inode lock held, until
 this test supplies the pages. RACY_NS is set to 0 so the fresh stamp counts as old (the loaded
@@ -18,6 +20,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -60,8 +63,37 @@ def _state(tid: int) -> str:
         return f.read().rpartition(")")[2].split()[0]
 
 
+def _ingest_read(repo: Repo, path: str) -> bytes:
+    with repo.store.stage() as stage:
+        return ingest_mod.read_stable(os.fsencode(path), stage, repo.store)[0]
+
+
+def _shim_sync_read(repo: Repo, path: str) -> bytes:
+    """The shim's live sync hashes a session's changed file the same way (treesync)."""
+    from veloverlay.session.shim.materialize import Baseline
+    from veloverlay.session.shim.treesync import SyncResult, TreeSync
+    from veloverlay.tiers import Rules
+
+    sync = TreeSync(
+        repo.store,
+        repo.m,
+        os.fsencode(os.path.dirname(path)),
+        Baseline(),
+        Rules.default(),
+        link=False,
+    )
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with repo.store.stage() as stage:
+            name = os.fsencode(os.path.basename(path))
+            return sync._hash(dfd, name, os.stat(path), None, stage, SyncResult())[0]
+    finally:
+        os.close(dfd)
+
+
+@pytest.mark.parametrize("read", [_ingest_read, _shim_sync_read], ids=["ingest", "shim-sync"])
 def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
-    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch, read: Callable[[Repo, str], bytes]
 ) -> None:
     size = 4 << 20
     old, new = b"o" * size, b"n" * size
@@ -101,8 +133,7 @@ def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
         assert msg[0] == _PAGEFAULT
         monkeypatch.setattr(ingest_mod, "RACY_NS", 0)
         resolver.start()
-        with repo.store.stage() as stage:
-            digest, _st, _racy = ingest_mod.read_stable(os.fsencode(path), stage, repo.store)
+        digest = read(repo, path)
     finally:
         done.set()
         if resolver.ident is not None:

@@ -11,6 +11,7 @@ import stat
 import time
 
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import wait_for_writes
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import Digest, hash_fd
 
@@ -89,22 +90,6 @@ def _release_sidecar(side: int, path: str) -> None:
         os.close(side)
 
 
-def _write_barrier(fd: int) -> None:
-    """Wait until no write(2) to this file is in flight.
-
-    Buffered writes hold the inode's i_rwsem for their whole copy on tmpfs, ext4 and btrfs, and
-    lseek(SEEK_DATA) takes it there too, so this returns only once a concurrent write has
-    finished (elsewhere it is a cheap no-op: the double read still narrows the window). Without
-    it an unlocked in-place writer could be read half-old, half-new with identical stats
-    before and after (measured on tmpfs: ~half the reads of a 1-3 MiB file under a writer
-    that pwrite()s without a lock).
-    """
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError:
-        pass  # ENXIO (empty file), or a filesystem without SEEK_DATA
-
-
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (
         a.st_size == b.st_size
@@ -144,7 +129,7 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
             # was stamped before st1, and st2 would not see it. Wait it out first, whatever
             # the stamp's age: a writer descheduled mid-copy on a loaded machine can hold a
             # stamp older than RACY_NS (a mixed version was committed that way once).
-            _write_barrier(fd)
+            wait_for_writes(fd)
             if st1.st_size <= _SMALL:
                 data = _read_all(fd, st1.st_size)
                 st2 = os.fstat(fd)
@@ -154,7 +139,7 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
                 # for a file modified just now, a second read (after any write in flight
                 # during the first has finished) must agree with the first.
                 if racy:
-                    _write_barrier(fd)
+                    wait_for_writes(fd)
                     if os.pread(fd, st1.st_size + 1, 0) != data:
                         continue
                 return stage.add_bytes(data), st1, racy
@@ -162,7 +147,7 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
             st2 = os.fstat(fd)
             ok = _same(st1, st2) and size == st1.st_size
             if ok and racy:  # the same second look for large files: hash once more
-                _write_barrier(fd)
+                wait_for_writes(fd)
                 os.lseek(fd, 0, os.SEEK_SET)
                 ok = hash_fd(fd) == (digest, size)
             if not ok:

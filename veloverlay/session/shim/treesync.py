@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from veloverlay import paths, records
-from veloverlay.files import DIRFLAGS
+from veloverlay.files import DIRFLAGS, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
 from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
@@ -319,6 +319,8 @@ class TreeSync:
                     os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd, follow_symlinks=False)
             try:
                 before = os.fstat(fd)
+                # A write still copying was stamped before `before`: `after` would not show it.
+                wait_for_writes(fd)
                 if low is not None and before.st_size == low.size:
                     digest, size = hash_fd(fd)
                     if digest != low.digest:
