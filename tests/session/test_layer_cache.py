@@ -441,3 +441,39 @@ def test_a_cold_build_reopens_no_object_already_immutable(
         assert (st.st_mode & 0o7777, st.st_size) == (modes[os.fsdecode(e.name)], e.size)
         meta = os.getxattr(os.path.join(layer, os.fsdecode(e.name)), "user.overlay.redirect")
         assert meta == store.object_relpath_b(e.digest)
+
+
+def _gc_in_the_start_window(base: str) -> dict[str, object]:
+    """Between choosing its layers and pinning their roots in its state file, a starting session
+    holds the store lock: gc (exclusive) cannot prune those layers in between. It did, and the
+    mount then failed with 'lowerdir is not a directory' (tests/reliability/test_concurrency)."""
+    from veloverlay.errors import VeloError
+    from veloverlay.session.overlay import backend
+
+    store, _src = new_store(base)
+    real = backend._new_state
+    seen: dict[str, object] = {}
+
+    def gc_tries(store_, plan, m, opts):  # type: ignore[no-untyped-def]
+        try:
+            with store_.lock(exclusive=True, wait=False):  # what gc takes
+                seen["gc_could_prune"] = True
+        except VeloError as exc:
+            seen["gc_could_prune"], seen["reason"] = False, exc.reason.value
+        return real(store_, plan, m, opts)
+
+    backend._new_state = gc_tries
+    try:
+        res = run_session(store, ["t"], ["true"], at=os.path.join(base, "proj"))
+    finally:
+        backend._new_state = real
+    return {**seen, "status": res.exit_status}
+
+
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=pytest.mark.needs(*MODE_MARKS[m]), id=m) for m in MODE_MARKS]
+)
+def test_gc_cannot_prune_the_layers_of_a_starting_session(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _gc_in_the_start_window, base)
+    assert r == {"gc_could_prune": False, "reason": "locked", "status": 0}, r

@@ -224,9 +224,13 @@ def run_session(
     m = Manifests(store)
     try:
         t0 = time.perf_counter()
-        plan = _prepare(store, m, opts, choice, progress)
-        t_prepared = time.perf_counter()
-        st = _new_state(store, plan, m, opts)
+        # The store lock (shared) from choosing the layers until the state file pins their
+        # roots: gc prunes layers under the exclusive lock and keeps only pinned roots, so
+        # without it a gc in between removed the layers this session was about to mount.
+        with store.lock():
+            plan = _prepare(store, m, opts, choice, progress)
+            t_prepared = time.perf_counter()
+            st = _new_state(store, plan, m, opts)
         sdir = store.sessions / st.id
         spec = overlay.OverlaySpec(
             lowers=plan.lowers.layers,

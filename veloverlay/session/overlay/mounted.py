@@ -62,19 +62,20 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
     opts.at = target
     m = Manifests(store)
     try:
-        plan = _prepare(store, m, opts, choice)
-        if plan.lowers.immutable:
-            plan.protection = "immutable"  # +i on every object; the store is not bound ro
-        else:
-            plan.protection = "none"
-            plan.warnings.append(
-                "mounted on the host: the store is not read-only there and objects are not "
-                "immutable (chattr +i failed); 'veloverlay fsck' detects changes"
-            )
-        st = _new_state(store, plan, m, opts)
-        sdir = store.sessions / st.id
-        st.mounted_at, st.state, st.pid, st.pid_start = plan.target, "mounted", 0, None
-        state.save(store, st)  # before the mount: a crash after it leaves a record
+        with store.lock():  # until the state pins the layers' roots (see backend.run_session)
+            plan = _prepare(store, m, opts, choice)
+            if plan.lowers.immutable:
+                plan.protection = "immutable"  # +i on every object; the store is not bound ro
+            else:
+                plan.protection = "none"
+                plan.warnings.append(
+                    "mounted on the host: the store is not read-only there and objects are not "
+                    "immutable (chattr +i failed); 'veloverlay fsck' detects changes"
+                )
+            st = _new_state(store, plan, m, opts)
+            sdir = store.sessions / st.id
+            st.mounted_at, st.state, st.pid, st.pid_start = plan.target, "mounted", 0, None
+            state.save(store, st)  # before the mount: a crash after it leaves a record
         spec = overlay.OverlaySpec(
             lowers=plan.lowers.layers,
             data_lowers=plan.lowers.data_layers,
