@@ -37,7 +37,9 @@ def hyperfine(cmds: dict[str, str], runs: int, env: dict[str, str]) -> dict[str,
         args += ["--export-json", export.name]
         for name, cmd in cmds.items():
             args += ["-n", name, cmd]
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
+        r = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"bench_cli: hyperfine failed:\n{r.stderr.decode(errors='replace')}")
         data = json.loads(Path(export.name).read_text())
     return {
         r["command"]: {"median_s": r["median"], "cpu_s": r["user"] + r["system"]}
@@ -101,6 +103,26 @@ def main() -> int:
             check=True,
             stderr=subprocess.DEVNULL,
         )  # builds the lower layers: later runs are warm
+        # The old CLI gets a store of its own making: the store format moved on since (the
+        # one-level fan-out, the manifest record), and old code cannot open a new store.
+        old_store = top / "store-old"
+        old_env = dict(env, PYTHONPATH=str(old), VELO_STORE=str(old_store))
+        subprocess.run(
+            [py, "-m", "veloverlay", "ingest", str(src), "-n", "big"],
+            env=old_env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=top,  # `python -m` puts the working directory first on sys.path
+        )
+        old_run = f"run big --at {top / 'at-old'} -- true"  # its own projection point too
+        subprocess.run(
+            f"{py} -m veloverlay {old_run}",
+            shell=True,
+            env=old_env,
+            check=True,
+            stderr=subprocess.DEVNULL,
+            cwd=top,
+        )
         lib = (
             "import sys; from veloverlay.store.cas import Store; "
             "from veloverlay.session import run, SessionOptions; "
@@ -112,12 +134,16 @@ def main() -> int:
             "CLI (typer), run -- true": f"env PYTHONPATH={ROOT} {py} -m veloverlay {run}",
             "library session.run -- true": f'{py} -c "{lib}"',
             f"old CLI ({args.old_rev}, argparse), run -- true": (
-                f"env PYTHONPATH={old} {py} -m veloverlay {run}"
+                f"env PYTHONPATH={old} VELO_STORE={old_store} {py} -m veloverlay {old_run}"
             ),
             "python -c 'import typer'": f"{py} -c 'import typer'",
             "python -c 'import veloverlay.cli'": f"{py} -c 'import veloverlay.cli'",
         }
         os.chdir(top)  # `python -m` puts the working directory first on sys.path
+        for name, cmd in cmds.items():  # each once first: a failure names its command
+            r = subprocess.run(cmd, shell=True, env=new_env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"bench_cli: {name!r} failed ({r.returncode}):\n{r.stderr}")
         t0 = time.perf_counter()
         warm = hyperfine(cmds, args.repeat, new_env)
         results["seconds"] = time.perf_counter() - t0
