@@ -141,9 +141,9 @@ def main() -> int:
         }
         os.chdir(top)  # `python -m` puts the working directory first on sys.path
         for name, cmd in cmds.items():  # each once first: a failure names its command
-            r = subprocess.run(cmd, shell=True, env=new_env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SystemExit(f"bench_cli: {name!r} failed ({r.returncode}):\n{r.stderr}")
+            once = subprocess.run(cmd, shell=True, env=new_env, capture_output=True, text=True)
+            if once.returncode != 0:
+                raise SystemExit(f"bench_cli: {name!r} failed ({once.returncode}):\n{once.stderr}")
         t0 = time.perf_counter()
         warm = hyperfine(cmds, args.repeat, new_env)
         results["seconds"] = time.perf_counter() - t0
