@@ -72,6 +72,8 @@ def judge(check: dict[str, object]) -> list[str]:
         for name, r in refs.items():
             if isinstance(r, dict) and r.get("rc") != 0:
                 why.append(f"ref {name} does not list: {r.get('err')}")
+    if not check.get("objects_scanned"):  # a scan that saw nothing checked nothing
+        why.append("the independent object scan found no objects")
     if check.get("objects_bad"):
         why.append(f"{check['objects_bad']} objects whose content does not hash to their name")
     return why

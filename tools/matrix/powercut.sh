@@ -65,11 +65,12 @@ for name in names:
 # No object with a valid name and torn or empty content: fsck re-hashes every object against
 # its name (above, twice); here only the cheap part is repeated independently: no object file
 # is empty unless its name is the digest of no bytes.
-objs = os.path.join(store, "objects-v1")
+# Both fan-outs: objects-v2/ab/<hex> (new stores), objects-v1/ab/cd/<hex> (older ones).
 empty_name = blake3(b"").hexdigest()
 scanned = bad = 0
 bad_names = []
-for root, _dirs, files in os.walk(objs):
+for root, _dirs, files in (w for d in ("objects-v2", "objects-v1")
+                           for w in os.walk(os.path.join(store, d))):
     for f in files:
         if len(f) != 64:
             continue
