@@ -640,6 +640,45 @@ def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
     assert json.loads(velo(store, "status").stdout)["unprotected"] == []
 
 
+def test_a_failed_unprotected_record_is_reported_as_its_write(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When +i is refused and the UNPROTECTED record cannot be written either, the error names
+    the record's write (not the object's rename, which succeeded), and every object named so far
+    is whole: P0-a holds for what the failed ingest left."""
+    import errno
+
+    from veloverlay import fsflags
+    from veloverlay.errors import SysError
+    from veloverlay.store import publish
+
+    if not fsflags.may_set_immutable():
+        pytest.skip("only real root sets +i at naming (root-free stores are not meant to)")
+
+    def refuse(path: str, on: bool = True) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+
+    monkeypatch.setattr(fsflags, "set_immutable", refuse)
+    monkeypatch.setattr(publish, "_flags_missing", set())
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, FILES)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    try:
+        os.mkdir(os.path.join(store, publish.UNPROTECTED))  # the record cannot be opened to write
+        with pytest.raises(SysError) as ei:
+            ingest(repo.store, repo.m, src, "t", jobs=1)
+        assert ei.value.syscall == "write" and ei.value.errno == errno.EISDIR, ei.value
+        assert repo.refs() == []
+    finally:
+        repo.close()
+    names = stored_objects(store)
+    assert names, "the object whose record failed is named"
+    for h in names:
+        with open(os.path.join(store, "objects-v2", h[:2], h), "rb") as f:
+            assert hash_bytes(f.read()).hex() == h
+
+
 def _deep_dir(root: str, levels: int, name: str = "d") -> None:
     """root/d/d/.../d/f, `levels` directories deep (made fd-relative: the path is too long)."""
     os.mkdir(root)

@@ -78,8 +78,6 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
             raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
         try:
             _libc.renameat2(_AT_FDCWD, path, objfd, rel, _libc.RENAME_NOREPLACE)
-            _protect(store, store.objects_b + b"/" + rel)
-            return True
         except OSError as exc:
             if exc.errno == errno.EEXIST:
                 return False
@@ -89,6 +87,9 @@ def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal
             if exc.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise _store_error(exc, "rename", path, store.objects_b + b"/" + rel) from exc
             break
+        # Named now: a failure recording it unprotected is not the rename's.
+        _protect(store, store.objects_b + b"/" + rel)
+        return True
     # A filesystem without RENAME_NOREPLACE: check, then rename.
     dst = b"%s/%s" % (store.objects_b, rel)
     if os.path.lexists(dst):
@@ -116,15 +117,17 @@ def _protect(store: Store, path: bytes) -> None:
             _flags_missing.add(store.objects_b)
         name = b"*" if code in _NO_FLAGS else os.path.basename(path)
         line = b"%s %s\n" % (name, errno.errorcode.get(code, str(code)).encode())
-        fd = os.open(
-            os.path.join(os.fsencode(store.root), UNPROTECTED.encode()),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o644,
-        )
+        record = os.path.join(os.fsencode(store.root), UNPROTECTED.encode())
         try:
-            os.write(fd, line)  # one short O_APPEND write: whole lines from any process
-        finally:
-            os.close(fd)
+            fd = os.open(
+                record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+            )
+            try:
+                os.write(fd, line)  # one short O_APPEND write: whole lines from any process
+            finally:
+                os.close(fd)
+        except OSError as werr:
+            raise _store_error(werr, "write", record) from werr
 
 
 def unprotected(store: Store) -> list[tuple[str, str]]:
