@@ -219,31 +219,20 @@ def live_changes(
 ) -> list[tuple[str, str]]:
     """What a running session has changed so far, as (status letter, path): read from its
     upper dir (overlay) or its live view `REF@<session>` (shim). Nothing is committed. `m`: the
-    store's manifests when the caller has them open (LMDB opens an environment once a process)."""
-    st = state.load(store, session_id)
-    if st.shown_state() not in ("running", "starting"):
-        raise VeloError(
-            f"session {session_id} is {st.shown_state()}, not running",
-            reason=Reason.USAGE,
-            hint=f"what it committed: veloverlay log {st.top}",
-        )
-    own = m is None
-    m = Manifests(store) if m is None else m
-    try:
+    store's manifests when the caller has them open."""
+    from veloverlay.session.live import running, shim_live_root, upper_dir
+
+    with running(store, session_id, m) as (st, m):
         view = bytes.fromhex(st.view_root)
         if st.backend == "shim":
             from veloverlay.store.changes import changes
 
             with m.read() as txn:
-                ref = m.get_ref(txn, st.session_ref or "")
-                if ref is None:
+                live = shim_live_root(m, txn, st)
+                if live is None:
                     return []
-                live = bytes.fromhex(m.get_commit(txn, ref.head).root)
                 return [(c.status, paths.display(c.path)) for c in changes(m, txn, view, live)]
         from veloverlay.session.overlay.live import upper_changes
 
-        prefix = "trusted" if st.mode == "native" else "user"
-        return upper_changes(m, os.fspath(store.sessions / st.id / "upper"), view, prefix)
-    finally:
-        if own:
-            m.close()
+        upper, prefix = upper_dir(store, st)
+        return upper_changes(m, os.fsdecode(upper), view, prefix)

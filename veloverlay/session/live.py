@@ -8,12 +8,14 @@ bytes it has so far.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 
-from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record
 from veloverlay.session import state
+from veloverlay.session.state import State
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.patch import object_lines, path_lines, unified
@@ -42,44 +44,59 @@ def _entry(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
     return e
 
 
+@contextlib.contextmanager
+def running(
+    store: Store, session_id: str, m: Manifests | None
+) -> Iterator[tuple[State, Manifests]]:
+    """The state of the running session `session_id` (USAGE if it is not running) and the store's
+    manifests: `m` when the caller has them open (LMDB opens an environment once a process),
+    else opened here and closed on exit."""
+    st = state.load_running(store, session_id)
+    if m is not None:
+        yield st, m
+        return
+    own = Manifests(store)
+    try:
+        yield st, own
+    finally:
+        own.close()
+
+
+def shim_live_root(m: Manifests, txn: Txn, st: State) -> bytes | None:
+    """The root of a shim session's live view `REF@<session>`; None before its first change."""
+    ref = m.get_ref(txn, st.session_ref or "")
+    return None if ref is None else bytes.fromhex(m.get_commit(txn, ref.head).root)
+
+
+def upper_dir(store: Store, st: State) -> tuple[bytes, str]:
+    """An overlay session's upper dir and the xattr namespace its whiteouts use."""
+    upper = os.fsencode(store.sessions / st.id / "upper")
+    return upper, "trusted" if st.mode == "native" else "user"
+
+
 def live_diff(
     store: Store, session_id: str, *, context: int = 3, m: Manifests | None = None
 ) -> list[LiveChange]:
     """Each change of the running session `session_id` with its unified diff (`context` lines
     around each hunk: 0 for counting lines, as `--stat` does)."""
-    st = state.load(store, session_id)
-    if st.shown_state() not in ("running", "starting"):
-        raise VeloError(
-            f"session {session_id} is {st.shown_state()}, not running",
-            reason=Reason.USAGE,
-            hint=f"what it committed: veloverlay log {st.top}",
-        )
-    own = m is None
-    m = Manifests(store) if m is None else m
     out: list[LiveChange] = []
-    try:
+    with running(store, session_id, m) as (st, m), m.read() as txn:
         view = bytes.fromhex(st.view_root)
-        with m.read() as txn:
-            if st.backend == "shim":
-                from veloverlay.store.changes import changes
+        if st.backend == "shim":
+            from veloverlay.store.changes import changes
 
-                ref = m.get_ref(txn, st.session_ref or "")
-                if ref is None:
-                    return []
-                live = bytes.fromhex(m.get_commit(txn, ref.head).root)
-                for c in changes(m, txn, view, live):
-                    out.append(_from_entries(store, c.status, c.path, c.old, c.new, context))
-                return out
-            from veloverlay.session.overlay.live import upper_changes_raw
+            live = shim_live_root(m, txn, st)
+            if live is None:
+                return []
+            for c in changes(m, txn, view, live):
+                out.append(_from_entries(store, c.status, c.path, c.old, c.new, context))
+            return out
+        from veloverlay.session.overlay.live import upper_changes_raw
 
-            upper = os.fsencode(store.sessions / st.id / "upper")
-            prefix = "trusted" if st.mode == "native" else "user"
-            for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
-                old = _entry(m, txn, view, path)
-                out.append(_from_upper(store, status, path, old, upper, context))
-    finally:
-        if own:
-            m.close()
+        upper, prefix = upper_dir(store, st)
+        for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
+            old = _entry(m, txn, view, path)
+            out.append(_from_upper(store, status, path, old, upper, context))
     return out
 
 

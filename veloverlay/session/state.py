@@ -30,6 +30,7 @@ __all__ = [
     "DONE_STATES",
     "new_id",
     "load",
+    "load_running",
     "save",
     "iter_states",
     "same_process",
@@ -173,6 +174,19 @@ def load(store: Store, sid: str) -> State:
         raise VeloError(
             f"session {sid}: unreadable state file ({exc})", reason=Reason.SESSION_NOT_FOUND
         ) from None
+
+
+def load_running(store: Store, sid: str) -> State:
+    """The state of `sid`, which must be running (or starting): USAGE otherwise, with where its
+    work went."""
+    st = load(store, sid)
+    if st.shown_state() not in ("running", "starting"):
+        raise VeloError(
+            f"session {sid} is {st.shown_state()}, not running",
+            reason=Reason.USAGE,
+            hint=f"what it committed: veloverlay log {st.top}",
+        )
+    return st
 
 
 def iter_states(store: Store) -> Iterator[State]:
