@@ -122,17 +122,12 @@ class Record(metaclass=_Meta):
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]] = ()
 
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, f) for f in self._fields)
+    def _values(self) -> tuple[object, ...]:  # generated per record class, with __eq__
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
         return f"{type(self).__qualname__}({inner})"
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
 
     def __hash__(self) -> int:
         return hash(self._values())
