@@ -39,7 +39,15 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from boxes import KERNELS, dists  # noqa: E402
-from common import REPO, cache_dir, debian_mirrors, fingerprint, log, run  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    cache_dir,
+    debian_mirrors,
+    ensure_host_packages,
+    fingerprint,
+    log,
+    run,
+)
 
 PACKAGES = (
     "python3,python3-venv,python3-dev,gcc,libc6-dev,libcap-dev,make,git,e2fsprogs,attr,"
@@ -374,6 +382,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("error: image.py needs root (debootstrap, chroot, mount)", file=sys.stderr)
         return 1
+    ensure_host_packages()  # run on its own, it needs debootstrap and qemu-img as matrix.py does
     timings = {}
     for dist in args.dists or sorted(dists()):
         timings[dist] = build(dist, refresh=args.refresh_kernels)
