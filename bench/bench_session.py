@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -68,6 +69,10 @@ def ten_files(root: Path) -> list[str]:
 
 def hyperfine(cmds: dict[str, str], runs: int, prepare: str | None = None) -> dict[str, float]:
     """Median seconds per command."""
+    for name, cmd in cmds.items():  # once first, so that a failing command names itself
+        pre = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
+        if pre.returncode != 0:
+            raise SystemExit(f"error: {name} failed ({pre.returncode}): {pre.stderr.strip()}")
     if shutil.which("hyperfine"):
         with tempfile.NamedTemporaryFile(suffix=".json") as export:
             args = ["hyperfine", "-N", "--warmup", "3", "--runs", str(runs), "--export-json"]
