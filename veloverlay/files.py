@@ -17,11 +17,36 @@ from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
 
-__all__ = ["DIRFLAGS", "NEWFILE", "force_rmtree", "write_json_atomic", "flock", "wait_for_writes"]
+__all__ = [
+    "DIRFLAGS",
+    "NEWFILE",
+    "force_rmtree",
+    "makedirs",
+    "write_json_atomic",
+    "flock",
+    "wait_for_writes",
+]
 
 # Open a directory we walk or write into without following a symlink; create a file exclusively.
 DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def makedirs(path: str | bytes | os.PathLike[str], mode: int = 0o755) -> None:
+    """`mkdir -p` giving every directory it makes `mode` (masked by the umask), not only the
+    last: os.makedirs makes the parents 0777 & ~umask, and a layer build runs with umask 0, where
+    that is a directory of the store anyone can write."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        parent = os.path.dirname(os.fspath(path))
+        if not parent or parent == os.fspath(path):
+            raise
+        makedirs(parent, mode)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
 
 
 def _rmdir_shallow(p: str) -> bool:
@@ -105,7 +130,7 @@ def _empty_files(dfd: int) -> list[str]:
 
 @contextlib.contextmanager
 def flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -120,7 +145,7 @@ def write_json_atomic(path: Path, data: object) -> None:
     file; the old content stays."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(path.parent)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
         )

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_params, new_store, run_session
+from tests.session._util import (
+    FORM_MARKS,
+    MODE_MARKS,
+    as_mode,
+    mode_params,
+    new_store,
+    run_session,
+)
 
 INSIDE = r"""
 import json, subprocess, sys
@@ -150,3 +157,50 @@ def test_fsck_verifies_cached_layers_against_their_manifests(mode: str) -> None:
     assert clean == []
     assert any(t.startswith("layer-mismatch") and t.endswith(": planted") for t in tampered)
     assert any(t.startswith("layer-mismatch") and t.endswith(": f3") for t in tampered)
+
+
+def _umask0(base: str) -> list[str]:
+    """Everything a store can hold, made with umask 0: ingest, a session committing through
+    data-only layers kept in the store (ids-v1/), one through links-form proxies, the shim's
+    proxies. Returns the store's directories group or others may write."""
+    from tests.session._util import use_form
+    from tests.shim.test_materialize import _materialize
+    from veloverlay.store.cas import Store
+
+    os.umask(0)
+    store, _src = new_store(base)
+    Store.init(os.path.join(base, "home", "velo", "store"))  # with the parents it makes
+    for form in ("data-only-store", "links"):
+        lower = use_form(form)
+        at = os.path.join(base, "at")
+        r = run_session(store, ["t"], ["sh", "-c", f"echo {form} > {at}/new-{form}"], at=at)
+        assert (r.exit_status, r.lower_form, r.commit is not None) == (0, lower, True)
+    _materialize(store, os.path.join(base, "shim-target"), link=True)
+    store.check_safe()
+    layers = os.fspath(store.trees / "layers")
+    loose = []
+    made = (f"{base}/home", f"{base}/home/velo", *(p for p, _d, _f in os.walk(store.root)))
+    for d in made:
+        if d.startswith(layers + "/"):
+            continue  # a layer's directories carry the manifest's modes
+        if os.lstat(d).st_mode & 0o022:
+            loose.append(f"{d} {os.lstat(d).st_mode & 0o7777:04o}")
+    return loose
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param(
+            m, marks=pytest.mark.needs(*MODE_MARKS[m], *FORM_MARKS[(m, "data-only")]), id=m
+        )
+        for m in ("root", "rootfree")
+    ],
+)
+def test_no_store_directory_is_writable_by_others_whatever_the_umask(mode: str) -> None:
+    """A layer build runs with umask 0 so that modes are the manifest's; the store directories it
+    makes on the way (ids-v1/, its fan-out, proxies) once came out 0777, and root then refused
+    its own store (and a shared store let any user swap the objects root's overlay reads)."""
+    with unpriv_tmpdir() as base:
+        loose = as_mode(mode, _umask0, base)
+    assert loose == [], "\n".join(loose)

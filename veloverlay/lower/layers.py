@@ -12,7 +12,7 @@ from pathlib import Path
 
 from veloverlay import _libc, faults, linking, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree
+from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree, makedirs
 from veloverlay.lower.homes import Home, check_room
 from veloverlay.lower.objects import Objects
 from veloverlay.progress import Progress
@@ -259,7 +259,7 @@ def _fill(
 
 def _new_build(home: Home, name: str) -> _Build:
     tmpdir = home.sub("tmp")
-    tmpdir.mkdir(parents=True, exist_ok=True)
+    makedirs(tmpdir)
     path = tmpdir / f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
     os.mkdir(path, 0o700)
     fd = os.open(path, DIRFLAGS)
@@ -467,7 +467,7 @@ def copy_bytes(m: Manifests, txn: Txn, root: bytes, ops: Sequence[Op]) -> int:
 
 def publish_layer(home: Home, built: Path, name: str) -> Path:
     final = home.sub("layers", name)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(final.parent)
     try:
         os.rename(built, final)
     except OSError as exc:

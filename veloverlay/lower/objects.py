@@ -9,7 +9,9 @@ from collections.abc import Iterable
 
 from veloverlay import fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.files import makedirs
 from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id_path, trees_dir
+from veloverlay.store.access import mkdir_nofollow
 from veloverlay.store.cas import Store, object_missing
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
@@ -45,7 +47,7 @@ class Objects:
         self.protect_failed: list[str] = []
         self.proxies: dict[tuple[bytes, int], tuple[bytes, int]] = {}
         if form == "links":  # parents made here, before a build sets umask 0
-            os.makedirs(self.proxies_b, exist_ok=True)
+            makedirs(self.proxies_b)
 
     # -- +i
     def _immutable(self, digest: bytes) -> None:
@@ -83,7 +85,7 @@ class Objects:
         src = self.store.object_path_b(digest)
         dname = self.ids_b + b"/" + short[:2].encode()
         if dname not in self.made_dirs:
-            os.makedirs(dname, 0o755, exist_ok=True)
+            makedirs(dname)
             self.made_dirs.add(dname)
         dst = dname + b"/" + short[2:].encode()
         try:
@@ -149,7 +151,7 @@ class Objects:
         hexname = digest.hex()
         pdir = self.proxies_b + b"/" + hexname[:2].encode()
         if pdir not in self.made_dirs:
-            os.makedirs(pdir, 0o755, exist_ok=True)
+            makedirs(pdir)
             self.made_dirs.add(pdir)
         name = f"{hexname}-{mode:04o}" + (f"-{index}" if index else "")
         path = pdir + b"/" + name.encode()
@@ -212,7 +214,7 @@ def name_and_protect(store: Store, m: Manifests, digests: Iterable[bytes]) -> li
     Done at once rather than at the next lower build so that, when root, no object of the
     store stays mutable in between (P0-a). Returns what failed (empty when all went well).
     """
-    ids_dir(store).mkdir(exist_ok=True)
+    mkdir_nofollow(ids_dir(store))
     with m.read() as txn:
         objs = Objects(store, m, txn, protect=True, form="data-only")
         for d in digests:

@@ -84,6 +84,7 @@ from veloverlay.lower.layers import (
 from veloverlay.lower.objects import Objects, protect_all
 from veloverlay.progress import Progress
 from veloverlay.records import Record
+from veloverlay.store.access import mkdir_nofollow
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Op
@@ -212,7 +213,7 @@ def ensure_lowers(
             found = home, cached
     home, (names, immutable) = found
     if form == "data-only" and not home.volatile:
-        ids_dir(store).mkdir(exist_ok=True)
+        mkdir_nofollow(ids_dir(store))
     return Lowers(
         form,
         root,

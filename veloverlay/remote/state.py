@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from veloverlay.files import makedirs
 from veloverlay.store.cas import Store
 
 __all__ = ["BlobCache", "ShaMap", "Versions"]
@@ -49,8 +50,8 @@ class ShaMap:
         new = {b: s for b, s in new.items() if self.map.get(b) != s}
         if not new:
             return
-        self.dir.mkdir(exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        makedirs(self.dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
@@ -88,9 +89,11 @@ class Versions:
         return None
 
     def set(self, host: str, ref: str, repo: str, digest: str) -> None:
-        self.path.parent.mkdir(exist_ok=True)
+        makedirs(self.path.parent)
         fd = os.open(
-            self.path.parent / "versions.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            self.path.parent / "versions.lock",
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -148,7 +151,7 @@ class BlobCache:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            makedirs(self.dir)
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
             )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import write_json_atomic
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Kind, Op, OpKind
@@ -129,13 +130,10 @@ def cached_find_baked(
         if answer is None:
             answer = find_baked(store, m, txn, root, original, max_depth=max_depth)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / f"{root.hex()}-{key}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"count": answer[0], "found": answer[1]}))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only store still works, it just searches again
+        data = {"count": answer[0], "found": answer[1]}
+        write_json_atomic(cache_dir / f"{root.hex()}-{key}.json", data)
+    except (OSError, VeloError):
+        pass  # a read-only or full store still works, it just searches again
     return answer
 
 

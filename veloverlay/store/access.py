@@ -36,6 +36,8 @@ TOP_DIRS = (
     "sessions",
     "locks-v1",
     "ids-v1",
+    "shim-v1",
+    "remote-v1",
     "manifests.lmdb",
 )
 TOP_FILES = ("lock", "manifests.record", "manifests.lmdb/data.mdb", "manifests.lmdb/lock.mdb")

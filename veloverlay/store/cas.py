@@ -43,6 +43,7 @@ from pathlib import Path
 
 from veloverlay import _libc, faults, linking, verity
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.files import makedirs
 from veloverlay.store import access
 from veloverlay.store.digest import Digest, Hasher, hash_own_file
 from veloverlay.store.objread import object_corrupt, verified_chunks
@@ -128,7 +129,7 @@ class Store:
         through them); `shared` makes it readable by every local user (0755), never writable."""
         store = cls(root)
         try:
-            store.root.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(store.root.parent)
             try:
                 os.mkdir(store.root, 0o700)
                 os.chmod(store.root, 0o755 if shared else 0o700)
@@ -281,11 +282,11 @@ class Store:
             d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
         if d not in self._known_shards:
             try:
-                os.mkdir(d)  # one call when its parent exists (the usual case)
+                os.mkdir(d, 0o755)  # one call when its parent exists (the usual case)
             except FileExistsError:
                 pass
             except FileNotFoundError:
-                os.makedirs(d, exist_ok=True)
+                makedirs(d)
             self._known_shards.add(d)
         return d
 

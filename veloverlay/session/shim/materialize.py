@@ -32,7 +32,7 @@ from pathlib import Path
 
 from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE
+from veloverlay.files import DIRFLAGS, NEWFILE, makedirs
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -226,7 +226,7 @@ class _Placer:
         hexname = e.digest.hex()
         pdir = self.proxy_root + b"/" + hexname[:2].encode()
         if pdir not in self.proxy_dirs:
-            os.makedirs(pdir, mode=0o755, exist_ok=True)
+            makedirs(pdir)
             self.proxy_dirs.add(pdir)
         name = f"{hexname}-{e.mode:04o}" + (f"-{index}" if index else "")
         path = pdir + b"/" + name.encode()
