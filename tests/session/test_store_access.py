@@ -204,3 +204,51 @@ def test_no_store_directory_is_writable_by_others_whatever_the_umask(mode: str) 
     with unpriv_tmpdir() as base:
         loose = as_mode(mode, _umask0, base)
     assert loose == [], "\n".join(loose)
+
+
+def _shared_with_sticky_tmp(base: str) -> list[str]:
+    """Root's shared store with a tree that has a 1777 tmp/, projected once through data-only
+    layers kept in the store; returns the layer directories that are that tmp/."""
+    from tests.session._util import use_form
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    src = os.path.join(base, "src")
+    os.makedirs(os.path.join(src, "tmp"))
+    os.chmod(os.path.join(src, "tmp"), 0o1777)
+    with open(os.path.join(src, "f"), "w") as f:
+        f.write("f\n")
+    store = Store.init(os.path.join(base, "store"), shared=True)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    lower = use_form("data-only-store")
+    r = run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
+    assert (r.exit_status, r.lower_form) == (0, lower)
+    return [p for p, _d, _f in os.walk(store.trees / "layers") if p.endswith("/tmp")]
+
+
+def _plant_in(dirs: list[str]) -> list[str]:
+    planted = []
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "planted"), "x") as f:
+                f.write("evil\n")
+            planted.append(d)
+        except PermissionError:
+            pass
+    return planted
+
+
+@pytest.mark.needs("root", "overlay_root", "data_only_root")
+def test_no_other_user_can_add_files_to_the_layers_of_a_shared_store() -> None:
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        dirs = as_mode("root", _shared_with_sticky_tmp, base)
+        assert dirs, "the layer holds the tree's tmp/"
+        assert all(os.stat(d).st_mode & 0o7777 == 0o1777 for d in dirs)  # as the manifest says
+        assert run_unprivileged(_plant_in, dirs) == []

@@ -58,10 +58,10 @@ def open_nofollow(path: str | os.PathLike[str] | bytes, flags: int, mode: int = 
         raise
 
 
-def mkdir_nofollow(path: str | os.PathLike[str] | bytes) -> None:
+def mkdir_nofollow(path: str | os.PathLike[str] | bytes, mode: int = 0o755) -> None:
     """mkdir -p for one level that refuses to accept a symbolic link as the directory."""
     try:
-        os.mkdir(path, 0o755)
+        os.mkdir(path, mode)
     except FileExistsError:
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
