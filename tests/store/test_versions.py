@@ -80,6 +80,31 @@ def test_a_commit_id_prefix_names_a_version_everywhere(
     assert c.root == repo.log("app")[2].root and len(repo.log("app")) == 3
 
 
+def test_rollback_takes_an_all_digit_commit_id_prefix(
+    two_versions: tuple[Repo, str, list[str], list[str]],
+) -> None:
+    """Commit ids are hex, so about one 8-digit prefix in 40 is all decimal digits; rollback's
+    N (versions back) once swallowed such a prefix and failed: the log is not that long."""
+    repo, _src, _copies, ids = two_versions
+    first = repo.log("app")[1]
+    with repo.m.write() as txn:  # versions of the first tree until one's id begins with digits
+        for i in range(2000):
+            c = repo.m.put_commit(
+                txn, ref="app", root=bytes.fromhex(first.root), parent=ids[1], message=str(i)
+            )
+            if c.id[:6].isdigit():
+                break
+    assert c.id[:6].isdigit()
+    with pytest.raises(VeloError) as ei:
+        repo.rollback("app", 0)
+    assert ei.value.reason is Reason.USAGE
+    assert repo.rollback("app", c.id[:6]).root == first.root  # the digits name that version
+    assert repo.rollback("app", "1").root == repo.log("app")[2].root  # a short N is still N
+    with pytest.raises(VeloError) as ei:
+        repo.rollback("app", "99")  # digits beyond the log naming no commit: N, and why not
+    assert ei.value.reason is Reason.NOT_FOUND and "shorter" in ei.value.message
+
+
 def test_bad_and_ambiguous_commit_ids(repo: Repo, shm_tmp: str) -> None:
     src = os.path.join(shm_tmp, "app")
     make_project(src)

@@ -16,7 +16,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
-from veloverlay.store.manifest import Commit, Manifests, Ref, Tag
+from veloverlay.store.manifest import MIN_PREFIX, Commit, Manifests, Ref, Tag
 from veloverlay.store.patch import TEXT_LIMIT, object_lines, unified
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
@@ -185,21 +185,41 @@ class Repo:
                 self.store, self.m, txn, root, dest, progress=progress, keep_setid=keep_setid
             )
 
+    def _rollback_spec(self, txn: Any, name: str, version: int | str) -> str:
+        """The version spec `rollback` means by `version`."""
+        if isinstance(version, str) and not version.isdigit():
+            return version
+        n = int(version)
+        back = f"{name}@{{{n}}}"
+        cid = None
+        if isinstance(version, str) and len(version) >= MIN_PREFIX:
+            with contextlib.suppress(VeloError):  # none, or ambiguous among commits
+                cid = self.m.commit_by_prefix(txn, version)
+        if cid is None:
+            if n < 1:
+                raise VeloError("rollback needs N >= 1", reason=Reason.USAGE)
+            return back
+        try:
+            self.m.resolve(txn, back)
+        except VeloError:
+            return cid  # the log is not that long: the digits begin a commit id
+        raise VeloError(
+            f"{version} is both {n} versions back and a commit id prefix",
+            reason=Reason.USAGE,
+            hint=f"write {back} for N versions back, or more digits of the commit id",
+        )
+
     def rollback(self, name: str, version: int | str, *, message: str | None = None) -> Commit:
         """Make an earlier version the new head of ref `name` (a new commit: history is kept).
 
         `version` is N (the version N commits back, as `NAME@{N}`) or any version spec: a tag,
-        a commit id or a unique prefix of one, `REF@{n}`. The version's recorded projection
-        path comes back with its tree (a version that recorded none keeps the current path)."""
-        if isinstance(version, int) or version.isdigit():
-            n = int(version)
-            if n < 1:
-                raise VeloError("rollback needs N >= 1", reason=Reason.USAGE)
-            spec = f"{name}@{{{n}}}"
-        else:
-            spec = version
+        a commit id or a unique prefix of one, `REF@{n}`. Digits alone are N unless the log is
+        not that long and they begin a commit id (ids are hex: 1 prefix in 40 is all digits);
+        both at once is ambiguous. The version's recorded projection path comes back with its
+        tree (a version that recorded none keeps the current path)."""
         with self.m.write() as txn:
             ref = self.m.require_ref(txn, name)
+            spec = self._rollback_spec(txn, name, version)
             _owner, target = self.m.resolve(txn, spec)
             head = self.m.get_commit(txn, ref.head)
             if target.id == head.id:
