@@ -22,6 +22,7 @@ __all__ = [
     "read_only_error",
     "open_nofollow",
     "mkdir_nofollow",
+    "private_trees",
     "create_once",
     "rmtree_count",
     "reclaim_stages",
@@ -72,6 +73,17 @@ def mkdir_nofollow(path: str | os.PathLike[str] | bytes, mode: int = 0o755) -> N
                 hint="someone who can write the store planted it; remove it and check who can",
                 path=path,
             ) from None
+
+
+def private_trees(trees: Path) -> None:
+    """`trees-v1/` is its owner's alone (0700), even in a shared store: the layers kept there
+    carry the manifests' directory modes, and a 1777 `tmp/` of a tree would otherwise let any
+    local user add files to the lower layers of the owner's (root's) sessions. Nobody else reads
+    it: other users of a shared store only run reading commands, which never look there."""
+    mkdir_nofollow(trees, 0o700)
+    st = os.lstat(trees)
+    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(trees, 0o700)  # a store made before this rule
 
 
 def create_once(path: Path, data: bytes) -> None:

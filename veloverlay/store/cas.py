@@ -94,17 +94,6 @@ def object_missing(digest: bytes) -> VeloError:
     )
 
 
-def _private_trees(trees: Path) -> None:
-    """`trees-v1/` is its owner's alone (0700), even in a shared store: the layers kept there
-    carry the manifests' directory modes, and a 1777 `tmp/` of a tree would otherwise let any
-    local user add files to the lower layers of the owner's (root's) sessions. Nobody else reads
-    it: other users of a shared store only run reading commands, which never look there."""
-    access.mkdir_nofollow(trees, 0o700)
-    st = os.lstat(trees)
-    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(trees, 0o700)  # a store made before this rule
-
-
 class Store:
     """A store directory. Cheap to construct; `init()` creates it, `open()` checks it exists."""
 
@@ -150,7 +139,7 @@ class Store:
             store.check_safe()
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d)
-            _private_trees(store.trees)
+            access.private_trees(store.trees)
             access.create_once(store.root / "CACHEDIR.TAG", _CACHEDIR_TAG)
             access.create_once(store.root / ".gitignore", b"*\n")
         except PermissionError as exc:
