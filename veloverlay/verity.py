@@ -26,9 +26,11 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 from veloverlay import _libc
-from veloverlay.errors import SysError
+from veloverlay.errors import SysError, VeloError
+from veloverlay.files import write_json_atomic
 
 __all__ = [
     "FS_VERITY_FL",
@@ -190,11 +192,6 @@ def cached_support(cache: StrPath, directory: StrPath) -> tuple[bool, str]:
         if data["key"] == key:
             return bool(data["ok"]), str(data["reason"])
     ok, reason = usable_under(directory)
-    tmp = os.fsdecode(cache) + f".{os.getpid()}.tmp"
-    with contextlib.suppress(OSError):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "ok": ok, "reason": reason}, f)
-        os.replace(tmp, cache)
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+    with contextlib.suppress(OSError, VeloError):  # not following a link, leaving no temporary
+        write_json_atomic(Path(os.fsdecode(cache)), {"key": key, "ok": ok, "reason": reason})
     return ok, reason

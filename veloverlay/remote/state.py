@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from veloverlay.files import makedirs
+from veloverlay.files import makedirs, write_json_atomic
 from veloverlay.store.cas import Store
 
 __all__ = ["BlobCache", "ShaMap", "Versions"]
@@ -99,9 +99,7 @@ class Versions:
             fcntl.flock(fd, fcntl.LOCK_EX)
             data = self.load()
             data.setdefault(host, {})[ref] = [repo, digest]
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, data)
         finally:
             os.close(fd)
 
