@@ -548,10 +548,12 @@ def store_fs_check(path: str | os.PathLike[str]) -> Feature:
     return Feature(True, f"{probe_at} is on {fstype or 'a local filesystem'} (f_type {magic:#x})")
 
 
-def user_xattrs(path: str | os.PathLike[str]) -> Feature:
+def user_xattrs(path: str | os.PathLike[str], namespace: str = "user") -> Feature:
     """Can `path`'s filesystem hold user.* xattrs? Overlay with `userxattr` keeps its whiteout,
     opaque and redirect markers there: without them (tmpfs before Linux 6.6) renames and
-    deletes of lower directories fail with EIO (found by the VM matrix on 6.1)."""
+    deletes of lower directories fail with EIO (found by the VM matrix on 6.1). With
+    `namespace="trusted"` (real root only): the markers of root's root-native overlay, which
+    tmpfs has always held."""
     import tempfile
 
     try:
@@ -559,11 +561,11 @@ def user_xattrs(path: str | os.PathLike[str]) -> Feature:
     except OSError as exc:
         return Feature(False, f"cannot create a probe file in {path}: {exc.strerror}")
     try:
-        os.setxattr(fd, "user.velo.probe", b"1")
-        return Feature(True, f"user xattrs work under {path}")
+        os.setxattr(fd, f"{namespace}.velo.probe", b"1")
+        return Feature(True, f"{namespace} xattrs work under {path}")
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        return Feature(False, f"setxattr(user.*) under {path}: {code} ({exc.strerror})")
+        return Feature(False, f"setxattr({namespace}.*) under {path}: {code} ({exc.strerror})")
     finally:
         os.close(fd)
         os.unlink(name)

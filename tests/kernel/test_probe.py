@@ -122,7 +122,10 @@ def test_to_dict_is_json(fresh: Capabilities) -> None:
 # --- the lower form (session/select.py: the one rule, over the probe's answers) --------------
 def _caps(**ok: bool) -> select.Caps:
     return select.Caps(
-        {n: (ok.get(n, True), f"synthetic {n}") for n in [*EXPECTED, "store_xattrs"]}
+        {
+            n: (ok.get(n, True), f"synthetic {n}")
+            for n in [*EXPECTED, "store_xattrs", "store_trusted_xattrs"]
+        }
     )
 
 
@@ -192,10 +195,16 @@ def test_forcing_an_unavailable_form_raises(synthetic: pytest.MonkeyPatch) -> No
 
 
 def test_backend_rule(synthetic: pytest.MonkeyPatch) -> None:
-    """Overlay where it mounts for this privilege and the store holds user xattrs, else the shim;
-    asking for overlay where it cannot work is an error with its reason, not a silent shim."""
+    """Overlay where it mounts for this privilege and the store holds the xattrs its mode keeps
+    markers in (userns: user.*, root-native: trusted.*), else the shim; asking for overlay where
+    it cannot work is an error with its reason, not a silent shim."""
     assert select.decide(_caps()).backend == "overlay"
-    no_xattrs = _caps(store_xattrs=False)
+    # root-native needs trusted xattrs only (tmpfs before Linux 6.6 has them, not user ones)
+    native = select.decide(_caps(store_xattrs=False))
+    assert (native.backend, native.mode) == ("overlay", "native")
+    no_trusted = select.decide(_caps(store_trusted_xattrs=False))
+    assert no_trusted.backend == "shim" and "store_trusted_xattrs" in no_trusted.backend_reason
+    no_xattrs = _caps(store_xattrs=False, overlay_native=False)  # userns mode
     assert select.decide(no_xattrs).backend == "shim"
     assert "synthetic store_xattrs" in select.decide(no_xattrs).backend_reason
     asked = select.decide(no_xattrs, "overlay")

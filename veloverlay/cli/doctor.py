@@ -38,6 +38,10 @@ PURPOSE: dict[str, tuple[str, str]] = {
     "reflink": ("reflinks: shim sessions copy files without using space", "shim"),
     "fuse": ("/dev/fuse (not used by veloverlay)", "optional"),
     "store_xattrs": ("user xattrs where the store is: overlay keeps its markers there", "all"),
+    "store_trusted_xattrs": (
+        "trusted xattrs where the store is: root-native overlay keeps its markers there",
+        "root",
+    ),
 }
 
 
@@ -92,8 +96,8 @@ def doctor() -> None:
     where = store_path
     while not os.path.isdir(where) and os.path.dirname(where) != where:
         where = os.path.dirname(where)  # a store not made yet: the filesystem it would be on
-    xattrs = probe.user_xattrs(where)
-    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
+    feats.update(select.store_features(where))
+    xattrs = probe.Feature(*feats["store_xattrs"])
     choice = select.decide(select.Caps(feats))
     form = choice.form or (f"unavailable ({choice.error})" if choice.error else "-")
     protection, sealed = _protection(store_path, choice.protect)

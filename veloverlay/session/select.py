@@ -93,6 +93,22 @@ def _boot_id() -> str:
         return ""
 
 
+def store_features(where: str | os.PathLike[str]) -> dict[str, tuple[bool, str]]:
+    """What the store's filesystem holds: user xattrs (`store_xattrs`: the markers of overlay
+    with userxattr) and, for real root, trusted ones (`store_trusted_xattrs`: the root-native
+    overlay's; tmpfs before Linux 6.6 has these and not the others)."""
+    from veloverlay import probe
+
+    out = {}
+    for name, namespace in (("store_xattrs", "user"), ("store_trusted_xattrs", "trusted")):
+        if namespace == "trusted" and os.geteuid() != 0:
+            out[name] = (False, "trusted xattrs are real root's")
+            continue
+        f = probe.user_xattrs(where, namespace)
+        out[name] = (f.ok, f.reason)
+    return out
+
+
 def capabilities(store: Store) -> Caps:
     """The probe's answers for this store (cached; probed afresh once per boot/kernel/euid)."""
     path = store.trees / f"probe-{os.geteuid()}.json"
@@ -100,6 +116,7 @@ def capabilities(store: Store) -> Caps:
         "boot_id": _boot_id(),
         "kernel": os.uname().release,
         "store_dev": os.stat(store.sessions).st_dev,
+        "v": 2,  # v2: store_trusted_xattrs
     }
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
         data = json.loads(path.read_text())
@@ -111,8 +128,7 @@ def capabilities(store: Store) -> Caps:
 
     caps = probe.detect(refresh=True)
     feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
-    xattrs = probe.user_xattrs(store.sessions)
-    feats["store_xattrs"] = (xattrs.ok, xattrs.reason)
+    feats.update(store_features(store.sessions))
     with contextlib.suppress(OSError):
         write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
     return Caps(feats)
@@ -183,9 +199,10 @@ def decide(caps: Caps, requested: str = "auto") -> Choice:
         why = caps.reason(feature)
         error = f"overlay sessions are not possible here: {why}"
         hint = "use the shim backend (--backend shim or auto)"
-    elif not caps.ok("store_xattrs"):
-        why = caps.reason("store_xattrs")
-        error = f"overlay sessions need user xattrs on the store's filesystem: {why}"
+    elif not caps.ok(xattrs := "store_trusted_xattrs" if mode == "native" else "store_xattrs"):
+        why = caps.reason(xattrs)
+        kind = "trusted" if mode == "native" else "user"
+        error = f"overlay sessions need {kind} xattrs on the store's filesystem: {why}"
         hint = "keep the store on ext4/xfs/btrfs (or tmpfs on Linux >= 6.6), or use the shim"
     else:
         why, error, hint = caps.reason(feature), "", ""
