@@ -12,11 +12,12 @@ import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import (
+    FORM_MARKS,
+    MODE_MARKS,
     as_mode,
     checkout_ref,
     compare_trees,
     fsck_ok,
-    mode_params,
     new_store,
     run_session,
     sh,
@@ -47,8 +48,21 @@ def _rename(base: str, form: str) -> tuple[int, str, list[str], list[str]]:
     return res.exit_status, res.mode, compare_trees(got, plain, since_ns=0), fsck_ok(store)
 
 
-@pytest.mark.parametrize("form", ["data-only", "links"])
-@pytest.mark.parametrize("mode", mode_params("native", "root"))
+def _params(modes: tuple[str, ...], *, also: tuple[str, ...] = ()) -> list[pytest.ParameterSet]:
+    """(mode, form) with the marks each needs (a data-only form needs the kernel's data-only
+    lowers: 6.5+ for root-native and userns alike); `also`: modes whose data-only support the
+    test needs too (it mounts their view as well)."""
+    out = []
+    for m in modes:
+        for f in ("data-only", "links"):
+            marks = [*MODE_MARKS[m], *FORM_MARKS[m, f]]
+            for other in also:
+                marks += [*MODE_MARKS[other], *FORM_MARKS[other, f]]
+            out.append(pytest.param(m, f, marks=pytest.mark.needs(*marks), id=f"{m}-{f}"))
+    return out
+
+
+@pytest.mark.parametrize(("mode", "form"), _params(("native", "root")))
 def test_rename_of_a_stored_directory(mode: str, form: str) -> None:
     """rename(2) of a lower directory (and of a child of the renamed one) succeeds root-native
     and the commit equals a plain directory given the same renames; in a user namespace it is
@@ -112,8 +126,7 @@ def _prefixes(base: str, form: str) -> tuple[list[str], list[str], list[str], li
     return seen, layer_xattrs, objects, fsck_ok(store)
 
 
-@pytest.mark.parametrize("form", ["data-only", "links"])
-@pytest.mark.parametrize("mode", mode_params("native"))
+@pytest.mark.parametrize(("mode", "form"), _params(("native",), also=("root",)))
 def test_layers_carry_the_prefix_of_their_mount(mode: str, form: str) -> None:
     with unpriv_tmpdir() as base:
         seen, layer_xattrs, objects, findings = as_mode(mode, _prefixes, base, form)
