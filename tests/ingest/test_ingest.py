@@ -667,13 +667,14 @@ def test_concurrent_writer_never_yields_a_mix_long(
 ) -> None:
     """Every ingest that gets through is checked for a mix. A relentless unlocked writer of a
     large file leaves few of them (measured here: 2 of 600 at 3 MiB; the rest are correctly
-    SOURCE_UNSTABLE), so only the two after it stops are promised. A bursty writer (1 ms pause
-    every 8 writes: a read can start in a gap and overlap the next write) must leave at least 10
-    (measured: 34 of 600 at 3 MiB, unlocked)."""
+    SOURCE_UNSTABLE); a bursty writer (1 ms pause every 8 writes: a read can start in a gap and
+    overlap the next write) leaves more (measured: 34 of 600 once, 5 on a busier run). How many
+    get through while the writer runs depends on the machine's speed, so only the two after it
+    stops are promised (liveness); the check is that none of them is a mix."""
     ok, unstable = hammer(
         repo, shm_tmp, size, how, attempts=600, budget=25, pause_every=pause_every
     )
-    assert ok >= (10 if pause_every else 2), f"{ok} checked, {unstable} unstable"
+    assert ok >= 2, f"{ok} checked, {unstable} unstable"
 
 
 # -- locking -----------------------------------------------------------------------------------
