@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import must_work
 from tests.helpers.trees import force_rmtree
 
 USER, PASSWORD = "velo", "s3cret-pw"
@@ -159,7 +160,12 @@ def _bcrypt(password: str) -> str:
 def registry() -> Iterator[Registry]:
     exe = shutil.which("docker-registry")
     if exe is None or shutil.which("openssl") is None:
-        pytest.fail("docker-registry (Debian package) and openssl are needed: run 'make setup'")
+        # The README's set-up installs both; a host without them (a VM matrix box with no
+        # package mirror) skips, saying so, unless VELO_TEST_MUST_WORK names 'tools' (CI does).
+        why = "docker-registry (Debian package) and openssl are needed: run 'make setup'"
+        if "tools" in must_work() or "all" in must_work():
+            pytest.fail(f"VELO_TEST_MUST_WORK names 'tools' but {why}")
+        pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="velo-registry-"))
     try:
         _make_tls(root)
