@@ -121,6 +121,9 @@ def pull(
     ca_cert: CaCert = None,
     authfile: AuthFile = None,
     jobs: Jobs = 4,
+    keep_setid: Annotated[
+        bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
+    ] = False,
 ) -> None:
     """Pull a version from an OCI registry; only objects the store lacks are fetched, each
     verified before it is stored. An existing ref gets it as a new commit."""
@@ -130,9 +133,20 @@ def pull(
     repo = common.repo(create=True)
     bar, show = _bar("pull")
     try:
-        r = pull_ref(repo.store, repo.m, remote, name=name, path=path, options=opts, progress=show)
+        r = pull_ref(
+            repo.store,
+            repo.m,
+            remote,
+            name=name,
+            path=path,
+            options=opts,
+            progress=show,
+            keep_setid=keep_setid,
+        )
     finally:
         bar.done()
+    if r.stripped_setid:
+        render.warn(f"{r.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
     if state.json:
         render.emit_json(r.to_dict())
         return

@@ -9,6 +9,10 @@ used only on a terminal, and never with `NO_COLOR` set or `TERM=dumb`. A failure
 with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` or `--json`; with
 `--json` the failure is also one JSON object on stdout, which always carries the reason.
 
+Text that may come from elsewhere (file names of an ingested tree, a registry's error message, a
+pulled commit message) never reaches the terminal raw: control characters are shown as `\\xNN`,
+so no name or answer can move the cursor, retitle the window or hide a line (`_safe`).
+
 Progress (ingest, checkout, fsck, gc, layer builds, shim materialisation, push and pull) is drawn
 here and nowhere else: the library reports through a plain callback
 (`veloverlay.progress.Progress`), and this module turns it into a rich progress bar with bytes,
@@ -19,6 +23,7 @@ shorter than half a second; rich is imported only when a bar is first drawn.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -26,6 +31,15 @@ from typing import IO, Any
 
 from veloverlay import envvars
 from veloverlay.errors import SysError, VeloError
+
+# C0 controls but newline and tab, DEL, and the C1 controls (ESC-less CSI 0x9b among them).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str) -> str:
+    """`text` with every terminal control character shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 __all__ = [
     "color_enabled",
@@ -88,11 +102,11 @@ def error(
     as_json: bool = False,
 ) -> None:
     """Render one failure on stderr (and as JSON on stdout with `as_json`)."""
-    lines = [f"{_paint('1;31', 'error:')} {message}"]
+    lines = [f"{_paint('1;31', 'error:')} {_safe(message)}"]
     if detail:
-        lines.append(detail)
+        lines.append(_safe(detail))
     if hint:
-        lines.append(f"{_paint('1;36', 'hint:')} {hint}")
+        lines.append(f"{_paint('1;36', 'hint:')} {_safe(hint)}")
     if show_reason or as_json:
         lines.append(f"reason: {reason}")
     sys.stderr.write("\n".join(lines) + "\n")
@@ -103,15 +117,15 @@ def error(
 
 
 def warn(msg: str) -> None:
-    sys.stderr.write(f"{_paint('1;33', 'warning:')} {msg}\n")
+    sys.stderr.write(f"{_paint('1;33', 'warning:')} {_safe(msg)}\n")
 
 
 def info(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+    sys.stderr.write(_safe(msg) + "\n")
 
 
 def table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None) -> None:
-    data = [[str(c) for c in r] for r in rows]
+    data = [[_safe(str(c)) for c in r] for r in rows]
     if header:
         data.insert(0, list(header))
     if not data:

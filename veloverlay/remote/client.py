@@ -41,6 +41,20 @@ MANIFEST_TYPES = (
 )
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_MAX_TAG_PAGES = 10_000
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port made explicit."""
+    return url.scheme, url.host, url.port or _DEFAULT_PORT.get(url.scheme)
+
+
+def _show_origin(url: httpx.URL) -> str:
+    scheme, host, port = _origin(url)
+    return f"{scheme}://{host}:{port}"
+
+
 _T = TypeVar("_T")
 
 
@@ -92,6 +106,23 @@ def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
     return ctx
 
 
+def _unusable(host: str, exc: Exception) -> VeloError:
+    return VeloError(
+        f"the answer of {host} is unusable: {exc or type(exc).__name__}",
+        reason=Reason.REMOTE_INVALID,
+    )
+
+
+def _check_encoding(host: str, resp: httpx.Response) -> None:
+    enc = resp.headers.get("content-encoding", "").strip().lower()
+    if enc not in ("", "identity"):
+        resp.close()
+        raise VeloError(
+            f"{host} sent a body with Content-Encoding {enc!r} after being asked for none",
+            reason=Reason.REMOTE_INVALID,
+        )
+
+
 def _registry_error(resp: httpx.Response) -> str:
     try:
         errs = resp.json().get("errors") or []
@@ -128,7 +159,10 @@ class Registry:
             timeout=httpx.Timeout(self.opts.timeout, connect=min(10.0, self.opts.timeout)),
             follow_redirects=True,
             limits=limits,
-            headers={"User-Agent": "veloverlay"},
+            # Blobs are content-addressed and checked by digest: no transfer encoding is
+            # wanted, and one the server applies anyway is refused (`_check_encoding`), so no
+            # answer can decompress into more than it sent.
+            headers={"User-Agent": "veloverlay", "Accept-Encoding": "identity"},
             **kw,
         )
         self._lock = threading.Lock()
@@ -207,11 +241,14 @@ class Registry:
         if params.get("scope") and params["scope"] not in scopes:
             scopes.append(params["scope"])
         query += [("scope", s) for s in scopes]
+        realm = self._realm(params["realm"])
         headers = {"Authorization": creds.basic()} if creds is not None else {}
         try:
-            tr = self.client.get(params["realm"], params=query, headers=headers)
+            tr = self.client.get(realm, params=query, headers=headers)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, params["realm"]) from None
+        except httpx.HTTPError as exc:
+            raise _unusable(self.name.host, exc) from None
         if tr.status_code in (401, 403):
             raise self._refused(creds, f"token service: HTTP {tr.status_code}")
         if tr.status_code != 200:
@@ -221,14 +258,33 @@ class Registry:
             )
         try:
             data = tr.json()
-            token = data.get("token") or data.get("access_token")
-        except ValueError:
-            token = None
+        except (ValueError, RecursionError):
+            data = None
+        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
             raise VeloError(
                 f"the token service {params['realm']} gave no token", reason=Reason.REMOTE_AUTH
             )
         self._auth = f"Bearer {token}"
+
+    def _realm(self, realm: str) -> httpx.URL:
+        """The token service a bearer challenge names. It may be on another host (Docker Hub's
+        is), but credentials go there only over TLS when the registry itself speaks TLS."""
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL as exc:
+            raise VeloError(
+                f"{self.name.host} names an invalid token service {realm!r}: {exc}",
+                reason=Reason.REMOTE_AUTH,
+            ) from None
+        ok = url.scheme == "https" or (url.scheme == "http" and self.name.scheme == "http")
+        if not ok or not url.host:
+            raise VeloError(
+                f"{self.name.host} names the token service {realm!r}: refused (credentials go "
+                "to a token service only over https, unless the registry itself is plain http)",
+                reason=Reason.REMOTE_AUTH,
+            )
+        return url
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
         if _is_tls_error(exc):
@@ -273,8 +329,8 @@ class Registry:
             hdrs = dict(headers or {})
             with self._lock:
                 auth = self._auth
-            if auth is not None:
-                hdrs["Authorization"] = auth
+            if auth is not None and self._same_origin(httpx.URL(url)):
+                hdrs["Authorization"] = auth  # never to another origin a Location or Link named
             body = content() if callable(content) else content
             try:
                 req = self.client.build_request(
@@ -288,8 +344,18 @@ class Registry:
                 self._sleep(attempt)
                 attempt += 1
                 continue
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # redirect loop, bad Location
+                raise _unusable(self.name.host, exc) from None
+            _check_encoding(self.name.host, resp)
             if resp.status_code == 401:
                 resp.close()
+                if not self._same_origin(resp.url):
+                    raise VeloError(
+                        f"{self.name.host} sent {method} on to {_show_origin(resp.url)}, "
+                        "which asks for credentials: not sent there",
+                        reason=Reason.REMOTE_AUTH,
+                        detail=f"{method} {url.split('?')[0]}",
+                    )
                 if answered_challenge:
                     raise self._refused(self._credentials(), f"{method} {url}: HTTP 401")
                 with self._lock:
@@ -332,6 +398,8 @@ class Registry:
                     raise self._transport_error(exc, self.name.base_url) from None
                 self._sleep(attempt)
                 attempt += 1
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise _unusable(self.name.host, exc) from None
 
     # -- the API -------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -357,10 +425,18 @@ class Registry:
                 self.request("DELETE", self._absolute(loc), expect=(204, 404), retries=0)
         return False
 
+    def _same_origin(self, url: httpx.URL) -> bool:
+        return _origin(url) == _origin(httpx.URL(self.name.base_url))
+
     def _absolute(self, location: str) -> str:
-        if location.startswith("/"):
-            return self.name.base_url + location
-        return location
+        """A Location or Link the registry sent, made absolute. It may name another origin (a
+        storage front end); `request` sends credentials to the registry's origin only."""
+        try:
+            return str(httpx.URL(self.name.base_url).join(location))
+        except httpx.InvalidURL as exc:
+            raise VeloError(
+                f"{self.name.host} sent an invalid link: {exc}", reason=Reason.REMOTE_INVALID
+            ) from None
 
     def upload_blob(self, digest: str, size: int, content: Callable[[], Any]) -> None:
         """POST + PUT `?digest=` (monolithic); the whole upload is retried on failure."""
@@ -430,13 +506,17 @@ class Registry:
                 f"blob {digest} is {size} bytes, over the {limit} allowed here",
                 reason=Reason.REMOTE_INVALID,
             )
-        with self.blob_stream(digest, repo) as r:
-            buf = bytearray()
-            for chunk in r.iter_bytes():
-                buf += chunk
-                if len(buf) > size:
-                    break
-        data = bytes(buf)
+
+        def fetch() -> bytes:
+            with self.blob_stream(digest, repo) as r:
+                buf = bytearray()
+                for chunk in r.iter_bytes():
+                    buf += chunk
+                    if len(buf) > size:
+                        break
+            return bytes(buf)
+
+        data = self.retrying(fetch)  # a connection cut mid-body: read again from the start
         with self._lock:
             self.bytes_in += len(data)
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
@@ -457,6 +537,16 @@ class Registry:
 
     def get_manifest(self, reference: str, repo: str | None = None) -> tuple[bytes, str, str]:
         """(body, digest, media type) of a manifest by tag or digest; NOT_FOUND when absent."""
+        body, ctype = self.retrying(lambda: self._manifest_body(reference, repo))
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise VeloError(
+                f"the manifest served for {reference} has digest {digest}",
+                reason=Reason.REMOTE_INVALID,
+            )
+        return body, digest, ctype
+
+    def _manifest_body(self, reference: str, repo: str | None) -> tuple[bytes, str]:
         try:
             r = self.request(
                 "GET",
@@ -485,15 +575,7 @@ class Registry:
                     )
         finally:
             r.close()
-        body = bytes(buf)
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        if reference.startswith("sha256:") and digest != reference:
-            raise VeloError(
-                f"the manifest served for {reference} has digest {digest}",
-                reason=Reason.REMOTE_INVALID,
-            )
-        ctype = r.headers.get("content-type", "").split(";")[0].strip()
-        return body, digest, ctype
+        return bytes(buf), r.headers.get("content-type", "").split(";")[0].strip()
 
     def put_manifest(self, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
         r = self.request(
@@ -509,18 +591,33 @@ class Registry:
 
     def tags(self) -> list[str]:
         out: list[str] = []
+        pages, links = 0, set()
         url: str | None = self.url("tags/list")
         while url:
             r = self.request("GET", url, expect=(200, 404))
             if r.status_code == 404:
                 return out
             try:
-                out += list(r.json().get("tags") or [])
-            except ValueError:
+                data = r.json()
+            except (ValueError, RecursionError):
                 raise VeloError("the tag list is not JSON", reason=Reason.REMOTE_ERROR) from None
+            tags = data.get("tags") if isinstance(data, dict) else None
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags or []):
+                if tags is not None:
+                    raise VeloError("the tag list is malformed", reason=Reason.REMOTE_ERROR)
+                tags = []
+            out += tags
             link = r.headers.get("link", "")
             url = None
             if link.startswith("<") and ">" in link:
+                pages += 1
+                if pages > _MAX_TAG_PAGES or link in links:
+                    raise VeloError(
+                        f"the tag list of {self.name} runs over {_MAX_TAG_PAGES} pages or "
+                        "links back to a page already read",
+                        reason=Reason.REMOTE_ERROR,
+                    )
+                links.add(link)
                 url = self._absolute(link[1 : link.index(">")])
         return out
 

@@ -32,7 +32,7 @@ from veloverlay.remote.pack import KIND_NODE, PACK_HEADER, Entry, decode_index
 from veloverlay.remote.progress import Meter, ProgressFn
 from veloverlay.remote.state import BlobCache, ShaMap, Versions
 from veloverlay.remote.version import Descriptor, PackRef, parse_config, parse_manifest
-from veloverlay.store.bundle import _valid_tiers
+from veloverlay.store import incoming
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import node_digest
 from veloverlay.store.manifest import Manifests, check_ref_name
@@ -53,6 +53,7 @@ class PullResult(Record):
     ref: str
     root: str
     commit: str | None = None  # None: the ref already pointed at this version
+    stripped_setid: int = 0  # files whose setuid/setgid bits were dropped (see keep_setid)
     objects: int = 0  # in the version's closure
     objects_fetched: int = 0
     blobs_fetched: int = 0
@@ -62,6 +63,12 @@ class PullResult(Record):
 
     def to_dict(self) -> dict[str, Any]:
         return self.field_dict()
+
+
+def _message(cfg: dict[str, Any]) -> str:
+    """The pushed commit message, as text (what a registry serves is not trusted to be any)."""
+    msg = cfg.get("message")
+    return msg[:4096] if isinstance(msg, str) else ""
 
 
 def _invalid(msg: str) -> VeloError:
@@ -138,12 +145,15 @@ def pull(
     options: Options | None = None,
     progress: ProgressFn | None = None,
     publish_bytes: int = PUBLISH_BYTES,
+    keep_setid: bool = False,
 ) -> PullResult:
     """Pull `remote` (`HOST/REPO:TAG` or `@sha256:…`) into ref `name` (default: the ref name the
     version was pushed from). An existing ref gets the version as a new commit on top (its log
     keeps what it had). The version's recorded ingest path is not trusted: pass `path`.
     Verified blobs are published (made durable and named) each time `publish_bytes` of them have
-    arrived, and at the end: what a killed pull published, the next one does not fetch again."""
+    arrived, and at the end: what a killed pull published, the next one does not fetch again.
+    The tree must pass what an imported bundle must (`store.incoming`: whole, honest sizes, no
+    deeper than a checkout can make); setuid/setgid bits are dropped unless `keep_setid`."""
     t0 = time.monotonic()
     rn = parse_remote(remote) if isinstance(remote, str) else remote
     if rn.reference is None:
@@ -161,9 +171,18 @@ def pull(
         v = parse_manifest(body, digest, ctype)
         cfg = parse_config(reg.get_blob(v.config.digest, v.config.size, limit=1 << 20))
         root = bytes.fromhex(cfg["root"])
-        refname = check_ref_name(name or str(cfg.get("ref") or rn.tag))
+        pushed_as = cfg.get("ref")
+        if name is None and pushed_as is not None and not isinstance(pushed_as, str):
+            raise _invalid("the version's ref name is not a string")
+        if not (name or pushed_as or rn.tag):
+            raise VeloError(
+                f"the version {digest} does not say which ref it was pushed from",
+                reason=Reason.USAGE,
+                hint="name the ref to pull into with --name REF",
+            )
+        refname = check_ref_name(name or pushed_as or rn.tag or "")
         tiers = cfg.get("tiers")
-        if tiers is not None and not _valid_tiers(tiers):
+        if tiers is not None and not incoming.valid_tiers(tiers):
             raise _invalid("the version's tier rules are invalid")
         res = PullResult(str(rn), digest, refname, root.hex())
         with m.read() as txn:
@@ -223,10 +242,15 @@ def pull(
         for d in missing:
             if not store.has(d):
                 raise _invalid(f"object {d.hex()} did not arrive")
+        with m.read() as txn:
+            incoming.check_closure(store, m, txn, root, nodes, {}, _invalid)
         faults.point("remote.pull.fetched")
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
+            if not keep_setid:
+                root, res.stripped_setid = incoming.strip_setid(m, txn, root)
+                res.root = root.hex()
             existing = m.get_ref(txn, refname)
             if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
                 res.commit = None
@@ -236,7 +260,7 @@ def pull(
                     refname,
                     root,
                     expect_head=existing.head if existing is not None else None,
-                    message=f"pull {rn.host}/{rn.repo}@{digest}: {cfg.get('message', '')}",
+                    message=f"pull {rn.host}/{rn.repo}@{digest}: {_message(cfg)}",
                     path=os.path.abspath(path) if path is not None else None,
                     tiers=tiers,
                 )

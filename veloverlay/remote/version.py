@@ -134,7 +134,7 @@ def _descriptor(d: object) -> Descriptor:
 def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
     try:
         m = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deeper than the parser goes
         raise _bad("not JSON") from None
     if not isinstance(m, dict):
         raise _bad("not a JSON object")
@@ -176,7 +176,7 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
 def parse_config(data: bytes) -> dict[str, Any]:
     try:
         c = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad("the config is not JSON") from None
     if not isinstance(c, dict) or c.get("format") != FORMAT:
         raise _bad(f"the config's format is not {FORMAT}")

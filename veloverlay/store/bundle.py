@@ -17,18 +17,17 @@ import contextlib
 import json
 import os
 import re
-import stat
 import struct
 from collections.abc import Iterator
 from typing import IO, Any
 
-from veloverlay import faults, paths
+from veloverlay import faults
 from veloverlay.errors import Reason, VeloError
+from veloverlay.store import incoming
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
-from veloverlay.store.tree import Kind, Op, OpKind, decode, extent
-from veloverlay.tiers import Rules
+from veloverlay.store.tree import Kind, decode
 
 __all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC"]
 
@@ -39,7 +38,6 @@ _META, _NODE, _OBJECT, _END = 1, 2, 3, 0
 _MAX_META = 1 << 20
 _MAX_NODE = 64 << 20
 _CHUNK = 1 << 20
-_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict[str, Any]:
@@ -146,26 +144,6 @@ def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | N
     return existing
 
 
-def _valid_tiers(tiers: object) -> bool:
-    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile."""
-    if not isinstance(tiers, list):
-        return False
-    for rule in tiers:
-        if not (
-            isinstance(rule, list)
-            and len(rule) == 3
-            and rule[0] in (1, 2)
-            and isinstance(rule[1], str)
-            and isinstance(rule[2], str)
-        ):
-            return False
-    try:
-        Rules.from_json(tiers)
-    except VeloError:
-        return False
-    return True
-
-
 def _bad(msg: str) -> VeloError:
     return VeloError(
         f"invalid bundle: {msg}", reason=Reason.BUNDLE_INVALID, hint="nothing was imported"
@@ -241,7 +219,7 @@ def import_bundle(
                     raise _bad("duplicate or oversized metadata")
                 try:
                     meta = json.loads(r.exact(length))
-                except ValueError:
+                except (ValueError, RecursionError):  # nesting deeper than the parser goes
                     raise _bad("metadata is not JSON") from None
             elif typ == _NODE:
                 if not DIGEST_SIZE < length <= _MAX_NODE:
@@ -274,37 +252,10 @@ def import_bundle(
             raise _bad(f"bad ref name {meta.get('ref')!r}")
         refname = check_ref_name(name or meta["ref"])
         tiers = meta.get("tiers")
-        if tiers is not None and not _valid_tiers(tiers):
+        if tiers is not None and not incoming.valid_tiers(tiers):
             raise _bad("bad tier rules")
-        # Closure: every node reachable from the root is in the bundle (or the store), every
-        # object is in the bundle or already stored, and has the size its entries say (a 6-byte
-        # object claimed as 1 TiB would fill the disk at the first copy-up).
         with m.read() as txn:
-            stack, seen = [root], set()
-            while stack:
-                d = stack.pop()
-                if d in seen:
-                    continue
-                seen.add(d)
-                found = nodes.get(d) or m.raw_node(txn, d)
-                if found is None:
-                    raise _bad(f"node {d.hex()[:16]} is missing")
-                for e in decode(found).entries:
-                    if e.kind is Kind.DIR:
-                        stack.append(e.digest)
-                    elif e.kind is Kind.FILE:
-                        have = _object_size(store, objects, e.digest)
-                        if have is None:
-                            raise _bad(f"object {e.digest.hex()[:16]} is missing")
-                        if have != e.size:
-                            raise _bad(
-                                f"{paths.display(e.name)} claims {e.size} bytes, its object "
-                                f"{e.digest.hex()[:16]} has {have}"
-                            )
-            try:
-                paths.check_extent(*extent(root, lambda d: decode(nodes.get(d) or _raw(m, txn, d))))
-            except VeloError as exc:
-                raise _bad(exc.message) from None
+            incoming.check_closure(store, m, txn, root, nodes, objects, _bad)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
         stage.publish()
         with m.write() as txn:
@@ -312,7 +263,7 @@ def import_bundle(
                 m.put_raw_node(txn, d, data)
             stripped = 0
             if not keep_setid:
-                root, stripped = _strip_setid(m, txn, root)
+                root, stripped = incoming.strip_setid(m, txn, root)
             existing = _check_new_ref(m, txn, refname, force)
             c = m.commit(
                 txn,
@@ -332,30 +283,3 @@ def import_bundle(
         "objects": len(objects),
         "stripped_setid": stripped,
     }
-
-
-def _raw(m: Manifests, txn: Txn, d: bytes) -> bytes:
-    data = m.raw_node(txn, d)
-    assert data is not None  # the closure was checked
-    return data
-
-
-def _object_size(store: Store, objects: dict[bytes, int], digest: bytes) -> int | None:
-    size = objects.get(digest)
-    if size is not None:
-        return size
-    try:
-        return os.lstat(store.object_path_b(digest)).st_size
-    except FileNotFoundError:
-        return None
-
-
-def _strip_setid(m: Manifests, txn: Txn, root: bytes) -> tuple[bytes, int]:
-    """The tree without setuid/setgid bits on its files (ingest's and harvest's policy): a root
-    checkout or session of a bundle from elsewhere must not mint a setuid-root program."""
-    ops = [
-        Op(OpKind.META, p, mode=e.mode & ~_SETID, mtime_ns=e.mtime_ns)
-        for p, e, _node in m.walk(txn, root)
-        if e.kind is Kind.FILE and e.mode & _SETID
-    ]
-    return (m.apply(txn, root, ops), len(ops)) if ops else (root, 0)

@@ -1,0 +1,306 @@
+"""A registry that lies or misleads (tests/remote/fake_registry.py): a pull holds a pulled tree to
+what an imported bundle must satisfy, never sends the user's credentials to an origin the
+registry merely named, and ends in a clear error with a reason, never a traceback, with nothing
+named from what it refused (the `repo` fixture runs fsck after each test)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from tests.remote.fake_registry import (
+    FakeRegistry,
+    deep_tree,
+    file_entry,
+    one_dir,
+    sha,
+)
+from veloverlay.errors import Reason, VeloError
+from veloverlay.remote import Options, pull
+from veloverlay.remote.auth import Credentials
+from veloverlay.remote.client import Registry
+from veloverlay.remote.name import parse_remote
+from veloverlay.store.digest import hash_bytes
+from veloverlay.verbs.repo import Repo
+
+OPTS = Options(retries=0, timeout=10, backoff=0.01)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+CREDS = Credentials("alice", "s3cret-pw", "test-auth.json")
+
+
+def _refs(repo: Repo) -> list[str]:
+    with repo.m.read() as txn:
+        return [r.name for r in repo.m.refs(txn)]
+
+
+def _mode_of(repo: Repo, ref: str, name: bytes) -> int:
+    with repo.m.read() as txn:
+        r = repo.m.get_ref(txn, ref)
+        assert r is not None
+        node = repo.m.get_node(txn, bytes.fromhex(repo.m.get_commit(txn, r.head).root))
+        e = node.lookup(name)
+        assert e is not None
+        return e.mode
+
+
+def _pull_refused(repo: Repo, fake: FakeRegistry, reason: Reason, **kw: object) -> VeloError:
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, fake.remote(), options=kw.pop("options", OPTS), **kw)  # type: ignore[arg-type]
+    assert ei.value.reason is reason, ei.value
+    assert _refs(repo) == []  # nothing named
+    return ei.value
+
+
+# -- the tree ------------------------------------------------------------------------------------
+def test_setuid_and_setgid_bits_are_dropped_unless_kept(fake: FakeRegistry, repo: Repo) -> None:
+    data = b"#!/bin/sh\nid\n"
+    root, nodes = one_dir([file_entry(b"suid", data, mode=0o6755), file_entry(b"plain", b"p")])
+    fake.serve_version(nodes, {hash_bytes(data): data, hash_bytes(b"p"): b"p"}, root)
+    res = pull(repo.store, repo.m, fake.remote(), options=OPTS)
+    assert res.stripped_setid == 1
+    assert stat.S_IMODE(_mode_of(repo, "env", b"suid")) == 0o755
+    assert res.root != root.hex()  # the ref names the stripped tree
+    kept = pull(repo.store, repo.m, fake.remote(), name="kept", options=OPTS, keep_setid=True)
+    assert kept.stripped_setid == 0
+    assert stat.S_IMODE(_mode_of(repo, "kept", b"suid")) == 0o6755
+
+
+def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:
+    data = b"6bytes"
+    root, nodes = one_dir([file_entry(b"big", data, size=1 << 40)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, root)
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "claims 1099511627776 bytes" in err.message
+
+
+def test_a_tree_deeper_than_a_checkout_can_make_is_refused(fake: FakeRegistry, repo: Repo) -> None:
+    root, nodes = deep_tree(400, file_entry(b"f", b"x"))
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root)
+    _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+
+
+def test_a_version_that_names_no_ref_needs_a_name(fake: FakeRegistry, repo: Repo) -> None:
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    digest = fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root, config={"ref": None})
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, f"http://{fake.host}/team/env@{digest}", options=OPTS)
+    assert ei.value.reason is Reason.USAGE and "--name" in (ei.value.hint or "")
+    for bad in (7, ["x"]):
+        digest = fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root, config={"ref": bad})
+        with pytest.raises(VeloError) as ei:
+            pull(repo.store, repo.m, f"http://{fake.host}/team/env@{digest}", options=OPTS)
+        assert ei.value.reason is Reason.REMOTE_INVALID
+    assert _refs(repo) == []
+    res = pull(repo.store, repo.m, f"http://{fake.host}/team/env@{digest}", name="n", options=OPTS)
+    assert res.ref == "n"
+
+
+def test_a_pushed_message_is_kept_as_text_only(fake: FakeRegistry, repo: Repo) -> None:
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root, config={"message": {"a": 1}})
+    pull(repo.store, repo.m, fake.remote(), options=OPTS)
+    with repo.m.read() as txn:
+        ref = repo.m.get_ref(txn, "env")
+        assert ref is not None
+        assert repo.m.get_commit(txn, ref.head).message.endswith(": ")
+
+
+# -- answers that are not what they should be ----------------------------------------------------
+def test_json_nested_past_the_parser_is_invalid(fake: FakeRegistry, repo: Repo) -> None:
+    fake.manifests["v1"] = b"[" * 200_000 + b"]" * 200_000
+    _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+
+
+def test_an_endless_redirect_is_invalid(fake: FakeRegistry, repo: Repo) -> None:
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(307, headers={"Location": h.path})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = hook
+    _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip", "br"])
+def test_a_body_encoding_is_refused_not_decoded(
+    fake: FakeRegistry, repo: Repo, encoding: str
+) -> None:
+    """Asked for none, a server that compresses anyway could decompress 100 KB into gigabytes."""
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        h.send(200, b"\x1f\x8b not gzip", {"Content-Encoding": encoding})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = hook
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "Content-Encoding" in err.message
+    assert all(m == "GET" for m, _p, _a in fake.seen)
+
+
+def test_a_body_cut_short_is_fetched_again(fake: FakeRegistry, repo: Repo) -> None:
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root)
+    cuts = []
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if "/manifests/" in h.path and not cuts:
+            cuts.append(h.path)
+            h.send_response(200)
+            h.send_header("Content-Length", "100000")
+            h.end_headers()
+            h.wfile.write(b'{"schemaVersion"')
+            h.close_connection = True
+            return True
+        return False
+
+    fake.hook = hook
+    res = pull(repo.store, repo.m, fake.remote(), options=Options(retries=2, backoff=0.01))
+    assert cuts and res.commit is not None
+
+
+# -- credentials ---------------------------------------------------------------------------------
+def test_a_realm_that_is_not_a_url_is_an_auth_error(fake: FakeRegistry, repo: Repo) -> None:
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(401, headers={"WWW-Authenticate": 'Bearer realm="http://[::1",service="x"'})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = hook
+    _pull_refused(repo, fake, Reason.REMOTE_AUTH)
+
+
+def test_a_token_answer_that_is_not_an_object_is_an_auth_error(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.send(200, b"[]")  # type: ignore[attr-defined]
+        else:
+            realm = f'Bearer realm="http://{fake.host}/token"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = hook
+    _pull_refused(repo, fake, Reason.REMOTE_AUTH)
+
+
+@pytest.fixture
+def other() -> Iterator[FakeRegistry]:
+    """Another origin (same address, other port): a storage front end, or an attacker."""
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+def _asks_basic(h: http.server.BaseHTTPRequestHandler) -> bool:
+    if "Authorization" in h.headers:
+        return False
+    h.send(401, headers={"WWW-Authenticate": 'Basic realm="r"'})  # type: ignore[attr-defined]
+    return True
+
+
+def test_a_redirect_target_that_asks_for_credentials_gets_none(
+    fake: FakeRegistry, other: FakeRegistry, repo: Repo
+) -> None:
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root)
+
+    def front(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.send(200, b'{"token":"t"}')  # type: ignore[attr-defined]
+        else:
+            realm = f'Bearer realm="http://{other.host}/token"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        return True
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if _asks_basic(h):
+            return True
+        if "/blobs/" in h.path:  # every blob "on a CDN" that wants credentials of its own
+            h.send(307, headers={"Location": f"http://{other.host}/cdn{h.path}"})  # type: ignore[attr-defined]
+            return True
+        return False
+
+    fake.hook, other.hook = registry, front
+    err = _pull_refused(
+        repo, fake, Reason.REMOTE_AUTH, options=Options(retries=0, credentials=CREDS)
+    )
+    assert other.host.split(":")[1] in err.message
+    assert other.seen and all(auth == "" for _m, _p, auth in other.seen)
+    assert any(auth.startswith("Basic ") for _m, _p, auth in fake.seen)  # the registry's own
+
+
+def test_links_and_locations_to_another_origin_carry_no_credentials(
+    fake: FakeRegistry, other: FakeRegistry
+) -> None:
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if _asks_basic(h):
+            return True
+        if "/tags/list" in h.path:
+            link = f'<http://{other.host}/v2/team/env/tags/list?n=1>; rel="next"'
+            h.send(200, b'{"tags":["a"]}', {"Link": link})  # type: ignore[attr-defined]
+            return True
+        if method == "POST":
+            h.send(202, headers={"Location": f"http://{other.host}/upload/1"})  # type: ignore[attr-defined]
+            return True
+        return False
+
+    def elsewhere(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        n = int(h.headers.get("Content-Length") or 0)
+        h.rfile.read(n)
+        if method == "PUT":
+            h.send(201)  # type: ignore[attr-defined]
+        else:
+            h.send(200, json.dumps({"tags": ["b"]}).encode())  # type: ignore[attr-defined]
+        return True
+
+    fake.hook, other.hook = registry, elsewhere
+    opts = Options(retries=0, credentials=CREDS)
+    with Registry(parse_remote(fake.remote()), opts, push=True) as reg:
+        assert reg.tags() == ["a", "b"]
+        reg.upload_blob(sha(b"x"), 1, lambda: b"x")
+    assert [m for m, _p, _a in other.seen] == ["GET", "PUT"]
+    assert all(auth == "" for _m, _p, auth in other.seen)
+
+
+def test_a_tag_list_that_links_to_itself_ends(fake: FakeRegistry) -> None:
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(200, b'{"tags":[]}', {"Link": f"<{h.path}>; rel=next"})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = registry
+    with Registry(parse_remote(fake.remote()), OPTS) as reg, pytest.raises(VeloError) as ei:
+        reg.tags()
+    assert ei.value.reason is Reason.REMOTE_ERROR and "pages" in ei.value.message
+
+
+def test_the_cli_shows_a_registrys_control_characters_escaped(
+    fake: FakeRegistry, shm_tmp: str
+) -> None:
+    from tests.e2e.test_cli import velo
+
+    evil = "\x1b]0;owned\x07\x1b[2J\x9b31m"
+    body = json.dumps({"errors": [{"code": "DENIED", "message": evil}]}).encode()
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(418, body)  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = registry
+    r = velo(f"{shm_tmp}/store", "pull", fake.remote())
+    err = r.stderr.decode()
+    assert r.returncode != 0 and "error:" in err
+    assert "\x1b" not in err and "\x07" not in err and "\x9b" not in err
+    assert "\\x1b]0;owned\\x07" in err

@@ -1,0 +1,121 @@
+"""What a tree from elsewhere must satisfy before a ref may name it: bundle import and remote
+pull alike (one rule, so the two ways in cannot drift apart).
+
+- closure: every node reachable from the root is stored or arriving, every file's object is
+  stored or arriving, and has the size its entries claim (a 6-byte object claimed as 1 TiB would
+  fill the disk at the first copy-up, and a session would show a size its bytes do not have);
+- extent: the tree is no deeper, and its paths no longer, than a checkout or a session can make
+  (`paths.check_extent`);
+- tier rules as a ref stores them;
+- setuid/setgid bits are dropped from files unless the caller keeps them on purpose (ingest's and
+  harvest's policy): a root checkout or session of someone else's tree must not mint a
+  setuid-root program.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Mapping
+
+from veloverlay import paths
+from veloverlay.errors import VeloError
+from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Kind, Node, Op, OpKind, decode, extent
+from veloverlay.tiers import Rules
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def valid_tiers(tiers: object) -> bool:
+    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile."""
+    if not isinstance(tiers, list):
+        return False
+    for rule in tiers:
+        if not (
+            isinstance(rule, list)
+            and len(rule) == 3
+            and rule[0] in (1, 2)
+            and isinstance(rule[1], str)
+            and isinstance(rule[2], str)
+        ):
+            return False
+    try:
+        Rules.from_json(tiers)
+    except VeloError:
+        return False
+    return True
+
+
+def _object_size(store: Store, arriving: Mapping[bytes, int], digest: bytes) -> int | None:
+    size = arriving.get(digest)
+    if size is not None:
+        return size
+    try:
+        return os.lstat(store.object_path_b(digest)).st_size
+    except FileNotFoundError:
+        return None
+
+
+def check_closure(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    nodes: Mapping[bytes, bytes],
+    objects: Mapping[bytes, int],
+    bad: Callable[[str], VeloError],
+) -> None:
+    """Raise `bad(why)` unless the tree `root` is whole and honest (see the module's text).
+    `nodes`: arriving nodes (digest → encoded); `objects`: arriving objects (digest → size).
+    Sizes are checked for the files of every arriving node: a stored node's objects were checked
+    when it was stored."""
+
+    def node(d: bytes) -> bytes | None:
+        return nodes.get(d) or m.raw_node(txn, d)
+
+    stack, seen = [root], set()
+    while stack:
+        d = stack.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        found = node(d)
+        if found is None:
+            raise bad(f"node {d.hex()[:16]} is missing")
+        if d not in nodes:
+            continue  # stored: its whole closure is stored and was checked
+        for e in decode(found).entries:
+            if e.kind is Kind.DIR:
+                stack.append(e.digest)
+            elif e.kind is Kind.FILE:
+                have = _object_size(store, objects, e.digest)
+                if have is None:
+                    raise bad(f"object {e.digest.hex()[:16]} is missing")
+                if have != e.size:
+                    raise bad(
+                        f"{paths.display(e.name)} claims {e.size} bytes, its object "
+                        f"{e.digest.hex()[:16]} has {have}"
+                    )
+
+    def decoded(d: bytes) -> Node:
+        data = node(d)
+        if data is None:  # checked above; a node cannot vanish inside one read transaction
+            raise bad(f"node {d.hex()[:16]} is missing")
+        return decode(data)
+
+    try:
+        paths.check_extent(*extent(root, decoded))
+    except VeloError as exc:
+        raise bad(exc.message) from None
+
+
+def strip_setid(m: Manifests, txn: Txn, root: bytes) -> tuple[bytes, int]:
+    """(the tree without setuid/setgid bits on its files, how many files had them)."""
+    ops = [
+        Op(OpKind.META, p, mode=e.mode & ~SETID, mtime_ns=e.mtime_ns)
+        for p, e, _node in m.walk(txn, root)
+        if e.kind is Kind.FILE and e.mode & SETID
+    ]
+    return (m.apply(txn, root, ops), len(ops)) if ops else (root, 0)
