@@ -13,11 +13,9 @@ One `Registry` is shared by the transfer threads (httpx.Client is thread-safe).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import random
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +24,18 @@ from typing import Any, TypeVar
 import httpx
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.records import Record
 from veloverlay.remote.auth import Credentials, find_credentials, parse_challenge
 from veloverlay.remote.name import RemoteName
+from veloverlay.remote.transport import (
+    Options,
+    check_encoding,
+    is_tls_error,
+    origin,
+    registry_error,
+    show_origin,
+    ssl_context,
+    unusable,
+)
 
 __all__ = ["Options", "Registry", "MANIFEST_TYPES", "OCI_MANIFEST"]
 
@@ -42,94 +49,7 @@ MANIFEST_TYPES = (
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _MAX_TAG_PAGES = 10_000
-_DEFAULT_PORT = {"http": 80, "https": 443}
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the scheme's default port made explicit."""
-    return url.scheme, url.host, url.port or _DEFAULT_PORT.get(url.scheme)
-
-
-def _show_origin(url: httpx.URL) -> str:
-    scheme, host, port = _origin(url)
-    return f"{scheme}://{host}:{port}"
-
-
 _T = TypeVar("_T")
-
-
-class Options(Record):
-    """How to talk to a registry."""
-
-    tls_verify: bool = True
-    ca_cert: str | None = None
-    credentials: Credentials | None = None  # None: look them up in the credential files
-    jobs: int = 4  # parallel transfers
-    retries: int = 4  # per request, after the first try
-    timeout: float = 60.0
-    backoff: float = 0.25  # first retry delay (s); doubles, with jitter, capped at 8 s
-
-
-def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
-def _is_tls_error(exc: BaseException) -> bool:
-    return any(
-        isinstance(e, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
-        for e in _cause_chain(exc)
-    )
-
-
-def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
-    if not opts.tls_verify:
-        return False
-    ctx = ssl.create_default_context()  # OpenSSL's default paths: the system CAs
-    extra = sorted(glob.glob(f"/etc/containers/certs.d/{host}/*.crt"))
-    extra += sorted(glob.glob(f"/etc/docker/certs.d/{host}/*.crt"))
-    if opts.ca_cert:
-        extra.append(opts.ca_cert)
-    for path in extra:
-        try:
-            ctx.load_verify_locations(cafile=path)
-        except (OSError, ssl.SSLError) as exc:
-            raise VeloError(
-                f"cannot load the CA certificate {path}: {exc}",
-                reason=Reason.REMOTE_TLS,
-                path=path,
-            ) from None
-    return ctx
-
-
-def _unusable(host: str, exc: Exception) -> VeloError:
-    return VeloError(
-        f"the answer of {host} is unusable: {exc or type(exc).__name__}",
-        reason=Reason.REMOTE_INVALID,
-    )
-
-
-def _check_encoding(host: str, resp: httpx.Response) -> None:
-    enc = resp.headers.get("content-encoding", "").strip().lower()
-    if enc not in ("", "identity"):
-        resp.close()
-        raise VeloError(
-            f"{host} sent a body with Content-Encoding {enc!r} after being asked for none",
-            reason=Reason.REMOTE_INVALID,
-        )
-
-
-def _registry_error(resp: httpx.Response) -> str:
-    try:
-        errs = resp.json().get("errors") or []
-        first = errs[0]
-        return f"{first.get('code', '?')}: {first.get('message', '')}"
-    except Exception:
-        return resp.reason_phrase or ""
 
 
 class Registry:
@@ -160,7 +80,7 @@ class Registry:
             follow_redirects=True,
             limits=limits,
             # Blobs are content-addressed and checked by digest: no transfer encoding is
-            # wanted, and one the server applies anyway is refused (`_check_encoding`), so no
+            # wanted, and one the server applies anyway is refused (`check_encoding`), so no
             # answer can decompress into more than it sent.
             headers={"User-Agent": "veloverlay", "Accept-Encoding": "identity"},
             **kw,
@@ -248,7 +168,7 @@ class Registry:
         except httpx.TransportError as exc:
             raise self._transport_error(exc, params["realm"]) from None
         except httpx.HTTPError as exc:
-            raise _unusable(self.name.host, exc) from None
+            raise unusable(self.name.host, exc) from None
         if tr.status_code in (401, 403):
             raise self._refused(creds, f"token service: HTTP {tr.status_code}")
         if tr.status_code != 200:
@@ -287,7 +207,7 @@ class Registry:
         return url
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
-        if _is_tls_error(exc):
+        if is_tls_error(exc):
             return VeloError(
                 f"TLS with {self.name.host} failed: {exc}",
                 reason=Reason.REMOTE_TLS,
@@ -339,19 +259,19 @@ class Registry:
                 resp = self.client.send(req, stream=stream)
                 self.requests += 1
             except httpx.TransportError as exc:
-                if _is_tls_error(exc) or attempt >= left:
+                if is_tls_error(exc) or attempt >= left:
                     raise self._transport_error(exc, url) from None
                 self._sleep(attempt)
                 attempt += 1
                 continue
             except (httpx.HTTPError, httpx.InvalidURL) as exc:  # redirect loop, bad Location
-                raise _unusable(self.name.host, exc) from None
-            _check_encoding(self.name.host, resp)
+                raise unusable(self.name.host, exc) from None
+            check_encoding(self.name.host, resp)
             if resp.status_code == 401:
                 resp.close()
                 if not self._same_origin(resp.url):
                     raise VeloError(
-                        f"{self.name.host} sent {method} on to {_show_origin(resp.url)}, "
+                        f"{self.name.host} sent {method} on to {show_origin(resp.url)}, "
                         "which asks for credentials: not sent there",
                         reason=Reason.REMOTE_AUTH,
                         detail=f"{method} {url.split('?')[0]}",
@@ -376,7 +296,7 @@ class Registry:
             return resp
 
     def _status_error(self, method: str, url: str, resp: httpx.Response) -> VeloError:
-        what = f"{method} {url.split('?')[0]}: HTTP {resp.status_code} {_registry_error(resp)}"
+        what = f"{method} {url.split('?')[0]}: HTTP {resp.status_code} {registry_error(resp)}"
         if resp.status_code == 403:
             return VeloError(
                 f"{self.name.host} denied access to {self.name.repo}",
@@ -399,7 +319,7 @@ class Registry:
                 self._sleep(attempt)
                 attempt += 1
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise _unusable(self.name.host, exc) from None
+                raise unusable(self.name.host, exc) from None
 
     # -- the API -------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -426,7 +346,7 @@ class Registry:
         return False
 
     def _same_origin(self, url: httpx.URL) -> bool:
-        return _origin(url) == _origin(httpx.URL(self.name.base_url))
+        return origin(url) == origin(httpx.URL(self.name.base_url))
 
     def _absolute(self, location: str) -> str:
         """A Location or Link the registry sent, made absolute. It may name another origin (a

@@ -1,0 +1,113 @@
+"""What a registry connection is made of, apart from its requests: `Options`, the TLS context
+(system CAs plus the per-host certs.d directories of containers and docker), origins, and the
+checks every answer passes (no Content-Encoding; a registry error body made readable).
+"""
+
+from __future__ import annotations
+
+import glob
+import ssl
+from collections.abc import Iterator
+
+import httpx
+
+from veloverlay.errors import Reason, VeloError
+from veloverlay.records import Record
+from veloverlay.remote.auth import Credentials
+
+__all__ = [
+    "Options",
+    "check_encoding",
+    "is_tls_error",
+    "origin",
+    "registry_error",
+    "show_origin",
+    "ssl_context",
+    "unusable",
+]
+
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port made explicit."""
+    return url.scheme, url.host, url.port or _DEFAULT_PORT.get(url.scheme)
+
+
+def show_origin(url: httpx.URL) -> str:
+    scheme, host, port = origin(url)
+    return f"{scheme}://{host}:{port}"
+
+
+class Options(Record):
+    """How to talk to a registry."""
+
+    tls_verify: bool = True
+    ca_cert: str | None = None
+    credentials: Credentials | None = None  # None: look them up in the credential files
+    jobs: int = 4  # parallel transfers
+    retries: int = 4  # per request, after the first try
+    timeout: float = 60.0
+    backoff: float = 0.25  # first retry delay (s); doubles, with jitter, capped at 8 s
+
+
+def cause_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def is_tls_error(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
+        for e in cause_chain(exc)
+    )
+
+
+def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
+    if not opts.tls_verify:
+        return False
+    ctx = ssl.create_default_context()  # OpenSSL's default paths: the system CAs
+    extra = sorted(glob.glob(f"/etc/containers/certs.d/{host}/*.crt"))
+    extra += sorted(glob.glob(f"/etc/docker/certs.d/{host}/*.crt"))
+    if opts.ca_cert:
+        extra.append(opts.ca_cert)
+    for path in extra:
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise VeloError(
+                f"cannot load the CA certificate {path}: {exc}",
+                reason=Reason.REMOTE_TLS,
+                path=path,
+            ) from None
+    return ctx
+
+
+def unusable(host: str, exc: Exception) -> VeloError:
+    return VeloError(
+        f"the answer of {host} is unusable: {exc or type(exc).__name__}",
+        reason=Reason.REMOTE_INVALID,
+    )
+
+
+def check_encoding(host: str, resp: httpx.Response) -> None:
+    enc = resp.headers.get("content-encoding", "").strip().lower()
+    if enc not in ("", "identity"):
+        resp.close()
+        raise VeloError(
+            f"{host} sent a body with Content-Encoding {enc!r} after being asked for none",
+            reason=Reason.REMOTE_INVALID,
+        )
+
+
+def registry_error(resp: httpx.Response) -> str:
+    try:
+        errs = resp.json().get("errors") or []
+        first = errs[0]
+        return f"{first.get('code', '?')}: {first.get('message', '')}"
+    except Exception:
+        return resp.reason_phrase or ""
