@@ -24,6 +24,8 @@ from veloverlay.remote import Options, pull
 from veloverlay.remote.auth import Credentials
 from veloverlay.remote.client import Registry
 from veloverlay.remote.name import parse_remote
+from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, encode_index
+from veloverlay.remote.version import A_INDEX, A_KIND, INDEX_TYPE
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
@@ -304,3 +306,24 @@ def test_the_cli_shows_a_registrys_control_characters_escaped(
     assert r.returncode != 0 and "error:" in err
     assert "\x1b" not in err and "\x07" not in err and "\x9b" not in err
     assert "\\x1b]0;owned\\x07" in err
+
+
+def test_a_pack_listed_twice_with_overlapping_indexes_is_invalid(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    # Two indexes of one pack blob: the second names a third file's object over the bytes of
+    # the first two. Read as one list, the entries overlap (the read position would go back).
+    a, b, c = b"A" * 100, b"B" * 100, b"C" * 100
+    root, nodes = one_dir([file_entry(b"a", a), file_entry(b"b", b), file_entry(b"c", c)])
+    fake.serve_version(nodes, {hash_bytes(a): a, hash_bytes(b): b}, root)
+    man = json.loads(fake.manifests["v1"])
+    pack = next(x for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects")
+    other = Entry(KIND_OBJECT, hash_bytes(c), len(PACK_HEADER) + 50, 100)
+    idx = encode_index([other])
+    man["layers"].append(
+        dict(pack, annotations=dict(pack["annotations"], **{A_INDEX: fake.put(idx)}))
+    )
+    man["layers"].append({"mediaType": INDEX_TYPE, "digest": sha(idx), "size": len(idx)})
+    fake.manifests["v1"] = json.dumps(man).encode()
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "listed twice" in err.message
