@@ -327,3 +327,12 @@ def test_a_pack_listed_twice_with_overlapping_indexes_is_invalid(
     fake.manifests["v1"] = json.dumps(man).encode()
     err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
     assert "listed twice" in err.message
+
+
+def test_a_registry_without_tls_named_as_https_gets_the_http_hint(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, f"https://{fake.host}/team/env:v1", options=OPTS)
+    assert ei.value.reason is Reason.REMOTE_TLS, ei.value
+    assert f"http://{fake.host}/" in (ei.value.hint or "")

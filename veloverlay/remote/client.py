@@ -208,10 +208,13 @@ class Registry:
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
         if is_tls_error(exc):
+            plain = "WRONG_VERSION_NUMBER" in str(exc)  # the answer to a TLS hello was not TLS
             return VeloError(
                 f"TLS with {self.name.host} failed: {exc}",
                 reason=Reason.REMOTE_TLS,
-                hint="pass the registry's CA with --ca-cert FILE (or put it in "
+                hint=f"the registry answers without TLS: name it http://{self.name.host}/…"
+                if plain
+                else "pass the registry's CA with --ca-cert FILE (or put it in "
                 f"/etc/containers/certs.d/{self.name.host}/ca.crt); --tls-verify=false "
                 "turns verification off",
             )
