@@ -356,6 +356,32 @@ def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     assert res["root"]
 
 
+def test_fsck_repair_sets_a_corrupt_object_aside_and_ingest_restores_it(
+    store: str, src: str, shm_tmp: str
+) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    digest = data(velo(store, "ls", "proj", "README", "--json"))[0]["digest"]
+    path = os.path.join(store, "objects-v2", digest[:2], digest)
+    if os.geteuid() == 0:  # objects published as root carry +i
+        fsflags.set_immutable(path, False)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"J")
+    p = velo(store, "fsck")
+    assert p.returncode == 1 and "hint: 'veloverlay fsck --repair' sets" in p.stderr.decode()
+    p = velo(store, "fsck", "--repair", "--json")
+    assert p.returncode == 1
+    report = json.loads(p.stdout.decode().split("\n}\n", 1)[0] + "\n}")
+    assert report["quarantine"] == {"set_aside": 1, "wanted": 1}
+    p = velo(store, "fsck")
+    assert "object-missing" in p.stdout.decode() and "ingest the source" in p.stderr.decode()
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    assert data(velo(store, "fsck", "--json"))["quarantine"] == {"set_aside": 0, "wanted": 0}
+    out = os.path.join(shm_tmp, "out")
+    ok(velo(store, "checkout", "proj", out))
+    assert_same_tree(src, out)
+
+
 # -- doctor ------------------------------------------------------------------------------------
 
 
