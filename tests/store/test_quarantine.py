@@ -166,3 +166,24 @@ def test_no_short_name_or_cached_layer_serves_a_set_aside_object(
     (short,) = [n for n in names if "/ids-v1/" in n]
     with open(short, "rb") as f, open(os.path.join(src, "lib/data.txt"), "rb") as g:
         assert f.read() == g.read()
+
+
+def test_an_object_deleted_by_hand_is_wanted_after_repair_and_restored(
+    repo: Repo, shm_tmp: str
+) -> None:
+    src = _source(shm_tmp)
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    obj = _object_of(repo, "bin/tool")
+    if fsflags.is_immutable(obj):
+        fsflags.set_immutable(obj, False)
+    os.unlink(obj)
+    assert [f.kind for f in fsck(repo.store, repo.m, jobs=1).findings] == ["object-missing"]
+    ingest(repo.store, repo.m, src, "t", jobs=1)  # not wanted yet: the stat cache vouches
+    assert not os.path.exists(obj)
+    rep = fsck(repo.store, repo.m, jobs=1, repair=True)
+    assert rep.wanted == 1 and rep.quarantined == 0
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert os.path.exists(obj) and quarantine.wanted(repo.store) == set()
+    dest = os.path.join(shm_tmp, "co")
+    repo.checkout("t", dest)
+    assert_same_tree(src, dest)

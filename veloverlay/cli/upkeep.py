@@ -92,10 +92,15 @@ def _fsck_hint(rep: "FsckReport", repair: bool) -> str | None:
             "'veloverlay fsck --repair' sets corrupt objects aside (kept in quarantine-v1/); "
             "then ingest their source again or pull the ref again to restore them"
         )
-    if "object-missing" in kinds:
+    if "object-missing" in kinds and rep.wanted:
         return (
             "ingest the source of the affected refs again, or pull them again: either "
             "restores missing objects"
+        )
+    if "object-missing" in kinds:
+        return (
+            "'veloverlay fsck --repair' marks missing objects wanted; then ingest the source "
+            "of the affected refs again, or pull them again, to restore them"
         )
     return None
 

@@ -90,7 +90,8 @@ def object_missing(digest: bytes) -> VeloError:
     return VeloError(
         f"object {digest.hex()} is missing from the store",
         reason=Reason.OBJECT_MISSING,
-        hint="run 'veloverlay fsck' to see what else is affected",
+        hint="run 'veloverlay fsck --repair' (it says what else is affected), then ingest the "
+        "source again or pull the ref again to restore it",
     )
 
 

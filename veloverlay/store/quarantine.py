@@ -1,4 +1,4 @@
-"""Objects that failed their re-hash, set aside, and the way back.
+"""Objects that failed their re-hash, set aside, and the way back (for missing ones too).
 
 `fsck --repair` moves a corrupt object out of its name into `quarantine-v1/<hex>-<ns>` (the bytes
 are kept as evidence, never deleted here); the caller drops what else could serve them (the
@@ -7,7 +7,8 @@ can read wrong bytes under its name, and every reader says so. It is *wanted* wh
 lacks it: the next `ingest` of a tree that holds the right bytes re-reads every file (its stat
 cache would vouch for the file and skip it), and the next `pull` of a version that names it
 fetches it, even when the ref is otherwise up to date. Both verify the bytes (BLAKE3) before
-naming them, as always.
+naming them, as always. An object that is simply missing (deleted by hand) is made wanted the same
+way by `fsck --repair`, with an empty marker `<hex>-missing`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from veloverlay import fsflags
 from veloverlay.store.cas import Store
 
-__all__ = ["QUARANTINE", "quarantine_dir", "set_aside", "wanted"]
+__all__ = ["QUARANTINE", "quarantine_dir", "set_aside", "mark_wanted", "wanted"]
 
 QUARANTINE = "quarantine-v1"
 
@@ -46,6 +47,16 @@ def set_aside(store: Store, hexname: str, path: str | os.PathLike[str]) -> Path:
         fsflags.set_immutable(os.fspath(path), False)
         os.rename(path, dest)
     return dest
+
+
+def mark_wanted(store: Store, hexname: str) -> None:
+    """Record an object a manifest names but the store lacks (deleted by hand, lost with a disk)
+    as wanted: an empty marker `<hex>-missing` (nothing to keep)."""
+    qdir = quarantine_dir(store)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(qdir, 0o755)
+    fd = os.open(qdir / f"{hexname}-missing", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444)
+    os.close(fd)
 
 
 def wanted(store: Store) -> set[bytes]:

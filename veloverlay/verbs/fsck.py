@@ -55,7 +55,7 @@ class FsckReport(Record):
     protected: int = 0  # objects given +i by this run
     unprotected_record: int = 0  # lines of the store's record of failed +i at naming
     quarantined: int = 0  # corrupt objects this run set aside (`repair`): missing from now on
-    wanted: int = 0  # objects set aside that the store still lacks (ingest or pull restores)
+    wanted: int = 0  # objects set aside or missing, marked by `repair`, that the store still lacks
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -353,7 +353,6 @@ def fsck(
                 progress(min(checked, len(items)), len(items), nbytes)
     if repair:
         present -= _set_aside_corrupt(store, m, rep)
-    rep.wanted = len(quarantine.wanted(store))
     if repair and protect and recorded and rep.immutable == rep.objects:
         forget_unprotected(store)  # every object carries +i now: the record is history
         rep.unprotected_record = 0
@@ -422,4 +421,11 @@ def fsck(
     why = lost_refs(store, rep.refs)
     if why is not None:
         rep.findings.append(Finding("refs-lost", os.fspath(store.db_path), why))
+    if repair:  # missing for whatever reason: the next ingest or pull looks for it
+        known = {d.hex() for d in quarantine.wanted(store)}  # set aside: wanted already
+        for f in rep.findings:
+            if f.kind == "object-missing" and f.what not in known:
+                quarantine.mark_wanted(store, f.what)
+                known.add(f.what)
+    rep.wanted = len(quarantine.wanted(store))
     return rep
