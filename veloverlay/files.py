@@ -23,6 +23,7 @@ __all__ = [
     "force_rmtree",
     "makedirs",
     "write_json_atomic",
+    "write_bytes_atomic",
     "flock",
     "wait_for_writes",
 ]
@@ -140,18 +141,23 @@ def flock(path: Path) -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Replace `path` with `data` as JSON, atomically (a new file renamed over it, created
-    without following a symbolic link). A full filesystem is STORE_FULL and leaves no temporary
-    file; the old content stays."""
+    """Replace `path` with `data` as JSON, atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(data, sort_keys=True).encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`, atomically: a new file (created exclusively, never through a
+    symbolic link, with `mode` whatever the umask) renamed over it. A full filesystem is
+    STORE_FULL and leaves no temporary file; the old content stays."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     try:
         makedirs(path.parent)
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        fd = os.open(tmp, NEWFILE, mode)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(data, sort_keys=True))
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE, makedirs
+from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, write_bytes_atomic
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -73,10 +73,7 @@ class Baseline:
         pack = _BL_REC.pack
         for ino, (size, mtime, ctime, digest) in self.by_ino.items():
             out += pack(ino, size, mtime, ctime, digest)
-        tmp = os.fspath(path) + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(out)
-        os.rename(tmp, path)
+        write_bytes_atomic(path, bytes(out), 0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Baseline:
