@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import stat
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -171,6 +173,50 @@ def test_a_body_cut_short_is_fetched_again(fake: FakeRegistry, repo: Repo) -> No
     fake.hook = hook
     res = pull(repo.store, repo.m, fake.remote(), options=Options(retries=2, backoff=0.01))
     assert cuts and res.commit is not None
+
+
+def test_a_registry_that_drips_is_cut_off_and_fetched_again(fake: FakeRegistry, repo: Repo) -> None:
+    """The read timeout starts again with every byte: a registry sending a byte every 50 ms
+    would hold a pull for as long as it likes. Below low_speed_limit over low_speed_time the
+    transfer is cut (and retried, as any transport error)."""
+    data = os.urandom(4096)
+    root, nodes = one_dir([file_entry(b"f", data)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, root)
+    man = json.loads(fake.manifests["v1"])
+    pack = next(
+        x["digest"] for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects"
+    )
+    drips: list[str] = []
+    stop = threading.Event()
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if method != "GET" or not h.path.endswith(pack) or len(drips) >= 1:
+            return False
+        drips.append(h.path)
+        body = fake.blobs[pack]
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        for i in range(len(body)):
+            try:
+                h.wfile.write(body[i : i + 1])
+            except OSError:
+                break  # the client hung up
+            if stop.wait(0.05):
+                break
+        h.close_connection = True
+        return True
+
+    fake.hook = hook
+    slow = Options(retries=0, timeout=10, backoff=0.01, low_speed_limit=1000, low_speed_time=0.3)
+    try:
+        err = _pull_refused(repo, fake, Reason.REMOTE_UNREACHABLE, options=slow)
+        assert "too slowly" in err.message and drips
+        drips.clear()
+        res = pull(repo.store, repo.m, fake.remote(), options=slow.replace(retries=1))
+        assert len(drips) == 1 and res.objects_fetched == 1  # cut, then fetched again whole
+    finally:
+        stop.set()
 
 
 # -- credentials ---------------------------------------------------------------------------------

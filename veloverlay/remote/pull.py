@@ -41,7 +41,6 @@ from veloverlay.store.tree import Kind, decode
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
 
-_CHUNK = 1 << 20
 _GAP = 64 << 10  # wanted entries closer than this are read in one range
 _MAX_RANGES = 32  # more ranges than this: read the whole pack
 PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
@@ -424,7 +423,7 @@ def _fetch_pack(
                     f"bytes {start}-{end - 1}/"
                 ):
                     raise _invalid(f"the registry sent another range of pack {p.pack.digest}")
-                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(reg.body(resp), meter)
                 while e is not None and e.offset < end:
                     add(stage, rd, e, start)
                     e = next(todo, None)
@@ -435,7 +434,7 @@ def _fetch_pack(
 
     def whole(stage: Stage) -> None:
         with reg.blob_stream(p.pack.digest) as resp:
-            rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+            rd = BlobReader(reg.body(resp), meter)
             if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
                 raise _invalid(f"pack {p.pack.digest} has a bad header")
             for e in entries:
@@ -468,7 +467,7 @@ def _fetch_large(
         stage = _open_stage(store)
         try:
             with reg.blob_stream(x.digest) as resp:
-                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(reg.body(resp), meter)
                 got, _size, _new = stage.add_stream(rd.take(x.size))
                 rd.drain(x.size)
             if got != d:
