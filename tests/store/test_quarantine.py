@@ -187,3 +187,27 @@ def test_an_object_deleted_by_hand_is_wanted_after_repair_and_restored(
     dest = os.path.join(shm_tmp, "co")
     repo.checkout("t", dest)
     assert_same_tree(src, dest)
+
+
+def test_gc_forgets_what_no_ref_needs_and_markers_of_objects_that_are_back(
+    repo: Repo, shm_tmp: str
+) -> None:
+    from veloverlay.verbs.gc import gc
+
+    src = _source(shm_tmp)
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    readme, tool = _object_of(repo, "README"), _object_of(repo, "bin/tool")
+    _tamper(readme)  # set aside: a damaged copy
+    if fsflags.is_immutable(tool):
+        fsflags.set_immutable(tool, False)
+    os.unlink(tool)  # missing: a marker
+    rep = fsck(repo.store, repo.m, jobs=1, repair=True)
+    assert rep.quarantined == 1 and rep.wanted == 2
+    ingest(repo.store, repo.m, src, "t", jobs=1)  # both back
+    qdir = quarantine.quarantine_dir(repo.store)
+    assert gc(repo.store, repo.m, grace=0).quarantine_removed == 1  # the marker
+    (left,) = os.listdir(qdir)  # the damaged copy of README, kept for inspection
+    assert left.startswith(os.path.basename(readme) + "-") and not left.endswith("-missing")
+    repo.delete_ref("t", grace=0)  # README no longer needed by any ref
+    assert gc(repo.store, repo.m, grace=0).quarantine_removed == 1
+    assert os.listdir(qdir) == []

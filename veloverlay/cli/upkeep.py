@@ -152,6 +152,11 @@ def gc(
         f"(+{rep.young_kept} younger than the grace period)"
         + (f"; removed {rep.dirs_removed} empty directories" if rep.dirs_removed else "")
         + (
+            f"; removed {rep.quarantine_removed} quarantine entries no ref needs"
+            if rep.quarantine_removed
+            else ""
+        )
+        + (
             f"; moved {rep.objects_migrated} objects to the one-level layout (objects-v2)"
             if rep.objects_migrated
             else ""

@@ -13,16 +13,16 @@ way by `fsck --repair`, with an empty marker `<hex>-missing`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
 from pathlib import Path
 
 from veloverlay import fsflags
+from veloverlay.store import access
 from veloverlay.store.cas import Store
 
-__all__ = ["QUARANTINE", "quarantine_dir", "set_aside", "mark_wanted", "wanted"]
+__all__ = ["QUARANTINE", "quarantine_dir", "set_aside", "mark_wanted", "wanted", "prune"]
 
 QUARANTINE = "quarantine-v1"
 
@@ -36,8 +36,7 @@ def set_aside(store: Store, hexname: str, path: str | os.PathLike[str]) -> Path:
     An immutable object (root's `chattr +i`) loses the flag first: only root can have set it, and
     only root can lift it (anyone else gets the EPERM of the rename)."""
     qdir = quarantine_dir(store)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(qdir, 0o755)  # as the object shards: the store's own mode guards them
+    access.mkdir_nofollow(qdir, 0o755)  # as the object shards: the store's own mode guards them
     dest = qdir / f"{hexname}-{time.time_ns()}"
     try:
         os.rename(path, dest)
@@ -53,10 +52,8 @@ def mark_wanted(store: Store, hexname: str) -> None:
     """Record an object a manifest names but the store lacks (deleted by hand, lost with a disk)
     as wanted: an empty marker `<hex>-missing` (nothing to keep)."""
     qdir = quarantine_dir(store)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(qdir, 0o755)
-    fd = os.open(qdir / f"{hexname}-missing", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444)
-    os.close(fd)
+    access.mkdir_nofollow(qdir, 0o755)
+    os.close(access.open_nofollow(qdir / f"{hexname}-missing", os.O_WRONLY | os.O_CREAT, 0o444))
 
 
 def wanted(store: Store) -> set[bytes]:
@@ -75,3 +72,24 @@ def wanted(store: Store) -> set[bytes]:
         if len(digest) == 32 and not store.has(digest):
             out.add(digest)
     return out
+
+
+def prune(store: Store, needed: set[bytes]) -> int:
+    """For gc: forget what no kept tree names any more (a damaged copy of an object no ref
+    needs, or its marker), and markers of objects that are back. A damaged copy of an object
+    that is back stays, for inspection, until removed by hand. Returns the entries removed."""
+    removed = 0
+    try:
+        names = os.listdir(quarantine_dir(store))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        hexname, _, what = name.partition("-")
+        try:
+            digest = bytes.fromhex(hexname)
+        except ValueError:
+            continue
+        if digest not in needed or (what == "missing" and store.has(digest)):
+            os.unlink(quarantine_dir(store) / name)  # set_aside lifted any +i
+            removed += 1
+    return removed

@@ -271,6 +271,12 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
             return done
         for i, hexname in bad:
             f = rep.findings[i]
+            again, _state, _immutable = _check_object((hexname, f.what))
+            if again is None or again[0] != "object-corrupt":  # changed before the lock: look
+                rep.findings[i] = Finding(
+                    f.kind, f.what, f"{f.detail}; not set aside: it changed since (run fsck again)"
+                )
+                continue
             try:
                 dest = quarantine.set_aside(store, hexname, f.what)
             except OSError as exc:
