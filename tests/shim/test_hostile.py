@@ -66,3 +66,63 @@ def test_link_mode_attack_is_detected(mode: str, try_syscall: Path) -> None:
     # fsck reports it too (the documented limit of --link is detection), and nothing else.
     assert fsck and all(f.startswith("proxy-corrupt") for f in fsck), fsck
     assert f1 == b"raw\n"
+
+
+def _shared_link_session(base: str) -> list[str]:
+    """The owner's shared store, a 0666 file in the tree, one --link session; the proxies left
+    in the store (a store made before proxies were private had a 0755 proxies/: it is again)."""
+    from veloverlay.ingest import ingest
+    from veloverlay.session.shim.materialize import proxies_dir
+    from veloverlay.store.manifest import Manifests
+
+    src = os.path.join(base, "src")
+    os.mkdir(src)
+    for name, mode in (("open", 0o666), ("mine", 0o644)):
+        with open(os.path.join(src, name), "w") as f:
+            f.write(f"{name}\n")
+        os.chmod(os.path.join(src, name), mode)
+    store = Store.init(os.path.join(base, "store"), shared=True)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    os.makedirs(proxies_dir(store), 0o755)  # as an older version left it
+    os.chmod(proxies_dir(store), 0o755)
+    res = run_shim(store, "t", ["true"], link=True, at=os.path.join(base, "proj"))
+    assert (res.exit_status, res.lower_form) == (0, "link"), res
+    found = [os.path.join(d, n) for d, _s, names in os.walk(proxies_dir(store)) for n in names]
+    assert any(p.endswith("-0666") for p in found), found
+    return found
+
+
+def _open_for_writing(paths: list[str]) -> list[str]:
+    opened = []
+    for p in paths:
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+            opened.append(p)
+        except OSError:
+            pass
+    return opened
+
+
+def test_no_other_user_can_write_the_proxies_of_a_shared_store() -> None:
+    """A proxy carries its file's mode: the proxy of a 0666 file was writable by every local
+    user through the shared store's 0755 shim-v1/proxies/, and what they wrote showed in every
+    tree linking it (and a live session committed it to the owner's ref)."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        proxies = as_mode("root", _shared_link_session, base)
+        assert run_unprivileged(_open_for_writing, proxies) == []
+        assert os.stat(os.path.dirname(os.path.dirname(proxies[0]))).st_mode & 0o777 == 0o700
+        # a reader of the shared store still runs fsck's proxy check (nothing it can read)
+        assert (
+            run_unprivileged(
+                lambda: [f.kind for f in verify_proxies(Store.open(os.path.join(base, "store")))]
+            )
+            == []
+        )

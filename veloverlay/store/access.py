@@ -23,6 +23,7 @@ __all__ = [
     "open_nofollow",
     "mkdir_nofollow",
     "private_trees",
+    "private_dir",
     "create_once",
     "rmtree_count",
     "reclaim_stages",
@@ -80,10 +81,16 @@ def private_trees(trees: Path) -> None:
     carry the manifests' directory modes, and a 1777 `tmp/` of a tree would otherwise let any
     local user add files to the lower layers of the owner's (root's) sessions. Nobody else reads
     it: other users of a shared store only run reading commands, which never look there."""
-    mkdir_nofollow(trees, 0o700)
-    st = os.lstat(trees)
+    private_dir(trees)
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (one level) a directory only its owner can enter, 0700, also when an older
+    version made it open (by its owner; a symbolic link is refused)."""
+    mkdir_nofollow(path, 0o700)
+    st = os.lstat(path)
     if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(trees, 0o700)  # a store made before this rule
+        os.chmod(path, 0o700)  # a store made before this rule
 
 
 def create_once(path: Path, data: bytes) -> None:

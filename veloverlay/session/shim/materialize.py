@@ -36,6 +36,7 @@ from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, write_bytes_atomic
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.store.access import private_dir
 from veloverlay.store.cas import Store, object_corrupt, object_missing
 from veloverlay.store.checkout import REPORT_BYTES, tree_totals
 from veloverlay.store.digest import hash_fd
@@ -60,6 +61,15 @@ _BL_REC = struct.Struct("<QQqq32s")
 
 def proxies_dir(store: Store) -> Path:
     return store.root / "shim-v1" / "proxies"
+
+
+def private_proxies(store: Store) -> None:
+    """`shim-v1/proxies/` is its owner's alone (0700), even in a shared store: a proxy carries
+    its file's mode, so the proxy of a 0666 file is writable by every user who can reach it, and
+    what they write shows in every tree that links it and is committed by a live session. The
+    trees reach their proxies through hard links, never through this directory."""
+    makedirs(proxies_dir(store).parent)
+    private_dir(proxies_dir(store))
 
 
 class Baseline:
@@ -157,6 +167,8 @@ class _Placer:
         self.proxy_paths: dict[tuple[bytes, int], tuple[bytes, int]] = {}
         self.proxy_dirs: set[bytes] = set()
         self.proxy_root = os.fsencode(proxies_dir(store))
+        if link:
+            private_proxies(store)
         self.tier1_seen: set[bytes] = set()
         self.protect_failed = 0
 
@@ -406,9 +418,11 @@ class ProxyFinding(Record, frozen=True):
 
 def _iter_proxies(store: Store) -> Iterator[Path]:
     base = proxies_dir(store)
-    if not base.is_dir():
-        return
-    for shard in sorted(base.iterdir()):
+    try:
+        shards = sorted(base.iterdir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # none, or another user's (its owner's alone: a reader of a shared store)
+    for shard in shards:
         if shard.is_dir() and not shard.is_symlink():
             yield from sorted(shard.iterdir())
 
