@@ -126,3 +126,59 @@ def test_no_other_user_can_write_the_proxies_of_a_shared_store() -> None:
             )
             == []
         )
+
+
+def _replaced_target(base: str) -> tuple[str, list[str]]:
+    """Root's session at base/proj while uid UNPRIV_UID (base's owner) renames the tree away and
+    puts a directory of its own in its place; what ref t holds afterwards."""
+    from tests.helpers.unpriv import UNPRIV_UID
+    from tests.session._util import checkout_ref
+    from veloverlay.errors import VeloError
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    swap = f"mv {proj} {proj}.old && mkdir {proj} && echo evil > {proj}/injected"
+    attacker = f"setpriv --reuid={UNPRIV_UID} --regid={UNPRIV_UID} --clear-groups sh -c '{swap}'"
+    try:
+        res = run_shim(store, "t", ["sh", "-c", attacker], link=False, at=proj)
+        outcome = f"{res.state} {res.exit_status}"
+    except VeloError as exc:
+        outcome = exc.reason.value
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return outcome, sorted(os.listdir(got))
+
+
+def test_a_replaced_target_is_never_committed() -> None:
+    """Whoever can write the target's parent could swap the materialised tree for a directory of
+    their own: the end-of-session stat-diff read that directory and committed its content (and
+    the deletion of everything else) to root's ref."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        outcome, names = as_mode("root", _replaced_target, base)
+        assert "injected" not in names and "f1" in names, (outcome, names)
+        assert os.path.exists(os.path.join(base, "proj", "injected"))  # theirs: left alone
+    assert outcome == "target-invalid", outcome
+
+
+def test_a_target_of_another_user_is_refused() -> None:
+    from tests.helpers.unpriv import UNPRIV_UID
+    from veloverlay.errors import Reason, VeloError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        proj = os.path.join(base, "proj")
+        os.mkdir(proj)
+        os.chown(proj, UNPRIV_UID, UNPRIV_UID)  # empty, theirs: they could add files to it
+
+        def session() -> str:
+            store, _src = new_store(base)
+            try:
+                run_shim(store, "t", ["true"], link=False, at=proj)
+            except VeloError as exc:
+                return exc.reason.value
+            return "ran"
+
+        assert as_mode("root", session) == Reason.TARGET_INVALID.value

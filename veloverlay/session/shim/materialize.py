@@ -48,6 +48,7 @@ __all__ = [
     "Materialized",
     "materialize",
     "prepare_target",
+    "open_target",
     "proxies_dir",
     "verify_proxies",
     "prune_proxies",
@@ -145,6 +146,14 @@ def prepare_target(target: str, store: Store) -> bool:
             reason=Reason.TARGET_INVALID,
             path=target,
         )
+    if st.st_uid != os.geteuid():
+        raise VeloError(
+            f"{target} belongs to uid {st.st_uid}: that user could add files to the tree, and "
+            "the session would commit them as this user's change",
+            reason=Reason.TARGET_INVALID,
+            hint="project into a new directory, or one of your own (--at)",
+            path=target,
+        )
     if os.listdir(target):
         raise VeloError(
             f"{target} is not empty: the shim backend materialises the tree there and cannot "
@@ -155,6 +164,25 @@ def prepare_target(target: str, store: Store) -> bool:
             path=target,
         )
     return False
+
+
+def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
+    """An fd of the session's tree top, never through a symbolic link, and only the directory
+    the session made or checked (`ident`: its (dev, ino)): whoever can write the target's parent
+    could otherwise rename the tree away and put a directory of their own in its place, whose
+    content the session would commit as its user's change."""
+    fd = os.open(target, DIRFLAGS)
+    st = os.fstat(fd)
+    if ident and (st.st_dev, st.st_ino) != tuple(ident):
+        os.close(fd)
+        raise VeloError(
+            f"{os.fsdecode(target)} is no longer the session's tree: the directory was replaced",
+            reason=Reason.TARGET_INVALID,
+            hint="someone who can write its parent replaced it; nothing was committed from it "
+            "(project into a directory no other user can write)",
+            path=target,
+        )
+    return fd
 
 
 class _Placer:
@@ -331,6 +359,7 @@ def materialize(
     link: bool = False,
     protect: bool = False,
     progress: Progress | None = None,
+    ident: tuple[int, int] | None = None,
 ) -> Materialized:
     """Write the tree `root` into the (new or empty, checked) directory `target`.
 
@@ -343,7 +372,7 @@ def materialize(
     res = Materialized(form="link" if link else "copy")
     placer = _Placer(store, res, link=link, protect=protect)
     old_umask = os.umask(0)  # modes are applied exactly as the manifest says
-    top = os.open(target, DIRFLAGS)
+    top = open_target(target, ident)
     # Post-order over an explicit stack: ("dir", fd, digest) fills a directory, ("done", fd,
     # mode, mtime) then sets its own metadata once everything inside it exists.
     stack: list[tuple[str, int, bytes, int, int]] = [("dir", top, root, 0, 0)]
