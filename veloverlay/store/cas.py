@@ -134,10 +134,12 @@ class Store:
             try:
                 os.mkdir(store.root, 0o700)
                 os.chmod(store.root, 0o755 if shared else 0o700)
+                existed = False
             except FileExistsError:
-                if shared:
-                    os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
-            store.check_safe()
+                existed = True
+            store.check_safe()  # before any chmod: root follows no other user's link
+            if existed and shared:
+                os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d)
             access.private_trees(store.trees)
