@@ -40,9 +40,17 @@ TOP_DIRS = (
     "ids-v1",
     "shim-v1",
     "remote-v1",
+    "quarantine-v1",
     "manifests.lmdb",
 )
-TOP_FILES = ("lock", "manifests.record", "manifests.lmdb/data.mdb", "manifests.lmdb/lock.mdb")
+TOP_FILES = (
+    "lock",
+    "manifests.record",
+    "manifests.lmdb/data.mdb",
+    "manifests.lmdb/lock.mdb",
+    "unprotected-v1",
+    "fsverity-v1.json",
+)
 
 
 def open_nofollow(path: str | os.PathLike[str] | bytes, flags: int, mode: int = 0o600) -> int:
