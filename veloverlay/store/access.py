@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import DIRFLAGS
 
 __all__ = [
     "TOP_DIRS",
@@ -198,22 +199,40 @@ def read_only_error(store_root: Path, why: str, *, inside: bool = False) -> Velo
 
 
 def rmtree_count(path: Path) -> int:
-    """Remove a stage directory (flat: staged files); returns the files removed."""
-    count = 0
+    """Remove a stage directory (flat: staged files); returns the files removed. Everything is
+    reached through directory descriptors opened without following a symbolic link: a link
+    planted at a stage's name is removed itself, never the tree it names."""
     try:
-        entries = list(os.scandir(path))
+        st = os.lstat(path)
     except FileNotFoundError:
         return 0
-    except PermissionError:
-        os.chmod(path, 0o700)
-        entries = list(os.scandir(path))
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            count += rmtree_count(Path(e.path))
-        else:
-            os.unlink(e.path)
-            count += 1
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return 0
+    if st.st_uid == os.geteuid() and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(path, 0o700)  # a stage left 0000: only its owner's (a directory, checked)
+    fd = os.open(path, DIRFLAGS)
+    try:
+        count = _clear_dir(fd)
+    finally:
+        os.close(fd)
     os.rmdir(path)
+    return count
+
+
+def _clear_dir(fd: int) -> int:
+    count = 0
+    for e in list(os.scandir(fd)):
+        if e.is_dir(follow_symlinks=False):
+            sub = os.open(e.name, DIRFLAGS, dir_fd=fd)
+            try:
+                count += _clear_dir(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(e.name, dir_fd=fd)
+        else:
+            os.unlink(e.name, dir_fd=fd)
+            count += 1
     return count
 
 
