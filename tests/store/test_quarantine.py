@@ -48,9 +48,19 @@ def _object_of(repo: Repo, path: str) -> str:
     return os.fspath(repo.store.object_path(bytes.fromhex(entry.digest)))
 
 
-def _tamper(path: str) -> None:
+def _ingested(repo: Repo, base: str) -> str:
+    src = _source(base)
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    return src
+
+
+def _unprotect(path: str) -> None:
     if fsflags.is_immutable(path):  # root's objects carry +i
         fsflags.set_immutable(path, False)
+
+
+def _tamper(path: str) -> None:
+    _unprotect(path)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
         f.write(b"THE WRONG")
@@ -70,8 +80,7 @@ def _names_of_inode(top: str, ino: int, dev: int) -> list[str]:
 def test_a_corrupt_object_is_set_aside_and_the_next_ingest_restores_it(
     repo: Repo, shm_tmp: str
 ) -> None:
-    src = _source(shm_tmp)
-    ingest(repo.store, repo.m, src, "t", jobs=1)
+    src = _ingested(repo, shm_tmp)
     obj = _object_of(repo, "lib/data.txt")
     _tamper(obj)
 
@@ -113,8 +122,7 @@ def test_a_corrupt_object_is_set_aside_and_the_next_ingest_restores_it(
 
 
 def test_a_store_in_use_keeps_its_corrupt_object_and_says_why(repo: Repo, shm_tmp: str) -> None:
-    src = _source(shm_tmp)
-    ingest(repo.store, repo.m, src, "t", jobs=1)
+    src = _ingested(repo, shm_tmp)
     obj = _object_of(repo, "README")
     _tamper(obj)
     # a writer holds the store lock (flock: a second open file conflicts, in one process too)
@@ -138,8 +146,7 @@ def test_no_short_name_or_cached_layer_serves_a_set_aside_object(
     from veloverlay.lower import stacks
 
     monkeypatch.setenv("VELO_RUNTIME_DIR", "off")  # layers and short names in the store
-    src = _source(shm_tmp)
-    ingest(repo.store, repo.m, src, "t", jobs=1)
+    src = _ingested(repo, shm_tmp)
     root = repo.resolve_root("t")
 
     def build() -> stacks.Lowers:
@@ -171,11 +178,9 @@ def test_no_short_name_or_cached_layer_serves_a_set_aside_object(
 def test_an_object_deleted_by_hand_is_wanted_after_repair_and_restored(
     repo: Repo, shm_tmp: str
 ) -> None:
-    src = _source(shm_tmp)
-    ingest(repo.store, repo.m, src, "t", jobs=1)
+    src = _ingested(repo, shm_tmp)
     obj = _object_of(repo, "bin/tool")
-    if fsflags.is_immutable(obj):
-        fsflags.set_immutable(obj, False)
+    _unprotect(obj)
     os.unlink(obj)
     assert [f.kind for f in fsck(repo.store, repo.m, jobs=1).findings] == ["object-missing"]
     ingest(repo.store, repo.m, src, "t", jobs=1)  # not wanted yet: the stat cache vouches
@@ -194,12 +199,10 @@ def test_gc_forgets_what_no_ref_needs_and_markers_of_objects_that_are_back(
 ) -> None:
     from veloverlay.verbs.gc import gc
 
-    src = _source(shm_tmp)
-    ingest(repo.store, repo.m, src, "t", jobs=1)
+    src = _ingested(repo, shm_tmp)
     readme, tool = _object_of(repo, "README"), _object_of(repo, "bin/tool")
     _tamper(readme)  # set aside: a damaged copy
-    if fsflags.is_immutable(tool):
-        fsflags.set_immutable(tool, False)
+    _unprotect(tool)
     os.unlink(tool)  # missing: a marker
     rep = fsck(repo.store, repo.m, jobs=1, repair=True)
     assert rep.quarantined == 1 and rep.wanted == 2
