@@ -23,6 +23,7 @@ __all__ = [
     "force_rmtree",
     "makedirs",
     "write_json_atomic",
+    "write_bytes_atomic",
     "flock",
     "wait_for_writes",
 ]
@@ -65,7 +66,7 @@ def _rmdir_shallow(p: str) -> bool:
             return False  # files or symlinks (never chmod through a symlink): the full walk
         for sub in (e.path for e in entries):
             with contextlib.suppress(OSError):
-                os.chmod(sub, 0o700)  # overlay leaves work/work at 000
+                os.close(_open_dir_opened_up(sub, None))  # overlay leaves work/work at 000
             os.rmdir(sub)
         os.rmdir(p)
         return True
@@ -96,9 +97,7 @@ def force_rmtree(path: str | os.PathLike[str]) -> None:
         while True:
             if pending[-1]:
                 sub = pending[-1].pop()
-                with contextlib.suppress(OSError):
-                    os.chmod(sub, 0o700, dir_fd=fd)  # a directory (scandir said), not a link
-                child = os.open(sub, DIRFLAGS, dir_fd=fd)
+                child = _open_dir_opened_up(sub, fd)
                 os.close(fd)
                 fd = child
                 names.append(sub)
@@ -114,6 +113,24 @@ def force_rmtree(path: str | os.PathLike[str]) -> None:
     finally:
         os.close(fd)
     os.rmdir(p)
+
+
+def _open_dir_opened_up(name: str, dfd: int | None) -> int:
+    """A descriptor of the directory `name` in `dfd`, made 0700 first (a 0000 or 0555
+    directory of a tree being removed). The mode is changed through a descriptor of that very
+    directory (O_PATH, no link followed), never by name: a name swapped for a symbolic link in
+    between would chmod whatever the link names."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    pfd = os.open(name, flags, dir_fd=dfd)
+    try:
+        with contextlib.suppress(OSError):  # not ours to change: the open below says so
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        try:
+            return os.open(f"/proc/self/fd/{pfd}", DIRFLAGS & ~os.O_NOFOLLOW)
+        except FileNotFoundError:  # no /proc here: by name, still never through a link
+            return os.open(name, DIRFLAGS, dir_fd=dfd)
+    finally:
+        os.close(pfd)
 
 
 def _empty_files(dfd: int) -> list[str]:
@@ -140,18 +157,23 @@ def flock(path: Path) -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Replace `path` with `data` as JSON, atomically (a new file renamed over it, created
-    without following a symbolic link). A full filesystem is STORE_FULL and leaves no temporary
-    file; the old content stays."""
+    """Replace `path` with `data` as JSON, atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(data, sort_keys=True).encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`, atomically: a new file (created exclusively, never through a
+    symbolic link, with `mode` whatever the umask) renamed over it. A full filesystem is
+    STORE_FULL and leaves no temporary file; the old content stays."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     try:
         makedirs(path.parent)
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        fd = os.open(tmp, NEWFILE, mode)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(data, sort_keys=True))
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -315,13 +315,20 @@ def test_checkout_into_a_non_empty_directory_is_refused(store: str, src: str, sh
     assert_same_tree(src, empty)
 
 
+def _writable_object(store: str, ref: str, path: str) -> tuple[str, str]:
+    """(digest, object file) of `path` in `ref`, made writable (+i, which root's objects carry,
+    cleared; 0644) for a test to damage."""
+    digest = data(velo(store, "ls", ref, path, "--json"))[0]["digest"]
+    obj = os.path.join(store, "objects-v2", digest[:2], digest)
+    if os.geteuid() == 0:
+        fsflags.set_immutable(obj, False)
+    os.chmod(obj, 0o644)
+    return digest, obj
+
+
 def test_fsck_repair_gives_a_writable_object_its_mode_back(store: str, src: str) -> None:
     ok(velo(store, "ingest", src, "-n", "proj"))
-    digest = data(velo(store, "ls", "proj", "README", "--json"))[0]["digest"]
-    path = os.path.join(store, "objects-v2", digest[:2], digest)
-    if os.geteuid() == 0:  # objects published as root carry +i
-        fsflags.set_immutable(path, False)
-    os.chmod(path, 0o644)  # a chmod, no write: the bytes still match the name
+    _digest, path = _writable_object(store, "proj", "README")  # no write: the bytes still match
     p = velo(store, "fsck", "--debug")
     failed(p, "object-corrupt")
     assert "object-writable" in p.stdout.decode()
@@ -337,12 +344,7 @@ def test_fsck_repair_gives_a_writable_object_its_mode_back(store: str, src: str)
 def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     res = data(velo(store, "ingest", src, "-n", "proj", "--json"))
     assert data(velo(store, "fsck", "--json"))["ok"] is True
-    listing = data(velo(store, "ls", "proj", "README", "--json"))
-    digest = listing[0]["digest"]
-    path = os.path.join(store, "objects-v2", digest[:2], digest)
-    if os.geteuid() == 0:  # objects published as root carry +i
-        fsflags.set_immutable(path, False)
-    os.chmod(path, 0o644)
+    digest, path = _writable_object(store, "proj", "README")
     with open(path, "ab") as f:
         f.write(b"tampered")
     os.chmod(path, 0o444)
@@ -354,6 +356,28 @@ def test_fsck_json_and_exit_status_on_corruption(store: str, src: str) -> None:
     report = json.loads(p.stdout.decode().split("\n}\n", 1)[0] + "\n}")
     assert report["ok"] is False and digest in report["findings"][0]["what"]
     assert res["root"]
+
+
+def test_fsck_repair_sets_a_corrupt_object_aside_and_ingest_restores_it(
+    store: str, src: str, shm_tmp: str
+) -> None:
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    _digest, path = _writable_object(store, "proj", "README")
+    with open(path, "r+b") as f:
+        f.write(b"J")
+    p = velo(store, "fsck")
+    assert p.returncode == 1 and "hint: 'veloverlay fsck --repair' sets" in p.stderr.decode()
+    p = velo(store, "fsck", "--repair", "--json")
+    assert p.returncode == 1
+    report = json.loads(p.stdout.decode().split("\n}\n", 1)[0] + "\n}")
+    assert report["quarantine"] == {"set_aside": 1, "wanted": 1}
+    p = velo(store, "fsck")
+    assert "object-missing" in p.stdout.decode() and "ingest the source" in p.stderr.decode()
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    assert data(velo(store, "fsck", "--json"))["quarantine"] == {"set_aside": 0, "wanted": 0}
+    out = os.path.join(shm_tmp, "out")
+    ok(velo(store, "checkout", "proj", out))
+    assert_same_tree(src, out)
 
 
 # -- doctor ------------------------------------------------------------------------------------

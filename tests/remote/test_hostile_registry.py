@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import stat
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +26,8 @@ from veloverlay.remote import Options, pull
 from veloverlay.remote.auth import Credentials
 from veloverlay.remote.client import Registry
 from veloverlay.remote.name import parse_remote
+from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, encode_index
+from veloverlay.remote.version import A_INDEX, A_KIND, INDEX_TYPE
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
@@ -171,6 +175,50 @@ def test_a_body_cut_short_is_fetched_again(fake: FakeRegistry, repo: Repo) -> No
     assert cuts and res.commit is not None
 
 
+def test_a_registry_that_drips_is_cut_off_and_fetched_again(fake: FakeRegistry, repo: Repo) -> None:
+    """The read timeout starts again with every byte: a registry sending a byte every 50 ms
+    would hold a pull for as long as it likes. Below low_speed_limit over low_speed_time the
+    transfer is cut (and retried, as any transport error)."""
+    data = os.urandom(4096)
+    root, nodes = one_dir([file_entry(b"f", data)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, root)
+    man = json.loads(fake.manifests["v1"])
+    pack = next(
+        x["digest"] for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects"
+    )
+    drips: list[str] = []
+    stop = threading.Event()
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if method != "GET" or not h.path.endswith(pack) or len(drips) >= 1:
+            return False
+        drips.append(h.path)
+        body = fake.blobs[pack]
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        for i in range(len(body)):
+            try:
+                h.wfile.write(body[i : i + 1])
+            except OSError:
+                break  # the client hung up
+            if stop.wait(0.05):
+                break
+        h.close_connection = True
+        return True
+
+    fake.hook = hook
+    slow = Options(retries=0, timeout=10, backoff=0.01, low_speed_limit=1000, low_speed_time=0.3)
+    try:
+        err = _pull_refused(repo, fake, Reason.REMOTE_UNREACHABLE, options=slow)
+        assert "too slowly" in err.message and drips
+        drips.clear()
+        res = pull(repo.store, repo.m, fake.remote(), options=slow.replace(retries=1))
+        assert len(drips) == 1 and res.objects_fetched == 1  # cut, then fetched again whole
+    finally:
+        stop.set()
+
+
 # -- credentials ---------------------------------------------------------------------------------
 def test_a_realm_that_is_not_a_url_is_an_auth_error(fake: FakeRegistry, repo: Repo) -> None:
     def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
@@ -304,3 +352,33 @@ def test_the_cli_shows_a_registrys_control_characters_escaped(
     assert r.returncode != 0 and "error:" in err
     assert "\x1b" not in err and "\x07" not in err and "\x9b" not in err
     assert "\\x1b]0;owned\\x07" in err
+
+
+def test_a_pack_listed_twice_with_overlapping_indexes_is_invalid(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    # Two indexes of one pack blob: the second names a third file's object over the bytes of
+    # the first two. Read as one list, the entries overlap (the read position would go back).
+    a, b, c = b"A" * 100, b"B" * 100, b"C" * 100
+    root, nodes = one_dir([file_entry(b"a", a), file_entry(b"b", b), file_entry(b"c", c)])
+    fake.serve_version(nodes, {hash_bytes(a): a, hash_bytes(b): b}, root)
+    man = json.loads(fake.manifests["v1"])
+    pack = next(x for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects")
+    other = Entry(KIND_OBJECT, hash_bytes(c), len(PACK_HEADER) + 50, 100)
+    idx = encode_index([other])
+    man["layers"].append(
+        dict(pack, annotations=dict(pack["annotations"], **{A_INDEX: fake.put(idx)}))
+    )
+    man["layers"].append({"mediaType": INDEX_TYPE, "digest": sha(idx), "size": len(idx)})
+    fake.manifests["v1"] = json.dumps(man).encode()
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "listed twice" in err.message
+
+
+def test_a_registry_without_tls_named_as_https_gets_the_http_hint(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, f"https://{fake.host}/team/env:v1", options=OPTS)
+    assert ei.value.reason is Reason.REMOTE_TLS, ei.value
+    assert f"http://{fake.host}/" in (ei.value.hint or "")

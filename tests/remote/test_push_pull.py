@@ -139,6 +139,33 @@ def _state(r: Repo) -> tuple[Any, ...]:
     return refs, {n for n, _p in r.store.iter_objects()}
 
 
+def test_a_pull_restores_objects_fsck_set_aside(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str
+) -> None:
+    """The ref is up to date, but fsck --repair set two of its objects aside (one that travels
+    in a pack, one alone): pulling the same version again fetches exactly those."""
+    from veloverlay import fsflags
+
+    src, target = _pushed(logged_in, repo, shm_tmp, "heal")
+    pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    for rel in ("pkg/m0/f1.py", "big/blob.bin"):
+        (entry,) = other.ls("env", rel)
+        obj = os.fspath(other.store.object_path(bytes.fromhex(entry.digest)))
+        if fsflags.is_immutable(obj):
+            fsflags.set_immutable(obj, False)
+        os.chmod(obj, 0o644)
+        with open(obj, "r+b") as f:
+            f.write(b"rot")
+    rep = fsck(other.store, other.m, jobs=1, repair=True)
+    assert rep.quarantined == 2, rep.findings
+    again = pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    assert again.commit is None  # the same version: no new commit
+    assert again.objects_fetched == 2
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)  # and the `other` fixture's fsck passes
+
+
 @pytest.mark.parametrize("which", ["pack", "large"])
 def test_tampered_blob_is_refused_and_nothing_named(
     logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, which: str

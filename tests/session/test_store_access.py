@@ -252,3 +252,32 @@ def test_no_other_user_can_add_files_to_the_layers_of_a_shared_store() -> None:
         assert dirs, "the layer holds the tree's tmp/"
         assert all(os.stat(d).st_mode & 0o7777 == 0o1777 for d in dirs)  # as the manifest says
         assert run_unprivileged(_plant_in, dirs) == []
+
+
+def _fsck_as_reader(store_root: str) -> tuple[list[str], bool, bool]:
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+    from veloverlay.verbs.fsck import fsck
+
+    cache = f"/dev/shm/veloverlay-{os.geteuid()}"
+    before = os.path.lexists(cache)
+    store = Store.open(store_root)
+    m = Manifests(store)
+    try:
+        rep = fsck(store, m, jobs=1)
+    finally:
+        m.close()
+    return [f"{f.kind} {f.what}" for f in rep.findings], before, os.path.lexists(cache)
+
+
+@pytest.mark.needs("root", "overlay_root", "data_only_root")
+def test_another_user_can_fsck_a_shared_store_and_leaves_no_cache() -> None:
+    """A reader of root's shared store may run fsck: the owner's layer cache (trees-v1/, 0700)
+    and proxies are not theirs to look at, and a look makes no per-boot cache of theirs."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        as_mode("root", _shared_with_sticky_tmp, base)
+        findings, before, after = run_unprivileged(_fsck_as_reader, os.path.join(base, "store"))
+    assert findings == []
+    assert after == before  # no /dev/shm/veloverlay-<uid> made by the look

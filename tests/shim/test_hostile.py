@@ -66,3 +66,119 @@ def test_link_mode_attack_is_detected(mode: str, try_syscall: Path) -> None:
     # fsck reports it too (the documented limit of --link is detection), and nothing else.
     assert fsck and all(f.startswith("proxy-corrupt") for f in fsck), fsck
     assert f1 == b"raw\n"
+
+
+def _shared_link_session(base: str) -> list[str]:
+    """The owner's shared store, a 0666 file in the tree, one --link session; the proxies left
+    in the store (a store made before proxies were private had a 0755 proxies/: it is again)."""
+    from veloverlay.ingest import ingest
+    from veloverlay.session.shim.materialize import proxies_dir
+    from veloverlay.store.manifest import Manifests
+
+    src = os.path.join(base, "src")
+    os.mkdir(src)
+    for name, mode in (("open", 0o666), ("mine", 0o644)):
+        with open(os.path.join(src, name), "w") as f:
+            f.write(f"{name}\n")
+        os.chmod(os.path.join(src, name), mode)
+    store = Store.init(os.path.join(base, "store"), shared=True)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    os.makedirs(proxies_dir(store), 0o755)  # as an older version left it
+    os.chmod(proxies_dir(store), 0o755)
+    res = run_shim(store, "t", ["true"], link=True, at=os.path.join(base, "proj"))
+    assert (res.exit_status, res.lower_form) == (0, "link"), res
+    found = [os.path.join(d, n) for d, _s, names in os.walk(proxies_dir(store)) for n in names]
+    assert any(p.endswith("-0666") for p in found), found
+    return found
+
+
+def _open_for_writing(paths: list[str]) -> list[str]:
+    opened = []
+    for p in paths:
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+            opened.append(p)
+        except OSError:
+            pass
+    return opened
+
+
+def test_no_other_user_can_write_the_proxies_of_a_shared_store() -> None:
+    """A proxy carries its file's mode: the proxy of a 0666 file was writable by every local
+    user through the shared store's 0755 shim-v1/proxies/, and what they wrote showed in every
+    tree linking it (and a live session committed it to the owner's ref)."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        proxies = as_mode("root", _shared_link_session, base)
+        assert run_unprivileged(_open_for_writing, proxies) == []
+        assert os.stat(os.path.dirname(os.path.dirname(proxies[0]))).st_mode & 0o777 == 0o700
+        # a reader of the shared store still runs fsck's proxy check (nothing it can read)
+        assert (
+            run_unprivileged(
+                lambda: [f.kind for f in verify_proxies(Store.open(os.path.join(base, "store")))]
+            )
+            == []
+        )
+
+
+def _replaced_target(base: str) -> tuple[str, list[str]]:
+    """Root's session at base/proj while uid UNPRIV_UID (base's owner) renames the tree away and
+    puts a directory of its own in its place; what ref t holds afterwards."""
+    from tests.helpers.unpriv import UNPRIV_UID
+    from tests.session._util import checkout_ref
+    from veloverlay.errors import VeloError
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    swap = f"mv {proj} {proj}.old && mkdir {proj} && echo evil > {proj}/injected"
+    attacker = f"setpriv --reuid={UNPRIV_UID} --regid={UNPRIV_UID} --clear-groups sh -c '{swap}'"
+    try:
+        res = run_shim(store, "t", ["sh", "-c", attacker], link=False, at=proj)
+        outcome = f"{res.state} {res.exit_status}"
+    except VeloError as exc:
+        outcome = exc.reason.value
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return outcome, sorted(os.listdir(got))
+
+
+def test_a_replaced_target_is_never_committed() -> None:
+    """Whoever can write the target's parent could swap the materialised tree for a directory of
+    their own: the end-of-session stat-diff read that directory and committed its content (and
+    the deletion of everything else) to root's ref."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        outcome, names = as_mode("root", _replaced_target, base)
+        assert "injected" not in names and "f1" in names, (outcome, names)
+        assert os.path.exists(os.path.join(base, "proj", "injected"))  # theirs: left alone
+    assert outcome == "target-invalid", outcome
+
+
+def test_a_target_of_another_user_is_refused() -> None:
+    from tests.helpers.unpriv import UNPRIV_UID
+    from veloverlay.errors import Reason, VeloError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be the owner and another uid the attacker")
+    with unpriv_tmpdir() as base:
+        proj = os.path.join(base, "proj")
+        os.mkdir(proj)
+        os.chown(proj, UNPRIV_UID, UNPRIV_UID)  # empty, theirs: they could add files to it
+
+        def session() -> str:
+            store, _src = new_store(base)
+            try:
+                run_shim(store, "t", ["true"], link=False, at=proj)
+            except VeloError as exc:
+                return exc.reason.value
+            return "ran"
+
+        assert as_mode("root", session) == Reason.TARGET_INVALID.value

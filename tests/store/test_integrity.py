@@ -730,3 +730,33 @@ def test_the_store_path_itself_may_be_a_link_the_user_chose(ingested: str, shm_t
     res = velo(alias, "refs")
     assert res.returncode == 0, res.stderr
     assert [r["name"] for r in json.loads(res.stdout)] == ["t"]
+
+
+def _plant_link(at: str, to: str) -> None:
+    os.symlink(to, at)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_root_never_follows_another_users_link_to_a_store(shared: bool) -> None:
+    """A user who can write the directory where root keeps (or is about to init) a store
+    plants `store -> /some/root-only/dir`: root followed it, `init --shared` chmodded that
+    directory go+rx (before it checked anything) and filled it with a store."""
+    import tempfile
+
+    from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
+    from veloverlay.store.cas import Store
+
+    if os.geteuid() != 0:
+        pytest.skip("only root refuses another user's link")
+    secret = tempfile.mkdtemp(prefix="velo-test-secret-", dir="/dev/shm")
+    try:
+        with unpriv_tmpdir() as base:
+            link = os.path.join(base, "store")
+            run_unprivileged(_plant_link, link, secret)
+            with pytest.raises(VeloError) as exc:
+                Store.init(link, shared=shared)
+            assert exc.value.reason is Reason.STORE_UNSAFE and "uid" in str(exc.value)
+            assert os.stat(secret).st_mode & 0o777 == 0o700
+            assert os.listdir(secret) == []
+    finally:
+        shutil.rmtree(secret)

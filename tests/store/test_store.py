@@ -642,3 +642,22 @@ def test_no_space_for_a_shard_directory_is_store_full(
         with pytest.raises(VeloError) as ei:
             st.publish()
     assert ei.value.reason is Reason.STORE_FULL
+
+
+def test_a_link_planted_as_a_stage_is_removed_not_followed(repo: Repo, shm_tmp: str) -> None:
+    """Stage reclaim lists and deletes what it finds at a dead writer's stage: a symbolic link
+    in that place (planted by whoever could write tmp/) must not lead it into another tree."""
+    victim = os.path.join(shm_tmp, "victim")
+    os.makedirs(os.path.join(victim, "sub"))
+    for rel in ("keep", "sub/keep"):
+        with open(os.path.join(victim, rel), "w") as f:
+            f.write("mine\n")
+    tmp = repo.store.tmp
+    os.makedirs(tmp, exist_ok=True)
+    os.symlink(victim, tmp / "stage-x")
+    with open(tmp / "stage-x.lock", "w"):
+        pass  # a lock nobody holds: a dead writer's stage
+    repo.store.reclaim_tmp()
+    assert sorted(os.listdir(victim)) == ["keep", "sub"]
+    assert os.listdir(os.path.join(victim, "sub")) == ["keep"]
+    assert os.listdir(tmp) == []

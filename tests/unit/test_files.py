@@ -48,3 +48,35 @@ def test_an_immutable_entry_is_one_clean_error(tmp_path: os.PathLike[str]) -> No
     files.force_rmtree(root)
     assert not os.path.lexists(root)
     assert stat.S_IMODE(os.stat(tmp_path).st_mode)  # the parent is untouched
+
+
+def test_a_directory_swapped_for_a_link_mid_removal_changes_nothing_it_names(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write a directory being removed can swap a subdirectory for a symbolic link
+    between the listing and the descent: the link's target keeps its mode and content."""
+    root = os.path.join(tmp_path, "t")
+    os.makedirs(os.path.join(root, "d"))
+    with open(os.path.join(root, "f"), "w"):
+        pass  # not only empty directories: the full walk
+    victim = os.path.join(tmp_path, "victim")
+    os.makedirs(victim)
+    with open(os.path.join(victim, "keep"), "w") as f:
+        f.write("mine\n")
+    os.chmod(victim, 0o555)
+    real = files._empty_files
+
+    def swap_after_listing(dfd: int) -> list[str]:
+        subdirs = real(dfd)
+        if "d" in subdirs:
+            os.rmdir("d", dir_fd=dfd)
+            os.symlink(victim, "d", dir_fd=dfd)
+        return subdirs
+
+    monkeypatch.setattr(files, "_empty_files", swap_after_listing)
+    with pytest.raises(OSError):
+        files.force_rmtree(root)  # the descent refuses the link
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o555
+    assert os.listdir(victim) == ["keep"]
+    monkeypatch.undo()
+    os.chmod(victim, 0o755)

@@ -1,7 +1,8 @@
 """The `veloverlay` command line, on typer: parse, call one library verb, render.
 
 The only package that imports typer (and rich, through `render`). One module per group of verbs:
-`store` (the store and its manifests), `diff`, `session` (run, enter and their bookkeeping),
+`store` (the store and its manifests), `upkeep` (fsck, gc, status), `versions` (tag,
+remove-store), `remote` (push, pull), `diff`, `session` (run, enter and their bookkeeping),
 `doctor`; `common` (the options every verb shares), `render` (all output), `man` (the manual
 page). A command imports only the module of its verb: the top-level group (`_Verbs`) knows each
 verb's module by name and builds that one typer command when the verb is looked up, so
@@ -50,9 +51,9 @@ VERBS: dict[str, str] = {
     "import": "store",
     "push": "remote",
     "pull": "remote",
-    "fsck": "store",
-    "gc": "store",
-    "status": "store",
+    "fsck": "upkeep",
+    "gc": "upkeep",
+    "status": "upkeep",
     "tag": "versions",
     "remove-store": "versions",
     "tiers": "store",

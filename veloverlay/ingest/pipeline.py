@@ -34,6 +34,7 @@ from veloverlay.ingest.scan import (
     worker_state,
 )
 from veloverlay.ingest.source import RACY_NS
+from veloverlay.store import quarantine
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests, Ref, Txn
@@ -110,6 +111,10 @@ def ingest(
     with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
         store.reclaim_tmp()
         cache, cache_keys = statcache.load(m, name, config)
+        if quarantine.wanted(store):
+            # fsck set corrupt objects aside: read every file, so that one holding their right
+            # bytes restores them (the stat cache would vouch for it and skip it)
+            cache = {}
         scan_ns = time.time_ns()
         state = worker_state(store, stage, top, cache, rules, keep_setid)
         pool = None

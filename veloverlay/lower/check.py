@@ -102,9 +102,11 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
     findings: list[tuple[str, str, str]] = []
     for home in layer_homes(store):
         stacks = home / "stacks"
-        if not stacks.is_dir():
-            continue
-        for f in sorted(stacks.glob("*.json")):
+        try:
+            records = sorted(e.path for e in os.scandir(stacks) if e.name.endswith(".json"))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # none, or the owner's (a reader of a shared store cannot look)
+        for f in map(Path, records):
             try:
                 data = json.loads(f.read_text())
                 root = bytes.fromhex(data["root"])

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from veloverlay import _libc, envvars
 from veloverlay.errors import SysError
+from veloverlay.files import write_bytes_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 
@@ -73,7 +74,7 @@ def _on_tmpfs(path: str) -> bool:
         return False
 
 
-def _base() -> str | None:
+def _base(*, create: bool = True) -> str | None:
     uid = os.geteuid()
     asked = (envvars.get("VELO_RUNTIME_DIR") or "").strip()
     if asked:
@@ -81,7 +82,7 @@ def _base() -> str | None:
             _why["last"] = "VELO_RUNTIME_DIR=off"
             return None
         path = os.path.join(os.path.abspath(asked), f"veloverlay-{uid}")
-        why = _own_private_dir(path, create=True)
+        why = _own_private_dir(path, create=create)
         _why["last"] = why or ""
         return None if why else path
     if uid == 0:
@@ -97,7 +98,7 @@ def _base() -> str | None:
         if not _on_tmpfs(parent):
             reasons.append(f"{parent} is not a tmpfs")
             continue
-        why = _own_private_dir(path, create=True)
+        why = _own_private_dir(path, create=create)
         if why is None:
             _why["last"] = ""
             return path
@@ -112,24 +113,21 @@ def base() -> tuple[str | None, str]:
     return path, why_not()
 
 
-def boot_dir(store_root: Path) -> Path | None:
-    """This store's per-boot layer directory (created), or None when there is none to use
-    (`why_not()` says why)."""
-    base = _base()
+def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
+    """This store's per-boot layer directory (created unless `create` is false: then only one
+    that exists), or None when there is none to use (`why_not()` says why)."""
+    base = _base(create=create)
     if base is None:
         return None
     st = os.stat(store_root)
     path = os.path.join(base, _store_key(st))
-    why = _own_private_dir(path, create=True)
+    why = _own_private_dir(path, create=create)
     if why is not None:
         _why["last"] = why
         return None
     note = os.path.join(path, "store")
-    if not os.path.exists(note):
-        tmp = f"{note}.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(os.fsencode(os.path.abspath(store_root)))
-        os.rename(tmp, note)
+    if create and not os.path.exists(note):
+        write_bytes_atomic(note, os.fsencode(os.path.abspath(store_root)), 0o600)
     return Path(path)
 
 
@@ -190,18 +188,19 @@ def disk_home(store: Store) -> Home:
     return Home(store.trees, False)
 
 
-def boot_home(store: Store) -> Home | None:
+def boot_home(store: Store, *, create: bool = True) -> Home | None:
     """This store's per-boot layers, kept per object layout (their redirects name object paths
     in it: a store migrated to objects-v2 must not find layers made for objects-v1). None while a
     migration is unfinished (objects in two places): layers go to the store, with short ids."""
     if store.legacy is not None:
         return None
-    path = boot_dir(store.root)
+    path = boot_dir(store.root, create=create)
     if path is None:
         return None
     sub = path / store.objects.name
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(sub, 0o700)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(sub, 0o700)
     return Home(sub, True)
 
 
@@ -213,8 +212,8 @@ def data_layers(store: Store, home: Home, form: str) -> tuple[str, ...]:
 
 def layer_homes(store: Store) -> list[Path]:
     """The directories holding this store's `layers/` and `stacks/` for the calling user: the
-    per-boot cache (when there is one) and the store's `trees-v1/`."""
-    fast = boot_home(store)
+    per-boot cache (when there is one: none is made for a look) and the store's `trees-v1/`."""
+    fast = boot_home(store, create=False)
     return ([fast.root] if fast is not None else []) + [store.trees]
 
 

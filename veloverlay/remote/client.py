@@ -28,9 +28,11 @@ from veloverlay.remote.auth import Credentials, find_credentials, parse_challeng
 from veloverlay.remote.name import RemoteName
 from veloverlay.remote.transport import (
     Options,
+    TooSlow,
     check_encoding,
     is_tls_error,
     origin,
+    paced,
     registry_error,
     show_origin,
     ssl_context,
@@ -208,12 +210,22 @@ class Registry:
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
         if is_tls_error(exc):
+            plain = "WRONG_VERSION_NUMBER" in str(exc)  # the answer to a TLS hello was not TLS
             return VeloError(
                 f"TLS with {self.name.host} failed: {exc}",
                 reason=Reason.REMOTE_TLS,
-                hint="pass the registry's CA with --ca-cert FILE (or put it in "
+                hint=f"the registry answers without TLS: name it http://{self.name.host}/…"
+                if plain
+                else "pass the registry's CA with --ca-cert FILE (or put it in "
                 f"/etc/containers/certs.d/{self.name.host}/ca.crt); --tls-verify=false "
                 "turns verification off",
+            )
+        if isinstance(exc, TooSlow):
+            return VeloError(
+                f"{self.name.host} sends too slowly: {exc}",
+                reason=Reason.REMOTE_UNREACHABLE,
+                hint="check the network and the registry, then retry (what arrived whole is kept)",
+                detail=url,
             )
         return VeloError(
             f"cannot reach {self.name.base_url}: {exc or type(exc).__name__}",
@@ -401,6 +413,10 @@ class Registry:
         finally:
             r.close()
 
+    def body(self, resp: httpx.Response) -> Iterator[bytes]:
+        """A streamed answer's body as it arrives, cut when it comes too slowly (`paced`)."""
+        return paced(resp.iter_bytes(), self.opts)
+
     @contextlib.contextmanager
     def blob_range(self, digest: str, first: int, last: int) -> Iterator[httpx.Response]:
         """Bytes first..last (inclusive) of a blob: 206 where the registry serves ranges, or 200
@@ -430,7 +446,7 @@ class Registry:
         def fetch() -> bytes:
             with self.blob_stream(digest, repo) as r:
                 buf = bytearray()
-                for chunk in r.iter_bytes():
+                for chunk in self.body(r):
                     buf += chunk
                     if len(buf) > size:
                         break
@@ -486,7 +502,7 @@ class Registry:
             raise
         try:
             buf = bytearray()
-            for chunk in r.iter_bytes():
+            for chunk in self.body(r):
                 buf += chunk
                 if len(buf) > MAX_MANIFEST:
                     raise VeloError(

@@ -32,7 +32,7 @@ from veloverlay.remote.pack import KIND_NODE, PACK_HEADER, Entry, decode_index
 from veloverlay.remote.progress import Meter, ProgressFn
 from veloverlay.remote.state import BlobCache, ShaMap, Versions
 from veloverlay.remote.version import Descriptor, PackRef, parse_config, parse_manifest
-from veloverlay.store import incoming
+from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import node_digest
 from veloverlay.store.manifest import Manifests, check_ref_name
@@ -41,7 +41,6 @@ from veloverlay.store.tree import Kind, decode
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
 
-_CHUNK = 1 << 20
 _GAP = 64 << 10  # wanted entries closer than this are read in one range
 _MAX_RANGES = 32  # more ranges than this: read the whole pack
 PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
@@ -185,9 +184,14 @@ def pull(
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise _invalid("the version's tier rules are invalid")
         res = PullResult(str(rn), digest, refname, root.hex())
+        heal = bool(quarantine.wanted(store))  # fsck set objects aside: look for them here too
         with m.read() as txn:
             existing = m.get_ref(txn, refname)
-            if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
+            if (
+                not heal
+                and existing is not None
+                and m.get_commit(txn, existing.head).root == root.hex()
+            ):
                 res.requests = reg.requests
                 res.seconds = time.monotonic() - t0
                 return res  # up to date (a ref's whole closure is stored)
@@ -210,7 +214,7 @@ def pull(
                     if (e.kind == KIND_NODE) != (p.kind == "nodes"):
                         raise _invalid(f"pack {p.pack.digest} mixes nodes and objects")
                     where.setdefault((e.kind, e.digest), (p, e))
-            nodes, objects = _walk(reg, m, root, where)
+            nodes, objects = _walk(reg, m, root, where, stored_too=heal)
             res.objects = len(objects)
             missing = sorted(d for d in objects if not store.has(d))
             by_pack: dict[str, tuple[PackRef, list[Entry]]] = {}
@@ -276,11 +280,14 @@ def _walk(
     m: Manifests,
     root: bytes,
     where: dict[tuple[int, bytes], tuple[PackRef, Entry]],
+    *,
+    stored_too: bool = False,
 ) -> tuple[dict[bytes, bytes], set[bytes]]:
     """The directory nodes of `root` this store lacks (fetched from the node packs, each checked)
     and the objects they name. A node the store has is not descended into: every writer (ingest,
     commit, import, pull) stores a node's whole closure before the node itself, and gc removes
-    nodes before the objects they name, so a stored node's objects are stored."""
+    nodes before the objects they name, so a stored node's objects are stored — unless fsck set
+    some aside (`stored_too`: stored nodes are read, from the store, for the objects they name)."""
     packs: dict[str, bytes] = {}
     out: dict[bytes, bytes] = {}
     objects: set[bytes] = set()
@@ -293,6 +300,12 @@ def _walk(
                 continue
             seen.add(d)
             if m.has_node(txn, d):
+                if stored_too:
+                    for ent in m.get_node(txn, d).entries:
+                        if ent.kind is Kind.DIR:
+                            stack.append(ent.digest)
+                        elif ent.kind is Kind.FILE:
+                            objects.add(ent.digest)
                 continue
             hit = where.get((KIND_NODE, d))
             if hit is None:
@@ -410,7 +423,7 @@ def _fetch_pack(
                     f"bytes {start}-{end - 1}/"
                 ):
                     raise _invalid(f"the registry sent another range of pack {p.pack.digest}")
-                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(reg.body(resp), meter)
                 while e is not None and e.offset < end:
                     add(stage, rd, e, start)
                     e = next(todo, None)
@@ -421,7 +434,7 @@ def _fetch_pack(
 
     def whole(stage: Stage) -> None:
         with reg.blob_stream(p.pack.digest) as resp:
-            rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+            rd = BlobReader(reg.body(resp), meter)
             if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
                 raise _invalid(f"pack {p.pack.digest} has a bad header")
             for e in entries:
@@ -454,7 +467,7 @@ def _fetch_large(
         stage = _open_stage(store)
         try:
             with reg.blob_stream(x.digest) as resp:
-                rd = BlobReader(resp.iter_bytes(_CHUNK), meter)
+                rd = BlobReader(reg.body(resp), meter)
                 got, _size, _new = stage.add_stream(rd.take(x.size))
                 rd.drain(x.size)
             if got != d:

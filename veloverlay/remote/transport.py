@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import ssl
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,6 +18,8 @@ from veloverlay.remote.auth import Credentials
 
 __all__ = [
     "Options",
+    "TooSlow",
+    "paced",
     "check_encoding",
     "is_tls_error",
     "origin",
@@ -49,6 +52,12 @@ class Options(Record):
     retries: int = 4  # per request, after the first try
     timeout: float = 60.0
     backoff: float = 0.25  # first retry delay (s); doubles, with jitter, capped at 8 s
+    # A body arriving slower than this many bytes/s over `low_speed_time` seconds is cut and
+    # fetched again (as curl's --speed-limit/--speed-time, git's http.lowSpeedLimit): the read
+    # timeout alone starts again with every byte, so a registry dripping one byte a minute would
+    # hold a pull forever.
+    low_speed_limit: int = 1024
+    low_speed_time: float = 60.0
 
 
 def cause_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -111,3 +120,24 @@ def registry_error(resp: httpx.Response) -> str:
         return f"{first.get('code', '?')}: {first.get('message', '')}"
     except Exception:
         return resp.reason_phrase or ""
+
+
+class TooSlow(httpx.ReadTimeout):
+    """A body that arrived below `Options.low_speed_limit` (a transport error: retried)."""
+
+
+def paced(chunks: Iterator[bytes], opts: Options) -> Iterator[bytes]:
+    """`chunks` as they come, as long as at least `low_speed_limit` bytes/s arrive over every
+    `low_speed_time` seconds (checked as each chunk arrives; silence is the read timeout's)."""
+    start, got = time.monotonic(), 0
+    for chunk in chunks:
+        got += len(chunk)
+        now = time.monotonic()
+        if now - start >= opts.low_speed_time:
+            if got < opts.low_speed_limit * (now - start):
+                raise TooSlow(
+                    f"less than {opts.low_speed_limit} bytes/s arrived for "
+                    f"{now - start:.0f} s ({got} bytes)"
+                )
+            start, got = now, 0
+        yield chunk

@@ -153,12 +153,17 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
     ann = m.get("annotations") or {}
     if isinstance(ann, dict):
         v.annotations = {k: w for k, w in ann.items() if isinstance(k, str) and isinstance(w, str)}
+    packs_seen: set[str] = set()
     for d in descs:
         a = dict(d.annotations)
         if d.media_type == PACK_TYPE:
             kind, idx = a.get(A_KIND), a.get(A_INDEX)
             if kind not in ("nodes", "objects") or idx not in by_digest:
                 raise _bad(f"pack {d.digest} has no index or kind")
+            if d.digest in packs_seen:
+                # two indexes of one pack could name overlapping entries (read as one list)
+                raise _bad(f"pack {d.digest} is listed twice")
+            packs_seen.add(d.digest)
             index = by_digest[idx]
             if index.media_type != INDEX_TYPE:
                 raise _bad(f"the index of pack {d.digest} has media type {index.media_type!r}")

@@ -89,6 +89,7 @@ class State(Record):
     target_real: str = ""
     target_created: bool = False
     target_mode: int = 0o755
+    target_id: list[int] = field(default_factory=list)  # the tree top's (dev, ino)
     daemon: int = 0
     daemon_start: int | None = None
     link: bool = False

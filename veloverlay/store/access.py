@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import DIRFLAGS
 
 __all__ = [
     "TOP_DIRS",
@@ -23,6 +24,7 @@ __all__ = [
     "open_nofollow",
     "mkdir_nofollow",
     "private_trees",
+    "private_dir",
     "create_once",
     "rmtree_count",
     "reclaim_stages",
@@ -39,9 +41,17 @@ TOP_DIRS = (
     "ids-v1",
     "shim-v1",
     "remote-v1",
+    "quarantine-v1",
     "manifests.lmdb",
 )
-TOP_FILES = ("lock", "manifests.record", "manifests.lmdb/data.mdb", "manifests.lmdb/lock.mdb")
+TOP_FILES = (
+    "lock",
+    "manifests.record",
+    "manifests.lmdb/data.mdb",
+    "manifests.lmdb/lock.mdb",
+    "unprotected-v1",
+    "fsverity-v1.json",
+)
 
 
 def open_nofollow(path: str | os.PathLike[str] | bytes, flags: int, mode: int = 0o600) -> int:
@@ -80,10 +90,16 @@ def private_trees(trees: Path) -> None:
     carry the manifests' directory modes, and a 1777 `tmp/` of a tree would otherwise let any
     local user add files to the lower layers of the owner's (root's) sessions. Nobody else reads
     it: other users of a shared store only run reading commands, which never look there."""
-    mkdir_nofollow(trees, 0o700)
-    st = os.lstat(trees)
+    private_dir(trees)
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (one level) a directory only its owner can enter, 0700, also when an older
+    version made it open (by its owner; a symbolic link is refused)."""
+    mkdir_nofollow(path, 0o700)
+    st = os.lstat(path)
     if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(trees, 0o700)  # a store made before this rule
+        os.chmod(path, 0o700)  # a store made before this rule
 
 
 def create_once(path: Path, data: bytes) -> None:
@@ -102,16 +118,21 @@ def check_safe(store_root: Path) -> None:
     (planted by whoever could write it), and, as root, a store that another user can
     write: whoever can write a store directory can plant a link where root will create a
     file (`lock`, a stage, the manifest database), or swap objects under root's sessions.
-    Checked on the store directory (followed if the path the user chose is a link to it) and
-    its own files and directories that exist."""
+    Checked on the store directory (followed if the path the user chose is a link to it, but
+    as root only a link root owns) and its own files and directories that exist."""
     root = os.geteuid() == 0
     for d in (store_root, *(store_root / n for n in TOP_DIRS + TOP_FILES)):
         try:
             st = os.stat(d) if d == store_root else os.lstat(d)
+            link = os.lstat(d) if d == store_root and root else st
         except FileNotFoundError:
             continue
         why = None
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
+            # root follows no other user's link to its store: it could name any root-owned
+            # directory, which root would then fill (and, init --shared, open to everyone)
+            why = f"is a symbolic link that belongs to uid {link.st_uid}"
+        elif stat.S_ISLNK(st.st_mode):
             why = "is a symbolic link"
         elif not root:
             continue
@@ -178,22 +199,40 @@ def read_only_error(store_root: Path, why: str, *, inside: bool = False) -> Velo
 
 
 def rmtree_count(path: Path) -> int:
-    """Remove a stage directory (flat: staged files); returns the files removed."""
-    count = 0
+    """Remove a stage directory (flat: staged files); returns the files removed. Everything is
+    reached through directory descriptors opened without following a symbolic link: a link
+    planted at a stage's name is removed itself, never the tree it names."""
     try:
-        entries = list(os.scandir(path))
+        st = os.lstat(path)
     except FileNotFoundError:
         return 0
-    except PermissionError:
-        os.chmod(path, 0o700)
-        entries = list(os.scandir(path))
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            count += rmtree_count(Path(e.path))
-        else:
-            os.unlink(e.path)
-            count += 1
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return 0
+    if st.st_uid == os.geteuid() and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(path, 0o700)  # a stage left 0000: only its owner's (a directory, checked)
+    fd = os.open(path, DIRFLAGS)
+    try:
+        count = _clear_dir(fd)
+    finally:
+        os.close(fd)
     os.rmdir(path)
+    return count
+
+
+def _clear_dir(fd: int) -> int:
+    count = 0
+    for e in list(os.scandir(fd)):
+        if e.is_dir(follow_symlinks=False):
+            sub = os.open(e.name, DIRFLAGS, dir_fd=fd)
+            try:
+                count += _clear_dir(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(e.name, dir_fd=fd)
+        else:
+            os.unlink(e.name, dir_fd=fd)
+            count += 1
     return count
 
 

@@ -90,7 +90,8 @@ def object_missing(digest: bytes) -> VeloError:
     return VeloError(
         f"object {digest.hex()} is missing from the store",
         reason=Reason.OBJECT_MISSING,
-        hint="run 'veloverlay fsck' to see what else is affected",
+        hint="run 'veloverlay fsck --repair' (it says what else is affected), then ingest the "
+        "source again or pull the ref again to restore it",
     )
 
 
@@ -133,10 +134,12 @@ class Store:
             try:
                 os.mkdir(store.root, 0o700)
                 os.chmod(store.root, 0o755 if shared else 0o700)
+                existed = False
             except FileExistsError:
-                if shared:
-                    os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
-            store.check_safe()
+                existed = True
+            store.check_safe()  # before any chmod: root follows no other user's link
+            if existed and shared:
+                os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d)
             access.private_trees(store.trees)

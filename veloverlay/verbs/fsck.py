@@ -22,6 +22,7 @@ from veloverlay import _libc, fsflags, paths, verity
 from veloverlay.errors import VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.store import quarantine
 from veloverlay.store.cas import OBJECT_MODE, OBJECTS_V1, OBJECTS_V2, Store
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
@@ -53,6 +54,8 @@ class FsckReport(Record):
     mutable: int = 0  # objects without it where they should have it (`repair` sets it)
     protected: int = 0  # objects given +i by this run
     unprotected_record: int = 0  # lines of the store's record of failed +i at naming
+    quarantined: int = 0  # corrupt objects this run set aside (`repair`): missing from now on
+    wanted: int = 0  # objects set aside or missing, marked by `repair`, that the store still lacks
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -78,6 +81,7 @@ class FsckReport(Record):
                 "repaired": self.protected,
                 "recorded_failures": self.unprotected_record,
             },
+            "quarantine": {"set_aside": self.quarantined, "wanted": self.wanted},
             "findings": [
                 {"kind": f.kind, "what": f.what, "detail": f.detail} for f in self.findings
             ],
@@ -238,6 +242,63 @@ def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Fi
     return out
 
 
+def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
+    """Move every object found corrupt out of its name (`store.quarantine`), drop its short
+    name in ids-v1 and every cached layer (a layer may serve the bad bytes through either), so
+    nothing reads them again; the finding says where they went. Returns the names set aside.
+    Needs the store to itself (no session starting, no writer): otherwise the findings stay,
+    saying so."""
+    bad = [
+        (i, os.path.basename(f.what))
+        for i, f in enumerate(rep.findings)
+        if f.kind == "object-corrupt" and _HEX.match(os.path.basename(f.what))
+    ]
+    if not bad:
+        return set()
+    from veloverlay.lower.homes import short_id_path
+    from veloverlay.lower.prune import prune
+
+    done: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock(exclusive=True, wait=False))
+        except VeloError as exc:  # in use, or not ours to write
+            for i, _hexname in bad:
+                f = rep.findings[i]
+                rep.findings[i] = Finding(
+                    f.kind, f.what, f"{f.detail}; not set aside: {exc.message}"
+                )
+            return done
+        for i, hexname in bad:
+            f = rep.findings[i]
+            again, _state, _immutable = _check_object((hexname, f.what))
+            if again is None or again[0] != "object-corrupt":  # changed before the lock: look
+                rep.findings[i] = Finding(
+                    f.kind, f.what, f"{f.detail}; not set aside: it changed since (run fsck again)"
+                )
+                continue
+            try:
+                dest = quarantine.set_aside(store, hexname, f.what)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; not set aside: {why}")
+                continue
+            with m.read() as txn:
+                alt = txn.get(bytes.fromhex(hexname), db=m.ids)
+            short = bytes(alt).decode() if alt is not None else hexname[:20]
+            link = os.fsdecode(short_id_path(store, short))
+            if _same_file(link, dest):
+                os.unlink(link)
+            rep.findings[i] = Finding(
+                f.kind, f.what, f"{f.detail}; set aside as {quarantine.QUARANTINE}/{dest.name}"
+            )
+            done.add(hexname)
+            rep.quarantined += 1
+        if done:
+            prune(store, set())  # every cached layer: rebuilt from the store on demand
+    return done
+
+
 def _size(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> int | None:
     if digest not in sizes:
         try:
@@ -296,6 +357,8 @@ def fsck(
             checked += 256
             if progress is not None:
                 progress(min(checked, len(items)), len(items), nbytes)
+    if repair:
+        present -= _set_aside_corrupt(store, m, rep)
     if repair and protect and recorded and rep.immutable == rep.objects:
         forget_unprotected(store)  # every object carries +i now: the record is history
         rep.unprotected_record = 0
@@ -364,4 +427,11 @@ def fsck(
     why = lost_refs(store, rep.refs)
     if why is not None:
         rep.findings.append(Finding("refs-lost", os.fspath(store.db_path), why))
+    if repair:  # missing for whatever reason: the next ingest or pull looks for it
+        known = {d.hex() for d in quarantine.wanted(store)}  # set aside: wanted already
+        for f in rep.findings:
+            if f.kind == "object-missing" and f.what not in known:
+                quarantine.mark_wanted(store, f.what)
+                known.add(f.what)
+    rep.wanted = len(quarantine.wanted(store))
     return rep

@@ -23,6 +23,7 @@ from veloverlay import faults
 from veloverlay.errors import Reason, VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.store import quarantine
 from veloverlay.store.cas import OBJECTS_V2, Store, syncfs_path
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
 
@@ -47,6 +48,7 @@ class GcReport(Record):
     objects_kept: int = 0
     young_kept: int = 0
     dirs_removed: int = 0  # empty fan-out directories of the objects
+    quarantine_removed: int = 0  # set-aside copies and markers no kept tree names (fsck --repair)
     objects_migrated: int = 0  # moved from objects-v1/ab/cd/ to objects-v2/ab/ (migrate_objects)
     dry_run: bool = False
     deleted: list[str] = field(default_factory=list)
@@ -293,6 +295,7 @@ def gc(
                 if entry.name.split("-", 1)[0] not in keep_hex:
                     os.unlink(entry.path)
         rep.dirs_removed = store.remove_empty_shards()
+        rep.quarantine_removed = quarantine.prune(store, objects)
         from veloverlay.session.shim.materialize import prune_proxies
 
         rep.proxies_removed = prune_proxies(store)

@@ -148,10 +148,17 @@ def _unshimmed(store: Store, st: State, top_pid: int) -> tuple[list[str], int]:
     return out, denied
 
 
+def _ident(st: State) -> tuple[int, int] | None:
+    return (st.target_id[0], st.target_id[1]) if len(st.target_id) == 2 else None
+
+
 def _remove_tree(st: State) -> None:
     target = st.target
     if not os.path.isdir(target) or os.path.islink(target):
         return
+    ident, now = _ident(st), os.lstat(target)
+    if ident is not None and (now.st_dev, now.st_ino) != ident:
+        return  # not the session's tree (replaced): never remove what another user put there
     if st.target_created:
         force_rmtree(target)
         return
@@ -197,6 +204,7 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
                 Baseline.load(sdir / "baseline"),
                 rules,
                 link=st.link,
+                ident=_ident(st),
             )
             result = sync.sync(txn, view_root, {b"": SUBTREE}, stage)
             if result.retry:
@@ -266,6 +274,7 @@ def run_shim(
         ref = stack.refs[-1]
         refuse_exposed_source(store, m, stack.view, ref.path, target)
         created = prepare_target(target, store)
+        tst = os.lstat(target)  # the tree's top: only this directory is ever read or removed
         sid = state.new_id()
         sdir = store.sessions / sid
         store.sessions.mkdir(exist_ok=True)
@@ -287,6 +296,7 @@ def run_shim(
             target_real=os.path.realpath(target),
             target_created=created,
             target_mode=0o755 if created else os.stat(target).st_mode & 0o7777,
+            target_id=[tst.st_dev, tst.st_ino],
             pid=os.getpid(),
             pid_start=proc_start(os.getpid()),
             start=time.time(),
@@ -317,7 +327,15 @@ def run_shim(
             protect = os.geteuid() == 0 and _chattr_ok(store)
             with m.read() as txn:
                 mat = materialize(
-                    store, m, txn, stack.view, target, link=link, protect=protect, progress=progress
+                    store,
+                    m,
+                    txn,
+                    stack.view,
+                    target,
+                    link=link,
+                    protect=protect,
+                    progress=progress,
+                    ident=_ident(st),
                 )
             mat.baseline.save(sdir / "baseline")
             st.form = mat.form

@@ -81,6 +81,9 @@ class Daemon:
             Rules.from_json(self.state.tiers),
             link=bool(self.state.link),
             racy_ns=50_000_000,
+            ident=(self.state.target_id[0], self.state.target_id[1])
+            if len(self.state.target_id) == 2
+            else None,
         )
         self.reader = JournalReader(self.sdir / "journal")
         self.dirty: dict[bytes, int] = {}

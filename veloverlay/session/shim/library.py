@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 import importlib.machinery
 import os
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -32,8 +31,9 @@ from pathlib import Path
 
 from veloverlay import records
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import write_bytes_atomic
 from veloverlay.store.cas import Store
-from veloverlay.store.digest import hash_fd
+from veloverlay.store.digest import hash_bytes
 
 __all__ = [
     "RecType",
@@ -180,20 +180,14 @@ def build(dest: str | os.PathLike[str]) -> Path:
 def install(store: Store, lib: Path | None = None) -> Path:
     """Copy the library into `<store>/shim-v1/<blake3 hex>.so`, readable by every uid."""
     src = lib or library_path()
-    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        digest, _size = hash_fd(fd)
-    finally:
-        os.close(fd)
+    with open(src, "rb") as f:  # the package's own file, about 100 KB
+        data = f.read()
     d = store.root / "shim-v1"
     d.mkdir(mode=0o755, exist_ok=True)
     os.chmod(d, 0o755)
-    dst = d / f"{digest.hex()}.so"
+    dst = d / f"{hash_bytes(data).hex()}.so"
     if not dst.is_file():
-        tmp = d / f".{dst.name}.{os.getpid()}.tmp"
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, dst)
+        write_bytes_atomic(dst, data, 0o644)
     return dst
 
 
@@ -249,11 +243,7 @@ def write_config(
         0,
     )
     body = struct.pack(f"<{2 * len(table)}Q", *(v for pair in table for v in pair))
-    tmp = os.fsencode(path) + b".tmp"
-    with open(tmp, "wb") as f:
-        f.write(hdr + bytes(strings) + body)
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, path)
+    write_bytes_atomic(os.fsdecode(path), hdr + bytes(strings) + body, 0o644)
 
 
 def create_journal(path: str | os.PathLike[str], session_id: str) -> None:

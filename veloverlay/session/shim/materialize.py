@@ -32,10 +32,11 @@ from pathlib import Path
 
 from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE, makedirs
+from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, write_bytes_atomic
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.store.access import private_dir
 from veloverlay.store.cas import Store, object_corrupt, object_missing
 from veloverlay.store.checkout import REPORT_BYTES, tree_totals
 from veloverlay.store.digest import hash_fd
@@ -47,6 +48,7 @@ __all__ = [
     "Materialized",
     "materialize",
     "prepare_target",
+    "open_target",
     "proxies_dir",
     "verify_proxies",
     "prune_proxies",
@@ -62,6 +64,15 @@ def proxies_dir(store: Store) -> Path:
     return store.root / "shim-v1" / "proxies"
 
 
+def private_proxies(store: Store) -> None:
+    """`shim-v1/proxies/` is its owner's alone (0700), even in a shared store: a proxy carries
+    its file's mode, so the proxy of a 0666 file is writable by every user who can reach it, and
+    what they write shows in every tree that links it and is committed by a live session. The
+    trees reach their proxies through hard links, never through this directory."""
+    makedirs(proxies_dir(store).parent)
+    private_dir(proxies_dir(store))
+
+
 class Baseline:
     """What materialisation wrote, by inode: (size, mtime_ns, ctime_ns, digest)."""
 
@@ -73,10 +84,7 @@ class Baseline:
         pack = _BL_REC.pack
         for ino, (size, mtime, ctime, digest) in self.by_ino.items():
             out += pack(ino, size, mtime, ctime, digest)
-        tmp = os.fspath(path) + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(out)
-        os.rename(tmp, path)
+        write_bytes_atomic(path, bytes(out), 0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Baseline:
@@ -138,6 +146,14 @@ def prepare_target(target: str, store: Store) -> bool:
             reason=Reason.TARGET_INVALID,
             path=target,
         )
+    if st.st_uid != os.geteuid():
+        raise VeloError(
+            f"{target} belongs to uid {st.st_uid}: that user could add files to the tree, and "
+            "the session would commit them as this user's change",
+            reason=Reason.TARGET_INVALID,
+            hint="project into a new directory, or one of your own (--at)",
+            path=target,
+        )
     if os.listdir(target):
         raise VeloError(
             f"{target} is not empty: the shim backend materialises the tree there and cannot "
@@ -150,6 +166,25 @@ def prepare_target(target: str, store: Store) -> bool:
     return False
 
 
+def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
+    """An fd of the session's tree top, never through a symbolic link, and only the directory
+    the session made or checked (`ident`: its (dev, ino)): whoever can write the target's parent
+    could otherwise rename the tree away and put a directory of their own in its place, whose
+    content the session would commit as its user's change."""
+    fd = os.open(target, DIRFLAGS)
+    st = os.fstat(fd)
+    if ident and (st.st_dev, st.st_ino) != tuple(ident):
+        os.close(fd)
+        raise VeloError(
+            f"{os.fsdecode(target)} is no longer the session's tree: the directory was replaced",
+            reason=Reason.TARGET_INVALID,
+            hint="someone who can write its parent replaced it; nothing was committed from it "
+            "(project into a directory no other user can write)",
+            path=target,
+        )
+    return fd
+
+
 class _Placer:
     def __init__(self, store: Store, res: Materialized, *, link: bool, protect: bool) -> None:
         self.store = store
@@ -160,6 +195,8 @@ class _Placer:
         self.proxy_paths: dict[tuple[bytes, int], tuple[bytes, int]] = {}
         self.proxy_dirs: set[bytes] = set()
         self.proxy_root = os.fsencode(proxies_dir(store))
+        if link:
+            private_proxies(store)
         self.tier1_seen: set[bytes] = set()
         self.protect_failed = 0
 
@@ -322,6 +359,7 @@ def materialize(
     link: bool = False,
     protect: bool = False,
     progress: Progress | None = None,
+    ident: tuple[int, int] | None = None,
 ) -> Materialized:
     """Write the tree `root` into the (new or empty, checked) directory `target`.
 
@@ -334,7 +372,7 @@ def materialize(
     res = Materialized(form="link" if link else "copy")
     placer = _Placer(store, res, link=link, protect=protect)
     old_umask = os.umask(0)  # modes are applied exactly as the manifest says
-    top = os.open(target, DIRFLAGS)
+    top = open_target(target, ident)
     # Post-order over an explicit stack: ("dir", fd, digest) fills a directory, ("done", fd,
     # mode, mtime) then sets its own metadata once everything inside it exists.
     stack: list[tuple[str, int, bytes, int, int]] = [("dir", top, root, 0, 0)]
@@ -409,9 +447,11 @@ class ProxyFinding(Record, frozen=True):
 
 def _iter_proxies(store: Store) -> Iterator[Path]:
     base = proxies_dir(store)
-    if not base.is_dir():
-        return
-    for shard in sorted(base.iterdir()):
+    try:
+        shards = sorted(base.iterdir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # none, or another user's (its owner's alone: a reader of a shared store)
+    for shard in shards:
         if shard.is_dir() and not shard.is_symlink():
             yield from sorted(shard.iterdir())
 

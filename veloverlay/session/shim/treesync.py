@@ -23,7 +23,7 @@ from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
 from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
 from veloverlay.session.shim.library import JournalRecord, RecType
-from veloverlay.session.shim.materialize import Baseline
+from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import hash_fd
@@ -62,10 +62,12 @@ class TreeSync:
         *,
         link: bool,
         racy_ns: int = 0,
+        ident: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
         self.m = m
         self.top = top.rstrip(b"/") or b"/"
+        self.ident = ident  # the tree top's (dev, ino): a replaced directory is never read
         self.cache = dict(baseline.by_ino)
         self.rules = rules
         self.link = link
@@ -93,7 +95,7 @@ class TreeSync:
 
     def _walk_to_parent(self, rel: bytes) -> tuple[int, bytes] | None:
         """An fd of rel's parent, reached without following any symlink; None if not there."""
-        fd = os.open(self.top, DIRFLAGS)
+        fd = open_target(self.top, self.ident)
         names = paths.split(rel)
         try:
             for name in names[:-1]:
@@ -131,7 +133,7 @@ class TreeSync:
         self, txn: Txn, root: bytes, p: bytes, flags: int, stage: Stage, res: SyncResult
     ) -> bool:
         if p == b"":
-            fd = os.open(self.top, DIRFLAGS)
+            fd = open_target(self.top, self.ident)
             try:
                 st = os.fstat(fd)
                 node = self.m.get_node(txn, root)
