@@ -33,6 +33,7 @@ from veloverlay.errors import SysError
 from veloverlay.files import write_bytes_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
+from veloverlay.store.manifest import Manifests, Txn
 
 __all__ = ["base", "why_not", "reap_orphans"]
 
@@ -264,6 +265,13 @@ def holds_xattrs(home: Home) -> bool:
 
 
 ID_HEX = 20  # 80 bits: "ab" directory + 18 hex digits
+
+
+def short_id(m: Manifests, txn: Txn, digest: bytes) -> str:
+    """The id of an object's short name in ids-v1: its first ID_HEX hex digits, or the longer
+    one LMDB records for an object whose prefix collided."""
+    alt = txn.get(digest, db=m.ids)
+    return bytes(alt).decode() if alt is not None else digest.hex()[:ID_HEX]
 
 
 def ids_dir(store: Store) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from veloverlay import fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import makedirs
-from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id_path, trees_dir
+from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id, short_id_path, trees_dir
 from veloverlay.store.access import mkdir_nofollow
 from veloverlay.store.cas import Store, object_missing
 from veloverlay.store.digest import hash_fd
@@ -75,9 +75,7 @@ class Objects:
         known = self.seen_ids.get(digest)
         if known is not None:
             return known
-        alt = self.txn.get(digest, db=self.m.ids)
-        short = bytes(alt).decode() if alt is not None else digest.hex()[:ID_HEX]
-        short = self._link_id(digest, short)
+        short = self._link_id(digest, short_id(self.m, self.txn, digest))
         self.seen_ids[digest] = short
         return short
 

@@ -255,7 +255,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
     ]
     if not bad:
         return set()
-    from veloverlay.lower.homes import short_id_path
+    from veloverlay.lower.homes import short_id, short_id_path
     from veloverlay.lower.prune import prune
 
     done: set[str] = set()
@@ -284,8 +284,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
                 rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; not set aside: {why}")
                 continue
             with m.read() as txn:
-                alt = txn.get(bytes.fromhex(hexname), db=m.ids)
-            short = bytes(alt).decode() if alt is not None else hexname[:20]
+                short = short_id(m, txn, bytes.fromhex(hexname))
             link = os.fsdecode(short_id_path(store, short))
             if _same_file(link, dest):
                 os.unlink(link)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from veloverlay import faults
 from veloverlay.errors import Reason, VeloError
+from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
@@ -260,8 +261,7 @@ def gc(
             victims.append(path)
             rep.bytes_freed += st.st_size
             with m.read() as txn:
-                alt = txn.get(digest, db=m.ids)
-            short_ids[path.name] = bytes(alt).decode() if alt is not None else name[:20]
+                short_ids[path.name] = short_id(m, txn, digest)
         rep.objects_deleted = len(victims)
         rep.commits_deleted = len(dead_commits)
         rep.nodes_deleted = len([d for d in dead_nodes if d])
