@@ -17,7 +17,9 @@ import contextlib
 import enum
 import errno
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from veloverlay import _libc
 from veloverlay.errors import Reason, SysError, VeloError
@@ -37,6 +39,13 @@ __all__ = [
     "overlay",
     "escape_option_path",
     "legacy_options",
+    "MountEntry",
+    "mounts",
+    "mnt_id_of",
+    "pin_dir",
+    "umount_exact",
+    "namespaces_holding",
+    "overlay_upper",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -101,6 +110,152 @@ def make_rprivate(path: StrPath = "/") -> None:
 
 def umount(path: StrPath, *, detach: bool = True) -> None:
     _libc.umount2(path, _libc.MNT_DETACH if detach else 0)
+
+
+# --- where things are mounted -----------------------------------------------------------------
+class MountEntry(NamedTuple):
+    """One line of /proc/PID/mountinfo (proc(5)); `point` unescaped, `super_opts` as written."""
+
+    mnt_id: int
+    parent_id: int
+    point: str
+    fstype: str
+    super_opts: str
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts(pid: int | str = "self") -> list[MountEntry]:
+    """The mounts of `pid`'s mount namespace, in the kernel's order (a mount stacked on another
+    comes after it). OSError when it cannot be read (the process is gone, no permission)."""
+    out: list[MountEntry] = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(" ")
+            try:
+                sep = fields.index("-", 6)
+                out.append(
+                    MountEntry(
+                        int(fields[0]),
+                        int(fields[1]),
+                        _unescape(fields[4]),
+                        fields[sep + 1],
+                        " ".join(fields[sep + 3 :]),
+                    )
+                )
+            except (ValueError, IndexError):
+                continue  # not a line of this format
+    return out
+
+
+def overlay_upper(entry: MountEntry) -> str | None:
+    """The upperdir an overlay mount shows in its super options (None: not an overlay, or none),
+    as it was given: the path itself for the new API (fd or string), its option-string form
+    (`escape_option_path`) for mount(2). mountinfo's octal escapes (`\\054` for `,`) are undone."""
+    if entry.fstype != "overlay":
+        return None
+    m = re.search(r"(?:^|,)upperdir=([^,]*)", entry.super_opts)
+    return None if m is None else _unescape(m.group(1))
+
+
+def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
+    """One pid per mount namespace other than this process's in which a mount satisfies `match`
+    (a copy made by unshare(CLONE_NEWNS) or clone after it was mounted keeps the superblock alive
+    after it is unmounted here). Processes that vanish or cannot be read are skipped."""
+    try:
+        own = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return []
+    seen = {own}
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ino = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ino in seen:
+                continue
+            seen.add(ino)
+            if any(match(e) for e in mounts(name)):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def mnt_id_of(fd: int) -> int:
+    """The id of the mount an open fd is on (its `mnt_id:` in /proc/self/fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise VeloError(f"no mnt_id in /proc/self/fdinfo/{fd}", reason=Reason.SYSCALL)
+
+
+def pin_dir(path: str) -> int:
+    """An O_PATH fd on the directory `path` (absolute, symlinks resolved by the caller), refused
+    when the kernel says the fd is somewhere else: a directory on the way was swapped for a
+    symlink, or renamed, between the caller's resolution and this open. Root then acts on the
+    fd, never on the path again (a path under another user's directory can change under it)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VeloError(
+            f"cannot open {path}: {exc.strerror}",
+            reason=Reason.NOT_FOUND if exc.errno == errno.ENOENT else Reason.TARGET_INVALID,
+            path=path,
+        ) from None
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        where = "?"
+    if where != path:
+        os.close(fd)
+        raise VeloError(
+            f"{path} changed while it was opened: it now leads to {where}",
+            reason=Reason.TARGET_INVALID,
+            path=path,
+            hint="a directory on the way was replaced (by a symlink, or renamed); use a path "
+            "that no other user can change",
+        )
+    return fd
+
+
+def umount_exact(path: str, mnt_id: int) -> None:
+    """Unmount mount `mnt_id` from `path` (absolute, resolved), and nothing else: the parent is
+    pinned (`pin_dir`), the mount now on the entry must be `mnt_id` (not one mounted over it,
+    which umount2 would take instead), and umount2 goes through the pinned parent without
+    following a symlink at the last step. EBUSY (in use) is the caller's to explain."""
+    parent, name = os.path.split(path)
+    if not name or name in (".", ".."):
+        raise VeloError(f"cannot unmount {path!r}", reason=Reason.TARGET_INVALID, path=path)
+    pfd = pin_dir(parent)
+    try:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError as exc:
+            raise VeloError(
+                f"cannot open {path}: {exc.strerror}", reason=Reason.TARGET_INVALID, path=path
+            ) from None
+        try:
+            top = mnt_id_of(fd)
+        finally:
+            os.close(fd)  # an fd on the mount would make it busy
+        if top != mnt_id:
+            raise VeloError(
+                f"something else is mounted over {path} (mount {top}, above {mnt_id})",
+                reason=Reason.TARGET_INVALID,
+                path=path,
+                hint=f"unmount it first (umount {path}), then run this again",
+            )
+        _libc.umount2(f"/proc/self/fd/{pfd}/{name}", _libc.UMOUNT_NOFOLLOW)
+    finally:
+        os.close(pfd)
 
 
 def mount_proc(path: StrPath) -> None:
@@ -255,18 +410,21 @@ def overlay(
     userxattr: bool,
     extra: Mapping[str, str] | None = None,
     api: MountApi | None = None,
+    target_fd: int | None = None,
 ) -> MountApi:
     """Mount an overlay on `target` and return the API that did it.
 
     `lowers` are topmost first; `data_lowers` are data-only layers (reachable only through a
     metacopy file's redirect). `upper`/`work` both None gives a read-only overlay. `extra` adds or
     overrides options (value "" = a flag). `api` forces one path (tests); by default the new API
-    is tried and mount(2) is the fallback.
+    is tried and mount(2) is the fallback. `target_fd` (an O_PATH fd on `target`, `pin_dir`): mount
+    on that directory whatever its path leads to by then.
     """
     _precheck(lowers, data_lowers, upper, work, target)
     if api is not MountApi.CLASSIC:
         try:
-            _overlay_new(lowers, data_lowers, upper, work, target, _options(userxattr, extra))
+            options = _options(userxattr, extra)
+            _overlay_new(lowers, data_lowers, upper, work, target, options, target_fd)
             return MountApi.NEW
         except _UseClassic as why:
             if api is MountApi.NEW:
@@ -289,8 +447,9 @@ def overlay(
             reason=Reason.TOO_MANY_LAYERS,
             hint="this kernel lacks lowerdir+ (new mount API); use fewer or shorter layer paths",
         )
+    where = target if target_fd is None else f"/proc/self/fd/{target_fd}"
     try:
-        _libc.mount("overlay", target, "overlay", 0, opts)
+        _libc.mount("overlay", where, "overlay", 0, opts)
     except SysError as exc:
         raise _explain(exc, opts, "") from None
     return MountApi.CLASSIC
@@ -381,6 +540,7 @@ def _overlay_new(
     work: StrPath | None,
     target: StrPath,
     opts: Mapping[str, str | None],
+    target_fd: int | None,
 ) -> None:
     try:
         fd = _libc.fsopen("overlay", _libc.FSOPEN_CLOEXEC)
@@ -412,7 +572,11 @@ def _overlay_new(
         except SysError as exc:
             raise _explain(exc, ",".join(ctx.rendered), _kernel_log(fd)) from None
         try:
-            _libc.move_mount(mfd, "", _libc.AT_FDCWD, target, _libc.MOVE_MOUNT_F_EMPTY_PATH)
+            if target_fd is None:
+                _libc.move_mount(mfd, "", _libc.AT_FDCWD, target, _libc.MOVE_MOUNT_F_EMPTY_PATH)
+            else:
+                flags = _libc.MOVE_MOUNT_F_EMPTY_PATH | _libc.MOVE_MOUNT_T_EMPTY_PATH
+                _libc.move_mount(mfd, "", target_fd, "", flags)
         finally:
             os.close(mfd)
     finally:

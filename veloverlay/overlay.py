@@ -53,8 +53,9 @@ class OverlaySpec(Record, frozen=True):
                 reason=Reason.TOO_MANY_LAYERS,
             )
 
-    def mount(self) -> mount.MountApi:
-        """Mount on `target` (call inside the session's mount namespace)."""
+    def mount(self, target_fd: int | None = None) -> mount.MountApi:
+        """Mount on `target` (call inside the session's mount namespace); with `target_fd`
+        (`mount.pin_dir(target)`), on that directory whatever `target` leads to by then."""
         self.check()
         return mount.overlay(
             lowers=self.lowers,
@@ -63,4 +64,5 @@ class OverlaySpec(Record, frozen=True):
             work=self.work,
             target=self.target,
             userxattr=self.userxattr,
+            target_fd=target_fd,
         )

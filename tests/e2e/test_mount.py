@@ -5,6 +5,7 @@ refusals (busy, not mounted, root-free)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,6 +137,69 @@ def test_mount_is_refused_root_free(shm_tmp: str) -> None:
     p = velo(store, "mount", "t", at, "--json", env={"VELO_OVERLAY_MODE": "userns"})
     failed(p, "backend-unavailable")
     assert not os.path.ismount(at)
+
+
+def test_umount_refuses_a_mount_over_the_projection(shm_tmp: str) -> None:
+    """umount(2) of the path would take the mount on top (here a tmpfs) and leave the overlay
+    mounted while it is harvested: refused, nothing unmounted, and fine once it is gone."""
+    store, plain, at = _setup(shm_tmp)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    _changes(at)
+    subprocess.run(["mount", "-t", "tmpfs", "cover", at], check=True)
+    try:
+        failed(velo(store, "umount", at, "--json"), "target-invalid")
+        kinds = [line.split(" - ")[1].split(" ")[0] for line in _lines_at(at)]
+        assert kinds == ["overlay", "tmpfs"]
+        assert _sessions(store)[sid] == "mounted"
+    finally:
+        subprocess.run(["umount", at], check=True)  # the tmpfs
+    assert data(velo(store, "umount", at, "--json"))["commit"]
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=0) == []
+
+
+def _wait_for_copy(pid: int, sid: str) -> None:
+    """Until the process is in its own mount namespace and that namespace has the overlay."""
+    while True:
+        with contextlib.suppress(OSError):
+            other = os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+            with open(f"/proc/{pid}/mountinfo", encoding="utf-8") as f:
+                if other and f"/{sid}/upper" in f.read():
+                    return
+        os.sched_yield()
+
+
+def test_a_copy_in_another_mount_namespace_keeps_the_session_unharvested(shm_tmp: str) -> None:
+    """A namespace made while the projection was mounted (unshare -m, a container) holds a copy
+    of the overlay: its upper dir can still be written there, so it is not harvested until the
+    copy is gone, whether umount is asked first or the mount here is taken by hand."""
+    store, plain, at = _setup(shm_tmp)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    _changes(at)
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+    try:
+        _wait_for_copy(holder.pid, sid)
+        p = velo(store, "umount", at, "--json")
+        failed(p, "session-active")
+        assert str(holder.pid) in p.stderr.decode()
+        assert os.path.ismount(at) and _sessions(store)[sid] == "mounted"
+        subprocess.run(["umount", at], check=True)  # here, by hand: the copy lives on
+        assert _sessions(store)[sid] == "mounted"
+        err = failed(velo(store, "harvest", "--resume", sid, "--json"), "session-active")
+        assert "another mount namespace" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _sessions(store)[sid] == "dead-unharvested"
+    assert data(velo(store, "harvest", "--resume", sid, "--json"))[0]["commit"]
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=0) == []
+
+
+def _lines_at(at: str) -> list[str]:
+    return [line for line in mount_lines() if line.split(" ", 1)[0] == at]
 
 
 def mount_lines_text() -> str:

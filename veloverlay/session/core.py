@@ -161,10 +161,15 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
             continue
         if shown == "mounted":
             if session_id is not None:
+                here = _mounted_here(st)
                 raise VeloError(
-                    f"session {st.id} is mounted on {st.mounted_at}",
+                    f"session {st.id} is mounted on {st.mounted_at}"
+                    + ("" if here else " in another mount namespace"),
                     reason=Reason.SESSION_ACTIVE,
-                    hint=f"veloverlay umount {st.mounted_at}",
+                    hint=f"veloverlay umount {st.mounted_at}"
+                    if here
+                    else "a namespace made while it was mounted holds a copy (unshare -m, a "
+                    "container): end its processes, then run this again",
                 )
             continue
         if shown != "dead-unharvested":
@@ -180,6 +185,13 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
         res.exit_status = st.exit_status if st.exit_status is not None else -1
         out.append(res)
     return out
+
+
+def _mounted_here(st: state.State) -> bool:
+    try:
+        return st.mounted_here() is not None
+    except OSError:
+        return True
 
 
 def mount(store: Store, opts: SessionOptions) -> SessionResult:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from veloverlay import ns
+from veloverlay import mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import write_json_atomic
 from veloverlay.records import Record, field
@@ -37,13 +37,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
-
-
-def _mountinfo_escape(path: str) -> str:
-    """A path as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
-    for ch in ("\\", " ", "\t", "\n"):
-        path = path.replace(ch, f"\\{ord(ch):03o}")
-    return path
 
 
 LIVE_STATES = ("starting", "running", "harvesting")
@@ -118,19 +111,28 @@ class State(Record):
     def manager_alive(self) -> bool:
         return same_process(self.pid, self.pid_start)
 
+    def is_upper(self, entry: mount.MountEntry) -> bool:
+        """`entry` is this session's overlay (by its upper dir, whatever path it is on)."""
+        upper = mount.overlay_upper(entry)
+        return upper is not None and upper.endswith(f"/{self.id}/upper")
+
+    def mounted_here(self) -> mount.MountEntry | None:
+        """`veloverlay mount`: this session's overlay on `mounted_at` in this mount namespace.
+        OSError: mountinfo unreadable (callers treat that as mounted)."""
+        for entry in mount.mounts():
+            if entry.point == self.mounted_at and self.is_upper(entry):
+                return entry
+        return None
+
     def mount_live(self) -> bool:
-        """`veloverlay mount`: this session's overlay is still on `mounted_at` (this namespace)."""
-        where = _mountinfo_escape(self.mounted_at)
-        upper = _mountinfo_escape(f"/{self.id}/upper")
+        """`veloverlay mount`: this session's overlay is mounted, on `mounted_at` here or in
+        another mount namespace that copied it (its upper dir can still be written)."""
         try:
-            with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-                for line in f:
-                    fields = line.split(" ")
-                    if len(fields) > 4 and fields[4] == where and f"{upper}," in line:
-                        return True
+            if self.mounted_here() is not None:
+                return True
         except OSError:
             return True  # cannot tell: never harvest what may still be written
-        return False
+        return bool(mount.namespaces_holding(self.is_upper))
 
     def shown_state(self) -> str:
         """The state, with a live state whose manager is gone shown as `dead-unharvested` (and

@@ -14,7 +14,11 @@ root-native session (session/select.py). What differs from `run`:
   unmounts it (never lazily: a process still holding a file would write into an upper dir being
   harvested; EBUSY says so) and harvests and commits like the end of a `run`. A state `mounted`
   whose overlay is gone (a reboot, a plain umount(8), a kill between the unmount and the harvest)
-  shows as `dead-unharvested` and `harvest --resume` finishes it.
+  shows as `dead-unharvested` and `harvest --resume` finishes it. Gone means gone everywhere: a
+  copy in another mount namespace (unshare -m after the mount) still writes the upper dir.
+* Root acts on directories, not paths it resolved earlier (another user may own a directory on
+  the way): the target is pinned by an fd and mounted on; umount checks that the mount on the
+  path is this overlay (not one mounted over it) and unmounts through the pinned parent.
 
 Root-free users have no way to put an overlay on a host path; `run REF -- sleep infinity` (or
 `enter`) and `nsenter --target PID --mount --user` into that session give other processes the
@@ -53,13 +57,14 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
         )
     target = os.path.realpath(opts.at)
     for other in state.iter_states(store):
-        if other.state == "mounted" and other.mounted_at == target and other.mount_live():
+        if other.state == "mounted" and other.mounted_at == target and _here(other) is not None:
             raise VeloError(
                 f"session {other.id} is already mounted on {target}",
                 reason=Reason.SESSION_ACTIVE,
                 hint=f"veloverlay umount {target}",
             )
     opts.at = target
+    target_fd = -1
     m = Manifests(store)
     try:
         with store.lock():  # until the state pins the layers' roots (see backend.run_session)
@@ -85,7 +90,10 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
             userxattr=False,
         )
         try:
-            spec.mount()
+            # Root mounts on this directory, not on whatever its path leads to later: a path
+            # under another user's directory can be re-pointed (a symlink swapped in).
+            target_fd = mount.pin_dir(plan.target)
+            spec.mount(target_fd)
         except BaseException as exc:
             st.state = "failed"
             st.error = {"message": str(exc), "reason": Reason.SYSCALL.value}
@@ -108,7 +116,33 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
         )
         return res
     finally:
+        if target_fd >= 0:
+            os.close(target_fd)
         m.close()
+
+
+def _here(st: state.State) -> mount.MountEntry | None:
+    try:
+        return st.mounted_here()
+    except OSError as exc:
+        raise VeloError(f"cannot read /proc/self/mountinfo: {exc}", reason=Reason.SYSCALL) from None
+
+
+def _elsewhere(st: state.State, target: str, done: str) -> VeloError | None:
+    """The refusal when other mount namespaces still hold a copy of the session's overlay (made
+    by unshare -m or a container started while it was mounted): its upper dir can be written
+    through them, so it is not harvested yet."""
+    pids = mount.namespaces_holding(st.is_upper)
+    if not pids:
+        return None
+    shown = ", ".join(str(p) for p in pids[:5]) + (" …" if len(pids) > 5 else "")
+    return VeloError(
+        f"{done}the projection on {target} is still mounted in {len(pids)} other mount "
+        f"namespace(s) (processes {shown})",
+        reason=Reason.SESSION_ACTIVE,
+        hint="end those processes or unmount it in their namespaces (nsenter -t PID -m umount "
+        f"...), then {'run umount again' if not done else f'veloverlay harvest --resume {st.id}'}",
+    )
 
 
 def umount_session(
@@ -122,9 +156,9 @@ def umount_session(
     """Unmount the session mounted on `where`, harvest and commit it (as the end of a run)."""
     target = os.path.realpath(where)
     found = [
-        st
+        (st, entry)
         for st in state.iter_states(store)
-        if st.state == "mounted" and st.mounted_at == target and st.mount_live()
+        if st.state == "mounted" and st.mounted_at == target and (entry := _here(st)) is not None
     ]
     if not found:
         raise VeloError(
@@ -133,9 +167,11 @@ def umount_session(
             hint="'veloverlay sessions' lists them; an unmounted one is finished by "
             "'veloverlay harvest --resume ID'",
         )
-    st = found[0]
+    st, entry = found[0]
+    if refusal := _elsewhere(st, target, ""):
+        raise refusal
     try:
-        mount.umount(target, detach=False)
+        mount.umount_exact(target, entry.mnt_id)
     except SysError as exc:
         if exc.errno == 16:  # EBUSY
             raise VeloError(
@@ -145,6 +181,8 @@ def umount_session(
             ) from None
         raise
     # Unmounted: from here a kill leaves a `mounted` state without its mount (dead-unharvested).
+    if refusal := _elsewhere(st, target, f"{target} is unmounted here, but "):
+        raise refusal  # a copy made in between: harvested by --resume once it is gone
     st.discard = st.discard or discard
     st.commit_to_ref = st.commit_to_ref and commit
     if message is not None:
