@@ -77,19 +77,24 @@ def test_pin_dir_refuses_a_path_through_a_symlink(base: str) -> None:
     os.close(fd)
 
 
+def _repoint(base: str) -> str:
+    """Re-point the overlay's path (`d/at`) after it was resolved: `d` is renamed to `d-moved`
+    and a symlink `d` -> `victim` takes its place. Returns where the directory now is."""
+    os.rename(os.path.join(base, "d"), os.path.join(base, "d-moved"))
+    os.symlink(os.path.join(base, "victim"), os.path.join(base, "d"))
+    return os.path.join(base, "d-moved", "at")
+
+
 def _swap_then_mount(base: str, api: MountApi) -> dict[str, object]:
     dirs = _overlay_dirs(base)
     victim = os.path.join(base, "victim", "at")
     os.makedirs(victim)
     fd = mount.pin_dir(dirs["at"])
     try:
-        # The path is re-pointed after it was resolved and pinned: d -> victim.
-        os.rename(os.path.join(base, "d"), os.path.join(base, "d-moved"))
-        os.symlink(os.path.join(base, "victim"), os.path.join(base, "d"))
+        moved = _repoint(base)  # after the path was resolved and pinned
         _mount(dirs, api, target_fd=fd)
     finally:
         os.close(fd)
-    moved = os.path.join(base, "d-moved", "at")
     got = {
         "moved_is_mount": os.path.ismount(moved),
         "victim_is_mount": os.path.ismount(victim),
@@ -132,18 +137,17 @@ def _cover_then_umount(base: str, api: MountApi) -> dict[str, object]:
     # refused before umount2 could take whatever mount the new path leads to.
     _mount(dirs, api)
     again = [e for e in mount.mounts() if e.point == at][0]
-    os.rename(os.path.join(base, "d"), os.path.join(base, "d-moved"))
     victim = os.path.join(base, "victim", "at")
     os.makedirs(victim)
     mount.mount_tmpfs(victim)
-    os.symlink(os.path.join(base, "victim"), os.path.join(base, "d"))
+    moved = _repoint(base)
     try:
         mount.umount_exact(at, again.mnt_id)
     except VeloError as exc:
         got["swapped"] = exc.reason.value
     got["victim_mounted"] = os.path.ismount(victim)
     mount.umount(victim)
-    mount.umount(os.path.join(base, "d-moved", "at"))
+    mount.umount(moved)
     return got
 
 
