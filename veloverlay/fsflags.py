@@ -17,19 +17,26 @@ from collections.abc import Iterator
 from veloverlay import _libc
 from veloverlay.errors import SysError
 
-__all__ = ["FS_IMMUTABLE_FL", "get_flags", "set_immutable", "is_immutable", "may_set_immutable"]
+__all__ = [
+    "FS_IMMUTABLE_FL",
+    "get_flags",
+    "set_immutable",
+    "set_immutable_at",
+    "is_immutable",
+    "may_set_immutable",
+]
 
 FS_IMMUTABLE_FL = _libc.FS_IMMUTABLE_FL
 
-StrPath = str | os.PathLike[str]
+StrPath = str | bytes | os.PathLike[str]
 
 
 @contextlib.contextmanager
-def _open_for_flags(path: StrPath) -> Iterator[int]:
+def _open_for_flags(path: StrPath, dir_fd: int | None = None) -> Iterator[int]:
     # Read-only is enough for both ioctls and works on directories; O_NONBLOCK keeps a FIFO from
     # blocking; O_NOFOLLOW acts on the link itself (then ELOOP), never on what it points to.
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         yield fd
     finally:
@@ -52,14 +59,19 @@ def get_flags(path: StrPath) -> int:
 
 def set_immutable(path: StrPath, on: bool = True) -> None:
     """Set (or clear, with `on=False`) the immutable flag; a no-op when it already is so."""
-    with _open_for_flags(path) as fd:
+    set_immutable_at(None, path, on)
+
+
+def set_immutable_at(dir_fd: int | None, name: StrPath, on: bool = True) -> None:
+    """`set_immutable` of `name` in the directory `dir_fd` (no symbolic link followed)."""
+    with _open_for_flags(name, dir_fd) as fd:
         try:
             flags = _libc.ioctl_getflags(fd)
             wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
             if wanted != flags:
                 _libc.ioctl_setflags(fd, wanted)
         except SysError as exc:
-            raise _named(path, exc) from None
+            raise _named(name, exc) from None
 
 
 def is_immutable(path: StrPath) -> bool:

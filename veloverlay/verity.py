@@ -37,6 +37,7 @@ __all__ = [
     "BLOCK_SIZE",
     "enable_fd",
     "seal",
+    "seal_at",
     "measure_fd",
     "measure",
     "is_enabled_fd",
@@ -69,7 +70,12 @@ def seal(path: StrPath) -> bool:
     A file without owner write permission (a 0444 object) gets u+w for the duration of the
     ioctl — the kernel asks for write permission, not a writable fd — and its mode back after.
     """
-    fd = os.open(path, _OPEN_RO)
+    return seal_at(None, path)
+
+
+def seal_at(dir_fd: int | None, name: StrPath) -> bool:
+    """`seal` of `name` in the directory `dir_fd` (no symbolic link followed)."""
+    fd = os.open(name, _OPEN_RO, dir_fd=dir_fd)
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         granted = not mode & stat.S_IWUSR
@@ -80,7 +86,7 @@ def seal(path: StrPath) -> bool:
         except SysError as exc:
             if exc.errno == errno.EEXIST:  # verity was on already: the content is sealed
                 return False
-            raise _named(path, exc) from None
+            raise _named(name, exc) from None
         finally:
             if granted:
                 os.fchmod(fd, mode)

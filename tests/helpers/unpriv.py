@@ -66,18 +66,21 @@ def _scratch_parent() -> str:
 
 @contextlib.contextmanager
 def unpriv_tmpdir() -> Iterator[str]:
-    """A fresh 0755 directory owned by UNPRIV_UID, removed afterwards: under
+    """A fresh directory both root and UNPRIV_UID can use, removed afterwards: under
     $VELO_INTERNAL__TEST_SCRATCH when set, else under /dev/shm where its tmpfs holds user xattrs
     (overlay sessions need them on the store's filesystem; tmpfs has them since Linux 6.6), else
     under /var/tmp.
+
+    Run by root, it is root's and sticky, writable by everyone (1777, as /tmp): the unprivileged
+    uid makes its own entries there, and a store root makes there stays root's to use (a store
+    in a directory another user owns is refused to root: store-unsafe). Run by that uid itself
+    (the VM matrix), it is simply its own, 0755.
 
     pytest's tmp_path lies under /tmp/pytest-of-root (0700), which that uid cannot reach.
     """
     path = tempfile.mkdtemp(prefix="velo-test-", dir=_scratch_parent())
     try:
-        if os.getuid() == 0:
-            os.chown(path, UNPRIV_UID, UNPRIV_GID)
-        os.chmod(path, 0o755)
+        os.chmod(path, 0o1777 if os.getuid() == 0 else 0o755)
         yield path
     finally:
         force_rmtree(path)

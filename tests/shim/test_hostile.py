@@ -129,14 +129,18 @@ def test_no_other_user_can_write_the_proxies_of_a_shared_store() -> None:
 
 
 def _replaced_target(base: str) -> tuple[str, list[str]]:
-    """Root's session at base/proj while uid UNPRIV_UID (base's owner) renames the tree away and
-    puts a directory of its own in its place; what ref t holds afterwards."""
+    """Root's session at base/u/proj while uid UNPRIV_UID (the owner of base/u) renames the tree
+    away and puts a directory of its own in its place; what ref t holds afterwards. (Root's store
+    is in base itself: root uses no store in a directory another user owns.)"""
     from tests.helpers.unpriv import UNPRIV_UID
     from tests.session._util import checkout_ref
     from veloverlay.errors import VeloError
 
     store, _src = new_store(base)
-    proj = os.path.join(base, "proj")
+    theirs = os.path.join(base, "u")
+    os.mkdir(theirs)
+    os.chown(theirs, UNPRIV_UID, UNPRIV_UID)
+    proj = os.path.join(theirs, "proj")
     swap = f"mv {proj} {proj}.old && mkdir {proj} && echo evil > {proj}/injected"
     attacker = f"setpriv --reuid={UNPRIV_UID} --regid={UNPRIV_UID} --clear-groups sh -c '{swap}'"
     try:
@@ -158,7 +162,7 @@ def test_a_replaced_target_is_never_committed() -> None:
     with unpriv_tmpdir() as base:
         outcome, names = as_mode("root", _replaced_target, base)
         assert "injected" not in names and "f1" in names, (outcome, names)
-        assert os.path.exists(os.path.join(base, "proj", "injected"))  # theirs: left alone
+        assert os.path.exists(os.path.join(base, "u", "proj", "injected"))  # theirs: left alone
     assert outcome == "target-invalid", outcome
 
 

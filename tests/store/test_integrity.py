@@ -488,7 +488,6 @@ def test_publish_syncs_before_and_after_naming_objects(
     bytes are durable (a power cut would leave a named, torn object that ingest trusts because
     the name exists), and the caller commits only after the names are durable."""
     from veloverlay import _libc
-    from veloverlay.store import cas as cas_mod
 
     events: list[str] = []
     objects_dir = os.fspath(repo.store.objects)
@@ -510,7 +509,7 @@ def test_publish_syncs_before_and_after_naming_objects(
         events.append("rename")  # relative to the objects directory: always an object's name
         real_renameat2(olddfd, old, newdfd, new, flags)
 
-    monkeypatch.setattr(cas_mod._libc, "syncfs", syncfs)
+    monkeypatch.setattr(_libc, "syncfs", syncfs)
     monkeypatch.setattr(_libc, "renameat2", renameat2)
     monkeypatch.setattr(os, "rename", rename)
     with repo.store.stage() as st:
@@ -594,12 +593,12 @@ def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
 
     if not fsflags.may_set_immutable():
         pytest.skip("only real root sets +i at naming (root-free stores are not meant to)")
-    real = fsflags.set_immutable
+    real = fsflags.set_immutable_at
 
-    def refuse(path: str, on: bool = True) -> None:
-        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), path)
+    def refuse(dir_fd: int | None, name: bytes, on: bool = True) -> None:
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), name)
 
-    monkeypatch.setattr(fsflags, "set_immutable", refuse)
+    monkeypatch.setattr(fsflags, "set_immutable_at", refuse)
     monkeypatch.setattr(publish, "_flags_missing", set())
     store = os.path.join(shm_tmp, "store")
     src = os.path.join(shm_tmp, "src")
@@ -617,7 +616,7 @@ def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
         assert sorted(recorded) == sorted((h, "EPERM") for h in names)
     else:  # the filesystem has no flags: said once, then not tried again in this process
         assert recorded == [("*", errno.errorcode[errno.EOPNOTSUPP])]  # ENOTSUP on Linux
-    monkeypatch.setattr(fsflags, "set_immutable", real)
+    monkeypatch.setattr(fsflags, "set_immutable_at", real)
     status = velo(store, "status")
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)["unprotected"]
@@ -655,10 +654,10 @@ def test_a_failed_unprotected_record_is_reported_as_its_write(
     if not fsflags.may_set_immutable():
         pytest.skip("only real root sets +i at naming (root-free stores are not meant to)")
 
-    def refuse(path: str, on: bool = True) -> None:
-        raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+    def refuse(dir_fd: int | None, name: bytes, on: bool = True) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), name)
 
-    monkeypatch.setattr(fsflags, "set_immutable", refuse)
+    monkeypatch.setattr(fsflags, "set_immutable_at", refuse)
     monkeypatch.setattr(publish, "_flags_missing", set())
     store = os.path.join(shm_tmp, "store")
     src = os.path.join(shm_tmp, "src")

@@ -34,7 +34,8 @@ def _count_probes(monkeypatch: pytest.MonkeyPatch, answer: tuple[bool, str]) -> 
     calls: list[str] = []
 
     def fake(directory: object) -> tuple[bool, str]:
-        calls.append(os.fsdecode(directory))  # type: ignore[arg-type]
+        # the store's tmp/, reached by its descriptor (/proc/self/fd/N/tmp): where it leads
+        calls.append(os.path.realpath(os.fsdecode(directory)))  # type: ignore[arg-type]
         return answer
 
     monkeypatch.setattr(verity, "usable_under", fake)
@@ -47,7 +48,7 @@ def test_without_fsverity_nothing_changes(monkeypatch: pytest.MonkeyPatch, shm_t
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("an fs-verity call on a store without fs-verity")
 
-    for name in ("seal", "enable_fd", "is_enabled_fd", "measure_fd"):
+    for name in ("seal", "seal_at", "enable_fd", "is_enabled_fd", "measure_fd"):
         monkeypatch.setattr(verity, name, forbidden)
     src = os.path.join(shm_tmp, "src")
     files = _tree(src, 40)
@@ -74,11 +75,13 @@ def test_without_fsverity_nothing_changes(monkeypatch: pytest.MonkeyPatch, shm_t
 
 
 def _sealing(monkeypatch: pytest.MonkeyPatch, log: str) -> None:
-    """verity.seal records the staged path it was given, and whether it was still unnamed."""
+    """verity.seal_at records the staged path it was given (its directory's, by the descriptor,
+    and its name), and whether it was still unnamed."""
     _count_probes(monkeypatch, (True, "fs-verity (test)"))
 
-    def fake_seal(path: bytes) -> bool:
-        name = os.path.basename(path)
+    def fake_seal(dir_fd: int | None, name: bytes) -> bool:
+        assert dir_fd is not None, "sealed by name relative to the stage directory"
+        path = os.path.join(os.fsencode(os.readlink(f"/proc/self/fd/{dir_fd}")), name)
         assert os.path.exists(path), path
         line = b"%s %s %d\n" % (path, name, os.getpid())
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # forked workers too
@@ -88,7 +91,7 @@ def _sealing(monkeypatch: pytest.MonkeyPatch, log: str) -> None:
             os.close(fd)
         return True
 
-    monkeypatch.setattr(verity, "seal", fake_seal)
+    monkeypatch.setattr(verity, "seal_at", fake_seal)
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
@@ -134,10 +137,10 @@ def test_a_failed_seal_names_nothing(
 ) -> None:
     _count_probes(monkeypatch, (True, "fs-verity (test)"))
 
-    def failing(path: bytes) -> bool:
-        raise OSError(err, os.strerror(err), path)
+    def failing(dir_fd: int | None, name: bytes) -> bool:
+        raise OSError(err, os.strerror(err), name)
 
-    monkeypatch.setattr(verity, "seal", failing)
+    monkeypatch.setattr(verity, "seal_at", failing)
     store = Store.init(os.path.join(shm_tmp, "store"))
     with pytest.raises(VeloError) as exc, store.stage() as stage:
         stage.add_bytes(b"never named\n")

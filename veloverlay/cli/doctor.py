@@ -59,11 +59,16 @@ def _matters(who: str, privileged: bool, backend: str) -> str:
 
 def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str]]:
     """What keeps objects unchanged here, and whether fs-verity does: the store's own answer
-    (probed in its tmp/ once per boot, cas.Store.verity); none before the store exists."""
+    (probed in its tmp/ once per boot, cas.Store.verity); none before the store exists, and
+    none in a store this user may not use (the probe writes there: only once it is judged)."""
+    from veloverlay.errors import Reason, VeloError
     from veloverlay.store.cas import Store
 
-    here = Store(store_path)
-    sealed = here.verity() if here.tmp.is_dir() else (False, "no store here yet")
+    try:
+        sealed = Store.open(store_path).verity()
+    except VeloError as exc:
+        missing = exc.reason is Reason.STORE_MISSING
+        sealed = (False, "no store here yet" if missing else f"{exc.message} ({exc.reason.value})")
     if sealed[0]:
         also = "chattr +i on projected objects; " if protect else ""
         text = (

@@ -152,7 +152,7 @@ def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.sta
                 ok = hash_fd(fd) == (digest, size)
             if not ok:
                 if new:
-                    os.unlink(stage.staged.pop(digest))
+                    stage.discard(digest)
                 continue
             return digest, st1, racy
         finally:

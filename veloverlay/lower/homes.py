@@ -14,10 +14,11 @@ Where (first usable wins):
 * root: `/run/veloverlay`; others: `$XDG_RUNTIME_DIR/veloverlay`, then `/dev/shm/veloverlay-<uid>`
   — each only when it is on tmpfs.
 That directory must be a real directory owned by the caller with no group/other access (a
-planted metadata file would show its own bytes in someone else's projection); a store gets
-`<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in a file
-`store`: a build removes the directories of stores that are gone (`reap_orphans`). Sessions
-bind it read-only like the store.
+planted metadata file would show its own bytes in someone else's projection), and, for root,
+one no other user can move or replace (every directory above it root's, as for a store); a
+store gets `<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in
+a file `store`: a build removes the directories of stores that are gone (`reap_orphans`).
+Sessions bind it read-only like the store.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from veloverlay import _libc, envvars
 from veloverlay.errors import SysError
-from veloverlay.files import write_bytes_atomic
+from veloverlay.files import real_root, untrusted_on_path, write_bytes_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
@@ -47,7 +48,13 @@ def why_not() -> str:
 
 def _own_private_dir(path: str, *, create: bool) -> str | None:
     """Why `path` cannot be used (None: it can): create it 0700 if asked, then insist it is a
-    directory (not a symlink) that only the caller can enter."""
+    directory (not a symlink) that only the caller can enter. As root, also that no other user
+    can move or replace it (`files.untrusted_on_path`, as for a store: root's layers must not
+    be built where another user chose), judged before anything is made."""
+    if real_root():
+        _where, why = untrusted_on_path(os.path.abspath(path), {0, os.geteuid()})
+        if why is not None:
+            return why
     if create:
         try:
             os.mkdir(path, 0o700)

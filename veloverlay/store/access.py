@@ -1,6 +1,11 @@
 """Who may use a store, and how its files are made: nothing in it is ever a symbolic link, root
-uses only stores no other user can write, and a store that cannot be written says why (a
-read-only filesystem, the inside of a session, another user's store)."""
+uses only stores no other user can write or move, and a store that cannot be written says why (a
+read-only filesystem, the inside of a session, another user's store).
+
+A store is held by a descriptor of its directory, opened once its path has been judged
+(`check_safe`); the writes that follow (stages, object names, shard directories, locks) name
+their files relative to that descriptor and never follow a symbolic link, so a store moved or
+replaced by name after the check is not where they go."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS
 
@@ -19,10 +25,13 @@ __all__ = [
     "TOP_DIRS",
     "TOP_FILES",
     "check_safe",
+    "check_place",
     "write_refusal",
     "read_only_error",
     "open_nofollow",
     "mkdir_nofollow",
+    "open_dir",
+    "make_dir",
     "private_trees",
     "private_dir",
     "create_once",
@@ -54,57 +63,90 @@ TOP_FILES = (
 )
 
 
-def open_nofollow(path: str | os.PathLike[str] | bytes, flags: int, mode: int = 0o600) -> int:
-    """Open (maybe create) a file of the store, never through a symbolic link."""
+AnyPath = str | os.PathLike[str] | bytes
+
+
+def _planted(shown: AnyPath) -> VeloError:
+    return VeloError(
+        f"{os.fsdecode(shown)} is a symbolic link: nothing in a store may be one",
+        reason=Reason.STORE_UNSAFE,
+        hint="someone who can write the store planted it; remove it and check who can",
+        path=os.fsdecode(shown),
+    )
+
+
+def open_nofollow(
+    path: AnyPath, flags: int, mode: int = 0o600, *, dir_fd: int | None = None, shown: AnyPath = ""
+) -> int:
+    """Open (maybe create) a file of the store, never through a symbolic link; `path` is
+    relative to `dir_fd` when given (then `shown` is its name in messages)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise VeloError(
-                f"{os.fsdecode(path)} is a symbolic link: nothing in a store may be one",
-                reason=Reason.STORE_UNSAFE,
-                hint="someone who can write the store planted it; remove it and check who can",
-                path=path,
-            ) from None
+            raise _planted(shown or path) from None
         raise
 
 
-def mkdir_nofollow(path: str | os.PathLike[str] | bytes, mode: int = 0o755) -> None:
+def mkdir_nofollow(
+    path: AnyPath, mode: int = 0o755, *, dir_fd: int | None = None, shown: AnyPath = ""
+) -> None:
     """mkdir -p for one level that refuses to accept a symbolic link as the directory."""
     try:
-        os.mkdir(path, mode)
+        os.mkdir(path, mode, dir_fd=dir_fd)
     except FileExistsError:
-        st = os.lstat(path)
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
-            raise VeloError(
-                f"{os.fsdecode(path)} is not a directory"
-                + (" but a symbolic link" if stat.S_ISLNK(st.st_mode) else ""),
-                reason=Reason.STORE_UNSAFE,
-                hint="someone who can write the store planted it; remove it and check who can",
-                path=path,
-            ) from None
+            raise _not_a_dir(shown or path, stat.S_ISLNK(st.st_mode)) from None
 
 
-def private_trees(trees: Path) -> None:
+def _not_a_dir(shown: AnyPath, link: bool) -> VeloError:
+    return VeloError(
+        f"{os.fsdecode(shown)} is not a directory" + (" but a symbolic link" if link else ""),
+        reason=Reason.STORE_UNSAFE,
+        hint="someone who can write the store planted it; remove it and check who can",
+        path=os.fsdecode(shown),
+    )
+
+
+def open_dir(path: AnyPath, *, dir_fd: int | None = None, shown: AnyPath = "") -> int:
+    """A descriptor of a directory of the store, never reached through a symbolic link."""
+    try:
+        return os.open(path, DIRFLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _not_a_dir(shown or path, exc.errno == errno.ELOOP) from None
+        raise
+
+
+def make_dir(
+    path: AnyPath, mode: int = 0o755, *, dir_fd: int | None = None, shown: AnyPath = ""
+) -> int:
+    """`mkdir_nofollow`, then a descriptor of that directory."""
+    mkdir_nofollow(path, mode, dir_fd=dir_fd, shown=shown)
+    return open_dir(path, dir_fd=dir_fd, shown=shown)
+
+
+def private_trees(trees: Path, *, dir_fd: int | None = None) -> None:
     """`trees-v1/` is its owner's alone (0700), even in a shared store: the layers kept there
     carry the manifests' directory modes, and a 1777 `tmp/` of a tree would otherwise let any
     local user add files to the lower layers of the owner's (root's) sessions. Nobody else reads
     it: other users of a shared store only run reading commands, which never look there."""
-    private_dir(trees)
+    private_dir(trees.name if dir_fd is not None else trees, dir_fd=dir_fd, shown=trees)
 
 
-def private_dir(path: Path) -> None:
+def private_dir(path: AnyPath, *, dir_fd: int | None = None, shown: AnyPath = "") -> None:
     """Make `path` (one level) a directory only its owner can enter, 0700, also when an older
     version made it open (by its owner; a symbolic link is refused)."""
-    mkdir_nofollow(path, 0o700)
-    st = os.lstat(path)
+    mkdir_nofollow(path, 0o700, dir_fd=dir_fd, shown=shown)
+    st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(path, 0o700)  # a store made before this rule
+        os.chmod(path, 0o700, dir_fd=dir_fd)  # a store made before this rule (a directory)
 
 
-def create_once(path: Path, data: bytes) -> None:
+def create_once(path: AnyPath, data: bytes, *, dir_fd: int | None = None) -> None:
     try:
-        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     except FileExistsError:
         return
     try:
@@ -113,28 +155,104 @@ def create_once(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def check_safe(store_root: Path) -> None:
-    """Refuse a store where a symbolic link stands for one of its own files or directories
-    (planted by whoever could write it), and, as root, a store that another user can
-    write: whoever can write a store directory can plant a link where root will create a
-    file (`lock`, a stage, the manifest database), or swap objects under root's sessions.
-    Checked on the store directory (followed if the path the user chose is a link to it, but
-    as root only a link root owns) and its own files and directories that exist."""
-    root = os.geteuid() == 0
-    for d in (store_root, *(store_root / n for n in TOP_DIRS + TOP_FILES)):
+def check_safe(store_root: Path) -> int:
+    """Judge the store at `store_root` and return a descriptor of its directory (the very one
+    judged, opened without following a symbolic link): every later write goes relative to it.
+
+    Refused (STORE_UNSAFE):
+    * as root (uid 0 outside any user namespace), a store another user could move, replace or
+      redirect: every directory on the way to it (`files.untrusted_on_path`) must belong to root
+      and be writable by root alone, a sticky one (/tmp) only holding a root-owned next step,
+      and every symbolic link on the way must be root's. A store in a user's home is refused:
+      that user could rename the store away and put one whose directories lead elsewhere (root
+      would then write its files there, +i);
+    * a store that is not the caller's (another user's shared store, read): the same, with root,
+      the caller and the store's owner trusted. A user's own store is that user's to place: the
+      ancestors of a store one owns are not judged (what they could redirect is that user's
+      own writes, and those go by the descriptor);
+    * as root, a store directory another user can write, or one of its own files and
+      directories that belongs to another user or is writable by group or others;
+    * for everyone, a symbolic link standing for one of the store's own files or directories."""
+    uid = os.geteuid()
+    as_root = uid == 0
+    real_root = files.real_root()
+    st = os.stat(store_root)
+    link = os.lstat(store_root)
+    if real_root or st.st_uid != uid:
+        trusted = {0, uid} if real_root else {0, uid, st.st_uid}
+        where, why = files.untrusted_on_path(store_root, trusted)
+        if why is not None:
+            raise _unsafe_place(store_root, Path(where), why, real_root)
+        real = where
+    else:
+        real = os.path.realpath(store_root)
+    fd = open_dir(real)
+    try:
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+            raise VeloError(
+                f"the store at {store_root} changed while it was being checked",
+                reason=Reason.STORE_UNSAFE,
+                hint="someone moved or replaced it: check who can write the directories above it",
+                path=store_root,
+            )
+        _check_entries(store_root, fd, held, link, as_root)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_place(store_root: Path) -> None:
+    """As root, refuse to make a store where another user could move or replace it (the
+    directories above it that exist; see `check_safe`), before anything is made there."""
+    if files.real_root():
+        where, why = files.untrusted_on_path(store_root, {0, os.geteuid()})
+        if why is not None:
+            raise _unsafe_place(store_root, Path(where), why, True)
+
+
+def _unsafe_place(store_root: Path, where: Path, why: str, real_root: bool) -> VeloError:
+    if real_root:
+        hint = (
+            "root uses a store only where no other user can move or replace it: every directory "
+            "above it must belong to root and be writable by root alone (in a sticky one such as "
+            "/tmp, the next directory must be root's). Move the store (e.g. under /var/lib), or "
+            f"make {where} root's alone (chown root, chmod go-w)"
+        )
+    else:
+        hint = (
+            "a store that is not yours is used only where nobody but root, you and its owner can "
+            f"move or replace it: use another store, or have {where} fixed (chmod go-w)"
+        )
+    return VeloError(
+        f"refusing to use the store at {store_root}{' as root' if real_root else ''}: {why}",
+        reason=Reason.STORE_UNSAFE,
+        hint=hint,
+        path=where,
+    )
+
+
+def _check_entries(
+    store_root: Path, fd: int, held: os.stat_result, link: os.stat_result, as_root: bool
+) -> None:
+    """The store directory (`held`, reached through `link`) and its own files and directories
+    that exist (looked up relative to `fd`)."""
+    entries: list[tuple[Path, os.stat_result]] = [(store_root, held)]
+    for n in TOP_DIRS + TOP_FILES:
         try:
-            st = os.stat(d) if d == store_root else os.lstat(d)
-            link = os.lstat(d) if d == store_root and root else st
-        except FileNotFoundError:
+            entries.append((store_root / n, os.stat(n, dir_fd=fd, follow_symlinks=False)))
+        except (FileNotFoundError, NotADirectoryError):
             continue
+    for d, st in entries:
         why = None
-        if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
+        if d == store_root and stat.S_ISLNK(link.st_mode) and link.st_uid != 0 and as_root:
             # root follows no other user's link to its store: it could name any root-owned
             # directory, which root would then fill (and, init --shared, open to everyone)
             why = f"is a symbolic link that belongs to uid {link.st_uid}"
         elif stat.S_ISLNK(st.st_mode):
             why = "is a symbolic link"
-        elif not root:
+        elif not as_root:
             continue
         elif st.st_uid != 0:
             why = f"belongs to uid {st.st_uid}"
@@ -142,11 +260,11 @@ def check_safe(store_root: Path) -> None:
             why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
         if why is not None:
             raise VeloError(
-                f"refusing to use the store{' as root' if root else ''}: {d} {why}",
+                f"refusing to use the store{' as root' if as_root else ''}: {d} {why}",
                 reason=Reason.STORE_UNSAFE,
                 hint="root uses only stores no other user can write: use a store of root's "
                 "own, or fix ownership (chown -R root) and modes (chmod go-w)"
-                if root
+                if as_root
                 else "someone who could write the store planted it: remove it",
                 path=d,
             )
@@ -198,25 +316,25 @@ def read_only_error(store_root: Path, why: str, *, inside: bool = False) -> Velo
     )
 
 
-def rmtree_count(path: Path) -> int:
-    """Remove a stage directory (flat: staged files); returns the files removed. Everything is
-    reached through directory descriptors opened without following a symbolic link: a link
-    planted at a stage's name is removed itself, never the tree it names."""
+def rmtree_count(name: AnyPath, *, dir_fd: int | None = None) -> int:
+    """Remove a stage directory (flat: staged files) named `name` in `dir_fd`; returns the files
+    removed. Everything is reached through directory descriptors opened without following a
+    symbolic link: a link planted at a stage's name is removed itself, never the tree it names."""
     try:
-        st = os.lstat(path)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return 0
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
         return 0
     if st.st_uid == os.geteuid() and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-        os.chmod(path, 0o700)  # a stage left 0000: only its owner's (a directory, checked)
-    fd = os.open(path, DIRFLAGS)
+        os.chmod(name, 0o700, dir_fd=dir_fd)  # a stage left 0000: only its owner's (a directory)
+    fd = os.open(name, DIRFLAGS, dir_fd=dir_fd)
     try:
         count = _clear_dir(fd)
     finally:
         os.close(fd)
-    os.rmdir(path)
+    os.rmdir(name, dir_fd=dir_fd)
     return count
 
 
@@ -236,19 +354,15 @@ def _clear_dir(fd: int) -> int:
     return count
 
 
-def reclaim_stages(tmp: Path) -> int:
-    """Remove the stages in `tmp` left by dead writers (their flock is free)."""
+def reclaim_stages(tmp_fd: int) -> int:
+    """Remove the stages in the store's `tmp/` (the directory `tmp_fd`) left by dead writers
+    (their flock is free)."""
     removed = 0
-    try:
-        names = os.listdir(tmp)
-    except FileNotFoundError:
-        return 0
-    for name in names:
+    for name in os.listdir(tmp_fd):
         if not name.endswith(".lock"):
             continue
-        lockpath = tmp / name
         try:
-            fd = open_nofollow(lockpath, os.O_RDWR)
+            fd = open_nofollow(name, os.O_RDWR, dir_fd=tmp_fd)
         except (FileNotFoundError, VeloError):
             continue
         try:
@@ -257,19 +371,24 @@ def reclaim_stages(tmp: Path) -> int:
             os.close(fd)
             continue
         try:
-            removed += rmtree_count(tmp / name[: -len(".lock")])
+            removed += rmtree_count(name[: -len(".lock")], dir_fd=tmp_fd)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lockpath)
+                os.unlink(name, dir_fd=tmp_fd)
         finally:
             os.close(fd)
     return removed
 
 
 @contextlib.contextmanager
-def store_lock(store_root: Path, *, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
-    """The store lock (`<store>/lock`): shared for writers, exclusive for gc."""
+def store_lock(
+    store_root: Path, root_fd: int, *, exclusive: bool = False, wait: bool = True
+) -> Iterator[None]:
+    """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
+    for gc."""
     try:
-        fd = open_nofollow(store_root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(
+            "lock", os.O_RDWR | os.O_CREAT, 0o644, dir_fd=root_fd, shown=store_root / "lock"
+        )
     except OSError as exc:
         refusal = write_refusal(store_root) if exc.errno in (errno.EROFS, errno.EACCES) else None
         if refusal is not None:

@@ -35,18 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from veloverlay import _libc, faults, linking, verity
-from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay import verity
+from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
 from veloverlay.store import access
-from veloverlay.store.digest import Digest, Hasher, hash_own_file
 from veloverlay.store.objread import object_corrupt, verified_chunks
+from veloverlay.store.stage import OBJECT_MODE, Stage
 
 __all__ = [
     "Store",
@@ -58,14 +58,12 @@ __all__ = [
     "verified_chunks",
 ]
 
-OBJECT_MODE = 0o444
 OBJECTS_V1 = "objects-v1"  # <ab>/<cd>/<hex>: stores made before issue 15 (migrated by gc)
 OBJECTS_V2 = "objects-v2"  # <ab>/<hex>: at most 256 fan-out directories
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file is a cache directory tag created by veloverlay.\n"
 )
-_CHUNK = 1 << 20
 
 
 def default_store_path() -> Path:
@@ -106,21 +104,134 @@ class Store:
         self.locks = self.root / "locks-v1"
         self.db_path = self.root / "manifests.lmdb"
         self._verity: tuple[bool, str] | None = None
+        self._fd = -1  # the store directory (`fd`)
+        self._fds: dict[str, int] = {}  # its tmp/ and objects directories, by name
+        self._fds_lock = threading.Lock()  # pull publishes on two threads
         self.choose_layout()
 
     def choose_layout(self) -> None:
         """Which object layout this store uses (see the module docstring); gc calls it again
         after a migration step."""
         v1, v2 = self.root / OBJECTS_V1, self.root / OBJECTS_V2
-        if _is_dir(v1) and not _is_dir(v2):
+        if self._is_dir(v1) and not self._is_dir(v2):
             self.objects, self.fanout, self.legacy = v1, 2, None  # a store from before issue 15
         else:
             self.objects, self.fanout = v2, 1
-            self.legacy = v1 if _is_dir(v1) else None
+            self.legacy = v1 if self._is_dir(v1) else None
         self._objects_b = os.fsencode(self.objects)
         self.objects_b = self._objects_b
         self._legacy_b = os.fsencode(self.legacy) if self.legacy is not None else None
-        self._known_shards: set[bytes] = set()
+        self._drop_fds(objects_only=True)
+
+    def follow_migration(self) -> None:
+        """Choose the layout again if gc migrated the store since this process chose it (a
+        writer that opened the store before: it names objects in objects-v2 from now on)."""
+        if self.fanout == 2 and self._is_dir(self.root / OBJECTS_V2):
+            self.choose_layout()
+
+    def _is_dir(self, path: Path) -> bool:
+        """A directory of the store (relative to `fd` once it is held: no link followed)."""
+        if self._fd < 0:
+            return _is_dir(path)
+        try:
+            st = os.stat(path.name, dir_fd=self._fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode)
+
+    # -- the descriptors the store's writes go by --------------------------------------------
+    @property
+    def fd(self) -> int:
+        """A descriptor of the store directory. `open` and `init` open it once the store has
+        been judged (`check_safe`): every write of objects, stages and locks is made relative to
+        it, so a store moved or replaced by name afterwards is not where they go. A Store made
+        directly opens its directory on first use (not judged)."""
+        if self._fd < 0:
+            self._fd = access.open_dir(os.path.realpath(self.root), shown=self.root)
+        return self._fd
+
+    def held_path(self, name: str) -> str:
+        """A path to `name` in the store that goes by the held descriptor (/proc/self/fd/N/name,
+        where /proc is mounted), for what takes only a path: LMDB opens its files by name."""
+        here = f"/proc/self/fd/{self.fd}"
+        return f"{here}/{name}" if os.path.isdir(here) else os.fspath(self.root / name)
+
+    def _sub_fd(self, name: str) -> int:
+        """A descriptor of the store's directory `name` (made if missing), kept while the store
+        is; never reached through a symbolic link."""
+        with self._fds_lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = access.make_dir(name, dir_fd=self.fd, shown=self.root / name)
+            return fd
+
+    def tmp_fd(self) -> int:
+        return self._sub_fd("tmp")
+
+    def objects_fd(self) -> int:
+        return self._sub_fd(self.objects.name)
+
+    @contextlib.contextmanager
+    def shard(self, hexname: bytes) -> Iterator[int]:
+        """A descriptor of the fan-out directory an object named `hexname` goes in, made if
+        missing, reached from the objects directory held without following a symbolic link at
+        any level; open for the call only (a few microseconds: a process keeps no more than
+        three descriptors per store, whatever its open-file limit)."""
+        objects = self.objects_fd()
+        top = access.make_dir(
+            os.fsdecode(hexname[:2]), dir_fd=objects, shown=self._objects_b + b"/" + hexname[:2]
+        )
+        try:
+            if self.fanout == 1:
+                yield top
+                return
+            sub = access.make_dir(
+                os.fsdecode(hexname[2:4]), dir_fd=top, shown=self.shard_dir_path(hexname)
+            )
+            try:
+                yield sub
+            finally:
+                os.close(sub)
+        finally:
+            os.close(top)
+
+    def _drop_fds(self, *, objects_only: bool = False) -> None:
+        with self._fds_lock:
+            fds = [
+                self._fds.pop(name)
+                for name in list(self._fds)
+                if not objects_only or name.startswith("objects-")
+            ]
+        for fd in fds:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the store's descriptors (a later use opens them again, not judged)."""
+        self._drop_fds()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def held(self) -> None:
+        """Raise STORE_UNSAFE when the store's path no longer leads to the directory held (it was
+        moved or replaced since it was judged): nothing more is written then, not even there."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            st = None
+        fst = os.fstat(self.fd)
+        if st is None or (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            raise VeloError(
+                f"the store at {self.root} was moved or replaced while this command used it",
+                reason=Reason.STORE_UNSAFE,
+                hint="whoever can write the directory that holds it did that: keep a store in "
+                "a directory only you (and root) can write, and check what is there now",
+                path=self.root,
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -130,21 +241,24 @@ class Store:
         through them); `shared` makes it readable by every local user (0755), never writable."""
         store = cls(root)
         try:
+            access.check_place(store.root)  # nothing made where root must not use a store
             makedirs(store.root.parent)
             try:
                 os.mkdir(store.root, 0o700)
-                os.chmod(store.root, 0o755 if shared else 0o700)
                 existed = False
             except FileExistsError:
                 existed = True
-            store.check_safe()  # before any chmod: root follows no other user's link
-            if existed and shared:
-                os.chmod(store.root, stat.S_IMODE(os.stat(store.root).st_mode) | 0o055)
+            store.check_safe()  # before any chmod: the very directory judged, by its descriptor
+            fd = store.fd
+            if not existed:
+                os.fchmod(fd, 0o755 if shared else 0o700)
+            elif shared:
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o055)
             for d in (store.objects, store.tmp, store.sessions, store.locks):
-                access.mkdir_nofollow(d)
-            access.private_trees(store.trees)
-            access.create_once(store.root / "CACHEDIR.TAG", _CACHEDIR_TAG)
-            access.create_once(store.root / ".gitignore", b"*\n")
+                access.mkdir_nofollow(d.name, dir_fd=fd, shown=d)
+            access.private_trees(store.trees, dir_fd=fd)
+            access.create_once("CACHEDIR.TAG", _CACHEDIR_TAG, dir_fd=fd)
+            access.create_once(".gitignore", b"*\n", dir_fd=fd)
         except PermissionError as exc:
             raise VeloError(
                 f"cannot create the store at {store.root}: {exc.strerror}",
@@ -182,8 +296,12 @@ class Store:
         return store
 
     def check_safe(self) -> None:
-        """Refuse a store with planted symlinks, or (as root) one another user can write."""
-        access.check_safe(self.root)
+        """Refuse a store with planted symlinks, or (as root) one another user can write or
+        move (`access.check_safe`); then hold it by the descriptor of the directory judged."""
+        fd = access.check_safe(self.root)
+        self.close()
+        self._fd = fd
+        self.choose_layout()
 
     def write_refusal(self, path: str | os.PathLike[str] | None = None) -> VeloError | None:
         """Why this process cannot change `path` (default: the store), or None when it can."""
@@ -196,7 +314,10 @@ class Store:
         """(usable, reason): does fs-verity work for objects of this store? Probed on a scratch
         file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store."""
         if self._verity is None:
-            self._verity = verity.cached_support(self.root / "fsverity-v1.json", self.tmp)
+            self.tmp_fd()
+            self._verity = verity.cached_support(
+                self.held_path("fsverity-v1.json"), self.held_path("tmp")
+            )
         return self._verity
 
     def writable(self) -> None:
@@ -279,20 +400,11 @@ class Store:
         if self.legacy is not None:
             yield from _iter_fanout(self.legacy)
 
-    def shard_dir(self, hexname: bytes) -> bytes:
+    def shard_dir_path(self, hexname: bytes) -> bytes:
+        """The path of the fan-out directory of `hexname` (for messages: writes go by `shard`)."""
         if self.fanout == 1:
-            d = b"%s/%s" % (self._objects_b, hexname[:2])
-        else:
-            d = b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
-        if d not in self._known_shards:
-            try:
-                os.mkdir(d, 0o755)  # one call when its parent exists (the usual case)
-            except FileExistsError:
-                pass
-            except FileNotFoundError:
-                makedirs(d)
-            self._known_shards.add(d)
-        return d
+            return b"%s/%s" % (self._objects_b, hexname[:2])
+        return b"%s/%s/%s" % (self._objects_b, hexname[:2], hexname[2:4])
 
     def remove_empty_shards(self) -> int:
         """Remove the fan-out directories under the objects directory that hold nothing (gc,
@@ -309,7 +421,7 @@ class Store:
                     raise
                 continue
             removed += 1
-        self._known_shards.clear()
+        self._drop_fds(objects_only=True)
         return removed
 
     # -- locking ---------------------------------------------------------------------------
@@ -317,14 +429,14 @@ class Store:
         self, *, exclusive: bool = False, wait: bool = True
     ) -> contextlib.AbstractContextManager[None]:
         """The store lock: shared for writers, exclusive for gc."""
-        return access.store_lock(self.root, exclusive=exclusive, wait=wait)
+        return access.store_lock(self.root, self.fd, exclusive=exclusive, wait=wait)
 
     def stage(self) -> Stage:
         return Stage(self)
 
     def reclaim_tmp(self) -> int:
         """Remove stages left by dead writers (their flock is free). Returns entries removed."""
-        return access.reclaim_stages(self.tmp)
+        return access.reclaim_stages(self.tmp_fd())
 
 
 def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
@@ -343,251 +455,6 @@ def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
                 continue
             for obj in os.scandir(d2.path):
                 yield obj.name, Path(obj.path)
-
-
-def syncfs_path(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _libc.syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-class Stage:
-    """A writer's staging area. Stage objects, then `publish()` them durably in one batch.
-
-    Usable from forked worker processes: each worker calls `Stage.attach(store, name)` and writes
-    into the same directory under unique file names; the parent publishes.
-    """
-
-    def __init__(self, store: Store, name: str | None = None) -> None:
-        self.store = store
-        self.name = name or f"{os.getpid()}-{os.urandom(6).hex()}"
-        self.dir = store.tmp / self.name
-        self._dir_b = os.fsencode(self.dir)
-        self._lock_fd = -1
-        self._seq = 0
-        self.staged: dict[bytes, bytes] = {}  # digest -> staged file path
-        self.sizes: dict[bytes, int] = {}  # digest -> bytes, of what this process staged
-
-    def __enter__(self) -> Stage:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def open(self) -> None:
-        access.mkdir_nofollow(self.store.tmp)
-        self._lock_fd = access.open_nofollow(
-            self.store.tmp / f"{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o600
-        )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        access.mkdir_nofollow(self.dir)
-
-    @classmethod
-    def attach(cls, store: Store, name: str) -> Stage:
-        """A view of an existing stage for a worker process (it does not own the lock)."""
-        return cls(store, name)
-
-    def close(self) -> None:
-        """Drop whatever was not published and release the stage."""
-        with contextlib.suppress(FileNotFoundError):
-            access.rmtree_count(self.dir)
-        if self._lock_fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.store.tmp / f"{self.name}.lock")
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-    def _tmpname(self) -> bytes:
-        self._seq += 1
-        return b"%s/%d-%d" % (self._dir_b, os.getpid(), self._seq)
-
-    def add_bytes(self, data: bytes | memoryview, digest: Digest | None = None) -> Digest:
-        """Stage `data`; the name is the hash of exactly these bytes."""
-        if digest is None:
-            h = Hasher()
-            h.update(data)
-            digest = h.digest()
-        if digest in self.staged or self.store.has(digest):
-            return digest
-        path = self._tmpname()
-        fd = _create(path)
-        try:
-            _write_all(fd, data, path)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        faults.point("stage.written")
-        self.staged[digest] = path
-        self.sizes[digest] = len(data)
-        return digest
-
-    def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
-        """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`
-        bytes or more is copied by the kernel (`linking.copy_in_kernel`: a reflink, or
-        copy_file_range) and named by the hash of the staged file itself, whatever the source
-        did meanwhile; the rest, or where the kernel cannot, is read, hashed and written.
-        Returns (digest, size, new); content already in the store is not kept twice."""
-        reader = iter(lambda: os.read(src_fd, _CHUNK), b"")
-        if os.fstat(src_fd).st_size - os.lseek(src_fd, 0, os.SEEK_CUR) < _CHUNK:
-            return self.add_stream(reader)
-        path = self._tmpname()
-        fd = _create(path, os.O_RDWR)
-        kept = False
-        try:
-            if linking.copy_in_kernel(src_fd, fd) is not None:
-                digest, size = hash_own_file(fd)
-                kept = True
-        except OSError as exc:
-            raise _store_error(exc, "copy_file_range", path) from exc
-        finally:
-            os.close(fd)
-            if not kept:
-                os.unlink(path)
-        if not kept:  # the kernel could not: read, hash and write
-            return self.add_stream(reader)
-        return self._keep(digest, size, path)
-
-    def add_stream(self, chunks: Iterable[bytes]) -> tuple[Digest, int, bool]:
-        """Stage the concatenation of `chunks`, written and hashed as they come (memory stays at
-        one chunk, whatever the object's size). Returns (digest, size, new)."""
-        path = self._tmpname()
-        fd = _create(path)
-        h = Hasher()
-        size = 0
-        try:
-            for chunk in chunks:
-                h.update(chunk)
-                _write_all(fd, chunk, path)
-                size += len(chunk)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        return self._keep(h.digest(), size, path)
-
-    def _keep(self, digest: Digest, size: int, path: bytes) -> tuple[Digest, int, bool]:
-        """Keep the staged file at `path` as `digest`, unless that content is staged or stored
-        already (then the file goes). Returns (digest, size, new)."""
-        if digest in self.staged or self.store.has(digest):
-            os.unlink(path)
-            return digest, size, False
-        faults.point("stage.written")
-        self.staged[digest] = path
-        self.sizes[digest] = size
-        return digest, size, True
-
-    def adopt(self, staged: dict[bytes, bytes]) -> None:
-        """Take over objects staged by worker processes."""
-        for digest, path in staged.items():
-            if digest in self.staged:
-                os.unlink(path)
-            else:
-                self.staged[digest] = path
-
-    def publish(self, mapper: Mapper | None = None, others: Callable[[], int] | None = None) -> int:
-        """syncfs; rename staged objects into their names; syncfs. Returns objects published.
-
-        `mapper` (e.g. a process pool's `map`) spreads the renames over workers: creating the
-        shard directories and renaming is most of the cost of storing many small objects.
-        `others` renames what other processes staged into this stage and kept themselves (each
-        worker its own, with `rename_own`), between the two syncfs; it returns their count.
-        """
-        if not self.staged and others is None:
-            return 0
-        syncfs_path(self.dir)
-        faults.point("publish.synced")
-        items = list(self.staged.items())
-        root = os.fspath(self.store.root)
-        seal = self.store.verity()[0]
-        from veloverlay.store.publish import _publish_chunk
-
-        if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
-            published = _publish_chunk((root, items, seal))
-        else:
-            chunks = [
-                (root, items[i : i + _PUBLISH_CHUNK], seal)
-                for i in range(0, len(items), _PUBLISH_CHUNK)
-            ]
-            published = sum(mapper(_publish_chunk, chunks))
-        if others is not None:
-            published += others()
-        syncfs_path(self.store.objects)
-        faults.point("publish.done")
-        self.staged.clear()
-        return published
-
-    def rename_own(self) -> tuple[int, int]:
-        """In the process that staged them: rename this view's objects into their names (sealed
-        with fs-verity first where the store uses it), once the stage's owner has synced the
-        stage (`publish(others=...)` calls this in each worker). Returns (objects published,
-        their bytes); an object that exists already is kept."""
-        from veloverlay.store.publish import _rename_noreplace
-
-        store = self.store
-        seal = store.verity()[0]
-        objfd = os.open(store.objects_b, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        count = nbytes = 0
-        try:
-            for digest, path in self.staged.items():
-                if _rename_noreplace(store, objfd, path, digest, seal):
-                    faults.point("publish.renamed")
-                    count += 1
-                    nbytes += self.sizes.get(digest, 0)
-                else:
-                    os.unlink(path)
-        finally:
-            os.close(objfd)
-        self.staged.clear()
-        self.sizes.clear()
-        return count, nbytes
-
-
-_Chunk = tuple[str, list[tuple[bytes, bytes]], bool]  # (store root, [(digest, staged)], seal)
-Mapper = Callable[[Callable[[_Chunk], int], list[_Chunk]], Iterable[int]]
-_PUBLISH_CHUNK = 512
-
-
-def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
-    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...)."""
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except OSError as exc:
-        raise _store_error(exc, "write", path) from exc
-
-
-def _create(path: bytes, access_mode: int = os.O_WRONLY) -> int:
-    try:
-        return os.open(
-            path, access_mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, OBJECT_MODE
-        )
-    except OSError as exc:
-        raise _store_error(exc, "open", path) from exc
-
-
-def _store_error(exc: OSError, call: str, path: bytes, path2: bytes | None = None) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return VeloError(
-            "the store's filesystem is full",
-            reason=Reason.STORE_FULL,
-            hint="free space (e.g. 'veloverlay gc') and retry; nothing stored was changed",
-            path=path,
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return VeloError(
-            f"cannot write into the store: {exc.strerror}",
-            reason=Reason.STORE_PERMISSION,
-            path=path,
-        )
-    return SysError(exc.errno or errno.EIO, call, path, path2)
 
 
 def check_object_file(path: str | os.PathLike[str]) -> os.stat_result:

@@ -69,9 +69,11 @@ def check_data_file(store: Store, *, writable: bool = True) -> bool:
     a zero page, which LMDB reports as corrupted (MANIFEST_CORRUPT here) instead of faulting. A
     reader that may not extend it refuses a file short by more than LMDB leaves."""
     path = store.db_path / "data.mdb"
-    for name in (store.db_path, path, store.db_path / "lock.mdb"):
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISLNK(os.lstat(name).st_mode):
+    db = store.db_path.name
+    for rel in (db, f"{db}/data.mdb", f"{db}/lock.mdb"):  # relative to the store held
+        name = store.root / rel
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if stat.S_ISLNK(os.stat(rel, dir_fd=store.fd, follow_symlinks=False).st_mode):
                 raise VeloError(
                     f"{name} is a symbolic link: nothing in a store may be one",
                     reason=Reason.STORE_UNSAFE,
@@ -79,8 +81,9 @@ def check_data_file(store: Store, *, writable: bool = True) -> bool:
                     path=name,
                 )
     try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(f"{db}/data.mdb", flags, dir_fd=store.fd)
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except PermissionError as exc:
         raise VeloError(
@@ -148,11 +151,14 @@ def check_fresh(store: Store) -> None:
         )
 
 
-def mkdir_nofollow(path: os.PathLike[str]) -> None:
+def mkdir_nofollow(store: Store) -> None:
+    """Make the database directory (relative to the store held; a link is refused)."""
     try:
-        os.mkdir(path, 0o755)
+        os.mkdir(store.db_path.name, 0o755, dir_fd=store.fd)
     except FileExistsError:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
+        st = os.stat(store.db_path.name, dir_fd=store.fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            path = store.db_path
             raise VeloError(
                 f"{path} is not a directory", reason=Reason.MANIFEST_CORRUPT, path=path
             ) from None
@@ -160,7 +166,8 @@ def mkdir_nofollow(path: os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def record_lock(store: Store) -> Iterator[int]:
-    fd = os.open(store.root / _RECORD, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -185,7 +192,7 @@ def read_record(store: Store) -> int | None:
     """The ref count in the store record; None when there is none (older stores) or it is
     unreadable."""
     try:
-        fd = os.open(store.root / _RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(_RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
     except OSError:
         return None
     try:

@@ -105,9 +105,9 @@ class Manifests(Versions):
         lock = lock or os.access(store.db_path / "lock.mdb", os.W_OK)
         try:
             if not existing:
-                mkdir_nofollow(store.db_path)
-            self.env = lmdb.open(
-                os.fspath(store.db_path),
+                mkdir_nofollow(store)
+            self.env = lmdb.open(  # by the store's descriptor: LMDB takes a path
+                store.held_path(store.db_path.name),
                 map_size=map_size,
                 max_dbs=8,
                 readonly=readonly,

@@ -4,14 +4,17 @@ by whichever process staged or was handed them, between the two syncfs of the du
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
 from veloverlay import _libc, faults, fsflags, verity
 from veloverlay.errors import SysError
-from veloverlay.store.cas import OBJECTS_V2, Store, _Chunk, _store_error
+from veloverlay.store import access
+from veloverlay.store.cas import Store
+from veloverlay.store.stage import Chunk, staged_name, store_error
 
-__all__ = ["UNPROTECTED", "unprotected", "forget_unprotected"]
+__all__ = ["UNPROTECTED", "unprotected", "forget_unprotected", "publish_chunk", "rename_noreplace"]
 
 # Objects named without the +i that real root gives every object: one line each,
 # `<hex> <ERRNO>`, or `* <ERRNO>` when the filesystem has no inode flags at all (then this
@@ -20,89 +23,101 @@ UNPROTECTED = "unprotected-v1"
 _NO_FLAGS = (errno.ENOTTY, errno.EOPNOTSUPP)
 _flags_missing: set[bytes] = set()  # stores whose filesystem refused +i (this process)
 
-_stores: dict[str, Store] = {}
 
-
-def _publish_chunk(job: _Chunk) -> int:
-    """Rename staged files to their object names (in any process; shard dirs cached per store),
-    each sealed with fs-verity first when `seal`."""
-    root, items, seal = job
-    store = _stores.get(root)
-    if store is None:
-        store = _stores[root] = Store(root)
-    elif store.fanout == 2 and os.path.isdir(os.path.join(root, OBJECTS_V2)):
-        store.choose_layout()  # gc migrated the store since this process cached it
-    objfd = os.open(store.objects_b, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def publish_chunk(job: Chunk) -> int:
+    """Rename staged files (by `<stage>/<file>` in the store's tmp/) to their object names, each
+    sealed with fs-verity first when `seal`; every step relative to the store's descriptors."""
+    store, items, seal = job
+    stages: dict[bytes, int] = {}
     published = 0
     try:
         for digest, path in items:
-            if _rename_noreplace(store, objfd, path, digest, seal):
+            stage, name = staged_name(path)
+            fd = stages.get(stage)
+            if fd is None:
+                shown = os.path.dirname(path)
+                fd = stages[stage] = access.open_dir(stage, dir_fd=store.tmp_fd(), shown=shown)
+            if rename_noreplace(store, fd, name, path, digest, seal):
                 faults.point("publish.renamed")
                 published += 1
             else:
-                os.unlink(path)
+                os.unlink(name, dir_fd=fd)
     finally:
-        os.close(objfd)
+        for fd in stages.values():
+            os.close(fd)
     return published
 
 
-def _seal(path: bytes) -> None:
+def _seal(stage_fd: int, name: bytes, shown: bytes) -> None:
     """fs-verity on a staged object; a full store is STORE_FULL, like any write."""
     try:
-        verity.seal(path)
+        verity.seal_at(stage_fd, name)
     except OSError as exc:
         call = exc.syscall if isinstance(exc, SysError) else "open"
-        raise _store_error(exc, call, path) from exc
+        raise store_error(exc, call, shown) from exc
 
 
-_AT_FDCWD = -100
-
-
-def _rename_noreplace(store: Store, objfd: int, path: bytes, digest: bytes, seal: bool) -> bool:
-    """Move the staged `path` to the object's name unless that exists; False if it did.
-
-    One `renameat2(RENAME_NOREPLACE)`, relative to the objects directory: an identical object
-    may exist already (another writer), and then the older inode is kept (it may carry +i and
-    short-name links). A shard directory that gc removed (empty) since this process made it is
-    made again."""
-    hexname = digest.hex().encode()
-    rel = store.object_relpath_b(digest)[1:]
-    if seal:  # sealing costs a read of the file: not for an object that exists already
-        if os.path.lexists(b"%s/%s" % (store.objects_b, rel)):
-            return False
-        _seal(path)
-    for attempt in (0, 1):
-        try:
-            store.shard_dir(hexname)
-        except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
-            raise _store_error(exc, "mkdir", store.objects_b + b"/" + hexname[:4]) from exc
-        try:
-            _libc.renameat2(_AT_FDCWD, path, objfd, rel, _libc.RENAME_NOREPLACE)
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                return False
-            if exc.errno == errno.ENOENT and attempt == 0 and os.path.lexists(path):
-                store._known_shards.discard(b"%s/%s" % (store.objects_b, rel.rpartition(b"/")[0]))
-                continue
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise _store_error(exc, "rename", path, store.objects_b + b"/" + rel) from exc
-            break
-        # Named now: a failure recording it unprotected is not the rename's.
-        _protect(store, store.objects_b + b"/" + rel)
-        return True
-    # A filesystem without RENAME_NOREPLACE: check, then rename.
-    dst = b"%s/%s" % (store.objects_b, rel)
-    if os.path.lexists(dst):
-        return False
+def _exists(dir_fd: int, name: bytes) -> bool:
     try:
-        os.rename(path, dst)
-    except OSError as exc:
-        raise _store_error(exc, "rename", path, dst) from exc
-    _protect(store, dst)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
     return True
 
 
-def _protect(store: Store, path: bytes) -> None:
+def rename_noreplace(
+    store: Store, stage_fd: int, name: bytes, shown: bytes, digest: bytes, seal: bool
+) -> bool:
+    """Move the staged file `name` (in the stage directory `stage_fd`; `shown` in messages) to
+    the object's name unless that exists; False if it did.
+
+    One `renameat2(RENAME_NOREPLACE)` between the two directories' descriptors: an identical
+    object may exist already (another writer), and then the older inode is kept (it may carry +i
+    and short-name links). A shard directory that gc removed (empty) since it was opened is made
+    again."""
+    hexname = digest.hex().encode()
+    dst = store.shard_dir_path(hexname) + b"/" + hexname
+    for attempt in (0, 1):
+        with contextlib.ExitStack() as held:
+            try:
+                shard = held.enter_context(store.shard(hexname))
+            except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
+                raise store_error(exc, "mkdir", store.shard_dir_path(hexname)) from exc
+            if seal and attempt == 0:  # sealing costs a read: not for an object that exists
+                if _exists(shard, hexname):
+                    return False
+                _seal(stage_fd, name, shown)
+            try:
+                _libc.renameat2(stage_fd, name, shard, hexname, _libc.RENAME_NOREPLACE)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    return False
+                if exc.errno == errno.ENOENT and attempt == 0 and _exists(stage_fd, name):
+                    continue  # gc removed the (empty) shard since it was opened: made again
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise store_error(exc, "rename", shown, dst) from exc
+                return _rename_checked(store, stage_fd, name, shown, shard, hexname, dst)
+            # Named now: a failure recording it unprotected is not the rename's.
+            _protect(store, shard, hexname)
+            return True
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def _rename_checked(
+    store: Store, stage_fd: int, name: bytes, shown: bytes, shard: int, hexname: bytes, dst: bytes
+) -> bool:
+    """A filesystem without RENAME_NOREPLACE: check, then rename."""
+    if _exists(shard, hexname):
+        return False
+    try:
+        os.rename(name, hexname, src_dir_fd=stage_fd, dst_dir_fd=shard)
+    except OSError as exc:
+        raise store_error(exc, "rename", shown, dst) from exc
+    _protect(store, shard, hexname)
+    return True
+
+
+def _protect(store: Store, shard: int, hexname: bytes) -> None:
     """As real root, an object is immutable (+i) from the moment it is named, before the second
     syncfs: no process (root's included) can change its bytes through a hard link made later.
     Anyone else cannot set it (doctor says which protection holds). Where real root fails, the
@@ -110,24 +125,23 @@ def _protect(store: Store, path: bytes) -> None:
     if not fsflags.may_set_immutable() or store.objects_b in _flags_missing:
         return
     try:
-        fsflags.set_immutable(os.fsdecode(path), True)
+        fsflags.set_immutable_at(shard, hexname, True)
     except OSError as exc:
         code = exc.errno or errno.EIO
         if code in _NO_FLAGS:
             _flags_missing.add(store.objects_b)
-        name = b"*" if code in _NO_FLAGS else os.path.basename(path)
-        line = b"%s %s\n" % (name, errno.errorcode.get(code, str(code)).encode())
+        label = b"*" if code in _NO_FLAGS else hexname
+        line = b"%s %s\n" % (label, errno.errorcode.get(code, str(code)).encode())
         record = os.path.join(os.fsencode(store.root), UNPROTECTED.encode())
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(
-                record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
-            )
+            fd = os.open(UNPROTECTED, flags, 0o644, dir_fd=store.fd)
             try:
                 os.write(fd, line)  # one short O_APPEND write: whole lines from any process
             finally:
                 os.close(fd)
         except OSError as werr:
-            raise _store_error(werr, "write", record) from werr
+            raise store_error(werr, "write", record) from werr
 
 
 def unprotected(store: Store) -> list[tuple[str, str]]:

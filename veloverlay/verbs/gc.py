@@ -19,13 +19,13 @@ import os
 import time
 from pathlib import Path
 
-from veloverlay import faults
+from veloverlay import _libc, faults
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
-from veloverlay.store.cas import OBJECTS_V2, Store, syncfs_path
+from veloverlay.store.cas import OBJECTS_V2, Store
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
 
 __all__ = [
@@ -179,7 +179,7 @@ def migrate_objects(store: Store) -> int:
     from veloverlay import fsflags
 
     with contextlib.suppress(FileExistsError):
-        os.mkdir(store.root / OBJECTS_V2, 0o755)
+        os.mkdir(OBJECTS_V2, 0o755, dir_fd=store.fd)
     store.choose_layout()  # from now on: written to objects-v2, read from both
     moved = 0
     for dirpath, _dirs, files in os.walk(legacy):
@@ -187,19 +187,19 @@ def migrate_objects(store: Store) -> int:
             if len(name) != 64 or not all(c in "0123456789abcdef" for c in name):
                 continue  # not an object: left where it is (fsck reports it)
             src = os.path.join(dirpath, name)
-            dst = store.shard_dir(name.encode()) + b"/" + name.encode()
-            if os.path.lexists(dst):  # named in both (cannot happen but by hand): keep the new
-                _unlink_object(store, Path(src), None)
-                continue
-            try:
-                os.rename(src, dst)
-            except PermissionError:  # +i: only a process that may clear it gets here (root)
-                fsflags.set_immutable(src, False)
-                os.rename(src, dst)
-                fsflags.set_immutable(os.fsdecode(dst), True)
+            with store.shard(name.encode()) as shard:  # made, and entered, without a link
+                if _named_in(shard, name):
+                    _unlink_object(store, Path(src), None)  # in both (by hand): keep the new
+                    continue
+                try:
+                    os.rename(src, name, dst_dir_fd=shard)
+                except PermissionError:  # +i: only a process that may clear it gets here (root)
+                    fsflags.set_immutable(src, False)
+                    os.rename(src, name, dst_dir_fd=shard)
+                    fsflags.set_immutable_at(shard, name, True)
             moved += 1
             faults.point("gc.migrate")
-    syncfs_path(store.objects)
+    _libc.syncfs(store.objects_fd())
     for dirpath, _dirs, _files in os.walk(legacy, topdown=False):
         with contextlib.suppress(OSError):  # a stray file keeps its directory (and objects-v1)
             os.rmdir(dirpath)
@@ -208,6 +208,14 @@ def migrate_objects(store: Store) -> int:
 
     prune(store, set())  # every cached layer: Tier-1 symlinks and redirects name old paths
     return moved
+
+
+def _named_in(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def gc(

@@ -1,0 +1,318 @@
+"""Staging objects in a store's `tmp/`: a writer's stage directory, the files it writes there
+(named after they are hashed), and the durable publication of the batch (cas.py's module
+docstring: syncfs, rename into the objects directory, syncfs).
+
+Every file of a stage is made relative to a descriptor of the stage directory, itself opened
+relative to the store's held descriptor (`Store.fd`) without following a symbolic link: a store
+moved or replaced by name while a writer runs does not receive its files. A staged object is
+kept as its path, but only its last two components (`<stage>/<file>`, relative to the `tmp/`
+held) are used to rename it, by whichever process of the writer (forked workers, threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from veloverlay import _libc, faults, linking
+from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.store import access
+from veloverlay.store.digest import Digest, Hasher, hash_own_file
+
+if TYPE_CHECKING:
+    from veloverlay.store.cas import Store
+
+__all__ = ["Stage", "OBJECT_MODE", "Mapper"]
+
+OBJECT_MODE = 0o444
+_CHUNK = 1 << 20
+
+
+class Stage:
+    """A writer's staging area. Stage objects, then `publish()` them durably in one batch.
+
+    Usable from forked worker processes: each worker calls `Stage.attach(store, name)` and writes
+    into the same directory under unique file names; the parent publishes.
+    """
+
+    def __init__(self, store: Store, name: str | None = None) -> None:
+        self.store = store
+        self.name = name or f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.dir = store.tmp / self.name
+        self._dir_b = os.fsencode(self.dir)
+        self._dir_fd = -1
+        self._lock_fd = -1
+        self._seq = 0
+        self.staged: dict[bytes, bytes] = {}  # digest -> staged file path (see the docstring)
+        self.sizes: dict[bytes, int] = {}  # digest -> bytes, of what this process staged
+
+    def __enter__(self) -> Stage:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.store.held()
+        tmp = self.store.tmp_fd()
+        self._lock_fd = access.open_nofollow(
+            f"{self.name}.lock",
+            os.O_RDWR | os.O_CREAT,
+            0o600,
+            dir_fd=tmp,
+            shown=self.store.tmp / f"{self.name}.lock",
+        )
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        access.mkdir_nofollow(self.name, dir_fd=tmp, shown=self.dir)
+
+    @classmethod
+    def attach(cls, store: Store, name: str) -> Stage:
+        """A view of an existing stage for a worker process (it does not own the lock)."""
+        return cls(store, name)
+
+    def dir_fd(self) -> int:
+        """A descriptor of the stage directory (opened in this process on first use)."""
+        if self._dir_fd < 0:
+            self._dir_fd = access.open_dir(self.name, dir_fd=self.store.tmp_fd(), shown=self.dir)
+        return self._dir_fd
+
+    def _close_dir(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def __del__(self) -> None:  # a worker's view (attach) is dropped, never closed
+        with contextlib.suppress(Exception):
+            self._close_dir()
+
+    def close(self) -> None:
+        """Drop whatever was not published and release the stage."""
+        self._close_dir()
+        tmp = self.store.tmp_fd()
+        with contextlib.suppress(FileNotFoundError):
+            access.rmtree_count(self.name, dir_fd=tmp)
+        if self._lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.name}.lock", dir_fd=tmp)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _tmpname(self) -> bytes:
+        self._seq += 1
+        return b"%s/%d-%d" % (self._dir_b, os.getpid(), self._seq)
+
+    def _create(self, path: bytes, access_mode: int = os.O_WRONLY) -> int:
+        flags = access_mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(os.path.basename(path), flags, OBJECT_MODE, dir_fd=self.dir_fd())
+        except OSError as exc:
+            raise store_error(exc, "open", path) from exc
+
+    def _drop(self, path: bytes) -> None:
+        os.unlink(os.path.basename(path), dir_fd=self.dir_fd())
+
+    def discard(self, digest: bytes) -> None:
+        """Remove an object this stage holds and forget it."""
+        self.sizes.pop(digest, None)
+        unlink_staged(self.store, self.staged.pop(digest))
+
+    def add_bytes(self, data: bytes | memoryview, digest: Digest | None = None) -> Digest:
+        """Stage `data`; the name is the hash of exactly these bytes."""
+        if digest is None:
+            h = Hasher()
+            h.update(data)
+            digest = h.digest()
+        if digest in self.staged or self.store.has(digest):
+            return digest
+        path = self._tmpname()
+        fd = self._create(path)
+        try:
+            _write_all(fd, data, path)
+        except BaseException:
+            self._drop(path)
+            raise
+        finally:
+            os.close(fd)
+        faults.point("stage.written")
+        self.staged[digest] = path
+        self.sizes[digest] = len(data)
+        return digest
+
+    def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
+        """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`
+        bytes or more is copied by the kernel (`linking.copy_in_kernel`: a reflink, or
+        copy_file_range) and named by the hash of the staged file itself, whatever the source
+        did meanwhile; the rest, or where the kernel cannot, is read, hashed and written.
+        Returns (digest, size, new); content already in the store is not kept twice."""
+        reader = iter(lambda: os.read(src_fd, _CHUNK), b"")
+        if os.fstat(src_fd).st_size - os.lseek(src_fd, 0, os.SEEK_CUR) < _CHUNK:
+            return self.add_stream(reader)
+        path = self._tmpname()
+        fd = self._create(path, os.O_RDWR)
+        kept = False
+        try:
+            if linking.copy_in_kernel(src_fd, fd) is not None:
+                digest, size = hash_own_file(fd)
+                kept = True
+        except OSError as exc:
+            raise store_error(exc, "copy_file_range", path) from exc
+        finally:
+            os.close(fd)
+            if not kept:
+                self._drop(path)
+        if not kept:  # the kernel could not: read, hash and write
+            return self.add_stream(reader)
+        return self._keep(digest, size, path)
+
+    def add_stream(self, chunks: Iterable[bytes]) -> tuple[Digest, int, bool]:
+        """Stage the concatenation of `chunks`, written and hashed as they come (memory stays at
+        one chunk, whatever the object's size). Returns (digest, size, new)."""
+        path = self._tmpname()
+        fd = self._create(path)
+        h = Hasher()
+        size = 0
+        try:
+            for chunk in chunks:
+                h.update(chunk)
+                _write_all(fd, chunk, path)
+                size += len(chunk)
+        except BaseException:
+            os.close(fd)
+            self._drop(path)
+            raise
+        os.close(fd)
+        return self._keep(h.digest(), size, path)
+
+    def _keep(self, digest: Digest, size: int, path: bytes) -> tuple[Digest, int, bool]:
+        """Keep the staged file at `path` as `digest`, unless that content is staged or stored
+        already (then the file goes). Returns (digest, size, new)."""
+        if digest in self.staged or self.store.has(digest):
+            self._drop(path)
+            return digest, size, False
+        faults.point("stage.written")
+        self.staged[digest] = path
+        self.sizes[digest] = size
+        return digest, size, True
+
+    def adopt(self, staged: dict[bytes, bytes]) -> None:
+        """Take over objects staged by worker processes (or other stages of this store)."""
+        for digest, path in staged.items():
+            if digest in self.staged:
+                unlink_staged(self.store, path)
+            else:
+                self.staged[digest] = path
+
+    def publish(self, mapper: Mapper | None = None, others: Callable[[], int] | None = None) -> int:
+        """syncfs; rename staged objects into their names; syncfs. Returns objects published.
+
+        `mapper` (e.g. a thread pool's `map`) spreads the renames over workers: creating the
+        shard directories and renaming is most of the cost of storing many small objects.
+        `others` renames what other processes staged into this stage and kept themselves (each
+        worker its own, with `rename_own`), between the two syncfs; it returns their count.
+        A store moved or replaced since it was judged is refused first (`Store.held`).
+        """
+        if not self.staged and others is None:
+            return 0
+        self.store.held()
+        self.store.follow_migration()
+        _libc.syncfs(self.dir_fd())
+        faults.point("publish.synced")
+        items = list(self.staged.items())
+        seal = self.store.verity()[0]
+        from veloverlay.store.publish import publish_chunk
+
+        if mapper is None or len(items) < 2 * _PUBLISH_CHUNK:
+            published = publish_chunk((self.store, items, seal))
+        else:
+            chunks = [
+                (self.store, items[i : i + _PUBLISH_CHUNK], seal)
+                for i in range(0, len(items), _PUBLISH_CHUNK)
+            ]
+            published = sum(mapper(publish_chunk, chunks))
+        if others is not None:
+            published += others()
+        _libc.syncfs(self.store.objects_fd())
+        faults.point("publish.done")
+        self.staged.clear()
+        return published
+
+    def rename_own(self) -> tuple[int, int]:
+        """In the process that staged them: rename this view's objects into their names (sealed
+        with fs-verity first where the store uses it), once the stage's owner has synced the
+        stage (`publish(others=...)` calls this in each worker). Returns (objects published,
+        their bytes); an object that exists already is kept."""
+        from veloverlay.store.publish import rename_noreplace
+
+        store = self.store
+        store.follow_migration()
+        seal = store.verity()[0]
+        fd = self.dir_fd()
+        count = nbytes = 0
+        for digest, path in self.staged.items():
+            name = os.path.basename(path)
+            if rename_noreplace(store, fd, name, path, digest, seal):
+                faults.point("publish.renamed")
+                count += 1
+                nbytes += self.sizes.get(digest, 0)
+            else:
+                os.unlink(name, dir_fd=fd)
+        self.staged.clear()
+        self.sizes.clear()
+        self._close_dir()
+        return count, nbytes
+
+
+# (the store, [(digest, staged file path)], seal)
+Chunk = tuple["Store", list[tuple[bytes, bytes]], bool]
+Mapper = Callable[[Callable[[Chunk], int], list[Chunk]], Iterable[int]]
+_PUBLISH_CHUNK = 512
+
+
+def staged_name(path: bytes) -> tuple[bytes, bytes]:
+    """(stage, file) of a staged file's path: what is looked up, relative to the tmp/ held."""
+    head, name = os.path.split(path)
+    return os.path.basename(head), name
+
+
+def unlink_staged(store: Store, path: bytes) -> None:
+    stage, name = staged_name(path)
+    fd = access.open_dir(stage, dir_fd=store.tmp_fd(), shown=os.path.dirname(path))
+    try:
+        os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
+    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...)."""
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as exc:
+        raise store_error(exc, "write", path) from exc
+
+
+def store_error(exc: OSError, call: str, path: bytes, path2: bytes | None = None) -> Exception:
+    """The error a failed write into the store raises: STORE_FULL, STORE_PERMISSION, or the
+    syscall's own."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return VeloError(
+            "the store's filesystem is full",
+            reason=Reason.STORE_FULL,
+            hint="free space (e.g. 'veloverlay gc') and retry; nothing stored was changed",
+            path=path,
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return VeloError(
+            f"cannot write into the store: {exc.strerror}",
+            reason=Reason.STORE_PERMISSION,
+            path=path,
+        )
+    return SysError(exc.errno or errno.EIO, call, path, path2)
