@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -245,6 +246,20 @@ def test_fsck_and_checkout_catch_a_size_lie(repo: Repo, shm_tmp: str) -> None:
 
 
 # -- item 11: export -o X ----------------------------------------------------------------------
+
+
+def test_an_exported_bundle_is_its_creators_alone(ingested: str, shm_tmp: str) -> None:
+    """A bundle holds the bytes of every file of the version, a 0600 file's too: it is made
+    0600 (not 0644 after the umask), also when it replaces an existing output file."""
+    out = os.path.join(shm_tmp, "b.velo")
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    os.chmod(out, 0o644)  # an older bundle anyone could read: replaced by a private one
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert not os.path.lexists(out + ".part")
 
 
 def test_export_never_follows_a_planted_part_symlink(ingested: str, shm_tmp: str) -> None:

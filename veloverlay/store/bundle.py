@@ -106,10 +106,13 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     """Export into the file `output`, atomically: the bundle is written to `output.part` (created
     new, never through a symbolic link: one planted there is refused), fsynced and renamed over
     `output`; on any failure the `.part` file is removed and `output` is left as it was.
-    (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.)"""
+    (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.) The bundle is
+    its creator's alone (0600): it holds the bytes of every file of the version, private ones
+    too, which a private store keeps from other users (`chmod` it to share it)."""
     tmp = output + ".part"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, flags, 0o600)
     except FileExistsError:
         raise VeloError(
             f"{tmp} exists (another export, or one that was killed)",
