@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
@@ -20,7 +20,13 @@ from veloverlay.errors import Reason, VeloError
 __all__ = [
     "DIRFLAGS",
     "NEWFILE",
+    "TreeChanged",
+    "Unflag",
     "force_rmtree",
+    "remove_at",
+    "open_dir_at",
+    "empty_dir",
+    "rmdir_at",
     "makedirs",
     "write_json_atomic",
     "write_bytes_atomic",
@@ -52,99 +58,220 @@ def makedirs(path: str | bytes | os.PathLike[str], mode: int = 0o755) -> None:
             os.mkdir(path, mode)
 
 
-def _rmdir_shallow(p: str) -> bool:
-    """Remove `p` if it is an empty directory or holds only empty directories (an untouched
-    session's upper and work dirs); False if it holds anything else."""
-    try:
-        os.rmdir(p)
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            return False
-    try:
-        with os.scandir(p) as it:
-            entries = list(it)
-        if not all(e.is_dir(follow_symlinks=False) for e in entries):
-            return False  # files or symlinks (never chmod through a symlink): the full walk
-        for sub in (e.path for e in entries):
-            with contextlib.suppress(OSError):
-                os.close(_open_dir_opened_up(sub, None))  # overlay leaves work/work at 000
-            os.rmdir(sub)
-        os.rmdir(p)
-        return True
-    except OSError:
-        return False
+class TreeChanged(OSError):
+    """The tree being removed is not (or no longer) the one meant: the directory at its name is
+    another one than the caller recorded, or a directory of the walk was moved away from under
+    it. Nothing outside what was reached through descriptors of the tree was touched."""
 
 
-def force_rmtree(path: str | os.PathLike[str]) -> None:
-    """Remove a tree we own whatever its modes (0555/000 dirs, overlay's work/work) and whatever
-    its depth: an explicit stack of names under one open directory fd, never recursion (shutil
-    recurses once per level: a tree deeper than Python's recursion limit could never go) and
-    never a long path (deeper than PATH_MAX is ENAMETOOLONG). Symbolic links are removed,
-    never followed."""
-    p = os.fspath(path)
-    if not os.path.lexists(p):
+# Called with an O_RDONLY descriptor of a file or directory whose unlink or rmdir was refused:
+# clears what the caller may clear there (fsflags.make_mutable: chattr -i -a).
+Unflag = Callable[[int], object]
+
+
+def force_rmtree(
+    path: str | os.PathLike[str],
+    *,
+    expect: tuple[int, int] | None = None,
+    unflag: Unflag | None = None,
+) -> None:
+    """Remove `path` and, for a directory, everything in it, whatever its modes (0555/000 dirs,
+    overlay's work/work) and whatever its depth. `path` is resolved once, when its parent is
+    opened; from then on the walk acts only through descriptors (`remove_at`): no mode change,
+    open, unlink or rmdir goes by a path an other user could re-point (a directory of theirs on
+    the way swapped for a symbolic link). Symbolic links are removed, never followed. `expect`:
+    the (dev, ino) the entry must have (else `TreeChanged`, nothing removed); `unflag`: called
+    on an entry whose removal is refused (EPERM), to clear +i/+a, then tried once more. A
+    missing `path` is no error."""
+    parent, name = os.path.split(os.fspath(path).rstrip("/"))
+    if name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "not a removable name", os.fspath(path))
+    try:
+        pfd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    if _rmdir_shallow(p):
-        return
-    if not stat.S_ISDIR(os.lstat(p).st_mode):
-        os.unlink(p)
-        return
-    with contextlib.suppress(OSError):
-        os.chmod(p, 0o700)
-    fd = os.open(p, DIRFLAGS)
     try:
-        names: list[str] = []  # the directory fd is at p/names...
-        pending = [_empty_files(fd)]  # per level: subdirectories still to remove
-        while True:
-            if pending[-1]:
-                sub = pending[-1].pop()
-                child = _open_dir_opened_up(sub, fd)
-                os.close(fd)
-                fd = child
-                names.append(sub)
-                pending.append(_empty_files(fd))
-                continue
-            pending.pop()
-            if not names:
-                break
-            parent = os.open("..", DIRFLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = parent
-            os.rmdir(names.pop(), dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(p)
-
-
-def _open_dir_opened_up(name: str, dfd: int | None) -> int:
-    """A descriptor of the directory `name` in `dfd`, made 0700 first (a 0000 or 0555
-    directory of a tree being removed). The mode is changed through a descriptor of that very
-    directory (O_PATH, no link followed), never by name: a name swapped for a symbolic link in
-    between would chmod whatever the link names."""
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    pfd = os.open(name, flags, dir_fd=dfd)
-    try:
-        with contextlib.suppress(OSError):  # not ours to change: the open below says so
-            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
-        try:
-            return os.open(f"/proc/self/fd/{pfd}", DIRFLAGS & ~os.O_NOFOLLOW)
-        except FileNotFoundError:  # no /proc here: by name, still never through a link
-            return os.open(name, DIRFLAGS, dir_fd=dfd)
+        remove_at(pfd, name, expect=expect, unflag=unflag)
     finally:
         os.close(pfd)
 
 
-def _empty_files(dfd: int) -> list[str]:
+def remove_at(
+    dfd: int, name: str, *, expect: tuple[int, int] | None = None, unflag: Unflag | None = None
+) -> bool:
+    """Remove the entry `name` of the directory `dfd` (any descriptor of it, O_PATH too) and,
+    for a directory, everything in it (`empty_dir`); False when there is no such entry. The
+    directory is opened without following a link and checked against `expect` before anything
+    in it changes. `dfd`'s own flags are never touched (it is outside the tree)."""
+    for _ in range(3):
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            _same(st, expect, name)
+            _remove_entry(dfd, name, False, unflag, outside=True)
+            return True
+        try:
+            fd, dst = open_dir_at(dfd, name, expect=expect)
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            continue  # replaced by a link or a file since the stat: look again
+        try:
+            empty_dir(fd, unflag=unflag)
+        finally:
+            os.close(fd)
+        rmdir_at(dfd, name, expect=(dst.st_dev, dst.st_ino), unflag=unflag, outside=True)
+        return True
+    raise TreeChanged(errno.ESTALE, "kept changing between a directory and something else", name)
+
+
+def open_dir_at(
+    dfd: int, name: str, *, expect: tuple[int, int] | None = None
+) -> tuple[int, os.stat_result]:
+    """(descriptor, fstat) of the directory `name` in `dfd`, opened without following a
+    symbolic link (ENOTDIR when `name` is one, or no directory). When `expect` is given, the
+    directory must be that (dev, ino) — checked before anything changes — else `TreeChanged`.
+    A directory of ours that its mode keeps us from listing or emptying (000, 0555) gets u+rwx
+    through a descriptor of that very inode, never by name."""
+    try:
+        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+    except PermissionError:
+        fd = _opened_up(dfd, name, expect)
+    try:
+        st = os.fstat(fd)
+        _same(st, expect, name)
+        if st.st_uid == os.geteuid() and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            with contextlib.suppress(PermissionError):  # +i: what follows says so
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _opened_up(dfd: int, name: str, expect: tuple[int, int] | None) -> int:
+    """The directory `name` that refused to be opened for reading: through an O_PATH descriptor
+    (no link followed), if it is ours, made u+rwx via /proc/self/fd (chmod reaches that inode,
+    whatever happens to the name), then opened for reading through the same descriptor."""
+    pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        st = os.fstat(pfd)
+        _same(st, expect, name)
+        if st.st_uid != os.geteuid():
+            raise PermissionError(errno.EACCES, "a directory of another user", name)
+        os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        return os.open(f"/proc/self/fd/{pfd}", DIRFLAGS & ~os.O_NOFOLLOW)
+    finally:
+        os.close(pfd)
+
+
+def empty_dir(top: int, *, unflag: Unflag | None = None) -> None:
+    """Remove everything in the directory `top` (a descriptor opened for reading), never
+    crossing into another filesystem (a mount point in the tree: EBUSY before anything below
+    it goes). An explicit stack, not recursion (a tree deeper than Python's recursion limit
+    must go too), and one descriptor at a time: the walk climbs back by "..", and each ".." must
+    be the directory it descended from (its (dev, ino)), else `TreeChanged` — a directory moved
+    elsewhere by whoever can write its parent never leads the walk out of the tree."""
+    dev = os.fstat(top).st_dev
+    fd = os.open(".", DIRFLAGS, dir_fd=top)
+    try:
+        # per level: its (dev, ino), its name in the level above, the subdirectories left
+        here = os.fstat(fd)
+        levels = [((here.st_dev, here.st_ino), "", _clear_files(fd, unflag))]
+        while True:
+            ident, name, pending = levels[-1]
+            if pending:
+                sub = pending.pop()
+                try:
+                    child, cst = open_dir_at(fd, sub)
+                except FileNotFoundError:
+                    continue
+                except NotADirectoryError:  # no longer a directory (a link now): it goes
+                    _remove_entry(fd, sub, False, unflag)
+                    continue
+                if cst.st_dev != dev:
+                    os.close(child)
+                    raise OSError(errno.EBUSY, "a mount point in the tree: not crossed", sub)
+                os.close(fd)
+                fd = child
+                levels.append(((cst.st_dev, cst.st_ino), sub, _clear_files(fd, unflag)))
+                continue
+            if len(levels) == 1:
+                return
+            levels.pop()
+            up = os.open("..", DIRFLAGS, dir_fd=fd)
+            ust = os.fstat(up)
+            os.close(fd)
+            fd = up
+            if (ust.st_dev, ust.st_ino) != levels[-1][0]:
+                raise TreeChanged(errno.ESTALE, "a directory was moved out of the tree", name)
+            rmdir_at(fd, name, expect=ident, unflag=unflag)
+    finally:
+        os.close(fd)
+
+
+def rmdir_at(
+    dfd: int,
+    name: str,
+    *,
+    expect: tuple[int, int] | None = None,
+    unflag: Unflag | None = None,
+    outside: bool = False,
+) -> None:
+    """rmdir `name` in `dfd` if it is still the directory `expect` (else `TreeChanged`)."""
+    if expect is not None:
+        _same(os.stat(name, dir_fd=dfd, follow_symlinks=False), expect, name)
+    _remove_entry(dfd, name, True, unflag, outside=outside)
+
+
+def _same(st: os.stat_result, expect: tuple[int, int] | None, name: str) -> None:
+    if expect is not None and (st.st_dev, st.st_ino) != tuple(expect):
+        raise TreeChanged(errno.ESTALE, "not the directory meant: it was replaced", name)
+
+
+def _clear_files(dfd: int, unflag: Unflag | None) -> list[str]:
     """Unlink every non-directory in the directory `dfd`; return its subdirectories' names."""
     subdirs = []
-    for e in os.scandir(dfd):
+    with os.scandir(dfd) as it:
+        entries = list(it)
+    for e in entries:
         if e.is_dir(follow_symlinks=False):
             subdirs.append(e.name)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(e.name, dir_fd=dfd)
+            _remove_entry(dfd, e.name, False, unflag)
     return subdirs
+
+
+def _remove_entry(
+    dfd: int, name: str, isdir: bool, unflag: Unflag | None, *, outside: bool = False
+) -> None:
+    """unlink/rmdir `name` in `dfd`; a refusal (EPERM: +i or +a on the entry or on `dfd`) is
+    handed to `unflag` and tried once more. A name already gone is no error."""
+    rm = os.rmdir if isdir else os.unlink
+    try:
+        rm(name, dir_fd=dfd)
+        return
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        if unflag is None:
+            raise
+    with contextlib.suppress(OSError):  # (a refusal the retry below reports)
+        if not outside:
+            unflag(dfd)
+    with contextlib.suppress(OSError):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # never open a device
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            efd = os.open(name, flags, dir_fd=dfd)
+            try:
+                if (os.fstat(efd).st_dev, os.fstat(efd).st_ino) == (st.st_dev, st.st_ino):
+                    unflag(efd)
+            finally:
+                os.close(efd)
+    rm(name, dir_fd=dfd)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ __all__ = [
     "set_immutable",
     "set_immutable_at",
     "is_immutable",
+    "make_mutable",
     "may_set_immutable",
 ]
 
@@ -72,6 +73,16 @@ def set_immutable_at(dir_fd: int | None, name: StrPath, on: bool = True) -> None
                 _libc.ioctl_setflags(fd, wanted)
         except SysError as exc:
             raise _named(name, exc) from None
+
+
+def make_mutable(fd: int) -> None:
+    """Clear immutable and append-only on the open file or directory `fd` (opened for reading,
+    not O_PATH): what `files.force_rmtree(unflag=...)` calls on an entry it may not remove.
+    Acts on that inode alone, never on a name."""
+    flags = _libc.ioctl_getflags(fd)
+    wanted = flags & ~(FS_IMMUTABLE_FL | _libc.FS_APPEND_FL)
+    if wanted != flags:
+        _libc.ioctl_setflags(fd, wanted)
 
 
 def is_immutable(path: StrPath) -> bool:

@@ -19,12 +19,11 @@ import errno
 import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
-from veloverlay import _libc, fsflags, mount, ns, verity
+from veloverlay import _libc, files, fsflags, mount, ns, verity
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.records import Record
 
@@ -122,32 +121,28 @@ def _scratch_base() -> str:
     return tempfile.gettempdir()
 
 
-def _force_rmtree(path: str) -> None:
-    """Remove a probe dir: clear +i where set and open up mode-000 dirs (overlay's work/work)."""
-    for root, dirs, files in os.walk(path):  # top-down: a dir is opened up before it is read
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            if os.path.islink(full):
-                continue
-            with contextlib.suppress(OSError):
-                if fsflags.is_immutable(full):
-                    fsflags.set_immutable(full, False)
-            if name in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(full, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+def _force_rmtree(path: str, ident: tuple[int, int]) -> None:
+    """Remove a probe dir — the directory `ident` (dev, ino) made at `path`, nothing else —
+    clearing +i where set and opening up mode-000 dirs (overlay's work/work) by descriptor: the
+    dir is another user's (nobody's) while the probes run, and that user could swap anything in
+    it, or it, for a link (files.force_rmtree never follows one). What cannot go stays, logged."""
+    try:
+        files.force_rmtree(path, expect=ident, unflag=fsflags.make_mutable)
+    except OSError as exc:
+        log.warning("probe scratch %s not removed: %s", path, _why(exc))
 
 
 @contextlib.contextmanager
 def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[str]:
     path = tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=under or _scratch_base())
+    st = os.lstat(path)
     try:
-        if owner is not None:
-            os.chown(path, owner, owner)
+        if owner is not None:  # the mode first: once it is theirs, the path is theirs to move
             os.chmod(path, 0o755)
+            os.chown(path, owner, owner, follow_symlinks=False)
         yield path
     finally:
-        _force_rmtree(path)
+        _force_rmtree(path, (st.st_dev, st.st_ino))
 
 
 # --- probes run inside a namespace child ------------------------------------------------------

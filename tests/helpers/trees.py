@@ -7,7 +7,6 @@ purpose: owners, xattrs, hard-link identity, atimes/ctimes, special files.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -86,20 +85,4 @@ def force_rmtree(path: str | bytes) -> None:
     tree's owner. Symlinks are never followed."""
     from veloverlay import files, fsflags
 
-    p = os.fsdecode(path)
-    try:
-        files.force_rmtree(p)
-        return
-    except OSError:
-        pass  # an immutable file or directory in the way (its directories are opened up by now)
-
-    def mutable(q: str) -> None:
-        with contextlib.suppress(OSError):
-            if not os.path.islink(q) and fsflags.is_immutable(q):
-                fsflags.set_immutable(q, False)
-
-    mutable(p)
-    for dirpath, dirnames, filenames in os.walk(p):
-        for name in dirnames + filenames:
-            mutable(os.path.join(dirpath, name))
-    files.force_rmtree(p)
+    files.force_rmtree(os.fsdecode(path), unflag=fsflags.make_mutable)

@@ -301,3 +301,66 @@ def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         monkeypatch.undo()
         probe.detect(refresh=True)  # later tests see the real host again
+
+
+def test_the_scratch_of_another_uid_is_removed_by_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root's probes work in a scratch directory it gives to nobody, and remove it afterwards.
+    The old removal walked it by path: a directory checked not to be a link, then chmod-ed by
+    path (chmod follows links). The scratch's owner swaps a directory of it for a link to one of
+    root's right after the removal listed it: root's directory keeps its mode and content."""
+    from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged
+    from veloverlay import files
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own the victim and give the scratch to another uid")
+    holder = tempfile.mkdtemp(prefix="velo-victim-", dir="/dev/shm")
+    victim = os.path.join(holder, "v")
+    os.mkdir(victim, 0o750)
+    with open(os.path.join(victim, "keep"), "w") as f:
+        f.write("root's\n")
+    swapped: list[str] = []
+
+    def attack(d: str) -> None:
+        if swapped:
+            return
+        swapped.append(d)
+
+        def swap() -> None:
+            os.rmdir(d)
+            os.symlink(victim, d)
+
+        run_unprivileged(swap)
+
+    real_immutable = probe.fsflags.is_immutable
+    real_clear = getattr(files, "_clear_files", None)  # (absent from the old code)
+    scratch = ""
+
+    def is_immutable(path: str) -> bool:  # the old walk: listed, not a link, then chmod
+        if path == os.path.join(scratch, "d"):
+            attack(path)
+        return real_immutable(path)
+
+    def clear_files(dfd: int, unflag: files.Unflag | None) -> list[str]:  # the new one
+        assert real_clear is not None
+        subdirs: list[str] = real_clear(dfd, unflag)
+        if "d" in subdirs and os.path.samestat(os.fstat(dfd), os.stat(scratch)):
+            attack(os.path.join(scratch, "d"))
+        return subdirs
+
+    try:
+        with probe._scratch(owner=UNPRIV_UID) as base:
+            scratch = base
+            run_unprivileged(lambda: os.mkdir(os.path.join(base, "d")))
+            monkeypatch.setattr(probe.fsflags, "is_immutable", is_immutable)
+            monkeypatch.setattr(files, "_clear_files", clear_files, raising=False)
+        assert swapped, "the removal never reached the attacker's moment"
+        assert os.stat(victim).st_mode & 0o7777 == 0o750
+        assert os.listdir(victim) == ["keep"]
+        assert not os.path.lexists(scratch)  # the link went, the scratch too
+    finally:
+        monkeypatch.undo()
+        if scratch:
+            files.force_rmtree(scratch)
+        files.force_rmtree(holder)

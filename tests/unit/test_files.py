@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from typing import Any
 
 import pytest
 
@@ -64,19 +66,111 @@ def test_a_directory_swapped_for_a_link_mid_removal_changes_nothing_it_names(
     with open(os.path.join(victim, "keep"), "w") as f:
         f.write("mine\n")
     os.chmod(victim, 0o555)
-    real = files._empty_files
+    real = files._clear_files
 
-    def swap_after_listing(dfd: int) -> list[str]:
-        subdirs = real(dfd)
+    def swap_after_listing(dfd: int, unflag: files.Unflag | None) -> list[str]:
+        subdirs = real(dfd, unflag)
         if "d" in subdirs:
             os.rmdir("d", dir_fd=dfd)
             os.symlink(victim, "d", dir_fd=dfd)
         return subdirs
 
-    monkeypatch.setattr(files, "_empty_files", swap_after_listing)
-    with pytest.raises(OSError):
-        files.force_rmtree(root)  # the descent refuses the link
+    monkeypatch.setattr(files, "_clear_files", swap_after_listing)
+    files.force_rmtree(root)  # the descent refuses the link, which goes as a link
+    assert not os.path.lexists(root)
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o555
     assert os.listdir(victim) == ["keep"]
     monkeypatch.undo()
     os.chmod(victim, 0o755)
+
+
+def test_a_directory_moved_out_mid_removal_never_leads_the_walk_out(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk climbs back by "..". Whoever can move a directory of the tree (theirs, in a
+    world-writable directory of it) while the walk is below it sends ".." elsewhere: the old
+    walk went on there, removing what the tree's own pending names named in that other
+    directory (as root, a tree moved into /var/tmp leads to /var, then /). Now each ".." must
+    be the directory the walk came down from."""
+    top = os.path.join(tmp_path, "top")
+    outside = os.path.join(tmp_path, "outside")
+    os.mkdir(outside)
+    ids = {}
+    for x in ("a", "z"):
+        os.makedirs(os.path.join(top, x, "b"))
+        with open(os.path.join(top, x, "b", "f"), "w"):
+            pass
+        st = os.stat(os.path.join(top, x, "b"))
+        ids[(st.st_dev, st.st_ino)] = x
+    moved: list[str] = []
+    real = os.scandir
+
+    def scandir(arg: Any = ".") -> Any:
+        if isinstance(arg, int) and not moved:
+            st = os.fstat(arg)
+            x = ids.get((st.st_dev, st.st_ino))
+            if x is not None:  # the walk is in x/b: x goes elsewhere, next to a "sibling"
+                moved.append(x)
+                os.rename(os.path.join(top, x), os.path.join(outside, x))
+                y = "z" if x == "a" else "a"
+                os.mkdir(os.path.join(outside, y))
+                with open(os.path.join(outside, y, "keep"), "w") as f:
+                    f.write("not the tree's\n")
+        return real(arg)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError) as ei:
+        files.force_rmtree(top)
+    monkeypatch.undo()
+    assert moved
+    y = "z" if moved[0] == "a" else "a"
+    assert os.listdir(os.path.join(outside, y)) == ["keep"]
+    assert isinstance(ei.value, files.TreeChanged), ei.value
+    assert os.path.isdir(os.path.join(top, y))  # the walk stopped: the rest of the tree stays
+
+
+def test_an_expected_directory_is_checked_before_anything_goes(
+    tmp_path: os.PathLike[str],
+) -> None:
+    d = os.path.join(tmp_path, "d")
+    os.mkdir(d, 0o500)
+    with open(os.path.join(tmp_path, "f"), "w"):
+        pass
+    other = os.stat(tmp_path)
+    for path in (d, os.path.join(tmp_path, "f")):
+        with pytest.raises(files.TreeChanged):
+            files.force_rmtree(path, expect=(other.st_dev, other.st_ino))
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o500  # not even opened up
+    st = os.stat(d)
+    files.force_rmtree(d, expect=(st.st_dev, st.st_ino))
+    assert not os.path.lexists(d)
+    files.force_rmtree(d)  # gone: no error
+
+
+def _mounted_tree(base: str) -> tuple[list[str], bool]:
+    from veloverlay import mount, ns
+
+    ns.enter_mountns()
+    mount.make_rprivate("/")
+    m = os.path.join(base, "top", "m")
+    os.makedirs(m)
+    mount.mount_tmpfs(m)
+    with open(os.path.join(m, "data"), "w") as f:
+        f.write("on another filesystem\n")
+    try:
+        files.force_rmtree(os.path.join(base, "top"))
+    except OSError as exc:
+        return sorted(os.listdir(m)), exc.errno == errno.EBUSY
+    return sorted(os.listdir(m)), False
+
+
+def test_a_mount_point_in_the_tree_is_not_crossed(tmp_path: os.PathLike[str]) -> None:
+    """rmdir of a mount point fails (EBUSY) — after the old walk had emptied the filesystem
+    mounted there. Now the walk stops at it, before anything below it goes."""
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs (in a mount namespace of its own)")
+    left, busy = ns.run_in_child(_mounted_tree, os.fspath(tmp_path))
+    assert (left, busy) == (["data"], True)
+    files.force_rmtree(os.path.join(tmp_path, "top"))  # the namespace is gone, its mount too

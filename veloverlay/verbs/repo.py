@@ -339,43 +339,11 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
 
 
 def _remove_tree(path: str, fsflags: Any) -> None:
-    """rm -rf that clears +i and opens up 0555/000 directories on its way (never follows a
-    symbolic link)."""
+    """rm -rf that clears +i and opens up 0555/000 directories on its way, by descriptor
+    (files.force_rmtree: never through a symbolic link, never by a path re-resolved later)."""
+    from veloverlay.files import force_rmtree
 
-    def unlocked(p: str) -> None:
-        with contextlib.suppress(OSError):
-            if fsflags.is_immutable(p):
-                fsflags.set_immutable(p, False)
-
-    def remove(p: str, isdir: bool) -> None:
-        try:
-            os.rmdir(p) if isdir else os.unlink(p)
-        except PermissionError:
-            unlocked(p)
-            unlocked(os.path.dirname(p))
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.dirname(p), 0o700)
-            os.rmdir(p) if isdir else os.unlink(p)
-
-    if os.path.islink(path) or not os.path.isdir(path):
-        with contextlib.suppress(FileNotFoundError):
-            remove(path, False)
-        return
-    stack = [(path, False)]
-    while stack:
-        d, visited = stack.pop()
-        if visited:
-            remove(d, True)
-            continue
-        unlocked(d)
-        with contextlib.suppress(OSError):
-            os.chmod(d, 0o700)
-        stack.append((d, True))
-        for e in os.scandir(d):
-            if e.is_dir(follow_symlinks=False):
-                stack.append((e.path, False))
-            else:
-                remove(e.path, False)
+    force_rmtree(path, unflag=fsflags.make_mutable)
 
 
 def entry_dict(path: bytes, e: Entry) -> dict[str, Any]:
