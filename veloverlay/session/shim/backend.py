@@ -33,7 +33,7 @@ import signal
 import time
 from pathlib import Path
 
-from veloverlay import paths
+from veloverlay import files, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
@@ -152,21 +152,63 @@ def _ident(st: State) -> tuple[int, int] | None:
     return (st.target_id[0], st.target_id[1]) if len(st.target_id) == 2 else None
 
 
+def _checked(target: str) -> None:
+    """Called once the tree to remove is open and known to be the session's, before anything in
+    it goes (a seam: the tests' attacker moves the path here)."""
+
+
 def _remove_tree(st: State) -> None:
-    target = st.target
-    if not os.path.isdir(target) or os.path.islink(target):
+    """Remove the session's tree (or empty the target that existed before and give it its old
+    mode back), acting only through descriptors: the parent is opened once, the tree opened in
+    it without following a link and compared with the (dev, ino) recorded at the start, and
+    everything below goes by descriptor (`files.empty_dir`). A path another user can re-point
+    (a directory of theirs above the target swapped for a symbolic link to one of root's) is
+    never used again. A tree no longer there is no error; another directory (or anything else)
+    in its place is TARGET_INVALID and is left alone, as is anything the walk finds moved out of
+    the tree."""
+    ident = _ident(st)
+    top = st.target_real or st.target
+    parent, name = os.path.split(top)
+
+    def refused(why: str, reason: Reason = Reason.TARGET_INVALID) -> VeloError:
+        return VeloError(
+            f"the session's tree at {top} was not removed: {why}",
+            reason=reason,
+            hint="a user who can write a directory above it moved or replaced it; look at what "
+            "is there now and remove the session's tree by hand"
+            if reason is Reason.TARGET_INVALID
+            else "remove the session's tree by hand",
+            path=top,
+        )
+
+    try:
+        pfd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    ident, now = _ident(st), os.lstat(target)
-    if ident is not None and (now.st_dev, now.st_ino) != ident:
-        return  # not the session's tree (replaced): never remove what another user put there
-    if st.target_created:
-        force_rmtree(target)
-        return
-    # The directory was there (empty) before: leave it empty, with its old mode.
-    for name in os.listdir(target):
-        force_rmtree(os.path.join(target, name))
-    with contextlib.suppress(OSError):
-        os.chmod(target, st.target_mode)
+    try:
+        try:
+            fd, _now = files.open_dir_at(pfd, name, expect=ident)
+        except FileNotFoundError:
+            return
+        except files.TreeChanged:
+            raise refused("another directory is in its place") from None
+        except NotADirectoryError:
+            raise refused("something that is no directory is in its place") from None
+        try:
+            _checked(top)
+            files.empty_dir(fd)
+            if not st.target_created:  # it was there (empty) before: it stays, with its mode
+                os.fchmod(fd, st.target_mode)
+        finally:
+            os.close(fd)
+        if st.target_created:
+            files.rmdir_at(pfd, name, expect=ident)
+    except files.TreeChanged as exc:
+        raise refused(f"{exc.filename}: {exc.strerror}") from None
+    except OSError as exc:  # e.g. a mount point in the tree (EBUSY), a +i file
+        raise refused(f"{exc.filename or name}: {exc.strerror}", Reason.SYSCALL) from None
+    finally:
+        os.close(pfd)
 
 
 def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> SessionResult:
@@ -221,13 +263,27 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
     res.timings["harvest"] = time.perf_counter() - t0
     st.commit, st.conflict_ref, st.changed = res.commit, res.conflict_ref, res.changed
     st.exit_status = res.exit_status
-    _remove_tree(st)
+    left: VeloError | None = None
+    try:
+        _remove_tree(st)
+    except VeloError as exc:
+        left = exc
     for name in ("journal", "baseline", "shim.conf", "daemon.sock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sdir / name)
     with contextlib.suppress(OSError):
         force_rmtree(sdir / "locks")
     state.save(store, st)
+    if left is not None:  # the session is finished and recorded; its tree is not gone
+        done = f"committed as {res.commit}" if res.commit else f"{res.state}, nothing committed"
+        if res.conflict_ref:
+            done = f"kept as {res.conflict_ref}"
+        raise VeloError(
+            f"session {sid} finished ({done}), but {left.message}",
+            reason=left.reason,
+            hint=left.hint,
+            path=left.path,
+        )
     return res
 
 
