@@ -44,6 +44,9 @@ class SessionResult(Record):
     # what the session changed, as `diff` shows it: (status letter, path); `changed` counts them
     changes: list[tuple[str, str]] = field(default_factory=list)
     mode: str = ""  # overlay: native | userns (session/select.py); shim: ""
+    # what was found and not committed, with why: (path, kind); the shim's "other-owner" (a
+    # file another user put in a writable directory of the tree)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +66,7 @@ class SessionResult(Record):
             "state": self.state,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "changes": [{"status": c, "path": p} for c, p in self.changes],
+            "skipped": [{"path": p, "kind": k} for p, k in self.skipped],
         }
 
 

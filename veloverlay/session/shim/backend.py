@@ -247,8 +247,10 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
                 rules,
                 link=st.link,
                 ident=_ident(st),
+                uid=st.uid,
             )
             result = sync.sync(txn, view_root, {b"": SUBTREE}, stage)
+            res.skipped = list(result.skipped)
             if result.retry:
                 result.warnings.insert(
                     0,

@@ -84,6 +84,7 @@ class Daemon:
             ident=(self.state.target_id[0], self.state.target_id[1])
             if len(self.state.target_id) == 2
             else None,
+            uid=self.uid,
         )
         self.reader = JournalReader(self.sdir / "journal")
         self.dirty: dict[bytes, int] = {}

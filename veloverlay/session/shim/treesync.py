@@ -5,7 +5,9 @@ whole tree: `b""` with SUBTREE). A file is re-hashed only when its inode, size, 
 differ from what the cache knows (the baseline written at materialisation; ctime catches a write
 whose mtime was put back); a directory is walked only when it must be. Symlinks into this store's
 objects are Tier-1 files; fifos, sockets and devices are skipped with a warning (not modelled in
-v1).
+v1). Whatever another user owns where they could have put it themselves is skipped too, and
+named (`Owners`): a world-writable directory of the tree lets any local user add files, which
+must never reach the session user's ref.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = ["Unstable", "SyncResult", "TreeSync", "dirty_paths"]
 
 
 SELF = 1
+SHOWN = 20  # skipped entries named one by one in the warnings (all are in `skipped`)
 
 
 class Unstable(Exception):
@@ -47,6 +50,33 @@ class SyncResult(records.Record):
     warnings: list[str] = field(default_factory=list)
     retry: set[bytes] = field(default_factory=set)  # dirty paths to look at again
     files_hashed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, kind): not committed
+
+
+class Owners:
+    """Whose entries a session commits. Its own user's and root's (who can write any store
+    anyway); another user's only in a root session, and there only where that user could not
+    have put it: below no directory that is group- or world-writable without being theirs (a
+    chown or `tar x` by the session's command is kept; a file dropped into a 1777 or 0777
+    directory of the tree is not). A non-root session's processes cannot make another user's
+    file at all: every one came from outside the session (or was hard-linked in), and is
+    skipped. `exposed`: the owners of the writable directories above an entry."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+
+    def foreign(self, st: os.stat_result, exposed: frozenset[int]) -> bool:
+        owner = st.st_uid
+        if owner in (self.uid, 0):
+            return False
+        return self.uid != 0 or bool(exposed - {owner})
+
+    @staticmethod
+    def below(exposed: frozenset[int], dir_st: os.stat_result) -> frozenset[int]:
+        """`exposed` for the entries of the directory `dir_st` (below `exposed`)."""
+        if dir_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return exposed | {dir_st.st_uid}
+        return exposed
 
 
 class TreeSync:
@@ -63,8 +93,11 @@ class TreeSync:
         link: bool,
         racy_ns: int = 0,
         ident: tuple[int, int] | None = None,
+        uid: int | None = None,
     ) -> None:
         self.store = store
+        # the session's user: another user's entries are skipped (None: every entry counts)
+        self.owners = Owners(uid) if uid is not None else None
         self.m = m
         self.top = top.rstrip(b"/") or b"/"
         self.ident = ident  # the tree top's (dev, ino): a replaced directory is never read
@@ -93,21 +126,43 @@ class TreeSync:
             return None
         return rel
 
-    def _walk_to_parent(self, rel: bytes) -> tuple[int, bytes] | None:
-        """An fd of rel's parent, reached without following any symlink; None if not there."""
+    def _walk_to_parent(self, rel: bytes) -> tuple[int, bytes, frozenset[int] | None] | None:
+        """An fd of rel's parent, reached without following any symlink, its last name, and
+        what `Owners` needs to judge the entry (None when a directory on the way is another
+        user's: nothing below it counts); None if not there."""
         fd = open_target(self.top, self.ident)
         names = paths.split(rel)
+        exposed: frozenset[int] = frozenset()
         try:
             for name in names[:-1]:
+                exposed = Owners.below(exposed, os.fstat(fd))
                 nfd = os.open(name, DIRFLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nfd
+                if self.owners is not None and self.owners.foreign(os.fstat(fd), exposed):
+                    return fd, names[-1], None
+            exposed = Owners.below(exposed, os.fstat(fd))
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
                 return None
             raise
-        return fd, names[-1]
+        return fd, names[-1], exposed
+
+    def _foreign(
+        self, p: bytes, st: os.stat_result, exposed: frozenset[int], res: SyncResult
+    ) -> bool:
+        """Is the entry at `p` another user's that is not committed? Then it is named."""
+        if self.owners is None or not self.owners.foreign(st, exposed):
+            return False
+        shown = paths.display(p)
+        res.skipped.append((shown, "other-owner"))
+        if len(res.skipped) <= SHOWN:
+            res.warnings.append(
+                f"skipped {shown}: owned by uid {st.st_uid}, not by the session's user "
+                f"(uid {self.owners.uid}), who could not have made it: not committed"
+            )
+        return True
 
     # -- the comparison
     def sync(self, txn: Txn, root: bytes, dirty: dict[bytes, int], stage: Stage) -> SyncResult:
@@ -127,6 +182,10 @@ class TreeSync:
             if replaced:
                 done.append(p)
                 done.sort()
+        if len(res.skipped) > SHOWN:
+            res.warnings.append(
+                f"... and {len(res.skipped) - SHOWN} more entries of other users skipped"
+            )
         return res
 
     def _sync_path(
@@ -139,7 +198,7 @@ class TreeSync:
                 node = self.m.get_node(txn, root)
                 self._dir_meta(b"", st, node, res)
                 if flags & SUBTREE:
-                    self._compare_dir(fd, b"", node, stage, res)
+                    self._compare_dir(fd, b"", node, stage, res, Owners.below(frozenset(), st))
             finally:
                 os.close(fd)
             return False
@@ -152,8 +211,10 @@ class TreeSync:
                 res.ops.append(Op(OpKind.DELETE, p))
                 return True
             return False
-        dfd, name = where
+        dfd, name, exposed = where
         try:
+            if exposed is None:
+                return False  # below a directory of another user: skipped (and named) there
             try:
                 st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
@@ -161,7 +222,7 @@ class TreeSync:
                     res.ops.append(Op(OpKind.DELETE, p))
                     return True
                 return False
-            return self._compare_one(dfd, name, st, p, low, flags, stage, res)
+            return self._compare_one(dfd, name, st, p, low, flags, stage, res, exposed)
         finally:
             os.close(dfd)
 
@@ -175,17 +236,23 @@ class TreeSync:
         flags: int,
         stage: Stage,
         res: SyncResult,
+        exposed: frozenset[int],
     ) -> bool:
-        """Compare one existing name; True when the path was replaced whole (PUT/DELETE)."""
+        """Compare one existing name; True when the path was replaced whole (PUT/DELETE).
+        Another user's entry (`_foreign`) changes nothing: what the view has there stays."""
+        if self._foreign(p, st, exposed, res):
+            return False
         if stat.S_ISDIR(st.st_mode):
+            inner = Owners.below(exposed, st)
             with _opened_dir(dfd, name, st) as cfd:
                 if low is not None and low.kind is Kind.DIR:
                     child = self.m.get_node(self._txn, low.digest)
                     self._dir_meta(p, st, child, res)
                     if flags & SUBTREE:
-                        self._compare_dir(cfd, p, child, stage, res)
+                        self._compare_dir(cfd, p, child, stage, res, inner)
                     return False
-                res.ops.append(Op(OpKind.PUT, p, self._new_dir(cfd, name, st, p, stage, res)))
+                new = self._new_dir(cfd, name, st, p, stage, res, inner)
+                res.ops.append(Op(OpKind.PUT, p, new))
                 return True
         entry = self._leaf(dfd, name, st, p, low, stage, res)
         if entry is None:
@@ -204,7 +271,15 @@ class TreeSync:
         if (mode, mtime) != (node.mode, node.mtime_ns):
             res.ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
 
-    def _compare_dir(self, dfd: int, rel: bytes, node: Node, stage: Stage, res: SyncResult) -> None:
+    def _compare_dir(
+        self,
+        dfd: int,
+        rel: bytes,
+        node: Node,
+        stage: Stage,
+        res: SyncResult,
+        exposed: frozenset[int],
+    ) -> None:
         on_disk = {os.fsencode(n) for n in os.listdir(dfd)}
         known = {e.name: e for e in node.entries if e.kind is not Kind.MASK}
         for name in sorted(on_disk | known.keys()):
@@ -221,13 +296,21 @@ class TreeSync:
                     res.ops.append(Op(OpKind.DELETE, p))
                 continue
             try:
-                self._compare_one(dfd, name, st, p, low, SUBTREE, stage, res)
+                self._compare_one(dfd, name, st, p, low, SUBTREE, stage, res, exposed)
             except Unstable:
                 res.retry.add(p)
 
     def _new_dir(
-        self, dfd: int, name: bytes, st: os.stat_result, rel: bytes, stage: Stage, res: SyncResult
+        self,
+        dfd: int,
+        name: bytes,
+        st: os.stat_result,
+        rel: bytes,
+        stage: Stage,
+        res: SyncResult,
+        exposed: frozenset[int],
     ) -> Entry:
+        """The entry of a directory the view does not have; `exposed`: for its entries."""
         entries: list[Entry] = []
         for child in sorted(os.fsencode(n) for n in os.listdir(dfd)):
             p = paths.join(rel, child)
@@ -236,9 +319,12 @@ class TreeSync:
                 cst = os.lstat(child, dir_fd=dfd)
             except FileNotFoundError:
                 continue
+            if self._foreign(p, cst, exposed, res):
+                continue
             if stat.S_ISDIR(cst.st_mode):
                 with _opened_dir(dfd, child, cst) as cfd:
-                    entries.append(self._new_dir(cfd, child, cst, p, stage, res))
+                    inner = Owners.below(exposed, cst)
+                    entries.append(self._new_dir(cfd, child, cst, p, stage, res, inner))
                 continue
             e = self._leaf(dfd, child, cst, p, None, stage, res)
             if e is not None:
