@@ -337,6 +337,7 @@ def syncfs(fd: int) -> None:
 
 
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:

@@ -64,8 +64,13 @@ def _state(tid: int) -> str:
 
 
 def _ingest_read(repo: Repo, path: str) -> bytes:
-    with repo.store.stage() as stage:
-        return ingest_mod.read_stable(os.fsencode(path), stage, repo.store)[0]
+    where, name = os.path.split(os.fsencode(path))
+    dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with repo.store.stage() as stage:
+            return ingest_mod.read_stable(dfd, name, where, stage, repo.store)[0]
+    finally:
+        os.close(dfd)
 
 
 def _shim_sync_read(repo: Repo, path: str) -> bytes:

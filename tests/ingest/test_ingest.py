@@ -496,12 +496,14 @@ def test_a_file_that_became_a_fifo_is_not_opened_blocking(repo: Repo, shm_tmp: s
     def boom(*_a: object) -> None:
         raise TimeoutError("read_stable blocked on a FIFO")
 
+    dfd = os.open(shm_tmp, os.O_RDONLY | os.O_DIRECTORY)
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(10)
     try:
         with repo.store.stage() as stage, pytest.raises(ingest_mod.Changed):
-            ingest_mod.read_stable(os.fsencode(fifo), stage, repo.store)
+            ingest_mod.read_stable(dfd, b"f", os.fsencode(shm_tmp), stage, repo.store)
     finally:
+        os.close(dfd)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from collections import deque
 from typing import Any
 
@@ -91,6 +93,48 @@ def test_a_clean_directory_whose_node_is_gone_is_listed_again(
     with repo.m.read() as txn:
         assert repo.m.has_node(txn, sub.digest)
     _checkout_equals(repo, "r", src, os.path.join(shm_tmp, "out"))
+
+
+_FD_PROBE = """
+import os, resource, sys
+from veloverlay.ingest import scan
+from veloverlay.ingest.pipeline import ingest
+from veloverlay.verbs.repo import Repo
+store, src, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+scan._HELD = 8
+r = Repo.open(store)
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8 + 24, hard))
+print(ingest(r.store, r.m, src, "fd", jobs=jobs).dirs)
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_walk_keeps_few_descriptors_open(repo: Repo, shm_tmp: str, jobs: int) -> None:
+    """The walk goes by directory descriptors, but a wide directory holds one (its own) while
+    its subdirectories are walked, and a deep tree only its ancestors that still have
+    subdirectories to walk, at most _HELD (8 here) per task: beyond, they are handed back. Run
+    with RLIMIT_NOFILE 32 above what the process had open: 3,000 subdirectories side by side and
+    a comb 60 levels deep (each level: two leaf directories and the next level) round-trip."""
+    src = os.path.join(shm_tmp, "src")
+    for i in range(3000):
+        os.makedirs(os.path.join(src, "wide", f"d{i:04d}"))
+    p = os.path.join(src, "comb")
+    for level in range(60):
+        for leaf in "amz":  # m goes on: one of a and z is walked after it, whatever the order
+            os.makedirs(os.path.join(p, leaf))
+            with open(os.path.join(p, leaf, "f"), "w") as f:
+                f.write(str(level))
+        p = os.path.join(p, "m")
+    _age(src)
+    out = subprocess.run(
+        [sys.executable, "-c", _FD_PROBE, os.fspath(repo.store.root), src, str(jobs)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) == 1 + 3000 + 1 + 60 * 3
+    _checkout_equals(repo, "fd", src, os.path.join(shm_tmp, "out"))
 
 
 def test_nodes_from_encoded_parts_equal_the_reference_encoding() -> None:

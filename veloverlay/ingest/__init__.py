@@ -5,7 +5,6 @@ May import: store, the leaves and the kernel facilities. Never imports lower, se
 or cli.
 """
 
-from veloverlay.ingest.pipeline import drop_cache, ingest
-from veloverlay.ingest.scan import IngestResult
+from veloverlay.ingest.pipeline import IngestResult, drop_cache, ingest
 
 __all__ = ["IngestResult", "drop_cache", "ingest"]

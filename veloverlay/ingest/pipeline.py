@@ -17,23 +17,26 @@ Workers are forked before any thread exists and never touch LMDB.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import time
 
-from veloverlay import faults, paths
+from veloverlay import _libc, faults, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.ingest import statcache
+from veloverlay.ingest import dirfd, scan, statcache
 from veloverlay.ingest.scan import (
-    IngestResult,
     Progress,
     build,
+    open_top,
     publish,
     walk,
     worker_init,
     worker_state,
 )
 from veloverlay.ingest.source import RACY_NS
+from veloverlay.records import Record, field
 from veloverlay.store import quarantine
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_bytes
@@ -43,6 +46,33 @@ from veloverlay.tiers import Rules
 from veloverlay.workers import Workers, default_jobs
 
 __all__ = ["IngestResult", "ingest", "drop_cache"]
+
+
+class IngestResult(Record):
+    ref: str
+    root: str
+    commit: str | None
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    hashed: int = 0
+    new_objects: int = 0
+    new_bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stripped_setid: int = 0
+    merged: bool = False
+    overridden: list[str] = field(default_factory=list)  # --force: session changes left out
+    unchanged: bool = False
+    seconds: float = 0.0
+    adopted_to: str | None = None
+    moved_from: str | None = None  # the ref's path before this ingest (a new path was recorded)
+
+    def to_dict(self) -> dict[str, object]:
+        d = self.field_dict()
+        d["skipped"] = [{"path": p, "kind": k} for p, k in self.skipped]
+        d["dedup_bytes"] = self.bytes - self.new_bytes
+        return d
 
 
 def _check_source(src: str, store: Store) -> bytes:
@@ -77,6 +107,7 @@ def ingest(
     progress: Progress | None = None,
     adopt: bool = False,
     moved: bool = False,
+    _expect: tuple[int, int] | None = None,
 ) -> IngestResult:
     """Ingest `src` as a new version of ref `name` (created if missing).
 
@@ -86,6 +117,7 @@ def ingest(
     part of the version: a new path is recorded by a commit even when the tree is unchanged.
     `adopt`: afterwards, check that the source still matches what was committed and move it
     aside (`<src>.velo-adopted`), so that a shim session can materialise the ref at its path.
+    `_expect`: the (dev, ino) the top must be (adopt's re-ingest), else SOURCE_UNSTABLE.
     """
     from veloverlay.store.manifest import check_ref_name
 
@@ -109,6 +141,14 @@ def ingest(
         .encode()
     )
     with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
+        # The top, opened once (no symlink on the way) before the workers fork: the walk goes
+        # by descriptors from here, never by path.
+        top_fd = open_top(top)
+        stack.callback(os.close, top_fd)
+        top_st = os.fstat(top_fd)
+        top_id = (top_st.st_dev, top_st.st_ino)
+        if _expect is not None and top_id != _expect:
+            raise _replaced(src)
         store.reclaim_tmp()
         cache, cache_keys = statcache.load(m, name, config)
         if quarantine.wanted(store):
@@ -116,12 +156,12 @@ def ingest(
             # bytes restores them (the stat cache would vouch for it and skip it)
             cache = {}
         scan_ns = time.time_ns()
-        state = worker_state(store, stage, top, cache, rules, keep_setid)
+        state = worker_state(store, stage, top, top_fd, cache, rules, keep_setid)
         pool = None
         if jobs > 1:
             # Forked workers; they never touch LMDB, and die with this process.
             pool = stack.enter_context(Workers(jobs, worker_init, state))
-        recs, staged = walk(m, top, res, pool, state, progress)
+        recs, staged = walk(m, top, top_fd, res, pool, state, progress)
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
         publish(stage, pool, res, staged)
         with m.write() as txn:
@@ -185,7 +225,7 @@ def ingest(
             statcache.write(m, txn, name, config, cache_keys, cache, values)
     faults.point("commit.after")
     if adopt:
-        res.adopted_to = _adopt(store, m, src, name, res, rules, keep_setid)
+        res.adopted_to = _adopt(store, m, src, top, top_id, name, res, rules, keep_setid)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -206,27 +246,86 @@ def _check_same_source(ref: Ref, top: bytes, *, force: bool, moved: bool) -> Non
     )
 
 
+def _replaced(src: str) -> VeloError:
+    return VeloError(
+        f"{src} was replaced while it was ingested (another directory is there now); not moved "
+        "aside",
+        reason=Reason.SOURCE_UNSTABLE,
+        path=src,
+        hint="make sure nothing else moves the source and run 'veloverlay ingest --adopt' again",
+    )
+
+
 def _adopt(
-    store: Store, m: Manifests, src: str, name: str, res: IngestResult, rules: Rules, keep: bool
+    store: Store,
+    m: Manifests,
+    src: str,
+    top: bytes,
+    top_id: tuple[int, int],
+    name: str,
+    res: IngestResult,
+    rules: Rules,
+    keep: bool,
 ) -> str:
-    """Move a just-ingested source aside, after checking nothing changed it meanwhile."""
-    real = os.path.realpath(src)
-    aside = real + ".velo-adopted"
-    if os.path.lexists(aside):
-        raise VeloError(
-            f"cannot adopt {src}: {aside} already exists",
-            reason=Reason.EXISTS,
-            hint="the ingest itself was committed; move or remove the old copy and re-run",
-        )
-    again = ingest(store, m, src, name, rules=rules, jobs=1, keep_setid=keep)
-    if again.root != res.root:
-        raise VeloError(
-            f"{src} changed while it was ingested; not moved aside",
-            reason=Reason.SOURCE_UNSTABLE,
-            hint="stop whatever writes there and run 'veloverlay ingest --adopt' again",
-        )
-    os.rename(real, aside)
-    return aside
+    """Move a just-ingested source aside, after checking nothing changed it meanwhile.
+
+    The rename goes through a descriptor of the source's parent, pinned (no symlink on the way)
+    before the verifying re-ingest, and only when the entry there is still the directory both
+    ingests read (dev, ino): never by the path again, whose directories may belong to another
+    user who can swap one for a symlink to root's own."""
+    parent, base = os.path.split(top)
+    aside = base + b".velo-adopted"
+    shown = os.fsdecode(top + b".velo-adopted")
+    if not base:
+        raise VeloError(f"cannot adopt {src}", reason=Reason.BAD_PATH, path=src)
+    try:
+        pfd = dirfd.open_path(parent or b"/")
+    except (dirfd.Replaced, FileNotFoundError, NotADirectoryError):
+        raise _replaced(src) from None
+    try:
+        if _entry_id(pfd, aside) is not None:
+            raise VeloError(
+                f"cannot adopt {src}: {shown} already exists",
+                reason=Reason.EXISTS,
+                hint="the ingest itself was committed; move or remove the old copy and re-run",
+            )
+        if _entry_id(pfd, base) != top_id:
+            raise _replaced(src)
+        again = ingest(store, m, src, name, rules=rules, jobs=1, keep_setid=keep, _expect=top_id)
+        if again.root != res.root:
+            raise VeloError(
+                f"{src} changed while it was ingested; not moved aside",
+                reason=Reason.SOURCE_UNSTABLE,
+                hint="stop whatever writes there and run 'veloverlay ingest --adopt' again",
+            )
+        scan.race_point("adopt", b"")
+        if _entry_id(pfd, base) != top_id:
+            raise _replaced(src)
+        try:
+            _libc.renameat2(pfd, base, pfd, aside, _libc.RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise VeloError(
+                    f"cannot adopt {src}: {shown} already exists",
+                    reason=Reason.EXISTS,
+                    hint="the ingest itself was committed; move or remove it and re-run",
+                ) from None
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            # no RENAME_NOREPLACE on this filesystem: checked just above instead
+            os.rename(base, aside, src_dir_fd=pfd, dst_dir_fd=pfd)
+    finally:
+        os.close(pfd)
+    return shown
+
+
+def _entry_id(dfd: int, name: bytes) -> tuple[int, int] | None:
+    """(dev, ino) of the directory entry `name` in `dfd` (not followed), None if missing."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else (-1, -1)
 
 
 def drop_cache(m: Manifests, txn: Txn, name: str) -> None:

@@ -5,10 +5,20 @@ with the stat cache (the coordinator loaded it before forking, so each worker ha
 copy), reads and stages the files whose stat changed (`read_stable`), reads the symlinks, and
 encodes the node entries of the files and symlinks itself; then it goes on into the
 subdirectories, depth first, until it has done about `BUDGET` units of work, and hands the
-subdirectories it did not reach back as new tasks. A task's result is one record per directory:
-its entries already encoded (split where the subdirectories' entries go) and its stat-cache
-values, also encoded, or, for a directory the cache vouches for, only the digest of the node the
-last ingest built.
+subdirectories it did not reach back as new tasks.
+
+The walk goes by directory descriptors, never by paths from `/` (dirfd.py): the tree may belong to
+another user, who can swap a directory for a symlink to root's files while root walks it. The top
+is opened once, before the workers fork; a subdirectory is opened relative to its parent's
+descriptor and must be the (dev, ino) its parent's listing saw; files and symlinks are read
+relative to their directory's descriptor; a task handed back is opened beneath the top's
+descriptor. A directory replaced meanwhile fails the ingest (SOURCE_UNSTABLE). Only the ancestors
+of the directory being walked that still have subdirectories to walk keep a descriptor open
+(at most `_HELD` per task: beyond, subdirectories are handed back as tasks).
+
+A task's result is one record per directory: its entries already encoded (split where the
+subdirectories' entries go) and its stat-cache values, also encoded, or, for a directory the cache
+vouches for, only the digest of the node the last ingest built.
 
 Each worker keeps the list of what it staged: after the coordinator's first syncfs, every worker
 renames its own objects (`publish`), then the coordinator syncs again. The coordinator only
@@ -28,10 +38,9 @@ from typing import Any, NamedTuple
 
 from veloverlay import paths, workers
 from veloverlay.errors import Reason, VeloError
-from veloverlay.ingest import source, statcache
+from veloverlay.ingest import dirfd, source, statcache
 from veloverlay.ingest.source import NOT_COMMITTED
 from veloverlay.progress import Progress as ProgressCallback
-from veloverlay.records import Record, field
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import Digest
 from veloverlay.store.manifest import Manifests, Txn
@@ -41,8 +50,8 @@ from veloverlay.workers import Workers
 
 __all__ = [
     "DirRec",
-    "IngestResult",
     "Progress",
+    "open_top",
     "walk",
     "publish",
     "build",
@@ -51,6 +60,7 @@ __all__ = [
 ]
 
 BUDGET = 4096  # units of work per task: one per name listed, 16 per file read
+_HELD = 64  # directory descriptors one task keeps open for subdirectories still to walk
 _REPORT_FILES = 64  # a worker reports its progress after reading this many files, or bytes
 _REPORT_BYTES = 16 << 20
 _SETID = stat.S_ISUID | stat.S_ISGID
@@ -59,34 +69,8 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 # walk and the reads run together (and a total that changes restarts a bar's rate).
 Progress = ProgressCallback
 _Stat = tuple[int, int, int, int]  # a directory's mode (permissions), mtime_ns, ino, ctime_ns
-_Task = tuple[bytes, _Stat, bool]  # rel path, its stat, solo (this directory only, dirty)
-
-
-class IngestResult(Record):
-    ref: str
-    root: str
-    commit: str | None
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    bytes: int = 0
-    hashed: int = 0
-    new_objects: int = 0
-    new_bytes: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    stripped_setid: int = 0
-    merged: bool = False
-    overridden: list[str] = field(default_factory=list)  # --force: session changes left out
-    unchanged: bool = False
-    seconds: float = 0.0
-    adopted_to: str | None = None
-    moved_from: str | None = None  # the ref's path before this ingest (a new path was recorded)
-
-    def to_dict(self) -> dict[str, object]:
-        d = self.field_dict()
-        d["skipped"] = [{"path": p, "kind": k} for p, k in self.skipped]
-        d["dedup_bytes"] = self.bytes - self.new_bytes
-        return d
+_Task = tuple[bytes, _Stat, bool, int]  # rel path, its stat, solo (this directory only, dirty), dev
+_Sub = tuple[bytes, bytes, _Stat, int]  # a subdirectory listed: rel path, name, stat, dev
 
 
 class DirRec(NamedTuple):
@@ -94,6 +78,7 @@ class DirRec(NamedTuple):
 
     rel: bytes
     st: _Stat
+    dev: int
     subs: list[bytes]  # subdirectory names, sorted
     nents: int  # entries other than subdirectories
     segs: list[bytes] | None  # encoded entries, split at the subdirectories (None: clean)
@@ -121,11 +106,13 @@ class _State:
         store: Store,
         stage: Stage,
         top: bytes,
+        top_fd: int,
         cache: dict[bytes, bytes],
         rules: Rules,
         keep_setid: bool,
     ) -> None:
         self.store, self.stage, self.top, self.cache = store, stage, top, cache
+        self.top_fd = top_fd  # opened before the fork: only ever a dir_fd (a shared offset)
         self.classify = rules.classify
         self.keep_setid = keep_setid
 
@@ -134,16 +121,57 @@ _S: list[_State] = []
 
 
 def worker_state(
-    store: Store, stage: Stage, top: bytes, cache: dict[bytes, bytes], rules: Rules, keep: bool
+    store: Store,
+    stage: Stage,
+    top: bytes,
+    top_fd: int,
+    cache: dict[bytes, bytes],
+    rules: Rules,
+    keep: bool,
 ) -> tuple[Any, ...]:
     """The worker initialiser's arguments (objects handed over by fork, never pickled)."""
-    return (store, stage.name, top, cache, rules, keep)
+    return (store, stage.name, top, top_fd, cache, rules, keep)
 
 
 def worker_init(
-    store: Store, stage_name: str, top: bytes, cache: dict[bytes, bytes], rules: Rules, keep: bool
+    store: Store,
+    stage_name: str,
+    top: bytes,
+    top_fd: int,
+    cache: dict[bytes, bytes],
+    rules: Rules,
+    keep: bool,
 ) -> None:
-    _S[:] = [_State(store, Stage.attach(store, stage_name), top, cache, rules, keep)]
+    _S[:] = [_State(store, Stage.attach(store, stage_name), top, top_fd, cache, rules, keep)]
+
+
+def race_point(what: str, rel: bytes) -> None:
+    """A seam for the race tests (they replace it to swap a directory at that moment); does
+    nothing. `what`: "top" (before the top is opened), "task" (before a task's directory is
+    opened), "listed" (a directory listed, before its subdirectories are opened), "file" (before
+    a file or symlink is read), "adopt" (before --adopt moves the source aside)."""
+
+
+def open_top(top: bytes) -> int:
+    """A descriptor of the top directory `top` (resolved by the caller), opened with no symlink
+    followed on the way, for the whole ingest: nothing is reached by a path from `/` again."""
+    race_point("top", b"")
+    try:
+        return dirfd.open_path(top)
+    except (dirfd.Replaced, FileNotFoundError, NotADirectoryError):
+        raise VeloError(
+            f"{os.fsdecode(top)} was removed or replaced (a directory on the way by a symlink) "
+            "while it was ingested",
+            reason=Reason.SOURCE_UNSTABLE,
+            path=top,
+            hint=NOT_COMMITTED,
+        ) from None
+    except PermissionError as exc:
+        raise VeloError(
+            f"cannot list {os.fsdecode(top)}: {exc.strerror}",
+            reason=Reason.SOURCE_UNREADABLE,
+            path=top,
+        ) from None
 
 
 class _Acc:
@@ -167,26 +195,90 @@ class _Acc:
         self.skipped: list[tuple[str, str]] = []
 
 
+class _Parent:
+    """A directory's descriptor, kept open while subdirectories of it are still to walk."""
+
+    __slots__ = ("fd", "left")
+
+    def __init__(self, fd: int, left: int) -> None:
+        self.fd, self.left = fd, left
+
+
 def _run_task(task: _Task) -> _Result:
     s = _S[0]
     before = len(s.stage.staged)
     acc = _Acc()
-    rel, st, solo = task
-    stack: list[tuple[bytes, _Stat]] = [(rel, st)]
+    rel, st, solo, dev = task
+    race_point("task", rel)
+    # Depth first: (rel, name, stat, dev, the parent's descriptor: None for the task's own
+    # directory, opened beneath the top).
+    stack: list[tuple[bytes, bytes, _Stat, int, _Parent | None]] = [(rel, b"", st, dev, None)]
     dirs: list[DirRec] = []
-    spent = 0
-    while stack and spent < BUDGET:
-        rel, st = stack.pop()
-        rec, subs, cost = _one_dir(s, rel, st, solo, acc)
-        spent += cost
-        if rec is not None:
+    more: list[_Task] = []
+    held: list[_Parent] = []  # every parent made (closed ones have fd -1)
+    nheld = spent = 0
+    try:
+        while stack and spent < BUDGET:
+            rel, name, st, dev, parent = stack.pop()
+            fd = _open_dir(s, rel, name, st, dev, parent, acc)
+            if parent is not None:
+                parent.left -= 1
+                if not parent.left:
+                    os.close(parent.fd)
+                    parent.fd = -1
+                    nheld -= 1
+            if fd < 0:
+                spent += 1
+                continue
+            try:
+                rec, subs, cost = _one_dir(s, fd, rel, st, dev, solo, acc)
+            except BaseException:
+                os.close(fd)
+                raise
+            spent += cost
+            if rec is None or solo or not subs:
+                os.close(fd)
+                if rec is not None:
+                    dirs.append(rec)
+                continue
             dirs.append(rec)
-            if not solo:
-                stack.extend(subs)
+            race_point("listed", rel)
+            if nheld >= _HELD:  # a deep tree: hand these back, reopened beneath the top
+                os.close(fd)
+                more += [(r, st_, False, dv) for r, _n, st_, dv in subs]
+                continue
+            p = _Parent(fd, len(subs))
+            held.append(p)
+            nheld += 1
+            stack += [(r, n, st_, dv, p) for r, n, st_, dv in subs]
+    finally:
+        for p in held:
+            if p.fd >= 0:
+                os.close(p.fd)
     staged = len(s.stage.staged) - before
     counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.unrep, acc.unrep_bytes, acc.setid)
-    more = [(r, st, False) for r, st in stack]
+    more += [(r, st, False, dv) for r, _n, st, dv, _p in stack]
     return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
+
+
+def _open_dir(
+    s: _State, rel: bytes, name: bytes, st: _Stat, dev: int, parent: _Parent | None, acc: _Acc
+) -> int:
+    """A descriptor of the directory `rel` listed as (dev, st), or -1 and a failure."""
+    try:
+        if parent is None:
+            return dirfd.open_beneath(s.top_fd, rel, dev, st[2])
+        return dirfd.open_child(parent.fd, name, dev, st[2])
+    except PermissionError as exc:
+        shown = os.fsdecode(s.top + b"/" + rel if rel else s.top)
+        acc.failures.append(
+            (rel, Reason.SOURCE_UNREADABLE.value, f"cannot list {shown}: {exc.strerror}")
+        )
+    except (FileNotFoundError, NotADirectoryError, dirfd.Replaced):
+        shown = os.fsdecode(s.top + b"/" + rel if rel else s.top)
+        msg = f"the directory {shown} was removed or replaced while it was ingested"
+        acc.failures.append((rel, Reason.SOURCE_UNSTABLE.value, msg))
+    return -1
 
 
 def _special_kind(m: int) -> str:
@@ -194,10 +286,10 @@ def _special_kind(m: int) -> str:
 
 
 def _one_dir(
-    s: _State, rel: bytes, st: _Stat, solo: bool, acc: _Acc
-) -> tuple[DirRec | None, list[tuple[bytes, _Stat]], int]:
-    """List one directory; hash and encode what the cache cannot vouch for."""
-    absdir = s.top + b"/" + rel if rel else s.top
+    s: _State, dfd: int, rel: bytes, st: _Stat, dev: int, solo: bool, acc: _Acc
+) -> tuple[DirRec | None, list[_Sub], int]:
+    """List the directory `dfd` (`rel`); hash and encode what the cache cannot vouch for."""
+    absdir = s.top + b"/" + rel if rel else s.top  # for messages only
     prefix = rel + b"/" if rel else b""
     raw = s.cache.get(rel)
     dc = statcache.decode(raw) if raw is not None else None
@@ -207,17 +299,8 @@ def _one_dir(
     hits: list[tuple[bytes, int, int, int, bytes, int, int]] = []
     todo: list[bytes] = []
     links: list[tuple[bytes, int, int, int]] = []
-    subs: list[tuple[bytes, _Stat]] = []
-    try:
-        it = os.scandir(absdir)
-    except PermissionError as exc:
-        msg = f"cannot list {os.fsdecode(absdir)}: {exc.strerror}"
-        acc.failures.append((rel, Reason.SOURCE_UNREADABLE.value, msg))
-        return None, [], 1
-    except (FileNotFoundError, NotADirectoryError):
-        msg = f"the directory {os.fsdecode(absdir)} was removed or replaced while it was ingested"
-        acc.failures.append((rel, Reason.SOURCE_UNSTABLE.value, msg))
-        return None, [], 1
+    subs: list[_Sub] = []
+    it = os.scandir(dfd)  # names; each entry's lstat is fstatat(dfd, name)
     S_ISDIR, S_ISREG, S_ISLNK, S_IMODE = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
     n = 0
     # The depth bound (paths.DEPTH_MAX levels, PATH_MAX bytes), checked per name only in the
@@ -227,7 +310,7 @@ def _one_dir(
     with it:
         for de in it:
             n += 1
-            name = de.name
+            name = os.fsencode(de.name)
             if near_limit and (level > paths.DEPTH_MAX or len(prefix) + len(name) > paths.PATH_MAX):
                 msg = (
                     f"the tree is too deep at {paths.display((prefix + name)[:60])}...: at most "
@@ -255,9 +338,8 @@ def _one_dir(
                     todo.append(name)
                     dirty = True
             elif S_ISDIR(m):
-                subs.append(
-                    (prefix + name, (S_IMODE(m), est.st_mtime_ns, est.st_ino, est.st_ctime_ns))
-                )
+                mst = (S_IMODE(m), est.st_mtime_ns, est.st_ino, est.st_ctime_ns)
+                subs.append((prefix + name, name, mst, est.st_dev))
             elif S_ISLNK(m):
                 acc.links += 1
                 links.append((name, est.st_ino, est.st_mtime_ns, est.st_ctime_ns))
@@ -265,8 +347,7 @@ def _one_dir(
                     dirty = True
             else:
                 acc.skipped.append((paths.display(prefix + name), _special_kind(m)))
-    cut = len(prefix)
-    subnames = sorted(r[cut:] for r, _st in subs)
+    subnames = sorted(n for _r, n, _st, _dev in subs)
     if (
         not dirty
         and dc is not None
@@ -274,7 +355,7 @@ def _one_dir(
         and len(links) == len(clinks)
         and len(subs) == len(dc.subs)
     ):
-        rec = DirRec(rel, st, subnames, 0, None, dc.node, dc.subs, 0, b"", 0, b"")
+        rec = DirRec(rel, st, dev, subnames, 0, None, dc.node, dc.subs, 0, b"", 0, b"")
         return rec, subs, n
     # Dirty: read what changed, encode every entry (and the cache values) here.
     classify, keep = s.classify, s.keep_setid
@@ -289,9 +370,9 @@ def _one_dir(
         cache_files.append(statcache.file_bytes(name, ino, size, mtime, ctime, digest))
     stage, store = s.stage, s.store
     for name in todo:
-        absp = absdir + b"/" + name
+        race_point("file", prefix + name)
         try:
-            digest, fst, racy = source.read_stable(absp, stage, store)
+            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store)
         except source.Changed:
             acc.files -= 1
             acc.skipped.append((paths.display(prefix + name), "changed"))
@@ -322,8 +403,9 @@ def _one_dir(
             )
     for name, ino, mtime, ctime in links:
         cache_links.append(statcache.link_bytes(name, ino, mtime, ctime))
+        race_point("file", prefix + name)
         try:
-            target = os.readlink(absdir + b"/" + name)
+            target = os.readlink(name, dir_fd=dfd)
         except OSError:
             acc.skipped.append((paths.display(prefix + name), "vanished"))
             continue
@@ -350,6 +432,7 @@ def _one_dir(
     rec = DirRec(
         rel,
         st,
+        dev,
         subnames,
         count,
         segs,
@@ -366,18 +449,21 @@ def _one_dir(
 def walk(
     m: Manifests,
     top: bytes,
+    top_fd: int,
     res: Any,
     pool: Workers | None,
     state: tuple[Any, ...],
     progress: Progress | None = None,
 ) -> tuple[dict[bytes, DirRec], int]:
-    """Walk `top` in the workers (or here, without a pool): every directory's record by path,
-    and how many objects were staged. Each worker keeps what it staged (`publish`)."""
-    st = os.lstat(top)
+    """Walk `top` (opened as `top_fd`, `open_top`) in the workers (or here, without a pool):
+    every directory's record by path, and how many objects were staged. Each worker keeps what
+    it staged (`publish`)."""
+    st = os.fstat(top_fd)
     root: _Task = (
         b"",
         (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_ino, st.st_ctime_ns),
         False,
+        st.st_dev,
     )
     recs: dict[bytes, DirRec] = {}
     failures: list[tuple[bytes, str, str]] = []
@@ -424,7 +510,7 @@ def walk(
             # A directory the cache vouches for whose node is gone (gc): list it again, dirty.
             with m.read() as txn:
                 gone = [d for d in recs.values() if d.segs is None and not m.has_node(txn, d.node)]
-            run(deque((d.rel, d.st, True) for d in gone), False)
+            run(deque((d.rel, d.st, True, d.dev) for d in gone), False)
     finally:
         workers.local_reports(None)
     # Files that vanished or stopped being regular are reported (skipped), not fatal; anything

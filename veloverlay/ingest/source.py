@@ -1,5 +1,8 @@
 """Reading one source file stably: shared flock (or a sidecar lock kept in the store), re-read
 while it changes, stage the bytes one complete version of the writer produced.
+
+The file is opened by name relative to its directory's descriptor (scan.py walks by descriptors):
+never by a path from `/`, which another user owning the tree could re-point at root's files.
 """
 
 from __future__ import annotations
@@ -102,13 +105,20 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 NOT_COMMITTED = "nothing was committed; fix the source and retry"
 
 
-def read_stable(path: bytes, stage: Stage, store: Store) -> tuple[Digest, os.stat_result, bool]:
-    """Hash and stage one complete version of `path`. Returns (digest, stat of it, racy)."""
+def read_stable(
+    dfd: int, name: bytes, where: bytes, stage: Stage, store: Store
+) -> tuple[Digest, os.stat_result, bool]:
+    """Hash and stage one complete version of the file `name` in the directory `dfd` (shown as
+    `where`/`name` in messages). Returns (digest, stat of it, racy). A name that is no longer a
+    regular file (a symlink now, a FIFO) is `Changed`; one that is gone, FileNotFoundError."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    path = where + b"/" + name
     for _ in range(MAX_REREADS):
         try:
-            fd = os.open(path, flags)
+            fd = os.open(name, flags, dir_fd=dfd)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink now: never followed
+                raise Changed from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise VeloError(
                     f"cannot read {os.fsdecode(path)}: {exc.strerror}",
