@@ -18,7 +18,7 @@ import enum
 import errno
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from veloverlay import _libc
@@ -44,7 +44,7 @@ __all__ = [
     "mnt_id_of",
     "pin_dir",
     "umount_exact",
-    "namespaces_holding",
+    "remount_super",
     "overlay_upper",
 ]
 
@@ -163,31 +163,6 @@ def overlay_upper(entry: MountEntry) -> str | None:
     return None if m is None else _unescape(m.group(1))
 
 
-def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
-    """One pid per mount namespace other than this process's in which a mount satisfies `match`
-    (a copy made by unshare(CLONE_NEWNS) or clone after it was mounted keeps the superblock alive
-    after it is unmounted here). Processes that vanish or cannot be read are skipped."""
-    try:
-        own = os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return []
-    seen = {own}
-    found: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            ino = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ino in seen:
-                continue
-            seen.add(ino)
-            if any(match(e) for e in mounts(name)):
-                found.append(int(name))
-        except OSError:
-            continue
-    return found
-
-
 def mnt_id_of(fd: int) -> int:
     """The id of the mount an open fd is on (its `mnt_id:` in /proc/self/fdinfo)."""
     with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
@@ -226,11 +201,12 @@ def pin_dir(path: str) -> int:
     return fd
 
 
-def umount_exact(path: str, mnt_id: int) -> None:
+def umount_exact(path: str, mnt_id: int, *, readonly_first: bool = False) -> None:
     """Unmount mount `mnt_id` from `path` (absolute, resolved), and nothing else: the parent is
     pinned (`pin_dir`), the mount now on the entry must be `mnt_id` (not one mounted over it,
     which umount2 would take instead), and umount2 goes through the pinned parent without
-    following a symlink at the last step. EBUSY (in use) is the caller's to explain."""
+    following a symlink at the last step. EBUSY (in use) is the caller's to explain.
+    `readonly_first`: `remount_super` before, undone if the unmount fails."""
     parent, name = os.path.split(path)
     if not name or name in (".", ".."):
         raise VeloError(f"cannot unmount {path!r}", reason=Reason.TARGET_INVALID, path=path)
@@ -253,9 +229,25 @@ def umount_exact(path: str, mnt_id: int) -> None:
                 path=path,
                 hint=f"unmount it first (umount {path}), then run this again",
             )
-        _libc.umount2(f"/proc/self/fd/{pfd}/{name}", _libc.UMOUNT_NOFOLLOW)
+        where = f"/proc/self/fd/{pfd}/{name}"
+        if readonly_first:
+            remount_super(where, readonly=True)
+        try:
+            _libc.umount2(where, _libc.UMOUNT_NOFOLLOW)
+        except SysError:
+            if readonly_first:
+                with contextlib.suppress(OSError):
+                    remount_super(where, readonly=False)
+            raise
     finally:
         os.close(pfd)
+
+
+def remount_super(path: StrPath, *, readonly: bool) -> None:
+    """The filesystem mounted at `path` read-only (EBUSY while a file of it is open for writing,
+    anywhere; then every write is EROFS) or writable again. The mount's flags are repeated."""
+    flags = _libc.MS_REMOUNT | _locked_flags(path) | (_libc.MS_RDONLY if readonly else 0)
+    _libc.mount(None, path, None, flags, None)
 
 
 def mount_proc(path: StrPath) -> None:
@@ -269,10 +261,22 @@ def mount_tmpfs(path: StrPath, opts: str | None = None) -> None:
 
 
 # statvfs f_flag bits a user namespace may not clear on a mount it inherited (the kernel locks
-# them; a remount that drops one is EPERM). Values from <sys/statvfs.h>, equal to the MS_* bits.
+# them; a remount that drops one is EPERM), with their MS_* flag: equal values except relatime
+# (ST_RELATIME is 0x1000, which is MS_BIND: passing it through made a remount a bind remount).
 _LOCKED_ST_FLAGS = (
-    os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME | os.ST_RELATIME
+    (os.ST_NOSUID, _libc.MS_NOSUID),
+    (os.ST_NODEV, _libc.MS_NODEV),
+    (os.ST_NOEXEC, _libc.MS_NOEXEC),
+    (os.ST_NOATIME, _libc.MS_NOATIME),
+    (os.ST_NODIRATIME, _libc.MS_NODIRATIME),
+    (os.ST_RELATIME, _libc.MS_RELATIME),
 )
+
+
+def _locked_flags(path: StrPath) -> int:
+    """The MS_* flags to repeat when remounting the mount at `path`."""
+    f_flag = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _LOCKED_ST_FLAGS if f_flag & st)
 
 
 def bind(
@@ -323,8 +327,7 @@ def _bind_readonly_classic(src: StrPath, dst: StrPath, *, recursive: bool) -> No
     _libc.mount(src, dst, None, _libc.MS_BIND | (_libc.MS_REC if recursive else 0), None)
     # The remount must repeat the flags the kernel locked on the source mount, or it is EPERM in
     # a user namespace. It affects the top mount only; submounts stay writable on this path.
-    locked = os.statvfs(dst).f_flag & _LOCKED_ST_FLAGS
-    flags = _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | locked
+    flags = _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | _locked_flags(dst)
     _libc.mount(None, dst, None, flags, None)
 
 

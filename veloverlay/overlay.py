@@ -18,11 +18,16 @@ process side lives in session/overlay/pid1.py); imports only the leaves and `mou
 
 from __future__ import annotations
 
+import errno
+import time
+
 from veloverlay import mount
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.records import Record
 
-__all__ = ["OverlaySpec"]
+__all__ = ["OverlaySpec", "seal"]
+
+_SEAL_INTERVAL = 0.02
 
 
 class OverlaySpec(Record, frozen=True):
@@ -66,3 +71,27 @@ class OverlaySpec(Record, frozen=True):
             userxattr=self.userxattr,
             target_fd=target_fd,
         )
+
+
+def seal(target: str, wait: float) -> str | None:
+    """Make the session's overlay (mounted at `target`) read-only before its upper dir is
+    harvested: a process outside the session's pid namespace (nsenter without --pid, an fd
+    passed out, a /proc/PID/root path) could otherwise write on while the harvest reads, and
+    what it wrote would be lost without an error. After the seal such writes fail with EROFS.
+
+    A file open for writing makes the remount EBUSY: retried for up to `wait` seconds (a writer
+    finishing). Returns None when sealed, else why not (the caller must not harvest while
+    anything can still write: session/holders.py)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            mount.remount_super(target, readonly=True)
+            return None
+        except SysError as exc:
+            if exc.errno != errno.EBUSY:
+                return str(exc)
+        except OSError as exc:
+            return f"statvfs {target}: {exc.strerror}"
+        if time.monotonic() >= deadline:
+            return "files of the projection are still open for writing"
+        time.sleep(_SEAL_INTERVAL)

@@ -198,6 +198,71 @@ def test_a_copy_in_another_mount_namespace_keeps_the_session_unharvested(shm_tmp
     assert compare_trees(got, plain, since_ns=0) == []
 
 
+# A process that opens a file of the projection in a copy of the mount namespace and comes back:
+# the copy is gone (no process in it), the file's mount is detached, the fd still writes.
+_DETACHED_WRITER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+home = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+assert libc.unshare(0x00020000) == 0, ctypes.get_errno()
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+os.write(fd, b"a")
+assert libc.setns(home, 0x00020000) == 0, ctypes.get_errno()
+print("ready", flush=True)
+sys.stdin.readline()
+os.write(fd, b"b")
+os.close(fd)
+print("done", flush=True)
+"""
+
+
+def test_umount_waits_for_a_writer_whose_mount_is_gone(shm_tmp: str) -> None:
+    """A file opened through a short-lived copy of the mount namespace keeps the overlay
+    writable after every mount of it is gone, and umount(2) here does not see it (EBUSY comes
+    only from this mount). umount makes the overlay read-only first, which does: refused while
+    the file is open for writing, committed with every byte once it is closed."""
+    store, plain, at = _setup(shm_tmp)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    _changes(at)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _DETACHED_WRITER, os.path.join(at, "README")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == b"ready\n"
+        assert str(writer.pid) not in " ".join(map(str, _holder_namespaces(sid)))
+        failed(velo(store, "umount", at, "--json"), "session-active")
+        assert os.path.ismount(at) and _sessions(store)[sid] == "mounted"
+        with open(os.path.join(at, "README"), "ab") as f:  # still writable here
+            f.write(b"c")
+        writer.stdin.write(b"go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == b"done\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert data(velo(store, "umount", at, "--json"))["commit"]
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    with open(os.path.join(got, "README"), "rb") as f:
+        assert f.read() == b"hello\nacb"  # the writer's two appends, ours between them
+
+
+def _holder_namespaces(sid: str) -> list[int]:
+    """Pids whose mount namespace (other than ours) shows the session's overlay."""
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    out = []
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if name.isdigit() and os.stat(f"/proc/{name}/ns/mnt").st_ino != own:
+                with open(f"/proc/{name}/mountinfo", encoding="utf-8") as f:
+                    if f"/{sid}/upper" in f.read():
+                        out.append(int(name))
+    return out
+
+
 def _lines_at(at: str) -> list[str]:
     return [line for line in mount_lines() if line.split(" ", 1)[0] == at]
 

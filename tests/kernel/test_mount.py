@@ -418,3 +418,44 @@ def test_new_api_falls_back_to_strings_when_set_fd_is_refused(base: str, err: in
     got = run_in_userns(_set_fd_refused, base, err, privileged=True)
     assert got["used"] is MountApi.NEW
     assert got["upper_new"] == b"fresh" and got["seen"] == ["keep", "new"]
+
+
+# --- read-only for every mount of a filesystem (a session's seal) ---------------------------
+def _remount_super(base: str) -> dict[str, object]:
+    a, b = _dirs(base, "a", "b")
+    mount.mount_tmpfs(a)  # nosuid,nodev: mount(2) would drop them on a remount not repeating them
+    mount.bind(a, b)  # a second mount of the same filesystem (as another namespace's copy is)
+    _write(os.path.join(a, "f"), b"x")
+    out: dict[str, object] = {}
+    with open(os.path.join(b, "f"), "ab"):  # held open for writing
+        try:
+            mount.remount_super(a, readonly=True)
+        except SysError as exc:
+            out["busy"] = exc.errno
+    try:
+        mount.remount_super(a, readonly=True)
+        try:
+            _write(os.path.join(b, "g"), b"y")  # through the other mount
+            out["write_b"] = "ok"
+        except OSError as exc:
+            out["write_b"] = errno.errorcode[exc.errno or 0]
+        flags = os.statvfs(a).f_flag
+        out["kept"] = (bool(flags & os.ST_NOSUID), bool(flags & os.ST_NODEV))
+        mount.remount_super(a, readonly=False)
+        _write(os.path.join(b, "g"), b"y")
+        out["after"] = _read(os.path.join(a, "g"))
+    finally:
+        mount.umount(b)
+        mount.umount(a)
+    return out
+
+
+@pytest.mark.parametrize("privileged", [True, False], ids=["root", "unpriv"])
+def test_remount_super_makes_every_mount_read_only(base: str, privileged: bool) -> None:
+    got = run_in_userns(_remount_super, base, privileged=privileged)
+    assert got["busy"] == errno.EBUSY  # a file open for writing, through the other mount
+    # The filesystem, not one mount (a bind remount would leave b writable: ST_RELATIME passed
+    # through as a mount flag is MS_BIND), keeps its nosuid/nodev, and is writable again after.
+    assert got["write_b"] == "EROFS"
+    assert got["kept"] == (True, True)
+    assert got["after"] == b"y"

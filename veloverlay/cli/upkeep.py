@@ -231,3 +231,8 @@ def status() -> None:
             print(f"  {len(changes)} changes so far{more}: veloverlay diff --session {sess.id}")
         elif d["state"] == "dead-unharvested":
             print(f"  its manager died: veloverlay harvest --resume {sess.id}")
+        elif d["state"] == "held":
+            print(
+                "  ended, but processes outside it can still write its projection: "
+                f"veloverlay harvest --resume {sess.id} once they are done"
+            )

@@ -172,6 +172,18 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
                     "container): end its processes, then run this again",
                 )
             continue
+        if shown == "held":
+            if session_id is not None:
+                from veloverlay.session.holders import holders
+
+                shown_pids = ", ".join(str(p) for p in holders(st.is_upper)[:5])
+                raise VeloError(
+                    f"session {st.id} has ended, but processes outside it can still write its "
+                    f"projection (pids {shown_pids})",
+                    reason=Reason.SESSION_ACTIVE,
+                    hint="end them (or close what they opened there), then run this again",
+                )
+            continue
         if shown != "dead-unharvested":
             if session_id is not None:
                 raise VeloError(

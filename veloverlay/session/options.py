@@ -73,7 +73,8 @@ class SessionResult(Record):
 class SessionInfo(Record):
     id: str
     refs: list[str]
-    state: str  # running | dead-unharvested | harvested | discarded | failed | starting
+    # starting | running | dead-unharvested | held | mounted | harvested | discarded | failed
+    state: str
     start: float
     pid: int
     target: str

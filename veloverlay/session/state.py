@@ -21,6 +21,7 @@ from veloverlay import mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import write_json_atomic
 from veloverlay.records import Record, field
+from veloverlay.session.holders import holders, namespaces_holding
 from veloverlay.session.options import SessionInfo
 from veloverlay.store.cas import Store
 
@@ -57,7 +58,8 @@ class State(Record):
     pid_start: int | None = None
     child: int = 0  # the process that runs the command (overlay: the namespace child)
     child_start: int | None = None
-    state: str = "starting"  # starting | running | harvesting | harvested | discarded | failed
+    # starting | running | harvesting | harvested | discarded | failed | mounted | held
+    state: str = "starting"
     start: float = 0.0
     form: str = ""  # overlay: the lower form; shim: copy | link
     protection: str = ""
@@ -132,13 +134,15 @@ class State(Record):
                 return True
         except OSError:
             return True  # cannot tell: never harvest what may still be written
-        return bool(mount.namespaces_holding(self.is_upper))
+        return bool(namespaces_holding(self.is_upper))
 
     def shown_state(self) -> str:
         """The state, with a live state whose manager is gone shown as `dead-unharvested` (and
         a `mounted` one whose overlay is gone: rebooted, unmounted by hand, umount killed)."""
         if self.state == "mounted":
             return "mounted" if self.mount_live() else "dead-unharvested"
+        if self.state == "held":  # ended, not sealed: processes outside it could still write
+            return "held" if holders(self.is_upper) else "dead-unharvested"
         if self.state in LIVE_STATES and not self.manager_alive():
             return "dead-unharvested"
         return self.state

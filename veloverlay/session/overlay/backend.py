@@ -37,6 +37,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
+from veloverlay.session.holders import wait_no_holders
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import alias_note, relocation_warnings, source_alias
@@ -316,6 +317,8 @@ def run_session(
         killed = [(int(p), str(c)) for p, c in killed_raw] if isinstance(killed_raw, list) else []
         st.exit_status = exit_status
         st.killed = killed  # saved with the "harvesting" state
+        if report.get("sealed") is not True:
+            _refuse_if_held(store, st, str(report.get("seal_error") or "the session ended"))
         t_ran = time.perf_counter()
         res = _finish(store, m, st)
         res.timings = {
@@ -336,6 +339,26 @@ def run_session(
 
 
 # --- harvest and commit ------------------------------------------------------------------------
+HOLDERS_WAIT = 1.0  # s: a pid namespace that just ended may still be releasing its files
+
+
+def _refuse_if_held(store: Store, st: State, why: str) -> None:
+    """The overlay could not be sealed (or was never, after a crash): harvest only when no
+    process can write it any more; else keep the upper dir, state `held`, and say who holds it."""
+    pids = wait_no_holders(st.is_upper, HOLDERS_WAIT)
+    if not pids:
+        return
+    st.state = "held"
+    state.save(store, st)
+    shown = ", ".join(str(p) for p in pids[:5]) + (" …" if len(pids) > 5 else "")
+    raise VeloError(
+        f"session {st.id}: processes outside the session can still write its projection "
+        f"(pids {shown}; {why}): its changes are kept, not committed yet",
+        reason=Reason.SESSION_ACTIVE,
+        hint=f"when they are done: veloverlay harvest --resume {st.id}",
+    )
+
+
 def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
     """Harvest the upper dir of a finished session and commit it (or discard it)."""
     sdir = store.sessions / st.id
@@ -419,6 +442,8 @@ def resume(store: Store, st: State) -> SessionResult:
             if ns.proc_start(st.child) is None:
                 break
             time.sleep(0.01)
+    # Never sealed (the manager died first): harvest only what nothing can write any more.
+    _refuse_if_held(store, st, "its manager ended before the overlay was sealed")
     # Take over the session so that a concurrent resume does not harvest it twice.
     st.pid = os.getpid()
     st.pid_start = ns.proc_start(os.getpid())

@@ -33,6 +33,7 @@ import time
 from veloverlay import mount, ns, overlay
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.session import state
+from veloverlay.session.holders import namespaces_holding
 from veloverlay.session.options import SessionOptions, SessionResult
 from veloverlay.session.overlay.backend import _drop_upper, _finish, _new_state, _prepare
 from veloverlay.session.select import Choice
@@ -132,7 +133,7 @@ def _elsewhere(st: state.State, target: str, done: str) -> VeloError | None:
     """The refusal when other mount namespaces still hold a copy of the session's overlay (made
     by unshare -m or a container started while it was mounted): its upper dir can be written
     through them, so it is not harvested yet."""
-    pids = mount.namespaces_holding(st.is_upper)
+    pids = namespaces_holding(st.is_upper)
     if not pids:
         return None
     shown = ", ".join(str(p) for p in pids[:5]) + (" …" if len(pids) > 5 else "")
@@ -171,11 +172,14 @@ def umount_session(
     if refusal := _elsewhere(st, target, ""):
         raise refusal
     try:
-        mount.umount_exact(target, entry.mnt_id)
+        # Read-only first: a file open for writing through a mount that is gone from every
+        # namespace (a short-lived unshare -m copy) would not make umount2 EBUSY; it does this.
+        mount.umount_exact(target, entry.mnt_id, readonly_first=True)
     except SysError as exc:
         if exc.errno == 16:  # EBUSY
             raise VeloError(
-                f"{target} is busy: processes still use the projection",
+                f"{target} is busy: processes still use the projection"
+                + (" (files open for writing)" if exc.syscall == "mount" else ""),
                 reason=Reason.SESSION_ACTIVE,
                 hint="stop them (fuser -vm DIR) and run umount again",
             ) from None

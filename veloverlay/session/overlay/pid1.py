@@ -2,7 +2,9 @@
 
 `child_main` enters the namespaces, mounts the overlay, then binds the store read-only, and forks
 pid 1 (`_init_main`): a fresh /proc, a nested user namespace that locks those mounts, then the
-command under the session reaper (session/reaper.py), which ends leftovers and reports.
+command under the session reaper (session/reaper.py), which ends leftovers and reports. When
+pid 1 has ended, `child_main` seals the overlay (read-only: `overlay.seal`) and reports that too:
+the manager harvests only a sealed overlay, or one that nothing holds any more.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import signal
 
 from veloverlay import mount, ns
-from veloverlay.overlay import OverlaySpec
+from veloverlay.overlay import OverlaySpec, seal
 from veloverlay.records import Record
 from veloverlay.session import reaper
 
@@ -70,8 +72,11 @@ def child_main(ctx: ChildSpec) -> None:
             _init_main(ctx)
         finally:
             os._exit(70)
-    os.close(ctx.report_fd)
     status = ns.wait_child(pid1)
+    # Every process of the pid namespace is gone; one outside it may still write (nsenter
+    # without --pid, an fd passed out): make the overlay read-only before the manager harvests.
+    why = seal(ctx.spec.target, ctx.grace)
+    reaper.send(ctx.report_fd, {"sealed": why is None, "seal_error": why})
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 70)
 
 

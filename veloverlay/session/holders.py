@@ -1,0 +1,122 @@
+"""Who can still write a session's overlay once its own processes are gone.
+
+A session's upper dir is harvested only when nothing can write it any more. Its pid namespace
+ends with pid 1, but the overlay's superblock lives on while any process elsewhere holds:
+
+* a mount namespace with a copy of the overlay (nsenter -m without --pid, unshare -m or a
+  container started while it was mounted);
+* an open file, a cwd or a root on it (a path opened through /proc/PID/root, an fd passed out
+  over a unix socket), even after every mount of it is gone (a detached mount).
+
+`holders` finds both through /proc: the first by the overlay's upper dir in each mount
+namespace's mountinfo, the second by each open file's mount (`mnt_id` in fdinfo) looked up in
+its process's mountinfo. A file on an overlay whose mount is in no mountinfo (detached, or
+outside the process's root) cannot be told apart from this session's: it counts as a holder
+(the harvest waits rather than lose writes). Limits: processes of other users are invisible to
+a root-free manager, and an fd in flight in a unix socket message belongs to no process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from veloverlay import _libc, mount
+from veloverlay.mount import MountEntry
+
+__all__ = ["holders", "namespaces_holding", "wait_no_holders"]
+
+_LINKS = ("cwd", "root")
+
+
+def holders(is_ours: Callable[[MountEntry], bool]) -> list[int]:
+    """Pids that hold the overlay `is_ours` picks (other than this process): see the module."""
+    me = os.getpid()
+    ns_mounts: dict[int, dict[int, MountEntry]] = {}  # mount namespace -> its mounts by id
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ns not in ns_mounts:
+                ns_mounts[ns] = {e.mnt_id: e for e in mount.mounts(name)}
+            by_id = ns_mounts[ns]
+            if any(is_ours(e) for e in by_id.values()) and not _own_namespace(ns):
+                found.append(int(name))  # a copy of the overlay in another mount namespace
+            elif _holds_file(name, by_id, is_ours):
+                found.append(int(name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def _own_namespace(ns: int) -> bool:
+    """The mount namespace is this process's: the overlay mounted here (`veloverlay mount`)
+    is not a holder by itself; processes using it are found by their files."""
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino == ns
+    except OSError:
+        return False
+
+
+def _holds_file(
+    pid: str, by_id: dict[int, MountEntry], is_ours: Callable[[MountEntry], bool]
+) -> bool:
+    base = f"/proc/{pid}"
+    links = [f"{base}/{n}" for n in _LINKS]
+    try:
+        links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+    except OSError:
+        pass
+    for link in links:
+        try:
+            if _libc.statfs_type(link) != _libc.OVERLAYFS_SUPER_MAGIC:
+                continue
+            fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+            try:
+                entry = by_id.get(mount.mnt_id_of(fd))
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        if entry is None or is_ours(entry):
+            return True
+    return False
+
+
+def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
+    """One pid per mount namespace other than this process's in which a mount satisfies `match`
+    (a copy made by unshare(CLONE_NEWNS) or clone after it was mounted keeps the superblock alive
+    after it is unmounted here). Processes that vanish or cannot be read are skipped."""
+    try:
+        own = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return []
+    seen = {own}
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ino = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ino in seen:
+                continue
+            seen.add(ino)
+            if any(match(e) for e in mount.mounts(name)):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_no_holders(is_ours: Callable[[MountEntry], bool], wait: float) -> list[int]:
+    """`holders`, asked again for up to `wait` seconds while it finds some: the processes of a
+    pid namespace that just ended may still be exiting. The last answer."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = holders(is_ours)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
