@@ -126,17 +126,27 @@ def _from_entries(
 def _from_upper(
     store: Store, status: str, path: bytes, old: Entry | None, upper: bytes, context: int
 ) -> LiveChange:
-    here = os.path.join(upper, path)
+    from veloverlay.session.overlay.live import open_beneath
+
+    # By descriptors, no symlink followed on the way: the session may swap one in meanwhile.
+    parent, _, name = path.rpartition(b"/")
     st: os.stat_result | None = None
-    if status != "D":
-        try:
-            st = os.lstat(here)
-        except FileNotFoundError:  # gone meanwhile: the command is still at work
-            st = None
+    new_lines: list[str] | None = None
     try:
-        new_lines = path_lines(here, st)
-    except OSError:  # removed or replaced between the lstat and the read
-        new_lines = None
+        dfd = open_beneath(upper, parent.split(b"/") if parent else [])
+    except OSError:  # gone or replaced meanwhile: the command is still at work
+        dfd = -1
+    try:
+        if status != "D" and dfd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        try:
+            new_lines = path_lines(name, st, dfd) if dfd >= 0 else path_lines(name, None)
+        except OSError:  # removed or replaced between the lstat and the read
+            new_lines = None
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
     patch = unified(
         os.fsdecode(path),
         object_lines(store, old),

@@ -51,15 +51,18 @@ def object_lines(store: Store, e: Entry | None) -> list[str] | None:
         os.close(fd)
 
 
-def path_lines(path: bytes, st: os.stat_result | None) -> list[str] | None:
-    """The lines of a file, symlink or directory on disk (`st`: its lstat; None: absent)."""
+def path_lines(
+    path: bytes, st: os.stat_result | None, dir_fd: int | None = None
+) -> list[str] | None:
+    """The lines of a file, symlink or directory on disk (`st`: its lstat; None: absent);
+    `path` relative to `dir_fd` when given."""
     if st is None or stat.S_ISDIR(st.st_mode):
         return []
     if stat.S_ISLNK(st.st_mode):
-        return [os.fsdecode(os.readlink(path))]
+        return [os.fsdecode(os.readlink(path, dir_fd=dir_fd))]
     if not stat.S_ISREG(st.st_mode) or st.st_size > TEXT_LIMIT:
         return None
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         return text_lines(_read(fd))
     finally:

@@ -19,7 +19,24 @@ from veloverlay.session.overlay.harvest import is_whiteout
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
-__all__ = ["upper_changes", "upper_changes_raw"]
+__all__ = ["upper_changes", "upper_changes_raw", "open_beneath"]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(top: bytes, parts: list[bytes]) -> int:
+    """The directory `top`/`parts...`, opened one component at a time, none followed if it is
+    a symlink (OSError ELOOP/ENOTDIR then): the session may swap one in while it is read."""
+    fd = os.open(top, _DIR)
+    try:
+        for name in parts:
+            nxt = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def upper_changes(
@@ -36,40 +53,27 @@ def upper_changes_raw(
     out: list[tuple[str, bytes]] = []
     with m.read() as txn:
 
-        def walk(dirpath: bytes, rel: bytes, new: bool) -> None:
+        def walk(dfd: int, rel: bytes, new: bool) -> None:
+            # By descriptors: the session writes this directory while it is read, and a name
+            # listed as a directory may be a symlink by the time it is opened (never followed).
             try:
-                names = sorted(os.listdir(dirpath))
+                names = sorted(os.fsencode(n) for n in os.listdir(dfd))
             except OSError:  # gone meanwhile (the session ended), or unreadable
                 return
-            dfd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for name in names:
-                    p = paths.join(rel, name)
-                    try:
-                        st = os.lstat(os.path.join(dirpath, name))
-                    except OSError:
-                        continue
-                    if is_whiteout(st, dfd, name, prefix):
-                        out.append(("D", p))
-                        continue
-                    low = None if new else m.lookup(txn, view_root, p)
-                    if low is not None and low.kind is Kind.MASK:
-                        low = None
-                    if stat.S_ISDIR(st.st_mode):
-                        here = os.path.join(dirpath, name)
-                        if prefix == "trusted" and _xattr(here, "trusted.overlay.redirect"):
-                            out.append(("T" if low is not None else "A", p))
-                            continue
-                        opaque = _xattr(here, f"{prefix}.overlay.opaque") == b"y"
-                        if low is None or low.kind is not Kind.DIR or opaque:
-                            if low is not None:
-                                out.append(("D" if low.kind is Kind.DIR else "T", p))
-                            walk(os.path.join(dirpath, name), p, True)
-                            if not _has_entries(os.path.join(dirpath, name)):
-                                out.append(("A", p))
-                        else:
-                            walk(os.path.join(dirpath, name), p, False)
-                    elif low is None:
+            for name in names:
+                p = paths.join(rel, name)
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_whiteout(st, dfd, name, prefix):
+                    out.append(("D", p))
+                    continue
+                low = None if new else m.lookup(txn, view_root, p)
+                if low is not None and low.kind is Kind.MASK:
+                    low = None
+                if not stat.S_ISDIR(st.st_mode):
+                    if low is None:
                         out.append(("A", p))
                     elif low.kind is Kind.DIR or (low.kind is Kind.SYMLINK) != stat.S_ISLNK(
                         st.st_mode
@@ -77,23 +81,48 @@ def upper_changes_raw(
                         out.append(("T", p))
                     else:
                         out.append(("M", p))
-            finally:
-                os.close(dfd)
+                    continue
+                try:
+                    sub = os.open(name, _DIR, dir_fd=dfd)
+                except OSError:  # replaced or removed since the listing
+                    continue
+                try:
+                    if prefix == "trusted" and _xattr(sub, "trusted.overlay.redirect"):
+                        out.append(("T" if low is not None else "A", p))
+                        continue
+                    opaque = _xattr(sub, f"{prefix}.overlay.opaque") == b"y"
+                    if low is None or low.kind is not Kind.DIR or opaque:
+                        if low is not None:
+                            out.append(("D" if low.kind is Kind.DIR else "T", p))
+                        walk(sub, p, True)
+                        if not _has_entries(sub):
+                            out.append(("A", p))
+                    else:
+                        walk(sub, p, False)
+                finally:
+                    os.close(sub)
 
-        walk(os.fsencode(upper), b"", False)
+        try:
+            top = os.open(os.fsencode(upper), _DIR)
+        except OSError:
+            return out
+        try:
+            walk(top, b"", False)
+        finally:
+            os.close(top)
     out.sort(key=lambda c: c[1])
     return out
 
 
-def _xattr(path: bytes, name: str) -> bytes | None:
+def _xattr(fd: int, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return os.getxattr(fd, name)
     except OSError:
         return None
 
 
-def _has_entries(path: bytes) -> bool:
+def _has_entries(fd: int) -> bool:
     try:
-        return bool(os.listdir(path))
+        return bool(os.listdir(fd))
     except OSError:
         return False

@@ -1,0 +1,41 @@
+"""`status` / `diff --session` of a running overlay session read its upper dir while the session
+writes it: a directory there swapped for a symlink (the session can make one at any name) is never
+followed, so root's diff never shows the bytes of a file outside the upper dir."""
+
+from __future__ import annotations
+
+import os
+
+from tests.session._util import new_store
+from veloverlay.session import live
+from veloverlay.session.overlay.live import upper_changes_raw
+from veloverlay.store.manifest import Manifests
+
+
+def test_a_symlinked_directory_in_the_upper_dir_is_not_followed(tmp_path: object) -> None:
+    base = os.fspath(tmp_path)  # type: ignore[call-overload]
+    store, _src = new_store(base)
+    victim = os.path.join(base, "victim")
+    os.mkdir(victim, 0o700)
+    with open(os.path.join(victim, "secret"), "w") as f:
+        f.write("root's secret\n")
+    upper = os.path.join(base, "upper")
+    os.makedirs(os.path.join(upper, "newdir"))
+    with open(os.path.join(upper, "newdir", "secret"), "w") as f:
+        f.write("mine\n")
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _ref, c = m.resolve(txn, "t")
+        view = bytes.fromhex(c.root)
+        # Listed while newdir was a directory; read after the session swapped in a symlink.
+        listed = upper_changes_raw(m, upper, view)
+        assert ("A", b"newdir/secret") in listed
+        os.rename(os.path.join(upper, "newdir"), os.path.join(upper, "olddir"))
+        os.symlink(victim, os.path.join(upper, "newdir"))
+        got = live._from_upper(store, "A", b"newdir/secret", None, os.fsencode(upper), 3)
+    finally:
+        m.close()
+    assert got.patch is not None
+    assert not any("secret" in line and "root" in line for line in got.patch), got.patch
+    assert got.new_size == 0
