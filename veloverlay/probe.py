@@ -134,7 +134,9 @@ def _force_rmtree(path: str, ident: tuple[int, int]) -> None:
 
 @contextlib.contextmanager
 def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=under or _scratch_base())
+    # The pid in the name: whose scratch it is (a test checks that its own leave nothing).
+    prefix = f"{_SCRATCH_PREFIX}{os.getpid()}-"
+    path = tempfile.mkdtemp(prefix=prefix, dir=under or _scratch_base())
     st = os.lstat(path)
     try:
         if owner is not None:  # the mode first: once it is theirs, the path is theirs to move

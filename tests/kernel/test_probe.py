@@ -41,8 +41,10 @@ EXPECTED = {
 
 
 def _leftovers() -> set[str]:
-    return set(glob.glob("/dev/shm/velo-probe-*")) | set(
-        glob.glob(os.path.join(tempfile.gettempdir(), "velo-probe-*"))
+    """This process's probe scratch dirs (named with its pid: other processes probe too)."""
+    mine = f"velo-probe-{os.getpid()}-*"
+    return set(glob.glob(f"/dev/shm/{mine}")) | set(
+        glob.glob(os.path.join(tempfile.gettempdir(), mine))
     )
 
 
