@@ -14,6 +14,10 @@ its process's mountinfo. A file on an overlay whose mount is in no mountinfo (de
 outside the process's root) cannot be told apart from this session's: it counts as a holder
 (the harvest waits rather than lose writes). Limits: processes of other users are invisible to
 a root-free manager, and an fd in flight in a unix socket message belongs to no process.
+
+A shim session's tree is a plain directory, which nothing can seal: `tree_writers` finds the
+processes that hold one of its files open for writing (or mapped shared and writable), whose
+writes after the end-of-session stat-diff would go to a file the session then removes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from veloverlay import _libc, mount
 from veloverlay.mount import MountEntry
 
-__all__ = ["holders", "namespaces_holding", "wait_no_holders"]
+__all__ = ["holders", "namespaces_holding", "wait_no_holders", "tree_writers", "wait_no_writers"]
 
 _LINKS = ("cwd", "root")
 
@@ -117,6 +121,65 @@ def wait_no_holders(is_ours: Callable[[MountEntry], bool], wait: float) -> list[
     deadline = time.monotonic() + wait
     while True:
         found = holders(is_ours)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+def tree_writers(top: str) -> list[int]:
+    """Pids (other than this process) with a file below the directory `top` open for writing,
+    or mapped shared and writable. A file already deleted does not count (its writes go
+    nowhere whatever the session does)."""
+    prefix = top.rstrip("/") + "/"
+    try:
+        dev = os.stat(top).st_dev
+    except OSError:
+        return []
+    me = os.getpid()
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        if _writes_below(name, prefix, dev):
+            found.append(int(name))
+    return found
+
+
+def _writes_below(pid: str, prefix: str, dev: int) -> bool:
+    base = f"/proc/{pid}"
+    try:
+        fds = os.listdir(f"{base}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            where = os.readlink(f"{base}/fd/{fd}")
+            if not where.startswith(prefix) or where.endswith(" (deleted)"):
+                continue
+            with open(f"{base}/fdinfo/{fd}", encoding="ascii") as f:
+                flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
+            if flags & (os.O_WRONLY | os.O_RDWR) and os.stat(f"{base}/fd/{fd}").st_dev == dev:
+                return True
+        except (OSError, ValueError, StopIteration):
+            continue
+    try:
+        with open(f"{base}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1][1] == "w" and parts[1][3] == "s":
+                    path = parts[5].rstrip("\n")
+                    if path.startswith(prefix) and not path.endswith(" (deleted)"):
+                        return True
+    except OSError:
+        pass
+    return False
+
+
+def wait_no_writers(top: str, wait: float) -> list[int]:
+    """`tree_writers`, asked again for up to `wait` seconds while it finds some."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = tree_writers(top)
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)

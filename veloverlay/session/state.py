@@ -21,7 +21,7 @@ from veloverlay import mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import write_json_atomic
 from veloverlay.records import Record, field
-from veloverlay.session.holders import holders, namespaces_holding
+from veloverlay.session.holders import holders, namespaces_holding, tree_writers
 from veloverlay.session.options import SessionInfo
 from veloverlay.store.cas import Store
 
@@ -141,8 +141,12 @@ class State(Record):
         a `mounted` one whose overlay is gone: rebooted, unmounted by hand, umount killed)."""
         if self.state == "mounted":
             return "mounted" if self.mount_live() else "dead-unharvested"
-        if self.state == "held":  # ended, not sealed: processes outside it could still write
-            return "held" if holders(self.is_upper) else "dead-unharvested"
+        if self.state == "held":  # ended, but processes outside it could still write
+            if self.backend == "shim":
+                held = bool(tree_writers(self.target_real))
+            else:
+                held = bool(holders(self.is_upper))
+            return "held" if held else "dead-unharvested"
         if self.state in LIVE_STATES and not self.manager_alive():
             return "dead-unharvested"
         return self.state
