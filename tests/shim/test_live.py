@@ -299,3 +299,14 @@ def test_checkin_frame_layout() -> None:
     from veloverlay.session.shim import daemon
 
     assert daemon._CHECKIN.size == struct.calcsize("<IIiiII") == 24
+
+
+def test_the_abstract_socket_name_cannot_be_guessed() -> None:
+    """A store path too long for a socket path gives an abstract name, which any local user may
+    bind first: the name carries 64 random bits, so no one can take it before the daemon."""
+    sdir = Path("/" + "d" * 120)
+    a = shim_backend._socket_address(sdir, "20261206-000000-abcdef")
+    b = shim_backend._socket_address(sdir, "20261206-000000-abcdef")
+    assert a.startswith("@veloverlay-") and b.startswith("@veloverlay-")
+    assert a != b
+    assert len(a.rsplit("-", 1)[1]) == 16

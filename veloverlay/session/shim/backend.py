@@ -70,7 +70,9 @@ def _socket_address(sdir: Path, sid: str) -> str:
     path = os.fspath(sdir / "daemon.sock")
     if len(os.fsencode(path)) < 100:
         return path
-    return f"@veloverlay-{os.getuid()}-{sid}"  # abstract: no path length limit (peer uid checked)
+    # Abstract: no path length limit (the peer uid is checked). Another user could bind a name
+    # it can guess before the daemon does (a denial of service): 64 random bits it cannot.
+    return f"@veloverlay-{os.getuid()}-{sid}-{os.urandom(8).hex()}"
 
 
 # --- preparing ----------------------------------------------------------------------------------
