@@ -18,7 +18,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -508,22 +507,17 @@ _NETWORK_MAGIC = {
 _NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space as \040 etc.
-
-
 def _mountinfo_fstype(path: str) -> str | None:
     """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
     best, fstype = -1, None
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mnt = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), left.split()[4])
-                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) > best:
-                    best, fstype = len(mnt), right.split()[0]
+        entries = mount.mounts()
     except OSError:
         return None
+    for e in entries:
+        inside = path == e.point or path.startswith(e.point.rstrip("/") + "/")
+        if inside and len(e.point) > best:
+            best, fstype = len(e.point), e.fstype
     return fstype
 
 
