@@ -53,7 +53,13 @@ def child_main(ctx: ChildSpec) -> None:
         else:
             ns.enter_userns(map_root=ctx.as_root, net=ctx.net_none, pid=True)
         mount.make_rprivate("/")
-        ctx.spec.mount()
+        # On the directory the manager chose, not on whatever its path leads to by now (another
+        # user owning a directory on the way could swap in a symlink).
+        target_fd = mount.pin_dir(ctx.spec.target)
+        try:
+            ctx.spec.mount(target_fd)
+        finally:
+            os.close(target_fd)
         for path in ctx.also_at:  # the source stays as it is; its path shows the projection
             mount.bind(ctx.spec.target, path)
         # Only now: a read-only store under the upper dir before the overlay mount would make
