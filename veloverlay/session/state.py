@@ -139,8 +139,8 @@ class State(Record):
     def shown_state(self) -> str:
         """The state, with a live state whose manager is gone shown as `dead-unharvested` (and
         a `mounted` one whose overlay is gone: rebooted, unmounted by hand, umount killed)."""
-        if self.state == "mounted":
-            return "mounted" if self.mount_live() else "dead-unharvested"
+        if self.state == "mounted":  # (its manager: the `mount` command, while it runs)
+            return "mounted" if self.manager_alive() or self.mount_live() else "dead-unharvested"
         if self.state == "held":  # ended, but processes outside it could still write
             if self.backend == "shim":
                 held = bool(tree_writers(self.target_real))

@@ -80,8 +80,11 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
                 )
             st = _new_state(store, plan, m, opts)
             sdir = store.sessions / st.id
-            st.mounted_at, st.state, st.pid, st.pid_start = plan.target, "mounted", 0, None
-            state.save(store, st)  # before the mount: a crash after it leaves a record
+            # Before the mount: a crash after it leaves a record. While this process lives the
+            # session counts as mounted (a harvest --all meanwhile must not take its upper dir).
+            st.mounted_at, st.state = plan.target, "mounted"
+            st.pid, st.pid_start = os.getpid(), ns.proc_start(os.getpid())
+            state.save(store, st)
         spec = overlay.OverlaySpec(
             lowers=plan.lowers.layers,
             data_lowers=plan.lowers.data_layers,
