@@ -188,6 +188,8 @@ def _remove_tree(st: State) -> None:
         pfd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return
+    except PermissionError as exc:  # e.g. a link another user put on the way (protected_symlinks)
+        raise refused(f"{parent} cannot be opened: {exc.strerror}") from None
     try:
         try:
             fd, _now = files.open_dir_at(pfd, name, expect=ident)
