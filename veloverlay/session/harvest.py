@@ -69,21 +69,25 @@ class StoreLinks:
             return None
         if low is not None and low.kind is Kind.FILE and low.digest == digest:
             return Entry(name, Kind.FILE, low.mode, low.size, mtime_ns, digest, b"", low.tier)
+        mode = self._mode(m, txn, root, digest)
+        if mode is None:
+            # Not a Tier-1 file of the projected tree: a link a program made by hand to an
+            # object it learnt the name of (maybe one of a tree it may not read) stays a link.
+            return None
         size = os.stat(self.store.object_path_b(digest)).st_size
-        return Entry(
-            name, Kind.FILE, self._mode(m, txn, root, digest), size, mtime_ns, digest, b"", tier()
-        )
+        return Entry(name, Kind.FILE, mode, size, mtime_ns, digest, b"", tier())
 
-    def _mode(self, m: Manifests, txn: Txn, root: bytes, digest: bytes) -> int:
-        """The mode `root` records for the object (what `cp -a` of the file keeps). Built on
-        first need by one walk of the root: copies of Tier-1 symlinks are rare."""
+    def _mode(self, m: Manifests, txn: Txn, root: bytes, digest: bytes) -> int | None:
+        """The mode `root` records for the object as a Tier-1 file (what `cp -a` of the file
+        keeps); None if no Tier-1 file of `root` is that object. Built on first need by one walk
+        of the root: copies of Tier-1 symlinks are rare."""
         if root != self._root:
             self._root = root
             self._modes = {}
             for _p, e, _n in m.walk(txn, root):
                 if e.kind is Kind.FILE and e.tier == 1:
                     self._modes.setdefault(e.digest, e.mode)
-        return self._modes.get(digest, 0o644)
+        return self._modes.get(digest)
 
 
 def leaf_op(p: bytes, low: Entry | None, entry: Entry) -> Op | None:

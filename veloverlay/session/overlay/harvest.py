@@ -26,8 +26,8 @@ contents are staged (v1 does not model xattrs).
   In the links form a copied-up file still carries the proxy's normalised mtime
   (`projection.PROXY_MTIME_NS`); when its content did not change that mtime is not the user's
   and the manifest's is kept.
-* symlink -> SYMLINK; a symlink into this store's objects (a Tier-1 entry a program copied, e.g.
-  `cp -a`, npm) -> back to a FILE entry of that object
+* symlink -> SYMLINK; a symlink into this store's objects that is a Tier-1 entry of the view a
+  program copied (`cp -a`, npm) -> back to a FILE entry of that object
 * hard links are two files (v1 does not model link identity); fifos, sockets and devices are
   skipped with a warning; setuid/setgid bits a session sets are removed (as ingest does unless
   asked), bits the manifest already had are kept.
