@@ -194,6 +194,36 @@ def test_an_object_deleted_by_hand_is_wanted_after_repair_and_restored(
     assert_same_tree(src, dest)
 
 
+def test_an_object_no_file_holds_any_more_costs_only_its_directory_the_stat_cache(
+    repo: Repo, shm_tmp: str
+) -> None:
+    """A wanted object makes the next ingests read again the files the stat cache last saw
+    holding it; once no file does (the file changed), the whole tree is vouched for again."""
+    src = _ingested(repo, shm_tmp)
+    obj = _object_of(repo, "bin/tool")
+    _unprotect(obj)
+    os.unlink(obj)
+    assert fsck(repo.store, repo.m, jobs=1, repair=True).wanted == 1
+    tool = os.path.join(src, "bin/tool")
+    with open(tool, "rb") as f:
+        original = f.read()
+    st = os.stat(tool)
+    old = st.st_mtime_ns - 10**10  # older than the racy window: the stat cache keeps it
+    with open(tool, "ab") as f:
+        f.write(b"# changed: no file holds the wanted bytes now\n")
+    os.utime(tool, ns=(old, old))
+    first = ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert first.hashed == 1  # bin/ listed again: its one file read (and changed)
+    assert quarantine.wanted(repo.store) != set()  # the old version still names it
+    again = ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert again.unchanged and again.hashed == 0, again  # the stat cache vouches again
+    with open(tool, "wb") as f:  # the old bytes back: read again, the object restored
+        f.write(original)
+    os.utime(tool, ns=(old - 10**9, old - 10**9))
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert quarantine.wanted(repo.store) == set()
+
+
 def test_gc_forgets_what_no_ref_needs_and_markers_of_objects_that_are_back(
     repo: Repo, shm_tmp: str
 ) -> None:

@@ -151,10 +151,13 @@ def ingest(
             raise _replaced(src)
         store.reclaim_tmp()
         cache, cache_keys = statcache.load(m, name, config)
-        if quarantine.wanted(store):
-            # fsck set corrupt objects aside: read every file, so that one holding their right
-            # bytes restores them (the stat cache would vouch for it and skip it)
-            cache = {}
+        want = quarantine.wanted(store)
+        if want:
+            # fsck set corrupt objects aside: a file the stat cache last saw holding one of
+            # them is read again (the cache would vouch for it and skip it), so that its right
+            # bytes restore the object. Only those directories: an object no file holds any
+            # more must not cost every later ingest its stat cache.
+            cache = statcache.without_digests(cache, want)
         scan_ns = time.time_ns()
         state = worker_state(store, stage, top, top_fd, cache, rules, keep_setid)
         pool = None

@@ -21,6 +21,7 @@ from veloverlay.store.manifest import Manifests, Txn
 
 __all__ = [
     "DirCache",
+    "without_digests",
     "encode",
     "encode_parts",
     "file_bytes",
@@ -158,3 +159,14 @@ def drop(m: Manifests, txn: Txn, ref: str) -> None:
             while bytes(cur.key()).startswith(prefix):
                 if not cur.delete():
                     break
+
+
+def without_digests(cache: dict[bytes, bytes], digests: set[bytes]) -> dict[bytes, bytes]:
+    """`cache` without the directories whose cached files name any of `digests` (they are
+    listed and read again)."""
+    out: dict[bytes, bytes] = {}
+    for rel, raw in cache.items():
+        dc = decode(raw)
+        if dc is not None and not any(f[4] in digests for f in dc.files.values()):
+            out[rel] = raw
+    return out
