@@ -105,6 +105,26 @@ def run_in_userns(fn: Callable[..., T], *args: Any, privileged: bool, **kw: Any)
 
 
 def mount_lines() -> list[str]:
-    """The calling process's mountinfo lines: tests compare them to prove nothing leaked."""
+    """The calling process's mountinfo lines (from the mount point on) that a test could have
+    left: tests compare them to prove nothing leaked. Only mounts on the places tests work in
+    (the scratch parents, temp dirs, this checkout) and every overlay: the host mounting
+    elsewhere meanwhile (a VM image being built) is not a leak of ours."""
+    places = tuple(
+        p.rstrip("/") + "/"
+        for p in (
+            "/dev/shm",
+            "/tmp",
+            "/var/tmp",
+            tempfile.gettempdir(),
+            os.environ.get("VELO_INTERNAL__TEST_SCRATCH") or "/dev/shm",
+            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        )
+    )
+    out = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [line.split(" ", 4)[4] for line in f]
+        for line in f:
+            rest = line.split(" ", 4)[4]
+            point = rest.split(" ", 1)[0]
+            if (point + "/").startswith(places) or " - overlay " in rest:
+                out.append(rest)
+    return out
