@@ -310,3 +310,34 @@ def test_the_abstract_socket_name_cannot_be_guessed() -> None:
     assert a.startswith("@veloverlay-") and b.startswith("@veloverlay-")
     assert a != b
     assert len(a.rsplit("-", 1)[1]) == 16
+
+
+def test_status_right_after_a_change_shows_it() -> None:
+    """`status` / `diff --session` ask the daemon to fold the journal before reading the live
+    view: a change the command made just before is shown at once, five times in a row (the view
+    lagged by up to a tick, 150 ms, before: read within milliseconds, it missed the change)."""
+    from veloverlay.session.core import live_changes
+
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        steps = "".join(
+            f"echo {i} > new{i}; touch {base}/ready{i}; "
+            f"while [ ! -e {base}/go{i} ]; do sleep 0.01; done; "
+            for i in range(5)
+        )
+        pid = _in_background(lambda: _run_and_save(store, proj, f"cd {proj}; {steps}", base))
+        seen = []
+        try:
+            st = _wait_for(lambda: _session_state(store), 20, "the session to start")
+            for i in range(5):
+                _wait_for(lambda i=i: os.path.exists(f"{base}/ready{i}"), 20, f"step {i}")
+                changes = live_changes(store, st["id"])
+                seen.append(("A", f"new{i}") in changes)
+                Path(base, f"go{i}").touch()
+        finally:
+            for i in range(5):
+                Path(base, f"go{i}").touch()
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert seen == [True] * 5, seen

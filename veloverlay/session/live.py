@@ -52,6 +52,10 @@ def running(
     manifests: `m` when the caller has them open (LMDB opens an environment once a process),
     else opened here and closed on exit."""
     st = state.load_running(store, session_id)
+    if st.backend == "shim" and st.socket:
+        from veloverlay.session.shim.daemon import request_sync
+
+        request_sync(st.socket)  # the live view as of now (else: as of the daemon's last tick)
     if m is not None:
         yield st, m
         return

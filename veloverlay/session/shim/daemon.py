@@ -40,11 +40,12 @@ from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.tiers import Rules
 
-__all__ = ["TreeSync", "SELF", "dirty_paths", "serve", "main", "TICK"]
+__all__ = ["TreeSync", "SELF", "dirty_paths", "serve", "main", "request_sync", "TICK"]
 TICK = 0.15
 HOT_SECONDS = 10.0
 FRAME_MAX = 4096
 _CHECKIN_MAGIC = 0x314B4356  # "VCK1"
+_SYNC = b"VSY1"  # a sync request: fold the journal now, then answer with the live view's head
 _CHECKIN = struct.Struct("<IIiiII")
 
 
@@ -142,6 +143,14 @@ class Daemon:
                 self._drop(conn)
             return
         # EOF: one frame
+        if conn.buf == _SYNC:  # `status` / `diff --session`: the view as of now, not last tick
+            self.tick()
+            reply = json.dumps({"head": self.head, "offset": self.reader.offset}).encode()
+            with contextlib.suppress(OSError):
+                conn.sock.settimeout(1.0)
+                conn.sock.sendall(reply)
+            self._drop(conn)
+            return
         if len(conn.buf) >= _CHECKIN.size:
             magic, version, _pid, _ppid, exe_len, _r = _CHECKIN.unpack_from(conn.buf)
             if magic == _CHECKIN_MAGIC and version == 1 and exe_len <= FRAME_MAX:
@@ -273,6 +282,31 @@ class Daemon:
         if self.listener is not None:
             self.listener.close()
         self.m.close()
+
+
+def request_sync(address: str, timeout: float = 2.0) -> bool:
+    """Ask the daemon listening on `address` to fold the journal into the live view now (what
+    `status` and `diff --session` read would otherwise lag by up to a tick). False when it
+    cannot be reached or does not answer within `timeout` (then the view is as of its last
+    tick). Another uid's request is refused by the daemon (SO_PEERCRED)."""
+    addr = "\0" + address[1:] if address.startswith("@") else address
+    deadline = time.monotonic() + timeout
+    while True:  # a daemon still starting has not bound its socket yet: try again
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
+        try:
+            s.connect(addr)
+            s.sendall(_SYNC)
+            s.shutdown(socket.SHUT_WR)
+            return bool(s.recv(FRAME_MAX))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                return False
+        except OSError:
+            return False
+        finally:
+            s.close()
+        time.sleep(0.02)
 
 
 def serve(store_root: str | os.PathLike[str], session_id: str, *, parent: int = 0) -> None:
