@@ -108,10 +108,11 @@ def scratch(
     inode_ratio: int | None,
     loop: bool,
     mkfs_opts: tuple[str, ...] = (),
+    fstype: str = "ext4",
 ) -> Iterator[Path]:
-    """A fresh directory for a benchmark: on a new loop-mounted ext4 under `base` when `loop`
-    (root only), else a temp dir in `base`. Everything is removed and unmounted afterwards; a
-    failed unmount says what still holds the filesystem."""
+    """A fresh directory for a benchmark: on a new loop-mounted `fstype` (ext4, or xfs with
+    reflinks) under `base` when `loop` (root only), else a temp dir in `base`. Everything is
+    removed and unmounted afterwards; a failed unmount says what still holds the filesystem."""
     top = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     mnt = top / "mnt"
     mounted = False
@@ -120,8 +121,12 @@ def scratch(
             image = top / "fs.img"
             with open(image, "wb") as f:
                 f.truncate(size)
-            opts = [*(["-i", str(inode_ratio)] if inode_ratio else []), *mkfs_opts]
-            subprocess.run(["mkfs.ext4", "-q", "-F", *opts, os.fspath(image)], check=True)
+            if fstype == "xfs":
+                mkfs = ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", *mkfs_opts]
+            else:
+                opts = [*(["-i", str(inode_ratio)] if inode_ratio else []), *mkfs_opts]
+                mkfs = ["mkfs.ext4", "-q", "-F", *opts]
+            subprocess.run([*mkfs, os.fspath(image)], check=True)
             mnt.mkdir()
             subprocess.run(["mount", "-o", "loop", os.fspath(image), os.fspath(mnt)], check=True)
             mounted = True
