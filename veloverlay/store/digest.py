@@ -7,7 +7,6 @@ session manager must be able to.
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import NewType
 
@@ -58,26 +57,31 @@ class Hasher:
 
 def hash_fd(fd: int) -> tuple[Digest, int]:
     """Hash everything readable from `fd` (from its current offset); return digest and length."""
-    h = blake3.blake3()
-    total = 0
-    while True:
-        chunk = os.read(fd, _CHUNK)
-        if not chunk:
-            return Digest(h.digest()), total
-        h.update(chunk)
-        total += len(chunk)
+    return _hash_reads(fd, None)
 
 
 def hash_own_file(fd: int) -> tuple[Digest, int]:
     """Hash the whole of a file this process alone writes (a staged object; `fd` open for
-    reading) through a read-only mapping: no copy into this process. Never for a file others may
-    write: one truncated while mapped would end this process with SIGBUS."""
-    size = os.fstat(fd).st_size
+    reading), from offset 0 whatever the descriptor's offset. Read into one reused buffer: from
+    the page cache that is faster than hashing a mapping (about 6.4 against 4.4 GB/s for a
+    256 MiB file here: a mapping pays a page fault per few pages), and a file truncated meanwhile
+    only reads short (a mapping would end this process with SIGBUS)."""
+    return _hash_reads(fd, 0)
+
+
+def _hash_reads(fd: int, offset: int | None) -> tuple[Digest, int]:
+    """Hash `fd` to EOF in `_CHUNK` reads into one buffer: from `offset` with pread, or from the
+    descriptor's offset (None)."""
     h = blake3.blake3()
-    if size:
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as view:
-            h.update(view)
-    return Digest(h.digest()), size
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while True:
+        n = os.readv(fd, [buf]) if offset is None else os.preadv(fd, [buf], offset + total)
+        if not n:
+            return Digest(h.digest()), total
+        h.update(view[:n])
+        total += n
 
 
 def from_hex(text: str) -> Digest:
