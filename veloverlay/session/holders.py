@@ -68,26 +68,45 @@ def _own_namespace(ns: int) -> bool:
 def _holds_file(
     pid: str, by_id: dict[int, MountEntry], is_ours: Callable[[MountEntry], bool]
 ) -> bool:
+    """An open file, cwd or root of `pid` on the overlay: its mount (by id, from fdinfo; never
+    a call into the file's filesystem, which a stopped FUSE server could hang) looked up in the
+    process's mountinfo; a mount in no mountinfo counts when it is an overlay."""
     base = f"/proc/{pid}"
-    links = [f"{base}/{n}" for n in _LINKS]
-    try:
-        links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
-    except OSError:
-        pass
-    for link in links:
+    for name in _LINKS:
         try:
-            if _libc.statfs_type(link) != _libc.OVERLAYFS_SUPER_MAGIC:
-                continue
-            fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(f"{base}/{name}", os.O_PATH | os.O_CLOEXEC)
             try:
-                entry = by_id.get(mount.mnt_id_of(fd))
+                mnt = mount.mnt_id_of(fd)
             finally:
                 os.close(fd)
         except OSError:
             continue
-        if entry is None or is_ours(entry):
+        if _is_held(f"{base}/{name}", by_id.get(mnt), is_ours):
+            return True
+    try:
+        fds = os.listdir(f"{base}/fdinfo")
+    except OSError:
+        return False
+    for fd_name in fds:
+        try:
+            with open(f"{base}/fdinfo/{fd_name}", encoding="ascii") as f:
+                mnt = next(int(ln.split()[1]) for ln in f if ln.startswith("mnt_id:"))
+        except (OSError, ValueError, StopIteration):
+            continue
+        if mnt in by_id and not is_ours(by_id[mnt]):
+            continue  # the common case: a file on another mount of its namespace
+        if _is_held(f"{base}/fd/{fd_name}", by_id.get(mnt), is_ours):
             return True
     return False
+
+
+def _is_held(link: str, entry: MountEntry | None, is_ours: Callable[[MountEntry], bool]) -> bool:
+    if entry is not None:
+        return is_ours(entry)
+    try:  # detached (or outside the process's root): any overlay may be this session's
+        return _libc.statfs_type(link) == _libc.OVERLAYFS_SUPER_MAGIC
+    except OSError:
+        return False
 
 
 def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
