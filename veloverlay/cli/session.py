@@ -374,7 +374,8 @@ def harvest(
     resume: Annotated[str | None, typer.Option(help="Harvest this session")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Harvest every unharvested session")] = False,
 ) -> None:
-    """Harvest sessions whose manager died (after a crash or kill)."""
+    """Harvest sessions whose manager died (after a crash or kill), or that ended while a
+    process outside them could still write (state held), once nothing can."""
     from veloverlay.errors import Reason, VeloError
     from veloverlay.session.core import harvest_resume
 
