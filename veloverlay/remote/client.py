@@ -28,6 +28,7 @@ from veloverlay.remote.auth import Credentials, find_credentials, parse_challeng
 from veloverlay.remote.name import RemoteName
 from veloverlay.remote.transport import (
     Options,
+    PlainFirst,
     TooSlow,
     check_encoding,
     is_tls_error,
@@ -77,6 +78,8 @@ class Registry:
             kw["transport"] = transport
         elif name.scheme == "https":  # building a context loads the system CAs (~35 ms)
             kw["verify"] = ssl_context(name.host, self.opts)
+        else:  # no CAs loaded unless a redirect leads to https
+            kw["transport"] = PlainFirst(limits, lambda: httpx.HTTPTransport(limits=limits))
         self.client = httpx.Client(
             timeout=httpx.Timeout(self.opts.timeout, connect=min(10.0, self.opts.timeout)),
             follow_redirects=True,
