@@ -36,7 +36,7 @@ from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import node_digest
 from veloverlay.store.manifest import Manifests, check_ref_name
-from veloverlay.store.tree import Kind, decode
+from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
@@ -214,17 +214,20 @@ def pull(
                     if (e.kind == KIND_NODE) != (p.kind == "nodes"):
                         raise _invalid(f"pack {p.pack.digest} mixes nodes and objects")
                     where.setdefault((e.kind, e.digest), (p, e))
-            nodes, objects = _walk(reg, m, root, where, stored_too=heal)
+            nodes, objects, decoded = _walk(reg, m, root, where, stored_too=heal)
             res.objects = len(objects)
             missing = sorted(d for d in objects if not store.has(d))
             by_pack: dict[str, tuple[PackRef, list[Entry]]] = {}
             alone: list[tuple[bytes, Descriptor]] = []
+            sizes: dict[bytes, int] = {}  # what a fetched object is (its bytes are checked)
             for d in missing:
                 hit = where.get((1, d))
                 if hit is not None:
                     by_pack.setdefault(hit[0].pack.digest, (hit[0], []))[1].append(hit[1])
+                    sizes[d] = hit[1].length
                 elif d in v.large:
                     alone.append((d, v.large[d]))
+                    sizes[d] = v.large[d].size
                 else:
                     raise _invalid(f"the remote version lacks object {d.hex()}")
             total = sum(x.size for _, x in alone)
@@ -247,13 +250,13 @@ def pull(
             if not store.has(d):
                 raise _invalid(f"object {d.hex()} did not arrive")
         with m.read() as txn:
-            incoming.check_closure(store, m, txn, root, nodes, {}, _invalid)
+            incoming.check_closure(store, m, txn, root, nodes, sizes, _invalid, decoded)
         faults.point("remote.pull.fetched")
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
             if not keep_setid:
-                root, res.stripped_setid = incoming.strip_setid(m, txn, root)
+                root, res.stripped_setid = incoming.strip_setid(m, txn, root, decoded)
                 res.root = root.hex()
             existing = m.get_ref(txn, refname)
             if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
@@ -282,14 +285,16 @@ def _walk(
     where: dict[tuple[int, bytes], tuple[PackRef, Entry]],
     *,
     stored_too: bool = False,
-) -> tuple[dict[bytes, bytes], set[bytes]]:
-    """The directory nodes of `root` this store lacks (fetched from the node packs, each checked)
-    and the objects they name. A node the store has is not descended into: every writer (ingest,
-    commit, import, pull) stores a node's whole closure before the node itself, and gc removes
-    nodes before the objects they name, so a stored node's objects are stored — unless fsck set
-    some aside (`stored_too`: stored nodes are read, from the store, for the objects they name)."""
+) -> tuple[dict[bytes, bytes], set[bytes], dict[bytes, Node]]:
+    """The directory nodes of `root` this store lacks (fetched from the node packs, each checked),
+    the objects they name, and those nodes decoded. A node the store has is not descended into:
+    every writer (ingest, commit, import, pull) stores a node's whole closure before the node
+    itself, and gc removes nodes before the objects they name, so a stored node's objects are
+    stored — unless fsck set some aside (`stored_too`: stored nodes are read, from the store,
+    for the objects they name)."""
     packs: dict[str, bytes] = {}
     out: dict[bytes, bytes] = {}
+    decoded: dict[bytes, Node] = {}
     objects: set[bytes] = set()
     stack = [root]
     seen: set[bytes] = set()
@@ -322,12 +327,13 @@ def _walk(
             except VeloError as exc:
                 raise _invalid(f"node {d.hex()}: {exc.message}") from None
             out[d] = data
+            decoded[d] = node
             for ent in node.entries:
                 if ent.kind is Kind.DIR:
                     stack.append(ent.digest)
                 elif ent.kind is Kind.FILE:
                     objects.add(ent.digest)
-    return out, objects
+    return out, objects, decoded
 
 
 def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:

@@ -27,7 +27,7 @@ from veloverlay.store import incoming
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
-from veloverlay.store.tree import Kind, decode
+from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC"]
 
@@ -257,8 +257,9 @@ def import_bundle(
         tiers = meta.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise _bad("bad tier rules")
+        decoded: dict[bytes, Node] = {}  # the tree's nodes, decoded once for both checks
         with m.read() as txn:
-            incoming.check_closure(store, m, txn, root, nodes, objects, _bad)
+            incoming.check_closure(store, m, txn, root, nodes, objects, _bad, decoded)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
         stage.publish()
         with m.write() as txn:
@@ -266,7 +267,7 @@ def import_bundle(
                 m.put_raw_node(txn, d, data)
             stripped = 0
             if not keep_setid:
-                root, stripped = incoming.strip_setid(m, txn, root)
+                root, stripped = incoming.strip_setid(m, txn, root, decoded)
             existing = _check_new_ref(m, txn, refname, force)
             c = m.commit(
                 txn,

@@ -66,14 +66,24 @@ def check_closure(
     nodes: Mapping[bytes, bytes],
     objects: Mapping[bytes, int],
     bad: Callable[[str], VeloError],
+    decoded: dict[bytes, Node] | None = None,
 ) -> None:
     """Raise `bad(why)` unless the tree `root` is whole and honest (see the module's text).
     `nodes`: arriving nodes (digest → encoded); `objects`: arriving objects (digest → size).
     Sizes are checked for the files of every arriving node: a stored node's objects were checked
-    when it was stored."""
+    when it was stored. `decoded`: nodes already decoded (digest → node, each from the bytes
+    `nodes` or the store holds under that digest); every node of the tree is added to it, each
+    decoded once (`strip_setid` can then look at them without another walk)."""
+    cache: dict[bytes, Node] = {} if decoded is None else decoded
 
     def node(d: bytes) -> bytes | None:
         return nodes.get(d) or m.raw_node(txn, d)
+
+    def parsed(d: bytes, data: bytes) -> Node:
+        got = cache.get(d)
+        if got is None:
+            got = cache[d] = decode(data)
+        return got
 
     stack, seen = [root], set()
     while stack:
@@ -86,7 +96,7 @@ def check_closure(
             raise bad(f"node {d.hex()[:16]} is missing")
         if d not in nodes:
             continue  # stored: its whole closure is stored and was checked
-        for e in decode(found).entries:
+        for e in parsed(d, found).entries:
             if e.kind is Kind.DIR:
                 stack.append(e.digest)
             elif e.kind is Kind.FILE:
@@ -99,20 +109,35 @@ def check_closure(
                         f"{e.digest.hex()[:16]} has {have}"
                     )
 
-    def decoded(d: bytes) -> Node:
+    def load(d: bytes) -> Node:
+        got = cache.get(d)
+        if got is not None:
+            return got
         data = node(d)
         if data is None:  # checked above; a node cannot vanish inside one read transaction
             raise bad(f"node {d.hex()[:16]} is missing")
-        return decode(data)
+        return parsed(d, data)
 
     try:
-        paths.check_extent(*extent(root, decoded))
+        paths.check_extent(*extent(root, load))
     except VeloError as exc:
         raise bad(exc.message) from None
 
 
-def strip_setid(m: Manifests, txn: Txn, root: bytes) -> tuple[bytes, int]:
-    """(the tree without setuid/setgid bits on its files, how many files had them)."""
+def strip_setid(
+    m: Manifests, txn: Txn, root: bytes, whole: Mapping[bytes, Node] | None = None
+) -> tuple[bytes, int]:
+    """(the tree without setuid/setgid bits on its files, how many files had them).
+    `whole`: every node of the tree `root`, decoded (as `check_closure` leaves them): when none
+    of them has a setuid/setgid file, the tree is returned without a walk."""
+    if (
+        whole is not None
+        and root in whole
+        and not any(
+            e.kind is Kind.FILE and e.mode & SETID for n in whole.values() for e in n.entries
+        )
+    ):
+        return root, 0
     ops = [
         Op(OpKind.META, p, mode=e.mode & ~SETID, mtime_ns=e.mtime_ns)
         for p, e, _node in m.walk(txn, root)
