@@ -171,6 +171,24 @@ def test_decode_refuses_every_truncation_and_extension(
     assert ei.value.reason is Reason.MANIFEST_CORRUPT
 
 
+@given(nodes(), st.data())
+def test_links_agrees_with_decode(spec: tuple[int, int, list[Entry]], data: st.DataObject) -> None:
+    """`links` (push's walk over stored nodes) names the same children as a strict decode, and
+    a cut or extended encoding still raises MANIFEST_CORRUPT rather than yielding garbage."""
+    _d, enc = tree.encode(*spec)
+    want = [
+        (int(e.kind), e.digest, e.size)
+        for e in tree.decode(enc).entries
+        if e.kind in (Kind.FILE, Kind.DIR)
+    ]
+    assert tree.links(enc) == want
+    cut = data.draw(st.integers(0, len(enc) - 1))
+    for bad in (enc[:cut], enc + data.draw(st.binary(min_size=1, max_size=8))):
+        with pytest.raises(VeloError) as ei:
+            tree.links(bad)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+
+
 def _raw_node(raw_entries: list[tuple[bytes, int, int, int, int, int, bytes]]) -> bytes:
     """A node encoded by hand, unvalidated: (name, kind, tier, mode, size, mtime, payload)."""
     out = [struct.pack("<4sIqI", b"VDN1", 0o755, 0, len(raw_entries))]

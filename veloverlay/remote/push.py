@@ -44,7 +44,7 @@ from veloverlay.remote.version import (
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import Hasher
 from veloverlay.store.manifest import Manifests
-from veloverlay.store.tree import Kind, decode
+from veloverlay.store.tree import Kind, links
 
 __all__ = ["push", "PushResult", "PACK_TARGET", "LARGE", "REUSE_MIN"]
 
@@ -267,11 +267,11 @@ def _push_one(
             if data is None:
                 raise VeloError(f"node {d.hex()} is missing", reason=Reason.MANIFEST_CORRUPT)
             node_data[d] = data
-            for e in decode(data).entries:
-                if e.kind is Kind.DIR:
-                    stack.append(e.digest)
-                elif e.kind is Kind.FILE:
-                    sizes[e.digest] = e.size
+            for k, digest, size in links(data):  # a stored node: no full decode needed
+                if k == Kind.DIR:
+                    stack.append(digest)
+                else:
+                    sizes[digest] = size
     nodes, objects = set(node_data), set(sizes)
     res = PushResult(ref.name, str(target), "", commit.root, len(objects), sum(sizes.values()))
 

@@ -32,6 +32,7 @@ __all__ = [
     "entry_bytes",
     "dir_entry_bytes",
     "decode",
+    "links",
     "Op",
     "OpKind",
     "EMPTY_DIR_MODE",
@@ -200,6 +201,35 @@ def decode(data: bytes) -> Node:
     if off != end:
         raise _bad("trailing bytes")
     return Node(mode, mtime_ns, tuple(entries))
+
+
+def links(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(kind, digest, size) of the DIR and FILE entries of a node this store holds, without
+    decoding the rest: a walk over a stored tree (push reads every node of a version) at a
+    third of `decode`'s cost. Names, order and the other fields are not checked: a node got into
+    the store through `encode` or a strict `decode`. Never for bytes from elsewhere; truncated
+    bytes still raise MANIFEST_CORRUPT."""
+    if len(data) < _HEAD.size or data[:4] != _MAGIC:
+        raise _bad("bad header")
+    count = _HEAD.unpack_from(data, 0)[3]
+    off = _HEAD.size
+    end = len(data)
+    unpack = _ENT.unpack_from
+    esize = _ENT.size
+    out: list[tuple[int, bytes, int]] = []
+    for _ in range(count):
+        off += 2 + int.from_bytes(data[off : off + 2], "little")
+        if off + esize > end:
+            raise _bad("truncated entry")
+        kind, _tier, _mode, size, _mtime, plen = unpack(data, off)
+        off += esize + plen
+        if kind == 1 or kind == 2:  # FILE, DIR: the payload is a digest
+            if plen != DIGEST_SIZE or off > end:
+                raise _bad("truncated payload")
+            out.append((kind, data[off - plen : off], size))
+    if off != end:
+        raise _bad("trailing bytes")
+    return out
 
 
 def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int]:
