@@ -28,6 +28,7 @@ from veloverlay.remote.client import Registry
 from veloverlay.remote.name import parse_remote
 from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, encode_index
 from veloverlay.remote.version import A_INDEX, A_KIND, INDEX_TYPE
+from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
@@ -79,6 +80,28 @@ def test_setuid_and_setgid_bits_are_dropped_unless_kept(fake: FakeRegistry, repo
     kept = pull(repo.store, repo.m, fake.remote(), name="kept", options=OPTS, keep_setid=True)
     assert kept.stripped_setid == 0
     assert stat.S_IMODE(_mode_of(repo, "kept", b"suid")) == 0o6755
+
+
+def test_setid_bits_in_a_subtree_the_store_already_holds_are_dropped(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    """Pull looks for setuid/setgid files in the nodes it does not fetch too (read from the
+    store, not walked again): a version whose tree reuses a stored subtree that keeps them
+    (pulled with keep_setid) gets them stripped."""
+    data = b"#!/bin/sh\nid\n"
+    inner, nodes = one_dir([file_entry(b"suid", data, mode=0o4755)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, inner, tag="inner")
+    pull(repo.store, repo.m, fake.remote("inner"), name="kept", options=OPTS, keep_setid=True)
+    outer, outer_nodes = one_dir([tree.Entry(b"sub", tree.Kind.DIR, digest=inner)])
+    fake.serve_version({**outer_nodes, **nodes}, {hash_bytes(data): data}, outer)
+    res = pull(repo.store, repo.m, fake.remote(), options=OPTS)
+    assert res.stripped_setid == 1
+    with repo.m.read() as txn:
+        root = repo.m.get_node(txn, bytes.fromhex(res.root))
+        sub = root.lookup(b"sub")
+        assert sub is not None
+        e = repo.m.get_node(txn, sub.digest).lookup(b"suid")
+        assert e is not None and stat.S_IMODE(e.mode) == 0o755
 
 
 def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:

@@ -189,6 +189,26 @@ def test_links_agrees_with_decode(spec: tuple[int, int, list[Entry]], data: st.D
         assert ei.value.reason is Reason.MANIFEST_CORRUPT
 
 
+@given(nodes(), st.data())
+def test_stored_shape_agrees_with_decode(
+    spec: tuple[int, int, list[Entry]], data: st.DataObject
+) -> None:
+    """`stored_shape` (what check_closure reads of stored nodes: children, longest name,
+    setuid/setgid files) equals the shape of the strictly decoded node, and a cut or extended
+    encoding raises MANIFEST_CORRUPT."""
+    mode, mtime, ents = spec
+    setid = data.draw(st.booleans())
+    ents = [e.replace(mode=e.mode | 0o4000) if setid and e.kind is Kind.FILE else e for e in ents]
+    _d, enc = tree.encode(mode, mtime, ents)
+    assert tree.stored_shape(enc) == tree.shape(tree.decode(enc))
+    assert tree.stored_shape(enc)[3] == any(e.kind is Kind.FILE and e.mode & 0o6000 for e in ents)
+    cut = data.draw(st.integers(0, len(enc) - 1))
+    for bad in (enc[:cut], enc + data.draw(st.binary(min_size=1, max_size=8))):
+        with pytest.raises(VeloError) as ei:
+            tree.stored_shape(bad)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+
+
 def _raw_node(raw_entries: list[tuple[bytes, int, int, int, int, int, bytes]]) -> bytes:
     """A node encoded by hand, unvalidated: (name, kind, tier, mode, size, mtime, payload)."""
     out = [struct.pack("<4sIqI", b"VDN1", 0o755, 0, len(raw_entries))]

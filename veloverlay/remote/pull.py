@@ -250,13 +250,13 @@ def pull(
             if not store.has(d):
                 raise _invalid(f"object {d.hex()} did not arrive")
         with m.read() as txn:
-            incoming.check_closure(store, m, txn, root, nodes, sizes, _invalid, decoded)
+            setid = incoming.check_closure(store, m, txn, root, nodes, sizes, _invalid, decoded)
         faults.point("remote.pull.fetched")
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
             if not keep_setid:
-                root, res.stripped_setid = incoming.strip_setid(m, txn, root, decoded)
+                root, res.stripped_setid = incoming.strip_setid(m, txn, root, setid)
                 res.root = root.hex()
             existing = m.get_ref(txn, refname)
             if existing is not None and m.get_commit(txn, existing.head).root == root.hex():

@@ -257,9 +257,9 @@ def import_bundle(
         tiers = meta.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise _bad("bad tier rules")
-        decoded: dict[bytes, Node] = {}  # the tree's nodes, decoded once for both checks
+        decoded: dict[bytes, Node] = {}  # the arriving nodes, decoded once
         with m.read() as txn:
-            incoming.check_closure(store, m, txn, root, nodes, objects, _bad, decoded)
+            setid = incoming.check_closure(store, m, txn, root, nodes, objects, _bad, decoded)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
         stage.publish()
         with m.write() as txn:
@@ -267,7 +267,7 @@ def import_bundle(
                 m.put_raw_node(txn, d, data)
             stripped = 0
             if not keep_setid:
-                root, stripped = incoming.strip_setid(m, txn, root, decoded)
+                root, stripped = incoming.strip_setid(m, txn, root, setid)
             existing = _check_new_ref(m, txn, refname, force)
             c = m.commit(
                 txn,

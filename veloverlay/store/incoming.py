@@ -22,7 +22,17 @@ from veloverlay import paths
 from veloverlay.errors import VeloError
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.store.tree import Kind, Node, Op, OpKind, decode, extent
+from veloverlay.store.tree import (
+    Kind,
+    Node,
+    Op,
+    OpKind,
+    Shape,
+    decode,
+    extent_of,
+    shape,
+    stored_shape,
+)
 from veloverlay.tiers import Rules
 
 SETID = stat.S_ISUID | stat.S_ISGID
@@ -67,13 +77,14 @@ def check_closure(
     objects: Mapping[bytes, int],
     bad: Callable[[str], VeloError],
     decoded: dict[bytes, Node] | None = None,
-) -> None:
+) -> bool:
     """Raise `bad(why)` unless the tree `root` is whole and honest (see the module's text).
     `nodes`: arriving nodes (digest → encoded); `objects`: arriving objects (digest → size).
     Sizes are checked for the files of every arriving node: a stored node's objects were checked
-    when it was stored. `decoded`: nodes already decoded (digest → node, each from the bytes
-    `nodes` or the store holds under that digest); every node of the tree is added to it, each
-    decoded once (`strip_setid` can then look at them without another walk)."""
+    when it was stored. `decoded`: arriving nodes already decoded (digest → node, from the bytes
+    `nodes` holds under that digest); each arriving node is decoded once, and added to it.
+    Returns whether a file of the tree has setuid/setgid bits (`strip_setid` needs no walk
+    when none has)."""
     cache: dict[bytes, Node] = {} if decoded is None else decoded
 
     def node(d: bytes) -> bytes | None:
@@ -109,34 +120,34 @@ def check_closure(
                         f"{e.digest.hex()[:16]} has {have}"
                     )
 
-    def load(d: bytes) -> Node:
+    setid = False
+
+    def load(d: bytes) -> Shape:
+        nonlocal setid
         got = cache.get(d)
         if got is not None:
-            return got
-        data = node(d)
-        if data is None:  # checked above; a node cannot vanish inside one read transaction
-            raise bad(f"node {d.hex()[:16]} is missing")
-        return parsed(d, data)
+            sh = shape(got)
+        elif d in nodes:
+            sh = shape(parsed(d, nodes[d]))
+        else:
+            data = m.raw_node(txn, d)
+            if data is None:  # checked above; a node cannot vanish inside one read transaction
+                raise bad(f"node {d.hex()[:16]} is missing")
+            sh = stored_shape(data)  # a stored node: strictly decoded when it was stored
+        setid = setid or sh[3]
+        return sh
 
     try:
-        paths.check_extent(*extent(root, load))
+        paths.check_extent(*extent_of(root, load))
     except VeloError as exc:
         raise bad(exc.message) from None
+    return setid
 
 
-def strip_setid(
-    m: Manifests, txn: Txn, root: bytes, whole: Mapping[bytes, Node] | None = None
-) -> tuple[bytes, int]:
+def strip_setid(m: Manifests, txn: Txn, root: bytes, any_setid: bool = True) -> tuple[bytes, int]:
     """(the tree without setuid/setgid bits on its files, how many files had them).
-    `whole`: every node of the tree `root`, decoded (as `check_closure` leaves them): when none
-    of them has a setuid/setgid file, the tree is returned without a walk."""
-    if (
-        whole is not None
-        and root in whole
-        and not any(
-            e.kind is Kind.FILE and e.mode & SETID for n in whole.values() for e in n.entries
-        )
-    ):
+    `any_setid=False` (what `check_closure` of this tree returned): none has; no walk."""
+    if not any_setid:
         return root, 0
     ops = [
         Op(OpKind.META, p, mode=e.mode & ~SETID, mtime_ns=e.mtime_ns)

@@ -37,6 +37,10 @@ __all__ = [
     "OpKind",
     "EMPTY_DIR_MODE",
     "extent",
+    "extent_of",
+    "shape",
+    "stored_shape",
+    "Shape",
 ]
 
 _MAGIC = b"VDN1"
@@ -232,26 +236,78 @@ def links(data: bytes) -> list[tuple[int, bytes, int]]:
     return out
 
 
+# What a walk over a whole tree needs of a node: its DIR entries (child digest, name length),
+# whether it has other entries (0 or 1) and their longest name (`extent`), and whether a file
+# has setuid/setgid bits (`incoming.strip_setid`).
+Shape = tuple[list[tuple[bytes, int]], int, int, bool]
+_SETID = 0o6000
+
+
+def shape(node: Node) -> Shape:
+    dirs = [(e.digest, len(e.name)) for e in node.entries if e.kind is Kind.DIR]
+    names = [len(e.name) for e in node.entries if e.kind is not Kind.DIR]
+    setid = any(e.kind is Kind.FILE and e.mode & _SETID for e in node.entries)
+    return dirs, 1 if names else 0, max(names, default=0), setid
+
+
+def stored_shape(data: bytes) -> Shape:
+    """`shape` of a node this store holds, read without a full decode (as `links`: names and the
+    other fields are not checked; never for bytes from elsewhere)."""
+    if len(data) < _HEAD.size or data[:4] != _MAGIC:
+        raise _bad("bad header")
+    count = _HEAD.unpack_from(data, 0)[3]
+    off = _HEAD.size
+    end = len(data)
+    unpack = _ENT.unpack_from
+    esize = _ENT.size
+    dirs: list[tuple[bytes, int]] = []
+    flat = longest = 0
+    setid = False
+    for _ in range(count):
+        nlen = int.from_bytes(data[off : off + 2], "little")
+        off += 2 + nlen
+        if off + esize > end:
+            raise _bad("truncated entry")
+        kind, _tier, mode, _size, _mtime, plen = unpack(data, off)
+        off += esize + plen
+        if kind == 2:  # DIR
+            if plen != DIGEST_SIZE or off > end:
+                raise _bad("truncated payload")
+            dirs.append((data[off - plen : off], nlen))
+        else:
+            flat = 1
+            longest = max(longest, nlen)
+            setid = setid or (kind == 1 and bool(mode & _SETID))
+    if off != end:
+        raise _bad("trailing bytes")
+    return dirs, flat, longest, setid
+
+
 def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int]:
     """(levels, bytes) of the deepest and of the longest path in the tree `root`, each node read
     once through `load` (shared subtrees are not walked twice; no recursion, whatever the
     depth). The root alone is (0, 0); a file at its top is (1, len(name))."""
+    return extent_of(root, lambda d: shape(load(d)))
+
+
+def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int]:
+    """`extent`, each node read as its `Shape`."""
     memo: dict[bytes, tuple[int, int]] = {}
-    stack: list[tuple[bytes, Node | None]] = [(root, None)]
+    stack: list[tuple[bytes, Shape | None]] = [(root, None)]
     while stack:
-        digest, node = stack.pop()
+        digest, sh = stack.pop()
         if digest in memo:
             continue
-        if node is None:
-            node = load(digest)
-            stack.append((digest, node))
-            stack.extend((e.digest, None) for e in node.entries if e.kind is Kind.DIR)
+        if sh is None:
+            sh = load(digest)
+            stack.append((digest, sh))
+            stack.extend((d, None) for d, _n in sh[0])
             continue
-        depth = length = 0
-        for e in node.entries:
-            sub_depth, sub_len = memo[e.digest] if e.kind is Kind.DIR else (0, 0)
+        dirs, depth, length, _setid = sh
+        for d, nlen in dirs:
+            sub_depth, sub_len = memo[d]
             depth = max(depth, sub_depth + 1)
-            length = max(length, len(e.name) + (sub_len + 1 if sub_len else 0))
+            length = max(length, nlen + (sub_len + 1 if sub_len else 0))
         memo[digest] = (depth, length)
     return memo[root]
 
