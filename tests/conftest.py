@@ -76,14 +76,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    marker = item.get_closest_marker("needs")
-    if marker is None:
+    # Every `needs` mark counts: a test's own and those of each of its parameters (the closest
+    # one alone let a parametrised test run where a parameter's facility is missing).
+    names = list(dict.fromkeys(n for m in item.iter_markers("needs") for n in m.args))
+    if not names:
         return
     from veloverlay import probe
 
     caps = probe.detect()
     required = must_work()
-    for name in marker.args:
+    for name in names:
         feature = caps.feature(name)
         if feature.ok:
             continue
