@@ -43,23 +43,28 @@ def _outsider(proj: str, hold_write: bool, to_parent: int, from_parent: int) -> 
     do what the parent asks: b"h" create a file (the harvest is reading the upper dir now),
     b"e" write on to the open file and close it (the session has returned)."""
     deadline = time.monotonic() + 30
-    root = ""
-    while not root:
+    dfd = -1
+    while dfd < 0:
         assert time.monotonic() < deadline, "the session did not start"
         for name in os.listdir("/proc"):
-            if name.isdigit():
-                cand = f"/proc/{name}/root{proj}"
-                try:
-                    with open(f"/proc/{name}/environ", "rb") as f:
-                        if not any(e.startswith(b"VELO_SESSION=") for e in f.read().split(b"\0")):
-                            continue
-                    if os.path.exists(f"{cand}/ready"):
-                        root = cand
-                        break
-                except OSError:
-                    continue
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if not any(e.startswith(b"VELO_SESSION=") for e in f.read().split(b"\0")):
+                        continue
+                # Held from here on, whatever that process does (it may be a short-lived one)
+                cand = os.open(f"/proc/{name}/root{proj}", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                os.stat("ready", dir_fd=cand)
+            except OSError:
+                os.close(cand)
+                continue
+            dfd = cand
+            break
         time.sleep(0.01)
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     fd = -1
     if hold_write:
         fd = os.open("out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, dir_fd=dfd)
