@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -107,10 +108,13 @@ def _attempt(fn: Callable[[], str]) -> tuple[bool, str]:
     try:
         return True, fn()
     except Exception as exc:  # noqa: BLE001 - a probe turns every failure into a reason
-        return False, _why(exc)
+        # A hint may quote paths of the scratch dir too (an overlay's options): the same
+        # failure must read the same in every probe run.
+        return False, _SCRATCH_PATH.sub("<scratch>", _why(exc))
 
 
 _SCRATCH_PREFIX = "velo-probe-"
+_SCRATCH_PATH = re.compile(r"[^\s,=:]*/" + _SCRATCH_PREFIX + r"[^/\s,:]*")
 
 
 def _scratch_base() -> str:
