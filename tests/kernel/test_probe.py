@@ -285,6 +285,7 @@ def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> No
             raise SysError(errno.ENODEV, "mount", target)  # type: ignore[arg-type]
         real_mount(source, target, fstype, *a, **k)  # type: ignore[arg-type]
 
+    real = probe.detect(refresh=True)
     monkeypatch.setattr(_libc, "fsopen", fsopen)
     monkeypatch.setattr(_libc, "mount", mount)
     caps = probe.detect(refresh=True)
@@ -298,7 +299,11 @@ def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> No
             "fsconfig_fd",
         ):
             feature = caps.feature(name)
-            assert not feature.ok and "ENODEV" in feature.reason, (name, feature)
+            assert not feature.ok, (name, feature)
+            # with that reason, unless a step before the mount already fails on this kernel
+            # (data-only lowers on 6.1: no user xattrs on tmpfs, ENOTSUP)
+            if real.feature(name).ok or "ENODEV" in real.feature(name).reason:
+                assert "ENODEV" in feature.reason, (name, feature)
         assert caps.feature("userns").ok  # namespaces themselves still work
     finally:
         monkeypatch.undo()
