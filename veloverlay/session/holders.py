@@ -29,7 +29,7 @@ from collections.abc import Callable
 from veloverlay import _libc, mount
 from veloverlay.mount import MountEntry
 
-__all__ = ["holders", "namespaces_holding", "wait_no_holders", "tree_writers", "wait_no_writers"]
+__all__ = ["holders", "namespaces_holding", "tree_writers", "ask_again"]
 
 _LINKS = ("cwd", "root")
 
@@ -134,12 +134,12 @@ def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
     return found
 
 
-def wait_no_holders(is_ours: Callable[[MountEntry], bool], wait: float) -> list[int]:
-    """`holders`, asked again for up to `wait` seconds while it finds some: the processes of a
-    pid namespace that just ended may still be exiting. The last answer."""
+def ask_again(find: Callable[[], list[int]], wait: float) -> list[int]:
+    """`find()` (holders, tree_writers), asked again for up to `wait` seconds while it finds
+    some: the processes of a session that just ended may still be exiting. The last answer."""
     deadline = time.monotonic() + wait
     while True:
-        found = holders(is_ours)
+        found = find()
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
@@ -192,13 +192,3 @@ def _writes_below(pid: str, prefix: str, dev: int) -> bool:
     except OSError:
         pass
     return False
-
-
-def wait_no_writers(top: str, wait: float) -> list[int]:
-    """`tree_writers`, asked again for up to `wait` seconds while it finds some."""
-    deadline = time.monotonic() + wait
-    while True:
-        found = tree_writers(top)
-        if not found or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.05)

@@ -152,6 +152,22 @@ class State(Record):
         return self.state
 
 
+def hold(store: Store, st: State, pids: list[int], what: str) -> VeloError:
+    """Record that `st` ended while processes outside it (`pids`, `what` they hold) could still
+    write what it would harvest: state `held`, nothing harvested or removed; the error to raise.
+    `harvest --resume` finishes it once they are gone."""
+    st.state = "held"
+    st.pid, st.pid_start = 0, None  # nothing runs it now
+    save(store, st)
+    shown = ", ".join(str(p) for p in pids[:5]) + (" …" if len(pids) > 5 else "")
+    return VeloError(
+        f"session {st.id}: processes outside the session {what} (pids {shown}): nothing is "
+        "committed yet, its changes are kept",
+        reason=Reason.SESSION_ACTIVE,
+        hint=f"when they are done: veloverlay harvest --resume {st.id}",
+    )
+
+
 def same_process(pid: int, start: int | None) -> bool:
     """`pid` is still the process that started at `start` (not a recycled number)."""
     return pid > 0 and start is not None and ns.proc_start(pid) == start

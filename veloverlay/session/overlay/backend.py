@@ -37,7 +37,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
-from veloverlay.session.holders import wait_no_holders
+from veloverlay.session.holders import ask_again, holders
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import alias_note, relocation_warnings, source_alias
@@ -345,18 +345,9 @@ HOLDERS_WAIT = 1.0  # s: a pid namespace that just ended may still be releasing 
 def _refuse_if_held(store: Store, st: State, why: str) -> None:
     """The overlay could not be sealed (or was never, after a crash): harvest only when no
     process can write it any more; else keep the upper dir, state `held`, and say who holds it."""
-    pids = wait_no_holders(st.is_upper, HOLDERS_WAIT)
-    if not pids:
-        return
-    st.state = "held"
-    state.save(store, st)
-    shown = ", ".join(str(p) for p in pids[:5]) + (" …" if len(pids) > 5 else "")
-    raise VeloError(
-        f"session {st.id}: processes outside the session can still write its projection "
-        f"(pids {shown}; {why}): its changes are kept, not committed yet",
-        reason=Reason.SESSION_ACTIVE,
-        hint=f"when they are done: veloverlay harvest --resume {st.id}",
-    )
+    pids = ask_again(lambda: holders(st.is_upper), HOLDERS_WAIT)
+    if pids:
+        raise state.hold(store, st, pids, f"can still write its projection ({why})")
 
 
 def _finish(store: Store, m: Manifests, st: State) -> SessionResult:

@@ -41,7 +41,7 @@ from veloverlay.ns import proc_start
 from veloverlay.progress import Progress
 from veloverlay.session import prompt, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
-from veloverlay.session.holders import wait_no_writers
+from veloverlay.session.holders import ask_again, tree_writers
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.relocation import refuse_exposed_source
 from veloverlay.session.shim import library
@@ -245,18 +245,9 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
         # A process outside the session's process tree with a file of the tree open for
         # writing would write on after the stat-diff, into a file removed with the tree: its
         # writes would be lost without an error. Nothing is harvested while one does.
-        writers = wait_no_writers(st.target_real, WRITERS_WAIT)
+        writers = ask_again(lambda: tree_writers(st.target_real), WRITERS_WAIT)
         if writers:
-            st.state = "held"
-            st.pid, st.pid_start = 0, None  # nothing runs it now: harvest --resume may
-            state.save(store, st)
-            shown = ", ".join(str(p) for p in writers[:5]) + (" …" if len(writers) > 5 else "")
-            raise VeloError(
-                f"session {sid}: processes outside the session still have files of its tree "
-                f"open for writing (pids {shown}): nothing is committed yet, the tree stays",
-                reason=Reason.SESSION_ACTIVE,
-                hint=f"when they are done: veloverlay harvest --resume {sid}",
-            )
+            raise state.hold(store, st, writers, "still have files of its tree open for writing")
         st.state = "harvesting"
         state.save(store, st)
         view_root = bytes.fromhex(st.view_root)
