@@ -22,6 +22,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS
 
 __all__ = [
+    "exists_at",
     "TOP_DIRS",
     "TOP_FILES",
     "check_safe",
@@ -64,6 +65,15 @@ TOP_FILES = (
 
 
 AnyPath = str | os.PathLike[str] | bytes
+
+
+def exists_at(dir_fd: int, name: AnyPath) -> bool:
+    """Is there an entry `name` (of any kind, a link not followed) in the directory `dir_fd`?"""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _planted(shown: AnyPath) -> VeloError:

@@ -57,14 +57,6 @@ def _seal(stage_fd: int, name: bytes, shown: bytes) -> None:
         raise store_error(exc, call, shown) from exc
 
 
-def _exists(dir_fd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def rename_noreplace(
     store: Store, stage_fd: int, name: bytes, shown: bytes, digest: bytes, seal: bool
 ) -> bool:
@@ -84,7 +76,7 @@ def rename_noreplace(
             except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
                 raise store_error(exc, "mkdir", store.shard_dir_path(hexname)) from exc
             if seal and attempt == 0:  # sealing costs a read: not for an object that exists
-                if _exists(shard, hexname):
+                if access.exists_at(shard, hexname):
                     return False
                 _seal(stage_fd, name, shown)
             try:
@@ -92,7 +84,7 @@ def rename_noreplace(
             except OSError as exc:
                 if exc.errno == errno.EEXIST:
                     return False
-                if exc.errno == errno.ENOENT and attempt == 0 and _exists(stage_fd, name):
+                if exc.errno == errno.ENOENT and attempt == 0 and access.exists_at(stage_fd, name):
                     continue  # gc removed the (empty) shard since it was opened: made again
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS):
                     raise store_error(exc, "rename", shown, dst) from exc
@@ -107,7 +99,7 @@ def _rename_checked(
     store: Store, stage_fd: int, name: bytes, shown: bytes, shard: int, hexname: bytes, dst: bytes
 ) -> bool:
     """A filesystem without RENAME_NOREPLACE: check, then rename."""
-    if _exists(shard, hexname):
+    if access.exists_at(shard, hexname):
         return False
     try:
         os.rename(name, hexname, src_dir_fd=stage_fd, dst_dir_fd=shard)

@@ -24,7 +24,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store import quarantine
+from veloverlay.store import access, quarantine
 from veloverlay.store.cas import OBJECTS_V2, Store
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
 
@@ -188,7 +188,7 @@ def migrate_objects(store: Store) -> int:
                 continue  # not an object: left where it is (fsck reports it)
             src = os.path.join(dirpath, name)
             with store.shard(name.encode()) as shard:  # made, and entered, without a link
-                if _named_in(shard, name):
+                if access.exists_at(shard, name):
                     _unlink_object(store, Path(src), None)  # in both (by hand): keep the new
                     continue
                 try:
@@ -208,14 +208,6 @@ def migrate_objects(store: Store) -> int:
 
     prune(store, set())  # every cached layer: Tier-1 symlinks and redirects name old paths
     return moved
-
-
-def _named_in(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def gc(
