@@ -12,13 +12,14 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
 
 __all__ = [
     "DIRFLAGS",
+    "open_below",
     "NEWFILE",
     "TreeChanged",
     "Unflag",
@@ -39,6 +40,26 @@ __all__ = [
 # Open a directory we walk or write into without following a symlink; create a file exclusively.
 DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_below(dfd: int, parts: Sequence[str | bytes]) -> int:
+    """A new descriptor of the directory `parts` below the directory `dfd`, opened one
+    component at a time, none followed if it is a symbolic link (OSError ELOOP or ENOTDIR
+    then): a directory on the way that another process swaps for a link never leads out."""
+    if not parts:
+        return os.open(".", DIRFLAGS, dir_fd=dfd)
+    fd = dfd
+    try:
+        for name in parts:
+            nxt = os.open(name, DIRFLAGS, dir_fd=fd)
+            if fd != dfd:
+                os.close(fd)
+            fd = nxt
+    except BaseException:
+        if fd != dfd:
+            os.close(fd)
+        raise
+    return fd
 
 
 def makedirs(path: str | bytes | os.PathLike[str], mode: int = 0o755) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import errno
 import os
 
-from veloverlay import _libc
+from veloverlay import _libc, files
 
 __all__ = ["DIR", "Replaced", "open_path", "open_child", "open_beneath"]
 
-DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR = files.DIRFLAGS
 _NO_LINKS = _libc.RESOLVE_NO_SYMLINKS | _libc.RESOLVE_NO_MAGICLINKS
 # openat2 itself refused: an old kernel or a seccomp filter (ENOSYS, or EPERM from older
 # container profiles), a struct or flag it does not know (E2BIG, EINVAL).
@@ -58,24 +58,13 @@ def _openat2(dfd: int, path: bytes, resolve: int) -> int | None:
 
 def _walk(dfd: int, parts: list[bytes]) -> int:
     """Open the directory `parts` below `dfd` one component at a time, none followed if it is
-    a symlink."""
-    fd = dfd
+    a symlink (`files.open_below`; a link or a non-directory on the way is `Replaced`)."""
     try:
-        for name in parts:
-            try:
-                nxt = os.open(name, DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in _NOT_IT:
-                    raise Replaced from None
-                raise
-            if fd != dfd:
-                os.close(fd)
-            fd = nxt
-    except BaseException:
-        if fd != dfd:
-            os.close(fd)
+        return files.open_below(dfd, parts)
+    except OSError as exc:
+        if exc.errno in _NOT_IT:
+            raise Replaced from None
         raise
-    return fd
 
 
 def _check(fd: int, dev: int | None, ino: int) -> int:
@@ -101,13 +90,7 @@ def open_path(path: bytes) -> int:
 
 def open_child(dfd: int, name: bytes, dev: int | None, ino: int) -> int:
     """The subdirectory `name` of the directory `dfd`, which must be (dev, ino) as listed."""
-    try:
-        fd = os.open(name, DIR, dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno in _NOT_IT:
-            raise Replaced from None
-        raise
-    return _check(fd, dev, ino)
+    return _check(_walk(dfd, [name]), dev, ino)
 
 
 def open_beneath(top: int, rel: bytes, dev: int | None, ino: int) -> int:

@@ -14,29 +14,26 @@ from __future__ import annotations
 import os
 import stat
 
-from veloverlay import paths
+from veloverlay import files, paths
 from veloverlay.session.overlay.harvest import is_whiteout
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
 __all__ = ["upper_changes", "upper_changes_raw", "open_beneath"]
 
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = files.DIRFLAGS
 
 
 def open_beneath(top: bytes, parts: list[bytes]) -> int:
-    """The directory `top`/`parts...`, opened one component at a time, none followed if it is
-    a symlink (OSError ELOOP/ENOTDIR then): the session may swap one in while it is read."""
+    """The directory `top`/`parts...`, no symlink followed below `top` (OSError ELOOP/ENOTDIR
+    then, `files.open_below`): the session may swap one in while it is read."""
     fd = os.open(top, _DIR)
+    if not parts:
+        return fd
     try:
-        for name in parts:
-            nxt = os.open(name, _DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
+        return files.open_below(fd, parts)
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def upper_changes(
