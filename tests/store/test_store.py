@@ -633,13 +633,12 @@ def test_no_space_for_a_shard_directory_is_store_full(
 
     from veloverlay.store.cas import Store as _Store
 
-    def full(self: _Store, hexname: bytes) -> Iterator[int]:
+    def full(self: _Store, hexname: bytes) -> int:
         raise OSError(_errno.ENOSPC, "No space left on device")
-        yield 0  # a generator: Store.shard is a context manager
 
     with repo.store.stage() as st:
         st.add_bytes(b"some content")
-        monkeypatch.setattr(_Store, "shard", contextlib.contextmanager(full))
+        monkeypatch.setattr(_Store, "open_shard", full)
         with pytest.raises(VeloError) as ei:
             st.publish()
     assert ei.value.reason is Reason.STORE_FULL

@@ -132,7 +132,12 @@ def open_dir(path: AnyPath, *, dir_fd: int | None = None, shown: AnyPath = "") -
 def make_dir(
     path: AnyPath, mode: int = 0o755, *, dir_fd: int | None = None, shown: AnyPath = ""
 ) -> int:
-    """`mkdir_nofollow`, then a descriptor of that directory."""
+    """`mkdir_nofollow`, then a descriptor of that directory (opened first: it mostly exists,
+    and a failed mkdir costs a stat besides)."""
+    try:
+        return open_dir(path, dir_fd=dir_fd, shown=shown)
+    except FileNotFoundError:
+        pass
     mkdir_nofollow(path, mode, dir_fd=dir_fd, shown=shown)
     return open_dir(path, dir_fd=dir_fd, shown=shown)
 

@@ -177,21 +177,25 @@ class Store:
         missing, reached from the objects directory held without following a symbolic link at
         any level; open for the call only (a few microseconds: a process keeps no more than
         three descriptors per store, whatever its open-file limit)."""
+        fd = self.open_shard(hexname)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_shard(self, hexname: bytes) -> int:
+        """`shard`'s descriptor, for a caller that closes it (publish keeps one while the
+        objects it names, in name order, go to the same directory)."""
         objects = self.objects_fd()
         top = access.make_dir(
             os.fsdecode(hexname[:2]), dir_fd=objects, shown=self._objects_b + b"/" + hexname[:2]
         )
+        if self.fanout == 1:
+            return top
         try:
-            if self.fanout == 1:
-                yield top
-                return
-            sub = access.make_dir(
+            return access.make_dir(
                 os.fsdecode(hexname[2:4]), dir_fd=top, shown=self.shard_dir_path(hexname)
             )
-            try:
-                yield sub
-            finally:
-                os.close(sub)
         finally:
             os.close(top)
 

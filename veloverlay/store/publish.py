@@ -4,7 +4,6 @@ by whichever process staged or was handed them, between the two syncfs of the du
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 
@@ -14,7 +13,14 @@ from veloverlay.store import access
 from veloverlay.store.cas import Store
 from veloverlay.store.stage import Chunk, staged_name, store_error
 
-__all__ = ["UNPROTECTED", "unprotected", "forget_unprotected", "publish_chunk", "rename_noreplace"]
+__all__ = [
+    "UNPROTECTED",
+    "Shards",
+    "unprotected",
+    "forget_unprotected",
+    "publish_chunk",
+    "rename_noreplace",
+]
 
 # Objects named without the +i that real root gives every object: one line each,
 # `<hex> <ERRNO>`, or `* <ERRNO>` when the filesystem has no inode flags at all (then this
@@ -30,19 +36,21 @@ def publish_chunk(job: Chunk) -> int:
     store, items, seal = job
     stages: dict[bytes, int] = {}
     published = 0
+    shards = Shards(store)
     try:
-        for digest, path in items:
+        for digest, path in sorted(items):
             stage, name = staged_name(path)
             fd = stages.get(stage)
             if fd is None:
                 shown = os.path.dirname(path)
                 fd = stages[stage] = access.open_dir(stage, dir_fd=store.tmp_fd(), shown=shown)
-            if rename_noreplace(store, fd, name, path, digest, seal):
+            if rename_noreplace(store, fd, name, path, digest, seal, shards):
                 faults.point("publish.renamed")
                 published += 1
             else:
                 os.unlink(name, dir_fd=fd)
     finally:
+        shards.drop()
         for fd in stages.values():
             os.close(fd)
     return published
@@ -57,41 +65,80 @@ def _seal(stage_fd: int, name: bytes, shown: bytes) -> None:
         raise store_error(exc, call, shown) from exc
 
 
+class Shards:
+    """The fan-out directory objects are being named in, kept open while the next object goes
+    to the same one (callers go in name order): one descriptor at a time, whatever the count."""
+
+    __slots__ = ("store", "key", "fd")
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.key, self.fd = store, b"", -1
+
+    def get(self, hexname: bytes) -> int:
+        key = hexname[: 2 * self.store.fanout]
+        if self.fd < 0 or key != self.key:
+            self.drop()
+            try:
+                self.fd = self.store.open_shard(hexname)
+            except OSError as exc:  # ENOSPC/EDQUOT making a shard: STORE_FULL like any write
+                raise store_error(exc, "mkdir", self.store.shard_dir_path(hexname)) from exc
+            self.key = key
+        return self.fd
+
+    def drop(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Shards:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.drop()
+
+
 def rename_noreplace(
-    store: Store, stage_fd: int, name: bytes, shown: bytes, digest: bytes, seal: bool
+    store: Store,
+    stage_fd: int,
+    name: bytes,
+    shown: bytes,
+    digest: bytes,
+    seal: bool,
+    shards: Shards | None = None,
 ) -> bool:
     """Move the staged file `name` (in the stage directory `stage_fd`; `shown` in messages) to
-    the object's name unless that exists; False if it did.
+    the object's name unless that exists; False if it did. `shards` holds the shard directory
+    from one call to the next.
 
     One `renameat2(RENAME_NOREPLACE)` between the two directories' descriptors: an identical
     object may exist already (another writer), and then the older inode is kept (it may carry +i
     and short-name links). A shard directory that gc removed (empty) since it was opened is made
     again."""
+    if shards is None:
+        with Shards(store) as own:
+            return rename_noreplace(store, stage_fd, name, shown, digest, seal, own)
     hexname = digest.hex().encode()
-    dst = store.shard_dir_path(hexname) + b"/" + hexname
     for attempt in (0, 1):
-        with contextlib.ExitStack() as held:
-            try:
-                shard = held.enter_context(store.shard(hexname))
-            except OSError as exc:  # ENOSPC/EDQUOT creating a shard: STORE_FULL like any write
-                raise store_error(exc, "mkdir", store.shard_dir_path(hexname)) from exc
-            if seal and attempt == 0:  # sealing costs a read: not for an object that exists
-                if access.exists_at(shard, hexname):
-                    return False
-                _seal(stage_fd, name, shown)
-            try:
-                _libc.renameat2(stage_fd, name, shard, hexname, _libc.RENAME_NOREPLACE)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    return False
-                if exc.errno == errno.ENOENT and attempt == 0 and access.exists_at(stage_fd, name):
-                    continue  # gc removed the (empty) shard since it was opened: made again
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                    raise store_error(exc, "rename", shown, dst) from exc
-                return _rename_checked(store, stage_fd, name, shown, shard, hexname, dst)
-            # Named now: a failure recording it unprotected is not the rename's.
-            _protect(store, shard, hexname)
-            return True
+        shard = shards.get(hexname)
+        if seal and attempt == 0:  # sealing costs a read: not for an object that exists
+            if access.exists_at(shard, hexname):
+                return False
+            _seal(stage_fd, name, shown)
+        try:
+            _libc.renameat2(stage_fd, name, shard, hexname, _libc.RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            if exc.errno == errno.ENOENT and attempt == 0 and access.exists_at(stage_fd, name):
+                shards.drop()  # gc removed the (empty) shard since it was opened: made again
+                continue
+            dst = store.shard_dir_path(hexname) + b"/" + hexname
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise store_error(exc, "rename", shown, dst) from exc
+            return _rename_checked(store, stage_fd, name, shown, shard, hexname, dst)
+        # Named now: a failure recording it unprotected is not the rename's.
+        _protect(store, shard, hexname)
+        return True
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 

@@ -6,7 +6,10 @@ Every file of a stage is made relative to a descriptor of the stage directory, i
 relative to the store's held descriptor (`Store.fd`) without following a symbolic link: a store
 moved or replaced by name while a writer runs does not receive its files. A staged object is
 kept as its path, but only its last two components (`<stage>/<file>`, relative to the `tmp/`
-held) are used to rename it, by whichever process of the writer (forked workers, threads).
+held) are used to rename it, by whichever process of the writer (threads). A forked worker
+(`attach`) stages in its own subdirectory `<stage>/w<pid>/` and renames its files itself: files
+made in one directory by several processes at once wait for each other on its lock (measured
+on ext4: 2 × 10,000 creates 0.37 s in one directory, 0.27 s in two).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class Stage:
     """A writer's staging area. Stage objects, then `publish()` them durably in one batch.
 
     Usable from forked worker processes: each worker calls `Stage.attach(store, name)` and writes
-    into the same directory under unique file names; the parent publishes.
+    into its own subdirectory; the parent publishes (each worker renames its own: `rename_own`).
     """
 
     def __init__(self, store: Store, name: str | None = None) -> None:
@@ -45,6 +48,7 @@ class Stage:
         self.dir = store.tmp / self.name
         self._dir_b = os.fsencode(self.dir)
         self._dir_fd = -1
+        self._sub = b""  # a worker's own subdirectory (attach)
         self._lock_fd = -1
         self._seq = 0
         self.staged: dict[bytes, bytes] = {}  # digest -> staged file path (see the docstring)
@@ -72,13 +76,24 @@ class Stage:
 
     @classmethod
     def attach(cls, store: Store, name: str) -> Stage:
-        """A view of an existing stage for a worker process (it does not own the lock)."""
-        return cls(store, name)
+        """A view of an existing stage for a worker process (it does not own the lock), writing
+        into its own subdirectory of it."""
+        view = cls(store, name)
+        view._sub = b"w%d" % os.getpid()
+        view._dir_b += b"/" + view._sub
+        return view
 
     def dir_fd(self) -> int:
-        """A descriptor of the stage directory (opened in this process on first use)."""
+        """A descriptor of the directory this process stages in (opened on first use)."""
         if self._dir_fd < 0:
-            self._dir_fd = access.open_dir(self.name, dir_fd=self.store.tmp_fd(), shown=self.dir)
+            fd = access.open_dir(self.name, dir_fd=self.store.tmp_fd(), shown=self.dir)
+            if self._sub:
+                try:
+                    sub = access.make_dir(self._sub, 0o700, dir_fd=fd, shown=self._dir_b)
+                finally:
+                    os.close(fd)
+                fd = sub
+            self._dir_fd = fd
         return self._dir_fd
 
     def _close_dir(self) -> None:
@@ -119,7 +134,11 @@ class Stage:
     def discard(self, digest: bytes) -> None:
         """Remove an object this stage holds and forget it."""
         self.sizes.pop(digest, None)
-        unlink_staged(self.store, self.staged.pop(digest))
+        path = self.staged.pop(digest)
+        if os.path.dirname(path) == self._dir_b:
+            self._drop(path)
+        else:  # adopted from another stage
+            unlink_staged(self.store, path)
 
     def add_bytes(self, data: bytes | memoryview, digest: Digest | None = None) -> Digest:
         """Stage `data`; the name is the hash of exactly these bytes."""
@@ -246,21 +265,22 @@ class Stage:
         with fs-verity first where the store uses it), once the stage's owner has synced the
         stage (`publish(others=...)` calls this in each worker). Returns (objects published,
         their bytes); an object that exists already is kept."""
-        from veloverlay.store.publish import rename_noreplace
+        from veloverlay.store.publish import Shards, rename_noreplace
 
         store = self.store
         store.follow_migration()
         seal = store.verity()[0]
         fd = self.dir_fd()
         count = nbytes = 0
-        for digest, path in self.staged.items():
-            name = os.path.basename(path)
-            if rename_noreplace(store, fd, name, path, digest, seal):
-                faults.point("publish.renamed")
-                count += 1
-                nbytes += self.sizes.get(digest, 0)
-            else:
-                os.unlink(name, dir_fd=fd)
+        with Shards(store) as shards:
+            for digest, path in sorted(self.staged.items()):
+                name = os.path.basename(path)
+                if rename_noreplace(store, fd, name, path, digest, seal, shards):
+                    faults.point("publish.renamed")
+                    count += 1
+                    nbytes += self.sizes.get(digest, 0)
+                else:
+                    os.unlink(name, dir_fd=fd)
         self.staged.clear()
         self.sizes.clear()
         self._close_dir()
