@@ -13,6 +13,7 @@ the numbers (424 and up) are unified across architectures.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from collections.abc import Callable
@@ -110,6 +111,7 @@ OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_FOLLOW = 0x400
 AT_RECURSIVE = 0x8000
 
 # --- <linux/openat2.h> -------------------------------------------------------------------------
@@ -221,6 +223,7 @@ _mount = _proto("mount", _c_int, _c_char_p, _c_char_p, _c_char_p, _c_ulong, _c_c
 _umount2 = _proto("umount2", _c_int, _c_char_p, _c_int)
 _syncfs = _proto("syncfs", _c_int, _c_int)
 _renameat2 = _proto("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
+_linkat = _proto("linkat", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_int)
 _statfs = _proto("statfs", _c_int, _c_char_p, _c_void_p)
 _statx = _proto("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, _c_void_p)
 _ioctl_int = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_int)
@@ -344,6 +347,27 @@ def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) 
     """renameat2(2); `RENAME_NOREPLACE` fails with EEXIST instead of replacing `new`."""
     if _renameat2(olddirfd, old, newdirfd, new, flags) < 0:
         raise SysError(ctypes.get_errno(), "renameat2", old, new)
+
+
+AT_EMPTY_PATH = 0x1000
+_link_by_proc = False  # this kernel refused AT_EMPTY_PATH to this process once: use /proc
+
+
+def link_fd(fd: int, newdirfd: int, new: bytes) -> None:
+    """Give the open file `fd` (e.g. an O_TMPFILE) the name `new` in `newdirfd`; EEXIST if the
+    name exists. linkat(AT_EMPTY_PATH), which kernels before 6.10 allow only with
+    CAP_DAC_READ_SEARCH, else linkat of /proc/self/fd/N (following that one link)."""
+    global _link_by_proc
+    if not _link_by_proc:
+        if _linkat(fd, b"", newdirfd, new, AT_EMPTY_PATH) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOENT, errno.EPERM, errno.EINVAL):
+            raise SysError(err, "linkat", None, new)
+        _link_by_proc = True
+    proc = b"/proc/self/fd/%d" % fd
+    if _linkat(AT_FDCWD, proc, newdirfd, new, AT_SYMLINK_FOLLOW) < 0:
+        raise SysError(ctypes.get_errno(), "linkat", proc, new)
 
 
 def openat2(dirfd: int, path: Path, flags: int, mode: int = 0, resolve: int = 0) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "get_flags",
     "set_immutable",
     "set_immutable_at",
+    "set_immutable_fd",
     "is_immutable",
     "make_mutable",
     "may_set_immutable",
@@ -66,13 +67,18 @@ def set_immutable(path: StrPath, on: bool = True) -> None:
 def set_immutable_at(dir_fd: int | None, name: StrPath, on: bool = True) -> None:
     """`set_immutable` of `name` in the directory `dir_fd` (no symbolic link followed)."""
     with _open_for_flags(name, dir_fd) as fd:
-        try:
-            flags = _libc.ioctl_getflags(fd)
-            wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
-            if wanted != flags:
-                _libc.ioctl_setflags(fd, wanted)
-        except SysError as exc:
-            raise _named(name, exc) from None
+        set_immutable_fd(fd, name, on)
+
+
+def set_immutable_fd(fd: int, name: StrPath, on: bool = True) -> None:
+    """`set_immutable` of the open file `fd` (`name` in errors)."""
+    try:
+        flags = _libc.ioctl_getflags(fd)
+        wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
+        if wanted != flags:
+            _libc.ioctl_setflags(fd, wanted)
+    except SysError as exc:
+        raise _named(name, exc) from None
 
 
 def make_mutable(fd: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import select
 import signal
 import struct
@@ -25,7 +26,7 @@ from typing import Any, TypeVar, cast
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ns import die_with_parent
 
-__all__ = ["Workers", "default_jobs"]
+__all__ = ["Workers", "allow_files", "default_jobs"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -221,3 +222,13 @@ class Workers:
             reason=Reason.SYSCALL,
             hint="retry; anything staged is reclaimed",
         )
+
+
+def allow_files(n: int) -> None:
+    """Raise this process's soft limit of open files to `n`, or to its hard limit if lower (a
+    worker that holds many files open; never the coordinator: a program it starts would inherit
+    descriptors numbered past select()'s 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(hard, n)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))

@@ -613,7 +613,11 @@ def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
     def refuse(dir_fd: int | None, name: bytes, on: bool = True) -> None:
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), name)
 
+    def refuse_fd(fd: int, name: bytes, on: bool = True) -> None:
+        refuse(None, name, on)
+
     monkeypatch.setattr(fsflags, "set_immutable_at", refuse)
+    monkeypatch.setattr(fsflags, "set_immutable_fd", refuse_fd)  # an object named from its fd
     monkeypatch.setattr(publish, "_flags_missing", set())
     store = os.path.join(shm_tmp, "store")
     src = os.path.join(shm_tmp, "src")
@@ -672,7 +676,11 @@ def test_a_failed_unprotected_record_is_reported_as_its_write(
     def refuse(dir_fd: int | None, name: bytes, on: bool = True) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM), name)
 
+    def refuse_fd(fd: int, name: bytes, on: bool = True) -> None:
+        refuse(None, name, on)
+
     monkeypatch.setattr(fsflags, "set_immutable_at", refuse)
+    monkeypatch.setattr(fsflags, "set_immutable_fd", refuse_fd)  # an object named from its fd
     monkeypatch.setattr(publish, "_flags_missing", set())
     store = os.path.join(shm_tmp, "store")
     src = os.path.join(shm_tmp, "src")

@@ -130,7 +130,7 @@ def worker_state(
     keep: bool,
 ) -> tuple[Any, ...]:
     """The worker initialiser's arguments (objects handed over by fork, never pickled)."""
-    return (store, stage.name, top, top_fd, cache, rules, keep)
+    return (store, stage.name, top, top_fd, cache, rules, keep, os.getpid())
 
 
 def worker_init(
@@ -141,7 +141,10 @@ def worker_init(
     cache: dict[bytes, bytes],
     rules: Rules,
     keep: bool,
+    coordinator: int,
 ) -> None:
+    if os.getpid() != coordinator:  # a forked worker: room for the objects it holds open
+        workers.allow_files(16384)
     _S[:] = [_State(store, Stage.attach(store, stage_name), top, top_fd, cache, rules, keep)]
 
 
@@ -206,7 +209,7 @@ class _Parent:
 
 def _run_task(task: _Task) -> _Result:
     s = _S[0]
-    before = len(s.stage.staged)
+    before = s.stage.pending()
     acc = _Acc()
     rel, st, solo, dev = task
     race_point("task", rel)
@@ -255,7 +258,7 @@ def _run_task(task: _Task) -> _Result:
         for p in held:
             if p.fd >= 0:
                 os.close(p.fd)
-    staged = len(s.stage.staged) - before
+    staged = s.stage.pending() - before
     counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.unrep, acc.unrep_bytes, acc.setid)
     more += [(r, st, False, dv) for r, _n, st, dv, _p in stack]
     return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
@@ -500,7 +503,7 @@ def walk(
             res.files += files
             res.bytes += nbytes
             res.symlinks += links
-            if not state[-1]:
+            if not state[6]:  # keep_setid
                 res.stripped_setid += setid
 
     workers.local_reports(on_report if pool is None else None)

@@ -16,6 +16,7 @@ from veloverlay.store.stage import Chunk, staged_name, store_error
 __all__ = [
     "UNPROTECTED",
     "Shards",
+    "name_held",
     "unprotected",
     "forget_unprotected",
     "publish_chunk",
@@ -156,7 +157,42 @@ def _rename_checked(
     return True
 
 
-def _protect(store: Store, shard: int, hexname: bytes) -> None:
+def name_held(store: Store, held: dict[bytes, int], shards: Shards) -> list[bytes]:
+    """Name the unnamed files (O_TMPFILE) open as `held` (digest -> descriptor), whose bytes
+    are synced already, in name order, and close them all (an object that exists already is
+    kept: the held file vanishes with its descriptor); `held` is left empty. Returns the
+    digests named."""
+    named: list[bytes] = []
+    try:
+        for digest, fd in sorted(held.items()):
+            hexname = digest.hex().encode()
+            for attempt in (0, 1):
+                shard = shards.get(hexname)
+                try:
+                    _libc.link_fd(fd, shard, hexname)
+                except OSError as exc:
+                    if exc.errno == errno.EEXIST:
+                        break
+                    if exc.errno == errno.ENOENT and attempt == 0:
+                        shards.drop()  # gc removed the (empty) shard since it was opened
+                        continue
+                    dst = store.shard_dir_path(hexname) + b"/" + hexname
+                    raise store_error(exc, "linkat", dst) from exc
+                faults.point("publish.renamed")
+                named.append(digest)
+                _protect(store, shard, hexname, fd)
+                break
+            os.close(fd)
+            held[digest] = -1
+    finally:
+        for left in held.values():
+            if left >= 0:
+                os.close(left)
+        held.clear()
+    return named
+
+
+def _protect(store: Store, shard: int, hexname: bytes, fd: int = -1) -> None:
     """As real root, an object is immutable (+i) from the moment it is named, before the second
     syncfs: no process (root's included) can change its bytes through a hard link made later.
     Anyone else cannot set it (doctor says which protection holds). Where real root fails, the
@@ -164,7 +200,10 @@ def _protect(store: Store, shard: int, hexname: bytes) -> None:
     if not fsflags.may_set_immutable() or store.objects_b in _flags_missing:
         return
     try:
-        fsflags.set_immutable_at(shard, hexname, True)
+        if fd >= 0:
+            fsflags.set_immutable_fd(fd, hexname, True)
+        else:
+            fsflags.set_immutable_at(shard, hexname, True)
     except OSError as exc:
         code = exc.errno or errno.EIO
         if code in _NO_FLAGS:

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,11 @@ class Stage:
         self._dir_b = os.fsencode(self.dir)
         self._dir_fd = -1
         self._sub = b""  # a worker's own subdirectory (attach)
+        # A worker's small objects, written unnamed (O_TMPFILE) and kept open until published:
+        # no name in the stage to make and to rename away (`_hold`). -1: not decided yet.
+        self._hold_max = 0
+        self._held: dict[bytes, int] = {}  # digest -> descriptor
+        self._named: list[bytes] = []  # held objects named before `rename_own` (a full batch)
         self._lock_fd = -1
         self._seq = 0
         self.staged: dict[bytes, bytes] = {}  # digest -> staged file path (see the docstring)
@@ -79,6 +85,7 @@ class Stage:
         """A view of an existing stage for a worker process (it does not own the lock), writing
         into its own subdirectory of it."""
         view = cls(store, name)
+        view._hold_max = -1
         view._sub = b"w%d" % os.getpid()
         view._dir_b += b"/" + view._sub
         return view
@@ -97,6 +104,9 @@ class Stage:
         return self._dir_fd
 
     def _close_dir(self) -> None:
+        for fd in self._held.values():  # unnamed: they vanish
+            os.close(fd)
+        self._held.clear()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -134,6 +144,9 @@ class Stage:
     def discard(self, digest: bytes) -> None:
         """Remove an object this stage holds and forget it."""
         self.sizes.pop(digest, None)
+        if digest in self._held:
+            os.close(self._held.pop(digest))
+            return
         path = self.staged.pop(digest)
         if os.path.dirname(path) == self._dir_b:
             self._drop(path)
@@ -146,7 +159,9 @@ class Stage:
             h = Hasher()
             h.update(data)
             digest = h.digest()
-        if digest in self.staged or self.store.has(digest):
+        if digest in self.staged or digest in self._held or self.store.has(digest):
+            return digest
+        if self._hold_max and self._hold(data, digest):
             return digest
         path = self._tmpname()
         fd = self._create(path)
@@ -161,6 +176,46 @@ class Stage:
         self.staged[digest] = path
         self.sizes[digest] = len(data)
         return digest
+
+    def pending(self) -> int:
+        """Objects staged (held or named) by this view and not published by `rename_own`."""
+        return len(self.staged) + len(self._held) + len(self._named)
+
+    def _hold(self, data: bytes | memoryview, digest: Digest) -> bool:
+        """Write `data` into an unnamed file of the stage kept open (a worker's view); False
+        where that cannot be (then the object is staged by name). A full batch is synced and
+        named at once: the descriptors held stay bounded."""
+        if self._hold_max < 0:
+            self._hold_max = _hold_budget(self.store)
+            if not self._hold_max:
+                return False
+        try:
+            fd = open_unnamed(self.dir_fd())
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                self._hold_max = 0  # a filesystem without O_TMPFILE
+                return False
+            raise store_error(exc, "open", self._dir_b) from exc
+        try:
+            _write_all(fd, data, self._dir_b)
+        except BaseException:
+            os.close(fd)
+            raise
+        faults.point("stage.written")
+        self._held[digest] = fd
+        self.sizes[digest] = len(data)
+        if len(self._held) >= self._hold_max:
+            _libc.syncfs(fd)  # the bytes before the names (the durability order)
+            faults.point("publish.synced")
+            self._name_held()
+        return True
+
+    def _name_held(self) -> None:
+        from veloverlay.store.publish import Shards, name_held
+
+        self.store.follow_migration()
+        with Shards(self.store) as shards:
+            self._named += name_held(self.store, self._held, shards)
 
     def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
         """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`
@@ -281,10 +336,35 @@ class Stage:
                     nbytes += self.sizes.get(digest, 0)
                 else:
                     os.unlink(name, dir_fd=fd)
+        if self._held:
+            self._name_held()
+        count += len(self._named)
+        nbytes += sum(self.sizes.get(d, 0) for d in self._named)
+        self._named.clear()
         self.staged.clear()
         self.sizes.clear()
         self._close_dir()
         return count, nbytes
+
+
+def open_unnamed(dir_fd: int) -> int:
+    """A new file without a name in the directory `dir_fd`, open for writing (O_TMPFILE)."""
+    return os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, OBJECT_MODE, dir_fd=dir_fd)
+
+
+_HOLD = 4096  # unnamed objects a worker keeps open at most: the batch it syncs and names
+
+
+def _hold_budget(store: Store) -> int:
+    """How many unnamed objects a worker's view may hold open: 0 (stage by name) for a store
+    sealing objects with fs-verity (a file open for writing cannot be sealed) or without
+    /proc/self/fd (a kernel before 6.10 names an unnamed file by it), else up to `_HOLD`, half
+    the descriptors this process may open."""
+    if store.verity()[0] or not os.path.isdir("/proc/self/fd"):
+        return 0
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    half = _HOLD if soft == resource.RLIM_INFINITY else soft // 2
+    return min(_HOLD, half) if half >= 256 else 0
 
 
 # (the store, [(digest, staged file path)], seal)
