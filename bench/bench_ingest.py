@@ -114,12 +114,17 @@ def bench_scaling(
     git: list[float] = []
     runs: dict[int, list[dict[str, Any]]] = {j: [] for j in jobs}
     reingest: list[dict[str, Any]] = []
+    # Each run starts with nothing dirty: git does not sync its objects, and the next run's
+    # syncfs would otherwise write them out on its own clock.
     for i in range(repeat):
+        os.sync()
         git.append(git_add(tree, base / f"git-{name}-{i}"))
         for j in jobs:
             store = base / f"store-{name}-{i}-j{j}"
+            os.sync()
             runs[j].append(run_probe(store, tree, name, j))
             if j == jobs[-1]:
+                os.sync()
                 reingest.append(run_probe(store, tree, name, j))
     if profile:
         print(f"-- profile of the coordinator, {name}, {jobs[-1]} workers", file=sys.stderr)

@@ -370,7 +370,11 @@ class Store:
 
     def has(self, digest: bytes) -> bool:
         try:
-            os.stat(self.object_path_b(digest))
+            if self.fanout == 1 and self._legacy_b is None:  # two names below the fd held
+                h = digest.hex().encode()
+                os.stat(b"%s/%s" % (h[:2], h), dir_fd=self.objects_fd())
+            else:
+                os.stat(self.object_path_b(digest))
         except FileNotFoundError:
             return False
         return True
