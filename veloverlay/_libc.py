@@ -349,7 +349,6 @@ def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) 
         raise SysError(ctypes.get_errno(), "renameat2", old, new)
 
 
-AT_EMPTY_PATH = 0x1000
 _link_by_proc = False  # this kernel refused AT_EMPTY_PATH to this process once: use /proc
 
 
