@@ -186,6 +186,7 @@ def main() -> int:
         base.mkdir()
     results: dict[str, Any] = {"files": args.files, "small": args.small, "fs": args.fs}
     m: Manifests | None = None
+    store: Store | None = None
     try:
         big_src, small_src = base / "src-big", base / "src-small"
         t0 = time.perf_counter()
@@ -383,6 +384,8 @@ def main() -> int:
     finally:
         if m is not None:
             m.close()  # idempotent; an open environment keeps the loop fs busy
+        if store is not None:
+            store.close()  # so do the store's own descriptors (what held it in a 2026-12 run)
         unlock_tree(base)
         shutil.rmtree(runtime, ignore_errors=True)
         if mounted:
