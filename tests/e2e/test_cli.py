@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import must_work
-from tests.helpers.trees import assert_same_tree, make_tree, snapshot
-from veloverlay import fsflags
+from tests.helpers.trees import assert_same_tree, make_tree, snapshot, unprotect
 
 ISSUE_VERBS = {
     "init",
@@ -320,8 +319,7 @@ def _writable_object(store: str, ref: str, path: str) -> tuple[str, str]:
     cleared; 0644) for a test to damage."""
     digest = data(velo(store, "ls", ref, path, "--json"))[0]["digest"]
     obj = os.path.join(store, "objects-v2", digest[:2], digest)
-    if os.geteuid() == 0:
-        fsflags.set_immutable(obj, False)
+    unprotect(obj)
     os.chmod(obj, 0o644)
     return digest, obj
 

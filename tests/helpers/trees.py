@@ -86,3 +86,45 @@ def force_rmtree(path: str | bytes) -> None:
     from veloverlay import files, fsflags
 
     files.force_rmtree(os.fsdecode(path), unflag=fsflags.make_mutable)
+
+
+def has_immutable(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` carries +i; False where its filesystem has no inode flags (ENOTTY or
+    EOPNOTSUPP: tmpfs before Linux 6.0), which holds no flag to clear either."""
+    import errno
+
+    from veloverlay import fsflags
+
+    try:
+        return fsflags.is_immutable(os.fspath(path))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def unprotect(path: str | os.PathLike[str]) -> None:
+    """Clear +i (root's objects carry it where the filesystem has inode flags) so that a test
+    may damage an object as an attacker with root would."""
+    from veloverlay import fsflags
+
+    if has_immutable(path):
+        fsflags.set_immutable(os.fspath(path), False)
+
+
+def inode_flags_at(path: str | os.PathLike[str]) -> bool:
+    """Whether the filesystem holding `path` has inode flags (chattr)."""
+    import errno
+
+    from veloverlay import _libc
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _libc.ioctl_getflags(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True

@@ -10,7 +10,11 @@ The shim's live sync (treesync) hashes a session's files the same way, and must 
 The stall is made exact with userfaultfd: the writer's source buffer has its second half
 unpopulated, so pwrite() copies the first half and blocks on the fault, inode lock held, until
 this test supplies the pages. RACY_NS is set to 0 so the fresh stamp counts as old (the loaded
-machine's case, without waiting for it).
+machine's case, without waiting for it). The buffer is kept out of transparent huge pages: where
+THP is "always" (Debian's 5.10), populating the first half could map a huge page reaching into
+the second, and supplying pages there fails (EEXIST) — the writer would then wait forever, and
+the reader behind it. Should supplying fail anyway, the userfaultfd is closed (the kernel then
+fills the pages itself) and the test fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -56,6 +60,25 @@ def _userfaultfd() -> int:
     api = ctypes.create_string_buffer(struct.pack("QQQ", 0xAA, 0, 0), 24)
     _ioctl(fd, _UFFDIO_API, api)
     return int(fd)
+
+
+def _supply(uffd: int, dst: int, src: int, end: int) -> None:
+    """UFFDIO_COPY `src` to the pages [dst, end): one call, or page by page past any page
+    already present (EEXIST), which the kernel may have mapped meanwhile."""
+    copy = ctypes.create_string_buffer(struct.pack("QQQQq", dst, src, end - dst, 0, 0), 40)
+    try:
+        _ioctl(uffd, _UFFDIO_COPY, copy)
+        return
+    except FileExistsError:
+        pass
+    for off in range(0, end - dst, mmap.PAGESIZE):
+        one = ctypes.create_string_buffer(
+            struct.pack("QQQQq", dst + off, src + off, mmap.PAGESIZE, 0, 0), 40
+        )
+        try:
+            _ioctl(uffd, _UFFDIO_COPY, one)
+        except FileExistsError:
+            continue
 
 
 def _state(tid: int) -> str:
@@ -107,6 +130,7 @@ def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
         f.write(old)
     uffd = _userfaultfd()
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)  # before any page is touched (the module's docstring)
     half = size // 2
     assert half % mmap.PAGESIZE == 0  # userfaultfd registers whole pages
     buf[:half] = new[:half]  # populated: copied at once; the second half faults
@@ -121,21 +145,27 @@ def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
     fill = ctypes.create_string_buffer(new[half:], size - half)
     reader_tid = threading.get_native_id()
     done = threading.Event()
+    failed: list[BaseException] = []
+    fault = [base + half]
 
     def supply_pages() -> None:
         # Until the reader blocks (in the barrier, state D) or is done: the write stays
         # stalled exactly as long as the reader could see it half made.
-        while not done.is_set() and _state(reader_tid) != "D":
-            done.wait(0.001)
-        copy = ctypes.create_string_buffer(
-            struct.pack("QQQQq", base + half, ctypes.addressof(fill), size - half, 0, 0), 40
-        )
-        _ioctl(uffd, _UFFDIO_COPY, copy)
+        try:
+            while not done.is_set() and _state(reader_tid) != "D":
+                done.wait(0.001)
+            _supply(uffd, fault[0], ctypes.addressof(fill) + fault[0] - base - half, base + size)
+        except BaseException as exc:  # release the writer (and the reader behind it)
+            failed.append(exc)
+            os.close(uffd)
 
     resolver = threading.Thread(target=supply_pages)
     try:
         msg = os.read(uffd, 32)  # the writer is in the fault now, its stamp already set
         assert msg[0] == _PAGEFAULT
+        page = struct.unpack_from("Q", msg, 16)[0] & ~(mmap.PAGESIZE - 1)
+        assert base + half <= page < base + size, "the write faulted outside the second half"
+        fault[0] = page
         monkeypatch.setattr(ingest_mod, "RACY_NS", 0)
         resolver.start()
         digest = read(repo, path)
@@ -147,8 +177,10 @@ def test_a_write_in_flight_with_an_old_stamp_is_waited_for(
             supply_pages()
         writer.join(30)
         os.close(wfd)
-        os.close(uffd)
+        if not failed:
+            os.close(uffd)
         del anchor
         buf.close()
+    assert not failed, f"supplying the stalled write's pages failed: {failed[0]!r}"
     assert wrote == [size]
     assert digest in (hash_bytes(old), hash_bytes(new)), "a half-written version was staged"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import must_work
-from tests.helpers.trees import assert_same_tree, make_tree
+from tests.helpers.trees import assert_same_tree, make_tree, unprotect
 from tests.remote.conftest import PASSWORD, USER, Registry
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
@@ -144,15 +144,13 @@ def test_a_pull_restores_objects_fsck_set_aside(
 ) -> None:
     """The ref is up to date, but fsck --repair set two of its objects aside (one that travels
     in a pack, one alone): pulling the same version again fetches exactly those."""
-    from veloverlay import fsflags
 
     src, target = _pushed(logged_in, repo, shm_tmp, "heal")
     pull(other.store, other.m, target, name="env", options=_opts(logged_in))
     for rel in ("pkg/m0/f1.py", "big/blob.bin"):
         (entry,) = other.ls("env", rel)
         obj = os.fspath(other.store.object_path(bytes.fromhex(entry.digest)))
-        if fsflags.is_immutable(obj):
-            fsflags.set_immutable(obj, False)
+        unprotect(obj)
         os.chmod(obj, 0o644)
         with open(obj, "r+b") as f:
             f.write(b"rot")

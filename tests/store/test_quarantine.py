@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from tests.helpers.trees import assert_same_tree, make_tree
-from veloverlay import fsflags
+from tests.helpers.trees import assert_same_tree, make_tree, unprotect
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.store import quarantine
@@ -55,8 +54,7 @@ def _ingested(repo: Repo, base: str) -> str:
 
 
 def _unprotect(path: str) -> None:
-    if fsflags.is_immutable(path):  # root's objects carry +i
-        fsflags.set_immutable(path, False)
+    unprotect(path)  # root's objects carry +i
 
 
 def _tamper(path: str) -> None:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.trees import make_tree, snapshot
+from tests.helpers.trees import make_tree, snapshot, unprotect
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpriv_tmpdir
-from veloverlay import cli, fsflags, mount, ns
+from veloverlay import cli, mount, ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.store.cas import OBJECT_MODE, Stage, Store, default_store_path
@@ -73,8 +73,7 @@ def writable(path: str | os.PathLike[str]) -> Iterator[None]:
 
 def mutable(path: str | os.PathLike[str]) -> None:
     """Clear +i (objects published as root carry it) so that a test may damage the object."""
-    if os.geteuid() == 0:
-        fsflags.set_immutable(os.fspath(path), False)
+    unprotect(path)
 
 
 # -- the object store --------------------------------------------------------------------------
