@@ -570,7 +570,9 @@ def test_a_full_lmdb_map_is_map_full(shm_tmp: str, monkeypatch: pytest.MonkeyPat
     repo = Repo.open(os.path.join(shm_tmp, "store"), create=True)
     try:
         src = os.path.join(shm_tmp, "many")
-        make_tree(src, {f"d{i}/{'n' * 200}{j}": b"%d" % j for i in range(600) for j in range(3)})
+        make_tree(
+            src, {f"d{i}/{'n' * 200}{j}": b"%d.%d" % (i, j) for i in range(300) for j in range(3)}
+        )
         with pytest.raises(VeloError) as ei:
             ingest(repo.store, repo.m, src, "many", jobs=1)
         assert ei.value.reason is Reason.MAP_FULL
