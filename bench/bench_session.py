@@ -174,8 +174,10 @@ def main() -> int:
     if args.fs == "loop":
         img = top / "fs.img"
         with open(img, "wb") as f:
-            f.truncate((16 << 30) + args.files * (24 << 10))
-        inodes = str(max(3_000_000, args.files * 5))
+            # --million holds about 5 inodes per file at the end (the source, its objects, the
+            # layers kept in the store, cp -a's copy, git's copy) and their blocks
+            f.truncate((16 << 30) + args.files * (32 << 10))
+        inodes = str(max(3_000_000, args.files * 7))
         subprocess.run(["mkfs.ext4", "-q", "-F", "-N", inodes, str(img)], check=True)
         (top / "fs").mkdir()
         subprocess.run(["mount", "-o", "loop", str(img), str(top / "fs")], check=True)
@@ -242,7 +244,7 @@ def main() -> int:
         }
         # Larger files: cp -a pays for the bytes, a metadata layer does not.
         m = Manifests(store)
-        n_large = max(1000, args.files // 5)
+        n_large = min(max(1000, args.files // 5), 20_000)
         large_src = base / "src-large"
         make_tree(large_src, n_large, size=32 << 10)
         ingest(store, m, str(large_src), "large")
