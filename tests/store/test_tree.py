@@ -190,6 +190,45 @@ def test_links_agrees_with_decode(spec: tuple[int, int, list[Entry]], data: st.D
 
 
 @given(nodes(), st.data())
+def test_entry_map_agrees_with_decode(
+    spec: tuple[int, int, list[Entry]], data: st.DataObject
+) -> None:
+    """`entry_map` (what a diff compares) holds each entry's own encoding by name: decoding one
+    (`decode_entry`) gives the entry a strict decode gives, the header gives the node's mode
+    and mtime (as `decode_attrs` does), and a cut or extended encoding raises MANIFEST_CORRUPT."""
+    mode, mtime, _ents = spec
+    _d, enc = tree.encode(*spec)
+    node = tree.decode(enc)
+    got_mode, got_mtime, encoded = tree.entry_map(enc)
+    assert (got_mode, got_mtime) == (node.mode, node.mtime_ns) == tree.decode_attrs(enc)
+    assert (got_mode, got_mtime) == (mode & 0o7777, mtime)
+    assert list(encoded) == [e.name for e in node.entries]
+    assert [tree.decode_entry(raw) for raw in encoded.values()] == list(node.entries)
+    assert b"".join(encoded.values()) == enc[tree.HEAD_SIZE :]
+    cut = data.draw(st.integers(0, len(enc) - 1))
+    for bad in (enc[:cut], enc + data.draw(st.binary(min_size=1, max_size=8))):
+        with pytest.raises(VeloError) as ei:
+            tree.entry_map(bad)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+
+
+def test_decode_entry_is_strict() -> None:
+    """One entry decoded alone is checked as in a node: a bad name or kind is refused."""
+    good = tree.entry_bytes(b"f", Kind.FILE, 1, 0o644, 3, 0, b"\1" * 32)
+    assert tree.decode_entry(good) == Entry(b"f", Kind.FILE, 0o644, 3, 0, b"\1" * 32, b"", 1)
+    for bad in (
+        tree.entry_bytes(b"a/b", Kind.FILE, 1, 0o644, 3, 0, b"\1" * 32),
+        tree.entry_bytes(b"f", 9, 1, 0o644, 3, 0, b"\1" * 32),
+        tree.entry_bytes(b"f", Kind.FILE, 0, 0o644, 3, 0, b"\1" * 32),
+        good[:-1],
+        good + b"x",
+    ):
+        with pytest.raises(VeloError) as ei:
+            tree.decode_entry(bad)
+        assert ei.value.reason is Reason.MANIFEST_CORRUPT
+
+
+@given(nodes(), st.data())
 def test_stored_shape_agrees_with_decode(
     spec: tuple[int, int, list[Entry]], data: st.DataObject
 ) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.digest import Digest
-from veloverlay.store.tree import Entry, Kind, Op, OpKind
+from veloverlay.store.tree import Entry, Kind, Op, OpKind, decode_entry
 
 if TYPE_CHECKING:
     from veloverlay.store.manifest import Manifests, Txn
@@ -164,18 +164,22 @@ def _apply_frame(
 def diff(m: Manifests, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:
     """Path operations that turn tree `a` into tree `b` (in path order: a directory's own
     change, then its entries by name, each subdirectory's operations in its place). An
-    explicit stack, no recursion, whatever the depth."""
+    explicit stack, no recursion, whatever the depth. Nodes are compared entry by entry in
+    their encodings (`tree.entry_map`): only the entries that differ are decoded, so a change of
+    10 files under a directory of 10,000 names costs what the 10 cost, plus one pass over the
+    names in C."""
     out: list[Op] = []
-    stack: list[tuple[Iterator[bytes], dict[bytes, Entry], dict[bytes, Entry], bytes]] = []
+    stack: list[tuple[Iterator[bytes], dict[bytes, bytes], dict[bytes, bytes], bytes]] = []
 
     def enter(a: bytes, b: bytes, prefix: bytes) -> None:
         if a == b:
             return
-        na, nb = m.get_node(txn, a), m.get_node(txn, b)
-        if (na.mode, na.mtime_ns) != (nb.mode, nb.mtime_ns):
-            out.append(Op(OpKind.META, prefix, mode=nb.mode, mtime_ns=nb.mtime_ns))
-        ea, eb = na.as_dict(), nb.as_dict()
-        stack.append((iter(sorted(ea.keys() | eb.keys())), ea, eb, prefix))
+        mode_a, mtime_a, ea = m.node_entry_map(txn, a)
+        mode_b, mtime_b, eb = m.node_entry_map(txn, b)
+        if (mode_a, mtime_a) != (mode_b, mtime_b):
+            out.append(Op(OpKind.META, prefix, mode=mode_b, mtime_ns=mtime_b))
+        changed = sorted({name for name, _encoded in ea.items() ^ eb.items()})
+        stack.append((iter(changed), ea, eb, prefix))
 
     enter(a, b, prefix)
     while stack:
@@ -184,9 +188,9 @@ def diff(m: Manifests, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> lis
         if name is None:
             stack.pop()
             continue
-        x, y = ea.get(name), eb.get(name)
-        if x == y:
-            continue
+        xa, yb = ea.get(name), eb.get(name)
+        x = decode_entry(xa) if xa is not None else None
+        y = decode_entry(yb) if yb is not None else None
         p = paths.join(base, name)
         if y is None:
             out.append(Op(OpKind.DELETE, p))

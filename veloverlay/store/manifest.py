@@ -240,6 +240,24 @@ class Manifests(Versions):
         node = self._cache.get(digest)
         if node is not None:
             return node
+        node = tree.decode(bytes(self._stored(txn, digest)))
+        if len(self._cache) > 200_000:
+            self._cache.clear()
+        self._cache[digest] = node
+        return node
+
+    def node_attrs(self, txn: Txn, digest: bytes) -> tuple[int, int]:
+        """A directory node's own (mode, mtime_ns), without decoding its entries."""
+        node = self._cache.get(digest)
+        if node is not None:
+            return node.mode, node.mtime_ns
+        return tree.decode_attrs(bytes(self._stored(txn, digest)[: tree.HEAD_SIZE]))
+
+    def node_entry_map(self, txn: Txn, digest: bytes) -> tuple[int, int, dict[bytes, bytes]]:
+        """A directory node's (mode, mtime_ns, {name: encoded entry}) (`tree.entry_map`)."""
+        return tree.entry_map(bytes(self._stored(txn, digest)))
+
+    def _stored(self, txn: Txn, digest: bytes) -> Any:
         data = txn.get(digest, db=self._nodes)
         if data is None:
             raise VeloError(
@@ -247,11 +265,7 @@ class Manifests(Versions):
                 reason=Reason.MANIFEST_CORRUPT,
                 hint="run 'veloverlay fsck'",
             )
-        node = tree.decode(bytes(data))
-        if len(self._cache) > 200_000:
-            self._cache.clear()
-        self._cache[digest] = node
-        return node
+        return data
 
     def has_node(self, txn: Txn, digest: bytes) -> bool:
         return digest in self._cache or txn.get(digest, db=self._nodes) is not None

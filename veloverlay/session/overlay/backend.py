@@ -176,9 +176,9 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
     os.mkdir(work, 0o700)
     # The merged root shows the upper root's attributes: give it the view's.
     with m.read() as txn:
-        node = m.get_node(txn, plan.stack.view)
-    os.chmod(upper, node.mode)
-    os.utime(upper, ns=(node.mtime_ns, node.mtime_ns))
+        mode, mtime_ns = m.node_attrs(txn, plan.stack.view)
+    os.chmod(upper, mode)
+    os.utime(upper, ns=(mtime_ns, mtime_ns))
     stack = plan.stack
     roots = {c.root for c in stack.commits} | {stack.view.hex()}
     if stack.below is not None:
@@ -413,8 +413,8 @@ def _untouched(upper: Path, view_root: bytes, m: Manifests) -> bool:
     except OSError:
         return False
     with m.read() as txn:
-        node = m.get_node(txn, view_root)
-    return (st.st_mode & 0o7777, st.st_mtime_ns) == (node.mode, node.mtime_ns)
+        attrs = m.node_attrs(txn, view_root)
+    return (st.st_mode & 0o7777, st.st_mtime_ns) == attrs
 
 
 def _drop_upper(sdir: Path) -> None:
