@@ -13,6 +13,7 @@ Functions and arguments cross as pickles, so `fn` must be a module-level functio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import resource
@@ -26,7 +27,7 @@ from typing import Any, TypeVar, cast
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ns import die_with_parent
 
-__all__ = ["Workers", "allow_files", "default_jobs"]
+__all__ = ["Workers", "allow_files", "more_files", "default_jobs"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -222,6 +223,19 @@ class Workers:
             reason=Reason.SYSCALL,
             hint="retry; anything staged is reclaimed",
         )
+
+
+@contextlib.contextmanager
+def more_files(n: int) -> Iterator[None]:
+    """Raise the soft limit of open files to `n` (or the hard limit) for the block, then set it
+    back: a process that holds many files open for a while (a pull's unnamed objects), and
+    whose later children must still start with the limit they would have had."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    allow_files(n)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def allow_files(n: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.remote import Options, pull, push
 from veloverlay.remote.auth import Credentials
+from veloverlay.store import stage
 from veloverlay.verbs.fsck import fsck
 from veloverlay.verbs.repo import Repo
 
@@ -40,6 +42,44 @@ def other(shm_tmp: str) -> Iterator[Repo]:
     report = fsck(r.store, r.m, jobs=1)
     assert report.ok, report.findings
     r.close()
+
+
+@pytest.fixture(params=["held", "short", "named"])
+def hold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """How a pull stages a pack's small objects: written unnamed and held open until published
+    (the default budget of descriptors), the first 100 so and the rest by name (a budget of
+    100), or all by name (no budget). Counts the unnamed files made."""
+    if request.param == "short":
+        monkeypatch.setattr(stage, "_HOLD", 25)  # a pull's budget is 4 times it
+    elif request.param == "named":
+        monkeypatch.setattr(stage, "_HOLD", 0)
+    seen: dict[str, Any] = {"mode": request.param, "unnamed": 0}
+    open_unnamed = stage.open_unnamed
+
+    def counting_open(dir_fd: int) -> int:
+        seen["unnamed"] += 1
+        return open_unnamed(dir_fd)
+
+    monkeypatch.setattr(stage, "open_unnamed", counting_open)
+    budgets: list[stage.HoldBudget] = []
+
+    class Recorded(stage.HoldBudget):
+        def __init__(self, store: Any) -> None:
+            super().__init__(store)
+            self.files_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            budgets.append(self)
+
+    # (the package's `pull` is the function: patch the module)
+    monkeypatch.setattr(sys.modules["veloverlay.remote.pull"], "HoldBudget", Recorded)
+    seen["budgets"] = budgets
+    return seen
+
+
+def _all_given_back(hold: dict[str, Any]) -> None:
+    """Every descriptor a pull's stages held was given back (published or dropped)."""
+    assert hold["budgets"], "the pull made no budget"
+    for b in hold["budgets"]:
+        assert b.free == b.total, (b.free, b.total)
 
 
 def _opts(reg: Registry, **kw: Any) -> Options:
@@ -62,14 +102,31 @@ def _source(shm_tmp: str, n: int = 300) -> str:
     return src
 
 
-def test_round_trip(logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str) -> None:
+def test_round_trip(
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, hold: dict[str, Any]
+) -> None:
     src = _source(shm_tmp)
     ingest(repo.store, repo.m, src, "env", jobs=1)
     target = logged_in.remote(_repo_name("rt"), "v1")
     [pushed] = push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
     assert pushed.large_new == 1 and pushed.packs_new >= 2  # nodes + objects
-    got = pull(other.store, other.m, target, name="env2", options=_opts(logged_in))
+    unnamed = hold["unnamed"]  # the ingest's own
+    # a shell's usual limit of open files: the pull raises it while it holds files, then
+    # sets it back (the programs a session starts later get the limit they would have had)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, limit[0]), limit[1]))
+    try:
+        got = pull(other.store, other.m, target, name="env2", options=_opts(logged_in))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(1024, limit[0])
+        hard = limit[1] if limit[1] != resource.RLIM_INFINITY else stage.HOLD_FILES
+        assert [b.files_limit for b in hold["budgets"]] == [min(hard, stage.HOLD_FILES)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
     assert got.root == pushed.root and got.digest == pushed.digest
+    packed = got.objects_fetched - 1  # all but big/blob.bin, which travels alone
+    expect = {"held": packed, "short": 100, "named": 0}[hold["mode"]]
+    assert hold["unnamed"] - unnamed == expect
+    _all_given_back(hold)
     out = os.path.join(shm_tmp, "out")
     other.checkout("env2", out)
     assert_same_tree(src, out)
@@ -166,7 +223,7 @@ def test_a_pull_restores_objects_fsck_set_aside(
 
 @pytest.mark.parametrize("which", ["pack", "large"])
 def test_tampered_blob_is_refused_and_nothing_named(
-    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, which: str
+    logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str, which: str, hold: dict[str, Any]
 ) -> None:
     _src, target = _pushed(logged_in, repo, shm_tmp, "tamper")
     layers = _layers(logged_in, target)
@@ -195,6 +252,7 @@ def test_tampered_blob_is_refused_and_nothing_named(
         # not stored under any name: every object stored now is one the source store holds
         assert objects <= {n for n, _p in repo.store.iter_objects()}
         assert os.listdir(other.store.tmp) == []
+        _all_given_back(hold)
     finally:
         data[-1] ^= 0xFF
         path.write_bytes(bytes(data))

@@ -4,11 +4,13 @@ Order: the manifest (by tag or digest; by digest it must hash to it), its config
 (each checked against its sha256). Then the nodes the store lacks, from the node packs: each must
 hash to its digest and decode strictly, and the root's closure must be complete — before any object
 is fetched. Then the packs (and lone blobs) holding objects the store lacks, `jobs` at a time, each
-streamed into its own stage: every object is hashed (BLAKE3) as it is written and must equal the
-name the index gives it, and the blob must match its descriptor's sha256 and size, or the whole
-blob is dropped. Blobs that pass are published in batches (syncfs, renames, syncfs; every
-`publish_bytes`, 64 MiB by default, and at the end), so a pull that is killed resumes where it
-stopped: the next pull finds those objects present and fetches the rest.
+streamed into its own stage: every object is hashed (BLAKE3) and must equal the name the index
+gives it (a pack's small objects before they are written, unnamed and held open; others as they
+are written), and the blob must match its descriptor's sha256 and size, or the whole blob is
+dropped: nothing from it gets a name. Blobs that pass are published in batches (syncfs, renames,
+syncfs; every `publish_bytes`, 64 MiB by default, sooner when the unnamed ones exhaust the
+descriptors they may hold, and at the end), so a pull that is killed resumes where it stopped:
+the next pull finds those objects present and fetches the rest.
 The ref moves last, in one LMDB transaction with the nodes: a killed pull never leaves a ref that
 points at a version the store does not fully hold. Pulled objects are ordinary objects: `fsck`
 re-hashes them, `gc` keeps them when a ref reaches them.
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
-from veloverlay import faults
+from veloverlay import faults, workers
 from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record
 from veloverlay.remote.client import Options, Registry
@@ -34,8 +36,9 @@ from veloverlay.remote.state import BlobCache, ShaMap, Versions
 from veloverlay.remote.version import Descriptor, PackRef, parse_config, parse_manifest
 from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Stage, Store
-from veloverlay.store.digest import node_digest
+from veloverlay.store.digest import hash_bytes, node_digest
 from veloverlay.store.manifest import Manifests, check_ref_name
+from veloverlay.store.stage import HOLD_FILES, HoldBudget
 from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
@@ -44,6 +47,9 @@ __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 _GAP = 64 << 10  # wanted entries closer than this are read in one range
 _MAX_RANGES = 32  # more ranges than this: read the whole pack
 PUBLISH_BYTES = 64 << 20  # publish verified blobs in batches this big (2 syncfs per batch)
+# Pack entries below this are read whole, hashed, then written unnamed (O_TMPFILE, `Stage.hold`);
+# larger ones, which an honest pack never holds (push sends objects from 1 MiB up alone), stream.
+_WHOLE = 1 << 20
 
 
 class PullResult(Record):
@@ -196,7 +202,7 @@ def pull(
                 res.seconds = time.monotonic() - t0
                 return res  # up to date (a ref's whole closure is stored)
         jobs = max(1, reg.opts.jobs)
-        with ThreadPoolExecutor(jobs) as pool:
+        with workers.more_files(HOLD_FILES), ThreadPoolExecutor(jobs) as pool:
             cache = BlobCache(store)
             datas = list(
                 pool.map(
@@ -237,11 +243,13 @@ def pull(
                 total += p.pack.size if spans is None else sum(b - a for a, b in spans)
             meter = Meter("pull", total, len(missing), progress)
             shamap = ShaMap(store)
+            budget = HoldBudget(store)  # (its size: the file limit `more_files` set)
             futs = [
-                pool.submit(_fetch_pack, reg, store, p, es, meter) for p, es in by_pack.values()
+                pool.submit(_fetch_pack, reg, store, p, es, meter, budget)
+                for p, es in by_pack.values()
             ]
             futs += [pool.submit(_fetch_large, reg, store, d, x, meter, shamap) for d, x in alone]
-            _publish_as_done(futs, publish_bytes)
+            _publish_as_done(futs, publish_bytes, budget)
             meter.finish()
         res.blobs_fetched = len(futs)
         res.objects_fetched = len(missing)
@@ -336,15 +344,19 @@ def _walk(
     return out, objects, decoded
 
 
-def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
+def _publish_as_done(
+    futs: list[Future[tuple[Stage, int]]], every: int, budget: HoldBudget | None = None
+) -> None:
     """Collect the workers' verified stages; publish them together each `every` bytes (one
-    syncfs pair for the batch, the renames on two threads) and at the end. On any failure, what
-    is not published is dropped."""
+    syncfs pair for the batch, the renames on two threads), sooner when they hold half of
+    `budget`'s unnamed objects (publishing gives them back for the transfers still running),
+    and at the end.
+    On any failure, what is not published is dropped."""
     pending: list[Stage] = []
-    size = 0
+    size = held = 0
 
     def flush() -> None:
-        nonlocal size
+        nonlocal size, held
         if not pending:
             return
         first = pending[0]
@@ -352,11 +364,12 @@ def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
             first.adopt(other.staged)
             other.staged = {}
         with ThreadPoolExecutor(2) as renamers:  # mkdir/rename release the GIL
-            first.publish(renamers.map)
+            # the stages' unnamed objects are named between the two syncfs, as renamed ones
+            first.publish(renamers.map, others=lambda: sum(len(st.name_held()) for st in pending))
         for st in pending:
             st.close()
         pending.clear()
-        size = 0
+        size = held = 0
         faults.point("remote.pull.published")
 
     try:
@@ -364,7 +377,8 @@ def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
             stage, n = f.result()
             pending.append(stage)
             size += n
-            if size >= every:
+            held += stage.held()
+            if size >= every or (budget is not None and budget.wants_back(held)):
                 flush()
         flush()
     except BaseException:
@@ -378,9 +392,12 @@ def _publish_as_done(futs: list[Future[tuple[Stage, int]]], every: int) -> None:
         raise
 
 
-def _open_stage(store: Store) -> Stage:
+def _open_stage(store: Store, budget: HoldBudget | None = None) -> Stage:
+    """A new stage; with `budget`, holding small objects unnamed while it lasts."""
     stage = Stage(store)
     stage.open()
+    if budget is not None:
+        stage.hold(budget)
     return stage
 
 
@@ -400,7 +417,12 @@ def ranges(entries: list[Entry], pack_size: int) -> list[tuple[int, int]] | None
 
 
 def _fetch_pack(
-    reg: Registry, store: Store, p: PackRef, entries: list[Entry], meter: Meter
+    reg: Registry,
+    store: Store,
+    p: PackRef,
+    entries: list[Entry],
+    meter: Meter,
+    budget: HoldBudget,
 ) -> tuple[Stage, int]:
     """Fetch the wanted entries of one pack into a new stage, each verified; the caller
     publishes. Few entries of a big pack are read with HTTP range requests where the registry
@@ -411,7 +433,13 @@ def _fetch_pack(
 
     def add(stage: Stage, rd: BlobReader, e: Entry, base: int) -> None:
         rd.skip(e.offset - base - rd.pos)
-        got, _size, _new = stage.add_stream(rd.take(e.length))
+        if e.length < _WHOLE:
+            data = rd.exact(e.length)
+            got = hash_bytes(data)
+            if got == e.digest:
+                stage.add_bytes(data, got)
+        else:
+            got, _size, _new = stage.add_stream(rd.take(e.length))
         if got != e.digest:
             raise _invalid(
                 f"object {e.digest.hex()} in pack {p.pack.digest} does not hash to its name"
@@ -450,11 +478,11 @@ def _fetch_pack(
             raise _invalid(f"pack {p.pack.digest} does not match its digest or size")
 
     def once() -> Stage:
-        stage = _open_stage(store)
+        stage = _open_stage(store, budget)
         try:
             if spans is None or not by_ranges(stage):
                 stage.close()
-                stage = _open_stage(store)
+                stage = _open_stage(store, budget)
                 whole(stage)
         except BaseException:
             stage.close()

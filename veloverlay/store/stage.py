@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import resource
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ class Stage:
         # no name in the stage to make and to rename away (`_hold`). -1: not decided yet.
         self._hold_max = 0
         self._held: dict[bytes, int] = {}  # digest -> descriptor
+        self._budget: HoldBudget | None = None  # shared with other stages (`hold`)
         self._named: list[bytes] = []  # held objects named before `rename_own` (a full batch)
         self._lock_fd = -1
         self._seq = 0
@@ -106,6 +108,8 @@ class Stage:
     def _close_dir(self) -> None:
         for fd in self._held.values():  # unnamed: they vanish
             os.close(fd)
+        if self._budget is not None:
+            self._budget.give(len(self._held))
         self._held.clear()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
@@ -177,6 +181,27 @@ class Stage:
         self.sizes[digest] = len(data)
         return digest
 
+    def hold(self, budget: HoldBudget) -> None:
+        """Write small objects (`add_bytes`) unnamed (O_TMPFILE) and keep them open until
+        published, as a worker's view does (no name to make in the stage and rename away),
+        while `budget` — shared by the stages of this process's threads — has a descriptor to
+        spare; past it, by name. Unlike a worker's view, nothing is named before `name_held`."""
+        self._budget = budget
+        self._hold_max = 1
+
+    def name_held(self) -> list[bytes]:
+        """Name what this stage holds unnamed, whose bytes the caller has synced (`publish`
+        between its two syncfs), and return every object named so since the last call (full
+        batches of a worker's view included)."""
+        if self._held:
+            self._name_held()
+        named, self._named = self._named, []
+        return named
+
+    def held(self) -> int:
+        """Objects this stage holds unnamed."""
+        return len(self._held)
+
     def pending(self) -> int:
         """Objects staged (held or named) by this view and not published by `rename_own`."""
         return len(self.staged) + len(self._held) + len(self._named)
@@ -185,13 +210,19 @@ class Stage:
         """Write `data` into an unnamed file of the stage kept open (a worker's view); False
         where that cannot be (then the object is staged by name). A full batch is synced and
         named at once: the descriptors held stay bounded."""
-        if self._hold_max < 0:
+        budget = self._budget
+        if budget is not None:
+            if not budget.take():
+                return False
+        elif self._hold_max < 0:
             self._hold_max = _hold_budget(self.store)
             if not self._hold_max:
                 return False
         try:
             fd = open_unnamed(self.dir_fd())
         except OSError as exc:
+            if budget is not None:
+                budget.give(1)
             if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 self._hold_max = 0  # a filesystem without O_TMPFILE
                 return False
@@ -200,11 +231,13 @@ class Stage:
             _write_all(fd, data, self._dir_b)
         except BaseException:
             os.close(fd)
+            if budget is not None:
+                budget.give(1)
             raise
         faults.point("stage.written")
         self._held[digest] = fd
         self.sizes[digest] = len(data)
-        if len(self._held) >= self._hold_max:
+        if budget is None and len(self._held) >= self._hold_max:
             _libc.syncfs(fd)  # the bytes before the names (the durability order)
             faults.point("publish.synced")
             self._name_held()
@@ -214,8 +247,13 @@ class Stage:
         from veloverlay.store.publish import Shards, name_held
 
         self.store.follow_migration()
-        with Shards(self.store) as shards:
-            self._named += name_held(self.store, self._held, shards)
+        count = len(self._held)
+        try:
+            with Shards(self.store) as shards:
+                self._named += name_held(self.store, self._held, shards)
+        finally:  # name_held closed them all, named or not
+            if self._budget is not None:
+                self._budget.give(count)
 
     def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
         """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`
@@ -353,18 +391,48 @@ def open_unnamed(dir_fd: int) -> int:
 
 
 _HOLD = 4096  # unnamed objects a worker keeps open at most: the batch it syncs and names
+HOLD_FILES = 8 * _HOLD  # the file limit a process needs for a whole `HoldBudget`
 
 
-def _hold_budget(store: Store) -> int:
-    """How many unnamed objects a worker's view may hold open: 0 (stage by name) for a store
-    sealing objects with fs-verity (a file open for writing cannot be sealed) or without
-    /proc/self/fd (a kernel before 6.10 names an unnamed file by it), else up to `_HOLD`, half
-    the descriptors this process may open."""
+class HoldBudget:
+    """How many unnamed objects the stages of one process (its threads: one descriptor table)
+    may hold open at once (`Stage.hold`); `_hold_budget` of the store."""
+
+    def __init__(self, store: Store) -> None:
+        # a pull's 4 transfers at once: 4 times a worker's batch, if the process may open that
+        # (twice as many files: HOLD_FILES)
+        self.total = self.free = _hold_budget(store, 4 * _HOLD)
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.free <= 0:
+                return False
+            self.free -= 1
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.free += n
+
+    def wants_back(self, held: int) -> bool:
+        """Whether stages done with `held` of it should give them back (be published) now: half
+        of a budget big enough to be worth two syncfs (below 1,024, objects past it are staged
+        by name instead)."""
+        return self.total >= 1024 and 2 * held >= self.total
+
+
+def _hold_budget(store: Store, most: int | None = None) -> int:
+    """How many unnamed objects a worker's view (or a `HoldBudget`) may hold open: 0 (stage by
+    name) for a store sealing objects with fs-verity (a file open for writing cannot be sealed)
+    or without /proc/self/fd (a kernel before 6.10 names an unnamed file by it), else up to
+    `most` (default `_HOLD`), half the descriptors this process may open."""
     if store.verity()[0] or not os.path.isdir("/proc/self/fd"):
         return 0
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    half = _HOLD if soft == resource.RLIM_INFINITY else soft // 2
-    return min(_HOLD, half) if half >= 256 else 0
+    most = _HOLD if most is None else most
+    half = most if soft == resource.RLIM_INFINITY else soft // 2
+    return min(most, half) if half >= 256 else 0
 
 
 # (the store, [(digest, staged file path)], seal)
