@@ -278,6 +278,7 @@ def test_diff_reads_only_the_nodes_on_changed_paths(
 
     monkeypatch.setattr(Manifests, "_stored", counting)
     m._cache.clear()
+    m._maps.clear()
     with m.read() as txn:
         ops = m.diff(txn, root, other)
     assert ops == [Op(OpKind.DELETE, b"d1/s2/f3")]

@@ -390,8 +390,7 @@ def delta_layer(
     b = _new_build(home, name)
     old_umask = os.umask(0)
     try:
-        top = m.get_node(txn, root)
-        b.dirs.append(_DirMeta(b"", top.mode, top.mtime_ns))
+        b.dirs.append(_DirMeta(b"", *m.node_attrs(txn, root)))
 
         def ensure_dir(path: bytes) -> int:
             """The directory `path` in the layer (non-opaque: merges with the layers below),
@@ -406,8 +405,7 @@ def delta_layer(
                     f"delta layer: {paths.display(path)} is not a directory in the new root",
                     reason=Reason.MANIFEST_CORRUPT,
                 )
-            node = m.get_node(txn, e.digest)
-            b.mkdir(path, node.mode, node.mtime_ns)
+            b.mkdir(path, *m.node_attrs(txn, e.digest))
             return b.fd(path)
 
         for op in sorted(ops, key=lambda o: o.path):

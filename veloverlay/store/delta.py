@@ -46,7 +46,7 @@ class _ApplyFrame:
         self,
         mode: int,
         mtime: int,
-        entries: dict[bytes, Entry],
+        entries: dict[bytes, Entry | bytes],
         todo: Iterator[tuple[bytes, _Trie]],
         where: bytes,
     ) -> None:
@@ -100,10 +100,11 @@ def _apply_dir(
         nxt = next(f.todo, None)
         if nxt is None:
             stack.pop()
-            done = m.put_node(txn, f.mode, f.mtime, f.entries.values())
+            done = m.put_entries(txn, f.mode, f.mtime, f.entries)
             continue
         name, sub = nxt
-        cur = f.entries.get(name)
+        got = f.entries.get(name)
+        cur = decode_entry(got) if isinstance(got, bytes) else got
         child_meta: tuple[int, int] | None = None
         for op in sub.ops:
             if op.kind is OpKind.DELETE:
@@ -154,11 +155,13 @@ def _apply_frame(
     meta: tuple[int, int] | None,
     where: bytes,
 ) -> _ApplyFrame | Digest:
-    node = m.get_node(txn, digest)
-    mode, mtime = meta if meta is not None else (node.mode, node.mtime_ns)
-    if not children and meta is not None and (mode, mtime) == (node.mode, node.mtime_ns):
+    # entries stay encoded (a copy of the cached map) unless the change touches them
+    old_mode, old_mtime, encoded = m.node_entry_map(txn, digest)
+    mode, mtime = meta if meta is not None else (old_mode, old_mtime)
+    if not children and meta is not None and (mode, mtime) == (old_mode, old_mtime):
         return Digest(digest)
-    return _ApplyFrame(mode, mtime, node.as_dict(), iter(children.items()), where)
+    entries: dict[bytes, Entry | bytes] = dict(encoded)
+    return _ApplyFrame(mode, mtime, entries, iter(children.items()), where)
 
 
 def diff(m: Manifests, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:

@@ -23,7 +23,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lmdb
@@ -149,6 +149,9 @@ class Manifests(Versions):
             self.env.close()
             raise _lmdb_error(exc, store) from exc
         self._cache: dict[bytes, Node] = {}
+        # nodes' entries left encoded, by name (`node_entry_map`): lookups and diffs through a
+        # wide directory decode only the entries they need
+        self._maps: dict[bytes, tuple[int, int, dict[bytes, bytes]]] = {}
         if not existing:
             with self.write() as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
@@ -255,7 +258,21 @@ class Manifests(Versions):
 
     def node_entry_map(self, txn: Txn, digest: bytes) -> tuple[int, int, dict[bytes, bytes]]:
         """A directory node's (mode, mtime_ns, {name: encoded entry}) (`tree.entry_map`)."""
-        return tree.entry_map(bytes(self._stored(txn, digest)))
+        got = self._maps.get(digest)
+        if got is None:
+            got = tree.entry_map(bytes(self._stored(txn, digest)))
+            if len(self._maps) > 4096:
+                self._maps.clear()
+            self._maps[digest] = got
+        return got
+
+    def node_view(self, txn: Txn, digest: bytes) -> Node | tree.NodeView:
+        """A directory node to look a few names up in: the decoded node if at hand, else a
+        view that decodes only the entries looked up (`tree.NodeView`)."""
+        node = self._cache.get(digest)
+        if node is not None:
+            return node
+        return tree.NodeView(*self.node_entry_map(txn, digest))
 
     def _stored(self, txn: Txn, digest: bytes) -> Any:
         data = txn.get(digest, db=self._nodes)
@@ -275,6 +292,14 @@ class Manifests(Versions):
         txn.put(digest, data, db=self._nodes, overwrite=False)
         return digest
 
+    def put_entries(
+        self, txn: Txn, mode: int, mtime_ns: int, entries: Mapping[bytes, Entry | bytes]
+    ) -> Digest:
+        """`put_node` from entries by name, some still encoded (`tree.encode_mixed`)."""
+        digest, data = tree.encode_mixed(mode, mtime_ns, entries)
+        txn.put(digest, data, db=self._nodes, overwrite=False)
+        return digest
+
     def put_raw_node(self, txn: Txn, digest: bytes, data: bytes) -> None:
         txn.put(digest, data, db=self._nodes, overwrite=False)
 
@@ -290,6 +315,7 @@ class Manifests(Versions):
     def delete_node(self, txn: Txn, digest: bytes) -> None:
         txn.delete(digest, db=self._nodes)
         self._cache.pop(digest, None)
+        self._maps.pop(digest, None)
 
     # -- path lookups --------------------------------------------------------------------------
     def lookup(self, txn: Txn, root: bytes, path: bytes) -> Entry | None:
@@ -298,7 +324,12 @@ class Manifests(Versions):
         for name in paths.split(path):
             if entry.kind is not Kind.DIR:
                 return None
-            found = self.get_node(txn, entry.digest).lookup(name)
+            node = self._cache.get(entry.digest)
+            if node is not None:
+                found = node.lookup(name)
+            else:  # one entry decoded, not the whole directory
+                encoded = self.node_entry_map(txn, entry.digest)[2].get(name)
+                found = tree.decode_entry(encoded) if encoded is not None else None
             if found is None:
                 return None
             entry = found

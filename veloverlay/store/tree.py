@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from veloverlay.errors import Reason, VeloError
 from veloverlay.paths import NAME_MAX, check_name
@@ -27,8 +27,10 @@ __all__ = [
     "Kind",
     "Entry",
     "Node",
+    "NodeView",
     "encode",
     "encode_parts",
+    "encode_mixed",
     "entry_bytes",
     "dir_entry_bytes",
     "decode",
@@ -107,6 +109,21 @@ class Node(Record, frozen=True):
 _KINDS: tuple[Kind | None, ...] = tuple({k.value: k for k in Kind}.get(v) for v in range(256))
 
 
+class NodeView:
+    """A stored node's own mode and mtime and its entries by name, each decoded when looked up
+    (`entry_map`): what a walk that visits a few names of a wide directory needs (a harvest
+    after a change to 10 files under 10,000 names)."""
+
+    __slots__ = ("mode", "mtime_ns", "_encoded")
+
+    def __init__(self, mode: int, mtime_ns: int, encoded: dict[bytes, bytes]) -> None:
+        self.mode, self.mtime_ns, self._encoded = mode, mtime_ns, encoded
+
+    def lookup(self, name: bytes) -> Entry | None:
+        raw = self._encoded.get(name)
+        return decode_entry(raw) if raw is not None else None
+
+
 def _bad(msg: str) -> VeloError:
     return VeloError(f"malformed directory node: {msg}", reason=Reason.MANIFEST_CORRUPT)
 
@@ -150,6 +167,26 @@ def encode(mode: int, mtime_ns: int, entries: Iterable[Entry]) -> tuple[Digest, 
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
         parts.append(entry_bytes(e.name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload))
     return encode_parts(mode, mtime_ns, len(ordered), parts)
+
+
+def encode_mixed(
+    mode: int, mtime_ns: int, entries: Mapping[bytes, Entry | bytes]
+) -> tuple[Digest, bytes]:
+    """Encode a node from its entries by name, some still in their stored encodings (from
+    `entry_map`: checked when they were stored), the others entries (checked as `encode` checks
+    them): a change under a directory of 10,000 names re-encodes the changed ones only."""
+    parts = []
+    for name in sorted(entries):
+        e = entries[name]
+        if isinstance(e, bytes):
+            parts.append(e)
+            continue
+        if e.name != name:
+            raise _bad(f"entry {e.name!r} filed as {name!r}")
+        check_name(name)
+        payload = e.target if e.kind is Kind.SYMLINK else e.digest
+        parts.append(entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload))
+    return encode_parts(mode, mtime_ns, len(parts), parts)
 
 
 def decode_attrs(data: bytes) -> tuple[int, int]:

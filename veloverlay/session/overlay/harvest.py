@@ -53,7 +53,7 @@ from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
+from veloverlay.store.tree import Entry, Kind, Node, NodeView, Op, OpKind
 from veloverlay.tiers import Rules
 
 __all__ = ["HarvestResult", "harvest_upper", "is_whiteout", "leaf_op", "other_leaf"]
@@ -149,7 +149,7 @@ class _Harvester:
         top = os.open(upper, DIRFLAGS)
         try:
             st = os.fstat(top)
-            node = self.m.get_node(self.txn, view_root)
+            node = self.m.node_view(self.txn, view_root)
             mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
             if (mode, mtime) != (node.mode, node.mtime_ns):
                 self.res.ops.append(Op(OpKind.META, b"", mode=mode, mtime_ns=mtime))
@@ -158,7 +158,7 @@ class _Harvester:
             os.close(top)
         return self.res
 
-    def _merged(self, dfd: int, rel: bytes, lower: Node) -> None:
+    def _merged(self, dfd: int, rel: bytes, lower: Node | NodeView) -> None:
         ops = self.res.ops
         for name in self._names(dfd):
             p = paths.join(rel, name)
@@ -182,7 +182,7 @@ class _Harvester:
                             Op(OpKind.PUT, p, self._built_dir(cfd, name, st, p, node, origin))
                         )
                     elif low is not None and low.kind is Kind.DIR and not opaque:
-                        child = self.m.get_node(self.txn, low.digest)
+                        child = self.m.node_view(self.txn, low.digest)
                         mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
                         if (mode, mtime) != (child.mode, child.mtime_ns):
                             ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
