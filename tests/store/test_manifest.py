@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veloverlay.errors import Reason, VeloError
+from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
@@ -283,6 +284,41 @@ def test_diff_reads_only_the_nodes_on_changed_paths(
         ops = m.diff(txn, root, other)
     assert ops == [Op(OpKind.DELETE, b"d1/s2/f3")]
     assert len(reads) == 2 * 3  # both sides of root, d1, d1/s2
+
+
+@pytest.mark.corrupts_store
+@pytest.mark.parametrize("how", ["other-node", "flipped-name"])
+def test_an_altered_stored_node_is_refused_not_copied(repo: Repo, how: str) -> None:
+    """Changes keep a wide directory's untouched entries in their stored encodings; a node
+    whose stored bytes were altered (still a well-formed node) must stop them: lookup, diff and
+    apply raise MANIFEST_CORRUPT, and apply writes no node built from the altered bytes."""
+    m = repo.m
+    root = build_root(repo, _wide_tree(4))
+    with m.write() as txn:
+        other = m.apply(txn, root, [Op(OpKind.DELETE, b"d1/s2/f3")])
+        d1 = m.lookup(txn, root, b"d1")
+        assert d1 is not None
+        data = m.raw_node(txn, d1.digest)
+        assert data is not None
+        if how == "other-node":
+            _dg, bad = tree.encode(0o755, 1, [Entry(b"x", Kind.MASK)])
+        else:  # s3 -> t3: sorted and well formed still
+            bad = data.replace(b"s3", b"t3")
+            assert tree.decode(bad) != tree.decode(data)
+        txn.put(d1.digest, bad, db=m._nodes)
+    m._cache.clear()
+    m._maps.clear()
+    before = node_count(m)
+    with m.write() as txn:
+        for call in (
+            lambda: m.lookup(txn, root, b"d1/s2/f3"),
+            lambda: m.diff(txn, root, other),
+            lambda: m.apply(txn, root, [Op(OpKind.DELETE, b"d1/s1/f0")]),
+        ):
+            with pytest.raises(VeloError) as ei:
+                call()
+            assert ei.value.reason is Reason.MANIFEST_CORRUPT
+    assert node_count(m) == before
 
 
 def test_apply_errors(repo: Repo) -> None:

@@ -44,7 +44,7 @@ from veloverlay.store.dbfile import (
     record_lock,
     write_record,
 )
-from veloverlay.store.digest import Digest, hash_bytes
+from veloverlay.store.digest import Digest, hash_bytes, node_digest
 from veloverlay.store.tree import Entry, Kind, Node, Op
 from veloverlay.store.versions import (
     MIN_PREFIX,
@@ -260,7 +260,17 @@ class Manifests(Versions):
         """A directory node's (mode, mtime_ns, {name: encoded entry}) (`tree.entry_map`)."""
         got = self._maps.get(digest)
         if got is None:
-            got = tree.entry_map(bytes(self._stored(txn, digest)))
+            data = bytes(self._stored(txn, digest))
+            # Entries left encoded are not checked one by one (a node was checked as a whole
+            # when it was stored) and go as they are into the nodes a change writes: the bytes
+            # must be the ones stored under this name (~0.1 ms for 10,000 entries).
+            if node_digest(data) != digest:
+                raise VeloError(
+                    f"directory node {digest.hex()} does not hash to its name",
+                    reason=Reason.MANIFEST_CORRUPT,
+                    hint="run 'veloverlay fsck'",
+                )
+            got = tree.entry_map(data)
             if len(self._maps) > 4096:
                 self._maps.clear()
             self._maps[digest] = got
