@@ -350,8 +350,7 @@ def _publish_as_done(
     """Collect the workers' verified stages; publish them together each `every` bytes (one
     syncfs pair for the batch, the renames on two threads), sooner when they hold half of
     `budget`'s unnamed objects (publishing gives them back for the transfers still running),
-    and at the end.
-    On any failure, what is not published is dropped."""
+    and at the end. On any failure, what is not published is dropped."""
     pending: list[Stage] = []
     size = held = 0
 

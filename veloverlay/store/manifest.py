@@ -152,6 +152,7 @@ class Manifests(Versions):
         # nodes' entries left encoded, by name (`node_entry_map`): lookups and diffs through a
         # wide directory decode only the entries they need
         self._maps: dict[bytes, tuple[int, int, dict[bytes, bytes]]] = {}
+        self._map_entries = 0
         if not existing:
             with self.write() as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
@@ -271,8 +272,10 @@ class Manifests(Versions):
                     hint="run 'veloverlay fsck'",
                 )
             got = tree.entry_map(data)
-            if len(self._maps) > 4096:
+            self._map_entries += len(got[2])
+            if self._map_entries > 1_000_000:  # ~150 MB of maps: start again
                 self._maps.clear()
+                self._map_entries = len(got[2])
             self._maps[digest] = got
         return got
 

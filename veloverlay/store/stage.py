@@ -251,9 +251,9 @@ class Stage:
         try:
             with Shards(self.store) as shards:
                 self._named += name_held(self.store, self._held, shards)
-        finally:  # name_held closed them all, named or not
+        finally:  # what name_held closed (all of them, named or not, once it ran)
             if self._budget is not None:
-                self._budget.give(count)
+                self._budget.give(count - len(self._held))
 
     def add_fd(self, src_fd: int) -> tuple[Digest, int, bool]:
         """Copy from `src_fd` (its current offset to EOF) into the stage. A file of `_CHUNK`

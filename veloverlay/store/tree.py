@@ -219,7 +219,8 @@ def decode(data: bytes) -> Node:
     esize = _ENT.size
     add = entries.append
     file_, dir_, symlink = Kind.FILE, Kind.DIR, Kind.SYMLINK
-    # ~2 us an entry: a session's root of 10,000 entries is decoded on every commit
+    # ~1.3 us an entry (10,000 in ~13 ms): what reads a few names of a wide directory uses
+    # entry_map / NodeView instead
     for _ in range(count):
         if off + 2 > end:
             raise _bad("truncated entry")
