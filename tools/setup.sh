@@ -35,9 +35,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV from /usr/bin/python3" >&2
   /usr/bin/python3 -m venv "$VENV"
 fi
-# Reinstall when the build inputs change (setup.py builds the shim; it may not exist yet).
+# Reinstall when the build inputs change (setup.py builds the shim; it may not exist yet), or
+# when what the install built into the checkout is gone (the shim's extension module).
 stamp="$VENV/.installed-$(cat pyproject.toml $(ls setup.py shim/*.[ch] shim/Makefile 2>/dev/null) | sha256sum | cut -c1-16)"
-if [ ! -e "$stamp" ]; then
+built=yes
+if [ -e setup.py ] && ! ls veloverlay/_veloshim*.so >/dev/null 2>&1; then
+  built=no
+fi
+if [ ! -e "$stamp" ] || [ "$built" = no ]; then
   echo "setup: installing veloverlay and test tools into $VENV" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
   rm -f "$VENV"/.installed-*
