@@ -207,16 +207,20 @@ def test_an_object_no_file_holds_any_more_costs_only_its_directory_the_stat_cach
         original = f.read()
     st = os.stat(tool)
     old = st.st_mtime_ns - 10**10  # older than the racy window: the stat cache keeps it
+    os.chmod(tool, 0o755)  # (0555 as the tree has it: root-free, the test could not edit it)
     with open(tool, "ab") as f:
         f.write(b"# changed: no file holds the wanted bytes now\n")
+    os.chmod(tool, 0o555)
     os.utime(tool, ns=(old, old))
     first = ingest(repo.store, repo.m, src, "t", jobs=1)
     assert first.hashed == 1  # bin/ listed again: its one file read (and changed)
     assert quarantine.wanted(repo.store) != set()  # the old version still names it
     again = ingest(repo.store, repo.m, src, "t", jobs=1)
     assert again.unchanged and again.hashed == 0, again  # the stat cache vouches again
+    os.chmod(tool, 0o755)
     with open(tool, "wb") as f:  # the old bytes back: read again, the object restored
         f.write(original)
+    os.chmod(tool, 0o555)
     os.utime(tool, ns=(old - 10**9, old - 10**9))
     ingest(repo.store, repo.m, src, "t", jobs=1)
     assert quarantine.wanted(repo.store) == set()
