@@ -65,7 +65,7 @@ def suite_for(b: Box) -> str:
         return " ".join(p for p in b.suite if (REPO / p).exists())
     if b.full:
         return "tests"  # pyproject's addopts: -m 'not slow' (what `make test` runs)
-    return " ".join(p for p in SMOKE if (REPO / p).exists())
+    return " ".join(p for p in (*SMOKE, *b.extra) if (REPO / p).exists())
 
 
 def check(b: Box, res: dict[str, object]) -> list[str]:
@@ -368,7 +368,7 @@ def main() -> int:
     for n, b in enumerate(order):
         suite = suite_for(b)
         log(f"box {b.name}: {suite}")
-        long = b.full or bool(b.suite)  # a box's own suite is longer than the smoke subset
+        long = b.full or bool(b.suite or b.extra)  # longer than the smoke subset
         res = run_box(b.name, suite=suite, timeout=FULL_TIMEOUT if long else SMOKE_TIMEOUT)
         entry = locks.get(b.kernel, {})
         res.update(
