@@ -251,6 +251,10 @@ def test_tampered_blob_is_refused_and_nothing_named(
         # no object under a name it does not hash to (fsck at teardown), and the damaged one is
         # not stored under any name: every object stored now is one the source store holds
         assert objects <= {n for n, _p in repo.store.iter_objects()}
+        if which == "pack":  # the tree's one pack of objects: at most the lone blob arrived
+            (blob,) = repo.ls("env", "big/blob.bin")
+            assert len([x for x in layers if x["mediaType"].endswith("pack.v1")]) == 2
+            assert objects - before[1] <= {blob.digest}
         assert os.listdir(other.store.tmp) == []
         _all_given_back(hold)
     finally:
