@@ -5,7 +5,8 @@ Each box runs a smoke subset — the behaviour suites of the overlay backend
 (tests/session/test_behaviour.py) and of the shim (tests/shim/test_behaviour.py, plus
 test_materialize.py), the kernel facilities (tests/kernel) and the race/hostile suites (`SMOKE`) —
 as root and as the unprivileged user (uid 1500), with
-VELO_TEST_MUST_WORK set to what that box must support; one box runs the whole default suite.
+VELO_TEST_MUST_WORK set to what that box must support, then the box's `extra` suites (the
+oldest kernel: tests/ingest and tests/store); one box runs the whole default suite.
 `veloverlay doctor --json` (as root and as the user) must report the box's expected backend and
 lower form (tools/matrix/boxes.py), or the box fails: a box that picks the wrong backend, skips
 what it must support, or exercises no shim test where it must choose the shim, fails the matrix.
