@@ -174,8 +174,8 @@ def test_pack_index_round_trip_and_checks() -> None:
 
 
 def test_a_blob_longer_than_named_is_not_followed() -> None:
+    from veloverlay.remote.fetch import BlobReader
     from veloverlay.remote.progress import Meter
-    from veloverlay.remote.pull import BlobReader
 
     def endless() -> Iterator[bytes]:
         while True:

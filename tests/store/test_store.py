@@ -270,6 +270,38 @@ def test_missing_object_is_named(repo: Repo) -> None:
     assert ("01" * 32) in ei.value.message
 
 
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_missing_many_agrees_with_has_one_by_one(shm_tmp: str, layout: str) -> None:
+    """`Store.missing` (a pull's closure at once) says what `has` says of each digest, however
+    the fan-out directories it meets look: absent, short (listed), long (looked up one by one),
+    holding one or two of the digests asked about; in either layout."""
+    root = os.path.join(shm_tmp, "s")
+    if layout == "v1":
+        os.makedirs(os.path.join(root, "objects-v1"))
+    repo = Repo.open(root, create=True)
+    try:
+        # a long directory: 600 objects whose names begin with 0x00 (8 x 72 bytes per digest
+        # asked about is the listing's break-even), and a few objects elsewhere
+        crowded: list[bytes] = []
+        i = 0
+        while len(crowded) < 600:
+            data = b"c%d" % i
+            i += 1
+            if hash_bytes(data)[0] == 0:
+                crowded.append(data)
+        stored = put(repo, *crowded, *(b"o%d" % j for j in range(40)))
+        absent = [hash_bytes(b"absent %d" % j) for j in range(300)]
+        zero = [d for d in absent if d[0] == 0][:2]
+        asked = stored[:5] + stored[600:620] + absent + zero + stored[630:631] + stored[:3]
+        expect = sorted({d for d in asked if not repo.store.has(d)})
+        assert expect and len(expect) < len(set(asked))
+        assert repo.store.missing(asked) == expect
+        assert repo.store.missing(stored) == []
+        assert repo.store.missing([]) == []
+    finally:
+        repo.close()
+
+
 # -- fsck --------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from veloverlay import verity
@@ -378,6 +378,43 @@ class Store:
         except FileNotFoundError:
             return False
         return True
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Those of `digests` the store lacks, sorted: what `has` says of each, at a fraction of
+        its cost for many (a pull's closure). A fan-out directory that does not exist holds none
+        of them (one failed open, not one stat per object); one holding several of them is
+        listed once where that is cheaper than their stats (its size, ~72 bytes per entry, says
+        how long the listing is); the rest are looked up one by one."""
+        want = sorted(set(digests))
+        if self.fanout != 1 or self._legacy_b is not None:
+            return [d for d in want if not self.has(d)]
+        out: list[bytes] = []
+        objects = self.objects_fd()
+        i = 0
+        while i < len(want):
+            j = i + 1
+            while j < len(want) and want[j][0] == want[i][0]:
+                j += 1
+            group = want[i:j]
+            i = j
+            if len(group) < 4:
+                out += [d for d in group if not self.has(d)]
+                continue
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(group[0][:1].hex(), flags, dir_fd=objects)
+            except FileNotFoundError:
+                out += group
+                continue
+            try:
+                if os.fstat(fd).st_size > 8 * 72 * len(group):  # long: stat the few wanted
+                    out += [d for d in group if not self.has(d)]
+                    continue
+                present = set(os.listdir(fd))
+            finally:
+                os.close(fd)
+            out += [d for d in group if d.hex() not in present]
+        return out
 
     def open_object(self, digest: bytes) -> int:
         """Open an object read-only; a missing object is OBJECT_MISSING, naming the digest."""

@@ -60,6 +60,9 @@ class Stage:
         self._lock_fd = -1
         self._seq = 0
         self.staged: dict[bytes, bytes] = {}  # digest -> staged file path (see the docstring)
+        # Whether `add_bytes` looks in the store first: not for a pull's stages, which fetch only
+        # what the store lacked a moment ago (one that arrived since is kept as it is: EEXIST).
+        self.ask_store = True
         self.sizes: dict[bytes, int] = {}  # digest -> bytes, of what this process staged
 
     def __enter__(self) -> Stage:
@@ -163,7 +166,9 @@ class Stage:
             h = Hasher()
             h.update(data)
             digest = h.digest()
-        if digest in self.staged or digest in self._held or self.store.has(digest):
+        if digest in self.staged or digest in self._held:
+            return digest
+        if self.ask_store and self.store.has(digest):
             return digest
         if self._hold_max and self._hold(data, digest):
             return digest
