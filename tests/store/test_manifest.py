@@ -184,6 +184,38 @@ def test_apply_of_diff_gives_the_other_tree(objects: Repo, a: D, b: D) -> None:
         assert r == rb
 
 
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(a=trees, b=trees, c=trees)
+def test_a_diff_after_apply_agrees_with_one_that_compares_every_name(
+    objects: Repo, a: D, b: D, c: D
+) -> None:
+    """`apply` remembers which names each node it wrote differs in from the node it changed,
+        and a diff between the two compares those names only: it must find what a diff comparing
+        every name finds (the same Manifests with its memory dropped), either way round, and a diff
+    against a third tree must not use it. What an
+        aborted transaction wrote is not remembered."""
+    m = objects.m
+    with m.write() as txn:
+        ra, rb, rx = build(m, txn, a), build(m, txn, b), build(m, txn, c)
+        ops = m.diff(txn, ra, rb)
+    with m.write() as txn:
+        rc = m.apply(txn, ra, ops)
+        assert rc == rb
+    with m.read() as txn:
+        pairs = [(ra, rc), (rc, ra), (rx, rc), (rc, rx)]
+        hinted = [m.diff(txn, x, y) for x, y in pairs]
+    assert (m.maps.changed_names(ra, rc) is not None) == (ra != rc)
+    m.maps.clear()  # what a new process starts with
+    with m.read() as txn:
+        assert hinted == [m.diff(txn, x, y) for x, y in pairs]
+    with pytest.raises(RuntimeError), m.write() as txn:
+        rd = m.apply(txn, ra, ops)
+        raise RuntimeError("abort")
+    assert m.maps.changed_names(ra, rd) is None
+
+
 def test_diff_kinds_of_change(repo: Repo) -> None:
     a = build_root(
         repo,
@@ -279,7 +311,7 @@ def test_diff_reads_only_the_nodes_on_changed_paths(
 
     monkeypatch.setattr(Manifests, "_stored", counting)
     m._cache.clear()
-    m._maps.clear()
+    m.maps.clear()
     with m.read() as txn:
         ops = m.diff(txn, root, other)
     assert ops == [Op(OpKind.DELETE, b"d1/s2/f3")]
@@ -307,7 +339,7 @@ def test_an_altered_stored_node_is_refused_not_copied(repo: Repo, how: str) -> N
             assert tree.decode(bad) != tree.decode(data)
         txn.put(d1.digest, bad, db=m._nodes)
     m._cache.clear()
-    m._maps.clear()
+    m.maps.clear()
     before = node_count(m)
     with m.write() as txn:
         for call in (

@@ -212,6 +212,56 @@ def test_entry_map_agrees_with_decode(
         assert ei.value.reason is Reason.MANIFEST_CORRUPT
 
 
+@given(nodes(), st.data())
+def test_encode_changed_agrees_with_encode(
+    spec: tuple[int, int, list[Entry]], data: st.DataObject
+) -> None:
+    """A node re-encoded from a stored one's entry map with some names put or removed (what
+    `apply` writes) is exactly the node `encode` makes of the resulting entries, and the map it
+    returns is that node's `entry_map` — with few changes (placed by bisection among many
+    untouched entries) and with many."""
+    mode, mtime, ents = spec
+    crowd = data.draw(st.sampled_from([0, 120]))  # untouched entries: the bisection path
+    taken = {e.name for e in ents}
+    crowded = [b"\x01crowd%03d" % i for i in range(crowd)]
+    ents = ents + [
+        Entry(n, Kind.FILE, 0o644, i, 1, bytes(32), b"", 1)
+        for i, n in enumerate(crowded)
+        if n not in taken
+    ]
+    _d, enc = tree.encode(mode, mtime, ents)
+    _m, _t, old = tree.entry_map(enc)
+    by_name = {e.name: e for e in ents}
+    old_names = sorted(taken)
+    touched = data.draw(
+        st.lists(st.one_of(names, st.sampled_from(old_names or [b"x"])), unique=True, max_size=6)
+    )
+    changed: dict[bytes, Entry | None] = {}
+    for n in touched:
+        changed[n] = data.draw(st.one_of(st.none(), entries(n)))
+        if changed[n] is None:
+            by_name.pop(n, None)
+        else:
+            by_name[n] = changed[n]
+    new_mode = data.draw(modes)
+    digest, got, new_map = tree.encode_changed(new_mode, mtime, old, changed)
+    assert (digest, got) == tree.encode(new_mode, mtime, by_name.values())
+    assert new_map == tree.entry_map(got)[2]
+    assert list(new_map) == sorted(by_name)
+
+
+def test_encode_changed_checks_what_it_puts() -> None:
+    _d, enc = tree.encode(0o755, 1, [Entry(b"a%d" % i, Kind.MASK) for i in range(120)])
+    old = tree.entry_map(enc)[2]
+    for bad in (b"..", b"a/b", b"x\0"):
+        with pytest.raises(VeloError) as ei:
+            tree.encode_changed(0o755, 1, old, {bad: Entry(bad, Kind.MASK)})
+        assert ei.value.reason is Reason.BAD_NAME
+    with pytest.raises(VeloError) as ei:
+        tree.encode_changed(0o755, 1, old, {b"b": Entry(b"c", Kind.MASK)})
+    assert ei.value.reason is Reason.MANIFEST_CORRUPT
+
+
 def test_decode_entry_is_strict() -> None:
     """One entry decoded alone is checked as in a node: a bad name or kind is refused."""
     good = tree.entry_bytes(b"f", Kind.FILE, 1, 0o644, 3, 0, b"\1" * 32)

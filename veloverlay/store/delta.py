@@ -37,22 +37,31 @@ class _Trie:
 
 
 class _ApplyFrame:
-    """One directory being rewritten by `Manifests.apply`: its entries so far, the changed
-    names still to do, and the name whose subdirectory is being rewritten below it."""
+    """One directory being rewritten by `Manifests.apply`: the node it was (`base`, its entry
+    map `old`, never changed), the entries changed so far (None: removed), the changed names
+    still to do, and the name whose subdirectory is being rewritten below it."""
 
-    __slots__ = ("mode", "mtime", "entries", "todo", "where", "waiting")
+    __slots__ = ("mode", "mtime", "base", "old", "changed", "todo", "where", "waiting")
 
     def __init__(
         self,
         mode: int,
         mtime: int,
-        entries: dict[bytes, Entry | bytes],
+        base: bytes,
+        old: dict[bytes, bytes],
         todo: Iterator[tuple[bytes, _Trie]],
         where: bytes,
     ) -> None:
-        self.mode, self.mtime, self.entries = mode, mtime, entries
+        self.mode, self.mtime, self.base, self.old = mode, mtime, base, old
+        self.changed: dict[bytes, Entry | None] = {}
         self.todo, self.where = todo, where
         self.waiting: bytes | None = None
+
+    def current(self, name: bytes) -> Entry | None:
+        if name in self.changed:
+            return self.changed[name]
+        got = self.old.get(name)
+        return decode_entry(got) if got is not None else None
 
 
 def apply(m: Manifests, txn: Txn, root: bytes, ops: Iterable[Op]) -> Digest:
@@ -95,16 +104,15 @@ def _apply_dir(
         f = stack[-1]
         if done is not None:
             assert f.waiting is not None
-            f.entries[f.waiting] = Entry(f.waiting, Kind.DIR, digest=done)
+            f.changed[f.waiting] = Entry(f.waiting, Kind.DIR, digest=done)
             f.waiting, done = None, None
         nxt = next(f.todo, None)
         if nxt is None:
             stack.pop()
-            done = m.put_entries(txn, f.mode, f.mtime, f.entries)
+            done = m.put_change(txn, f.mode, f.mtime, f.base, f.old, f.changed)
             continue
         name, sub = nxt
-        got = f.entries.get(name)
-        cur = decode_entry(got) if isinstance(got, bytes) else got
+        cur = f.current(name)
         child_meta: tuple[int, int] | None = None
         for op in sub.ops:
             if op.kind is OpKind.DELETE:
@@ -138,11 +146,9 @@ def _apply_dir(
                 f.waiting = name
                 stack.append(child)
             else:
-                f.entries[name] = Entry(name, Kind.DIR, digest=child)
-        elif cur is None:
-            f.entries.pop(name, None)
+                f.changed[name] = Entry(name, Kind.DIR, digest=child)
         else:
-            f.entries[name] = cur
+            f.changed[name] = cur
     assert done is not None
     return done
 
@@ -155,13 +161,12 @@ def _apply_frame(
     meta: tuple[int, int] | None,
     where: bytes,
 ) -> _ApplyFrame | Digest:
-    # entries stay encoded (a copy of the cached map) unless the change touches them
+    # entries stay encoded (the cached map, read only) unless the change touches them
     old_mode, old_mtime, encoded = m.node_entry_map(txn, digest)
     mode, mtime = meta if meta is not None else (old_mode, old_mtime)
     if not children and meta is not None and (mode, mtime) == (old_mode, old_mtime):
         return Digest(digest)
-    entries: dict[bytes, Entry | bytes] = dict(encoded)
-    return _ApplyFrame(mode, mtime, entries, iter(children.items()), where)
+    return _ApplyFrame(mode, mtime, digest, encoded, iter(children.items()), where)
 
 
 def diff(m: Manifests, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:
@@ -181,7 +186,11 @@ def diff(m: Manifests, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> lis
         mode_b, mtime_b, eb = m.node_entry_map(txn, b)
         if (mode_a, mtime_a) != (mode_b, mtime_b):
             out.append(Op(OpKind.META, prefix, mode=mode_b, mtime_ns=mtime_b))
-        changed = sorted({name for name, _encoded in ea.items() ^ eb.items()})
+        known = m.maps.changed_names(a, b)  # one made from the other here: compare those names only
+        if known is not None:
+            changed = sorted(name for name in known if ea.get(name) != eb.get(name))
+        else:
+            changed = sorted({name for name, _encoded in ea.items() ^ eb.items()})
         stack.append((iter(changed), ea, eb, prefix))
 
     enter(a, b, prefix)

@@ -45,6 +45,7 @@ from veloverlay.store.dbfile import (
     write_record,
 )
 from veloverlay.store.digest import Digest, hash_bytes, node_digest
+from veloverlay.store.nodemaps import EntryMap, NodeMaps
 from veloverlay.store.tree import Entry, Kind, Node, Op
 from veloverlay.store.versions import (
     MIN_PREFIX,
@@ -149,10 +150,10 @@ class Manifests(Versions):
             self.env.close()
             raise _lmdb_error(exc, store) from exc
         self._cache: dict[bytes, Node] = {}
-        # nodes' entries left encoded, by name (`node_entry_map`): lookups and diffs through a
-        # wide directory decode only the entries they need
-        self._maps: dict[bytes, tuple[int, int, dict[bytes, bytes]]] = {}
-        self._map_entries = 0
+        # nodes' entries left encoded, by name (`node_entry_map`), and how the nodes this
+        # process wrote were made: lookups and diffs through a wide directory decode only the
+        # entries they need
+        self.maps = NodeMaps()
         if not existing:
             with self.write() as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
@@ -197,10 +198,12 @@ class Manifests(Versions):
             raise self.refusal
         try:
             self._ref_delta = 0
+            self.maps.aborted()  # (nothing of an earlier transaction is pending)
             with self.env.begin(write=True) as txn:
                 yield txn
                 if self._ref_delta:
                     self._commit_counted(txn)
+            self.maps.committed()
         except lmdb.MapFullError as exc:
             raise VeloError(
                 "the manifest database is full (LMDB map size reached); nothing was committed",
@@ -223,6 +226,7 @@ class Manifests(Versions):
             raise
         finally:
             self._ref_delta = 0
+            self.maps.aborted()
 
     def _commit_counted(self, txn: Txn) -> None:
         """Commit a transaction that created or deleted refs, keeping the store record's ref
@@ -257,9 +261,9 @@ class Manifests(Versions):
             return node.mode, node.mtime_ns
         return tree.decode_attrs(bytes(self._stored(txn, digest)[: tree.HEAD_SIZE]))
 
-    def node_entry_map(self, txn: Txn, digest: bytes) -> tuple[int, int, dict[bytes, bytes]]:
+    def node_entry_map(self, txn: Txn, digest: bytes) -> EntryMap:
         """A directory node's (mode, mtime_ns, {name: encoded entry}) (`tree.entry_map`)."""
-        got = self._maps.get(digest)
+        got = self.maps.get(digest)
         if got is None:
             data = bytes(self._stored(txn, digest))
             # Entries left encoded are not checked one by one (a node was checked as a whole
@@ -272,11 +276,7 @@ class Manifests(Versions):
                     hint="run 'veloverlay fsck'",
                 )
             got = tree.entry_map(data)
-            self._map_entries += len(got[2])
-            if self._map_entries > 1_000_000:  # ~150 MB of maps: start again
-                self._maps.clear()
-                self._map_entries = len(got[2])
-            self._maps[digest] = got
+            self.maps.remember(digest, got)
         return got
 
     def node_view(self, txn: Txn, digest: bytes) -> Node | tree.NodeView:
@@ -305,12 +305,22 @@ class Manifests(Versions):
         txn.put(digest, data, db=self._nodes, overwrite=False)
         return digest
 
-    def put_entries(
-        self, txn: Txn, mode: int, mtime_ns: int, entries: Mapping[bytes, Entry | bytes]
+    def put_change(
+        self,
+        txn: Txn,
+        mode: int,
+        mtime_ns: int,
+        base: bytes,
+        old: Mapping[bytes, bytes],
+        changed: Mapping[bytes, Entry | None],
     ) -> Digest:
-        """`put_node` from entries by name, some still encoded (`tree.encode_mixed`)."""
-        digest, data = tree.encode_mixed(mode, mtime_ns, entries)
+        """`put_node` of the node `base` (whose entry map is `old`) with `changed` names put or
+        removed (`tree.encode_changed`). The new node's map, and that it differs from `base` in
+        `changed` names only, are kept for the diffs that follow (`NodeMaps.changed_names`)."""
+        digest, data, new_map = tree.encode_changed(mode, mtime_ns, old, changed)
         txn.put(digest, data, db=self._nodes, overwrite=False)
+        if digest != base:
+            self.maps.add_new(digest, (mode, mtime_ns, new_map), base, frozenset(changed))
         return digest
 
     def put_raw_node(self, txn: Txn, digest: bytes, data: bytes) -> None:
@@ -328,7 +338,7 @@ class Manifests(Versions):
     def delete_node(self, txn: Txn, digest: bytes) -> None:
         txn.delete(digest, db=self._nodes)
         self._cache.pop(digest, None)
-        self._maps.pop(digest, None)
+        self.maps.drop(digest)
 
     # -- path lookups --------------------------------------------------------------------------
     def lookup(self, txn: Txn, root: bytes, path: bytes) -> Entry | None:

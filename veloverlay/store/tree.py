@@ -14,6 +14,7 @@ DIR entries carry mode/size/mtime 0 (the child node holds its own), MASK entries
 
 from __future__ import annotations
 
+import bisect
 import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "encode_mixed",
+    "encode_changed",
     "entry_bytes",
     "dir_entry_bytes",
     "decode",
@@ -187,6 +189,47 @@ def encode_mixed(
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
         parts.append(entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload))
     return encode_parts(mode, mtime_ns, len(parts), parts)
+
+
+def encode_changed(
+    mode: int, mtime_ns: int, old: Mapping[bytes, bytes], changed: Mapping[bytes, Entry | None]
+) -> tuple[Digest, bytes, dict[bytes, bytes]]:
+    """Encode a node as `old` (an `entry_map` of a stored node, in name order) with `changed`
+    names put (an entry) or removed (None), checked as `encode` checks them; also returns the
+    new node's entry map. Each change is placed by bisection: the untouched entries are never
+    looked at one by one (a 10-name change under a directory of 10,000 names costs a copy of
+    two lists, not a sort and a loop over 10,000); many changes go through `encode_mixed`."""
+    if 16 * len(changed) > len(old):
+        entries: dict[bytes, Entry | bytes] = dict(old)
+        for name, e in changed.items():
+            if e is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = e
+        digest, data = encode_mixed(mode, mtime_ns, entries)
+        return digest, data, entry_map(data)[2]
+    names = list(old)
+    parts = list(old.values())
+    for name in sorted(changed):
+        e = changed[name]
+        i = bisect.bisect_left(names, name)
+        here = i < len(names) and names[i] == name
+        if e is None:
+            if here:
+                del names[i], parts[i]
+            continue
+        if e.name != name:
+            raise _bad(f"entry {e.name!r} filed as {name!r}")
+        check_name(name)
+        payload = e.target if e.kind is Kind.SYMLINK else e.digest
+        enc = entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload)
+        if here:
+            parts[i] = enc
+        else:
+            names.insert(i, name)
+            parts.insert(i, enc)
+    digest, data = encode_parts(mode, mtime_ns, len(parts), parts)
+    return digest, data, dict(zip(names, parts, strict=True))
 
 
 def decode_attrs(data: bytes) -> tuple[int, int]:
