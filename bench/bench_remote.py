@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchlib import scratch
+from benchlib import copy_tree, scratch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -271,7 +271,7 @@ def measure(base: Path, tree: Path, repeat: int, ostree: bool) -> dict[str, obje
         )
     # the second version, prepared now (not timed): 10 files changed
     tree2 = base / "tree2"
-    shutil.copytree(tree, tree2, symlinks=True)
+    copy_tree(tree, tree2)
     changed = change_files(tree2)
     layout2 = base / "oci2"
     oci_layout(tree2, layout2)
@@ -296,7 +296,7 @@ def measure(base: Path, tree: Path, repeat: int, ostree: bool) -> dict[str, obje
             client = base / f"ostree-client-{i}"
             subprocess.run(["ostree", "init", f"--repo={client}", "--mode=bare-user"], check=True)
             srv = base / f"ostree-srv-{i}"  # the first version only, for the full pull
-            shutil.copytree(ostree_srv, srv, symlinks=True)
+            copy_tree(ostree_srv, srv)
             with http_server(srv) as port:
                 subprocess.run(
                     ["ostree", "remote", "add", f"--repo={client}", "--no-gpg-verify",
@@ -408,7 +408,7 @@ def main() -> int:
             if src is None:
                 make_tree(tree, args.files)
             else:
-                shutil.copytree(src, tree, symlinks=True)
+                copy_tree(src, tree)
             out[name] = measure(base, tree, args.repeat, not args.no_ostree)
         show(name, out[name])
     RESULTS.mkdir(exist_ok=True)

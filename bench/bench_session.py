@@ -40,7 +40,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
-from benchlib import GIT_ENV, GIT_QUIET  # noqa: E402
+from benchlib import GIT_ENV, GIT_QUIET, copy_tree  # noqa: E402
 
 from veloverlay import session  # noqa: E402
 from veloverlay.ingest import ingest  # noqa: E402
@@ -355,7 +355,7 @@ def main() -> int:
         hc_big = harvest_commit("big", at, args.repeat)
         hc_small = harvest_commit("small", base / "proj-small", args.repeat)
         git_dir = base / "git-big"
-        shutil.copytree(big_src, git_dir, symlinks=True)
+        copy_tree(big_src, git_dir)
         genv = dict(env, **GIT_ENV)
         git = "git " + " ".join(GIT_QUIET)
         subprocess.run(["git", "init", "-q"], cwd=git_dir, check=True)

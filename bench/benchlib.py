@@ -94,6 +94,17 @@ def git_add(tree: Path, gitdir: Path) -> float:
     )
 
 
+def copy_tree(src: Path, dst: Path) -> None:
+    """`cp -a src dst` (symlinks kept as links); a failure (e.g. the benchmark's filesystem is
+    full) ends the benchmark with cp's first complaint, not one line per file."""
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines()
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        first = lines[0] if lines else f"exit status {r.returncode}"
+        raise SystemExit(f"bench: copying {src} failed: {first}{more}")
+
+
 def unlock_tree(path: Path) -> None:
     """Clear +i (objects of a root store) so a bench directory can be removed."""
     if os.geteuid() == 0 and shutil.which("chattr") and path.exists():
