@@ -8,10 +8,10 @@ blob must match its descriptor's sha256 and size, or the whole blob is dropped: 
 gets a name. Blobs that pass collect in a `Batch`, published together (syncfs, names, syncfs)
 every `every` bytes, sooner when the unnamed files held exhaust the budget, and at the end.
 
-The transfers run on `jobs` threads of the pulling process. (Worker processes were tried, each
-with its own connections, budget and batch: no faster on a 2-core machine of this kind, where
-creating files on one ext4 does not scale past one process — 20,000 O_TMPFILE files written,
-synced and linked: 0.71 s by one process, 0.83 s by two, 0.87 s by four.)
+The transfers run on `jobs` threads of the pulling process. (Worker processes, each with its own
+connections, budget and batch, were tried and measured no faster on a 2-core machine of this
+kind: there, creating small files on one ext4 did not get faster past one process, and that is
+most of a pull's time.)
 """
 
 from __future__ import annotations
