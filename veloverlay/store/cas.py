@@ -406,6 +406,9 @@ class Store:
             except FileNotFoundError:
                 out += group
                 continue
+            except OSError:  # not a plain directory: whatever `has` says of each
+                out += [d for d in group if not self.has(d)]
+                continue
             try:
                 if os.fstat(fd).st_size > 8 * 72 * len(group):  # long: stat the few wanted
                     out += [d for d in group if not self.has(d)]
