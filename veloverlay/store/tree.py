@@ -210,6 +210,8 @@ def encode_changed(
         return digest, data, entry_map(data)[2]
     names = list(old)
     parts = list(old.values())
+    kept: dict[bytes, bytes | None] = {}  # replaced or removed in place (None)
+    inserted = False
     for name in sorted(changed):
         e = changed[name]
         i = bisect.bisect_left(names, name)
@@ -217,6 +219,7 @@ def encode_changed(
         if e is None:
             if here:
                 del names[i], parts[i]
+                kept[name] = None
             continue
         if e.name != name:
             raise _bad(f"entry {e.name!r} filed as {name!r}")
@@ -225,11 +228,21 @@ def encode_changed(
         enc = entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload)
         if here:
             parts[i] = enc
+            kept[name] = enc
         else:
             names.insert(i, name)
             parts.insert(i, enc)
+            inserted = True
     digest, data = encode_parts(mode, mtime_ns, len(parts), parts)
-    return digest, data, dict(zip(names, parts, strict=True))
+    if inserted:
+        return digest, data, dict(zip(names, parts, strict=True))
+    new_map = dict(old)  # a copy keeps the name order; only replaced and removed names differ
+    for name, now in kept.items():
+        if now is None:
+            del new_map[name]
+        else:
+            new_map[name] = now
+    return digest, data, new_map
 
 
 def decode_attrs(data: bytes) -> tuple[int, int]:
