@@ -10,6 +10,7 @@
    issue 17) against the same session in the userns mode (root's sessions before it;
    VELO_OVERLAY_MODE forces each).
 
+Harvest + commit runs alternate between the two manifests (at least 9 of each, medians).
 Commands are timed as whole processes (wall clock, interpreter start-up included) with hyperfine
 when installed (medians), else time.perf_counter over --repeat runs. Harvest + commit comes from the
 session's own phase timings (SessionResult.timings). Everything runs in fresh directories under
@@ -342,18 +343,19 @@ def main() -> int:
         }
 
         # 4. harvest + commit of 10 changed files: 100k vs 1k manifests, vs git
-        def harvest_commit(ref: str, at: Path, reps: int) -> float:
-            vals = []
-            for i in range(reps):
-                r = change_ten(store, ref, at, f"h{i}")
-                assert r.commit, r
-                vals.append(r.timings["harvest"] + r.timings["commit"])
-            return statistics.median(vals)
+        def harvest_commit(ref: str, at: Path, tag: str) -> float:
+            r = change_ten(store, ref, at, tag)
+            assert r.commit, r
+            return r.timings["harvest"] + r.timings["commit"]
 
         os.sync()
-        harvest_commit("small", base / "proj-small", 1)  # builds its lower
-        hc_big = harvest_commit("big", at, args.repeat)
-        hc_small = harvest_commit("small", base / "proj-small", args.repeat)
+        harvest_commit("small", base / "proj-small", "h")  # builds its lower
+        # the two alternate, so that a machine getting busier or quieter meanwhile moves both
+        bigs, smalls = [], []
+        for i in range(max(args.repeat, 9)):
+            bigs.append(harvest_commit("big", at, f"b{i}"))
+            smalls.append(harvest_commit("small", base / "proj-small", f"s{i}"))
+        hc_big, hc_small = statistics.median(bigs), statistics.median(smalls)
         git_dir = base / "git-big"
         copy_tree(big_src, git_dir)
         genv = dict(env, **GIT_ENV)
