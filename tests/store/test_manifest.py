@@ -192,10 +192,9 @@ def test_a_diff_after_apply_agrees_with_one_that_compares_every_name(
     objects: Repo, a: D, b: D, c: D
 ) -> None:
     """`apply` remembers which names each node it wrote differs in from the node it changed,
-        and a diff between the two compares those names only: it must find what a diff comparing
-        every name finds (the same Manifests with its memory dropped), either way round, and a diff
-    against a third tree must not use it. What an
-        aborted transaction wrote is not remembered."""
+    and a diff between the two compares those names only: it must find what a diff comparing
+    every name finds (the same Manifests with its memory dropped), either way round, and a diff
+    against a third tree must not use it. What an aborted transaction wrote is not remembered."""
     m = objects.m
     with m.write() as txn:
         ra, rb, rx = build(m, txn, a), build(m, txn, b), build(m, txn, c)
