@@ -54,3 +54,86 @@ def test_found_cached_and_carried(
     more = _put_file(repo, deep, b"bin/tool", f"#!{venv}/bin/python\n".encode())
     count, found = relocation.cached_find_baked(repo.store, repo.m, more, venv, ancestors=[deep])
     assert count == 3 and "bin/tool" in found
+
+
+def _venv(shm_tmp: str) -> str:
+    venv = os.path.join(shm_tmp, "venv")
+    os.makedirs(f"{venv}/bin")
+    os.makedirs(f"{venv}/lib/deep/er")
+    with open(f"{venv}/pyvenv.cfg", "w") as f:
+        f.write(f"home = /usr/bin\ncommand = /usr/bin/python3 -m venv {venv}\n")
+    with open(f"{venv}/bin/pip", "w") as f:
+        f.write(f"#!{venv}/bin/python\n")
+    with open(f"{venv}/lib/deep/er/mod.py", "w") as f:
+        f.write("x = 1\n")
+    return venv
+
+
+def test_a_commit_carries_the_answer_to_its_new_root(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`carry_forward` (a commit's last step): an answer cached for the old root is the new
+    root's when the change cannot matter — found then with no search and no diff — and not when
+    it can (a new script in bin/)."""
+    venv = _venv(shm_tmp)
+    root = bytes.fromhex(ingest(repo.store, repo.m, venv, "v", jobs=1).root)
+    answer = relocation.cached_find_baked(repo.store, repo.m, root, venv)
+    assert answer == (2, ["pyvenv.cfg", "bin/pip"])
+    deep_op = [Op(OpKind.PUT, b"lib/deep/er/mod.py", None)]  # only its path and kind matter
+    deep = _put_file(repo, root, b"lib/deep/er/mod.py", f"# {venv}\n".encode())
+    relocation.carry_forward(repo.store, root, deep, deep_op)
+
+    def no_search(*_a: object, **_k: object) -> None:
+        raise AssertionError("searched again")
+
+    def no_diff(*_a: object, **_k: object) -> None:
+        raise AssertionError("diffed")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(relocation, "find_baked", no_search)
+        mp.setattr(type(repo.m), "diff", no_diff)
+        assert relocation.cached_find_baked(repo.store, repo.m, deep, venv) == answer
+    tool = _put_file(repo, deep, b"bin/tool", f"#!{venv}/bin/python\n".encode())
+    relocation.carry_forward(repo.store, deep, tool, [Op(OpKind.PUT, b"bin/tool", None)])
+    count, found = relocation.cached_find_baked(repo.store, repo.m, tool, venv)
+    assert count == 3 and "bin/tool" in found
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_session_commit_leaves_the_next_session_nothing_to_search(shm_tmp: str) -> None:
+    """A session projected away from its ingest path, whose commit changes a file deep down:
+    the answer for the new root is cached by the commit (the next session's start needs no
+    search and no diff)."""
+    from tests.session._util import as_mode, run_session
+
+    def head_root(path: str) -> bytes:
+        r = Repo.open(path)
+        try:
+            with r.m.read() as txn:
+                ref = r.m.get_ref(txn, "v")
+                assert ref is not None
+                return bytes.fromhex(r.m.get_commit(txn, ref.head).root)
+        finally:
+            r.close()
+
+    venv = _venv(shm_tmp)
+    path = os.path.join(shm_tmp, "store")
+    r = Repo.open(path, create=True)
+    ingest(r.store, r.m, venv, "v", jobs=1)
+    store = r.store
+    r.close()
+    before = head_root(path)
+    at = os.path.join(shm_tmp, "at")
+    script = f"printf 'y = 2\\n' >> {at}/lib/deep/er/mod.py"
+
+    def one() -> tuple[str | None, list[str]]:
+        res = run_session(store, ["v"], ["sh", "-c", script], at=at)
+        return res.commit, res.warnings
+
+    commit, warnings = as_mode("root", one)
+    assert commit and any("pyvenv.cfg" in w for w in warnings), warnings
+    after = head_root(path)
+    assert after != before
+    cached = sorted(p.name for p in (store.trees / "relocation").iterdir())
+    assert any(n.startswith(before.hex()) for n in cached), cached
+    assert any(n.startswith(after.hex()) for n in cached), cached

@@ -107,6 +107,7 @@ def harvest_and_commit(
     # time of every `run`).
     from veloverlay.lower.objects import name_and_protect
     from veloverlay.session.harvest import to_top_ref
+    from veloverlay.session.relocation import carry_forward
     from veloverlay.store.changes import changes
     from veloverlay.tiers import Rules
 
@@ -145,6 +146,9 @@ def harvest_and_commit(
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
                 _commit(m, txn, st, base_root, new_root, ops, res, live=live)
+        if res.commit is not None and not st.below_root:
+            # what the next session's start would otherwise find out again with a diff
+            carry_forward(store, base_root, new_root, ops)
     return t_harvested
 
 

@@ -9,6 +9,7 @@ kinds known to embed prefixes are read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from veloverlay.store.tree import Kind, Op, OpKind
 
 __all__ = [
     "alias_note",
+    "carry_forward",
     "find_baked",
     "refuse_exposed_source",
     "relocation_warnings",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 _MAX_READ = 256 * 1024
+DEPTH = 3  # directory levels find_baked searches
 _SUFFIXES = (b".pth", b".pc", b".la", b".cmake", b".cfg", b".sh")
 _NAMES = (b"pyvenv.cfg", b"RECORD", b"direct_url.json", b"activate", b"activate.fish")
 
@@ -48,7 +51,7 @@ def find_baked(
     original: str,
     *,
     limit: int = 20,
-    max_depth: int = 3,
+    max_depth: int = DEPTH,
 ) -> tuple[int, list[str]]:
     """(count, up to `limit` paths) of files in `root` that embed the absolute path `original`
     (as a whole path component sequence: `/x/venv` matches `/x/venv/bin`, not `/x/venv2`).
@@ -99,7 +102,7 @@ def cached_find_baked(
     original: str,
     *,
     ancestors: Sequence[bytes] = (),
-    max_depth: int = 3,
+    max_depth: int = DEPTH,
 ) -> tuple[int, list[str]]:
     """find_baked, computed once per (root, original path), like a lower layer; for a root
     whose ancestor's answer is cached and whose changes since touch nothing the search looks
@@ -135,6 +138,24 @@ def cached_find_baked(
     except (OSError, VeloError):
         pass  # a read-only or full store still works, it just searches again
     return answer
+
+
+def carry_forward(store: Store, old: bytes, new: bytes, ops: list[Op]) -> None:
+    """After a commit of `ops` (applied to root `old`, giving `new`): every answer cached for
+    `old` holds for `new` when the change touches nothing find_baked looks at, so it is linked
+    to `new`'s name — the next session needs neither a search nor the diff `cached_find_baked`
+    would make to know that (two whole entry maps of a wide root). Best effort, like the cache."""
+    if old == new or _touches_scope(ops, DEPTH):
+        return
+    cache_dir = store.trees / "relocation"
+    prefix = f"{old.hex()}-"
+    try:
+        for n in os.listdir(cache_dir):
+            if n.startswith(prefix):
+                with contextlib.suppress(FileExistsError):
+                    os.link(cache_dir / n, cache_dir / f"{new.hex()}-{n[len(prefix) :]}")
+    except OSError:
+        pass  # a read-only or full store still works: the next session diffs
 
 
 def relocation_warnings(
