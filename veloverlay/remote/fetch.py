@@ -195,13 +195,17 @@ def ranges(entries: list[Entry], pack_size: int) -> list[tuple[int, int]] | None
     return spans if len(spans) <= _MAX_RANGES else None
 
 
+def _read_bytes(spans: list[tuple[int, int]] | None, pack_size: int) -> int:
+    """What reading a pack by `spans` (None: whole) transfers."""
+    return pack_size if spans is None else sum(end - start for start, end in spans)
+
+
 def task_bytes(task: Task) -> int:
     """The bytes a transfer reads (ranges where they are the better read)."""
     kind, a, b = task
     if kind == "large":
         return int(b.size)
-    spans = ranges(b, a.pack.size)
-    return int(a.pack.size if spans is None else sum(e - s for s, e in spans))
+    return _read_bytes(ranges(b, a.pack.size), a.pack.size)
 
 
 def fetch_pack(
@@ -278,8 +282,7 @@ def fetch_pack(
         meter.add(0, len(entries))
         return stage
 
-    size = p.pack.size if spans is None else sum(b - a for a, b in spans)
-    return reg.retrying(once), size
+    return reg.retrying(once), _read_bytes(spans, p.pack.size)
 
 
 def fetch_large(

@@ -177,8 +177,9 @@ def pull(
         res.blobs_fetched = len(tasks)
         res.objects_fetched = len(missing)
         res.bytes_fetched = meter.done + reg.bytes_in  # + config, indexes, node packs
-        for d in store.missing(missing)[:1]:
-            raise invalid(f"object {d.hex()} did not arrive")
+        lost = store.missing(missing)
+        if lost:
+            raise invalid(f"object {lost[0].hex()} did not arrive")
         with m.read() as txn:
             setid = incoming.check_closure(store, m, txn, root, nodes, sizes, invalid, decoded)
         faults.point("remote.pull.fetched")

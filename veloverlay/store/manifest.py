@@ -198,7 +198,6 @@ class Manifests(Versions):
             raise self.refusal
         try:
             self._ref_delta = 0
-            self.maps.aborted()  # (nothing of an earlier transaction is pending)
             with self.env.begin(write=True) as txn:
                 yield txn
                 if self._ref_delta:
