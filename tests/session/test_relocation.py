@@ -22,16 +22,23 @@ def _put_file(repo: Repo, root: bytes, path: bytes, data: bytes) -> bytes:
         return repo.m.apply(txn, root, [Op(OpKind.PUT, path, entry)])
 
 
-def test_found_cached_and_carried(
-    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _venv(shm_tmp: str) -> str:
     venv = os.path.join(shm_tmp, "venv")
     os.makedirs(f"{venv}/bin")
-    os.makedirs(f"{venv}/lib/deep/er/still")
+    os.makedirs(f"{venv}/lib/deep/er")
     with open(f"{venv}/pyvenv.cfg", "w") as f:
         f.write(f"home = /usr/bin\ncommand = /usr/bin/python3 -m venv {venv}\n")
     with open(f"{venv}/bin/pip", "w") as f:
         f.write(f"#!{venv}/bin/python\n")
+    with open(f"{venv}/lib/deep/er/mod.py", "w") as f:
+        f.write("x = 1\n")
+    return venv
+
+
+def test_found_cached_and_carried(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venv = _venv(shm_tmp)
     with open(f"{venv}/bin/other", "w") as f:
         f.write(f"#!{venv}2/bin/python\n")  # a longer path that only starts like it
     root = bytes.fromhex(ingest(repo.store, repo.m, venv, "v", jobs=1).root)
@@ -39,7 +46,7 @@ def test_found_cached_and_carried(
     assert (count, found) == (2, ["pyvenv.cfg", "bin/pip"])
 
     # A change deep down (outside what the search looks at): the answer is carried over.
-    deep = _put_file(repo, root, b"lib/deep/er/still/mod.py", f"# {venv}/x\n".encode())
+    deep = _put_file(repo, root, b"lib/deep/er/mod2.py", f"# {venv}/x\n".encode())
 
     def no_search(*_a: object, **_k: object) -> None:
         raise AssertionError("searched again")
@@ -54,19 +61,6 @@ def test_found_cached_and_carried(
     more = _put_file(repo, deep, b"bin/tool", f"#!{venv}/bin/python\n".encode())
     count, found = relocation.cached_find_baked(repo.store, repo.m, more, venv, ancestors=[deep])
     assert count == 3 and "bin/tool" in found
-
-
-def _venv(shm_tmp: str) -> str:
-    venv = os.path.join(shm_tmp, "venv")
-    os.makedirs(f"{venv}/bin")
-    os.makedirs(f"{venv}/lib/deep/er")
-    with open(f"{venv}/pyvenv.cfg", "w") as f:
-        f.write(f"home = /usr/bin\ncommand = /usr/bin/python3 -m venv {venv}\n")
-    with open(f"{venv}/bin/pip", "w") as f:
-        f.write(f"#!{venv}/bin/python\n")
-    with open(f"{venv}/lib/deep/er/mod.py", "w") as f:
-        f.write("x = 1\n")
-    return venv
 
 
 def test_a_commit_carries_the_answer_to_its_new_root(
