@@ -100,3 +100,42 @@ def test_session_start_path_does_not_import_dataclasses() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("first", ["eq", "ne", "hash", "pickle", "replace", "bad-init", "init"])
+def test_methods_compiled_on_first_use_behave_from_the_first_call(first: str) -> None:
+    # A record's __init__ and _values/__eq__ are compiled on their first call: whichever
+    # operation comes first must already behave as it does afterwards.
+    class Pair(Record, frozen=True):
+        a: int
+        b: tuple[int, ...] = ()
+
+    class Box(Record):
+        a: int
+        b: list[int] = field(default_factory=list)
+
+    if first == "bad-init":
+        with pytest.raises(TypeError):
+            Pair()  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            Box(1, [2], 3)  # type: ignore[call-arg]
+    p, q = Pair(1, (2,)), Pair(1, (2,))
+    x = Box(1)
+    if first == "eq":
+        assert p == q and (p == Pair(2)) is False and x == Box(1) and x != Box(1, [0])
+    elif first == "ne":
+        assert p != Pair(1) and (p != q) is False and p != (1, (2,))
+    elif first == "hash":
+        assert hash(p) == hash(q) == hash((1, (2,)))
+    elif first == "pickle":
+        assert p.__reduce__() == (Pair, (1, (2,))) and x.__reduce__() == (Box, (1, []))
+    elif first == "replace":
+        assert p.replace(a=3) == Pair(3, (2,)) and x.replace(a=2).b == []
+    # and everything afterwards, whatever came first
+    assert p == q and p != Pair(1) and hash(p) == hash(q) and {p, q} == {p}
+    assert Pair(a=5).b == () and Box(1).b is not Box(1).b and Box(1) == Box(1)
+    with pytest.raises(FrozenRecordError):
+        p.a = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        hash(x)
+    assert repr(p).endswith("Pair(a=1, b=(2,))") and p.__reduce__() == (Pair, (1, (2,)))

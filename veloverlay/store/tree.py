@@ -108,7 +108,7 @@ class Node(Record, frozen=True):
 
 
 # Kind by its encoded byte (None: not a kind)
-_KINDS: tuple[Kind | None, ...] = tuple({k.value: k for k in Kind}.get(v) for v in range(256))
+_KINDS: tuple[Kind | None, ...] = tuple(map({k.value: k for k in Kind}.get, range(256)))
 
 
 class NodeView:
