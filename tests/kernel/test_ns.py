@@ -202,6 +202,63 @@ def test_new_pid_namespace_applies_to_children() -> None:
     assert child == 1
 
 
+def _child_mapped_by_parent(map_root: bool, spoil: bool = False) -> dict[str, object]:
+    """As pid 1 of a session meets it: a child in a new pid namespace mounts its own /proc
+    (which hides the parent's view of it), then enters a user namespace whose maps the parent
+    writes through `ParentMaps`. Returns what the child saw, or the error it raised."""
+    ns.enter_userns(map_root=map_root, pid=True) if os.getuid() != 0 else ns.enter_mountns(pid=True)
+    _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE, None)
+    maps = ns.ParentMaps()
+    if spoil:
+        maps._maps = ("not a map\n", "not a map\n")
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            os.close(rfd)
+            from veloverlay import mount
+
+            mount.mount_proc("/proc")
+            try:
+                ns.enter_userns(map_root=os.getuid() == 0, parent=maps)
+                out = _read("/proc/self/uid_map").split() + [str(os.getuid())]
+            except SysError as exc:
+                out = ["error", str(exc.errno), str(exc.filename)]
+            os.write(wfd, " ".join(out).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    maps.serve(child)
+    got = os.read(rfd, 4096).decode().split()
+    os.close(rfd)
+    status = ns.wait_child(child)
+    return {"got": got, "status": os.waitstatus_to_exitcode(status)}
+
+
+@pytest.mark.needs("root")
+def test_the_parent_writes_roots_identity_maps() -> None:
+    got = ns.run_in_child(_child_mapped_by_parent, True)
+    assert got == {"got": ["0", "0", "4294967295", "0"], "status": 0}
+
+
+@pytest.mark.needs("root")
+def test_a_map_the_parent_could_not_write_is_the_childs_error() -> None:
+    got = ns.run_in_child(_child_mapped_by_parent, True, True)
+    seen = got["got"]
+    assert got["status"] == 0 and isinstance(seen, list)
+    assert seen[:2] == ["error", str(errno.EINVAL)] and seen[2].endswith("/uid_map")
+
+
+@pytest.mark.needs("userns")
+@pytest.mark.parametrize("map_root", [True, False], ids=["root-inside", "user-inside"])
+def test_parent_maps_root_free(map_root: bool) -> None:
+    # Root inside a root-free namespace gets its one id mapped by the parent; a user inside
+    # maps itself and the parent's serve returns without being asked.
+    got = run_unprivileged(_child_mapped_by_parent, map_root)
+    inside = "0" if map_root else str(UNPRIV_UID)
+    assert got == {"got": [inside, inside, "1", inside], "status": 0}
+
+
 @pytest.mark.needs("root")
 def test_drop_to_user_is_for_good() -> None:
     def report() -> tuple[object, ...]:

@@ -69,15 +69,19 @@ def child_main(ctx: ChildSpec) -> None:
             mount.bind(path, path, readonly=True)
         if ctx.net_none:
             ns.loopback_up()
+        # pid 1's user namespace (the lock) gets root's maps from here, not from a helper
+        maps = ns.ParentMaps() if ctx.lock else None
     except BaseException as exc:  # noqa: BLE001 - reported to the manager
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
         os._exit(1)
     pid1 = os.fork()
     if pid1 == 0:
         try:
-            _init_main(ctx)
+            _init_main(ctx, maps)
         finally:
             os._exit(70)
+    if maps is not None:
+        maps.serve(pid1)
     status = ns.wait_child(pid1)
     # Every process of the pid namespace is gone; one outside it may still write (nsenter
     # without --pid, an fd passed out): make the overlay read-only before the manager harvests.
@@ -86,7 +90,7 @@ def child_main(ctx: ChildSpec) -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 70)
 
 
-def _init_main(ctx: ChildSpec) -> None:
+def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None) -> None:
     """pid 1: /proc, lock the mounts, run the command, reap, clean up leftovers, report."""
     ns.die_with_parent(signal.SIGKILL)
     try:
@@ -95,8 +99,8 @@ def _init_main(ctx: ChildSpec) -> None:
         # copied into a less privileged namespace MNT_LOCK_*): the command, root or not, can
         # neither remount the store writable nor unmount the overlay. Root-native sessions made
         # their mounts in the initial user namespace; this is where they get locked too.
-        if ctx.lock:
-            ns.enter_userns(map_root=os.getuid() == 0)
+        if maps is not None:
+            ns.enter_userns(map_root=os.getuid() == 0, parent=maps)
         try:
             os.chdir(ctx.cwd)  # re-resolve: a cwd inside the target now means the overlay
         except OSError:
