@@ -361,17 +361,19 @@ def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
         res.state = "discarded"
         return res
     t_start = time.perf_counter()
-    st.state = "harvesting"
-    state.save(store, st)
     view_root = bytes.fromhex(st.view_root)
     if _untouched(sdir / "upper", view_root, m):
-        # Nothing reached the upper dir: no store lock, no staging, no transaction.
+        # Nothing reached the upper dir: no store lock, no staging, no transaction, and no
+        # "harvesting" state to record first (a crash before the next save leaves the session
+        # "running" with an empty upper dir: its recovery harvests nothing, as here).
         st.state, st.commit, st.conflict_ref, st.changed = "harvested", None, None, 0
         state.save(store, st)
         _drop_upper(sdir)
         res.state = "harvested"
         res.timings = {"harvest": time.perf_counter() - t_start, "commit": 0.0}
         return res
+    st.state = "harvesting"
+    state.save(store, st)
 
     def harvest(txn: Txn, stage: Stage, rules: Rules) -> Harvested:
         from veloverlay.session.overlay.harvest import harvest_upper  # not needed when untouched
