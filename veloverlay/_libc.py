@@ -33,6 +33,7 @@ __all__ = [
     "move_mount",
     "open_tree",
     "mount_setattr",
+    "cloexec_from",
     "syncfs",
     "openat2",
     "ioctl_getflags",
@@ -157,6 +158,7 @@ _UNIFIED_NR = {
     "fsopen": 430,
     "fsconfig": 431,
     "fsmount": 432,
+    "close_range": 436,
     "openat2": 437,
     "mount_setattr": 442,
 }
@@ -239,6 +241,7 @@ _sys_mount_setattr = _proto(
     "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint, _c_void_p, _c_size_t
 )
 _sys_openat2 = _proto("syscall", _c_long, _c_long, _c_int, _c_char_p, _c_void_p, _c_size_t)
+_sys_close_range = _proto("syscall", _c_long, _c_long, _c_uint, _c_uint, _c_uint)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -316,6 +319,16 @@ def move_mount(
 
 def open_tree(dfd: int, path: Path, flags: int) -> int:
     return check(_sys_open_tree(_nr("open_tree"), dfd, _b(path), flags), "open_tree", path)
+
+
+CLOSE_RANGE_CLOEXEC = 1 << 2
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every descriptor from `first` up close-on-exec (close_range(2) with
+    CLOSE_RANGE_CLOEXEC, Linux >= 5.11; older kernels raise ENOSYS or EINVAL)."""
+    ret = _sys_close_range(_nr("close_range"), first, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
+    check(ret, "close_range")
 
 
 def mount_setattr(

@@ -23,6 +23,7 @@ from tests.session._util import (
     run_session,
 )
 from veloverlay import fsflags, session
+from veloverlay.session import reaper
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower import homes, layers, prune, stacks
 from veloverlay.store.manifest import Manifests
@@ -49,6 +50,44 @@ def _exit_codes(base: str) -> list[int]:
 def test_exit_status_passes_through(mode: str) -> None:
     with unpriv_tmpdir() as base:
         assert as_mode(mode, _exit_codes, base) == [3, 127, 137, 0]
+
+
+def _how_the_command_starts(base: str) -> list[str]:
+    store, src = new_store(base)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    bins = []
+    for name, mode in (("bin1", 0o644), ("bin2", 0o755)):  # the first `tool` is not executable
+        d = os.path.join(base, name)
+        os.mkdir(d)
+        with open(os.path.join(d, "tool"), "w") as f:
+            f.write(f"#!/bin/sh\necho {name}\n")
+        os.chmod(os.path.join(d, "tool"), mode)
+        bins.append(d)
+    os.environ["PATH"] = ":".join([*bins, os.environ.get("PATH", os.defpath)])
+    leaked = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaked, True)  # a descriptor the caller left open, not close-on-exec
+    script = (
+        f"tool > {out}; grep ^SigIgn /proc/self/status >> {out}; "
+        f"[ -e /proc/$$/fd/{leaked} ] && echo leaked >> {out}; echo end >> {out}"
+    )
+    res = run_session(store, ["t"], ["sh", "-c", script], at=proj)
+    with open(out) as f:
+        lines = f.read().split()
+    noexec = run_session(store, ["t"], [os.path.join(bins[0], "tool")], at=proj).exit_status
+    return [*lines, str(res.exit_status), str(noexec)]
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_the_command_starts_as_exec_would_start_it(mode: str) -> None:
+    # PATH is searched past a match that cannot be executed (as execvp does), the signals the
+    # reaper ignores are at their defaults in the command, no descriptor of the caller's leaks
+    # in, and a file that cannot be executed is 126.
+    with unpriv_tmpdir() as base:
+        got = as_mode(mode, _how_the_command_starts, base)
+    assert got[0] == "bin2" and got[1] == "SigIgn:" and got[3:] == ["end", "0", "126"], got
+    ignored = int(got[2], 16)
+    for sig in reaper.CHILD_SIGNALS:
+        assert not ignored & (1 << (sig - 1)), (sig, got)
 
 
 def _cwd_inside_target(base: str) -> tuple[str, str]:
