@@ -23,9 +23,9 @@ from tests.session._util import (
     run_session,
 )
 from veloverlay import fsflags, session
-from veloverlay.session import reaper
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower import homes, layers, prune, stacks
+from veloverlay.session import reaper
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
