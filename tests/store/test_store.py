@@ -298,6 +298,31 @@ def test_missing_many_agrees_with_has_one_by_one(shm_tmp: str, layout: str) -> N
         assert repo.store.missing(asked) == expect
         assert repo.store.missing(stored) == []
         assert repo.store.missing([]) == []
+
+        # Names that are no regular file (a damaged or planted store): a dangling link, a link
+        # to a stored object, a directory. Neither `has` nor `missing` counts them as objects.
+        def lead_5a(tag: bytes, k: int) -> list[bytes]:  # contents whose digests share a shard
+            out, j = [], 0
+            while len(out) < k:
+                j += 1
+                if hash_bytes(b"%s%d" % (tag, j))[0] == 0x5A:
+                    out.append(b"%s%d" % (tag, j))
+            return out
+
+        real = put(repo, *lead_5a(b"real", 2))
+        odd = sorted(hash_bytes(x) for x in lead_5a(b"odd", 3))
+        for n, d in enumerate(odd):
+            path = repo.store.object_path(d)
+            os.makedirs(path.parent, exist_ok=True)
+            if n % 3 == 0:
+                os.symlink("nowhere", path)
+            elif n % 3 == 1:
+                os.symlink(repo.store.object_path(stored[0]), path)
+            else:
+                os.mkdir(path)
+        assert not any(repo.store.has(d) for d in odd) and all(repo.store.has(d) for d in real)
+        assert repo.store.missing(odd + real) == odd  # five in a short shard: listed
+        assert repo.store.missing(odd[:1] + real[:1]) == odd[:1]  # two: looked up one by one
         if layout == "v2":
             # a fan-out entry that is a link to a directory (a damaged store): not listed
             # through the link, but each object looked up as `has` looks it up

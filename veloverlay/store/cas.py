@@ -369,15 +369,17 @@ class Store:
         return b"/%s/%s/%s" % (h[:2], h[2:4], h)
 
     def has(self, digest: bytes) -> bool:
+        """The store holds the object: a regular file by its name (anything else there, a link
+        or a directory a damaged store holds, is no object: reads refuse it too)."""
         try:
             if self.fanout == 1 and self._legacy_b is None:  # two names below the fd held
                 h = digest.hex().encode()
-                os.stat(b"%s/%s" % (h[:2], h), dir_fd=self.objects_fd())
+                st = os.stat(b"%s/%s" % (h[:2], h), dir_fd=self.objects_fd(), follow_symlinks=False)
             else:
-                os.stat(self.object_path_b(digest))
-        except FileNotFoundError:
+                st = os.stat(self.object_path_b(digest), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        return True
+        return stat.S_ISREG(st.st_mode)
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         """Those of `digests` the store lacks, sorted: what `has` says of each, at a fraction of
@@ -413,7 +415,8 @@ class Store:
                 if os.fstat(fd).st_size > 8 * 72 * len(group):  # long: stat the few wanted
                     out += [d for d in group if not self.has(d)]
                     continue
-                present = set(os.listdir(fd))
+                with os.scandir(fd) as it:  # regular files only, as `has` (d_type: no stat)
+                    present = {e.name for e in it if e.is_file(follow_symlinks=False)}
             finally:
                 os.close(fd)
             out += [d for d in group if d.hex() not in present]
