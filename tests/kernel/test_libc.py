@@ -195,3 +195,42 @@ def test_only_libc_imports_ctypes() -> None:
         and re.search(r"^\s*(import ctypes|from ctypes)", p.read_text(), re.MULTILINE)
     ]
     assert offenders == []
+
+
+def _link_tmpfile(base: str, by_proc: bool) -> tuple[bool, bool, bytes]:
+    """In a child: name an O_TMPFILE into a removed directory, then into a live one."""
+    _libc._link_by_proc = by_proc
+    live, gone = os.path.join(base, "live"), os.path.join(base, "gone")
+    os.mkdir(live)
+    os.mkdir(gone)
+    fd = os.open(base, os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.write(fd, b"named")
+    gone_fd = os.open(gone, os.O_RDONLY | os.O_DIRECTORY)
+    os.rmdir(gone)
+    live_fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            _libc.link_fd(fd, gone_fd, b"x")
+            failed = False
+        except SysError as exc:
+            failed = exc.errno == errno.ENOENT
+        switched = _libc._link_by_proc
+        _libc.link_fd(fd, live_fd, b"x")
+        with open(os.path.join(live, "x"), "rb") as f:
+            return failed, switched, f.read()
+    finally:
+        for d in (fd, gone_fd, live_fd):
+            os.close(d)
+
+
+@pytest.mark.parametrize("by_proc", [False, True], ids=["empty-path", "proc"])
+def test_link_fd_names_an_open_file_and_a_removed_directory_is_not_a_refusal(
+    tmp_path: pathlib.Path, by_proc: bool
+) -> None:
+    # ENOENT from linkat(AT_EMPTY_PATH) is also what a directory removed meanwhile (gc took an
+    # empty shard) gives: that must not switch the process to /proc links for good.
+    from veloverlay import ns
+
+    failed, switched, data = ns.run_in_child(_link_tmpfile, os.fspath(tmp_path), by_proc)
+    assert failed and data == b"named"
+    assert switched is by_proc
