@@ -338,6 +338,43 @@ def test_missing_many_agrees_with_has_one_by_one(shm_tmp: str, layout: str) -> N
         repo.close()
 
 
+def test_has_listed_answers_as_has_from_one_listing_per_short_shard(shm_tmp: str) -> None:
+    """A stage's lookups (`has_listed`) say what `has` says of objects stored before the shard
+    was listed, list a short shard once and look up a long one object by object; an object
+    stored after the listing reads as absent, and staging it again keeps one object."""
+    repo = Repo.open(os.path.join(shm_tmp, "s"), create=True)
+    try:
+        store = repo.store
+
+        def with_lead(lead: int, tag: bytes, k: int) -> list[bytes]:
+            out, j = [], 0
+            while len(out) < k:
+                j += 1
+                if hash_bytes(b"%s%d" % (tag, j))[0] == lead:
+                    out.append(b"%s%d" % (tag, j))
+            return out
+
+        short = put(repo, *with_lead(0x11, b"s", 3))
+        long_ = put(repo, *with_lead(0x22, b"l", 400))  # more than one block of names
+        odd = hash_bytes(with_lead(0x11, b"odd", 1)[0])
+        os.symlink(store.object_path(short[0]), store.object_path(odd))
+        absent = [hash_bytes(x) for x in with_lead(0x11, b"a", 2) + with_lead(0x22, b"b", 2)]
+        listings: dict[int, set[str] | None] = {}
+        asked = short + long_[:5] + absent + [odd]
+        assert [store.has_listed(d, listings) for d in asked] == [store.has(d) for d in asked]
+        assert listings[0x11] is not None and listings[0x22] is None
+        assert set(listings[0x11] or ()) == {d.hex() for d in short}  # the link is no object
+        late = put(repo, *with_lead(0x11, b"late", 1))[0]
+        assert store.has(late) and not store.has_listed(late, listings)  # stale: absent
+        with store.stage() as stage:
+            stage._listings = listings
+            assert stage.add_bytes(with_lead(0x11, b"late", 1)[0]) == late
+            stage.publish()
+        assert store.has(late) and store.read_object(late) == with_lead(0x11, b"late", 1)[0]
+    finally:
+        repo.close()
+
+
 # -- fsck --------------------------------------------------------------------------------------
 
 

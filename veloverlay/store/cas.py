@@ -60,6 +60,10 @@ __all__ = [
 
 OBJECTS_V1 = "objects-v1"  # <ab>/<cd>/<hex>: stores made before issue 15 (migrated by gc)
 OBJECTS_V2 = "objects-v2"  # <ab>/<hex>: at most 256 fan-out directories
+# `has_listed` lists a fan-out directory no larger than this (one block of ext4, ~50 names;
+# tmpfs counts 20 bytes a name); a larger one is asked one object at a time.
+_LIST_MAX_BYTES = 4096
+
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file is a cache directory tag created by veloverlay.\n"
@@ -380,6 +384,41 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return False
         return stat.S_ISREG(st.st_mode)
+
+    def has_listed(self, digest: bytes, listings: dict[int, set[str] | None]) -> bool:
+        """`has`, for a writer that asks about many objects one at a time (a stage: an ingest
+        worker's, hashing a tree): a fan-out directory of at most one block (an empty or young
+        store's) is listed on the first question about it, kept in `listings` (the caller's,
+        for as long as it writes; it adds what it stores itself) and answered from there,
+        instead of a failed stat per new object. An object another process stored since the
+        listing reads as absent: the caller stages it again and publishing keeps the stored
+        one (EEXIST), so a stale answer costs a write, never an object."""
+        if self.fanout != 1 or self._legacy_b is not None:
+            return self.has(digest)
+        if digest[0] not in listings:
+            listings[digest[0]] = self._list_shard(digest[:1].hex())
+        names = listings[digest[0]]
+        if names is None:
+            return self.has(digest)
+        return digest.hex() in names
+
+    def _list_shard(self, shard: str) -> set[str] | None:
+        """The regular files of a fan-out directory of at most one block; None: longer, or
+        not a plain directory (then each object is looked up as `has` does)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(shard, flags, dir_fd=self.objects_fd())
+        except FileNotFoundError:
+            return set()
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size > _LIST_MAX_BYTES:
+                return None
+            with os.scandir(fd) as it:
+                return {e.name for e in it if e.is_file(follow_symlinks=False)}
+        finally:
+            os.close(fd)
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         """Those of `digests` the store lacks, sorted: what `has` says of each, at a fraction of

@@ -63,6 +63,7 @@ class Stage:
         # Whether `add_bytes` looks in the store first: not for a pull's stages, which fetch only
         # what the store lacked a moment ago (one that arrived since is kept as it is: EEXIST).
         self.ask_store = True
+        self._listings: dict[int, set[str] | None] = {}  # `Store.has_listed`'s
         self.sizes: dict[bytes, int] = {}  # digest -> bytes, of what this process staged
 
     def __enter__(self) -> Stage:
@@ -168,7 +169,7 @@ class Stage:
             digest = h.digest()
         if digest in self.staged or digest in self._held:
             return digest
-        if self.ask_store and self.store.has(digest):
+        if self.ask_store and self.store.has_listed(digest, self._listings):
             return digest
         if self._hold_max and self._hold(data, digest):
             return digest
@@ -253,9 +254,14 @@ class Stage:
 
         self.store.follow_migration()
         count = len(self._held)
+        batch = list(self._held)
         try:
             with Shards(self.store) as shards:
                 self._named += name_held(self.store, self._held, shards)
+            for digest in batch:  # stored now (named here, or already): listings say so
+                names = self._listings.get(digest[0])
+                if names is not None:
+                    names.add(digest.hex())
         finally:  # what name_held closed (all of them, named or not, once it ran)
             if self._budget is not None:
                 self._budget.give(count - len(self._held))
