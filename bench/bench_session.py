@@ -12,10 +12,11 @@
 
 Harvest + commit runs alternate between the two manifests (at least 9 of each, medians).
 Commands are timed as whole processes (wall clock, interpreter start-up included) with hyperfine
-when installed (medians), else time.perf_counter over --repeat runs. Harvest + commit comes from the
-session's own phase timings (SessionResult.timings). Everything runs in fresh directories under
---base (ext4 by default: creating inodes right after mass deletes is several times slower there,
-feasibility.md section 9), removed at the end.
+when installed, else time.perf_counter: --repeat rounds, each running every command once in a
+rotating order (medians), so that the machine's drift weighs on every command alike. Harvest +
+commit comes from the session's own phase timings (SessionResult.timings). Everything runs in
+fresh directories under --base (ext4 by default: creating inodes right after mass deletes is
+several times slower there, feasibility.md section 9), removed at the end.
 
 Usage: python bench/bench_session.py [--base DIR] [--files N] [--repeat N] [--quick]
 Prints a table and writes bench/results/session.json.
@@ -69,33 +70,43 @@ def ten_files(root: Path) -> list[str]:
 
 
 def hyperfine(cmds: dict[str, str], runs: int, prepare: str | None = None) -> dict[str, float]:
-    """Median seconds per command."""
+    """Median seconds per command, the commands interleaved: `runs` rounds, each timing every
+    command once in an order that rotates from round to round. Timed one command after the
+    other (all runs of the first, then of the second...), the figures of a machine whose speed
+    drifts within minutes, as this kind's does, were set against each other from different
+    minutes: a --million run measured the warm run of the root-native mode 14 ms slower than
+    the userns mode's that way; timed in alternation (20 rounds) on a manifest of the same
+    shape, it was 7 ms faster."""
     for name, cmd in cmds.items():  # once first, so that a failing command names itself
         pre = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
         if pre.returncode != 0:
             raise SystemExit(f"error: {name} failed ({pre.returncode}): {pre.stderr.strip()}")
-    if shutil.which("hyperfine"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as export:
-            args = ["hyperfine", "-N", "--warmup", "3", "--runs", str(runs), "--export-json"]
-            args += [export.name, "--style", "none"]
+    names = list(cmds)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    use_hyperfine = shutil.which("hyperfine") is not None
+    for r in range(runs):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        if use_hyperfine:
+            with tempfile.NamedTemporaryFile(suffix=".json") as export:
+                args = ["hyperfine", "-N", "--warmup", "3" if r == 0 else "0", "--runs", "1"]
+                args += ["--export-json", export.name, "--style", "none"]
+                if prepare:
+                    args += ["--prepare", prepare]
+                for name in order:
+                    args += ["-n", name, cmds[name]]
+                subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+                with open(export.name) as f:
+                    data = json.load(f)
+            for res in data["results"]:
+                times[res["command"]] += [float(t) for t in res["times"]]
+            continue
+        for name in order:
             if prepare:
-                args += ["--prepare", prepare]
-            names = list(cmds)
-            for name in names:
-                args += ["-n", name, cmds[name]]
-            subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-            with open(export.name) as f:
-                data = json.load(f)
-        return {r["command"]: float(r["median"]) for r in data["results"]}
-    out: dict[str, float] = {}
-    for name, cmd in cmds.items():
-        times = []
-        for _ in range(runs):
+                subprocess.run(prepare, shell=True, check=True, stdout=subprocess.DEVNULL)
             t0 = time.perf_counter()
-            subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL)
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
-    return out
+            subprocess.run(cmds[name], shell=True, check=True, stdout=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def timed(argv: list[str], **kw: Any) -> float:
