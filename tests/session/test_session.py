@@ -41,6 +41,7 @@ def _exit_codes(base: str) -> list[int]:
         ["no-such-command-veloverlay"],
         ["sh", "-c", "kill -9 $$"],
         ["true"],
+        ["true", "a NUL\x00byte"],  # no exec can pass it: cannot be executed
     ):
         out.append(run_session(store, ["t"], argv, at=proj).exit_status)
     return out
@@ -49,7 +50,7 @@ def _exit_codes(base: str) -> list[int]:
 @pytest.mark.parametrize("mode", BOTH)
 def test_exit_status_passes_through(mode: str) -> None:
     with unpriv_tmpdir() as base:
-        assert as_mode(mode, _exit_codes, base) == [3, 127, 137, 0]
+        assert as_mode(mode, _exit_codes, base) == [3, 127, 137, 0, 126]
 
 
 def _how_the_command_starts(base: str) -> list[str]:

@@ -228,9 +228,10 @@ def _exec_child(
         if cwd is not None:
             os.chdir(cwd)
         os.execvpe(argv[0], argv, env)
-    except OSError as exc:
-        os.write(ewr, str(exc.errno or 0).encode())
-        os._exit(_exec_failed(exc, argv, env))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument
+        err = exc if isinstance(exc, OSError) else OSError(errno.EINVAL, str(exc))
+        os.write(ewr, str(err.errno or 0).encode())
+        os._exit(_exec_failed(err, argv, env))
 
 
 def _exec_failed(exc: OSError, argv: list[str], env: dict[str, str]) -> int:
@@ -274,6 +275,8 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
     for path in candidates:
         try:
             return os.posix_spawn(path, argv, env, setsigdef=CHILD_SIGNALS)
+        except ValueError as exc:  # a NUL byte in an argument or the environment
+            raise OSError(errno.EINVAL, str(exc)) from None
         except OSError as exc:
             last_error = exc
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and first_error is None:
