@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -186,3 +187,52 @@ def test_a_blob_longer_than_named_is_not_followed() -> None:
     with pytest.raises(VeloError) as ei:
         rd.drain(5000)
     assert ei.value.reason is Reason.REMOTE_INVALID and rd.pos <= 6000
+
+
+class _Taker(httpx.BaseTransport):
+    """Starts uploads and takes their bodies a chunk at a time, `pause` seconds per chunk."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause, self.taken, self.puts = pause, 0, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, headers={"Location": "/v2/team/x/blobs/uploads/u1"})
+        if request.method == "PUT":
+            self.puts += 1
+            for chunk in request.stream:  # type: ignore[union-attr]
+                self.taken += len(chunk)
+                if self.pause:
+                    time.sleep(self.pause)
+            return httpx.Response(201)
+        return httpx.Response(404)
+
+
+@pytest.mark.parametrize("given", ["bytes", "chunks"])
+def test_an_upload_the_registry_takes_too_slowly_is_cut(given: str) -> None:
+    # The write timeout starts again with every byte sent: a registry taking a body at a drip
+    # would hold a push as long as it likes. Below low_speed_limit over low_speed_time the
+    # upload is cut (and retried as any transport error), whole blobs and streams alike.
+    data = os.urandom(4 << 20)
+
+    def content() -> object:
+        return (
+            data
+            if given == "bytes"
+            else iter([data[i : i + 65536] for i in range(0, len(data), 65536)])
+        )
+
+    opts = Options(retries=1, backoff=0.0, low_speed_limit=50 << 20, low_speed_time=0.2)
+    slow = _Taker(0.05)
+    with (
+        Registry(parse_remote("reg.test/team/x:t"), opts, transport=slow) as c,
+        pytest.raises(VeloError) as ei,
+    ):
+        c.upload_blob(DIG, len(data), content)
+    assert ei.value.reason is Reason.REMOTE_UNREACHABLE
+    assert "takes uploads too slowly" in ei.value.message and "were sent" in ei.value.message
+    assert slow.puts == 2 and slow.taken < 2 * len(data)  # cut twice (one retry), never whole
+    fast = _Taker(0.0)
+    with Registry(parse_remote("reg.test/team/x:t"), opts, transport=fast) as c:
+        c.upload_blob(DIG, len(data), content)
+    assert fast.puts == 1 and fast.taken == len(data)

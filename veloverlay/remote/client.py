@@ -52,6 +52,7 @@ MANIFEST_TYPES = (
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _MAX_TAG_PAGES = 10_000
+_UPLOAD_CHUNK = 256 << 10  # a blob given whole is sent in pieces this big (the pace is checked)
 _T = TypeVar("_T")
 
 
@@ -225,7 +226,7 @@ class Registry:
             )
         if isinstance(exc, TooSlow):
             return VeloError(
-                f"{self.name.host} sends too slowly: {exc}",
+                f"{self.name.host} {'takes uploads' if exc.upload else 'sends'} too slowly: {exc}",
                 reason=Reason.REMOTE_UNREACHABLE,
                 hint="check the network and the registry, then retry (what arrived whole is kept)",
                 detail=url,
@@ -374,7 +375,17 @@ class Registry:
             ) from None
 
     def upload_blob(self, digest: str, size: int, content: Callable[[], Any]) -> None:
-        """POST + PUT `?digest=` (monolithic); the whole upload is retried on failure."""
+        """POST + PUT `?digest=` (monolithic); the whole upload is retried on failure. The body
+        (`content()`: bytes, or an iterator of them) goes in chunks, cut when the registry
+        takes it too slowly (`paced`): the write timeout starts again with every byte sent."""
+
+        def body() -> Iterator[bytes]:
+            data = content()
+            if isinstance(data, bytes | bytearray | memoryview):
+                view, step = memoryview(data), _UPLOAD_CHUNK
+                data = (bytes(view[i : i + step]) for i in range(0, len(view), step))
+            return paced(data, self.opts, upload=True)
+
         attempt = 0
         while True:
             try:
@@ -391,7 +402,7 @@ class Registry:
                     "PUT",
                     f"{url}{sep}digest={digest}",
                     expect=(201, 204),
-                    content=content,
+                    content=body,
                     headers={
                         "Content-Type": "application/octet-stream",
                         "Content-Length": str(size),

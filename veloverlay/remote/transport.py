@@ -9,7 +9,7 @@ import glob
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import httpx
 
@@ -54,10 +54,10 @@ class Options(Record):
     retries: int = 4  # per request, after the first try
     timeout: float = 60.0
     backoff: float = 0.25  # first retry delay (s); doubles, with jitter, capped at 8 s
-    # A body arriving slower than this many bytes/s over `low_speed_time` seconds is cut and
-    # fetched again (as curl's --speed-limit/--speed-time, git's http.lowSpeedLimit): the read
-    # timeout alone starts again with every byte, so a registry dripping one byte a minute would
-    # hold a pull forever.
+    # A body arriving (or, uploaded, taken) slower than this many bytes/s over `low_speed_time`
+    # seconds is cut and sent again (as curl's --speed-limit/--speed-time, git's
+    # http.lowSpeedLimit): the read and write timeouts start again with every byte, so a
+    # registry dripping one byte a minute would hold a pull or a push forever.
     low_speed_limit: int = 1024
     low_speed_time: float = 60.0
 
@@ -155,19 +155,29 @@ def registry_error(resp: httpx.Response) -> str:
 class TooSlow(httpx.ReadTimeout):
     """A body that arrived below `Options.low_speed_limit` (a transport error: retried)."""
 
+    upload = False
 
-def paced(chunks: Iterator[bytes], opts: Options) -> Iterator[bytes]:
+
+class TooSlowUpload(TooSlow):
+    """A request body the registry took below `Options.low_speed_limit`."""
+
+    upload = True
+
+
+def paced(chunks: Iterable[bytes], opts: Options, *, upload: bool = False) -> Iterator[bytes]:
     """`chunks` as they come, as long as at least `low_speed_limit` bytes/s arrive over every
-    `low_speed_time` seconds (checked as each chunk arrives; silence is the read timeout's)."""
+    `low_speed_time` seconds (checked as each chunk arrives; silence is the read timeout's).
+    With `upload`, `chunks` is a request body: the client asks for the next chunk once the
+    previous one is sent, so the same check bounds how slowly the registry may take it."""
     start, got = time.monotonic(), 0
     for chunk in chunks:
         got += len(chunk)
         now = time.monotonic()
         if now - start >= opts.low_speed_time:
             if got < opts.low_speed_limit * (now - start):
-                raise TooSlow(
-                    f"less than {opts.low_speed_limit} bytes/s arrived for "
-                    f"{now - start:.0f} s ({got} bytes)"
+                raise (TooSlowUpload if upload else TooSlow)(
+                    f"less than {opts.low_speed_limit} bytes/s "
+                    f"{'were sent' if upload else 'arrived'} for {now - start:.0f} s ({got} bytes)"
                 )
             start, got = now, 0
         yield chunk
