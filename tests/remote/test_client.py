@@ -193,7 +193,7 @@ class _Taker(httpx.BaseTransport):
     """Starts uploads and takes their bodies a chunk at a time, `pause` seconds per chunk."""
 
     def __init__(self, pause: float) -> None:
-        self.pause, self.taken, self.puts = pause, 0, 0
+        self.pause, self.taken, self.puts, self.biggest = pause, 0, 0, 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -202,6 +202,7 @@ class _Taker(httpx.BaseTransport):
             self.puts += 1
             for chunk in request.stream:  # type: ignore[union-attr]
                 self.taken += len(chunk)
+                self.biggest = max(self.biggest, len(chunk))
                 if self.pause:
                     time.sleep(self.pause)
             return httpx.Response(201)
@@ -219,7 +220,7 @@ def test_an_upload_the_registry_takes_too_slowly_is_cut(given: str) -> None:
         return (
             data
             if given == "bytes"
-            else iter([data[i : i + 65536] for i in range(0, len(data), 65536)])
+            else iter([data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)])
         )
 
     opts = Options(retries=1, backoff=0.0, low_speed_limit=50 << 20, low_speed_time=0.2)
@@ -236,3 +237,5 @@ def test_an_upload_the_registry_takes_too_slowly_is_cut(given: str) -> None:
     with Registry(parse_remote("reg.test/team/x:t"), opts, transport=fast) as c:
         c.upload_blob(DIG, len(data), content)
     assert fast.puts == 1 and fast.taken == len(data)
+    # the pace is checked between pieces: none is bigger than the bound says
+    assert 0 < slow.biggest <= 64 << 10 and fast.biggest <= 64 << 10

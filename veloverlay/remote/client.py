@@ -18,7 +18,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -52,7 +52,10 @@ MANIFEST_TYPES = (
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _MAX_TAG_PAGES = 10_000
-_UPLOAD_CHUNK = 256 << 10  # a blob given whole is sent in pieces this big (the pace is checked)
+# An upload body is sent in pieces at most this big: the pace is checked between two pieces (a
+# send() blocked on a slow registry cannot be), so this bounds how long a piece may take: 11 min
+# at 100 bytes/s.
+_UPLOAD_PIECE = 64 << 10
 _T = TypeVar("_T")
 
 
@@ -381,10 +384,8 @@ class Registry:
 
         def body() -> Iterator[bytes]:
             data = content()
-            if isinstance(data, bytes | bytearray | memoryview):
-                view, step = memoryview(data), _UPLOAD_CHUNK
-                data = (bytes(view[i : i + step]) for i in range(0, len(view), step))
-            return paced(data, self.opts, upload=True)
+            chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+            return paced(_pieces(chunks), self.opts, upload=True)
 
         attempt = 0
         while True:
@@ -575,3 +576,14 @@ class Registry:
 def dumps(obj: object) -> bytes:
     """Canonical JSON for what we push (stable bytes, so a re-push names the same blob)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _pieces(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[bytes]:
+    """`chunks` cut into pieces of at most `_UPLOAD_PIECE` bytes."""
+    for chunk in chunks:
+        if len(chunk) <= _UPLOAD_PIECE:
+            yield bytes(chunk)
+            continue
+        view = memoryview(chunk)
+        for i in range(0, len(view), _UPLOAD_PIECE):
+            yield bytes(view[i : i + _UPLOAD_PIECE])

@@ -168,10 +168,12 @@ def paced(chunks: Iterable[bytes], opts: Options, *, upload: bool = False) -> It
     """`chunks` as they come, as long as at least `low_speed_limit` bytes/s arrive over every
     `low_speed_time` seconds (checked as each chunk arrives; silence is the read timeout's).
     With `upload`, `chunks` is a request body: the client asks for the next chunk once the
-    previous one is sent, so the same check bounds how slowly the registry may take it."""
+    previous one is sent, so the same check, counting what was sent, bounds how slowly the
+    registry may take it (checked between chunks: keep them small)."""
     start, got = time.monotonic(), 0
     for chunk in chunks:
-        got += len(chunk)
+        if not upload:
+            got += len(chunk)
         now = time.monotonic()
         if now - start >= opts.low_speed_time:
             if got < opts.low_speed_limit * (now - start):
@@ -181,3 +183,5 @@ def paced(chunks: Iterable[bytes], opts: Options, *, upload: bool = False) -> It
                 )
             start, got = now, 0
         yield chunk
+        if upload:  # sent by now
+            got += len(chunk)
