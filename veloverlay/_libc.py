@@ -370,21 +370,18 @@ def link_fd(fd: int, newdirfd: int, new: bytes) -> None:
     name exists. linkat(AT_EMPTY_PATH), which kernels before 6.10 allow only with
     CAP_DAC_READ_SEARCH, else linkat of /proc/self/fd/N (following that one link)."""
     global _link_by_proc
-    proc = b"/proc/self/fd/%d" % fd
     if not _link_by_proc:
         if _linkat(fd, b"", newdirfd, new, AT_EMPTY_PATH) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.ENOENT, errno.EPERM, errno.EINVAL):
             raise SysError(err, "linkat", None, new)
-        # The refusal is ENOENT, which a directory removed meanwhile gives too: use /proc for
-        # good only once it did what AT_EMPTY_PATH did not.
-        if _linkat(AT_FDCWD, proc, newdirfd, new, AT_SYMLINK_FOLLOW) < 0:
-            raise SysError(ctypes.get_errno(), "linkat", proc, new)
-        _link_by_proc = True
-        return
+    proc = b"/proc/self/fd/%d" % fd
     if _linkat(AT_FDCWD, proc, newdirfd, new, AT_SYMLINK_FOLLOW) < 0:
         raise SysError(ctypes.get_errno(), "linkat", proc, new)
+    # The refusal is ENOENT, which a directory removed meanwhile gives too: /proc for good
+    # only once it did what AT_EMPTY_PATH did not.
+    _link_by_proc = True
 
 
 def openat2(dirfd: int, path: Path, flags: int, mode: int = 0, resolve: int = 0) -> int:
