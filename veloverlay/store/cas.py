@@ -402,9 +402,10 @@ class Store:
             return self.has(digest)
         return digest.hex() in names
 
-    def _list_shard(self, shard: str) -> set[str] | None:
-        """The regular files of a fan-out directory of at most one block; None: longer, or
-        not a plain directory (then each object is looked up as `has` does)."""
+    def _list_shard(self, shard: str, max_bytes: int = _LIST_MAX_BYTES) -> set[str] | None:
+        """The regular files of a fan-out directory (none where it does not exist); None: one
+        larger than `max_bytes`, or not a plain directory (then each object is looked up as
+        `has` does)."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(shard, flags, dir_fd=self.objects_fd())
@@ -413,7 +414,7 @@ class Store:
         except OSError:
             return None
         try:
-            if os.fstat(fd).st_size > _LIST_MAX_BYTES:
+            if os.fstat(fd).st_size > max_bytes:
                 return None
             with os.scandir(fd) as it:
                 return {e.name for e in it if e.is_file(follow_symlinks=False)}
@@ -430,7 +431,6 @@ class Store:
         if self.fanout != 1 or self._legacy_b is not None:
             return [d for d in want if not self.has(d)]
         out: list[bytes] = []
-        objects = self.objects_fd()
         i = 0
         while i < len(want):
             j = i + 1
@@ -441,23 +441,11 @@ class Store:
             if len(group) < 4:
                 out += [d for d in group if not self.has(d)]
                 continue
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(group[0][:1].hex(), flags, dir_fd=objects)
-            except FileNotFoundError:
-                out += group
-                continue
-            except OSError:  # not a plain directory: whatever `has` says of each
+            # listed where that is cheaper than the stats of the few wanted (8 x 72 bytes each)
+            present = self._list_shard(group[0][:1].hex(), 8 * 72 * len(group))
+            if present is None:
                 out += [d for d in group if not self.has(d)]
                 continue
-            try:
-                if os.fstat(fd).st_size > 8 * 72 * len(group):  # long: stat the few wanted
-                    out += [d for d in group if not self.has(d)]
-                    continue
-                with os.scandir(fd) as it:  # regular files only, as `has` (d_type: no stat)
-                    present = {e.name for e in it if e.is_file(follow_symlinks=False)}
-            finally:
-                os.close(fd)
             out += [d for d in group if d.hex() not in present]
         return out
 
