@@ -387,10 +387,12 @@ def enter_userns(
     if privileged:
         # Root keeps setgroups allowed: with an identity map nothing is gained by denying it, and
         # programs that drop privileges inside a session (apt, su) need it.
-        uid_map, gid_map = _identity_of(_current_map("uid")), _identity_of(_current_map("gid"))
-        if parent is not None:
+        if parent is not None:  # the maps it read before the fork are what it writes
+            uid_map, gid_map = parent._maps
             parent._unshare(flags)
         else:
+            uid_map = _identity_of(_current_map("uid"))
+            gid_map = _identity_of(_current_map("gid"))
             _unshare_with_helper(flags, uid_map, gid_map)
     else:
         if parent is not None:
