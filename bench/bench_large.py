@@ -8,19 +8,22 @@
    Goal: ingest >= 0.5 of the raw hash's speed. The files are backdated an hour, as a real
    tree's are: a file modified less than a second before ingest reads it is read twice by design
    (source.py, the racy check), and with --quick the youngest file was 0.99 s old when ingest
-   started. Where the filesystem cannot share extents (ext4, the default) ingest writes every
-   byte durably, so `cp -a` + sync is its floor, not the in-memory hash; --fs xfs measures the
-   reflink path (mkfs.xfs needed). Ingest's time includes starting the interpreter and opening
-   the store (about 0.13 s here), the raw hash's does not.
+   started. The rows run once per filesystem of --fs, each on its own fresh loop mount (default
+   ext4 and, where mkfs.xfs is installed, xfs). Where the filesystem cannot share extents (ext4)
+   ingest writes every byte durably, so `cp -a` + sync is its floor, not the in-memory hash; on
+   xfs the objects are reflinks of the sources and ingest reads the clones back (direct I/O,
+   blake3 on every core in its workers), while `cp -a` reflinks too. Ingest's time includes
+   starting the interpreter and opening the store (about 0.13 s here), the raw hash's does not.
 2. A real venv (--venv DIR, else one made here with numpy and pandas from the package index; the
    row is skipped when that fails): ingest against `cp -a`, its first projection (`run -- true`
    with a fresh per-boot layer cache: the cold layer build) against `cp -a`, and the warm run.
    Goal: the cold layer build >= 2x faster than `cp -a`.
 
-Page cache warm for every contender; as root on a fresh loop-mounted ext4 (--no-loop: --base).
+Page cache warm for every contender; as root on fresh loop mounts (--no-loop: --base's own
+filesystem, one row).
 
-Usage: python bench/bench_large.py [--base DIR] [--repeat N] [--venv DIR] [--no-venv] [--fs xfs]
-       [--quick]
+Usage: python bench/bench_large.py [--base DIR] [--repeat N] [--venv DIR] [--no-venv]
+       [--fs ext4,xfs] [--quick]
 Prints a table and writes bench/results/large.json.
 """
 
@@ -160,6 +163,17 @@ def bench_venv(base: Path, venv: Path, repeat: int) -> dict[str, Any]:
     }
 
 
+def _print_large(lg: dict[str, Any], repeat: int) -> None:
+    on = f" on {lg['fs']}" if lg["fs"] else ""
+    print(f"large files{on}: {lg['files']} x {lg['mib'] // lg['files']} MiB (median of {repeat})")
+    print(
+        f"  ingest {lg['veloverlay_mib_s']:,.0f} MiB/s, raw blake3 {lg['raw_mib_s']:,.0f} MiB/s, "
+        f"cp -a {lg['cp_mib_s']:,.0f} MiB/s: {lg['fraction_of_raw']:.2f} of raw (goal >= 0.5), "
+        f"{lg['ratio_vs_cp']:.2f}x cp -a, {lg['ratio_vs_cp_sync']:.2f}x cp -a + sync"
+        + (f"; b3sum -j1 {lg['b3sum_s']:.2f} s" if lg["b3sum_s"] is not None else "")
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--base", default="/var/tmp")
@@ -168,33 +182,39 @@ def main() -> None:
     ap.add_argument("--large-mib", type=int, default=256)
     ap.add_argument("--venv", help="an existing venv to use (default: make one with pip)")
     ap.add_argument("--no-venv", action="store_true", help="only the large files")
-    ap.add_argument("--fs", choices=("ext4", "xfs"), default="ext4", help="the loop fs's type")
+    ap.add_argument(
+        "--fs",
+        default="ext4,xfs",
+        help="the loop filesystems of the large-file rows, comma separated (ext4, xfs; default "
+        "both: xfs where mkfs.xfs is installed); the venv rows run on the first",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-loop", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.repeat, args.large_files, args.large_mib = 1, 2, 32
     loop = os.geteuid() == 0 and not args.no_loop
+    kinds = [k for k in args.fs.split(",") if k]
+    if any(k not in ("ext4", "xfs") for k in kinds) or not kinds:
+        ap.error(f"--fs: ext4 and/or xfs, not {args.fs!r}")
+    if not loop:
+        kinds = kinds[:1]  # --base's own filesystem, whatever it is
+    elif "xfs" in kinds and shutil.which("mkfs.xfs") is None:
+        print("bench: no xfs rows (mkfs.xfs not found: apt-get install xfsprogs)", file=sys.stderr)
+        kinds = [k for k in kinds if k != "xfs"] or ["ext4"]
     size = (8 << 30) + args.repeat * 4 * args.large_files * (args.large_mib << 20)
-    results: dict[str, Any] = {}
-    with scratch(args.base, "velo-bench-large-", size, None, loop, fstype=args.fs) as base:
-        results["large"] = bench_large(base, args.large_files, args.large_mib, args.repeat)
-        results["large"]["fs"] = args.fs if loop else None
-        venv = None
-        if not args.no_venv:
-            venv = Path(args.venv) if args.venv else make_venv(base)
-        results["venv"] = bench_venv(base, venv, args.repeat) if venv is not None else None
-    lg = results["large"]
-    on = f" on {lg['fs']}" if lg["fs"] else ""
-    print(
-        f"large files{on}: {lg['files']} x {lg['mib'] // lg['files']} MiB (median of {args.repeat})"
-    )
-    print(
-        f"  ingest {lg['veloverlay_mib_s']:,.0f} MiB/s, raw blake3 {lg['raw_mib_s']:,.0f} MiB/s, "
-        f"cp -a {lg['cp_mib_s']:,.0f} MiB/s: {lg['fraction_of_raw']:.2f} of raw (goal >= 0.5), "
-        f"{lg['ratio_vs_cp']:.2f}x cp -a, {lg['ratio_vs_cp_sync']:.2f}x cp -a + sync"
-        + (f"; b3sum -j1 {lg['b3sum_s']:.2f} s" if lg["b3sum_s"] is not None else "")
-    )
+    results: dict[str, Any] = {"large": [], "venv": None}
+    for i, fstype in enumerate(kinds):
+        with scratch(args.base, "velo-bench-large-", size, None, loop, fstype=fstype) as base:
+            row = bench_large(base, args.large_files, args.large_mib, args.repeat)
+            row["fs"] = fstype if loop else None
+            results["large"].append(row)
+            if i == 0 and not args.no_venv:
+                venv = Path(args.venv) if args.venv else make_venv(base)
+                if venv is not None:
+                    results["venv"] = bench_venv(base, venv, args.repeat)
+    for row in results["large"]:
+        _print_large(row, args.repeat)
     v = results["venv"]
     if v is not None:
         print(

@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 # libcap-dev: python-prctl builds from source; gcc/make/python3-dev: it and the shim;
-# attr: getfattr/setfattr for debugging; hyperfine + time + git: benchmarks and their peers;
+# attr: getfattr/setfattr for debugging; xfsprogs: a loop-mounted XFS for the reflink tests and
+# benchmark rows (ext4 cannot share extents); hyperfine + time + git: benchmarks and their peers;
 # docker-registry (CNCF distribution) + openssl: the registry the remote tests start, skopeo: reads
 # what they push and is the remote benchmark's peer, as is ostree; zsh + fish: `enter`'s prompt
 # marker is tested under each shell it supports; groff-base: the man page is checked with groff.
-PKGS="libcap-dev gcc make python3-dev python3-venv attr hyperfine time git docker-registry openssl skopeo ostree zsh fish groff-base"
+PKGS="libcap-dev gcc make python3-dev python3-venv attr xfsprogs hyperfine time git docker-registry openssl skopeo ostree zsh fish groff-base"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

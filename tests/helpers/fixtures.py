@@ -39,3 +39,59 @@ def repo(shm_tmp: str, request: pytest.FixtureRequest) -> Iterator[Repo]:
         report = fsck(r.store, r.m, jobs=1)
         assert report.ok, f"fsck after the test: {report.findings[:5]}"
     r.close()
+
+
+def _loop_xfs(top: str) -> str:
+    """A loop-mounted XFS (reflinks) of 512 MiB, sparse, at `top`/mnt; returns the mount point
+    or raises RuntimeError saying why it cannot be made here."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        raise RuntimeError("a loop-mounted filesystem needs root")
+    if shutil.which("mkfs.xfs") is None:
+        raise RuntimeError("mkfs.xfs not found (Debian: apt-get install xfsprogs)")
+    image, mnt = os.path.join(top, "xfs.img"), os.path.join(top, "mnt")
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    for cmd in (["mkfs.xfs", "-q", "-f", "-m", "reflink=1", image], ["mount", "-o", "loop", image]):
+        if cmd[0] == "mount":
+            os.mkdir(mnt)
+            cmd.append(mnt)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:2])}: {r.stderr.strip() or r.returncode}")
+    return mnt
+
+
+@pytest.fixture
+def reflink_dir(tmp_path: str) -> Iterator[str]:
+    """A directory where FICLONE works: the temp dir where the probe finds reflinks there, else
+    (as root) a fresh loop-mounted XFS, unmounted and removed afterwards. Skipped with the
+    reason where neither can be had; a failure when VELO_TEST_MUST_WORK names "reflink"."""
+    import subprocess
+
+    from tests.conftest import must_work
+    from veloverlay import probe
+
+    if probe.detect().feature("reflink").ok:
+        yield str(tmp_path)
+        return
+    top = tempfile.mkdtemp(prefix="velo-test-xfs-", dir="/var/tmp")
+    mnt = os.path.join(top, "mnt")
+    try:
+        try:
+            mnt = _loop_xfs(top)
+        except RuntimeError as exc:
+            msg = f"reflink: not in the temp dir, and no XFS: {exc}"
+            if "reflink" in must_work() or "all" in must_work():
+                pytest.fail(f"VELO_TEST_MUST_WORK names 'reflink' but {msg}")
+            pytest.skip(msg)
+        yield mnt
+    finally:
+        # Its files (+i ones too) go with the image. A busy mount (a failed test's traceback
+        # still holding its store open) is detached lazily.
+        busy = os.path.ismount(mnt) and subprocess.run(["umount", mnt]).returncode != 0
+        if busy:
+            subprocess.run(["umount", "--lazy", mnt], check=True)
+        force_rmtree(top)

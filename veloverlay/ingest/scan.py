@@ -42,7 +42,7 @@ from veloverlay.ingest import dirfd, source, statcache
 from veloverlay.ingest.source import NOT_COMMITTED
 from veloverlay.progress import Progress as ProgressCallback
 from veloverlay.store.cas import Stage, Store
-from veloverlay.store.digest import Digest
+from veloverlay.store.digest import Digest, allow_threads
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, dir_entry_bytes, encode_parts, entry_bytes
 from veloverlay.tiers import Rules
@@ -143,8 +143,9 @@ def worker_init(
     keep: bool,
     coordinator: int,
 ) -> None:
-    if os.getpid() != coordinator:  # a forked worker: room for the objects it holds open
+    if os.getpid() != coordinator:  # a forked worker: room for the objects it holds open,
         workers.allow_files(16384)
+        allow_threads()  # and all cores for a large file (it never makes a namespace)
     _S[:] = [_State(store, Stage.attach(store, stage_name), top, top_fd, cache, rules, keep)]
 
 

@@ -279,8 +279,9 @@ class Stage:
         fd = self._create(path, os.O_RDWR)
         kept = False
         try:
-            if linking.copy_in_kernel(src_fd, fd) is not None:
-                digest, size = hash_own_file(fd)
+            how = linking.copy_in_kernel(src_fd, fd)
+            if how is not None:
+                digest, size = hash_own_file(fd, direct=how is linking.LinkMode.REFLINK)
                 kept = True
         except OSError as exc:
             raise store_error(exc, "copy_file_range", path) from exc
