@@ -49,12 +49,14 @@ def _loop_xfs(top: str) -> str:
 
     if os.geteuid() != 0:
         raise RuntimeError("a loop-mounted filesystem needs root")
-    if shutil.which("mkfs.xfs") is None:
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
+    mkfs = shutil.which("mkfs.xfs", path=search)
+    if mkfs is None:
         raise RuntimeError("mkfs.xfs not found (Debian: apt-get install xfsprogs)")
     image, mnt = os.path.join(top, "xfs.img"), os.path.join(top, "mnt")
     with open(image, "wb") as f:
         f.truncate(512 << 20)
-    for cmd in (["mkfs.xfs", "-q", "-f", "-m", "reflink=1", image], ["mount", "-o", "loop", image]):
+    for cmd in ([mkfs, "-q", "-f", "-m", "reflink=1", image], ["mount", "-o", "loop", image]):
         if cmd[0] == "mount":
             os.mkdir(mnt)
             cmd.append(mnt)

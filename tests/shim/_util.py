@@ -22,8 +22,15 @@ SNAP = os.path.join(HERE, "snap.py")
 def run_shim(store: Store, ref: str, argv: list[str], *, link: bool, **kw: Any) -> SessionResult:
     opts = SessionOptions(refs=[ref], grace=kw.pop("grace", 2.0), **kw)
     opts.link = link  # type: ignore[attr-defined]
-    os.environ["PATH"] = SAFE_PATH
-    return shim_backend.run_shim(store, opts, argv)
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = SAFE_PATH  # the session's command looks it up; restored for later tests
+    try:
+        return shim_backend.run_shim(store, opts, argv)
+    finally:
+        if old is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = old
 
 
 def snapshot_cmd(root: str, out: str) -> str:
