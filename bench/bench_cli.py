@@ -1,7 +1,8 @@
 """The command line's share of a warm session start, beside the CLI it replaced (issue 16).
 
 Warm `veloverlay run REF -- true` on a --files manifest (default 100,000), timed as whole
-processes with hyperfine (medians, plus user+system CPU, which a loaded machine disturbs less):
+processes with hyperfine, every command once per round in a rotating order (medians, plus
+user+system CPU, which a loaded machine disturbs less):
 
 - `python -c pass`: interpreter start-up, the floor every figure is measured from;
 - the CLI of this tree (typer), and the library call it makes (`session.run`), the same session;
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,24 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+from benchlib import RESULTS, ROOT, hyperfine_rounds
 
 
 def hyperfine(cmds: dict[str, str], runs: int, env: dict[str, str]) -> dict[str, dict[str, float]]:
-    with tempfile.NamedTemporaryFile(suffix=".json") as export:
-        args = ["hyperfine", "-N", "--warmup", "3", "--runs", str(runs), "--style", "none"]
-        args += ["--export-json", export.name]
-        for name, cmd in cmds.items():
-            args += ["-n", name, cmd]
-        r = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"bench_cli: hyperfine failed:\n{r.stderr.decode(errors='replace')}")
-        data = json.loads(Path(export.name).read_text())
+    """Each command's median wall and CPU seconds, the commands interleaved in rounds."""
+    got = hyperfine_rounds(cmds, runs, env=env)
     return {
-        r["command"]: {"median_s": r["median"], "cpu_s": r["user"] + r["system"]}
-        for r in data["results"]
+        name: {
+            "median_s": statistics.median(wall for wall, _cpu in ts),
+            "cpu_s": statistics.median(cpu for _wall, cpu in ts),
+        }
+        for name, ts in got.items()
     }
 
 

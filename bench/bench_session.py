@@ -42,7 +42,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
-from benchlib import GIT_ENV, GIT_QUIET, copy_tree  # noqa: E402
+from benchlib import GIT_ENV, GIT_QUIET, copy_tree, hyperfine_rounds  # noqa: E402
 
 from veloverlay import session  # noqa: E402
 from veloverlay.ingest import ingest  # noqa: E402
@@ -70,37 +70,19 @@ def ten_files(root: Path) -> list[str]:
 
 
 def hyperfine(cmds: dict[str, str], runs: int, prepare: str | None = None) -> dict[str, float]:
-    """Median seconds per command, the commands interleaved: `runs` rounds, each timing every
-    command once in an order that rotates from round to round. Timed one command after the
-    other (all runs of the first, then of the second...), the figures of a machine whose speed
-    drifts within minutes, as this kind's does, were set against each other from different
-    minutes: a --million run measured the warm run of the root-native mode 14 ms slower than
-    the userns mode's that way; timed in alternation (20 rounds) on a manifest of the same
-    shape, it was 7 ms faster."""
+    """Median seconds per command, the commands interleaved (`benchlib.hyperfine_rounds`; without
+    hyperfine, timed here the same way)."""
     for name, cmd in cmds.items():  # once first, so that a failing command names itself
         pre = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
         if pre.returncode != 0:
             raise SystemExit(f"error: {name} failed ({pre.returncode}): {pre.stderr.strip()}")
+    if shutil.which("hyperfine") is not None:
+        got = hyperfine_rounds(cmds, runs, prepare=prepare)
+        return {name: statistics.median(wall for wall, _cpu in ts) for name, ts in got.items()}
     names = list(cmds)
     times: dict[str, list[float]] = {name: [] for name in names}
-    use_hyperfine = shutil.which("hyperfine") is not None
     for r in range(runs):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        if use_hyperfine:
-            with tempfile.NamedTemporaryFile(suffix=".json") as export:
-                args = ["hyperfine", "-N", "--warmup", "3" if r == 0 else "0", "--runs", "1"]
-                args += ["--export-json", export.name, "--style", "none"]
-                if prepare:
-                    args += ["--prepare", prepare]
-                for name in order:
-                    args += ["-n", name, cmds[name]]
-                subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-                with open(export.name) as f:
-                    data = json.load(f)
-            for res in data["results"]:
-                times[res["command"]] += [float(t) for t in res["times"]]
-            continue
-        for name in order:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if prepare:
                 subprocess.run(prepare, shell=True, check=True, stdout=subprocess.DEVNULL)
             t0 = time.perf_counter()
