@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from tests.session._util import mode_params
 from veloverlay.ingest import ingest
 from veloverlay.session import relocation
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
@@ -131,3 +132,45 @@ def test_a_session_commit_leaves_the_next_session_nothing_to_search(shm_tmp: str
     cached = sorted(p.name for p in (store.trees / "relocation").iterdir())
     assert any(n.startswith(before.hex()) for n in cached), cached
     assert any(n.startswith(after.hex()) for n in cached), cached
+
+
+def _alias_swapped(base: str) -> tuple[str, str]:
+    """A venv projected away from its ingest path, whose ingest path is, by the time the session
+    binds the projection over it, a symlink to another directory (as its owner can make it
+    between the manager's check and the bind). Returns the session's error (reason, message)."""
+    from tests.session._util import run_session
+    from veloverlay.errors import VeloError
+    from veloverlay.session.overlay import backend
+
+    venv = _venv(base)
+    r = Repo.open(os.path.join(base, "store"), create=True)
+    try:
+        ingest(r.store, r.m, venv, "v", jobs=1)
+    finally:
+        r.close()
+    victim = os.path.join(base, "victim")
+    os.mkdir(victim)
+    with open(os.path.join(victim, "keep"), "w") as f:
+        f.write("mine\n")
+    os.rename(venv, venv + ".old")
+    os.symlink(victim, venv)
+    backend.source_alias = lambda store, original, target: original  # the manager's old answer
+    at, out = os.path.join(base, "at"), os.path.join(base, "out")
+    try:
+        run_session(r.store, ["v"], ["sh", "-c", f"ls {victim} > {out}"], at=at)
+    except VeloError as exc:
+        return exc.reason.value, str(exc)
+    with open(out) as f:
+        return "ran", f.read()
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_the_ingest_path_is_pinned_before_the_projection_covers_it(mode: str) -> None:
+    from tests.helpers.unpriv import unpriv_tmpdir
+    from tests.session._util import as_mode
+
+    with unpriv_tmpdir() as base:
+        reason, text = as_mode(mode, _alias_swapped, base)
+        with open(os.path.join(base, "victim", "keep")) as f:
+            assert f.read() == "mine\n"
+    assert reason == "target-invalid" and "/venv: Not a directory" in text, (reason, text)

@@ -61,7 +61,13 @@ def child_main(ctx: ChildSpec) -> None:
         finally:
             os.close(target_fd)
         for path in ctx.also_at:  # the source stays as it is; its path shows the projection
-            mount.bind(ctx.spec.target, path)
+            # Pinned as the target is: the source's owner may have made its path a symlink
+            # since the manager resolved it (the bind would then cover where that leads).
+            alias_fd = mount.pin_dir(path)
+            try:
+                mount.bind(ctx.spec.target, f"/proc/self/fd/{alias_fd}")
+            finally:
+                os.close(alias_fd)
         # Only now: a read-only store under the upper dir before the overlay mount would make
         # the overlay read-only (measured). The overlay keeps its own reference to the upper.
         mount.bind(ctx.store_root, ctx.store_root, readonly=True)
