@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.unpriv import unpriv_tmpdir
+from tests.helpers.unpriv import UNPRIV_UID, unpriv_tmpdir
 from tests.session._util import (
     FORM_MARKS,
     MODE_MARKS,
@@ -125,6 +125,39 @@ def test_sessions_bind_the_whole_layer_cache_read_only_helper() -> None:
         pytest.skip("no per-boot cache on this host")
     store = Store(Path("/nonexistent-store"))
     assert readonly_caches(store, os.path.join(cache, "1-2")) == [cache]
+
+
+def _cache_inside_target(base: str) -> dict[str, object]:
+    """This user's per-boot cache lies inside the tree the session projects (VELO_RUNTIME_DIR in
+    it): the projection covers it, so the read-only bind of it, made after the overlay mount,
+    is left out (it looked for the cache in the projection: ENOENT, no session)."""
+    from veloverlay.lower.homes import boot_dir
+
+    store, src = new_store(base)
+    runtime = os.path.join(src, "rt")
+    os.mkdir(runtime, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = runtime
+    r = run_session(store, ["t"], ["sh", "-c", f"mkdir -p {runtime} && touch {runtime}/planted"])
+    cache = boot_dir(store.root, create=False)
+    found = sorted(os.listdir(runtime))
+    planted = [os.path.join(d, n) for d, _s, ns in os.walk(runtime) for n in ns if n == "planted"]
+    return {
+        "exit": r.exit_status,
+        "cache_used": cache is not None and os.path.dirname(os.fspath(cache)).startswith(runtime),
+        "runtime": found,
+        "planted": planted,
+        "committed": r.changed,
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_layer_cache_inside_the_projection_is_covered_not_bound(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _cache_inside_target, base)
+    uid = 0 if mode == "root" else UNPRIV_UID
+    assert out["exit"] == 0, out
+    assert out["cache_used"] and out["runtime"] == [f"veloverlay-{uid}"], out
+    assert out["planted"] == [] and out["committed"], out
 
 
 def _tamper_cache(base: str) -> tuple[list[str], list[str]]:
