@@ -19,6 +19,7 @@ process side lives in session/overlay/pid1.py); imports only the leaves and `mou
 from __future__ import annotations
 
 import errno
+import os
 import time
 
 from veloverlay import mount
@@ -73,11 +74,51 @@ class OverlaySpec(Record, frozen=True):
         )
 
 
+def pin_root(spec: OverlaySpec, target_fd: int) -> int:
+    """An O_PATH fd on the root of the overlay just mounted over `target_fd` (`pin_dir` of
+    `spec.target`), for everything done to the projection afterwards. Not by its path: the
+    directory outside the session belongs to the tree's owner, who can rename it and leave a
+    symlink there at any time (a remount by path would then make whatever it leads to read-only,
+    for every namespace). Found beneath the pinned parent without following a symlink, and
+    refused unless it is the root of an overlay mount other than the one `target_fd` is on, with
+    this session's upper dir."""
+    parent, name = os.path.split(spec.target)
+    pfd = mount.pin_dir(parent or "/")
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError as exc:
+        raise VeloError(
+            f"cannot open the projection at {spec.target}: {exc.strerror}",
+            reason=Reason.TARGET_INVALID,
+            path=spec.target,
+        ) from None
+    finally:
+        os.close(pfd)
+    mnt = mount.mnt_id_of(fd)
+    entry = {e.mnt_id: e for e in mount.mounts()}.get(mnt)
+    ours = (
+        entry is not None
+        and mnt != mount.mnt_id_of(target_fd)
+        and mount.overlay_upper(entry) in (spec.upper, mount.escape_option_path(spec.upper))
+    )
+    if not ours:
+        os.close(fd)
+        raise VeloError(
+            f"{spec.target} no longer shows the session's overlay (replaced while it was mounted)",
+            reason=Reason.TARGET_INVALID,
+            path=spec.target,
+            hint="a directory on the way was renamed or replaced; use a path no other user can "
+            "change",
+        )
+    return fd
+
+
 def seal(target: str, wait: float) -> str | None:
-    """Make the session's overlay (mounted at `target`) read-only before its upper dir is
-    harvested: a process outside the session's pid namespace (nsenter without --pid, an fd
-    passed out, a /proc/PID/root path) could otherwise write on while the harvest reads, and
-    what it wrote would be lost without an error. After the seal such writes fail with EROFS.
+    """Make the session's overlay (at `target`: "." after an fchdir to `pin_root`'s fd)
+    read-only before its upper dir is harvested: a process outside the session's pid namespace
+    (nsenter without --pid, an fd passed out, a /proc/PID/root path) could otherwise write on
+    while the harvest reads, and what it wrote would be lost without an error. After the seal
+    such writes fail with EROFS.
 
     A file open for writing makes the remount EBUSY: retried for up to `wait` seconds (a writer
     finishing). Returns None when sealed, else why not (the caller must not harvest while

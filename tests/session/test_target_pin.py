@@ -51,3 +51,51 @@ def test_a_target_re_pointed_before_the_mount_is_refused(mode: str) -> None:
         r = as_mode(mode, _scenario, base)
     assert r["outcome"] == "target-invalid", r
     assert r["victim"] == ["mine"], r
+
+
+def _swapped_after_mount(base: str) -> dict[str, Any]:
+    """The target's parent renamed and replaced by a symlink while the session runs (its owner
+    can do it at any time: outside the session's namespace it is an ordinary directory; done
+    here from the namespace child, just before the seal, on the same shared directories). The
+    symlink leads to another filesystem's mount point: a seal by path would remount that one."""
+    from veloverlay import mount
+    from veloverlay.session.overlay import pid1
+
+    store, _src = new_store(base)
+    owned = os.path.join(base, "owned")
+    os.makedirs(os.path.join(owned, "proj"))
+    victim = os.path.join(base, "victim")
+    os.makedirs(os.path.join(victim, "proj"))
+    mount.mount_tmpfs(os.path.join(victim, "proj"), "size=1m")
+    real = pid1.seal
+
+    def swap_then_seal(target: str, wait: float) -> str | None:
+        os.rename(owned, owned + "-moved")
+        os.symlink(victim, owned)
+        why = real(target, wait)
+        with open(os.path.join(base, "seal"), "w") as f:  # this runs in the namespace child
+            f.write(repr(why))
+        return why
+
+    pid1.seal = swap_then_seal  # type: ignore[assignment]  # a forked child
+    target = os.path.join(owned, "proj")
+    try:
+        res = run_session(store, ["t"], ["sh", "-c", f"echo new > {target}/made"], at=target)
+        readonly = bool(os.statvfs(os.path.join(victim, "proj")).f_flag & os.ST_RDONLY)
+    finally:
+        mount.umount(os.path.join(victim, "proj"))
+    with open(os.path.join(base, "seal")) as f:
+        sealed = f.read()
+    return {
+        "victim_readonly": readonly,
+        "seal": sealed,
+        "commit": res.commit is not None,
+        "exit": res.exit_status,
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "native"))
+def test_the_seal_acts_on_the_mounted_overlay_not_on_the_path(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _swapped_after_mount, base)
+    assert r == {"victim_readonly": False, "seal": "None", "commit": True, "exit": 0}, r

@@ -13,7 +13,7 @@ import os
 import signal
 
 from veloverlay import mount, ns
-from veloverlay.overlay import OverlaySpec, seal
+from veloverlay.overlay import OverlaySpec, pin_root, seal
 from veloverlay.records import Record
 from veloverlay.session import reaper
 
@@ -58,14 +58,17 @@ def child_main(ctx: ChildSpec) -> None:
         target_fd = mount.pin_dir(ctx.spec.target)
         try:
             ctx.spec.mount(target_fd)
+            # From here on the projection is this descriptor, never the target's path again.
+            root_fd = pin_root(ctx.spec, target_fd)
         finally:
             os.close(target_fd)
+        root = f"/proc/self/fd/{root_fd}"
         for path in ctx.also_at:  # the source stays as it is; its path shows the projection
             # Pinned as the target is: the source's owner may have made its path a symlink
             # since the manager resolved it (the bind would then cover where that leads).
             alias_fd = mount.pin_dir(path)
             try:
-                mount.bind(ctx.spec.target, f"/proc/self/fd/{alias_fd}")
+                mount.bind(root, f"/proc/self/fd/{alias_fd}")
             finally:
                 os.close(alias_fd)
         # Only now: a read-only store under the upper dir before the overlay mount would make
@@ -83,7 +86,7 @@ def child_main(ctx: ChildSpec) -> None:
     pid1 = os.fork()
     if pid1 == 0:
         try:
-            _init_main(ctx, maps)
+            _init_main(ctx, maps, root_fd)
         finally:
             os._exit(70)
     if maps is not None:
@@ -91,12 +94,16 @@ def child_main(ctx: ChildSpec) -> None:
     status = ns.wait_child(pid1)
     # Every process of the pid namespace is gone; one outside it may still write (nsenter
     # without --pid, an fd passed out): make the overlay read-only before the manager harvests.
-    why = seal(ctx.spec.target, ctx.grace)
+    # By the descriptor, as "." (/proc is pid 1's by now, where this process has no "self").
+    os.fchdir(root_fd)
+    why = seal(".", ctx.grace)
+    os.chdir("/")  # before the report: the manager counts what still holds the overlay
+    os.close(root_fd)
     reaper.send(ctx.report_fd, {"sealed": why is None, "seal_error": why})
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 70)
 
 
-def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None) -> None:
+def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None:
     """pid 1: /proc, lock the mounts, run the command, reap, clean up leftovers, report."""
     ns.die_with_parent(signal.SIGKILL)
     try:
@@ -107,10 +114,8 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None) -> None:
         # their mounts in the initial user namespace; this is where they get locked too.
         if maps is not None:
             ns.enter_userns(map_root=os.getuid() == 0, parent=maps)
-        try:
-            os.chdir(ctx.cwd)  # re-resolve: a cwd inside the target now means the overlay
-        except OSError:
-            os.chdir(ctx.spec.target)
+        _enter_cwd(ctx, root_fd)
+        os.close(root_fd)
         ns.no_new_privs()
     except BaseException as exc:  # noqa: BLE001
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
@@ -124,3 +129,21 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None) -> None:
         tty_foreground=ctx.tty_foreground,
     )
     os._exit(0)
+
+
+def _enter_cwd(ctx: ChildSpec, root_fd: int) -> None:
+    """The caller's working directory, re-resolved: one inside the target now means the same
+    place in the projection, reached from its root's descriptor (the path outside belongs to the
+    tree's owner, who can make it lead elsewhere); anything else by its path, as the caller had
+    it. Where that is gone, the projection's root."""
+    target = ctx.spec.target.rstrip("/")
+    rel = os.path.relpath(ctx.cwd, target) if ctx.cwd.startswith(target + "/") else None
+    try:
+        if ctx.cwd == ctx.spec.target or rel is not None:
+            os.fchdir(root_fd)
+            if rel is not None:
+                os.chdir(rel)
+        else:
+            os.chdir(ctx.cwd)
+    except OSError:
+        os.fchdir(root_fd)
