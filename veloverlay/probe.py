@@ -126,9 +126,10 @@ def _scratch_base() -> str:
 
 def _force_rmtree(path: str, ident: tuple[int, int]) -> None:
     """Remove a probe dir — the directory `ident` (dev, ino) made at `path`, nothing else —
-    clearing +i where set and opening up mode-000 dirs (overlay's work/work) by descriptor: the
-    dir is another user's (nobody's) while the probes run, and that user could swap anything in
-    it, or it, for a link (files.force_rmtree never follows one). What cannot go stays, logged."""
+    clearing +i where set and opening up mode-000 dirs (overlay's work/work) by descriptor: a
+    subdirectory of it is another user's (nobody's) while the probes run, and that user could
+    swap anything in it for a link (files.force_rmtree never follows one). What cannot go stays,
+    logged."""
     try:
         files.force_rmtree(path, expect=ident, unflag=fsflags.make_mutable)
     except OSError as exc:
@@ -136,18 +137,38 @@ def _force_rmtree(path: str, ident: tuple[int, int]) -> None:
 
 
 @contextlib.contextmanager
-def _scratch(*, owner: int | None = None, under: str | None = None) -> Iterator[str]:
+def _scratch(*, mode: int = 0o700, under: str | None = None) -> Iterator[str]:
+    """A fresh directory of the caller's with `mode` (0711: another uid may pass through it to
+    a subdirectory handed to it, `_subdir`, and can neither list, rename nor replace anything
+    in it), removed afterwards."""
     # The pid in the name: whose scratch it is (a test checks that its own leave nothing).
     prefix = f"{_SCRATCH_PREFIX}{os.getpid()}-"
     path = tempfile.mkdtemp(prefix=prefix, dir=under or _scratch_base())
     st = os.lstat(path)
     try:
-        if owner is not None:  # the mode first: once it is theirs, the path is theirs to move
-            os.chmod(path, 0o755)
-            os.chown(path, owner, owner, follow_symlinks=False)
+        os.chmod(path, mode)  # (mkdtemp made it the caller's a moment ago)
         yield path
     finally:
         _force_rmtree(path, (st.st_dev, st.st_ino))
+
+
+def _subdir(base: str, name: str, *, owner: int | None = None) -> str:
+    """base/name, made 0700 and, with `owner`, handed to that uid — through descriptors (the
+    new directory opened without following a link, then fchown): the caller keeps `base`, and
+    nothing of root's is ever reached by a path through a directory the other uid owns."""
+    bfd = os.open(base, files.DIRFLAGS)
+    try:
+        os.mkdir(name, 0o700, dir_fd=bfd)
+        fd = os.open(name, files.DIRFLAGS, dir_fd=bfd)
+        try:
+            os.fchmod(fd, 0o700)  # whatever the umask
+            if owner is not None:
+                os.fchown(fd, owner, owner)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(bfd)
+    return os.path.join(base, name)
 
 
 # --- probes run inside a namespace child ------------------------------------------------------
@@ -445,27 +466,24 @@ def _detect() -> Capabilities:
     results: dict[str, tuple[bool, str]] = {"root": _has_root()}
     is_root = results["root"][0]
     real_uid0 = os.getuid() == 0
-    with _scratch(owner=_NOBODY if real_uid0 else None) as base:
-        unpriv_base = os.path.join(base, "unpriv")
-        os.mkdir(unpriv_base)
-        if real_uid0:
-            os.chown(unpriv_base, _NOBODY, _NOBODY)
+    # The scratch stays root's (0711); nobody gets its own subdirectory only, and root works
+    # in root-only ones nobody can rename or replace.
+    with _scratch(mode=0o711 if real_uid0 else 0o700) as base:
+        unpriv_base = _subdir(base, "unpriv", owner=_NOBODY if real_uid0 else None)
         # The unprivileged attempt: root becomes nobody in the child before unsharing.
         unpriv = _in_child(unpriv_base, drop=real_uid0, extras=not is_root)
         for name in ("overlay_userns", "data_only_userns"):
             unpriv.setdefault(name, (False, unpriv["userns"][1]))
         results.update(unpriv)
         if is_root:
-            root_base = os.path.join(base, "root")
-            os.mkdir(root_base)
+            root_base = _subdir(base, "root")
             privileged = _in_child(root_base, drop=False, extras=True)
             ok, why = privileged.pop("userns", (False, "no answer from the probe child"))
             results["userns_root"] = (ok, why)
             for name in ("overlay_root", "data_only_root"):  # a child that failed says why
                 privileged.setdefault(name, (False, why if not ok else "not probed"))
             results.update(privileged)
-            native_base = os.path.join(base, "native")
-            os.mkdir(native_base)
+            native_base = _subdir(base, "native")
             try:
                 results.update(ns.run_in_child(_native_probes, native_base))
             except Exception as exc:  # noqa: BLE001

@@ -313,10 +313,11 @@ def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> No
 def test_the_scratch_of_another_uid_is_removed_by_descriptor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Root's probes work in a scratch directory it gives to nobody, and remove it afterwards.
-    The old removal walked it by path: a directory checked not to be a link, then chmod-ed by
-    path (chmod follows links). The scratch's owner swaps a directory of it for a link to one of
-    root's right after the removal listed it: root's directory keeps its mode and content."""
+    """Root's probes work in a scratch directory with a subdirectory it gives to nobody, and
+    remove it afterwards. The old removal walked it by path: a directory checked not to be a
+    link, then chmod-ed by path (chmod follows links). The subdirectory's owner swaps a directory
+    of it for a link to one of root's right after the removal listed it: root's directory keeps
+    its mode and content."""
     from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged
     from veloverlay import files
 
@@ -357,9 +358,9 @@ def test_the_scratch_of_another_uid_is_removed_by_descriptor(
         return subdirs
 
     try:
-        with probe._scratch(owner=UNPRIV_UID) as base:
-            scratch = base
-            run_unprivileged(lambda: os.mkdir(os.path.join(base, "d")))
+        with probe._scratch(mode=0o711) as base:
+            scratch = probe._subdir(base, "theirs", owner=UNPRIV_UID)
+            run_unprivileged(lambda: os.mkdir(os.path.join(scratch, "d")))
             monkeypatch.setattr(probe.fsflags, "is_immutable", is_immutable)
             monkeypatch.setattr(files, "_clear_files", clear_files, raising=False)
         assert swapped, "the removal never reached the attacker's moment"
@@ -371,3 +372,4 @@ def test_the_scratch_of_another_uid_is_removed_by_descriptor(
         if scratch:
             files.force_rmtree(scratch)
         files.force_rmtree(holder)
+
