@@ -373,3 +373,74 @@ def test_the_scratch_of_another_uid_is_removed_by_descriptor(
             files.force_rmtree(scratch)
         files.force_rmtree(holder)
 
+
+def test_nobody_cannot_point_roots_probe_work_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root's probe gives nobody a place to work in. Were the scratch nobody's, nobody could
+    rename what root makes in it right after root made it and leave a link in its place: root
+    then chown-ed a file of its own to nobody (os.chown follows links) and made, wrote and
+    mounted its own probes' files under a directory of its own. Here nobody tries that at each
+    directory root makes in the scratch (`unpriv`, `root`, `native`), as soon as it exists: the
+    file and the directory keep owner, mode and content, and the probe answers as before."""
+    from veloverlay import files, ns
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the probe hands a directory to nobody only then")
+    clean = probe.detect(refresh=True)
+    holder = tempfile.mkdtemp(prefix="velo-victim-", dir="/dev/shm")
+    os.chmod(holder, 0o755)
+    victim_file, victim_dir = os.path.join(holder, "file"), os.path.join(holder, "dir")
+    with open(victim_file, "w") as f:
+        f.write("root's\n")
+    os.chmod(victim_file, 0o644)
+    os.mkdir(victim_dir, 0o755)
+    with open(os.path.join(victim_dir, "keep"), "w") as f:
+        f.write("root's\n")
+    targets = {"unpriv": victim_file, "root": victim_dir, "native": victim_dir}
+    me, real_mkdir, tried = os.getpid(), os.mkdir, dict[str, str]()
+
+    def swap(path: str, target: str) -> str:
+        ns.drop_to_user(probe._NOBODY, probe._NOBODY)
+        try:
+            os.rename(path, path + ".moved")
+            os.symlink(target, path)
+        except OSError as exc:
+            return errno.errorcode[exc.errno or 0]
+        return "swapped"
+
+    def mkdir(path: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        where = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else ""
+        full = os.path.join(where, path)
+        scratch = os.path.basename(os.path.dirname(full))
+        name = os.path.basename(full)
+        if os.getpid() == me and scratch.startswith(f"velo-probe-{me}-") and name in targets:
+            tried[name] = ns.run_in_child(swap, full, targets[name])
+
+    try:
+        monkeypatch.setattr(os, "mkdir", mkdir)  # the probe's mkdir, in this process only
+        try:
+            caps = probe.detect(refresh=True)
+        finally:
+            monkeypatch.undo()
+        assert set(tried) == set(targets), "nobody never got its moment"
+        fst, dst = os.stat(victim_file), os.stat(victim_dir)
+        with open(victim_file) as f:
+            content = f.read()
+        seen = {
+            "file": (fst.st_uid, fst.st_gid, oct(fst.st_mode & 0o7777), content),
+            "dir": (
+                dst.st_uid,
+                dst.st_gid,
+                oct(dst.st_mode & 0o7777),
+                sorted(os.listdir(victim_dir)),
+            ),
+        }
+        assert seen == {"file": (0, 0, "0o644", "root's\n"), "dir": (0, 0, "0o755", ["keep"])}, (
+            tried
+        )
+        assert caps.features == clean.features, tried
+        assert set(tried.values()) == {"EACCES"}, tried  # base is root's: no rename in it
+    finally:
+        monkeypatch.undo()
+        probe.detect(refresh=True)
+        files.force_rmtree(holder)
