@@ -1,50 +1,130 @@
 """Materialise a manifest as a real directory tree (bytes, modes, mtimes, symlinks, empty dirs).
 
-Writes only inside the destination: every directory is created by us and entered through a
-directory fd opened with O_NOFOLLOW, every file is created with O_EXCL|O_NOFOLLOW relative to it,
-so no symlink (from the manifest or planted concurrently) is ever followed, and names were
-validated when the node was decoded. Directory modes and mtimes are set last, deepest first.
+Writes only inside the destination: the destination itself is made (or found empty) and opened
+through its parent, pinned, and must still be where its path says (`claim_dir`: a directory on
+the way may be another user's, who can swap it for a symlink to one of root's); every directory
+below is created by us and entered through a directory fd opened with O_NOFOLLOW, every file is
+created with O_EXCL|O_NOFOLLOW relative to it, so no symlink (from the manifest or planted
+concurrently) is ever followed, and names were validated when the node was decoded. Directory
+modes and mtimes are set last, deepest first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Iterator
 
+from veloverlay import files
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
+from veloverlay.mount import pin_dir
 from veloverlay.progress import Progress
 from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
 
-__all__ = ["checkout", "tree_totals"]
+__all__ = ["checkout", "claim_dir", "resolve_dest", "tree_totals"]
 
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
+def resolve_dest(path: str) -> str:
+    """`path` made absolute, its parent resolved once (realpath); the last component is kept as
+    given, never followed (a symbolic link there is not a directory to write into)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def claim_dir(real: str, mode: int) -> tuple[int, bool]:
+    """(descriptor, created) of the directory at `real` (absolute, resolved: `resolve_dest`),
+    made with `mode` if missing. Everything goes by descriptor from the parent on: the parent is
+    pinned (`mount.pin_dir`: a symlink on the way since the resolution is refused), the last
+    component made and opened relative to it, never followed (DIRFLAGS). A user who owns a
+    directory on the way can rename it, or swap it for a symlink to one of root's, at any
+    moment; root then never writes into, nor takes the identity of, what the path leads to
+    instead. The directory opened must still be at `real` (else TARGET_INVALID; one made here
+    is removed again): a tree written where its parent was moved is not where it was asked.
+
+    FileNotFoundError: the parent is missing; NotADirectoryError: the entry exists and is no
+    directory (a symlink included); TARGET_INVALID: the path changed on the way."""
+    parent, name = os.path.split(real)
+    if not name or name in (".", ".."):
+        raise NotADirectoryError(errno.EISDIR, "not a name to make", real)
+    try:
+        pfd = pin_dir(parent or "/")
+    except VeloError as exc:
+        if exc.reason is Reason.NOT_FOUND:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", parent) from None
+        raise
+    try:
+        try:
+            os.mkdir(name, mode, dir_fd=pfd)
+            created = True
+        except FileExistsError:
+            created = False
+        try:
+            fd = os.open(name, DIRFLAGS, dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise
+            if created:  # ours, and since replaced or moved by whoever owns the parent
+                raise _moved(real, "the directory made there was replaced") from None
+            if exc.errno == errno.ENOENT:
+                raise
+            raise NotADirectoryError(exc.errno, "not a directory", real) from None
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")  # as `pin_dir`: where the kernel says
+        except OSError:
+            where = "?"
+        if where != real:
+            st = os.fstat(fd)
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    files.rmdir_at(pfd, name, expect=(st.st_dev, st.st_ino))
+            what = "made" if created else "found"
+            raise _moved(real, f"the directory {what} there is now at {where}")
+    finally:
+        os.close(pfd)
+    return fd, created
+
+
+def _moved(real: str, what: str) -> VeloError:
+    return VeloError(
+        f"{real} changed while it was opened: {what}",
+        reason=Reason.TARGET_INVALID,
+        path=real,
+        hint="a directory on the way was replaced (by a symlink, or renamed); use a path "
+        "that no other user can change",
+    )
+
+
 def _prepare_dest(dest: str) -> int:
     try:
-        os.mkdir(dest, 0o700)
-    except FileExistsError:
-        if os.path.islink(dest) or not os.path.isdir(dest):
-            raise VeloError(
-                f"{dest} exists and is not a directory", reason=Reason.EXISTS, path=dest
-            ) from None
-        if os.listdir(dest):
+        fd, created = claim_dir(resolve_dest(dest), 0o700)
+    except NotADirectoryError:
+        raise VeloError(
+            f"{dest} exists and is not a directory", reason=Reason.EXISTS, path=dest
+        ) from None
+    except FileNotFoundError:
+        raise VeloError(
+            f"the parent of {dest} does not exist", reason=Reason.NOT_FOUND, path=dest
+        ) from None
+    try:
+        if not created and os.listdir(fd):
             raise VeloError(
                 f"{dest} is not empty",
                 reason=Reason.EXISTS,
                 path=dest,
                 hint="check out into a new or empty directory",
-            ) from None
-    except FileNotFoundError:
-        raise VeloError(
-            f"the parent of {dest} does not exist", reason=Reason.NOT_FOUND, path=dest
-        ) from None
-    return os.open(dest, DIRFLAGS)
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 REPORT_BYTES = 8 << 20  # a progress report at least this often while big files are written
