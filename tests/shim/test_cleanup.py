@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.races import swap_at_mkdir
 from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, new_store
 from tests.shim._util import run_shim
@@ -150,3 +151,28 @@ def test_an_ancestor_swapped_before_the_removal_is_an_error_not_silence(victim: 
         assert "new" in out["committed"], out  # the session's work is in the ref
         left = sorted(["new", *os.listdir(os.path.join(base, "src"))])
         assert out["moved"] == left, out  # the session's tree, where it was moved: left alone
+
+
+def test_an_ancestor_swapped_right_after_the_target_is_made_is_refused(
+    victim: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap lands between root's mkdir of the target and the identity taken of it: the old
+    code took that identity by path, through the link, so root's directory became "the
+    session's tree": materialised into (its mode changed), then emptied and removed at the end.
+    Now the target is made and opened through its pinned parent and must still be where its
+    path says: the session refuses to start (target-invalid), removes the directory it made,
+    and root's directory keeps its mode and content."""
+    with unpriv_tmpdir() as base:
+        anc = os.path.join(base, "anc")
+        proj = os.path.join(anc, "proj")
+        swap_at_mkdir(monkeypatch, proj, lambda: _repoint(anc, victim), before=False)
+        out = as_mode("root", _session, base, existing=False, seam=lambda: None)
+        monkeypatch.undo()
+        assert _intact(victim) == INTACT, out
+        assert "error" in out, out
+        reason, message = out["error"]
+        assert reason == "target-invalid", out
+        assert "changed while it was opened" in message, message
+        assert out["moved"] is None, out  # the directory made there was removed again
+        assert os.listdir(anc + ".moved") == [], out
+        assert os.listdir(os.path.join(base, "store", "sessions")) == [], out

@@ -31,8 +31,13 @@ def _materialize(store: Store, target: str, *, link: bool):  # type: ignore[no-u
     try:
         with m.read() as txn:
             _ref, c = m.resolve(txn, "t")
-            prepare_target(target, store)
-            return materialize(store, m, txn, bytes.fromhex(c.root), target, link=link)
+            top = prepare_target(target, store)
+            try:
+                return materialize(
+                    store, m, txn, bytes.fromhex(c.root), target, link=link, fd=top.fd
+                )
+            finally:
+                os.close(top.fd)
     finally:
         m.close()
 
@@ -101,8 +106,11 @@ def test_target_must_be_new_or_empty(tmp_path: Path) -> None:
         with pytest.raises(VeloError) as exc:
             prepare_target(os.fspath(bad), store)
         assert exc.value.reason is Reason.TARGET_INVALID
-    assert prepare_target(os.fspath(tmp_path / "new"), store) is True
-    assert prepare_target(os.fspath(tmp_path / "new"), store) is False  # empty: fine
+    for created in (True, False):  # new, then empty: fine
+        top = prepare_target(os.fspath(tmp_path / "new"), store)
+        os.close(top.fd)
+        assert top.created is created
+        assert top.real == os.path.realpath(tmp_path / "new")
 
 
 def test_session_refuses_a_non_empty_target() -> None:

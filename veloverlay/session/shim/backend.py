@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from veloverlay.session.shim import library
 from veloverlay.session.shim.library import RecType
 from veloverlay.session.shim.materialize import (
     Baseline,
+    TargetDir,
     materialize,
     prepare_target,
     verify_proxies,
@@ -340,13 +342,17 @@ def run_shim(
         warnings.append("--as-root is not available with the shim backend: ids are unchanged")
     lib = library.library_path()
     m = Manifests(store)
+    top: TargetDir | None = None
     try:
         store.writable()
         stack, target = _resolve(m, opts)
         ref = stack.refs[-1]
         refuse_exposed_source(store, m, stack.view, ref.path, target)
-        created = prepare_target(target, store)
-        tst = os.lstat(target)  # the tree's top: only this directory is ever read or removed
+        # The tree's top, open: only this directory is ever written, read or removed. Its
+        # identity comes from the descriptor, never from the path (a directory on the way may
+        # be another user's, who can swap it for a symlink to one of root's at any moment).
+        top = prepare_target(target, store)
+        tst = os.fstat(top.fd)
         sid = state.new_id()
         sdir = store.sessions / sid
         store.sessions.mkdir(exist_ok=True)
@@ -365,9 +371,9 @@ def run_shim(
             roots=[c.root for c in stack.commits]
             + [r.hex() for r in (stack.view, stack.below) if r is not None],
             below_root=stack.below.hex() if stack.below is not None else None,
-            target_real=os.path.realpath(target),
-            target_created=created,
-            target_mode=0o755 if created else os.stat(target).st_mode & 0o7777,
+            target_real=top.real,
+            target_created=top.created,
+            target_mode=0o755 if top.created else stat.S_IMODE(tst.st_mode),
             target_id=[tst.st_dev, tst.st_ino],
             pid=os.getpid(),
             pid_start=proc_start(os.getpid()),
@@ -408,7 +414,10 @@ def run_shim(
                     protect=protect,
                     progress=progress,
                     ident=_ident(st),
+                    fd=top.fd,
                 )
+            os.close(top.fd)
+            top = None
             mat.baseline.save(sdir / "baseline")
             st.form = mat.form
             st.protection = _protection(mat.form == "link", mat.tier1_protected)
@@ -442,6 +451,8 @@ def run_shim(
         stop_daemon(st)
         return _finish(store, m, st, status)
     finally:
+        if top is not None:
+            os.close(top.fd)
         m.close()
 
 

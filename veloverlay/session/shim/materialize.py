@@ -38,7 +38,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.access import private_dir
 from veloverlay.store.cas import Store, object_corrupt, object_missing
-from veloverlay.store.checkout import REPORT_BYTES, tree_totals
+from veloverlay.store.checkout import REPORT_BYTES, claim_dir, resolve_dest, tree_totals
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
@@ -47,6 +47,7 @@ __all__ = [
     "Baseline",
     "Materialized",
     "materialize",
+    "TargetDir",
     "prepare_target",
     "open_target",
     "proxies_dir",
@@ -112,13 +113,22 @@ class Materialized(Record):
     warnings: list[str] = field(default_factory=list)
 
 
-def prepare_target(target: str, store: Store) -> bool:
-    """Check `target` may receive a tree; create it if missing. Returns True if we created it.
+class TargetDir(Record, frozen=True):
+    fd: int  # the directory, open (DIRFLAGS): the caller's to close
+    real: str  # its path: the parent resolved once, the last component never followed
+    created: bool
+
+
+def prepare_target(target: str, store: Store) -> TargetDir:
+    """Check `target` may receive a tree; create it if missing. It comes back open, reached and
+    checked only through descriptors (`claim_dir`): its (dev, ino), mode, owner and emptiness
+    are those of the directory at `real`, whoever swaps a directory on the way meanwhile; the
+    caller goes on with the descriptor, never with the path.
 
     Refused (TARGET_INVALID): a non-empty directory, a non-directory, a symlink, a path that
-    contains or lies inside the store, a missing parent.
+    contains or lies inside the store, a missing parent, a path that changed on the way.
     """
-    real = os.path.realpath(target)
+    real = resolve_dest(target)
     sroot = os.path.realpath(store.root)
     if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
         raise VeloError(
@@ -128,24 +138,31 @@ def prepare_target(target: str, store: Store) -> bool:
             path=target,
         )
     try:
-        st = os.lstat(target)
+        fd, created = claim_dir(real, 0o700)
     except FileNotFoundError:
-        try:
-            os.mkdir(target, 0o700)
-        except FileNotFoundError:
-            raise VeloError(
-                f"the parent of {target} does not exist",
-                reason=Reason.TARGET_INVALID,
-                hint="create it, or choose another --at",
-                path=target,
-            ) from None
-        return True
-    if not stat.S_ISDIR(st.st_mode):
+        raise VeloError(
+            f"the parent of {target} does not exist",
+            reason=Reason.TARGET_INVALID,
+            hint="create it, or choose another --at",
+            path=target,
+        ) from None
+    except NotADirectoryError:
         raise VeloError(
             f"{target} exists and is not a directory",
             reason=Reason.TARGET_INVALID,
             path=target,
-        )
+        ) from None
+    try:
+        if not created:
+            _check_existing(target, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return TargetDir(fd, real, created)
+
+
+def _check_existing(target: str, fd: int) -> None:
+    st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         raise VeloError(
             f"{target} belongs to uid {st.st_uid}: that user could add files to the tree, and "
@@ -154,7 +171,7 @@ def prepare_target(target: str, store: Store) -> bool:
             hint="project into a new directory, or one of your own (--at)",
             path=target,
         )
-    if os.listdir(target):
+    if os.listdir(fd):
         raise VeloError(
             f"{target} is not empty: the shim backend materialises the tree there and cannot "
             "hide what is already in it",
@@ -163,7 +180,6 @@ def prepare_target(target: str, store: Store) -> bool:
             "(ingest --adopt)",
             path=target,
         )
-    return False
 
 
 def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
@@ -360,9 +376,12 @@ def materialize(
     protect: bool = False,
     progress: Progress | None = None,
     ident: tuple[int, int] | None = None,
+    fd: int | None = None,
 ) -> Materialized:
     """Write the tree `root` into the (new or empty, checked) directory `target`.
 
+    `fd`: that directory, open (`prepare_target`'s; left open): written through it, never
+    reached by the path again. Without it, `target` is opened and must be `ident`.
     `protect`: set `chattr +i` on the Tier-1 objects the tree symlinks to (root only).
     `progress(entries, total, bytes, total bytes)`: as checkout's (the totals counted first).
     """
@@ -371,8 +390,8 @@ def materialize(
     placed = reported = 0
     res = Materialized(form="link" if link else "copy")
     placer = _Placer(store, res, link=link, protect=protect)
+    top = open_target(target, ident) if fd is None else os.open(".", DIRFLAGS, dir_fd=fd)
     old_umask = os.umask(0)  # modes are applied exactly as the manifest says
-    top = open_target(target, ident)
     # Post-order over an explicit stack: ("dir", fd, digest) fills a directory, ("done", fd,
     # mode, mtime) then sets its own metadata once everything inside it exists.
     stack: list[tuple[str, int, bytes, int, int]] = [("dir", top, root, 0, 0)]
