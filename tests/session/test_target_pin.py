@@ -6,14 +6,18 @@ what the symlink leads to."""
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 import pytest
 
-from tests.helpers.unpriv import unpriv_tmpdir
+from tests.helpers.races import swap_at_mkdir
+from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import as_mode, mode_params, new_store, run_session
-from veloverlay.errors import VeloError
+from veloverlay.errors import Reason, VeloError
 from veloverlay.session.overlay import backend
+from veloverlay.session.target import overlay_target, resolve_stack
+from veloverlay.store.manifest import Manifests
 
 
 def _scenario(base: str) -> dict[str, Any]:
@@ -99,3 +103,40 @@ def test_the_seal_acts_on_the_mounted_overlay_not_on_the_path(mode: str) -> None
     with unpriv_tmpdir() as base:
         r = as_mode(mode, _swapped_after_mount, base)
     assert r == {"victim_readonly": False, "seal": "None", "commit": True, "exit": 0}, r
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, and another uid as the attacker")
+def test_a_missing_target_is_made_where_its_path_says_or_not_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing target is made by the manager: the old code resolved it, then made it by path,
+    so a directory on the way swapped for a symlink in between (by uid UNPRIV_UID, who owns it)
+    had root make the directory in one of root's own. Now it is made through its pinned parent
+    and must be where the path says (else target-invalid, and it is removed again)."""
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        anc = os.path.join(base, "anc")
+        os.mkdir(anc)
+        os.chown(anc, UNPRIV_UID, UNPRIV_UID)
+        victim = os.path.join(base, "victim")  # root's
+        os.mkdir(victim)
+        os.chmod(victim, 0o750)
+
+        def attack() -> None:
+            os.rename(anc, anc + ".moved")
+            os.symlink(victim, anc)
+
+        m = Manifests(store)
+        try:
+            top = resolve_stack(m, ["t"]).refs[-1]
+        finally:
+            m.close()
+        target = os.path.join(anc, "proj")
+        swap_at_mkdir(monkeypatch, target, lambda: run_unprivileged(attack), before=True)
+        with pytest.raises(VeloError) as exc:
+            overlay_target(store, target, top)
+        monkeypatch.undo()
+        assert exc.value.reason is Reason.TARGET_INVALID, exc.value
+        assert os.listdir(victim) == []
+        assert stat.S_IMODE(os.stat(victim).st_mode) == 0o750
+        assert os.listdir(anc + ".moved") == []

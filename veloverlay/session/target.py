@@ -13,6 +13,7 @@ import os
 from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
+from veloverlay.store.checkout import claim_dir
 from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
 from veloverlay.store.stack import stack_roots
 
@@ -94,5 +95,7 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             hint="pass --at DIR (an existing directory, or one whose parent is writable)",
             path=real,
         )
-    os.mkdir(real, 0o755)
+    # made through its parent, pinned: never in a directory a symlink put on the way since
+    fd, _created = claim_dir(real, 0o755)
+    os.close(fd)
     return real
