@@ -35,6 +35,7 @@ __all__ = [
     "wait_for_writes",
     "real_root",
     "untrusted_on_path",
+    "realpath_safe",
 ]
 
 # Open a directory we walk or write into without following a symlink; create a file exclusively.
@@ -461,3 +462,57 @@ def untrusted_on_path(path: str | os.PathLike[str], trusted: set[int]) -> tuple[
             return cur, why
         sticky.append(bool(st.st_mode & stat.S_ISVTX))
     return cur, None
+
+
+def realpath_safe(path: str | os.PathLike[str], reason: Reason) -> str:
+    """`os.path.realpath(path)`, except that root refuses (VeloError with `reason`) to follow a
+    symbolic link that belongs to another user into a directory that user does not own: a link
+    of alice's in her home that leads to /etc would have root mount, write, bind or rename
+    there (systemd's CHASE_SAFE rule; a link of root's, or one to its owner's own files, is
+    followed). A change made after this resolution is for the caller to catch (it works on
+    descriptors from here: `mount.pin_dir`); this judges what is on the path now."""
+    text = os.path.abspath(os.fspath(path))
+    real = os.path.realpath(text)
+    if os.geteuid() != 0:
+        return real
+    todo = [c for c in reversed(text.split("/")) if c not in ("", ".")]
+    cur, hops = "/", 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        child = os.path.join(cur, name)
+        try:
+            st = os.lstat(child)
+        except OSError:
+            break  # nothing below a missing component is followed
+        if not stat.S_ISLNK(st.st_mode):
+            cur = child
+            continue
+        hops += 1
+        dest = os.path.realpath(child)
+        owner = _owner_of_nearest(dest)
+        if st.st_uid != 0 and st.st_uid != owner:
+            raise VeloError(
+                f"{child} is a symbolic link of uid {st.st_uid} to {dest}, which belongs to "
+                f"uid {owner}: root does not follow another user's link there",
+                reason=reason,
+                hint=f"name the place itself ({dest}) if that is what you mean",
+                path=child,
+            )
+        if hops > 40:  # a loop: realpath gave up on it too, and opening it will say so
+            break
+        cur = dest
+    return real
+
+
+def _owner_of_nearest(path: str) -> int:
+    """The owner of `path`, or of its nearest existing ancestor."""
+    while True:
+        try:
+            return os.lstat(path).st_uid
+        except OSError:
+            if path == "/":
+                return 0
+            path = os.path.dirname(path)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import write_json_atomic
+from veloverlay.files import realpath_safe, write_json_atomic
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Kind, Op, OpKind
@@ -192,7 +192,10 @@ def source_alias(store: Store, original: str | None, target: str) -> str | None:
     (issue 15). None: no source in the way, or the two paths nest (one cannot hide the other)."""
     if not original:
         return None
-    real = os.path.realpath(original)
+    try:  # root never binds over where another user's link leads
+        real = realpath_safe(original, Reason.TARGET_INVALID)
+    except VeloError:
+        return None
     target = os.path.realpath(target)
     sroot = os.path.realpath(store.root)
     if not os.path.isdir(real) or real == "/":

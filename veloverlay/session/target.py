@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
@@ -68,7 +69,7 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR",
         )
-    real = os.path.realpath(os.path.abspath(where))
+    real = files.realpath_safe(where, Reason.TARGET_INVALID)
     sroot = os.path.realpath(store.root)
     if inside(real, sroot) or inside(sroot, real):
         raise VeloError(
