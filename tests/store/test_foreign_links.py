@@ -104,3 +104,40 @@ def test_checkout_projection_and_ingest_refuse_the_link(place: dict[str, str]) -
         assert sorted(os.listdir(place["roots"])) == ["dest", "keep"]
     finally:
         repo.close()
+
+
+def test_export_neither_follows_the_link_nor_a_swap(
+    place: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export: through the link, refused; with the directory swapped for a link to root's while
+    the bundle is written, the bundle still lands where it began (the directory, now moved)."""
+    from veloverlay.store import bundle
+
+    repo = Repo.open(os.path.join(place["base"], "store"), create=True)
+    try:
+        src = os.path.join(place["base"], "src")
+        os.mkdir(src)
+        with open(os.path.join(src, "f"), "w") as f:
+            f.write("tree\n")
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+        with pytest.raises(VeloError) as info:
+            bundle.export_to_path(repo.store, repo.m, "t", os.path.join(place["evil"], "b"))
+        assert info.value.reason is Reason.BAD_PATH
+        theirs = place["theirs"]
+        real_export = bundle.export_bundle
+
+        def swap_then_export(*args: object) -> object:
+            def attack() -> None:
+                os.rename(theirs, theirs + ".moved")
+                os.symlink(place["roots"], theirs)
+
+            run_unprivileged(attack)
+            return real_export(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(bundle, "export_bundle", swap_then_export)
+        info_ok = bundle.export_to_path(repo.store, repo.m, "t", os.path.join(theirs, "b"))
+        assert info_ok["objects"] == 1
+        assert _untouched(place)
+        assert sorted(os.listdir(theirs + ".moved")) == ["b", "proj"]
+    finally:
+        repo.close()

@@ -21,8 +21,9 @@ import struct
 from collections.abc import Iterator
 from typing import IO, Any
 
-from veloverlay import faults
+from veloverlay import faults, files
 from veloverlay.errors import Reason, VeloError
+from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
@@ -108,16 +109,33 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     `output`; on any failure the `.part` file is removed and `output` is left as it was.
     (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.) The bundle is
     its creator's alone (0600): it holds the bytes of every file of the version, private ones
-    too, which a private store keeps from other users (`chmod` it to share it)."""
-    tmp = output + ".part"
+    too, which a private store keeps from other users (`chmod` it to share it).
+
+    The directory is resolved once (`files.realpath_safe`: root follows no other user's link
+    into a directory that user does not own) and pinned; the file is made, renamed and removed
+    relative to it, so a directory on the way swapped meanwhile cannot send any of it elsewhere."""
+    parent, name = os.path.split(os.path.abspath(output))
+    if not name:
+        raise VeloError(f"{output} names no file", reason=Reason.BAD_PATH, path=output)
+    pfd = pin_dir(files.realpath_safe(parent, Reason.BAD_PATH))
+    try:
+        return _export_at(store, m, spec, pfd, name, output)
+    finally:
+        os.close(pfd)
+
+
+def _export_at(
+    store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
+) -> dict[str, Any]:
+    tmp = name + ".part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, flags, 0o600)
+        fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
     except FileExistsError:
         raise VeloError(
-            f"{tmp} exists (another export, or one that was killed)",
+            f"{output}.part exists (another export, or one that was killed)",
             reason=Reason.EXISTS,
-            path=tmp,
+            path=output + ".part",
             hint="remove it if no export is running",
         ) from None
     try:
@@ -125,10 +143,10 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
             info = export_bundle(store, m, spec, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, output)
+        os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=pfd)
         raise
     return info
 
