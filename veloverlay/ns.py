@@ -32,6 +32,7 @@ __all__ = [
     "IdMaps",
     "ParentMaps",
     "run_in_child",
+    "run_in_child_plain",
     "enter_userns",
     "drop_to_user",
     "loopback_up",
@@ -178,19 +179,16 @@ def _no_result(pid: int, status: int) -> VeloError:
     )
 
 
-def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-    """Run `fn(*args, **kw)` in a forked child; return its result or re-raise its exception.
-
-    The child is single-threaded, so it may unshare a user namespace; its namespaces, mounts and
-    credentials die with it. The result and exceptions must be picklable.
-    """
+def _run_forked(payload: Callable[[], bytes]) -> tuple[bytes, int, int]:
+    """Fork; the child writes `payload()` to a pipe and exits. Returns (what it wrote, its pid,
+    its wait status)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         status = 0
         try:
             os.close(rfd)
-            _write_all(wfd, _child_payload(fn, args, kw))
+            _write_all(wfd, payload())
         except BaseException:  # noqa: BLE001 - never return into the parent's stack
             status = 70
         finally:
@@ -204,6 +202,17 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     finally:
         os.close(rfd)
         status = wait_child(pid)
+    return data, pid, status
+
+
+def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """Run `fn(*args, **kw)` in a forked child; return its result or re-raise its exception.
+
+    The child is single-threaded, so it may unshare a user namespace; its namespaces, mounts and
+    credentials die with it. The result and exceptions must be picklable. Never for a child that
+    gives up privileges: `run_in_child_plain`.
+    """
+    data, pid, status = _run_forked(lambda: _child_payload(fn, args, kw))
     kind: str = ""
     value: Any = None
     if data:
@@ -219,6 +228,43 @@ def run_in_child(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         raise _no_result(pid, status)
     result: T = value
     return result
+
+
+_PLAIN_MAX = 1 << 20  # a plain answer larger than this is no answer
+
+
+def run_in_child_plain(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """`run_in_child` for a child that gives up its privileges (`drop_to_user`): its answer
+    comes back as JSON, never as a pickle. Such a child is dumpable (it must be, to write its
+    own uid_map), so any process of the uid it became may ptrace it and have it write anything
+    to the pipe; unpickled by root, that would be code run as root. Only plain data crosses
+    (dicts with string keys, lists, strings, numbers, booleans, None; a tuple comes back as a
+    list); an exception in the child comes back as a VeloError carrying its message and reason.
+    Anything else is the child's failure (VeloError, SYSCALL)."""
+    import json
+
+    def payload() -> bytes:
+        try:
+            answer: dict[str, Any] = {"ok": fn(*args, **kw)}
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            reason = exc.reason.value if isinstance(exc, VeloError) else Reason.SYSCALL.value
+            answer = {"err": f"{type(exc).__name__}: {exc}", "reason": reason}
+        return json.dumps(answer).encode()
+
+    data, pid, status = _run_forked(payload)
+    try:
+        answer = json.loads(data) if 0 < len(data) <= _PLAIN_MAX else None
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and "ok" in answer:
+        return answer["ok"]
+    if isinstance(answer, dict) and isinstance(answer.get("err"), str):
+        try:
+            reason = Reason(answer.get("reason"))
+        except ValueError:
+            reason = Reason.SYSCALL
+        raise VeloError(f"in child process {pid}: {answer['err']}", reason=reason)
+    raise _no_result(pid, status)
 
 
 # --- user namespaces --------------------------------------------------------------------------

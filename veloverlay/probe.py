@@ -358,10 +358,22 @@ def _namespace_probes(base: str, *, drop: bool, extras: bool) -> dict[str, tuple
 
 
 def _in_child(base: str, *, drop: bool, extras: bool) -> dict[str, tuple[bool, str]]:
+    """The namespace probes in a child; one that drops to nobody answers in plain data only
+    (`ns.run_in_child_plain`: any process of nobody's could make it write anything)."""
     try:
-        return ns.run_in_child(_namespace_probes, base, drop=drop, extras=extras)
+        if not drop:
+            return ns.run_in_child(_namespace_probes, base, drop=drop, extras=extras)
+        got = ns.run_in_child_plain(_namespace_probes, base, drop=drop, extras=extras)
+        return {str(k): _plain_result(v) for k, v in dict(got).items()}
     except Exception as exc:  # noqa: BLE001
         return {"userns": (False, f"probe child failed: {_why(exc)}")}
+
+
+def _plain_result(value: object) -> tuple[bool, str]:
+    """A (works, why) pair as JSON brings it back (a list); anything else is refused."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], bool):
+        return value[0], str(value[1])
+    raise ValueError(f"not a probe result: {value!r:.80}")
 
 
 # --- probes run in the calling process --------------------------------------------------------
@@ -451,7 +463,7 @@ def _fuse(*, drop: bool) -> tuple[bool, str]:
         return _attempt(_open_fuse)
 
     try:
-        return ns.run_in_child(as_nobody)
+        return _plain_result(ns.run_in_child_plain(as_nobody))
     except Exception as exc:  # noqa: BLE001
         return False, f"probe child failed: {_why(exc)}"
 

@@ -299,3 +299,26 @@ def test_loopback_up_in_a_new_net_namespace(use_pyroute2: bool) -> None:
     before, after = run_unprivileged(net)
     assert before != "connected"  # lo starts down in a fresh net namespace
     assert after == "connected"
+
+
+def _plain(kind: str) -> object:
+    if kind == "data":
+        return {"a": (True, "why"), "n": [1, 2.5, None]}
+    if kind == "velo":
+        raise VeloError("not there", reason=Reason.NOT_FOUND)
+    if kind == "other":
+        raise KeyError("k")
+    return object()  # not JSON
+
+
+def test_run_in_child_plain_brings_back_plain_data_only() -> None:
+    assert ns.run_in_child_plain(_plain, "data") == {"a": [True, "why"], "n": [1, 2.5, None]}
+    with pytest.raises(VeloError) as info:
+        ns.run_in_child_plain(_plain, "velo")
+    assert info.value.reason is Reason.NOT_FOUND and "VeloError: not there" in str(info.value)
+    with pytest.raises(VeloError) as info:
+        ns.run_in_child_plain(_plain, "other")
+    assert info.value.reason is Reason.SYSCALL and "KeyError" in str(info.value)
+    with pytest.raises(VeloError) as info:
+        ns.run_in_child_plain(_plain, "object")
+    assert "without a result" in str(info.value)

@@ -444,3 +444,30 @@ def test_nobody_cannot_point_roots_probe_work_elsewhere(monkeypatch: pytest.Monk
         monkeypatch.undo()
         probe.detect(refresh=True)
         files.force_rmtree(holder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's probe drops to nobody")
+def test_a_dropped_childs_answer_is_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child that became nobody is dumpable (it writes its own uid_map), so any process of
+    nobody's may ptrace it and have it write anything to root's pipe. Here it writes a pickle
+    that creates a file when loaded: root must not load it (the probe just fails)."""
+    import pickle
+
+    from veloverlay import ns
+
+    marker = tmp_path / "ran-as-root"
+    evil = pickle.dumps(("ok", _Touch(str(marker))))
+    monkeypatch.setattr(ns, "_write_all", lambda fd, data: os.write(fd, evil))
+    got = probe._in_child(str(tmp_path), drop=True, extras=False)
+    assert not marker.exists(), "root unpickled what nobody's child wrote"
+    assert got["userns"][0] is False and "probe child failed" in got["userns"][1], got
+
+
+class _Touch:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))  # loading it creates the file
