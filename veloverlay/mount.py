@@ -133,24 +133,33 @@ def _unescape(field: str) -> str:
 def mounts(pid: int | str = "self") -> list[MountEntry]:
     """The mounts of `pid`'s mount namespace, in the kernel's order (a mount stacked on another
     comes after it). OSError when it cannot be read (the process is gone, no permission)."""
-    out: list[MountEntry] = []
     with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [e for line in f if (e := _entry(line)) is not None]
+
+
+def mount_entry(mnt_id: int) -> MountEntry | None:
+    """This mount namespace's mount `mnt_id` (None: none such), read without parsing the rest."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        want = b"%d " % mnt_id
         for line in f:
-            fields = line.rstrip("\n").split(" ")
-            try:
-                sep = fields.index("-", 6)
-                out.append(
-                    MountEntry(
-                        int(fields[0]),
-                        int(fields[1]),
-                        _unescape(fields[4]),
-                        fields[sep + 1],
-                        " ".join(fields[sep + 3 :]),
-                    )
-                )
-            except (ValueError, IndexError):
-                continue  # not a line of this format
-    return out
+            if line.startswith(want):
+                return _entry(line.decode("utf-8", "surrogateescape"))
+    return None
+
+
+def _entry(line: str) -> MountEntry | None:
+    fields = line.rstrip("\n").split(" ")
+    try:
+        sep = fields.index("-", 6)
+        return MountEntry(
+            int(fields[0]),
+            int(fields[1]),
+            _unescape(fields[4]),
+            fields[sep + 1],
+            " ".join(fields[sep + 3 :]),
+        )
+    except (ValueError, IndexError):
+        return None  # not a line of this format
 
 
 def overlay_upper(entry: MountEntry) -> str | None:
@@ -165,9 +174,9 @@ def overlay_upper(entry: MountEntry) -> str | None:
 
 def mnt_id_of(fd: int) -> int:
     """The id of the mount an open fd is on (its `mnt_id:` in /proc/self/fdinfo)."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:  # bytes: no codec to load on first use
         for line in f:
-            if line.startswith("mnt_id:"):
+            if line.startswith(b"mnt_id:"):
                 return int(line.split()[1])
     raise VeloError(f"no mnt_id in /proc/self/fdinfo/{fd}", reason=Reason.SYSCALL)
 

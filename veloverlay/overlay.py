@@ -95,7 +95,7 @@ def pin_root(spec: OverlaySpec, target_fd: int) -> int:
     finally:
         os.close(pfd)
     mnt = mount.mnt_id_of(fd)
-    entry = {e.mnt_id: e for e in mount.mounts()}.get(mnt)
+    entry = mount.mount_entry(mnt)
     ours = (
         entry is not None
         and mnt != mount.mnt_id_of(target_fd)

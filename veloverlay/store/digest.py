@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 from typing import NewType
 
@@ -106,6 +105,8 @@ def _hash_reads(fd: int, offset: int | None, chunk: int = _CHUNK) -> tuple[Diges
     """Hash `fd` to EOF in `chunk`-byte reads into one page-aligned buffer (direct I/O needs
     one): from `offset` with pread, or from the descriptor's offset (None). A direct read the
     kernel refuses (EINVAL: an unaligned short read before EOF) goes on without O_DIRECT."""
+    import mmap  # here: a session's start-up hashes nothing
+
     h = blake3.blake3(max_threads=_threads)
     buf = mmap.mmap(-1, chunk)
     view = memoryview(buf)
