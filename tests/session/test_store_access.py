@@ -127,17 +127,21 @@ def test_sessions_bind_the_whole_layer_cache_read_only_helper() -> None:
     assert readonly_caches(store, os.path.join(cache, "1-2")) == [cache]
 
 
-def _cache_inside_target(base: str) -> dict[str, object]:
+def _cache_inside_target(base: str, away: bool) -> dict[str, object]:
     """This user's per-boot cache lies inside the tree the session projects (VELO_RUNTIME_DIR in
     it): the projection covers it, so the read-only bind of it, made after the overlay mount,
-    is left out (it looked for the cache in the projection: ENOENT, no session)."""
+    is left out (it looked for the cache in the projection: ENOENT, no session). `away`: the
+    session projects elsewhere (--at), and the ingest path, bound to show the projection too,
+    covers the cache."""
     from veloverlay.lower.homes import boot_dir
 
     store, src = new_store(base)
     runtime = os.path.join(src, "rt")
     os.mkdir(runtime, 0o700)
     os.environ["VELO_RUNTIME_DIR"] = runtime
-    r = run_session(store, ["t"], ["sh", "-c", f"mkdir -p {runtime} && touch {runtime}/planted"])
+    at = os.path.join(base, "at") if away else None
+    cmd = f"mkdir -p {runtime} && touch {runtime}/planted"
+    r = run_session(store, ["t"], ["sh", "-c", cmd], at=at)
     cache = boot_dir(store.root, create=False)
     found = sorted(os.listdir(runtime))
     planted = [os.path.join(d, n) for d, _s, ns in os.walk(runtime) for n in ns if n == "planted"]
@@ -150,10 +154,11 @@ def _cache_inside_target(base: str) -> dict[str, object]:
     }
 
 
+@pytest.mark.parametrize("away", [False, True], ids=["at-source", "elsewhere"])
 @pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
-def test_a_layer_cache_inside_the_projection_is_covered_not_bound(mode: str) -> None:
+def test_a_layer_cache_inside_the_projection_is_covered_not_bound(mode: str, away: bool) -> None:
     with unpriv_tmpdir() as base:
-        out = as_mode(mode, _cache_inside_target, base)
+        out = as_mode(mode, _cache_inside_target, base, away)
     uid = 0 if mode == "root" else UNPRIV_UID
     assert out["exit"] == 0, out
     assert out["cache_used"] and out["runtime"] == [f"veloverlay-{uid}"], out

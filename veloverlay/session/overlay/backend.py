@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -153,22 +154,21 @@ def _prepare(
     return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, choice.locked)
 
 
-def readonly_caches(store: Store, home: str, target: str | None = None) -> list[str]:
+def readonly_caches(store: Store, home: str, covered: Sequence[str] = ()) -> list[str]:
     """What the session's mount namespace binds read-only besides the store: the whole per-boot
     layer cache of this user (every store's layers, not only this store's: a session could
     otherwise plant files in another store's cached layers, which its next session would show),
-    and this store's layer home if it lies elsewhere. Not a path at or under `target`: the
-    projection covers it (nothing in the session reaches it), and the bind, made after the
-    overlay mount, would look for it in the projection."""
+    and this store's layer home if it lies elsewhere. Not a path at or under one of `covered`
+    (the target, and the ingest path that shows the projection too): the projection covers it
+    (nothing in the session reaches it), and the bind, made after the overlay mount, would look
+    for it in the projection."""
     cache, _why = base()
     out = [cache] if cache is not None and os.path.isdir(cache) else []
     inside = cache is not None and (home + "/").startswith(cache.rstrip("/") + "/")
     if home != os.fspath(store.trees) and not inside:
         out.append(home)
-    if target is None:
-        return out
-    top = os.path.realpath(target).rstrip("/") + "/"
-    return [p for p in out if not (os.path.realpath(p) + "/").startswith(top)]
+    tops = [os.path.realpath(c).rstrip("/") + "/" for c in covered]
+    return [p for p in out if not any((os.path.realpath(p) + "/").startswith(t) for t in tops)]
 
 
 def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) -> State:
@@ -260,7 +260,7 @@ def run_session(
         ctx = ChildSpec(
             spec=spec,
             store_root=os.fspath(store.root),
-            readonly=readonly_caches(store, plan.lowers.home, plan.target),
+            readonly=readonly_caches(store, plan.lowers.home, [plan.target, *plan.also_at]),
             also_at=list(plan.also_at),
             cwd=cwd,
             argv=list(argv),
