@@ -4,6 +4,7 @@ root without a new search when the changes since cannot matter."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -174,3 +175,38 @@ def test_the_ingest_path_is_pinned_before_the_projection_covers_it(mode: str) ->
         with open(os.path.join(base, "victim", "keep")) as f:
             assert f.read() == "mine\n"
     assert reason == "target-invalid" and "/venv: Not a directory" in text, (reason, text)
+
+
+def _store_moved_into_source(base: str) -> tuple[int, bool]:
+    """The store moved into the tree's ingest path after the ingest: projected elsewhere, the
+    session cannot show the projection at the ingest path too (that would hide the store it
+    binds read-only, and the session failed with ENOENT): no alias, the session runs."""
+    import shutil
+
+    from tests.session._util import run_session
+    from veloverlay.store.cas import Store
+
+    src = os.path.join(base, "src")
+    os.mkdir(src)
+    with open(os.path.join(src, "a"), "w") as f:
+        f.write("a\n")
+    r = Repo.open(os.path.join(base, "store"), create=True)
+    try:
+        ingest(r.store, r.m, src, "s", jobs=1)
+    finally:
+        r.close()
+    subprocess.run(["chattr", "-R", "-i", os.path.join(base, "store")], stderr=subprocess.DEVNULL)
+    shutil.move(os.path.join(base, "store"), os.path.join(src, ".store"))
+    store = Store(os.path.join(src, ".store"))
+    at = os.path.join(base, "at")
+    res = run_session(store, ["s"], ["sh", "-c", f"cat {at}/a > {at}/b"], at=at)
+    return res.exit_status, res.commit is not None
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_store_inside_the_ingest_path_keeps_the_session_running(mode: str) -> None:
+    from tests.helpers.unpriv import unpriv_tmpdir
+    from tests.session._util import as_mode
+
+    with unpriv_tmpdir() as base:
+        assert as_mode(mode, _store_moved_into_source, base) == (0, True)

@@ -189,7 +189,8 @@ def source_alias(store: Store, original: str | None, target: str) -> str | None:
     is projected elsewhere (`--at`) while its source is still there. Bound over the source inside
     the session's mount namespace, the paths baked into the tree (a venv's `#!` lines, its
     pyvenv.cfg) resolve to the projection, so nothing the session runs can change the source
-    (issue 15). None: no source in the way, or the two paths nest (one cannot hide the other)."""
+    (issue 15). None: no source in the way, the two paths nest (one cannot hide the other), or
+    the source holds the store (a store moved into it since: the projection would hide it)."""
     if not original:
         return None
     try:  # root never binds over where another user's link leads
@@ -201,6 +202,8 @@ def source_alias(store: Store, original: str | None, target: str) -> str | None:
     if not os.path.isdir(real) or real == "/":
         return None
     if _inside(real, target) or _inside(target, real) or _inside(real, sroot):
+        return None
+    if _inside(sroot, real):
         return None
     return real
 
