@@ -41,16 +41,22 @@ def repo(shm_tmp: str, request: pytest.FixtureRequest) -> Iterator[Repo]:
     r.close()
 
 
+def sbin_which(name: str) -> str | None:
+    """shutil.which, also in /usr/sbin and /sbin whatever PATH is (a test may have narrowed it)."""
+    import shutil
+
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
+    return shutil.which(name, path=search)
+
+
 def _loop_xfs(top: str) -> str:
     """A loop-mounted XFS (reflinks) of 512 MiB, sparse, at `top`/mnt; returns the mount point
     or raises RuntimeError saying why it cannot be made here."""
-    import shutil
     import subprocess
 
     if os.geteuid() != 0:
         raise RuntimeError("a loop-mounted filesystem needs root")
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
-    mkfs = shutil.which("mkfs.xfs", path=search)
+    mkfs = sbin_which("mkfs.xfs")
     if mkfs is None:
         raise RuntimeError("mkfs.xfs not found (Debian: apt-get install xfsprogs)")
     image, mnt = os.path.join(top, "xfs.img"), os.path.join(top, "mnt")

@@ -73,14 +73,24 @@ def test_the_rule(place: dict[str, str]) -> None:
     assert got == place["roots"]
 
 
-def test_checkout_projection_and_ingest_refuse_the_link(place: dict[str, str]) -> None:
-    repo = Repo.open(os.path.join(place["base"], "store"), create=True)
+def _repo_with_tree(base: str) -> Repo:
+    """A store at base/store holding ref "t", ingested from base/src (one file, "f")."""
+    repo = Repo.open(os.path.join(base, "store"), create=True)
     try:
-        src = os.path.join(place["base"], "src")
+        src = os.path.join(base, "src")
         os.mkdir(src)
         with open(os.path.join(src, "f"), "w") as f:
             f.write("tree\n")
         ingest(repo.store, repo.m, src, "t", jobs=1)
+    except BaseException:
+        repo.close()
+        raise
+    return repo
+
+
+def test_checkout_projection_and_ingest_refuse_the_link(place: dict[str, str]) -> None:
+    repo = _repo_with_tree(place["base"])
+    try:
         with pytest.raises(VeloError) as info:
             repo.checkout("t", os.path.join(place["evil"], "dest"))
         assert info.value.reason is Reason.TARGET_INVALID
@@ -113,13 +123,8 @@ def test_export_neither_follows_the_link_nor_a_swap(
     the bundle is written, the bundle still lands where it began (the directory, now moved)."""
     from veloverlay.store import bundle
 
-    repo = Repo.open(os.path.join(place["base"], "store"), create=True)
+    repo = _repo_with_tree(place["base"])
     try:
-        src = os.path.join(place["base"], "src")
-        os.mkdir(src)
-        with open(os.path.join(src, "f"), "w") as f:
-            f.write("tree\n")
-        ingest(repo.store, repo.m, src, "t", jobs=1)
         with pytest.raises(VeloError) as info:
             bundle.export_to_path(repo.store, repo.m, "t", os.path.join(place["evil"], "b"))
         assert info.value.reason is Reason.BAD_PATH

@@ -10,12 +10,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import subprocess
 
 import blake3
 import pytest
 
+from tests.helpers.fixtures import sbin_which
 from tests.helpers.trees import assert_same_tree
 from veloverlay.ingest import ingest
 from veloverlay.store import digest as digest_mod
@@ -84,8 +84,7 @@ def test_direct_read_refused_midway_goes_on_buffered(
 
 def _shared(path: str) -> bool:
     """FIEMAP (filefrag) says the file's extents are shared with another file."""
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
-    exe = shutil.which("filefrag", path=search)  # e2fsprogs: on every Debian
+    exe = sbin_which("filefrag")  # e2fsprogs: on every Debian
     assert exe is not None, "filefrag not found"
     out = subprocess.run([exe, "-v", path], capture_output=True, text=True, check=True)
     return "shared" in out.stdout
