@@ -90,28 +90,22 @@ def _dumps(obj: object) -> bytes:
 
 
 def _child_payload(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> bytes:
+    answer: tuple[str, Any]
     try:
-        result = fn(*args, **kw)
+        answer = ("ok", fn(*args, **kw))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         import traceback
 
         exc.add_note(f"(raised in child pid {os.getpid()}:)\n" + traceback.format_exc().rstrip())
-        try:
-            return _dumps(("err", exc))
-        except Exception as pickle_exc:  # noqa: BLE001
-            err = VeloError(
-                f"child raised an unpicklable {type(exc).__name__}: {exc}",
-                reason=Reason.SYSCALL,
-                detail=f"pickling failed: {pickle_exc!r}",
-            )
-            return _dumps(("err", err))
+        answer = ("err", exc)
     try:
-        return _dumps(("ok", result))
+        return _dumps(answer)
     except Exception as pickle_exc:  # noqa: BLE001
+        kind, value = answer
+        what = f"{'raised' if kind == 'err' else 'returned'} an unpicklable {type(value).__name__}"
+        what += f": {value}" if kind == "err" else ""
         err = VeloError(
-            f"child returned an unpicklable {type(result).__name__}",
-            reason=Reason.SYSCALL,
-            detail=f"pickling failed: {pickle_exc!r}",
+            f"child {what}", reason=Reason.SYSCALL, detail=f"pickling failed: {pickle_exc!r}"
         )
         return _dumps(("err", err))
 
@@ -122,13 +116,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def read_until_exit(rfd: int, pid: int) -> bytes:
-    """Read a child's pipe until EOF, or until the child has exited and the pipe is drained.
+def read_until_exit(rfd: int, pid: int, limit: int | None = None) -> bytes:
+    """Read a child's pipe until EOF, or until the child has exited and the pipe is drained;
+    with `limit`, stop once more than `limit` bytes came (the answer is then longer than that).
 
     A grandchild that `fn` forked and left running keeps the write end open; watching a pidfd
     of the child (Linux >= 5.3) stops us from waiting for that grandchild.
     """
     chunks: list[bytes] = []
+    got = 0
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -145,13 +141,16 @@ def read_until_exit(rfd: int, pid: int) -> bytes:
                 if not chunk:
                     break
                 chunks.append(chunk)
+                got += len(chunk)
+                if limit is not None and got > limit:
+                    break
                 continue
             if pidfd >= 0 and events.get(pidfd):
                 # Exited: whatever it wrote is in the pipe now; drain without blocking.
                 os.set_blocking(rfd, False)
                 with contextlib.suppress(BlockingIOError):
                     while chunk := os.read(rfd, 1 << 16):
-                        chunks.append(chunk)
+                        chunks.append(chunk)  # no more than the pipe holds
                 break
     finally:
         if pidfd >= 0:
@@ -179,9 +178,10 @@ def _no_result(pid: int, status: int) -> VeloError:
     )
 
 
-def _run_forked(payload: Callable[[], bytes]) -> tuple[bytes, int, int]:
-    """Fork; the child writes `payload()` to a pipe and exits. Returns (what it wrote, its pid,
-    its wait status)."""
+def _run_forked(payload: Callable[[], bytes], limit: int | None = None) -> tuple[bytes, int, int]:
+    """Fork; the child writes `payload()` to a pipe and exits. Returns (what it wrote, at most
+    a little over `limit` bytes of it, its pid, its wait status); a child still writing when the
+    limit is passed gets EPIPE."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -198,7 +198,7 @@ def _run_forked(payload: Callable[[], bytes]) -> tuple[bytes, int, int]:
             os._exit(status)
     os.close(wfd)
     try:
-        data = read_until_exit(rfd, pid)
+        data = read_until_exit(rfd, pid, limit)
     finally:
         os.close(rfd)
         status = wait_child(pid)
@@ -251,7 +251,7 @@ def run_in_child_plain(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
             answer = {"err": f"{type(exc).__name__}: {exc}", "reason": reason}
         return json.dumps(answer).encode()
 
-    data, pid, status = _run_forked(payload)
+    data, pid, status = _run_forked(payload, _PLAIN_MAX)
     try:
         answer = json.loads(data) if 0 < len(data) <= _PLAIN_MAX else None
     except ValueError:

@@ -322,3 +322,21 @@ def test_run_in_child_plain_brings_back_plain_data_only() -> None:
     with pytest.raises(VeloError) as info:
         ns.run_in_child_plain(_plain, "object")
     assert "without a result" in str(info.value)
+
+
+def test_run_in_child_plain_reads_no_more_than_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child that drops its privileges can be made (ptrace) to write anything: root reads at
+    # most about 1 MiB of it, and the child, writing on, gets EPIPE and ends.
+    read = os.read
+    got = [0]
+
+    def counting(fd: int, n: int) -> bytes:
+        chunk = read(fd, n)
+        got[0] += len(chunk)
+        return chunk
+
+    monkeypatch.setattr(ns.os, "read", counting)
+    with pytest.raises(VeloError) as info:
+        ns.run_in_child_plain(lambda: "x" * (64 << 20))
+    assert "without a result" in str(info.value)
+    assert got[0] <= ns._PLAIN_MAX + (1 << 17)
