@@ -15,8 +15,8 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.cas import Store
@@ -45,6 +45,7 @@ _META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
 _META_TAIL_AT = 136
 _SHORT_SLACK = 16  # pages a read-only open lets a data file be short by (see check_data_file)
 _RECORD = "manifests.record"
+T = TypeVar("T")
 _RECORD_SIZE = 64
 
 
@@ -124,14 +125,17 @@ def check_data_file(store: Store, *, writable: bool = True) -> bool:
     return True
 
 
-def json_record(store: Store, value: Any, what: str) -> Any:
+def json_record(store: Store, value: Any, what: str, parse: Callable[[dict[str, Any]], T]) -> T:
+    """A stored JSON record, parsed (and checked) by `parse`; MANIFEST_CORRUPT naming `what`
+    when it is not a whole record (ValueError, KeyError or TypeError from `parse`)."""
     try:
         d = json.loads(bytes(value))
         if not isinstance(d, dict):
             raise ValueError("not an object")
-        return d
-    except ValueError as exc:
-        raise corrupt(store, f"the record of {what} is not readable ({exc})") from None
+        return parse(d)
+    except (ValueError, KeyError, TypeError) as exc:
+        why = f"no {exc.args[0]}" if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise corrupt(store, f"the record of {what} is not readable ({why})") from None
 
 
 def check_fresh(store: Store) -> None:

@@ -23,8 +23,8 @@ import errno
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -55,6 +55,8 @@ from veloverlay.store.versions import (
     Tag,
     Versions,
     check_ref_name,
+    commit_from,
+    ref_from,
 )
 
 __all__ = [
@@ -77,6 +79,7 @@ _DEFAULT_MAP_SIZE = 64 << 30
 _DELTA_KEEP = 20000
 
 Txn = Any  # lmdb.Transaction (untyped library)
+_R = TypeVar("_R")
 
 EMPTY_ROOT, _EMPTY_ENC = tree.encode(tree.EMPTY_DIR_MODE, 0, [])
 
@@ -376,14 +379,19 @@ class Manifests(Versions):
                     yield p, e, None
 
     def reachable(self, txn: Txn, root: bytes, seen_nodes: set[bytes], objects: set[bytes]) -> None:
-        """Add every node and object reachable from `root` (skipping known subtrees)."""
+        """Add every node and object reachable from `root` (skipping known subtrees). Each node
+        is checked against its name: what gc keeps, and a bundle carries, is decided here, and a
+        damaged node names other objects than the tree had (MANIFEST_CORRUPT instead)."""
         stack = [root]
         while stack:
             d = stack.pop()
             if d in seen_nodes:
                 continue
+            data = bytes(self._stored(txn, d))
+            if node_digest(data) != d:
+                raise corrupt(self.store, f"directory node {d.hex()} does not hash to its name")
             seen_nodes.add(d)
-            for e in self.get_node(txn, d).entries:
+            for e in tree.decode(data).entries:
                 if e.kind is Kind.DIR:
                     stack.append(e.digest)
                 elif e.kind is Kind.FILE:
@@ -403,8 +411,7 @@ class Manifests(Versions):
         v = txn.get(name.encode(), db=self._refs)
         if v is None:
             return None
-        d = json_record(self.store, v, f"ref {name}")
-        return Ref(name, d["head"], d.get("path"), d.get("tiers"), d.get("ingest_root"))
+        return json_record(self.store, v, f"ref {name}", lambda d: ref_from(name, d))
 
     def require_ref(self, txn: Txn, name: str) -> Ref:
         ref = self.get_ref(txn, name)
@@ -440,20 +447,13 @@ class Manifests(Versions):
     def get_commit(self, txn: Txn, cid: str) -> Commit:
         v = txn.get(bytes.fromhex(cid), db=self._commits)
         if v is None:
-            raise VeloError(f"commit {cid} is missing", reason=Reason.MANIFEST_CORRUPT)
-        d = json_record(self.store, v, f"commit {cid}")
-        return Commit(
-            cid,
-            d["root"],
-            d["parent"],
-            d["time_ns"],
-            d["message"],
-            d["session"],
-            d["ref"],
-            d.get("delta", []),
-            d.get("delta_count", 0),
-            d.get("path"),
-        )
+            raise corrupt(self.store, f"commit {cid} is missing")
+        if hash_bytes(bytes(v)) != bytes.fromhex(cid):  # its id is the hash of its record
+            raise corrupt(self.store, f"commit {cid} does not hash to its id")
+        return json_record(self.store, v, f"commit {cid}", lambda d: commit_from(cid, d))
+
+    def _record(self, value: Any, what: str, parse: Callable[[dict[str, Any]], _R]) -> _R:
+        return json_record(self.store, value, what, parse)
 
     def iter_commits(self, txn: Txn) -> Iterator[Commit]:
         with txn.cursor(db=self._commits) as cur:
@@ -549,7 +549,7 @@ class Manifests(Versions):
         self.put_ref(txn, new)
         return c
 
-    def _has_commit(self, txn: Txn, cid: str) -> bool:
+    def has_commit(self, txn: Txn, cid: str) -> bool:
         return txn.get(bytes.fromhex(cid), db=self._commits) is not None
 
     def log(self, txn: Txn, name: str, limit: int | None = None) -> list[Commit]:
@@ -560,7 +560,7 @@ class Manifests(Versions):
             c = self.get_commit(txn, cid)
             out.append(c)
             cid = c.parent
-            if cid is not None and not self._has_commit(txn, cid):
+            if cid is not None and not self.has_commit(txn, cid):
                 break  # `gc --keep N` pruned the older history
         return out
 

@@ -12,19 +12,34 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record, field
 
-__all__ = ["Ref", "Commit", "Tag", "Versions", "REF_RE", "MIN_PREFIX", "check_ref_name"]
+__all__ = [
+    "Ref",
+    "Commit",
+    "Tag",
+    "Versions",
+    "REF_RE",
+    "MIN_PREFIX",
+    "check_ref_name",
+    "ref_from",
+    "commit_from",
+    "tag_from",
+]
 
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?$")
 _REV_RE = re.compile(r"^(?P<name>[^@]+(?:@(?!\{)[A-Za-z0-9._+-]+)?)(?:@\{(?P<n>\d+)\})?$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_PREFIX = 4  # shortest commit-id prefix accepted (git's minimum too)
+_PRUNED = b"pruned:"  # + commit id: in the meta database, a commit `gc --keep` deleted
 
 Txn = Any  # lmdb.Transaction (untyped library)
+_R = TypeVar("_R")
 
 
 class Ref(Record):
@@ -87,6 +102,58 @@ class Tag(Record):
         }
 
 
+def _digest(d: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    """A digest field of a stored record, checked: a damaged record must read as damaged, not
+    as another version (gc keeps what the records name, and deletes the rest)."""
+    v = d.get(key) if optional else d[key]
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not _DIGEST_RE.match(v):
+        raise ValueError(f"its {key} is not a digest")
+    return v
+
+
+def _typed(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    v = d[key] if default is ... else d.get(key, default)
+    if not isinstance(v, kind):
+        raise ValueError(f"its {key} is not a {getattr(kind, '__name__', kind)}")
+    return v
+
+
+def ref_from(name: str, d: dict[str, Any]) -> Ref:
+    """A ref's stored record; ValueError, KeyError or TypeError if it is not a whole one."""
+    head = _digest(d, "head")
+    assert head is not None
+    path = _typed(d, "path", (str, type(None)), None)
+    tiers = _typed(d, "tiers", (list, type(None)), None)
+    return Ref(name, head, path, tiers, _digest(d, "ingest_root", optional=True))
+
+
+def commit_from(cid: str, d: dict[str, Any]) -> Commit:
+    """A commit's stored record (see `ref_from`)."""
+    root = _digest(d, "root")
+    assert root is not None
+    return Commit(
+        cid,
+        root,
+        _digest(d, "parent", optional=True),
+        _typed(d, "time_ns", int),
+        _typed(d, "message", str),
+        _typed(d, "session", (str, type(None))),
+        _typed(d, "ref", str),
+        _typed(d, "delta", list, []),
+        _typed(d, "delta_count", int, 0),
+        _typed(d, "path", (str, type(None)), None),
+    )
+
+
+def tag_from(name: str, d: dict[str, Any]) -> Tag:
+    """A tag's stored record (see `ref_from`)."""
+    commit = _digest(d, "commit")
+    assert commit is not None
+    return Tag(name, commit, _typed(d, "time_ns", int), _typed(d, "message", str, ""))
+
+
 def check_ref_name(name: str) -> str:
     if not REF_RE.match(name):
         raise VeloError(
@@ -102,6 +169,7 @@ class Versions:
 
     _commits: Any
     _tags: Any
+    _meta: Any
 
     def get_ref(self, txn: Txn, name: str) -> Ref | None:
         raise NotImplementedError
@@ -109,8 +177,26 @@ class Versions:
     def get_commit(self, txn: Txn, cid: str) -> Commit:
         raise NotImplementedError
 
-    def _has_commit(self, txn: Txn, cid: str) -> bool:
+    def has_commit(self, txn: Txn, cid: str) -> bool:
         raise NotImplementedError
+
+    def _record(self, value: Any, what: str, parse: Callable[[dict[str, Any]], _R]) -> _R:
+        """A stored JSON record parsed by `parse` (MANIFEST_CORRUPT if it is not a whole one)."""
+        raise NotImplementedError
+
+    def record_pruned(self, txn: Txn, cid: str) -> None:
+        """Record that `gc --keep` deleted commit `cid`, a kept commit's parent: the log
+        ends there on purpose (a commit missing without this record is damage)."""
+        self._pruned_at(txn, cid, put=True)
+
+    def was_pruned(self, txn: Txn, cid: str) -> bool:
+        return self._pruned_at(txn, cid, put=False)
+
+    def _pruned_at(self, txn: Txn, cid: str, *, put: bool) -> bool:
+        key = _PRUNED + bytes.fromhex(cid)
+        if put:
+            txn.put(key, b"", db=self._meta)
+        return txn.get(key, db=self._meta) is not None
 
     def resolve(self, txn: Txn, spec: str) -> tuple[Ref, Commit]:
         """A version, as `BASE` or `BASE@{n}` (n commits before BASE), where BASE is, first match
@@ -140,7 +226,7 @@ class Versions:
                 )
             ref = self._ref_of(txn, commit)
         for _ in range(int(m.group("n") or 0)):
-            if commit.parent is None or not self._has_commit(txn, commit.parent):
+            if commit.parent is None or not self.has_commit(txn, commit.parent):
                 raise VeloError(
                     f"{spec}: the log of {ref.name} is shorter (or pruned by gc --keep)",
                     reason=Reason.NOT_FOUND,
@@ -197,8 +283,7 @@ class Versions:
         v = txn.get(name.encode(), db=self._tags)
         if v is None:
             return None
-        d = json.loads(bytes(v))
-        return Tag(name, d["commit"], d["time_ns"], d.get("message", ""))
+        return self._record(v, f"tag {name}", lambda d: tag_from(name, d))
 
     def tags(self, txn: Txn) -> list[Tag]:
         if self._tags is None:
@@ -230,7 +315,7 @@ class Versions:
                 reason=Reason.EXISTS,
                 hint="delete it first ('veloverlay tag --delete NAME') to move it",
             )
-        if not self._has_commit(txn, commit_id):
+        if not self.has_commit(txn, commit_id):
             raise VeloError(f"commit {commit_id} is missing", reason=Reason.NOT_FOUND)
         tag = Tag(name, commit_id, time.time_ns(), message)
         d = {"commit": commit_id, "time_ns": tag.time_ns, "message": message}

@@ -91,7 +91,8 @@ def _mark(
     nodes: set[bytes] = set()
     objects: set[bytes] = set()
     kept_commits: set[str] = set()
-    roots: set[bytes] = set(session_roots(store)) | {EMPTY_ROOT}
+    sessions = session_roots(store)
+    roots: set[bytes] = {EMPTY_ROOT}
     for ref in m.refs(txn):
         if ref.name == without:
             continue
@@ -100,7 +101,7 @@ def _mark(
         cid: str | None = ref.head
         n = 0
         while cid is not None and (keep is None or n < keep):
-            if cid in kept_commits:
+            if cid in kept_commits or (n and _pruned(m, txn, ref.name, cid)):
                 break
             c = m.get_commit(txn, cid)
             kept_commits.add(cid)
@@ -108,13 +109,32 @@ def _mark(
             cid = c.parent
             n += 1
     for tag in m.tags(txn):  # named versions outlive --keep and their ref
-        with contextlib.suppress(VeloError):
-            roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
-            kept_commits.add(tag.commit)
+        roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
+        kept_commits.add(tag.commit)
+    # Every root a ref, commit or tag names must be there and whole (`reachable` raises
+    # MANIFEST_CORRUPT): a missing one would read as a tree without objects, swept by gc.
     for r in roots:
-        if m.has_node(txn, r):
+        m.reachable(txn, r, nodes, objects)
+    for r in sessions - roots:  # (a state file of a session that never got going may name
+        if m.has_node(txn, r):  # a stacked view its start did not write)
             m.reachable(txn, r, nodes, objects)
     return nodes, objects, kept_commits
+
+
+def _pruned(m: Manifests, txn: Txn, ref: str, cid: str) -> bool:
+    """Whether the log of `ref` ends at parent `cid` on purpose (deleted by `gc --keep`);
+    MANIFEST_CORRUPT when it is missing without that record."""
+    if m.has_commit(txn, cid):
+        return False
+    if m.was_pruned(txn, cid):
+        return True
+    raise VeloError(
+        f"commit {cid} of the log of {ref} is missing, and no gc --keep removed it",
+        reason=Reason.MANIFEST_CORRUPT,
+        hint="nothing was deleted; restore manifests.lmdb from a backup. If 'gc --keep N' of "
+        "a veloverlay from before December 2026 removed it, run 'gc --keep N' once more with N "
+        f"no more than the entries of 'veloverlay log {ref}'",
+    )
 
 
 class RefFootprint(Record):
@@ -159,7 +179,7 @@ def ref_footprint(store: Store, m: Manifests, name: str, *, grace: float = 3600.
 def _mark_ref(m: Manifests, txn: Txn, name: str, objects: set[bytes]) -> None:
     ref = m.require_ref(txn, name)
     nodes: set[bytes] = set()
-    if ref.ingest_root and m.has_node(txn, bytes.fromhex(ref.ingest_root)):
+    if ref.ingest_root:
         m.reachable(txn, bytes.fromhex(ref.ingest_root), nodes, objects)
     for c in m.log(txn, name):
         m.reachable(txn, bytes.fromhex(c.root), nodes, objects)
@@ -241,7 +261,15 @@ def gc(
             heads = set(session_roots(store))
             for ref in m.refs(txn):
                 heads.add(bytes.fromhex(m.get_commit(txn, ref.head).root))
-            dead_commits = [c.id for c in m.iter_commits(txn) if c.id not in kept_commits]
+            commits = list(m.iter_commits(txn))
+            dead_commits = [c.id for c in commits if c.id not in kept_commits]
+            # where kept logs end (the parent deleted now, or already missing: --keep says
+            # that history is not wanted)
+            cuts = {
+                c.parent
+                for c in commits
+                if c.id in kept_commits and c.parent and c.parent not in kept_commits
+            }
             dead_nodes = [k for k, _ in m.iter_nodes(txn) if k not in nodes]
         now = time.time()
         victims: list[Path] = []
@@ -272,6 +300,8 @@ def gc(
         with m.write() as txn:
             for cid in dead_commits:
                 m.delete_commit(txn, cid)
+            for cid in cuts:
+                m.record_pruned(txn, cid)
             for d in dead_nodes:
                 m.delete_node(txn, d)
             for hexname in short_ids:
