@@ -4,6 +4,7 @@ raw `os-error`; nothing committed is lost, and the session can be harvested once
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,78 @@ def test_a_full_store_during_a_session_is_store_full(shm_tmp: str) -> None:
     assert "reason: store-full" in stderr, stderr
     assert "os-error" not in stderr and "Traceback" not in stderr, stderr
     assert out[2][0] == 0 and '"name": "t"' in out[2][1], out[2]
+
+
+def _gc_on_a_full_disk(base: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=3m")
+    env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
+    env["VELO_RUNTIME_DIR"] = "off"
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    out: dict[str, object] = {}
+    src = os.path.join(base, "old")
+    os.makedirs(src)
+    for i in range(20):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(os.urandom(100_000))
+    out["ingest"] = velo("ingest", src, "--name", "old").returncode
+    out["delete"] = velo("refs", "--delete", "old").returncode
+    filler = os.path.join(mnt, "filler")
+    with open(filler, "wb") as f:  # the rest of the disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            out["filler"] = exc.errno
+    res = velo("gc", "--grace", "0")
+    out["gc"] = (res.returncode, res.stdout, res.stderr)
+    out["free"] = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    out["fsck"] = velo("fsck").returncode
+    os.unlink(filler)
+    # the store is whole: a new version goes in and comes out byte for byte
+    new = os.path.join(base, "new")
+    os.makedirs(new)
+    with open(os.path.join(new, "f"), "wb") as f:
+        f.write(b"after the full disk\n")
+    out["again"] = velo("ingest", new, "--name", "new").returncode
+    out["checkout"] = velo("checkout", "new", os.path.join(base, "out")).returncode
+    with open(os.path.join(base, "out", "f"), "rb") as f:
+        out["same"] = f.read() == b"after the full disk\n"
+    out["fsck after"] = velo("fsck").returncode
+    return out
+
+
+def test_gc_frees_room_on_a_full_disk(shm_tmp: str) -> None:
+    """With the disk full, LMDB cannot write even a deletion when it has no free page (its
+    pages are copied on write), so gc failed with store-full and nothing could free the room
+    (found by filling a small tmpfs after deleting a ref). gc now deletes the unreachable
+    objects first when the manifest commit meets a full disk, then forgets them."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_gc_on_a_full_disk, shm_tmp)
+    assert out["ingest"] == out["delete"] == 0, out
+    assert out["filler"] == errno.ENOSPC
+    rc, stdout, stderr = out["gc"]  # type: ignore[misc]
+    assert rc == 0, stderr
+    assert json.loads(stdout)["objects_deleted"] == 20
+    assert out["free"] >= 1_900_000  # the deleted ref's 2 MB are free again
+    assert out["fsck"] == out["again"] == out["checkout"] == out["fsck after"] == 0, out
+    assert out["same"]

@@ -297,24 +297,21 @@ def gc(
         if dry_run:
             return rep
         # Manifest first: after this commit nothing references the victims.
-        with m.write() as txn:
-            for cid in dead_commits:
-                m.delete_commit(txn, cid)
-            for cid in cuts:
-                m.record_pruned(txn, cid)
-            for d in dead_nodes:
-                m.delete_node(txn, d)
-            for hexname in short_ids:
-                txn.delete(bytes.fromhex(hexname), db=m.ids)
-            faults.point("commit.before")
-        freed = 0
-        for i, path in enumerate(victims, 1):
-            with contextlib.suppress(OSError):
-                freed += os.lstat(path).st_size
-            _unlink_object(store, path, short_ids.get(path.name))
-            faults.point("gc.sweep")
-            if progress is not None and (i % 256 == 0 or i == len(victims)):
-                progress(i, len(victims), freed, rep.bytes_freed)
+        forget = (dead_commits, cuts, dead_nodes, short_ids)
+        try:
+            _forget(m, *forget)
+        except VeloError as exc:
+            if exc.reason is not Reason.STORE_FULL or not victims:
+                raise
+            # The disk is full, and LMDB needs room even to delete (its pages are copied on
+            # write): gc, the way to free room, must not fail there. The victims are reached
+            # from nothing gc keeps and no writer runs (the lock is ours), so they go first;
+            # the records that still name them are as unreachable, forgotten once there is
+            # room (now, or by the next gc).
+            _sweep(store, victims, short_ids, progress, rep.bytes_freed)
+            _forget(m, *forget)
+        else:
+            _sweep(store, victims, short_ids, progress, rep.bytes_freed)
         # Lower layers of versions no ref head or session uses any more: rebuilt on demand.
         from veloverlay.lower.prune import prune
 
@@ -330,6 +327,43 @@ def gc(
 
         rep.proxies_removed = prune_proxies(store)
     return rep
+
+
+def _forget(
+    m: Manifests,
+    dead_commits: list[str],
+    cuts: set[str],
+    dead_nodes: list[bytes],
+    short_ids: dict[str, str],
+) -> None:
+    """Delete the records gc does not keep, in one transaction."""
+    with m.write() as txn:
+        for cid in dead_commits:
+            m.delete_commit(txn, cid)
+        for cid in cuts:
+            m.record_pruned(txn, cid)
+        for d in dead_nodes:
+            m.delete_node(txn, d)
+        for hexname in short_ids:
+            txn.delete(bytes.fromhex(hexname), db=m.ids)
+        faults.point("commit.before")
+
+
+def _sweep(
+    store: Store,
+    victims: list[Path],
+    short_ids: dict[str, str],
+    progress: Progress | None,
+    total: int,
+) -> None:
+    freed = 0
+    for i, path in enumerate(victims, 1):
+        with contextlib.suppress(OSError):
+            freed += os.lstat(path).st_size
+        _unlink_object(store, path, short_ids.get(path.name))
+        faults.point("gc.sweep")
+        if progress is not None and (i % 256 == 0 or i == len(victims)):
+            progress(i, len(victims), freed, total)
 
 
 def lost_refs(store: Store, refs: int) -> str | None:
