@@ -229,3 +229,16 @@ def test_gc_after_gc_keep_still_works_and_a_lost_parent_is_refused(store: str) -
         res = velo(store, *args)
         assert res.returncode == 0, res.stderr
     assert hash_bytes(b"third").hex() in stored_objects(store)
+
+
+def test_fsck_reports_a_tag_whose_commit_is_missing(store: str) -> None:
+    tag_commit_missing(store)
+    res = velo(store, "fsck")
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    report, _end = json.JSONDecoder().raw_decode(res.stdout)  # (then the failure's record)
+    findings = report["findings"]
+    assert {
+        "kind": "commit-missing",
+        "what": hash_bytes(b"no such commit").hex(),
+        "detail": "tag first",
+    } in findings, findings

@@ -421,6 +421,9 @@ def fsck(
             rep.refs += 1
             if ref.head not in commits:
                 rep.findings.append(Finding("commit-missing", ref.head, f"head of ref {ref.name}"))
+        for tag in m.tags(txn):  # a named version gc must keep
+            if tag.commit not in commits:
+                rep.findings.append(Finding("commit-missing", tag.commit, f"tag {tag.name}"))
     from veloverlay.verbs.gc import lost_refs
 
     why = lost_refs(store, rep.refs)

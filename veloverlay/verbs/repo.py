@@ -216,8 +216,12 @@ class Repo:
         a commit id or a unique prefix of one, `REF@{n}`. Digits alone are N unless the log is
         not that long and they begin a commit id (ids are hex: 1 prefix in 40 is all digits);
         both at once is ambiguous. The version's recorded projection path comes back with its
-        tree (a version that recorded none keeps the current path)."""
-        with self.m.write() as txn:
+        tree (a version that recorded none keeps the current path).
+
+        Like every writer that makes the manifests name what is already stored, it holds the
+        store lock shared: gc (exclusive) decides what to delete in one read and deletes it
+        later, and would otherwise delete the version this names in between."""
+        with self.store.lock(), self.m.write() as txn:
             ref = self.m.require_ref(txn, name)
             spec = self._rollback_spec(txn, name, version)
             _owner, target = self.m.resolve(txn, spec)
@@ -241,8 +245,9 @@ class Repo:
 
     # -- tags: named versions ----------------------------------------------------------------
     def tag(self, name: str, version: str, *, message: str = "") -> Tag:
-        """Name a version (any spec `resolve` takes); gc keeps it."""
-        with self.m.write() as txn:
+        """Name a version (any spec `resolve` takes); gc keeps it (the store lock: see
+        `rollback`)."""
+        with self.store.lock(), self.m.write() as txn:
             _ref, commit = self.m.resolve(txn, version)
             return self.m.put_tag(txn, name, commit.id, message=message)
 

@@ -1,0 +1,107 @@
+"""gc against the verbs that point the manifests at versions that already exist (`rollback`,
+`tag`): gc decides what to delete in one read of the manifests and commits the deletions later,
+so a writer that names an old version in between must wait for gc (the store lock, shared for
+writers, exclusive for gc), or gc deletes the tree it has just been given.
+
+Found by running `rollback t 1` while `gc --keep 1` was between its mark and its commit: the
+rollback committed, then gc deleted the rolled-back-to tree's nodes and objects, and ref `t`
+named a root that no longer existed. The writer is started at exactly that point (gc's
+`_forget`), and the test waits until it has either finished or blocks on the store lock
+(`/proc/locks` shows it waiting): no sleep decides the outcome."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.helpers.trees import make_tree
+from veloverlay.ingest import ingest
+from veloverlay.verbs import gc as gc_mod
+from veloverlay.verbs.fsck import fsck
+from veloverlay.verbs.repo import Repo
+
+V1 = {"a.txt": b"version one\n", "d/only-in-one": b"one"}
+V2 = {"a.txt": b"version two\n"}
+
+
+def _waiting_on(lock: str) -> bool:
+    """Whether some process waits for a lock on the file `lock` (a `->` line of /proc/locks)."""
+    st = os.stat(lock)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return any("->" in line and dev in line.split() for line in f)
+
+
+def _start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "--json", *args],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = os.path.join(store, "lock")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not _waiting_on(lock):
+        assert time.monotonic() < deadline, "the writer neither finished nor waited"
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.parametrize("writer", ["rollback", "tag"])
+def test_a_writer_naming_an_old_version_waits_for_gc(
+    shm_tmp: str, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, V1)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    try:
+        first = ingest(repo.store, repo.m, src, "t", jobs=1).commit
+        os.unlink(os.path.join(src, "d", "only-in-one"))
+        make_tree(src, V2)  # type: ignore[arg-type]
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+    finally:
+        repo.close()
+    args = {"rollback": ["rollback", "t", "1"], "tag": ["tag", "v1", first]}[writer]
+
+    procs: list[subprocess.Popen[str]] = []
+    real: Callable[..., Any] = gc_mod._forget
+
+    def between_mark_and_commit(*a: Any) -> None:
+        procs.append(_start_and_settle(store, args))
+        real(*a)
+
+    monkeypatch.setattr(gc_mod, "_forget", between_mark_and_commit)
+    repo = Repo.open(store)
+    try:
+        rep = gc_mod.gc(repo.store, repo.m, keep=1, grace=0)
+    finally:
+        repo.close()
+    assert procs and rep.commits_deleted == 1
+    _out, err = procs[0].communicate(timeout=120)
+    assert "Traceback" not in err, err
+
+    # Whatever the writer achieved, the store is whole: every ref and tag names a tree whose
+    # every node and object is there, byte for byte.
+    repo = Repo.open(store)
+    try:
+        report = fsck(repo.store, repo.m, jobs=1)
+        assert report.ok, report.findings
+        out = os.path.join(shm_tmp, "out")
+        repo.checkout("t", out)
+        with open(os.path.join(out, "a.txt"), "rb") as f:
+            got = f.read()
+        if procs[0].returncode == 0 and writer == "rollback":
+            assert got == V1["a.txt"]
+        else:  # refused after gc: the old version was gone by then, and it says so
+            assert procs[0].returncode == 1 and "reason: not-found" in err, err
+            assert got == V2["a.txt"]
+    finally:
+        repo.close()
