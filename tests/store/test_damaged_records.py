@@ -242,3 +242,25 @@ def test_fsck_reports_a_tag_whose_commit_is_missing(store: str) -> None:
         "what": hash_bytes(b"no such commit").hex(),
         "detail": "tag first",
     } in findings, findings
+
+
+@pytest.mark.parametrize("pages", [1 << 55, 20_000])
+def test_a_header_claiming_a_huge_file_is_damage_and_nothing_grows(store: str, pages: int) -> None:
+    """A flipped bit in a meta page's last-page number: the file is not extended to match
+    (gigabytes of a disk, or an OverflowError traceback), it is manifest-corrupt. Found by
+    flipping bit 7 of byte 142 of data.mdb."""
+    import struct
+
+    data = os.path.join(store, "manifests.lmdb", "data.mdb")
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:
+        for meta in (0, 4096):  # both meta pages (the newest one counts)
+            f.seek(meta + 136)
+            last_pg, txnid = struct.unpack("<QQ", f.read(16))
+            f.seek(meta + 136)
+            f.write(struct.pack("<QQ", last_pg + pages, txnid))
+    before = stored_objects(store)
+    for args in (["refs"], ["gc", "--grace", "0"], ["log", "t"]):
+        _refused(velo(store, *args))
+    assert os.path.getsize(data) == size
+    assert stored_objects(store) == before

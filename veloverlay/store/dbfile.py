@@ -44,6 +44,7 @@ _META_PSIZE = 40  # mm_dbs[FREE_DBI].md_pad holds the page size
 _META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
 _META_TAIL_AT = 136
 _SHORT_SLACK = 16  # pages a read-only open lets a data file be short by (see check_data_file)
+_GROW_MAX = 64 << 20  # the most a writer extends a short data file by, beyond its own size
 _RECORD = "manifests.record"
 T = TypeVar("T")
 _RECORD_SIZE = 64
@@ -110,6 +111,10 @@ def check_data_file(store: Store, *, writable: bool = True) -> bool:
         if not metas:
             raise corrupt(store, f"data.mdb ({size} bytes) has no valid header")
         need = (max(metas)[1] + 1) * psize
+        if need - size > max(size, _GROW_MAX):
+            # LMDB leaves a file short by a few pages: a header that claims far more is damaged
+            # (extending the file that far could take the disk, or overflow).
+            raise corrupt(store, f"data.mdb is {size} bytes; its header claims {need}")
         if size < need:
             if writable:
                 try:
