@@ -132,7 +132,7 @@ def _pruned(m: Manifests, txn: Txn, ref: str, cid: str) -> bool:
         f"commit {cid} of the log of {ref} is missing, and no gc --keep removed it",
         reason=Reason.MANIFEST_CORRUPT,
         hint="nothing was deleted; restore manifests.lmdb from a backup. If 'gc --keep N' of "
-        "a veloverlay from before December 2026 removed it, run 'gc --keep N' once more with N "
+        "an earlier veloverlay removed it, run 'gc --keep N' once more with N "
         f"no more than the entries of 'veloverlay log {ref}'",
     )
 
