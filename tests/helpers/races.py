@@ -1,4 +1,5 @@
-"""Races made deterministic: another user's move lands exactly between two steps of root's.
+"""Races made deterministic: another user's move lands exactly between two steps of root's;
+a verb starts at a chosen point of another one's (`start_and_settle`).
 
 `swap_at_mkdir` wraps os.mkdir (for one test, by pytest's monkeypatch) so that a callback runs
 once, right before or right after the real mkdir of one path, whether that path is made by its
@@ -9,12 +10,15 @@ session manager) inherits the wrapper.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-__all__ = ["swap_at_mkdir"]
+__all__ = ["swap_at_mkdir", "start_and_settle"]
 
 
 def swap_at_mkdir(
@@ -39,3 +43,29 @@ def swap_at_mkdir(
             swap()
 
     monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def _waiting_on(lock: str) -> bool:
+    """Whether some process waits for a lock on the file `lock` (a `->` line of /proc/locks)."""
+    st = os.stat(lock)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return any("->" in line and dev in line.split() for line in f)
+
+
+def start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
+    """`veloverlay --json ARGS` on `store`, returned once it has finished or waits for the
+    store lock: a verb started at a chosen point of another's, with no sleep deciding."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "--json", *args],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = os.path.join(store, "lock")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not _waiting_on(lock):
+        assert time.monotonic() < deadline, "the writer neither finished nor waited"
+        time.sleep(0.01)
+    return proc

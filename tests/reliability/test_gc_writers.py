@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.helpers.races import start_and_settle
 from tests.helpers.trees import make_tree
 from veloverlay.ingest import ingest
 from veloverlay.verbs import gc as gc_mod
@@ -28,30 +27,6 @@ from veloverlay.verbs.repo import Repo
 
 V1 = {"a.txt": b"version one\n", "d/only-in-one": b"one"}
 V2 = {"a.txt": b"version two\n"}
-
-
-def _waiting_on(lock: str) -> bool:
-    """Whether some process waits for a lock on the file `lock` (a `->` line of /proc/locks)."""
-    st = os.stat(lock)
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with open("/proc/locks") as f:
-        return any("->" in line and dev in line.split() for line in f)
-
-
-def _start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "--json", *args],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lock = os.path.join(store, "lock")
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and not _waiting_on(lock):
-        assert time.monotonic() < deadline, "the writer neither finished nor waited"
-        time.sleep(0.01)
-    return proc
 
 
 @pytest.mark.parametrize("writer", ["rollback", "tag"])
@@ -75,7 +50,7 @@ def test_a_writer_naming_an_old_version_waits_for_gc(
     real: Callable[..., Any] = gc_mod._forget
 
     def between_mark_and_commit(*a: Any) -> None:
-        procs.append(_start_and_settle(store, args))
+        procs.append(start_and_settle(store, args))
         real(*a)
 
     monkeypatch.setattr(gc_mod, "_forget", between_mark_and_commit)

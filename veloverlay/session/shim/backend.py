@@ -345,52 +345,55 @@ def run_shim(
     top: TargetDir | None = None
     try:
         store.writable()
-        stack, target = _resolve(m, opts)
-        ref = stack.refs[-1]
-        refuse_exposed_source(store, m, stack.view, ref.path, target)
-        # The tree's top, open: only this directory is ever written, read or removed. Its
-        # identity comes from the descriptor, never from the path (a directory on the way may
-        # be another user's, who can swap it for a symlink to one of root's at any moment).
-        top = prepare_target(target, store)
-        tst = os.fstat(top.fd)
-        sid = state.new_id()
-        sdir = store.sessions / sid
-        store.sessions.mkdir(exist_ok=True)
-        os.mkdir(sdir, 0o700)
-        os.mkdir(sdir / "locks", 0o700)
-        sref = session_ref_name(ref.name, sid)
-        st = State(
-            id=sid,
-            refs=[r.name for r in stack.refs],
-            bases=[c.id for c in stack.commits],
-            view_root=stack.view.hex(),
-            target=target,
-            backend="shim",
-            specs=list(opts.refs),
-            # what gc must keep while the session lives
-            roots=[c.root for c in stack.commits]
-            + [r.hex() for r in (stack.view, stack.below) if r is not None],
-            below_root=stack.below.hex() if stack.below is not None else None,
-            target_real=top.real,
-            target_created=top.created,
-            target_mode=0o755 if top.created else stat.S_IMODE(tst.st_mode),
-            target_id=[tst.st_dev, tst.st_ino],
-            pid=os.getpid(),
-            pid_start=proc_start(os.getpid()),
-            start=time.time(),
-            form="link" if link else "copy",
-            link=link,
-            uid=os.geteuid(),
-            tiers=ref.tiers,
-            session_ref=sref,
-            socket=_socket_address(sdir, sid),
-            argv=list(argv),
-            discard=opts.discard,
-            commit_to_ref=opts.commit,
-            message=opts.message,
-            warnings=warnings,
-        )
-        state.save(store, st)
+        # Held until the state names the view: a gc in between would take the stacked view
+        # (written just now, named by nothing yet), as the overlay backend holds it.
+        with store.lock():
+            stack, target = _resolve(m, opts)
+            ref = stack.refs[-1]
+            refuse_exposed_source(store, m, stack.view, ref.path, target)
+            # The tree's top, open: only this directory is ever written, read or removed. Its
+            # identity comes from the descriptor, never from the path (a directory on the way may
+            # be another user's, who can swap it for a symlink to one of root's at any moment).
+            top = prepare_target(target, store)
+            tst = os.fstat(top.fd)
+            sid = state.new_id()
+            sdir = store.sessions / sid
+            store.sessions.mkdir(exist_ok=True)
+            os.mkdir(sdir, 0o700)
+            os.mkdir(sdir / "locks", 0o700)
+            sref = session_ref_name(ref.name, sid)
+            st = State(
+                id=sid,
+                refs=[r.name for r in stack.refs],
+                bases=[c.id for c in stack.commits],
+                view_root=stack.view.hex(),
+                target=target,
+                backend="shim",
+                specs=list(opts.refs),
+                # what gc must keep while the session lives
+                roots=[c.root for c in stack.commits]
+                + [r.hex() for r in (stack.view, stack.below) if r is not None],
+                below_root=stack.below.hex() if stack.below is not None else None,
+                target_real=top.real,
+                target_created=top.created,
+                target_mode=0o755 if top.created else stat.S_IMODE(tst.st_mode),
+                target_id=[tst.st_dev, tst.st_ino],
+                pid=os.getpid(),
+                pid_start=proc_start(os.getpid()),
+                start=time.time(),
+                form="link" if link else "copy",
+                link=link,
+                uid=os.geteuid(),
+                tiers=ref.tiers,
+                session_ref=sref,
+                socket=_socket_address(sdir, sid),
+                argv=list(argv),
+                discard=opts.discard,
+                commit_to_ref=opts.commit,
+                message=opts.message,
+                warnings=warnings,
+            )
+            state.save(store, st)
         try:
             with m.write() as txn:
                 m.commit(  # the live view: the whole projected tree
