@@ -351,10 +351,14 @@ def wait_for_writes(fd: int) -> None:
     before and after (measured on tmpfs: ~half the reads of a 1-3 MiB file under a writer
     that pwrite()s without a lock).
     """
+    # SEEK_DATA moves the offset to the first data: in a sparse file that starts with a hole,
+    # a caller reading on from the offset would miss the hole's zeros. Put it back.
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
     try:
         os.lseek(fd, 0, os.SEEK_DATA)
     except OSError:
-        pass  # ENXIO (empty file), or a filesystem without SEEK_DATA
+        return  # ENXIO (empty file, or one that is all hole), or no SEEK_DATA: offset unmoved
+    os.lseek(fd, pos, os.SEEK_SET)
 
 
 def real_root() -> bool:

@@ -243,6 +243,33 @@ def test_round_trip_fixed_odd_tree(repo: Repo, shm_tmp: str) -> None:
     round_trip(repo, shm_tmp, spec, keep_setid=True, jobs=1)
 
 
+def test_sparse_files_that_start_with_a_hole(repo: Repo, shm_tmp: str) -> None:
+    """A sparse file whose first block is a hole (a disk image, a database file, what `truncate`
+    then an append makes) is stored whole, hole zeros and all, over and under the 1 MiB
+    small-file read; also one hole in the middle and one that is all hole."""
+    src = os.path.join(shm_tmp, "src")
+    os.mkdir(src)
+    for name, size, tail in (
+        ("big", 3 << 20, b"end"),
+        ("small", 64 << 10, b"end"),
+        ("all-hole", 2 << 20, b""),
+    ):
+        with open(os.path.join(src, name), "wb") as f:
+            f.truncate(size)
+            f.seek(0, os.SEEK_END)
+            f.write(tail)
+    with open(os.path.join(src, "middle"), "wb") as f:
+        f.write(b"head")
+        f.seek(2 << 20)
+        f.write(b"tail")
+    age(src)
+    want = snapshot(src)
+    run(repo, src, "t")
+    dest = os.path.join(shm_tmp, "out")
+    repo.checkout("t", dest)
+    assert not diff_snapshots(want, snapshot(dest))
+
+
 def _ingest_unreadable(base: str) -> list[tuple[str, str, bool, bool]]:
     """As an unprivileged owner: ingest a tree, then the same tree with one part unreadable."""
     src = os.path.join(base, "src")

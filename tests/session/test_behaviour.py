@@ -71,6 +71,10 @@ SCENARIOS: dict[str, str] = {
     "copy-tier1": "cp -a model.gguf model2.gguf; mkdir -p w; cp -a model.gguf w/",
     "unreadable": "printf secret > locked; chmod 000 locked; mkdir ro; printf r > ro/r; "
     "chmod 555 ro; chmod 000 emptydir",
+    # sparse files that start with a hole (a disk image, a database file): every byte counts,
+    # the hole's zeros too; over and under the 1 MiB small-file read
+    "sparse": "truncate -s 2M big; printf end >> big; truncate -s 64K small; printf end >> small; "
+    "truncate -s 3M f3",
     "real-modes": "cat ro.h vendor/lib.h private/run secret >/dev/null; printf x >> shared/data; "
     "chmod 644 ro.h; printf y >> ro.h; rm private/run; chmod 640 secret; printf n > shared/n",
 }
