@@ -557,3 +557,19 @@ def test_a_tree_at_the_depth_limit_imports_and_checks_out(dst: Repo, shm_tmp: st
         assert f.read() == b"x"
     root, recs = _chain(DEPTH_MAX)
     assert_invalid(dst, build([meta(root, ref="deeper"), *recs, obj(b"x")]))
+
+
+def test_a_node_outside_the_roots_closure_is_not_stored(dst: Repo) -> None:
+    """A stored node is trusted to have its closure stored and checked: a later import (or pull)
+    of a tree naming it does not look below it. A bundle carrying an extra node that names an
+    object it lacks, with a lying size, must not plant it for a second bundle to use."""
+    lie = Entry(b"big", Kind.FILE, 0o644, 1 << 40, 1, b"\7" * 32, b"", 2)
+    xd, xrec = node(tree.encode(0o755, 1, [lie])[1])
+    rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
+    info = do_import(dst, build([meta(rd), rrec, xrec, obj(b"ok")]))
+    assert info["nodes"] == 1
+    with dst.m.read() as txn:
+        assert not dst.m.has_node(txn, xd)
+    # the second bundle names the planted node and carries nothing else
+    sd, srec = node(tree.encode(0o755, 1, [Entry(b"sub", Kind.DIR, digest=xd)])[1])
+    assert_invalid(dst, build([meta(sd, ref="second"), srec]))

@@ -9,6 +9,7 @@ Import validates everything before it changes the store: the trailer checksum, e
 strictly (names: no `..`, `/`, NUL, empty, overlong, duplicates) and hashes to its digest, every
 object hashes to its digest, and the root's closure is complete. Objects are staged and published
 only then, and the ref is created in one transaction; a bad bundle leaves the store as it was.
+Nodes outside the root's closure are dropped, never stored unchecked.
 """
 
 from __future__ import annotations
@@ -279,6 +280,11 @@ def import_bundle(
         with m.read() as txn:
             setid = incoming.check_closure(store, m, txn, root, nodes, objects, _bad, decoded)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
+        # Only the nodes of the root's closure (those `check_closure` walked, now in `decoded`)
+        # are stored: a stored node is trusted to have its closure stored and checked (pull and
+        # a later import do not descend into it), so an extra node a bundle carries, naming
+        # objects it lacks or lying about their sizes, must never get in.
+        nodes = {d: data for d, data in nodes.items() if d in decoded}
         stage.publish()
         with m.write() as txn:
             for d, data in nodes.items():

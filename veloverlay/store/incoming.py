@@ -82,7 +82,8 @@ def check_closure(
     `nodes`: arriving nodes (digest → encoded); `objects`: arriving objects (digest → size).
     Sizes are checked for the files of every arriving node: a stored node's objects were checked
     when it was stored. `decoded`: arriving nodes already decoded (digest → node, from the bytes
-    `nodes` holds under that digest); each arriving node is decoded once, and added to it.
+    `nodes` holds under that digest); each arriving node of the closure is decoded once, and added
+    to it, so that it ends up holding exactly the arriving nodes the tree needs (what to store).
     Returns whether a file of the tree has setuid/setgid bits (`strip_setid` needs no walk
     when none has)."""
     cache: dict[bytes, Node] = {} if decoded is None else decoded
