@@ -405,3 +405,81 @@ def test_a_registry_without_tls_named_as_https_gets_the_http_hint(
         pull(repo.store, repo.m, f"https://{fake.host}/team/env:v1", options=OPTS)
     assert ei.value.reason is Reason.REMOTE_TLS, ei.value
     assert f"http://{fake.host}/" in (ei.value.hint or "")
+
+
+# -- answers without end -------------------------------------------------------------------------
+_ENDLESS = 96 << 20  # far more than any bound, little enough that the old code finishes reading
+
+
+def _endless(
+    h: http.server.BaseHTTPRequestHandler, code: int, cut: list[bool], ended: threading.Event
+) -> None:
+    """Answer `code` with a body (chunked: no length to check it by) the client should stop
+    reading long before its end; `cut` gets True when the client hung up first, False when the
+    whole body went out."""
+    h.send_response(code)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    piece = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    try:
+        for _ in range(_ENDLESS >> 20):
+            h.wfile.write(piece)
+        h.wfile.write(b"0\r\n\r\n")
+        cut.append(False)
+    except OSError:
+        cut.append(True)
+    finally:
+        ended.set()
+    h.close_connection = True
+
+
+@pytest.mark.parametrize("where", ["manifest-404", "token", "tags"])
+def test_an_answer_without_end_is_not_read_to_its_end(
+    fake: FakeRegistry, repo: Repo, where: str
+) -> None:
+    """Only blobs and manifests were read with a bound: an error answer, a token answer or a tag
+    list without end filled the memory (600 MiB of a 404 body took 1.8 GB)."""
+    cut: list[bool] = []
+    ended = threading.Event()  # the server's thread is done answering
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if where == "manifest-404" and "/manifests/" in h.path:
+            _endless(h, 404, cut, ended)
+        elif where == "token" and h.path.startswith("/token"):
+            _endless(h, 200, cut, ended)
+        elif where == "token":
+            realm = f'Bearer realm="http://{fake.host}/token"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        elif where == "tags" and "/tags/list" in h.path:
+            _endless(h, 200, cut, ended)
+        else:
+            return False
+        return True
+
+    fake.hook = hook
+    if where == "tags":
+        with Registry(parse_remote(fake.remote()), OPTS) as reg, pytest.raises(VeloError) as ei:
+            reg.tags()
+        assert ei.value.reason is Reason.REMOTE_INVALID, ei.value
+    else:
+        want = Reason.NOT_FOUND if where == "manifest-404" else Reason.REMOTE_INVALID
+        _pull_refused(repo, fake, want)
+    assert ended.wait(60)  # (the server notices the hang-up on a later write)
+    assert cut == [True]  # the client hung up before the end
+
+
+def test_a_token_answer_with_a_content_encoding_is_refused(fake: FakeRegistry, repo: Repo) -> None:
+    """Asked for none, a token service that compresses anyway could decompress into gigabytes."""
+
+    def hook(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.send(200, b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"})  # type: ignore[attr-defined]
+        else:
+            realm = f'Bearer realm="http://{fake.host}/token"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = hook
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "Content-Encoding" in err.message

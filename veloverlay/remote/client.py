@@ -27,6 +27,7 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.remote.auth import Credentials, find_credentials, parse_challenge
 from veloverlay.remote.name import RemoteName
 from veloverlay.remote.transport import (
+    MAX_ERROR_BODY,
     Options,
     PlainFirst,
     TooSlow,
@@ -34,6 +35,7 @@ from veloverlay.remote.transport import (
     is_tls_error,
     origin,
     paced,
+    read_small,
     registry_error,
     show_origin,
     ssl_context,
@@ -172,8 +174,12 @@ class Registry:
         query += [("scope", s) for s in scopes]
         realm = self._realm(params["realm"])
         headers = {"Authorization": creds.basic()} if creds is not None else {}
-        try:
-            tr = self.client.get(realm, params=query, headers=headers)
+        try:  # (a token answer is read as any small answer: bounded, no encoding)
+            tr = self.client.send(
+                self.client.build_request("GET", realm, params=query, headers=headers), stream=True
+            )
+            check_encoding(self.name.host, tr)
+            tr = read_small(tr, self.opts, self.name.host)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, params["realm"]) from None
         except httpx.HTTPError as exc:
@@ -275,8 +281,11 @@ class Registry:
                 req = self.client.build_request(
                     method, url, content=body, headers=hdrs, params=params
                 )
-                resp = self.client.send(req, stream=stream)
+                resp = self.client.send(req, stream=True)
                 self.requests += 1
+                check_encoding(self.name.host, resp)
+                if not stream and resp.status_code in expect:
+                    resp = read_small(resp, self.opts, self.name.host)  # bounded, paced
             except httpx.TransportError as exc:
                 if is_tls_error(exc) or attempt >= left:
                     raise self._transport_error(exc, url) from None
@@ -285,7 +294,6 @@ class Registry:
                 continue
             except (httpx.HTTPError, httpx.InvalidURL) as exc:  # redirect loop, bad Location
                 raise unusable(self.name.host, exc) from None
-            check_encoding(self.name.host, resp)
             if resp.status_code == 401:
                 resp.close()
                 if not self._same_origin(resp.url):
@@ -308,8 +316,10 @@ class Registry:
                 attempt += 1
                 continue
             if resp.status_code not in expect:
-                if stream:
-                    resp.read()
+                with contextlib.suppress(httpx.TransportError):  # (the status is the error)
+                    resp = read_small(
+                        resp, self.opts, self.name.host, limit=MAX_ERROR_BODY, cut=True
+                    )
                 resp.close()
                 raise self._status_error(method, url, resp)
             return resp

@@ -22,6 +22,9 @@ __all__ = [
     "PlainFirst",
     "TooSlow",
     "paced",
+    "read_small",
+    "MAX_ANSWER",
+    "MAX_ERROR_BODY",
     "check_encoding",
     "is_tls_error",
     "origin",
@@ -32,6 +35,11 @@ __all__ = [
 ]
 
 _DEFAULT_PORT = {"http": 80, "https": 443}
+# Answers that are not blobs or manifests (those have their own bounds): a tag list, a token, the
+# /v2/ probe, an upload's answer. None has a reason to be big; one without end must not fill the
+# memory. Of an error answer only the start is read, for its message.
+MAX_ANSWER = 16 << 20
+MAX_ERROR_BODY = 64 << 10
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -185,3 +193,29 @@ def paced(chunks: Iterable[bytes], opts: Options, *, upload: bool = False) -> It
         yield chunk
         if upload:  # sent by now
             got += len(chunk)
+
+
+def read_small(
+    resp: httpx.Response, opts: Options, host: str, *, limit: int = MAX_ANSWER, cut: bool = False
+) -> httpx.Response:
+    """`resp` (sent with `stream=True`) with its body read and the connection closed: at most
+    `limit` bytes, paced as a blob is (`paced`). Over `limit` is REMOTE_INVALID, or with `cut`
+    (an error answer, read for its message only) the body is cut there."""
+    buf = bytearray()
+    try:
+        for chunk in paced(resp.iter_bytes(), opts):
+            buf += chunk
+            if len(buf) > limit:
+                if cut:
+                    del buf[limit:]
+                    break
+                raise VeloError(
+                    f"{host} answered {resp.request.method} {resp.request.url.path} with more "
+                    f"than {limit} bytes",
+                    reason=Reason.REMOTE_INVALID,
+                )
+    finally:
+        resp.close()
+    return httpx.Response(
+        resp.status_code, headers=resp.headers, content=bytes(buf), request=resp.request
+    )
