@@ -104,6 +104,36 @@ def test_setid_bits_in_a_subtree_the_store_already_holds_are_dropped(
         assert e is not None and stat.S_IMODE(e.mode) == 0o755
 
 
+def test_setid_bits_of_a_subtree_named_from_many_places_are_dropped_node_by_node(
+    fake: FakeRegistry, repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Levels of a directory holding `a` and `b`, both the same child, are 2**levels paths in a
+    few nodes: stripping setuid bits path by path never ended for 40 levels (as bundle import)."""
+    data = b"#!/bin/sh\nid\n"
+    reads: list[bytes] = []
+    real = repo.m.get_node
+    monkeypatch.setattr(repo.m, "get_node", lambda txn, d: reads.append(d) or real(txn, d))
+    for levels, tag in ((12, "v1"), (40, "v2")):
+        d, nodes = one_dir([file_entry(b"suid", data, mode=0o4755)])
+        for _ in range(levels):
+            pair = [tree.Entry(n, tree.Kind.DIR, digest=d) for n in (b"a", b"b")]
+            d, more = one_dir(pair)
+            nodes.update(more)
+        fake.serve_version(nodes, {hash_bytes(data): data}, d, tag=tag)
+        reads.clear()
+        res = pull(repo.store, repo.m, fake.remote(tag), name=tag, options=OPTS)
+        assert res.stripped_setid == 2**levels
+        assert len(reads) <= 2 * (levels + 1)  # (path by path: 2**(levels + 1))
+    with repo.m.read() as txn:
+        d = bytes.fromhex(res.root)
+        for name in (b"a", b"b") * 20:
+            e = real(txn, d).lookup(name)
+            assert e is not None
+            d = e.digest
+        leaf = real(txn, d).lookup(b"suid")
+        assert leaf is not None and stat.S_IMODE(leaf.mode) == 0o755
+
+
 def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:
     data = b"6bytes"
     root, nodes = one_dir([file_entry(b"big", data, size=1 << 40)])

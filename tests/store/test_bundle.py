@@ -573,3 +573,46 @@ def test_a_node_outside_the_roots_closure_is_not_stored(dst: Repo) -> None:
     # the second bundle names the planted node and carries nothing else
     sd, srec = node(tree.encode(0o755, 1, [Entry(b"sub", Kind.DIR, digest=xd)])[1])
     assert_invalid(dst, build([meta(sd, ref="second"), srec]))
+
+
+def _doubling(levels: int, leaf: Entry) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """`levels` directories each holding `a` and `b`, both the same child: 2**levels paths to
+    `leaf` in `levels + 1` nodes. (root digest, node records)"""
+    d, rec = node(tree.encode(0o755, 1, [leaf])[1])
+    recs = [rec]
+    for _ in range(levels):
+        pair = [Entry(b"a", Kind.DIR, digest=d), Entry(b"b", Kind.DIR, digest=d)]
+        d, rec = node(tree.encode(0o755, 1, pair)[1])
+        recs.append(rec)
+    return d, recs
+
+
+def test_setid_bits_are_stripped_node_by_node_not_path_by_path(
+    dst: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree naming one subtree from many places is 2**levels paths in a few KiB: stripping
+    setuid bits walked every path (40 levels in a 7 KiB bundle: an import that never ends). Each
+    node is read once now; the count still counts paths."""
+    levels = 12
+    leaf = Entry(b"f", Kind.FILE, 0o4755, 1, 1, hash_bytes(b"x"), b"", 2)
+    root, recs = _doubling(levels, leaf)
+    reads: list[bytes] = []
+    real = dst.m.get_node
+    monkeypatch.setattr(dst.m, "get_node", lambda txn, d: reads.append(d) or real(txn, d))
+    info = do_import(dst, build([meta(root), *recs, obj(b"x")]))
+    assert info["stripped_setid"] == 2**levels
+    assert len(reads) <= 2 * (levels + 1)  # (walking the paths read 2**(levels + 1) nodes)
+    monkeypatch.undo()
+    with dst.m.read() as txn:
+        top = bytes.fromhex(dst.m.get_commit(txn, dst.m.get_ref(txn, "hand").head).root)  # type: ignore[union-attr]
+        for path in (b"a/" * levels, b"b/" * levels, b"ab" * (levels // 2)):
+            d = top
+            for name in path.replace(b"/", b""):
+                e = dst.m.get_node(txn, d).lookup(bytes([name]))
+                assert e is not None and e.kind is Kind.DIR
+                d = e.digest
+            f = dst.m.get_node(txn, d).lookup(b"f")
+            assert f is not None and f.mode == 0o755, path
+    root40, recs40 = _doubling(40, leaf)  # and the one that never ended
+    info = do_import(dst, build([meta(root40, ref="wide"), *recs40, obj(b"x")]))
+    assert info["stripped_setid"] == 2**40

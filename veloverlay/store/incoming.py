@@ -25,8 +25,6 @@ from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import (
     Kind,
     Node,
-    Op,
-    OpKind,
     Shape,
     decode,
     extent_of,
@@ -146,13 +144,36 @@ def check_closure(
 
 
 def strip_setid(m: Manifests, txn: Txn, root: bytes, any_setid: bool = True) -> tuple[bytes, int]:
-    """(the tree without setuid/setgid bits on its files, how many files had them).
-    `any_setid=False` (what `check_closure` of this tree returned): none has; no walk."""
+    """(the tree without setuid/setgid bits on its files, how many files had them, counted by
+    path). `any_setid=False` (what `check_closure` of this tree returned): none has; no walk.
+
+    Node by node, bottom-up, each distinct node once: a tree from elsewhere can name one
+    subtree from many places (40 levels of a directory holding two entries for the same child
+    are 2**40 paths in a few KiB), so a walk by path would never end."""
     if not any_setid:
         return root, 0
-    ops = [
-        Op(OpKind.META, p, mode=e.mode & ~SETID, mtime_ns=e.mtime_ns)
-        for p, e, _node in m.walk(txn, root)
-        if e.kind is Kind.FILE and e.mode & SETID
-    ]
-    return (m.apply(txn, root, ops), len(ops)) if ops else (root, 0)
+    done: dict[bytes, tuple[bytes, int]] = {}  # node -> (that node stripped, files stripped)
+    stack = [root]
+    while stack:
+        d = stack[-1]
+        if d in done:
+            stack.pop()
+            continue
+        node = m.get_node(txn, d)
+        todo = [e.digest for e in node.entries if e.kind is Kind.DIR and e.digest not in done]
+        if todo:  # children first (a child is never its own ancestor: digests name content)
+            stack.extend(todo)
+            continue
+        stack.pop()
+        entries, count = [], 0
+        for e in node.entries:
+            if e.kind is Kind.DIR:
+                sub, n = done[e.digest]
+                count += n
+                e = e.replace(digest=sub) if n else e
+            elif e.kind is Kind.FILE and e.mode & SETID:
+                e = e.replace(mode=e.mode & ~SETID)
+                count += 1
+            entries.append(e)
+        done[d] = (m.put_node(txn, node.mode, node.mtime_ns, entries) if count else d, count)
+    return done[root]
