@@ -616,3 +616,47 @@ def test_setid_bits_are_stripped_node_by_node_not_path_by_path(
     root40, recs40 = _doubling(40, leaf)  # and the one that never ended
     info = do_import(dst, build([meta(root40, ref="wide"), *recs40, obj(b"x")]))
     assert info["stripped_setid"] == 2**40
+
+
+_EVIL = "\x1b]0;owned\x07\x1b[2J\x9b31m\r\nhand@{9}  forged line"
+
+
+def test_the_cli_shows_a_bundles_text_escaped_on_one_line(shm_tmp: str) -> None:
+    """A bundle's commit message, tier rules and ingest path come from elsewhere: `log`, `tiers
+    explain` and `import` printed them raw (terminal escapes, and a newline that printed a
+    forged log line). The message is also kept as text of bounded length, as pull keeps it."""
+    from tests.e2e.test_cli import ok, velo
+
+    rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
+    store = os.path.join(shm_tmp, "store")
+    for ref, message in (("hand", _EVIL), ("big", _EVIL * 1000), ("odd", ["not", "text"])):
+        bundle = os.path.join(shm_tmp, f"{ref}.velo")
+        with open(bundle, "wb") as f:
+            f.write(
+                build(
+                    [
+                        meta(
+                            rd, ref=ref, message=message, path="/p" + _EVIL, tiers=[[1, "a", _EVIL]]
+                        ),
+                        rrec,
+                        obj(b"ok"),
+                    ]
+                )
+            )
+        r = velo(store, "import", bundle)
+        ok(r)
+        shown = [r.stdout.decode(), r.stderr.decode()]
+        shown.append(ok(velo(store, "tiers", "explain", "--ref", ref, "a")))
+        log = ok(velo(store, "log", ref))
+        shown.append(log)
+        assert len(log.splitlines()) == 1, log
+        for out in shown:
+            assert not any(c in out for c in "\x1b\x07\x9b\r"), out
+        assert len(r.stderr.decode().splitlines()) == 1, r.stderr  # the ingest path, one line
+        commits = json.loads(ok(velo(store, "--json", "log", ref)))
+        if ref == "hand":
+            assert commits[0]["message"] == "import: " + _EVIL  # kept; shown escaped
+        elif ref == "big":
+            assert len(commits[0]["message"]) == len("import: ") + 4096
+        else:
+            assert commits[0]["message"] == "import: "

@@ -36,9 +36,19 @@ from veloverlay.errors import SysError, VeloError
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+_CONTROL_ALL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _safe(text: str) -> str:
     """`text` with every terminal control character shown as \\xNN."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: every control character, newline and tab too, shown as \\xNN (what
+    a line of a table or a log holds comes from stores, bundles and registries: a newline
+    there would print a line of its own making)."""
+    return _CONTROL_ALL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 __all__ = [
@@ -47,6 +57,7 @@ __all__ = [
     "error",
     "warn",
     "info",
+    "one_line",
     "table",
     "Progress",
     "human_bytes",
@@ -125,7 +136,7 @@ def info(msg: str) -> None:
 
 
 def table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None) -> None:
-    data = [[_safe(str(c)) for c in r] for r in rows]
+    data = [[one_line(str(c)) for c in r] for r in rows]
     if header:
         data.insert(0, list(header))
     if not data:

@@ -261,7 +261,7 @@ def log(
         sess = f" session={c.session}" if c.session else ""
         print(
             f"{ref}@{{{i}}}  {c.id[:12]}  root {c.root[:16]}  {when}  "
-            f"+{c.delta_count} ops{sess}  {c.message}"
+            f"+{c.delta_count} ops{sess}  {render.one_line(c.message)}"
         )
 
 
@@ -365,9 +365,10 @@ def import_cmd(
             f"{info['stripped_setid']} setuid/setgid bits stripped (--keep-setid keeps them)"
         )
     if path is None and info.get("bundle_path"):
+        where = render.one_line(info["bundle_path"])
         render.info(
-            f"the bundle was ingested at {info['bundle_path']}; sessions need --at "
-            f"(or import with --path {info['bundle_path']})"
+            f"the bundle was ingested at {where}; sessions need --at "
+            f"(or import with --path {where})"
         )
 
 
@@ -399,9 +400,11 @@ def tiers_explain(
             }
         )
     elif rule is None:
-        print(f"{path}: tier {tier} (no rule matched)")
-    else:
+        print(f"{render.one_line(path)}: tier {tier} (no rule matched)")
+    else:  # (the rules of a ref may come from a bundle or a registry)
         print(
-            f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
-            + (f" — {rule.why}" if rule.why else "")
+            render.one_line(
+                f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
+                + (f" — {rule.why}" if rule.why else "")
+            )
         )

@@ -64,12 +64,6 @@ class PullResult(Record):
         return self.field_dict()
 
 
-def _message(cfg: dict[str, Any]) -> str:
-    """The pushed commit message, as text (what a registry serves is not trusted to be any)."""
-    msg = cfg.get("message")
-    return msg[:4096] if isinstance(msg, str) else ""
-
-
 def pull(
     store: Store,
     m: Manifests,
@@ -193,12 +187,13 @@ def pull(
             if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
                 res.commit = None
             else:
+                msg = incoming.message(cfg.get("message"))
                 c = m.commit(
                     txn,
                     refname,
                     root,
                     expect_head=existing.head if existing is not None else None,
-                    message=f"pull {rn.host}/{rn.repo}@{digest}: {_message(cfg)}",
+                    message=f"pull {rn.host}/{rn.repo}@{digest}: {msg}",
                     path=os.path.abspath(path) if path is not None else None,
                     tiers=tiers,
                 )

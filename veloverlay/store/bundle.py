@@ -298,7 +298,7 @@ def import_bundle(
                 refname,
                 root,
                 expect_head=existing.head if existing else None,
-                message=f"import: {meta.get('message', '')}",
+                message=f"import: {incoming.message(meta.get('message'))}",
                 path=os.path.abspath(path) if path is not None else None,
                 tiers=tiers,
             )

@@ -6,7 +6,7 @@ pull alike (one rule, so the two ways in cannot drift apart).
   fill the disk at the first copy-up, and a session would show a size its bytes do not have);
 - extent: the tree is no deeper, and its paths no longer, than a checkout or a session can make
   (`paths.check_extent`);
-- tier rules as a ref stores them;
+- tier rules as a ref stores them; a commit message is a string of bounded length;
 - setuid/setgid bits are dropped from files unless the caller keeps them on purpose (ingest's and
   harvest's policy): a root checkout or session of someone else's tree must not mint a
   setuid-root program.
@@ -34,6 +34,15 @@ from veloverlay.store.tree import (
 from veloverlay.tiers import Rules
 
 SETID = stat.S_ISUID | stat.S_ISGID
+
+
+MESSAGE_MAX = 4096
+
+
+def message(value: object) -> str:
+    """A commit message from elsewhere, as text: a string, at most `MESSAGE_MAX` characters
+    (anything else is no message). Control characters are kept; the CLI shows them escaped."""
+    return value[:MESSAGE_MAX] if isinstance(value, str) else ""
 
 
 def valid_tiers(tiers: object) -> bool:
