@@ -134,6 +134,19 @@ def test_setid_bits_of_a_subtree_named_from_many_places_are_dropped_node_by_node
         assert leaf is not None and stat.S_IMODE(leaf.mode) == 0o755
 
 
+@pytest.mark.parametrize(
+    "tiers", [[[True, "a", ""]], [[1.0, "a", ""]], [[1, "[z-a]", ""]], [[2, "a", ""]] * 257]
+)
+def test_tier_rules_a_ref_cannot_hold_are_invalid(
+    fake: FakeRegistry, repo: Repo, tiers: list[list[object]]
+) -> None:
+    """As a bundle's: the first three were tracebacks (int("True"), int("1.0"), re.error)."""
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root, config={"tiers": tiers})
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "tier rules" in err.message
+
+
 def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:
     data = b"6bytes"
     root, nodes = one_dir([file_entry(b"big", data, size=1 << 40)])

@@ -334,6 +334,11 @@ def test_a_node_that_does_not_match_its_digest(dst: Repo) -> None:
         pytest.param(lambda rd, rrec: [meta(rd, ref=None), rrec], id="no-ref-name"),
         pytest.param(lambda rd, rrec: [meta(rd, tiers=[[9, 5]]), rrec], id="bad-tiers"),
         pytest.param(lambda rd, rrec: [meta(rd, tiers=[[1, "/abs", ""]]), rrec], id="abs-tier"),
+        # (these three were tracebacks: int("True"), int("1.0"), re.error)
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[True, "a", ""]]), rrec], id="tier-bool"),
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[1.0, "a", ""]]), rrec], id="tier-float"),
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[1, "[z-a]", ""]]), rrec], id="bad-class"),
+        pytest.param(lambda rd, rrec: [meta(rd, tiers=[[2, "a", ""]] * 257), rrec], id="rules"),
         pytest.param(lambda rd, rrec: [meta(rd), rrec, (7, b"")], id="unknown-record"),
         pytest.param(lambda rd, rrec: [meta(rd), (NODE, rd)], id="node-too-short"),
         pytest.param(lambda rd, rrec: [meta(rd), rrec, (OBJECT, b"x")], id="object-too-short"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,72 @@ def test_tiers_explain_with_a_refs_rules(repo: Repo, shm_tmp: str) -> None:
     assert p.returncode == 0 and "tier 2" in p.stdout and "no rule matched" in p.stdout
     p = velo(store, "tiers", "explain", "--ref", "nope", "z", "--json")
     assert p.returncode == 1 and "reason: not-found" in p.stderr
+
+
+def _as_regex(glob: str) -> re.Pattern[bytes]:
+    """The reference: the glob as a (backtracking) regex, as rules were matched before."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] in "*?":
+            out.append("[^/]*" if glob[i] == "*" else "[^/]")
+            i += 1
+        elif glob[i] == "[":
+            j = glob.index("]", i + 1)
+            body = glob[i + 1 : j].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile(("^" + "".join(out) + "$").encode("utf-8", "surrogateescape"), re.DOTALL)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["*", "**/", "**", "?", "a", "b", "/", "[ab]", "[!a]", "[a-c]", "é", "\\"]),
+        min_size=1,
+        max_size=7,
+    ).map("".join),
+    st.lists(
+        st.sampled_from([b"a", b"b", b"c", b"ab", b"", b"\xff", "é".encode()]), max_size=5
+    ).map(b"/".join),
+)
+def test_globs_match_as_the_regex_they_stand_for(glob: str, path: bytes) -> None:
+    """Matching by DFA decides as the regex the glob stands for (which is what `explain` and the
+    docs describe), on paths that could not make a regex backtrack for long."""
+    if glob.startswith("/"):
+        return
+    assert (tier(glob, path) == 1) is bool(_as_regex(glob).match(path)), (glob, path)
+
+
+def test_a_glob_that_makes_a_regex_backtrack_forever_is_matched_in_linear_time() -> None:
+    """A ref's rules may come from a bundle or a registry. As a backtracking regex, `**/` forty
+    times and `x` took exponential time on a path it did not match (ten times: 44 s for one
+    path): the harvest of a session, a re-ingest or `tiers explain` of such a ref never ended.
+    Run in a child with a time bound, so the old matcher fails instead of hanging the suite."""
+    code = (
+        "from veloverlay.tiers import Rules, Rule\n"
+        "r = Rules([Rule(1, '**/' * 40 + 'x'), Rule(1, '**/a/' * 30 + 'x'), "
+        "Rule(1, '*a' * 30 + 'b')])\n"
+        "paths = [b'a/' * 2000 + b'b', b'a' * 255, b'a/' * 30 + b'x']\n"
+        "print([r.classify(p) for p in paths], [r.explain(p)[0] for p in paths])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=120, check=True, text=True
+    )
+    assert out.stdout.split() == ["[2,", "2,", "1]", "[2,", "2,", "1]"]
+
+
+@pytest.mark.parametrize("glob", ["[]", "[!]", "[^]", "[z-a]", "a[]b"])
+def test_a_glob_with_a_bad_class_is_a_usage_error(glob: str) -> None:
+    """It was a re.error: a traceback for a tiers file, and for a bundle's or a registry's rules."""
+    with pytest.raises(VeloError) as ei:
+        Rules([Rule(1, glob)])
+    assert ei.value.reason is Reason.USAGE

@@ -45,17 +45,25 @@ def message(value: object) -> str:
     return value[:MESSAGE_MAX] if isinstance(value, str) else ""
 
 
+RULES_MAX = 256  # tier rules: every new file is tested against each (a tiers file has a few)
+GLOB_MAX = 1024
+
+
 def valid_tiers(tiers: object) -> bool:
-    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile."""
-    if not isinstance(tiers, list):
+    """Tier rules as a ref stores them: [[tier 1|2, glob, why], ...] with globs that compile,
+    at most `RULES_MAX` rules, globs and reasons at most `GLOB_MAX` and `MESSAGE_MAX` long."""
+    if not isinstance(tiers, list) or len(tiers) > RULES_MAX:
         return False
     for rule in tiers:
         if not (
             isinstance(rule, list)
             and len(rule) == 3
+            and type(rule[0]) is int  # (True == 1, and 1.0 too)
             and rule[0] in (1, 2)
             and isinstance(rule[1], str)
             and isinstance(rule[2], str)
+            and len(rule[1]) <= GLOB_MAX
+            and len(rule[2]) <= MESSAGE_MAX
         ):
             return False
     try:
