@@ -176,7 +176,7 @@ def deep_tree(levels: int, leaf: tree.Entry) -> tuple[bytes, dict[bytes, bytes]]
     d, data = tree.encode(0o755, 0, [leaf])
     nodes[d] = data
     for _ in range(levels):
-        sub = tree.Entry(b"d", tree.Kind.DIR, 0o755, 0, 0, d, b"", 1)
+        sub = tree.Entry(b"d", tree.Kind.DIR, digest=d)  # (a DIR entry carries no mode or tier)
         d, data = tree.encode(0o755, 0, [sub])
         nodes[d] = data
     return d, nodes

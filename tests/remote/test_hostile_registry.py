@@ -147,6 +147,26 @@ def test_tier_rules_a_ref_cannot_hold_are_invalid(
     assert "tier rules" in err.message
 
 
+@pytest.mark.parametrize("lie", ["size", "depth"])
+def test_a_tree_refused_is_refused_before_its_objects_are_fetched(
+    fake: FakeRegistry, repo: Repo, lie: str
+) -> None:
+    """The sizes and the depth were checked once every object had arrived: a registry could make
+    a pull download all of a version it was going to refuse."""
+    data = os.urandom(100_000)
+    if lie == "size":
+        root, nodes = one_dir([file_entry(b"f", data, size=1 << 40)])
+    else:
+        root, nodes = deep_tree(400, file_entry(b"f", data))
+    fake.serve_version(nodes, {hash_bytes(data): data}, root)
+    man = json.loads(fake.manifests["v1"])
+    objects = next(
+        x["digest"] for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects"
+    )
+    _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert not [p for m, p, _a in fake.seen if m == "GET" and p.endswith(objects)]
+
+
 def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:
     data = b"6bytes"
     root, nodes = one_dir([file_entry(b"big", data, size=1 << 40)])
@@ -158,7 +178,8 @@ def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: 
 def test_a_tree_deeper_than_a_checkout_can_make_is_refused(fake: FakeRegistry, repo: Repo) -> None:
     root, nodes = deep_tree(400, file_entry(b"f", b"x"))
     fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root)
-    _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "too deep" in err.message  # (not refused as malformed: the nodes are well made)
 
 
 def test_a_version_that_names_no_ref_needs_a_name(fake: FakeRegistry, repo: Repo) -> None:

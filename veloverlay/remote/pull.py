@@ -2,8 +2,9 @@
 
 Order: the manifest (by tag or digest; by digest it must hash to it), its config, every pack index
 (each checked against its sha256). Then the nodes the store lacks, from the node packs: each must
-hash to its digest and decode strictly, and the root's closure must be complete — before any object
-is fetched. Then the packs (and lone blobs) holding objects the store lacks, `jobs` at a time
+hash to its digest and decode strictly, and the root's closure must be complete, every file's
+size the one its object is offered with, the tree no deeper than a checkout can make — before any
+object is fetched. Then the packs (and lone blobs) holding objects the store lacks, `jobs` at a time
 (`fetch`), each streamed into its own stage: every object is hashed (BLAKE3) and must equal the
 name the index gives it (a pack's small objects before they are written, unnamed and held open;
 others as they are written), and the blob must match its descriptor's sha256 and size, or the
@@ -164,6 +165,10 @@ def pull(
             for p, es in by_pack.values():
                 es.sort(key=lambda e: e.offset)
                 tasks.append(("pack", p, es))
+            # Before any object is fetched (a refused tree costs no transfer): the sizes checked
+            # are those the indexes and descriptors give, which every fetched object must have.
+            with m.read() as txn:
+                setid = incoming.check_closure(store, m, txn, root, nodes, sizes, invalid, decoded)
             meter = Meter("pull", sum(map(task_bytes, tasks)), len(missing), progress)
             budget = HoldBudget(store)  # (its size: the file limit `more_files` set)
             run_threads(reg, store, tasks, jobs, meter, budget, publish_bytes)
@@ -174,8 +179,6 @@ def pull(
         lost = store.missing(missing)
         if lost:
             raise invalid(f"object {lost[0].hex()} did not arrive")
-        with m.read() as txn:
-            setid = incoming.check_closure(store, m, txn, root, nodes, sizes, invalid, decoded)
         faults.point("remote.pull.fetched")
         with m.write() as txn:
             for d, data in nodes.items():
