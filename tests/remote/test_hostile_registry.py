@@ -167,6 +167,18 @@ def test_a_tree_refused_is_refused_before_its_objects_are_fetched(
     assert not [p for m, p, _a in fake.seen if m == "GET" and p.endswith(objects)]
 
 
+@pytest.mark.parametrize("how", ["pushed-as", "name"])
+def test_a_version_is_not_pulled_into_a_session_ref(
+    fake: FakeRegistry, repo: Repo, how: str
+) -> None:
+    """As import and ingest: `REF@<session>` is made by a session's conflict only."""
+    root, nodes = one_dir([file_entry(b"f", b"x")])
+    cfg = {"ref": "env@0123abcd"} if how == "pushed-as" else {}
+    fake.serve_version(nodes, {hash_bytes(b"x"): b"x"}, root, config=cfg)
+    kw = {"name": "env@0123abcd"} if how == "name" else {}
+    _pull_refused(repo, fake, Reason.BAD_REF, **kw)
+
+
 def test_an_entry_that_lies_about_its_size_is_refused(fake: FakeRegistry, repo: Repo) -> None:
     data = b"6bytes"
     root, nodes = one_dir([file_entry(b"big", data, size=1 << 40)])

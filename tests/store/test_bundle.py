@@ -332,6 +332,7 @@ def test_a_node_that_does_not_match_its_digest(dst: Repo) -> None:
         pytest.param(lambda rd, rrec: [meta(rd, root=5), rrec], id="root-a-number"),
         pytest.param(lambda rd, rrec: [meta(rd, ref="../../x"), rrec], id="bad-ref-name"),
         pytest.param(lambda rd, rrec: [meta(rd, ref=None), rrec], id="no-ref-name"),
+        pytest.param(lambda rd, rrec: [meta(rd, ref="env@abc"), rrec], id="session-ref"),
         pytest.param(lambda rd, rrec: [meta(rd, tiers=[[9, 5]]), rrec], id="bad-tiers"),
         pytest.param(lambda rd, rrec: [meta(rd, tiers=[[1, "/abs", ""]]), rrec], id="abs-tier"),
         # (these three were tracebacks: int("True"), int("1.0"), re.error)
@@ -665,3 +666,14 @@ def test_the_cli_shows_a_bundles_text_escaped_on_one_line(shm_tmp: str) -> None:
             assert len(commits[0]["message"]) == len("import: ") + 4096
         else:
             assert commits[0]["message"] == "import: "
+
+
+def test_a_bundle_is_not_imported_into_a_session_ref(dst: Repo) -> None:
+    """`REF@<session>` is made by a session's conflict only; ingest refuses to write one, and so
+    do import and pull now (they made one that sessions then refused to run on)."""
+    rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
+    before = state(dst)
+    with pytest.raises(VeloError) as ei:
+        do_import(dst, build([meta(rd), rrec, obj(b"ok")]), name="hand@0123abcd")
+    assert ei.value.reason is Reason.BAD_REF
+    assert state(dst) == before

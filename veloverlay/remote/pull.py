@@ -37,7 +37,7 @@ from veloverlay.remote.version import PackRef, parse_config, parse_manifest
 from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import node_digest
-from veloverlay.store.manifest import Manifests, check_ref_name
+from veloverlay.store.manifest import Manifests
 from veloverlay.store.stage import HOLD_FILES, HoldBudget
 from veloverlay.store.tree import Kind, Node, decode
 
@@ -93,7 +93,7 @@ def pull(
             hint="append :TAG or @sha256:DIGEST",
         )
     if name is not None:
-        check_ref_name(name)
+        incoming.target_ref(name)
     store.writable()
     with Registry(rn, options) as reg, store.lock():
         store.reclaim_tmp()
@@ -110,7 +110,7 @@ def pull(
                 reason=Reason.USAGE,
                 hint="name the ref to pull into with --name REF",
             )
-        refname = check_ref_name(name or pushed_as or rn.tag or "")
+        refname = incoming.target_ref(name or pushed_as or rn.tag or "")
         tiers = cfg.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise invalid("the version's tier rules are invalid")

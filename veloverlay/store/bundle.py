@@ -28,7 +28,7 @@ from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
-from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn, check_ref_name
+from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn
 from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC"]
@@ -270,9 +270,10 @@ def import_bundle(
         if not _HEX64.match(meta["root"]):
             raise _bad("bad root digest")
         root = bytes.fromhex(meta["root"])
-        if name is None and not (isinstance(meta.get("ref"), str) and REF_RE.match(meta["ref"])):
-            raise _bad(f"bad ref name {meta.get('ref')!r}")
-        refname = check_ref_name(name or meta["ref"])
+        ref = meta.get("ref")  # (export writes a ref's name without its '@<session>')
+        if name is None and not (isinstance(ref, str) and REF_RE.match(ref) and "@" not in ref):
+            raise _bad(f"bad ref name {ref!r}")
+        refname = incoming.target_ref(name or meta["ref"])
         tiers = meta.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise _bad("bad tier rules")

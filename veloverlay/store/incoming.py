@@ -19,9 +19,9 @@ import stat
 from collections.abc import Callable, Mapping
 
 from veloverlay import paths
-from veloverlay.errors import VeloError
+from veloverlay.errors import Reason, VeloError
 from veloverlay.store.cas import Store
-from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.manifest import Manifests, Txn, check_ref_name
 from veloverlay.store.tree import (
     Kind,
     Node,
@@ -37,6 +37,19 @@ SETID = stat.S_ISUID | stat.S_ISGID
 
 
 MESSAGE_MAX = 4096
+
+
+def target_ref(name: str) -> str:
+    """`name` if a tree from elsewhere may be imported or pulled into it: a valid ref name, and
+    not a session's (`REF@<session>`, made by a session's conflict only), as ingest holds it."""
+    check_ref_name(name)
+    if "@" in name:
+        raise VeloError(
+            f"cannot import or pull into the session ref {name!r}",
+            reason=Reason.BAD_REF,
+            hint="name a ref without '@'",
+        )
+    return name
 
 
 def message(value: object) -> str:
