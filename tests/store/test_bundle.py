@@ -677,3 +677,23 @@ def test_a_bundle_is_not_imported_into_a_session_ref(dst: Repo) -> None:
         do_import(dst, build([meta(rd), rrec, obj(b"ok")]), name="hand@0123abcd")
     assert ei.value.reason is Reason.BAD_REF
     assert state(dst) == before
+
+
+def test_diff_shows_names_from_a_bundle_escaped_on_one_line(shm_tmp: str) -> None:
+    """`ls` escaped a name's control characters, `diff` printed them raw (and a newline in a
+    name split its line in two)."""
+    from tests.e2e.test_cli import ok, velo
+
+    store = os.path.join(shm_tmp, "store")
+    evil = b"n\x1b[31mred\x07\nx"
+    for ref, entries, objs in (("e0", [], []), ("e1", [file_entry(evil, b"ok\n")], [b"ok\n"])):
+        rd, rrec = node(tree.encode(0o755, 1, entries)[1])
+        bundle = os.path.join(shm_tmp, f"{ref}.velo")
+        with open(bundle, "wb") as f:
+            f.write(build([meta(rd, ref=ref), rrec, *map(obj, objs)]))
+        ok(velo(store, "import", bundle))
+    for flags, lines in (([], 1), (["--name-status"], 1), (["--stat"], 2), (["--patch"], 6)):
+        out = ok(velo(store, "diff", *flags, "e0", "e1"))
+        assert not any(c in out for c in "\x1b\x07"), out
+        assert len(out.splitlines()) == lines, out
+        assert "n\\x1b[31mred\\x07\\x0ax" in out

@@ -64,7 +64,7 @@ def diff(
         return [
             _Item(
                 c.status,
-                os.fsdecode(c.path) or "/",
+                render.one_line(os.fsdecode(c.path) or "/"),  # (names may come from elsewhere)
                 c.old.mode if c.old is not None else None,
                 c.new.mode if c.new is not None else None,
                 c.old.size if c.old is not None else 0,
@@ -114,6 +114,7 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
             render.emit_json([{"status": c, "path": p} for c, p in names])
             return
         for c, p in names:
+            p = render.one_line(p)
             print(f"{c}\t{p}" if name_status else f"{c} {p}")
         return
     from veloverlay.session.live import live_diff
@@ -135,7 +136,7 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
         return [
             _Item(
                 c.status,
-                os.fsdecode(c.path) or "/",
+                render.one_line(os.fsdecode(c.path) or "/"),  # (names may come from elsewhere)
                 c.old_mode,
                 c.new_mode,
                 c.old_size,
@@ -183,7 +184,9 @@ def _patch(it: _Item) -> None:
             f"{'b/' + name if it.new_mode is not None else '/dev/null'} differ\n"
         )
         return
-    for line in lines:
+    for i, line in enumerate(lines):
+        if i < 2 and line.startswith(("--- ", "+++ ")):  # the names, shown as above
+            line = render.one_line(line.rstrip("\n")) + "\n"
         out.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
 
 
