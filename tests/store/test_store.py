@@ -588,6 +588,21 @@ def test_gc_keep_drops_older_commits_exclusive_objects(
     assert check(repo).ok
 
 
+@pytest.mark.parametrize("keep", [0, -1])
+def test_gc_keep_below_one_is_refused_before_anything_is_deleted(
+    repo: Repo, shm_tmp: str, keep: int, later: None
+) -> None:
+    src = tree_with(repo, shm_tmp, "r", {"f": b"version 1"})
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"version 2")
+    ingest(repo.store, repo.m, src, "r", jobs=1)
+    log = repo.log("r")
+    with pytest.raises(VeloError) as ei:
+        gc(repo.store, repo.m, keep=keep, grace=0)
+    assert ei.value.reason is Reason.USAGE
+    assert repo.log("r") == log and check(repo).ok
+
+
 def test_gc_keeps_objects_of_session_state_roots(repo: Repo, later: None) -> None:
     (d,) = put(repo, b"only a session has me")
     with repo.m.write() as txn:

@@ -108,7 +108,8 @@ def _fsck_hint(rep: "FsckReport", repair: bool) -> str | None:
 @verb(app)
 def gc(
     keep: Annotated[
-        int | None, typer.Option(help="Keep the newest N commits of each ref (default: all)")
+        int | None,
+        typer.Option(help="Keep the newest N >= 1 commits of each ref (default: all)"),
     ] = None,
     grace: Annotated[
         float, typer.Option(help="Never delete objects younger than this (seconds)")

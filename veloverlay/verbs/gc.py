@@ -245,6 +245,12 @@ def gc(
     even when the manifest database holds fewer refs than the store record says it had (or none
     while the store holds objects and has no record): only after checking that those refs were
     deleted on purpose, since everything they reached goes."""
+    if keep is not None and keep < 1:  # 0 or less would delete the commits refs point at
+        raise VeloError(
+            f"gc --keep needs N >= 1, not {keep}",
+            reason=Reason.USAGE,
+            hint="each ref's head is always kept; leave --keep out to keep all history",
+        )
     rep = GcReport(dry_run=dry_run)
     with store.lock(exclusive=True):
         with m.read() as txn:
