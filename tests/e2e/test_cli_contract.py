@@ -43,3 +43,88 @@ def test_gc_keep_below_one_is_a_usage_error_and_deletes_nothing(
     ok(velo(store, "gc", "--keep", "1", "--grace", "0"))
     assert [c["id"] for c in data(velo(store, "log", "proj", "--json"))] == [before[0]["id"]]
     assert data(velo(store, "fsck", "--json"))["ok"]
+
+
+# -- names from a tree never reach the terminal raw -------------------------------------------
+
+HOSTILE = {
+    b"title\x1b]0;owned\x07.txt": b"osc\n",  # would retitle the terminal window
+    b"clear\x1b[2J": b"csi\n",
+    b"c1\xc2\x9b31m": b"c1\n",  # U+009B, the one-character CSI
+    b"line\nfile 0644 1 T2 passwd": b"nl\n",  # a forged line in `ls`
+    b"latin1-\xe9t\xe9": b"not utf-8\n",  # a name that is not UTF-8
+}
+
+
+def _clean(out: bytes) -> None:
+    """Only printable UTF-8 text, newlines and tabs: no control character, no raw byte."""
+    text = out.decode("utf-8")  # strict: an undecodable name was escaped, not written raw
+    bad = [c for c in text if (ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F]
+    assert not bad, (bad, text[:2000])
+
+
+@pytest.fixture
+def hostile(shm_tmp: str) -> str:
+    path = os.fsencode(os.path.join(shm_tmp, "hostile"))
+    os.mkdir(path)
+    for name, content in HOSTILE.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(content)
+    os.symlink(b"target\x1b[5m", os.path.join(path, b"link"))
+    return os.fsdecode(path)
+
+
+@pytest.mark.parametrize("io_encoding", [None, "utf-8"])  # utf-8: strict, as in en_US.UTF-8
+def test_hostile_names_and_messages_are_escaped_in_every_listing(
+    store: str, src: str, hostile: str, io_encoding: str | None
+) -> None:
+    env = {"PYTHONIOENCODING": io_encoding} if io_encoding else {}
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    ok(velo(store, "ingest", hostile, "-n", "h", "-m", "evil \x1b[31mred\x1b]0;t\x07\nnext"))
+    entries = len(HOSTILE) + 1
+    for args, lines in (
+        (["ls", "h"], entries),
+        (["ls", "-r", "h"], entries),
+        (["log", "h"], 1),
+        (["diff", "proj", "h"], entries + 2),
+        (["diff", "--name-status", "proj", "h"], entries + 2),
+        (["diff", "--stat", "proj", "h"], entries + 3),
+        (["diff", "-p", "proj", "h"], None),
+        (["refs"], 3),
+        (["status"], None),
+    ):
+        p = velo(store, *args, env=env)
+        assert p.returncode == 0, (args, p.stderr.decode(errors="replace"))
+        if "-p" in args:  # file content is the user's (as git's); the headers are names
+            heads = b"\n".join(
+                x for x in p.stdout.split(b"\n") if x[:4] in (b"diff", b"--- ", b"+++ ")
+            )
+            _clean(heads)
+        else:
+            _clean(p.stdout)
+        _clean(p.stderr)
+        if lines is not None:
+            assert p.stdout.count(b"\n") == lines, (args, p.stdout.decode(errors="replace"))
+    # JSON keeps the names exact
+    names = {e["path"] for e in data(velo(store, "ls", "h", "--json"))}
+    assert names == {os.fsdecode(n) for n in HOSTILE} | {"link"}
+
+
+def test_verbs_write_data_lines_through_render_only() -> None:
+    """A bare print() skips the escaping of `render.line`; every verb module goes through it."""
+    import ast
+
+    import veloverlay.cli
+
+    cli_dir = os.path.dirname(veloverlay.cli.__file__)
+    calls = []
+    for fn in sorted(os.listdir(cli_dir)):
+        if fn.endswith(".py"):
+            with open(os.path.join(cli_dir, fn)) as f:
+                tree = ast.parse(f.read())
+            calls += [
+                f"{fn}:{n.lineno}"
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+            ]
+    assert calls == []

@@ -418,3 +418,15 @@ def test_the_shims_materialisation_shows_bytes_rate_and_eta(store: str, shm_tmp:
     p = velo(store, "run", "--json", "many", "--backend", "shim", "--at", at, "--", "true", env=env)
     assert p.returncode == 0 and b"preparing" not in p.stderr, p.stderr
     assert json.loads(p.stdout)["exit_status"] == 0
+
+
+def test_the_end_of_session_report_escapes_the_names_of_new_files(store: str, proj: str) -> None:
+    """A file the command made with an escape sequence and a newline in its name is reported
+    as one line with both shown as \\xNN: it neither retitles the terminal nor forges a line."""
+    name = "t\x1b]0;owned\x07\nA forged"
+    p = velo(store, "run", "proj", "--", "sh", "-c", 'printf x > "$1/$2"', "sh", proj, name)
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.decode()
+    assert "\x1b" not in err and "\x07" not in err
+    assert "  A t\\x1b]0;owned\\x07\\x0aA forged\n" in err
+    assert name in {e["path"] for e in data(velo(store, "ls", "proj", "--json"))}

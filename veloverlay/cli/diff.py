@@ -64,7 +64,7 @@ def diff(
         return [
             _Item(
                 c.status,
-                render.one_line(os.fsdecode(c.path) or "/"),  # (names may come from elsewhere)
+                render.name(os.fsdecode(c.path) or "/"),
                 c.old.mode if c.old is not None else None,
                 c.new.mode if c.new is not None else None,
                 c.old.size if c.old is not None else 0,
@@ -97,9 +97,9 @@ def _show(items: Callable[[int], list[_Item]], name_status: bool, stat: bool, pa
             return
     for it in items(3):
         if name_status:
-            print(f"{it.status}\t{it.name}")
+            render.line(f"{it.status}\t{it.name}")
         elif not stat and not patch:
-            print(f"{it.status} {it.name}")
+            render.line(f"{it.status} {it.name}")
         if patch:
             _patch(it)
 
@@ -114,8 +114,8 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
             render.emit_json([{"status": c, "path": p} for c, p in names])
             return
         for c, p in names:
-            p = render.one_line(p)
-            print(f"{c}\t{p}" if name_status else f"{c} {p}")
+            p = render.name(p)
+            render.line(f"{c}\t{p}" if name_status else f"{c} {p}")
         return
     from veloverlay.session.live import live_diff
 
@@ -136,7 +136,7 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
         return [
             _Item(
                 c.status,
-                render.one_line(os.fsdecode(c.path) or "/"),  # (names may come from elsewhere)
+                render.name(os.fsdecode(c.path) or "/"),
                 c.old_mode,
                 c.new_mode,
                 c.old_size,
@@ -185,8 +185,8 @@ def _patch(it: _Item) -> None:
         )
         return
     for i, line in enumerate(lines):
-        if i < 2 and line.startswith(("--- ", "+++ ")):  # the names, shown as above
-            line = render.one_line(line.rstrip("\n")) + "\n"
+        if i < 2:  # the ---/+++ lines name the file: shown as every name is (`render.name`)
+            line = render.name(line.rstrip("\n")) + "\n"
         out.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
 
 
@@ -209,9 +209,9 @@ def _stat(items: list[_Item]) -> None:
         if isinstance(what, tuple):
             plus, minus = (max(int(x * scale), 1 if x else 0) for x in what)
             what = "+" * plus + "-" * minus
-        print(f" {name.ljust(width)} | {n} {what}".rstrip())
+        render.line(f" {name.ljust(width)} | {n} {what}".rstrip())
     files = len(rows)
-    print(
+    render.line(
         f" {files} file{'s' if files != 1 else ''} changed, {added} insertion"
         f"{'s' if added != 1 else ''}(+), {removed} deletion{'s' if removed != 1 else ''}(-)"
     )

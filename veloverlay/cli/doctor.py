@@ -162,32 +162,32 @@ def _print(
     shim: dict[str, object],
 ) -> None:
     who = "as root" if choice.privileged else f"as uid {os.geteuid()} (root-free)"
-    print(f"kernel: {report['kernel']}, running {who}")
-    print(f"backend: {choice.backend} ({choice.backend_reason})")
-    print(f"lower form: {form}")
+    render.line(f"kernel: {report['kernel']}, running {who}")
+    render.line(f"backend: {choice.backend} ({choice.backend_reason})")
+    render.line(f"lower form: {form}")
     if choice.mode:
-        print(f"overlay mode: {choice.mode} ({choice.mode_reason})")
-        print(f"session mounts: {report['chosen']['mounts']}")
+        render.line(f"overlay mode: {choice.mode} ({choice.mode_reason})")
+        render.line(f"session mounts: {report['chosen']['mounts']}")
     layers = f"per-boot cache {cache}" if cache_ok else "kept in the store"
-    print(f"data-only layers: {layers} ({cache_why})")
-    print(f"store protection: {protection}")
+    render.line(f"data-only layers: {layers} ({cache_why})")
+    render.line(f"store protection: {protection}")
     st = report["store"]
-    print(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
+    render.line(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
     sealed = st["fsverity"]
-    print(f"fs-verity on objects: {'yes' if sealed['ok'] else 'no'} ({sealed['reason']})")
+    render.line(f"fs-verity on objects: {'yes' if sealed['ok'] else 'no'} ({sealed['reason']})")
     lib = shim["library"] if shim["ok"] else f"unavailable ({shim['reason']})"
-    print(f"shim library: {lib}")
+    render.line(f"shim library: {lib}")
     for r in report["remotes"]:
         who = f", user {r['user']}" if r["user"] else ", no credentials"
         ok = f"reachable, auth {r['auth']}{who}" if r["ok"] else f"UNREACHABLE: {r['reason']}"
-        print(f"remote {r['registry']}: {ok}")
-    print()
+        render.line(f"remote {r['registry']}: {ok}")
+    render.line()
     render.table(
         ((n, ok, matters, what) for n, ok, matters, what, _r in rows),
         ("FEATURE", "OK", "HERE", "WHAT IT IS FOR"),
     )
     missing = [(n, r) for n, ok, matters, _w, r in rows if ok == "no" and matters != "not here"]
     if missing:
-        print()
+        render.line()
         for n, r in missing:
-            print(f"{n}: {r}")
+            render.line(f"{n}: {r}")

@@ -92,7 +92,7 @@ def push(
         render.emit_json([r.to_dict() for r in results])
         return
     for r in results:
-        print(
+        render.line(
             f"pushed {r.ref} to {r.remote} ({r.digest[:19]}): {r.objects} objects; uploaded "
             f"{render.human_bytes(r.bytes_uploaded)} in {r.blobs_uploaded} blobs, reused "
             f"{r.packs_reused} packs and {r.large_reused} large objects, mounted {r.blobs_mounted}"
@@ -151,7 +151,7 @@ def pull(
         render.emit_json(r.to_dict())
         return
     done = "already up to date" if r.commit is None else f"commit {r.commit[:12]}"
-    print(
+    render.line(
         f"pulled {r.remote} into {r.ref} ({done}): fetched {r.objects_fetched} objects "
         f"({render.human_bytes(r.bytes_fetched)} in {r.blobs_fetched} blobs)"
     )

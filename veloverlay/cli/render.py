@@ -11,7 +11,10 @@ with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` 
 
 Text that may come from elsewhere (file names of an ingested tree, a registry's error message, a
 pulled commit message) never reaches the terminal raw: control characters are shown as `\\xNN`,
-so no name or answer can move the cursor, retitle the window or hide a line (`_safe`).
+so no name or answer can move the cursor, retitle the window or hide a line (`_safe`); bytes of a
+name that is not UTF-8 too, so no output encoding fails on them. Data lines go through `line`, and
+a name inside one through `name`, which shows a newline or tab as `\\x0a`/`\\x09`: a file name
+cannot forge a line of `ls` or `diff`. Verbs never `print`.
 
 Progress (ingest, checkout, fsck, gc, layer builds, shim materialisation, push and pull) is drawn
 here and nowhere else: the library reports through a plain callback
@@ -32,23 +35,36 @@ from typing import IO, Any
 from veloverlay import envvars
 from veloverlay.errors import SysError, VeloError
 
-# C0 controls but newline and tab, DEL, and the C1 controls (ESC-less CSI 0x9b among them).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls but newline and tab, DEL, the C1 controls (ESC-less CSI 0x9b among them), and the
+# bytes of a name that is not UTF-8 (os.fsdecode's surrogate escapes, which a strict UTF-8 stdout
+# cannot encode and a lax one would write as raw bytes 0x80-0xff).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+# The same and newline: for one line of data (tab stays: it separates columns).
+_CONTROL_IN_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udcff]")
+# The same and tab: for one name (a path, a ref, a commit message) inside a line.
+_CONTROL_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
 
 
-_CONTROL_ALL = re.compile("[\x00-\x1f\x7f-\x9f]")
+def _hex(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c - 0xDC00 if c >= 0xDC00 else c:02x}"
 
 
 def _safe(text: str) -> str:
-    """`text` with every terminal control character shown as \\xNN."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """`text` with every terminal control character (and undecodable byte) shown as \\xNN."""
+    return _CONTROL.sub(_hex, text)
 
 
-def one_line(text: str) -> str:
-    """`text` as one line: every control character, newline and tab too, shown as \\xNN (what
-    a line of a table or a log holds comes from stores, bundles and registries: a newline
-    there would print a line of its own making)."""
-    return _CONTROL_ALL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def name(text: str) -> str:
+    """One name inside a line of output: as `_safe`, and a newline or tab in it is shown as
+    \\x0a or \\x09 too, so a file name cannot start a line of its own or shift a column."""
+    return _CONTROL_IN_NAME.sub(_hex, text)
+
+
+def line(text: str = "") -> None:
+    """One line of data on stdout: a control character in it is shown as \\xNN, a newline too
+    (a tab separates columns and stays; a name that may hold one goes through `name`)."""
+    sys.stdout.write(_CONTROL_IN_LINE.sub(_hex, text) + "\n")
 
 
 __all__ = [
@@ -57,10 +73,11 @@ __all__ = [
     "error",
     "warn",
     "info",
-    "one_line",
     "table",
     "Progress",
     "human_bytes",
+    "name",
+    "line",
 ]
 
 
@@ -136,7 +153,7 @@ def info(msg: str) -> None:
 
 
 def table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None) -> None:
-    data = [[one_line(str(c)) for c in r] for r in rows]
+    data = [[name(str(c)) for c in r] for r in rows]
     if header:
         data.insert(0, list(header))
     if not data:

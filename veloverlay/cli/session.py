@@ -114,7 +114,7 @@ def _render(res: Any, *, shown: int = 20) -> int:
             f"kept as {d['conflict_ref']}"
         )
         for p in d["conflicts"][:shown]:
-            render.info(f"  both changed: {p}")
+            render.info(f"  both changed: {render.name(p)}")
         render.info(
             f"see: veloverlay diff {ref} {d['conflict_ref']}; take it: veloverlay run "
             f"{d['conflict_ref']} -- ... (or ingest a merged tree)"
@@ -134,7 +134,7 @@ def _render(res: Any, *, shown: int = 20) -> int:
     elif d.get("state") == "harvested":
         render.info(f"{ref}: nothing changed")
     for c in changes[:shown]:
-        render.info(f"  {c['status']} {c['path']}")
+        render.info(f"  {c['status']} {render.name(c['path'])}")
     if len(changes) > shown:
         render.info(f"  ... and {len(changes) - shown} more: veloverlay diff {ref}@{{1}} {ref}")
     if d.get("commit") and changes and not d.get("conflict_ref"):
@@ -355,7 +355,7 @@ def sessions(
         if state.json:
             render.emit_json({"removed": n})
         else:
-            print(f"removed {n} finished sessions")
+            render.line(f"removed {n} finished sessions")
         return
     items = list_sessions(store)
     if state.json:
@@ -387,7 +387,7 @@ def harvest(
         return
     for r in results:
         _render(r)
-    print(f"harvested {len(results)} sessions")
+    render.line(f"harvested {len(results)} sessions")
 
 
 @verb(app)

@@ -44,7 +44,7 @@ def init(
     if state.json:
         render.emit_json({"store": os.fspath(repo.store.root)})
     else:
-        print(f"store ready at {repo.store.root}")
+        render.line(f"store ready at {repo.store.root}")
 
 
 @verb(app)
@@ -138,7 +138,7 @@ def ingest(
         if res.unchanged
         else ("merged with session commits" if res.merged else "committed")
     )
-    print(
+    render.line(
         f"{res.ref}: {what} {res.root[:16]}  {res.files} files, {res.dirs} dirs, "
         f"{res.symlinks} symlinks, {render.human_bytes(res.bytes)}; {res.new_objects} new objects "
         f"({render.human_bytes(res.new_bytes)}), "
@@ -146,10 +146,14 @@ def ingest(
         f"{res.seconds:.2f} s ({rate:,.0f} files/s)"
     )
     if res.moved_from is not None:
-        print(f"{res.ref}: its path is now {os.path.abspath(directory)} (was {res.moved_from})")
+        render.line(
+            f"{res.ref}: its path is now {os.path.abspath(directory)} (was {res.moved_from})"
+        )
     if res.adopted_to:
         where = os.path.abspath(directory)
-        print(f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {where}")
+        render.line(
+            f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {where}"
+        )
 
 
 def _some(items: list[Any], line: Any, more: str = "more paths") -> None:
@@ -181,8 +185,8 @@ def refs(
         if state.json:
             render.emit_json({"deleted": delete, **fp.field_dict()})
             return
-        print(f"deleted ref {delete}")
-        print(freed(fp))
+        render.line(f"deleted ref {delete}")
+        render.line(freed(fp))
         return
     items = repo.refs()
     if state.json:
@@ -259,9 +263,9 @@ def log(
     for i, c in enumerate(commits):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time_ns / 1e9))
         sess = f" session={c.session}" if c.session else ""
-        print(
+        render.line(
             f"{ref}@{{{i}}}  {c.id[:12]}  root {c.root[:16]}  {when}  "
-            f"+{c.delta_count} ops{sess}  {render.one_line(c.message)}"
+            f"+{c.delta_count} ops{sess}  {render.name(c.message)}"
         )
 
 
@@ -283,7 +287,7 @@ def checkout(
     if state.json:
         render.emit_json({"ref": ref, "dest": dest, "entries": n})
     else:
-        print(f"checked out {n} entries into {dest}")
+        render.line(f"checked out {n} entries into {dest}")
 
 
 @verb(app)
@@ -304,7 +308,7 @@ def rollback(
     if state.json:
         render.emit_json(c.to_dict())
     else:
-        print(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]}), path {c.path or '-'}")
+        render.line(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]}), path {c.path or '-'}")
 
 
 @verb(app, "export")
@@ -323,7 +327,7 @@ def export_cmd(
     if state.json:
         render.emit_json(info)
     else:
-        print(
+        render.line(
             f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to {output}"
         )
 
@@ -359,13 +363,13 @@ def import_cmd(
     if state.json:
         render.emit_json(info)
         return
-    print(f"imported {info['ref']} at root {info['root'][:16]}")
+    render.line(f"imported {info['ref']} at root {info['root'][:16]}")
     if info.get("stripped_setid"):
         render.warn(
             f"{info['stripped_setid']} setuid/setgid bits stripped (--keep-setid keeps them)"
         )
     if path is None and info.get("bundle_path"):
-        where = render.one_line(info["bundle_path"])
+        where = render.name(info["bundle_path"])
         render.info(
             f"the bundle was ingested at {where}; sessions need --at "
             f"(or import with --path {where})"
@@ -400,11 +404,9 @@ def tiers_explain(
             }
         )
     elif rule is None:
-        print(f"{render.one_line(path)}: tier {tier} (no rule matched)")
-    else:  # (the rules of a ref may come from a bundle or a registry)
-        print(
-            render.one_line(
-                f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
-                + (f" — {rule.why}" if rule.why else "")
-            )
+        render.line(f"{path}: tier {tier} (no rule matched)")
+    else:
+        render.line(
+            f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
+            + (f" — {rule.why}" if rule.why else "")
         )

@@ -47,15 +47,15 @@ def fsck(
         render.emit_json(rep.to_dict())
     else:
         for f in rep.findings:
-            print(f"{f.kind}: {f.what}: {f.detail}")
+            render.line(f"{f.kind}: {f.what}: {f.detail}")
         if rep.sealed or rep.unsealed:
-            print(
+            render.line(
                 f"fs-verity: {rep.sealed} objects sealed ({rep.repaired} by this run), "
                 f"{rep.unsealed} not"
                 + ("" if not rep.unsealed or repair else " (fsck --repair seals them)")
             )
         if rep.mutable or rep.protected or rep.unprotected_record:
-            print(
+            render.line(
                 f"chattr +i: {rep.immutable} objects immutable ({rep.protected} by this run), "
                 f"{rep.mutable} not"
                 + ("" if not rep.mutable or repair else " (fsck --repair sets it)")
@@ -66,11 +66,11 @@ def fsck(
                 )
             )
         if rep.quarantined or rep.wanted:
-            print(
+            render.line(
                 f"quarantine: {rep.quarantined} corrupt objects set aside by this run; "
                 f"{rep.wanted} set aside are still missing"
             )
-        print(
+        render.line(
             f"{'ok' if rep.ok else 'FAILED'}: {rep.objects} objects, {rep.nodes} nodes, "
             f"{rep.commits} commits, {rep.refs} refs, {len(rep.findings)} problems"
         )
@@ -147,7 +147,7 @@ def gc(
         render.emit_json(rep.to_dict())
         return
     verb_ = "would delete" if dry_run else "deleted"
-    print(
+    render.line(
         f"{verb_} {rep.objects_deleted} objects ({render.human_bytes(rep.bytes_freed)}), "
         f"{rep.nodes_deleted} nodes, {rep.commits_deleted} commits; kept {rep.objects_kept} "
         f"(+{rep.young_kept} younger than the grace period)"
@@ -205,35 +205,39 @@ def status() -> None:
     if state.json:
         render.emit_json(data)
         return
-    print(f"store {data['store']}: {len(items)} refs, {objects} objects")
+    render.line(f"store {data['store']}: {len(items)} refs, {objects} objects")
     from veloverlay.cli.versions import disk_lines
 
     for line in disk_lines(disk):
-        print(line)
+        render.line(line)
     objs = sorted({e for n, e in failed if n != "*"})
     if objs:
         count = sum(n != "*" for n, _ in failed)
-        print(
+        render.line(
             f"warning: {count} objects were named without chattr +i ({', '.join(objs)}); "
             "'veloverlay fsck --repair' sets it"
         )
     if any(n == "*" for n, _ in failed):
-        print("warning: the store's filesystem refused chattr +i: its objects are not immutable")
+        render.line(
+            "warning: the store's filesystem refused chattr +i: its objects are not immutable"
+        )
     for sess, d in zip(sessions, shown, strict=True):
         refs = ", ".join(d.get("refs", []))
-        print(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")
+        render.line(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")
         for w in d["warnings"]:  # e.g. baked paths of a tree projected away from its home
-            print(f"  warning: {w}")
+            render.line(f"  warning: {w}")
         changes = d.get("changes")
         if changes is not None:
             for c in changes[:20]:
-                print(f"  {c['status']} {c['path']}")
+                render.line(f"  {c['status']} {render.name(c['path'])}")
             more = f" ({len(changes) - 20} more)" if len(changes) > 20 else ""
-            print(f"  {len(changes)} changes so far{more}: veloverlay diff --session {sess.id}")
+            render.line(
+                f"  {len(changes)} changes so far{more}: veloverlay diff --session {sess.id}"
+            )
         elif d["state"] == "dead-unharvested":
-            print(f"  its manager died: veloverlay harvest --resume {sess.id}")
+            render.line(f"  its manager died: veloverlay harvest --resume {sess.id}")
         elif d["state"] == "held":
-            print(
+            render.line(
                 "  ended, but processes outside it can still write its projection: "
                 f"veloverlay harvest --resume {sess.id} once they are done"
             )

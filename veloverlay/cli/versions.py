@@ -41,7 +41,7 @@ def tag(
         if state.json:
             render.emit_json({"deleted": delete})
         else:
-            print(f"deleted tag {delete}")
+            render.line(f"deleted tag {delete}")
         return
     if name is not None:
         if version is None:
@@ -52,7 +52,7 @@ def tag(
         if state.json:
             render.emit_json(t.to_dict())
         else:
-            print(f"tagged {version} ({t.commit[:12]}) as {t.name}")
+            render.line(f"tagged {version} ({t.commit[:12]}) as {t.name}")
         return
     items = repo.tags()
     if state.json:
@@ -99,7 +99,7 @@ def remove_store_cmd(
     if state.json:
         render.emit_json({"removed": path, **gone})
     else:
-        print(
+        render.line(
             f"removed the store at {path}: {gone['files']} files, "
             f"{render.human_bytes(gone['bytes'])}"
         )
