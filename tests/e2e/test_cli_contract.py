@@ -6,6 +6,8 @@ state, not against the product's own account of it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -128,3 +130,35 @@ def test_verbs_write_data_lines_through_render_only() -> None:
                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
             ]
     assert calls == []
+
+
+# -- a closed stdout ---------------------------------------------------------------------------
+
+
+def _closed(store: str, fds: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`veloverlay ARGS` with the descriptors `fds` closed, as `veloverlay ls >&-` does."""
+    shut = " ".join(f"{fd}>&-" for fd in fds)
+    env = {**os.environ, "NO_COLOR": "1", "VELO_STORE": store}
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {shut}', "sh", sys.executable, "-m", "veloverlay", *args],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_a_closed_stdout_is_dev_null_not_a_traceback(store: str, src: str) -> None:
+    """With fd 1 closed, Python's sys.stdout is None: every verb that wrote anything died with
+    an AttributeError traceback (exit 1), after its work was done. Now fd 1 is /dev/null, as
+    git does, and a failure still says why on stderr."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    for args in (["refs"], ["ls", "proj", "--json"], ["cat", "proj", "README"], ["log", "proj"]):
+        p = _closed(store, "1", *args)
+        assert (p.returncode, p.stderr) == (0, b""), (args, p.stderr.decode(errors="replace"))
+    p = _closed(store, "1", "--json", "ls", "nosuch")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert "reason: not-found" in err
+    # stdin and stderr closed as well: the failure's exit status still tells
+    assert _closed(store, "012", "ls", "nosuch").returncode == 1
+    assert _closed(store, "012", "ls", "proj").returncode == 0

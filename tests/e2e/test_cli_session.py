@@ -430,3 +430,20 @@ def test_the_end_of_session_report_escapes_the_names_of_new_files(store: str, pr
     assert "\x1b" not in err and "\x07" not in err
     assert "  A t\\x1b]0;owned\\x07\\x0aA forged\n" in err
     assert name in {e["path"] for e in data(velo(store, "ls", "proj", "--json"))}
+
+
+def test_run_with_stdout_closed_gives_the_command_dev_null(store: str, proj: str) -> None:
+    """`veloverlay run REF -- CMD >&-` died with a traceback before the command ran (the
+    backend flushes sys.stdout, None for a closed fd 1); now CMD's stdout is /dev/null."""
+    env = {**os.environ, "NO_COLOR": "1", "VELO_STORE": store}
+    cmd = 'x=$(readlink /proc/$$/fd/1); echo "fd1=$x" >&2; echo new > "$1/new"'
+    p = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "veloverlay"]
+        + ["run", "proj", "--", "sh", "-c", cmd, "sh", proj],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert b"fd1=/dev/null\n" in p.stderr and b"Traceback" not in p.stderr
+    assert "new" in {e["path"] for e in data(velo(store, "ls", "proj", "--json"))}

@@ -13,7 +13,8 @@ Global options (`--store`, `--debug`, `--json`) are accepted before and after th
 status: 0, 1 for a failure (`error:`/`hint:` on stderr), 2 for a usage error (typer's, or a
 `VeloError` with `Reason.USAGE`), 141 when stdout is closed early (`veloverlay ls | head`, as git
 does), 130 on Ctrl-C; `run`/`enter` pass their command's status through (127: not found).
-`--debug` shows the traceback before the error.
+`--debug` shows the traceback before the error. A stdin, stdout or stderr closed before the start
+(`>&-`) is /dev/null, as in git.
 """
 
 import importlib
@@ -158,6 +159,7 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Run one command line; return its exit status (the console script's entry point)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _open_std_fds()
     common.reset()
     try:
         command = typer.main.get_command(app)
@@ -171,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         return _failure(exc)
     return rv if isinstance(rv, int) else 0
+
+
+def _open_std_fds() -> None:
+    """A closed stdin, stdout or stderr (`veloverlay ls >&-`) becomes /dev/null, as git does.
+
+    Python leaves `sys.stdout` None for a closed fd 1, and every write would die with a
+    traceback; worse, the first file opened afterwards would take the number 1, and a session's
+    command would write its output into whatever that file is."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd (0..fd-1 are open)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # what a command started from here inherits
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, errors="backslashreplace", closefd=False))
 
 
 def _usage(exc: Any) -> int:
