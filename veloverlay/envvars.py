@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["VARS", "get"]
+from veloverlay.errors import Reason, VeloError
+
+__all__ = ["VARS", "get", "get_int"]
 
 VARS: dict[str, str] = {
     "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay)",
@@ -38,3 +40,22 @@ VARS: dict[str, str] = {
 def get(name: str, default: str | None = None) -> str | None:
     assert name in VARS, name
     return os.environ.get(name, default)
+
+
+def get_int(name: str, *, minimum: int) -> int | None:
+    """`name` as an integer >= `minimum`; None when unset or empty. Any other value is a usage
+    error that names the variable (not a traceback from int())."""
+    raw = get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise VeloError(
+            f"{name}={raw!r} is not an integer >= {minimum}",
+            reason=Reason.USAGE,
+            hint=f"{name}: {VARS[name]}",
+        )
+    return value

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
+from veloverlay import envvars
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ns import die_with_parent
 
@@ -80,8 +81,8 @@ def local_reports(fn: Callable[[Any], None] | None) -> None:
 
 
 def default_jobs() -> int:
-    """Worker processes to use: VELO_JOBS, else one per CPU."""
-    return int(os.environ.get("VELO_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    """Worker processes to use: VELO_JOBS (0: the default), else one per CPU."""
+    return envvars.get_int("VELO_JOBS", minimum=0) or (os.cpu_count() or 1)
 
 
 class Workers:

@@ -162,3 +162,31 @@ def test_a_closed_stdout_is_dev_null_not_a_traceback(store: str, src: str) -> No
     # stdin and stderr closed as well: the failure's exit status still tells
     assert _closed(store, "012", "ls", "nosuch").returncode == 1
     assert _closed(store, "012", "ls", "proj").returncode == 0
+
+
+# -- numbers from the command line and the environment ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [
+        ({"VELO_JOBS": "abc"}, ["fsck"]),
+        ({"VELO_JOBS": "-2"}, ["ingest", "{src}", "-n", "again"]),
+        ({"VELO_MAP_SIZE": "lots"}, ["refs"]),
+        ({"VELO_MAP_SIZE": "1"}, ["refs"]),  # too small for any database
+        ({}, ["ingest", "{src}", "-n", "again", "-j", "-3"]),
+        ({}, ["fsck", "-j", "0"]),
+        ({}, ["log", "proj", "-n", "-1"]),
+    ],
+)
+def test_bad_numbers_are_usage_errors_that_name_them(
+    store: str, src: str, env: dict[str, str], args: list[str]
+) -> None:
+    """VELO_JOBS=abc or VELO_MAP_SIZE=abc ended every verb in a ValueError traceback; -j -3 and
+    -n -1 were taken silently."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    refs = data(velo(store, "refs", "--json"))
+    p = velo(store, "--json", *[a.format(src=src) for a in args], env=env)
+    err = failed(p, "usage", code=2)
+    assert (next(iter(env)) if env else args[-2]) in err
+    assert data(velo(store, "refs", "--json")) == refs  # nothing was done

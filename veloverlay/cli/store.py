@@ -57,7 +57,7 @@ def ingest(
         str | None, typer.Option(help="Tier rules file ('<1|2> <glob>' per line)")
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)")
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)", min=1)
     ] = None,
     force: Annotated[
         bool,
@@ -250,7 +250,7 @@ def cat(
 def log(
     ref: Ref,
     limit: Annotated[
-        int | None, typer.Option("--limit", "-n", help="Show at most N commits")
+        int | None, typer.Option("--limit", "-n", help="Show at most N commits", min=0)
     ] = None,
 ) -> None:
     """Show the commit log of a ref, newest first."""

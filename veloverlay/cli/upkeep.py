@@ -18,7 +18,7 @@ app = common.new_app()
 @verb(app)
 def fsck(
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)")
+        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)", min=1)
     ] = None,
     repair: Annotated[
         bool,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from veloverlay import faults, paths
+from veloverlay import envvars, faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store import delta, tree
 from veloverlay.store.cas import Store
@@ -76,6 +76,7 @@ __all__ = [
 
 SCHEMA_VERSION = b"1"
 _DEFAULT_MAP_SIZE = 64 << 30
+_MIN_MAP_SIZE = 64 << 10  # below this even an empty database does not fit (MDB_MAP_FULL)
 _DELTA_KEEP = 20000
 
 Txn = Any  # lmdb.Transaction (untyped library)
@@ -93,7 +94,7 @@ class Manifests(Versions):
         # store), as the error write() raises; None: writable.
         self.refusal: VeloError | None = None
         self._ref_delta = 0  # refs created minus deleted in the open write transaction
-        map_size = int(os.environ.get("VELO_MAP_SIZE", _DEFAULT_MAP_SIZE))
+        map_size = envvars.get_int("VELO_MAP_SIZE", minimum=_MIN_MAP_SIZE) or _DEFAULT_MAP_SIZE
         if not readonly:
             self.refusal = store.write_refusal(store.db_path)
             readonly = self.refusal is not None
