@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.e2e.test_cli import data, failed, ok, velo
-from tests.helpers.trees import make_tree
+from tests.helpers.trees import make_tree, snapshot
 
 
 @pytest.fixture
@@ -190,3 +190,23 @@ def test_bad_numbers_are_usage_errors_that_name_them(
     err = failed(p, "usage", code=2)
     assert (next(iter(env)) if env else args[-2]) in err
     assert data(velo(store, "refs", "--json")) == refs  # nothing was done
+
+
+# -- the store named by --store ----------------------------------------------------------------
+
+
+def test_init_refuses_a_directory_of_other_things(store: str, src: str, shm_tmp: str) -> None:
+    """`veloverlay --store ~/project init` made the project a store: CACHEDIR.TAG (backup tools
+    then skip the project) and a `.gitignore` of `*` (git then hides every new file) among its
+    files. A non-empty directory that is not a store is refused and left as it was."""
+    before = snapshot(src)
+    failed(velo(src, "--json", "init"), "exists")
+    failed(velo(src, "--json", "ingest", os.path.join(shm_tmp, "proj")), "exists")
+    assert snapshot(src) == before
+    # an empty directory, a new filesystem's (lost+found), and a store again are fine
+    os.makedirs(os.path.join(store, "lost+found"))
+    ok(velo(store, "init"))
+    ok(velo(store, "init"))
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    ok(velo(store, "init"))
+    assert data(velo(store, "refs", "--json"))[0]["name"] == "proj"

@@ -97,6 +97,25 @@ def object_missing(digest: bytes) -> VeloError:
     )
 
 
+# What a directory may hold for `init` to make a store in it: a store's own names (a store, or
+# one an earlier init left half made) and a new filesystem's lost+found.
+_STORE_MARKS = {OBJECTS_V1, OBJECTS_V2, "CACHEDIR.TAG"}
+
+
+def _refuse_foreign_dir(root: Path, fd: int) -> None:
+    """`init` in a directory that holds other things (`--store ~/project` by mistake) would
+    write CACHEDIR.TAG there, which backup tools read as "skip this tree", and a `.gitignore`
+    of `*` that hides every new file of a git checkout: refused."""
+    names = set(os.listdir(fd)) - {"lost+found"}
+    if names and not names & _STORE_MARKS:
+        raise VeloError(
+            f"{root} is not empty and not a veloverlay store",
+            reason=Reason.EXISTS,
+            path=root,
+            hint="make the store in a new or empty directory (--store DIR or VELO_STORE)",
+        )
+
+
 class Store:
     """A store directory. Cheap to construct; `init()` creates it, `open()` checks it exists."""
 
@@ -258,6 +277,8 @@ class Store:
                 existed = True
             store.check_safe()  # before any chmod: the very directory judged, by its descriptor
             fd = store.fd
+            if existed:
+                _refuse_foreign_dir(store.root, fd)
             if not existed:
                 os.fchmod(fd, 0o755 if shared else 0o700)
             elif shared:
