@@ -6,6 +6,8 @@ state, not against the product's own account of it."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -210,3 +212,31 @@ def test_init_refuses_a_directory_of_other_things(store: str, src: str, shm_tmp:
     ok(velo(store, "ingest", src, "-n", "proj"))
     ok(velo(store, "init"))
     assert data(velo(store, "refs", "--json"))[0]["name"] == "proj"
+
+
+# -- exit statuses, as documented ---------------------------------------------------------------
+
+
+def test_ctrl_c_exits_130_quietly_and_the_manual_says_so(store: str, shm_tmp: str) -> None:
+    """SIGINT in the middle of an ingest: status 130, no traceback, no ref; the manual page's
+    EXIT STATUS lists every status the command line uses (130 was missing)."""
+    big = os.path.join(shm_tmp, "big")
+    make_tree(big, {f"d{i // 100}/f{i}": os.urandom(64 << 10) for i in range(3000)})
+    ok(velo(store, "init"))
+    env = {**os.environ, "VELO_STORE": store, "VELO_INTERNAL__TEST_PROGRESS": "1", "VELO_JOBS": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "ingest", big, "-n", "big"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stderr is not None and p.stdout is not None
+    first = p.stderr.read(1)  # the progress bar: the ingest is under way
+    p.send_signal(signal.SIGINT)
+    out, err = p.stdout.read(), first + p.stderr.read()
+    assert p.wait(timeout=120) == 130, err
+    assert b"Traceback" not in err and out == b""
+    assert data(velo(store, "refs", "--json")) == []
+    page = ok(velo(None, "--help-man"))
+    statuses = re.findall(r"^\.TP\n(\d+)\n", page[page.index(".SH EXIT STATUS") :], re.M)
+    assert statuses == ["0", "1", "2", "130", "141"]

@@ -25,6 +25,7 @@ shorter than half a second; rich is imported only when a bar is first drawn.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -248,9 +249,19 @@ class Progress:
         self._task = self._bar.add_task(self.label, total=None, what="")
 
     def done(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        bar, self._bar = self._bar, None
+        if bar is None:
+            return
+        try:
+            bar.stop()
+        except Exception:
+            # A Ctrl-C that landed inside rich's own drawing leaves it half started, and stop()
+            # then fails on rich's state (IndexError: pop from empty list), hiding the
+            # KeyboardInterrupt that `done` runs under: that interrupt is what the user gets
+            # (status 130). The cursor rich hid is given back all the same.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("\x1b[?25h")
+                sys.stderr.flush()
 
 
 def _forced() -> str:
