@@ -319,3 +319,44 @@ def test_another_user_can_fsck_a_shared_store_and_leaves_no_cache() -> None:
         findings, before, after = run_unprivileged(_fsck_as_reader, os.path.join(base, "store"))
     assert findings == []
     assert after == before  # no /dev/shm/veloverlay-<uid> made by the look
+
+
+def _session_as_reader(store_root: str, at: str) -> str:
+    from veloverlay.errors import VeloError
+    from veloverlay.store.cas import Store
+
+    try:
+        run_session(Store.open(store_root), ["t"], ["true"], at=at, discard=True)
+    except VeloError as exc:
+        return exc.reason.value
+    except OSError as exc:
+        return f"OSError: {exc}"
+    return "ran"
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_session_on_another_users_shared_store_says_it_cannot_write() -> None:
+    """Another user's `run` on root's shared store died with a bare PermissionError (reason
+    os-error): the probe cache sits in root's 0700 trees-v1/. It is store-permission now."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        as_mode("root", _shared_store, base)
+        reason = run_unprivileged(_session_as_reader, f"{base}/store", f"{base}/at")
+    assert reason == "store-permission"
+
+
+def _shared_store(base: str) -> None:
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    os.makedirs(f"{base}/src")
+    with open(f"{base}/src/f", "w") as f:
+        f.write("f\n")
+    store = Store.init(f"{base}/store", shared=True)
+    m = Manifests(store)
+    try:
+        ingest(store, m, f"{base}/src", "t", jobs=1)
+    finally:
+        m.close()

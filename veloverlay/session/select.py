@@ -118,7 +118,8 @@ def capabilities(store: Store) -> Caps:
         "store_dev": os.stat(store.sessions).st_dev,
         "v": 2,  # v2: store_trusted_xattrs
     }
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+    # OSError: no cache yet, or none this user may read (another user's shared store)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads(path.read_text())
         if data["key"] == key:
             return Caps({n: (bool(v[0]), str(v[1])) for n, v in data["features"].items()})
