@@ -240,3 +240,16 @@ def test_ctrl_c_exits_130_quietly_and_the_manual_says_so(store: str, shm_tmp: st
     page = ok(velo(None, "--help-man"))
     statuses = re.findall(r"^\.TP\n(\d+)\n", page[page.index(".SH EXIT STATUS") :], re.M)
     assert statuses == ["0", "1", "2", "130", "141"]
+
+
+def test_an_empty_store_option_is_not_the_default_store(src: str, shm_tmp: str) -> None:
+    """`veloverlay --store "$STORE" remove-store --yes` with STORE unset removed the user's
+    default store: an empty --store meant the default. It is a usage error now."""
+    env = {"XDG_DATA_HOME": os.path.join(shm_tmp, "xdg")}
+    default = os.path.join(shm_tmp, "xdg", "veloverlay")
+    ok(velo(None, "ingest", src, "-n", "proj", env=env))
+    assert os.path.isdir(os.path.join(default, "objects-v2"))
+    for args in (["--store", "", "remove-store", "--yes"], ["gc", "--store", "", "--keep", "1"]):
+        failed(velo(None, "--json", *args, env=env), "usage", code=2)
+    assert [r["name"] for r in data(velo(None, "refs", "--json", env=env))] == ["proj"]
+    ok(velo(default, "remove-store", "--yes"))

@@ -55,11 +55,19 @@ def reset() -> None:
 
 
 def set_globals(*, store: str | None, debug: bool, as_json: bool) -> None:
-    if store is not None:
-        state.store = store
     state.debug = state.debug or debug
     state.json = state.json or as_json
     render.machine_output(state.json)
+    if store is not None:
+        if not store:  # `--store "$UNSET"` must not mean the default store (remove-store, gc)
+            from veloverlay.errors import Reason, VeloError
+
+            raise VeloError(
+                "--store needs a directory, not an empty string",
+                reason=Reason.USAGE,
+                hint="leave --store out for the default store",
+            )
+        state.store = store
 
 
 def new_app(**kwargs: Any) -> typer.Typer:
