@@ -253,3 +253,14 @@ def test_an_empty_store_option_is_not_the_default_store(src: str, shm_tmp: str) 
         failed(velo(None, "--json", *args, env=env), "usage", code=2)
     assert [r["name"] for r in data(velo(None, "refs", "--json", env=env))] == ["proj"]
     ok(velo(default, "remove-store", "--yes"))
+
+
+def test_export_to_and_import_from_a_directory_say_so(store: str, src: str, shm_tmp: str) -> None:
+    """`export -o DIR` wrote the whole bundle, then failed to rename it over DIR with a bare
+    EISDIR (reason os-error); `-o ''` did the same with the current directory; `import DIR`
+    was an os-error too. Each is refused up front with a reason, and nothing is left behind."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    before = sorted(os.listdir(shm_tmp))
+    failed(velo(store, "--json", "export", "proj", "-o", src), "exists")
+    failed(velo(store, "--json", "import", src), "bad-path")
+    assert sorted(os.listdir(shm_tmp)) == before  # no DIR.part

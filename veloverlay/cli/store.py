@@ -355,7 +355,9 @@ def import_cmd(
     try:
         f = sys.stdin.buffer if bundle == "-" else open(bundle, "rb")  # noqa: SIM115
     except FileNotFoundError:
-        raise VeloError(f"no such file {bundle}", reason=Reason.NOT_FOUND) from None
+        raise VeloError(f"no such file {bundle}", reason=Reason.NOT_FOUND, path=bundle) from None
+    except IsADirectoryError:
+        raise VeloError(f"{bundle} is a directory", reason=Reason.BAD_PATH, path=bundle) from None
     with f:
         info = import_bundle(
             repo.store, repo.m, f, name=name, force=force, path=path, keep_setid=keep_setid

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator
 from typing import IO, Any
@@ -128,6 +129,14 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
 def _export_at(
     store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
 ) -> dict[str, Any]:
+    with contextlib.suppress(FileNotFoundError):  # refused now, not after the whole bundle
+        if stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+            raise VeloError(
+                f"{output or '.'} is a directory",
+                reason=Reason.EXISTS,
+                path=output,
+                hint="name the bundle file, e.g. -o DIR/NAME.velo",
+            )
     tmp = name + ".part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
