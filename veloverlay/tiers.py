@@ -18,7 +18,7 @@ from veloverlay.records import Record
 
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 
-_SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)$")
+_SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)\Z")
 
 
 class Rule(Record, frozen=True):

@@ -264,3 +264,20 @@ def test_export_to_and_import_from_a_directory_say_so(store: str, src: str, shm_
     failed(velo(store, "--json", "export", "proj", "-o", src), "exists")
     failed(velo(store, "--json", "import", src), "bad-path")
     assert sorted(os.listdir(shm_tmp)) == before  # no DIR.part
+
+
+def test_names_with_a_trailing_newline_are_refused(store: str, src: str) -> None:
+    """Name checks were `^...$` regexes, and `$` matches before a trailing newline: 'nl\\n'
+    became a ref, 't\\n' a tag, and 'HOST/REPO:TAG\\n' a remote that failed later as the
+    registry's fault (remote-invalid)."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    failed(velo(store, "--json", "ingest", src, "-n", "nl\n", "--force"), "bad-ref")
+    failed(velo(store, "--json", "tag", "t\n", "proj"), "bad-name")
+    for remote in (
+        "127.0.0.1:1/x:y\n",
+        "127.0.0.1:1\n/x:y",
+        "127.0.0.1:1/x@sha256:" + "a" * 64 + "\n",
+    ):
+        failed(velo(store, "--json", "pull", remote), "bad-name")
+    assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]
+    assert data(velo(store, "tag", "--json")) == []

@@ -65,6 +65,8 @@ def tier(glob: str, path: bytes) -> int | None:
         ("a.b", b"axb", False),
         ("*", b"\xff\xfe", True),  # non-UTF-8 names
         ("*", b"new\nline", True),
+        ("*.txt", b"a.txt\n", False),  # `$` would match before the trailing newline
+        ("m/*.bin", b"m/x.bin\n", False),
     ],
 )
 def test_anchored_glob_semantics(glob: str, path: bytes, matches: bool) -> None:

@@ -50,8 +50,8 @@ FORMAT = "veloverlay-version/1"
 A_KIND = "org.veloverlay.pack.kind"
 A_INDEX = "org.veloverlay.pack.index"
 A_BLAKE3 = "org.veloverlay.blake3"
-_SHA = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Descriptor(Record, frozen=True):

@@ -236,4 +236,4 @@ def _mask_below(m: Manifests, txn: Txn, new: bytes, lower: bytes) -> bytes:
     return m.put_node(txn, n.mode, n.mtime_ns, entries.values())
 
 
-_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/(?:([0-9a-f]{2})/)?([0-9a-f]{64})$")
+_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/(?:([0-9a-f]{2})/)?([0-9a-f]{64})\Z")

@@ -161,7 +161,7 @@ def _export_at(
     return info
 
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | None:

@@ -31,10 +31,10 @@ __all__ = [
     "tag_from",
 ]
 
-REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?$")
-_REV_RE = re.compile(r"^(?P<name>[^@]+(?:@(?!\{)[A-Za-z0-9._+-]+)?)(?:@\{(?P<n>\d+)\})?$")
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?\Z")
+_REV_RE = re.compile(r"^(?P<name>[^@]+(?:@(?!\{)[A-Za-z0-9._+-]+)?)(?:@\{(?P<n>\d+)\})?\Z")
+_HEX_RE = re.compile(r"^[0-9a-f]+\Z")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 MIN_PREFIX = 4  # shortest commit-id prefix accepted (git's minimum too)
 _PRUNED = b"pruned:"  # + commit id: in the meta database, a commit `gc --keep` deleted
 

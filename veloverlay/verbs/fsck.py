@@ -32,7 +32,7 @@ from veloverlay.workers import Workers, default_jobs
 
 __all__ = ["Finding", "FsckReport", "fsck"]
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Finding(Record, frozen=True):

@@ -296,7 +296,7 @@ class Repo:
         return parts
 
 
-_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+_HEX2 = re.compile(r"^[0-9a-f]{2}\Z")
 
 
 def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[str, int]:
