@@ -5,6 +5,7 @@ state, not against the product's own account of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -281,3 +282,25 @@ def test_names_with_a_trailing_newline_are_refused(store: str, src: str) -> None
         failed(velo(store, "--json", "pull", remote), "bad-name")
     assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]
     assert data(velo(store, "tag", "--json")) == []
+
+
+@pytest.mark.parametrize("name", ["", os.fsdecode(b"\xff\xfe"), "x" * 600])
+def test_a_name_no_ref_can_have_is_not_found_not_a_traceback(
+    store: str, src: str, name: str
+) -> None:
+    """An empty name (LMDB: MDB_BAD_VALSIZE), one that is not UTF-8 (UnicodeEncodeError) or
+    longer than any key ended ls/log/refs --delete/tag --delete/rollback/run in a traceback."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    for args in (
+        ["ls", name],
+        ["log", name],
+        ["refs", "--delete", name],
+        ["tag", "--delete", name],
+        ["rollback", name],
+        ["tag", "t", name],
+        ["diff", "proj", name],
+    ):
+        p = velo(store, "--json", *args)
+        assert p.returncode == 1 and b"Traceback" not in p.stderr, (args, p.stderr)
+        assert json.loads(p.stdout)["reason"] in ("not-found", "bad-ref"), args
+    assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]

@@ -57,6 +57,7 @@ from veloverlay.store.versions import (
     check_ref_name,
     commit_from,
     ref_from,
+    name_key,
 )
 
 __all__ = [
@@ -409,7 +410,8 @@ class Manifests(Versions):
 
     # -- refs and commits ----------------------------------------------------------------------
     def get_ref(self, txn: Txn, name: str) -> Ref | None:
-        v = txn.get(name.encode(), db=self._refs)
+        key = name_key(name)
+        v = None if key is None else txn.get(key, db=self._refs)
         if v is None:
             return None
         return json_record(self.store, v, f"ref {name}", lambda d: ref_from(name, d))
@@ -432,7 +434,8 @@ class Manifests(Versions):
         self._ref_delta += new
 
     def delete_ref(self, txn: Txn, name: str) -> bool:
-        gone = bool(txn.delete(name.encode(), db=self._refs))
+        key = name_key(name)
+        gone = key is not None and bool(txn.delete(key, db=self._refs))
         self._ref_delta -= gone
         return gone
 

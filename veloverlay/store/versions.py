@@ -29,6 +29,7 @@ __all__ = [
     "ref_from",
     "commit_from",
     "tag_from",
+    "name_key",
 ]
 
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(@[A-Za-z0-9._+-]{1,64})?\Z")
@@ -152,6 +153,17 @@ def tag_from(name: str, d: dict[str, Any]) -> Tag:
     commit = _digest(d, "commit")
     assert commit is not None
     return Tag(name, commit, _typed(d, "time_ns", int), _typed(d, "message", str, ""))
+
+
+_MAX_KEY = 511  # LMDB's longest key
+
+
+def name_key(name: str) -> bytes | None:
+    """The database key of a ref or tag name to look up; None for one no key can be (empty or
+    too long: LMDB refuses it with MDB_BAD_VALSIZE), which names nothing. A name that is not
+    UTF-8 (surrogate escapes from the command line) keeps its bytes and simply matches none."""
+    key = name.encode("utf-8", "surrogateescape")
+    return key if 0 < len(key) <= _MAX_KEY else None
 
 
 def check_ref_name(name: str) -> str:
@@ -278,9 +290,10 @@ class Versions:
 
     # -- tags ----------------------------------------------------------------------------------
     def get_tag(self, txn: Txn, name: str) -> Tag | None:
-        if self._tags is None:
+        key = name_key(name)
+        if self._tags is None or key is None:
             return None
-        v = txn.get(name.encode(), db=self._tags)
+        v = txn.get(key, db=self._tags)
         if v is None:
             return None
         return self._record(v, f"tag {name}", lambda d: tag_from(name, d))
@@ -323,6 +336,7 @@ class Versions:
         return tag
 
     def delete_tag(self, txn: Txn, name: str) -> bool:
-        if self._tags is None:
+        key = name_key(name)
+        if self._tags is None or key is None:
             return False
-        return bool(txn.delete(name.encode(), db=self._tags))
+        return bool(txn.delete(key, db=self._tags))
