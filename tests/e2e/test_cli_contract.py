@@ -304,3 +304,21 @@ def test_a_name_no_ref_can_have_is_not_found_not_a_traceback(
         assert p.returncode == 1 and b"Traceback" not in p.stderr, (args, p.stderr)
         assert json.loads(p.stdout)["reason"] in ("not-found", "bad-ref"), args
     assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]
+
+
+def test_a_tiers_file_that_is_not_utf8_is_a_usage_error(store: str, src: str, shm_tmp: str) -> None:
+    """`ingest --tiers F` with a byte that is not UTF-8 in F ended in a UnicodeDecodeError
+    traceback (and had made the store first); a directory was a bare os-error."""
+    bad = os.path.join(shm_tmp, "tiers")
+    with open(bad, "wb") as f:
+        f.write(b"1 *.bin\n2 caf\xe9/*\n")
+    failed(velo(store, "--json", "ingest", src, "-n", "p", "--tiers", bad), "usage", code=2)
+    assert not os.path.exists(store)
+    failed(velo(store, "--json", "ingest", src, "-n", "p", "--tiers", shm_tmp), "bad-path")
+    with open(bad, "wb") as f:  # UTF-8 is read as UTF-8 whatever the locale
+        f.write("1 café/*\n".encode())
+    ok(
+        velo(
+            store, "ingest", src, "-n", "p", "--tiers", bad, env={"LC_ALL": "C", "PYTHONUTF8": "0"}
+        )
+    )

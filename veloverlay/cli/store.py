@@ -96,14 +96,22 @@ def ingest(
     from veloverlay.ingest.pipeline import ingest as do_ingest
     from veloverlay.tiers import parse_rules
 
-    repo = common.repo(create=True)
     rules = None
-    if tiers is not None:
+    if tiers is not None:  # read before the store is touched: a bad file changes nothing
         try:
-            with open(tiers) as f:
-                rules = parse_rules(f.read())
+            with open(tiers, "rb") as f:
+                rules = parse_rules(f.read().decode("utf-8"))
         except FileNotFoundError:
-            raise VeloError(f"no tiers file {tiers}", reason=Reason.NOT_FOUND) from None
+            raise VeloError(f"no tiers file {tiers}", reason=Reason.NOT_FOUND, path=tiers) from None
+        except IsADirectoryError:
+            raise VeloError(f"{tiers} is a directory", reason=Reason.BAD_PATH, path=tiers) from None
+        except UnicodeDecodeError as exc:
+            raise VeloError(
+                f"the tiers file {tiers} is not UTF-8 (byte {exc.start})",
+                reason=Reason.USAGE,
+                path=tiers,
+            ) from None
+    repo = common.repo(create=True)
     ref = name or os.path.basename(os.path.abspath(directory).rstrip("/")) or "root"
     progress = render.Progress("hashing")
     try:
