@@ -447,3 +447,21 @@ def test_run_with_stdout_closed_gives_the_command_dev_null(store: str, proj: str
     assert p.returncode == 0, p.stderr
     assert b"fd1=/dev/null\n" in p.stderr and b"Traceback" not in p.stderr
     assert "new" in {e["path"] for e in data(velo(store, "ls", "proj", "--json"))}
+
+
+def test_enter_keeps_a_prompt_command_that_ends_in_a_semicolon(
+    store: str, proj: str, shm_tmp: str
+) -> None:
+    """pyenv-virtualenv's init leaves PROMPT_COMMAND='_pyenv_virtualenv_hook;': appending
+    ';__velo_prompt' made ';;', a syntax error at every prompt, and the user's hook never ran."""
+    shell = _shell("bash")
+    home = os.path.join(shm_tmp, "home")
+    os.makedirs(home)
+    with open(os.path.join(home, ".bashrc"), "w") as f:
+        f.write(
+            "my_hook() { PS1='custom> '; touch \"$HOME/hook-ran\"; }\nPROMPT_COMMAND='my_hook;'\n"
+        )
+    out = _enter_in_a_terminal(store, shell, home, shm_tmp, proj)
+    assert "syntax error" not in out, out
+    assert out.count("(velo:proj) custom> ") >= 2, out
+    assert os.path.exists(os.path.join(home, "hook-ran"))

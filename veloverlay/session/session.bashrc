@@ -11,4 +11,7 @@ __velo_prompt() {
 }
 __velo_prompt
 # A prompt rebuilt before each command (PROMPT_COMMAND, as some themes do) keeps the marker too.
-PROMPT_COMMAND="${PROMPT_COMMAND:+$PROMPT_COMMAND;}__velo_prompt"
+# Joined by a newline, not ';': a PROMPT_COMMAND that ends in ';' or '&' (pyenv-virtualenv's
+# '_pyenv_virtualenv_hook;') would otherwise become a syntax error at every prompt.
+PROMPT_COMMAND="${PROMPT_COMMAND:+$PROMPT_COMMAND
+}__velo_prompt"
