@@ -56,8 +56,8 @@ from veloverlay.store.versions import (
     Versions,
     check_ref_name,
     commit_from,
-    ref_from,
     name_key,
+    ref_from,
 )
 
 __all__ = [
