@@ -31,6 +31,11 @@ NAME_MAX = 255
 # tree sync) well inside Python's recursion limit (1000).
 DEPTH_MAX = 256
 PATH_MAX = 4095
+# A tree from elsewhere (a bundle, a registry) has at most this many paths. Its nodes may name one
+# subtree from many places: 40 levels of a directory holding two names for the same child are
+# 2**40 paths in a few KiB, which a checkout, a listing or a layer build would walk for ever.
+# 64 Mi paths is 64 times the largest tree measured here (1,000,000 files).
+ENTRIES_MAX = 1 << 26
 
 
 def check_name(name: bytes) -> bytes:

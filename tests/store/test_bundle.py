@@ -619,9 +619,12 @@ def test_setid_bits_are_stripped_node_by_node_not_path_by_path(
                 d = e.digest
             f = dst.m.get_node(txn, d).lookup(b"f")
             assert f is not None and f.mode == 0o755, path
-    root40, recs40 = _doubling(40, leaf)  # and the one that never ended
-    info = do_import(dst, build([meta(root40, ref="wide"), *recs40, obj(b"x")]))
-    assert info["stripped_setid"] == 2**40
+    root24, recs24 = _doubling(24, leaf)  # path by path: hours
+    info = do_import(dst, build([meta(root24, ref="wide"), *recs24, obj(b"x")]))
+    assert info["stripped_setid"] == 2**24
+    # 2**40 paths (the one that never ended) are more than a tree may have: refused
+    root40, recs40 = _doubling(40, leaf)
+    assert_invalid(dst, build([meta(root40, ref="wider"), *recs40, obj(b"x")]))
 
 
 _EVIL = "\x1b]0;owned\x07\x1b[2J\x9b31m\r\nhand@{9}  forged line"

@@ -343,7 +343,8 @@ def full_layer(
 ) -> Path:
     # A tree beyond the depth bound (a store made before it existed) is refused before anything
     # is built: its paths could not be opened under the projection anyway.
-    paths.check_extent(*tree_extent(root, lambda d: m.get_node(txn, d)))
+    depth, length, _entries = tree_extent(root, lambda d: m.get_node(txn, d))
+    paths.check_extent(depth, length)
     w = _Writer(objs, form, prefix=xattr)
     b = _new_build(home, name)
     old_umask = os.umask(0)

@@ -5,7 +5,8 @@ pull alike (one rule, so the two ways in cannot drift apart).
   stored or arriving, and has the size its entries claim (a 6-byte object claimed as 1 TiB would
   fill the disk at the first copy-up, and a session would show a size its bytes do not have);
 - extent: the tree is no deeper, and its paths no longer, than a checkout or a session can make
-  (`paths.check_extent`);
+  (`paths.check_extent`), and it has at most `paths.ENTRIES_MAX` paths (a shared subtree counts
+  wherever it is named);
 - tier rules as a ref stores them; a commit message is a string of bounded length;
 - setuid/setgid bits are dropped from files unless the caller keeps them on purpose (ingest's and
   harvest's policy): a root checkout or session of someone else's tree must not mint a
@@ -166,10 +167,16 @@ def check_closure(
         setid = setid or sh[3]
         return sh
 
+    depth, length, entries = extent_of(root, load)
     try:
-        paths.check_extent(*extent_of(root, load))
+        paths.check_extent(depth, length)
     except VeloError as exc:
         raise bad(exc.message) from None
+    if entries > paths.ENTRIES_MAX:
+        raise bad(
+            f"the tree has {entries} paths (its directories name shared subtrees from many "
+            f"places); at most {paths.ENTRIES_MAX} are taken"
+        )
     return setid
 
 

@@ -384,9 +384,9 @@ def links(data: bytes) -> list[tuple[int, bytes, int]]:
 
 
 # What a walk over a whole tree needs of a node: its DIR entries (child digest, name length),
-# whether it has other entries (0 or 1) and their longest name (`extent`), and whether a file
-# has setuid/setgid bits (`incoming.strip_setid`).
-Shape = tuple[list[tuple[bytes, int]], int, int, bool]
+# whether it has other entries (0 or 1) and their longest name (`extent`), whether a file has
+# setuid/setgid bits (`incoming.strip_setid`), and how many entries it has.
+Shape = tuple[list[tuple[bytes, int]], int, int, bool, int]
 _SETID = 0o6000
 
 
@@ -394,7 +394,7 @@ def shape(node: Node) -> Shape:
     dirs = [(e.digest, len(e.name)) for e in node.entries if e.kind is Kind.DIR]
     names = [len(e.name) for e in node.entries if e.kind is not Kind.DIR]
     setid = any(e.kind is Kind.FILE and e.mode & _SETID for e in node.entries)
-    return dirs, 1 if names else 0, max(names, default=0), setid
+    return dirs, 1 if names else 0, max(names, default=0), setid, len(node.entries)
 
 
 def stored_shape(data: bytes) -> Shape:
@@ -427,19 +427,21 @@ def stored_shape(data: bytes) -> Shape:
             setid = setid or (kind == 1 and bool(mode & _SETID))
     if off != end:
         raise _bad("trailing bytes")
-    return dirs, flat, longest, setid
+    return dirs, flat, longest, setid, count
 
 
-def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int]:
-    """(levels, bytes) of the deepest and of the longest path in the tree `root`, each node read
-    once through `load` (shared subtrees are not walked twice; no recursion, whatever the
-    depth). The root alone is (0, 0); a file at its top is (1, len(name))."""
+def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int, int]:
+    """(levels, bytes, entries) of the deepest and of the longest path in the tree `root`, and
+    how many paths it has (a subtree named from two places counts twice: a checkout makes it
+    twice), each node read once through `load` (shared subtrees are not walked twice; no
+    recursion, whatever the depth). The root alone is (0, 0, 0); a file at its top is
+    (1, len(name), 1)."""
     return extent_of(root, lambda d: shape(load(d)))
 
 
-def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int]:
+def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int, int]:
     """`extent`, each node read as its `Shape`."""
-    memo: dict[bytes, tuple[int, int]] = {}
+    memo: dict[bytes, tuple[int, int, int]] = {}
     stack: list[tuple[bytes, Shape | None]] = [(root, None)]
     while stack:
         digest, sh = stack.pop()
@@ -450,12 +452,13 @@ def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int]:
             stack.append((digest, sh))
             stack.extend((d, None) for d, _n in sh[0])
             continue
-        dirs, depth, length, _setid = sh
+        dirs, depth, length, _setid, count = sh
         for d, nlen in dirs:
-            sub_depth, sub_len = memo[d]
+            sub_depth, sub_len, sub_count = memo[d]
             depth = max(depth, sub_depth + 1)
             length = max(length, nlen + (sub_len + 1 if sub_len else 0))
-        memo[digest] = (depth, length)
+            count += sub_count
+        memo[digest] = (depth, length, count)
     return memo[root]
 
 
