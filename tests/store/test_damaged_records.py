@@ -244,6 +244,22 @@ def test_fsck_reports_a_tag_whose_commit_is_missing(store: str) -> None:
     } in findings, findings
 
 
+def test_fsck_lists_every_damaged_record_not_only_the_first(store: str) -> None:
+    """fsck read refs, commits and tags through the verbs' readers, which stop at the first
+    damaged record (manifest-corrupt): a store with three damaged records got one error and no
+    report. Each is a finding now, and the other records are still checked."""
+    head = _records(store)["ref"]["head"]
+    rewrite_head_commit(store)  # the commit no longer hashes to its id
+    ref_head_not_hex(store)
+    tag_cut(store)
+    res = velo(store, "fsck")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, (res.stdout, res.stderr)
+    report, _end = json.JSONDecoder().raw_decode(res.stdout)
+    got = {(f["kind"], f["what"]) for f in report["findings"]}
+    assert {("commit-corrupt", head), ("ref-corrupt", "t"), ("tag-corrupt", "first")} <= got, got
+    assert report["commits"] == 1  # the first version's commit, still read and checked
+
+
 @pytest.mark.parametrize("pages", [1 << 55, 20_000])
 def test_a_header_claiming_a_huge_file_is_damage_and_nothing_grows(store: str, pages: int) -> None:
     """A flipped bit in a meta page's last-page number: the file is not extended to match

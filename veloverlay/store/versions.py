@@ -179,9 +179,19 @@ def check_ref_name(name: str) -> str:
 class Versions:
     """Naming versions and tags; mixed into `Manifests`, which supplies the handles below."""
 
+    _refs: Any
     _commits: Any
     _tags: Any
     _meta: Any
+
+    def record_keys(self, txn: Txn, table: str) -> list[bytes]:
+        """The keys of `table` ("refs", "commits" or "tags"), records unread: for `fsck`, which
+        reads each on its own and reports every damaged one, not the first."""
+        db = {"refs": self._refs, "commits": self._commits, "tags": self._tags}[table]
+        if db is None:
+            return []
+        with txn.cursor(db=db) as cur:
+            return [bytes(k) for k in cur.iternext(keys=True, values=False)]
 
     def get_ref(self, txn: Txn, name: str) -> Ref | None:
         raise NotImplementedError

@@ -36,7 +36,8 @@ _HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Finding(Record, frozen=True):
-    kind: str  # object-corrupt, object-misplaced, object-missing, node-corrupt, commit-missing, ...
+    kind: str  # object-corrupt, object-misplaced, object-missing, node-corrupt, commit-missing,
+    # commit-corrupt, ref-corrupt, tag-corrupt, ...
     what: str
     detail: str
 
@@ -411,17 +412,37 @@ def fsck(
                     rep.findings.append(
                         Finding("node-missing", e.digest.hex(), f"child {paths.display(e.name)}")
                     )
+        # Each record on its own: a damaged one is a finding, and the rest are still checked.
         commits = {}
-        for c in m.iter_commits(txn):
+        for key in m.record_keys(txn, "commits"):
+            try:
+                c = m.get_commit(txn, key.hex())
+            except VeloError as exc:
+                rep.findings.append(Finding("commit-corrupt", key.hex(), exc.message))
+                continue
             commits[c.id] = c
             rep.commits += 1
             if not m.has_node(txn, bytes.fromhex(c.root)):
                 rep.findings.append(Finding("node-missing", c.root, f"root of commit {c.id[:16]}"))
-        for ref in m.refs(txn):
+        for key in m.record_keys(txn, "refs"):
+            name = key.decode("utf-8", "surrogateescape")
+            try:
+                ref = m.get_ref(txn, name)
+                assert ref is not None
+            except VeloError as exc:
+                rep.findings.append(Finding("ref-corrupt", name, exc.message))
+                continue
             rep.refs += 1
             if ref.head not in commits:
                 rep.findings.append(Finding("commit-missing", ref.head, f"head of ref {ref.name}"))
-        for tag in m.tags(txn):  # a named version gc must keep
+        for key in m.record_keys(txn, "tags"):  # named versions gc must keep
+            name = key.decode("utf-8", "surrogateescape")
+            try:
+                tag = m.get_tag(txn, name)
+                assert tag is not None
+            except VeloError as exc:
+                rep.findings.append(Finding("tag-corrupt", name, exc.message))
+                continue
             if tag.commit not in commits:
                 rep.findings.append(Finding("commit-missing", tag.commit, f"tag {tag.name}"))
     from veloverlay.verbs.gc import lost_refs
