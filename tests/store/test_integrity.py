@@ -245,6 +245,46 @@ def test_fsck_and_checkout_catch_a_size_lie(repo: Repo, shm_tmp: str) -> None:
 # -- item 11: export -o X ----------------------------------------------------------------------
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
+def test_export_writes_into_a_device_or_pipe_and_never_replaces_one(
+    ingested: str, shm_tmp: str
+) -> None:
+    """`export -o /dev/null` as root renamed the bundle over /dev/null: a regular file 0600,
+    and every later redirection to /dev/null on the machine wrote into it (every non-root
+    spawn failed). A character device or FIFO is written into as it is; a symbolic link (which
+    the rename would replace) and any other special file are refused."""
+    null = os.path.join(shm_tmp, "null")
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # the same device as /dev/null
+    res = velo(ingested, "export", "t", "-o", null)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_ISCHR(os.lstat(null).st_mode) and os.lstat(null).st_rdev == os.makedev(1, 3)
+    assert not os.path.lexists(null + ".part")
+
+    fifo = os.path.join(shm_tmp, "fifo")
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", fifo], stdout=subprocess.PIPE)
+    res = velo(ingested, "export", "t", "-o", fifo)
+    got, _ = reader.communicate(timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    whole = os.path.join(shm_tmp, "whole.velo")
+    assert velo(ingested, "export", "t", "-o", whole).returncode == 0
+    with open(whole, "rb") as f:
+        assert got == f.read()  # the same bundle, byte for byte
+
+    link = os.path.join(shm_tmp, "link")
+    os.symlink(whole, link)
+    block = os.path.join(shm_tmp, "block")
+    os.mknod(block, stat.S_IFBLK | 0o600, os.makedev(7, 250))
+    for target in (link, block):
+        before = os.lstat(target)
+        res = velo(ingested, "export", "t", "-o", target)
+        assert res.returncode == 1 and "reason: exists" in res.stderr, res.stderr
+        after = os.lstat(target)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert os.readlink(link) == whole
+
+
 def test_an_exported_bundle_is_its_creators_alone(ingested: str, shm_tmp: str) -> None:
     """A bundle holds the bytes of every file of the version, a 0600 file's too: it is made
     0600 (not 0644 after the umask), also when it replaces an existing output file."""

@@ -15,6 +15,7 @@ Nodes outside the root's closure are dropped, never stored unchecked.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from veloverlay import faults, files
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
@@ -129,14 +130,22 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
 def _export_at(
     store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
 ) -> dict[str, Any]:
-    with contextlib.suppress(FileNotFoundError):  # refused now, not after the whole bundle
-        if stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
-            raise VeloError(
-                f"{output or '.'} is a directory",
-                reason=Reason.EXISTS,
-                path=output,
-                hint="name the bundle file, e.g. -o DIR/NAME.velo",
-            )
+    try:  # refused now, not after the whole bundle
+        mode = os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):  # /dev/null, a pipe: written, never replaced
+        return _export_into(store, m, spec, pfd, name, output)
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        if stat.S_ISLNK(mode):
+            what = "a symbolic link (the bundle would replace the link)"
+        raise VeloError(
+            f"{output or '.'} is {what}",
+            reason=Reason.EXISTS,
+            path=output,
+            hint="name the bundle file, e.g. -o DIR/NAME.velo ('-o -' writes to stdout)",
+        )
     tmp = name + ".part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -159,6 +168,24 @@ def _export_at(
             os.unlink(tmp, dir_fd=pfd)
         raise
     return info
+
+
+def _export_into(
+    store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
+) -> dict[str, Any]:
+    """Export into the character device or FIFO `name` (`-o /dev/null`, a named pipe): written
+    as it is, not replaced by a file (root renaming a bundle over /dev/null breaks the system)."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=pfd)
+    except OSError as exc:
+        raise SysError(exc.errno or errno.EIO, "open", output) from None
+    got = os.fstat(fd).st_mode
+    if not (stat.S_ISCHR(got) or stat.S_ISFIFO(got)):  # replaced since the stat
+        os.close(fd)
+        raise VeloError(f"{output} changed while it was opened", reason=Reason.EXISTS, path=output)
+    with os.fdopen(fd, "wb") as f:
+        return export_bundle(store, m, spec, f)
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
