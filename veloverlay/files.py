@@ -26,6 +26,8 @@ __all__ = [
     "force_rmtree",
     "remove_at",
     "open_dir_at",
+    "opened_dir",
+    "searchable",
     "empty_dir",
     "rmdir_at",
     "makedirs",
@@ -171,6 +173,57 @@ def open_dir_at(
         os.close(fd)
         raise
     return fd, st
+
+
+@contextlib.contextmanager
+def opened_dir(dfd: int, name: bytes, mode: int) -> Iterator[int]:
+    """A descriptor of the directory `name` in `dfd` (no link followed) whose entries can be
+    listed and looked up while the block runs. One its owner made unreadable or unsearchable
+    (000, 0100, 0300, and 0600: that one opens, but no entry in it can be stat-ed) gets u+rwx
+    meanwhile, then its permission bits `mode` back (chmod leaves its mtime alone), also when the
+    block fails: a walk that is interrupted and run again finds the modes the tree's processes
+    left."""
+    try:
+        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+        opened_up = False
+    except PermissionError:
+        os.chmod(name, mode | stat.S_IRWXU, dir_fd=dfd, follow_symlinks=False)
+        opened_up = True
+        try:
+            fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+            raise
+    try:
+        with searchable(fd):
+            yield fd
+    finally:
+        os.close(fd)
+        if opened_up:
+            with contextlib.suppress(OSError):
+                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def searchable(fd: int) -> Iterator[None]:
+    """While the block runs, names can be looked up in the directory `fd`: one its owner opened
+    but cannot search (0600) gets u+rwx through the descriptor, then its mode back. Resolving
+    "." in it needs the search permission that an entry's lookup needs and the open did not."""
+    try:
+        os.lstat(".", dir_fd=fd)
+    except PermissionError:
+        pass
+    else:
+        yield
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.fchmod(fd, mode | stat.S_IRWXU)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)
 
 
 def _opened_up(dfd: int, name: str, expect: tuple[int, int] | None) -> int:

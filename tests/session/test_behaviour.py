@@ -75,6 +75,13 @@ SCENARIOS: dict[str, str] = {
     # the hole's zeros too; over and under the 1 MiB small-file read
     "sparse": "truncate -s 2M big; printf end >> big; truncate -s 64K small; printf end >> small; "
     "truncate -s 3M f3",
+    # directories whose owner cannot look up their entries (0600: readable, not searchable),
+    # a stored one with a change inside, and a new one
+    "unsearchable": "printf more >> dir1/x; chmod 600 dir1; mkdir nd; printf n > nd/n; "
+    "mkdir nd/in; chmod 600 nd; chmod 100 dir2",
+    # the same for the tree's root: not searchable, not even readable
+    "unsearchable-root": "printf r > rootfile; mkdir -p n/m; chmod 600 .",
+    "unreadable-root": "printf r > rootfile; mkdir -p n/m; chmod 000 .",
     "real-modes": "cat ro.h vendor/lib.h private/run secret >/dev/null; printf x >> shared/data; "
     "chmod 644 ro.h; printf y >> ro.h; rm private/run; chmod 640 secret; printf n > shared/n",
 }

@@ -102,3 +102,49 @@ def test_kill_manager_then_resume(mode: str) -> None:
     assert r["killed.txt"] == "x" and r["f1"] is False
     assert r["after"] == "harvested"
     assert r["fsck"] == []
+
+
+def _killed_in_harvest(base: str) -> dict[str, object]:
+    """A manager killed by a crash point after the harvest opened up what the session made
+    unreadable, then the session harvested again."""
+    import stat
+    import subprocess
+    import sys
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    script = (
+        f"cd {proj} && mkdir nd && printf x > nd/x && chmod 000 nd && printf s > locked && "
+        "chmod 000 locked && printf z > z"
+    )
+    env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="harvest.file:3")  # locked, nd/x, z
+    r = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root), "run", "t"]
+        + ["--at", proj, "--", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+    )
+    results = session.harvest_resume(store, None)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return {
+        "killed": r.returncode == -signal.SIGKILL,
+        "resumed": [res.commit is not None for res in results],
+        "modes": {
+            n: stat.S_IMODE(os.lstat(os.path.join(got, n)).st_mode) for n in ("nd", "locked")
+        },
+        "fsck": fsck_ok(store),
+        "stderr": r.stderr[-800:],
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_resumed_harvest_keeps_the_modes_the_session_set(mode: str) -> None:
+    """The harvest opens up what the session made unreadable (a 000 directory, a 000 file) to
+    read it, and gives each its mode back at once: a harvest killed midway and resumed commits
+    the modes the session left, not the opened-up ones."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _killed_in_harvest, base)
+    assert r["killed"] and r["resumed"] == [True], r
+    assert r["modes"] == {"nd": 0, "locked": 0}
+    assert r["fsck"] == []

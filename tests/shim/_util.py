@@ -50,7 +50,12 @@ def same_as_seen(
     """P0-b: the committed tree equals the tree the session's processes last saw. In --link
     mode an untouched file shows the proxy's normalised mtime; the manifest keeps its own."""
     problems = []
+    unlisted = [k[:-2] for k, v in seen.items() if k.endswith("/*")]
     for p in sorted(seen.keys() | committed.keys()):
+        if p in seen and seen[p] is None:
+            continue  # in a directory the session made unsearchable: only its name was seen
+        if any(p != d and (d == "." or p.startswith(d + "/")) for d in unlisted):
+            continue  # below a directory the session made unreadable: not seen at all
         a, b = seen.get(p), committed.get(p)
         if a is None or b is None:
             problems.append(f"{p}: seen {a} != committed {b}")

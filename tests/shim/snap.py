@@ -14,16 +14,24 @@ import sys
 from typing import Any
 
 
-def snapshot(root: str) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        names = dirnames + filenames
-        if dirpath == root:
-            names = [".", *names]
-        for name in names:
+def snapshot(root: str) -> dict[str, list[Any] | None]:
+    """An entry in a directory this process cannot search (0600, 0100 dirs of its own) is None:
+    its name is seen, nothing else; a directory it cannot list (000, 0300) has `DIR/*`: None,
+    nothing below it is seen."""
+    out: dict[str, list[Any] | None] = {}
+
+    def unlisted(exc: OSError) -> None:
+        out[os.path.relpath(exc.filename, root) + "/*"] = None
+
+    for dirpath, dirnames, filenames in [(root, [], ["."]), *os.walk(root, onerror=unlisted)]:
+        for name in dirnames + filenames:
             p = root if name == "." else os.path.join(dirpath, name)
-            st = os.lstat(p)
             rel = os.path.relpath(p, root)
+            try:
+                st = os.lstat(p)
+            except PermissionError:
+                out[rel] = None
+                continue
             if stat.S_ISDIR(st.st_mode):
                 out[rel] = ["dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns, None]
             elif stat.S_ISLNK(st.st_mode):

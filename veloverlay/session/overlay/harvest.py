@@ -45,7 +45,7 @@ import os
 import stat
 
 from veloverlay import faults, paths
-from veloverlay.files import DIRFLAGS
+from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
 from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
@@ -123,21 +123,19 @@ class _Harvester:
         self.links = StoreLinks(store)
         self.view_root = b""
 
-    # -- opening what the session made unreadable
-    def _open_dir(self, dfd: int, name: bytes, st: os.stat_result) -> int:
-        try:
-            return os.open(name, DIRFLAGS, dir_fd=dfd)
-        except PermissionError:
-            os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dfd, follow_symlinks=False)
-            return os.open(name, DIRFLAGS, dir_fd=dfd)
-
+    # -- opening what the session made unreadable (given its mode back at once: a harvest
+    # interrupted and resumed must find the modes the session left)
     def _open_file(self, dfd: int, name: bytes, st: os.stat_result) -> int:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             return os.open(name, flags, dir_fd=dfd)
         except PermissionError:
-            os.chmod(name, stat.S_IMODE(st.st_mode) | 0o400, dir_fd=dfd, follow_symlinks=False)
-            return os.open(name, flags, dir_fd=dfd)
+            mode = stat.S_IMODE(st.st_mode)
+            os.chmod(name, mode | 0o400, dir_fd=dfd, follow_symlinks=False)
+            try:
+                return os.open(name, flags, dir_fd=dfd)
+            finally:
+                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
 
     @staticmethod
     def _names(dfd: int) -> list[bytes]:
@@ -146,16 +144,18 @@ class _Harvester:
     # -- the walk
     def run(self, upper: str, view_root: bytes) -> HarvestResult:
         self.view_root = view_root
-        top = os.open(upper, DIRFLAGS)
+        parent = os.open(os.path.dirname(upper), DIRFLAGS)
         try:
-            st = os.fstat(top)
+            st = os.lstat(os.path.basename(upper), dir_fd=parent)
             node = self.m.node_view(self.txn, view_root)
             mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
             if (mode, mtime) != (node.mode, node.mtime_ns):
                 self.res.ops.append(Op(OpKind.META, b"", mode=mode, mtime_ns=mtime))
-            self._merged(top, b"", node)
+            # the session may have made its tree's root unreadable too (chmod 600 .)
+            with opened_dir(parent, os.fsencode(os.path.basename(upper)), mode) as top:
+                self._merged(top, b"", node)
         finally:
-            os.close(top)
+            os.close(parent)
         return self.res
 
     def _merged(self, dfd: int, rel: bytes, lower: Node | NodeView) -> None:
@@ -172,8 +172,7 @@ class _Harvester:
                     ops.append(Op(OpKind.DELETE, p))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                cfd = self._open_dir(dfd, name, st)
-                try:
+                with opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
                     origin = self._redirect(cfd, rel)
                     opaque = _getx_fd(cfd, self.x_opaque) == b"y"
                     if origin is not None:
@@ -189,8 +188,6 @@ class _Harvester:
                         self._merged(cfd, p, child)
                     else:
                         ops.append(Op(OpKind.PUT, p, self._built_dir(cfd, name, st, p, None, p)))
-                finally:
-                    os.close(cfd)
                 continue
             entry = self._leaf(dfd, name, st, p, low)
             op = leaf_op(p, low, entry) if entry is not None else None
@@ -245,8 +242,7 @@ class _Harvester:
                 entries.pop(child, None)
                 continue
             if stat.S_ISDIR(cst.st_mode):
-                cfd = self._open_dir(dfd, child, cst)
-                try:
+                with opened_dir(dfd, child, stat.S_IMODE(cst.st_mode)) as cfd:
                     redirected = self._redirect(cfd, origin_path)
                     if redirected is not None:
                         sub: Node | None = self._origin_node(redirected)
@@ -261,8 +257,6 @@ class _Harvester:
                     else:
                         sub, sub_path = None, paths.join(origin_path, child)
                     entries[child] = self._built_dir(cfd, child, cst, p, sub, sub_path)
-                finally:
-                    os.close(cfd)
                 continue
             e = self._leaf(dfd, child, cst, p, low)
             if e is not None:

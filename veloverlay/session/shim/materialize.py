@@ -186,8 +186,14 @@ def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
     """An fd of the session's tree top, never through a symbolic link, and only the directory
     the session made or checked (`ident`: its (dev, ino)): whoever can write the target's parent
     could otherwise rename the tree away and put a directory of their own in its place, whose
-    content the session would commit as its user's change."""
-    fd = os.open(target, DIRFLAGS)
+    content the session would commit as its user's change. A top the session made unreadable
+    (chmod 000 .) is opened all the same, its mode left as it was."""
+    unreadable = False
+    try:
+        fd = os.open(target, DIRFLAGS)
+    except PermissionError:
+        fd = os.open(target, os.O_PATH | DIRFLAGS)  # opened up below, once it is the tree
+        unreadable = True
     st = os.fstat(fd)
     if ident and (st.st_dev, st.st_ino) != tuple(ident):
         os.close(fd)
@@ -198,7 +204,24 @@ def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
             "(project into a directory no other user can write)",
             path=target,
         )
+    if unreadable:
+        fd = _opened_up(fd, stat.S_IMODE(st.st_mode))
     return fd
+
+
+def _opened_up(pfd: int, mode: int) -> int:
+    """A descriptor for reading of the directory the O_PATH descriptor `pfd` names (closed
+    here), which its owner made unreadable: u+rwx for the moment of the open, then `mode` back
+    (the open's permission check is done; chmod leaves the mtime alone)."""
+    proc = f"/proc/self/fd/{pfd}"
+    try:
+        os.chmod(proc, mode | stat.S_IRWXU)
+        try:
+            return os.open(proc, DIRFLAGS & ~os.O_NOFOLLOW)
+        finally:
+            os.chmod(proc, mode)
+    finally:
+        os.close(pfd)
 
 
 class _Placer:

@@ -12,15 +12,14 @@ must never reach the session user's ref.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from veloverlay import paths, records
-from veloverlay.files import DIRFLAGS, wait_for_writes
+from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
 from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
@@ -198,7 +197,8 @@ class TreeSync:
                 node = self.m.get_node(txn, root)
                 self._dir_meta(b"", st, node, res)
                 if flags & SUBTREE:
-                    self._compare_dir(fd, b"", node, stage, res, Owners.below(frozenset(), st))
+                    with searchable(fd):  # the session may have run chmod 600 on its tree
+                        self._compare_dir(fd, b"", node, stage, res, Owners.below(frozenset(), st))
             finally:
                 os.close(fd)
             return False
@@ -244,7 +244,7 @@ class TreeSync:
             return False
         if stat.S_ISDIR(st.st_mode):
             inner = Owners.below(exposed, st)
-            with _opened_dir(dfd, name, st) as cfd:
+            with opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
                 if low is not None and low.kind is Kind.DIR:
                     child = self.m.get_node(self._txn, low.digest)
                     self._dir_meta(p, st, child, res)
@@ -322,7 +322,7 @@ class TreeSync:
             if self._foreign(p, cst, exposed, res):
                 continue
             if stat.S_ISDIR(cst.st_mode):
-                with _opened_dir(dfd, child, cst) as cfd:
+                with opened_dir(dfd, child, stat.S_IMODE(cst.st_mode)) as cfd:
                     inner = Owners.below(exposed, cst)
                     entries.append(self._new_dir(cfd, child, cst, p, stage, res, inner))
                 continue
@@ -430,27 +430,6 @@ class TreeSync:
                 return digest, size, after
             st = after
         raise Unstable()
-
-
-@contextlib.contextmanager
-def _opened_dir(dfd: int, name: bytes, st: os.stat_result) -> Iterator[int]:
-    """A directory fd; a directory its owner made unreadable (000, 0300) is opened up for the
-    walk and given its mode back afterwards (chmod leaves its mtime alone)."""
-    mode = stat.S_IMODE(st.st_mode)
-    try:
-        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-        opened_up = False
-    except PermissionError:
-        os.chmod(name, mode | 0o700, dir_fd=dfd, follow_symlinks=False)
-        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-        opened_up = True
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-        if opened_up:
-            with contextlib.suppress(OSError):
-                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
 
 
 def _below_any(p: bytes, sorted_paths: list[bytes], *, strict: bool) -> bool:
