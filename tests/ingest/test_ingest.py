@@ -280,7 +280,7 @@ def _ingest_unreadable(base: str) -> list[tuple[str, str, bool, bool]]:
     try:
         run(r, src, "good")
         before = head_of(r, "good")
-        for victim, mode in (("ok", 0o000), ("sub", 0o000)):
+        for victim, mode in (("ok", 0o000), ("sub", 0o000), ("sub", 0o600)):
             path = os.path.join(src, victim)
             os.chmod(path, mode)
             try:
@@ -306,14 +306,16 @@ def _ingest_unreadable(base: str) -> list[tuple[str, str, bool, bool]]:
 
 
 def test_unreadable_source_is_a_clear_error_and_commits_nothing() -> None:
-    """What its owner cannot read, ingest refuses by name (root reads everything, so this runs
-    as the unprivileged test uid): the ref keeps its head, no ref is made, the store stays sound."""
+    """What its owner cannot read or search (a 0600 directory: listed, no entry stat-able), ingest
+    refuses by name (root reads everything, so this runs as the unprivileged test uid): the ref
+    keeps its head, no ref is made, the store stays sound."""
     with unpriv_tmpdir() as base:
         got = run_unprivileged(_ingest_unreadable, base)
     src = os.path.join(base, "src")
     assert got == [
         (Reason.SOURCE_UNREADABLE.value, os.path.join(src, "ok"), True, True),
         (Reason.SOURCE_UNREADABLE.value, os.path.join(src, "sub"), True, True),
+        (Reason.SOURCE_UNREADABLE.value, os.path.join(src, "sub"), True, True),  # listed only
     ]
 
 

@@ -68,7 +68,13 @@ def _walk(dfd: int, parts: list[bytes]) -> int:
 
 
 def _check(fd: int, dev: int | None, ino: int) -> int:
-    st = os.fstat(fd)
+    # "." resolved in it, not fstat: that also needs the search permission every lookup of its
+    # entries will (a 0600 directory opens, then no entry in it could be stat-ed)
+    try:
+        st = os.stat(b".", dir_fd=fd, follow_symlinks=False)
+    except BaseException:
+        os.close(fd)
+        raise
     if st.st_ino != ino or (dev is not None and st.st_dev != dev):
         os.close(fd)
         raise Replaced
