@@ -8,8 +8,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import fsck_ok, new_store
+from tests.session._util import as_mode, fsck_ok, mode_params, new_store
 from tests.shim._util import run_shim
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
@@ -121,3 +123,32 @@ def test_command_not_found_is_127_and_no_false_alarm() -> None:
         assert res.exit_status == 127 and res.commit is None
         assert not [w for w in res.warnings if "without the shim" in w], res.warnings
         assert not os.path.exists(proj) and _refs(store) == ["t"]
+
+
+def _setid_session(base: str, backend: str) -> tuple[dict[str, int], list[str], list[str]]:
+    from tests.session._util import run_session
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    script = f"cd {proj} && : > s && chmod 6755 s && : > g && chmod 2711 g && chmod 1755 f1"
+    res = run_session(store, ["t"], ["sh", "-c", script], at=proj, backend=backend)
+    r = Repo.open(os.fspath(store.root))
+    try:
+        with r.m.read() as txn:
+            root = r.resolve_root("t")
+            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("s", "g", "f1")}  # type: ignore[union-attr]
+    finally:
+        r.close()
+    return modes, res.warnings, fsck_ok(store)
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_setid_bits_a_session_sets_are_not_committed(mode: str, backend: str) -> None:
+    """Both backends, as ingest does unless asked: a session does not mint setuid/setgid files
+    (the shim committed 6755), and says so; the sticky bit is kept."""
+    with unpriv_tmpdir() as base:
+        modes, warnings, findings = as_mode(mode, _setid_session, base, backend)
+    assert modes == {"s": 0o755, "g": 0o711, "f1": 0o1755}
+    assert any("setuid/setgid bits removed from 2 file(s)" in w for w in warnings), warnings
+    assert findings == []

@@ -43,6 +43,9 @@ class Unstable(Exception):
     """A file kept changing while it was read (a writer is still at it): try next tick."""
 
 
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
 class SyncResult(records.Record):
     ops: list[Op] = field(default_factory=list)
     nodes: dict[bytes, bytes] = field(default_factory=dict)
@@ -50,6 +53,7 @@ class SyncResult(records.Record):
     retry: set[bytes] = field(default_factory=set)  # dirty paths to look at again
     files_hashed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, kind): not committed
+    stripped_setid: int = 0  # files whose setuid/setgid bits the session set were not committed
 
 
 class Owners:
@@ -181,6 +185,10 @@ class TreeSync:
             if replaced:
                 done.append(p)
                 done.sort()
+        if res.stripped_setid:  # as the overlay harvest does (and ingest, unless asked)
+            res.warnings.append(
+                f"setuid/setgid bits removed from {res.stripped_setid} file(s) made in the session"
+            )
         if len(res.skipped) > SHOWN:
             res.warnings.append(
                 f"... and {len(res.skipped) - SHOWN} more entries of other users skipped"
@@ -377,6 +385,9 @@ class TreeSync:
         else:
             digest, size, st = self._hash(dfd, name, st, low_file, stage, res)
         mtime = st.st_mtime_ns
+        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
+            mode &= ~_SETID  # a session does not mint setuid/setgid files; bits kept are kept
+            res.stripped_setid += 1
         if low_file is not None and digest == low_file.digest:
             if self.link and mtime == PROXY_MTIME_NS:
                 mtime = low_file.mtime_ns  # the proxy's normalised mtime is not the user's
