@@ -142,3 +142,45 @@ def test_background_writer_ended_and_harvested(mode: str, form: str) -> None:
     assert data == b"done"
     assert killed, "the background writer should be reported"
     assert not findings
+
+
+def _read_only_root(base: str, form: str) -> tuple[list[int], list[str], list[str]]:
+    from tests.session._util import make_base
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    use_form(form, fresh_cache=os.path.join(base, "runtime"))
+    src = os.path.join(base, "src")
+    make_base(src)
+    os.chmod(src, 0o555)  # the top of a Go module or a Nix store path
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    plain = os.path.join(base, "plain")
+    subprocess.run(["cp", "-a", src, plain], check=True)
+    proj = os.path.join(base, "proj")
+    script = "chmod u+w .; printf b > b; chmod 555 .; cat f1 b"
+    statuses = []
+    for step in (script, "cat f1 b"):  # the second session stacks the commit as a delta layer
+        res = run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {step}"], at=proj)
+        statuses.append(res.exit_status)
+    sh(script, plain)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return statuses, compare_trees(got, plain, since_ns=0, file_mtimes=False), fsck_ok(store)
+
+
+@pytest.mark.parametrize("mode,form", mode_form_params(store_layers=True, native=True))
+def test_a_tree_whose_top_is_read_only(mode: str, form: str) -> None:
+    """A tree whose top directory is 0555 projects root-free too (renaming a built layer into
+    place needs write permission on its top, which has the tree's mode), then a change to it
+    is committed and projected again (a delta layer on it)."""
+    with unpriv_tmpdir() as base:
+        statuses, problems, findings = _as_mode(mode, _read_only_root, base, form)
+    assert statuses == [0, 0]
+    assert not problems, problems
+    assert not findings, findings

@@ -468,12 +468,32 @@ def publish_layer(home: Home, built: Path, name: str) -> Path:
     final = home.sub("layers", name)
     makedirs(final.parent)
     try:
-        os.rename(built, final)
+        _rename_dir(built, final)
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         force_rmtree(built)  # built by an earlier, interrupted run: identical content
     return final
+
+
+def _rename_dir(src: Path, dst: Path) -> None:
+    """rename(2) of the directory `src` into another parent, which needs write permission on
+    `src` itself (its ".." changes): a layer whose root carries a tree's mode without u+w (a Go
+    module, a Nix store path: 0555) gets u+w for the rename, then its mode back."""
+    try:
+        os.rename(src, dst)
+        return
+    except PermissionError:
+        mode = stat.S_IMODE(os.lstat(src).st_mode)
+        if mode & stat.S_IWUSR:
+            raise
+    os.chmod(src, mode | stat.S_IWUSR)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.chmod(src, mode)
+        raise
+    os.chmod(dst, mode)
 
 
 def clean_tmp(home: Home, name: str) -> None:
