@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.timing import bound
-from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, unpriv_tmpdir
+from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import checkout_ref, fsck_ok, new_store
 from tests.shim._util import run_shim
 from veloverlay import ns
@@ -341,3 +341,51 @@ def test_status_right_after_a_change_shows_it() -> None:
             _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert seen == [True] * 5, seen
+
+
+def _unsearchable_live(base: str) -> dict[str, Any]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    m1, g1, out = os.path.join(base, "m1"), os.path.join(base, "g1"), os.path.join(base, "out")
+    script = (
+        f"cd {proj}; printf more >> dir1/x; chmod 600 dir1; printf n > late; touch {m1}; "
+        f"while [ ! -e {g1} ]; do sleep 0.02; done; printf m >> f2; chmod 600 ."
+    )
+
+    def session() -> None:
+        res = run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
+        Path(out).write_text(json.dumps({"status": res.exit_status, "warnings": res.warnings}))
+
+    pid = _in_background(session)
+    try:
+        spec = _wait_for(lambda: _session_state(store), 10, "the session to start")["session_ref"]
+        _wait_for(lambda: os.path.exists(m1), 10, "the writes")
+        # `late` was written after dir1 was made unsearchable: once it is in the live view, the
+        # daemon has been through the tick that met dir1/x (it died there, five times, before)
+        _wait_for(lambda: _cat(store, spec, "late") == b"n", 10, "late in the live view")
+        live_x = _cat(store, spec, "dir1/x")
+    finally:
+        Path(g1).touch()
+        _, status = os.waitpid(pid, 0)
+    r: dict[str, Any] = json.loads(Path(out).read_text())
+    r.update(
+        child=status,
+        live_x=live_x,
+        x=_cat(store, "t", "dir1/x"),
+        f2=_cat(store, "t", "f2"),
+        fsck=fsck_ok(store),
+    )
+    return r
+
+
+def test_directories_made_unsearchable_while_the_session_runs() -> None:
+    """Root-free, a directory (and then the tree's top) made readable but not searchable while
+    the session runs: the live daemon neither dies on it nor shows its entries as deleted; the
+    end of the session commits what is there."""
+    with unpriv_tmpdir() as base:
+        r = run_unprivileged(_unsearchable_live, base)
+    assert r["child"] == 0 and r["status"] == 0, r
+    assert not [w for w in r["warnings"] if "daemon" in w], r["warnings"]
+    assert r["live_x"] in (b"ex\n", b"ex\nmore")  # not deleted (the change may come at the end)
+    assert (r["x"], r["f2"]) == (b"ex\nmore", b"two\nm")
+    assert r["fsck"] == []

@@ -82,6 +82,7 @@ class Daemon:
             Rules.from_json(self.state.tiers),
             link=bool(self.state.link),
             racy_ns=50_000_000,
+            live=True,
             ident=(self.state.target_id[0], self.state.target_id[1])
             if len(self.state.target_id) == 2
             else None,

@@ -12,11 +12,12 @@ must never reach the session user's ref.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from veloverlay import paths, records
 from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
@@ -95,6 +96,7 @@ class TreeSync:
         *,
         link: bool,
         racy_ns: int = 0,
+        live: bool = False,
         ident: tuple[int, int] | None = None,
         uid: int | None = None,
     ) -> None:
@@ -110,6 +112,10 @@ class TreeSync:
         # Files hashed here are cached only when their ctime is older than this margin: a write
         # within the same coarse clock tick would not move ctime (git's "racy clean" rule).
         self.racy_ns = racy_ns
+        # While the session runs, a directory its processes made unreadable or unsearchable is
+        # looked at again next tick (its mode is never changed under them: a chmod of theirs
+        # meanwhile would be undone); at the end, with every process gone, it is opened up.
+        self.live = live
         self.links = StoreLinks(store)
         self._txn: Txn = None
         self._root = b""
@@ -147,8 +153,10 @@ class TreeSync:
             exposed = Owners.below(exposed, os.fstat(fd))
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
+            if exc.errno == errno.EACCES:  # there, in a directory made unsearchable: not gone
+                raise Unstable() from None
             raise
         return fd, names[-1], exposed
 
@@ -205,7 +213,7 @@ class TreeSync:
                 node = self.m.get_node(txn, root)
                 self._dir_meta(b"", st, node, res)
                 if flags & SUBTREE:
-                    with searchable(fd):  # the session may have run chmod 600 on its tree
+                    with self._searchable(fd):  # the session may have run chmod 600 on it
                         self._compare_dir(fd, b"", node, stage, res, Owners.below(frozenset(), st))
             finally:
                 os.close(fd)
@@ -225,6 +233,8 @@ class TreeSync:
                 return False  # below a directory of another user: skipped (and named) there
             try:
                 st = os.lstat(name, dir_fd=dfd)
+            except PermissionError:  # its directory was made unsearchable
+                raise Unstable() from None
             except FileNotFoundError:
                 if low is not None:
                     res.ops.append(Op(OpKind.DELETE, p))
@@ -252,7 +262,7 @@ class TreeSync:
             return False
         if stat.S_ISDIR(st.st_mode):
             inner = Owners.below(exposed, st)
-            with opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
+            with self._opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
                 if low is not None and low.kind is Kind.DIR:
                     child = self.m.get_node(self._txn, low.digest)
                     self._dir_meta(p, st, child, res)
@@ -272,6 +282,34 @@ class TreeSync:
         if op is not None:
             res.ops.append(op)
         return op is not None and op.kind is OpKind.PUT
+
+    def _opened_dir(
+        self, dfd: int, name: bytes, mode: int
+    ) -> contextlib.AbstractContextManager[int]:
+        if not self.live:
+            return opened_dir(dfd, name, mode)
+        try:
+            fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+        except PermissionError:
+            raise Unstable() from None
+        try:
+            os.lstat(".", dir_fd=fd)
+        except PermissionError:
+            os.close(fd)
+            raise Unstable() from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return _closing_fd(fd)
+
+    def _searchable(self, fd: int) -> contextlib.AbstractContextManager[None]:
+        if not self.live:
+            return searchable(fd)
+        try:
+            os.lstat(".", dir_fd=fd)
+        except PermissionError:
+            raise Unstable() from None
+        return contextlib.nullcontext()
 
     @staticmethod
     def _dir_meta(p: bytes, st: os.stat_result, node: Node, res: SyncResult) -> None:
@@ -330,7 +368,7 @@ class TreeSync:
             if self._foreign(p, cst, exposed, res):
                 continue
             if stat.S_ISDIR(cst.st_mode):
-                with opened_dir(dfd, child, stat.S_IMODE(cst.st_mode)) as cfd:
+                with self._opened_dir(dfd, child, stat.S_IMODE(cst.st_mode)) as cfd:
                     inner = Owners.below(exposed, cst)
                     entries.append(self._new_dir(cfd, child, cst, p, stage, res, inner))
                 continue
@@ -441,6 +479,14 @@ class TreeSync:
                 return digest, size, after
             st = after
         raise Unstable()
+
+
+@contextlib.contextmanager
+def _closing_fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _below_any(p: bytes, sorted_paths: list[bytes], *, strict: bool) -> bool:
