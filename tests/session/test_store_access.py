@@ -197,6 +197,45 @@ def test_fsck_verifies_cached_layers_against_their_manifests(mode: str) -> None:
     assert any(t.startswith("layer-mismatch") and t.endswith(": f3") for t in tampered)
 
 
+def _unreadable_dirs_in_cache(base: str) -> tuple[list[str], list[str]]:
+    import glob
+
+    from veloverlay.lower.homes import layer_homes
+    from veloverlay.store.manifest import Manifests
+    from veloverlay.verbs.fsck import fsck
+
+    store, _src = new_store(base)
+    at = os.path.join(base, "at")
+    script = (
+        f"cd {at} && mkdir -p shut/in nosearch/in && printf s > shut/in/f && printf n > "
+        "nosearch/f && chmod 000 shut && chmod 600 nosearch"
+    )
+    run_session(store, ["t"], ["sh", "-c", script], at=at)
+    run_session(store, ["t"], ["true"], at=at, discard=True)  # the layers of that version
+    m = Manifests(store)
+    try:
+        clean = [f"{f.kind} {f.what} {f.detail}" for f in fsck(store, m, jobs=1).findings]
+        layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+        for layer in layers:
+            with open(os.path.join(layer, "planted"), "w") as f:
+                f.write("evil")
+        tampered = [f"{f.kind} {f.what}" for f in fsck(store, m, jobs=1).findings]
+    finally:
+        m.close()
+    return clean, tampered
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_fsck_of_cached_layers_with_directories_their_owner_cannot_read(mode: str) -> None:
+    """A tree's 000 and 0600 directories are in its cached layers with those modes: fsck run by
+    their root-free owner neither fails on them (a raw PermissionError before) nor reports
+    what it cannot see below them as missing; what it can see is still checked."""
+    with unpriv_tmpdir() as base:
+        clean, tampered = as_mode(mode, _unreadable_dirs_in_cache, base)
+    assert clean == []
+    assert any(t.startswith("layer-mismatch") and t.endswith(": planted") for t in tampered)
+
+
 def _umask0(base: str) -> list[str]:
     """Everything a store can hold, made with umask 0: ingest, a session committing through
     data-only layers kept in the store (ids-v1/), one through links-form proxies, the shim's
