@@ -389,3 +389,31 @@ def test_directories_made_unsearchable_while_the_session_runs() -> None:
     assert r["live_x"] in (b"ex\n", b"ex\nmore")  # not deleted (the change may come at the end)
     assert (r["x"], r["f2"]) == (b"ex\nmore", b"two\nm")
     assert r["fsck"] == []
+
+
+def _failed_to_start(store: Store, proj: str) -> None:
+    import sys
+
+    sys.executable = "/nonexistent/python"  # the session daemon cannot be started
+    with pytest.raises(OSError):
+        run_shim(store, "t", ["true"], link=False, at=proj)
+
+
+def test_harvest_all_passes_over_a_failed_shim_session() -> None:
+    """`harvest --all` harvests what it can: a shim session that failed to start is done, not
+    an error that stopped every session after it from being harvested."""
+    from veloverlay import session
+
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        failed = _in_background(lambda: _failed_to_start(store, os.path.join(base, "p1")))
+        assert os.waitpid(failed, 0)[1] == 0
+        states = [json.loads(p.read_text()) for p in store.sessions.glob("*/state.json")]
+        assert [s["state"] for s in states] == ["failed"]
+        proj, marker, side = os.path.join(base, "p2"), os.path.join(base, "ran"), base + "/r"
+        manager = _in_background(lambda: _manager_dies_before_go(store, proj, marker, side))
+        os.waitpid(manager, 0)
+        _wait_for(lambda: ns.proc_start(int(Path(side).read_text())) is None, 10, "the reaper")
+        results = session.harvest_resume(store, None)
+        assert [r.state for r in results] == ["harvested"]
+        assert not fsck_ok(store)

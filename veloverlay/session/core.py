@@ -146,7 +146,7 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
     out: list[SessionResult] = []
     for st in states:
         shown = st.shown_state()
-        if st.backend == "shim" and shown not in ("harvested", "discarded"):
+        if st.backend == "shim" and shown not in state.DONE_STATES:
             from veloverlay.session.shim.backend import resume as resume_shim
 
             try:
