@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["swap_at_mkdir", "start_and_settle"]
+__all__ = ["swap_at_mkdir", "start_and_settle", "settle"]
 
 
 def swap_at_mkdir(
@@ -63,7 +63,11 @@ def start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    lock = os.path.join(store, "lock")
+    return settle(proc, os.path.join(store, "lock"))
+
+
+def settle(proc: subprocess.Popen[str], lock: str) -> subprocess.Popen[str]:
+    """`proc`, once it has finished or waits for a lock on the file `lock` (/proc/locks)."""
     deadline = time.monotonic() + 60
     while proc.poll() is None and not _waiting_on(lock):
         assert time.monotonic() < deadline, "the writer neither finished nor waited"

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.helpers.races import start_and_settle
+from tests.helpers.races import settle, start_and_settle
 from tests.helpers.trees import make_tree
 from veloverlay.ingest import ingest
 from veloverlay.verbs import gc as gc_mod
@@ -78,5 +79,53 @@ def test_a_writer_naming_an_old_version_waits_for_gc(
         else:  # refused after gc: the old version was gone by then, and it says so
             assert procs[0].returncode == 1 and "reason: not-found" in err, err
             assert got == V2["a.txt"]
+    finally:
+        repo.close()
+
+
+def test_gc_reads_the_ref_count_and_the_store_record_together(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc compares the manifest database's ref count with the store record (a database that
+    lost its refs must not be swept). It read the two apart: a ref made in between (a shim
+    session commits its session ref outside the store lock) made the record say more refs than
+    gc had counted, and gc refused with manifest-corrupt (seen in CI). The writer is started
+    between the count and the record's read, and the test waits until it has committed or
+    waits for the record's lock."""
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, V1)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+    finally:
+        repo.close()
+    code = (
+        "import sys; from veloverlay.store.cas import Store; "
+        "from veloverlay.store.manifest import EMPTY_ROOT, Manifests; "
+        f"m = Manifests(Store({store!r}))\n"
+        "with m.write() as txn:\n"
+        "    m.commit(txn, 'other', EMPTY_ROOT, expect_head=None, message='made meanwhile')"
+    )
+    procs: list[subprocess.Popen[str]] = []
+    real: Callable[..., Any] = gc_mod.lost_refs
+
+    def between_count_and_record(*a: Any) -> Any:
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        procs.append(settle(proc, os.path.join(store, "manifests.record")))
+        return real(*a)
+
+    monkeypatch.setattr(gc_mod, "lost_refs", between_count_and_record)
+    repo = Repo.open(store)
+    try:
+        gc_mod.gc(repo.store, repo.m, grace=0)
+    finally:
+        repo.close()
+    assert procs
+    _out, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 0, err
+    repo = Repo.open(store)
+    try:
+        assert sorted(r.name for r, _c in repo.refs()) == ["other", "t"]
     finally:
         repo.close()

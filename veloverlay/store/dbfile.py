@@ -29,6 +29,7 @@ __all__ = [
     "json_record",
     "mkdir_nofollow",
     "record_lock",
+    "record_read_lock",
     "put_record",
     "write_record",
     "read_record",
@@ -180,6 +181,22 @@ def record_lock(store: Store) -> Iterator[int]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def record_read_lock(store: Store) -> Iterator[None]:
+    """The record's lock, shared: no writer is between its ref-changing commit and the record
+    that follows it while this is held (a reader of the store may hold it; no record: no lock)."""
+    try:
+        fd = os.open(_RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
     finally:
         os.close(fd)
 

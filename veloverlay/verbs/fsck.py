@@ -445,9 +445,9 @@ def fsck(
                 continue
             if tag.commit not in commits:
                 rep.findings.append(Finding("commit-missing", tag.commit, f"tag {tag.name}"))
-    from veloverlay.verbs.gc import lost_refs
+    from veloverlay.verbs.gc import counted_refs
 
-    why = lost_refs(store, rep.refs)
+    _count, why = counted_refs(store, m)
     if why is not None:
         rep.findings.append(Finding("refs-lost", os.fspath(store.db_path), why))
     if repair:  # missing for whatever reason: the next ingest or pull looks for it

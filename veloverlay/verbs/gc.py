@@ -26,6 +26,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store import access, quarantine
 from veloverlay.store.cas import OBJECTS_V2, Store
+from veloverlay.store.dbfile import record_read_lock
 from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "RefFootprint",
     "gc",
     "lost_refs",
+    "counted_refs",
     "migrate_objects",
     "ref_footprint",
     "session_roots",
@@ -253,10 +255,9 @@ def gc(
         )
     rep = GcReport(dry_run=dry_run)
     with store.lock(exclusive=True):
-        with m.read() as txn:
-            refs = m.ref_count(txn)
+        refs, why = counted_refs(store, m)
         if not accept_lost_refs:
-            _refuse_lost_refs(store, refs)
+            _refuse_lost_refs(why)
         elif not dry_run:  # accepted: the record follows the database from now on
             write_record(store, refs)
         if not dry_run:
@@ -389,8 +390,18 @@ def lost_refs(store: Store, refs: int) -> str | None:
     return None
 
 
-def _refuse_lost_refs(store: Store, refs: int) -> None:
-    why = lost_refs(store, refs)
+def counted_refs(store: Store, m: Manifests) -> tuple[int, str | None]:
+    """(refs in the database, `lost_refs` of that count), read under the store record's lock:
+    a writer that makes or deletes a ref holds it from before its commit until the record
+    follows, so the two agree here. Read apart, a ref that a session made in between (the shim
+    commits its session ref outside the store lock) looked like a lost one, and gc refused."""
+    with record_read_lock(store):
+        with m.read() as txn:
+            refs = m.ref_count(txn)
+        return refs, lost_refs(store, refs)
+
+
+def _refuse_lost_refs(why: str | None) -> None:
     if why is not None:
         raise VeloError(
             f"gc refuses to sweep: {why} (a truncated or replaced database reads as empty)",
