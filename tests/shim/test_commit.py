@@ -7,6 +7,7 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,30 @@ def test_setid_bits_a_session_sets_are_not_committed(mode: str, backend: str) ->
     assert modes == {"s": 0o755, "g": 0o711, "f1": 0o1755}
     assert any("setuid/setgid bits removed from 2 file(s)" in w for w in warnings), warnings
     assert findings == []
+
+
+def test_a_file_that_kept_changing_at_the_end_keeps_the_tree(monkeypatch: Any) -> None:
+    """A file still changing when the final sync read it (a writer outside the session that
+    opens, writes and closes it again and again) is left out of the commit. The session's tree
+    was removed all the same, and with it the only copy of that file's last bytes. The tree is
+    kept now, and the warning says where."""
+    from veloverlay.session.shim import treesync
+
+    real = treesync.TreeSync._compare_one
+
+    def unstable(self: Any, dfd: int, name: bytes, *a: Any, **kw: Any) -> Any:
+        if name == b"changing":
+            raise treesync.Unstable()
+        return real(self, dfd, name, *a, **kw)
+
+    monkeypatch.setattr(treesync.TreeSync, "_compare_one", unstable)
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        cmd = ["sh", "-c", f"cd {proj} && printf last > changing && printf two > f1"]
+        res = run_shim(store, "t", cmd, link=False, at=proj)
+        assert res.exit_status == 0 and res.commit is not None
+        assert _cat(store, "t", "f1") == b"two"  # the rest is committed
+        with open(os.path.join(proj, "changing"), "rb") as f:  # (removed with the tree before)
+            assert f.read() == b"last"
+        assert any("kept changing" in w and proj in w for w in res.warnings), res.warnings

@@ -238,6 +238,7 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
     if denied:
         res.warnings.append(f"{denied} writes into the store were refused (EROFS)")
     t0 = time.perf_counter()
+    changing: list[bytes] = []  # left out of the commit: the tree, which holds them, stays
     if st.discard:
         with m.write() as txn:
             m.delete_ref(txn, st.session_ref)
@@ -267,11 +268,13 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
             )
             result = sync.sync(txn, view_root, {b"": SUBTREE}, stage)
             res.skipped = list(result.skipped)
+            changing[:] = sorted(result.retry)
             if result.retry:
                 result.warnings.insert(
                     0,
-                    "files kept changing while read at the end: "
-                    + ", ".join(paths.display(p) for p in sorted(result.retry)[:5]),
+                    "files kept changing while read at the end and are not in the commit: "
+                    + ", ".join(paths.display(p) for p in changing[:5])
+                    + f"; the session's tree is kept at {st.target_real or st.target} with them",
                 )
             return result
 
@@ -283,7 +286,8 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
     st.exit_status = res.exit_status
     left: VeloError | None = None
     try:
-        _remove_tree(st)
+        if not changing:  # (their last bytes are only there)
+            _remove_tree(st)
     except VeloError as exc:
         left = exc
     for name in ("journal", "baseline", "shim.conf", "daemon.sock"):
