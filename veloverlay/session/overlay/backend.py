@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veloverlay import ns, overlay
+from veloverlay import ns, overlay, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import base
@@ -322,6 +322,9 @@ def run_session(
         killed = [(int(p), str(c)) for p, c in killed_raw] if isinstance(killed_raw, list) else []
         st.exit_status = exit_status
         st.killed = killed  # saved with the "harvesting" state
+        covered = _covered_warning(report.get("covered"))
+        if covered:
+            st.warnings = [*st.warnings, covered]  # kept with the state, for `sessions`
         if report.get("sealed") is not True:
             _refuse_if_held(store, st, str(report.get("seal_error") or "the session ended"))
         t_ran = time.perf_counter()
@@ -334,13 +337,26 @@ def run_session(
             "total": time.perf_counter() - t0,
         }
         res.killed = killed
-        res.warnings = plan.warnings + res.warnings
+        res.warnings = plan.warnings + ([covered] if covered else []) + res.warnings
         if killed:
             shown = ", ".join(f"{c}[{p}]" for p, c in killed[:10])
             res.warnings.append(f"processes left when the command exited were ended: {shown}")
         return res
     finally:
         m.close()
+
+
+def _covered_warning(covered: object) -> str | None:
+    """What the command mounted over parts of the projection (pid 1's `covered` frame): writes
+    there went to those mounts, not to the session's tree, and are not committed."""
+    if not isinstance(covered, list) or not covered:
+        return None
+    shown = ", ".join(paths.display(os.fsencode(str(p))) for p in covered[:5])
+    more = f" and {len(covered) - 5} more" if len(covered) > 5 else ""
+    return (
+        f"the command mounted over {shown}{more} in the projection: what it wrote there went to "
+        "that mount, not to the session's tree, and is not committed"
+    )
 
 
 # --- harvest and commit ------------------------------------------------------------------------

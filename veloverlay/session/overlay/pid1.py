@@ -117,6 +117,7 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
         _enter_cwd(ctx, root_fd)
         os.close(root_fd)
         ns.no_new_privs()
+        before = _mount_ids()
     except BaseException as exc:  # noqa: BLE001
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
         os._exit(1)
@@ -128,7 +129,37 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
         report_fd=ctx.report_fd,
         tty_foreground=ctx.tty_foreground,
     )
+    covered = _mounted_over([ctx.spec.target, *ctx.also_at], before)
+    if covered:
+        reaper.send(ctx.report_fd, {"covered": covered})
     os._exit(0)
+
+
+def _mount_ids() -> set[int] | None:
+    try:
+        return {e.mnt_id for e in mount.mounts()}
+    except OSError:
+        return None
+
+
+def _mounted_over(tops: list[str], before: set[int] | None) -> list[str]:
+    """Where the command mounted something (a tmpfs, a bind) at or under the projection in this
+    namespace: what it wrote there never reached the upper dir, so the harvest cannot see it.
+    Read after the command and its leftovers have ended, while the namespace still exists."""
+    if before is None:
+        return []
+    try:
+        entries = mount.mounts()
+    except OSError:
+        return []
+    roots = [t.rstrip("/") for t in tops]
+    out: list[str] = []
+    for e in entries:
+        if e.mnt_id in before or e.point in out:
+            continue
+        if any(e.point == r or e.point.startswith(r + "/") for r in roots):
+            out.append(e.point)
+    return out
 
 
 def _enter_cwd(ctx: ChildSpec, root_fd: int) -> None:
