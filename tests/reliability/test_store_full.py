@@ -137,3 +137,67 @@ def test_gc_frees_room_on_a_full_disk(shm_tmp: str) -> None:
     assert out["free"] >= 1_900_000  # the deleted ref's 2 MB are free again
     assert out["fsck"] == out["again"] == out["checkout"] == out["fsck after"] == 0, out
     assert out["same"]
+
+
+def _harvest_on_a_full_disk(base: str) -> dict[str, object]:
+    """The command's writes fit in the upper dir, but not a second time in the store: the
+    harvest meets ENOSPC. Then the filesystem grows and the session is resumed."""
+    from veloverlay import _libc, mount
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=8m")
+    src = os.path.join(mnt, "src")
+    os.makedirs(src)
+    with open(os.path.join(src, "a"), "w") as f:
+        f.write("hi\n")
+    at = os.path.join(base, "at")
+    env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    assert velo("ingest", src, "--name", "t").returncode == 0
+    script = f"head -c 5000000 /dev/zero | tr '\\0' x > {at}/big && echo y > {at}/a"
+    run = velo("run", "t", "--at", at, "--", "sh", "-c", script)
+    listed = json.loads(velo("sessions").stdout)
+    _libc.mount(None, mnt, None, _libc.MS_REMOUNT, "size=32m")
+    resumed = velo("harvest", "--resume", listed[0]["id"])
+    got = os.path.join(base, "got")
+    checkout = velo("checkout", "t", got)
+    with open(os.path.join(got, "big"), "rb") as f:
+        big = f.read()
+    return {
+        "run": (run.returncode, run.stdout),
+        "sessions": [(s["id"], s["state"]) for s in listed],
+        "resumed": (resumed.returncode, resumed.stderr),
+        "checkout": checkout.returncode,
+        "big": big == b"x" * 5_000_000,
+        "a": open(os.path.join(got, "a")).read(),
+    }
+
+
+@pytest.mark.needs("overlay_root")
+def test_a_harvest_that_fills_the_store_says_how_to_resume(shm_tmp: str) -> None:
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    r = ns.run_in_child(_harvest_on_a_full_disk, shm_tmp)
+    rc, stdout = r["run"]
+    err = json.loads(stdout)
+    [(sid, shown)] = r["sessions"]
+    assert rc == 1 and err["reason"] == "store-full", stdout
+    # not "retry" (that would run the command again): resume this session, whose work is kept
+    assert f"veloverlay harvest --resume {sid}" in err["hint"], err
+    assert "retry" not in err["hint"] and sid in err["error"], err
+    assert shown == "dead-unharvested"
+    assert r["resumed"][0] == 0, r["resumed"]
+    assert r["checkout"] == 0 and r["big"] and r["a"] == "y\n"

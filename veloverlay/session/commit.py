@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from veloverlay import paths
+from veloverlay.errors import Reason, VeloError
 from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
@@ -102,7 +103,45 @@ def harvest_and_commit(
     live_message: str | None = None,
 ) -> float | None:
     """Steps 1-3 above; fills `res` (commit, conflict_ref, conflicts, changed, warnings).
-    Returns when (perf_counter) the harvest was done, None when an earlier run had committed."""
+    Returns when (perf_counter) the harvest was done, None when an earlier run had committed.
+    A failure (a full store, ...) leaves the session to `harvest --resume`, and says so."""
+    try:
+        return _harvest_and_commit(
+            store, m, st, res, harvest, protect_new=protect_new, live_message=live_message
+        )
+    except VeloError as exc:
+        raise _resumable(exc, st.id) from exc
+
+
+def _resumable(exc: VeloError, sid: str) -> VeloError:
+    """`exc` with what to do next: the session's changes are kept, not committed; the store's
+    own hints ("retry", "nothing stored was changed") would send the user to run it again."""
+    resume = f"veloverlay harvest --resume {sid} (nothing is committed yet; its changes are kept)"
+    if exc.reason is Reason.STORE_FULL:
+        hint = f"free space (e.g. 'veloverlay gc'), then: {resume}"
+    elif exc.hint:
+        hint = f"{exc.hint}; then: {resume}"
+    else:
+        hint = f"once that is fixed: {resume}"
+    return VeloError(
+        f"session {sid} could not be harvested: {exc.message}",
+        reason=exc.reason,
+        hint=hint,
+        detail=exc.detail,
+        path=exc.path,
+    )
+
+
+def _harvest_and_commit(
+    store: Store,
+    m: Manifests,
+    st: State,
+    res: SessionResult,
+    harvest: Callable[[Txn, Stage, Rules], Harvested],
+    *,
+    protect_new: bool,
+    live_message: str | None,
+) -> float | None:
     # Imported here, not at the top: a session that changed nothing never needs them (start-up
     # time of every `run`).
     from veloverlay.lower.objects import name_and_protect
