@@ -107,3 +107,74 @@ def test_fsck_flags_a_short_name_that_is_not_its_object(shm_tmp: str) -> None:
     finally:
         m.close()
     assert kinds == ["id-stray"]
+
+
+def _velo(store: str, *args: str, fault: str | None = None) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VELO_STORE=store)
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    if fault:
+        env["VELO_INTERNAL__TEST_FAULT"] = fault
+    p = subprocess.run(
+        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, text=True
+    )
+    return p.returncode, p.stdout + p.stderr
+
+
+def _files(store: Store, version: str) -> dict[str, bytes]:
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            root = bytes.fromhex(m.resolve(txn, version)[1].root)
+            return {
+                p.decode(): store.read_object(e.digest)
+                for p, e, _n in m.walk(txn, root)
+                if e.kind.name == "FILE" and e.digest
+            }
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["keep", "delete"])
+@pytest.mark.needs("root", "overlay_root")
+def test_gc_keeps_the_commit_an_unharvested_session_started_from(
+    shm_tmp: str, meanwhile: str
+) -> None:
+    """A session left unharvested (its manager killed in the harvest), then its ref moves on and
+    `gc --keep 1` cuts the log, or the ref is deleted and gc runs: the session's base commit
+    must survive, or its resumed harvest cannot commit (it found the base missing and called the
+    database damaged). The resumed harvest gives the session's tree (merged with the ref's
+    later change, or kept as REF@<session>)."""
+    store, _src = new_store(shm_tmp)
+    root = os.fspath(store.root)
+    at = os.path.join(shm_tmp, "at")
+    before = _files(store, "t")
+    script = f"echo session > {at}/f1 && echo added > {at}/added"
+    rc, out = _velo(root, "run", "t", "--at", at, "--", "sh", "-c", script, fault="harvest.file:1")
+    assert rc == -9, out
+    [sid] = [i.id for i in session.list_sessions(store)]
+    if meanwhile == "keep":
+        for n in (1, 2):
+            rc, out = _velo(root, "run", "t", "--at", at, "--", "sh", "-c", f"echo {n} > {at}/f2")
+            assert rc == 0, out
+        rc, out = _velo(root, "gc", "--keep", "1", "--grace", "0")
+    else:
+        rc, out = _velo(root, "refs", "--delete", "t")
+        assert rc == 0, out
+        rc, out = _velo(root, "gc", "--grace", "0")
+    assert rc == 0, out
+    rc, out = _velo(root, "harvest", "--resume", sid)
+    assert rc == 0, out
+    expected = dict(before, **{"f1": b"session\n", "added": b"added\n"})
+    if meanwhile == "keep":
+        expected["f2"] = b"2\n"
+        assert _files(store, "t") == expected
+    else:
+        assert _files(store, f"t@{sid}") == expected
+    m = Manifests(store)
+    try:
+        assert fsck(store, m, jobs=1).ok
+    finally:
+        m.close()

@@ -81,7 +81,7 @@ def already_committed(
     ref = m.get_ref(txn, st.top)
     cid = ref.head if ref is not None else None
     for _ in range(LOG_SCAN):
-        if cid is None:
+        if cid is None or not m.has_commit(txn, cid):  # (a log cut by gc --keep ends here)
             break
         c = m.get_commit(txn, cid)
         if c.session == st.id:

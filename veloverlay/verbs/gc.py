@@ -4,9 +4,11 @@ Roots: every ref's head and the commits its log keeps (all, or the newest `keep`
 tagged commit (a named version is kept whatever `keep` says, and after its ref is deleted), each
 ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
 base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
-ones pin nothing). Only objects older than `grace` seconds (by ctime: the time they were renamed
-into the store) are swept, and gc holds the store lock exclusively, so no writer can be between
-staging and commit. `dry_run` computes exactly what a real run would delete.
+ones pin nothing) and the commits they started from (key "bases": kept with the session, even when
+their ref is deleted or `keep` cuts its log meanwhile). Only objects older than `grace` seconds
+(by ctime: the time they were renamed into the store) are swept, and gc holds the store lock
+exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
+real run would delete.
 
 A store made before issue 15 (objects in `objects-v1/ab/cd/`) is migrated to the one-level fan-out
 `objects-v2/ab/` by the first gc that finds no live or unharvested session (`migrate_objects`)."""
@@ -18,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from veloverlay import _libc, faults
 from veloverlay.errors import Reason, VeloError
@@ -62,28 +65,43 @@ class GcReport(Record):
         return d
 
 
-def session_roots(store: Store) -> set[bytes]:
-    """The roots every unfinished session still needs (its state file's `roots`).
+def _unfinished(store: Store) -> list[dict[str, Any]]:
+    """The raw state files of every session not harvested or discarded.
 
-    Read from the raw JSON on purpose, not through `session.state.load`: gc must keep what any
-    state file names, even one that this version could not load as a whole."""
-    out: set[bytes] = set()
+    Read as raw JSON on purpose, not through `session.state.load`: gc must keep what any state
+    file names, even one that this version could not load as a whole."""
     try:
         ids = os.listdir(store.sessions)
     except FileNotFoundError:
-        return out
+        return []
+    out = []
     for sid in ids:
         p = store.sessions / sid / "state.json"
         try:
             data = json.loads(p.read_text())
         except (FileNotFoundError, ValueError, NotADirectoryError):
             continue
-        if data.get("state") in ("harvested", "discarded"):
+        if not isinstance(data, dict) or data.get("state") in ("harvested", "discarded"):
             continue  # finished: what it produced is reachable from refs, or was thrown away
+        out.append(data)
+    return out
+
+
+def session_roots(store: Store) -> set[bytes]:
+    """The roots every unfinished session still needs (its state file's `roots`)."""
+    out: set[bytes] = set()
+    for data in _unfinished(store):
         for r in data.get("roots", []):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, TypeError):
                 out.add(bytes.fromhex(r))
     return out
+
+
+def session_bases(store: Store) -> set[str]:
+    """The commits unfinished sessions started from (their state files' `bases`): a session's
+    harvest commits on top of its base (or merges from it), so the base must outlive the ref
+    being deleted or its log being cut by `--keep` while the session runs or waits."""
+    return {c for data in _unfinished(store) for c in data.get("bases", []) if isinstance(c, str)}
 
 
 def _mark(
@@ -113,6 +131,9 @@ def _mark(
     for tag in m.tags(txn):  # named versions outlive --keep and their ref
         roots.add(bytes.fromhex(m.get_commit(txn, tag.commit).root))
         kept_commits.add(tag.commit)
+    for cid in session_bases(store):  # (their roots are among the sessions' roots)
+        if m.has_commit(txn, cid):
+            kept_commits.add(cid)
     # Every root a ref, commit or tag names must be there and whole (`reachable` raises
     # MANIFEST_CORRUPT): a missing one would read as a tree without objects, swept by gc.
     for r in roots:
