@@ -136,9 +136,12 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
 
 
 def _mount_ids() -> set[int] | None:
+    """The ids of this namespace's mounts: the first field of each mountinfo line, not parsed
+    further (this runs before the command, on every session's start)."""
     try:
-        return {e.mnt_id for e in mount.mounts()}
-    except OSError:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return {int(line.split(b" ", 1)[0]) for line in f}
+    except (OSError, ValueError):
         return None
 
 
@@ -146,7 +149,7 @@ def _mounted_over(tops: list[str], before: set[int] | None) -> list[str]:
     """Where the command mounted something (a tmpfs, a bind) at or under the projection in this
     namespace: what it wrote there never reached the upper dir, so the harvest cannot see it.
     Read after the command and its leftovers have ended, while the namespace still exists."""
-    if before is None:
+    if before is None or _mount_ids() == before:
         return []
     try:
         entries = mount.mounts()
