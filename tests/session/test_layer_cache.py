@@ -211,6 +211,58 @@ def test_full_cache_falls_back_to_the_store() -> None:
     assert r["layer_files"] == 62  # b, c and 60 new files
 
 
+def _filled_beforehand(base: str) -> dict[str, object]:
+    """The cache's tmpfs filled to the last byte before the first session (any local user can
+    fill /dev/shm): its directories and sparse metadata files still fit, the `store` note and
+    the stack file do not."""
+    tiny = os.path.join(base, "tiny")
+    os.mkdir(tiny)
+    mount.mount_tmpfs(tiny, "size=64k,mode=1777")
+    try:
+        fd = os.open(os.path.join(tiny, "fill"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        os.environ["VELO_RUNTIME_DIR"] = tiny
+        os.environ["VELO_FORCE_LOWER"] = "data-only"
+        store, _src = new_store(base)
+        low = _lowers(store)
+        cache = os.path.join(tiny, f"veloverlay-{os.geteuid()}")
+        left = []
+        for dirpath, _dirs, names in os.walk(cache):
+            if os.path.basename(dirpath) != "locks":
+                left += names
+        proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+        res = run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 > {out}"], at=proj)
+        with open(out, "rb") as f:
+            seen = f.read()
+        return {
+            "home": low.home,
+            "trees": os.fspath(store.trees),
+            "warning": low.warning,
+            "left": left,
+            "status": res.exit_status,
+            "seen": seen,
+        }
+    finally:
+        mount.umount(tiny)
+
+
+@pytest.mark.needs("root", "userns", "data_only_root")
+def test_cache_filled_by_someone_else_falls_back_to_the_store() -> None:
+    with unpriv_tmpdir() as base:
+        r = run_in_userns(_filled_beforehand, base, privileged=True)
+    assert r["home"] == r["trees"]  # built in the store, not refused as "store full"
+    assert "is full (ENOSPC)" in str(r["warning"]), r["warning"]
+    assert r["left"] == []  # no layer (nor a note) left taking the cache's memory
+    assert r["status"] == 0
+    assert r["seen"] == b"one\n"
+
+
 def _gc_and_orphans(base: str) -> dict[str, object]:
     from veloverlay.verbs import gc
 

@@ -23,14 +23,13 @@ Sessions bind it read-only like the store.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 from pathlib import Path
 
 from veloverlay import _libc, envvars
-from veloverlay.errors import SysError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import real_root, untrusted_on_path, write_bytes_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
@@ -135,7 +134,13 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
         return None
     note = os.path.join(path, "store")
     if create and not os.path.exists(note):
-        write_bytes_atomic(note, os.fsencode(os.path.abspath(store_root)), 0o600)
+        try:
+            write_bytes_atomic(note, os.fsencode(os.path.abspath(store_root)), 0o600)
+        except VeloError as exc:
+            if exc.reason is not Reason.STORE_FULL:
+                raise
+            # a full cache (any user can fill /dev/shm): its builds fall back to the store, and
+            # the note is written by the next session that finds room (till then nothing reaps it)
     return Path(path)
 
 
@@ -207,8 +212,13 @@ def boot_home(store: Store, *, create: bool = True) -> Home | None:
         return None
     sub = path / store.objects.name
     if create:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(sub, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:  # full (no inode left): the store keeps the layers
+            _why["last"] = f"cannot create {sub}: {exc.strerror}"
+            return None
     return Home(sub, True)
 
 
@@ -233,6 +243,8 @@ _MEMORY_SHARE = 0.25
 
 
 def fallback_note(home: Home, exc: BaseException) -> str:
+    if isinstance(exc, VeloError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # write_bytes_atomic's STORE_FULL
     if isinstance(exc, OSError):
         code = errno.errorcode.get(exc.errno or 0, "?")
         return f"the per-boot layer cache {home.root} is full ({code}): layers built in the store"

@@ -50,6 +50,7 @@ Imports the kernel modules (`fsflags`, `linking`) and the manifest layer; nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -57,7 +58,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import flock, write_json_atomic
+from veloverlay.files import flock, force_rmtree, write_json_atomic
 from veloverlay.lower.homes import (
     FULL_ERRNOS,
     Home,
@@ -171,46 +172,22 @@ def ensure_lowers(
     fast = boot_home(store) if form == "data-only" else None
     homes = [fast, disk] if fast is not None else [disk]
     variant = _variant(form, xattr)
-    key = f"{variant}-{root.hex()}"
     failed: list[str] = []
     warning = ""
     built = "cached"
     found = next(((h, c) for h in homes if (c := _read_stack(h, variant, root)) is not None), None)
     if found is None or (protect and not found[1][1]):
         home = found[0] if found is not None else homes[0]
-        with flock(home.sub("locks", key + ".lock")):
-            cached = _read_stack(home, variant, root)  # another session may have built it
-            if cached is None and home.volatile and not holds_xattrs(home):
-                home = disk  # e.g. tmpfs before Linux 6.6: keep the layers in the store
-                cached = _read_stack(home, variant, root)
-            if cached is None:
-                result: tuple[list[str], str, bool, list[str]] | None
-                try:
-                    result = _build(store, home, m, root, form, xattr, protect, hints, progress)
-                except (TooBig, OSError) as exc:
-                    if not home.volatile or (
-                        isinstance(exc, OSError) and exc.errno not in FULL_ERRNOS
-                    ):
-                        raise
-                    warning = fallback_note(home, exc)
-                    home, result = disk, None
-                if result is None:  # the per-boot cache could not take it: in the store
-                    with flock(home.sub("locks", key + ".lock")):
-                        cached = _read_stack(home, variant, root)
-                        if cached is None:
-                            result = _build(
-                                store, home, m, root, form, xattr, protect, hints, progress
-                            )
-                if result is not None:
-                    layers, built, immutable, failed = result
-                    _write_stack(home, variant, root, layers, built, immutable)
-                    cached = layers, immutable
-            elif protect and not cached[1]:
-                failed = protect_all(store, m, root, form, home)
-                cached = cached[0], not failed
-                _write_stack(home, variant, root, cached[0], "upgraded", cached[1])
-            assert cached is not None  # built, or found by the store fallback
-            found = home, cached
+        args = (store, m, root, form, xattr, protect, hints, progress)
+        try:
+            home, cached, built, failed = _ensure_in(home, disk, *args)
+        except (TooBig, OSError, VeloError) as exc:
+            if not home.volatile or not _full(exc):
+                raise
+            # the per-boot cache is full (another user may have filled /dev/shm): the store
+            warning = fallback_note(home, exc)
+            home, cached, built, failed = _ensure_in(disk, disk, *args)
+        found = home, cached
     home, (names, immutable) = found
     if form == "data-only" and not home.volatile:
         mkdir_nofollow(ids_dir(store))
@@ -226,6 +203,56 @@ def ensure_lowers(
         os.fspath(home.root),
         warning,
     )
+
+
+def _full(exc: BaseException) -> bool:
+    """Whether `exc` says the per-boot cache cannot take the layer (full, or too big for it)."""
+    if isinstance(exc, VeloError):
+        return exc.reason is Reason.STORE_FULL
+    return isinstance(exc, TooBig) or (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS)
+
+
+def _ensure_in(
+    home: Home,
+    disk: Home,
+    store: Store,
+    m: Manifests,
+    root: bytes,
+    form: str,
+    xattr: str,
+    protect: bool,
+    hints: Iterable[bytes],
+    progress: Progress | None,
+) -> tuple[Home, tuple[list[str], bool], str, list[str]]:
+    """Under `home`'s lock for `root`: its stack, built (or made immutable) if needed, and its
+    stack file written — (home used, (layers, immutable), built, failed). A per-boot cache that
+    cannot hold user xattrs hands the build to `disk`. A layer built in the per-boot cache whose
+    stack file could not be written (the cache filled up) is removed again: nothing refers to it."""
+    variant = _variant(form, xattr)
+    built = "cached"
+    failed: list[str] = []
+    with flock(home.sub("locks", f"{variant}-{root.hex()}.lock")):
+        cached = _read_stack(home, variant, root)  # another session may have built it
+        if cached is None and home.volatile and not holds_xattrs(home):
+            # e.g. tmpfs before Linux 6.6: keep the layers in the store
+            return _ensure_in(disk, disk, store, m, root, form, xattr, protect, hints, progress)
+        if cached is None:
+            layers, built, immutable, failed = _build(
+                store, home, m, root, form, xattr, protect, hints, progress
+            )
+            try:
+                _write_stack(home, variant, root, layers, built, immutable)
+            except BaseException:
+                if home.volatile:
+                    with contextlib.suppress(OSError):
+                        force_rmtree(home.sub("layers", layers[0]))
+                raise
+            cached = layers, immutable
+        elif protect and not cached[1]:
+            failed = protect_all(store, m, root, form, home)
+            cached = cached[0], not failed
+            _write_stack(home, variant, root, cached[0], "upgraded", cached[1])
+    return home, cached, built, failed
 
 
 def _build(
