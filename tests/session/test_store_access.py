@@ -399,3 +399,58 @@ def _shared_store(base: str) -> None:
         ingest(store, m, f"{base}/src", "t", jobs=1)
     finally:
         m.close()
+
+
+def _shared_store_with_a_session(base: str) -> str:
+    from veloverlay.store.cas import Store
+
+    _shared_store(base)
+    store = Store.open(f"{base}/store")
+    r = run_session(store, ["t"], ["sh", "-c", f"echo new > {base}/at/new"], at=f"{base}/at")
+    assert r.exit_status == 0
+    return r.session_id
+
+
+def _sessions_as_reader(store_root: str, sid: str) -> dict[str, object]:
+    from veloverlay.errors import VeloError
+    from veloverlay.session import core, state
+    from veloverlay.store.cas import Store
+
+    store = Store.open(store_root)
+    out: dict[str, object] = {}
+    calls = {
+        "list": lambda: len(core.list_sessions(store)),
+        "load": lambda: state.load(store, sid).id,
+        "harvest": lambda: len(core.harvest_resume(store, None)),
+        "clean": lambda: core.clean_sessions(store),
+    }
+    for name, call in calls.items():
+        try:
+            out[name] = call()
+        except VeloError as exc:
+            out[name] = exc.reason.value
+        except OSError as exc:
+            out[name] = f"OSError: {exc}"
+    return out
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_another_users_sessions_in_a_shared_store_are_not_an_os_error() -> None:
+    """A session's directory is its owner's alone (0700), even in a shared store: `sessions`
+    and `status` of every other user died with a bare PermissionError on its state.json
+    (reason os-error) once root had run one session there; `harvest --all` and `sessions
+    --clean` did too. Listing now shows what this user may read; the writing verbs say
+    store-permission."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        sid = as_mode("root", _shared_store_with_a_session, base)
+        got = run_unprivileged(_sessions_as_reader, f"{base}/store", sid)
+        still = os.path.isdir(f"{base}/store/sessions/{sid}")
+    assert got == {
+        "list": 0,
+        "load": "store-permission",
+        "harvest": "store-permission",
+        "clean": "store-permission",
+    }
+    assert still

@@ -139,6 +139,7 @@ def list_sessions(store: Store) -> list[SessionInfo]:
 
 def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
     """Harvest sessions whose manager died (one, or all of them with None)."""
+    store.writable()  # a shared store's other users: STORE_PERMISSION, not "0 harvested"
     if session_id is not None:
         states = [state.load(store, session_id)]
     else:
@@ -230,6 +231,7 @@ def umount(
 
 def clean_sessions(store: Store) -> int:
     """Remove the directories of harvested, discarded and failed sessions."""
+    store.writable()
     removed = 0
     for st in list(state.iter_states(store)):
         if st.shown_state() in state.DONE_STATES:

@@ -197,6 +197,13 @@ def load(store: Store, sid: str) -> State:
             reason=Reason.SESSION_NOT_FOUND,
             hint="'veloverlay sessions' lists the sessions of this store",
         ) from None
+    except PermissionError:
+        # another user's session in a shared store: its directory is its owner's alone (0700)
+        raise VeloError(
+            f"session {sid} is not readable by this user (uid {os.geteuid()})",
+            reason=Reason.STORE_PERMISSION,
+            hint="a session belongs to the store's owner: list and harvest it as that user",
+        ) from None
     except (ValueError, TypeError) as exc:
         raise VeloError(
             f"session {sid}: unreadable state file ({exc})", reason=Reason.SESSION_NOT_FOUND
