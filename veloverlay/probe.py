@@ -118,9 +118,11 @@ _SCRATCH_PATH = re.compile(r"[^\s,=:]*/" + _SCRATCH_PREFIX + r"[^/\s,:]*")
 
 
 def _scratch_base() -> str:
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
-        return shm
+    """/dev/shm, unless it is not writable or has under 1 MiB free (any user can fill it)."""
+    with contextlib.suppress(OSError):
+        sv = os.statvfs("/dev/shm")
+        if os.access("/dev/shm", os.W_OK | os.X_OK) and sv.f_bavail * sv.f_frsize >= 1 << 20:
+            return "/dev/shm"
     return tempfile.gettempdir()
 
 

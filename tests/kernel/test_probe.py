@@ -471,3 +471,71 @@ class _Touch:
 
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (open, (self.path, "w"))  # loading it creates the file
+
+
+def _fill(path: str) -> None:
+    """A small tmpfs on `path` (this mount namespace only), filled to its last byte."""
+    from veloverlay import mount
+
+    mount.mount_tmpfs(path, "size=64k,mode=1777")
+    fd = os.open(os.path.join(path, "fill"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def _probe_while_full(store_root: str, full: tuple[str, ...]) -> dict[str, tuple[bool, str]]:
+    from veloverlay import mount, ns
+    from veloverlay.store.cas import Store
+
+    ns.enter_mountns()
+    mount.make_rprivate("/")
+    store = Store.open(store_root)
+    for path in full:
+        _fill(path)
+    during = select.capabilities(store).features["overlay_root"]
+    for path in full:
+        mount.umount(path)
+    after = select.capabilities(store).features["overlay_root"]
+    return {"during": during, "after": after}
+
+
+@pytest.fixture
+def root_store() -> Iterator[str]:
+    from tests.helpers.trees import force_rmtree
+    from veloverlay.store.cas import Store
+
+    base = tempfile.mkdtemp(prefix="velo-test-", dir="/var/tmp")
+    try:
+        Store.init(os.path.join(base, "store"))
+        yield os.path.join(base, "store")
+    finally:
+        force_rmtree(base)
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_full_dev_shm_does_not_spoil_the_probe(root_store: str) -> None:
+    """Any user can fill /dev/shm, where the probes mount their overlays: root's probe then
+    failed with ENOSPC, overlay sessions were 'unavailable', and that answer was cached in the
+    store for the rest of the boot (every session used the shim). The probes now work in the
+    temp dir when /dev/shm has no room."""
+    from veloverlay import ns
+
+    r = ns.run_in_child(_probe_while_full, root_store, ("/dev/shm",))
+    assert r["during"][0], r
+    assert r["after"][0], r
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_probe_that_ran_out_of_room_is_not_cached(root_store: str) -> None:
+    """With no room anywhere to probe in, the answer (overlay unavailable: ENOSPC) serves that
+    process only: the next one, with room again, probes afresh and gets overlay."""
+    from veloverlay import ns
+
+    r = ns.run_in_child(_probe_while_full, root_store, ("/dev/shm", tempfile.gettempdir()))
+    assert not r["during"][0] and "ENOSPC" in r["during"][1], r
+    assert r["after"][0], r

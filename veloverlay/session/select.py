@@ -4,6 +4,8 @@ Sessions, `doctor` and the tests all ask here. The probe's answers (`probe.detec
 and mounts, ~20 ms, and importing it costs too) are cached per boot, kernel and euid in the store
 (`trees-v1/probe-<euid>.json`), with one more feature, `store_xattrs`: whether the store's
 filesystem holds user xattrs (overlay keeps its markers there), checked where the store is now.
+An answer in which a probe ran out of space or memory (ENOSPC, EDQUOT, ENOMEM: any local user can
+fill /dev/shm) is not cached: the next session probes again.
 
 The rule (DESIGN.md "Projection", "Backends"): overlay where this host can mount it for this
 privilege level and the store holds user xattrs, else the shim; the lower form is data-only where
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Mapping
 
 from veloverlay.errors import Reason, VeloError
@@ -130,9 +133,21 @@ def capabilities(store: Store) -> Caps:
     caps = probe.detect(refresh=True)
     feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
     feats.update(store_features(store.sessions))
-    with contextlib.suppress(OSError):
-        write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
+    if not any(_short_of_room(why) for ok, why in feats.values() if not ok):
+        with contextlib.suppress(OSError):
+            write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
     return Caps(feats)
+
+
+# A probe that failed for want of space or memory says what the machine lacked at that moment,
+# not what it can do (any local user can fill /dev/shm, where the probes work): such answers
+# serve this process only, never the rest of the boot. `unshare: ENOSPC` is this user's own
+# namespace limit (the limits count per user), not another user's doing: kept.
+_SHORT = re.compile(r"\b(ENOSPC|EDQUOT|ENOMEM)\b")
+
+
+def _short_of_room(reason: str) -> bool:
+    return not reason.startswith("unshare") and _SHORT.search(reason) is not None
 
 
 def choose_form(caps: Caps, privileged: bool, mode: str = "userns") -> tuple[str, bool]:
