@@ -347,6 +347,32 @@ def _fsck_as_reader(store_root: str) -> tuple[list[str], bool, bool]:
     return [f"{f.kind} {f.what}" for f in rep.findings], before, os.path.lexists(cache)
 
 
+def _status_as_reader(store_root: str, runtime: str) -> tuple[list[str], list[str]]:
+    from veloverlay.verbs.repo import Repo
+
+    os.mkdir(runtime, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = runtime  # (this forked child's own environment)
+    repo = Repo.open(store_root)
+    try:
+        parts = sorted(repo.disk_usage())
+    finally:
+        repo.close()
+    return parts, os.listdir(runtime)
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_another_users_status_of_a_shared_store_leaves_no_cache() -> None:
+    """`status` (its disk use) made a per-boot cache directory for the store it only looked at,
+    as fsck once did: a look makes none."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        as_mode("root", _shared_store, base)
+        parts, made = run_unprivileged(_status_as_reader, f"{base}/store", f"{base}/runtime")
+    assert "total" in parts
+    assert made == []
+
+
 @pytest.mark.needs("root", "overlay_root", "data_only_root")
 def test_another_user_can_fsck_a_shared_store_and_leaves_no_cache() -> None:
     """A reader of root's shared store may run fsck: the owner's layer cache (trees-v1/, 0700)

@@ -287,7 +287,7 @@ class Repo:
         total = {k: sum(p[k] for p in parts.values()) for k in ("files", "dirs", "bytes")}
         from veloverlay.lower.homes import boot_dir
 
-        cache = boot_dir(self.store.root)
+        cache = boot_dir(self.store.root, create=False)  # a look makes none
         if cache is not None:
             part = {"files": 0, "dirs": 0, "bytes": 0}
             tree_usage(os.fspath(cache), part, set())
@@ -333,7 +333,7 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
                 hint="end or harvest them first ('veloverlay sessions'), or pass --force to "
                 "lose their changes",
             )
-        cache = boot_dir(store.root)
+        cache = boot_dir(store.root, create=False)
         if cache is not None:
             _remove_tree(os.fspath(cache), fsflags)
         for entry in os.scandir(store.root):
