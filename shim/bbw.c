@@ -96,10 +96,19 @@ static int copy_data(int src, int dst, off_t size)
 static int break_locked(struct velo_target *t)
 {
         struct stat st;
-        if (velo_sys_fstatat(AT_FDCWD, t->path, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                return errno == ENOENT ? 0 : -1;
-        if (!S_ISREG(st.st_mode) || !velo_is_proxy(st.st_dev, st.st_ino))
-                return 0; /* another writer broke it first */
+        if (velo_sys_fstatat(AT_FDCWD, t->path, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno != ENOENT)
+                        return -1;
+                t->exists = 0;
+                t->broke = 1; /* gone meanwhile: the call acts on the path, never the proxy */
+                return 0;
+        }
+        if (!S_ISREG(st.st_mode) || !velo_is_proxy(st.st_dev, st.st_ino)) {
+                /* another writer broke it first: the caller's handle may still be the proxy */
+                t->st = st;
+                t->broke = 1;
+                return 0;
+        }
         size_t slash = t->len;
         while (slash > 0 && t->path[slash - 1] != '/')
                 slash--;
@@ -176,6 +185,7 @@ static int break_locked(struct velo_target *t)
         velo_journal(VELO_R_BBW, VELO_P_EVENT, 0, 0, st.st_dev, st.st_ino, t->path, t->len, NULL,
                      0, 0);
         velo_sys_fstatat(AT_FDCWD, t->path, &t->st, AT_SYMLINK_NOFOLLOW);
+        t->broke = 1;
         return 0;
 }
 

@@ -28,7 +28,7 @@ static void exec_intent(int dirfd, const char *path, int search)
                 memcpy(t.path, path, t.len);
                 t.path[t.len] = '\0';
                 t.trunc = n != t.len;
-                t.inside = t.protect = t.exists = t.unknown = 0;
+                t.inside = t.protect = t.exists = t.unknown = t.proxy = t.broke = 0;
         } else {
                 velo_resolve(dirfd, path, VELO_FOLLOW | VELO_EMPTY, &t);
         }
@@ -173,7 +173,7 @@ static int do_spawn(spawn_fn real, pid_t *pid, const char *path, const void *act
                         memcpy(t.path, path, t.len);
                         t.path[t.len] = '\0';
                         t.trunc = n != t.len;
-                        t.inside = t.protect = t.exists = t.unknown = 0;
+                        t.inside = t.protect = t.exists = t.unknown = t.proxy = t.broke = 0;
                 } else {
                         velo_resolve(AT_FDCWD, path, VELO_FOLLOW, &t);
                 }

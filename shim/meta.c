@@ -33,6 +33,8 @@ static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
                           VELO_WRITE | VELO_BBW | nofollow_flag(flags), &t);
         if (r == VELO_DENY)
                 return -1;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &dirfd, path);
         int rc = REAL(fchmodat) != NULL ? REAL(fchmodat)(dirfd, path, mode, flags)
                                             : (int)syscall(SYS_fchmodat, dirfd, path, mode);
         if (r == VELO_TRACK)
@@ -78,6 +80,10 @@ static int do_fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int fl
         int r = velo_pre1(VELO_R_CHOWN, uid, dirfd, path, vf, &t);
         if (r == VELO_DENY)
                 return -1;
+        if (r == VELO_TRACK && t.broke) {
+                path = velo_redirect(&t, &dirfd, path);
+                flags &= ~AT_EMPTY_PATH;
+        }
         int rc = REAL(fchownat) != NULL
                          ? REAL(fchownat)(dirfd, path, uid, gid, flags)
                          : (int)syscall(SYS_fchownat, dirfd, path, uid, gid, flags);
@@ -128,6 +134,9 @@ VELO_EXPORT int setxattr(const char *path, const char *name, const void *value, 
                           &t);
         if (r == VELO_DENY)
                 return -1;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         int rc = REAL(setxattr)(path, name, value, size, flags);
         if (r == VELO_TRACK)
                 velo_post(VELO_R_XATTR, 0, &t, NULL, rc, errno);
@@ -141,6 +150,9 @@ VELO_EXPORT int lsetxattr(const char *path, const char *name, const void *value,
         int r = velo_pre1(VELO_R_XATTR, 0, AT_FDCWD, path, VELO_WRITE | VELO_BBW, &t);
         if (r == VELO_DENY)
                 return -1;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         int rc = REAL(lsetxattr)(path, name, value, size, flags);
         if (r == VELO_TRACK)
                 velo_post(VELO_R_XATTR, 0, &t, NULL, rc, errno);
@@ -170,6 +182,9 @@ VELO_EXPORT int removexattr(const char *path, const char *name)
                           &t);
         if (r == VELO_DENY)
                 return -1;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         int rc = REAL(removexattr)(path, name);
         if (r == VELO_TRACK)
                 velo_post(VELO_R_XATTR, 1, &t, NULL, rc, errno);
@@ -182,6 +197,9 @@ VELO_EXPORT int lremovexattr(const char *path, const char *name)
         int r = velo_pre1(VELO_R_XATTR, 1, AT_FDCWD, path, VELO_WRITE | VELO_BBW, &t);
         if (r == VELO_DENY)
                 return -1;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         int rc = REAL(lremovexattr)(path, name);
         if (r == VELO_TRACK)
                 velo_post(VELO_R_XATTR, 1, &t, NULL, rc, errno);
@@ -232,6 +250,8 @@ static int do_utimensat(int dirfd, const char *path, const struct timespec *ts, 
         else if (by_fd) /* glibc's utimensat refuses a NULL path: futimens is the fd form */
                 rc = REAL(futimens) != NULL ? REAL(futimens)(dirfd, ts)
                                                 : (int)syscall(SYS_utimensat, dirfd, NULL, ts, 0);
+        else if (r == VELO_TRACK && t.broke)
+                rc = real_utimensat(AT_FDCWD, t.path, ts, flags);
         else
                 rc = real_utimensat(dirfd, path, ts, flags);
         if (r == VELO_TRACK)

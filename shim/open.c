@@ -53,6 +53,8 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
         int r = velo_pre1(VELO_R_OPEN, (uint32_t)flags, dirfd, path, open_vflags(flags), &t);
         if (r == VELO_DENY)
                 return -1;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &dirfd, path);
         int fd = real_openat(dirfd, path, flags, mode);
         if (r == VELO_TRACK) {
                 int e = errno;
@@ -179,6 +181,9 @@ static FILE *do_fopen(FILE *(*real)(const char *, const char *), const char *pat
         int r = velo_pre1(VELO_R_OPEN, (uint32_t)fl, AT_FDCWD, path, open_vflags(fl), &t);
         if (r == VELO_DENY)
                 return NULL;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         FILE *f = real(path, mode);
         if (r == VELO_TRACK) {
                 int e = errno;
@@ -228,10 +233,14 @@ static FILE *do_freopen(FILE *(*real)(const char *, const char *, FILE *), const
                 if (path != NULL)
                         r = velo_pre1(VELO_R_OPEN, (uint32_t)fl, AT_FDCWD, path, open_vflags(fl),
                                       &t);
-                else if (old >= 0)
-                        r = velo_pre_fd(VELO_R_OPEN, (uint32_t)fl, old, VELO_WRITE, &t);
+                else if (old >= 0) /* glibc reopens the stream's own file: /proc/self/fd */
+                        r = velo_pre_fd(VELO_R_OPEN, (uint32_t)fl, old,
+                                        wants_write(fl) ? VELO_WRITE | VELO_BBW : VELO_WRITE, &t);
                 if (r == VELO_DENY)
                         return NULL;
+                int cwd = AT_FDCWD;
+                if (r == VELO_TRACK)
+                        path = velo_redirect(&t, &cwd, path);
         }
         FILE *f = real(path, mode, stream);
         int e = errno;
@@ -357,6 +366,9 @@ static int do_truncate(const char *path, off_t len)
                           VELO_FOLLOW | VELO_WRITE | VELO_BBW, &t);
         if (r == VELO_DENY)
                 return -1;
+        int cwd = AT_FDCWD;
+        if (r == VELO_TRACK)
+                path = velo_redirect(&t, &cwd, path);
         int rc = REAL(truncate) != NULL ? REAL(truncate)(path, len)
                                             : (int)syscall(SYS_truncate, path, len);
         if (r == VELO_TRACK)

@@ -86,6 +86,10 @@ static int do_linkat(int olddirfd, const char *oldpath, int newdirfd, const char
                           VELO_WRITE, &t1, &t2);
         if (r == VELO_DENY)
                 return -1;
+        if (r == VELO_TRACK && t1.broke) { /* link the private copy, not the caller's proxy fd */
+                oldpath = velo_redirect(&t1, &olddirfd, oldpath);
+                flags &= ~AT_EMPTY_PATH;
+        }
         int rc = REAL(linkat) != NULL
                          ? REAL(linkat)(olddirfd, oldpath, newdirfd, newpath, flags)
                          : (int)syscall(SYS_linkat, olddirfd, oldpath, newdirfd, newpath, flags);
@@ -120,6 +124,7 @@ static int do_symlinkat(const char *target, int dirfd, const char *linkpath)
                 text.path[text.len] = '\0';
                 text.trunc = n != text.len;
                 text.inside = text.protect = text.exists = text.unknown = 0;
+                text.proxy = text.broke = 0;
                 r = velo_decide(VELO_R_SYMLINK, 0, VELO_WRITE, &t, &text);
                 if (r == VELO_DENY)
                         return -1;

@@ -57,7 +57,14 @@ static void reset(struct velo_target *t)
 {
         t->len = 0;
         t->path[0] = '\0';
-        t->inside = t->protect = t->exists = t->trunc = t->unknown = 0;
+        t->inside = t->protect = t->exists = t->trunc = t->unknown = t->proxy = t->broke = 0;
+}
+
+/* --link: is this inode one of the session's shared proxies? */
+static int proxy_inode(const struct stat *st)
+{
+        return velo_conf_link_mode() && S_ISREG(st->st_mode) &&
+               velo_is_proxy(st->st_dev, st->st_ino);
 }
 
 /* Text fallback: dirfd's name (or the cwd) joined with path, as given. */
@@ -94,14 +101,32 @@ void velo_resolve_fd(int fd, struct velo_target *t)
         if (velo_sys_fstat(fd, &t->st) == 0)
                 t->exists = 1;
         if (fd_name(fd, t) < 0) {
+                /* no name (deleted, or too long): a proxy stays known as one, to be refused */
+                int proxy = t->exists && proxy_inode(&t->st);
                 reset(t);
                 t->unknown = 1;
+                t->proxy = proxy;
                 return;
         }
         classify(t);
 }
 
+static void resolve_path(int dirfd, const char *path, unsigned flags, struct velo_target *t,
+                         int *nameless_proxy);
+
 void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_target *t)
+{
+        int nameless_proxy = 0;
+        resolve_path(dirfd, path, flags, t, &nameless_proxy);
+        /* The kernel will act on a proxy inode we could not name (a /proc/self/fd/N link to a
+         * proxy whose path was broken or removed, a path beyond PATH_MAX): what the text says
+         * (the parent's name plus the last component) is not what gets changed. */
+        if (nameless_proxy)
+                t->proxy = 1;
+}
+
+static void resolve_path(int dirfd, const char *path, unsigned flags, struct velo_target *t,
+                         int *nameless_proxy)
 {
         reset(t);
         if (path == NULL) {
@@ -115,13 +140,16 @@ void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_targe
         int oflags = O_PATH | O_CLOEXEC | ((flags & VELO_FOLLOW) ? 0 : O_NOFOLLOW);
         int fd = path[0] ? velo_sys_openat(dirfd, path, oflags, 0) : -1;
         if (fd >= 0) {
-                int ok = velo_sys_fstat(fd, &t->st) == 0 && fd_name(fd, t) == 0;
+                int have = velo_sys_fstat(fd, &t->st) == 0;
+                int ok = have && fd_name(fd, t) == 0;
                 velo_sys_close(fd);
                 if (ok) {
                         t->exists = 1;
+                        t->proxy = proxy_inode(&t->st);
                         classify(t);
                         return;
                 }
+                *nameless_proxy = have && proxy_inode(&t->st);
                 reset(t);
         }
         /* Not there (yet): resolve the parent, keep the last name. */
@@ -176,6 +204,14 @@ int velo_decide(int type, uint32_t arg, unsigned flags, struct velo_target *t1,
         int ours = t1->inside || (t2 != NULL && t2->inside);
         int guarded = ((flags & VELO_WRITE) && t1->protect);
         if (guarded) {
+                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t1, t2);
+                errno = EROFS;
+                return VELO_DENY;
+        }
+        if ((flags & VELO_BBW) && t1->proxy && (!t1->inside || t1->unknown || t1->trunc)) {
+                /* A shared proxy reached by no path of ours that could be broken (a magic link
+                 * whose path was broken or removed, a path too long to name, a link moved out
+                 * of the tree): never write through it. */
                 velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t1, t2);
                 errno = EROFS;
                 return VELO_DENY;

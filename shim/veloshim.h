@@ -66,8 +66,21 @@ struct velo_target {
         int exists;    /* st is valid */
         int trunc;     /* path was cut (too long) */
         int unknown;   /* could not be resolved */
+        int proxy;     /* --link: st is a shared proxy inode (even when it has no name) */
+        int broke;     /* Break-Before-Write: path now names a private copy; act on path */
         struct stat st;
 };
+
+/* The path a call must use after a Break-Before-Write: the caller's own handle (a dirfd, an
+ * AT_EMPTY_PATH fd, a /proc/self/fd/N magic link) may still hold the shared proxy, while the
+ * canonical path names the private copy. Only for a target velo_pre* returned VELO_TRACK for. */
+static inline const char *velo_redirect(const struct velo_target *t, int *dirfd, const char *path)
+{
+        if (!t->broke)
+                return path;
+        *dirfd = AT_FDCWD;
+        return t->path;
+}
 
 /* velo_pre* flags */
 #define VELO_FOLLOW 0x1u /* follow a final symlink */

@@ -88,6 +88,19 @@ static int run(char **argv, char *self)
                 r = f == NULL ? -1 : fputs("freopen\n", f);
                 if (f != NULL)
                         fclose(f);
+        } else if (!strcmp(op, "freopen_null")) {
+                /* a read stream reopened for appending: glibc reopens its own /proc/self/fd */
+                FILE *f = fopen(a, "r");
+                f = f == NULL ? NULL : freopen(NULL, "a", f);
+                r = f == NULL ? -1 : fputs("freopen\n", f);
+                if (f != NULL)
+                        fclose(f);
+        } else if (!strcmp(op, "link_empty")) {
+                /* a hard link made from a read-only fd (AT_EMPTY_PATH) */
+                int fd = open(a, O_RDONLY | O_CLOEXEC);
+                r = linkat(fd, "", AT_FDCWD, b, AT_EMPTY_PATH);
+                close(fd);
+                used = 3;
         } else if (!strcmp(op, "truncate")) {
                 r = truncate(a, 1);
         } else if (!strcmp(op, "ftruncate")) {

@@ -1,0 +1,100 @@
+"""--link: a change made through a handle that still holds a shared proxy inode — a
+/proc/self/fd/N magic link, an AT_EMPTY_PATH fd, glibc's freopen(NULL) (which reopens
+/proc/self/fd/N), an fd opened before the path was broken — must land in the session's tree
+(compared with a plain directory that got the same calls), never in the proxy.
+
+Found by attack: Break-Before-Write replaced the path by a private copy, then the call went on
+through the caller's own handle, which the kernel resolves to the proxy: the write, truncate or
+chmod changed every session's copy of that content, and the commit missed it (P0-b)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import as_mode, checkout_ref, new_store
+from tests.shim._util import PY, run_shim
+from veloverlay.session.shim.materialize import verify_proxies
+
+# Each step first opens the file read-only (no write yet: the path is still the proxy link).
+SCRIPT = """
+import os, sys
+def ro(p):
+    return os.open(p, os.O_RDONLY)
+w = os.open(f"/proc/self/fd/{ro('f1')}", os.O_WRONLY | os.O_APPEND)
+os.write(w, b"appended\\n")
+os.truncate(f"/proc/self/fd/{ro('f3')}", 2)
+os.chmod(f"/proc/self/fd/{ro('f4')}", 0o640)
+os.utime(f"/proc/self/fd/{ro('f5')}", (1_000_000_000, 1_000_000_000))
+with open(f"/proc/self/fd/{ro('d/b')}", "r+b") as f:
+    f.write(b"BE")
+# fchmod of an fd whose path another open has broken since: it must not reach the proxy
+fd = ro("f2")
+with open("f2", "a") as f:
+    f.write("two more\\n")
+try:
+    os.fchmod(fd, 0o600)
+except OSError as e:
+    print("fchmod", e.errno, file=sys.stderr)
+"""
+
+
+def _tree(root: str) -> dict[str, tuple[str, int, bytes]]:
+    out = {}
+    for dp, dns, fns in os.walk(root):
+        for n in dns + fns:
+            p = os.path.join(dp, n)
+            st = os.lstat(p)
+            if os.path.islink(p):
+                out[os.path.relpath(p, root)] = ("symlink", 0, os.readlink(p).encode())
+            elif os.path.isdir(p):
+                out[os.path.relpath(p, root)] = ("dir", st.st_mode & 0o7777, b"")
+            else:
+                data = Path(p).read_bytes()
+                out[os.path.relpath(p, root)] = ("file", st.st_mode & 0o7777, data)
+    return out
+
+
+def _run(base: str, exe: str) -> tuple[dict, dict, list[str], str, str, int]:
+    store, src = new_store(base)
+    plain = os.path.join(base, "plain")
+    shutil.copytree(src, plain, symlinks=True)
+    script = os.path.join(base, "s.py")
+    Path(script).write_text(SCRIPT)
+    calls = f"{exe} freopen_null f6 -- link_empty f7 f7.link -- open_append f7.link"
+    cmd = f"{PY} {script} && {calls}"
+    ran = subprocess.run(["sh", "-c", cmd], cwd=plain, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    proj = os.path.join(base, "proj")
+    errs = os.path.join(base, "errs")
+    argv = ["sh", "-c", f"cd {proj} && {{ {cmd}; }} 2>{errs}"]
+    res = run_shim(store, "t", argv, link=True, at=proj)
+    assert res.exit_status == 0, (res, Path(errs).read_text())
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    proxies = [f"{f.kind} {os.path.basename(f.path)}" for f in verify_proxies(store)]
+    f5 = os.stat(os.path.join(got, "f5")).st_mtime_ns
+    return _tree(plain), _tree(got), proxies, ran.stderr, Path(errs).read_text(), f5
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_writes_through_proxy_handles_reach_the_tree(mode: str, try_syscall: Path) -> None:
+    with unpriv_tmpdir() as base:
+        plain, got, proxies, plain_err, session_err, f5_mtime = as_mode(
+            mode, _run, base, os.fspath(try_syscall)
+        )
+    assert proxies == [], "a shared proxy was changed"
+    assert plain_err == ""
+    # The stale fd's fchmod: applied to the private copy as in a plain directory, or refused
+    # (EROFS) — then the session saw f2 keep its mode, and that is what is committed.
+    if session_err:
+        assert session_err.strip() == "fchmod 30", session_err
+        assert got["f2"][1] == 0o644 and plain["f2"][1] == 0o600
+        got["f2"] = plain["f2"]
+    assert got == plain
+    assert f5_mtime == 1_000_000_000 * 10**9  # the utime through /proc/self/fd was committed
