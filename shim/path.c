@@ -10,6 +10,38 @@
 #include <stdio.h>
 #include <string.h>
 
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
+/* --link: a name that leaves the tree (renamed out, or exchanged with a name outside) must not
+ * take a proxy link along, or any later write there — after the session, without the shim —
+ * changes the shared proxy. A proxy is broken first (the private copy leaves); a directory, whose
+ * files may be proxies, cannot leave by rename: EXDEV, which mv and shutil.move answer by copying.
+ * Returns 0 or the errno to fail with. */
+static int leave_tree(struct velo_target *t1, struct velo_target *t2, unsigned flags,
+                      int *olddirfd, const char **oldpath, int *newdirfd, const char **newpath)
+{
+        struct velo_target *leaving = NULL;
+        int *dirfd = olddirfd;
+        const char **path = oldpath;
+        if (t1->inside && !t2->inside) {
+                leaving = t1;
+        } else if ((flags & RENAME_EXCHANGE) && t2->inside && !t1->inside) {
+                leaving = t2;
+                dirfd = newdirfd;
+                path = newpath;
+        }
+        if (leaving == NULL || !leaving->exists)
+                return 0;
+        if (S_ISDIR(leaving->st.st_mode))
+                return EXDEV;
+        if (velo_bbw(leaving) < 0)
+                return errno;
+        *path = velo_redirect(leaving, dirfd, *path);
+        return 0;
+}
+
 static int do_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
                         unsigned flags)
 {
@@ -18,6 +50,14 @@ static int do_renameat2(int olddirfd, const char *oldpath, int newdirfd, const c
                           VELO_WRITE, &t1, &t2);
         if (r == VELO_DENY)
                 return -1;
+        if (r == VELO_TRACK && velo_conf_link_mode()) {
+                int e = leave_tree(&t1, &t2, flags, &olddirfd, &oldpath, &newdirfd, &newpath);
+                if (e != 0) {
+                        velo_post(VELO_R_RENAME, flags, &t1, &t2, -1, e);
+                        errno = e;
+                        return -1;
+                }
+        }
         int rc;
         if (REAL(renameat2) != NULL)
                 rc = REAL(renameat2)(olddirfd, oldpath, newdirfd, newpath, flags);

@@ -98,3 +98,45 @@ def test_writes_through_proxy_handles_reach_the_tree(mode: str, try_syscall: Pat
         got["f2"] = plain["f2"]
     assert got == plain
     assert f5_mtime == 1_000_000_000 * 10**9  # the utime through /proc/self/fd was committed
+
+
+def _leave(base: str, exe: str) -> tuple[dict, dict, dict, dict, list[str]]:
+    """mv a file and a directory out of the tree, exchange a file with one outside; then write
+    to what left, after the session, as any program would."""
+    store, src = new_store(base)
+    trees = {}
+    for kind in ("plain", "session"):
+        out = os.path.join(base, f"out-{kind}")
+        os.mkdir(out)
+        Path(out, "g").write_bytes(b"from outside\n")
+        trees[kind] = out
+    plain = os.path.join(base, "plain")
+    shutil.copytree(src, plain, symlinks=True)
+    cmd = "mv f1 {o}/f1 && mv dir1 {o}/dir1 && {exe} exchange f2 {o}/g"
+    ran = subprocess.run(
+        ["sh", "-c", cmd.format(o=trees["plain"], exe=exe)], cwd=plain, capture_output=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    proj = os.path.join(base, "proj")
+    argv = ["sh", "-c", f"cd {proj} && " + cmd.format(o=trees["session"], exe=exe)]
+    res = run_shim(store, "t", argv, link=True, at=proj)
+    assert res.exit_status == 0, res
+    for out in trees.values():
+        for rel in ("f1", "dir1/x", "g"):
+            with open(os.path.join(out, rel), "ab") as f:
+                f.write(b"written later\n")
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    proxies = [f"{f.kind} {os.path.basename(f.path)}" for f in verify_proxies(store)]
+    return _tree(plain), _tree(got), _tree(trees["plain"]), _tree(trees["session"]), proxies
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_what_leaves_the_tree_takes_no_proxy_along(mode: str, try_syscall: Path) -> None:
+    with unpriv_tmpdir() as base:
+        plain, got, out_plain, out_session, proxies = as_mode(
+            mode, _leave, base, os.fspath(try_syscall)
+        )
+    assert proxies == [], "a write outside the tree changed a shared proxy"
+    assert got == plain
+    assert out_session == out_plain
