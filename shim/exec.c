@@ -198,3 +198,35 @@ VELO_EXPORT int posix_spawnp(pid_t *pid, const char *file,
         velo_init();
         return do_spawn((spawn_fn)REAL(posix_spawnp), pid, file, actions, attr, argv, envp, 1);
 }
+
+/* An open action runs in the spawned child through glibc's internal open, before the new image
+ * (and its shim) exists: in --link mode a file opened there for writing is broken here, when the
+ * action is added (its path as the parent resolves it now; a relative path after an addchdir
+ * action is resolved from the parent's cwd). A store path or an unbreakable proxy is refused. */
+VELO_EXPORT int posix_spawn_file_actions_addopen(posix_spawn_file_actions_t *actions, int fd,
+                                                 const char *path, int oflag, mode_t mode)
+{
+        velo_init();
+        if (REAL(posix_spawn_file_actions_addopen) == NULL)
+                return ENOSYS;
+        int writes = (oflag & O_ACCMODE) != O_RDONLY || (oflag & (O_TRUNC | O_CREAT));
+        if (velo_active && path != NULL && writes && !(oflag & O_PATH)) {
+                VELO_SAVE_ERRNO;
+                struct velo_target t;
+                unsigned vf = (oflag & O_NOFOLLOW) ? 0 : VELO_FOLLOW;
+                velo_resolve(AT_FDCWD, path, vf, &t);
+                int err = 0;
+                if (t.protect || (t.proxy && (!t.inside || t.unknown || t.trunc)))
+                        err = EROFS;
+                else if (t.inside && t.proxy && velo_bbw(&t) < 0)
+                        err = errno;
+                if (err != 0) {
+                        velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -err, VELO_R_OPEN, &t,
+                                            NULL);
+                        VELO_RESTORE_ERRNO;
+                        return err;
+                }
+                VELO_RESTORE_ERRNO;
+        }
+        return REAL(posix_spawn_file_actions_addopen)(actions, fd, path, oflag, mode);
+}

@@ -135,6 +135,7 @@ struct velo_real_fns {
                            char *const[]);
         int (*posix_spawnp)(pid_t *, const char *, const void *, const void *, char *const[],
                             char *const[]);
+        int (*posix_spawn_file_actions_addopen)(void *, int, const char *, int, mode_t);
 };
 
 extern struct velo_real_fns velo_real;

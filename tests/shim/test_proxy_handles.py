@@ -60,14 +60,15 @@ def _tree(root: str) -> dict[str, tuple[str, int, bytes]]:
     return out
 
 
-def _run(base: str, exe: str) -> tuple[dict, dict, list[str], str, str, int]:
+def _run(
+    base: str, exe: str, source: str = SCRIPT, calls: str = ""
+) -> tuple[dict, dict, list[str], str, str, int]:
     store, src = new_store(base)
     plain = os.path.join(base, "plain")
     shutil.copytree(src, plain, symlinks=True)
     script = os.path.join(base, "s.py")
-    Path(script).write_text(SCRIPT)
-    calls = f"{exe} freopen_null f6 -- link_empty f7 f7.link -- open_append f7.link"
-    cmd = f"{PY} {script} && {calls}"
+    Path(script).write_text(source)
+    cmd = f"{PY} {script}" + (f" && {exe} {calls}" if calls else "")
     ran = subprocess.run(["sh", "-c", cmd], cwd=plain, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     proj = os.path.join(base, "proj")
@@ -85,8 +86,9 @@ def _run(base: str, exe: str) -> tuple[dict, dict, list[str], str, str, int]:
 @pytest.mark.parametrize("mode", ["root", "rootfree"])
 def test_writes_through_proxy_handles_reach_the_tree(mode: str, try_syscall: Path) -> None:
     with unpriv_tmpdir() as base:
+        calls = "freopen_null f6 -- link_empty f7 f7.link -- open_append f7.link"
         plain, got, proxies, plain_err, session_err, f5_mtime = as_mode(
-            mode, _run, base, os.fspath(try_syscall)
+            mode, _run, base, os.fspath(try_syscall), SCRIPT, calls
         )
     assert proxies == [], "a shared proxy was changed"
     assert plain_err == ""
@@ -98,6 +100,32 @@ def test_writes_through_proxy_handles_reach_the_tree(mode: str, try_syscall: Pat
         got["f2"] = plain["f2"]
     assert got == plain
     assert f5_mtime == 1_000_000_000 * 10**9  # the utime through /proc/self/fd was committed
+
+
+SPAWN = """
+import os
+actions = [
+    (os.POSIX_SPAWN_OPEN, 1, "f1", os.O_WRONLY | os.O_APPEND, 0),
+    (os.POSIX_SPAWN_OPEN, 2, "d/b", os.O_WRONLY | os.O_TRUNC, 0),
+]
+pid = os.posix_spawn("/bin/sh", ["sh", "-c", "echo out; echo err >&2"], os.environ,
+                     file_actions=actions)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+"""
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_a_spawned_childs_open_action_breaks_the_proxy_first(mode: str, try_syscall: Path) -> None:
+    """posix_spawn's open actions run in the child through glibc's internal open, before the
+    child's shim is loaded: the proxy is broken when the action is added."""
+    with unpriv_tmpdir() as base:
+        plain, got, proxies, plain_err, session_err, _ = as_mode(
+            mode, _run, base, os.fspath(try_syscall), SPAWN
+        )
+    assert proxies == [], "a spawned child wrote into a shared proxy"
+    assert plain_err == "" and session_err == ""
+    assert got == plain
+    assert plain["f1"][2] == b"one\nout\n"
 
 
 def _leave(base: str, exe: str) -> tuple[dict, dict, dict, dict, list[str]]:
