@@ -1,7 +1,8 @@
 """A registry that lies: an in-process HTTP server speaking enough of the distribution API for a
-pull (blobs with ranges, manifests, monolithic uploads), whose answers a test can replace with a
-hook, and helpers that craft a veloverlay version (nodes, packs, config, manifest) directly, so a
-test can serve what no honest push would make. Stopped by the fixture that started it."""
+pull or a push (blobs with ranges, manifests, monolithic uploads), whose answers a test can replace
+with a hook, and helpers that craft a veloverlay version (nodes, packs, config, manifest)
+directly, so a test can serve what no honest push would make. Stopped by the fixture that
+started it."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ class Handler(BaseHTTPRequestHandler):
             fake.blobs[self.path.split("digest=")[1]] = body
             return self.send(201)
         m = re.match(r"^/v2/(.+)/manifests/(.+)$", path)
+        if m and self.command == "PUT":
+            fake.manifests[m.group(2)] = fake.manifests[sha(body)] = body
+            return self.send(201, headers={"Docker-Content-Digest": sha(body)})
         if m and self.command == "GET":
             hit = fake.manifests.get(m.group(2))
             if hit is None:

@@ -83,7 +83,8 @@ class Versions:
         return data if isinstance(data, dict) else {}
 
     def get(self, host: str, ref: str) -> tuple[str, str] | None:
-        hit = self.load().get(host, {}).get(ref)
+        refs = self.load().get(host)
+        hit = refs.get(ref) if isinstance(refs, dict) else None
         if isinstance(hit, list) and len(hit) == 2 and all(isinstance(x, str) for x in hit):
             return hit[0], hit[1]
         return None
@@ -98,7 +99,10 @@ class Versions:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             data = self.load()
-            data.setdefault(host, {})[ref] = [repo, digest]
+            refs = data.get(host)
+            if not isinstance(refs, dict):  # damaged notes: start this registry's again
+                refs = data[host] = {}
+            refs[ref] = [repo, digest]
             write_json_atomic(self.path, data)
         finally:
             os.close(fd)
