@@ -18,7 +18,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -30,15 +30,16 @@ from veloverlay.remote.transport import (
     MAX_ERROR_BODY,
     Options,
     PlainFirst,
-    TooSlow,
     check_encoding,
     is_tls_error,
     origin,
     paced,
+    pieces,
     read_small,
     registry_error,
     show_origin,
     ssl_context,
+    transport_error,
     unusable,
 )
 
@@ -54,10 +55,6 @@ MANIFEST_TYPES = (
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifest bodies
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _MAX_TAG_PAGES = 10_000
-# An upload body is sent in pieces at most this big: the pace is checked between two pieces (a
-# send() blocked on a slow registry cannot be), so this bounds how long a piece may take: 11 min
-# at 100 bytes/s.
-_UPLOAD_PIECE = 64 << 10
 _T = TypeVar("_T")
 
 
@@ -222,30 +219,7 @@ class Registry:
         return url
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
-        if is_tls_error(exc):
-            plain = "WRONG_VERSION_NUMBER" in str(exc)  # the answer to a TLS hello was not TLS
-            return VeloError(
-                f"TLS with {self.name.host} failed: {exc}",
-                reason=Reason.REMOTE_TLS,
-                hint=f"the registry answers without TLS: name it http://{self.name.host}/…"
-                if plain
-                else "pass the registry's CA with --ca-cert FILE (or put it in "
-                f"/etc/containers/certs.d/{self.name.host}/ca.crt); --tls-verify=false "
-                "turns verification off",
-            )
-        if isinstance(exc, TooSlow):
-            return VeloError(
-                f"{self.name.host} {'takes uploads' if exc.upload else 'sends'} too slowly: {exc}",
-                reason=Reason.REMOTE_UNREACHABLE,
-                hint="check the network and the registry, then retry (what arrived whole is kept)",
-                detail=url,
-            )
-        return VeloError(
-            f"cannot reach {self.name.base_url}: {exc or type(exc).__name__}",
-            reason=Reason.REMOTE_UNREACHABLE,
-            hint="check the host, the port and the scheme (http:// for a registry without TLS)",
-            detail=url,
-        )
+        return transport_error(self.name.host, self.name.base_url, exc, url)
 
     def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
         self.retried += 1
@@ -395,7 +369,7 @@ class Registry:
         def body() -> Iterator[bytes]:
             data = content()
             chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
-            return paced(_pieces(chunks), self.opts, upload=True)
+            return paced(pieces(chunks), self.opts, upload=True)
 
         attempt = 0
         while True:
@@ -409,7 +383,7 @@ class Registry:
                     )
                 url = self._absolute(loc)
                 sep = "&" if "?" in url else "?"
-                self.request(
+                r = self.request(
                     "PUT",
                     f"{url}{sep}digest={digest}",
                     expect=(201, 204),
@@ -420,6 +394,7 @@ class Registry:
                     },
                     retries=0,
                 )
+                self._same_digest(r, digest, "blob")
                 return
             except VeloError as exc:
                 retry = exc.reason in (Reason.REMOTE_UNREACHABLE, Reason.REMOTE_ERROR) and (
@@ -546,9 +521,20 @@ class Registry:
             headers={"Content-Type": media_type},
             expect=(201, 200),
         )
-        return r.headers.get("docker-content-digest") or (
-            "sha256:" + hashlib.sha256(body).hexdigest()
-        )
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self._same_digest(r, digest, "manifest")
+        return digest
+
+    def _same_digest(self, r: httpx.Response, digest: str, what: str) -> None:
+        """A registry that says it stored other bytes than those sent under their digest is not
+        believed (and not trusted further: the push stops before the tag moves, or says so)."""
+        got = r.headers.get("docker-content-digest", "").strip()
+        if got and got != digest:
+            raise VeloError(
+                f"{self.name.host} says it stored the {what} {digest} as {got[:80]!r}",
+                reason=Reason.REMOTE_INVALID,
+                hint="the registry alters or loses what it is sent; push elsewhere",
+            )
 
     def tags(self) -> list[str]:
         out: list[str] = []
@@ -586,14 +572,3 @@ class Registry:
 def dumps(obj: object) -> bytes:
     """Canonical JSON for what we push (stable bytes, so a re-push names the same blob)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _pieces(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[bytes]:
-    """`chunks` cut into pieces of at most `_UPLOAD_PIECE` bytes."""
-    for chunk in chunks:
-        if len(chunk) <= _UPLOAD_PIECE:
-            yield bytes(chunk)
-            continue
-        view = memoryview(chunk)
-        for i in range(0, len(view), _UPLOAD_PIECE):
-            yield bytes(view[i : i + _UPLOAD_PIECE])

@@ -18,6 +18,8 @@ from veloverlay.records import Record
 from veloverlay.remote.auth import Credentials
 
 __all__ = [
+    "pieces",
+    "transport_error",
     "Options",
     "PlainFirst",
     "TooSlow",
@@ -34,6 +36,10 @@ __all__ = [
     "unusable",
 ]
 
+# An upload body is sent in pieces at most this big: the pace is checked between two pieces (a
+# send() blocked on a slow registry cannot be), so this bounds how long a piece may take: 11 min
+# at 100 bytes/s.
+_UPLOAD_PIECE = 64 << 10
 _DEFAULT_PORT = {"http": 80, "https": 443}
 # Answers that are not blobs or manifests (those have their own bounds): a tag list, a token, the
 # /v2/ probe, an upload's answer. None has a reason to be big; one without end must not fill the
@@ -219,3 +225,42 @@ def read_small(
     return httpx.Response(
         resp.status_code, headers=resp.headers, content=bytes(buf), request=resp.request
     )
+
+
+def transport_error(host: str, base_url: str, exc: httpx.TransportError, url: str) -> VeloError:
+    """The error a transfer that failed on the way (TLS, connection, too slow) is."""
+    if is_tls_error(exc):
+        plain = "WRONG_VERSION_NUMBER" in str(exc)  # the answer to a TLS hello was not TLS
+        return VeloError(
+            f"TLS with {host} failed: {exc}",
+            reason=Reason.REMOTE_TLS,
+            hint=f"the registry answers without TLS: name it http://{host}/…"
+            if plain
+            else "pass the registry's CA with --ca-cert FILE (or put it in "
+            f"/etc/containers/certs.d/{host}/ca.crt); --tls-verify=false "
+            "turns verification off",
+        )
+    if isinstance(exc, TooSlow):
+        return VeloError(
+            f"{host} {'takes uploads' if exc.upload else 'sends'} too slowly: {exc}",
+            reason=Reason.REMOTE_UNREACHABLE,
+            hint="check the network and the registry, then retry (what arrived whole is kept)",
+            detail=url,
+        )
+    return VeloError(
+        f"cannot reach {base_url}: {exc or type(exc).__name__}",
+        reason=Reason.REMOTE_UNREACHABLE,
+        hint="check the host, the port and the scheme (http:// for a registry without TLS)",
+        detail=url,
+    )
+
+
+def pieces(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[bytes]:
+    """`chunks` cut into pieces of at most `_UPLOAD_PIECE` bytes."""
+    for chunk in chunks:
+        if len(chunk) <= _UPLOAD_PIECE:
+            yield bytes(chunk)
+            continue
+        view = memoryview(chunk)
+        for i in range(0, len(view), _UPLOAD_PIECE):
+            yield bytes(view[i : i + _UPLOAD_PIECE])
