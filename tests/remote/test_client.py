@@ -45,6 +45,23 @@ def test_parse_remote_refuses(text: str) -> None:
     assert ei.value.reason is Reason.BAD_NAME
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://bob:hunter2@h.io/team/env:v1",
+        "bob:hunter2@h.io:5000/team/env",
+        "http://bob:hunter2@h.io/x@sha256:12",
+        "bob:hunter2@h.io",
+    ],
+)
+def test_a_password_in_a_remote_name_is_not_shown(text: str) -> None:
+    """A URL pasted with its user:password is refused, and the error does not repeat it."""
+    with pytest.raises(VeloError) as ei:
+        parse_remote(text)
+    assert ei.value.reason is Reason.BAD_NAME
+    assert "hunter2" not in str(ei.value.as_dict()), ei.value.as_dict()
+
+
 def test_credentials_from_files(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,9 +59,22 @@ class RemoteName(Record, frozen=True):
         return f"{s}:{self.tag}" if self.tag else s
 
 
+def _shown(text: str) -> str:
+    """`text` as an error may show it: a `user:password@` before the host is masked (the
+    container tools take no credentials in a name, but a user may paste a URL that has them)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    first, slash, tail = rest.partition("/")
+    if "@" not in first:
+        return text
+    host = first.rsplit("@", 1)[1]
+    return f"{scheme}{sep}***@{host}{slash}{tail}"
+
+
 def _bad(text: str, why: str) -> VeloError:
     return VeloError(
-        f"bad remote {text!r}: {why}",
+        f"bad remote {_shown(text)!r}: {why}",
         reason=Reason.BAD_NAME,
         hint="write HOST[:PORT]/REPOSITORY[:TAG], e.g. localhost:5000/team/envs:py311",
     )
@@ -83,6 +96,12 @@ def parse_remote(text: str) -> RemoteName:
     for s in ("https://", "http://"):
         if rest.startswith(s):
             scheme, rest = s[:-3], rest[len(s) :]
+    if "/" in rest and "@" in rest.partition("/")[0]:  # (`ubuntu@sha256:…` is a name)
+        raise VeloError(
+            f"bad remote {_shown(text)!r}: credentials do not go in a remote name",
+            reason=Reason.BAD_NAME,
+            hint="log in ('podman login HOST' or 'docker login HOST') or pass --authfile FILE",
+        )
     digest = None
     if "@" in rest:
         rest, digest = rest.rsplit("@", 1)
