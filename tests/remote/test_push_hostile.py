@@ -58,3 +58,30 @@ def test_a_registry_that_names_other_bytes_is_not_believed(
     assert Versions(repo.store).load() == {}  # no digest noted that the registry does not hold
     if target == "blob":  # the tag was not moved: no manifest was sent
         assert not [p for m, p, _a in fake.seen if m == "PUT" and "/manifests/" in p]
+
+
+def test_a_plain_http_registry_is_reached_through_the_environments_proxy(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for an https registry (and as curl, podman): HTTP_PROXY is honoured for http://
+    registries too, NO_PROXY exempts one. The fake stands for the proxy, serving the registry."""
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://{fake.host}")
+    prefix = "http://registry.invalid:5000"
+
+    def as_proxy(h: Handler, method: str) -> bool:
+        if not h.path.startswith(prefix + "/"):
+            h.send(502)
+            return True
+        h.path = h.path[len(prefix) :]  # served as the registry would
+        return False
+
+    fake.hook = as_proxy
+    _env(repo, shm_tmp)
+    [res] = push(repo.store, repo.m, ["env"], f"{prefix}/team/env:v1", options=OPTS)
+    assert fake.manifests["v1"] and res.digest == sha(fake.manifests["v1"])
+    monkeypatch.setenv("NO_PROXY", "registry.invalid")
+    with pytest.raises(VeloError) as ei:  # not through the proxy: the name does not resolve
+        push(repo.store, repo.m, ["env"], f"{prefix}/team/env:v2", options=OPTS)
+    assert ei.value.reason is Reason.REMOTE_UNREACHABLE, ei.value

@@ -31,6 +31,7 @@ from veloverlay.remote.transport import (
     Options,
     PlainFirst,
     check_encoding,
+    env_proxied,
     is_tls_error,
     origin,
     paced,
@@ -79,7 +80,8 @@ class Registry:
         kw: dict[str, Any] = {}
         if transport is not None:
             kw["transport"] = transport
-        elif name.scheme == "https":  # building a context loads the system CAs (~35 ms)
+        elif name.scheme == "https" or env_proxied():  # (a context loads the CAs: ~35 ms)
+            # (a transport of our own would turn httpx's *_PROXY/NO_PROXY handling off)
             kw["verify"] = ssl_context(name.host, self.opts)
         else:  # no CAs loaded unless a redirect leads to https
             kw["transport"] = PlainFirst(limits, lambda: httpx.HTTPTransport(limits=limits))

@@ -9,6 +9,7 @@ import glob
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 
 import httpx
@@ -18,6 +19,7 @@ from veloverlay.records import Record
 from veloverlay.remote.auth import Credentials
 
 __all__ = [
+    "env_proxied",
     "pieces",
     "transport_error",
     "Options",
@@ -110,6 +112,12 @@ def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
                 path=path,
             ) from None
     return ctx
+
+
+def env_proxied() -> bool:
+    """Whether the environment names a proxy for plain http (`http_proxy`, `all_proxy`, any
+    case), which httpx honours (with `no_proxy`) only on a client built without a transport."""
+    return bool({"http", "all"} & set(urllib.request.getproxies()))
 
 
 class PlainFirst(httpx.BaseTransport):
