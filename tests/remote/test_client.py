@@ -256,3 +256,44 @@ def test_an_upload_the_registry_takes_too_slowly_is_cut(given: str) -> None:
     assert fast.puts == 1 and fast.taken == len(data)
     # the pace is checked between pieces: none is bigger than the bound says
     assert 0 < slow.biggest <= 64 << 10 and fast.biggest <= 64 << 10
+
+
+def test_docker_hub_credentials_under_its_other_names(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker login` stores Docker Hub's credentials under https://index.docker.io/v1/ (in the
+    file or in a helper); config files also name it index.docker.io or registry-1.docker.io."""
+    d = str(tmp_path)
+    helper = os.path.join(d, "docker-credential-fake")
+    with open(helper, "w") as f:  # answers for Docker's key for the Hub only
+        f.write(
+            "#!/bin/sh\nread s\n"
+            'if [ "$s" = "https://index.docker.io/v1/" ]; then\n'
+            '  echo \'{"Username":"hubuser","Secret":"hubpw"}\'; exit 0\nfi\n'
+            "echo 'credentials not found in native keychain'; exit 1\n"
+        )
+    os.chmod(helper, 0o755)
+    monkeypatch.setenv("PATH", d + os.pathsep + os.environ.get("PATH", ""))
+    for var in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(var, os.path.join(d, var))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", d)
+    conf = os.path.join(d, "config.json")
+    for data in (
+        {"auths": {"https://index.docker.io/v1/": {}}, "credsStore": "fake"},
+        {"credHelpers": {"index.docker.io": "fake"}},
+        {"credHelpers": {"https://index.docker.io/v1/": "fake"}},
+    ):
+        with open(conf, "w") as f:
+            json.dump(data, f)
+        c = find_credentials("docker.io", "library/ubuntu")
+        assert c is not None and (c.username, c.secret) == ("hubuser", "hubpw"), data
+    u = base64.b64encode(b"u:p").decode()
+    for key in ("index.docker.io", "registry-1.docker.io/team"):
+        with open(conf, "w") as f:
+            json.dump({"auths": {key: {"auth": u}}}, f)
+        c = find_credentials("docker.io", "team/env")
+        assert c is not None and c.username == "u", key
+    with open(conf, "w") as f:  # a repository path is kept: not another repository's
+        json.dump({"auths": {"registry-1.docker.io/team": {"auth": u}}}, f)
+    assert find_credentials("docker.io", "other/env") is None

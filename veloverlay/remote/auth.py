@@ -6,7 +6,9 @@ Files, first match wins (as podman/skopeo read them, then Docker's):
 (default `~/.docker`). In each, `auths` is keyed by registry (`host[:port]`, optionally with a
 repository path: the longest match wins, or a URL such as `https://index.docker.io/v1/`) and holds
 `auth` (base64 of `user:password`) or `username`/`password`, or an `identitytoken`; `credHelpers`
-(per registry) and `credsStore` name a `docker-credential-NAME` program asked with `get`.
+(per registry) and `credsStore` name a `docker-credential-NAME` program asked with `get` (Docker
+Hub: under `https://index.docker.io/v1/`, as `docker login` keeps it, then `docker.io`). Docker
+Hub's other names (`index.docker.io`, `registry-1.docker.io`) are keys for `docker.io`.
 
 Secrets never appear in a repr, a log line or an error message: only the user name and the file
 they came from.
@@ -65,17 +67,24 @@ def auth_files() -> list[str]:
     return out
 
 
+_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
+_HUB_SERVER = "https://index.docker.io/v1/"  # Docker Hub's key in Docker's own helpers
+
+
 def _normalise(key: str) -> str:
+    """A credentials key as the registry (and repository path) it names: no scheme, no API
+    version, and Docker Hub's other names as `docker.io`."""
     for s in ("https://", "http://"):
         if key.startswith(s):
             key = key[len(s) :]
-    if key.startswith("index.docker.io/v1") or key.startswith("registry-1.docker.io"):
-        return "docker.io"
     key = key.rstrip("/")
     for api in ("/v1", "/v2"):
         if key.endswith(api):
             key = key[: -len(api)]
-    return key
+    host, sep, path = key.partition("/")
+    if host in _HUB_ALIASES:
+        host = "docker.io"
+    return host + sep + path
 
 
 def _from_entry(entry: object, path: str) -> Credentials | None:
@@ -155,13 +164,18 @@ def find_credentials(host: str, repo: str) -> Credentials | None:
                 if creds is not None:
                     return creds
         helpers = data.get("credHelpers")
+        if isinstance(helpers, dict):
+            helpers = {_normalise(k): v for k, v in helpers.items() if isinstance(k, str)}
         helper = helpers.get(host) if isinstance(helpers, dict) else None
         store = data.get("credsStore")
+        # `docker login` keeps Docker Hub's under its old server URL; podman under docker.io
+        servers = (_HUB_SERVER, host) if host == "docker.io" else (host,)
         for name in (helper, store):
             if isinstance(name, str) and name:
-                creds = _helper(name, host, path)
-                if creds is not None:
-                    return creds
+                for server in servers:
+                    creds = _helper(name, server, path)
+                    if creds is not None:
+                        return creds
     return None
 
 
