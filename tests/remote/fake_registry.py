@@ -7,6 +7,7 @@ started it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import uuid
@@ -84,7 +85,12 @@ class Handler(BaseHTTPRequestHandler):
             fake.blobs[self.path.split("digest=")[1]] = body
             return self.send(201)
         m = re.match(r"^/v2/(.+)/manifests/(.+)$", path)
-        if m and self.command == "PUT":
+        if m and self.command == "PUT":  # refused if it names a blob not held, as distribution
+            named = json.loads(body)
+            for desc in [named["config"], *named["layers"]]:
+                if desc["digest"] not in fake.blobs:
+                    err = {"errors": [{"code": "MANIFEST_BLOB_UNKNOWN", "detail": desc["digest"]}]}
+                    return self.send(400, json.dumps(err).encode())
             fake.manifests[m.group(2)] = fake.manifests[sha(body)] = body
             return self.send(201, headers={"Docker-Content-Digest": sha(body)})
         if m and self.command == "GET":

@@ -3,16 +3,17 @@ stored is held to what was sent, and the tag is not moved, nor noted, on a lie."
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.trees import make_tree
+from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.fake_registry import FakeRegistry, Handler, sha
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
-from veloverlay.remote import Options, push
+from veloverlay.remote import Options, pull, push
 from veloverlay.remote.state import Versions
 from veloverlay.verbs.repo import Repo
 
@@ -85,3 +86,55 @@ def test_a_plain_http_registry_is_reached_through_the_environments_proxy(
     with pytest.raises(VeloError) as ei:  # not through the proxy: the name does not resolve
         push(repo.store, repo.m, ["env"], f"{prefix}/team/env:v2", options=OPTS)
     assert ei.value.reason is Reason.REMOTE_UNREACHABLE, ei.value
+
+
+def test_blobs_the_registry_lost_are_uploaded_again(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """The tag's version names packs and a large object the registry no longer holds: it refuses
+    a manifest naming them (MANIFEST_BLOB_UNKNOWN, as distribution does), and the push checks
+    what it would have listed again and uploads what is missing, instead of failing for good."""
+    _env(repo, shm_tmp)
+    push(repo.store, repo.m, ["env"], fake.remote("v"), options=OPTS)
+    first = json.loads(fake.manifests["v"])
+    lost = {x["digest"] for x in first["layers"]}
+    for d in lost:
+        del fake.blobs[d]
+    with open(os.path.join(shm_tmp, "src", "a.txt"), "wb") as f:
+        f.write(b"changed\n")
+    ingest(repo.store, repo.m, os.path.join(shm_tmp, "src"), "env", jobs=1)
+    [res] = push(repo.store, repo.m, ["env"], fake.remote("v"), options=OPTS)
+    second = json.loads(fake.manifests["v"])
+    assert res.digest == sha(fake.manifests["v"])
+    assert all(x["digest"] in fake.blobs for x in second["layers"])
+    other = Repo.open(os.path.join(shm_tmp, "other"), create=True)
+    try:
+        pull(other.store, other.m, fake.remote("v"), options=OPTS)
+        out = os.path.join(shm_tmp, "out")
+        other.checkout("env", out)
+        assert_same_tree(os.path.join(shm_tmp, "src"), out)
+    finally:
+        other.close()
+
+
+def test_a_mount_answered_for_a_blob_the_registry_lacks_is_uploaded(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """A push to another repository mounts the blobs of the version this store last pushed; a
+    registry answering 201 for blobs it lost gets them uploaded, not a manifest naming them."""
+    _env(repo, shm_tmp)
+    push(repo.store, repo.m, ["env"], fake.remote("v"), options=OPTS)
+    for x in json.loads(fake.manifests["v"])["layers"]:
+        del fake.blobs[x["digest"]]
+
+    def lying_mount(h: Handler, method: str) -> bool:
+        if method == "POST" and "mount=" in h.path:
+            h.send(201)
+            return True
+        return False
+
+    fake.hook = lying_mount
+    other = f"http://{fake.host}/team/other:v"
+    [res] = push(repo.store, repo.m, ["env"], other, options=OPTS)
+    assert all(x["digest"] in fake.blobs for x in json.loads(fake.manifests["v"])["layers"])
+    assert res.blobs_uploaded > 0

@@ -7,7 +7,9 @@ so a tag's packs never carry much dead weight. Everything else is packed (nodes 
 by digest order, so an interrupted push re-made from the same inputs builds the same packs, which
 the registry then already has) or, from `LARGE` bytes up, sent alone as a blob under its sha256.
 Every object read for the push is hashed first: a damaged local object is never sent. Blobs go
-before the manifest; the tag moves last.
+before the manifest; the tag moves last. A registry that refuses the manifest for a blob it
+does not hold (MANIFEST_BLOB_UNKNOWN: it lost one the tag's version names) gets the push again,
+listing a blob of that version only where a HEAD says it is there.
 """
 
 from __future__ import annotations
@@ -249,7 +251,11 @@ def _push_one(
     spec: str,
     target: RemoteName,
     progress: ProgressFn | None,
+    *,
+    check: bool = False,
 ) -> PushResult:
+    """With `check`, a blob of a base version is listed again only if the registry says it
+    holds it (HEAD): the second try after the registry refused a manifest for a blob it lost."""
     t0 = time.monotonic()
     requests0 = reg.requests
     assert target.tag is not None
@@ -315,6 +321,8 @@ def _push_one(
                     ):
                         continue
                     res.blobs_mounted += 2
+                if check and not all(pool.map(reg.blob_exists, (p.index.digest, p.pack.digest))):
+                    continue  # (mounted too: a registry may answer 201 for what it lacks)
                 packs.append(p)
                 need.difference_update(e.digest for e in live)
                 res.packs_reused += 1
@@ -324,6 +332,8 @@ def _push_one(
                         if not reg.mount_blob(base.large[d].digest, from_repo):
                             continue
                         res.blobs_mounted += 1
+                    if check and not reg.blob_exists(base.large[d].digest):
+                        continue
                     large_descs[d] = base.large[d]
                     res.large_reused += 1
         todo = sum(len(node_data[d]) for d in need_nodes) + sum(sizes[d] for d in need_small)
@@ -393,7 +403,14 @@ def _push_one(
             "org.veloverlay.root": commit.root,
         },
     )
-    res.digest = reg.put_manifest(target.tag, manifest)
+    try:
+        res.digest = reg.put_manifest(target.tag, manifest)
+    except VeloError as exc:
+        # the tag's version names blobs the registry no longer holds (lost, collected): they
+        # are not trusted again but checked, and what is missing is uploaded
+        if check or "MANIFEST_BLOB_UNKNOWN" not in (exc.detail or ""):
+            raise
+        return _push_one(store, m, reg, spec, target, progress, check=True)
     versions.set(reg.name.registry, base_name, reg.name.repo, res.digest)
     meter.finish()
     res.blobs_uploaded, res.blobs_present, res.bytes_uploaded = up.uploaded, up.present, up.bytes
