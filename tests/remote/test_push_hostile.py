@@ -3,6 +3,7 @@ stored is held to what was sent, and the tag is not moved, nor noted, on a lie."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -138,3 +139,47 @@ def test_a_mount_answered_for_a_blob_the_registry_lacks_is_uploaded(
     [res] = push(repo.store, repo.m, ["env"], other, options=OPTS)
     assert all(x["digest"] in fake.blobs for x in json.loads(fake.manifests["v"])["layers"])
     assert res.blobs_uploaded > 0
+
+
+def test_a_large_object_damaged_after_it_was_hashed_never_arrives_whole(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """A large object whose sha256 the store remembers (the ShaMap) is not hashed before it is
+    sent: it is checked as it goes, and its last piece is held back until the check passed, so a
+    registry that stores what it is given unchecked (the fake) never gets the damaged bytes."""
+    from veloverlay import fsflags
+
+    _env(repo, shm_tmp)
+    push(repo.store, repo.m, ["env"], fake.remote("v"), options=OPTS)  # the ShaMap learns it
+    (big,) = repo.ls("env", "big")
+    path = os.fsdecode(repo.store.object_path(bytes.fromhex(big.digest)))
+    with contextlib.suppress(OSError):
+        fsflags.set_immutable(path, False)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        good = f.read()
+        f.seek(len(good) - 1)
+        f.write(bytes([good[-1] ^ 0xFF]))  # the last byte: found only at the end
+    fresh = FakeRegistry()
+    got: list[int] = []
+
+    def count(h: Handler, method: str) -> bool:
+        if method == "PUT" and h.path.startswith("/upload/"):
+            n = int(h.headers.get("Content-Length") or 0)
+            if n == len(good):
+                got.append(len(h.rfile.read(n)))
+                h.send(201)
+                return True
+        return False
+
+    fresh.hook = count
+    try:
+        with pytest.raises(VeloError) as ei:
+            push(repo.store, repo.m, ["env"], fresh.remote("v"), options=OPTS)
+    finally:
+        fresh.close()
+        with open(path, "wb") as f:
+            f.write(good)
+        os.chmod(path, 0o444)
+    assert ei.value.reason is Reason.OBJECT_CORRUPT, ei.value
+    assert got and max(got) < len(good), got  # the damaged object never arrived whole

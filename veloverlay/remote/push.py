@@ -161,15 +161,24 @@ def _read_verified(store: Store, d: bytes, size: int) -> bytes:
 
 
 def _file_chunks(store: Store, d: bytes, sha: str, meter: Meter) -> Any:
+    """An object's bytes for an upload under `sha` (from the ShaMap, or hashed just before). The
+    last chunk is held back until the whole has hashed right: an object damaged since is never
+    sent whole, so no registry can take it (the upload ends short, and the push with it)."""
     fd = store.open_object(d)
     try:
         h = hashlib.sha256()
+        held = b""
         while chunk := os.read(fd, _CHUNK):
             h.update(chunk)
-            meter.add(len(chunk))
-            yield chunk
+            if held:
+                meter.add(len(held))
+                yield held
+            held = chunk
         if "sha256:" + h.hexdigest() != sha:
-            raise _corrupt(d)  # changed since it was hashed: abort the upload
+            raise _corrupt(d)
+        if held:
+            meter.add(len(held))
+            yield held
     finally:
         os.close(fd)
 
