@@ -66,7 +66,8 @@ def test_a_plain_http_registry_is_reached_through_the_environments_proxy(
     fake: FakeRegistry, repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As for an https registry (and as curl, podman): HTTP_PROXY is honoured for http://
-    registries too, NO_PROXY exempts one. The fake stands for the proxy, serving the registry."""
+    registries too, NO_PROXY exempts one, and loopback is never proxied. The fake stands for the
+    proxy, serving the registry."""
     for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://{fake.host}")
@@ -87,6 +88,10 @@ def test_a_plain_http_registry_is_reached_through_the_environments_proxy(
     with pytest.raises(VeloError) as ei:  # not through the proxy: the name does not resolve
         push(repo.store, repo.m, ["env"], f"{prefix}/team/env:v2", options=OPTS)
     assert ei.value.reason is Reason.REMOTE_UNREACHABLE, ei.value
+    monkeypatch.delenv("NO_PROXY")
+    fake.hook = None  # a registry on loopback is reached directly, as by podman and skopeo
+    push(repo.store, repo.m, ["env"], f"http://{fake.host}/team/env:v3", options=OPTS)
+    assert not [p for _m, p, _a in fake.seen if p.startswith("http://127.")], fake.seen
 
 
 def test_blobs_the_registry_lost_are_uploaded_again(

@@ -80,7 +80,7 @@ class Registry:
         kw: dict[str, Any] = {}
         if transport is not None:
             kw["transport"] = transport
-        elif name.scheme == "https" or env_proxied():  # (a context loads the CAs: ~35 ms)
+        elif name.scheme == "https" or env_proxied(name.host):  # (CAs loaded: ~35 ms)
             # (a transport of our own would turn httpx's *_PROXY/NO_PROXY handling off)
             kw["verify"] = ssl_context(name.host, self.opts)
         else:  # no CAs loaded unless a redirect leads to https

@@ -114,9 +114,13 @@ def ssl_context(host: str, opts: Options) -> ssl.SSLContext | bool:
     return ctx
 
 
-def env_proxied() -> bool:
+def env_proxied(host: str) -> bool:
     """Whether the environment names a proxy for plain http (`http_proxy`, `all_proxy`, any
-    case), which httpx honours (with `no_proxy`) only on a client built without a transport."""
+    case), which httpx honours (with `no_proxy`) only on a client built without a transport. A
+    registry on loopback is never reached through one (as the container tools' Go clients)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.strip("[]") in ("localhost", "::1") or name.startswith("127."):
+        return False
     return bool({"http", "all"} & set(urllib.request.getproxies()))
 
 
