@@ -620,6 +620,27 @@ def test_gc_keeps_objects_of_session_state_roots(repo: Repo, later: None) -> Non
     assert rep.deleted == [d.hex()] and rep.nodes_deleted == 2
 
 
+@pytest.mark.parametrize("garbage", [b'{"roots": ["', b"[1, 2]"])
+def test_gc_refuses_while_a_session_state_cannot_be_read(
+    repo: Repo, later: None, garbage: bytes
+) -> None:
+    """A session whose state file cannot be read may be live: gc skipped it, and took what its
+    state named (a stacked view only it keeps). Now gc refuses, saying which session and how to
+    go on; once that session's directory is gone, gc sweeps as before."""
+    (d,) = put(repo, b"a live session may need me")
+    state = repo.store.sessions / "s-456"
+    state.mkdir(parents=True)
+    (state / "state.json").write_bytes(garbage)
+    with pytest.raises(VeloError) as ei:
+        gc(repo.store, repo.m, grace=500)
+    assert ei.value.reason is Reason.SESSION_ACTIVE and "s-456" in ei.value.message
+    assert "s-456" in (ei.value.hint or "") and repo.store.has(d)
+    (state / "state.json").unlink()
+    state.rmdir()
+    rep = gc(repo.store, repo.m, grace=500)
+    assert rep.deleted == [d.hex()]
+
+
 def test_gc_via_cli(repo: Repo, shm_tmp: str) -> None:
     tree_with(repo, shm_tmp, "r", {"a": b"1"})
     put(repo, b"orphan")

@@ -5,7 +5,8 @@ tagged commit (a named version is kept whatever `keep` says, and after its ref i
 ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
 base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
 ones pin nothing) and the commits they started from (key "bases": kept with the session, even when
-their ref is deleted or `keep` cuts its log meanwhile). Only objects older than `grace` seconds
+their ref is deleted or `keep` cuts its log meanwhile). A session whose state file cannot be read
+stops gc (session-active), since what it needs is unknown. Only objects older than `grace` seconds
 (by ctime: the time they were renamed into the store) are swept, and gc holds the store lock
 exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
 real run would delete.
@@ -79,9 +80,21 @@ def _unfinished(store: Store) -> list[dict[str, Any]]:
         p = store.sessions / sid / "state.json"
         try:
             data = json.loads(p.read_text())
-        except (FileNotFoundError, ValueError, NotADirectoryError):
-            continue
-        if not isinstance(data, dict) or data.get("state") in ("harvested", "discarded"):
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # no state: a start that died before it named anything; it pins nothing
+        except (ValueError, OSError) as exc:
+            # What it needs is unknown: skipping it would let gc take a live session's view.
+            raise VeloError(
+                f"session {sid} has a state file that cannot be read ({exc}): gc cannot tell "
+                "what it needs",
+                reason=Reason.SESSION_ACTIVE,
+                path=os.fspath(p),
+                hint=f"if no session {sid} runs, remove {store.sessions / sid} (its changes are "
+                "lost) and run gc again",
+            ) from None
+        if data.get("state") in ("harvested", "discarded"):
             continue  # finished: what it produced is reachable from refs, or was thrown away
         out.append(data)
     return out

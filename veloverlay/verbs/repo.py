@@ -326,7 +326,7 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
     usage = disk_usage(store)
     total = {k: sum(p[k] for p in usage.values()) for k in ("files", "dirs", "bytes")}
     with store.lock(exclusive=True, wait=False):
-        if session_roots(store) and not force:
+        if not force and session_roots(store):
             raise VeloError(
                 f"the store at {store.root} has sessions that are live or not yet harvested",
                 reason=Reason.SESSION_ACTIVE,
