@@ -17,6 +17,8 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from veloverlay import _libc, fsflags, paths, verity
 from veloverlay.errors import VeloError
@@ -412,37 +414,30 @@ def fsck(
                     rep.findings.append(
                         Finding("node-missing", e.digest.hex(), f"child {paths.display(e.name)}")
                     )
+
         # Each record on its own: a damaged one is a finding, and the rest are still checked.
+        def records(table: str, read: Callable[[str], Any], kind: str) -> Iterator[Any]:
+            for key in m.record_keys(txn, table):
+                name = key.hex() if table == "commits" else key.decode("utf-8", "surrogateescape")
+                try:
+                    record = read(name)
+                    assert record is not None  # (its key was just listed)
+                except VeloError as exc:
+                    rep.findings.append(Finding(f"{kind}-corrupt", name, exc.message))
+                    continue
+                yield record
+
         commits = {}
-        for key in m.record_keys(txn, "commits"):
-            try:
-                c = m.get_commit(txn, key.hex())
-            except VeloError as exc:
-                rep.findings.append(Finding("commit-corrupt", key.hex(), exc.message))
-                continue
+        for c in records("commits", lambda cid: m.get_commit(txn, cid), "commit"):
             commits[c.id] = c
             rep.commits += 1
             if not m.has_node(txn, bytes.fromhex(c.root)):
                 rep.findings.append(Finding("node-missing", c.root, f"root of commit {c.id[:16]}"))
-        for key in m.record_keys(txn, "refs"):
-            name = key.decode("utf-8", "surrogateescape")
-            try:
-                ref = m.get_ref(txn, name)
-                assert ref is not None
-            except VeloError as exc:
-                rep.findings.append(Finding("ref-corrupt", name, exc.message))
-                continue
+        for ref in records("refs", lambda name: m.get_ref(txn, name), "ref"):
             rep.refs += 1
             if ref.head not in commits:
                 rep.findings.append(Finding("commit-missing", ref.head, f"head of ref {ref.name}"))
-        for key in m.record_keys(txn, "tags"):  # named versions gc must keep
-            name = key.decode("utf-8", "surrogateescape")
-            try:
-                tag = m.get_tag(txn, name)
-                assert tag is not None
-            except VeloError as exc:
-                rep.findings.append(Finding("tag-corrupt", name, exc.message))
-                continue
+        for tag in records("tags", lambda name: m.get_tag(txn, name), "tag"):  # gc keeps them
             if tag.commit not in commits:
                 rep.findings.append(Finding("commit-missing", tag.commit, f"tag {tag.name}"))
     from veloverlay.verbs.gc import counted_refs
