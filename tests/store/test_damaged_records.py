@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,29 +19,13 @@ import lmdb
 import pytest
 
 from tests.helpers.trees import make_tree
+from tests.store.test_integrity import stored_objects, velo
 from veloverlay.ingest import ingest
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
 V1 = {"a.txt": b"alpha\n", "d/b.bin": bytes(range(256)) * 64, "d/e/c": b"gamma"}
 V2 = {"a.txt": b"alpha, second\n", "new": b"new in v2"}
-
-
-def velo(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", "--json", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
-def stored_objects(store: str) -> set[str]:
-    out = set()
-    for _dirpath, _dirs, files in os.walk(os.path.join(store, "objects-v2")):
-        out.update(f for f in files if len(f) == 64)
-    return out
 
 
 def every_digest() -> set[str]:
