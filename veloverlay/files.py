@@ -26,6 +26,7 @@ __all__ = [
     "force_rmtree",
     "remove_at",
     "open_dir_at",
+    "open_opened_up",
     "opened_dir",
     "searchable",
     "empty_dir",
@@ -187,22 +188,17 @@ def opened_dir(dfd: int, name: bytes, mode: int) -> Iterator[int]:
         fd = os.open(name, DIRFLAGS, dir_fd=dfd)
         opened_up = False
     except PermissionError:
-        os.chmod(name, mode | stat.S_IRWXU, dir_fd=dfd, follow_symlinks=False)
+        pfd = os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd)
+        fd = open_opened_up(pfd, mode)
         opened_up = True
-        try:
-            fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
-            raise
     try:
         with searchable(fd):
             yield fd
     finally:
-        os.close(fd)
         if opened_up:
             with contextlib.suppress(OSError):
-                os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+                os.fchmod(fd, mode)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -227,17 +223,35 @@ def searchable(fd: int) -> Iterator[None]:
 
 
 def _opened_up(dfd: int, name: str, expect: tuple[int, int] | None) -> int:
-    """The directory `name` that refused to be opened for reading: through an O_PATH descriptor
-    (no link followed), if it is ours, made u+rwx via /proc/self/fd (chmod reaches that inode,
-    whatever happens to the name), then opened for reading through the same descriptor."""
-    pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    """The directory `name` that refused to be opened for reading, if it is ours, opened up
+    (left u+rwx: it is about to be emptied)."""
+    pfd = os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd)
     try:
         st = os.fstat(pfd)
         _same(st, expect, name)
         if st.st_uid != os.geteuid():
             raise PermissionError(errno.EACCES, "a directory of another user", name)
-        os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
-        return os.open(f"/proc/self/fd/{pfd}", DIRFLAGS & ~os.O_NOFOLLOW)
+    except BaseException:
+        os.close(pfd)
+        raise
+    return open_opened_up(pfd, stat.S_IMODE(st.st_mode))
+
+
+def open_opened_up(pfd: int, mode: int) -> int:
+    """A descriptor for reading of the directory the O_PATH descriptor `pfd` names (closed
+    here), which its owner made unreadable or unsearchable: chmod to `mode` | u+rwx goes through
+    /proc/self/fd, so it reaches that very inode whatever happens to its name, and the open goes
+    the same way. The directory is left u+rwx; the caller gives its mode back (fchmod of the
+    returned descriptor) once it no longer needs to look names up in it."""
+    proc = f"/proc/self/fd/{pfd}"
+    try:
+        os.chmod(proc, mode | stat.S_IRWXU)
+        try:
+            return os.open(proc, DIRFLAGS & ~os.O_NOFOLLOW)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.chmod(proc, mode)
+            raise
     finally:
         os.close(pfd)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, write_bytes_atomic
+from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_bytes_atomic
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -205,23 +205,9 @@ def open_target(target: str | bytes, ident: tuple[int, int] | None) -> int:
             path=target,
         )
     if unreadable:
-        fd = _opened_up(fd, stat.S_IMODE(st.st_mode))
+        fd = open_opened_up(fd, stat.S_IMODE(st.st_mode))
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))  # opened: its mode back at once
     return fd
-
-
-def _opened_up(pfd: int, mode: int) -> int:
-    """A descriptor for reading of the directory the O_PATH descriptor `pfd` names (closed
-    here), which its owner made unreadable: u+rwx for the moment of the open, then `mode` back
-    (the open's permission check is done; chmod leaves the mtime alone)."""
-    proc = f"/proc/self/fd/{pfd}"
-    try:
-        os.chmod(proc, mode | stat.S_IRWXU)
-        try:
-            return os.open(proc, DIRFLAGS & ~os.O_NOFOLLOW)
-        finally:
-            os.chmod(proc, mode)
-    finally:
-        os.close(pfd)
 
 
 class _Placer:
