@@ -21,7 +21,15 @@ import stat
 from veloverlay import _libc
 from veloverlay.errors import Reason, SysError, VeloError
 
-__all__ = ["LinkMode", "clone_or_copy", "copy_bytes", "copy_in_kernel", "hardlink_or_copy"]
+__all__ = [
+    "LinkMode",
+    "clone_or_copy",
+    "copy_bytes",
+    "copy_extents",
+    "copy_in_kernel",
+    "hardlink_or_copy",
+    "write_or_skip",
+]
 
 StrPath = str | os.PathLike[str]
 
@@ -34,6 +42,7 @@ _NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _NO_HARDLINK = frozenset({errno.EMLINK, errno.EXDEV, errno.EPERM})
 
 _CHUNK = 1 << 30
+_BLOCK = 4096
 
 
 class LinkMode(enum.Enum):
@@ -50,9 +59,15 @@ class LinkMode(enum.Enum):
 
 
 def copy_bytes(src_fd: int, dst_fd: int) -> None:
-    """Copy from the current offsets to EOF, by the best call the kernel accepts here."""
+    """Copy from the current offsets to EOF, by the best call the kernel accepts here; the
+    source's holes stay holes (`copy_extents`)."""
+    start = os.lseek(src_fd, 0, os.SEEK_CUR)
+    dst_start = os.lseek(dst_fd, 0, os.SEEK_CUR)
     try:
-        while os.copy_file_range(src_fd, dst_fd, _CHUNK):
+        end = start + copy_extents(src_fd, dst_fd, start, dst_start)
+        os.lseek(src_fd, end, os.SEEK_SET)
+        os.lseek(dst_fd, dst_start + end - start, os.SEEK_SET)
+        while os.copy_file_range(src_fd, dst_fd, _CHUNK):  # what it grew by meanwhile
             pass
         return
     except OSError as exc:
@@ -101,15 +116,15 @@ def copy_in_kernel(src_fd: int, dst_fd: int) -> LinkMode | None:
         except SysError as exc:
             if exc.errno not in _NO_REFLINK:
                 raise
-    copied = 0
     try:
-        while n := os.copy_file_range(src_fd, dst_fd, _CHUNK):
-            copied += n
+        copied = copy_extents(src_fd, dst_fd, start, 0)
     except OSError as exc:
         if exc.errno not in _NO_COPY_FILE_RANGE:
             raise
         copied = -1
     if copied == max(size - start, 0):
+        os.lseek(src_fd, start + copied, os.SEEK_SET)
+        os.lseek(dst_fd, copied, os.SEEK_SET)
         return LinkMode.COPY
     # Refused, or short of the size fstat gave (a file that copy_file_range reads as empty, or
     # one that changed: the caller's own read and stat checks then see which).
@@ -117,6 +132,59 @@ def copy_in_kernel(src_fd: int, dst_fd: int) -> LinkMode | None:
     os.lseek(dst_fd, 0, os.SEEK_SET)
     os.ftruncate(dst_fd, 0)
     return None
+
+
+def copy_extents(src_fd: int, dst_fd: int, start: int, dst_start: int) -> int:
+    """Copy `src_fd` from `start` to its size (fstat, now) to `dst_fd` at `dst_start`, by
+    copy_file_range of its data extents only (SEEK_DATA/SEEK_HOLE): a hole stays a hole, as
+    `cp` keeps them. A disk image or database file of 10 GiB holding 100 MiB costs 100 MiB, not
+    10 GiB of zeros written (and a per-boot layer cache on tmpfs: of memory). Neither
+    descriptor's offset is used or moved. Returns how many bytes of the range it covered: all of
+    it, or less where the source ended early (it shrank, or reads short, as procfs files do).
+    Errors of copy_file_range propagate (see `_NO_COPY_FILE_RANGE` for those that mean "not
+    here"); a filesystem that cannot say where its data is (EINVAL from SEEK_DATA) is copied
+    as one extent."""
+    end = os.fstat(src_fd).st_size
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(src_fd, pos, os.SEEK_DATA)
+            hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), end)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from `pos` on
+                break
+            if exc.errno != errno.EINVAL:
+                raise
+            data, hole = pos, end
+        if data >= end:
+            break
+        while data < hole:
+            n = os.copy_file_range(src_fd, dst_fd, hole - data, data, dst_start + data - start)
+            if n == 0:
+                return data - start
+            data += n
+        pos = hole
+    if end > start:
+        os.ftruncate(dst_fd, dst_start + end - start)  # the hole at the end, if there is one
+    return max(end - start, 0)
+
+
+def write_or_skip(fd: int, data: bytes | memoryview) -> bool:
+    """Write `data` at `fd`'s offset, or, when it is a run of zeros of a block or more, move the
+    offset past it and write nothing: a hole (as `cp --sparse=auto` makes them). Whoever writes
+    a file this way ends it with `ftruncate(fd, size)`, since a hole at the end has no bytes to
+    set the size. A zero run is told by its ends first, so a chunk of data costs two byte reads.
+    Returns whether it made a hole."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n >= _BLOCK and not view[0] and not view[-1]:
+        whole = data if isinstance(data, bytes) else view.tobytes()
+        if whole.count(0) == n:
+            os.lseek(fd, n, os.SEEK_CUR)
+            return True
+    while view:
+        view = view[os.write(fd, view) :]
+    return False
 
 
 def clone_or_copy(

@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from veloverlay import files
+from veloverlay import files, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.mount import pin_dir
@@ -239,9 +239,8 @@ def _write_file(
         )
         try:
             for chunk in verified_chunks(src, digest, size):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                linking.write_or_skip(fd, chunk)  # a run of zeros becomes a hole
+            os.ftruncate(fd, size)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         except BaseException:

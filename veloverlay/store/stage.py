@@ -301,10 +301,13 @@ class Stage:
         h = Hasher()
         size = 0
         try:
+            hole = False  # at the end: then the file needs its size set
             for chunk in chunks:
                 h.update(chunk)
-                _write_all(fd, chunk, path)
+                hole = _write_all(fd, chunk, path, sparse=True)
                 size += len(chunk)
+            if hole:
+                _sized(fd, size, path)
         except BaseException:
             os.close(fd)
             self._drop(path)
@@ -468,15 +471,28 @@ def unlink_staged(store: Store, path: bytes) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview, path: bytes) -> None:
-    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...)."""
+def _write_all(fd: int, data: bytes | memoryview, path: bytes, *, sparse: bool = False) -> bool:
+    """Write everything; a full or read-only store is a VeloError (STORE_FULL, ...). `sparse`:
+    a run of zeros becomes a hole (`linking.write_or_skip`); returns whether it did (a file
+    that ends in one gets its size from `_sized`)."""
     view = memoryview(data)
     try:
+        if sparse:
+            return linking.write_or_skip(fd, view)
         while view:
             n = os.write(fd, view)
             view = view[n:]
     except OSError as exc:
         raise store_error(exc, "write", path) from exc
+    return False
+
+
+def _sized(fd: int, size: int, path: bytes) -> None:
+    """Give a file that ends in a hole its size."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise store_error(exc, "ftruncate", path) from exc
 
 
 def store_error(exc: OSError, call: str, path: bytes, path2: bytes | None = None) -> Exception:
