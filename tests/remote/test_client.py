@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import httpx
@@ -152,6 +153,40 @@ def test_bearer_flow() -> None:
     assert len(fake.token_requests) == 1
     q = fake.token_requests[0].url.params
     assert q.get("service") == "reg.test" and q.get_list("scope") == ["repository:team/x:pull"]
+
+
+class FakeOAuthRegistry(FakeTokenRegistry):
+    """The same registry whose token service takes only an OAuth2 refresh token, by POST."""
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        if req.url.path != "/token":
+            return super().__call__(req)
+        self.token_requests.append(req)
+        form = urllib.parse.parse_qs(req.content.decode())
+        if req.method != "POST" or "authorization" in req.headers:
+            return httpx.Response(401)
+        if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != ["idt"]:
+            return httpx.Response(401)
+        if form.get("service") != ["reg.test"] or not form.get("client_id"):
+            return httpx.Response(400)
+        assert form.get("scope") == ["repository:team/x:pull"]
+        return httpx.Response(200, json={"access_token": "good-token"})
+
+
+def test_an_identity_token_is_traded_by_the_oauth2_post() -> None:
+    """`docker login` to an OAuth2 registry (Azure's, Harbor with OIDC) keeps an identity token:
+    a refresh token for the token service. It was sent as the password of a Basic GET, which
+    such a service refuses, so every pull and push with those credentials failed."""
+    from veloverlay.remote.auth import Credentials
+
+    fake = FakeOAuthRegistry()
+    creds = Credentials("<token>", "idt", "test", identity_token=True)
+    opts = Options(credentials=creds, backoff=0.0, retries=0)
+    transport = httpx.MockTransport(fake)
+    with Registry(parse_remote("reg.test/team/x:t"), opts, transport=transport) as c:
+        body, _d, _t = c.get_manifest("t")
+    assert body == b"{}" and len(fake.token_requests) == 1
+    assert fake.token_requests[0].method == "POST"
 
 
 def test_bearer_refused() -> None:

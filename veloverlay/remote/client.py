@@ -3,7 +3,8 @@
 `GET /v2/` (probe), `HEAD`/`GET …/blobs/<d>`, `POST …/blobs/uploads/[?mount=&from=]` then
 `PUT <location>?digest=`, `GET`/`PUT …/manifests/<ref>`, `GET …/tags/list`. Auth follows the
 registry's `WWW-Authenticate` challenge: `Basic` with the stored credentials, or `Bearer`
-(a token from the realm, asked with the credentials if there are any, anonymously otherwise).
+(a token from the realm, asked with the credentials if there are any — an identity token by the
+OAuth2 POST that trades it — anonymously otherwise).
 TLS uses the system CAs, plus `/etc/containers/certs.d/HOST/*.crt`, `/etc/docker/certs.d/HOST/
 *.crt` and `ca_cert`; `tls_verify=False` turns verification off. Idempotent requests are retried
 with exponential backoff on connection errors, resets and 429/5xx; an upload is retried whole.
@@ -172,11 +173,19 @@ class Registry:
             scopes.append(params["scope"])
         query += [("scope", s) for s in scopes]
         realm = self._realm(params["realm"])
-        headers = {"Authorization": creds.basic()} if creds is not None else {}
+        if creds is not None and creds.identity_token:
+            # An identity token (what `docker login` keeps for Azure and other OAuth2 token
+            # services) is a refresh token: it is traded by the OAuth2 POST, never sent as a
+            # password (distribution's token spec, "OAuth2 token").
+            form = {"grant_type": "refresh_token", "refresh_token": creds.secret}
+            form |= {"client_id": "veloverlay", "scope": " ".join(scopes)}
+            form |= {"service": params["service"]} if params.get("service") else {}
+            req = self.client.build_request("POST", realm, data=form)
+        else:
+            headers = {"Authorization": creds.basic()} if creds is not None else {}
+            req = self.client.build_request("GET", realm, params=query, headers=headers)
         try:  # (a token answer is read as any small answer: bounded, no encoding)
-            tr = self.client.send(
-                self.client.build_request("GET", realm, params=query, headers=headers), stream=True
-            )
+            tr = self.client.send(req, stream=True)
             check_encoding(self.name.host, tr)
             tr = read_small(tr, self.opts, self.name.host)
         except httpx.TransportError as exc:
