@@ -26,7 +26,7 @@ from veloverlay.remote import Options, pull
 from veloverlay.remote.auth import Credentials
 from veloverlay.remote.client import Registry
 from veloverlay.remote.name import parse_remote
-from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, encode_index
+from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, encode_index, index_bytes_max
 from veloverlay.remote.version import A_INDEX, A_KIND, INDEX_TYPE
 from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
@@ -482,6 +482,35 @@ def test_a_pack_listed_twice_with_overlapping_indexes_is_invalid(
     fake.manifests["v1"] = json.dumps(man).encode()
     err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
     assert "listed twice" in err.message
+
+
+def test_indexes_that_together_hold_too_many_entries_are_refused_unread(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    """Each index is bounded (4,000,000 entries); a version naming a thousand full ones made a
+    pull read and hold all of them (about 150 bytes of memory per entry). The descriptors'
+    sizes are checked together before any index is fetched."""
+    data = b"x"
+    root, nodes = one_dir([file_entry(b"x", data)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, root)
+    man = json.loads(fake.manifests["v1"])
+    pack = next(x for x in man["layers"] if x.get("annotations", {}).get(A_KIND) == "objects")
+    half = index_bytes_max(1) // 2  # three such indexes: 1.5 times the bound
+    for i in range(3):
+        dig = sha(b"index %d" % i)
+        fake.blobs[dig] = b"never read"  # served, so only the check can stop the fetch
+        man["layers"].append(
+            dict(
+                pack,
+                digest=sha(b"pack %d" % i),
+                annotations=dict(pack["annotations"], **{A_INDEX: dig}),
+            )
+        )
+        man["layers"].append({"mediaType": INDEX_TYPE, "digest": dig, "size": half})
+    fake.manifests["v1"] = json.dumps(man).encode()
+    err = _pull_refused(repo, fake, Reason.REMOTE_INVALID)
+    assert "entries together" in err.message
+    assert not [p for _m, p, _a in fake.seen if "sha256:" in p and sha(b"index 0") in p]
 
 
 def test_a_registry_without_tls_named_as_https_gets_the_http_hint(

@@ -29,6 +29,7 @@ __all__ = [
     "PackWriter",
     "encode_index",
     "decode_index",
+    "index_bytes_max",
 ]
 
 PACK_MAGIC = b"VELOPACK"
@@ -39,7 +40,13 @@ KIND_OBJECT = 1
 KIND_NODE = 2
 _REC = struct.Struct(f"<B{DIGEST_SIZE}sQQ")
 _HEAD = struct.Struct("<8sII")
-MAX_INDEX_ENTRIES = 4_000_000
+MAX_INDEX_ENTRIES = 4_000_000  # in one index, and in all the indexes of a version together
+
+
+def index_bytes_max(indexes: int) -> int:
+    """The most bytes `indexes` indexes of one version may hold together: MAX_INDEX_ENTRIES
+    entries (a pull holds every entry of a version at once, about 150 bytes each in memory)."""
+    return indexes * _HEAD.size + MAX_INDEX_ENTRIES * _REC.size
 
 
 class Entry(NamedTuple):

@@ -26,6 +26,7 @@ from typing import Any
 from veloverlay.errors import Reason, VeloError
 from veloverlay.records import Record, field
 from veloverlay.remote.client import OCI_MANIFEST, dumps
+from veloverlay.remote.pack import MAX_INDEX_ENTRIES, index_bytes_max
 
 __all__ = [
     "ARTIFACT_TYPE",
@@ -175,6 +176,9 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
             v.large[bytes.fromhex(hexd)] = d
         elif d.media_type != INDEX_TYPE:
             raise _bad(f"unknown layer media type {d.media_type!r}")
+    if sum(p.index.size for p in v.packs) > index_bytes_max(len(v.packs)):
+        # each index alone is bounded; a version of thousands of full ones would be read whole
+        raise _bad(f"its pack indexes hold more than {MAX_INDEX_ENTRIES:,} entries together")
     return v
 
 
