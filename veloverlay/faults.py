@@ -25,6 +25,7 @@ POINTS = (
     "import.record",  # bundle import: after reading one record
     "lower.build",  # lower-layer build: per entry written
     "harvest.file",  # harvest: per upper file staged
+    "remove.entry",  # remove-store: after removing one top-level part of the store
 )
 
 _spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 
 import pytest
 
 from tests.envs.realtree import make_project
-from tests.helpers.trees import inode_flags_at
+from tests.helpers.trees import force_rmtree, inode_flags_at
 from veloverlay import fsflags
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
@@ -192,3 +194,68 @@ def test_remove_store_refuses_what_is_not_a_store_or_has_live_sessions(shm_tmp: 
     assert os.path.isdir(os.path.join(root, "manifests.lmdb"))
     remove_store(root, force=True)
     assert not os.path.lexists(root)
+
+
+def _store_with_project(shm_tmp: str) -> str:
+    root = os.path.join(shm_tmp, "store")
+    repo = Repo.open(root, create=True)
+    src = os.path.join(shm_tmp, "app")
+    if not os.path.isdir(src):
+        make_project(src)
+    ingest(repo.store, repo.m, src, "app", jobs=1)
+    repo.close()
+    return root
+
+
+def _remove_store_cli(root: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, VELO_STORE=root)
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    if fault:
+        env["VELO_INTERNAL__TEST_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", "remove-store", "--yes"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_remove_store_killed_at_every_step_is_finished_by_a_rerun(shm_tmp: str) -> None:
+    """SIGKILL after each part of the store removed: the rerun recognises what is left and
+    removes it (a kill after CACHEDIR.TAG, the database and the objects had gone left a
+    directory that remove-store refused as "no veloverlay store", and `init` would have used)."""
+    root = _store_with_project(shm_tmp)
+    parts = len(os.listdir(root)) - 1  # all but the lock file, removed with the directory
+    for n in range(1, parts + 1):
+        if not os.path.isdir(root):
+            root = _store_with_project(shm_tmp)
+        killed = _remove_store_cli(root, fault=f"remove.entry:{n}")
+        assert killed.returncode == -signal.SIGKILL, (n, killed.stderr)
+        left = sorted(os.listdir(root))
+        again = _remove_store_cli(root)
+        assert again.returncode == 0, f"kill {n}, left {left}: {again.stderr}"
+        assert not os.path.lexists(root), f"kill {n}, left {left}"
+
+
+def test_remove_store_finishes_what_a_removal_in_any_order_left(shm_tmp: str) -> None:
+    """The remains of a removal killed after its marks of identity went first (an older
+    version removed in directory order): the lock file and store parts only."""
+    root = _store_with_project(shm_tmp)
+    for name in ("CACHEDIR.TAG", "manifests.lmdb", "objects-v2"):
+        force_rmtree(os.path.join(root, name))
+    assert "lock" in os.listdir(root) and "sessions" in os.listdir(root)
+    remove_store(root)
+    assert not os.path.lexists(root)
+
+
+def test_remove_store_takes_no_directory_with_other_files_for_remains(shm_tmp: str) -> None:
+    plain = os.path.join(shm_tmp, "plain")
+    os.makedirs(os.path.join(plain, "tmp"))
+    for name in ("lock", "notes.txt"):
+        with open(os.path.join(plain, name), "w") as f:
+            f.write("mine\n")
+    with pytest.raises(VeloError) as ei:
+        remove_store(plain)
+    assert ei.value.reason is Reason.STORE_MISSING
+    assert sorted(os.listdir(plain)) == ["lock", "notes.txt", "tmp"]

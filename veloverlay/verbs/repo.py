@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
+from pathlib import Path
 from typing import IO, Any
 
-from veloverlay import paths
+from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record
@@ -304,18 +306,27 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
     sessions, manifests, and this user's per-boot cache of it. Refuses a directory that is not a
     veloverlay store, a store another veloverlay process holds (LOCKED), and one with sessions
     that are live or not yet harvested (their work would be lost) unless `force`.
+
+    Crash-safe in the sense that matters: what names the directory a store (its objects, the
+    manifest database, CACHEDIR.TAG) goes last, so a removal killed at any point leaves what a
+    rerun recognises and finishes; the remains of an older removal killed in another order (only
+    the lock file and parts a store is made of) are recognised too.
     Returns {"files", "dirs", "bytes"} removed."""
     from veloverlay import fsflags
     from veloverlay.lower.homes import boot_dir
     from veloverlay.verbs.gc import session_roots
 
-    store = Store.open(path)
+    store = _open_for_removal(path)
     tag = store.root / "CACHEDIR.TAG"
     ours = tag.is_file() and b"veloverlay" in tag.read_bytes()
-    shards = os.listdir(store.objects)
+    try:
+        shards = os.listdir(store.objects)
+    except FileNotFoundError:
+        shards = []
     # what `rm -rf` leaves of a root store: fan-out directories holding +i objects
     left_over = bool(shards) and all(_HEX2.match(n) for n in shards)
-    if not (ours or (store.db_path / "data.mdb").is_file() or left_over):
+    remains = _remains_of_store(store.root)
+    if not (ours or (store.db_path / "data.mdb").is_file() or left_over or remains):
         raise VeloError(
             f"{store.root} does not look like a veloverlay store (no CACHEDIR.TAG of ours, no "
             "manifest database, objects that are not named as ours)",
@@ -336,11 +347,47 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
         cache = boot_dir(store.root, create=False)
         if cache is not None:
             _remove_tree(os.fspath(cache), fsflags)
-        for entry in os.scandir(store.root):
+        for entry in sorted(os.scandir(store.root), key=_removal_order):
             if entry.name != "lock":
                 _remove_tree(entry.path, fsflags)
+                faults.point("remove.entry")
     _remove_tree(os.fspath(store.root), fsflags)  # the lock file last: we held it
     return total
+
+
+# Removed last, in this order: what makes a directory recognisably a store.
+_IDENTITY = ("objects-v1", "objects-v2", "manifests.lmdb", "CACHEDIR.TAG")
+
+
+def _removal_order(entry: os.DirEntry[str]) -> tuple[int, str]:
+    rank = _IDENTITY.index(entry.name) + 1 if entry.name in _IDENTITY else 0
+    return rank, entry.name
+
+
+def _open_for_removal(path: str | os.PathLike[str]) -> Store:
+    """The store at `path`, also when a killed removal took its objects directory already."""
+    try:
+        return Store.open(path)
+    except VeloError as exc:
+        if exc.reason is not Reason.STORE_MISSING or not _remains_of_store(Path(path)):
+            raise
+    store = Store(path)
+    store.check_safe()
+    return store
+
+
+def _remains_of_store(root: Path) -> bool:
+    """Does `root` hold the lock file and nothing but parts a store is made of (what a killed
+    `remove-store` leaves)? A directory holding anything else is not taken for one."""
+    from veloverlay.store.access import TOP_DIRS, TOP_FILES
+
+    parts = {*TOP_DIRS, *(n for n in TOP_FILES if "/" not in n), "CACHEDIR.TAG", ".gitignore"}
+    try:
+        names = os.listdir(root)
+        lock = os.lstat(root / "lock")
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return stat.S_ISREG(lock.st_mode) and all(n in parts for n in names)
 
 
 def _remove_tree(path: str, fsflags: Any) -> None:
