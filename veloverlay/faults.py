@@ -25,6 +25,7 @@ POINTS = (
     "import.record",  # bundle import: after reading one record
     "lower.build",  # lower-layer build: per entry written
     "harvest.file",  # harvest: per upper file staged
+    "export.object",  # export: after writing one object into the bundle (per object)
     "remove.entry",  # remove-store: after removing one top-level part of the store
 )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -95,6 +96,7 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
             size_total += size
         finally:
             os.close(fd)
+        faults.point("export.object")
     trailer = h.digest()
     out.write(_REC.pack(_END, DIGEST_SIZE) + trailer)
     return {
@@ -108,8 +110,9 @@ def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict
 
 def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[str, Any]:
     """Export into the file `output`, atomically: the bundle is written to `output.part` (created
-    new, never through a symbolic link: one planted there is refused), fsynced and renamed over
-    `output`; on any failure the `.part` file is removed and `output` is left as it was.
+    new, never through a symbolic link: one planted there is refused; one a killed export left is
+    replaced, see `_create_part`), fsynced and renamed over `output`; on any failure the `.part`
+    file is removed and `output` is left as it was.
     (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.) The bundle is
     its creator's alone (0600): it holds the bytes of every file of the version, private ones
     too, which a private store keeps from other users (`chmod` it to share it).
@@ -147,16 +150,7 @@ def _export_at(
             hint="name the bundle file, e.g. -o DIR/NAME.velo ('-o -' writes to stdout)",
         )
     tmp = name + ".part"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
-    except FileExistsError:
-        raise VeloError(
-            f"{output}.part exists (another export, or one that was killed)",
-            reason=Reason.EXISTS,
-            path=output + ".part",
-            hint="remove it if no export is running",
-        ) from None
+    fd = _create_part(pfd, tmp, output)
     try:
         with os.fdopen(fd, "wb") as f:
             info = export_bundle(store, m, spec, f)
@@ -168,6 +162,67 @@ def _export_at(
             os.unlink(tmp, dir_fd=pfd)
         raise
     return info
+
+
+def _create_part(pfd: int, tmp: str, output: str) -> int:
+    """A new `tmp` (the bundle being written), held by an exclusive flock for the export's life.
+
+    An existing `tmp` that is our own regular file and that no process holds is what a killed
+    export left: it is removed and made anew, so the next export works. One held by a running
+    export, or anything else (a symbolic link, another user's file), is refused and left alone.
+    Who makes the file locks it and checks its name still leads to it: an export that took it
+    for a leftover in between has removed it, and it is made again."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(5):
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            if not _remove_stale_part(pfd, tmp):
+                raise VeloError(
+                    f"{output}.part exists (another export is writing it, or it is not a file "
+                    "a killed export of yours left)",
+                    reason=Reason.EXISTS,
+                    path=output + ".part",
+                    hint="wait for that export, or remove the file if it is not one",
+                ) from None
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(tmp, dir_fd=pfd, follow_symlinks=False).st_ino:
+                return fd
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        os.close(fd)
+    raise VeloError(
+        f"{output}.part keeps being made by other exports", reason=Reason.EXISTS, path=output
+    )
+
+
+def _remove_stale_part(pfd: int, tmp: str) -> bool:
+    """Remove `tmp` when it is a killed export's leftover (see `_create_part`)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, dir_fd=pfd)
+    except FileNotFoundError:
+        return True  # gone meanwhile: make it
+    except OSError:
+        return False  # a symbolic link (ELOOP), unreadable
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running export holds it
+        now = os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(tmp, dir_fd=pfd)
+        return True
+    except FileNotFoundError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _export_into(

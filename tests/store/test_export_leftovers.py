@@ -1,0 +1,87 @@
+"""A killed export leaves `OUT.part`: the next export replaces it and works; one that a running
+export holds, or that is not a killed export's own file, is refused and left as it is.
+
+The kill is real (SIGKILL at a crash point while objects are written, see veloverlay/faults.py);
+the bundle the rerun writes is checked by importing it into another store and comparing the
+files with the source tree's."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.store.test_integrity import FILES, ingested, velo
+from veloverlay.store.bundle import import_bundle
+from veloverlay.verbs.repo import Repo
+
+__all__ = ["ingested"]  # the fixture, used by name
+
+
+def _killed_export(store: str, out: str) -> None:
+    env = {**os.environ, "VELO_STORE": store, "VELO_INTERNAL__TEST_FAULT": "export.object:2"}
+    r = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "export", "t", "-o", out],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert os.path.isfile(out + ".part") and not os.path.lexists(out)
+
+
+def _imported_files(bundle: str, store: str) -> dict[str, bytes]:
+    repo = Repo.open(store, create=True)
+    try:
+        with open(bundle, "rb") as f:
+            import_bundle(repo.store, repo.m, f)
+        out = {}
+        for path in FILES:
+            buf = io.BytesIO()
+            repo.cat("t", path, buf)
+            out[path] = buf.getvalue()
+        return out
+    finally:
+        repo.close()
+
+
+def test_the_export_after_a_killed_one_works(ingested: str, shm_tmp: str) -> None:
+    out = os.path.join(shm_tmp, "b.velo")
+    _killed_export(ingested, out)
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.lexists(out + ".part")
+    assert _imported_files(out, os.path.join(shm_tmp, "dst")) == FILES
+
+
+def test_a_part_file_a_running_export_holds_is_left_alone(ingested: str, shm_tmp: str) -> None:
+    out = os.path.join(shm_tmp, "b.velo")
+    _killed_export(ingested, out)
+    with open(out + ".part", "rb") as held:
+        before = os.fstat(held.fileno())
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # what an export writing it holds
+        res = velo(ingested, "export", "t", "-o", out)
+        assert res.returncode == 1 and "reason: exists" in res.stderr, res.stderr
+        now = os.stat(out + ".part")
+        assert (now.st_ino, now.st_size) == (before.st_ino, before.st_size)
+        assert not os.path.lexists(out)
+
+
+@pytest.mark.needs("root")
+def test_a_part_file_of_another_user_is_not_taken_for_a_leftover(
+    ingested: str, shm_tmp: str
+) -> None:
+    out = os.path.join(shm_tmp, "b.velo")
+    with open(out + ".part", "wb") as f:
+        f.write(b"theirs")
+    os.chown(out + ".part", 1500, 1500)
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 1 and "reason: exists" in res.stderr, res.stderr
+    with open(out + ".part", "rb") as f:
+        assert f.read() == b"theirs"
+    assert not os.path.lexists(out)
