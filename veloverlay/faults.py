@@ -18,6 +18,7 @@ POINTS = (
     "publish.synced",  # after the first syncfs, before any rename
     "publish.renamed",  # after one rename into the objects directory (per object)
     "publish.done",  # after the second syncfs, before the manifest commit
+    "manifests.create",  # a new manifest database: LMDB made its file, before the schema commit
     "commit.before",  # inside the LMDB write transaction, before it commits
     "commit.after",  # after the manifest commit
     "gc.sweep",  # gc: after deleting one object (per object)

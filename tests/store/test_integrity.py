@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -105,6 +106,47 @@ def test_a_missing_database_in_a_store_with_objects_is_manifest_corrupt(ingested
     _assert_refused_corrupt(velo(ingested, "gc", "--grace", "0"))
     assert source_digests() <= stored_objects(ingested)
     assert not os.path.exists(os.path.join(ingested, "manifests.lmdb", "data.mdb"))
+
+
+def test_a_store_whose_creation_was_killed_is_made_by_the_next_run(shm_tmp: str) -> None:
+    """`init` killed after LMDB made the database file, before the schema commit: the next
+    `init` finishes the store (it said "manifest-corrupt ... restore from a backup" for ever),
+    and the store then works as one made in one go."""
+    store = os.path.join(shm_tmp, "store")
+    env = {**os.environ, "VELO_STORE": store, "VELO_INTERNAL__TEST_FAULT": "manifests.create:1"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "init"], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert os.path.getsize(os.path.join(store, "manifests.lmdb", "data.mdb")) > 0
+    res = velo(store, "init")
+    assert res.returncode == 0, res.stderr
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, FILES)  # type: ignore[arg-type]
+    res = velo(store, "ingest", src, "--name", "t")
+    assert res.returncode == 0, res.stderr
+    assert source_digests() <= stored_objects(store)
+    assert velo(store, "cat", "t", "a.txt").stdout == FILES["a.txt"].decode()
+    assert velo(store, "fsck").returncode == 0
+
+
+def test_an_unused_database_is_damage_in_a_store_that_counted_refs(shm_tmp: str) -> None:
+    """A database with no schema and nothing in it is only taken for an unfinished creation
+    while the store has no objects and its record counts no refs: an empty tree's ref has no
+    object, and its store record still tells the loss."""
+    store = os.path.join(shm_tmp, "store")
+    empty = os.path.join(shm_tmp, "empty")
+    os.makedirs(empty)
+    assert velo(store, "init").returncode == 0
+    assert velo(store, "ingest", empty, "--name", "e").returncode == 0
+    assert stored_objects(store) == set()
+    db = os.path.join(store, "manifests.lmdb")
+    shutil.rmtree(db)
+    import lmdb
+
+    lmdb.open(db, max_dbs=8).close()
+    _assert_refused_corrupt(velo(store, "init"))
+    _assert_refused_corrupt(velo(store, "refs"))
 
 
 def test_gc_refuses_when_refs_vanished_unless_told(shm_tmp: str) -> None:

@@ -26,7 +26,9 @@ __all__ = [
     "corrupt",
     "check_data_file",
     "check_fresh",
+    "has_schema",
     "json_record",
+    "never_used",
     "mkdir_nofollow",
     "record_lock",
     "record_read_lock",
@@ -147,18 +149,23 @@ def json_record(store: Store, value: Any, what: str, parse: Callable[[dict[str, 
 def check_fresh(store: Store) -> None:
     """There is no data file: fine for a new store, damage for one that holds objects or whose
     record says it had refs (never start an empty database over a store's content)."""
+    what = _content(store)
+    if what:
+        raise corrupt(store, f"manifests.lmdb/data.mdb is missing, but the store holds {what}")
+
+
+def _content(store: Store) -> str:
+    """What a new, empty database would be started over: "objects", "N refs by its record", or
+    "" (nothing: a new store)."""
     had = read_record(store)
     try:
         with os.scandir(store.objects) as it:
             has_objects = next(it, None) is not None
     except FileNotFoundError:
         has_objects = False
-    if has_objects or (had or 0) > 0:
-        raise corrupt(
-            store,
-            "manifests.lmdb/data.mdb is missing, but the store holds "
-            + ("objects" if has_objects else f"{had} refs by its record"),
-        )
+    if has_objects:
+        return "objects"
+    return f"{had} refs by its record" if (had or 0) > 0 else ""
 
 
 def mkdir_nofollow(store: Store) -> None:
@@ -172,6 +179,29 @@ def mkdir_nofollow(store: Store) -> None:
             raise VeloError(
                 f"{path} is not a directory", reason=Reason.MANIFEST_CORRUPT, path=path
             ) from None
+
+
+def has_schema(env: Any) -> bool:
+    """Does the LMDB environment `env` hold the schema key (written with the database)?"""
+    with env.begin() as txn:
+        names = {bytes(k) for k, _v in txn.cursor()}
+        if b"meta" not in names:
+            return False
+        return txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)) is not None
+
+
+def never_used(store: Store, env: Any) -> bool:
+    """Is `env` (without a schema key) what a creation killed between LMDB's making the file and
+    the schema commit leaves (the first verb on a new store, `init`)? Then it is made again, not
+    taken for a damaged database: nothing but empty sub-databases, in a store that holds no
+    objects and whose record counts no refs."""
+    if _content(store):
+        return False
+    with env.begin() as txn:
+        for name, _v in txn.cursor():
+            if txn.stat(env.open_db(bytes(name), txn=txn, create=False))["entries"]:
+                return False
+    return True
 
 
 @contextlib.contextmanager

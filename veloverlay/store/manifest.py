@@ -37,8 +37,10 @@ from veloverlay.store.dbfile import (
     check_data_file,
     check_fresh,
     corrupt,
+    has_schema,
     json_record,
     mkdir_nofollow,
+    never_used,
     put_record,
     read_record,
     record_lock,
@@ -130,11 +132,10 @@ class Manifests(Versions):
                 path=store.db_path,
             ) from exc
         try:
-            if existing:
-                with self.env.begin() as txn:  # the schema key is written with the database
-                    v = txn.get(b"schema", db=self.env.open_db(b"meta", txn=txn, create=False))
-                if v is None:
+            if existing and not has_schema(self.env):  # written with the database
+                if readonly or not never_used(store, self.env):
                     raise lmdb.NotFoundError("no schema key")
+                existing = False  # a creation killed before it wrote the schema: made again
             self._meta = self.env.open_db(b"meta", create=not readonly)
             self._nodes = self.env.open_db(b"nodes", create=not readonly)
             self._refs = self.env.open_db(b"refs", create=not readonly)
@@ -160,6 +161,7 @@ class Manifests(Versions):
         # entries they need
         self.maps = NodeMaps()
         if not existing:
+            faults.point("manifests.create")
             with self.write() as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
                 txn.put(EMPTY_ROOT, _EMPTY_ENC, db=self._nodes)
