@@ -294,6 +294,48 @@ def test_manager_killed_before_recording_the_command_runs_nothing() -> None:
         assert not fsck_ok(store)
 
 
+def _manager_dies_after_materializing(store: Store, proj: str, marker: str) -> None:
+    """A manager SIGKILLed with the tree materialised and its baseline not yet saved."""
+    real = shim_backend.materialize
+
+    def materialize(*args: Any, **kw: Any) -> Any:
+        real(*args, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shim_backend.materialize = materialize  # type: ignore[assignment]
+    run_shim(store, "t", ["sh", "-c", f"touch {marker}"], link=False, at=proj)
+
+
+def test_a_session_killed_before_its_command_is_undone_by_harvest_all() -> None:
+    """`harvest --all` met a shim session whose manager died before the command could run and
+    stopped there with "never got as far as running its command": the session stayed
+    unharvested for ever (gc kept its roots, remove-store refused), the sessions after it were
+    not harvested, and its materialised tree blocked the next session at the same place. It is
+    now undone as a start that failed: tree and live ref removed, state failed."""
+    from veloverlay.session.core import harvest_resume
+
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        marker = os.path.join(base, "ran")
+        manager = _in_background(lambda: _manager_dies_after_materializing(store, proj, marker))
+        _, status = os.waitpid(manager, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert os.listdir(proj) and not os.path.exists(marker)  # a tree, no command ran
+        res = harvest_resume(store, None)
+        assert [(r.state, r.commit, r.changed) for r in res] == [("failed", None, 0)]
+        assert not os.path.exists(proj)
+        assert [st.shown_state() for st in session_state.iter_states(store)] == ["failed"]
+        assert not fsck_ok(store)
+        repo = Repo.open(store.root)
+        try:
+            assert [r.name for r, _c in repo.refs()] == ["t"]  # the live view REF@<id> is gone
+        finally:
+            repo.close()
+        again = run_shim(store, "t", ["sh", "-c", f"echo new > {proj}/n"], link=False, at=proj)
+        assert again.commit and again.changed == 1
+
+
 def test_checkin_frame_layout() -> None:
     """The daemon reads what the C shim sends (journal.c struct velo_checkin_frame)."""
     from veloverlay.session.shim import daemon

@@ -536,13 +536,20 @@ def resume(store: Store, session_id: str) -> SessionResult:
     st.pid = os.getpid()
     st.pid_start = proc_start(os.getpid())
     state.save(store, st)
-    if not (sdir / "baseline").exists():
-        raise VeloError(
-            f"session {session_id} never got as far as running its command",
-            reason=Reason.SESSION_NOT_FOUND,
-        )
     m = Manifests(store)
     try:
-        return _finish(store, m, st, status)
+        if (sdir / "baseline").exists():
+            return _finish(store, m, st, status)
+        # The manager died before the tree was whole, so before the command could run: nothing
+        # to harvest. Undone as a start that failed (its live ref and tree go), so that it
+        # neither stays unharvested for ever nor stops `harvest --all` at it.
+        _abandon(store, m, st)
     finally:
         m.close()
+    res = result_for(st, -1)
+    res.state = st.state
+    res.warnings.append(
+        f"session {session_id} never got as far as running its command: nothing to harvest"
+        + (f"; its tree at {st.target} was removed" if st.target else "")
+    )
+    return res
