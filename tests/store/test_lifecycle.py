@@ -259,3 +259,14 @@ def test_remove_store_takes_no_directory_with_other_files_for_remains(shm_tmp: s
         remove_store(plain)
     assert ei.value.reason is Reason.STORE_MISSING
     assert sorted(os.listdir(plain)) == ["lock", "notes.txt", "tmp"]
+    # names other programs use too are no store's remains, nor is a lock file with content
+    os.unlink(os.path.join(plain, "notes.txt"))
+    os.makedirs(os.path.join(plain, "sessions"))
+    with pytest.raises(VeloError) as ei:
+        remove_store(plain)
+    assert ei.value.reason is Reason.STORE_MISSING
+    os.rmdir(os.path.join(plain, "tmp"))
+    os.rmdir(os.path.join(plain, "sessions"))
+    with pytest.raises(VeloError) as ei:
+        remove_store(plain)  # a lone lock file of someone else's: "mine\n"
+    assert sorted(os.listdir(plain)) == ["lock"]

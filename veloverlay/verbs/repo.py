@@ -382,12 +382,15 @@ def _remains_of_store(root: Path) -> bool:
     from veloverlay.store.access import TOP_DIRS, TOP_FILES
 
     parts = {*TOP_DIRS, *(n for n in TOP_FILES if "/" not in n), "CACHEDIR.TAG", ".gitignore"}
+    generic = {"lock", "tmp", "sessions", ".gitignore"}  # names other programs use too
     try:
-        names = os.listdir(root)
+        names = set(os.listdir(root))
         lock = os.lstat(root / "lock")
     except (FileNotFoundError, NotADirectoryError):
         return False
-    return stat.S_ISREG(lock.st_mode) and all(n in parts for n in names)
+    if not stat.S_ISREG(lock.st_mode) or lock.st_size or not names <= parts:
+        return False  # (the store lock is an empty file)
+    return names == {"lock"} or bool(names - generic)
 
 
 def _remove_tree(path: str, fsflags: Any) -> None:
