@@ -148,3 +148,50 @@ def test_resumed_harvest_keeps_the_modes_the_session_set(mode: str) -> None:
     assert r["killed"] and r["resumed"] == [True], r
     assert r["modes"] == {"nd": 0, "locked": 0}
     assert r["fsck"] == []
+
+
+def _all_past_a_failure(base: str) -> dict[str, object]:
+    """Two sessions killed in their harvest; the first one's upper dir is then damaged (a
+    symbolic link in its place), and `harvest --all` runs."""
+    import subprocess
+    import sys
+
+    store, _src = new_store(base)
+    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root)]
+    env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="harvest.file:1")
+    for i in (1, 2):
+        proj = os.path.join(base, f"proj{i}")
+        script = f"cd {proj} && printf {i} > new{i}"
+        subprocess.run([*velo, "run", "t", "--at", proj, "--", "sh", "-c", script], env=env)
+    first = sorted(os.listdir(store.sessions))[0]
+    upper = os.path.join(store.sessions, first, "upper")
+    os.rename(upper, upper + ".gone")
+    os.symlink("/", upper)
+    r = subprocess.run([*velo, "harvest", "--all"], capture_output=True)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return {
+        "rc": r.returncode,
+        "stderr": r.stderr.decode(),
+        "first": first,
+        "states": {i.id: i.state for i in session.list_sessions(store)},
+        "got": sorted(n for n in os.listdir(got) if n.startswith("new")),
+        "lost": sorted(n for n in os.listdir(upper + ".gone") if n.startswith("new")),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_harvest_all_goes_past_a_session_it_cannot_harvest(mode: str) -> None:
+    """`harvest --all` stopped at the first session it could not harvest (a full store, a
+    damaged upper dir): every session after it stayed unharvested. It harvests the others, warns
+    about each failure and exits 1 with the first one's error."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _all_past_a_failure, base)
+    states = dict(r["states"])  # type: ignore[call-overload]
+    assert r["rc"] == 1, r
+    assert f"warning: session {r['first']} could not be harvested" in str(r["stderr"]), r
+    assert states.pop(r["first"]) == "dead-unharvested"
+    assert list(states.values()) == ["harvested"], r
+    assert len(r["got"]) == 1 and r["got"] != r["lost"], r  # the other one's file
+    assert r["fsck"] == []

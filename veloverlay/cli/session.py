@@ -381,12 +381,18 @@ def harvest(
 
     if (resume is None) == (not all_):
         raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
-    results = harvest_resume(common.store(), resume)
+    failed: list[tuple[str, Exception]] = []
+    results = harvest_resume(common.store(), resume, failed)
+    if not state.json:
+        for r in results:
+            _render(r)
+    if failed:  # --all: every other session was harvested; each failure is said, the first raised
+        for sid, exc in failed:
+            render.warn(f"session {sid} could not be harvested: {render.describe(exc)['message']}")
+        raise failed[0][1]
     if state.json:
         render.emit_json([r.to_dict() for r in results])
         return
-    for r in results:
-        _render(r)
     render.line(f"harvested {len(results)} sessions")
 
 

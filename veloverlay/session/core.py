@@ -137,8 +137,13 @@ def list_sessions(store: Store) -> list[SessionInfo]:
     return [state.info(st) for st in state.iter_states(store)]
 
 
-def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
-    """Harvest sessions whose manager died (one, or all of them with None)."""
+def harvest_resume(
+    store: Store, session_id: str | None, failed: list[tuple[str, Exception]] | None = None
+) -> list[SessionResult]:
+    """Harvest sessions whose manager died (one, or all of them with None). With `failed`, all
+    of them are tried: a session that cannot be harvested now (a full store, a damaged upper
+    dir) is put there with its error, and the next one is harvested all the same; without it,
+    the first error ends the walk."""
     store.writable()  # a shared store's other users: STORE_PERMISSION, not "0 harvested"
     if session_id is not None:
         states = [state.load(store, session_id)]
@@ -146,58 +151,71 @@ def harvest_resume(store: Store, session_id: str | None) -> list[SessionResult]:
         states = list(state.iter_states(store))
     out: list[SessionResult] = []
     for st in states:
-        shown = st.shown_state()
-        if st.backend == "shim" and shown not in state.DONE_STATES:
-            from veloverlay.session.shim.backend import resume as resume_shim
-
-            try:
-                out.append(resume_shim(store, st.id))
-            except VeloError as exc:
-                if session_id is not None or exc.reason is not Reason.SESSION_ACTIVE:
-                    raise
+        try:
+            res = _harvest_one(store, st, session_id)
+        except (VeloError, OSError) as exc:
+            if failed is None or session_id is not None:
+                raise
+            failed.append((st.id, exc))
             continue
-        if shown in state.DONE_STATES:
-            if session_id is not None:
-                raise VeloError(f"session {st.id} is already {shown}", reason=Reason.USAGE)
-            continue
-        if shown == "mounted":
-            if session_id is not None:
-                here = _mounted_here(st)
-                raise VeloError(
-                    f"session {st.id} is mounted on {st.mounted_at}"
-                    + ("" if here else " in another mount namespace"),
-                    reason=Reason.SESSION_ACTIVE,
-                    hint=f"veloverlay umount {st.mounted_at}"
-                    if here
-                    else "a namespace made while it was mounted holds a copy (unshare -m, a "
-                    "container): end its processes, then run this again",
-                )
-            continue
-        if shown == "held":
-            if session_id is not None:
-                from veloverlay.session.holders import holders
-
-                shown_pids = ", ".join(str(p) for p in holders(st.is_upper)[:5])
-                raise VeloError(
-                    f"session {st.id} has ended, but processes outside it can still write its "
-                    f"projection (pids {shown_pids})",
-                    reason=Reason.SESSION_ACTIVE,
-                    hint="end them (or close what they opened there), then run this again",
-                )
-            continue
-        if shown != "dead-unharvested":
-            if session_id is not None:
-                raise VeloError(
-                    f"session {st.id} is still running (manager pid {st.pid})",
-                    reason=Reason.SESSION_ACTIVE,
-                )
-            continue
-        from veloverlay.session.overlay.backend import resume as resume_overlay
-
-        res = resume_overlay(store, st)
-        res.exit_status = st.exit_status if st.exit_status is not None else -1
-        out.append(res)
+        if res is not None:
+            out.append(res)
     return out
+
+
+def _harvest_one(store: Store, st: state.State, session_id: str | None) -> SessionResult | None:
+    """`harvest_resume` of one session: its result, or None where there is nothing to do."""
+    shown = st.shown_state()
+    if st.backend == "shim" and shown not in state.DONE_STATES:
+        from veloverlay.session.shim.backend import resume as resume_shim
+
+        try:
+            return resume_shim(store, st.id)
+        except VeloError as exc:
+            if session_id is not None or exc.reason is not Reason.SESSION_ACTIVE:
+                raise
+        return None
+    if shown in state.DONE_STATES:
+        if session_id is not None:
+            raise VeloError(f"session {st.id} is already {shown}", reason=Reason.USAGE)
+        return None
+    if shown == "mounted":
+        if session_id is not None:
+            here = _mounted_here(st)
+            raise VeloError(
+                f"session {st.id} is mounted on {st.mounted_at}"
+                + ("" if here else " in another mount namespace"),
+                reason=Reason.SESSION_ACTIVE,
+                hint=f"veloverlay umount {st.mounted_at}"
+                if here
+                else "a namespace made while it was mounted holds a copy (unshare -m, a "
+                "container): end its processes, then run this again",
+            )
+        return None
+    if shown == "held":
+        if session_id is not None:
+            from veloverlay.session.holders import holders
+
+            shown_pids = ", ".join(str(p) for p in holders(st.is_upper)[:5])
+            raise VeloError(
+                f"session {st.id} has ended, but processes outside it can still write its "
+                f"projection (pids {shown_pids})",
+                reason=Reason.SESSION_ACTIVE,
+                hint="end them (or close what they opened there), then run this again",
+            )
+        return None
+    if shown != "dead-unharvested":
+        if session_id is not None:
+            raise VeloError(
+                f"session {st.id} is still running (manager pid {st.pid})",
+                reason=Reason.SESSION_ACTIVE,
+            )
+        return None
+    from veloverlay.session.overlay.backend import resume as resume_overlay
+
+    res = resume_overlay(store, st)
+    res.exit_status = st.exit_status if st.exit_status is not None else -1
+    return res
 
 
 def _mounted_here(st: state.State) -> bool:
