@@ -28,6 +28,8 @@ POINTS = (
     "harvest.file",  # harvest: per upper file staged
     "export.object",  # export: after writing one object into the bundle (per object)
     "remove.entry",  # remove-store: after removing one top-level part of the store
+    "remote.pull.published",  # pull: after one batch of fetched objects is published
+    "remote.pull.fetched",  # pull: every object published, before the nodes and ref commit
 )
 
 _spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")
