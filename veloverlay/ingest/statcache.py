@@ -10,10 +10,17 @@ shapes a node (tier rules, setid policy, source path): changing it invalidates t
 
 Entries are only as good as the stat they were taken from: files and directories modified within
 the racy window of an ingest are not cached (ingest.py), so the next ingest looks again.
+
+Every value must name only nodes and objects of the ref's last ingested root (a gc root): a value
+left from another tree names what `gc --keep` may delete, and a later ingest would commit those
+digests without the objects. Ingests of one ref can run at once (the store lock is shared), so
+`write` cannot trust the keys `load` saw: a stamp (key `ref \\0`, new at every write) says whether
+another ingest wrote meanwhile, and then every key of the ref is replaced, not just the changed.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 from veloverlay.records import Record, field
@@ -113,17 +120,21 @@ def _prefix(ref: str) -> bytes:
 
 
 def load(m: Manifests, ref: str, config: bytes) -> tuple[dict[bytes, bytes], list[bytes]]:
-    """Raw values of `ref`'s directories under `config`, and every key `ref` has (to prune)."""
+    """Raw values of `ref`'s directories under `config`, and every key `ref` has (to prune; the
+    first is the stamp's, `ref \\0`, even when there is none yet: `write` compares them)."""
     prefix = _prefix(ref)
     mine = prefix + config + b"\0"
     values: dict[bytes, bytes] = {}
-    keys: list[bytes] = []
+    keys: list[bytes] = [prefix]
     with m.read() as txn, txn.cursor(db=m.statcache) as cur:
         if cur.set_range(prefix):
             for k, v in cur:
                 k = bytes(k)
                 if not k.startswith(prefix):
                     break
+                if k == prefix:
+                    keys[0] += bytes(v)  # the stamp: the key, then its value
+                    continue
                 keys.append(k)
                 if k.startswith(mine):
                     values[k[len(mine) :]] = bytes(v)
@@ -139,17 +150,42 @@ def write(
     old: dict[bytes, bytes],
     new: dict[bytes, bytes],
 ) -> None:
-    mine = _prefix(ref) + config + b"\0"
+    prefix = _prefix(ref)
+    mine = prefix + config + b"\0"
+    stamp = txn.get(prefix, db=m.statcache)
+    if old_keys[:1] != [prefix + (bytes(stamp) if stamp is not None else b"")]:
+        # Another ingest of this ref wrote since `load` (or the ref was deleted): its keys and
+        # values are not those loaded. Replace them all.
+        old_keys, old = _keys(txn, m, prefix), {}
     keep = {mine + rel for rel in new}
-    for k in old_keys:
+    changed = False
+    for k in old_keys[1:]:
         if k not in keep:
             txn.delete(k, db=m.statcache)
+            changed = True
     limit = m.env.max_key_size()
     for rel, raw in new.items():
         # A directory whose key would exceed LMDB's key limit (511 bytes: deep paths of long
         # names) is not cached: it is simply read again next time.
         if old.get(rel) != raw and len(mine) + len(rel) <= limit:
             txn.put(mine + rel, raw, db=m.statcache)
+            changed = True
+    if changed or stamp is None:
+        txn.put(prefix, os.urandom(16), db=m.statcache)
+
+
+def _keys(txn: Txn, m: Manifests, prefix: bytes) -> list[bytes]:
+    """Every key of the ref `prefix` in `txn`, the stamp's first (as `load` lists them)."""
+    keys = [prefix]
+    with txn.cursor(db=m.statcache) as cur:
+        if cur.set_range(prefix):
+            for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                if k != prefix:
+                    keys.append(k)
+    return keys
 
 
 def drop(m: Manifests, txn: Txn, ref: str) -> None:
