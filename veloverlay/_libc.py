@@ -43,6 +43,7 @@ __all__ = [
     "measure_verity",
     "set_dumpable",
     "statfs_type",
+    "fstatfs_type",
     "statx_size_immutable",
 ]
 
@@ -148,6 +149,28 @@ SMB_SUPER_MAGIC = 0x517B
 CIFS_SUPER_MAGIC = 0xFF534D42
 SMB2_SUPER_MAGIC = 0xFE534D42
 TMPFS_MAGIC = 0x01021994
+# Kernel interfaces, not file trees: their files' sizes do not tell their contents (procfs says
+# 0, sysfs 4096) and reading some has effects. Ingest keeps their mount points empty.
+PSEUDO_FS_MAGIC = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x62656570: "configfs",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+    0x65735543: "fusectl",
+    0x42494E4D: "binfmt_misc",
+    0x19800202: "mqueue",
+    0x1CD1: "devpts",
+    0x6E736673: "nsfs",
+}
 
 # --- syscall numbers --------------------------------------------------------------------------
 # Since Linux 5.2 new syscalls share one number on every architecture except alpha (which adds
@@ -227,6 +250,7 @@ _syncfs = _proto("syncfs", _c_int, _c_int)
 _renameat2 = _proto("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
 _linkat = _proto("linkat", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_int)
 _statfs = _proto("statfs", _c_int, _c_char_p, _c_void_p)
+_fstatfs = _proto("fstatfs", _c_int, _c_int, _c_void_p)
 _statx = _proto("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, _c_void_p)
 _ioctl_int = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_int)
 _ioctl_ptr = _proto("ioctl", _c_int, _c_int, _c_ulong, _c_void_p)
@@ -437,6 +461,13 @@ def statfs_type(path: Path) -> int:
     """
     buf = (ctypes.c_long * 64)()
     check(_statfs(_b(path), ctypes.byref(buf)), "statfs", path)
+    return int(buf[0]) & 0xFFFFFFFF
+
+
+def fstatfs_type(fd: int) -> int:
+    """`statfs_type` of the filesystem the open file `fd` is on."""
+    buf = (ctypes.c_long * 64)()
+    check(_fstatfs(fd, ctypes.byref(buf)), "fstatfs")
     return int(buf[0]) & 0xFFFFFFFF
 
 

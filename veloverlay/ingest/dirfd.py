@@ -21,7 +21,7 @@ import os
 
 from veloverlay import _libc, files
 
-__all__ = ["DIR", "Replaced", "open_path", "open_child", "open_beneath"]
+__all__ = ["DIR", "Replaced", "open_path", "open_child", "open_beneath", "pseudo_fs"]
 
 DIR = files.DIRFLAGS
 _NO_LINKS = _libc.RESOLVE_NO_SYMLINKS | _libc.RESOLVE_NO_MAGICLINKS
@@ -110,3 +110,12 @@ def open_beneath(top: int, rel: bytes, dev: int | None, ino: int) -> int:
         got = _openat2(top, rel, _NO_LINKS | _libc.RESOLVE_BENEATH)
         fd = got if got is not None else _walk(top, rel.split(b"/"))
     return _check(fd, dev, ino)
+
+
+def pseudo_fs(fd: int, dev: int, known: dict[int, str]) -> str:
+    """The name of the kernel pseudo filesystem (proc, sysfs...) the directory `fd` (on device
+    `dev`) is on, "" for a filesystem of files; asked once per device, then kept in `known`."""
+    kind = known.get(dev)
+    if kind is None:
+        kind = known[dev] = _libc.PSEUDO_FS_MAGIC.get(_libc.fstatfs_type(fd), "")
+    return kind

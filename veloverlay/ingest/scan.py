@@ -115,6 +115,7 @@ class _State:
         self.top_fd = top_fd  # opened before the fork: only ever a dir_fd (a shared offset)
         self.classify = rules.classify
         self.keep_setid = keep_setid
+        self.pseudo: dict[int, str] = {}  # st_dev -> pseudo filesystem's name, or ""
 
 
 _S: list[_State] = []
@@ -293,6 +294,9 @@ def _one_dir(
     s: _State, dfd: int, rel: bytes, st: _Stat, dev: int, solo: bool, acc: _Acc
 ) -> tuple[DirRec | None, list[_Sub], int]:
     """List the directory `dfd` (`rel`); hash and encode what the cache cannot vouch for."""
+    if dirfd.pseudo_fs(dfd, dev, s.pseudo):  # /proc, /sys... mounted in the tree: kept empty
+        acc.skipped.append((paths.display(rel or b"."), "pseudo-filesystem"))
+        return DirRec(rel, st, dev, [], 0, [b""], b"", None, 0, b"", 0, b""), [], 1
     absdir = s.top + b"/" + rel if rel else s.top  # for messages only
     prefix = rel + b"/" if rel else b""
     raw = s.cache.get(rel)
@@ -433,20 +437,9 @@ def _one_dir(
             cur.append(piece)
     segs.append(b"".join(cur))
     count = len(ents) - len(subnames)
-    rec = DirRec(
-        rel,
-        st,
-        dev,
-        subnames,
-        count,
-        segs,
-        b"",
-        None,
-        len(cache_files),
-        b"".join(cache_files),
-        len(cache_links),
-        b"".join(cache_links),
-    )
+    cf, cl = b"".join(cache_files), b"".join(cache_links)
+    nf, nl = len(cache_files), len(cache_links)
+    rec = DirRec(rel, st, dev, subnames, count, segs, b"", None, nf, cf, nl, cl)
     return rec, subs, n + 16 * len(todo)
 
 
