@@ -149,6 +149,9 @@ SMB_SUPER_MAGIC = 0x517B
 CIFS_SUPER_MAGIC = 0xFF534D42
 SMB2_SUPER_MAGIC = 0xFE534D42
 TMPFS_MAGIC = 0x01021994
+# Multigrain timestamps (Linux 6.13+): a change after a stat always gets another ctime than the
+# stat saw. Elsewhere (ramfs, FUSE, NFS, 9p, vfat...) ctime is as coarse as the clock's tick.
+MGTIME_FS_MAGIC = frozenset({0xEF53, 0x58465342, 0x9123683E, TMPFS_MAGIC})  # ext4 xfs btrfs tmpfs
 # Kernel interfaces, not file trees: their files' sizes do not tell their contents (procfs says
 # 0, sysfs 4096) and reading some has effects. Ingest keeps their mount points empty.
 PSEUDO_FS_MAGIC = {

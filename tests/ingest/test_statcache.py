@@ -6,13 +6,14 @@ source itself) and every object its manifest names is in the store.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.ingest.test_ingest import OLD_NS, age, run
-from veloverlay.ingest import scan
+from veloverlay.ingest import scan, source
 from veloverlay.verbs.fsck import fsck
 from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
@@ -67,4 +68,58 @@ def test_an_ingest_that_ran_meanwhile_leaves_no_stale_cache_entry(
     gc(repo.store, repo.m, keep=1, grace=0)
     again = run(repo, src, "r")
     assert again.hashed == 1  # new/f was read again, not taken from B's entry
+    _same_as_source(repo, src, os.path.join(shm_tmp, "out"))
+
+
+@pytest.fixture
+def ramfs(shm_tmp: str) -> Iterator[str]:
+    """A ramfs (no multigrain timestamps: ctime as coarse as the clock's tick), mounted for the
+    test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    mnt = os.path.join(shm_tmp, "ramfs")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "ramfs", "none", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+def test_a_file_rewritten_in_the_tick_it_was_read_on_a_coarse_filesystem(
+    repo: Repo, ramfs: str, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a filesystem whose ctime is as coarse as the clock's tick (ramfs here; FUSE, NFS,
+    9p, vfat), a writer puts A in a file and its old mtime back (touch -r, cp -p), the ingest
+    reads A, and the writer puts B (same size) and the mtime back again, all within one tick:
+    the stat is what the ingest saw. The file's mtime is old, so the mtime-only racy rule
+    cached A, and every later ingest committed A while the file holds B."""
+    src = os.path.join(ramfs, "src")
+    os.mkdir(src)
+    path = os.path.join(src, "f")
+    with open(path, "wb") as f:
+        f.write(b"B...")
+    age(src)
+    wfd = os.open(path, os.O_WRONLY)
+    reads: list[int] = []
+    real = source._read_all
+
+    def read_then_write(fd: int, size: int) -> bytes:
+        data = real(fd, size)
+        reads.append(size)
+        if len(reads) == 1:  # the first read: the writer puts A there (read again: changed)
+            os.pwrite(wfd, b"A...", 0)
+            os.utime(wfd, ns=(OLD_NS, OLD_NS))
+        elif len(reads) == 2:  # A was read: the writer puts B back, in the same tick
+            os.pwrite(wfd, b"B...", 0)
+            os.utime(wfd, ns=(OLD_NS, OLD_NS))
+        return data
+
+    monkeypatch.setattr(source, "_read_all", read_then_write)
+    try:
+        run(repo, src, "r")
+    finally:
+        os.close(wfd)
+    monkeypatch.undo()
+    run(repo, src, "r")
     _same_as_source(repo, src, os.path.join(shm_tmp, "out"))

@@ -21,7 +21,7 @@ import os
 
 from veloverlay import _libc, files
 
-__all__ = ["DIR", "Replaced", "open_path", "open_child", "open_beneath", "pseudo_fs"]
+__all__ = ["DIR", "Replaced", "open_path", "open_child", "open_beneath", "fs_magic", "coarse_ctime"]
 
 DIR = files.DIRFLAGS
 _NO_LINKS = _libc.RESOLVE_NO_SYMLINKS | _libc.RESOLVE_NO_MAGICLINKS
@@ -112,10 +112,27 @@ def open_beneath(top: int, rel: bytes, dev: int | None, ino: int) -> int:
     return _check(fd, dev, ino)
 
 
-def pseudo_fs(fd: int, dev: int, known: dict[int, str]) -> str:
-    """The name of the kernel pseudo filesystem (proc, sysfs...) the directory `fd` (on device
-    `dev`) is on, "" for a filesystem of files; asked once per device, then kept in `known`."""
-    kind = known.get(dev)
-    if kind is None:
-        kind = known[dev] = _libc.PSEUDO_FS_MAGIC.get(_libc.fstatfs_type(fd), "")
-    return kind
+def fs_magic(fd: int, dev: int, known: dict[int, int]) -> int:
+    """statfs's f_type of the filesystem the file `fd` (on device `dev`) is on: asked once per
+    device, then kept in `known`."""
+    magic = known.get(dev)
+    if magic is None:
+        magic = known[dev] = _libc.fstatfs_type(fd)
+    return magic
+
+
+def _release() -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return (0,)
+
+
+_MGTIME = _release() >= (6, 13)
+
+
+def coarse_ctime(magic: int) -> bool:
+    """Whether a change right after a stat may keep the ctime that stat saw (the timestamp's
+    tick): everywhere but on filesystems with multigrain timestamps (ext4, xfs, btrfs, tmpfs
+    since Linux 6.13)."""
+    return not _MGTIME or magic not in _libc.MGTIME_FS_MAGIC

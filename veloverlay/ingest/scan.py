@@ -36,7 +36,7 @@ import stat
 from collections import deque
 from typing import Any, NamedTuple
 
-from veloverlay import paths, workers
+from veloverlay import _libc, paths, workers
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import dirfd, source, statcache
 from veloverlay.ingest.source import NOT_COMMITTED
@@ -115,7 +115,7 @@ class _State:
         self.top_fd = top_fd  # opened before the fork: only ever a dir_fd (a shared offset)
         self.classify = rules.classify
         self.keep_setid = keep_setid
-        self.pseudo: dict[int, str] = {}  # st_dev -> pseudo filesystem's name, or ""
+        self.fs: dict[int, int] = {}  # st_dev -> statfs's f_type
 
 
 _S: list[_State] = []
@@ -294,7 +294,8 @@ def _one_dir(
     s: _State, dfd: int, rel: bytes, st: _Stat, dev: int, solo: bool, acc: _Acc
 ) -> tuple[DirRec | None, list[_Sub], int]:
     """List the directory `dfd` (`rel`); hash and encode what the cache cannot vouch for."""
-    if dirfd.pseudo_fs(dfd, dev, s.pseudo):  # /proc, /sys... mounted in the tree: kept empty
+    magic = dirfd.fs_magic(dfd, dev, s.fs)
+    if magic in _libc.PSEUDO_FS_MAGIC:  # /proc, /sys... mounted in the tree: kept empty
         acc.skipped.append((paths.display(rel or b"."), "pseudo-filesystem"))
         return DirRec(rel, st, dev, [], 0, [b""], b"", None, 0, b"", 0, b""), [], 1
     absdir = s.top + b"/" + rel if rel else s.top  # for messages only
@@ -376,11 +377,11 @@ def _one_dir(
         blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, mtime, digest)
         ents.append((name, blob))
         cache_files.append(statcache.file_bytes(name, ino, size, mtime, ctime, digest))
-    stage, store = s.stage, s.store
+    stage, store, coarse = s.stage, s.store, dirfd.coarse_ctime(magic)
     for name in todo:
         race_point("file", prefix + name)
         try:
-            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store)
+            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store, coarse)
         except source.Changed:
             acc.files -= 1
             acc.skipped.append((paths.display(prefix + name), "changed"))

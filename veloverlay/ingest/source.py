@@ -106,11 +106,14 @@ NOT_COMMITTED = "nothing was committed; fix the source and retry"
 
 
 def read_stable(
-    dfd: int, name: bytes, where: bytes, stage: Stage, store: Store
+    dfd: int, name: bytes, where: bytes, stage: Stage, store: Store, coarse: bool = False
 ) -> tuple[Digest, os.stat_result, bool]:
     """Hash and stage one complete version of the file `name` in the directory `dfd` (shown as
     `where`/`name` in messages). Returns (digest, stat of it, racy). A name that is no longer a
-    regular file (a symlink now, a FIFO) is `Changed`; one that is gone, FileNotFoundError."""
+    regular file (a symlink now, a FIFO) is `Changed`; one that is gone, FileNotFoundError.
+    `coarse`: the filesystem's ctime is as coarse as the clock's tick (`dirfd.coarse_ctime`),
+    so a file changed within RACY_NS is racy even when its mtime was put back (touch -r, cp -p):
+    a second such change in the same tick after this read would leave the stat as it is."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     path = where + b"/" + name
     for _ in range(MAX_REREADS):
@@ -134,7 +137,8 @@ def read_stable(
             st1 = os.fstat(fd)
             if not stat.S_ISREG(st1.st_mode):
                 raise Changed
-            racy = time.time_ns() - st1.st_mtime_ns < RACY_NS
+            changed = max(st1.st_mtime_ns, st1.st_ctime_ns) if coarse else st1.st_mtime_ns
+            racy = time.time_ns() - changed < RACY_NS
             # A write(2) stamps mtime/ctime when it starts, then copies: one still copying now
             # was stamped before st1, and st2 would not see it. Wait it out first, whatever
             # the stamp's age: a writer descheduled mid-copy on a loaded machine can hold a
