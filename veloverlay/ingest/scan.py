@@ -381,10 +381,11 @@ def _one_dir(
     for name in todo:
         race_point("file", prefix + name)
         try:
-            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store, coarse)
-        except source.Changed:
+            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store, coarse, dev)
+        except (source.Changed, source.Pseudo) as exc:
             acc.files -= 1
-            acc.skipped.append((paths.display(prefix + name), "changed"))
+            why = "changed" if isinstance(exc, source.Changed) else "pseudo-filesystem"
+            acc.skipped.append((paths.display(prefix + name), why))
             continue
         except FileNotFoundError:
             acc.files -= 1

@@ -13,12 +13,13 @@ import os
 import stat
 import time
 
+from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import wait_for_writes
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import Digest, hash_fd
 
-__all__ = ["read_stable", "Changed"]
+__all__ = ["read_stable", "Changed", "Pseudo"]
 
 
 MAX_REREADS = 8
@@ -106,14 +107,23 @@ NOT_COMMITTED = "nothing was committed; fix the source and retry"
 
 
 def read_stable(
-    dfd: int, name: bytes, where: bytes, stage: Stage, store: Store, coarse: bool = False
+    dfd: int,
+    name: bytes,
+    where: bytes,
+    stage: Stage,
+    store: Store,
+    coarse: bool = False,
+    dev: int | None = None,
 ) -> tuple[Digest, os.stat_result, bool]:
     """Hash and stage one complete version of the file `name` in the directory `dfd` (shown as
     `where`/`name` in messages). Returns (digest, stat of it, racy). A name that is no longer a
     regular file (a symlink now, a FIFO) is `Changed`; one that is gone, FileNotFoundError.
     `coarse`: the filesystem's ctime is as coarse as the clock's tick (`dirfd.coarse_ctime`),
     so a file changed within RACY_NS is racy even when its mtime was put back (touch -r, cp -p):
-    a second such change in the same tick after this read would leave the stat as it is."""
+    a second such change in the same tick after this read would leave the stat as it is.
+    `dev`: the directory's device; a file on another one (mounted there) that is on a kernel
+    pseudo filesystem (a bind-mounted /proc file: its size does not tell its content) is
+    `Pseudo`, never read."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     path = where + b"/" + name
     for _ in range(MAX_REREADS):
@@ -137,6 +147,9 @@ def read_stable(
             st1 = os.fstat(fd)
             if not stat.S_ISREG(st1.st_mode):
                 raise Changed
+            mounted = dev is not None and st1.st_dev != dev  # a file mounted there
+            if mounted and _libc.fstatfs_type(fd) in _libc.PSEUDO_FS_MAGIC:
+                raise Pseudo
             changed = max(st1.st_mtime_ns, st1.st_ctime_ns) if coarse else st1.st_mtime_ns
             racy = time.time_ns() - changed < RACY_NS
             # A write(2) stamps mtime/ctime when it starts, then copies: one still copying now
@@ -183,6 +196,10 @@ def read_stable(
 
 class Changed(Exception):
     """The path stopped being a regular file between walk and read."""
+
+
+class Pseudo(Exception):
+    """The file is a mount of a kernel pseudo filesystem's file (`read_stable`'s `dev`)."""
 
 
 def _read_all(fd: int, size: int) -> bytes:
