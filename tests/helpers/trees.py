@@ -128,3 +128,27 @@ def inode_flags_at(path: str | os.PathLike[str]) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def settle_ctimes(root: str | bytes) -> None:
+    """Wait until every change below `root` is older than ingest's racy window, where that
+    window counts ctime: on a filesystem whose ctime is as coarse as the clock's tick
+    (`dirfd.coarse_ctime`: ramfs, and every filesystem before Linux 6.13's multigrain
+    timestamps), a file whose mtime a test set back still has a ctime of now, and the stat
+    cache rightly does not trust it for RACY_NS. Elsewhere it returns at once. The wait is for
+    the clock to pass a known instant, not for something to happen."""
+    import time
+    from pathlib import Path
+
+    from veloverlay import _libc
+    from veloverlay.ingest.dirfd import coarse_ctime
+    from veloverlay.ingest.source import RACY_NS
+
+    if not coarse_ctime(_libc.statfs_type(Path(os.fsdecode(root)))):
+        return
+    newest = os.lstat(root).st_ctime_ns
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_ctime_ns)
+    while (left := newest + RACY_NS - time.time_ns()) > 0:
+        time.sleep(left / 1e9 + 0.01)

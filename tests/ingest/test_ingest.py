@@ -37,6 +37,7 @@ from tests.helpers.trees import (
     diff_snapshots,
     force_rmtree,
     make_tree,
+    settle_ctimes,
     snapshot,
 )
 from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
@@ -57,6 +58,7 @@ def age(root: str | bytes, ns: int = OLD_NS) -> None:
         for name in filenames + dirnames:
             os.utime(os.path.join(dirpath, name), ns=(ns, ns), follow_symlinks=False)
     os.utime(root, ns=(ns, ns))
+    settle_ctimes(root)
 
 
 def run(repo: Repo, src: str | bytes, name: str, **kw: Any) -> IngestResult:

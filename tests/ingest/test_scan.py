@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.trees import assert_same_tree
+from tests.helpers.trees import assert_same_tree, settle_ctimes
 from veloverlay import _libc
 from veloverlay.errors import VeloError
 from veloverlay.ingest import scan
@@ -32,6 +32,7 @@ def _age(root: str) -> None:
         for name in filenames + dirnames:
             os.utime(os.path.join(dirpath, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
     os.utime(root, ns=(OLD_NS, OLD_NS))
+    settle_ctimes(root)
 
 
 def _wide_tree(root: str, dirs: int, per_dir: int) -> None:
@@ -68,6 +69,7 @@ def test_a_tree_larger_than_a_task_round_trips_and_reingests(
     with open(deep, "r+b") as fh:
         fh.write(b"CHANGED")
     os.utime(deep, ns=(OLD_NS + 7, OLD_NS + 7))
+    settle_ctimes(src)
     second = ingest(repo.store, repo.m, src, "w", jobs=jobs)
     assert second.hashed == 1 and second.root != first.root
     _checkout_equals(repo, "w", src, os.path.join(shm_tmp, "out2"))

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.helpers.trees import assert_same_tree, make_tree, unprotect
+from tests.helpers.trees import assert_same_tree, make_tree, settle_ctimes, unprotect
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.store import quarantine
@@ -39,6 +39,7 @@ def _source(base: str) -> str:
     os.chmod(os.path.join(src, "bin"), 0o555)
     os.utime(os.path.join(src, "bin"), ns=(old, old))
     os.utime(src, ns=(old, old))
+    settle_ctimes(src)
     return src
 
 
@@ -212,6 +213,7 @@ def test_an_object_no_file_holds_any_more_costs_only_its_directory_the_stat_cach
         f.write(b"# changed: no file holds the wanted bytes now\n")
     os.chmod(tool, 0o555)
     os.utime(tool, ns=(old, old))
+    settle_ctimes(src)
     first = ingest(repo.store, repo.m, src, "t", jobs=1)
     assert first.hashed == 1  # bin/ listed again: its one file read (and changed)
     assert quarantine.wanted(repo.store) != set()  # the old version still names it
