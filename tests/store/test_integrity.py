@@ -327,6 +327,33 @@ def test_export_writes_into_a_device_or_pipe_and_never_replaces_one(
     assert os.readlink(link) == whole
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a FIFO of another uid")
+def test_export_refuses_another_users_pipe(ingested: str, shm_tmp: str) -> None:
+    """`export -o /tmp/x.velo` wrote the bundle into whatever FIFO was at that name: another
+    user who planted one in a sticky directory and read it got every file of the version, a
+    0600 file of a private store too (the kernel's protected_fifos does not cover an open
+    without O_CREAT). Now a pipe or device of another uid is refused, nothing is written to
+    it, and the name is left as it was."""
+    from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID
+
+    fifo = os.path.join(shm_tmp, "x.velo")
+    os.mkfifo(fifo, 0o622)
+    os.chown(fifo, UNPRIV_UID, UNPRIV_GID)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the other user's reader, waiting
+    try:
+        res = velo(ingested, "export", "t", "-o", fifo)
+        try:
+            stolen = os.read(rfd, 1 << 16)
+        except BlockingIOError:
+            stolen = b""
+    finally:
+        os.close(rfd)
+    assert stolen == b""
+    assert res.returncode == 1 and "reason: target-invalid" in res.stderr, res.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not os.path.lexists(fifo + ".part")
+
+
 def test_an_exported_bundle_is_its_creators_alone(ingested: str, shm_tmp: str) -> None:
     """A bundle holds the bytes of every file of the version, a 0600 file's too: it is made
     0600 (not 0644 after the umask), also when it replaces an existing output file."""

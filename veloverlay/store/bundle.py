@@ -229,16 +229,38 @@ def _export_into(
     store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
 ) -> dict[str, Any]:
     """Export into the character device or FIFO `name` (`-o /dev/null`, a named pipe): written
-    as it is, not replaced by a file (root renaming a bundle over /dev/null breaks the system)."""
-    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    as it is, not replaced by a file (root renaming a bundle over /dev/null breaks the system).
+
+    Only into one of the caller's or root's: whoever reads a pipe gets what goes into it, and
+    another user's FIFO planted at the name (in /tmp, say) would receive every private file of
+    the version (the kernel's protected_fifos covers only opens with O_CREAT, and may be off).
+    The inode is checked through an O_PATH descriptor before the open for writing, which could
+    block on a pipe without reader, and that same inode is the one opened."""
     try:
-        fd = os.open(name, flags, dir_fd=pfd)
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     except OSError as exc:
         raise SysError(exc.errno or errno.EIO, "open", output) from None
-    got = os.fstat(fd).st_mode
-    if not (stat.S_ISCHR(got) or stat.S_ISFIFO(got)):  # replaced since the stat
-        os.close(fd)
-        raise VeloError(f"{output} changed while it was opened", reason=Reason.EXISTS, path=output)
+    try:
+        got = os.fstat(path_fd)
+        if not (stat.S_ISCHR(got.st_mode) or stat.S_ISFIFO(got.st_mode)):  # replaced meanwhile
+            raise VeloError(
+                f"{output} changed while it was opened", reason=Reason.EXISTS, path=output
+            )
+        if got.st_uid not in (os.geteuid(), 0):
+            raise VeloError(
+                f"{output} is a pipe or device of uid {got.st_uid}: the bundle would go to "
+                "that user",
+                reason=Reason.TARGET_INVALID,
+                path=output,
+                hint="export into a file, or into a pipe or device of your own "
+                "('-o -' writes to stdout)",
+            )
+        try:  # the inode checked, not whatever the name leads to by now
+            fd = os.open(f"/proc/self/fd/{path_fd}", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SysError(exc.errno or errno.EIO, "open", output) from None
+    finally:
+        os.close(path_fd)
     with os.fdopen(fd, "wb") as f:
         return export_bundle(store, m, spec, f)
 
