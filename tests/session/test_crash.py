@@ -195,3 +195,29 @@ def test_harvest_all_goes_past_a_session_it_cannot_harvest(mode: str) -> None:
     assert list(states.values()) == ["harvested"], r
     assert len(r["got"]) == 1 and r["got"] != r["lost"], r  # the other one's file
     assert r["fsck"] == []
+
+
+def test_a_dead_unharvested_session_points_to_harvest_not_to_the_log(shm_tmp: str) -> None:
+    """`diff --session ID` of a session whose manager died said "what it committed: veloverlay
+    log REF": it committed nothing, its changes wait in its upper dir. The hint now names the
+    command that commits them (a finished session still points to the log)."""
+    from veloverlay.session import state as state_mod
+
+    store, _src = new_store(shm_tmp)
+    sid = state_mod.new_id()
+    os.makedirs(store.sessions / sid)
+    # a manager that is not running: this pid with another start time
+    st = state_mod.State(
+        id=sid, refs=["t"], bases=[""], view_root="", target=shm_tmp, state="running"
+    )
+    st.pid, st.pid_start = os.getpid(), -1
+    state_mod.save(store, st)
+    with pytest.raises(VeloError) as ei:
+        state_mod.load_running(store, sid)
+    assert "dead-unharvested" in ei.value.message
+    assert ei.value.hint is not None and f"harvest --resume {sid}" in ei.value.hint
+    st.state = "harvested"
+    state_mod.save(store, st)
+    with pytest.raises(VeloError) as ei:
+        state_mod.load_running(store, sid)
+    assert ei.value.hint == "what it committed: veloverlay log t"

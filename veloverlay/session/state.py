@@ -214,12 +214,12 @@ def load_running(store: Store, sid: str) -> State:
     """The state of `sid`, which must be running (or starting): USAGE otherwise, with where its
     work went."""
     st = load(store, sid)
-    if st.shown_state() not in ("running", "starting"):
-        raise VeloError(
-            f"session {sid} is {st.shown_state()}, not running",
-            reason=Reason.USAGE,
-            hint=f"what it committed: veloverlay log {st.top}",
-        )
+    shown = st.shown_state()
+    if shown not in ("running", "starting"):
+        hint = f"what it committed: veloverlay log {st.top}"
+        if shown in ("dead-unharvested", "held"):  # nothing of it is committed yet
+            hint = f"nothing is committed yet; its changes: veloverlay harvest --resume {sid}"
+        raise VeloError(f"session {sid} is {shown}, not running", reason=Reason.USAGE, hint=hint)
     return st
 
 
