@@ -92,3 +92,20 @@ def test_a_destination_through_a_symlink_resolved_at_the_start_still_works() -> 
             checkout_ref(store, "t", os.path.join(base, "link"))
         assert exc.value.reason is Reason.EXISTS
         assert os.listdir(os.path.join(base, "empty")) == []
+
+
+def test_a_destination_that_cannot_be_made_is_named_whole() -> None:
+    """A destination whose last name is over 255 bytes, or whose parent refuses a mkdir, failed
+    with Python's OSError naming only that last component ('[Errno 1] Operation not permitted:
+    'x'', reason os-error): now the whole path, and a name too long is the user's bad path."""
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        long_dest = os.path.join(base, "a" * 300)
+        with pytest.raises(VeloError) as exc:
+            checkout_ref(store, "t", long_dest)
+        assert exc.value.reason is Reason.BAD_PATH and exc.value.path == long_dest
+        if os.path.isdir("/sys/kernel"):  # sysfs: root's mkdir there is EPERM
+            with pytest.raises(OSError) as err:
+                checkout_ref(store, "t", "/sys/kernel/velo-checkout")
+            assert err.value.filename == "/sys/kernel/velo-checkout"
+            assert not os.path.lexists("/sys/kernel/velo-checkout")

@@ -65,11 +65,13 @@ def claim_dir(real: str, mode: int) -> tuple[int, bool]:
             created = True
         except FileExistsError:
             created = False
+        except OSError as exc:
+            raise _unmade(exc, "mkdir", real) from None
         try:
             fd = os.open(name, DIRFLAGS, dir_fd=pfd)
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                raise
+                raise _unmade(exc, "open", real) from None
             if created:  # ours, and since replaced or moved by whoever owns the parent
                 raise _moved(real, "the directory made there was replaced") from None
             if exc.errno == errno.ENOENT:
@@ -90,6 +92,21 @@ def claim_dir(real: str, mode: int) -> tuple[int, bool]:
     finally:
         os.close(pfd)
     return fd, created
+
+
+def _unmade(exc: OSError, syscall: str, real: str) -> Exception:
+    """The failure to make or open the directory `real`, naming all of it (the OSError names
+    only its last component): a name too long is the user's path (BAD_PATH), not a syscall's
+    fault. FileNotFoundError stays as it is (callers: the parent is missing)."""
+    if isinstance(exc, FileNotFoundError):
+        return exc
+    if exc.errno == errno.ENAMETOOLONG:
+        return VeloError(
+            f"{real}: a name on the way is longer than 255 bytes",
+            reason=Reason.BAD_PATH,
+            path=real,
+        )
+    return SysError(exc.errno or errno.EIO, syscall, real)
 
 
 def _moved(real: str, what: str) -> VeloError:
