@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,15 @@ def test_a_part_file_of_another_user_is_not_taken_for_a_leftover(
     with open(out + ".part", "rb") as f:
         assert f.read() == b"theirs"
     assert not os.path.lexists(out)
+
+
+def test_an_output_that_cannot_be_made_is_named_whole(ingested: str, shm_tmp: str) -> None:
+    """`-o DIR/NAME` where NAME.part (or NAME) cannot be made or renamed failed with Python's
+    OSError naming only 'NAME.part' relative to nothing (reason os-error), after the whole bundle
+    was written in the rename's case. A 253-byte name (its .part is over 255 bytes) is now
+    bad-path naming the output, and nothing is left behind."""
+    out = os.path.join(shm_tmp, "b" * 253)
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 1 and "reason: bad-path" in res.stderr, res.stderr
+    assert json.loads(res.stdout)["path"] == out
+    assert not [n for n in os.listdir(shm_tmp) if n.startswith("bbbb")]

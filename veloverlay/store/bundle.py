@@ -126,8 +126,33 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     pfd = pin_dir(files.realpath_safe(parent, Reason.BAD_PATH))
     try:
         return _export_at(store, m, spec, pfd, name, output)
+    except SysError:
+        raise
+    except OSError as exc:
+        raise _output_error(exc, output) from None
     finally:
         os.close(pfd)
+
+
+def _output_error(exc: OSError, output: str) -> Exception:
+    """A failure to make, write or rename the output file, naming `output` (the OSError names
+    only `NAME.part` or `NAME`, relative to the directory pinned)."""
+    err = exc.errno or errno.EIO
+    if err == errno.ENAMETOOLONG:
+        return VeloError(
+            f"{output}: the bundle's name (with '.part' while it is written) is longer than 255 "
+            "bytes",
+            reason=Reason.BAD_PATH,
+            path=output,
+        )
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return VeloError(f"no space left while writing {output}", reason=Reason.STORE_FULL)
+    hint = None
+    if err == errno.EPERM:
+        hint = (
+            "in a sticky directory (/tmp) another user's file cannot be replaced: use another name"
+        )
+    return SysError(err, "export", output, hint=hint)
 
 
 def _export_at(
