@@ -42,12 +42,13 @@ def check_name(name: bytes) -> bytes:
     if not name:
         raise VeloError("empty name", reason=Reason.BAD_NAME)
     if name in (b".", b".."):
-        raise VeloError(f"the name {name!r} is not allowed", reason=Reason.BAD_NAME)
+        raise VeloError(f"the name {display(name)!r} is not allowed", reason=Reason.BAD_NAME)
     if b"/" in name or b"\0" in name:
-        raise VeloError(f"a name may not contain '/' or NUL: {name!r}", reason=Reason.BAD_NAME)
+        shown = display(name.replace(b"\0", b"\\0"))
+        raise VeloError(f"a name may not contain '/' or NUL: {shown}", reason=Reason.BAD_NAME)
     if len(name) > NAME_MAX:
         raise VeloError(
-            f"name longer than {NAME_MAX} bytes: {name[:40]!r}...", reason=Reason.BAD_NAME
+            f"name longer than {NAME_MAX} bytes: {display(name[:40])}...", reason=Reason.BAD_NAME
         )
     return name
 

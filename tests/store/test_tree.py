@@ -365,6 +365,7 @@ def test_check_name_refuses(bad: bytes) -> None:
     with pytest.raises(VeloError) as ei:
         paths.check_name(bad)
     assert ei.value.reason is Reason.BAD_NAME
+    assert "b'" not in ei.value.message and 'b"' not in ei.value.message  # no Python repr
 
 
 @pytest.mark.parametrize("good", ODD_NAMES, ids=repr)
