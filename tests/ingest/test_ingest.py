@@ -272,6 +272,37 @@ def test_sparse_files_that_start_with_a_hole(repo: Repo, shm_tmp: str) -> None:
     assert not diff_snapshots(want, snapshot(dest))
 
 
+def test_mtimes_beyond_what_a_manifest_records(repo: Repo, shm_tmp: str) -> None:
+    """A file, directory or symlink whose mtime lies past 2262-04-11 or before 1677-09-21
+    (tmpfs keeps it; an i64 of nanoseconds cannot) is ingested with the nearest bound as its
+    mtime, its content exact; it used to fail the ingest with a struct.error traceback."""
+    src = os.path.join(shm_tmp, "src")
+    os.makedirs(os.path.join(src, "d"))
+    with open(os.path.join(src, "late"), "wb") as f:
+        f.write(b"late")
+    with open(os.path.join(src, "early"), "wb") as f:
+        f.write(b"early")
+    os.symlink("late", os.path.join(src, "ln"))
+    late, early = 9_300_000_000 * 10**9, -9_300_000_000 * 10**9
+    for name, ns in (("late", late), ("early", early), ("d", late), ("ln", late)):
+        os.utime(os.path.join(src, name), ns=(ns, ns), follow_symlinks=False)
+    assert os.lstat(os.path.join(src, "late")).st_mtime_ns == late  # tmpfs kept it
+    run(repo, src, "t")
+    got = {n: lookup(repo, "t", n) for n in (b"late", b"early", b"d", b"ln")}
+    assert {n: e.mtime_ns for n, e in got.items() if e is not None} == {
+        b"late": 2**63 - 1,
+        b"early": -(2**63),
+        b"d": 0,  # a directory entry has no mtime of its own: its node does
+        b"ln": 2**63 - 1,
+    }
+    assert cat(repo, "t", "late") == b"late" and cat(repo, "t", "early") == b"early"
+    with open(os.path.join(src, "early"), "wb") as f:  # the stat cache is not trusted for it
+        f.write(b"EARLY")
+    os.utime(os.path.join(src, "early"), ns=(early, early))
+    run(repo, src, "t")
+    assert cat(repo, "t", "early") == b"EARLY"
+
+
 def _ingest_unreadable(base: str) -> list[tuple[str, str, bool, bool]]:
     """As an unprivileged owner: ingest a tree, then the same tree with one part unreadable."""
     src = os.path.join(base, "src")

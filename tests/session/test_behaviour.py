@@ -31,6 +31,7 @@ from tests.session._util import (
     compare_trees,
     fsck_ok,
     mode_form_params,
+    mode_params,
     new_store,
     run_session,
     sh,
@@ -184,3 +185,52 @@ def test_a_tree_whose_top_is_read_only(mode: str, form: str) -> None:
     assert statuses == [0, 0]
     assert not problems, problems
     assert not findings, findings
+
+
+FAR = "touch -d @9300000000 far f1 fardir; touch -h -d @9300000000 link; touch -d @-9300000000 f2"
+
+
+def _far_mtimes(
+    base: str,
+) -> tuple[int, dict[str, tuple[bytes, int]], dict[str, tuple[bytes, int]]]:
+    from veloverlay.store.tree import clamp_mtime
+
+    store, src = new_store(base)
+    proj = os.path.join(base, "proj")
+    plain = os.path.join(base, "plain")
+    subprocess.run(["cp", "-a", src, plain], check=True)
+    script = f"printf new > far; mkdir fardir; {FAR}"
+    res = run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
+    sh(script, plain)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+
+    def seen(root: str, clamp: bool) -> dict[str, tuple[bytes, int]]:
+        out = {}
+        for name in ("far", "f1", "f2", "fardir", "link"):
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            data = (
+                os.readlink(p).encode()
+                if os.path.islink(p)
+                else b"dir"
+                if os.path.isdir(p)
+                else open(p, "rb").read()
+            )
+            out[name] = (data, clamp_mtime(st.st_mtime_ns) if clamp else st.st_mtime_ns)
+        return out
+
+    return res.exit_status, seen(got, False), seen(plain, True)
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "native", "rootfree"))
+def test_mtimes_beyond_what_a_manifest_records(mode: str) -> None:
+    """A session that sets mtimes past 2262-04-11 or before 1677-09-21 (`touch -d @9300000000`:
+    tmpfs and ext4 keep them, an i64 of nanoseconds cannot) is harvested and committed, those
+    mtimes recorded as the nearest bound; it used to fail the harvest with a struct.error
+    traceback and stay unharvestable."""
+    with unpriv_tmpdir() as base:
+        status, got, plain = _as_mode(mode, _far_mtimes, base)
+    assert status == 0
+    assert plain["far"][1] == 2**63 - 1 and plain["f2"][1] == -(2**63)  # the bounds were hit
+    assert got == plain

@@ -25,6 +25,7 @@ import struct
 
 from veloverlay.records import Record, field
 from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import clamp_mtime
 
 __all__ = [
     "DirCache",
@@ -60,12 +61,16 @@ def file_bytes(
     name: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: bytes
 ) -> bytes:
     return b"".join(
-        (_NAME.pack(len(name)), name, _FILE.pack(ino, size, mtime_ns, ctime_ns, digest))
+        (
+            _NAME.pack(len(name)),
+            name,
+            _FILE.pack(ino, size, clamp_mtime(mtime_ns), ctime_ns, digest),
+        )
     )
 
 
 def link_bytes(name: bytes, ino: int, mtime_ns: int, ctime_ns: int) -> bytes:
-    return b"".join((_NAME.pack(len(name)), name, _LINK.pack(ino, mtime_ns, ctime_ns)))
+    return b"".join((_NAME.pack(len(name)), name, _LINK.pack(ino, clamp_mtime(mtime_ns), ctime_ns)))
 
 
 def encode_parts(
@@ -77,8 +82,14 @@ def encode_parts(
     subs: list[tuple[bytes, bytes]],
 ) -> bytes:
     """A value from pre-encoded parts: head = (ino, mtime_ns, ctime_ns, mode, node); `files` and
-    `links` are concatenations of `file_bytes` and `link_bytes`; subs are (name, node digest)."""
-    parts = [_HEAD.pack(*head, nfiles, nlinks, len(subs)), files, links]
+    `links` are concatenations of `file_bytes` and `link_bytes`; subs are (name, node digest).
+    An mtime out of an i64's range is kept as its bound (tree.clamp_mtime), which differs from
+    what the next stat returns: such an entry is looked at again, never trusted."""
+    ino, mtime_ns, ctime_ns, mode, node = head
+    parts = [
+        _HEAD.pack(ino, clamp_mtime(mtime_ns), ctime_ns, mode, node, nfiles, nlinks, len(subs))
+    ]
+    parts += [files, links]
     for name, digest in subs:
         parts += [_NAME.pack(len(name)), name, digest]
     return b"".join(parts)

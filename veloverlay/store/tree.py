@@ -43,6 +43,7 @@ __all__ = [
     "Op",
     "OpKind",
     "EMPTY_DIR_MODE",
+    "clamp_mtime",
     "extent",
     "extent_of",
     "shape",
@@ -56,6 +57,14 @@ HEAD_SIZE = _HEAD.size
 _ENT = struct.Struct("<BBIQqH")
 EMPTY_DIR_MODE = 0o755
 SYMLINK_MAX = 4095
+MTIME_MIN, MTIME_MAX = -(2**63), 2**63 - 1  # the i64 of nanoseconds: 1677-09-21 .. 2262-04-11
+
+
+def clamp_mtime(mtime_ns: int) -> int:
+    """An mtime as a node records it. A filesystem can hold times an i64 of nanoseconds cannot
+    (ext4 to 2446, tmpfs further; `touch -d 2300-01-01` is enough): they are recorded as the
+    nearest bound, never an encoding error that would leave a session unharvestable."""
+    return MTIME_MIN if mtime_ns < MTIME_MIN else MTIME_MAX if mtime_ns > MTIME_MAX else mtime_ns
 
 
 class Kind(enum.IntEnum):
@@ -138,7 +147,7 @@ def entry_bytes(
         (
             len(name).to_bytes(2, "little"),
             name,
-            _ENT.pack(kind, tier, mode & 0o7777, size, mtime_ns, len(payload)),
+            _ENT.pack(kind, tier, mode & 0o7777, size, clamp_mtime(mtime_ns), len(payload)),
             payload,
         )
     )
@@ -152,7 +161,7 @@ def encode_parts(
     mode: int, mtime_ns: int, count: int, parts: Iterable[bytes]
 ) -> tuple[Digest, bytes]:
     """A node from `count` entries already encoded (`entry_bytes`), given in name order."""
-    data = b"".join((_HEAD.pack(_MAGIC, mode & 0o7777, mtime_ns, count), *parts))
+    data = b"".join((_HEAD.pack(_MAGIC, mode & 0o7777, clamp_mtime(mtime_ns), count), *parts))
     return node_digest(data), data
 
 
