@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -157,6 +158,39 @@ def test_umount_refuses_a_mount_over_the_projection(shm_tmp: str) -> None:
     got = os.path.join(shm_tmp, "got")
     ok(velo(store, "checkout", "t", got))
     assert compare_trees(got, plain, since_ns=0) == []
+
+
+def test_a_bind_mount_of_the_projection_keeps_the_session_unharvested(shm_tmp: str) -> None:
+    """A bind mount of the projection elsewhere in the same namespace writes the same upper dir:
+    umount refuses while it exists (it used to unmount the target, harvest and delete the upper
+    dir while the bind mount stayed writable), and a target unmounted by hand stays `mounted`,
+    not resumable, until the bind mount is gone too. What was written through it is committed."""
+    store, plain, at = _setup(shm_tmp)
+    bound = os.path.join(shm_tmp, "bound")
+    os.mkdir(bound)
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    subprocess.run(["mount", "--bind", at, bound], check=True)
+    try:
+        _changes(bound)
+        err = failed(velo(store, "umount", at, "--json"), "session-active")
+        assert bound in err
+        assert os.path.ismount(at) and _sessions(store)[sid] == "mounted"
+        subprocess.run(["umount", at], check=True)  # the target, by hand: the bind lives on
+        assert _sessions(store)[sid] == "mounted"
+        assert data(velo(store, "harvest", "--all", "--json")) == []
+        err = failed(velo(store, "harvest", "--resume", sid, "--json"), "session-active")
+        assert bound in err
+        with open(os.path.join(bound, "late"), "w") as f:  # still writes the session's tree
+            f.write("late\n")
+        with open(os.path.join(plain, "late"), "w") as f:
+            f.write("late\n")
+    finally:
+        subprocess.run(["umount", bound], check=False)
+    assert _sessions(store)[sid] == "dead-unharvested"
+    assert data(velo(store, "harvest", "--resume", sid, "--json"))[0]["commit"]
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=time.time_ns() - 10**10) == []
 
 
 def _wait_for_copy(pid: int, sid: str) -> None:

@@ -182,12 +182,18 @@ def _harvest_one(store: Store, st: state.State, session_id: str | None) -> Sessi
     if shown == "mounted":
         if session_id is not None:
             here = _mounted_here(st)
+            bound = [] if here else _bound_here(st)
             raise VeloError(
                 f"session {st.id} is mounted on {st.mounted_at}"
-                + ("" if here else " in another mount namespace"),
+                if here
+                else f"session {st.id} is mounted on {bound[0]} (a bind mount of it)"
+                if bound
+                else f"session {st.id} is mounted on {st.mounted_at} in another mount namespace",
                 reason=Reason.SESSION_ACTIVE,
                 hint=f"veloverlay umount {st.mounted_at}"
                 if here
+                else f"umount {bound[0]}, then run this again"
+                if bound
                 else "a namespace made while it was mounted holds a copy (unshare -m, a "
                 "container): end its processes, then run this again",
             )
@@ -223,6 +229,14 @@ def _mounted_here(st: state.State) -> bool:
         return st.mounted_here() is not None
     except OSError:
         return True
+
+
+def _bound_here(st: state.State) -> list[str]:
+    """Where else in this namespace the session's overlay is mounted (bind mounts of it)."""
+    try:
+        return [e.point for e in st.mounts_here()]
+    except OSError:
+        return []
 
 
 def mount(store: Store, opts: SessionOptions) -> SessionResult:

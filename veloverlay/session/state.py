@@ -126,11 +126,18 @@ class State(Record):
                 return entry
         return None
 
+    def mounts_here(self) -> list[mount.MountEntry]:
+        """`veloverlay mount`: every mount of this session's overlay in this mount namespace:
+        the one on `mounted_at` and any bind mount made of it (`mount --bind TARGET ELSEWHERE`),
+        each of which writes the upper dir. OSError: mountinfo unreadable."""
+        return [entry for entry in mount.mounts() if self.is_upper(entry)]
+
     def mount_live(self) -> bool:
-        """`veloverlay mount`: this session's overlay is mounted, on `mounted_at` here or in
-        another mount namespace that copied it (its upper dir can still be written)."""
+        """`veloverlay mount`: this session's overlay is mounted, on `mounted_at` or another
+        path here (a bind mount of it) or in another mount namespace that copied it (its upper
+        dir can still be written)."""
         try:
-            if self.mounted_here() is not None:
+            if self.mounts_here():
                 return True
         except OSError:
             return True  # cannot tell: never harvest what may still be written

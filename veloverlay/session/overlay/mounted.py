@@ -15,7 +15,8 @@ root-native session (session/select.py). What differs from `run`:
   harvested; EBUSY says so) and harvests and commits like the end of a `run`. A state `mounted`
   whose overlay is gone (a reboot, a plain umount(8), a kill between the unmount and the harvest)
   shows as `dead-unharvested` and `harvest --resume` finishes it. Gone means gone everywhere: a
-  copy in another mount namespace (unshare -m after the mount) still writes the upper dir.
+  copy in another mount namespace (unshare -m after the mount), or a bind mount of the projection
+  on another path here, still writes the upper dir.
 * Root acts on directories, not paths it resolved earlier (another user may own a directory on
   the way): the target is pinned by an fd and mounted on; umount checks that the mount on the
   path is this overlay (not one mounted over it) and unmounts through the pinned parent.
@@ -149,6 +150,25 @@ def _elsewhere(st: state.State, target: str, done: str) -> VeloError | None:
     )
 
 
+def _bound_here(st: state.State, target: str, keep: int | None, done: str) -> VeloError | None:
+    """The refusal when the session's overlay is mounted on other paths of this namespace too (a
+    bind mount of the projection): unmounting `target` leaves them writing its upper dir, and
+    what they wrote after the harvest would be lost."""
+    try:
+        points = [e.point for e in st.mounts_here() if e.mnt_id != keep]
+    except OSError as exc:
+        return VeloError(f"cannot read /proc/self/mountinfo: {exc}", reason=Reason.SYSCALL)
+    if not points:
+        return None
+    shown = ", ".join(points[:5]) + (" …" if len(points) > 5 else "")
+    return VeloError(
+        f"{done}the projection on {target} is also mounted on {shown} (a bind mount of it)",
+        reason=Reason.SESSION_ACTIVE,
+        hint=f"umount {points[0]} first, then "
+        + ("run umount again" if not done else f"veloverlay harvest --resume {st.id}"),
+    )
+
+
 def umount_session(
     store: Store,
     where: str,
@@ -172,7 +192,7 @@ def umount_session(
             "'veloverlay harvest --resume ID'",
         )
     st, entry = found[0]
-    if refusal := _elsewhere(st, target, ""):
+    if refusal := _bound_here(st, target, entry.mnt_id, "") or _elsewhere(st, target, ""):
         raise refusal
     try:
         # Read-only first: a file open for writing through a mount that is gone from every
@@ -188,7 +208,8 @@ def umount_session(
             ) from None
         raise
     # Unmounted: from here a kill leaves a `mounted` state without its mount (dead-unharvested).
-    if refusal := _elsewhere(st, target, f"{target} is unmounted here, but "):
+    done = f"{target} is unmounted, but "
+    if refusal := _bound_here(st, target, None, done) or _elsewhere(st, target, done):
         raise refusal  # a copy made in between: harvested by --resume once it is gone
     st.discard = st.discard or discard
     st.commit_to_ref = st.commit_to_ref and commit
