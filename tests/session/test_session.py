@@ -451,12 +451,22 @@ def test_discard_no_commit_list_and_clean(mode: str) -> None:
 
 
 def _refusals(base: str) -> dict[str, str]:
+    from veloverlay.lower.homes import base as cache_base
+
     store, _src = new_store(base)
+    rt = os.path.join(base, "rt")
+    os.mkdir(rt, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = rt
+    cache = cache_base()[0]
+    assert cache is not None
     out: dict[str, str] = {}
     cases: dict[str, dict[str, object]] = {
         "normal": {"at": os.path.join(base, "p")},
         "inside-store": {"at": os.path.join(os.fspath(store.root), "x")},
         "contains-store": {"at": base},
+        # the per-boot layer cache is as trusted as the store (DESIGN.md)
+        "inside-cache": {"at": os.path.join(cache, "x")},
+        "contains-cache": {"at": rt},
         "no-parent": {"at": os.path.join(base, "missing", "deeper")},
         "shim": {"at": os.path.join(base, "p"), "backend": "shim"},
         "strict": {"at": os.path.join(base, "p"), "strict": True},
@@ -483,6 +493,8 @@ def test_refusals(mode: str) -> None:
         r = as_mode(mode, _refusals, base)
     assert r["inside-store"] == Reason.TARGET_INVALID.value
     assert r["contains-store"] == Reason.TARGET_INVALID.value
+    assert r["inside-cache"] == Reason.TARGET_INVALID.value
+    assert r["contains-cache"] == Reason.TARGET_INVALID.value
     assert r["no-parent"] == Reason.TARGET_INVALID.value
     assert r["shim"] == "ok"  # the shim backend projects where overlay is not wanted
     assert r["strict-links"] == Reason.FALLBACK_FORBIDDEN.value

@@ -12,6 +12,7 @@ import os
 
 from veloverlay import files
 from veloverlay.errors import Reason, VeloError
+from veloverlay.lower.homes import base
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.checkout import claim_dir
@@ -76,6 +77,17 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             f"the target {real} contains or lies inside the store {sroot}",
             reason=Reason.TARGET_INVALID,
             hint="project somewhere outside the store (--at DIR)",
+            path=real,
+        )
+    cache, _why = base()
+    creal = os.path.realpath(cache) if cache is not None else None
+    if creal is not None and (inside(real, creal) or inside(creal, real)):
+        # As trusted as the store (DESIGN.md): a projection there would cover layers that
+        # sessions mount and gc prunes by walking it, reaching into the projection instead.
+        raise VeloError(
+            f"the target {real} contains or lies inside the per-boot layer cache {creal}",
+            reason=Reason.TARGET_INVALID,
+            hint="project somewhere outside it (--at DIR)",
             path=real,
         )
     if real == "/":
