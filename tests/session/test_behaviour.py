@@ -234,3 +234,88 @@ def test_mtimes_beyond_what_a_manifest_records(mode: str) -> None:
     assert status == 0
     assert plain["far"][1] == 2**63 - 1 and plain["f2"][1] == -(2**63)  # the bounds were hit
     assert got == plain
+
+
+SPARSE_SIZE = 256 << 20
+
+
+def _sparse_object(base: str) -> tuple[int, int, int, bytes, list[str]]:
+    from veloverlay.store.manifest import Manifests
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    # a file with no blocks in the upper dir, then a few bytes of data at its end
+    script = f"truncate -s {SPARSE_SIZE} img; printf end >> img"
+    res = run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
+    root = head_root(store, "t")
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            e = m.lookup(txn, root, b"img")
+    finally:
+        m.close()
+    assert e is not None
+    st = os.stat(store.object_path_b(e.digest))
+    with open(store.object_path_b(e.digest), "rb") as f:
+        f.seek(SPARSE_SIZE - 1)
+        tail = f.read()
+    return res.exit_status, e.size, st.st_blocks * 512, tail, fsck_ok(store)
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_sparse_file_stays_sparse_in_the_store(mode: str) -> None:
+    """`truncate -s 256M img` in a session costs no blocks in the upper dir; its harvest used to
+    copy it with copy_file_range, which writes the holes as allocated zeros: a command could fill
+    the store's disk (or a tmpfs store's RAM) with files that cost it nothing. The object keeps
+    the holes (and the exact bytes: fsck re-hashes it)."""
+    with unpriv_tmpdir() as base:
+        status, size, allocated, tail, findings = _as_mode(mode, _sparse_object, base)
+    assert status == 0
+    assert (size, tail) == (SPARSE_SIZE + 3, b"\0end")
+    assert allocated < 8 << 20, allocated
+    assert not findings, findings
+
+
+LINKS = 200
+
+
+def _many_links(base: str) -> tuple[int, list[int], int, bool, list[str]]:
+    from veloverlay.session.overlay import harvest
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    script = (
+        "head -c 2097152 /dev/urandom > big; mkdir ln; i=0; "
+        f"while [ $i -lt {LINKS} ]; do ln big ln/$i; i=$((i+1)); done; ln -f big f1"
+    )
+    read: list[int] = []
+    real = harvest.harvest_upper
+
+    def counted(*args: object, **kw: object) -> harvest.HarvestResult:
+        got = real(*args, **kw)  # type: ignore[arg-type]
+        read.append(got.bytes_read)
+        return got
+
+    harvest.harvest_upper = counted  # type: ignore[assignment]  # a forked child
+    res = run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {script}"], at=proj)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    with open(os.path.join(got, "big"), "rb") as f:
+        data = f.read()
+    names = [os.path.join(got, "ln", str(i)) for i in range(LINKS)] + [os.path.join(got, "f1")]
+    same = all(open(p, "rb").read() == data for p in names)
+    return res.exit_status, read, len(data), same, fsck_ok(store)
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "native", "rootfree"))
+def test_many_hard_links_are_read_once(mode: str) -> None:
+    """200 hard links to a 2 MiB file made in a session (one over a stored file): each name is
+    committed with the file's content, and the harvest reads the inode once. It used to read
+    every name in full: 65,000 links to a 1 GB file, which cost the command nothing, made the
+    harvest read 65 TB."""
+    with unpriv_tmpdir() as base:
+        status, read, size, same, findings = _as_mode(mode, _many_links, base)
+    assert status == 0
+    assert size == 2 << 20 and same
+    assert read == [size], read
+    assert not findings, findings

@@ -28,7 +28,7 @@ contents are staged (v1 does not model xattrs).
   and the manifest's is kept.
 * symlink -> SYMLINK; a symlink into this store's objects that is a Tier-1 entry of the view a
   program copied (`cp -a`, npm) -> back to a FILE entry of that object
-* hard links are two files (v1 does not model link identity); fifos, sockets and devices are
+* hard links are two files (v1 does not model link identity; the inode is read once); fifos, sockets and devices are
   skipped with a warning; setuid/setgid bits a session sets are removed (as ingest does unless
   asked), bits the manifest already had are kept.
 Files and directories the harvester cannot read as created (mode 000, 0555 dirs for a non-root
@@ -122,6 +122,9 @@ class _Harvester:
         self.res = HarvestResult()
         self.links = StoreLinks(store)
         self.view_root = b""
+        # (dev, ino) -> (digest, size) of files with more than one link: each inode is read once
+        # (65,000 links to a 1 GB file cost the command nothing, and the harvest 65 TB of reads)
+        self.inodes: dict[tuple[int, int], tuple[bytes, int]] = {}
 
     # -- opening what the session made unreadable (given its mode back at once: a harvest
     # interrupted and resumed must find the modes the session left)
@@ -292,6 +295,32 @@ class _Harvester:
     ) -> Entry:
         mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
         low_file = low if low is not None and low.kind is Kind.FILE else None
+        inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+        if inode is not None and inode in self.inodes:
+            # Another name of an inode read already: its content is staged or stored by now.
+            digest, size = self.inodes[inode]
+        else:
+            digest, size = self._content(dfd, name, st, low_file)
+            if inode is not None:
+                self.inodes[inode] = (digest, size)
+        faults.point("harvest.file")
+        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
+            # As ingest does unless asked (keep_setid): a session does not mint setuid/setgid
+            # files; bits the manifest already had are kept.
+            mode &= ~_SETID
+            self.res.stripped_setid += 1
+        if low_file is not None and digest == low_file.digest:
+            if self.form == "links" and mtime == PROXY_MTIME_NS:
+                mtime = low_file.mtime_ns  # the proxy's normalised mtime, not the user's
+            tier = low_file.tier
+        else:
+            tier = low_file.tier if low_file is not None else self.rules.classify(p)
+        return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+    def _content(
+        self, dfd: int, name: bytes, st: os.stat_result, low_file: Entry | None
+    ) -> tuple[bytes, int]:
+        """(digest, size) of a regular file of the upper dir; a new content is staged."""
         fd = self._open_file(dfd, name, st)
         try:
             if low_file is not None and _getx_fd(fd, self.x_metacopy) is not None:
@@ -310,19 +339,7 @@ class _Harvester:
                 self.res.bytes_read += size
         finally:
             os.close(fd)
-        faults.point("harvest.file")
-        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
-            # As ingest does unless asked (keep_setid): a session does not mint setuid/setgid
-            # files; bits the manifest already had are kept.
-            mode &= ~_SETID
-            self.res.stripped_setid += 1
-        if low_file is not None and digest == low_file.digest:
-            if self.form == "links" and mtime == PROXY_MTIME_NS:
-                mtime = low_file.mtime_ns  # the proxy's normalised mtime, not the user's
-            tier = low_file.tier
-        else:
-            tier = low_file.tier if low_file is not None else self.rules.classify(p)
-        return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+        return digest, size
 
 
 def harvest_upper(
