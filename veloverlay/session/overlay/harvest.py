@@ -28,9 +28,10 @@ contents are staged (v1 does not model xattrs).
   and the manifest's is kept.
 * symlink -> SYMLINK; a symlink into this store's objects that is a Tier-1 entry of the view a
   program copied (`cp -a`, npm) -> back to a FILE entry of that object
-* hard links are two files (v1 does not model link identity; the inode is read once); fifos, sockets and devices are
-  skipped with a warning; setuid/setgid bits a session sets are removed (as ingest does unless
-  asked), bits the manifest already had are kept.
+* hard links are two files (v1 does not model link identity; the inode is read once); fifos,
+  sockets and devices are skipped with a warning (one that replaced a stored entry deletes it);
+  setuid/setgid bits a session sets are removed (as ingest does unless asked), bits the
+  manifest already had are kept.
 Files and directories the harvester cannot read as created (mode 000, 0555 dirs for a non-root
 owner) are chmod-ed to read them; the manifest records the mode they had.
 
@@ -193,7 +194,13 @@ class _Harvester:
                         ops.append(Op(OpKind.PUT, p, self._built_dir(cfd, name, st, p, None, p)))
                 continue
             entry = self._leaf(dfd, name, st, p, low)
-            op = leaf_op(p, low, entry) if entry is not None else None
+            if entry is None:
+                # A fifo, socket or device (not modelled) where the view had an entry: the
+                # session removed that entry, as the tree it left shows (_built_dir does the same)
+                if low is not None:
+                    ops.append(Op(OpKind.DELETE, p))
+                continue
+            op = leaf_op(p, low, entry)
             if op is not None:
                 ops.append(op)
 
