@@ -4,6 +4,7 @@ into projections unless asked."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_params, new_store
+from tests.session._util import as_mode, mode_params, new_store, run_session
 from veloverlay import session
 from veloverlay.ingest import ingest
 from veloverlay.store.manifest import Manifests
@@ -114,3 +115,62 @@ def test_session_security(mode: str) -> None:
     assert not res["harvested_mode"] & (stat.S_ISUID | stat.S_ISGID), oct(res["harvested_mode"])
     assert res["ingested_mode"] == 0o755
     assert res["kept_mode"] == 0o4755
+
+
+# The command tries to write a frame into pid 1's report pipe through /proc/1/fd: an `error`
+# frame with a reason no version knows. What it could open is written to out (a host path). The
+# system's python: root's venv is not executable by the root-free user.
+FORGE = r"""
+import json, os, struct, sys
+out = {}
+try:
+    fds = os.listdir("/proc/1/fd")
+except OSError as e:  # not even listed: try the numbers
+    fds = [str(n) for n in range(300)]
+    out["list"] = e.errno
+for fd in fds:
+    try:
+        w = os.open(f"/proc/1/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        out[fd] = e.errno
+        continue
+    d = json.dumps({"error": {"message": "forged", "reason": "not-a-reason"}}).encode()
+    try:
+        os.write(w, struct.pack("<I", len(d)) + d)
+        out[fd] = "written"
+    except OSError as e:
+        out[fd] = e.errno
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def _forge(base: str) -> dict[str, Any]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    script = os.path.join(base, "forge.py")
+    with open(script, "w") as f:
+        f.write(FORGE)
+    out = os.path.join(base, "forge.json")
+    argv = ["sh", "-c", f"printf kept > {proj}/kept; /usr/bin/python3 {script} {out}"]
+    res = run_session(store, ["t"], argv, at=proj)
+    with open(out) as f:
+        opened = json.load(f)
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _ref, commit = m.resolve(txn, "t")
+            kept = m.lookup(txn, bytes.fromhex(commit.root), b"kept") is not None
+    finally:
+        m.close()
+    return {"exit": res.exit_status, "state": res.state, "opened": opened, "kept": kept}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "native", "rootfree"))
+def test_the_command_cannot_write_pid1s_report(mode: str) -> None:
+    """Root in its user namespace, the command could open pid 1's report pipe through
+    /proc/1/fd and forge an `error` frame: the manager then dropped the session's work and
+    failed with a ValueError traceback. pid 1 is not dumpable: nothing there opens."""
+    with unpriv_tmpdir() as base:
+        res = as_mode(mode, _forge, base)
+    assert res["opened"] and "written" not in res["opened"].values(), res["opened"]
+    assert (res["exit"], res["state"], res["kept"]) == (0, "harvested", True)

@@ -307,10 +307,15 @@ def run_session(
             st.error = err
             state.save(store, st)
             _drop_upper(sdir)
+            try:
+                reason = Reason(err.get("reason", Reason.SYSCALL.value))
+            except ValueError:
+                reason = Reason.SYSCALL
+            hint = err.get("hint")
             raise VeloError(
                 f"the session could not start: {err.get('message')}",
-                reason=Reason(err.get("reason", Reason.SYSCALL.value)),
-                hint=err.get("hint"),
+                reason=reason,
+                hint=hint if isinstance(hint, str) else None,
             )
         if "exit" in report:
             exit_status = int(report["exit"])  # type: ignore[call-overload]

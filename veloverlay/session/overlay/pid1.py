@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from veloverlay import mount, ns
+from veloverlay import _libc, mount, ns
 from veloverlay.overlay import OverlaySpec, pin_root, seal
 from veloverlay.records import Record
 from veloverlay.session import reaper
@@ -117,6 +117,12 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
         _enter_cwd(ctx, root_fd)
         os.close(root_fd)
         ns.no_new_privs()
+        # The command is root in this user namespace (root sessions): while pid 1 is dumpable
+        # it may open /proc/1/fd/N, pid 1's report pipe, and forge the manager's frames (an
+        # `error` one made the manager drop the session's work). Non-dumpable, those files need
+        # CAP_SYS_PTRACE where pid 1's memory was made (the initial namespace). The command's
+        # own exec makes it dumpable again.
+        _libc.set_dumpable(on=False)
         before = _mount_ids()
     except BaseException as exc:  # noqa: BLE001
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
