@@ -121,6 +121,7 @@ class MountEntry(NamedTuple):
     point: str
     fstype: str
     super_opts: str
+    peers: int = 0  # its shared:N peer group (0: not shared): an unmount propagates across it
 
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
@@ -157,6 +158,7 @@ def _entry(line: str) -> MountEntry | None:
             _unescape(fields[4]),
             fields[sep + 1],
             " ".join(fields[sep + 3 :]),
+            next((int(f[7:]) for f in fields[6:sep] if f.startswith("shared:")), 0),
         )
     except (ValueError, IndexError):
         return None  # not a line of this format

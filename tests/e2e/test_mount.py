@@ -193,6 +193,33 @@ def test_a_bind_mount_of_the_projection_keeps_the_session_unharvested(shm_tmp: s
     assert compare_trees(got, plain, since_ns=time.time_ns() - 10**10) == []
 
 
+def test_propagated_copies_of_the_projection_go_with_it(shm_tmp: str) -> None:
+    """Under a shared parent with a peer (a bind of a shared directory, common where / is
+    shared), the mount propagates to the peer: not a bind mount of the projection to refuse,
+    since umount unmounts both, then commits."""
+    store, plain, _at = _setup(shm_tmp)
+    top, peer = os.path.join(shm_tmp, "top"), os.path.join(shm_tmp, "peer")
+    os.mkdir(top)
+    os.mkdir(peer)
+    subprocess.run(["mount", "--bind", top, top], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", top], check=True)
+        subprocess.run(["mount", "--bind", top, peer], check=True)
+        at = os.path.join(top, "at")
+        os.mkdir(at)
+        data(velo(store, "mount", "t", at, "--json"))
+        assert os.path.ismount(os.path.join(peer, "at"))
+        _changes(os.path.join(peer, "at"))
+        assert data(velo(store, "umount", at, "--json"))["commit"]
+        assert not os.path.ismount(at) and not os.path.ismount(os.path.join(peer, "at"))
+    finally:
+        subprocess.run(["umount", peer], check=False)
+        subprocess.run(["umount", top], check=False)
+    got = os.path.join(shm_tmp, "got")
+    ok(velo(store, "checkout", "t", got))
+    assert compare_trees(got, plain, since_ns=0) == []
+
+
 def _wait_for_copy(pid: int, sid: str) -> None:
     """Until the process is in its own mount namespace and that namespace has the overlay."""
     while True:

@@ -150,12 +150,19 @@ def _elsewhere(st: state.State, target: str, done: str) -> VeloError | None:
     )
 
 
-def _bound_here(st: state.State, target: str, keep: int | None, done: str) -> VeloError | None:
+def _bound_here(
+    st: state.State, target: str, ours: mount.MountEntry | None, done: str
+) -> VeloError | None:
     """The refusal when the session's overlay is mounted on other paths of this namespace too (a
     bind mount of the projection): unmounting `target` leaves them writing its upper dir, and
-    what they wrote after the harvest would be lost."""
+    what they wrote after the harvest would be lost. Not its propagation peers (a bind of a
+    shared parent): unmounting `ours` unmounts them too."""
+
+    def kept(e: mount.MountEntry) -> bool:
+        return ours is None or (e.mnt_id != ours.mnt_id and not ours.peers == e.peers != 0)
+
     try:
-        points = [e.point for e in st.mounts_here() if e.mnt_id != keep]
+        points = [e.point for e in st.mounts_here() if kept(e)]
     except OSError as exc:
         return VeloError(f"cannot read /proc/self/mountinfo: {exc}", reason=Reason.SYSCALL)
     if not points:
@@ -192,7 +199,7 @@ def umount_session(
             "'veloverlay harvest --resume ID'",
         )
     st, entry = found[0]
-    if refusal := _bound_here(st, target, entry.mnt_id, "") or _elsewhere(st, target, ""):
+    if refusal := _bound_here(st, target, entry, "") or _elsewhere(st, target, ""):
         raise refusal
     try:
         # Read-only first: a file open for writing through a mount that is gone from every
