@@ -36,6 +36,8 @@ def snapshot(root: str) -> dict[str, list[Any] | None]:
                 out[rel] = ["dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns, None]
             elif stat.S_ISLNK(st.st_mode):
                 out[rel] = ["symlink", 0, st.st_mtime_ns, os.readlink(p)]
+            elif not stat.S_ISREG(st.st_mode):
+                continue  # a fifo, socket or device: not modelled (and opening a fifo blocks)
             else:
                 try:
                     with open(p, "rb") as f:
