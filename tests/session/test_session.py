@@ -466,7 +466,6 @@ def _refusals(base: str) -> dict[str, str]:
         "contains-store": {"at": base},
         # the per-boot layer cache is as trusted as the store (DESIGN.md)
         "inside-cache": {"at": os.path.join(cache, "x")},
-        "contains-cache": {"at": rt},
         "no-parent": {"at": os.path.join(base, "missing", "deeper")},
         "shim": {"at": os.path.join(base, "p"), "backend": "shim"},
         "strict": {"at": os.path.join(base, "p"), "strict": True},
@@ -494,7 +493,6 @@ def test_refusals(mode: str) -> None:
     assert r["inside-store"] == Reason.TARGET_INVALID.value
     assert r["contains-store"] == Reason.TARGET_INVALID.value
     assert r["inside-cache"] == Reason.TARGET_INVALID.value
-    assert r["contains-cache"] == Reason.TARGET_INVALID.value
     assert r["no-parent"] == Reason.TARGET_INVALID.value
     assert r["shim"] == "ok"  # the shim backend projects where overlay is not wanted
     assert r["strict-links"] == Reason.FALLBACK_FORBIDDEN.value

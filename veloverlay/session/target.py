@@ -81,11 +81,13 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
         )
     cache, _why = base()
     creal = os.path.realpath(cache) if cache is not None else None
-    if creal is not None and (inside(real, creal) or inside(creal, real)):
+    if creal is not None and inside(real, creal):
         # As trusted as the store (DESIGN.md): a projection there would cover layers that
-        # sessions mount and gc prunes by walking it, reaching into the projection instead.
+        # sessions mount and gc prunes by walking it, reaching into the projection instead. (A
+        # cache inside the target is covered by the projection in the session, and is not bound
+        # read-only there: backend.readonly_caches.)
         raise VeloError(
-            f"the target {real} contains or lies inside the per-boot layer cache {creal}",
+            f"the target {real} lies inside the per-boot layer cache {creal}",
             reason=Reason.TARGET_INVALID,
             hint="project somewhere outside it (--at DIR)",
             path=real,
