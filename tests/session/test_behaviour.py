@@ -30,6 +30,7 @@ from tests.session._util import (
     checkout_ref,
     compare_trees,
     fsck_ok,
+    head_root,
     mode_form_params,
     mode_params,
     new_store,
