@@ -6,7 +6,7 @@ import os
 
 from veloverlay.errors import Reason, VeloError
 
-__all__ = ["VARS", "get", "get_int"]
+__all__ = ["VARS", "get", "get_int", "home", "xdg_dir"]
 
 VARS: dict[str, str] = {
     "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay)",
@@ -59,3 +59,30 @@ def get_int(name: str, *, minimum: int) -> int | None:
             hint=f"{name}: {VARS[name]}",
         )
     return value
+
+
+def home() -> str | None:
+    """The user's home directory: $HOME when it is an absolute path, else the password
+    database's entry for this uid; None when neither names one. Never a relative path (Python's
+    expanduser gives a literal `~` for a uid without a passwd entry, and `/` for an empty $HOME):
+    a store or a credentials file found from it would depend on the command's cwd."""
+    env = os.environ.get("HOME", "")
+    if os.path.isabs(env):
+        return env
+    try:
+        import pwd
+
+        entry = pwd.getpwuid(os.getuid()).pw_dir
+    except (KeyError, ImportError):
+        return None
+    return entry if os.path.isabs(entry) else None
+
+
+def xdg_dir(name: str, default: str) -> str | None:
+    """An XDG base directory: `$name` when absolute (the XDG spec says to ignore a relative
+    one), else `default` under the home; None when there is no home either."""
+    env = os.environ.get(name, "")
+    if os.path.isabs(env):
+        return env
+    where = home()
+    return os.path.join(where, default) if where else None

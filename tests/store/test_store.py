@@ -248,6 +248,54 @@ def test_stages_of_dead_writers_are_reclaimed(repo: Repo) -> None:
     assert not repo.store.has(hash_bytes(b"orphan" * 100))
 
 
+def test_default_store_is_never_relative_to_the_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty or relative HOME/XDG_DATA_HOME (an `env -i` cron job, a script's typo) gave a
+    store path relative to wherever the command ran, or `/.local/share/veloverlay` for HOME="":
+    each verb then used another store. The XDG spec says to ignore a relative value."""
+    import pwd
+
+    monkeypatch.delenv("VELO_STORE", raising=False)
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
+    assert os.fspath(default_store_path()) == os.path.join(home, ".local/share/veloverlay")
+    monkeypatch.setenv("HOME", "somewhere")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert os.fspath(default_store_path()) == os.path.join(home, ".local/share/veloverlay")
+
+
+def _store_path_without_home(where: str) -> tuple[str, str | None, list[str]]:
+    os.chdir(where)
+    for name in ("HOME", "VELO_STORE", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "DOCKER_CONFIG"):
+        os.environ.pop(name, None)
+    from veloverlay.remote.auth import auth_files
+
+    try:
+        got = os.fspath(default_store_path())
+    except VeloError as exc:
+        return exc.reason.value, exc.hint, auth_files()
+    return got, None, auth_files()
+
+
+def test_no_home_at_all_is_a_clear_error(shm_tmp: str) -> None:
+    """A uid with no passwd entry and no HOME (`env -i`, a container's arbitrary uid): Python's
+    expanduser leaves `~` as it is, so `init` made `./~/.local/share/veloverlay` in the cwd, and
+    push/pull read credentials from `./~/.docker/config.json` there."""
+    import pwd
+
+    try:
+        pwd.getpwuid(UNPRIV_UID)
+        pytest.skip(f"uid {UNPRIV_UID} has a passwd entry here")
+    except KeyError:
+        pass
+    with unpriv_tmpdir() as where:
+        reason, hint, auth = run_unprivileged(_store_path_without_home, where)
+        assert reason == Reason.STORE_MISSING.value
+        assert hint is not None and "--store" in hint
+        assert all(os.path.isabs(p) for p in auth), auth
+        assert os.listdir(where) == []
+
+
 def test_store_location(monkeypatch: pytest.MonkeyPatch, shm_tmp: str) -> None:
     monkeypatch.setenv("VELO_STORE", "/somewhere/velo")
     assert os.fspath(default_store_path()) == "/somewhere/velo"

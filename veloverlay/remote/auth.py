@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 
+from veloverlay import envvars
 from veloverlay.errors import Reason, VeloError
 
 __all__ = ["Credentials", "auth_files", "find_credentials", "parse_challenge"]
@@ -49,7 +50,7 @@ class Credentials:
 
 
 def auth_files() -> list[str]:
-    home = os.path.expanduser("~")
+    home = envvars.home()
     out: list[str] = []
     env = os.environ.get("REGISTRY_AUTH_FILE")
     if env:
@@ -57,13 +58,16 @@ def auth_files() -> list[str]:
     run = os.environ.get("XDG_RUNTIME_DIR")
     out.append(
         os.path.join(run, "containers/auth.json")
-        if run
+        if run and os.path.isabs(run)
         else f"/run/containers/{os.getuid()}/auth.json"
     )
-    conf = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    out.append(os.path.join(conf, "containers/auth.json"))
-    docker = os.environ.get("DOCKER_CONFIG") or os.path.join(home, ".docker")
-    out.append(os.path.join(docker, "config.json"))
+    # Never a file found relative to the cwd: without a home, only the variables that name one.
+    conf = envvars.xdg_dir("XDG_CONFIG_HOME", ".config")
+    if conf:
+        out.append(os.path.join(conf, "containers/auth.json"))
+    docker = os.environ.get("DOCKER_CONFIG") or (os.path.join(home, ".docker") if home else "")
+    if docker:
+        out.append(os.path.join(docker, "config.json"))
     return out
 
 

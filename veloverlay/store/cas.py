@@ -41,7 +41,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from veloverlay import verity
+from veloverlay import envvars, verity
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
 from veloverlay.store import access
@@ -74,7 +74,15 @@ def default_store_path() -> Path:
     env = os.environ.get("VELO_STORE")
     if env:
         return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    xdg = envvars.xdg_dir("XDG_DATA_HOME", ".local/share")
+    if xdg is None:
+        raise VeloError(
+            f"no store location: HOME is unset or not an absolute path, and uid {os.getuid()} "
+            "has no home directory in the password database",
+            reason=Reason.STORE_MISSING,
+            hint="pass --store DIR, or set VELO_STORE (or HOME or XDG_DATA_HOME) to an "
+            "absolute path",
+        )
     return Path(xdg) / "veloverlay"
 
 
