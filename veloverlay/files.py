@@ -66,6 +66,19 @@ def open_below(dfd: int, parts: Sequence[str | bytes]) -> int:
     return fd
 
 
+@contextlib.contextmanager
+def exact_modes() -> Iterator[None]:
+    """Umask 0 for the block: what the store makes gets exactly the mode asked for (0444
+    objects, 0755 directories, 0644 records: none writable by others). A user's umask 077
+    made a shared store's objects 0400 and its directories 0700, unreadable by the users it is
+    shared with. (The umask is per process; nothing else here creates files meanwhile.)"""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def makedirs(path: str | bytes | os.PathLike[str], mode: int = 0o755) -> None:
     """`mkdir -p` giving every directory it makes `mode` (masked by the umask), not only the
     last: os.makedirs makes the parents 0777 & ~umask, and a layer build runs with umask 0, where

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.trees import snapshot
 from tests.helpers.unpriv import UNPRIV_UID, unpriv_tmpdir
 from tests.session._util import (
     FORM_MARKS,
@@ -281,6 +282,62 @@ def test_no_store_directory_is_writable_by_others_whatever_the_umask(mode: str) 
     with unpriv_tmpdir() as base:
         loose = as_mode(mode, _umask0, base)
     assert loose == [], "\n".join(loose)
+
+
+def _shared_made_under_umask_077(base: str) -> str:
+    """Root's shared store, made, ingested into and committed to by a session (data-only layers
+    kept in the store: ids-v1/) by a root whose umask is 077; returns the source."""
+    from tests.session._util import make_base, use_form
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    os.umask(0o077)
+    src = os.path.join(base, "src")
+    make_base(src)
+    store = Store.init(os.path.join(base, "store"), shared=True)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=2)
+    finally:
+        m.close()
+    lower = use_form("data-only-store")
+    at = os.path.join(base, "at")
+    r = run_session(store, ["t"], ["sh", "-c", f"echo harvested > {at}/new"], at=at)
+    assert (r.exit_status, r.lower_form, r.commit is not None) == (0, lower, True)
+    return src
+
+
+def _checkout_as_reader(store_root: str, dest: str) -> object:
+    from veloverlay.errors import VeloError
+    from veloverlay.verbs.repo import Repo
+
+    try:
+        repo = Repo.open(store_root)
+        try:
+            repo.checkout("t", dest)
+        finally:
+            repo.close()
+    except (VeloError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return snapshot(dest, mtimes=False, dir_mtimes=False)
+
+
+@pytest.mark.needs("root", "overlay_root", "data_only_root")
+def test_a_shared_store_made_under_umask_077_is_readable_by_its_users() -> None:
+    """`init --shared` promises a store every local user can read; under root's umask 077 its
+    objects came out 0400, its fan-out directories, manifests.lmdb/ and ids-v1/ 0700 and the
+    LMDB files 0600: every other user's `ls`, `cat`, `checkout` failed with a bare
+    PermissionError (reason os-error). The store's own modes no longer follow the umask."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    with unpriv_tmpdir() as base:
+        src = as_mode("root", _shared_made_under_umask_077, base)
+        got = run_unprivileged(_checkout_as_reader, f"{base}/store", f"{base}/out")
+        want = snapshot(src, mtimes=False, dir_mtimes=False)
+    assert isinstance(got, dict), got
+    assert got.pop(b"new").data == b"harvested\n"
+    assert got == want
 
 
 def _shared_with_sticky_tmp(base: str) -> list[str]:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from veloverlay import fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import makedirs
+from veloverlay.files import exact_modes, makedirs
 from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id, short_id_path, trees_dir
 from veloverlay.store.access import mkdir_nofollow
 from veloverlay.store.cas import Store, object_missing
@@ -83,7 +83,8 @@ class Objects:
         src = self.store.object_path_b(digest)
         dname = self.ids_b + b"/" + short[:2].encode()
         if dname not in self.made_dirs:
-            makedirs(dname)
+            with exact_modes():  # 0755: a shared store's users mount ids-v1 too
+                makedirs(dname)
             self.made_dirs.add(dname)
         dst = dname + b"/" + short[2:].encode()
         try:

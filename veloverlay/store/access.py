@@ -103,7 +103,8 @@ def mkdir_nofollow(
 ) -> None:
     """mkdir -p for one level that refuses to accept a symbolic link as the directory."""
     try:
-        os.mkdir(path, mode, dir_fd=dir_fd)
+        with files.exact_modes():  # the store's modes, whatever the umask
+            os.mkdir(path, mode, dir_fd=dir_fd)
     except FileExistsError:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
@@ -161,7 +162,8 @@ def private_dir(path: AnyPath, *, dir_fd: int | None = None, shown: AnyPath = ""
 
 def create_once(path: AnyPath, data: bytes, *, dir_fd: int | None = None) -> None:
     try:
-        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        with files.exact_modes():
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     except FileExistsError:
         return
     try:
@@ -401,9 +403,10 @@ def store_lock(
     """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
     for gc."""
     try:
-        fd = open_nofollow(
-            "lock", os.O_RDWR | os.O_CREAT, 0o644, dir_fd=root_fd, shown=store_root / "lock"
-        )
+        with files.exact_modes():
+            fd = open_nofollow(
+                "lock", os.O_RDWR | os.O_CREAT, 0o644, dir_fd=root_fd, shown=store_root / "lock"
+            )
     except OSError as exc:
         refusal = write_refusal(store_root) if exc.errno in (errno.EROFS, errno.EACCES) else None
         if refusal is not None:

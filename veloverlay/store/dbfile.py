@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import exact_modes
 from veloverlay.store.cas import Store
 
 __all__ = [
@@ -171,7 +172,8 @@ def _content(store: Store) -> str:
 def mkdir_nofollow(store: Store) -> None:
     """Make the database directory (relative to the store held; a link is refused)."""
     try:
-        os.mkdir(store.db_path.name, 0o755, dir_fd=store.fd)
+        with exact_modes():  # readable by the users of a shared store, whatever the umask
+            os.mkdir(store.db_path.name, 0o755, dir_fd=store.fd)
     except FileExistsError:
         st = os.stat(store.db_path.name, dir_fd=store.fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
@@ -207,7 +209,8 @@ def never_used(store: Store, env: Any) -> bool:
 @contextlib.contextmanager
 def record_lock(store: Store) -> Iterator[int]:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
+    with exact_modes():
+        fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd

@@ -30,6 +30,7 @@ import lmdb
 
 from veloverlay import envvars, faults, paths
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import exact_modes
 from veloverlay.store import delta, tree
 from veloverlay.store.cas import Store
 from veloverlay.store.dbfile import (
@@ -114,15 +115,16 @@ class Manifests(Versions):
         try:
             if not existing:
                 mkdir_nofollow(store)
-            self.env = lmdb.open(  # by the store's descriptor: LMDB takes a path
-                store.held_path(store.db_path.name),
-                map_size=map_size,
-                max_dbs=8,
-                readonly=readonly,
-                create=False,
-                lock=lock,
-                max_readers=512,
-            )
+            with exact_modes():  # data.mdb, lock.mdb: readable by a shared store's users
+                self.env = lmdb.open(  # by the store's descriptor: LMDB takes a path
+                    store.held_path(store.db_path.name),
+                    map_size=map_size,
+                    max_dbs=8,
+                    readonly=readonly,
+                    create=False,
+                    lock=lock,
+                    max_readers=512,
+                )
         except lmdb.Error as exc:
             raise _lmdb_error(exc, store) from exc
         except PermissionError as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 
-from veloverlay import _libc, faults, fsflags, verity
+from veloverlay import _libc, faults, files, fsflags, verity
 from veloverlay.errors import SysError
 from veloverlay.store import access
 from veloverlay.store.cas import Store
@@ -213,7 +213,8 @@ def _protect(store: Store, shard: int, hexname: bytes, fd: int = -1) -> None:
         record = os.path.join(os.fsencode(store.root), UNPROTECTED.encode())
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(UNPROTECTED, flags, 0o644, dir_fd=store.fd)
+            with files.exact_modes():
+                fd = os.open(UNPROTECTED, flags, 0o644, dir_fd=store.fd)
             try:
                 os.write(fd, line)  # one short O_APPEND write: whole lines from any process
             finally:

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from veloverlay import fsflags
+from veloverlay import files, fsflags
 from veloverlay.store import access
 from veloverlay.store.cas import Store
 
@@ -53,7 +53,9 @@ def mark_wanted(store: Store, hexname: str) -> None:
     as wanted: an empty marker `<hex>-missing` (nothing to keep)."""
     qdir = quarantine_dir(store)
     access.mkdir_nofollow(qdir, 0o755)
-    os.close(access.open_nofollow(qdir / f"{hexname}-missing", os.O_WRONLY | os.O_CREAT, 0o444))
+    with files.exact_modes():
+        fd = access.open_nofollow(qdir / f"{hexname}-missing", os.O_WRONLY | os.O_CREAT, 0o444)
+    os.close(fd)
 
 
 def wanted(store: Store) -> set[bytes]:

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from veloverlay import _libc, faults, linking
+from veloverlay import _libc, faults, files, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.store import access
 from veloverlay.store.digest import Digest, Hasher, hash_own_file
@@ -142,7 +142,8 @@ class Stage:
     def _create(self, path: bytes, access_mode: int = os.O_WRONLY) -> int:
         flags = access_mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            return os.open(os.path.basename(path), flags, OBJECT_MODE, dir_fd=self.dir_fd())
+            with files.exact_modes():  # 0444 whatever the umask: a shared store's users read it
+                return os.open(os.path.basename(path), flags, OBJECT_MODE, dir_fd=self.dir_fd())
         except OSError as exc:
             raise store_error(exc, "open", path) from exc
 
@@ -402,7 +403,8 @@ class Stage:
 
 def open_unnamed(dir_fd: int) -> int:
     """A new file without a name in the directory `dir_fd`, open for writing (O_TMPFILE)."""
-    return os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, OBJECT_MODE, dir_fd=dir_fd)
+    with files.exact_modes():  # 0444 whatever the umask
+        return os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, OBJECT_MODE, dir_fd=dir_fd)
 
 
 _HOLD = 4096  # unnamed objects a worker keeps open at most: the batch it syncs and names

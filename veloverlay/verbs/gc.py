@@ -25,6 +25,7 @@ from typing import Any
 
 from veloverlay import _libc, faults
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import exact_modes
 from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -234,7 +235,7 @@ def migrate_objects(store: Store) -> int:
         return 0
     from veloverlay import fsflags
 
-    with contextlib.suppress(FileExistsError):
+    with contextlib.suppress(FileExistsError), exact_modes():
         os.mkdir(OBJECTS_V2, 0o755, dir_fd=store.fd)
     store.choose_layout()  # from now on: written to objects-v2, read from both
     moved = 0
