@@ -5,6 +5,7 @@ state, not against the product's own account of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -240,7 +241,54 @@ def test_ctrl_c_exits_130_quietly_and_the_manual_says_so(store: str, shm_tmp: st
     assert data(velo(store, "refs", "--json")) == []
     page = ok(velo(None, "--help-man"))
     statuses = re.findall(r"^\.TP\n(\d+)\n", page[page.index(".SH EXIT STATUS") :], re.M)
-    assert statuses == ["0", "1", "2", "130", "141"]
+    assert statuses == ["0", "1", "2", "129", "130", "141", "143"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_during_export_leaves_no_part_file(
+    store: str, shm_tmp: str, sig: signal.Signals
+) -> None:
+    """`kill` (or a closed terminal) in the middle of `export -o F` ended Python at once: F.part
+    stayed, and every later export to F was refused ('F.part exists') until the user found and
+    removed it. Now both unwind like Ctrl-C: status 128+N, no traceback, nothing left, and the
+    next export works. The export is stopped (SIGSTOP) once its .part file exists and before the
+    bundle is named, so the signal lands mid-export whatever the machine's speed."""
+    big = os.path.join(shm_tmp, "big")
+    make_tree(big, {f"f{i}": os.urandom(8 << 20) for i in range(40)})
+    ok(velo(store, "ingest", big, "-n", "big"))
+    out_dir = os.path.join(shm_tmp, "out")
+    os.mkdir(out_dir)
+    bundle = os.path.join(out_dir, "b.velo")
+    env = {**os.environ, "VELO_STORE": store}
+    for _attempt in range(5):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "veloverlay", "export", "big", "-o", bundle],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        while p.poll() is None and not os.path.exists(bundle + ".part"):
+            pass
+        p.send_signal(signal.SIGSTOP)
+        caught = p.poll() is None and os.path.exists(bundle + ".part")
+        caught = caught and not os.path.exists(bundle)
+        if caught:
+            p.send_signal(sig)
+            p.send_signal(signal.SIGCONT)
+        else:
+            p.send_signal(signal.SIGCONT)
+        out, err = p.communicate(timeout=120)
+        if caught:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bundle)
+    else:
+        pytest.fail("the export always ended before it could be stopped")
+    assert os.listdir(out_dir) == []
+    assert p.returncode == 128 + sig, err
+    assert b"Traceback" not in err and out == b""
+    ok(velo(store, "export", "big", "-o", bundle))
+    assert os.listdir(out_dir) == ["b.velo"]
 
 
 def test_an_empty_store_option_is_not_the_default_store(src: str, shm_tmp: str) -> None:

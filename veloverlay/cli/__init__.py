@@ -12,14 +12,18 @@ call.
 Global options (`--store`, `--debug`, `--json`) are accepted before and after the verb. Exit
 status: 0, 1 for a failure (`error:`/`hint:` on stderr), 2 for a usage error (typer's, or a
 `VeloError` with `Reason.USAGE`), 141 when stdout is closed early (`veloverlay ls | head`, as git
-does), 130 on Ctrl-C; `run`/`enter` pass their command's status through (127: not found).
+does), 130 on Ctrl-C, 128+N on SIGTERM or SIGHUP (after the same clean-up as for Ctrl-C: no
+`.part` file or half-made stage left behind); `run`/`enter` pass their command's status through
+(127: not found).
 `--debug` shows the traceback before the error. A stdin, stdout or stderr closed before the start
 (`>&-`) is /dev/null, as in git.
 """
 
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _open_std_fds()
     common.reset()
+    before = _catch_termination()
     try:
         command = typer.main.get_command(app)
         rv = command.main(args, prog_name="veloverlay", standalone_mode=False)
@@ -172,7 +177,57 @@ def main(argv: list[str] | None = None) -> int:
         return _usage(exc)
     except BaseException as exc:
         return _failure(exc)
+    finally:
+        for sig, handler in before.items():  # main() called in-process (tests, a library user)
+            signal.signal(sig, handler)
     return rv if isinstance(rv, int) else 0
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a closed terminal, `kill`, systemd stopping a job) arrived: unwound
+    like Ctrl-C, so that what a verb was making is removed by its own clean-up (an export's
+    `.part` file, which a later export to the same name refuses to overwrite, a stage) rather
+    than left behind by a process that the signal's default action ended at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_ENDING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    for sig in _ENDING:  # a second signal ends the process at once, as before
+        signal.signal(sig, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+def _default_in_child() -> None:
+    """A forked child (a worker, a probe, a session's namespace child) keeps the default action:
+    the unwinding is the command's own process alone."""
+    for sig in _ENDING:
+        if signal.getsignal(sig) is _terminated:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def _catch_termination() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into `Terminated` where they have their default action (one that
+    `nohup` or a parent set to be ignored stays ignored); returns what to restore. Sessions take
+    both over while their command runs (reaper.manager_signals) and give them back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers (a library user's thread)
+    if not _AT_FORK:
+        os.register_at_fork(after_in_child=_default_in_child)
+        _AT_FORK.append(True)
+    before: dict[int, Any] = {}
+    for sig in _ENDING:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            before[sig] = signal.signal(sig, _terminated)
+    return before
+
+
+_AT_FORK: list[bool] = []
 
 
 def _open_std_fds() -> None:
@@ -220,6 +275,8 @@ def _failure(exc: BaseException) -> int:
         raise exc
     if isinstance(exc, KeyboardInterrupt):
         return 130
+    if isinstance(exc, Terminated):
+        return 128 + exc.signum
     if isinstance(exc, (BrokenPipeError, common.StdoutClosed)):
         return _broken_pipe()
     if not isinstance(exc, (VeloError, OSError)) and not common.state.debug:

@@ -81,8 +81,10 @@ def man_page(root: Any, ctx: Any) -> str:
         ".TP\n1\nfailure: \\fBerror:\\fR and \\fBhint:\\fR lines on stderr "
         "(with \\fB\\-\\-json\\fR also a JSON object on stdout carrying the reason)",
         ".TP\n2\nusage error",
+        ".TP\n129\nthe terminal was closed (SIGHUP), after the clean-up Ctrl-C does",
         ".TP\n130\ninterrupted (Ctrl-C)",
         ".TP\n141\nstdout was closed early (a pipe to \\fBhead\\fR)",
+        ".TP\n143\nterminated (SIGTERM), after the clean-up Ctrl-C does",
         ".PP\n\\fBrun\\fR and \\fBenter\\fR exit with the status of their command "
         "(127: not found).",
     ]
