@@ -176,6 +176,59 @@ def _wait_ready(store: str, sid: str, ready: str) -> None:
         time.sleep(0.05)
 
 
+def _processes_with(argv: list[str]) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_sigterm_or_sighup_to_run_ends_the_session_and_harvests_it(
+    store: str, proj: str, shm_tmp: str, backend: str, sig: signal.Signals
+) -> None:
+    """`kill` (or a closed terminal) of `run`: the overlay backend killed the session and
+    harvested it; the shim backend's manager died at once, and its command (with what it had
+    started) ran on outside any session, its changes unharvested. Both now end the command and
+    what it left, commit what it wrote, and exit 137."""
+    ready = os.path.join(shm_tmp, "ready")
+    leftover = ["sleep", f"1000.{os.getpid()}"]
+    script = f"cd {proj} && echo n > added && {' '.join(leftover)} & touch {ready}; wait"
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, "--"]
+        + ["sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sid = _wait_running(store)
+        _wait_ready(store, sid, ready)
+        session.send_signal(sig)
+        session.wait(timeout=120)  # (a command left running holds its stdout and stderr)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        left = _processes_with(leftover)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        _out, err = session.communicate(timeout=120)
+    assert left == [], err
+    assert session.returncode == 137, err
+    states = {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
+    assert states[sid] == "harvested"
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    with open(os.path.join(after, "added"), "rb") as f:
+        assert f.read() == b"n\n"
+
+
 def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: str) -> None:
     go = os.path.join(shm_tmp, "go")
     wait = f"while [ ! -e {go} ]; do sleep 0.05; done"

@@ -181,12 +181,15 @@ def end_rest(grace: float) -> list[tuple[int, str]]:
 def manager_signals(child: list[int] | None = None) -> Iterator[None]:
     """While the session runs, Ctrl-C and Ctrl-\\ belong to the session, not the manager; with
     `child` (a one-element list, filled once forked), SIGTERM/SIGHUP end the session by killing
-    that child (the manager then harvests as usual)."""
+    that child (the manager then harvests as usual). One that comes while `child[0]` is still 0
+    leaves -1 there: the caller kills the child as soon as it knows it (`stop_pending`)."""
 
     def stop(_sig: int, _frame: object) -> None:
         if child and child[0] > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child[0], signal.SIGKILL)
+        elif child:
+            child[0] = -1
 
     old = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),

@@ -168,7 +168,12 @@ def run_command(
     finally:
         os.close(gowfd)  # unless "g" went first, the reaper reads EOF and exits, running nothing
     buf = bytearray()
-    with reaper.manager_signals():
+    # SIGTERM/SIGHUP (kill, a closed terminal) end the session as in an overlay session: the
+    # command is killed, the reaper ends what it left, the manager harvests. (Without this the
+    # manager died, and the command ran on outside any session, unharvested.)
+    stop = [0]
+    top_start: int | None = None
+    with reaper.manager_signals(stop):
         while True:
             try:
                 ready, _w, _x = select.select([rfd], [], [], 0.25)
@@ -180,6 +185,7 @@ def run_command(
                 for msg in reaper.frames(buf):
                     if "child" in msg and "exit" not in msg:
                         status.top_pid = 0 if msg.get("exec_failed") else int(msg["child"])
+                        top_start = proc_start(status.top_pid) if status.top_pid else None
                         st.top_pid = status.top_pid
                         state.save(store, st)
                     if "exit" in msg:
@@ -187,6 +193,10 @@ def run_command(
                         status.killed = [(int(p), str(c)) for p, c in msg["killed"]]
                 if not chunk:
                     break
+            if stop[0] == -1 and same_process(status.top_pid, top_start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(status.top_pid, signal.SIGKILL)
+                top_start = None  # once
             _watch_daemon(store, st, status)
     os.close(rfd)
     with contextlib.suppress(ChildProcessError):
