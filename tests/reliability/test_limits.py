@@ -9,7 +9,7 @@ import resource
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_form_params
+from tests.session._util import as_mode, mode_form_params, new_store
 from veloverlay import session
 from veloverlay.ingest import ingest
 from veloverlay.store.cas import Store
@@ -58,3 +58,53 @@ def test_more_directories_than_open_files(mode: str, form: str) -> None:
     assert out["checkout"] == DIRS * 3
     assert out["first"] == 0 and out["changed"] >= DIRS, out
     assert out["second"] == 0, "the next session (a delta layer) does not show the harvest"
+
+
+def _out_of_processes(base: str, backend: str) -> dict[str, object]:
+    """A session started when this uid may start no more processes (RLIMIT_NPROC 1: the calling
+    process is one), after one normal session (the probe, which forks, is then cached)."""
+    from veloverlay.errors import SysError, VeloError
+    from veloverlay.session import state
+
+    store, _src = new_store(base)
+    at = os.path.join(base, "at")
+    opts = {"refs": ["t"], "backend": backend, "at": at}
+    warm = session.run(store, session.SessionOptions(**opts, discard=True), ["true"])
+    assert warm.exit_status == 0
+    before = {st.id for st in state.iter_states(store)}
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+    try:
+        session.run(store, session.SessionOptions(**opts), ["sh", "-c", f"echo x > {at}/new"])
+        raised: object = "nothing"
+    except SysError as exc:
+        raised = (exc.syscall, exc.hint is not None and "ulimit -u" in exc.hint)
+    except (VeloError, OSError) as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    new = [st for st in state.iter_states(store) if st.id not in before]
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            refs = sorted(r.name for r in m.refs(txn))
+    finally:
+        m.close()
+    return {
+        "raised": raised,
+        "states": [st.state for st in new],
+        "upper": [os.path.isdir(store.sessions / st.id / "upper") for st in new],
+        "refs": refs,
+    }
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.needs("userns", "overlay_userns")
+def test_no_process_left_to_start_fails_the_session_cleanly(backend: str) -> None:
+    """RLIMIT_NPROC reached: `run` died with a bare '[Errno 11] Resource temporarily
+    unavailable' (reason os-error) and left a session that `sessions` listed as
+    dead-unharvested (the shim's with its materialised tree and its REF@SESSION ref), though
+    nothing had run. Now: a SysError naming fork (or the daemon's posix_spawn) with a hint about
+    `ulimit -u`; the session is failed, nothing is left to harvest."""
+    with unpriv_tmpdir() as base:
+        got = as_mode("rootfree", _out_of_processes, base, backend)
+    assert got["raised"] in (("fork", True), ("posix_spawn", True)), got
+    assert got["states"] == ["failed"] and got["upper"] == [False], got
+    assert got["refs"] == ["t"], got

@@ -21,6 +21,7 @@ path of the caller's namespace. A manager killed with SIGKILL takes the session 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veloverlay import ns, overlay, paths
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import base
 from veloverlay.lower.stacks import Lowers, ensure_lowers
@@ -280,7 +281,12 @@ def run_session(
         with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                os.close(rfd)
+                os.close(wfd)
+                raise _not_started(store, st, SysError(exc.errno or errno.EAGAIN, "fork")) from None
             if pid == 0:  # pragma: no cover - runs in the child
                 try:
                     os.close(rfd)
@@ -443,6 +449,17 @@ def _untouched(upper: Path, view_root: bytes, m: Manifests) -> bool:
     with m.read() as txn:
         attrs = m.node_attrs(txn, view_root)
     return (st.st_mode & 0o7777, st.st_mtime_ns) == attrs
+
+
+def _not_started(store: Store, st: State, exc: SysError) -> SysError:
+    """The session's process could not be made (RLIMIT_NPROC): nothing ran, so nothing is left
+    to harvest: the state says failed (as for a child that reported an error), not
+    dead-unharvested, and the empty upper dir goes."""
+    st.state = "failed"
+    st.error = {"message": str(exc), "reason": Reason.SYSCALL.value, "hint": exc.hint}
+    state.save(store, st)
+    _drop_upper(store.sessions / st.id)
+    return exc
 
 
 def _drop_upper(sdir: Path) -> None:

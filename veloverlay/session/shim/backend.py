@@ -54,7 +54,13 @@ from veloverlay.session.shim.materialize import (
     prepare_target,
     verify_proxies,
 )
-from veloverlay.session.shim.procs import ShimStatus, run_command, start_daemon, stop_daemon
+from veloverlay.session.shim.procs import (
+    NotStarted,
+    ShimStatus,
+    run_command,
+    start_daemon,
+    stop_daemon,
+)
 from veloverlay.session.shim.treesync import SUBTREE, SyncResult, TreeSync
 from veloverlay.session.state import State, same_process
 from veloverlay.session.target import Stack, resolve_stack
@@ -454,7 +460,11 @@ def run_shim(
             prompt.environment(env, ref.name)
         if on_start is not None:
             on_start(state.info(st))
-        status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
+        try:
+            status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
+        except NotStarted as exc:
+            _abandon(store, m, st)
+            raise exc.error from None
         stop_daemon(st)
         return _finish(store, m, st, status)
     finally:

@@ -12,6 +12,7 @@ waits (Ctrl-C belongs to the command) and restarts the daemon if it dies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from veloverlay.errors import SysError
 from veloverlay.files import write_json_atomic
 from veloverlay.ns import child_subreaper, proc_start, reclaim_terminal
 from veloverlay.records import Record, field
@@ -67,6 +69,14 @@ def _reaper_main(
         write_json_atomic(sdir / "reaper.json", report)
 
 
+class NotStarted(Exception):
+    """The session's reaper could not be made: no command ran (`error` says why)."""
+
+    def __init__(self, error: SysError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _fork(fn: Any, *args: Any) -> int:
     pid = os.fork()
     if pid == 0:
@@ -104,17 +114,20 @@ def start_daemon(store: Store, st: State) -> None:
         st.id,
         str(os.getpid()),
     ]
-    pid = os.posix_spawn(
-        sys.executable,
-        argv,
-        env,
-        file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, log, _LOG_FLAGS, 0o600),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ],
-        setsid=True,
-    )
+    try:
+        pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, log, _LOG_FLAGS, 0o600),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+    except OSError as exc:  # RLIMIT_NPROC
+        raise SysError(exc.errno or errno.EAGAIN, "posix_spawn", sys.executable) from None
     st.daemon = pid
     st.daemon_start = proc_start(pid)
 
@@ -157,7 +170,12 @@ def run_command(
     status = ShimStatus()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     gofd, gowfd = os.pipe2(os.O_CLOEXEC)
-    reaper_pid = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, (gofd, gowfd), sdir)
+    try:
+        reaper_pid = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, (gofd, gowfd), sdir)
+    except OSError as exc:  # RLIMIT_NPROC: nothing runs, the caller abandons the session
+        for fd in (rfd, wfd, gofd, gowfd):
+            os.close(fd)
+        raise NotStarted(SysError(exc.errno or errno.EAGAIN, "fork")) from None
     os.close(wfd)
     os.close(gofd)
     try:
