@@ -14,6 +14,7 @@ Functions and arguments cross as pickles, so `fn` must be a module-level functio
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import resource
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from veloverlay import envvars
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.ns import die_with_parent
 
 __all__ = ["Workers", "allow_files", "more_files", "default_jobs"]
@@ -92,29 +93,50 @@ class Workers:
         self, n: int, init: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
     ) -> None:
         self._procs: list[tuple[int, int, int]] = []  # (pid, task write fd, result read fd)
+        try:
+            for _ in range(n):
+                self._start(init, initargs)
+        except OSError as exc:
+            # EMFILE (a low `ulimit -n`), EAGAIN (`ulimit -u`): the workers already started
+            # stop and their pipes close, so that the caller's clean-up has descriptors to work
+            # with (it failed with EMFILE itself, hiding this error).
+            self.close()
+            call = "pipe2" if exc.errno in (errno.EMFILE, errno.ENFILE) else "fork"
+            raise SysError(exc.errno or errno.EAGAIN, call) from None
+
+    def _start(self, init: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
         parent = os.getpid()
-        for _ in range(n):
-            task_r, task_w = os.pipe2(os.O_CLOEXEC)
+        task_r, task_w = os.pipe2(os.O_CLOEXEC)
+        try:
             res_r, res_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    for _pid, tw, rr in self._procs:  # siblings' pipes are not ours
-                        os.close(tw)
-                        os.close(rr)
-                    os.close(task_w)
-                    os.close(res_r)
-                    die_with_parent(signal.SIGKILL)
-                    if os.getppid() != parent:
-                        os._exit(1)
-                    if init is not None:
-                        init(*initargs)
-                    self._serve(task_r, res_w)
-                finally:
-                    os._exit(0)
+        except OSError:
             os.close(task_r)
-            os.close(res_w)
-            self._procs.append((pid, task_w, res_r))
+            os.close(task_w)
+            raise
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (task_r, task_w, res_r, res_w):
+                os.close(fd)
+            raise
+        if pid == 0:
+            try:
+                for _pid, tw, rr in self._procs:  # siblings' pipes are not ours
+                    os.close(tw)
+                    os.close(rr)
+                os.close(task_w)
+                os.close(res_r)
+                die_with_parent(signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+                if init is not None:
+                    init(*initargs)
+                self._serve(task_r, res_w)
+            finally:
+                os._exit(0)
+        os.close(task_r)
+        os.close(res_w)
+        self._procs.append((pid, task_w, res_r))
 
     @staticmethod
     def _serve(task_r: int, res_w: int) -> None:

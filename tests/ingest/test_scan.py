@@ -330,3 +330,60 @@ def test_a_proc_file_bind_mounted_inside_the_source(repo: Repo, shm_tmp: str) ->
             subprocess.run(["umount", rf], check=True)
     finally:
         subprocess.run(["umount", pf], check=True)
+
+
+def _open_fds(below: int) -> set[int]:
+    import fcntl
+
+    out = set()
+    for fd in range(below):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        out.add(fd)
+    return out
+
+
+def _start_workers_with_five_free_descriptors() -> dict[str, object]:
+    """Workers(2) where the open-file limit leaves room for one worker's pipes only (4 fds, 2
+    kept) and not for both pipes of the second (a low `ulimit -n`): what it raises, and what it
+    leaves open or running."""
+    import resource
+
+    from veloverlay.errors import SysError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = _open_fds(soft)
+    limit = 0  # (descriptors open above the limit stay open: only new ones count)
+    while limit - len([f for f in before if f < limit]) < 5:
+        limit += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        Workers(2)
+        raised: object = None
+    except SysError as exc:
+        raised = (exc.syscall, exc.errno, exc.hint is not None and "ulimit -n" in exc.hint)
+    except OSError as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    leaked = sorted(_open_fds(limit) - before)
+    try:
+        children: object = os.waitpid(-1, os.WNOHANG)[0] or "running"
+    except ChildProcessError:
+        children = None
+    return {"raised": raised, "leaked": leaked, "children": children}
+
+
+def test_workers_that_cannot_all_start_leave_nothing_open() -> None:
+    """`ulimit -n 16` and `ingest`: the second worker's pipe2 failed with EMFILE, the first
+    worker kept running and its pipes open, and the stage's clean-up then failed with EMFILE
+    itself, so the user saw a bare '[Errno 24] Too many open files' from scandir, not the cause.
+    Now the started workers stop, their pipes close, and the error names pipe2 and ulimit -n."""
+    from veloverlay import ns
+
+    got = ns.run_in_child(_start_workers_with_five_free_descriptors)
+    assert got == {
+        "raised": ("pipe2", errno.EMFILE, True),
+        "leaked": [],
+        "children": None,
+    }
