@@ -138,6 +138,8 @@ _HINTS: dict[tuple[str, int], str] = {
 def syscall_hint(syscall: str, err: int) -> str | None:
     if err == _errno.ENOSYS:
         return f"the kernel ({os.uname().release}) or a seccomp filter does not provide {syscall}"
+    if err == _errno.EFBIG:
+        return "a file size limit (ulimit -f) or the filesystem's largest file size was reached"
     if err == _errno.EMFILE:
         return "this process may open no more files: raise its limit (ulimit -n) and retry"
     if syscall in ("fork", "posix_spawn") and err == _errno.EAGAIN:

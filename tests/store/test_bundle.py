@@ -700,3 +700,36 @@ def test_diff_shows_names_from_a_bundle_escaped_on_one_line(shm_tmp: str) -> Non
         assert not any(c in out for c in "\x1b\x07"), out
         assert len(out.splitlines()) == lines, out
         assert "n\\x1b[31mred\\x07\\x0ax" in out
+
+
+def _export_over_the_file_size_limit(repo: Repo, out_dir: str) -> object:
+    import errno
+    import resource
+
+    from veloverlay.errors import SysError
+    from veloverlay.store.bundle import export_to_path
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+    out = os.path.join(out_dir, "b.velo")
+    try:
+        export_to_path(repo.store, repo.m, "big", out)
+    except SysError as exc:
+        return (exc.errno == errno.EFBIG, exc.filename == out + ".part", exc.hint is not None)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc} (filename {exc.filename!r})"
+    return "exported"
+
+
+def test_export_over_a_file_size_limit_names_the_file(repo: Repo, shm_tmp: str) -> None:
+    """`ulimit -f` smaller than the bundle: export said only '[Errno 27] File too large'
+    (reason os-error), naming no file and giving no hint. (SIGXFSZ is ignored by Python: the
+    write fails with EFBIG.) Now a SysError naming the .part file, with a hint; nothing left."""
+    from veloverlay import ns
+
+    src = os.path.join(shm_tmp, "big")
+    make_tree(src, {"model.bin": os.urandom(1 << 20)})
+    ingest(repo.store, repo.m, src, "big", jobs=1)
+    out_dir = os.path.join(shm_tmp, "out")
+    os.mkdir(out_dir)
+    assert ns.run_in_child(_export_over_the_file_size_limit, repo, out_dir) == (True, True, True)
+    assert os.listdir(out_dir) == []

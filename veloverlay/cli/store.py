@@ -329,7 +329,7 @@ def export_cmd(
 
     repo = common.repo()
     if output == "-":
-        info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer)
+        info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer, shown="<stdout>")
         return
     info = export_to_path(repo.store, repo.m, ref, output)
     if state.json:

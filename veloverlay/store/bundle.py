@@ -45,12 +45,21 @@ _MAX_NODE = 64 << 20
 _CHUNK = 1 << 20
 
 
-def export_bundle(store: Store, m: Manifests, spec: str, out: IO[bytes]) -> dict[str, Any]:
+def export_bundle(
+    store: Store, m: Manifests, spec: str, out: IO[bytes], *, shown: str | None = None
+) -> dict[str, Any]:
+    """Write the bundle of `spec` to `out`; a failed write is a SysError naming `shown` (the
+    output as the user gave it; a reader gone away stays a BrokenPipeError)."""
     h = Hasher()
 
     def w(b: bytes) -> None:
         h.update(b)
-        out.write(b)
+        try:
+            out.write(b)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # EFBIG (ulimit -f), ENOSPC, EIO: say which file
+            raise SysError(exc.errno or errno.EIO, "write", shown) from None
 
     with m.read() as txn:
         ref, commit = m.resolve(txn, spec)
@@ -178,7 +187,7 @@ def _export_at(
     fd = _create_part(pfd, tmp, output)
     try:
         with os.fdopen(fd, "wb") as f:
-            info = export_bundle(store, m, spec, f)
+            info = export_bundle(store, m, spec, f, shown=output + ".part")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
@@ -287,7 +296,7 @@ def _export_into(
     finally:
         os.close(path_fd)
     with os.fdopen(fd, "wb") as f:
-        return export_bundle(store, m, spec, f)
+        return export_bundle(store, m, spec, f, shown=output)
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
