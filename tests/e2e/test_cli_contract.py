@@ -15,8 +15,12 @@ import sys
 
 import pytest
 
+import veloverlay
 from tests.e2e.test_cli import data, failed, ok, velo
 from tests.helpers.trees import make_tree, snapshot
+
+# This checkout's package, for a command whose cwd is not the checkout.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
 
 
 @pytest.fixture
@@ -289,6 +293,28 @@ def test_sigterm_or_sighup_during_export_leaves_no_part_file(
     assert b"Traceback" not in err and out == b""
     ok(velo(store, "export", "big", "-o", bundle))
     assert os.listdir(out_dir) == ["b.velo"]
+
+
+@pytest.mark.parametrize("verb", [["ingest", ".", "-n", "h"], ["export", "proj", "-o", "b.velo"]])
+def test_a_deleted_current_directory_is_said_so(
+    store: str, src: str, shm_tmp: str, verb: list[str]
+) -> None:
+    """A verb given a relative path from a directory deleted meanwhile (a shell left in a
+    removed build dir) said only '[Errno 2] No such file or directory' (reason os-error): no
+    path, no hint. Now reason bad-path, saying that the current directory is gone."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    gone = os.path.join(shm_tmp, "gone")
+    os.mkdir(gone)
+    cmd = [sys.executable, "-m", "veloverlay", "--json", *verb]
+    p = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", gone, *cmd],
+        env={**os.environ, "VELO_STORE": store, "PYTHONPATH": _CHECKOUT},
+        capture_output=True,
+    )
+    assert p.returncode == 1, p.stderr
+    report = json.loads(p.stdout)
+    assert report["reason"] == "bad-path" and "current directory" in report["error"], report
+    assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]
 
 
 def test_an_empty_store_option_is_not_the_default_store(src: str, shm_tmp: str) -> None:

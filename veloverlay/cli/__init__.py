@@ -281,6 +281,13 @@ def _failure(exc: BaseException) -> int:
         return _broken_pipe()
     if not isinstance(exc, (VeloError, OSError)) and not common.state.debug:
         raise exc
+    if isinstance(exc, FileNotFoundError) and exc.filename is None and _cwd_gone():
+        # os.getcwd() (abspath of a relative argument): a bare "[Errno 2]" named nothing.
+        exc = VeloError(
+            "the current directory no longer exists (deleted or moved away)",
+            reason=Reason.BAD_PATH,
+            hint="cd to a directory that exists, or give absolute paths",
+        )
     if common.state.debug:
         import traceback
 
@@ -293,6 +300,14 @@ def _failure(exc: BaseException) -> int:
     if isinstance(exc, VeloError) and exc.reason is Reason.USAGE:
         return 2
     return 1
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _broken_pipe() -> int:
