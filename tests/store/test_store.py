@@ -851,3 +851,34 @@ def test_a_link_planted_as_a_stage_is_removed_not_followed(repo: Repo, shm_tmp: 
     assert sorted(os.listdir(victim)) == ["keep", "sub"]
     assert os.listdir(os.path.join(victim, "sub")) == ["keep"]
     assert os.listdir(tmp) == []
+
+
+def _under_an_address_space_limit(store_root: str, src: str) -> object:
+    import resource
+
+    first = Repo.open(store_root, create=True)  # made without a limit, then closed (unmapped)
+    ingest(first.store, first.m, src, "first", jobs=1)
+    first.close()
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    room = vm // 2 + (512 << 20)  # what the map may take: more than a quarter of the limit
+    resource.setrlimit(resource.RLIMIT_AS, (vm + room, resource.RLIM_INFINITY))
+    try:
+        repo = Repo.open(store_root)
+        try:
+            ingest(repo.store, repo.m, src, "again", jobs=1)
+            return sorted(r.name for r, _c in repo.refs())
+        finally:
+            repo.close()
+    except VeloError as exc:
+        return exc.reason.value
+
+
+def test_an_address_space_limit_is_not_a_damaged_database(shm_tmp: str) -> None:
+    """`ulimit -v` (RLIMIT_AS, as batch schedulers set it) below the 64 GiB LMDB map: every verb
+    failed with ENOMEM reported as 'the manifest database is damaged ... restore manifests.lmdb
+    from a backup'. The map now fits the limit; the store reads and takes a new version."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"a": b"a\n", "d/b": b"b\n"})
+    store = os.path.join(shm_tmp, "store")
+    assert ns.run_in_child(_under_an_address_space_limit, store, src) == ["again", "first"]

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from veloverlay.store.cas import Store
 __all__ = [
     "CORRUPT_HINT",
     "corrupt",
+    "fit_map_size",
+    "map_failed",
     "check_data_file",
     "check_fresh",
     "has_schema",
@@ -263,3 +266,36 @@ def read_record(store: Store) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return refs if isinstance(refs, int) and refs >= 0 else None
+
+
+_MiB = 1 << 20
+
+
+def fit_map_size(store: Store, default: int) -> int:
+    """`default`, or less under an address-space limit (`ulimit -v`, RLIMIT_AS, as batch
+    schedulers set it): LMDB maps the whole map size when it opens, so the 64 GiB default
+    failed every verb with ENOMEM, reported as a damaged database. Under a limit: a quarter of
+    it (the interpreter and the workers need the rest), never less than the data file plus
+    64 MiB to grow in (a commit past that is map-full, whose hint names VELO_MAP_SIZE)."""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY or soft >= 4 * default:
+        return default
+    try:
+        used = os.stat(store.db_path / "data.mdb").st_size
+    except OSError:
+        used = 0
+    size = max(soft // 4, used + 64 * _MiB)
+    return min(default, (size + _MiB - 1) // _MiB * _MiB)
+
+
+def map_failed(store: Store, text: str) -> VeloError:
+    """ENOMEM from LMDB's open: the map does not fit the address space, the database is fine."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit // 1024} KiB"
+    return VeloError(
+        f"cannot map the manifest database ({text}); address-space limit: {shown}",
+        reason=Reason.SYSCALL,
+        path=store.db_path,
+        hint="raise the limit (ulimit -v), or set VELO_MAP_SIZE to fewer bytes (at least the "
+        "size of manifests.lmdb/data.mdb)",
+    )

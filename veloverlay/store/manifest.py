@@ -38,8 +38,10 @@ from veloverlay.store.dbfile import (
     check_data_file,
     check_fresh,
     corrupt,
+    fit_map_size,
     has_schema,
     json_record,
+    map_failed,
     mkdir_nofollow,
     never_used,
     put_record,
@@ -98,7 +100,9 @@ class Manifests(Versions):
         # store), as the error write() raises; None: writable.
         self.refusal: VeloError | None = None
         self._ref_delta = 0  # refs created minus deleted in the open write transaction
-        map_size = envvars.get_int("VELO_MAP_SIZE", minimum=_MIN_MAP_SIZE) or _DEFAULT_MAP_SIZE
+        map_size = envvars.get_int("VELO_MAP_SIZE", minimum=_MIN_MAP_SIZE) or fit_map_size(
+            store, _DEFAULT_MAP_SIZE
+        )
         if not readonly:
             self.refusal = store.write_refusal(store.db_path)
             readonly = self.refusal is not None
@@ -583,6 +587,8 @@ def _lmdb_error(exc: Exception, store: Store) -> VeloError:
             reason=Reason.STORE_PERMISSION,
             path=store.db_path,
         )
+    if "Cannot allocate memory" in text:
+        return map_failed(store, text)
     if "No space" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return VeloError("the store's filesystem is full", reason=Reason.STORE_FULL)
     if isinstance(exc, lmdb.InvalidError | lmdb.CorruptedError | lmdb.VersionMismatchError):
