@@ -13,7 +13,8 @@ VARS: dict[str, str] = {
     "VELO_FORCE_LOWER": "force the lower-layer form: 'links' or 'data-only'",
     "VELO_OVERLAY_MODE": "force the overlay mode: 'native' (real root: trusted.overlay.*, "
     "directory renames work) or 'userns' (userxattr, as root-free)",
-    "VELO_MAP_SIZE": "LMDB map size in bytes for a new environment (default 64 GiB, sparse)",
+    "VELO_MAP_SIZE": "LMDB map size in bytes for a new environment (default 64 GiB, sparse; "
+    "under an address-space limit, ulimit -v, a quarter of it)",
     "VELO_RUNTIME_DIR": "per-boot cache of data-only lower layers: DIR/veloverlay-UID (default "
     "/run/veloverlay as root, else $XDG_RUNTIME_DIR/veloverlay or /dev/shm/veloverlay-UID, "
     "tmpfs only); 'off' keeps layers in the store",
