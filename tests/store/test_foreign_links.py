@@ -131,13 +131,13 @@ def test_export_neither_follows_the_link_nor_a_swap(
         theirs = place["theirs"]
         real_export = bundle.export_bundle
 
-        def swap_then_export(*args: object) -> object:
+        def swap_then_export(*args: object, **kw: object) -> object:
             def attack() -> None:
                 os.rename(theirs, theirs + ".moved")
                 os.symlink(place["roots"], theirs)
 
             run_unprivileged(attack)
-            return real_export(*args)  # type: ignore[arg-type]
+            return real_export(*args, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(bundle, "export_bundle", swap_then_export)
         info_ok = bundle.export_to_path(repo.store, repo.m, "t", os.path.join(theirs, "b"))
