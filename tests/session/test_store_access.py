@@ -17,9 +17,12 @@ from tests.session._util import (
     FORM_MARKS,
     MODE_MARKS,
     as_mode,
+    fsck_ok,
+    mode_form_params,
     mode_params,
     new_store,
     run_session,
+    use_form,
 )
 
 INSIDE = r"""
@@ -537,3 +540,70 @@ def test_another_users_sessions_in_a_shared_store_are_not_an_os_error() -> None:
         "clean": "store-permission",
     }
     assert still
+
+
+def _poison_contents(base: str, form: str) -> dict[str, object]:
+    """Change what two files of a cached layer show without changing their names, kinds, modes
+    or sizes: f1 (Tier-2) reads as f2's bytes (a data-only metadata file redirected to f2's
+    object; a proxy or copy overwritten), model.gguf (Tier-1) leads to a planted file of the
+    same size instead of its object. The next session shows both; fsck must say so."""
+    import glob
+
+    from veloverlay import fsflags
+    from veloverlay.lower.homes import layer_homes
+
+    lower = use_form(form, fresh_cache=os.path.join(base, "cache"))
+    store, _src = new_store(base)
+    at = os.path.join(base, "at")
+    r = run_session(store, ["t"], ["true"], at=at, discard=True)
+    assert r.lower_form == lower
+    clean = fsck_ok(store)
+    layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+    assert len(layers) == 1, layers
+    f1, f2 = (os.path.join(layers[0], n) for n in ("f1", "f2"))
+    meta = next(
+        (p for p in ("user", "trusted") if f"{p}.overlay.metacopy" in os.listxattr(f1)), None
+    )
+    if meta is not None:
+        redirect = os.getxattr(f2, f"{meta}.overlay.redirect")
+        os.chmod(f1, 0o644)
+        os.setxattr(f1, f"{meta}.overlay.redirect", redirect)
+    else:  # a proxy's (or copy's) own bytes
+        if os.geteuid() == 0:
+            fsflags.set_immutable(f1, False)
+        os.chmod(f1, 0o644)
+        with open(f1, "r+b") as f:
+            f.write(b"two\n")
+    evil = os.path.join(
+        base, "evil", os.path.basename(os.readlink(os.path.join(layers[0], "model.gguf")))
+    )
+    os.makedirs(os.path.dirname(evil))
+    with open(evil, "wb") as f:
+        f.write(b"GGUF weights, planted outside the store!\n")
+    os.unlink(os.path.join(layers[0], "model.gguf"))
+    os.symlink(evil, os.path.join(layers[0], "model.gguf"))
+    out = os.path.join(base, "seen")
+    r = run_session(
+        store, ["t"], ["sh", "-c", f"cat {at}/f1 {at}/model.gguf > {out}"], at=at, discard=True
+    )
+    with open(out, "rb") as f:
+        seen = f.read()
+    return {"clean": clean, "seen": seen, "status": r.exit_status, "fsck": fsck_ok(store)}
+
+
+@pytest.mark.parametrize(("mode", "form"), mode_form_params(store_layers=True))
+def test_fsck_finds_cached_layers_that_show_other_contents(mode: str, form: str) -> None:
+    """A cached layer whose files keep their names, modes and sizes but show other bytes (a
+    metadata file's redirect, a proxy's bytes, a Tier-1 link's target) was passed by fsck: it
+    compared sizes only, and took any link ending in the object's name. Every later session of
+    that version shows the planted bytes while the manifest says otherwise (P0-b)."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _poison_contents, base, form)
+    assert out["clean"] == [], out
+    assert out["status"] == 0, out
+    # The attack is real: the session shows what no manifest holds.
+    assert out["seen"] == b"two\nGGUF weights, planted outside the store!\n", out
+    found = out["fsck"]
+    assert isinstance(found, list)
+    assert any(f.startswith("layer-mismatch") and ": f1 " in f for f in found), found
+    assert any(f.startswith("layer-mismatch") and ": model.gguf " in f for f in found), found

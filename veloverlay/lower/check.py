@@ -8,6 +8,13 @@ compared with the manifest: the same names, kinds, permission bits, file sizes a
 targets (a Tier-1 file is a symlink to its object). A file planted in a cached layer, or one
 removed from it, is a `layer-mismatch` naming the stack and the path. Modification times are not
 compared (the links form normalises them).
+
+Names and sizes are not enough: what a file shows must be its object's bytes too. A metadata
+file (metacopy) must redirect to its own object in the data-only layer (the same inode: an
+`ids-v1/` name is a hard link of it), a file with its own bytes (a proxy of the links form, a copy
+in a delta layer) must hash to its digest, and a Tier-1 link must lead to its object's inode.
+Otherwise every later session of that version shows bytes no manifest holds (P0-b). What its
+owner cannot read (a 000 file, root-free) is left unchecked, as unreadable directories are.
 """
 
 from __future__ import annotations
@@ -17,23 +24,27 @@ import os
 import stat
 from pathlib import Path
 
-from veloverlay.lower.homes import layer_homes
+from veloverlay.lower.homes import ids_dir, layer_homes
 from veloverlay.store.cas import Store
+from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
 __all__ = ["verify_layers"]
 
-_WHITEOUT = "user.overlay.whiteout"
-_OPAQUE = "user.overlay.opaque"
+_PREFIXES = ("user", "trusted")  # userxattr layers, and root-native ones
 View = dict[bytes, tuple[str, int, object]]  # path -> (kind, permission bits, size | target)
 
 
 def _xattr(path: bytes, name: str) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError:
-        return None
+    """The overlay marker `name` (e.g. "whiteout") under either prefix, None when absent or
+    unreadable."""
+    for prefix in _PREFIXES:
+        try:
+            return os.getxattr(path, f"{prefix}.overlay.{name}", follow_symlinks=False)
+        except OSError:
+            continue
+    return None
 
 
 def _drop_below(view: View, rel: bytes) -> None:
@@ -42,10 +53,11 @@ def _drop_below(view: View, rel: bytes) -> None:
         del view[p]
 
 
-def _merge_layer(view: View, layer: Path, unseen: set[bytes]) -> None:
+def _merge_layer(view: View, layer: Path, unseen: set[bytes], where: dict[bytes, bytes]) -> None:
     """Merge `layer` into `view`; the directories whose entries cannot be read here (a tree's
     000 or 0600 directories, to their root-free owner) go into `unseen`: they are never opened
-    up (a session may use the layer meanwhile), and nothing below them can be checked."""
+    up (a session may use the layer meanwhile), and nothing below them can be checked. `where`
+    gets the layer path of every file and symlink, for the content check."""
     top = os.fsencode(layer)
 
     def unlisted(exc: OSError) -> None:
@@ -66,7 +78,7 @@ def _merge_layer(view: View, layer: Path, unseen: set[bytes]) -> None:
                 break
             m = st.st_mode
             whiteout = (stat.S_ISCHR(m) and st.st_rdev == 0) or (
-                stat.S_ISREG(m) and st.st_size == 0 and _xattr(full, _WHITEOUT) is not None
+                stat.S_ISREG(m) and st.st_size == 0 and _xattr(full, "whiteout") is not None
             )
             if whiteout:
                 view.pop(rel, None)
@@ -74,15 +86,17 @@ def _merge_layer(view: View, layer: Path, unseen: set[bytes]) -> None:
                 continue
             if stat.S_ISDIR(m):
                 old = view.get(rel)
-                if (old is not None and old[0] != "dir") or _xattr(full, _OPAQUE) == b"y":
+                if (old is not None and old[0] != "dir") or _xattr(full, "opaque") == b"y":
                     _drop_below(view, rel)
                 view[rel] = ("dir", stat.S_IMODE(m) & 0o777, None)
             elif stat.S_ISLNK(m):
                 _drop_below(view, rel)
                 view[rel] = ("symlink", 0, os.readlink(full))
+                where[rel] = full
             else:
                 _drop_below(view, rel)
                 view[rel] = ("file", stat.S_IMODE(m) & 0o777, st.st_size)
+                where[rel] = full
 
 
 def _below(p: bytes, dirs: set[bytes]) -> bool:
@@ -95,7 +109,8 @@ def _below(p: bytes, dirs: set[bytes]) -> bool:
     return any(b"/".join(parts[:i]) in dirs for i in range(1, len(parts)))
 
 
-def _expected(store: Store, m: Manifests, root: bytes) -> View:
+def _expected(store: Store, m: Manifests, root: bytes, digests: dict[bytes, bytes]) -> View:
+    """The manifest's view of `root`; `digests` gets each file's object."""
     out: View = {}
     with m.read() as txn:
         for p, e, _node in m.walk(txn, root):
@@ -107,9 +122,77 @@ def _expected(store: Store, m: Manifests, root: bytes) -> View:
                 out[p] = ("symlink", 0, e.target)
             elif e.tier == 1:
                 out[p] = ("symlink", 0, e.digest.hex().encode())  # a link to its object
+                digests[p] = e.digest
             else:
                 out[p] = ("file", e.mode & 0o777, e.size)
+                digests[p] = e.digest
     return out
+
+
+def _inode(path: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class _Contents:
+    """Does a layer file show its object's bytes? (None: yes, or it cannot be told here.)"""
+
+    def __init__(self, store: Store, data_dir: bytes) -> None:
+        self.store = store
+        self.data_dir = data_dir  # the data-only layer the redirects are relative to
+        self.hashed: dict[tuple[int, int], bytes | None] = {}  # a proxy serves many files
+
+    def problem(self, path: bytes, digest: bytes, kind: str) -> str | None:
+        obj = _inode(self.store.object_path_b(digest))
+        if kind == "symlink":  # Tier-1: the link must lead to the object itself
+            if obj is None or _inode(path) == obj:
+                return None  # a missing object is fsck's object-missing
+            return f"leads to {os.readlink(path)!r}, not to its object"
+        try:
+            st = os.lstat(path)
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return None  # unreadable (a 000 file to its root-free owner): not checkable
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a device or FIFO planted in its place)"
+        prefix = next((p for p in _PREFIXES if f"{p}.overlay.metacopy" in names), None)
+        if prefix is not None:
+            try:
+                redirect: bytes | None = os.getxattr(
+                    path, f"{prefix}.overlay.redirect", follow_symlinks=False
+                )
+            except PermissionError:
+                return None  # user xattrs of a file its owner cannot read: not checkable
+            except OSError:
+                redirect = None
+            if redirect is None or not redirect.startswith(b"/"):
+                return "a metadata file without a redirect to its object"
+            if obj is None and st.st_size:
+                return None
+            if _inode(self.data_dir + redirect) != obj:
+                return f"redirects to {redirect!r}, not to its object"
+            return None
+        if st.st_size == 0:
+            return None  # an empty file shows no bytes
+        key = (st.st_dev, st.st_ino)
+        if key not in self.hashed:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                self.hashed[key] = hash_fd(fd)[0]
+            except OSError:
+                self.hashed[key] = None
+            finally:
+                os.close(fd)
+        got = self.hashed[key]
+        if got is None or got == digest:
+            return None
+        return f"its bytes hash to {got.hex()[:16]}, not to its object"
 
 
 def _same(want: tuple[str, int, object], got: tuple[str, int, object]) -> bool:
@@ -124,6 +207,9 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
     """(kind, what, detail) for every cached stack that does not show its manifest's tree."""
     findings: list[tuple[str, str, str]] = []
     for home in layer_homes(store):
+        # Per-boot layers redirect to object paths, the store's to their short names.
+        volatile = home != store.trees
+        contents = _Contents(store, os.fsencode(store.objects if volatile else ids_dir(store)))
         stacks = home / "stacks"
         try:
             records = sorted(e.path for e in os.scandir(stacks) if e.name.endswith(".json"))
@@ -144,16 +230,22 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
                     continue  # a stacked view of several refs (or gone by gc): not checkable
             view: View = {}
             unseen: set[bytes] = set()
+            where: dict[bytes, bytes] = {}
             for layer in reversed(layers):
-                _merge_layer(view, layer, unseen)
-            want = _expected(store, m, root)
+                _merge_layer(view, layer, unseen, where)
+            digests: dict[bytes, bytes] = {}
+            want = _expected(store, m, root, digests)
             for p in sorted(view.keys() | want.keys()):
                 if _below(p, unseen):
                     continue
                 a, b = want.get(p), view.get(p)
+                shown = p.decode("utf-8", "backslashreplace")
                 if a is None or b is None or not _same(a, b):
-                    shown = p.decode("utf-8", "backslashreplace")
                     findings.append(
                         ("layer-mismatch", f"{f.name}: {shown}", f"manifest {a}, layer {b}")
                     )
+                elif p in digests and p in where:
+                    why = contents.problem(where[p], digests[p], b[0])
+                    if why is not None:
+                        findings.append(("layer-mismatch", f"{f.name}: {shown}", why))
     return findings
