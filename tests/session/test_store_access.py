@@ -4,6 +4,7 @@ cached layers; one store's debris in the per-boot cache never breaks another sto
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -128,7 +129,8 @@ def test_sessions_bind_the_whole_layer_cache_read_only_helper() -> None:
     if cache is None:
         pytest.skip("no per-boot cache on this host")
     store = Store(Path("/nonexistent-store"))
-    assert readonly_caches(store, os.path.join(cache, "1-2")) == [cache]
+    binds = readonly_caches(store, os.path.join(cache, "1-2"))
+    assert binds[0] == cache and len(set(binds)) == len(binds), binds
 
 
 def _cache_inside_target(base: str, away: bool) -> dict[str, object]:
@@ -607,3 +609,77 @@ def test_fsck_finds_cached_layers_that_show_other_contents(mode: str, form: str)
     assert isinstance(found, list)
     assert any(f.startswith("layer-mismatch") and ": f1 " in f for f in found), found
     assert any(f.startswith("layer-mismatch") and ": model.gguf " in f for f in found), found
+
+
+PLANT = r"""
+import json, os, sys
+out, targets = sys.argv[1], sys.argv[2:]
+res = {}
+for t in targets:
+    try:
+        if os.path.isdir(t):
+            open(os.path.join(t, "planted"), "w").close()
+        else:
+            os.chmod(t, 0o644)
+            with open(t, "r+b") as f:
+                f.write(b"EVI\n")
+            os.removexattr(t, "user.overlay.metacopy")  # its own bytes from now on
+        res[t] = "written"
+    except OSError as e:
+        res[t] = e.errno
+with open(out, "w") as f:
+    json.dump(res, f)
+"""
+
+
+def _cache_of_another_environment(base: str, env: str) -> dict[str, object]:
+    """Layers built under one per-boot base (VELO_RUNTIME_DIR=A); then a session started with
+    another environment (VELO_RUNTIME_DIR=off, or =B) runs a command that writes into them."""
+    import glob
+    import json
+
+    from veloverlay.lower.homes import layer_homes
+
+    first = os.path.join(base, "cache-a")
+    os.mkdir(first, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = first
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    store, _src = new_store(base)
+    at = os.path.join(base, "at")
+    run_session(store, ["t"], ["true"], at=at, discard=True)
+    layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+    assert layers and all(p.startswith(first) for p in layers), layers
+    targets = [layers[0], os.path.join(layers[0], "f1")]
+    if env == "other":
+        os.mkdir(os.path.join(base, "cache-b"), 0o700)
+        os.environ["VELO_RUNTIME_DIR"] = os.path.join(base, "cache-b")
+    else:
+        os.environ["VELO_RUNTIME_DIR"] = "off"
+    script, out = os.path.join(base, "plant.py"), os.path.join(base, "out.json")
+    with open(script, "w") as f:
+        f.write(PLANT)
+    r = run_session(store, ["t"], ["/usr/bin/python3", script, out, *targets], at=at, discard=True)
+    with open(out) as f:
+        res: dict[str, object] = json.load(f)
+    os.environ["VELO_RUNTIME_DIR"] = first  # the next session of the usual environment
+    seen = os.path.join(base, "seen")
+    r2 = run_session(store, ["t"], ["sh", "-c", f"cat {at}/f1 > {seen}"], at=at, discard=True)
+    with open(seen, "rb") as f:
+        shown = f.read()
+    return {"exit": (r.exit_status, r2.exit_status), "tried": res, "shown": shown}
+
+
+@pytest.mark.parametrize("env", ["off", "other"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_session_cannot_write_the_layer_cache_of_another_environment(mode: str, env: str) -> None:
+    """Only the per-boot base the session's own environment chose was bound read-only: with
+    VELO_RUNTIME_DIR=off (or another one, or no XDG_RUNTIME_DIR under cron or sudo) the command
+    wrote into the layers the next session of the usual environment mounted, and that session
+    showed its bytes (P0-c; the manifest never held them)."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _cache_of_another_environment, base, env)
+    assert out["exit"] == (0, 0), out
+    tried = out["tried"]
+    assert isinstance(tried, dict) and len(tried) == 2, out
+    assert all(v in (errno.EROFS, errno.EACCES, errno.EPERM) for v in tried.values()), out
+    assert out["shown"] == b"one\n", out

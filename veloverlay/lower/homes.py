@@ -18,7 +18,9 @@ planted metadata file would show its own bytes in someone else's projection), an
 one no other user can move or replace (every directory above it root's, as for a store); a
 store gets `<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in
 a file `store`: a build removes the directories of stores that are gone (`reap_orphans`).
-Sessions bind it read-only like the store.
+Sessions bind it read-only like the store, in every place it may lie (`every_base`: another
+environment chooses another place; each base a store's layers were built under is recorded in
+its `trees-v1/boot-caches`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 
-__all__ = ["base", "why_not", "reap_orphans"]
+__all__ = ["base", "every_base", "why_not", "reap_orphans"]
 
 _why: dict[str, str] = {}
 
@@ -114,6 +116,70 @@ def _base(*, create: bool = True) -> str | None:
     return None
 
 
+_RECORD = "boot-caches"  # in a store's trees-v1/: each base its per-boot layers were built under
+_RECORD_MAX = 1 << 16
+
+
+def _record_base(store_root: Path, base: str) -> None:
+    """Remember in the store that its layers were built under `base`: a session started with
+    another environment (VELO_RUNTIME_DIR, XDG_RUNTIME_DIR) chooses another base, and must bind
+    this one read-only too (`every_base`). Best effort: a reader of a shared store cannot write
+    it (the default places are bound whatever the record says)."""
+    rec = os.path.join(store_root, "trees-v1", _RECORD)
+    line = os.fsencode(base) + b"\n"
+    try:
+        with open(rec, "rb") as f:
+            if line in f.read(_RECORD_MAX).splitlines(keepends=True):
+                return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(rec, flags, 0o600)
+    except OSError:
+        return
+    try:
+        os.write(fd, line)  # one short append: whole, even beside another writer's
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def every_base(store_root: Path) -> list[str]:
+    """Every directory under which this user's per-boot layers may lie, that exists and is this
+    user's own private one (as `base` requires): the current one first, then the other default
+    places (another environment chooses another: no XDG_RUNTIME_DIR under cron or sudo,
+    VELO_RUNTIME_DIR=off) and every base the store's record names. A session binds them all
+    read-only: a layer in any of them is shown by some later session."""
+    uid = os.geteuid()
+    found = [_base(create=False)]
+    asked = (envvars.get("VELO_RUNTIME_DIR") or "").strip()
+    if asked and asked != "off":
+        found.append(os.path.join(os.path.abspath(asked), f"veloverlay-{uid}"))
+    if uid == 0:
+        found.append("/run/veloverlay")
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        found.append(os.path.join(xdg, "veloverlay"))
+    found.append(f"/dev/shm/veloverlay-{uid}")
+    try:
+        with open(os.path.join(store_root, "trees-v1", _RECORD), "rb") as f:
+            recorded = f.read(_RECORD_MAX).splitlines()
+    except OSError:
+        recorded = []
+    found.extend(os.fsdecode(r) for r in recorded if r.startswith(b"/") and b"\0" not in r)
+    out: list[str] = []
+    for path in found:
+        if path is None or path in out or not os.path.isabs(path):
+            continue
+        if _own_private_dir(path, create=False) is None:
+            out.append(path)
+    return out
+
+
 def base() -> tuple[str | None, str]:
     """(the directory this user's per-boot layers go under, or None; why not)."""
     path = _base()
@@ -132,6 +198,8 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
     if why is not None:
         _why["last"] = why
         return None
+    if create:
+        _record_base(store_root, base)
     note = os.path.join(path, "store")
     if create and not os.path.exists(note):
         try:

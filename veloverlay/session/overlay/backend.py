@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from veloverlay import ns, overlay, paths
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import force_rmtree
-from veloverlay.lower.homes import base
+from veloverlay.lower.homes import every_base
 from veloverlay.lower.stacks import Lowers, ensure_lowers
 from veloverlay.progress import Progress
 from veloverlay.records import Record
@@ -159,13 +159,15 @@ def readonly_caches(store: Store, home: str, covered: Sequence[str] = ()) -> lis
     """What the session's mount namespace binds read-only besides the store: the whole per-boot
     layer cache of this user (every store's layers, not only this store's: a session could
     otherwise plant files in another store's cached layers, which its next session would show),
-    and this store's layer home if it lies elsewhere. Not a path at or under one of `covered`
-    (the target, and the ingest path that shows the projection too): the projection covers it
-    (nothing in the session reaches it), and the bind, made after the overlay mount, would look
-    for it in the projection."""
-    cache, _why = base()
-    out = [cache] if cache is not None and os.path.isdir(cache) else []
-    inside = cache is not None and (home + "/").startswith(cache.rstrip("/") + "/")
+    wherever it may lie (`every_base`: a session started with VELO_RUNTIME_DIR=off, another
+    VELO_RUNTIME_DIR or without XDG_RUNTIME_DIR uses another place, and could otherwise write
+    the layers the next session of the usual environment mounts), and this store's layer home
+    if it lies elsewhere. Not a path at or under one of `covered` (the target, and the ingest
+    path that shows the projection too): the projection covers it (nothing in the session
+    reaches it), and the bind, made after the overlay mount, would look for it in the
+    projection."""
+    out = [c for c in every_base(store.root) if os.path.isdir(c)]
+    inside = any((home + "/").startswith(c.rstrip("/") + "/") for c in out)
     if home != os.fspath(store.trees) and not inside:
         out.append(home)
     tops = [os.path.realpath(c).rstrip("/") + "/" for c in covered]
