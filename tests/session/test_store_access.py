@@ -683,3 +683,34 @@ def test_a_session_cannot_write_the_layer_cache_of_another_environment(mode: str
     assert isinstance(tried, dict) and len(tried) == 2, out
     assert all(v in (errno.EROFS, errno.EACCES, errno.EPERM) for v in tried.values()), out
     assert out["shown"] == b"one\n", out
+
+
+def _fsck_from_another_environment(base: str) -> tuple[list[str], list[str]]:
+    import glob
+
+    from veloverlay.lower.homes import layer_homes
+
+    cache = os.path.join(base, "cache")
+    os.mkdir(cache, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = cache
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    store, _src = new_store(base)
+    run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
+    layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+    assert layers and all(p.startswith(cache) for p in layers), layers
+    with open(os.path.join(layers[0], "planted"), "w") as f:
+        f.write("evil")
+    here = fsck_ok(store)
+    os.environ["VELO_RUNTIME_DIR"] = "off"  # e.g. fsck from cron, sessions from a login shell
+    return here, fsck_ok(store)
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_fsck_checks_the_layer_cache_of_every_environment(mode: str) -> None:
+    """fsck checked only the per-boot base its own environment chose: run with another one
+    (VELO_RUNTIME_DIR=off, no XDG_RUNTIME_DIR under cron) it passed a cache the usual
+    environment's sessions mount with a planted file in it."""
+    with unpriv_tmpdir() as base:
+        here, elsewhere = as_mode(mode, _fsck_from_another_environment, base)
+    for found in (here, elsewhere):
+        assert any(f.startswith("layer-mismatch") and ": planted " in f for f in found), found

@@ -297,10 +297,20 @@ def data_layers(store: Store, home: Home, form: str) -> tuple[str, ...]:
 
 
 def layer_homes(store: Store) -> list[Path]:
-    """The directories holding this store's `layers/` and `stacks/` for the calling user: the
-    per-boot cache (when there is one: none is made for a look) and the store's `trees-v1/`."""
-    fast = boot_home(store, create=False)
-    return ([fast.root] if fast is not None else []) + [store.trees]
+    """The directories holding this store's `layers/` and `stacks/` for the calling user: its
+    per-boot layers under every base they may lie in (`every_base`: not only the one this
+    environment chooses; none is made for a look) and the store's `trees-v1/`."""
+    out: list[Path] = []
+    if store.legacy is None:
+        key = _store_key(os.stat(store.root))
+        for base in every_base(store.root):
+            path = os.path.join(base, key)
+            if _own_private_dir(path, create=False) is not None:
+                continue
+            sub = Path(path) / store.objects.name
+            if sub.is_dir() and not sub.is_symlink() and sub not in out:
+                out.append(sub)
+    return [*out, store.trees]
 
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
