@@ -120,6 +120,18 @@ _RECORD = "boot-caches"  # in a store's trees-v1/: each base its per-boot layers
 _RECORD_MAX = 1 << 16
 
 
+def _read_record(store_root: Path) -> bytes:
+    """The store's record of per-boot bases (FileNotFoundError when there is none yet)."""
+    path = os.path.join(store_root, "trees-v1", _RECORD)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.read(fd, _RECORD_MAX + 1)
+    finally:
+        os.close(fd)
+
+
 def _record_base(store_root: Path, base: str) -> None:
     """Remember in the store that its layers were built under `base`: a session started with
     another environment (VELO_RUNTIME_DIR, XDG_RUNTIME_DIR) chooses another base, and must bind
@@ -128,9 +140,9 @@ def _record_base(store_root: Path, base: str) -> None:
     rec = os.path.join(store_root, "trees-v1", _RECORD)
     line = os.fsencode(base) + b"\n"
     try:
-        with open(rec, "rb") as f:
-            if line in f.read(_RECORD_MAX).splitlines(keepends=True):
-                return
+        have = _read_record(store_root)
+        if line in have.splitlines(keepends=True) or len(have) + len(line) > _RECORD_MAX:
+            return  # known, or the record is full (the default places are bound anyway)
     except FileNotFoundError:
         pass
     except OSError:
@@ -166,8 +178,7 @@ def every_base(store_root: Path) -> list[str]:
         found.append(os.path.join(xdg, "veloverlay"))
     found.append(f"/dev/shm/veloverlay-{uid}")
     try:
-        with open(os.path.join(store_root, "trees-v1", _RECORD), "rb") as f:
-            recorded = f.read(_RECORD_MAX).splitlines()
+        recorded = _read_record(store_root)[:_RECORD_MAX].splitlines()
     except OSError:
         recorded = []
     found.extend(os.fsdecode(r) for r in recorded if r.startswith(b"/") and b"\0" not in r)
