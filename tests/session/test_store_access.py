@@ -593,7 +593,7 @@ def _poison_contents(base: str, form: str) -> dict[str, object]:
     return {"clean": clean, "seen": seen, "status": r.exit_status, "fsck": fsck_ok(store)}
 
 
-@pytest.mark.parametrize(("mode", "form"), mode_form_params(store_layers=True))
+@pytest.mark.parametrize(("mode", "form"), mode_form_params(store_layers=True, native=True))
 def test_fsck_finds_cached_layers_that_show_other_contents(mode: str, form: str) -> None:
     """A cached layer whose files keep their names, modes and sizes but show other bytes (a
     metadata file's redirect, a proxy's bytes, a Tier-1 link's target) was passed by fsck: it
