@@ -19,6 +19,7 @@ from tests.session._util import (
     MODE_MARKS,
     as_mode,
     fsck_ok,
+    head_root,
     mode_form_params,
     mode_params,
     new_store,
@@ -714,3 +715,60 @@ def test_fsck_checks_the_layer_cache_of_every_environment(mode: str) -> None:
         here, elsewhere = as_mode(mode, _fsck_from_another_environment, base)
     for found in (here, elsewhere):
         assert any(f.startswith("layer-mismatch") and ": planted " in f for f in found), found
+
+
+PLANT_AHEAD = r"""
+import json, os, sys
+home, root = sys.argv[1], sys.argv[2]  # <base>/<store key>/objects-v2, for a session to come
+os.umask(0o077)  # private, as a per-boot directory must be
+os.makedirs(os.path.join(home, "layers", "evil"))
+os.makedirs(os.path.join(home, "stacks"))
+with open(os.path.join(home, "layers", "evil", "f1"), "wb") as f:
+    f.write(b"EVI\n")
+with open(os.path.join(home, "stacks", f"data-only-{root}.json"), "w") as f:
+    json.dump({"built": "full", "form": "data-only", "immutable": False, "layers": ["evil"],
+               "root": root}, f)
+"""
+
+
+def _plant_ahead(base: str) -> dict[str, object]:
+    """A session whose environment keeps no per-boot cache (VELO_RUNTIME_DIR=off) runs a
+    command that makes the per-boot directory another environment will use, with a stack of
+    its own for the ref's root; then a session of that environment."""
+    later = os.path.join(base, "later")
+    os.mkdir(later, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = "off"
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    store, _src = new_store(base)
+    root = head_root(store, "t")
+    st = os.stat(store.root)
+    home = os.path.join(
+        later, f"veloverlay-{os.geteuid()}", f"{st.st_dev:x}-{st.st_ino:x}", store.objects.name
+    )
+    script = os.path.join(base, "plant.py")
+    with open(script, "w") as f:
+        f.write(PLANT_AHEAD)
+    at = os.path.join(base, "at")
+    r = run_session(
+        store, ["t"], ["/usr/bin/python3", script, home, root.hex()], at=at, discard=True
+    )
+    planted = os.path.exists(os.path.join(home, "layers", "evil", "f1"))
+    os.environ["VELO_RUNTIME_DIR"] = later
+    seen = os.path.join(base, "seen")
+    r2 = run_session(store, ["t"], ["sh", "-c", f"cat {at}/f1 > {seen}"], at=at, discard=True)
+    with open(seen, "rb") as f:
+        shown = f.read()
+    return {"exit": (r.exit_status, r2.exit_status), "planted": planted, "shown": shown}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_per_boot_directory_made_by_a_command_is_never_mounted(mode: str) -> None:
+    """A session's command can make a per-boot layer directory where none exists yet (one its
+    own environment does not use): the next session of that environment mounted the stack it
+    found there and showed the command's bytes. Only a directory the store's record vouches
+    for (made by a session's manager this boot) is used; anything else is removed and rebuilt."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _plant_ahead, base)
+    assert out["exit"] == (0, 0), out
+    assert out["planted"], out  # the command could make it: nothing binds a path to come
+    assert out["shown"] == b"one\n", out

@@ -19,8 +19,10 @@ one no other user can move or replace (every directory above it root's, as for a
 store gets `<dir>/<dev>-<ino>/` (its root's device and inode), which names the store's path in
 a file `store`: a build removes the directories of stores that are gone (`reap_orphans`).
 Sessions bind it read-only like the store, in every place it may lie (`every_base`: another
-environment chooses another place; each base a store's layers were built under is recorded in
-its `trees-v1/boot-caches`).
+environment chooses another place; each directory a store's sessions made is recorded in its
+`trees-v1/boot-caches`). A place that does not exist cannot be bound: a session's command may
+make one for an environment to come, so a store's directory there is used only when that
+record, read-only in every session, vouches for it (`_vouched`: this boot, that inode).
 """
 
 from __future__ import annotations
@@ -116,12 +118,23 @@ def _base(*, create: bool = True) -> str | None:
     return None
 
 
-_RECORD = "boot-caches"  # in a store's trees-v1/: each base its per-boot layers were built under
+_RECORD = "boot-caches"  # in a store's trees-v1/: the per-boot directories its sessions made
 _RECORD_MAX = 1 << 16
+_boot: list[bytes] = []
+
+
+def _boot_id() -> bytes:
+    if not _boot:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _boot.append(f.read(64).strip() or b"unknown")
+        except OSError:
+            _boot.append(b"unknown")
+    return _boot[0]
 
 
 def _read_record(store_root: Path) -> bytes:
-    """The store's record of per-boot bases (FileNotFoundError when there is none yet)."""
+    """The store's record of per-boot directories (FileNotFoundError when there is none yet)."""
     path = os.path.join(store_root, "trees-v1", _RECORD)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -132,32 +145,78 @@ def _read_record(store_root: Path) -> bytes:
         os.close(fd)
 
 
-def _record_base(store_root: Path, base: str) -> None:
-    """Remember in the store that its layers were built under `base`: a session started with
-    another environment (VELO_RUNTIME_DIR, XDG_RUNTIME_DIR) chooses another base, and must bind
-    this one read-only too (`every_base`). Best effort: a reader of a shared store cannot write
-    it (the default places are bound whatever the record says)."""
+def _voucher(base: str, path: str) -> bytes | None:
+    """The record line that vouches for `path` (`base`/<store key>) as it is now: this boot,
+    its (dev, ino), its base. None when it does not exist."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return b"%s %x-%x %s\n" % (_boot_id(), st.st_dev, st.st_ino, os.fsencode(base))
+
+
+def _vouched(store_root: Path, base: str, path: str) -> bool:
+    """Did one of this store's sessions make `path`, this boot? A session's command can create
+    a per-boot directory where none exists yet (one its own environment did not choose, or one
+    gone since), with a stack and layers of its own: the next session of that environment would
+    mount them. The store, read-only in every session, keeps the proof."""
+    line = _voucher(base, path)
+    if line is None:
+        return False
+    try:
+        return line in _read_record(store_root)[:_RECORD_MAX].splitlines(keepends=True)
+    except OSError:
+        return False
+
+
+def _claim(store_root: Path, base: str, path: str) -> str | None:
+    """Make `path` afresh and vouch for it in the store's record (None), or say why not. What
+    stands there unvouched (made by a session's command, or before this record existed) goes
+    first: it is a cache, never data."""
+    from veloverlay.files import flock, force_rmtree
+
     rec = os.path.join(store_root, "trees-v1", _RECORD)
-    line = os.fsencode(base) + b"\n"
     try:
-        have = _read_record(store_root)
-        if line in have.splitlines(keepends=True) or len(have) + len(line) > _RECORD_MAX:
-            return  # known, or the record is full (the default places are bound anyway)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with flock(Path(rec + ".lock")):
+            if _vouched(store_root, base, path):
+                return None  # another session's, just made
+            if os.path.islink(path):
+                os.unlink(path)
+            elif os.path.lexists(path):
+                force_rmtree(path)
+            os.mkdir(path, 0o700)
+            line = _voucher(base, path)
+            assert line is not None
+            try:
+                have = _read_record(store_root)
+            except FileNotFoundError:
+                have = b""
+            if len(have) + len(line) > _RECORD_MAX:  # keep this boot's lines only
+                mine = _boot_id() + b" "
+                kept = [x for x in have.splitlines(keepends=True) if x.startswith(mine)]
+                write_bytes_atomic(rec, b"".join(kept)[-(_RECORD_MAX // 2) :], 0o600)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(rec, flags, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+    except (OSError, VeloError) as exc:
+        return f"cannot make {path} this store's: {exc}"
+    return None
+
+
+def _recorded_bases(store_root: Path) -> list[str]:
     try:
-        fd = os.open(rec, flags, 0o600)
+        lines = _read_record(store_root)[:_RECORD_MAX].splitlines()
     except OSError:
-        return
-    try:
-        os.write(fd, line)  # one short append: whole, even beside another writer's
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[2].startswith(b"/") and b"\0" not in parts[2]:
+            out.append(os.fsdecode(parts[2]))
+    return out
 
 
 def every_base(store_root: Path) -> list[str]:
@@ -177,11 +236,7 @@ def every_base(store_root: Path) -> list[str]:
     if xdg and os.path.isabs(xdg):
         found.append(os.path.join(xdg, "veloverlay"))
     found.append(f"/dev/shm/veloverlay-{uid}")
-    try:
-        recorded = _read_record(store_root)[:_RECORD_MAX].splitlines()
-    except OSError:
-        recorded = []
-    found.extend(os.fsdecode(r) for r in recorded if r.startswith(b"/") and b"\0" not in r)
+    found.extend(_recorded_bases(store_root))
     out: list[str] = []
     for path in found:
         if path is None or path in out or not os.path.isabs(path):
@@ -205,12 +260,15 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
         return None
     st = os.stat(store_root)
     path = os.path.join(base, _store_key(st))
-    why = _own_private_dir(path, create=create)
+    if not _vouched(store_root, base, path):
+        why = _claim(store_root, base, path) if create else f"{path}: not made by this store"
+        if why is not None:
+            _why["last"] = why
+            return None
+    why = _own_private_dir(path, create=False)
     if why is not None:
         _why["last"] = why
         return None
-    if create:
-        _record_base(store_root, base)
     note = os.path.join(path, "store")
     if create and not os.path.exists(note):
         try:
