@@ -15,7 +15,17 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "veloverlay"
 DOC = PKG.parent / "docs" / "architecture.md"
 
-LEAVES = {"_libc", "errors", "envvars", "records", "paths", "files", "faults", "progress"}
+LEAVES = {
+    "_libc",
+    "errors",
+    "envvars",
+    "records",
+    "paths",
+    "files",
+    "pathtrust",
+    "faults",
+    "progress",
+}
 FACILITIES = {"ns", "mount", "fsflags", "verity", "linking", "overlay", "probe", "tiers", "workers"}
 # What each part may import besides itself, leaves and facilities (lowest first).
 ALLOWED: dict[str, set[str]] = {

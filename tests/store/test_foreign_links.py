@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged, unpriv_tmpdir
-from veloverlay import files
+from veloverlay import pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.session.target import overlay_target
@@ -62,14 +62,16 @@ def test_the_rule(place: dict[str, str]) -> None:
     for bad in ("evil", "chain"):
         for path in (place[bad], os.path.join(place[bad], "sub", "x")):
             with pytest.raises(VeloError) as info:
-                files.realpath_safe(path, Reason.TARGET_INVALID)
+                pathtrust.realpath_safe(path, Reason.TARGET_INVALID)
             assert info.value.reason is Reason.TARGET_INVALID
             assert f"of uid {UNPRIV_UID}" in str(info.value), info.value
     fine = os.path.join(place["fine"], "proj")
-    assert files.realpath_safe(fine, Reason.TARGET_INVALID) == os.path.join(place["theirs"], "proj")
-    assert files.realpath_safe(place["roots_link"], Reason.TARGET_INVALID) == place["roots"]
+    assert pathtrust.realpath_safe(fine, Reason.TARGET_INVALID) == os.path.join(
+        place["theirs"], "proj"
+    )
+    assert pathtrust.realpath_safe(place["roots_link"], Reason.TARGET_INVALID) == place["roots"]
     # Unprivileged, a user follows whatever they like: what they reach is theirs to reach.
-    got = run_unprivileged(files.realpath_safe, place["evil"], Reason.TARGET_INVALID)
+    got = run_unprivileged(pathtrust.realpath_safe, place["evil"], Reason.TARGET_INVALID)
     assert got == place["roots"]
 
 

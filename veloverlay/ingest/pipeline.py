@@ -23,7 +23,7 @@ import os
 import stat
 import time
 
-from veloverlay import _libc, faults, files, paths
+from veloverlay import _libc, faults, paths, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import dirfd, scan, statcache
 from veloverlay.ingest.scan import (
@@ -76,7 +76,7 @@ class IngestResult(Record):
 
 
 def _check_source(src: str, store: Store) -> bytes:
-    real = files.realpath_safe(src, Reason.BAD_PATH)
+    real = pathtrust.realpath_safe(src, Reason.BAD_PATH)
     if not os.path.isdir(real):
         raise VeloError(
             f"{src} is not a directory",

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from veloverlay import _libc, envvars
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import real_root, untrusted_on_path, write_bytes_atomic
+from veloverlay.files import write_bytes_atomic
+from veloverlay.pathtrust import real_root, untrusted_on_path
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
@@ -52,7 +53,7 @@ def why_not() -> str:
 def _own_private_dir(path: str, *, create: bool) -> str | None:
     """Why `path` cannot be used (None: it can): create it 0700 if asked, then insist it is a
     directory (not a symlink) that only the caller can enter. As root, also that no other user
-    can move or replace it (`files.untrusted_on_path`, as for a store: root's layers must not
+    can move or replace it (`pathtrust.untrusted_on_path`, as for a store: root's layers must not
     be built where another user chose), judged before anything is made."""
     if real_root():
         _where, why = untrusted_on_path(os.path.abspath(path), {0, os.geteuid()})

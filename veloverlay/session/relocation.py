@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import realpath_safe, write_json_atomic
+from veloverlay.files import write_json_atomic
+from veloverlay.pathtrust import realpath_safe
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Kind, Op, OpKind

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from veloverlay import files
+from veloverlay import pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import base
 from veloverlay.records import Record
@@ -70,7 +70,7 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR",
         )
-    real = files.realpath_safe(where, Reason.TARGET_INVALID)
+    real = pathtrust.realpath_safe(where, Reason.TARGET_INVALID)
     sroot = os.path.realpath(store.root)
     if inside(real, sroot) or inside(sroot, real):
         raise VeloError(

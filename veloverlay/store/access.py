@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from veloverlay import files
+from veloverlay import files, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS
 
@@ -178,7 +178,7 @@ def check_safe(store_root: Path) -> int:
 
     Refused (STORE_UNSAFE):
     * as root (uid 0 outside any user namespace), a store another user could move, replace or
-      redirect: every directory on the way to it (`files.untrusted_on_path`) must belong to root
+      redirect: every directory on the way to it (`pathtrust.untrusted_on_path`) must belong to root
       and be writable by root alone, a sticky one (/tmp) only holding a root-owned next step,
       and every symbolic link on the way must be root's. A store in a user's home is refused:
       that user could rename the store away and put one whose directories lead elsewhere (root
@@ -192,12 +192,12 @@ def check_safe(store_root: Path) -> int:
     * for everyone, a symbolic link standing for one of the store's own files or directories."""
     uid = os.geteuid()
     as_root = uid == 0
-    real_root = files.real_root()
+    real_root = pathtrust.real_root()
     st = os.stat(store_root)
     link = os.lstat(store_root)
     if real_root or st.st_uid != uid:
         trusted = {0, uid} if real_root else {0, uid, st.st_uid}
-        where, why = files.untrusted_on_path(store_root, trusted)
+        where, why = pathtrust.untrusted_on_path(store_root, trusted)
         if why is not None:
             raise _unsafe_place(store_root, Path(where), why, real_root)
         real = where
@@ -223,8 +223,8 @@ def check_safe(store_root: Path) -> int:
 def check_place(store_root: Path) -> None:
     """As root, refuse to make a store where another user could move or replace it (the
     directories above it that exist; see `check_safe`), before anything is made there."""
-    if files.real_root():
-        where, why = files.untrusted_on_path(store_root, {0, os.geteuid()})
+    if pathtrust.real_root():
+        where, why = pathtrust.untrusted_on_path(store_root, {0, os.geteuid()})
         if why is not None:
             raise _unsafe_place(store_root, Path(where), why, True)
 

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterator
 from typing import IO, Any
 
-from veloverlay import faults, files
+from veloverlay import faults, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
@@ -126,13 +126,13 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     its creator's alone (0600): it holds the bytes of every file of the version, private ones
     too, which a private store keeps from other users (`chmod` it to share it).
 
-    The directory is resolved once (`files.realpath_safe`: root follows no other user's link
+    The directory is resolved once (`pathtrust.realpath_safe`: root follows no other user's link
     into a directory that user does not own) and pinned; the file is made, renamed and removed
     relative to it, so a directory on the way swapped meanwhile cannot send any of it elsewhere."""
     parent, name = os.path.split(os.path.abspath(output))
     if not name:
         raise VeloError(f"{output} names no file", reason=Reason.BAD_PATH, path=output)
-    pfd = pin_dir(files.realpath_safe(parent, Reason.BAD_PATH))
+    pfd = pin_dir(pathtrust.realpath_safe(parent, Reason.BAD_PATH))
     try:
         return _export_at(store, m, spec, pfd, name, output)
     except SysError:

@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from veloverlay import files, linking
+from veloverlay import files, linking, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.mount import pin_dir
@@ -35,7 +35,7 @@ def resolve_dest(path: str) -> str:
     """`path` made absolute, its parent resolved once (realpath); the last component is kept as
     given, never followed (a symbolic link there is not a directory to write into)."""
     parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(files.realpath_safe(parent, Reason.TARGET_INVALID), name)
+    return os.path.join(pathtrust.realpath_safe(parent, Reason.TARGET_INVALID), name)
 
 
 def claim_dir(real: str, mode: int) -> tuple[int, bool]:

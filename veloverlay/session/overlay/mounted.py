@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 
-from veloverlay import files, mount, ns, overlay
+from veloverlay import mount, ns, overlay, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.session import state
 from veloverlay.session.holders import namespaces_holding
@@ -57,7 +57,7 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
             hint="root-free: 'veloverlay run REF -- sleep infinity' and nsenter into that "
             "session, or 'veloverlay enter REF' (docs/sessions.md)",
         )
-    target = files.realpath_safe(opts.at, Reason.TARGET_INVALID)
+    target = pathtrust.realpath_safe(opts.at, Reason.TARGET_INVALID)
     for other in state.iter_states(store):
         if other.state == "mounted" and other.mounted_at == target and _here(other) is not None:
             raise VeloError(
@@ -185,7 +185,7 @@ def umount_session(
     message: str | None = None,
 ) -> SessionResult:
     """Unmount the session mounted on `where`, harvest and commit it (as the end of a run)."""
-    target = files.realpath_safe(where, Reason.TARGET_INVALID)
+    target = pathtrust.realpath_safe(where, Reason.TARGET_INVALID)
     found = [
         (st, entry)
         for st in state.iter_states(store)
