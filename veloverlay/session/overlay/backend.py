@@ -48,6 +48,7 @@ from veloverlay.session.state import State
 from veloverlay.session.target import Stack, overlay_target, resolve_stack
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
+from veloverlay.store.sample import verify_sample
 
 if TYPE_CHECKING:
     from veloverlay.store.cas import Stage
@@ -138,6 +139,7 @@ def _prepare(
         protection = "read-only-mount"  # store read-only inside the session only
         if protect:
             warnings.append(lowers.protection_note)
+        warnings.extend(verify_sample(store))  # P0-a: detected, where not prevented
         if opts.strict:
             raise VeloError(f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED)
     if not choice.locked:

@@ -66,6 +66,7 @@ from veloverlay.session.state import State, same_process
 from veloverlay.session.target import Stack, resolve_stack
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.sample import verify_sample
 from veloverlay.tiers import Rules
 
 __all__ = ["run_shim", "resume", "verify_proxies", "LIVE_MESSAGE", "ShimStatus"]
@@ -436,6 +437,8 @@ def run_shim(
             st.protection = _protection(mat.form == "link", mat.tier1_protected)
             st.materialize = {"seconds": mat.seconds, "counts": mat.counts}
             warnings.extend(mat.warnings)
+            if not mat.tier1_protected:  # P0-a: detected, where not prevented
+                warnings.extend(verify_sample(store))
             library.create_journal(sdir / "journal", sid)
             protect_dirs = {os.path.realpath(p) for p in _protected_dirs(store)}
             library.write_config(
