@@ -29,6 +29,7 @@ __all__ = [
     "check_place",
     "write_refusal",
     "read_only_error",
+    "refuse_overlap",
     "open_nofollow",
     "mkdir_nofollow",
     "open_dir",
@@ -331,6 +332,22 @@ def read_only_error(store_root: Path, why: str, *, inside: bool = False) -> Velo
         else "reading commands work; remount the filesystem read-write to change the store",
         path=store_root,
     )
+
+
+def refuse_overlap(real: str, store_root: Path, *, what: str, hint: str) -> None:
+    """TARGET_INVALID when `real` (absolute, its directories resolved) is the store, lies inside
+    it or contains it. What another verb writes there is not the store's: a checkout into a new
+    fan-out directory would plant files under object names (a later ingest trusts a name that
+    exists: the store would lie, P0-a), an export could replace an object, and `remove-store`
+    or `gc` would delete the user's copy with the store."""
+    sroot = os.path.realpath(store_root)
+    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
+        raise VeloError(
+            f"{what} {real} contains or lies inside the store {sroot}",
+            reason=Reason.TARGET_INVALID,
+            hint=hint,
+            path=real,
+        )
 
 
 def rmtree_count(name: AnyPath, *, dir_fd: int | None = None) -> int:

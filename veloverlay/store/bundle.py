@@ -29,6 +29,7 @@ from veloverlay import faults, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
+from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn
@@ -132,7 +133,14 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     parent, name = os.path.split(os.path.abspath(output))
     if not name:
         raise VeloError(f"{output} names no file", reason=Reason.BAD_PATH, path=output)
-    pfd = pin_dir(pathtrust.realpath_safe(parent, Reason.BAD_PATH))
+    real_parent = pathtrust.realpath_safe(parent, Reason.BAD_PATH)
+    refuse_overlap(
+        os.path.join(real_parent, name),
+        store.root,
+        what="the bundle",
+        hint="write the bundle outside the store",
+    )
+    pfd = pin_dir(real_parent)
     try:
         return _export_at(store, m, spec, pfd, name, output)
     except SysError:

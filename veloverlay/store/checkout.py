@@ -22,6 +22,7 @@ from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.mount import pin_dir
 from veloverlay.progress import Progress
+from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
@@ -188,6 +189,9 @@ def checkout(
 
     setuid/setgid bits are not written unless `keep_setid` (a root checkout of a bundle from
     elsewhere must not mint a setuid-root program), as ingest and harvest do."""
+    refuse_overlap(
+        resolve_dest(dest), store.root, what="the destination", hint="check out outside the store"
+    )
     top = _prepare_dest(dest)
     count = written = reported = 0
     total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
