@@ -16,7 +16,9 @@ __all__ = ["Reason", "VeloError", "SysError", "syscall_hint"]
 
 
 class Reason(enum.Enum):
-    """Why an operation failed. The value is the slug printed as `reason: <slug>`."""
+    """Why an operation failed. The value is the slug printed as `reason: <slug>`. Each one is
+    raised somewhere and listed in docs/errors.md (tests/e2e/test_docs.py checks both); a
+    command that is not found is `run`'s exit status 127, not a reason."""
 
     # input and names
     BAD_NAME = "bad-name"
@@ -27,7 +29,6 @@ class Reason(enum.Enum):
     SPECIAL_FILE = "special-file"
     TOO_DEEP = "too-deep"
     NOT_A_DIRECTORY = "not-a-directory"
-    ESCAPES_ROOT = "escapes-root"
     # store and manifests
     STORE_MISSING = "store-missing"
     STORE_PERMISSION = "store-permission"
@@ -49,7 +50,6 @@ class Reason(enum.Enum):
     LOCKED = "locked"
     # kernel facilities
     SYSCALL = "syscall"
-    USERNS_DENIED = "userns-denied"
     OVERLAY_UNSUPPORTED = "overlay-unsupported"
     IMMUTABLE_DENIED = "immutable-denied"
     FALLBACK_FORBIDDEN = "fallback-forbidden"
@@ -60,7 +60,6 @@ class Reason(enum.Enum):
     SESSION_NOT_FOUND = "session-not-found"
     SESSION_ACTIVE = "session-active"
     BACKEND_UNAVAILABLE = "backend-unavailable"
-    COMMAND_NOT_FOUND = "command-not-found"
     # remotes (OCI registries)
     REMOTE_UNREACHABLE = "remote-unreachable"
     REMOTE_TLS = "remote-tls"

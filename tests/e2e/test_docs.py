@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from veloverlay import cli, envvars
 
@@ -54,3 +55,113 @@ def test_readme_quick_start_is_two_commands() -> None:
         r"^test: setup$", makefile, re.M
     )
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _verb_options(*, grouped: bool = False) -> dict[str, Any]:
+    """Every verb (a group's as 'group verb') and the option names it takes, global ones too;
+    `grouped`: a tuple of names (long first) per option, its `--no-` form left out."""
+    import typer
+    from typer.core import TyperOption
+
+    group = typer.main.get_group(cli.app)
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, command: object) -> None:
+        sub = getattr(command, "commands", None)
+        if sub:
+            for name, child in sub.items():
+                walk(f"{prefix} {name}", child)
+            return
+        names: set[str] = set()
+        groups: list[tuple[str, ...]] = []
+        for param in getattr(command, "params", []):
+            if isinstance(param, TyperOption) and not param.hidden:
+                names.update(param.opts + param.secondary_opts)
+                groups.append(tuple(sorted(param.opts, key=lambda o: not o.startswith("--"))))
+        out[prefix] = groups if grouped else names
+
+    for name, command in group.commands.items():
+        walk(name, command)
+    return out
+
+
+def _doc_texts() -> str:
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))])
+
+
+def test_every_option_of_every_verb_is_documented() -> None:
+    """What --help offers, the README or docs/ say: a long option by its name anywhere, or its
+    short form on a line that shows the verb in code (`log REF [-n N]`)."""
+    text = _doc_texts()
+    missing = []
+    for verb, groups in _verb_options(grouped=True).items():
+        for names in groups:
+            if set(names) & {"--help", "--store", "--debug", "--json"}:
+                continue
+            long_ok = any(
+                re.search(re.escape(n) + r"(?![\w-])", text) for n in names if n.startswith("--")
+            )
+            short_ok = any(
+                re.search(rf"^.*`{verb}\b.*(?<![\w-]){re.escape(n)}(?![\w-]).*$", text, re.M)
+                for n in names
+                if not n.startswith("--")
+            )
+            if not (long_ok or short_ok):
+                missing.append(f"{verb} {'/'.join(names)}")
+    assert missing == []
+
+
+def test_readme_command_table_options_exist() -> None:
+    """An option the README's command table shows for a verb is one that verb takes."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
+    options = _verb_options()
+    wrong = []
+    for row in table.splitlines()[2:]:
+        cell = row.split(" | ", 1)[0]
+        for usage in re.findall(r"`([^`]+)`", cell):
+            verb = usage.split()[0]
+            verb = f"{verb} {usage.split()[1]}" if f"{verb} explain" in options else verb
+            for opt in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage):
+                if opt not in options[verb]:
+                    wrong.append(f"{verb} {opt}")
+    assert wrong == []
+
+
+def _reasons_table() -> dict[str, str]:
+    text = (ROOT / "docs" / "errors.md").read_text()
+    table = text.split("| reason | exit | one way to get it |", 1)[1].split("\n\n", 1)[0]
+    return dict(re.findall(r"^\| `([a-z-]+)` \| (\d+) \| \S.* \|$", table, re.M))
+
+
+def test_every_reason_is_documented_with_its_exit_status() -> None:
+    """docs/errors.md lists each reason a failure can carry, no other, with the exit status
+    the CLI gives it (2 for usage, else 1)."""
+    from veloverlay.cli import render
+    from veloverlay.errors import Reason
+
+    rows = _reasons_table()
+    assert set(rows) == {r.value for r in Reason} | {render.OS_ERROR, render.INTERNAL}
+    assert {k for k, v in rows.items() if v != "1"} == {"usage"} and rows["usage"] == "2"
+    assert "docs/errors.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_reason_is_raised_somewhere() -> None:
+    """No reason in the enum that no code gives (the docs would promise a failure that cannot
+    happen); a reason is used as `Reason.NAME` outside errors.py."""
+    import ast
+
+    from veloverlay.errors import Reason
+
+    used = set()
+    for path in (ROOT / "veloverlay").rglob("*.py"):
+        if path.name == "errors.py" and path.parent.name == "veloverlay":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "Reason"
+            ):
+                used.add(node.attr)
+    assert {r.name for r in Reason} - used == set()

@@ -79,7 +79,14 @@ __all__ = [
     "human_bytes",
     "name",
     "line",
+    "OS_ERROR",
+    "INTERNAL",
 ]
+
+# The reasons the CLI gives beside `Reason`'s (docs/errors.md lists them all): an OSError that is
+# no SysError, and (with --debug only; else the traceback is Python's) any other exception.
+OS_ERROR = "os-error"
+INTERNAL = "internal"
 
 
 def color_enabled(stream: IO[Any]) -> bool:
@@ -112,9 +119,9 @@ def describe(exc: BaseException) -> dict[str, Any]:
     elif isinstance(exc, SysError):
         msg, hint, reason, detail = str(exc), exc.hint, "syscall", None
     elif isinstance(exc, OSError):
-        msg, hint, reason, detail = str(exc), None, "os-error", None
+        msg, hint, reason, detail = str(exc), None, OS_ERROR, None
     else:
-        msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, "internal", None
+        msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, INTERNAL, None
     if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):
         path = os.fsdecode(exc.filename)
     return {"message": msg, "reason": reason, "hint": hint, "detail": detail, "path": path}
