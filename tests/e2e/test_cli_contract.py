@@ -396,3 +396,23 @@ def test_a_tiers_file_that_is_not_utf8_is_a_usage_error(store: str, src: str, sh
             store, "ingest", src, "-n", "p", "--tiers", bad, env={"LC_ALL": "C", "PYTHONUTF8": "0"}
         )
     )
+
+
+def test_a_failing_report_is_one_json_document(store: str, src: str) -> None:
+    """`fsck --json` that finds a damaged object wrote its report and then the failure as a
+    second JSON object: stdout was no JSON document at all (`json.loads` of it failed with
+    "Extra data"), though the README promises the result and any failure as JSON. The report
+    now carries the failure's fields (error, reason, hint) in the one object."""
+    from tests.e2e.test_cli import _writable_object
+
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    digest, path = _writable_object(store, "proj", "README")
+    with open(path, "r+b") as f:
+        f.write(b"J")
+    p = velo(store, "fsck", "--json")
+    assert p.returncode == 1
+    report = json.loads(p.stdout)
+    assert report["ok"] is False and report["reason"] == "object-corrupt"
+    assert report["error"] and digest in report["findings"][0]["what"]
+    with open(os.path.join(src, "README"), "rb") as f:
+        assert f.read() == b"hello\n"  # what the object should hold: the source, intact

@@ -51,7 +51,7 @@ state = _State()
 
 def reset() -> None:
     state.store, state.debug, state.json = None, False, False
-    render.machine_output(False)
+    render.reset()
 
 
 def set_globals(*, store: str | None, debug: bool, as_json: bool) -> None:

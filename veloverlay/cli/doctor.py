@@ -142,12 +142,15 @@ def doctor() -> None:
         entry = features.setdefault(name, {"ok": ok, "reason": reason})
         entry.update(purpose=what, matters=matters)
         rows.append((name, "yes" if ok else "no", matters, what, reason))
+    failure = None
+    if not store_fs.ok:
+        failure = VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
     if state.json:
-        render.emit_json(report)
+        render.emit_json(report, failure=failure)
     else:
         _print(report, rows, choice, form, protection, cache_ok, cache, cache_why, shim_info)
-    if not store_fs.ok:
-        raise VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
+    if failure is not None:
+        raise failure
 
 
 def _print(

@@ -103,9 +103,15 @@ def _paint(code: str, text: str) -> str:
     return f"\033[{code}m{text}\033[0m" if color_enabled(sys.stderr) else text
 
 
-def emit_json(obj: Any) -> None:
+def emit_json(obj: Any, *, failure: VeloError | None = None) -> None:
+    """The one JSON document of this command on stdout. A report that ends in a failure (fsck
+    finding problems) carries the failure's fields in the same object (`failure`): a second
+    document after it would make stdout no JSON at all, for every script reading it."""
     import json
 
+    if failure is not None:
+        obj = {**obj, **failure.as_dict()}
+    _JSON_SENT[0] = True
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
@@ -146,7 +152,7 @@ def error(
     if show_reason or as_json:
         lines.append(f"reason: {reason}")
     sys.stderr.write("\n".join(lines) + "\n")
-    if as_json:
+    if as_json and not _JSON_SENT[0]:  # else the document sent carries it (emit_json's failure)
         emit_json(
             {"error": message, "reason": reason, "hint": hint, "detail": detail, "path": path}
         )
@@ -181,12 +187,19 @@ def human_bytes(n: float) -> str:
 
 
 _DELAY = 0.5  # seconds before a bar appears: short operations draw nothing
+_JSON_SENT = [False]  # this command line has written its JSON document
 _MACHINE = [False]  # --json: output is for programs, and no bar is drawn even on a terminal
 
 
 def machine_output(on: bool) -> None:
     """`--json` given: progress bars stay off (stderr carries only errors and warnings)."""
     _MACHINE[0] = on
+
+
+def reset() -> None:
+    """A new command line (main() may run several in one process): nothing sent yet."""
+    _JSON_SENT[0] = False
+    machine_output(False)
 
 
 class Progress:

@@ -10,6 +10,7 @@ from veloverlay.cli import common, render
 from veloverlay.cli.common import state, verb
 
 if TYPE_CHECKING:
+    from veloverlay.errors import VeloError
     from veloverlay.verbs.fsck import FsckReport
 
 app = common.new_app()
@@ -34,7 +35,6 @@ def fsck(
     ] = False,
 ) -> None:
     """Re-hash every object against its name and check every manifest reference."""
-    from veloverlay.errors import Reason, VeloError
     from veloverlay.verbs.fsck import fsck as do_fsck
 
     repo = common.repo()
@@ -43,8 +43,9 @@ def fsck(
         rep = do_fsck(repo.store, repo.m, jobs=jobs, progress=progress, repair=repair, quick=quick)
     finally:
         progress.done()
+    failure = _fsck_failure(rep, repair)
     if state.json:
-        render.emit_json(rep.to_dict())
+        render.emit_json(rep.to_dict(), failure=failure)
     else:
         for f in rep.findings:
             render.line(f"{f.kind}: {f.what}: {f.detail}")
@@ -74,15 +75,23 @@ def fsck(
             f"{'ok' if rep.ok else 'FAILED'}: {rep.objects} objects, {rep.nodes} nodes, "
             f"{rep.commits} commits, {rep.refs} refs, {len(rep.findings)} problems"
         )
-    if not rep.ok:
-        first = rep.findings[0]
-        raise VeloError(
-            f"fsck found {len(rep.findings)} problems; first: {first.kind} {first.what}",
-            reason=Reason.OBJECT_CORRUPT
-            if first.kind.startswith("object")
-            else Reason.MANIFEST_CORRUPT,
-            hint=_fsck_hint(rep, repair),
-        )
+    if failure is not None:
+        raise failure
+
+
+def _fsck_failure(rep: "FsckReport", repair: bool) -> "VeloError | None":
+    from veloverlay.errors import Reason, VeloError
+
+    if rep.ok:
+        return None
+    first = rep.findings[0]
+    return VeloError(
+        f"fsck found {len(rep.findings)} problems; first: {first.kind} {first.what}",
+        reason=Reason.OBJECT_CORRUPT
+        if first.kind.startswith("object")
+        else Reason.MANIFEST_CORRUPT,
+        hint=_fsck_hint(rep, repair),
+    )
 
 
 def _fsck_hint(rep: "FsckReport", repair: bool) -> str | None:
