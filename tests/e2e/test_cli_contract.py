@@ -248,9 +248,11 @@ def test_ctrl_c_exits_130_quietly_and_the_manual_says_so(store: str, shm_tmp: st
     assert statuses == ["0", "1", "2", "129", "130", "141", "143"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize(
+    "sig,as_json", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)]
+)
 def test_sigterm_or_sighup_during_export_leaves_no_part_file(
-    store: str, shm_tmp: str, sig: signal.Signals
+    store: str, shm_tmp: str, sig: signal.Signals, as_json: bool
 ) -> None:
     """`kill` (or a closed terminal) in the middle of `export -o F` ended Python at once: F.part
     stayed, and every later export to F was refused ('F.part exists') until the user found and
@@ -266,7 +268,9 @@ def test_sigterm_or_sighup_during_export_leaves_no_part_file(
     env = {**os.environ, "VELO_STORE": store}
     for _attempt in range(5):
         p = subprocess.Popen(
-            [sys.executable, "-m", "veloverlay", "export", "big", "-o", bundle],
+            [sys.executable, "-m", "veloverlay"]
+            + (["--json"] if as_json else [])
+            + ["export", "big", "-o", bundle],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -290,7 +294,11 @@ def test_sigterm_or_sighup_during_export_leaves_no_part_file(
         pytest.fail("the export always ended before it could be stopped")
     assert os.listdir(out_dir) == []
     assert p.returncode == 128 + sig, err
-    assert b"Traceback" not in err and out == b""
+    assert b"Traceback" not in err
+    if as_json:  # a script parsing stdout gets one JSON document saying what happened
+        assert json.loads(out)["reason"] == "interrupted", out
+    else:
+        assert out == b""
     ok(velo(store, "export", "big", "-o", bundle))
     assert os.listdir(out_dir) == ["b.velo"]
 

@@ -141,8 +141,10 @@ def test_every_reason_is_documented_with_its_exit_status() -> None:
     from veloverlay.errors import Reason
 
     rows = _reasons_table()
-    assert set(rows) == {r.value for r in Reason} | {render.OS_ERROR, render.INTERNAL}
-    assert {k for k, v in rows.items() if v != "1"} == {"usage"} and rows["usage"] == "2"
+    cli_only = {render.OS_ERROR, render.INTERNAL, render.INTERRUPTED}
+    assert set(rows) == {r.value for r in Reason} | cli_only
+    assert {k for k, v in rows.items() if v != "1"} == {"usage", "interrupted"}
+    assert rows["usage"] == "2" and rows["interrupted"] == "130"
     assert "docs/errors.md" in (ROOT / "README.md").read_text()
 
 

@@ -273,10 +273,19 @@ def _failure(exc: BaseException) -> int:
 
     if isinstance(exc, SystemExit):
         raise exc
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, Terminated):
-        return 128 + exc.signum
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        if common.state.json:  # a script parsing stdout gets its one JSON document
+            render.emit_json(
+                {
+                    "error": f"interrupted by {signal.Signals(signum).name}",
+                    "reason": render.INTERRUPTED,
+                    "hint": None,
+                    "detail": None,
+                    "path": None,
+                }
+            )
+        return 128 + signum
     if isinstance(exc, (BrokenPipeError, common.StdoutClosed)):
         return _broken_pipe()
     if not isinstance(exc, (VeloError, OSError)) and not common.state.debug:

@@ -81,12 +81,14 @@ __all__ = [
     "line",
     "OS_ERROR",
     "INTERNAL",
+    "INTERRUPTED",
 ]
 
 # The reasons the CLI gives beside `Reason`'s (docs/errors.md lists them all): an OSError that is
 # no SysError, and (with --debug only; else the traceback is Python's) any other exception.
 OS_ERROR = "os-error"
 INTERNAL = "internal"
+INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM, SIGHUP: in --json output only
 
 
 def color_enabled(stream: IO[Any]) -> bool:
