@@ -3,6 +3,7 @@ commits it later, and nothing stays mounted in the caller's namespace."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -167,11 +168,12 @@ def _all_past_a_failure(base: str) -> dict[str, object]:
     upper = os.path.join(store.sessions, first, "upper")
     os.rename(upper, upper + ".gone")
     os.symlink("/", upper)
-    r = subprocess.run([*velo, "harvest", "--all"], capture_output=True)
+    r = subprocess.run([*velo, "--json", "harvest", "--all"], capture_output=True)
     got = os.path.join(base, "got")
     checkout_ref(store, "t", got)
     return {
         "rc": r.returncode,
+        "json": json.loads(r.stdout),
         "stderr": r.stderr.decode(),
         "first": first,
         "states": {i.id: i.state for i in session.list_sessions(store)},
@@ -194,6 +196,10 @@ def test_harvest_all_goes_past_a_session_it_cannot_harvest(mode: str) -> None:
     assert states.pop(r["first"]) == "dead-unharvested"
     assert list(states.values()) == ["harvested"], r
     assert len(r["got"]) == 1 and r["got"] != r["lost"], r  # the other one's file
+    doc = r["json"]  # one document: what was harvested, what failed, the first failure's fields
+    assert isinstance(doc, dict) and doc["reason"] and doc["error"], doc
+    assert [h["session_id"] for h in doc["harvested"]] == [s for s in states]
+    assert [f["session_id"] for f in doc["failed"]] == [r["first"]]
     assert r["fsck"] == []
 
 

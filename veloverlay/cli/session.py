@@ -389,6 +389,14 @@ def harvest(
     if failed:  # --all: every other session was harvested; each failure is said, the first raised
         for sid, exc in failed:
             render.warn(f"session {sid} could not be harvested: {render.describe(exc)['message']}")
+        if state.json:  # one document: the sessions harvested, the failures, the first's fields
+            first = render.describe(failed[0][1])
+            first["error"] = first.pop("message")
+            report = {
+                "harvested": [r.to_dict() for r in results],
+                "failed": [{"session_id": sid, **render.describe(e)} for sid, e in failed],
+            }
+            render.emit_json({**report, **first})
         raise failed[0][1]
     if state.json:
         render.emit_json([r.to_dict() for r in results])
