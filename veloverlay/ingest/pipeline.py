@@ -38,6 +38,7 @@ from veloverlay.ingest.scan import (
 from veloverlay.ingest.source import RACY_NS
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
+from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests, Ref, Txn
@@ -83,13 +84,13 @@ def _check_source(src: str, store: Store) -> bytes:
             reason=Reason.NOT_A_DIRECTORY if os.path.exists(real) else Reason.NOT_FOUND,
             path=src,
         )
-    sroot = os.path.realpath(store.root)
-    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
-        raise VeloError(
-            f"{src} contains or lies inside the store {sroot}",
-            reason=Reason.BAD_PATH,
-            hint="ingest a directory outside the store",
-        )
+    refuse_overlap(
+        real,
+        store.root,
+        what="the source",
+        hint="ingest a directory outside the store",
+        reason=Reason.BAD_PATH,
+    )
     return os.fsencode(real)
 
 

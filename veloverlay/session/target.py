@@ -14,6 +14,7 @@ from veloverlay import pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import base
 from veloverlay.records import Record
+from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.checkout import claim_dir
 from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
@@ -71,14 +72,9 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             hint="pass --at DIR",
         )
     real = pathtrust.realpath_safe(where, Reason.TARGET_INVALID)
-    sroot = os.path.realpath(store.root)
-    if inside(real, sroot) or inside(sroot, real):
-        raise VeloError(
-            f"the target {real} contains or lies inside the store {sroot}",
-            reason=Reason.TARGET_INVALID,
-            hint="project somewhere outside the store (--at DIR)",
-            path=real,
-        )
+    refuse_overlap(
+        real, store.root, what="the target", hint="project somewhere outside the store (--at DIR)"
+    )
     cache, _why = base()
     creal = os.path.realpath(cache) if cache is not None else None
     if creal is not None and inside(real, creal):

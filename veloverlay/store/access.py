@@ -334,9 +334,12 @@ def read_only_error(store_root: Path, why: str, *, inside: bool = False) -> Velo
     )
 
 
-def refuse_overlap(real: str, store_root: Path, *, what: str, hint: str) -> None:
-    """TARGET_INVALID when `real` (absolute, its directories resolved) is the store, lies inside
-    it or contains it. What another verb writes there is not the store's: a checkout into a new
+def refuse_overlap(
+    real: str, store_root: Path, *, what: str, hint: str, reason: Reason = Reason.TARGET_INVALID
+) -> None:
+    """`reason` (TARGET_INVALID) when `real` (absolute, its directories resolved) is the store,
+    lies inside it or contains it: the one test for a checkout, an export, a session's target
+    and an ingest's source. What another verb writes there is not the store's: a checkout into a new
     fan-out directory would plant files under object names (a later ingest trusts a name that
     exists: the store would lie, P0-a), an export could replace an object, and `remove-store`
     or `gc` would delete the user's copy with the store."""
@@ -344,7 +347,7 @@ def refuse_overlap(real: str, store_root: Path, *, what: str, hint: str) -> None
     if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
         raise VeloError(
             f"{what} {real} contains or lies inside the store {sroot}",
-            reason=Reason.TARGET_INVALID,
+            reason=reason,
             hint=hint,
             path=real,
         )

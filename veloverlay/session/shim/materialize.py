@@ -36,7 +36,7 @@ from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store.access import private_dir
+from veloverlay.store.access import private_dir, refuse_overlap
 from veloverlay.store.cas import Store, object_corrupt, object_missing
 from veloverlay.store.checkout import REPORT_BYTES, claim_dir, resolve_dest, tree_totals
 from veloverlay.store.digest import hash_fd
@@ -129,14 +129,9 @@ def prepare_target(target: str, store: Store) -> TargetDir:
     contains or lies inside the store, a missing parent, a path that changed on the way.
     """
     real = resolve_dest(target)
-    sroot = os.path.realpath(store.root)
-    if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
-        raise VeloError(
-            f"{target} contains or lies inside the store {sroot}",
-            reason=Reason.TARGET_INVALID,
-            hint="project somewhere outside the store (--at DIR)",
-            path=target,
-        )
+    refuse_overlap(
+        real, store.root, what="the target", hint="project somewhere outside the store (--at DIR)"
+    )
     try:
         fd, created = claim_dir(real, 0o700)
     except FileNotFoundError:
