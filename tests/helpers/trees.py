@@ -58,6 +58,34 @@ def diff_snapshots(a: dict[bytes, Item], b: dict[bytes, Item]) -> list[str]:
     return problems
 
 
+def leaf_changes(a: dict[bytes, Item], b: dict[bytes, Item]) -> set[tuple[str, str]]:
+    """What turned snapshot `a` into `b`, as `veloverlay diff` and a session's end line tell it:
+    (status, path) per file, symlink or empty directory added (A), deleted (D), changed in content
+    or mode (M) or kind (T); a directory's mode change is M. Mtimes alone are no change."""
+
+    def leaves(s: dict[bytes, Item]) -> set[bytes]:
+        parents = {os.path.dirname(p) for p in s if p}
+        return {p for p, it in s.items() if p and (it.kind != "dir" or p not in parents)}
+
+    out: set[tuple[str, str]] = set()
+    la, lb = leaves(a), leaves(b)
+    for p in sorted(a.keys() | b.keys()):
+        x, y = a.get(p), b.get(p)
+        name = os.fsdecode(p)
+        if x is not None and y is not None:
+            if x.kind != y.kind and "dir" not in (x.kind, y.kind):
+                out.add(("T", name))
+            elif x.kind == y.kind and (x.mode, x.data) != (y.mode, y.data):
+                out.add(("M", name))
+            elif x.kind == y.kind or p not in la | lb:
+                continue
+        if x is not None and p in la and (y is None or y.kind != x.kind):
+            out.add(("D", name))
+        if y is not None and p in lb and (x is None or y.kind != x.kind):
+            out.add(("A", name))
+    return out
+
+
 def assert_same_tree(a: str | bytes, b: str | bytes, **kw: bool) -> None:
     problems = diff_snapshots(snapshot(a, **kw), snapshot(b, **kw))
     assert not problems, "trees differ:\n" + "\n".join(problems[:20])

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from typing import Any
 
 import pytest
 
+from tests.helpers.trees import leaf_changes, snapshot
 from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
 from tests.session._util import (
     MODE_MARKS,
@@ -348,6 +351,14 @@ def _stacked(base: str, **kw: Any) -> dict[str, object]:
         f"cd {proj}; cat d/c f1 > {out}; rm f2; rm -r dir2; printf changed >> f3; "
         "printf new > d/new; chmod 700 exec.sh"
     )
+    # The model: a plain directory holding t with u over it, changed by the same script.
+    model = os.path.join(base, "model")
+    shutil.copytree(src, model, symlinks=True)
+    shutil.copytree(top_src, model, symlinks=True, dirs_exist_ok=True)
+    before = snapshot(model)
+    subprocess.run(
+        ["sh", "-euc", script.replace(proj, model).replace(out, out + ".model")], check=True
+    )
     res = run_session(store, ["t", "u"], ["sh", "-euc", script], at=proj, **kw)
     m = Manifests(store)
     try:
@@ -376,6 +387,8 @@ def _stacked(base: str, **kw: Any) -> dict[str, object]:
         "ref": res.ref,
         "backend": res.backend,
         "fsck": fsck_ok(store),
+        "changes": sorted(res.changes),
+        "model_changes": sorted(leaf_changes(before, snapshot(model))),
     }
 
 
@@ -412,6 +425,10 @@ def test_stacked_refs_delta_goes_to_top_with_masks(mode: Any, kw: dict[str, Any]
     assert "f2" not in listing and "dir2" not in listing and "f1" in listing
     assert r["t_unchanged"]
     assert r["fsck"] == []
+    # The end line tells the change as the session saw it: a deleted file of the lower ref
+    # (a MASK in u, which u alone does not show) is a deletion, a changed one a modification.
+    assert r["changes"] == r["model_changes"]
+    assert ("D", "f2") in r["changes"] and ("M", "f3") in r["changes"]
 
 
 def _options(base: str) -> dict[str, object]:

@@ -148,6 +148,7 @@ def _harvest_and_commit(
     from veloverlay.session.harvest import to_top_ref
     from veloverlay.session.relocation import carry_forward
     from veloverlay.store.changes import changes
+    from veloverlay.store.stack import stack_roots
     from veloverlay.tiers import Rules
 
     with store.lock(), store.stage() as stage:
@@ -173,14 +174,16 @@ def _harvest_and_commit(
                 m.put_raw_node(txn, digest, data)
             base_root = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
             ops = h.ops
+            seen, now = base_root, base_root  # the view the session saw, and what it left
             if st.below_root:  # a stack: the same change, on the top ref alone
-                view_root = bytes.fromhex(st.view_root)
+                seen = bytes.fromhex(st.view_root)
                 below = bytes.fromhex(st.below_root)
-                ops = to_top_ref(m, txn, ops, base_root, below, view_root)
+                ops = to_top_ref(m, txn, ops, base_root, below, seen)
             new_root = m.apply(txn, base_root, ops) if ops else base_root
-            res.changes = [
-                (c.status, paths.display(c.path)) for c in changes(m, txn, base_root, new_root)
-            ]
+            # What changed is told as the session saw it, in the stacked view: a deleted file
+            # of a lower ref is a MASK in the top ref, which a diff of the top ref alone hides.
+            now = stack_roots(m, txn, [below, new_root]) if st.below_root else new_root
+            res.changes = [(c.status, paths.display(c.path)) for c in changes(m, txn, seen, now)]
             res.changed = len(res.changes)
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
