@@ -3,10 +3,13 @@ commits it later, and nothing stays mounted in the caller's namespace."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import select
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -227,3 +230,85 @@ def test_a_dead_unharvested_session_points_to_harvest_not_to_the_log(shm_tmp: st
     with pytest.raises(VeloError) as ei:
         state_mod.load_running(store, sid)
     assert ei.value.hint == "what it committed: veloverlay log t"
+
+
+def _paused(here: int, there: int, real: Callable[..., None], *a: object) -> None:
+    os.write(here, b"x")
+    select.select([there], [], [], 3.0)
+    real(*a)
+
+
+def _two_resumes(base: str) -> dict[str, object]:
+    """A session whose manager died in its harvest, then two `harvest --resume` of it at once:
+    each pauses where it has read the state and checks for holders, until the other one is
+    there too (or 3 s have passed: it may be waiting for the first to finish)."""
+    import subprocess
+    import sys
+
+    from veloverlay.session.overlay import backend
+
+    store, _src = new_store(base)
+    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root)]
+    proj = os.path.join(base, "proj")
+    script = f"cd {proj} && mkdir big && for i in $(seq 1 200); do echo $i > big/f$i; done"
+    env = dict(os.environ, VELO_INTERNAL__TEST_FAULT="harvest.file:1")
+    subprocess.run([*velo, "run", "t", "--at", proj, "--", "sh", "-c", script], env=env)
+    (sid,) = os.listdir(store.sessions)
+    pipes = [os.pipe(), os.pipe()]
+    pids = []
+    for me in (0, 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 4
+            try:
+                backend._refuse_if_held = functools.partial(  # type: ignore[assignment]
+                    _paused, pipes[me][1], pipes[1 - me][0], backend._refuse_if_held
+                )
+                try:
+                    code = 0 if session.harvest_resume(store, sid) else 5
+                except VeloError as exc:
+                    code = 3 if "already harvested" in exc.message else 4
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    codes = sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    from veloverlay.store.manifest import Manifests
+
+    mf = Manifests(store)
+    try:
+        with mf.read() as txn:
+            ref = mf.get_ref(txn, "t")
+            assert ref is not None
+            by_session = []
+            cid: str | None = ref.head
+            while cid is not None:
+                c = mf.get_commit(txn, cid)
+                by_session += [c.id] if c.session == sid else []
+                cid = c.parent
+            refs = [r.name for r in mf.refs(txn)]
+    finally:
+        mf.close()
+    (st,) = session.list_sessions(store)
+    return {
+        "codes": codes,
+        "commits": len(by_session),
+        "refs": refs,
+        "state": st.state,
+        "files": len(os.listdir(os.path.join(got, "big"))),
+        "fsck": fsck_ok(store),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_two_resumes_at_once_harvest_the_session_once(mode: str) -> None:
+    """Two `harvest --resume` (or `--all`) of one dead session at once both harvested it: the
+    first removed the upper dir while the second still walked it (a raw ENOENT, or a partial
+    tree kept as a conflict). One harvests; the other waits, then finds it harvested."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _two_resumes, base)
+    assert r["codes"] == [0, 3], r
+    assert r["commits"] == 1 and r["refs"] == ["t"], r
+    assert r["state"] == "harvested" and r["files"] == 200, r
+    assert r["fsck"] == []

@@ -152,7 +152,8 @@ def harvest_resume(
     out: list[SessionResult] = []
     for st in states:
         try:
-            res = _harvest_one(store, st, session_id)
+            with state.finishing(store, st.id) as now:  # what another harvest left of it
+                res = _harvest_one(store, now, session_id)
         except (VeloError, OSError) as exc:
             if failed is None or session_id is not None:
                 raise

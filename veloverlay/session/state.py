@@ -10,6 +10,8 @@ are ignored and missing ones take their defaults, so a state written by an older
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -32,6 +34,7 @@ __all__ = [
     "new_id",
     "load",
     "load_running",
+    "finishing",
     "save",
     "iter_states",
     "same_process",
@@ -215,6 +218,27 @@ def load(store: Store, sid: str) -> State:
         raise VeloError(
             f"session {sid}: unreadable state file ({exc})", reason=Reason.SESSION_NOT_FOUND
         ) from None
+
+
+@contextlib.contextmanager
+def finishing(store: Store, sid: str) -> Iterator[State]:
+    """The state of `sid`, read again while this process alone may finish the session for a
+    manager that died (`harvest --resume`/`--all`): an exclusive flock on its directory. Two
+    harvests at once would both walk the upper dir while the first one removes it (a file gone
+    mid-walk, or a partial tree kept as a conflict); the second waits, then finds it done."""
+    load(store, sid)  # a missing or unreadable session says so
+    try:
+        fd = os.open(
+            session_dir(store, sid), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except FileNotFoundError:  # removed by `sessions --clean` since
+        load(store, sid)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield load(store, sid)
+    finally:
+        os.close(fd)
 
 
 def load_running(store: Store, sid: str) -> State:
