@@ -70,6 +70,27 @@ def test_directory_metadata_never_conflicts(repo: Repo) -> None:
     assert view[b""][3] == 7 and view[b"d"][2:] == (0o700, 7)  # type: ignore[index]
 
 
+def test_a_directory_mode_one_side_changed_stands(repo: Repo) -> None:
+    """One side chmods a directory, the other only writes inside it (its mtime): the chmod
+    stands, whichever side merges last (it was undone by the later side's whole mode+mtime)."""
+    base = D({b"d": D({b"f": F(b"0")}, mode=0o755, mtime=1)}, mtime=1)
+    chmod = D({b"d": D({b"f": F(b"0")}, mode=0o700, mtime=1)}, mtime=1)
+    write = D({b"d": D({b"f": F(b"1")}, mode=0o755, mtime=9)}, mtime=9)
+    res, view = merge(repo, base, write, chmod)
+    assert res.conflicts == () and content(view, b"d/f") == b"1"
+    assert view[b"d"][2:] == (0o700, 9)  # type: ignore[index]
+    res, view = merge(repo, base, chmod, write)
+    assert res.conflicts == () and content(view, b"d/f") == b"1"
+    assert view[b"d"][2:] == (0o700, 9)  # type: ignore[index]
+    # ingest --force: theirs win where both changed; a mode only ours changed still stands
+    b, o, t = (build_root(repo, x) for x in (base, chmod, write))
+    with repo.m.write() as txn:
+        forced = three_way(repo.m, txn, b, o, t, drop_conflicts=True)
+        assert forced.root is not None
+        d = repo.m.lookup(txn, forced.root, b"d")
+        assert d is not None and repo.m.node_attrs(txn, d.digest) == (0o700, 9)
+
+
 def test_same_path_changed_differently_conflicts(repo: Repo) -> None:
     base = D({b"d": D({b"a": F(b"0"), b"b": F(b"0")})})
     ours = D({b"d": D({b"a": F(b"1"), b"b": F(b"1")})})

@@ -1,11 +1,12 @@
 """Three-way merge of trees, per path, against a common base.
 
 Disjoint changes merge. Both sides making the identical change is not a conflict. A directory's own
-mode/mtime never conflicts (the later side, `ours`, wins). A real conflict is both sides changing
-one path differently, or one side replacing/deleting a directory inside which the other changed
-something. The caller keeps a conflicting side under its own ref, or (`drop_conflicts`, for
-`ingest --force`) lets `theirs` win the conflicting paths while the rest of `ours` still applies;
-the dropped side stays in the ref's history."""
+mode/mtime never conflicts: each is the side's that changed it, the later side's (`ours`) where
+both did (a chmod on one side stands when the other only wrote inside). A real conflict is both
+sides changing one path differently, or one side replacing/deleting a directory inside which the
+other changed something. The caller keeps a conflicting side under its own ref, or
+(`drop_conflicts`, for `ingest --force`) lets `theirs` win the conflicting paths while the rest of
+`ours` still applies; the dropped side stays in the ref's history."""
 
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ def _is_dir_meta(m: Manifests, txn: Txn, root: bytes, op: Op) -> bool:
         return False
     e = m.lookup(txn, root, op.path)
     return e is not None and e.kind is Kind.DIR
+
+
+def _dir_meta(m: Manifests, txn: Txn, base: bytes, op: Op, o: Op, *, ours_win: bool) -> Op | None:
+    """Both sides changed the directory's own attributes (`op` ours, `o` theirs): they never
+    conflict. Each of mode and mtime is the side's that changed it, the winning side's where
+    both did (ours, the later one; theirs with `drop_conflicts`): a chmod on one side is not
+    undone by the other writing inside. None: theirs stand as they are."""
+    e = m.lookup(txn, base, op.path)
+    was = m.node_attrs(txn, e.digest) if e is not None and e.kind is Kind.DIR else (None, None)
+    win, lose = (op, o) if ours_win else (o, op)
+    mode = lose.mode if win.mode == was[0] else win.mode
+    mtime = lose.mtime_ns if win.mtime_ns == was[1] else win.mtime_ns
+    if (mode, mtime) == (o.mode, o.mtime_ns):
+        return None
+    return Op(OpKind.META, op.path, mode=mode, mtime_ns=mtime)
 
 
 def _ancestors(path: bytes) -> list[bytes]:
@@ -66,8 +82,9 @@ def three_way(
             if o.kind is OpKind.DELETE and _is_dir_meta(m, txn, ours, op):
                 continue  # they removed the directory; our touching its mtime does not matter
             if _is_dir_meta(m, txn, ours, op) and _is_dir_meta(m, txn, theirs, o):
-                if not drop_conflicts:  # a directory's mtime never conflicts: later wins
-                    apply.append(op)  # (with drop_conflicts, `theirs` is the winning side)
+                both = _dir_meta(m, txn, base, op, o, ours_win=not drop_conflicts)
+                if both is not None:
+                    apply.append(both)
                 continue
             if op.kind is OpKind.META or not _is_dir_meta(m, txn, theirs, o):
                 conflicts.append(op.path)
