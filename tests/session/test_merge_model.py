@@ -218,7 +218,13 @@ def _pair(base: str, script_a: str, script_b: str, stacked: bool, **kw: Any) -> 
 
 
 def check_pair(
-    mode: str, script_a: str, script_b: str, *, stacked: bool = False, **kw: Any
+    mode: str,
+    script_a: str,
+    script_b: str,
+    *,
+    stacked: bool = False,
+    must_merge: bool = False,
+    **kw: Any,
 ) -> None:
     with unpriv_tmpdir() as base:
         r = as_mode(mode, _pair, base, script_a, script_b, stacked, **kw)
@@ -227,6 +233,7 @@ def check_pair(
     assert got["after_b"] == model["b"], why  # B met an unmoved ref: its tree as it left it
     want = model_merge(model["base"], model["a"], model["b"])
     if r["kept"]:
+        assert not must_merge, f"kept as a conflict: {why}"
         assert r["commit"] is None and r["conflicts"], why
         assert got["final"] == model["b"], why
         assert got["kept"] == model["a"], why  # nothing of A is lost
@@ -275,3 +282,15 @@ def test_two_stacked_sessions_end_as_the_model_merges(
 @given(script_a=scripts, script_b=scripts)
 def test_two_shim_sessions_end_as_the_model_merges(script_a: str, script_b: str) -> None:
     check_pair("rootfree", script_a, script_b, backend="shim")
+
+
+@pytest.mark.parametrize("mode", mode_params("native", "rootfree"))
+@pytest.mark.parametrize("stacked", [False, True], ids=["one-ref", "stacked"])
+def test_files_written_into_one_new_directory_merge(mode: str, stacked: bool) -> None:
+    """Each session writes its own file into a directory the ref does not have (new, or only
+    the lower ref's in a stack, which the top ref gets as a new one): both files are kept, no
+    conflict (both sides' whole new directories conflicted)."""
+    for where in ("n", "e") if stacked else ("n",):
+        a = f"mkdir -p {where} && printf 1 > {where}/one"
+        b = f"mkdir -p {where} && printf 2 > {where}/two"
+        check_pair(mode, a, b, stacked=stacked, must_merge=True)

@@ -91,6 +91,26 @@ def test_a_directory_mode_one_side_changed_stands(repo: Repo) -> None:
         assert d is not None and repo.m.node_attrs(txn, d.digest) == (0o700, 9)
 
 
+def test_a_new_directory_made_on_both_sides_merges_inside(repo: Repo) -> None:
+    """Both sides made `n/` (two builds writing into a new output directory): its contents merge
+    path by path, deeper new directories too; only a file both made differently conflicts."""
+    base = D({b"keep": F(b"0")})
+    ours = D({b"keep": F(b"0"), b"n": D({b"f": F(b"1"), b"q": D({b"x": F(b"1")})}, mtime=5)})
+    theirs = D({b"keep": F(b"0"), b"n": D({b"g": F(b"2"), b"q": D({b"y": F(b"2")})}, mtime=6)})
+    res, view = merge(repo, base, ours, theirs)
+    assert res.conflicts == ()
+    assert {p: content(view, p) for p in (b"n/f", b"n/g", b"n/q/x", b"n/q/y")} == {
+        b"n/f": b"1",
+        b"n/g": b"2",
+        b"n/q/x": b"1",
+        b"n/q/y": b"2",
+    }
+    assert view[b"n"][3] == 5  # type: ignore[index]  # a directory's mtime: ours, the later
+    clash = D({b"keep": F(b"0"), b"n": D({b"f": F(b"2")})})
+    res, _ = merge(repo, base, ours, clash)
+    assert res.root is None and res.conflicts == (b"n/f",)
+
+
 def test_same_path_changed_differently_conflicts(repo: Repo) -> None:
     base = D({b"d": D({b"a": F(b"0"), b"b": F(b"0")})})
     ours = D({b"d": D({b"a": F(b"1"), b"b": F(b"1")})})

@@ -14,7 +14,7 @@ import bisect
 
 from veloverlay.records import Record
 from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.store.tree import Kind, Op, OpKind
+from veloverlay.store.tree import Entry, Kind, Op, OpKind
 
 __all__ = ["MergeResult", "three_way"]
 
@@ -47,6 +47,36 @@ def _dir_meta(m: Manifests, txn: Txn, base: bytes, op: Op, o: Op, *, ours_win: b
     return Op(OpKind.META, op.path, mode=mode, mtime_ns=mtime)
 
 
+def _new_dirs(m: Manifests, txn: Txn, base: bytes, ops: list[Op]) -> set[bytes]:
+    return {
+        op.path
+        for op in ops
+        if op.kind is OpKind.PUT
+        and op.entry is not None
+        and op.entry.kind is Kind.DIR
+        and m.lookup(txn, base, op.path) is None
+    }
+
+
+def _diffs(
+    m: Manifests, txn: Txn, base: bytes, ours: bytes, theirs: bytes
+) -> tuple[bytes, list[Op], list[Op]]:
+    """(base, base→ours, base→theirs), where the base gets an empty directory (mode 0, mtime 0:
+    both sides changed its attributes) wherever both sides made a new directory, so that their
+    contents merge path by path (two sessions that each wrote a file into a new `build/`, or into
+    a directory of a lower ref of a stack, which the top ref gets as a new one) instead of
+    conflicting as two whole directories."""
+    mine, other = m.diff(txn, base, ours), m.diff(txn, base, theirs)
+    while both := sorted(_new_dirs(m, txn, base, mine) & _new_dirs(m, txn, base, other)):
+        empty = m.put_node(txn, 0, 0, [])
+        made = [
+            Op(OpKind.PUT, p, Entry(p.rsplit(b"/", 1)[-1], Kind.DIR, digest=empty)) for p in both
+        ]
+        base = m.apply(txn, base, made)
+        mine, other = m.diff(txn, base, ours), m.diff(txn, base, theirs)
+    return base, mine, other
+
+
 def _ancestors(path: bytes) -> list[bytes]:
     out = [b""]
     i = path.find(b"/")
@@ -66,8 +96,7 @@ def three_way(
         return MergeResult(ours, (), tuple(m.diff(txn, base, ours)))
     if ours in (base, theirs):
         return MergeResult(theirs, (), ())
-    mine = m.diff(txn, base, ours)
-    other = m.diff(txn, base, theirs)
+    base, mine, other = _diffs(m, txn, base, ours, theirs)
     other_at = {op.path: op for op in other}
     # Paths the other side replaced or deleted (a change below them conflicts).
     replaced = {op.path for op in other if op.kind is not OpKind.META}
