@@ -180,3 +180,81 @@ def test_a_file_that_kept_changing_at_the_end_keeps_the_tree(monkeypatch: Any) -
         with open(os.path.join(proj, "changing"), "rb") as f:  # (removed with the tree before)
             assert f.read() == b"last"
         assert any("kept changing" in w and proj in w for w in res.warnings), res.warnings
+
+
+def _live_view_meddled(base: str, meddle: str) -> dict[str, Any]:
+    """A shim session of t that changes f1, waits, then writes `late`; while it waits the live
+    view t@<session> is used: an overlay session run on it ("session"), or a rollback of it."""
+    from veloverlay import session
+    from veloverlay.errors import VeloError
+
+    store, _src = new_store(base)
+    proj, other = os.path.join(base, "proj"), os.path.join(base, "other")
+    go, started = os.path.join(base, "go"), os.path.join(base, "started")
+    script = (
+        f"cd {proj}; printf mine > f1; touch {started}; "
+        f"while [ ! -e {go} ]; do sleep 0.02; done; printf late > late"
+    )
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_shim(store, "t", ["sh", "-c", script], link=False, at=proj)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(started):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    (live,) = [r for r in _refs(store) if "@" in r]
+    while _cat(store, live, "f1") != b"mine":  # the daemon commits the live view every ~0.2 s
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    refused = ""
+    if meddle == "session":
+        try:
+            opts = session.SessionOptions(refs=[live], at=other, backend="overlay", grace=1.0)
+            session.run(store, opts, ["sh", "-c", f"printf x > {other}/x"])
+        except VeloError as exc:
+            refused = exc.reason.value
+    else:
+        r = Repo.open(os.fspath(store.root))
+        try:
+            r.rollback(live, 1)
+        finally:
+            r.close()
+    Path(go).touch()
+    os.waitpid(pid, 0)
+    return {
+        "refused": refused,
+        "f1": _cat(store, "t", "f1"),
+        "late": _cat(store, "t", "late") if b"late" in _ls(store, "t") else None,
+    }
+
+
+def _ls(store: Store, spec: str) -> list[bytes]:
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _r, c = m.resolve(txn, spec)
+            return [p for p, _e, _n in m.walk(txn, bytes.fromhex(c.root))]
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_a_session_on_a_live_view_is_refused(mode: str) -> None:
+    """An overlay session of a running shim session's live view `t@<id>` committed into it; the
+    shim session then took that commit for its own kept result, skipped its harvest, and what
+    it wrote after was lost (its tree removed, exit 0). Such a session is refused."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _live_view_meddled, base, "session")
+    assert r["refused"] == "session-active", r
+    assert r["f1"] == b"mine" and r["late"] == b"late", r
+
+
+def test_a_rollback_of_the_live_view_loses_nothing() -> None:
+    """A rollback of the live view put a commit that is not the daemon's at its head: the shim
+    session's end took it for its own kept result and harvested nothing."""
+    with unpriv_tmpdir() as base:
+        r = as_mode("root", _live_view_meddled, base, "rollback")
+    assert r["f1"] == b"mine" and r["late"] == b"late", r

@@ -71,12 +71,14 @@ def already_committed(
     """(commit on the ref, kept session ref) when an earlier finish of `st` got that far.
 
     A shim session's `REF@<id>` exists from its start (the live view, whose commits carry
-    `live_message`): only a session ref whose head is not a live-view commit counts as kept."""
+    `live_message`): only a session ref whose head is this session's own commit and not a
+    live-view one counts as kept. (Another commit there — a session run on the live view, a
+    rollback of it — says nothing of this session: taken for "kept", it skipped the harvest
+    and the session's changes were lost.)"""
     sref = st.session_ref or session_ref_name(st.top, st.id)
     r = m.get_ref(txn, sref)
-    if r is not None and (
-        live_message is None or m.get_commit(txn, r.head).message != live_message
-    ):
+    head = m.get_commit(txn, r.head) if r is not None else None
+    if head is not None and head.session == st.id and head.message != live_message:
         return None, sref
     ref = m.get_ref(txn, st.top)
     cid = ref.head if ref is not None else None

@@ -35,6 +35,7 @@ __all__ = [
     "load",
     "load_running",
     "finishing",
+    "refuse_live_view",
     "save",
     "iter_states",
     "same_process",
@@ -239,6 +240,26 @@ def finishing(store: Store, sid: str) -> Iterator[State]:
         yield load(store, sid)
     finally:
         os.close(fd)
+
+
+def refuse_live_view(store: Store, name: str) -> None:
+    """Refuse `name` as the ref a session commits to while it is the live view `REF@<id>` of a
+    shim session that has not ended: that session's daemon owns it, and its end removes it."""
+    _base, sep, sid = name.partition("@")
+    if not sep:
+        return
+    try:
+        st = load(store, sid)
+    except VeloError:
+        return
+    if st.backend != "shim" or st.session_ref != name or st.shown_state() in DONE_STATES:
+        return
+    raise VeloError(
+        f"{name} is the live view of shim session {sid}, which has not ended: a session "
+        "cannot commit to it",
+        reason=Reason.SESSION_ACTIVE,
+        hint=f"project {st.top} instead, or stack {name} below another ref to read it",
+    )
 
 
 def load_running(store: Store, sid: str) -> State:

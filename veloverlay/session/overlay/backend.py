@@ -112,6 +112,7 @@ def _prepare(
             "'veloverlay fsck' detects changes made outside sessions",
         )
     stack = resolve_stack(m, opts.refs)
+    state.refuse_live_view(store, stack.refs[-1].name)
     target = overlay_target(store, opts.at, stack.refs[-1])
     alias = source_alias(store, stack.refs[-1].path, target)
     if alias is None:
