@@ -148,7 +148,9 @@ def _view(store: Store, refs: list[str], dest: str) -> None:
         m.close()
 
 
-def _pair(base: str, script_a: str, script_b: str, stacked: bool, **kw: Any) -> dict[str, Any]:
+def _pair(
+    base: str, script_a: str, script_b: str, stacked: bool, b_ingests: bool, **kw: Any
+) -> dict[str, Any]:
     src = os.path.join(base, "src")
     _make(src)
     store = Store.init(os.path.join(base, "store"))
@@ -188,7 +190,16 @@ def _pair(base: str, script_a: str, script_b: str, stacked: bool, **kw: Any) -> 
     while not os.path.exists(started):
         assert time.monotonic() < deadline, "session A did not start"
         time.sleep(0.02)
-    res_b = run_session(store, refs, ["sh", "-c", f"cd {pb} && {script_b}; true"], at=pb, **kw)
+    if b_ingests:  # B: the source changed by hand, then ingested again into the ref
+        subprocess.run(["sh", "-c", f"cd {src} && {script_b}; true"], check=True)
+        m = Manifests(store)
+        try:
+            b_commit = ingest(store, m, src, "t", jobs=1).commit
+        finally:
+            m.close()
+    else:
+        argv = ["sh", "-c", f"cd {pb} && {script_b}; true"]
+        b_commit = run_session(store, refs, argv, at=pb, **kw).commit
     after_b = os.path.join(base, "after-b")
     _view(store, refs, after_b)
     with open(go, "w"):
@@ -210,7 +221,7 @@ def _pair(base: str, script_a: str, script_b: str, stacked: bool, **kw: Any) -> 
     return {
         "model": model,
         "got": got,
-        "b_commit": res_b.commit,
+        "b_commit": b_commit,
         "commit": commit_a,
         "kept": kept,
         "conflicts": conflicts,
@@ -223,11 +234,12 @@ def check_pair(
     script_b: str,
     *,
     stacked: bool = False,
+    b_ingests: bool = False,
     must_merge: bool = False,
     **kw: Any,
 ) -> None:
     with unpriv_tmpdir() as base:
-        r = as_mode(mode, _pair, base, script_a, script_b, stacked, **kw)
+        r = as_mode(mode, _pair, base, script_a, script_b, stacked, b_ingests, **kw)
     model, got = r["model"], r["got"]
     why = f"A: {script_a}\nB: {script_b}\n{r['conflicts']}"
     assert got["after_b"] == model["b"], why  # B met an unmoved ref: its tree as it left it
@@ -273,6 +285,22 @@ def test_two_stacked_sessions_end_as_the_model_merges(
     check_pair(mode, script_a, script_b, stacked=True)
 
 
+@pytest.mark.parametrize("mode", mode_params("native", "rootfree"))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(script_a=scripts, script_b=scripts)
+def test_a_session_and_a_reingest_end_as_the_model_merges(
+    mode: str, script_a: str, script_b: str
+) -> None:
+    """B is the ref's source changed by hand and ingested again while A runs (projected
+    elsewhere): the re-ingest lands first, A's end merges over it."""
+    check_pair(mode, script_a, script_b, b_ingests=True)
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -294,3 +322,63 @@ def test_files_written_into_one_new_directory_merge(mode: str, stacked: bool) ->
         a = f"mkdir -p {where} && printf 1 > {where}/one"
         b = f"mkdir -p {where} && printf 2 > {where}/two"
         check_pair(mode, a, b, stacked=stacked, must_merge=True)
+
+
+def _ingest_after(base: str, script_a: str, script_b: str) -> dict[str, Any]:
+    from veloverlay.errors import Reason, VeloError
+
+    src = os.path.join(base, "src")
+    _make(src)
+    store = Store.init(os.path.join(base, "store"))
+    model: dict[str, dict[str, Val]] = {"base": _vals(snapshot(src))}
+    for side, script in (("a", script_a), ("b", script_b)):
+        d = os.path.join(base, f"model-{side}")
+        shutil.copytree(src, d, symlinks=True)
+        subprocess.run(["sh", "-c", f"cd {d} && {script}; true"], check=True)
+        model[side] = _vals(snapshot(d))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    pa = os.path.join(base, "pa")
+    run_session(store, ["t"], ["sh", "-c", f"cd {pa} && {script_a}; true"], at=pa)
+    subprocess.run(["sh", "-c", f"cd {src} && {script_b}; true"], check=True)
+    refused = False
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    except VeloError as exc:
+        assert exc.reason is Reason.CONFLICT, exc
+        refused = True
+    finally:
+        m.close()
+    final = os.path.join(base, "final")
+    checkout_ref(store, "t", final)
+    return {"model": model, "final": _vals(snapshot(final)), "refused": refused}
+
+
+@pytest.mark.parametrize("mode", mode_params("native", "rootfree"))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(script_a=scripts, script_b=scripts)
+def test_a_reingest_over_a_session_ends_as_the_model_merges(
+    mode: str, script_a: str, script_b: str
+) -> None:
+    """A session commits A; then the source, changed by B, is ingested again: the source's
+    change merges over the session's (the source, the later side, wins a directory's
+    attributes), or the ingest refuses (conflict) and the ref stays A's tree."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _ingest_after, base, script_a, script_b)
+    model = r["model"]
+    why = f"A: {script_a}\nB: {script_b}"
+    if r["refused"]:
+        assert r["final"] == model["a"], why
+        return
+    want = model_merge(model["base"], model["b"], model["a"])
+    assert want is not None, f"merged what the model calls a conflict:\n{why}\n{r['final']}"
+    assert r["final"] == want, why
