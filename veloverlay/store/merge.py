@@ -47,9 +47,10 @@ def _dir_meta(m: Manifests, txn: Txn, base: bytes, op: Op, o: Op, *, ours_win: b
     return Op(OpKind.META, op.path, mode=mode, mtime_ns=mtime)
 
 
-def _new_dirs(m: Manifests, txn: Txn, base: bytes, ops: list[Op]) -> set[bytes]:
+def _new_dirs(m: Manifests, txn: Txn, base: bytes, ops: list[Op]) -> dict[bytes, bytes]:
+    """{path: node} of the directories `ops` make where `base` has nothing."""
     return {
-        op.path
+        op.path: op.entry.digest
         for op in ops
         if op.kind is OpKind.PUT
         and op.entry is not None
@@ -67,14 +68,17 @@ def _diffs(
     a directory of a lower ref of a stack, which the top ref gets as a new one) instead of
     conflicting as two whole directories."""
     mine, other = m.diff(txn, base, ours), m.diff(txn, base, theirs)
-    while both := sorted(_new_dirs(m, txn, base, mine) & _new_dirs(m, txn, base, other)):
+    while True:
+        a, b = _new_dirs(m, txn, base, mine), _new_dirs(m, txn, base, other)
+        both = sorted(p for p in a.keys() & b.keys() if a[p] != b[p])  # (the same: no conflict)
+        if not both:
+            return base, mine, other
         empty = m.put_node(txn, 0, 0, [])
         made = [
             Op(OpKind.PUT, p, Entry(p.rsplit(b"/", 1)[-1], Kind.DIR, digest=empty)) for p in both
         ]
         base = m.apply(txn, base, made)
         mine, other = m.diff(txn, base, ours), m.diff(txn, base, theirs)
-    return base, mine, other
 
 
 def _ancestors(path: bytes) -> list[bytes]:
