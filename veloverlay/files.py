@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -68,12 +69,39 @@ def exact_modes() -> Iterator[None]:
     """Umask 0 for the block: what the store makes gets exactly the mode asked for (0444
     objects, 0755 directories, 0644 records: none writable by others). A user's umask 077
     made a shared store's objects 0400 and its directories 0700, unreadable by the users it is
-    shared with. (The umask is per process; nothing else here creates files meanwhile.)"""
-    old = os.umask(0)
+    shared with. The umask is per process and threads enter this at once (publish's renames,
+    pull's fetches): the first in sets it, the last out gives the saved one back (each thread
+    saving and restoring its own left umask 0 for good when two overlapped: every later file
+    of the process world-writable)."""
+    with _UMASK_LOCK:
+        if _UMASK[0] == 0:
+            _UMASK[1] = os.umask(0)
+        _UMASK[0] += 1
     try:
         yield
     finally:
-        os.umask(old)
+        with _UMASK_LOCK:
+            if _UMASK[0] > 0:  # (0: a forked child that gave it back already)
+                _UMASK[0] -= 1
+                if _UMASK[0] == 0:
+                    os.umask(_UMASK[1])
+
+
+_UMASK_LOCK = threading.Lock()
+_UMASK = [0, 0]  # blocks inside exact_modes now, the umask they replaced
+
+
+def _umask_after_fork() -> None:
+    """A child forked while another thread was inside `exact_modes` has that thread's count
+    but not the thread: it gets the umask back now, not never."""
+    global _UMASK_LOCK
+    _UMASK_LOCK = threading.Lock()
+    if _UMASK[0]:
+        os.umask(_UMASK[1])
+        _UMASK[0] = 0
+
+
+os.register_at_fork(after_in_child=_umask_after_fork)
 
 
 def makedirs(path: str | bytes | os.PathLike[str], mode: int = 0o755) -> None:

@@ -174,3 +174,30 @@ def test_a_mount_point_in_the_tree_is_not_crossed(tmp_path: os.PathLike[str]) ->
     left, busy = ns.run_in_child(_mounted_tree, os.fspath(tmp_path))
     assert (left, busy) == (["data"], True)
     files.force_rmtree(os.path.join(tmp_path, "top"))  # the namespace is gone, its mount too
+
+
+def test_exact_modes_in_many_threads_gives_the_umask_back() -> None:
+    """Threads enter exact_modes at once (publish's renames, pull's fetches). Each saving and
+    restoring its own left umask 0 for the rest of the process whenever two overlapped (found by
+    CI: every later directory of the test process was 0777, and root refused its stores)."""
+    import threading
+    import time
+
+    old = os.umask(0o027)
+    try:
+        barrier = threading.Barrier(8)
+
+        def enter() -> None:
+            barrier.wait()
+            for _ in range(300):
+                with files.exact_modes():
+                    time.sleep(0)  # another thread may run here, as file creation lets it
+
+        threads = [threading.Thread(target=enter) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
