@@ -212,6 +212,13 @@ def _commit(
     base_id = st.bases[-1]
     message = st.message or f"session {sid}"
     ref = m.get_ref(txn, top)
+    if st.commit_to_ref and ref is not None and _made_anew(m, txn, ref.head, base_id):
+        res.warnings.append(
+            f"{top} was deleted and made anew while the session ran: its changes are kept as "
+            f"{sref}, not merged into a tree they did not start from"
+        )
+        _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+        return
     if st.commit_to_ref and ref is not None:
         if new_root == base_root:
             res.commit = None
@@ -246,7 +253,26 @@ def _commit(
             m.delete_ref(txn, sref)  # the live view has served its purpose
         return
     # --no-commit, or the ref vanished: the session's tree stays as REF@<session>.
+    if st.commit_to_ref and new_root != base_root:
+        res.warnings.append(
+            f"{top} was deleted while the session ran: its changes are kept as {sref}"
+        )
     _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+
+
+def _made_anew(m: Manifests, txn: Txn, head: str, base_id: str) -> bool:
+    """Is `base_id` (the commit a session started from) outside the history of `head`, the
+    ref's head now, because the ref was deleted and made again meanwhile? Only when the walk
+    back from `head` ends at a first commit (no parent) without meeting `base_id`; a log cut
+    by `gc --keep` (a commit missing) or longer than the walk goes is taken as the same ref."""
+    cid: str | None = head
+    for _ in range(100_000):
+        if cid is None:
+            return True
+        if cid == base_id or not m.has_commit(txn, cid):
+            return False
+        cid = m.get_commit(txn, cid).parent
+    return False
 
 
 def _keep(

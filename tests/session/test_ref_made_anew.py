@@ -1,0 +1,74 @@
+"""A ref deleted (and made again from another tree) while a session of it runs: the session's
+changes are kept as REF@<session>, with a warning that says so, never merged into the new,
+unrelated tree (the merge found no ancestry and three-way merged the session's tree onto a tree
+it never started from: found by the merge audit), and never dropped without a word."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.session._util import new_store
+from veloverlay.ingest.pipeline import ingest
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.repo import Repo
+
+
+def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, object], Repo]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    go = os.path.join(base, "go")
+    script = f"cd {proj} && printf mine > new && while [ ! -e {go} ]; do sleep 0.02; done"
+    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root), "--json"]
+    p = subprocess.Popen(
+        [*velo, "run", "t", "--at", proj, "--", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not any(
+        os.path.exists(os.path.join(store.sessions, s, "upper", "new"))
+        for s in os.listdir(store.sessions)
+    ):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.02)
+    repo = Repo(store, Manifests(store))
+    repo.delete_ref("t")
+    if remake:  # another tree under the same name
+        other = os.path.join(base, "other")
+        os.makedirs(other)
+        with open(os.path.join(other, "theirs"), "wb") as f:
+            f.write(b"another tree\n")
+        ingest(store, repo.m, other, "t", jobs=1)
+    with open(go, "w"):
+        pass
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    return json.loads(out), repo
+
+
+@pytest.mark.needs("root", "overlay_root")
+@pytest.mark.parametrize("remake", [True, False], ids=["made-anew", "deleted"])
+def test_the_sessions_changes_are_kept_as_its_own_ref(shm_tmp: str, remake: bool) -> None:
+    res, repo = _session_while_the_ref_changes(shm_tmp, remake)
+    try:
+        sref = f"t@{res['session_id']}"
+        assert res["conflict_ref"] == sref
+        assert any(
+            sref in w and ("made anew" if remake else "deleted") in w for w in res["warnings"]
+        )
+        kept = os.path.join(shm_tmp, "kept")
+        repo.checkout(sref, kept)
+        with open(os.path.join(kept, "new"), "rb") as f:
+            assert f.read() == b"mine"
+        if remake:  # the new tree is as it was made: nothing of the session in it
+            now = os.path.join(shm_tmp, "now")
+            repo.checkout("t", now)
+            assert sorted(os.listdir(now)) == ["theirs"]
+    finally:
+        repo.close()
