@@ -76,3 +76,23 @@ def test_export_over_an_object_is_refused(repo: Repo, shm_tmp: str) -> None:
     assert not os.path.exists(os.path.join(repo.store.root, "b.velo"))
     with open(obj, "rb") as f:
         assert f.read() == before == b"x\n"
+
+
+def test_checkout_into_a_per_boot_layer_cache_is_refused(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions mount what lies under a per-boot layer cache and gc prunes it by walking it;
+    a session's target there was refused, a checkout was not (found by the docs audit)."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f": b"x"})
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    runtime = os.path.join(shm_tmp, "rt")
+    cache = os.path.join(runtime, f"veloverlay-{os.geteuid()}")
+    os.makedirs(cache, 0o700)
+    os.chmod(cache, 0o700)
+    monkeypatch.setenv("VELO_RUNTIME_DIR", runtime)
+    with pytest.raises(VeloError) as err:
+        repo.checkout("t", os.path.join(cache, "co"))
+    assert err.value.reason is Reason.TARGET_INVALID
+    assert os.listdir(cache) == []
+    repo.checkout("t", os.path.join(runtime, "beside"))  # next to it is fine

@@ -40,7 +40,7 @@ from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 
-__all__ = ["base", "every_base", "why_not", "reap_orphans"]
+__all__ = ["base", "every_base", "refuse_inside", "why_not", "reap_orphans"]
 
 _why: dict[str, str] = {}
 
@@ -245,6 +245,21 @@ def every_base(store_root: Path) -> list[str]:
         if _own_private_dir(path, create=False) is None:
             out.append(path)
     return out
+
+
+def refuse_inside(real: str, store_root: Path, *, what: str, hint: str) -> None:
+    """TARGET_INVALID when `real` (absolute, resolved) lies inside a place this user's per-boot
+    layers may be (`every_base`): sessions mount what is there and gc prunes it by walking it
+    (a checkout or a projection there would be pruned, or taken for layers)."""
+    for cache in every_base(store_root):
+        creal = os.path.realpath(cache)
+        if real == creal or real.startswith(creal.rstrip("/") + "/"):
+            raise VeloError(
+                f"{what} {real} lies inside the per-boot layer cache {creal}",
+                reason=Reason.TARGET_INVALID,
+                hint=hint,
+                path=real,
+            )
 
 
 def base() -> tuple[str | None, str]:

@@ -12,7 +12,7 @@ import os
 
 from veloverlay import pathtrust
 from veloverlay.errors import Reason, VeloError
-from veloverlay.lower.homes import base
+from veloverlay.lower.homes import refuse_inside
 from veloverlay.records import Record
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
@@ -75,19 +75,9 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
     refuse_overlap(
         real, store.root, what="the target", hint="project somewhere outside the store (--at DIR)"
     )
-    cache, _why = base()
-    creal = os.path.realpath(cache) if cache is not None else None
-    if creal is not None and inside(real, creal):
-        # As trusted as the store (DESIGN.md): a projection there would cover layers that
-        # sessions mount and gc prunes by walking it, reaching into the projection instead. (A
-        # cache inside the target is covered by the projection in the session, and is not bound
-        # read-only there: backend.readonly_caches.)
-        raise VeloError(
-            f"the target {real} lies inside the per-boot layer cache {creal}",
-            reason=Reason.TARGET_INVALID,
-            hint="project somewhere outside it (--at DIR)",
-            path=real,
-        )
+    refuse_inside(
+        real, store.root, what="the target", hint="project somewhere outside it (--at DIR)"
+    )
     if real == "/":
         raise VeloError("cannot project over /", reason=Reason.TARGET_INVALID, path=real)
     if os.path.isdir(real):

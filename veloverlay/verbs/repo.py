@@ -178,8 +178,11 @@ class Repo:
         progress: Progress | None = None,
         keep_setid: bool = False,
     ) -> int:
-        from veloverlay.store.checkout import checkout
+        from veloverlay.lower.homes import refuse_inside
+        from veloverlay.store.checkout import checkout, resolve_dest
 
+        hint = "check out somewhere outside it"
+        refuse_inside(resolve_dest(dest), self.store.root, what="the destination", hint=hint)
         with self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
             root = bytes.fromhex(commit.root)
