@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -261,6 +262,14 @@ def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: 
     )
     kept = [r["name"] for r in data(velo(store, "refs", "--json")) if r["name"].startswith("proj@")]
     assert len(kept) == 1 and kept[0] in text
+    # the hint's way to take the session's tree whole works, and gives exactly that tree
+    take = re.search(r"veloverlay (rollback proj \S+)", text)
+    assert take is not None, text
+    ok(velo(store, *take.group(1).split()))
+    got = _checkout(store, "proj", os.path.join(shm_tmp, "taken"))
+    with open(os.path.join(got, "README"), "rb") as f:
+        assert f.read() == b"first\n"
+    assert os.path.exists(os.path.join(got, "mine"))
 
 
 def test_status_and_diff_see_into_a_running_session(store: str, proj: str, shm_tmp: str) -> None:

@@ -115,9 +115,10 @@ def _render(res: Any, *, shown: int = 20) -> int:
         )
         for p in d["conflicts"][:shown]:
             render.info(f"  both changed: {render.name(p)}")
+        render.info(f"see: veloverlay diff {ref} {d['conflict_ref']}")
         render.info(
-            f"see: veloverlay diff {ref} {d['conflict_ref']}; take it: veloverlay run "
-            f"{d['conflict_ref']} -- ... (or ingest a merged tree)"
+            f"take it whole (undoes what moved {ref} meanwhile), or ingest a merged tree: "
+            f"veloverlay rollback {ref} {d['conflict_ref']}"
         )
         return int(res.exit_status) or 1
     if d.get("conflict_ref"):
