@@ -180,8 +180,8 @@ class TreeSync:
         res = SyncResult()
         self._txn = txn
         self._root = root
-        done: list[bytes] = []  # paths replaced or deleted whole: skip what lies below
-        subtrees = sorted(p for p, f in dirty.items() if f & SUBTREE)
+        done: set[bytes] = set()  # paths replaced or deleted whole: skip what lies below
+        subtrees = {p for p, f in dirty.items() if f & SUBTREE}
         for p in sorted(dirty):
             if _below_any(p, subtrees, strict=True) or _below_any(p, done, strict=False):
                 continue
@@ -191,8 +191,7 @@ class TreeSync:
                 res.retry.add(p)
                 continue
             if replaced:
-                done.append(p)
-                done.sort()
+                done.add(p)
         if res.stripped_setid:  # as the overlay harvest does (and ingest, unless asked)
             res.warnings.append(
                 f"setuid/setgid bits removed from {res.stripped_setid} file(s) made in the session"
@@ -489,15 +488,19 @@ def _closing_fd(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def _below_any(p: bytes, sorted_paths: list[bytes], *, strict: bool) -> bool:
-    """Is p equal to (unless strict) or below one of the (sorted) paths?"""
-    for q in sorted_paths:
-        if q == p:
-            if not strict:
-                return True
-            continue
-        if q == b"" or p.startswith(q + b"/"):
+def _below_any(p: bytes, among: set[bytes], *, strict: bool) -> bool:
+    """Is p equal to (unless strict) or below one of the paths `among`? Looks up p's own
+    ancestors (as many as it has components), never the whole set: a tick with 10,000 changed
+    files in one directory once compared every pair of them (15 s for 20,000)."""
+    if not strict and p in among:
+        return True
+    if p and b"" in among:
+        return True
+    i = p.find(b"/")
+    while i >= 0:
+        if p[:i] in among:
             return True
+        i = p.find(b"/", i + 1)
     return False
 
 
