@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, fsck_ok, new_store
-from tests.shim._util import run_shim
+from tests.shim._util import PY, run_shim
+from veloverlay import ns
 from veloverlay.session.shim.materialize import verify_proxies
 from veloverlay.store.cas import Store
 
@@ -186,3 +187,45 @@ def test_a_target_of_another_user_is_refused() -> None:
             return "ran"
 
         assert as_mode("root", session) == Reason.TARGET_INVALID.value
+
+
+# Appends `mb` MiB of well-formed records (UTIME events without a path, this pid) to the
+# session's journal, as any process of the session's user can: the journal is theirs.
+FLOOD = """import os, struct, sys
+journal = os.path.join(os.path.dirname(os.environ["VELO_SHIM_CONFIG"]), "journal")
+rec = struct.pack("<IHBBIiiIQQQHHI", 0x31524A56, 56, 14, 0, 4, os.getpid(), 0, 0, 0, 0, 0, 0, 0, 0)
+block = rec * (1 << 14)
+fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
+for _ in range(int(sys.argv[1]) * (1 << 20) // len(block)):
+    os.write(fd, block)
+open("after-flood", "w").write("kept")
+"""
+
+
+def _flooded(base: str, mb: int) -> tuple[int, int, bytes]:
+    import resource
+
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    script = os.path.join(base, "flood.py")
+    Path(script).write_text(FLOOD)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = run_shim(
+        store, "t", ["sh", "-c", f"cd {proj} && {PY} {script} {mb}"], link=False, at=proj
+    )
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return res.exit_status, grew // 1024, Path(got, "after-flood").read_bytes()
+
+
+def test_a_journal_flooded_by_the_session_is_read_in_bounded_memory() -> None:
+    """The session finishes (commits) with memory that does not follow the journal's size: the
+    end-of-session pass over the journal (who ran without the shim) once read it whole and
+    built an object per record, 1.4 GB for 300 MB of records; a journal larger than memory
+    made the session impossible to harvest, even by `harvest --resume`."""
+    mb = 128
+    with unpriv_tmpdir() as base:
+        code, grew_mb, kept = ns.run_in_child(_flooded, base, mb)
+    assert code == 0 and kept == b"kept"
+    assert grew_mb < mb // 2, f"the manager grew by {grew_mb} MiB for a {mb} MiB journal"

@@ -122,6 +122,9 @@ def _wait_for_clock(max_ctime_ns: int) -> None:
 
 # --- running ------------------------------------------------------------------------------------
 # --- finishing ----------------------------------------------------------------------------------
+_NAME_MAX = 256  # bytes of a program's name kept for the warning
+
+
 def _unshimmed(store: Store, st: State, top_pid: int) -> tuple[list[str], int]:
     """Programs the journal shows starting without a check-in; also count refused store writes.
 
@@ -135,24 +138,25 @@ def _unshimmed(store: Store, st: State, top_pid: int) -> tuple[list[str], int]:
         live = json.loads((sdir / "daemon.json").read_text()).get("checkins", {})
         checked_in.update(int(pid) for pid in live)
     pending: dict[int, str] = {}
-    spawned: list[tuple[int, str]] = []
+    spawned: dict[int, str] = {}
     denied = 0
-    for r in reader.read(final=True):
-        if r.type == RecType.CHECKIN:
-            checked_in.add(r.pid)
-            pending.pop(r.pid, None)
-        elif r.type == RecType.EXEC:
-            if r.phase == library.Phase.INTENT:
-                pending[r.pid] = os.fsdecode(r.path1)
-            else:
-                pending.pop(r.pid, None)  # the exec failed: the old image goes on
-        elif r.type == RecType.SPAWN and r.ret > 0:
-            spawned.append((r.ret, os.fsdecode(r.path1)))
-        elif r.type == RecType.DENIED:
-            denied += 1
+    for recs in reader.chunks(final=True):  # (a journal can be far larger than memory)
+        for r in recs:
+            if r.type == RecType.CHECKIN:
+                checked_in.add(r.pid)
+                pending.pop(r.pid, None)
+            elif r.type == RecType.EXEC:
+                if r.phase == library.Phase.INTENT:
+                    pending[r.pid] = os.fsdecode(r.path1[:_NAME_MAX])
+                else:
+                    pending.pop(r.pid, None)  # the exec failed: the old image goes on
+            elif r.type == RecType.SPAWN and r.ret > 0:
+                spawned[r.ret] = os.fsdecode(r.path1[:_NAME_MAX])
+            elif r.type == RecType.DENIED:
+                denied += 1
     # (journal order decides for execs: the same pid checked in before it exec'd)
     out = [f"pid {pid} ran {prog}" for pid, prog in pending.items()]
-    out += [f"pid {pid} ran {prog}" for pid, prog in spawned if pid not in checked_in]
+    out += [f"pid {pid} ran {prog}" for pid, prog in spawned.items() if pid not in checked_in]
     if top_pid and top_pid not in checked_in:
         out.insert(0, f"pid {top_pid} ran {' '.join(st.argv[:1]) or '?'}")
     if reader.damaged:

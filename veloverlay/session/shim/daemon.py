@@ -166,13 +166,13 @@ class Daemon:
 
     # -- ticks
     def tick(self) -> None:
-        recs = self.reader.read()
-        for r in recs:
-            if r.type == RecType.CHECKIN:
-                self.checkins.setdefault(r.pid, os.fsdecode(r.path1))
         now = time.monotonic()
-        for rel in dirty_paths(recs, self.sync, self.dirty):
-            self.hot[rel] = (now + HOT_SECONDS, None)
+        for recs in self.reader.chunks():  # (a restarted daemon reads the journal from its start)
+            for r in recs:
+                if r.type == RecType.CHECKIN:
+                    self.checkins.setdefault(r.pid, os.fsdecode(r.path1))
+            for rel in dirty_paths(recs, self.sync, self.dirty):
+                self.hot[rel] = (now + HOT_SECONDS, None)
         for rel, (until, sig) in list(self.hot.items()):
             if until < now:
                 del self.hot[rel]
