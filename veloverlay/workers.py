@@ -29,7 +29,7 @@ from veloverlay import envvars
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.ns import die_with_parent
 
-__all__ = ["Workers", "allow_files", "more_files", "default_jobs"]
+__all__ = ["Workers", "allow_files", "more_files", "default_jobs", "max_jobs"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -81,20 +81,35 @@ def local_reports(fn: Callable[[Any], None] | None) -> None:
     _REPORT[:] = [fn] if fn is not None else []
 
 
+# Workers beyond this many per CPU only wait for a core (hashing is CPU-bound; a few extra cover
+# reads that block on the disk). `-j 100000` or VELO_JOBS=100000 forked that many copies of the
+# process for a one-file tree (~5 ms and a page table each: minutes, and gigabytes), and a layer
+# build made 8 lists per job: they are held to this bound instead.
+JOBS_PER_CPU = 4
+
+
+def max_jobs() -> int:
+    """The most worker processes a pool starts: JOBS_PER_CPU per CPU."""
+    return JOBS_PER_CPU * (os.cpu_count() or 1)
+
+
 def default_jobs() -> int:
-    """Worker processes to use: VELO_JOBS (0: the default), else one per CPU."""
-    return envvars.get_int("VELO_JOBS", minimum=0) or (os.cpu_count() or 1)
+    """Worker processes to use: VELO_JOBS (0: the default), else one per CPU; at most
+    `max_jobs()`."""
+    n = envvars.get_int("VELO_JOBS", minimum=0) or (os.cpu_count() or 1)
+    return min(n, max_jobs())
 
 
 class Workers:
-    """`with Workers(n, init, args) as w: for r in w.map_unordered(fn, items): ...`"""
+    """`with Workers(n, init, args) as w: for r in w.map_unordered(fn, items): ...` (n is held
+    to `max_jobs()`)."""
 
     def __init__(
         self, n: int, init: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
     ) -> None:
         self._procs: list[tuple[int, int, int]] = []  # (pid, task write fd, result read fd)
         try:
-            for _ in range(n):
+            for _ in range(min(n, max_jobs())):
                 self._start(init, initargs)
         except OSError as exc:
             # EMFILE (a low `ulimit -n`), EAGAIN (`ulimit -u`): the workers already started

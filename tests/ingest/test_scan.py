@@ -387,3 +387,30 @@ def test_workers_that_cannot_all_start_leave_nothing_open() -> None:
         "leaked": [],
         "children": None,
     }
+
+
+def _pid(_item: int) -> int:
+    return os.getpid()
+
+
+def test_a_huge_job_count_starts_at_most_four_workers_per_cpu(
+    monkeypatch: pytest.MonkeyPatch, repo: Repo, shm_tmp: str
+) -> None:
+    """`ingest -j 100000` (or VELO_JOBS=100000) forked 100,000 copies of the process for a
+    one-file tree (minutes and gigabytes: it never finished), and a layer build made 8 lists per
+    job. A pool starts at most 4 workers per CPU, and the ingest still equals its source."""
+    from veloverlay import workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setenv("VELO_JOBS", str(10**30))
+    assert workers.default_jobs() == 4
+    with Workers(50) as w:
+        assert len({*w.map_unordered(_pid, range(200))}) <= 4
+        assert len(w._procs) == 4
+    src = os.path.join(shm_tmp, "src")
+    _wide_tree(src, 3, 20)
+    res = ingest(repo.store, repo.m, src, "r", jobs=10**30)
+    out = os.path.join(shm_tmp, "out")
+    repo.checkout("r", out)
+    assert_same_tree(src, out)
+    assert res.root

@@ -57,7 +57,10 @@ def ingest(
         str | None, typer.Option(help="Tier rules file ('<1|2> <glob>' per line)")
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)", min=1)
+        int | None,
+        typer.Option(
+            "--jobs", "-j", help="Worker processes (default: CPUs; at most 4 per CPU)", min=1
+        ),
     ] = None,
     force: Annotated[
         bool,

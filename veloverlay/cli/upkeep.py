@@ -19,7 +19,10 @@ app = common.new_app()
 @verb(app)
 def fsck(
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPUs)", min=1)
+        int | None,
+        typer.Option(
+            "--jobs", "-j", help="Worker processes (default: CPUs; at most 4 per CPU)", min=1
+        ),
     ] = None,
     repair: Annotated[
         bool,
