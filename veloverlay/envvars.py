@@ -44,9 +44,10 @@ def get(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
-def get_int(name: str, *, minimum: int) -> int | None:
-    """`name` as an integer >= `minimum`; None when unset or empty. Any other value is a usage
-    error that names the variable (not a traceback from int())."""
+def get_int(name: str, *, minimum: int, maximum: int | None = None) -> int | None:
+    """`name` as an integer >= `minimum` (and <= `maximum`, where given); None when unset or
+    empty. Any other value is a usage error that names the variable (not a traceback from int(),
+    or from the C call a too large value overflows)."""
     raw = get(name)
     if raw is None or not raw.strip():
         return None
@@ -54,9 +55,10 @@ def get_int(name: str, *, minimum: int) -> int | None:
         value = int(raw.strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise VeloError(
-            f"{name}={raw!r} is not an integer >= {minimum}",
+            f"{name}={raw!r} is not an integer {bound}",
             reason=Reason.USAGE,
             hint=f"{name}: {VARS[name]}",
         )

@@ -182,6 +182,7 @@ def test_a_closed_stdout_is_dev_null_not_a_traceback(store: str, src: str) -> No
         ({"VELO_JOBS": "-2"}, ["ingest", "{src}", "-n", "again"]),
         ({"VELO_MAP_SIZE": "lots"}, ["refs"]),
         ({"VELO_MAP_SIZE": "1"}, ["refs"]),  # too small for any database
+        ({"VELO_MAP_SIZE": "9" * 30}, ["refs"]),  # more than a size_t: OverflowError
         ({}, ["ingest", "{src}", "-n", "again", "-j", "-3"]),
         ({}, ["fsck", "-j", "0"]),
         ({}, ["log", "proj", "-n", "-1"]),
@@ -190,8 +191,8 @@ def test_a_closed_stdout_is_dev_null_not_a_traceback(store: str, src: str) -> No
 def test_bad_numbers_are_usage_errors_that_name_them(
     store: str, src: str, env: dict[str, str], args: list[str]
 ) -> None:
-    """VELO_JOBS=abc or VELO_MAP_SIZE=abc ended every verb in a ValueError traceback; -j -3 and
-    -n -1 were taken silently."""
+    """VELO_JOBS=abc or VELO_MAP_SIZE=abc ended every verb in a ValueError traceback (a
+    VELO_MAP_SIZE of 30 digits, in an OverflowError one); -j -3 and -n -1 were taken silently."""
     ok(velo(store, "ingest", src, "-n", "proj"))
     refs = data(velo(store, "refs", "--json"))
     p = velo(store, "--json", *[a.format(src=src) for a in args], env=env)

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -83,6 +84,7 @@ __all__ = [
 SCHEMA_VERSION = b"1"
 _DEFAULT_MAP_SIZE = 64 << 30
 _MIN_MAP_SIZE = 64 << 10  # below this even an empty database does not fit (MDB_MAP_FULL)
+_MAX_MAP_SIZE = sys.maxsize  # above a size_t, lmdb.open raised OverflowError (a traceback)
 _DELTA_KEEP = 20000
 
 Txn = Any  # lmdb.Transaction (untyped library)
@@ -100,9 +102,9 @@ class Manifests(Versions):
         # store), as the error write() raises; None: writable.
         self.refusal: VeloError | None = None
         self._ref_delta = 0  # refs created minus deleted in the open write transaction
-        map_size = envvars.get_int("VELO_MAP_SIZE", minimum=_MIN_MAP_SIZE) or fit_map_size(
-            store, _DEFAULT_MAP_SIZE
-        )
+        map_size = envvars.get_int(
+            "VELO_MAP_SIZE", minimum=_MIN_MAP_SIZE, maximum=_MAX_MAP_SIZE
+        ) or fit_map_size(store, _DEFAULT_MAP_SIZE)
         if not readonly:
             self.refusal = store.write_refusal(store.db_path)
             readonly = self.refusal is not None
