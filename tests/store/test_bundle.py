@@ -25,7 +25,7 @@ from tests.store.test_tree import _raw_node
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.paths import DEPTH_MAX
-from veloverlay.store import tree
+from veloverlay.store import bundle, tree
 from veloverlay.store.bundle import MAGIC, export_bundle, import_bundle
 from veloverlay.store.digest import hash_bytes, node_digest
 from veloverlay.store.tree import Entry, Kind
@@ -733,3 +733,31 @@ def test_export_over_a_file_size_limit_names_the_file(repo: Repo, shm_tmp: str) 
     os.mkdir(out_dir)
     assert ns.run_in_child(_export_over_the_file_size_limit, repo, out_dir) == (True, True, True)
     assert os.listdir(out_dir) == []
+
+
+def test_a_wide_directory_exports_to_a_bundle_that_imports(
+    repo: Repo, dst: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node over 64 MiB (here 16,000 symlinks with 4,000-byte targets; as well 220,000 files
+    with 255-byte names) was exported, and import refused the bundle ("bad node record length"):
+    a backup that could not be restored. It imports now; a node over the bound both sides share
+    is refused by export, before it writes a byte."""
+    src = os.path.join(shm_tmp, "wide")
+    os.mkdir(src)
+    target = "t" * 4000
+    for i in range(16_000):
+        os.symlink(f"{target}{i}", os.path.join(src, f"{i:06d}" + "n" * 240))
+    ingest(repo.store, repo.m, src, "wide", jobs=1)
+    buf = io.BytesIO()
+    export_bundle(repo.store, repo.m, "wide", buf)
+    assert len(buf.getvalue()) > 64 << 20
+    do_import(dst, buf.getvalue())
+    out = os.path.join(shm_tmp, "out")
+    dst.checkout("wide", out)
+    assert_same_tree(src, out)
+    monkeypatch.setattr(bundle, "MAX_NODE", 1 << 20)
+    buf = io.BytesIO()
+    with pytest.raises(VeloError) as ei:
+        export_bundle(repo.store, repo.m, "wide", buf)
+    assert ei.value.reason is Reason.BUNDLE_INVALID
+    assert buf.getvalue() == b""

@@ -2,7 +2,7 @@
 
 Format v1 (little endian): b"VELOBNDL" u32 version, then records `u8 type  u64 length  payload`:
     1 META    JSON {ref, root, path, tiers, message}
-    2 NODE    32-byte digest + node encoding
+    2 NODE    32-byte digest + node encoding (at most MAX_NODE bytes in all: 1 GiB)
     3 OBJECT  32-byte digest + content
     0 END     32-byte BLAKE3 of every byte before this record
 Import validates everything before it changes the store: the trailer checksum, every node decodes
@@ -35,14 +35,18 @@ from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn
 from veloverlay.store.tree import Kind, Node, decode
 
-__all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC"]
+__all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC", "MAX_NODE"]
 
 MAGIC = b"VELOBNDL"
 VERSION = 1
 _REC = struct.Struct("<BQ")
 _META, _NODE, _OBJECT, _END = 1, 2, 3, 0
 _MAX_META = 1 << 20
-_MAX_NODE = 64 << 20
+# A node record's bound, for export and import alike. 64 MiB once, while ingest has no bound: a
+# directory of 220,000 files with 255-byte names (or 16,000 symlinks with long targets) exported
+# to a bundle that import refused ("bad node record length"): a backup that could not be
+# restored. A node this size is a directory of over 3 million entries of the longest names.
+MAX_NODE = 1 << 30
 _CHUNK = 1 << 20
 
 
@@ -70,6 +74,14 @@ def export_bundle(
         m.reachable(txn, root, nodes, objects)
         sizes: dict[bytes, int] = {}  # object -> the size its entries give it
         for d in nodes:
+            raw = m.raw_node(txn, d)
+            if raw is not None and DIGEST_SIZE + len(raw) > MAX_NODE:  # import refuses it
+                raise VeloError(
+                    f"a directory of {spec} holds {len(raw):,} bytes of entries, more than a "
+                    f"bundle's node may ({MAX_NODE:,}): nothing was exported",
+                    reason=Reason.BUNDLE_INVALID,
+                    hint="split the directory, or carry the version with push and pull",
+                )
             for e in m.get_node(txn, d).entries:
                 if e.kind is Kind.FILE and sizes.setdefault(e.digest, e.size) != e.size:
                     raise object_corrupt(
@@ -399,7 +411,7 @@ def import_bundle(
                 except (ValueError, RecursionError):  # nesting deeper than the parser goes
                     raise _bad("metadata is not JSON") from None
             elif typ == _NODE:
-                if not DIGEST_SIZE < length <= _MAX_NODE:
+                if not DIGEST_SIZE < length <= MAX_NODE:
                     raise _bad("bad node record length")
                 d = r.exact(DIGEST_SIZE)
                 data = r.exact(length - DIGEST_SIZE)
