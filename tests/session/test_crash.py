@@ -232,6 +232,50 @@ def test_a_dead_unharvested_session_points_to_harvest_not_to_the_log(shm_tmp: st
     assert ei.value.hint == "what it committed: veloverlay log t"
 
 
+@pytest.mark.parametrize("tz", ["Pacific/Kiritimati", "Pacific/Pago_Pago", "UTC"])
+def test_session_ids_carry_utc_whatever_the_time_zone(
+    tz: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session ids were made from local time, and sessions are listed and `harvest --all`
+    finishes them in the order of their ids: a session a user in UTC+14 started sorted after
+    one started later in UTC-11 (25 hours apart), and so did sessions across a DST change.
+    The id's time is now the UTC of its making, whatever TZ says."""
+    import calendar
+
+    from veloverlay.session import state as state_mod
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        before = int(time.time())
+        sid = state_mod.new_id()
+        after = time.time()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    made = calendar.timegm(time.strptime(sid[:15], "%Y%m%d-%H%M%S"))
+    assert before <= made <= after, (sid, tz)
+
+
+def test_sessions_json_start_iso_names_its_utc_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sessions --json` gave start_iso as local time without an offset ("2026-12-07T20:48:07"
+    under TZ=Pacific/Kiritimati): a script could not tell the instant. It carries the offset."""
+    from datetime import datetime
+
+    from veloverlay.session.options import SessionInfo
+
+    start = 1_796_000_000.0
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    try:
+        shown = SessionInfo("x", ["t"], "running", start, 1, "/t").to_dict()["start_iso"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    when = datetime.fromisoformat(shown)
+    assert when.utcoffset() is not None and when.timestamp() == start, shown
+
+
 def _paused(here: int, there: int, real: Callable[..., None], *a: object) -> None:
     os.write(here, b"x")
     select.select([there], [], [], 3.0)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from veloverlay.records import Record, field
@@ -91,7 +91,8 @@ class SessionInfo(Record):
             "refs": self.refs,
             "state": self.state,
             "start": self.start,
-            "start_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.start)),
+            # local time with its UTC offset: without one a script cannot tell the instant
+            "start_iso": datetime.fromtimestamp(self.start).astimezone().isoformat("T", "seconds"),
             "pid": self.pid,
             "target": self.target,
             "commit": self.commit,

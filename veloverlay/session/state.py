@@ -185,7 +185,10 @@ def same_process(pid: int, start: int | None) -> bool:
 
 
 def new_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+    """A new session id: its start in UTC, then random. Not local time: ids are listed, and
+    `harvest --all` finishes sessions, in the order of their names, and two users' sessions (TZ
+    set apart, or a DST change between them) sorted by the local clocks of their makers."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
 def session_dir(store: Store, sid: str) -> Path:
