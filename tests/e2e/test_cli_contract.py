@@ -186,6 +186,10 @@ def test_a_closed_stdout_is_dev_null_not_a_traceback(store: str, src: str) -> No
         ({}, ["ingest", "{src}", "-n", "again", "-j", "-3"]),
         ({}, ["fsck", "-j", "0"]),
         ({}, ["log", "proj", "-n", "-1"]),
+        ({}, ["gc", "--grace", "nan"]),  # every young object taken for old
+        ({}, ["gc", "--grace", "-5"]),
+        ({}, ["refs", "--delete", "proj", "--grace", "inf"]),
+        ({}, ["run", "proj", "--grace", "nan", "--", "true"]),  # leftovers killed at once
     ],
 )
 def test_bad_numbers_are_usage_errors_that_name_them(

@@ -52,7 +52,10 @@ Message = Annotated[str | None, typer.Option("--message", "-m", help="Commit mes
 Strict = Annotated[bool, typer.Option("--strict", help="Refuse any degraded protection or backend")]
 AsRoot = Annotated[bool, typer.Option("--as-root", help="Root-free: appear as uid 0 inside")]
 Grace = Annotated[
-    float, typer.Option(help="Seconds between SIGTERM and SIGKILL for leftover processes")
+    float,
+    typer.Option(
+        help="Seconds between SIGTERM and SIGKILL for leftover processes", callback=common.seconds
+    ),
 ]
 Verbose = Annotated[
     bool,

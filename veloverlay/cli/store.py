@@ -184,7 +184,11 @@ def refs(
         ),
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="With --delete: gc's grace period to count with (seconds)")
+        float,
+        typer.Option(
+            help="With --delete: gc's grace period to count with (seconds)",
+            callback=common.seconds,
+        ),
     ] = 3600.0,
 ) -> None:
     """List refs (name, head, root, ingest path)."""

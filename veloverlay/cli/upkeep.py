@@ -124,7 +124,10 @@ def gc(
         typer.Option(help="Keep the newest N >= 1 commits of each ref (default: all)"),
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="Never delete objects younger than this (seconds)")
+        float,
+        typer.Option(
+            help="Never delete objects younger than this (seconds)", callback=common.seconds
+        ),
     ] = 3600.0,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only count what would be deleted")
