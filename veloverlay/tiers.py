@@ -19,6 +19,7 @@ from veloverlay.records import Record
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 
 _SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)\Z")
+_LITERAL_TAIL = re.compile(r"[^*?\[\]\\/]+\Z")
 
 
 class Rule(Record, frozen=True):
@@ -30,14 +31,17 @@ class Rule(Record, frozen=True):
 # Tier-1 is a symlink into the store: reads cost nothing and writes fail. Programs that resolve
 # realpaths (Node's module resolution, Python's venv detection via pyvenv.cfg, $ORIGIN rpaths)
 # would see the store path, so code never goes there by default: only large, write-once assets.
+# Python's path configuration files are `.pth` files too, directly in a site directory (every
+# venv with setuptools has one; tools append to them in place): first match wins, so they are
+# kept Tier-2 before PyTorch's `.pth` checkpoints go to Tier-1.
 DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule(2, "**/site-packages/*.pth", "Python path files, which programs append to"),
+    Rule(2, "**/dist-packages/*.pth", "Python path files (Debian's site directories)"),
     Rule(1, "**/*.safetensors", "model weights: large, read-only, never resolved as code"),
     Rule(1, "**/*.gguf", "model weights"),
     Rule(1, "**/*.onnx", "model weights"),
     Rule(1, "**/*.ckpt", "model checkpoints"),
-    Rule(
-        1, "**/*.pth", "model checkpoints (not Python .pth path files: those live in site-packages)"
-    ),
+    Rule(1, "**/*.pth", "model checkpoints (Python path files in a site directory: above)"),
     Rule(2, "**", "everything else is Tier-2: copy-up on write keeps programs working"),
 )
 
@@ -190,7 +194,8 @@ class Rules:
         self._tier1 = any(r.tier == 1 for r in self.rules)
         # Fast path for the common rule shapes (`**/*.ext`, `**`): suffix tests (consecutive
         # suffix rules of one tier share one `endswith(tuple)`) or a constant instead of a regex,
-        # in rule order; any other glob keeps its regex.
+        # in rule order; any other glob keeps its regex, tried only on paths that end in its
+        # literal tail (`**/site-packages/*.pth`: `.pth`), as every path it matches does.
         self._tests: list[tuple[int, tuple[bytes, ...] | None, _Glob | None]] = []
         for r, rx in self._compiled:
             m = _SUFFIX_RULE.match(r.glob)
@@ -204,7 +209,9 @@ class Rules:
                 else:
                     self._tests.append((r.tier, (sfx,), None))
             else:
-                self._tests.append((r.tier, None, rx))
+                tail = _LITERAL_TAIL.search(r.glob)
+                need = tail.group(0).encode("utf-8", "surrogateescape") if tail else b""
+                self._tests.append((r.tier, (need,) if need else None, rx))
 
     @classmethod
     def default(cls) -> Rules:
@@ -229,11 +236,10 @@ class Rules:
         if not self._tier1:
             return 2
         for tier, suffixes, rx in self._tests:
-            if suffixes is not None:
-                # `**/*.ext`: `*` may be empty, so any path ending in the suffix matches.
-                if path.endswith(suffixes):
-                    return tier
-            elif rx is not None and rx.match(path):
+            if suffixes is not None and not path.endswith(suffixes):
+                continue
+            # `**/*.ext`: `*` may be empty, so any path ending in the suffix matches.
+            if rx is None or rx.match(path):
                 return tier
         return 2
 

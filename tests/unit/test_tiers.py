@@ -111,6 +111,22 @@ def test_default_rules() -> None:
     assert Rules.from_json(None).rules == DEFAULT_RULES
 
 
+def test_python_path_files_in_a_site_directory_stay_tier_2() -> None:
+    """A `.pth` directly in site-packages (dist-packages on Debian) is Python's path configuration,
+    which tools append to in place: as a Tier-1 symlink into the store, that append failed in a
+    session. PyTorch checkpoints named `.pth` elsewhere (also below site-packages) stay Tier-1."""
+    rules = Rules.default()
+    for p in (
+        b"venv/lib/python3.11/site-packages/distutils-precedence.pth",
+        b"site-packages/__editable__.pkg-1.0.pth",
+        b"usr/lib/python3/dist-packages/zope.interface-nspkg.pth",
+    ):
+        assert rules.classify(p) == 2, p
+        assert rules.explain(p)[0] == 2, p
+    for p in (b"w.pth", b"venv/lib/python3.11/site-packages/pkg/weights/resnet.pth"):
+        assert rules.classify(p) == 1, p
+
+
 globs = st.lists(
     st.tuples(
         st.sampled_from([1, 2]),
