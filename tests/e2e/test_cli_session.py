@@ -527,3 +527,14 @@ def test_enter_keeps_a_prompt_command_that_ends_in_a_semicolon(
     assert "syntax error" not in out, out
     assert out.count("(velo:proj) custom> ") >= 2, out
     assert os.path.exists(os.path.join(home, "hook-ran"))
+
+
+def test_a_leftover_process_is_reported_once(store: str, proj: str) -> None:
+    """An overlay session said each leftover process twice (a warning and the killed line);
+    the shim once. Once now, in either backend, naming the process."""
+    tag = f"1000.{os.getpid()}"
+    p = velo(store, "run", "proj", "--grace", "0.2", "--", "sh", "-c", f"sleep {tag} & exit 0")
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.decode()
+    lines = [line for line in err.splitlines() if "sleep" in line]
+    assert len(lines) == 1 and "killed leftover process" in lines[0], err
