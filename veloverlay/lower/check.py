@@ -203,9 +203,14 @@ def _same(want: tuple[str, int, object], got: tuple[str, int, object]) -> bool:
     return want == got
 
 
-def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
-    """(kind, what, detail) for every cached stack that does not show its manifest's tree."""
+def verify_layers(
+    store: Store, m: Manifests, bad: set[Path] | None = None
+) -> list[tuple[str, str, str]]:
+    """(kind, what, detail) for every cached stack that does not show its manifest's tree;
+    `bad` gets the path of each such stack record (for `fsck --repair` to drop)."""
     findings: list[tuple[str, str, str]] = []
+    if bad is None:
+        bad = set()
     for home in layer_homes(store):
         # Per-boot layers redirect to object paths, the store's to their short names.
         volatile = home != store.trees
@@ -222,6 +227,7 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
                 layers = [home / "layers" / str(n) for n in data["layers"]]
             except (OSError, ValueError, KeyError, TypeError):
                 findings.append(("layer-stack-unreadable", os.fspath(f), "not a stack record"))
+                bad.add(f)
                 continue
             if not all(layer.is_dir() for layer in layers):
                 continue  # a stack whose layers were pruned is rebuilt on demand, never used
@@ -235,6 +241,7 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
                 _merge_layer(view, layer, unseen, where)
             digests: dict[bytes, bytes] = {}
             want = _expected(store, m, root, digests)
+            before = len(findings)
             for p in sorted(view.keys() | want.keys()):
                 if _below(p, unseen):
                     continue
@@ -248,4 +255,6 @@ def verify_layers(store: Store, m: Manifests) -> list[tuple[str, str, str]]:
                     why = contents.problem(where[p], digests[p], b[0])
                     if why is not None:
                         findings.append(("layer-mismatch", f"{f.name}: {shown}", why))
+            if len(findings) > before:
+                bad.add(f)
     return findings

@@ -18,6 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from veloverlay import _libc, fsflags, paths, verity
@@ -296,9 +297,29 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
             )
             done.add(hexname)
             rep.quarantined += 1
-        if done:
-            prune(store, set())  # every cached layer: rebuilt from the store on demand
+        if done:  # every cached layer, in every per-boot base: rebuilt from the store on demand
+            prune(store, set(), everywhere=True)
     return done
+
+
+def _drop_bad_layers(store: Store, rep: FsckReport, first: int, bad: set[Path]) -> None:
+    """Remove the cached stacks whose layers do not show their manifest's tree (findings from
+    `first` on), so no later session mounts them: they are a cache, built again from the store
+    on demand. Needs the store lock exclusively (no session choosing its layers meanwhile)."""
+    from veloverlay.lower.prune import drop_stacks
+
+    if not bad:
+        return
+    try:
+        with store.lock(exclusive=True, wait=False):
+            drop_stacks(store, bad)
+            note = "the stack and its layers dropped (built again on demand)"
+    except VeloError as exc:
+        note = f"not dropped: {exc.message}"
+    for i in range(first, len(rep.findings)):
+        f = rep.findings[i]
+        if f.kind.startswith("layer-"):
+            rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; {note}")
 
 
 def _size(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> int | None:
@@ -374,7 +395,11 @@ def fsck(
     # planted in one would show in every later session of that version.
     from veloverlay.lower.check import verify_layers
 
-    rep.findings.extend(Finding(*f) for f in verify_layers(store, m))
+    bad: set[Path] = set()
+    first = len(rep.findings)
+    rep.findings.extend(Finding(*f) for f in verify_layers(store, m, bad))
+    if repair:
+        _drop_bad_layers(store, rep, first, bad)
     # Manifest side: every node decodes and hashes to its key, every reference resolves.
     from veloverlay.store.digest import node_digest
 

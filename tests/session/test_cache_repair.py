@@ -1,0 +1,176 @@
+"""`fsck --repair` and the cached lower layers: what fsck finds damaged in a cache is never
+mounted again, whichever environment (per-boot base) the repair and the sessions run in.
+
+fsck checks the layers under every base a store's sessions may use (an environment chooses its
+own: VELO_RUNTIME_DIR, XDG_RUNTIME_DIR, none under cron); its repair evicted only the ones its own
+environment chose, and never those it reported as not showing their manifest's tree."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from tests.helpers.trees import unprotect
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import (
+    as_mode,
+    fsck_ok,
+    mode_params,
+    new_store,
+    run_session,
+)
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import ingest
+from veloverlay.lower.homes import layer_homes
+from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.fsck import fsck
+
+
+def _cache_env(base: str) -> str:
+    cache = os.path.join(base, "cache")
+    os.mkdir(cache, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = cache
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    return cache
+
+
+def _repair_elsewhere(store_root: str) -> list[str]:
+    """fsck --repair as cron would run it: another per-boot base (none at all here)."""
+    from veloverlay.store.cas import Store
+
+    before = os.environ["VELO_RUNTIME_DIR"]
+    os.environ["VELO_RUNTIME_DIR"] = "off"
+    store = Store.open(store_root)
+    m = Manifests(store)
+    try:
+        rep = fsck(store, m, jobs=1, repair=True)
+        return [f"{f.kind} {f.detail}" for f in rep.findings]
+    finally:
+        m.close()
+        os.environ["VELO_RUNTIME_DIR"] = before
+
+
+def _seen(store: object, at: str, base: str, names: list[str]) -> dict[str, object]:
+    """What a session (in the cache's environment) shows: the names at the top, and the bytes
+    of `names` (None where the read fails)."""
+    out = os.path.join(base, "seen")
+    script = f"ls -A {at} > {out}.ls; " + "; ".join(
+        f"cat {at}/{n} > {out}.{i} 2>/dev/null || rm -f {out}.{i}" for i, n in enumerate(names)
+    )
+    r = run_session(store, ["t"], ["sh", "-c", script], at=at, discard=True)  # type: ignore[arg-type]
+    assert r.exit_status == 0
+    with open(f"{out}.ls") as f:
+        shown = sorted(f.read().split())
+    data: dict[str, bytes | None] = {}
+    for i, n in enumerate(names):
+        try:
+            with open(f"{out}.{i}", "rb") as f:
+                data[n] = f.read()
+        except FileNotFoundError:
+            data[n] = None
+    return {"names": shown, "data": data}
+
+
+def _planted_layer(base: str) -> dict[str, object]:
+    cache = _cache_env(base)
+    store, src = new_store(base)
+    at = os.path.join(base, "at")
+    run_session(store, ["t"], ["true"], at=at, discard=True)
+    layers = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+    assert layers and all(p.startswith(cache) for p in layers), layers
+    with open(os.path.join(layers[0], "planted"), "w") as f:
+        f.write("evil")
+    repaired = _repair_elsewhere(os.fspath(store.root))
+    return {
+        "repaired": repaired,
+        "after": fsck_ok(store),
+        "seen": _seen(store, at, base, []),
+        "source": sorted(os.listdir(src)),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_repair_drops_a_cached_layer_that_shows_a_planted_file(mode: str) -> None:
+    """The repair reported the planted file and left the layer: the next session showed it."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _planted_layer, base)
+    repaired = out["repaired"]
+    assert isinstance(repaired, list) and repaired, out
+    assert all(r.startswith("layer-mismatch") and "dropped" in r for r in repaired), out
+    assert out["after"] == [], out
+    seen = out["seen"]
+    assert isinstance(seen, dict)
+    assert seen["names"] == out["source"], out  # the source tree, nothing planted
+
+
+def _corrupt_copy_in_a_delta_layer(base: str) -> dict[str, object]:
+    """A Tier-2 file changed by a session reaches the next session's layers as a copy (a delta
+    layer cannot hold a metacopy file), made from its object; the object is then damaged."""
+    _cache_env(base)
+    store, _src = new_store(base)
+    at = os.path.join(base, "at")
+    r = run_session(store, ["t"], ["sh", "-c", f"printf 'ONE, changed\\n' > {at}/f1"], at=at)
+    assert r.exit_status == 0
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            _ref, c = m.resolve(txn, "t")
+            (entry,) = [
+                e for e in m.get_node(txn, bytes.fromhex(c.root)).entries if e.name == b"f1"
+            ]
+    finally:
+        m.close()
+    obj = os.fspath(store.object_path(entry.digest))
+    with open(obj, "rb") as f:
+        right = f.read()
+    # damaged in place (root-free, its owner can chmod it; root lifts +i): the same size
+    unprotect(obj)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"BAD")
+    os.chmod(obj, 0o444)
+    # the next session builds the delta layer: f1 is a copy of the object as it is now
+    _seen(store, at, base, ["f1"])
+    copies = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*-on-*/f1")]
+    assert copies, "no delta layer holds a copy of f1"
+    repaired = _repair_elsewhere(os.fspath(store.root))
+    try:
+        seen: object = _seen(store, at, base, ["f1", "f2"])
+    except VeloError as exc:  # the object is missing now, and said so
+        seen = exc.reason.value
+    # the right bytes come back with the next ingest of a tree that holds them
+    heal = os.path.join(base, "heal")
+    os.mkdir(heal)
+    with open(os.path.join(heal, "f1"), "wb") as f:
+        f.write(right)
+    m = Manifests(store)
+    try:
+        ingest(store, m, heal, "heal", jobs=1)
+    finally:
+        m.close()
+    return {
+        "repaired": repaired,
+        "right": right,
+        "seen": seen,
+        "healed": _seen(store, at, base, ["f1"]),
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_repair_evicts_a_copy_of_a_corrupt_object_in_another_environments_cache(
+    mode: str,
+) -> None:
+    """fsck --repair sets the corrupt object aside and evicted the cached layers of its own
+    environment only: a session of the usual environment still showed the damaged copy."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _corrupt_copy_in_a_delta_layer, base)
+    repaired = out["repaired"]
+    assert isinstance(repaired, list)
+    assert any(r.startswith("object-corrupt") and "set aside" in r for r in repaired), out
+    # missing now (wanted): the session says so, and never shows the damaged bytes
+    assert out["seen"] == Reason.OBJECT_MISSING.value, out
+    healed = out["healed"]
+    assert isinstance(healed, dict)
+    assert healed["data"] == {"f1": out["right"]}, out
