@@ -174,3 +174,100 @@ def test_repair_evicts_a_copy_of_a_corrupt_object_in_another_environments_cache(
     healed = out["healed"]
     assert isinstance(healed, dict)
     assert healed["data"] == {"f1": out["right"]}, out
+
+
+# --- a store moved or copied keeps no layer built for its old place -----------------------------
+GGUF = "model.gguf"  # Tier-1 by the default rules: a link to its object, by absolute path
+
+
+def _moved_or_copied(base: str, how: str, cache: str) -> dict[str, object]:
+    import subprocess
+
+    from veloverlay.store.cas import Store
+
+    if cache == "boot":
+        _cache_env(base)
+    else:  # every layer in the store's trees-v1/
+        os.environ["VELO_RUNTIME_DIR"] = "off"
+        os.environ["VELO_FORCE_LOWER"] = "data-only"
+    old = os.path.join(base, "a")
+    store, src = new_store(old)
+    at = os.path.join(base, "at")
+    before = _seen(store, at, base, [GGUF])
+    new = os.path.join(base, "b")
+    if how == "mv":
+        os.rename(old, new)
+    else:
+        subprocess.run(["cp", "-a", old, new], check=True)
+        # the original goes on living: its object of that name now holds other bytes
+        obj = os.path.join(
+            old, "store", os.path.relpath(store.object_path(_gguf(store)), store.root)
+        )
+        unprotect(obj)
+        os.chmod(obj, 0o644)
+        with open(obj, "r+b") as f:
+            f.write(b"the other store's bytes")
+    moved = Store.open(os.path.join(new, "store"))
+    with open(os.path.join(new, "src", GGUF), "rb") as f:
+        want = f.read()
+    return {"before": before, "after": _seen(moved, at, base, [GGUF]), "want": want}
+
+
+def _gguf(store: object) -> bytes:
+    m = Manifests(store)  # type: ignore[arg-type]
+    try:
+        with m.read() as txn:
+            _ref, c = m.resolve(txn, "t")
+            node = m.get_node(txn, bytes.fromhex(c.root))
+            (entry,) = [e for e in node.entries if e.name == GGUF.encode()]
+            return entry.digest
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("cache", ["boot", "off"])
+@pytest.mark.parametrize("how", ["mv", "cp"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_store_moved_or_copied_shows_its_own_objects(mode: str, how: str, cache: str) -> None:
+    """The layers cached for a store (in its trees-v1/, and in the per-boot cache, which is keyed
+    by the store root's inode and so follows a `mv`) link Tier-1 files to their objects by
+    absolute path: after a move a session showed a dangling link, and a copy's sessions read
+    the original store's objects, whatever that store holds now."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _moved_or_copied, base, how, cache)
+    want = out["want"]
+    for when in ("before", "after"):
+        seen = out[when]
+        assert isinstance(seen, dict)
+        assert seen["data"] == {GGUF: want}, (when, out)
+
+
+def _moved_then_another_store(base: str) -> dict[str, object]:
+    from veloverlay.lower.homes import boot_dir
+    from veloverlay.store.cas import Store
+
+    _cache_env(base)
+    store, _src = new_store(os.path.join(base, "a"))
+    at = os.path.join(base, "at")
+    _seen(store, at, base, [GGUF])
+    os.rename(os.path.join(base, "a"), os.path.join(base, "b"))
+    moved = Store.open(os.path.join(base, "b", "store"))
+    _seen(moved, at, base, [GGUF])  # the moved store's session: its per-boot layers
+    home = boot_dir(moved.root, create=False)
+    assert home is not None
+    layers = sorted(os.listdir(home / "objects-v2" / "layers"))
+    # another store's first build reaps the directories of stores that are gone
+    other, _ = new_store(os.path.join(base, "c"))
+    _seen(other, os.path.join(base, "at2"), base, [])
+    left = sorted(os.listdir(home / "objects-v2" / "layers")) if home.is_dir() else None
+    return {"layers": layers, "left": left}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_moved_stores_per_boot_layers_are_not_reaped_as_a_gone_stores(mode: str) -> None:
+    """The per-boot directory of a store follows a `mv` (it is keyed by the root's inode), but
+    its note kept the old path: the next build of any other store removed it as the directory
+    of a store that no longer exists — under the running sessions of the moved store."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _moved_then_another_store, base)
+    assert out["layers"] and out["left"] == out["layers"], out

@@ -286,7 +286,9 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
         _why["last"] = why
         return None
     note = os.path.join(path, "store")
-    if create and not os.path.exists(note):
+    if create and _note(note) != os.fsencode(os.path.abspath(store_root)):
+        # (a store moved keeps its root's inode, so this directory: its note must follow, or
+        # the next build of another store reaps it as the directory of a store that is gone)
         try:
             write_bytes_atomic(note, os.fsencode(os.path.abspath(store_root)), 0o600)
         except VeloError as exc:
@@ -295,6 +297,14 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
             # a full cache (any user can fill /dev/shm): its builds fall back to the store, and
             # the note is written by the next session that finds room (till then nothing reaps it)
     return Path(path)
+
+
+def _note(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _store_key(st: os.stat_result) -> str:

@@ -58,7 +58,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import flock, force_rmtree, write_json_atomic
+from veloverlay.files import flock, force_rmtree, write_bytes_atomic, write_json_atomic
 from veloverlay.lower.homes import (
     FULL_ERRNOS,
     Home,
@@ -171,9 +171,18 @@ def ensure_lowers(
     disk = disk_home(store)
     fast = boot_home(store) if form == "data-only" else None
     homes = [fast, disk] if fast is not None else [disk]
+    warning = ""
+    try:
+        _built_here(store, homes[0])
+    except (OSError, VeloError) as exc:
+        if not homes[0].volatile or not _full(exc):
+            raise
+        warning = fallback_note(homes[0], exc)  # full: it cannot even say whose it is
+        homes = [disk]
+    if homes[0].volatile:
+        _built_here(store, disk)
     variant = _variant(form, xattr)
     failed: list[str] = []
-    warning = ""
     built = "cached"
     found = next(((h, c) for h in homes if (c := _read_stack(h, variant, root)) is not None), None)
     if found is None or (protect and not found[1][1]):
@@ -203,6 +212,44 @@ def ensure_lowers(
         os.fspath(home.root),
         warning,
     )
+
+
+_BUILT_FOR = "built-for"  # in a home: the objects directory its layers' Tier-1 links name
+
+
+def _names_objects(mark: Path, objects: os.stat_result) -> bool:
+    """Does the home's mark name this store's objects directory (the same inode: another path
+    to it, through a symbolic link, names it as well)?"""
+    try:
+        with open(mark, "rb") as f:
+            named = f.read(4097)
+        st = os.stat(named)
+    except (OSError, ValueError):  # none yet, or its directory is gone
+        return False
+    return (st.st_dev, st.st_ino) == (objects.st_dev, objects.st_ino)
+
+
+def _built_here(store: Store, home: Home) -> None:
+    """Empty `home` of the layers and stacks built for a store at another path. A Tier-1 file
+    is a symbolic link to its object by absolute path, so the layers of a store moved (`mv`) or
+    copied with its `trees-v1/` (`cp -a`) name the objects where the store was: dangling links,
+    or another store's objects (one made at the old path, or the original of a copy), read by
+    every session of that version. The per-boot cache follows a moved store too (it is keyed by
+    the store root's inode). Layers are a cache: they are built again from this store."""
+    try:
+        objects = os.stat(store.objects)
+    except OSError:
+        return  # no objects directory: no layer can name one
+    mark = home.sub(_BUILT_FOR)
+    if _names_objects(mark, objects):
+        return
+    with flock(home.sub("locks", "built-for.lock")):
+        if _names_objects(mark, objects):
+            return  # another session's, just now
+        for name in ("stacks", "layers"):
+            with contextlib.suppress(FileNotFoundError):
+                force_rmtree(home.sub(name))
+        write_bytes_atomic(mark, os.fsencode(store.objects), 0o600)
 
 
 def _full(exc: BaseException) -> bool:
