@@ -786,4 +786,5 @@ def test_help_on_a_terminal_is_typers_rich_page_and_keeps_every_word(store: str)
     out = re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]", b"", _in_a_terminal(["ingest", "--help"], env))
     assert "╭─ Options".encode() in out  # rich panels on a terminal
     # help texts are plain text, not rich markup: nothing in brackets or parentheses is eaten
-    assert b"(default: the directory's name)" in out and b"(default: CPUs)" in out
+    assert b"(default: the directory's name)" in out
+    assert b"(default: CPUs; at most 4 per CPU)" in out
