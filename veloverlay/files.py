@@ -87,6 +87,16 @@ def exact_modes() -> Iterator[None]:
                     os.umask(_UMASK[1])
 
 
+def umask_now() -> int:
+    """The process's umask (the one `exact_modes` blocks give back, while one runs)."""
+    with _UMASK_LOCK:
+        if _UMASK[0]:
+            return _UMASK[1]
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
 _UMASK_LOCK = threading.Lock()
 _UMASK = [0, 0]  # blocks inside exact_modes now, the umask they replaced
 

@@ -135,7 +135,7 @@ def test_a_filesystem_without_unnamed_files_stages_by_name(
     src, store, repo = world
     tried = [0]
 
-    def refuse(_dir_fd: int) -> int:
+    def refuse(_dir_fd: int, **_kw: object) -> int:
         tried[0] += 1
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
@@ -177,9 +177,9 @@ def test_an_object_already_stored_is_not_written_again(
     opened = [0]
     real = stage.open_unnamed
 
-    def count(dir_fd: int) -> int:
+    def count(dir_fd: int, **kw: bool) -> int:
         opened[0] += 1
-        return real(dir_fd)
+        return real(dir_fd, **kw)
 
     monkeypatch.setattr(stage, "open_unnamed", count)
     with open(os.path.join(src, "d0", "new"), "wb") as f:
