@@ -92,7 +92,14 @@ def umask_now() -> int:
     with _UMASK_LOCK:
         if _UMASK[0]:
             return _UMASK[1]
-        old = os.umask(0o022)
+        try:  # read, not set and set back: another thread's file made meanwhile keeps its bits
+            with open("/proc/self/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Umask:"):
+                        return int(line.split()[1], 8)
+        except (OSError, ValueError, IndexError):
+            pass
+        old = os.umask(0o022)  # no /proc (or a kernel before 4.7)
         os.umask(old)
         return old
 

@@ -56,9 +56,9 @@ def hold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dic
     seen: dict[str, Any] = {"mode": request.param, "unnamed": 0}
     open_unnamed = stage.open_unnamed
 
-    def counting_open(dir_fd: int) -> int:
+    def counting_open(dir_fd: int, **kw: bool) -> int:
         seen["unnamed"] += 1
-        return open_unnamed(dir_fd)
+        return open_unnamed(dir_fd, **kw)
 
     monkeypatch.setattr(stage, "open_unnamed", counting_open)
     budgets: list[stage.HoldBudget] = []
