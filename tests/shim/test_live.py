@@ -11,7 +11,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from veloverlay import ns
 from veloverlay.errors import Reason, VeloError
 from veloverlay.session import state as session_state
 from veloverlay.session.shim import backend as shim_backend
+from veloverlay.session.shim import treesync
 from veloverlay.session.state import State
 from veloverlay.store.cas import Store
 from veloverlay.verbs.repo import Repo
@@ -462,11 +463,11 @@ def test_harvest_all_passes_over_a_failed_shim_session() -> None:
         assert not fsck_ok(store)
 
 
-def test_a_burst_of_thousands_of_changed_files_is_live_within_one_second() -> None:
+def test_a_burst_of_thousands_of_changed_files_reaches_the_live_view() -> None:
     """6,000 files written into one directory of the view reach the daemon in one tick (it is
-    stopped while they are written, as a daemon still busy with a commit would be): the view has
-    them within the bound. (Each changed path was compared with every one done before it: ~4 s
-    for these 6,000, 15 s for 20,000.)"""
+    stopped while they are written, as a daemon still busy with a commit would be): the view gets
+    all of them, and the commit too. (How much work such a tick does is the unit test below: a
+    wall-clock bound here failed CI at 1.014 s of 1.0 on a busy 2-core machine.)"""
     n = 6000
     with unpriv_tmpdir() as base:
         store, _src = new_store(base)
@@ -488,10 +489,10 @@ def test_a_burst_of_thousands_of_changed_files_is_live_within_one_second() -> No
             _wait_for(lambda: os.path.exists(m1), 120, "the writes")
             os.kill(daemon, signal.SIGCONT)
             last = f"d/n{n - 1:05d}"
-            _latency(
+            _wait_for(
                 lambda: _cat(store, st["session_ref"], last) == str(n - 1).encode(),
+                60,
                 f"{n} files in the live view",
-                bound(1.0),
             )
             assert _cat(store, st["session_ref"], "d/n00000") == b"0"
         finally:
@@ -505,3 +506,35 @@ def test_a_burst_of_thousands_of_changed_files_is_live_within_one_second() -> No
         got = os.path.join(base, "got")
         checkout_ref(store, "t", got)
         assert len([x for x in os.listdir(os.path.join(got, "d")) if x.startswith("n")]) == n
+
+
+class _CountingSet(set[bytes]):
+    def __init__(self, items: Iterable[bytes]) -> None:
+        super().__init__(items)
+        self.lookups = 0
+        self.visited = 0
+
+    def __contains__(self, item: object) -> bool:
+        self.lookups += 1
+        return super().__contains__(item)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for x in super().__iter__():
+            self.visited += 1
+            yield x
+
+
+def test_a_changed_path_looks_up_its_own_ancestors_not_every_path_done() -> None:
+    """A tick skips paths below ones it already replaced: each path looks up its ancestors (as
+    many as it has components), never the whole set. Comparing every pair made a tick with
+    20,000 changed files in one directory take 15 s (the live view's promise is 1 s)."""
+    done = _CountingSet(b"d/n%05d" % i for i in range(20_000))
+    for strict in (False, True):
+        done.lookups = done.visited = 0
+        assert treesync._below_any(b"d/n19999", done, strict=strict) is not strict
+        assert not treesync._below_any(b"e/f/g/h", done, strict=strict)
+        assert done.visited == 0
+        assert done.lookups <= 2 * (4 + 2)  # components of the two paths, + the path and the root
+    assert treesync._below_any(b"d/n00001/x/y", done, strict=True)
+    assert treesync._below_any(b"any/thing", _CountingSet([b""]), strict=True)
+    assert not treesync._below_any(b"", _CountingSet([b""]), strict=True)
