@@ -248,8 +248,10 @@ def push(
     with Registry(name, options, push=True) as reg:
         reg.ping()
         for spec in refs:
-            tag = name.tag or check_tag(spec.split("@")[0])
-            out.append(_push_one(store, m, reg, spec, name.with_tag(tag), progress))
+            # The store lock, shared, per ref: gc waits, so the version keeps its objects.
+            with store.read_lock():
+                tag = name.tag or check_tag(spec.split("@")[0])
+                out.append(_push_one(store, m, reg, spec, name.with_tag(tag), progress))
     return out
 
 

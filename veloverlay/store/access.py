@@ -40,6 +40,7 @@ __all__ = [
     "rmtree_count",
     "reclaim_stages",
     "store_lock",
+    "reader_lock",
 ]
 
 TOP_DIRS = (
@@ -444,6 +445,33 @@ def store_lock(
                 reason=Reason.LOCKED,
                 hint="wait for it (gc holds the store exclusively) and retry",
             ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def reader_lock(store_root: Path, root_fd: int) -> Iterator[None]:
+    """The store lock (`lock` in the store directory `root_fd`) taken shared by a verb that
+    reads objects after resolving a version (checkout, export, cat, push): gc, which takes it
+    exclusively, waits until the reader is done, instead of deleting the objects of a version
+    the reader has already resolved. Opened read-only (flock needs no write access), so another
+    user of a shared store and a store on a read-only filesystem read as before; a store with
+    no lock file that this process may not create one in has no gc running to wait for."""
+    shown = store_root / "lock"
+    try:
+        fd = open_nofollow("lock", os.O_RDONLY, dir_fd=root_fd, shown=shown)
+    except FileNotFoundError:
+        try:
+            with files.exact_modes():
+                fd = open_nofollow("lock", os.O_RDONLY | os.O_CREAT, 0o644, dir_fd=root_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)

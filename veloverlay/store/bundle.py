@@ -54,7 +54,15 @@ def export_bundle(
     store: Store, m: Manifests, spec: str, out: IO[bytes], *, shown: str | None = None
 ) -> dict[str, Any]:
     """Write the bundle of `spec` to `out`; a failed write is a SysError naming `shown` (the
-    output as the user gave it; a reader gone away stays a BrokenPipeError)."""
+    output as the user gave it; a reader gone away stays a BrokenPipeError). The store lock is
+    held shared throughout: gc waits, so the version resolved here keeps its objects."""
+    with store.read_lock():
+        return _write_bundle(store, m, spec, out, shown)
+
+
+def _write_bundle(
+    store: Store, m: Manifests, spec: str, out: IO[bytes], shown: str | None
+) -> dict[str, Any]:
     h = Hasher()
 
     def w(b: bytes) -> None:

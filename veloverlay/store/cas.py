@@ -538,6 +538,10 @@ class Store:
         """The store lock: shared for writers, exclusive for gc."""
         return access.store_lock(self.root, self.fd, exclusive=exclusive, wait=wait)
 
+    def read_lock(self) -> contextlib.AbstractContextManager[None]:
+        """The store lock, shared, for a verb reading objects: gc waits for it to finish."""
+        return access.reader_lock(self.root, self.fd)
+
     def stage(self) -> Stage:
         return Stage(self)
 

@@ -112,21 +112,24 @@ class Repo:
         """Write a file's bytes to `out`, verified as they go: a damaged object ends with
         OBJECT_CORRUPT (after what was written; the caller's exit status says so)."""
         key = paths.parse_user_path(path)
-        with self.m.read() as txn:
-            _ref, commit = self.m.resolve(txn, spec)
-            e = self.m.lookup(txn, bytes.fromhex(commit.root), key)
-        if e is None or e.kind is Kind.MASK:
-            raise VeloError(f"{spec}: no such path {paths.display(key)}", reason=Reason.NOT_FOUND)
-        if e.kind is not Kind.FILE:
-            raise VeloError(
-                f"{spec}: {paths.display(key)} is a {e.kind.name.lower()}, not a file",
-                reason=Reason.BAD_PATH,
-            )
-        n = 0
-        for chunk in self.store.stream_object(e.digest, e.size):
-            out.write(chunk)
-            n += len(chunk)
-        return n
+        with self.store.read_lock():  # gc waits: the object stays while it is read
+            with self.m.read() as txn:
+                _ref, commit = self.m.resolve(txn, spec)
+                e = self.m.lookup(txn, bytes.fromhex(commit.root), key)
+            if e is None or e.kind is Kind.MASK:
+                raise VeloError(
+                    f"{spec}: no such path {paths.display(key)}", reason=Reason.NOT_FOUND
+                )
+            if e.kind is not Kind.FILE:
+                raise VeloError(
+                    f"{spec}: {paths.display(key)} is a {e.kind.name.lower()}, not a file",
+                    reason=Reason.BAD_PATH,
+                )
+            n = 0
+            for chunk in self.store.stream_object(e.digest, e.size):
+                out.write(chunk)
+                n += len(chunk)
+            return n
 
     def diff(self, a: str, b: str) -> list[Op]:
         with self.m.read() as txn:
@@ -183,7 +186,8 @@ class Repo:
 
         hint = "check out somewhere outside it"
         refuse_inside(resolve_dest(dest), self.store.root, what="the destination", hint=hint)
-        with self.m.read() as txn:
+        # The store lock, shared: gc waits, so the version resolved here keeps its objects.
+        with self.store.read_lock(), self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
             root = bytes.fromhex(commit.root)
             return checkout(
