@@ -36,6 +36,7 @@ from veloverlay.workers import Workers, default_jobs
 __all__ = ["Finding", "FsckReport", "fsck"]
 
 _HEX = re.compile(r"^[0-9a-f]{64}\Z")
+_GONE = "object-gone"  # (internal) listed, then gone before its check: not itself a finding
 
 
 class Finding(Record, frozen=True):
@@ -126,6 +127,8 @@ def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
         return ("object-misplaced", path, f"object {name} is in the wrong shard"), "", ""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # listed, then swept by a gc: the manifest scan judges its absence
+        return (_GONE, path, ""), "", ""
     except OSError as exc:
         return ("object-unreadable", path, exc.strerror or str(exc)), "", ""
     try:
@@ -322,6 +325,11 @@ def _drop_bad_layers(store: Store, rep: FsckReport, first: int, bad: set[Path]) 
             rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; {note}")
 
 
+def _there(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> bool:
+    """Whether the object `digest` is in the store now (in its place)."""
+    return _size(store, sizes, digest) is not None
+
+
 def _size(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> int | None:
     if digest not in sizes:
         try:
@@ -361,7 +369,9 @@ def fsck(
         for found, size in results:
             nbytes += size
             for finding, state, immutable in found:
-                if finding is not None:
+                if finding is not None and finding[0] == _GONE:
+                    present.discard(os.path.basename(finding[1]))
+                elif finding is not None:
                     rep.findings.append(Finding(*finding))
                 if state == "sealed":
                     rep.sealed += 1
@@ -418,7 +428,13 @@ def fsck(
                 rep.findings.append(Finding("node-corrupt", key.hex(), exc.message))
                 continue
             for e in node.entries:
-                if e.kind is Kind.FILE and e.digest.hex() not in present:
+                # Not listed, and not there now either: an object a writer published after the
+                # listing (an ingest beside fsck) is there now, and is no damage.
+                if (
+                    e.kind is Kind.FILE
+                    and e.digest.hex() not in present
+                    and not _there(store, sizes, e.digest)
+                ):
                     rep.findings.append(
                         Finding(
                             "object-missing",
