@@ -358,7 +358,9 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
             if entry.name != "lock":
                 _remove_tree(entry.path, fsflags)
                 faults.point("remove.entry")
-    _remove_tree(os.fspath(store.root), fsflags)  # the lock file last: we held it
+        # The lock file last, while it is still held: a verb that waited for it then finds
+        # the store gone (STORE_MISSING), instead of locking after the release and going on.
+        _remove_tree(os.fspath(store.root), fsflags)
     return total
 
 
