@@ -102,3 +102,33 @@ def test_gc_waits_for_a_reader_of_the_version_it_drops(
         assert report.ok, report.findings
     finally:
         repo.close()
+
+
+@pytest.mark.parametrize("how", ["--stat", "-p"])
+def test_gc_waits_for_a_diff_reading_the_version_it_drops(
+    shm_tmp: str, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`diff --stat` and `diff -p` list the changes, then read both sides' objects change by
+    change: gc dropping version 1 in between made them fail with object-missing."""
+    from veloverlay import cli
+
+    store, _want = _two_versions(shm_tmp)
+    procs: list[subprocess.Popen[str]] = []
+    real: Callable[..., Any] = Store.open_object
+
+    def first_open_starts_gc(self: Store, digest: bytes) -> int:
+        if not procs:
+            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
+        return real(self, digest)
+
+    monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+    rc = cli.main(["--store", store, "diff", how, "t@{1}", "t"])
+    out, err = capsys.readouterr()
+    assert procs
+    _o, gc_err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 0, gc_err
+    assert rc == 0, err
+    if how == "-p":
+        assert "-version one" in out and "+version two" in out, out
+    else:
+        assert "a.txt" in out and "d/b" in out, out

@@ -55,6 +55,11 @@ def diff(
     if a is None or b is None:
         raise VeloError("diff needs A and B (or --session ID)", reason=Reason.USAGE)
     repo = common.repo()
+    with repo.reading():  # --stat and -p read objects: gc waits until they are read
+        _versions(repo, a, b, name_status, stat, patch)
+
+
+def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: bool) -> None:
     changes = repo.changes(a, b)
     if state.json:
         render.emit_json([_change_dict(repo, c, patch) for c in changes])

@@ -137,6 +137,11 @@ class Repo:
             _rb, cb = self.m.resolve(txn, b)
             return self.m.diff(txn, bytes.fromhex(ca.root), bytes.fromhex(cb.root))
 
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """The store lock, shared, for a caller that resolves versions and then reads their
+        objects in several calls (`changes`, then `patch` per change): gc waits meanwhile."""
+        return self.store.read_lock()
+
     def changes(self, a: str, b: str) -> list[Change]:
         """What changed from version `a` to version `b` (store/changes.py)."""
         with self.m.read() as txn:
