@@ -185,12 +185,15 @@ static void resolve_path(int dirfd, const char *path, unsigned flags, struct vel
                 textual(dirfd, path, t);
                 return;
         }
-        if (t->len + 1 + blen >= sizeof t->path) {
-                t->trunc = 1;
-                blen = sizeof t->path - 2 - t->len;
-        }
-        if (t->len > 1) /* "/" stays "/" */
+        /* The parent's name may fill the buffer (a directory whose path is 4095 bytes long):
+         * then there is room for neither the slash nor the name, and the record says it is cut. */
+        if (t->len > 1 && t->len < sizeof t->path - 1) /* "/" stays "/" */
                 t->path[t->len++] = '/';
+        size_t room = sizeof t->path - 1 - t->len;
+        if (blen > room) {
+                t->trunc = 1;
+                blen = room;
+        }
         memcpy(t->path + t->len, base, blen);
         t->len += blen;
         t->path[t->len] = '\0';

@@ -9,6 +9,7 @@ inherited fds, refused store writes and Break-Before-Write in --link mode.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -375,3 +376,28 @@ def test_journal_reader_waits_for_a_half_written_record(tmp_path: Path) -> None:
     recs = reader.read(final=True)
     assert [(r.pid, r.path1) for r in recs] == [(42, b"/ab"), (42, b"/ab")]
     assert reader.damaged == 1
+
+
+def test_a_call_in_a_directory_whose_name_fills_path_max(lab: Lab) -> None:
+    # The kernel names a directory of 4,095 bytes in full (PATH_MAX with its NUL): the parent's
+    # name then fills the shim's buffer, and joining the new name to it must not write past it
+    # (it did: SIGSEGV in every program that created a file there, inside the tree or not).
+    d = lab.proj
+    while len(os.fsencode(d)) < 4095 - 250:
+        d = d / ("x" * 240)
+    d = d / ("y" * (4095 - len(os.fsencode(d)) - 1))
+    d.mkdir(parents=True)
+    assert len(os.fsencode(d)) == 4095
+    out, recs = lab.run("mkdir", "new", "--", "open_w", "f", cwd=d)
+    assert out == ["mkdir 0 0", "open_w 7 0"], out
+    dfd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+    try:  # (d / "new" is longer than PATH_MAX: look it up from d)
+        assert stat.S_ISDIR(os.stat("new", dir_fd=dfd).st_mode)
+        assert stat.S_ISREG(os.stat("f", dir_fd=dfd).st_mode)
+    finally:
+        os.close(dfd)
+    mkdirs = [r for r in recs if r.type == RecType.MKDIR]
+    assert [Phase(r.phase) for r in mkdirs] == [Phase.INTENT, Phase.DONE]
+    # cut and flagged: the daemon re-scans the directory the part that is there names
+    assert all(r.flags & shim.F_TRUNC1 for r in mkdirs)
+    assert all(os.fsencode(d).startswith(r.path1) for r in mkdirs)
