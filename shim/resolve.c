@@ -125,54 +125,41 @@ void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_targe
                 t->proxy = 1;
 }
 
-static void resolve_path(int dirfd, const char *path, unsigned flags, struct velo_target *t,
-                         int *nameless_proxy)
+/* The directory part of path ("." when it has none), into dir[PATH_MAX]; the length of path
+ * without trailing slashes, or 0 when there is no last name to keep (empty, or too long). */
+static size_t split_dir(const char *path, char *dir, size_t *slash)
 {
-        reset(t);
-        if (path == NULL) {
-                t->unknown = 1;
-                return;
-        }
-        if (path[0] == '\0' && (flags & VELO_EMPTY)) {
-                velo_resolve_fd(dirfd, t);
-                return;
-        }
-        int oflags = O_PATH | O_CLOEXEC | ((flags & VELO_FOLLOW) ? 0 : O_NOFOLLOW);
-        int fd = path[0] ? velo_sys_openat(dirfd, path, oflags, 0) : -1;
-        if (fd >= 0) {
-                int have = velo_sys_fstat(fd, &t->st) == 0;
-                int ok = have && fd_name(fd, t) == 0;
-                velo_sys_close(fd);
-                if (ok) {
-                        t->exists = 1;
-                        t->proxy = proxy_inode(&t->st);
-                        classify(t);
-                        return;
-                }
-                *nameless_proxy = have && proxy_inode(&t->st);
-                reset(t);
-        }
-        /* Not there (yet): resolve the parent, keep the last name. */
         size_t plen = strlen(path);
         while (plen > 1 && path[plen - 1] == '/')
                 plen--;
-        if (plen == 0 || plen >= PATH_MAX) {
-                textual(dirfd, path, t);
-                return;
-        }
-        char dir[PATH_MAX];
-        size_t slash = plen;
-        while (slash > 0 && path[slash - 1] != '/')
-                slash--;
-        const char *base = path + slash;
-        size_t blen = plen - slash;
-        if (slash == 0) {
+        if (plen == 0 || plen >= PATH_MAX)
+                return 0;
+        size_t s = plen;
+        while (s > 0 && path[s - 1] != '/')
+                s--;
+        if (s == 0) {
                 dir[0] = '.';
                 dir[1] = '\0';
         } else {
-                memcpy(dir, path, slash);
-                dir[slash] = '\0';
+                memcpy(dir, path, s);
+                dir[s] = '\0';
         }
+        *slash = s;
+        return plen;
+}
+
+/* Not there (yet): resolve the parent, keep the last name. */
+static void resolve_parent(int dirfd, const char *path, struct velo_target *t)
+{
+        char dir[PATH_MAX];
+        size_t slash = 0;
+        size_t plen = split_dir(path, dir, &slash);
+        if (plen == 0) {
+                textual(dirfd, path, t);
+                return;
+        }
+        const char *base = path + slash;
+        size_t blen = plen - slash;
         int pfd = velo_sys_openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
         if (pfd < 0) {
                 textual(dirfd, path, t);
@@ -198,6 +185,77 @@ static void resolve_path(int dirfd, const char *path, unsigned flags, struct vel
         t->len += blen;
         t->path[t->len] = '\0';
         classify(t);
+}
+
+/* path names a symlink whose target does not exist: the kernel's O_CREAT follows it and creates
+ * the target. Replace (dirfd, path) by (the link's directory, the link's text); 0 if it is no
+ * such link. *owned is the directory fd this opened (closed by the caller). */
+static int next_link(int *dirfd, const char **path, int *owned, char link[PATH_MAX])
+{
+        char dir[PATH_MAX];
+        size_t slash = 0;
+        if (split_dir(*path, dir, &slash) == 0)
+                return 0;
+        int lfd = velo_sys_openat(*dirfd, *path, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+        if (lfd < 0)
+                return 0;
+        struct stat st;
+        ssize_t n = -1;
+        if (velo_sys_fstat(lfd, &st) == 0 && S_ISLNK(st.st_mode))
+                n = (ssize_t)syscall(SYS_readlinkat, lfd, "", link, PATH_MAX - 1);
+        int pfd = n > 0 ? velo_sys_openat(*dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0) : -1;
+        velo_sys_close(lfd);
+        if (pfd < 0)
+                return 0;
+        link[n] = '\0';
+        if (*owned >= 0)
+                velo_sys_close(*owned);
+        *owned = *dirfd = pfd;
+        *path = link;
+        return 1;
+}
+
+static void resolve_path(int dirfd, const char *path, unsigned flags, struct velo_target *t,
+                         int *nameless_proxy)
+{
+        reset(t);
+        if (path == NULL) {
+                t->unknown = 1;
+                return;
+        }
+        if (path[0] == '\0' && (flags & VELO_EMPTY)) {
+                velo_resolve_fd(dirfd, t);
+                return;
+        }
+        int oflags = O_PATH | O_CLOEXEC | ((flags & VELO_FOLLOW) ? 0 : O_NOFOLLOW);
+        char link[PATH_MAX];
+        int owned = -1;
+        for (int hops = 0;; hops++) {
+                int fd = path[0] ? velo_sys_openat(dirfd, path, oflags, 0) : -1;
+                if (fd >= 0) {
+                        int have = velo_sys_fstat(fd, &t->st) == 0;
+                        int ok = have && fd_name(fd, t) == 0;
+                        velo_sys_close(fd);
+                        if (ok) {
+                                t->exists = 1;
+                                t->proxy = proxy_inode(&t->st);
+                                classify(t);
+                                goto out;
+                        }
+                        *nameless_proxy = have && proxy_inode(&t->st);
+                        reset(t);
+                        break;
+                }
+                /* a dangling symlink is followed to where the call will create its target
+                 * (as many links as the kernel follows) */
+                if (!(flags & VELO_FOLLOW) || hops >= 40 ||
+                    !next_link(&dirfd, &path, &owned, link))
+                        break;
+        }
+        resolve_parent(dirfd, path, t);
+out:
+        if (owned >= 0)
+                velo_sys_close(owned);
 }
 
 /* Common tail of the pre-call checks: refuse store writes, break shared inodes, journal. */

@@ -189,6 +189,40 @@ def test_decided_by_the_target_not_the_text(lab: Lab, tmp_path: Path) -> None:
     assert paths == [lab.p("via-link"), lab.p("dotdot")]
 
 
+def test_a_dangling_symlink_is_followed_to_the_file_it_creates(lab: Lab, tmp_path: Path) -> None:
+    """open(O_CREAT) through a symlink to a name that does not exist yet creates that name (the
+    kernel follows the link): the journal names where the file landed, and a link into the store
+    is refused. The shim journaled the link's own name (or nothing, for a link outside the tree)
+    and let the store write through."""
+    out_dir = tmp_path / "outside"
+    out_dir.mkdir()
+    (out_dir / "door").symlink_to(lab.proj / "sub" / "via-door")  # absolute, from outside
+    (lab.proj / "rel").symlink_to("hop")  # relative, two hops inside the tree
+    (lab.proj / "hop").symlink_to("sub/via-rel")
+    (out_dir / "evil").symlink_to(lab.store / "objects-v1" / "forged")
+    out, recs = lab.run(
+        "open_w",
+        os.fspath(out_dir / "door"),
+        "--",
+        "open_w",
+        "rel",
+        "--",
+        "open_w",
+        os.fspath(out_dir / "evil"),
+    )
+    assert out == ["open_w 7 0", "open_w 7 0", "open_w -1 30"], out
+    # where the kernel put them (a plain directory would hold the same two files)
+    assert sorted(p.name for p in (lab.proj / "sub").iterdir()) == ["via-door", "via-rel"]
+    assert not (lab.store / "objects-v1" / "forged").exists()
+    opens = [r.path1 for r in recs if r.type == RecType.OPEN]
+    assert opens == [lab.p("sub/via-door")] * 2 + [lab.p("sub/via-rel")] * 2
+    closes = [r.path1 for r in recs if r.type == RecType.CLOSE]
+    assert closes == [lab.p("sub/via-door"), lab.p("sub/via-rel")]
+    assert [r.path1 for r in recs if r.type == RecType.DENIED] == [
+        os.fsencode(lab.store / "objects-v1" / "forged")
+    ]
+
+
 def test_fork_exec_child_checks_in_under_its_pid(lab: Lab) -> None:
     _out, recs = lab.run("fork_exec", os.fspath(lab.exe), "child-file")
     execs = [r for r in recs if r.type == RecType.EXEC and r.phase == Phase.INTENT]
