@@ -48,8 +48,15 @@ static int fd_name(int fd, struct velo_target *t)
         t->len = (size_t)n;
         static const char deleted[] = " (deleted)";
         if (t->len > sizeof deleted - 1 &&
-            memcmp(t->path + t->len - (sizeof deleted - 1), deleted, sizeof deleted - 1) == 0)
-                return -1;
+            memcmp(t->path + t->len - (sizeof deleted - 1), deleted, sizeof deleted - 1) == 0) {
+                /* the kernel's mark of an unlinked file, or a name that ends so ("a (deleted)"
+                 * is a valid file name): it is a name when it still leads to this very inode */
+                struct stat fst, nst;
+                if (t->trunc || velo_sys_fstat(fd, &fst) < 0 ||
+                    velo_sys_fstatat(AT_FDCWD, t->path, &nst, AT_SYMLINK_NOFOLLOW) < 0 ||
+                    fst.st_dev != nst.st_dev || fst.st_ino != nst.st_ino)
+                        return -1;
+        }
         return 0;
 }
 

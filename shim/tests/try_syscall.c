@@ -134,6 +134,11 @@ static int run(char **argv, char *self)
                 int fd = open(a, O_RDONLY | O_CLOEXEC);
                 r = fchmod(fd, 0640);
                 close(fd);
+        } else if (!strcmp(op, "unlink_fchmod")) {
+                int fd = open(a, O_RDONLY | O_CLOEXEC);
+                unlink(a);
+                r = fchmod(fd, 0640);
+                close(fd);
         } else if (!strcmp(op, "chown")) {
                 r = chown(a, getuid(), getgid());
         } else if (!strcmp(op, "utime")) {

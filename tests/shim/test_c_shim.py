@@ -223,6 +223,35 @@ def test_a_dangling_symlink_is_followed_to_the_file_it_creates(lab: Lab, tmp_pat
     ]
 
 
+def test_a_name_ending_in_deleted_is_still_a_name(lab: Lab) -> None:
+    """The kernel marks an unlinked file's fd name with " (deleted)"; a file may also just be
+    called that. Its fd's changes (close after writing, fchmod, ftruncate) were journaled as the
+    unnamed, unlinked file's: not at all, though the file is in the tree."""
+    name = "notes (deleted)"
+    (lab.proj / name).write_bytes(b"kept\n")
+    _out, recs = lab.run("open_w", name, "--", "fchmod", name, "--", "ftruncate", name)
+    assert (lab.proj / name).read_bytes() == b"op"  # open_w wrote, ftruncate cut to 2 bytes
+    assert stat.S_IMODE((lab.proj / name).stat().st_mode) == 0o640
+    by_type = {(RecType(r.type), Phase(r.phase)): r.path1 for r in recs}
+    for key in [
+        (RecType.OPEN, Phase.DONE),
+        (RecType.CLOSE, Phase.EVENT),
+        (RecType.CHMOD, Phase.INTENT),
+        (RecType.TRUNCATE, Phase.INTENT),
+    ]:
+        assert by_type.get(key) == lab.p(name), (key, kinds(recs))
+    # a file unlinked while open has no name, even when another file has the kernel's text
+    (lab.proj / "gone").write_bytes(b"x")
+    (lab.proj / "gone (deleted)").write_bytes(b"other")
+    os.chmod(lab.proj / "gone (deleted)", 0o644)
+    out, recs = lab.run("unlink_fchmod", "gone")
+    assert out == ["unlink_fchmod 0 0"]
+    assert stat.S_IMODE((lab.proj / "gone (deleted)").stat().st_mode) == 0o644
+    unlinks = [r.path1 for r in recs if r.type == RecType.UNLINK]
+    assert unlinks == [lab.p("gone")] * 2
+    assert not [r for r in recs if r.type == RecType.CHMOD and r.path1 == lab.p("gone (deleted)")]
+
+
 def test_fork_exec_child_checks_in_under_its_pid(lab: Lab) -> None:
     _out, recs = lab.run("fork_exec", os.fspath(lab.exe), "child-file")
     execs = [r for r in recs if r.type == RecType.EXEC and r.phase == Phase.INTENT]
