@@ -3,7 +3,8 @@
  * A path is resolved the way the kernel will resolve it: open it with O_PATH (following a final
  * symlink only when the call does), then ask the kernel for the canonical name of that fd
  * (/proc/self/fd/N) and fstat it. A target that does not exist yet (create, mkdir, rename's
- * destination) is its resolved parent directory plus the last name. So relative paths, dirfds,
+ * destination) is its resolved parent directory plus the last name, after following a dangling
+ * symlink the call would follow (O_CREAT creates its target). So relative paths, dirfds,
  * `..`, and symlinks into or out of the projection all land where the kernel puts them. Only when
  * not even the parent resolves (the call will fail anyway) is the text compared as given.
  */
