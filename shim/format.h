@@ -82,6 +82,7 @@ enum velo_rec_type {
         VELO_R_SPAWN = 17,   /* posix_spawn done: ret = child pid, path1 = program */
         VELO_R_INHERIT = 18, /* at start: an inherited fd open for writing, path1 = its file */
         VELO_R_DENIED = 19,  /* a write into the store was refused (EROFS) */
+        VELO_R_MKNOD = 20,   /* mknod/mkfifo: arg = mode with its file type bits */
 };
 
 enum velo_rec_phase {

@@ -1,4 +1,5 @@
-/* Changes to names: rename(at)(2), unlink(at), rmdir, link(at), symlink(at), mkdir(at).
+/* Changes to names: rename(at)(2), unlink(at), rmdir, link(at), symlink(at), mkdir(at), mknod(at),
+ * mkfifo(at), mkdtemp.
  *
  * Each acts on the name itself, so a final symlink is never followed (link() follows its source
  * only with AT_SYMLINK_FOLLOW). A rename is ours when either side is in the projection (a file
@@ -208,4 +209,61 @@ VELO_EXPORT int mkdir(const char *path, mode_t mode)
 VELO_EXPORT int mkdirat(int dirfd, const char *path, mode_t mode)
 {
         return do_mkdirat(dirfd, path, mode);
+}
+
+/* mknod/mkfifo make a name (a fifo, a device, or an empty regular file) without an open. */
+static int do_mknodat(int dirfd, const char *path, mode_t mode, dev_t dev)
+{
+        struct velo_target t;
+        int r = velo_pre1(VELO_R_MKNOD, (uint32_t)mode, dirfd, path, VELO_WRITE, &t);
+        if (r == VELO_DENY)
+                return -1;
+        int rc = REAL(mknodat) != NULL ? REAL(mknodat)(dirfd, path, mode, dev)
+                                           : (int)syscall(SYS_mknodat, dirfd, path, mode, dev);
+        if (r == VELO_TRACK)
+                velo_post(VELO_R_MKNOD, (uint32_t)mode, &t, NULL, rc, errno);
+        return rc;
+}
+
+VELO_EXPORT int mknod(const char *path, mode_t mode, dev_t dev)
+{
+        return do_mknodat(AT_FDCWD, path, mode, dev);
+}
+
+VELO_EXPORT int mknodat(int dirfd, const char *path, mode_t mode, dev_t dev)
+{
+        return do_mknodat(dirfd, path, mode, dev);
+}
+
+VELO_EXPORT int mkfifo(const char *path, mode_t mode)
+{
+        return do_mknodat(AT_FDCWD, path, S_IFIFO | mode, 0);
+}
+
+VELO_EXPORT int mkfifoat(int dirfd, const char *path, mode_t mode)
+{
+        return do_mknodat(dirfd, path, S_IFIFO | mode, 0);
+}
+
+/* mkdtemp makes its directory through glibc's internal mkdir: the intent names the template
+ * (its parent is what changes), the completion the directory made. */
+VELO_EXPORT char *mkdtemp(char *tmpl)
+{
+        struct velo_target t;
+        int r = velo_pre1(VELO_R_MKDIR, 0700, AT_FDCWD, tmpl, VELO_WRITE, &t);
+        if (r == VELO_DENY)
+                return NULL;
+        if (REAL(mkdtemp) == NULL) {
+                errno = ENOSYS;
+                return NULL;
+        }
+        char *res = REAL(mkdtemp)(tmpl);
+        if (r == VELO_TRACK) {
+                int e = errno;
+                if (res != NULL)
+                        velo_resolve(AT_FDCWD, res, 0, &t);
+                velo_post(VELO_R_MKDIR, 0700, &t, NULL, res != NULL ? 0 : -1, e);
+                errno = e;
+        }
+        return res;
 }

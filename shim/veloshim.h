@@ -136,6 +136,8 @@ struct velo_real_fns {
         int (*posix_spawnp)(pid_t *, const char *, const void *, const void *, char *const[],
                             char *const[]);
         int (*posix_spawn_file_actions_addopen)(void *, int, const char *, int, mode_t);
+        int (*mknodat)(int, const char *, mode_t, dev_t);
+        char *(*mkdtemp)(char *);
 };
 
 extern struct velo_real_fns velo_real;

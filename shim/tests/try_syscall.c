@@ -122,6 +122,15 @@ static int run(char **argv, char *self)
                 r = rmdir(a);
         } else if (!strcmp(op, "mkdir")) {
                 r = mkdir(a, 0750);
+        } else if (!strcmp(op, "mkfifo")) {
+                r = mkfifo(a, 0640);
+        } else if (!strcmp(op, "mknod")) {
+                r = mknod(a, S_IFREG | 0640, 0);
+        } else if (!strcmp(op, "mkdtemp")) {
+                char tmpl[4096];
+                snprintf(tmpl, sizeof tmpl, "%s", a);
+                r = mkdtemp(tmpl) == NULL ? -1 : 0;
+                printf("mkdtemp-made %s\n", tmpl);
         } else if (!strcmp(op, "link")) {
                 r = link(a, b);
                 used = 3;

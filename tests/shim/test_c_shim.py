@@ -104,6 +104,8 @@ WRITES = {
     "unlink": (["unlink", "a"], RecType.UNLINK, "a", ""),
     "mkdir": (["mkdir", "d"], RecType.MKDIR, "d", ""),
     "rmdir": (["rmdir", "sub"], RecType.RMDIR, "sub", ""),
+    "mkfifo": (["mkfifo", "fifo"], RecType.MKNOD, "fifo", ""),
+    "mknod": (["mknod", "node"], RecType.MKNOD, "node", ""),
     "link": (["link", "a", "hl"], RecType.LINK, "a", "hl"),
     "symlink": (["symlink", "target-text", "sl"], RecType.SYMLINK, "sl", "=target-text"),
     "chmod": (["chmod", "a"], RecType.CHMOD, "a", ""),
@@ -129,6 +131,34 @@ def test_write_intent_journaled_before_and_after(lab: Lab, name: str) -> None:
     assert mine[1].ret >= 0
     # the INTENT is written before the call: it precedes the DONE in the file
     assert mine[0].offset < mine[1].offset
+
+
+def test_mkdtemp_journals_the_directory_it_made(lab: Lab) -> None:
+    # glibc's mkdtemp makes the directory through its internal mkdir, past the mkdir hook: the
+    # new directory went unjournaled (like mkfifo and mknod, which had no hook at all)
+    out, recs = lab.run("mkdtemp", "sub/tmp.XXXXXX")
+    made = next(line.split()[1] for line in out if line.startswith("mkdtemp-made"))
+    assert (lab.proj / made).is_dir() and made != "sub/tmp.XXXXXX"
+    mk = [r for r in recs if r.type == RecType.MKDIR]
+    assert [Phase(r.phase) for r in mk] == [Phase.INTENT, Phase.DONE]
+    assert mk[0].path1 == lab.p("sub/tmp.XXXXXX")  # its parent is what changes
+    assert mk[1].path1 == lab.p(made) and mk[1].ret == 0
+
+
+def test_the_daemon_rescans_the_directory_a_mknod_made_a_name_in(lab: Lab) -> None:
+    from veloverlay.session.shim import treesync
+
+    _out, recs = lab.run("mknod", "sub/node")
+
+    class Top:
+        top = os.fsencode(lab.proj)
+
+        def rel(self, p: bytes) -> bytes | None:
+            return treesync.TreeSync.rel(self, p)  # type: ignore[arg-type]
+
+    dirty: dict[bytes, int] = {}
+    treesync.dirty_paths(recs, Top(), dirty)  # type: ignore[arg-type]
+    assert b"sub/node" in dirty and b"sub" in dirty
 
 
 def test_close_of_written_fds(lab: Lab) -> None:

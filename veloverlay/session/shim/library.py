@@ -94,6 +94,7 @@ class RecType(enum.IntEnum):
     SPAWN = 17
     INHERIT = 18
     DENIED = 19
+    MKNOD = 20
 
 
 class Phase(enum.IntEnum):

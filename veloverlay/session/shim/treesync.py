@@ -545,7 +545,7 @@ def dirty_paths(
         if not r.path1:
             continue
         mark(r.path1, SELF, tr1)
-        if t in (RecType.UNLINK, RecType.RMDIR, RecType.MKDIR, RecType.SYMLINK) or (
+        if t in (RecType.UNLINK, RecType.RMDIR, RecType.MKDIR, RecType.MKNOD, RecType.SYMLINK) or (
             t is RecType.OPEN and r.arg & _O_CREAT
         ):
             mark(r.path1.rsplit(b"/", 1)[0], SELF, tr1)
