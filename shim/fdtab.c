@@ -117,23 +117,30 @@ void velo_open_done(int fd, const struct velo_target *t, uint32_t arg)
  * redirection, `exec 3>>log`) are ours to watch too. Which fds are open is asked with poll()
  * (POLLNVAL marks a closed one), 256 at a time up to SCAN_MAX: far cheaper at start-up than
  * listing /proc/self/fd (measured: ~50 us of each exec'd program). An inherited written fd above
- * SCAN_MAX is not tracked: its opener journaled it, and the stat-diff sees the result. */
+ * SCAN_MAX, or above the soft RLIMIT_NOFILE (ppoll takes no more), is not tracked: its opener
+ * journaled it, and the stat-diff sees the result. */
 #define SCAN_MAX 1024
 #define SCAN_CHUNK 256
 
 void velo_fd_scan_inherited(void)
 {
+        /* ppoll refuses more fds than the soft RLIMIT_NOFILE (EINVAL): `ulimit -n 100` */
+        struct rlimit rl;
+        int limit = SCAN_MAX;
+        if (syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, NULL, &rl) == 0 && rl.rlim_cur < SCAN_MAX)
+                limit = (int)rl.rlim_cur;
         struct pollfd pfd[SCAN_CHUNK];
-        for (int base = 0; base < SCAN_MAX; base += SCAN_CHUNK) {
-                for (int i = 0; i < SCAN_CHUNK; i++) {
+        for (int base = 0; base < limit; base += SCAN_CHUNK) {
+                int n = limit - base < SCAN_CHUNK ? limit - base : SCAN_CHUNK;
+                for (int i = 0; i < n; i++) {
                         pfd[i].fd = base + i;
                         pfd[i].events = 0;
                         pfd[i].revents = 0;
                 }
                 struct timespec zero = {0, 0}; /* ppoll: every architecture has it, poll not */
-                if (syscall(SYS_ppoll, pfd, SCAN_CHUNK, &zero, NULL, 0) < 0)
+                if (syscall(SYS_ppoll, pfd, (unsigned long)n, &zero, NULL, 0) < 0)
                         return;
-                for (int i = 0; i < SCAN_CHUNK; i++) {
+                for (int i = 0; i < n; i++) {
                         if (pfd[i].revents & POLLNVAL)
                                 continue;
                         int fd = base + i;

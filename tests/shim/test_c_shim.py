@@ -316,6 +316,25 @@ def test_fd_inherited_across_exec_is_adopted(lab: Lab) -> None:
     assert (lab.proj / "inh").read_bytes() == b"inherited\n"
 
 
+def test_fd_inherited_under_a_low_fd_limit_is_adopted(lab: Lab) -> None:
+    # ppoll refuses more fds than RLIMIT_NOFILE allows (EINVAL): under `ulimit -n 100` the scan
+    # of inherited fds, 256 at a time, gave up on all of them
+    lab.export()
+    proc = subprocess.run(
+        ["sh", "-c", f"ulimit -n 100 && exec 3>>inh && exec {lab.exe} write_fd3"],
+        env=lab.env(),
+        cwd=lab.proj,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout == "write_fd3 10 0\n", proc
+    inh = [r for r in lab.reader.read(final=True) if r.type == RecType.INHERIT]
+    assert [(r.path1, r.ret) for r in inh] == [(lab.p("inh"), 3)]
+    assert (lab.proj / "inh").read_bytes() == b"inherited\n"
+
+
 def test_writes_into_the_store_are_refused(lab: Lab) -> None:
     obj = lab.store / "objects-v1" / "obj"
     obj.write_bytes(b"object\n")
