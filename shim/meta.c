@@ -231,17 +231,19 @@ static int real_utimensat(int dirfd, const char *path, const struct timespec *ts
         return (int)syscall(SYS_utimensat, dirfd, path, ts, flags);
 }
 
-/* utimensat(fd, NULL, ...) is futimens: the fd itself. */
+/* utimensat(fd, NULL, ...) is futimens: the fd itself; so is (fd, "", AT_EMPTY_PATH). */
 static int do_utimensat(int dirfd, const char *path, const struct timespec *ts, int flags)
 {
         struct velo_target t;
         int r;
         int by_fd = path == NULL;
+        unsigned vf = VELO_WRITE | VELO_BBW | nofollow_flag(flags);
+        if (flags & AT_EMPTY_PATH)
+                vf |= VELO_EMPTY;
         if (by_fd)
                 r = velo_pre_fd(VELO_R_UTIME, 0, dirfd, VELO_WRITE | VELO_BBW, &t);
         else
-                r = velo_pre1(VELO_R_UTIME, 0, dirfd, path,
-                              VELO_WRITE | VELO_BBW | nofollow_flag(flags), &t);
+                r = velo_pre1(VELO_R_UTIME, 0, dirfd, path, vf, &t);
         if (r == VELO_DENY)
                 return -1;
         int rc;
@@ -251,7 +253,7 @@ static int do_utimensat(int dirfd, const char *path, const struct timespec *ts, 
                 rc = REAL(futimens) != NULL ? REAL(futimens)(dirfd, ts)
                                                 : (int)syscall(SYS_utimensat, dirfd, NULL, ts, 0);
         else if (r == VELO_TRACK && t.broke)
-                rc = real_utimensat(AT_FDCWD, t.path, ts, flags);
+                rc = real_utimensat(AT_FDCWD, t.path, ts, flags & ~AT_EMPTY_PATH);
         else
                 rc = real_utimensat(dirfd, path, ts, flags);
         if (r == VELO_TRACK)

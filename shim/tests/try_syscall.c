@@ -158,6 +158,12 @@ static int run(char **argv, char *self)
                 struct timespec ts[2] = {{3000, 0}, {4000, 5}};
                 r = futimens(fd, ts);
                 close(fd);
+        } else if (!strcmp(op, "utime_empty")) {
+                /* the times of the file a read-only fd holds (AT_EMPTY_PATH, kernel >= 5.8) */
+                int fd = open(a, O_RDONLY | O_CLOEXEC);
+                struct timespec ts[2] = {{5000, 0}, {6000, 0}};
+                r = utimensat(fd, "", ts, AT_EMPTY_PATH);
+                close(fd);
         } else if (!strcmp(op, "setxattr")) {
                 r = setxattr(a, "user.velo", "1", 1, 0);
         } else if (!strcmp(op, "dup2close")) {
