@@ -71,6 +71,9 @@ def _dispatch(
     on_start: OnStart | None,
     progress: Progress | None = None,
 ) -> SessionResult:
+    from veloverlay.store.manifest import Manifests
+
+    Manifests(store).close()  # a store of a newer schema is refused before the probe writes in it
     opts = _pull_remote_refs(store, opts)
     choice = choose_backend(store, opts)
     if choice.backend == "overlay":

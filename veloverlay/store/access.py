@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "TOP_FILES",
     "check_safe",
     "check_place",
+    "refuse_newer_format",
     "write_refusal",
     "read_only_error",
     "refuse_overlap",
@@ -67,6 +69,31 @@ TOP_FILES = (
 
 
 AnyPath = str | os.PathLike[str] | bytes
+
+
+# A versioned name of the store's top level (`objects-v2`, `fsverity-v1.json`): a format change
+# is a new name, so one this version does not know is a newer veloverlay's.
+_VERSIONED = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*-v[0-9]+(?:\.[a-z0-9]+)?")
+_KNOWN = frozenset(n for n in (*TOP_DIRS, *TOP_FILES) if _VERSIONED.fullmatch(n))
+
+
+def refuse_newer_format(store_root: Path) -> None:
+    """Refuse a store that holds a versioned name this version does not know (`objects-v3`, a
+    `trees-v2`): a newer veloverlay made or upgraded it, and nothing here may write into a
+    format it does not understand. Checked before anything is made in the store."""
+    try:
+        names = os.listdir(store_root)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # no store yet, or not ours to read: the caller says so
+    newer = sorted(n for n in names if _VERSIONED.fullmatch(n) and n not in _KNOWN)
+    if newer:
+        raise VeloError(
+            f"the store at {store_root} holds {', '.join(newer)}, a format this veloverlay does "
+            "not know: a newer version made or upgraded it; nothing was changed",
+            reason=Reason.MANIFEST_SCHEMA,
+            hint="use the veloverlay version that created this store",
+            path=store_root,
+        )
 
 
 def exists_at(dir_fd: int, name: AnyPath) -> bool:

@@ -287,6 +287,7 @@ class Store:
             fd = store.fd
             if existed:
                 _refuse_foreign_dir(store.root, fd)
+                access.refuse_newer_format(store.root)
             if not existed:
                 os.fchmod(fd, 0o755 if shared else 0o700)
             elif shared:
@@ -323,6 +324,7 @@ class Store:
                 hint=f"it is private to its owner (uid {owner}): use a store of your own, or "
                 "ask its owner for a shared one ('veloverlay init --shared')",
             )
+        access.refuse_newer_format(store.root)
         if not store.objects.is_dir():
             raise VeloError(
                 f"no veloverlay store at {store.root}",

@@ -30,7 +30,8 @@ __all__ = [
     "map_failed",
     "check_data_file",
     "check_fresh",
-    "has_schema",
+    "stored_schema",
+    "check_schema",
     "json_record",
     "never_used",
     "mkdir_nofollow",
@@ -186,13 +187,27 @@ def mkdir_nofollow(store: Store) -> None:
             ) from None
 
 
-def has_schema(env: Any) -> bool:
-    """Does the LMDB environment `env` hold the schema key (written with the database)?"""
+def stored_schema(env: Any) -> bytes | None:
+    """The schema key of the LMDB environment `env` (written with the database), None when it
+    has none. Read in a read transaction that creates nothing: a store another version made is
+    judged before anything is written into it."""
     with env.begin() as txn:
         names = {bytes(k) for k, _v in txn.cursor()}
         if b"meta" not in names:
-            return False
-        return txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)) is not None
+            return None
+        v = txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False))
+        return None if v is None else bytes(v)
+
+
+def check_schema(stored: bytes | None, supported: bytes) -> None:
+    """Refuse a database whose schema is not `supported` (a newer veloverlay made it)."""
+    if stored is not None and stored != supported:
+        raise VeloError(
+            f"manifest schema {stored.decode(errors='replace')} is not supported (this is "
+            f"{supported.decode()}); nothing was changed",
+            reason=Reason.MANIFEST_SCHEMA,
+            hint="use the veloverlay version that created this store",
+        )
 
 
 def never_used(store: Store, env: Any) -> bool:

@@ -38,9 +38,9 @@ from veloverlay.store.dbfile import (
     CORRUPT_HINT,
     check_data_file,
     check_fresh,
+    check_schema,
     corrupt,
     fit_map_size,
-    has_schema,
     json_record,
     map_failed,
     mkdir_nofollow,
@@ -48,6 +48,7 @@ from veloverlay.store.dbfile import (
     put_record,
     read_record,
     record_lock,
+    stored_schema,
     write_record,
 )
 from veloverlay.store.digest import Digest, hash_bytes, node_digest
@@ -140,10 +141,12 @@ class Manifests(Versions):
                 path=store.db_path,
             ) from exc
         try:
-            if existing and not has_schema(self.env):  # written with the database
+            schema = stored_schema(self.env) if existing else SCHEMA_VERSION
+            if schema is None:  # written with the database
                 if readonly or not never_used(store, self.env):
                     raise lmdb.NotFoundError("no schema key")
                 existing = False  # a creation killed before it wrote the schema: made again
+            check_schema(schema, SCHEMA_VERSION)  # before a sub-database is made in it
             self._meta = self.env.open_db(b"meta", create=not readonly)
             self._nodes = self.env.open_db(b"nodes", create=not readonly)
             self._refs = self.env.open_db(b"refs", create=not readonly)
@@ -163,6 +166,9 @@ class Manifests(Versions):
         except lmdb.Error as exc:
             self.env.close()
             raise _lmdb_error(exc, store) from exc
+        except VeloError:
+            self.env.close()
+            raise
         self._cache: dict[bytes, Node] = {}
         # nodes' entries left encoded, by name (`node_entry_map`), and how the nodes this
         # process wrote were made: lookups and diffs through a wide directory decode only the
@@ -174,7 +180,6 @@ class Manifests(Versions):
                 txn.put(b"schema", SCHEMA_VERSION, db=self._meta)
                 txn.put(EMPTY_ROOT, _EMPTY_ENC, db=self._nodes)
             write_record(store, 0)
-        self._check_schema()
 
     def _open_optional(self, name: bytes, readonly: bool) -> Any:
         """A sub-database added after schema 1 (a read-only open of an older store has none:
@@ -183,17 +188,6 @@ class Manifests(Versions):
             return self.env.open_db(name, create=not readonly)
         except lmdb.NotFoundError:
             return None
-
-    def _check_schema(self) -> None:
-        with self.read() as txn:
-            v = txn.get(b"schema", db=self._meta)
-        if v is not None and v != SCHEMA_VERSION:
-            raise VeloError(
-                f"manifest schema {v.decode(errors='replace')} is not supported (this is "
-                f"{SCHEMA_VERSION.decode()})",
-                reason=Reason.MANIFEST_SCHEMA,
-                hint="use the veloverlay version that created this store",
-            )
 
     def close(self) -> None:
         self.env.close()
