@@ -105,9 +105,9 @@ def test_repair_drops_a_cached_layer_that_shows_a_planted_file(mode: str) -> Non
     assert seen["names"] == out["source"], out  # the source tree, nothing planted
 
 
-def _corrupt_copy_in_a_delta_layer(base: str) -> dict[str, object]:
+def _changed_f1(base: str) -> tuple[object, str, str, bytes]:
     """A Tier-2 file changed by a session reaches the next session's layers as a copy (a delta
-    layer cannot hold a metacopy file), made from its object; the object is then damaged."""
+    layer cannot hold a metacopy file), made from its object: (store, at, object path, bytes)."""
     _cache_env(base)
     store, _src = new_store(base)
     at = os.path.join(base, "at")
@@ -125,16 +125,29 @@ def _corrupt_copy_in_a_delta_layer(base: str) -> dict[str, object]:
     obj = os.fspath(store.object_path(entry.digest))
     with open(obj, "rb") as f:
         right = f.read()
-    # damaged in place (root-free, its owner can chmod it; root lifts +i): the same size
+    return store, at, obj, right
+
+
+def _damage(obj: str) -> None:
+    """Damaged in place (root-free, its owner can chmod it; root lifts +i): the same size."""
     unprotect(obj)
     os.chmod(obj, 0o644)
     with open(obj, "r+b") as f:
         f.write(b"BAD")
     os.chmod(obj, 0o444)
-    # the next session builds the delta layer: f1 is a copy of the object as it is now
+
+
+def _delta_copies(store: object) -> list[str]:
+    return [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*-on-*/f1")]  # type: ignore[arg-type]
+
+
+def _corrupt_copy_in_a_delta_layer(base: str) -> dict[str, object]:
+    """The next session builds the delta layer (f1 a copy of its object); the object is then
+    damaged, and fsck --repair runs in another environment."""
+    store, at, obj, right = _changed_f1(base)
     _seen(store, at, base, ["f1"])
-    copies = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*-on-*/f1")]
-    assert copies, "no delta layer holds a copy of f1"
+    assert _delta_copies(store), "no delta layer holds a copy of f1"
+    _damage(obj)
     repaired = _repair_elsewhere(os.fspath(store.root))
     try:
         seen: object = _seen(store, at, base, ["f1", "f2"])
@@ -156,6 +169,31 @@ def _corrupt_copy_in_a_delta_layer(base: str) -> dict[str, object]:
         "seen": seen,
         "healed": _seen(store, at, base, ["f1"]),
     }
+
+
+def _delta_from_a_damaged_object(base: str) -> dict[str, object]:
+    store, at, obj, _right = _changed_f1(base)
+    _damage(obj)
+    try:
+        seen: object = _seen(store, at, base, ["f1"])
+    except VeloError as exc:
+        seen = exc.reason.value
+    with open(obj, "rb") as f:
+        damaged = f.read()
+    return {"seen": seen, "copies": _delta_copies(store), "damaged": damaged}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_delta_layer_never_copies_a_damaged_object(mode: str) -> None:
+    """The copy of a changed Tier-2 file in a data-only delta layer was checked for its size
+    only: an object damaged in place went into the per-boot cache, which outlives the object
+    (set aside and fetched again) and which every later session of the version read. The copy
+    is hashed now: the session refuses (object-corrupt) and no layer keeps the bytes."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _delta_from_a_damaged_object, base)
+    assert out["seen"] == Reason.OBJECT_CORRUPT.value, out
+    assert out["copies"] == [], out
+    assert isinstance(out["damaged"], bytes) and out["damaged"].startswith(b"BAD"), out
 
 
 @pytest.mark.parametrize("mode", mode_params("root", "rootfree"))

@@ -18,6 +18,7 @@ from veloverlay.lower.objects import Objects
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import object_corrupt, object_missing
+from veloverlay.store.digest import hash_own_file
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 from veloverlay.store.tree import extent as tree_extent
@@ -87,14 +88,30 @@ class _Writer:
     def copy(self, dfd: int, e: Entry) -> None:
         """A private copy (reflink where possible) with the entry's mode and mtime.
 
-        Used for Tier-2 files in data-only delta layers (see `metacopy` above).
+        Used for Tier-2 files in data-only delta layers (see `metacopy` above). The copy is
+        hashed before it is kept: a cached layer outlives the object it was made from (a damaged
+        object set aside and fetched again), so a copy of damaged bytes would go on showing them
+        to every later session until fsck looked. The copy is read, not the object: what is
+        checked is what sessions will read. Measured (200 x 1 MiB changed files, store on ext4,
+        per-boot cache on tmpfs, medians of 9): the cold delta build took 0.13 s without the
+        hash, 0.37-0.45 s with it (one thread: a session's manager must stay single-threaded);
+        raw BLAKE3 of 200 MiB is 0.12 s here. Bounded by DELTA_MAX_COPY, paid once per version.
         """
         self.copied += e.size
         self._check_size(e)
         dst = b"/proc/self/fd/%d/%s" % (dfd, e.name)
-        linking.clone_or_copy(
-            os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=e.mode
+        used = linking.clone_or_copy(  # owner-readable until hashed (a 000 file, root-free)
+            os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=0o600
         )
+        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            got, _n = hash_own_file(fd, direct=used is linking.LinkMode.REFLINK)
+            if got != e.digest:
+                os.unlink(e.name, dir_fd=dfd)
+                raise object_corrupt(e.digest, f"its bytes hash to {got.hex()}")
+            os.fchmod(fd, e.mode)
+        finally:
+            os.close(fd)
         os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
     def _check_size(self, e: Entry) -> None:
