@@ -24,6 +24,7 @@ from tests.session._util import (
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.lower.homes import layer_homes
+from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests
 from veloverlay.verbs.fsck import fsck
 
@@ -194,6 +195,35 @@ def test_a_delta_layer_never_copies_a_damaged_object(mode: str) -> None:
     assert out["seen"] == Reason.OBJECT_CORRUPT.value, out
     assert out["copies"] == [], out
     assert isinstance(out["damaged"], bytes) and out["damaged"].startswith(b"BAD"), out
+
+
+def _proxy_from_a_damaged_object(base: str) -> dict[str, object]:
+    """The links form: a Tier-2 file is a hard link to a per-(digest, mode) proxy, a copy of
+    its object kept in the store's trees-v1/ and shared by every layer that holds those bytes."""
+    _cache_env(base)
+    os.environ["VELO_FORCE_LOWER"] = "links"
+    store, src = new_store(base)
+    with open(os.path.join(src, "f3"), "rb") as f:
+        right = f.read()
+    obj = os.fspath(store.object_path(hash_bytes(right)))
+    _damage(obj)
+    try:
+        seen: object = _seen(store, os.path.join(base, "at"), base, ["f3"])
+    except VeloError as exc:
+        seen = exc.reason.value
+    proxies = glob.glob(f"{store.root}/trees-v1/proxies/*/{hash_bytes(right).hex()}-*")
+    return {"seen": seen, "proxies": proxies}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_links_proxy_is_never_made_from_a_damaged_object(mode: str) -> None:
+    """A proxy was copied from its object unchecked (not even its size): it kept the damaged
+    bytes in the store's trees-v1/ (across reboots), and a proxy that exists is reused, also
+    after the object was set aside and fetched again. Now the copy is hashed first."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _proxy_from_a_damaged_object, base)
+    assert out["seen"] == Reason.OBJECT_CORRUPT.value, out
+    assert out["proxies"] == [], out
 
 
 @pytest.mark.parametrize("mode", mode_params("root", "rootfree"))

@@ -10,15 +10,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from veloverlay import _libc, faults, linking, paths
+from veloverlay import _libc, faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE, force_rmtree, makedirs
 from veloverlay.lower.homes import Home, check_room
-from veloverlay.lower.objects import Objects
+from veloverlay.lower.objects import Objects, verified_copy
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import object_corrupt, object_missing
-from veloverlay.store.digest import hash_own_file
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 from veloverlay.store.tree import extent as tree_extent
@@ -100,18 +99,7 @@ class _Writer:
         self.copied += e.size
         self._check_size(e)
         dst = b"/proc/self/fd/%d/%s" % (dfd, e.name)
-        used = linking.clone_or_copy(  # owner-readable until hashed (a 000 file, root-free)
-            os.fsdecode(self.objs.store.object_path_b(e.digest)), os.fsdecode(dst), mode=0o600
-        )
-        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            got, _n = hash_own_file(fd, direct=used is linking.LinkMode.REFLINK)
-            if got != e.digest:
-                os.unlink(e.name, dir_fd=dfd)
-                raise object_corrupt(e.digest, f"its bytes hash to {got.hex()}")
-            os.fchmod(fd, e.mode)
-        finally:
-            os.close(fd)
+        verified_copy(self.objs.store, e.digest, dst, e.mode)
         os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
     def _check_size(self, e: Entry) -> None:

@@ -12,8 +12,8 @@ from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import exact_modes, makedirs
 from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id, short_id_path, trees_dir
 from veloverlay.store.access import mkdir_nofollow
-from veloverlay.store.cas import Store, object_missing
-from veloverlay.store.digest import hash_fd
+from veloverlay.store.cas import Store, object_corrupt, object_missing
+from veloverlay.store.digest import hash_fd, hash_own_file
 from veloverlay.store.manifest import Manifests, Txn
 
 __all__ = ["ids_dir", "short_id_path", "Objects", "protect_all", "name_and_protect"]
@@ -156,11 +156,7 @@ class Objects:
         path = pdir + b"/" + name.encode()
         if not os.path.lexists(path):
             tmp = path + b".%d.%s" % (os.getpid(), os.urandom(3).hex().encode())
-            src = self.store.object_path_b(digest)
-            try:
-                linking.clone_or_copy(os.fsdecode(src), os.fsdecode(tmp), mode=mode)
-            except FileNotFoundError:
-                raise object_missing(digest) from None
+            verified_copy(self.store, digest, tmp, mode)
             os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
             try:
                 os.link(tmp, path)
@@ -191,6 +187,29 @@ class Objects:
                 raise object_missing(digest)
             self._immutable(digest)
         return self.store.object_path_b(digest)
+
+
+def verified_copy(store: Store, digest: bytes, dst: bytes, mode: int) -> None:
+    """Make the new file `dst` a copy of object `digest` (a reflink where possible) with `mode`,
+    hashed before it is kept: a proxy or a delta layer's copy outlives the object it was made
+    from (an object damaged in place, set aside by fsck --repair and fetched again), and every
+    later session would read the damaged bytes from it. The copy is what is hashed, not the
+    object: what sessions will read. A mismatch removes it: object-corrupt."""
+    try:
+        used = linking.clone_or_copy(  # owner-readable until hashed (a 000 file, root-free)
+            os.fsdecode(store.object_path_b(digest)), os.fsdecode(dst), mode=0o600
+        )
+    except FileNotFoundError:
+        raise object_missing(digest) from None
+    fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        got, _n = hash_own_file(fd, direct=used is linking.LinkMode.REFLINK)
+        if got != digest:
+            os.unlink(dst)
+            raise object_corrupt(digest, f"its bytes hash to {got.hex()}")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def protect_all(store: Store, m: Manifests, root: bytes, form: str, home: Home) -> list[str]:
