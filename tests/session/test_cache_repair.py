@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import pytest
 
@@ -339,3 +340,88 @@ def test_a_moved_stores_per_boot_layers_are_not_reaped_as_a_gone_stores(mode: st
     with unpriv_tmpdir() as base:
         out = as_mode(mode, _moved_then_another_store, base)
     assert out["layers"] and out["left"] == out["layers"], out
+
+
+# --- fsck --repair while a session runs ------------------------------------------------------
+def _repair_during_a_session(base: str, plant: bool) -> dict[str, object]:
+    """A session of `t` runs; meanwhile an object of another ref is found damaged and fsck
+    --repair sets it aside, evicting cached layers (`plant`: a file planted in the session's own
+    layer makes fsck drop that stack). The session lists its tree before and after (it waits for
+    the repair to finish: a file the repairing process makes)."""
+    _cache_env(base)
+    store, src = new_store(base)
+    if plant:
+        run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
+        (layer,) = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+        with open(os.path.join(layer, "planted"), "w") as f:
+            f.write("evil")
+    other = os.path.join(base, "other")
+    os.mkdir(other)
+    with open(os.path.join(other, "z"), "wb") as f:
+        f.write(b"damaged later\n")
+    m = Manifests(store)
+    try:
+        ingest(store, m, other, "o", jobs=1)
+    finally:
+        m.close()
+    _damage(os.fspath(store.object_path(hash_bytes(b"damaged later\n"))))
+    at, out = os.path.join(base, "at"), os.path.join(base, "out")
+    ready, go = os.path.join(base, "ready"), os.path.join(base, "go")
+    pid = os.fork()
+    if pid == 0:  # the repair, in its own process, once the session has started
+        code = 1
+        try:
+            for _ in range(6000):
+                if os.path.exists(ready):
+                    break
+                time.sleep(0.01)
+            with open(os.path.join(base, "repaired"), "w") as f:
+                f.write("\n".join(_repair_elsewhere(os.fspath(store.root))))
+            code = 0
+        finally:
+            with open(go, "w"):
+                pass
+            os._exit(code)
+    script = (
+        f"ls -A {at} > {out}.1; touch {ready}; i=0; "
+        f"while [ ! -e {go} ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done; "
+        f"ls -A {at} > {out}.2; cat {at}/f1 > {out}.3"
+    )
+    r = run_session(store, ["t"], ["sh", "-c", script], at=at, discard=True)
+    _pid, status = os.waitpid(pid, 0)
+    seen = []
+    for i in (1, 2, 3):
+        with open(f"{out}.{i}", "rb") as f:
+            seen.append(f.read())
+    with open(os.path.join(base, "repaired")) as f:
+        repaired = f.read()
+    return {
+        "exit": (r.exit_status, status),
+        "before": sorted(seen[0].split()),
+        "after": sorted(seen[1].split()),
+        "f1": seen[2],
+        "source": sorted(os.fsencode(n) for n in os.listdir(src)),
+        "repaired": repaired,
+    }
+
+
+@pytest.mark.parametrize("plant", [False, True], ids=["set-aside", "bad-stack"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_repair_during_a_session_leaves_its_mounted_layers(mode: str, plant: bool) -> None:
+    """Setting a damaged object aside evicted every cached layer, also those a running session
+    had mounted, and a stack fsck found bad was removed under the session using it: that
+    session's whole tree vanished under it (ls showed nothing, reads were ENOENT). Layers of
+    live sessions' roots stay on disk now; a bad stack a session uses is reported, not
+    dropped, until it ends (dropping only its record would have the next build keep it)."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _repair_during_a_session, base, plant)
+    assert out["exit"] == (0, 0), out
+    repaired = out["repaired"]
+    assert isinstance(repaired, str) and "set aside" in repaired, out
+    source = out["source"]
+    assert isinstance(source, list)
+    assert out["before"] == sorted([*source, b"planted"] if plant else source), out
+    assert out["after"] == out["before"], out
+    assert out["f1"] == b"one\n", out
+    if plant:
+        assert "not dropped: a running session" in repaired, out

@@ -30,27 +30,37 @@ def prune(store: Store, keep: set[bytes], *, everywhere: bool = False) -> int:
     """Evict cached layers: stacks of roots not in `keep`, layers no stack uses, proxies no
     layer links — in the store and in this user's per-boot cache for it (`everywhere`: in each
     per-boot base, as fsck --repair must: what it evicts must not be found by the sessions of
-    another environment). For `gc`, which holds the store lock exclusively (no session can be
-    starting); a running session keeps its layers mounted whatever happens to their names.
-    Returns the number of layers removed."""
+    another environment). For `gc` and `fsck --repair`, which hold the store lock exclusively
+    (no session can be starting); `keep` must hold the roots of running sessions (their state
+    files' roots): their layers are mounted, and overlayfs shows a lower's files vanishing under
+    a session (its whole tree, measured). Returns the number of layers removed."""
     removed = sum(_prune_home(home, keep) for home in _homes(store, everywhere))
     _prune_proxies(store)
     return removed
 
 
-def drop_stacks(store: Store, bad: set[Path]) -> int:
+def drop_stacks(store: Store, bad: set[Path], hold: frozenset[bytes] = frozenset()) -> set[Path]:
     """For `fsck --repair`: remove the stack records `bad` (their layers do not show their
     manifest's tree) and every layer that no other stack of its home uses, so the next session
     builds them again from the store — a half measure would not do: a build finding a layer of
-    its name in place keeps it. The caller holds the store lock exclusively. Returns the number
-    of layers removed."""
-    removed = 0
+    its name in place keeps it. A stack of a root in `hold` (a running session has its layers
+    mounted) is left as it is: removing them would empty that session's tree under it, and
+    dropping the record alone would have the next build keep the damaged layers. The caller
+    holds the store lock exclusively. Returns the records left for that reason."""
+    held = {p for p in bad if _stack_root(p) in hold}
     for home in _homes(store, True):
-        mine = {p for p in bad if p.parent == home.sub("stacks")}
+        mine = {p for p in bad - held if p.parent == home.sub("stacks")}
         if mine:
-            removed += _prune_home(home, None, drop=mine)
+            _prune_home(home, None, drop=mine)
     _prune_proxies(store)
-    return removed
+    return held
+
+
+def _stack_root(path: Path) -> bytes | None:
+    try:
+        return bytes.fromhex(json.loads(path.read_text())["root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prune_proxies(store: Store) -> None:
@@ -71,18 +81,18 @@ def _prune_home(
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(stacks):
             path = stacks / name
-            if path in drop:
-                path.unlink()
-                continue
             try:
                 data = json.loads(path.read_text())
                 root = bytes.fromhex(data["root"])
-            except (OSError, ValueError, KeyError):
+                names = {str(n) for n in data.get("layers", [])}
+            except (OSError, ValueError, KeyError, TypeError):
+                if path in drop:
+                    path.unlink()
                 continue
-            if keep is None or root in keep:
-                used.update(str(n) for n in data.get("layers", []))
-            else:
+            if path in drop or (keep is not None and root not in keep):
                 path.unlink()
+            else:
+                used |= names
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(layers):

@@ -264,12 +264,16 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
         return set()
     from veloverlay.lower.homes import short_id, short_id_path
     from veloverlay.lower.prune import prune
+    from veloverlay.verbs.gc import session_roots
 
     done: set[str] = set()
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(store.lock(exclusive=True, wait=False))
-        except VeloError as exc:  # in use, or not ours to write
+            # what running sessions have mounted stays (gone, their trees vanish under them);
+            # fsck then checks those stacks as any other (verify_layers, below)
+            live = frozenset(session_roots(store))
+        except VeloError as exc:  # in use, or not ours to write; a session state unreadable
             for i, _hexname in bad:
                 f = rep.findings[i]
                 rep.findings[i] = Finding(
@@ -301,7 +305,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
             done.add(hexname)
             rep.quarantined += 1
         if done:  # every cached layer, in every per-boot base: rebuilt from the store on demand
-            prune(store, set(), everywhere=True)
+            prune(store, set(live), everywhere=True)
     return done
 
 
@@ -313,16 +317,25 @@ def _drop_bad_layers(store: Store, rep: FsckReport, first: int, bad: set[Path]) 
 
     if not bad:
         return
+    from veloverlay.verbs.gc import session_roots
+
+    held: set[str] = set()
     try:
         with store.lock(exclusive=True, wait=False):
-            drop_stacks(store, bad)
+            live = frozenset(session_roots(store))
+            held = {p.name for p in drop_stacks(store, bad, live)}
             note = "the stack and its layers dropped (built again on demand)"
     except VeloError as exc:
         note = f"not dropped: {exc.message}"
+    busy = (
+        "not dropped: a running session has its layers mounted (run fsck --repair again "
+        "once it ends; 'veloverlay sessions')"
+    )
     for i in range(first, len(rep.findings)):
         f = rep.findings[i]
         if f.kind.startswith("layer-"):
-            rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; {note}")
+            why = busy if f.what.split(":", 1)[0] in held else note
+            rep.findings[i] = Finding(f.kind, f.what, f"{f.detail}; {why}")
 
 
 def _there(store: Store, sizes: dict[bytes, int | None], digest: bytes) -> bool:
