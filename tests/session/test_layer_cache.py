@@ -7,6 +7,7 @@ stores that are gone, and a rebuild when the cache vanished (as after a reboot).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -26,9 +27,11 @@ from tests.session._util import (
     run_session,
 )
 from veloverlay import mount
+from veloverlay.ingest import ingest
 from veloverlay.lower import homes, layers, stacks
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
+from veloverlay.verbs import gc
 
 # root and root-free, each where this host can mount data-only lowers for that identity
 BOTH = [
@@ -529,3 +532,38 @@ def test_gc_cannot_prune_the_layers_of_a_starting_session(mode: str) -> None:
     with unpriv_tmpdir() as base:
         r = as_mode(mode, _gc_in_the_start_window, base)
     assert r == {"gc_could_prune": False, "reason": "locked", "status": 0}, r
+
+
+def _gc_in_another_environment(base: str) -> dict[str, object]:
+    """Sessions ran with one per-boot base (an interactive login's XDG_RUNTIME_DIR); gc runs
+    with another (cron: none of those variables), after the ref moved on."""
+    os.environ["VELO_FORCE_LOWER"] = "data-only"
+    login, cron = os.path.join(base, "login"), os.path.join(base, "cron")
+    for d in (login, cron):
+        os.mkdir(d, 0o700)
+    os.environ["VELO_RUNTIME_DIR"] = login
+    store, src = new_store(base)
+    run_session(store, ["t"], ["true"], at=os.path.join(base, "proj"))
+    pattern = os.path.join(login, "*", "*", "*", "layers", "*")
+    before = glob.glob(pattern)
+    with open(os.path.join(src, "f1"), "wb") as f:
+        f.write(b"a new version\n")
+    os.environ["VELO_RUNTIME_DIR"] = cron
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+        rep = gc.gc(store, m)
+    finally:
+        m.close()
+    return {"before": before, "left": glob.glob(pattern), "evicted": rep.layers_evicted}
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_gc_evicts_old_layers_from_every_per_boot_base(mode: str) -> None:
+    """gc pruned only the per-boot cache its own environment chose: the layers of versions no
+    ref uses any more stayed (memory, until a reboot) in the cache the sessions had used."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _gc_in_another_environment, base)
+    assert r["before"], r
+    assert r["left"] == [], r
+    assert r["evicted"] == len(r["before"]), r  # type: ignore[arg-type]

@@ -354,10 +354,12 @@ def gc(
             _forget(m, *forget)
         else:
             _sweep(store, victims, short_ids, progress, rep.bytes_freed)
-        # Lower layers of versions no ref head or session uses any more: rebuilt on demand.
+        # Lower layers of versions no ref head or session uses any more: rebuilt on demand;
+        # under every per-boot base this user's sessions of the store used (another
+        # environment's cache kept them, in memory, until a reboot or a gc run there).
         from veloverlay.lower.prune import prune
 
-        rep.layers_evicted = prune(store, heads)
+        rep.layers_evicted = prune(store, heads, everywhere=True)
         keep_hex = {h.hex() for h in heads}
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(store.trees / "relocation"):  # relocation.cached_find_baked
