@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.trees import unprotect
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import new_store
 from tests.shim._util import run_shim
@@ -23,6 +24,7 @@ from veloverlay.session.shim.materialize import (
     verify_proxies,
 )
 from veloverlay.store.cas import Store
+from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests
 
 
@@ -95,6 +97,24 @@ def test_a_modified_proxy_is_quarantined_and_reported(tmp_path: Path) -> None:
     assert any("modified outside any shim" in w for w in mat.warnings)
     assert Path(tmp_path, "p2", "f1").read_bytes() == b"one\n"  # a fresh proxy
     assert prune_proxies(store, repair=True) >= 1
+
+
+def test_a_proxy_is_never_made_from_a_damaged_object(tmp_path: Path) -> None:
+    """A --link proxy (kept in the store, shared by every later materialisation of those bytes)
+    was copied from its object unchecked: an object damaged in place (the same size) became a
+    proxy that outlived the object. The copy is hashed first now: object-corrupt, no proxy."""
+    store, src = new_store(os.fspath(tmp_path))
+    right = Path(src, "f1").read_bytes()
+    obj = store.object_path(hash_bytes(right))
+    unprotect(os.fspath(obj))
+    obj.chmod(0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"BAD")
+    with pytest.raises(VeloError) as exc:
+        _materialize(store, os.fspath(tmp_path / "p1"), link=True)
+    assert exc.value.reason is Reason.OBJECT_CORRUPT
+    left = [p for p in proxies_dir(store).rglob("*") if p.name.startswith(obj.name)]
+    assert left == []
 
 
 def test_target_must_be_new_or_empty(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from veloverlay import _libc, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_bytes_atomic
-from veloverlay.lower.objects import PROXY_MTIME_NS
+from veloverlay.lower.objects import PROXY_MTIME_NS, verified_copy
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.access import private_dir, refuse_overlap
@@ -303,7 +303,7 @@ class _Placer:
             st = None
         if st is None:
             tmp = path + b".%d.%s.tmp" % (os.getpid(), secrets.token_hex(3).encode())
-            linking.clone_or_copy(self.store.object_path(e.digest), os.fsdecode(tmp), mode=e.mode)
+            verified_copy(self.store, e.digest, tmp, e.mode)  # kept and shared: hashed first
             os.utime(tmp, ns=(PROXY_MTIME_NS, PROXY_MTIME_NS))
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
