@@ -772,3 +772,36 @@ def test_a_per_boot_directory_made_by_a_command_is_never_mounted(mode: str) -> N
     assert out["exit"] == (0, 0), out
     assert out["planted"], out  # the command could make it: nothing binds a path to come
     assert out["shown"] == b"one\n", out
+
+
+def test_a_state_file_of_a_newer_version_is_refused_and_kept(tmp_path: Path) -> None:
+    """A session a newer veloverlay started (its state file says version 2) is not resumed by
+    this one from fields it may misread: manifest-schema, and the file is left as it was; gc
+    still keeps the roots it names."""
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.session import core
+    from veloverlay.session import state as session_state
+    from veloverlay.store.manifest import Manifests
+    from veloverlay.verbs.gc import gc
+
+    store, _src = new_store(str(tmp_path))
+    root = head_root(store, "t").hex()
+    sdir = store.sessions / "20990101T000000-newer"
+    sdir.mkdir(parents=True)
+    data = {"version": 2, "id": sdir.name, "state": "running", "refs": ["t"], "roots": [root]}
+    (sdir / "state.json").write_text(json.dumps(data))
+    before = (sdir / "state.json").read_bytes()
+    with pytest.raises(VeloError) as exc:
+        session_state.load(store, sdir.name)
+    assert exc.value.reason is Reason.MANIFEST_SCHEMA
+    with pytest.raises(VeloError) as exc:
+        core.harvest_resume(store, sdir.name)
+    assert exc.value.reason is Reason.MANIFEST_SCHEMA
+    assert (sdir / "state.json").read_bytes() == before
+    m = Manifests(store)
+    try:
+        with m.write() as txn:
+            m.delete_ref(txn, "t")
+        assert gc(store, m, grace=0).objects_deleted == 0  # the roots it names are kept
+    finally:
+        m.close()

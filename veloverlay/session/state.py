@@ -5,7 +5,8 @@ refs and base commits, the roots gc must keep while it lives, where it projects,
 run it (pid + start time, so a recycled pid is never taken for the session), and how it ended.
 Both backends write the same record; fields one backend does not use keep their defaults. The
 JSON keys are the field names (schema `version` 1, as the first version wrote them); unknown keys
-are ignored and missing ones take their defaults, so a state written by an older run still loads.
+are ignored and missing ones take their defaults, so a state written by an older run still loads;
+one of a higher version (a newer veloverlay's) is refused: `manifest-schema`.
 """
 
 from __future__ import annotations
@@ -204,6 +205,16 @@ def load(store: Store, sid: str) -> State:
         raise VeloError(f"bad session id {sid!r}", reason=Reason.SESSION_NOT_FOUND)
     try:
         data = json.loads((session_dir(store, sid) / "state.json").read_text())
+        version = data.get("version", STATE_VERSION) if isinstance(data, dict) else None
+        if isinstance(version, int) and version > STATE_VERSION:
+            # fields this version does not know may say what the session needs (gc keeps its
+            # `roots` all the same: gc reads them raw)
+            raise VeloError(
+                f"session {sid}: its state file is version {version}, written by a newer "
+                f"veloverlay (this one reads version {STATE_VERSION}); nothing was changed",
+                reason=Reason.MANIFEST_SCHEMA,
+                hint="harvest or list it with the veloverlay version that started it",
+            )
         return State.from_json(data)
     except (FileNotFoundError, NotADirectoryError):
         raise VeloError(
