@@ -788,3 +788,24 @@ def test_help_on_a_terminal_is_typers_rich_page_and_keeps_every_word(store: str)
     # help texts are plain text, not rich markup: nothing in brackets or parentheses is eaten
     assert b"(default: the directory's name)" in out
     assert b"(default: CPUs; at most 4 per CPU)" in out
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["ls", "--help"], ["--help-man"]], ids=" ".join
+)
+def test_help_and_version_into_a_closed_pipe_exit_141(store: str, args: list[str]) -> None:
+    """typer handles an EPIPE met while it writes help or the version itself, with exit status
+    1 (as if the command had failed); every other verb says 141 (`veloverlay ls | head`). The
+    pipe's reader is closed before the command starts, so the write fails for certain."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "veloverlay", *args],
+            env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+            stdout=w,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, b""), (args, p.returncode, p.stderr)

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     _open_std_fds()
     common.reset()
     before = _catch_termination()
+    out, err = sys.stdout, sys.stderr
     try:
         command = typer.main.get_command(app)
         rv = command.main(args, prog_name="veloverlay", standalone_mode=False)
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         words = args[: args.index("--")] if "--" in args else args
         common.set_globals(store=None, debug="--debug" in words, as_json="--json" in words)
         return _usage(exc)
+    except SystemExit as exc:
+        if exc.code == 1 and _stdout_gone():  # typer's own EPIPE handling (--help, --version)
+            sys.stdout, sys.stderr = out, err  # it put flush-pacifying wrappers in their place
+            return _broken_pipe()
+        raise
     except BaseException as exc:
         return _failure(exc)
     finally:
@@ -317,6 +323,16 @@ def _cwd_gone() -> bool:
     except FileNotFoundError:
         return True
     return False
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR on its write end).
+    typer turns an EPIPE met while it writes help or a version itself into SystemExit(1)."""
+    import select
+
+    poller = select.poll()
+    poller.register(1, select.POLLOUT)
+    return any(ev & select.POLLERR for _fd, ev in poller.poll(0))
 
 
 def _broken_pipe() -> int:
