@@ -65,7 +65,9 @@ def test_a_directory_swapped_on_the_way_to_the_destination_is_refused(
         store, _src = new_store(base)
         anc, victim, swap = scenario(base, keep)
         dest = os.path.join(anc, "dest")
-        swap_at_mkdir(monkeypatch, dest, swap, before=before)
+        # the tree is written beside the destination first, then renamed into place
+        partial = os.path.join(anc, f".dest.velo-partial-{os.getpid()}")
+        swap_at_mkdir(monkeypatch, partial, swap, before=before)
         with pytest.raises(VeloError) as exc:
             checkout_ref(store, "t", dest)
         monkeypatch.undo()

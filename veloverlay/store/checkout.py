@@ -7,17 +7,22 @@ below is created by us and entered through a directory fd opened with O_NOFOLLOW
 created with O_EXCL|O_NOFOLLOW relative to it, so no symlink (from the manifest or planted
 concurrently) is ever followed, and names were validated when the node was decoded. Directory
 modes and mtimes are set last, deepest first.
+
+The whole tree or nothing (`_Place`): the tree is written into a partial directory beside the
+destination and renamed into place once complete; an interrupted checkout leaves nothing at the
+destination, and the next checkout to that name removes the partial directory it left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
 
-from veloverlay import files, linking, pathtrust
+from veloverlay import _libc, faults, files, linking, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.mount import pin_dir
@@ -120,29 +125,224 @@ def _moved(real: str, what: str) -> VeloError:
     )
 
 
-def _prepare_dest(dest: str) -> int:
-    try:
-        fd, created = claim_dir(resolve_dest(dest), 0o700)
-    except NotADirectoryError:
-        raise VeloError(
-            f"{dest} exists and is not a directory", reason=Reason.EXISTS, path=dest
-        ) from None
-    except FileNotFoundError:
-        raise VeloError(
-            f"the parent of {dest} does not exist", reason=Reason.NOT_FOUND, path=dest
-        ) from None
-    try:
-        if not created and os.listdir(fd):
+def _refuse_existing(dest: str, st: os.stat_result) -> VeloError:
+    if stat.S_ISLNK(st.st_mode):
+        return VeloError(
+            f"{dest} is a symbolic link: checkout never writes through one",
+            reason=Reason.EXISTS,
+            path=dest,
+            hint="give the directory it leads to (or a new name)",
+        )
+    return VeloError(f"{dest} exists and is not a directory", reason=Reason.EXISTS, path=dest)
+
+
+def _not_empty(dest: str) -> VeloError:
+    return VeloError(
+        f"{dest} is not empty",
+        reason=Reason.EXISTS,
+        path=dest,
+        hint="check out into a new or empty directory",
+    )
+
+
+PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID[-N]`: a checkout of NAME under way
+
+
+def _partial_prefix(name: str) -> str:
+    """`.NAME.velo-partial-`, NAME cut short where the whole would pass the 255-byte limit."""
+    raw = os.fsencode(name)[: 255 - len(PARTIAL) - 1 - 12]  # 12: the pid and a counter
+    return f".{os.fsdecode(raw)}{PARTIAL}"
+
+
+class _InPlace(Exception):
+    """The existing empty destination cannot be exchanged for the finished tree (a mount point:
+    EBUSY): the tree is written into it instead."""
+
+
+class _Place:
+    """Where a checkout writes, and how the tree gets to the destination whole or not at all.
+
+    The tree is written into a new directory beside the destination (`.NAME.velo-partial-PID`,
+    made by `claim_dir`, flock-ed while in use) and renamed into place once complete: no
+    destination, or an existing empty one (ours, exchanged for the tree: RENAME_EXCHANGE, then
+    removed), never a half-written tree that a rerun refuses as "not empty". A checkout killed
+    midway leaves only the hidden partial directory, which the next checkout to that name
+    removes (unlocked, ours). An existing empty destination that is another user's or a mount
+    point is written into directly, as before (its owner and mount are the user's to keep)."""
+
+    def __init__(self, dest: str, real: str) -> None:
+        self.dest, self.real = dest, real
+        self.parent, self.name = os.path.split(real)
+        self.temp: str | None = None  # the partial directory's name, None: in place
+        self.old: os.stat_result | None = None  # the empty destination to exchange with
+        self.pfd = self.lock = -1
+        self.top = self._open()
+
+    def _open(self) -> int:
+        try:
+            pfd = pin_dir(self.parent or "/")
+        except VeloError as exc:
+            if exc.reason is Reason.NOT_FOUND:
+                raise VeloError(
+                    f"the parent of {self.dest} does not exist",
+                    reason=Reason.NOT_FOUND,
+                    path=self.dest,
+                ) from None
+            raise
+        try:
+            st: os.stat_result | None = os.stat(self.name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            os.close(pfd)
+            raise _unmade(exc, "stat", self.real) from None
+        try:
+            if st is not None:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise _refuse_existing(self.dest, st)
+                if st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev:
+                    return self._in_place()
+                fd, st = files.open_dir_at(pfd, self.name, expect=(st.st_dev, st.st_ino))
+                try:
+                    if os.listdir(fd):
+                        raise _not_empty(self.dest)
+                finally:
+                    os.close(fd)
+                self.old = st
+            self._reclaim(pfd)
+        finally:
+            os.close(pfd)
+        return self._partial()
+
+    def _in_place(self) -> int:
+        try:
+            fd, created = claim_dir(self.real, 0o700)
+        except NotADirectoryError:
+            st = os.lstat(self.real)
+            raise _refuse_existing(self.dest, st) from None
+        except FileNotFoundError:
             raise VeloError(
-                f"{dest} is not empty",
-                reason=Reason.EXISTS,
-                path=dest,
-                hint="check out into a new or empty directory",
-            )
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+                f"the parent of {self.dest} does not exist", reason=Reason.NOT_FOUND, path=self.dest
+            ) from None
+        if not created and os.listdir(fd):
+            os.close(fd)
+            raise _not_empty(self.dest)
+        self.temp = None
+        return fd
+
+    def _partial(self) -> int:
+        for n in range(100):
+            temp = f"{_partial_prefix(self.name)}{os.getpid()}" + (f"-{n}" if n else "")
+            try:
+                fd, created = claim_dir(os.path.join(self.parent, temp), 0o700)
+            except FileNotFoundError:
+                raise VeloError(
+                    f"the parent of {self.dest} does not exist",
+                    reason=Reason.NOT_FOUND,
+                    path=self.dest,
+                ) from None
+            except SysError as exc:
+                if self.old is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return self._in_place()  # an empty directory of ours where we may not make one
+                # the user's destination, not our partial name
+                raise SysError(exc.errno or errno.EIO, exc.syscall, self.real) from None
+            except NotADirectoryError:
+                continue  # something else by that name: another one
+            if created:
+                break
+            os.close(fd)
+        else:
+            raise VeloError(f"no free partial name beside {self.dest}", reason=Reason.EXISTS)
+        self.temp = temp
+        try:
+            # the directory the partial one is in, whatever its path says now: the rename goes there
+            self.pfd = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            self.lock = os.dup(fd)
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.old is not None and os.fstat(fd).st_gid != self.old.st_gid:
+                with contextlib.suppress(OSError):  # the empty destination's group, if we may
+                    os.fchown(fd, -1, self.old.st_gid)
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+        return fd
+
+    def _reclaim(self, pfd: int) -> None:
+        """Remove the partial directories a killed checkout to this name left: ours, unlocked."""
+        prefix = _partial_prefix(self.name)
+        try:
+            rfd = os.open(".", DIRFLAGS, dir_fd=pfd)
+            try:
+                names = os.listdir(rfd)
+            finally:
+                os.close(rfd)
+        except OSError:
+            return  # a parent we may not list (0711): nothing we could find
+        for entry in names:
+            if not entry.startswith(prefix):
+                continue
+            try:
+                fd, st = files.open_dir_at(pfd, entry)
+            except OSError:
+                continue
+            try:
+                if st.st_uid != os.geteuid():
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a checkout still writing it
+                with contextlib.suppress(OSError):
+                    files.empty_dir(fd)
+                    files.rmdir_at(pfd, entry, expect=(st.st_dev, st.st_ino))
+            finally:
+                os.close(fd)
+
+    def commit(self) -> None:
+        """Put the finished tree at the destination (nothing to do when written in place)."""
+        if self.temp is None:
+            return
+        temp, name = self.temp.encode(), self.name.encode()
+        try:
+            if self.old is None:
+                _libc.renameat2(self.pfd, temp, self.pfd, name, _libc.RENAME_NOREPLACE)
+            else:
+                now = os.stat(self.name, dir_fd=self.pfd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) != (self.old.st_dev, self.old.st_ino):
+                    raise _moved(self.real, "the empty directory found there was replaced")
+                _libc.renameat2(self.pfd, temp, self.pfd, name, _libc.RENAME_EXCHANGE)
+        except FileNotFoundError:
+            raise _moved(self.real, "the empty directory found there was removed") from None
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise VeloError(
+                    f"{self.dest} was made by someone else while the tree was written",
+                    reason=Reason.EXISTS,
+                    path=self.dest,
+                    hint="check out into a new or empty directory",
+                ) from None
+            if exc.errno == errno.EBUSY:
+                raise _InPlace() from None
+            raise SysError(exc.errno or errno.EIO, "rename", self.dest) from None
+        temp_name, self.temp = self.temp, None  # the tree is in place: never removed now
+        if self.old is not None:
+            with contextlib.suppress(OSError):  # the empty one, now at the partial name
+                files.rmdir_at(self.pfd, temp_name, expect=(self.old.st_dev, self.old.st_ino))
+
+    def abort(self) -> None:
+        """Remove the partial tree (a failed or interrupted checkout leaves no trace)."""
+        if self.temp is not None and self.pfd >= 0 and self.lock >= 0:
+            st = os.fstat(self.lock)
+            with contextlib.suppress(OSError):
+                files.remove_at(self.pfd, self.temp, expect=(st.st_dev, st.st_ino))
+        self.temp = None
+
+    def close(self) -> None:
+        for fd in (self.lock, self.pfd):
+            if fd >= 0:
+                os.close(fd)
+        self.lock = self.pfd = -1
 
 
 REPORT_BYTES = 8 << 20  # a progress report at least this often while big files are written
@@ -189,23 +389,59 @@ def checkout(
 
     setuid/setgid bits are not written unless `keep_setid` (a root checkout of a bundle from
     elsewhere must not mint a setuid-root program), as ingest and harvest do."""
-    refuse_overlap(
-        resolve_dest(dest), store.root, what="the destination", hint="check out outside the store"
-    )
-    top = _prepare_dest(dest)
+    real = resolve_dest(dest)
+    refuse_overlap(real, store.root, what="the destination", hint="check out outside the store")
+    place = _Place(dest, real)
+    try:
+        try:
+            count = _write_tree(store, m, txn, root, place.top, dest, progress, keep_setid)
+            place.commit()
+        except _InPlace:
+            place.abort()
+            place.close()
+            place.top = place._in_place()
+            count = _write_tree(store, m, txn, root, place.top, dest, progress, keep_setid)
+    except BaseException:
+        place.abort()
+        raise
+    finally:
+        place.close()
+    return count
+
+
+def _write_tree(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    root: bytes,
+    top: int,
+    dest: str,
+    progress: Progress | None,
+    keep_setid: bool,
+) -> int:
+    """Write the tree `root` into the directory `top` (a descriptor it takes over)."""
     count = written = reported = 0
-    total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
+    try:
+        total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
+        node = m.get_node(txn, root)
+    except BaseException:
+        os.close(top)
+        raise
     # Depth first, one open directory fd per level (never one per directory: a tree with more
     # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
     # set when everything below it is written, and its fd is closed then.
     stack: list[tuple[int, Iterator[Entry], int, int]] = []
 
     def enter(dfd: int, digest: bytes) -> None:
-        node = m.get_node(txn, digest)
+        try:
+            node = m.get_node(txn, digest)
+        except BaseException:
+            os.close(dfd)
+            raise
         stack.append((dfd, iter(node.entries), node.mode, node.mtime_ns))
 
+    stack.append((top, iter(node.entries), node.mode, node.mtime_ns))
     try:
-        enter(top, root)
         while stack:
             dfd, entries, mode, mtime = stack[-1]
             e = next(entries, None)
@@ -226,6 +462,7 @@ def checkout(
                 fmode = e.mode if keep_setid else e.mode & ~_SETID
                 _write_file(store, dfd, name, e.digest, e.size, fmode, e.mtime_ns)
                 written += e.size
+                faults.point("checkout.file")
             # MASK entries are deletions for stacked refs: nothing to write
             count += 1
             if progress is not None and (count % 1000 == 0 or written - reported >= REPORT_BYTES):

@@ -1,0 +1,116 @@
+"""`checkout REF DEST` puts the whole tree at DEST or nothing.
+
+Checkout wrote straight into DEST: killed midway (Ctrl-C, SIGKILL, a full disk, a damaged
+object) it left a partial tree there, and the rerun refused it ("DEST is not empty") until the
+user removed it by hand — after checking it was not something of theirs. The tree is now written
+beside DEST and renamed into place when complete; what a killed checkout left beside it is
+removed by the next one."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.trees import assert_same_tree, make_tree, unprotect
+from veloverlay.store.digest import hash_bytes
+
+SPEC: dict[str, object] = {
+    **{f"d{i % 3}/f{i:02d}": f"content {i}\n".encode() for i in range(30)},
+    "link": ("link", "d0/f00"),
+    "empty": None,
+}
+
+
+def velo(store: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    if fault is not None:
+        env["VELO_INTERNAL__TEST_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, timeout=120
+    )
+
+
+@pytest.fixture
+def world(shm_tmp: str) -> tuple[str, str, str]:
+    """(store, source tree, a directory to check out into)."""
+    store, src, out = (os.path.join(shm_tmp, n) for n in ("store", "src", "out"))
+    make_tree(src, SPEC)
+    os.chmod(os.path.join(src, "d1"), 0o750)
+    os.mkdir(out)
+    p = velo(store, "ingest", src, "--name", "t")
+    assert p.returncode == 0, p.stderr
+    return store, src, out
+
+
+def _left_beside(out: str) -> list[str]:
+    return sorted(os.listdir(out))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dest", "empty-dest"])
+def test_a_checkout_killed_midway_leaves_nothing_and_the_rerun_works(
+    world: tuple[str, str, str], existing: bool
+) -> None:
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    if existing:
+        os.mkdir(dest)
+    killed = velo(store, "checkout", "t", dest, fault="checkout.file:5")
+    assert killed.returncode == -9, killed.stderr
+    # nothing at DEST: no partial tree (the old code left 4 files there)
+    if existing:
+        assert os.listdir(dest) == []
+    else:
+        assert not os.path.lexists(dest)
+    again = velo(store, "checkout", "t", dest)
+    assert again.returncode == 0, again.stderr  # old: "dest is not empty"
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]  # the killed run's partial tree was removed too
+
+
+def test_a_failed_checkout_removes_what_it_wrote(world: tuple[str, str, str]) -> None:
+    """A damaged object stops the checkout (object-corrupt): DEST stays absent, nothing beside."""
+    store, _src, out = world
+    h = hash_bytes(b"content 17\n").hex()
+    victim = os.path.join(store, "objects-v2", h[:2], h)
+    unprotect(victim)
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:
+        f.write(b"CONTENT")  # same size, other bytes
+    dest = os.path.join(out, "dest")
+    p = velo(store, "--debug", "checkout", "t", dest)
+    assert p.returncode == 1 and b"reason: object-corrupt" in p.stderr, p.stderr
+    assert _left_beside(out) == []
+
+
+def test_the_destination_keeps_the_tree_s_own_mode_and_mtime(world: tuple[str, str, str]) -> None:
+    """An existing empty destination is exchanged for the tree: it ends with the tree's root
+    mode and mtime, as when it was written in place, and is ours, a directory, not a link."""
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest, 0o700)
+    p = velo(store, "checkout", "t", dest)
+    assert p.returncode == 0, p.stderr
+    st, sst = os.lstat(dest), os.lstat(src)
+    assert stat.S_ISDIR(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(sst.st_mode)
+    assert st.st_mtime_ns == sst.st_mtime_ns
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]
+
+
+def test_a_symlink_as_the_destination_is_refused_and_says_so(
+    world: tuple[str, str, str],
+) -> None:
+    store, _src, out = world
+    os.mkdir(os.path.join(out, "real"))
+    os.symlink("real", os.path.join(out, "link"))
+    p = velo(store, "checkout", "t", os.path.join(out, "link"))
+    assert p.returncode == 1
+    assert b"symbolic link" in p.stderr, p.stderr
+    assert os.listdir(os.path.join(out, "real")) == []
+    assert _left_beside(out) == ["link", "real"]
