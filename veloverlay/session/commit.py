@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Harvested", "result_for", "session_ref_name", "already_committed", "harvest_and_commit"]
 
-LOG_SCAN = 200  # commits of the ref searched for an earlier commit of this session (resume)
-
 
 class Harvested(Protocol):
     """What a backend's harvest returns: path operations against the view, the directory
@@ -82,9 +80,12 @@ def already_committed(
         return None, sref
     ref = m.get_ref(txn, st.top)
     cid = ref.head if ref is not None else None
-    for _ in range(LOG_SCAN):
-        if cid is None or not m.has_commit(txn, cid):  # (a log cut by gc --keep ends here)
-            break
+    # Back from the head to the session's base, however many commits other sessions made since:
+    # a walk cut short (it stopped after 200) took a committed session for one that was not,
+    # and its resume merged the same changes into the ref a second time. Commit ids are
+    # hashes of their parent's, so the walk ends; at the first finish of a session it is one
+    # step (the head is its base) or the commits made while it ran.
+    while cid is not None and m.has_commit(txn, cid):  # (a log cut by gc --keep ends here)
         c = m.get_commit(txn, cid)
         if c.session == st.id:
             return c.id, None
