@@ -19,8 +19,8 @@ from veloverlay.store.manifest import Manifests
 from veloverlay.verbs.repo import Repo
 
 
-def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, object], Repo]:
-    store, _src = new_store(base)
+def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, object], Repo, str]:
+    store, src = new_store(base)
     proj = os.path.join(base, "proj")
     go = os.path.join(base, "go")
     script = f"cd {proj} && printf mine > new && while [ ! -e {go} ]; do sleep 0.02; done"
@@ -49,16 +49,19 @@ def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, o
         pass
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    return json.loads(out), repo
+    return json.loads(out), repo, os.fspath(src)
 
 
 @pytest.mark.needs("root", "overlay_root")
 @pytest.mark.parametrize("remake", [True, False], ids=["made-anew", "deleted"])
 def test_the_sessions_changes_are_kept_as_its_own_ref(shm_tmp: str, remake: bool) -> None:
-    res, repo = _session_while_the_ref_changes(shm_tmp, remake)
+    res, repo, src = _session_while_the_ref_changes(shm_tmp, remake)
     try:
         sref = f"t@{res['session_id']}"
         assert res["conflict_ref"] == sref
+        # it projects where its tree came from: not the new tree's source, nor nowhere
+        with repo.m.read() as txn:
+            assert repo.m.require_ref(txn, sref).path == src
         assert any(
             sref in w and ("made anew" if remake else "deleted") in w for w in res["warnings"]
         )

@@ -288,8 +288,20 @@ def _keep(
     sid: str,
     res: SessionResult,
 ) -> None:
+    # The kept ref is the session's tree: it projects where the tree it started from was
+    # ingested (its base commit's path), not where a ref made anew under the name since was,
+    # nor nowhere when the ref was deleted.
+    base_path = m.get_commit(txn, base_id).path if m.has_commit(txn, base_id) else None
+    path = base_path if base_path is not None else (ref.path if ref else None)
     c = m.put_commit(
-        txn, ref=sref, root=new_root, parent=base_id, message=message, session=sid, delta=ops
+        txn,
+        ref=sref,
+        root=new_root,
+        parent=base_id,
+        message=message,
+        session=sid,
+        delta=ops,
+        path=path,
     )
-    m.put_ref(txn, Ref(sref, c.id, ref.path if ref else None, ref.tiers if ref else None, None))
+    m.put_ref(txn, Ref(sref, c.id, path, ref.tiers if ref else None, None))
     res.conflict_ref = sref
