@@ -39,11 +39,27 @@ def resolve_stack(m: Manifests, specs: list[str], *, hints: bool = True) -> Stac
         resolved = [m.resolve(txn, spec) for spec in specs]
         refs = [r for r, _ in resolved]
         commits = [c for _, c in resolved]
+        _refuse_top_below(specs, refs)
         roots = [bytes.fromhex(c.root) for c in commits]
         view = stack_roots(m, txn, roots)
         below = stack_roots(m, txn, roots[:-1]) if len(roots) > 1 else None
         older = ancestors(m, txn, commits[-1]) if hints and len(roots) == 1 else []
     return Stack(refs, commits, view, below, older)
+
+
+def _refuse_top_below(specs: list[str], refs: list[Ref]) -> None:
+    """A stack whose top ref is also below it (`run r r`, `run r@{1} r`) would record each
+    deletion of a path the lower copy provides as a MASK in the ref itself: a single ref then
+    carries masks of its own paths, which `diff` and a checkout of it do not show."""
+    top = refs[-1].name
+    for spec, ref in zip(specs[:-1], refs[:-1], strict=True):
+        if ref.name == top:
+            raise VeloError(
+                f"{specs[-1]!r} is also below itself in the stack (as {spec!r}): its deletions "
+                f"would be recorded as masks in {top} itself",
+                reason=Reason.USAGE,
+                hint=f"name {top} once, on top; stack other refs below it",
+            )
 
 
 def ancestors(m: Manifests, txn: Txn, commit: Commit, limit: int = 32) -> list[bytes]:
