@@ -210,25 +210,64 @@ def _live_view_meddled(base: str, meddle: str) -> dict[str, Any]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     refused = ""
-    if meddle == "session":
-        try:
-            opts = session.SessionOptions(refs=[live], at=other, backend="overlay", grace=1.0)
-            session.run(store, opts, ["sh", "-c", f"printf x > {other}/x"])
-        except VeloError as exc:
-            refused = exc.reason.value
-    else:
-        r = Repo.open(os.fspath(store.root))
-        try:
-            r.rollback(live, 1)
-        finally:
-            r.close()
-    Path(go).touch()
-    os.waitpid(pid, 0)
+    live_follows, live_commits = False, 0
+    try:
+        if meddle == "session":
+            try:
+                opts = session.SessionOptions(refs=[live], at=other, backend="overlay", grace=1.0)
+                session.run(store, opts, ["sh", "-c", f"printf x > {other}/x"])
+            except VeloError as exc:
+                refused = exc.reason.value
+        else:
+            r = Repo.open(os.fspath(store.root))
+            try:
+                if meddle == "rollback":
+                    r.rollback(live, 1)
+                else:
+                    r.delete_ref(live)
+            except VeloError as exc:
+                refused = exc.reason.value
+            finally:
+                r.close()
+            daemon = os.path.join(store.sessions, live.split("@", 1)[1], "daemon.json")
+            commits = _daemon_commits(daemon)
+            Path(os.path.join(proj, "f2")).write_bytes(b"meanwhile")  # (the shim is not here)
+            Path(os.path.join(proj, "f1")).write_bytes(b"mine again")
+            deadline = time.monotonic() + 10
+            while _live_f1(store, live) != b"mine again" and time.monotonic() < deadline:
+                time.sleep(0.05)  # the daemon's stat of a hot path commits it to the live view
+            live_follows = _live_f1(store, live) == b"mine again"
+            live_commits = _daemon_commits(daemon) - commits
+            Path(os.path.join(proj, "f1")).write_bytes(b"mine")
+    finally:
+        Path(go).touch()  # the session ends whatever failed here (no process left waiting)
+        os.waitpid(pid, 0)
     return {
         "refused": refused,
+        "live_follows": live_follows if meddle != "session" else None,
+        "live_commits": live_commits if meddle != "session" else None,
         "f1": _cat(store, "t", "f1"),
         "late": _cat(store, "t", "late") if b"late" in _ls(store, "t") else None,
     }
+
+
+def _live_f1(store: Store, live: str) -> bytes | None:
+    from veloverlay.errors import VeloError
+
+    try:
+        return _cat(store, live, "f1")
+    except VeloError:  # (the live view deleted)
+        return None
+
+
+def _daemon_commits(report: str) -> int:
+    import json
+
+    try:
+        with open(report) as f:
+            return int(json.load(f)["commits"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _ls(store: Store, spec: str) -> list[bytes]:
@@ -252,9 +291,16 @@ def test_a_session_on_a_live_view_is_refused(mode: str) -> None:
     assert r["f1"] == b"mine" and r["late"] == b"late", r
 
 
-def test_a_rollback_of_the_live_view_loses_nothing() -> None:
+@pytest.mark.parametrize("meddle", ["rollback", "delete"])
+def test_a_rollback_or_deletion_of_the_live_view_is_refused(meddle: str) -> None:
     """A rollback of the live view put a commit that is not the daemon's at its head: the shim
-    session's end took it for its own kept result and harvested nothing."""
+    session's end took it for its own kept result and harvested nothing. Later, the daemon's
+    next live commit (which expects its own head) failed and the daemon died: the live view
+    stood still for the rest of the session, and the rollback was silently undone at its end
+    (a deletion alike). Both are refused while the session runs (session-active); the live
+    view goes on following the tree and the end commits everything."""
     with unpriv_tmpdir() as base:
-        r = as_mode("root", _live_view_meddled, base, "rollback")
+        r = as_mode("root", _live_view_meddled, base, meddle)
+    assert r["refused"] == "session-active", r
+    assert r["live_follows"] and r["live_commits"] > 0, r
     assert r["f1"] == b"mine" and r["late"] == b"late", r

@@ -256,9 +256,12 @@ def finishing(store: Store, sid: str) -> Iterator[State]:
         os.close(fd)
 
 
-def refuse_live_view(store: Store, name: str) -> None:
-    """Refuse `name` as the ref a session commits to while it is the live view `REF@<id>` of a
-    shim session that has not ended: that session's daemon owns it, and its end removes it."""
+def refuse_live_view(store: Store, name: str, *, doing: str = "") -> None:
+    """Refuse `name` as the ref a session commits to (or that `doing` changes: "roll back",
+    "delete") while it is the live view `REF@<id>` of a shim session that has not ended: that
+    session's daemon owns it (its next commit there expects its own head: a rollback or a
+    deletion made it fail and end, and the live view stood still for the rest of the session),
+    and its end merges the session's whole tree into REF and removes it."""
     _base, sep, sid = name.partition("@")
     if not sep:
         return
@@ -268,6 +271,14 @@ def refuse_live_view(store: Store, name: str) -> None:
         return
     if st.backend != "shim" or st.session_ref != name or st.shown_state() in DONE_STATES:
         return
+    if doing:
+        raise VeloError(
+            f"{name} is the live view of shim session {sid}, which has not ended: it cannot "
+            f"{doing} it",
+            reason=Reason.SESSION_ACTIVE,
+            hint=f"its end merges the session's tree into {st.top} and removes {name}; "
+            f"{doing} {st.top} after that (undo changes in {st.target} meanwhile)",
+        )
     raise VeloError(
         f"{name} is the live view of shim session {sid}, which has not ended: a session "
         "cannot commit to it",

@@ -235,6 +235,9 @@ class Repo:
         Like every writer that makes the manifests name what is already stored, it holds the
         store lock shared: gc (exclusive) decides what to delete in one read and deletes it
         later, and would otherwise delete the version this names in between."""
+        from veloverlay.session.state import refuse_live_view
+
+        refuse_live_view(self.store, name, doing="roll back")
         with self.store.lock(), self.m.write() as txn:
             ref = self.m.require_ref(txn, name)
             spec = self._rollback_spec(txn, name, version)
@@ -282,8 +285,10 @@ class Repo:
         """Delete ref `name` (its tags stay). Returns what that frees and when: its objects that
         nothing else keeps go at the first `gc` once older than `grace` (gc's default)."""
         from veloverlay.ingest.pipeline import drop_cache
+        from veloverlay.session.state import refuse_live_view
         from veloverlay.verbs.gc import ref_footprint
 
+        refuse_live_view(self.store, name, doing="delete")
         fp = ref_footprint(self.store, self.m, name, grace=grace)
         with self.m.write() as txn:
             if not self.m.delete_ref(txn, name):
