@@ -114,3 +114,35 @@ def test_a_symlink_as_the_destination_is_refused_and_says_so(
     assert b"symbolic link" in p.stderr, p.stderr
     assert os.listdir(os.path.join(out, "real")) == []
     assert _left_beside(out) == ["link", "real"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root checks out into another user's directory")
+def test_an_empty_destination_of_another_user_or_a_mount_point_is_written_into(
+    world: tuple[str, str, str],
+) -> None:
+    """These cannot be exchanged for the finished tree without taking the directory from its
+    owner (or failing: EBUSY for a mount point): the tree is written into them, as before, and
+    the directory stays theirs (same inode, same owner)."""
+    from tests.helpers.unpriv import UNPRIV_UID
+
+    store, src, out = world
+    theirs = os.path.join(out, "theirs")
+    os.mkdir(theirs)
+    os.chown(theirs, UNPRIV_UID, UNPRIV_UID)
+    before = os.lstat(theirs)
+    p = velo(store, "checkout", "t", theirs)
+    assert p.returncode == 0, p.stderr
+    after = os.lstat(theirs)
+    assert (after.st_ino, after.st_uid) == (before.st_ino, UNPRIV_UID)
+    assert_same_tree(src, theirs)
+    backing, mnt = os.path.join(out, "backing"), os.path.join(out, "mnt")
+    os.mkdir(backing)
+    os.mkdir(mnt)
+    subprocess.run(["mount", "--bind", backing, mnt], check=True)
+    try:
+        p = velo(store, "checkout", "t", mnt)
+        assert p.returncode == 0, p.stderr
+        assert_same_tree(src, backing)  # into the mount, not beside it
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    assert sorted(_left_beside(out)) == ["backing", "mnt", "theirs"]
