@@ -31,6 +31,7 @@ from veloverlay.lower import homes, layers, prune, stacks
 from veloverlay.session import reaper
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
+from veloverlay.verbs.repo import Repo
 
 BOTH = mode_params("root", "rootfree")
 
@@ -372,6 +373,11 @@ def _stacked(base: str, **kw: Any) -> dict[str, object]:
             base_t = m.resolve(txn, "t")[1].root
     finally:
         m.close()
+    repo = Repo.open(os.fspath(store.root))
+    try:  # what `diff u@{1} u` says of the session's commit (it showed no masks)
+        diff = sorted((c.status, os.fsdecode(c.path)) for c in repo.changes("u@{1}", "u"))
+    finally:
+        repo.close()
     # The next stacked session sees the masks hide the lower ref's paths.
     seen2 = os.path.join(base, "seen2")
     run_session(store, ["t", "u"], ["sh", "-c", f"cd {proj}; ls > {seen2}"], at=proj, **kw)
@@ -388,6 +394,7 @@ def _stacked(base: str, **kw: Any) -> dict[str, object]:
         "backend": res.backend,
         "fsck": fsck_ok(store),
         "changes": sorted(res.changes),
+        "diff": diff,
         "model_changes": sorted(leaf_changes(before, snapshot(model))),
     }
 
@@ -423,6 +430,14 @@ def test_stacked_refs_delta_goes_to_top_with_masks(mode: Any, kw: dict[str, Any]
     listing = r["listing"]
     assert isinstance(listing, list)
     assert "f2" not in listing and "dir2" not in listing and "f1" in listing
+    # the top ref's own history shows the deletions its masks make (and the rest of the change)
+    assert r["diff"] == [
+        ("A", "d/new"),
+        ("A", "exec.sh"),
+        ("A", "f3"),
+        ("D", "dir2"),
+        ("D", "f2"),
+    ], r["diff"]
     assert r["t_unchanged"]
     assert r["fsck"] == []
     # The end line tells the change as the session saw it: a deleted file of the lower ref

@@ -70,8 +70,8 @@ def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: b
             _Item(
                 c.status,
                 render.name(os.fsdecode(c.path) or "/"),
-                c.old.mode if c.old is not None else None,
-                c.new.mode if c.new is not None else None,
+                _mode(c.old),
+                _mode(c.new),
                 c.old.size if c.old is not None else 0,
                 c.new.size if c.new is not None else 0,
                 functools.partial(repo.patch, c, context=context),
@@ -80,6 +80,14 @@ def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: b
         ]
 
     _show(items, name_status, stat, patch)
+
+
+def _mode(e: Any) -> int | None:
+    """An entry's mode for the patch header; None for none, and for a MASK (a stack's top ref
+    deleting a lower ref's path: "a deleted path", not "a new file of mode 0")."""
+    from veloverlay.store.tree import Kind
+
+    return None if e is None or e.kind is Kind.MASK else int(e.mode)
 
 
 class _Item(NamedTuple):

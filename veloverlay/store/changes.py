@@ -4,7 +4,8 @@
 stores); `changes` turns them into what `diff`, `status` and a session's end line show: one change
 per file, symlink or empty directory (a subtree added or deleted whole is listed entry by entry).
 A mode change counts; a directory's own mtime does not, nor a file's mtime alone (its content and
-mode unchanged), as in git.
+mode unchanged), as in git. A MASK entry (a stack's top ref deleting a lower ref's path) that
+comes is a deletion, one that goes an addition, with the mask as the entry on its side.
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ def _subtree(m: Manifests, txn: Txn, e: Entry, path: bytes, status: str) -> list
     return out
 
 
+def _mask(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
+    e = m.lookup(txn, root, path)
+    return e if e is not None and e.kind is Kind.MASK else None
+
+
+def _mask_change(m: Manifests, txn: Txn, a: bytes, b: bytes, path: bytes) -> list[Change]:
+    """A MASK that came or went where neither tree has anything else: the top ref of a stack
+    deleted (or gave back) a path of a lower ref. Shown as that: D with the mask as the new
+    entry, A with the mask as the old one (`diff app@{1} app` after a stacked session showed
+    nothing for the files it deleted)."""
+    old, new = _mask(m, txn, a, path), _mask(m, txn, b, path)
+    if new is not None and old is None:
+        return [Change("D", path, None, new)]
+    if old is not None and new is None:
+        return [Change("A", path, old, None)]
+    return []
+
+
 def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
     """The changes that turn tree `a` into tree `b`, sorted by path."""
     out: list[Change] = []
@@ -57,6 +76,9 @@ def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
                 out.append(Change("M", op.path, old, _entry(m, txn, b, op.path)))
             continue
         new = None if op.kind is OpKind.DELETE else _entry(m, txn, b, op.path)
+        if old is None and new is None:
+            out += _mask_change(m, txn, a, b, op.path)
+            continue
         if old is not None and new is not None and Kind.DIR not in (old.kind, new.kind):
             out.append(Change("M" if old.kind is new.kind else "T", op.path, old, new))
             continue

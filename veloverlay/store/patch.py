@@ -38,7 +38,7 @@ def _read(fd: int) -> bytes:
 
 def object_lines(store: Store, e: Entry | None) -> list[str] | None:
     """The lines of a manifest entry (its object's bytes)."""
-    if e is None or e.kind is Kind.DIR:
+    if e is None or e.kind in (Kind.DIR, Kind.MASK):
         return []
     if e.kind is Kind.SYMLINK:
         return [os.fsdecode(e.target)]
