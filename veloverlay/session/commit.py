@@ -26,7 +26,7 @@ from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.manifest import Manifests, Ref, Txn
-from veloverlay.store.tree import Op
+from veloverlay.store.tree import Op, OpKind
 
 if TYPE_CHECKING:
     from veloverlay.tiers import Rules
@@ -182,6 +182,7 @@ def _harvest_and_commit(
                 seen = bytes.fromhex(st.view_root)
                 below = bytes.fromhex(st.below_root)
                 ops = to_top_ref(m, txn, ops, base_root, below, seen)
+                res.warnings.extend(_shadowed(m, txn, st, below, ops))
             new_root = m.apply(txn, base_root, ops) if ops else base_root
             # What changed is told as the session saw it, in the stacked view: a deleted file
             # of a lower ref is a MASK in the top ref, which a diff of the top ref alone hides.
@@ -195,6 +196,40 @@ def _harvest_and_commit(
             # what the next session's start would otherwise find out again with a diff
             carry_forward(store, base_root, new_root, ops)
     return t_harvested
+
+
+def _shadowed(m: Manifests, txn: Txn, st: State, below: bytes, ops: list[Op]) -> list[str]:
+    """The paths where the session's change to the top ref now hides a change a lower ref of
+    the stack got while it ran (re-ingested, another session): the top ref's entry (or mask)
+    wins in the stack, so the lower ref's new version is not seen there. Said, not merged:
+    the lower ref is not the session's to change."""
+    from veloverlay.store.stack import stack_roots
+
+    heads = []
+    for name in st.refs[:-1]:
+        ref = m.get_ref(txn, name)
+        if ref is None:
+            return []  # (a lower ref deleted: the stack itself changed; nothing to compare)
+        heads.append(ref.head)
+    if heads == st.bases[:-1]:
+        return []
+    now = stack_roots(m, txn, [bytes.fromhex(m.get_commit(txn, h).root) for h in heads])
+    hidden = []
+    for op in ops:
+        if op.kind is OpKind.META:
+            continue
+        if m.lookup(txn, below, op.path) != m.lookup(txn, now, op.path):
+            hidden.append(paths.display(op.path))
+    if not hidden:
+        return []
+    lower = ", ".join(
+        r for r, b, h in zip(st.refs[:-1], st.bases[:-1], heads, strict=True) if b != h
+    )
+    shown = ", ".join(hidden[:10]) + (f" and {len(hidden) - 10} more" if len(hidden) > 10 else "")
+    return [
+        f"{lower} changed while the session ran: the session's change to {shown}, now in "
+        f"{st.top}, hides what {lower} has there now (see 'veloverlay diff')"
+    ]
 
 
 def _commit(
