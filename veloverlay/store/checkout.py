@@ -282,6 +282,9 @@ class _Place:
         for entry in names:
             if not entry.startswith(prefix):
                 continue
+            pid = entry[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+                continue  # not ours, or its checkout may still be starting (not yet flock-ed)
             try:
                 fd, st = files.open_dir_at(pfd, entry)
             except OSError:
