@@ -805,3 +805,39 @@ def test_a_state_file_of_a_newer_version_is_refused_and_kept(tmp_path: Path) -> 
         assert gc(store, m, grace=0).objects_deleted == 0  # the roots it names are kept
     finally:
         m.close()
+
+
+def _run_on_another_store_inside(base: str) -> tuple[list[object], bool]:
+    """Store A's session runs `veloverlay --json run` of store B (root's: every object +i), its
+    layers kept in B itself (VELO_RUNTIME_DIR=off: the per-boot cache is read-only in A's
+    session anyway)."""
+    from veloverlay import fsflags
+
+    a, _src_a = new_store(os.path.join(base, "a"))
+    b, _src_b = new_store(os.path.join(base, "b"))
+    obj = next(p for p in b.objects.rglob("*") if p.is_file())
+    immutable = fsflags.is_immutable(os.fspath(obj))
+    out = os.path.join(base, "inner.json")
+    script = (
+        f"VELO_STORE={b.root} VELO_RUNTIME_DIR=off {sys.executable} -m veloverlay --json "
+        f"run t --at {base}/b/at -- true > {out} 2>{out}.err; echo $? > {out}.rc"
+    )
+    r = run_session(a, ["t"], ["sh", "-c", script], at=os.path.join(base, "a", "at"), discard=True)
+    assert r.exit_status == 0
+    with open(out) as f, open(f"{out}.err") as e, open(f"{out}.rc") as rc:
+        return [int(rc.read()), json.loads(f.read() or "{}"), e.read()], immutable
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_a_session_of_another_root_store_inside_a_session_is_refused_plainly(mode: str) -> None:
+    """Root's `veloverlay run` of another store inside a session (root of a user namespace
+    there, which may not clear +i) failed building that store's layers with 'error: [Errno 1]
+    the object is immutable (+i) ...', reason os-error, no hint. Now immutable-denied, saying
+    what to do instead."""
+    with unpriv_tmpdir() as base:
+        (rc, doc, err), immutable = as_mode(mode, _run_on_another_store_inside, base)
+    assert immutable, "root's objects are +i here"
+    assert rc == 1, (doc, err)
+    assert isinstance(doc, dict) and doc.get("reason") == "immutable-denied", (doc, err)
+    assert doc.get("hint") and "VELO_RUNTIME_DIR" in str(doc["hint"]), doc
+    assert "Traceback" not in str(err) and "[Errno" not in str(doc["error"]), (doc, err)

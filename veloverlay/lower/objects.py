@@ -249,8 +249,16 @@ def _clear_immutable(path: bytes) -> None:
     try:
         fsflags.set_immutable(os.fsdecode(path), False)
     except OSError:
-        why = "the object is immutable (+i) and this process cannot clear it"
-        raise PermissionError(errno.EPERM, why, path) from None
+        # e.g. root of a user namespace (a session's command running `veloverlay run` on another
+        # store): it may not touch root's +i objects, and a layer in the store needs their links
+        raise VeloError(
+            "cannot build this tree's layers in the store: its objects are immutable (+i) and "
+            "this process may not clear the flag (root inside a user namespace?)",
+            reason=Reason.IMMUTABLE_DENIED,
+            hint="run it as real root outside any session, or set VELO_RUNTIME_DIR to a "
+            "private writable tmpfs directory so the layers are built there",
+            path=path,
+        ) from None
 
 
 def _link_object(src: bytes, dst: bytes) -> None:
