@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -356,3 +357,56 @@ def test_two_resumes_at_once_harvest_the_session_once(mode: str) -> None:
     assert r["commits"] == 1 and r["refs"] == ["t"], r
     assert r["state"] == "harvested" and r["files"] == 200, r
     assert r["fsck"] == []
+
+
+def _resume_after_pid_reuse(base: str) -> dict[str, object]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            script = f"cd {proj}; printf x > killed.txt; exec sleep 60"
+            run_session(store, ["t"], ["sh", "-c", script], at=proj)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 20
+    sid = ""
+    while not sid:
+        assert time.monotonic() < deadline, "the session did not start"
+        for s in os.listdir(store.sessions):
+            if os.path.exists(os.path.join(store.sessions, s, "upper", "killed.txt")):
+                sid = s
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + 10
+    while _session_env_procs(sid):
+        assert time.monotonic() < deadline, "session processes outlived their manager"
+        time.sleep(0.02)
+    # The session's namespace child is gone; its number now belongs to another process of
+    # this user (pid reuse, or the same number in the pid namespace `harvest` runs in).
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        path = os.path.join(store.sessions, sid, "state.json")
+        with open(path) as f:
+            doc = json.load(f)
+        doc["child"] = bystander.pid
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        results = session.harvest_resume(store, sid)
+        alive = bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    return {"alive": alive, "committed": [r.commit is not None for r in results]}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_resume_never_kills_a_process_that_reused_the_childs_pid(mode: str) -> None:
+    """`harvest --resume` of an overlay session whose manager died sent SIGKILL to whatever
+    process had the session's recorded child pid, checking only that the number was in use:
+    after pid reuse (or from another pid namespace than the session's) root's resume killed an
+    unrelated process. Now only the process that started at the recorded time is killed."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _resume_after_pid_reuse, base)
+    assert r == {"alive": True, "committed": [True]}

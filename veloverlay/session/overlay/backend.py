@@ -300,7 +300,7 @@ def run_session(
                     os._exit(70)
             child[0] = pid
             os.close(wfd)
-            st.child = pid
+            st.child, st.child_start = pid, ns.proc_start(pid)
             st.state = "running"
             state.save(store, st)
             try:
@@ -472,8 +472,10 @@ def _drop_upper(sdir: Path) -> None:
 
 def resume(store: Store, st: State) -> SessionResult:
     """Finish an overlay session whose manager died (its state shows dead-unharvested)."""
-    if st.child > 0 and ns.proc_start(st.child) is not None:
-        # A parent-death SIGKILL is on its way; make sure before reading the upper.
+    if state.same_process(st.child, st.child_start):
+        # A parent-death SIGKILL is on its way; make sure before reading the upper. (Only that
+        # process: its number may have been given to another one since, or name another process
+        # here when the session ran in another pid namespace.)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(st.child, signal.SIGKILL)
         for _ in range(200):
