@@ -538,3 +538,45 @@ def test_a_leftover_process_is_reported_once(store: str, proj: str) -> None:
     err = p.stderr.decode()
     lines = [line for line in err.splitlines() if "sleep" in line]
     assert len(lines) == 1 and "killed leftover process" in lines[0], err
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_session_started_in_another_pid_namespace_is_not_taken_for_dead(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """A session whose manager runs in another pid namespace (started inside another session,
+    a container, `unshare -p`) records a pid that names another process or none here:
+    `sessions` showed it dead-unharvested while it ran, and `harvest --all` took it over (shim:
+    committed half its work and removed its tree under the running command, whose next write
+    failed; overlay: exit 1, 'its manager ended'). Now the manager holds a lock that any
+    namespace sees: it is running, and only its own end commits it, whole."""
+    ready, go = os.path.join(shm_tmp, "ready"), os.path.join(shm_tmp, "go")
+    script = (
+        f"cd {proj} && echo n > added && touch {ready} && "
+        f"while [ ! -e {go} ]; do sleep 0.05; done && echo m > later"
+    )
+    session = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "veloverlay"]
+        + ["run", "proj", "--backend", backend, "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_ready(store, "", ready)
+        shown = [s["state"] for s in data(velo(store, "sessions", "--json"))]
+        resumed = velo(store, "harvest", "--all")
+        with open(go, "w"):
+            pass
+        _out, err = session.communicate(timeout=120)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert shown == ["running"], shown
+    assert resumed.returncode == 0, resumed.stderr
+    assert session.returncode == 0, err
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    for name, want in (("added", b"n\n"), ("later", b"m\n")):
+        with open(os.path.join(after, name), "rb") as f:
+            assert f.read() == want, name

@@ -327,7 +327,7 @@ def test_a_session_killed_before_its_command_is_undone_by_harvest_all() -> None:
         res = harvest_resume(store, None)
         assert [(r.state, r.commit, r.changed) for r in res] == [("failed", None, 0)]
         assert not os.path.exists(proj)
-        assert [st.shown_state() for st in session_state.iter_states(store)] == ["failed"]
+        assert [st.shown_state(store) for st in session_state.iter_states(store)] == ["failed"]
         assert not fsck_ok(store)
         repo = Repo.open(store.root)
         try:

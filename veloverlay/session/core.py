@@ -137,7 +137,7 @@ def enter(
 
 
 def list_sessions(store: Store) -> list[SessionInfo]:
-    return [state.info(st) for st in state.iter_states(store)]
+    return [state.info(store, st) for st in state.iter_states(store)]
 
 
 def harvest_resume(
@@ -169,7 +169,7 @@ def harvest_resume(
 
 def _harvest_one(store: Store, st: state.State, session_id: str | None) -> SessionResult | None:
     """`harvest_resume` of one session: its result, or None where there is nothing to do."""
-    shown = st.shown_state()
+    shown = st.shown_state(store)
     if st.backend == "shim" and shown not in state.DONE_STATES:
         from veloverlay.session.shim.backend import resume as resume_shim
 
@@ -270,7 +270,7 @@ def clean_sessions(store: Store) -> int:
     store.writable()
     removed = 0
     for st in list(state.iter_states(store)):
-        if st.shown_state() in state.DONE_STATES:
+        if st.shown_state(store) in state.DONE_STATES:
             force_rmtree(store.sessions / st.id)
             removed += 1
     return removed

@@ -12,6 +12,7 @@ one of a higher version (a newer veloverlay's) is refused: `manifest-schema`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -115,8 +116,13 @@ class State(Record):
     def top(self) -> str:
         return self.refs[-1]
 
-    def manager_alive(self) -> bool:
-        return same_process(self.pid, self.pid_start)
+    def manager_alive(self, store: Store) -> bool:
+        """The manager runs: the recorded process (pid + start time), or, where that pid means
+        another process or none (the session was started in another pid namespace: inside
+        another session, a container), whoever holds the session's manager lock."""
+        if same_process(self.pid, self.pid_start):
+            return True
+        return _manager_locked(session_dir(store, self.id))
 
     def is_upper(self, entry: mount.MountEntry) -> bool:
         """`entry` is this session's overlay (by its upper dir, whatever path it is on)."""
@@ -148,18 +154,19 @@ class State(Record):
             return True  # cannot tell: never harvest what may still be written
         return bool(namespaces_holding(self.is_upper))
 
-    def shown_state(self) -> str:
+    def shown_state(self, store: Store) -> str:
         """The state, with a live state whose manager is gone shown as `dead-unharvested` (and
         a `mounted` one whose overlay is gone: rebooted, unmounted by hand, umount killed)."""
         if self.state == "mounted":  # (its manager: the `mount` command, while it runs)
-            return "mounted" if self.manager_alive() or self.mount_live() else "dead-unharvested"
+            alive = self.manager_alive(store) or self.mount_live()
+            return "mounted" if alive else "dead-unharvested"
         if self.state == "held":  # ended, but processes outside it could still write
             if self.backend == "shim":
                 held = bool(tree_writers(self.target_real))
             else:
                 held = bool(holders(self.is_upper))
             return "held" if held else "dead-unharvested"
-        if self.state in LIVE_STATES and not self.manager_alive():
+        if self.state in LIVE_STATES and not self.manager_alive(store):
             return "dead-unharvested"
         return self.state
 
@@ -196,8 +203,63 @@ def session_dir(store: Store, sid: str) -> Path:
     return store.sessions / sid
 
 
+# The manager of a live session holds a POSIX write lock on sessions/<id>/manager.lock, so that
+# a process in another pid namespace, where the recorded pid names another process or none, sees
+# it alive (`harvest --all` on the host of a session started inside another session harvested it
+# under its running command). A POSIX lock, not flock: it belongs to the process, forked children
+# do not inherit it, and it ends with the process. Held per session directory: {path: (fd, pid)}.
+_MANAGER_LOCK = "manager.lock"
+_held: dict[str, tuple[int, int]] = {}
+
+
+def _claim_manager(sdir: Path) -> None:
+    key = os.fspath(sdir)
+    held = _held.get(key)
+    if held is not None and held[1] == os.getpid():
+        return
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(sdir / _MANAGER_LOCK, flags, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # (a probe holds it for an instant at most)
+    except OSError:
+        os.close(fd)
+        raise
+    _held[key] = (fd, os.getpid())
+
+
+def _release_manager(sdir: Path) -> None:
+    held = _held.pop(os.fspath(sdir), None)
+    if held is not None:
+        os.close(held[0])  # (in a forked child a copy: the parent's lock is not the child's)
+
+
+def _manager_locked(sdir: Path) -> bool:
+    held = _held.get(os.fspath(sdir))
+    if held is not None and held[1] == os.getpid():
+        return True  # ours: never probe it (closing any fd of the file drops a POSIX lock)
+    try:
+        fd = os.open(sdir / _MANAGER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False  # none (a session of an older version, or one that never ran)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
+
+
 def save(store: Store, st: State) -> None:
-    write_json_atomic(session_dir(store, st.id) / "state.json", st.to_json())
+    sdir = session_dir(store, st.id)
+    managing = (
+        st.state in LIVE_STATES and st.pid == os.getpid() and same_process(st.pid, st.pid_start)
+    )
+    if managing:
+        _claim_manager(sdir)
+    write_json_atomic(sdir / "state.json", st.to_json())
+    if not managing:
+        _release_manager(sdir)
 
 
 def load(store: Store, sid: str) -> State:
@@ -269,7 +331,7 @@ def refuse_live_view(store: Store, name: str, *, doing: str = "") -> None:
         st = load(store, sid)
     except VeloError:
         return
-    if st.backend != "shim" or st.session_ref != name or st.shown_state() in DONE_STATES:
+    if st.backend != "shim" or st.session_ref != name or st.shown_state(store) in DONE_STATES:
         return
     if doing:
         raise VeloError(
@@ -291,7 +353,7 @@ def load_running(store: Store, sid: str) -> State:
     """The state of `sid`, which must be running (or starting): USAGE otherwise, with where its
     work went."""
     st = load(store, sid)
-    shown = st.shown_state()
+    shown = st.shown_state(store)
     if shown not in ("running", "starting"):
         hint = f"what it committed: veloverlay log {st.top}"
         if shown in ("dead-unharvested", "held"):  # nothing of it is committed yet
@@ -312,12 +374,12 @@ def iter_states(store: Store) -> Iterator[State]:
             continue
 
 
-def info(st: State) -> SessionInfo:
+def info(store: Store, st: State) -> SessionInfo:
     """What `sessions`, `status` and a session's start callback show of a state."""
     return SessionInfo(
         id=st.id,
         refs=list(st.refs),
-        state=st.shown_state(),
+        state=st.shown_state(store),
         start=st.start,
         pid=st.pid,
         target=st.target,

@@ -281,7 +281,7 @@ def run_session(
             tty_foreground=ns.tty_foreground(),
         )
         if on_start is not None:
-            on_start(state.info(st))
+            on_start(state.info(store, st))
         child: list[int] = [0]
         with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()

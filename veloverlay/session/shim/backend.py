@@ -466,7 +466,7 @@ def run_shim(
         if interactive:
             prompt.environment(env, ref.name)
         if on_start is not None:
-            on_start(state.info(st))
+            on_start(state.info(store, st))
         try:
             status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
         except NotStarted as exc:
@@ -526,7 +526,7 @@ def resume(store: Store, session_id: str) -> SessionResult:
         raise VeloError(f"session {session_id} is not a shim session", reason=Reason.USAGE)
     if st.state in ("harvested", "discarded", "failed"):
         raise VeloError(f"session {session_id} is already {st.state}", reason=Reason.USAGE)
-    if same_process(st.pid, st.pid_start):
+    if st.manager_alive(store):
         raise VeloError(
             f"session {session_id} is still running (manager pid {st.pid})",
             reason=Reason.SESSION_ACTIVE,
