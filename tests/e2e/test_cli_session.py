@@ -580,3 +580,38 @@ def test_a_session_started_in_another_pid_namespace_is_not_taken_for_dead(
     for name, want in (("added", b"n\n"), ("later", b"m\n")):
         with open(os.path.join(after, name), "rb") as f:
             assert f.read() == want, name
+
+
+def test_a_pid_shared_with_another_namespace_is_not_called_a_damaged_database(
+    store: str, proj: str, shm_tmp: str
+) -> None:
+    """LMDB marks a live reader by a lock on byte <pid> of lock.mdb: a veloverlay process whose
+    pid number a process of the same store has in another pid namespace (two sessions' commands,
+    two containers: small pids) cannot begin a transaction (EAGAIN). That said 'LMDB: ...
+    Resource temporarily unavailable', reason manifest-corrupt, hint 'restore manifests.lmdb
+    from a backup' - of a sound database. Now reason locked, saying what happened."""
+    ready, go = os.path.join(shm_tmp, "ready"), os.path.join(shm_tmp, "go")
+    wait = f"touch {ready}; while [ ! -e {go} ]; do sleep 0.05; done"
+    pid1 = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "veloverlay"]
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    first = subprocess.Popen(
+        [*pid1, "run", "proj", "--", "sh", "-c", wait],  # its manager: pid 1, all along
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_ready(store, "", ready)
+        second = subprocess.run([*pid1, "--json", "ls", "proj"], env=env, capture_output=True)
+        with open(go, "w"):
+            pass
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0
+    doc = json.loads(second.stdout)
+    assert second.returncode == 1 and doc["reason"] == "locked", doc
+    assert "backup" not in str(doc["hint"]) and "pid namespace" in doc["error"], doc
+    assert b"Traceback" not in second.stderr

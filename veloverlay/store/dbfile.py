@@ -27,6 +27,7 @@ __all__ = [
     "CORRUPT_HINT",
     "corrupt",
     "fit_map_size",
+    "known_failure",
     "map_failed",
     "check_data_file",
     "check_fresh",
@@ -314,3 +315,24 @@ def map_failed(store: Store, text: str) -> VeloError:
         hint="raise the limit (ulimit -v), or set VELO_MAP_SIZE to fewer bytes (at least the "
         "size of manifests.lmdb/data.mdb)",
     )
+
+
+def known_failure(store: Store, text: str) -> VeloError | None:
+    """What an LMDB failure that says nothing about the database's health means, or None."""
+    if "Cannot allocate memory" in text:
+        return map_failed(store, text)
+    if "mdb_txn_begin" in text and "temporarily unavailable" in text:
+        # EAGAIN of the lock LMDB sets on byte <pid> of lock.mdb to mark a live reader: a
+        # process of another pid namespace (a container, another session's command) with the
+        # same pid number holds it, as two processes of this store can never do otherwise
+        return VeloError(
+            f"cannot read the manifest database: another process of this store has this "
+            f"process's pid ({os.getpid()}) in another pid namespace, and LMDB tells its "
+            "readers apart by pid; the database is fine",
+            reason=Reason.LOCKED,
+            path=store.db_path / "lock.mdb",
+            hint="run it once that process has ended, or from the pid namespace where the "
+            "store's other veloverlay processes run: in a session or a container, processes "
+            "have small pids that another one's processes share",
+        )
+    return None

@@ -42,7 +42,7 @@ from veloverlay.store.dbfile import (
     corrupt,
     fit_map_size,
     json_record,
-    map_failed,
+    known_failure,
     mkdir_nofollow,
     never_used,
     put_record,
@@ -583,8 +583,8 @@ def _lmdb_error(exc: Exception, store: Store) -> VeloError:
             reason=Reason.STORE_PERMISSION,
             path=store.db_path,
         )
-    if "Cannot allocate memory" in text:
-        return map_failed(store, text)
+    if (known := known_failure(store, text)) is not None:
+        return known
     if "No space" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return VeloError("the store's filesystem is full", reason=Reason.STORE_FULL)
     if isinstance(exc, lmdb.InvalidError | lmdb.CorruptedError | lmdb.VersionMismatchError):
