@@ -338,6 +338,29 @@ def test_a_session_killed_before_its_command_is_undone_by_harvest_all() -> None:
         assert again.commit and again.changed == 1
 
 
+def test_an_undone_start_does_not_say_it_removed_a_tree_it_left() -> None:
+    """Undoing a shim session that died before its command ran said "its tree at DIR was
+    removed" even when another directory stood at DIR (rightly left alone: another session's
+    tree, a user's own): the user was told a directory was gone that was not, and not why."""
+    from veloverlay.session.core import harvest_resume
+
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        proj = os.path.join(base, "proj")
+        manager = _in_background(
+            lambda: _manager_dies_after_materializing(store, proj, os.path.join(base, "ran"))
+        )
+        os.waitpid(manager, 0)
+        os.rename(proj, os.path.join(base, "aside"))
+        os.mkdir(proj)
+        with open(os.path.join(proj, "mine"), "w") as f:
+            f.write("kept\n")
+        res = harvest_resume(store, None)
+        assert os.listdir(proj) == ["mine"]
+        warning = " ".join(res[0].warnings)
+        assert "was removed" not in warning and "another directory is in its place" in warning
+
+
 def test_checkin_frame_layout() -> None:
     """The daemon reads what the C shim sends (journal.c struct velo_checkin_frame)."""
     from veloverlay.session.shim import daemon

@@ -505,16 +505,20 @@ def _chattr_ok(store: Store) -> bool:
             probe.unlink()
 
 
-def _abandon(store: Store, m: Manifests, st: State) -> None:
-    """Undo a session that failed before its command ran."""
+def _abandon(store: Store, m: Manifests, st: State) -> str | None:
+    """Undo a session that failed before its command ran; why its tree was left, if it was."""
     stop_daemon(st)
     with contextlib.suppress(Exception), m.write() as txn:
         m.delete_ref(txn, st.session_ref)
-    with contextlib.suppress(Exception):
+    left = None
+    try:
         _remove_tree(st)
+    except Exception as exc:  # (best effort: the start's own error is what the user needs)
+        left = exc.message if isinstance(exc, VeloError) else str(exc)
     st.state = "failed"
     with contextlib.suppress(OSError):
         state.save(store, st)
+    return left
 
 
 def resume(store: Store, session_id: str) -> SessionResult:
@@ -560,13 +564,13 @@ def resume(store: Store, session_id: str) -> SessionResult:
         # The manager died before the tree was whole, so before the command could run: nothing
         # to harvest. Undone as a start that failed (its live ref and tree go), so that it
         # neither stays unharvested for ever nor stops `harvest --all` at it.
-        _abandon(store, m, st)
+        left = _abandon(store, m, st)
     finally:
         m.close()
     res = result_for(st, -1)
     res.state = st.state
     res.warnings.append(
         f"session {session_id} never got as far as running its command: nothing to harvest"
-        + (f"; its tree at {st.target} was removed" if st.target else "")
+        + (f"; {left}" if left else f"; its tree at {st.target} was removed" if st.target else "")
     )
     return res
