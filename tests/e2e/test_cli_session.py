@@ -15,11 +15,13 @@ import time
 
 import pytest
 
+import veloverlay
 from tests.conftest import must_work
 from tests.e2e.test_cli import _bar_line, data, ok, velo
 from tests.helpers.trees import make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
 
 
 @pytest.fixture
@@ -615,3 +617,30 @@ def test_a_pid_shared_with_another_namespace_is_not_called_a_damaged_database(
     assert second.returncode == 1 and doc["reason"] == "locked", doc
     assert "backup" not in str(doc["hint"]) and "pid namespace" in doc["error"], doc
     assert b"Traceback" not in second.stderr
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_run_from_a_deleted_directory_starts_in_the_tree_with_either_backend(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """`run` from a directory deleted meanwhile (a shell left in a removed build dir): the
+    overlay backend runs the command at the projection's root, as it does for any working
+    directory it cannot enter; the shim backend failed to start, 'error: fork: No such file or
+    directory (ENOENT)' - blaming fork for a getcwd that failed. Both now run it at the root."""
+    gone = os.path.join(shm_tmp, "gone")
+    out = os.path.join(shm_tmp, "pwd")
+    script = f"pwd > {out}; echo r > rel"
+    p = subprocess.run(
+        ["sh", "-c", f'mkdir {gone} && cd {gone} && rmdir {gone} && exec "$@"', "sh"]
+        + [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend]
+        + ["--", "sh", "-c", script],
+        # (no working directory to find the package in: name the one under test)
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _PACKAGE_PARENT},
+        capture_output=True,
+    )
+    assert p.returncode == 0, p.stderr
+    with open(out) as f:
+        assert f.read().strip() == proj
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    with open(os.path.join(after, "rel"), "rb") as f:
+        assert f.read() == b"r\n"

@@ -168,10 +168,14 @@ def run_command(
 ) -> ShimStatus:
     sdir = store.sessions / st.id
     status = ShimStatus()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # deleted or moved away: the tree's root, as in an overlay session
+        cwd = st.target_real or st.target
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     gofd, gowfd = os.pipe2(os.O_CLOEXEC)
     try:
-        reaper_pid = _fork(_reaper_main, argv, env, os.getcwd(), grace, wfd, (gofd, gowfd), sdir)
+        reaper_pid = _fork(_reaper_main, argv, env, cwd, grace, wfd, (gofd, gowfd), sdir)
     except OSError as exc:  # RLIMIT_NPROC: nothing runs, the caller abandons the session
         for fd in (rfd, wfd, gofd, gowfd):
             os.close(fd)
