@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, checkout_ref, fsck_ok, new_store
+from tests.session._util import as_mode, checkout_ref, fsck_ok, mode_params, new_store
 from tests.shim._util import PY, run_shim
 from veloverlay import ns
 from veloverlay.session.shim.materialize import verify_proxies
@@ -229,3 +229,61 @@ def test_a_journal_flooded_by_the_session_is_read_in_bounded_memory() -> None:
         code, grew_mb, kept = ns.run_in_child(_flooded, base, mb)
     assert code == 0 and kept == b"kept"
     assert grew_mb < mb // 2, f"the manager grew by {grew_mb} MiB for a {mb} MiB journal"
+
+
+INSIDE = r"""
+import json, os, subprocess, sys
+py, out, src = sys.argv[1], sys.argv[2], sys.argv[3]
+res = {"session": os.environ.get("VELO_SESSION"), "ref": os.environ.get("VELO_SESSION_REF")}
+for verb in (["ls", "t"], ["ingest", src, "--name", "u"], ["gc"]):
+    p = subprocess.run([py, "-m", "veloverlay", "--json", *verb], capture_output=True, text=True)
+    res[verb[0]] = [p.returncode, p.stdout]
+with open(out, "w") as f:
+    json.dump(res, f)
+"""
+
+
+def _commands_inside(base: str) -> tuple[dict[str, object], str]:
+    import json
+    import sys
+
+    store, src = new_store(base)
+    script, out = os.path.join(base, "inside.py"), os.path.join(base, "inside.json")
+    with open(script, "w") as f:
+        f.write(INSIDE)
+    os.environ["VELO_STORE"] = os.fspath(store.root)
+    os.environ["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(ns.__file__)))
+    res = run_shim(
+        store,
+        "t",
+        [sys.executable, script, sys.executable, out, src],
+        link=False,
+        at=os.path.join(base, "proj"),
+    )
+    assert res.exit_status == 0, res
+    with open(out) as f:
+        return json.load(f), res.session_id
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_veloverlay_commands_in_a_shim_session_read_and_say_why_they_cannot_write(
+    mode: str,
+) -> None:
+    """In a shim session every veloverlay command failed with 'error: [Errno 30] Read-only
+    file system: manifests.lmdb/data.mdb' (reason os-error), reading ones (`ls`) too: the shim
+    refuses writes into the store, but access(2) said it could write, so the database was
+    opened for writing; and the session did not set VELO_SESSION, which the README promises
+    and by which commands say why. Now reading commands work and writing ones are
+    store-read-only naming the session, as in an overlay session."""
+    import json
+
+    with unpriv_tmpdir() as base:
+        res, sid = as_mode(mode, _commands_inside, base)
+    assert (res["session"], res["ref"]) == (sid, "t")
+    rc, out = res["ls"]
+    assert rc == 0 and "f1" in out, res
+    for verb in ("ingest", "gc"):
+        rc, out = res[verb]
+        doc = json.loads(out)
+        assert rc == 1 and doc["reason"] == "store-read-only", res
+        assert sid in doc["error"], res

@@ -30,6 +30,7 @@ __all__ = [
     "check_place",
     "refuse_newer_format",
     "write_refusal",
+    "shim_refusal",
     "read_only_error",
     "refuse_overlap",
     "open_nofollow",
@@ -316,10 +317,29 @@ def _check_entries(
             )
 
 
+def shim_refusal(store_root: Path) -> VeloError | None:
+    """STORE_READ_ONLY when this process runs in a shim session of this store: its library
+    refuses every write into the store (EROFS) though `access(2)` says it may write."""
+    sid, conf = os.environ.get("VELO_SESSION"), os.environ.get("VELO_SHIM_CONFIG")
+    if not sid or not conf:
+        return None
+    sessions = os.path.join(os.path.realpath(store_root), "sessions", "")
+    if not os.path.realpath(conf).startswith(sessions):
+        return None  # another store's session: this store is writable here
+    return read_only_error(
+        store_root,
+        f"this runs inside the veloverlay session {sid}, whose shim keeps the store read-only",
+        inside=True,
+    )
+
+
 def write_refusal(store_root: Path, path: str | os.PathLike[str] | None = None) -> VeloError | None:
     """Why this process cannot change `path` (default: the store), as the error to raise
     when it tries; None when it can. Inside a session, on a read-only filesystem: reason
     STORE_READ_ONLY; a store this user may read but not write: STORE_PERMISSION."""
+    shim = shim_refusal(store_root)
+    if shim is not None:
+        return shim
     where = Path(path if path is not None else store_root)
     while not where.exists() and where != where.parent:  # not made yet: its parent's say
         where = where.parent

@@ -361,6 +361,9 @@ class Store:
 
     def writable(self) -> None:
         """Raise a clear error when this user cannot write the store."""
+        shim = access.shim_refusal(self.root)
+        if shim is not None:
+            raise shim
         for d in (self.root, self.objects, self.tmp):
             if not os.access(d, os.W_OK | os.X_OK):
                 refusal = self.write_refusal(d)

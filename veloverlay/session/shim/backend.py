@@ -457,6 +457,7 @@ def run_shim(
             )
             _wait_for_clock(mat.max_ctime_ns)
             env = library.environment(os.environ, so, sdir / "shim.conf")
+            env["VELO_SESSION"], env["VELO_SESSION_REF"] = sid, stack.refs[-1].name
             start_daemon(store, st)
             st.state = "running"
             state.save(store, st)
