@@ -57,6 +57,28 @@ def test_exit_status_passes_through(mode: str) -> None:
         assert as_mode(mode, _exit_codes, base) == [3, 127, 137, 0, 126]
 
 
+def _empty_command(base: str) -> list[int]:
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    # posix_spawn (no cwd to change to) and fork + exec (a working directory in the target)
+    out = [run_session(store, ["t"], [""], at=proj).exit_status]
+    here = os.getcwd()
+    os.chdir(proj)
+    try:
+        out.append(run_session(store, ["t"], ["", "x"], at=proj).exit_status)
+    finally:
+        os.chdir(here)
+    return out
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_an_empty_command_name_is_not_found_as_in_a_shell(mode: str) -> None:
+    """`run REF -- ''` (an unset variable in a script: `run REF -- "$TOOL"`) exited 126 with
+    'posix_spawn: argv first element cannot be empty'; a shell says 'command not found', 127."""
+    with unpriv_tmpdir() as base:
+        assert as_mode(mode, _empty_command, base) == [127, 127]
+
+
 def _how_the_command_starts(base: str) -> list[str]:
     store, src = new_store(base)
     proj, out = os.path.join(base, "proj"), os.path.join(base, "out")

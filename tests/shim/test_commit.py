@@ -126,6 +126,15 @@ def test_command_not_found_is_127_and_no_false_alarm() -> None:
         assert not os.path.exists(proj) and _refs(store) == ["t"]
 
 
+def test_an_empty_command_name_is_127_as_in_a_shell() -> None:
+    """The shim's reaper (fork + exec) exited 126, 'execve: argv first element cannot be
+    empty', for `run REF -- ''`; a shell says 'command not found', 127."""
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        res = run_shim(store, "t", [""], link=False, at=os.path.join(base, "proj"))
+        assert res.exit_status == 127 and res.commit is None
+
+
 def _setid_session(base: str, backend: str) -> tuple[dict[str, int], list[str], list[str]]:
     from tests.session._util import run_session
 

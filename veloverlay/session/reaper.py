@@ -230,6 +230,8 @@ def _exec_child(
     try:
         if cwd is not None:
             os.chdir(cwd)
+        if not argv[0]:  # (see _spawn)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         os.execvpe(argv[0], argv, env)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument
         err = exc if isinstance(exc, OSError) else OSError(errno.EINVAL, str(exc))
@@ -269,6 +271,8 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
     """Start the command with posix_spawn, searching PATH as `os.execvpe` does; raise the
     exec's error. glibc spawns with vfork semantics: no copy of this process's page tables,
     which a fork of a session's pid 1 (a Python process) spends ~1 ms on (measured)."""
+    if not argv[0]:  # names no command: 127, as a shell says (posix_spawn: ValueError, 126)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
     if os.path.dirname(argv[0]):
         candidates = [argv[0]]
     else:
@@ -301,6 +305,8 @@ def not_found(cmd: str, env: dict[str, str]) -> str:
     interpreter its `#!` line names, e.g. a venv script whose tree was projected away from the
     path baked into it."""
     path = cmd
+    if not cmd:
+        return "command not found"
     if "/" not in cmd:
         hits = _path_hits(cmd, env)
         if not hits:
