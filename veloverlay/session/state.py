@@ -212,8 +212,12 @@ _MANAGER_LOCK = "manager.lock"
 _held: dict[str, tuple[int, int]] = {}
 
 
+def _key(sdir: Path) -> str:
+    return os.path.realpath(sdir)  # one key whatever path led to the store
+
+
 def _claim_manager(sdir: Path) -> None:
-    key = os.fspath(sdir)
+    key = _key(sdir)
     held = _held.get(key)
     if held is not None and held[1] == os.getpid():
         return
@@ -228,13 +232,13 @@ def _claim_manager(sdir: Path) -> None:
 
 
 def _release_manager(sdir: Path) -> None:
-    held = _held.pop(os.fspath(sdir), None)
+    held = _held.pop(_key(sdir), None)
     if held is not None:
         os.close(held[0])  # (in a forked child a copy: the parent's lock is not the child's)
 
 
 def _manager_locked(sdir: Path) -> bool:
-    held = _held.get(os.fspath(sdir))
+    held = _held.get(_key(sdir))
     if held is not None and held[1] == os.getpid():
         return True  # ours: never probe it (closing any fd of the file drops a POSIX lock)
     try:
