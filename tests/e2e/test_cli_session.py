@@ -644,3 +644,19 @@ def test_run_from_a_deleted_directory_starts_in_the_tree_with_either_backend(
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
     with open(os.path.join(after, "rel"), "rb") as f:
         assert f.read() == b"r\n"
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_directory_as_the_command_is_said_to_be_one(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """`run REF -- DIR` exited 126 saying 'DIR: permission denied', sending the user to look
+    at modes; a shell says 'Is a directory' (126). A file without x is still 'permission
+    denied'."""
+    plain = os.path.join(shm_tmp, "plain")
+    with open(plain, "w") as f:
+        f.write("echo hi\n")
+    for cmd, says in ((shm_tmp, "is a directory"), (plain, "permission denied")):
+        p = velo(store, "run", "proj", "--backend", backend, "--", cmd)
+        assert p.returncode == 126, p.stderr
+        assert f"veloverlay: {cmd}: {says}".encode() in p.stderr, p.stderr

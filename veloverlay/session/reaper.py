@@ -249,7 +249,9 @@ def _exec_failed(exc: OSError, argv: list[str], env: dict[str, str]) -> int:
     if err == errno.ENOENT:
         sys.stderr.write(f"veloverlay: {argv[0]}: {not_found(argv[0], env)}\n")
     elif err in (errno.EACCES, errno.EPERM):
-        sys.stderr.write(f"veloverlay: {argv[0]}: permission denied\n")
+        hits = [argv[0]] if "/" in argv[0] else _path_hits(argv[0], env)
+        what = "is a directory" if hits and os.path.isdir(hits[0]) else "permission denied"
+        sys.stderr.write(f"veloverlay: {argv[0]}: {what}\n")
     else:
         sys.stderr.write(f"veloverlay: {argv[0]}: {exc.strerror}\n")
     sys.stderr.flush()
