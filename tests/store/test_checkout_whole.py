@@ -88,7 +88,7 @@ def test_a_failed_checkout_removes_what_it_wrote(world: tuple[str, str, str]) ->
 
 
 def test_the_destination_keeps_the_tree_s_own_mode_and_mtime(world: tuple[str, str, str]) -> None:
-    """An existing empty destination is exchanged for the tree: it ends with the tree's root
+    """An existing empty destination is replaced by the tree: it ends with the tree's root
     mode and mtime, as when it was written in place, and is ours, a directory, not a link."""
     store, src, out = world
     dest = os.path.join(out, "dest")
@@ -120,7 +120,7 @@ def test_a_symlink_as_the_destination_is_refused_and_says_so(
 def test_an_empty_destination_of_another_user_or_a_mount_point_is_written_into(
     world: tuple[str, str, str],
 ) -> None:
-    """These cannot be exchanged for the finished tree without taking the directory from its
+    """These cannot be replaced by the finished tree without taking the directory from its
     owner (or failing: EBUSY for a mount point): the tree is written into them, as before, and
     the directory stays theirs (same inode, same owner)."""
     from tests.helpers.unpriv import UNPRIV_UID
@@ -146,3 +146,73 @@ def test_an_empty_destination_of_another_user_or_a_mount_point_is_written_into(
     finally:
         subprocess.run(["umount", mnt], check=True)
     assert sorted(_left_beside(out)) == ["backing", "mnt", "theirs"]
+
+
+@pytest.mark.parametrize("noreplace", [True, False], ids=["renameat2", "no-renameat2-flags"])
+def test_what_someone_writes_into_the_empty_destination_meanwhile_stays(
+    world: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch, noreplace: bool
+) -> None:
+    """A file written into the empty destination while the tree is being written beside it is
+    the writer's: the checkout fails (exists) and leaves it there, never moved or removed. Also
+    where the filesystem refuses renameat2's flags (EINVAL: some FUSE and network ones)."""
+    import errno
+
+    from veloverlay import _libc, faults
+    from veloverlay.errors import Reason, VeloError
+    from veloverlay.verbs.repo import Repo
+
+    store, _src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest, 0o700)
+    if not noreplace:
+
+        def refuse(*_a: object) -> None:
+            raise OSError(errno.EINVAL, "not supported")
+
+        monkeypatch.setattr(_libc, "renameat2", refuse)
+    real_point = faults.point
+
+    def write_meanwhile(name: str) -> None:
+        if name == "checkout.file" and not os.path.exists(os.path.join(dest, "theirs")):
+            with open(os.path.join(dest, "theirs"), "w") as f:
+                f.write("mine, not the tree's\n")
+        real_point(name)
+
+    monkeypatch.setattr(faults, "point", write_meanwhile)
+    repo = Repo.open(store)
+    try:
+        with pytest.raises(VeloError) as exc:
+            repo.checkout("t", dest)
+    finally:
+        repo.m.close()
+    assert exc.value.reason is Reason.EXISTS
+    assert os.listdir(dest) == ["theirs"]
+    with open(os.path.join(dest, "theirs")) as f:
+        assert f.read() == "mine, not the tree's\n"
+    assert _left_beside(out) == ["dest"]
+
+
+def test_a_filesystem_without_renameat2_flags_still_gets_the_whole_tree(
+    world: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from veloverlay import _libc
+    from veloverlay.verbs.repo import Repo
+
+    store, src, out = world
+
+    def refuse(*_a: object) -> None:
+        raise OSError(errno.EINVAL, "not supported")
+
+    monkeypatch.setattr(_libc, "renameat2", refuse)
+    repo = Repo.open(store)
+    try:
+        for dest in (os.path.join(out, "new"), os.path.join(out, "empty")):
+            if dest.endswith("empty"):
+                os.mkdir(dest)
+            repo.checkout("t", dest)
+            assert_same_tree(src, dest)
+    finally:
+        repo.m.close()
+    assert _left_beside(out) == ["empty", "new"]

@@ -155,7 +155,7 @@ def _partial_prefix(name: str) -> str:
 
 
 class _InPlace(Exception):
-    """The existing empty destination cannot be exchanged for the finished tree (a mount point:
+    """The existing empty destination cannot be replaced by the finished tree (a mount point:
     EBUSY): the tree is written into it instead."""
 
 
@@ -164,17 +164,17 @@ class _Place:
 
     The tree is written into a new directory beside the destination (`.NAME.velo-partial-PID`,
     made by `claim_dir`, flock-ed while in use) and renamed into place once complete: no
-    destination, or an existing empty one (ours, exchanged for the tree: RENAME_EXCHANGE, then
-    removed), never a half-written tree that a rerun refuses as "not empty". A checkout killed
-    midway leaves only the hidden partial directory, which the next checkout to that name
-    removes (unlocked, ours). An existing empty destination that is another user's or a mount
-    point is written into directly, as before (its owner and mount are the user's to keep)."""
+    destination, or an existing empty one of ours (replaced by the rename, which the kernel does
+    only while it is empty), never a half-written tree that a rerun refuses as "not empty". A
+    checkout killed midway leaves only the hidden partial directory, which the next checkout to
+    that name removes (unlocked, ours). An existing empty destination that is another user's or
+    a mount point is written into directly, as before (owner and mount are the user's to keep)."""
 
     def __init__(self, dest: str, real: str) -> None:
         self.dest, self.real = dest, real
         self.parent, self.name = os.path.split(real)
         self.temp: str | None = None  # the partial directory's name, None: in place
-        self.old: os.stat_result | None = None  # the empty destination to exchange with
+        self.old: os.stat_result | None = None  # the empty destination the tree replaces
         self.pfd = self.lock = -1
         self.top = self._open()
 
@@ -303,24 +303,31 @@ class _Place:
                 os.close(fd)
 
     def commit(self) -> None:
-        """Put the finished tree at the destination (nothing to do when written in place)."""
+        """Put the finished tree at the destination (nothing to do when written in place).
+
+        No destination: rename without replacing (RENAME_NOREPLACE; where the filesystem
+        refuses that flag, EINVAL or ENOSYS, a plain rename, which replaces at most an empty
+        directory made meanwhile). An empty destination: a plain rename over it, which the
+        kernel does only while it is still empty (ENOTEMPTY once anyone wrote into it: nothing
+        of theirs is moved or removed)."""
         if self.temp is None:
             return
         temp, name = self.temp.encode(), self.name.encode()
         try:
             if self.old is None:
-                _libc.renameat2(self.pfd, temp, self.pfd, name, _libc.RENAME_NOREPLACE)
+                try:
+                    _libc.renameat2(self.pfd, temp, self.pfd, name, _libc.RENAME_NOREPLACE)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                        raise
+                    os.rename(temp, name, src_dir_fd=self.pfd, dst_dir_fd=self.pfd)
             else:
-                now = os.stat(self.name, dir_fd=self.pfd, follow_symlinks=False)
-                if (now.st_dev, now.st_ino) != (self.old.st_dev, self.old.st_ino):
-                    raise _moved(self.real, "the empty directory found there was replaced")
-                _libc.renameat2(self.pfd, temp, self.pfd, name, _libc.RENAME_EXCHANGE)
-        except FileNotFoundError:
-            raise _moved(self.real, "the empty directory found there was removed") from None
+                os.rename(temp, name, src_dir_fd=self.pfd, dst_dir_fd=self.pfd)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 raise VeloError(
-                    f"{self.dest} was made by someone else while the tree was written",
+                    f"{self.dest} was made or written by someone else while the tree was "
+                    "written; the tree was not put there",
                     reason=Reason.EXISTS,
                     path=self.dest,
                     hint="check out into a new or empty directory",
@@ -328,10 +335,7 @@ class _Place:
             if exc.errno == errno.EBUSY:
                 raise _InPlace() from None
             raise SysError(exc.errno or errno.EIO, "rename", self.dest) from None
-        temp_name, self.temp = self.temp, None  # the tree is in place: never removed now
-        if self.old is not None:
-            with contextlib.suppress(OSError):  # the empty one, now at the partial name
-                files.rmdir_at(self.pfd, temp_name, expect=(self.old.st_dev, self.old.st_ino))
+        self.temp = None  # the tree is in place: never removed now
 
     def abort(self) -> None:
         """Remove the partial tree (a failed or interrupted checkout leaves no trace)."""
