@@ -429,19 +429,24 @@ def flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: object) -> None:
+def write_json_atomic(path: Path, data: object, *, parents: bool = True) -> None:
     """Replace `path` with `data` as JSON, atomically (see `write_bytes_atomic`)."""
-    write_bytes_atomic(path, json.dumps(data, sort_keys=True).encode())
+    write_bytes_atomic(path, json.dumps(data, sort_keys=True).encode(), parents=parents)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, parents: bool = True
+) -> None:
     """Replace `path` with `data`, atomically: a new file (created exclusively, never through a
     symbolic link, with `mode` whatever the umask) renamed over it. A full filesystem is
-    STORE_FULL and leaves no temporary file; the old content stays."""
+    STORE_FULL and leaves no temporary file; the old content stays. `parents`: make missing
+    parent directories (else a missing one is FileNotFoundError: a late writer into a session
+    directory removed meanwhile must not make the store's path again)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     try:
-        makedirs(path.parent)
+        if parents:
+            makedirs(path.parent)
         fd = os.open(tmp, NEWFILE, mode)
         try:
             os.fchmod(fd, mode)

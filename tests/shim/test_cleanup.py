@@ -176,3 +176,37 @@ def test_an_ancestor_swapped_right_after_the_target_is_made_is_refused(
         assert out["moved"] is None, out  # the directory made there was removed again
         assert os.listdir(anc + ".moved") == [], out
         assert os.listdir(os.path.join(base, "store", "sessions")) == [], out
+
+
+def test_a_reaper_ending_after_its_session_directory_was_removed_makes_nothing(
+    tmp_path: Any,
+) -> None:
+    """The reaper's last act is its report (reaper.json): once the session directory is gone
+    (the store removed meanwhile), it wrote it by making every missing directory on the way,
+    the store's path included (seen as a stray store/sessions/<id>/reaper.json in /dev/shm)."""
+    from veloverlay.session.shim import procs
+
+    store = tmp_path / "store"
+    sdir = store / "sessions" / "20261207-000000-abcdef"
+    go = os.pipe()
+    report = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(report[0])
+            env = {"PATH": "/usr/bin:/bin"}
+            procs._reaper_main(["true"], env, str(tmp_path), 1.0, report[1], go, sdir)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report[1])
+    os.close(go[0])
+    os.write(go[1], b"g")
+    os.close(go[1])
+    while os.read(report[0], 4096):
+        pass
+    os.close(report[0])
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not store.exists()

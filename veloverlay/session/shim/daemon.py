@@ -222,19 +222,20 @@ class Daemon:
             self.commits += 1
 
     def report(self) -> None:
-        write_json_atomic(
-            self.sdir / "daemon.json",
-            {
-                "pid": os.getpid(),
-                "head": self.head,
-                "offset": self.reader.offset,
-                "checkins": {str(k): v for k, v in self.checkins.items()},
-                "rejected": self.rejected,
-                "oversized": self.oversized,
-                "commits": self.commits,
-                "damaged": self.reader.damaged,
-            },
-        )
+        data = {
+            "pid": os.getpid(),
+            "head": self.head,
+            "offset": self.reader.offset,
+            "checkins": {str(k): v for k, v in self.checkins.items()},
+            "rejected": self.rejected,
+            "oversized": self.oversized,
+            "commits": self.commits,
+            "damaged": self.reader.damaged,
+        }
+        try:  # never makes the session directory (or the store's path) again
+            write_json_atomic(self.sdir / "daemon.json", data, parents=False)
+        except FileNotFoundError:
+            self.stop = True  # the session directory was removed: nothing to report to
 
     def run(self, tick: float = TICK, parent: int = 0) -> None:
         signal.signal(signal.SIGTERM, self._on_term)

@@ -65,8 +65,8 @@ def _reaper_main(
     with contextlib.suppress(Exception):
         child_subreaper()
     report = reaper.run_and_reap(argv, env, cwd=cwd, grace=grace, report_fd=wfd, close_fds=False)
-    with contextlib.suppress(OSError):
-        write_json_atomic(sdir / "reaper.json", report)
+    with contextlib.suppress(OSError):  # (a session directory removed meanwhile stays gone)
+        write_json_atomic(sdir / "reaper.json", report, parents=False)
 
 
 class NotStarted(Exception):
