@@ -26,15 +26,21 @@ static unsigned nofollow_flag(int flags)
 
 /* --- chmod ---------------------------------------------------------------------------------- */
 
+/* (fd, "", AT_EMPTY_PATH) is the fd itself: glibc >= 2.39 passes it on to fchmodat2 (2.36 says
+ * EINVAL). Taken for a name, it was resolved as "<file>/" and the proxy the fd holds never broke. */
 static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 {
         struct velo_target t;
-        int r = velo_pre1(VELO_R_CHMOD, mode, dirfd, path,
-                          VELO_WRITE | VELO_BBW | nofollow_flag(flags), &t);
+        unsigned vf = VELO_WRITE | VELO_BBW | nofollow_flag(flags);
+        if (flags & AT_EMPTY_PATH)
+                vf |= VELO_EMPTY;
+        int r = velo_pre1(VELO_R_CHMOD, mode, dirfd, path, vf, &t);
         if (r == VELO_DENY)
                 return -1;
-        if (r == VELO_TRACK)
+        if (r == VELO_TRACK && t.broke) {
                 path = velo_redirect(&t, &dirfd, path);
+                flags &= ~AT_EMPTY_PATH;
+        }
         int rc = REAL(fchmodat) != NULL ? REAL(fchmodat)(dirfd, path, mode, flags)
                                             : (int)syscall(SYS_fchmodat, dirfd, path, mode);
         if (r == VELO_TRACK)
@@ -50,6 +56,12 @@ VELO_EXPORT int chmod(const char *path, mode_t mode)
 VELO_EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 {
         return do_fchmodat(dirfd, path, mode, flags);
+}
+
+/* glibc's lchmod calls its internal fchmodat, past the hook above */
+VELO_EXPORT int lchmod(const char *path, mode_t mode)
+{
+        return do_fchmodat(AT_FDCWD, path, mode, AT_SYMLINK_NOFOLLOW);
 }
 
 VELO_EXPORT int fchmod(int fd, mode_t mode)

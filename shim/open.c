@@ -100,6 +100,21 @@ VELO_EXPORT int openat64(int dirfd, const char *path, int flags, ...)
         return do_openat(dirfd, path, flags, mode);
 }
 
+/* exported aliases of open (glibc's own calls never come through them; programs may) */
+VELO_EXPORT int __open(const char *path, int flags, ...);
+VELO_EXPORT int __open(const char *path, int flags, ...)
+{
+        MODE_ARG(flags);
+        return do_openat(AT_FDCWD, path, flags, mode);
+}
+
+VELO_EXPORT int __open64(const char *path, int flags, ...);
+VELO_EXPORT int __open64(const char *path, int flags, ...)
+{
+        MODE_ARG(flags);
+        return do_openat(AT_FDCWD, path, flags, mode);
+}
+
 /* _FORTIFY_SOURCE entry points: no mode (O_CREAT is refused by the fortified caller) */
 VELO_EXPORT int __open_2(const char *path, int flags);
 VELO_EXPORT int __open_2(const char *path, int flags)

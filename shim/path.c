@@ -114,6 +114,16 @@ VELO_EXPORT int rmdir(const char *path)
         return do_unlinkat(AT_FDCWD, path, AT_REMOVEDIR);
 }
 
+/* glibc's remove unlinks through its internal unlinkat, past the hooks above: do what it does */
+VELO_EXPORT int remove(const char *path)
+{
+        if (do_unlinkat(AT_FDCWD, path, 0) == 0)
+                return 0;
+        if (errno != EISDIR)
+                return -1;
+        return do_unlinkat(AT_FDCWD, path, AT_REMOVEDIR);
+}
+
 static int do_linkat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
                      int flags)
 {
@@ -233,6 +243,39 @@ VELO_EXPORT int mknod(const char *path, mode_t mode, dev_t dev)
 VELO_EXPORT int mknodat(int dirfd, const char *path, mode_t mode, dev_t dev)
 {
         return do_mknodat(dirfd, path, mode, dev);
+}
+
+/* The entry points of binaries built against glibc < 2.33 (its mknod was a macro over them). The
+ * version argument is glibc's to check: the real function is called, not mknodat. */
+static int do_xmknodat(int ver, int dirfd, const char *path, mode_t mode, dev_t *dev)
+{
+        static void *real;
+        int (*fn)(int, int, const char *, mode_t, dev_t *) =
+                (int (*)(int, int, const char *, mode_t, dev_t *))velo_sym(&real, "__xmknodat");
+        if (fn == NULL) {
+                errno = ENOSYS;
+                return -1;
+        }
+        struct velo_target t;
+        int r = velo_pre1(VELO_R_MKNOD, (uint32_t)mode, dirfd, path, VELO_WRITE, &t);
+        if (r == VELO_DENY)
+                return -1;
+        int rc = fn(ver, dirfd, path, mode, dev);
+        if (r == VELO_TRACK)
+                velo_post(VELO_R_MKNOD, (uint32_t)mode, &t, NULL, rc, errno);
+        return rc;
+}
+
+VELO_EXPORT int __xmknod(int ver, const char *path, mode_t mode, dev_t *dev);
+VELO_EXPORT int __xmknod(int ver, const char *path, mode_t mode, dev_t *dev)
+{
+        return do_xmknodat(ver, AT_FDCWD, path, mode, dev);
+}
+
+VELO_EXPORT int __xmknodat(int ver, int dirfd, const char *path, mode_t mode, dev_t *dev);
+VELO_EXPORT int __xmknodat(int ver, int dirfd, const char *path, mode_t mode, dev_t *dev)
+{
+        return do_xmknodat(ver, dirfd, path, mode, dev);
 }
 
 VELO_EXPORT int mkfifo(const char *path, mode_t mode)

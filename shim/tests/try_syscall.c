@@ -7,7 +7,9 @@
  * that bypass the shim on purpose (raw_write, static builds) serve the hostile-writer tests.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -148,6 +150,31 @@ static int run(char **argv, char *self)
                 unlink(a);
                 r = fchmod(fd, 0640);
                 close(fd);
+        } else if (!strcmp(op, "lchmod")) {
+                r = lchmod(a, 0600);
+        } else if (!strcmp(op, "fchmodat_empty")) {
+                /* glibc >= 2.39 passes AT_EMPTY_PATH on (fchmodat2); 2.36 says EINVAL */
+                int fd = open(a, O_RDONLY | O_CLOEXEC);
+                r = fchmodat(fd, "", 0600, AT_EMPTY_PATH);
+                close(fd);
+        } else if (!strcmp(op, "remove")) {
+                r = remove(a);
+        } else if (!strcmp(op, "xmknod")) {
+                /* the pre-2.33 entry point old binaries still call (a compat symbol) */
+                int (*xmknod)(int, const char *, mode_t, dev_t *) =
+                        (int (*)(int, const char *, mode_t, dev_t *))dlsym(RTLD_DEFAULT, "__xmknod");
+                dev_t dev = 0;
+                r = xmknod == NULL ? -2 : xmknod(0, a, S_IFIFO | 0640, &dev);
+        } else if (!strcmp(op, "rawclone_w")) {
+                /* a child made by clone(2) without glibc's fork (no atfork handlers ran) */
+                long pid = syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+                if (pid == 0) {
+                        int fd = open(a, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+                        int ok = fd >= 0 && write_str(fd, "clone\n") == 6 && close(fd) == 0;
+                        syscall(SYS_exit_group, ok ? 0 : 1);
+                }
+                int st = 0;
+                r = pid < 0 ? -1 : waitpid((pid_t)pid, &st, 0) < 0 ? -1 : WEXITSTATUS(st);
         } else if (!strcmp(op, "chown")) {
                 r = chown(a, getuid(), getgid());
         } else if (!strcmp(op, "utime")) {

@@ -1,0 +1,113 @@
+"""The C library's less common entry points: libc functions that change the tree through glibc's
+internal calls (so past the hooks of the calls they make), compat symbols, AT_EMPTY_PATH forms,
+and children made without glibc's fork. Each was found unjournaled (or writing through a shared
+--link proxy) by trying it under the shim; the checks are against the directory itself.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.shim.test_c_shim import Lab, _proxy_lab
+from veloverlay.session.shim.library import Phase, RecType
+
+
+@pytest.fixture
+def lab(tmp_path: Path, shim_build: Path, try_syscall: Path) -> Lab:
+    return Lab(tmp_path, shim_build / "libveloshim.so", try_syscall)
+
+
+def test_remove_of_a_file_and_of_a_directory_is_journaled(lab: Lab) -> None:
+    # glibc's remove() unlinks through its internal unlinkat: nothing was journaled
+    out, recs = lab.run("remove", "a", "--", "remove", "sub")
+    assert out == ["remove 0 0", "remove 0 0"]
+    assert not (lab.proj / "a").exists() and not (lab.proj / "sub").exists()
+    done = [(RecType(r.type), r.path1) for r in recs if r.phase == Phase.DONE and r.ret == 0]
+    assert done == [(RecType.UNLINK, lab.p("a")), (RecType.RMDIR, lab.p("sub"))]
+
+
+def test_remove_in_the_store_is_refused(lab: Lab) -> None:
+    obj = lab.store / "objects-v1" / "obj"
+    obj.write_bytes(b"object\n")
+    out, recs = lab.run("remove", os.fspath(obj))
+    assert out == ["remove -1 30"]  # EROFS, as unlink() says
+    assert obj.read_bytes() == b"object\n"
+    assert [r for r in recs if r.type == RecType.DENIED]
+
+
+def test_lchmod_is_journaled(lab: Lab) -> None:
+    # glibc's lchmod calls its internal fchmodat
+    out, recs = lab.run("lchmod", "a")
+    assert out == ["lchmod 0 0"]
+    assert stat.S_IMODE((lab.proj / "a").stat().st_mode) == 0o600
+    chmods = [(Phase(r.phase), r.path1) for r in recs if r.type == RecType.CHMOD]
+    assert chmods == [(Phase.INTENT, lab.p("a")), (Phase.DONE, lab.p("a"))]
+
+
+def test_xmknod_compat_entry_point_is_journaled(lab: Lab) -> None:
+    # binaries built against glibc < 2.33 call __xmknod (mknod was a macro over it)
+    out, recs = lab.run("xmknod", "ff")
+    if out == ["xmknod -2 0"]:
+        pytest.skip("this libc has no __xmknod")
+    assert out == ["xmknod 0 0"]
+    assert stat.S_ISFIFO((lab.proj / "ff").lstat().st_mode)
+    mk = [(Phase(r.phase), r.path1) for r in recs if r.type == RecType.MKNOD]
+    assert mk == [(Phase.INTENT, lab.p("ff")), (Phase.DONE, lab.p("ff"))]
+
+
+def test_lchmod_breaks_a_proxy_first(lab: Lab) -> None:
+    proxy = _proxy_lab(lab)
+    mode = stat.S_IMODE(proxy.stat().st_mode)
+    out, _recs = lab.run("lchmod", "p1")
+    assert out == ["lchmod 0 0"]
+    assert stat.S_IMODE(proxy.stat().st_mode) == mode != 0o600
+    assert stat.S_IMODE((lab.proj / "p1").stat().st_mode) == 0o600
+    assert (lab.proj / "p1").stat().st_ino != proxy.stat().st_ino
+    assert (lab.proj / "p1").read_bytes() == b"shared\n"
+
+
+# glibc >= 2.39's fchmodat passes AT_EMPTY_PATH on to fchmodat2; this host's glibc says EINVAL.
+# A library preloaded after the shim stands in for the newer libc.
+NEWER_FCHMODAT = r"""
+#define _GNU_SOURCE
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+{
+        return (int)syscall(452 /* fchmodat2 */, dirfd, path, mode, flags);
+}
+"""
+
+
+def test_fchmodat_empty_path_breaks_the_proxy_the_fd_holds(lab: Lab, tmp_path: Path) -> None:
+    src = tmp_path / "newer.c"
+    src.write_text(NEWER_FCHMODAT)
+    newer = tmp_path / "libnewer.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", newer, src], check=True)
+    proxy = _proxy_lab(lab)
+    mode = stat.S_IMODE(proxy.stat().st_mode)
+    lab.export()
+    env = lab.env()
+    env["LD_PRELOAD"] = f"{lab.lib} {newer}"
+    proc = subprocess.run(
+        [os.fspath(lab.exe), "fchmodat_empty", "p1"],
+        env=env,
+        cwd=lab.proj,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.stdout == "fchmodat_empty 0 0\n", proc
+    assert stat.S_IMODE(proxy.stat().st_mode) == mode != 0o600  # the shared inode kept its mode
+    assert stat.S_IMODE((lab.proj / "p1").stat().st_mode) == 0o600
+    assert (lab.proj / "p1").stat().st_ino != proxy.stat().st_ino
+    chmods = [r.path1 for r in lab.reader.read(final=True) if r.type == RecType.CHMOD]
+    assert chmods == [lab.p("p1"), lab.p("p1")]  # the file, not "p1/"
+
