@@ -1,7 +1,8 @@
 /* Start-up: find the real functions, load the session export named by $VELO_SHIM_CONFIG, build
  * the written-fd table, check in. Runs once per process image (constructor, or the first hook
  * called before it), again in no forked child (the child inherits all of it; only the pid that
- * tells a vfork child from a forked one is refreshed).
+ * tells a vfork child from a forked one is refreshed, by the atfork handler or on the first call
+ * of a child made without it).
  */
 #include "veloshim.h"
 
@@ -89,10 +90,30 @@ static int load_conf(const char *path)
         return 0;
 }
 
+/* Tells a child that has its own copy of our memory (fork, _Fork, a raw clone without CLONE_VM:
+ * the last two run no atfork handler) from one that shares it (vfork, posix_spawn's CLONE_VM
+ * child): this page is MADV_WIPEONFORK, so it reads zero in the first kind only. */
+static volatile unsigned char *own_mm;
+
+static void own_mm_init(void)
+{
+        void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+                return;
+        if (madvise(p, 4096, MADV_WIPEONFORK) != 0) { /* kernel < 4.14: pid alone, as before */
+                munmap(p, 4096);
+                return;
+        }
+        own_mm = p;
+        own_mm[0] = 1;
+}
+
 static void atfork_child(void)
 {
         velo_pid = velo_sys_getpid();
         velo_checkin_reset();
+        if (own_mm != NULL)
+                own_mm[0] = 1; /* a vfork child of ours must find it set */
 }
 
 static void do_init(void)
@@ -101,6 +122,7 @@ static void do_init(void)
         find_real();
         const char *path = getenv("VELO_SHIM_CONFIG");
         if (path != NULL && *path != '\0' && load_conf(path) == 0) {
+                own_mm_init();
                 velo_pid = velo_sys_getpid();
                 velo_fdtab_init();
                 pthread_atfork(NULL, NULL, atfork_child);
@@ -116,11 +138,20 @@ void velo_init(void)
         pthread_once(&velo_once, do_init);
 }
 
-/* A vfork child (or a raw clone) shares or inherits memory without our atfork handler having
- * run: it must not change the table that still belongs to its parent. */
+/* A vfork child shares its parent's memory: it must not change the table that still belongs to
+ * the parent. A child with its own copy made without our atfork handler (a raw clone, _Fork) is
+ * a forked child: it takes the table over on its first call, as atfork_child would have (before,
+ * it was taken for a vfork child for its whole life: its closes never journaled, its fds never
+ * marked, no live check-in). */
 int velo_in_vfork_child(void)
 {
-        return velo_sys_getpid() != velo_pid;
+        pid_t now = velo_sys_getpid();
+        if (now == __atomic_load_n(&velo_pid, __ATOMIC_RELAXED))
+                return 0;
+        if (own_mm == NULL || own_mm[0] != 0)
+                return 1; /* shared memory, or cannot tell */
+        atfork_child();
+        return 0;
 }
 
 __attribute__((constructor)) static void velo_ctor(void)

@@ -111,3 +111,16 @@ def test_fchmodat_empty_path_breaks_the_proxy_the_fd_holds(lab: Lab, tmp_path: P
     chmods = [r.path1 for r in lab.reader.read(final=True) if r.type == RecType.CHMOD]
     assert chmods == [lab.p("p1"), lab.p("p1")]  # the file, not "p1/"
 
+
+def test_a_raw_clone_child_owns_its_fd_table(lab: Lab) -> None:
+    # a child made by clone(2) without glibc's fork runs no atfork handler: it was taken for a
+    # vfork child for its whole life, so its written fd was never marked and its close never
+    # journaled
+    out, recs = lab.run("rawclone_w", "cl")
+    assert out == ["rawclone_w 0 0"]
+    assert (lab.proj / "cl").read_bytes() == b"clone\n"
+    parent = recs[0].pid
+    opens = [r for r in recs if r.type == RecType.OPEN and r.phase == Phase.DONE]
+    assert len(opens) == 1 and opens[0].pid != parent
+    closes = [(r.pid, r.path1) for r in recs if r.type == RecType.CLOSE]
+    assert closes == [(opens[0].pid, lab.p("cl"))]
