@@ -66,6 +66,7 @@ static void reset(struct velo_target *t)
         t->len = 0;
         t->path[0] = '\0';
         t->inside = t->protect = t->exists = t->trunc = t->unknown = t->proxy = t->broke = 0;
+        t->starved = 0;
 }
 
 /* --link: is this inode one of the session's shared proxies? */
@@ -129,8 +130,10 @@ void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_targe
         /* The kernel will act on a proxy inode we could not name (a /proc/self/fd/N link to a
          * proxy whose path was broken or removed, a path beyond PATH_MAX): what the text says
          * (the parent's name plus the last component) is not what gets changed. */
-        if (nameless_proxy)
+        if (nameless_proxy) {
                 t->proxy = 1;
+                t->starved = nameless_proxy == 2;
+        }
 }
 
 /* The directory part of path ("." when it has none), into dir[PATH_MAX]; the length of path
@@ -254,6 +257,16 @@ static void resolve_path(int dirfd, const char *path, unsigned flags, struct vel
                         reset(t);
                         break;
                 }
+                if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+                        /* No fd free to name it with (the caller is at its fd limit): the text
+                         * is all there is, but a chmod, truncate or utime needs no fd and would
+                         * go through a shared proxy unbroken. Its inode is known without one. */
+                        struct stat st;
+                        int at = (flags & VELO_FOLLOW) ? 0 : AT_SYMLINK_NOFOLLOW;
+                        if (velo_sys_fstatat(dirfd, path, &st, at) == 0 && proxy_inode(&st))
+                                *nameless_proxy = 2;
+                        break;
+                }
                 /* a dangling symlink is followed to where the call will create its target
                  * (as many links as the kernel follows) */
                 if (!(flags & VELO_FOLLOW) || hops >= 40 ||
@@ -280,9 +293,10 @@ int velo_decide(int type, uint32_t arg, unsigned flags, struct velo_target *t1,
         if ((flags & VELO_BBW) && t1->proxy && (!t1->inside || t1->unknown || t1->trunc)) {
                 /* A shared proxy reached by no path of ours that could be broken (a magic link
                  * whose path was broken or removed, a path too long to name, a link moved out
-                 * of the tree): never write through it. */
-                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t1, t2);
-                errno = EROFS;
+                 * of the tree, no fd free to name it with): never write through it. */
+                int e = t1->starved ? EMFILE : EROFS;
+                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -e, (uint32_t)type, t1, t2);
+                errno = e;
                 return VELO_DENY;
         }
         if (!ours)

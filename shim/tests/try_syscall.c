@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -175,6 +176,15 @@ static int run(char **argv, char *self)
                 }
                 int st = 0;
                 r = pid < 0 ? -1 : waitpid((pid_t)pid, &st, 0) < 0 ? -1 : WEXITSTATUS(st);
+        } else if (!strcmp(op, "exhaust")) {
+                /* the ops after this one run with no fd free (soft RLIMIT_NOFILE 64) */
+                struct rlimit rl;
+                getrlimit(RLIMIT_NOFILE, &rl);
+                rl.rlim_cur = 64;
+                setrlimit(RLIMIT_NOFILE, &rl);
+                while (open("/dev/null", O_RDONLY | O_CLOEXEC) >= 0)
+                        r++;
+                used = 1;
         } else if (!strcmp(op, "chown")) {
                 r = chown(a, getuid(), getgid());
         } else if (!strcmp(op, "utime")) {

@@ -124,3 +124,25 @@ def test_a_raw_clone_child_owns_its_fd_table(lab: Lab) -> None:
     assert len(opens) == 1 and opens[0].pid != parent
     closes = [(r.pid, r.path1) for r in recs if r.type == RecType.CLOSE]
     assert closes == [(opens[0].pid, lab.p("cl"))]
+
+
+def test_at_the_fd_limit_a_proxy_is_never_changed_in_place(lab: Lab) -> None:
+    # With no fd free the shim could not open the target to name it: the text was all it had,
+    # so it never saw the proxy, and chmod/truncate/utimes/setxattr (which need no fd) went
+    # through the shared inode: every tree sharing it lost its bytes to a truncate
+    proxy = _proxy_lab(lab)
+    before = proxy.stat()
+    ops = ["chmod", "truncate", "utime", "setxattr"]
+    out, recs = lab.run("exhaust", *(w for op in ops for w in ("--", op, "p1")), "--", "chmod", "a")
+    assert out[1:] == [f"{op} -1 24" for op in ops] + ["chmod 0 0"]  # EMFILE; others as before
+    for path in (proxy, lab.proj / "p1"):
+        st = path.stat()
+        assert (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns) == (
+            before.st_ino,
+            before.st_mode,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        assert os.listxattr(path) == []
+    assert proxy.read_bytes() == b"shared\n"
+    assert stat.S_IMODE((lab.proj / "a").stat().st_mode) == 0o600
