@@ -29,7 +29,6 @@ static void exec_intent(int dirfd, const char *path, int search)
                 t.path[t.len] = '\0';
                 t.trunc = n != t.len;
                 t.inside = t.protect = t.exists = t.unknown = t.proxy = t.broke = 0;
-                t.starved = 0;
         } else {
                 velo_resolve(dirfd, path, VELO_FOLLOW | VELO_EMPTY, &t);
         }
@@ -175,7 +174,6 @@ static int do_spawn(spawn_fn real, pid_t *pid, const char *path, const void *act
                         t.path[t.len] = '\0';
                         t.trunc = n != t.len;
                         t.inside = t.protect = t.exists = t.unknown = t.proxy = t.broke = 0;
-                        t.starved = 0;
                 } else {
                         velo_resolve(AT_FDCWD, path, VELO_FOLLOW, &t);
                 }

@@ -175,7 +175,7 @@ static int do_symlinkat(const char *target, int dirfd, const char *linkpath)
                 text.path[text.len] = '\0';
                 text.trunc = n != text.len;
                 text.inside = text.protect = text.exists = text.unknown = 0;
-                text.proxy = text.broke = text.starved = 0;
+                text.proxy = text.broke = 0;
                 r = velo_decide(VELO_R_SYMLINK, 0, VELO_WRITE, &t, &text);
                 if (r == VELO_DENY)
                         return -1;

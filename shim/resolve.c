@@ -66,7 +66,6 @@ static void reset(struct velo_target *t)
         t->len = 0;
         t->path[0] = '\0';
         t->inside = t->protect = t->exists = t->trunc = t->unknown = t->proxy = t->broke = 0;
-        t->starved = 0;
 }
 
 /* --link: is this inode one of the session's shared proxies? */
@@ -130,10 +129,8 @@ void velo_resolve(int dirfd, const char *path, unsigned flags, struct velo_targe
         /* The kernel will act on a proxy inode we could not name (a /proc/self/fd/N link to a
          * proxy whose path was broken or removed, a path beyond PATH_MAX): what the text says
          * (the parent's name plus the last component) is not what gets changed. */
-        if (nameless_proxy) {
+        if (nameless_proxy)
                 t->proxy = 1;
-                t->starved = nameless_proxy == 2;
-        }
 }
 
 /* The directory part of path ("." when it has none), into dir[PATH_MAX]; the length of path
@@ -159,6 +156,102 @@ static size_t split_dir(const char *path, char *dir, size_t *slash)
         return plen;
 }
 
+/* No fd free (the caller is at its fd limit): walk the path by its text the way the kernel will,
+ * with fstatat and readlinkat, which need none. Without it the text was all there was: a symlink
+ * of the tree into the store was not seen as the store, a proxy not as a proxy, and a chmod or
+ * truncate (which need no fd) went through them. */
+static void walk_text(int dirfd, const char *path, int follow, struct velo_target *t)
+{
+        char rest[PATH_MAX], next[PATH_MAX];
+        size_t n = 0;
+        reset(t);
+        if (path[0] != '/') {
+                ssize_t r = dirfd == AT_FDCWD
+                                    ? (syscall(SYS_getcwd, t->path, sizeof t->path) > 0
+                                               ? (ssize_t)strlen(t->path)
+                                               : -1)
+                                    : velo_sys_readlink_fd(dirfd, t->path, sizeof t->path - 1);
+                if (r <= 0 || t->path[0] != '/') {
+                        t->unknown = 1;
+                        return;
+                }
+                n = t->path[r - 1] == '/' ? (size_t)r - 1 : (size_t)r; /* "/" is "" here */
+        }
+        size_t rlen = strlen(path);
+        if (rlen >= sizeof rest) {
+                textual(dirfd, path, t);
+                return;
+        }
+        memcpy(rest, path, rlen + 1);
+        const char *p = rest;
+        int hops = 0, exists = 0;
+        for (;;) {
+                while (*p == '/')
+                        p++;
+                if (*p == '\0')
+                        break;
+                const char *q = p;
+                while (*q && *q != '/')
+                        q++;
+                size_t clen = (size_t)(q - p);
+                const char *after = q;
+                while (*after == '/')
+                        after++;
+                int last = *after == '\0';
+                exists = 0;
+                if (clen == 1 && p[0] == '.') {
+                        exists = 1;
+                } else if (clen == 2 && p[0] == '.' && p[1] == '.') {
+                        while (n > 0 && t->path[n - 1] != '/')
+                                n--;
+                        if (n > 0)
+                                n--;
+                        exists = 1;
+                } else {
+                        if (n + 1 + clen >= sizeof t->path) {
+                                t->trunc = 1;
+                                break;
+                        }
+                        size_t base = n;
+                        t->path[n++] = '/';
+                        memcpy(t->path + n, p, clen);
+                        n += clen;
+                        t->path[n] = '\0';
+                        struct stat st;
+                        if (velo_sys_fstatat(AT_FDCWD, t->path, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                                if (!last)
+                                        t->unknown = 1; /* the call fails there too */
+                                break;
+                        }
+                        exists = 1;
+                        if (S_ISLNK(st.st_mode) && (!last || follow)) {
+                                ssize_t l = (ssize_t)syscall(SYS_readlinkat, AT_FDCWD, t->path,
+                                                             next, sizeof next - 1);
+                                size_t tail = strlen(q);
+                                if (l <= 0 || ++hops > 40 || (size_t)l + tail >= sizeof next) {
+                                        t->unknown = 1;
+                                        break;
+                                }
+                                memcpy(next + l, q, tail + 1); /* the link's text, then the rest */
+                                memcpy(rest, next, (size_t)l + tail + 1);
+                                p = rest;
+                                n = next[0] == '/' ? 0 : base;
+                                continue;
+                        }
+                }
+                p = q;
+        }
+        if (n == 0)
+                t->path[n++] = '/';
+        t->path[n] = '\0';
+        t->len = n;
+        if (exists && velo_sys_fstatat(AT_FDCWD, t->path, &t->st, AT_SYMLINK_NOFOLLOW) == 0) {
+                t->exists = 1;
+                t->proxy = proxy_inode(&t->st);
+        }
+        classify(t);
+}
+
 /* Not there (yet): resolve the parent, keep the last name. */
 static void resolve_parent(int dirfd, const char *path, struct velo_target *t)
 {
@@ -172,6 +265,10 @@ static void resolve_parent(int dirfd, const char *path, struct velo_target *t)
         const char *base = path + slash;
         size_t blen = plen - slash;
         int pfd = velo_sys_openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+        if (pfd < 0 && (errno == EMFILE || errno == ENFILE)) {
+                walk_text(dirfd, path, 0, t);
+                return;
+        }
         if (pfd < 0) {
                 textual(dirfd, path, t);
                 return;
@@ -258,14 +355,8 @@ static void resolve_path(int dirfd, const char *path, unsigned flags, struct vel
                         break;
                 }
                 if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
-                        /* No fd free to name it with (the caller is at its fd limit): the text
-                         * is all there is, but a chmod, truncate or utime needs no fd and would
-                         * go through a shared proxy unbroken. Its inode is known without one. */
-                        struct stat st;
-                        int at = (flags & VELO_FOLLOW) ? 0 : AT_SYMLINK_NOFOLLOW;
-                        if (velo_sys_fstatat(dirfd, path, &st, at) == 0 && proxy_inode(&st))
-                                *nameless_proxy = 2;
-                        break;
+                        walk_text(dirfd, path, (flags & VELO_FOLLOW) != 0, t);
+                        goto out;
                 }
                 /* a dangling symlink is followed to where the call will create its target
                  * (as many links as the kernel follows) */
@@ -294,9 +385,8 @@ int velo_decide(int type, uint32_t arg, unsigned flags, struct velo_target *t1,
                 /* A shared proxy reached by no path of ours that could be broken (a magic link
                  * whose path was broken or removed, a path too long to name, a link moved out
                  * of the tree, no fd free to name it with): never write through it. */
-                int e = t1->starved ? EMFILE : EROFS;
-                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -e, (uint32_t)type, t1, t2);
-                errno = e;
+                velo_journal_target(VELO_R_DENIED, VELO_P_EVENT, -EROFS, (uint32_t)type, t1, t2);
+                errno = EROFS;
                 return VELO_DENY;
         }
         if (!ours)

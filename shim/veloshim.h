@@ -68,7 +68,6 @@ struct velo_target {
         int unknown;   /* could not be resolved */
         int proxy;     /* --link: st is a shared proxy inode (even when it has no name) */
         int broke;     /* Break-Before-Write: path now names a private copy; act on path */
-        int starved;   /* proxy known only by fstatat: no fd was free to name it (EMFILE) */
         struct stat st;
 };
 
