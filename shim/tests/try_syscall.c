@@ -176,15 +176,39 @@ static int run(char **argv, char *self)
                 }
                 int st = 0;
                 r = pid < 0 ? -1 : waitpid((pid_t)pid, &st, 0) < 0 ? -1 : WEXITSTATUS(st);
-        } else if (!strcmp(op, "exhaust")) {
+        } else if (!strcmp(op, "exhaust") || !strcmp(op, "exhaust_but")) {
                 /* the ops after this one run with no fd free (soft RLIMIT_NOFILE 64) */
                 struct rlimit rl;
                 getrlimit(RLIMIT_NOFILE, &rl);
                 rl.rlim_cur = 64;
                 setrlimit(RLIMIT_NOFILE, &rl);
-                while (open("/dev/null", O_RDONLY | O_CLOEXEC) >= 0)
+                int last = -1, fd;
+                while ((fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0) {
+                        last = fd;
                         r++;
-                used = 1;
+                }
+                if (!strcmp(op, "exhaust_but")) /* leave the last N fds free */
+                        for (int k = atoi(a); k > 0 && last >= 0; k--)
+                                close(last--);
+                else
+                        used = 1;
+        } else if (!strcmp(op, "handle_append")) {
+                /* open by file handle (needs CAP_DAC_READ_SEARCH): no path in the open */
+                union {
+                        struct file_handle fh;
+                        char buf[sizeof(struct file_handle) + MAX_HANDLE_SZ];
+                } h;
+                int mnt = 0;
+                h.fh.handle_bytes = MAX_HANDLE_SZ;
+                int dfd = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                r = name_to_handle_at(AT_FDCWD, a, &h.fh, &mnt, 0);
+                if (r == 0) {
+                        int fd = open_by_handle_at(dfd, &h.fh, O_WRONLY | O_APPEND | O_CLOEXEC);
+                        r = fd < 0 ? -1 : write_str(fd, "by handle\n");
+                        if (fd >= 0)
+                                close(fd);
+                }
+                close(dfd);
         } else if (!strcmp(op, "chown")) {
                 r = chown(a, getuid(), getgid());
         } else if (!strcmp(op, "utime")) {

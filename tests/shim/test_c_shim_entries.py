@@ -175,3 +175,35 @@ def test_at_the_fd_limit_the_store_is_still_refused(lab: Lab) -> None:
     assert stat.S_IMODE(obj.stat().st_mode) == 0o444
     assert stat.S_IMODE((lab.proj / "a").stat().st_mode) == 0o600
     assert (lab.proj / "sub" / "new").is_dir()
+
+
+@pytest.mark.parametrize("free", [1, 2])
+def test_a_break_short_of_fds_fails_and_leaves_nothing_behind(lab: Lab, free: int) -> None:
+    proxy = _proxy_lab(lab)
+    out, _recs = lab.run("exhaust_but", str(free), "--", "truncate", "p1")
+    assert out[1:] == ["truncate -1 24"]
+    assert proxy.read_bytes() == b"shared\n"
+    assert (lab.proj / "p1").stat().st_ino == proxy.stat().st_ino
+    assert sorted(os.listdir(lab.proj)) == ["a", "p1", "p2", "sub"]
+
+
+def test_open_by_handle_is_journaled_and_refused_on_a_proxy_or_in_the_store(lab: Lab) -> None:
+    # open_by_handle_at went past the shim whole: a --link proxy was appended to in place (every
+    # tree sharing it saw the bytes), the store was not refused, nothing was journaled
+    proxy = _proxy_lab(lab)
+    obj = lab.store / "objects-v1" / "obj"
+    obj.write_bytes(b"object\n")
+    obj.chmod(0o444)
+    out, recs = lab.run("handle_append", "a")
+    if out != ["handle_append 10 0"]:
+        pytest.skip(f"no file handles here: {out}")  # needs CAP_DAC_READ_SEARCH and fs support
+    opens = [(Phase(r.phase), r.path1) for r in recs if r.type == RecType.OPEN]
+    assert opens == [(Phase.INTENT, lab.p("a")), (Phase.DONE, lab.p("a"))]
+    assert [r.path1 for r in recs if r.type == RecType.CLOSE] == [lab.p("a")]
+    assert (lab.proj / "a").read_bytes() == b"hello\nby handle\n"
+    out, recs = lab.run("handle_append", "p1", "--", "handle_append", os.fspath(obj))
+    assert out == ["handle_append -1 30", "handle_append -1 30"]  # EROFS
+    assert proxy.read_bytes() == b"shared\n"
+    assert (lab.proj / "p1").read_bytes() == (lab.proj / "p2").read_bytes() == b"shared\n"
+    assert obj.read_bytes() == b"object\n"
+    assert len([r for r in recs if r.type == RecType.DENIED]) == 2
