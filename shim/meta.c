@@ -1,11 +1,15 @@
 /* Changes to an inode's metadata: chmod, chown, setxattr/removexattr, utimensat and the older
- * utime calls (converted to utimensat, which is what glibc does too).
+ * utime calls (converted to utimensat, which is what glibc does too), and the inode flags that
+ * chattr sets with ioctl.
  *
  * In --link mode each of these would change the shared proxy inode: Break-Before-Write first.
  * The fd forms then still hold the proxy, so after a break they act on the path instead.
  */
 #include "veloshim.h"
 
+#include <linux/fs.h>
+#include <stdarg.h>
+#include <sys/ioctl.h>
 #include <sys/time.h>
 #include <sys/xattr.h>
 #include <utime.h>
@@ -328,4 +332,44 @@ VELO_EXPORT int utime(const char *path, const struct utimbuf *times)
                 ts[1].tv_nsec = 0;
         }
         return do_utimensat(AT_FDCWD, path, times != NULL ? ts : NULL, 0);
+}
+
+/* --- inode flags (chattr): ioctl on an fd, often opened read-only ------------------------------ */
+
+/* Only the two requests that set an inode's flags are ours (journaled as XATTR, arg 2); every
+ * other ioctl (ttys: hot) costs one comparison. chattr's read-only fd on a --link file holds the
+ * shared proxy: unhooked, `chattr +i` (as root) or `+a` made every tree's proxy immutable. After
+ * a break the private copy is opened by its path for the call. */
+VELO_EXPORT int ioctl(int fd, unsigned long request, ...)
+{
+        static void *slot;
+        int (*real)(int, unsigned long, ...) =
+                (int (*)(int, unsigned long, ...))velo_sym(&slot, "ioctl");
+        va_list ap;
+        va_start(ap, request);
+        void *arg = va_arg(ap, void *);
+        va_end(ap);
+        if (request != FS_IOC_SETFLAGS && request != FS_IOC_FSSETXATTR)
+                return real != NULL ? real(fd, request, arg)
+                                    : (int)syscall(SYS_ioctl, fd, request, arg);
+        struct velo_target t;
+        int r = velo_pre_fd(VELO_R_XATTR, 2, fd, VELO_WRITE | VELO_BBW, &t);
+        if (r == VELO_DENY)
+                return -1;
+        int rc;
+        if (r == VELO_TRACK && fd_is_stale(fd, &t)) {
+                int nfd = velo_sys_openat(AT_FDCWD, t.path,
+                                          O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC, 0);
+                rc = nfd < 0 ? -1 : (int)syscall(SYS_ioctl, nfd, request, arg);
+                if (nfd >= 0) {
+                        int e = errno;
+                        velo_sys_close(nfd);
+                        errno = e;
+                }
+        } else {
+                rc = (int)syscall(SYS_ioctl, fd, request, arg);
+        }
+        if (r == VELO_TRACK)
+                velo_post(VELO_R_XATTR, 2, &t, NULL, rc, errno);
+        return rc;
 }

@@ -7,6 +7,7 @@ and children made without glibc's fork. Each was found unjournaled (or writing t
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -207,3 +208,36 @@ def test_open_by_handle_is_journaled_and_refused_on_a_proxy_or_in_the_store(lab:
     assert (lab.proj / "p1").read_bytes() == (lab.proj / "p2").read_bytes() == b"shared\n"
     assert obj.read_bytes() == b"object\n"
     assert len([r for r in recs if r.type == RecType.DENIED]) == 2
+
+
+def _flags(path: Path) -> str:
+    out = subprocess.run(["lsattr", "-d", path], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="no chattr")
+def test_chattr_breaks_a_proxy_first_and_is_refused_in_the_store(lab: Lab) -> None:
+    # chattr sets inode flags by ioctl on a read-only fd: the shared proxy got them (as root,
+    # +i or +a on it would stop every other tree's break), a store object too, nothing journaled
+    proxy = _proxy_lab(lab)
+    obj = lab.store / "objects-v1" / "obj"
+    obj.write_bytes(b"object\n")
+    before = _flags(proxy)
+    if "d" in before:
+        pytest.skip("the file system set +d already")
+    lab.export()
+    env = lab.env()
+    done = subprocess.run(["chattr", "+d", "p1"], env=env, cwd=lab.proj, capture_output=True)
+    if done.returncode != 0 and b"Operation not supported" in done.stderr:
+        pytest.skip("no inode flags on this file system")
+    assert done.returncode == 0, done.stderr
+    assert "d" in _flags(lab.proj / "p1")
+    assert _flags(proxy) == _flags(lab.proj / "p2") == before
+    assert (lab.proj / "p1").stat().st_ino != proxy.stat().st_ino
+    refused = subprocess.run(["chattr", "+d", obj], env=env, cwd=lab.proj, capture_output=True)
+    assert refused.returncode != 0 and b"Read-only file system" in refused.stderr
+    assert _flags(obj) == before
+    recs = lab.reader.read(final=True)
+    xattr = [(Phase(r.phase), r.path1) for r in recs if r.type == RecType.XATTR]
+    assert xattr == [(Phase.INTENT, lab.p("p1")), (Phase.DONE, lab.p("p1"))]
+    assert [r.type for r in recs].count(RecType.DENIED) == 1
