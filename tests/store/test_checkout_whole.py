@@ -216,3 +216,31 @@ def test_a_filesystem_without_renameat2_flags_still_gets_the_whole_tree(
     finally:
         repo.m.close()
     assert _left_beside(out) == ["empty", "new"]
+
+
+@pytest.mark.parametrize("how", [".", "absolute"])
+def test_checkout_into_the_callers_working_directory_keeps_it(
+    world: tuple[str, str, str], how: str
+) -> None:
+    """`mkdir d && cd d && veloverlay checkout REF . && ls`: the tree is in the directory the
+    shell is in. Replacing the empty DEST by the finished tree left the shell in a deleted,
+    empty directory (`ls` showed nothing, later commands ran nowhere)."""
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest)
+    target = "." if how == "." else dest
+    script = f'"$1" -m veloverlay checkout t {target} >/dev/null && ls -A'
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    p = subprocess.run(
+        ["sh", "-c", script, "sh", sys.executable],
+        cwd=dest,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.stdout.decode().split()) == sorted(os.listdir(src))  # old: nothing
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]

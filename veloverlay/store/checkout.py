@@ -154,6 +154,16 @@ def _partial_prefix(name: str) -> str:
     return f".{os.fsdecode(raw)}{PARTIAL}"
 
 
+def _is_cwd(st: os.stat_result) -> bool:
+    """Whether `st` is our working directory, which is the caller's (`checkout REF .` in a shell):
+    replaced by the finished tree, it would leave the shell in a deleted, empty directory."""
+    try:
+        here = os.stat(".")
+    except OSError:
+        return False  # a working directory removed: not the destination, which exists
+    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
+
+
 class _InPlace(Exception):
     """The existing empty destination cannot be replaced by the finished tree (a mount point:
     EBUSY): the tree is written into it instead."""
@@ -168,7 +178,9 @@ class _Place:
     only while it is empty), never a half-written tree that a rerun refuses as "not empty". A
     checkout killed midway leaves only the hidden partial directory, which the next checkout to
     that name removes (unlocked, ours). An existing empty destination that is another user's or
-    a mount point is written into directly, as before (owner and mount are the user's to keep)."""
+    a mount point is written into directly, as before (owner and mount are the user's to keep),
+    and so is our working directory, the caller's (`cd DEST && checkout REF .`), which a rename
+    over it would leave them in as a deleted, empty directory."""
 
     def __init__(self, dest: str, real: str) -> None:
         self.dest, self.real = dest, real
@@ -200,7 +212,7 @@ class _Place:
             if st is not None:
                 if not stat.S_ISDIR(st.st_mode):
                     raise _refuse_existing(self.dest, st)
-                if st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev:
+                if st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev or _is_cwd(st):
                     return self._in_place()
                 fd, st = files.open_dir_at(pfd, self.name, expect=(st.st_dev, st.st_ino))
                 try:
