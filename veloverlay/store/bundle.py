@@ -163,7 +163,9 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     pfd = pin_dir(real_parent)
     try:
         return _export_at(store, m, spec, pfd, name, output)
-    except SysError:
+    except SysError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write of the bundle's: as at its fsync
+            raise _output_error(exc, output) from None
         raise
     except OSError as exc:
         raise _output_error(exc, output) from None

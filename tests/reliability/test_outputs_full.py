@@ -1,0 +1,82 @@
+"""`checkout` and `export -o` onto a full disk: a clear `store-full` (no space left) naming the
+destination, nothing partial left beside it, and the next run, once there is room, works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.trees import assert_same_tree
+
+
+def _onto_a_full_disk(base: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=3m")
+    env = {**os.environ, "VELO_STORE": os.path.join(base, "store"), "NO_COLOR": "1"}
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+
+    def velo(*args: str) -> tuple[int, dict[str, object] | None]:
+        p = subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        return p.returncode, (json.loads(p.stdout) if p.returncode else None)
+
+    out: dict[str, object] = {}
+    out["ingest"] = velo("ingest", os.path.join(base, "src"), "--name", "big")[0]
+    os.mkdir(os.path.join(mnt, "empty"))
+    for what, args in (
+        ("checkout", ["checkout", "big", os.path.join(mnt, "new")]),
+        ("checkout-empty", ["checkout", "big", os.path.join(mnt, "empty")]),
+        ("export", ["export", "big", "-o", os.path.join(mnt, "big.velo")]),
+    ):
+        out[what] = velo(*args)
+    out["left"] = sorted(os.listdir(mnt)), os.listdir(os.path.join(mnt, "empty"))
+    _libc.mount(None, mnt, None, _libc.MS_REMOUNT, "size=32m")
+    out["again"] = [
+        velo("checkout", "big", os.path.join(mnt, "new"))[0],
+        velo("checkout", "big", os.path.join(mnt, "empty"))[0],
+        velo("export", "big", "-o", os.path.join(mnt, "big.velo"))[0],
+        velo("import", os.path.join(mnt, "big.velo"), "--name", "back")[0],
+        velo("checkout", "back", os.path.join(base, "back"))[0],
+    ]
+    assert_same_tree(os.path.join(base, "src"), os.path.join(mnt, "new"))
+    assert_same_tree(os.path.join(base, "src"), os.path.join(mnt, "empty"))
+    out["after"] = sorted(os.listdir(mnt))
+    return out
+
+
+def test_checkout_and_export_onto_a_full_disk(shm_tmp: str) -> None:
+    """Found by checking out and exporting an 8 MiB version into a 3 MiB tmpfs: checkout said
+    store-full, export said `syscall` (the write's ENOSPC went past the mapping that gave
+    store-full to the same error met at its fsync)."""
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    src = os.path.join(shm_tmp, "src")
+    os.makedirs(os.path.join(src, "sub"))
+    for name in ("a", "b", "sub/c"):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(os.urandom(3_000_000))
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_onto_a_full_disk, shm_tmp)
+    assert out["ingest"] == 0, out
+    for what in ("checkout", "checkout-empty", "export"):
+        rc, err = out[what]  # type: ignore[misc]
+        assert rc == 1 and err["reason"] == "store-full", (what, err)
+        assert "no space left" in err["error"], (what, err)
+    assert out["left"] == (["empty"], []), out  # no partial tree, no .part, DEST still empty
+    assert out["again"] == [0, 0, 0, 0, 0], out
+    assert out["after"] == ["big.velo", "empty", "new"], out
+    assert_same_tree(src, os.path.join(shm_tmp, "back"))
