@@ -13,7 +13,7 @@ import stat
 
 from veloverlay.errors import Reason, VeloError
 
-__all__ = ["real_root", "untrusted_on_path", "realpath_safe"]
+__all__ = ["real_root", "others_can_rename", "untrusted_on_path", "realpath_safe"]
 
 
 def real_root() -> bool:
@@ -60,6 +60,13 @@ def _judge_dir(path: str, st: os.stat_result, trusted: set[int]) -> str | None:
         mode = stat.S_IMODE(st.st_mode)
         return f"{path} is writable by others than its owner (mode {mode:04o}, group {st.st_gid})"
     return None
+
+
+def others_can_rename(path: str, st: os.stat_result) -> bool:
+    """Whether a user other than this one and root may rename entries of the directory `path`
+    (`st`: its stat): its owner is another user, or others may write it without the sticky bit.
+    Such a user can give any directory in it (one of ours they cannot empty) any name there."""
+    return _judge_dir(path, st, {os.geteuid(), 0}) is not None
 
 
 def untrusted_on_path(path: str | os.PathLike[str], trusted: set[int]) -> tuple[str, str | None]:

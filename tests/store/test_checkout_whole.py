@@ -244,3 +244,62 @@ def test_checkout_into_the_callers_working_directory_keeps_it(
     assert sorted(p.stdout.decode().split()) == sorted(os.listdir(src))  # old: nothing
     assert_same_tree(src, dest)
     assert _left_beside(out) == ["dest"]
+
+
+def _rename(parent: str, old: str, new: str) -> None:
+    os.rename(os.path.join(parent, old), os.path.join(parent, new))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root checks out into another user's directory")
+@pytest.mark.parametrize("parent_mode", ["theirs", "group-writable"])
+def test_a_directory_renamed_to_a_partial_name_by_another_user_is_not_removed(
+    world: tuple[str, str, str], parent_mode: str
+) -> None:
+    """Who may rename entries of DEST's parent can give any of root's directories there the name
+    of a killed checkout's leftover (`.DEST.velo-partial-<a pid that is gone>`): root-owned,
+    unlocked, so the next checkout to DEST emptied and removed it, files that user could not
+    remove themselves (found by renaming a 0755 directory of root's as uid 1500). Leftovers
+    are reclaimed only in a parent no one but its user (or root) can change; elsewhere they
+    stay, and the checkout works all the same."""
+    from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged
+
+    store, src, out = world
+    os.chmod(os.path.dirname(out), 0o755)
+    shared = os.path.join(out, "shared")
+    os.mkdir(shared)
+    if parent_mode == "theirs":
+        os.chown(shared, UNPRIV_UID, UNPRIV_UID)
+    else:
+        os.chown(shared, 0, UNPRIV_UID)
+        os.chmod(shared, 0o775)
+    keep = os.path.join(shared, "keep")
+    os.makedirs(os.path.join(keep, "sub"))
+    with open(os.path.join(keep, "sub", "data"), "w") as f:
+        f.write("root's, not a checkout's\n")
+    gone = 4194305  # above the largest pid Linux allows (PID_MAX_LIMIT): no such process
+    fake = f".dest.velo-partial-{gone}"
+    run_unprivileged(_rename, shared, "keep", fake)  # they cannot remove sub/data themselves
+    p = velo(store, "checkout", "t", os.path.join(shared, "dest"))
+    assert p.returncode == 0, p.stderr
+    assert_same_tree(src, os.path.join(shared, "dest"))
+    assert sorted(os.listdir(shared)) == sorted(["dest", fake])  # old: the directory was removed
+    with open(os.path.join(shared, fake, "sub", "data")) as f:
+        assert f.read() == "root's, not a checkout's\n"
+
+
+def test_a_killed_checkout_s_leftover_in_a_shared_parent_stays_and_the_rerun_works(
+    world: tuple[str, str, str],
+) -> None:
+    """In a parent others may change, what a killed checkout left is not reclaimed (it could be
+    a directory renamed there): the rerun still puts the whole tree at DEST."""
+    store, src, out = world
+    os.chmod(out, 0o777)
+    dest = os.path.join(out, "dest")
+    killed = velo(store, "checkout", "t", dest, fault="checkout.file:5")
+    assert killed.returncode == -9, killed.stderr
+    [left] = _left_beside(out)
+    assert left.startswith(".dest.velo-partial-")
+    again = velo(store, "checkout", "t", dest)
+    assert again.returncode == 0, again.stderr
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == sorted(["dest", left])

@@ -10,7 +10,8 @@ modes and mtimes are set last, deepest first.
 
 The whole tree or nothing (`_Place`): the tree is written into a partial directory beside the
 destination and renamed into place once complete; an interrupted checkout leaves nothing at the
-destination, and the next checkout to that name removes the partial directory it left.
+destination, and the next checkout to that name removes the partial directory it left (only in
+a parent directory no other user may rename entries of: see `_Place._reclaim`).
 """
 
 from __future__ import annotations
@@ -177,10 +178,11 @@ class _Place:
     destination, or an existing empty one of ours (replaced by the rename, which the kernel does
     only while it is empty), never a half-written tree that a rerun refuses as "not empty". A
     checkout killed midway leaves only the hidden partial directory, which the next checkout to
-    that name removes (unlocked, ours). An existing empty destination that is another user's or
-    a mount point is written into directly, as before (owner and mount are the user's to keep),
-    and so is our working directory, the caller's (`cd DEST && checkout REF .`), which a rename
-    over it would leave them in as a deleted, empty directory."""
+    that name removes (unlocked, ours, in a parent only we or root may change: `_reclaim`).
+    An existing empty destination that is another user's or a mount point is written into
+    directly, as before (owner and mount are the user's to keep), and so is our working
+    directory, the caller's (`cd DEST && checkout REF .`), which a rename over it would leave
+    them in as a deleted, empty directory."""
 
     def __init__(self, dest: str, real: str) -> None:
         self.dest, self.real = dest, real
@@ -281,7 +283,12 @@ class _Place:
         return fd
 
     def _reclaim(self, pfd: int) -> None:
-        """Remove the partial directories a killed checkout to this name left: ours, unlocked."""
+        """Remove the partial directories a killed checkout to this name left: ours, unlocked,
+        their process gone, and only in a parent nobody else may rename entries of: there,
+        whoever may could give one of our directories they cannot empty (another checkout)
+        the partial name, and have it emptied for them. Elsewhere the leftovers stay."""
+        if pathtrust.others_can_rename(self.parent or "/", os.fstat(pfd)):
+            return
         prefix = _partial_prefix(self.name)
         try:
             rfd = os.open(".", DIRFLAGS, dir_fd=pfd)
