@@ -303,3 +303,35 @@ def test_a_killed_checkout_s_leftover_in_a_shared_parent_stays_and_the_rerun_wor
     assert again.returncode == 0, again.stderr
     assert_same_tree(src, dest)
     assert _left_beside(out) == sorted(["dest", left])
+
+
+def _posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """The kernel's xattr form of a POSIX ACL: version 2, then (tag, perm, id) per entry."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_an_empty_destination_with_a_default_acl_keeps_it(world: tuple[str, str, str]) -> None:
+    """`mkdir d && setfacl -d -m u:alice:rwx d && checkout REF d`: the tree's files are to
+    inherit the ACL. Replaced by the finished tree, d lost its ACLs (found by setting one and
+    listing d's xattrs after the checkout: none). It is now written into, its ACLs kept."""
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest, 0o755)
+    anyone = 0xFFFFFFFF
+    acl = _posix_acl(
+        (1, 7, anyone), (2, 7, 1500), (4, 5, anyone), (0x10, 7, anyone), (0x20, 5, anyone)
+    )
+    try:
+        os.setxattr(dest, "system.posix_acl_default", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs here: {exc}")
+    before = os.lstat(dest)
+    p = velo(store, "checkout", "t", dest)
+    assert p.returncode == 0, p.stderr
+    assert os.lstat(dest).st_ino == before.st_ino
+    assert os.getxattr(dest, "system.posix_acl_default") == acl  # old: ENODATA
+    assert "system.posix_acl_default" in os.listxattr(os.path.join(dest, "d1"))  # inherited
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]

@@ -165,6 +165,16 @@ def _is_cwd(st: os.stat_result) -> bool:
     return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _has_xattrs(fd: int) -> bool:
+    """Whether the directory `fd` carries extended attributes: a default ACL its new files are
+    to inherit, an access ACL, a security label, the user's own. The finished tree renamed over
+    it would take them away (the partial directory has the parent's)."""
+    try:
+        return bool(os.listxattr(fd))
+    except OSError:
+        return False  # a filesystem without them
+
+
 class _InPlace(Exception):
     """The existing empty destination cannot be replaced by the finished tree (a mount point:
     EBUSY): the tree is written into it instead."""
@@ -179,8 +189,9 @@ class _Place:
     only while it is empty), never a half-written tree that a rerun refuses as "not empty". A
     checkout killed midway leaves only the hidden partial directory, which the next checkout to
     that name removes (unlocked, ours, in a parent only we or root may change: `_reclaim`).
-    An existing empty destination that is another user's or a mount point is written into
-    directly, as before (owner and mount are the user's to keep), and so is our working
+    An existing empty destination that is another user's, a mount point or one with extended
+    attributes (a default ACL, a label) is written into directly, as before (owner, mount and
+    attributes are the user's to keep), and so is our working
     directory, the caller's (`cd DEST && checkout REF .`), which a rename over it would leave
     them in as a deleted, empty directory."""
 
@@ -220,8 +231,11 @@ class _Place:
                 try:
                     if os.listdir(fd):
                         raise _not_empty(self.dest)
+                    kept = _has_xattrs(fd)
                 finally:
                     os.close(fd)
+                if kept:
+                    return self._in_place()
                 self.old = st
             self._reclaim(pfd)
         finally:
