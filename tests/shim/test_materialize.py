@@ -155,3 +155,54 @@ def test_library_is_installed_world_readable_by_hash(tmp_path: Path) -> None:
 def test_proxies_dir_is_in_the_store(tmp_path: Path) -> None:
     store = Store.init(tmp_path / "store")
     assert proxies_dir(store).is_relative_to(store.root)
+
+
+def test_a_materialisation_killed_midway_is_named_by_the_rerun_and_resume_removes_it(
+    shm_tmp: str, shim_build: Path
+) -> None:
+    """`run --backend shim --at DIR` killed while it materialises (SIGKILL, the OOM killer)
+    leaves a partial tree at DIR. The rerun must refuse it (it is not empty), and it said so
+    with a hint about the ingested source (`ingest --adopt`), nothing about the dead session
+    that made it: the hint now names that session and `harvest --resume ID`, which removes the
+    tree; then the run works and nothing else is left beside DIR."""
+    import json
+    import subprocess
+    import sys
+
+    src, parent = os.path.join(shm_tmp, "src"), os.path.join(shm_tmp, "parent")
+    os.makedirs(parent)
+    for i in range(20):
+        os.makedirs(os.path.join(src, f"d{i % 4}"), exist_ok=True)
+        with open(os.path.join(src, f"d{i % 4}", f"f{i}"), "w") as f:
+            f.write(f"file {i}\n")
+    env = {**os.environ, "VELO_STORE": os.path.join(shm_tmp, "store"), "NO_COLOR": "1"}
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+
+    def velo(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        e = {**env, "VELO_INTERNAL__TEST_FAULT": fault} if fault else env
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=e,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    at = os.path.join(parent, "at")
+    run = ("run", "t", "--backend", "shim", "--at", at, "--", "true")
+    assert velo("ingest", src, "--name", "t").returncode == 0
+    killed = velo(*run, fault="materialize.file:5")
+    assert killed.returncode == -9, killed.stderr
+    assert 0 < sum(len(f) for _d, _s, f in os.walk(at)) < 20  # a partial tree
+    [sid] = [s["id"] for s in json.loads(velo("sessions").stdout)]
+    again = velo(*run)
+    err = json.loads(again.stdout)
+    assert again.returncode == 1 and err["reason"] == "target-invalid", again
+    assert f"veloverlay harvest --resume {sid}" in err["hint"], err  # old: 'ingest --adopt'
+    assert os.listdir(parent) == ["at"]
+    resumed = velo("harvest", "--resume", sid)
+    assert resumed.returncode == 0, resumed.stderr
+    assert os.listdir(parent) == []  # the tree it made is removed, and nothing else was made
+    ok = velo(*run)
+    assert ok.returncode == 0, ok.stderr
+    assert os.listdir(parent) == []

@@ -378,6 +378,21 @@ def iter_states(store: Store) -> Iterator[State]:
             continue
 
 
+def left_at(store: Store, path: str) -> State | None:
+    """The session no longer running (`dead-unharvested`) whose tree top is the directory at
+    `path` (not followed): what a session killed while it ran or materialised left there,
+    which `harvest --resume` finishes and removes."""
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    for st in iter_states(store):
+        mine = list(st.target_id) == [here.st_dev, here.st_ino]
+        if mine and st.shown_state(store) == "dead-unharvested":
+            return st
+    return None
+
+
 def info(store: Store, st: State) -> SessionInfo:
     """What `sessions`, `status` and a session's start callback show of a state."""
     return SessionInfo(

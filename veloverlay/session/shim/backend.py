@@ -369,7 +369,16 @@ def run_shim(
             # The tree's top, open: only this directory is ever written, read or removed. Its
             # identity comes from the descriptor, never from the path (a directory on the way may
             # be another user's, who can swap it for a symlink to one of root's at any moment).
-            top = prepare_target(target, store)
+            try:
+                top = prepare_target(target, store)
+            except VeloError as exc:  # "not empty": a killed session's tree, maybe
+                left = state.left_at(store, target) if exc.reason is Reason.TARGET_INVALID else None
+                if left is not None:
+                    exc.hint = (
+                        f"session {left.id} was killed and left its tree there: "
+                        f"`veloverlay harvest --resume {left.id}` finishes it and removes the tree"
+                    )
+                raise
             tst = os.fstat(top.fd)
             sid = state.new_id()
             sdir = store.sessions / sid

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from veloverlay import _libc, fsflags, linking
+from veloverlay import _libc, faults, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_bytes_atomic
 from veloverlay.lower.objects import PROXY_MTIME_NS, verified_copy
@@ -430,6 +430,7 @@ def materialize(
                                 "here (another filesystem?): Tier-2 files were copied"
                             )
                         placer.copy(dfd, e)
+                    faults.point("materialize.file")
                 elif e.kind is Kind.DIR:
                     os.mkdir(e.name, 0o700, dir_fd=dfd)
                     cfd = os.open(e.name, DIRFLAGS, dir_fd=dfd)
