@@ -335,3 +335,33 @@ def test_an_empty_destination_with_a_default_acl_keeps_it(world: tuple[str, str,
     assert "system.posix_acl_default" in os.listxattr(os.path.join(dest, "d1"))  # inherited
     assert_same_tree(src, dest)
     assert _left_beside(out) == ["dest"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"\xff-not-utf8", b"a" + "\u20ac".encode() * 79],  # 238 bytes: its partial name is cut
+    ids=["non-utf8", "cut-mid-character"],
+)
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dest", "empty-dest"])
+def test_a_destination_name_that_is_not_utf8_is_checked_out(
+    world: tuple[str, str, str], name: bytes, existing: bool
+) -> None:
+    """Linux names are bytes. A DEST name that is no UTF-8 (or a long one whose partial name
+    is cut inside a character) crashed at the final rename, after the whole tree was written
+    (UnicodeEncodeError, reason internal): the names were encoded as UTF-8, not as the
+    filesystem's bytes."""
+    store, src, out = world
+    dest = os.path.join(os.fsencode(out), name)
+    if existing:
+        os.mkdir(dest)
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    p = subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"veloverlay", b"checkout", b"t", dest],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert_same_tree(src, dest)
+    assert os.listdir(os.fsencode(out)) == [name]

@@ -345,7 +345,7 @@ class _Place:
         of theirs is moved or removed)."""
         if self.temp is None:
             return
-        temp, name = self.temp.encode(), self.name.encode()
+        temp, name = os.fsencode(self.temp), os.fsencode(self.name)
         try:
             if self.old is None:
                 try:
