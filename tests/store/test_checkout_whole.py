@@ -365,3 +365,41 @@ def test_a_destination_name_that_is_not_utf8_is_checked_out(
     assert p.returncode == 0, p.stderr
     assert_same_tree(src, dest)
     assert os.listdir(os.fsencode(out)) == [name]
+
+
+@pytest.mark.parametrize("mode", [0o555, 0o500, 0o700])
+def test_a_refused_non_empty_destination_keeps_its_mode(
+    world: tuple[str, str, str], mode: int
+) -> None:
+    """`checkout REF DIR` onto a non-empty DIR is refused (exists) and must change nothing of
+    DIR: one its user made read-only (0555) came back 0755 (found by stat-ing DIR after the
+    refusal; the emptiness check opened it up to u+rwx and left it so)."""
+    store, _src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest)
+    with open(os.path.join(dest, "mine"), "w") as f:
+        f.write("keep\n")
+    os.chmod(dest, mode)
+    p = velo(store, "--debug", "checkout", "t", dest)
+    assert p.returncode == 1 and b"reason: exists" in p.stderr, p.stderr
+    assert stat.S_IMODE(os.lstat(dest).st_mode) == mode  # old: 0o755 / 0o700
+    assert os.listdir(dest) == ["mine"]
+    assert _left_beside(out) == ["dest"]
+
+
+def test_an_empty_read_only_destination_of_a_killed_checkout_keeps_its_mode(
+    world: tuple[str, str, str],
+) -> None:
+    """A checkout killed midway leaves an empty DEST as it was, its mode too (0555 became 0755)."""
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest, 0o555)
+    os.chmod(dest, 0o555)
+    killed = velo(store, "checkout", "t", dest, fault="checkout.file:5")
+    assert killed.returncode == -9, killed.stderr
+    assert stat.S_IMODE(os.lstat(dest).st_mode) == 0o555  # old: 0o755
+    assert os.listdir(dest) == []
+    again = velo(store, "checkout", "t", dest)
+    assert again.returncode == 0, again.stderr
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]

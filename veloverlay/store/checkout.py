@@ -229,11 +229,15 @@ class _Place:
                     return self._in_place()
                 fd, st = files.open_dir_at(pfd, self.name, expect=(st.st_dev, st.st_ino))
                 try:
-                    if os.listdir(fd):
-                        raise _not_empty(self.dest)
-                    kept = _has_xattrs(fd)
+                    full = bool(os.listdir(fd))
+                    kept = not full and _has_xattrs(fd)
+                    if not kept:  # refused, or replaced only once the tree is whole: its mode
+                        with contextlib.suppress(OSError):  # as it was (opened up: u+rwx)
+                            os.fchmod(fd, stat.S_IMODE(st.st_mode))
                 finally:
                     os.close(fd)
+                if full:
+                    raise _not_empty(self.dest)
                 if kept:
                     return self._in_place()
                 self.old = st
