@@ -20,6 +20,8 @@ def _onto_a_full_disk(base: str) -> dict[str, object]:
     mount.make_rprivate("/")
     mnt = os.path.join(base, "mnt")
     mount.mount_tmpfs(mnt, "size=3m")
+    disk = os.path.join(base, "disk")  # a mount point as DEST: written into, not replaced
+    mount.mount_tmpfs(disk, "size=3m")
     env = {**os.environ, "VELO_STORE": os.path.join(base, "store"), "NO_COLOR": "1"}
     env.pop("VELO_INTERNAL__TEST_FAULT", None)
 
@@ -39,17 +41,22 @@ def _onto_a_full_disk(base: str) -> dict[str, object]:
         ("checkout", ["checkout", "big", os.path.join(mnt, "new")]),
         ("checkout-empty", ["checkout", "big", os.path.join(mnt, "empty")]),
         ("export", ["export", "big", "-o", os.path.join(mnt, "big.velo")]),
+        ("checkout-mount", ["checkout", "big", disk]),
     ):
         out[what] = velo(*args)
     out["left"] = sorted(os.listdir(mnt)), os.listdir(os.path.join(mnt, "empty"))
+    out["left on the disk"] = os.listdir(disk)
     _libc.mount(None, mnt, None, _libc.MS_REMOUNT, "size=32m")
+    _libc.mount(None, disk, None, _libc.MS_REMOUNT, "size=32m")
     out["again"] = [
         velo("checkout", "big", os.path.join(mnt, "new"))[0],
         velo("checkout", "big", os.path.join(mnt, "empty"))[0],
         velo("export", "big", "-o", os.path.join(mnt, "big.velo"))[0],
         velo("import", os.path.join(mnt, "big.velo"), "--name", "back")[0],
         velo("checkout", "back", os.path.join(base, "back"))[0],
+        velo("checkout", "big", disk)[0],
     ]
+    assert_same_tree(os.path.join(base, "src"), disk)
     assert_same_tree(os.path.join(base, "src"), os.path.join(mnt, "new"))
     assert_same_tree(os.path.join(base, "src"), os.path.join(mnt, "empty"))
     out["after"] = sorted(os.listdir(mnt))
@@ -59,7 +66,9 @@ def _onto_a_full_disk(base: str) -> dict[str, object]:
 def test_checkout_and_export_onto_a_full_disk(shm_tmp: str) -> None:
     """Found by checking out and exporting an 8 MiB version into a 3 MiB tmpfs: checkout said
     store-full, export said `syscall` (the write's ENOSPC went past the mapping that gave
-    store-full to the same error met at its fsync)."""
+    store-full to the same error met at its fsync). A mount point as DEST is written into (it
+    cannot be replaced): what the failed checkout wrote there stayed, and the rerun, once
+    there was room, was refused ("not empty")."""
     from veloverlay import ns
 
     if os.geteuid() != 0:
@@ -70,13 +79,15 @@ def test_checkout_and_export_onto_a_full_disk(shm_tmp: str) -> None:
         with open(os.path.join(src, name), "wb") as f:
             f.write(os.urandom(3_000_000))
     os.makedirs(os.path.join(shm_tmp, "mnt"))
+    os.makedirs(os.path.join(shm_tmp, "disk"))
     out = ns.run_in_child(_onto_a_full_disk, shm_tmp)
     assert out["ingest"] == 0, out
-    for what in ("checkout", "checkout-empty", "export"):
+    for what in ("checkout", "checkout-empty", "export", "checkout-mount"):
         rc, err = out[what]  # type: ignore[misc]
         assert rc == 1 and err["reason"] == "store-full", (what, err)
         assert "no space left" in err["error"], (what, err)
     assert out["left"] == (["empty"], []), out  # no partial tree, no .part, DEST still empty
-    assert out["again"] == [0, 0, 0, 0, 0], out
+    assert out["left on the disk"] == [], out  # old: the files written before ENOSPC
+    assert out["again"] == [0, 0, 0, 0, 0, 0], out
     assert out["after"] == ["big.velo", "empty", "new"], out
     assert_same_tree(src, os.path.join(shm_tmp, "back"))

@@ -200,7 +200,8 @@ class _Place:
         self.parent, self.name = os.path.split(real)
         self.temp: str | None = None  # the partial directory's name, None: in place
         self.old: os.stat_result | None = None  # the empty destination the tree replaces
-        self.pfd = self.lock = -1
+        self.pfd = self.lock = self.here = -1
+        self.made: list[str] = []  # the names written at the top: what a failure in place undoes
         self.top = self._open()
 
     def _open(self) -> int:
@@ -260,6 +261,7 @@ class _Place:
             os.close(fd)
             raise _not_empty(self.dest)
         self.temp = None
+        self.here, self.made = os.dup(fd), []
         return fd
 
     def _partial(self) -> int:
@@ -375,18 +377,24 @@ class _Place:
         self.temp = None  # the tree is in place: never removed now
 
     def abort(self) -> None:
-        """Remove the partial tree (a failed or interrupted checkout leaves no trace)."""
+        """Remove the partial tree (a failed or interrupted checkout leaves no trace); written in
+        place, what it made there (only that: the names it created at the top, each with what
+        it wrote below), so that the destination is empty again and the next checkout works."""
         if self.temp is not None and self.pfd >= 0 and self.lock >= 0:
             st = os.fstat(self.lock)
             with contextlib.suppress(OSError):
                 files.remove_at(self.pfd, self.temp, expect=(st.st_dev, st.st_ino))
+        elif self.temp is None and self.here >= 0:
+            for name in reversed(self.made):
+                with contextlib.suppress(OSError):
+                    files.remove_at(self.here, name)
         self.temp = None
 
     def close(self) -> None:
-        for fd in (self.lock, self.pfd):
+        for fd in (self.lock, self.pfd, self.here):
             if fd >= 0:
                 os.close(fd)
-        self.lock = self.pfd = -1
+        self.lock = self.pfd = self.here = -1
 
 
 REPORT_BYTES = 8 << 20  # a progress report at least this often while big files are written
@@ -438,13 +446,13 @@ def checkout(
     place = _Place(dest, real)
     try:
         try:
-            count = _write_tree(store, m, txn, root, place.top, dest, progress, keep_setid)
+            count = _write_tree(store, m, txn, root, place, dest, progress, keep_setid)
             place.commit()
         except _InPlace:
             place.abort()
             place.close()
             place.top = place._in_place()
-            count = _write_tree(store, m, txn, root, place.top, dest, progress, keep_setid)
+            count = _write_tree(store, m, txn, root, place, dest, progress, keep_setid)
     except BaseException:
         place.abort()
         raise
@@ -458,12 +466,14 @@ def _write_tree(
     m: Manifests,
     txn: Txn,
     root: bytes,
-    top: int,
+    place: _Place,
     dest: str,
     progress: Progress | None,
     keep_setid: bool,
 ) -> int:
-    """Write the tree `root` into the directory `top` (a descriptor it takes over)."""
+    """Write the tree `root` into the directory `place.top` (a descriptor it takes over),
+    naming in `place.made` each entry it creates there."""
+    top, made = place.top, place.made
     count = written = reported = 0
     try:
         total, total_bytes = tree_totals(m, txn, root) if progress is not None else (0, 0)
@@ -496,15 +506,22 @@ def _write_tree(
                 os.close(dfd)
                 continue
             name = e.name
+            top_level = len(stack) == 1
             if e.kind is Kind.DIR:
                 os.mkdir(name, 0o700, dir_fd=dfd)
+                if top_level:
+                    made.append(os.fsdecode(name))
                 enter(os.open(name, DIRFLAGS, dir_fd=dfd), e.digest)
             elif e.kind is Kind.SYMLINK:
                 os.symlink(e.target, name, dir_fd=dfd)
+                if top_level:
+                    made.append(os.fsdecode(name))
                 os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             elif e.kind is Kind.FILE:
                 fmode = e.mode if keep_setid else e.mode & ~_SETID
                 _write_file(store, dfd, name, e.digest, e.size, fmode, e.mtime_ns)
+                if top_level:
+                    made.append(os.fsdecode(name))
                 written += e.size
                 faults.point("checkout.file")
             # MASK entries are deletions for stacked refs: nothing to write
