@@ -403,3 +403,45 @@ def test_an_empty_read_only_destination_of_a_killed_checkout_keeps_its_mode(
     assert again.returncode == 0, again.stderr
     assert_same_tree(src, dest)
     assert _left_beside(out) == ["dest"]
+
+
+def test_a_failure_in_place_removes_only_the_entries_it_made(
+    world: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written in place (here: DEST is the working directory), a failed checkout removes what
+    it made at DEST's top, and nothing else: an entry someone put in place of one of them
+    meanwhile (same name, their directory) stays, and so does ours they moved elsewhere."""
+    import errno
+
+    from veloverlay import faults
+    from veloverlay.errors import SysError
+    from veloverlay.verbs.repo import Repo
+
+    store, _src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest)
+    monkeypatch.chdir(dest)
+    calls: list[str] = []
+
+    def meddle(name: str) -> None:
+        if name != "checkout.file":
+            return
+        calls.append(name)
+        if len(calls) == 1:  # a file of d0 is written: d0 is replaced by theirs
+            os.rename(os.path.join(dest, "d0"), os.path.join(dest, "moved"))
+            os.mkdir(os.path.join(dest, "d0"))
+            with open(os.path.join(dest, "d0", "theirs"), "w") as f:
+                f.write("theirs\n")
+        elif len(calls) == 25:
+            raise OSError(errno.EIO, "a failing disk")
+
+    monkeypatch.setattr(faults, "point", meddle)
+    repo = Repo.open(store)
+    try:
+        with pytest.raises(SysError):
+            repo.checkout("t", dest)
+    finally:
+        repo.m.close()
+    assert sorted(os.listdir(dest)) == ["d0", "moved"]  # d1, d2, ... (ours) are gone
+    assert os.listdir(os.path.join(dest, "d0")) == ["theirs"]
+    assert _left_beside(out) == ["dest"]

@@ -201,7 +201,8 @@ class _Place:
         self.temp: str | None = None  # the partial directory's name, None: in place
         self.old: os.stat_result | None = None  # the empty destination the tree replaces
         self.pfd = self.lock = self.here = -1
-        self.made: list[str] = []  # the names written at the top: what a failure in place undoes
+        # the entries written at the top, by name and (dev, ino): what a failure in place undoes
+        self.made: list[tuple[str, tuple[int, int]]] = []
         self.top = self._open()
 
     def _open(self) -> int:
@@ -385,9 +386,9 @@ class _Place:
             with contextlib.suppress(OSError):
                 files.remove_at(self.pfd, self.temp, expect=(st.st_dev, st.st_ino))
         elif self.temp is None and self.here >= 0:
-            for name in reversed(self.made):
-                with contextlib.suppress(OSError):
-                    files.remove_at(self.here, name)
+            for name, ident in reversed(self.made):
+                with contextlib.suppress(OSError):  # another entry by that name now: it stays
+                    files.remove_at(self.here, name, expect=ident)
         self.temp = None
 
     def close(self) -> None:
@@ -510,18 +511,18 @@ def _write_tree(
             if e.kind is Kind.DIR:
                 os.mkdir(name, 0o700, dir_fd=dfd)
                 if top_level:
-                    made.append(os.fsdecode(name))
+                    _note(made, dfd, name)
                 enter(os.open(name, DIRFLAGS, dir_fd=dfd), e.digest)
             elif e.kind is Kind.SYMLINK:
                 os.symlink(e.target, name, dir_fd=dfd)
                 if top_level:
-                    made.append(os.fsdecode(name))
+                    _note(made, dfd, name)
                 os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             elif e.kind is Kind.FILE:
                 fmode = e.mode if keep_setid else e.mode & ~_SETID
                 _write_file(store, dfd, name, e.digest, e.size, fmode, e.mtime_ns)
                 if top_level:
-                    made.append(os.fsdecode(name))
+                    _note(made, dfd, name)
                 written += e.size
                 faults.point("checkout.file")
             # MASK entries are deletions for stacked refs: nothing to write
@@ -541,6 +542,12 @@ def _write_tree(
         for dfd, _e, _m, _t in stack:
             os.close(dfd)
     return count
+
+
+def _note(made: list[tuple[str, tuple[int, int]]], dfd: int, name: bytes) -> None:
+    """Name in `made` the entry `name` of `dfd` just created, with its (dev, ino)."""
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    made.append((os.fsdecode(name), (st.st_dev, st.st_ino)))
 
 
 def _write_file(
