@@ -98,3 +98,17 @@ def test_an_output_that_cannot_be_made_is_named_whole(ingested: str, shm_tmp: st
     assert res.returncode == 1 and "reason: bad-path" in res.stderr, res.stderr
     assert json.loads(res.stdout)["path"] == out
     assert not [n for n in os.listdir(shm_tmp) if n.startswith("bbbb")]
+
+
+def test_a_part_file_that_is_not_a_bundle_is_kept(ingested: str, shm_tmp: str) -> None:
+    """`OUT.part` of the user's own that no export wrote (a browser's partial download of the
+    same name) is not a leftover: refused, and kept byte for byte."""
+    out = os.path.join(shm_tmp, "b.velo")
+    with open(out + ".part", "wb") as f:
+        f.write(b"half of a download")
+    res = velo(ingested, "export", "t", "-o", out)
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["reason"] == "exists"
+    with open(out + ".part", "rb") as f:
+        assert f.read() == b"half of a download"
+    assert not os.path.lexists(out)

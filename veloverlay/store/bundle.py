@@ -263,7 +263,9 @@ def _create_part(pfd: int, tmp: str, output: str) -> int:
 
 
 def _remove_stale_part(pfd: int, tmp: str) -> bool:
-    """Remove `tmp` when it is a killed export's leftover (see `_create_part`)."""
+    """Remove `tmp` when it is a killed export's leftover (see `_create_part`): a regular file
+    of ours that no export holds and that is empty or starts as a bundle does (a browser's
+    `X.part` download is no leftover of ours)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, dir_fd=pfd)
@@ -275,6 +277,8 @@ def _remove_stale_part(pfd: int, tmp: str) -> bool:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             return False
+        if not MAGIC.startswith(os.pread(fd, len(MAGIC), 0)[: len(MAGIC)]):
+            return False  # not a bundle's start (nor empty): a file of the user's, kept
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
