@@ -18,10 +18,17 @@ import pytest
 import veloverlay
 from tests.conftest import must_work
 from tests.e2e.test_cli import _bar_line, data, ok, velo
-from tests.helpers.trees import make_tree
+from tests.helpers.trees import assert_same_tree, make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
+
+
+_PROJ_SPEC: dict[str, object] = {
+    "README": b"hello\n",
+    "src/main.c": b"int main(){}\n",
+    "old.txt": b"x\n",
+}
 
 
 @pytest.fixture
@@ -32,7 +39,7 @@ def store(shm_tmp: str) -> str:
 @pytest.fixture
 def proj(store: str, shm_tmp: str) -> str:
     src = os.path.join(shm_tmp, "proj")
-    make_tree(src, {"README": b"hello\n", "src/main.c": b"int main(){}\n", "old.txt": b"x\n"})
+    make_tree(src, _PROJ_SPEC)
     ok(velo(store, "ingest", src, "-n", "proj", "--adopt"))
     return src
 
@@ -191,28 +198,57 @@ def _processes_with(argv: list[str]) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-@pytest.mark.parametrize("backend", ["overlay", "shim"])
-def test_sigterm_or_sighup_to_run_ends_the_session_and_harvests_it(
-    store: str, proj: str, shm_tmp: str, backend: str, sig: signal.Signals
-) -> None:
-    """`kill` (or a closed terminal) of `run`: the overlay backend killed the session and
-    harvested it; the shim backend's manager died at once, and its command (with what it had
-    started) ran on outside any session, its changes unharvested. Both now end the command and
-    what it left, commit what it wrote, and exit 137."""
-    ready = os.path.join(shm_tmp, "ready")
-    leftover = ["sleep", f"1000.{os.getpid()}"]
-    script = f"cd {proj} && echo n > added && {' '.join(leftover)} & touch {ready}; wait"
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, "--"]
+def _start_run(store: str, backend: str, script: str, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, *extra, "--"]
         + ["sh", "-c", script],
         env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def _wait_file(path: str, session: subprocess.Popen[bytes]) -> None:
+    """Until the command wrote `path` (bounded: 60 s), while `run` still runs."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert session.poll() is None, f"run ended ({session.returncode}) before {path}"
+        assert time.monotonic() < deadline, f"the command never wrote {path}"
+        time.sleep(0.02)
+
+
+def _the_same_in_a_plain_directory(shm_tmp: str, commands: str) -> str:
+    """The source tree in a plain directory after `commands` ran in it: what a commit must be."""
+    plain = os.path.join(shm_tmp, "plain")
+    make_tree(plain, _PROJ_SPEC)
+    subprocess.run(["sh", "-c", f"cd {plain} && {commands}"], check=True)
+    return plain
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_sigterm_or_sighup_to_run_reaches_the_commands_trap_and_harvests(
+    store: str, proj: str, shm_tmp: str, backend: str, sig: signal.Signals
+) -> None:
+    """`kill`, `docker stop` or a closed terminal of `run`: the command used to be SIGKILLed at
+    once (exit 137), so its TERM/HUP trap never ran (a database flushing, a build removing its
+    temporary files). The signal now reaches the command, what it wrote before and in its trap is
+    committed, what it left is ended, and `run` exits with the command's status: 128+N for a
+    command that the signal ended, as in a shell."""
+    ready = os.path.join(shm_tmp, "ready")
+    leftover = ["sleep", f"1000.{os.getpid()}"]
+    name = sig.name[3:]
+    writes = "echo n > added && mkdir -p d && echo x > d/f"
+    trap = f"echo trapped-{name} > trapped; rm -f old.txt; echo more >> added"
+    script = (
+        f"cd {proj} && {writes} && ({' '.join(leftover)} &) && "
+        f"trap '{trap}; trap - {name}; kill -{name} $$' {name} && touch {ready}; "
+        "while :; do sleep 0.05; done"
+    )
+    session = _start_run(store, backend, script)
     try:
         sid = _wait_running(store)
-        _wait_ready(store, sid, ready)
+        _wait_file(ready, session)
         session.send_signal(sig)
         session.wait(timeout=120)  # (a command left running holds its stdout and stderr)
     finally:
@@ -224,12 +260,83 @@ def test_sigterm_or_sighup_to_run_ends_the_session_and_harvests_it(
             os.kill(pid, signal.SIGKILL)
         _out, err = session.communicate(timeout=120)
     assert left == [], err
-    assert session.returncode == 137, err
+    assert session.returncode == 128 + sig, err
     states = {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
     assert states[sid] == "harvested"
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
-    with open(os.path.join(after, "added"), "rb") as f:
-        assert f.read() == b"n\n"
+    plain = _the_same_in_a_plain_directory(shm_tmp, f"{writes} && {trap}")
+    assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_other_signals_to_run_are_passed_on_or_ignored_never_ending_the_manager(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """SIGXCPU (default action: terminate) killed the manager at once and left the session
+    dead and unharvested; SIGUSR1 and SIGUSR2 did too, and never reached the command. The
+    manager now ignores what is its own (SIGXCPU, SIGPIPE) and passes the rest on."""
+    ready = os.path.join(shm_tmp, "ready")
+    got = os.path.join(shm_tmp, "got")
+    script = (
+        f"cd {proj} && trap 'echo usr1 >> log; touch {got}' USR1 && "
+        f"trap 'echo usr2 >> log; exit 7' USR2 && touch {ready}; "
+        "while :; do sleep 0.05; done"
+    )
+    session = _start_run(store, backend, script)
+    try:
+        sid = _wait_running(store)
+        _wait_file(ready, session)
+        for sig in (signal.SIGXCPU, signal.SIGPIPE, signal.SIGUSR1):
+            session.send_signal(sig)
+        _wait_file(got, session)
+        session.send_signal(signal.SIGUSR2)
+        session.wait(timeout=120)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        _out, err = session.communicate(timeout=120)
+    assert session.returncode == 7, err
+    states = {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
+    assert states[sid] == "harvested"
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    plain = _the_same_in_a_plain_directory(shm_tmp, "echo usr1 >> log; echo usr2 >> log")
+    assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_second_sigterm_ends_the_grace_period_at_once(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """A command that handles SIGTERM without exiting gets `--grace` seconds after the first
+    one; a second SIGTERM (an impatient user, a supervisor escalating) ends it at once. Its
+    trap's write from the first one is committed."""
+    trapped = os.path.join(shm_tmp, "trapped")
+    ready = os.path.join(shm_tmp, "ready")
+    script = (
+        f"cd {proj} && trap 'echo term >> log; touch {trapped}' TERM && touch {ready}; "
+        "while :; do sleep 0.05; done"
+    )
+    session = _start_run(store, backend, script, "--grace", "600")
+    try:
+        _wait_running(store)
+        _wait_file(ready, session)
+        session.send_signal(signal.SIGTERM)
+        _wait_file(trapped, session)
+        t0 = time.monotonic()
+        session.send_signal(signal.SIGTERM)
+        session.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        _out, err = session.communicate(timeout=120)
+    assert session.returncode == 128 + signal.SIGKILL, err
+    assert took < 60, err  # not the 600 s of --grace
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    plain = _the_same_in_a_plain_directory(shm_tmp, "echo term >> log")
+    assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
 
 
 def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: str) -> None:

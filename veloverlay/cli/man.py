@@ -86,6 +86,8 @@ def man_page(root: Any, ctx: Any) -> str:
         ".TP\n141\nstdout was closed early (a pipe to \\fBhead\\fR)",
         ".TP\n143\nterminated (SIGTERM), after the clean-up Ctrl-C does",
         ".PP\n\\fBrun\\fR and \\fBenter\\fR exit with the status of their command "
-        "(127: not found).",
+        "(127: not found); SIGTERM and SIGHUP sent to them are passed on to the command, "
+        "which gets \\fB\\-\\-grace\\fR seconds before SIGKILL (143 for a command SIGTERM "
+        "ended, as in a shell).",
     ]
     return "\n".join(lines) + "\n"

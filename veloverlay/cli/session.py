@@ -54,7 +54,9 @@ AsRoot = Annotated[bool, typer.Option("--as-root", help="Root-free: appear as ui
 Grace = Annotated[
     float,
     typer.Option(
-        help="Seconds between SIGTERM and SIGKILL for leftover processes", callback=common.seconds
+        help="Seconds between SIGTERM and SIGKILL for leftover processes, and for the command "
+        "when SIGTERM or SIGHUP is sent to this process",
+        callback=common.seconds,
     ),
 ]
 Verbose = Annotated[

@@ -6,7 +6,8 @@ command leaves behind ends up as its descendant (orphans are reparented to it). 
 starts the command (posix_spawn, which says whether the exec worked; or, to hand it the terminal
 or another directory, a fork that says so through a close-on-exec pipe), waits for it, then
 ends what is left (`end_rest`: SIGTERM to every descendant, `grace` seconds, SIGKILL, reap) and
-returns the report.
+returns the report. Signals sent to the session's manager are passed on to the command (see
+FORWARDED below); SIGTERM/SIGHUP also give it `grace` seconds before SIGKILL.
 
 Wire format (reaper -> manager, one pipe): frames of `u32 length` + a JSON object. The reaper
 sends `{"child": pid, "exec_failed": bool}` once the command's exec is settled (pid 0: no
@@ -23,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
 import struct
 import sys
@@ -42,6 +44,12 @@ __all__ = [
     "end_rest",
     "run_and_reap",
     "manager_signals",
+    "finishing",
+    "held",
+    "relay_to",
+    "FORWARDED",
+    "ENDING",
+    "IGNORED",
 ]
 
 _HEADER = struct.Struct("<I")
@@ -144,7 +152,8 @@ def _reap_exited() -> None:
 
 def end_rest(grace: float) -> list[tuple[int, str]]:
     """End every descendant still running: SIGTERM, up to `grace` seconds, SIGKILL; reap them.
-    Returns (pid, comm) of each process that was running when the command exited."""
+    Returns (pid, comm) of each process that was running when the command exited. After an
+    ending signal (see `_to_command`) they share the grace that was left; after a second, none."""
     _reap_exited()
     me = os.getpid()
     left = descendants(me)
@@ -155,7 +164,9 @@ def end_rest(grace: float) -> list[tuple[int, str]]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGTERM)
     deadline = time.monotonic() + max(grace, 0.0)
-    while time.monotonic() < deadline:
+    if _ENDING.deadline is not None:  # the session was told to end: only what is left of it
+        deadline = min(deadline, _ENDING.deadline)
+    while time.monotonic() < deadline and not _ENDING.forced:
         _reap_exited()
         if not descendants(me):
             return killed
@@ -176,33 +187,173 @@ def end_rest(grace: float) -> list[tuple[int, str]]:
             return killed
 
 
-# --- the manager's side --------------------------------------------------------------------------
+# --- signals: the manager passes them on, the reaper gives them to the command ------------------
+# What `kill`, `docker stop`, a closed terminal or a supervisor sends to the manager is meant for
+# the session's command: each is passed on (manager -> the overlay session's namespace child ->
+# pid 1 -> the command; manager -> the shim's reaper -> the command), as an init such as tini
+# does. Their default action would have ended the manager silently, the session unharvested.
+FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGWINCH,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+# These end the session: the command gets `grace` seconds, then SIGKILL; a second one, at once.
+ENDING = (signal.SIGHUP, signal.SIGTERM)
+# Never meant for the command, and the manager must outlive them: resource limits of the
+# manager's own (SIGXCPU, SIGXFSZ), a reader of its output gone (SIGPIPE), SIGSTKFLT.
+IGNORED = (signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE, signal.SIGSTKFLT)
+
+
+@contextlib.contextmanager
+def held(sigs: tuple[int, ...] = FORWARDED) -> Iterator[None]:
+    """Block `sigs` (they stay pending) while a child is forked: the child starts with them
+    blocked and unblocks them once its own handlers are in place, so none is lost between."""
+    me = os.getpid()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        if os.getpid() == me:  # (the child keeps them blocked: see `relay_to`)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def relay_to(target: int) -> None:
+    """In a forked child that `held` blocked: pass every forwarded signal on to `target` from
+    now on, and unblock them (those that came meanwhile are passed on now)."""
+
+    def relay(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)
+
+    for sig in FORWARDED:
+        signal.signal(sig, relay)
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
 @contextlib.contextmanager
 def manager_signals(child: list[int] | None = None) -> Iterator[None]:
-    """While the session runs, Ctrl-C and Ctrl-\\ belong to the session, not the manager; with
-    `child` (a one-element list, filled once forked), SIGTERM/SIGHUP end the session by killing
-    that child (the manager then harvests as usual). One that comes while `child[0]` is still 0
-    leaves -1 there: the caller kills the child as soon as it knows it (`stop_pending`)."""
+    """While the session runs, Ctrl-C and Ctrl-\\ belong to the session, not the manager. With
+    `child` (a one-element list, filled once forked under `held`), the forwarded signals go to
+    that child, which passes them on to the command; once it is 0 again (ended), they are
+    dropped. The manager never dies of one of them, nor of the IGNORED ones."""
 
-    def stop(_sig: int, _frame: object) -> None:
+    def forward(sig: int, _frame: object) -> None:
         if child and child[0] > 0:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child[0], signal.SIGKILL)
-        elif child:
-            child[0] = -1
+                os.kill(child[0], sig)
 
     old = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
         signal.SIGQUIT: signal.signal(signal.SIGQUIT, signal.SIG_IGN),
     }
     if child is not None:
-        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
-        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop)
+        for sig in IGNORED:
+            old[sig] = signal.signal(sig, signal.SIG_IGN)
+        for sig in FORWARDED:
+            old[sig] = signal.signal(sig, forward)
     try:
         yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def finishing() -> Iterator[None]:
+    """From the command's start until the session is harvested and committed: a forwarded
+    signal that comes once the command has ended has no one to go to and is dropped, so that
+    the harvest finishes (one killed halfway is resumed later; SIGKILL still does that)."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (*FORWARDED, *IGNORED)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class _Ending:
+    """The reaper's view of a forwarded ending signal (one reaper per process)."""
+
+    grace = 5.0
+    command = 0  # the command's pid while it runs
+    deadline: float | None = None  # when an ending signal came: until when the command may run
+    forced = False  # a second ending signal: no more grace
+
+
+_ENDING = _Ending()
+
+
+def _to_command(sig: int, _frame: object) -> None:
+    if sig in ENDING:
+        if _ENDING.deadline is None:
+            _ENDING.deadline = time.monotonic() + _ENDING.grace
+        else:
+            _ENDING.forced = True
+            sig = signal.SIGKILL
+    if _ENDING.command > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_ENDING.command, sig)
+
+
+def _on_child(_sig: int, _frame: object) -> None:
+    """SIGCHLD: nothing to do here; the wakeup pipe makes the reaper's wait look again."""
+
+
+def _reaper_signals(grace: float) -> int:
+    """Install the reaper's handlers (forwarded signals go to the command once it runs); return
+    the read end of a pipe that every signal writes to (Python's wakeup fd)."""
+    _ENDING.grace = grace
+    rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, _on_child)
+    for sig in FORWARDED:
+        signal.signal(sig, _to_command)
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    return rfd
+
+
+def _wait_command(pid: int, wake: int) -> int:
+    """Reap every child until the command (`pid`) exits; its wait status. After an ending
+    signal, the command gets until the deadline (or nothing, after a second one): then SIGKILL."""
+    poller = select.poll()
+    poller.register(wake, select.POLLIN)
+    killed = False
+    while True:
+        while True:
+            try:
+                got, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                _ENDING.command = 0
+                return 0
+            if got == pid:
+                _ENDING.command = 0
+                return status
+            if got == 0:
+                break
+        timeout: float | None = None
+        if _ENDING.deadline is not None and not killed:
+            left = 0.0 if _ENDING.forced else _ENDING.deadline - time.monotonic()
+            if left <= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+            else:
+                timeout = left
+        poller.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
+        with contextlib.suppress(OSError):
+            while os.read(wake, 512):
+                pass
 
 
 # --- running the command -------------------------------------------------------------------------
@@ -223,6 +374,7 @@ def _exec_child(
             os.tcsetpgrp(0, os.getpgrp())  # SIGTTOU is still ignored here
     for sig in CHILD_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())  # (the reaper holds the forwarded ones)
     if close_fds:  # nothing of the session machinery leaks in (the exec pipe closes on exec)
         limit = os.sysconf("SC_OPEN_MAX")
         os.closerange(3, ewr)
@@ -283,7 +435,7 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
     last_error: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
     for path in candidates:
         try:
-            return os.posix_spawn(path, argv, env, setsigdef=CHILD_SIGNALS)
+            return os.posix_spawn(path, argv, env, setsigdef=CHILD_SIGNALS, setsigmask=())
         except ValueError as exc:  # a NUL byte in an argument or the environment
             raise OSError(errno.EINVAL, str(exc)) from None
         except OSError as exc:
@@ -352,6 +504,10 @@ def run_and_reap(
     passes the caller's other descriptors on to the command (the shim session does)."""
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
+    # Forwarded signals (SIGTERM from `kill` of the manager...) stay pending until the command's
+    # pid is known; then they go to it (see `_to_command`).
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    wake = _reaper_signals(grace)
     if not tty_foreground and cwd is None and _spawn_ready(close_fds):
         # No terminal to hand over and no directory to change to: posix_spawn does the rest.
         try:
@@ -359,10 +515,11 @@ def run_and_reap(
         except OSError as exc:
             code = _exec_failed(exc, argv, env)
             send(report_fd, {"child": 0, "exec_failed": True})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             report = {"exit": code, "killed": end_rest(grace), "child": 0, "exec_failed": True}
             send(report_fd, report)
             return report
-        return _reap_command(pid, False, grace, report_fd)
+        return _reap_command(pid, False, grace, report_fd, wake)
     # A close-on-exec pipe says whether the exec worked: EOF = it did, an errno = it did not
     # (then no image ran: for the shim, its missing check-in is no sign of an unshimmed program).
     erd, ewr = os.pipe2(os.O_CLOEXEC)
@@ -377,12 +534,16 @@ def run_and_reap(
     os.close(ewr)
     exec_error = os.read(erd, 64)
     os.close(erd)
-    return _reap_command(pid, bool(exec_error), grace, report_fd)
+    return _reap_command(pid, bool(exec_error), grace, report_fd, wake)
 
 
-def _reap_command(pid: int, exec_failed: bool, grace: float, report_fd: int) -> dict[str, Any]:
+def _reap_command(
+    pid: int, exec_failed: bool, grace: float, report_fd: int, wake: int
+) -> dict[str, Any]:
     send(report_fd, {"child": pid, "exec_failed": exec_failed})
-    code = ns.shell_status(ns.reap_until(pid))
+    _ENDING.command = pid
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    code = ns.shell_status(_wait_command(pid, wake))
     killed = end_rest(grace)
     report = {"exit": code, "killed": killed, "child": pid, "exec_failed": exec_failed}
     send(report_fd, report)

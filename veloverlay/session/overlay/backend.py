@@ -234,6 +234,7 @@ def run_session(
     if not argv:
         raise VeloError("no command to run", reason=Reason.USAGE)
     m = Manifests(store)
+    signals = contextlib.ExitStack()
     try:
         t0 = time.perf_counter()
         # The store lock (shared) from choosing the layers until the state file pins their
@@ -283,11 +284,15 @@ def run_session(
         if on_start is not None:
             on_start(state.info(store, st))
         child: list[int] = [0]
+        signals.enter_context(reaper.finishing())  # until committed (see reaper.finishing)
         with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()
             sys.stderr.flush()
             try:
-                pid = os.fork()
+                with reaper.held():  # forwarded ones wait until child[0] is set
+                    pid = os.fork()
+                    if pid:
+                        child[0] = pid
             except OSError as exc:
                 os.close(rfd)
                 os.close(wfd)
@@ -298,7 +303,6 @@ def run_session(
                     child_main(ctx)
                 finally:
                     os._exit(70)
-            child[0] = pid
             os.close(wfd)
             st.child, st.child_start = pid, ns.proc_start(pid)
             st.state = "running"
@@ -310,6 +314,7 @@ def run_session(
             finally:
                 os.close(rfd)
                 wstatus = ns.wait_child(pid)
+                child[0] = 0  # ended: nothing more to pass signals on to
             if ctx.tty_foreground:
                 ns.reclaim_terminal()
         err = report.get("error")
@@ -356,6 +361,7 @@ def run_session(
         res.warnings = plan.warnings + ([covered] if covered else []) + res.warnings
         return res
     finally:
+        signals.close()
         m.close()
 
 

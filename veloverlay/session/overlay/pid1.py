@@ -83,12 +83,13 @@ def child_main(ctx: ChildSpec) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the manager
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
         os._exit(1)
-    pid1 = os.fork()
+    pid1 = os.fork()  # (the manager's forwarded signals are still blocked: see reaper.held)
     if pid1 == 0:
         try:
             _init_main(ctx, maps, root_fd)
         finally:
             os._exit(70)
+    reaper.relay_to(pid1)
     if maps is not None:
         maps.serve(pid1)
     status = ns.wait_child(pid1)

@@ -40,7 +40,7 @@ from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
 from veloverlay.ns import proc_start
 from veloverlay.progress import Progress
-from veloverlay.session import prompt, state
+from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
 from veloverlay.session.holders import ask_again, tree_writers
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
@@ -477,13 +477,14 @@ def run_shim(
             prompt.environment(env, ref.name)
         if on_start is not None:
             on_start(state.info(store, st))
-        try:
-            status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
-        except NotStarted as exc:
-            _abandon(store, m, st)
-            raise exc.error from None
-        stop_daemon(st)
-        return _finish(store, m, st, status)
+        with reaper.finishing():  # until committed (see reaper.finishing)
+            try:
+                status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
+            except NotStarted as exc:
+                _abandon(store, m, st)
+                raise exc.error from None
+            stop_daemon(st)
+            return _finish(store, m, st, status)
     finally:
         if top is not None:
             os.close(top.fd)

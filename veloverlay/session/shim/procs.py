@@ -174,8 +174,11 @@ def run_command(
         cwd = st.target_real or st.target
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     gofd, gowfd = os.pipe2(os.O_CLOEXEC)
+    forward = [0]  # where the manager's forwarded signals go (reaper.manager_signals)
     try:
-        reaper_pid = _fork(_reaper_main, argv, env, cwd, grace, wfd, (gofd, gowfd), sdir)
+        with reaper.held():  # the reaper starts with them blocked, until the command runs
+            reaper_pid = _fork(_reaper_main, argv, env, cwd, grace, wfd, (gofd, gowfd), sdir)
+            forward[0] = reaper_pid
     except OSError as exc:  # RLIMIT_NPROC: nothing runs, the caller abandons the session
         for fd in (rfd, wfd, gofd, gowfd):
             os.close(fd)
@@ -190,12 +193,10 @@ def run_command(
     finally:
         os.close(gowfd)  # unless "g" went first, the reaper reads EOF and exits, running nothing
     buf = bytearray()
-    # SIGTERM/SIGHUP (kill, a closed terminal) end the session as in an overlay session: the
-    # command is killed, the reaper ends what it left, the manager harvests. (Without this the
-    # manager died, and the command ran on outside any session, unharvested.)
-    stop = [0]
-    top_start: int | None = None
-    with reaper.manager_signals(stop):
+    # SIGTERM/SIGHUP (kill, a closed terminal) and the other forwarded signals go to the
+    # reaper, which passes them on to the command (SIGTERM: `grace` seconds, then SIGKILL), as in
+    # an overlay session; the manager harvests when it is over.
+    with reaper.manager_signals(forward):
         while True:
             try:
                 ready, _w, _x = select.select([rfd], [], [], 0.25)
@@ -207,7 +208,6 @@ def run_command(
                 for msg in reaper.frames(buf):
                     if "child" in msg and "exit" not in msg:
                         status.top_pid = 0 if msg.get("exec_failed") else int(msg["child"])
-                        top_start = proc_start(status.top_pid) if status.top_pid else None
                         st.top_pid = status.top_pid
                         state.save(store, st)
                     if "exit" in msg:
@@ -215,14 +215,11 @@ def run_command(
                         status.killed = [(int(p), str(c)) for p, c in msg["killed"]]
                 if not chunk:
                     break
-            if stop[0] == -1 and same_process(status.top_pid, top_start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(status.top_pid, signal.SIGKILL)
-                top_start = None  # once
             _watch_daemon(store, st, status)
-    os.close(rfd)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(reaper_pid, 0)
+        os.close(rfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(reaper_pid, 0)
+        forward[0] = 0
     if interactive:
         reclaim_terminal()
     return status
