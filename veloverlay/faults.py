@@ -2,8 +2,9 @@
 
 `VELO_INTERNAL__TEST_FAULT=<point>:<n>` makes `point("<point>")` kill the process (SIGKILL: no
 cleanup, no atexit, no flush — a power cut as far as user space can fake one) the n-th time it is
-reached. Unset, `point()` is one dict lookup. Points sit between the steps whose order makes the
-store crash-safe (stage, syncfs, rename, syncfs, commit), so the tests can stop at each of them.
+reached; `<point>:<n>:<SIG>` sends that signal instead (once). Unset, `point()` is one dict
+lookup. Points sit between the steps whose order makes the store crash-safe (stage, syncfs,
+rename, syncfs, commit), so the tests can stop at each of them.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ POINTS = (
 )
 
 _spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")
-_target, _, _count = _spec.partition(":")
+_target, _, _rest = _spec.partition(":")
+_count, _, _signame = _rest.partition(":")
 _left = int(_count or 1) if _target else 0
+# `<point>:<n>:<SIG>` (e.g. harvest.file:1:TERM) sends that signal once instead, and goes on:
+# what a process does when `kill` reaches it at that point.
+_signal = signal.Signals[f"SIG{_signame}"] if _signame else signal.SIGKILL
 
 
 def point(name: str) -> None:
     global _left
-    if name != _target:
+    if name != _target or (_left <= 0 and _signal != signal.SIGKILL):
         return
     _left -= 1
     if _left <= 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _signal)

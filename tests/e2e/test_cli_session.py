@@ -339,6 +339,35 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(
     assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
 
 
+@pytest.mark.parametrize("sig", ["TERM", "HUP", "USR1"])
+def test_a_signal_that_comes_while_the_session_is_harvested_lets_the_harvest_finish(
+    store: str, proj: str, shm_tmp: str, sig: str
+) -> None:
+    """SIGTERM or SIGHUP to `run` once its command had ended stopped the harvest halfway (exit
+    143, the session left dead and unharvested until a `harvest --resume`); SIGUSR1 killed the
+    manager outright. Whoever sent it is answered as for the command: it has ended; the
+    harvest finishes and commits, and `run` exits with the command's status."""
+    writes = "echo a > a1 && echo b > b1 && mkdir nd && echo c > nd/c && rm old.txt"
+    p = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", "overlay", "--"]
+        + ["sh", "-c", f"cd {proj} && {writes}"],
+        env={
+            **os.environ,
+            "VELO_STORE": store,
+            "NO_COLOR": "1",
+            # the signal, sent to the manager as it stages the session's first file
+            "VELO_INTERNAL__TEST_FAULT": f"harvest.file:1:{sig}",
+        },
+        capture_output=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [s["state"] for s in data(velo(store, "sessions", "--json"))] == ["harvested"]
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    plain = _the_same_in_a_plain_directory(shm_tmp, writes)
+    assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
+
+
 def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: str) -> None:
     go = os.path.join(shm_tmp, "go")
     wait = f"while [ ! -e {go} ]; do sleep 0.05; done"

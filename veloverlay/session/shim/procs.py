@@ -166,15 +166,43 @@ def run_command(
     *,
     interactive: bool = False,
 ) -> ShimStatus:
-    sdir = store.sessions / st.id
     status = ShimStatus()
     try:
         cwd = os.getcwd()
     except OSError:  # deleted or moved away: the tree's root, as in an overlay session
         cwd = st.target_real or st.target
+    forward = [0]  # where the manager's forwarded signals go (reaper.manager_signals)
+    # SIGTERM/SIGHUP (kill, a closed terminal) and the other forwarded signals go to the
+    # reaper, which passes them on to the command (SIGTERM: `grace` seconds, then SIGKILL), as in
+    # an overlay session; the manager harvests when it is over. From before the fork: one that
+    # comes meanwhile waits (reaper.held) instead of being lost.
+    with reaper.manager_signals(forward):
+        reaper_pid, rfd = _start_reaper(store, st, argv, env, cwd, grace, forward)
+        try:
+            _wait_reaper(store, st, status, rfd)
+        finally:
+            os.close(rfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(reaper_pid, 0)
+            forward[0] = 0
+    if interactive:
+        reclaim_terminal()
+    return status
+
+
+def _start_reaper(
+    store: Store,
+    st: State,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    grace: float,
+    forward: list[int],
+) -> tuple[int, int]:
+    """Fork the reaper, record it, let it start the command; its pid and its report pipe."""
+    sdir = store.sessions / st.id
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     gofd, gowfd = os.pipe2(os.O_CLOEXEC)
-    forward = [0]  # where the manager's forwarded signals go (reaper.manager_signals)
     try:
         with reaper.held():  # the reaper starts with them blocked, until the command runs
             reaper_pid = _fork(_reaper_main, argv, env, cwd, grace, wfd, (gofd, gowfd), sdir)
@@ -192,37 +220,31 @@ def run_command(
         os.write(gowfd, b"g")
     finally:
         os.close(gowfd)  # unless "g" went first, the reaper reads EOF and exits, running nothing
+    return reaper_pid, rfd
+
+
+def _wait_reaper(store: Store, st: State, status: ShimStatus, rfd: int) -> None:
+    """Read the reaper's frames until it is done, watching the daemon meanwhile."""
     buf = bytearray()
-    # SIGTERM/SIGHUP (kill, a closed terminal) and the other forwarded signals go to the
-    # reaper, which passes them on to the command (SIGTERM: `grace` seconds, then SIGKILL), as in
-    # an overlay session; the manager harvests when it is over.
-    with reaper.manager_signals(forward):
-        while True:
-            try:
-                ready, _w, _x = select.select([rfd], [], [], 0.25)
-            except InterruptedError:
-                continue
-            if ready:
-                chunk = os.read(rfd, 1 << 16)
-                buf += chunk
-                for msg in reaper.frames(buf):
-                    if "child" in msg and "exit" not in msg:
-                        status.top_pid = 0 if msg.get("exec_failed") else int(msg["child"])
-                        st.top_pid = status.top_pid
-                        state.save(store, st)
-                    if "exit" in msg:
-                        status.exit_status = int(msg["exit"])
-                        status.killed = [(int(p), str(c)) for p, c in msg["killed"]]
-                if not chunk:
-                    break
-            _watch_daemon(store, st, status)
-        os.close(rfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(reaper_pid, 0)
-        forward[0] = 0
-    if interactive:
-        reclaim_terminal()
-    return status
+    while True:
+        try:
+            ready, _w, _x = select.select([rfd], [], [], 0.25)
+        except InterruptedError:
+            continue
+        if ready:
+            chunk = os.read(rfd, 1 << 16)
+            buf += chunk
+            for msg in reaper.frames(buf):
+                if "child" in msg and "exit" not in msg:
+                    status.top_pid = 0 if msg.get("exec_failed") else int(msg["child"])
+                    st.top_pid = status.top_pid
+                    state.save(store, st)
+                if "exit" in msg:
+                    status.exit_status = int(msg["exit"])
+                    status.killed = [(int(p), str(c)) for p, c in msg["killed"]]
+            if not chunk:
+                return
+        _watch_daemon(store, st, status)
 
 
 def _watch_daemon(store: Store, st: State, status: ShimStatus) -> None:
