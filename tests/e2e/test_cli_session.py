@@ -339,6 +339,46 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(
     assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
 
 
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_sigterm_to_the_whole_process_group_is_one_sigterm_not_two(
+    store: str, proj: str, shm_tmp: str, backend: str
+) -> None:
+    """`kill -TERM -PGID`, a closed terminal (SIGHUP to the foreground group) and systemd's stop
+    (every process of the cgroup) reach the command, its reaper and the manager at once: the
+    reaper got the signal twice (itself and relayed by the manager) and took the second for an
+    impatient user's, SIGKILLing the command in its trap. It is one signal: the command's trap
+    runs to its end, and the command exits with the status it chose."""
+    ready = os.path.join(shm_tmp, "ready")
+    writes = "echo n > added"
+    trap = "echo trapped > trapped; rm -f old.txt"
+    script = (
+        f"cd {proj} && {writes} && trap '{trap}; exit 3' TERM && touch {ready}; "
+        "while :; do sleep 0.05; done"
+    )
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend]
+        + ["--grace", "600", "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, which the command shares
+    )
+    try:
+        _wait_running(store)
+        _wait_file(ready, session)
+        os.killpg(session.pid, signal.SIGTERM)
+        session.wait(timeout=120)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        _out, err = session.communicate(timeout=120)
+    assert session.returncode == 3, err
+    after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    plain = _the_same_in_a_plain_directory(shm_tmp, f"{writes} && {trap}")
+    assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
+
+
 @pytest.mark.parametrize("sig", ["TERM", "HUP", "USR1"])
 def test_a_signal_that_comes_while_the_session_is_harvested_lets_the_harvest_finish(
     store: str, proj: str, shm_tmp: str, sig: str

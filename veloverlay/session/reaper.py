@@ -29,7 +29,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from veloverlay import _libc, ns
@@ -153,7 +153,7 @@ def _reap_exited() -> None:
 def end_rest(grace: float) -> list[tuple[int, str]]:
     """End every descendant still running: SIGTERM, up to `grace` seconds, SIGKILL; reap them.
     Returns (pid, comm) of each process that was running when the command exited. After an
-    ending signal (see `_to_command`) they share the grace that was left; after a second, none."""
+    ending signal (see `_to_command`) they share the grace that was left."""
     _reap_exited()
     me = os.getpid()
     left = descendants(me)
@@ -166,7 +166,7 @@ def end_rest(grace: float) -> list[tuple[int, str]]:
     deadline = time.monotonic() + max(grace, 0.0)
     if _ENDING.deadline is not None:  # the session was told to end: only what is left of it
         deadline = min(deadline, _ENDING.deadline)
-    while time.monotonic() < deadline and not _ENDING.forced:
+    while time.monotonic() < deadline:
         _reap_exited()
         if not descendants(me):
             return killed
@@ -205,7 +205,8 @@ FORWARDED = (
     signal.SIGPWR,
     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
-# These end the session: the command gets `grace` seconds, then SIGKILL; a second one, at once.
+# These end the session: the command gets `grace` seconds, then SIGKILL; a second one to the
+# manager, at once (the manager counts them: the reaper may get one twice, see `_to_command`).
 ENDING = (signal.SIGHUP, signal.SIGTERM)
 # Never meant for the command, and the manager must outlive them: resource limits of the
 # manager's own (SIGXCPU, SIGXFSZ), a reader of its output gone (SIGPIPE), SIGSTKFLT.
@@ -241,13 +242,22 @@ def relay_to(target: int) -> None:
 
 
 @contextlib.contextmanager
-def manager_signals(child: list[int] | None = None) -> Iterator[None]:
+def manager_signals(
+    child: list[int] | None = None, force: Callable[[], None] | None = None
+) -> Iterator[None]:
     """While the session runs, Ctrl-C and Ctrl-\\ belong to the session, not the manager. With
     `child` (a one-element list, filled once forked under `held`), the forwarded signals go to
     that child, which passes them on to the command; once it is 0 again (ended), they are
-    dropped. The manager never dies of one of them, nor of the IGNORED ones."""
+    dropped. A second ending signal calls `force` (end the command now). The manager never
+    dies of one of them, nor of the IGNORED ones."""
+    endings = [0]
 
     def forward(sig: int, _frame: object) -> None:
+        if sig in ENDING and child and child[0] > 0:
+            endings[0] += 1
+            if endings[0] > 1 and force is not None:
+                force()
+                return
         if child and child[0] > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child[0], sig)
@@ -287,7 +297,6 @@ class _Ending:
     grace = 5.0
     command = 0  # the command's pid while it runs
     deadline: float | None = None  # when an ending signal came: until when the command may run
-    forced = False  # a second ending signal: no more grace
 
 
 _ENDING = _Ending()
@@ -295,11 +304,12 @@ _ENDING = _Ending()
 
 def _to_command(sig: int, _frame: object) -> None:
     if sig in ENDING:
-        if _ENDING.deadline is None:
-            _ENDING.deadline = time.monotonic() + _ENDING.grace
-        else:
-            _ENDING.forced = True
-            sig = signal.SIGKILL
+        if _ENDING.deadline is not None:
+            # Passed on once: the reaper gets the same signal twice when it was sent to a whole
+            # process group or cgroup (a closed terminal, systemd's stop) and relayed as well,
+            # and the command got that one itself already.
+            return
+        _ENDING.deadline = time.monotonic() + _ENDING.grace
     if _ENDING.command > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(_ENDING.command, sig)
@@ -343,7 +353,7 @@ def _wait_command(pid: int, wake: int) -> int:
                 break
         timeout: float | None = None
         if _ENDING.deadline is not None and not killed:
-            left = 0.0 if _ENDING.forced else _ENDING.deadline - time.monotonic()
+            left = _ENDING.deadline - time.monotonic()
             if left <= 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -285,7 +285,12 @@ def run_session(
             on_start(state.info(store, st))
         child: list[int] = [0]
         signals.enter_context(reaper.finishing())  # until committed (see reaper.finishing)
-        with reaper.manager_signals(child):  # pid 1 follows the child (pdeathsig)
+
+        def force() -> None:  # a second SIGTERM: the whole pid namespace goes (pdeathsig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child[0], signal.SIGKILL)
+
+        with reaper.manager_signals(child, force):  # pid 1 follows the child (pdeathsig)
             sys.stdout.flush()
             sys.stderr.flush()
             try:

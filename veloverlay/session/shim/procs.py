@@ -172,14 +172,21 @@ def run_command(
     except OSError:  # deleted or moved away: the tree's root, as in an overlay session
         cwd = st.target_real or st.target
     forward = [0]  # where the manager's forwarded signals go (reaper.manager_signals)
+
     # SIGTERM/SIGHUP (kill, a closed terminal) and the other forwarded signals go to the
     # reaper, which passes them on to the command (SIGTERM: `grace` seconds, then SIGKILL), as in
     # an overlay session; the manager harvests when it is over. From before the fork: one that
     # comes meanwhile waits (reaper.held) instead of being lost.
-    with reaper.manager_signals(forward):
+    def force() -> None:  # a second SIGTERM: the command now (the reaper ends the rest)
+        if status.top_pid and same_process(status.top_pid, top_start[0]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(status.top_pid, signal.SIGKILL)
+
+    top_start: list[int | None] = [None]
+    with reaper.manager_signals(forward, force):
         reaper_pid, rfd = _start_reaper(store, st, argv, env, cwd, grace, forward)
         try:
-            _wait_reaper(store, st, status, rfd)
+            _wait_reaper(store, st, status, rfd, top_start)
         finally:
             os.close(rfd)
             with contextlib.suppress(ChildProcessError):
@@ -223,7 +230,9 @@ def _start_reaper(
     return reaper_pid, rfd
 
 
-def _wait_reaper(store: Store, st: State, status: ShimStatus, rfd: int) -> None:
+def _wait_reaper(
+    store: Store, st: State, status: ShimStatus, rfd: int, top_start: list[int | None]
+) -> None:
     """Read the reaper's frames until it is done, watching the daemon meanwhile."""
     buf = bytearray()
     while True:
@@ -237,6 +246,7 @@ def _wait_reaper(store: Store, st: State, status: ShimStatus, rfd: int) -> None:
             for msg in reaper.frames(buf):
                 if "child" in msg and "exit" not in msg:
                     status.top_pid = 0 if msg.get("exec_failed") else int(msg["child"])
+                    top_start[0] = proc_start(status.top_pid) if status.top_pid else None
                     st.top_pid = status.top_pid
                     state.save(store, st)
                 if "exit" in msg:
