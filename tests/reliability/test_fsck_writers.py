@@ -79,3 +79,38 @@ def test_an_object_gc_sweeps_during_fsck_is_no_damage(
     assert swept == [2]  # version one's a.txt and d/only-in-one
     assert report.ok, report.findings
     assert report.objects == 3  # listed before the sweep: one of them was found gone
+
+
+def test_a_short_name_made_during_fsck_is_no_stray(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session that starts beside fsck names the objects of a version ingested after fsck
+    listed the store (ids-v1): fsck said id-stray for each, though every one is a hard link of
+    its object."""
+    from veloverlay.lower.objects import Objects
+
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"a.txt": b"first\n"})
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    new = os.path.join(shm_tmp, "new")
+    make_tree(new, {f"f{i}.txt": f"named while fsck ran {i}\n".encode() for i in range(5)})
+    named: list[str] = []
+    real: Callable[..., Any] = fsck_mod._check_object
+
+    def first_check_after_a_session_start(*a: Any) -> Any:
+        if not named:
+            ingest(repo.store, repo.m, new, "n", jobs=1)
+            with repo.m.read() as txn:
+                ids = Objects(repo.store, repo.m, txn, protect=False, form="data-only")
+                for e in repo.ls("n"):
+                    assert e.digest is not None
+                    named.append(ids.short_id(bytes.fromhex(e.digest)))
+        return real(*a)
+
+    monkeypatch.setattr(fsck_mod, "_check_object", first_check_after_a_session_start)
+    report = fsck_mod.fsck(repo.store, repo.m, jobs=1)
+    assert len(named) == 5
+    for short in named:  # each is a real second name of its object, as a session makes it
+        path = os.path.join(os.fspath(repo.store.root), "ids-v1", short[:2], short[2:])
+        assert os.stat(path).st_nlink == 2
+    assert report.ok, report.findings

@@ -240,6 +240,12 @@ def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Fi
                 candidates = [longer[short]]
             else:
                 candidates = [h for h in by_prefix.get(short, ()) if h not in renamed]
+            if not candidates or not any(
+                _same_file(e.path, store.object_path(bytes.fromhex(h))) for h in candidates
+            ):
+                # The object list and the ids were read at the start: a writer may have
+                # published an object since and a session named it (no damage). Look again.
+                candidates = _candidates_now(store, m, short)
             if not candidates:
                 out.append(Finding("id-stray", e.path, "names no object in the store"))
                 continue
@@ -247,6 +253,27 @@ def _check_short_names(store: Store, m: Manifests, present: set[str]) -> list[Fi
                 shown = " or ".join(h[:24] for h in candidates)
                 out.append(Finding("id-mismatch", e.path, f"is not a hard link of {shown}"))
     return out
+
+
+def _candidates_now(store: Store, m: Manifests, short: str) -> list[str]:
+    """The objects the short name `short` may name as the store is now (its fan-out
+    directories listed again, the longer ids read again)."""
+    with m.read() as txn:
+        longer = {bytes(v).decode(): bytes(k).hex() for k, v in txn.cursor(db=m.ids)}
+    if short in longer:
+        return [longer[short]]
+    renamed = set(longer.values())
+    found: list[str] = []
+    for top, fanout in ((store.objects, store.fanout), (store.legacy, 2)):
+        if top is None or len(short) < 4:
+            continue
+        shard = top / short[:2] / short[2:4] if fanout == 2 else top / short[:2]
+        try:
+            names = os.listdir(shard)
+        except OSError:
+            continue
+        found += [n for n in names if n.startswith(short) and _HEX.match(n) and n not in renamed]
+    return found
 
 
 def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
