@@ -106,6 +106,25 @@ def test_a_newer_manifest_schema_is_refused_before_anything_is_written(
     _assert_every_verb_refuses(store, src, shm_tmp)
 
 
+def test_a_newer_schema_store_without_its_standard_dirs_gets_none_made(
+    made: tuple[str, str], shm_tmp: str
+) -> None:
+    """`init` and `ingest` made sessions/, tmp/ and locks-v1/ again (and `init --shared` opened
+    the store directory) in a store whose manifest schema they then refused, saying "nothing
+    was changed": a newer version need not keep those directories."""
+    store, src = made
+    _newer_schema(store)
+    for d in ("sessions", "tmp", "locks-v1"):
+        os.rmdir(os.path.join(store, d))
+    before, mode = store_bytes(store), os.stat(store).st_mode
+    for args in (["init"], ["init", "--shared"], ["ingest", src, "--name", "u"]):
+        res = velo(store, *args)
+        assert res.returncode == 1, (args, res.stderr)
+        assert "reason: manifest-schema" in res.stderr, (args, res.stderr)
+        assert store_bytes(store) == before, f"{args} wrote into the store"
+        assert os.stat(store).st_mode == mode, f"{args} changed the store's mode"
+
+
 def test_a_newer_objects_layout_is_refused_before_anything_is_written(
     made: tuple[str, str], shm_tmp: str
 ) -> None:

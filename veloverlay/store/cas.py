@@ -38,7 +38,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from veloverlay import envvars, verity
@@ -270,10 +270,19 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def init(cls, root: str | os.PathLike[str], *, shared: bool = False) -> Store:
+    def init(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        shared: bool = False,
+        judge: Callable[[Store], None] | None = None,
+    ) -> Store:
         """Create the store (idempotent). A new store is private to its owner (root directory
         0700: objects are named by content, and a 0600 file's bytes must not become readable
-        through them); `shared` makes it readable by every local user (0755), never writable."""
+        through them); `shared` makes it readable by every local user (0755), never writable.
+        `judge` is called on a store that exists before anything is changed in it (a chmod, a
+        missing standard directory made again): the manifest database's schema is checked
+        there, and one a newer veloverlay wrote is refused with nothing written."""
         store = cls(root)
         try:
             access.check_place(store.root)  # nothing made where root must not use a store
@@ -288,6 +297,8 @@ class Store:
             if existed:
                 _refuse_foreign_dir(store.root, fd)
                 access.refuse_newer_format(store.root)
+                if judge is not None:
+                    judge(store)
             if not existed:
                 os.fchmod(fd, 0o755 if shared else 0o700)
             elif shared:

@@ -72,8 +72,17 @@ class Repo:
     def open(cls, path: str | None = None, *, create: bool = False, shared: bool = False) -> Repo:
         """The store at `path`; `create` makes it if missing (private unless `shared`)."""
         root = path or os.fspath(default_store_path())
-        store = Store.init(root, shared=shared) if create else Store.open(root)
-        return cls(store, Manifests(store))
+        if not create:
+            store = Store.open(root)
+            return cls(store, Manifests(store))
+        opened: list[Manifests] = []  # an existing store's: its schema judged before any write
+        try:
+            store = Store.init(root, shared=shared, judge=lambda s: opened.append(Manifests(s)))
+        except BaseException:
+            for m in opened:
+                m.close()
+            raise
+        return cls(store, opened[0] if opened else Manifests(store))
 
     def close(self) -> None:
         self.m.close()
