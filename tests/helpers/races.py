@@ -45,12 +45,17 @@ def swap_at_mkdir(
     monkeypatch.setattr(os, "mkdir", mkdir)
 
 
-def _waiting_on(lock: str) -> bool:
-    """Whether some process waits for a lock on the file `lock` (a `->` line of /proc/locks)."""
-    st = os.stat(lock)
+def _waiting_on(lock: str, pid: int | None = None) -> bool:
+    """Whether some process (the process `pid`, when given) waits for a lock on the file `lock`
+    (a `->` line of /proc/locks); False where there is no such file."""
+    try:
+        st = os.stat(lock)
+    except FileNotFoundError:
+        return False
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with open("/proc/locks") as f:
-        return any("->" in line and dev in line.split() for line in f)
+        waits = [line.split() for line in f if "->" in line]
+    return any(dev in w and (pid is None or str(pid) in w) for w in waits)
 
 
 def start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
@@ -66,10 +71,14 @@ def start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
     return settle(proc, os.path.join(store, "lock"))
 
 
-def settle(proc: subprocess.Popen[str], lock: str) -> subprocess.Popen[str]:
-    """`proc`, once it has finished or waits for a lock on the file `lock` (/proc/locks)."""
+def settle(
+    proc: subprocess.Popen[Any], lock: str, *more: str, own: bool = False
+) -> subprocess.Popen[Any]:
+    """`proc`, once it has finished or waits for a lock on the file `lock` (or one of `more`)
+    (/proc/locks); with `own`, once `proc` itself waits (not some other process)."""
+    pid = proc.pid if own else None
     deadline = time.monotonic() + 60
-    while proc.poll() is None and not _waiting_on(lock):
+    while proc.poll() is None and not any(_waiting_on(f, pid) for f in (lock, *more)):
         assert time.monotonic() < deadline, "the writer neither finished nor waited"
         time.sleep(0.01)
     return proc

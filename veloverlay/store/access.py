@@ -15,7 +15,6 @@ import fcntl
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from veloverlay import files, pathtrust
@@ -42,8 +41,6 @@ __all__ = [
     "create_once",
     "rmtree_count",
     "reclaim_stages",
-    "store_lock",
-    "reader_lock",
 ]
 
 TOP_DIRS = (
@@ -61,6 +58,7 @@ TOP_DIRS = (
 )
 TOP_FILES = (
     "lock",
+    "lock.gate",
     "manifests.record",
     "manifests.lmdb/data.mdb",
     "manifests.lmdb/lock.mdb",
@@ -462,104 +460,3 @@ def reclaim_stages(tmp_fd: int) -> int:
         finally:
             os.close(fd)
     return removed
-
-
-def _removed(store_root: Path) -> VeloError:
-    return VeloError(
-        f"the store at {store_root} was removed while this command waited for its lock",
-        reason=Reason.STORE_MISSING,
-        hint="nothing was done; 'veloverlay init' makes a new store there",
-        path=os.fspath(store_root),
-    )
-
-
-def _is_the_lock(fd: int, root_fd: int) -> bool:
-    """Whether the locked file `fd` is still the store's `lock`: a lock file that was removed
-    (by `remove-store`, or by hand) or replaced while this process waited for it locks nothing
-    the next process will lock."""
-    st = os.fstat(fd)
-    try:
-        now = os.stat("lock", dir_fd=root_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _flock_store(store_root: Path, root_fd: int, flags: int, op: int) -> int:
-    """Open the store's lock file with `flags` and flock it with `op`; again when the file
-    was removed or replaced meanwhile, so that every holder locks the same file. A store
-    removed meanwhile (its directory is gone: no lock file can be made) is STORE_MISSING."""
-    shown = store_root / "lock"
-    for _ in range(100):
-        try:
-            with files.exact_modes():
-                fd = open_nofollow("lock", flags, 0o644, dir_fd=root_fd, shown=shown)
-        except FileNotFoundError:
-            if os.fstat(root_fd).st_nlink == 0:
-                raise _removed(store_root) from None
-            raise
-        try:
-            fcntl.flock(fd, op)
-        except BaseException:
-            os.close(fd)
-            raise
-        if _is_the_lock(fd, root_fd):
-            return fd
-        os.close(fd)
-        if os.fstat(root_fd).st_nlink == 0:
-            raise _removed(store_root)
-    raise VeloError(
-        f"the lock file of the store at {store_root} keeps being replaced",
-        reason=Reason.LOCKED,
-        hint="some other program removes or replaces it: stop it and retry",
-        path=os.fspath(shown),
-    )
-
-
-@contextlib.contextmanager
-def store_lock(
-    store_root: Path, root_fd: int, *, exclusive: bool = False, wait: bool = True
-) -> Iterator[None]:
-    """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
-    for gc."""
-    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    if not wait:
-        op |= fcntl.LOCK_NB
-    try:
-        fd = _flock_store(store_root, root_fd, os.O_RDWR | os.O_CREAT, op)
-    except BlockingIOError:
-        raise VeloError(
-            "the store is locked by another veloverlay process",
-            reason=Reason.LOCKED,
-            hint="wait for it (gc holds the store exclusively) and retry",
-        ) from None
-    except OSError as exc:
-        refusal = write_refusal(store_root) if exc.errno in (errno.EROFS, errno.EACCES) else None
-        if refusal is not None:
-            raise refusal from None
-        raise
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def reader_lock(store_root: Path, root_fd: int) -> Iterator[None]:
-    """The store lock (`lock` in the store directory `root_fd`) taken shared by a verb that
-    reads objects after resolving a version (checkout, export, cat, push): gc, which takes it
-    exclusively, waits until the reader is done, instead of deleting the objects of a version
-    the reader has already resolved. Opened read-only (flock needs no write access), so another
-    user of a shared store and a store on a read-only filesystem read as before; a store with
-    no lock file that this process may not create one in has no gc running to wait for."""
-    try:
-        fd = _flock_store(store_root, root_fd, os.O_RDONLY | os.O_CREAT, fcntl.LOCK_SH)
-    except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.close(fd)

@@ -44,7 +44,7 @@ from pathlib import Path
 from veloverlay import envvars, verity
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
-from veloverlay.store import access
+from veloverlay.store import access, storelock
 from veloverlay.store.objread import object_corrupt, verified_chunks
 from veloverlay.store.stage import OBJECT_MODE, Stage
 
@@ -306,6 +306,7 @@ class Store:
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d.name, dir_fd=fd, shown=d)
             access.private_trees(store.trees, dir_fd=fd)
+            access.create_once(storelock.GATE, b"", dir_fd=fd)  # gc's turn (see storelock)
             access.create_once("CACHEDIR.TAG", _CACHEDIR_TAG, dir_fd=fd)
             access.create_once(".gitignore", b"*\n", dir_fd=fd)
         except PermissionError as exc:
@@ -552,11 +553,11 @@ class Store:
         self, *, exclusive: bool = False, wait: bool = True
     ) -> contextlib.AbstractContextManager[None]:
         """The store lock: shared for writers, exclusive for gc."""
-        return access.store_lock(self.root, self.fd, exclusive=exclusive, wait=wait)
+        return storelock.store_lock(self.root, self.fd, exclusive=exclusive, wait=wait)
 
     def read_lock(self) -> contextlib.AbstractContextManager[None]:
         """The store lock, shared, for a verb reading objects: gc waits for it to finish."""
-        return access.reader_lock(self.root, self.fd)
+        return storelock.reader_lock(self.root, self.fd)
 
     def stage(self) -> Stage:
         return Stage(self)

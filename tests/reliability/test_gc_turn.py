@@ -1,0 +1,119 @@
+"""gc gets its turn at the store lock while readers and writers keep coming.
+
+Linux gives a process waiting for an exclusive flock no priority: a verb that asks for the lock
+shared while gc waits gets it at once, so gc, waiting for the holders it found, waited for ever
+behind readers and writers that overlapped one another (found by holding one `cat REF f` open
+on a pipe nobody read, as `| less` does, and starting gc and then more `cat`s: each new cat ran,
+gc never did). gc now takes `lock.gate` before it waits, and verbs that come after it queue
+behind it (veloverlay/store/storelock.py).
+
+The reader holds the lock for as long as its output pipe is full; every later step waits until
+the process started has finished or waits for a lock (/proc/locks): no sleep decides."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+from tests.helpers.races import settle, start_and_settle
+from tests.helpers.trees import make_tree
+from veloverlay.ingest import ingest
+from veloverlay.verbs.repo import Repo
+
+BIG = bytes(range(256)) * 4096  # 1 MiB: more than a pipe holds, so cat blocks writing it
+
+
+def _store(shm_tmp: str) -> str:
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"big.bin": BIG, "small.txt": b"small\n"})
+    repo = Repo.open(store, create=True)
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+    finally:
+        repo.close()
+    return store
+
+
+def _cat_held_open(store: str) -> subprocess.Popen[bytes]:
+    """`veloverlay cat t big.bin` whose output nobody reads yet (as into `less`): it holds the
+    store lock, shared, from its first byte until its output is read."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "cat", "t", "big.bin"],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = os.read(proc.stdout.fileno(), 1)  # it streams: the lock is held now
+    assert first == BIG[:1], proc.communicate()
+    return proc
+
+
+def test_a_reader_that_comes_while_gc_waits_queues_behind_gc(shm_tmp: str) -> None:
+    store = _store(shm_tmp)
+    lock, gate = os.path.join(store, "lock"), os.path.join(store, "lock.gate")
+    holder = _cat_held_open(store)
+    later: subprocess.Popen[str] | None = None
+    try:
+        gc = start_and_settle(store, ["gc", "--grace", "0"])
+        assert gc.poll() is None, gc.communicate()  # it waits for the cat
+        later = settle(
+            subprocess.Popen(
+                [sys.executable, "-m", "veloverlay", "--json", "cat", "t", "small.txt"],
+                env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            lock,
+            gate,
+            own=True,
+        )
+        # The later reader waits behind the waiting gc (it ran past gc before)
+        assert later.poll() is None, later.communicate()
+        out, err = holder.communicate(timeout=120)  # the first reader ends: gc runs, then it
+        assert holder.returncode == 0, err
+        assert BIG[:1] + out == BIG
+        _o, gerr = gc.communicate(timeout=120)
+        assert gc.returncode == 0, gerr
+        lout, lerr = later.communicate(timeout=120)
+        assert later.returncode == 0, lerr
+        assert lout == "small\n"
+    finally:
+        for p in (holder, later):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def test_a_holder_takes_the_lock_again_while_gc_waits(shm_tmp: str) -> None:
+    """A process that holds the store lock (a verb nested in another: a pull that commits, a
+    session that stages) takes it again without waiting at the gate: gc, at the gate, waits for
+    this very process, so waiting there would never end."""
+    import threading
+
+    store = _store(shm_tmp)
+    repo = Repo.open(store)
+    try:
+        with repo.store.lock():
+            gc = start_and_settle(store, ["gc", "--grace", "0"])
+            assert gc.poll() is None, gc.communicate()  # it waits for this process
+            again: list[str] = []
+
+            def nested() -> None:
+                buf = io.BytesIO()
+                repo.cat("t", "small.txt", buf)
+                again.append(buf.getvalue().decode())
+
+            t = threading.Thread(target=nested, daemon=True)
+            t.start()
+            t.join(timeout=120)
+            assert again == ["small\n"], "the nested reader waited behind gc"
+            assert gc.poll() is None  # and gc still waits for this process
+        _o, err = gc.communicate(timeout=120)
+        assert gc.returncode == 0, err
+    finally:
+        repo.close()

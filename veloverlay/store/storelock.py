@@ -1,0 +1,183 @@
+"""The store lock: `lock` in the store directory, flock'd shared by writers and by the verbs
+that read objects, exclusively by gc (and, without waiting, by `fsck --repair` and
+`remove-store`).
+
+Linux gives a process waiting for an exclusive flock no priority over later shared lockers:
+with readers and writers overlapping one another (a loop of `cat`, sessions starting all day),
+gc waited for ever. A second file, `lock.gate`, makes the lock prefer gc: a verb that waits for
+the store lock holds the gate shared while it does; gc takes the gate exclusively first and
+keeps it until it holds the store lock. Verbs that come after gc began to wait queue behind
+it, and gc waits only for those that held the lock already.
+
+Both files are only ever opened read-only for the lock (flock needs no write access), so the
+other users of a shared store take them too. The gate is made by `init` and by gc; a store
+without one (made by an older version) is locked as before until its first gc. A process that
+holds the store lock already (a verb nested in another, a forked worker of one) takes it again
+without the gate: waiting there behind a gc that waits for this very process would never end."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from veloverlay import files
+from veloverlay.errors import Reason, VeloError
+from veloverlay.store.access import open_nofollow, write_refusal
+
+__all__ = ["GATE", "store_lock", "reader_lock"]
+
+GATE = "lock.gate"
+
+# The stores (dev, ino of the directory) this process holds the lock of, and how many times:
+# inherited by a forked child along with the locks themselves.
+_held: dict[tuple[int, int], int] = {}
+_held_guard = threading.Lock()
+
+
+def _removed(store_root: Path) -> VeloError:
+    return VeloError(
+        f"the store at {store_root} was removed while this command waited for its lock",
+        reason=Reason.STORE_MISSING,
+        hint="nothing was done; 'veloverlay init' makes a new store there",
+        path=os.fspath(store_root),
+    )
+
+
+def _is_the_lock(fd: int, root_fd: int) -> bool:
+    """Whether the locked file `fd` is still the store's `lock`: a lock file that was removed
+    (by `remove-store`, or by hand) or replaced while this process waited for it locks nothing
+    the next process will lock."""
+    st = os.fstat(fd)
+    try:
+        now = os.stat("lock", dir_fd=root_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _flock_store(store_root: Path, root_fd: int, flags: int, op: int) -> int:
+    """Open the store's lock file with `flags` and flock it with `op`; again when the file
+    was removed or replaced meanwhile, so that every holder locks the same file. A store
+    removed meanwhile (its directory is gone: no lock file can be made) is STORE_MISSING."""
+    shown = store_root / "lock"
+    for _ in range(100):
+        try:
+            with files.exact_modes():
+                fd = open_nofollow("lock", flags, 0o644, dir_fd=root_fd, shown=shown)
+        except FileNotFoundError:
+            if os.fstat(root_fd).st_nlink == 0:
+                raise _removed(store_root) from None
+            raise
+        try:
+            fcntl.flock(fd, op)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_the_lock(fd, root_fd):
+            return fd
+        os.close(fd)
+        if os.fstat(root_fd).st_nlink == 0:
+            raise _removed(store_root)
+    raise VeloError(
+        f"the lock file of the store at {store_root} keeps being replaced",
+        reason=Reason.LOCKED,
+        hint="some other program removes or replaces it: stop it and retry",
+        path=os.fspath(shown),
+    )
+
+
+def _open_gate(store_root: Path, root_fd: int, *, create: bool) -> int:
+    """A descriptor of the gate (read-only), -1 where there is none this process may make."""
+    flags = os.O_RDONLY | (os.O_CREAT if create else 0)
+    try:
+        with files.exact_modes():
+            return open_nofollow(GATE, flags, 0o644, dir_fd=root_fd, shown=store_root / GATE)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+            return -1
+        raise
+
+
+@contextlib.contextmanager
+def _locked(
+    store_root: Path, root_fd: int, flags: int, op: int, *, gate: bool, exclusive: bool
+) -> Iterator[None]:
+    st = os.fstat(root_fd)
+    key = (st.st_dev, st.st_ino)
+    with _held_guard:
+        nested = _held.get(key, 0) > 0
+    gate_fd = -1
+    if gate and not nested:
+        gate_fd = _open_gate(store_root, root_fd, create=exclusive)
+    try:
+        if gate_fd >= 0:
+            fcntl.flock(gate_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fd = _flock_store(store_root, root_fd, flags, op)
+    finally:
+        if gate_fd >= 0:
+            os.close(gate_fd)  # held until the store lock is: who comes later waits behind
+    with _held_guard:
+        _held[key] = _held.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def store_lock(
+    store_root: Path, root_fd: int, *, exclusive: bool = False, wait: bool = True
+) -> Iterator[None]:
+    """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
+    for gc. Waiting, it goes through the gate (see the module docstring)."""
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    if not wait:
+        op |= fcntl.LOCK_NB
+    ctx = _locked(store_root, root_fd, os.O_RDWR | os.O_CREAT, op, gate=wait, exclusive=exclusive)
+    try:
+        ctx.__enter__()
+    except BlockingIOError:
+        raise VeloError(
+            "the store is locked by another veloverlay process",
+            reason=Reason.LOCKED,
+            hint="wait for it (gc holds the store exclusively) and retry",
+        ) from None
+    except OSError as exc:
+        refusal = write_refusal(store_root) if exc.errno in (errno.EROFS, errno.EACCES) else None
+        if refusal is not None:
+            raise refusal from None
+        raise
+    with contextlib.ExitStack() as stack:
+        stack.push(ctx)
+        yield
+
+
+@contextlib.contextmanager
+def reader_lock(store_root: Path, root_fd: int) -> Iterator[None]:
+    """The store lock (`lock` in the store directory `root_fd`) taken shared by a verb that
+    reads objects after resolving a version (checkout, export, cat, push): gc, which takes it
+    exclusively, waits until the reader is done, instead of deleting the objects of a version
+    the reader has already resolved. Opened read-only (flock needs no write access), so another
+    user of a shared store and a store on a read-only filesystem read as before; a store with
+    no lock file that this process may not create one in has no gc running to wait for."""
+    flags = os.O_RDONLY | os.O_CREAT
+    try:
+        ctx = _locked(store_root, root_fd, flags, fcntl.LOCK_SH, gate=True, exclusive=False)
+        ctx.__enter__()
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(ctx)
+        yield
