@@ -5,7 +5,8 @@ shared while gc waits gets it at once, so gc, waiting for the holders it found, 
 behind readers and writers that overlapped one another (found by holding one `cat REF f` open
 on a pipe nobody read, as `| less` does, and starting gc and then more `cat`s: each new cat ran,
 gc never did). gc now takes `lock.gate` before it waits, and verbs that come after it queue
-behind it (veloverlay/store/storelock.py).
+behind it (veloverlay/store/storelock.py). It also said nothing while it waited: it now says
+whom it waits for (`waiting for the store lock ..., held by pid N (its command)`).
 
 The reader holds the lock for as long as its output pipe is full; every later step waits until
 the process started has finished or waits for a lock (/proc/locks): no sleep decides."""
@@ -79,6 +80,9 @@ def test_a_reader_that_comes_while_gc_waits_queues_behind_gc(shm_tmp: str) -> No
         assert BIG[:1] + out == BIG
         _o, gerr = gc.communicate(timeout=120)
         assert gc.returncode == 0, gerr
+        # and it said what it waited for, and for whom
+        assert f"waiting for the store lock of {store}, held by pid {holder.pid} (" in gerr, gerr
+        assert "cat t big.bin" in gerr, gerr
         lout, lerr = later.communicate(timeout=120)
         assert later.returncode == 0, lerr
         assert lout == "small\n"

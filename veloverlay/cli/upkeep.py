@@ -155,6 +155,7 @@ def gc(
             dry_run=dry_run,
             progress=progress,
             accept_lost_refs=accept_lost_refs,
+            waiting=render.info,
         )
     finally:
         progress.done()

@@ -550,10 +550,17 @@ class Store:
 
     # -- locking ---------------------------------------------------------------------------
     def lock(
-        self, *, exclusive: bool = False, wait: bool = True
+        self,
+        *,
+        exclusive: bool = False,
+        wait: bool = True,
+        waiting: Callable[[str], None] | None = None,
     ) -> contextlib.AbstractContextManager[None]:
-        """The store lock: shared for writers, exclusive for gc."""
-        return storelock.store_lock(self.root, self.fd, exclusive=exclusive, wait=wait)
+        """The store lock: shared for writers, exclusive for gc; `waiting` is told whom it
+        waits for, when it does."""
+        return storelock.store_lock(
+            self.root, self.fd, exclusive=exclusive, wait=wait, waiting=waiting
+        )
 
     def read_lock(self) -> contextlib.AbstractContextManager[None]:
         """The store lock, shared, for a verb reading objects: gc waits for it to finish."""

@@ -22,14 +22,14 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.access import open_nofollow, write_refusal
 
-__all__ = ["GATE", "store_lock", "reader_lock"]
+__all__ = ["GATE", "holders", "store_lock", "reader_lock"]
 
 GATE = "lock.gate"
 
@@ -103,9 +103,55 @@ def _open_gate(store_root: Path, root_fd: int, *, create: bool) -> int:
         raise
 
 
+def holders(lock: Path) -> list[str]:
+    """Who holds a lock on the file `lock` (/proc/locks), as `pid N (its command line)`."""
+    try:
+        st = os.stat(lock, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            lines = [line.split() for line in f if "->" not in line]
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    for pid in sorted({w[4] for w in lines if len(w) > 5 and w[5] == dev}, key=int):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read(4096).rstrip(b"\0").split(b"\0")
+        except OSError:
+            argv = []
+        shown = " ".join(os.fsdecode(a) for a in argv)[:120]
+        out.append(f"pid {pid} ({shown})" if shown else f"pid {pid}")
+    return out
+
+
+def _flock_waiting(
+    store_root: Path, root_fd: int, flags: int, op: int, waiting: Callable[[str], None] | None
+) -> int:
+    """`_flock_store`; when it would wait, `waiting` is told who it waits for first."""
+    if waiting is None or op & fcntl.LOCK_NB:
+        return _flock_store(store_root, root_fd, flags, op)
+    try:
+        return _flock_store(store_root, root_fd, flags, op | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = holders(store_root / "lock")
+        waiting(
+            f"waiting for the store lock of {store_root}"
+            + (f", held by {', '.join(who)}" if who else "")
+            + " (it ends when they do)"
+        )
+    return _flock_store(store_root, root_fd, flags, op)
+
+
 @contextlib.contextmanager
 def _locked(
-    store_root: Path, root_fd: int, flags: int, op: int, *, gate: bool, exclusive: bool
+    store_root: Path,
+    root_fd: int,
+    flags: int,
+    op: int,
+    *,
+    gate: bool,
+    exclusive: bool,
+    waiting: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     st = os.fstat(root_fd)
     key = (st.st_dev, st.st_ino)
@@ -117,7 +163,7 @@ def _locked(
     try:
         if gate_fd >= 0:
             fcntl.flock(gate_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        fd = _flock_store(store_root, root_fd, flags, op)
+        fd = _flock_waiting(store_root, root_fd, flags, op, waiting)
     finally:
         if gate_fd >= 0:
             os.close(gate_fd)  # held until the store lock is: who comes later waits behind
@@ -135,14 +181,21 @@ def _locked(
 
 @contextlib.contextmanager
 def store_lock(
-    store_root: Path, root_fd: int, *, exclusive: bool = False, wait: bool = True
+    store_root: Path,
+    root_fd: int,
+    *,
+    exclusive: bool = False,
+    wait: bool = True,
+    waiting: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
-    for gc. Waiting, it goes through the gate (see the module docstring)."""
+    for gc. Waiting, it goes through the gate (see the module docstring); `waiting` is told
+    whom it waits for, when it does."""
     op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     if not wait:
         op |= fcntl.LOCK_NB
-    ctx = _locked(store_root, root_fd, os.O_RDWR | os.O_CREAT, op, gate=wait, exclusive=exclusive)
+    flags = os.O_RDWR | os.O_CREAT
+    ctx = _locked(store_root, root_fd, flags, op, gate=wait, exclusive=exclusive, waiting=waiting)
     try:
         ctx.__enter__()
     except BlockingIOError:

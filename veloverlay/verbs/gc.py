@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +277,14 @@ def gc(
     dry_run: bool = False,
     progress: Progress | None = None,
     accept_lost_refs: bool = False,
+    waiting: Callable[[str], None] | None = None,
 ) -> GcReport:
     """Delete what nothing needs (see the module's docstring); `progress(objects deleted,
     objects to delete, bytes freed, bytes to free)` while sweeping. `accept_lost_refs`: sweep
     even when the manifest database holds fewer refs than the store record says it had (or none
     while the store holds objects and has no record): only after checking that those refs were
-    deleted on purpose, since everything they reached goes."""
+    deleted on purpose, since everything they reached goes. `waiting` is told whom gc waits
+    for when the store lock is held (a reader left open: `cat REF f | less`)."""
     if keep is not None and keep < 1:  # 0 or less would delete the commits refs point at
         raise VeloError(
             f"gc --keep needs N >= 1, not {keep}",
@@ -289,7 +292,7 @@ def gc(
             hint="each ref's head is always kept; leave --keep out to keep all history",
         )
     rep = GcReport(dry_run=dry_run)
-    with store.lock(exclusive=True):
+    with store.lock(exclusive=True, waiting=waiting):
         refs, why = counted_refs(store, m)
         if not accept_lost_refs:
             _refuse_lost_refs(why)
