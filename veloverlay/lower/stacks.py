@@ -85,10 +85,11 @@ from veloverlay.lower.layers import (
 from veloverlay.lower.objects import Objects, protect_all
 from veloverlay.progress import Progress
 from veloverlay.records import Record
+from veloverlay.store import quarantine
 from veloverlay.store.access import mkdir_nofollow
-from veloverlay.store.cas import Store
+from veloverlay.store.cas import Store, object_missing
 from veloverlay.store.manifest import Manifests
-from veloverlay.store.tree import Op
+from veloverlay.store.tree import Kind, Op
 
 __all__ = ["FORMS", "FLATTEN_AFTER", "Lowers", "ensure_lowers", "ids_dir"]
 
@@ -198,6 +199,8 @@ def ensure_lowers(
             home, cached, built, failed = _ensure_in(disk, disk, *args)
         found = home, cached
     home, (names, immutable) = found
+    if built == "cached":
+        _refuse_set_aside(store, m, root)
     if form == "data-only" and not home.volatile:
         mkdir_nofollow(ids_dir(store))
     return Lowers(
@@ -212,6 +215,21 @@ def ensure_lowers(
         os.fspath(home.root),
         warning,
     )
+
+
+def _refuse_set_aside(store: Store, m: Manifests, root: bytes) -> None:
+    """OBJECT_MISSING for a cached stack of `root` that names an object the store lacks now:
+    `fsck --repair` sets a corrupt object aside but keeps the layers a live session has
+    mounted, and a later session of that version would mount them and fail at its first
+    read. The objects set aside are few and listed in one directory (none, nearly always):
+    only then is the tree walked."""
+    lacking = quarantine.wanted(store)
+    if not lacking:
+        return
+    with m.read() as txn:
+        for _path, e, _node in m.walk(txn, root):
+            if e.kind is Kind.FILE and e.digest in lacking:
+                raise object_missing(e.digest)
 
 
 _BUILT_FOR = "built-for"  # in a home: the objects directory its layers' Tier-1 links name
