@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from tests.helpers.races import settle, start_and_settle
 from tests.helpers.trees import make_tree
+from veloverlay.errors import VeloError
 from veloverlay.ingest import ingest
 from veloverlay.verbs.repo import Repo
 
@@ -121,3 +124,32 @@ def test_a_holder_takes_the_lock_again_while_gc_waits(shm_tmp: str) -> None:
         assert gc.returncode == 0, err
     finally:
         repo.close()
+
+
+def _open_to_write(store: str) -> str:
+    """As another user: what opening `store` for a writing verb (ingest, init) says."""
+    try:
+        Repo.open(store, create=True).close()
+    except VeloError as exc:
+        return f"{exc.reason.value}: {exc.message}"
+    return "opened"
+
+
+def test_another_user_opens_a_shared_store_without_a_gate_as_before(shm_tmp: str) -> None:
+    """A store made by a version without `lock.gate`: its owner's next init or gc makes one;
+    another user of the shared store, who cannot, goes on without (opening it to write, which
+    `init` and `ingest` do first, said "cannot create the store: Permission denied")."""
+    from tests.helpers.unpriv import run_unprivileged
+
+    base = tempfile.mkdtemp(dir="/dev/shm", prefix="velo-gate-")
+    try:
+        os.chmod(base, 0o755)
+        store = os.path.join(base, "store")
+        Repo.open(store, create=True, shared=True).close()
+        os.unlink(os.path.join(store, "lock.gate"))  # as an older version made it
+        assert run_unprivileged(_open_to_write, store) == "opened"
+        assert not os.path.exists(os.path.join(store, "lock.gate"))
+        Repo.open(store, create=True).close()  # its owner's init makes it
+        assert os.path.isfile(os.path.join(store, "lock.gate"))
+    finally:
+        shutil.rmtree(base)

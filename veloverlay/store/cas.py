@@ -306,7 +306,7 @@ class Store:
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d.name, dir_fd=fd, shown=d)
             access.private_trees(store.trees, dir_fd=fd)
-            access.create_once(storelock.GATE, b"", dir_fd=fd)  # gc's turn (see storelock)
+            storelock.make_gate(fd)
             access.create_once("CACHEDIR.TAG", _CACHEDIR_TAG, dir_fd=fd)
             access.create_once(".gitignore", b"*\n", dir_fd=fd)
         except PermissionError as exc:

@@ -29,7 +29,7 @@ from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.access import open_nofollow, write_refusal
 
-__all__ = ["GATE", "holders", "store_lock", "reader_lock"]
+__all__ = ["GATE", "holders", "make_gate", "store_lock", "reader_lock"]
 
 GATE = "lock.gate"
 
@@ -140,6 +140,17 @@ def _flock_waiting(
             + " (it ends when they do)"
         )
     return _flock_store(store_root, root_fd, flags, op)
+
+
+def make_gate(root_fd: int) -> None:
+    """Make the gate in the store directory `root_fd` where it is missing and this process may
+    (another user's store, a read-only filesystem: it is left as it is)."""
+    try:
+        with files.exact_modes():
+            os.close(open_nofollow(GATE, os.O_RDONLY | os.O_CREAT, 0o644, dir_fd=root_fd))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
 
 
 @contextlib.contextmanager
