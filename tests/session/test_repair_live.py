@@ -52,7 +52,12 @@ def _corrupt(path: str) -> None:
 
 @pytest.mark.needs("root", "overlay_root")
 @pytest.mark.parametrize("lower", ["auto", "links"])
-def test_a_session_after_repair_says_object_missing_at_its_start(shm_tmp: str, lower: str) -> None:
+@pytest.mark.parametrize("version", ["same", "next"])
+def test_a_session_after_repair_says_object_missing_at_its_start(
+    shm_tmp: str, lower: str, version: str
+) -> None:
+    """`next`: the live session commits a new file when it ends, and the later session's
+    version is a delta layer on the cached stack (which names the object set aside)."""
     store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
     make_tree(src, {"a.txt": b"hello\n", "b.txt": b"other\n"})
     repo = Repo.open(store, create=True)
@@ -63,18 +68,10 @@ def test_a_session_after_repair_says_object_missing_at_its_start(shm_tmp: str, l
         repo.close()
     env = {"VELO_FORCE_LOWER": "links"} if lower == "links" else {}
     at1, at2 = os.path.join(shm_tmp, "at1"), os.path.join(shm_tmp, "at2")
+    write = f"echo new > {at1}/c.txt" if version == "next" else "true"
+    script = f"echo up; read x; {write}"
     live = _velo(
-        store,
-        env,
-        "run",
-        "t",
-        "--at",
-        at1,
-        "--",
-        "sh",
-        "-c",
-        "echo up; read x",
-        stdin=subprocess.PIPE,
+        store, env, "run", "t", "--at", at1, "--", "sh", "-c", script, stdin=subprocess.PIPE
     )
     try:
         assert live.stdout is not None
@@ -84,15 +81,24 @@ def test_a_session_after_repair_says_object_missing_at_its_start(shm_tmp: str, l
         fsck = _velo(store, {}, "--json", "fsck", "--repair")
         _o, err = fsck.communicate(timeout=300)
         assert fsck.returncode == 1 and "set aside" in _o + err, (_o, err)
-        later = _velo(
-            store, env, "--json", "run", "t", "--at", at2, "--", "cat", os.path.join(at2, "a.txt")
-        )
+        if version == "next":  # it ends and commits c.txt: t's next version
+            _o, err = live.communicate("\n", timeout=300)
+            assert live.returncode == 0, err
+        cat = ["cat", os.path.join(at2, "a.txt")]
+        later = _velo(store, env, "--json", "run", "t", "--at", at2, "--", *cat)
         out, err = later.communicate(timeout=300)
         assert later.returncode == 1, (out, err)
         assert "reason: object-missing" in err, err
         assert "No such file" not in err, err  # it did not get as far as running the command
     finally:
-        _o, err = live.communicate("\n", timeout=300)
+        if live.returncode is None:
+            _o, err = live.communicate("\n", timeout=300)
     assert live.returncode == 0, err
+    if version == "next":
+        repo = Repo.open(store)
+        try:
+            assert len(repo.log("t")) == 2  # the delta case: t moved on
+        finally:
+            repo.close()
     with open("/proc/self/mountinfo") as f:
         assert shm_tmp not in f.read()

@@ -199,7 +199,7 @@ def ensure_lowers(
             home, cached, built, failed = _ensure_in(disk, disk, *args)
         found = home, cached
     home, (names, immutable) = found
-    if built == "cached":
+    if built != "full":  # a full build looked at every object; a delta only at its changes
         _refuse_set_aside(store, m, root)
     if form == "data-only" and not home.volatile:
         mkdir_nofollow(ids_dir(store))
