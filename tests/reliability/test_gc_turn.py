@@ -6,7 +6,8 @@ behind readers and writers that overlapped one another (found by holding one `ca
 on a pipe nobody read, as `| less` does, and starting gc and then more `cat`s: each new cat ran,
 gc never did). gc now takes `lock.gate` before it waits, and verbs that come after it queue
 behind it (veloverlay/store/storelock.py). It also said nothing while it waited: it now says
-whom it waits for (`waiting for the store lock ..., held by pid N (its command)`).
+whom it waits for (`waiting for the store lock ..., held by pid N (its command)`), and so does
+a verb that waits behind it.
 
 The reader holds the lock for as long as its output pipe is full; every later step waits until
 the process started has finished or waits for a lock (/proc/locks): no sleep decides."""
@@ -89,6 +90,9 @@ def test_a_reader_that_comes_while_gc_waits_queues_behind_gc(shm_tmp: str) -> No
         lout, lerr = later.communicate(timeout=120)
         assert later.returncode == 0, lerr
         assert lout == "small\n"
+        # and the later reader said whom it waited behind
+        assert f"waiting for the store lock of {store} behind pid {gc.pid} (" in lerr, lerr
+        assert f"which waits for pid {holder.pid} (" in lerr, lerr
     finally:
         for p in (holder, later):
             if p is not None and p.poll() is None:

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from veloverlay import __version__
+from veloverlay import __version__, progress
 from veloverlay.cli import common, render
 
 __all__ = ["main", "VERBS", "app"]
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _open_std_fds()
     common.reset()
+    progress.set_notice(render.info)  # a verb waiting for the store lock says for whom
     before = _catch_termination()
     out, err = sys.stdout, sys.stderr
     try:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in before.items():  # main() called in-process (tests, a library user)
             signal.signal(sig, handler)
+        progress.set_notice(None)
     return rv if isinstance(rv, int) else 0
 
 

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from veloverlay import files
+from veloverlay import files, progress
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.access import open_nofollow, write_refusal
 
@@ -128,6 +128,7 @@ def _flock_waiting(
     store_root: Path, root_fd: int, flags: int, op: int, waiting: Callable[[str], None] | None
 ) -> int:
     """`_flock_store`; when it would wait, `waiting` is told who it waits for first."""
+    waiting = waiting or (progress.notice if progress.has_notice() else None)
     if waiting is None or op & fcntl.LOCK_NB:
         return _flock_store(store_root, root_fd, flags, op)
     try:
@@ -140,6 +141,25 @@ def _flock_waiting(
             + " (it ends when they do)"
         )
     return _flock_store(store_root, root_fd, flags, op)
+
+
+def _pass_gate(store_root: Path, gate_fd: int, exclusive: bool) -> None:
+    """Take the gate (exclusively for gc); a verb that finds gc there says it waits behind it."""
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    if exclusive or not progress.has_notice():
+        fcntl.flock(gate_fd, op)
+        return
+    try:
+        fcntl.flock(gate_fd, op | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        gc = holders(store_root / GATE)
+        who = holders(store_root / "lock")
+        progress.notice(
+            f"waiting for the store lock of {store_root} behind {', '.join(gc) or 'gc'}"
+            + (f", which waits for {', '.join(who)}" if who else "")
+        )
+    fcntl.flock(gate_fd, op)
 
 
 def make_gate(root_fd: int) -> None:
@@ -173,7 +193,7 @@ def _locked(
         gate_fd = _open_gate(store_root, root_fd, create=exclusive)
     try:
         if gate_fd >= 0:
-            fcntl.flock(gate_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            _pass_gate(store_root, gate_fd, exclusive)
         fd = _flock_waiting(store_root, root_fd, flags, op, waiting)
     finally:
         if gate_fd >= 0:
