@@ -71,9 +71,8 @@ def _dispatch(
     on_start: OnStart | None,
     progress: Progress | None = None,
 ) -> SessionResult:
-    from veloverlay.store.manifest import Manifests
-
-    Manifests(store).close()  # a store of a newer schema is refused before the probe writes in it
+    # (a store of a newer schema is refused before anything writes in it: the probe's cache
+    # checks before it writes, pulling and the backends open the manifests first)
     opts = _pull_remote_refs(store, opts)
     choice = choose_backend(store, opts)
     if choice.backend == "overlay":

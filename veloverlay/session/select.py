@@ -134,6 +134,9 @@ def capabilities(store: Store) -> Caps:
     feats = {n: (f.ok, f.reason) for n, f in caps.features.items()}
     feats.update(store_features(store.sessions))
     if not any(_short_of_room(why) for ok, why in feats.values() if not ok):
+        from veloverlay.store.manifest import Manifests
+
+        Manifests(store).close()  # a store of a newer schema is refused before this writes in it
         with contextlib.suppress(OSError):
             write_json_atomic(path, {"key": key, "kernel": caps.kernel, "features": feats})
     return Caps(feats)

@@ -204,7 +204,7 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         roots=sorted(roots),
         below_root=stack.below.hex() if stack.below is not None else None,
         pid=os.getpid(),
-        pid_start=ns.proc_start(os.getpid()),
+        pid_start=state.own_start(),
         start=time.time(),
         form=plan.form,
         protection=plan.protection,
@@ -497,7 +497,7 @@ def resume(store: Store, st: State) -> SessionResult:
     _refuse_if_held(store, st, "its manager ended before the overlay was sealed")
     # Take over the session so that a concurrent resume does not harvest it twice.
     st.pid = os.getpid()
-    st.pid_start = ns.proc_start(os.getpid())
+    st.pid_start = state.own_start()
     state.save(store, st)
     m = Manifests(store)
     try:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 
-from veloverlay import mount, ns, overlay, pathtrust
+from veloverlay import mount, overlay, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.session import state
 from veloverlay.session.holders import namespaces_holding
@@ -84,7 +84,7 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
             # Before the mount: a crash after it leaves a record. While this process lives the
             # session counts as mounted (a harvest --all meanwhile must not take its upper dir).
             st.mounted_at, st.state = plan.target, "mounted"
-            st.pid, st.pid_start = os.getpid(), ns.proc_start(os.getpid())
+            st.pid, st.pid_start = os.getpid(), state.own_start()
             state.save(store, st)
         spec = overlay.OverlaySpec(
             lowers=plan.lowers.layers,
@@ -222,7 +222,7 @@ def umount_session(
     st.commit_to_ref = st.commit_to_ref and commit
     if message is not None:
         st.message = message
-    st.pid, st.pid_start = os.getpid(), ns.proc_start(os.getpid())
+    st.pid, st.pid_start = os.getpid(), state.own_start()
     st.exit_status = 0
     st.state = "harvesting"
     state.save(store, st)

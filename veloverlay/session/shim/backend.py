@@ -403,7 +403,7 @@ def run_shim(
                 target_mode=0o755 if top.created else stat.S_IMODE(tst.st_mode),
                 target_id=[tst.st_dev, tst.st_ino],
                 pid=os.getpid(),
-                pid_start=proc_start(os.getpid()),
+                pid_start=state.own_start(),
                 start=time.time(),
                 form="link" if link else "copy",
                 link=link,
@@ -566,7 +566,7 @@ def resume(store: Store, session_id: str) -> SessionResult:
         status.exit_status = int(rep["exit"])
         status.killed = [(int(p), str(c)) for p, c in rep.get("killed", [])]
     st.pid = os.getpid()
-    st.pid_start = proc_start(os.getpid())
+    st.pid_start = state.own_start()
     state.save(store, st)
     m = Manifests(store)
     try:
