@@ -25,6 +25,7 @@ from tests.helpers.races import settle, start_and_settle
 from tests.helpers.trees import make_tree
 from veloverlay.errors import VeloError
 from veloverlay.ingest import ingest
+from veloverlay.verbs.gc import gc as gc_verb
 from veloverlay.verbs.repo import Repo
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: more than a pipe holds, so cat blocks writing it
@@ -157,3 +158,76 @@ def test_another_user_opens_a_shared_store_without_a_gate_as_before(shm_tmp: str
         assert os.path.isfile(os.path.join(store, "lock.gate"))
     finally:
         shutil.rmtree(base)
+
+
+def test_gc_gives_up_after_its_timeout_and_the_verbs_behind_it_go_on(shm_tmp: str) -> None:
+    """A `cat` left open on a pager held the store lock shared; gc, waiting for it at the gate,
+    held every later verb behind it for as long as the pager stayed open (found by leaving a
+    `cat t big.bin` unread and running gc, then `cat t small.txt`: both waited until the first
+    cat ended). gc now gives up after `--timeout` seconds (`locked`, nothing deleted), and the
+    verb queued behind it then runs, while the pager is still open."""
+    import json
+
+    store = _store(shm_tmp)
+    src2 = os.path.join(shm_tmp, "src2")
+    make_tree(src2, {"gone.txt": b"only in the deleted ref\n"})
+    repo = Repo.open(store)
+    try:
+        ingest(repo.store, repo.m, src2, "u", jobs=1)
+        repo.delete_ref("u", grace=0)
+    finally:
+        repo.close()
+    objects_before = sorted(os.listdir(store))
+    lock, gate = os.path.join(store, "lock"), os.path.join(store, "lock.gate")
+    holder = _cat_held_open(store)
+    later: subprocess.Popen[str] | None = None
+    try:
+        gc = start_and_settle(store, ["gc", "--grace", "0", "--timeout", "3"])
+        later = settle(
+            subprocess.Popen(
+                [sys.executable, "-m", "veloverlay", "--json", "cat", "t", "small.txt"],
+                env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            lock,
+            gate,
+            own=True,
+        )
+        gout, gerr = gc.communicate(timeout=120)
+        assert gc.returncode == 1, (gout, gerr)
+        err = json.loads(gout)
+        assert "error: gave up waiting for the store lock" in gerr, gerr
+        assert err["reason"] == "locked", err
+        assert f"held by pid {holder.pid} (" in err["error"], err
+        assert "cat t big.bin" in err["error"], err
+        assert err["hint"], err
+        lout, lerr = later.communicate(timeout=120)  # the verb behind gc runs ...
+        assert later.returncode == 0, lerr
+        assert lout == "small\n"
+        assert holder.poll() is None  # ... while the first cat still holds the lock
+        assert sorted(os.listdir(store)) == objects_before
+        repo = Repo.open(store)
+        try:  # nothing was deleted: the deleted ref's objects are still there for a later gc
+            rep = gc_verb(repo.store, repo.m, grace=0, timeout=0)
+        except VeloError as exc:
+            assert exc.reason.value == "locked", exc
+        else:
+            raise AssertionError(f"gc ran while the cat held the lock: {rep}")
+        finally:
+            repo.close()
+        out, herr = holder.communicate(timeout=120)
+        assert holder.returncode == 0, herr
+        assert BIG[:1] + out == BIG
+        repo = Repo.open(store)
+        try:
+            rep = gc_verb(repo.store, repo.m, grace=0, timeout=0)  # and the next gc frees it
+        finally:
+            repo.close()
+        assert rep.objects_deleted == 1, rep
+    finally:
+        for p in (holder, later):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()

@@ -140,6 +140,14 @@ def gc(
             "(only after checking they were deleted on purpose)",
         ),
     ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Give up (reason 'locked', nothing done) when the store lock is still held "
+            "after this many seconds: every verb started meanwhile waits behind gc",
+            callback=common.seconds,
+        ),
+    ] = 60.0,
 ) -> None:
     """Delete objects, nodes and commits nothing needs any more."""
     from veloverlay.verbs.gc import gc as do_gc
@@ -156,6 +164,7 @@ def gc(
             progress=progress,
             accept_lost_refs=accept_lost_refs,
             waiting=render.info,
+            timeout=timeout,
         )
     finally:
         progress.done()

@@ -555,11 +555,12 @@ class Store:
         exclusive: bool = False,
         wait: bool = True,
         waiting: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """The store lock: shared for writers, exclusive for gc; `waiting` is told whom it
-        waits for, when it does."""
+        waits for, when it does; `timeout` bounds the wait (`locked` when it ends)."""
         return storelock.store_lock(
-            self.root, self.fd, exclusive=exclusive, wait=wait, waiting=waiting
+            self.root, self.fd, exclusive=exclusive, wait=wait, waiting=waiting, timeout=timeout
         )
 
     def read_lock(self) -> contextlib.AbstractContextManager[None]:

@@ -21,7 +21,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,7 +62,54 @@ def _is_the_lock(fd: int, root_fd: int) -> bool:
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _flock_store(store_root: Path, root_fd: int, flags: int, op: int) -> int:
+class _TimedOut(Exception):
+    """The bounded wait for the gate or the store lock ended (see `store_lock`'s timeout)."""
+
+
+def _alarm(_signum: int, _frame: object) -> None:
+    raise _TimedOut
+
+
+def _take(fd: int, op: int, deadline: float | None) -> None:
+    """flock `fd` with `op`, waiting until `deadline` (time.monotonic()) at most: a caller
+    whose deadline passes gets _TimedOut, and closes `fd` (whatever it holds goes with it).
+    The main thread waits in the kernel (a SIGALRM ends the wait), so that it shows as a waiter
+    in /proc/locks as an unbounded wait does; another thread asks again and again."""
+    if deadline is None or op & fcntl.LOCK_NB:
+        fcntl.flock(fd, op)
+        return
+    if threading.current_thread() is threading.main_thread():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            try:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _TimedOut from None
+            return
+        before = signal.signal(signal.SIGALRM, _alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, left)
+            fcntl.flock(fd, op)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, before)
+        return
+    pause = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _TimedOut from None
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.1)
+
+
+def _flock_store(
+    store_root: Path, root_fd: int, flags: int, op: int, deadline: float | None = None
+) -> int:
     """Open the store's lock file with `flags` and flock it with `op`; again when the file
     was removed or replaced meanwhile, so that every holder locks the same file. A store
     removed meanwhile (its directory is gone: no lock file can be made) is STORE_MISSING."""
@@ -74,7 +123,7 @@ def _flock_store(store_root: Path, root_fd: int, flags: int, op: int) -> int:
                 raise _removed(store_root) from None
             raise
         try:
-            fcntl.flock(fd, op)
+            _take(fd, op, deadline)
         except BaseException:
             os.close(fd)
             raise
@@ -125,12 +174,18 @@ def holders(lock: Path) -> list[str]:
 
 
 def _flock_waiting(
-    store_root: Path, root_fd: int, flags: int, op: int, waiting: Callable[[str], None] | None
+    store_root: Path,
+    root_fd: int,
+    flags: int,
+    op: int,
+    waiting: Callable[[str], None] | None,
+    deadline: float | None,
+    timeout: float | None,
 ) -> int:
     """`_flock_store`; when it would wait, `waiting` is told who it waits for first."""
     waiting = waiting or (progress.notice if progress.has_notice() else None)
     if waiting is None or op & fcntl.LOCK_NB:
-        return _flock_store(store_root, root_fd, flags, op)
+        return _flock_store(store_root, root_fd, flags, op, deadline)
     try:
         return _flock_store(store_root, root_fd, flags, op | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -138,16 +193,16 @@ def _flock_waiting(
         waiting(
             f"waiting for the store lock of {store_root}"
             + (f", held by {', '.join(who)}" if who else "")
-            + " (it ends when they do)"
+            + (" (it ends when they do)" if timeout is None else f" (for {timeout:g} s at most)")
         )
-    return _flock_store(store_root, root_fd, flags, op)
+    return _flock_store(store_root, root_fd, flags, op, deadline)
 
 
-def _pass_gate(store_root: Path, gate_fd: int, exclusive: bool) -> None:
+def _pass_gate(store_root: Path, gate_fd: int, exclusive: bool, deadline: float | None) -> None:
     """Take the gate (exclusively for gc); a verb that finds gc there says it waits behind it."""
     op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     if exclusive or not progress.has_notice():
-        fcntl.flock(gate_fd, op)
+        _take(gate_fd, op, deadline)
         return
     try:
         fcntl.flock(gate_fd, op | fcntl.LOCK_NB)
@@ -159,7 +214,7 @@ def _pass_gate(store_root: Path, gate_fd: int, exclusive: bool) -> None:
             f"waiting for the store lock of {store_root} behind {', '.join(gc) or 'gc'}"
             + (f", which waits for {', '.join(who)}" if who else "")
         )
-    fcntl.flock(gate_fd, op)
+    _take(gate_fd, op, deadline)
 
 
 def make_gate(root_fd: int) -> None:
@@ -183,7 +238,9 @@ def _locked(
     gate: bool,
     exclusive: bool,
     waiting: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[None]:
+    deadline = None if timeout is None else time.monotonic() + timeout
     st = os.fstat(root_fd)
     key = (st.st_dev, st.st_ino)
     with _held_guard:
@@ -193,8 +250,8 @@ def _locked(
         gate_fd = _open_gate(store_root, root_fd, create=exclusive)
     try:
         if gate_fd >= 0:
-            _pass_gate(store_root, gate_fd, exclusive)
-        fd = _flock_waiting(store_root, root_fd, flags, op, waiting)
+            _pass_gate(store_root, gate_fd, exclusive, deadline)
+        fd = _flock_waiting(store_root, root_fd, flags, op, waiting, deadline, timeout)
     finally:
         if gate_fd >= 0:
             os.close(gate_fd)  # held until the store lock is: who comes later waits behind
@@ -218,17 +275,39 @@ def store_lock(
     exclusive: bool = False,
     wait: bool = True,
     waiting: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[None]:
     """The store lock (`lock` in the store directory `root_fd`): shared for writers, exclusive
     for gc. Waiting, it goes through the gate (see the module docstring); `waiting` is told
-    whom it waits for, when it does."""
+    whom it waits for, when it does. `timeout`: waiting (the gate held, for gc, so every verb
+    that comes meanwhile queues behind it) ends after that many seconds with `locked`, and
+    nothing held."""
     op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     if not wait:
         op |= fcntl.LOCK_NB
     flags = os.O_RDWR | os.O_CREAT
-    ctx = _locked(store_root, root_fd, flags, op, gate=wait, exclusive=exclusive, waiting=waiting)
+    ctx = _locked(
+        store_root,
+        root_fd,
+        flags,
+        op,
+        gate=wait,
+        exclusive=exclusive,
+        waiting=waiting,
+        timeout=timeout,
+    )
     try:
         ctx.__enter__()
+    except _TimedOut:
+        who = holders(store_root / "lock") or holders(store_root / GATE)
+        raise VeloError(
+            f"gave up waiting for the store lock of {store_root} after {timeout:g} s"
+            + (f": held by {', '.join(who)}" if who else ""),
+            reason=Reason.LOCKED,
+            hint="nothing was done; end them (a 'veloverlay cat' into a pager holds it until "
+            "the pager is closed) and retry, or give --timeout more seconds",
+            path=os.fspath(store_root / "lock"),
+        ) from None
     except BlockingIOError:
         raise VeloError(
             "the store is locked by another veloverlay process",

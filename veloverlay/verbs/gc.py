@@ -278,13 +278,16 @@ def gc(
     progress: Progress | None = None,
     accept_lost_refs: bool = False,
     waiting: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> GcReport:
     """Delete what nothing needs (see the module's docstring); `progress(objects deleted,
     objects to delete, bytes freed, bytes to free)` while sweeping. `accept_lost_refs`: sweep
     even when the manifest database holds fewer refs than the store record says it had (or none
     while the store holds objects and has no record): only after checking that those refs were
     deleted on purpose, since everything they reached goes. `waiting` is told whom gc waits
-    for when the store lock is held (a reader left open: `cat REF f | less`)."""
+    for when the store lock is held (a reader left open: `cat REF f | less`). While gc waits,
+    every verb that comes queues behind it: `timeout` bounds that wait (seconds; None: until
+    the holders end), after which gc gives up with `locked`, having done nothing."""
     if keep is not None and keep < 1:  # 0 or less would delete the commits refs point at
         raise VeloError(
             f"gc --keep needs N >= 1, not {keep}",
@@ -292,7 +295,7 @@ def gc(
             hint="each ref's head is always kept; leave --keep out to keep all history",
         )
     rep = GcReport(dry_run=dry_run)
-    with store.lock(exclusive=True, waiting=waiting):
+    with store.lock(exclusive=True, waiting=waiting, timeout=timeout):
         refs, why = counted_refs(store, m)
         if not accept_lost_refs:
             _refuse_lost_refs(why)
