@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import struct
 from collections.abc import Callable
@@ -45,6 +46,7 @@ __all__ = [
     "statfs_type",
     "fstatfs_type",
     "statx_size_immutable",
+    "ofd_lock",
 ]
 
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -115,6 +117,11 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_FOLLOW = 0x400
 AT_RECURSIVE = 0x8000
+F_OFD_SETLK = 37
+F_OFD_SETLKW = 38
+F_RDLCK = 0
+F_WRLCK = 1
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 # --- <linux/openat2.h> -------------------------------------------------------------------------
 RESOLVE_NO_XDEV = 0x01
@@ -491,3 +498,20 @@ def statx_size_immutable(path: Path) -> tuple[int, bool | None]:
     check(_statx(AT_FDCWD, raw, AT_SYMLINK_NOFOLLOW, STATX_SIZE, _STATX_BUF), "statx", path)
     attrs, size, mask = _STATX.unpack_from(_STATX_BUF)
     return size, bool(attrs & STATX_ATTR_IMMUTABLE) if mask & STATX_ATTR_IMMUTABLE else None
+
+
+def ofd_lock(fd: int, *, write: bool, wait: bool) -> None:
+    """An open-file-description lock on all of `fd` (fcntl F_OFD_SETLK(W)): a read lock, or a
+    write lock, which needs `fd` open for writing (EBADF otherwise), so that a user who may
+    only read the file cannot take it. Like flock it belongs to the open file description (a
+    forked child shares it; the last close releases it), and like flock it is not released
+    by another descriptor of the file being closed. Held by someone else and not `wait`:
+    BlockingIOError. Through the fcntl module, which retries on EINTR and runs signal handlers
+    (an exception from one ends the wait)."""
+    arg = _FLOCK.pack(F_WRLCK if write else F_RDLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLKW if wait else F_OFD_SETLK, arg)
+    except PermissionError as exc:  # EACCES: POSIX lets F_SETLK say "held" so too
+        if wait:
+            raise
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)) from exc

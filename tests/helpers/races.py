@@ -45,6 +45,31 @@ def swap_at_mkdir(
     monkeypatch.setattr(os, "mkdir", mkdir)
 
 
+# fcntl(2) and flock(2): the calls a process waits for a lock in
+_LOCK_CALLS = {"x86_64": ("72", "73"), "aarch64": ("25", "32")}.get(os.uname().machine, ())
+
+
+def _blocked_on(pid: int, st: os.stat_result) -> bool:
+    """Whether a thread of `pid` is in fcntl or flock on a descriptor of the file `st`: /proc/locks
+    gives -1 for the pid of a waiter for an open-file-description lock."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                call = f.read().split()
+            if len(call) < 2 or call[0] not in _LOCK_CALLS:
+                continue
+            there = os.stat(f"/proc/{pid}/fd/{int(call[1], 16)}")
+        except (OSError, ValueError):
+            continue
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
 def _waiting_on(lock: str, pid: int | None = None) -> bool:
     """Whether some process (the process `pid`, when given) waits for a lock on the file `lock`
     (a `->` line of /proc/locks); False where there is no such file."""
@@ -55,6 +80,8 @@ def _waiting_on(lock: str, pid: int | None = None) -> bool:
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with open("/proc/locks") as f:
         waits = [line.split() for line in f if "->" in line]
+    if pid is not None and any(dev in w and "-1" in w for w in waits) and _blocked_on(pid, st):
+        return True
     return any(dev in w and (pid is None or str(pid) in w) for w in waits)
 
 

@@ -15,7 +15,6 @@ waits for the lock (tests/helpers/races.py): no sleep decides."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import pytest
 
 from tests.helpers.races import settle, start_and_settle
 from tests.helpers.trees import make_tree
+from veloverlay import _libc
 from veloverlay.ingest import ingest
 from veloverlay.verbs import repo as repo_mod
 from veloverlay.verbs.repo import Repo
@@ -76,7 +76,7 @@ def test_a_lock_file_replaced_while_a_verb_waits_is_locked_again(shm_tmp: str) -
     store, _src = _store(shm_tmp)
     lock = os.path.join(store, "lock")
     old = os.open(lock, os.O_RDWR)
-    fcntl.flock(old, fcntl.LOCK_EX)  # as gc holds it
+    _libc.ofd_lock(old, write=True, wait=False)  # as gc holds it
     new = -1
     try:
         proc = start_and_settle(store, ["tag", "v1", "t"])
@@ -84,7 +84,7 @@ def test_a_lock_file_replaced_while_a_verb_waits_is_locked_again(shm_tmp: str) -
         # The lock file is removed and made again, and a second gc locks the new one.
         os.unlink(lock)
         new = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(new, fcntl.LOCK_EX)
+        _libc.ofd_lock(new, write=True, wait=False)
         os.close(old)  # the first gc ends
         old = -1
         settle(proc, lock)  # finished, or waits for the new lock file

@@ -1,19 +1,26 @@
-"""The store lock: `lock` in the store directory, flock'd shared by writers and by the verbs
+"""The store lock: `lock` in the store directory, locked shared by writers and by the verbs
 that read objects, exclusively by gc (and, without waiting, by `fsck --repair` and
 `remove-store`).
 
-Linux gives a process waiting for an exclusive flock no priority over later shared lockers:
+Linux gives a process waiting for an exclusive lock no priority over later shared lockers:
 with readers and writers overlapping one another (a loop of `cat`, sessions starting all day),
 gc waited for ever. A second file, `lock.gate`, makes the lock prefer gc: a verb that waits for
 the store lock holds the gate shared while it does; gc takes the gate exclusively first and
 keeps it until it holds the store lock. Verbs that come after gc began to wait queue behind
-it, and gc waits only for those that held the lock already.
+it, and gc waits only for those that held the lock already (for `timeout` seconds at most).
 
-Both files are only ever opened read-only for the lock (flock needs no write access), so the
-other users of a shared store take them too. The gate is made by `init` and by gc; a store
-without one (made by an older version) is locked as before until its first gc. A process that
-holds the store lock already (a verb nested in another, a forked worker of one) takes it again
-without the gate: waiting there behind a gc that waits for this very process would never end."""
+The locks are open-file-description locks (fcntl F_OFD_SETLK, `_libc.ofd_lock`), not flock:
+an exclusive (write) one needs the file open for writing. The other users of a shared store
+open both files read-only and take them shared, as before; with flock, which needs no write
+access, any user who could read the store could also take either file exclusively and stop
+its owner's every verb for as long as they liked. Like flock's, these locks belong to the
+open file description: a forked child shares them, they go with its last descriptor (the
+death of every process holding it), and closing another descriptor of the file does not drop
+them. They do not exclude flock: a veloverlay older than this one, still running on the
+store, is not waited for. The gate is made by `init` and by gc; a store without one (made by
+an older version) is locked as before until its first gc. A process that holds the store lock
+already (a verb nested in another, a forked worker of one) takes it again without the gate:
+waiting there behind a gc that waits for this very process would never end."""
 
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from veloverlay import files, progress
+from veloverlay import _libc, files, progress
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.access import open_nofollow, write_refusal
 
@@ -66,6 +73,12 @@ class _TimedOut(Exception):
     """The bounded wait for the gate or the store lock ended (see `store_lock`'s timeout)."""
 
 
+def _lock(fd: int, op: int) -> None:
+    """Lock `fd` as flock's `op` says (LOCK_SH or LOCK_EX, maybe | LOCK_NB), with an
+    open-file-description lock (see the module docstring)."""
+    _libc.ofd_lock(fd, write=bool(op & fcntl.LOCK_EX), wait=not op & fcntl.LOCK_NB)
+
+
 def _alarm(_signum: int, _frame: object) -> None:
     raise _TimedOut
 
@@ -76,20 +89,20 @@ def _take(fd: int, op: int, deadline: float | None) -> None:
     The main thread waits in the kernel (a SIGALRM ends the wait), so that it shows as a waiter
     in /proc/locks as an unbounded wait does; another thread asks again and again."""
     if deadline is None or op & fcntl.LOCK_NB:
-        fcntl.flock(fd, op)
+        _lock(fd, op)
         return
     if threading.current_thread() is threading.main_thread():
         left = deadline - time.monotonic()
         if left <= 0:
             try:
-                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                _lock(fd, op | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _TimedOut from None
             return
         before = signal.signal(signal.SIGALRM, _alarm)
         try:
             signal.setitimer(signal.ITIMER_REAL, left)
-            fcntl.flock(fd, op)
+            _lock(fd, op)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, before)
@@ -97,7 +110,7 @@ def _take(fd: int, op: int, deadline: float | None) -> None:
     pause = 0.005
     while True:
         try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            _lock(fd, op | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             left = deadline - time.monotonic()
@@ -141,8 +154,9 @@ def _flock_store(
 
 
 def _open_gate(store_root: Path, root_fd: int, *, create: bool) -> int:
-    """A descriptor of the gate (read-only), -1 where there is none this process may make."""
-    flags = os.O_RDONLY | (os.O_CREAT if create else 0)
+    """A descriptor of the gate (to write, for gc, whose lock on it is a write lock; read-only
+    otherwise), -1 where there is none this process may make or write."""
+    flags = os.O_RDWR | os.O_CREAT if create else os.O_RDONLY
     try:
         with files.exact_modes():
             return open_nofollow(GATE, flags, 0o644, dir_fd=root_fd, shown=store_root / GATE)
@@ -152,8 +166,31 @@ def _open_gate(store_root: Path, root_fd: int, *, create: bool) -> int:
         raise
 
 
+def _lockers(st: os.stat_result) -> set[int]:
+    """The processes whose open descriptors hold a lock on the file `st` (each one's
+    /proc/PID/fdinfo names the locks its descriptor holds: /proc/locks says -1 for the pid of
+    an open-file-description lock). Only those this process may look into."""
+    found: set[int] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                there = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if any(line.startswith("lock:") for line in f):
+                        found.add(int(pid))
+            except OSError:
+                continue
+    return found
+
+
 def holders(lock: Path) -> list[str]:
-    """Who holds a lock on the file `lock` (/proc/locks), as `pid N (its command line)`."""
+    """Who holds a lock on the file `lock`, as `pid N (its command line)`."""
     try:
         st = os.stat(lock, follow_symlinks=False)
         with open("/proc/locks") as f:
@@ -161,8 +198,11 @@ def holders(lock: Path) -> list[str]:
     except OSError:
         return []
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = {int(w[4]) for w in lines if len(w) > 5 and w[5] == dev and w[4].isdigit()}
+    if any(len(w) > 5 and w[5] == dev and not w[4].isdigit() for w in lines):
+        pids |= _lockers(st)
     out = []
-    for pid in sorted({w[4] for w in lines if len(w) > 5 and w[5] == dev}, key=int):
+    for pid in sorted(pids):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read(4096).rstrip(b"\0").split(b"\0")
@@ -205,7 +245,7 @@ def _pass_gate(store_root: Path, gate_fd: int, exclusive: bool, deadline: float 
         _take(gate_fd, op, deadline)
         return
     try:
-        fcntl.flock(gate_fd, op | fcntl.LOCK_NB)
+        _lock(gate_fd, op | fcntl.LOCK_NB)
         return
     except BlockingIOError:
         gc = holders(store_root / GATE)

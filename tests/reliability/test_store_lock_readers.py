@@ -1,0 +1,152 @@
+"""A user who may only read a shared store cannot stop its owner's verbs through the lock.
+
+The store lock and its gate were flock'd, and flock needs no write access: another user of a
+shared store opened `lock` and `lock.gate` read-only, as its readers do, took them
+exclusively, and every verb of the owner (`tag`, `cat`, `gc`) waited for as long as that user
+liked (found by holding `flock -x` on both as uid 1500 and running `veloverlay tag` as root:
+it never ended). They are open-file-description locks now, whose exclusive (write) form needs
+the file open for writing. The most a reader can do is hold them shared, as a `cat` into a
+pager does: gc then gives up after its --timeout, and the other verbs go on.
+
+The other user is a real process of another uid; every step waits until the process started
+has finished or waits for a lock (/proc/locks), or for the other user's line on a pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers.races import settle
+from tests.helpers.trees import make_tree
+from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, unpriv_tmpdir
+from veloverlay.ingest import ingest
+from veloverlay.verbs.repo import Repo
+
+_HOSTILE = r"""
+import fcntl, json, os, struct, sys
+store, how = sys.argv[1], sys.argv[2]
+out = {}
+fds = []
+for name in ("lock", "lock.gate"):
+    try:
+        os.close(os.open(os.path.join(store, name), os.O_RDWR))
+        out[name + " rw"] = "opened"
+    except OSError as exc:
+        out[name + " rw"] = exc.errno
+    fd = os.open(os.path.join(store, name), os.O_RDONLY)
+    fds.append(fd)
+    if how == "exclusive":
+        for what, call in (
+            ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)),
+            ("ofd", lambda: fcntl.fcntl(fd, 37, struct.pack("@hhqqi4x", 1, 0, 0, 0, 0))),
+            ("posix", lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)),
+        ):
+            try:
+                call()
+                out[name + " " + what] = "held"
+            except OSError as exc:
+                out[name + " " + what] = exc.errno
+    else:
+        fcntl.fcntl(fd, 37, struct.pack("@hhqqi4x", 0, 0, 0, 0, 0))
+        out[name + " ofd-shared"] = "held"
+print(json.dumps(out), flush=True)
+sys.stdin.read()
+"""
+
+
+def _store(base: str) -> str:
+    store = os.path.join(base, "store")
+    src = os.path.join(base, "src")
+    make_tree(src, {"small.txt": b"small\n"})
+    repo = Repo.open(store, create=True, shared=True)
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+    finally:
+        repo.close()
+    return store
+
+
+def _as_reader(store: str, how: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    proc = subprocess.Popen(
+        ["setpriv", f"--reuid={UNPRIV_UID}", f"--regid={UNPRIV_GID}", "--clear-groups"]
+        + ["env", "-i", "PATH=/usr/bin:/bin", sys.executable, "-c", _HOSTILE, store, how],
+        cwd="/",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, proc.communicate()
+    return proc, json.loads(line)
+
+
+def _verb(store: str, *args: str) -> subprocess.Popen[str]:
+    """`veloverlay --json ARGS` by the store's owner, once it has finished or waits for the
+    lock or the gate."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "--json", *args],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return settle(proc, os.path.join(store, "lock"), os.path.join(store, "lock.gate"))
+
+
+def _finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    if proc.poll() is None:  # it waits for the other user's lock
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} waits for the reader's lock: {err}")
+    out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def test_a_reader_cannot_take_the_store_lock_exclusively() -> None:
+    with unpriv_tmpdir() as base:
+        store = _store(base)
+        reader, tried = _as_reader(store, "exclusive")
+        try:
+            # the reader could open both files only to read, and lock them only as flock
+            assert tried["lock rw"] == tried["lock.gate rw"] == 13, tried  # EACCES
+            assert tried["lock ofd"] == tried["lock.gate ofd"] == 9, tried  # EBADF
+            assert tried["lock posix"] == tried["lock.gate posix"] == 9, tried
+            rc, out, err = _finished(_verb(store, "tag", "v1", "t"))
+            assert rc == 0, err
+            rc, out, err = _finished(_verb(store, "cat", "t", "small.txt"))
+            assert (rc, out) == (0, "small\n"), err
+            rc, out, err = _finished(_verb(store, "gc", "--grace", "0", "--timeout", "60"))
+            assert rc == 0, err
+        finally:
+            reader.communicate("")
+        assert reader.returncode == 0, reader.stderr
+
+
+def test_a_reader_holding_the_lock_shared_keeps_gc_out_for_its_timeout_only() -> None:
+    with unpriv_tmpdir() as base:
+        store = _store(base)
+        reader, tried = _as_reader(store, "shared")
+        try:
+            assert tried == {
+                "lock rw": 13,
+                "lock ofd-shared": "held",
+                "lock.gate rw": 13,
+                "lock.gate ofd-shared": "held",
+            }, tried
+            gc = _verb(store, "gc", "--grace", "0", "--timeout", "1")
+            out, err = gc.communicate(timeout=120)  # it waits for the reader, 1 s at most
+            assert gc.returncode == 1, (out, err)
+            failure = json.loads(out)
+            assert failure["reason"] == "locked", failure
+            assert f"held by pid {reader.pid} (" in failure["error"], failure
+            rc, out, err = _finished(_verb(store, "tag", "v1", "t"))
+            assert rc == 0, err
+            rc, out, err = _finished(_verb(store, "cat", "t", "small.txt"))
+            assert (rc, out) == (0, "small\n"), err
+        finally:
+            reader.communicate("")
+        assert reader.returncode == 0, reader.stderr
