@@ -132,3 +132,32 @@ def test_gc_waits_for_a_diff_reading_the_version_it_drops(
         assert "-version one" in out and "+version two" in out, out
     else:
         assert "a.txt" in out and "d/b" in out, out
+
+
+def test_gc_waits_for_a_patch_being_read(shm_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Repo.patch` read a change's two objects without the store lock: a library caller that
+    had not taken `repo.reading()` (as `diff -p` does) had the new side deleted by a `gc --keep
+    1` that ran while it read the old one, and got `object-missing` (found by starting gc at
+    patch's first object). patch now holds the lock (shared) while it reads both."""
+    store, _want = _two_versions(shm_tmp)
+    procs: list[subprocess.Popen[str]] = []
+    real: Callable[..., Any] = Store.open_object
+
+    def first_open_starts_gc(self: Store, digest: bytes) -> int:
+        if not procs:
+            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
+        return real(self, digest)
+
+    repo = Repo.open(store)
+    try:
+        (change,) = [c for c in repo.changes("t@{1}", "t") if os.fsdecode(c.path) == "a.txt"]
+        # (the objects of version 1 go with it: gc --keep 1 drops it)
+        monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+        lines = repo.patch(change)
+    finally:
+        repo.close()
+    assert procs
+    _o, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 0, err  # gc ran, after the patch was read
+    assert lines is not None
+    assert "-version one\n" in lines and "+version two\n" in lines, lines

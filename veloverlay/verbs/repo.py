@@ -160,11 +160,17 @@ class Repo:
 
     def patch(self, change: Change, *, context: int = 3) -> list[str] | None:
         """The unified diff (git's format) of a change's content; None when either side is
-        binary or larger than TEXT_LIMIT. A symlink's content is its target."""
+        binary or larger than TEXT_LIMIT. A symlink's content is its target. It holds the
+        store lock (shared) while it reads the two objects, so gc cannot delete one half way;
+        a caller that got `change` from `changes` takes `reading()` around both, or a gc
+        that ran in between may have dropped the versions (`object-missing`)."""
+        with self.store.read_lock():
+            old = object_lines(self.store, change.old)
+            new = object_lines(self.store, change.new)
         return unified(
             os.fsdecode(change.path),
-            object_lines(self.store, change.old),
-            object_lines(self.store, change.new),
+            old,
+            new,
             old_exists=change.old is not None,
             new_exists=change.new is not None,
             context=context,
