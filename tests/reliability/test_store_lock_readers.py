@@ -29,7 +29,10 @@ import fcntl, json, os, struct, sys
 store, how = sys.argv[1], sys.argv[2]
 out = {}
 fds = []
-for name in ("lock", "lock.gate"):
+names = ("lock", "lock.gate")
+if how == "remote":
+    names = ("remote-v1/sha256-v1", "remote-v1/versions.lock")
+for name in names:
     try:
         os.close(os.open(os.path.join(store, name), os.O_RDWR))
         out[name + " rw"] = "opened"
@@ -37,7 +40,7 @@ for name in ("lock", "lock.gate"):
         out[name + " rw"] = exc.errno
     fd = os.open(os.path.join(store, name), os.O_RDONLY)
     fds.append(fd)
-    if how == "exclusive":
+    if how in ("exclusive", "remote"):
         for what, call in (
             ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)),
             ("ofd", lambda: fcntl.fcntl(fd, 37, struct.pack("@hhqqi4x", 1, 0, 0, 0, 0))),
@@ -150,3 +153,51 @@ def test_a_reader_holding_the_lock_shared_keeps_gc_out_for_its_timeout_only() ->
         finally:
             reader.communicate("")
         assert reader.returncode == 0, reader.stderr
+
+
+_REMOTE_NOTES = r"""
+import sys
+from veloverlay.remote.state import ShaMap, Versions
+from veloverlay.store.cas import Store
+store = Store.open(sys.argv[1])
+ShaMap(store).add({bytes([int(sys.argv[2])]) * 32: "sha256:" + "ab" * 32})
+Versions(store).set("registry.example", "t", "repo", "sha256:" + "cd" * 32)
+"""
+
+
+def _remote_notes(store: str, n: int) -> subprocess.Popen[str]:
+    """The owner's push or pull noting what it sent or got (remote-v1/), once finished or
+    waiting for a lock on one of those files."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _REMOTE_NOTES, store, str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    notes = os.path.join(store, "remote-v1")
+    return settle(proc, os.path.join(notes, "sha256-v1"), os.path.join(notes, "versions.lock"))
+
+
+def test_a_reader_cannot_stop_push_and_pull_from_noting_what_they_moved() -> None:
+    """push and pull note the sha256 of the objects they move and the versions they pushed or
+    pulled in remote-v1/ under an exclusive flock: a reader of the shared store took it first
+    and they waited for ever (found as the store lock was). A write lock now."""
+    with unpriv_tmpdir() as base:
+        store = _store(base)
+        rc, _out, err = _finished(_remote_notes(store, 1))  # the files exist
+        assert rc == 0, err
+        reader, tried = _as_reader(store, "remote")
+        try:
+            assert tried["remote-v1/sha256-v1 rw"] == 13, tried  # it may only read them
+            assert tried["remote-v1/sha256-v1 flock"] == "held", tried
+            assert tried["remote-v1/versions.lock flock"] == "held", tried
+            rc, _out, err = _finished(_remote_notes(store, 2))
+            assert rc == 0, err
+        finally:
+            reader.communicate("")
+        assert reader.returncode == 0, reader.stderr
+        from veloverlay.remote.state import ShaMap
+        from veloverlay.store.cas import Store
+
+        got = ShaMap(Store.open(store))
+        assert got.get(bytes([2]) * 32) == "sha256:" + "ab" * 32

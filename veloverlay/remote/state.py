@@ -5,22 +5,24 @@ The pack indexes of versions this store pushed or pulled (`blobs/`), so the next
 of that tag does not fetch them again (the have-list of an incremental push is then one
 manifest GET, not one GET per pack).
 
-`<store>/remote-v1/sha256-v1`: fixed 64-byte records (BLAKE3, sha256), appended under flock by
-whoever computed a pair (push while verifying an object, pull while receiving one). A torn last
-record (a crash mid-append) is cut off by the next writer. The map is as trusted as the store: a
-wrong pair can only make a push name a blob the registry then refuses or a pull rejects.
+`<store>/remote-v1/sha256-v1`: fixed 64-byte records (BLAKE3, sha256), appended under an
+exclusive OFD lock (a write lock: a user who may only read the store cannot hold it, as any
+could hold a flock) by whoever computed a pair (push while verifying an object, pull while
+receiving one). A torn last record (a crash mid-append) is cut off by the next writer. The map
+is as trusted as the store: a wrong pair can only make a push name a blob the registry then
+refuses or a pull rejects.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from veloverlay import _libc
 from veloverlay.files import makedirs, write_json_atomic
 from veloverlay.store.cas import Store
 
@@ -53,7 +55,7 @@ class ShaMap:
         makedirs(self.dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _libc.ofd_lock(fd, write=True, wait=True)
             size = os.fstat(fd).st_size
             if size % _REC:
                 os.ftruncate(fd, size - size % _REC)
@@ -97,7 +99,7 @@ class Versions:
             0o644,
         )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _libc.ofd_lock(fd, write=True, wait=True)
             data = self.load()
             refs = data.get(host)
             if not isinstance(refs, dict):  # damaged notes: start this registry's again
