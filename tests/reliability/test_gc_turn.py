@@ -231,3 +231,35 @@ def test_gc_gives_up_after_its_timeout_and_the_verbs_behind_it_go_on(shm_tmp: st
             if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def test_gc_called_from_a_thread_gives_up_after_its_timeout_too(shm_tmp: str) -> None:
+    """Off the main thread (no SIGALRM to end the wait), gc's bounded wait asks again and
+    again instead, and ends the same way: `locked`, the holder named."""
+    import threading
+
+    store = _store(shm_tmp)
+    holder = _cat_held_open(store)
+    got: list[BaseException | object] = []
+    try:
+        repo = Repo.open(store)
+        try:
+
+            def run() -> None:
+                try:
+                    got.append(gc_verb(repo.store, repo.m, grace=0, timeout=0.5))
+                except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                    got.append(exc)
+
+            t = threading.Thread(target=run)
+            t.start()
+            t.join(timeout=120)
+        finally:
+            repo.close()
+        assert len(got) == 1 and isinstance(got[0], VeloError), got
+        assert got[0].reason.value == "locked", got[0]
+        assert f"held by pid {holder.pid} (" in got[0].message, got[0]
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.communicate()

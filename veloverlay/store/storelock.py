@@ -87,11 +87,16 @@ def _take(fd: int, op: int, deadline: float | None) -> None:
     """flock `fd` with `op`, waiting until `deadline` (time.monotonic()) at most: a caller
     whose deadline passes gets _TimedOut, and closes `fd` (whatever it holds goes with it).
     The main thread waits in the kernel (a SIGALRM ends the wait), so that it shows as a waiter
-    in /proc/locks as an unbounded wait does; another thread asks again and again."""
+    in /proc/locks as an unbounded wait does; another thread, or a process that uses the alarm
+    itself, asks again and again."""
     if deadline is None or op & fcntl.LOCK_NB:
         _lock(fd, op)
         return
-    if threading.current_thread() is threading.main_thread():
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, signal.SIG_IGN, None)
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    ):  # the alarm is nobody else's
         left = deadline - time.monotonic()
         if left <= 0:
             try:
