@@ -263,3 +263,32 @@ def test_gc_called_from_a_thread_gives_up_after_its_timeout_too(shm_tmp: str) ->
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_gc_s_bounded_wait_leaves_the_callers_alarm_armed(shm_tmp: str) -> None:
+    """The SIGALRM that ended gc's bounded wait cancelled the timer its caller had armed (a
+    test's timeout, a program's own): the caller's alarm never came."""
+    import signal
+
+    store = _store(shm_tmp)
+    holder = _cat_held_open(store)
+    rang: list[int] = []
+    before = signal.signal(signal.SIGALRM, lambda signum, _frame: rang.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 600)
+        repo = Repo.open(store)
+        try:
+            gc_verb(repo.store, repo.m, grace=0, timeout=0.3)
+        except VeloError as exc:
+            assert exc.reason.value == "locked", exc
+        else:
+            raise AssertionError("gc ran while the cat held the lock")
+        finally:
+            repo.close()
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 500  # still armed, as the caller set it
+        assert rang == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        holder.kill()
+        holder.communicate()
