@@ -159,7 +159,9 @@ def _harvest_and_commit(
         with m.read() as txn:
             done, kept = already_committed(m, txn, st, live_message=live_message)
             ref = m.get_ref(txn, st.top)
-            rules = Rules.from_json(ref.tiers if ref is not None else None)
+            # the rules the session started with: not those of a ref made anew (or deleted)
+            # under the name since, which its tree never had
+            rules = Rules.from_json(st.start_tiers(ref.tiers if ref is not None else None))
             h = harvest(txn, stage, rules) if done is None and kept is None else None
         if h is None:
             res.commit, res.conflict_ref = done, kept
@@ -253,7 +255,7 @@ def _commit(
             f"{top} was deleted and made anew while the session ran: its changes are kept as "
             f"{sref}, not merged into a tree they did not start from"
         )
-        _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+        _keep(m, txn, sref, ref, base_id, new_root, ops, message, st, res)
         return
     if st.commit_to_ref and ref is not None:
         if new_root == base_root:
@@ -270,7 +272,7 @@ def _commit(
             mr = three_way(m, txn, base_root, new_root, head_root)
             if mr.root is None:
                 res.conflicts = [paths.display(p) for p in mr.conflicts]
-                _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+                _keep(m, txn, sref, ref, base_id, new_root, ops, message, st, res)
                 return
             if mr.root != head_root:
                 c = m.commit(
@@ -293,7 +295,7 @@ def _commit(
         res.warnings.append(
             f"{top} was deleted while the session ran: its changes are kept as {sref}"
         )
-    _keep(m, txn, sref, ref, base_id, new_root, ops, message, sid, res)
+    _keep(m, txn, sref, ref, base_id, new_root, ops, message, st, res)
 
 
 def _made_anew(m: Manifests, txn: Txn, head: str, base_id: str) -> bool:
@@ -320,7 +322,7 @@ def _keep(
     new_root: bytes,
     ops: list[Op],
     message: str,
-    sid: str,
+    st: State,
     res: SessionResult,
 ) -> None:
     # The kept ref is the session's tree: it projects where the tree it started from was
@@ -334,9 +336,10 @@ def _keep(
         root=new_root,
         parent=base_id,
         message=message,
-        session=sid,
+        session=st.id,
         delta=ops,
         path=path,
     )
-    m.put_ref(txn, Ref(sref, c.id, path, ref.tiers if ref else None, None))
+    tiers = st.start_tiers(ref.tiers if ref else None)
+    m.put_ref(txn, Ref(sref, c.id, path, tiers, None))
     res.conflict_ref = sref

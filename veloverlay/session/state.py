@@ -85,6 +85,10 @@ class State(Record):
     also_at: list[str] = field(default_factory=list)  # the ingest path, showing the projection
     mode: str = "userns"  # native (real root: trusted.overlay.*, redirect_dir=on) | userns
     mounted_at: str = ""  # `veloverlay mount`: the session's overlay is on this path of the host
+    # the top ref's tier rules when the session started (`tiers`), what its harvest classifies
+    # with and a kept REF@<id> records; False: a state of an older version, which recorded them
+    # for shim sessions only
+    tiers_known: bool = False
     # shim sessions
     session_ref: str = ""  # the live view REF@<id>
     target_real: str = ""
@@ -95,7 +99,7 @@ class State(Record):
     daemon_start: int | None = None
     link: bool = False
     uid: int = 0
-    tiers: Any = None
+    tiers: Any = None  # the top ref's tier rules at the start (see tiers_known)
     socket: str = ""
     argv: list[str] = field(default_factory=list)
     top_pid: int = 0
@@ -115,6 +119,11 @@ class State(Record):
     @property
     def top(self) -> str:
         return self.refs[-1]
+
+    def start_tiers(self, now: Any) -> Any:
+        """The tier rules the session started with; `now` (the top ref's rules at harvest)
+        for a state that did not record them."""
+        return self.tiers if self.tiers_known or self.backend == "shim" else now
 
     def manager_alive(self, store: Store) -> bool:
         """The manager runs: the recorded process (pid + start time), or, where that pid means

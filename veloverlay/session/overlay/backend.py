@@ -211,6 +211,8 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         layers=list(plan.lowers.layers),
         also_at=list(plan.also_at),
         mode=plan.mode,
+        tiers=stack.refs[-1].tiers,
+        tiers_known=True,
         discard=opts.discard,
         commit_to_ref=opts.commit,
         message=opts.message,

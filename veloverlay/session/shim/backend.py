@@ -409,6 +409,7 @@ def run_shim(
                 link=link,
                 uid=os.geteuid(),
                 tiers=ref.tiers,
+                tiers_known=True,
                 session_ref=sref,
                 socket=_socket_address(sdir, sid),
                 argv=list(argv),
