@@ -5,6 +5,7 @@ source itself) and every object its manifest names is in the store.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,7 +14,9 @@ import pytest
 
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.ingest.test_ingest import OLD_NS, age, run
-from veloverlay.ingest import scan, source
+from veloverlay.ingest import scan, source, statcache
+from veloverlay.store.digest import hash_bytes
+from veloverlay.tiers import Rules
 from veloverlay.verbs.fsck import fsck
 from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
@@ -121,5 +124,44 @@ def test_a_file_rewritten_in_the_tick_it_was_read_on_a_coarse_filesystem(
     finally:
         os.close(wfd)
     monkeypatch.undo()
+    run(repo, src, "r")
+    _same_as_source(repo, src, os.path.join(shm_tmp, "out"))
+
+
+def test_a_cache_written_by_another_version_is_not_trusted(repo: Repo, shm_tmp: str) -> None:
+    """The stat cache had no format number of its own: a cache written by another version of
+    veloverlay (whose values mean something else, or name nodes of another encoding) was loaded
+    and trusted as this version's. Here the first, unnumbered format's keys hold a value that
+    says `a` has `b`'s content (what a value of another meaning decodes to): the re-ingest
+    committed that, not the source."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"a": b"aaaa", "b": b"bbbb"})
+    age(src)
+    run(repo, src, "r")
+    m = repo.m
+    with m.read() as txn:
+        ref = m.require_ref(txn, "r")
+        root = bytes.fromhex(m.get_commit(txn, ref.head).root)
+        b_digest = m.lookup(txn, root, b"b")
+        assert b_digest is not None
+        values = [
+            bytes(v)
+            for k, v in txn.cursor(db=m.statcache)
+            if bytes(k).startswith(b"r\0") and bytes(k) != b"r\0"
+        ]
+    dc = statcache.decode(values[0])  # the top directory (the only one)
+    assert dc is not None and set(dc.files) == {b"a", b"b"}
+    ino, size, mtime, ctime, _digest = dc.files[b"a"]
+    dc.files[b"a"] = (ino, size, mtime, ctime, b_digest.digest)
+    # the keys the unnumbered format used: a hash of rules, setid policy and source path
+    rules = Rules.from_json(ref.tiers).to_json()
+    what = json.dumps([rules, False, os.path.realpath(src)]).encode()
+    legacy = hash_bytes(what).hex()[:16].encode()
+    with m.write() as txn:
+        statcache.drop(m, txn, "r")
+        txn.put(b"r\0" + legacy + b"\0", statcache.encode(dc), db=m.statcache)
+        txn.put(b"r\0", os.urandom(16), db=m.statcache)
+    with open(os.path.join(src, "c"), "wb") as f:  # the directory changed; `a` did not
+        f.write(b"c")
     run(repo, src, "r")
     _same_as_source(repo, src, os.path.join(shm_tmp, "out"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import stat
 import time
@@ -40,7 +39,6 @@ from veloverlay.records import Record, field
 from veloverlay.store import quarantine
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
-from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.merge import three_way
 from veloverlay.tiers import Rules
@@ -136,11 +134,7 @@ def ingest(
     if rules is None:
         rules = Rules.from_json(existing.tiers if existing else None)
     res = IngestResult(name, "", None)
-    config = (
-        hash_bytes(json.dumps([rules.to_json(), keep_setid, os.fsdecode(top)]).encode())
-        .hex()[:16]
-        .encode()
-    )
+    config = statcache.config(rules.to_json(), keep_setid, os.fsdecode(top))
     with store.lock(), store.stage() as stage, contextlib.ExitStack() as stack:
         # The top, opened once (no symlink on the way) before the workers fork: the walk goes
         # by descriptors from here, never by path.

@@ -6,7 +6,10 @@ the last ingest built for it, and per name: regular files (ino, size, mtime, cti
 digest), symlinks (ino, mtime, ctime) and subdirectories (node digest). A re-ingest that finds a
 directory and everything in it unchanged reuses the node digest without reading a file or
 encoding a node; a file whose stat matches is never re-read. `config` is a hash of what else
-shapes a node (tier rules, setid policy, source path): changing it invalidates the cache.
+shapes a node (tier rules, setid policy, source path) and of the cache's own format (`FORMAT`):
+changing it invalidates the cache. So a cache written by another version of veloverlay, with
+another format or none, is under other keys: never loaded, and pruned at the next write. (The
+first format had no number, its keys hashed without one: `config` never equals its.)
 
 Entries are only as good as the stat they were taken from: files and directories modified within
 the racy window of an ingest are not cached (ingest.py), so the next ingest looks again.
@@ -20,14 +23,18 @@ another ingest wrote meanwhile, and then every key of the ref is replaced, not j
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
 from veloverlay.records import Record, field
+from veloverlay.store.digest import hash_bytes
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import clamp_mtime
 
 __all__ = [
+    "FORMAT",
+    "config",
     "DirCache",
     "without_digests",
     "encode",
@@ -40,10 +47,21 @@ __all__ = [
     "drop",
 ]
 
+# The format of the values and of what they name (the node encoding their digests were made
+# with): bump it with any change to either. (1: the unnumbered first format.)
+FORMAT = 2
+
 _HEAD = struct.Struct("<QqqI32sIII")
 _FILE = struct.Struct("<QQqq32s")
 _LINK = struct.Struct("<Qqq")
 _NAME = struct.Struct("<H")
+
+
+def config(rules: list[list[object]], keep_setid: bool, top: str) -> bytes:
+    """The `config` part of the keys for an ingest of `top` with these tier rules (JSON) and
+    setid policy, in this cache format."""
+    what = json.dumps({"format": FORMAT, "rules": rules, "keep_setid": keep_setid, "top": top})
+    return hash_bytes(what.encode()).hex()[:16].encode()
 
 
 class DirCache(Record):
