@@ -21,7 +21,7 @@ POINTS = (
     "publish.done",  # after the second syncfs, before the manifest commit
     "manifests.create",  # a new manifest database: LMDB made its file, before the schema commit
     "commit.before",  # inside the LMDB write transaction, before it commits
-    "commit.after",  # after the manifest commit
+    "commit.after",  # after the manifest commit (ingest; a session's, before its state is saved)
     "gc.sweep",  # gc: after deleting one object (per object)
     "gc.migrate",  # gc: after moving one object into objects-v2 (per object)
     "import.record",  # bundle import: after reading one record

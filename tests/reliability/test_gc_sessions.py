@@ -178,3 +178,50 @@ def test_gc_keeps_the_commit_an_unharvested_session_started_from(
         assert fsck(store, m, jobs=1).ok
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["rollback", "later"])
+@pytest.mark.needs("root", "overlay_root")
+def test_a_resume_after_gc_keep_does_not_commit_the_session_twice(
+    shm_tmp: str, meanwhile: str
+) -> None:
+    """The manager dies after its session's commit, before the state says so: `harvest
+    --resume` must find that commit and stop. It looks for it on the ref's log, back from the
+    head to the session's base; when the ref was rolled back to before the commit (or another
+    commit put back what the session had changed) and `gc --keep 1` then cut the log, the
+    session's commit was gone, the resume took the session for one that never committed and
+    merged its changes into the ref again: the deliberate rollback was undone (or, where the
+    later commit had rewritten the same files, kept them as a conflict `t@<session>` with the
+    session's own commit). gc now keeps the log between an unfinished session's base and its
+    ref's head."""
+    store, _src = new_store(shm_tmp)
+    root = os.fspath(store.root)
+    at = os.path.join(shm_tmp, "at")
+    before = _files(store, "t")
+    script = f"echo session > {at}/f1 && echo added > {at}/added"
+    rc, out = _velo(root, "run", "t", "--at", at, "--", "sh", "-c", script, fault="commit.after:1")
+    assert rc == -9, out
+    [sid] = [i.id for i in session.list_sessions(store)]
+    assert _files(store, "t") == dict(before, f1=b"session\n", added=b"added\n")  # committed
+    if meanwhile == "rollback":
+        rc, out = _velo(root, "rollback", "t", "1")
+    else:  # another session puts f1 back and removes `added`
+        f1 = before["f1"].decode()
+        script = f"printf %s '{f1}' > {at}/f1 && rm {at}/added"
+        rc, out = _velo(root, "run", "t", "--at", at, "--", "sh", "-c", script)
+    assert rc == 0, out
+    assert _files(store, "t") == before
+    rc, out = _velo(root, "gc", "--keep", "1", "--grace", "0")
+    assert rc == 0, out
+    rc, out = _velo(root, "harvest", "--resume", sid)
+    assert rc == 0, out
+    assert _files(store, "t") == before  # what the user made of the ref since stays
+    rc, out = _velo(root, "sessions", "--json")
+    assert rc == 0 and json.loads(out)[0]["state"] == "harvested", out
+    m = Manifests(store)
+    try:
+        with m.read() as txn:  # nor kept as a conflict with what it had committed itself
+            assert m.get_ref(txn, f"t@{sid}") is None
+        assert fsck(store, m, jobs=1).ok
+    finally:
+        m.close()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from veloverlay import paths
+from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
@@ -194,6 +194,7 @@ def _harvest_and_commit(
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
                 _commit(m, txn, st, base_root, new_root, ops, res, live=live)
+        faults.point("commit.after")  # committed; the session's state not saved yet
         if res.commit is not None and not st.below_root:
             # what the next session's start would otherwise find out again with a diff
             carry_forward(store, base_root, new_root, ops)

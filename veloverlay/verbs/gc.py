@@ -5,7 +5,9 @@ tagged commit (a named version is kept whatever `keep` says, and after its ref i
 ref's last ingested source tree (which holds every digest its ingest stat cache names), and the
 base/head roots of live or unharvested sessions (`sessions/<id>/state.json`, key "roots"; finished
 ones pin nothing) and the commits they started from (key "bases": kept with the session, even when
-their ref is deleted or `keep` cuts its log meanwhile). A session whose state file cannot be read
+their ref is deleted or `keep` cuts its log meanwhile), with the log of each one's top ref from its
+head back to that base (where `harvest --resume` looks for the session's own commit). A session
+whose state file cannot be read
 stops gc (session-active), since what it needs is unknown. Only objects older than `grace` seconds
 (by ctime: the time they were renamed into the store) are swept, and gc holds the store lock
 exclusively, so no writer can be between staging and commit. `dry_run` computes exactly what a
@@ -33,7 +35,14 @@ from veloverlay.records import Record, field
 from veloverlay.store import access, quarantine
 from veloverlay.store.cas import OBJECTS_V2, Store
 from veloverlay.store.dbfile import record_read_lock
-from veloverlay.store.manifest import EMPTY_ROOT, Manifests, Txn, read_record, write_record
+from veloverlay.store.manifest import (
+    EMPTY_ROOT,
+    Commit,
+    Manifests,
+    Txn,
+    read_record,
+    write_record,
+)
 
 __all__ = [
     "GcReport",
@@ -119,6 +128,30 @@ def session_bases(store: Store) -> set[str]:
     return {c for data in _unfinished(store) for c in data.get("bases", []) if isinstance(c, str)}
 
 
+def _since_bases(store: Store, m: Manifests, txn: Txn) -> list[Commit]:
+    """The commits of each unfinished session's top ref from its head back to the session's
+    base: the log `harvest --resume` walks to find whether an earlier finish of the session
+    committed (a crash between the commit and the state's save). Cut by `--keep` (after a
+    rollback, or later commits), the walk stopped short of the session's own commit, took the
+    session for one that never committed and merged its changes into the ref a second time
+    (undoing the rollback). Kept only while the session is unfinished."""
+    out: list[Commit] = []
+    for data in _unfinished(store):
+        refs, bases = data.get("refs"), data.get("bases")
+        if not (isinstance(refs, list) and isinstance(bases, list) and refs and bases):
+            continue
+        ref = m.get_ref(txn, str(refs[-1]))
+        cid = ref.head if ref is not None else None
+        walked: list[Commit] = []
+        while cid is not None and cid != bases[-1] and m.has_commit(txn, cid):
+            c = m.get_commit(txn, cid)
+            walked.append(c)
+            cid = c.parent
+        if cid == bases[-1]:  # (not a ref made anew under the name since)
+            out.extend(walked)
+    return out
+
+
 def _mark(
     store: Store, m: Manifests, txn: Txn, keep: int | None, *, without: str | None = None
 ) -> tuple[set[bytes], set[bytes], set[str]]:
@@ -149,6 +182,9 @@ def _mark(
     for cid in session_bases(store):  # (their roots are among the sessions' roots)
         if m.has_commit(txn, cid):
             kept_commits.add(cid)
+    for c in _since_bases(store, m, txn):
+        kept_commits.add(c.id)
+        roots.add(bytes.fromhex(c.root))
     # Every root a ref, commit or tag names must be there and whole (`reachable` raises
     # MANIFEST_CORRUPT): a missing one would read as a tree without objects, swept by gc.
     for r in roots:
