@@ -16,10 +16,13 @@ import pytest
 from tests.session._util import new_store
 from veloverlay.ingest.pipeline import ingest
 from veloverlay.store.manifest import Manifests
+from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
 
 
-def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, object], Repo, str]:
+def _session_while_the_ref_changes(
+    base: str, remake: bool, *, gc_keep: bool = False
+) -> tuple[dict[str, object], Repo, str]:
     store, src = new_store(base)
     proj = os.path.join(base, "proj")
     go = os.path.join(base, "go")
@@ -45,6 +48,11 @@ def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, o
         with open(os.path.join(other, "theirs"), "wb") as f:
             f.write(b"another tree\n")
         ingest(store, repo.m, other, "t", jobs=1)
+        if gc_keep:  # a second version of the new tree, and its first one dropped by gc
+            with open(os.path.join(other, "theirs"), "ab") as f:
+                f.write(b"and more\n")
+            ingest(store, repo.m, other, "t", jobs=1)
+            gc(store, repo.m, keep=1, grace=0)
     with open(go, "w"):
         pass
     out, err = p.communicate(timeout=60)
@@ -73,5 +81,22 @@ def test_the_sessions_changes_are_kept_as_its_own_ref(shm_tmp: str, remake: bool
             now = os.path.join(shm_tmp, "now")
             repo.checkout("t", now)
             assert sorted(os.listdir(now)) == ["theirs"]
+    finally:
+        repo.close()
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_ref_made_anew_is_told_apart_after_gc_keep(shm_tmp: str) -> None:
+    """The ref made anew got a second version and `gc --keep 1` dropped its first: the walk
+    back from its head ended at a missing commit instead of a first one, which was taken for a
+    log cut from the same ref, and the session's changes were merged into the stranger tree.
+    gc now keeps that log while the session is unfinished."""
+    res, repo, _src = _session_while_the_ref_changes(shm_tmp, True, gc_keep=True)
+    try:
+        assert res["conflict_ref"] == f"t@{res['session_id']}"
+        assert any("made anew" in w for w in res["warnings"])  # type: ignore[attr-defined]
+        now = os.path.join(shm_tmp, "now")
+        repo.checkout("t", now)
+        assert sorted(os.listdir(now)) == ["theirs"]
     finally:
         repo.close()

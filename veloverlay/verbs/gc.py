@@ -147,8 +147,10 @@ def _since_bases(store: Store, m: Manifests, txn: Txn) -> list[Commit]:
             c = m.get_commit(txn, cid)
             walked.append(c)
             cid = c.parent
-        if cid == bases[-1]:  # (not a ref made anew under the name since)
-            out.extend(walked)
+        # Made anew under the name since (the walk ends at a first commit without meeting the
+        # base): its log is kept whole too, so that the session's end sees it was made anew
+        # (`_made_anew` takes a cut log for the same ref) and never merges into it.
+        out.extend(walked)
     return out
 
 
