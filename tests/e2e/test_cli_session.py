@@ -838,3 +838,26 @@ def test_a_directory_as_the_command_is_said_to_be_one(
         p = velo(store, "run", "proj", "--backend", backend, "--", cmd)
         assert p.returncode == 126, p.stderr
         assert f"veloverlay: {cmd}: {says}".encode() in p.stderr, p.stderr
+
+
+def test_diff_patch_says_what_a_mask_does(store: str, shm_tmp: str) -> None:
+    """`diff -p` of a stacked session's deletion of a lower ref's path (a MASK in the top ref)
+    printed the `diff --velo` header alone: no line said that anything was deleted (a mask has
+    no content of its own, and no mode to show as `deleted file mode`). It now says the path
+    is masked; a mask removed again says the lower ref's path shows again."""
+    lo, hi, at = (os.path.join(shm_tmp, n) for n in ("lo", "hi", "at"))
+    make_tree(lo, {"x": b"lower\n"})
+    make_tree(hi, {"y": b"top\n"})
+    ok(velo(store, "ingest", lo, "-n", "lo"))
+    ok(velo(store, "ingest", hi, "-n", "hi"))
+    ok(velo(store, "run", "lo", "hi", "--at", at, "--", "rm", os.path.join(at, "x")))
+    patch = ok(velo(store, "diff", "hi@{1}", "hi", "-p"))
+    assert patch.splitlines()[:2] == [
+        "diff --velo a/x b/x",
+        "masked: deletes what the refs below provide at this path",
+    ], patch
+    back = ok(velo(store, "diff", "hi", "hi@{1}", "-p"))
+    assert back.splitlines()[:2] == [
+        "diff --velo a/x b/x",
+        "unmasked: what the refs below provide at this path shows again",
+    ], back

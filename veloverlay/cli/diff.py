@@ -75,6 +75,7 @@ def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: b
                 c.old.size if c.old is not None else 0,
                 c.new.size if c.new is not None else 0,
                 functools.partial(repo.patch, c, context=context),
+                _mask_note(c.old, c.new),
             )
             for c in changes
         ]
@@ -90,6 +91,18 @@ def _mode(e: Any) -> int | None:
     return None if e is None or e.kind is Kind.MASK else int(e.mode)
 
 
+def _mask_note(old: Any, new: Any) -> str:
+    """What `-p` says of a change to or from a MASK, which has no content of its own: the
+    deleted (or uncovered) content is a lower ref's, not in this ref's versions."""
+    from veloverlay.store.tree import Kind
+
+    if new is not None and new.kind is Kind.MASK:
+        return "masked: deletes what the refs below provide at this path"
+    if old is not None and old.kind is Kind.MASK:
+        return "unmasked: what the refs below provide at this path shows again"
+    return ""
+
+
 class _Item(NamedTuple):
     """One change as the human output shows it (of two versions, or of a running session)."""
 
@@ -100,6 +113,7 @@ class _Item(NamedTuple):
     old_size: int
     new_size: int
     lines: Callable[[], list[str] | None]  # the unified diff; None: binary or too large
+    note: str = ""  # an extended header line: a mask set or removed (`_mask_note`)
 
 
 def _show(items: Callable[[int], list[_Item]], name_status: bool, stat: bool, patch: bool) -> None:
@@ -190,6 +204,8 @@ def _patch(it: _Item) -> None:
         out.write(f"new file mode {it.new_mode:o}\n")
     elif it.new_mode is None and it.old_mode is not None:
         out.write(f"deleted file mode {it.old_mode:o}\n")
+    if it.note:
+        out.write(it.note + "\n")
     lines = it.lines()
     if lines is None:
         out.write(
