@@ -425,3 +425,36 @@ def test_repair_during_a_session_leaves_its_mounted_layers(mode: str, plant: boo
     assert out["f1"] == b"one\n", out
     if plant:
         assert "not dropped: a running session" in repaired, out
+
+
+def _layer_left_without_stack(base: str) -> dict[str, object]:
+    """A layer published, its stack never written (the build was killed in between; or an
+    older veloverlay built it), then changed by its owner: the next build of that root found
+    a layer of its name in place and kept it."""
+    cache = _cache_env(base)
+    store, src = new_store(base)
+    at = os.path.join(base, "at")
+    run_session(store, ["t"], ["true"], at=at, discard=True)
+    [layer] = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
+    [stack] = [p for h in layer_homes(store) for p in glob.glob(f"{h}/stacks/*.json")]
+    assert layer.startswith(cache), layer
+    os.unlink(stack)
+    with open(os.path.join(layer, "planted"), "w") as f:
+        f.write("evil")
+    os.unlink(os.path.join(layer, "f1"))
+    with open(os.path.join(layer, "f1"), "wb") as f:
+        f.write(b"not one\n")
+    os.utime(os.path.join(layer, "f1"), ns=(os.stat(os.path.join(src, "f1")).st_mtime_ns,) * 2)
+    with open(os.path.join(src, "f1"), "rb") as f:
+        f1 = f.read()
+    return {"seen": _seen(store, at, base, ["f1"]), "source": sorted(os.listdir(src)), "f1": f1}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_layer_found_without_its_stack_is_never_mounted(mode: str) -> None:
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _layer_left_without_stack, base)
+    seen = out["seen"]
+    assert isinstance(seen, dict)
+    assert seen["names"] == out["source"], out  # nothing planted
+    assert seen["data"] == {"f1": out["f1"]}, out  # the manifest's bytes

@@ -469,15 +469,27 @@ def copy_bytes(m: Manifests, txn: Txn, root: bytes, ops: Sequence[Op]) -> int:
     return total
 
 
-def publish_layer(home: Home, built: Path, name: str) -> Path:
-    final = home.sub("layers", name)
-    makedirs(final.parent)
+def publish_layer(home: Home, built: Path, name: str) -> str:
+    """Rename the layer just built into `layers/` as `name`; returns the name it got.
+
+    A layer already there under that name (no stack names it: its build was interrupted
+    before the stack was written, or the stack was dropped) is never taken for this one: it
+    may have been built by an older veloverlay, or changed by its owner since (the layers are
+    plain files of the store's owner), and a session would mount it as this root's tree. The
+    new build goes in under a name of its own (`name~<random>`), which is what its stack
+    records; the old one is left for gc (a stack of another root may still name it, and a
+    running session may have it mounted) and evicted once no stack names it. Nothing is
+    hashed: the build was done anyway."""
+    base = home.sub("layers")
+    makedirs(base)
     try:
-        _rename_dir(built, final)
+        _rename_dir(built, base / name)
+        return name
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-        force_rmtree(built)  # built by an earlier, interrupted run: identical content
+    final = f"{name}~{os.urandom(6).hex()}"
+    _rename_dir(built, base / final)
     return final
 
 

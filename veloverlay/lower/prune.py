@@ -42,11 +42,12 @@ def prune(store: Store, keep: set[bytes], *, everywhere: bool = False) -> int:
 def drop_stacks(store: Store, bad: set[Path], hold: frozenset[bytes] = frozenset()) -> set[Path]:
     """For `fsck --repair`: remove the stack records `bad` (their layers do not show their
     manifest's tree) and every layer that no other stack of its home uses, so the next session
-    builds them again from the store — a half measure would not do: a build finding a layer of
-    its name in place keeps it. A stack of a root in `hold` (a running session has its layers
-    mounted) is left as it is: removing them would empty that session's tree under it, and
-    dropping the record alone would have the next build keep the damaged layers. The caller
-    holds the store lock exclusively. Returns the records left for that reason."""
+    builds them again from the store (a build that finds a layer of its name in place puts its
+    own beside it, `layers.publish_layer`). A stack of a root in `hold` (a running session has
+    its layers mounted) is left as it is: removing them would empty that session's tree under
+    it, and dropping the record alone would leave them to the next gc, which evicts layers no
+    stack names, under the running session. The caller holds the store lock exclusively.
+    Returns the records left for that reason."""
     held = {p for p in bad if _stack_root(p) in hold}
     for home in _homes(store, True):
         mine = {p for p in bad - held if p.parent == home.sub("stacks")}

@@ -32,7 +32,8 @@ For a new root whose ancestor (a hint) has a cached stack, only the delta is bui
 extra layer on top (puts as entries, deletions as whiteouts — a 0/0 char device where mknod works,
 else a zero-size file with `user.overlay.whiteout` inside a directory marked `user.overlay.opaque=x`
 — replaced directories as `user.overlay.opaque=y`); after `FLATTEN_AFTER` layers the root is built
-whole again. Builds run under a per-(form, root) flock, into a temp dir renamed into place.
+whole again. Builds run under a per-(form, root) flock, into a temp dir renamed into place
+(beside a layer of that name already there, never onto it: `layers.publish_layer`).
 
 Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp/):
     ids-v1/<ab>/<18 hex>                       short names of objects (data-only layer)
@@ -357,12 +358,12 @@ def _build(
             name = f"{key}-on-{base_root.hex()[:16]}"
             clean_tmp(home, name)
             path = delta_layer(home, m, txn, objs, form, base_root, root, ops, name, xattr=xattr)
-            publish_layer(home, path, name)
+            name = publish_layer(home, path, name)
             immutable = protect and base[1] and not objs.protect_failed
             return [name, *base[0]], "delta", immutable, objs.protect_failed
         path = full_layer(home, m, txn, objs, form, root, key, progress, xattr=xattr)
-        publish_layer(home, path, key)
-        return [key], "full", protect and not objs.protect_failed, objs.protect_failed
+        name = publish_layer(home, path, key)
+        return [name], "full", protect and not objs.protect_failed, objs.protect_failed
 
 
 def _variant(form: str, xattr: str) -> str:
