@@ -225,3 +225,27 @@ def test_a_resume_after_gc_keep_does_not_commit_the_session_twice(
         assert fsck(store, m, jobs=1).ok
     finally:
         m.close()
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_resume_of_a_committed_session_says_what_it_committed(shm_tmp: str) -> None:
+    """The resume of a session whose earlier run had committed (killed before its state was
+    saved) reported no change: 'only timestamps changed' for a session that added a file and
+    changed another. It now lists what its commit changed, and says it was committed before."""
+    store, _src = new_store(shm_tmp)
+    root = os.fspath(store.root)
+    at = os.path.join(shm_tmp, "at")
+    script = f"echo session > {at}/f1 && echo added > {at}/added"
+    rc, out = _velo(root, "run", "t", "--at", at, "--", "sh", "-c", script, fault="commit.after:1")
+    assert rc == -9, out
+    [sid] = [i.id for i in session.list_sessions(store)]
+    rc, out = _velo(root, "--json", "harvest", "--resume", sid)
+    assert rc == 0, out
+    [res] = json.loads(out)
+    assert sorted((c["status"], c["path"]) for c in res["changes"]) == [
+        ("A", "added"),
+        ("M", "f1"),
+    ], out
+    assert any("already committed" in w for w in res["warnings"]), out
+    rc, out = _velo(root, "sessions", "--json")
+    assert rc == 0 and json.loads(out)[0]["state"] == "harvested", out

@@ -163,6 +163,8 @@ def _harvest_and_commit(
             # under the name since, which its tree never had
             rules = Rules.from_json(st.start_tiers(ref.tiers if ref is not None else None))
             h = harvest(txn, stage, rules) if done is None and kept is None else None
+            if h is None:
+                _told_earlier(m, txn, st, res, done, kept)
         if h is None:
             res.commit, res.conflict_ref = done, kept
             return None
@@ -199,6 +201,34 @@ def _harvest_and_commit(
             # what the next session's start would otherwise find out again with a diff
             carry_forward(store, base_root, new_root, ops)
     return t_harvested
+
+
+def _told_earlier(
+    m: Manifests, txn: Txn, st: State, res: SessionResult, done: str | None, kept: str | None
+) -> None:
+    """`res` of a session an earlier run already committed (a resume after a crash between the
+    commit and the state's save): what that commit changed (as the commit shows it, against its
+    parent), and a warning saying nothing was harvested again. Without it the result listed no
+    change, shown as 'only timestamps changed' for a session that had added files."""
+    from veloverlay.store.changes import changes
+
+    cid = done
+    if kept is not None:
+        ref = m.get_ref(txn, kept)
+        cid = ref.head if ref is not None else None
+    if cid is None or not m.has_commit(txn, cid):
+        return
+    c = m.get_commit(txn, cid)
+    if c.parent is not None and m.has_commit(txn, c.parent):
+        before = bytes.fromhex(m.get_commit(txn, c.parent).root)
+        now = bytes.fromhex(c.root)
+        res.changes = [(x.status, paths.display(x.path)) for x in changes(m, txn, before, now)]
+        res.changed = len(res.changes)
+    where = kept if kept is not None else st.top
+    res.warnings.append(
+        f"session {st.id} was already committed to {where} by an earlier run (commit "
+        f"{cid[:12]}): nothing was harvested again"
+    )
 
 
 def _shadowed(m: Manifests, txn: Txn, st: State, below: bytes, ops: list[Op]) -> list[str]:
