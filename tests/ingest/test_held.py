@@ -187,3 +187,46 @@ def test_an_object_already_stored_is_not_written_again(
     os.chmod(os.path.join(src, "d0"), 0o755)
     res = ingest(repo.store, repo.m, src, "b", jobs=1)
     assert (opened[0], res.new_objects) == (1, 1)
+
+
+def test_a_batch_is_named_only_after_a_syncfs_that_followed_its_bytes(
+    world: tuple[str, str, Repo], shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full batch is synced and named by a thread while the next is written: the durability
+    order holds for each object all the same (its bytes written, then a syncfs begun after
+    that, then its name), and every object is named once."""
+    import threading
+
+    src, store, repo = world
+    monkeypatch.setattr(stage, "_hold_budget", lambda _s: 6)  # batches of 3: one in flight
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    real_write, real_sync, real_link = stage._write_all, _libc.syncfs, _libc.link_fd
+
+    def write(fd: int, data: bytes, path: bytes) -> None:
+        real_write(fd, data, path)
+        with lock:
+            events.append(("written", os.fstat(fd).st_ino))
+
+    def sync(fd: int) -> None:
+        with lock:
+            events.append(("sync", 0))
+        real_sync(fd)
+
+    def link(fd: int, dirfd: int, name: bytes) -> None:
+        ino = os.fstat(fd).st_ino
+        with lock:
+            events.append(("named", ino))
+        real_link(fd, dirfd, name)
+
+    monkeypatch.setattr(stage, "_write_all", write)
+    monkeypatch.setattr(_libc, "syncfs", sync)
+    monkeypatch.setattr(_libc, "link_fd", link)
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    _check(src, store, repo, shm_tmp, "t")
+    written = {ino: i for i, (what, ino) in enumerate(events) if what == "written"}
+    syncs = [i for i, (what, _ino) in enumerate(events) if what == "sync"]
+    named = [(i, ino) for i, (what, ino) in enumerate(events) if what == "named"]
+    assert len(named) == len(written) == FILES - 1
+    for i, ino in named:
+        assert any(written[ino] < s < i for s in syncs), f"object {ino} named before a syncfs"

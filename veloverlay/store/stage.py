@@ -57,6 +57,11 @@ class Stage:
         self._held: dict[bytes, int] = {}  # digest -> descriptor
         self._budget: HoldBudget | None = None  # shared with other stages (`hold`)
         self._named: list[bytes] = []  # held objects named before `rename_own` (a full batch)
+        # A worker's full batch is synced and named by a thread while the next one is written
+        # (`_send`): the syncfs waits for the disk, the hashing goes on. One batch at a time.
+        self._flight: threading.Thread | None = None
+        self._flying: dict[bytes, int] = {}
+        self._flight_error: BaseException | None = None
         self._lock_fd = -1
         self._seq = 0
         self.staged: dict[bytes, bytes] = {}  # digest -> staged file path (see the docstring)
@@ -114,6 +119,8 @@ class Stage:
         return self._dir_fd
 
     def _close_dir(self) -> None:
+        with contextlib.suppress(Exception):
+            self._land()
         for fd in self._held.values():  # unnamed: they vanish
             os.close(fd)
         if self._budget is not None:
@@ -160,6 +167,8 @@ class Stage:
         if digest in self._held:
             os.close(self._held.pop(digest))
             return
+        if digest in self._flying:  # being named: an unreferenced object, gc's to remove
+            return
         path = self.staged.pop(digest)
         if os.path.dirname(path) == self._dir_b:
             self._drop(path)
@@ -172,7 +181,7 @@ class Stage:
             h = Hasher()
             h.update(data)
             digest = h.digest()
-        if digest in self.staged or digest in self._held:
+        if digest in self.staged or digest in self._held or digest in self._flying:
             return digest
         if self.ask_store and self.store.has_listed(digest, self._listings):
             return digest
@@ -204,6 +213,7 @@ class Stage:
         """Name what this stage holds unnamed, whose bytes the caller has synced (`publish`
         between its two syncfs), and return every object named so since the last call (full
         batches of a worker's view included)."""
+        self._land()
         if self._held:
             self._name_held()
         named, self._named = self._named, []
@@ -226,7 +236,7 @@ class Stage:
             if not budget.take():
                 return False
         elif self._hold_max < 0:
-            self._hold_max = _hold_budget(self.store)
+            self._hold_max = _hold_budget(self.store) // 2  # two batches: one in flight
             if not self._hold_max:
                 return False
         try:
@@ -249,10 +259,51 @@ class Stage:
         self._held[digest] = fd
         self.sizes[digest] = len(data)
         if budget is None and len(self._held) >= self._hold_max:
-            _libc.syncfs(fd)  # the bytes before the names (the durability order)
-            faults.point("publish.synced")
-            self._name_held()
+            self._send()
         return True
+
+    def _send(self) -> None:
+        """Sync and name the full batch held in a thread, while this one goes on writing the
+        next (the previous batch lands first)."""
+        self._land()
+        self.store.follow_migration()
+        batch, self._held = self._held, {}
+        self._flying = dict.fromkeys(batch, -1)  # `name_held` empties `batch`
+        self._flight = threading.Thread(target=self._fly, args=(batch,), daemon=True)
+        self._flight.start()
+
+    def _fly(self, batch: dict[bytes, int]) -> None:
+        from veloverlay.store.publish import Shards, name_held
+
+        try:
+            _libc.syncfs(next(iter(batch.values())))  # the bytes before the names
+            faults.point("publish.synced")
+            with Shards(self.store) as shards:
+                self._named += name_held(self.store, batch, shards)
+        except BaseException as exc:  # raised by the thread that writes on (`_land`)
+            self._flight_error = exc
+            for fd in batch.values():
+                if fd >= 0:
+                    os.close(fd)
+            batch.clear()
+
+    def _land(self) -> None:
+        """Wait for the batch in flight; raise what stopped it."""
+        if self._flight is None:
+            return
+        self._flight.join()
+        self._flight = None
+        for digest in self._flying:  # stored now (named there, or already): listings say so
+            names = self._listings.get(digest[0])
+            if names is not None:
+                names.add(digest.hex())
+        self._flying = {}
+        exc, self._flight_error = self._flight_error, None
+        if exc is not None:  # the ingest fails: what this view holds unnamed vanishes
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
+            raise exc
 
     def _name_held(self) -> None:
         from veloverlay.store.publish import Shards, name_held
@@ -394,6 +445,7 @@ class Stage:
                     nbytes += self.sizes.get(digest, 0)
                 else:
                     os.unlink(name, dir_fd=fd)
+        self._land()
         if self._held:
             self._name_held()
         count += len(self._named)
