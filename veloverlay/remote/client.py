@@ -39,6 +39,7 @@ from veloverlay.remote.transport import (
     pieces,
     read_small,
     registry_error,
+    send_secret,
     show_origin,
     ssl_context,
     transport_error,
@@ -182,10 +183,11 @@ class Registry:
             form |= {"service": params["service"]} if params.get("service") else {}
             req = self.client.build_request("POST", realm, data=form)
         else:
+            form = {}
             headers = {"Authorization": creds.basic()} if creds is not None else {}
             req = self.client.build_request("GET", realm, params=query, headers=headers)
         try:  # (a token answer is read as any small answer: bounded, no encoding)
-            tr = self.client.send(req, stream=True)
+            tr = send_secret(self.client, req) if form else self.client.send(req, stream=True)
             check_encoding(self.name.host, tr)
             tr = read_small(tr, self.opts, self.name.host)
         except httpx.TransportError as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "is_tls_error",
     "origin",
     "registry_error",
+    "send_secret",
     "show_origin",
     "ssl_context",
     "unusable",
@@ -157,6 +158,29 @@ def unusable(host: str, exc: Exception) -> VeloError:
         f"the answer of {host} is unusable: {exc or type(exc).__name__}",
         reason=Reason.REMOTE_INVALID,
     )
+
+
+def send_secret(client: httpx.Client, req: httpx.Request, hops: int = 5) -> httpx.Response:
+    """Send `req`, whose body holds a secret (an identity token), following redirects on its
+    own origin only. httpx keeps a 307/308's body for the next hop whatever its origin (it
+    strips only the Authorization header), so the secret would go wherever a token service
+    pointed, plain http included."""
+    resp = client.send(req, stream=True, follow_redirects=False)
+    while resp.next_request is not None:
+        nxt = resp.next_request
+        resp.close()
+        if origin(nxt.url) != origin(req.url):
+            raise VeloError(
+                f"the token service {show_origin(req.url)} sent the identity token on to "
+                f"{show_origin(nxt.url)}: not sent there",
+                reason=Reason.REMOTE_AUTH,
+                hint="a token service redirects within its own origin only",
+            )
+        hops -= 1
+        if hops < 0:
+            raise httpx.TooManyRedirects("the token service redirects too often", request=nxt)
+        resp = client.send(nxt, stream=True, follow_redirects=False)
+    return resp
 
 
 def check_encoding(host: str, resp: httpx.Response) -> None:

@@ -1,0 +1,91 @@
+"""Credentials against a registry (or a token service) that tries to send them elsewhere: a
+secret goes to the origin it was meant for, never on to another one a redirect names."""
+
+from __future__ import annotations
+
+import http.server
+from collections.abc import Iterator
+
+import pytest
+
+from tests.remote.fake_registry import FakeRegistry
+from veloverlay.errors import Reason, VeloError
+from veloverlay.remote import Options
+from veloverlay.remote.auth import Credentials
+from veloverlay.remote.client import Registry
+from veloverlay.remote.name import parse_remote
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def other() -> Iterator[FakeRegistry]:
+    """Another origin (same address, other port): here, the attacker."""
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_an_identity_token_does_not_follow_a_redirect_to_another_origin(
+    fake: FakeRegistry, other: FakeRegistry, status: int
+) -> None:
+    """The OAuth2 POST carries the identity token in its body, and a 307/308 keeps the body on
+    the next hop: httpx strips only the Authorization header when the origin changes, so the
+    refresh token went to whatever origin the token service named (plain http included)."""
+    bodies: list[bytes] = []
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.rfile.read(int(h.headers.get("Content-Length") or 0))
+            h.send(status, headers={"Location": f"http://{other.host}/steal"})  # type: ignore[attr-defined]
+        else:
+            realm = f'Bearer realm="http://{fake.host}/token",service="reg"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        return True
+
+    def thief(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        bodies.append(h.rfile.read(int(h.headers.get("Content-Length") or 0)))
+        h.send(200, b'{"access_token":"t"}')  # type: ignore[attr-defined]
+        return True
+
+    fake.hook, other.hook = registry, thief
+    creds = Credentials("<token>", "refresh-SECRET", "test-auth.json", identity_token=True)
+    opts = Options(retries=0, timeout=10, backoff=0.01, credentials=creds)
+    with Registry(parse_remote(fake.remote()), opts) as reg, pytest.raises(VeloError) as ei:
+        reg.get_manifest("v1")
+    assert not any(b"SECRET" in b for b in bodies) and other.seen == []
+    assert ei.value.reason is Reason.REMOTE_AUTH
+    assert other.host.split(":")[1] in ei.value.message and "SECRET" not in ei.value.message
+
+
+def test_an_identity_token_follows_a_redirect_on_its_own_origin(fake: FakeRegistry) -> None:
+    """A token service that moved a path on its own origin still gets the POST, body and all."""
+    bodies: list[bytes] = []
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.rfile.read(int(h.headers.get("Content-Length") or 0))
+            h.send(307, headers={"Location": "/oauth2/token"})  # type: ignore[attr-defined]
+        elif h.path.startswith("/oauth2/token"):
+            bodies.append(h.rfile.read(int(h.headers.get("Content-Length") or 0)))
+            h.send(200, b'{"access_token":"t"}')  # type: ignore[attr-defined]
+        elif h.headers.get("Authorization") != "Bearer t":
+            realm = f'Bearer realm="http://{fake.host}/token",service="reg"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        else:
+            return False
+        return True
+
+    fake.hook = registry
+    fake.manifests["v1"] = b"{}"
+    creds = Credentials("<token>", "refresh-SECRET", "test-auth.json", identity_token=True)
+    opts = Options(retries=0, timeout=10, backoff=0.01, credentials=creds)
+    with Registry(parse_remote(fake.remote()), opts) as reg:
+        assert reg.get_manifest("v1")[0] == b"{}"
+    assert len(bodies) == 1 and b"refresh_token=refresh-SECRET" in bodies[0]
