@@ -114,3 +114,27 @@ def test_a_registrys_error_text_cannot_add_lines_of_its_own(
     lines = err.splitlines()
     assert not [ln for ln in lines if ln.startswith(("hint", "reason"))]  # (a 418 has neither)
     assert "curl http://evil" in err  # (shown, on the line of the registry's text)
+
+
+@pytest.mark.parametrize("token", ["Q\u00f6Q", "QQ\r\nX-Injected: 1", "Q\x00Q", "QQ QQ"])
+def test_a_token_that_cannot_be_a_header_is_an_auth_error(fake: FakeRegistry, token: str) -> None:
+    """A token service answering a token that is not printable ASCII: a non-ASCII one ended
+    the pull in a UnicodeEncodeError traceback, one with a control character in 'cannot
+    reach' (remote-unreachable, after every retry) with the token in the message."""
+
+    def registry(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if h.path.startswith("/token"):
+            h.send(200, json.dumps({"token": token}).encode())  # type: ignore[attr-defined]
+        else:
+            realm = f'Bearer realm="http://{fake.host}/token"'
+            h.send(401, headers={"WWW-Authenticate": realm})  # type: ignore[attr-defined]
+        return True
+
+    fake.hook = registry
+    opts = Options(retries=1, timeout=10, backoff=0.01)
+    with Registry(parse_remote(fake.remote()), opts) as reg, pytest.raises(VeloError) as ei:
+        reg.get_manifest("v1")
+    assert ei.value.reason is Reason.REMOTE_AUTH, ei.value
+    assert "QQ" not in str(ei.value) + (ei.value.detail or "")
+    asked = [p for _m, p, _a in fake.seen if not p.startswith("/token")]
+    assert asked == ["/v2/team/env/manifests/v1"]  # (never asked again with that token)

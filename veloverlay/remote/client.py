@@ -206,9 +206,13 @@ class Registry:
         except (ValueError, RecursionError):
             data = None
         token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
-        if not isinstance(token, str) or not token:
+        # (a header carries printable ASCII only: a token that is not is never sent, nor shown)
+        if not isinstance(token, str) or not (token.isascii() and token.isprintable()):
+            token = ""
+        if not token or " " in token:
             raise VeloError(
-                f"the token service {params['realm']} gave no token", reason=Reason.REMOTE_AUTH
+                f"the token service {params['realm']} gave no usable token",
+                reason=Reason.REMOTE_AUTH,
             )
         self._auth = f"Bearer {token}"
 
