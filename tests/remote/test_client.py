@@ -332,3 +332,31 @@ def test_docker_hub_credentials_under_its_other_names(
     with open(conf, "w") as f:  # a repository path is kept: not another repository's
         json.dump({"auths": {"registry-1.docker.io/team": {"auth": u}}}, f)
     assert find_credentials("docker.io", "other/env") is None
+
+
+def test_credentials_nested_past_the_parser_are_an_auth_error(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A credentials file, or a credential helper's answer, nested deeper than the JSON parser
+    goes ended the pull in a RecursionError traceback."""
+    d = str(tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    conf = os.path.join(d, "auth.json")
+    with open(conf, "w") as f:
+        f.write(deep)
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", conf)
+    with pytest.raises(VeloError) as ei:
+        find_credentials("h.io", "a")
+    assert ei.value.reason is Reason.REMOTE_AUTH and conf in ei.value.message
+    helper = os.path.join(d, "docker-credential-deep")
+    with open(os.path.join(d, "answer"), "w") as f:
+        f.write(deep)
+    with open(helper, "w") as f:
+        f.write(f"#!/bin/sh\ncat {d}/answer\n")
+    os.chmod(helper, 0o755)
+    monkeypatch.setenv("PATH", d + os.pathsep + os.environ.get("PATH", ""))
+    with open(conf, "w") as f:
+        json.dump({"credsStore": "deep"}, f)
+    with pytest.raises(VeloError) as ei:
+        find_credentials("h.io", "a")
+    assert ei.value.reason is Reason.REMOTE_AUTH and "docker-credential-deep" in ei.value.message

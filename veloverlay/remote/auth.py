@@ -133,7 +133,7 @@ def _helper(name: str, host: str, path: str) -> Credentials | None:
     try:
         data = json.loads(proc.stdout)
         user, secret = str(data["Username"]), str(data["Secret"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise VeloError(
             f"the credential helper {prog} gave an unreadable answer", reason=Reason.REMOTE_AUTH
         ) from None
@@ -152,7 +152,7 @@ def find_credentials(host: str, repo: str) -> Credentials | None:
                 data = json.load(f)
         except FileNotFoundError:
             continue
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # (nested past the parser)
             raise VeloError(
                 f"cannot read the credentials file {path}: {exc}",
                 reason=Reason.REMOTE_AUTH,
