@@ -84,7 +84,8 @@ def test_registries_that_drip_or_page_forever_are_answered_in_bounded_time(
     assert not by[f"http://{drip.host}"]["ok"]
     assert "remote-unreachable" in by[f"http://{drip.host}"]["reason"]
     assert not by[f"http://{hold.host}"]["ok"]
-    assert "no answer within 5 s" in by[f"http://{hold.host}"]["reason"]
+    # (headers are paced as bodies are: cut before the deadline, and said so)
+    assert "sends too slowly" in by[f"http://{hold.host}"]["reason"]
     assert by[f"http://{pages.host}"]["ok"] and served[0] == 1, by
 
 

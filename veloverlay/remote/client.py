@@ -35,6 +35,7 @@ from veloverlay.remote.transport import (
     env_proxied,
     is_tls_error,
     origin,
+    pace_transport,
     paced,
     pieces,
     read_small,
@@ -97,6 +98,9 @@ class Registry:
             headers={"User-Agent": "veloverlay", "Accept-Encoding": "identity"},
             **kw,
         )
+        for t in (self.client._transport, *self.client._mounts.values()):  # (proxies)
+            if transport is None and t is not None:
+                pace_transport(t, self.opts)  # the head of an answer is paced too
         self._lock = threading.Lock()
         self._creds: Credentials | None = self.opts.credentials
         self._creds_looked = self.opts.credentials is not None

@@ -12,7 +12,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import httpcore
 import httpx
 
 from veloverlay.errors import Reason, VeloError
@@ -27,6 +29,7 @@ __all__ = [
     "PlainFirst",
     "TooSlow",
     "paced",
+    "pace_transport",
     "read_small",
     "MAX_ANSWER",
     "MAX_ERROR_BODY",
@@ -245,6 +248,87 @@ def paced(chunks: Iterable[bytes], opts: Options, *, upload: bool = False) -> It
             got += len(chunk)
 
 
+_SLOW_ANSWER = "the answer arrives below the low-speed limit"
+
+
+class _PacedStream(httpcore.NetworkStream):
+    """A connection whose every answer, its status line and headers too, must arrive at
+    `low_speed_limit` bytes/s over each `low_speed_time` seconds (checked at each read, as
+    `paced` checks a body). The read timeout starts again with every byte: a registry dripping
+    the head of its answer a byte at a time held a request for days (h11 takes 16 KiB of it)."""
+
+    def __init__(self, inner: httpcore.NetworkStream, opts: Options) -> None:
+        self.inner, self.opts = inner, opts
+        self.since: float | None = None  # when the current window began (None: none yet)
+        self.got = 0
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.since = None  # a request (or more of one): its answer starts a new window
+        self.inner.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.got = now, 0
+        elif now - self.since >= self.opts.low_speed_time:
+            if self.got < self.opts.low_speed_limit * (now - self.since):
+                raise httpcore.ReadTimeout(
+                    f"{_SLOW_ANSWER} ({self.got} bytes in {now - self.since:.0f} s)"
+                )
+            self.since, self.got = now, 0
+        data = self.inner.read(max_bytes, timeout)
+        self.got += len(data)
+        return data
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        return _PacedStream(self.inner.start_tls(ssl_context, server_hostname, timeout), self.opts)
+
+    def get_extra_info(self, info: str) -> object:
+        return self.inner.get_extra_info(info)
+
+
+class _PacedBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend, opts: Options) -> None:
+        self.inner, self.opts = inner, opts
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _PacedStream(stream, self.opts)
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def pace_transport(transport: httpx.BaseTransport, opts: Options) -> httpx.BaseTransport:
+    """`transport` with the low-speed limit on every answer (`_PacedStream`), when it is one of
+    httpx's own (its httpcore pool takes the network backend it makes connections with)."""
+    if isinstance(transport, PlainFirst):
+        pace_transport(transport.plain, opts)
+        make_tls = transport._make_tls
+        transport._make_tls = lambda: pace_transport(make_tls(), opts)
+        return transport
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, httpcore.NetworkBackend) and not isinstance(backend, _PacedBackend):
+        pool._network_backend = _PacedBackend(backend, opts)  # type: ignore[union-attr]
+    return transport
+
+
 def read_small(
     resp: httpx.Response, opts: Options, host: str, *, limit: int = MAX_ANSWER, cut: bool = False
 ) -> httpx.Response:
@@ -284,9 +368,10 @@ def transport_error(host: str, base_url: str, exc: httpx.TransportError, url: st
             f"/etc/containers/certs.d/{host}/ca.crt); --tls-verify=false "
             "turns verification off",
         )
-    if isinstance(exc, TooSlow):
+    if isinstance(exc, TooSlow) or str(exc).startswith(_SLOW_ANSWER):
         return VeloError(
-            f"{host} {'takes uploads' if exc.upload else 'sends'} too slowly: {exc}",
+            f"{host} {'takes uploads' if getattr(exc, 'upload', False) else 'sends'} too "
+            f"slowly: {exc}",
             reason=Reason.REMOTE_UNREACHABLE,
             hint="check the network and the registry, then retry (what arrived whole is kept)",
             detail=url,
