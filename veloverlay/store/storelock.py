@@ -374,7 +374,7 @@ def reader_lock(store_root: Path, root_fd: int) -> Iterator[None]:
     """The store lock (`lock` in the store directory `root_fd`) taken shared by a verb that
     reads objects after resolving a version (checkout, export, cat, push): gc, which takes it
     exclusively, waits until the reader is done, instead of deleting the objects of a version
-    the reader has already resolved. Opened read-only (flock needs no write access), so another
+    the reader has already resolved. Opened read-only (a read lock needs no write access): another
     user of a shared store and a store on a read-only filesystem read as before; a store with
     no lock file that this process may not create one in has no gc running to wait for."""
     flags = os.O_RDONLY | os.O_CREAT
