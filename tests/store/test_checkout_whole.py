@@ -256,7 +256,7 @@ def test_a_directory_renamed_to_a_partial_name_by_another_user_is_not_removed(
     world: tuple[str, str, str], parent_mode: str
 ) -> None:
     """Who may rename entries of DEST's parent can give any of root's directories there the name
-    of a killed checkout's leftover (`.DEST.velo-partial-<a pid that is gone>`): root-owned,
+    of a killed checkout's leftover (`.DEST.velo-partial-<a gone pid>-<random>`): root-owned,
     unlocked, so the next checkout to DEST emptied and removed it, files that user could not
     remove themselves (found by renaming a 0755 directory of root's as uid 1500). Leftovers
     are reclaimed only in a parent no one but its user (or root) can change; elsewhere they
@@ -277,7 +277,7 @@ def test_a_directory_renamed_to_a_partial_name_by_another_user_is_not_removed(
     with open(os.path.join(keep, "sub", "data"), "w") as f:
         f.write("root's, not a checkout's\n")
     gone = 4194305  # above the largest pid Linux allows (PID_MAX_LIMIT): no such process
-    fake = f".dest.velo-partial-{gone}"
+    fake = f".dest.velo-partial-{gone}-{'0' * 16}"
     run_unprivileged(_rename, shared, "keep", fake)  # they cannot remove sub/data themselves
     p = velo(store, "checkout", "t", os.path.join(shared, "dest"))
     assert p.returncode == 0, p.stderr

@@ -11,7 +11,9 @@ modes and mtimes are set last, deepest first.
 The whole tree or nothing (`_Place`): the tree is written into a partial directory beside the
 destination and renamed into place once complete; an interrupted checkout leaves nothing at the
 destination, and the next checkout to that name removes the partial directory it left (only in
-a parent directory no other user may rename entries of: see `_Place._reclaim`).
+a parent directory no other user may rename entries of: see `_Place._reclaim`). The partial
+name carries a random part and is made exclusively (mkdir), so another user of a shared parent
+(a sticky /tmp) can neither guess it in advance nor make the checkout write into their entry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import secrets
 import stat
 from collections.abc import Iterator
 
@@ -146,13 +150,23 @@ def _not_empty(dest: str) -> VeloError:
     )
 
 
-PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID[-N]`: a checkout of NAME under way
+PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID-RANDOM`: a checkout of NAME under way
+_RANDOM_HEX = 16  # 64 random bits: a name no other user can make in advance
+# what follows the prefix in a partial name, exactly: the pid of its checkout and the random part
+_PARTIAL_TAIL = re.compile(rf"([1-9][0-9]{{0,9}})-[0-9a-f]{{{_RANDOM_HEX}}}")
 
 
 def _partial_prefix(name: str) -> str:
     """`.NAME.velo-partial-`, NAME cut short where the whole would pass the 255-byte limit."""
-    raw = os.fsencode(name)[: 255 - len(PARTIAL) - 1 - 12]  # 12: the pid and a counter
+    tail = 10 + 1 + _RANDOM_HEX  # the pid, a dash, the random part
+    raw = os.fsencode(name)[: 255 - len(PARTIAL) - 1 - tail]
     return f".{os.fsdecode(raw)}{PARTIAL}"
+
+
+def _partial_name(name: str) -> str:
+    """A fresh partial name for a checkout to NAME: unguessable (the pid is not: pids are handed
+    out in order), so no one can make it first to have the checkout fail or find it."""
+    return f"{_partial_prefix(name)}{os.getpid()}-{secrets.token_hex(_RANDOM_HEX // 2)}"
 
 
 def _is_cwd(st: os.stat_result) -> bool:
@@ -183,17 +197,17 @@ class _InPlace(Exception):
 class _Place:
     """Where a checkout writes, and how the tree gets to the destination whole or not at all.
 
-    The tree is written into a new directory beside the destination (`.NAME.velo-partial-PID`,
-    made by `claim_dir`, flock-ed while in use) and renamed into place once complete: no
-    destination, or an existing empty one of ours (replaced by the rename, which the kernel does
-    only while it is empty), never a half-written tree that a rerun refuses as "not empty". A
-    checkout killed midway leaves only the hidden partial directory, which the next checkout to
-    that name removes (unlocked, ours, in a parent only we or root may change: `_reclaim`).
-    An existing empty destination that is another user's, a mount point or one with extended
-    attributes (a default ACL, a label) is written into directly, as before (owner, mount and
-    attributes are the user's to keep), and so is our working
-    directory, the caller's (`cd DEST && checkout REF .`), which a rename over it would leave
-    them in as a deleted, empty directory."""
+    The tree is written into a new directory beside the destination
+    (`.NAME.velo-partial-PID-RANDOM`, made by `claim_dir`, flock-ed while in use) and renamed
+    into place once complete: no destination, or an existing empty one of ours (replaced by the
+    rename, which the kernel does only while it is empty), never a half-written tree that a
+    rerun refuses as "not empty". A checkout killed midway leaves only the hidden partial
+    directory, which the next checkout to that name removes (unlocked, ours, named as we name
+    them, in a parent only we or root may change: `_reclaim`). An existing empty destination
+    that is another user's, a mount point or one with extended attributes (a default ACL, a
+    label) is written into directly, as before (owner, mount and attributes are the user's to
+    keep), and so is our working directory, the caller's (`cd DEST && checkout REF .`), which a
+    rename over it would leave them in as a deleted, empty directory."""
 
     def __init__(self, dest: str, real: str) -> None:
         self.dest, self.real = dest, real
@@ -266,8 +280,8 @@ class _Place:
         return fd
 
     def _partial(self) -> int:
-        for n in range(100):
-            temp = f"{_partial_prefix(self.name)}{os.getpid()}" + (f"-{n}" if n else "")
+        for _ in range(100):  # another entry by a random name is no accident: a few tries
+            temp = _partial_name(self.name)
             try:
                 fd, created = claim_dir(os.path.join(self.parent, temp), 0o700)
             except FileNotFoundError:
@@ -283,7 +297,7 @@ class _Place:
                 raise SysError(exc.errno or errno.EIO, exc.syscall, self.real) from None
             except NotADirectoryError:
                 continue  # something else by that name: another one
-            if created:
+            if created:  # made by this mkdir: ours alone (an existing one is never used)
                 break
             os.close(fd)
         else:
@@ -322,16 +336,16 @@ class _Place:
         for entry in names:
             if not entry.startswith(prefix):
                 continue
-            pid = entry[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
-                continue  # not ours, or its checkout may still be starting (not yet flock-ed)
+            tail = _PARTIAL_TAIL.fullmatch(entry[len(prefix) :])
+            if tail is None or os.path.exists(f"/proc/{tail.group(1)}"):
+                continue  # not a name we make, or its checkout may still be starting (unlocked)
             try:
                 fd, st = files.open_dir_at(pfd, entry)
             except OSError:
                 continue
             try:
-                if st.st_uid != os.geteuid():
-                    continue
+                if st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev:
+                    continue  # not made by us, or something mounted there
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
