@@ -171,14 +171,15 @@ def _print(
     if choice.mode:
         render.line(f"overlay mode: {choice.mode} ({choice.mode_reason})")
         render.line(f"session mounts: {report['chosen']['mounts']}")
-    layers = f"per-boot cache {cache}" if cache_ok else "kept in the store"
+    layers = f"per-boot cache {render.name(str(cache))}" if cache_ok else "kept in the store"
     render.line(f"data-only layers: {layers} ({cache_why})")
     render.line(f"store protection: {protection}")
     st = report["store"]
-    render.line(f"store: {st['path']}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
+    where = render.name(str(st["path"]))
+    render.line(f"store: {where}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
     sealed = st["fsverity"]
     render.line(f"fs-verity on objects: {'yes' if sealed['ok'] else 'no'} ({sealed['reason']})")
-    lib = shim["library"] if shim["ok"] else f"unavailable ({shim['reason']})"
+    lib = render.name(str(shim["library"])) if shim["ok"] else f"unavailable ({shim['reason']})"
     render.line(f"shim library: {lib}")
     for r in report["remotes"]:
         who = f", user {r['user']}" if r["user"] else ", no credentials"

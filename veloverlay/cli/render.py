@@ -14,7 +14,8 @@ pulled commit message) never reaches the terminal raw: control characters are sh
 so no name or answer can move the cursor, retitle the window or hide a line (`_safe`); bytes of a
 name that is not UTF-8 too, so no output encoding fails on them. Data lines go through `line`, and
 a name inside one through `name`, which shows a newline or tab as `\\x0a`/`\\x09`: a file name
-cannot forge a line of `ls` or `diff`. Verbs never `print`.
+cannot forge a line of `ls` or `diff`. A backslash is shown as `\\\\` (by `name` and in messages),
+so every name shown reads back to exactly its bytes. Verbs never `print`.
 
 Progress (ingest, checkout, fsck, gc, layer builds, shim materialisation, push and pull) is drawn
 here and nowhere else: the library reports through a plain callback
@@ -39,32 +40,48 @@ from veloverlay.errors import SysError, VeloError
 # C0 controls but newline and tab, DEL, the C1 controls (ESC-less CSI 0x9b among them), and the
 # bytes of a name that is not UTF-8 (os.fsdecode's surrogate escapes, which a strict UTF-8 stdout
 # cannot encode and a lax one would write as raw bytes 0x80-0xff).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+_CONTROL = "\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff"
 # The same and newline: for one line of data (tab stays: it separates columns).
-_CONTROL_IN_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udcff]")
-# The same and tab: for one name (a path, a ref, a commit message) inside a line.
-_CONTROL_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+_CONTROL_IN_LINE = re.compile(f"[\x0a{_CONTROL}]")
+# The same and tab, and the backslash that starts every escape: for one name (a path, a ref, a
+# commit message) inside a line. A message (error, hint, warning, note) is one line too, with the
+# names in it as they came (a tab stays); only a detail (a compiler's output) keeps its lines.
+_IN_NAME = re.compile(f"[\\\\\x09\x0a{_CONTROL}]")
+_IN_MESSAGE = re.compile(f"[\\\\\x0a{_CONTROL}]")
+_IN_DETAIL = re.compile(f"[\\\\{_CONTROL}]")
 
 
 def _hex(m: re.Match[str]) -> str:
+    """One character shown by its bytes, each as \\xNN (a C1 control, two bytes in UTF-8, as
+    two: U+009B is `\\xc2\\x9b`, the byte 0x9b of a name that is not UTF-8 is `\\x9b`), and a
+    literal backslash doubled (`a\\x0ab`, four characters, is never read as a newline): every
+    escaped name reads back to exactly its bytes."""
     c = ord(m.group())
-    return f"\\x{c - 0xDC00 if c >= 0xDC00 else c:02x}"
+    if c == 0x5C:
+        return "\\\\"
+    raw = bytes([c - 0xDC00]) if c >= 0xDC00 else m.group().encode()
+    return "".join(f"\\x{b:02x}" for b in raw)
 
 
-def _safe(text: str) -> str:
-    """`text` with every terminal control character (and undecodable byte) shown as \\xNN."""
-    return _CONTROL.sub(_hex, text)
+def _safe(text: str, *, lines: bool = False) -> str:
+    """`text` (a message) with every terminal control character (and undecodable byte) shown
+    as \\xNN, a newline too unless `lines` (a name in it cannot forge an `error:` line), and a
+    backslash as \\\\: the names in it read back exactly."""
+    return (_IN_DETAIL if lines else _IN_MESSAGE).sub(_hex, text)
 
 
 def name(text: str) -> str:
-    """One name inside a line of output: as `_safe`, and a newline or tab in it is shown as
-    \\x0a or \\x09 too, so a file name cannot start a line of its own or shift a column."""
-    return _CONTROL_IN_NAME.sub(_hex, text)
+    """One name inside a line of output: a control character shown as \\xNN, a newline or tab
+    too (\\x0a, \\x09: a file name cannot start a line of its own or shift a column), a
+    backslash as \\\\ (a name holding the four characters `\\x0a` is not one holding a
+    newline). Every name a human reads goes through here (or `_safe`, inside a message)."""
+    return _IN_NAME.sub(_hex, text)
 
 
 def line(text: str = "") -> None:
     """One line of data on stdout: a control character in it is shown as \\xNN, a newline too
-    (a tab separates columns and stays; a name that may hold one goes through `name`)."""
+    (a tab separates columns and stays; a name in it goes through `name` first, which also
+    doubles its backslashes: this does not, so as not to double them twice)."""
     sys.stdout.write(_CONTROL_IN_LINE.sub(_hex, text) + "\n")
 
 
@@ -148,7 +165,7 @@ def error(
     """Render one failure on stderr (and as JSON on stdout with `as_json`)."""
     lines = [f"{_paint('1;31', 'error:')} {_safe(message)}"]
     if detail:
-        lines.append(_safe(detail))
+        lines.append(_safe(detail, lines=True))
     if hint:
         lines.append(f"{_paint('1;36', 'hint:')} {_safe(hint)}")
     if show_reason or as_json:

@@ -119,7 +119,7 @@ def _render(res: Any, *, shown: int = 20) -> int:
             f"kept as {d['conflict_ref']}"
         )
         for p in d["conflicts"][:shown]:
-            render.info(f"  both changed: {render.name(p)}")
+            render.info(f"  both changed: {p}")  # a message: its names shown as in `name`
         render.info(f"see: veloverlay diff {ref} {d['conflict_ref']}")
         render.info(
             f"take it whole (undoes what moved {ref} meanwhile), or ingest a merged tree: "
@@ -140,7 +140,7 @@ def _render(res: Any, *, shown: int = 20) -> int:
     elif d.get("state") == "harvested":
         render.info(f"{ref}: nothing changed")
     for c in changes[:shown]:
-        render.info(f"  {c['status']} {render.name(c['path'])}")
+        render.info(f"  {c['status']} {c['path']}")
     if len(changes) > shown:
         render.info(f"  ... and {len(changes) - shown} more: veloverlay diff {ref}@{{1}} {ref}")
     if d.get("commit") and changes and not d.get("conflict_ref"):

@@ -158,12 +158,14 @@ def ingest(
     )
     if res.moved_from is not None:
         render.line(
-            f"{res.ref}: its path is now {os.path.abspath(directory)} (was {res.moved_from})"
+            f"{res.ref}: its path is now {render.name(os.path.abspath(directory))} "
+            f"(was {render.name(res.moved_from)})"
         )
     if res.adopted_to:
-        where = os.path.abspath(directory)
+        where = render.name(os.path.abspath(directory))
         render.line(
-            f"moved the source aside to {res.adopted_to}; {res.ref} now projects at {where}"
+            f"moved the source aside to {render.name(res.adopted_to)}; {res.ref} now projects "
+            f"at {where}"
         )
 
 
@@ -302,7 +304,7 @@ def checkout(
     if state.json:
         render.emit_json({"ref": ref, "dest": dest, "entries": n})
     else:
-        render.line(f"checked out {n} entries into {dest}")
+        render.line(f"checked out {n} entries into {render.name(dest)}")
 
 
 @verb(app)
@@ -323,7 +325,8 @@ def rollback(
     if state.json:
         render.emit_json(c.to_dict())
     else:
-        render.line(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]}), path {c.path or '-'}")
+        where = render.name(c.path) if c.path else "-"
+        render.line(f"{ref}: now at root {c.root[:16]} (commit {c.id[:12]}), path {where}")
 
 
 @verb(app, "export")
@@ -386,7 +389,7 @@ def import_cmd(
             f"{info['stripped_setid']} setuid/setgid bits stripped (--keep-setid keeps them)"
         )
     if path is None and info.get("bundle_path"):
-        where = render.name(info["bundle_path"])
+        where = info["bundle_path"]  # a message: shown as every name in one is
         render.info(
             f"the bundle was ingested at {where}; sessions need --at "
             f"(or import with --path {where})"
@@ -421,9 +424,9 @@ def tiers_explain(
             }
         )
     elif rule is None:
-        render.line(f"{path}: tier {tier} (no rule matched)")
+        render.line(f"{render.name(path)}: tier {tier} (no rule matched)")
     else:
         render.line(
-            f"{path}: tier {tier} by rule '{rule.tier} {rule.glob}'"
-            + (f" — {rule.why}" if rule.why else "")
+            f"{render.name(path)}: tier {tier} by rule '{rule.tier} {render.name(rule.glob)}'"
+            + (f" — {render.name(rule.why)}" if rule.why else "")
         )

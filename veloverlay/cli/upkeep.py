@@ -51,7 +51,7 @@ def fsck(
         render.emit_json(rep.to_dict(), failure=failure)
     else:
         for f in rep.findings:
-            render.line(f"{f.kind}: {f.what}: {f.detail}")
+            render.line(f"{f.kind}: {render.name(f.what)}: {render.name(f.detail)}")
         if rep.sealed or rep.unsealed:
             render.line(
                 f"fs-verity: {rep.sealed} objects sealed ({rep.repaired} by this run), "
@@ -230,7 +230,7 @@ def status() -> None:
     if state.json:
         render.emit_json(data)
         return
-    render.line(f"store {data['store']}: {len(items)} refs, {objects} objects")
+    render.line(f"store {render.name(str(data['store']))}: {len(items)} refs, {objects} objects")
     from veloverlay.cli.versions import disk_lines
 
     for line in disk_lines(disk):
@@ -248,9 +248,9 @@ def status() -> None:
         )
     for sess, d in zip(sessions, shown, strict=True):
         refs = ", ".join(d.get("refs", []))
-        render.line(f"session {d['id']}: {d['state']} ({refs} at {d['target']})")
+        render.line(f"session {d['id']}: {d['state']} ({refs} at {render.name(d['target'])})")
         for w in d["warnings"]:  # e.g. baked paths of a tree projected away from its home
-            render.line(f"  warning: {w}")
+            render.line(f"  warning: {render.name(w)}")
         changes = d.get("changes")
         if changes is not None:
             for c in changes[:20]:

@@ -1,0 +1,107 @@
+"""Every name a human reads back is exactly one name: the escaping is reversible.
+
+Names are shown with control characters as \\xNN (a newline cannot forge a line of `ls`). A
+literal backslash was shown as it is, so the file named with the four characters `\\x0a` read
+exactly as the file named with a newline (`a\\x0ab` both), and `\\x9b` was both U+009B and the
+byte 0x9b of a name that is not UTF-8; `--json` told them apart, the terminal did not. Now a
+backslash is doubled and every escape is one byte, in every listing and message: each name
+shown decodes to the bytes of one entry of the source tree, and no two entries read alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.e2e.test_cli import failed, ok, velo
+
+# pairs that read alike when a backslash is not escaped (the source tree holds them all)
+NAMES = [
+    b"a\nb",
+    b"a\\x0ab",
+    b"t\tx",
+    b"t\\x09x",
+    b"c1-\xc2\x9b",  # U+009B
+    b"c1-\x9b",  # the byte 0x9b: no UTF-8
+    b"c1-\\x9b",
+    b"back\\slash",
+    b"back\\\\slash",
+]
+
+
+def unescape(shown: str) -> bytes:
+    """The bytes a name shown on a terminal stands for: `\\\\` a backslash, `\\xNN` one byte."""
+    out, i = bytearray(), 0
+    while i < len(shown):
+        if shown[i] != "\\":
+            out += shown[i].encode()
+            i += 1
+        elif shown[i + 1] == "\\":
+            out += b"\\"
+            i += 2
+        else:
+            assert shown[i + 1] == "x", shown
+            out.append(int(shown[i + 2 : i + 4], 16))
+            i += 4
+    return bytes(out)
+
+
+@pytest.fixture
+def trees(shm_tmp: str) -> tuple[str, str]:
+    """(store, source tree) with ref `h` of the tree NAMES and ref `e` of an empty one."""
+    store = os.path.join(shm_tmp, "store")
+    src, empty = os.path.join(shm_tmp, "names"), os.path.join(shm_tmp, "empty")
+    os.mkdir(src)
+    os.mkdir(empty)
+    for n in NAMES:
+        with open(os.path.join(os.fsencode(src), n), "wb") as f:
+            f.write(n + b"\n")
+    ok(velo(store, "ingest", src, "-n", "h"))
+    ok(velo(store, "ingest", empty, "-n", "e"))
+    return store, src
+
+
+def _lines(p: subprocess.CompletedProcess[bytes]) -> list[str]:
+    text = ok(p)
+    return [x for x in text.split("\n") if x]
+
+
+def test_every_listing_shows_each_name_so_that_it_reads_back_exactly(
+    trees: tuple[str, str],
+) -> None:
+    store, src = trees
+    real = set(os.listdir(os.fsencode(src)))
+    assert len(real) == len(NAMES)
+    shown = {
+        "ls": [x.split()[-1] for x in _lines(velo(store, "ls", "h"))],
+        "ls -r": [x.split()[-1] for x in _lines(velo(store, "ls", "-r", "h"))],
+        "diff": [x.split(" ", 1)[1] for x in _lines(velo(store, "diff", "e", "h"))],
+        "diff --name-status": [
+            x.split("\t", 1)[1] for x in _lines(velo(store, "diff", "--name-status", "e", "h"))
+        ],
+        "diff --stat": [
+            x.split(" | ")[0].strip() for x in _lines(velo(store, "diff", "--stat", "e", "h"))[:-1]
+        ],
+    }
+    for how, names in shown.items():
+        decoded = [unescape(n) for n in names]
+        assert sorted(decoded) == sorted(real), (how, names)  # old: a\x0ab twice, etc.
+
+
+def test_a_path_in_a_message_and_in_a_report_reads_back_exactly(
+    trees: tuple[str, str], shm_tmp: str
+) -> None:
+    store, _src = trees
+    before = sorted(os.listdir(shm_tmp))
+    # an error naming a parent that does not exist, its name like an escaped newline
+    missing = os.path.join(shm_tmp, "no\\x0aparent", "d")
+    err = failed(velo(store, "--json", "checkout", "h", missing), "not-found")
+    [line] = [x for x in err.split("\n") if x.startswith("error: ")]
+    assert os.fsencode(missing) in unescape(line), line  # old: read as no<newline>parent
+    # the report of a checkout names its destination
+    dest = os.path.join(shm_tmp, "out\\x09put")
+    [line] = _lines(velo(store, "checkout", "h", dest))
+    assert unescape(line) == f"checked out {len(NAMES)} entries into {dest}".encode(), line
+    assert sorted(os.listdir(shm_tmp)) == sorted([*before, "out\\x09put"])
