@@ -60,6 +60,7 @@ def test_exit_status_passes_through(mode: str) -> None:
 def _empty_command(base: str) -> list[int]:
     store, _src = new_store(base)
     proj = os.path.join(base, "proj")
+    os.mkdir(proj)  # kept after the session (one it made would go with it), to chdir into
     # posix_spawn (no cwd to change to) and fork + exec (a working directory in the target)
     out = [run_session(store, ["t"], [""], at=proj).exit_status]
     here = os.getcwd()
@@ -536,7 +537,8 @@ def _refusals(base: str) -> dict[str, str]:
         out["strict-links"] = "ok"
     except VeloError as exc:
         out["strict-links"] = exc.reason.value
-    out["created"] = str(os.path.isdir(os.path.join(base, "p")))
+    # made for the session (it ran there: "normal" is ok), and removed with it, as the shim does
+    out["created"] = str(not os.path.lexists(os.path.join(base, "p")))
     return out
 
 

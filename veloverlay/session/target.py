@@ -8,19 +8,29 @@ materialises into a new or empty one (session/shim/materialize.prepare_target).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-from veloverlay import pathtrust
+from veloverlay import files, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import refuse_inside
+from veloverlay.mount import pin_dir
 from veloverlay.records import Record
+from veloverlay.session import state
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.checkout import claim_dir
 from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
 from veloverlay.store.stack import stack_roots
 
-__all__ = ["Stack", "resolve_stack", "ancestors", "inside", "overlay_target"]
+__all__ = [
+    "Stack",
+    "resolve_stack",
+    "ancestors",
+    "inside",
+    "overlay_target",
+    "remove_made_target",
+]
 
 
 class Stack(Record, frozen=True):
@@ -79,7 +89,8 @@ def inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/")
 
 
-def overlay_target(store: Store, at: str | None, top: Ref) -> str:
+def overlay_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:
+    """(the resolved target, the (dev, ino) of the directory made for it, None: it existed)."""
     where = at if at is not None else top.path
     if not where:
         raise VeloError(
@@ -97,7 +108,7 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
     if real == "/":
         raise VeloError("cannot project over /", reason=Reason.TARGET_INVALID, path=real)
     if os.path.isdir(real):
-        return real
+        return real, None
     if os.path.lexists(real):
         raise VeloError(
             f"the target {real} exists and is not a directory",
@@ -113,6 +124,35 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> str:
             path=real,
         )
     # made through its parent, pinned: never in a directory a symlink put on the way since
-    fd, _created = claim_dir(real, 0o755)
-    os.close(fd)
-    return real
+    fd, created = claim_dir(real, 0o755)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return real, (st.st_dev, st.st_ino) if created else None
+
+
+def remove_made_target(store: Store, st: state.State) -> None:
+    """Remove the target directory the session `st` made (`overlay_target`), as the shim backend
+    removes its tree: only that directory (still the same (dev, ino), reached through its pinned
+    parent, never followed), only while it is empty (rmdir: whatever anyone put there since
+    keeps it), and not while another session of the store that has not ended projects there
+    (removing it would take its mount away). A target that existed before stays. Best effort:
+    a directory that cannot go now is left as it is."""
+    if not st.target_created or len(st.target_id) != 2:
+        return
+    real = st.target_real or st.target
+    for other in state.iter_states(store):
+        same = other.id != st.id and (other.target_real or other.target) == real
+        if same and other.state not in state.DONE_STATES:
+            return
+    parent, name = os.path.split(real)
+    try:
+        pfd = pin_dir(parent or "/")
+    except VeloError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # not empty, busy, replaced (TreeChanged), gone
+            files.rmdir_at(pfd, name, expect=(st.target_id[0], st.target_id[1]))
+    finally:
+        os.close(pfd)

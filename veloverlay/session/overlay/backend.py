@@ -45,7 +45,7 @@ from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import alias_note, relocation_warnings, source_alias
 from veloverlay.session.select import Choice
 from veloverlay.session.state import State
-from veloverlay.session.target import Stack, overlay_target, resolve_stack
+from veloverlay.session.target import Stack, overlay_target, remove_made_target, resolve_stack
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.sample import verify_sample
@@ -68,6 +68,7 @@ class _Plan(Record):
     also_at: list[str]  # more paths showing the projection in the session (the ingest path)
     mode: str  # native | userns
     locked: bool  # the command cannot unmount or remount the session's mounts
+    made: tuple[int, int] | None  # the target's (dev, ino) when this session made it
 
 
 def xattr_prefix(mode: str) -> str:
@@ -113,7 +114,7 @@ def _prepare(
         )
     stack = resolve_stack(m, opts.refs)
     state.refuse_live_view(store, stack.refs[-1].name)
-    target = overlay_target(store, opts.at, stack.refs[-1])
+    target, made = overlay_target(store, opts.at, stack.refs[-1])
     alias = source_alias(store, stack.refs[-1].path, target)
     if alias is None:
         warnings.extend(
@@ -155,7 +156,8 @@ def _prepare(
                 reason=Reason.FALLBACK_FORBIDDEN,
             )
     also_at = [alias] if alias else []
-    return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, choice.locked)
+    locked = choice.locked
+    return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, locked, made)
 
 
 def readonly_caches(store: Store, home: str, covered: Sequence[str] = ()) -> list[str]:
@@ -200,6 +202,9 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         bases=[c.id for c in stack.commits],
         view_root=stack.view.hex(),
         target=plan.target,
+        target_real=plan.target,
+        target_created=plan.made is not None,
+        target_id=list(plan.made or ()),
         specs=list(opts.refs),
         roots=sorted(roots),
         below_root=stack.below.hex() if stack.below is not None else None,
@@ -330,6 +335,7 @@ def run_session(
             st.error = err
             state.save(store, st)
             _drop_upper(sdir)
+            remove_made_target(store, st)
             try:
                 reason = Reason(err.get("reason", Reason.SYSCALL.value))
             except ValueError:
@@ -357,6 +363,7 @@ def run_session(
             _refuse_if_held(store, st, str(report.get("seal_error") or "the session ended"))
         t_ran = time.perf_counter()
         res = _finish(store, m, st)
+        remove_made_target(store, st)  # a target made for the session goes with it (as the shim's)
         res.timings = {
             "prepare": t_prepared - t0,
             "lowers": plan.lowers.seconds,
@@ -503,6 +510,8 @@ def resume(store: Store, st: State) -> SessionResult:
     state.save(store, st)
     m = Manifests(store)
     try:
-        return _finish(store, m, st)
+        res = _finish(store, m, st)
     finally:
         m.close()
+    remove_made_target(store, st)
+    return res
