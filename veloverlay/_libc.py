@@ -138,6 +138,7 @@ FS_IMMUTABLE_FL = 0x00000010
 FS_APPEND_FL = 0x00000020
 FS_NOCOW_FL = 0x00800000
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FS_IOC_FSGETXATTR = 0x801C581F  # _IOR('X', 31, struct fsxattr) (28 bytes; fsx_projid at 12)
 
 # --- <linux/fsverity.h> ------------------------------------------------------------------------
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg) (128 bytes)
@@ -433,6 +434,13 @@ def ioctl_getflags(fd: int) -> int:
 def ioctl_setflags(fd: int, flags: int) -> None:
     value = ctypes.c_int(flags)
     check(_ioctl_ptr(fd, FS_IOC_SETFLAGS, ctypes.byref(value)), "ioctl(FS_IOC_SETFLAGS)")
+
+
+def ioctl_getprojid(fd: int) -> int:
+    """The inode's project id (struct fsxattr's fsx_projid)."""
+    buf = (ctypes.c_uint32 * 7)()
+    check(_ioctl_ptr(fd, FS_IOC_FSGETXATTR, ctypes.byref(buf)), "ioctl(FS_IOC_FSGETXATTR)")
+    return int(buf[3])
 
 
 def ficlone(dst_fd: int, src_fd: int) -> None:

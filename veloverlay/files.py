@@ -356,6 +356,24 @@ def empty_dir(top: int, *, unflag: Unflag | None = None) -> None:
         os.close(fd)
 
 
+def is_a_cwd(ident: tuple[int, int]) -> bool:
+    """Whether a process this one can see (itself included) works in the directory `ident`
+    (dev, ino): a shell that did `cd DIR`. Replaced by a rename, DIR would leave it in a deleted,
+    empty directory. Processes of other users are seen by root only."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            st = os.stat(f"/proc/{pid}/cwd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        if (st.st_dev, st.st_ino) == ident:
+            return True
+    return False
+
+
 def rmdir_at(
     dfd: int,
     name: str,

@@ -26,6 +26,7 @@ __all__ = [
     "is_immutable",
     "make_mutable",
     "may_set_immutable",
+    "dir_attrs",
 ]
 
 FS_IMMUTABLE_FL = _libc.FS_IMMUTABLE_FL
@@ -89,6 +90,25 @@ def make_mutable(fd: int) -> None:
     wanted = flags & ~(FS_IMMUTABLE_FL | _libc.FS_APPEND_FL)
     if wanted != flags:
         _libc.ioctl_setflags(fd, wanted)
+
+
+# What a user sets on a directory for what is made in it (lsattr letters): A noatime, c compress,
+# d nodump, j data journalling, m no compression, C no copy-on-write, D dirsync, S sync,
+# T top of a hierarchy, P project inheritance, F casefold.
+_DIR_FLAGS = 0x80 | 0x4 | 0x40 | 0x4000 | 0x400 | 0x00800000 | 0x10000 | 0x8 | 0x20000
+_DIR_FLAGS |= 0x20000000 | 0x40000000
+
+
+def dir_attrs(fd: int) -> tuple[int, int]:
+    """(the flags of `_DIR_FLAGS` the directory `fd` (not O_PATH) carries, its project id), each
+    0 where the filesystem has none: what a directory made beside it may lack."""
+    out = []
+    for get in (_libc.ioctl_getflags, _libc.ioctl_getprojid):
+        try:
+            out.append(get(fd))
+        except SysError:
+            out.append(0)  # ENOTTY, EOPNOTSUPP, EINVAL: not on this filesystem
+    return out[0] & _DIR_FLAGS, out[1]
 
 
 def is_immutable(path: StrPath) -> bool:

@@ -445,3 +445,52 @@ def test_a_failure_in_place_removes_only_the_entries_it_made(
     assert sorted(os.listdir(dest)) == ["d0", "moved"]  # d1, d2, ... (ours) are gone
     assert os.listdir(os.path.join(dest, "d0")) == ["theirs"]
     assert _left_beside(out) == ["dest"]
+
+
+def test_an_empty_destination_with_inode_flags_keeps_them_and_its_inode(
+    world: tuple[str, str, str],
+) -> None:
+    """`chattr +d +A DEST` (nodump, noatime; +C and a project id alike, where the filesystem has
+    them) on an empty DEST were lost: the tree was renamed over DEST, a new inode with the
+    parent's flags. Such a DEST is written into, as one with a default ACL is."""
+    from veloverlay import fsflags
+
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest)
+    subprocess.run(["chattr", "+d", "+A", dest], check=True)
+    before = os.stat(dest)
+    p = velo(store, "checkout", "t", dest)
+    assert p.returncode == 0, p.stderr
+    assert_same_tree(src, dest)
+    assert _left_beside(out) == ["dest"]
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags, _projid = fsflags.dir_attrs(fd)
+    finally:
+        os.close(fd)
+    assert flags & 0xC0 == 0xC0, hex(flags)  # old: 0, the flags were gone
+    assert os.stat(dest).st_ino == before.st_ino
+
+
+def test_an_empty_destination_another_process_works_in_stays_that_directory(
+    world: tuple[str, str, str],
+) -> None:
+    """A shell that did `cd DEST` (another one than the checkout's) was left in a deleted, empty
+    directory: the tree was renamed over DEST. It now finds the tree where it is."""
+    store, src, out = world
+    dest = os.path.join(out, "dest")
+    os.mkdir(dest)
+    shell = subprocess.Popen(["sleep", "300"], cwd=dest)
+    try:
+        p = velo(store, "checkout", "t", dest)
+        assert p.returncode == 0, p.stderr
+        assert_same_tree(src, dest)
+        assert _left_beside(out) == ["dest"]
+        here = os.stat(f"/proc/{shell.pid}/cwd")  # old: the deleted directory
+        now = os.stat(dest)
+        assert (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino)
+        assert sorted(os.listdir(f"/proc/{shell.pid}/cwd")) == sorted(os.listdir(src))
+    finally:
+        shell.kill()
+        shell.wait()

@@ -27,7 +27,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 
-from veloverlay import _libc, faults, files, linking, pathtrust
+from veloverlay import _libc, faults, files, fsflags, linking, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS
 from veloverlay.mount import pin_dir
@@ -169,24 +169,24 @@ def _partial_name(name: str) -> str:
     return f"{_partial_prefix(name)}{os.getpid()}-{secrets.token_hex(_RANDOM_HEX // 2)}"
 
 
-def _is_cwd(st: os.stat_result) -> bool:
-    """Whether `st` is our working directory, which is the caller's (`checkout REF .` in a shell):
-    replaced by the finished tree, it would leave the shell in a deleted, empty directory."""
+def _keeps(fd: int, pfd: int) -> bool:
+    """Whether the empty directory `fd` carries what a new directory beside it (in `pfd`) would
+    not: extended attributes (a default ACL its new files are to inherit, a label, the user's
+    own) or inode flags and a project id other than the parent's (`chattr +C`, a quota project).
+    The finished tree renamed over it would take them away."""
     try:
-        here = os.stat(".")
+        if os.listxattr(fd):
+            return True
     except OSError:
-        return False  # a working directory removed: not the destination, which exists
-    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _has_xattrs(fd: int) -> bool:
-    """Whether the directory `fd` carries extended attributes: a default ACL its new files are
-    to inherit, an access ACL, a security label, the user's own. The finished tree renamed over
-    it would take them away (the partial directory has the parent's)."""
+        pass  # a filesystem without them
     try:
-        return bool(os.listxattr(fd))
-    except OSError:
-        return False  # a filesystem without them
+        parent = os.open(".", DIRFLAGS, dir_fd=pfd)
+    except OSError:  # a parent we may not read (0711): any flag or project id may be lost
+        return fsflags.dir_attrs(fd) != (0, 0)
+    try:
+        return fsflags.dir_attrs(fd) != fsflags.dir_attrs(parent)
+    finally:
+        os.close(parent)
 
 
 class _InPlace(Exception):
@@ -204,10 +204,11 @@ class _Place:
     rerun refuses as "not empty". A checkout killed midway leaves only the hidden partial
     directory, which the next checkout to that name removes (unlocked, ours, named as we name
     them, in a parent only we or root may change: `_reclaim`). An existing empty destination
-    that is another user's, a mount point or one with extended attributes (a default ACL, a
-    label) is written into directly, as before (owner, mount and attributes are the user's to
-    keep), and so is our working directory, the caller's (`cd DEST && checkout REF .`), which a
-    rename over it would leave them in as a deleted, empty directory."""
+    that is another user's, a mount point, or one with extended attributes (a default ACL, a
+    label), inode flags or a project id its parent lacks (`chattr +C`) is written into directly
+    (owner, mount and attributes are the user's to keep), and so is the working directory of
+    any process we can see (`cd DEST && checkout REF .`, or another shell of the user's), which
+    a rename over it would leave in a deleted, empty directory."""
 
     def __init__(self, dest: str, real: str) -> None:
         self.dest, self.real = dest, real
@@ -241,12 +242,14 @@ class _Place:
             if st is not None:
                 if not stat.S_ISDIR(st.st_mode):
                     raise _refuse_existing(self.dest, st)
-                if st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev or _is_cwd(st):
+                ident = (st.st_dev, st.st_ino)
+                theirs = st.st_uid != os.geteuid() or st.st_dev != os.fstat(pfd).st_dev
+                if theirs or files.is_a_cwd(ident):
                     return self._in_place()
-                fd, st = files.open_dir_at(pfd, self.name, expect=(st.st_dev, st.st_ino))
+                fd, st = files.open_dir_at(pfd, self.name, expect=ident)
                 try:
                     full = bool(os.listdir(fd))
-                    kept = not full and _has_xattrs(fd)
+                    kept = not full and _keeps(fd, pfd)
                     if not kept:  # refused, or replaced only once the tree is whole: its mode
                         with contextlib.suppress(OSError):  # as it was (opened up: u+rwx)
                             os.fchmod(fd, stat.S_IMODE(st.st_mode))
