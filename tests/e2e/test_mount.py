@@ -93,6 +93,7 @@ def test_mount_change_umount_commits(shm_tmp: str) -> None:
     res = data(velo(store, "umount", at, "-m", "from mount", "--json"))
     assert res["commit"] and res["changed"] > 0
     assert mount_lines() == before  # nothing left mounted
+    assert not os.path.lexists(at)  # made by `mount`, removed by `umount` (old: left, empty)
     assert _sessions(store)[sid] == "harvested"
     assert data(velo(store, "log", "t", "--json"))[0]["message"] == "from mount"
     got = os.path.join(shm_tmp, "got")

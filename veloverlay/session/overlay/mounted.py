@@ -38,6 +38,7 @@ from veloverlay.session.holders import namespaces_holding
 from veloverlay.session.options import SessionOptions, SessionResult
 from veloverlay.session.overlay.backend import _drop_upper, _finish, _new_state, _prepare
 from veloverlay.session.select import Choice
+from veloverlay.session.target import remove_made_target
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 
@@ -230,6 +231,7 @@ def umount_session(
     try:
         t0 = time.perf_counter()
         res = _finish(store, m, st)
+        remove_made_target(store, st)  # a target `mount` made goes (as at the end of a run)
         res.timings["total"] = time.perf_counter() - t0
         res.mode = "native"
         return res
