@@ -20,6 +20,7 @@ from tests.helpers.trees import assert_same_tree
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, mode_params, new_store, run_session
 from tests.shim._util import run_shim
+from veloverlay.errors import Reason, VeloError
 
 CASES = [*mode_params("root", "rootfree"), pytest.param("shim", id="shim")]
 
@@ -71,3 +72,31 @@ def test_an_existing_empty_target_stays_empty_with_its_mode(mode: str) -> None:
             else as_mode(mode, _scenario, base, backend, True)
         )
     assert r == {"left": {"proj": 0o750}, "inside": []}, r
+
+
+def _refused(base: str) -> dict[str, Any]:
+    from veloverlay.session.overlay import backend
+
+    store, _src = new_store(base)
+    parent = os.path.join(base, "parent")
+    os.mkdir(parent)
+
+    def no_room(*_a: Any, **_k: Any) -> None:  # the lower layers cannot be built: a full disk
+        raise VeloError("no space left while building the layers", reason=Reason.STORE_FULL)
+
+    backend.ensure_lowers = no_room  # type: ignore[assignment]  # (a forked child: not undone)
+    try:
+        run_session(store, ["t"], ["true"], at=os.path.join(parent, "proj"))
+        outcome = "ran"
+    except VeloError as exc:
+        outcome = exc.reason.value
+    return {"outcome": outcome, "left": os.listdir(parent)}
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_target_made_for_a_session_that_cannot_start_goes_again(mode: str) -> None:
+    """The target is made before the lower layers are built: a session that failed there (a full
+    disk) left it behind, empty."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _refused, base)
+    assert r == {"outcome": "store-full", "left": []}, r  # old: left ["proj"]

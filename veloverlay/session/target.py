@@ -30,6 +30,7 @@ __all__ = [
     "inside",
     "overlay_target",
     "remove_made_target",
+    "unmake_target",
 ]
 
 
@@ -146,6 +147,12 @@ def remove_made_target(store: Store, st: state.State) -> None:
         same = other.id != st.id and (other.target_real or other.target) == real
         if same and other.state not in state.DONE_STATES:
             return
+    unmake_target(real, (st.target_id[0], st.target_id[1]))
+
+
+def unmake_target(real: str, made: tuple[int, int]) -> None:
+    """rmdir the directory `made` (dev, ino) at `real` through its pinned parent, if it is still
+    there and empty (a session that did not start: nothing was projected there)."""
     parent, name = os.path.split(real)
     try:
         pfd = pin_dir(parent or "/")
@@ -153,6 +160,6 @@ def remove_made_target(store: Store, st: state.State) -> None:
         return
     try:
         with contextlib.suppress(OSError):  # not empty, busy, replaced (TreeChanged), gone
-            files.rmdir_at(pfd, name, expect=(st.target_id[0], st.target_id[1]))
+            files.rmdir_at(pfd, name, expect=made)
     finally:
         os.close(pfd)

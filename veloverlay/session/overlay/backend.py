@@ -45,7 +45,13 @@ from veloverlay.session.overlay.pid1 import ChildSpec, child_main
 from veloverlay.session.relocation import alias_note, relocation_warnings, source_alias
 from veloverlay.session.select import Choice
 from veloverlay.session.state import State
-from veloverlay.session.target import Stack, overlay_target, remove_made_target, resolve_stack
+from veloverlay.session.target import (
+    Stack,
+    overlay_target,
+    remove_made_target,
+    resolve_stack,
+    unmake_target,
+)
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.sample import verify_sample
@@ -115,49 +121,56 @@ def _prepare(
     stack = resolve_stack(m, opts.refs)
     state.refuse_live_view(store, stack.refs[-1].name)
     target, made = overlay_target(store, opts.at, stack.refs[-1])
-    alias = source_alias(store, stack.refs[-1].path, target)
-    if alias is None:
-        warnings.extend(
-            relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
-        )
-    else:  # the baked paths resolve to the projection: say so
-        warnings.extend(alias_note(store, m, stack.view, alias, target, stack.hints))
-    mode = choice.mode or "userns"
-    lowers = ensure_lowers(
-        store,
-        m,
-        stack.view,
-        form=form,
-        protect=protect,
-        hints=stack.hints,
-        xattr=xattr_prefix(mode),
-        progress=progress,
-    )
-    if lowers.warning:
-        warnings.append(lowers.warning)
-    if lowers.immutable:
-        protection = "immutable"  # +i on every referenced object, store read-only inside
-    else:
-        protection = "read-only-mount"  # store read-only inside the session only
-        if protect:
-            warnings.append(lowers.protection_note)
-        warnings.extend(verify_sample(store))  # P0-a: detected, where not prevented
-        if opts.strict:
-            raise VeloError(f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED)
-    if not choice.locked:
-        # Root-native without user namespaces: nothing less privileged to enter after mounting.
-        warnings.append(
-            "no user namespace here: the command runs as real root in the session's mount "
-            "namespace and could unmount the overlay or remount the store writable"
-        )
-        if opts.strict:
-            raise VeloError(
-                "--strict: the session's mounts cannot be locked (no user namespaces)",
-                reason=Reason.FALLBACK_FORBIDDEN,
+    try:  # a target made here goes again if the session cannot start
+        alias = source_alias(store, stack.refs[-1].path, target)
+        if alias is None:
+            warnings.extend(
+                relocation_warnings(store, m, stack.view, stack.refs[-1].path, target, stack.hints)
             )
-    also_at = [alias] if alias else []
-    locked = choice.locked
-    return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, locked, made)
+        else:  # the baked paths resolve to the projection: say so
+            warnings.extend(alias_note(store, m, stack.view, alias, target, stack.hints))
+        mode = choice.mode or "userns"
+        lowers = ensure_lowers(
+            store,
+            m,
+            stack.view,
+            form=form,
+            protect=protect,
+            hints=stack.hints,
+            xattr=xattr_prefix(mode),
+            progress=progress,
+        )
+        if lowers.warning:
+            warnings.append(lowers.warning)
+        if lowers.immutable:
+            protection = "immutable"  # +i on every referenced object, store read-only inside
+        else:
+            protection = "read-only-mount"  # store read-only inside the session only
+            if protect:
+                warnings.append(lowers.protection_note)
+            warnings.extend(verify_sample(store))  # P0-a: detected, where not prevented
+            if opts.strict:
+                raise VeloError(
+                    f"--strict: {lowers.protection_note}", reason=Reason.IMMUTABLE_DENIED
+                )
+        if not choice.locked:
+            # Root-native without user namespaces: nothing less privileged to enter after mounting.
+            warnings.append(
+                "no user namespace here: the command runs as real root in the session's mount "
+                "namespace and could unmount the overlay or remount the store writable"
+            )
+            if opts.strict:
+                raise VeloError(
+                    "--strict: the session's mounts cannot be locked (no user namespaces)",
+                    reason=Reason.FALLBACK_FORBIDDEN,
+                )
+        also_at = [alias] if alias else []
+        locked = choice.locked
+        return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, locked, made)
+    except BaseException:
+        if made is not None:
+            unmake_target(target, made)
+        raise
 
 
 def readonly_caches(store: Store, home: str, covered: Sequence[str] = ()) -> list[str]:
