@@ -112,3 +112,51 @@ def test_a_part_file_that_is_not_a_bundle_is_kept(ingested: str, shm_tmp: str) -
     with open(out + ".part", "rb") as f:
         assert f.read() == b"half of a download"
     assert not os.path.lexists(out)
+
+
+def _export_over(store: str, src: str, out: str) -> tuple[str, bool]:
+    """As the unprivileged uid: ingest `src` into its own store, export over `out`; the error's
+    reason, and whether any bundle byte was written first."""
+    from veloverlay.errors import VeloError
+    from veloverlay.ingest.pipeline import ingest
+    from veloverlay.store import bundle
+
+    repo = Repo.open(store, create=True)
+    wrote = [False]
+    real = bundle.export_bundle
+
+    def counted(*a: object, **kw: object) -> object:
+        wrote[0] = True
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    bundle.export_bundle = counted  # type: ignore[assignment]
+    try:
+        ingest(repo.store, repo.m, src, "t", jobs=1)
+        bundle.export_to_path(repo.store, repo.m, "t", out)
+    except VeloError as exc:
+        return exc.reason.value, wrote[0]
+    finally:
+        repo.close()
+    return "", wrote[0]
+
+
+def test_another_users_file_in_a_sticky_directory_is_refused_before_writing() -> None:
+    """A non-root export over another user's file in a sticky directory (/tmp) could only fail
+    at the rename (EPERM), after the whole bundle was written: refused first, nothing written,
+    their file as it was."""
+    from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
+
+    with unpriv_tmpdir() as top:  # root's, 1777
+        src = os.path.join(top, "src")
+        os.mkdir(src)
+        with open(os.path.join(src, "f"), "wb") as f:
+            f.write(b"private bytes")
+        os.chmod(src, 0o755)
+        out = os.path.join(top, "b.velo")
+        with open(out, "wb") as f:
+            f.write(b"root's own file")
+        reason, wrote = run_unprivileged(_export_over, os.path.join(top, "store"), src, out)
+        assert (reason, wrote) == ("exists", False)
+        with open(out, "rb") as f:
+            assert f.read() == b"root's own file"
+        assert sorted(os.listdir(top)) == ["b.velo", "src", "store"]

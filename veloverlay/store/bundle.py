@@ -198,9 +198,17 @@ def _export_at(
     store: Store, m: Manifests, spec: str, pfd: int, name: str, output: str
 ) -> dict[str, Any]:
     try:  # refused now, not after the whole bundle
-        mode = os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        mode = st.st_mode
     except FileNotFoundError:
-        mode = stat.S_IFREG
+        st, mode = None, stat.S_IFREG
+    if st is not None and stat.S_ISREG(mode) and _sticky_kept(pfd, st):
+        raise VeloError(
+            f"{output} is another user's file in a sticky directory: it cannot be replaced",
+            reason=Reason.EXISTS,
+            path=output,
+            hint="name another bundle file",
+        )
     if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):  # /dev/null, a pipe: written, never replaced
         return _export_into(store, m, spec, pfd, name, output)
     if not stat.S_ISREG(mode):
@@ -226,6 +234,17 @@ def _export_at(
             os.unlink(tmp, dir_fd=pfd)
         raise
     return info
+
+
+def _sticky_kept(pfd: int, st: os.stat_result) -> bool:
+    """Whether the file `st` in the directory `pfd` is another user's that the sticky bit keeps
+    this process from renaming over (the rename would fail with EPERM after the whole bundle
+    was written). Root (CAP_FOWNER) may."""
+    me = os.geteuid()
+    parent = os.fstat(pfd)
+    return bool(
+        me != 0 and st.st_uid != me and parent.st_mode & stat.S_ISVTX and parent.st_uid != me
+    )
 
 
 def _create_part(pfd: int, tmp: str, output: str) -> int:
