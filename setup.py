@@ -18,6 +18,7 @@ SOURCES = [
     "shim/path.c",
     "shim/meta.c",
     "shim/exec.c",
+    "shim/sysfile.c",
 ]
 
 setup(

@@ -225,8 +225,7 @@ static int fopen_flags(const char *mode)
         return acc | fl;
 }
 
-static FILE *do_fopen(FILE *(*real)(const char *, const char *), const char *path,
-                      const char *mode)
+FILE *velo_fopen(FILE *(*real)(const char *, const char *), const char *path, const char *mode)
 {
         velo_init();
         if (real == NULL) {
@@ -258,13 +257,13 @@ static FILE *do_fopen(FILE *(*real)(const char *, const char *), const char *pat
 VELO_EXPORT FILE *fopen(const char *path, const char *mode)
 {
         velo_init();
-        return do_fopen(REAL(fopen), path, mode);
+        return velo_fopen(REAL(fopen), path, mode);
 }
 
 VELO_EXPORT FILE *fopen64(const char *path, const char *mode)
 {
         velo_init();
-        return do_fopen(REAL(fopen64) ? REAL(fopen64) : REAL(fopen), path, mode);
+        return velo_fopen(REAL(fopen64) ? REAL(fopen64) : REAL(fopen), path, mode);
 }
 
 static FILE *do_freopen(FILE *(*real)(const char *, const char *, FILE *), const char *path,
@@ -331,28 +330,34 @@ VELO_EXPORT FILE *freopen64(const char *path, const char *mode, FILE *stream)
                           mode, stream);
 }
 
-/* fclose closes through glibc's internal close: it is the close of a written stream. */
-VELO_EXPORT int fclose(FILE *stream)
+int velo_fclose(int (*real)(FILE *), FILE *stream)
 {
         velo_init();
-        if (REAL(fclose) == NULL) {
+        if (real == NULL) {
                 errno = ENOSYS;
                 return EOF;
         }
         int fd = (velo_active && stream != NULL) ? fileno(stream) : -1;
         if (!velo_fd_written(fd))
-                return REAL(fclose)(stream);
+                return real(stream);
         struct velo_target t;
         VELO_SAVE_ERRNO;
         velo_resolve_fd(fd, &t);
         VELO_RESTORE_ERRNO;
-        int rc = REAL(fclose)(stream);
+        int rc = real(stream);
         int e = errno;
         velo_fd_clear(fd);
         if (t.inside)
                 velo_journal_target(VELO_R_CLOSE, VELO_P_EVENT, fd, 0, &t, NULL);
         errno = e;
         return rc;
+}
+
+/* fclose closes through glibc's internal close: it is the close of a written stream. */
+VELO_EXPORT int fclose(FILE *stream)
+{
+        velo_init();
+        return velo_fclose(REAL(fclose), stream);
 }
 
 /* --- mkstemp family: glibc creates the file through its internal open ---------------------- */

@@ -187,6 +187,11 @@ void velo_fd_scan_inherited(void);
 void velo_fd_close_all_marked(uint32_t why, int only_cloexec);
 void velo_open_done(int fd, const struct velo_target *t, uint32_t arg);
 
+/* open.c: a stream opened or closed by the real function given (fopen, or glibc's functions
+ * that open a program's file with its internal fopen: setmntent/endmntent) */
+FILE *velo_fopen(FILE *(*real)(const char *, const char *), const char *path, const char *mode);
+int velo_fclose(int (*real)(FILE *), FILE *stream);
+
 /* bbw.c */
 int velo_is_proxy(uint64_t dev, uint64_t ino);
 int velo_bbw(struct velo_target *t);

@@ -168,3 +168,43 @@ def test_what_leaves_the_tree_takes_no_proxy_along(mode: str, try_syscall: Path)
     assert proxies == [], "a write outside the tree changed a shared proxy"
     assert got == plain
     assert out_session == out_plain
+
+
+# glibc opens these files with its internal open/fopen, past the open and fopen hooks.
+GLIBC_OPENS = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+ut = ctypes.create_string_buffer(b"\\x07\\x00\\x00\\x00" + b"u" * 380, 384)  # one struct utmp
+libc.updwtmp(b"f1", ut)
+libc.updwtmpx(b"d/b", ut)
+libc.setmntent.restype = ctypes.c_void_p
+libc.setmntent.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+class Mnt(ctypes.Structure):
+    _fields_ = [("fsname", ctypes.c_char_p), ("dir", ctypes.c_char_p), ("type", ctypes.c_char_p),
+                ("opts", ctypes.c_char_p), ("freq", ctypes.c_int), ("passno", ctypes.c_int)]
+for name, mode in ((b"f2", b"a"), (b"f4", b"w")):
+    m = ctypes.c_void_p(libc.setmntent(name, mode))
+    assert m, ctypes.get_errno()
+    assert libc.addmntent(m, ctypes.byref(Mnt(b"dev", b"/mnt", b"ext4", b"rw", 0, 0))) == 0
+    libc.endmntent(m)
+assert libc.utmpname(b"f3") == 0
+libc.setutent()
+assert libc.pututline(ut)
+libc.endutent()
+"""
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_files_glibc_opens_past_the_open_hooks_are_broken_first(
+    mode: str, try_syscall: Path
+) -> None:
+    """updwtmp(x), setmntent + addmntent and utmpname + pututline wrote the shared proxy of the
+    file they were given (glibc's internal open and fopen): every tree sharing it changed."""
+    with unpriv_tmpdir() as base:
+        plain, got, proxies, plain_err, session_err, _ = as_mode(
+            mode, _run, base, os.fspath(try_syscall), GLIBC_OPENS
+        )
+    assert plain_err == "" and session_err == ""
+    assert proxies == [], "a glibc function wrote into a shared proxy"
+    assert got == plain
+    assert b"/mnt ext4" in plain["f4"][2] and b"uuuu" in plain["f3"][2]
