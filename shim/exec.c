@@ -199,10 +199,127 @@ VELO_EXPORT int posix_spawnp(pid_t *pid, const char *file,
         return do_spawn((spawn_fn)REAL(posix_spawnp), pid, file, actions, attr, argv, envp, 1);
 }
 
+/* Open actions after a chdir action (posix_spawn_file_actions_addchdir_np/addfchdir_np) are
+ * relative to that directory in the child. Resolved from the parent's cwd, `addchdir("d")` then
+ * `addopen(1, "b", O_WRONLY)` broke nothing (or the wrong file) and the child wrote d/b's shared
+ * proxy. So each file-actions object with a chdir action has its directory (as the parent
+ * resolves it when the action is added) in a small table, claimed by the object's address and
+ * freed by posix_spawn_file_actions_init/destroy. No malloc: static slots. An object that finds
+ * no free slot has its relative open actions resolved from the cwd, as before. */
+#define SPAWN_DIRS 16
+
+static struct {
+        const void *actions;
+        int known; /* dir holds the directory; 0: it could not be named */
+        char dir[PATH_MAX];
+} spawn_dirs[SPAWN_DIRS];
+
+static int spawn_slot(const void *actions, int claim)
+{
+        for (int i = 0; i < SPAWN_DIRS; i++)
+                if (__atomic_load_n(&spawn_dirs[i].actions, __ATOMIC_ACQUIRE) == actions)
+                        return i;
+        for (int i = 0; claim && i < SPAWN_DIRS; i++) {
+                const void *none = NULL;
+                if (__atomic_compare_exchange_n(&spawn_dirs[i].actions, &none, actions, 0,
+                                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                        return i;
+        }
+        return -1;
+}
+
+static void spawn_forget(const void *actions)
+{
+        int i = actions != NULL ? spawn_slot(actions, 0) : -1;
+        if (i >= 0)
+                __atomic_store_n(&spawn_dirs[i].actions, NULL, __ATOMIC_RELEASE);
+}
+
+/* path as the child will see it: joined to the object's chdir directory when relative. */
+static const char *spawn_path(const void *actions, const char *path, char full[PATH_MAX])
+{
+        int i = path[0] != '/' ? spawn_slot(actions, 0) : -1;
+        if (i < 0 || !spawn_dirs[i].known)
+                return path;
+        size_t dl = strlen(spawn_dirs[i].dir), pl = strlen(path);
+        if (dl + 1 + pl >= PATH_MAX)
+                return path;
+        memcpy(full, spawn_dirs[i].dir, dl);
+        full[dl] = '/';
+        memcpy(full + dl + 1, path, pl + 1);
+        return full;
+}
+
+static void spawn_chdir(const void *actions, const char *path, int fd)
+{
+        VELO_SAVE_ERRNO;
+        struct velo_target t;
+        char full[PATH_MAX];
+        if (path != NULL)
+                velo_resolve(AT_FDCWD, spawn_path(actions, path, full), VELO_FOLLOW, &t);
+        else
+                velo_resolve_fd(fd, &t);
+        int i = spawn_slot(actions, 1);
+        if (i >= 0) {
+                spawn_dirs[i].known = t.len > 0 && !t.trunc && t.path[0] == '/';
+                memcpy(spawn_dirs[i].dir, t.path, t.len + 1);
+        }
+        VELO_RESTORE_ERRNO;
+}
+
+VELO_EXPORT int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *actions,
+                                                     const char *path)
+{
+        static void *slot;
+        int (*real)(posix_spawn_file_actions_t *, const char *) =
+                (int (*)(posix_spawn_file_actions_t *, const char *))velo_sym(
+                        &slot, "posix_spawn_file_actions_addchdir_np");
+        velo_init();
+        if (real == NULL)
+                return ENOSYS;
+        int rc = real(actions, path);
+        if (rc == 0 && velo_active && path != NULL)
+                spawn_chdir(actions, path, -1);
+        return rc;
+}
+
+VELO_EXPORT int posix_spawn_file_actions_addfchdir_np(posix_spawn_file_actions_t *actions, int fd)
+{
+        static void *slot;
+        int (*real)(posix_spawn_file_actions_t *, int) =
+                (int (*)(posix_spawn_file_actions_t *, int))velo_sym(
+                        &slot, "posix_spawn_file_actions_addfchdir_np");
+        velo_init();
+        if (real == NULL)
+                return ENOSYS;
+        int rc = real(actions, fd);
+        if (rc == 0 && velo_active)
+                spawn_chdir(actions, NULL, fd);
+        return rc;
+}
+
+VELO_EXPORT int posix_spawn_file_actions_init(posix_spawn_file_actions_t *actions)
+{
+        static void *slot;
+        int (*real)(posix_spawn_file_actions_t *) = (int (*)(posix_spawn_file_actions_t *))
+                velo_sym(&slot, "posix_spawn_file_actions_init");
+        spawn_forget(actions);
+        return real != NULL ? real(actions) : ENOSYS;
+}
+
+VELO_EXPORT int posix_spawn_file_actions_destroy(posix_spawn_file_actions_t *actions)
+{
+        static void *slot;
+        int (*real)(posix_spawn_file_actions_t *) = (int (*)(posix_spawn_file_actions_t *))
+                velo_sym(&slot, "posix_spawn_file_actions_destroy");
+        spawn_forget(actions);
+        return real != NULL ? real(actions) : ENOSYS;
+}
+
 /* An open action runs in the spawned child through glibc's internal open, before the new image
  * (and its shim) exists: in --link mode a file opened there for writing is broken here, when the
- * action is added (its path as the parent resolves it now; a relative path after an addchdir
- * action is resolved from the parent's cwd). A store path or an unbreakable proxy is refused. */
+ * action is added (its path as the parent resolves it now, after the object's chdir actions).
+ * A store path or an unbreakable proxy is refused. */
 VELO_EXPORT int posix_spawn_file_actions_addopen(posix_spawn_file_actions_t *actions, int fd,
                                                  const char *path, int oflag, mode_t mode)
 {
@@ -213,8 +330,9 @@ VELO_EXPORT int posix_spawn_file_actions_addopen(posix_spawn_file_actions_t *act
         if (velo_active && path != NULL && writes && !(oflag & O_PATH)) {
                 VELO_SAVE_ERRNO;
                 struct velo_target t;
+                char full[PATH_MAX];
                 unsigned vf = (oflag & O_NOFOLLOW) ? 0 : VELO_FOLLOW;
-                velo_resolve(AT_FDCWD, path, vf, &t);
+                velo_resolve(AT_FDCWD, spawn_path(actions, path, full), vf, &t);
                 int err = 0;
                 if (t.protect || (t.proxy && (!t.inside || t.unknown || t.trunc)))
                         err = EROFS;

@@ -208,3 +208,45 @@ def test_files_glibc_opens_past_the_open_hooks_are_broken_first(
     assert proxies == [], "a glibc function wrote into a shared proxy"
     assert got == plain
     assert b"/mnt ext4" in plain["f4"][2] and b"uuuu" in plain["f3"][2]
+
+
+# Open actions after a chdir action are relative to that directory in the child.
+SPAWN_CHDIR = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def spawn(actions, cmd):
+    fa = ctypes.create_string_buffer(128)  # posix_spawn_file_actions_t (80 bytes)
+    assert libc.posix_spawn_file_actions_init(fa) == 0
+    for act, *args in actions:
+        assert getattr(libc, "posix_spawn_file_actions_" + act)(fa, *args) == 0, act
+    env = [f"{k}={v}".encode() for k, v in os.environ.items()]
+    envp = (ctypes.c_char_p * (len(env) + 1))(*env, None)
+    argv = (ctypes.c_char_p * 4)(b"sh", b"-c", cmd, None)
+    pid = ctypes.c_int()
+    assert libc.posix_spawn(ctypes.byref(pid), b"/bin/sh", fa, None, argv, envp) == 0
+    assert os.waitstatus_to_exitcode(os.waitpid(pid.value, 0)[1]) == 0
+    libc.posix_spawn_file_actions_destroy(fa)
+spawn([("addchdir_np", b"d"), ("addopen", 1, b"b", os.O_WRONLY | os.O_APPEND, 0)], b"echo one")
+spawn([("addchdir_np", b"dir1"), ("addchdir_np", b"../d"),
+       ("addopen", 2, b"b", os.O_WRONLY | os.O_APPEND, 0)], b"echo two >&2")
+dfd = os.open("dir2", os.O_RDONLY | os.O_DIRECTORY)
+names = sorted(n for n in os.listdir("dir2") if os.path.isfile(os.path.join("dir2", n)))
+spawn([("addfchdir_np", dfd), ("addopen", 1, names[0].encode(), os.O_WRONLY | os.O_TRUNC, 0)],
+      b"echo three")
+"""
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_a_spawned_childs_open_action_after_a_chdir_action_breaks_the_right_proxy(
+    mode: str, try_syscall: Path
+) -> None:
+    """addchdir_np("d") + addopen("b"): the child opens d/b, which the parent resolved as ./b
+    (nothing there to break): the child wrote d/b's shared proxy."""
+    with unpriv_tmpdir() as base:
+        plain, got, proxies, plain_err, session_err, _ = as_mode(
+            mode, _run, base, os.fspath(try_syscall), SPAWN_CHDIR
+        )
+    assert plain_err == "" and session_err == ""
+    assert proxies == [], "a spawned child wrote into a shared proxy"
+    assert got == plain
+    assert plain["d/b"][2].endswith(b"one\ntwo\n")
