@@ -40,7 +40,7 @@ static void close_end(struct closing *c)
         VELO_RESTORE_ERRNO;
 }
 
-VELO_EXPORT int close(int fd)
+static int do_close(int fd)
 {
         velo_init();
         struct closing c;
@@ -51,6 +51,20 @@ VELO_EXPORT int close(int fd)
         if (tracked)
                 close_end(&c); /* even on EINTR/EIO: Linux has released the fd */
         return rc;
+}
+
+VELO_EXPORT int close(int fd)
+{
+        return do_close(fd);
+}
+
+/* glibc's exported aliases of close, dup2 and fcntl (__fcntl below): other symbols, the same
+ * functions. Called by name (old binaries, dlsym), they went past the hooks: a written fd
+ * closed, replaced or duplicated so was never journaled nor marked. */
+VELO_EXPORT int __close(int fd);
+VELO_EXPORT int __close(int fd)
+{
+        return do_close(fd);
 }
 
 VELO_EXPORT int dup(int fd)
@@ -89,6 +103,12 @@ VELO_EXPORT int dup2(int oldfd, int newfd)
         return do_dup3(oldfd, newfd, 0, 1);
 }
 
+VELO_EXPORT int __dup2(int oldfd, int newfd);
+VELO_EXPORT int __dup2(int oldfd, int newfd)
+{
+        return do_dup3(oldfd, newfd, 0, 1);
+}
+
 VELO_EXPORT int dup3(int oldfd, int newfd, int flags)
 {
         return do_dup3(oldfd, newfd, flags, 0);
@@ -106,6 +126,16 @@ static int do_fcntl(int fd, int cmd, void *arg)
 }
 
 VELO_EXPORT int fcntl(int fd, int cmd, ...)
+{
+        va_list ap;
+        va_start(ap, cmd);
+        void *arg = va_arg(ap, void *);
+        va_end(ap);
+        return do_fcntl(fd, cmd, arg);
+}
+
+VELO_EXPORT int __fcntl(int fd, int cmd, ...);
+VELO_EXPORT int __fcntl(int fd, int cmd, ...)
 {
         va_list ap;
         va_start(ap, cmd);

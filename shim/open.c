@@ -266,6 +266,16 @@ VELO_EXPORT FILE *fopen64(const char *path, const char *mode)
         return velo_fopen(REAL(fopen64) ? REAL(fopen64) : REAL(fopen), path, mode);
 }
 
+/* glibc's old exported alias of fopen (libio's name): the same function, past the hook above */
+VELO_EXPORT FILE *_IO_fopen(const char *path, const char *mode);
+VELO_EXPORT FILE *_IO_fopen(const char *path, const char *mode)
+{
+        static void *slot;
+        velo_init();
+        return velo_fopen((FILE * (*)(const char *, const char *)) velo_sym(&slot, "_IO_fopen"),
+                          path, mode);
+}
+
 static FILE *do_freopen(FILE *(*real)(const char *, const char *, FILE *), const char *path,
                         const char *mode, FILE *stream)
 {
@@ -358,6 +368,13 @@ VELO_EXPORT int fclose(FILE *stream)
 {
         velo_init();
         return velo_fclose(REAL(fclose), stream);
+}
+
+VELO_EXPORT int _IO_fclose(FILE *stream);
+VELO_EXPORT int _IO_fclose(FILE *stream)
+{
+        static void *slot;
+        return velo_fclose((int (*)(FILE *))velo_sym(&slot, "_IO_fclose"), stream);
 }
 
 /* --- mkstemp family: glibc creates the file through its internal open ---------------------- */

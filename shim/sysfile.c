@@ -18,17 +18,37 @@
 #include <utmp.h>
 #include <utmpx.h>
 
+static FILE *do_setmntent(void **slot, const char *name, const char *file, const char *mode)
+{
+        return velo_fopen((FILE * (*)(const char *, const char *)) velo_sym(slot, name), file,
+                          mode);
+}
+
 VELO_EXPORT FILE *setmntent(const char *file, const char *mode)
 {
         static void *slot;
-        return velo_fopen((FILE * (*)(const char *, const char *)) velo_sym(&slot, "setmntent"),
-                          file, mode);
+        return do_setmntent(&slot, "setmntent", file, mode);
+}
+
+/* glibc's exported aliases (other symbols, the same functions) */
+VELO_EXPORT FILE *__setmntent(const char *file, const char *mode);
+VELO_EXPORT FILE *__setmntent(const char *file, const char *mode)
+{
+        static void *slot;
+        return do_setmntent(&slot, "__setmntent", file, mode);
 }
 
 VELO_EXPORT int endmntent(FILE *stream)
 {
         static void *slot;
         return velo_fclose((int (*)(FILE *))velo_sym(&slot, "endmntent"), stream);
+}
+
+VELO_EXPORT int __endmntent(FILE *stream);
+VELO_EXPORT int __endmntent(FILE *stream)
+{
+        static void *slot;
+        return velo_fclose((int (*)(FILE *))velo_sym(&slot, "__endmntent"), stream);
 }
 
 /* A file glibc will open with `flags` later in this call (updwtmp) or by a later call (utmp). */

@@ -241,3 +241,47 @@ def test_chattr_breaks_a_proxy_first_and_is_refused_in_the_store(lab: Lab) -> No
     xattr = [(Phase(r.phase), r.path1) for r in recs if r.type == RecType.XATTR]
     assert xattr == [(Phase.INTENT, lab.p("p1")), (Phase.DONE, lab.p("p1"))]
     assert [r.type for r in recs].count(RecType.DENIED) == 1
+
+
+# glibc's other exported names of fopen/fclose, setmntent/endmntent, close, dup2 and fcntl:
+# called by those names (old binaries, dlsym), they went past the hooks.
+ALIASES = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name in ("_IO_fopen", "__setmntent"):
+    getattr(libc, name).restype = ctypes.c_void_p
+f = ctypes.c_void_p(libc._IO_fopen(b"p1", b"a"))
+assert f and libc.fputs(b"via _IO_fopen\\n", f) >= 0 and libc._IO_fclose(f) == 0
+m = ctypes.c_void_p(libc.__setmntent(b"p2", b"a"))
+assert m and libc.fputs(b"via __setmntent\\n", m) >= 0 and libc.__endmntent(m) == 1
+fd = os.open("a", os.O_WRONLY | os.O_APPEND)
+assert libc.__fcntl(fd, 0, 50) == 50  # F_DUPFD: fd 50 writes a too
+assert libc.__close(fd) == 0
+null = os.open("/dev/null", os.O_RDONLY)
+assert libc.__dup2(null, 50) == 50  # a's last fd replaced: closed
+"""
+
+
+def test_glibcs_other_names_of_hooked_functions_are_hooked(lab: Lab) -> None:
+    proxy = _proxy_lab(lab)
+    lab.export()
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-c", ALIASES],
+        env=lab.env(),
+        cwd=lab.proj,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proxy.read_bytes() == b"shared\n"  # every tree's copy kept its bytes
+    assert (lab.proj / "p1").read_bytes() == b"shared\nvia _IO_fopen\n"
+    assert (lab.proj / "p2").read_bytes() == b"shared\nvia __setmntent\n"
+    recs = lab.reader.read(final=True)
+    closes = [(r.path1, r.ret) for r in recs if r.type == RecType.CLOSE]
+    # both streams at their close, and a's fd at __close and its duplicate (50) at __dup2
+    assert sorted(p for p, _fd in closes) == sorted(
+        [lab.p("p1"), lab.p("p2"), lab.p("a"), lab.p("a")]
+    )
+    assert (lab.p("a"), 50) in closes, closes
