@@ -19,6 +19,7 @@ SOURCES = [
     "shim/meta.c",
     "shim/exec.c",
     "shim/sysfile.c",
+    "shim/sysc.c",
 ]
 
 setup(

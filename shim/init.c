@@ -34,6 +34,7 @@ void *velo_sym(void **slot, const char *name)
 
 static void find_real(void)
 {
+        velo_rawsys_init(); /* first: every raw syscall of ours goes through it */
         /* what a vfork child may call (Python's _posixsubprocess, shells): no dlsym there */
         REAL(openat);
         REAL(close);

@@ -32,7 +32,7 @@ static unsigned nofollow_flag(int flags)
 
 /* (fd, "", AT_EMPTY_PATH) is the fd itself: glibc >= 2.39 passes it on to fchmodat2 (2.36 says
  * EINVAL). Taken for a name, it was resolved as "<file>/" and the proxy the fd holds never broke. */
-static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags, int raw2)
 {
         struct velo_target t;
         unsigned vf = VELO_WRITE | VELO_BBW | nofollow_flag(flags);
@@ -45,8 +45,9 @@ static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
                 path = velo_redirect(&t, &dirfd, path);
                 flags &= ~AT_EMPTY_PATH;
         }
-        int rc = REAL(fchmodat) != NULL ? REAL(fchmodat)(dirfd, path, mode, flags)
-                                            : (int)syscall(SYS_fchmodat, dirfd, path, mode);
+        int rc = raw2                     ? (int)syscall(VELO_SYS_FCHMODAT2, dirfd, path, mode, flags)
+                 : REAL(fchmodat) != NULL ? REAL(fchmodat)(dirfd, path, mode, flags)
+                                          : (int)syscall(SYS_fchmodat, dirfd, path, mode);
         if (r == VELO_TRACK)
                 velo_post(VELO_R_CHMOD, mode, &t, NULL, rc, errno);
         return rc;
@@ -54,18 +55,24 @@ static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 
 VELO_EXPORT int chmod(const char *path, mode_t mode)
 {
-        return do_fchmodat(AT_FDCWD, path, mode, 0);
+        return do_fchmodat(AT_FDCWD, path, mode, 0, 0);
 }
 
 VELO_EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 {
-        return do_fchmodat(dirfd, path, mode, flags);
+        return do_fchmodat(dirfd, path, mode, flags, 0);
 }
 
 /* glibc's lchmod calls its internal fchmodat, past the hook above */
 VELO_EXPORT int lchmod(const char *path, mode_t mode)
 {
-        return do_fchmodat(AT_FDCWD, path, mode, AT_SYMLINK_NOFOLLOW);
+        return do_fchmodat(AT_FDCWD, path, mode, AT_SYMLINK_NOFOLLOW, 0);
+}
+
+/* fchmodat2 made with syscall(3) (sysc.c): glibc's fchmodat is not that call before 2.39 */
+int velo_fchmodat2(int dirfd, const char *path, mode_t mode, int flags)
+{
+        return do_fchmodat(dirfd, path, mode, flags, 1);
 }
 
 VELO_EXPORT int fchmod(int fd, mode_t mode)

@@ -9,6 +9,7 @@
 
 #include <stdarg.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int wants_write(int flags)
 {
@@ -60,6 +61,94 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
                 int e = errno;
                 if (fd >= 0)
                         velo_open_done(fd, &t, (uint32_t)flags);
+                else
+                        velo_post(VELO_R_OPEN, (uint32_t)flags, &t, NULL, -1, e);
+                errno = e;
+        }
+        return fd;
+}
+
+/* openat2(2) has no glibc wrapper: programs reach it through syscall() (see sysc.c). Its
+ * RESOLVE_* flags change how the path is walked (RESOLVE_IN_ROOT: "/" is dirfd), so the target is
+ * found by the kernel itself, with an O_PATH openat2 under the same flags, and named from that fd.
+ * A target that is not there yet is its parent plus the last name, as for openat. After a break
+ * the private copy is opened by its canonical name: the walk the flags restrict was made. */
+struct velo_open_how {
+        uint64_t flags, mode, resolve;
+};
+
+static long raw_openat2(int dirfd, const char *path, const struct velo_open_how *how, size_t size)
+{
+        return syscall(SYS_openat2, dirfd, path, how, size);
+}
+
+/* Not there yet (a create): its parent found by the kernel under the same flags, plus the name. */
+static int openat2_new(int dirfd, const char *path, int flags, uint64_t resolve,
+                       struct velo_target *t)
+{
+        char dir[PATH_MAX];
+        const char *base = strrchr(path, '/');
+        size_t dlen = base == NULL ? 0 : (size_t)(base - path);
+        int pfd = -1;
+        if (base != NULL && dlen < sizeof dir - 1 && base[1] != '\0') {
+                memcpy(dir, path, dlen);
+                dir[dlen ? dlen : 1] = '\0';
+                if (dlen == 0)
+                        dir[0] = '/';
+                struct velo_open_how ph = {(uint64_t)(O_PATH | O_DIRECTORY | O_CLOEXEC), 0, resolve};
+                VELO_SAVE_ERRNO;
+                pfd = (int)raw_openat2(dirfd, dir, &ph, sizeof ph);
+                VELO_RESTORE_ERRNO;
+        }
+        int r = pfd >= 0 ? velo_pre1(VELO_R_OPEN, (uint32_t)flags, pfd, base + 1,
+                                     open_vflags(flags), t)
+                         : velo_pre1(VELO_R_OPEN, (uint32_t)flags, dirfd, path, open_vflags(flags),
+                                     t);
+        if (pfd >= 0) {
+                int e = errno;
+                velo_sys_close(pfd);
+                errno = e;
+        }
+        return r;
+}
+
+long velo_openat2(int dirfd, const char *path, const void *vhow, size_t size)
+{
+        const struct velo_open_how *how = vhow;
+        velo_init();
+        if (!velo_active || how == NULL || size < sizeof *how || path == NULL ||
+            how->flags > INT_MAX || !is_write_open((int)how->flags))
+                return raw_openat2(dirfd, path, how, size);
+        int flags = (int)how->flags;
+        int nofollow = (flags & O_NOFOLLOW) || ((flags & O_CREAT) && (flags & O_EXCL));
+        struct velo_open_how ph = {(uint64_t)(O_PATH | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0)),
+                                   0, how->resolve};
+        VELO_SAVE_ERRNO;
+        int pfd = (int)raw_openat2(dirfd, path, &ph, sizeof ph);
+        int perr = errno;
+        VELO_RESTORE_ERRNO;
+        if (pfd < 0 && perr != ENOENT && perr != EMFILE && perr != ENFILE)
+                return raw_openat2(dirfd, path, how, size); /* fails as it would have */
+        struct velo_target t;
+        int r;
+        if (pfd >= 0) {
+                r = velo_pre1(VELO_R_OPEN, (uint32_t)flags, pfd, "", open_vflags(flags) | VELO_EMPTY,
+                              &t);
+                int e = errno;
+                velo_sys_close(pfd);
+                errno = e;
+        } else {
+                r = openat2_new(dirfd, path, flags, how->resolve, &t);
+        }
+        if (r == VELO_DENY)
+                return -1;
+        struct velo_open_how plain = {how->flags, how->mode, 0};
+        long fd = r == VELO_TRACK && t.broke ? raw_openat2(AT_FDCWD, t.path, &plain, sizeof plain)
+                                             : raw_openat2(dirfd, path, how, size);
+        if (r == VELO_TRACK) {
+                int e = errno;
+                if (fd >= 0)
+                        velo_open_done((int)fd, &t, (uint32_t)flags);
                 else
                         velo_post(VELO_R_OPEN, (uint32_t)flags, &t, NULL, -1, e);
                 errno = e;

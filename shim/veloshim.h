@@ -39,6 +39,12 @@
 
 #include "format.h"
 
+/* The shim's own raw syscalls go to libc's syscall(), never to its hook of that function
+ * (sysc.c): every `syscall(...)` below and in the .c files is velo_rawsys. */
+long velo_rawsys(long number, ...) __attribute__((visibility("hidden")));
+void velo_rawsys_init(void) __attribute__((visibility("hidden")));
+#define syscall velo_rawsys
+
 #define VELO_EXPORT __attribute__((visibility("default")))
 #define VELO_UNUSED __attribute__((unused))
 
@@ -191,6 +197,11 @@ void velo_open_done(int fd, const struct velo_target *t, uint32_t arg);
  * that open a program's file with its internal fopen: setmntent/endmntent) */
 FILE *velo_fopen(FILE *(*real)(const char *, const char *), const char *path, const char *mode);
 int velo_fclose(int (*real)(FILE *), FILE *stream);
+long velo_openat2(int dirfd, const char *path, const void *how, size_t size);
+
+/* meta.c */
+#define VELO_SYS_FCHMODAT2 452 /* the same number on every architecture */
+int velo_fchmodat2(int dirfd, const char *path, mode_t mode, int flags);
 
 /* bbw.c */
 int velo_is_proxy(uint64_t dev, uint64_t ino);

@@ -250,3 +250,54 @@ def test_a_spawned_childs_open_action_after_a_chdir_action_breaks_the_right_prox
     assert proxies == [], "a spawned child wrote into a shared proxy"
     assert got == plain
     assert plain["d/b"][2].endswith(b"one\ntwo\n")
+
+
+# syscall(3) is a libc function like any other: openat2 has no other entry point in glibc, and
+# some programs make all their calls through it.
+THROUGH_SYSCALL = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sys(nr, *args):
+    r = libc.syscall(ctypes.c_long(nr), *args)
+    assert r >= 0, (nr, ctypes.get_errno())
+    return r
+class How(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+top = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+RESOLVE_BENEATH, RESOLVE_IN_ROOT = 0x08, 0x10
+# openat2 (437): beneath the tree's fd, and "/f2" taken in the tree's fd as its root
+fd = sys(437, top, b"f1", ctypes.byref(How(os.O_WRONLY | os.O_APPEND, 0, RESOLVE_BENEATH)), 24)
+os.write(fd, b"openat2\\n")
+os.close(fd)
+fd = sys(437, top, b"/f2", ctypes.byref(How(os.O_WRONLY | os.O_TRUNC, 0, RESOLVE_IN_ROOT)), 24)
+os.write(fd, b"in root\\n")
+os.close(fd)
+fd = sys(437, top, b"new", ctypes.byref(How(os.O_WRONLY | os.O_CREAT, 0o640, RESOLVE_BENEATH)), 24)
+os.close(fd)
+sys(76, b"f3", ctypes.c_long(2))  # truncate
+ro = os.open("f4", os.O_RDONLY)
+sys(91, ro, 0o600)  # fchmod of a read-only fd
+sys(452, os.open("f6", os.O_RDONLY), b"", 0o640, 0x1000)  # fchmodat2(fd, "", AT_EMPTY_PATH)
+times = (ctypes.c_long * 4)(1_000_000_000, 0, 1_000_000_000, 0)
+sys(280, -100, b"f5", times, 0)  # utimensat
+fd = sys(257, -100, b"d/b", os.O_WRONLY | os.O_APPEND)  # openat
+os.write(fd, b"openat\\n")
+os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("mode", ["root", "rootfree"])
+def test_calls_made_through_syscall_break_the_proxy_first(mode: str, try_syscall: Path) -> None:
+    """openat2 (RESOLVE_BENEATH, RESOLVE_IN_ROOT), truncate, fchmod, fchmodat2, utimensat and
+    openat made with syscall(3) changed the shared proxy in place: every tree with that content
+    saw it."""
+    with unpriv_tmpdir() as base:
+        plain, got, proxies, plain_err, session_err, f5_mtime = as_mode(
+            mode, _run, base, os.fspath(try_syscall), THROUGH_SYSCALL
+        )
+    assert plain_err == "" and session_err == ""
+    assert proxies == [], "a call made through syscall() wrote into a shared proxy"
+    assert got == plain
+    assert plain["f2"][2] == b"in root\n" and plain["f4"][1] == 0o600 and plain["f6"][1] == 0o640
+    assert f5_mtime == 1_000_000_000 * 10**9
