@@ -124,9 +124,16 @@ def pull(
     keep_setid: Annotated[
         bool, typer.Option("--keep-setid", help="Keep setuid/setgid bits (stripped by default)")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Add the version to an existing ref that did not come from there"
+        ),
+    ] = False,
 ) -> None:
     """Pull a version from an OCI registry; only objects the store lacks are fetched, each
-    verified before it is stored. An existing ref gets it as a new commit."""
+    verified before it is stored. An existing ref gets it as a new commit if it came from the
+    same registry and repository (else --name another ref, or --force)."""
     from veloverlay.remote import pull as pull_ref
 
     opts = _options(tls_verify, ca_cert, authfile, jobs)
@@ -142,6 +149,7 @@ def pull(
             options=opts,
             progress=show,
             keep_setid=keep_setid,
+            force=force,
         )
     finally:
         bar.done()

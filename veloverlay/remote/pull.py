@@ -37,9 +37,10 @@ from veloverlay.remote.version import PackRef, parse_config, parse_manifest
 from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import node_digest
-from veloverlay.store.manifest import Manifests
+from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.stage import HOLD_FILES, HoldBudget
 from veloverlay.store.tree import Kind, Node, decode
+from veloverlay.store.versions import Ref
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
@@ -76,10 +77,14 @@ def pull(
     progress: ProgressFn | None = None,
     publish_bytes: int = PUBLISH_BYTES,
     keep_setid: bool = False,
+    force: bool = False,
 ) -> PullResult:
     """Pull `remote` (`HOST/REPO:TAG` or `@sha256:…`) into ref `name` (default: the ref name the
     version was pushed from). An existing ref gets the version as a new commit on top (its log
-    keeps what it had). The version's recorded ingest path is not trusted: pass `path`.
+    keeps what it had) only when this store last pulled it from (or pushed it to) this registry
+    and repository, or with `force`: else OTHER_SOURCE, before anything is fetched (the registry
+    names the ref; it must not move one of the user's own). The version's recorded ingest path
+    is not trusted: pass `path`.
     Verified blobs are published (made durable and named) each time `publish_bytes` of them have
     arrived, and at the end: what a killed pull published, the next one does not fetch again.
     The tree must pass what an imported bundle must (`store.incoming`: whole, honest sizes, no
@@ -126,6 +131,7 @@ def pull(
                 res.requests = reg.requests
                 res.seconds = time.monotonic() - t0
                 return res  # up to date (a ref's whole closure is stored)
+            _check_target(store, m, txn, rn, refname, force)
         jobs = max(1, reg.opts.jobs)
         with workers.more_files(HOLD_FILES):
             with ThreadPoolExecutor(jobs) as pool:
@@ -186,7 +192,7 @@ def pull(
             if not keep_setid:
                 root, res.stripped_setid = incoming.strip_setid(m, txn, root, setid)
                 res.root = root.hex()
-            existing = m.get_ref(txn, refname)
+            existing = _check_target(store, m, txn, rn, refname, force)  # (made meanwhile?)
             if existing is not None and m.get_commit(txn, existing.head).root == root.hex():
                 res.commit = None
             else:
@@ -205,6 +211,31 @@ def pull(
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _check_target(
+    store: Store, m: Manifests, txn: Txn, rn: RemoteName, refname: str, force: bool
+) -> Ref | None:
+    """The ref a pull of `rn` may write to, if it exists: one this store last pulled from (or
+    pushed to) the same registry and repository; another only with `force`."""
+    ref = m.get_ref(txn, refname)
+    if ref is None or force:
+        return ref
+    notes = Versions(store)
+    known = notes.get(rn.registry, refname)
+    if known is not None and known[0] == rn.repo:
+        return ref
+    came = f"was ingested from {ref.path}" if ref.path else "did not come from there"
+    for host in notes.load():
+        hit = notes.get(host, refname)
+        if hit is not None:
+            came = f"was last pulled from or pushed to {host}/{hit[0]}"
+    raise VeloError(
+        f"ref {refname!r} exists and {came}; the version {rn} would become its next commit",
+        reason=Reason.OTHER_SOURCE,
+        hint=f"pull it under another name with --name REF (then run REF); to make it the next "
+        f"version of {refname} anyway, --force",
+    )
 
 
 def _walk(

@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from veloverlay import _libc
 from veloverlay.files import makedirs, write_json_atomic
@@ -92,6 +93,29 @@ class Versions:
         return None
 
     def set(self, host: str, ref: str, repo: str, digest: str) -> None:
+        def change(data: dict[str, Any]) -> bool:
+            refs = data.get(host)
+            if not isinstance(refs, dict):  # damaged notes: start this registry's again
+                refs = data[host] = {}
+            refs[ref] = [repo, digest]
+            return True
+
+        self._update(change)
+
+    def forget(self, ref: str) -> None:
+        """Drop the notes of `ref` (deleted: a ref of that name made later is another one,
+        which a pull must not take for the one it pulled before)."""
+
+        def change(data: dict[str, Any]) -> bool:
+            hits = [refs for refs in data.values() if isinstance(refs, dict) and ref in refs]
+            for refs in hits:
+                del refs[ref]
+            return bool(hits)
+
+        if self.path.exists():
+            self._update(change)
+
+    def _update(self, change: Callable[[dict[str, Any]], bool]) -> None:
         makedirs(self.path.parent)
         fd = os.open(
             self.path.parent / "versions.lock",
@@ -100,12 +124,9 @@ class Versions:
         )
         try:
             _libc.ofd_lock(fd, write=True, wait=True)
-            data = self.load()
-            refs = data.get(host)
-            if not isinstance(refs, dict):  # damaged notes: start this registry's again
-                refs = data[host] = {}
-            refs[ref] = [repo, digest]
-            write_json_atomic(self.path, data)
+            data: dict[str, Any] = dict(self.load())
+            if change(data):
+                write_json_atomic(self.path, data)
         finally:
             os.close(fd)
 

@@ -300,11 +300,13 @@ class Repo:
         """Delete ref `name` (its tags stay). Returns what that frees and when: its objects that
         nothing else keeps go at the first `gc` once older than `grace` (gc's default)."""
         from veloverlay.ingest.pipeline import drop_cache
+        from veloverlay.remote.state import Versions
         from veloverlay.session.state import refuse_live_view
         from veloverlay.verbs.gc import ref_footprint
 
         refuse_live_view(self.store, name, doing="delete")
         fp = ref_footprint(self.store, self.m, name, grace=grace)
+        Versions(self.store).forget(name)  # first: a later ref of that name is not the pulled one
         with self.m.write() as txn:
             if not self.m.delete_ref(txn, name):
                 raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
