@@ -4,7 +4,9 @@ Pack v1 (`application/vnd.veloverlay.pack.v1`): `b"VELOPACK"`, u32 version (1), 
 bytes back to back, nothing between them. The index (`application/vnd.veloverlay.pack.index.v1`):
 `b"VELOPIDX"`, u32 version (1), u32 count, then `count` records of 49 bytes, sorted by (kind,
 digest) and unique: u8 kind (1 object, 2 node), 32-byte BLAKE3 digest, u64 offset, u64 length
-(little endian; offsets into the pack blob). Entries do not overlap. A pack holds one kind only.
+(little endian; offsets into the pack blob). Taken in offset order, the entries cover the pack
+from the end of its header to its end, back to back: no gap, no overlap (an index that says
+otherwise is refused). A pack holds one kind only.
 
 The index names content, the pack carries it: a puller reads every index (small) to learn which
 objects a version offers and where, and fetches only the packs holding objects it lacks. Nothing
@@ -111,10 +113,21 @@ def decode_index(data: bytes, pack_size: int) -> list[Entry]:
         raise _bad("entries not sorted or not unique")
     if raw and not {k for k, _d, _o, _n in raw} <= {KIND_OBJECT, KIND_NODE}:
         raise _bad("unknown entry kind")
-    low = len(PACK_HEADER)
-    spans = sorted((o, o + n) for _k, _d, o, n in raw)
-    if spans and (spans[0][0] < low or max(e for _s, e in spans) > pack_size):
-        raise _bad("an entry lies outside its pack")
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
-        raise _bad("entries overlap")
+    # Back to back, as the format says: from the header to the pack's end, nothing between
+    # (bytes no entry names would be fetched and held for nothing, and hide what a pack carries).
+    at = len(PACK_HEADER)
+    for o, n in sorted((o, n) for _k, _d, o, n in raw):
+        if o < at:
+            raise _bad(
+                "entries overlap" if o >= len(PACK_HEADER) else "an entry lies in the header"
+            )
+        if o > at:
+            raise _bad(f"bytes {at}..{o} of the pack belong to no entry")
+        at = o + n
+    if at != pack_size:
+        raise _bad(
+            "an entry lies outside its pack"
+            if at > pack_size
+            else f"bytes {at}..{pack_size} of the pack belong to no entry"
+        )
     return list(map(Entry._make, raw))
