@@ -1,17 +1,21 @@
-"""A pack index that does not describe its pack as the format says: the entries, in offset order,
-cover the pack from its header to its end, back to back. An index with bytes between entries (or
-before the first, or after the last) is refused: those bytes are fetched for nothing and carry
-what no entry names."""
+"""Packs as a registry may serve them. An index that does not describe its pack as the format
+says (the entries, in offset order, cover the pack from its header to its end, back to back) is
+refused: bytes between entries, before the first or after the last are fetched for nothing and
+carry what no entry names. A registry that refuses range requests (416) gets the pack read whole."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir, sha
 from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import ingest
 from veloverlay.remote import Options, pull
 from veloverlay.remote.pack import KIND_OBJECT, PACK_HEADER, Entry, decode_index, encode_index
 from veloverlay.remote.version import A_INDEX, A_KIND
@@ -88,3 +92,38 @@ def test_a_pull_refuses_a_pack_with_slack_between_its_entries(
     with repo.m.read() as txn:
         assert list(repo.m.refs(txn)) == []
     assert repo.store.missing([hash_bytes(a), hash_bytes(b)]) == [hash_bytes(a), hash_bytes(b)]
+
+
+def test_a_registry_that_refuses_ranges_with_416_is_read_whole(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """Range requests are optional in the distribution spec: a registry that answers one with
+    416 (Range Not Satisfiable) made the pull fail; the pack is read whole instead."""
+    src = os.path.join(shm_tmp, "src")
+    files = {f"f{i:02}": os.urandom(100_000) for i in range(20)}
+    make_tree(src, dict(files))
+    for name in files:
+        os.chmod(os.path.join(src, name), 0o644)
+    os.chmod(src, 0o755)
+    part = os.path.join(shm_tmp, "part")
+    make_tree(part, {k: v for k, v in files.items() if k != "f07"})  # all but one object
+    ingest(repo.store, repo.m, part, "mine", jobs=1)
+    entries = [file_entry(k.encode(), v) for k, v in sorted(files.items())]
+    root, nodes = one_dir(entries)
+    fake.serve_version(nodes, {hash_bytes(v): v for v in files.values()}, root)
+    ranged: list[str] = []
+
+    def no_ranges(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if method == "GET" and h.headers.get("Range"):
+            ranged.append(h.headers["Range"])
+            h.send(416, headers={"Content-Range": "bytes */0"})  # type: ignore[attr-defined]
+            return True
+        return False
+
+    fake.hook = no_ranges
+    res = pull(repo.store, repo.m, fake.remote(), name="env", options=OPTS)
+    assert ranged  # (the pull asked for a range: only one object of twenty was missing)
+    assert res.objects_fetched == 1
+    out = os.path.join(shm_tmp, "out")
+    repo.checkout("env", out)
+    assert_same_tree(out, src, mtimes=False, dir_mtimes=False)

@@ -441,13 +441,14 @@ class Registry:
     @contextlib.contextmanager
     def blob_range(self, digest: str, first: int, last: int) -> Iterator[httpx.Response]:
         """Bytes first..last (inclusive) of a blob: 206 where the registry serves ranges, or 200
-        with the whole blob where it does not (the caller checks the status)."""
+        with the whole blob where it does not, or 416 where it refuses the range (ranges are
+        optional in the distribution spec; the caller checks the status and reads it whole)."""
         r = self.request(
             "GET",
             self.url(f"blobs/{digest}"),
             headers={"Range": f"bytes={first}-{last}"},
             stream=True,
-            expect=(200, 206),
+            expect=(200, 206, 416),
         )
         try:
             yield r

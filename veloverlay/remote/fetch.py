@@ -218,8 +218,8 @@ def fetch_pack(
 ) -> tuple[Stage, int]:
     """Fetch the wanted entries of one pack into a new stage, each verified; the caller
     publishes. Few entries of a big pack are read with HTTP range requests where the registry
-    serves them (206); otherwise, or when it answers a range with the whole blob, the pack is read
-    whole and must match its sha256."""
+    serves them (206); otherwise, or when it answers a range with the whole blob or refuses it
+    (416), the pack is read whole and must match its sha256."""
     entries = sorted(entries, key=lambda e: e.offset)
     spans = ranges(entries, p.pack.size)
 
@@ -244,7 +244,7 @@ def fetch_pack(
         for start, end in spans:
             with reg.blob_range(p.pack.digest, start, end - 1) as resp:
                 if resp.status_code != 206:
-                    return False  # no ranges here: read it whole
+                    return False  # no ranges here (200: the whole blob; 416): read it whole
                 if not resp.headers.get("content-range", "").startswith(
                     f"bytes {start}-{end - 1}/"
                 ):
