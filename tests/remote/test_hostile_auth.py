@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.remote.fake_registry import FakeRegistry
 from veloverlay.errors import Reason, VeloError
 from veloverlay.remote import Options
-from veloverlay.remote.auth import Credentials
+from veloverlay.remote.auth import Credentials, find_credentials
 from veloverlay.remote.client import Registry
 from veloverlay.remote.name import parse_remote
 
@@ -138,3 +139,44 @@ def test_a_token_that_cannot_be_a_header_is_an_auth_error(fake: FakeRegistry, to
     assert "QQ" not in str(ei.value) + (ei.value.detail or "")
     asked = [p for _m, p, _a in fake.seen if not p.startswith("/token")]
     assert asked == ["/v2/team/env/manifests/v1"]  # (never asked again with that token)
+
+
+def test_a_helper_name_with_a_slash_runs_nothing(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`credsStore: "../evil"` made `docker-credential-../evil`, a path from the cwd, which ran
+    (a config file from an archive or a project directory chose a program to run); a NUL in the
+    name, or a helper on PATH that cannot run, ended in a traceback. All are remote-auth now."""
+    d = str(tmp_path)
+    ran = os.path.join(d, "ran")
+    os.mkdir(os.path.join(d, "docker-credential-.."))
+    evil = os.path.join(d, "docker-credential-..", "evil")
+    with open(evil, "w") as f:
+        f.write(f'#!/bin/sh\ntouch {ran}\necho \'{{"Username":"u","Secret":"s"}}\'\n')
+    os.chmod(evil, 0o755)
+    monkeypatch.chdir(d)
+    conf = os.path.join(d, "auth.json")
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", conf)
+    for data in ({"credsStore": "../evil"}, {"credHelpers": {"h.io": "../evil"}}):
+        with open(conf, "w") as f:
+            json.dump(data, f)
+        with pytest.raises(VeloError) as ei:
+            find_credentials("h.io", "a")
+        assert ei.value.reason is Reason.REMOTE_AUTH, data
+        assert "not a program name" in ei.value.message
+        assert not os.path.exists(ran)
+    with open(conf, "w") as f:
+        json.dump({"credsStore": "a\0b"}, f)
+    with pytest.raises(VeloError) as ei:
+        find_credentials("h.io", "a")
+    assert ei.value.reason is Reason.REMOTE_AUTH
+    stuck = os.path.join(d, "docker-credential-stuck")
+    with open(stuck, "w") as f:
+        f.write("#!/bin/sh\necho '{}'\n")
+    os.chmod(stuck, 0o644)  # on PATH, not executable
+    monkeypatch.setenv("PATH", d + os.pathsep + os.environ.get("PATH", ""))
+    with open(conf, "w") as f:
+        json.dump({"credsStore": "stuck"}, f)
+    with pytest.raises(VeloError) as ei:
+        find_credentials("h.io", "a")
+    assert ei.value.reason is Reason.REMOTE_AUTH and "docker-credential-stuck" in ei.value.message

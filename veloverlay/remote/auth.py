@@ -6,7 +6,8 @@ Files, first match wins (as podman/skopeo read them, then Docker's):
 (default `~/.docker`). In each, `auths` is keyed by registry (`host[:port]`, optionally with a
 repository path: the longest match wins, or a URL such as `https://index.docker.io/v1/`) and holds
 `auth` (base64 of `user:password`) or `username`/`password`, or an `identitytoken`; `credHelpers`
-(per registry) and `credsStore` name a `docker-credential-NAME` program asked with `get` (Docker
+(per registry) and `credsStore` name a `docker-credential-NAME` program on PATH (a NAME with `/`,
+which would run a path from the cwd, is refused) asked with `get` (Docker
 Hub: under `https://index.docker.io/v1/`, as `docker login` keeps it, then `docker.io`). Docker
 Hub's other names (`index.docker.io`, `registry-1.docker.io`) are keys for `docker.io`.
 
@@ -117,12 +118,24 @@ def _from_entry(entry: object, path: str) -> Credentials | None:
 
 def _helper(name: str, host: str, path: str) -> Credentials | None:
     prog = f"docker-credential-{name}"
+    if "/" in name or "\0" in name:  # a '/' makes it a path (from the cwd), not a program on PATH
+        raise VeloError(
+            f"the credential helper {prog!r} named in {path} is not a program name",
+            reason=Reason.REMOTE_AUTH,
+            hint="credHelpers and credsStore name a docker-credential-NAME program found on "
+            "PATH; NAME holds no '/'",
+        )
     try:
         proc = subprocess.run(
             [prog, "get"], input=host.encode(), capture_output=True, timeout=30, check=False
         )
     except FileNotFoundError:
         return None
+    except OSError as exc:  # found but not runnable (not executable, not a program)
+        raise VeloError(
+            f"cannot run the credential helper {prog} (named in {path}): {exc.strerror}",
+            reason=Reason.REMOTE_AUTH,
+        ) from None
     except subprocess.TimeoutExpired:
         raise VeloError(
             f"the credential helper {prog} (named in {path}) did not answer",
