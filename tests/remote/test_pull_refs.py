@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +24,7 @@ from veloverlay.remote import Options, pull
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
+_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 EVIL = b"#!/bin/sh\necho owned\n"
 
@@ -92,7 +95,13 @@ def test_run_of_a_remote_never_moves_an_ingested_ref(
     tree at the user's directory (and commits what the command does there onto their ref)."""
     src = _project(repo, shm_tmp)
     _serve(fake, EVIL)
-    out = velo(repo.store.root, "run", fake.remote(), "--", "sh", "-c", "echo owned > main.py")
+    cwd = os.path.join(shm_tmp, "elsewhere")  # (the old code ran the command here)
+    os.mkdir(cwd)
+    cmd = [sys.executable, "-m", "veloverlay", "run", fake.remote(), "--"]
+    env = {**os.environ, "VELO_STORE": str(repo.store.root), "PYTHONPATH": _TOP}
+    out = subprocess.run(
+        [*cmd, "sh", "-c", "echo owned > main.py"], cwd=cwd, env=env, capture_output=True
+    )
     err = out.stderr.decode()
     assert out.returncode != 0, err
     assert err.startswith("error:") and "\nhint:" in err and "Traceback" not in err, err
