@@ -137,11 +137,13 @@ class FakeRegistry:
         *,
         tag: str = "v1",
         config: dict[str, Any] | None = None,
+        node_packs: list[dict[bytes, bytes]] | None = None,
     ) -> str:
-        """Publish a version of `root` (its nodes and objects, each kind in one pack) under
-        `tag`; returns the manifest's digest."""
+        """Publish a version of `root` (its nodes and objects, each kind in one pack; or the
+        nodes in `node_packs`, one pack each) under `tag`; returns the manifest's digest."""
         packs = []
-        for kind, items, kname in ((KIND_NODE, nodes, "nodes"), (KIND_OBJECT, objects, "objects")):
+        groups = [(KIND_NODE, g, "nodes") for g in (node_packs or [nodes])]
+        for kind, items, kname in [*groups, (KIND_OBJECT, objects, "objects")]:
             if not items:
                 continue
             w = PackWriter(kind)

@@ -19,6 +19,8 @@ re-hashes them, `gc` keeps them when a ref reaches them.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -152,7 +154,7 @@ def pull(
                     if (e.kind == KIND_NODE) != (p.kind == "nodes"):
                         raise invalid(f"pack {p.pack.digest} mixes nodes and objects")
                     where.setdefault((e.kind, e.digest), (p, e))
-            nodes, objects, decoded = _walk(reg, m, root, where, stored_too=heal)
+            nodes, objects, decoded = _walk(reg, store, m, root, where, stored_too=heal)
             res.objects = len(objects)
             missing = store.missing(objects)
             by_pack: dict[str, tuple[PackRef, list[Entry]]] = {}
@@ -240,6 +242,7 @@ def _check_target(
 
 def _walk(
     reg: Registry,
+    store: Store,
     m: Manifests,
     root: bytes,
     where: dict[tuple[int, bytes], tuple[PackRef, Entry]],
@@ -251,14 +254,14 @@ def _walk(
     every writer (ingest, commit, import, pull) stores a node's whole closure before the node
     itself, and gc removes nodes before the objects they name, so a stored node's objects are
     stored — unless fsck set some aside (`stored_too`: stored nodes are read, from the store,
-    for the objects they name)."""
-    packs: dict[str, bytes] = {}
+    for the objects they name). Memory holds the nodes, never the packs they come in."""
+    packs = _NodePacks(reg, store)
     out: dict[bytes, bytes] = {}
     decoded: dict[bytes, Node] = {}
     objects: set[bytes] = set()
     stack = [root]
     seen: set[bytes] = set()
-    with m.read() as txn:
+    with packs, m.read() as txn:
         while stack:
             d = stack.pop()
             if d in seen:
@@ -275,11 +278,7 @@ def _walk(
             hit = where.get((KIND_NODE, d))
             if hit is None:
                 raise invalid(f"the remote version lacks node {d.hex()}")
-            p, e = hit
-            blob = packs.get(p.pack.digest)
-            if blob is None:
-                blob = packs[p.pack.digest] = reg.get_blob(p.pack.digest, p.pack.size)
-            data = blob[e.offset : e.offset + e.length]
+            data = packs.entry(*hit)
             if node_digest(data) != d:
                 raise invalid(f"node {d.hex()} does not hash to its name")
             try:
@@ -294,3 +293,83 @@ def _walk(
                 elif ent.kind is Kind.FILE:
                     objects.add(ent.digest)
     return out, objects, decoded
+
+
+class _NodePacks:
+    """The node packs a walk fetched, in one unnamed file in the store's `tmp/` (gone when
+    closed), each checked against its sha256 and size as it arrives; entries are read back by
+    offset. A version may name many packs, each up to 256 MiB, holding more than the nodes the
+    store lacks: kept in memory, they made a pull's memory grow with the packs' sizes."""
+
+    LIMIT = 256 << 20  # one node pack at most (as any small blob read whole)
+
+    def __init__(self, reg: Registry, store: Store) -> None:
+        self.reg = reg
+        self.store = store
+        self.fd = -1
+        self.end = 0
+        self.base: dict[str, int] = {}
+
+    def __enter__(self) -> _NodePacks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def entry(self, p: PackRef, e: Entry) -> bytes:
+        base = self.base.get(p.pack.digest)
+        if base is None:
+            base = self.base[p.pack.digest] = self._fetch(p.pack.digest, p.pack.size)
+        out = bytearray()
+        while len(out) < e.length:
+            chunk = os.pread(self.fd, min(e.length - len(out), 1 << 24), base + e.offset + len(out))
+            if not chunk:
+                raise invalid(f"pack {p.pack.digest} ended early")  # (checked: cannot happen)
+            out += chunk
+        return bytes(out)
+
+    def _fetch(self, digest: str, size: int) -> int:
+        if size > self.LIMIT:
+            raise invalid(f"blob {digest} is {size} bytes, over the {self.LIMIT} allowed here")
+        if self.fd < 0:
+            self.fd = _unnamed(self.store.tmp_fd())
+        base = self.end
+
+        def once() -> tuple[int, str]:
+            os.ftruncate(self.fd, base)  # (a retry starts the blob again)
+            sha = hashlib.sha256()
+            n = 0
+            with self.reg.blob_stream(digest) as r:
+                for chunk in self.reg.body(r):
+                    if n + len(chunk) > size:
+                        return n + len(chunk), ""
+                    sha.update(chunk)
+                    view, at = memoryview(chunk), base + n
+                    while view:
+                        wrote = os.pwrite(self.fd, view, at)
+                        view, at = view[wrote:], at + wrote
+                    n += len(chunk)
+            return n, "sha256:" + sha.hexdigest()
+
+        n, got = self.reg.retrying(once)
+        self.reg.bytes_in += n
+        if n != size or got != digest:
+            raise invalid(f"blob {digest} does not match its digest or size")
+        self.end = base + size
+        return base
+
+
+def _unnamed(dir_fd: int) -> int:
+    """A new file without a name in `dir_fd`, open for reading and writing."""
+    try:
+        return os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    name = f".pull-nodes.{os.getpid()}.{os.urandom(6).hex()}"  # (no O_TMPFILE here)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    os.unlink(name, dir_fd=dir_fd)
+    return fd
