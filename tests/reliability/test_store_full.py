@@ -201,3 +201,66 @@ def test_a_harvest_that_fills_the_store_says_how_to_resume(shm_tmp: str) -> None
     assert shown == "dead-unharvested"
     assert r["resumed"][0] == 0, r["resumed"]
     assert r["checkout"] == 0 and r["big"] and r["a"] == "y\n"
+
+
+def _delete_pulled_ref_on_a_full_disk(base: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+    from veloverlay.remote.state import Versions
+    from veloverlay.verbs.repo import Repo
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=3m")
+    store = os.path.join(mnt, "store")
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
+    src = os.path.join(base, "src")
+    os.makedirs(src)
+    for i in range(5):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(os.urandom(50_000))
+    out: dict[str, object] = {}
+    velo = [sys.executable, "-m", "veloverlay"]
+    out["ingest"] = subprocess.run([*velo, "ingest", src, "--name", "t"], env=env).returncode
+    repo = Repo.open(store)
+    try:  # as a pull from this registry would have noted it
+        Versions(repo.store).set("reg.example:5000", "t", "team/t", "sha256:" + "0" * 64)
+        Versions(repo.store).set("reg.example:5000", "u", "team/u", "sha256:" + "1" * 64)
+    finally:
+        repo.close()
+    with open(os.path.join(mnt, "filler"), "wb") as f:  # the rest of the disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            out["filler"] = exc.errno
+    repo = Repo.open(store)
+    try:
+        try:
+            Versions(repo.store).forget("t")  # what `refs --delete t` does before its commit
+            out["forget"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the result under test
+            out["forget"] = repr(exc)
+        out["notes"] = Versions(repo.store).load()
+    finally:
+        repo.close()
+    return out
+
+
+def test_a_pulled_refs_notes_are_forgotten_on_a_full_disk(shm_tmp: str) -> None:
+    """Deleting a ref first forgets what pulls noted of it (remote-v1/versions-v1.json), so
+    that a ref made later under that name is not taken for the pulled one. On a full disk the
+    notes could not be written anew (store-full), which stopped the delete before LMDB was even
+    asked; they shrink in place there now, the other refs' notes kept."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_delete_pulled_ref_on_a_full_disk, shm_tmp)
+    assert out["ingest"] == 0 and out["filler"] == errno.ENOSPC, out
+    assert out["forget"] == "ok", out
+    assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64]}}

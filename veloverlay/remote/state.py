@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from veloverlay import _libc
+from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs, write_json_atomic
 from veloverlay.store.cas import Store
 
@@ -126,9 +127,33 @@ class Versions:
             _libc.ofd_lock(fd, write=True, wait=True)
             data: dict[str, Any] = dict(self.load())
             if change(data):
-                write_json_atomic(self.path, data)
+                try:
+                    write_json_atomic(self.path, data)
+                except VeloError as exc:
+                    if exc.reason is not Reason.STORE_FULL or not self._shrink(data):
+                        raise
         finally:
             os.close(fd)
+
+    def _shrink(self, data: dict[str, Any]) -> bool:
+        """Rewrite the notes in place when they got no longer (a deleted ref's forgotten): on a
+        full disk, where no new file can be made, deleting a pulled ref must still forget it.
+        Not atomic: a crash midway leaves notes that do not parse, read as none (every pull of
+        an existing ref then needs --force: the safe side). False: they would grow."""
+        new = json.dumps(data, sort_keys=True).encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if len(new) > os.fstat(fd).st_size:
+                return False
+            os.pwrite(fd, new, 0)
+            os.ftruncate(fd, len(new))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
 
 
 class BlobCache:
