@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from veloverlay.files import force_rmtree
@@ -26,20 +27,31 @@ def _homes(store: Store, everywhere: bool) -> list[Home]:
     return homes
 
 
-def prune(store: Store, keep: set[bytes], *, everywhere: bool = False) -> int:
+def prune(
+    store: Store, keep: set[bytes], *, everywhere: bool = False, mounted: Iterable[str] = ()
+) -> int:
     """Evict cached layers: stacks of roots not in `keep`, layers no stack uses, proxies no
     layer links — in the store and in this user's per-boot cache for it (`everywhere`: in each
     per-boot base, as fsck --repair must: what it evicts must not be found by the sessions of
     another environment). For `gc` and `fsck --repair`, which hold the store lock exclusively
     (no session can be starting); `keep` must hold the roots of running sessions (their state
     files' roots): their layers are mounted, and overlayfs shows a lower's files vanishing under
-    a session (its whole tree, measured). Returns the number of layers removed."""
-    removed = sum(_prune_home(home, keep) for home in _homes(store, everywhere))
+    a session (its whole tree, measured). `mounted`: the layer paths unfinished sessions
+    recorded (their state files' `layers`), kept whether a stack names them or not — a stack
+    rebuilt since (of another `STACK_FORMAT`, or dropped by fsck) no longer names the layers an
+    older session still has mounted. Returns the number of layers removed."""
+    held = _held(mounted)
+    removed = sum(_prune_home(home, keep, held=held) for home in _homes(store, everywhere))
     _prune_proxies(store)
     return removed
 
 
-def drop_stacks(store: Store, bad: set[Path], hold: frozenset[bytes] = frozenset()) -> set[Path]:
+def drop_stacks(
+    store: Store,
+    bad: set[Path],
+    hold: frozenset[bytes] = frozenset(),
+    mounted: Iterable[str] = (),
+) -> set[Path]:
     """For `fsck --repair`: remove the stack records `bad` (their layers do not show their
     manifest's tree) and every layer that no other stack of its home uses, so the next session
     builds them again from the store (a build that finds a layer of its name in place puts its
@@ -47,12 +59,13 @@ def drop_stacks(store: Store, bad: set[Path], hold: frozenset[bytes] = frozenset
     its layers mounted) is left as it is: removing them would empty that session's tree under
     it, and dropping the record alone would leave them to the next gc, which evicts layers no
     stack names, under the running session. The caller holds the store lock exclusively.
-    Returns the records left for that reason."""
+    Layers in `mounted` (see `prune`) stay too. Returns the records left for that reason."""
     held = {p for p in bad if _stack_root(p) in hold}
+    layers = _held(mounted)
     for home in _homes(store, True):
         mine = {p for p in bad - held if p.parent == home.sub("stacks")}
         if mine:
-            _prune_home(home, None, drop=mine)
+            _prune_home(home, None, drop=mine, held=layers)
     _prune_proxies(store)
     return held
 
@@ -72,13 +85,33 @@ def _prune_proxies(store: Store) -> None:
                     os.unlink(proxy.path)
 
 
+def _held(mounted: Iterable[str]) -> set[tuple[int, int, str]]:
+    """The layers in `mounted` (paths) as (dev, ino of their parent directory, name): a
+    session may have named the store by another path (a symbolic link to it, a relative one)."""
+    out: set[tuple[int, int, str]] = set()
+    for path in mounted:
+        parent, name = os.path.split(os.fspath(path))
+        try:
+            st = os.stat(parent or ".")
+        except (OSError, ValueError):  # (ValueError: a NUL in a state file's path)
+            continue  # its directory is gone (a per-boot cache after a reboot): nothing to keep
+        out.add((st.st_dev, st.st_ino, name))
+    return out
+
+
 def _prune_home(
-    home: Home, keep: set[bytes] | None, drop: frozenset[Path] | set[Path] = frozenset()
+    home: Home,
+    keep: set[bytes] | None,
+    drop: frozenset[Path] | set[Path] = frozenset(),
+    held: set[tuple[int, int, str]] | frozenset[tuple[int, int, str]] = frozenset(),
 ) -> int:
     """Remove the stacks of roots not in `keep` (None: all kept) and those in `drop`, then the
-    layers no remaining stack uses."""
+    layers no remaining stack uses and that are not `held` (`_held`)."""
     stacks, layers = home.sub("stacks"), home.sub("layers")
     used: set[str] = set()
+    with contextlib.suppress(OSError):
+        st = os.stat(layers)
+        used |= {n for dev, ino, n in held if (dev, ino) == (st.st_dev, st.st_ino)}
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(stacks):
             path = stacks / name

@@ -40,7 +40,8 @@ Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp
     trees-v1/layers/<name>/                    one layer (immutable once renamed into place)
     trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
                                                (<form>-trusted-...: root-native layers, whose
-                                               markers are trusted.overlay.*, see layers.py)
+                                               markers are trusted.overlay.*, see layers.py),
+                                               and their STACK_FORMAT: another is built again
     trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
     trees-v1/locks/  trees-v1/tmp/
 A stack is looked up in the per-boot cache, then in the store; a delta layer is only stacked on
@@ -95,6 +96,11 @@ from veloverlay.store.tree import Kind, Op
 __all__ = ["FORMS", "FLATTEN_AFTER", "Lowers", "ensure_lowers", "ids_dir"]
 
 FLATTEN_AFTER = 20
+# The format of the layers a stack file names (its "format"; none: 1). Raised whenever a layer
+# built by this code differs from what older code built for the same root: a stack of another
+# format is never reused, its root is built again (beside the old layers, `publish_layer`), and
+# the old layers go with the next gc that finds no unfinished session naming them (`prune`).
+STACK_FORMAT = 2
 
 
 class Lowers(Record, frozen=True):
@@ -123,6 +129,8 @@ def _read_stack(home: Home, form: str, root: bytes) -> tuple[list[str], bool] | 
         data = json.loads(_stack_path(home, form, root).read_text())
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(data, dict) or data.get("format", 1) != STACK_FORMAT:
+        return None  # built by other code: its layers may not show this code's tree
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         return None
@@ -139,6 +147,7 @@ def _write_stack(
         _stack_path(home, form, root),
         {
             "form": form,
+            "format": STACK_FORMAT,
             "root": root.hex(),
             "layers": layers,
             "built": built,

@@ -291,7 +291,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
         return set()
     from veloverlay.lower.homes import short_id, short_id_path
     from veloverlay.lower.prune import prune
-    from veloverlay.verbs.gc import session_roots
+    from veloverlay.verbs.gc import session_layers, session_roots
 
     done: set[str] = set()
     with contextlib.ExitStack() as stack:
@@ -300,6 +300,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
             # what running sessions have mounted stays (gone, their trees vanish under them);
             # fsck then checks those stacks as any other (verify_layers, below)
             live = frozenset(session_roots(store))
+            mounted = session_layers(store)
         except VeloError as exc:  # in use, or not ours to write; a session state unreadable
             for i, _hexname in bad:
                 f = rep.findings[i]
@@ -332,7 +333,7 @@ def _set_aside_corrupt(store: Store, m: Manifests, rep: FsckReport) -> set[str]:
             done.add(hexname)
             rep.quarantined += 1
         if done:  # every cached layer, in every per-boot base: rebuilt from the store on demand
-            prune(store, set(live), everywhere=True)
+            prune(store, set(live), everywhere=True, mounted=mounted)
     return done
 
 
@@ -344,13 +345,13 @@ def _drop_bad_layers(store: Store, rep: FsckReport, first: int, bad: set[Path]) 
 
     if not bad:
         return
-    from veloverlay.verbs.gc import session_roots
+    from veloverlay.verbs.gc import session_layers, session_roots
 
     held: set[str] = set()
     try:
         with store.lock(exclusive=True, wait=False):
             live = frozenset(session_roots(store))
-            held = {p.name for p in drop_stacks(store, bad, live)}
+            held = {p.name for p in drop_stacks(store, bad, live, session_layers(store))}
             note = "the stack and its layers dropped (built again on demand)"
     except VeloError as exc:
         note = f"not dropped: {exc.message}"

@@ -53,6 +53,7 @@ __all__ = [
     "migrate_objects",
     "ref_footprint",
     "session_roots",
+    "session_layers",
 ]
 
 
@@ -118,6 +119,17 @@ def session_roots(store: Store) -> set[bytes]:
         for r in data.get("roots", []):
             with contextlib.suppress(ValueError, TypeError):
                 out.add(bytes.fromhex(r))
+    return out
+
+
+def session_layers(store: Store) -> set[str]:
+    """The lower layers every unfinished session recorded (its state file's `layers`): mounted
+    while it runs, whether a stack still names them or not (`lower.prune.prune`)."""
+    out: set[str] = set()
+    for data in _unfinished(store):
+        layers = data.get("layers")
+        if isinstance(layers, list):
+            out.update(p for p in layers if isinstance(p, str))
     return out
 
 
@@ -403,7 +415,7 @@ def gc(
         # environment's cache kept them, in memory, until a reboot or a gc run there).
         from veloverlay.lower.prune import prune
 
-        rep.layers_evicted = prune(store, heads, everywhere=True)
+        rep.layers_evicted = prune(store, heads, everywhere=True, mounted=session_layers(store))
         keep_hex = {h.hex() for h in heads}
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(store.trees / "relocation"):  # relocation.cached_find_baked
