@@ -112,7 +112,8 @@ def test_gc_reads_the_ref_count_and_the_store_record_together(
 
     def between_count_and_record(*a: Any) -> Any:
         proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-        procs.append(settle(proc, os.path.join(store, "manifests.record")))
+        record = os.path.join(store, "manifests.record")
+        procs.append(settle(proc, record, record + ".lock"))  # (its writers lock the second)
         return real(*a)
 
     monkeypatch.setattr(gc_mod, "lost_refs", between_count_and_record)

@@ -201,3 +201,67 @@ def test_a_reader_cannot_stop_push_and_pull_from_noting_what_they_moved() -> Non
 
         got = ShaMap(Store.open(store))
         assert got.get(bytes([2]) * 32) == "sha256:" + "ab" * 32
+
+
+_RECORD_HOLDER = r"""
+import fcntl, json, os, struct, sys
+store = sys.argv[1]
+out = {}
+record = os.path.join(store, "manifests.record")
+held = [os.open(record, os.O_RDONLY), os.open(record, os.O_RDONLY)]
+fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)  # what flock lets anyone who may read do
+out["flock"] = "held"
+fcntl.fcntl(held[1], 37, struct.pack("@hhqqi4x", 0, 0, 0, 0, 0))  # an OFD read lock, as well
+out["ofd-shared"] = "held"
+try:
+    os.open(os.path.join(store, "manifests.record.lock"), os.O_RDONLY)
+    out["lock file"] = "opened"
+except OSError as exc:
+    out["lock file"] = exc.errno
+print(json.dumps(out), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_reader_cannot_stop_the_owner_from_making_refs() -> None:
+    """A commit that makes or removes a ref writes the store record (`manifests.record`, which
+    every user of a shared store may read, for fsck) under an exclusive flock of that very file:
+    a reader holding `flock -x manifests.record` made the owner's ingest of a new ref wait for
+    ever (found by trying it as uid 1500). The writers lock a file of the owner's alone now."""
+    with unpriv_tmpdir() as base:
+        store = _store(base)
+        _finished(_verb(store, "ingest", os.path.join(base, "src"), "-n", "u"))  # the files exist
+        src2 = os.path.join(base, "src2")
+        make_tree(src2, {"other.txt": b"other\n"})
+        holder = subprocess.Popen(
+            ["setpriv", f"--reuid={UNPRIV_UID}", f"--regid={UNPRIV_GID}", "--clear-groups"]
+            + ["env", "-i", "PATH=/usr/bin:/bin", sys.executable, "-c", _RECORD_HOLDER, store],
+            cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            line = holder.stdout.readline()
+            assert line, holder.communicate()
+            tried = json.loads(line)
+            assert tried["flock"] == tried["ofd-shared"] == "held", tried
+            assert tried["lock file"] != "opened", tried  # the owner's alone (none: old code)
+            record = os.path.join(store, "manifests.record")
+            for verb in (["ingest", src2, "-n", "new"], ["gc", "--grace", "0"]):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "veloverlay", "--json", *verb],
+                    env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                rc, _out, err = _finished(settle(proc, record, record + ".lock"))
+                assert rc == 0, (verb, err)
+            rc, out, err = _finished(_verb(store, "cat", "new", "other.txt"))
+            assert (rc, out) == (0, "other\n"), err
+        finally:
+            holder.communicate("")
+        assert holder.returncode == 0, holder.stderr

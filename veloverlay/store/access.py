@@ -60,6 +60,7 @@ TOP_FILES = (
     "lock",
     "lock.gate",
     "manifests.record",
+    "manifests.record.lock",
     "manifests.lmdb/data.mdb",
     "manifests.lmdb/lock.mdb",
     "unprotected-v1",

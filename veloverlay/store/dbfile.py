@@ -10,7 +10,6 @@ This module does not import lmdb (store/manifest.py is the only one that does).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -19,6 +18,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import exact_modes
 from veloverlay.store.cas import Store
@@ -55,6 +55,12 @@ _META_TAIL_AT = 136
 _SHORT_SLACK = 16  # pages a read-only open lets a data file be short by (see check_data_file)
 _GROW_MAX = 64 << 20  # the most a writer extends a short data file by, beyond its own size
 _RECORD = "manifests.record"
+# What the record's writers lock: a file of the owner's alone (0600). The record itself is
+# readable by every user of a shared store (fsck), and any lock a user can take on a file it
+# may only read (flock in any mode, or an fcntl read lock) stops the writers that need it
+# exclusively: a reader holding `flock -x manifests.record` made the owner's every ingest of
+# a new ref, and every commit that made or removed a ref, wait for as long as it liked.
+_RECORD_LOCK = "manifests.record.lock"
 T = TypeVar("T")
 _RECORD_SIZE = 64
 
@@ -227,30 +233,43 @@ def never_used(store: Store, env: Any) -> bool:
 
 @contextlib.contextmanager
 def record_lock(store: Store) -> Iterator[int]:
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    with exact_modes():
-        fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
+    """The store record, open for writing, while this process alone may change it (see
+    `_RECORD_LOCK`)."""
+    lock = _open_record_lock(store, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
+        _libc.ofd_lock(lock, write=True, wait=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with exact_modes():
+            fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(lock)
 
 
 @contextlib.contextmanager
 def record_read_lock(store: Store) -> Iterator[None]:
     """The record's lock, shared: no writer is between its ref-changing commit and the record
-    that follows it while this is held (a reader of the store may hold it; no record: no lock)."""
+    that follows it while this is held. Only its owner (and root) can take it: another user of
+    a shared store reads the record unlocked (`_RECORD_LOCK`)."""
     try:
-        fd = os.open(_RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
-    except OSError:
+        lock = _open_record_lock(store, os.O_RDONLY)
+    except OSError:  # not ours (EACCES), or a store on a read-only filesystem: no writer
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        _libc.ofd_lock(lock, write=False, wait=True)
         yield
     finally:
-        os.close(fd)
+        os.close(lock)
+
+
+def _open_record_lock(store: Store, how: int) -> int:
+    flags = how | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    with exact_modes():
+        return os.open(_RECORD_LOCK, flags, 0o600, dir_fd=store.fd)
 
 
 def put_record(fd: int, refs: int) -> None:
