@@ -345,15 +345,16 @@ def test_a_moved_stores_per_boot_layers_are_not_reaped_as_a_gone_stores(mode: st
 # --- fsck --repair while a session runs ------------------------------------------------------
 def _repair_during_a_session(base: str, plant: bool) -> dict[str, object]:
     """A session of `t` runs; meanwhile an object of another ref is found damaged and fsck
-    --repair sets it aside, evicting cached layers (`plant`: a file planted in the session's own
-    layer makes fsck drop that stack). The session lists its tree before and after (it waits for
-    the repair to finish: a file the repairing process makes)."""
+    --repair sets it aside, evicting cached layers (`plant`: a file planted in a directory of the
+    session's own layer makes fsck drop that stack; one planted at its top would not be mounted:
+    the stack no longer matches its stamp and is built again). The session lists its tree before
+    and after (it waits for the repair to finish: a file the repairing process makes)."""
     _cache_env(base)
     store, src = new_store(base)
     if plant:
         run_session(store, ["t"], ["true"], at=os.path.join(base, "at"), discard=True)
         (layer,) = [p for h in layer_homes(store) for p in glob.glob(f"{h}/layers/*")]
-        with open(os.path.join(layer, "planted"), "w") as f:
+        with open(os.path.join(layer, "d", "planted"), "w") as f:
             f.write("evil")
     other = os.path.join(base, "other")
     os.mkdir(other)
@@ -383,9 +384,9 @@ def _repair_during_a_session(base: str, plant: bool) -> dict[str, object]:
                 pass
             os._exit(code)
     script = (
-        f"ls -A {at} > {out}.1; touch {ready}; i=0; "
+        f"ls -A {at} {at}/d > {out}.1; touch {ready}; i=0; "
         f"while [ ! -e {go} ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done; "
-        f"ls -A {at} > {out}.2; cat {at}/f1 > {out}.3"
+        f"ls -A {at} {at}/d > {out}.2; cat {at}/f1 > {out}.3"
     )
     r = run_session(store, ["t"], ["sh", "-c", script], at=at, discard=True)
     _pid, status = os.waitpid(pid, 0)
@@ -400,7 +401,10 @@ def _repair_during_a_session(base: str, plant: bool) -> dict[str, object]:
         "before": sorted(seen[0].split()),
         "after": sorted(seen[1].split()),
         "f1": seen[2],
-        "source": sorted(os.fsencode(n) for n in os.listdir(src)),
+        "source": sorted(
+            [os.fsencode(n) for n in os.listdir(src) + os.listdir(os.path.join(src, "d"))]
+            + [os.fsencode(at) + b":", os.fsencode(at) + b"/d:"]
+        ),
         "repaired": repaired,
     }
 

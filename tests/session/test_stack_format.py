@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -183,3 +184,44 @@ def test_a_stack_without_the_format_number_is_built_again(mode: str, form: str) 
     assert r["built"] == "full" and r["again"] != r["first"], r
     assert r["warm"] == ("cached", True), r
     assert r["format"] == stacks.STACK_FORMAT, r
+
+
+def _tampered(base: str, form: str, how: str) -> dict[str, object]:
+    """A session builds the layers of `t`; then its layer is changed at its top (`planted`: a
+    file added there) or replaced (`replaced`: a copy with another f1 renamed to its name); the
+    next session of `t` shows what?"""
+    from tests.session._util import run_session
+
+    use_form(form)
+    store, _src = new_store(base)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    run_session(store, ["t"], ["true"], at=proj)
+    (st,) = list(state.iter_states(store))
+    (layer,) = st.layers
+    if how == "planted":
+        with open(os.path.join(layer, "planted"), "w") as f:
+            f.write("evil\n")
+    else:
+        copy = os.path.join(os.path.dirname(layer), "copy")
+        shutil.copytree(layer, copy, symlinks=True, ignore=lambda d, names: ["f1"])
+        with open(os.path.join(copy, "f1"), "w") as f:
+            f.write("evil\n")
+        os.rename(layer, os.path.join(base, "aside"))  # (hard links to +i proxies: no rmtree)
+        os.rename(copy, layer)
+    script = f"ls -A {proj} > {out}; cat {proj}/f1 >> {out}"
+    res = run_session(store, ["t"], ["sh", "-c", script], at=proj)
+    with open(out) as f:
+        seen = f.read().split()
+    return {"status": res.exit_status, "planted": "planted" in seen, "f1": seen[-1]}
+
+
+@pytest.mark.parametrize("how", ["planted", "replaced"])
+@pytest.mark.parametrize(("mode", "form"), mode_form_params(store_layers=True))
+def test_a_layer_changed_at_its_top_is_not_mounted_again(mode: str, form: str, how: str) -> None:
+    """The warm path checked only that a stack's layers were directories: a layer replaced, or
+    with a file added at its top, was mounted as the manifest's tree by every later session. A
+    stack records each layer's inode number and ctime now (one stat, which the warm path made
+    anyway); a layer that no longer matches is built again."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _tampered, base, form, how)
+    assert r == {"status": 0, "planted": False, "f1": "one"}, r

@@ -585,6 +585,15 @@ def _poison_contents(base: str, form: str) -> dict[str, object]:
         f.write(b"GGUF weights, planted outside the store!\n")
     os.unlink(os.path.join(layers[0], "model.gguf"))
     os.symlink(evil, os.path.join(layers[0], "model.gguf"))
+    # whoever may change a layer may change its stack: the stamp that stops a layer changed at
+    # its top from being mounted again (lower/stacks.py `_stamp`) is written anew
+    [record] = glob.glob(os.path.join(os.path.dirname(os.path.dirname(layers[0])), "stacks", "*"))
+    with open(record) as f:
+        data = json.load(f)
+    st = os.stat(layers[0])
+    data["stamps"] = [[st.st_ino, st.st_ctime_ns]]
+    with open(record, "w") as f:
+        json.dump(data, f)
     out = os.path.join(base, "seen")
     r = run_session(
         store, ["t"], ["sh", "-c", f"cat {at}/f1 {at}/model.gguf > {out}"], at=at, discard=True

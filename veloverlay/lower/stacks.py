@@ -41,7 +41,9 @@ Layout under the store (a per-boot cache has the same layers/ stacks/ locks/ tmp
     trees-v1/stacks/<form>-<root hex>.json     the layers (top first) that project that root
                                                (<form>-trusted-...: root-native layers, whose
                                                markers are trusted.overlay.*, see layers.py),
-                                               and their STACK_FORMAT: another is built again
+                                               and their STACK_FORMAT: another is built again;
+                                               each layer's stamp (`_stamp`): one that no longer
+                                               matches is built again
     trees-v1/proxies/<ab>/<hex>-<mode>[-<n>]   proxy inodes (links form)
     trees-v1/locks/  trees-v1/tmp/
 A stack is looked up in the per-boot cache, then in the store; a delta layer is only stacked on
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -134,10 +137,29 @@ def _read_stack(home: Home, form: str, root: bytes) -> tuple[list[str], bool] | 
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         return None
-    base = home.sub("layers")
-    if not all(isinstance(n, str) and (base / n).is_dir() for n in layers):
+    stamps = data.get("stamps")
+    if not isinstance(stamps, list) or len(stamps) != len(layers):
         return None
+    base = home.sub("layers")
+    for n, stamp in zip(layers, stamps, strict=True):
+        if not isinstance(n, str) or _stamp(base / n) != stamp:
+            return None  # gone, or replaced or changed at its top since the stack was written
     return [str(n) for n in layers], data.get("immutable") is True
+
+
+def _stamp(layer: Path) -> list[int] | None:
+    """What a stack records of each of its layers: the inode number and ctime of its top
+    directory. A layer replaced (another directory renamed to its name, a copy restored) or
+    changed at its top (an entry added, removed or renamed there; its mode or owner changed) no
+    longer matches, and its stack is built again rather than mounted. A file changed in place
+    further down is not seen here (`fsck` compares the layers with their manifests). Neither the
+    device number, which may change at a reboot, nor anything that needs more than this one
+    stat, which the warm path paid already to see that the layer is there."""
+    try:
+        st = os.stat(layer, follow_symlinks=False)
+    except (OSError, ValueError):
+        return None
+    return [st.st_ino, st.st_ctime_ns] if stat.S_ISDIR(st.st_mode) else None
 
 
 def _write_stack(
@@ -150,6 +172,7 @@ def _write_stack(
             "format": STACK_FORMAT,
             "root": root.hex(),
             "layers": layers,
+            "stamps": [_stamp(home.sub("layers", n)) for n in layers],
             "built": built,
             "immutable": immutable,
         },
