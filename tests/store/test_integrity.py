@@ -515,11 +515,14 @@ def _read_as_other_user(store: str, digest_hex: str) -> dict[str, object]:
     return out
 
 
+@pytest.mark.parametrize("made", ["by-init", "empty-dir"])
 @pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
-def test_a_new_store_is_private_unless_shared(shared: bool) -> None:
+def test_a_new_store_is_private_unless_shared(shared: bool, made: str) -> None:
     """A 0600 secret ingested by its owner must not become readable by every local user through
     the store (objects are 0444 and named by content). A shared store is readable by all, and
-    writable only by its owner."""
+    writable only by its owner. A store made in an empty directory the user made first (mkdir
+    under umask 022: 0755, then `--store DIR`) is a new store too: it kept 0755, and every
+    local user read the secret's object."""
     import errno
 
     from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
@@ -534,6 +537,9 @@ def test_a_new_store_is_private_unless_shared(shared: bool) -> None:
         os.chmod(src, 0o700)
         os.chmod(os.path.join(src, "secret"), 0o600)
         store = os.path.join(base, "store")
+        if made == "empty-dir":
+            os.mkdir(store)
+            os.chmod(store, 0o755)
         Store.init(store, shared=shared)
         repo = Repo.open(store)
         try:

@@ -110,10 +110,10 @@ def object_missing(digest: bytes) -> VeloError:
 _STORE_MARKS = {OBJECTS_V1, OBJECTS_V2, "CACHEDIR.TAG"}
 
 
-def _refuse_foreign_dir(root: Path, fd: int) -> None:
-    """`init` in a directory that holds other things (`--store ~/project` by mistake) would
-    write CACHEDIR.TAG there, which backup tools read as "skip this tree", and a `.gitignore`
-    of `*` that hides every new file of a git checkout: refused."""
+def _refuse_foreign_dir(root: Path, fd: int) -> bool:
+    """Whether a store is there (False: empty, a new one). `init` in a directory holding other
+    things (`--store ~/project` by mistake) would write CACHEDIR.TAG there, which backup tools
+    read as "skip this tree", and a `.gitignore` of `*` hiding a git checkout's files: refused."""
     names = set(os.listdir(fd)) - {"lost+found"}
     if names and not names & _STORE_MARKS:
         raise VeloError(
@@ -122,6 +122,7 @@ def _refuse_foreign_dir(root: Path, fd: int) -> None:
             path=root,
             hint="make the store in a new or empty directory (--store DIR or VELO_STORE)",
         )
+    return bool(names)
 
 
 class Store:
@@ -277,12 +278,11 @@ class Store:
         shared: bool = False,
         judge: Callable[[Store], None] | None = None,
     ) -> Store:
-        """Create the store (idempotent). A new store is private to its owner (root directory
-        0700: objects are named by content, and a 0600 file's bytes must not become readable
-        through them); `shared` makes it readable by every local user (0755), never writable.
-        `judge` is called on a store that exists before anything is changed in it (a chmod, a
-        missing standard directory made again): the manifest database's schema is checked
-        there, and one a newer veloverlay wrote is refused with nothing written."""
+        """Create the store (idempotent). A new store (an empty directory too) is private to its
+        owner (0700: objects are named by content, and a 0600 file's bytes must not become
+        readable through them); `shared` makes it readable by every local user (0755), never
+        writable. `judge` is called on an existing store before anything is changed in it (a
+        chmod, a missing standard directory made again): its schema is checked there."""
         store = cls(root)
         try:
             access.check_place(store.root)  # nothing made where root must not use a store
@@ -295,7 +295,7 @@ class Store:
             store.check_safe()  # before any chmod: the very directory judged, by its descriptor
             fd = store.fd
             if existed:
-                _refuse_foreign_dir(store.root, fd)
+                existed = _refuse_foreign_dir(store.root, fd)  # empty: a new store
                 access.refuse_newer_format(store.root)
                 if judge is not None:
                     judge(store)
