@@ -356,6 +356,27 @@ def empty_dir(top: int, *, unflag: Unflag | None = None) -> None:
         os.close(fd)
 
 
+def close_to_others(fd: int, shown: str) -> int:
+    """Take group and other access off the existing directory `fd` that a tree is about to be
+    written into (checkout in place, a shim session's --at): its mode before. The tree's own
+    top mode is set last, and until then this directory is all that keeps the tree's files
+    from other users (a 0700 top over 0644 files; a writer killed midway leaves them there).
+    One this user may not chmod (another user's) is refused (VeloError, TARGET_INVALID): the
+    tree's mode could not be set on it at the end either."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    try:
+        os.fchmod(fd, mode & 0o7700 | 0o700)
+    except PermissionError:
+        raise VeloError(
+            f"{shown} belongs to another user: the tree's mode cannot be set on it, and until "
+            "then its files would be open to that user",
+            reason=Reason.TARGET_INVALID,
+            hint="write the tree into a directory of your own, or a new one",
+            path=shown,
+        ) from None
+    return mode
+
+
 def is_a_cwd(ident: tuple[int, int]) -> bool:
     """Whether a process this one can see (itself included) works in the directory `ident`
     (dev, ino): a shell that did `cd DIR`. Replaced by a rename, DIR would leave it in a deleted,

@@ -3,10 +3,10 @@
 Writes only inside the destination: the destination itself is made (or found empty) and opened
 through its parent, pinned, and must still be where its path says (`claim_dir`: a directory on
 the way may be another user's, who can swap it for a symlink to one of root's); every directory
-below is created by us and entered through a directory fd opened with O_NOFOLLOW, every file is
-created with O_EXCL|O_NOFOLLOW relative to it, so no symlink (from the manifest or planted
-concurrently) is ever followed, and names were validated when the node was decoded. Directory
-modes and mtimes are set last, deepest first.
+below is created by us (0700) and entered by a fd opened with O_NOFOLLOW, every file created
+with O_EXCL|O_NOFOLLOW relative to it (0600), so no symlink is ever followed (names were
+validated when the node was decoded). Modes and mtimes of directories are set last, deepest
+first; an existing destination written in place is closed to other users until then.
 
 The whole tree or nothing (`_Place`): the tree is written into a partial directory beside the
 destination and renamed into place once complete; an interrupted checkout leaves nothing at the
@@ -112,11 +112,8 @@ def _unmade(exc: OSError, syscall: str, real: str) -> Exception:
     if isinstance(exc, FileNotFoundError):
         return exc
     if exc.errno == errno.ENAMETOOLONG:
-        return VeloError(
-            f"{real}: a name on the way is longer than 255 bytes",
-            reason=Reason.BAD_PATH,
-            path=real,
-        )
+        msg = f"{real}: a name on the way is longer than 255 bytes"
+        return VeloError(msg, reason=Reason.BAD_PATH, path=real)
     return SysError(exc.errno or errno.EIO, syscall, real)
 
 
@@ -142,12 +139,8 @@ def _refuse_existing(dest: str, st: os.stat_result) -> VeloError:
 
 
 def _not_empty(dest: str) -> VeloError:
-    return VeloError(
-        f"{dest} is not empty",
-        reason=Reason.EXISTS,
-        path=dest,
-        hint="check out into a new or empty directory",
-    )
+    hint = "check out into a new or empty directory"
+    return VeloError(f"{dest} is not empty", reason=Reason.EXISTS, path=dest, hint=hint)
 
 
 PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID-RANDOM`: a checkout of NAME under way
@@ -215,6 +208,7 @@ class _Place:
         self.parent, self.name = os.path.split(real)
         self.temp: str | None = None  # the partial directory's name, None: in place
         self.old: os.stat_result | None = None  # the empty destination the tree replaces
+        self.before: int | None = None  # written in place: DEST's mode before (closed meanwhile)
         self.pfd = self.lock = self.here = -1
         # the entries written at the top, by name and (dev, ino): what a failure in place undoes
         self.made: list[tuple[str, tuple[int, int]]] = []
@@ -275,9 +269,13 @@ class _Place:
             raise VeloError(
                 f"the parent of {self.dest} does not exist", reason=Reason.NOT_FOUND, path=self.dest
             ) from None
-        if not created and os.listdir(fd):
+        try:
+            if not created and os.listdir(fd):
+                raise _not_empty(self.dest)
+            self.before = None if created else files.close_to_others(fd, self.dest)
+        except BaseException:
             os.close(fd)
-            raise _not_empty(self.dest)
+            raise
         self.temp = None
         self.here, self.made = os.dup(fd), []
         return fd
@@ -406,6 +404,9 @@ class _Place:
             for name, ident in reversed(self.made):
                 with contextlib.suppress(OSError):  # another entry by that name now: it stays
                     files.remove_at(self.here, name, expect=ident)
+            if self.before is not None:  # its mode back (closed to others while written)
+                with contextlib.suppress(OSError):
+                    os.fchmod(self.here, self.before)
         self.temp = None
 
     def close(self) -> None:

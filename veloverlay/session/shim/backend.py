@@ -380,6 +380,8 @@ def run_shim(
                     )
                 raise
             tst = os.fstat(top.fd)
+            if not top.created:  # closed to others until the tree's own top mode is set
+                files.close_to_others(top.fd, target)
             sid = state.new_id()
             sdir = store.sessions / sid
             store.sessions.mkdir(exist_ok=True)
