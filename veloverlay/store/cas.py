@@ -278,11 +278,10 @@ class Store:
         shared: bool = False,
         judge: Callable[[Store], None] | None = None,
     ) -> Store:
-        """Create the store (idempotent). A new store (an empty directory too) is private to its
-        owner (0700: objects are named by content, and a 0600 file's bytes must not become
-        readable through them); `shared` makes it readable by every local user (0755), never
-        writable. `judge` is called on an existing store before anything is changed in it (a
-        chmod, a missing standard directory made again): its schema is checked there."""
+        """Create the store (idempotent). A new store (in an empty directory too) is its owner's
+        alone (0700: objects are named by content; a 0600 file's bytes must not become readable
+        through them); `shared` makes it readable by every local user (0755), never writable.
+        `judge` is called on an existing store before anything is changed (its schema)."""
         store = cls(root)
         try:
             access.check_place(store.root)  # nothing made where root must not use a store
@@ -296,13 +295,14 @@ class Store:
             fd = store.fd
             if existed:
                 existed = _refuse_foreign_dir(store.root, fd)  # empty: a new store
+            if existed:
                 access.refuse_newer_format(store.root)
                 if judge is not None:
                     judge(store)
-            if not existed:
+                if shared:
+                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o055)
+            else:  # nothing written before: another user's empty directory fails here (EPERM)
                 os.fchmod(fd, 0o755 if shared else 0o700)
-            elif shared:
-                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o055)
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d.name, dir_fd=fd, shown=d)
             access.private_trees(store.trees, dir_fd=fd)
