@@ -27,6 +27,8 @@ __all__ = [
     "TOP_FILES",
     "check_safe",
     "check_place",
+    "store_there",
+    "refuse_filled",
     "refuse_newer_format",
     "write_refusal",
     "shim_refusal",
@@ -249,6 +251,59 @@ def check_safe(store_root: Path) -> int:
     return fd
 
 
+# What a directory may hold for `init` to make a store in it: a store's own names (a store, or
+# one an earlier init left half made) and a new filesystem's lost+found.
+_STORE_MARKS = {"objects-v1", "objects-v2", "CACHEDIR.TAG"}
+
+
+def store_there(root: Path, fd: int) -> bool:
+    """For `init` of the existing directory `fd`: whether a store is there (False: empty, a new
+    one). One holding other things (`--store ~/project` by mistake) is refused: CACHEDIR.TAG
+    there tells backup tools "skip this tree", a `.gitignore` of `*` hides a git checkout's
+    files. So is another user's store (STORE_PERMISSION): only its owner writes it, and a
+    directory another user made to look like one (B's 0777 /tmp/st holding an objects-v2) would
+    give B every object this user's writes name there."""
+    names = set(os.listdir(fd)) - {"lost+found"}
+    if names and not names & _STORE_MARKS:
+        raise VeloError(
+            f"{root} is not empty and not a veloverlay store",
+            reason=Reason.EXISTS,
+            path=root,
+            hint="make the store in a new or empty directory (--store DIR or VELO_STORE)",
+        )
+    st = os.fstat(fd)
+    if names and st.st_mode & 0o002:  # store entries arrived since `check_safe` judged it empty
+        raise _changed(root)
+    owner = st.st_uid
+    if names and owner != os.geteuid() and not pathtrust.real_root():
+        raise VeloError(
+            f"the store at {root} belongs to uid {owner}: only its owner writes it",
+            reason=Reason.STORE_PERMISSION,
+            hint="reading commands work on another user's shared store; use a store of your "
+            "own to change anything (--store or VELO_STORE)",
+            path=root,
+        )
+    return bool(names)
+
+
+def refuse_filled(root: Path, fd: int) -> None:
+    """After `init` closed a new store's directory `fd` (0700 or 0755): it must still be empty.
+    Until then another user could add entries to it (an empty 0777 directory passes
+    `check_safe`), which the store's writes would then go into."""
+    if set(os.listdir(fd)) - {"lost+found"}:
+        raise _changed(root)
+
+
+def _changed(root: Path) -> VeloError:
+    return VeloError(
+        f"refusing to make a store at {root}: entries appeared in it while it was being made",
+        reason=Reason.STORE_UNSAFE,
+        hint="another user can write that directory: make the store in a new directory only "
+        "you can write",
+        path=root,
+    )
+
+
 def check_place(store_root: Path) -> None:
     """As root, refuse to make a store where another user could move or replace it (the
     directories above it that exist; see `check_safe`), before anything is made there."""
@@ -298,8 +353,11 @@ def _check_entries(
             why = f"is a symbolic link that belongs to uid {link.st_uid}"
         elif stat.S_ISLNK(st.st_mode):
             why = "is a symbolic link"
-        elif not as_root:
-            continue
+        elif not as_root:  # everyone: one owner (or root), and no other user can add files
+            if st.st_uid not in (0, held.st_uid):
+                why = f"belongs to uid {st.st_uid}, the store to uid {held.st_uid}"
+            elif st.st_mode & 0o002 and stat.S_ISDIR(st.st_mode) and len(entries) > 1:
+                why = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
         elif st.st_uid != 0:
             why = f"belongs to uid {st.st_uid}"
         elif st.st_mode & 0o022 and stat.S_ISDIR(st.st_mode):
@@ -311,7 +369,9 @@ def _check_entries(
                 hint="root uses only stores no other user can write: use a store of root's "
                 "own, or fix ownership (chown -R root) and modes (chmod go-w)"
                 if as_root
-                else "someone who could write the store planted it: remove it",
+                else "another user could plant files in the store (a link, an entry of theirs, "
+                "a directory anyone can write): remove what is not yours or chmod o-w, or use "
+                "another store",
                 path=d,
             )
 

@@ -105,26 +105,6 @@ def object_missing(digest: bytes) -> VeloError:
     )
 
 
-# What a directory may hold for `init` to make a store in it: a store's own names (a store, or
-# one an earlier init left half made) and a new filesystem's lost+found.
-_STORE_MARKS = {OBJECTS_V1, OBJECTS_V2, "CACHEDIR.TAG"}
-
-
-def _refuse_foreign_dir(root: Path, fd: int) -> bool:
-    """Whether a store is there (False: empty, a new one). `init` in a directory holding other
-    things (`--store ~/project` by mistake) would write CACHEDIR.TAG there, which backup tools
-    read as "skip this tree", and a `.gitignore` of `*` hiding a git checkout's files: refused."""
-    names = set(os.listdir(fd)) - {"lost+found"}
-    if names and not names & _STORE_MARKS:
-        raise VeloError(
-            f"{root} is not empty and not a veloverlay store",
-            reason=Reason.EXISTS,
-            path=root,
-            hint="make the store in a new or empty directory (--store DIR or VELO_STORE)",
-        )
-    return bool(names)
-
-
 class Store:
     """A store directory. Cheap to construct; `init()` creates it, `open()` checks it exists."""
 
@@ -294,7 +274,7 @@ class Store:
             store.check_safe()  # before any chmod: the very directory judged, by its descriptor
             fd = store.fd
             if existed:
-                existed = _refuse_foreign_dir(store.root, fd)  # empty: a new store
+                existed = access.store_there(store.root, fd)  # empty: a new store
             if existed:
                 access.refuse_newer_format(store.root)
                 if judge is not None:
@@ -303,6 +283,7 @@ class Store:
                     os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o055)
             else:  # nothing written before: another user's empty directory fails here (EPERM)
                 os.fchmod(fd, 0o755 if shared else 0o700)
+                access.refuse_filled(store.root, fd)
             for d in (store.objects, store.tmp, store.sessions, store.locks):
                 access.mkdir_nofollow(d.name, dir_fd=fd, shown=d)
             access.private_trees(store.trees, dir_fd=fd)
