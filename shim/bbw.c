@@ -55,41 +55,77 @@ static void hex64(uint64_t v, char out[17])
         out[16] = '\0';
 }
 
-static int copy_data(int src, int dst, off_t size)
+/* Bytes [from, to) of src to the same offsets of dst by read/write (copy_file_range refused). */
+static int copy_range_rw(int src, int dst, off_t from, off_t to)
 {
-        if (syscall(SYS_ioctl, dst, FICLONE, src) == 0)
-                return 0;
-        off_t done = 0;
-        while (done < size) {
-                long n = syscall(SYS_copy_file_range, src, NULL, dst, NULL, (size_t)(size - done), 0);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        break;
-                done += n;
-        }
-        if (done >= size)
-                return 0;
-        /* copy_file_range refused (EXDEV, EINVAL...): plain read/write from where it stopped */
         char buf[65536];
-        for (;;) {
-                long r = syscall(SYS_pread64, src, buf, sizeof buf, done);
+        while (from < to) {
+                size_t want = (size_t)(to - from) < sizeof buf ? (size_t)(to - from) : sizeof buf;
+                long r = syscall(SYS_pread64, src, buf, want, from);
                 if (r < 0 && errno == EINTR)
                         continue;
                 if (r < 0)
                         return -1;
                 if (r == 0)
-                        return 0;
+                        return 0; /* shrank meanwhile: what is left is the size set below */
                 for (long w = 0; w < r;) {
-                        long k = syscall(SYS_pwrite64, dst, buf + w, (size_t)(r - w), done + w);
+                        long k = syscall(SYS_pwrite64, dst, buf + w, (size_t)(r - w), from + w);
                         if (k < 0 && errno == EINTR)
                                 continue;
                         if (k <= 0)
                                 return -1;
                         w += k;
                 }
-                done += r;
+                from += r;
         }
+        return 0;
+}
+
+/* A private copy of the proxy: a reflink, else its data extents only (SEEK_DATA/SEEK_HOLE), so
+ * a hole stays a hole as the materialised copy and `cp` keep them: a sparse disk image written
+ * once must not become its size in zeros. The size is set at the end (a trailing hole). */
+static int copy_data(int src, int dst, off_t size)
+{
+        if (syscall(SYS_ioctl, dst, FICLONE, src) == 0)
+                return 0;
+        off_t pos = 0;
+        int by_rw = 0;
+        while (pos < size) {
+                off_t data = (off_t)syscall(SYS_lseek, src, pos, SEEK_DATA);
+                off_t hole;
+                if (data < 0 && errno == ENXIO)
+                        break; /* nothing but a hole from pos on */
+                if (data < 0) {
+                        data = pos; /* the filesystem cannot say: one extent */
+                        hole = size;
+                } else {
+                        hole = (off_t)syscall(SYS_lseek, src, data, SEEK_HOLE);
+                        if (hole < 0 || hole > size)
+                                hole = size;
+                }
+                if (data >= size)
+                        break;
+                int ended = 0;
+                while (data < hole && !by_rw && !ended) {
+                        loff_t in = data, out = data;
+                        long n = syscall(SYS_copy_file_range, src, &in, dst, &out,
+                                         (size_t)(hole - data), 0);
+                        if (n < 0 && errno == EINTR)
+                                continue;
+                        if (n < 0)
+                                by_rw = 1; /* refused (EXDEV, EINVAL...): read/write instead */
+                        else if (n == 0)
+                                ended = 1; /* the source shrank meanwhile */
+                        else
+                                data += n;
+                }
+                if (ended)
+                        break;
+                if (by_rw && copy_range_rw(src, dst, data, hole) < 0)
+                        return -1;
+                pos = hole;
+        }
+        return (int)syscall(SYS_ftruncate, dst, size) == 0 ? 0 : -1;
 }
 
 /* Under the lock: if `path` is still a proxy link, swap in a private copy. */

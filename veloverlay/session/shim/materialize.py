@@ -1,14 +1,14 @@
 """Materialise a manifest as a real, writable tree for the shim backend (no mount namespace).
 
 Default (copy) mode: every Tier-2 file is a private reflink (FICLONE) or, where the filesystem
-cannot, a byte copy (copy_file_range): the object's inode is never in the tree, so no writer,
-shimmed or not, can reach an object through it (P0-a, review §2.2). `--link` mode: Tier-2 files
-are hard links to per-(digest, mode) *proxy* inodes `<store>/shim-v1/proxies/<ab>/<hex>-<mode>`
-(copies of the object, never the 0444 object itself) — fast, but shared: the shim breaks a proxy
-link before the first write (Break-Before-Write); a writer the shim cannot see changes the proxy,
-which `verify_proxies` (fsck) detects. Proxies carry the normalised mtime `PROXY_MTIME_NS` (as the
-overlay links form and Nix do). Tier-1 files are symlinks to their objects. MASK entries are
-skipped.
+cannot, a byte copy of its data extents (holes stay holes): the object's inode is never in the
+tree, so no writer, shimmed or not, can reach an object through it (P0-a, review §2.2). `--link`
+mode: Tier-2 files are hard links to per-(digest, mode) *proxy* inodes
+`<store>/shim-v1/proxies/<ab>/<hex>-<mode>` (copies of the object, never the 0444 object itself)
+— fast, but shared: the shim breaks a proxy link before the first write (Break-Before-Write); a
+writer the shim cannot see changes the proxy, which `verify_proxies` (fsck) detects. Proxies carry
+the normalised mtime `PROXY_MTIME_NS` (as the overlay links form and Nix do). Tier-1 files are
+symlinks to their objects. MASK entries are skipped.
 
 Writes only inside the target: directories are created by us and entered by fd with O_NOFOLLOW,
 files are created O_EXCL|O_NOFOLLOW relative to them (as checkout.py). Directory modes and mtimes
@@ -56,7 +56,6 @@ __all__ = [
     "ProxyFinding",
 ]
 
-_CHUNK = 1 << 30
 _BL_MAGIC = b"VBL1"
 _BL_REC = struct.Struct("<QQqq32s")
 
@@ -264,13 +263,9 @@ class _Placer:
                 ):
                     raise
                 self.reflink = False
-        try:
-            while os.copy_file_range(src, dst, _CHUNK):
-                pass
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            linking.copy_bytes(src, dst)
+        # Data extents only: a hole stays a hole (a sparse disk image or database file of the
+        # tree costs its data, not its size in zeros), as overlay sessions and checkout show it.
+        linking.copy_bytes(src, dst)
         self._count("copy")
 
     # -- Tier-2, --link mode
