@@ -457,6 +457,7 @@ def test_status_and_diff_see_into_a_running_session(store: str, proj: str, shm_t
     go = os.path.join(shm_tmp, "go")
     script = (
         f"cd {proj} && echo more >> README && rm old.txt && echo n > added && "
+        "printf n > \"$(printf 'not-utf8-\\377')\" && "  # a name given back exactly (JSON)
         f"touch {shm_tmp}/ready && while [ ! -e {go} ]; do sleep 0.05; done"
     )
     session = subprocess.Popen(
@@ -670,6 +671,25 @@ def test_the_end_of_session_report_escapes_the_names_of_new_files(store: str, pr
     assert "\x1b" not in err and "\x07" not in err
     assert "  A t\\x1b]0;owned\\x07\\x0aA forged\n" in err
     assert name in {e["path"] for e in data(velo(store, "ls", "proj", "--json"))}
+
+
+def test_the_session_reports_names_that_are_not_utf8_exactly(store: str, proj: str) -> None:
+    """A name that is not UTF-8 (or holds a backslash) is one name: `run --json` gives its bytes
+    back as surrogate escapes, as every `--json` does, and the end line shows each byte once as
+    \\xNN. Both were escaped twice (JSON: the four characters `\\xff`; the end line:
+    `bad\\\\xffname`, a name holding a backslash), found by projecting real trees with such
+    names."""
+    names = [os.fsdecode(b"bad\xffname"), "back\\slash"]
+    write = 'printf %s "$1" > "$3/$2"; printf %s "$1" > "$3/$4"'
+    args = ["sh", "-c", write, "sh", "x", names[0], proj, names[1]]
+    p = velo(store, "run", "--json", "proj", "--", *args)
+    assert p.returncode == 0, p.stderr
+    assert {c["path"] for c in json.loads(p.stdout)["changes"]} == set(names)
+    args[4] = "y"
+    p = velo(store, "run", "proj", "--", *args)
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.decode()
+    assert "  M bad\\xffname\n" in err and "  M back\\\\slash\n" in err, err
 
 
 def test_run_with_stdout_closed_gives_the_command_dev_null(store: str, proj: str) -> None:
