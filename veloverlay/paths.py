@@ -22,7 +22,6 @@ __all__ = [
     "join",
     "parse_user_path",
     "display",
-    "exact",
 ]
 
 NAME_MAX = 255
@@ -99,13 +98,8 @@ def parse_user_path(text: str | bytes) -> bytes:
 
 
 def display(path: bytes) -> str:
-    """Render a bytes path for humans (undecodable bytes escaped, never an exception)."""
-    return path.decode("utf-8", "backslashreplace") if path else "/"
-
-
-def exact(path: bytes) -> str:
-    """A path as a name in a result (a session's changes, its conflicts): exactly its bytes,
-    undecodable ones as surrogate escapes (os.fsdecode), as `--json` promises; the CLI shows each
-    byte of them as \\xNN. Not `display`, whose `\\xNN` text the CLI would escape once more (a
-    name holding those four characters is another name)."""
+    """A bytes path for a message (never an exception): its bytes exactly, undecodable ones as
+    surrogate escapes (os.fsdecode). Whoever shows a message escapes it once (the CLI: each such
+    byte as \\xNN, a backslash as \\\\; JSON: \\udcNN), so the name reads back exactly.
+    Escaped here too (`\\xff`, four characters), it read as a name holding a backslash."""
     return os.fsdecode(path) if path else "/"

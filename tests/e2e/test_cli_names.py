@@ -10,6 +10,7 @@ shown decodes to the bytes of one entry of the source tree, and no two entries r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -105,3 +106,21 @@ def test_a_path_in_a_message_and_in_a_report_reads_back_exactly(
     [line] = _lines(velo(store, "checkout", "h", dest))
     assert unescape(line) == f"checked out {len(NAMES)} entries into {dest}".encode(), line
     assert sorted(os.listdir(shm_tmp)) == sorted([*before, "out\\x09put"])
+
+
+def test_a_name_that_is_not_utf8_in_a_message_reads_back_exactly(
+    trees: tuple[str, str],
+) -> None:
+    """A message naming a path that is not UTF-8 shows each such byte once as \\xNN: the byte
+    0xff and the four characters `\\xff` are two names, and read as two. The message text was
+    escaped before the CLI escaped it again, so both read as `\\\\xff` (a backslash), found by
+    projecting real trees with such names. `--json` keeps the byte (\\udcff)."""
+    store, _src = trees
+    shown = {}
+    for raw in (b"gone-\xff", b"gone-\\xff"):
+        err = failed(velo(store, "--json", "cat", "h", os.fsdecode(raw)), "not-found")
+        [line] = [x for x in err.split("\n") if x.startswith("error: ")]
+        shown[raw] = unescape(line.rsplit(" no such path ", 1)[1])
+    assert shown == {b"gone-\xff": b"gone-\xff", b"gone-\\xff": b"gone-\\xff"}
+    p = velo(store, "--json", "cat", "h", os.fsdecode(b"gone-\xff"))
+    assert json.loads(p.stdout)["error"].endswith(os.fsdecode(b"gone-\xff"))

@@ -403,4 +403,6 @@ def test_user_paths() -> None:
         paths.parse_user_path("a/../../etc")
     assert ei.value.reason is Reason.BAD_PATH
     assert paths.display(b"") == "/"
-    assert paths.display(b"\xff") == "\\xff"
+    # exactly its bytes (the CLI escapes what it shows, once): never the text `\xff`, which
+    # the CLI would show as a name holding a backslash
+    assert paths.display(b"\xff") == "\udcff"

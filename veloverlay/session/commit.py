@@ -191,7 +191,7 @@ def _harvest_and_commit(
             # What changed is told as the session saw it, in the stacked view: a deleted file
             # of a lower ref is a MASK in the top ref, which a diff of the top ref alone hides.
             now = stack_roots(m, txn, [below, new_root]) if st.below_root else new_root
-            res.changes = [(c.status, paths.exact(c.path)) for c in changes(m, txn, seen, now)]
+            res.changes = [(c.status, paths.display(c.path)) for c in changes(m, txn, seen, now)]
             res.changed = len(res.changes)
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
@@ -222,7 +222,7 @@ def _told_earlier(
     if c.parent is not None and m.has_commit(txn, c.parent):
         before = bytes.fromhex(m.get_commit(txn, c.parent).root)
         now = bytes.fromhex(c.root)
-        res.changes = [(x.status, paths.exact(x.path)) for x in changes(m, txn, before, now)]
+        res.changes = [(x.status, paths.display(x.path)) for x in changes(m, txn, before, now)]
         res.changed = len(res.changes)
     where = kept if kept is not None else st.top
     res.warnings.append(
@@ -302,7 +302,7 @@ def _commit(
 
             mr = three_way(m, txn, base_root, new_root, head_root)
             if mr.root is None:
-                res.conflicts = [paths.exact(p) for p in mr.conflicts]
+                res.conflicts = [paths.display(p) for p in mr.conflicts]
                 _keep(m, txn, sref, ref, base_id, new_root, ops, message, st, res)
                 return
             if mr.root != head_root:

@@ -292,7 +292,7 @@ def live_changes(
                 live = shim_live_root(m, txn, st)
                 if live is None:
                     return []
-                return [(c.status, paths.exact(c.path)) for c in changes(m, txn, view, live)]
+                return [(c.status, paths.display(c.path)) for c in changes(m, txn, view, live)]
         from veloverlay.session.overlay.live import upper_changes
 
         upper, prefix = upper_dir(store, st)

@@ -40,7 +40,7 @@ def upper_changes(
     m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
 ) -> list[tuple[str, str]]:
     """(status letter, path) for what the upper dir `upper` changes in the tree `view_root`."""
-    return [(c, paths.exact(p)) for c, p in upper_changes_raw(m, upper, view_root, prefix)]
+    return [(c, paths.display(p)) for c, p in upper_changes_raw(m, upper, view_root, prefix)]
 
 
 def upper_changes_raw(
