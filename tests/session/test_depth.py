@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -108,3 +109,86 @@ def test_a_ref_beyond_the_bound_builds_nothing(mode: str) -> None:
     with unpriv_tmpdir() as base:
         out = as_mode(mode, _old_deep_ref, base)
     assert out["reasons"] == ["too-deep", "too-deep"], out
+
+
+# The same operations in a session and in a plain directory: a new file, and a chain of
+# directories one more level than the bound and a file at its end.
+OPS = (
+    "import os, sys\n"
+    "with open(os.path.join(sys.argv[1], 'b'), 'w') as f:\n"
+    "    f.write('new')\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    os.mkdir('q', dir_fd=fd)\n"
+    "    c = os.open('q', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n"
+    "    os.close(fd); fd = c\n"
+    "with open(os.open('f', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), 'w') as f:\n"
+    "    f.write('deep')\n"
+)
+
+
+def _too_deep_run(base: str, levels: int, backend: str) -> dict[str, object]:
+    from veloverlay.errors import VeloError
+
+    store, _src = new_store(base)
+    script = os.path.join(base, "ops.py")
+    with open(script, "w") as f:
+        f.write(OPS)
+    at = os.path.join(base, "at")
+    try:
+        run_session(store, ["t"], [sys.executable, script, at, str(levels)], at=at, backend=backend)
+    except VeloError as exc:
+        return {"reason": exc.reason.value, "hint": exc.hint, "path": exc.path}
+    return {"reason": None}
+
+
+def _set_aside_resume(base: str, levels: int, t0: int) -> dict[str, object]:
+    import shutil
+    import subprocess
+
+    from tests.session._util import compare_trees
+    from veloverlay.session import harvest_resume, list_sessions
+    from veloverlay.store.cas import Store
+
+    store = Store.open(os.path.join(base, "store"))
+    (sid,) = [s.id for s in list_sessions(store) if s.state == "dead-unharvested"]
+    # the plain directory: the same operations, then the entry past the bound moved aside
+    want = os.path.join(base, "want")
+    shutil.copytree(os.path.join(base, "src"), want, symlinks=True)
+    subprocess.run([sys.executable, os.path.join(base, "ops.py"), want, str(levels)], check=True)
+    want_aside = os.path.join(base, "want-aside")
+    os.mkdir(want_aside)
+    os.rename(os.path.join(want, *["q"] * (DEPTH_MAX + 1)), os.path.join(want_aside, "q"))
+    aside = os.path.join(base, "aside")
+    (res,) = harvest_resume(store, sid, set_aside=aside)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return {
+        "committed": compare_trees(got, want, since_ns=t0),
+        "aside": compare_trees(
+            os.path.join(aside, "1", "q"), os.path.join(want_aside, "q"), since_ns=t0
+        ),
+        "slots": sorted(os.listdir(aside)),
+        "warned": [w for w in res.warnings if "set aside, NOT committed" in w],
+        "left": sorted(s.state for s in list_sessions(store) if s.id == sid),
+    }
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_set_aside_commits_the_rest_of_a_too_deep_session(mode: str, backend: str) -> None:
+    """A session that made a path past the bound cannot be harvested whole; `harvest --resume
+    ID --set-aside DIR` commits everything else, exactly as a plain directory that got the same
+    operations (minus the entry past the bound), and that entry, whole, is in DIR/1, said in a
+    warning. Before, every resume failed with too-deep and nothing could be committed."""
+    levels = DEPTH_MAX + 40
+    with unpriv_tmpdir() as base:
+        t0 = time.time_ns()
+        first = as_mode(mode, _too_deep_run, base, levels, backend)
+        assert first["reason"] == "too-deep", first
+        assert "--set-aside" in str(first["hint"]), first
+        assert first["path"] == "/".join(["q"] * (DEPTH_MAX + 1)), first
+        out = as_mode(mode, _set_aside_resume, base, levels, t0)
+    assert out["committed"] == [] and out["aside"] == [], out
+    assert out["slots"] == ["1"] and len(out["warned"]) == 1, out
+    assert out["left"] == ["harvested"], out

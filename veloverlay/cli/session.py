@@ -379,6 +379,14 @@ def sessions(
 def harvest(
     resume: Annotated[str | None, typer.Option(help="Harvest this session")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Harvest every unharvested session")] = False,
+    set_aside: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="With --resume: move what the session made too deep to keep (too-deep) into "
+            "this new directory, each entry said, and commit the rest",
+        ),
+    ] = None,
 ) -> None:
     """Harvest sessions whose manager died (after a crash or kill), or that ended while a
     process outside them could still write (state held), once nothing can."""
@@ -388,7 +396,7 @@ def harvest(
     if (resume is None) == (not all_):
         raise VeloError("give --resume ID or --all", reason=Reason.USAGE)
     failed: list[tuple[str, Exception]] = []
-    results = harvest_resume(common.store(), resume, failed)
+    results = harvest_resume(common.store(), resume, failed, set_aside=set_aside)
     if not state.json:
         for r in results:
             _render(r)

@@ -122,6 +122,14 @@ def _resumable(exc: VeloError, sid: str) -> VeloError:
     resume = f"veloverlay harvest --resume {sid} (nothing is committed yet; its changes are kept)"
     if exc.reason is Reason.STORE_FULL:
         hint = f"free space (e.g. 'veloverlay gc'), then: {resume}"
+    elif exc.reason is Reason.TOO_DEEP:
+        # The session is over: its files can no longer be shortened by its programs.
+        hint = (
+            "to commit everything else and move what is too deep into a new directory DIR "
+            "(on the filesystem of the session's files): veloverlay harvest --resume "
+            f"{sid} --set-aside DIR; or, to keep it whole: {resume}, once it is shortened "
+            "where the session's files are kept"
+        )
     elif exc.hint:
         hint = f"{exc.hint}; then: {resume}"
     else:

@@ -13,6 +13,7 @@ never silent (P0-d).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
@@ -23,6 +24,9 @@ from veloverlay.session.options import OnStart, SessionInfo, SessionOptions, Ses
 from veloverlay.session.select import Choice, capabilities, decide
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
+
+if TYPE_CHECKING:
+    from veloverlay.session.harvest import SetAside
 
 __all__ = [
     "SessionOptions",
@@ -140,12 +144,22 @@ def list_sessions(store: Store) -> list[SessionInfo]:
 
 
 def harvest_resume(
-    store: Store, session_id: str | None, failed: list[tuple[str, Exception]] | None = None
+    store: Store,
+    session_id: str | None,
+    failed: list[tuple[str, Exception]] | None = None,
+    *,
+    set_aside: str | None = None,
 ) -> list[SessionResult]:
     """Harvest sessions whose manager died (one, or all of them with None). With `failed`, all
     of them are tried: a session that cannot be harvested now (a full store, a damaged upper
     dir) is put there with its error, and the next one is harvested all the same; without it,
-    the first error ends the walk."""
+    the first error ends the walk. `set_aside` (one session only): a new directory where what
+    the session made too deep to keep is moved, so that the rest can be committed."""
+    from veloverlay.session.harvest import SetAside
+
+    if set_aside is not None and session_id is None:
+        raise VeloError("--set-aside goes with --resume ID (one session)", reason=Reason.USAGE)
+    aside = SetAside(set_aside) if set_aside is not None else None
     store.writable()  # a shared store's other users: STORE_PERMISSION, not "0 harvested"
     if session_id is not None:
         states = [state.load(store, session_id)]
@@ -155,7 +169,7 @@ def harvest_resume(
     for st in states:
         try:
             with state.finishing(store, st.id) as now:  # what another harvest left of it
-                res = _harvest_one(store, now, session_id)
+                res = _harvest_one(store, now, session_id, aside)
         except (VeloError, OSError) as exc:
             if failed is None or session_id is not None:
                 raise
@@ -166,14 +180,16 @@ def harvest_resume(
     return out
 
 
-def _harvest_one(store: Store, st: state.State, session_id: str | None) -> SessionResult | None:
+def _harvest_one(
+    store: Store, st: state.State, session_id: str | None, aside: SetAside | None = None
+) -> SessionResult | None:
     """`harvest_resume` of one session: its result, or None where there is nothing to do."""
     shown = st.shown_state(store)
     if st.backend == "shim" and shown not in state.DONE_STATES:
         from veloverlay.session.shim.backend import resume as resume_shim
 
         try:
-            return resume_shim(store, st.id)
+            return resume_shim(store, st.id, aside)
         except VeloError as exc:
             if session_id is not None or exc.reason is not Reason.SESSION_ACTIVE:
                 raise
@@ -222,7 +238,11 @@ def _harvest_one(store: Store, st: state.State, session_id: str | None) -> Sessi
         return None
     from veloverlay.session.overlay.backend import resume as resume_overlay
 
-    res = resume_overlay(store, st)
+    try:
+        res = resume_overlay(store, st, aside)
+    finally:
+        if aside is not None:
+            aside.close()
     res.exit_status = st.exit_status if st.exit_status is not None else -1
     return res
 

@@ -12,12 +12,120 @@ import stat
 from collections.abc import Callable, Sequence
 
 from veloverlay import paths
+from veloverlay.errors import Reason, VeloError
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rules
 
-__all__ = ["StoreLinks", "leaf_op", "other_leaf", "to_top_ref"]
+__all__ = ["SetAside", "StoreLinks", "kept_in_bounds", "leaf_op", "other_leaf", "to_top_ref"]
+
+
+class SetAside:
+    """Where `harvest --resume ID --set-aside DIR` puts what a session made too deep to keep
+    (a path over paths.PATH_MAX bytes or paths.DEPTH_MAX levels): each such entry, with all it
+    holds, is renamed out of the session's files into `DIR/<n>/<name>`, and said in a warning
+    with its whole path; the rest is committed. DIR is made new (0700) at the first such entry,
+    on the filesystem of the session's files (a rename: nothing is copied, nothing can be half
+    moved)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = os.path.abspath(where)
+        self.count = 0
+        self._fd: int | None = None
+
+    def check(self, files: str) -> None:
+        """Refuse, before anything is harvested, a DIR that exists or that no rename from
+        `files` (the session's upper dir or materialised tree) can reach."""
+        if os.path.lexists(self.where):
+            raise VeloError(
+                f"--set-aside {self.where} exists",
+                reason=Reason.EXISTS,
+                hint="name a new directory (it is made, 0700, only if something is set aside)",
+                path=self.where,
+            )
+        parent = os.path.dirname(self.where)
+        try:
+            dev = os.stat(parent).st_dev
+        except OSError as exc:
+            raise VeloError(
+                f"--set-aside: its parent {parent} cannot be used: {exc.strerror}",
+                reason=Reason.TARGET_INVALID,
+                path=parent,
+            ) from exc
+        if dev != os.stat(files).st_dev:
+            raise VeloError(
+                f"--set-aside {self.where} is not on the filesystem of the session's files "
+                f"({files}): they are moved there, never copied",
+                reason=Reason.TARGET_INVALID,
+                hint=f"name a new directory beside {files}'s filesystem, e.g. in the store's",
+                path=self.where,
+            )
+
+    def move(self, dfd: int, name: bytes, p: bytes, warnings: list[str]) -> None:
+        """Rename `name` of the directory `dfd` (at manifest path `p`) into a new slot."""
+        if self._fd is None:
+            os.mkdir(self.where, 0o700)
+            self._fd = os.open(self.where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.count += 1
+        slot = str(self.count)
+        os.mkdir(slot, 0o700, dir_fd=self._fd)
+        sfd = os.open(slot, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
+        try:
+            _rename_out(dfd, name, sfd)
+        finally:
+            os.close(sfd)
+        depth, length = p.count(b"/") + 1, len(p)
+        warnings.append(
+            f"set aside, NOT committed: {paths.display(p)} ({depth} levels, a path of {length} "
+            f"bytes: too deep to keep) is now {self.where}/{slot}/{paths.display(name)}"
+        )
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _rename_out(dfd: int, name: bytes, sfd: int) -> None:
+    """rename(2) `name` from `dfd` into `sfd`. A directory the session made read-only (0555, or
+    a 0555 entry that is a directory: its `..` changes) gets u+w for the rename, then its mode
+    back (a non-root owner needs write permission on both)."""
+    try:
+        os.rename(name, name, src_dir_fd=dfd, dst_dir_fd=sfd)
+        return
+    except PermissionError:
+        pass
+    parent_mode = stat.S_IMODE(os.fstat(dfd).st_mode)
+    st = os.lstat(name, dir_fd=dfd)
+    is_dir = stat.S_ISDIR(st.st_mode)
+    os.fchmod(dfd, parent_mode | stat.S_IRWXU)
+    try:
+        if is_dir:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=dfd)
+        os.rename(name, name, src_dir_fd=dfd, dst_dir_fd=sfd)
+        if is_dir:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=sfd)
+    finally:
+        os.fchmod(dfd, parent_mode)
+
+
+def kept_in_bounds(
+    dfd: int, name: bytes, p: bytes, aside: SetAside | None, warnings: list[str]
+) -> bool:
+    """Whether the entry `name` of `dfd`, at manifest path `p`, is within the bounds a tree is
+    kept in (paths.bounded). One beyond them is set aside (False) with `aside`; without it the
+    harvest stops with `too-deep`, naming the whole path (the error's `path`)."""
+    try:
+        paths.bounded(p)
+    except VeloError as exc:
+        if aside is None:
+            raise VeloError(
+                exc.message, reason=exc.reason, hint=exc.hint, path=os.fsdecode(p)
+            ) from None
+        aside.move(dfd, name, p, warnings)
+        return False
+    return True
 
 
 class StoreLinks:

@@ -39,6 +39,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
+from veloverlay.session.harvest import SetAside
 from veloverlay.session.holders import ask_again, holders
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
@@ -417,8 +418,9 @@ def _refuse_if_held(store: Store, st: State, why: str) -> None:
         raise state.hold(store, st, pids, f"can still write its projection ({why})")
 
 
-def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
-    """Harvest the upper dir of a finished session and commit it (or discard it)."""
+def _finish(store: Store, m: Manifests, st: State, aside: SetAside | None = None) -> SessionResult:
+    """Harvest the upper dir of a finished session and commit it (or discard it); `aside`:
+    where what is too deep to keep goes (`harvest --set-aside`)."""
     sdir = store.sessions / st.id
     res = result_for(st, st.exit_status if st.exit_status is not None else -1)
     if st.discard:
@@ -455,6 +457,7 @@ def _finish(store: Store, m: Manifests, st: State) -> SessionResult:
             form=st.form,
             rules=rules,
             prefix=xattr_prefix(st.mode),
+            aside=aside,
         )
 
     t_harvested = harvest_and_commit(
@@ -503,8 +506,10 @@ def _drop_upper(sdir: Path) -> None:
             force_rmtree(sdir / name)
 
 
-def resume(store: Store, st: State) -> SessionResult:
+def resume(store: Store, st: State, aside: SetAside | None = None) -> SessionResult:
     """Finish an overlay session whose manager died (its state shows dead-unharvested)."""
+    if aside is not None:
+        aside.check(os.fspath(store.sessions / st.id / "upper"))
     if state.same_process(st.child, st.child_start):
         # A parent-death SIGKILL is on its way; make sure before reading the upper. (Only that
         # process: its number may have been given to another one since, or name another process
@@ -523,7 +528,7 @@ def resume(store: Store, st: State) -> SessionResult:
     state.save(store, st)
     m = Manifests(store)
     try:
-        res = _finish(store, m, st)
+        res = _finish(store, m, st, aside)
     finally:
         m.close()
     remove_made_target(store, st)

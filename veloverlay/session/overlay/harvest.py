@@ -32,6 +32,9 @@ contents are staged (v1 does not model xattrs).
   sockets and devices are skipped with a warning (one that replaced a stored entry deletes it);
   setuid/setgid bits a session sets are removed (as ingest does unless asked), bits the
   manifest already had are kept.
+An entry whose path is past the bound a tree is kept in (paths.bounded) stops the harvest
+(`too-deep`, the whole path in the error), or, with `harvest --resume ID --set-aside DIR`, is
+moved out to DIR and said (session/harvest.py `SetAside`).
 Files and directories the harvester cannot read as created (mode 000, 0555 dirs for a non-root
 owner) are chmod-ed to read them; the manifest records the mode they had.
 
@@ -49,7 +52,7 @@ from veloverlay import faults, paths
 from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
-from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
+from veloverlay.session.harvest import SetAside, StoreLinks, kept_in_bounds, leaf_op, other_leaf
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import hash_fd
@@ -107,8 +110,10 @@ class _Harvester:
         form: str,
         rules: Rules,
         prefix: str,
+        aside: SetAside | None,
     ) -> None:
         self.prefix = prefix
+        self.aside = aside
         self.x_opaque = f"{prefix}.overlay.opaque"
         self.x_metacopy = f"{prefix}.overlay.metacopy"
         # userxattr mounts use redirect_dir=nofollow: no directory redirect is ever written or
@@ -166,7 +171,8 @@ class _Harvester:
         ops = self.res.ops
         for name in self._names(dfd):
             p = paths.join(rel, name)
-            paths.bounded(p)
+            if not kept_in_bounds(dfd, name, p, self.aside, self.res.warnings):
+                continue
             st = os.lstat(name, dir_fd=dfd)
             low = lower.lookup(name)
             if low is not None and low.kind is Kind.MASK:
@@ -245,7 +251,8 @@ class _Harvester:
             entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK}
         for child in self._names(dfd):
             p = paths.join(rel, child)
-            paths.bounded(p)
+            if not kept_in_bounds(dfd, child, p, self.aside, self.res.warnings):
+                continue
             cst = os.lstat(child, dir_fd=dfd)
             low = entries.get(child)
             if is_whiteout(cst, dfd, child, self.prefix):
@@ -360,14 +367,16 @@ def harvest_upper(
     form: str,
     rules: Rules,
     prefix: str = "user",
+    aside: SetAside | None = None,
 ) -> HarvestResult:
     """Path operations that turn `view_root` into what the session left in `upper`.
 
     `txn` is a read transaction (the view's nodes are only looked up); new file contents go to
     `stage`; new directory nodes are in the result's `nodes`. `prefix` is the overlay xattr
-    prefix of the session's mount (`user`, or `trusted` root-native).
+    prefix of the session's mount (`user`, or `trusted` root-native). `aside`: where entries
+    too deep to keep go (`harvest --set-aside`); without it they stop the harvest (`too-deep`).
     """
-    h = _Harvester(store, m, txn, stage, form=form, rules=rules, prefix=prefix)
+    h = _Harvester(store, m, txn, stage, form=form, rules=rules, prefix=prefix, aside=aside)
     try:
         res = h.run(os.fspath(upper), view_root)
         if res.stripped_setid:

@@ -42,6 +42,7 @@ from veloverlay.ns import proc_start
 from veloverlay.progress import Progress
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name
+from veloverlay.session.harvest import SetAside
 from veloverlay.session.holders import ask_again, tree_writers
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.relocation import refuse_exposed_source
@@ -232,7 +233,9 @@ def _remove_tree(st: State) -> None:
 WRITERS_WAIT = 1.0  # s: an outside writer finishing as the command ends
 
 
-def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> SessionResult:
+def _finish(
+    store: Store, m: Manifests, st: State, status: ShimStatus, aside: SetAside | None = None
+) -> SessionResult:
     sid = st.id
     sdir = store.sessions / sid
     res = result_for(st, status.exit_status)
@@ -277,6 +280,7 @@ def _finish(store: Store, m: Manifests, st: State, status: ShimStatus) -> Sessio
                 ident=_ident(st),
                 uid=st.uid,
             )
+            sync.aside = aside
             result = sync.sync(txn, view_root, {b"": SUBTREE}, stage)
             res.skipped = list(result.skipped)
             changing[:] = sorted(result.retry)
@@ -535,7 +539,7 @@ def _abandon(store: Store, m: Manifests, st: State) -> str | None:
     return left
 
 
-def resume(store: Store, session_id: str) -> SessionResult:
+def resume(store: Store, session_id: str, aside: SetAside | None = None) -> SessionResult:
     """Finish a shim session whose manager died: the journal and the stat-diff of the tree still
     hold every change. Refused while the manager or the command is still running."""
     sdir = store.sessions / session_id
@@ -568,13 +572,15 @@ def resume(store: Store, session_id: str) -> SessionResult:
         rep = json.loads((sdir / "reaper.json").read_text())
         status.exit_status = int(rep["exit"])
         status.killed = [(int(p), str(c)) for p, c in rep.get("killed", [])]
+    if aside is not None:
+        aside.check(st.target_real)
     st.pid = os.getpid()
     st.pid_start = state.own_start()
     state.save(store, st)
     m = Manifests(store)
     try:
         if (sdir / "baseline").exists():
-            return _finish(store, m, st, status)
+            return _finish(store, m, st, status, aside)
         # The manager died before the tree was whole, so before the command could run: nothing
         # to harvest. Undone as a start that failed (its live ref and tree go), so that it
         # neither stays unharvested for ever nor stops `harvest --all` at it.

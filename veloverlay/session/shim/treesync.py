@@ -23,7 +23,7 @@ from veloverlay import paths, records
 from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
-from veloverlay.session.harvest import StoreLinks, leaf_op, other_leaf
+from veloverlay.session.harvest import SetAside, StoreLinks, kept_in_bounds, leaf_op, other_leaf
 from veloverlay.session.shim.library import JournalRecord, RecType
 from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
@@ -117,6 +117,7 @@ class TreeSync:
         # meanwhile would be undone); at the end, with every process gone, it is opened up.
         self.live = live
         self.links = StoreLinks(store)
+        self.aside: SetAside | None = None  # `harvest --set-aside`: where too-deep entries go
         self._txn: Txn = None
         self._root = b""
 
@@ -329,7 +330,8 @@ class TreeSync:
         known = {e.name: e for e in node.entries if e.kind is not Kind.MASK}
         for name in sorted(on_disk | known.keys()):
             p = paths.join(rel, name)
-            paths.bounded(p)
+            if not kept_in_bounds(dfd, name, p, self.aside, res.warnings):
+                continue
             low = known.get(name)
             if name not in on_disk:
                 res.ops.append(Op(OpKind.DELETE, p))
@@ -359,7 +361,8 @@ class TreeSync:
         entries: list[Entry] = []
         for child in sorted(os.fsencode(n) for n in os.listdir(dfd)):
             p = paths.join(rel, child)
-            paths.bounded(p)
+            if not kept_in_bounds(dfd, child, p, self.aside, res.warnings):
+                continue
             try:
                 cst = os.lstat(child, dir_fd=dfd)
             except FileNotFoundError:
