@@ -11,9 +11,9 @@ and committed) and in a plain directory: a `cp -a` copy of the source the ref wa
 (never the product's own checkout of it, so that a bug shared by ingest and checkout cannot
 cancel out). The committed version, checked out, must equal the plain directory: bytes, modes,
 symlink targets, empty dirs and
-mtimes (a file's mtime only where the form keeps it: the links form shows proxies' normalised
-mtime, so a file a program copies there gets it). Owners, xattrs and hard-link identity are not
-modelled in v1 and not compared. fsck must be clean afterwards.
+mtimes (in the links form too, where every file shows the proxies' normalised mtime: a file a
+program renames or copies with its times gets its recorded mtime back). Owners, xattrs and
+hard-link identity are not modelled in v1 and not compared. fsck must be clean afterwards.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _scenario(base: str, form: str, script: str) -> tuple[list[str], list[str], 
     sh(script, plain)
     got = os.path.join(base, "got")
     checkout_ref(store, "t", got)
-    problems = compare_trees(got, plain, since_ns=since, file_mtimes=form != "links")
+    problems = compare_trees(got, plain, since_ns=since)
     assert res.lower_form == reported
     return problems, fsck_ok(store), res.exit_status, res.mode
 
@@ -322,4 +322,68 @@ def test_many_hard_links_are_read_once(mode: str) -> None:
     assert status == 0
     assert size == 2 << 20 and same
     assert read == [size], read
+    assert not findings, findings
+
+
+# Each file its own mtime; a and b share their content (so one content, two recorded mtimes).
+MOVED_FILES = {
+    "a": (b"same\n", 1_100_000_000),
+    "b": (b"same\n", 1_200_000_000),
+    "c": (b"sea\n", 1_300_000_000),
+    "e": (b"ee\n", 1_400_000_000),
+    "dir1/x": (b"ex\n", 1_500_000_000),
+    "dir1/sub/y": (b"why\n", 1_600_000_000),
+}
+# rename (one of two equal contents), rename over another file, copy with its times, rename
+# of a directory (EXDEV and copied in a user-namespace overlay; a redirect root-native)
+MOVES = "mv a a.moved; cp -a c c.copy; mv e c; mv dir1 dir1.moved"
+
+
+def make_moved_src(src: str) -> None:
+    for rel, (data, mtime) in MOVED_FILES.items():
+        p = os.path.join(src, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+        os.utime(p, ns=(mtime, mtime))
+    for d in ("dir1/sub", "dir1", ""):
+        os.utime(os.path.join(src, d), ns=(1_000_000_000_000_000_000,) * 2)
+
+
+def _moved(base: str, form: str) -> tuple[list[str], list[str]]:
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    use_form(form, fresh_cache=os.path.join(base, "runtime"))
+    src = os.path.join(base, "src")
+    make_moved_src(src)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    plain = os.path.join(base, "plain")
+    subprocess.run(["cp", "-a", src, plain], check=True)
+    since = time.time_ns() - 10**9
+    proj = os.path.join(base, "proj")
+    run_session(store, ["t"], ["sh", "-euc", f"cd {proj}; {MOVES}"], at=proj)
+    sh(MOVES, plain)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return compare_trees(got, plain, since_ns=since, file_mtimes=True), fsck_ok(store)
+
+
+@pytest.mark.parametrize(
+    "mode,form", [p for p in mode_form_params(native=True) if p.values[1] == "links"]
+)
+def test_links_form_a_moved_file_keeps_its_recorded_mtime(mode: str, form: str) -> None:
+    """In the links form every Tier-2 file shows the proxies' normalised mtime (1970-01-01
+    00:00:01); a file renamed or copied with `cp -a` carried that mtime to its new path and was
+    committed with it, where a plain directory keeps the file's own. It gets the mtime the view
+    records for its content back (the removed path's where two paths share the content)."""
+    with unpriv_tmpdir() as base:
+        problems, findings = _as_mode(mode, _moved, base, form)
+    assert not problems, "committed tree != plain directory:\n" + "\n".join(problems)
     assert not findings, findings

@@ -5,8 +5,8 @@ cannot drift apart).
 Each operation runs as a shell script inside a shim session (then committed) and in a plain
 directory checked out from the same ref. Checked, for each:
 * the committed manifest, checked out, equals the plain directory (bytes, modes, kinds, symlink
-  targets, empty dirs; mtimes unless both are "now"; in --link mode file mtimes are not compared
-  — a copy of an untouched file carries the proxy's normalised mtime, as in the overlay links form);
+  targets, empty dirs; mtimes unless both are "now", in --link mode too: a file renamed or copied
+  with its times gets its recorded mtime back, not the proxy's normalised one);
 * P0-b: it equals the tree the session's processes last saw (a snapshot the session itself
   printed as its last step), mtimes included;
 * fsck is clean.
@@ -47,7 +47,7 @@ def _scenario(base: str, link: bool, script: str) -> tuple[list[str], list[str],
     got = os.path.join(base, "got")
     checkout_ref(store, "t", got)
     p0b = same_as_seen(load(seen), snapshot(got), link=link)  # before compare_trees opens modes up
-    problems = compare_trees(got, plain, since_ns=since, file_mtimes=not link)
+    problems = compare_trees(got, plain, since_ns=since)
     assert res.backend == "shim"
     assert not os.path.exists(proj), "the materialised tree is removed after the session"
     return problems, p0b, fsck_ok(store), res.exit_status
@@ -91,3 +91,42 @@ def test_background_writer_ended_and_harvested(mode: str, link: bool) -> None:
     assert data == b"done"
     assert killed, "the background writer should be reported"
     assert not findings
+
+
+def _moved(base: str) -> tuple[list[str], list[str]]:
+    import subprocess
+
+    from tests.session.test_behaviour import MOVES, make_moved_src
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    src = os.path.join(base, "src")
+    make_moved_src(src)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1, adopt=True)  # (the shim needs the source gone)
+    finally:
+        m.close()
+    plain = os.path.join(base, "plain")
+    checkout_ref(store, "t", plain)
+    since = time.time_ns() - 10**9
+    proj = os.path.join(base, "proj")
+    run_shim(store, "t", ["sh", "-euc", f"cd {proj}; {MOVES}"], link=True, at=proj)
+    subprocess.run(["sh", "-euc", MOVES], cwd=plain, check=True)
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    return compare_trees(got, plain, since_ns=since, file_mtimes=True), fsck_ok(store)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_link_a_moved_file_keeps_its_recorded_mtime(mode: str) -> None:
+    """--link: every untouched file is a link to a proxy with the normalised mtime; a file
+    renamed or copied with `cp -a` carried that mtime to its new path and was committed with
+    it, where a plain directory keeps the file's own. It gets the mtime the view records for
+    its content back (the removed path's where two paths share the content)."""
+    with unpriv_tmpdir() as base:
+        problems, findings = as_mode(mode, _moved, base)
+    assert not problems, "committed tree != plain directory:\n" + "\n".join(problems)
+    assert not findings, findings

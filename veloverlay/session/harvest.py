@@ -18,7 +18,49 @@ from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rules
 
-__all__ = ["SetAside", "StoreLinks", "kept_in_bounds", "leaf_op", "other_leaf", "to_top_ref"]
+__all__ = [
+    "RecordedMtimes",
+    "SetAside",
+    "StoreLinks",
+    "kept_in_bounds",
+    "leaf_op",
+    "other_leaf",
+    "to_top_ref",
+]
+
+# At most this many of a content's stored paths are looked up to tell which one a program moved
+_CANDIDATES = 64
+
+
+class RecordedMtimes:
+    """Where every Tier-2 file shows the proxies' normalised mtime (the overlay links form, the
+    shim's `--link`), a file a program renamed or copied with its times (`mv`, `cp -a`, `mv` of a
+    directory across EXDEV) arrives at a new path with that mtime. It stood for the mtime the
+    view records for that content, which is what `mv` or `cp -a` keeps in a plain directory: the
+    file gets it back. When the view has that content at several paths with different mtimes,
+    the one the session removed (`gone`) decides; still ambiguous, the normalised mtime stays.
+    Built on first need by one walk of the view: most sessions move no file."""
+
+    def __init__(self) -> None:
+        self._root: bytes | None = None
+        self._by_digest: dict[bytes, list[tuple[bytes, int]]] = {}
+
+    def of(
+        self, m: Manifests, txn: Txn, root: bytes, digest: bytes, gone: Callable[[bytes], bool]
+    ) -> int | None:
+        if root != self._root:
+            self._root = root
+            self._by_digest = {}
+            for p, e, _n in m.walk(txn, root):
+                if e.kind is Kind.FILE and e.tier == 2:
+                    self._by_digest.setdefault(e.digest, []).append((p, e.mtime_ns))
+        found = self._by_digest.get(digest)
+        if not found:
+            return None
+        mtimes = {t for _p, t in found}
+        if len(mtimes) > 1:
+            mtimes = {t for p, t in found[:_CANDIDATES] if gone(p)}
+        return mtimes.pop() if len(mtimes) == 1 else None
 
 
 class SetAside:

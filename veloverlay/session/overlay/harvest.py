@@ -25,7 +25,8 @@ contents are staged (v1 does not model xattrs).
   lower's (chmod, utime, an open for writing that wrote nothing, a metacopy copy-up) -> META only.
   In the links form a copied-up file still carries the proxy's normalised mtime
   (`projection.PROXY_MTIME_NS`); when its content did not change that mtime is not the user's
-  and the manifest's is kept.
+  and the manifest's is kept. A file renamed or copied with its times to another path carries
+  it too: it gets the mtime the view records for its content (harvest.RecordedMtimes).
 * symlink -> SYMLINK; a symlink into this store's objects that is a Tier-1 entry of the view a
   program copied (`cp -a`, npm) -> back to a FILE entry of that object
 * hard links are two files (v1 does not model link identity; the inode is read once); fifos,
@@ -52,7 +53,14 @@ from veloverlay import faults, paths
 from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
-from veloverlay.session.harvest import SetAside, StoreLinks, kept_in_bounds, leaf_op, other_leaf
+from veloverlay.session.harvest import (
+    RecordedMtimes,
+    SetAside,
+    StoreLinks,
+    kept_in_bounds,
+    leaf_op,
+    other_leaf,
+)
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import hash_fd
@@ -127,6 +135,8 @@ class _Harvester:
         self.rules = rules
         self.res = HarvestResult()
         self.links = StoreLinks(store)
+        self.recorded = RecordedMtimes()
+        self.upper = ""
         self.view_root = b""
         # (dev, ino) -> (digest, size) of files with more than one link: each inode is read once
         # (65,000 links to a 1 GB file cost the command nothing, and the harvest 65 TB of reads)
@@ -153,6 +163,7 @@ class _Harvester:
     # -- the walk
     def run(self, upper: str, view_root: bytes) -> HarvestResult:
         self.view_root = view_root
+        self.upper = upper
         parent = os.open(os.path.dirname(upper), DIRFLAGS)
         try:
             st = os.lstat(os.path.basename(upper), dir_fd=parent)
@@ -329,7 +340,37 @@ class _Harvester:
             tier = low_file.tier
         else:
             tier = low_file.tier if low_file is not None else self.rules.classify(p)
+            if self.form == "links" and mtime == PROXY_MTIME_NS:
+                # renamed or copied with its times: the mtime the view records for it
+                got = self.recorded.of(self.m, self.txn, self.view_root, digest, self._gone)
+                mtime = got if got is not None else mtime
         return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+    def _gone(self, p: bytes) -> bool:
+        """Did the session remove or replace the view's entry at `p`? (Something of the upper
+        at `p`, a whiteout on its way, or an opaque directory above it.)"""
+        names = p.split(b"/")
+        fd = os.open(self.upper, DIRFLAGS)
+        try:
+            for i, name in enumerate(names):
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except OSError:
+                    return False  # the view shows through
+                if i == len(names) - 1 or not stat.S_ISDIR(st.st_mode):
+                    return True
+                nfd = os.open(name, DIRFLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                if _getx_fd(fd, self.x_opaque) == b"y" or (
+                    self.x_redirect and _getx_fd(fd, self.x_redirect) is not None
+                ):
+                    return True
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _content(
         self, dfd: int, name: bytes, st: os.stat_result, low_file: Entry | None

@@ -23,7 +23,14 @@ from veloverlay import paths, records
 from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
-from veloverlay.session.harvest import SetAside, StoreLinks, kept_in_bounds, leaf_op, other_leaf
+from veloverlay.session.harvest import (
+    RecordedMtimes,
+    SetAside,
+    StoreLinks,
+    kept_in_bounds,
+    leaf_op,
+    other_leaf,
+)
 from veloverlay.session.shim.library import JournalRecord, RecType
 from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
@@ -117,6 +124,7 @@ class TreeSync:
         # meanwhile would be undone); at the end, with every process gone, it is opened up.
         self.live = live
         self.links = StoreLinks(store)
+        self.recorded = RecordedMtimes()
         self.aside: SetAside | None = None  # `harvest --set-aside`: where too-deep entries go
         self._txn: Txn = None
         self._root = b""
@@ -434,7 +442,33 @@ class TreeSync:
             tier = low_file.tier
         else:
             tier = low_file.tier if low_file is not None else self.rules.classify(p)
+            if self.link and mtime == PROXY_MTIME_NS:
+                # renamed or copied with its times: the mtime the view records for it
+                got = self.recorded.of(self.m, self._txn, self._root, digest, self._gone)
+                mtime = got if got is not None else mtime
         return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+    def _gone(self, p: bytes) -> bool:
+        """Did the session remove or replace the view's file at `p` (nothing there now, or no
+        longer a proxy's link)?"""
+        names = p.split(b"/")
+        try:
+            fd = open_target(self.top, self.ident)
+        except OSError:
+            return False
+        try:
+            for name in names[:-1]:
+                nfd = os.open(name, DIRFLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            st = os.lstat(names[-1], dir_fd=fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return not stat.S_ISREG(st.st_mode) or st.st_mtime_ns != PROXY_MTIME_NS
 
     def _hash(
         self,
