@@ -192,3 +192,98 @@ def test_set_aside_commits_the_rest_of_a_too_deep_session(mode: str, backend: st
     assert out["committed"] == [] and out["aside"] == [], out
     assert out["slots"] == ["1"] and len(out["warned"]) == 1, out
     assert out["left"] == ["harvested"], out
+
+
+LONG = 200  # a name's bytes: 10 such levels under a 12-level tree pass PATH_MAX
+
+
+def _renamed_too_deep(base: str) -> dict[str, object]:
+    import subprocess
+
+    from veloverlay.errors import VeloError
+    from veloverlay.ingest import ingest
+    from veloverlay.store.cas import Store
+    from veloverlay.store.manifest import Manifests
+
+    src = os.path.join(base, "src")
+    deep = os.path.join(src, "d", *["a" * LONG] * 12)
+    os.makedirs(deep)
+    with open(os.path.join(deep, "f"), "w") as f:
+        f.write("bottom")
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1)
+    finally:
+        m.close()
+    plain = os.path.join(base, "plain")
+    subprocess.run(["cp", "-a", src, plain], check=True)
+    # a renamed directory (rename(2) with a redirect, root-native) put 10 levels deeper
+    ops = (
+        "import os, sys\n"
+        "os.chdir(sys.argv[1])\n"
+        f"p = os.path.join('g', *['c' * {LONG}] * 10)\n"
+        "os.makedirs(p)\n"
+        "os.rename('d', os.path.join(p, 'x'))\n"
+    )
+    script = os.path.join(base, "ops.py")
+    with open(script, "w") as f:
+        f.write(ops)
+    at = os.path.join(base, "at")
+    out: dict[str, object] = {}
+    try:
+        run_session(store, ["t"], [sys.executable, script, at], at=at)
+        out["first"] = "committed"
+    except VeloError as exc:
+        out["first"], out["path"] = exc.reason.value, exc.path
+    return out
+
+
+def _renamed_resume(base: str, since: int) -> dict[str, object]:
+    import shutil
+    import subprocess
+
+    from tests.session._util import compare_trees
+    from veloverlay.session import harvest_resume, list_sessions
+    from veloverlay.store.cas import Store
+
+    store = Store.open(os.path.join(base, "store"))
+    plain, at = os.path.join(base, "plain"), os.path.join(base, "at")
+    out: dict[str, object] = {}
+    subprocess.run([sys.executable, os.path.join(base, "ops.py"), plain], check=True)
+    # the plain directory without what is past the bound: a11 and below (relative paths: the
+    # absolute ones are past PATH_MAX)
+    keep = os.path.join(plain, "g", *["c" * LONG] * 10, "x", *["a" * LONG] * 10)
+    mtime = os.stat(keep).st_mtime_ns
+    fd = os.open(keep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        shutil.rmtree("a" * LONG, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.utime(keep, ns=(mtime, mtime))
+    (sid,) = [s.id for s in list_sessions(store) if s.state == "dead-unharvested"]
+    (res,) = harvest_resume(store, sid, set_aside=os.path.join(base, "aside"))
+    out["warned"] = [w for w in res.warnings if "NOT committed" in w]
+    got = os.path.join(base, "got")
+    checkout_ref(store, "t", got)
+    out["problems"] = compare_trees(got, plain, since_ns=since)
+    out["next"] = run_session(store, ["t"], ["true"], at=at, discard=True).exit_status
+    return out
+
+
+@pytest.mark.parametrize("mode", mode_params("native"))
+def test_a_directory_renamed_past_the_bound_is_never_committed(mode: str) -> None:
+    """Root-native, a renamed directory's untouched entries come from its origin's nodes: the
+    harvest never walked their new paths, and a directory renamed 10 levels deeper was committed
+    with paths past PATH_MAX, a ref no session could project again (ENAMETOOLONG, no reason).
+    Now the harvest stops with too-deep naming the path; --set-aside commits the rest (a plain
+    directory that got the same rename, without what is past the bound) and says what is not
+    committed; the next session of the ref runs."""
+    with unpriv_tmpdir() as base:
+        since = time.time_ns() - 10**9
+        first = as_mode(mode, _renamed_too_deep, base)
+        assert first["first"] == "too-deep", first
+        assert str(first["path"]).startswith("g/"), first
+        out = as_mode(mode, _renamed_resume, base, since)
+    assert out["problems"] == [], out
+    assert len(out["warned"]) == 1 and out["next"] == 0, out

@@ -50,6 +50,7 @@ import os
 import stat
 
 from veloverlay import faults, paths
+from veloverlay.errors import VeloError
 from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
@@ -141,6 +142,7 @@ class _Harvester:
         # (dev, ino) -> (digest, size) of files with more than one link: each inode is read once
         # (65,000 links to a 1 GB file cost the command nothing, and the harvest 65 TB of reads)
         self.inodes: dict[tuple[int, int], tuple[bytes, int]] = {}
+        self.extents: dict[bytes, tuple[int, int]] = {}  # node digest -> _extent
 
     # -- opening what the session made unreadable (given its mode back at once: a harvest
     # interrupted and resumed must find the modes the session left)
@@ -260,7 +262,8 @@ class _Harvester:
         entries: dict[bytes, Entry] = {}
         if origin is not None:
             entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK}
-        for child in self._names(dfd):
+        listed = self._names(dfd)
+        for child in listed:
             p = paths.join(rel, child)
             if not kept_in_bounds(dfd, child, p, self.aside, self.res.warnings):
                 continue
@@ -291,10 +294,65 @@ class _Harvester:
                 entries[child] = e
             else:
                 entries.pop(child, None)
+        if origin is not None and rel != origin_path:
+            # A renamed directory's untouched entries come from its origin's nodes, not from the
+            # upper: the walk above never met their paths, which a deeper place can put past
+            # the bound (a ref then no session could project).
+            for e in [e for e in entries.values() if e.name not in set(listed)]:
+                kept = self._in_bounds(e, paths.join(rel, e.name), paths.join(origin_path, e.name))
+                if kept is None:
+                    del entries[e.name]
+                else:
+                    entries[e.name] = kept
         digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries.values())
         self.res.nodes[digest] = data
         # Subtrees kept from the view are already stored; the caller writes `nodes`.
         return Entry(name, Kind.DIR, digest=digest)
+
+    def _extent(self, digest: bytes) -> tuple[int, int]:
+        """(levels, bytes) of the deepest and of the longest path below the directory node."""
+        got = self.extents.get(digest)
+        if got is None:
+            depth = length = 0
+            for e in self.m.get_node(self.txn, digest).entries:
+                d, n = self._extent(e.digest) if e.kind is Kind.DIR else (0, 0)
+                depth, length = max(depth, d + 1), max(length, n + 1 + len(e.name))
+            got = self.extents[digest] = (depth, length)
+        return got
+
+    def _in_bounds(self, e: Entry, p: bytes, was: bytes) -> Entry | None:
+        """`e` (kept from a renamed directory's origin, at `was` in the view) at its new path
+        `p`: as it is when all of it is within the bound; else without what is past it, each
+        such entry a too-deep error, or with --set-aside a warning (it is still in the version
+        the session started from)."""
+        depth, length = p.count(b"/") + 1, len(p)
+        if e.kind is Kind.DIR:
+            below = self._extent(e.digest)
+            if depth + below[0] <= paths.DEPTH_MAX and length + below[1] <= paths.PATH_MAX:
+                return e
+        elif depth <= paths.DEPTH_MAX and length <= paths.PATH_MAX:
+            return e
+        if depth > paths.DEPTH_MAX or length > paths.PATH_MAX:
+            if self.aside is None:
+                try:
+                    paths.check_extent(depth, length, p)
+                except VeloError as exc:
+                    raise VeloError(exc.message, reason=exc.reason, path=os.fsdecode(p)) from None
+            self.res.warnings.append(
+                f"NOT committed: {paths.display(p)} ({depth} levels, a path of {length} bytes: "
+                f"too deep to keep), where a renamed directory took it from "
+                f"{paths.display(was)}: it is still there in the version the session started from"
+            )
+            return None
+        node = self.m.get_node(self.txn, e.digest)
+        kept = [
+            k
+            for c in node.entries
+            if (k := self._in_bounds(c, paths.join(p, c.name), paths.join(was, c.name))) is not None
+        ]
+        digest, data = tree.encode(node.mode, node.mtime_ns, kept)
+        self.res.nodes[digest] = data
+        return Entry(e.name, Kind.DIR, digest=digest)
 
     def _leaf(
         self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
