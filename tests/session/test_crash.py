@@ -197,6 +197,7 @@ def test_harvest_all_goes_past_a_session_it_cannot_harvest(mode: str) -> None:
     states = dict(r["states"])  # type: ignore[call-overload]
     assert r["rc"] == 1, r
     assert f"warning: session {r['first']} could not be harvested" in str(r["stderr"]), r
+    assert str(r["stderr"]).count("could not be harvested") == 2, r  # the warning, the error
     assert states.pop(r["first"]) == "dead-unharvested"
     assert list(states.values()) == ["harvested"], r
     assert len(r["got"]) == 1 and r["got"] != r["lost"], r  # the other one's file

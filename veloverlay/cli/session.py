@@ -402,7 +402,9 @@ def harvest(
             _render(r)
     if failed:  # --all: every other session was harvested; each failure is said, the first raised
         for sid, exc in failed:
-            render.warn(f"session {sid} could not be harvested: {render.describe(exc)['message']}")
+            said = render.describe(exc)["message"]
+            prefix = f"session {sid} could not be harvested: "
+            render.warn(said if said.startswith(prefix) else prefix + said)
         if state.json:  # one document: the sessions harvested, the failures, the first's fields
             first = render.describe(failed[0][1])
             first["error"] = first.pop("message")

@@ -16,6 +16,8 @@ stat-diff of the materialised tree); this module does the rest in one order, for
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -114,6 +116,19 @@ def harvest_and_commit(
         )
     except VeloError as exc:
         raise _resumable(exc, st.id) from exc
+    except OSError as exc:  # a damaged session directory, a disk error: said as any failure
+        raise _resumable(_os_failure(exc), st.id) from exc
+
+
+def _os_failure(exc: OSError) -> VeloError:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    where = f": {os.fsdecode(exc.filename)}" if isinstance(exc.filename, (str, bytes)) else ""
+    path = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes)) else None
+    return VeloError(
+        f"{exc.strerror or exc} ({code}){where}",
+        reason=Reason.STORE_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Reason.SYSCALL,
+        path=path,
+    )
 
 
 def _resumable(exc: VeloError, sid: str) -> VeloError:
