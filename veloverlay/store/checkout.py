@@ -22,8 +22,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
-import secrets
 import stat
 from collections.abc import Iterator
 
@@ -35,6 +33,8 @@ from veloverlay.progress import Progress
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.partial import leftover_pid
+from veloverlay.store.partial import partial_name as _partial_name
 from veloverlay.store.tree import Entry, Kind
 
 __all__ = ["checkout", "claim_dir", "resolve_dest", "tree_totals"]
@@ -141,25 +141,6 @@ def _refuse_existing(dest: str, st: os.stat_result) -> VeloError:
 def _not_empty(dest: str) -> VeloError:
     hint = "check out into a new or empty directory"
     return VeloError(f"{dest} is not empty", reason=Reason.EXISTS, path=dest, hint=hint)
-
-
-PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID-RANDOM`: a checkout of NAME under way
-_RANDOM_HEX = 16  # 64 random bits: a name no other user can make in advance
-# what follows the prefix in a partial name, exactly: the pid of its checkout and the random part
-_PARTIAL_TAIL = re.compile(rf"([1-9][0-9]{{0,9}})-[0-9a-f]{{{_RANDOM_HEX}}}")
-
-
-def _partial_prefix(name: str) -> str:
-    """`.NAME.velo-partial-`, NAME cut short where the whole would pass the 255-byte limit."""
-    tail = 10 + 1 + _RANDOM_HEX  # the pid, a dash, the random part
-    raw = os.fsencode(name)[: 255 - len(PARTIAL) - 1 - tail]
-    return f".{os.fsdecode(raw)}{PARTIAL}"
-
-
-def _partial_name(name: str) -> str:
-    """A fresh partial name for a checkout to NAME: unguessable (the pid is not: pids are handed
-    out in order), so no one can make it first to have the checkout fail or find it."""
-    return f"{_partial_prefix(name)}{os.getpid()}-{secrets.token_hex(_RANDOM_HEX // 2)}"
 
 
 def _keeps(fd: int, pfd: int) -> bool:
@@ -325,7 +306,6 @@ class _Place:
         the partial name, and have it emptied for them. Elsewhere the leftovers stay."""
         if pathtrust.others_can_rename(self.parent or "/", os.fstat(pfd)):
             return
-        prefix = _partial_prefix(self.name)
         try:
             rfd = os.open(".", DIRFLAGS, dir_fd=pfd)
             try:
@@ -335,10 +315,8 @@ class _Place:
         except OSError:
             return  # a parent we may not list (0711): nothing we could find
         for entry in names:
-            if not entry.startswith(prefix):
-                continue
-            tail = _PARTIAL_TAIL.fullmatch(entry[len(prefix) :])
-            if tail is None or os.path.exists(f"/proc/{tail.group(1)}"):
+            pid = leftover_pid(self.name, entry)
+            if pid is None or os.path.exists(f"/proc/{pid}"):
                 continue  # not a name we make, or its checkout may still be starting (unlocked)
             try:
                 fd, st = files.open_dir_at(pfd, entry)
