@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from typing import Any
@@ -719,6 +720,56 @@ def test_diff_statuses_stat_and_patch(store: str, src: str, shm_tmp: str) -> Non
     row = next(x for x in stat if x.split("|")[0].strip() == "notes.txt")
     assert row.split("|")[1].split()[0] == str(plus + minus)
     assert stat[-1].startswith(f" {len(want)} files changed")
+
+
+def _headers(patch: str) -> dict[str, list[str]]:
+    """Per path of a `diff -p`, its extended header lines (between `diff --velo` and `---`)."""
+    out: dict[str, list[str]] = {}
+    cur: list[str] = []
+    for line in patch.splitlines():
+        if line.startswith("diff --velo a/"):
+            cur = out.setdefault(line.split(" b/", 1)[1], [])
+        elif line.startswith(("new ", "deleted ", "old mode ")):
+            cur.append(line)
+    return out
+
+
+def _kind_and_mode(path: str) -> str:
+    st = os.lstat(path)
+    kind = (
+        "directory" if stat.S_ISDIR(st.st_mode) else "symlink" if os.path.islink(path) else "file"
+    )
+    return f"{kind} mode {stat.S_IMODE(st.st_mode):o}"
+
+
+def test_diff_patch_headers_name_what_was_added_deleted_or_replaced(
+    store: str, src: str, shm_tmp: str
+) -> None:
+    """`diff -p` said `new file mode 755` for a new empty directory (git shows none: it keeps
+    no directories), `new file mode 777` for a new symlink (git: `new file mode 120000`), and
+    `old mode 644` / `new mode 777` for a file replaced by a symlink, which reads as a chmod
+    of a file whose content changed. Each header now names the kind, from the real trees."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    before = os.path.join(shm_tmp, "before")
+    shutil.copytree(src, before, symlinks=True)
+    os.makedirs(os.path.join(src, "new", "empty"), mode=0o750)
+    os.symlink("README", os.path.join(src, "new", "ln"))
+    os.unlink(os.path.join(src, "link"))
+    with open(os.path.join(src, "link"), "w") as f:  # a symlink becomes a file: T
+        f.write("now a file\n")
+    os.rmdir(os.path.join(src, "empty"))
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    got = _headers(ok(velo(store, "diff", "proj@{1}", "proj", "-p")))
+    assert got == {
+        "new/empty": ["new " + _kind_and_mode(os.path.join(src, "new", "empty"))],
+        "new/ln": ["new " + _kind_and_mode(os.path.join(src, "new", "ln"))],
+        "link": [
+            "deleted " + _kind_and_mode(os.path.join(before, "link")),
+            "new " + _kind_and_mode(os.path.join(src, "link")),
+        ],
+        "empty": ["deleted " + _kind_and_mode(os.path.join(before, "empty"))],
+    }, got
+    assert got["new/empty"] == ["new directory mode 750"]  # old: "new file mode 750"
 
 
 def _bar_line(err: str, label: str) -> str:

@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -881,3 +882,30 @@ def test_diff_patch_says_what_a_mask_does(store: str, shm_tmp: str) -> None:
         "diff --velo a/x b/x",
         "unmasked: what the refs below provide at this path shows again",
     ], back
+
+
+def test_diff_of_a_top_ref_file_replaced_by_a_mask_says_it_hides_the_lower_one(
+    store: str, shm_tmp: str
+) -> None:
+    """Both refs of a stack have `x`; the session deletes it, so the top ref's file becomes a
+    MASK that hides the lower ref's `x` too. `diff` showed a plain deletion of the top ref's
+    file (`--json`: no new side; `-p`: no word of the mask), as if `lo`'s `x` would show again."""
+    lo, hi, at = (os.path.join(shm_tmp, n) for n in ("lo", "hi", "at"))
+    make_tree(lo, {"x": b"lower\n"})
+    make_tree(hi, {"x": b"top\n", "y": b"y\n"})
+    ok(velo(store, "ingest", lo, "-n", "lo"))
+    ok(velo(store, "ingest", hi, "-n", "hi"))
+    ok(velo(store, "run", "lo", "hi", "--at", at, "--", "rm", os.path.join(at, "x")))
+    # the stack shows no x at all now: neither the top ref's nor the lower ref's
+    gone = velo(store, "run", "lo", "hi", "--at", at, "--discard", "--", "test", "-e", f"{at}/x")
+    assert gone.returncode == 1, gone.stderr
+    [change] = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
+    assert (change["status"], change["old"]["kind"], change["new"]["kind"]) == ("D", "file", "mask")
+    patch = ok(velo(store, "diff", "hi@{1}", "hi", "-p")).splitlines()
+    assert patch[:5] == [
+        "diff --velo a/x b/x",
+        f"deleted file mode {stat.S_IMODE(os.lstat(os.path.join(hi, 'x')).st_mode):o}",
+        "masked: deletes what the refs below provide at this path",
+        "--- a/x",
+        "+++ /dev/null",
+    ], patch

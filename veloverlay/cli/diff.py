@@ -5,6 +5,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from stat import S_IMODE, S_ISDIR, S_ISLNK
 from typing import Annotated, Any, NamedTuple
 
 import typer
@@ -84,11 +85,11 @@ def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: b
 
 
 def _mode(e: Any) -> int | None:
-    """An entry's mode for the patch header; None for none, and for a MASK (a stack's top ref
-    deleting a lower ref's path: "a deleted path", not "a new file of mode 0")."""
-    from veloverlay.store.tree import Kind
+    """An entry's mode for the patch header, type bits too; None for none, and for a MASK (a
+    stack's top ref deleting a lower ref's path: "a deleted path", not "a new file of mode 0")."""
+    from veloverlay.store.patch import entry_mode
 
-    return None if e is None or e.kind is Kind.MASK else int(e.mode)
+    return entry_mode(e)
 
 
 def _mask_note(old: Any, new: Any) -> str:
@@ -195,15 +196,25 @@ def _change_dict(repo: Any, c: Any, patch: bool) -> dict[str, Any]:
     return d
 
 
+def _kind(mode: int) -> str:
+    """What a patch header calls an entry of this mode (git says `new file mode 120000` for a
+    symlink and never shows a directory; ours name the kind and give the permission bits)."""
+    return "directory" if S_ISDIR(mode) else "symlink" if S_ISLNK(mode) else "file"
+
+
 def _patch(it: _Item) -> None:
     out, name = sys.stdout, it.name
     out.write(f"diff --velo a/{name} b/{name}\n")
-    if it.old_mode is not None and it.new_mode is not None and it.old_mode != it.new_mode:
-        out.write(f"old mode {it.old_mode:o}\nnew mode {it.new_mode:o}\n")
-    elif it.old_mode is None and it.new_mode is not None:
-        out.write(f"new file mode {it.new_mode:o}\n")
-    elif it.new_mode is None and it.old_mode is not None:
-        out.write(f"deleted file mode {it.old_mode:o}\n")
+    old, new = it.old_mode, it.new_mode
+    if old is not None and new is not None and _kind(old) != _kind(new):  # T: one goes, one comes
+        out.write(f"deleted {_kind(old)} mode {S_IMODE(old):o}\n")
+        out.write(f"new {_kind(new)} mode {S_IMODE(new):o}\n")
+    elif old is not None and new is not None and S_IMODE(old) != S_IMODE(new):
+        out.write(f"old mode {S_IMODE(old):o}\nnew mode {S_IMODE(new):o}\n")
+    elif old is None and new is not None:
+        out.write(f"new {_kind(new)} mode {S_IMODE(new):o}\n")
+    elif new is None and old is not None:
+        out.write(f"deleted {_kind(old)} mode {S_IMODE(old):o}\n")
     if it.note:
         out.write(it.note + "\n")
     lines = it.lines()

@@ -18,7 +18,7 @@ from veloverlay.session import state
 from veloverlay.session.state import State
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.store.patch import object_lines, path_lines, unified
+from veloverlay.store.patch import entry_mode, object_lines, path_lines, unified
 from veloverlay.store.tree import Entry, Kind
 
 __all__ = ["LiveChange", "live_diff"]
@@ -27,7 +27,7 @@ __all__ = ["LiveChange", "live_diff"]
 class LiveChange(Record, frozen=True):
     status: str  # M A D T
     path: bytes
-    old_mode: int | None  # permission bits; None where the side is absent
+    old_mode: int | None  # as `stat` gives it, type bits too; None where the side is absent
     new_mode: int | None
     old_size: int
     new_size: int
@@ -112,15 +112,15 @@ def _from_entries(
         name,
         object_lines(store, old),
         object_lines(store, new),
-        old_exists=old is not None,
-        new_exists=new is not None,
+        old_exists=entry_mode(old) is not None,  # a MASK (a lower ref's path deleted) is none
+        new_exists=entry_mode(new) is not None,
         context=context,
     )
     return LiveChange(
         status,
         path,
-        old.mode if old is not None else None,
-        new.mode if new is not None else None,
+        entry_mode(old),
+        entry_mode(new),
         old.size if old is not None and old.kind is Kind.FILE else 0,
         new.size if new is not None and new.kind is Kind.FILE else 0,
         patch,
@@ -162,8 +162,8 @@ def _from_upper(
     return LiveChange(
         status,
         path,
-        old.mode if old is not None else None,
-        stat.S_IMODE(st.st_mode) if st is not None else None,
+        entry_mode(old),
+        st.st_mode if st is not None else None,
         old.size if old is not None and old.kind is Kind.FILE else 0,
         st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0,
         patch,

@@ -79,6 +79,11 @@ def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
         if old is None and new is None:
             out += _mask_change(m, txn, a, b, op.path)
             continue
+        if old is not None and new is None and old.kind is not Kind.DIR:
+            # the top ref's own file deleted where a lower ref has one too: the MASK that
+            # replaces it hides that one as well, which the D says with the mask as its new side
+            out.append(Change("D", op.path, old, _mask(m, txn, b, op.path)))
+            continue
         if old is not None and new is not None and Kind.DIR not in (old.kind, new.kind):
             out.append(Change("M" if old.kind is new.kind else "T", op.path, old, new))
             continue

@@ -15,7 +15,7 @@ import stat
 from veloverlay.store.cas import Store
 from veloverlay.store.tree import Entry, Kind
 
-__all__ = ["TEXT_LIMIT", "text_lines", "object_lines", "path_lines", "unified"]
+__all__ = ["TEXT_LIMIT", "entry_mode", "text_lines", "object_lines", "path_lines", "unified"]
 
 TEXT_LIMIT = 8 << 20  # larger files are not diffed line by line (`patch` says binary)
 
@@ -27,6 +27,18 @@ def text_lines(data: bytes) -> list[str] | None:
         return data.decode().splitlines(keepends=True)
     except UnicodeDecodeError:
         return None
+
+
+_KIND_MODE = {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}
+
+
+def entry_mode(e: Entry | None) -> int | None:
+    """An entry's mode as `stat` gives it, type bits and all (what a patch header names: a new
+    directory is not a new file); None for none, and for a MASK, which deletes a lower ref's
+    path and has no mode or content of its own."""
+    if e is None or e.kind is Kind.MASK:
+        return None
+    return _KIND_MODE[e.kind] | stat.S_IMODE(e.mode)
 
 
 def _read(fd: int) -> bytes:

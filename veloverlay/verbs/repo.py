@@ -19,7 +19,7 @@ from veloverlay.records import Record
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import MIN_PREFIX, Commit, Manifests, Ref, Tag
-from veloverlay.store.patch import TEXT_LIMIT, object_lines, unified
+from veloverlay.store.patch import TEXT_LIMIT, entry_mode, object_lines, unified
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
 from veloverlay.verbs.gc import RefFootprint
@@ -171,8 +171,8 @@ class Repo:
             os.fsdecode(change.path),
             old,
             new,
-            old_exists=change.old is not None,
-            new_exists=change.new is not None,
+            old_exists=entry_mode(change.old) is not None,  # a MASK is no content: /dev/null
+            new_exists=entry_mode(change.new) is not None,
             context=context,
         )
 
