@@ -9,7 +9,9 @@ materialises into a new or empty one (session/shim/materialize.prepare_target).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import time
 
 from veloverlay import files, pathtrust
 from veloverlay.errors import Reason, VeloError
@@ -90,7 +92,85 @@ def inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/")
 
 
-def overlay_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:
+# How long a session waits for a target another process holds exclusively: a session's own
+# removal holds it only for one rmdir; anyone else who holds it longer is refused (LOCKED).
+_HOLD_TRIES, _HOLD_PAUSE = 500, 0.01
+
+
+def overlay_target(
+    store: Store, at: str | None, top: Ref
+) -> tuple[str, tuple[int, int] | None, int]:
+    """(the resolved target, the (dev, ino) of the directory made for it, None: it existed,
+    a descriptor of it holding a shared flock: -1 for a directory we may not open).
+
+    The flock is the target's lock, whatever store the session is of: every overlay session
+    holds it shared from here until its projection is gone (the descriptor is inherited by its
+    pid 1, closed at exec), and a session that made the directory removes it at its end only
+    under the exclusive lock (`remove_made_target`). An rmdir of a directory that is a mount
+    point in another mount namespace succeeds and detaches that mount: without the lock a
+    session starting at the same path between another's check and its rmdir lost its tree."""
+    for _ in range(_HOLD_TRIES):
+        real, made = _find_target(store, at, top)
+        fd = _hold(real, made)
+        if fd != -2:
+            return real, made, fd
+        # removed (by the session that made it) between finding and holding it: again
+    raise VeloError(
+        f"the target {at or top.path} keeps being removed and made again",
+        reason=Reason.TARGET_INVALID,
+    )
+
+
+def _hold(real: str, made: tuple[int, int] | None) -> int:
+    """A descriptor of the directory at `real` with a shared flock on it (made: it must be that
+    (dev, ino)); -2 when it was removed or replaced meanwhile, -1 when we may not open it."""
+    parent, name = os.path.split(real)
+    try:
+        pfd = pin_dir(parent or "/")
+    except VeloError:
+        return -2
+    try:
+        try:
+            fd = os.open(name, files.DIRFLAGS, dir_fd=pfd)
+        except PermissionError:
+            return -1  # a directory we may search but not read: no lock to hold (nor to make)
+        except OSError:
+            return -2
+        try:
+            for _ in range(_HOLD_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(_HOLD_PAUSE)
+            else:
+                raise VeloError(
+                    f"another process holds the target {real} locked",
+                    reason=Reason.LOCKED,
+                    path=real,
+                    hint="a session ending there removes it; else see who holds it: "
+                    f"fuser -v {real}",
+                )
+            # still the directory at that path (not removed while we waited for the lock)
+            have = os.fstat(fd)
+            try:
+                now = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except OSError:
+                now = None
+            ident = (have.st_dev, have.st_ino)
+            if now is None or (now.st_dev, now.st_ino) != ident or made not in (None, ident):
+                os.close(fd)
+                return -2
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    finally:
+        os.close(pfd)
+
+
+def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:
     """(the resolved target, the (dev, ino) of the directory made for it, None: it existed)."""
     where = at if at is not None else top.path
     if not where:
@@ -133,33 +213,40 @@ def overlay_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[i
     return real, (st.st_dev, st.st_ino) if created else None
 
 
-def remove_made_target(store: Store, st: state.State) -> None:
+def remove_made_target(store: Store, st: state.State, hold: int = -1) -> None:
     """Remove the target directory the session `st` made (`overlay_target`), as the shim backend
     removes its tree: only that directory (still the same (dev, ino), reached through its pinned
     parent, never followed), only while it is empty (rmdir: whatever anyone put there since
-    keeps it), and not while another session of the store that has not ended projects there
-    (removing it would take its mount away). A target that existed before stays. Best effort:
-    a directory that cannot go now is left as it is."""
+    keeps it), and only under its exclusive lock: not while any other session, of this store or
+    another, projects there or is about to (removing it would take its mount away). A session
+    that crashed holds nothing. `hold`: this session's own descriptor (`overlay_target`), let go
+    here. A target that existed before stays. Best effort: a directory that cannot go now is
+    left as it is."""
+    if hold >= 0:
+        os.close(hold)
     if not st.target_created or len(st.target_id) != 2:
         return
-    real = st.target_real or st.target
-    for other in state.iter_states(store):
-        same = other.id != st.id and (other.target_real or other.target) == real
-        if same and other.state not in state.DONE_STATES:
-            return
-    unmake_target(real, (st.target_id[0], st.target_id[1]))
+    unmake_target(st.target_real or st.target, (st.target_id[0], st.target_id[1]))
 
 
-def unmake_target(real: str, made: tuple[int, int]) -> None:
+def unmake_target(real: str, made: tuple[int, int], hold: int = -1) -> None:
     """rmdir the directory `made` (dev, ino) at `real` through its pinned parent, if it is still
-    there and empty (a session that did not start: nothing was projected there)."""
+    there, empty, and no other process holds its lock (`overlay_target`); `hold`: our own
+    descriptor of it, let go first."""
+    if hold >= 0:
+        os.close(hold)
     parent, name = os.path.split(real)
     try:
         pfd = pin_dir(parent or "/")
     except VeloError:
         return
     try:
-        with contextlib.suppress(OSError):  # not empty, busy, replaced (TreeChanged), gone
-            files.rmdir_at(pfd, name, expect=made)
+        with contextlib.suppress(OSError):  # busy (held), not empty, replaced, gone
+            fd, _st = files.open_dir_at(pfd, name, expect=made)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+                files.rmdir_at(pfd, name, expect=made)
+            finally:
+                os.close(fd)
     finally:
         os.close(pfd)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veloverlay import ns, overlay, paths
+from veloverlay import faults, ns, overlay, paths
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import every_base
@@ -76,6 +76,7 @@ class _Plan(Record):
     mode: str  # native | userns
     locked: bool  # the command cannot unmount or remount the session's mounts
     made: tuple[int, int] | None  # the target's (dev, ino) when this session made it
+    hold: int  # a descriptor of the target holding its shared flock (session/target.py), or -1
 
 
 def xattr_prefix(mode: str) -> str:
@@ -121,7 +122,8 @@ def _prepare(
         )
     stack = resolve_stack(m, opts.refs)
     state.refuse_live_view(store, stack.refs[-1].name)
-    target, made = overlay_target(store, opts.at, stack.refs[-1])
+    target, made, hold = overlay_target(store, opts.at, stack.refs[-1])
+    faults.point("session.target")
     try:  # a target made here goes again if the session cannot start
         alias = source_alias(store, stack.refs[-1].path, target)
         if alias is None:
@@ -167,10 +169,14 @@ def _prepare(
                 )
         also_at = [alias] if alias else []
         locked = choice.locked
-        return _Plan(stack, target, lowers, form, protection, warnings, also_at, mode, locked, made)
+        return _Plan(
+            stack, target, lowers, form, protection, warnings, also_at, mode, locked, made, hold
+        )
     except BaseException:
         if made is not None:
-            unmake_target(target, made)
+            unmake_target(target, made, hold)
+        elif hold >= 0:
+            os.close(hold)
         raise
 
 
@@ -256,6 +262,7 @@ def run_session(
         raise VeloError("no command to run", reason=Reason.USAGE)
     m = Manifests(store)
     signals = contextlib.ExitStack()
+    plan: _Plan | None = None
     try:
         t0 = time.perf_counter()
         # The store lock (shared) from choosing the layers until the state file pins their
@@ -349,7 +356,7 @@ def run_session(
             st.error = err
             state.save(store, st)
             _drop_upper(sdir)
-            remove_made_target(store, st)
+            remove_made_target(store, st, _let_go(plan))
             try:
                 reason = Reason(err.get("reason", Reason.SYSCALL.value))
             except ValueError:
@@ -377,7 +384,8 @@ def run_session(
             _refuse_if_held(store, st, str(report.get("seal_error") or "the session ended"))
         t_ran = time.perf_counter()
         res = _finish(store, m, st)
-        remove_made_target(store, st)  # a target made for the session goes with it (as the shim's)
+        # a target made for the session goes with it (as the shim's)
+        remove_made_target(store, st, _let_go(plan))
         res.timings = {
             "prepare": t_prepared - t0,
             "lowers": plan.lowers.seconds,
@@ -389,8 +397,16 @@ def run_session(
         res.warnings = plan.warnings + ([covered] if covered else []) + res.warnings
         return res
     finally:
+        if plan is not None and plan.hold >= 0:
+            os.close(_let_go(plan))
         signals.close()
         m.close()
+
+
+def _let_go(plan: _Plan) -> int:
+    """The plan's hold on the target, handed over once (to be closed by whoever takes it)."""
+    hold, plan.hold = plan.hold, -1
+    return hold
 
 
 def _covered_warning(covered: object) -> str | None:

@@ -36,7 +36,13 @@ from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.session import state
 from veloverlay.session.holders import namespaces_holding
 from veloverlay.session.options import SessionOptions, SessionResult
-from veloverlay.session.overlay.backend import _drop_upper, _finish, _new_state, _prepare
+from veloverlay.session.overlay.backend import (
+    _drop_upper,
+    _finish,
+    _new_state,
+    _Plan,
+    _prepare,
+)
 from veloverlay.session.select import Choice
 from veloverlay.session.target import remove_made_target
 from veloverlay.store.cas import Store
@@ -68,6 +74,7 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
             )
     opts.at = target
     target_fd = -1
+    plan: _Plan | None = None
     m = Manifests(store)
     try:
         with store.lock():  # until the state pins the layers' roots (see backend.run_session)
@@ -124,6 +131,8 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
     finally:
         if target_fd >= 0:
             os.close(target_fd)
+        if plan is not None and plan.hold >= 0:  # mounted here now: a mount point is busy
+            os.close(plan.hold)
         m.close()
 
 

@@ -1,0 +1,136 @@
+"""A session that made its target removes it at its end only when no other session is at it.
+
+`run --at NEW` makes NEW and removes it when the session ends (test_made_target.py). It checked
+for other sessions at NEW in its own store's state files only, then rmdir-ed NEW. An rmdir of a
+directory that is a mount point in another mount namespace succeeds and detaches that mount: a
+session of another store at NEW, or one of the same store that had found NEW but not yet saved
+its state, lost its whole projection mid-run (its command saw NEW vanish). Every overlay session
+now holds a shared flock on its target for as long as it projects there, and the removal takes
+it exclusively (without waiting) or leaves the directory.
+
+The steps are ordered with FIFOs (a command says it runs, then waits to be let go) and, for the
+window before the state is saved, a stop at a fault point (SIGSTOP, seen by waitpid).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import new_store
+
+pytestmark = pytest.mark.needs("root", "overlay_root")
+
+
+def _start(store: str, target: str, ready: str, go: str, **env: str) -> subprocess.Popen[bytes]:
+    """A session at `target` whose command says it runs (writes `ready`), waits for `go`, then
+    exits 0 only if the projection is still there (a file of the ref, and a new file named as
+    `ready`)."""
+    script = (
+        f"echo up > {ready} && read x < {go} && "
+        f"test -f {target}/f1 && echo new > {target}/{os.path.basename(ready)} && "
+        f"test -f {target}/{os.path.basename(ready)}"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "t", "--at", target, "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _fifos(base: str, *names: str) -> list[str]:
+    out = []
+    for n in names:
+        os.mkfifo(os.path.join(base, n))
+        out.append(os.path.join(base, n))
+    return out
+
+
+def _wait_up(fifo: str) -> None:
+    with open(fifo) as f:  # blocks until the command opened it for writing, and wrote
+        assert f.read() == "up\n"
+
+
+def _let_go(fifo: str) -> None:
+    with open(fifo, "w") as f:
+        f.write("go\n")
+
+
+@pytest.fixture
+def world() -> Iterator[dict[str, Any]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    with unpriv_tmpdir() as base:
+        parent = os.path.join(base, "parent")
+        os.mkdir(parent)
+        yield {"base": base, "target": os.path.join(parent, "proj"), "procs": procs}
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def _ended(p: subprocess.Popen[bytes]) -> tuple[int, str]:
+    _out, err = p.communicate(timeout=120)
+    return p.returncode, err.decode(errors="replace")
+
+
+def test_a_session_of_another_store_at_the_made_target_keeps_its_projection(
+    world: dict[str, Any],
+) -> None:
+    base, target, procs = world["base"], world["target"], world["procs"]
+    one, _ = new_store(os.path.join(base, "one"))
+    two, _ = new_store(os.path.join(base, "two"))
+    a_up, a_go, b_up, b_go = _fifos(base, "a_up", "a_go", "b_up", "b_go")
+    procs.append(a := _start(os.fspath(one.root), target, a_up, a_go))
+    _wait_up(a_up)  # A made the target and projects there
+    procs.append(b := _start(os.fspath(two.root), target, b_up, b_go))
+    _wait_up(b_up)  # B (another store) projects at the same directory
+    _let_go(a_go)
+    assert _ended(a)[0] == 0
+    assert os.path.isdir(target)  # old: A removed it, and B's mount went with it
+    _let_go(b_go)
+    status, err = _ended(b)
+    assert status == 0, err  # B's command still saw its tree, and its change was harvested
+    assert os.listdir(target) == []  # nothing leaked onto the host directory
+
+
+def test_a_session_between_finding_the_target_and_saving_its_state_keeps_it(
+    world: dict[str, Any],
+) -> None:
+    base, target, procs = world["base"], world["target"], world["procs"]
+    store, _ = new_store(os.path.join(base, "one"))
+    a_up, a_go, b_up, b_go = _fifos(base, "a_up", "a_go", "b_up", "b_go")
+    procs.append(a := _start(os.fspath(store.root), target, a_up, a_go))
+    _wait_up(a_up)
+    # B stops right after it found (and holds) the existing target: no state file yet
+    procs.append(
+        b := _start(
+            os.fspath(store.root),
+            target,
+            b_up,
+            b_go,
+            **{"VELO_INTERNAL__TEST_FAULT": "session.target:1:STOP"},
+        )
+    )
+    seen: list[tuple[int, int]] = []
+    waiter = threading.Thread(target=lambda: seen.append(os.waitpid(b.pid, os.WUNTRACED)))
+    waiter.start()
+    waiter.join(timeout=120)  # a bound for a failure, not a pause: waitpid returns at the stop
+    assert seen and os.WIFSTOPPED(seen[0][1]), seen
+    _let_go(a_go)
+    assert _ended(a)[0] == 0
+    assert os.path.isdir(target)  # A's end left it: B holds it
+    os.kill(b.pid, signal.SIGCONT)
+    _wait_up(b_up)
+    _let_go(b_go)
+    status, err = _ended(b)
+    assert status == 0, err
