@@ -21,8 +21,10 @@ from veloverlay.verbs.repo import Repo
 
 
 def _session_while_the_ref_changes(
-    base: str, remake: bool, *, gc_keep: bool = False
+    base: str, remake: bool, *, gc_keep: bool = False, moves: int = 0
 ) -> tuple[dict[str, object], Repo, str]:
+    """`moves`: without `remake`, the ref gets that many new versions of its own source (its
+    own lineage) while the session runs; with `gc_keep`, `gc --keep 1` then runs."""
     store, src = new_store(base)
     proj = os.path.join(base, "proj")
     go = os.path.join(base, "go")
@@ -41,7 +43,14 @@ def _session_while_the_ref_changes(
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
         time.sleep(0.02)
     repo = Repo(store, Manifests(store))
-    repo.delete_ref("t")
+    for n in range(moves):
+        with open(os.path.join(src, f"moved{n}"), "wb") as f:
+            f.write(b"the ref's own next version\n")
+        ingest(store, repo.m, src, "t", jobs=1)
+    if moves and gc_keep:
+        gc(store, repo.m, keep=1, grace=0)
+    if not moves:
+        repo.delete_ref("t")
     if remake:  # another tree under the same name
         other = os.path.join(base, "other")
         os.makedirs(other)
@@ -98,5 +107,60 @@ def test_a_ref_made_anew_is_told_apart_after_gc_keep(shm_tmp: str) -> None:
         now = os.path.join(shm_tmp, "now")
         repo.checkout("t", now)
         assert sorted(os.listdir(now)) == ["theirs"]
+    finally:
+        repo.close()
+
+
+def _log_is_cut(repo: Repo, name: str) -> bool:
+    """The walk back from the ref's head meets a missing commit before a first one."""
+    with repo.m.read() as txn:
+        cid: str | None = repo.m.require_ref(txn, name).head
+        while cid is not None and repo.m.has_commit(txn, cid):
+            cid = repo.m.get_commit(txn, cid).parent
+        return cid is not None
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_ref_made_anew_whose_log_an_older_gc_cut_is_told_apart(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with a gc that did not keep the new ref's log for the session (a gc of an
+    earlier version, or a log that reached the store cut): the walk back from the new head
+    met a missing commit, took it for a cut of the same ref's log, and merged the session's
+    changes into the stranger tree. The ref's lineage (given when a ref is made, recorded by
+    the session at its start) tells them apart whatever the log lacks."""
+    import veloverlay.verbs.gc as gc_module
+
+    monkeypatch.setattr(gc_module, "_since_bases", lambda *args, **kwargs: [])
+    res, repo, _src = _session_while_the_ref_changes(shm_tmp, True, gc_keep=True)
+    try:
+        assert _log_is_cut(repo, "t")
+        assert res["conflict_ref"] == f"t@{res['session_id']}"  # old: merged into t
+        now = os.path.join(shm_tmp, "now")
+        repo.checkout("t", now)
+        assert sorted(os.listdir(now)) == ["theirs"]
+    finally:
+        repo.close()
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_the_same_ref_with_its_log_cut_meanwhile_is_merged_into(
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ref itself moved twice while the session ran and `gc --keep 1` cut the commit
+    between its head and the session's base: the same ref (same lineage), so the session's
+    change is merged with the ref's own new versions, not set aside."""
+    import veloverlay.verbs.gc as gc_module
+
+    monkeypatch.setattr(gc_module, "_since_bases", lambda *args, **kwargs: [])
+    res, repo, src = _session_while_the_ref_changes(shm_tmp, False, gc_keep=True, moves=2)
+    try:
+        assert _log_is_cut(repo, "t")
+        assert res["conflict_ref"] is None and res["commit"] is not None
+        now = os.path.join(shm_tmp, "now")
+        repo.checkout("t", now)
+        with open(os.path.join(now, "new"), "rb") as f:
+            assert f.read() == b"mine"
+        assert sorted(os.listdir(now)) == sorted([*os.listdir(src), "new"])
     finally:
         repo.close()

@@ -304,7 +304,7 @@ def _commit(
     base_id = st.bases[-1]
     message = st.message or f"session {sid}"
     ref = m.get_ref(txn, top)
-    if st.commit_to_ref and ref is not None and _made_anew(m, txn, ref.head, base_id):
+    if st.commit_to_ref and ref is not None and _made_anew(m, txn, ref, st):
         res.warnings.append(
             f"{top} was deleted and made anew while the session ran: its changes are kept as "
             f"{sref}, not merged into a tree they did not start from"
@@ -352,12 +352,17 @@ def _commit(
     _keep(m, txn, sref, ref, base_id, new_root, ops, message, st, res)
 
 
-def _made_anew(m: Manifests, txn: Txn, head: str, base_id: str) -> bool:
-    """Is `base_id` (the commit a session started from) outside the history of `head`, the
-    ref's head now, because the ref was deleted and made again meanwhile? Only when the walk
-    back from `head` ends at a first commit (no parent) without meeting `base_id`; a log cut
-    by `gc --keep` (a commit missing) or longer than the walk goes is taken as the same ref."""
-    cid: str | None = head
+def _made_anew(m: Manifests, txn: Txn, ref: Ref, st: State) -> bool:
+    """Was the session's top ref deleted and made again meanwhile (so that its changes must not
+    be merged into a tree they did not start from)? By the ref's lineage, given when a ref is
+    made, where the ref or the session knows one: another lineage, or one where there was none,
+    is another ref. Only between a ref and a session of earlier versions (neither knows one):
+    when the walk back from the ref's head ends at a first commit without meeting the base; a
+    log cut (a commit missing) or longer than the walk goes is taken as the same ref."""
+    if ref.lineage is not None or st.base_lineage is not None:
+        return ref.lineage != st.base_lineage
+    base_id = st.bases[-1]
+    cid: str | None = ref.head
     for _ in range(100_000):
         if cid is None:
             return True

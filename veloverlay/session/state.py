@@ -57,6 +57,7 @@ class State(Record):
     view_root: str  # hex: the projected tree (the refs stacked)
     target: str  # where the tree is projected
     backend: str = "overlay"  # overlay | shim
+    base_lineage: str | None = None  # the top ref's lineage at the start (None: it had none)
     specs: list[str] = field(default_factory=list)  # the refs as the user named them
     roots: list[str] = field(default_factory=list)  # hex roots gc keeps while the session lives
     below_root: str | None = None  # hex: the stack without the top ref (None: one ref)

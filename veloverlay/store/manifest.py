@@ -64,6 +64,7 @@ from veloverlay.store.versions import (
     check_ref_name,
     commit_from,
     name_key,
+    new_lineage,
     ref_from,
 )
 
@@ -551,6 +552,7 @@ class Manifests(Versions):
             new_path,
             tiers if tiers is not None else (ref.tiers if ref else None),
             ref.ingest_root if ref else None,
+            ref.lineage if ref else new_lineage(),  # made here: a lineage of its own
         )
         if ingest_root is not None:
             new.ingest_root = ingest_root.hex()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ __all__ = [
     "MIN_PREFIX",
     "check_ref_name",
     "ref_from",
+    "new_lineage",
     "commit_from",
     "tag_from",
     "name_key",
@@ -49,6 +51,9 @@ class Ref(Record):
     path: str | None = None  # the directory it was ingested from (default projection point)
     tiers: list[list[Any]] | None = None
     ingest_root: str | None = None  # the source tree as last ingested: base of re-ingest merges
+    # random, given when the ref is made (None: made by an earlier version): a ref deleted and
+    # made again under the name is another lineage, whatever its log says or lacks
+    lineage: str | None = None
 
     def to_json(self) -> bytes:
         d = {
@@ -57,6 +62,8 @@ class Ref(Record):
             "tiers": self.tiers,
             "ingest_root": self.ingest_root,
         }
+        if self.lineage is not None:
+            d["lineage"] = self.lineage
         return json.dumps(d, sort_keys=True).encode()
 
 
@@ -127,7 +134,18 @@ def ref_from(name: str, d: dict[str, Any]) -> Ref:
     assert head is not None
     path = _typed(d, "path", (str, type(None)), None)
     tiers = _typed(d, "tiers", (list, type(None)), None)
-    return Ref(name, head, path, tiers, _digest(d, "ingest_root", optional=True))
+    lineage = _typed(d, "lineage", (str, type(None)), None)
+    if lineage is not None and not _LINEAGE_RE.fullmatch(lineage):
+        raise ValueError("its lineage is not one")
+    return Ref(name, head, path, tiers, _digest(d, "ingest_root", optional=True), lineage)
+
+
+_LINEAGE_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def new_lineage() -> str:
+    """A lineage id for a ref made now (`Ref.lineage`)."""
+    return secrets.token_hex(16)
 
 
 def commit_from(cid: str, d: dict[str, Any]) -> Commit:

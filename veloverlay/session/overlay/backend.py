@@ -220,6 +220,7 @@ def _new_state(store: Store, plan: _Plan, m: Manifests, opts: SessionOptions) ->
         id=sid,
         refs=[r.name for r in stack.refs],
         bases=[c.id for c in stack.commits],
+        base_lineage=stack.refs[-1].lineage,
         view_root=stack.view.hex(),
         target=plan.target,
         target_real=plan.target,

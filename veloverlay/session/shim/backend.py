@@ -396,6 +396,7 @@ def run_shim(
                 id=sid,
                 refs=[r.name for r in stack.refs],
                 bases=[c.id for c in stack.commits],
+                base_lineage=stack.refs[-1].lineage,
                 view_root=stack.view.hex(),
                 target=target,
                 backend="shim",
