@@ -140,6 +140,96 @@ def test_verbs_write_data_lines_through_render_only() -> None:
     assert calls == []
 
 
+# the last identifier of a value that holds a path (or a store, a target...): shown raw by
+# `render.line` (tabs and backslashes are kept there), it would not read back as its bytes
+_PATHLIKE = re.compile(r"(path|dest|output|root|target|where|dir|directory|file|src|source)$", re.I)
+
+
+def _unescaped_paths(source: str, filename: str) -> list[str]:
+    """The path-like values (by the name that holds them) that reach `render.line(...)` inside
+    an f-string without `render.name(...)`: directly, or through a local variable assigned
+    from it (`where = render.name(p) if p else "-"`)."""
+    import ast
+
+    def escapes(e: ast.expr) -> bool:
+        if isinstance(e, ast.Call):
+            f = e.func
+            return (isinstance(f, ast.Attribute) and f.attr in ("name", "human_bytes")) or (
+                isinstance(f, ast.Name) and f.id == "name"
+            )
+        if isinstance(e, ast.IfExp):
+            return all(escapes(b) or isinstance(b, ast.Constant) for b in (e.body, e.orelse))
+        return False
+
+    def ident(e: ast.expr) -> str | None:
+        if isinstance(e, ast.Name):
+            return e.id
+        if isinstance(e, ast.Attribute):
+            return e.attr
+        if isinstance(e, ast.Subscript) and isinstance(e.slice, ast.Constant):
+            return str(e.slice.value)
+        if isinstance(e, ast.Call) and e.args:  # str(p), os.fspath(p), os.path.abspath(p)
+            return ident(e.args[0])
+        return None
+
+    out = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        safe = {
+            t.id
+            for n in ast.walk(fn)
+            if isinstance(n, ast.Assign) and escapes(n.value)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+        for n in ast.walk(fn):
+            f = n.func if isinstance(n, ast.Call) else None
+            if not (isinstance(f, ast.Attribute) and f.attr == "line"):
+                continue
+            if not (isinstance(f.value, ast.Name) and f.value.id == "render"):
+                continue
+            for v in (x for a in n.args for x in ast.walk(a)):
+                if not isinstance(v, ast.FormattedValue) or escapes(v.value):
+                    continue
+                if isinstance(v.value, ast.Name) and v.value.id in safe:
+                    continue
+                name = ident(v.value)
+                if name is not None and _PATHLIKE.search(name):
+                    out.append(f"{filename}:{v.lineno}: {ast.unparse(v.value)}")
+    return out
+
+
+def test_no_path_reaches_a_data_line_unescaped() -> None:
+    """`render.line` shows control characters as \\xNN but keeps tabs and does not double
+    backslashes (names in the line went through `render.name`, which does): a path passed to
+    it as it is read back wrong (`export -o 'a\\x0ab'` said `to a\\x0ab`, which stands for a
+    newline). Found by this check: `init`, `export` and `remove-store` named their paths raw."""
+    import veloverlay.cli
+
+    cli_dir = os.path.dirname(veloverlay.cli.__file__)
+    found = []
+    for fn in sorted(os.listdir(cli_dir)):
+        if fn.endswith(".py"):
+            with open(os.path.join(cli_dir, fn)) as f:
+                found += _unescaped_paths(f.read(), fn)
+    assert found == []
+
+
+def test_the_unescaped_path_check_finds_one() -> None:
+    planted = (
+        "def f(dest, where, n):\n"
+        "    shown = render.name(dest)\n"
+        "    render.line(f'{n} files to {shown}, {render.name(where)}')\n"
+        "    render.line(f'into {dest}')\n"
+        "    render.line(f'at {os.path.abspath(where)}')\n"
+    )
+    assert _unescaped_paths(planted, "x.py") == [
+        "x.py:4: dest",
+        "x.py:5: os.path.abspath(where)",
+    ]
+
+
 # -- a closed stdout ---------------------------------------------------------------------------
 
 

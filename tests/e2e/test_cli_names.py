@@ -124,3 +124,21 @@ def test_a_name_that_is_not_utf8_in_a_message_reads_back_exactly(
     assert shown == {b"gone-\xff": b"gone-\xff", b"gone-\\xff": b"gone-\\xff"}
     p = velo(store, "--json", "cat", "h", os.fsdecode(b"gone-\xff"))
     assert json.loads(p.stdout)["error"].endswith(os.fsdecode(b"gone-\xff"))
+
+
+def test_the_paths_init_export_and_remove_store_report_read_back_exactly(
+    trees: tuple[str, str], shm_tmp: str
+) -> None:
+    """`init`, `export -o` and `remove-store` named their paths raw in their one-line reports:
+    a tab stayed a tab and `\\x0a` (four characters) read as a newline."""
+    store, _src = trees
+    bundle = os.path.join(shm_tmp, "b\\x0a\tundle.velo")
+    [line] = _lines(velo(store, "export", "h", "-o", bundle))
+    assert os.path.exists(bundle)
+    assert unescape(line.split(" to ", 1)[1]) == os.fsencode(bundle), line  # old: a newline
+    other = os.path.join(shm_tmp, "st\\x09o\tre")
+    [line] = _lines(velo(other, "init"))
+    assert unescape(line) == b"store ready at " + os.fsencode(other), line
+    [line] = _lines(velo(other, "remove-store", "--yes"))
+    assert not os.path.exists(other)
+    assert unescape(line.split(": ", 1)[0]) == b"removed the store at " + os.fsencode(other)

@@ -44,7 +44,7 @@ def init(
     if state.json:
         render.emit_json({"store": os.fspath(repo.store.root)})
     else:
-        render.line(f"store ready at {repo.store.root}")
+        render.line(f"store ready at {render.name(os.fspath(repo.store.root))}")
 
 
 @verb(app)
@@ -346,7 +346,8 @@ def export_cmd(
         render.emit_json(info)
     else:
         render.line(
-            f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to {output}"
+            f"exported {info['ref']} ({info['nodes']} nodes, {info['objects']} objects) to "
+            f"{render.name(output)}"
         )
 
 

@@ -100,7 +100,7 @@ def remove_store_cmd(
         render.emit_json({"removed": path, **gone})
     else:
         render.line(
-            f"removed the store at {path}: {gone['files']} files, "
+            f"removed the store at {render.name(path)}: {gone['files']} files, "
             f"{render.human_bytes(gone['bytes'])}"
         )
 
