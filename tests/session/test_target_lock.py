@@ -30,7 +30,9 @@ from tests.session._util import new_store
 pytestmark = pytest.mark.needs("root", "overlay_root")
 
 
-def _start(store: str, target: str, ready: str, go: str, **env: str) -> subprocess.Popen[bytes]:
+def _start(
+    store: str, target: str, ready: str, go: str, *more: str, **env: str
+) -> subprocess.Popen[bytes]:
     """A session at `target` whose command says it runs (writes `ready`), waits for `go`, then
     exits 0 only if the projection is still there (a file of the ref, and a new file named as
     `ready`)."""
@@ -40,7 +42,8 @@ def _start(store: str, target: str, ready: str, go: str, **env: str) -> subproce
         f"test -f {target}/{os.path.basename(ready)}"
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "t", "--at", target, "--", "sh", "-c", script],
+        [sys.executable, "-m", "veloverlay", "run", "t", "--at", target, *more]
+        + ["--", "sh", "-c", script],
         env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -131,6 +134,29 @@ def test_a_session_between_finding_the_target_and_saving_its_state_keeps_it(
     assert os.path.isdir(target)  # A's end left it: B holds it
     os.kill(b.pid, signal.SIGCONT)
     _wait_up(b_up)
+    _let_go(b_go)
+    status, err = _ended(b)
+    assert status == 0, err
+
+
+def test_a_shim_session_s_made_target_stays_while_an_overlay_session_projects_there(
+    world: dict[str, Any],
+) -> None:
+    """The shim backend removes the target it made (after emptying its tree) by rmdir too: an
+    overlay session at that directory lost its mount the same way."""
+    base, target, procs = world["base"], world["target"], world["procs"]
+    one, _ = new_store(os.path.join(base, "one"))
+    two, _ = new_store(os.path.join(base, "two"))
+    a_up, a_go, b_up, b_go = _fifos(base, "a_up", "a_go", "b_up", "b_go")
+    procs.append(a := _start(os.fspath(one.root), target, a_up, a_go, "--backend", "shim"))
+    _wait_up(a_up)  # A (shim) made the target and materialised its tree there
+    procs.append(b := _start(os.fspath(two.root), target, b_up, b_go, "--backend", "overlay"))
+    _wait_up(b_up)
+    _let_go(a_go)
+    status, err = _ended(a)
+    assert status == 0, err
+    assert os.path.isdir(target)  # old: A removed it, and B's mount went with it
+    assert os.listdir(target) == []  # A's tree itself is gone from it
     _let_go(b_go)
     status, err = _ended(b)
     assert status == 0, err

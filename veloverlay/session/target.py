@@ -32,6 +32,7 @@ __all__ = [
     "inside",
     "overlay_target",
     "remove_made_target",
+    "target_free",
     "unmake_target",
 ]
 
@@ -229,6 +230,16 @@ def remove_made_target(store: Store, st: state.State, hold: int = -1) -> None:
     unmake_target(st.target_real or st.target, (st.target_id[0], st.target_id[1]))
 
 
+def target_free(fd: int) -> bool:
+    """Take the exclusive lock of the target directory `fd` (held until `fd` is closed), if no
+    overlay session holds it (`overlay_target`): only then may the directory be removed."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def unmake_target(real: str, made: tuple[int, int], hold: int = -1) -> None:
     """rmdir the directory `made` (dev, ino) at `real` through its pinned parent, if it is still
     there, empty, and no other process holds its lock (`overlay_target`); `hold`: our own
@@ -241,11 +252,11 @@ def unmake_target(real: str, made: tuple[int, int], hold: int = -1) -> None:
     except VeloError:
         return
     try:
-        with contextlib.suppress(OSError):  # busy (held), not empty, replaced, gone
+        with contextlib.suppress(OSError):  # not empty, replaced, gone
             fd, _st = files.open_dir_at(pfd, name, expect=made)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
-                files.rmdir_at(pfd, name, expect=made)
+                if target_free(fd):
+                    files.rmdir_at(pfd, name, expect=made)
             finally:
                 os.close(fd)
     finally:

@@ -64,7 +64,7 @@ from veloverlay.session.shim.procs import (
 )
 from veloverlay.session.shim.treesync import SUBTREE, SyncResult, TreeSync
 from veloverlay.session.state import State, same_process
-from veloverlay.session.target import Stack, resolve_stack
+from veloverlay.session.target import Stack, resolve_stack, target_free
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.sample import verify_sample
@@ -218,10 +218,10 @@ def _remove_tree(st: State) -> None:
             files.empty_dir(fd)
             if not st.target_created:  # it was there (empty) before: it stays, with its mode
                 os.fchmod(fd, st.target_mode)
+            elif target_free(fd):  # not while an overlay session projects there (target.py)
+                files.rmdir_at(pfd, name, expect=ident)
         finally:
             os.close(fd)
-        if st.target_created:
-            files.rmdir_at(pfd, name, expect=ident)
     except files.TreeChanged as exc:
         raise refused(f"{exc.filename}: {exc.strerror}") from None
     except OSError as exc:  # e.g. a mount point in the tree (EBUSY), a +i file
