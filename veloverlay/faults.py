@@ -28,7 +28,7 @@ POINTS = (
     "lower.build",  # lower-layer build: per entry written
     "harvest.file",  # harvest: per upper file staged
     "checkout.file",  # checkout: after writing one file of the tree (per file)
-    "session.target",  # overlay session start: its target found (or made) and held
+    "session.target",  # session start: its target found (or made) and held
     "materialize.file",  # shim session start: after placing one Tier-2 file of the tree
     "export.object",  # export: after writing one object into the bundle (per object)
     "remove.entry",  # remove-store: after removing one top-level part of the store

@@ -14,6 +14,7 @@ window before the state is saved, a stop at a fault point (SIGSTOP, seen by wait
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ def _start(
         env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # a failed test ends the session's command too (killpg)
     )
 
 
@@ -75,10 +77,10 @@ def world() -> Iterator[dict[str, Any]]:
         parent = os.path.join(base, "parent")
         os.mkdir(parent)
         yield {"base": base, "target": os.path.join(parent, "proj"), "procs": procs}
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        for p in procs:  # (the group may outlive its leader: a command still blocked)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=60)
 
 
 def _ended(p: subprocess.Popen[bytes]) -> tuple[int, str]:
@@ -160,3 +162,31 @@ def test_a_shim_session_s_made_target_stays_while_an_overlay_session_projects_th
     _let_go(b_go)
     status, err = _ended(b)
     assert status == 0, err
+
+
+def test_a_shim_session_that_found_the_made_target_keeps_it(world: dict[str, Any]) -> None:
+    """The shim backend writes its tree into an existing empty target: one that found an
+    overlay session's made target (empty on the host) lost it to that session's end before it
+    wrote a file. It holds the target's lock from then on, as overlay sessions do."""
+    base, target, procs = world["base"], world["target"], world["procs"]
+    one, _ = new_store(os.path.join(base, "one"))
+    two, _ = new_store(os.path.join(base, "two"))
+    a_up, a_go, b_up, b_go = _fifos(base, "a_up", "a_go", "b_up", "b_go")
+    procs.append(a := _start(os.fspath(one.root), target, a_up, a_go, "--backend", "overlay"))
+    _wait_up(a_up)
+    fault = {"VELO_INTERNAL__TEST_FAULT": "session.target:1:STOP"}
+    procs.append(b := _start(os.fspath(two.root), target, b_up, b_go, "--backend", "shim", **fault))
+    seen: list[tuple[int, int]] = []
+    waiter = threading.Thread(target=lambda: seen.append(os.waitpid(b.pid, os.WUNTRACED)))
+    waiter.start()
+    waiter.join(timeout=120)  # a bound for a failure, not a pause: waitpid returns at the stop
+    assert seen and os.WIFSTOPPED(seen[0][1]), seen
+    _let_go(a_go)
+    assert _ended(a)[0] == 0
+    assert os.path.isdir(target)  # A's end left it: B holds it
+    os.kill(b.pid, signal.SIGCONT)
+    _wait_up(b_up)
+    _let_go(b_go)
+    status, err = _ended(b)
+    assert status == 0, err
+    assert os.listdir(target) == []  # B found it (it stays), and its tree went with it

@@ -33,6 +33,7 @@ __all__ = [
     "overlay_target",
     "remove_made_target",
     "target_free",
+    "hold_shared",
     "unmake_target",
 ]
 
@@ -138,21 +139,10 @@ def _hold(real: str, made: tuple[int, int] | None) -> int:
         except OSError:
             return -2
         try:
-            for _ in range(_HOLD_TRIES):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(_HOLD_PAUSE)
-            else:
-                raise VeloError(
-                    f"another process holds the target {real} locked",
-                    reason=Reason.LOCKED,
-                    path=real,
-                    hint="a session ending there removes it; else see who holds it: "
-                    f"fuser -v {real}",
-                )
             # still the directory at that path (not removed while we waited for the lock)
+            if not hold_shared(fd, real):
+                os.close(fd)
+                return -2
             have = os.fstat(fd)
             try:
                 now = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -169,6 +159,25 @@ def _hold(real: str, made: tuple[int, int] | None) -> int:
             raise
     finally:
         os.close(pfd)
+
+
+def hold_shared(fd: int, real: str) -> bool:
+    """Lock the target directory `fd` shared for as long as `fd` stays open, as every session
+    at `real` does while it projects or writes there; False when it was removed meanwhile (the
+    session that made it ended): then find or make it again. LOCKED when another process holds
+    it exclusively for longer than a removal takes."""
+    for _ in range(_HOLD_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return os.fstat(fd).st_nlink > 0
+        except BlockingIOError:
+            time.sleep(_HOLD_PAUSE)
+    raise VeloError(
+        f"another process holds the target {real} locked",
+        reason=Reason.LOCKED,
+        path=real,
+        hint=f"a session ending there removes it; else see who holds it: fuser -v {real}",
+    )
 
 
 def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:

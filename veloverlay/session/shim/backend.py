@@ -34,7 +34,7 @@ import stat
 import time
 from pathlib import Path
 
-from veloverlay import files, paths
+from veloverlay import faults, files, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
@@ -383,6 +383,7 @@ def run_shim(
                         f"`veloverlay harvest --resume {left.id}` finishes it and removes the tree"
                     )
                 raise
+            faults.point("session.target")
             tst = os.fstat(top.fd)
             if not top.created:  # closed to others until the tree's own top mode is set
                 files.close_to_others(top.fd, target)
@@ -451,8 +452,6 @@ def run_shim(
                     ident=_ident(st),
                     fd=top.fd,
                 )
-            os.close(top.fd)
-            top = None
             mat.baseline.save(sdir / "baseline")
             st.form = mat.form
             st.protection = _protection(mat.form == "link", mat.tier1_protected)
@@ -479,6 +478,7 @@ def run_shim(
             st.state = "running"
             state.save(store, st)
         except BaseException:
+            top = _let_go(top)
             _abandon(store, m, st)
             raise
         if interactive:
@@ -489,14 +489,23 @@ def run_shim(
             try:
                 status = run_command(store, st, argv, env, opts.grace, interactive=interactive)
             except NotStarted as exc:
+                top = _let_go(top)
                 _abandon(store, m, st)
                 raise exc.error from None
             stop_daemon(st)
+            top = _let_go(top)  # its shared lock (prepare_target), before removing the tree
             return _finish(store, m, st, status)
     finally:
         if top is not None:
             os.close(top.fd)
         m.close()
+
+
+def _let_go(top: TargetDir | None) -> TargetDir | None:
+    """Close the target's descriptor (and so let go of its shared lock): None to keep."""
+    if top is not None:
+        os.close(top.fd)
+    return None
 
 
 def _protected_dirs(store: Store) -> list[Path]:

@@ -36,6 +36,7 @@ from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_
 from veloverlay.lower.objects import PROXY_MTIME_NS, verified_copy
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
+from veloverlay.session.target import hold_shared
 from veloverlay.store.access import private_dir, refuse_overlap
 from veloverlay.store.cas import Store, object_corrupt, object_missing
 from veloverlay.store.checkout import REPORT_BYTES, claim_dir, resolve_dest, tree_totals
@@ -131,8 +132,29 @@ def prepare_target(target: str, store: Store) -> TargetDir:
     refuse_overlap(
         real, store.root, what="the target", hint="project somewhere outside the store (--at DIR)"
     )
+    for _ in range(100):
+        fd, created = _claim(target, real)
+        try:
+            if hold_shared(fd, real):  # as overlay sessions: while it is ours (session/target.py)
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed meanwhile by the session that made it: find or make it again
+    else:
+        raise VeloError(f"{target} keeps being removed", reason=Reason.TARGET_INVALID, path=target)
     try:
-        fd, created = claim_dir(real, 0o700)
+        if not created:
+            _check_existing(target, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return TargetDir(fd, real, created)
+
+
+def _claim(target: str, real: str) -> tuple[int, bool]:
+    try:
+        return claim_dir(real, 0o700)
     except FileNotFoundError:
         raise VeloError(
             f"the parent of {target} does not exist",
@@ -146,13 +168,6 @@ def prepare_target(target: str, store: Store) -> TargetDir:
             reason=Reason.TARGET_INVALID,
             path=target,
         ) from None
-    try:
-        if not created:
-            _check_existing(target, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return TargetDir(fd, real, created)
 
 
 def _check_existing(target: str, fd: int) -> None:
