@@ -190,3 +190,45 @@ def test_a_shim_session_that_found_the_made_target_keeps_it(world: dict[str, Any
     status, err = _ended(b)
     assert status == 0, err
     assert os.listdir(target) == []  # B found it (it stays), and its tree went with it
+
+
+def test_a_reader_holding_the_target_locked_does_not_stop_a_session_there(
+    world: dict[str, Any],
+) -> None:
+    """Anyone who may open a directory may flock it: another user holding the target (a
+    0755 project directory) exclusively made every session there fail with `locked`. The
+    session goes on without the lock, says so, and its command runs and is harvested."""
+    base, target, procs = world["base"], world["target"], world["procs"]
+    store, _ = new_store(os.path.join(base, "one"))
+    os.mkdir(target, 0o755)
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid", "1500", "--regid", "1500", "--clear-groups", sys.executable, "-c"]
+        + [
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            target,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    procs.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "run", "t", "--at", target, "--"]
+        + ["sh", "-c", f"test -f {target}/f1 && echo new > {target}/made"],
+        env={**os.environ, "VELO_STORE": os.fspath(store.root), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr  # old: error ... holds the target ... locked
+    assert "going on without its lock" in r.stderr
+    assert os.listdir(target) == []  # the projection is gone, nothing leaked onto the host
+    r = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "cat", "t", "made"],
+        env={**os.environ, "VELO_STORE": os.fspath(store.root)},
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout == "new\n", r.stderr

@@ -13,7 +13,7 @@ import fcntl
 import os
 import time
 
-from veloverlay import files, pathtrust
+from veloverlay import files, pathtrust, progress
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import refuse_inside
 from veloverlay.mount import pin_dir
@@ -164,20 +164,23 @@ def _hold(real: str, made: tuple[int, int] | None) -> int:
 def hold_shared(fd: int, real: str) -> bool:
     """Lock the target directory `fd` shared for as long as `fd` stays open, as every session
     at `real` does while it projects or writes there; False when it was removed meanwhile (the
-    session that made it ended): then find or make it again. LOCKED when another process holds
-    it exclusively for longer than a removal takes."""
+    session that made it ended): then find or make it again.
+
+    Anyone who may open the directory can flock it: one that holds it exclusively for longer
+    than a removal takes is not a session's removal, and the session goes on without the lock
+    (said), instead of letting any reader of the directory stop every session there. What the
+    lock guards is then only the other sessions' removal of a target this one made."""
     for _ in range(_HOLD_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return os.fstat(fd).st_nlink > 0
         except BlockingIOError:
             time.sleep(_HOLD_PAUSE)
-    raise VeloError(
-        f"another process holds the target {real} locked",
-        reason=Reason.LOCKED,
-        path=real,
-        hint=f"a session ending there removes it; else see who holds it: fuser -v {real}",
+    progress.notice(
+        f"another process holds the target {real} locked (see: fuser -v {real}); "
+        "going on without its lock"
     )
+    return os.fstat(fd).st_nlink > 0
 
 
 def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:
