@@ -47,7 +47,6 @@ from veloverlay.session.holders import ask_again, tree_writers
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.relocation import refuse_exposed_source
 from veloverlay.session.shim import library
-from veloverlay.session.shim.library import RecType
 from veloverlay.session.shim.materialize import (
     Baseline,
     TargetDir,
@@ -91,6 +90,8 @@ def _resolve(m: Manifests, opts: SessionOptions) -> tuple[Stack, str]:
     if any("@" in ref.name for ref in stack.refs):
         raise VeloError("cannot run a session on a session ref", reason=Reason.BAD_REF)
     top = stack.refs[-1]
+    if opts.at == "":
+        raise VeloError("--at names no directory (an empty path)", reason=Reason.USAGE)
     where = opts.at if opts.at is not None else top.path
     if not where:
         raise VeloError(
@@ -123,48 +124,6 @@ def _wait_for_clock(max_ctime_ns: int) -> None:
 
 # --- running ------------------------------------------------------------------------------------
 # --- finishing ----------------------------------------------------------------------------------
-_NAME_MAX = 256  # bytes of a program's name kept for the warning
-
-
-def _unshimmed(store: Store, st: State, top_pid: int) -> tuple[list[str], int]:
-    """Programs the journal shows starting without a check-in; also count refused store writes.
-
-    One pass: an EXEC intent waits for its pid's next CHECKIN (the new image loaded the shim)
-    or EXEC failure; whatever still waits at the end ran unshimmed. A SPAWN child, and the
-    command itself, must have checked in at some point (journal or live socket)."""
-    sdir = store.sessions / st.id
-    reader = library.JournalReader(sdir / "journal")
-    checked_in: set[int] = set()
-    with contextlib.suppress(OSError, ValueError):
-        live = json.loads((sdir / "daemon.json").read_text()).get("checkins", {})
-        checked_in.update(int(pid) for pid in live)
-    pending: dict[int, str] = {}
-    spawned: dict[int, str] = {}
-    denied = 0
-    for recs in reader.chunks(final=True):  # (a journal can be far larger than memory)
-        for r in recs:
-            if r.type == RecType.CHECKIN:
-                checked_in.add(r.pid)
-                pending.pop(r.pid, None)
-            elif r.type == RecType.EXEC:
-                if r.phase == library.Phase.INTENT:
-                    pending[r.pid] = os.fsdecode(r.path1[:_NAME_MAX])
-                else:
-                    pending.pop(r.pid, None)  # the exec failed: the old image goes on
-            elif r.type == RecType.SPAWN and r.ret > 0:
-                spawned[r.ret] = os.fsdecode(r.path1[:_NAME_MAX])
-            elif r.type == RecType.DENIED:
-                denied += 1
-    # (journal order decides for execs: the same pid checked in before it exec'd)
-    out = [f"pid {pid} ran {prog}" for pid, prog in pending.items()]
-    out += [f"pid {pid} ran {prog}" for pid, prog in spawned.items() if pid not in checked_in]
-    if top_pid and top_pid not in checked_in:
-        out.insert(0, f"pid {top_pid} ran {' '.join(st.argv[:1]) or '?'}")
-    if reader.damaged:
-        out.append(f"(the journal had {reader.damaged} damaged records)")
-    return out, denied
-
-
 def _ident(st: State) -> tuple[int, int] | None:
     return (st.target_id[0], st.target_id[1]) if len(st.target_id) == 2 else None
 
@@ -241,7 +200,7 @@ def _finish(
     res = result_for(st, status.exit_status)
     res.killed = status.killed
     res.warnings = list(st.warnings) + status.warnings
-    unshimmed, denied = _unshimmed(store, st, status.top_pid)
+    unshimmed, denied = library.unshimmed(store.sessions / st.id, st.argv, status.top_pid)
     if unshimmed:
         res.warnings.append(
             "processes ran without the shim (static or setuid programs, an environment "

@@ -19,8 +19,10 @@ Formats (shim/format.h is the reference; this module mirrors it, little endian):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.machinery
+import json
 import os
 import struct
 import subprocess
@@ -36,6 +38,7 @@ from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_bytes
 
 __all__ = [
+    "unshimmed",
     "RecType",
     "Phase",
     "JournalRecord",
@@ -357,3 +360,45 @@ def make_tempdir(prefix: str = "veloshim-") -> str:
     d = tempfile.mkdtemp(prefix=prefix)
     os.chmod(d, 0o755)
     return d
+
+
+_NAME_MAX = 256  # bytes of a program's name kept for the warning
+
+
+def unshimmed(sdir: Path, argv: list[str], top_pid: int) -> tuple[list[str], int]:
+    """Programs the journal of the session directory `sdir` shows starting without a
+    check-in; also count refused store writes.
+
+    One pass: an EXEC intent waits for its pid's next CHECKIN (the new image loaded the shim)
+    or EXEC failure; whatever still waits at the end ran unshimmed. A SPAWN child, and the
+    command itself, must have checked in at some point (journal or live socket)."""
+    reader = JournalReader(sdir / "journal")
+    checked_in: set[int] = set()
+    with contextlib.suppress(OSError, ValueError):
+        live = json.loads((sdir / "daemon.json").read_text()).get("checkins", {})
+        checked_in.update(int(pid) for pid in live)
+    pending: dict[int, str] = {}
+    spawned: dict[int, str] = {}
+    denied = 0
+    for recs in reader.chunks(final=True):  # (a journal can be far larger than memory)
+        for r in recs:
+            if r.type == RecType.CHECKIN:
+                checked_in.add(r.pid)
+                pending.pop(r.pid, None)
+            elif r.type == RecType.EXEC:
+                if r.phase == Phase.INTENT:
+                    pending[r.pid] = os.fsdecode(r.path1[:_NAME_MAX])
+                else:
+                    pending.pop(r.pid, None)  # the exec failed: the old image goes on
+            elif r.type == RecType.SPAWN and r.ret > 0:
+                spawned[r.ret] = os.fsdecode(r.path1[:_NAME_MAX])
+            elif r.type == RecType.DENIED:
+                denied += 1
+    # (journal order decides for execs: the same pid checked in before it exec'd)
+    out = [f"pid {pid} ran {prog}" for pid, prog in pending.items()]
+    out += [f"pid {pid} ran {prog}" for pid, prog in spawned.items() if pid not in checked_in]
+    if top_pid and top_pid not in checked_in:
+        out.insert(0, f"pid {top_pid} ran {' '.join(argv[:1]) or '?'}")
+    if reader.damaged:
+        out.append(f"(the journal had {reader.damaged} damaged records)")
+    return out, denied
