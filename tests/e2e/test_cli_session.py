@@ -909,3 +909,16 @@ def test_diff_of_a_top_ref_file_replaced_by_a_mask_says_it_hides_the_lower_one(
         "--- a/x",
         "+++ /dev/null",
     ], patch
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_an_empty_at_is_a_usage_error_not_the_refs_path(
+    store: str, proj: str, backend: str
+) -> None:
+    """`--at ''` was taken for no --at: the session projected at the ref's recorded path (or
+    said the ref had none). It names no directory: a usage error, and nothing ran."""
+    marker = os.path.join(proj, "ran")
+    p = velo(store, "run", "proj", "--backend", backend, "--at", "", "--", "touch", marker)
+    assert p.returncode == 2, p.stderr
+    assert "empty path" in p.stderr.decode()  # exit 2: a usage error
+    assert not os.path.exists(marker)

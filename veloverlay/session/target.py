@@ -185,6 +185,8 @@ def hold_shared(fd: int, real: str) -> bool:
 
 def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int, int] | None]:
     """(the resolved target, the (dev, ino) of the directory made for it, None: it existed)."""
+    if at == "":
+        raise VeloError("--at names no directory (an empty path)", reason=Reason.USAGE)
     where = at if at is not None else top.path
     if not where:
         raise VeloError(
