@@ -58,3 +58,34 @@ def test_harvest_all_leaves_a_session_being_mounted_alone() -> None:
     assert r["during"] == (0, []), r
     assert r["listed"] == ["mounted"], r
     assert r["commit"] is True and r["new"] == "written while mounted\n", r
+
+
+def _mount_fails(base: str) -> dict[str, Any]:
+    from veloverlay import overlay
+    from veloverlay.errors import VeloError
+
+    os.environ["VELO_OVERLAY_MODE"] = "native"
+    store, _src = new_store(base)
+    parent = os.path.join(base, "parent")
+    os.mkdir(parent)
+
+    def refused(*_a: Any, **_k: Any) -> None:  # the kernel refuses the mount
+        raise OSError(19, "No such device")
+
+    overlay.OverlaySpec.mount = refused  # type: ignore[method-assign]  # a forked child
+    try:
+        session.mount(store, SessionOptions(refs=["t"], at=os.path.join(parent, "new")))
+        outcome = "mounted"
+    except (OSError, VeloError) as exc:
+        outcome = type(exc).__name__
+    return {"outcome": outcome, "left": os.listdir(parent)}
+
+
+def test_a_target_mount_made_goes_again_when_the_mount_fails() -> None:
+    """`mount REF NEW` makes NEW; a mount the kernel refused left it behind, empty (the
+    targets pass's list). It goes, as after a run."""
+    before = mount_lines()
+    with unpriv_tmpdir() as base:
+        r = ns.run_in_child(_mount_fails, base)
+    assert mount_lines() == before
+    assert r == {"outcome": "OSError", "left": []}, r  # old: left ["new"]

@@ -112,6 +112,11 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
             st.error = {"message": str(exc), "reason": Reason.SYSCALL.value}
             state.save(store, st)
             _drop_upper(sdir)
+            if target_fd >= 0:
+                os.close(target_fd)
+                target_fd = -1
+            hold, plan.hold = plan.hold, -1
+            remove_made_target(store, st, hold)  # a target made for it goes, as after a run
             raise
         res = SessionResult(
             session_id=st.id,
