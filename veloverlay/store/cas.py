@@ -45,7 +45,7 @@ from veloverlay import envvars, verity
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
 from veloverlay.store import access, storelock
-from veloverlay.store.objread import object_corrupt, verified_chunks
+from veloverlay.store.objread import object_corrupt, open_regular, verified_chunks
 from veloverlay.store.stage import OBJECT_MODE, Stage
 
 __all__ = [
@@ -479,7 +479,7 @@ class Store:
     def open_object(self, digest: bytes) -> int:
         """Open an object read-only; a missing object is OBJECT_MISSING, naming the digest."""
         try:
-            return os.open(self.object_path_b(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return open_regular(self.object_path_b(digest), digest)
         except FileNotFoundError:
             raise object_missing(digest) from None
 

@@ -126,7 +126,8 @@ def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
     if not (one_level or two_levels):
         return ("object-misplaced", path, f"object {name} is in the wrong shard"), "", ""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in an object's place is reported below instead of blocking the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:  # listed, then swept by a gc: the manifest scan judges its absence
         return (_GONE, path, ""), "", ""
     except OSError as exc:
