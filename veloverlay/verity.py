@@ -193,7 +193,11 @@ def cached_support(cache: StrPath, directory: StrPath) -> tuple[bool, str]:
         "euid": os.geteuid(),
     }
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(cache, encoding="utf-8") as f:
+        # never blocking on a FIFO put in its place, nor following a link
+        fd = os.open(cache, _OPEN_RO)
+        with open(fd, encoding="utf-8") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
             data = json.load(f)
         if data["key"] == key:
             return bool(data["ok"]), str(data["reason"])

@@ -119,14 +119,26 @@ def _planted(shown: AnyPath) -> VeloError:
 def open_nofollow(
     path: AnyPath, flags: int, mode: int = 0o600, *, dir_fd: int | None = None, shown: AnyPath = ""
 ) -> int:
-    """Open (maybe create) a file of the store, never through a symbolic link; `path` is
-    relative to `dir_fd` when given (then `shown` is its name in messages)."""
+    """Open (maybe create) a regular file of the store, never through a symbolic link; `path`
+    is relative to `dir_fd` when given (then `shown` is its name in messages). O_NONBLOCK: a
+    FIFO put in the place of one (the lock, the gate) would block the open for ever."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        fd = os.open(path, flags, mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _planted(shown or path) from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        name = os.fsdecode(shown or path)
+        raise VeloError(
+            f"{name} is not a regular file",
+            reason=Reason.STORE_UNSAFE,
+            hint="someone who can write the store put it there; remove it and check who can",
+            path=name,
+        )
+    return fd
 
 
 def mkdir_nofollow(

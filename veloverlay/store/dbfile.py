@@ -231,6 +231,17 @@ def never_used(store: Store, env: Any) -> bool:
     return True
 
 
+def _open_record(store: Store, flags: int) -> int:
+    """The store record, opened without blocking: a FIFO in its place (damage) would block the
+    open for ever (fsck and gc hung on one); anything but a regular file is MANIFEST_CORRUPT."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise corrupt(store, f"{_RECORD} is not a regular file")
+    return fd
+
+
 @contextlib.contextmanager
 def record_lock(store: Store) -> Iterator[int]:
     """The store record, open for writing, while this process alone may change it (see
@@ -240,7 +251,7 @@ def record_lock(store: Store) -> Iterator[int]:
         _libc.ofd_lock(lock, write=True, wait=True)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with exact_modes():
-            fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
+            fd = _open_record(store, flags)
         try:
             yield fd
         finally:
@@ -267,9 +278,15 @@ def record_read_lock(store: Store) -> Iterator[None]:
 
 
 def _open_record_lock(store: Store, how: int) -> int:
-    flags = how | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    """The record's lock file, opened without blocking (a FIFO in its place: MANIFEST_CORRUPT,
+    as for the record itself)."""
+    flags = how | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     with exact_modes():
-        return os.open(_RECORD_LOCK, flags, 0o600, dir_fd=store.fd)
+        fd = os.open(_RECORD_LOCK, flags, 0o600, dir_fd=store.fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise corrupt(store, f"{_RECORD_LOCK} is not a regular file")
+    return fd
 
 
 def put_record(fd: int, refs: int) -> None:
@@ -289,7 +306,7 @@ def read_record(store: Store) -> int | None:
     """The ref count in the store record; None when there is none (older stores) or it is
     unreadable."""
     try:
-        fd = os.open(_RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
+        fd = _open_record(store, os.O_RDONLY)
     except OSError:
         return None
     try:
