@@ -33,6 +33,7 @@ __all__ = [
     "empty_dir",
     "rmdir_at",
     "makedirs",
+    "read_regular",
     "write_json_atomic",
     "write_bytes_atomic",
     "flock",
@@ -455,6 +456,17 @@ def _remove_entry(
             finally:
                 os.close(efd)
     rm(name, dir_fd=dfd)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int = -1) -> bytes:
+    """The bytes of a regular file (at most `limit`), never blocking on a FIFO put in its place
+    nor following a link: ValueError when it is not a regular file (a caller reading a state
+    file or a cache treats it as unreadable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{os.fsdecode(path)} is not a regular file")
+        return f.read(limit)
 
 
 @contextlib.contextmanager

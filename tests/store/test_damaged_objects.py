@@ -7,6 +7,7 @@ checkout, export, fsck and fsck --repair blocked in open(2) until killed."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -108,3 +109,48 @@ def test_a_fifo_in_place_of_a_store_file_is_named_and_blocks_nothing(
 def _objects(store: str) -> dict[str, str]:
     top = os.path.join(store, "objects-v2")
     return {n: os.path.join(top, s, n) for s in os.listdir(top) for n in os.listdir(f"{top}/{s}")}
+
+
+@pytest.mark.parametrize(
+    "args", [["sessions"], ["status"], ["harvest", "--all"], ["gc", "--grace", "0"]]
+)
+def test_a_fifo_as_a_sessions_state_file_blocks_no_verb(ingested: str, args: list[str]) -> None:
+    """Found the same way: sessions, status, harvest --all and gc blocked on a FIFO put in
+    place of a session's state.json. gc cannot know what that session pins: it refuses."""
+    before = {d: os.path.getsize(p) for d, p in _objects(ingested).items()}
+    sdir = os.path.join(ingested, "sessions", "20261207-000000-abcdef")
+    os.makedirs(sdir)
+    os.mkfifo(os.path.join(sdir, "state.json"), 0o644)
+    res = _velo_bounded(ingested, *args)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode in (0, 1), (res.stdout, res.stderr)
+    if args[0] == "gc":
+        assert res.returncode == 1 and "state" in res.stderr, res.stderr
+    assert {d: os.path.getsize(p) for d, p in _objects(ingested).items()} == before
+
+
+def test_the_probe_cache_as_a_fifo_is_probed_again(ingested: str) -> None:
+    """The probe's cache (read by every session start) as a FIFO: the old code blocked in
+    open(2); now it is probed afresh and the cache written anew."""
+    path = os.path.join(ingested, "trees-v1", f"probe-{os.geteuid()}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    os.mkfifo(path, 0o644)
+    code = (
+        "import sys\n"
+        "from veloverlay.session.select import capabilities\n"
+        "from veloverlay.store.cas import Store\n"
+        "print(len(capabilities(Store(sys.argv[1])).features))\n"
+    )
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", code, ingested],
+            capture_output=True,
+            text=True,
+            timeout=bound(30),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the session's probe blocked on a FIFO cache")
+    assert res.returncode == 0 and int(res.stdout) > 0, res.stderr
+    assert stat.S_ISREG(os.lstat(path).st_mode)  # written anew

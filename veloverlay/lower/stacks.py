@@ -63,7 +63,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import flock, force_rmtree, write_bytes_atomic, write_json_atomic
+from veloverlay.files import (
+    flock,
+    force_rmtree,
+    read_regular,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from veloverlay.lower.homes import (
     FULL_ERRNOS,
     Home,
@@ -272,8 +278,7 @@ def _names_objects(mark: Path, objects: os.stat_result) -> bool:
     """Does the home's mark name this store's objects directory (the same inode: another path
     to it, through a symbolic link, names it as well)?"""
     try:
-        with open(mark, "rb") as f:
-            named = f.read(4097)
+        named = read_regular(mark, 4097)
         st = os.stat(named)
     except (OSError, ValueError):  # none yet, or its directory is gone
         return False

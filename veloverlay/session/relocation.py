@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import write_json_atomic
+from veloverlay.files import read_regular, write_json_atomic
 from veloverlay.pathtrust import realpath_safe
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
@@ -117,7 +117,7 @@ def cached_find_baked(
 
     def load(r: bytes) -> tuple[int, list[str]] | None:
         try:
-            data = json.loads((cache_dir / f"{r.hex()}-{key}.json").read_text())
+            data = json.loads(read_regular(cache_dir / f"{r.hex()}-{key}.json"))
             return int(data["count"]), [str(p) for p in data["found"]]
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -30,7 +30,7 @@ import re
 from collections.abc import Mapping
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import write_json_atomic
+from veloverlay.files import read_regular, write_json_atomic
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
 
@@ -123,7 +123,7 @@ def capabilities(store: Store) -> Caps:
     }
     # OSError: no cache yet, or none this user may read (another user's shared store)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular(path))
         if data["key"] == key:
             return Caps({n: (bool(v[0]), str(v[1])) for n, v in data["features"].items()})
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from veloverlay import mount, ns
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import write_json_atomic
+from veloverlay.files import read_regular, write_json_atomic
 from veloverlay.records import Record, field
 from veloverlay.session.holders import holders, namespaces_holding, tree_writers
 from veloverlay.session.options import SessionInfo
@@ -295,7 +295,7 @@ def load(store: Store, sid: str) -> State:
     if not sid or "/" in sid or sid.startswith("."):
         raise VeloError(f"bad session id {sid!r}", reason=Reason.SESSION_NOT_FOUND)
     try:
-        data = json.loads((session_dir(store, sid) / "state.json").read_text())
+        data = json.loads(read_regular(session_dir(store, sid) / "state.json"))
         version = data.get("version", STATE_VERSION) if isinstance(data, dict) else None
         if isinstance(version, int) and version > STATE_VERSION:
             # fields this version does not know may say what the session needs (gc keeps its

@@ -28,7 +28,7 @@ from typing import Any
 
 from veloverlay import _libc, faults
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import exact_modes
+from veloverlay.files import exact_modes, read_regular
 from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -91,7 +91,7 @@ def _unfinished(store: Store) -> list[dict[str, Any]]:
     for sid in ids:
         p = store.sessions / sid / "state.json"
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(read_regular(p))  # a FIFO: ValueError, never a block
             if not isinstance(data, dict):
                 raise ValueError("not an object")
         except (FileNotFoundError, NotADirectoryError):
