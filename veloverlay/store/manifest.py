@@ -449,11 +449,14 @@ class Manifests(Versions):
         with txn.cursor(db=self._refs) as cur:
             for k, _v in cur:
                 ref = self.get_ref(txn, bytes(k).decode())
-                assert ref is not None
+                if ref is None:  # listed, yet not found by its key: a damaged B-tree
+                    raise corrupt(self.store, f"ref {bytes(k)!r} is listed but cannot be read")
                 out.append(ref)
         return out
 
     def get_commit(self, txn: Txn, cid: str) -> Commit:
+        if len(cid) != 64:  # a key of a damaged B-tree (LMDB refuses an empty one: a traceback)
+            raise corrupt(self.store, f"commit {cid!r} has no commit id's length")
         v = txn.get(bytes.fromhex(cid), db=self._commits)
         if v is None:
             raise corrupt(self.store, f"commit {cid} is missing")

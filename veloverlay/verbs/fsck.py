@@ -27,6 +27,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
 from veloverlay.store.cas import OBJECT_MODE, OBJECTS_V1, OBJECTS_V2, Store
+from veloverlay.store.dbfile import corrupt
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.publish import forget_unprotected, unprotected
@@ -504,7 +505,8 @@ def fsck(
                 name = key.hex() if table == "commits" else key.decode("utf-8", "surrogateescape")
                 try:
                     record = read(name)
-                    assert record is not None  # (its key was just listed)
+                    if record is None:  # its key was just listed: a damaged B-tree
+                        raise corrupt(store, f"{kind} {name!r} is listed but cannot be read")
                 except VeloError as exc:
                     rep.findings.append(Finding(f"{kind}-corrupt", name, exc.message))
                     continue
