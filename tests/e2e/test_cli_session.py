@@ -732,8 +732,9 @@ def test_a_leftover_process_is_reported_once(store: str, proj: str) -> None:
     """An overlay session said each leftover process twice (a warning and the killed line);
     the shim once. Once now, in either backend, naming the process."""
     tag = f"1000.{os.getpid()}"
-    # the command ends once its child has exec'd sleep (before, the child could still be `sh`)
-    script = f"sleep {tag} & p=$!; until grep -qa {tag} /proc/$p/cmdline; do :; done; exit 0"
+    # the command ends once its child has exec'd sleep (before, the child could still be `sh`:
+    # its comm changes at the exec; its cmdline held the tag before it, in the script's text)
+    script = f'sleep {tag} & p=$!; until [ "$(cat /proc/$p/comm)" = sleep ]; do :; done; exit 0'
     p = velo(store, "run", "proj", "--grace", "0.2", "--", "sh", "-c", script)
     assert p.returncode == 0, p.stderr
     err = p.stderr.decode()

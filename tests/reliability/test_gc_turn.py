@@ -140,10 +140,24 @@ def _open_to_write(store: str) -> str:
     return "opened"
 
 
+def _open_to_read(store: str) -> str:
+    """As another user: what opening `store` and reading it (the store lock taken) says."""
+    try:
+        repo = Repo.open(store)
+        try:
+            with repo.reading():
+                return f"opened: {[r.name for r, _c in repo.refs()]}"
+        finally:
+            repo.close()
+    except VeloError as exc:
+        return f"{exc.reason.value}: {exc.message}"
+
+
 def test_another_user_opens_a_shared_store_without_a_gate_as_before(shm_tmp: str) -> None:
     """A store made by a version without `lock.gate`: its owner's next init or gc makes one;
-    another user of the shared store, who cannot, goes on without (opening it to write, which
-    `init` and `ingest` do first, said "cannot create the store: Permission denied")."""
+    another user of the shared store, who cannot, reads it without (opening it to write, which
+    `init` and `ingest` do first, said "cannot create the store: Permission denied"; only its
+    owner writes a store now, and that is said first: store-permission)."""
     from tests.helpers.unpriv import run_unprivileged
 
     base = tempfile.mkdtemp(dir="/dev/shm", prefix="velo-gate-")
@@ -152,7 +166,9 @@ def test_another_user_opens_a_shared_store_without_a_gate_as_before(shm_tmp: str
         store = os.path.join(base, "store")
         Repo.open(store, create=True, shared=True).close()
         os.unlink(os.path.join(store, "lock.gate"))  # as an older version made it
-        assert run_unprivileged(_open_to_write, store) == "opened"
+        assert run_unprivileged(_open_to_read, store) == "opened: []"
+        said = run_unprivileged(_open_to_write, store)
+        assert said.startswith("store-permission: ") and "only its owner" in said, said
         assert not os.path.exists(os.path.join(store, "lock.gate"))
         Repo.open(store, create=True).close()  # its owner's init makes it
         assert os.path.isfile(os.path.join(store, "lock.gate"))
