@@ -26,7 +26,18 @@ LEAVES = {
     "faults",
     "progress",
 }
-FACILITIES = {"ns", "mount", "fsflags", "verity", "linking", "overlay", "probe", "tiers", "workers"}
+FACILITIES = {
+    "ns",
+    "process",
+    "mount",
+    "fsflags",
+    "verity",
+    "linking",
+    "overlay",
+    "probe",
+    "tiers",
+    "workers",
+}
 # What each part may import besides itself, leaves and facilities (lowest first).
 ALLOWED: dict[str, set[str]] = {
     "store": set(),

@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 
 from veloverlay import envvars
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.ns import die_with_parent
+from veloverlay.process import die_with_parent
 
 __all__ = ["Workers", "allow_files", "more_files", "default_jobs", "max_jobs"]
 

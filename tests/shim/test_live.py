@@ -21,7 +21,7 @@ from tests.helpers.timing import bound
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import checkout_ref, fsck_ok, new_store
 from tests.shim._util import PY, run_shim
-from veloverlay import ns
+from veloverlay import process
 from veloverlay.errors import Reason, VeloError
 from veloverlay.session import state as session_state
 from veloverlay.session.shim import backend as shim_backend
@@ -248,7 +248,7 @@ def test_manager_killed_then_resume() -> None:
         Path(go).touch()
         reaper_json = store.sessions / st["id"] / "reaper.json"
         _wait_for(reaper_json.exists, 10, "the command to end")
-        _wait_for(lambda: ns.proc_start(int(st["child"])) is None, 10, "the reaper")
+        _wait_for(lambda: process.proc_start(int(st["child"])) is None, 10, "the reaper")
         res = shim_backend.resume(store, st["id"])
         assert res.commit and res.exit_status == 0
         got = os.path.join(base, "got")
@@ -286,7 +286,7 @@ def test_manager_killed_before_recording_the_command_runs_nothing() -> None:
         _, status = os.waitpid(manager, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         reaper = int(Path(side).read_text())
-        _wait_for(lambda: ns.proc_start(reaper) is None, 10, "the reaper to exit")
+        _wait_for(lambda: process.proc_start(reaper) is None, 10, "the reaper to exit")
         assert not os.path.exists(marker)
         st = json.loads(next(store.sessions.glob("*/state.json")).read_text())
         assert st["child"] == 0  # what resume sees: no command to wait for
@@ -480,7 +480,7 @@ def test_harvest_all_passes_over_a_failed_shim_session() -> None:
         proj, marker, side = os.path.join(base, "p2"), os.path.join(base, "ran"), base + "/r"
         manager = _in_background(lambda: _manager_dies_before_go(store, proj, marker, side))
         os.waitpid(manager, 0)
-        _wait_for(lambda: ns.proc_start(int(Path(side).read_text())) is None, 10, "the reaper")
+        _wait_for(lambda: process.proc_start(int(Path(side).read_text())) is None, 10, "the reaper")
         results = session.harvest_resume(store, None)
         assert [r.state for r in results] == ["harvested"]
         assert not fsck_ok(store)

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from veloverlay import _libc, ns
+from veloverlay import _libc, ns, process
 from veloverlay.errors import Reason, SysError, VeloError
 
 __all__ = [
@@ -553,7 +553,7 @@ def _reap_command(
     send(report_fd, {"child": pid, "exec_failed": exec_failed})
     _ENDING.command = pid
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    code = ns.shell_status(_wait_command(pid, wake))
+    code = process.shell_status(_wait_command(pid, wake))
     killed = end_rest(grace)
     report = {"exit": code, "killed": killed, "child": pid, "exec_failed": exec_failed}
     send(report_fd, report)

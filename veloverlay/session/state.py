@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from veloverlay import mount, ns
+from veloverlay import mount, process
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import read_regular, write_json_atomic
 from veloverlay.records import Record, field
@@ -201,19 +201,19 @@ def same_process(pid: int, start: int | None) -> bool:
     """`pid` is still the process that started at `start` (not a recycled number)."""
     if pid > 0 and pid == os.getpid():
         return start is not None and own_start() == start
-    return pid > 0 and start is not None and ns.proc_start(pid) == start
+    return pid > 0 and start is not None and process.proc_start(pid) == start
 
 
 _OWN: list[Any] = [0, None]  # (pid, its start time): this process's, read once per process
 
 
 def own_start() -> int | None:
-    """This process's start time (`ns.proc_start` of its own pid), read once per process: a
+    """This process's start time (`process.proc_start` of its own pid), read once per process: a
     read of /proc/self/stat took 1-4.5 ms while the session's child was starting (the state is
     saved then), on every session start."""
     pid = os.getpid()
     if _OWN[0] != pid:  # (a forked child reads its own)
-        _OWN[0], _OWN[1] = pid, ns.proc_start(pid)
+        _OWN[0], _OWN[1] = pid, process.proc_start(pid)
     return _OWN[1]  # type: ignore[no-any-return]
 
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veloverlay import faults, ns, overlay, paths
+from veloverlay import faults, ns, overlay, paths, process
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import every_base
@@ -308,7 +308,7 @@ def run_session(
             grace=opts.grace,
             report_fd=wfd,
             manager_pid=os.getpid(),
-            tty_foreground=ns.tty_foreground(),
+            tty_foreground=process.tty_foreground(),
         )
         if on_start is not None:
             on_start(state.info(store, st))
@@ -338,7 +338,7 @@ def run_session(
                 finally:
                     os._exit(70)
             os.close(wfd)
-            st.child, st.child_start = pid, ns.proc_start(pid)
+            st.child, st.child_start = pid, process.proc_start(pid)
             st.state = "running"
             state.save(store, st)
             try:
@@ -350,7 +350,7 @@ def run_session(
                 wstatus = ns.wait_child(pid)
                 child[0] = 0  # ended: nothing more to pass signals on to
             if ctx.tty_foreground:
-                ns.reclaim_terminal()
+                process.reclaim_terminal()
         err = report.get("error")
         if isinstance(err, dict):
             st.state = "failed"
@@ -534,7 +534,7 @@ def resume(store: Store, st: State, aside: SetAside | None = None) -> SessionRes
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(st.child, signal.SIGKILL)
         for _ in range(200):
-            if ns.proc_start(st.child) is None:
+            if process.proc_start(st.child) is None:
                 break
             time.sleep(0.01)
     # Never sealed (the manager died first): harvest only what nothing can write any more.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from veloverlay import _libc, mount, ns
+from veloverlay import _libc, mount, ns, process
 from veloverlay.overlay import OverlaySpec, pin_root, seal
 from veloverlay.records import Record
 from veloverlay.session import reaper
@@ -40,7 +40,7 @@ class ChildSpec(Record):
 
 def child_main(ctx: ChildSpec) -> None:
     """The intermediate child: namespaces and mounts, then pid 1 of the new pid namespace."""
-    ns.die_with_parent(signal.SIGKILL)
+    process.die_with_parent(signal.SIGKILL)
     if os.getppid() != ctx.manager_pid:  # the manager died before pdeathsig was armed
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,7 +106,7 @@ def child_main(ctx: ChildSpec) -> None:
 
 def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None:
     """pid 1: /proc, lock the mounts, run the command, reap, clean up leftovers, report."""
-    ns.die_with_parent(signal.SIGKILL)
+    process.die_with_parent(signal.SIGKILL)
     try:
         mount.mount_proc("/proc")
         # A nested user + mount namespace locks every mount made above (the kernel marks mounts
@@ -117,7 +117,7 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
             ns.enter_userns(map_root=os.getuid() == 0, parent=maps)
         _enter_cwd(ctx, root_fd)
         os.close(root_fd)
-        ns.no_new_privs()
+        process.no_new_privs()
         # The command is root in this user namespace (root sessions): while pid 1 is dumpable
         # it may open /proc/1/fd/N, pid 1's report pipe, and forge the manager's frames (an
         # `error` one made the manager drop the session's work). Non-dumpable, those files need

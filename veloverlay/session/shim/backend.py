@@ -38,7 +38,7 @@ from veloverlay import faults, files, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import ids_dir
-from veloverlay.ns import proc_start
+from veloverlay.process import proc_start
 from veloverlay.progress import Progress
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import harvest_and_commit, result_for, session_ref_name

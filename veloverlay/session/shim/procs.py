@@ -23,7 +23,7 @@ from typing import Any
 
 from veloverlay.errors import SysError
 from veloverlay.files import write_json_atomic
-from veloverlay.ns import child_subreaper, proc_start, reclaim_terminal
+from veloverlay.process import child_subreaper, proc_start, reclaim_terminal
 from veloverlay.records import Record, field
 from veloverlay.session import reaper, state
 from veloverlay.session.state import State, same_process
