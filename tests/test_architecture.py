@@ -30,6 +30,7 @@ FACILITIES = {
     "ns",
     "process",
     "mount",
+    "mountinfo",
     "fsflags",
     "verity",
     "linking",

@@ -1,7 +1,8 @@
 """Mounts: propagation, binds (read-only too), proc, tmpfs, and the overlay itself.
 
-Owns every mount(2) / new-mount-API call in the package. Imports only the standard library,
-`veloverlay.errors` and `veloverlay._libc`. Callers are expected to be in their own mount namespace
+Owns every mount(2) / new-mount-API call in the package; reading where things are mounted is
+`mountinfo.py`'s. Imports only the standard library, `veloverlay.errors`, `veloverlay._libc` and
+`veloverlay.mountinfo`. Callers are expected to be in their own mount namespace
 (see `ns.enter_userns`, run inside `ns.run_in_child`); nothing here unshares.
 
 Overlay options are pinned (STYLE C4, mkosi#1841, Documentation/filesystems/overlayfs.rst):
@@ -17,11 +18,9 @@ import contextlib
 import enum
 import errno
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
 
-from veloverlay import _libc
+from veloverlay import _libc, mountinfo
 from veloverlay.errors import Reason, SysError, VeloError
 
 __all__ = [
@@ -39,13 +38,9 @@ __all__ = [
     "overlay",
     "escape_option_path",
     "legacy_options",
-    "MountEntry",
-    "mounts",
-    "mnt_id_of",
     "pin_dir",
     "umount_exact",
     "remount_super",
-    "overlay_upper",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -112,77 +107,7 @@ def umount(path: StrPath, *, detach: bool = True) -> None:
     _libc.umount2(path, _libc.MNT_DETACH if detach else 0)
 
 
-# --- where things are mounted -----------------------------------------------------------------
-class MountEntry(NamedTuple):
-    """One line of /proc/PID/mountinfo (proc(5)); `point` unescaped, `super_opts` as written."""
-
-    mnt_id: int
-    parent_id: int
-    point: str
-    fstype: str
-    super_opts: str
-    peers: int = 0  # its shared:N peer group (0: not shared): an unmount propagates across it
-
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts(pid: int | str = "self") -> list[MountEntry]:
-    """The mounts of `pid`'s mount namespace, in the kernel's order (a mount stacked on another
-    comes after it). OSError when it cannot be read (the process is gone, no permission)."""
-    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [e for line in f if (e := _entry(line)) is not None]
-
-
-def mount_entry(mnt_id: int) -> MountEntry | None:
-    """This mount namespace's mount `mnt_id` (None: none such), read without parsing the rest."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        want = b"%d " % mnt_id
-        for line in f:
-            if line.startswith(want):
-                return _entry(line.decode("utf-8", "surrogateescape"))
-    return None
-
-
-def _entry(line: str) -> MountEntry | None:
-    fields = line.rstrip("\n").split(" ")
-    try:
-        sep = fields.index("-", 6)
-        return MountEntry(
-            int(fields[0]),
-            int(fields[1]),
-            _unescape(fields[4]),
-            fields[sep + 1],
-            " ".join(fields[sep + 3 :]),
-            next((int(f[7:]) for f in fields[6:sep] if f.startswith("shared:")), 0),
-        )
-    except (ValueError, IndexError):
-        return None  # not a line of this format
-
-
-def overlay_upper(entry: MountEntry) -> str | None:
-    """The upperdir an overlay mount shows in its super options (None: not an overlay, or none),
-    as it was given: the path itself for the new API (fd or string), its option-string form
-    (`escape_option_path`) for mount(2). mountinfo's octal escapes (`\\054` for `,`) are undone."""
-    if entry.fstype != "overlay":
-        return None
-    m = re.search(r"(?:^|,)upperdir=([^,]*)", entry.super_opts)
-    return None if m is None else _unescape(m.group(1))
-
-
-def mnt_id_of(fd: int) -> int:
-    """The id of the mount an open fd is on (its `mnt_id:` in /proc/self/fdinfo)."""
-    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:  # bytes: no codec to load on first use
-        for line in f:
-            if line.startswith(b"mnt_id:"):
-                return int(line.split()[1])
-    raise VeloError(f"no mnt_id in /proc/self/fdinfo/{fd}", reason=Reason.SYSCALL)
-
-
+# --- one mount, exactly -----------------------------------------------------------------------
 def pin_dir(path: str) -> int:
     """An O_PATH fd on the directory `path` (absolute, symlinks resolved by the caller), refused
     when the kernel says the fd is somewhere else: a directory on the way was swapped for a
@@ -230,7 +155,7 @@ def umount_exact(path: str, mnt_id: int, *, readonly_first: bool = False) -> Non
                 f"cannot open {path}: {exc.strerror}", reason=Reason.TARGET_INVALID, path=path
             ) from None
         try:
-            top = mnt_id_of(fd)
+            top = mountinfo.mnt_id_of(fd)
         finally:
             os.close(fd)  # an fd on the mount would make it busy
         if top != mnt_id:

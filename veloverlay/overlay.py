@@ -22,7 +22,7 @@ import errno
 import os
 import time
 
-from veloverlay import mount
+from veloverlay import mount, mountinfo
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.records import Record
 
@@ -94,12 +94,12 @@ def pin_root(spec: OverlaySpec, target_fd: int) -> int:
         ) from None
     finally:
         os.close(pfd)
-    mnt = mount.mnt_id_of(fd)
-    entry = mount.mount_entry(mnt)
+    mnt = mountinfo.mnt_id_of(fd)
+    entry = mountinfo.mount_entry(mnt)
     ours = (
         entry is not None
-        and mnt != mount.mnt_id_of(target_fd)
-        and mount.overlay_upper(entry) in (spec.upper, mount.escape_option_path(spec.upper))
+        and mnt != mountinfo.mnt_id_of(target_fd)
+        and mountinfo.overlay_upper(entry) in (spec.upper, mount.escape_option_path(spec.upper))
     )
     if not ours:
         os.close(fd)

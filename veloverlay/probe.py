@@ -23,7 +23,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
-from veloverlay import _libc, files, fsflags, mount, ns, verity
+from veloverlay import _libc, files, fsflags, mount, mountinfo, ns, verity
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.records import Record
 
@@ -547,7 +547,7 @@ def _mountinfo_fstype(path: str) -> str | None:
     """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
     best, fstype = -1, None
     try:
-        entries = mount.mounts()
+        entries = mountinfo.mounts()
     except OSError:
         return None
     for e in entries:

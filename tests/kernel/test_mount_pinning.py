@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.unpriv import mount_lines, run_in_userns, unpriv_tmpdir
-from veloverlay import mount
+from veloverlay import mount, mountinfo
 from veloverlay.errors import Reason, VeloError
 from veloverlay.mount import MountApi
 
@@ -121,7 +121,7 @@ def _cover_then_umount(base: str, api: MountApi) -> dict[str, object]:
     dirs = _overlay_dirs(base)
     at = dirs["at"]
     _mount(dirs, api)
-    ours = [e for e in mount.mounts() if e.point == at and mount.overlay_upper(e)]
+    ours = [e for e in mountinfo.mounts() if e.point == at and mountinfo.overlay_upper(e)]
     assert len(ours) == 1
     mount.mount_tmpfs(at)  # something mounted over the overlay
     got: dict[str, object] = {}
@@ -129,14 +129,14 @@ def _cover_then_umount(base: str, api: MountApi) -> dict[str, object]:
         mount.umount_exact(at, ours[0].mnt_id)
     except VeloError as exc:
         got["refused"] = exc.reason.value
-    got["still"] = sorted(e.fstype for e in mount.mounts() if e.point == at)
+    got["still"] = sorted(e.fstype for e in mountinfo.mounts() if e.point == at)
     mount.umount(at, detach=False)  # the tmpfs, by hand
     mount.umount_exact(at, ours[0].mnt_id)
-    got["after"] = [e.fstype for e in mount.mounts() if e.point == at]
+    got["after"] = [e.fstype for e in mountinfo.mounts() if e.point == at]
     # Unmounting by a path re-pointed (a symlink swapped in for a directory on the way) is
     # refused before umount2 could take whatever mount the new path leads to.
     _mount(dirs, api)
-    again = [e for e in mount.mounts() if e.point == at][0]
+    again = [e for e in mountinfo.mounts() if e.point == at][0]
     victim = os.path.join(base, "victim", "at")
     os.makedirs(victim)
     mount.mount_tmpfs(victim)
@@ -168,7 +168,7 @@ def _upper_back(base: str, api: MountApi, name: str) -> str | None:
     dirs = _overlay_dirs(base, name)
     _mount(dirs, api)
     try:
-        found = [mount.overlay_upper(e) for e in mount.mounts() if e.point == dirs["at"]]
+        found = [mountinfo.overlay_upper(e) for e in mountinfo.mounts() if e.point == dirs["at"]]
         return found[0] if len(found) == 1 else None
     finally:
         mount.umount(dirs["at"])

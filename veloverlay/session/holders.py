@@ -26,8 +26,8 @@ import os
 import time
 from collections.abc import Callable
 
-from veloverlay import _libc, mount
-from veloverlay.mount import MountEntry
+from veloverlay import _libc, mountinfo
+from veloverlay.mountinfo import MountEntry
 
 __all__ = ["holders", "namespaces_holding", "tree_writers", "ask_again"]
 
@@ -45,7 +45,7 @@ def holders(is_ours: Callable[[MountEntry], bool]) -> list[int]:
         try:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
             if ns not in ns_mounts:
-                ns_mounts[ns] = {e.mnt_id: e for e in mount.mounts(name)}
+                ns_mounts[ns] = {e.mnt_id: e for e in mountinfo.mounts(name)}
             by_id = ns_mounts[ns]
             if any(is_ours(e) for e in by_id.values()) and not _own_namespace(ns):
                 found.append(int(name))  # a copy of the overlay in another mount namespace
@@ -76,7 +76,7 @@ def _holds_file(
         try:
             fd = os.open(f"{base}/{name}", os.O_PATH | os.O_CLOEXEC)
             try:
-                mnt = mount.mnt_id_of(fd)
+                mnt = mountinfo.mnt_id_of(fd)
             finally:
                 os.close(fd)
         except OSError:
@@ -127,7 +127,7 @@ def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
             if ino in seen:
                 continue
             seen.add(ino)
-            if any(match(e) for e in mount.mounts(name)):
+            if any(match(e) for e in mountinfo.mounts(name)):
                 found.append(int(name))
         except OSError:
             continue

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from veloverlay import mount, process
+from veloverlay import mountinfo, process
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import read_regular, write_json_atomic
 from veloverlay.records import Record, field
@@ -134,24 +134,24 @@ class State(Record):
             return True
         return _manager_locked(session_dir(store, self.id))
 
-    def is_upper(self, entry: mount.MountEntry) -> bool:
+    def is_upper(self, entry: mountinfo.MountEntry) -> bool:
         """`entry` is this session's overlay (by its upper dir, whatever path it is on)."""
-        upper = mount.overlay_upper(entry)
+        upper = mountinfo.overlay_upper(entry)
         return upper is not None and upper.endswith(f"/{self.id}/upper")
 
-    def mounted_here(self) -> mount.MountEntry | None:
+    def mounted_here(self) -> mountinfo.MountEntry | None:
         """`veloverlay mount`: this session's overlay on `mounted_at` in this mount namespace.
         OSError: mountinfo unreadable (callers treat that as mounted)."""
-        for entry in mount.mounts():
+        for entry in mountinfo.mounts():
             if entry.point == self.mounted_at and self.is_upper(entry):
                 return entry
         return None
 
-    def mounts_here(self) -> list[mount.MountEntry]:
+    def mounts_here(self) -> list[mountinfo.MountEntry]:
         """`veloverlay mount`: every mount of this session's overlay in this mount namespace:
         the one on `mounted_at` and any bind mount made of it (`mount --bind TARGET ELSEWHERE`),
         each of which writes the upper dir. OSError: mountinfo unreadable."""
-        return [entry for entry in mount.mounts() if self.is_upper(entry)]
+        return [entry for entry in mountinfo.mounts() if self.is_upper(entry)]
 
     def mount_live(self) -> bool:
         """`veloverlay mount`: this session's overlay is mounted, on `mounted_at` or another

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 
-from veloverlay import mount, overlay, pathtrust
+from veloverlay import mount, mountinfo, overlay, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.session import state
 from veloverlay.session.holders import namespaces_holding
@@ -141,7 +141,7 @@ def mount_session(store: Store, opts: SessionOptions, choice: Choice) -> Session
         m.close()
 
 
-def _here(st: state.State) -> mount.MountEntry | None:
+def _here(st: state.State) -> mountinfo.MountEntry | None:
     try:
         return st.mounted_here()
     except OSError as exc:
@@ -166,14 +166,14 @@ def _elsewhere(st: state.State, target: str, done: str) -> VeloError | None:
 
 
 def _bound_here(
-    st: state.State, target: str, ours: mount.MountEntry | None, done: str
+    st: state.State, target: str, ours: mountinfo.MountEntry | None, done: str
 ) -> VeloError | None:
     """The refusal when the session's overlay is mounted on other paths of this namespace too (a
     bind mount of the projection): unmounting `target` leaves them writing its upper dir, and
     what they wrote after the harvest would be lost. Not its propagation peers (a bind of a
     shared parent): unmounting `ours` unmounts them too."""
 
-    def kept(e: mount.MountEntry) -> bool:
+    def kept(e: mountinfo.MountEntry) -> bool:
         return ours is None or (e.mnt_id != ours.mnt_id and not ours.peers == e.peers != 0)
 
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from veloverlay import _libc, mount, ns, process
+from veloverlay import _libc, mount, mountinfo, ns, process
 from veloverlay.overlay import OverlaySpec, pin_root, seal
 from veloverlay.records import Record
 from veloverlay.session import reaper
@@ -124,7 +124,7 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
         # CAP_SYS_PTRACE where pid 1's memory was made (the initial namespace). The command's
         # own exec makes it dumpable again.
         _libc.set_dumpable(on=False)
-        before = _mount_ids()
+        before = mountinfo.mount_ids()
     except BaseException as exc:  # noqa: BLE001
         reaper.send(ctx.report_fd, reaper.error_frame(exc))
         os._exit(1)
@@ -142,24 +142,14 @@ def _init_main(ctx: ChildSpec, maps: ns.ParentMaps | None, root_fd: int) -> None
     os._exit(0)
 
 
-def _mount_ids() -> set[int] | None:
-    """The ids of this namespace's mounts: the first field of each mountinfo line, not parsed
-    further (this runs before the command, on every session's start)."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return {int(line.split(b" ", 1)[0]) for line in f}
-    except (OSError, ValueError):
-        return None
-
-
 def _mounted_over(tops: list[str], before: set[int] | None) -> list[str]:
     """Where the command mounted something (a tmpfs, a bind) at or under the projection in this
     namespace: what it wrote there never reached the upper dir, so the harvest cannot see it.
     Read after the command and its leftovers have ended, while the namespace still exists."""
-    if before is None or _mount_ids() == before:
+    if before is None or mountinfo.mount_ids() == before:
         return []
     try:
-        entries = mount.mounts()
+        entries = mountinfo.mounts()
     except OSError:
         return []
     roots = [t.rstrip("/") for t in tops]
