@@ -36,6 +36,7 @@ FACILITIES = {
     "linking",
     "overlay",
     "probe",
+    "storefs",
     "tiers",
     "workers",
 }

@@ -18,6 +18,7 @@ __all__ = [
     "mounts",
     "mount_entry",
     "mount_ids",
+    "fstype_at",
     "overlay_upper",
     "mnt_id_of",
 ]
@@ -101,3 +102,17 @@ def mount_ids() -> set[int] | None:
             return {int(line.split(b" ", 1)[0]) for line in f}
     except (OSError, ValueError):
         return None
+
+
+def fstype_at(path: str) -> str | None:
+    """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
+    best, fstype = -1, None
+    try:
+        entries = mounts()
+    except OSError:
+        return None
+    for e in entries:
+        inside = path == e.point or path.startswith(e.point.rstrip("/") + "/")
+        if inside and len(e.point) > best:
+            best, fstype = len(e.point), e.fstype
+    return fstype

@@ -8,8 +8,10 @@ FICLONE — and a failing feature's reason names the call and errno. Namespace p
 children (the calling process never unshares); temp dirs live under /dev/shm (or the temp dir) and
 are removed.
 
-Imports the standard library and the kernel modules (`ns`, `mount`, `fsflags`, `verity`, `_libc`,
-errors).
+Checks of one given path (may a store live there, does it hold xattrs) are `storefs.py`'s.
+
+Imports the standard library and the kernel modules (`ns`, `mount`, `mountinfo`, `fsflags`,
+`verity`, `_libc`, errors).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ __all__ = [
     "Feature",
     "Capabilities",
     "detect",
-    "store_fs_check",
 ]
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,7 @@ def _has_root() -> tuple[bool, str]:
 
 
 def _where(base: str) -> str:
-    return f"under {os.path.dirname(base)} ({_mountinfo_fstype(base) or 'unknown fs'})"
+    return f"under {os.path.dirname(base)} ({mountinfo.fstype_at(base) or 'unknown fs'})"
 
 
 def _chattr(base: str) -> str:
@@ -531,68 +532,3 @@ def detect(*, refresh: bool = False) -> Capabilities:
     if _cache is None or refresh:
         _cache = _detect()
     return _cache
-
-
-# Filesystems a store must not live on: LMDB's locking and overlay uppers need a local fs.
-_NETWORK_MAGIC = {
-    _libc.NFS_SUPER_MAGIC: "nfs",
-    _libc.SMB_SUPER_MAGIC: "smb",
-    _libc.CIFS_SUPER_MAGIC: "cifs",
-    _libc.SMB2_SUPER_MAGIC: "smb2",
-}
-_NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
-
-
-def _mountinfo_fstype(path: str) -> str | None:
-    """fstype of the mount holding `path` (longest mount point prefix in mountinfo)."""
-    best, fstype = -1, None
-    try:
-        entries = mountinfo.mounts()
-    except OSError:
-        return None
-    for e in entries:
-        inside = path == e.point or path.startswith(e.point.rstrip("/") + "/")
-        if inside and len(e.point) > best:
-            best, fstype = len(e.point), e.fstype
-    return fstype
-
-
-def store_fs_check(path: str | os.PathLike[str]) -> Feature:
-    """Is `path` on a filesystem a store may live on? Refuses NFS/SMB (LMDB, overlay uppers)."""
-    real = os.path.realpath(path)
-    probe_at = real
-    while not os.path.exists(probe_at):
-        probe_at = os.path.dirname(probe_at)
-    try:
-        magic = _libc.statfs_type(probe_at)
-    except SysError as exc:
-        return Feature(False, f"cannot check the filesystem: {_why(exc)}")
-    if magic in _NETWORK_MAGIC:
-        return Feature(False, f"{probe_at} is on {_NETWORK_MAGIC[magic]} (f_type {magic:#x})")
-    fstype = _mountinfo_fstype(probe_at)
-    if fstype in _NETWORK_FSTYPES:
-        return Feature(False, f"{probe_at} is on a {fstype} mount")
-    return Feature(True, f"{probe_at} is on {fstype or 'a local filesystem'} (f_type {magic:#x})")
-
-
-def user_xattrs(path: str | os.PathLike[str], namespace: str = "user") -> Feature:
-    """Can `path`'s filesystem hold user.* xattrs? Overlay with `userxattr` keeps its whiteout,
-    opaque and redirect markers there: without them (tmpfs before Linux 6.6) renames and
-    deletes of lower directories fail with EIO (found by the VM matrix on 6.1). With
-    `namespace="trusted"` (real root only): the markers of root's root-native overlay, which
-    tmpfs has always held."""
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(prefix=".velo-xattr-", dir=path)
-    except OSError as exc:
-        return Feature(False, f"cannot create a probe file in {path}: {exc.strerror}")
-    try:
-        os.setxattr(fd, f"{namespace}.velo.probe", b"1")
-        return Feature(True, f"{namespace} xattrs work under {path}")
-    except OSError as exc:
-        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        return Feature(False, f"setxattr({namespace}.*) under {path}: {code} ({exc.strerror})")
-    finally:
-        os.close(fd)
-        os.unlink(name)

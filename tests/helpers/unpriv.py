@@ -54,13 +54,13 @@ _PARENT: list[str] = []
 
 def _scratch_parent() -> str:
     if not _PARENT:
-        from veloverlay import probe
+        from veloverlay import storefs
 
         forced = os.environ.get("VELO_INTERNAL__TEST_SCRATCH")  # e.g. the matrix's verity disk
         if forced:
             _PARENT.append(forced)
         else:
-            _PARENT.append("/dev/shm" if probe.user_xattrs("/dev/shm").ok else "/var/tmp")
+            _PARENT.append("/dev/shm" if storefs.user_xattrs("/dev/shm").ok else "/var/tmp")
     return _PARENT[0]
 
 

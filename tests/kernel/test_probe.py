@@ -228,47 +228,6 @@ def test_lower_form_on_this_host(synthetic: pytest.MonkeyPatch) -> None:
         assert select.choose_form(select.Caps(feats), privileged=False)[0] == want
 
 
-# --- store filesystem -------------------------------------------------------------------------
-def test_store_fs_local_is_fine(tmp_path: os.PathLike[str]) -> None:
-    assert probe.store_fs_check(tmp_path).ok
-    not_yet = os.path.join(os.fspath(tmp_path), "store", "deeper")  # need not exist yet
-    feature = probe.store_fs_check(not_yet)
-    assert feature.ok and feature.reason
-
-
-def test_store_fs_refuses_nfs_by_magic(
-    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_libc, "statfs_type", lambda _p: _libc.NFS_SUPER_MAGIC)
-    feature = probe.store_fs_check(tmp_path)
-    assert not feature.ok and "nfs" in feature.reason
-
-
-def test_store_fs_refuses_network_mounts_by_mountinfo(
-    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(probe, "_mountinfo_fstype", lambda _p: "cifs")
-    feature = probe.store_fs_check(tmp_path)
-    assert not feature.ok and "cifs" in feature.reason
-
-
-def test_mountinfo_fstype_finds_the_longest_mount_point() -> None:
-    assert probe._mountinfo_fstype("/dev/shm/x") == "tmpfs"
-    assert probe._mountinfo_fstype("/proc/self") == "proc"
-
-
-def test_user_xattrs_probe_and_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert probe.user_xattrs(str(tmp_path)).ok
-    assert not os.listdir(tmp_path), "the probe left its file behind"
-
-    def refuse(*_a: object, **_k: object) -> None:
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-
-    monkeypatch.setattr(os, "setxattr", refuse)
-    f = probe.user_xattrs(str(tmp_path))
-    assert not f.ok and "ENOTSUP" in f.reason  # errno.EOPNOTSUPP == ENOTSUP on Linux
-
-
 @pytest.mark.needs("root", "userns")
 def test_probe_without_the_overlay_module(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel without overlayfs (fsopen and mount answer ENODEV): every overlay feature is

@@ -85,7 +85,7 @@ def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str]]:
 @verb(app)
 def doctor() -> None:
     """Probe the kernel facilities by trying them, and say which backend would be used and why."""
-    from veloverlay import probe
+    from veloverlay import probe, storefs
     from veloverlay.errors import Reason, VeloError
     from veloverlay.lower import homes
     from veloverlay.session import select
@@ -93,7 +93,7 @@ def doctor() -> None:
 
     caps = probe.detect()
     store_path = common.store_path()
-    store_fs = probe.store_fs_check(store_path)
+    store_fs = storefs.store_fs_check(store_path)
     report: dict[str, Any] = caps.to_dict()
     report["store"] = {"path": store_path, "ok": store_fs.ok, "reason": store_fs.reason}
     # The decision sessions make (session/select.py), over this probe and the store's filesystem.
@@ -115,7 +115,7 @@ def doctor() -> None:
     report["shim"] = shim_info
     cache, why_not = homes.base()
     if cache is not None:
-        cx = probe.user_xattrs(cache)
+        cx = storefs.user_xattrs(cache)
         cache_ok, cache_why = cx.ok, cx.reason
     else:
         cache_ok, cache_why = False, why_not

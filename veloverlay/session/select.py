@@ -100,14 +100,14 @@ def store_features(where: str | os.PathLike[str]) -> dict[str, tuple[bool, str]]
     """What the store's filesystem holds: user xattrs (`store_xattrs`: the markers of overlay
     with userxattr) and, for real root, trusted ones (`store_trusted_xattrs`: the root-native
     overlay's; tmpfs before Linux 6.6 has these and not the others)."""
-    from veloverlay import probe
+    from veloverlay import storefs
 
     out = {}
     for name, namespace in (("store_xattrs", "user"), ("store_trusted_xattrs", "trusted")):
         if namespace == "trusted" and os.geteuid() != 0:
             out[name] = (False, "trusted xattrs are real root's")
             continue
-        f = probe.user_xattrs(where, namespace)
+        f = storefs.user_xattrs(where, namespace)
         out[name] = (f.ok, f.reason)
     return out
 
