@@ -1,7 +1,8 @@
 """Remotes: push and pull refs through any OCI registry.
 
-Owns the registry client (`client`: httpx, the only module that imports it; `auth`: credential
-files and challenges), the artifact and pack formats (`version`, `pack`), `push` and `pull`, and
+Owns the registry client (`client`, with `transport` and `challenge`: the modules that import
+httpx; `auth`: credential files and parsing challenges; `challenge`: answering them), the
+artifact and pack formats (`version`, `pack`), `push` and `pull`, and
 what a store remembers about remotes (`state`: `<store>/remote-v1/`). May import the store (and
 ingest); the session core imports it to pull a remote ref before a session starts. The format
 and guarantees: docs/remote.md."""

@@ -4,7 +4,7 @@
 `PUT <location>?digest=`, `GET`/`PUT …/manifests/<ref>`, `GET …/tags/list`. Auth follows the
 registry's `WWW-Authenticate` challenge: `Basic` with the stored credentials, or `Bearer`
 (a token from the realm, asked with the credentials if there are any — an identity token by the
-OAuth2 POST that trades it — anonymously otherwise).
+OAuth2 POST that trades it — anonymously otherwise); `challenge.py` answers it.
 TLS uses the system CAs, plus `/etc/containers/certs.d/HOST/*.crt`, `/etc/docker/certs.d/HOST/
 *.crt` and `ca_cert`; `tls_verify=False` turns verification off. Idempotent requests are retried
 with exponential backoff on connection errors, resets and 429/5xx; an upload is retried whole.
@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import httpx
 
 from veloverlay.errors import Reason, VeloError
-from veloverlay.remote.auth import Credentials, find_credentials, parse_challenge
+from veloverlay.remote.auth import Credentials, find_credentials
+from veloverlay.remote.challenge import answer_challenge, refused
 from veloverlay.remote.name import RemoteName
 from veloverlay.remote.transport import (
     MAX_ERROR_BODY,
@@ -40,7 +41,6 @@ from veloverlay.remote.transport import (
     pieces,
     read_small,
     registry_error,
-    send_secret,
     show_origin,
     ssl_context,
     transport_error,
@@ -135,109 +135,16 @@ class Registry:
             self._creds_looked = True
         return self._creds
 
-    def _refused(self, creds: Credentials | None, detail: str) -> VeloError:
-        if creds is None:
-            return VeloError(
-                f"{self.name.host} requires authentication and no credentials were found for it",
-                reason=Reason.REMOTE_AUTH,
-                hint=f"log in ('podman login {self.name.host}' or 'docker login'), or point "
-                "REGISTRY_AUTH_FILE at an auth.json",
-                detail=detail,
-            )
-        return VeloError(
-            f"{self.name.host} refused the credentials of user {creds.username!r} "
-            f"(from {creds.source})",
-            reason=Reason.REMOTE_AUTH,
-            hint="check the user name and password; log in again",
-            detail=detail,
-        )
-
     def _authenticate(self, resp: httpx.Response) -> None:
         """Answer a 401 challenge: set the Authorization header for the next tries."""
-        header = resp.headers.get("www-authenticate", "")
-        scheme, params = parse_challenge(header)
-        creds = self._credentials()
-        if scheme == "basic":
-            self.auth_scheme = "basic"
-            if creds is None:
-                raise self._refused(None, header)
-            self._auth = creds.basic()
-            return
-        if scheme != "bearer" or "realm" not in params:
-            raise VeloError(
-                f"{self.name.host} asks for an authentication scheme this client does not speak: "
-                f"{header!r}",
-                reason=Reason.REMOTE_AUTH,
-            )
-        self.auth_scheme = "bearer"
-        query: list[tuple[str, str | int | float | bool | None]] = []
-        if params.get("service"):
-            query.append(("service", params["service"]))
-        scopes = list(self.scopes)
-        if params.get("scope") and params["scope"] not in scopes:
-            scopes.append(params["scope"])
-        query += [("scope", s) for s in scopes]
-        realm = self._realm(params["realm"])
-        if creds is not None and creds.identity_token:
-            # An identity token (what `docker login` keeps for Azure and other OAuth2 token
-            # services) is a refresh token: it is traded by the OAuth2 POST, never sent as a
-            # password (distribution's token spec, "OAuth2 token").
-            form = {"grant_type": "refresh_token", "refresh_token": creds.secret}
-            form |= {"client_id": "veloverlay", "scope": " ".join(scopes)}
-            form |= {"service": params["service"]} if params.get("service") else {}
-            req = self.client.build_request("POST", realm, data=form)
-        else:
-            form = {}
-            headers = {"Authorization": creds.basic()} if creds is not None else {}
-            req = self.client.build_request("GET", realm, params=query, headers=headers)
-        try:  # (a token answer is read as any small answer: bounded, no encoding)
-            tr = send_secret(self.client, req) if form else self.client.send(req, stream=True)
-            check_encoding(self.name.host, tr)
-            tr = read_small(tr, self.opts, self.name.host)
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, params["realm"]) from None
-        except httpx.HTTPError as exc:
-            raise unusable(self.name.host, exc) from None
-        if tr.status_code in (401, 403):
-            raise self._refused(creds, f"token service: HTTP {tr.status_code}")
-        if tr.status_code != 200:
-            raise VeloError(
-                f"the token service {params['realm']} answered HTTP {tr.status_code}",
-                reason=Reason.REMOTE_AUTH,
-            )
-        try:
-            data = tr.json()
-        except (ValueError, RecursionError):
-            data = None
-        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
-        # (a header carries printable ASCII only: a token that is not is never sent, nor shown)
-        if not isinstance(token, str) or not (token.isascii() and token.isprintable()):
-            token = ""
-        if not token or " " in token:
-            raise VeloError(
-                f"the token service {params['realm']} gave no usable token",
-                reason=Reason.REMOTE_AUTH,
-            )
-        self._auth = f"Bearer {token}"
-
-    def _realm(self, realm: str) -> httpx.URL:
-        """The token service a bearer challenge names. It may be on another host (Docker Hub's
-        is), but credentials go there only over TLS when the registry itself speaks TLS."""
-        try:
-            url = httpx.URL(realm)
-        except httpx.InvalidURL as exc:
-            raise VeloError(
-                f"{self.name.host} names an invalid token service {realm!r}: {exc}",
-                reason=Reason.REMOTE_AUTH,
-            ) from None
-        ok = url.scheme == "https" or (url.scheme == "http" and self.name.scheme == "http")
-        if not ok or not url.host:
-            raise VeloError(
-                f"{self.name.host} names the token service {realm!r}: refused (credentials go "
-                "to a token service only over https, unless the registry itself is plain http)",
-                reason=Reason.REMOTE_AUTH,
-            )
-        return url
+        self.auth_scheme, self._auth = answer_challenge(
+            self.client,
+            resp,
+            name=self.name,
+            opts=self.opts,
+            scopes=self.scopes,
+            creds=self._credentials(),
+        )
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> VeloError:
         return transport_error(self.name.host, self.name.base_url, exc, url)
@@ -299,7 +206,7 @@ class Registry:
                         detail=f"{method} {url.split('?')[0]}",
                     )
                 if answered_challenge:
-                    raise self._refused(self._credentials(), f"{method} {url}: HTTP 401")
+                    raise refused(self.name.host, self._credentials(), f"{method} {url}: HTTP 401")
                 with self._lock:
                     if self._auth == auth:  # nobody answered this challenge meanwhile
                         self._authenticate(resp)
