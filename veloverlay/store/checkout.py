@@ -35,7 +35,7 @@ from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.partial import leftover_pid
 from veloverlay.store.partial import partial_name as _partial_name
-from veloverlay.store.tree import Entry, Kind
+from veloverlay.store.tree import Entry, Kind, shape, totals_of
 
 __all__ = ["checkout", "claim_dir", "resolve_dest", "tree_totals"]
 
@@ -400,25 +400,9 @@ REPORT_BYTES = 8 << 20  # a progress report at least this often while big files 
 def tree_totals(m: Manifests, txn: Txn, root: bytes) -> tuple[int, int]:
     """(entries, file bytes) of the tree `root` as checkout and materialisation walk it: every
     entry below the root (masks too) and the sizes of its files. Reads the nodes only, each
-    distinct node once, bottom-up by an explicit stack (trees may be 256 levels deep)."""
-    memo: dict[bytes, tuple[int, int]] = {}
-    stack: list[bytes] = [root]
-    while stack:
-        d = stack[-1]
-        if d in memo:
-            stack.pop()
-            continue
-        node = m.get_node(txn, d)
-        subdirs = [e.digest for e in node.entries if e.kind is Kind.DIR]
-        todo = [s for s in subdirs if s not in memo]
-        if todo:
-            stack.extend(todo)
-            continue
-        stack.pop()
-        count = len(node.entries) + sum(memo[s][0] for s in subdirs)
-        size = sum(e.size for e in node.entries if e.kind is Kind.FILE)
-        memo[d] = (count, size + sum(memo[s][1] for s in subdirs))
-    return memo[root]
+    distinct node once (`tree.totals_of`)."""
+    _depth, _length, count, size = totals_of(root, lambda d: shape(m.get_node(txn, d)))
+    return count, size
 
 
 def checkout(

@@ -28,9 +28,9 @@ from veloverlay.store.tree import (
     Node,
     Shape,
     decode,
-    extent_of,
     shape,
     stored_shape,
+    totals_of,
 )
 from veloverlay.tiers import Rules
 
@@ -167,7 +167,7 @@ def check_closure(
         setid = setid or sh[3]
         return sh
 
-    depth, length, entries = extent_of(root, load)
+    depth, length, entries, _size = totals_of(root, load)
     try:
         paths.check_extent(depth, length)
     except VeloError as exc:

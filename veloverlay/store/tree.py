@@ -45,7 +45,7 @@ __all__ = [
     "EMPTY_DIR_MODE",
     "clamp_mtime",
     "extent",
-    "extent_of",
+    "totals_of",
     "shape",
     "stored_shape",
     "Shape",
@@ -394,8 +394,9 @@ def links(data: bytes) -> list[tuple[int, bytes, int]]:
 
 # What a walk over a whole tree needs of a node: its DIR entries (child digest, name length),
 # whether it has other entries (0 or 1) and their longest name (`extent`), whether a file has
-# setuid/setgid bits (`incoming.strip_setid`), and how many entries it has.
-Shape = tuple[list[tuple[bytes, int]], int, int, bool, int]
+# setuid/setgid bits (`incoming.strip_setid`), how many entries it has, and the sizes of its
+# files summed (a checkout's byte total).
+Shape = tuple[list[tuple[bytes, int]], int, int, bool, int, int]
 _SETID = 0o6000
 
 
@@ -403,7 +404,8 @@ def shape(node: Node) -> Shape:
     dirs = [(e.digest, len(e.name)) for e in node.entries if e.kind is Kind.DIR]
     names = [len(e.name) for e in node.entries if e.kind is not Kind.DIR]
     setid = any(e.kind is Kind.FILE and e.mode & _SETID for e in node.entries)
-    return dirs, 1 if names else 0, max(names, default=0), setid, len(node.entries)
+    size = sum(e.size for e in node.entries if e.kind is Kind.FILE)
+    return dirs, 1 if names else 0, max(names, default=0), setid, len(node.entries), size
 
 
 def stored_shape(data: bytes) -> Shape:
@@ -417,14 +419,14 @@ def stored_shape(data: bytes) -> Shape:
     unpack = _ENT.unpack_from
     esize = _ENT.size
     dirs: list[tuple[bytes, int]] = []
-    flat = longest = 0
+    flat = longest = size = 0
     setid = False
     for _ in range(count):
         nlen = int.from_bytes(data[off : off + 2], "little")
         off += 2 + nlen
         if off + esize > end:
             raise _bad("truncated entry")
-        kind, _tier, mode, _size, _mtime, plen = unpack(data, off)
+        kind, _tier, mode, fsize, _mtime, plen = unpack(data, off)
         off += esize + plen
         if kind == 2:  # DIR
             if plen != DIGEST_SIZE or off > end:
@@ -434,9 +436,10 @@ def stored_shape(data: bytes) -> Shape:
             flat = 1
             longest = max(longest, nlen)
             setid = setid or (kind == 1 and bool(mode & _SETID))
+            size += fsize if kind == 1 else 0
     if off != end:
         raise _bad("trailing bytes")
-    return dirs, flat, longest, setid, count
+    return dirs, flat, longest, setid, count, size
 
 
 def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int, int]:
@@ -445,12 +448,15 @@ def extent(root: bytes, load: Callable[[bytes], Node]) -> tuple[int, int, int]:
     twice), each node read once through `load` (shared subtrees are not walked twice; no
     recursion, whatever the depth). The root alone is (0, 0, 0); a file at its top is
     (1, len(name), 1)."""
-    return extent_of(root, lambda d: shape(load(d)))
+    depth, length, count, _size = totals_of(root, lambda d: shape(load(d)))
+    return depth, length, count
 
 
-def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int, int]:
-    """`extent`, each node read as its `Shape`."""
-    memo: dict[bytes, tuple[int, int, int]] = {}
+def totals_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int, int, int]:
+    """`extent` and the file bytes below `root` (a subtree named twice counts twice), each node
+    read once as its `Shape`, bottom-up by an explicit stack: the one walk over a whole tree's
+    nodes that `extent`, `incoming` and checkout's progress totals share."""
+    memo: dict[bytes, tuple[int, int, int, int]] = {}
     stack: list[tuple[bytes, Shape | None]] = [(root, None)]
     while stack:
         digest, sh = stack.pop()
@@ -461,13 +467,14 @@ def extent_of(root: bytes, load: Callable[[bytes], Shape]) -> tuple[int, int, in
             stack.append((digest, sh))
             stack.extend((d, None) for d, _n in sh[0])
             continue
-        dirs, depth, length, _setid, count = sh
+        dirs, depth, length, _setid, count, size = sh
         for d, nlen in dirs:
-            sub_depth, sub_len, sub_count = memo[d]
+            sub_depth, sub_len, sub_count, sub_size = memo[d]
             depth = max(depth, sub_depth + 1)
             length = max(length, nlen + (sub_len + 1 if sub_len else 0))
             count += sub_count
-        memo[digest] = (depth, length, count)
+            size += sub_size
+        memo[digest] = (depth, length, count, size)
     return memo[root]
 
 
