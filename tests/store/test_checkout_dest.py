@@ -20,7 +20,7 @@ from tests.helpers.races import swap_at_mkdir
 from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import checkout_ref, new_store
 from veloverlay.errors import Reason, VeloError
-from veloverlay.store import checkout as checkout_module
+from veloverlay.store import dest as dest_module
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to check out and another uid to be the attacker"
@@ -69,7 +69,7 @@ def test_a_directory_swapped_on_the_way_to_the_destination_is_refused(
         # the tree is written beside the destination first, then renamed into place; its
         # random partial name is fixed here so that the swap can land at its mkdir
         fixed = f".dest.velo-partial-{os.getpid()}-{'0' * 16}"
-        monkeypatch.setattr(checkout_module, "_partial_name", lambda name: fixed)
+        monkeypatch.setattr(dest_module, "_partial_name", lambda name: fixed)
         partial = os.path.join(anc, fixed)
         swap_at_mkdir(monkeypatch, partial, swap, before=before)
         with pytest.raises(VeloError) as exc:

@@ -21,7 +21,7 @@ from veloverlay.records import Record
 from veloverlay.session import state
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
-from veloverlay.store.checkout import claim_dir
+from veloverlay.store.dest import claim_dir
 from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
 from veloverlay.store.stack import stack_roots
 

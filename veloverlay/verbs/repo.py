@@ -202,7 +202,8 @@ class Repo:
         keep_setid: bool = False,
     ) -> int:
         from veloverlay.lower.homes import refuse_inside
-        from veloverlay.store.checkout import checkout, resolve_dest
+        from veloverlay.store.checkout import checkout
+        from veloverlay.store.dest import resolve_dest
 
         hint = "check out somewhere outside it"
         refuse_inside(resolve_dest(dest), self.store.root, what="the destination", hint=hint)

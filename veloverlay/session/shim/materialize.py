@@ -39,7 +39,8 @@ from veloverlay.records import Record, field
 from veloverlay.session.target import hold_shared
 from veloverlay.store.access import private_dir, refuse_overlap
 from veloverlay.store.cas import Store, object_corrupt, object_missing
-from veloverlay.store.checkout import REPORT_BYTES, claim_dir, resolve_dest, tree_totals
+from veloverlay.store.checkout import REPORT_BYTES, tree_totals
+from veloverlay.store.dest import claim_dir, resolve_dest
 from veloverlay.store.digest import hash_fd
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind
