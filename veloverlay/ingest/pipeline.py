@@ -25,15 +25,8 @@ import time
 from veloverlay import _libc, faults, paths, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import dirfd, scan, statcache
-from veloverlay.ingest.scan import (
-    Progress,
-    build,
-    open_top,
-    publish,
-    walk,
-    worker_init,
-    worker_state,
-)
+from veloverlay.ingest.coordinator import build, publish, walk
+from veloverlay.ingest.scan import Progress, open_top, worker_init, worker_state
 from veloverlay.ingest.source import RACY_NS
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
