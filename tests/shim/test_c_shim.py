@@ -146,7 +146,7 @@ def test_mkdtemp_journals_the_directory_it_made(lab: Lab) -> None:
 
 
 def test_the_daemon_rescans_the_directory_a_mknod_made_a_name_in(lab: Lab) -> None:
-    from veloverlay.session.shim import treesync
+    from veloverlay.session.shim import daemon, treesync
 
     _out, recs = lab.run("mknod", "sub/node")
 
@@ -157,7 +157,7 @@ def test_the_daemon_rescans_the_directory_a_mknod_made_a_name_in(lab: Lab) -> No
             return treesync.TreeSync.rel(self, p)  # type: ignore[arg-type]
 
     dirty: dict[bytes, int] = {}
-    treesync.dirty_paths(recs, Top(), dirty)  # type: ignore[arg-type]
+    daemon.dirty_paths(recs, Top(), dirty)  # type: ignore[arg-type]
     assert b"sub/node" in dirty and b"sub" in dirty
 
 
@@ -466,7 +466,7 @@ def test_a_path_too_long_for_a_record_is_cut_and_flagged(lab: Lab) -> None:
     assert opens and all(r.flags & shim.F_TRUNC1 for r in opens)
     assert all(len(r.path1) + 56 <= shim.REC_MAX for r in recs)
     # the daemon then re-scans the deepest directory the cut path still names, whole
-    from veloverlay.session.shim import treesync
+    from veloverlay.session.shim import daemon, treesync
 
     class Top:
         top = os.fsencode(lab.proj)
@@ -475,7 +475,7 @@ def test_a_path_too_long_for_a_record_is_cut_and_flagged(lab: Lab) -> None:
             return treesync.TreeSync.rel(self, p)  # type: ignore[arg-type]
 
     dirty: dict[bytes, int] = {}
-    treesync.dirty_paths(opens, Top(), dirty)  # type: ignore[arg-type]
+    daemon.dirty_paths(opens, Top(), dirty)  # type: ignore[arg-type]
     assert dirty and all(f & treesync.SUBTREE for f in dirty.values())
     assert all(os.fsencode(rel).startswith(p) for p in dirty)
 

@@ -29,13 +29,14 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from veloverlay.files import write_json_atomic
 from veloverlay.session import state as session_state
-from veloverlay.session.shim.library import JournalReader, RecType
+from veloverlay.session.shim.library import JournalReader, JournalRecord, RecType
 from veloverlay.session.shim.materialize import Baseline
-from veloverlay.session.shim.treesync import SELF, TreeSync, dirty_paths
+from veloverlay.session.shim.treesync import SELF, SUBTREE, TreeSync
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.tiers import Rules
@@ -59,6 +60,56 @@ class _Conn:
         self.uid = uid
         self.buf = b""
         self.since = time.monotonic()
+
+
+_O_CREAT = os.O_CREAT
+
+
+def dirty_paths(
+    recs: Iterable[JournalRecord], sync: TreeSync, out: dict[bytes, int]
+) -> list[bytes]:
+    """Fold journal records into `out` (path -> SELF|SUBTREE); return paths opened for writing."""
+    opened: list[bytes] = []
+
+    def mark(raw: bytes, flag: int, truncated: bool) -> None:
+        if truncated:
+            # the record holds only the start of the path: re-scan the directory it names
+            raw = raw.rsplit(b"/", 1)[0]
+            flag = SUBTREE
+        rel = sync.rel(raw)
+        while rel is None and raw.startswith(sync.top + b"/"):
+            raw = raw.rsplit(b"/", 1)[0]  # not a valid manifest path: its parent, whole
+            flag = SUBTREE
+            rel = sync.rel(raw)
+        if rel is None:
+            return
+        out[rel] = out.get(rel, 0) | flag
+
+    for r in recs:
+        t = r.type
+        if t in (RecType.CHECKIN, RecType.EXEC, RecType.SPAWN, RecType.DENIED):
+            continue
+        if r.phase == 2 and r.ret < 0:
+            continue  # a failed call changed nothing (its intent marked the path already)
+        tr1, tr2 = bool(r.flags & 1), bool(r.flags & 2)
+        if t in (RecType.RENAME, RecType.LINK):
+            for raw, tr in ((r.path1, tr1), (r.path2, tr2)):
+                if raw:
+                    mark(raw, SUBTREE if t is RecType.RENAME else SELF, tr)
+                    mark(raw.rsplit(b"/", 1)[0], SELF, tr)
+            continue
+        if not r.path1:
+            continue
+        mark(r.path1, SELF, tr1)
+        if t in (RecType.UNLINK, RecType.RMDIR, RecType.MKDIR, RecType.MKNOD, RecType.SYMLINK) or (
+            t is RecType.OPEN and r.arg & _O_CREAT
+        ):
+            mark(r.path1.rsplit(b"/", 1)[0], SELF, tr1)
+        if t in (RecType.OPEN, RecType.INHERIT):
+            rel = sync.rel(r.path1)
+            if rel is not None:
+                opened.append(rel)
+    return opened
 
 
 class Daemon:

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from veloverlay import paths, records
 from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
@@ -31,7 +31,6 @@ from veloverlay.session.harvest import (
     leaf_op,
     other_leaf,
 )
-from veloverlay.session.shim.library import JournalRecord, RecType
 from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
@@ -40,7 +39,7 @@ from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 from veloverlay.tiers import Rules
 
-__all__ = ["Unstable", "SyncResult", "TreeSync", "dirty_paths"]
+__all__ = ["Unstable", "SyncResult", "TreeSync", "SELF", "SUBTREE"]
 
 
 SELF = 1
@@ -546,54 +545,4 @@ def _parent(rel: bytes) -> bytes:
     return rel[:i] if i >= 0 else b""
 
 
-def dirty_paths(
-    recs: Iterable[JournalRecord], sync: TreeSync, out: dict[bytes, int]
-) -> list[bytes]:
-    """Fold journal records into `out` (path -> SELF|SUBTREE); return paths opened for writing."""
-    opened: list[bytes] = []
-
-    def mark(raw: bytes, flag: int, truncated: bool) -> None:
-        if truncated:
-            # the record holds only the start of the path: re-scan the directory it names
-            raw = raw.rsplit(b"/", 1)[0]
-            flag = SUBTREE
-        rel = sync.rel(raw)
-        while rel is None and raw.startswith(sync.top + b"/"):
-            raw = raw.rsplit(b"/", 1)[0]  # not a valid manifest path: its parent, whole
-            flag = SUBTREE
-            rel = sync.rel(raw)
-        if rel is None:
-            return
-        out[rel] = out.get(rel, 0) | flag
-
-    for r in recs:
-        t = r.type
-        if t in (RecType.CHECKIN, RecType.EXEC, RecType.SPAWN, RecType.DENIED):
-            continue
-        if r.phase == 2 and r.ret < 0:
-            continue  # a failed call changed nothing (its intent marked the path already)
-        tr1, tr2 = bool(r.flags & 1), bool(r.flags & 2)
-        if t in (RecType.RENAME, RecType.LINK):
-            for raw, tr in ((r.path1, tr1), (r.path2, tr2)):
-                if raw:
-                    mark(raw, SUBTREE if t is RecType.RENAME else SELF, tr)
-                    mark(raw.rsplit(b"/", 1)[0], SELF, tr)
-            continue
-        if not r.path1:
-            continue
-        mark(r.path1, SELF, tr1)
-        if t in (RecType.UNLINK, RecType.RMDIR, RecType.MKDIR, RecType.MKNOD, RecType.SYMLINK) or (
-            t is RecType.OPEN and r.arg & _O_CREAT
-        ):
-            mark(r.path1.rsplit(b"/", 1)[0], SELF, tr1)
-        if t in (RecType.OPEN, RecType.INHERIT):
-            rel = sync.rel(r.path1)
-            if rel is not None:
-                opened.append(rel)
-    return opened
-
-
 SUBTREE = 2
-
-
-_O_CREAT = os.O_CREAT
