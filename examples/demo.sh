@@ -30,8 +30,8 @@ veloverlay run demo --at "$work/live" -m "demo change" -- sh -c '
   rm obsolete.txt
   chmod 0600 README
 '
-say "ls $work/live   # nothing stays mounted or written outside the session"
-ls -A "$work/live"
+say "ls -A $work/live   # the session made it and took it along: nothing stays outside"
+ls -A "$work/live" 2>&1 || true
 say veloverlay log demo
 veloverlay log demo
 say veloverlay diff 'demo@{1}' demo
