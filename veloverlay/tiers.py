@@ -18,8 +18,8 @@ from veloverlay.records import Record
 
 __all__ = ["Rule", "Rules", "DEFAULT_RULES", "parse_rules"]
 
-_SUFFIX_RULE = re.compile(r"^\*\*/\*([^*?\[\]/]+)\Z")
-_LITERAL_TAIL = re.compile(r"[^*?\[\]\\/]+\Z")
+_SUFFIX_RULE = r"^\*\*/\*([^*?\[\]/]+)\Z"  # (compiled at first use: re caches)
+_LITERAL_TAIL = r"[^*?\[\]\\/]+\Z"
 
 
 class Rule(Record, frozen=True):
@@ -198,7 +198,7 @@ class Rules:
         # literal tail (`**/site-packages/*.pth`: `.pth`), as every path it matches does.
         self._tests: list[tuple[int, tuple[bytes, ...] | None, _Glob | None]] = []
         for r, rx in self._compiled:
-            m = _SUFFIX_RULE.match(r.glob)
+            m = re.match(_SUFFIX_RULE, r.glob)
             if r.glob == "**":
                 self._tests.append((r.tier, (b"",), None))
             elif m is not None:
@@ -209,7 +209,7 @@ class Rules:
                 else:
                     self._tests.append((r.tier, (sfx,), None))
             else:
-                tail = _LITERAL_TAIL.search(r.glob)
+                tail = re.search(_LITERAL_TAIL, r.glob)
                 need = tail.group(0).encode("utf-8", "surrogateescape") if tail else b""
                 self._tests.append((r.tier, (need,) if need else None, rx))
 

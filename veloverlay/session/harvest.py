@@ -191,7 +191,7 @@ class StoreLinks:
         """The digest of the stored object `target` names, or None."""
         for prefix in self.prefixes:
             if target.startswith(prefix):
-                mt = _OBJ_RE.match(target[len(prefix) :])  # either fan-out (cas.py)
+                mt = re.match(_OBJ_RE, target[len(prefix) :])  # either fan-out (cas.py)
                 if (
                     mt
                     and mt.group(1) == mt.group(3)[:2]
@@ -386,4 +386,4 @@ def _mask_below(m: Manifests, txn: Txn, new: bytes, lower: bytes) -> bytes:
     return m.put_node(txn, n.mode, n.mtime_ns, entries.values())
 
 
-_OBJ_RE = re.compile(rb"^([0-9a-f]{2})/(?:([0-9a-f]{2})/)?([0-9a-f]{64})\Z")
+_OBJ_RE = rb"^([0-9a-f]{2})/(?:([0-9a-f]{2})/)?([0-9a-f]{64})\Z"  # (compiled at first use)

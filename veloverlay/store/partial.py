@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 
 __all__ = ["PARTIAL", "leftover_pid", "partial_name"]
 
@@ -18,10 +17,10 @@ PARTIAL = ".velo-partial-"  # `.NAME.velo-partial-PID-RANDOM`: a checkout of NAM
 _RANDOM_HEX = 16  # 64 random bits: a name no other user can make in advance
 _TAIL_BYTES = 10 + 1 + _RANDOM_HEX  # the longest pid, a dash, the random part
 # what follows the prefix in a partial name, exactly: the pid of its checkout and the random part
-_TAIL = re.compile(rf"([1-9][0-9]{{0,9}})-[0-9a-f]{{{_RANDOM_HEX}}}")
+_TAIL = rf"([1-9][0-9]{{0,9}})-[0-9a-f]{{{_RANDOM_HEX}}}"  # (compiled at first use: re caches)
 # the same for the names of earlier versions, whose NAME was cut 12 bytes before the limit
 _LEGACY_TAIL_BYTES = 12
-_LEGACY_TAIL = re.compile(r"([1-9][0-9]{0,9})(?:-[1-9][0-9]?)?")
+_LEGACY_TAIL = r"([1-9][0-9]{0,9})(?:-[1-9][0-9]?)?"
 
 
 def _prefix(name: str, tail: int) -> str:
@@ -34,7 +33,7 @@ def _prefix(name: str, tail: int) -> str:
 def partial_name(name: str) -> str:
     """A fresh partial name for a checkout to NAME: unguessable (the pid is not: pids are handed
     out in order), so no one can make it first to have the checkout fail or find it."""
-    return f"{_prefix(name, _TAIL_BYTES)}{os.getpid()}-{secrets.token_hex(_RANDOM_HEX // 2)}"
+    return f"{_prefix(name, _TAIL_BYTES)}{os.getpid()}-{os.urandom(_RANDOM_HEX // 2).hex()}"
 
 
 def leftover_pid(name: str, entry: str) -> str | None:
@@ -43,7 +42,7 @@ def leftover_pid(name: str, entry: str) -> str | None:
     for tail, form in ((_TAIL_BYTES, _TAIL), (_LEGACY_TAIL_BYTES, _LEGACY_TAIL)):
         prefix = _prefix(name, tail)
         if entry.startswith(prefix):
-            found = form.fullmatch(entry[len(prefix) :])
+            found = re.fullmatch(form, entry[len(prefix) :])
             if found is not None:
                 return found.group(1)
     return None

@@ -10,8 +10,8 @@ handles and record readers that class provides.
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -145,7 +145,7 @@ _LINEAGE_RE = re.compile(r"[0-9a-f]{32}")
 
 def new_lineage() -> str:
     """A lineage id for a ref made now (`Ref.lineage`)."""
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()
 
 
 def commit_from(cid: str, d: dict[str, Any]) -> Commit:

@@ -39,7 +39,6 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.session import prompt, reaper, state
 from veloverlay.session.commit import Harvested, harvest_and_commit, result_for
-from veloverlay.session.harvest import SetAside
 from veloverlay.session.holders import ask_again, holders
 from veloverlay.session.options import OnStart, SessionOptions, SessionResult
 from veloverlay.session.overlay.pid1 import ChildSpec, child_main
@@ -58,6 +57,7 @@ from veloverlay.store.manifest import Manifests
 from veloverlay.store.sample import verify_sample
 
 if TYPE_CHECKING:
+    from veloverlay.session.harvest import SetAside
     from veloverlay.store.cas import Stage
     from veloverlay.store.manifest import Txn
     from veloverlay.tiers import Rules
