@@ -90,7 +90,9 @@ def main() -> int:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        at = top / "at"
+        at = top / "at"  # an existing target (a session removes one it made at its end)
+        at.mkdir()
+        (top / "at-old").mkdir()
         run = f"run big --at {at} -- true"
         subprocess.run(
             f"{py} -m veloverlay {run}",

@@ -142,6 +142,7 @@ def bench_venv(base: Path, venv: Path, repeat: int) -> dict[str, Any]:
             ing.append(timed([*velo_cmd(), "ingest", str(src), "--name", "venv"], env))
             os.sync()
             at = base / f"proj-venv-{i}"
+            at.mkdir()  # existing: a session removes a target it made itself at its end
             run = [*velo_cmd(), "run", "venv", "--at", str(at), "--", "true"]
             cold.append(timed(run, env))
             warm_run.append(timed(run, env))

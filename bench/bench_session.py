@@ -261,9 +261,13 @@ def main() -> int:
 
         # 1. warm run vs unshare -rm + overlay mount + true
         os.sync()
+        # existing targets, as a project's directory is: a session removes a target it made
+        # itself at its end, and the baseline mounts on this one
         at = base / "proj-big"
-        session.run(store, session.SessionOptions(refs=["big"], at=str(at)), ["true"])
         at_small = base / "proj-small"
+        at.mkdir()
+        at_small.mkdir()
+        session.run(store, session.SessionOptions(refs=["big"], at=str(at)), ["true"])
         session.run(store, session.SessionOptions(refs=["small"], at=str(at_small)), ["true"])
         native = choice.mode == "native"
         results["mode"] = choice.mode
