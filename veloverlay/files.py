@@ -21,6 +21,8 @@ from veloverlay.errors import Reason, VeloError
 __all__ = [
     "DIRFLAGS",
     "open_below",
+    "open_regular",
+    "NotRegular",
     "NEWFILE",
     "TreeChanged",
     "Unflag",
@@ -458,14 +460,34 @@ def _remove_entry(
     rm(name, dir_fd=dfd)
 
 
+class NotRegular(ValueError):
+    """`open_regular` found something other than a regular file at the path."""
+
+
+def open_regular(
+    path: str | bytes | os.PathLike[str],
+    flags: int = os.O_RDONLY,
+    mode: int = 0o600,
+    *,
+    dir_fd: int | None = None,
+) -> int:
+    """Open (maybe create, with `flags`) a regular file, never through a symbolic link (ELOOP)
+    and never blocking on a FIFO put in its place (O_NONBLOCK: a damaged or planted store file,
+    object or state file hung every verb that opened it): NotRegular, the descriptor closed,
+    when it is anything else. Callers say what that means where they are."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags, mode, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegular(f"{os.fsdecode(path)} is not a regular file")
+    return fd
+
+
 def read_regular(path: str | os.PathLike[str], limit: int = -1) -> bytes:
-    """The bytes of a regular file (at most `limit`), never blocking on a FIFO put in its place
-    nor following a link: ValueError when it is not a regular file (a caller reading a state
-    file or a cache treats it as unreadable)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{os.fsdecode(path)} is not a regular file")
+    """The bytes of a regular file (at most `limit`), as `open_regular` opens it: ValueError
+    (NotRegular) when it is not one (a caller reading a state file or a cache treats it as
+    unreadable)."""
+    with open(open_regular(path), "rb") as f:
         return f.read(limit)
 
 

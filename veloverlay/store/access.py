@@ -122,23 +122,20 @@ def open_nofollow(
     """Open (maybe create) a regular file of the store, never through a symbolic link; `path`
     is relative to `dir_fd` when given (then `shown` is its name in messages). O_NONBLOCK: a
     FIFO put in the place of one (the lock, the gate) would block the open for ever."""
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, mode, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _planted(shown or path) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+        return files.open_regular(path, flags, mode, dir_fd=dir_fd)
+    except files.NotRegular:
         name = os.fsdecode(shown or path)
         raise VeloError(
             f"{name} is not a regular file",
             reason=Reason.STORE_UNSAFE,
             hint="someone who can write the store put it there; remove it and check who can",
             path=name,
-        )
-    return fd
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _planted(shown or path) from None
+        raise
 
 
 def mkdir_nofollow(

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import exact_modes
+from veloverlay.files import NotRegular, exact_modes, open_regular
 from veloverlay.store.cas import Store
 
 __all__ = [
@@ -234,12 +234,10 @@ def never_used(store: Store, env: Any) -> bool:
 def _open_record(store: Store, flags: int) -> int:
     """The store record, opened without blocking: a FIFO in its place (damage) would block the
     open for ever (fsck and gc hung on one); anything but a regular file is MANIFEST_CORRUPT."""
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    fd = os.open(_RECORD, flags, 0o644, dir_fd=store.fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise corrupt(store, f"{_RECORD} is not a regular file")
-    return fd
+    try:
+        return open_regular(_RECORD, flags, 0o644, dir_fd=store.fd)
+    except NotRegular:
+        raise corrupt(store, f"{_RECORD} is not a regular file") from None
 
 
 @contextlib.contextmanager
@@ -280,13 +278,11 @@ def record_read_lock(store: Store) -> Iterator[None]:
 def _open_record_lock(store: Store, how: int) -> int:
     """The record's lock file, opened without blocking (a FIFO in its place: MANIFEST_CORRUPT,
     as for the record itself)."""
-    flags = how | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    with exact_modes():
-        fd = os.open(_RECORD_LOCK, flags, 0o600, dir_fd=store.fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise corrupt(store, f"{_RECORD_LOCK} is not a regular file")
-    return fd
+    try:
+        with exact_modes():
+            return open_regular(_RECORD_LOCK, how | os.O_CREAT, 0o600, dir_fd=store.fd)
+    except NotRegular:
+        raise corrupt(store, f"{_RECORD_LOCK} is not a regular file") from None
 
 
 def put_record(fd: int, refs: int) -> None:

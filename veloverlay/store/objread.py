@@ -4,9 +4,9 @@ before the first byte, and its BLAKE3, checked after the last (`checkout`, `cat`
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 
+from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.digest import Hasher
 
@@ -28,13 +28,10 @@ def open_regular(path: bytes, digest: bytes) -> int:
     """Open the object at `path` for reading, refusing what is not a regular file. A FIFO put
     in an object's place would block an open or a read for ever (checkout, export, fsck hung on
     one); with O_NONBLOCK the open returns and the type is checked before anything is read."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    fd = os.open(path, flags)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise object_corrupt(digest, "it is not a regular file")
-    return fd
+    try:
+        return files.open_regular(path)
+    except files.NotRegular:
+        raise object_corrupt(digest, "it is not a regular file") from None
 
 
 def verified_chunks(fd: int, digest: bytes, size: int | None = None) -> Iterator[bytes]:
