@@ -293,10 +293,7 @@ class Stage:
             return
         self._flight.join()
         self._flight = None
-        for digest in self._flying:  # stored now (named there, or already): listings say so
-            names = self._listings.get(digest[0])
-            if names is not None:
-                names.add(digest.hex())
+        self._listed(self._flying)  # named there, or already
         self._flying = {}
         exc, self._flight_error = self._flight_error, None
         if exc is not None:  # the ingest fails: what this view holds unnamed vanishes
@@ -304,6 +301,13 @@ class Stage:
                 os.close(fd)
             self._held.clear()
             raise exc
+
+    def _listed(self, digests: Iterable[bytes]) -> None:
+        """Objects stored now: the listings `add_bytes` asks say so."""
+        for digest in digests:
+            names = self._listings.get(digest[0])
+            if names is not None:
+                names.add(digest.hex())
 
     def _name_held(self) -> None:
         from veloverlay.store.publish import Shards, name_held
@@ -314,10 +318,7 @@ class Stage:
         try:
             with Shards(self.store) as shards:
                 self._named += name_held(self.store, self._held, shards)
-            for digest in batch:  # stored now (named here, or already): listings say so
-                names = self._listings.get(digest[0])
-                if names is not None:
-                    names.add(digest.hex())
+            self._listed(batch)  # named here, or already
         finally:  # what name_held closed (all of them, named or not, once it ran)
             if self._budget is not None:
                 self._budget.give(count - len(self._held))
