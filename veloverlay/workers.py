@@ -4,9 +4,10 @@ Why not multiprocessing/concurrent.futures: both start helper threads in the par
 that ever had threads cannot create a user namespace, and a session manager must), a worker
 killed by a signal hangs `multiprocessing.Pool` forever (its task is lost), and Python 3.11's
 `ProcessPoolExecutor` can hang in `terminate_broken()` when its feeder thread is blocked on a
-full call queue (measured in crash tests). Here: one task in flight per worker over its own pipe
-pair, results read with `select`; a worker that dies is an error, never a hang; workers die with
-their parent (PR_SET_PDEATHSIG) and never outlive the pool.
+full call queue (measured in crash tests). Here: a task in flight per worker (and its next one,
+while there is plenty of work) over its own pipe pair, results read with `select`; a worker that
+dies is an error, never a hang; workers die with their parent (PR_SET_PDEATHSIG) and never
+outlive the pool.
 
 Functions and arguments cross as pickles, so `fn` must be a module-level function.
 """
@@ -36,11 +37,25 @@ R = TypeVar("R")
 _LEN = struct.Struct("<Q")
 
 
-def _write_frame(fd: int, obj: object) -> None:
+# Tasks in flight per worker in `map_queue`: the one it runs and the next, sent ahead.
+_PIPELINED = 2
+# A pipe's smallest capacity: one page (a user past fs.pipe-user-pages-soft gets no more).
+_PIPE_MIN = 4096
+
+
+def _frame(obj: object) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _write_frame(fd: int, obj: object) -> None:
+    _write_all(fd, _frame(obj))
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -197,35 +212,58 @@ class Workers:
     ) -> Iterator[R]:
         """fn over the items of `queue`, results in completion order. The consumer may add items
         to `queue` between results (tasks that discover more tasks); it ends when the queue is
-        empty and no task is running. What a task sends with `report` goes to `on_report`."""
+        empty and no task is running. What a task sends with `report` goes to `on_report`.
+
+        While the queue holds more tasks than there are workers, a busy worker is sent its next
+        task before it finishes (`_PIPELINED`): it starts on it at once instead of waiting for
+        this process to be scheduled, read its result and answer. Only a frame that fits an
+        empty pipe of the smallest size is sent ahead, so that the write never waits on a
+        worker that is itself waiting for its result to be read."""
         idle = list(self._procs)
-        busy: dict[int, tuple[int, int, int]] = {}
+        busy: dict[int, tuple[tuple[int, int, int], int]] = {}  # result fd: (proc, in flight)
+        n = len(self._procs)
         while True:
             while idle and queue:
                 proc = idle.pop()
-                try:
-                    _write_frame(proc[1], (fn, queue.popleft()))
-                except BrokenPipeError:
-                    raise self._died(proc[0]) from None
-                busy[proc[2]] = proc
+                self._send(proc, _frame((fn, queue.popleft())))
+                busy[proc[2]] = (proc, 1)
+            if len(queue) > n:
+                for fd, (proc, flying) in list(busy.items()):
+                    if flying >= _PIPELINED or len(queue) <= n:
+                        continue
+                    frame = _frame((fn, queue[0]))
+                    if len(frame) > _PIPE_MIN:
+                        break
+                    queue.popleft()
+                    self._send(proc, frame)
+                    busy[fd] = (proc, flying + 1)
             if not busy:
                 return
             ready, _, _ = select.select(list(busy), [], [])
             for fd in ready:
-                proc = busy.pop(fd)
+                proc, flying = busy.pop(fd)
                 ok, msg = _read_frame(fd)
                 if not ok:
                     raise self._died(proc[0])
                 success, value = cast(tuple[bool | None, Any], msg)
                 if success is None:  # a report from a task still running
-                    busy[fd] = proc
+                    busy[fd] = (proc, flying)
                     if on_report is not None:
                         on_report(value)
                     continue
                 if not success:
                     raise cast(BaseException, value)
-                idle.append(proc)
+                if flying > 1:
+                    busy[fd] = (proc, flying - 1)
+                else:
+                    idle.append(proc)
                 yield cast(R, value)
+
+    def _send(self, proc: tuple[int, int, int], frame: bytes) -> None:
+        try:
+            _write_all(proc[1], frame)
+        except BrokenPipeError:
+            raise self._died(proc[0]) from None
 
     def each(self, fn: Callable[[T], R], arg: T) -> list[R]:
         """fn(arg) once in every worker (call it with none busy); the results, worker by worker."""

@@ -217,6 +217,79 @@ def test_the_task_queue_runs_tasks_added_while_it_runs() -> None:
         list(w.map_queue(_die, deque([1, 2, 3])))
 
 
+def _started(arg: tuple[int, int, bytes]) -> int:
+    """Say on the pipe `fd` that task `n` started, then return it."""
+    fd, n, _pad = arg
+    os.write(fd, b"%d\n" % n)
+    return n
+
+
+def _starts(fd: int, want: int, deadline: float) -> set[int]:
+    """The task numbers read from the pipe until `want` are seen or the deadline passes."""
+    import select
+    import time
+
+    got = b""
+    while got.count(b"\n") < want:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        got += os.read(fd, 4096)
+    return {int(x) for x in got.split()}
+
+
+def test_a_busy_worker_is_sent_its_next_task_while_work_is_plenty() -> None:
+    """With more tasks queued than workers, each worker has its next task before it finishes
+    the one it runs: while the pool user holds the first result (reads nothing more), the
+    tasks sent ahead start anyway. A frame larger than the smallest pipe is never sent ahead
+    (the write could wait on a worker that waits for its result to be read)."""
+    import time
+
+    r, w_fd = os.pipe()
+    try:
+        with Workers(2) as w:
+            queue = deque((w_fd, n, b"") for n in range(8))
+            results = w.map_queue(_started, queue)
+            first = next(results)
+            # Held here: without sending ahead, only the two first tasks could have started.
+            started = _starts(r, 3, time.monotonic() + 30)
+            assert first in started and len(started) >= 3, started
+            assert sorted([first, *results]) == list(range(8))
+    finally:
+        os.close(r)
+        os.close(w_fd)
+
+
+def _echo(arg: bytes) -> bytes:
+    return arg
+
+
+def test_a_task_larger_than_a_small_pipe_is_not_sent_ahead() -> None:
+    """Pipes of one page (a user past fs.pipe-user-pages-soft gets no more): a task frame of
+    5,000 bytes sent ahead would wait for the worker to read it, while the worker waits for
+    its 5,000-byte result to be read: a deadlock (SIGALRM ends the test instead)."""
+    import fcntl
+    import signal
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("map_queue deadlocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    try:
+        with Workers(2) as w:
+            for _pid, task_w, res_r in w._procs:
+                fcntl.fcntl(task_w, fcntl.F_SETPIPE_SZ, 4096)
+                fcntl.fcntl(res_r, fcntl.F_SETPIPE_SZ, 4096)
+            items = [bytes([n]) * 5000 for n in range(8)]
+            signal.alarm(60)
+            got = list(w.map_queue(_echo, deque(items)))
+            signal.alarm(0)
+        assert sorted(got) == sorted(items)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_publish_keeps_an_existing_object_and_drops_the_staged_copy(repo: Repo) -> None:
     store = repo.store
     with store.stage() as stage:
