@@ -541,8 +541,9 @@ def write_bytes_atomic(
         raise
 
 
-def wait_for_writes(fd: int) -> None:
-    """Wait until no write(2) to this file is in flight.
+def wait_for_writes(fd: int, *, keep_offset: bool = True) -> None:
+    """Wait until no write(2) to this file is in flight. `keep_offset=False`: the file offset
+    may move (a caller that reads with pread saves two lseeks per file).
 
     Buffered writes hold the inode's i_rwsem for their whole copy on tmpfs, ext4 and btrfs, and
     lseek(SEEK_DATA) takes it there too, so this returns only once a concurrent write has
@@ -553,9 +554,10 @@ def wait_for_writes(fd: int) -> None:
     """
     # SEEK_DATA moves the offset to the first data: in a sparse file that starts with a hole,
     # a caller reading on from the offset would miss the hole's zeros. Put it back.
-    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    pos = os.lseek(fd, 0, os.SEEK_CUR) if keep_offset else 0
     try:
-        os.lseek(fd, 0, os.SEEK_DATA)
+        moved = os.lseek(fd, 0, os.SEEK_DATA)
     except OSError:
         return  # ENXIO (empty file, or one that is all hole), or no SEEK_DATA: offset unmoved
-    os.lseek(fd, pos, os.SEEK_SET)
+    if keep_offset and moved != pos:
+        os.lseek(fd, pos, os.SEEK_SET)

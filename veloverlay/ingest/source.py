@@ -156,8 +156,8 @@ def read_stable(
             # was stamped before st1, and st2 would not see it. Wait it out first, whatever
             # the stamp's age: a writer descheduled mid-copy on a loaded machine can hold a
             # stamp older than RACY_NS (a mixed version was committed that way once).
-            wait_for_writes(fd)
             if st1.st_size <= _SMALL:
+                wait_for_writes(fd, keep_offset=False)  # read with pread, from 0
                 data = _read_all(fd, st1.st_size)
                 st2 = os.fstat(fd)
                 if not _same(st1, st2) or len(data) != st1.st_size:
@@ -170,6 +170,7 @@ def read_stable(
                     if os.pread(fd, st1.st_size + 1, 0) != data:
                         continue
                 return stage.add_bytes(data), st1, racy
+            wait_for_writes(fd)
             digest, size, new = stage.add_fd(fd)
             st2 = os.fstat(fd)
             ok = _same(st1, st2) and size == st1.st_size
@@ -203,13 +204,14 @@ class Pseudo(Exception):
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """Read `size` bytes (a file that grows or shrinks meanwhile shows in the second fstat)."""
-    data = os.read(fd, size)
+    """Read `size` bytes from offset 0 (a file that grows or shrinks meanwhile shows in the
+    second fstat)."""
+    data = os.pread(fd, size, 0)
     if len(data) < size:  # a short read: keep going until EOF
         parts = [data]
         got = len(data)
         while got < size:
-            more = os.read(fd, size - got)
+            more = os.pread(fd, size - got, got)
             if not more:
                 break
             parts.append(more)
