@@ -35,6 +35,7 @@ FACILITIES = {
     "verity",
     "linking",
     "overlay",
+    "posixacl",
     "probe",
     "storefs",
     "tiers",

@@ -140,6 +140,12 @@ def ingest(
     _some(res.skipped, lambda p: f"skipped {p[1]}: {p[0]}", "more skipped")
     if res.stripped_setid:
         render.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
+    if res.acl_narrowed:
+        render.warn(
+            f"{res.acl_narrowed} files or directories have POSIX ACLs, which are not kept: "
+            "stored with the group bits the ACL gives the owning group; named user and group "
+            "entries and default ACLs are dropped"
+        )
     _some(res.overridden, lambda p: f"--force: the source's version replaced the session's at {p}")
     if res.overridden:
         render.info(f"the session's versions stay in the history: veloverlay log {res.ref}")

@@ -76,7 +76,7 @@ def walk(
                 recs[d.rel] = d
             queue.extend(r.more)
             failures.extend(r.failures)
-            files, nbytes, links, nhashed, unrep, unrep_bytes, setid = r.counts
+            files, nbytes, links, nhashed, unrep, unrep_bytes, setid, acl = r.counts
             res.hashed += nhashed
             on_report((unrep, unrep_bytes))
             if not recount:  # a second listing: counted the first time
@@ -85,6 +85,7 @@ def walk(
             res.files += files
             res.bytes += nbytes
             res.symlinks += links
+            res.acl_narrowed += acl
             if not state[6]:  # keep_setid
                 res.stripped_setid += setid
 

@@ -53,6 +53,7 @@ class IngestResult(Record):
     new_bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stripped_setid: int = 0
+    acl_narrowed: int = 0  # files and directories whose POSIX ACL was narrowed (posixacl)
     merged: bool = False
     overridden: list[str] = field(default_factory=list)  # --force: session changes left out
     unchanged: bool = False

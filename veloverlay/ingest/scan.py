@@ -30,7 +30,7 @@ import os
 import stat
 from typing import Any, NamedTuple
 
-from veloverlay import _libc, paths, workers
+from veloverlay import _libc, paths, posixacl, workers
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import dirfd, source, statcache
 from veloverlay.ingest.source import NOT_COMMITTED
@@ -88,8 +88,9 @@ class _Result(NamedTuple):
     staged: int  # objects newly staged (kept by the worker until `publish_own`)
     failures: list[tuple[bytes, str, str]]  # rel, reason, message
     skipped: list[tuple[str, str]]
-    # files, bytes, symlinks, hashed, hashed files and bytes not reported yet, setid files
-    counts: tuple[int, int, int, int, int, int, int]
+    # files, bytes, symlinks, hashed, hashed files and bytes not reported yet, setid files,
+    # files and directories with an extended ACL (posixacl: stored narrowed, named entries dropped)
+    counts: tuple[int, int, int, int, int, int, int, int]
 
 
 class _State:
@@ -179,6 +180,7 @@ class _Acc:
         "hashed",
         "hbytes",
         "setid",
+        "acl",
         "failures",
         "skipped",
         "unrep",
@@ -187,6 +189,7 @@ class _Acc:
 
     def __init__(self) -> None:
         self.files = self.nbytes = self.links = self.hashed = self.hbytes = self.setid = 0
+        self.acl = 0
         self.unrep = self.unrep_bytes = 0  # hashed since the last progress report
         self.failures: list[tuple[bytes, str, str]] = []
         self.skipped: list[tuple[str, str]] = []
@@ -253,7 +256,16 @@ def run_task(task: Task) -> _Result:
             if p.fd >= 0:
                 os.close(p.fd)
     staged = s.stage.pending() - before
-    counts = (acc.files, acc.nbytes, acc.links, acc.hashed, acc.unrep, acc.unrep_bytes, acc.setid)
+    counts = (
+        acc.files,
+        acc.nbytes,
+        acc.links,
+        acc.hashed,
+        acc.unrep,
+        acc.unrep_bytes,
+        acc.setid,
+        acc.acl,
+    )
     more += [(r, st, False, dv) for r, _n, st, dv, _p in stack]
     return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
 
@@ -290,6 +302,11 @@ def _one_dir(
     if magic in _libc.PSEUDO_FS_MAGIC:  # /proc, /sys... mounted in the tree: kept empty
         acc.skipped.append((paths.display(rel or b"."), "pseudo-filesystem"))
         return DirRec(rel, st, dev, [], 0, [b""], b"", None, 0, b"", 0, b""), [], 1
+    # The directory's own mode as its access ACL allows (posixacl), read by its descriptor.
+    perm, extended = posixacl.mode_of(dfd, st[0])
+    if extended:
+        acc.acl += 1
+        st = (perm, st[1], st[2], st[3])
     absdir = s.top + b"/" + rel if rel else s.top  # for messages only
     prefix = rel + b"/" if rel else b""
     raw = s.cache.get(rel)
@@ -373,7 +390,9 @@ def _one_dir(
     for name in todo:
         race_point("file", prefix + name)
         try:
-            digest, fst, racy = source.read_stable(dfd, name, absdir, stage, store, coarse, dev)
+            digest, fst, racy, acl = source.read_stable(
+                dfd, name, absdir, stage, store, coarse, dev
+            )
         except (source.Changed, source.Pseudo) as exc:
             acc.files -= 1
             why = "changed" if isinstance(exc, source.Changed) else "pseudo-filesystem"
@@ -395,9 +414,13 @@ def _one_dir(
             acc.unrep = acc.unrep_bytes = 0
         size = fst.st_size
         perm = fst.st_mode & 0o7777 if keep else fst.st_mode & 0o7777 & ~_SETID
+        # An extended ACL narrows the group bits. Such a file is never cached: a cache hit
+        # takes its mode from the listing's stat, without the ACL (it is read again instead).
+        perm, extended = posixacl.narrow(perm, acl)
+        acc.acl += extended
         blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, fst.st_mtime_ns, digest)
         ents.append((name, blob))
-        if not racy:
+        if not racy and not extended:
             cache_files.append(
                 statcache.file_bytes(
                     name, fst.st_ino, size, fst.st_mtime_ns, fst.st_ctime_ns, digest

@@ -13,7 +13,7 @@ import os
 import stat
 import time
 
-from veloverlay import _libc
+from veloverlay import _libc, posixacl
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import wait_for_writes
 from veloverlay.store.cas import Stage, Store
@@ -114,9 +114,10 @@ def read_stable(
     store: Store,
     coarse: bool = False,
     dev: int | None = None,
-) -> tuple[Digest, os.stat_result, bool]:
+) -> tuple[Digest, os.stat_result, bool, bytes | None]:
     """Hash and stage one complete version of the file `name` in the directory `dfd` (shown as
-    `where`/`name` in messages). Returns (digest, stat of it, racy). A name that is no longer a
+    `where`/`name` in messages). Returns (digest, stat of it, racy, its access ACL: `posixacl`,
+    read between the two stats, so a `setfacl` meanwhile is a change). A name that is no longer a
     regular file (a symlink now, a FIFO) is `Changed`; one that is gone, FileNotFoundError.
     `coarse`: the filesystem's ctime is as coarse as the clock's tick (`dirfd.coarse_ctime`),
     so a file changed within RACY_NS is racy even when its mtime was put back (touch -r, cp -p):
@@ -150,6 +151,7 @@ def read_stable(
             mounted = dev is not None and st1.st_dev != dev  # a file mounted there
             if mounted and _libc.fstatfs_type(fd) in _libc.PSEUDO_FS_MAGIC:
                 raise Pseudo
+            acl = posixacl.access_acl(fd, st1.st_mode & 0o777)
             changed = max(st1.st_mtime_ns, st1.st_ctime_ns) if coarse else st1.st_mtime_ns
             racy = time.time_ns() - changed < RACY_NS
             # A write(2) stamps mtime/ctime when it starts, then copies: one still copying now
@@ -169,7 +171,7 @@ def read_stable(
                     wait_for_writes(fd)
                     if os.pread(fd, st1.st_size + 1, 0) != data:
                         continue
-                return stage.add_bytes(data), st1, racy
+                return stage.add_bytes(data), st1, racy, acl
             wait_for_writes(fd)
             digest, size, new = stage.add_fd(fd)
             st2 = os.fstat(fd)
@@ -182,7 +184,7 @@ def read_stable(
                 if new:
                     stage.discard(digest)
                 continue
-            return digest, st1, racy
+            return digest, st1, racy, acl
         finally:
             if side >= 0:
                 _release_sidecar(side, _sidecar_path(store, fd))

@@ -48,8 +48,9 @@ __all__ = [
 ]
 
 # The format of the values and of what they name (the node encoding their digests were made
-# with): bump it with any change to either. (1: the unnumbered first format.)
-FORMAT = 2
+# with): bump it with any change to either. (1: the unnumbered first format; 2: files with an
+# extended ACL were cached, so a hit stored their mask as group bits.)
+FORMAT = 3
 
 _HEAD = struct.Struct("<QqqI32sIII")
 _FILE = struct.Struct("<QQqq32s")

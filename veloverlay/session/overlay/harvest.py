@@ -49,7 +49,7 @@ import errno
 import os
 import stat
 
-from veloverlay import faults, paths
+from veloverlay import faults, paths, posixacl
 from veloverlay.errors import VeloError
 from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
@@ -171,8 +171,9 @@ class _Harvester:
             st = os.lstat(os.path.basename(upper), dir_fd=parent)
             node = self.m.node_view(self.txn, view_root)
             mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-            if (mode, mtime) != (node.mode, node.mtime_ns):
-                self.res.ops.append(Op(OpKind.META, b"", mode=mode, mtime_ns=mtime))
+            kept = posixacl.mode_at(parent, os.fsencode(os.path.basename(upper)), mode)
+            if (kept, mtime) != (node.mode, node.mtime_ns):
+                self.res.ops.append(Op(OpKind.META, b"", mode=kept, mtime_ns=mtime))
             # the session may have made its tree's root unreadable too (chmod 600 .)
             with opened_dir(parent, os.fsencode(os.path.basename(upper)), mode) as top:
                 self._merged(top, b"", node)
@@ -205,7 +206,8 @@ class _Harvester:
                         )
                     elif low is not None and low.kind is Kind.DIR and not opaque:
                         child = self.m.node_view(self.txn, low.digest)
-                        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+                        mode, _acl = posixacl.mode_of(cfd, stat.S_IMODE(st.st_mode))
+                        mtime = st.st_mtime_ns
                         if (mode, mtime) != (child.mode, child.mtime_ns):
                             ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
                         self._merged(cfd, p, child)
@@ -304,7 +306,8 @@ class _Harvester:
                     del entries[e.name]
                 else:
                     entries[e.name] = kept
-        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries.values())
+        mode, _acl = posixacl.mode_of(dfd, stat.S_IMODE(st.st_mode))  # dfd: this directory
+        digest, data = tree.encode(mode, st.st_mtime_ns, entries.values())
         self.res.nodes[digest] = data
         # Subtrees kept from the view are already stored; the caller writes `nodes`.
         return Entry(name, Kind.DIR, digest=digest)
@@ -376,7 +379,8 @@ class _Harvester:
     def _file(
         self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
     ) -> Entry:
-        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+        # The group bits its ACL gives the owning group (an ACL copied up or set in the session)
+        mode, mtime = posixacl.mode_at(dfd, name, stat.S_IMODE(st.st_mode)), st.st_mtime_ns
         low_file = low if low is not None and low.kind is Kind.FILE else None
         inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
         if inode is not None and inode in self.inodes:

@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Iterator
 
-from veloverlay import paths, records
+from veloverlay import paths, posixacl, records
 from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
@@ -218,7 +218,7 @@ class TreeSync:
             try:
                 st = os.fstat(fd)
                 node = self.m.get_node(txn, root)
-                self._dir_meta(b"", st, node, res)
+                self._dir_meta(b"", fd, st, node, res)
                 if flags & SUBTREE:
                     with self._searchable(fd):  # the session may have run chmod 600 on it
                         self._compare_dir(fd, b"", node, stage, res, Owners.below(frozenset(), st))
@@ -272,7 +272,7 @@ class TreeSync:
             with self._opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
                 if low is not None and low.kind is Kind.DIR:
                     child = self.m.get_node(self._txn, low.digest)
-                    self._dir_meta(p, st, child, res)
+                    self._dir_meta(p, cfd, st, child, res)
                     if flags & SUBTREE:
                         self._compare_dir(cfd, p, child, stage, res, inner)
                     return False
@@ -319,8 +319,9 @@ class TreeSync:
         return contextlib.nullcontext()
 
     @staticmethod
-    def _dir_meta(p: bytes, st: os.stat_result, node: Node, res: SyncResult) -> None:
-        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+    def _dir_meta(p: bytes, fd: int, st: os.stat_result, node: Node, res: SyncResult) -> None:
+        mode, _acl = posixacl.mode_of(fd, stat.S_IMODE(st.st_mode))  # fd: the directory
+        mtime = st.st_mtime_ns
         if (mode, mtime) != (node.mode, node.mtime_ns):
             res.ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=mtime))
 
@@ -384,7 +385,8 @@ class TreeSync:
             e = self._leaf(dfd, child, cst, p, None, stage, res)
             if e is not None:
                 entries.append(e)
-        digest, data = tree.encode(stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries)
+        mode, _acl = posixacl.mode_of(dfd, stat.S_IMODE(st.st_mode))  # dfd: this directory
+        digest, data = tree.encode(mode, st.st_mtime_ns, entries)
         res.nodes[digest] = data
         return Entry(name, Kind.DIR, digest=digest)
 
@@ -424,7 +426,7 @@ class TreeSync:
         stage: Stage,
         res: SyncResult,
     ) -> Entry:
-        mode = stat.S_IMODE(st.st_mode)
+        mode = posixacl.mode_at(dfd, name, stat.S_IMODE(st.st_mode))  # as its ACL allows
         low_file = low if low is not None and low.kind is Kind.FILE else None
         cached = self.cache.get(st.st_ino)
         if cached is not None and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):

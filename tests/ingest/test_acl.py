@@ -1,0 +1,111 @@
+"""POSIX access ACLs at ingest (veloverlay/posixacl.py): a file whose ACL gives its owning group
+nothing but names another user shows the mask as its group bits (0640 for `group::---`,
+`user:1501:r--`, `mask::r--`); it must be stored with the group bits the ACL gives the owning
+group, so a checkout never shows it to a group the source never allowed. The ACLs are written as
+the kernel's xattr bytes (`setfacl` is not installed everywhere)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+
+from tests.helpers.trees import make_tree, settle_ctimes
+from tests.ingest.test_ingest import age
+from veloverlay import posixacl
+from veloverlay.ingest.pipeline import ingest
+from veloverlay.store.tree import Kind
+from veloverlay.verbs.repo import Repo
+
+_ANY = 0xFFFFFFFF
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """The kernel's `system.posix_acl_access` bytes for (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def secret_acl(user: int, group: int, other: int) -> bytes:
+    """user::`user`, user:1501:r--, group::`group`, mask::r--, other::`other`."""
+    return acl(
+        (USER_OBJ, user, _ANY),
+        (USER, 4, 1501),
+        (GROUP_OBJ, group, _ANY),
+        (MASK, 4, _ANY),
+        (OTHER, other, _ANY),
+    )
+
+
+def mode_at(repo: Repo, ref: str, path: bytes) -> int:
+    with repo.m.read() as txn:
+        e = repo.m.lookup(txn, repo.resolve_root(ref), path)
+        assert e is not None
+        if e.kind is Kind.DIR and e.digest is not None:  # a directory: its node says
+            return repo.m.get_node(txn, e.digest).mode
+    return e.mode
+
+
+def test_group_bits_are_the_acl_group_entry_and_mask(repo: Repo, shm_tmp: str) -> None:
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"d/secret": b"s", "d/team": b"t", "plain": b"p"})
+    secret, team, d = (os.path.join(src, p) for p in ("d/secret", "d/team", "d"))
+    os.setxattr(secret, posixacl.ACCESS, secret_acl(6, 0, 0))
+    # The owning group may read and write, the mask allows reading only: it reads.
+    os.setxattr(team, posixacl.ACCESS, secret_acl(6, 6, 0))
+    os.setxattr(d, posixacl.ACCESS, secret_acl(7, 0, 0))  # a directory: rwx--x... as 0750
+    os.chmod(os.path.join(src, "plain"), 0o640)
+    # What stat says (the mask as the group bits), which was stored before.
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o740
+    age(src)  # old enough for the stat cache to keep what it can
+    settle_ctimes(src)
+    res = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o600
+    assert mode_at(repo, "acl", b"d/team") == 0o640
+    assert mode_at(repo, "acl", b"d") == 0o700
+    assert mode_at(repo, "acl", b"plain") == 0o640  # no ACL: its mode
+    assert res.acl_narrowed == 3
+    # A re-ingest (the stat cache is warm) keeps the narrowed modes.
+    again = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert again.unchanged
+    assert mode_at(repo, "acl", b"d/secret") == 0o600
+    # A checkout shows the file to no group.
+    out = os.path.join(shm_tmp, "out")
+    repo.checkout("acl", out)
+    assert stat.S_IMODE(os.stat(os.path.join(out, "d", "secret")).st_mode) == 0o600
+    # The ACL removed (ctime moves): the mode is stored as it now is.
+    os.removexattr(secret, posixacl.ACCESS)
+    os.chmod(secret, 0o640)
+    ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o640
+
+
+def test_a_warm_cache_never_takes_the_mask_for_the_group(repo: Repo, shm_tmp: str) -> None:
+    """An ACL set on a file the stat cache already holds changes its ctime: read again."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f": b"x"})
+    os.chmod(os.path.join(src, "f"), 0o640)
+    age(src)
+    settle_ctimes(src)
+    ingest(repo.store, repo.m, src, "warm", jobs=1)
+    os.setxattr(os.path.join(src, "f"), posixacl.ACCESS, secret_acl(6, 0, 0))
+    ingest(repo.store, repo.m, src, "warm", jobs=1)
+    assert mode_at(repo, "warm", b"f") == 0o600
+
+
+def test_narrow_rules() -> None:
+    assert posixacl.narrow(0o755, None) == (0o755, False)
+    minimal = acl((USER_OBJ, 7, _ANY), (GROUP_OBJ, 5, _ANY), (OTHER, 5, _ANY))
+    assert posixacl.narrow(0o755, minimal) == (0o755, False)
+    named_group = acl(
+        (USER_OBJ, 7, _ANY),
+        (GROUP_OBJ, 1, _ANY),
+        (GROUP, 7, 1501),
+        (MASK, 7, _ANY),
+        (OTHER, 4, _ANY),
+    )
+    assert posixacl.narrow(0o774, named_group) == (0o714, True)
+    assert posixacl.narrow(0o6774, named_group) == (0o6714, True)  # setid bits untouched
+    assert posixacl.narrow(0o754, b"\x02\x00\x00\x00\x01") == (0o700, True)  # torn: owner only
+    assert posixacl.narrow(0o754, struct.pack("<I", 7)) == (0o700, True)  # unknown version
