@@ -111,6 +111,7 @@ def _off(base: str) -> dict[str, object]:
     run_session(store, ["t"], ["sh", "-c", f"cat {proj}/f1 > {out}"], at=proj)
     return {
         "home": low.home,
+        "warning": low.warning,
         "trees": os.fspath(store.trees),
         "data_layers": list(low.data_layers),
         "ids": os.fspath(store.root / "ids-v1"),
@@ -125,6 +126,7 @@ def test_runtime_dir_off_keeps_layers_in_the_store() -> None:
     with unpriv_tmpdir() as base:
         r = as_mode("root", _off, base)
     assert r["home"] == r["trees"]
+    assert r["warning"] == ""  # asked for: nothing to tell
     assert r["data_layers"] == [r["ids"]]
     assert r["redirect_len"] == 22  # "/ab/" + 18 hex digits: fits in an ext4 inode
     assert r["seen"] == b"one\n"
@@ -144,6 +146,9 @@ def _unsafe(base: str, how: str) -> dict[str, object]:
         os.symlink(os.path.join(base, "elsewhere"), mine)
     elif how == "file":
         open(mine, "w").close()
+    elif how == "foreign":  # another user made it first
+        os.mkdir(mine, 0o700)
+        os.chown(mine, 1501, 1501)
     store, _src = new_store(base)
     home = homes.boot_dir(store.root)
     why = homes.why_not()
@@ -152,19 +157,30 @@ def _unsafe(base: str, how: str) -> dict[str, object]:
         "home": home,
         "why": why,
         "lowers_home": low.home,
+        "warning": low.warning,
         "trees": os.fspath(store.trees),
         "elsewhere": os.listdir(os.path.join(base, "elsewhere")) if how == "symlink" else [],
     }
 
 
-@pytest.mark.parametrize("how", ["open", "symlink", "file"])
+@pytest.mark.parametrize("how", ["open", "symlink", "file", "foreign"])
 def test_unsafe_runtime_dir_is_not_used(how: str) -> None:
+    """Not used, and the session says so (it was only in `doctor`): a user whose cache place
+    another user made first would otherwise build every layer in the store unawares."""
     with unpriv_tmpdir() as base:
         r = as_mode("root", _unsafe, base, how)
     assert r["home"] is None
-    expected = {"open": "open to other users", "symlink": "not a directory", "file": "not a dir"}
+    expected = {
+        "open": "open to other users",
+        "symlink": "not a directory",
+        "file": "not a dir",
+        "foreign": "belongs to uid 1501",
+    }
     assert expected[how] in str(r["why"])
     assert r["lowers_home"] == r["trees"]  # built in the store instead
+    warning = str(r["warning"])
+    assert expected[how] in warning and "layers are built in the store" in warning
+    assert "VELO_RUNTIME_DIR" in warning
     assert r["elsewhere"] == []  # nothing was written through the planted symlink
 
 

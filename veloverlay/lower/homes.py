@@ -40,7 +40,7 @@ from veloverlay.records import Record
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 
-__all__ = ["base", "every_base", "refuse_inside", "why_not", "reap_orphans"]
+__all__ = ["base", "every_base", "refuse_inside", "why_not", "planted_note", "reap_orphans"]
 
 _why: dict[str, str] = {}
 
@@ -48,6 +48,21 @@ _why: dict[str, str] = {}
 def why_not() -> str:
     """Why `home()` last returned None ('' when it did not)."""
     return _why.get("last", "")
+
+
+def planted_note() -> str:
+    """When the last look for the per-boot cache found a place of its that exists but that this
+    user may not use (another user's, open to others, not a directory: one another user can
+    make first in /dev/shm), what to tell the user: the layers then go to the store, slower
+    but sound, and only `doctor` said why. '' otherwise (no tmpfs, VELO_RUNTIME_DIR=off)."""
+    why = _why.get("planted", "")
+    if not why:
+        return ""
+    return (
+        f"the per-boot layer cache is not used ({why}): layers are built in the store, "
+        "slower; remove that entry if it is not one you keep (another user may have made it "
+        "first), or set VELO_RUNTIME_DIR to a directory of yours on a tmpfs"
+    )
 
 
 def _own_private_dir(path: str, *, create: bool) -> str | None:
@@ -79,6 +94,15 @@ def _own_private_dir(path: str, *, create: bool) -> str | None:
     return None
 
 
+def _unusable(path: str, *, create: bool) -> str | None:
+    """`_own_private_dir` of a place for the cache, noting (`planted_note`) one that exists
+    and is not this user's to use."""
+    why = _own_private_dir(path, create=create)
+    if why is not None and os.path.lexists(path) and not _why.get("planted"):
+        _why["planted"] = why
+    return why
+
+
 def _on_tmpfs(path: str) -> bool:
     try:
         return _libc.statfs_type(Path(path)) == _libc.TMPFS_MAGIC
@@ -88,13 +112,14 @@ def _on_tmpfs(path: str) -> bool:
 
 def _base(*, create: bool = True) -> str | None:
     uid = os.geteuid()
+    _why["planted"] = ""
     asked = (envvars.get("VELO_RUNTIME_DIR") or "").strip()
     if asked:
         if asked == "off":
             _why["last"] = "VELO_RUNTIME_DIR=off"
             return None
         path = os.path.join(os.path.abspath(asked), f"veloverlay-{uid}")
-        why = _own_private_dir(path, create=create)
+        why = _unusable(path, create=create)
         _why["last"] = why or ""
         return None if why else path
     if uid == 0:
@@ -110,7 +135,7 @@ def _base(*, create: bool = True) -> str | None:
         if not _on_tmpfs(parent):
             reasons.append(f"{parent} is not a tmpfs")
             continue
-        why = _own_private_dir(path, create=create)
+        why = _unusable(path, create=create)
         if why is None:
             _why["last"] = ""
             return path

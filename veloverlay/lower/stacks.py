@@ -80,6 +80,7 @@ from veloverlay.lower.homes import (
     fallback_note,
     holds_xattrs,
     ids_dir,
+    planted_note,
     reap_orphans,
 )
 from veloverlay.lower.layers import (
@@ -211,7 +212,7 @@ def ensure_lowers(
     disk = disk_home(store)
     fast = boot_home(store) if form == "data-only" else None
     homes = [fast, disk] if fast is not None else [disk]
-    warning = ""
+    warning = planted_note() if form == "data-only" and fast is None else ""
     try:
         _built_here(store, homes[0])
     except (OSError, VeloError) as exc:
