@@ -366,12 +366,14 @@ def close_to_others(fd: int, shown: str) -> int:
     from other users (a 0700 top over 0644 files; a writer killed midway leaves them there).
     One this user may not chmod (another user's) is refused (VeloError, TARGET_INVALID): the
     tree's mode could not be set on it at the end either."""
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
     try:
         os.fchmod(fd, mode & 0o7700 | 0o700)
     except PermissionError:
         raise VeloError(
-            f"{shown} belongs to another user: the tree's mode cannot be set on it, and until "
+            f"{shown} belongs to another user (uid {st.st_uid}): the tree's mode cannot be set "
+            "on it, and until "
             "then its files would be open to that user",
             reason=Reason.TARGET_INVALID,
             hint="write the tree into a directory of your own, or a new one",

@@ -13,7 +13,14 @@ import stat
 
 from veloverlay.errors import Reason, VeloError
 
-__all__ = ["real_root", "others_can_rename", "untrusted_on_path", "realpath_safe"]
+__all__ = [
+    "real_root",
+    "others_can_rename",
+    "untrusted_on_path",
+    "realpath_safe",
+    "owner_words",
+    "not_yours",
+]
 
 
 def real_root() -> bool:
@@ -182,3 +189,41 @@ def _owner_of_nearest(path: str) -> int:
             if path == "/":
                 return 0
             path = os.path.dirname(path)
+
+
+def owner_words(uid: int) -> str:
+    """A user as messages name one: 'uid 1501 (bob)', or 'uid 1501' without a name."""
+    import pwd
+
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (KeyError, OSError):
+        return f"uid {uid}"
+
+
+def not_yours(path: str | os.PathLike[str]) -> str | None:
+    """When `path` (or, when it does not exist, the nearest directory above it that does) is
+    another user's and this user may not write it: why, naming it and its owner, for an error
+    that must say more than "Operation not permitted". None otherwise."""
+    here = os.path.abspath(path)
+    while True:
+        try:
+            st = os.lstat(here)
+            break
+        except FileNotFoundError:
+            parent = os.path.dirname(here)
+            if parent == here:
+                return None
+            here = parent
+        except OSError:
+            return None
+    if st.st_uid == os.geteuid() or os.geteuid() == 0:
+        return None
+    whose = owner_words(st.st_uid)
+    if os.fspath(here) == os.path.abspath(path):
+        if stat.S_ISDIR(st.st_mode):
+            return f"{here} is a directory of {whose}"
+        return f"{here} belongs to {whose}"
+    if os.access(here, os.W_OK | os.X_OK):
+        return None
+    return f"{here}, where it would be made, is a directory of {whose} that you cannot write"

@@ -27,6 +27,7 @@ shorter than half a second; rich is imported only when a bar is first drawn.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -149,7 +150,18 @@ def describe(exc: BaseException) -> dict[str, Any]:
         msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, INTERNAL, None
     if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):
         path = os.fsdecode(exc.filename)
+        if hint is None and exc.errno in (errno.EACCES, errno.EPERM):
+            hint = _whose_hint(path)
     return {"message": msg, "reason": reason, "hint": hint, "detail": detail, "path": path}
+
+
+def _whose_hint(path: str) -> str | None:
+    """For a permission failure at `path`: whose it is, when another user's (a checkout or an
+    export into someone else's directory said only "Permission denied")."""
+    from veloverlay.pathtrust import not_yours
+
+    whose = not_yours(path)
+    return f"{whose}: choose a place of your own" if whose else None
 
 
 def error(

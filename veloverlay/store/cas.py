@@ -41,7 +41,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from veloverlay import envvars, verity
+from veloverlay import envvars, pathtrust, verity
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
 from veloverlay.store import access, storelock
@@ -289,10 +289,16 @@ class Store(Presence):
             access.create_once("CACHEDIR.TAG", _CACHEDIR_TAG, dir_fd=fd)
             access.create_once(".gitignore", b"*\n", dir_fd=fd)
         except PermissionError as exc:
+            whose = pathtrust.not_yours(store.root)
             raise VeloError(
-                f"cannot create the store at {store.root}: {exc.strerror}",
+                f"cannot create the store at {store.root}: "
+                + (f"{whose}" if whose else exc.strerror or "permission denied"),
                 reason=Reason.STORE_PERMISSION,
-                hint="choose a writable location with --store or VELO_STORE",
+                hint="a store is made in a new or empty directory of your own: choose one "
+                "with --store or VELO_STORE"
+                if whose
+                else "choose a writable location with --store or VELO_STORE",
+                path=store.root,
             ) from exc
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

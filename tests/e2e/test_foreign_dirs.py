@@ -1,0 +1,71 @@
+"""A verb that meets a directory of another user says whose it is and what to do, instead of
+only "Operation not permitted" (init into another user's empty directory, checkout DEST and
+export output under one). Run as the unprivileged test uid against directories root made: the
+real thing, another owner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.unpriv import run_unprivileged, unpriv_tmpdir
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to make another's dirs")
+
+
+def _velo(store: str, *args: str) -> dict[str, object]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "--json", "--store", store, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    doc: dict[str, object] = json.loads(p.stdout)
+    return doc
+
+
+def _as_user(base: str) -> dict[str, dict[str, object]]:
+    own = os.path.join(base, "own")
+    src = os.path.join(base, "src")
+    os.mkdir(src)
+    with open(os.path.join(src, "f"), "w") as f:
+        f.write("x")
+    for argv in (["init"], ["ingest", src, "--name", "t"]):
+        subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--store", own, *argv],
+            check=True,
+            capture_output=True,
+        )
+    theirs = os.path.join(base, "theirs")
+    return {
+        "init": _velo(theirs, "init"),
+        "init-below": _velo(os.path.join(theirs, "new", "store"), "init"),
+        "checkout": _velo(own, "checkout", "t", os.path.join(theirs, "out")),
+        "checkout-into": _velo(own, "checkout", "t", theirs),
+        "export": _velo(own, "export", "t", "-o", os.path.join(theirs, "t.velo")),
+    }
+
+
+def test_another_users_directory_is_named_with_its_owner() -> None:
+    with unpriv_tmpdir() as base:
+        os.mkdir(os.path.join(base, "theirs"), 0o755)  # root's, empty
+        got = run_unprivileged(_as_user, base)
+    theirs = os.path.join(base, "theirs")
+    for verb, doc in got.items():
+        said = f"{doc['error']} {doc['hint']}"
+        assert "uid 0" in said, (verb, doc)
+        assert doc["hint"], (verb, doc)
+    assert got["init"]["reason"] == "store-permission"
+    assert got["init"]["error"] == (
+        f"cannot create the store at {theirs}: {theirs} is a directory of uid 0 (root)"
+    )
+    assert got["init-below"]["reason"] == "store-permission"
+    assert got["checkout-into"]["reason"] == "target-invalid"
+    assert "that you cannot write" in str(got["export"]["hint"])
