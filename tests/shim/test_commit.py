@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import veloverlay
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, fsck_ok, mode_params, new_store
 from tests.shim._util import run_shim
@@ -52,6 +54,49 @@ def test_discard_and_no_commit() -> None:
         assert _cat(store, res.conflict_ref, "f1") == b"changed"
         assert _cat(store, "t", "f1") == b"one\n"
         assert not fsck_ok(store)
+
+
+_SECRET_WRITER = """
+import glob, json, os, sys
+from veloverlay.session.shim.daemon import request_sync
+store, proj, out = sys.argv[1:4]
+os.umask(0o077)
+with open(os.path.join(proj, "secret"), "wb") as f:
+    f.write(b"discard me, private %d" % os.getpid())
+(state,) = glob.glob(os.path.join(store, "sessions", "*", "state.json"))
+with open(out, "w") as f:  # the daemon has folded the journal in (it commits then, if ever)
+    f.write(str(request_sync(json.load(open(state))["socket"], timeout=10.0)))
+"""
+
+
+def test_discard_publishes_nothing_the_session_wrote() -> None:
+    """--discard keeps nothing: the live view's commits published what the session wrote as
+    store objects (0444) that outlived it; in a shared store every local user could read a file
+    the session wrote under umask 077. Now the daemon commits nothing live for such a session.
+    Its command asks the daemon to sync (as `status` does) before it exits."""
+    with unpriv_tmpdir() as base:
+        store, _src = new_store(base)
+        os.chmod(store.root, 0o755)  # a shared store: readable by every local user
+        proj, out = os.path.join(base, "proj"), os.path.join(base, "synced")
+        env = f"PYTHONPATH={os.path.dirname(os.path.dirname(veloverlay.__file__))}"
+        cmd = ["env", env, sys.executable, "-c", _SECRET_WRITER, os.fspath(store.root), proj, out]
+        res = run_shim(store, "t", cmd, link=False, at=proj, discard=True)
+        assert res.exit_status == 0 and res.state == "discarded"
+        with open(out) as f:
+            assert f.read() == "True"  # the daemon answered: its tick ran after the write
+        leaked = [
+            name
+            for _dir, _dirs, names in os.walk(store.root / "objects-v2")
+            for name in names
+            if _content_has(store.root / "objects-v2" / name[:2] / name, b"discard me, private")
+        ]
+        assert leaked == []
+        assert _refs(store) == ["t"]
+
+
+def _content_has(path: os.PathLike[str], needle: bytes) -> bool:
+    with open(path, "rb") as f:
+        return needle in f.read()
 
 
 def _move_ref(store: Store, path: bytes, data: bytes) -> None:

@@ -15,8 +15,9 @@ transaction: compare-and-swap on its own last head). Paths opened for writing st
 while and are re-stat-ed each tick, so a file written through an fd the kernel closed (exit) still
 reaches the live view. A unix socket takes live check-ins: the peer's uid (SO_PEERCRED) must be
 the session's, frames are at most 4 KiB (a longer one closes the connection), a silent peer is
-dropped after a second. The daemon is never on a program's path: if it dies the journal keeps
-growing and the final stat-diff loses nothing.
+dropped after a second. A `--discard` session gets no live commits: nothing it writes is staged
+or published into the store (a shared store's readers could read it). The daemon is never on a
+program's path: if it dies the journal keeps growing and the final stat-diff loses nothing.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class Daemon:
         self.state = session_state.load(self.store, session_id)
         self.m = Manifests(store)
         self.uid = int(self.state.uid)
+        # --discard: nothing of the session is kept, so nothing is staged or published live
+        # either (objects a live commit published stayed in the store after the session, and
+        # in a shared store every local user could read them: a 0600 file written under umask
+        # 077). Check-ins are still read: they say which processes ran shimmed.
+        self.discard = bool(self.state.discard)
         self.sref = self.state.session_ref
         with self.m.read() as txn:
             ref = self.m.require_ref(txn, self.sref)
@@ -222,6 +228,8 @@ class Daemon:
             for r in recs:
                 if r.type == RecType.CHECKIN:
                     self.checkins.setdefault(r.pid, os.fsdecode(r.path1))
+            if self.discard:
+                continue
             for rel in dirty_paths(recs, self.sync, self.dirty):
                 self.hot[rel] = (now + HOT_SECONDS, None)
         for rel, (until, sig) in list(self.hot.items()):
