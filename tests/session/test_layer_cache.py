@@ -16,7 +16,13 @@ import subprocess
 import pytest
 
 from tests.helpers.trees import force_rmtree
-from tests.helpers.unpriv import run_in_userns, unpriv_tmpdir
+from tests.helpers.unpriv import (
+    UNPRIV_GID,
+    UNPRIV_UID,
+    run_in_userns,
+    run_unprivileged,
+    unpriv_tmpdir,
+)
 from tests.session._util import (
     FORM_MARKS,
     MODE_MARKS,
@@ -182,6 +188,25 @@ def test_unsafe_runtime_dir_is_not_used(how: str) -> None:
     assert expected[how] in warning and "layers are built in the store" in warning
     assert "VELO_RUNTIME_DIR" in warning
     assert r["elsewhere"] == []  # nothing was written through the planted symlink
+
+
+def _asked_for_theirs(base: str, runtime: str) -> str:
+    os.environ["VELO_RUNTIME_DIR"] = runtime
+    store, _src = new_store(os.path.join(base, "mine"))
+    return _lowers(store).warning
+
+
+def test_a_runtime_dir_asked_for_that_is_another_users_is_said() -> None:
+    """VELO_RUNTIME_DIR naming root's directory, as the unprivileged uid: veloverlay-UID cannot
+    be made there, the layers go to the store, and the session's warning says so."""
+    with unpriv_tmpdir() as base:
+        runtime = os.path.join(base, "roots")
+        os.mkdir(runtime, 0o755)
+        os.mkdir(os.path.join(base, "mine"), 0o755)
+        os.chown(os.path.join(base, "mine"), UNPRIV_UID, UNPRIV_GID)
+        warning = run_unprivileged(_asked_for_theirs, base, runtime)
+    assert f"cannot create {runtime}/veloverlay-{UNPRIV_UID}" in warning, warning
+    assert "layers are built in the store" in warning and "VELO_RUNTIME_DIR" in warning
 
 
 def _fills_up(base: str) -> dict[str, object]:

@@ -53,15 +53,16 @@ def why_not() -> str:
 def planted_note() -> str:
     """When the last look for the per-boot cache found a place of its that exists but that this
     user may not use (another user's, open to others, not a directory: one another user can
-    make first in /dev/shm), what to tell the user: the layers then go to the store, slower
+    make first in /dev/shm), or could not have the one VELO_RUNTIME_DIR asks for, what to tell
+    the user: the layers then go to the store, slower
     but sound, and only `doctor` said why. '' otherwise (no tmpfs, VELO_RUNTIME_DIR=off)."""
     why = _why.get("planted", "")
     if not why:
         return ""
     return (
         f"the per-boot layer cache is not used ({why}): layers are built in the store, "
-        "slower; remove that entry if it is not one you keep (another user may have made it "
-        "first), or set VELO_RUNTIME_DIR to a directory of yours on a tmpfs"
+        "slower; set VELO_RUNTIME_DIR to a directory of yours on a tmpfs, or have that entry "
+        "removed if another user made it first"
     )
 
 
@@ -94,11 +95,12 @@ def _own_private_dir(path: str, *, create: bool) -> str | None:
     return None
 
 
-def _unusable(path: str, *, create: bool) -> str | None:
+def _unusable(path: str, *, create: bool, asked: bool = False) -> str | None:
     """`_own_private_dir` of a place for the cache, noting (`planted_note`) one that exists
-    and is not this user's to use."""
+    and is not this user's to use, or any the user `asked` for (VELO_RUNTIME_DIR) and cannot
+    have (a directory of another user's where it cannot be made)."""
     why = _own_private_dir(path, create=create)
-    if why is not None and os.path.lexists(path) and not _why.get("planted"):
+    if why is not None and (asked or os.path.lexists(path)) and not _why.get("planted"):
         _why["planted"] = why
     return why
 
@@ -119,7 +121,7 @@ def _base(*, create: bool = True) -> str | None:
             _why["last"] = "VELO_RUNTIME_DIR=off"
             return None
         path = os.path.join(os.path.abspath(asked), f"veloverlay-{uid}")
-        why = _unusable(path, create=create)
+        why = _unusable(path, create=create, asked=True)
         _why["last"] = why or ""
         return None if why else path
     if uid == 0:
