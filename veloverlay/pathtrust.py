@@ -205,25 +205,30 @@ def not_yours(path: str | os.PathLike[str]) -> str | None:
     """When `path` (or, when it does not exist, the nearest directory above it that does) is
     another user's and this user may not write it: why, naming it and its owner, for an error
     that must say more than "Operation not permitted". None otherwise."""
-    here = os.path.abspath(path)
-    while True:
+    if os.geteuid() == 0:
+        return None
+    want = os.path.abspath(path)
+    here = want
+    while True:  # up to the nearest place this user can see (one it cannot enter hides more)
         try:
             st = os.lstat(here)
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             parent = os.path.dirname(here)
             if parent == here:
                 return None
             here = parent
         except OSError:
             return None
-    if st.st_uid == os.geteuid() or os.geteuid() == 0:
+    if st.st_uid == os.geteuid():
         return None
     whose = owner_words(st.st_uid)
-    if os.fspath(here) == os.path.abspath(path):
+    if here == want:
         if stat.S_ISDIR(st.st_mode):
             return f"{here} is a directory of {whose}"
         return f"{here} belongs to {whose}"
-    if os.access(here, os.W_OK | os.X_OK):
+    if not os.access(here, os.X_OK):
+        return f"{here} is a directory of {whose} that you cannot enter"
+    if os.access(here, os.W_OK):
         return None
     return f"{here}, where it would be made, is a directory of {whose} that you cannot write"

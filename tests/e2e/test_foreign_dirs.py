@@ -50,12 +50,16 @@ def _as_user(base: str) -> dict[str, dict[str, object]]:
         "checkout": _velo(own, "checkout", "t", os.path.join(theirs, "out")),
         "checkout-into": _velo(own, "checkout", "t", theirs),
         "export": _velo(own, "export", "t", "-o", os.path.join(theirs, "t.velo")),
+        # below a directory of theirs this user cannot even enter (0700)
+        "refs-hidden": _velo(os.path.join(base, "hidden", "store"), "refs"),
+        "checkout-hidden": _velo(own, "checkout", "t", os.path.join(base, "hidden", "out")),
     }
 
 
 def test_another_users_directory_is_named_with_its_owner() -> None:
     with unpriv_tmpdir() as base:
         os.mkdir(os.path.join(base, "theirs"), 0o755)  # root's, empty
+        os.mkdir(os.path.join(base, "hidden"), 0o700)  # root's, private
         got = run_unprivileged(_as_user, base)
     theirs = os.path.join(base, "theirs")
     for verb, doc in got.items():
@@ -69,3 +73,10 @@ def test_another_users_directory_is_named_with_its_owner() -> None:
     assert got["init-below"]["reason"] == "store-permission"
     assert got["checkout-into"]["reason"] == "target-invalid"
     assert "that you cannot write" in str(got["export"]["hint"])
+    # was a bare "[Errno 13] Permission denied" (os-error, no hint)
+    assert got["refs-hidden"]["reason"] == "store-permission"
+    hidden = os.path.join(base, "hidden")
+    assert f"{hidden} is a directory of uid 0 (root) that you cannot enter" in str(
+        got["refs-hidden"]["error"]
+    )
+    assert "that you cannot enter" in str(got["checkout-hidden"]["hint"])

@@ -313,6 +313,18 @@ class Store(Presence):
     @classmethod
     def open(cls, root: str | os.PathLike[str]) -> Store:
         store = cls(root)
+        try:
+            os.stat(store.root)
+        except PermissionError:  # a directory on the way this user cannot enter
+            raise VeloError(
+                f"cannot reach the store at {store.root}: "
+                + (pathtrust.not_yours(store.root) or "permission denied"),
+                reason=Reason.STORE_PERMISSION,
+                hint="use a store of your own (--store or VELO_STORE)",
+                path=store.root,
+            ) from None
+        except OSError:
+            pass  # missing or not a directory: said below
         if store.root.is_dir() and not os.access(store.root, os.R_OK | os.X_OK):
             owner = store.root.stat().st_uid
             raise VeloError(
