@@ -55,6 +55,7 @@ def test_group_bits_are_the_acl_group_entry_and_mask(repo: Repo, shm_tmp: str) -
     os.setxattr(team, posixacl.ACCESS, secret_acl(6, 6, 0))
     os.setxattr(d, posixacl.ACCESS, secret_acl(7, 0, 0))  # a directory: rwx--x... as 0750
     os.chmod(os.path.join(src, "plain"), 0o640)
+    os.setxattr(src, posixacl.ACCESS, secret_acl(7, 0, 5))  # the top too: 0745 in stat
     # What stat says (the mask as the group bits), which was stored before.
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o640
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o740
@@ -65,7 +66,9 @@ def test_group_bits_are_the_acl_group_entry_and_mask(repo: Repo, shm_tmp: str) -
     assert mode_at(repo, "acl", b"d/team") == 0o640
     assert mode_at(repo, "acl", b"d") == 0o700
     assert mode_at(repo, "acl", b"plain") == 0o640  # no ACL: its mode
-    assert res.acl_narrowed == 3
+    with repo.m.read() as txn:
+        assert repo.m.get_node(txn, repo.resolve_root("acl")).mode == 0o705
+    assert res.acl_narrowed == 4
     # A re-ingest (the stat cache is warm) keeps the narrowed modes.
     again = ingest(repo.store, repo.m, src, "acl", jobs=1)
     assert again.unchanged
