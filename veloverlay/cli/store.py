@@ -142,7 +142,9 @@ def ingest(
         render.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
     if res.acl_narrowed:
         render.warn(
-            f"{res.acl_narrowed} files or directories have POSIX ACLs, which are not kept: "
+            f"{res.acl_narrowed} "
+            + ("file or directory has" if res.acl_narrowed == 1 else "files or directories have")
+            + " POSIX ACLs, which are not kept: "
             "stored with the group bits the ACL gives the owning group; named user and group "
             "entries and default ACLs are dropped"
         )
