@@ -264,3 +264,87 @@ def test_a_pulled_refs_notes_are_forgotten_on_a_full_disk(shm_tmp: str) -> None:
     assert out["ingest"] == 0 and out["filler"] == errno.ENOSPC, out
     assert out["forget"] == "ok", out
     assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64]}}
+
+
+def _fill(path: str) -> int:
+    """Write zeros to `path` until the disk is full; the errno that stopped it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        return exc.errno or 0
+    finally:
+        os.close(fd)
+
+
+def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=3m")
+    store = os.path.join(mnt, "store")
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    src = os.path.join(base, "src")
+    os.makedirs(src)
+    for i in range(10):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(os.urandom(100_000))
+    out: dict[str, object] = {}
+    out["ingest"] = [velo("ingest", src, "--name", n).returncode for n in ("a", "b")]
+    out["filler"] = _fill(os.path.join(mnt, "filler"))
+    for name in ("a", "b"):
+        res = velo("refs", "--delete", name)
+        out[f"delete {name}"] = (res.returncode, res.stderr)
+    res = velo("gc", "--grace", "0")
+    out["gc"] = (res.returncode, res.stderr)
+    out["refs"] = velo("refs").stdout
+    out["free"] = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    reserve = os.path.join(store, "space-reserve")
+    out["reserve"] = os.stat(reserve).st_blocks * 512 if os.path.exists(reserve) else None
+    out["fsck"] = velo("fsck").returncode
+    os.unlink(os.path.join(mnt, "filler"))
+    out["again"] = velo("ingest", src, "--name", "c").returncode
+    out["checkout"] = velo("checkout", "c", os.path.join(base, "out")).returncode
+    out["same"] = all(
+        open(os.path.join(src, n), "rb").read() == open(os.path.join(base, "out", n), "rb").read()
+        for n in os.listdir(src)
+    )
+    return out
+
+
+def test_refs_can_be_deleted_on_a_full_disk(shm_tmp: str) -> None:
+    """The documented way out of a full disk is to delete refs, then gc. But LMDB copies the
+    pages a deletion changes, so on a disk with no free page `refs --delete` failed inside LMDB
+    (store-full, nothing committed): a user who filled the disk could not free it (found by
+    filling a small tmpfs). The store keeps a small reserve that only its space-freeing commits
+    give up (store/reserve.py): the deletes commit, gc frees the objects, the reserve is whole
+    again, and the store is whole."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_delete_refs_on_a_full_disk, shm_tmp)
+    assert out["ingest"] == [0, 0] and out["filler"] == errno.ENOSPC, out
+    assert out["delete a"] == (0, ""), out
+    assert out["delete b"] == (0, ""), out
+    assert out["gc"][0] == 0, out  # type: ignore[index]
+    assert json.loads(out["refs"]) == [], out  # type: ignore[arg-type]
+    assert out["free"] >= 900_000, out  # the refs' 1 MB is free again, the reserve kept
+    assert out["reserve"] == 256 << 10
+    assert out["fsck"] == out["again"] == out["checkout"] == 0, out
+    assert out["same"]

@@ -67,6 +67,7 @@ TOP_FILES = (
     "manifests.lmdb/lock.mdb",
     "unprotected-v1",
     "fsverity-v1.json",
+    "space-reserve",
 )
 
 

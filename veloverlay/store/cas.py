@@ -9,6 +9,7 @@ Layout (versioned names: a format change is a new directory name):
     <store>/sessions/<id>/              session state (session.py)
     <store>/locks-v1/                   sidecar locks for sources that refuse flock
     <store>/manifests.lmdb/             the manifest database (manifest.py)
+    <store>/space-reserve               room kept for space-freeing commits (reserve.py)
 
 Durability without per-file fsync: writers stage objects in `tmp/`, named only after the bytes
 actually written have been hashed; `Stage.publish()` then runs syncfs, renames every staged file
@@ -44,7 +45,7 @@ from pathlib import Path
 from veloverlay import envvars, pathtrust, verity
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import makedirs
-from veloverlay.store import access, storelock
+from veloverlay.store import access, reserve, storelock
 from veloverlay.store.objread import object_corrupt, open_regular, verified_chunks
 from veloverlay.store.presence import Presence
 from veloverlay.store.stage import OBJECT_MODE, Stage
@@ -288,6 +289,7 @@ class Store(Presence):
             storelock.make_gate(fd)
             access.create_once("CACHEDIR.TAG", _CACHEDIR_TAG, dir_fd=fd)
             access.create_once(".gitignore", b"*\n", dir_fd=fd)
+            reserve.ensure(store)  # what lets a full store free space (reserve.py)
         except PermissionError as exc:
             whose = pathtrust.not_yours(store.root)
             raise VeloError(
@@ -478,7 +480,10 @@ class Store(Presence):
         timeout: float | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """The store lock: shared for writers, exclusive for gc; `waiting` is told whom it
-        waits for, when it does; `timeout` bounds the wait (`locked` when it ends)."""
+        waits for, when it does; `timeout` bounds the wait (`locked` when it ends). A writer
+        first makes the space reserve whole again if it was given up (reserve.py)."""
+        if not exclusive:
+            reserve.ensure(self)
         return storelock.store_lock(
             self.root, self.fd, exclusive=exclusive, wait=wait, waiting=waiting, timeout=timeout
         )

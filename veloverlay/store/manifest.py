@@ -212,18 +212,12 @@ class Manifests(History):
                 hint="set VELO_MAP_SIZE to a larger value (bytes) and retry",
             ) from exc
         except lmdb.DiskError as exc:
-            raise VeloError(
-                "the disk is full while committing; nothing was committed",
-                reason=Reason.STORE_FULL,
-            ) from exc
+            raise _disk_full(self.store) from exc
         except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
             raise corrupt(self.store, str(exc)) from exc
         except lmdb.Error as exc:
             if "No space" in str(exc):
-                raise VeloError(
-                    "the disk is full while committing; nothing was committed",
-                    reason=Reason.STORE_FULL,
-                ) from exc
+                raise _disk_full(self.store) from exc
             raise
         finally:
             self._ref_delta = 0
@@ -404,6 +398,15 @@ class Manifests(History):
     def diff(self, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:
         """Path operations that turn tree `a` into tree `b` (see delta.diff)."""
         return delta.diff(self, txn, a, b, prefix)
+
+
+def _disk_full(store: Store) -> VeloError:
+    return VeloError(
+        "the disk is full while committing; nothing was committed",
+        reason=Reason.STORE_FULL,
+        hint=f"free space on the filesystem of {store.root} and retry; 'veloverlay refs --delete "
+        "REF' and then 'veloverlay gc' free the store's own (they work on a full disk)",
+    )
 
 
 def _lmdb_error(exc: Exception, store: Store) -> VeloError:

@@ -18,6 +18,7 @@ _PART_NAMES = {
     "manifests.lmdb": "manifests",
     "tmp": "tmp",
     "quarantine-v1": "quarantine",  # corrupt objects fsck --repair set aside
+    "space-reserve": "reserve",  # room kept for space-freeing commits (reserve.py)
 }
 
 
@@ -49,7 +50,7 @@ def tree_usage(path: str, part: dict[str, int], seen: set[tuple[int, int]]) -> N
 def disk_usage(store: Store) -> dict[str, dict[str, int]]:
     """Files, directories and bytes on disk (allocated blocks) per top-level part of the
     store: objects, ids, trees (layers kept in the store), sessions, manifests, tmp,
-    quarantine, other.
+    quarantine, reserve, other.
     A file with several names in the store (an object and its short id) counts once."""
     parts: dict[str, dict[str, int]] = {}
     seen: set[tuple[int, int]] = set()

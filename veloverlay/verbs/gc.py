@@ -32,7 +32,7 @@ from veloverlay.files import exact_modes, read_regular
 from veloverlay.lower.homes import short_id
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
-from veloverlay.store import access, quarantine
+from veloverlay.store import access, quarantine, reserve
 from veloverlay.store.cas import OBJECTS_V2, Store
 from veloverlay.store.dbfile import record_read_lock
 from veloverlay.store.manifest import (
@@ -397,7 +397,7 @@ def gc(
         # Manifest first: after this commit nothing references the victims.
         forget = (dead_commits, cuts, dead_nodes, short_ids)
         try:
-            _forget(m, *forget)
+            reserve.freeing(store, lambda: _forget(m, *forget))
         except VeloError as exc:
             if exc.reason is not Reason.STORE_FULL or not victims:
                 raise
@@ -426,6 +426,7 @@ def gc(
         from veloverlay.session.shim.materialize import prune_proxies
 
         rep.proxies_removed = prune_proxies(store)
+        reserve.ensure(store)  # room came back: kept for the next full disk (reserve.py)
     return rep
 
 

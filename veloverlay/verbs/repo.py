@@ -16,6 +16,7 @@ from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.progress import Progress
 from veloverlay.records import Record
+from veloverlay.store import reserve
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import MIN_PREFIX, Commit, Manifests, Ref, Tag
@@ -289,13 +290,16 @@ class Repo:
             return [(t, self.m.get_commit(txn, t.commit)) for t in self.m.tags(txn)]
 
     def delete_tag(self, name: str) -> None:
-        with self.m.write() as txn:
-            if not self.m.delete_tag(txn, name):
-                raise VeloError(
-                    f"no tag named {name!r}",
-                    reason=Reason.NOT_FOUND,
-                    hint="'veloverlay tag' lists the tags",
-                )
+        def attempt() -> None:
+            with self.m.write() as txn:
+                if not self.m.delete_tag(txn, name):
+                    raise VeloError(
+                        f"no tag named {name!r}",
+                        reason=Reason.NOT_FOUND,
+                        hint="'veloverlay tag' lists the tags",
+                    )
+
+        reserve.freeing(self.store, attempt)  # a way to free space: works on a full disk
 
     def delete_ref(self, name: str, *, grace: float = 3600.0) -> RefFootprint:
         """Delete ref `name` (its tags stay). Returns what that frees and when: its objects that
@@ -308,10 +312,16 @@ class Repo:
         refuse_live_view(self.store, name, doing="delete")
         fp = ref_footprint(self.store, self.m, name, grace=grace)
         Versions(self.store).forget(name)  # first: a later ref of that name is not the pulled one
-        with self.m.write() as txn:
-            if not self.m.delete_ref(txn, name):
-                raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
-            drop_cache(self.m, txn, name)
+
+        def attempt() -> None:
+            with self.m.write() as txn:
+                if not self.m.delete_ref(txn, name):
+                    raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
+                drop_cache(self.m, txn, name)
+
+        # the documented way out of a full disk (delete refs, then gc) must work on one: LMDB
+        # needs free pages even to delete, which the store's reserve gives (reserve.py)
+        reserve.freeing(self.store, attempt)
         return fp
 
     def disk_usage(self) -> dict[str, dict[str, int]]:

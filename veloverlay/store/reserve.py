@@ -1,0 +1,117 @@
+"""The store's space reserve: `<store>/space-reserve`, a file of `SIZE` allocated bytes that only
+the store's own space-freeing commits give up.
+
+Why: LMDB copies every page it changes (copy-on-write), so even a commit that only deletes
+(`refs --delete`, `tag --delete`, gc forgetting what it sweeps) needs a few free pages. On a full
+disk it has none: the commit fails with store-full, and the documented way out of a full disk
+(delete refs, then gc) was closed to the user who filled it. gc could delete its victims first;
+a ref delete cannot free anything before it commits.
+
+So the store keeps this reserve. `freeing(store, attempt)` runs a space-freeing commit; when it
+meets a full disk (STORE_FULL, nothing committed), the reserve is truncated to nothing and the
+commit tried once more, with `SIZE` bytes free. `ensure` makes the reserve whole again: when a
+store is made, whenever a writer takes the store lock, and after gc; on a full disk it leaves it
+as it is and says so by its answer (the reserve is a safety margin, never a reason to fail).
+
+The reserve is not part of the store's format: an older veloverlay ignores it (its name has no
+`-vN`, so it is not taken for a newer format), a store without it works as before, `fsck` and
+`doctor` do not look at it, gc never deletes it, `remove-store` removes it with the rest. It is
+reached by the store's descriptor, never followed if it is a symbolic link, and its content is
+never read (fallocated space; zeros wherever the filesystem cannot allocate without writing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from veloverlay.errors import Reason, VeloError
+
+if TYPE_CHECKING:
+    from veloverlay.store.cas import Store
+
+__all__ = ["NAME", "SIZE", "ensure", "release", "freeing", "held"]
+
+NAME = "space-reserve"
+# Enough for a ref delete with its ingest stat cache (measured: 8 KiB for a small ref, one page
+# per few dozen cached directories) and gc's commit of what it forgets; small beside any store.
+SIZE = 256 << 10
+
+_T = TypeVar("_T")
+
+_OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def held(store: Store) -> int:
+    """The bytes the reserve holds now (allocated), 0 when there is none."""
+    try:
+        st = os.stat(NAME, dir_fd=store.fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
+
+
+def ensure(store: Store) -> bool:
+    """Make the reserve whole (`SIZE` bytes allocated). True when it is; False when it cannot
+    be now (a full disk, a read-only or another user's store, something else under its name):
+    nothing is changed then, and a later writer or gc tries again."""
+    if held(store) >= SIZE:
+        return True
+    try:
+        fd = os.open(NAME, _OPEN | os.O_CREAT, 0o600, dir_fd=store.fd)
+    except OSError:
+        return False  # EROFS (a session, a read-only mount), EACCES (a shared store), ELOOP
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:
+            os.posix_fallocate(fd, 0, SIZE)
+        except OSError as exc:
+            # all or nothing: a part allocated on a disk that filled meanwhile is given back
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+                return False
+            raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def release(store: Store) -> bool:
+    """Give the reserve's space back to the filesystem (truncate it: no directory is changed,
+    which a full disk may not allow). True when that freed anything."""
+    if held(store) == 0:
+        return False
+    try:
+        fd = os.open(NAME, _OPEN, dir_fd=store.fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        os.ftruncate(fd, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def freeing(store: Store, attempt: Callable[[], _T]) -> _T:
+    """Run `attempt`, a commit that frees space in the store or lets gc free it. When it meets
+    a full disk (STORE_FULL, nothing committed), give the reserve up and run it once more; then
+    make the reserve whole again if there is room (else the next writer or gc does)."""
+    try:
+        return attempt()
+    except VeloError as exc:
+        if exc.reason is not Reason.STORE_FULL or not release(store):
+            raise
+    try:
+        return attempt()
+    finally:
+        ensure(store)
