@@ -25,6 +25,7 @@ from veloverlay.ingest.source import NOT_COMMITTED
 from veloverlay.store.cas import Stage
 from veloverlay.store.digest import Digest
 from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.reserve import FULL_HINT
 from veloverlay.store.tree import Entry, Kind, dir_entry_bytes, encode_parts
 from veloverlay.workers import Workers
 
@@ -102,8 +103,18 @@ def walk(
     # Files that vanished or stopped being regular are reported (skipped), not fatal; anything
     # else (unreadable, unstable) fails the whole ingest before anything is committed.
     if failures:
-        rel, reason, msg = min(failures)
+        # The store's own failure (full, read-only) first: no fix of the source helps there.
+        ours = [f for f in failures if f[1].startswith("store-")]
+        rel, reason, msg = min(ours or failures)
         where = os.path.join(top, rel) if rel else top
+        if ours:
+            full = reason == Reason.STORE_FULL.value
+            raise VeloError(
+                f"{msg} (while storing {os.fsdecode(where)})",
+                reason=Reason(reason),
+                path=where,
+                hint=f"{FULL_HINT}; nothing was committed" if full else "nothing was committed",
+            )
         raise VeloError(msg, reason=Reason(reason), path=where, hint=NOT_COMMITTED)
     res.dirs = len(recs) - 1
     return recs, staged

@@ -31,7 +31,7 @@ import lmdb
 from veloverlay import envvars, faults, paths
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import exact_modes
-from veloverlay.store import delta, tree
+from veloverlay.store import delta, reserve, tree
 from veloverlay.store.cas import Store
 from veloverlay.store.dbfile import (
     CORRUPT_HINT,
@@ -404,8 +404,8 @@ def _disk_full(store: Store) -> VeloError:
     return VeloError(
         "the disk is full while committing; nothing was committed",
         reason=Reason.STORE_FULL,
-        hint=f"free space on the filesystem of {store.root} and retry; 'veloverlay refs --delete "
-        "REF' and then 'veloverlay gc' free the store's own (they work on a full disk)",
+        hint=reserve.FULL_HINT,
+        path=store.root,
     )
 
 

@@ -34,12 +34,19 @@ from veloverlay.errors import Reason, VeloError
 if TYPE_CHECKING:
     from veloverlay.store.cas import Store
 
-__all__ = ["NAME", "SIZE", "ensure", "release", "freeing", "held"]
+__all__ = ["NAME", "SIZE", "FULL_HINT", "ensure", "release", "freeing", "held"]
 
 NAME = "space-reserve"
 # Enough for a ref delete with its ingest stat cache (measured: 8 KiB for a small ref, one page
 # per few dozen cached directories) and gc's commit of what it forgets; small beside any store.
 SIZE = 256 << 10
+
+# What a store-full error tells the user to do: what frees the store's own space works on a full
+# disk (thanks to the reserve); gc alone frees nothing a ref still names.
+FULL_HINT = (
+    "free space on the store's filesystem and retry: 'veloverlay refs --delete REF' and then "
+    "'veloverlay gc' free the store's own, and work on a full disk"
+)
 
 _T = TypeVar("_T")
 

@@ -27,6 +27,7 @@ from veloverlay import _libc, faults, files, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.store import access
 from veloverlay.store.digest import Digest, Hasher, hash_own_file
+from veloverlay.store.reserve import FULL_HINT
 
 if TYPE_CHECKING:
     from veloverlay.store.cas import Store
@@ -562,7 +563,7 @@ def store_error(exc: OSError, call: str, path: bytes, path2: bytes | None = None
         return VeloError(
             "the store's filesystem is full",
             reason=Reason.STORE_FULL,
-            hint="free space (e.g. 'veloverlay gc') and retry; nothing stored was changed",
+            hint=f"{FULL_HINT}; nothing stored was changed",
             path=path,
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
