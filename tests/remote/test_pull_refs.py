@@ -173,3 +173,26 @@ def test_a_deleted_and_reingested_ref_is_not_the_pulled_one(
     _serve(fake, EVIL, tag="v2")
     _refused(repo, fake.remote("v2"))
     assert_same_tree(_checked_out(repo, "proj", shm_tmp, "out"), src)
+
+
+def test_a_local_ref_with_the_same_tree_is_not_taken_for_the_pulled_one(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """A pull whose tree equals the existing ref's returned "up to date" before it checked
+    that the ref may be moved by this registry: a ref the user made here (not pulled) that
+    happens to hold the same tree was reported as pulled from the registry, while the next
+    version of the tag was then refused (other-source) — one source, two answers (found by
+    reading pull.py). The ref's source is checked first now; `--force` adopts it."""
+    _serve(fake, b"same\n")
+    theirs = pull(repo.store, repo.m, fake.remote(), name="theirs", options=OPTS)
+    with repo.m.write() as txn:  # the user's own ref, made here, with that very tree
+        repo.m.commit(txn, "proj", bytes.fromhex(theirs.root), expect_head=None, message="mine")
+    before = _head(repo, "proj")
+    _refused(repo, fake.remote())
+    assert _head(repo, "proj") == before and len(repo.log("proj")) == 1
+    _serve(fake, b"v2\n", tag="v2")
+    _refused(repo, fake.remote("v2"))  # the same answer for the next version
+    forced = pull(repo.store, repo.m, fake.remote(), force=True, options=OPTS)
+    assert forced.commit is None and _head(repo, "proj") == before  # the tree is there already
+    res = pull(repo.store, repo.m, fake.remote("v2"), options=OPTS)  # adopted: it follows now
+    assert res.commit is not None and len(repo.log("proj")) == 2

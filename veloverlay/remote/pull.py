@@ -124,16 +124,15 @@ def pull(
         res = PullResult(str(rn), digest, refname, root.hex())
         heal = bool(quarantine.wanted(store))  # fsck set objects aside: look for them here too
         with m.read() as txn:
-            existing = m.get_ref(txn, refname)
-            if (
-                not heal
-                and existing is not None
-                and m.get_commit(txn, existing.head).root == root.hex()
-            ):
-                res.requests = reg.requests
-                res.seconds = time.monotonic() - t0
-                return res  # up to date (a ref's whole closure is stored)
-            _check_target(store, m, txn, rn, refname, force)
+            # Whether this source may move the ref comes first: a ref of the user's own that
+            # holds the same tree is not "up to date" with the registry, it is not its ref.
+            existing = _check_target(store, m, txn, rn, refname, force)
+            same = existing is not None and m.get_commit(txn, existing.head).root == root.hex()
+        if same and not heal:  # up to date (a ref's whole closure is stored)
+            Versions(store).set(rn.registry, refname, rn.repo, digest)  # as below: a --force
+            res.requests = reg.requests  # adopts it, a newer manifest of the tree is noted
+            res.seconds = time.monotonic() - t0
+            return res
         jobs = max(1, reg.opts.jobs)
         with workers.more_files(HOLD_FILES):
             with ThreadPoolExecutor(jobs) as pool:
