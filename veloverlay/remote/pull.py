@@ -40,7 +40,7 @@ from veloverlay.store import incoming, quarantine
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import node_digest
 from veloverlay.store.manifest import Manifests, Txn
-from veloverlay.store.stage import HOLD_FILES, HoldBudget
+from veloverlay.store.stage import HOLD_FILES, HoldBudget, store_error
 from veloverlay.store.tree import Kind, Node, decode
 from veloverlay.store.versions import Ref
 
@@ -332,8 +332,14 @@ class _NodePacks:
     def _fetch(self, digest: str, size: int) -> int:
         if size > self.LIMIT:
             raise invalid(f"blob {digest} is {size} bytes, over the {self.LIMIT} allowed here")
-        if self.fd < 0:
-            self.fd = _unnamed(self.store.tmp_fd())
+        try:
+            if self.fd < 0:
+                self.fd = _unnamed(self.store.tmp_fd())
+            return self._spill(digest, size)
+        except OSError as exc:  # a full store is STORE_FULL, as any write into it
+            raise store_error(exc, "pwrite", os.fsencode(self.store.tmp)) from exc
+
+    def _spill(self, digest: str, size: int) -> int:
         base = self.end
 
         def once() -> tuple[int, str]:

@@ -16,6 +16,7 @@ refuses or a pull rejects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -54,8 +55,14 @@ class ShaMap:
         new = {b: s for b, s in new.items() if self.map.get(b) != s}
         if not new:
             return
-        makedirs(self.dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self.map.update(new)
+        try:
+            makedirs(self.dir)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return  # (see below)
+            raise
         try:
             _libc.ofd_lock(fd, write=True, wait=True)
             size = os.fstat(fd).st_size
@@ -65,9 +72,14 @@ class ShaMap:
             buf = memoryview(b"".join(b + s for b, s in new.items()))
             while buf:
                 buf = buf[os.write(fd, buf) :]
+        except OSError as exc:
+            # A full store: the map only spares a later push a re-hash, and what the pair
+            # describes is already stored, so the pull or push goes on without it (a torn
+            # record is cut off by the next writer).
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         finally:
             os.close(fd)
-        self.map.update(new)
 
 
 class Versions:

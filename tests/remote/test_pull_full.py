@@ -1,0 +1,143 @@
+"""A pull into a store whose filesystem is full: store-full (machine-readable, `--json`), never a
+generic OS error, with nothing stored or moved; once there is room the same pull works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
+from veloverlay.store import tree
+from veloverlay.store.digest import hash_bytes
+
+_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+def _fill(path: str) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        return exc.errno or 0
+    finally:
+        os.close(fd)
+
+
+def _pull_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=3m")
+    store = os.path.join(mnt, "store")
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out: dict[str, object] = {"init": velo("init").returncode}
+    filler = os.path.join(mnt, "filler")
+    out["filler"] = _fill(filler)
+    res = velo("pull", remote)
+    out["pull"] = (res.returncode, res.stdout, res.stderr)
+    out["refs"] = velo("refs").stdout
+    out["tmp"] = os.listdir(os.path.join(store, "tmp"))
+    os.unlink(filler)
+    out["again"] = velo("pull", remote).returncode
+    out["cat"] = velo("cat", "env", "s/f").stdout
+    out["fsck"] = velo("fsck").returncode
+    return out
+
+
+def test_a_pull_that_fills_the_disk_spilling_node_packs_is_store_full(
+    fake: FakeRegistry, shm_tmp: str
+) -> None:
+    """The node packs a pull walks wait in an unnamed file in the store's tmp/; a full disk
+    there was a raw OSError (`reason: os-error`, "No space left on device") instead of
+    store-full (found by pulling into a filled tmpfs)."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    sub, nodes = one_dir([file_entry(b"f", b"pulled\n")])
+    junk = {os.urandom(32): os.urandom(1 << 20)}  # 1 MiB of node pack the tree never names
+    root, top = one_dir([tree.Entry(b"s", tree.Kind.DIR, digest=sub)])
+    fake.serve_version(
+        {},
+        {hash_bytes(b"pulled\n"): b"pulled\n"},
+        root,
+        tag="v1",
+        config={"ref": "env"},
+        node_packs=[{**nodes, **junk}, top],
+    )
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_pull_on_a_full_disk, shm_tmp, fake.remote())
+    assert out["init"] == 0 and out["filler"] == errno.ENOSPC, out
+    rc, stdout, stderr = out["pull"]  # type: ignore[misc]
+    assert rc == 1 and "Traceback" not in stderr, out
+    assert json.loads(stdout)["reason"] == "store-full", out
+    assert json.loads(out["refs"]) == [] and out["tmp"] == [], out  # type: ignore[arg-type]
+    assert out["again"] == 0 and out["fsck"] == 0, out
+    assert out["cat"] == "pulled\n", out
+
+
+def _sha_map_on_a_full_disk(base: str) -> dict[str, object]:
+    from veloverlay import _libc, mount
+    from veloverlay.remote.state import ShaMap
+    from veloverlay.verbs.repo import Repo
+
+    _libc.unshare(_libc.CLONE_NEWNS)
+    mount.make_rprivate("/")
+    mnt = os.path.join(base, "mnt")
+    mount.mount_tmpfs(mnt, "size=2m")
+    repo = Repo.open(os.path.join(mnt, "store"), create=True)
+    out: dict[str, object] = {"filler": _fill(os.path.join(mnt, "filler"))}
+    pair = {b"\1" * 32: "sha256:" + "2" * 64}
+    try:
+        ShaMap(repo.store).add(pair)
+        out["add"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - the result under test
+        out["add"] = repr(exc)
+    os.unlink(os.path.join(mnt, "filler"))
+    ShaMap(repo.store).add(pair)
+    out["kept"] = ShaMap(repo.store).get(b"\1" * 32)
+    repo.close()
+    return out
+
+
+def test_the_sha256_map_is_not_what_fails_a_pull_on_a_full_disk(shm_tmp: str) -> None:
+    """A pull notes each large object's sha256 in remote-v1/sha256-v1 once it is stored; on a
+    full disk the append was a raw OSError (os-error) after the object itself was stored. The
+    map only spares a later push a re-hash: it is left as it is there, and written later."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_sha_map_on_a_full_disk, shm_tmp)
+    assert out["filler"] == errno.ENOSPC and out["add"] == "ok", out
+    assert out["kept"] == "sha256:" + "2" * 64
