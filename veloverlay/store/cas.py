@@ -471,6 +471,7 @@ class Store(Presence):
         return removed
 
     # -- locking ---------------------------------------------------------------------------
+    @contextlib.contextmanager
     def lock(
         self,
         *,
@@ -478,15 +479,17 @@ class Store(Presence):
         wait: bool = True,
         waiting: Callable[[str], None] | None = None,
         timeout: float | None = None,
-    ) -> contextlib.AbstractContextManager[None]:
+    ) -> Iterator[None]:
         """The store lock: shared for writers, exclusive for gc; `waiting` is told whom it
         waits for, when it does; `timeout` bounds the wait (`locked` when it ends). A writer
-        first makes the space reserve whole again if it was given up (reserve.py)."""
-        if not exclusive:
-            reserve.ensure(self)
-        return storelock.store_lock(
+        that holds it makes the space reserve whole again if it was given up (reserve.py;
+        not while gc, which may be using the room, holds the lock)."""
+        with storelock.store_lock(
             self.root, self.fd, exclusive=exclusive, wait=wait, waiting=waiting, timeout=timeout
-        )
+        ):
+            if not exclusive:
+                reserve.ensure(self)
+            yield
 
     def read_lock(self) -> contextlib.AbstractContextManager[None]:
         """The store lock, shared, for a verb reading objects: gc waits for it to finish."""
