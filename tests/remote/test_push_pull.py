@@ -510,3 +510,23 @@ def test_push_refuses_a_damaged_object(logged_in: Registry, repo: Repo, shm_tmp:
     with pytest.raises(VeloError) as nf:
         _layers(logged_in, target)
     assert nf.value.reason is Reason.NOT_FOUND
+
+
+def test_empty_files_are_pulled(logged_in: Registry, repo: Repo, other: Repo, shm_tmp: str) -> None:
+    """An empty file's object is a zero-length entry of a pack. Where a pull reads the entries it
+    wants by ranges (less than half a pack), a range ended before an empty entry at its end, so
+    the object never arrived and the pull failed with remote-invalid ("object af1349b9... did not
+    arrive", the BLAKE3 of nothing): found pushing a tree with an empty file and pulling it.
+    Every package tree has empty files (`__init__.py`)."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"a.py": b"x = 1\n", "pkg/__init__.py": b"", "z": os.urandom(50_000)})
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    target = logged_in.remote(f"test/empty-{os.getpid()}", "v1")
+    push(repo.store, repo.m, ["env"], target, options=_opts(logged_in))
+    other_src = os.path.join(shm_tmp, "has-z")  # the store already has the big entry:
+    make_tree(other_src, {"z": open(os.path.join(src, "z"), "rb").read()})  # a range is read
+    ingest(other.store, other.m, other_src, "mine", jobs=1)
+    pull(other.store, other.m, target, name="env", options=_opts(logged_in))
+    out = os.path.join(shm_tmp, "out")
+    other.checkout("env", out)
+    assert_same_tree(src, out)

@@ -221,7 +221,11 @@ def fetch_pack(
     serves them (206); otherwise, or when it answers a range with the whole blob or refuses it
     (416), the pack is read whole and must match its sha256."""
     entries = sorted(entries, key=lambda e: e.offset)
-    spans = ranges(entries, p.pack.size)
+    # Empty objects have no bytes to read: a range ends before one at its end (and one of its
+    # own would be an empty range), so they are staged without a transfer.
+    empty = [e for e in entries if not e.length]
+    reads = [e for e in entries if e.length]
+    spans = ranges(reads, p.pack.size)
 
     def add(stage: Stage, rd: BlobReader, e: Entry, base: int) -> None:
         rd.skip(e.offset - base - rd.pos)
@@ -239,7 +243,7 @@ def fetch_pack(
 
     def by_ranges(stage: Stage) -> bool:
         assert spans is not None
-        todo = iter(entries)
+        todo = iter(reads)
         e = next(todo, None)
         for start, end in spans:
             with reg.blob_range(p.pack.digest, start, end - 1) as resp:
@@ -263,7 +267,7 @@ def fetch_pack(
             rd = BlobReader(reg.body(resp), meter)
             if rd.exact(len(PACK_HEADER)) != PACK_HEADER:
                 raise invalid(f"pack {p.pack.digest} has a bad header")
-            for e in entries:
+            for e in reads:
                 add(stage, rd, e, 0)
             rd.drain(p.pack.size)
         if rd.pos != p.pack.size or "sha256:" + rd.sha.hexdigest() != p.pack.digest:
@@ -276,6 +280,11 @@ def fetch_pack(
                 stage.close()
                 stage = open_stage(store, budget)
                 whole(stage)
+            for e in empty:
+                nothing = hash_bytes(b"")
+                if nothing != e.digest:
+                    raise invalid(f"empty object {e.digest.hex()} in pack {p.pack.digest}")
+                stage.add_bytes(b"", nothing)
         except BaseException:
             stage.close()
             raise
