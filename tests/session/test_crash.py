@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -411,3 +412,75 @@ def test_resume_never_kills_a_process_that_reused_the_childs_pid(mode: str) -> N
     with unpriv_tmpdir() as base:
         r = as_mode(mode, _resume_after_pid_reuse, base)
     assert r == {"alive": True, "committed": [True]}
+
+
+def _velo_cli(store: str, *args: str, fault: str | None = None) -> tuple[int, str]:
+    env = dict(os.environ)
+    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    if fault:
+        env["VELO_INTERNAL__TEST_FAULT"] = fault
+    cmd = [sys.executable, "-m", "veloverlay", "--store", store, *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.needs("root", "overlay_root")
+def test_a_file_of_another_session_does_not_hold_a_resume(shm_tmp: str) -> None:
+    """`harvest --resume` (and the end of a session whose overlay could not be sealed) refuses
+    while a process outside the session can still write its overlay. A file on an overlay whose
+    mount the holding process's mount namespace does not show was taken for this session's:
+    here a reader with a file of *another* running session open through /proc/PID/root made
+    the resume fail with "processes outside the session". The same misreading raced every
+    session start (a namespace's mounts read before its new overlay was mounted and pinned),
+    which is how a resume failed once in CI while other sessions ran. A mount id is unique
+    across namespaces: it is now looked up in every namespace before it counts."""
+    store, _src = new_store(shm_tmp)
+    root = os.fspath(store.root)
+    other, ready = os.path.join(shm_tmp, "other"), os.path.join(shm_tmp, "ready")
+    script = f"touch {ready}; exec sleep 60"
+    bystander = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "--store", root, "run", "t", "--at", other]
+        + ["--", "sh", "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    reader = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ready):
+            assert time.monotonic() < deadline and bystander.poll() is None, "no session"
+            time.sleep(0.02)
+        [sid_other] = [i.id for i in session.list_sessions(store)]
+        [inside] = [p for p in _session_env_procs(sid_other) if p != bystander.pid][-1:]
+        reader = subprocess.Popen(
+            ["sh", "-c", f"exec 3< /proc/{inside}/root{other}/f1 && echo ready && exec sleep 60"],
+            stdout=subprocess.PIPE,
+        )
+        assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
+        at = os.path.join(shm_tmp, "at")
+        rc, out = _velo_cli(
+            root,
+            "run",
+            "t",
+            "--at",
+            at,
+            "--",
+            "sh",
+            "-c",
+            f"echo new > {at}/added",
+            fault="commit.before:1",
+        )
+        assert rc == -signal.SIGKILL, out
+        [sid] = [i.id for i in session.list_sessions(store) if i.id != sid_other]
+        rc, out = _velo_cli(root, "harvest", "--resume", sid)
+        assert rc == 0, out
+        assert reader.poll() is None and bystander.poll() is None  # both still there
+    finally:
+        for p in (reader, bystander):
+            if p is not None:
+                p.kill()
+                p.wait()
+    got = os.path.join(shm_tmp, "got")
+    checkout_ref(store, "t", got)
+    with open(os.path.join(got, "added")) as f:
+        assert f.read() == "new\n"

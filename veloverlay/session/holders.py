@@ -10,10 +10,13 @@ ends with pid 1, but the overlay's superblock lives on while any process elsewhe
 
 `holders` finds both through /proc: the first by the overlay's upper dir in each mount
 namespace's mountinfo, the second by each open file's mount (`mnt_id` in fdinfo) looked up in
-its process's mountinfo. A file on an overlay whose mount is in no mountinfo (detached, or
-outside the process's root) cannot be told apart from this session's: it counts as a holder
-(the harvest waits rather than lose writes). Limits: processes of other users are invisible to
-a root-free manager, and an fd in flight in a unix socket message belongs to no process.
+its process's mountinfo, else in every namespace's (mount ids are unique across namespaces: a
+file opened through /proc/PID/root of a process elsewhere is on another namespace's mount, and a
+mount made after its namespace's table was read is found by reading them again). A file on an
+overlay whose mount is in no mountinfo (detached) cannot be told apart from this session's: it
+counts as a holder (the harvest waits rather than lose writes). Limits: processes of other
+users are invisible to a root-free manager, and an fd in flight in a unix socket message belongs
+to no process.
 
 A shim session's tree is a plain directory, which nothing can seal: `tree_writers` finds the
 processes that hold one of its files open for writing (or mapped shared and writable), whose
@@ -37,23 +40,73 @@ _LINKS = ("cwd", "root")
 def holders(is_ours: Callable[[MountEntry], bool]) -> list[int]:
     """Pids that hold the overlay `is_ours` picks (other than this process): see the module."""
     me = os.getpid()
-    ns_mounts: dict[int, dict[int, MountEntry]] = {}  # mount namespace -> its mounts by id
+    tables = _Mounts()
     found: list[int] = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         try:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ns not in ns_mounts:
-                ns_mounts[ns] = {e.mnt_id: e for e in mountinfo.mounts(name)}
-            by_id = ns_mounts[ns]
+            by_id = tables.of_namespace(ns, name)
             if any(is_ours(e) for e in by_id.values()) and not _own_namespace(ns):
                 found.append(int(name))  # a copy of the overlay in another mount namespace
-            elif _holds_file(name, by_id, is_ours):
+            elif _holds_file(name, by_id, is_ours, tables):
                 found.append(int(name))
         except OSError:
             continue  # gone, or not ours to read
     return found
+
+
+class _Mounts:
+    """The mounts of each mount namespace, read once per namespace (by its first process), and
+    a mount looked up by id in every namespace. Mount ids are unique across namespaces, so a
+    file on a mount its process's table does not show is still told apart from this session's
+    overlay: one opened through /proc/PID/root of a process elsewhere (another session's tree),
+    or one on a mount made after the table was read (the overlay another session's namespace
+    child mounts and pins while the scan runs: seen as a holder by every `harvest --resume`
+    and seal check that raced a session's start)."""
+
+    def __init__(self) -> None:
+        self.by_ns: dict[int, dict[int, MountEntry]] = {}
+        self.every: dict[int, MountEntry] | None = None
+        self.nowhere: set[int] = set()  # ids found in no namespace since they were first seen
+
+    def of_namespace(self, ns: int, pid: str) -> dict[int, MountEntry]:
+        """OSError: the process is gone or not ours to read."""
+        if ns not in self.by_ns:
+            self.by_ns[ns] = {e.mnt_id: e for e in mountinfo.mounts(pid)}
+        return self.by_ns[ns]
+
+    def anywhere(self, mnt: int) -> MountEntry | None:
+        """Mount `mnt` in whatever namespace shows it; None: in none this process can read
+        (detached, or in a namespace of processes it may not read). Every namespace is read
+        again when an id is not found, once per id: the tables may predate the mount."""
+        if self.every is not None and mnt in self.every:
+            return self.every[mnt]
+        if mnt in self.nowhere:
+            return None
+        self.every = _every_mount()
+        if mnt not in self.every:
+            self.nowhere.add(mnt)
+        return self.every.get(mnt)
+
+
+def _every_mount() -> dict[int, MountEntry]:
+    """Every mount of every mount namespace with a process this process may read, by id."""
+    seen: set[int] = set()
+    out: dict[int, MountEntry] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            out.update((e.mnt_id, e) for e in mountinfo.mounts(name))
+            seen.add(ns)  # (only once read: another process of it may be readable)
+        except OSError:
+            continue
+    return out
 
 
 def _own_namespace(ns: int) -> bool:
@@ -66,11 +119,15 @@ def _own_namespace(ns: int) -> bool:
 
 
 def _holds_file(
-    pid: str, by_id: dict[int, MountEntry], is_ours: Callable[[MountEntry], bool]
+    pid: str,
+    by_id: dict[int, MountEntry],
+    is_ours: Callable[[MountEntry], bool],
+    tables: _Mounts,
 ) -> bool:
     """An open file, cwd or root of `pid` on the overlay: its mount (by id, from fdinfo; never
     a call into the file's filesystem, which a stopped FUSE server could hang) looked up in the
-    process's mountinfo; a mount in no mountinfo counts when it is an overlay."""
+    process's mountinfo, else in every namespace's; a mount in none counts when it is an
+    overlay."""
     base = f"/proc/{pid}"
     for name in _LINKS:
         try:
@@ -81,7 +138,7 @@ def _holds_file(
                 os.close(fd)
         except OSError:
             continue
-        if _is_held(f"{base}/{name}", by_id.get(mnt), is_ours):
+        if _is_held(f"{base}/{name}", by_id.get(mnt) or tables.anywhere(mnt), is_ours):
             return True
     try:
         fds = os.listdir(f"{base}/fdinfo")
@@ -95,7 +152,8 @@ def _holds_file(
             continue
         if mnt in by_id and not is_ours(by_id[mnt]):
             continue  # the common case: a file on another mount of its namespace
-        if _is_held(f"{base}/fd/{fd_name}", by_id.get(mnt), is_ours):
+        entry = by_id.get(mnt) or tables.anywhere(mnt)
+        if _is_held(f"{base}/fd/{fd_name}", entry, is_ours):
             return True
     return False
 
@@ -103,7 +161,7 @@ def _holds_file(
 def _is_held(link: str, entry: MountEntry | None, is_ours: Callable[[MountEntry], bool]) -> bool:
     if entry is not None:
         return is_ours(entry)
-    try:  # detached (or outside the process's root): any overlay may be this session's
+    try:  # detached (or in a namespace not ours to read): any overlay may be this session's
         return _libc.statfs_type(link) == _libc.OVERLAYFS_SUPER_MAGIC
     except OSError:
         return False
