@@ -913,6 +913,59 @@ def test_diff_of_a_top_ref_file_replaced_by_a_mask_says_it_hides_the_lower_one(
 
 
 @pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_the_live_diff_of_a_stack_says_what_its_harvest_will(
+    store: str, shm_tmp: str, backend: str
+) -> None:
+    """`diff --session` of a stacked session showed a deletion of the lower ref's path as the
+    lower ref's content deleted, without the `masked:` line, while `diff REF@{1} REF` of what
+    its harvest committed (a MASK in the top ref) says `masked:` and deletes no content of the
+    top ref. Both now say the same: -p, --stat and --name-status, and `masked` in --json."""
+    lo, hi, at = (os.path.join(shm_tmp, n) for n in ("lo", "hi", "at"))
+    make_tree(lo, {"x": b"lower\n", "both": b"low\n", "d/k": b"keep\n"})
+    make_tree(hi, {"both": b"top\n", "y": b"y\n"})
+    ok(velo(store, "ingest", lo, "-n", "lo"))
+    ok(velo(store, "ingest", hi, "-n", "hi"))
+    go, ready = os.path.join(shm_tmp, "go"), os.path.join(shm_tmp, "ready")
+    script = (
+        f"cd {at} && rm -r x both d && echo n > n && "
+        f"touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", "lo", "hi", "--at", at]
+        + ["--backend", backend, "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sid = _wait_running(store)
+        _wait_ready(store, sid, ready)
+        live = {how: ok(velo(store, "diff", "--session", sid, *how)) for how in _DIFF_FORMS}
+        as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
+    finally:
+        open(go, "w").close()
+        session.communicate(timeout=120)
+    assert session.returncode == 0
+    harvested = {how: ok(velo(store, "diff", "hi@{1}", "hi", *how)) for how in _DIFF_FORMS}
+    assert live == harvested
+    masked = "masked: deletes what the refs below provide at this path"
+    patch = live[("-p",)]
+    for name in ("x", "d"):  # only the lower ref has them: nothing of the top ref is deleted
+        assert f"diff --velo a/{name} b/{name}\n{masked}\n" in patch, patch
+    assert f"{masked}\n--- a/both\n+++ /dev/null\n@@ -1 +0,0 @@\n-top\n" in patch, patch
+    assert "-lower" not in patch and "-low\n" not in patch, patch
+    assert {c["path"]: c["masked"] for c in as_json} == {
+        "both": True,
+        "d": True,
+        "n": False,
+        "x": True,
+    }
+
+
+_DIFF_FORMS = [("-p",), ("--stat",), ("--name-status",), ()]
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
 def test_an_empty_at_is_a_usage_error_not_the_refs_path(
     store: str, proj: str, backend: str
 ) -> None:

@@ -92,13 +92,16 @@ def _mode(e: Any) -> int | None:
     return entry_mode(e)
 
 
+_MASKED = "masked: deletes what the refs below provide at this path"
+
+
 def _mask_note(old: Any, new: Any) -> str:
     """What `-p` says of a change to or from a MASK, which has no content of its own: the
     deleted (or uncovered) content is a lower ref's, not in this ref's versions."""
     from veloverlay.store.tree import Kind
 
     if new is not None and new.kind is Kind.MASK:
-        return "masked: deletes what the refs below provide at this path"
+        return _MASKED
     if old is not None and old.kind is Kind.MASK:
         return "unmasked: what the refs below provide at this path shows again"
     return ""
@@ -154,6 +157,7 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
                     "status": c.status,
                     "path": os.fsdecode(c.path),
                     "patch": None if c.patch is None else "".join(c.patch),
+                    "masked": c.masked,
                 }
                 for c in live_diff(store, session)
             ]
@@ -170,6 +174,7 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
                 c.old_size,
                 c.new_size,
                 functools.partial(_given, c.patch),
+                _MASKED if c.masked else "",
             )
             for c in live_diff(store, session, context=context)
         ]

@@ -301,7 +301,7 @@ def live_changes(
     """What a running session has changed so far, as (status letter, path): read from its
     upper dir (overlay) or its live view `REF@<session>` (shim). Nothing is committed. `m`: the
     store's manifests when the caller has them open."""
-    from veloverlay.session.live import running, shim_live_root, upper_dir
+    from veloverlay.session.live import masked_dir, running, shim_live_root, upper_dir
 
     with running(store, session_id, m) as (st, m):
         view = bytes.fromhex(st.view_root)
@@ -312,7 +312,12 @@ def live_changes(
                 live = shim_live_root(m, txn, st)
                 if live is None:
                     return []
-                return [(c.status, paths.display(c.path)) for c in changes(m, txn, view, live)]
+                found = [(c.status, c.path) for c in changes(m, txn, view, live)]
+                if st.below_root:  # a directory of the refs below deleted: one mask, as harvested
+                    found = [
+                        (s, masked_dir(m, txn, st, live, p) if s == "D" else p) for s, p in found
+                    ]
+                return [(s, paths.display(p)) for s, p in dict.fromkeys(found)]
         from veloverlay.session.overlay.live import upper_changes
 
         upper, prefix = upper_dir(store, st)

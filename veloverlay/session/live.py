@@ -21,7 +21,7 @@ from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.patch import entry_mode, object_lines, path_lines, unified
 from veloverlay.store.tree import Entry, Kind
 
-__all__ = ["LiveChange", "live_diff"]
+__all__ = ["LiveChange", "live_diff", "masked_dir"]
 
 
 class LiveChange(Record, frozen=True):
@@ -32,6 +32,7 @@ class LiveChange(Record, frozen=True):
     old_size: int
     new_size: int
     patch: list[str] | None  # git's unified diff; None when a side is binary or too large
+    masked: bool = False  # harvested as a MASK in the top ref: it hides what the refs below have
 
 
 def _entry(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
@@ -94,18 +95,76 @@ def live_diff(
                 return []
             for c in changes(m, txn, view, live):
                 out.append(_from_entries(store, c.status, c.path, c.old, c.new, context))
-            return out
-        from veloverlay.session.overlay.live import upper_changes_raw
+            now: bytes | None = live
+        else:
+            now = None  # (the upper dir names a deleted directory, not each of its entries)
+            from veloverlay.session.overlay.live import upper_changes_raw
 
-        upper, prefix = upper_dir(store, st)
-        for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
-            old = _entry(m, txn, view, path)
-            out.append(_from_upper(store, status, path, old, upper, context))
+            upper, prefix = upper_dir(store, st)
+            for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
+                old = _entry(m, txn, view, path)
+                out.append(_from_upper(store, status, path, old, upper, context))
+        if st.below_root:
+            out = _as_masks(store, m, txn, st, out, context, now)
     return out
 
 
+def _as_masks(
+    store: Store,
+    m: Manifests,
+    txn: Txn,
+    st: State,
+    out: list[LiveChange],
+    context: int,
+    now: bytes | None,
+) -> list[LiveChange]:
+    """A stacked session's deletions of what the refs below provide, as `diff` of the top ref's
+    versions shows them once harvested (a MASK in the top ref, `masked`): the old side is the
+    top ref's own entry there (none where only the refs below have the path: no content is
+    deleted from the top ref). Before, `diff --session` showed the lower ref's content deleted
+    and no mask, and `diff REF@{1} REF` then said something else. (Where the top ref has a
+    directory, its `diff` lists that directory's own entries deleted: left as the view shows.)
+    `now`: the root of the live view, where a deleted directory is listed entry by entry (the
+    shim's): one mask on the directory gone whole, as the harvest records it."""
+    below = bytes.fromhex(st.below_root or "")
+    top = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
+    shown: dict[tuple[bytes, str], LiveChange] = {}
+    for c in out:
+        path = c.path
+        if c.status == "D" and now is not None:
+            path = masked_dir(m, txn, st, now, path)
+        if c.status == "D" and _entry(m, txn, below, path) is not None:
+            own = _entry(m, txn, top, path)
+            if own is None or own.kind is not Kind.DIR:
+                c = _from_entries(store, "D", path, own, None, context, masked=True)
+        shown.setdefault((c.path, c.status), c)
+    return list(shown.values())
+
+
+def masked_dir(m: Manifests, txn: Txn, st: State, now: bytes, path: bytes) -> bytes:
+    """For the deletion of `path` in a stacked session's live view `now` (listed entry by
+    entry where a directory went whole): the outermost directory above it that went whole and
+    that only the refs below provide, which its harvest masks as one entry; else `path`."""
+    below = bytes.fromhex(st.below_root or "")
+    top = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
+    parts = path.split(b"/")
+    for i in range(1, len(parts)):
+        up = b"/".join(parts[:i])
+        gone = _entry(m, txn, now, up) is None
+        if gone and _entry(m, txn, top, up) is None and _entry(m, txn, below, up) is not None:
+            return up
+    return path
+
+
 def _from_entries(
-    store: Store, status: str, path: bytes, old: Entry | None, new: Entry | None, context: int
+    store: Store,
+    status: str,
+    path: bytes,
+    old: Entry | None,
+    new: Entry | None,
+    context: int,
+    *,
+    masked: bool = False,
 ) -> LiveChange:
     name = os.fsdecode(path)
     patch = unified(
@@ -124,6 +183,7 @@ def _from_entries(
         old.size if old is not None and old.kind is Kind.FILE else 0,
         new.size if new is not None and new.kind is Kind.FILE else 0,
         patch,
+        masked,
     )
 
 
