@@ -25,8 +25,10 @@ pytestmark = pytest.mark.needs("root", "overlay_native")
 
 
 @pytest.fixture(autouse=True)
-def _no_mount_left(shm_tmp: str) -> Iterator[None]:
-    """Whatever a failing test left mounted under its temp dir goes before the dir does."""
+def _no_mount_left(shm_tmp: str, own_mount_namespace: None) -> Iterator[None]:
+    """Whatever a failing test left mounted under its temp dir goes before the dir does. Each
+    test runs in a mount namespace of its own: a session another test starts meanwhile copies
+    the host's, and would hold the projection mounted there (`own_mount_namespace`)."""
     yield
     for line in reversed(mount_lines()):
         point = line.split(" ", 1)[0]

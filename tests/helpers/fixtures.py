@@ -21,6 +21,37 @@ def _shm_dir(prefix: str) -> str:
 
 
 @pytest.fixture
+def own_mount_namespace() -> Iterator[None]:
+    """The test, and every process it starts, in a mount namespace of its own (private), left
+    again at its end. Each session's start (and any `unshare -m`) copies every mount of the
+    namespace it is made from: an overlay a test mounts on a host path (`veloverlay mount`) is
+    then also in every namespace another test makes meanwhile, and such a copy keeps it from
+    being unmounted and harvested, as the product must say (`session-active`). In the host's
+    namespace, those tests failed whenever other tests started sessions at the same time. Its
+    mounts go with the namespace. Root only."""
+    import ctypes
+
+    from veloverlay import _libc, mount
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _libc.unshare(_libc.CLONE_NEWNS)
+        try:
+            mount.make_rprivate("/")
+            yield
+        finally:
+            if libc.setns(home, _libc.CLONE_NEWNS) != 0:  # (setns makes / the cwd)
+                why = os.strerror(ctypes.get_errno())
+                pytest.exit(f"cannot leave a test's mount namespace: {why}", returncode=3)
+            os.fchdir(cwd)
+    finally:
+        os.close(cwd)
+        os.close(home)
+
+
+@pytest.fixture
 def shm_tmp() -> Iterator[str]:
     """A temp dir on tmpfs (fast), removed afterwards, immutable flags and all."""
     d = _shm_dir("velo-test-")

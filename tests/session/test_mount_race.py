@@ -16,7 +16,12 @@ from tests.session._util import checkout_ref, new_store
 from veloverlay import mount, ns, session
 from veloverlay.session.options import SessionOptions
 
-pytestmark = pytest.mark.needs("root", "overlay_native")
+# In a mount namespace of its own: a session another test starts meanwhile would hold a copy
+# of what this one mounts (`own_mount_namespace`).
+pytestmark = [
+    pytest.mark.needs("root", "overlay_native"),
+    pytest.mark.usefixtures("own_mount_namespace"),
+]
 
 
 def _scenario(base: str) -> dict[str, Any]:
