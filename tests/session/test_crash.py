@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.e2e.test_cli import ok, velo
 from tests.helpers.unpriv import mount_lines, unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, fsck_ok, mode_params, new_store, run_session
 from veloverlay import session
@@ -414,16 +415,6 @@ def test_resume_never_kills_a_process_that_reused_the_childs_pid(mode: str) -> N
     assert r == {"alive": True, "committed": [True]}
 
 
-def _velo_cli(store: str, *args: str, fault: str | None = None) -> tuple[int, str]:
-    env = dict(os.environ)
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
-    if fault:
-        env["VELO_INTERNAL__TEST_FAULT"] = fault
-    cmd = [sys.executable, "-m", "veloverlay", "--store", store, *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return p.returncode, p.stdout + p.stderr
-
-
 @pytest.mark.needs("root", "overlay_root")
 def test_a_file_of_another_session_does_not_hold_a_resume(shm_tmp: str) -> None:
     """`harvest --resume` (and the end of a session whose overlay could not be sealed) refuses
@@ -451,14 +442,19 @@ def test_a_file_of_another_session_does_not_hold_a_resume(shm_tmp: str) -> None:
             assert time.monotonic() < deadline and bystander.poll() is None, "no session"
             time.sleep(0.02)
         [sid_other] = [i.id for i in session.list_sessions(store)]
-        [inside] = [p for p in _session_env_procs(sid_other) if p != bystander.pid][-1:]
+        inside = _session_env_procs(sid_other)  # its command (sleep), in its namespaces
+        assert inside, "no process of the running session found"
         reader = subprocess.Popen(
-            ["sh", "-c", f"exec 3< /proc/{inside}/root{other}/f1 && echo ready && exec sleep 60"],
+            [
+                "sh",
+                "-c",
+                f"exec 3< /proc/{inside[0]}/root{other}/f1 && echo ready && exec sleep 60",
+            ],
             stdout=subprocess.PIPE,
         )
         assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
         at = os.path.join(shm_tmp, "at")
-        rc, out = _velo_cli(
+        p = velo(
             root,
             "run",
             "t",
@@ -468,18 +464,17 @@ def test_a_file_of_another_session_does_not_hold_a_resume(shm_tmp: str) -> None:
             "sh",
             "-c",
             f"echo new > {at}/added",
-            fault="commit.before:1",
+            env={"VELO_INTERNAL__TEST_FAULT": "commit.before:1"},
         )
-        assert rc == -signal.SIGKILL, out
+        assert p.returncode == -signal.SIGKILL, p.stderr
         [sid] = [i.id for i in session.list_sessions(store) if i.id != sid_other]
-        rc, out = _velo_cli(root, "harvest", "--resume", sid)
-        assert rc == 0, out
+        ok(velo(root, "harvest", "--resume", sid))
         assert reader.poll() is None and bystander.poll() is None  # both still there
     finally:
-        for p in (reader, bystander):
-            if p is not None:
-                p.kill()
-                p.wait()
+        for proc in (reader, bystander):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     got = os.path.join(shm_tmp, "got")
     checkout_ref(store, "t", got)
     with open(os.path.join(got, "added")) as f:
