@@ -31,7 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(*features): skip unless the probe finds the features")
     if "VELO_RUNTIME_DIR" not in os.environ:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        path = tempfile.mkdtemp(prefix="velo-test-runtime-", dir=base)
+        from tests.helpers.unpriv import mine
+
+        path = mine(tempfile.mkdtemp(prefix="velo-test-runtime-", dir=base))
         os.chmod(path, 0o1777)  # each uid (root, the root-free test uid) makes its own subdir
         os.environ["VELO_RUNTIME_DIR"] = path
         _RUNTIME.append(path)

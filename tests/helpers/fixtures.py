@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.trees import force_rmtree
+from tests.helpers.unpriv import mine
 from veloverlay.verbs.repo import Repo
 
 
@@ -17,7 +18,7 @@ def _shm_dir(prefix: str) -> str:
     base = os.environ.get("VELO_INTERNAL__TEST_SCRATCH") or (
         "/dev/shm" if os.path.isdir("/dev/shm") else None
     )
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
+    return mine(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "run_in_userns",
     "unpriv_tmpdir",
     "mount_lines",
+    "mine",
 ]
 
 T = TypeVar("T")
@@ -78,7 +80,7 @@ def unpriv_tmpdir() -> Iterator[str]:
 
     pytest's tmp_path lies under /tmp/pytest-of-root (0700), which that uid cannot reach.
     """
-    path = tempfile.mkdtemp(prefix="velo-test-", dir=_scratch_parent())
+    path = mine(tempfile.mkdtemp(prefix="velo-test-", dir=_scratch_parent()))
     try:
         os.chmod(path, 0o1777 if os.getuid() == 0 else 0o755)
         yield path
@@ -104,11 +106,31 @@ def run_in_userns(fn: Callable[..., T], *args: Any, privileged: bool, **kw: Any)
     return result
 
 
+_MINE: set[str] = set()  # the scratch directories (velo-*) this test process made
+_SCRATCH = re.compile(r"/(?:dev/shm|var/tmp|tmp)/velo-[^/]+")
+
+
+def mine(path: str) -> str:
+    """`path`, a scratch directory (`velo-*` in /dev/shm, /tmp or /var/tmp) this test process
+    made, recorded as such for `mount_lines`."""
+    _MINE.add(os.path.realpath(path))
+    return path
+
+
+def _theirs(path: str) -> bool:
+    """`path` lies in a scratch directory another test process made (another pytest run)."""
+    m = _SCRATCH.match(path)
+    return m is not None and m.group(0) not in _MINE
+
+
 def mount_lines() -> list[str]:
     """The calling process's mountinfo lines (from the mount point on) that a test could have
     left: tests compare them to prove nothing leaked. Only mounts on the places tests work in
     (the scratch parents, temp dirs, this checkout) and every overlay: the host mounting
-    elsewhere meanwhile (a VM image being built) is not a leak of ours."""
+    elsewhere meanwhile (a VM image being built) is not a leak of ours. Nor is what another test
+    process mounts in its own scratch directories (a `velo-*` one this process did not make,
+    see `mine`), or an overlay whose upper dir is there: with two test runs at once, the
+    other's session or `veloverlay mount` made these checks fail."""
     places = tuple(
         p.rstrip("/") + "/"
         for p in (
@@ -125,6 +147,10 @@ def mount_lines() -> list[str]:
         for line in f:
             rest = line.split(" ", 4)[4]
             point = rest.split(" ", 1)[0]
-            if (point + "/").startswith(places) or " - overlay " in rest:
-                out.append(rest)
+            if not (point + "/").startswith(places) and " - overlay " not in rest:
+                continue
+            upper = re.search(r"[, ]upperdir=([^,\s]+)", rest)
+            if _theirs(point) or (upper is not None and _theirs(upper.group(1))):
+                continue
+            out.append(rest)
     return out

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 
 from tests.helpers.trees import force_rmtree
-from tests.helpers.unpriv import mount_lines
+from tests.helpers.unpriv import mine, mount_lines
 from tests.reliability import report
 from tests.session._util import new_store
 from veloverlay.store.manifest import Manifests
@@ -74,7 +74,7 @@ def _contents(store_root: str, ref: str) -> dict[str, str]:
 def test_session_manager_killed_at_crash_points() -> None:
     rng = random.Random(SEED)
     outcomes: Counter[tuple[str, str]] = Counter()
-    base = tempfile.mkdtemp(prefix="velo-crash-sess-", dir="/dev/shm")
+    base = mine(tempfile.mkdtemp(prefix="velo-crash-sess-", dir="/dev/shm"))
     try:
         for run in range(RUNS):
             case = os.path.join(base, f"r{run}")
