@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 
-from veloverlay import _libc
+from veloverlay import _libc, files
 from veloverlay.errors import Reason, SysError, VeloError
 
 __all__ = [
@@ -200,15 +200,16 @@ def clone_or_copy(
     whatever the umask. Raises VeloError(FALLBACK_FORBIDDEN) when only a copy is possible and
     `allow_copy` is False, and FileExistsError when `dst` exists.
     """
-    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # (O_NONBLOCK: a FIFO in the source's place is refused, never waited on)
+        src_fd = files.open_regular(src)
+    except files.NotRegular:
+        raise VeloError(
+            f"not a regular file: {os.fspath(src)}",
+            reason=Reason.SPECIAL_FILE,
+            path=os.fspath(src),
+        ) from None
     try:
         st = os.fstat(src_fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VeloError(
-                f"not a regular file: {os.fspath(src)}",
-                reason=Reason.SPECIAL_FILE,
-                path=os.fspath(src),
-            )
         perms = stat.S_IMODE(st.st_mode) if mode is None else mode
         dst_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         dst_fd = os.open(dst, dst_flags, 0o600)

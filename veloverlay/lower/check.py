@@ -24,6 +24,7 @@ import os
 import stat
 from pathlib import Path
 
+from veloverlay.files import read_regular
 from veloverlay.lower.homes import ids_dir, layer_homes
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_fd
@@ -222,7 +223,7 @@ def verify_layers(
             continue  # none, or the owner's (a reader of a shared store cannot look)
         for f in map(Path, records):
             try:
-                data = json.loads(f.read_text())
+                data = json.loads(read_regular(f))
                 root = bytes.fromhex(data["root"])
                 layers = [home / "layers" / str(n) for n in data["layers"]]
             except (OSError, ValueError, KeyError, TypeError):

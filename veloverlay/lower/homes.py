@@ -34,7 +34,7 @@ from pathlib import Path
 
 from veloverlay import _libc, envvars
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import write_bytes_atomic
+from veloverlay.files import read_regular, write_bytes_atomic
 from veloverlay.pathtrust import real_root, untrusted_on_path
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
@@ -328,9 +328,8 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
 
 def _note(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
+        return read_regular(path)
+    except (OSError, ValueError):  # (ValueError: not a regular file, a FIFO never read)
         return None
 
 
@@ -351,9 +350,8 @@ def reap_orphans(current: Path) -> int:
         if entry.path == os.fspath(current) or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            with open(os.path.join(entry.path, "store"), "rb") as f:
-                store_path = f.read()
-        except OSError:
+            store_path = read_regular(os.path.join(entry.path, "store"))
+        except (OSError, ValueError):
             continue  # being created right now, or not ours to judge
         try:
             alive = _store_key(os.stat(store_path)) == entry.name

@@ -7,7 +7,7 @@ import errno
 import os
 from collections.abc import Iterable
 
-from veloverlay import fsflags, linking
+from veloverlay import files, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import exact_modes, makedirs
 from veloverlay.lower.homes import ID_HEX, Home, ids_dir, short_id, short_id_path, trees_dir
@@ -103,7 +103,11 @@ class Objects:
     def _id_clash(self, digest: bytes, short: str, dst: bytes) -> str:
         """`dst` names another inode: a stale name of this object (same bytes, e.g. after gc)
         is replaced; another object sharing the 80-bit prefix gets a longer id, kept in LMDB."""
-        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = files.open_regular(dst)
+        except (OSError, files.NotRegular) as exc:  # a FIFO there: never waited on
+            why = f"its short name {os.fsdecode(dst)} is damaged: {exc}"
+            raise object_corrupt(digest, why) from None
         try:
             same = hash_fd(fd)[0] == digest
         finally:
@@ -201,6 +205,14 @@ def verified_copy(store: Store, digest: bytes, dst: bytes, mode: int) -> None:
         )
     except FileNotFoundError:
         raise object_missing(digest) from None
+    except VeloError as exc:  # a FIFO or a directory where the object should be
+        if exc.reason is not Reason.SPECIAL_FILE:
+            raise
+        raise object_corrupt(digest, "it is not a regular file") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise object_corrupt(digest, "it is a symbolic link") from None
     fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         got, _n = hash_own_file(fd, direct=used is linking.LinkMode.REFLINK)

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from veloverlay.files import force_rmtree
+from veloverlay.files import force_rmtree, read_regular
 from veloverlay.lower.homes import Home, boot_home, disk_home, layer_homes, trees_dir
 from veloverlay.store.cas import Store
 
@@ -72,7 +72,7 @@ def drop_stacks(
 
 def _stack_root(path: Path) -> bytes | None:
     try:
-        return bytes.fromhex(json.loads(path.read_text())["root"])
+        return bytes.fromhex(json.loads(read_regular(path))["root"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -116,7 +116,7 @@ def _prune_home(
         for name in os.listdir(stacks):
             path = stacks / name
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(read_regular(path))
                 root = bytes.fromhex(data["root"])
                 names = {str(n) for n in data.get("layers", [])}
             except (OSError, ValueError, KeyError, TypeError):

@@ -136,8 +136,8 @@ def _stack_path(home: Home, form: str, root: bytes) -> Path:
 def _read_stack(home: Home, form: str, root: bytes) -> tuple[list[str], bool] | None:
     """(layer names top first, whether every object they reference is +i) or None."""
     try:
-        data = json.loads(_stack_path(home, form, root).read_text())
-    except (FileNotFoundError, ValueError):
+        data = json.loads(read_regular(_stack_path(home, form, root)))
+    except (OSError, ValueError):  # (a FIFO, a directory, a link in its place: built again)
         return None
     if not isinstance(data, dict) or data.get("format", 1) != STACK_FORMAT:
         return None  # built by other code: its layers may not show this code's tree
@@ -172,8 +172,12 @@ def _stamp(layer: Path) -> list[int] | None:
 def _write_stack(
     home: Home, form: str, root: bytes, layers: list[str], built: str, immutable: bool
 ) -> None:
+    path = _stack_path(home, form, root)
+    with contextlib.suppress(OSError):  # a directory in the record's place (damage): no rename
+        if stat.S_ISDIR(os.lstat(path).st_mode):  # can replace it; the cache is ours to mend
+            force_rmtree(path)
     write_json_atomic(
-        _stack_path(home, form, root),
+        path,
         {
             "form": form,
             "format": STACK_FORMAT,

@@ -26,7 +26,7 @@ from typing import Any
 
 from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import makedirs, write_json_atomic
+from veloverlay.files import NotRegular, makedirs, open_regular, read_regular, write_json_atomic
 from veloverlay.store.cas import Store
 
 __all__ = ["BlobCache", "ShaMap", "Versions"]
@@ -40,8 +40,8 @@ class ShaMap:
         self.path = self.dir / "sha256-v1"
         self.map: dict[bytes, bytes] = {}
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+            data = read_regular(self.path)
+        except (FileNotFoundError, NotRegular):  # (a FIFO in its place: never read)
             data = b""
         for i in range(0, len(data) - len(data) % _REC, _REC):
             self.map[data[i : i + 32]] = data[i + 32 : i + _REC]
@@ -93,7 +93,7 @@ class Versions:
 
     def load(self) -> dict[str, dict[str, list[str]]]:
         try:
-            data = json.loads(self.path.read_bytes())
+            data = json.loads(read_regular(self.path))
         except (FileNotFoundError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
@@ -193,8 +193,8 @@ class BlobCache:
         if path is None or size > self.MAX:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            fd = open_regular(path)
+        except (OSError, NotRegular):  # (a FIFO: refused, never waited on)
             return None
         try:
             data = os.read(fd, size + 1)

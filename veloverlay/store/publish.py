@@ -8,7 +8,7 @@ import errno
 import os
 
 from veloverlay import _libc, faults, files, fsflags, verity
-from veloverlay.errors import SysError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.store import access
 from veloverlay.store.cas import Store
 from veloverlay.store.stage import Chunk, staged_name, store_error
@@ -226,9 +226,15 @@ def _protect(store: Store, shard: int, hexname: bytes, fd: int = -1) -> None:
 def unprotected(store: Store) -> list[tuple[str, str]]:
     """The recorded (object hex or '*', errno name) pairs; empty when none."""
     try:
-        data = (store.root / UNPROTECTED).read_bytes()
+        data = files.read_regular(store.root / UNPROTECTED)
     except FileNotFoundError:
         return []
+    except (OSError, ValueError) as exc:  # a FIFO read would block every doctor and fsck
+        raise VeloError(
+            f"{store.root / UNPROTECTED} cannot be read: {exc}",
+            reason=Reason.STORE_UNSAFE,
+            hint="remove it; the next session that cannot set +i writes it again",
+        ) from None
     out = []
     for line in data.decode("ascii", "replace").splitlines():
         name, _, code = line.partition(" ")

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from veloverlay import faults, paths
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import read_regular
 from veloverlay.progress import Progress
 from veloverlay.records import Record
 from veloverlay.store import reserve
@@ -363,7 +364,10 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
 
     store = _open_for_removal(path)
     tag = store.root / "CACHEDIR.TAG"
-    ours = tag.is_file() and b"veloverlay" in tag.read_bytes()
+    try:
+        ours = b"veloverlay" in read_regular(tag, 4096)
+    except (OSError, ValueError):  # none, or not a regular file: a FIFO is never read
+        ours = False
     try:
         shards = os.listdir(store.objects)
     except FileNotFoundError:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from veloverlay import faults, files, paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import force_rmtree
+from veloverlay.files import force_rmtree, read_regular
 from veloverlay.lower.homes import ids_dir
 from veloverlay.process import proc_start
 from veloverlay.progress import Progress
@@ -538,7 +538,7 @@ def resume(store: Store, session_id: str, aside: SetAside | None = None) -> Sess
             time.sleep(0.01)
     status = ShimStatus(top_pid=st.top_pid)
     with contextlib.suppress(OSError, ValueError, KeyError):
-        rep = json.loads((sdir / "reaper.json").read_text())
+        rep = json.loads(read_regular(sdir / "reaper.json"))
         status.exit_status = int(rep["exit"])
         status.killed = [(int(p), str(c)) for p, c in rep.get("killed", [])]
     if aside is not None:

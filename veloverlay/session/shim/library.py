@@ -30,10 +30,11 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from veloverlay import records
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import write_bytes_atomic
+from veloverlay.files import NotRegular, open_regular, read_regular, write_bytes_atomic
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_bytes
 
@@ -279,7 +280,7 @@ class JournalReader:
         self.offset = offset
         self.damaged = 0
         if offset == 0:
-            with open(self.path, "rb") as f:
+            with self._open() as f:
                 hdr = f.read(_JOURNAL_HDR.size)
             if len(hdr) < _JOURNAL_HDR.size:
                 raise VeloError(
@@ -293,10 +294,20 @@ class JournalReader:
                 )
             self.offset = hsize
 
+    def _open(self) -> BinaryIO:
+        """The journal, opened as `files.open_regular` opens (a FIFO in its place is damage
+        said so, never a read that blocks the harvest for ever)."""
+        try:
+            return open(open_regular(self.path), "rb")
+        except NotRegular:
+            raise VeloError(
+                f"journal {self.path} is not a regular file", reason=Reason.MANIFEST_CORRUPT
+            ) from None
+
     def read(self, *, final: bool = False, limit: int = CHUNK) -> list[JournalRecord]:
         """New complete records from at most `limit` bytes on. With `final` (no writer is left),
         a partial tail at the end of the file is damage."""
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             f.seek(self.offset)
             data = f.read(limit)
         return list(self._parse(data, final=final and len(data) < limit))
@@ -375,7 +386,7 @@ def unshimmed(sdir: Path, argv: list[str], top_pid: int) -> tuple[list[str], int
     reader = JournalReader(sdir / "journal")
     checked_in: set[int] = set()
     with contextlib.suppress(OSError, ValueError):
-        live = json.loads((sdir / "daemon.json").read_text()).get("checkins", {})
+        live = json.loads(read_regular(sdir / "daemon.json")).get("checkins", {})
         checked_in.update(int(pid) for pid in live)
     pending: dict[int, str] = {}
     spawned: dict[int, str] = {}

@@ -32,7 +32,14 @@ from pathlib import Path
 
 from veloverlay import _libc, faults, fsflags, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS, NEWFILE, makedirs, open_opened_up, write_bytes_atomic
+from veloverlay.files import (
+    DIRFLAGS,
+    NEWFILE,
+    makedirs,
+    open_opened_up,
+    read_regular,
+    write_bytes_atomic,
+)
 from veloverlay.lower.objects import PROXY_MTIME_NS, verified_copy
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
@@ -90,7 +97,10 @@ class Baseline:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Baseline:
-        data = Path(path).read_bytes()
+        try:
+            data = read_regular(path)
+        except ValueError:  # a FIFO or a directory in its place: never read (it would block)
+            raise VeloError(f"{path}: not a baseline", reason=Reason.MANIFEST_CORRUPT) from None
         if data[:4] != _BL_MAGIC:
             raise VeloError(f"{path}: not a baseline", reason=Reason.MANIFEST_CORRUPT)
         (n,) = struct.unpack_from("<Q", data, 4)

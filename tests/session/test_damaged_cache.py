@@ -1,0 +1,121 @@
+"""A stack record of the layer cache replaced by what is not a regular file (a damaged or
+tampered cache): a FIFO, a directory, a symbolic link to /dev/zero. Every verb that reads the
+record says so or builds it again; none blocks for ever or reads without end.
+
+Found by planting a FIFO in place of a stack record after a session: `run`, `fsck` and `gc`
+blocked in open(2) until killed (`lower/stacks._read_stack`, `lower/check.verify_layers`,
+`lower/prune._prune_home` read it with Path.read_text); a directory there failed `run` with a
+raw `Errno 21` (the rebuilt record could not be renamed over it)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.timing import bound
+from tests.session._util import new_store, run_session
+from veloverlay.session import state
+
+_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _limited() -> None:  # a read of /dev/zero without end fails here, not on the machine
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1", "VELO_STORE": store}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--json", *args],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=bound(60),
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_limited,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"veloverlay {' '.join(args)} blocked on a damaged stack record")
+
+
+def _plant(path: str, kind: str) -> None:
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path, 0o644)
+    elif kind == "dir":
+        os.mkdir(path)
+    else:
+        os.symlink("/dev/zero", path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a root session")
+@pytest.mark.parametrize("verb", ["run", "fsck", "gc"])
+@pytest.mark.parametrize("kind", ["fifo", "dir", "zero-link"])
+def test_a_damaged_stack_record_blocks_no_verb(shm_tmp: str, kind: str, verb: str) -> None:
+    store, src = new_store(shm_tmp)
+    proj = os.path.join(shm_tmp, "proj")
+    run_session(store, ["t"], ["true"], at=proj)
+    (st,) = list(state.iter_states(store))
+    stacks = os.path.join(os.path.dirname(os.path.dirname(st.layers[0])), "stacks")
+    (record,) = [os.path.join(stacks, n) for n in os.listdir(stacks)]
+    _plant(record, kind)
+    out = os.path.join(shm_tmp, "out")
+    args = {
+        "run": ["run", "t", "--at", proj, "--", "cp", f"{proj}/f1", out],
+        "fsck": ["fsck"],
+        "gc": ["gc", "--grace", "0"],
+    }[verb]
+    res = _cli(os.fspath(store.root), *args)
+    assert "Traceback" not in res.stderr and "Errno" not in res.stderr, res.stderr
+    if verb == "fsck":  # said, with the record named
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        assert "layer-stack-unreadable" in res.stdout + res.stderr, (res.stdout, res.stderr)
+        return
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    if verb == "run":  # the stack built again: the session saw the source's file
+        with open(out, "rb") as got, open(os.path.join(src, "f1"), "rb") as want:
+            assert got.read() == want.read()
+        with open(record, "rb") as f:  # and its record is a regular file again
+            assert b'"layers"' in f.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a root session")
+@pytest.mark.parametrize(
+    ("how", "env"),
+    [
+        (["--backend", "overlay"], {"VELO_FORCE_LOWER": "links"}),
+        (["--backend", "shim", "--link"], {}),
+    ],
+)
+def test_a_fifo_object_copied_into_a_proxy_is_corrupt(
+    shm_tmp: str, how: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with a FIFO in an object's place and the links form (or the shim's --link): the
+    proxy's copy (`lower.objects.verified_copy` through `linking.clone_or_copy`) opened the
+    object without O_NONBLOCK and `run` blocked until killed."""
+    from tests.helpers.trees import unprotect
+    from veloverlay.store.digest import hash_fd
+
+    store, src = new_store(shm_tmp)
+    fd = os.open(os.path.join(src, "f1"), os.O_RDONLY)
+    try:
+        h = hash_fd(fd)[0].hex()
+    finally:
+        os.close(fd)
+    obj = os.path.join(os.fspath(store.root), "objects-v2", h[:2], h)
+    unprotect(obj)
+    os.unlink(obj)
+    os.mkfifo(obj, 0o444)
+    proj = os.path.join(shm_tmp, "proj")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    res = _cli(os.fspath(store.root), "run", "t", *how, "--at", proj, "--", "true")
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "reason: object-corrupt" in res.stderr and h in res.stderr, res.stderr
