@@ -24,7 +24,7 @@ import os
 import stat
 from pathlib import Path
 
-from veloverlay.files import read_regular
+from veloverlay.files import DIRFLAGS, read_regular
 from veloverlay.lower.homes import ids_dir, layer_homes
 from veloverlay.store.cas import Store
 from veloverlay.store.digest import hash_fd
@@ -37,12 +37,19 @@ _PREFIXES = ("user", "trusted")  # userxattr layers, and root-native ones
 View = dict[bytes, tuple[str, int, object]]  # path -> (kind, permission bits, size | target)
 
 
-def _xattr(path: bytes, name: str) -> bytes | None:
-    """The overlay marker `name` (e.g. "whiteout") under either prefix, None when absent or
-    unreadable."""
+def _at(dfd: int, name: bytes) -> bytes:
+    """A short path of the entry `name` of the directory `dfd`, for the calls that take no
+    descriptor (the xattr ones): a layer's full paths reach past PATH_MAX (the layer directory's
+    path adds to a tree's own 4095 bytes), and fsck failed on them with a raw ENAMETOOLONG."""
+    return b"/proc/self/fd/%d/%s" % (dfd, name)
+
+
+def _xattr(dfd: int, name: bytes, marker: str) -> bytes | None:
+    """The overlay `marker` (e.g. "whiteout") of the entry `name` of `dfd`, under either
+    prefix, None when absent or unreadable."""
     for prefix in _PREFIXES:
         try:
-            return os.getxattr(path, f"{prefix}.overlay.{name}", follow_symlinks=False)
+            return os.getxattr(_at(dfd, name), f"{prefix}.overlay.{marker}", follow_symlinks=False)
         except OSError:
             continue
     return None
@@ -54,32 +61,50 @@ def _drop_below(view: View, rel: bytes) -> None:
         del view[p]
 
 
-def _merge_layer(view: View, layer: Path, unseen: set[bytes], where: dict[bytes, bytes]) -> None:
-    """Merge `layer` into `view`; the directories whose entries cannot be read here (a tree's
+class _Merge:
+    """Merge layers into `view`, bottom first, walking each by directory descriptors (never
+    by a full path: see `_at`). The directories whose entries cannot be read here (a tree's
     000 or 0600 directories, to their root-free owner) go into `unseen`: they are never opened
-    up (a session may use the layer meanwhile), and nothing below them can be checked. `where`
-    gets the layer path of every file and symlink, for the content check."""
-    top = os.fsencode(layer)
+    up (a session may use the layer meanwhile), and nothing below them can be checked. Each
+    file and symlink with an object in `digests` gets in `why` what is wrong with what it shows
+    (`_Contents`; None: nothing), from the layer that shows it."""
 
-    def unlisted(exc: OSError) -> None:
-        base = os.path.relpath(os.fsencode(exc.filename), top)
-        unseen.add(b"" if base == b"." else base)
+    def __init__(self, contents: _Contents, digests: dict[bytes, bytes]) -> None:
+        self.contents, self.digests = contents, digests
+        self.view: View = {}
+        self.unseen: set[bytes] = set()
+        self.why: dict[bytes, str | None] = {}
 
-    for dirpath, dirnames, filenames in os.walk(top, onerror=unlisted):
-        base = os.path.relpath(dirpath, top)
-        rel_dir = b"" if base == b"." else base
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.join(rel_dir, name) if rel_dir else name
+    def layer(self, layer: Path) -> None:
+        try:
+            top = os.open(os.fsencode(layer), DIRFLAGS)
+        except OSError:
+            self.unseen.add(b"")
+            return
+        try:
+            self._dir(top, b"")
+        finally:
+            os.close(top)
+
+    def _dir(self, dfd: int, rel_dir: bytes) -> None:  # (trees are at most DEPTH_MAX deep)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(dfd)]
+        except OSError:
+            self.unseen.add(rel_dir)
+            return
+        view = self.view
+        for name in names:
+            rel = rel_dir + b"/" + name if rel_dir else name
             try:
-                st = os.lstat(full)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             except PermissionError:  # listed, not searchable
-                unseen.add(rel_dir)
-                dirnames[:] = []
-                break
+                self.unseen.add(rel_dir)
+                return
             m = st.st_mode
             whiteout = (stat.S_ISCHR(m) and st.st_rdev == 0) or (
-                stat.S_ISREG(m) and st.st_size == 0 and _xattr(full, "whiteout") is not None
+                stat.S_ISREG(m) and st.st_size == 0 and _xattr(dfd, name, "whiteout") is not None
             )
             if whiteout:
                 view.pop(rel, None)
@@ -87,17 +112,27 @@ def _merge_layer(view: View, layer: Path, unseen: set[bytes], where: dict[bytes,
                 continue
             if stat.S_ISDIR(m):
                 old = view.get(rel)
-                if (old is not None and old[0] != "dir") or _xattr(full, "opaque") == b"y":
+                if (old is not None and old[0] != "dir") or _xattr(dfd, name, "opaque") == b"y":
                     _drop_below(view, rel)
                 view[rel] = ("dir", stat.S_IMODE(m) & 0o777, None)
-            elif stat.S_ISLNK(m):
-                _drop_below(view, rel)
-                view[rel] = ("symlink", 0, os.readlink(full))
-                where[rel] = full
+                try:
+                    sub = os.open(name, DIRFLAGS, dir_fd=dfd)
+                except OSError:
+                    self.unseen.add(rel)
+                    continue
+                try:
+                    self._dir(sub, rel)
+                finally:
+                    os.close(sub)
+                continue
+            _drop_below(view, rel)
+            if stat.S_ISLNK(m):
+                view[rel] = ("symlink", 0, os.readlink(name, dir_fd=dfd))
             else:
-                _drop_below(view, rel)
                 view[rel] = ("file", stat.S_IMODE(m) & 0o777, st.st_size)
-                where[rel] = full
+            digest = self.digests.get(rel)
+            if digest is not None:
+                self.why[rel] = self.contents.problem(dfd, name, digest, view[rel][0])
 
 
 def _below(p: bytes, dirs: set[bytes]) -> bool:
@@ -130,9 +165,9 @@ def _expected(store: Store, m: Manifests, root: bytes, digests: dict[bytes, byte
     return out
 
 
-def _inode(path: bytes) -> tuple[int, int] | None:
+def _inode(path: bytes, dfd: int | None = None) -> tuple[int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dfd)
     except OSError:
         return None
     return st.st_dev, st.st_ino
@@ -146,15 +181,16 @@ class _Contents:
         self.data_dir = data_dir  # the data-only layer the redirects are relative to
         self.hashed: dict[tuple[int, int], bytes | None] = {}  # a proxy serves many files
 
-    def problem(self, path: bytes, digest: bytes, kind: str) -> str | None:
+    def problem(self, dfd: int, name: bytes, digest: bytes, kind: str) -> str | None:
+        """What is wrong with what the entry `name` of `dfd` shows for `digest`, or None."""
         obj = _inode(self.store.object_path_b(digest))
         if kind == "symlink":  # Tier-1: the link must lead to the object itself
-            if obj is None or _inode(path) == obj:
+            if obj is None or _inode(name, dfd) == obj:
                 return None  # a missing object is fsck's object-missing
-            return f"leads to {os.readlink(path)!r}, not to its object"
+            return f"leads to {os.readlink(name, dir_fd=dfd)!r}, not to its object"
         try:
-            st = os.lstat(path)
-            names = os.listxattr(path, follow_symlinks=False)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            names = os.listxattr(_at(dfd, name), follow_symlinks=False)
         except OSError:
             return None  # unreadable (a 000 file to its root-free owner): not checkable
         if not stat.S_ISREG(st.st_mode):
@@ -163,7 +199,7 @@ class _Contents:
         if prefix is not None:
             try:
                 redirect: bytes | None = os.getxattr(
-                    path, f"{prefix}.overlay.redirect", follow_symlinks=False
+                    _at(dfd, name), f"{prefix}.overlay.redirect", follow_symlinks=False
                 )
             except PermissionError:
                 return None  # user xattrs of a file its owner cannot read: not checkable
@@ -180,8 +216,9 @@ class _Contents:
             return None  # an empty file shows no bytes
         key = (st.st_dev, st.st_ino)
         if key not in self.hashed:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(name, flags, dir_fd=dfd)
             except OSError:
                 return None
             try:
@@ -235,13 +272,12 @@ def verify_layers(
             with m.read() as txn:
                 if not m.has_node(txn, root):
                     continue  # a stacked view of several refs (or gone by gc): not checkable
-            view: View = {}
-            unseen: set[bytes] = set()
-            where: dict[bytes, bytes] = {}
-            for layer in reversed(layers):
-                _merge_layer(view, layer, unseen, where)
             digests: dict[bytes, bytes] = {}
             want = _expected(store, m, root, digests)
+            merged = _Merge(contents, digests)
+            for layer in reversed(layers):
+                merged.layer(layer)
+            view, unseen = merged.view, merged.unseen
             before = len(findings)
             for p in sorted(view.keys() | want.keys()):
                 if _below(p, unseen):
@@ -252,8 +288,8 @@ def verify_layers(
                     findings.append(
                         ("layer-mismatch", f"{f.name}: {shown}", f"manifest {a}, layer {b}")
                     )
-                elif p in digests and p in where:
-                    why = contents.problem(where[p], digests[p], b[0])
+                elif p in digests:
+                    why = merged.why.get(p)
                     if why is not None:
                         findings.append(("layer-mismatch", f"{f.name}: {shown}", why))
             if len(findings) > before:
