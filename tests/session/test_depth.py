@@ -70,7 +70,7 @@ def test_a_session_within_the_bound_is_harvested(mode: str, backend: str) -> Non
     assert out["next"] == 0
 
 
-def _old_deep_ref(base: str) -> dict[str, object]:
+def _old_deep_ref(base: str, backend: str = "overlay") -> dict[str, object]:
     from veloverlay.errors import VeloError
     from veloverlay.lower.homes import layer_homes
     from veloverlay.store.manifest import Manifests
@@ -89,7 +89,14 @@ def _old_deep_ref(base: str) -> dict[str, object]:
     reasons = []
     for _ in range(2):
         try:
-            run_session(store, ["deep"], ["true"], at=os.path.join(base, "at"), discard=True)
+            run_session(
+                store,
+                ["deep"],
+                ["true"],
+                at=os.path.join(base, "at"),
+                discard=True,
+                backend=backend,
+            )
             reasons.append("ran")
         except VeloError as exc:
             reasons.append(exc.reason.value)
@@ -101,14 +108,23 @@ def _old_deep_ref(base: str) -> dict[str, object]:
         for n in os.listdir(os.path.join(h, sub))
         if "deep" in n or n.endswith(tuple("0123456789abcdef"))
     ]
-    return {"reasons": reasons, "left": left}
+    from veloverlay.session import state
+
+    sessions = [st.id for st in state.iter_states(store)]
+    made = os.path.lexists(os.path.join(base, "at"))
+    return {"reasons": reasons, "left": left, "sessions": sessions, "made": made}
 
 
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
 @pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
-def test_a_ref_beyond_the_bound_builds_nothing(mode: str) -> None:
+def test_a_ref_beyond_the_bound_builds_nothing(mode: str, backend: str) -> None:
+    """The shim backend materialised such a ref, ran the command and only then refused it, at
+    harvest: a session left unharvested (too deep for any harvest) and its tree at the target.
+    Found by running a ref committed past the bound with --backend shim."""
     with unpriv_tmpdir() as base:
-        out = as_mode(mode, _old_deep_ref, base)
+        out = as_mode(mode, _old_deep_ref, base, backend)
     assert out["reasons"] == ["too-deep", "too-deep"], out
+    assert out["sessions"] == [] and out["made"] is False, out
 
 
 # The same operations in a session and in a plain directory: a new file, and a chain of

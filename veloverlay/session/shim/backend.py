@@ -67,6 +67,7 @@ from veloverlay.session.target import Stack, resolve_stack, target_free
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.sample import verify_sample
+from veloverlay.store.tree import extent as tree_extent
 from veloverlay.tiers import Rules
 
 __all__ = ["run_shim", "resume", "verify_proxies", "LIVE_MESSAGE", "ShimStatus"]
@@ -328,6 +329,9 @@ def run_shim(
         with store.lock():
             stack, target = _resolve(m, opts)
             ref = stack.refs[-1]
+            with m.read() as txn:  # a ref beyond the bound (made before it), as overlay does:
+                extent = tree_extent(stack.view, lambda d: m.get_node(txn, d))  # refused
+            paths.check_extent(extent[0], extent[1])  # before a file is made, not at harvest
             refuse_exposed_source(store, m, stack.view, ref.path, target)
             # The tree's top, open: only this directory is ever written, read or removed. Its
             # identity comes from the descriptor, never from the path (a directory on the way may
