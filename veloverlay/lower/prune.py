@@ -93,8 +93,11 @@ def _held(mounted: Iterable[str]) -> set[tuple[int, int, str]]:
         parent, name = os.path.split(os.fspath(path))
         try:
             st = os.stat(parent or ".")
-        except (OSError, ValueError):  # (ValueError: a NUL in a state file's path)
-            continue  # its directory is gone (a per-boot cache after a reboot): nothing to keep
+        except ValueError:  # (a NUL in a state file's path)
+            continue
+        except OSError:  # its directory is gone: a per-boot cache after a reboot (nothing to
+            out.add((-1, -1, name))  # keep), or a store moved under a running session: its
+            continue  # layers are kept by name, wherever they are (-1: any home)
         out.add((st.st_dev, st.st_ino, name))
     return out
 
@@ -111,7 +114,8 @@ def _prune_home(
     used: set[str] = set()
     with contextlib.suppress(OSError):
         st = os.stat(layers)
-        used |= {n for dev, ino, n in held if (dev, ino) == (st.st_dev, st.st_ino)}
+        here = ((st.st_dev, st.st_ino), (-1, -1))
+        used |= {n for dev, ino, n in held if (dev, ino) in here}
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(stacks):
             path = stacks / name

@@ -59,7 +59,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from veloverlay.errors import Reason, VeloError
@@ -200,13 +200,16 @@ def ensure_lowers(
     hints: Iterable[bytes] = (),
     progress: Progress | None = None,
     xattr: str = "user",
+    in_use: Callable[[], Iterable[str]] = tuple,
 ) -> Lowers:
     """The layers projecting `root` in `form`, building what is missing (locked, crash-safe).
 
     `hints` are roots whose layers may already exist (e.g. the ref's earlier commits, newest
     first): the first one cached is used as the base of a delta layer. Data-only layers are
     built in the per-boot directory (`volatile.py`) when there is one that holds user xattrs,
-    else in the store; a stack already in the store is used as it is.
+    else in the store; a stack already in the store is used as it is. `in_use`: the layers
+    (paths) unfinished sessions recorded, asked only when a moved store's layers are dropped
+    (`_built_here`): those stay, mounted under the sessions that run.
     """
     if form not in FORMS:
         raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
@@ -218,14 +221,14 @@ def ensure_lowers(
     homes = [fast, disk] if fast is not None else [disk]
     warning = planted_note() if form == "data-only" and fast is None else ""
     try:
-        _built_here(store, homes[0])
+        _built_here(store, homes[0], in_use)
     except (OSError, VeloError) as exc:
         if not homes[0].volatile or not _full(exc):
             raise
         warning = fallback_note(homes[0], exc)  # full: it cannot even say whose it is
         homes = [disk]
     if homes[0].volatile:
-        _built_here(store, disk)
+        _built_here(store, disk, in_use)
     variant = _variant(form, xattr)
     failed: list[str] = []
     built = "cached"
@@ -290,13 +293,18 @@ def _names_objects(mark: Path, objects: os.stat_result) -> bool:
     return (st.st_dev, st.st_ino) == (objects.st_dev, objects.st_ino)
 
 
-def _built_here(store: Store, home: Home) -> None:
+def _built_here(store: Store, home: Home, in_use: Callable[[], Iterable[str]]) -> None:
     """Empty `home` of the layers and stacks built for a store at another path. A Tier-1 file
     is a symbolic link to its object by absolute path, so the layers of a store moved (`mv`) or
     copied with its `trees-v1/` (`cp -a`) name the objects where the store was: dangling links,
     or another store's objects (one made at the old path, or the original of a copy), read by
     every session of that version. The per-boot cache follows a moved store too (it is keyed by
-    the store root's inode). Layers are a cache: they are built again from this store."""
+    the store root's inode). Layers are a cache: they are built again from this store.
+
+    Except the layers `in_use` names (by name: a session's recorded path may be the store's
+    old one): they are mounted under sessions running since before the move, and removing them
+    emptied those sessions' trees under them. No stack names them any more; gc evicts them once
+    their sessions are over (`prune`)."""
     try:
         objects = os.stat(store.objects)
     except OSError:
@@ -307,9 +315,13 @@ def _built_here(store: Store, home: Home) -> None:
     with flock(home.sub("locks", "built-for.lock")):
         if _names_objects(mark, objects):
             return  # another session's, just now
-        for name in ("stacks", "layers"):
-            with contextlib.suppress(FileNotFoundError):
-                force_rmtree(home.sub(name))
+        with contextlib.suppress(FileNotFoundError):
+            force_rmtree(home.sub("stacks"))
+        keep = {os.path.basename(p.rstrip("/")) for p in in_use()}
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(home.sub("layers")):
+                if name not in keep:
+                    force_rmtree(home.sub("layers", name))
         write_bytes_atomic(mark, os.fsencode(store.objects), 0o600)
 
 

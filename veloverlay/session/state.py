@@ -40,6 +40,7 @@ __all__ = [
     "refuse_live_view",
     "save",
     "iter_states",
+    "layers_in_use",
     "same_process",
 ]
 
@@ -401,6 +402,11 @@ def iter_states(store: Store) -> Iterator[State]:
             yield load(store, sid)
         except VeloError:
             continue
+
+
+def layers_in_use(store: Store) -> list[str]:
+    """The lower layers unfinished sessions recorded (mounted while they run)."""
+    return [p for st in iter_states(store) if st.state not in DONE_STATES for p in st.layers]
 
 
 def left_at(store: Store, path: str) -> State | None:

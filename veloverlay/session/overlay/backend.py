@@ -142,6 +142,7 @@ def _prepare(
             hints=stack.hints,
             xattr=xattr_prefix(mode),
             progress=progress,
+            in_use=lambda: state.layers_in_use(store),
         )
         if lowers.warning:
             warnings.append(lowers.warning)

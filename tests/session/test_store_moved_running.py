@@ -1,0 +1,90 @@
+"""A store moved (its directory renamed) while a session of it runs, and a session of the store
+at its new path started meanwhile: that start drops the layers built for the old path
+(`lower.stacks._built_here`: their Tier-1 links name objects where the store was), and it
+removed the running session's layers with them: the running command's tree emptied under it
+(`cat f1`: No such file or directory). Found by renaming a store under `run -- sleep` and
+running a session of the new path. The layers unfinished sessions recorded stay now (by name),
+and gc keeps them too though their recorded path is the old one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.helpers.unpriv import unpriv_tmpdir
+from tests.session._util import as_mode, mode_form_params, new_store, run_session, use_form
+from veloverlay.session import state
+
+_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "veloverlay", "--json", "--store", store, *args]
+    return subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, timeout=300)
+
+
+def _moved_while_running(base: str, form: str) -> dict[str, object]:
+    from veloverlay.errors import VeloError
+
+    use_form(form)
+    store, _src = new_store(base)
+    moved = os.path.join(base, "moved")
+    proj, proj2, out = (os.path.join(base, n) for n in ("proj", "proj2", "out"))
+    ready, go = os.path.join(base, "ready"), os.path.join(base, "go")
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    script = f"echo up > {ready}; cat {go} > /dev/null; cat {proj}/f1 {proj}/d/b > {out} 2>&1"
+    result: dict[str, object] = {}
+    ended = threading.Event()
+
+    def meanwhile() -> None:
+        try:
+            fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                while not os.read(fd, 16):
+                    if ended.wait(0.02):
+                        return
+            finally:
+                os.close(fd)
+            (st,) = list(state.iter_states(store))
+            result["layers"] = len(st.layers)
+            os.rename(store.root, moved)
+            done = _cli(moved, "run", "t", "--at", proj2, "--", "true")
+            result["second"] = (done.returncode, done.stderr[-300:])
+            done = _cli(moved, "gc", "--grace", "0")
+            result["gc"] = (done.returncode, done.stderr[-300:])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = repr(exc)
+        finally:
+            with open(go, "wb") as f:  # the session reads its projection now
+                f.write(b"go\n")
+
+    t = threading.Thread(target=meanwhile)
+    t.start()
+    try:
+        run_session(store, ["t"], ["sh", "-c", script], at=proj)
+    except VeloError:
+        pass  # its harvest says the store moved (resumed below)
+    finally:
+        ended.set()
+        t.join()
+    with open(out, "rb") as f:
+        result["seen"] = f.read()
+    done = _cli(moved, "harvest", "--all")
+    result["resumed"] = done.returncode
+    return result
+
+
+@pytest.mark.parametrize(("mode", "form"), mode_form_params(store_layers=True))
+def test_a_session_running_while_its_store_moves_keeps_its_layers(mode: str, form: str) -> None:
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _moved_while_running, base, form)
+    assert "error" not in r and r["layers"], r
+    assert r["second"][0] == 0 and r["gc"][0] == 0, r  # type: ignore[index]
+    assert r["seen"] == b"one\nbee\n", r
+    assert r["resumed"] == 0, r
