@@ -4,7 +4,10 @@ at its new path started meanwhile: that start drops the layers built for the old
 removed the running session's layers with them: the running command's tree emptied under it
 (`cat f1`: No such file or directory). Found by renaming a store under `run -- sleep` and
 running a session of the new path. The layers unfinished sessions recorded stay now (by name),
-and gc keeps them too though their recorded path is the old one."""
+and gc keeps them too though their recorded path is the old one. The running session's
+manager then wrote its state by the old path, making the store's directory there again (a
+symbolic link put there led root's write anywhere): a state is written only into the store
+held now."""
 
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def _moved_while_running(base: str, form: str) -> dict[str, object]:
         t.join()
     with open(out, "rb") as f:
         result["seen"] = f.read()
+    result["old_path_made"] = os.path.lexists(store.root)
     done = _cli(moved, "harvest", "--all")
     result["resumed"] = done.returncode
     return result
@@ -88,3 +92,5 @@ def test_a_session_running_while_its_store_moves_keeps_its_layers(mode: str, for
     assert r["second"][0] == 0 and r["gc"][0] == 0, r  # type: ignore[index]
     assert r["seen"] == b"one\nbee\n", r
     assert r["resumed"] == 0, r
+    # the manager wrote its state where the store was: the old path made again, as its user
+    assert r["old_path_made"] is False, r

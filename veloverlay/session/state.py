@@ -285,9 +285,20 @@ def save(store: Store, st: State) -> None:
     managing = (
         st.state in LIVE_STATES and st.pid == os.getpid() and same_process(st.pid, st.pid_start)
     )
+    # Written only into the session's own directory of the store still held: a store moved
+    # meanwhile (or its session directory removed) made its old path again, as root, in a
+    # directory whoever moved it can write (a symbolic link there led the write anywhere).
+    store.held()
     if managing:
         _claim_manager(sdir)
-    write_json_atomic(sdir / "state.json", st.to_json())
+    try:
+        write_json_atomic(sdir / "state.json", st.to_json(), parents=False)
+    except FileNotFoundError:
+        raise VeloError(
+            f"session {st.id}: its directory {sdir} is gone; its state was not written",
+            reason=Reason.SESSION_NOT_FOUND,
+            path=os.fspath(sdir),
+        ) from None
     if not managing:
         _release_manager(sdir)
 
