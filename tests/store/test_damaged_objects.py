@@ -82,6 +82,10 @@ def test_a_fifo_in_place_of_an_object_is_corrupt_and_blocks_nothing(
         ("lock", ["cat", "t", "a.txt"], "store-unsafe"),
         ("lock.gate", ["checkout", "t", "{out}"], "store-unsafe"),
         ("fsverity-v1.json", ["fsck"], None),
+        # a raw "[Errno 29] Illegal seek" (os-error) before: data.mdb was opened without a
+        # check of its type (and O_RDONLY, a reader's open, blocks on a FIFO)
+        ("manifests.lmdb/data.mdb", ["cat", "t", "a.txt"], "manifest-corrupt"),
+        ("manifests.lmdb/data.mdb", ["gc", "--grace", "0"], "manifest-corrupt"),
     ],
 )
 def test_a_fifo_in_place_of_a_store_file_is_named_and_blocks_nothing(

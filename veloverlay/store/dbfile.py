@@ -98,10 +98,11 @@ def check_data_file(store: Store, *, writable: bool = True) -> bool:
                     path=name,
                 )
     try:
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(f"{db}/data.mdb", flags, dir_fd=store.fd)
+        fd = open_regular(f"{db}/data.mdb", os.O_RDWR if writable else os.O_RDONLY, dir_fd=store.fd)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    except (NotRegular, IsADirectoryError):  # (a FIFO: refused, never waited on)
+        raise corrupt(store, f"{db}/data.mdb is not a regular file") from None
     except PermissionError as exc:
         raise VeloError(
             f"cannot open the manifest database: {exc.strerror}",
