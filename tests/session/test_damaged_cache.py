@@ -119,3 +119,28 @@ def test_a_fifo_object_copied_into_a_proxy_is_corrupt(
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
     assert "reason: object-corrupt" in res.stderr and h in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a root session")
+@pytest.mark.parametrize("kind", ["fifo", "dir", "zero-link"])
+def test_a_damaged_store_note_of_the_per_boot_cache_blocks_no_session(
+    shm_tmp: str, kind: str
+) -> None:
+    """The per-boot cache directory's `store` note (the path of the store it serves, read by
+    every session start: lower.homes.boot_dir) as a FIFO blocked every session in open(2); a
+    directory there failed every session with a raw Errno 21 (the note is renamed over it)."""
+    store, src = new_store(shm_tmp)
+    proj = os.path.join(shm_tmp, "proj")
+    run_session(store, ["t"], ["true"], at=proj)
+    (st,) = list(state.iter_states(store))
+    note = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(st.layers[0]))), "store")
+    with open(note, "rb") as f:  # the per-boot cache's, naming this store
+        assert f.read() == os.fsencode(os.path.abspath(store.root))
+    _plant(note, kind)
+    out = os.path.join(shm_tmp, "out")
+    res = _cli(os.fspath(store.root), "run", "t", "--at", proj, "--", "cp", f"{proj}/f1", out)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, (res.stdout, res.stderr)
+    with open(out, "rb") as got, open(os.path.join(src, "f1"), "rb") as want:
+        assert got.read() == want.read()
+    with open(note, "rb") as f:  # written again
+        assert f.read() == os.fsencode(os.path.abspath(store.root))

@@ -27,6 +27,7 @@ record, read-only in every session, vouches for it (`_vouched`: this boot, that 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from veloverlay import _libc, envvars
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import read_regular, write_bytes_atomic
+from veloverlay.files import force_rmtree, read_regular, write_bytes_atomic
 from veloverlay.pathtrust import real_root, untrusted_on_path
 from veloverlay.records import Record
 from veloverlay.store.cas import Store
@@ -316,6 +317,9 @@ def boot_dir(store_root: Path, *, create: bool = True) -> Path | None:
     if create and _note(note) != os.fsencode(os.path.abspath(store_root)):
         # (a store moved keeps its root's inode, so this directory: its note must follow, or
         # the next build of another store reaps it as the directory of a store that is gone)
+        with contextlib.suppress(OSError):  # a directory in its place (damage): no rename
+            if stat.S_ISDIR(os.lstat(note).st_mode):  # replaces it; this directory is ours
+                force_rmtree(note)
         try:
             write_bytes_atomic(note, os.fsencode(os.path.abspath(store_root)), 0o600)
         except VeloError as exc:
@@ -340,7 +344,6 @@ def _store_key(st: os.stat_result) -> str:
 def reap_orphans(current: Path) -> int:
     """Remove the layer directories next to `current` whose store no longer exists at the path
     it recorded (or is another store now). Returns how many went."""
-    from veloverlay.files import force_rmtree
 
     removed = 0
     if not (current / "store").exists() and (current.parent / "store").exists():
