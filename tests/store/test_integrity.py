@@ -773,12 +773,14 @@ def test_a_failed_immutable_flag_at_naming_is_recorded_shown_and_repaired(
     assert json.loads(velo(store, "status").stdout)["unprotected"] == []
 
 
+@pytest.mark.parametrize("planted", ["directory", "fifo"])
 def test_a_failed_unprotected_record_is_reported_as_its_write(
-    shm_tmp: str, monkeypatch: pytest.MonkeyPatch
+    shm_tmp: str, monkeypatch: pytest.MonkeyPatch, planted: str
 ) -> None:
     """When +i is refused and the UNPROTECTED record cannot be written either, the error names
     the record's write (not the object's rename, which succeeded), and every object named so far
-    is whole: P0-a holds for what the failed ingest left."""
+    is whole: P0-a holds for what the failed ingest left. A FIFO in the record's place (no
+    reader) fails the same way instead of blocking the ingest for ever."""
     import errno
 
     from veloverlay import fsflags
@@ -802,10 +804,12 @@ def test_a_failed_unprotected_record_is_reported_as_its_write(
     make_tree(src, FILES)  # type: ignore[arg-type]
     repo = Repo.open(store, create=True)
     try:
-        os.mkdir(os.path.join(store, publish.UNPROTECTED))  # the record cannot be opened to write
+        record = os.path.join(store, publish.UNPROTECTED)  # cannot be opened to write
+        os.mkdir(record) if planted == "directory" else os.mkfifo(record)
         with pytest.raises(SysError) as ei:
             ingest(repo.store, repo.m, src, "t", jobs=1)
-        assert ei.value.syscall == "write" and ei.value.errno == errno.EISDIR, ei.value
+        want = errno.EISDIR if planted == "directory" else errno.ENXIO
+        assert ei.value.syscall == "write" and ei.value.errno == want, ei.value
         assert repo.refs() == []
     finally:
         repo.close()
