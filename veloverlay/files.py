@@ -537,7 +537,10 @@ def write_bytes_atomic(
             raise VeloError(
                 f"the filesystem of {path.parent} is full",
                 reason=Reason.STORE_FULL,
-                hint="free space (e.g. 'veloverlay gc') and retry; what was committed is kept",
+                hint=(
+                    "free space and retry (in a store: 'veloverlay refs --delete REF', then "
+                    "'veloverlay gc'); what was committed is kept"
+                ),
                 path=path,
             ) from exc
         raise

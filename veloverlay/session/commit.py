@@ -136,7 +136,10 @@ def _resumable(exc: VeloError, sid: str) -> VeloError:
     own hints ("retry", "nothing stored was changed") would send the user to run it again."""
     resume = f"veloverlay harvest --resume {sid} (nothing is committed yet; its changes are kept)"
     if exc.reason is Reason.STORE_FULL:
-        hint = f"free space (e.g. 'veloverlay gc'), then: {resume}"
+        hint = (
+            "free space (e.g. 'veloverlay refs --delete REF', then 'veloverlay gc'), "
+            f"then: {resume}"
+        )
     elif exc.reason is Reason.TOO_DEEP:
         # The session is over: its files can no longer be shortened by its programs.
         hint = (
