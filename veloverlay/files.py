@@ -40,11 +40,21 @@ __all__ = [
     "write_bytes_atomic",
     "flock",
     "wait_for_writes",
+    "given_path",
 ]
 
 # Open a directory we walk or write into without following a symlink; create a file exclusively.
 DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def given_path(path: str, what: str, *, hint: str = "name it ('.' for this directory)") -> str:
+    """`path` as the user gave it, refused (USAGE) when empty: Python reads '' as the working
+    directory, so a script's unset variable (`ingest "$SRC"`) would ingest, check out into or
+    record whatever directory it runs in. `.` says that on purpose."""
+    if not path:
+        raise VeloError(f"{what} is an empty path", reason=Reason.USAGE, hint=hint)
+    return path
 
 
 def open_below(dfd: int, parts: Sequence[str | bytes]) -> int:

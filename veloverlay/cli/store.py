@@ -376,8 +376,10 @@ def import_cmd(
 ) -> None:
     """Import a .velo bundle, fully validated before anything is stored."""
     from veloverlay.errors import Reason, VeloError
+    from veloverlay.files import given_path
     from veloverlay.store.bundle import import_bundle
 
+    given_path(bundle, "the bundle", hint="name the bundle file ('-' for stdin)")
     repo = common.repo(create=True)
     try:
         f = sys.stdin.buffer if bundle == "-" else open(bundle, "rb")  # noqa: SIM115

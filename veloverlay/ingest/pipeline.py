@@ -22,7 +22,7 @@ import os
 import stat
 import time
 
-from veloverlay import _libc, faults, paths, pathtrust
+from veloverlay import _libc, faults, files, paths, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import dirfd, scan, statcache
 from veloverlay.ingest.coordinator import build, publish, walk
@@ -69,6 +69,7 @@ class IngestResult(Record):
 
 
 def _check_source(src: str, store: Store) -> bytes:
+    files.given_path(src, "the directory to ingest")
     real = pathtrust.realpath_safe(src, Reason.BAD_PATH)
     if not os.path.isdir(real):
         raise VeloError(

@@ -28,6 +28,7 @@ from typing import Any
 
 from veloverlay import faults, workers
 from veloverlay.errors import Reason, VeloError
+from veloverlay.files import given_path
 from veloverlay.records import Record
 from veloverlay.remote.client import Options, Registry
 from veloverlay.remote.fetch import Task, invalid, run_threads, task_bytes
@@ -92,6 +93,8 @@ def pull(
     The tree must pass what an imported bundle must (`store.incoming`: whole, honest sizes, no
     deeper than a checkout can make); setuid/setgid bits are dropped unless `keep_setid`."""
     t0 = time.monotonic()
+    if path is not None:
+        given_path(path, "--path")
     rn = parse_remote(remote) if isinstance(remote, str) else remote
     if rn.reference is None:
         raise VeloError(

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from veloverlay import faults, pathtrust
 from veloverlay.errors import Reason, SysError, VeloError
+from veloverlay.files import given_path
 from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
 from veloverlay.store.access import refuse_overlap
@@ -150,7 +151,9 @@ def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[s
     The directory is resolved once (`pathtrust.realpath_safe`: root follows no other user's link
     into a directory that user does not own) and pinned; the file is made, renamed and removed
     relative to it, so a directory on the way swapped meanwhile cannot send any of it elsewhere."""
-    parent, name = os.path.split(os.path.abspath(output))
+    parent, name = os.path.split(
+        os.path.abspath(given_path(output, "-o", hint="name the bundle file ('-' for stdout)"))
+    )
     if not name:
         raise VeloError(f"{output} names no file", reason=Reason.BAD_PATH, path=output)
     real_parent = pathtrust.realpath_safe(parent, Reason.BAD_PATH)
@@ -407,6 +410,8 @@ def import_bundle(
     ref's default projection point (a bundle from elsewhere could name /etc): pass `path`.
     setuid/setgid bits of its files are removed unless `keep_setid` (reported as
     `stripped_setid`)."""
+    if path is not None:
+        given_path(path, "--path")
     store.writable()
     r = _Reader(f)
     head = r.exact(len(MAGIC) + 4)

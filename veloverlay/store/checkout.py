@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from veloverlay import faults, linking
 from veloverlay.errors import Reason, SysError, VeloError
-from veloverlay.files import DIRFLAGS
+from veloverlay.files import DIRFLAGS, given_path
 from veloverlay.progress import Progress
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store, verified_chunks
@@ -63,7 +63,7 @@ def checkout(
 
     setuid/setgid bits are not written unless `keep_setid` (a root checkout of a bundle from
     elsewhere must not mint a setuid-root program), as ingest and harvest do."""
-    real = resolve_dest(dest)
+    real = resolve_dest(given_path(dest, "the checkout destination"))
     refuse_overlap(real, store.root, what="the destination", hint="check out outside the store")
     place = Place(dest, real)
     try:

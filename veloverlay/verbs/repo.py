@@ -203,12 +203,18 @@ class Repo:
         progress: Progress | None = None,
         keep_setid: bool = False,
     ) -> int:
+        from veloverlay.files import given_path
         from veloverlay.lower.homes import refuse_inside
         from veloverlay.store.checkout import checkout
         from veloverlay.store.dest import resolve_dest
 
         hint = "check out somewhere outside it"
-        refuse_inside(resolve_dest(dest), self.store.root, what="the destination", hint=hint)
+        refuse_inside(
+            resolve_dest(given_path(dest, "the checkout destination")),
+            self.store.root,
+            what="the destination",
+            hint=hint,
+        )
         # The store lock, shared: gc waits, so the version resolved here keeps its objects.
         with self.store.read_lock(), self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)

@@ -1,0 +1,82 @@
+"""An empty path argument is a usage error, never the working directory.
+
+Python reads '' as '.', so `veloverlay ingest "$SRC"` with SRC unset used to ingest whatever
+directory the script ran in (a new ref named after it), `checkout REF "$DEST"` wrote the tree into
+an empty working directory, and `import --path ''` recorded the working directory as the ref's
+projection point; `--at ''` and `mount ''` were already refused (`usage`). Each case runs in a
+working directory that would have been taken, and checks that directory and the store's refs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import veloverlay
+from tests.e2e.test_cli import data, failed, ok, velo
+from tests.helpers.trees import make_tree, snapshot
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
+
+
+def _velo_in(cwd: str, store: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "NO_COLOR": "1", "VELO_STORE": store, "PYTHONPATH": _CHECKOUT}
+    return subprocess.run(
+        [sys.executable, "-m", "veloverlay", "--json", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def setup(shm_tmp: str) -> tuple[str, str, str]:
+    """(store with ref 'proj', its bundle, an empty working directory)."""
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "proj")
+    make_tree(src, {"README": b"hello\n", "lib/a.txt": b"a\n"})
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    bundle = os.path.join(shm_tmp, "proj.velo")
+    ok(velo(store, "export", "proj", "-o", bundle))
+    cwd = os.path.join(shm_tmp, "cwd")
+    os.mkdir(cwd)
+    return store, bundle, cwd
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("ingest", ""),
+        ("ingest", "", "--name", "other"),
+        ("checkout", "proj", ""),
+        ("export", "proj", "-o", ""),
+        ("import", ""),
+        ("import", "BUNDLE", "--name", "imported", "--path", ""),
+    ],
+    ids=["ingest", "ingest-named", "checkout", "export", "import", "import-path"],
+)
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(
+    setup: tuple[str, str, str], args: tuple[str, ...]
+) -> None:
+    store, bundle, cwd = setup
+    make_tree(cwd, {} if args[0] == "checkout" else {"mine.txt": b"the script's own file\n"})
+    before = snapshot(cwd)
+    refs = data(velo(store, "refs", "--json"))
+    p = _velo_in(cwd, store, *(bundle if a == "BUNDLE" else a for a in args))
+    err = failed(p, "usage", code=2)
+    assert "empty path" in err
+    assert snapshot(cwd) == before  # nothing written into the working directory
+    assert data(velo(store, "refs", "--json")) == refs  # no ref made or moved
+    assert not [n for n in os.listdir(os.path.dirname(cwd)) if n.startswith(".cwd")]
+
+
+def test_pull_path_empty_is_refused_before_the_registry_is_asked(shm_tmp: str) -> None:
+    """pull checks --path before any connection: localhost:1 answers nothing, so any other
+    reason than usage means the empty path was let through."""
+    store = os.path.join(shm_tmp, "store")
+    ok(velo(store, "init"))
+    p = _velo_in(shm_tmp, store, "pull", "localhost:1/team/envs:x", "--path", "")
+    failed(p, "usage", code=2)
