@@ -167,3 +167,160 @@ def test_every_reason_is_raised_somewhere() -> None:
             ):
                 used.add(node.attr)
     assert {r.name for r in Reason} - used == set()
+
+
+_GLOBAL = {
+    "--store",
+    "--debug",
+    "--json",
+    "--help",
+    "--version",
+    "--help-man",
+    "--install-completion",
+    "--show-completion",
+}
+
+
+def _doc_command_lines() -> list[tuple[str, str]]:
+    """(file, command) for every `veloverlay ...` the docs show: each line of a ```sh block
+    and each inline code span, split at `&&`, `;` and `|`."""
+    found = []
+    for path in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]:
+        text = path.read_text()
+        spans = [
+            line.split("  #")[0]
+            for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+            for line in block.splitlines()
+        ] + re.findall(r"`(veloverlay [^`]+)`", text)
+        for span in spans:
+            for part in re.split(r"&&|;|\|", span):
+                if part.strip().startswith("veloverlay "):
+                    found.append((path.name, " ".join(part.split())))
+    return found
+
+
+def test_every_command_the_docs_show_names_a_verb_and_its_options() -> None:
+    """A command line in README.md or docs/ names a verb the CLI has, and only options that
+    verb (or the top level) takes: a renamed verb or option fails here, not for a reader."""
+    options = _verb_options()
+    wrong = []
+    lines = _doc_command_lines()
+    assert len(lines) > 30, lines  # the docs' examples were found
+    for where, line in lines:
+        words = [w.strip("[]") for w in line.split()[1:]]
+        if "--" in words:
+            words = words[: words.index("--")]  # the session's command: not ours
+        rest = [w for w in words if not w.startswith("-")]
+        if not rest:  # `veloverlay --help-man`: top-level options only
+            wrong += [f"{where}: {line}" for w in words if w.split("=")[0] not in _GLOBAL]
+            continue
+        verb = rest[0] if rest[0] in options else " ".join(rest[:2])
+        if verb not in options:
+            wrong.append(f"{where}: {line} (no verb)")
+            continue
+        for w in words:
+            opt = w.split("=")[0]
+            if opt.startswith("-") and opt not in options[verb] | _GLOBAL:
+                wrong.append(f"{where}: {line} ({opt})")
+    assert wrong == []
+
+
+def test_every_option_is_documented_beside_its_verb() -> None:
+    """Each option of each verb is named in a paragraph (or table row) of README.md or docs/
+    that shows the verb in code: an option mentioned only for another verb (`--path` of
+    `import`, not of `pull`) is not documented for this one."""
+    text = _doc_texts()
+    paras = re.split(r"\n\s*\n|\n(?=\|)", text)
+    missing = []
+    for verb, groups in _verb_options(grouped=True).items():
+        beside = [
+            p
+            for p in paras
+            if re.search(rf"`(?:veloverlay )?{re.escape(verb)}(?![\w-])", p)
+            or re.search(rf"^veloverlay {re.escape(verb)}(?![\w-])", p, re.M)
+        ]
+        for names in groups:
+            if set(names) & _GLOBAL:
+                continue
+            if not any(
+                re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", p) for p in beside for n in names
+            ):
+                missing.append(f"{verb} {'/'.join(names)}")
+    assert missing == []
+
+
+def _documented_store_names() -> set[str]:
+    """The top-level names the store layout block of docs/data-model.md shows."""
+    text = (ROOT / "docs" / "data-model.md").read_text().split("## The store", 1)[1]
+    block = text.split("```\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    column = lines[0].index("--store")  # where the descriptions start
+    names = set()
+    for line in lines[1:]:
+        for word in line[:column].split():  # `tmp/<stage>/ + <stage>.lock`: tmp
+            if re.fullmatch(r"[\w.-]+(?:/.*)?", word):
+                names.add(word.split("/")[0])
+    return names
+
+
+def test_store_layout_doc_names_every_top_level_entry_the_code_knows() -> None:
+    """docs/data-model.md's layout block and the store's own list of what it holds
+    (store.access.TOP_DIRS/TOP_FILES, which `refuse_newer_format` and `remove-store` follow)
+    name the same entries; `objects-v1`, the layout before issue 15, is told of in the prose."""
+    from veloverlay.store import access
+
+    code = {n.split("/")[0] for n in (*access.TOP_DIRS, *access.TOP_FILES)}
+    code |= {"CACHEDIR.TAG", ".gitignore"}
+    documented = _documented_store_names()
+    assert documented == code - {"objects-v1"}
+    assert "`objects-v1/ab/cd/`" in (ROOT / "docs" / "data-model.md").read_text()
+
+
+def test_a_used_store_holds_only_what_the_layout_doc_names(shm_tmp: str) -> None:
+    """`find` a store after init, ingest, a session, export, gc and fsck: every top-level
+    entry is one docs/data-model.md shows."""
+    import os
+
+    from tests.e2e.test_cli import ok, velo
+    from tests.helpers.trees import make_tree
+
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "proj")
+    make_tree(src, {"README": b"hello\n", "lib/a.txt": b"a\n"})
+    ok(velo(store, "init"))
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    ok(
+        velo(
+            store,
+            "run",
+            "proj",
+            "--at",
+            os.path.join(shm_tmp, "at"),
+            "--",
+            "sh",
+            "-c",
+            "echo b > b",
+        )
+    )
+    ok(velo(store, "export", "proj", "-o", os.path.join(shm_tmp, "p.velo")))
+    ok(velo(store, "gc", "--grace", "0"))
+    ok(velo(store, "fsck"))
+    present = set(os.listdir(store))
+    assert {"objects-v2", "manifests.lmdb", "lock", "sessions"} <= present
+    assert present - _documented_store_names() == set()
+
+
+def test_errors_doc_lists_the_exit_statuses_of_the_man_page() -> None:
+    """docs/errors.md's exit statuses are the manual page's (`--help-man`, EXIT STATUS)."""
+    import typer
+
+    from veloverlay.cli.man import man_page
+
+    group = typer.main.get_group(cli.app)
+    with group.make_context("veloverlay", ["--store", "/nonexistent", "init"]) as ctx:
+        page = man_page(group, ctx)
+    section = page.split(".SH EXIT STATUS", 1)[1].split(".PP", 1)[0]
+    man_codes = set(re.findall(r"^\.TP\n(\d+)\n", section, re.M))
+    doc = (ROOT / "docs" / "errors.md").read_text().split("Exit status:", 1)[1].split("\n\n")[0]
+    doc_codes = set(re.findall(r"(?<![\w-])(\d{1,3}) [a-z]", doc))
+    assert man_codes == doc_codes, (man_codes, doc_codes)
