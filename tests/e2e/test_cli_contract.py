@@ -522,3 +522,17 @@ def test_a_failing_report_is_one_json_document(store: str, src: str) -> None:
     assert report["error"] and digest in report["findings"][0]["what"]
     with open(os.path.join(src, "README"), "rb") as f:
         assert f.read() == b"hello\n"  # what the object should hold: the source, intact
+
+
+def test_a_target_whose_parent_is_missing_is_said_so_not_unwritable(
+    store: str, src: str, shm_tmp: str
+) -> None:
+    """`run --at A/B/C` with A missing said "its parent is not writable" (where
+    the user would look for permissions); the parent does not exist, and nothing is made."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    target = os.path.join(shm_tmp, "a", "b", "c")
+    err = failed(
+        velo(store, "--json", "run", "proj", "--at", target, "--", "true"), "target-invalid"
+    )
+    assert "its parent does not exist" in err, err
+    assert not os.path.exists(os.path.join(shm_tmp, "a"))

@@ -213,8 +213,9 @@ def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int
         )
     parent = os.path.dirname(real)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        why = "is not writable" if os.path.isdir(parent) else "does not exist either"
         raise VeloError(
-            f"the target {real} does not exist and its parent is not writable",
+            f"the target {real} does not exist and its parent {why}",
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR (an existing directory, or one whose parent is writable)",
             path=real,
