@@ -324,3 +324,84 @@ def test_errors_doc_lists_the_exit_statuses_of_the_man_page() -> None:
     doc = (ROOT / "docs" / "errors.md").read_text().split("Exit status:", 1)[1].split("\n\n")[0]
     doc_codes = set(re.findall(r"(?<![\w-])(\d{1,3}) [a-z]", doc))
     assert man_codes == doc_codes, (man_codes, doc_codes)
+
+
+def _json_table() -> dict[str, tuple[str, list[str] | str]]:
+    """docs/json.md: command -> (shape, keys or the command it is "as")."""
+    text = (ROOT / "docs" / "json.md").read_text()
+    table = text.split("| command | JSON | keys |", 1)[1].split("\n\n", 1)[0]
+    rows: dict[str, tuple[str, list[str] | str]] = {}
+    for line in table.splitlines()[2:]:
+        cmd, shape, keys = (c.strip() for c in line.strip("|").split(" | "))
+        same = re.fullmatch(r"as `([a-z -]+)`", keys)
+        rows[cmd.strip("`")] = (shape, same.group(1) if same else re.findall(r"`(\w+)`", keys))
+    return rows
+
+
+def _keys(doc: Any) -> tuple[str, list[str]]:
+    if isinstance(doc, list):
+        assert doc, "an empty list shows no keys: the run must make one entry"
+        return "list of objects", sorted(doc[0])
+    return "object", sorted(doc)
+
+
+def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str) -> None:
+    """Each command of docs/json.md's table, run with --json on a real store, prints one
+    document of the shape and top-level keys the table gives; every verb has a row."""
+    import os
+
+    from tests.e2e.test_cli import data, ok, velo
+    from tests.helpers.trees import make_tree
+    from veloverlay.remote.pull import PullResult
+    from veloverlay.remote.push import PushResult
+
+    rows = _json_table()
+    verbs = _cli_commands() - {"daemon", "cat"}  # no JSON but on a failure (see the page)
+    assert verbs <= {cmd.split(" NAME")[0].split(" -")[0] for cmd in rows}
+    s = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "proj")
+    make_tree(src, {"README": b"hello\n", "lib/a.txt": b"a\n"})
+    bundle = os.path.join(shm_tmp, "p.velo")
+    runs: dict[str, list[str]] = {
+        "init": ["init"],
+        "ingest": ["ingest", src, "-n", "proj"],
+        "refs": ["refs"],
+        "ls": ["ls", "proj"],
+        "log": ["log", "proj"],
+        "diff": ["diff", "proj@{1}", "proj"],
+        "diff -p": ["diff", "-p", "proj@{1}", "proj"],
+        "checkout": ["checkout", "proj", os.path.join(shm_tmp, "co")],
+        "rollback": ["rollback", "proj", "1"],
+        "export": ["export", "proj", "-o", bundle],
+        "import": ["import", bundle, "--name", "copy"],
+        "tag NAME VERSION": ["tag", "t1", "proj"],
+        "tag": ["tag"],
+        "tag --delete": ["tag", "--delete", "t1"],
+        "run": ["run", "proj", "--at", os.path.join(shm_tmp, "at"), "--", "true"],
+        "sessions": ["sessions"],
+        "sessions --clean": ["sessions", "--clean"],
+        "fsck": ["fsck"],
+        "gc": ["gc", "--grace", "0"],
+        "status": ["status"],
+        "tiers explain": ["tiers", "explain", "m.gguf"],
+        "doctor": ["doctor"],
+        "refs --delete": ["refs", "--delete", "copy"],
+        "remove-store": ["remove-store", "--yes"],
+    }
+    printed: dict[str, tuple[str, list[str]]] = {}
+    for cmd, args in runs.items():
+        if cmd == "diff":  # a second version to compare
+            with open(os.path.join(src, "README"), "wb") as f:
+                f.write(b"changed\n")
+            ok(velo(s, "ingest", src, "-n", "proj"))
+        printed[cmd] = _keys(data(velo(s, "--json", *args)))
+    printed["push"] = ("list of objects", sorted(PushResult("r", "h/r:t", "d", "0").to_dict()))
+    printed["pull"] = ("object", sorted(PullResult("h/r:t", "d", "r", "0").to_dict()))
+    wrong = []
+    for cmd, (shape, keys) in rows.items():
+        if isinstance(keys, str):  # "as `run`": the same record
+            shape, keys = shape, rows[keys][1]
+        if cmd in printed and printed[cmd] != (shape, sorted(keys)):
+            wrong.append((cmd, printed[cmd], (shape, sorted(keys))))
+    assert wrong == []
+    assert set(printed) <= set(rows)

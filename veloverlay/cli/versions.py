@@ -48,9 +48,9 @@ def tag(
             raise VeloError(
                 "name the version to tag", reason=Reason.USAGE, hint="veloverlay tag NAME VERSION"
             )
-        t = repo.tag(name, version, message=message)
-        if state.json:
-            render.emit_json(t.to_dict())
+        t, c = repo.tag(name, version, message=message)
+        if state.json:  # the keys of a listed tag: its version's ref and root too
+            render.emit_json({**t.to_dict(), "ref": c.ref, "root": c.root})
         else:
             render.line(f"tagged {version} ({t.commit[:12]}) as {t.name}")
         return

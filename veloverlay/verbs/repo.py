@@ -285,12 +285,12 @@ class Repo:
             )
 
     # -- tags: named versions ----------------------------------------------------------------
-    def tag(self, name: str, version: str, *, message: str = "") -> Tag:
+    def tag(self, name: str, version: str, *, message: str = "") -> tuple[Tag, Commit]:
         """Name a version (any spec `resolve` takes); gc keeps it (the store lock: see
-        `rollback`)."""
+        `rollback`). The tag and its commit, as `tags` lists them."""
         with self.store.lock(), self.m.write() as txn:
             _ref, commit = self.m.resolve(txn, version)
-            return self.m.put_tag(txn, name, commit.id, message=message)
+            return self.m.put_tag(txn, name, commit.id, message=message), commit
 
     def tags(self) -> list[tuple[Tag, Commit]]:
         with self.m.read() as txn:
