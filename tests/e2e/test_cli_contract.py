@@ -536,3 +536,19 @@ def test_a_target_whose_parent_is_missing_is_said_so_not_unwritable(
     )
     assert "its parent does not exist" in err, err
     assert not os.path.exists(os.path.join(shm_tmp, "a"))
+
+
+@pytest.mark.parametrize("verb", [["run"], ["mount"], ["umount"], ["tiers"]], ids=" ".join)
+def test_a_verb_given_no_arguments_is_a_usage_error(verb: list[str]) -> None:
+    """`veloverlay --json run` (a script's empty list of refs) printed the help page on stdout
+    and exited 0: no JSON for the script, and a status that says it ran. Now it is a usage
+    error (2), one JSON object with --json; the help page goes to stderr for a person."""
+    p = velo(None, "--json", *verb)
+    failed(p, "usage", code=2)
+    assert json.loads(p.stdout)["reason"] == "usage"
+    p = velo(None, *verb)
+    assert p.returncode == 2 and p.stdout == b""
+    assert p.stderr.startswith(b"Usage: veloverlay " + " ".join(verb).encode())
+    # `veloverlay` alone still shows its help on stdout
+    p = velo(None)
+    assert p.returncode == 0 and p.stdout.startswith(b"Usage: veloverlay")

@@ -260,12 +260,16 @@ def _open_std_fds() -> None:
 def _usage(exc: Any) -> int:
     ctx = getattr(exc, "ctx", None)
     message = exc.format_message()
-    if message.startswith("Usage:"):  # no arguments at all: the help page
-        sys.stdout.write(message if message.endswith("\n") else message + "\n")
-        return 0
-    hint = None
-    if ctx is not None:
-        hint = f"see '{ctx.command_path} --help'"
+    hint = f"see '{ctx.command_path} --help'" if ctx is not None else None
+    if message.startswith("Usage:"):  # no arguments: the help page
+        if ctx is None or ctx.parent is None:  # `veloverlay` alone: asked for it, in effect
+            sys.stdout.write(message if message.endswith("\n") else message + "\n")
+            return 0
+        # A verb that needs arguments got none (`run`, `mount`, `tiers`; a script's empty
+        # list): nothing was done, so not status 0, and with --json not a help page on stdout.
+        if not common.state.json:
+            sys.stderr.write(message if message.endswith("\n") else message + "\n")
+        message = f"'{ctx.command_path}' needs arguments"
     render.error(
         message,
         hint=hint,
