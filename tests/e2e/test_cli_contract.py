@@ -552,3 +552,29 @@ def test_a_verb_given_no_arguments_is_a_usage_error(verb: list[str]) -> None:
     # `veloverlay` alone still shows its help on stdout
     p = velo(None)
     assert p.returncode == 0 and p.stdout.startswith(b"Usage: veloverlay")
+
+
+@pytest.mark.parametrize("why", ["newer-format", "unsafe"])
+def test_doctor_does_not_call_a_store_every_verb_refuses_fine(
+    store: str, shm_tmp: str, why: str
+) -> None:
+    """doctor said `store: ... ok` and exited 0 for a store every verb refuses (a newer
+    format's, or as root one below another user's directory: the refusal showed only in the
+    fs-verity line). It now fails with that reason, the report marking the store refused."""
+    if why == "unsafe":
+        if os.geteuid() != 0:
+            pytest.skip("root refuses a store below another user's directory")
+        store = os.path.join(shm_tmp, "home", "store")
+    ok(velo(store, "init"))
+    if why == "newer-format":
+        os.mkdir(os.path.join(store, "objects-v9"))
+        reason = "manifest-schema"
+    else:
+        os.chown(os.path.dirname(store), 1500, 1500)
+        reason = "store-unsafe"
+    failed(velo(store, "--json", "refs"), reason)  # what every verb says
+    p = velo(store, "--json", "doctor")
+    failed(p, reason)
+    report = json.loads(p.stdout)
+    assert report["reason"] == reason and report["store"]["ok"] is False
+    assert "chosen" in report  # the rest of the report is still there

@@ -9,6 +9,7 @@ from typing import Any
 
 from veloverlay.cli import common, render
 from veloverlay.cli.common import state, verb
+from veloverlay.errors import VeloError
 
 app = common.new_app()
 
@@ -57,17 +58,21 @@ def _matters(who: str, privileged: bool, backend: str) -> str:
     return "not here"
 
 
-def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str]]:
+def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str], VeloError | None]:
     """What keeps objects unchanged here, and whether fs-verity does: the store's own answer
     (probed in its tmp/ once per boot, cas.Store.verity); none before the store exists, and
-    none in a store this user may not use (the probe writes there: only once it is judged)."""
-    from veloverlay.errors import Reason, VeloError
+    none in a store this user may not use (the probe writes there: only once it is judged).
+    Third: why every verb refuses this store (store-unsafe, store-permission, a newer
+    format), or None."""
+    from veloverlay.errors import Reason
     from veloverlay.store.cas import Store
 
+    refused = None
     try:
         sealed = Store.open(store_path).verity()
     except VeloError as exc:
         missing = exc.reason is Reason.STORE_MISSING
+        refused = None if missing else exc
         sealed = (False, "no store here yet" if missing else f"{exc.message} ({exc.reason.value})")
     if sealed[0]:
         also = "chattr +i on projected objects; " if protect else ""
@@ -79,7 +84,7 @@ def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str]]:
         text = "prevented (store read-only in sessions, chattr +i on objects)"
     else:
         text = "prevented in sessions (read-only store); detected outside (fsck)"
-    return text, sealed
+    return text, sealed, refused
 
 
 @verb(app)
@@ -105,7 +110,9 @@ def doctor() -> None:
     xattrs = probe.Feature(*feats["store_xattrs"])
     choice = select.decide(select.Caps(feats))
     form = choice.form or (f"unavailable ({choice.error})" if choice.error else "-")
-    protection, sealed = _protection(store_path, choice.protect)
+    protection, sealed, refused = _protection(store_path, choice.protect)
+    if refused is not None and store_fs.ok:  # its filesystem would do, but no verb may use it
+        report["store"].update(ok=False, reason=f"{refused.message} ({refused.reason.value})")
     report["store"]["fsverity"] = {"ok": sealed[0], "reason": sealed[1]}
     shim_info: dict[str, object]
     try:
@@ -145,6 +152,8 @@ def doctor() -> None:
     failure = None
     if not store_fs.ok:
         failure = VeloError(f"store refused: {store_fs.reason}", reason=Reason.STORE_ON_NFS)
+    elif refused is not None:  # every verb says so: doctor does not call the store fine
+        failure = refused
     if state.json:
         render.emit_json(report, failure=failure)
     else:
