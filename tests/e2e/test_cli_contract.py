@@ -578,3 +578,30 @@ def test_doctor_does_not_call_a_store_every_verb_refuses_fine(
     report = json.loads(p.stdout)
     assert report["reason"] == reason and report["store"]["ok"] is False
     assert "chosen" in report  # the rest of the report is still there
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "proj", "--at", "AT", "--discard", "--no-commit", "--", "sh", "-c", "echo n > n"],
+        ["run", "proj", "--at", "AT", "--discard", "-m", "why", "--", "sh", "-c", "echo n > n"],
+        ["tag", "--delete", "t1", "t2", "proj"],
+        ["tag", "-m", "why"],
+    ],
+    ids=["run-discard-no-commit", "run-discard-message", "tag-delete-and-make", "tag-list-m"],
+)
+def test_contradicting_options_are_refused_before_anything_is_done(
+    store: str, src: str, shm_tmp: str, args: list[str]
+) -> None:
+    """`run --discard --no-commit` discarded the session's changes that --no-commit asked to
+    keep as REF@SESSION; `tag --delete T NAME VERSION` deleted T and ignored the rest; `tag -m`
+    listed the tags. Each is a usage error now, and nothing happens."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    ok(velo(store, "tag", "t1", "proj"))
+    at = os.path.join(shm_tmp, "at")
+    before = (data(velo(store, "refs", "--json")), data(velo(store, "tag", "--json")))
+    p = velo(store, "--json", *(at if a == "AT" else a for a in args))
+    failed(p, "usage", code=2)
+    assert (data(velo(store, "refs", "--json")), data(velo(store, "tag", "--json"))) == before
+    assert not os.path.exists(at)  # no session started: no target made
+    assert data(velo(store, "sessions", "--json")) == []

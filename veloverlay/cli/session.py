@@ -92,9 +92,25 @@ class _RunCommand(TyperCommand):
         return [*super().collect_usage_pieces(ctx), "-- COMMAND [ARGS]..."]
 
 
+def _one_ending(discard: bool, no_commit: bool, message: str | None) -> None:
+    """--discard throws the changes away, --no-commit keeps them as REF@SESSION, -m names their
+    commit: --discard with either is a contradiction, refused before anything starts (the
+    session used to discard, losing what --no-commit asked to keep)."""
+    from veloverlay.errors import Reason, VeloError
+
+    other = "--no-commit" if no_commit else "-m" if message is not None else None
+    if discard and other:
+        raise VeloError(
+            f"--discard and {other} contradict each other",
+            reason=Reason.USAGE,
+            hint="--discard throws the changes away; --no-commit keeps them as REF@SESSION",
+        )
+
+
 def _options(refs: list[str], **options: Any) -> Any:
     from veloverlay.session.core import SessionOptions
 
+    _one_ending(options["discard"], options["no_commit"], options.get("message"))
     options["backend"] = options["backend"].value
     options["net"] = options["net"].value
     options["commit"] = not options.pop("no_commit")
@@ -337,6 +353,7 @@ def umount(
     """Unmount a mounted session, then harvest and commit its changes (as a run's end)."""
     from veloverlay.session.core import umount as do_umount
 
+    _one_ending(discard, no_commit, message)
     res = do_umount(common.store(), where, discard=discard, commit=not no_commit, message=message)
     if state.json:
         render.emit_json(res.to_dict())

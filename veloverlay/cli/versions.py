@@ -35,6 +35,10 @@ def tag(
 
     from veloverlay.errors import Reason, VeloError
 
+    if delete is not None and name is not None:  # which one was meant: delete, or make?
+        raise VeloError("--delete takes no NAME VERSION", reason=Reason.USAGE)
+    if message and name is None:
+        raise VeloError("-m goes with NAME VERSION (the tag made)", reason=Reason.USAGE)
     repo = common.repo()
     if delete is not None:
         repo.delete_tag(delete)
