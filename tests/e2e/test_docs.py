@@ -405,3 +405,16 @@ def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str) -> None:
             wrong.append((cmd, printed[cmd], (shape, sorted(keys))))
     assert wrong == []
     assert set(printed) <= set(rows)
+
+
+def test_docs_run_a_remote_ref_only_with_a_target() -> None:
+    """A pulled version's recorded path is not trusted (docs/remote.md): `run HOST/REPO:TAG`
+    without `--at` fails with target-invalid unless an earlier `pull --path` gave the ref one.
+    An example that runs a registry reference shows `--at` (the README's did not)."""
+    wrong = [
+        (where, line)
+        for where, line in _doc_command_lines()
+        if re.match(r"veloverlay (run|enter) [\w.-]+\.[\w.-]+(:\d+)?/\S+:\S+", line)
+        and "--at" not in line
+    ]
+    assert wrong == []
