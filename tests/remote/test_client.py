@@ -47,6 +47,35 @@ def test_parse_remote_refuses(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("http://registry/team/envs:t", ("http", "registry", "team/envs", "t")),
+        ("https://registry/team:t", ("https", "registry", "team", "t")),
+        ("http://127.0.0.1:5000", None),
+        ("https://ghcr.io", None),
+        ("http://registry", None),
+    ],
+)  # fmt: skip
+def test_a_remote_that_says_its_scheme_names_its_registry_never_docker_hub(
+    text: str, want: tuple[str, str, str, str] | None
+) -> None:
+    """`http://HOST/...` is the registry HOST without TLS (docs/remote.md, README). A HOST
+    without a dot or a port (a host name on the local network) used to make the name Docker
+    Hub's repository `HOST/...`, reached at http://registry-1.docker.io with Docker Hub's
+    credentials in clear; `http://HOST:PORT` alone was `library/HOST` tagged PORT there. Such
+    a name means HOST now, and one without a repository is refused."""
+    if want is None:
+        with pytest.raises(VeloError) as ei:
+            parse_remote(text)
+        assert ei.value.reason is Reason.BAD_NAME
+        assert "no repository" in ei.value.message
+        return
+    r = parse_remote(text)
+    assert (r.scheme, r.host, r.repo, r.tag) == want
+    assert r.base_url == f"{want[0]}://{want[1]}"
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "https://bob:hunter2@h.io/team/env:v1",

@@ -3,7 +3,10 @@
 As in the container tools, the first component is the registry when it contains a `.` or a `:` or
 is `localhost`; otherwise the registry is Docker Hub (`docker.io`, whose API lives at
 `registry-1.docker.io`, one-component repositories under `library/`). The scheme is https unless
-the name says `http://` (a registry on loopback without TLS).
+the name says `http://` (a registry on loopback without TLS). A name that says its scheme
+(`http://HOST/REPO`, `https://HOST/REPO`) names its registry first, whatever HOST looks like (a
+bare host name on the local network), and must name a repository after it: it never means
+Docker Hub, which would be reached over plain HTTP with Docker Hub's credentials.
 """
 
 from __future__ import annotations
@@ -93,9 +96,10 @@ def check_tag(tag: str) -> str:
 def parse_remote(text: str) -> RemoteName:
     rest = text
     scheme = "https"
+    explicit = False  # `http://HOST/...`: the first component is the host, whatever it looks like
     for s in ("https://", "http://"):
         if rest.startswith(s):
-            scheme, rest = s[:-3], rest[len(s) :]
+            scheme, rest, explicit = s[:-3], rest[len(s) :], True
     if "/" in rest and "@" in rest.partition("/")[0]:  # (`ubuntu@sha256:…` is a name)
         raise VeloError(
             f"bad remote {_shown(text)!r}: credentials do not go in a remote name",
@@ -113,7 +117,11 @@ def parse_remote(text: str) -> RemoteName:
         rest, tag = rest.rsplit(":", 1)
         check_tag(tag)
     host, sep, repo = rest.partition("/")
-    if not sep or not (("." in host or ":" in host) or host == "localhost"):
+    if explicit and not sep:
+        # `http://127.0.0.1:5000` names a registry and no repository: never Docker Hub's
+        # `library/127.0.0.1:5000`, reached over plain HTTP with Docker Hub's credentials.
+        raise _bad(text, "it names no repository after the registry")
+    if not explicit and (not sep or not ("." in host or ":" in host or host == "localhost")):
         host, repo = "docker.io", rest
         if "/" not in repo:
             repo = "library/" + repo
