@@ -605,3 +605,21 @@ def test_contradicting_options_are_refused_before_anything_is_done(
     assert (data(velo(store, "refs", "--json")), data(velo(store, "tag", "--json"))) == before
     assert not os.path.exists(at)  # no session started: no target made
     assert data(velo(store, "sessions", "--json")) == []
+
+
+def test_enter_json_keeps_stdout_for_its_report(store: str, src: str, shm_tmp: str) -> None:
+    """`enter --json` let the shell write to stdout, before the report: stdout was no JSON
+    document (`run --json` already sent its command's stdout to stderr). The shell's output
+    now goes to stderr as run's does, and the report is stdout's one document."""
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    at = os.path.join(shm_tmp, "at")
+    script = f"echo from-the-shell; echo new > {at}/new\n".encode()
+    p = velo(store, "--json", "enter", "proj", "--at", at, input=script, env={"SHELL": "/bin/sh"})
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)  # the whole of stdout
+    assert report["changes"] == [{"status": "A", "path": "new"}]
+    assert b"from-the-shell" in p.stderr
+    checked = os.path.join(shm_tmp, "checked")
+    ok(velo(store, "checkout", "proj", checked))
+    with open(os.path.join(checked, "new"), "rb") as f:
+        assert f.read() == b"new\n"

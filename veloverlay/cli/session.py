@@ -2,8 +2,8 @@
 
 `run REF... -- COMMAND`: everything after the first `--` is the command (`_RunCommand` splits it
 off before typer parses the rest). With `--json`, stdout carries only the session's JSON report:
-the command's own stdout goes to stderr for the session's lifetime, so the report stays
-parseable (`veloverlay run --json REF -- make | jq .commit`).
+the command's own stdout (`enter`: the shell's) goes to stderr for the session's lifetime, so the
+report stays parseable (`veloverlay run --json REF -- make | jq .commit`).
 """
 
 import enum
@@ -294,14 +294,17 @@ def enter(
         if not state.json:
             _banner(info)
 
-    try:
-        res = do_enter(common.store(), opts, on_start=start, progress=progress)
-    finally:
-        progress.done()
-    if state.json:
+    def session() -> Any:
+        try:
+            return do_enter(common.store(), opts, on_start=start, progress=progress)
+        finally:
+            progress.done()
+
+    if state.json:  # as run's: the shell's stdout goes to stderr, stdout is the report alone
+        res = _stdout_to_stderr(session)
         render.emit_json(res.to_dict())
         return int(res.exit_status) or (1 if res.conflicts else 0)
-    return _render(res)
+    return _render(session())
 
 
 @verb(app, no_args_is_help=True)
