@@ -18,8 +18,8 @@ VARS: dict[str, str] = {
     "VELO_RUNTIME_DIR": "per-boot cache of data-only lower layers: DIR/veloverlay-UID (default "
     "/run/veloverlay as root, else $XDG_RUNTIME_DIR/veloverlay or /dev/shm/veloverlay-UID, "
     "tmpfs only); 'off' keeps layers in the store",
-    "VELO_JOBS": "worker processes for ingest, fsck and per-boot layer builds (default: CPU count; "
-    "at most 4 per CPU)",
+    "VELO_JOBS": "worker processes for ingest, fsck and per-boot layer builds (default, and 0: "
+    "the CPU count; at most 4 per CPU, more is held to that)",
     "VELO_SHIM_LIBRARY": "the shim library to preload (default: the one this package built)",
     "VELO_SHIM_CONFIG": "set by shim sessions for their processes: the session's shim export",
     "VELO_SESSION": "set by sessions for their processes: the session id (veloverlay commands "
