@@ -623,3 +623,22 @@ def test_enter_json_keeps_stdout_for_its_report(store: str, src: str, shm_tmp: s
     ok(velo(store, "checkout", "proj", checked))
     with open(os.path.join(checked, "new"), "rb") as f:
         assert f.read() == b"new\n"
+
+
+def test_init_on_a_file_or_a_dangling_link_says_what_is_there(shm_tmp: str) -> None:
+    """`init --store FILE` said `store-unsafe`, "someone who can write the store planted it";
+    a symbolic link to a missing directory failed as `os-error` (ENOENT). Each now says what is
+    at the path, with a reason docs/errors.md gives for it, and leaves it as it was."""
+    path = os.path.join(shm_tmp, "a-file")
+    with open(path, "wb") as f:
+        f.write(b"mine\n")
+    err = failed(velo(path, "--json", "init"), "exists")
+    assert "exists and is not a directory" in err
+    with open(path, "rb") as f:
+        assert f.read() == b"mine\n"
+    link = os.path.join(shm_tmp, "a-link")
+    os.symlink(os.path.join(shm_tmp, "nowhere"), link)
+    err = failed(velo(link, "--json", "init"), "not-found")
+    assert "symbolic link" in err and "does not exist" in err
+    assert os.readlink(link) == os.path.join(shm_tmp, "nowhere")
+    assert not os.path.exists(os.path.join(shm_tmp, "nowhere"))

@@ -270,6 +270,22 @@ class Store(Presence):
                 existed = False
             except FileExistsError:
                 existed = True
+                st = os.lstat(store.root)
+                if stat.S_ISLNK(st.st_mode) and not os.path.exists(store.root):
+                    raise VeloError(
+                        f"{store.root} is a symbolic link to {os.readlink(store.root)}, "
+                        "which does not exist",
+                        reason=Reason.NOT_FOUND,
+                        hint="make the directory it names first, or give another --store",
+                        path=store.root,
+                    ) from None
+                if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+                    raise VeloError(  # a user's file, not something planted in a store
+                        f"{store.root} exists and is not a directory",
+                        reason=Reason.EXISTS,
+                        hint="make the store in a new or empty directory",
+                        path=store.root,
+                    ) from None
             store.check_safe()  # before any chmod: the very directory judged, by its descriptor
             fd = store.fd
             if existed:
