@@ -30,6 +30,8 @@ DIG = "sha256:" + "a" * 64
         ("ghcr.io/org/env@" + DIG, ("https", "ghcr.io", "org/env", None, DIG)),
         ("ubuntu:22.04", ("https", "docker.io", "library/ubuntu", "22.04", None)),
         ("localhost/x", ("https", "localhost", "x", None, None)),
+        ("python:3", ("https", "docker.io", "library/python", "3", None)),
+        ("team/envs", ("https", "docker.io", "team/envs", None, None)),
     ],
 )  # fmt: skip
 def test_parse_remote(text: str, want: tuple[str, str, str, str | None, str | None]) -> None:
@@ -54,6 +56,10 @@ def test_parse_remote_refuses(text: str) -> None:
         ("http://127.0.0.1:5000", None),
         ("https://ghcr.io", None),
         ("http://registry", None),
+        ("localhost:5000", None),
+        ("registry.example.com", None),
+        ("127.0.0.1:5000", None),
+        ("ghcr.io:v1", None),
     ],
 )  # fmt: skip
 def test_a_remote_that_says_its_scheme_names_its_registry_never_docker_hub(
@@ -63,7 +69,8 @@ def test_a_remote_that_says_its_scheme_names_its_registry_never_docker_hub(
     without a dot or a port (a host name on the local network) used to make the name Docker
     Hub's repository `HOST/...`, reached at http://registry-1.docker.io with Docker Hub's
     credentials in clear; `http://HOST:PORT` alone was `library/HOST` tagged PORT there. Such
-    a name means HOST now, and one without a repository is refused."""
+    a name means HOST now, and one without a repository is refused; so is a registry alone
+    without a scheme (`localhost:5000`, `registry.example.com`), which went to Docker Hub."""
     if want is None:
         with pytest.raises(VeloError) as ei:
             parse_remote(text)

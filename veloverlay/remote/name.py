@@ -121,6 +121,10 @@ def parse_remote(text: str) -> RemoteName:
         # `http://127.0.0.1:5000` names a registry and no repository: never Docker Hub's
         # `library/127.0.0.1:5000`, reached over plain HTTP with Docker Hub's credentials.
         raise _bad(text, "it names no repository after the registry")
+    if not explicit and not sep and ("." in host or host == "localhost"):
+        # `localhost:5000` or `registry.example.com` alone names a registry, not Docker Hub's
+        # `library/localhost` tagged 5000: a push or pull meant for HOST would go to Docker Hub.
+        raise _bad(text, "it names a registry but no repository after it")
     if not explicit and (not sep or not ("." in host or ":" in host or host == "localhost")):
         host, repo = "docker.io", rest
         if "/" not in repo:
