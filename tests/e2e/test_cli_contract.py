@@ -587,8 +587,15 @@ def test_doctor_does_not_call_a_store_every_verb_refuses_fine(
         ["run", "proj", "--at", "AT", "--discard", "-m", "why", "--", "sh", "-c", "echo n > n"],
         ["tag", "--delete", "t1", "t2", "proj"],
         ["tag", "-m", "why"],
+        ["refs", "--grace", "0"],
     ],
-    ids=["run-discard-no-commit", "run-discard-message", "tag-delete-and-make", "tag-list-m"],
+    ids=[
+        "run-discard-no-commit",
+        "run-discard-message",
+        "tag-delete-and-make",
+        "tag-list-m",
+        "refs-grace-without-delete",
+    ],
 )
 def test_contradicting_options_are_refused_before_anything_is_done(
     store: str, src: str, shm_tmp: str, args: list[str]

@@ -164,12 +164,12 @@ def _parents(ctx: typer.Context) -> list[typer.Context]:
     return out
 
 
-def seconds(value: float) -> float:
+def seconds(value: float | None) -> float | None:
     """A `--grace` value: a finite number of seconds >= 0 (nan made gc take every young object
     for old, and a session's leftovers get SIGKILL with no grace; inf and negatives are no
     periods either)."""
     import math
 
-    if not math.isfinite(value) or value < 0:
+    if value is not None and (not math.isfinite(value) or value < 0):
         raise typer.BadParameter(f"{value} is not a number of seconds >= 0")
     return value

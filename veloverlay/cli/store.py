@@ -194,19 +194,23 @@ def refs(
         ),
     ] = None,
     grace: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="With --delete: gc's grace period to count with (seconds)",
+            help="With --delete: gc's grace period to count with (seconds)  [default: 3600]",
             callback=common.seconds,
         ),
-    ] = 3600.0,
+    ] = None,
 ) -> None:
     """List refs (name, head, root, ingest path)."""
+    if grace is not None and delete is None:  # listing has no grace: a --delete was forgotten?
+        from veloverlay.errors import Reason, VeloError
+
+        raise VeloError("--grace goes with --delete REF", reason=Reason.USAGE)
     repo = common.repo()
     if delete is not None:
         from veloverlay.cli.versions import freed
 
-        fp = repo.delete_ref(delete, grace=grace)
+        fp = repo.delete_ref(delete, grace=3600.0 if grace is None else grace)
         if state.json:
             render.emit_json({"deleted": delete, **fp.field_dict()})
             return
