@@ -13,10 +13,11 @@ what new files get and are not kept either.
 
 The ACL is read as the xattr `system.posix_acl_access` in the kernel's binary format
 (`include/uapi/linux/posix_acl_xattr.h`): a little-endian u32 version (2), then 8-byte entries
-(u16 tag, u16 perm, u32 id). Reading it costs one `fgetxattr` on a descriptor the caller already
-holds (`mode_of`), or one `lgetxattr` of the name in a directory held by descriptor (`mode_at`,
-through /proc/self/fd: an O_PATH descriptor cannot read xattrs), and none for a mode whose group
-bits are already 0 (no mask can narrow them).
+(u16 tag, u16 perm, u32 id). Reading it costs one `flistxattr` on a descriptor the caller
+already holds (`mode_of`; a `fgetxattr` too where the ACL is listed), or one `lgetxattr` of the
+name in a directory held by descriptor (`mode_at`, through /proc/self/fd: an O_PATH descriptor
+cannot read xattrs), and none for a mode whose group bits are already 0 (no mask can narrow
+them).
 
 Imports the standard library only.
 """
@@ -43,6 +44,10 @@ def access_acl(fd: int, perm: int) -> bytes | None:
     if not perm & 0o070:
         return None
     try:
+        # Most files have no xattrs at all: listing them (an empty list) costs 0.4 us here,
+        # a getxattr that fails with ENODATA 1.5 us with its exception (on every file read).
+        if ACCESS not in os.listxattr(fd):
+            return None
         return os.getxattr(fd, ACCESS)
     except OSError as exc:
         if exc.errno in _NO_ACL:
