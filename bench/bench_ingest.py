@@ -13,7 +13,9 @@
 
 Every run uses new directories: on ext4, creating inodes right after mass deletes in the same block
 group is several times slower (feasibility.md section 9), so nothing is deleted until the end. As
-root, everything runs on a freshly made loop-mounted ext4 (--no-loop: --base as it is).
+root, everything runs on a freshly made loop-mounted ext4 (--no-loop: --base as it is), and each
+ingest and `git add` of the scaling rows starts from the same page cache: synced, the clean cache
+dropped, the source tree read again (benchlib.settle).
 
 Usage: python bench/bench_ingest.py [--base DIR] [--repeat N] [--jobs 1,2] [--million] [--quick]
        [--profile]
@@ -42,6 +44,7 @@ from benchlib import (
     run_sampled,
     scratch,
     self_cpu,
+    settle,
     velo_cmd,
     warm,
 )
@@ -114,14 +117,15 @@ def bench_scaling(
     git: list[float] = []
     runs: dict[int, list[dict[str, Any]]] = {j: [] for j in jobs}
     reingest: list[dict[str, Any]] = []
-    # Each run starts with nothing dirty: git does not sync its objects, and the next run's
-    # syncfs would otherwise write them out on its own clock.
+    # Each run starts with nothing dirty (git does not sync its objects, and the next run's
+    # syncfs would otherwise write them out on its own clock) and the same page cache: the
+    # source tree, little else (`settle`).
     for i in range(repeat):
-        os.sync()
+        settle(tree)
         git.append(git_add(tree, base / f"git-{name}-{i}"))
         for j in jobs:
             store = base / f"store-{name}-{i}-j{j}"
-            os.sync()
+            settle(tree)
             runs[j].append(run_probe(store, tree, name, j))
             if j == jobs[-1]:
                 os.sync()
@@ -170,6 +174,7 @@ def bench_memory(base: Path, files: int) -> dict[str, Any]:
     made = time.perf_counter() - t0
     store = base / "store-mem"
     env = dict(os.environ, VELO_STORE=os.fspath(store))
+    settle(tree)  # the new tree is written out first: not by the ingest's syncfs, on its clock
     secs, pss, rss = run_sampled([*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env)
     again = run_probe(store, tree, "mem", os.cpu_count() or 1)
     r_secs, r_pss, _ = run_sampled([*velo_cmd(), "ingest", os.fspath(tree), "--name", "mem"], env)

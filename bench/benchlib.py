@@ -76,6 +76,26 @@ def warm(root: Path) -> None:
                     pass
 
 
+def settle(tree: Path) -> None:
+    """The same start for every contender of an ingest: nothing dirty (sync), and as root a page
+    cache holding the source tree and little else (drop the clean cache, read the tree again).
+    Without it each run met the cache the earlier runs filled: on a loop mount every object is
+    cached twice (the loop filesystem and its image file), the machine's free memory ran out
+    midway through the run, and the later rows paid for page reclaim the earlier ones did not
+    (the 100k rows ran ~20% slower after a dozen ingests than on a fresh machine)."""
+    os.sync()
+    if os.geteuid() == 0:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        # The dropped cache held the contenders' programs too: load them again (git and its
+        # libraries; the interpreter and the modules an ingest imports), or each run would
+        # also be a cold start, the interpreter's many files more than git's one binary.
+        subprocess.run(["git", "--version"], check=True, stdout=subprocess.DEVNULL)
+        code = "import veloverlay.cli, veloverlay.ingest, veloverlay.store.cas"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    warm(tree)
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
