@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests.helpers.fulldisk import fill, private_tmpfs
+
 
 def _velo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -32,17 +34,6 @@ def _state(env: dict[str, str], store: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _fill(path: str) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        return exc.errno or 0
-    finally:
-        os.close(fd)
-
-
 def _random_tree(path: str, names: list[str], size: int) -> None:
     os.makedirs(path)
     for n in names:
@@ -51,12 +42,8 @@ def _random_tree(path: str, names: list[str], size: int) -> None:
 
 
 def _verbs_on_a_full_store(base: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=4m")
+    mnt = private_tmpfs(base, "4m")
     store = os.path.join(mnt, "store")
     env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
     other = {**env, "VELO_STORE": os.path.join(base, "other")}
@@ -71,7 +58,7 @@ def _verbs_on_a_full_store(base: str) -> dict[str, object]:
     ]
     before = _state(env, store)
     filler = os.path.join(mnt, "filler")
-    out["filler"] = _fill(filler)
+    out["filler"] = fill(filler)
     at = os.path.join(base, "at")
     writes = {
         "ingest": ["ingest", os.path.join(base, "new"), "--name", "new"],

@@ -10,16 +10,14 @@ import sys
 
 import pytest
 
+from tests.helpers.fulldisk import private_tmpfs
 from tests.helpers.trees import assert_same_tree
 
 
 def _onto_a_full_disk(base: str) -> dict[str, object]:
     from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     disk = os.path.join(base, "disk")  # a mount point as DEST: written into, not replaced
     mount.mount_tmpfs(disk, "size=3m")
     env = {**os.environ, "VELO_STORE": os.path.join(base, "store"), "NO_COLOR": "1"}

@@ -11,14 +11,12 @@ import sys
 
 import pytest
 
+from tests.helpers.fulldisk import fill, private_tmpfs
+
 
 def _in_small_tmpfs(base: str) -> list[tuple[int, str, str]]:
-    from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     src = os.path.join(mnt, "src")
     os.makedirs(src)
     with open(os.path.join(src, "a"), "w") as f:
@@ -65,12 +63,8 @@ def test_a_full_store_during_a_session_is_store_full(shm_tmp: str) -> None:
 
 
 def _gc_on_a_full_disk(base: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
     env["VELO_RUNTIME_DIR"] = "off"
 
@@ -142,12 +136,9 @@ def test_gc_frees_room_on_a_full_disk(shm_tmp: str) -> None:
 def _harvest_on_a_full_disk(base: str) -> dict[str, object]:
     """The command's writes fit in the upper dir, but not a second time in the store: the
     harvest meets ENOSPC. Then the filesystem grows and the session is resumed."""
-    from veloverlay import _libc, mount
+    from veloverlay import _libc
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=8m")
+    mnt = private_tmpfs(base, "8m")
     src = os.path.join(mnt, "src")
     os.makedirs(src)
     with open(os.path.join(src, "a"), "w") as f:
@@ -204,14 +195,10 @@ def test_a_harvest_that_fills_the_store_says_how_to_resume(shm_tmp: str) -> None
 
 
 def _delete_pulled_ref_on_a_full_disk(base: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
     from veloverlay.remote.state import Versions
     from veloverlay.verbs.repo import Repo
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
     env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
     src = os.path.join(base, "src")
@@ -266,25 +253,9 @@ def test_a_pulled_refs_notes_are_forgotten_on_a_full_disk(shm_tmp: str) -> None:
     assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64]}}
 
 
-def _fill(path: str) -> int:
-    """Write zeros to `path` until the disk is full; the errno that stopped it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        return exc.errno or 0
-    finally:
-        os.close(fd)
-
-
 def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
     env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
 
@@ -303,7 +274,7 @@ def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:
             f.write(os.urandom(100_000))
     out: dict[str, object] = {}
     out["ingest"] = [velo("ingest", src, "--name", n).returncode for n in ("a", "b")]
-    out["filler"] = _fill(os.path.join(mnt, "filler"))
+    out["filler"] = fill(os.path.join(mnt, "filler"))
     for name in ("a", "b"):
         res = velo("refs", "--delete", name)
         out[f"delete {name}"] = (res.returncode, res.stderr)

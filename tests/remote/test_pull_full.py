@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.fulldisk import fill, private_tmpfs
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
 from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
@@ -25,24 +26,9 @@ def fake() -> Iterator[FakeRegistry]:
     f.close()
 
 
-def _fill(path: str) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        return exc.errno or 0
-    finally:
-        os.close(fd)
-
-
 def _pull_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=3m")
+    mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
     env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
 
@@ -57,7 +43,7 @@ def _pull_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
 
     out: dict[str, object] = {"init": velo("init").returncode}
     filler = os.path.join(mnt, "filler")
-    out["filler"] = _fill(filler)
+    out["filler"] = fill(filler)
     res = velo("pull", remote)
     out["pull"] = (res.returncode, res.stdout, res.stderr)
     out["refs"] = velo("refs").stdout
@@ -108,16 +94,12 @@ def test_a_pull_that_fills_the_disk_is_store_full(
 
 
 def _sha_map_on_a_full_disk(base: str) -> dict[str, object]:
-    from veloverlay import _libc, mount
     from veloverlay.remote.state import ShaMap
     from veloverlay.verbs.repo import Repo
 
-    _libc.unshare(_libc.CLONE_NEWNS)
-    mount.make_rprivate("/")
-    mnt = os.path.join(base, "mnt")
-    mount.mount_tmpfs(mnt, "size=2m")
+    mnt = private_tmpfs(base, "2m")
     repo = Repo.open(os.path.join(mnt, "store"), create=True)
-    out: dict[str, object] = {"filler": _fill(os.path.join(mnt, "filler"))}
+    out: dict[str, object] = {"filler": fill(os.path.join(mnt, "filler"))}
     pair = {b"\1" * 32: "sha256:" + "2" * 64}
     try:
         ShaMap(repo.store).add(pair)
