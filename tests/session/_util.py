@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -275,3 +276,52 @@ def sh(script: str, cwd: str) -> None:
 def run_session(store: Store, refs: list[str], argv: list[str], **kw: Any) -> session.SessionResult:
     opts = session.SessionOptions(refs=refs, grace=kw.pop("grace", 2.0), **kw)
     return session.run(store, opts, argv)
+
+
+def while_running(
+    store: Store, base: str, at: str, reads: str, action: Callable[[], None]
+) -> tuple[session.SessionResult | Exception, bytes, str | None]:
+    """Run a session of ref `t` at `at` whose command, once its projection is up, waits for
+    `action()` (run in a thread meanwhile: another session, a move, a gc), then reads `reads`
+    (paths in the projection, e.g. "f1 d/b") into a file. Returns the session's result (or the
+    VeloError its end raised), what the command read (its errors too), and the repr of what
+    `action` raised (None). The command goes on when `action` ends, whatever it did."""
+    from veloverlay.errors import VeloError
+
+    ready, go, out = (os.path.join(base, n) for n in ("ready", "go", "out"))
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    files = " ".join(os.path.join(at, r) for r in reads.split())
+    script = f"echo up > {ready}; cat {go} > /dev/null; cat {files} > {out} 2>&1"
+    error: list[str] = []
+    ended = threading.Event()
+
+    def meanwhile() -> None:
+        try:
+            fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                while not os.read(fd, 16):
+                    if ended.wait(0.02):  # the session ended before its command was up
+                        return
+            finally:
+                os.close(fd)
+            action()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            error.append(repr(exc))
+        finally:
+            with open(go, "wb") as f:  # the command reads its projection now
+                f.write(b"go\n")
+
+    t = threading.Thread(target=meanwhile)
+    t.start()
+    result: session.SessionResult | Exception
+    try:
+        result = run_session(store, ["t"], ["sh", "-c", script], at=at)
+    except VeloError as exc:
+        result = exc
+    finally:
+        ended.set()
+        t.join()
+    with open(out, "rb") as f:
+        seen = f.read()
+    return result, seen, error[0] if error else None

@@ -13,12 +13,18 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, head_root, mode_form_params, new_store, use_form
+from tests.session._util import (
+    as_mode,
+    head_root,
+    mode_form_params,
+    new_store,
+    use_form,
+    while_running,
+)
 from veloverlay.lower import stacks
 from veloverlay.session import state
 from veloverlay.store.cas import Store
@@ -55,63 +61,40 @@ def _stacked(home: str) -> set[str]:
 
 
 def _across_a_rebuild(base: str, form: str, cleaner: str) -> dict[str, object]:
-    from tests.session._util import run_session
 
     use_form(form)
     store, _src = new_store(base)
-    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
-    proj2 = os.path.join(base, "proj2")
-    ready, go = os.path.join(base, "ready"), os.path.join(base, "go")
-    os.mkfifo(ready)
-    os.mkfifo(go)
-    script = f"echo up > {ready}; cat {go} > /dev/null; cat {proj}/f1 {proj}/d/b > {out}"
+    proj, proj2 = os.path.join(base, "proj"), os.path.join(base, "proj2")
     result: dict[str, object] = {}
-    ended = threading.Event()
 
-    def meanwhile() -> None:
+    def rebuild_and_clean() -> None:
         """Once the command runs inside its projection: the next session's rebuild, a gc."""
-        try:
-            fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                while not os.read(fd, 16):
-                    if ended.wait(0.02):
-                        return
-            finally:
-                os.close(fd)
-            (st,) = list(state.iter_states(store))
-            result["old"] = old = set(st.layers)
-            home = os.path.dirname(os.path.dirname(st.layers[0]))
-            result["before"] = _stacked(home)
-            # the next session, by upgraded code, then a gc: while this one still runs
-            _cli(store, "run", "t", "--at", proj2, "--", "true", upgraded=True)
-            result["new"] = _stacked(home)
-            if cleaner == "gc":
-                evicted = json.loads(_cli(store, "gc"))["layers_evicted"]
-            else:  # a damaged stack record, dropped by fsck --repair with the unused layers
-                with open(os.path.join(home, "stacks", "junk.json"), "w") as f:
-                    f.write("{")
-                _cli(store, "fsck", "--repair", check=False)
-                evicted = int(os.path.exists(os.path.join(home, "stacks", "junk.json")))
-            result["evicted_running"] = evicted
-            result["kept_running"] = sorted(p for p in old if os.path.isdir(p))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            result["error"] = repr(exc)
-        finally:
-            with open(go, "wb") as f:  # the session reads its projection now
-                f.write(b"go\n")
+        (st,) = list(state.iter_states(store))
+        result["old"] = old = set(st.layers)
+        home = os.path.dirname(os.path.dirname(st.layers[0]))
+        result["before"] = _stacked(home)
+        # the next session, by upgraded code, then a gc: while this one still runs
+        _cli(store, "run", "t", "--at", proj2, "--", "true", upgraded=True)
+        result["new"] = _stacked(home)
+        if cleaner == "gc":
+            evicted = json.loads(_cli(store, "gc"))["layers_evicted"]
+        else:  # a damaged stack record, dropped by fsck --repair with the unused layers
+            with open(os.path.join(home, "stacks", "junk.json"), "w") as f:
+                f.write("{")
+            _cli(store, "fsck", "--repair", check=False)
+            evicted = int(os.path.exists(os.path.join(home, "stacks", "junk.json")))
+        result["evicted_running"] = evicted
+        result["kept_running"] = sorted(p for p in old if os.path.isdir(p))
 
-    t = threading.Thread(target=meanwhile)
-    t.start()
-    try:
-        status = run_session(store, ["t"], ["sh", "-c", script], at=proj).exit_status
-    finally:
-        ended.set()
-        t.join()
+    ended, seen, error = while_running(store, base, proj, "f1 d/b", rebuild_and_clean)
+    if isinstance(ended, Exception):
+        raise ended
+    status = ended.exit_status
+    if error is not None:
+        result["error"] = error
     assert "new" in result, result
     old, before, new = result.pop("old"), result.pop("before"), result.pop("new")
     assert isinstance(old, set) and isinstance(new, set)
-    with open(out, "rb") as f:
-        seen = f.read()
     evicted_after = json.loads(_cli(store, "gc"))["layers_evicted"]
     return {
         **result,

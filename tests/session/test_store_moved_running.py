@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_form_params, new_store, run_session, use_form
+from tests.session._util import as_mode, mode_form_params, new_store, use_form, while_running
 from veloverlay.session import state
 
 _TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,52 +31,25 @@ def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _moved_while_running(base: str, form: str) -> dict[str, object]:
-    from veloverlay.errors import VeloError
-
     use_form(form)
     store, _src = new_store(base)
     moved = os.path.join(base, "moved")
-    proj, proj2, out = (os.path.join(base, n) for n in ("proj", "proj2", "out"))
-    ready, go = os.path.join(base, "ready"), os.path.join(base, "go")
-    os.mkfifo(ready)
-    os.mkfifo(go)
-    script = f"echo up > {ready}; cat {go} > /dev/null; cat {proj}/f1 {proj}/d/b > {out} 2>&1"
+    proj, proj2 = os.path.join(base, "proj"), os.path.join(base, "proj2")
     result: dict[str, object] = {}
-    ended = threading.Event()
 
-    def meanwhile() -> None:
-        try:
-            fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                while not os.read(fd, 16):
-                    if ended.wait(0.02):
-                        return
-            finally:
-                os.close(fd)
-            (st,) = list(state.iter_states(store))
-            result["layers"] = len(st.layers)
-            os.rename(store.root, moved)
-            done = _cli(moved, "run", "t", "--at", proj2, "--", "true")
-            result["second"] = (done.returncode, done.stderr[-300:])
-            done = _cli(moved, "gc", "--grace", "0")
-            result["gc"] = (done.returncode, done.stderr[-300:])
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            result["error"] = repr(exc)
-        finally:
-            with open(go, "wb") as f:  # the session reads its projection now
-                f.write(b"go\n")
+    def move_and_run() -> None:
+        (st,) = list(state.iter_states(store))
+        result["layers"] = len(st.layers)
+        os.rename(store.root, moved)
+        done = _cli(moved, "run", "t", "--at", proj2, "--", "true")
+        result["second"] = (done.returncode, done.stderr[-300:])
+        done = _cli(moved, "gc", "--grace", "0")
+        result["gc"] = (done.returncode, done.stderr[-300:])
 
-    t = threading.Thread(target=meanwhile)
-    t.start()
-    try:
-        run_session(store, ["t"], ["sh", "-c", script], at=proj)
-    except VeloError:
-        pass  # its harvest says the store moved (resumed below)
-    finally:
-        ended.set()
-        t.join()
-    with open(out, "rb") as f:
-        result["seen"] = f.read()
+    # Its harvest says the store moved (a VeloError, resumed below).
+    _ended, result["seen"], error = while_running(store, base, proj, "f1 d/b", move_and_run)
+    if error is not None:
+        result["error"] = error
     result["old_path_made"] = os.path.lexists(store.root)
     done = _cli(moved, "harvest", "--all")
     result["resumed"] = done.returncode
