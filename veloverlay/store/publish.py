@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 from veloverlay import _libc, faults, files, fsflags, verity
 from veloverlay.errors import Reason, SysError, VeloError
@@ -212,18 +211,19 @@ def _protect(store: Store, shard: int, hexname: bytes, fd: int = -1) -> None:
         label = b"*" if code in _NO_FLAGS else hexname
         line = b"%s %s\n" % (label, errno.errorcode.get(code, str(code)).encode())
         record = os.path.join(os.fsencode(store.root), UNPROTECTED.encode())
-        # O_NONBLOCK: a FIFO planted under its name fails (ENXIO) instead of blocking the
+        # open_regular: a FIFO planted under its name fails (ENXIO) instead of blocking the
         # publish for ever; anything but a regular file is refused.
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             with files.exact_modes():
-                fd = os.open(UNPROTECTED, flags | os.O_NONBLOCK, 0o644, dir_fd=store.fd)
+                fd = files.open_regular(UNPROTECTED, flags, 0o644, dir_fd=store.fd)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EINVAL, "not a regular file")
                 os.write(fd, line)  # one short O_APPEND write: whole lines from any process
             finally:
                 os.close(fd)
+        except files.NotRegular:
+            err = OSError(errno.EINVAL, "not a regular file")
+            raise store_error(err, "write", record) from None
         except OSError as werr:
             raise store_error(werr, "write", record) from werr
 

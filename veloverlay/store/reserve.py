@@ -29,6 +29,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from veloverlay import files
 from veloverlay.errors import Reason, VeloError
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ FULL_HINT = (
 
 _T = TypeVar("_T")
 
-_OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
 
 def held(store: Store) -> int:
     """The bytes the reserve holds now (allocated), 0 when there is none."""
@@ -68,13 +67,10 @@ def ensure(store: Store) -> bool:
     nothing is changed then, and a later writer or gc tries again."""
     if held(store) >= SIZE:
         return True
+    fd = _open(store, os.O_CREAT)
+    if fd < 0:
+        return False
     try:
-        fd = os.open(NAME, _OPEN | os.O_CREAT, 0o600, dir_fd=store.fd)
-    except OSError:
-        return False  # EROFS (a session, a read-only mount), EACCES (a shared store), ELOOP
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         try:
             os.posix_fallocate(fd, 0, SIZE)
         except OSError as exc:
@@ -94,19 +90,26 @@ def release(store: Store) -> bool:
     which a full disk may not allow). True when that freed anything."""
     if held(store) == 0:
         return False
-    try:
-        fd = os.open(NAME, _OPEN, dir_fd=store.fd)
-    except OSError:
+    fd = _open(store)
+    if fd < 0:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         os.ftruncate(fd, 0)
         return True
     except OSError:
         return False
     finally:
         os.close(fd)
+
+
+def _open(store: Store, create: int = 0) -> int:
+    """The reserve opened for writing (made with `create`=O_CREAT), or -1 where it cannot be:
+    EROFS (a session, a read-only mount), EACCES (a shared store), or anything but a regular
+    file under its name (a link is not followed, a FIFO not waited on)."""
+    try:
+        return files.open_regular(NAME, os.O_WRONLY | create, 0o600, dir_fd=store.fd)
+    except (OSError, files.NotRegular):
+        return -1
 
 
 def freeing(store: Store, attempt: Callable[[], _T]) -> _T:
