@@ -267,11 +267,9 @@ class Workers:
 
     def each(self, fn: Callable[[T], R], arg: T) -> list[R]:
         """fn(arg) once in every worker (call it with none busy); the results, worker by worker."""
-        for pid, tw, _rr in self._procs:
-            try:
-                _write_frame(tw, (fn, arg))
-            except BrokenPipeError:
-                raise self._died(pid) from None
+        frame = _frame((fn, arg))
+        for proc in self._procs:
+            self._send(proc, frame)
         out: list[R] = []
         error: BaseException | None = None
         for pid, _tw, rr in self._procs:
