@@ -10,7 +10,10 @@ from __future__ import annotations
 import ast
 import os
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "veloverlay"
 DOC = PKG.parent / "docs" / "architecture.md"
@@ -249,3 +252,39 @@ def test_every_crash_point_is_listed() -> None:
     for path in PKG.rglob("*.py"):
         used |= set(re.findall(r'faults\.point\("([^"]+)"', path.read_text()))
     assert used and used <= set(faults.POINTS), sorted(used - set(faults.POINTS))
+
+
+# What the repository's top level holds, each entry with its job: a stray file committed by
+# accident (f329c87 committed a two-byte file `b`) fails here.
+TOP_LEVEL = {
+    ".ci": "the CI entry point (.ci/run)",
+    ".gitignore": "what git ignores",
+    "MANIFEST.in": "what the sdist carries",
+    "Makefile": "the quick start's two commands and the separate long runs",
+    "README.md": "the user's first page",
+    "bench": "benchmarks against peers",
+    "docs": "user and design documents",
+    "examples": "the demo",
+    "pyproject.toml": "package metadata, linters, pytest",
+    "setup.py": "the shim's build as a package extension",
+    "shim": "the LD_PRELOAD shim (C)",
+    "tests": "the test suite",
+    "tools": "setup and the VM matrix",
+    "vagrant": "the Vagrant VM matrix",
+    "veloverlay": "the package",
+}
+
+
+def test_the_top_level_holds_only_known_entries() -> None:
+    root = PKG.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    tracked = {line.split("/", 1)[0] for line in out.splitlines()}
+    assert tracked, "git ls-files listed nothing"
+    assert tracked <= set(TOP_LEVEL), (
+        f"unknown top-level entries: {sorted(tracked - set(TOP_LEVEL))}"
+    )
