@@ -48,7 +48,40 @@ def _first_unreadable(paths: list[str]) -> str | None:
     return None
 
 
+# What a run may add to the checkout's top level or its working directory: tool caches. Anything
+# else there is a test writing a relative path into the caller's cwd (a session's command runs in
+# the caller's cwd when that is outside the projection): a stray file `b` was committed so.
+_MAY_APPEAR = {".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__", ".hypothesis"}
+_BEFORE: dict[str, set[str]] = {}
+
+
+def _watched() -> list[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return list(dict.fromkeys([root, os.getcwd()]))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
+    for d in _watched():
+        _BEFORE[d] = set(os.listdir(d))
+    _readable_by_the_test_uid()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stray = sorted(
+        os.path.join(d, name)
+        for d, before in _BEFORE.items()
+        if os.path.isdir(d)
+        for name in set(os.listdir(d)) - before - _MAY_APPEAR
+    )
+    if stray:
+        session.config.get_terminal_writer().line(
+            f"error: the run left files in the checkout or its working directory: {stray}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _readable_by_the_test_uid() -> None:
     """As root, the root-free tests run this installation as the test uid, which must be able to
     read it: say so once, clearly, instead of failing a hundred tests with EACCES."""
     if os.getuid() != 0:

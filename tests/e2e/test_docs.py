@@ -289,19 +289,10 @@ def test_a_used_store_holds_only_what_the_layout_doc_names(shm_tmp: str) -> None
     make_tree(src, {"README": b"hello\n", "lib/a.txt": b"a\n"})
     ok(velo(store, "init"))
     ok(velo(store, "ingest", src, "-n", "proj"))
-    ok(
-        velo(
-            store,
-            "run",
-            "proj",
-            "--at",
-            os.path.join(shm_tmp, "at"),
-            "--",
-            "sh",
-            "-c",
-            "echo b > b",
-        )
-    )
+    at = os.path.join(shm_tmp, "at")
+    # a write inside the projection: the command runs in the caller's cwd (the checkout's root
+    # under pytest), which "echo b > b" wrote into (a stray file `b` was committed so)
+    ok(velo(store, "run", "proj", "--at", at, "--", "sh", "-c", f"echo b > {at}/b"))
     ok(velo(store, "export", "proj", "-o", os.path.join(shm_tmp, "p.velo")))
     ok(velo(store, "gc", "--grace", "0"))
     ok(velo(store, "fsck"))
