@@ -11,7 +11,7 @@ import stat
 import struct
 
 from tests.helpers.trees import make_tree, settle_ctimes
-from tests.ingest.test_ingest import age
+from tests.ingest.test_ingest import OLD_NS, age
 from veloverlay import posixacl
 from veloverlay.ingest.pipeline import ingest
 from veloverlay.store.tree import Kind
@@ -112,3 +112,43 @@ def test_narrow_rules() -> None:
     assert posixacl.narrow(0o6774, named_group) == (0o6714, True)  # setid bits untouched
     assert posixacl.narrow(0o754, b"\x02\x00\x00\x00\x01") == (0o700, True)  # torn: owner only
     assert posixacl.narrow(0o754, struct.pack("<I", 7)) == (0o700, True)  # unknown version
+
+
+def test_an_unchanged_acl_file_is_not_read_again(repo: Repo, shm_tmp: str) -> None:
+    """The stat cache keeps the mode a file's ACL narrowed: a re-ingest of the unchanged tree
+    reads no file (and counts it narrowed still); an ACL changed since (its ctime moves, not the
+    mode `stat` shows: the mask is the same) is read again and stored as it now is."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"d/secret": b"s", "d/other": b"o", "plain": b"p"})
+    secret = os.path.join(src, "d", "secret")
+    os.setxattr(secret, posixacl.ACCESS, secret_acl(6, 0, 0))
+    age(src)
+    first = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert (first.hashed, first.acl_narrowed) == (3, 1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o600
+    # The directory changed (a new name), the ACL file did not: only the new file is read.
+    with open(os.path.join(src, "d", "new"), "wb") as f:
+        f.write(b"n")
+    for p in ("d/new", "d"):  # old, as `age` makes them (which would move every ctime)
+        os.utime(os.path.join(src, p), ns=(OLD_NS, OLD_NS))
+    settle_ctimes(src)
+    again = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert (again.hashed, again.acl_narrowed) == (1, 1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o600
+    # Nothing changed: not a file read, the tree as it was.
+    same = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert (same.hashed, same.acl_narrowed, same.unchanged) == (0, 1, True)
+    # The owning group given read (the mask, hence the mode stat shows, the same): read again.
+    before = os.stat(secret)
+    os.setxattr(secret, posixacl.ACCESS, secret_acl(6, 4, 0))
+    after = os.stat(secret)
+    assert after.st_mode == before.st_mode and after.st_ctime_ns != before.st_ctime_ns
+    settle_ctimes(src)
+    changed = ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert (changed.hashed, changed.acl_narrowed) == (1, 1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o640
+    # and a chmod (ctime moves again) too: the ACL's mask then is what chmod gave the group
+    os.chmod(secret, 0o600)
+    settle_ctimes(src)
+    ingest(repo.store, repo.m, src, "acl", jobs=1)
+    assert mode_at(repo, "acl", b"d/secret") == 0o600

@@ -151,8 +151,8 @@ def test_a_cache_written_by_another_version_is_not_trusted(repo: Repo, shm_tmp: 
         ]
     dc = statcache.decode(values[0])  # the top directory (the only one)
     assert dc is not None and set(dc.files) == {b"a", b"b"}
-    ino, size, mtime, ctime, _digest = dc.files[b"a"]
-    dc.files[b"a"] = (ino, size, mtime, ctime, b_digest.digest)
+    ino, size, mtime, ctime, _digest, listed, stored = dc.files[b"a"]
+    dc.files[b"a"] = (ino, size, mtime, ctime, b_digest.digest, listed, stored)
     # the keys the unnumbered format used: a hash of rules, setid policy and source path
     rules = Rules.from_json(ref.tiers).to_json()
     what = json.dumps([rules, False, os.path.realpath(src)]).encode()

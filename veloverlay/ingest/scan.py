@@ -56,6 +56,7 @@ _HELD = 64  # directory descriptors one task keeps open for subdirectories still
 _REPORT_FILES = 64  # a worker reports its progress after reading this many files, or bytes
 _REPORT_BYTES = 16 << 20
 _SETID = stat.S_ISUID | stat.S_ISGID
+_ACL = statcache.ACL
 
 # (files hashed, None, bytes hashed, None): the totals are never known before the end, as the
 # walk and the reads run together (and a total that changes restarts a bar's rate).
@@ -350,8 +351,12 @@ def _one_dir(
                     and c[1] == est.st_size
                     and c[2] == est.st_mtime_ns
                     and c[3] == est.st_ctime_ns
+                    and c[5] == m & 0o7777
                 ):
-                    hits.append((name, m, est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
+                    # the mode as stored: narrowed by an extended ACL (statcache.ACL) then
+                    hits.append((name, c[6], est.st_size, est.st_mtime_ns, c[4], c[0], c[3]))
+                    if c[6] & _ACL:
+                        acc.acl += 1
                 else:
                     todo.append(name)
                     dirty = True
@@ -385,7 +390,8 @@ def _one_dir(
         perm = m & 0o7777 if keep else m & 0o7777 & ~_SETID
         blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, mtime, digest)
         ents.append((name, blob))
-        cache_files.append(statcache.file_bytes(name, ino, size, mtime, ctime, digest))
+        modes = cfiles[name][5:]  # as listed and as stored
+        cache_files.append(statcache.file_bytes(name, ino, size, mtime, ctime, digest, *modes))
     stage, store, coarse = s.stage, s.store, dirfd.coarse_ctime(magic)
     for name in todo:
         race_point("file", prefix + name)
@@ -413,17 +419,19 @@ def _one_dir(
             workers.report((acc.unrep, acc.unrep_bytes))
             acc.unrep = acc.unrep_bytes = 0
         size = fst.st_size
-        perm = fst.st_mode & 0o7777 if keep else fst.st_mode & 0o7777 & ~_SETID
-        # An extended ACL narrows the group bits. Such a file is never cached: a cache hit
-        # takes its mode from the listing's stat, without the ACL (it is read again instead).
-        perm, extended = posixacl.narrow(perm, acl)
+        # An extended ACL narrows the group bits; the cache keeps the mode as stored (a hit
+        # reads no ACL) with the mode as listed (a hit must list the same).
+        listed = fst.st_mode & 0o7777
+        narrowed, extended = posixacl.narrow(listed, acl)
         acc.acl += extended
+        perm = narrowed if keep else narrowed & ~_SETID
         blob = entry_bytes(name, FILE, classify(prefix + name), perm, size, fst.st_mtime_ns, digest)
         ents.append((name, blob))
-        if not racy and not extended:
+        if not racy:
+            stored = narrowed | _ACL if extended else narrowed
             cache_files.append(
                 statcache.file_bytes(
-                    name, fst.st_ino, size, fst.st_mtime_ns, fst.st_ctime_ns, digest
+                    name, fst.st_ino, size, fst.st_mtime_ns, fst.st_ctime_ns, digest, listed, stored
                 )
             )
     for name, ino, mtime, ctime in links:

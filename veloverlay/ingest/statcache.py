@@ -3,9 +3,10 @@
 One LMDB value per directory (key `ref \\0 config \\0 dir-path`, in the manifest database's
 `statcache` sub-database): the directory's own (ino, mtime, ctime, mode), the digest of the node
 the last ingest built for it, and per name: regular files (ino, size, mtime, ctime, content
-digest), symlinks (ino, mtime, ctime) and subdirectories (node digest). A re-ingest that finds a
-directory and everything in it unchanged reuses the node digest without reading a file or
-encoding a node; a file whose stat matches is never re-read. `config` is a hash of what else
+digest, permission bits as listed and as stored: `ACL`), symlinks (ino, mtime, ctime) and
+subdirectories (node digest). A re-ingest that finds a directory and everything in it unchanged
+reuses the node digest without reading a file or encoding a node; a file whose stat matches is
+never re-read (nor its ACL). `config` is a hash of what else
 shapes a node (tier rules, setid policy, source path) and of the cache's own format (`FORMAT`):
 changing it invalidates the cache. So a cache written by another version of veloverlay, with
 another format or none, is under other keys: never loaded, and pruned at the next write. (The
@@ -34,6 +35,7 @@ from veloverlay.store.tree import clamp_mtime
 
 __all__ = [
     "FORMAT",
+    "ACL",
     "config",
     "DirCache",
     "without_digests",
@@ -49,11 +51,19 @@ __all__ = [
 
 # The format of the values and of what they name (the node encoding their digests were made
 # with): bump it with any change to either. (1: the unnumbered first format; 2: files with an
-# extended ACL were cached, so a hit stored their mask as group bits.)
-FORMAT = 3
+# extended ACL were cached, so a hit stored their mask as group bits; 3: files with an extended
+# ACL were never cached, so read again at every ingest.)
+FORMAT = 4
+
+# A file's cached modes: its permission bits as listed (a hit must list the same: a chmod in the
+# ctime's tick is seen) and as stored (an extended ACL's narrowing applied, posixacl; before the
+# setid policy), with `ACL` or'ed in when an extended ACL narrowed them (counted as such on a
+# hit). A changed ACL changes the ctime (setfacl), and a file changed within the racy window of
+# an ingest is never cached (as for its content).
+ACL = 0x1000
 
 _HEAD = struct.Struct("<QqqI32sIII")
-_FILE = struct.Struct("<QQqq32s")
+_FILE = struct.Struct("<QQqq32sHH")
 _LINK = struct.Struct("<Qqq")
 _NAME = struct.Struct("<H")
 
@@ -71,19 +81,28 @@ class DirCache(Record):
     ctime_ns: int
     mode: int
     node: bytes
-    files: dict[bytes, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
+    files: dict[bytes, tuple[int, int, int, int, bytes, int, int]] = field(default_factory=dict)
     links: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
     subs: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def file_bytes(
-    name: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: bytes
+    name: bytes,
+    ino: int,
+    size: int,
+    mtime_ns: int,
+    ctime_ns: int,
+    digest: bytes,
+    listed: int,
+    stored: int,
 ) -> bytes:
+    """A file's part of a value; `listed`, `stored`: its permission bits as listed and as stored
+    (`ACL` or'ed in when an extended ACL narrowed them)."""
     return b"".join(
         (
             _NAME.pack(len(name)),
             name,
-            _FILE.pack(ino, size, clamp_mtime(mtime_ns), ctime_ns, digest),
+            _FILE.pack(ino, size, clamp_mtime(mtime_ns), ctime_ns, digest, listed, stored),
         )
     )
 
