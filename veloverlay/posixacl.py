@@ -16,8 +16,9 @@ The ACL is read as the xattr `system.posix_acl_access` in the kernel's binary fo
 (u16 tag, u16 perm, u32 id). Reading it costs one `flistxattr` on a descriptor the caller
 already holds (`mode_of`; a `fgetxattr` too where the ACL is listed), or one `lgetxattr` of the
 name in a directory held by descriptor (`mode_at`, through /proc/self/fd: an O_PATH descriptor
-cannot read xattrs), and none for a mode whose group bits are already 0 (no mask can narrow
-them).
+cannot read xattrs; without /proc, by a descriptor of the file opened for it, and an ACL that
+cannot be read at all fails closed), and none for a mode whose group bits are already 0 (no mask
+can narrow them).
 
 Imports the standard library only.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 
 __all__ = ["ACCESS", "access_acl", "narrow", "mode_of", "mode_at"]
@@ -88,14 +90,50 @@ def mode_of(fd: int, perm: int) -> tuple[int, bool]:
 def mode_at(dfd: int, name: bytes, perm: int) -> int:
     """The permission bits to store for `name` (never followed) in the directory `dfd` whose
     lstat gave `perm`: `narrow`ed by its access ACL. A name gone meanwhile keeps `perm` (the
-    caller meets its absence itself)."""
+    caller meets its absence itself). Without /proc (a mount namespace that has none, another
+    pid namespace's /proc) the ACL is read by a descriptor of `name` (`_mode_opened`); an ACL
+    that cannot be read at all fails closed: the owning group gets nothing."""
     if not perm & 0o070:
         return perm
     path = b"/proc/self/fd/%d/%s" % (dfd, name)
     try:
         acl = os.getxattr(path, ACCESS, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno in _NO_ACL or exc.errno == errno.ENOENT:
+        if exc.errno in _NO_ACL:
             return perm
-        raise
+        if exc.errno != errno.ENOENT:
+            raise
+        # /proc/self/fd/N missing (no /proc here) or `name` gone: ask the directory.
+        return _mode_opened(dfd, name, perm)
     return narrow(perm, acl)[0]
+
+
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _mode_opened(dfd: int, name: bytes, perm: int) -> int:
+    """`mode_at` without /proc: the ACL of `name` in `dfd` read by a descriptor of it, opened only
+    when it is a regular file or directory (never followed, never blocking) and checked to be
+    the inode listed. One that cannot be opened (no read permission) or was replaced meanwhile
+    fails closed (`perm` without its group bits); a symlink has no ACL; a name gone keeps `perm`."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return perm
+    if stat.S_ISLNK(st.st_mode):
+        return perm
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        try:
+            fd = os.open(name, _OPEN, dir_fd=dfd)
+        except FileNotFoundError:
+            return perm
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                fst = os.fstat(fd)
+                if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+                    return mode_of(fd, perm)[0]
+            finally:
+                os.close(fd)
+    return perm & ~0o070
