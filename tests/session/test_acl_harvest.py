@@ -15,31 +15,42 @@ from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
 
-def _secret_acl(named: int) -> bytes:
-    """user::rw-, user:`named`:r--, group::---, mask::r--, other::--- (a user namespace session
-    can name only ids mapped in it: the session's own)."""
-    entries = ((0x01, 6, _ANY), (0x02, 4, named), (0x04, 0, _ANY), (0x10, 4, _ANY), (0x20, 0, _ANY))
+def _secret_acl(named: int, user: int = 6) -> bytes:
+    """user::`user` (rw-), user:`named`:r--, group::---, mask::r--, other::--- (a user namespace
+    session can name only ids mapped in it: the session's own)."""
+    entries = (
+        (0x01, user, _ANY),
+        (0x02, 4, named),
+        (0x04, 0, _ANY),
+        (0x10, 4, _ANY),
+        (0x20, 0, _ANY),
+    )
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
 _ANY = 0xFFFFFFFF
+
+
+_ACCESS_SET = (
+    'cd {proj}; printf s > new; mkdir newdir; /usr/bin/python3 -c "$0" {acl} access f6 new newdir d'
+)
+# A default ACL set in the session on a new directory: what is made in it afterwards inherits an
+# access ACL (user::rwx, user:self:r--, group::---, mask::r--, other::---): stat shows the mask.
+_DEFAULT_SET = (
+    'cd {proj}; mkdir dd; /usr/bin/python3 -c "$0" {acl} default dd; printf s > dd/f; mkdir dd/sub'
+)
 _SET = (
     "import os, sys\n"
-    "for p in sys.argv[2:]:\n"
-    "    os.setxattr(p, 'system.posix_acl_access', bytes.fromhex(sys.argv[1]))\n"
+    "for p in sys.argv[3:]:\n"
+    "    os.setxattr(p, 'system.posix_acl_' + sys.argv[2], bytes.fromhex(sys.argv[1]))\n"
 )
 
 
-def _modes(base: str, backend: str) -> dict[str, int]:
+def _modes(base: str, backend: str, script: str, names: tuple[str, ...]) -> dict[str, int]:
     store, _src = new_store(base)
     proj = os.path.join(base, "proj")
-    argv = [
-        "sh",
-        "-euc",
-        f"cd {proj}; printf s > new; mkdir newdir; "
-        f'/usr/bin/python3 -c "$0" {_secret_acl(os.getuid()).hex()} f6 new newdir d',
-        _SET,
-    ]
+    acl = _secret_acl(os.getuid(), 7 if script is _DEFAULT_SET else 6).hex()
+    argv = ["sh", "-euc", script.format(proj=proj, acl=acl), _SET]
     res = run_session(store, ["t"], argv, at=proj, backend=backend)
     assert res.exit_status == 0
     root = head_root(store, "t")
@@ -47,7 +58,7 @@ def _modes(base: str, backend: str) -> dict[str, int]:
     try:
         with m.read() as txn:
             out = {}
-            for p in ("f6", "new", "newdir", "d"):
+            for p in names:
                 e = m.lookup(txn, root, p.encode())
                 assert e is not None
                 out[p] = m.get_node(txn, e.digest).mode if e.kind is Kind.DIR else e.mode
@@ -61,8 +72,20 @@ def _modes(base: str, backend: str) -> dict[str, int]:
 def test_an_acl_set_in_a_session_is_harvested_narrowed(mode: str, backend: str) -> None:
     """Both backends: the overlay's upper dir and the shim's materialised tree."""
     with unpriv_tmpdir() as base:
-        got = as_mode(mode, _modes, base, backend)
+        got = as_mode(mode, _modes, base, backend, _ACCESS_SET, ("f6", "new", "newdir", "d"))
     # f6 was 0640 (copied up), new 0644, newdir and d 0755; the ACL sets user and other bits
     # (rw-, ---), and its mask r-- shows as the group bits in stat (0640), but the group
     # entry gives the owning group nothing.
     assert got == dict.fromkeys(("f6", "new", "newdir", "d"), 0o600)
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_what_a_default_acl_gives_is_harvested_narrowed(mode: str, backend: str) -> None:
+    """A file and a directory made under a default ACL set in the session inherit an access
+    ACL whose mask stat shows as their group bits (0640, 0740): the owning group gets nothing.
+    The directory holding the default ACL has no access ACL: its mode (0755)."""
+    names = ("dd", "dd/f", "dd/sub")
+    with unpriv_tmpdir() as base:
+        got = as_mode(mode, _modes, base, backend, _DEFAULT_SET, names)
+    assert got == {"dd": 0o755, "dd/f": 0o600, "dd/sub": 0o700}
