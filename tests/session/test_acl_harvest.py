@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, head_root, mode_params, new_store, run_session
+from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
 
@@ -89,3 +90,46 @@ def test_what_a_default_acl_gives_is_harvested_narrowed(mode: str, backend: str)
     with unpriv_tmpdir() as base:
         got = as_mode(mode, _modes, base, backend, _DEFAULT_SET, names)
     assert got == {"dd": 0o755, "dd/f": 0o600, "dd/sub": 0o700}
+
+
+def _root_acl_only(base: str, backend: str) -> tuple[int, int]:
+    """(the projection root's mode before, its stored mode after) a session that only sets an
+    ACL on it: user::rwx, user:self:r-x, group::---, mask::r-x, other::r-x (stat: 0755 still,
+    its mtime the same)."""
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    before = _root_mode(store)
+    entries = ((0x01, 7, _ANY), (0x02, 5, os.getuid()), (0x04, 0, _ANY), (0x10, 5, _ANY))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    acl += struct.pack("<HHI", 0x20, 5, _ANY)
+    script = (
+        "import os, sys\n"
+        "os.chdir(sys.argv[2])\n"
+        "st = os.stat('.')\n"
+        "os.setxattr('.', 'system.posix_acl_access', bytes.fromhex(sys.argv[1]))\n"
+        "assert os.stat('.').st_mode == st.st_mode and os.stat('.').st_mtime_ns == st.st_mtime_ns\n"
+    )
+    argv = ["/usr/bin/python3", "-c", script, acl.hex(), proj]
+    res = run_session(store, ["t"], argv, at=proj, backend=backend)
+    assert res.exit_status == 0
+    return before, _root_mode(store)
+
+
+def _root_mode(store: Store) -> int:
+    root = head_root(store, "t")
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            return m.get_node(txn, root).mode
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_an_acl_set_on_the_root_alone_is_harvested(mode: str, backend: str) -> None:
+    """A session whose only change is an ACL on its root that leaves the root's stat as it was
+    (the mask equal to the old group bits) still narrows the root's stored group bits."""
+    with unpriv_tmpdir() as base:
+        before, after = as_mode(mode, _root_acl_only, base, backend)
+    assert (before, after) == (0o755, 0o705)

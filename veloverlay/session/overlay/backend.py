@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veloverlay import faults, ns, overlay, paths, process
+from veloverlay import faults, ns, overlay, paths, posixacl, process
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import force_rmtree
 from veloverlay.lower.homes import every_base
@@ -495,16 +495,25 @@ def _finish(store: Store, m: Manifests, st: State, aside: SetAside | None = None
 
 
 def _untouched(upper: Path, view_root: bytes, m: Manifests) -> bool:
-    """The session changed nothing: an empty upper dir with the view root's mode and mtime."""
+    """The session changed nothing: an empty upper dir with the view root's mode and mtime, its
+    mode as its ACL allows (posixacl: an ACL set on the root alone may leave its stat as it was
+    and still narrow what the group gets)."""
     try:
-        if os.listdir(upper):
-            return False
-        st = os.stat(upper)
+        fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        if os.listdir(fd):
+            return False
+        st = os.fstat(fd)
+        mode, _acl = posixacl.mode_of(fd, st.st_mode & 0o7777)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     with m.read() as txn:
         attrs = m.node_attrs(txn, view_root)
-    return (st.st_mode & 0o7777, st.st_mtime_ns) == attrs
+    return (mode, st.st_mtime_ns) == attrs
 
 
 def _not_started(store: Store, st: State, exc: SysError) -> SysError:
