@@ -97,8 +97,22 @@ def is_whiteout(st: os.stat_result, dfd: int, name: bytes, prefix: str = "user")
 
 
 def _getx(dfd: int, name: bytes, attr: str) -> bytes:
-    """getxattr relative to a directory fd (no *xattrat in Python): via /proc/self/fd."""
-    return os.getxattr(b"/proc/self/fd/%d/%s" % (dfd, name), attr, follow_symlinks=False)
+    """getxattr of the regular file `name` relative to a directory fd (no *xattrat in Python):
+    via /proc/self/fd, or without /proc (a mount namespace that has none, where ENOENT would
+    read as "no such xattr") by a descriptor of it (never followed, never blocking)."""
+    try:
+        return os.getxattr(b"/proc/self/fd/%d/%s" % (dfd, name), attr, follow_symlinks=False)
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self/fd"):
+            raise
+    fd = os.open(name, _XFLAGS, dir_fd=dfd)
+    try:
+        return os.getxattr(fd, attr)
+    finally:
+        os.close(fd)
+
+
+_XFLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def _getx_fd(fd: int, attr: str) -> bytes | None:

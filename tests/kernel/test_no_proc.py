@@ -1,8 +1,10 @@
-"""posixacl.mode_at without /proc (a mount namespace that has none): harvest and the shim's tree
-sync read a file's ACL by its name in a directory descriptor, through /proc/self/fd. Without
-/proc that lookup fails with ENOENT, which was taken for "no ACL": the mask, shown as the group
-bits, was stored as what the owning group may do. The ACL must be read another way, or the
-group get nothing."""
+"""Reading an xattr of a name in a directory descriptor without /proc (a mount namespace that
+has none). Python has no getxattrat: posixacl.mode_at (harvest, the shim's tree sync) and the
+overlay harvest's whiteout test go through /proc/self/fd/N/name. Without /proc that lookup fails
+with ENOENT, which was taken for "no such xattr": an ACL's mask, shown as the group bits, was
+stored as what the owning group may do, and a whiteout file was harvested as an empty file.
+The xattr must be read another way, or (an ACL) the group get nothing.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID
 from tests.ingest.test_acl import secret_acl
 from veloverlay import mount, ns, posixacl
+from veloverlay.session.overlay.harvest import is_whiteout
 
 
 def _modes(d: str, names: list[str], proc: bool, unprivileged: bool) -> list[int]:
@@ -67,3 +70,29 @@ def test_mode_at_reads_the_acl_without_proc(shm_tmp: str) -> None:
     three = ["secret", "team", "plain"]
     assert ns.run_in_child(_modes, d, three, True, True) == [0o600, 0o640, 0o640]
     assert ns.run_in_child(_modes, d, three, False, True) == [0o600, 0o600, 0o600]
+
+
+def _whiteouts(d: str, names: list[str], proc: bool) -> list[bool]:
+    if not proc:
+        ns.enter_mountns()
+        mount.make_rprivate("/")
+        mount.umount("/proc")
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [is_whiteout(os.lstat(n, dir_fd=dfd), dfd, os.fsencode(n), "user") for n in names]
+    finally:
+        os.close(dfd)
+
+
+@pytest.mark.needs("root")
+def test_a_whiteout_file_is_one_without_proc(shm_tmp: str) -> None:
+    """The same lookup tells harvest a whiteout file (zero-size, `user.overlay.whiteout`) from
+    an empty file: without /proc a deletion must not be harvested as an empty file."""
+    d = os.path.join(shm_tmp, "d")
+    os.mkdir(d)
+    for n in ("wh", "empty"):
+        open(os.path.join(d, n), "wb").close()
+    os.setxattr(os.path.join(d, "wh"), "user.overlay.whiteout", b"y")
+    names = ["wh", "empty"]
+    assert ns.run_in_child(_whiteouts, d, names, True) == [True, False]
+    assert ns.run_in_child(_whiteouts, d, names, False) == [True, False]
