@@ -11,8 +11,9 @@ import stat
 import struct
 
 from tests.helpers.trees import make_tree, settle_ctimes
+from tests.helpers.unpriv import UNPRIV_UID
 from tests.ingest.test_ingest import OLD_NS, age
-from veloverlay import posixacl
+from veloverlay import ns, posixacl
 from veloverlay.ingest.pipeline import ingest
 from veloverlay.store.tree import Kind
 from veloverlay.verbs.repo import Repo
@@ -152,3 +153,41 @@ def test_an_unchanged_acl_file_is_not_read_again(repo: Repo, shm_tmp: str) -> No
     settle_ctimes(src)
     ingest(repo.store, repo.m, src, "acl", jobs=1)
     assert mode_at(repo, "acl", b"d/secret") == 0o600
+
+
+def _readable_as(uid: int, paths: list[str]) -> list[bool]:
+    ns.drop_to_user(uid, uid)
+    return [os.access(p, os.R_OK) for p in paths]
+
+
+def test_a_default_acl_at_the_checkout_gives_no_more_than_the_group_bits(
+    repo: Repo, shm_tmp: str
+) -> None:
+    """A checkout into a directory with a default ACL inherits it, as every file made there
+    does (README: such a DIR is written into directly). Its named entries are in the ACL's group
+    class, bounded by the mask that the stored group bits become: a user the ACL names with
+    rwx reads a stored 0640 file and not a stored 0600 one, as the kernel decides."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f600": b"a", "f640": b"b", "d/g600": b"c"})
+    for p, mode in (("f600", 0o600), ("f640", 0o640), ("d/g600", 0o600), ("d", 0o700)):
+        os.chmod(os.path.join(src, p), mode)
+    ingest(repo.store, repo.m, src, "co", jobs=1)
+    out = os.path.join(shm_tmp, "out")
+    os.mkdir(out)
+    os.chmod(shm_tmp, 0o755)
+    os.chmod(out, 0o755)
+    named = UNPRIV_UID
+    default = acl(
+        (USER_OBJ, 7, _ANY),
+        (USER, 7, named),
+        (GROUP_OBJ, 7, _ANY),
+        (MASK, 7, _ANY),
+        (OTHER, 0, _ANY),
+    )
+    os.setxattr(out, "system.posix_acl_default", default)
+    repo.checkout("co", out)
+    got = ns.run_in_child(_readable_as, named, [os.path.join(out, p) for p in ("f600", "f640")])
+    assert got == [False, True]
+    for p, mode in (("f600", 0o600), ("f640", 0o640), ("d", 0o700), ("d/g600", 0o600)):
+        assert stat.S_IMODE(os.lstat(os.path.join(out, p)).st_mode) == mode
+        assert posixacl.ACCESS in os.listxattr(os.path.join(out, p))  # inherited, masked
