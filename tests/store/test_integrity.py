@@ -543,10 +543,12 @@ def test_a_new_store_is_private_unless_shared(shared: bool, made: str) -> None:
         Store.init(store, shared=shared)
         repo = Repo.open(store)
         try:
-            ingest(repo.store, repo.m, src, "t", jobs=1)
+            res = ingest(repo.store, repo.m, src, "t", jobs=1)
         finally:
             repo.close()
         assert os.stat(store).st_mode & 0o777 == (0o755 if shared else 0o700)
+        # told: the 0700 root and the 0600 secret, now every user's in a shared store
+        assert res.exposed == (2 if shared else 0)
         got = run_unprivileged(_read_as_other_user, store, hash_bytes(b"s3cret").hex())
     if shared:
         assert got["object"] == b"s3cret"
@@ -901,3 +903,35 @@ def test_root_never_follows_another_users_link_to_a_store(shared: bool) -> None:
             assert os.listdir(secret) == []
     finally:
         shutil.rmtree(secret)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_ingest_says_what_a_shared_store_opens_to_every_user(shared: bool, shm_tmp: str) -> None:
+    """Files other users could not read at the source (0600, 0640) and a directory they could not
+    enter (0700) are counted, warned about and given as `exposed` by an ingest into a shared
+    store, where every local user can read them; a private store says nothing."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(
+        src,
+        {"pub": b"p", "key": b"k", "team": b"t", "priv/inside": b"i", "open/x": b"x"},
+    )
+    os.chmod(os.path.join(src, "key"), 0o600)
+    os.chmod(os.path.join(src, "team"), 0o640)
+    os.chmod(os.path.join(src, "priv"), 0o700)
+    store = os.path.join(shm_tmp, "store")
+    assert velo(store, "init", *(["--shared"] if shared else [])).returncode == 0
+    text = subprocess.run(
+        [sys.executable, "-m", "veloverlay", "ingest", src, "-n", "t"],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert text.returncode == 0, text.stderr
+    as_json = velo(store, "ingest", src, "-n", "u")  # --json
+    assert as_json.returncode == 0, as_json.stderr
+    if shared:
+        assert "warning: 3 files or directories other users could not read" in text.stderr
+        assert json.loads(as_json.stdout)["exposed"] == 3
+    else:
+        assert "warning" not in text.stderr, text.stderr
+        assert json.loads(as_json.stdout)["exposed"] == 0

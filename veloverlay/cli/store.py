@@ -148,6 +148,14 @@ def ingest(
             "stored with the group bits the ACL gives the owning group; named user and group "
             "entries and default ACLs are dropped"
         )
+    if res.exposed:
+        render.warn(
+            f"{res.exposed} "
+            + ("file or directory" if res.exposed == 1 else "files or directories")
+            + " other users could not read at the source (mode without o+r, or o+rx for a "
+            "directory) are now readable by every local user: this store is shared (keep "
+            "private files out of a shared store, or in a private one: 'init' without --shared)"
+        )
     _some(res.overridden, lambda p: f"--force: the source's version replaced the session's at {p}")
     if res.overridden:
         render.info(f"the session's versions stay in the history: veloverlay log {res.ref}")

@@ -77,7 +77,7 @@ def walk(
                 recs[d.rel] = d
             queue.extend(r.more)
             failures.extend(r.failures)
-            files, nbytes, links, nhashed, unrep, unrep_bytes, setid, acl = r.counts
+            files, nbytes, links, nhashed, unrep, unrep_bytes, setid, acl, private = r.counts
             res.hashed += nhashed
             on_report((unrep, unrep_bytes))
             if not recount:  # a second listing: counted the first time
@@ -87,6 +87,7 @@ def walk(
             res.bytes += nbytes
             res.symlinks += links
             res.acl_narrowed += acl
+            res.exposed += private
             if not state[6]:  # keep_setid
                 res.stripped_setid += setid
 

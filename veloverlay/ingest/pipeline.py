@@ -54,6 +54,9 @@ class IngestResult(Record):
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stripped_setid: int = 0
     acl_narrowed: int = 0  # files and directories whose POSIX ACL was narrowed (posixacl)
+    # in a shared store: files other users could not read at the source, and directories they
+    # could not list or enter, now readable by every local user (0 in a private store)
+    exposed: int = 0
     merged: bool = False
     overridden: list[str] = field(default_factory=list)  # --force: session changes left out
     unchanged: bool = False
@@ -155,6 +158,8 @@ def ingest(
             # Forked workers; they never touch LMDB, and die with this process.
             pool = stack.enter_context(Workers(jobs, worker_init, state))
         recs, staged = walk(m, top, top_fd, res, pool, state, progress)
+        if not store.shared:
+            res.exposed = 0  # counted by the walk, told only where every user can read it
         # Durability order: objects first (syncfs, rename, syncfs), then the manifest.
         publish(stage, pool, res, staged)
         with m.write() as txn:

@@ -90,8 +90,9 @@ class _Result(NamedTuple):
     failures: list[tuple[bytes, str, str]]  # rel, reason, message
     skipped: list[tuple[str, str]]
     # files, bytes, symlinks, hashed, hashed files and bytes not reported yet, setid files,
-    # files and directories with an extended ACL (posixacl: stored narrowed, named entries dropped)
-    counts: tuple[int, int, int, int, int, int, int, int]
+    # files and directories with an extended ACL (posixacl: stored narrowed, named entries dropped),
+    # files other users cannot read and directories they cannot list or enter (`private`)
+    counts: tuple[int, int, int, int, int, int, int, int, int]
 
 
 class _State:
@@ -182,6 +183,7 @@ class _Acc:
         "hbytes",
         "setid",
         "acl",
+        "private",
         "failures",
         "skipped",
         "unrep",
@@ -190,7 +192,7 @@ class _Acc:
 
     def __init__(self) -> None:
         self.files = self.nbytes = self.links = self.hashed = self.hbytes = self.setid = 0
-        self.acl = 0
+        self.acl = self.private = 0
         self.unrep = self.unrep_bytes = 0  # hashed since the last progress report
         self.failures: list[tuple[bytes, str, str]] = []
         self.skipped: list[tuple[str, str]] = []
@@ -266,6 +268,7 @@ def run_task(task: Task) -> _Result:
         acc.unrep_bytes,
         acc.setid,
         acc.acl,
+        acc.private,
     )
     more += [(r, st, False, dv) for r, _n, st, dv, _p in stack]
     return _Result(dirs, more, staged, acc.failures, acc.skipped, counts)
@@ -308,6 +311,8 @@ def _one_dir(
     if extended:
         acc.acl += 1
         st = (perm, st[1], st[2], st[3])
+    if perm & 0o005 != 0o005:  # other users can neither list nor enter it
+        acc.private += 1
     absdir = s.top + b"/" + rel if rel else s.top  # for messages only
     prefix = rel + b"/" if rel else b""
     raw = s.cache.get(rel)
@@ -344,6 +349,8 @@ def _one_dir(
                 acc.nbytes += est.st_size
                 if m & _SETID:
                     acc.setid += 1
+                if not m & 0o004:
+                    acc.private += 1
                 c = cfiles.get(name)
                 if (
                     c is not None

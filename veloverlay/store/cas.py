@@ -161,6 +161,12 @@ class Store(Presence):
             self._fd = access.open_dir(os.path.realpath(self.root), shown=self.root)
         return self._fd
 
+    @property
+    def shared(self) -> bool:
+        """Every local user can read the store (`init --shared`, or its directory made so): what
+        is stored in it is theirs to read, whatever the mode of the file it came from."""
+        return os.fstat(self.fd).st_mode & 0o005 == 0o005
+
     def held_path(self, name: str) -> str:
         """A path to `name` in the store that goes by the held descriptor (/proc/self/fd/N/name,
         where /proc is mounted), for what takes only a path: LMDB opens its files by name."""
