@@ -195,6 +195,8 @@ _UNIFIED_NR = {
     "close_range": 436,
     "openat2": 437,
     "mount_setattr": 442,
+    "getxattrat": 464,
+    "listxattrat": 465,
 }
 _ARCHES_WITH_UNIFIED_NR = frozenset({"x86_64", "aarch64", "arm64"})
 _ENOSYS_NR = -1  # makes the kernel answer ENOSYS on an architecture we have no table for
@@ -221,6 +223,14 @@ class open_how(ctypes.Structure):  # noqa: N801
         ("flags", ctypes.c_uint64),
         ("mode", ctypes.c_uint64),
         ("resolve", ctypes.c_uint64),
+    ]
+
+
+class xattr_args(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("value", ctypes.c_uint64),
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
     ]
 
 
@@ -276,6 +286,12 @@ _sys_mount_setattr = _proto(
     "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint, _c_void_p, _c_size_t
 )
 _sys_openat2 = _proto("syscall", _c_long, _c_long, _c_int, _c_char_p, _c_void_p, _c_size_t)
+_sys_getxattrat = _proto(
+    "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint, _c_char_p, _c_void_p, _c_size_t
+)
+_sys_listxattrat = _proto(
+    "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_uint, _c_char_p, _c_size_t
+)
 _sys_close_range = _proto("syscall", _c_long, _c_long, _c_uint, _c_uint, _c_uint)
 
 
@@ -419,6 +435,61 @@ def link_fd(fd: int, newdirfd: int, new: bytes) -> None:
     _link_by_proc = True
 
 
+_getxattrat_missing = False
+_XATTR_SIZE_MAX = 65536
+_XA_SIZE = ctypes.sizeof(xattr_args)
+
+
+def getxattr_at(dfd: int, name: bytes, attr: str) -> bytes:
+    """The extended attribute `attr` of the entry `name` of the directory `dfd`, never following
+    a symbolic link: lgetxattr of /proc/self/fd/N/name (from Python, twice as fast as a ctypes
+    call), or where /proc is not mounted, getxattrat (Linux 6.13). OSError: ENODATA when the
+    attribute is absent, ENOENT when the name is (or, before 6.13, when /proc is)."""
+    global _getxattrat_missing
+    try:
+        return os.getxattr(b"/proc/self/fd/%d/%s" % (dfd, name), attr, follow_symlinks=False)
+    except FileNotFoundError:
+        if _getxattrat_missing or os.path.isdir("/proc/self/fd"):
+            raise
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        args = xattr_args(ctypes.addressof(buf), size, 0)
+        nr, flags = _nr("getxattrat"), AT_SYMLINK_NOFOLLOW
+        n = _sys_getxattrat(nr, dfd, name, flags, attr.encode(), ctypes.byref(args), _XA_SIZE)
+        if n >= 0:
+            return buf.raw[:n]
+        err = ctypes.get_errno()
+        if err == errno.ERANGE and size < _XATTR_SIZE_MAX:
+            size = _XATTR_SIZE_MAX
+            continue
+        if err == errno.ENOSYS:
+            _getxattrat_missing = True
+            err = errno.ENOENT  # as /proc/self/fd/N/name said
+        raise SysError(err, "getxattrat", name)
+
+
+def listxattr_at(dfd: int, name: bytes) -> list[str]:
+    """The names of the extended attributes of the entry `name` of `dfd`, never following a
+    symbolic link: as `getxattr_at`, by /proc or else listxattrat (Linux 6.13)."""
+    global _getxattrat_missing
+    try:
+        return os.listxattr(b"/proc/self/fd/%d/%s" % (dfd, name), follow_symlinks=False)
+    except FileNotFoundError:
+        if _getxattrat_missing or os.path.isdir("/proc/self/fd"):
+            raise
+    buf = ctypes.create_string_buffer(_XATTR_SIZE_MAX)
+    nr, flags = _nr("listxattrat"), AT_SYMLINK_NOFOLLOW
+    n = _sys_listxattrat(nr, dfd, name, flags, buf, _XATTR_SIZE_MAX)
+    if n >= 0:
+        return [os.fsdecode(a) for a in buf.raw[:n].split(b"\0") if a]
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        _getxattrat_missing = True
+        err = errno.ENOENT
+    raise SysError(err, "listxattrat", name)
+
+
 def openat2(dirfd: int, path: Path, flags: int, mode: int = 0, resolve: int = 0) -> int:
     how = open_how(flags, mode, resolve)
     ret = _sys_openat2(_nr("openat2"), dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
@@ -490,8 +561,6 @@ def fstatfs_type(fd: int) -> int:
 
 
 # --- <linux/stat.h>: statx --------------------------------------------------------------------
-AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
 STATX_SIZE = 0x200
 STATX_ATTR_IMMUTABLE = 0x10
 # struct statx: stx_attributes at 8, stx_size at 40, stx_attributes_mask at 56 (256 bytes).

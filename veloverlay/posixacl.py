@@ -30,6 +30,8 @@ import os
 import stat
 import struct
 
+from veloverlay import _libc
+
 __all__ = ["ACCESS", "access_acl", "narrow", "mode_of", "mode_at"]
 
 ACCESS = "system.posix_acl_access"
@@ -95,9 +97,8 @@ def mode_at(dfd: int, name: bytes, perm: int) -> int:
     that cannot be read at all fails closed: the owning group gets nothing."""
     if not perm & 0o070:
         return perm
-    path = b"/proc/self/fd/%d/%s" % (dfd, name)
     try:
-        acl = os.getxattr(path, ACCESS, follow_symlinks=False)
+        acl = _libc.getxattr_at(dfd, name, ACCESS)
     except OSError as exc:
         if exc.errno in _NO_ACL:
             return perm

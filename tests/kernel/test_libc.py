@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.unpriv import mount_lines, run_in_userns, run_unprivileged
-from veloverlay import _libc
+from veloverlay import _libc, mount, ns
 from veloverlay.errors import SysError
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "veloverlay"
@@ -234,3 +234,71 @@ def test_link_fd_names_an_open_file_and_a_removed_directory_is_not_a_refusal(
     failed, switched, data = ns.run_in_child(_link_tmpfile, os.fspath(tmp_path), by_proc)
     assert failed and data == b"named"
     assert switched is by_proc
+
+
+def _xattrs_at(d: str, proc: bool, old_kernel: bool) -> list[object]:
+    """What getxattr_at/listxattr_at give for each case, in a forked child (mount namespace
+    without /proc unless `proc`; as a kernel without getxattrat if `old_kernel`): a value, a
+    list, or the errno raised with the name it carried."""
+    if not proc:
+        ns.enter_mountns()
+        mount.make_rprivate("/")
+        mount.umount("/proc")
+    _libc._getxattrat_missing = old_kernel
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    out: list[object] = []
+    for call in (
+        lambda: _libc.getxattr_at(dfd, b"f", "user.small"),
+        lambda: _libc.getxattr_at(dfd, b"f", "user.big"),
+        lambda: sorted(_libc.listxattr_at(dfd, b"f")),
+        lambda: _libc.listxattr_at(dfd, b"link"),
+        lambda: _libc.getxattr_at(dfd, b"link", "user.small"),
+        lambda: _libc.getxattr_at(dfd, b"f", "user.none"),
+        lambda: _libc.getxattr_at(dfd, b"gone", "user.small"),
+    ):
+        try:
+            out.append(call())
+        except OSError as exc:
+            out.append((exc.errno, os.fsencode(exc.filename).rsplit(b"/", 1)[-1]))
+    os.close(dfd)
+    return out
+
+
+@pytest.mark.needs("root")
+@pytest.mark.parametrize(
+    "proc, old_kernel",
+    [(True, False), (False, False), (False, True)],
+    ids=["proc", "getxattrat", "neither"],
+)
+def test_getxattr_at_reads_by_the_directory_and_never_follows(
+    shm_tmp: str, proc: bool, old_kernel: bool
+) -> None:
+    """The xattrs of a name in a directory held by descriptor (by /proc, or getxattrat where
+    /proc is not mounted), compared with what os.getxattr reads by path: a symlink is never
+    followed, a missing attribute is ENODATA and a missing name ENOENT, with the name. Without
+    /proc before Linux 6.13 every name reads as missing (the callers fall back)."""
+    d = os.path.join(shm_tmp, "d")
+    os.mkdir(d)
+    f = os.path.join(d, "f")
+    open(f, "wb").close()
+    big = bytes(range(256)) * 20  # past the first buffer (256 bytes): read again, whole
+    os.setxattr(f, "user.small", b"v")
+    os.setxattr(f, "user.big", big)
+    os.symlink("f", os.path.join(d, "link"))
+    got = ns.run_in_child(_xattrs_at, d, proc, old_kernel)
+    if old_kernel:
+        assert got == [
+            (errno.ENOENT, n) for n in (b"f", b"f", b"f", b"link", b"link", b"f", b"gone")
+        ]
+        return
+    if got[0] == (errno.ENOENT, b"f"):
+        pytest.skip("this kernel has no getxattrat (Linux 6.13)")
+    assert got == [
+        os.getxattr(f, "user.small"),
+        os.getxattr(f, "user.big"),
+        sorted(os.listxattr(f)),
+        [],
+        (errno.ENODATA, b"link"),
+        (errno.ENODATA, b"f"),
+        (errno.ENOENT, b"gone"),
+    ]

@@ -15,13 +15,17 @@ import pytest
 
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID
 from tests.ingest.test_acl import secret_acl
-from veloverlay import mount, ns, posixacl
+from veloverlay import _libc, mount, ns, posixacl
 from veloverlay.session.overlay.harvest import is_whiteout
 
 
-def _modes(d: str, names: list[str], proc: bool, unprivileged: bool) -> list[int]:
+def _modes(
+    d: str, names: list[str], proc: bool, unprivileged: bool, old_kernel: bool = True
+) -> list[int]:
     """mode_at of each name in `d` (lstat's mode; 0640 for one not there), in a forked child: in
-    its own mount namespace without /proc unless `proc`, as UNPRIV_UID if `unprivileged`."""
+    its own mount namespace without /proc unless `proc`, as UNPRIV_UID if `unprivileged`, as on
+    a kernel without getxattrat (before 6.13) if `old_kernel`."""
+    _libc._getxattrat_missing = old_kernel or _libc._getxattrat_missing
     if not proc:
         ns.enter_mountns()
         mount.make_rprivate("/")
@@ -70,9 +74,24 @@ def test_mode_at_reads_the_acl_without_proc(shm_tmp: str) -> None:
     three = ["secret", "team", "plain"]
     assert ns.run_in_child(_modes, d, three, True, True) == [0o600, 0o640, 0o640]
     assert ns.run_in_child(_modes, d, three, False, True) == [0o600, 0o600, 0o600]
+    # getxattrat (Linux 6.13) reads them by the directory's descriptor: no /proc, no open.
+    if not _has_getxattrat(d):
+        pytest.skip("this kernel has no getxattrat (Linux 6.13): the fallbacks were tested")
+    assert ns.run_in_child(_modes, d, names, False, False, False) == with_proc
+    assert ns.run_in_child(_modes, d, three, False, True, False) == [0o600, 0o640, 0o640]
 
 
-def _whiteouts(d: str, names: list[str], proc: bool) -> list[bool]:
+def _has_getxattrat(d: str) -> bool:
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc.getxattr_at(dfd, b"secret", posixacl.ACCESS)  # the syscall, once: ENOSYS or not
+    finally:
+        os.close(dfd)
+    return not _libc._getxattrat_missing
+
+
+def _whiteouts(d: str, names: list[str], proc: bool, old_kernel: bool = True) -> list[bool]:
+    _libc._getxattrat_missing = old_kernel or _libc._getxattrat_missing
     if not proc:
         ns.enter_mountns()
         mount.make_rprivate("/")
@@ -96,3 +115,4 @@ def test_a_whiteout_file_is_one_without_proc(shm_tmp: str) -> None:
     names = ["wh", "empty"]
     assert ns.run_in_child(_whiteouts, d, names, True) == [True, False]
     assert ns.run_in_child(_whiteouts, d, names, False) == [True, False]
+    assert ns.run_in_child(_whiteouts, d, names, False, False) == [True, False]

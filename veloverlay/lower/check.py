@@ -19,11 +19,13 @@ owner cannot read (a 000 file, root-free) is left unchecked, as unreadable direc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from pathlib import Path
 
+from veloverlay import _libc
 from veloverlay.files import DIRFLAGS, read_regular
 from veloverlay.lower.homes import ids_dir, layer_homes
 from veloverlay.store.cas import Store
@@ -37,19 +39,12 @@ _PREFIXES = ("user", "trusted")  # userxattr layers, and root-native ones
 View = dict[bytes, tuple[str, int, object]]  # path -> (kind, permission bits, size | target)
 
 
-def _at(dfd: int, name: bytes) -> bytes:
-    """A short path of the entry `name` of the directory `dfd`, for the calls that take no
-    descriptor (the xattr ones): a layer's full paths reach past PATH_MAX (the layer directory's
-    path adds to a tree's own 4095 bytes), and fsck failed on them with a raw ENAMETOOLONG."""
-    return b"/proc/self/fd/%d/%s" % (dfd, name)
-
-
 def _xattr(dfd: int, name: bytes, marker: str) -> bytes | None:
     """The overlay `marker` (e.g. "whiteout") of the entry `name` of `dfd`, under either
     prefix, None when absent or unreadable."""
     for prefix in _PREFIXES:
         try:
-            return os.getxattr(_at(dfd, name), f"{prefix}.overlay.{marker}", follow_symlinks=False)
+            return _libc.getxattr_at(dfd, name, f"{prefix}.overlay.{marker}")
         except OSError:
             continue
     return None
@@ -63,9 +58,11 @@ def _drop_below(view: View, rel: bytes) -> None:
 
 class _Merge:
     """Merge layers into `view`, bottom first, walking each by directory descriptors (never
-    by a full path: see `_at`). The directories whose entries cannot be read here (a tree's
-    000 or 0600 directories, to their root-free owner) go into `unseen`: they are never opened
-    up (a session may use the layer meanwhile), and nothing below them can be checked. Each
+    by a full path: a layer's full paths reach past PATH_MAX, and xattrs are read relative to a
+    directory's descriptor, `_libc.getxattr_at`). The directories whose entries cannot be read
+    here (a tree's 000 or 0600 directories, to their root-free owner) go into `unseen`: they are
+    never opened up (a session may use the layer meanwhile), and nothing below them can be
+    checked. Each
     file and symlink with an object in `digests` gets in `why` what is wrong with what it shows
     (`_Contents`; None: nothing), from the layer that shows it."""
 
@@ -190,7 +187,7 @@ class _Contents:
             return f"leads to {os.readlink(name, dir_fd=dfd)!r}, not to its object"
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            names = os.listxattr(_at(dfd, name), follow_symlinks=False)
+            names = _libc.listxattr_at(dfd, name)
         except OSError:
             return None  # unreadable (a 000 file to its root-free owner): not checkable
         if not stat.S_ISREG(st.st_mode):
@@ -198,12 +195,10 @@ class _Contents:
         prefix = next((p for p in _PREFIXES if f"{p}.overlay.metacopy" in names), None)
         if prefix is not None:
             try:
-                redirect: bytes | None = os.getxattr(
-                    _at(dfd, name), f"{prefix}.overlay.redirect", follow_symlinks=False
-                )
-            except PermissionError:
-                return None  # user xattrs of a file its owner cannot read: not checkable
-            except OSError:
+                redirect: bytes | None = _libc.getxattr_at(dfd, name, f"{prefix}.overlay.redirect")
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    return None  # user xattrs of a file its owner cannot read: not checkable
                 redirect = None
             if redirect is None or not redirect.startswith(b"/"):
                 return "a metadata file without a redirect to its object"

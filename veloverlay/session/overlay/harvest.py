@@ -49,7 +49,7 @@ import errno
 import os
 import stat
 
-from veloverlay import faults, paths, posixacl
+from veloverlay import _libc, faults, paths, posixacl
 from veloverlay.errors import VeloError
 from veloverlay.files import DIRFLAGS, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
@@ -101,9 +101,9 @@ def _getx(dfd: int, name: bytes, attr: str) -> bytes:
     via /proc/self/fd, or without /proc (a mount namespace that has none, where ENOENT would
     read as "no such xattr") by a descriptor of it (never followed, never blocking)."""
     try:
-        return os.getxattr(b"/proc/self/fd/%d/%s" % (dfd, name), attr, follow_symlinks=False)
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self/fd"):
+        return _libc.getxattr_at(dfd, name, attr)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT or os.path.isdir("/proc/self/fd"):
             raise
     fd = os.open(name, _XFLAGS, dir_fd=dfd)
     try:
