@@ -34,6 +34,7 @@ POINTS = (
     "remove.entry",  # remove-store: after removing one top-level part of the store
     "remote.pull.published",  # pull: after one batch of fetched objects is published
     "remote.pull.fetched",  # pull: every object published, before the nodes and ref commit
+    "remote.pull.noted",  # pull: the ref's remote note written, before the nodes and ref commit
 )
 
 _spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")

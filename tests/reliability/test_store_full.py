@@ -211,8 +211,8 @@ def _delete_pulled_ref_on_a_full_disk(base: str) -> dict[str, object]:
     out["ingest"] = subprocess.run([*velo, "ingest", src, "--name", "t"], env=env).returncode
     repo = Repo.open(store)
     try:  # as a pull from this registry would have noted it
-        Versions(repo.store).set("reg.example:5000", "t", "team/t", "sha256:" + "0" * 64)
-        Versions(repo.store).set("reg.example:5000", "u", "team/u", "sha256:" + "1" * 64)
+        Versions(repo.store).set("reg.example:5000", "t", "team/t", "sha256:" + "0" * 64, None)
+        Versions(repo.store).set("reg.example:5000", "u", "team/u", "sha256:" + "1" * 64, None)
     finally:
         repo.close()
     with open(os.path.join(mnt, "filler"), "wb") as f:  # the rest of the disk
@@ -250,7 +250,7 @@ def test_a_pulled_refs_notes_are_forgotten_on_a_full_disk(shm_tmp: str) -> None:
     out = ns.run_in_child(_delete_pulled_ref_on_a_full_disk, shm_tmp)
     assert out["ingest"] == 0 and out["filler"] == errno.ENOSPC, out
     assert out["forget"] == "ok", out
-    assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64]}}
+    assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64, None]}}
 
 
 def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:

@@ -161,7 +161,7 @@ from veloverlay.remote.state import ShaMap, Versions
 from veloverlay.store.cas import Store
 store = Store.open(sys.argv[1])
 ShaMap(store).add({bytes([int(sys.argv[2])]) * 32: "sha256:" + "ab" * 32})
-Versions(store).set("registry.example", "t", "repo", "sha256:" + "cd" * 32)
+Versions(store).set("registry.example", "t", "repo", "sha256:" + "cd" * 32, None)
 """
 
 

@@ -13,8 +13,9 @@ whole blob is dropped: nothing from it gets a name. Blobs that pass are publishe
 exhaust the descriptors they may hold, and at the end), so a pull that is killed resumes where it
 stopped: the next pull finds those objects present and fetches the rest.
 The ref moves last, in one LMDB transaction with the nodes: a killed pull never leaves a ref that
-points at a version the store does not fully hold. Pulled objects are ordinary objects: `fsck`
-re-hashes them, `gc` keeps them when a ref reaches them.
+points at a version the store does not fully hold. The note of where the ref came from is written
+just before (`remote.state.Versions`): a ref never moves without it. Pulled objects are ordinary
+objects: `fsck` re-hashes them, `gc` keeps them when a ref reaches them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from veloverlay.store.digest import node_digest
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.stage import HOLD_FILES, HoldBudget, store_error
 from veloverlay.store.tree import Kind, Node, decode
-from veloverlay.store.versions import Ref
+from veloverlay.store.versions import Ref, new_lineage
 
 __all__ = ["pull", "PullResult", "PUBLISH_BYTES"]
 
@@ -132,8 +133,9 @@ def pull(
             existing = _check_target(store, m, txn, rn, refname, force)
             same = existing is not None and m.get_commit(txn, existing.head).root == root.hex()
         if same and not heal:  # up to date (a ref's whole closure is stored)
-            Versions(store).set(rn.registry, refname, rn.repo, digest)  # as below: a --force
-            res.requests = reg.requests  # adopts it, a newer manifest of the tree is noted
+            assert existing is not None  # as below: a --force adopts it, a newer manifest of
+            Versions(store).set(rn.registry, refname, rn.repo, digest, existing.lineage)
+            res.requests = reg.requests  # the tree is noted
             res.seconds = time.monotonic() - t0
             return res
         jobs = max(1, reg.opts.jobs)
@@ -190,6 +192,13 @@ def pull(
         if lost:
             raise invalid(f"object {lost[0].hex()} did not arrive")
         faults.point("remote.pull.fetched")
+        # The note first, for the lineage the ref has or gets: the ref and its note cannot move
+        # in one transaction (the notes are a file), and a note whose commit never comes names
+        # a lineage no ref has (see `Versions`). A ref that moved without its note made every
+        # later pull of it refuse (OTHER_SOURCE) until --force.
+        lineage = existing.lineage if existing is not None else new_lineage()
+        Versions(store).set(rn.registry, refname, rn.repo, digest, lineage)
+        faults.point("remote.pull.noted")
         with m.write() as txn:
             for d, data in nodes.items():
                 m.put_raw_node(txn, d, data)
@@ -209,9 +218,12 @@ def pull(
                     message=f"pull {rn.host}/{rn.repo}@{digest}: {msg}",
                     path=os.path.abspath(path) if path is not None else None,
                     tiers=tiers,
+                    lineage=lineage,
                 )
                 res.commit = c.id
-        Versions(store).set(rn.registry, refname, rn.repo, digest)
+            now = m.get_ref(txn, refname)
+        if now is not None and now.lineage != lineage:  # (--force onto a ref made meanwhile)
+            Versions(store).set(rn.registry, refname, rn.repo, digest, now.lineage)
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res
@@ -226,8 +238,7 @@ def _check_target(
     if ref is None or force:
         return ref
     notes = Versions(store)
-    known = notes.get(rn.registry, refname)
-    if known is not None and known[0] == rn.repo:
+    if notes.source(rn.registry, ref) == rn.repo:
         return ref
     came = f"was ingested from {ref.path}" if ref.path else "did not come from there"
     for host in notes.load():

@@ -422,7 +422,10 @@ def _push_one(
         if check or "MANIFEST_BLOB_UNKNOWN" not in (exc.detail or ""):
             raise
         return _push_one(store, m, reg, spec, target, progress, check=True)
-    versions.set(reg.name.registry, base_name, reg.name.repo, res.digest)
+    with m.read() as txn:  # the note is the ref's, not a session ref's (nor a later ref's)
+        base_ref = m.get_ref(txn, base_name)
+    lineage = base_ref.lineage if base_ref is not None else None
+    versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage)
     meter.finish()
     res.blobs_uploaded, res.blobs_present, res.bytes_uploaded = up.uploaded, up.present, up.bytes
     res.requests = reg.requests - requests0

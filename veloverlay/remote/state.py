@@ -28,6 +28,7 @@ from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import NotRegular, makedirs, open_regular, read_regular, write_json_atomic
 from veloverlay.store.cas import Store
+from veloverlay.store.versions import Ref
 
 __all__ = ["BlobCache", "ShaMap", "Versions"]
 
@@ -84,9 +85,16 @@ class ShaMap:
 
 class Versions:
     """The last version this store pushed or pulled per (registry, ref): `remote-v1/versions-v1
-    .json`, {registry: {ref: [repository, manifest digest]}} (registry: `HOST[:PORT]`, or
-    `http://HOST[:PORT]` without TLS). A push to another repository of the same
-    registry uses it as a have-list and mounts its blobs instead of uploading them."""
+    .json`, {registry: {ref: [repository, manifest digest, lineage]}} (registry: `HOST[:PORT]`,
+    or `http://HOST[:PORT]` without TLS; lineage: the ref's `Ref.lineage`, null for a ref made
+    by an earlier version; notes written before it have no lineage). A push to another
+    repository of the same registry uses it as a have-list and mounts its blobs instead of
+    uploading them; a pull moves an existing ref only when it came from there (`source`).
+
+    The file is not in the ref's LMDB transaction, so a pull writes the note first, with the
+    lineage the ref has or will get, and then commits: a pull that never commits (killed, a
+    full disk) leaves a note naming a lineage no ref has (a ref of that name made later gets
+    another), or one the ref already had whose --force the user already gave."""
 
     def __init__(self, store: Store) -> None:
         self.path = Path(store.root) / "remote-v1" / "versions-v1.json"
@@ -99,18 +107,35 @@ class Versions:
         return data if isinstance(data, dict) else {}
 
     def get(self, host: str, ref: str) -> tuple[str, str] | None:
+        note = self._note(host, ref)
+        return (note[0], note[1]) if note is not None else None
+
+    def source(self, host: str, ref: Ref) -> str | None:
+        """The repository of `host` that `ref` was last pulled from or pushed to, if the note
+        is this ref's: written for its lineage (a note without one: from before lineages)."""
+        note = self._note(host, ref.name)
+        if note is None or (len(note) == 3 and note[2] != ref.lineage):
+            return None  # none, a pull that never committed, or another ref of that name
+        return str(note[0])
+
+    def _note(self, host: str, ref: str) -> list[Any] | None:
         refs = self.load().get(host)
         hit = refs.get(ref) if isinstance(refs, dict) else None
-        if isinstance(hit, list) and len(hit) == 2 and all(isinstance(x, str) for x in hit):
-            return hit[0], hit[1]
+        if (
+            isinstance(hit, list)
+            and len(hit) in (2, 3)
+            and all(isinstance(x, str) for x in hit[:2])
+            and (len(hit) == 2 or isinstance(hit[2], (str, type(None))))
+        ):
+            return hit
         return None
 
-    def set(self, host: str, ref: str, repo: str, digest: str) -> None:
+    def set(self, host: str, ref: str, repo: str, digest: str, lineage: str | None) -> None:
         def change(data: dict[str, Any]) -> bool:
             refs = data.get(host)
             if not isinstance(refs, dict):  # damaged notes: start this registry's again
                 refs = data[host] = {}
-            refs[ref] = [repo, digest]
+            refs[ref] = [repo, digest, lineage]
             return True
 
         self._update(change)

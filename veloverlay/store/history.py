@@ -151,8 +151,11 @@ class History(Versions):
         path: str | None = None,
         tiers: list[list[Any]] | None = None,
         ingest_root: bytes | None = None,
+        lineage: str | None = None,
     ) -> Commit:
-        """Compare-and-swap the ref `name` from `expect_head` (None: must not exist) to `root`."""
+        """Compare-and-swap the ref `name` from `expect_head` (None: must not exist) to `root`.
+        A ref made here gets `lineage` (default: a new one), which a caller may have noted
+        beforehand (a pull notes its source first: `remote.state.Versions`)."""
         check_ref_name(name)
         ref = self.get_ref(txn, name)
         head = ref.head if ref else None
@@ -188,7 +191,7 @@ class History(Versions):
             new_path,
             tiers if tiers is not None else (ref.tiers if ref else None),
             ref.ingest_root if ref else None,
-            ref.lineage if ref else new_lineage(),  # made here: a lineage of its own
+            ref.lineage if ref else (lineage or new_lineage()),  # made here: its own
         )
         if ingest_root is not None:
             new.ingest_root = ingest_root.hex()

@@ -1,0 +1,153 @@
+"""A pulled ref and the note of where it came from (`remote-v1/versions-v1.json`) go together.
+The note was written after the ref's commit: a full disk, or a kill, between the two left a ref
+that had moved without its note, and every later pull of it refused (other-source) until
+--force. The note now comes first, for the lineage the ref has or gets, so one whose commit
+never came vouches for no ref — not for one the user makes later under that name either."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.fulldisk import fill, private_tmpfs
+from tests.helpers.trees import make_tree
+from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
+from veloverlay.errors import Reason, VeloError
+from veloverlay.ingest import ingest
+from veloverlay.remote import Options, pull
+from veloverlay.store.digest import hash_bytes
+from veloverlay.verbs.repo import Repo
+
+_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OPTS = Options(retries=0, timeout=10, backoff=0.01)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    f = FakeRegistry()
+    yield f
+    f.close()
+
+
+def _serve(fake: FakeRegistry, data: bytes, tag: str) -> None:
+    root, nodes = one_dir([file_entry(b"f", data)])
+    fake.serve_version(nodes, {hash_bytes(data): data}, root, tag=tag, config={"ref": "env"})
+
+
+def _cat(repo: Repo, ref: str, shm_tmp: str, name: str) -> bytes:
+    out = os.path.join(shm_tmp, name)
+    repo.checkout(ref, out)
+    with open(os.path.join(out, "f"), "rb") as f:
+        return f.read()
+
+
+def _killed_before_commit(repo: Repo, remote: str) -> subprocess.CompletedProcess[bytes]:
+    script = (
+        "import sys\n"
+        "from veloverlay.verbs.repo import Repo\n"
+        "from veloverlay.remote import Options, pull\n"
+        "r = Repo.open(sys.argv[1])\n"
+        "pull(r.store, r.m, sys.argv[2], options=Options(retries=0, timeout=10))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": _TOP, "VELO_INTERNAL__TEST_FAULT": "remote.pull.noted:1"}
+    return subprocess.run(
+        [sys.executable, "-c", script, str(repo.store.root), remote],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_a_pull_killed_between_note_and_commit(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    _serve(fake, b"one\n", "v1")
+    _serve(fake, b"two\n", "v2")
+    # a new ref: killed before its commit, nothing moved; the note vouches for no ref of the
+    # name made later (here the user's own, ingested)
+    proc = _killed_before_commit(repo, fake.remote("v1"))
+    assert proc.returncode == -9, proc.stderr.decode()
+    with repo.m.read() as txn:
+        assert repo.m.get_ref(txn, "env") is None
+    src = os.path.join(shm_tmp, "mine")
+    make_tree(src, {"f": b"mine\n"})
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    assert ei.value.reason is Reason.OTHER_SOURCE, ei.value
+    assert _cat(repo, "env", shm_tmp, "a") == b"mine\n"
+    repo.delete_ref("env")
+    # a pulled ref: killed before the next version's commit, it keeps the version it had, and
+    # the next pull of the same registry needs no --force
+    pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    proc = _killed_before_commit(repo, fake.remote("v2"))
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert _cat(repo, "env", shm_tmp, "b") == b"one\n"
+    pull(repo.store, repo.m, fake.remote("v2"), options=OPTS)
+    assert _cat(repo, "env", shm_tmp, "c") == b"two\n"
+
+
+def _forced_pull_on_a_disk_filled_before_commit(base: str, remote: str) -> dict[str, object]:
+    from veloverlay import faults
+
+    mnt = private_tmpfs(base, "3m")
+    repo = Repo.open(os.path.join(mnt, "store"), create=True)
+    # pages LMDB freed (a ref pulled and deleted): a commit can fit where no file can
+    pull(repo.store, repo.m, remote, name="warm", options=OPTS)
+    repo.delete_ref("warm")
+    src = os.path.join(base, "mine")
+    make_tree(src, {"f": b"mine\n"})
+    ingest(repo.store, repo.m, src, "env", jobs=1)
+    out: dict[str, object] = {}
+    filler = os.path.join(mnt, "filler")
+    real = faults.point
+
+    def full_here(name: str) -> None:  # the disk fills up just before the ref would move
+        if name == "remote.pull.fetched":
+            out["filler"] = fill(filler)
+        real(name)
+
+    faults.point = full_here
+    try:
+        pull(repo.store, repo.m, remote, options=OPTS, force=True)
+        out["first"] = "ok"
+    except VeloError as exc:
+        out["first"] = exc.reason.value
+    finally:
+        faults.point = real
+    os.unlink(filler)
+    out["f"] = _cat(repo, "env", base, "out")
+    try:  # the same registry again, without --force
+        pull(repo.store, repo.m, remote, options=OPTS)
+        out["again"] = "ok"
+    except VeloError as exc:
+        out["again"] = exc.reason.value
+    repo.close()
+    return out
+
+
+def test_a_forced_pull_on_a_disk_that_fills_before_its_commit(
+    fake: FakeRegistry, shm_tmp: str
+) -> None:
+    """Either the pull fails with store-full and the user's ref is as it was (the next pull
+    without --force is refused again), or it moved the ref and noted where from (the next pull
+    of that registry needs no --force). The old order moved the ref, then failed to note it:
+    store-full said nothing was committed, yet the ref held the registry's version and only
+    another --force could update it."""
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    _serve(fake, b"one\n", "v1")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_forced_pull_on_a_disk_filled_before_commit, shm_tmp, fake.remote("v1"))
+    assert out["filler"] == errno.ENOSPC, out
+    if out["first"] == "store-full":
+        assert out["f"] == b"mine\n" and out["again"] == "other-source", out
+    else:
+        assert out["first"] == "ok" and out["f"] == b"one\n" and out["again"] == "ok", out
