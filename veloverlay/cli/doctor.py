@@ -87,6 +87,21 @@ def _protection(store_path: str, protect: bool) -> tuple[str, tuple[bool, str], 
     return text, sealed, refused
 
 
+def _reserve(store_path: str) -> dict[str, object] | None:
+    """The store's space reserve (`reserve.status`); None without a store this user may use."""
+    from veloverlay.store import reserve
+    from veloverlay.store.cas import Store
+
+    try:
+        store = Store.open(store_path)
+    except VeloError:
+        return None
+    try:
+        return reserve.status(store)
+    finally:
+        store.close()
+
+
 @verb(app)
 def doctor() -> None:
     """Probe the kernel facilities by trying them, and say which backend would be used and why."""
@@ -114,6 +129,7 @@ def doctor() -> None:
     if refused is not None and store_fs.ok:  # its filesystem would do, but no verb may use it
         report["store"].update(ok=False, reason=f"{refused.message} ({refused.reason.value})")
     report["store"]["fsverity"] = {"ok": sealed[0], "reason": sealed[1]}
+    report["store"]["reserve"] = _reserve(store_path) if refused is None else None
     shim_info: dict[str, object]
     try:
         shim_info = {"ok": True, "library": os.fspath(shimlib.library_path())}
@@ -188,6 +204,11 @@ def _print(
     render.line(f"store: {where}: {'ok' if st['ok'] else 'REFUSED'} ({st['reason']})")
     sealed = st["fsverity"]
     render.line(f"fs-verity on objects: {'yes' if sealed['ok'] else 'no'} ({sealed['reason']})")
+    res = st["reserve"]
+    if res is not None:
+        state = "present" if res["state"] == "present" else str(res["state"]).upper()
+        hint = f"; {res['hint']}" if res["hint"] else ""
+        render.line(f"space reserve: {state} ({res['reason']}{hint})")
     lib = render.name(str(shim["library"])) if shim["ok"] else f"unavailable ({shim['reason']})"
     render.line(f"shim library: {lib}")
     for r in report["remotes"]:

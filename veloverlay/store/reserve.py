@@ -14,10 +14,11 @@ store is made, whenever a writer takes the store lock, and after gc; on a full d
 as it is and says so by its answer (the reserve is a safety margin, never a reason to fail).
 
 The reserve is not part of the store's format: an older veloverlay ignores it (its name has no
-`-vN`, so it is not taken for a newer format), a store without it works as before, `fsck` and
-`doctor` do not look at it, gc never deletes it, `remove-store` removes it with the rest. It is
-reached by the store's descriptor, never followed if it is a symbolic link, and its content is
-never read (fallocated space; zeros wherever the filesystem cannot allocate without writing).
+`-vN`, so it is not taken for a newer format), a store without it works as before, `fsck` does
+not look at it, `doctor` reports it (`status`), gc never deletes it, `remove-store` removes it
+with the rest. It is reached by the store's descriptor, never followed if it is a symbolic link,
+and its content is never read (fallocated space; zeros wherever the filesystem cannot allocate
+without writing).
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ from veloverlay.errors import Reason, VeloError
 if TYPE_CHECKING:
     from veloverlay.store.cas import Store
 
-__all__ = ["NAME", "SIZE", "FULL_HINT", "ensure", "release", "freeing", "held"]
+__all__ = ["NAME", "SIZE", "FULL_HINT", "ensure", "release", "freeing", "held", "status"]
 
 NAME = "space-reserve"
 # Enough for a ref delete with its ingest stat cache (measured: 8 KiB for a small ref, one page
 # per few dozen cached directories) and gc's commit of what it forgets; small beside any store.
 SIZE = 256 << 10
+
+# posix_fallocate's answers that say this filesystem (or file) cannot allocate space ahead at all
+_CANNOT = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EBADF)
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_TMPFILE = (-errno.EOPNOTSUPP, -errno.EISDIR, -errno.EINVAL)  # (negated: see _try_allocate)
 
 # What a store-full error tells the user to do: what frees the store's own space works on a full
 # disk (thanks to the reserve); gc alone frees nothing a ref still names.
@@ -77,7 +83,9 @@ def ensure(store: Store) -> bool:
             # all or nothing: a part allocated on a disk that filled meanwhile is given back
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+            # (a filesystem that cannot allocate ahead: the store works without a reserve, as
+            # any older store; raising here failed every writer's store lock)
+            if exc.errno in (*_NO_ROOM, *_CANNOT, errno.EROFS, errno.EIO):
                 return False
             raise
         return True
@@ -125,3 +133,57 @@ def freeing(store: Store, attempt: Callable[[], _T]) -> _T:
         return attempt()
     finally:
         ensure(store)
+
+
+def status(store: Store) -> dict[str, object]:
+    """What `doctor` says of the reserve: `state` "present" (whole), "missing" (none, or given
+    up and not yet made again: why in `reason`) or "unsupported" (this filesystem cannot
+    allocate space ahead: a full disk cannot be freed by `refs --delete` then), the `bytes` it
+    holds, and a `hint` (None when present). Nothing in the store is changed: whether it could
+    be made is tried on an unnamed file in the store's tmp/, gone when closed."""
+    have = held(store)
+    out: dict[str, object] = {"state": "present", "bytes": have, "reason": "", "hint": None}
+    if have >= SIZE:
+        out["reason"] = f"{SIZE >> 10} KiB kept for commits that free space on a full disk"
+        return out
+    out["state"] = "missing"
+    err = _try_allocate(store)
+    if err is None or err in _NO_TMPFILE:
+        out["reason"] = "not made yet (a store made by an older veloverlay, or given up)"
+        out["hint"] = "the next writer makes it: 'veloverlay gc' does"
+    elif err in _NO_ROOM:
+        out["reason"] = f"cannot be made: the disk is full ({errno.errorcode.get(err, err)})"
+        out["hint"] = (
+            "free space on the store's filesystem outside the store; until then, "
+            "'veloverlay refs --delete REF' may fail with store-full"
+        )
+    elif err in _CANNOT:
+        out["state"] = "unsupported"
+        out["reason"] = (
+            "cannot be made: this filesystem cannot allocate space ahead "
+            f"(fallocate: {errno.errorcode.get(err, err)})"
+        )
+        out["hint"] = (
+            "keep room free on the store's filesystem: on a full disk here, "
+            "'veloverlay refs --delete REF' may fail with store-full"
+        )
+    else:
+        out["reason"] = f"cannot be made here: {os.strerror(err)}"
+        out["hint"] = "a writer who may write the store makes it (its owner)"
+    return out
+
+
+def _try_allocate(store: Store) -> int | None:
+    """None if `SIZE` bytes can be allocated in the store now, else the errno that says why."""
+    try:
+        fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=store.tmp_fd())
+    except OSError as exc:  # (no O_TMPFILE here: not tried, never a "cannot")
+        err = exc.errno or 0
+        return -err if -err in _NO_TMPFILE else err
+    try:
+        os.posix_fallocate(fd, 0, SIZE)
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+    return None
