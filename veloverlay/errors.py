@@ -67,6 +67,7 @@ class Reason(enum.Enum):
     REMOTE_DENIED = "remote-denied"
     REMOTE_ERROR = "remote-error"
     REMOTE_INVALID = "remote-invalid"
+    REMOTE_REDIRECT = "remote-redirect"
     USAGE = "usage"
 
 

@@ -30,6 +30,7 @@ from veloverlay.remote.challenge import answer_challenge, refused
 from veloverlay.remote.name import RemoteName
 from veloverlay.remote.transport import (
     MAX_ERROR_BODY,
+    InnerGuard,
     Options,
     PlainFirst,
     check_encoding,
@@ -96,6 +97,7 @@ class Registry:
             # wanted, and one the server applies anyway is refused (`check_encoding`), so no
             # answer can decompress into more than it sent.
             headers={"User-Agent": "veloverlay", "Accept-Encoding": "identity"},
+            event_hooks={"request": [InnerGuard(name.host, httpx.URL(name.base_url).host)]},
             **kw,
         )
         for t in (self.client._transport, *self.client._mounts.values()):  # (proxies)

@@ -1,12 +1,15 @@
 """What a registry connection is made of, apart from its requests: `Options`, the TLS context
-(system CAs plus the per-host certs.d directories of containers and docker), origins, and the
-checks every answer passes (no Content-Encoding; a registry error body made readable).
+(system CAs plus the per-host certs.d directories of containers and docker), origins, the
+checks every answer passes (no Content-Encoding; a registry error body made readable), and where
+a registry may send a request on to (`InnerGuard`).
 """
 
 from __future__ import annotations
 
 import glob
+import ipaddress
 import re
+import socket
 import ssl
 import threading
 import time
@@ -23,6 +26,8 @@ from veloverlay.remote.auth import Credentials
 
 __all__ = [
     "env_proxied",
+    "address_kinds",
+    "InnerGuard",
     "pieces",
     "transport_error",
     "Options",
@@ -127,6 +132,80 @@ def env_proxied(host: str) -> bool:
     if name.strip("[]") in ("localhost", "::1") or name.startswith("127."):
         return False
     return bool({"http", "all"} & set(urllib.request.getproxies()))
+
+
+_INNER = ("loopback", "link-local", "private")
+
+
+def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:  # 169.254.0.0/16 (cloud metadata services), fe80::/10
+        return "link-local"
+    return "public" if ip.is_global else "private"  # RFC 1918, ULA, CGNAT, reserved, ...
+
+
+def address_kinds(host: str) -> set[str]:
+    """The kinds of address `host` (an IP literal or a name, resolved) is on: "loopback",
+    "link-local", "private", "public"; none for a name that does not resolve (connecting to
+    it fails the same way)."""
+    name = host.strip("[]")
+    try:
+        return {_kind(ipaddress.ip_address(name))}
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return {"loopback"}
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {_kind(ipaddress.ip_address(str(i[4][0]).split("%")[0])) for i in infos}
+
+
+class InnerGuard:
+    """An httpx request hook: a request the registry sends on to another host (a redirect, an
+    upload Location, a Link, a token realm) may reach a loopback, link-local or private address
+    only if the registry itself is on one of that kind (a registry on loopback may also send on
+    to private addresses: a local registry in front of a store on the network). Else a
+    registry on the internet could make this machine fetch from its own network (blind SSRF:
+    169.254.169.254, a service on 127.0.0.1) on its behalf. A name is checked by what it
+    resolves to now; the connection resolves it again (a name that changes in between is not
+    caught: the kinds of address are checked, not pinned)."""
+
+    def __init__(self, registry: str, host: str) -> None:
+        self.registry = registry
+        self.host = host
+        self._own: set[str] | None = None
+        self._lock = threading.Lock()
+
+    def own(self) -> set[str]:
+        with self._lock:
+            if self._own is None:
+                self._own = address_kinds(self.host)
+            return self._own
+
+    def __call__(self, request: httpx.Request) -> None:
+        host = request.url.host
+        if host == self.host:
+            return
+        inner = address_kinds(host) & set(_INNER)
+        if not inner:
+            return
+        own = self.own()
+        allowed = own | ({"private"} if "loopback" in own else set())
+        bad = sorted(inner - allowed)
+        if bad:
+            raise VeloError(
+                f"{self.registry} sent a request on to {host}, a {bad[0]} address, while it "
+                "is not on one itself: refused",
+                reason=Reason.REMOTE_REDIRECT,
+                hint="a registry may send requests on only to hosts as reachable as itself "
+                "(docs/remote.md); use a registry you trust, or one on the same network",
+                detail=f"{request.method} {request.url.copy_with(query=None)}",
+            )
 
 
 class PlainFirst(httpx.BaseTransport):
