@@ -127,3 +127,53 @@ def test_the_sha256_map_is_not_what_fails_a_pull_on_a_full_disk(shm_tmp: str) ->
     out = ns.run_in_child(_sha_map_on_a_full_disk, shm_tmp)
     assert out["filler"] == errno.ENOSPC and out["add"] == "ok", out
     assert out["kept"] == "sha256:" + "2" * 64
+
+
+def _push_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
+    mnt = private_tmpfs(base, "3m")
+    store = os.path.join(mnt, "store")
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
+    src = os.path.join(base, "src")
+    os.makedirs(src)
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"pushed\n")
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veloverlay", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out: dict[str, object] = {"ingest": velo("ingest", src, "--name", "env").returncode}
+    out["filler"] = fill(os.path.join(mnt, "filler"))
+    res = velo("--json", "push", "env", remote)
+    out["push"] = (res.returncode, res.stdout, res.stderr)
+    text = velo("push", "env", remote)
+    out["text"] = (text.returncode, text.stderr)
+    return out
+
+
+def test_a_push_from_a_full_store_is_a_push(fake: FakeRegistry, shm_tmp: str) -> None:
+    """A push notes the version it pushed in the store (remote-v1/versions-v1.json) after the
+    registry took its tag. From a store on a full disk that note failed (store-full) and the
+    push said it failed, while the registry held the tag. The note is left out there (`noted`:
+    false, a warning), and the push reports what it did."""
+    import errno
+
+    from veloverlay import ns
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as root")
+    os.makedirs(os.path.join(shm_tmp, "mnt"))
+    out = ns.run_in_child(_push_on_a_full_disk, shm_tmp, fake.remote("v1"))
+    assert out["ingest"] == 0 and out["filler"] == errno.ENOSPC, out
+    rc, stdout, stderr = out["push"]  # type: ignore[misc]
+    assert rc == 0 and "Traceback" not in stderr, out
+    [res] = json.loads(stdout)
+    assert res["noted"] is False and res["digest"].startswith("sha256:"), res
+    assert "v1" in fake.manifests  # the registry holds what the push reported
+    rc, stderr = out["text"]  # type: ignore[misc]
+    assert rc == 0 and "warning:" in stderr and "--force" in stderr, out

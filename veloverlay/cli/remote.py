@@ -97,6 +97,11 @@ def push(
             f"{render.human_bytes(r.bytes_uploaded)} in {r.blobs_uploaded} blobs, reused "
             f"{r.packs_reused} packs and {r.large_reused} large objects, mounted {r.blobs_mounted}"
         )
+        if not r.noted:
+            render.warn(
+                f"{r.ref}: pushed, but not noted in the store (it cannot be written now): a "
+                f"later pull of {r.remote} into {r.ref} needs --force"
+            )
 
 
 @verb(app)

@@ -71,6 +71,9 @@ class PushResult(Record):
     blobs_present: int = 0  # the registry had them already (HEAD)
     blobs_mounted: int = 0  # mounted from another repository of the registry
     bytes_uploaded: int = 0
+    # the version noted as the ref's, pushed there (remote-v1/versions-v1.json); False where the
+    # store could not be written (a full disk, another user's store): the push itself stands
+    noted: bool = False
     requests: int = 0
     seconds: float = 0.0
 
@@ -425,7 +428,12 @@ def _push_one(
     with m.read() as txn:  # the note is the ref's, not a session ref's (nor a later ref's)
         base_ref = m.get_ref(txn, base_name)
     lineage = base_ref.lineage if base_ref is not None else None
-    versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage)
+    try:
+        versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage)
+        res.noted = True
+    except VeloError as exc:  # the registry holds the tag: the push is done, whatever this says
+        if exc.reason not in (Reason.STORE_FULL, Reason.STORE_PERMISSION):
+            raise
     meter.finish()
     res.blobs_uploaded, res.blobs_present, res.bytes_uploaded = up.uploaded, up.present, up.bytes
     res.requests = reg.requests - requests0

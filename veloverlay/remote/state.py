@@ -28,6 +28,7 @@ from veloverlay import _libc
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import NotRegular, makedirs, open_regular, read_regular, write_json_atomic
 from veloverlay.store.cas import Store
+from veloverlay.store.stage import store_error
 from veloverlay.store.versions import Ref
 
 __all__ = ["BlobCache", "ShaMap", "Versions"]
@@ -154,12 +155,14 @@ class Versions:
             self._update(change)
 
     def _update(self, change: Callable[[dict[str, Any]], bool]) -> None:
-        makedirs(self.path.parent)
-        fd = os.open(
-            self.path.parent / "versions.lock",
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o644,
-        )
+        """Change the notes under their lock; a store this user may not write, or a full disk,
+        is STORE_PERMISSION or STORE_FULL (it was a raw OSError where remote-v1/ was missing)."""
+        lock = self.path.parent / "versions.lock"
+        try:
+            makedirs(self.path.parent)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise store_error(exc, "open", os.fsencode(lock)) from exc
         try:
             _libc.ofd_lock(fd, write=True, wait=True)
             data: dict[str, Any] = dict(self.load())
