@@ -80,6 +80,7 @@ def test_a_pull_killed_between_note_and_commit(
     with pytest.raises(VeloError) as ei:
         pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
     assert ei.value.reason is Reason.OTHER_SOURCE, ei.value
+    assert src in ei.value.message, ei.value  # where it came from: not the registry
     assert _cat(repo, "env", shm_tmp, "a") == b"mine\n"
     repo.delete_ref("env")
     # a pulled ref: killed before the next version's commit, it keeps the version it had, and

@@ -242,9 +242,9 @@ def _check_target(
         return ref
     came = f"was ingested from {ref.path}" if ref.path else "did not come from there"
     for host in notes.load():
-        hit = notes.get(host, refname)
-        if hit is not None:
-            came = f"was last pulled from or pushed to {host}/{hit[0]}"
+        repo = notes.source(host, ref)  # (a note of another ref of that name says nothing)
+        if repo is not None:
+            came = f"was last pulled from or pushed to {host}/{repo}"
     raise VeloError(
         f"ref {refname!r} exists and {came}; the version {rn} would become its next commit",
         reason=Reason.OTHER_SOURCE,
