@@ -178,23 +178,26 @@ class InnerGuard:
     def __init__(self, registry: str, host: str) -> None:
         self.registry = registry
         self.host = host
-        self._own: set[str] | None = None
-        self._lock = threading.Lock()
+        self._kinds: dict[str, set[str]] = {}  # per host, resolved once (a pull's blobs
+        self._lock = threading.Lock()  # may all go to one CDN host: one lookup, not one each)
 
-    def own(self) -> set[str]:
+    def kinds(self, host: str) -> set[str]:
         with self._lock:
-            if self._own is None:
-                self._own = address_kinds(self.host)
-            return self._own
+            hit = self._kinds.get(host)
+        if hit is None:
+            hit = address_kinds(host)
+            with self._lock:
+                self._kinds[host] = hit
+        return hit
 
     def __call__(self, request: httpx.Request) -> None:
         host = request.url.host
         if host == self.host:
             return
-        inner = address_kinds(host) & set(_INNER)
+        inner = self.kinds(host) & set(_INNER)
         if not inner:
             return
-        own = self.own()
+        own = self.kinds(self.host)
         allowed = own | ({"private"} if "loopback" in own else set())
         bad = sorted(inner - allowed)
         if bad:
