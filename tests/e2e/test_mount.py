@@ -337,3 +337,35 @@ def mount_lines_text() -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+@pytest.mark.parametrize("target", ["/proc", "/proc/sys", "/sys", "/proc/no-such-dir"])
+def test_a_projection_on_a_kernel_interface_is_refused(shm_tmp: str, target: str) -> None:
+    """`run --at` and `mount` on /proc, /sys or under them are refused before anything is
+    mounted. Old code: `run --at /proc/sys` ran its command with the kernel's /proc/sys, not
+    the tree (the session mounts its own /proc after the projection) and `mount` there hid the
+    host's sysctls; `run --at /proc` failed saying "/ changed while it was opened: it now leads
+    to ?"; `--at /proc/no-such-dir` was an os-error naming only "no-such-dir"."""
+    store, _plain, _at = _setup(shm_tmp)
+    before = mount_lines()
+    # what the target shows: the kernel's own entries (/proc's pids come and go)
+    listing = (
+        sorted(n for n in os.listdir(target) if not n.isdigit()) if os.path.isdir(target) else None
+    )
+    mark = os.path.join(shm_tmp, "ran")
+    err = failed(
+        velo(store, "run", "t", "--at", target, "--json", "--", "touch", mark), "target-invalid"
+    )
+    assert f"the target {target} is on " in err, err  # named, with the filesystem it is on
+    assert not os.path.exists(mark)  # the command never ran
+    try:
+        failed(velo(store, "mount", "t", target, "--json"), "target-invalid")
+    finally:
+        if mount_lines() != before:  # old code mounted it: take it away before the checks
+            velo(store, "umount", target, "--discard")
+    assert mount_lines() == before
+    now = (
+        sorted(n for n in os.listdir(target) if not n.isdigit()) if os.path.isdir(target) else None
+    )
+    assert now == listing
+    assert all(s == "harvested" or s == "discarded" for s in _sessions(store).values())
