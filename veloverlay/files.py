@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 
 __all__ = [
     "DIRFLAGS",
@@ -375,12 +375,21 @@ def close_to_others(fd: int, shown: str) -> int:
     top mode is set last, and until then this directory is all that keeps the tree's files
     from other users (a 0700 top over 0644 files; a writer killed midway leaves them there).
     One this user may not chmod (another user's) is refused (VeloError, TARGET_INVALID): the
-    tree's mode could not be set on it at the end either."""
+    tree's mode could not be set on it at the end either. Any other failure (a read-only
+    filesystem, an immutable or append-only directory of one's own) is a SysError naming it."""
     st = os.fstat(fd)
     mode = stat.S_IMODE(st.st_mode)
     try:
         os.fchmod(fd, mode & 0o7700 | 0o700)
     except PermissionError:
+        if st.st_uid == os.geteuid():  # our own: EPERM of `chattr +i` or `+a`
+            raise SysError(
+                errno.EPERM,
+                "chmod",
+                shown,
+                hint=f"an immutable or append-only directory (lsattr -d {shown}) takes no "
+                "tree: chattr -ia it, or write the tree into another directory",
+            ) from None
         raise VeloError(
             f"{shown} belongs to another user (uid {st.st_uid}): the tree's mode cannot be set "
             "on it, and until "
@@ -389,6 +398,10 @@ def close_to_others(fd: int, shown: str) -> int:
             hint="write the tree into a directory of your own, or a new one",
             path=shown,
         ) from None
+    except OSError as exc:  # EROFS: a read-only mount point
+        err = exc.errno or errno.EIO
+        hint = "write the tree into a directory on a writable filesystem"
+        raise SysError(err, "chmod", shown, hint=hint if err == errno.EROFS else None) from None
     return mode
 
 
