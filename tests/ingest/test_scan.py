@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers.trees import assert_same_tree, settle_ctimes
 from veloverlay import _libc
-from veloverlay.errors import VeloError
+from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import scan
 from veloverlay.ingest.pipeline import ingest
 from veloverlay.store.digest import hash_bytes
@@ -403,6 +403,19 @@ def test_a_proc_file_bind_mounted_inside_the_source(repo: Repo, shm_tmp: str) ->
             subprocess.run(["umount", rf], check=True)
     finally:
         subprocess.run(["umount", pf], check=True)
+
+
+@pytest.mark.parametrize("top", ["/proc/sys/kernel/random", "/sys/kernel/mm", "/proc"])
+def test_a_kernel_interface_as_the_source_is_refused(repo: Repo, top: str) -> None:
+    """The source itself on a pseudo filesystem is no tree. Old code: its contents were skipped
+    as those of one mounted inside a tree, and an empty version was committed under the name."""
+    assert os.path.isdir(top) and os.listdir(top)  # a directory, with entries
+    with pytest.raises(VeloError) as err:
+        ingest(repo.store, repo.m, top, "k", jobs=1)
+    assert err.value.reason is Reason.NOT_A_DIRECTORY, err.value
+    assert err.value.message.startswith(f"{top} is on "), err.value
+    with repo.m.read() as txn:
+        assert repo.m.get_ref(txn, "k") is None
 
 
 def _open_fds(below: int) -> set[int]:

@@ -87,6 +87,15 @@ def _check_source(src: str, store: Store) -> bytes:
         hint="ingest a directory outside the store",
         reason=Reason.BAD_PATH,
     )
+    # A kernel interface (/proc/sys, /sys/...) is no tree: its contents are skipped as they are
+    # where one is mounted inside a tree, and an empty version was committed, with one warning.
+    fs = _libc.PSEUDO_FS_MAGIC.get(_libc.statfs_type(real))
+    if fs is not None:
+        raise VeloError(
+            f"{src} is on {fs}, a kernel interface, not a directory tree: nothing to ingest",
+            reason=Reason.NOT_A_DIRECTORY,
+            path=src,
+        )
     return os.fsencode(real)
 
 
