@@ -413,7 +413,7 @@ def test_a_kernel_interface_as_the_source_is_refused(repo: Repo, top: str) -> No
     with pytest.raises(VeloError) as err:
         ingest(repo.store, repo.m, top, "k", jobs=1)
     assert err.value.reason is Reason.NOT_A_DIRECTORY, err.value
-    assert err.value.message.startswith(f"{top} is on "), err.value
+    assert err.value.message.startswith(f"the source {top} is on "), err.value
     with repo.m.read() as txn:
         assert repo.m.get_ref(txn, "k") is None
 

@@ -96,3 +96,20 @@ def test_checkout_into_a_per_boot_layer_cache_is_refused(
     assert err.value.reason is Reason.TARGET_INVALID
     assert os.listdir(cache) == []
     repo.checkout("t", os.path.join(runtime, "beside"))  # next to it is fine
+
+
+@pytest.mark.parametrize("dest", ["/proc/velo-co", "/proc/sys/velo-co", "/sys/kernel/velo-co"])
+def test_checkout_onto_a_kernel_interface_is_refused_and_named(
+    repo: Repo, shm_tmp: str, dest: str
+) -> None:
+    """A destination on /proc or /sys, as a session's target there (mkdir fails there as if the
+    parent were missing). Old code: not-found, "the parent of /proc/velo-co does not exist"."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f": b"x"})
+    ingest(repo.store, repo.m, src, "t", jobs=1)
+    assert os.path.isdir(os.path.dirname(dest))  # the parent is there
+    with pytest.raises(VeloError) as err:
+        repo.checkout("t", dest)
+    assert err.value.reason is Reason.TARGET_INVALID, err.value
+    assert err.value.message.startswith(f"the destination {dest} is on "), err.value
+    assert not os.path.exists(dest)

@@ -30,7 +30,7 @@ from veloverlay.ingest.scan import Progress, open_top, worker_init, worker_state
 from veloverlay.ingest.source import RACY_NS
 from veloverlay.records import Record, field
 from veloverlay.store import quarantine
-from veloverlay.store.access import refuse_overlap
+from veloverlay.store.access import refuse_kernel_fs, refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.merge import three_way
@@ -87,15 +87,12 @@ def _check_source(src: str, store: Store) -> bytes:
         hint="ingest a directory outside the store",
         reason=Reason.BAD_PATH,
     )
-    # A kernel interface (/proc/sys, /sys/...) is no tree: its contents are skipped as they are
-    # where one is mounted inside a tree, and an empty version was committed, with one warning.
-    fs = _libc.PSEUDO_FS_MAGIC.get(_libc.statfs_type(real))
-    if fs is not None:
-        raise VeloError(
-            f"{src} is on {fs}, a kernel interface, not a directory tree: nothing to ingest",
-            reason=Reason.NOT_A_DIRECTORY,
-            path=src,
-        )
+    refuse_kernel_fs(
+        real,
+        what="the source",
+        hint="ingest a directory tree; /proc and /sys are the kernel's",
+        reason=Reason.NOT_A_DIRECTORY,
+    )
     return os.fsencode(real)
 
 

@@ -13,13 +13,13 @@ import fcntl
 import os
 import time
 
-from veloverlay import _libc, files, pathtrust, progress
+from veloverlay import files, pathtrust, progress
 from veloverlay.errors import Reason, VeloError
 from veloverlay.lower.homes import refuse_inside
 from veloverlay.mount import pin_dir
 from veloverlay.records import Record
 from veloverlay.session import state
-from veloverlay.store.access import refuse_overlap
+from veloverlay.store.access import refuse_kernel_fs, refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.dest import claim_dir
 from veloverlay.store.manifest import Commit, Manifests, Ref, Txn
@@ -203,7 +203,7 @@ def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int
     )
     if real == "/":
         raise VeloError("cannot project over /", reason=Reason.TARGET_INVALID, path=real)
-    _refuse_kernel_fs(real)
+    refuse_kernel_fs(real, what="the target", hint="project into an ordinary directory (--at DIR)")
     if os.path.isdir(real):
         return real, None
     if os.path.lexists(real):
@@ -228,26 +228,6 @@ def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int
     finally:
         os.close(fd)
     return real, (st.st_dev, st.st_ino) if created else None
-
-
-def _refuse_kernel_fs(real: str) -> None:
-    """TARGET_INVALID when the target `real` (or, for one still to be made, its parent) is on a
-    kernel interface (/proc, /sys, a cgroup tree: `_libc.PSEUDO_FS_MAGIC`), not a directory
-    tree. A session mounts its own /proc after the projection: over /proc it could not start,
-    and under /proc (`--at /proc/sys`) the command saw the kernel's files, not the tree, and
-    wrote its sysctls; `mount` there hid that interface from every process of the host."""
-    where = real if os.path.isdir(real) else os.path.dirname(real)
-    try:
-        fs = _libc.PSEUDO_FS_MAGIC.get(_libc.statfs_type(where))
-    except OSError:
-        return  # gone or unreadable: the checks that follow say so
-    if fs is not None:
-        raise VeloError(
-            f"the target {real} is on {fs}, a kernel interface, not a directory tree",
-            reason=Reason.TARGET_INVALID,
-            hint="project into an ordinary directory (--at DIR)",
-            path=real,
-        )
 
 
 def remove_made_target(store: Store, st: state.State, hold: int = -1) -> None:

@@ -17,7 +17,7 @@ import re
 import stat
 from pathlib import Path
 
-from veloverlay import files, pathtrust
+from veloverlay import _libc, files, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.files import DIRFLAGS
 
@@ -464,6 +464,29 @@ def refuse_overlap(
     if real == sroot or real.startswith(sroot + "/") or sroot.startswith(real.rstrip("/") + "/"):
         raise VeloError(
             f"{what} {real} contains or lies inside the store {sroot}",
+            reason=reason,
+            hint=hint,
+            path=real,
+        )
+
+
+def refuse_kernel_fs(
+    real: str, *, what: str, hint: str, reason: Reason = Reason.TARGET_INVALID
+) -> None:
+    """`reason` (TARGET_INVALID) when `real` (absolute, resolved; for one still to be made, its
+    parent) is on a kernel interface (/proc, /sys, a cgroup tree: `_libc.PSEUDO_FS_MAGIC`), not
+    a directory tree: the one test for a session's target, a checkout and an ingest's source.
+    A session mounts its own /proc after the projection (one under /proc showed the kernel's
+    files, and `mount` there hid them from the host); mkdir there fails as if the parent were
+    missing; an ingest kept the source's contents out, as a pseudo filesystem's inside a tree."""
+    where = real if os.path.isdir(real) else os.path.dirname(real)
+    try:
+        fs = _libc.PSEUDO_FS_MAGIC.get(_libc.statfs_type(where))
+    except OSError:
+        return  # gone or unreadable: the caller's own checks say so
+    if fs is not None:
+        raise VeloError(
+            f"{what} {real} is on {fs}, a kernel interface, not a directory tree",
             reason=reason,
             hint=hint,
             path=real,

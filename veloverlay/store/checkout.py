@@ -24,7 +24,7 @@ from veloverlay import faults, linking
 from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import DIRFLAGS, given_path
 from veloverlay.progress import Progress
-from veloverlay.store.access import refuse_overlap
+from veloverlay.store.access import refuse_kernel_fs, refuse_overlap
 from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.dest import InPlace, Place, resolve_dest
 from veloverlay.store.manifest import Manifests, Txn
@@ -65,6 +65,7 @@ def checkout(
     elsewhere must not mint a setuid-root program), as ingest and harvest do."""
     real = resolve_dest(given_path(dest, "the checkout destination"))
     refuse_overlap(real, store.root, what="the destination", hint="check out outside the store")
+    refuse_kernel_fs(real, what="the destination", hint="check out into an ordinary directory")
     place = Place(dest, real)
     try:
         try:
