@@ -172,6 +172,27 @@ def test_export_import_round_trip(
     assert len(list(repo.store.iter_objects())) == n
 
 
+def test_an_existing_ref_is_refused_before_the_objects_are_read(dst: Repo) -> None:
+    """Import into a ref that exists (without --force) stops at the metadata record. Old code:
+    every object was read and staged first (a bundle of many gigabytes, or a full disk, and
+    then `store-full` instead of `exists`). The same bundle under a new name or --force reads
+    to its end."""
+    big = os.urandom(4 << 20)
+    _d, top = tree.encode(0o755, 1, [file_entry(b"big", big)])
+    rd, rrec = node(top)
+    data = build([meta(rd), rrec, obj(big)])
+    do_import(dst, data)  # "hand" now exists
+    before = state(dst)
+    f = io.BytesIO(data)
+    with pytest.raises(VeloError) as ei:
+        import_bundle(dst.store, dst.m, f)
+    assert ei.value.reason is Reason.EXISTS
+    assert f.tell() < len(data) - len(big)  # stopped before the object's bytes
+    assert state(dst) == before
+    assert do_import(dst, data, name="other")["root"] == rd.hex()
+    assert do_import(dst, data, force=True)["root"] == rd.hex()
+
+
 def test_export_of_an_older_version(repo: Repo, dst: Repo, shm_tmp: str) -> None:
     src = os.path.join(shm_tmp, "v")
     make_tree(src, {"f": b"one"})

@@ -369,6 +369,16 @@ def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | N
     return existing
 
 
+def _refuse_existing_early(m: Manifests, refname: object, force: bool) -> None:
+    """EXISTS as soon as the metadata names a ref that exists (without `force`): not after every
+    object of the bundle was read and staged (gigabytes, or a full disk: `store-full` instead).
+    A name that is no valid ref is left to the checks after the end record."""
+    if force or not isinstance(refname, str) or not REF_RE.match(refname) or "@" in refname:
+        return
+    with m.read() as txn:
+        _check_new_ref(m, txn, refname, force)
+
+
 def _bad(msg: str) -> VeloError:
     return VeloError(
         f"invalid bundle: {msg}", reason=Reason.BUNDLE_INVALID, hint="nothing was imported"
@@ -448,6 +458,8 @@ def import_bundle(
                     meta = json.loads(r.exact(length))
                 except (ValueError, RecursionError):  # nesting deeper than the parser goes
                     raise _bad("metadata is not JSON") from None
+                named = name or (meta.get("ref") if isinstance(meta, dict) else None)
+                _refuse_existing_early(m, named, force)
             elif typ == _NODE:
                 if not DIGEST_SIZE < length <= MAX_NODE:
                     raise _bad("bad node record length")
