@@ -303,3 +303,44 @@ def test_a_directory_renamed_past_the_bound_is_never_committed(mode: str) -> Non
         out = as_mode(mode, _renamed_resume, base, since)
     assert out["problems"] == [], out
     assert len(out["warned"]) == 1 and out["next"] == 0, out
+
+
+def _set_aside_in_the_store(base: str) -> dict[str, object]:
+    from veloverlay.errors import VeloError
+    from veloverlay.session import harvest_resume, list_sessions
+    from veloverlay.store.cas import Store
+
+    store = Store.open(os.path.join(base, "store"))
+    (sid,) = [s.id for s in list_sessions(store) if s.state == "dead-unharvested"]
+    tmp = sorted(os.listdir(store.tmp))
+    out: dict[str, object] = {}
+    for where in (os.path.join(store.tmp, "aside"), os.path.join(store.root, "aside")):
+        try:
+            harvest_resume(store, sid, set_aside=where)
+            out[where] = "harvested"
+        except VeloError as exc:
+            out[where] = exc.reason.value
+        out[where + " made"] = os.path.lexists(where)
+    out["tmp"] = sorted(os.listdir(store.tmp)) == tmp
+    out["left"] = [s.state for s in list_sessions(store) if s.id == sid]
+    return out
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_a_set_aside_directory_in_the_store_is_refused(mode: str) -> None:
+    """`--set-aside DIR` must be on the session's files' filesystem, and the hint suggested the
+    store's: old code took STORE/tmp/aside and moved the one copy of what was set aside into
+    the store (in a fan-out directory, fsck then fails on it as stray objects; `remove-store`
+    deletes it with the store). A DIR in the store is now refused (target-invalid) before
+    anything is harvested; the session waits for another DIR."""
+    levels = DEPTH_MAX + 40
+    with unpriv_tmpdir() as base:
+        first = as_mode(mode, _too_deep_run, base, levels, "overlay")
+        assert first["reason"] == "too-deep", first
+        out = as_mode(mode, _set_aside_in_the_store, base)
+    for key, value in out.items():
+        if key.endswith(" made"):
+            assert value is False, out
+        elif key not in ("tmp", "left"):
+            assert value == "target-invalid", out
+    assert out["tmp"] is True and out["left"] == ["dead-unharvested"], out

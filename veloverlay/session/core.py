@@ -159,7 +159,7 @@ def harvest_resume(
 
     if set_aside is not None and session_id is None:
         raise VeloError("--set-aside goes with --resume ID (one session)", reason=Reason.USAGE)
-    aside = SetAside(set_aside) if set_aside is not None else None
+    aside = SetAside(set_aside, store.root) if set_aside is not None else None
     store.writable()  # a shared store's other users: STORE_PERMISSION, not "0 harvested"
     if session_id is not None:
         states = [state.load(store, session_id)]

@@ -10,9 +10,11 @@ import os
 import re
 import stat
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
+from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
@@ -71,10 +73,19 @@ class SetAside:
     on the filesystem of the session's files (a rename: nothing is copied, nothing can be half
     moved)."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, store_root: Path) -> None:
         self.where = os.path.abspath(where)
         self.count = 0
         self._fd: int | None = None
+        # Never in the store: the one copy of what is set aside would be the store's (in a
+        # fan-out directory fsck fails on it as stray objects; `remove-store` deletes it).
+        parent, name = os.path.split(self.where)
+        refuse_overlap(
+            os.path.join(os.path.realpath(parent), name),
+            store_root,
+            what="--set-aside",
+            hint="name a new directory outside the store, on the filesystem of the session's files",
+        )
 
     def check(self, files: str) -> None:
         """Refuse, before anything is harvested, a DIR that exists or that no rename from
@@ -100,7 +111,7 @@ class SetAside:
                 f"--set-aside {self.where} is not on the filesystem of the session's files "
                 f"({files}): they are moved there, never copied",
                 reason=Reason.TARGET_INVALID,
-                hint=f"name a new directory beside {files}'s filesystem, e.g. in the store's",
+                hint=f"name a new directory on {files}'s filesystem (outside the store)",
                 path=self.where,
             )
 
