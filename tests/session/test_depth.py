@@ -344,3 +344,59 @@ def test_a_set_aside_directory_in_the_store_is_refused(mode: str) -> None:
         elif key not in ("tmp", "left"):
             assert value == "target-invalid", out
     assert out["tmp"] is True and out["left"] == ["dead-unharvested"], out
+
+
+def _resume_into(base: str, aside: str) -> dict[str, object]:
+    from veloverlay.errors import VeloError
+    from veloverlay.session import harvest_resume, list_sessions
+    from veloverlay.store.cas import Store
+
+    store = Store.open(os.path.join(base, "store"))
+    (sid,) = [s.id for s in list_sessions(store) if s.state == "dead-unharvested"]
+    out: dict[str, object] = {}
+    try:
+        harvest_resume(store, sid, set_aside=aside)
+        out["outcome"] = "harvested"
+    except VeloError as exc:
+        out["outcome"] = exc.reason.value
+    out["left"] = [s.state for s in list_sessions(store) if s.id == sid]
+    return out
+
+
+@pytest.mark.parametrize("mode", mode_params("root"))
+def test_a_set_aside_parent_swapped_for_a_link_is_refused(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root's `--set-aside ANC/aside`, ANC another user's: that user renames ANC and puts a
+    link to one of root's directories in its place right before root's mkdir. Old code made
+    the directory by its path, through the link, and moved the session's entries into root's
+    directory; now it is made through ANC pinned, the swap is seen (target-invalid), root's
+    directory stays empty, and a resume into another directory commits the session."""
+    from tests.helpers.races import swap_at_mkdir
+    from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged
+
+    levels = DEPTH_MAX + 40
+    with unpriv_tmpdir() as base:
+        first = as_mode(mode, _too_deep_run, base, levels, "overlay")
+        assert first["reason"] == "too-deep", first
+        anc, holder = os.path.join(base, "anc"), os.path.join(base, "holder")
+        os.mkdir(anc)
+        os.chown(anc, UNPRIV_UID, UNPRIV_UID)
+        os.mkdir(holder, 0o700)
+
+        def attack() -> None:
+            os.rename(anc, anc + ".moved")
+            os.symlink(holder, anc)
+
+        aside = os.path.join(anc, "aside")
+        swap_at_mkdir(monkeypatch, aside, lambda: run_unprivileged(attack), before=True)
+        out = as_mode(mode, _resume_into, base, aside)
+        monkeypatch.undo()
+        assert out["outcome"] == "target-invalid", out
+        # resumed again (by another process), into a directory of root's own: committed
+        good = os.path.join(base, "good")
+        again = as_mode(mode, _resume_into, base, good)
+        assert again == {"outcome": "harvested", "left": ["harvested"]}, again
+        assert os.listdir(good) == ["1"]
+        assert os.listdir(holder) == []
+        assert os.listdir(anc + ".moved") == []  # the directory made there is gone again

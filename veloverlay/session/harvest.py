@@ -12,10 +12,11 @@ import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from veloverlay import paths
+from veloverlay import paths, pathtrust
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store
+from veloverlay.store.dest import claim_dir
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rules
@@ -80,8 +81,11 @@ class SetAside:
         # Never in the store: the one copy of what is set aside would be the store's (in a
         # fan-out directory fsck fails on it as stray objects; `remove-store` deletes it).
         parent, name = os.path.split(self.where)
+        # resolved once (root follows no other user's link into what that user does not own)
+        # and made through its pinned parent (`claim_dir`): never where a swap since leads
+        self.real = os.path.join(pathtrust.realpath_safe(parent, Reason.TARGET_INVALID), name)
         refuse_overlap(
-            os.path.join(os.path.realpath(parent), name),
+            self.real,
             store_root,
             what="--set-aside",
             hint="name a new directory outside the store, on the filesystem of the session's files",
@@ -118,8 +122,13 @@ class SetAside:
     def move(self, dfd: int, name: bytes, p: bytes, warnings: list[str]) -> None:
         """Rename `name` of the directory `dfd` (at manifest path `p`) into a new slot."""
         if self._fd is None:
-            os.mkdir(self.where, 0o700)
-            self._fd = os.open(self.where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd, created = claim_dir(self.real, 0o700)
+            if not created:  # made meanwhile, by someone else: not ours to fill
+                os.close(fd)
+                raise VeloError(
+                    f"--set-aside {self.where} exists", reason=Reason.EXISTS, path=self.where
+                )
+            self._fd = fd
         self.count += 1
         slot = str(self.count)
         os.mkdir(slot, 0o700, dir_fd=self._fd)
