@@ -17,8 +17,10 @@ from collections.abc import Callable
 import pytest
 
 from tests.helpers.races import swap_at_mkdir
+from tests.helpers.trees import inode_flags_at
 from tests.helpers.unpriv import UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from tests.session._util import checkout_ref, new_store
+from veloverlay import fsflags
 from veloverlay.errors import Reason, VeloError
 from veloverlay.store import dest as dest_module
 
@@ -110,8 +112,22 @@ def test_a_destination_that_cannot_be_made_is_named_whole() -> None:
         with pytest.raises(VeloError) as exc:
             checkout_ref(store, "t", long_dest)
         assert exc.value.reason is Reason.BAD_PATH and exc.value.path == long_dest
-        if os.path.isdir("/sys/kernel"):  # sysfs: root's mkdir there is EPERM
-            with pytest.raises(OSError) as err:
+        # an immutable parent: root's mkdir there is EPERM (sysfs was the example: a kernel
+        # interface is now refused before any mkdir, target-invalid, naming the whole path too)
+        frozen = os.path.join(base, "frozen")
+        os.mkdir(frozen)
+        if inode_flags_at(frozen):
+            fsflags.set_immutable(frozen)
+            try:
+                with pytest.raises(OSError) as err:
+                    checkout_ref(store, "t", os.path.join(frozen, "velo-checkout"))
+            finally:
+                fsflags.set_immutable(frozen, False)
+            assert err.value.filename == os.path.join(frozen, "velo-checkout")
+            assert os.listdir(frozen) == []
+        if os.path.isdir("/sys/kernel"):
+            with pytest.raises(VeloError) as exc:
                 checkout_ref(store, "t", "/sys/kernel/velo-checkout")
-            assert err.value.filename == "/sys/kernel/velo-checkout"
+            assert exc.value.reason is Reason.TARGET_INVALID
+            assert exc.value.path == "/sys/kernel/velo-checkout"
             assert not os.path.lexists("/sys/kernel/velo-checkout")
