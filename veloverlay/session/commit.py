@@ -177,7 +177,6 @@ def _harvest_and_commit(
     from veloverlay.session.harvest import to_top_ref
     from veloverlay.session.relocation import carry_forward
     from veloverlay.store.changes import changes
-    from veloverlay.store.stack import stack_roots
     from veloverlay.tiers import Rules
 
     with store.lock(), store.stage() as stage:
@@ -207,17 +206,18 @@ def _harvest_and_commit(
                 m.put_raw_node(txn, digest, data)
             base_root = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
             ops = h.ops
-            seen, now = base_root, base_root  # the view the session saw, and what it left
             if st.below_root:  # a stack: the same change, on the top ref alone
-                seen = bytes.fromhex(st.view_root)
                 below = bytes.fromhex(st.below_root)
-                ops = to_top_ref(m, txn, ops, base_root, below, seen)
+                ops = to_top_ref(m, txn, ops, base_root, below, bytes.fromhex(st.view_root))
                 res.warnings.extend(_shadowed(m, txn, st, below, ops))
             new_root = m.apply(txn, base_root, ops) if ops else base_root
-            # What changed is told as the session saw it, in the stacked view: a deleted file
-            # of a lower ref is a MASK in the top ref, which a diff of the top ref alone hides.
-            now = stack_roots(m, txn, [below, new_root]) if st.below_root else new_root
-            res.changes = [(c.status, paths.display(c.path)) for c in changes(m, txn, seen, now)]
+            # What changed is told as `diff REF@{1} REF` tells what was committed: of a stack,
+            # the top ref's change (a lower ref's directory deleted is one masked `D DIR`, a
+            # lower ref's file changed is added to the top ref). Told in the stacked view, the
+            # summary listed the lower ref's entries one by one where that diff said `D DIR`.
+            res.changes = [
+                (c.status, paths.display(c.path)) for c in changes(m, txn, base_root, new_root)
+            ]
             res.changed = len(res.changes)
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
