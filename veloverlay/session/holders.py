@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from veloverlay import _libc, mountinfo
+from veloverlay.errors import VeloError
 from veloverlay.mountinfo import MountEntry
 
 __all__ = ["holders", "namespaces_holding", "tree_writers", "ask_again"]
@@ -42,12 +43,11 @@ def holders(is_ours: Callable[[MountEntry], bool]) -> list[int]:
     me = os.getpid()
     tables = _Mounts()
     found: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+    for name, ns in tables.procs:
+        if int(name) == me:
             continue
         try:
-            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            by_id = tables.of_namespace(ns, name)
+            by_id = tables.by_ns[ns]
             if any(is_ours(e) for e in by_id.values()) and not _own_namespace(ns):
                 found.append(int(name))  # a copy of the overlay in another mount namespace
             elif _holds_file(name, by_id, is_ours, tables):
@@ -58,24 +58,18 @@ def holders(is_ours: Callable[[MountEntry], bool]) -> list[int]:
 
 
 class _Mounts:
-    """The mounts of each mount namespace, read once per namespace (by its first process), and
-    a mount looked up by id in every namespace. Mount ids are unique across namespaces, so a
-    file on a mount its process's table does not show is still told apart from this session's
-    overlay: one opened through /proc/PID/root of a process elsewhere (another session's tree),
-    or one on a mount made after the table was read (the overlay another session's namespace
-    child mounts and pins while the scan runs: seen as a holder by every `harvest --resume`
-    and seal check that raced a session's start)."""
+    """The mounts of each mount namespace (`_scan`), and a mount looked up by id in every
+    namespace. Mount ids are unique across namespaces, so a file on a mount its process's table
+    does not show is still told apart from this session's overlay: one opened through
+    /proc/PID/root of a process elsewhere (another session's tree), or one on a mount made after
+    the table was read (the overlay another session's namespace child mounts and pins while the
+    scan runs: seen as a holder by every `harvest --resume` and seal check that raced a
+    session's start)."""
 
     def __init__(self) -> None:
-        self.by_ns: dict[int, dict[int, MountEntry]] = {}
+        self.by_ns, self.procs = _scan()
         self.every: dict[int, MountEntry] | None = None
         self.nowhere: set[int] = set()  # ids found in no namespace since they were first seen
-
-    def of_namespace(self, ns: int, pid: str) -> dict[int, MountEntry]:
-        """OSError: the process is gone or not ours to read."""
-        if ns not in self.by_ns:
-            self.by_ns[ns] = {e.mnt_id: e for e in mountinfo.mounts(pid)}
-        return self.by_ns[ns]
 
     def anywhere(self, mnt: int) -> MountEntry | None:
         """Mount `mnt` in whatever namespace shows it; None: in none this process can read
@@ -85,28 +79,50 @@ class _Mounts:
             return self.every[mnt]
         if mnt in self.nowhere:
             return None
-        self.every = _every_mount()
+        self.every = {i: e for table in _scan()[0].values() for i, e in table.items()}
         if mnt not in self.every:
             self.nowhere.add(mnt)
         return self.every.get(mnt)
 
 
-def _every_mount() -> dict[int, MountEntry]:
-    """Every mount of every mount namespace with a process this process may read, by id."""
-    seen: set[int] = set()
-    out: dict[int, MountEntry] = {}
+def _scan() -> tuple[dict[int, dict[int, MountEntry]], list[tuple[str, int]]]:
+    """(mount namespace -> its mounts by id, [(pid, its mount namespace)]) of every process this
+    process may read. A process's mountinfo shows only the mounts under its root: a namespace's
+    table is the union of its processes' tables, read once per distinct root (the root's mount
+    and inode). Read from its first process alone, a namespace whose first process had chrooted
+    hid the mounts outside that root — an overlay copy held there looked free."""
+    by_ns: dict[int, dict[int, MountEntry]] = {}
+    procs: list[tuple[str, int]] = []
+    roots: set[tuple[int, int | None, int]] = set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ns in seen:
-                continue
-            out.update((e.mnt_id, e) for e in mountinfo.mounts(name))
-            seen.add(ns)  # (only once read: another process of it may be readable)
+            root = (ns, *_root_of(name))
+            if root not in roots:
+                table = by_ns.setdefault(ns, {})
+                table.update((e.mnt_id, e) for e in mountinfo.mounts(name))
+                roots.add(root)  # (only once read: another process of it may be readable)
+            procs.append((name, ns))
         except OSError:
             continue
-    return out
+    return by_ns, procs
+
+
+def _root_of(pid: str) -> tuple[int | None, int]:
+    """(mount id, inode) of the root directory of `pid`; (None, 0) where it may not be read
+    (another user's process): its mountinfo is read once per namespace then, as it may be."""
+    try:
+        fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None, 0
+    try:
+        return mountinfo.mnt_id_of(fd), os.fstat(fd).st_ino
+    except (OSError, VeloError):
+        return None, 0
+    finally:
+        os.close(fd)
 
 
 def _own_namespace(ns: int) -> bool:
@@ -175,21 +191,13 @@ def namespaces_holding(match: Callable[[MountEntry], bool]) -> list[int]:
         own = os.stat("/proc/self/ns/mnt").st_ino
     except OSError:
         return []
-    seen = {own}
-    found: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            ino = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ino in seen:
-                continue
-            seen.add(ino)
-            if any(match(e) for e in mountinfo.mounts(name)):
-                found.append(int(name))
-        except OSError:
-            continue
-    return found
+    by_ns, procs = _scan()  # (every root's view of a namespace: see _scan)
+    first = {ns: int(pid) for pid, ns in reversed(procs)}
+    return [
+        pid
+        for ns, pid in sorted(first.items(), key=lambda x: x[1])
+        if ns != own and any(match(e) for e in by_ns[ns].values())
+    ]
 
 
 def ask_again(find: Callable[[], list[int]], wait: float) -> list[int]:
