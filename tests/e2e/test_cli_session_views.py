@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tests.e2e.test_cli import _expected_changes, data, ok, velo
-from tests.e2e.test_cli_session import _checkout
+from tests.e2e.test_cli_session import _checkout, _wait_ready, _wait_running
 from tests.helpers.trees import make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
@@ -60,3 +62,80 @@ def test_a_stacked_sessions_summary_says_what_diff_of_its_commit_says(
     want = {**_expected_changes(before, after), "e": "D"}
     assert {path: status for status, path in summary} == want and len(summary) == len(want)
     assert summary == _pairs(data(velo(store, "diff", "hi@{1}", "hi", "--json")))
+
+
+_FORMS = [("-p",), ("--stat",), ("--name-status",), ()]
+
+# What the command does: a directory both refs have, deleted whole (`d`); one of the lower ref
+# alone (`e`); one of the top ref alone, made anew with other content (`f`, opaque in overlay);
+# a lower ref's file changed (`d2/w`, in a directory of the lower ref) and one of the top
+# ref's (`g/z`); a file replaced by a directory and a new file.
+_SCRIPT = (
+    "rm -r d e f && mkdir f && echo again > f/new && echo more >> d2/w && echo zz >> g/z && "
+    "rm h && mkdir h && echo in > h/i && echo n > n"
+)
+
+
+def _live_then_harvested(
+    store: str, shm_tmp: str, refs: list[str], backend: str
+) -> tuple[dict[tuple[str, ...], str], list[dict[str, object]], list[object]]:
+    """Run `_SCRIPT` in a session of `refs`; while its command waits: `diff --session` in each
+    of `_FORMS`, with `-p --json`, and `status --json`'s changes of it."""
+    at, go, ready = (os.path.join(shm_tmp, n) for n in ("at", "go", "ready"))
+    script = f"cd {at} && {_SCRIPT} && touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "run", *refs, "--at", at, "--backend", backend]
+        + ["--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sid = _wait_running(store)
+        _wait_ready(store, sid, ready)
+        live = {how: ok(velo(store, "diff", "--session", sid, *how)) for how in _FORMS}
+        as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
+        [running] = data(velo(store, "status", "--json"))["sessions"]
+    finally:
+        open(go, "w").close()
+        _out, err = session.communicate(timeout=120)
+    assert session.returncode == 0, err
+    return live, as_json, running["changes"]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stack", "one-ref"])
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
+    store: str, shm_tmp: str, backend: str, stacked: bool
+) -> None:
+    """`diff --session` and `status` of a running session compared its live tree with the view
+    it saw; its harvest's `diff hi@{1} hi` compares the top ref's versions. They differed: an
+    overlay session's deleted directory was one `D d` (`d | 0` in --stat) where the harvest's
+    diff lists each file; in a stack, a directory both refs have, deleted whole, listed the
+    lower ref's entries too, and a lower ref's changed file was `M`, which the top ref gains
+    (`A`). Now they say the same, in every form; and the harvest's diff is the real change of
+    the top ref's own files (checkouts before and after) plus one mask per path of the lower
+    ref the command deleted whole."""
+    lo = {"d/k": b"low\n", "d/lowonly": b"lo\n", "e/x": b"e\n", "e/s/t": b"t\n", "d2/w": b"w\n"}
+    hi = {"d/k": b"top\n", "d/hionly": b"hi\n", "f/y": b"f\n", "g/z": b"g\n", "h": b"h\n"}
+    if stacked:
+        make_tree(os.path.join(shm_tmp, "lo"), lo)
+        ok(velo(store, "ingest", os.path.join(shm_tmp, "lo"), "-n", "lo"))
+    make_tree(os.path.join(shm_tmp, "hi"), hi if stacked else {**lo, **hi})
+    ok(velo(store, "ingest", os.path.join(shm_tmp, "hi"), "-n", "hi"))
+    refs = ["lo", "hi"] if stacked else ["hi"]
+    before = _checkout(store, "hi", os.path.join(shm_tmp, "before"))
+    live, as_json, status = _live_then_harvested(store, shm_tmp, refs, backend)
+    harvested = {how: ok(velo(store, "diff", "hi@{1}", "hi", *how)) for how in _FORMS}
+    after = _checkout(store, "hi", os.path.join(shm_tmp, "after"))
+    want = {**_expected_changes(before, after), **({"e": "D"} if stacked else {})}
+    got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
+    assert {p: s for s, p in got} == want and len(got) == len(want), got
+    assert live == harvested
+    committed = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
+    assert status == [{"status": c["status"], "path": c["path"]} for c in committed]
+    assert [(c["status"], c["path"]) for c in as_json] == [
+        (c["status"], c["path"]) for c in committed
+    ]
+    masked = [c["path"] for c in committed if (c["new"] or {}).get("kind") == "mask"]
+    assert [c["path"] for c in as_json if c["masked"]] == masked == (["e"] if stacked else [])

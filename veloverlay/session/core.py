@@ -299,26 +299,10 @@ def live_changes(
     store: Store, session_id: str, m: Manifests | None = None
 ) -> list[tuple[str, str]]:
     """What a running session has changed so far, as (status letter, path): read from its
-    upper dir (overlay) or its live view `REF@<session>` (shim). Nothing is committed. `m`: the
-    store's manifests when the caller has them open."""
-    from veloverlay.session.live import masked_dir, running, shim_live_root, upper_dir
+    upper dir (overlay) or its live view `REF@<session>` (shim), told as its harvest would
+    commit it (`live.session_changes`). Nothing is committed. `m`: the store's manifests when
+    the caller has them open."""
+    from veloverlay.session.live import running, session_changes
 
-    with running(store, session_id, m) as (st, m):
-        view = bytes.fromhex(st.view_root)
-        if st.backend == "shim":
-            from veloverlay.store.changes import changes
-
-            with m.read() as txn:
-                live = shim_live_root(m, txn, st)
-                if live is None:
-                    return []
-                found = [(c.status, c.path) for c in changes(m, txn, view, live)]
-                if st.below_root:  # a directory of the refs below deleted: one mask, as harvested
-                    found = [
-                        (s, masked_dir(m, txn, st, live, p) if s == "D" else p) for s, p in found
-                    ]
-                return [(s, paths.display(p)) for s, p in dict.fromkeys(found)]
-        from veloverlay.session.overlay.live import upper_changes
-
-        upper, prefix = upper_dir(store, st)
-        return upper_changes(m, os.fsdecode(upper), view, prefix)
+    with running(store, session_id, m) as (st, m), m.what_if() as txn:
+        return [(c.status, paths.display(c.path)) for c in session_changes(store, m, txn, st)]

@@ -1,9 +1,9 @@
 """What a running session has changed so far, with content: `diff --session ID --stat / -p`.
 
-The old side is the session's view (its manifest); the new side is the overlay's upper dir (a
-copied-up file holds the whole new content) or the shim's live view `REF@<session>`. Nothing is
-staged or committed, and the session goes on; a file the command is still writing shows the
-bytes it has so far.
+Told as the session's harvest would commit it now (`session_changes`): the old side is the top
+ref's entry at its base, the new side the overlay's upper dir (a copied-up file holds the whole
+new content) or the shim's live view `REF@<session>`. Nothing is staged or committed, and the
+session goes on; a file the command is still writing shows the bytes it has so far.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from veloverlay.records import Record
 from veloverlay.session import state
 from veloverlay.session.state import State
 from veloverlay.store.cas import Store
+from veloverlay.store.changes import Change, changes
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.patch import entry_mode, object_lines, path_lines, unified
 from veloverlay.store.tree import Entry, Kind
 
-__all__ = ["LiveChange", "live_diff", "masked_dir"]
+__all__ = ["LiveChange", "live_diff", "session_changes"]
 
 
 class LiveChange(Record, frozen=True):
@@ -33,16 +34,6 @@ class LiveChange(Record, frozen=True):
     new_size: int
     patch: list[str] | None  # git's unified diff; None when a side is binary or too large
     masked: bool = False  # harvested as a MASK in the top ref: it hides what the refs below have
-
-
-def _entry(m: Manifests, txn: Txn, root: bytes, path: bytes) -> Entry | None:
-    e = m.lookup(txn, root, path)
-    if e is None or e.kind is Kind.MASK:
-        return None
-    if e.kind is Kind.DIR:
-        node = m.get_node(txn, e.digest)
-        e = e.replace(mode=node.mode)
-    return e
 
 
 @contextlib.contextmanager
@@ -79,81 +70,51 @@ def upper_dir(store: Store, st: State) -> tuple[bytes, str]:
     return upper, "trusted" if st.mode == "native" else "user"
 
 
+def session_changes(store: Store, m: Manifests, txn: Txn, st: State) -> list[Change]:
+    """What the running session `st` has changed so far, told as its harvest would commit it
+    now and `diff REF@{1} REF` would then show it: the path operations of its overlay upper dir
+    (`upper_ops`) or of the shim's live view against the session's view, restated on the top
+    ref for a stack (`harvest.to_top_ref`, as the harvest does), applied to its base and
+    compared with it (`store.changes`). `txn`: a `Manifests.what_if` transaction (the trees are
+    made in memory only). Before, the live view was compared with the stacked view: a
+    directory deleted whole was listed by the entries the stack showed, a lower ref's file
+    changed was `M`, and an overlay session's deleted directory was one `D` of the directory
+    itself, while the harvest's diff listed the top ref's own entries, `A`, and each file."""
+    from veloverlay.session.harvest import to_top_ref
+
+    view = bytes.fromhex(st.view_root)
+    if st.backend == "shim":
+        live = shim_live_root(m, txn, st)
+        ops = m.diff(txn, view, live) if live is not None else []
+    else:
+        from veloverlay.session.overlay.live import upper_ops
+
+        upper, prefix = upper_dir(store, st)
+        ops = upper_ops(m, txn, os.fsdecode(upper), view, prefix)
+    base = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
+    if st.below_root and ops:
+        ops = to_top_ref(m, txn, ops, base, bytes.fromhex(st.below_root), view)
+    return changes(m, txn, base, m.apply(txn, base, ops)) if ops else []
+
+
 def live_diff(
     store: Store, session_id: str, *, context: int = 3, m: Manifests | None = None
 ) -> list[LiveChange]:
-    """Each change of the running session `session_id` with its unified diff (`context` lines
-    around each hunk: 0 for counting lines, as `--stat` does)."""
+    """Each change of the running session `session_id` (`session_changes`) with its unified
+    diff (`context` lines around each hunk: 0 for counting lines, as `--stat` does). The new
+    side of an overlay session's regular file is read from its upper dir."""
+    from veloverlay.session.overlay.live import placeholder
+
     out: list[LiveChange] = []
-    with running(store, session_id, m) as (st, m), m.read() as txn:
-        view = bytes.fromhex(st.view_root)
-        if st.backend == "shim":
-            from veloverlay.store.changes import changes
-
-            live = shim_live_root(m, txn, st)
-            if live is None:
-                return []
-            for c in changes(m, txn, view, live):
-                out.append(_from_entries(store, c.status, c.path, c.old, c.new, context))
-            now: bytes | None = live
-        else:
-            now = None  # (the upper dir names a deleted directory, not each of its entries)
-            from veloverlay.session.overlay.live import upper_changes_raw
-
-            upper, prefix = upper_dir(store, st)
-            for status, path in upper_changes_raw(m, os.fsdecode(upper), view, prefix):
-                old = _entry(m, txn, view, path)
-                out.append(_from_upper(store, status, path, old, upper, context))
-        if st.below_root:
-            out = _as_masks(store, m, txn, st, out, context, now)
+    with running(store, session_id, m) as (st, m), m.what_if() as txn:
+        upper = upper_dir(store, st)[0]
+        for c in session_changes(store, m, txn, st):
+            if c.new is not None and c.new.digest == placeholder(c.path):
+                out.append(_from_upper(store, c.status, c.path, c.old, upper, context))
+            else:
+                masked = c.new is not None and c.new.kind is Kind.MASK
+                out.append(_from_entries(store, c.status, c.path, c.old, c.new, context, masked))
     return out
-
-
-def _as_masks(
-    store: Store,
-    m: Manifests,
-    txn: Txn,
-    st: State,
-    out: list[LiveChange],
-    context: int,
-    now: bytes | None,
-) -> list[LiveChange]:
-    """A stacked session's deletions of what the refs below provide, as `diff` of the top ref's
-    versions shows them once harvested (a MASK in the top ref, `masked`): the old side is the
-    top ref's own entry there (none where only the refs below have the path: no content is
-    deleted from the top ref). Before, `diff --session` showed the lower ref's content deleted
-    and no mask, and `diff REF@{1} REF` then said something else. (Where the top ref has a
-    directory, its `diff` lists that directory's own entries deleted: left as the view shows.)
-    `now`: the root of the live view, where a deleted directory is listed entry by entry (the
-    shim's): one mask on the directory gone whole, as the harvest records it."""
-    below = bytes.fromhex(st.below_root or "")
-    top = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
-    shown: dict[tuple[bytes, str], LiveChange] = {}
-    for c in out:
-        path = c.path
-        if c.status == "D" and now is not None:
-            path = masked_dir(m, txn, st, now, path)
-        if c.status == "D" and _entry(m, txn, below, path) is not None:
-            own = _entry(m, txn, top, path)
-            if own is None or own.kind is not Kind.DIR:
-                c = _from_entries(store, "D", path, own, None, context, masked=True)
-        shown.setdefault((c.path, c.status), c)
-    return list(shown.values())
-
-
-def masked_dir(m: Manifests, txn: Txn, st: State, now: bytes, path: bytes) -> bytes:
-    """For the deletion of `path` in a stacked session's live view `now` (listed entry by
-    entry where a directory went whole): the outermost directory above it that went whole and
-    that only the refs below provide, which its harvest masks as one entry; else `path`."""
-    below = bytes.fromhex(st.below_root or "")
-    top = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
-    parts = path.split(b"/")
-    for i in range(1, len(parts)):
-        up = b"/".join(parts[:i])
-        gone = _entry(m, txn, now, up) is None
-        if gone and _entry(m, txn, top, up) is None and _entry(m, txn, below, up) is not None:
-            return up
-    return path
 
 
 def _from_entries(
@@ -163,7 +124,6 @@ def _from_entries(
     old: Entry | None,
     new: Entry | None,
     context: int,
-    *,
     masked: bool = False,
 ) -> LiveChange:
     name = os.fsdecode(path)

@@ -195,6 +195,23 @@ class Manifests(History):
             raise corrupt(self.store, str(exc)) from exc
 
     @contextlib.contextmanager
+    def what_if(self) -> Iterator[Txn]:
+        """A read transaction whose writes (`put_node`, `apply`, ...) are kept in memory and
+        dropped at its end, with what this process cached of the nodes they made: what a change
+        would make, without a write (a running session's harvest as it would commit now,
+        `session.live`, also where the store may not be written: inside a session, another
+        user's store). Only gets and puts: a cursor, a delete or a commit is an error."""
+        with self.read() as txn:
+            scratch = _WhatIf(txn)
+            try:
+                yield scratch
+            finally:
+                for digest in scratch.made.get(id(self._nodes), {}):
+                    self._cache.pop(digest, None)
+                    self.maps.drop(digest)
+                self.maps.aborted()
+
+    @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
         if self.refusal is not None:
             raise self.refusal
@@ -398,6 +415,25 @@ class Manifests(History):
     def diff(self, txn: Txn, a: bytes, b: bytes, prefix: bytes = b"") -> list[Op]:
         """Path operations that turn tree `a` into tree `b` (see delta.diff)."""
         return delta.diff(self, txn, a, b, prefix)
+
+
+class _WhatIf:
+    """`Manifests.what_if`'s transaction: puts kept by sub-database, gets see them first."""
+
+    def __init__(self, txn: Txn) -> None:
+        self._txn = txn
+        self.made: dict[int, dict[bytes, bytes]] = {}
+
+    def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
+        got = self.made.get(id(db), {}).get(bytes(key))
+        return got if got is not None else self._txn.get(key, default, db=db)
+
+    def put(self, key: bytes, value: bytes, db: Any = None, overwrite: bool = True) -> bool:
+        mine = self.made.setdefault(id(db), {})
+        if not overwrite and self.get(key, db=db) is not None:
+            return False
+        mine[bytes(key)] = bytes(value)
+        return True
 
 
 def _disk_full(store: Store) -> VeloError:

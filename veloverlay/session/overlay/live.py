@@ -1,25 +1,28 @@
 """What a running overlay session has changed so far, read from its upper directory.
 
 A peek for `veloverlay status` and `diff --session`: nothing is staged or committed and the
-session goes on. Whiteouts are deletions; an entry the view does not have is added; any other
-file or symlink in the upper dir was copied up: modified (a chmod, or an open for writing that
-wrote nothing yet, counts too: the content is compared only when the session ends). A directory
-counts only when it is new or replaces the view's (opaque), and then with its whole subtree; a
-directory renamed in a root-native session (a redirect) counts as added, as itself. Markers are
-read with the session's xattr prefix (`user`, or `trusted` root-native), as the harvester does.
+session goes on. The upper dir is read as the harvester reads it (`upper_ops`: the same path
+operations, but no file's content), so that `session.live` can tell the change as the harvest
+will commit it. A file copied up counts as changed (a chmod, or an open for writing that wrote
+nothing yet, too: the content is compared only when the session ends). Markers are read with
+the session's xattr prefix (`user`, or `trusted` root-native), as the harvester does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import stat
+from collections.abc import Iterator
 
 from veloverlay import files, paths
+from veloverlay.session.harvest import leaf_op
 from veloverlay.session.overlay.harvest import is_whiteout
-from veloverlay.store.manifest import Manifests
-from veloverlay.store.tree import Kind
+from veloverlay.store.manifest import Manifests, Txn
+from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 
-__all__ = ["upper_changes", "upper_changes_raw", "open_beneath"]
+__all__ = ["upper_ops", "placeholder", "open_beneath"]
 
 _DIR = files.DIRFLAGS
 
@@ -36,79 +39,155 @@ def open_beneath(top: bytes, parts: list[bytes]) -> int:
         os.close(fd)
 
 
-def upper_changes(
-    m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
-) -> list[tuple[str, str]]:
-    """(status letter, path) for what the upper dir `upper` changes in the tree `view_root`."""
-    return [(c, paths.display(p)) for c, p in upper_changes_raw(m, upper, view_root, prefix)]
+def placeholder(path: bytes) -> bytes:
+    """The digest `upper_ops` gives the regular file at `path` of the upper dir: no object's
+    (its content is not read while the session runs)."""
+    return hashlib.blake2b(b"veloverlay-live\0" + path, digest_size=32).digest()
 
 
-def upper_changes_raw(
-    m: Manifests, upper: str, view_root: bytes, prefix: str = "user"
-) -> list[tuple[str, bytes]]:
-    """`upper_changes` with each path as bytes, relative to the tree's root."""
-    out: list[tuple[str, bytes]] = []
-    with m.read() as txn:
+def upper_ops(
+    m: Manifests, txn: Txn, upper: str, view_root: bytes, prefix: str = "user"
+) -> list[Op]:
+    """The path operations the upper dir `upper` makes to the tree `view_root`, in the form the
+    harvester (overlay/harvest.py) records them, without reading a file's content: a whiteout
+    deletes what the view has; a file or symlink is put (a regular file with `placeholder`'s
+    digest: changed, whatever it holds); a directory the view has merges (a META where its mode
+    changed), a new or opaque one, or one renamed root-native (a redirect: its origin's entries
+    under the upper's), is put whole, its nodes written in `txn` (a `Manifests.what_if`
+    transaction). What the session removes or replaces meanwhile is skipped."""
+    ops: list[Op] = []
 
-        def walk(dfd: int, rel: bytes, new: bool) -> None:
-            # By descriptors: the session writes this directory while it is read, and a name
-            # listed as a directory may be a symlink by the time it is opened (never followed).
-            try:
-                names = sorted(os.fsencode(n) for n in os.listdir(dfd))
-            except OSError:  # gone meanwhile (the session ended), or unreadable
-                return
-            for name in names:
-                p = paths.join(rel, name)
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                except OSError:
-                    continue
-                if is_whiteout(st, dfd, name, prefix):
-                    out.append(("D", p))
-                    continue
-                low = None if new else m.lookup(txn, view_root, p)
-                if low is not None and low.kind is Kind.MASK:
-                    low = None
-                if not stat.S_ISDIR(st.st_mode):
-                    if low is None:
-                        out.append(("A", p))
-                    elif low.kind is Kind.DIR or (low.kind is Kind.SYMLINK) != stat.S_ISLNK(
-                        st.st_mode
-                    ):
-                        out.append(("T", p))
-                    else:
-                        out.append(("M", p))
-                    continue
-                try:
-                    sub = os.open(name, _DIR, dir_fd=dfd)
-                except OSError:  # replaced or removed since the listing
-                    continue
-                try:
-                    if prefix == "trusted" and _xattr(sub, "trusted.overlay.redirect"):
-                        out.append(("T" if low is not None else "A", p))
-                        continue
-                    opaque = _xattr(sub, f"{prefix}.overlay.opaque") == b"y"
-                    if low is None or low.kind is not Kind.DIR or opaque:
-                        if low is not None:
-                            out.append(("D" if low.kind is Kind.DIR else "T", p))
-                        walk(sub, p, True)
-                        if not _has_entries(sub):
-                            out.append(("A", p))
-                    else:
-                        walk(sub, p, False)
-                finally:
-                    os.close(sub)
+    def view_node(path: bytes) -> Node | None:
+        if path == b"":
+            return m.get_node(txn, view_root)
+        e = m.lookup(txn, view_root, path)
+        return m.get_node(txn, e.digest) if e is not None and e.kind is Kind.DIR else None
 
-        try:
-            top = os.open(os.fsencode(upper), _DIR)
-        except OSError:
-            return out
-        try:
-            walk(top, b"", False)
-        finally:
-            os.close(top)
-    out.sort(key=lambda c: c[1])
+    def leaf(
+        dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
+    ) -> Entry | None:
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dfd)
+            return Entry(name, Kind.SYMLINK, 0o777, len(target), st.st_mtime_ns, b"", target)
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a fifo, socket or device: not modelled (the harvest skips it too)
+        mode, size = stat.S_IMODE(st.st_mode), st.st_size
+        tier = low.tier if low is not None and low.kind is Kind.FILE else 2  # (not shown)
+        return Entry(name, Kind.FILE, mode, size, st.st_mtime_ns, placeholder(p), b"", tier)
+
+    def redirect(sub: int, origin: bytes) -> bytes | None:
+        value = _xattr(sub, "trusted.overlay.redirect") if prefix == "trusted" else None
+        if value is None:
+            return None
+        return value.strip(b"/") if value.startswith(b"/") else paths.join(origin, value)
+
+    def whole(dfd: int, st: os.stat_result, rel: bytes, origin: Node | None, at: bytes) -> bytes:
+        entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK} if origin else {}
+        for name, cst in _listed(dfd):
+            p = paths.join(rel, name)
+            if is_whiteout(cst, dfd, name, prefix):
+                entries.pop(name, None)
+                continue
+            if not stat.S_ISDIR(cst.st_mode):
+                e = leaf(dfd, name, cst, p, entries.get(name))
+                if e is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = e
+                continue
+            with _opened(dfd, name) as sub:
+                if sub < 0:
+                    continue
+                low = entries.get(name)
+                moved = redirect(sub, at)
+                if moved is not None:
+                    node, sub_at = view_node(moved), moved
+                elif low is not None and low.kind is Kind.DIR and not _opaque(sub, prefix):
+                    node, sub_at = m.get_node(txn, low.digest), paths.join(at, name)
+                else:
+                    node, sub_at = None, paths.join(at, name)
+                digest = whole(sub, cst, p, node, sub_at)
+                entries[name] = Entry(name, Kind.DIR, digest=digest)
+        return m.put_node(txn, stat.S_IMODE(st.st_mode), st.st_mtime_ns, entries.values())
+
+    def merged(dfd: int, rel: bytes, lower: Node) -> None:
+        for name, st in _listed(dfd):
+            p = paths.join(rel, name)
+            low = lower.lookup(name)
+            if low is not None and low.kind is Kind.MASK:
+                low = None
+            if is_whiteout(st, dfd, name, prefix):
+                if low is not None:
+                    ops.append(Op(OpKind.DELETE, p))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                e = leaf(dfd, name, st, p, low)
+                op = leaf_op(p, low, e) if e is not None else None
+                if e is None and low is not None:
+                    op = Op(OpKind.DELETE, p)
+                if op is not None:
+                    ops.append(op)
+                continue
+            with _opened(dfd, name) as sub:
+                if sub < 0:
+                    continue
+                moved = redirect(sub, rel)
+                if moved is not None:
+                    digest = whole(sub, st, p, view_node(moved), moved)
+                    ops.append(Op(OpKind.PUT, p, Entry(name, Kind.DIR, digest=digest)))
+                elif low is not None and low.kind is Kind.DIR and not _opaque(sub, prefix):
+                    child = m.get_node(txn, low.digest)
+                    if stat.S_IMODE(st.st_mode) != child.mode:
+                        ops.append(Op(OpKind.META, p, mode=stat.S_IMODE(st.st_mode),
+                                      mtime_ns=st.st_mtime_ns))  # fmt: skip
+                    merged(sub, p, child)
+                else:
+                    digest = whole(sub, st, p, None, p)
+                    ops.append(Op(OpKind.PUT, p, Entry(name, Kind.DIR, digest=digest)))
+
+    try:
+        top = os.open(os.fsencode(upper), _DIR)
+    except OSError:
+        return ops
+    try:
+        merged(top, b"", m.get_node(txn, view_root))
+    finally:
+        os.close(top)
+    return ops
+
+
+def _listed(dfd: int) -> list[tuple[bytes, os.stat_result]]:
+    """The entries of the directory `dfd` by name, with their lstat: by descriptor (the session
+    writes it while it is read); one gone meanwhile is left out, as is all of an unreadable
+    directory."""
+    try:
+        names = sorted(os.fsencode(n) for n in os.listdir(dfd))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            out.append((name, os.stat(name, dir_fd=dfd, follow_symlinks=False)))
     return out
+
+
+@contextlib.contextmanager
+def _opened(dfd: int, name: bytes) -> Iterator[int]:
+    """The directory `name` of `dfd`, never through a symlink swapped in; -1 when it is gone
+    or replaced meanwhile."""
+    try:
+        fd = os.open(name, _DIR, dir_fd=dfd)
+    except OSError:
+        yield -1
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _opaque(fd: int, prefix: str) -> bool:
+    return _xattr(fd, f"{prefix}.overlay.opaque") == b"y"
 
 
 def _xattr(fd: int, name: str) -> bytes | None:
@@ -116,10 +195,3 @@ def _xattr(fd: int, name: str) -> bytes | None:
         return os.getxattr(fd, name)
     except OSError:
         return None
-
-
-def _has_entries(fd: int) -> bool:
-    try:
-        return bool(os.listdir(fd))
-    except OSError:
-        return False
