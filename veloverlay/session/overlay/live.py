@@ -89,7 +89,10 @@ def upper_ops(
                 entries.pop(name, None)
                 continue
             if not stat.S_ISDIR(cst.st_mode):
-                e = leaf(dfd, name, cst, p, entries.get(name))
+                try:
+                    e = leaf(dfd, name, cst, p, entries.get(name))
+                except OSError:  # a symlink removed or replaced since the listing
+                    continue
                 if e is None:
                     entries.pop(name, None)
                 else:
@@ -121,7 +124,10 @@ def upper_ops(
                     ops.append(Op(OpKind.DELETE, p))
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                e = leaf(dfd, name, st, p, low)
+                try:
+                    e = leaf(dfd, name, st, p, low)
+                except OSError:  # a symlink removed or replaced since the listing
+                    continue
                 op = leaf_op(p, low, e) if e is not None else None
                 if e is None and low is not None:
                     op = Op(OpKind.DELETE, p)
