@@ -142,10 +142,9 @@ def upper_ops(
                     digest = whole(sub, st, p, view_node(moved), moved)
                     ops.append(Op(OpKind.PUT, p, Entry(name, Kind.DIR, digest=digest)))
                 elif low is not None and low.kind is Kind.DIR and not _opaque(sub, prefix):
-                    child = m.get_node(txn, low.digest)
-                    if stat.S_IMODE(st.st_mode) != child.mode:
-                        ops.append(Op(OpKind.META, p, mode=stat.S_IMODE(st.st_mode),
-                                      mtime_ns=st.st_mtime_ns))  # fmt: skip
+                    child, mode = m.get_node(txn, low.digest), stat.S_IMODE(st.st_mode)
+                    if mode != child.mode:
+                        ops.append(Op(OpKind.META, p, mode=mode, mtime_ns=st.st_mtime_ns))
                     merged(sub, p, child)
                 else:
                     digest = whole(sub, st, p, None, p)
