@@ -976,3 +976,31 @@ def test_an_empty_at_is_a_usage_error_not_the_refs_path(
     assert p.returncode == 2, p.stderr
     assert "empty path" in p.stderr.decode()  # exit 2: a usage error
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_a_session_commit_says_what_a_shared_store_opens_to_every_user(
+    shm_tmp: str, shared: bool
+) -> None:
+    """As ingest (`exposed`): the files a session leaves that other users could not read there
+    (0600; a 0644 file in a 0700 directory) become every local user's in a shared store, and
+    the session's end says so; a 0644 file in an open directory, or a private store, says
+    nothing."""
+    store = os.path.join(shm_tmp, "store")
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"README": b"r\n"})
+    ok(velo(store, "init", *(["--shared"] if shared else [])))
+    ok(velo(store, "ingest", src, "-n", "p"))
+    script = (
+        "umask 022; echo k > key; chmod 600 key; mkdir -m 700 priv; echo i > priv/in; echo o > open"
+    )
+    at = os.path.join(shm_tmp, "at")
+    report = data(
+        velo(store, "--json", "run", "p", "--at", at, "--", "sh", "-c", f"cd {at} && {script}")
+    )
+    assert sorted(c["path"] for c in report["changes"]) == ["key", "open", "priv/in"]
+    said = [w for w in report["warnings"] if "readable by every local user" in w]
+    if shared:
+        assert len(said) == 1 and said[0].startswith("2 files or directories other users"), said
+    else:
+        assert said == []

@@ -31,6 +31,7 @@ from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.tree import Op, OpKind
 
 if TYPE_CHECKING:
+    from veloverlay.store.changes import Change
     from veloverlay.tiers import Rules
 
 __all__ = ["Harvested", "result_for", "session_ref_name", "already_committed", "harvest_and_commit"]
@@ -215,10 +216,11 @@ def _harvest_and_commit(
             # the top ref's change (a lower ref's directory deleted is one masked `D DIR`, a
             # lower ref's file changed is added to the top ref). Told in the stacked view, the
             # summary listed the lower ref's entries one by one where that diff said `D DIR`.
-            res.changes = [
-                (c.status, paths.display(c.path)) for c in changes(m, txn, base_root, new_root)
-            ]
+            chs = changes(m, txn, base_root, new_root)
+            res.changes = [(c.status, paths.display(c.path)) for c in chs]
             res.changed = len(res.changes)
+            if chs and store.shared:
+                res.warnings.extend(_exposed(m, txn, new_root, chs))
             live = live_message is not None
             if new_root != base_root or live:  # a shim session's live ref is settled either way
                 _commit(m, txn, st, base_root, new_root, ops, res, live=live)
@@ -227,6 +229,40 @@ def _harvest_and_commit(
             # what the next session's start would otherwise find out again with a diff
             carry_forward(store, base_root, new_root, ops)
     return t_harvested
+
+
+def _exposed(m: Manifests, txn: Txn, root: bytes, chs: list[Change]) -> list[str]:
+    """A warning for a shared store (every local user reads it): the files this commit adds or
+    changes that other users could not read in the session (no o+r, or below a directory
+    without o+rx), as ingest says it (`exposed`)."""
+    from veloverlay.store.tree import Kind
+
+    hidden: dict[bytes, bool] = {}
+
+    def dir_hidden(d: bytes) -> bool:
+        if d not in hidden:
+            e = m.lookup(txn, root, d)
+            mode = m.node_attrs(txn, e.digest)[0] if e is not None and e.kind is Kind.DIR else 0
+            hidden[d] = mode & 0o005 != 0o005 or (d != b"" and dir_hidden(d.rpartition(b"/")[0]))
+        return hidden[d]
+
+    n = sum(
+        1
+        for c in chs
+        if c.new is not None
+        and c.new.kind is not Kind.MASK
+        and (
+            (c.new.kind is Kind.FILE and not c.new.mode & 0o004)
+            or dir_hidden(c.path.rpartition(b"/")[0])
+        )
+    )
+    if not n:
+        return []
+    what = "file or directory" if n == 1 else "files or directories"
+    return [
+        f"{n} {what} other users could not read in the session (mode without o+r, or under a "
+        "directory without o+rx) are now readable by every local user: this store is shared"
+    ]
 
 
 def _told_earlier(
