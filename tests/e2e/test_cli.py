@@ -427,6 +427,14 @@ def test_version() -> None:
     assert ok(velo(None, "--version")) == f"veloverlay {veloverlay.__version__}\n"
 
 
+def test_version_with_json_is_one_json_document() -> None:
+    """--json before or after --version: one JSON document (it was the plain text line)."""
+    import veloverlay
+
+    for args in (("--version", "--json"), ("--json", "--version")):
+        assert data(velo(None, *args)) == {"version": veloverlay.__version__}
+
+
 def test_a_misspelt_verb_gets_a_suggestion() -> None:
     p = velo(None, "ingset", "x")
     assert p.returncode == 2

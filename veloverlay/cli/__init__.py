@@ -123,9 +123,15 @@ app = common.new_app(cls=_Verbs, help=HELP, add_completion=True, no_args_is_help
 
 
 def _version(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"veloverlay {__version__}\n")
+    if value:  # eager: a --json after it is not parsed yet, so the words say whether it is given
+        if common.state.json or "--json" in _WORDS:
+            render.emit_json({"version": __version__})
+        else:
+            sys.stdout.write(f"veloverlay {__version__}\n")
         raise typer.Exit()
+
+
+_WORDS: list[str] = []  # this command line's words before any `--`
 
 
 def _help_man(ctx: typer.Context, value: bool) -> None:
@@ -168,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_notice(render.info)  # a verb waiting for the store lock says for whom
     before = _catch_termination()
     out, err = sys.stdout, sys.stderr
+    _WORDS[:] = args[: args.index("--")] if "--" in args else args
     try:
         command = typer.main.get_command(app)
         rv = command.main(args, prog_name="veloverlay", standalone_mode=False)
         sys.stdout.flush()
     except typer.TyperException as exc:  # typer's usage errors (exit 2) and the like
         # A command line typer refused may not have been read up to its --json or --debug.
-        words = args[: args.index("--")] if "--" in args else args
-        common.set_globals(store=None, debug="--debug" in words, as_json="--json" in words)
+        common.set_globals(store=None, debug="--debug" in _WORDS, as_json="--json" in _WORDS)
         return _usage(exc)
     except SystemExit as exc:
         if exc.code == 1 and _stdout_gone():  # typer's own EPIPE handling (--help, --version)
