@@ -85,8 +85,14 @@ def join(parent: bytes, name: bytes) -> bytes:
 
 
 def parse_user_path(text: str | bytes) -> bytes:
-    """A path typed by a user: extra slashes and `.` are dropped, `..` is refused."""
+    """A path typed by a user: extra slashes and `.` are dropped, `..` is refused, and so is an
+    empty one (USAGE: a script's unset variable, `ls REF "$DIR"`, never means the root; `/`
+    names it)."""
     raw = os.fsencode(text)
+    if not raw:
+        raise VeloError(
+            "PATH is an empty path", reason=Reason.USAGE, hint="'/' names the tree's root"
+        )
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     for p in parts:
         if p == b"..":

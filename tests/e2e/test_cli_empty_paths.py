@@ -55,8 +55,28 @@ def setup(shm_tmp: str) -> tuple[str, str, str]:
         ("export", "proj", "-o", ""),
         ("import", ""),
         ("import", "BUNDLE", "--name", "imported", "--path", ""),
+        ("umount", ""),
+        ("harvest", "--resume", "x", "--set-aside", ""),
+        # A path inside a version: '' was its root ('/' names that).
+        ("ls", "proj", ""),
+        ("cat", "proj", ""),
+        ("tiers", "explain", ""),
+        ("tiers", "explain", "", "--ref", "proj"),
     ],
-    ids=["ingest", "ingest-named", "checkout", "export", "import", "import-path"],
+    ids=[
+        "ingest",
+        "ingest-named",
+        "checkout",
+        "export",
+        "import",
+        "import-path",
+        "umount",
+        "set-aside",
+        "ls",
+        "cat",
+        "tiers-explain",
+        "tiers-explain-ref",
+    ],
 )
 def test_an_empty_path_is_a_usage_error_not_the_working_directory(
     setup: tuple[str, str, str], args: tuple[str, ...]

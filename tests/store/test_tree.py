@@ -397,7 +397,10 @@ def test_split_refuses_bad_manifest_paths(path: bytes) -> None:
 
 def test_user_paths() -> None:
     assert paths.parse_user_path("/a//b/./c/") == b"a/b/c"
-    assert paths.parse_user_path("") == b""
+    assert paths.parse_user_path("/") == b""
+    with pytest.raises(VeloError) as e:
+        paths.parse_user_path("")
+    assert e.value.reason is Reason.USAGE
     assert paths.parse_user_path(b"\xff/x") == b"\xff/x"
     with pytest.raises(VeloError) as ei:
         paths.parse_user_path("a/../../etc")

@@ -250,8 +250,8 @@ def refs(
 def ls_cmd(
     ref: Ref,
     path: Annotated[
-        str, typer.Argument(metavar="PATH", help="Directory or file in the manifest")
-    ] = "",
+        str, typer.Argument(metavar="PATH", help="Directory or file in the manifest (default: /)")
+    ] = "/",
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="List subdirectories too")
     ] = False,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from veloverlay import paths
 from veloverlay.errors import Reason, VeloError
-from veloverlay.files import force_rmtree
+from veloverlay.files import force_rmtree, given_path
 from veloverlay.progress import Progress
 from veloverlay.session import prompt, state
 from veloverlay.session.options import OnStart, SessionInfo, SessionOptions, SessionResult
@@ -281,6 +281,7 @@ def umount(
     """Unmount the session on `where`, then harvest and commit it as the end of a `run`."""
     from veloverlay.session.overlay.mounted import umount_session
 
+    given_path(where, "DIR", hint="name the directory 'mount' put the session on")
     return umount_session(store, where, discard=discard, commit=commit, message=message)
 
 

@@ -75,7 +75,9 @@ class SetAside:
     moved)."""
 
     def __init__(self, where: str, store_root: Path) -> None:
-        self.where = os.path.abspath(where)
+        from veloverlay.files import given_path
+
+        self.where = os.path.abspath(given_path(where, "--set-aside", hint="name a new directory"))
         self.count = 0
         self._fd: int | None = None
         # Never in the store: the one copy of what is set aside would be the store's (in a

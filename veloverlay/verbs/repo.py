@@ -94,7 +94,7 @@ class Repo:
         with self.m.read() as txn:
             return [(r, self.m.get_commit(txn, r.head)) for r in self.m.refs(txn)]
 
-    def ls(self, spec: str, path: str = "", *, recursive: bool = False) -> list[LsEntry]:
+    def ls(self, spec: str, path: str = "/", *, recursive: bool = False) -> list[LsEntry]:
         key = paths.parse_user_path(path)
         with self.m.read() as txn:
             _ref, commit = self.m.resolve(txn, spec)
