@@ -9,7 +9,8 @@ from veloverlay.errors import Reason, VeloError
 __all__ = ["VARS", "get", "get_int", "home", "xdg_dir"]
 
 VARS: dict[str, str] = {
-    "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay)",
+    "VELO_STORE": "store directory (after --store; default $XDG_DATA_HOME/veloverlay; set but "
+    "empty: refused, as --store '' is)",
     "VELO_FORCE_LOWER": "force the lower-layer form: 'links' or 'data-only'",
     "VELO_OVERLAY_MODE": "force the overlay mode: 'native' (real root: trusted.overlay.*, "
     "directory renames work) or 'userns' (userxattr, as root-free)",

@@ -432,6 +432,10 @@ def test_an_empty_store_option_is_not_the_default_store(src: str, shm_tmp: str) 
     assert os.path.isdir(os.path.join(default, "objects-v2"))
     for args in (["--store", "", "remove-store", "--yes"], ["gc", "--store", "", "--keep", "1"]):
         failed(velo(None, "--json", *args, env=env), "usage", code=2)
+    # VELO_STORE set but empty (click reads it as unset) is refused too, naming the variable.
+    for args in (["remove-store", "--yes"], ["gc", "--keep", "1"], ["refs"], ["status"]):
+        err = failed(velo("", "--json", *args, env=env), "usage", code=2)
+        assert "VELO_STORE" in err
     assert [r["name"] for r in data(velo(None, "refs", "--json", env=env))] == ["proj"]
     ok(velo(default, "remove-store", "--yes"))
 

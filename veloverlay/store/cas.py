@@ -70,7 +70,16 @@ _CACHEDIR_TAG = (
 
 
 def default_store_path() -> Path:
+    """The store no --store names: VELO_STORE's, else $XDG_DATA_HOME/veloverlay. VELO_STORE set
+    but empty is refused (USAGE), as `--store ''` is: `VELO_STORE="$UNSET" veloverlay remove-store`
+    must not mean the default store."""
     env = os.environ.get("VELO_STORE")
+    if env == "":
+        raise VeloError(
+            "VELO_STORE is set but empty",
+            reason=Reason.USAGE,
+            hint="set VELO_STORE to the store directory, or unset it for the default store",
+        )
     if env:
         return Path(env)
     xdg = envvars.xdg_dir("XDG_DATA_HOME", ".local/share")
