@@ -728,6 +728,13 @@ def test_diff_statuses_stat_and_patch(store: str, src: str, shm_tmp: str) -> Non
     row = next(x for x in stat if x.split("|")[0].strip() == "notes.txt")
     assert row.split("|")[1].split()[0] == str(plus + minus)
     assert stat[-1].startswith(f" {len(want)} files changed")
+    # --stat --json: the same counts per change (null for a binary file), each change's keys
+    counted = {
+        d["path"]: (d["added"], d["removed"])
+        for d in data(velo(store, "diff", "proj@{1}", "proj", "--stat", "--json"))
+    }
+    assert set(counted) == set(want)
+    assert counted["notes.txt"] == (plus, minus) and counted["lib/data.bin"] == (None, None)
 
 
 def _headers(patch: str) -> dict[str, list[str]]:

@@ -523,11 +523,14 @@ def test_diff_of_a_running_session_stat_and_patch(
         patch = ok(velo(store, "diff", "--session", sid, "-p"))
         stat = ok(velo(store, "diff", "--session", sid, "--stat")).splitlines()
         as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
+        stat_json = data(velo(store, "diff", "--session", sid, "--stat", "--json"))
     finally:
         open(go, "w").close()
         session.communicate(timeout=120)
     assert session.returncode == 0
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
+    counted = {d["path"]: (d["added"], d["removed"]) for d in stat_json}
+    assert counted["blob"] == (None, None) and counted["src/main.c"] == (0, 0)
     got = _hunks(patch)
     assert set(got) == {"README", "old.txt", "added", "src/main.c", "blob"}, patch
     for name in ("README", "old.txt", "added"):  # -N: an absent side reads as empty
@@ -537,6 +540,11 @@ def test_diff_of_a_running_session_stat_and_patch(
             text=True,
         ).stdout
         assert got[name] == real.split("\n", 2)[2], (name, patch)
+        body = real.splitlines()[2:]
+        assert counted[name] == (
+            sum(1 for x in body if x.startswith("+")),
+            sum(1 for x in body if x.startswith("-")),
+        ), (name, stat_json)
     assert "diff --velo a/src/main.c b/src/main.c\nold mode 644\nnew mode 700\n" in patch
     assert "Binary files /dev/null and b/blob differ" in patch
     assert {d["path"]: d["patch"] is None for d in as_json}["blob"]

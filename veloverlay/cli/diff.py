@@ -63,7 +63,7 @@ def diff(
 def _versions(repo: Any, a: str, b: str, name_status: bool, stat: bool, patch: bool) -> None:
     changes = repo.changes(a, b)
     if state.json:
-        render.emit_json([_change_dict(repo, c, patch) for c in changes])
+        render.emit_json([_change_dict(repo, c, stat, patch) for c in changes])
         return
 
     def items(context: int) -> list[_Item]:
@@ -156,8 +156,8 @@ def _live(session: str, name_status: bool, stat: bool, patch: bool) -> None:
                 {
                     "status": c.status,
                     "path": os.fsdecode(c.path),
-                    "patch": None if c.patch is None else "".join(c.patch),
                     "masked": c.masked,
+                    **_json_extra(c.patch, stat, patch),
                 }
                 for c in live_diff(store, session)
             ]
@@ -186,19 +186,37 @@ def _given(lines: list[str] | None) -> list[str] | None:
     return lines
 
 
-def _change_dict(repo: Any, c: Any, patch: bool) -> dict[str, Any]:
+def _change_dict(repo: Any, c: Any, stat: bool, patch: bool) -> dict[str, Any]:
     from veloverlay.verbs.repo import entry_dict
 
-    d: dict[str, Any] = {
+    return {
         "status": c.status,
         "path": os.fsdecode(c.path),
         "old": entry_dict(c.path, c.old) if c.old is not None else None,
         "new": entry_dict(c.path, c.new) if c.new is not None else None,
+        **(_json_extra(repo.patch(c), stat, patch) if stat or patch else {}),
     }
+
+
+def _json_extra(lines: list[str] | None, stat: bool, patch: bool) -> dict[str, Any]:
+    """What --stat and -p add to a change's JSON: `added` and `removed` (the lines --stat
+    counts; null for a binary file, which it shows as Bin), and `patch` (null for binary)."""
+    d: dict[str, Any] = {}
+    if stat:
+        counts = _counts(lines)
+        d["added"], d["removed"] = counts if counts is not None else (None, None)
     if patch:
-        lines = repo.patch(c)
         d["patch"] = None if lines is None else "".join(lines)
     return d
+
+
+def _counts(lines: list[str] | None) -> tuple[int, int] | None:
+    """Lines added and removed by a unified diff (its ---/+++ header not counted); None for
+    none (a binary file)."""
+    if lines is None:
+        return None
+    body = lines[2:]
+    return sum(1 for x in body if x.startswith("+")), sum(1 for x in body if x.startswith("-"))
 
 
 def _kind(mode: int) -> str:
@@ -239,12 +257,11 @@ def _stat(items: list[_Item]) -> None:
     rows: list[tuple[str, str, str | tuple[int, int]]] = []
     added = removed = 0
     for it in items:
-        lines = it.lines()
-        if lines is None:
+        counts = _counts(it.lines())
+        if counts is None:
             rows.append((it.name, "Bin", f"{it.old_size} -> {it.new_size} bytes"))
             continue
-        plus = sum(1 for x in lines[2:] if x.startswith("+"))
-        minus = sum(1 for x in lines[2:] if x.startswith("-"))
+        plus, minus = counts
         added, removed = added + plus, removed + minus
         rows.append((it.name, str(plus + minus), (plus, minus)))
     width = max((len(r[0]) for r in rows), default=0)
