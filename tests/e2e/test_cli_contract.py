@@ -653,3 +653,33 @@ def test_init_on_a_file_or_a_dangling_link_says_what_is_there(shm_tmp: str) -> N
     assert "symbolic link" in err and "does not exist" in err
     assert os.readlink(link) == os.path.join(shm_tmp, "nowhere")
     assert not os.path.exists(os.path.join(shm_tmp, "nowhere"))
+
+
+def test_a_failing_cat_or_export_to_stdout_keeps_json_off_stdout(shm_tmp: str) -> None:
+    """`cat` and `export -o -` write bytes on stdout; with --json a failure after some of them
+    appended its JSON document to those bytes (a script got neither a bundle nor JSON). stdout
+    now holds only a prefix of the bytes (the object's as they are on disk: the damage is found
+    after its last byte), and the failure is one JSON document on stderr."""
+    from tests.e2e.test_cli import _writable_object
+
+    store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
+    big = bytes(range(256)) * 4096  # 1 MiB: several chunks written before the damage is seen
+    make_tree(src, {"a.txt": b"a\n", "big.bin": big})
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    good = velo(store, "export", "proj", "-o", "-").stdout
+    _digest, obj = _writable_object(store, "proj", "big.bin")
+    damaged = big[:-10] + bytes([big[-10] ^ 0xFF]) + big[-9:]  # the same size
+    with open(obj, "r+b") as f:
+        f.write(damaged)
+    at = good.index(big)
+    for args, real in (
+        (["export", "proj", "-o", "-"], good[:at] + damaged + good[at + len(big) :]),
+        (["cat", "proj", "big.bin"], damaged),
+        (["cat", "proj", "missing"], b""),
+    ):
+        p = velo(store, "--json", *args)
+        assert p.returncode == 1, p.stderr
+        assert real.startswith(p.stdout), (args, p.stdout[-200:])
+        report = json.loads(p.stderr)
+        want = "not-found" if args[-1] == "missing" else "object-corrupt"
+        assert report["reason"] == want and report["error"], report

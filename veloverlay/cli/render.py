@@ -7,7 +7,8 @@ used only on a terminal, and never with `NO_COLOR` set or `TERM=dumb`. A failure
     hint: <hint>
 
 with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` or `--json`; with
-`--json` the failure is also one JSON object on stdout, which always carries the reason.
+`--json` the failure is also one JSON object on stdout, which always carries the reason (on
+stderr, in place of the lines, for a verb whose stdout carries data: `data_on_stdout`).
 
 Text that may come from elsewhere (file names of an ingested tree, a registry's error message, a
 pulled commit message) never reaches the terminal raw: control characters are shown as `\\xNN`,
@@ -89,6 +90,7 @@ def line(text: str = "") -> None:
 __all__ = [
     "color_enabled",
     "emit_json",
+    "data_on_stdout",
     "error",
     "warn",
     "info",
@@ -132,8 +134,9 @@ def emit_json(obj: Any, *, failure: VeloError | None = None) -> None:
     if failure is not None:
         obj = {**obj, **failure.as_dict()}
     _JSON_SENT[0] = True
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    out = sys.stderr if _DATA[0] else sys.stdout
+    out.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    out.flush()
 
 
 def describe(exc: BaseException) -> dict[str, Any]:
@@ -174,7 +177,13 @@ def error(
     show_reason: bool = False,
     as_json: bool = False,
 ) -> None:
-    """Render one failure on stderr (and as JSON on stdout with `as_json`)."""
+    """Render one failure on stderr (and as JSON on stdout with `as_json`; on stderr alone,
+    in place of the lines, where stdout carries data: `data_on_stdout`)."""
+    if as_json and _DATA[0] and not _JSON_SENT[0]:
+        emit_json(
+            {"error": message, "reason": reason, "hint": hint, "detail": detail, "path": path}
+        )
+        return
     lines = [f"{_paint('1;31', 'error:')} {_safe(message)}"]
     if detail:
         lines.append(_safe(detail, lines=True))
@@ -220,6 +229,14 @@ def human_bytes(n: float) -> str:
 _DELAY = 0.5  # seconds before a bar appears: short operations draw nothing
 _JSON_SENT = [False]  # this command line has written its JSON document
 _MACHINE = [False]  # --json: output is for programs, and no bar is drawn even on a terminal
+_DATA = [False]  # stdout carries data (cat, export -o -): a --json failure goes to stderr
+
+
+def data_on_stdout() -> None:
+    """This verb writes bytes on stdout (`cat`, `export -o -`): with --json its failure is one
+    JSON document on stderr, in place of the error lines, and stdout holds only the bytes
+    written before it (a document after them made stdout neither the data nor JSON)."""
+    _DATA[0] = True
 
 
 def machine_output(on: bool) -> None:
@@ -230,6 +247,7 @@ def machine_output(on: bool) -> None:
 def reset() -> None:
     """A new command line (main() may run several in one process): nothing sent yet."""
     _JSON_SENT[0] = False
+    _DATA[0] = False
     machine_output(False)
 
 

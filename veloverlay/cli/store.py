@@ -276,7 +276,8 @@ def cat(
     ref: Ref,
     path: Annotated[str, typer.Argument(metavar="PATH", help="File in the manifest")],
 ) -> None:
-    """Write a file of a manifest to stdout."""
+    """Write a file of a manifest to stdout (with --json, a failure is JSON on stderr)."""
+    render.data_on_stdout()
     repo = common.repo()
     sys.stdout.flush()
     repo.cat(ref, path, sys.stdout.buffer)
@@ -357,6 +358,8 @@ def export_cmd(
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
     from veloverlay.store.bundle import export_bundle, export_to_path
 
+    if output == "-":
+        render.data_on_stdout()
     repo = common.repo()
     if output == "-":
         info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer, shown="<stdout>")
