@@ -105,6 +105,34 @@ def test_mount_change_umount_commits(shm_tmp: str) -> None:
     assert data(velo(store, "fsck", "--json"))["ok"] is True
 
 
+def test_diff_and_status_see_into_a_mounted_session(shm_tmp: str) -> None:
+    """`diff --session ID` of a mounted session was refused ('mounted, not running', with a hint
+    to read the log of what it committed: nothing yet), and `status` listed no changes for it.
+    Both now show what the projection has changed so far, as a running session's."""
+    from tests.e2e.test_cli import _expected_changes
+
+    store = os.path.join(shm_tmp, "store")
+    src, at = os.path.join(shm_tmp, "src"), os.path.join(shm_tmp, "at")
+    make_tree(src, TREE)
+    ok(velo(store, "ingest", src, "--name", "t"))
+    sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]
+    try:
+        with open(os.path.join(at, "README"), "ab") as f:
+            f.write(b"more\n")
+        with open(os.path.join(at, "lib/new"), "w") as f:
+            f.write("new\n")
+        os.unlink(os.path.join(at, "lib/b"))
+        want = _expected_changes(src, at)  # the real trees: the source and the projection
+        live = data(velo(store, "diff", "--session", sid, "--json"))
+        [listed] = data(velo(store, "status", "--json"))["sessions"]
+        stat = data(velo(store, "diff", "--session", sid, "--stat", "--json"))
+    finally:
+        velo(store, "umount", at, "--discard")
+    assert {c["path"]: c["status"] for c in live} == want and len(want) == 3  # M, A, D
+    assert listed["id"] == sid and {c["path"]: c["status"] for c in listed["changes"]} == want
+    assert {c["path"]: (c["added"], c["removed"]) for c in stat}["README"] == (1, 0)
+
+
 def test_kill_between_unmount_and_commit_is_resumed(shm_tmp: str) -> None:
     store, plain, at = _setup(shm_tmp)
     sid = data(velo(store, "mount", "t", at, "--json"))["session_id"]

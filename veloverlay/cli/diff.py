@@ -30,7 +30,8 @@ def diff(
         str | None,
         typer.Option(
             metavar="ID",
-            help="Instead of A and B: what a running session changed so far (also with --stat, -p)",
+            help="Instead of A and B: what a running or mounted session changed so far "
+            "(--stat, -p too)",
         ),
     ] = None,
     name_status: Annotated[

@@ -194,12 +194,12 @@ _FINISHED = ("harvested", "discarded", "failed")
 
 
 def _session_dict(repo: Any, s: Any) -> dict[str, Any]:
-    """A session for `status`: a running one with what it changed so far."""
+    """A session for `status`: a running (or mounted) one with what it changed so far."""
     from veloverlay.errors import VeloError
     from veloverlay.session.core import live_changes
 
     d: dict[str, Any] = s.to_dict()
-    if s.state == "running":
+    if s.state in ("running", "mounted"):
         try:
             live = live_changes(repo.store, s.id, repo.m)
             d["changes"] = [{"status": c, "path": p} for c, p in live]

@@ -391,11 +391,11 @@ def refuse_live_view(store: Store, name: str, *, doing: str = "") -> None:
 
 
 def load_running(store: Store, sid: str) -> State:
-    """The state of `sid`, which must be running (or starting): USAGE otherwise, with where its
-    work went."""
+    """The state of `sid`, which must be running (or starting, or mounted by `mount`: its upper
+    dir is as live as a run's): USAGE otherwise, with where its work went."""
     st = load(store, sid)
     shown = st.shown_state(store)
-    if shown not in ("running", "starting"):
+    if shown not in ("running", "starting", "mounted"):
         hint = f"what it committed: veloverlay log {st.top}"
         if shown in ("dead-unharvested", "held"):  # nothing of it is committed yet
             hint = f"nothing is committed yet; its changes: veloverlay harvest --resume {sid}"
