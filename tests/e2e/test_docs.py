@@ -336,7 +336,7 @@ def _keys(doc: Any) -> tuple[str, list[str]]:
     return "object", sorted(doc)
 
 
-def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str) -> None:
+def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str, request: Any) -> None:
     """Each command of docs/json.md's table, run with --json on a real store, prints one
     document of the shape and top-level keys the table gives; every verb has a row, and every
     row but push and pull (no registry here: their records' keys) is a real run. The live ones
@@ -397,6 +397,8 @@ def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str) -> None:
     mounting = ("mount", "diff --session", "diff --session -p", "diff --session --stat", "umount")
     if os.geteuid() != 0:  # mount is real root's (docs/sessions.md)
         runs = {cmd: args for cmd, args in runs.items() if cmd not in mounting}
+    else:  # a session another test starts meanwhile would copy the mount and hold it
+        request.getfixturevalue("own_mount_namespace")
     printed: dict[str, tuple[str, list[str]]] = {}
     sid = ""
     try:
