@@ -113,6 +113,9 @@ class TreeSync:
         self.top = top.rstrip(b"/") or b"/"
         self.ident = ident  # the tree top's (dev, ino): a replaced directory is never read
         self.cache = dict(baseline.by_ino)
+        # inode -> (ctime_ns, lstat's permission bits, the mode its ACL narrowed them to): a
+        # file the stat cache knows unchanged is not asked for its ACL again every tick
+        self.modes: dict[int, tuple[int, int, int]] = {}
         self.rules = rules
         self.link = link
         # Files hashed here are cached only when their ctime is older than this margin: a write
@@ -426,10 +429,11 @@ class TreeSync:
         stage: Stage,
         res: SyncResult,
     ) -> Entry:
-        mode = posixacl.mode_at(dfd, name, stat.S_IMODE(st.st_mode))  # as its ACL allows
         low_file = low if low is not None and low.kind is Kind.FILE else None
         cached = self.cache.get(st.st_ino)
-        if cached is not None and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        hit = cached is not None and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        mode = self._mode(dfd, name, st, hit)  # as its ACL allows
+        if cached is not None and hit:
             digest, size = cached[3], st.st_size
         else:
             digest, size, st = self._hash(dfd, name, st, low_file, stage, res)
@@ -448,6 +452,21 @@ class TreeSync:
                 got = self.recorded.of(self.m, self._txn, self._root, digest, self._gone)
                 mtime = got if got is not None else mtime
         return Entry(name, Kind.FILE, mode, size, mtime, digest, b"", tier)
+
+    def _mode(self, dfd: int, name: bytes, st: os.stat_result, hit: bool) -> int:
+        """The file's mode as its ACL allows (`posixacl.mode_at`, an xattr read). On a stat-cache
+        hit the mode narrowed last time is kept when its ctime and bits are the same (an ACL
+        change moves ctime); stored only outside the racy window, like the digests."""
+        perm = stat.S_IMODE(st.st_mode)
+        if not perm & 0o070:
+            return perm  # nothing for an ACL to narrow (mode_at would not read it either)
+        known = self.modes.get(st.st_ino)
+        if hit and known is not None and known[:2] == (st.st_ctime_ns, perm):
+            return known[2]
+        mode = posixacl.mode_at(dfd, name, perm)
+        if time.time_ns() - st.st_ctime_ns > self.racy_ns:
+            self.modes[st.st_ino] = (st.st_ctime_ns, perm, mode)
+        return mode
 
     def _gone(self, p: bytes) -> bool:
         """Did the session remove or replace the view's file at `p` (nothing there now, or no
