@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -77,12 +78,12 @@ _SCRIPT = (
 
 
 def _live_then_harvested(
-    store: str, shm_tmp: str, refs: list[str], backend: str
+    store: str, shm_tmp: str, refs: list[str], backend: str, command: str = _SCRIPT
 ) -> tuple[dict[tuple[str, ...], str], list[dict[str, object]], list[object]]:
-    """Run `_SCRIPT` in a session of `refs`; while its command waits: `diff --session` in each
-    of `_FORMS`, with `-p --json`, and `status --json`'s changes of it."""
+    """Run `command` in a session of `refs`; while it waits: `diff --session` in each of
+    `_FORMS`, with `-p --json`, and `status --json`'s changes of it."""
     at, go, ready = (os.path.join(shm_tmp, n) for n in ("at", "go", "ready"))
-    script = f"cd {at} && {_SCRIPT} && touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
+    script = f"cd {at} && {command} && touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
     session = subprocess.Popen(
         [sys.executable, "-m", "veloverlay", "run", *refs, "--at", at, "--backend", backend]
         + ["--", "sh", "-c", script],
@@ -141,3 +142,60 @@ def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
     ]
     masked = [c["path"] for c in committed if (c["new"] or {}).get("kind") == "mask"]
     assert [c["path"] for c in as_json if c["masked"]] == masked == masks
+
+
+# user::rw-, user:1501:r--, group::---, mask::r--, other::---: stat shows 0640, the owning
+# group may read nothing (0600 stored)
+_SECRET_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", *e)
+    for e in (
+        (1, 6, 0xFFFFFFFF),
+        (2, 4, 1501),
+        (4, 0, 0xFFFFFFFF),
+        (16, 4, 0xFFFFFFFF),
+        (32, 0, 0xFFFFFFFF),
+    )
+)
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_copied_up_store_link_is_told_as_the_file_its_harvest_records(
+    store: str, shm_tmp: str, backend: str
+) -> None:
+    """A Tier-1 file is a symlink into the store in the session's tree. A metadata change to it
+    (`chown -h`: copied up as it was; `touch -h`: a new mtime) copies that symlink up, and the
+    harvest records the file again (unchanged, or with that mtime); a `cp -a` of it is a new
+    file. The live view of an overlay session read the copied-up link as a symlink: `T` for
+    both, and a symlink's mode for the copy (`-p`); and a changed file's mode as stat gives it
+    (a setuid bit the harvest removes, the mask where an ACL gives the group nothing). Now it
+    says what the harvest commits; that is the real change (checkouts before and after:
+    contents, kinds, modes, the mtime `touch -h` gave)."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"a.gguf": b"w a\n", "b.gguf": b"w b\n", "t.txt": b"t\n", "s.txt": b"s\n"})
+    ok(velo(store, "ingest", src, "-n", "hi"))
+    before = _checkout(store, "hi", os.path.join(shm_tmp, "before"))
+    command = (
+        "chown -h 0:0 a.gguf && touch -h -d @1000000000 b.gguf && cp -a a.gguf c.gguf && "
+        f"echo more >> t.txt && chmod u+s t.txt && echo more >> s.txt && {sys.executable} -c "
+        f"\"import os; os.setxattr('s.txt', 'system.posix_acl_access', {_SECRET_ACL!r})\""
+    )
+    live, as_json, status = _live_then_harvested(store, shm_tmp, ["hi"], backend, command)
+    harvested = {how: ok(velo(store, "diff", "hi@{1}", "hi", *how)) for how in _FORMS}
+    after = _checkout(store, "hi", os.path.join(shm_tmp, "after"))
+    mtime = os.path.getmtime(os.path.join(after, "b.gguf"))
+    assert mtime == 1000000000 != os.path.getmtime(os.path.join(before, "b.gguf"))
+    want = _expected_changes(before, after)  # (a diff, as git's, lists no mtime alone)
+    assert want == {"c.gguf": "A", "s.txt": "M", "t.txt": "M"}
+    # the modes the harvest recorded: no setuid bit minted, the group bits the ACL allows
+    assert [os.stat(os.path.join(after, n)).st_mode & 0o7777 for n in ("t.txt", "s.txt")] == [
+        0o644,
+        0o600,
+    ]
+    got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
+    assert {p: s for s, p in got} == want and len(got) == len(want), got
+    assert live == harvested
+    committed = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
+    assert status == [{"status": c["status"], "path": c["path"]} for c in committed]
+    assert [(c["status"], c["path"]) for c in as_json] == [
+        (c["status"], c["path"]) for c in committed
+    ]

@@ -11,9 +11,10 @@ import pytest
 
 from tests.session._util import new_store
 from veloverlay.session import live
-from veloverlay.session.overlay.live import upper_ops
+from veloverlay.session.overlay.live import placeholder, upper_ops
+from veloverlay.store.changes import Change
 from veloverlay.store.manifest import Manifests
-from veloverlay.store.tree import OpKind
+from veloverlay.store.tree import Entry, Kind, OpKind
 
 
 def test_a_symlinked_directory_in_the_upper_dir_is_not_followed(tmp_path: object) -> None:
@@ -39,7 +40,9 @@ def test_a_symlinked_directory_in_the_upper_dir_is_not_followed(tmp_path: object
             assert [e.name for e in m.get_node(txn, put.entry.digest).entries] == [b"secret"]
         os.rename(os.path.join(upper, "newdir"), os.path.join(upper, "olddir"))
         os.symlink(victim, os.path.join(upper, "newdir"))
-        got = live._from_upper(store, "A", b"newdir/secret", None, os.fsencode(upper), 3)
+        new = Entry(b"secret", Kind.FILE, 0o644, 5, 0, placeholder(b"newdir/secret"))
+        change = Change("A", b"newdir/secret", None, new)
+        got = live._from_upper(store, change, os.fsencode(upper), 3)
     finally:
         m.close()
     assert got.patch is not None

@@ -87,10 +87,11 @@ def session_changes(store: Store, m: Manifests, txn: Txn, st: State) -> list[Cha
         live = shim_live_root(m, txn, st)
         ops = m.diff(txn, view, live) if live is not None else []
     else:
+        from veloverlay.session.harvest import StoreLinks
         from veloverlay.session.overlay.live import upper_ops
 
         upper, prefix = upper_dir(store, st)
-        ops = upper_ops(m, txn, os.fsdecode(upper), view, prefix)
+        ops = upper_ops(m, txn, os.fsdecode(upper), view, prefix, StoreLinks(store))
     base = bytes.fromhex(m.get_commit(txn, st.bases[-1]).root)
     if st.below_root and ops:
         ops = to_top_ref(m, txn, ops, base, bytes.fromhex(st.below_root), view)
@@ -110,7 +111,7 @@ def live_diff(
         upper = upper_dir(store, st)[0]
         for c in session_changes(store, m, txn, st):
             if c.new is not None and c.new.digest == placeholder(c.path):
-                out.append(_from_upper(store, c.status, c.path, c.old, upper, context))
+                out.append(_from_upper(store, c, upper, context))
             else:
                 masked = c.new is not None and c.new.kind is Kind.MASK
                 out.append(_from_entries(store, c.status, c.path, c.old, c.new, context, masked))
@@ -147,10 +148,12 @@ def _from_entries(
     )
 
 
-def _from_upper(
-    store: Store, status: str, path: bytes, old: Entry | None, upper: bytes, context: int
-) -> LiveChange:
+def _from_upper(store: Store, c: Change, upper: bytes, context: int) -> LiveChange:
+    """`c`'s new side read from the upper dir: its lines, and the mode `c.new` has (what the
+    harvest records: narrowed by its ACL, setuid/setgid bits removed, `upper_ops`)."""
     from veloverlay.session.overlay.live import open_beneath
+
+    status, path, old = c.status, c.path, c.old
 
     # By descriptors, no symlink followed on the way: the session may swap one in meanwhile.
     parent, _, name = path.rpartition(b"/")
@@ -183,7 +186,7 @@ def _from_upper(
         status,
         path,
         entry_mode(old),
-        st.st_mode if st is not None else None,
+        entry_mode(c.new) if st is not None else None,
         old.size if old is not None and old.kind is Kind.FILE else 0,
         st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0,
         patch,

@@ -4,8 +4,10 @@ A peek for `veloverlay status` and `diff --session`: nothing is staged or commit
 session goes on. The upper dir is read as the harvester reads it (`upper_ops`: the same path
 operations, but no file's content), so that `session.live` can tell the change as the harvest
 will commit it. A file copied up counts as changed (a chmod, or an open for writing that wrote
-nothing yet, too: the content is compared only when the session ends). Markers are read with
-the session's xattr prefix (`user`, or `trusted` root-native), as the harvester does.
+nothing yet, too: the content is compared only when the session ends), with the mode the
+harvester records for it; a Tier-1 store link copied up or copied is that file again. Markers
+are read with the session's xattr prefix (`user`, or `trusted` root-native), as the harvester
+does.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 import stat
 from collections.abc import Iterator
 
-from veloverlay import files, paths
-from veloverlay.session.harvest import leaf_op
+from veloverlay import files, paths, posixacl
+from veloverlay.session.harvest import StoreLinks, leaf_op
 from veloverlay.session.overlay.harvest import is_whiteout
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
@@ -25,6 +27,7 @@ from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 __all__ = ["upper_ops", "placeholder", "open_beneath"]
 
 _DIR = files.DIRFLAGS
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def open_beneath(top: bytes, parts: list[bytes]) -> int:
@@ -46,7 +49,12 @@ def placeholder(path: bytes) -> bytes:
 
 
 def upper_ops(
-    m: Manifests, txn: Txn, upper: str, view_root: bytes, prefix: str = "user"
+    m: Manifests,
+    txn: Txn,
+    upper: str,
+    view_root: bytes,
+    prefix: str = "user",
+    links: StoreLinks | None = None,
 ) -> list[Op]:
     """The path operations the upper dir `upper` makes to the tree `view_root`, in the form the
     harvester (overlay/harvest.py) records them, without reading a file's content: a whiteout
@@ -54,7 +62,9 @@ def upper_ops(
     digest: changed, whatever it holds); a directory the view has merges (a META where its mode
     changed), a new or opaque one, or one renamed root-native (a redirect: its origin's entries
     under the upper's), is put whole, its nodes written in `txn` (a `Manifests.what_if`
-    transaction). What the session removes or replaces meanwhile is skipped."""
+    transaction). A symlink into the store (`links`) that is a copied-up or copied Tier-1 file
+    is that file again, as the harvester records it. What the session removes or replaces
+    meanwhile is skipped."""
     ops: list[Op] = []
 
     def view_node(path: bytes) -> Node | None:
@@ -66,14 +76,24 @@ def upper_ops(
     def leaf(
         dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None
     ) -> Entry | None:
+        tier = low.tier if low is not None and low.kind is Kind.FILE else 2  # (not shown)
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(name, dir_fd=dfd)
+            if links is not None:  # a Tier-1 store link copied up (chown -h, touch -h, cp -a)
+                mtime = st.st_mtime_ns
+                copied = links.entry(m, txn, view_root, name, target, mtime, low, lambda: tier)
+                if copied is not None:
+                    return copied
             return Entry(name, Kind.SYMLINK, 0o777, len(target), st.st_mtime_ns, b"", target)
         if not stat.S_ISREG(st.st_mode):
             return None  # a fifo, socket or device: not modelled (the harvest skips it too)
-        mode, size = stat.S_IMODE(st.st_mode), st.st_size
-        tier = low.tier if low is not None and low.kind is Kind.FILE else 2  # (not shown)
-        return Entry(name, Kind.FILE, mode, size, st.st_mtime_ns, placeholder(p), b"", tier)
+        # the mode the harvester records (overlay/harvest.py `_file`): as its ACL allows, and
+        # setuid/setgid bits removed unless the view's file had the same
+        mode = posixacl.mode_at(dfd, name, stat.S_IMODE(st.st_mode))
+        had = low.mode & _SETID if low is not None and low.kind is Kind.FILE else -1
+        if mode & _SETID and mode & _SETID != had:
+            mode &= ~_SETID
+        return Entry(name, Kind.FILE, mode, st.st_size, st.st_mtime_ns, placeholder(p), b"", tier)
 
     def redirect(sub: int, origin: bytes) -> bytes | None:
         value = _xattr(sub, "trusted.overlay.redirect") if prefix == "trusted" else None
