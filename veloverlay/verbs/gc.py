@@ -53,6 +53,7 @@ __all__ = [
     "migrate_objects",
     "ref_footprint",
     "session_roots",
+    "unfinished_ids",
     "session_layers",
 ]
 
@@ -83,6 +84,16 @@ def _unfinished(store: Store) -> list[dict[str, Any]]:
 
     Read as raw JSON on purpose, not through `session.state.load`: gc must keep what any state
     file names, even one that this version could not load as a whole."""
+    return [data for _sid, data in _unfinished_by_id(store)]
+
+
+def unfinished_ids(store: Store) -> list[str]:
+    """The ids of the sessions not harvested or discarded, whatever their state files name
+    (VeloError `session-active` for one that cannot be read)."""
+    return [sid for sid, _data in _unfinished_by_id(store)]
+
+
+def _unfinished_by_id(store: Store) -> list[tuple[str, dict[str, Any]]]:
     try:
         ids = os.listdir(store.sessions)
     except FileNotFoundError:
@@ -108,18 +119,37 @@ def _unfinished(store: Store) -> list[dict[str, Any]]:
             ) from None
         if data.get("state") in ("harvested", "discarded"):
             continue  # finished: what it produced is reachable from refs, or was thrown away
-        out.append(data)
+        out.append((sid, data))
     return out
 
 
 def session_roots(store: Store) -> set[bytes]:
-    """The roots every unfinished session still needs (its state file's `roots`)."""
+    """The roots every unfinished session still needs (its state file's `roots`). Every state
+    file names them (every version wrote them at the start): one whose `roots` is missing, empty
+    or holds a value that is not a root is damaged, and gc cannot tell what the session needs
+    (its view's objects, its mounted layers), so it refuses, as for a state it cannot read."""
     out: set[bytes] = set()
-    for data in _unfinished(store):
-        for r in data.get("roots", []):
-            with contextlib.suppress(ValueError, TypeError):
-                out.add(bytes.fromhex(r))
+    for sid, data in _unfinished_by_id(store):
+        roots = data.get("roots")
+        listed = roots if isinstance(roots, list) else []
+        got = [r for r in listed if _is_root(r)]
+        if not got or len(got) != len(listed):
+            p = store.sessions / sid / "state.json"
+            raise VeloError(
+                f"session {sid}'s state file does not name the roots it needs (`roots`: "
+                f"{json.dumps(roots)[:80]}): gc cannot tell what it needs",
+                reason=Reason.SESSION_ACTIVE,
+                path=os.fspath(p),
+                hint=f"harvest or discard it with the veloverlay that started it; if no "
+                f"session {sid} runs, remove {store.sessions / sid} (its changes are lost) and "
+                "run gc again",
+            )
+        out.update(bytes.fromhex(r) for r in got)
     return out
+
+
+def _is_root(r: object) -> bool:
+    return isinstance(r, str) and len(r) == 64 and all(c in "0123456789abcdef" for c in r)
 
 
 def session_layers(store: Store) -> set[str]:
@@ -277,12 +307,13 @@ def migrate_objects(store: Store) -> int:
     """Move the objects of a store made before issue 15 from `objects-v1/ab/cd/<hex>` (a fan-out
     of up to 65,536 directories) to `objects-v2/ab/<hex>` (256); returns how many moved. The
     caller holds the store lock exclusively (no writer runs). Nothing is done while a session is
-    live or unharvested (a session's layers and trees name object paths: the next gc will).
+    live or unharvested, whatever its state file names (a session's layers and trees name object
+    paths: the next gc will).
     Crash-safe: objects are renamed one by one, readers look in both places until `objects-v1` is
     gone, and the next gc continues. Cached layers are evicted (theirs name the old paths; built
     again on demand); the per-boot cache is kept per layout (lower/homes.py)."""
     legacy = store.root / "objects-v1"
-    if not legacy.is_dir() or session_roots(store):
+    if not legacy.is_dir() or _unfinished(store):
         return 0
     from veloverlay import fsflags
 
@@ -314,7 +345,9 @@ def migrate_objects(store: Store) -> int:
     store.choose_layout()
     from veloverlay.lower.prune import prune
 
-    prune(store, set())  # every cached layer: Tier-1 symlinks and redirects name old paths
+    # every cached layer (Tier-1 symlinks and redirects name old paths) but what a session has
+    # mounted (none is unfinished, above: kept all the same should one have been missed)
+    prune(store, set(), mounted=session_layers(store))
     return moved
 
 

@@ -366,7 +366,7 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
     Returns {"files", "dirs", "bytes"} removed."""
     from veloverlay import fsflags
     from veloverlay.lower.homes import boot_dir
-    from veloverlay.verbs.gc import session_roots
+    from veloverlay.verbs.gc import unfinished_ids
 
     store = _open_for_removal(path)
     tag = store.root / "CACHEDIR.TAG"
@@ -392,7 +392,7 @@ def remove_store(path: str | os.PathLike[str], *, force: bool = False) -> dict[s
     usage = disk_usage(store)
     total = {k: sum(p[k] for p in usage.values()) for k in ("files", "dirs", "bytes")}
     with store.lock(exclusive=True, wait=False):
-        if not force and session_roots(store):
+        if not force and unfinished_ids(store):  # (one whose state names no roots too)
             raise VeloError(
                 f"the store at {store.root} has sessions that are live or not yet harvested",
                 reason=Reason.SESSION_ACTIVE,
