@@ -199,3 +199,58 @@ def test_a_copied_up_store_link_is_told_as_the_file_its_harvest_records(
     assert [(c["status"], c["path"]) for c in as_json] == [
         (c["status"], c["path"]) for c in committed
     ]
+
+
+@pytest.mark.parametrize("meanwhile", ["part", "all"])
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_merged_sessions_summary_says_what_the_merged_commit_changed(
+    store: str, shm_tmp: str, backend: str, meanwhile: str
+) -> None:
+    """While the session runs, its ref is ingested again with `f1` changed as the session
+    changes it (and, for "all", `n` added as the session adds it: content, mode, mtime). The
+    session's end merges into the moved ref; its summary listed the session's own change (`M
+    f1`, `A n`), where `diff t@{1} t` of the merged commit (and what `rollback t` undoes) is
+    `A n` alone; with every change there already nothing is committed, and the summary listed
+    both. Now it says what the merged commit changed, checked against checkouts of the ref
+    before and after."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f1": b"one\n", "f2": b"two\n"})
+    ok(velo(store, "ingest", src, "-n", "t"))
+    at, go, ready = (os.path.join(shm_tmp, n) for n in ("at", "go", "ready"))
+    script = (
+        f"cd {at} && echo same > f1 && echo mine > n && touch -d @1500000000 f1 n . && "
+        f"touch {ready} && "
+        f"while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    session = subprocess.Popen(
+        [sys.executable, "-m", "veloverlay", "--json", "run", "t", "--at", at]
+        + ["--backend", backend, "--", "sh", "-c", script],
+        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_ready(store, _wait_running(store), ready)
+        same = {"f1": b"same\n", **({"n": b"mine\n"} if meanwhile == "all" else {})}
+        make_tree(src, same)
+        for name in [*same, "."]:  # the same entries as the session's: content, mode, mtime
+            os.utime(os.path.join(src, name), (1500000000, 1500000000))
+        ok(velo(store, "ingest", src, "-n", "t"))
+        before = _checkout(store, "t", os.path.join(shm_tmp, "before"))  # the moved ref
+        [moved] = [r["head"] for r in data(velo(store, "refs", "--json")) if r["name"] == "t"]
+    finally:
+        open(go, "w").close()
+        out, err = session.communicate(timeout=120)
+    assert session.returncode == 0, (out, err)
+    res = json.loads(out)
+    after = _checkout(store, "t", os.path.join(shm_tmp, "after"))
+    want = _expected_changes(before, after)
+    assert want == ({"n": "A"} if meanwhile == "part" else {})
+    assert {c["path"]: c["status"] for c in res["changes"]} == want
+    assert res["changed"] == len(res["changes"]) == len(want)
+    if meanwhile == "all":  # nothing committed: `diff t@{1} t` is the ingest's change
+        assert res["commit"] == moved
+        assert any("already had every change" in w for w in res["warnings"]), res["warnings"]
+    else:
+        committed = data(velo(store, "diff", "t@{1}", "t", "--json"))
+        assert res["changes"] == [{"status": c["status"], "path": c["path"]} for c in committed]

@@ -216,6 +216,7 @@ def _harvest_and_commit(
             # the top ref's change (a lower ref's directory deleted is one masked `D DIR`, a
             # lower ref's file changed is added to the top ref). Told in the stacked view, the
             # summary listed the lower ref's entries one by one where that diff said `D DIR`.
+            # (Merged into a ref that moved meanwhile: the merged commit's change, `_commit`.)
             chs = changes(m, txn, base_root, new_root)
             res.changes = [(c.status, paths.display(c.path)) for c in chs]
             res.changed = len(res.changes)
@@ -380,6 +381,18 @@ def _commit(
                 res.commit = c.id
             else:
                 res.commit = ref.head  # the ref already holds every change of the session
+                res.warnings.append(
+                    f"{top} already had every change of this session (made meanwhile, commit "
+                    f"{ref.head[:12]}): nothing was committed"
+                )
+            # What the merged commit changed, as `diff REF@{1} REF` (and `rollback REF`) tell
+            # it: the session's change less what the ref had got the same meanwhile. Told as
+            # the session's own change, it listed paths that commit did not change.
+            from veloverlay.store.changes import changes
+
+            merged = changes(m, txn, head_root, mr.root)
+            res.changes = [(x.status, paths.display(x.path)) for x in merged]
+            res.changed = len(res.changes)
         if live:
             m.delete_ref(txn, sref)  # the live view has served its purpose
         return
