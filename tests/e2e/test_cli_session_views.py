@@ -116,7 +116,9 @@ def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
     lower ref's entries too, and a lower ref's changed file was `M`, which the top ref gains
     (`A`). Now they say the same, in every form; and the harvest's diff is the real change of
     the top ref's own files (checkouts before and after) plus one mask per path of the lower
-    ref the command removed whole."""
+    ref the command removed whole. `d`, which both refs have, was its top-ref files' `D` alone,
+    though the mask that replaced it hides the lower ref's `d/lowonly` too: it is a masked `D d`
+    as well (the stack seen again afterwards has no `d`; the lower ref still has it)."""
     lo = {"d/k": b"low\n", "d/lowonly": b"lo\n", "e/x": b"e\n", "e/s/t": b"t\n", "d2/w": b"w\n"}
     hi = {"d/k": b"top\n", "d/hionly": b"hi\n", "f/y": b"f\n", "g/z": b"g\n", "h": b"h\n"}
     if stacked:
@@ -130,7 +132,7 @@ def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
     harvested = {how: ok(velo(store, "diff", "hi@{1}", "hi", *how)) for how in _FORMS}
     after = _checkout(store, "hi", os.path.join(shm_tmp, "after"))
     # the lower ref's directories the command removed whole (deleted, moved away): one mask each
-    masks = ["d2", "e"] if stacked else []
+    masks = ["d", "d2", "e"] if stacked else []
     want = {**_expected_changes(before, after), **dict.fromkeys(masks, "D")}
     got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
     assert {p: s for s, p in got} == want and len(got) == len(want), got
@@ -142,6 +144,11 @@ def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
     ]
     masked = [c["path"] for c in committed if (c["new"] or {}).get("kind") == "mask"]
     assert [c["path"] for c in as_json if c["masked"]] == masked == masks
+    if stacked:  # what the masks do: the lower ref keeps its entries, the stack shows none
+        assert os.path.isfile(os.path.join(_checkout(store, "lo", f"{shm_tmp}/lo2"), "d/lowonly"))
+        at2 = os.path.join(shm_tmp, "at2")
+        seen = ok(velo(store, "run", "lo", "hi", "--at", at2, "--", "sh", "-c", f"ls -A {at2}"))
+        assert sorted(seen.split()) == sorted(os.listdir(after))
 
 
 # user::rw-, user:1501:r--, group::---, mask::r--, other::---: stat shows 0640, the owning

@@ -5,7 +5,8 @@ stores); `changes` turns them into what `diff`, `status` and a session's end lin
 per file, symlink or empty directory (a subtree added or deleted whole is listed entry by entry).
 A mode change counts; a directory's own mtime does not, nor a file's mtime alone (its content and
 mode unchanged), as in git. A MASK entry (a stack's top ref deleting a lower ref's path) that
-comes is a deletion, one that goes an addition, with the mask as the entry on its side.
+comes is a deletion, one that goes an addition, with the mask as the entry on its side (a file
+replaced by one: its D; a directory replaced by one: its entries' D and the mask's own D).
 """
 
 from __future__ import annotations
@@ -98,5 +99,11 @@ def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
                         status, op.path, e if status == "D" else None, e if status == "A" else None
                     )
                 )
+        if old is not None and old.kind is Kind.DIR and new is None:
+            # A directory of the top ref replaced by a mask hides the lower refs' entries there
+            # too, which its entries' D do not say: the mask is a D of its own, as where the top
+            # ref had nothing there (a directory replacing a mask masks what it does not have
+            # inside, `harvest.to_top_ref`: nothing of theirs shows through again)
+            out += _mask_change(m, txn, a, b, op.path)
     out.sort(key=lambda c: (c.path, c.status != "D"))
     return out
