@@ -9,7 +9,9 @@ Import validates everything before it changes the store: the trailer checksum, e
 strictly (names: no `..`, `/`, NUL, empty, overlong, duplicates) and hashes to its digest, every
 object hashes to its digest, and the root's closure is complete. Objects are staged and published
 only then, and the ref is created in one transaction; a bad bundle leaves the store as it was.
-Nodes outside the root's closure are dropped, never stored unchecked.
+Nodes outside the root's closure are dropped, never stored unchecked. Node records are held on
+disk in the import's stage until then (`spill`): a bundle of millions of them costs disk the size
+of the bundle, not memory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from veloverlay.store.access import refuse_overlap
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn
+from veloverlay.store.spill import NodeSpill
+from veloverlay.store.stage import Stage
 from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC", "MAX_NODE"]
@@ -406,6 +410,17 @@ class _Reader:
             yield b
 
 
+@contextlib.contextmanager
+def _spill(stage: Stage) -> Iterator[NodeSpill]:
+    """The node records as they arrive, held on disk in the stage (see `spill`): how many a
+    bundle carries, inside the tree or not, does not bound what an import may hold in memory."""
+    arriving = NodeSpill(stage.dir_fd(), os.fspath(stage.dir))
+    try:
+        yield arriving
+    finally:
+        arriving.close()
+
+
 def import_bundle(
     store: Store,
     m: Manifests,
@@ -431,8 +446,7 @@ def import_bundle(
     if version != VERSION:
         raise _bad(f"bundle version {version} is not supported (this is {VERSION})")
     meta: dict[str, Any] | None = None
-    nodes: dict[bytes, bytes] = {}
-    with store.lock(), store.stage() as stage:
+    with store.lock(), store.stage() as stage, _spill(stage) as arriving:
         store.reclaim_tmp()
         objects: dict[bytes, int] = {}  # digest -> size, as read from the bundle
         while True:
@@ -471,7 +485,7 @@ def import_bundle(
                     decode(data)
                 except VeloError as exc:
                     raise _bad(exc.message) from None
-                nodes[d] = data
+                arriving.add(d, data)
             elif typ == _OBJECT:
                 if length < DIGEST_SIZE:
                     raise _bad("bad object record length")
@@ -496,13 +510,13 @@ def import_bundle(
             raise _bad("bad tier rules")
         decoded: dict[bytes, Node] = {}  # the arriving nodes, decoded once
         with m.read() as txn:
-            setid = incoming.check_closure(store, m, txn, root, nodes, objects, _bad, decoded)
+            setid = incoming.check_closure(store, m, txn, root, arriving, objects, _bad, decoded)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
         # Only the nodes of the root's closure (those `check_closure` walked, now in `decoded`)
         # are stored: a stored node is trusted to have its closure stored and checked (pull and
         # a later import do not descend into it), so an extra node a bundle carries, naming
         # objects it lacks or lying about their sizes, must never get in.
-        nodes = {d: data for d, data in nodes.items() if d in decoded}
+        nodes = {d: arriving[d] for d in decoded}
         stage.publish()
         with m.write() as txn:
             for d, data in nodes.items():
