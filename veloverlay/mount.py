@@ -123,8 +123,8 @@ def pin_dir(path: str) -> int:
         ) from None
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        where = "?"
+    except OSError:  # no /proc (a chroot, a namespace without it): walked name by name instead
+        where = path if _walked_to(path, os.fstat(fd)) else "another directory"
     if where != path:
         os.close(fd)
         raise VeloError(
@@ -135,6 +135,26 @@ def pin_dir(path: str) -> int:
             "that no other user can change",
         )
     return fd
+
+
+def _walked_to(path: str, held: os.stat_result) -> bool:
+    """Whether `path` (absolute, resolved), opened a name at a time from / without following a
+    symbolic link at any step, leads to the directory `held`: `pin_dir`'s check where
+    /proc/self/fd cannot be read. A directory on the way swapped for a symlink fails (ELOOP)."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in [n for n in path.split("/") if n]:
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nxt = os.open(name, flags, dir_fd=fd)
+            except OSError:
+                return False
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+    finally:
+        os.close(fd)
 
 
 def umount_exact(path: str, mnt_id: int, *, readonly_first: bool = False) -> None:

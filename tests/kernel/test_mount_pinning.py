@@ -182,3 +182,39 @@ def test_overlay_upper_reads_back_the_path(base: str, api: MountApi, name: str) 
     path = os.path.join(base, name)
     # mount(2) shows the escaped option string it was given; the new API the path itself.
     assert got == (path if api is MountApi.NEW else mount.escape_option_path(path))
+
+
+def _pin_without_proc(base: str) -> dict[str, object]:
+    """pin_dir in a mount namespace whose /proc is hidden under an empty tmpfs (a chroot or a
+    container without /proc): /proc/self/fd cannot say where the descriptor is."""
+    from veloverlay import _libc
+
+    _libc.mount("none", "/proc", "tmpfs", 0, None)
+    assert not os.path.exists("/proc/self")
+    got: dict[str, object] = {}
+    fd = mount.pin_dir(os.path.join(base, "real", "at"))
+    got["plain"] = os.path.samestat(os.fstat(fd), os.stat(os.path.join(base, "real", "at")))
+    os.close(fd)
+    for case in ("link/at", "last"):
+        try:
+            os.close(mount.pin_dir(os.path.join(base, case)))
+            got[case] = "pinned"
+        except VeloError as exc:
+            got[case] = (exc.reason, str(exc))
+    return got
+
+
+def test_pin_dir_without_proc_checks_the_path_name_by_name(base: str) -> None:
+    """Without /proc the check walks the path from / a name at a time, following no symlink:
+    a plain path is pinned (it said 'it now leads to ?' and refused every path), a path through
+    a symlink or ending in one is still refused."""
+    real = os.path.join(base, "real")
+    os.makedirs(os.path.join(real, "at"))
+    os.symlink(real, os.path.join(base, "link"))
+    os.symlink(os.path.join(real, "at"), os.path.join(base, "last"))
+    got = run_in_userns(_pin_without_proc, base, privileged=True)
+    assert got["plain"] is True
+    for case in ("link/at", "last"):
+        reason, text = got[case]  # type: ignore[misc]
+        assert reason is Reason.TARGET_INVALID, text
+        assert "?" not in text
