@@ -475,11 +475,16 @@ def refuse_kernel_fs(
 ) -> None:
     """`reason` (TARGET_INVALID) when `real` (absolute, resolved; for one still to be made, its
     parent) is on a kernel interface (/proc, /sys, a cgroup tree: `_libc.PSEUDO_FS_MAGIC`), not
-    a directory tree: the one test for a session's target, a checkout and an ingest's source.
+    a directory tree: the one test for a session's target, a checkout, an ingest's source and a
+    store being made.
     A session mounts its own /proc after the projection (one under /proc showed the kernel's
     files, and `mount` there hid them from the host); mkdir there fails as if the parent were
-    missing; an ingest kept the source's contents out, as a pseudo filesystem's inside a tree."""
-    where = real if os.path.isdir(real) else os.path.dirname(real)
+    missing; an ingest kept the source's contents out, as a pseudo filesystem's inside a tree.
+    A path still to be made is judged by the nearest directory above it that exists (/proc/a/b:
+    /proc)."""
+    where = real
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
     try:
         fs = _libc.PSEUDO_FS_MAGIC.get(_libc.statfs_type(where))
     except OSError:

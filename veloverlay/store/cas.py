@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from veloverlay import envvars, pathtrust, verity
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError
 from veloverlay.files import makedirs
 from veloverlay.store import access, reserve, storelock
 from veloverlay.store.objread import object_corrupt, open_regular, verified_chunks
@@ -96,11 +96,16 @@ def default_store_path() -> Path:
 
 def _is_dir(path: Path) -> bool:
     """Path.is_dir, but False for a store this user may not enter (another user's private
-    store: open() then says so, STORE_PERMISSION)."""
+    store: open() then says so, STORE_PERMISSION), or a name too long (ENAMETOOLONG: init and
+    open say so of the store)."""
     try:
         return path.is_dir()
     except PermissionError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
 
 
 def object_missing(digest: bytes) -> VeloError:
@@ -277,6 +282,14 @@ class Store(Presence):
         through them); `shared` makes it readable by every local user (0755), never writable.
         `judge` is called on an existing store before anything is changed (its schema)."""
         store = cls(root)
+        # /proc/velo: mkdir fails with ENOENT as if /proc were missing; in a cgroup tree every
+        # directory made would be a cgroup
+        access.refuse_kernel_fs(
+            os.path.abspath(store.root),
+            what="the store",
+            hint="make the store in an ordinary directory (--store DIR or VELO_STORE)",
+            reason=Reason.BAD_PATH,
+        )
         try:
             access.check_place(store.root)  # nothing made where root must not use a store
             makedirs(store.root.parent)
@@ -340,7 +353,15 @@ class Store(Presence):
                 ) from exc
             if exc.errno == errno.EROFS:
                 raise store.write_refusal() or store.read_only_error(str(exc)) from exc
-            raise
+            if isinstance(exc, SysError):
+                raise
+            # ENAMETOOLONG, ENOTDIR, EIO...: said of the store, not as a bare os-error
+            raise SysError(
+                exc.errno or errno.EIO,
+                "create the store",
+                store.root,
+                hint="choose another location with --store or VELO_STORE",
+            ) from exc
         return store
 
     @classmethod
@@ -356,9 +377,13 @@ class Store(Presence):
                 hint="use a store of your own (--store or VELO_STORE)",
                 path=store.root,
             ) from None
-        except OSError:
-            pass  # missing or not a directory: said below
-        if store.root.is_dir() and not os.access(store.root, os.R_OK | os.X_OK):
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise SysError(
+                    exc.errno, "open the store", store.root, hint="check --store or VELO_STORE"
+                ) from None
+            # missing or not a directory: said below
+        if _is_dir(store.root) and not os.access(store.root, os.R_OK | os.X_OK):
             owner = store.root.stat().st_uid
             raise VeloError(
                 f"the store at {store.root} is not readable by this user",
@@ -367,7 +392,13 @@ class Store(Presence):
                 "ask its owner for a shared one ('veloverlay init --shared')",
             )
         access.refuse_newer_format(store.root)
-        if not store.objects.is_dir():
+        if not _is_dir(store.objects):
+            access.refuse_kernel_fs(  # not 'run init', which refuses it
+                os.path.abspath(store.root),
+                what="the store",
+                hint="a store lives in an ordinary directory (--store DIR or VELO_STORE)",
+                reason=Reason.BAD_PATH,
+            )
             raise VeloError(
                 f"no veloverlay store at {store.root}",
                 reason=Reason.STORE_MISSING,
