@@ -219,7 +219,12 @@ def test_tier1_writes_fail_and_store_is_read_only(mode: str) -> None:
         assert r["protection"] == "read-only-mount"
 
 
-def _concurrent(base: str, same_file: bool) -> dict[str, object]:
+def _concurrent(
+    base: str, same_file: bool, same_bytes: bool = False, a_rewrites: bool = False
+) -> dict[str, object]:
+    """Session A writes, waits for session B to write and commit, then commits. `same_bytes`: B
+    writes what A does; `a_rewrites`: A writes it again after B's commit (A's mtime the later).
+    Each session records the mtime it left on its file (`stat` inside it)."""
     store, _src = new_store(base)
     go = os.path.join(base, "go")
     proj_a, proj_b = os.path.join(base, "pa"), os.path.join(base, "pb")
@@ -237,7 +242,9 @@ def _concurrent(base: str, same_file: bool) -> dict[str, object]:
                     "-c",
                     # waits for B, at most 30 s: a failing test never leaves A behind
                     f"printf A > {proj_a}/{a_file}; n=0; "
-                    f"while [ ! -e {go} ] && [ $n -lt 1500 ]; do sleep 0.02; n=$((n+1)); done",
+                    f"while [ ! -e {go} ] && [ $n -lt 1500 ]; do sleep 0.02; n=$((n+1)); done; "
+                    + (f"printf A > {proj_a}/{a_file}; " if a_rewrites else "")
+                    + f"stat -c %.9Y {proj_a}/{a_file} > {base}/a.mtime",
                 ],
                 at=proj_a,
             )
@@ -253,7 +260,9 @@ def _concurrent(base: str, same_file: bool) -> dict[str, object]:
         ):
             assert time.monotonic() < deadline, "session A did not start"
             time.sleep(0.02)
-        res_b = run_session(store, ["t"], ["sh", "-c", f"printf B > {proj_b}/{b_file}"], at=proj_b)
+        b_writes = f"printf {'A' if same_bytes else 'B'} > {proj_b}/{b_file}"
+        b_stat = f"stat -c %.9Y {proj_b}/{b_file} > {base}/b.mtime"
+        res_b = run_session(store, ["t"], ["sh", "-c", f"{b_writes}; {b_stat}"], at=proj_b)
     finally:
         open(go, "w").close()  # release A whatever happened here, then wait for it
         os.waitpid(pid, 0)
@@ -265,6 +274,11 @@ def _concurrent(base: str, same_file: bool) -> dict[str, object]:
     for name in ("f1", "d/from_a", "d/from_b"):
         p = os.path.join(got, name)
         out["head:" + name] = open(p).read() if os.path.exists(p) else None
+    if same_file:
+        out["mtime:f1"] = os.stat(os.path.join(got, "f1")).st_mtime_ns
+        for side in ("a", "b"):
+            with open(os.path.join(base, f"{side}.mtime")) as f:
+                out[f"{side}.mtime"] = int(f.read().strip().replace(".", ""))
     if res_a["conflict_ref"]:
         cref = os.path.join(base, "cref")
         checkout_ref(store, res_a["conflict_ref"], cref)
@@ -293,6 +307,27 @@ def test_concurrent_sessions_same_file_conflict_keeps_both(mode: str) -> None:
     assert a["conflicts"] == ["f1"]
     assert r["head:f1"] == "B"  # the first to commit
     assert r["conflict:f1"] == "A"  # nothing lost
+    assert r["fsck"] == []
+
+
+@pytest.mark.parametrize("later", ["b", "a"])
+@pytest.mark.parametrize("mode", BOTH)
+def test_concurrent_sessions_writing_the_same_bytes_merge_with_the_later_mtime(
+    mode: str, later: str
+) -> None:
+    """Two sessions write one file with the same bytes and mode at different times (two builds
+    of one output): no conflict (old code: "both changed: f1" for the mtimes alone); the file
+    keeps the later write's mtime, as a directory both had written to would. `later`: which
+    session wrote last (B, which commits first, or A, which rewrites after B's commit)."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _concurrent, base, True, True, later == "a")
+    a = r["a"]
+    assert isinstance(a, dict)
+    assert a["conflict_ref"] is None and a["conflicts"] == [], a
+    assert a["commit"]
+    assert r["head:f1"] == "A"
+    assert r["a.mtime"] != r["b.mtime"]
+    assert r["mtime:f1"] == r[f"{later}.mtime"] == max(r["a.mtime"], r["b.mtime"])  # type: ignore[type-var]
     assert r["fsck"] == []
 
 

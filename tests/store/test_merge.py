@@ -61,6 +61,24 @@ def test_identical_changes_are_not_a_conflict(repo: Repo) -> None:
     assert view[b"m"][2] == 0o600  # type: ignore[index]
 
 
+@pytest.mark.parametrize("ours_later", [True, False])
+def test_the_same_bytes_and_mode_at_different_times_merge_with_the_later_mtime(
+    repo: Repo, ours_later: bool
+) -> None:
+    """A file written (or only touched) on both sides to the same bytes, mode and tier differs in
+    its mtime alone: no conflict, the later mtime stands. Another mode still conflicts."""
+    early, late = (7, 9) if ours_later else (9, 7)
+    base = D({b"w": F(b"0"), b"t": F(b"0")})
+    ours = D({b"w": F(b"1", mtime=late if ours_later else early), b"t": F(b"0", mtime=late)})
+    theirs = D({b"w": F(b"1", mtime=early if ours_later else late), b"t": F(b"0", mtime=early)})
+    res, view = merge(repo, base, ours, theirs)
+    assert res.conflicts == ()
+    assert content(view, b"w") == b"1"
+    assert view[b"w"][3] == 9 and view[b"t"][3] == max(early, late)  # type: ignore[index]
+    res, _view = merge(repo, base, D({b"w": F(b"1", mode=0o600, mtime=9)}), theirs)
+    assert b"w" in res.conflicts
+
+
 def test_directory_metadata_never_conflicts(repo: Repo) -> None:
     base = D({b"d": D({b"f": F(b"0")}, mode=0o755, mtime=1)}, mtime=1)
     ours = D({b"d": D({b"f": F(b"0")}, mode=0o700, mtime=7)}, mtime=7)

@@ -1,6 +1,9 @@
 """Three-way merge of trees, per path, against a common base.
 
-Disjoint changes merge. Both sides making the identical change is not a conflict. A directory's own
+Disjoint changes merge. Both sides making the identical change is not a conflict, nor is both
+sides writing a file (or symlink) the same, bytes, mode and tier, at different times: the later
+mtime stands, as in a directory both had written to (two builds producing one output). A
+directory's own
 mode/mtime never conflicts: each is the side's that changed it, the later side's (`ours`) where
 both did (a chmod on one side stands when the other only wrote inside). A real conflict is both
 sides changing one path differently, or one side replacing/deleting a directory inside which the
@@ -45,6 +48,27 @@ def _dir_meta(m: Manifests, txn: Txn, base: bytes, op: Op, o: Op, *, ours_win: b
     if (mode, mtime) == (o.mode, o.mtime_ns):
         return None
     return Op(OpKind.META, op.path, mode=mode, mtime_ns=mtime)
+
+
+def _mtime(op: Op) -> int:
+    return op.entry.mtime_ns if op.entry is not None else op.mtime_ns
+
+
+def _same_but_mtime(op: Op, o: Op) -> bool:
+    """Whether `op` and `o` (one path, not a directory's own attributes) leave the same file or
+    symlink but for its mtime: same bytes (or target), mode and tier; a chmod/touch to one mode."""
+    if op.kind is not o.kind or op.kind is OpKind.DELETE:
+        return False
+    if op.kind is OpKind.META:
+        return op.mode == o.mode
+    a, b = op.entry, o.entry
+    return (
+        a is not None
+        and b is not None
+        and a.kind is b.kind
+        and a.kind is not Kind.DIR
+        and (a.mode, a.size, a.payload, a.tier) == (b.mode, b.size, b.payload, b.tier)
+    )
 
 
 def _new_dirs(m: Manifests, txn: Txn, base: bytes, ops: list[Op]) -> dict[bytes, bytes]:
@@ -118,6 +142,10 @@ def three_way(
                 both = _dir_meta(m, txn, base, op, o, ours_win=not drop_conflicts)
                 if both is not None:
                     apply.append(both)
+                continue
+            if _same_but_mtime(op, o) and not _is_dir_meta(m, txn, theirs, o):
+                if _mtime(op) > _mtime(o):
+                    apply.append(op)  # ours is the later: its mtime stands
                 continue
             if op.kind is OpKind.META or not _is_dir_meta(m, txn, theirs, o):
                 conflicts.append(op.path)
