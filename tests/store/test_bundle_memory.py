@@ -1,4 +1,5 @@
-"""What an import holds in memory does not grow with the node records a bundle carries.
+"""What an import holds in memory, and stores, does not grow with the records a bundle carries
+outside its tree.
 
 A hostile bundle of hundreds of thousands of tiny node records, none of them in the tree, is
 imported in a child process whose peak RSS is compared with a child importing the same tree
@@ -7,13 +8,20 @@ without them: the records must not be held in memory until the end record.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import subprocess
 import sys
 
-from tests.store.test_bundle import build, file_entry, meta, node, obj
+from tests.store.test_bundle import assert_invalid, build, dst, file_entry, meta, node, obj
 from veloverlay.store import tree
+from veloverlay.store.bundle import import_bundle
+from veloverlay.store.digest import hash_bytes
+from veloverlay.store.tree import Entry, Kind
+from veloverlay.verbs.repo import Repo
+
+__all__ = ["dst"]  # the fixture, shared with test_bundle.py
 
 EXTRA = 400_000  # 61-byte records: 24 MB of bundle, over 80 MB as a dict of bytes
 BOUND = 24 << 20  # what the extra records may add to the peak RSS
@@ -34,9 +42,10 @@ print(info["nodes"], int(peak) * 1024)
 
 def _bundle(path: str, extra: int) -> None:
     rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
-    records = [meta(rd), rrec, obj(b"ok")]
+    records = [meta(rd), rrec]
     for i in range(extra):  # empty directories, each with its own mtime: distinct digests
         records.append(node(struct.pack("<4sIqI", b"VDN1", 0o755, i + 2, 0))[1])
+    records.append(obj(b"ok"))  # (as export writes them: the nodes, then the objects)
     with open(path, "wb") as f:
         f.write(build(records))
 
@@ -60,3 +69,23 @@ def test_node_records_outside_the_tree_are_not_held_in_memory(shm_tmp: str) -> N
     hostile = _peak(shm_tmp, "hostile", EXTRA)
     assert hostile - plain < BOUND, (plain, hostile)
     assert os.listdir(os.path.join(shm_tmp, "hostile", "tmp")) == []
+
+
+def test_objects_outside_the_tree_are_read_past_not_stored(dst: Repo) -> None:
+    """Object records no file of the tree names are not staged, published or counted (old code
+    staged each as a file, held it in three dicts, and published it into the store)."""
+    rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
+    extra = [obj(b"extra %d" % i) for i in range(2000)]
+    info = import_bundle(dst.store, dst.m, io.BytesIO(build([meta(rd), rrec, obj(b"ok"), *extra])))
+    assert info["objects"] == 1
+    assert {n for n, _p in dst.store.iter_objects()} == {hash_bytes(b"ok").hex()}
+    assert os.listdir(dst.store.tmp) == []
+
+
+def test_a_node_record_after_the_objects_is_refused(dst: Repo) -> None:
+    """Export writes every node before the objects; import stages only the objects the nodes
+    read so far name, so a node record after an object is refused (it could name objects already
+    read past)."""
+    sub_d, sub = node(tree.encode(0o755, 1, [file_entry(b"b", b"late")])[1])
+    rd, rrec = node(tree.encode(0o755, 1, [Entry(b"s", Kind.DIR, digest=sub_d)])[1])
+    assert_invalid(dst, build([meta(rd), rrec, obj(b"late"), sub]))

@@ -5,6 +5,8 @@ Format v1 (little endian): b"VELOBNDL" u32 version, then records `u8 type  u64 l
     2 NODE    32-byte digest + node encoding (at most MAX_NODE bytes in all: 1 GiB)
     3 OBJECT  32-byte digest + content
     0 END     32-byte BLAKE3 of every byte before this record
+META first, then every NODE, then the OBJECTs: import stages only the objects that the files of
+the tree's nodes name (others are read past, never stored) and refuses a node after an object.
 Import validates everything before it changes the store: the trailer checksum, every node decodes
 strictly (names: no `..`, `/`, NUL, empty, overlong, duplicates) and hashes to its digest, every
 object hashes to its digest, and the root's closure is complete. Objects are staged and published
@@ -421,6 +423,34 @@ def _spill(stage: Stage) -> Iterator[NodeSpill]:
         arriving.close()
 
 
+def _wanted(
+    m: Manifests, meta: dict[str, Any] | None, arriving: NodeSpill, decoded: dict[bytes, Node]
+) -> set[bytes]:
+    """The objects the files of the tree's arriving nodes name: only these are staged, the
+    others a bundle carries are read past (what an import holds and writes is bounded by the
+    tree, not by the records). The nodes walked are decoded into `decoded`; a node missing, a
+    bad root, are left to `check_closure` and the checks after the end record."""
+    root = meta.get("root") if isinstance(meta, dict) else None
+    if not isinstance(root, str) or not _HEX64.match(root):
+        raise _bad("no metadata record before the objects")
+    out: set[bytes] = set()
+    stack = [bytes.fromhex(root)]
+    while stack:
+        d = stack.pop()
+        if d in decoded:
+            continue
+        data = arriving.get(d)
+        if data is None:
+            continue  # stored (its objects are), or missing: said after the end record
+        node = decoded[d] = decode(data)
+        for e in node.entries:
+            if e.kind is Kind.DIR:
+                stack.append(e.digest)
+            elif e.kind is Kind.FILE:
+                out.add(e.digest)
+    return out
+
+
 def import_bundle(
     store: Store,
     m: Manifests,
@@ -449,6 +479,8 @@ def import_bundle(
     with store.lock(), store.stage() as stage, _spill(stage) as arriving:
         store.reclaim_tmp()
         objects: dict[bytes, int] = {}  # digest -> size, as read from the bundle
+        wanted: set[bytes] | None = None  # the tree's arriving files' objects, at the first
+        decoded: dict[bytes, Node] = {}  # the arriving nodes of the tree, decoded once
         while True:
             rec = r.f.read(_REC.size)
             if len(rec) != _REC.size:
@@ -475,6 +507,8 @@ def import_bundle(
                 named = name or (meta.get("ref") if isinstance(meta, dict) else None)
                 _refuse_existing_early(m, named, force)
             elif typ == _NODE:
+                if wanted is not None:
+                    raise _bad("a node record after the objects (a bundle lists its nodes first)")
                 if not DIGEST_SIZE < length <= MAX_NODE:
                     raise _bad("bad node record length")
                 d = r.exact(DIGEST_SIZE)
@@ -489,7 +523,13 @@ def import_bundle(
             elif typ == _OBJECT:
                 if length < DIGEST_SIZE:
                     raise _bad("bad object record length")
+                if wanted is None:
+                    wanted = _wanted(m, meta, arriving, decoded)
                 d = r.exact(DIGEST_SIZE)
+                if d not in wanted or d in objects:  # outside the tree: read, never staged
+                    for _chunk in r.chunks(length - DIGEST_SIZE):
+                        pass
+                    continue
                 got, size, _new = stage.add_stream(r.chunks(length - DIGEST_SIZE))
                 if got != d:
                     raise _bad(f"object {d.hex()[:16]} does not hash to its name")
@@ -508,7 +548,6 @@ def import_bundle(
         tiers = meta.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):
             raise _bad("bad tier rules")
-        decoded: dict[bytes, Node] = {}  # the arriving nodes, decoded once
         with m.read() as txn:
             setid = incoming.check_closure(store, m, txn, root, arriving, objects, _bad, decoded)
             _check_new_ref(m, txn, refname, force)  # before anything is stored
