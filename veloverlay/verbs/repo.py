@@ -106,10 +106,22 @@ class Repo:
                 )
             if e.kind is not Kind.DIR:
                 return [_ls_entry(key, e)]
-            if recursive:
-                return [
-                    _ls_entry(p, ent) for p, ent, _n in self.m.walk(txn, e.digest, key) if p != key
-                ]
+            if recursive:  # in name order, each directory followed by what it holds (find's)
+                out = []
+                stack = [(key, iter(self.m.get_node(txn, e.digest).entries))]
+                while stack:
+                    base, entries = stack[-1]
+                    ent = next(entries, None)
+                    if ent is None:
+                        stack.pop()
+                        continue
+                    p = paths.join(base, ent.name)
+                    if ent.kind is Kind.DIR:
+                        child = self.m.get_node(txn, ent.digest)
+                        ent = ent.replace(mode=child.mode, mtime_ns=child.mtime_ns)
+                        stack.append((p, iter(child.entries)))
+                    out.append(_ls_entry(p, ent))
+                return out
             node = self.m.get_node(txn, e.digest)
             out = []
             for ent in node.entries:
