@@ -446,6 +446,7 @@ def _commands_on_a_read_only_store(store: str, out: str, session: str | None) ->
         ["diff", "t", "t"],
         ["fsck"],
         ["checkout", "t", out],
+        ["gc", "--dry-run", "--grace", "0"],
         ["ingest", out, "--name", "u"],
         ["refs", "--delete", "t"],
         ["gc", "--grace", "0"],
@@ -471,12 +472,13 @@ def test_reads_work_on_a_read_only_store_and_writes_say_why(
     results = ns.run_in_child(
         _commands_on_a_read_only_store, ingested, out, "s123" if inside else None
     )
-    for verb, rc, stdout, stderr in results[:7]:  # type: ignore[misc]
+    for verb, rc, stdout, stderr in results[:8]:  # type: ignore[misc]
         assert rc == 0, (verb, stdout, stderr)
+    assert json.loads(results[7][2])["dry_run"] is True  # type: ignore[index]
     assert results[2][2] == FILES["a.txt"].decode()  # type: ignore[index]
     with open(os.path.join(out, "d", "b.bin"), "rb") as f:
         assert f.read() == FILES["d/b.bin"]
-    for verb, rc, _stdout, stderr in results[7:]:  # type: ignore[misc]
+    for verb, rc, _stdout, stderr in results[8:]:  # type: ignore[misc]
         assert rc == 1, (verb, stderr)
         assert "reason: store-read-only" in stderr, (verb, stderr)
         if inside:

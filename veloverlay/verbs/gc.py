@@ -378,7 +378,15 @@ def gc(
             hint="each ref's head is always kept; leave --keep out to keep all history",
         )
     rep = GcReport(dry_run=dry_run)
-    with store.lock(exclusive=True, waiting=waiting, timeout=timeout):
+    # A dry run that cannot take the lock for writing (a read-only filesystem, inside a session)
+    # only counts: with no writer possible there, the shared lock readers take is enough.
+    counting = dry_run and store.write_refusal() is not None
+    lock = (
+        store.read_lock()
+        if counting
+        else store.lock(exclusive=True, waiting=waiting, timeout=timeout)
+    )
+    with lock:
         refs, why = counted_refs(store, m)
         if not accept_lost_refs:
             _refuse_lost_refs(why)
