@@ -14,6 +14,9 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
+from tests.helpers.unpriv import run_in_userns
 from tests.store.test_bundle import assert_invalid, build, dst, file_entry, meta, node, obj
 from veloverlay.store import tree
 from veloverlay.store.bundle import import_bundle
@@ -89,3 +92,33 @@ def test_a_node_record_after_the_objects_is_refused(dst: Repo) -> None:
     sub_d, sub = node(tree.encode(0o755, 1, [file_entry(b"b", b"late")])[1])
     rd, rrec = node(tree.encode(0o755, 1, [Entry(b"s", Kind.DIR, digest=sub_d)])[1])
     assert_invalid(dst, build([meta(rd), rrec, obj(b"late"), sub]))
+
+
+def _import_without_proc(store: str, data: bytes) -> int:
+    from veloverlay import _libc
+
+    _libc.mount("none", "/proc", "tmpfs", 0, None)
+    r = Repo.open(store, create=True)
+    try:
+        return int(import_bundle(r.store, r.m, io.BytesIO(data))["nodes"])
+    finally:
+        r.close()
+
+
+@pytest.mark.needs("userns")
+def test_an_import_works_where_proc_is_not_mounted(shm_tmp: str) -> None:
+    """The node records' scratch database is opened by the stage's path when /proc/self/fd
+    cannot be read (a chroot): the import does not depend on /proc."""
+    rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
+    data = build([meta(rd), rrec, obj(b"ok")])
+    store = os.path.join(shm_tmp, "noproc")
+    assert run_in_userns(_import_without_proc, store, data, privileged=True) == 1
+    r = Repo.open(store)
+    try:
+        out = io.BytesIO()
+        r.cat("hand", "a", out)
+        assert out.getvalue() == b"ok"
+        assert [ref.name for ref, _c in r.refs()] == ["hand"]
+    finally:
+        r.close()
+    assert os.listdir(os.path.join(store, "tmp")) == []

@@ -40,9 +40,13 @@ class NodeSpill(Mapping[bytes, bytes]):
 
     def __init__(self, dir_fd: int, shown: str) -> None:
         self._shown = os.path.join(shown, _NAME)
+        # The stage, as the descriptor pins it (not whatever its path leads to by now); by its
+        # path where /proc is not mounted (a chroot): the store's own tmp/, which only its
+        # owner writes.
+        pinned = f"/proc/self/fd/{dir_fd}"
+        where = pinned if os.path.isdir(pinned) else shown
         try:
-            # The stage, as the descriptor pins it: not whatever its path leads to by now.
-            self._db = sqlite3.connect(f"/proc/self/fd/{dir_fd}/{_NAME}", isolation_level=None)
+            self._db = sqlite3.connect(os.path.join(where, _NAME), isolation_level=None)
             for pragma in (
                 "journal_mode = OFF",  # scratch: a crash leaves a stage that is removed whole
                 "synchronous = OFF",
