@@ -379,7 +379,8 @@ def gc(
         )
     rep = GcReport(dry_run=dry_run)
     # A dry run that cannot take the lock for writing (a read-only filesystem, inside a session)
-    # only counts: with no writer possible there, the shared lock readers take is enough.
+    # only counts and deletes nothing: the shared lock readers take is enough. (Seen from inside
+    # a session, a writer outside may still change what it counts meanwhile.)
     counting = dry_run and store.write_refusal() is not None
     lock = (
         store.read_lock()
