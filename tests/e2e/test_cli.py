@@ -69,10 +69,6 @@ def failed(p: subprocess.CompletedProcess[bytes], reason: str, code: int = 1) ->
     err = p.stderr.decode(errors="replace")
     assert p.returncode == code, (p.returncode, err)
     assert "--json" in p.args or "--debug" in p.args, "the reason is shown with --json or --debug"
-    if "--debug" not in p.args and err.startswith("{"):  # cat, export -o -: JSON on stderr
-        doc = json.loads(err)
-        assert doc["reason"] == reason, doc
-        return str(doc["error"])
     if "--debug" in p.args:  # the traceback first, then the error
         err = err[err.index("\nerror: ") + 1 :]
     else:

@@ -657,9 +657,10 @@ def test_init_on_a_file_or_a_dangling_link_says_what_is_there(shm_tmp: str) -> N
 
 def test_a_failing_cat_or_export_to_stdout_keeps_json_off_stdout(shm_tmp: str) -> None:
     """`cat` and `export -o -` write bytes on stdout; with --json a failure after some of them
-    appended its JSON document to those bytes (a script got neither a bundle nor JSON). stdout
-    now holds only a prefix of the bytes (the object's as they are on disk: the damage is found
-    after its last byte), and the failure is one JSON document on stderr."""
+    appended its JSON document to those bytes (a script got neither a bundle nor JSON). Once
+    bytes went out, stdout holds only a prefix of them (the object's as they are on disk: the
+    damage is found after its last byte), and the failure's JSON document follows its lines on
+    stderr; a failure before any byte is told as every verb's (lines on stderr, JSON on stdout)."""
     from tests.e2e.test_cli import _writable_object
 
     store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
@@ -679,7 +680,13 @@ def test_a_failing_cat_or_export_to_stdout_keeps_json_off_stdout(shm_tmp: str) -
     ):
         p = velo(store, "--json", *args)
         assert p.returncode == 1, p.stderr
-        assert real.startswith(p.stdout), (args, p.stdout[-200:])
-        report = json.loads(p.stderr)
         want = "not-found" if args[-1] == "missing" else "object-corrupt"
+        err = p.stderr.decode()
+        assert err.startswith("error: ") and f"\nreason: {want}\n" in err, err
+        if not real:  # nothing sent: the JSON document on stdout, as for every verb
+            report = json.loads(p.stdout)
+            assert "{" not in err, err
+        else:
+            assert p.stdout and real.startswith(p.stdout), (args, p.stdout[-200:])
+            report = json.loads(err[err.index("\n{") + 1 :])
         assert report["reason"] == want and report["error"], report

@@ -118,12 +118,12 @@ def test_a_name_that_is_not_utf8_in_a_message_reads_back_exactly(
     store, _src = trees
     shown = {}
     for raw in (b"gone-\xff", b"gone-\\xff"):
-        err = failed(velo(store, "--debug", "cat", "h", os.fsdecode(raw)), "not-found")
+        err = failed(velo(store, "--json", "cat", "h", os.fsdecode(raw)), "not-found")
         [line] = [x for x in err.split("\n") if x.startswith("error: ")]
         shown[raw] = unescape(line.rsplit(" no such path ", 1)[1])
     assert shown == {b"gone-\xff": b"gone-\xff", b"gone-\\xff": b"gone-\\xff"}
-    p = velo(store, "--json", "cat", "h", os.fsdecode(b"gone-\xff"))  # stdout is cat's data:
-    assert json.loads(p.stderr)["error"].endswith(os.fsdecode(b"gone-\xff"))  # JSON on stderr
+    p = velo(store, "--json", "cat", "h", os.fsdecode(b"gone-\xff"))  # no byte sent: stdout
+    assert json.loads(p.stdout)["error"].endswith(os.fsdecode(b"gone-\xff"))
 
 
 def test_the_paths_init_export_and_remove_store_report_read_back_exactly(

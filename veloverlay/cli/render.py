@@ -8,7 +8,7 @@ used only on a terminal, and never with `NO_COLOR` set or `TERM=dumb`. A failure
 
 with `reason: <slug>` (the machine-readable `Reason`) added only with `--debug` or `--json`; with
 `--json` the failure is also one JSON object on stdout, which always carries the reason (on
-stderr, in place of the lines, for a verb whose stdout carries data: `data_on_stdout`).
+stderr, after the lines, where a verb already wrote data on stdout: `data_on_stdout`).
 
 Text that may come from elsewhere (file names of an ingested tree, a registry's error message, a
 pulled commit message) never reaches the terminal raw: control characters are shown as `\\xNN`,
@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, cast
 
 from veloverlay import envvars
 from veloverlay.errors import SysError, VeloError
@@ -134,7 +134,7 @@ def emit_json(obj: Any, *, failure: VeloError | None = None) -> None:
     if failure is not None:
         obj = {**obj, **failure.as_dict()}
     _JSON_SENT[0] = True
-    out = sys.stderr if _DATA[0] else sys.stdout
+    out = sys.stderr if _DATA[0] is not None and _DATA[0].sent else sys.stdout
     out.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     out.flush()
 
@@ -177,13 +177,8 @@ def error(
     show_reason: bool = False,
     as_json: bool = False,
 ) -> None:
-    """Render one failure on stderr (and as JSON on stdout with `as_json`; on stderr alone,
-    in place of the lines, where stdout carries data: `data_on_stdout`)."""
-    if as_json and _DATA[0] and not _JSON_SENT[0]:
-        emit_json(
-            {"error": message, "reason": reason, "hint": hint, "detail": detail, "path": path}
-        )
-        return
+    """Render one failure on stderr (and as JSON on stdout with `as_json`; on stderr too, after
+    the lines, where data was already written on stdout: `data_on_stdout`)."""
     lines = [f"{_paint('1;31', 'error:')} {_safe(message)}"]
     if detail:
         lines.append(_safe(detail, lines=True))
@@ -229,14 +224,35 @@ def human_bytes(n: float) -> str:
 _DELAY = 0.5  # seconds before a bar appears: short operations draw nothing
 _JSON_SENT = [False]  # this command line has written its JSON document
 _MACHINE = [False]  # --json: output is for programs, and no bar is drawn even on a terminal
-_DATA = [False]  # stdout carries data (cat, export -o -): a --json failure goes to stderr
+_DATA: list[_Counted | None] = [None]  # stdout of a verb that writes data there (data_on_stdout)
 
 
-def data_on_stdout() -> None:
-    """This verb writes bytes on stdout (`cat`, `export -o -`): with --json its failure is one
-    JSON document on stderr, in place of the error lines, and stdout holds only the bytes
-    written before it (a document after them made stdout neither the data nor JSON)."""
-    _DATA[0] = True
+class _Counted:
+    """A binary stdout that counts the bytes written through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.sent = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self.raw.write(data)
+        self.sent += len(data)
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+
+def data_on_stdout() -> BinaryIO:
+    """Binary stdout for a verb whose stdout carries data (`cat`, `export -o -`). With --json, a
+    failure before any byte of it is written is told as for every verb (lines on stderr, JSON on
+    stdout); once data went out, its JSON goes to stderr too, after the lines: stdout holds only
+    the bytes (a document after them made it neither the data nor JSON)."""
+    _DATA[0] = _Counted(sys.stdout.buffer)
+    return cast(BinaryIO, _DATA[0])
 
 
 def machine_output(on: bool) -> None:
@@ -247,7 +263,7 @@ def machine_output(on: bool) -> None:
 def reset() -> None:
     """A new command line (main() may run several in one process): nothing sent yet."""
     _JSON_SENT[0] = False
-    _DATA[0] = False
+    _DATA[0] = None
     machine_output(False)
 
 
