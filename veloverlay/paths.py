@@ -21,6 +21,7 @@ __all__ = [
     "split",
     "join",
     "parse_user_path",
+    "given_path",
     "display",
 ]
 
@@ -84,15 +85,21 @@ def join(parent: bytes, name: bytes) -> bytes:
     return name if not parent else parent + b"/" + name
 
 
-def parse_user_path(text: str | bytes) -> bytes:
-    """A path typed by a user: extra slashes and `.` are dropped, `..` is refused, and so is an
-    empty one (USAGE: a script's unset variable, `ls REF "$DIR"`, never means the root; `/`
-    names it)."""
-    raw = os.fsencode(text)
-    if not raw:
+def given_path(text: str) -> str:
+    """A path inside a version as given on the command line, refused (USAGE) when empty: a
+    script's unset variable (`ls REF "$DIR"`) never means the root; `/` names it. (The library's
+    `parse_user_path` reads '' as the root.)"""
+    if not text:
         raise VeloError(
             "PATH is an empty path", reason=Reason.USAGE, hint="'/' names the tree's root"
         )
+    return text
+
+
+def parse_user_path(text: str | bytes) -> bytes:
+    """A path typed by a user: extra slashes and `.` are dropped, `..` is refused; '' is the
+    root (the command line refuses it first: `given_path`)."""
+    raw = os.fsencode(text)
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     for p in parts:
         if p == b"..":

@@ -398,8 +398,9 @@ def test_split_refuses_bad_manifest_paths(path: bytes) -> None:
 def test_user_paths() -> None:
     assert paths.parse_user_path("/a//b/./c/") == b"a/b/c"
     assert paths.parse_user_path("/") == b""
+    assert paths.parse_user_path("") == b""  # the library's root; the command line refuses it
     with pytest.raises(VeloError) as e:
-        paths.parse_user_path("")
+        paths.given_path("")
     assert e.value.reason is Reason.USAGE
     assert paths.parse_user_path(b"\xff/x") == b"\xff/x"
     with pytest.raises(VeloError) as ei:

@@ -257,7 +257,9 @@ def ls_cmd(
     ] = False,
 ) -> None:
     """List a directory of a manifest."""
-    entries = common.repo().ls(ref, path, recursive=recursive)
+    from veloverlay.paths import given_path
+
+    entries = common.repo().ls(ref, given_path(path), recursive=recursive)
     if state.json:
         render.emit_json([e.to_dict() for e in entries])
         return
@@ -276,12 +278,15 @@ def cat(
     ref: Ref,
     path: Annotated[str, typer.Argument(metavar="PATH", help="File in the manifest")],
 ) -> None:
-    """Write a file of a manifest to stdout (with --json, a failure is JSON on stderr)."""
-    render.data_on_stdout()
+    """Write a file of a manifest to stdout (with --json, a failure after bytes went out puts its
+    JSON on stderr)."""
+    from veloverlay.paths import given_path
+
+    out = render.data_on_stdout()
     repo = common.repo()
     sys.stdout.flush()
-    repo.cat(ref, path, sys.stdout.buffer)
-    sys.stdout.buffer.flush()
+    repo.cat(ref, given_path(path), out)
+    out.flush()
 
 
 @verb(app)
@@ -358,11 +363,10 @@ def export_cmd(
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
     from veloverlay.store.bundle import export_bundle, export_to_path
 
-    if output == "-":
-        render.data_on_stdout()
+    out = render.data_on_stdout() if output == "-" else None
     repo = common.repo()
-    if output == "-":
-        info = export_bundle(repo.store, repo.m, ref, sys.stdout.buffer, shown="<stdout>")
+    if out is not None:
+        info = export_bundle(repo.store, repo.m, ref, out, shown="<stdout>")
         return
     info = export_to_path(repo.store, repo.m, ref, output)
     if state.json:
@@ -433,6 +437,9 @@ def tiers_explain(
     ] = None,
 ) -> None:
     """Say which tier PATH gets, and which rule decided."""
+    from veloverlay.paths import given_path
+
+    given_path(path)
     if ref is not None:
         tier, rule, _rules = common.repo().explain_tier(path, ref)
     else:
