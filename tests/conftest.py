@@ -27,8 +27,15 @@ def must_work() -> set[str]:
 _RUNTIME: list[str] = []
 
 
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path factory reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(*features): skip unless the probe finds the features")
+    if config.option.basetemp is None:
+        # tmp_path's base: one directory for the run, removed at its end by force_rmtree (a
+        # store in it holds chattr +i objects, which pytest's own clean-up cannot remove: it
+        # left them as /tmp/pytest-of-USER/garbage-* and kept the last three runs' trees)
+        config.option.basetemp = tempfile.mkdtemp(prefix="velo-test-tmp-")
+        _RUNTIME.append(config.option.basetemp)
     if "VELO_RUNTIME_DIR" not in os.environ:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         from tests.helpers.unpriv import mine
