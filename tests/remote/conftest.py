@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import must_work
 from tests.helpers.trees import force_rmtree
+from tests.remote.fake_registry import FakeRegistry
 
 USER, PASSWORD = "velo", "s3cret-pw"
 
@@ -227,3 +228,11 @@ def logged_in(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Registry:
     """The registry, with REGISTRY_AUTH_FILE naming the right credentials."""
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(registry.auth_file))
     return registry
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    """An in-process registry whose answers a test scripts (fake_registry.py), closed after."""
+    f = FakeRegistry()
+    yield f
+    f.close()

@@ -19,13 +19,6 @@ from veloverlay.remote.name import parse_remote
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
-
-
-@pytest.fixture
 def other() -> Iterator[FakeRegistry]:
     """Another origin (same address, other port): here, the attacker."""
     f = FakeRegistry()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +16,6 @@ from veloverlay.errors import Reason, VeloError
 from veloverlay.remote import Options, pull
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def test_a_registry_that_drips_its_headers_is_cut_off(fake: FakeRegistry, repo: Repo) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,13 +24,6 @@ from veloverlay.verbs.repo import Repo
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 H = len(PACK_HEADER)
 A, B = b"\x01" * 32, b"\x02" * 32
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 @pytest.mark.parametrize(

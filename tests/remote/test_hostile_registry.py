@@ -35,13 +35,6 @@ from veloverlay.verbs.repo import Repo
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
-
-
 CREDS = Credentials("alice", "s3cret-pw", "test-auth.json")
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +16,6 @@ from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
 
 _TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def _pull_on_a_full_disk(base: str, remote: str) -> dict[str, object]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
@@ -30,13 +27,6 @@ r.close()
 print(next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM:")))
 """
 PACKS, JUNK = 8, 24 << 20  # 192 MiB of node packs no walk needs
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def _peak_kib(repo: Repo, remote: str, name: str) -> int:

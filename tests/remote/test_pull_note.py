@@ -10,7 +10,6 @@ import errno
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,13 +24,6 @@ from veloverlay.verbs.repo import Repo
 
 _TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def _serve(fake: FakeRegistry, data: bytes, tag: str) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,13 +26,6 @@ from veloverlay.verbs.repo import Repo
 _TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 EVIL = b"#!/bin/sh\necho owned\n"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def _serve(fake: FakeRegistry, data: bytes, *, tag: str = "v1", ref: str | None = "proj") -> None:

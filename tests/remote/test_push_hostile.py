@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,13 +18,6 @@ from veloverlay.remote.state import Versions
 from veloverlay.verbs.repo import Repo
 
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
 
 
 def _env(repo: Repo, shm_tmp: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -106,10 +105,3 @@ def test_a_loopback_registry_may_send_on_to_loopback(fake: FakeRegistry) -> None
             assert reg.get_blob(DIGEST, len(BLOB)) == BLOB
     finally:
         other.close()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
-    f = FakeRegistry()
-    yield f
-    f.close()
