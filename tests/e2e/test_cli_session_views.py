@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -104,6 +105,27 @@ def _live_then_harvested(
     return live, as_json, running["changes"]
 
 
+def _all_agree(
+    store: str,
+    want: dict[str, str],
+    live: dict[tuple[str, ...], str],
+    harvested: dict[tuple[str, ...], str],
+    as_json: list[dict[str, object]],
+    status: list[object],
+) -> list[dict[str, Any]]:
+    """The harvested diff of hi lists `want` (path -> status: the real change), the live views
+    (each text form, `-p --json`, `status --json`) said the same, and its `--json`: returned."""
+    got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
+    assert {p: s for s, p in got} == want and len(got) == len(want), got
+    assert live == harvested
+    committed: list[dict[str, Any]] = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
+    assert status == [{"status": c["status"], "path": c["path"]} for c in committed]
+    assert [(c["status"], c["path"]) for c in as_json] == [
+        (c["status"], c["path"]) for c in committed
+    ]
+    return committed
+
+
 @pytest.mark.parametrize("stacked", [True, False], ids=["stack", "one-ref"])
 @pytest.mark.parametrize("backend", ["overlay", "shim"])
 def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
@@ -134,14 +156,7 @@ def test_a_running_sessions_diff_and_status_say_what_its_harvest_commits(
     # the lower ref's directories the command removed whole (deleted, moved away): one mask each
     masks = ["d", "d2", "e"] if stacked else []
     want = {**_expected_changes(before, after), **dict.fromkeys(masks, "D")}
-    got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
-    assert {p: s for s, p in got} == want and len(got) == len(want), got
-    assert live == harvested
-    committed = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
-    assert status == [{"status": c["status"], "path": c["path"]} for c in committed]
-    assert [(c["status"], c["path"]) for c in as_json] == [
-        (c["status"], c["path"]) for c in committed
-    ]
+    committed = _all_agree(store, want, live, harvested, as_json, status)
     masked = [c["path"] for c in committed if (c["new"] or {}).get("kind") == "mask"]
     assert [c["path"] for c in as_json if c["masked"]] == masked == masks
     if stacked:  # what the masks do: the lower ref keeps its entries, the stack shows none
@@ -198,14 +213,7 @@ def test_a_copied_up_store_link_is_told_as_the_file_its_harvest_records(
         0o644,
         0o600,
     ]
-    got = [tuple(x.split("\t")) for x in harvested[("--name-status",)].splitlines()]
-    assert {p: s for s, p in got} == want and len(got) == len(want), got
-    assert live == harvested
-    committed = data(velo(store, "diff", "hi@{1}", "hi", "--json"))
-    assert status == [{"status": c["status"], "path": c["path"]} for c in committed]
-    assert [(c["status"], c["path"]) for c in as_json] == [
-        (c["status"], c["path"]) for c in committed
-    ]
+    _all_agree(store, want, live, harvested, as_json, status)
 
 
 @pytest.mark.parametrize("meanwhile", ["part", "all"])
