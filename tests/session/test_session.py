@@ -115,6 +115,36 @@ def test_the_command_starts_as_exec_would_start_it(mode: str) -> None:
         assert not ignored & (1 << (sig - 1)), (sig, got)
 
 
+def _first_process_after_the_reaper(base: str) -> list[str]:
+    store, _src = new_store(base)
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "out")
+    bindir, afile = os.path.join(base, "bin"), os.path.join(base, "a-file")
+    os.mkdir(bindir)
+    with open(os.path.join(bindir, "tool"), "w") as f:
+        f.write(f"#!/bin/sh\necho $$ > {out}\n")
+    os.chmod(os.path.join(bindir, "tool"), 0o755)
+    open(afile, "w").close()
+    os.symlink(os.path.join(base, "gone"), os.path.join(base, "dangling"))
+    # entries without the command: missing, a file (ENOTDIR), a dangling symlink to a directory
+    missing = [os.path.join(base, f"none{i}") for i in range(6)]
+    os.environ["PATH"] = ":".join([*missing, afile, os.path.join(base, "dangling"), bindir])
+    res = run_session(store, ["t"], ["tool"], at=proj)
+    lost = run_session(store, ["t"], ["no-such-tool-veloverlay"], at=proj)
+    with open(out) as f:
+        return [f.read().strip(), str(res.exit_status), str(lost.exit_status)]
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_path_entries_without_the_command_start_no_process(mode: str) -> None:
+    """Each PATH entry before the command's was tried with a posix_spawn of its own: a vfork and
+    a child that failed to exec, eight of them before /usr/bin/true on this machine's PATH. The
+    command is now the first process the session's pid 1 starts (pid 2 in its pid namespace),
+    and a command on no entry is still 127."""
+    with unpriv_tmpdir() as base:
+        got = as_mode(mode, _first_process_after_the_reaper, base)
+    assert got == ["2", "0", "127"], got
+
+
 def _cwd_inside_target(base: str) -> tuple[str, str]:
     store, src = new_store(base)
     with open(os.path.join(src, "f1"), "w") as f:

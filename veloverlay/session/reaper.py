@@ -444,6 +444,17 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
     first_error: OSError | None = None
     last_error: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
     for path in candidates:
+        # A PATH entry without the command costs a stat here, not a process: each failed
+        # posix_spawn is a vfork, a child and a wait (eight of them before /usr/bin/true on a
+        # PATH with ~/.cargo/bin and pyenv shims first). The exec would say the same ENOENT
+        # or ENOTDIR; any other answer (EACCES on a directory, ELOOP) is left to the exec.
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last_error = OSError(exc.errno, exc.strerror)
+            continue
+        except (OSError, ValueError):  # ValueError: a NUL byte (posix_spawn says EINVAL)
+            pass
         try:
             return os.posix_spawn(path, argv, env, setsigdef=CHILD_SIGNALS, setsigmask=())
         except ValueError as exc:  # a NUL byte in an argument or the environment
