@@ -1,5 +1,3 @@
-import sys
+from veloverlay.cli import entry
 
-from veloverlay.cli import main
-
-sys.exit(main())
+entry()

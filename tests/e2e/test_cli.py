@@ -523,9 +523,7 @@ def test_bash_completes_a_verb_and_a_ref_name(store: str, src: str, shm_tmp: str
     bindir = os.path.join(shm_tmp, "bin")  # the console script, as an installed package has it
     os.mkdir(bindir)
     with open(os.path.join(bindir, "veloverlay"), "w") as f:
-        f.write(
-            f"#!{sys.executable}\nimport sys\nfrom veloverlay.cli import main\nsys.exit(main())\n"
-        )
+        f.write(f"#!{sys.executable}\nfrom veloverlay.cli import entry\nentry()\n")
     os.chmod(os.path.join(bindir, "veloverlay"), 0o755)
     # typer finds the shell to complete for among the caller's ancestors: a user's bash, here
     # too (the suite itself may run under make's sh, which typer does not complete for).
@@ -631,6 +629,40 @@ def test_a_closed_pipe_ends_quietly(store: str, shm_tmp: str) -> None:
             assert rc in (0, 141) and err == b"", err
         else:
             assert (rc, err) == (141, b""), (args, rc, err)
+
+
+def test_output_into_a_file_is_whole_and_the_status_kept(store: str, shm_tmp: str) -> None:
+    """The command ends without the interpreter's finalization (`cli.entry`): whatever stdout
+    and stderr still buffer must be written first. Into a regular file stdout is fully
+    buffered, so `ls -r` of a large ref and `cat` of a 1 MiB file leave most of their output
+    in the buffer until the end; both entry points (`python -m veloverlay`, the installed
+    console script) must write all of it, and pass a failure's status and message on."""
+    big = os.path.join(shm_tmp, "big")
+    files = {f"d{i // 100}/name-{i:05d}.txt": b"x" for i in range(3000)}
+    files["d0/large"] = os.urandom(1 << 20)
+    make_tree(big, files)
+    ok(velo(store, "ingest", big, "-n", "big"))
+    want = sorted({*files, *(f"d{i}" for i in range(30))})
+    script = os.path.join(os.path.dirname(sys.executable), "veloverlay")
+    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
+    for runner in ([sys.executable, "-m", "veloverlay"], [script]):
+        out = os.path.join(shm_tmp, "out")
+        with open(out, "wb") as f:
+            p = subprocess.run([*runner, "ls", "-r", "big"], env=env, stdout=f)
+        assert p.returncode == 0, runner
+        with open(out, "rb") as f:
+            got = sorted(line.split()[-1].decode().rstrip("/") for line in f.read().splitlines())
+        assert got == want, runner
+        with open(out, "wb") as f:
+            p = subprocess.run([*runner, "cat", "big", "d0/large"], env=env, stdout=f)
+        assert p.returncode == 0, runner
+        with open(out, "rb") as f:
+            assert f.read() == files["d0/large"], runner
+        with open(out, "wb") as f:
+            p = subprocess.run([*runner, "--json", "ls", "nosuch"], env=env, stdout=f)
+        assert p.returncode == 1, runner
+        with open(out, "rb") as f:
+            assert json.loads(f.read())["reason"] == "not-found", runner
 
 
 # -- diff (issue 15.6) -------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typer.core import TyperGroup
 from veloverlay import __version__, progress
 from veloverlay.cli import common, render
 
-__all__ = ["main", "VERBS", "app"]
+__all__ = ["main", "entry", "VERBS", "app"]
 
 HELP = (
     "Keep file trees in one content-addressed store and project them as live, writable "
@@ -195,6 +195,28 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
         progress.set_notice(None)
     return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:
+    """The console script and `python -m veloverlay`: `main`, then the process ends without the
+    interpreter's finalization, which only frees what the exit frees anyway. It took 10-16 ms of
+    every command here (typer's and click's ~300 modules: `--version` 62.7 against 50.0 ms, a
+    warm `run -- true` 108.8 against 92.1, medians of 21). Nothing of ours needs it: no atexit
+    hook, every LMDB transaction and lock is released by the verb's own `with`, and the two
+    `__del__`s close descriptors. What stdout and stderr buffer is written first; a SystemExit
+    out of `main` (not a status it returned) takes the ordinary way out."""
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left after main's own flush
+        code = _broken_pipe()
+    except (OSError, ValueError):
+        code = code or 1
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code if 0 <= code <= 255 else 1)
 
 
 class Terminated(BaseException):
