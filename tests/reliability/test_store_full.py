@@ -250,7 +250,8 @@ def test_a_pulled_refs_notes_are_forgotten_on_a_full_disk(shm_tmp: str) -> None:
     out = ns.run_in_child(_delete_pulled_ref_on_a_full_disk, shm_tmp)
     assert out["ingest"] == 0 and out["filler"] == errno.ENOSPC, out
     assert out["forget"] == "ok", out
-    assert out["notes"] == {"reg.example:5000": {"u": ["team/u", "sha256:" + "1" * 64, None]}}
+    u = ["team/u", "sha256:" + "1" * 64, None, None]  # (the lineage and head it was given)
+    assert out["notes"] == {"reg.example:5000": {"u": u}}
 
 
 def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:

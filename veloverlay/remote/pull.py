@@ -134,7 +134,9 @@ def pull(
             same = existing is not None and m.get_commit(txn, existing.head).root == root.hex()
         if same and not heal:  # up to date (a ref's whole closure is stored)
             assert existing is not None  # as below: a --force adopts it, a newer manifest of
-            Versions(store).set(rn.registry, refname, rn.repo, digest, existing.lineage)
+            Versions(store).set(
+                rn.registry, refname, rn.repo, digest, existing.lineage, existing.head
+            )
             res.requests = reg.requests  # the tree is noted
             res.seconds = time.monotonic() - t0
             return res
@@ -222,8 +224,9 @@ def pull(
                 )
                 res.commit = c.id
             now = m.get_ref(txn, refname)
-        if now is not None and now.lineage != lineage:  # (--force onto a ref made meanwhile)
-            Versions(store).set(rn.registry, refname, rn.repo, digest, now.lineage)
+        if now is not None:  # the head that came from there (and the lineage, for a --force
+            # onto a ref made meanwhile): a ref moved later by anything else is not from there
+            Versions(store).set(rn.registry, refname, rn.repo, digest, now.lineage, now.head)
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res

@@ -429,7 +429,7 @@ def _push_one(
         base_ref = m.get_ref(txn, base_name)
     lineage = base_ref.lineage if base_ref is not None else None
     try:
-        versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage)
+        versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage, commit.id)
         res.noted = True
     except VeloError as exc:  # the registry holds the tag: the push is done, whatever this says
         if exc.reason not in (Reason.STORE_FULL, Reason.STORE_PERMISSION):

@@ -86,16 +86,20 @@ class ShaMap:
 
 class Versions:
     """The last version this store pushed or pulled per (registry, ref): `remote-v1/versions-v1
-    .json`, {registry: {ref: [repository, manifest digest, lineage]}} (registry: `HOST[:PORT]`,
-    or `http://HOST[:PORT]` without TLS; lineage: the ref's `Ref.lineage`, null for a ref made
-    by an earlier version; notes written before it have no lineage). A push to another
-    repository of the same registry uses it as a have-list and mounts its blobs instead of
-    uploading them; a pull moves an existing ref only when it came from there (`source`).
+    .json`, {registry: {ref: [repository, manifest digest, lineage, head]}} (registry:
+    `HOST[:PORT]`, or `http://HOST[:PORT]` without TLS; lineage: the ref's `Ref.lineage`, null
+    for a ref made by an earlier version; head: the commit the pull made or the push sent;
+    older notes lack one or both). A push to another repository of the same registry uses it
+    as a have-list and mounts its blobs instead of uploading them; a pull moves an existing ref
+    only when its current head came from there (`source`): a note whose head is not the ref's
+    any more (an ingest, import --force, a session's commit or a pull from elsewhere moved
+    it) vouches for nothing, whatever wrote the ref and whether or not it knew of notes.
 
     The file is not in the ref's LMDB transaction, so a pull writes the note first, with the
-    lineage the ref has or will get, and then commits: a pull that never commits (killed, a
-    full disk) leaves a note naming a lineage no ref has (a ref of that name made later gets
-    another), or one the ref already had whose --force the user already gave."""
+    lineage the ref has or will get and no head yet, then commits, then notes the head: a
+    pull that never commits (killed, a full disk) leaves a note naming a lineage no ref has (a
+    ref of that name made later gets another), or one the ref already had whose --force the
+    user already gave."""
 
     def __init__(self, store: Store) -> None:
         self.path = Path(store.root) / "remote-v1" / "versions-v1.json"
@@ -115,8 +119,10 @@ class Versions:
         """The repository of `host` that `ref` was last pulled from or pushed to, if the note
         is this ref's: written for its lineage (a note without one: from before lineages)."""
         note = self._note(host, ref.name)
-        if note is None or (len(note) == 3 and note[2] != ref.lineage):
+        if note is None or (len(note) >= 3 and note[2] != ref.lineage):
             return None  # none, a pull that never committed, or another ref of that name
+        if len(note) == 4 and note[3] is not None and note[3] != ref.head:
+            return None  # the ref moved since, by something else: its head is not from there
         return str(note[0])
 
     def _note(self, host: str, ref: str) -> list[Any] | None:
@@ -124,19 +130,30 @@ class Versions:
         hit = refs.get(ref) if isinstance(refs, dict) else None
         if (
             isinstance(hit, list)
-            and len(hit) in (2, 3)
+            and len(hit) in (2, 3, 4)
             and all(isinstance(x, str) for x in hit[:2])
-            and (len(hit) == 2 or isinstance(hit[2], (str, type(None))))
+            and all(isinstance(x, (str, type(None))) for x in hit[2:])
         ):
             return hit
         return None
 
-    def set(self, host: str, ref: str, repo: str, digest: str, lineage: str | None) -> None:
+    def set(
+        self,
+        host: str,
+        ref: str,
+        repo: str,
+        digest: str,
+        lineage: str | None,
+        head: str | None = None,
+    ) -> None:
+        """Note `ref` as pulled from or pushed to `host`/`repo` (`head`: the commit that came
+        from or went there; None: not yet known, the lineage alone vouches)."""
+
         def change(data: dict[str, Any]) -> bool:
             refs = data.get(host)
             if not isinstance(refs, dict):  # damaged notes: start this registry's again
                 refs = data[host] = {}
-            refs[ref] = [repo, digest, lineage]
+            refs[ref] = [repo, digest, lineage, head]
             return True
 
         self._update(change)
