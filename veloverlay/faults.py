@@ -35,6 +35,7 @@ POINTS = (
     "remote.pull.published",  # pull: after one batch of fetched objects is published
     "remote.pull.fetched",  # pull: every object published, before the nodes and ref commit
     "remote.pull.noted",  # pull: the ref's remote note written, before the nodes and ref commit
+    "refs.delete.forgotten",  # refs --delete: the ref's remote notes forgotten, before its delete
 )
 
 _spec = os.environ.get("VELO_INTERNAL__TEST_FAULT", "")

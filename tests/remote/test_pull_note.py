@@ -144,3 +144,72 @@ def test_a_forced_pull_on_a_disk_that_fills_before_its_commit(
         assert out["f"] == b"mine\n" and out["again"] == "other-source", out
     else:
         assert out["first"] == "ok" and out["f"] == b"one\n" and out["again"] == "ok", out
+
+
+def _killed_deleting(repo: Repo, ref: str) -> subprocess.CompletedProcess[bytes]:
+    script = (
+        "import sys\n"
+        "from veloverlay.verbs.repo import Repo\n"
+        "Repo.open(sys.argv[1]).delete_ref(sys.argv[2])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": _TOP, "VELO_INTERNAL__TEST_FAULT": "refs.delete.forgotten:1"}
+    return subprocess.run(
+        [sys.executable, "-c", script, str(repo.store.root), ref],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_a_ref_delete_killed_between_its_notes_and_its_ref(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """The notes go first: killed in between, the ref is there without them (a pull of it needs
+    --force: nothing moves unasked), never notes without their ref; the delete again finishes."""
+    from veloverlay.remote.state import Versions
+
+    _serve(fake, b"one\n", "v1")
+    _serve(fake, b"two\n", "v2")
+    pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    assert Versions(repo.store).get(f"http://{fake.host}", "env") is not None
+    proc = _killed_deleting(repo, "env")
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert Versions(repo.store).get(f"http://{fake.host}", "env") is None
+    assert _cat(repo, "env", shm_tmp, "a") == b"one\n"  # the ref is whole
+    with pytest.raises(VeloError) as ei:
+        pull(repo.store, repo.m, fake.remote("v2"), options=OPTS)
+    assert ei.value.reason is Reason.OTHER_SOURCE, ei.value
+    repo.delete_ref("env")
+    with repo.m.read() as txn:
+        assert repo.m.get_ref(txn, "env") is None
+
+
+def test_a_pull_that_notes_the_ref_while_it_is_deleted(
+    fake: FakeRegistry, repo: Repo, shm_tmp: str
+) -> None:
+    """A pull (or push) does not wait for a delete: one that notes the ref between the delete's
+    forgetting and its delete left a note of a ref that is gone. The delete forgets again after."""
+    from veloverlay import faults
+    from veloverlay.remote.state import Versions
+
+    _serve(fake, b"one\n", "v1")
+    _serve(fake, b"two\n", "v2")
+    pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    real = faults.point
+    seen: list[str] = []
+
+    def meanwhile(name: str) -> None:
+        if name == "refs.delete.forgotten":
+            seen.append(name)
+            pull(repo.store, repo.m, fake.remote("v2"), options=OPTS, force=True)
+        real(name)
+
+    faults.point = meanwhile
+    try:
+        repo.delete_ref("env")
+    finally:
+        faults.point = real
+    assert seen, "the delete has no point between its notes and its ref"
+    with repo.m.read() as txn:
+        assert repo.m.get_ref(txn, "env") is None
+    assert Versions(repo.store).load().get(f"http://{fake.host}", {}).get("env") is None

@@ -330,7 +330,13 @@ class Repo:
 
         refuse_live_view(self.store, name, doing="delete")
         fp = ref_footprint(self.store, self.m, name, grace=grace)
-        Versions(self.store).forget(name)  # first: a later ref of that name is not the pulled one
+        # The notes of where it came from go first: a crash (or a failed delete) in between
+        # leaves the ref without them, and a pull of it then needs --force, the safe side. The
+        # other order leaves notes without their ref, and a note of an earlier version (no
+        # lineage) would vouch for a ref made later under the name (remote.state.Versions).
+        notes = Versions(self.store)
+        notes.forget(name)
+        faults.point("refs.delete.forgotten")
 
         def attempt() -> None:
             with self.m.write() as txn:
@@ -341,6 +347,9 @@ class Repo:
         # the documented way out of a full disk (delete refs, then gc) must work on one: LMDB
         # needs free pages even to delete, which the store's reserve gives (reserve.py)
         reserve.freeing(self.store, attempt)
+        # and once more after: a pull or push that noted the ref meanwhile (they do not wait
+        # for this) left a note of a ref that is gone
+        notes.forget(name)
         return fp
 
     def disk_usage(self) -> dict[str, dict[str, int]]:
