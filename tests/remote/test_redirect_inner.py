@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+from typing import Any
 
 import httpx
 import pytest
@@ -103,5 +104,83 @@ def test_a_loopback_registry_may_send_on_to_loopback(fake: FakeRegistry) -> None
         opts = Options(retries=0, timeout=5, backoff=0.01)
         with Registry(parse_remote(fake.remote()), opts) as reg:
             assert reg.get_blob(DIGEST, len(BLOB)) == BLOB
+    finally:
+        other.close()
+
+
+def _rebinding(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeRegistry, other: FakeRegistry, answers: list[str]
+) -> tuple[Registry, list[str]]:
+    """A registry named registry.example (public, says the resolver stub) on `fake`, whose blob
+    GETs redirect to cdn.example on `other`; cdn.example resolves to `answers` in turn (the last
+    one from then on). Every connection is really made to 127.0.0.1 (the fakes) whatever host
+    it was asked for, which is recorded."""
+    import socket
+
+    import httpcore
+
+    real_resolve = socket.getaddrinfo
+    real_connect = httpcore.SyncBackend.connect_tcp
+    asked: list[str] = []
+    left = list(answers)
+
+    def resolve(host: Any, port: Any, *a: Any, **kw: Any) -> Any:
+        if host == "registry.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port or 0))]
+        if host == "cdn.example":
+            addr = left.pop(0) if len(left) > 1 else left[0]
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port or 0))]
+        return real_resolve(host, port, *a, **kw)
+
+    def connect(self: Any, host: str, port: int, *a: Any, **kw: Any) -> Any:
+        asked.append(host)
+        return real_connect(self, "127.0.0.1", port, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", connect)
+
+    def front(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        if "/blobs/" in h.path:
+            h.send(307, headers={"Location": f"http://cdn.example:{other.port}/cdn"})  # type: ignore[attr-defined]
+            return True
+        return False
+
+    def cdn(h: http.server.BaseHTTPRequestHandler, method: str) -> bool:
+        h.send(200, BLOB)  # type: ignore[attr-defined]
+        return True
+
+    fake.hook, other.hook = front, cdn
+    opts = Options(retries=0, timeout=5, backoff=0.01)
+    return Registry(parse_remote(f"http://registry.example:{fake.port}/team/x:t"), opts), asked
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check(
+    fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Public when the redirect is checked, loopback when the connection resolves it again:
+    refused at the connection, which goes to the address it checked or nowhere."""
+    other = FakeRegistry()
+    try:
+        reg, asked = _rebinding(monkeypatch, fake, other, [PUBLIC, "127.0.0.1"])
+        with reg, pytest.raises(VeloError) as ei:
+            reg.get_blob(DIGEST, len(BLOB))
+        assert ei.value.reason is Reason.REMOTE_REDIRECT, ei.value
+        assert "cdn.example" in ei.value.message and "loopback" in ei.value.message
+        assert other.seen == []  # the loopback service was never asked
+        assert "cdn.example" not in asked
+    finally:
+        other.close()
+
+
+def test_a_connection_goes_to_the_address_that_was_checked(
+    fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = FakeRegistry()
+    try:
+        reg, asked = _rebinding(monkeypatch, fake, other, ["151.101.1.1"])
+        with reg:
+            assert reg.get_blob(DIGEST, len(BLOB)) == BLOB
+        assert asked == ["registry.example", "151.101.1.1"]  # by address, not by name again
+        assert len(other.seen) == 1
     finally:
         other.close()

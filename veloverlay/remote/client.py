@@ -40,6 +40,7 @@ from veloverlay.remote.transport import (
     pace_transport,
     paced,
     pieces,
+    pin_transport,
     read_small,
     registry_error,
     show_origin,
@@ -89,6 +90,7 @@ class Registry:
             kw["verify"] = ssl_context(name.host, self.opts)
         else:  # no CAs loaded unless a redirect leads to https
             kw["transport"] = PlainFirst(limits, lambda: httpx.HTTPTransport(limits=limits))
+        guard = InnerGuard(name.host, httpx.URL(name.base_url).host)
         self.client = httpx.Client(
             timeout=httpx.Timeout(self.opts.timeout, connect=min(10.0, self.opts.timeout)),
             follow_redirects=True,
@@ -97,12 +99,14 @@ class Registry:
             # wanted, and one the server applies anyway is refused (`check_encoding`), so no
             # answer can decompress into more than it sent.
             headers={"User-Agent": "veloverlay", "Accept-Encoding": "identity"},
-            event_hooks={"request": [InnerGuard(name.host, httpx.URL(name.base_url).host)]},
+            event_hooks={"request": [guard]},
             **kw,
         )
         for t in (self.client._transport, *self.client._mounts.values()):  # (proxies)
             if transport is None and t is not None:
                 pace_transport(t, self.opts)  # the head of an answer is paced too
+        if transport is None:  # connections go to the addresses the guard checked
+            pin_transport(self.client._transport, guard)
         self._lock = threading.Lock()
         self._creds: Credentials | None = self.opts.credentials
         self._creds_looked = self.opts.credentials is not None

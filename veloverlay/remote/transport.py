@@ -28,6 +28,8 @@ __all__ = [
     "env_proxied",
     "address_kinds",
     "InnerGuard",
+    "PinnedBackend",
+    "pin_transport",
     "pieces",
     "transport_error",
     "Options",
@@ -171,9 +173,11 @@ class InnerGuard:
     only if the registry itself is on one of that kind (a registry on loopback may also send on
     to private addresses: a local registry in front of a store on the network). Else a
     registry on the internet could make this machine fetch from its own network (blind SSRF:
-    169.254.169.254, a service on 127.0.0.1) on its behalf. A name is checked by what it
-    resolves to now; the connection resolves it again (a name that changes in between is not
-    caught: the kinds of address are checked, not pinned)."""
+    169.254.169.254, a service on 127.0.0.1) on its behalf. The hook refuses early, before a
+    request is made, by what the name resolves to now; the connection itself is made by
+    `PinnedBackend`, which resolves the name once, checks those addresses the same way and
+    connects to one of them: a name that resolves to a public address for the hook and to
+    loopback a moment later (DNS rebinding) is refused there."""
 
     def __init__(self, registry: str, host: str) -> None:
         self.registry = registry
@@ -192,9 +196,13 @@ class InnerGuard:
 
     def __call__(self, request: httpx.Request) -> None:
         host = request.url.host
-        if host == self.host:
-            return
-        inner = self.kinds(host) & set(_INNER)
+        if host != self.host:
+            detail = f"{request.method} {request.url.copy_with(query=None)}"
+            self.check(host, self.kinds(host), detail)
+
+    def check(self, host: str, kinds: set[str], detail: str) -> None:
+        """Refuse `host` on addresses of `kinds` unless the registry is as inside as that."""
+        inner = kinds & set(_INNER)
         if not inner:
             return
         own = self.kinds(self.host)
@@ -207,8 +215,61 @@ class InnerGuard:
                 reason=Reason.REMOTE_REDIRECT,
                 hint="a registry may send requests on only to hosts as reachable as itself "
                 "(docs/remote.md); use a registry you trust, or one on the same network",
-                detail=f"{request.method} {request.url.copy_with(query=None)}",
+                detail=detail,
             )
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """Connections to a host other than the registry's own: its name is resolved once, every
+    address it has is checked (`InnerGuard.check`), and the connection goes to one of exactly
+    those addresses (TLS still verifies the name: httpcore gives it to `start_tls`). The
+    registry's own host, named by the user, is connected to as given."""
+
+    def __init__(self, inner: httpcore.NetworkBackend, guard: InnerGuard) -> None:
+        self.inner, self.guard = inner, guard
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        if host == self.guard.host:
+            return self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"{host}: {exc}") from exc
+        addrs = list(dict.fromkeys(str(i[4][0]) for i in infos))
+        kinds = {_kind(ipaddress.ip_address(a.split("%")[0])) for a in addrs}
+        self.guard.check(host, kinds, f"connect {host}:{port} ({', '.join(addrs)})")
+        last: Exception = httpcore.ConnectError(f"{host}: no address")
+        for addr in addrs:
+            try:
+                return self.inner.connect_tcp(addr, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        raise last
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def pin_transport(transport: httpx.BaseTransport, guard: InnerGuard) -> httpx.BaseTransport:
+    """`transport` connecting through `PinnedBackend`, when it is one of httpx's own (not a
+    proxy's: a proxy resolves the names it is given, and is reached as configured)."""
+    if isinstance(transport, PlainFirst):
+        pin_transport(transport.plain, guard)
+        make_tls = transport._make_tls
+        transport._make_tls = lambda: pin_transport(make_tls(), guard)
+        return transport
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, httpcore.NetworkBackend) and not isinstance(backend, PinnedBackend):
+        pool._network_backend = PinnedBackend(backend, guard)  # type: ignore[union-attr]
+    return transport
 
 
 class PlainFirst(httpx.BaseTransport):
