@@ -404,6 +404,18 @@ class _Reader:
             self.h.update(b)
         return b
 
+    def whole(self, n: int) -> bytes:
+        """The next `n` bytes, held whole (a node), allocated only as they arrive: a length
+        claimed and not carried is never a buffer of that size first (as `read(n)` makes)."""
+        try:  # a regular file says at once whether they are there
+            st = os.fstat(self.f.fileno())
+            left = st.st_size - self.f.tell() if stat.S_ISREG(st.st_mode) else None
+        except (OSError, ValueError, AttributeError):  # (a pipe's tell, BytesIO's fileno)
+            left = None
+        if left is not None and n > left:
+            raise _bad("truncated")
+        return self.exact(n) if left is not None else b"".join(self.chunks(n))
+
     def chunks(self, n: int) -> Iterator[bytes]:
         """The next `n` bytes, a chunk at a time (an object is never held whole)."""
         while n:
@@ -512,7 +524,7 @@ def import_bundle(
                 if not DIGEST_SIZE < length <= MAX_NODE:
                     raise _bad("bad node record length")
                 d = r.exact(DIGEST_SIZE)
-                data = r.exact(length - DIGEST_SIZE)
+                data = r.whole(length - DIGEST_SIZE)
                 if node_digest(data) != d:
                     raise _bad(f"node {d.hex()[:16]} does not hash to its name")
                 try:
