@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from veloverlay.files import given_path
 from veloverlay.mount import pin_dir
 from veloverlay.store import incoming
 from veloverlay.store.access import refuse_overlap
+from veloverlay.store.bundlepart import MAGIC, create_part, sticky_kept
 from veloverlay.store.cas import Store, object_corrupt, verified_chunks
 from veloverlay.store.digest import DIGEST_SIZE, Hasher, node_digest
 from veloverlay.store.manifest import REF_RE, Manifests, Ref, Txn
@@ -44,7 +44,6 @@ from veloverlay.store.tree import Kind, Node, decode
 
 __all__ = ["export_bundle", "export_to_path", "import_bundle", "MAGIC", "MAX_NODE"]
 
-MAGIC = b"VELOBNDL"
 VERSION = 1
 _REC = struct.Struct("<BQ")
 _META, _NODE, _OBJECT, _END = 1, 2, 3, 0
@@ -58,17 +57,25 @@ _CHUNK = 1 << 20
 
 
 def export_bundle(
-    store: Store, m: Manifests, spec: str, out: IO[bytes], *, shown: str | None = None
+    store: Store,
+    m: Manifests,
+    spec: str,
+    out: IO[bytes],
+    *,
+    shown: str | None = None,
+    sparse: bool = False,
 ) -> dict[str, Any]:
     """Write the bundle of `spec` to `out`; a failed write is a SysError naming `shown` (the
     output as the user gave it; a reader gone away stays a BrokenPipeError). The store lock is
-    held shared throughout: gc waits, so the version resolved here keeps its objects."""
+    held shared throughout: gc waits, so the version resolved here keeps its objects. With
+    `sparse` (`out` a new regular file, not O_APPEND), an object's chunks of zeros are seeked
+    over, not written: the bundle file has holes where its files had (the format has none)."""
     with store.read_lock():
-        return _write_bundle(store, m, spec, out, shown)
+        return _write_bundle(store, m, spec, out, shown, sparse)
 
 
 def _write_bundle(
-    store: Store, m: Manifests, spec: str, out: IO[bytes], shown: str | None
+    store: Store, m: Manifests, spec: str, out: IO[bytes], shown: str | None, sparse: bool
 ) -> dict[str, Any]:
     h = Hasher()
 
@@ -129,7 +136,11 @@ def _write_bundle(
                 raise object_corrupt(d, f"it is {have} bytes, its manifest entry says {size}")
             w(_REC.pack(_OBJECT, DIGEST_SIZE + size) + d)
             for chunk in verified_chunks(fd, d, size):
-                w(chunk)
+                if sparse and chunk.count(0) == len(chunk):  # a hole to be: zeros all the same
+                    h.update(chunk)
+                    out.seek(len(chunk), os.SEEK_CUR)  # (the end record comes after: no hole
+                else:  # at the end of the file, whose size is then right)
+                    w(chunk)
             size_total += size
         finally:
             os.close(fd)
@@ -148,7 +159,7 @@ def _write_bundle(
 def export_to_path(store: Store, m: Manifests, spec: str, output: str) -> dict[str, Any]:
     """Export into the file `output`, atomically: the bundle is written to `output.part` (created
     new, never through a symbolic link: one planted there is refused; one a killed export left is
-    replaced, see `_create_part`), fsynced and renamed over `output`; on any failure the `.part`
+    replaced, see `create_part`), fsynced and renamed over `output`; on any failure the `.part`
     file is removed and `output` is left as it was.
     (O_CREAT|O_EXCL never follows a symbolic link: it fails with EEXIST on one.) The bundle is
     its creator's alone (0600): it holds the bytes of every file of the version, private ones
@@ -211,7 +222,7 @@ def _export_at(
         mode = st.st_mode
     except FileNotFoundError:
         st, mode = None, stat.S_IFREG
-    if st is not None and stat.S_ISREG(mode) and _sticky_kept(pfd, st):
+    if st is not None and stat.S_ISREG(mode) and sticky_kept(pfd, st):
         raise VeloError(
             f"{output} is another user's file in a sticky directory: it cannot be replaced",
             reason=Reason.EXISTS,
@@ -231,10 +242,10 @@ def _export_at(
             hint="name the bundle file, e.g. -o DIR/NAME.velo ('-o -' writes to stdout)",
         )
     tmp = name + ".part"
-    fd = _create_part(pfd, tmp, output)
+    fd = create_part(pfd, tmp, output)
     try:
         with os.fdopen(fd, "wb") as f:
-            info = export_bundle(store, m, spec, f, shown=output + ".part")
+            info = export_bundle(store, m, spec, f, shown=output + ".part", sparse=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
@@ -243,82 +254,6 @@ def _export_at(
             os.unlink(tmp, dir_fd=pfd)
         raise
     return info
-
-
-def _sticky_kept(pfd: int, st: os.stat_result) -> bool:
-    """Whether the file `st` in the directory `pfd` is another user's that the sticky bit keeps
-    this process from renaming over (the rename would fail with EPERM after the whole bundle
-    was written). Root (CAP_FOWNER) may."""
-    me = os.geteuid()
-    parent = os.fstat(pfd)
-    return bool(
-        me != 0 and st.st_uid != me and parent.st_mode & stat.S_ISVTX and parent.st_uid != me
-    )
-
-
-def _create_part(pfd: int, tmp: str, output: str) -> int:
-    """A new `tmp` (the bundle being written), held by an exclusive flock for the export's life.
-
-    An existing `tmp` that is our own regular file and that no process holds is what a killed
-    export left: it is removed and made anew, so the next export works. One held by a running
-    export, or anything else (a symbolic link, another user's file), is refused and left alone.
-    Who makes the file locks it and checks its name still leads to it: an export that took it
-    for a leftover in between has removed it, and it is made again."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(5):
-        try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
-        except FileExistsError:
-            if not _remove_stale_part(pfd, tmp):
-                raise VeloError(
-                    f"{output}.part exists (another export is writing it, or it is not a file "
-                    "a killed export of yours left)",
-                    reason=Reason.EXISTS,
-                    path=output + ".part",
-                    hint="wait for that export, or remove the file if it is not one",
-                ) from None
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(tmp, dir_fd=pfd, follow_symlinks=False).st_ino:
-                return fd
-        except (BlockingIOError, FileNotFoundError):
-            pass
-        os.close(fd)
-    raise VeloError(
-        f"{output}.part keeps being made by other exports", reason=Reason.EXISTS, path=output
-    )
-
-
-def _remove_stale_part(pfd: int, tmp: str) -> bool:
-    """Remove `tmp` when it is a killed export's leftover (see `_create_part`): a regular file
-    of ours that no export holds and that is empty or starts as a bundle does (a browser's
-    `X.part` download is no leftover of ours)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, dir_fd=pfd)
-    except FileNotFoundError:
-        return True  # gone meanwhile: make it
-    except OSError:
-        return False  # a symbolic link (ELOOP), unreadable
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return False
-        if not MAGIC.startswith(os.pread(fd, len(MAGIC), 0)[: len(MAGIC)]):
-            return False  # not a bundle's start (nor empty): a file of the user's, kept
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a running export holds it
-        now = os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(tmp, dir_fd=pfd)
-        return True
-    except FileNotFoundError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _export_into(
