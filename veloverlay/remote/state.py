@@ -43,8 +43,8 @@ class ShaMap:
         self.map: dict[bytes, bytes] = {}
         try:
             data = read_regular(self.path)
-        except (FileNotFoundError, NotRegular):  # (a FIFO in its place: never read)
-            data = b""
+        except (FileNotFoundError, PermissionError, NotRegular):  # (a FIFO: never read)
+            data = b""  # (unreadable: another user's shared store, its owner's umask 077)
         for i in range(0, len(data) - len(data) % _REC, _REC):
             self.map[data[i : i + 32]] = data[i + 32 : i + _REC]
 
@@ -62,8 +62,10 @@ class ShaMap:
             makedirs(self.dir)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return  # (see below)
+            # (see below) and a store this user may only read: a push from another user's
+            # shared store, or a read-only one, goes on without the map, which is the owner's
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+                return
             raise
         try:
             _libc.ofd_lock(fd, write=True, wait=True)
@@ -107,8 +109,8 @@ class Versions:
     def load(self) -> dict[str, dict[str, list[str]]]:
         try:
             data = json.loads(read_regular(self.path))
-        except (FileNotFoundError, ValueError):
-            return {}
+        except (FileNotFoundError, PermissionError, ValueError):
+            return {}  # (unreadable: another user's shared store, which only its owner writes)
         return data if isinstance(data, dict) else {}
 
     def get(self, host: str, ref: str) -> tuple[str, str] | None:
