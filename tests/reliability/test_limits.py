@@ -108,3 +108,53 @@ def test_no_process_left_to_start_fails_the_session_cleanly(backend: str) -> Non
     assert got["raised"] in (("fork", True), ("posix_spawn", True)), got
     assert got["states"] == ["failed"] and got["upper"] == [False], got
     assert got["refs"] == ["t"], got
+
+
+DEEP = 100  # levels: more than a build's cache of 64 open directories, under a 64-file limit
+DEEP_LIMIT = 64
+
+
+def _deep_scenario(base: str, form: str) -> dict[str, object]:
+    """A tree DEEP directories deep, ingested and projected under RLIMIT_NOFILE 64; what the
+    session reads at its bottom and what the source holds there."""
+    os.environ["VELO_FORCE_LOWER"] = form
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, DEEP_LIMIT))
+    rel = "/".join(f"d{i}" for i in range(DEEP))
+    src = os.path.join(base, "src")
+    os.makedirs(os.path.join(src, rel))
+    with open(os.path.join(src, rel, "f"), "w") as f:
+        f.write("bottom\n")
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "deep", jobs=1)
+    finally:
+        m.close()
+    at = os.path.join(base, "at")
+    out = os.path.join(base, "seen")
+    try:
+        r = session.run(
+            store,
+            session.SessionOptions(refs=["deep"], at=at, discard=True),
+            ["sh", "-c", f"cat {at}/{rel}/f > {out}"],
+        )
+        status: object = r.exit_status
+    except OSError as exc:  # a bare EMFILE from the layer build, before the command ran
+        status = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(src, rel, "f")) as f:
+        want = f.read()
+    seen = open(out).read() if os.path.exists(out) else None
+    return {"status": status, "seen": seen, "want": want}
+
+
+@pytest.mark.parametrize(("mode", "form"), mode_form_params())
+def test_deeper_tree_than_open_files_projects(mode: str, form: str) -> None:
+    """`ulimit -n 64` and a tree 100 directories deep: `run` failed with a bare '[Errno 24] Too
+    many open files' (reason os-error) before its command started, though ingest had stored
+    the tree under the same limit: the layer build kept up to 64 directories open whatever
+    the limit. It keeps a quarter of the limit open now, and on EMFILE gives its cached
+    descriptors back and opens the one it needs."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _deep_scenario, base, form)
+    assert out["status"] == 0, out
+    assert out["seen"] == out["want"], out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -179,6 +180,16 @@ class _DirMeta(Record):
 _MAX_OPEN_DIRS = 64
 
 
+def _open_dirs_max() -> int:
+    """How many layer directories a build keeps open: `_MAX_OPEN_DIRS`, or a quarter of the
+    open-files limit where that is lower (`ulimit -n 64`: a cache of 64 took every descriptor
+    left, and a deep tree's build failed with a bare EMFILE before its session started)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_OPEN_DIRS
+    return max(1, min(_MAX_OPEN_DIRS, soft // 4))
+
+
 class _Build(Record):
     """An open layer under construction. Directories are addressed by path and their fds kept
     in a small LRU: a tree may have more directories than RLIMIT_NOFILE allows open at once."""
@@ -199,11 +210,25 @@ class _Build(Record):
             self._fds.move_to_end(rel)
             return fd
         # Every component is a directory this build created: no symlink can be on the way.
-        fd = os.open(rel, DIRFLAGS, dir_fd=self.top_fd)
+        try:
+            fd = os.open(rel, DIRFLAGS, dir_fd=self.top_fd)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or not self._fds:
+                raise
+            # A low `ulimit -n` (or descriptors the caller holds): the cached ones are only
+            # a speed-up, each valid until this call; give them back and open this one alone.
+            self._drop_cached()
+            fd = os.open(rel, DIRFLAGS, dir_fd=self.top_fd)
         self._fds[rel] = fd
-        if len(self._fds) > _MAX_OPEN_DIRS:
+        if len(self._fds) > _open_dirs_max():
             os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def _drop_cached(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
 
     def mkdir(self, rel: bytes, mode: int, mtime_ns: int) -> None:
         parent, _, leaf = rel.rpartition(b"/")
@@ -212,10 +237,7 @@ class _Build(Record):
         self.known.add(rel)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+        self._drop_cached()
         with contextlib.suppress(OSError):
             os.close(self.top_fd)
 
