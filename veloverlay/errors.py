@@ -12,7 +12,7 @@ import enum
 import errno as _errno
 import os
 
-__all__ = ["Reason", "VeloError", "SysError", "syscall_hint"]
+__all__ = ["Reason", "VeloError", "SysError", "errno_hint", "syscall_hint"]
 
 
 class Reason(enum.Enum):
@@ -135,13 +135,23 @@ _HINTS: dict[tuple[str, int], str] = {
 }
 
 
-def syscall_hint(syscall: str, err: int) -> str | None:
-    if err == _errno.ENOSYS:
-        return f"the kernel ({os.uname().release}) or a seccomp filter does not provide {syscall}"
+def errno_hint(err: int | None) -> str | None:
+    """Advice that holds for `err` whichever call failed: a limit of this process or of the
+    system, which retrying alone does not lift (also for an OSError that is no SysError)."""
     if err == _errno.EFBIG:
         return "a file size limit (ulimit -f) or the filesystem's largest file size was reached"
     if err == _errno.EMFILE:
         return "this process may open no more files: raise its limit (ulimit -n) and retry"
+    if err == _errno.ENFILE:
+        return "the system may open no more files (fs.file-max): retry when fewer are open"
+    return None
+
+
+def syscall_hint(syscall: str, err: int) -> str | None:
+    if err == _errno.ENOSYS:
+        return f"the kernel ({os.uname().release}) or a seccomp filter does not provide {syscall}"
+    if errno_hint(err) is not None:
+        return errno_hint(err)
     if syscall in ("fork", "posix_spawn") and err == _errno.EAGAIN:
         return (
             "no more processes may be started: this user's limit (ulimit -u) or the system's "

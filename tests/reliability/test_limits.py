@@ -3,14 +3,18 @@ files checks out and projects (both lower forms, a delta layer after a commit) a
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
 
 import pytest
 
+from tests.helpers.trees import assert_same_tree
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_form_params, new_store
-from veloverlay import session
+from tests.session._util import as_mode, checkout_ref, mode_form_params, new_store
+from veloverlay import ns, session
 from veloverlay.ingest import ingest
 from veloverlay.store.cas import Store
 from veloverlay.store.checkout import checkout
@@ -158,3 +162,75 @@ def test_deeper_tree_than_open_files_projects(mode: str, form: str) -> None:
         out = as_mode(mode, _deep_scenario, base, form)
     assert out["status"] == 0, out
     assert out["seen"] == out["want"], out
+
+
+def _deep_harvest(base: str, form: str) -> dict[str, object]:
+    """A session that makes a directory DEEP levels deep under a soft RLIMIT_NOFILE of 64:
+    what its harvest said, and after the limit is raised again what `harvest --resume`
+    committed (checked out) and the same commands made in a plain directory."""
+    from veloverlay.errors import VeloError
+    from veloverlay.session import state
+
+    os.environ["VELO_FORCE_LOWER"] = form
+    store, _src = new_store(base)
+    rel = "/".join(f"d{i}" for i in range(DEEP))
+    make = "cd {0} && mkdir -p new/{1} && echo bottom > new/{1}/f"
+    plain = os.path.join(base, "plain")
+    os.mkdir(plain)
+    assert os.system(make.format(plain, rel)) == 0
+    at = os.path.join(base, "at")
+
+    def limited() -> object:  # in a child, the session's manager, gone when it returns
+        resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, DEEP_LIMIT))
+        try:
+            opts = session.SessionOptions(refs=["t"], at=at)
+            session.run(store, opts, ["sh", "-c", make.format(at, rel)])
+        except VeloError as exc:
+            return [exc.reason.value, exc.hint]
+        return "harvested"
+
+    said = ns.run_in_child_plain(limited)
+    (st,) = [s for s in state.iter_states(store) if s.state != "harvested"] or [None]
+    resumed: list[int] = []
+    if st is not None:  # by another process: this one is the session's manager, still alive
+        r = subprocess.run(
+            [sys.executable, "-m", "veloverlay", "--store", str(store.root), "--json"]
+            + ["harvest", "--resume", st.id],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+        resumed = [h["changed"] for h in json.loads(r.stdout)]
+    co = os.path.join(base, "co")
+    checkout_ref(store, "t", co)
+    return {"said": said, "resumed": resumed, "co": co + "/new", "plain": plain + "/new"}
+
+
+@pytest.mark.parametrize(("mode", "form"), mode_form_params())
+def test_harvest_out_of_open_files_says_ulimit_and_resumes(mode: str, form: str) -> None:
+    """A session that made a tree deeper than `ulimit -n` allows its harvest to walk: the
+    harvest failed with 'Too many open files (EMFILE)' and the hint 'once that is fixed: ...'
+    (what is to fix, not said); an OSError outside veloverlay's own calls got no hint at all.
+    Now the hint names `ulimit -n` (errors.errno_hint) before the resume command, and the
+    session, kept, is committed whole once the limit is raised."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _deep_harvest, base, form)
+        said = out["said"]
+        assert isinstance(said, list) and "ulimit -n" in (said[1] or ""), said
+        assert "harvest --resume" in said[1], said
+        assert out["resumed"] == [1], out
+        assert_same_tree(str(out["co"]), str(out["plain"]), mtimes=False, dir_mtimes=False)
+
+
+def test_os_error_out_of_files_has_the_limit_hint() -> None:
+    """The CLI's rendering of an OSError that is no SysError (reason os-error): EMFILE, ENFILE
+    and EFBIG carry the hint a SysError of them carries."""
+    import errno
+
+    from veloverlay.cli.render import describe
+    from veloverlay.errors import SysError
+
+    for err in (errno.EMFILE, errno.ENFILE, errno.EFBIG):
+        plain = describe(OSError(err, os.strerror(err), "some/file"))
+        assert plain["reason"] == "os-error" and plain["hint"], (err, plain)
+        assert plain["hint"] == describe(SysError(err, "open", "some/file"))["hint"]

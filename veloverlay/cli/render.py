@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import IO, Any, BinaryIO, cast
 
 from veloverlay import envvars
-from veloverlay.errors import SysError, VeloError
+from veloverlay.errors import SysError, VeloError, errno_hint
 
 # C0 controls but newline and tab, DEL, the C1 controls (ESC-less CSI 0x9b among them), and the
 # bytes of a name that is not UTF-8 (os.fsdecode's surrogate escapes, which a strict UTF-8 stdout
@@ -148,7 +148,7 @@ def describe(exc: BaseException) -> dict[str, Any]:
     elif isinstance(exc, SysError):
         msg, hint, reason, detail = str(exc), exc.hint, "syscall", None
     elif isinstance(exc, OSError):
-        msg, hint, reason, detail = str(exc), None, OS_ERROR, None
+        msg, hint, reason, detail = str(exc), errno_hint(exc.errno), OS_ERROR, None
     else:
         msg, hint, reason, detail = f"{type(exc).__name__}: {exc}", None, INTERNAL, None
     if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):

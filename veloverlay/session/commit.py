@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from veloverlay import faults, paths
-from veloverlay.errors import Reason, VeloError
+from veloverlay.errors import Reason, SysError, VeloError, errno_hint
 from veloverlay.session.options import SessionResult
 from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
@@ -128,6 +128,7 @@ def _os_failure(exc: OSError) -> VeloError:
     return VeloError(
         f"{exc.strerror or exc} ({code}){where}",
         reason=Reason.STORE_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Reason.SYSCALL,
+        hint=exc.hint if isinstance(exc, SysError) else errno_hint(exc.errno),
         path=path,
     )
 
