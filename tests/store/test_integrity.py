@@ -180,6 +180,50 @@ def test_gc_refuses_when_refs_vanished_unless_told(shm_tmp: str) -> None:
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.parametrize(
+    "record", [b"garbage\xff", b'{"refs": -3}', b'{"ref": 1}', b"[1]", b"\x00\x01" * 32]
+)
+def test_a_damaged_store_record_is_no_licence_to_sweep(shm_tmp: str, record: bytes) -> None:
+    """An older copy of the database put back and the store record damaged (a flipped bit,
+    another file's bytes): the record read as absent, as in a store made before it, so gc swept
+    every object only the lost ref reached and fsck said nothing. A damaged record is now
+    `refs-lost` for fsck and gc refuses to sweep (`manifest-corrupt`) until
+    --accept-lost-refs, which writes the record again."""
+    store = os.path.join(shm_tmp, "store")
+    make_tree(os.path.join(shm_tmp, "keep"), {"k": b"kept\n"})
+    make_tree(os.path.join(shm_tmp, "src"), FILES)  # type: ignore[arg-type]
+    repo = Repo.open(store, create=True)
+    ingest(repo.store, repo.m, os.path.join(shm_tmp, "keep"), "keep", jobs=1)
+    repo.close()
+    old = os.path.join(shm_tmp, "old.mdb")
+    shutil.copyfile(os.path.join(store, "manifests.lmdb", "data.mdb"), old)
+    repo = Repo.open(store)
+    ingest(repo.store, repo.m, os.path.join(shm_tmp, "src"), "t", jobs=1)
+    repo.close()
+    shutil.copyfile(old, os.path.join(store, "manifests.lmdb", "data.mdb"))
+    with open(os.path.join(store, "manifests.record"), "wb") as f:
+        f.write(record)
+    before = stored_objects(store)
+    assert source_digests() <= before
+    res = velo(store, "gc", "--grace", "0")
+    assert res.returncode == 1 and json.loads(res.stdout)["reason"] == "manifest-corrupt", res
+    assert stored_objects(store) == before
+    res = velo(store, "fsck")
+    assert [f["kind"] for f in json.loads(res.stdout)["findings"]] == ["refs-lost"], res.stdout
+    res = velo(store, "gc", "--grace", "0", "--accept-lost-refs")
+    assert res.returncode == 0, res.stderr
+    assert stored_objects(store) == before - source_digests()
+    assert velo(store, "fsck").returncode == 0
+
+
+def test_an_empty_store_record_is_no_damage(ingested: str) -> None:
+    """What a crash between the record's creation and its first write leaves: read as none."""
+    with open(os.path.join(ingested, "manifests.record"), "wb"):
+        pass
+    res = velo(ingested, "fsck")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_gc_sweeps_after_every_ref_was_deleted_on_purpose(ingested: str) -> None:
     repo = Repo.open(ingested)
     try:

@@ -41,6 +41,7 @@ __all__ = [
     "put_record",
     "write_record",
     "read_record",
+    "record_damaged",
 ]
 
 CORRUPT_HINT = (
@@ -301,11 +302,23 @@ def write_record(store: Store, refs: int) -> None:
 
 def read_record(store: Store) -> int | None:
     """The ref count in the store record; None when there is none (older stores) or it is
-    unreadable."""
+    unreadable (`record_damaged` tells which)."""
+    return _record(store)[1]
+
+
+def record_damaged(store: Store) -> bool:
+    """Does the store record hold bytes that are no ref count (a flipped bit, another file
+    copied over it)? An empty one is not damaged: what a crash between its creation and its
+    first write leaves, as a store made before the record has none."""
+    data, refs = _record(store)
+    return refs is None and data.strip(b"\0 \n") != b""
+
+
+def _record(store: Store) -> tuple[bytes, int | None]:
     try:
         fd = _open_record(store, os.O_RDONLY)
     except OSError:
-        return None
+        return b"", None
     try:
         data = os.pread(fd, _RECORD_SIZE, 0)
     finally:
@@ -313,8 +326,8 @@ def read_record(store: Store) -> int | None:
     try:
         refs = json.loads(data)["refs"]
     except (ValueError, KeyError, TypeError):
-        return None
-    return refs if isinstance(refs, int) and refs >= 0 else None
+        return data, None
+    return data, refs if isinstance(refs, int) and refs >= 0 else None
 
 
 _MiB = 1 << 20

@@ -34,7 +34,7 @@ from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store import access, quarantine, reserve
 from veloverlay.store.cas import OBJECTS_V2, Store
-from veloverlay.store.dbfile import record_read_lock
+from veloverlay.store.dbfile import record_damaged, record_read_lock
 from veloverlay.store.manifest import (
     EMPTY_ROOT,
     Commit,
@@ -514,6 +514,11 @@ def lost_refs(store: Store, refs: int) -> str | None:
     than the store record says it last had, or none at all in a store that holds objects and
     has no record (stores made before the record existed)."""
     had = read_record(store)
+    if had is None and record_damaged(store):  # how many it had is unknown: never assume none
+        return (
+            f"the store record ({store.root / 'manifests.record'}) is damaged: how many refs "
+            "the manifest database should hold is unknown"
+        )
     if had is not None:
         if refs < had:
             return f"the store record says it had {had} refs; the manifest database has {refs}"
