@@ -44,11 +44,15 @@ __all__ = [
     "is_enabled",
     "usable_under",
     "cached_support",
+    "UNSUPPORTED",
 ]
 
 FS_VERITY_FL = _libc.FS_VERITY_FL
 BLOCK_SIZE = 4096
 HASH_ALGORITHM = "sha256"
+
+# What FS_IOC_ENABLE_VERITY fails with where there is no fs-verity at all (see above).
+UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY)
 
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 _OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -133,7 +137,7 @@ def is_enabled(path: StrPath) -> bool:
 def _why(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     call = exc.syscall if isinstance(exc, SysError) else "os"
-    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+    if exc.errno in UNSUPPORTED:
         return (
             f"{call}: {name} (no fs-verity here: the kernel lacks CONFIG_FS_VERITY or the "
             "filesystem does not support it; ext4 needs the 'verity' feature: "
@@ -182,10 +186,11 @@ def _boot_id() -> str:
         return ""
 
 
-def cached_support(cache: StrPath, directory: StrPath) -> tuple[bool, str]:
+def cached_support(cache: StrPath, directory: StrPath, *, fresh: bool = False) -> tuple[bool, str]:
     """`usable_under(directory)`, remembered in the JSON file `cache` for this boot, kernel,
     filesystem (st_dev of `directory`) and euid. A cache that cannot be written is not an error:
-    the next process probes again."""
+    the next process probes again. `fresh`: probe whatever the cache says, and write it again
+    (a seal refused as unsupported where the cache said it works)."""
     key = {
         "boot_id": _boot_id(),
         "kernel": os.uname().release,
@@ -193,6 +198,8 @@ def cached_support(cache: StrPath, directory: StrPath) -> tuple[bool, str]:
         "euid": os.geteuid(),
     }
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if fresh:
+            raise ValueError("probed again")
         # never blocking on a FIFO put in its place, nor following a link
         fd = os.open(cache, _OPEN_RO)
         with open(fd, encoding="utf-8") as f:

@@ -174,3 +174,45 @@ def test_fsck_reports_an_unreadable_object_instead_of_crashing(
         ("object-corrupt", os.fspath(store.object_path(digest)))
     ]
     assert "read failed" in rep.findings[0].detail
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_cache_that_says_verity_works_where_it_does_not_is_probed_again(
+    shm_tmp: str, jobs: str
+) -> None:
+    """fsverity-v1.json saying fs-verity works (for this boot, kernel, device and euid) on a
+    filesystem without it: a store restored onto a filesystem made anew under the same device
+    number, or a damaged cache. Every ingest failed with a bare 'ioctl(FS_IOC_ENABLE_VERITY)
+    ...: Operation not supported' (ENOTTY on tmpfs) and stored nothing. A seal refused as
+    unsupported now probes again, rewrites the cache, and publishes the objects unsealed. (No
+    monkeypatching: this machine's /dev/shm has no fs-verity; the probe is real.)"""
+    import json
+    import subprocess
+    import sys
+
+    if verity.usable_under(shm_tmp)[0]:
+        pytest.skip("fs-verity works here: no wrong cache to make")
+    store = os.path.join(shm_tmp, "store")
+    files = _tree(os.path.join(shm_tmp, "src"), 40)
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VELO_STORE": store, "VELO_JOBS": jobs}
+        cmd = [sys.executable, "-m", "veloverlay", "--json", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+    make_tree(os.path.join(shm_tmp, "first"), {"a": b"first\n"})
+    assert velo("ingest", os.path.join(shm_tmp, "first"), "--name", "first").returncode == 0
+    cache = os.path.join(store, "fsverity-v1.json")
+    with open(cache) as f:
+        data = json.load(f)
+    assert data["ok"] is False
+    with open(cache, "w") as f:
+        json.dump({**data, "ok": True, "reason": "works (damaged)"}, f)
+    r = velo("ingest", os.path.join(shm_tmp, "src"), "--name", "t")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rel, data_ in files.items():
+        got = velo("cat", "t", rel)
+        assert got.returncode == 0 and got.stdout.encode() == data_, (rel, got)
+    with open(cache) as f:
+        assert json.load(f)["ok"] is False  # written again by the probe
+    assert velo("fsck").returncode == 0

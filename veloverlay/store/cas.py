@@ -422,13 +422,14 @@ class Store(Presence):
     def read_only_error(self, why: str, *, inside: bool = False) -> VeloError:
         return access.read_only_error(self.root, why, inside=inside)
 
-    def verity(self) -> tuple[bool, str]:
+    def verity(self, *, recheck: bool = False) -> tuple[bool, str]:
         """(usable, reason): does fs-verity work for objects of this store? Probed on a scratch
-        file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store."""
-        if self._verity is None:
+        file in tmp/ once per boot (cached in fsverity-v1.json), then once per Store;
+        `recheck`: probed again, its cache rewritten (a seal found it wrong)."""
+        if self._verity is None or recheck:
             self.tmp_fd()
             self._verity = verity.cached_support(
-                self.held_path("fsverity-v1.json"), self.held_path("tmp")
+                self.held_path("fsverity-v1.json"), self.held_path("tmp"), fresh=recheck
             )
         return self._verity
 

@@ -57,11 +57,16 @@ def publish_chunk(job: Chunk) -> int:
     return published
 
 
-def _seal(stage_fd: int, name: bytes, shown: bytes) -> None:
-    """fs-verity on a staged object; a full store is STORE_FULL, like any write."""
+def _seal(store: Store, stage_fd: int, name: bytes, shown: bytes) -> None:
+    """fs-verity on a staged object; a full store is STORE_FULL, like any write. Refused as
+    unsupported: the cached verdict (fsverity-v1.json) was wrong, e.g. a filesystem made anew
+    under the same device number, or the file damaged; probed again, and where fs-verity does
+    not work the object is published unsealed (store.verity() now says so: no other is tried)."""
     try:
         verity.seal_at(stage_fd, name)
     except OSError as exc:
+        if exc.errno in verity.UNSUPPORTED and not store.verity(recheck=True)[0]:
+            return
         call = exc.syscall if isinstance(exc, SysError) else "open"
         raise store_error(exc, call, shown) from exc
 
@@ -121,10 +126,10 @@ def rename_noreplace(
     hexname = digest.hex().encode()
     for attempt in (0, 1):
         shard = shards.get(hexname)
-        if seal and attempt == 0:  # sealing costs a read: not for an object that exists
-            if access.exists_at(shard, hexname):
+        if seal and attempt == 0 and store.verity()[0]:  # (False once a seal found it wrong)
+            if access.exists_at(shard, hexname):  # sealing costs a read: not for one that exists
                 return False
-            _seal(stage_fd, name, shown)
+            _seal(store, stage_fd, name, shown)
         try:
             _libc.renameat2(stage_fd, name, shard, hexname, _libc.RENAME_NOREPLACE)
         except OSError as exc:
