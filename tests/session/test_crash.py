@@ -479,3 +479,54 @@ def test_a_file_of_another_session_does_not_hold_a_resume(shm_tmp: str) -> None:
     checkout_ref(store, "t", got)
     with open(os.path.join(got, "added")) as f:
         assert f.read() == "new\n"
+
+
+def _damaged_state(base: str) -> dict[str, object]:
+    """A manager killed in its harvest (dead-unharvested), then its state file cut short."""
+    store, _src = new_store(base)
+    proj = os.path.join(base, "proj")
+    env = {"VELO_INTERNAL__TEST_FAULT": "harvest.file:1"}
+    root = os.fspath(store.root)
+    r = velo(root, "run", "t", "--at", proj, "--", "sh", "-c", f"printf x > {proj}/kept", env=env)
+    (sid,) = os.listdir(store.sessions)
+    path = os.path.join(store.sessions, sid, "state.json")
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    listed = velo(root, "sessions")
+    harvested = velo(root, "--json", "harvest", "--all")
+    checked = velo(root, "--json", "fsck")
+    with open(os.path.join(store.sessions, sid, "upper", "kept"), "rb") as f:
+        kept = f.read()
+    return {
+        "killed": r.returncode == -signal.SIGKILL,
+        "sid": sid,
+        "listed": (listed.returncode, listed.stderr.decode()),
+        "harvest": (harvested.returncode, json.loads(harvested.stdout)),
+        "fsck": (checked.returncode, json.loads(checked.stdout)["findings"]),
+        "kept": kept,
+    }
+
+
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_session_whose_state_file_is_damaged_is_said_not_passed_over(mode: str) -> None:
+    """A dead session's state.json cut short: `sessions` did not list it, `harvest --all` said
+    'harvested 0 sessions' and exited 0, `fsck` found no problem, though its upper dir still
+    held its changes (only gc, refusing to run, named it). Now `sessions` warns about it,
+    `harvest --all` fails naming it (with where its changes are), and fsck reports
+    `session-unreadable`; its changes stay where they were."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _damaged_state, base)
+    sid = r["sid"]
+    assert r["killed"], r
+    code, err = r["listed"]  # type: ignore[misc]
+    assert code == 0 and f"session {sid}: unreadable state file" in err, r["listed"]
+    code, out = r["harvest"]  # type: ignore[misc]
+    assert code == 1 and [f["session_id"] for f in out["failed"]] == [sid], out
+    assert str(sid) in out["hint"], out
+    code, findings = r["fsck"]  # type: ignore[misc]
+    assert code == 1 and [(f["kind"], f["what"]) for f in findings] == [
+        ("session-unreadable", sid)
+    ], findings
+    assert r["kept"] == b"x"

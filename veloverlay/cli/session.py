@@ -374,6 +374,7 @@ def sessions(
     import time
 
     from veloverlay.session.core import clean_sessions, list_sessions
+    from veloverlay.session.state import damaged
 
     store = common.store()
     if clean:
@@ -384,6 +385,8 @@ def sessions(
             render.line(f"removed {n} finished sessions")
         return
     items = list_sessions(store)
+    for _sid, exc in damaged(store):  # not listed: say so, on stderr
+        render.warn(f"{exc.message}; {exc.hint}")
     if state.json:
         render.emit_json([s.to_dict() for s in items])
         return

@@ -165,6 +165,8 @@ def harvest_resume(
         states = [state.load(store, session_id)]
     else:
         states = list(state.iter_states(store))
+        if failed is not None:  # never passed over in silence ("harvested 0 sessions")
+            failed.extend(state.damaged(store))
     out: list[SessionResult] = []
     for st in states:
         try:

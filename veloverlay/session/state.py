@@ -40,6 +40,7 @@ __all__ = [
     "refuse_live_view",
     "save",
     "iter_states",
+    "damaged",
     "layers_in_use",
     "same_process",
 ]
@@ -334,7 +335,11 @@ def load(store: Store, sid: str) -> State:
         ) from None
     except (ValueError, TypeError) as exc:
         raise VeloError(
-            f"session {sid}: unreadable state file ({exc})", reason=Reason.SESSION_NOT_FOUND
+            f"session {sid}: unreadable state file ({exc})",
+            reason=Reason.SESSION_NOT_FOUND,
+            hint=f"no harvest can commit its changes: copy what you need out of "
+            f"{session_dir(store, sid)} (upper/ of an overlay session), then remove it",
+            path=os.fspath(session_dir(store, sid) / "state.json"),
         ) from None
 
 
@@ -413,6 +418,26 @@ def iter_states(store: Store) -> Iterator[State]:
             yield load(store, sid)
         except VeloError:
             continue
+
+
+def damaged(store: Store) -> list[tuple[str, VeloError]]:
+    """The sessions whose state file is there but cannot be read (cut short, garbage): what
+    `iter_states` skips, with why. Their upper dirs may hold changes no harvest can commit
+    without it; `sessions`, `harvest --all` and `fsck` say so rather than pass over them."""
+    try:
+        names = sorted(os.listdir(store.sessions))
+    except FileNotFoundError:
+        return []
+    out = []
+    for sid in names:
+        try:
+            load(store, sid)
+        except VeloError as exc:
+            if exc.reason is Reason.SESSION_NOT_FOUND and os.path.lexists(
+                session_dir(store, sid) / "state.json"
+            ):
+                out.append((sid, exc))
+    return out
 
 
 def layers_in_use(store: Store) -> list[str]:

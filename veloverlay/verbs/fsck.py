@@ -530,6 +530,11 @@ def fsck(
     _count, why = counted_refs(store, m)
     if why is not None:
         rep.findings.append(Finding("refs-lost", os.fspath(store.db_path), why))
+    from veloverlay.session.state import damaged
+
+    for sid, unread in damaged(store):  # changes no harvest can commit; gc refuses to run
+        why = f"{unread.message}; {unread.hint}"
+        rep.findings.append(Finding("session-unreadable", sid, why))
     if repair:  # missing for whatever reason: the next ingest or pull looks for it
         known = {d.hex() for d in quarantine.wanted(store)}  # set aside: wanted already
         for f in rep.findings:
