@@ -499,9 +499,13 @@ def open_regular(
     """Open (maybe create, with `flags`) a regular file, never through a symbolic link (ELOOP)
     and never blocking on a FIFO put in its place (O_NONBLOCK: a damaged or planted store file,
     object or state file hung every verb that opened it): NotRegular, the descriptor closed,
-    when it is anything else. Callers say what that means where they are."""
+    when it is anything else (a directory opened for writing, or to be made: EISDIR, as much
+    not a regular file as one opened read-only). Callers say what that means where they are."""
     flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    fd = os.open(path, flags, mode, dir_fd=dir_fd)
+    try:
+        fd = os.open(path, flags, mode, dir_fd=dir_fd)
+    except IsADirectoryError:
+        raise NotRegular(f"{os.fsdecode(path)} is not a regular file") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotRegular(f"{os.fsdecode(path)} is not a regular file")

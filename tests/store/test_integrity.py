@@ -856,7 +856,7 @@ def test_a_failed_unprotected_record_is_reported_as_its_write(
         os.mkdir(record) if planted == "directory" else os.mkfifo(record)
         with pytest.raises(SysError) as ei:
             ingest(repo.store, repo.m, src, "t", jobs=1)
-        want = errno.EISDIR if planted == "directory" else errno.ENXIO
+        want = errno.EINVAL if planted == "directory" else errno.ENXIO  # (not a regular file)
         assert ei.value.syscall == "write" and ei.value.errno == want, ei.value
         assert repo.refs() == []
     finally:
@@ -981,3 +981,36 @@ def test_ingest_says_what_a_shared_store_opens_to_every_user(shared: bool, shm_t
     else:
         assert "warning" not in text.stderr, text.stderr
         assert json.loads(as_json.stdout)["exposed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("lock", "store-unsafe"),
+        ("lock.gate", "store-unsafe"),
+        ("manifests.record", "manifest-corrupt"),
+        ("manifests.record.lock", "manifest-corrupt"),
+    ],
+)
+def test_a_directory_in_place_of_a_store_file_is_refused_by_name(
+    ingested: str, shm_tmp: str, name: str, reason: str
+) -> None:
+    """A directory where the store's lock, gate, record or record lock belongs: a FIFO there
+    was refused as 'not a regular file', but a directory made the write's open fail with a
+    bare '[Errno 21] Is a directory: 'lock'' (os-error) or, for the gate, 'create the store
+    ...: Is a directory' with a hint to choose another store. files.open_regular now takes
+    EISDIR for what it is: no regular file. Nothing is committed (an object named before the
+    commit was refused is gc's) and the store stays whole."""
+    path = os.path.join(ingested, name)
+    os.unlink(path)
+    os.mkdir(path)
+    make_tree(os.path.join(shm_tmp, "other"), {"o": b"other\n"})
+    res = velo(ingested, "ingest", os.path.join(shm_tmp, "other"), "--name", "o")
+    assert res.returncode == 1, res
+    got = json.loads(res.stdout)
+    assert got["reason"] == reason and "not a regular file" in got["error"], got
+    assert got["hint"], got
+    os.rmdir(path)
+    refs = velo(ingested, "refs")
+    assert [r["name"] for r in json.loads(refs.stdout)] == ["t"], refs.stdout
+    assert velo(ingested, "fsck").returncode == 0
