@@ -299,3 +299,59 @@ def test_the_trees_owner_swaps_while_root_ingests(
             _unstable(repo, top, jobs=1)
         assert os.path.islink(sub) and os.stat(sub + ".swapped").st_uid == UNPRIV_UID
         assert _store_holds(repo, SECRET, SECRET_TARGET) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "directory"])
+def test_an_entry_removed_between_listing_and_stat_is_skipped_as_vanished(
+    repo: Repo, shm_tmp: str, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A name the directory listing returned, removed before its lstat (a build deleting its
+    temporary files while the tree is ingested): the ingest failed with a bare '[Errno 2] No
+    such file or directory: 'f150'' (os-error), found by ingesting a tree while another
+    process made and removed entries in a loop. It is skipped now as `vanished`, as a file
+    gone when it is read was; the version holds the tree as it is after the removal."""
+    from tests.helpers.trees import assert_same_tree
+    from veloverlay.store.checkout import checkout
+
+    top = _tree(shm_tmp)
+    gone = os.path.join(top, "sub", "gone")
+    if kind == "file":
+        with open(gone, "wb") as f:
+            f.write(b"soon gone")
+    elif kind == "symlink":
+        os.symlink("nowhere", gone)
+    else:
+        os.mkdir(gone)
+    real_scandir = os.scandir
+    removed: list[str] = []
+
+    def scandir(where: object) -> object:
+        it = real_scandir(where)  # type: ignore[call-overload]
+        if not isinstance(where, int):
+            return it
+
+        class Listing:  # the real listing; `gone` removed right after it was listed
+            def __enter__(self) -> Listing:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                it.close()
+
+            def __iter__(self) -> Iterator[os.DirEntry[str]]:
+                for de in it:
+                    if de.name == "gone" and not removed:
+                        (os.rmdir if kind == "directory" else os.unlink)(gone)
+                        removed.append(de.name)
+                    yield de
+
+        return Listing()
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    res = ingest(repo.store, repo.m, top, "t", jobs=1)
+    monkeypatch.undo()
+    assert removed == ["gone"]
+    assert ("sub/gone", "vanished") in res.skipped, res.skipped
+    co = os.path.join(shm_tmp, "co")
+    with repo.m.read() as txn:
+        checkout(repo.store, repo.m, txn, bytes.fromhex(repo.m.resolve(txn, "t")[1].root), co)
+    assert_same_tree(co, top, dir_mtimes=False)

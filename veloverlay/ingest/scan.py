@@ -342,7 +342,12 @@ def _one_dir(
                 )
                 acc.failures.append((prefix + name, Reason.TOO_DEEP.value, msg))
                 return None, [], 1
-            est = de.stat(follow_symlinks=False)
+            try:
+                est = de.stat(follow_symlinks=False)
+            except FileNotFoundError:  # listed, then removed: as a file gone when it is read
+                acc.skipped.append((paths.display(prefix + name), "vanished"))
+                dirty = True
+                continue
             m = est.st_mode
             if S_ISREG(m):
                 acc.files += 1
