@@ -144,3 +144,58 @@ def test_a_damaged_store_note_of_the_per_boot_cache_blocks_no_session(
         assert got.read() == want.read()
     with open(note, "rb") as f:  # written again
         assert f.read() == os.fsencode(os.path.abspath(store.root))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a root session")
+def test_another_roots_stack_record_under_this_ones_name_is_not_used(shm_tmp: str) -> None:
+    """The stack record of ref `u`'s root copied over the record named for ref `t`'s (a cache
+    restored or copied by hand): its layers and their stamps are whole, so `run t` mounted
+    u's tree, and fsck checked those layers against the root written inside the record and
+    found nothing. A record whose root is not the one its name says is now not used (the
+    stack is built again), fsck reports `layer-mismatch` and --repair drops it."""
+    import json
+
+    from tests.helpers.trees import make_tree
+    from veloverlay.ingest import ingest
+    from veloverlay.store.manifest import Manifests
+
+    store, src = new_store(shm_tmp)
+    other = os.path.join(shm_tmp, "other")
+    make_tree(other, {"f1": b"not t's f1\n", "only-in-u": b"u\n"})
+    m = Manifests(store)
+    try:
+        ingest(store, m, other, "u", jobs=1)
+    finally:
+        m.close()
+    proj = os.path.join(shm_tmp, "proj")
+    run_session(store, ["t"], ["true"], at=proj)
+    run_session(store, ["u"], ["true"], at=proj)
+    sts = list(state.iter_states(store))
+    stacks = os.path.join(os.path.dirname(os.path.dirname(sts[0].layers[0])), "stacks")
+    records = {}
+    for n in os.listdir(stacks):
+        with open(os.path.join(stacks, n)) as f:
+            records[json.load(f)["root"]] = os.path.join(stacks, n)
+    roots = {st.refs[0]: st.roots[0] for st in sts}
+    with open(records[roots["u"]], "rb") as f:
+        u_record = f.read()
+
+    def copy_over() -> None:
+        with open(records[roots["t"]], "wb") as f:
+            f.write(u_record)
+
+    copy_over()
+    root = os.fspath(store.root)
+    repaired = _cli(root, "fsck", "--repair")
+    assert repaired.returncode == 1 and not os.path.exists(records[roots["t"]]), repaired
+    copy_over()
+    checked = _cli(root, "fsck")
+    assert checked.returncode == 1, checked
+    kinds = {(x["kind"], x["what"]) for x in json.loads(checked.stdout)["findings"]}
+    assert kinds == {("layer-mismatch", os.path.basename(records[roots["t"]]))}, kinds
+    out = os.path.join(shm_tmp, "out")
+    res = _cli(root, "run", "t", "--at", proj, "--", "sh", "-c", f"ls {proj} > {out}")
+    assert res.returncode == 0, res.stderr
+    with open(out) as f:
+        assert f.read().split() == sorted(os.listdir(src)), "run t showed another tree"
+    assert _cli(root, "fsck").returncode == 0  # the record built again for t's own root

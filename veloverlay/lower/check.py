@@ -262,6 +262,11 @@ def verify_layers(
                 findings.append(("layer-stack-unreadable", os.fspath(f), "not a stack record"))
                 bad.add(f)
                 continue
+            if f.name != f"{data.get('form')}-{root.hex()}.json":  # what a session looks up
+                named = f"the record of root {root.hex()[:16]} is under another root's name"
+                findings.append(("layer-mismatch", f.name, named))
+                bad.add(f)
+                continue
             if not all(layer.is_dir() for layer in layers):
                 continue  # a stack whose layers were pruned is rebuilt on demand, never used
             with m.read() as txn:

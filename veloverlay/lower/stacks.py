@@ -141,6 +141,9 @@ def _read_stack(home: Home, form: str, root: bytes) -> tuple[list[str], bool] | 
         return None
     if not isinstance(data, dict) or data.get("format", 1) != STACK_FORMAT:
         return None  # built by other code: its layers may not show this code's tree
+    if data.get("root") != root.hex() or data.get("form") != form:
+        return None  # another root's record under this one's name (copied, restored): its
+        # layers, stamps and all, would project that other tree
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         return None
