@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import must_work
+from tests.helpers.cli import data, ok, velo
 from tests.helpers.trees import assert_same_tree, make_tree, snapshot, unprotect
 
 ISSUE_VERBS = {
@@ -37,31 +38,6 @@ ISSUE_VERBS = {
     "rollback",
     "tiers",
 }
-
-
-def velo(
-    store: str | None, *args: str, input: bytes | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    e = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    e.pop("VELO_STORE", None)
-    if store is not None:
-        e["VELO_STORE"] = store
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args],
-        env=e,
-        capture_output=True,
-        input=input,
-        timeout=300,
-    )
-
-
-def ok(p: subprocess.CompletedProcess[bytes]) -> str:
-    assert p.returncode == 0, p.stderr.decode(errors="replace")
-    return p.stdout.decode()
-
-
-def data(p: subprocess.CompletedProcess[bytes]) -> Any:
-    return json.loads(ok(p))
 
 
 def failed(p: subprocess.CompletedProcess[bytes], reason: str, code: int = 1) -> str:

@@ -13,12 +13,15 @@ import stat
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
+from typing import Any
 
 import pytest
 
 import veloverlay
 from tests.conftest import must_work
-from tests.e2e.test_cli import _bar_line, data, ok, velo
+from tests.e2e.test_cli import _bar_line
+from tests.helpers.cli import VELO, LiveSession, data, live_session, ok, velo, velo_env
 from tests.helpers.trees import assert_same_tree, make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
@@ -166,27 +169,6 @@ def test_the_end_line_lists_the_changes_and_the_undo_works(
     assert listed == _expected_changes(before, after)
 
 
-def _wait_running(store: str) -> str:
-    """The id of the one running session, once it runs (bounded: 60 s)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        running = [s for s in data(velo(store, "sessions", "--json")) if s["state"] == "running"]
-        if running:
-            return str(running[0]["id"])
-        time.sleep(0.05)
-    raise AssertionError("no session started")
-
-
-def _wait_ready(store: str, sid: str, ready: str) -> None:
-    """Until the command has made its changes (it touched `ready`). Nothing more: for a shim
-    session, `status` and `diff --session` ask the daemon to fold the journal first, so what
-    they show is exact at once (it lagged by up to a tick before). Bounded: 60 s."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(ready):
-        assert time.monotonic() < deadline, "the command never got ready"
-        time.sleep(0.05)
-
-
 def _processes_with(argv: list[str]) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -199,23 +181,13 @@ def _processes_with(argv: list[str]) -> list[int]:
     return found
 
 
-def _start_run(store: str, backend: str, script: str, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, *extra, "--"]
-        + ["sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def _live_run(
+    store: str, base: str, backend: str, command: str, *extra: str, **kw: Any
+) -> AbstractContextManager[LiveSession]:
+    """`run proj --backend BACKEND EXTRA` of `command`, live (tests.helpers.cli.live_session)."""
+    return live_session(
+        store, "run", "proj", "--backend", backend, *extra, command=command, base=base, **kw
     )
-
-
-def _wait_file(path: str, session: subprocess.Popen[bytes]) -> None:
-    """Until the command wrote `path` (bounded: 60 s), while `run` still runs."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        assert session.poll() is None, f"run ended ({session.returncode}) before {path}"
-        assert time.monotonic() < deadline, f"the command never wrote {path}"
-        time.sleep(0.02)
 
 
 def _the_same_in_a_plain_directory(shm_tmp: str, commands: str) -> str:
@@ -236,30 +208,24 @@ def test_sigterm_or_sighup_to_run_reaches_the_commands_trap_and_harvests(
     temporary files). The signal now reaches the command, what it wrote before and in its trap is
     committed, what it left is ended, and `run` exits with the command's status: 128+N for a
     command that the signal ended, as in a shell."""
-    ready = os.path.join(shm_tmp, "ready")
     leftover = ["sleep", f"1000.{os.getpid()}"]
     name = sig.name[3:]
     writes = "echo n > added && mkdir -p d && echo x > d/f"
     trap = f"echo trapped-{name} > trapped; rm -f old.txt; echo more >> added"
-    script = (
+    command = (
         f"cd {proj} && {writes} && ({' '.join(leftover)} &) && "
-        f"trap '{trap}; trap - {name}; kill -{name} $$' {name} && touch {ready}; "
-        "while :; do sleep 0.05; done"
+        f"trap '{trap}; trap - {name}; kill -{name} $$' {name}"
     )
-    session = _start_run(store, backend, script)
-    try:
-        sid = _wait_running(store)
-        _wait_file(ready, session)
-        session.send_signal(sig)
-        session.wait(timeout=120)  # (a command left running holds its stdout and stderr)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
-        left = _processes_with(leftover)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        _out, err = session.communicate(timeout=120)
+    with _live_run(store, shm_tmp, backend, command) as session:
+        sid = session.sid()
+        try:
+            session.proc.send_signal(sig)
+            session.proc.wait(timeout=120)  # (a command left running holds its stdout, stderr)
+        finally:
+            left = _processes_with(leftover)
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+    err = session.err
     assert left == [], err
     assert session.returncode == 128 + sig, err
     states = {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
@@ -276,28 +242,19 @@ def test_other_signals_to_run_are_passed_on_or_ignored_never_ending_the_manager(
     """SIGXCPU (default action: terminate) killed the manager at once and left the session
     dead and unharvested; SIGUSR1 and SIGUSR2 did too, and never reached the command. The
     manager now ignores what is its own (SIGXCPU, SIGPIPE) and passes the rest on."""
-    ready = os.path.join(shm_tmp, "ready")
     got = os.path.join(shm_tmp, "got")
-    script = (
+    command = (
         f"cd {proj} && trap 'echo usr1 >> log; touch {got}' USR1 && "
-        f"trap 'echo usr2 >> log; exit 7' USR2 && touch {ready}; "
-        "while :; do sleep 0.05; done"
+        "trap 'echo usr2 >> log; exit 7' USR2"
     )
-    session = _start_run(store, backend, script)
-    try:
-        sid = _wait_running(store)
-        _wait_file(ready, session)
+    with _live_run(store, shm_tmp, backend, command) as session:
+        sid = session.sid()
         for sig in (signal.SIGXCPU, signal.SIGPIPE, signal.SIGUSR1):
-            session.send_signal(sig)
-        _wait_file(got, session)
-        session.send_signal(signal.SIGUSR2)
-        session.wait(timeout=120)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
-        _out, err = session.communicate(timeout=120)
-    assert session.returncode == 7, err
+            session.proc.send_signal(sig)
+        session.wait_for(got)
+        session.proc.send_signal(signal.SIGUSR2)
+        session.proc.wait(timeout=120)
+    assert session.returncode == 7, session.err
     states = {s["id"]: s["state"] for s in data(velo(store, "sessions", "--json"))}
     assert states[sid] == "harvested"
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
@@ -313,26 +270,16 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(
     one; a second SIGTERM (an impatient user, a supervisor escalating) ends it at once. Its
     trap's write from the first one is committed."""
     trapped = os.path.join(shm_tmp, "trapped")
-    ready = os.path.join(shm_tmp, "ready")
-    script = (
-        f"cd {proj} && trap 'echo term >> log; touch {trapped}' TERM && touch {ready}; "
-        "while :; do sleep 0.05; done"
-    )
-    session = _start_run(store, backend, script, "--grace", "600")
-    try:
-        _wait_running(store)
-        _wait_file(ready, session)
-        session.send_signal(signal.SIGTERM)
-        _wait_file(trapped, session)
+    command = f"cd {proj} && trap 'echo term >> log; touch {trapped}' TERM"
+    with _live_run(store, shm_tmp, backend, command, "--grace", "600") as session:
+        session.sid()
+        session.proc.send_signal(signal.SIGTERM)
+        session.wait_for(trapped)
         t0 = time.monotonic()
-        session.send_signal(signal.SIGTERM)
-        session.wait(timeout=120)
+        session.proc.send_signal(signal.SIGTERM)
+        session.proc.wait(timeout=120)
         took = time.monotonic() - t0
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
-        _out, err = session.communicate(timeout=120)
+    err = session.err
     assert session.returncode == 128 + signal.SIGKILL, err
     assert took < 60, err  # not the 600 s of --grace
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
@@ -349,32 +296,17 @@ def test_sigterm_to_the_whole_process_group_is_one_sigterm_not_two(
     reaper got the signal twice (itself and relayed by the manager) and took the second for an
     impatient user's, SIGKILLing the command in its trap. It is one signal: the command's trap
     runs to its end, and the command exits with the status it chose."""
-    ready = os.path.join(shm_tmp, "ready")
     writes = "echo n > added"
     trap = "echo trapped > trapped; rm -f old.txt"
-    script = (
-        f"cd {proj} && {writes} && trap '{trap}; exit 3' TERM && touch {ready}; "
-        "while :; do sleep 0.05; done"
-    )
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend]
-        + ["--grace", "600", "--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    command = f"cd {proj} && {writes} && trap '{trap}; exit 3' TERM"
+    with _live_run(
+        store, shm_tmp, backend, command, "--grace", "600",
         start_new_session=True,  # its own process group, which the command shares
-    )
-    try:
-        _wait_running(store)
-        _wait_file(ready, session)
-        os.killpg(session.pid, signal.SIGTERM)
-        session.wait(timeout=120)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
-        _out, err = session.communicate(timeout=120)
-    assert session.returncode == 3, err
+    ) as session:  # fmt: skip
+        session.sid()
+        os.killpg(session.proc.pid, signal.SIGTERM)
+        session.proc.wait(timeout=120)
+    assert session.returncode == 3, session.err
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
     plain = _the_same_in_a_plain_directory(shm_tmp, f"{writes} && {trap}")
     assert_same_tree(after, plain, mtimes=False, dir_mtimes=False)
@@ -410,32 +342,12 @@ def test_a_signal_that_comes_while_the_session_is_harvested_lets_the_harvest_fin
 
 
 def test_a_conflict_exits_1_and_names_the_paths(store: str, proj: str, shm_tmp: str) -> None:
-    go = os.path.join(shm_tmp, "go")
-    wait = f"while [ ! -e {go} ]; do sleep 0.05; done"
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "veloverlay",
-            "run",
-            "proj",
-            "--",
-            "sh",
-            "-c",
-            f"cd {proj} && echo first > README && touch mine && {wait}",
-        ],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_running(store)
+    command = f"cd {proj} && echo first > README && touch mine"
+    with live_session(store, "run", "proj", command=command, base=shm_tmp) as first:
+        first.sid()
         ok(velo(store, "run", "proj", "--", "sh", "-c", f"cd {proj} && echo second > README"))
-    finally:
-        open(go, "w").close()
-        out, err = first.communicate(timeout=120)
-    assert first.returncode == 1, err
-    text = err.decode()
+    assert first.returncode == 1, first.err
+    text = first.err.decode()
     assert (
         "both changed: README" in text and "mine" not in text.split("conflict")[1].split("see:")[0]
     )
@@ -455,29 +367,17 @@ def test_status_and_diff_see_into_a_running_session(store: str, proj: str, shm_t
     from tests.e2e.test_cli import _expected_changes
 
     before = _checkout(store, "proj", os.path.join(shm_tmp, "before"))
-    go = os.path.join(shm_tmp, "go")
-    script = (
+    command = (
         f"cd {proj} && echo more >> README && rm old.txt && echo n > added && "
-        "printf n > \"$(printf 'not-utf8-\\377')\" && "  # a name given back exactly (JSON)
-        f"touch {shm_tmp}/ready && while [ ! -e {go} ]; do sleep 0.05; done"
+        "printf n > \"$(printf 'not-utf8-\\377')\""  # a name given back exactly (JSON)
     )
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "proj", "--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        sid = _wait_running(store)
-        _wait_ready(store, sid, os.path.join(shm_tmp, "ready"))
+    with live_session(store, "run", "proj", command=command, base=shm_tmp) as session:
+        sid = session.sid()
         live = {
             c["path"]: c["status"] for c in data(velo(store, "diff", "--session", sid, "--json"))
         }
         status = data(velo(store, "status", "--json"))["sessions"]
         text = ok(velo(store, "status"))
-    finally:
-        open(go, "w").close()
-        session.communicate(timeout=120)
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
     assert live == _expected_changes(before, after)
     assert [s["id"] for s in status] == [sid]
@@ -504,30 +404,17 @@ def test_diff_of_a_running_session_stat_and_patch(
     """`diff --session ID -p / --stat` while the command still runs, against `diff -u` of the
     tree before and the tree the session commits."""
     before = _checkout(store, "proj", os.path.join(shm_tmp, "before"))
-    go, ready = os.path.join(shm_tmp, "go"), os.path.join(shm_tmp, "ready")
-    script = (
+    command = (
         f"cd {proj} && printf 'hello\\nmore\\n' > README && rm old.txt && echo n > added && "
-        "chmod 700 src/main.c && printf 'a\\0b' > blob && "
-        f"touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
+        "chmod 700 src/main.c && printf 'a\\0b' > blob"
     )
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "proj", "--backend", backend, "--"]
-        + ["sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        sid = _wait_running(store)
-        _wait_ready(store, sid, ready)
+    with _live_run(store, shm_tmp, backend, command) as session:
+        sid = session.sid()
         patch = ok(velo(store, "diff", "--session", sid, "-p"))
         stat = ok(velo(store, "diff", "--session", sid, "--stat")).splitlines()
         as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
         stat_json = data(velo(store, "diff", "--session", sid, "--stat", "--json"))
-    finally:
-        open(go, "w").close()
-        session.communicate(timeout=120)
-    assert session.returncode == 0
+    assert session.returncode == 0, session.err
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
     counted = {d["path"]: (d["added"], d["removed"]) for d in stat_json}
     assert counted["blob"] == (None, None) and counted["src/main.c"] == (0, 0)
@@ -760,32 +647,15 @@ def test_a_session_started_in_another_pid_namespace_is_not_taken_for_dead(
     committed half its work and removed its tree under the running command, whose next write
     failed; overlay: exit 1, 'its manager ended'). Now the manager holds a lock that any
     namespace sees: it is running, and only its own end commits it, whole."""
-    ready, go = os.path.join(shm_tmp, "ready"), os.path.join(shm_tmp, "go")
-    script = (
-        f"cd {proj} && echo n > added && touch {ready} && "
-        f"while [ ! -e {go} ]; do sleep 0.05; done && echo m > later"
-    )
-    session = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "veloverlay"]
-        + ["run", "proj", "--backend", backend, "--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_ready(store, "", ready)
+    with _live_run(
+        store, shm_tmp, backend, f"cd {proj} && echo n > added", then="echo m > later",
+        wrap=["unshare", "--pid", "--fork", "--mount-proc"],
+    ) as session:  # fmt: skip
         shown = [s["state"] for s in data(velo(store, "sessions", "--json"))]
         resumed = velo(store, "harvest", "--all")
-        with open(go, "w"):
-            pass
-        _out, err = session.communicate(timeout=120)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
     assert shown == ["running"], shown
     assert resumed.returncode == 0, resumed.stderr
-    assert session.returncode == 0, err
+    assert session.returncode == 0, session.err
     after = _checkout(store, "proj", os.path.join(shm_tmp, "after"))
     for name, want in (("added", b"n\n"), ("later", b"m\n")):
         with open(os.path.join(after, name), "rb") as f:
@@ -800,27 +670,13 @@ def test_a_pid_shared_with_another_namespace_is_not_called_a_damaged_database(
     two containers: small pids) cannot begin a transaction (EAGAIN). That said 'LMDB: ...
     Resource temporarily unavailable', reason manifest-corrupt, hint 'restore manifests.lmdb
     from a backup' - of a sound database. Now reason locked, saying what happened."""
-    ready, go = os.path.join(shm_tmp, "ready"), os.path.join(shm_tmp, "go")
-    wait = f"touch {ready}; while [ ! -e {go} ]; do sleep 0.05; done"
-    pid1 = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "veloverlay"]
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    first = subprocess.Popen(
-        [*pid1, "run", "proj", "--", "sh", "-c", wait],  # its manager: pid 1, all along
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_ready(store, "", ready)
-        second = subprocess.run([*pid1, "--json", "ls", "proj"], env=env, capture_output=True)
-        with open(go, "w"):
-            pass
-        first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 0
+    pid1 = ["unshare", "--pid", "--fork", "--mount-proc"]
+    # the manager of the first: pid 1, all along
+    with live_session(store, "run", "proj", base=shm_tmp, wrap=pid1) as first:
+        second = subprocess.run(
+            [*pid1, *VELO, "--json", "ls", "proj"], env=velo_env(store), capture_output=True
+        )
+    assert first.returncode == 0, first.err
     doc = json.loads(second.stdout)
     assert second.returncode == 1 and doc["reason"] == "locked", doc
     assert "backup" not in str(doc["hint"]) and "pid namespace" in doc["error"], doc
@@ -933,27 +789,14 @@ def test_the_live_diff_of_a_stack_says_what_its_harvest_will(
     make_tree(hi, {"both": b"top\n", "y": b"y\n"})
     ok(velo(store, "ingest", lo, "-n", "lo"))
     ok(velo(store, "ingest", hi, "-n", "hi"))
-    go, ready = os.path.join(shm_tmp, "go"), os.path.join(shm_tmp, "ready")
-    script = (
-        f"cd {at} && rm -r x both d && echo n > n && "
-        f"touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
-    )
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", "lo", "hi", "--at", at]
-        + ["--backend", backend, "--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        sid = _wait_running(store)
-        _wait_ready(store, sid, ready)
+    with live_session(
+        store, "run", "lo", "hi", "--at", at, "--backend", backend,
+        command=f"cd {at} && rm -r x both d && echo n > n", base=shm_tmp,
+    ) as session:  # fmt: skip
+        sid = session.sid()
         live = {how: ok(velo(store, "diff", "--session", sid, *how)) for how in _DIFF_FORMS}
         as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
-    finally:
-        open(go, "w").close()
-        session.communicate(timeout=120)
-    assert session.returncode == 0
+    assert session.returncode == 0, session.err
     harvested = {how: ok(velo(store, "diff", "hi@{1}", "hi", *how)) for how in _DIFF_FORMS}
     assert live == harvested
     masked = "masked: deletes what the refs below provide at this path"

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import sys
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_cli import _expected_changes, data, ok, velo
-from tests.e2e.test_cli_session import _checkout, _wait_ready, _wait_running
+from tests.e2e.test_cli import _expected_changes
+from tests.e2e.test_cli_session import _checkout
+from tests.helpers.cli import data, live_session, ok, velo
 from tests.helpers.trees import make_tree
 
 pytestmark = pytest.mark.needs("root", "overlay_root")
@@ -83,25 +83,16 @@ def _live_then_harvested(
 ) -> tuple[dict[tuple[str, ...], str], list[dict[str, object]], list[object]]:
     """Run `command` in a session of `refs`; while it waits: `diff --session` in each of
     `_FORMS`, with `-p --json`, and `status --json`'s changes of it."""
-    at, go, ready = (os.path.join(shm_tmp, n) for n in ("at", "go", "ready"))
-    script = f"cd {at} && {command} && touch {ready} && while [ ! -e {go} ]; do sleep 0.05; done"
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "run", *refs, "--at", at, "--backend", backend]
-        + ["--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        sid = _wait_running(store)
-        _wait_ready(store, sid, ready)
+    at = os.path.join(shm_tmp, "at")
+    with live_session(
+        store, "run", *refs, "--at", at, "--backend", backend,
+        command=f"cd {at} && {command}", base=shm_tmp,
+    ) as session:  # fmt: skip
+        sid = session.sid()
         live = {how: ok(velo(store, "diff", "--session", sid, *how)) for how in _FORMS}
         as_json = data(velo(store, "diff", "--session", sid, "-p", "--json"))
         [running] = data(velo(store, "status", "--json"))["sessions"]
-    finally:
-        open(go, "w").close()
-        _out, err = session.communicate(timeout=120)
-    assert session.returncode == 0, err
+    assert session.returncode == 0, session.err
     return live, as_json, running["changes"]
 
 
@@ -231,21 +222,13 @@ def test_a_merged_sessions_summary_says_what_the_merged_commit_changed(
     src = os.path.join(shm_tmp, "src")
     make_tree(src, {"f1": b"one\n", "f2": b"two\n"})
     ok(velo(store, "ingest", src, "-n", "t"))
-    at, go, ready = (os.path.join(shm_tmp, n) for n in ("at", "go", "ready"))
-    script = (
-        f"cd {at} && echo same > f1 && echo mine > n && touch -d @1500000000 f1 n . && "
-        f"touch {ready} && "
-        f"while [ ! -e {go} ]; do sleep 0.05; done"
-    )
-    session = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "--json", "run", "t", "--at", at]
-        + ["--backend", backend, "--", "sh", "-c", script],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_ready(store, _wait_running(store), ready)
+    at = os.path.join(shm_tmp, "at")
+    command = f"cd {at} && echo same > f1 && echo mine > n && touch -d @1500000000 f1 n ."
+    with live_session(
+        store, "--json", "run", "t", "--at", at, "--backend", backend, command=command,
+        base=shm_tmp,
+    ) as session:  # fmt: skip
+        session.sid()
         same = {"f1": b"same\n", **({"n": b"mine\n"} if meanwhile == "all" else {})}
         make_tree(src, same)
         for name in [*same, "."]:  # the same entries as the session's: content, mode, mtime
@@ -253,11 +236,8 @@ def test_a_merged_sessions_summary_says_what_the_merged_commit_changed(
         ok(velo(store, "ingest", src, "-n", "t"))
         before = _checkout(store, "t", os.path.join(shm_tmp, "before"))  # the moved ref
         [moved] = [r["head"] for r in data(velo(store, "refs", "--json")) if r["name"] == "t"]
-    finally:
-        open(go, "w").close()
-        out, err = session.communicate(timeout=120)
-    assert session.returncode == 0, (out, err)
-    res = json.loads(out)
+    assert session.returncode == 0, (session.out, session.err)
+    res = json.loads(session.out)
     after = _checkout(store, "t", os.path.join(shm_tmp, "after"))
     want = _expected_changes(before, after)
     assert want == ({"n": "A"} if meanwhile == "part" else {})

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
+from tests.helpers.cli import live_session
 from tests.helpers.trees import make_tree
 from tests.session._util import new_store
 from veloverlay.ingest.pipeline import ingest
@@ -31,22 +29,11 @@ def test_a_change_that_hides_a_lower_refs_new_version_is_reported(shm_tmp: str) 
         ingest(store, m, top, "u", jobs=1)
     finally:
         m.close()
-    proj, go, started = (os.path.join(shm_tmp, n) for n in ("proj", "go", "started"))
-    script = (
-        f"cd {proj} && printf mine > f1 && rm f2 && printf new > added && touch {started} && "
-        f"while [ ! -e {go} ]; do sleep 0.02; done"
-    )
-    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root), "--json"]
-    p = subprocess.Popen(
-        [*velo, "run", "t", "u", "--at", proj, "--", "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(started):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.02)
+    proj = os.path.join(shm_tmp, "proj")
+    command = f"cd {proj} && printf mine > f1 && rm f2 && printf new > added"
+    with live_session(
+        store.root, "--json", "run", "t", "u", "--at", proj, command=command, base=shm_tmp
+    ) as p:
         for name in ("f1", "f2", "f3"):  # t gets new versions of three files
             with open(os.path.join(src, name), "ab") as f:
                 f.write(b" and t's new line\n")
@@ -55,11 +42,8 @@ def test_a_change_that_hides_a_lower_refs_new_version_is_reported(shm_tmp: str) 
             ingest(store, m, src, "t", jobs=1)
         finally:
             m.close()
-    finally:
-        open(go, "w").close()
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    res = json.loads(out)
+    assert p.returncode == 0, p.err
+    res = json.loads(p.out)
     said = [w for w in res["warnings"] if "changed while the session ran" in w]
     assert len(said) == 1, res["warnings"]
     # f1 (written) and f2 (deleted: a mask) hide t's new versions; f3 was not touched

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
+from tests.helpers.cli import live_session
 from tests.session._util import new_store
 from veloverlay.ingest.pipeline import ingest
+from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
@@ -27,21 +26,19 @@ def _session_while_the_ref_changes(
     own lineage) while the session runs; with `gc_keep`, `gc --keep 1` then runs."""
     store, src = new_store(base)
     proj = os.path.join(base, "proj")
-    go = os.path.join(base, "go")
-    script = f"cd {proj} && printf mine > new && while [ ! -e {go} ]; do sleep 0.02; done"
-    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root), "--json"]
-    p = subprocess.Popen(
-        [*velo, "run", "t", "--at", proj, "--", "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not any(
-        os.path.exists(os.path.join(store.sessions, s, "upper", "new"))
-        for s in os.listdir(store.sessions)
-    ):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.02)
+    with live_session(
+        store.root, "--json", "run", "t", "--at", proj, command=f"cd {proj} && printf mine > new",
+        base=base,
+    ) as p:  # fmt: skip
+        repo = _meanwhile(store, src, base, remake, gc_keep=gc_keep, moves=moves)
+    assert p.returncode == 0, p.err
+    return json.loads(p.out), repo, os.fspath(src)
+
+
+def _meanwhile(
+    store: Store, src: str, base: str, remake: bool, *, gc_keep: bool, moves: int
+) -> Repo:
+    """What befalls ref `t` while its session waits (see _session_while_the_ref_changes)."""
     repo = Repo(store, Manifests(store))
     for n in range(moves):
         with open(os.path.join(src, f"moved{n}"), "wb") as f:
@@ -62,11 +59,7 @@ def _session_while_the_ref_changes(
                 f.write(b"and more\n")
             ingest(store, repo.m, other, "t", jobs=1)
             gc(store, repo.m, keep=1, grace=0)
-    with open(go, "w"):
-        pass
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    return json.loads(out), repo, os.fspath(src)
+    return repo
 
 
 @pytest.mark.needs("root", "overlay_root")

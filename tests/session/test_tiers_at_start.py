@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
+from tests.helpers.cli import live_session
 from veloverlay.ingest.pipeline import ingest
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
@@ -28,39 +26,26 @@ START_RULES = parse_rules("1 **/*.dat # assets\n2 **\n")
 
 
 def _session_while_the_ref_changes(base: str, remake: bool) -> tuple[dict[str, object], Repo]:
-    src, proj, go = (os.path.join(base, n) for n in ("src", "proj", "go"))
+    src, proj = os.path.join(base, "src"), os.path.join(base, "proj")
     os.makedirs(src)
     with open(os.path.join(src, "old.dat"), "wb") as f:
         f.write(b"asset\n")
     store = Store.init(os.path.join(base, "store"))
     repo = Repo(store, Manifests(store))
     ingest(store, repo.m, src, "t", rules=START_RULES, jobs=1)
-    script = f"cd {proj} && printf mine > new.dat && while [ ! -e {go} ]; do sleep 0.02; done"
-    velo = [sys.executable, "-m", "veloverlay", "--store", os.fspath(store.root), "--json"]
-    p = subprocess.Popen(
-        [*velo, "run", "t", "--at", proj, "--", "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not any(
-        os.path.exists(os.path.join(store.sessions, s, "upper", "new.dat"))
-        for s in os.listdir(store.sessions)
-    ):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.02)
-    repo.delete_ref("t")
-    if remake:  # another tree under the same name, with the default rules
-        other = os.path.join(base, "other")
-        os.makedirs(other)
-        with open(os.path.join(other, "theirs.dat"), "wb") as f:
-            f.write(b"another tree\n")
-        ingest(store, repo.m, other, "t", jobs=1)
-    with open(go, "w"):
-        pass
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    return json.loads(out), repo
+    command = f"cd {proj} && printf mine > new.dat"
+    with live_session(
+        store.root, "--json", "run", "t", "--at", proj, command=command, base=base
+    ) as p:
+        repo.delete_ref("t")
+        if remake:  # another tree under the same name, with the default rules
+            other = os.path.join(base, "other")
+            os.makedirs(other)
+            with open(os.path.join(other, "theirs.dat"), "wb") as f:
+                f.write(b"another tree\n")
+            ingest(store, repo.m, other, "t", jobs=1)
+    assert p.returncode == 0, p.err
+    return json.loads(p.out), repo
 
 
 @pytest.mark.needs("root", "overlay_root")
