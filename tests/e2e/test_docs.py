@@ -281,7 +281,7 @@ def test_a_used_store_holds_only_what_the_layout_doc_names(shm_tmp: str) -> None
     entry is one docs/data-model.md shows."""
     import os
 
-    from tests.e2e.test_cli import ok, velo
+    from tests.helpers.cli import ok, velo
     from tests.helpers.trees import make_tree
 
     store = os.path.join(shm_tmp, "store")
@@ -344,7 +344,7 @@ def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str, request: Any) ->
     left out; run, they found `diff --session` refusing a mounted session as 'not running'."""
     import os
 
-    from tests.e2e.test_cli import data, ok, velo
+    from tests.helpers.cli import data, ok, velo
     from tests.helpers.trees import make_tree
     from veloverlay.remote.pull import PullResult
     from veloverlay.remote.push import PushResult

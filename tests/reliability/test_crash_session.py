@@ -12,12 +12,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import force_rmtree
 from tests.helpers.unpriv import mine, mount_lines
 from tests.reliability import report
@@ -40,17 +40,7 @@ POINTS = [
 
 
 def _velo(store: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, VELO_STORE=store, VELO_JOBS="1")
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
-    if fault:
-        env["VELO_INTERNAL__TEST_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return velo_text(store, *args, env={"VELO_JOBS": "1"}, fault=fault, timeout=120)
 
 
 def _contents(store_root: str, ref: str) -> dict[str, str]:

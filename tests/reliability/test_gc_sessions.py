@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store
 from veloverlay import session
@@ -110,16 +111,7 @@ def test_fsck_flags_a_short_name_that_is_not_its_object(shm_tmp: str) -> None:
 
 
 def _velo(store: str, *args: str, fault: str | None = None) -> tuple[int, str]:
-    import subprocess
-    import sys
-
-    env = dict(os.environ, VELO_STORE=store)
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
-    if fault:
-        env["VELO_INTERNAL__TEST_FAULT"] = fault
-    p = subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, text=True
-    )
+    p = velo_text(store, *args, fault=fault)
     return p.returncode, p.stdout + p.stderr
 
 

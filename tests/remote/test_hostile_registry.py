@@ -439,7 +439,7 @@ def test_a_tag_list_that_links_to_itself_ends(fake: FakeRegistry) -> None:
 def test_the_cli_shows_a_registrys_control_characters_escaped(
     fake: FakeRegistry, shm_tmp: str
 ) -> None:
-    from tests.e2e.test_cli import velo
+    from tests.helpers.cli import velo
 
     evil = "\x1b]0;owned\x07\x1b[2J\x9b31m"
     body = json.dumps({"errors": [{"code": "DENIED", "message": evil}]}).encode()

@@ -5,46 +5,32 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo
 from tests.helpers.fulldisk import fill, private_tmpfs
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
 from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
-
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _pull_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
 
     mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
-
-    def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    out: dict[str, object] = {"init": velo("init").returncode}
+    out: dict[str, object] = {"init": velo(store, "--json", "init").returncode}
     filler = os.path.join(mnt, "filler")
     out["filler"] = fill(filler)
-    res = velo("pull", remote)
-    out["pull"] = (res.returncode, res.stdout, res.stderr)
-    out["refs"] = velo("refs").stdout
+    res = velo(store, "--json", "pull", remote)
+    out["pull"] = (res.returncode, res.stdout.decode(), res.stderr.decode())
+    out["refs"] = velo(store, "--json", "refs").stdout.decode()
     out["tmp"] = os.listdir(os.path.join(store, "tmp"))
     os.unlink(filler)
-    again = velo("pull", remote)
-    out["again"] = (again.returncode, again.stderr)
-    out["cat"] = velo("cat", "env", "s/f").stdout
-    out["fsck"] = velo("fsck").returncode
+    again = velo(store, "--json", "pull", remote)
+    out["again"] = (again.returncode, again.stderr.decode())
+    out["cat"] = velo(store, "--json", "cat", "env", "s/f").stdout.decode()
+    out["fsck"] = velo(store, "--json", "fsck").returncode
     return out
 
 
@@ -124,27 +110,16 @@ def test_the_sha256_map_is_not_what_fails_a_pull_on_a_full_disk(shm_tmp: str) ->
 def _push_on_a_full_disk(base: str, remote: str) -> dict[str, object]:
     mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
     src = os.path.join(base, "src")
     os.makedirs(src)
     with open(os.path.join(src, "f"), "wb") as f:
         f.write(b"pushed\n")
-
-    def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    out: dict[str, object] = {"ingest": velo("ingest", src, "--name", "env").returncode}
+    out: dict[str, object] = {"ingest": velo(store, "ingest", src, "--name", "env").returncode}
     out["filler"] = fill(os.path.join(mnt, "filler"))
-    res = velo("--json", "push", "env", remote)
-    out["push"] = (res.returncode, res.stdout, res.stderr)
-    text = velo("push", "env", remote)
-    out["text"] = (text.returncode, text.stderr)
+    res = velo(store, "--json", "push", "env", remote)
+    out["push"] = (res.returncode, res.stdout.decode(), res.stderr.decode())
+    text = velo(store, "push", "env", remote)
+    out["text"] = (text.returncode, text.stderr.decode())
     return out
 
 

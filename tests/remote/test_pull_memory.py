@@ -10,13 +10,13 @@ import os
 import subprocess
 import sys
 
+from tests.helpers.cli import TOP
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
 from veloverlay.store import tree
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CHILD = """
 import sys
 from veloverlay.remote import Options, pull
@@ -30,7 +30,7 @@ PACKS, JUNK = 8, 24 << 20  # 192 MiB of node packs no walk needs
 
 
 def _peak_kib(repo: Repo, remote: str, name: str) -> int:
-    env = {**os.environ, "PYTHONPATH": _TOP}
+    env = {**os.environ, "PYTHONPATH": TOP}
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(repo.store.root), remote, name],
         env=env,

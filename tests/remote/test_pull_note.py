@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import TOP
 from tests.helpers.fulldisk import fill, private_tmpfs
 from tests.helpers.trees import make_tree
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
@@ -22,7 +23,6 @@ from veloverlay.remote import Options, pull
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 
 
@@ -46,7 +46,7 @@ def _killed_before_commit(repo: Repo, remote: str) -> subprocess.CompletedProces
         "r = Repo.open(sys.argv[1])\n"
         "pull(r.store, r.m, sys.argv[2], options=Options(retries=0, timeout=10))\n"
     )
-    env = {**os.environ, "PYTHONPATH": _TOP, "VELO_INTERNAL__TEST_FAULT": "remote.pull.noted:1"}
+    env = {**os.environ, "PYTHONPATH": TOP, "VELO_INTERNAL__TEST_FAULT": "remote.pull.noted:1"}
     return subprocess.run(
         [sys.executable, "-c", script, str(repo.store.root), remote],
         env=env,

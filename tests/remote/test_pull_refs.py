@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.fake_registry import FakeRegistry, file_entry, one_dir
-from tests.remote.test_cli import velo
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
 from veloverlay.remote import Options, pull
 from veloverlay.store.digest import hash_bytes
 from veloverlay.verbs.repo import Repo
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = Options(retries=0, timeout=10, backoff=0.01)
 EVIL = b"#!/bin/sh\necho owned\n"
 
@@ -89,10 +86,8 @@ def test_run_of_a_remote_never_moves_an_ingested_ref(
     _serve(fake, EVIL)
     cwd = os.path.join(shm_tmp, "elsewhere")  # (the old code ran the command here)
     os.mkdir(cwd)
-    cmd = [sys.executable, "-m", "veloverlay", "run", fake.remote(), "--"]
-    env = {**os.environ, "VELO_STORE": str(repo.store.root), "PYTHONPATH": _TOP}
-    out = subprocess.run(
-        [*cmd, "sh", "-c", "echo owned > main.py"], cwd=cwd, env=env, capture_output=True
+    out = velo(
+        repo.store.root, "run", fake.remote(), "--", "sh", "-c", "echo owned > main.py", cwd=cwd
     )
     err = out.stderr.decode()
     assert out.returncode != 0, err

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.test_cli import ok, velo
+from tests.helpers.cli import ok, velo
 from tests.helpers.unpriv import mount_lines, unpriv_tmpdir
 from tests.session._util import as_mode, checkout_ref, fsck_ok, mode_params, new_store, run_session
 from veloverlay import session

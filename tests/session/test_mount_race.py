@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cli import data, velo
+from tests.helpers.cli import data, velo
 from tests.helpers.unpriv import mount_lines, unpriv_tmpdir
 from tests.session._util import checkout_ref, new_store
 from veloverlay import mount, ns, session

@@ -14,10 +14,10 @@ import json
 import os
 import stat
 import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.unpriv import UNPRIV_UID, unpriv_tmpdir
 
 pytestmark = pytest.mark.skipif(
@@ -26,12 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _velo(store: str, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
-    if fault:
-        env["VELO_INTERNAL__TEST_FAULT"] = fault
-    cmd = [sys.executable, "-m", "veloverlay", "--json", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return velo_text(store, "--json", *args, fault=fault, timeout=120)
 
 
 @pytest.mark.parametrize("end", ["killed", "whole"])

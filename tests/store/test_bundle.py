@@ -655,7 +655,7 @@ def test_the_cli_shows_a_bundles_text_escaped_on_one_line(shm_tmp: str) -> None:
     """A bundle's commit message, tier rules and ingest path come from elsewhere: `log`, `tiers
     explain` and `import` printed them raw (terminal escapes, and a newline that printed a
     forged log line). The message is also kept as text of bounded length, as pull keeps it."""
-    from tests.e2e.test_cli import ok, velo
+    from tests.helpers.cli import ok, velo
 
     rd, rrec = node(tree.encode(0o755, 1, [file_entry(b"a", b"ok")])[1])
     store = os.path.join(shm_tmp, "store")
@@ -706,7 +706,7 @@ def test_a_bundle_is_not_imported_into_a_session_ref(dst: Repo) -> None:
 def test_diff_shows_names_from_a_bundle_escaped_on_one_line(shm_tmp: str) -> None:
     """`ls` escaped a name's control characters, `diff` printed them raw (and a newline in a
     name split its line in two)."""
-    from tests.e2e.test_cli import ok, velo
+    from tests.helpers.cli import ok, velo
 
     store = os.path.join(shm_tmp, "store")
     evil = b"n\x1b[31mred\x07\nx"

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from tests.helpers import cli
 from tests.helpers.trees import assert_same_tree, make_tree, unprotect
 from veloverlay.store.digest import hash_bytes
 
@@ -26,13 +27,7 @@ SPEC: dict[str, object] = {
 
 
 def velo(store: str, *args: str, fault: str | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
-    if fault is not None:
-        env["VELO_INTERNAL__TEST_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, timeout=120
-    )
+    return cli.velo(store, *args, fault=fault, timeout=120)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.timing import bound
 from tests.helpers.trees import unprotect
 from tests.store.test_integrity import FILES, ingested
@@ -22,16 +23,8 @@ __all__ = ["ingested"]  # the fixture, used here by name
 
 
 def _velo_bounded(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=bound(20),
-            stdin=subprocess.DEVNULL,
-        )
+        return velo_text(store, "--json", *args, timeout=bound(20))
     except subprocess.TimeoutExpired:
         pytest.fail(f"veloverlay {' '.join(args)} blocked on a FIFO in the store")
 

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import has_immutable, inode_flags_at, make_tree, unprotect
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
@@ -29,13 +30,7 @@ FILES = {"a.txt": b"alpha\n", "d/b.bin": bytes(range(256)) * 64, "d/e/c": b"gamm
 def velo(store: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line in its own process (a SIGBUS shows as a negative status), with
     --json: failures then show their `reason:` line on stderr."""
-    env = {**os.environ, "VELO_STORE": os.fspath(store), "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", "--json", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    return velo_text(store, "--json", *args)
 
 
 def stored_objects(store: str) -> set[str]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 
 import lmdb
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import make_tree
 from veloverlay.ingest import ingest
 from veloverlay.verbs.repo import Repo
@@ -52,14 +52,7 @@ def store_bytes(store: str) -> dict[str, tuple[int, str]]:
 
 
 def velo(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", "--json", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    return velo_text(store, "--json", *args)
 
 
 @pytest.fixture

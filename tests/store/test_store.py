@@ -9,11 +9,11 @@ import io
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import make_tree, snapshot, unprotect
 from tests.helpers.unpriv import UNPRIV_GID, UNPRIV_UID, run_unprivileged, unpriv_tmpdir
 from veloverlay import cli, mount, ns
@@ -54,10 +54,7 @@ def check(repo: Repo) -> FsckReport:
 
 def velo(store: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line in its own process (this process holds the store's LMDB open)."""
-    env = {**os.environ, "VELO_STORE": os.fspath(store), "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, text=True
-    )
+    return velo_text(store, *args)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.cli import velo_text
 from veloverlay import cli
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
@@ -223,10 +224,7 @@ def test_tiers_explain_names_the_deciding_rule(
 
 def velo(store: str, *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line, in its own process (the test holds the store's LMDB open)."""
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "veloverlay", *args], env=env, capture_output=True, text=True
-    )
+    return velo_text(store, *args)
 
 
 def test_tiers_explain_with_a_refs_rules(repo: Repo, shm_tmp: str) -> None:
