@@ -28,6 +28,7 @@ LEAVES = {
     "pathtrust",
     "faults",
     "progress",
+    "words",
 }
 FACILITIES = {
     "ns",

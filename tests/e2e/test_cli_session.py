@@ -169,6 +169,17 @@ def test_the_end_line_lists_the_changes_and_the_undo_works(
     assert listed == _expected_changes(before, after)
 
 
+def test_the_end_line_counts_the_changes_in_the_numbers_grammar(store: str, proj: str) -> None:
+    """The end line says how many changes the session committed: one path changed, then two
+    (as `diff REF@{1} REF` of each commit lists them), each in its number's grammar."""
+    for script, n in (("echo 1 >> README", 1), ("echo 2 >> README && rm old.txt", 2)):
+        p = velo(store, "run", "proj", "--", "sh", "-c", f"cd {proj} && {script}")
+        assert p.returncode == 0, p.stderr
+        assert len(data(velo(store, "diff", "proj@{1}", "proj", "--json"))) == n
+        said = "1 change" if n == 1 else f"{n} changes"
+        assert f"proj: committed {said} (commit " in p.stderr.decode(), p.stderr
+
+
 def _processes_with(argv: list[str]) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -10,6 +10,9 @@ import os
 import stat
 import struct
 
+import pytest
+
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import make_tree, settle_ctimes
 from tests.helpers.unpriv import UNPRIV_UID
 from tests.ingest.test_ingest import OLD_NS, age
@@ -191,3 +194,20 @@ def test_a_default_acl_at_the_checkout_gives_no_more_than_the_group_bits(
     for p, mode in (("f600", 0o600), ("f640", 0o640), ("d", 0o700), ("d/g600", 0o600)):
         assert stat.S_IMODE(os.lstat(os.path.join(out, p)).st_mode) == mode
         assert posixacl.ACCESS in os.listxattr(os.path.join(out, p))  # inherited, masked
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_cli_counts_the_files_whose_acls_are_not_kept_in_the_numbers_grammar(
+    shm_tmp: str, n: int
+) -> None:
+    """`ingest`'s warning names how many files had an ACL that is not kept: `n` files of the
+    source are given one here, and the warning says that number, singular or plural."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {f"f{i}": b"x\n" for i in range(3)})
+    for i in range(n):
+        os.setxattr(os.path.join(src, f"f{i}"), posixacl.ACCESS, secret_acl(6, 0, 0))
+    p = velo_text(os.path.join(shm_tmp, "store"), "ingest", src, "-n", "t")
+    assert p.returncode == 0, p.stderr
+    [line] = [x for x in p.stderr.splitlines() if "POSIX ACLs" in x]
+    said = "1 file or directory has" if n == 1 else f"{n} files or directories have"
+    assert line.startswith(f"warning: {said} POSIX ACLs, which are not kept: "), line

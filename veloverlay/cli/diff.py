@@ -12,6 +12,7 @@ import typer
 
 from veloverlay.cli import common, render
 from veloverlay.cli.common import complete_ref, state, verb
+from veloverlay.words import plural
 
 app = common.new_app()
 
@@ -275,6 +276,6 @@ def _stat(items: list[_Item]) -> None:
         render.line(f" {name.ljust(width)} | {n} {what}".rstrip())
     files = len(rows)
     render.line(
-        f" {files} file{'s' if files != 1 else ''} changed, {added} insertion"
-        f"{'s' if added != 1 else ''}(+), {removed} deletion{'s' if removed != 1 else ''}(-)"
+        f" {files} {plural(files, 'file')} changed, {added} {plural(added, 'insertion')}(+), "
+        f"{removed} {plural(removed, 'deletion')}(-)"
     )

@@ -16,6 +16,7 @@ from typer.core import TyperCommand
 
 from veloverlay.cli import common, render
 from veloverlay.cli.common import complete_ref, state, verb
+from veloverlay.words import plural
 
 app = common.new_app()
 
@@ -148,7 +149,7 @@ def _render(res: Any, *, shown: int = 20) -> int:
         render.info(f"{ref}: only timestamps changed (commit {d['commit'][:12]})")
     elif d.get("commit"):
         render.info(
-            f"{ref}: committed {len(changes)} change{'s' if len(changes) != 1 else ''} "
+            f"{ref}: committed {len(changes)} {plural(len(changes), 'change')} "
             f"(commit {d['commit'][:12]})"
         )
     elif d.get("state") == "discarded":

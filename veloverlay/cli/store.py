@@ -9,6 +9,7 @@ import typer
 
 from veloverlay.cli import common, render
 from veloverlay.cli.common import complete_ref, state, verb
+from veloverlay.words import exposed, plural
 
 app = common.new_app()
 tiers_app = common.new_app(
@@ -141,20 +142,18 @@ def ingest(
     if res.stripped_setid:
         render.warn(f"{res.stripped_setid} setuid/setgid bits stripped (--keep-setid keeps them)")
     if res.acl_narrowed:
+        n = res.acl_narrowed
         render.warn(
-            f"{res.acl_narrowed} "
-            + ("file or directory has" if res.acl_narrowed == 1 else "files or directories have")
-            + " POSIX ACLs, which are not kept: "
+            f"{n} {plural(n, 'file or directory has', 'files or directories have')} "
+            "POSIX ACLs, which are not kept: "
             "stored with the group bits the ACL gives the owning group; named user and group "
             "entries and default ACLs are dropped"
         )
     if res.exposed:
         render.warn(
-            f"{res.exposed} "
-            + ("file or directory" if res.exposed == 1 else "files or directories")
-            + " other users could not read at the source (mode without o+r, or o+rx for a "
-            "directory) are now readable by every local user: this store is shared (keep "
-            "private files out of a shared store, or in a private one: 'init' without --shared)"
+            exposed(res.exposed, "at the source", "mode without o+r, or o+rx for a directory")
+            + " (keep private files out of a shared store, or in a private one: 'init' without "
+            "--shared)"
         )
     _some(res.overridden, lambda p: f"--force: the source's version replaced the session's at {p}")
     if res.overridden:

@@ -29,6 +29,7 @@ from veloverlay.session.state import State
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.manifest import Manifests, Ref, Txn
 from veloverlay.store.tree import Op, OpKind
+from veloverlay.words import exposed
 
 if TYPE_CHECKING:
     from veloverlay.store.changes import Change
@@ -260,11 +261,7 @@ def _exposed(m: Manifests, txn: Txn, root: bytes, chs: list[Change]) -> list[str
     )
     if not n:
         return []
-    what = "file or directory" if n == 1 else "files or directories"
-    return [
-        f"{n} {what} other users could not read in the session (mode without o+r, or under a "
-        "directory without o+rx) are now readable by every local user: this store is shared"
-    ]
+    return [exposed(n, "in the session", "mode without o+r, or under a directory without o+rx")]
 
 
 def _told_earlier(
