@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-__all__ = ["swap_at_mkdir", "start_and_settle", "settle"]
+from tests.helpers.cli import VELO, velo_env
+
+__all__ = ["swap_at_mkdir", "start_and_settle", "settle", "verb_at_first_call", "GC_KEEP_1"]
+
+# a gc that drops every version but the newest at once
+GC_KEEP_1 = ["gc", "--keep", "1", "--grace", "0"]
 
 
 def swap_at_mkdir(
@@ -89,13 +93,31 @@ def start_and_settle(store: str, args: list[str]) -> subprocess.Popen[str]:
     """`veloverlay --json ARGS` on `store`, returned once it has finished or waits for the
     store lock: a verb started at a chosen point of another's, with no sleep deciding."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "veloverlay", "--json", *args],
-        env={**os.environ, "VELO_STORE": store, "NO_COLOR": "1"},
+        [*VELO, "--json", *args],
+        env=velo_env(store),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     return settle(proc, os.path.join(store, "lock"))
+
+
+def verb_at_first_call(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, store: str, args: list[str]
+) -> list[subprocess.Popen[str]]:
+    """Wrap `owner.name` (a function of a module, or a class's method) so that its first call
+    starts `veloverlay --json ARGS` on `store` (start_and_settle) before it goes on. Returns the
+    list the started verb goes into (still empty: never called)."""
+    procs: list[subprocess.Popen[str]] = []
+    real: Callable[..., Any] = getattr(owner, name)
+
+    def first_call_starts_the_verb(*a: Any, **kw: Any) -> Any:
+        if not procs:
+            procs.append(start_and_settle(store, args))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, name, first_call_starts_the_verb)
+    return procs
 
 
 def settle(

@@ -14,13 +14,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from tests.helpers.races import start_and_settle
+from tests.helpers.races import GC_KEEP_1, verb_at_first_call
 from tests.helpers.trees import assert_same_tree, make_tree
 from veloverlay.ingest import ingest
 from veloverlay.store.bundle import export_to_path, import_bundle
@@ -55,15 +52,7 @@ def test_gc_waits_for_a_reader_of_the_version_it_drops(
     shm_tmp: str, reader: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, want = _two_versions(shm_tmp)
-    procs: list[subprocess.Popen[str]] = []
-    real: Callable[..., Any] = Store.open_object
-
-    def first_open_starts_gc(self: Store, digest: bytes) -> int:
-        if not procs:
-            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
-        return real(self, digest)
-
-    monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+    procs = verb_at_first_call(monkeypatch, Store, "open_object", store, GC_KEEP_1)
     out = os.path.join(shm_tmp, "out")
     repo = Repo.open(store)
     try:
@@ -113,15 +102,7 @@ def test_gc_waits_for_a_diff_reading_the_version_it_drops(
     from veloverlay import cli
 
     store, _want = _two_versions(shm_tmp)
-    procs: list[subprocess.Popen[str]] = []
-    real: Callable[..., Any] = Store.open_object
-
-    def first_open_starts_gc(self: Store, digest: bytes) -> int:
-        if not procs:
-            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
-        return real(self, digest)
-
-    monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+    procs = verb_at_first_call(monkeypatch, Store, "open_object", store, GC_KEEP_1)
     rc = cli.main(["--store", store, "diff", how, "t@{1}", "t"])
     out, err = capsys.readouterr()
     assert procs
@@ -140,19 +121,11 @@ def test_gc_waits_for_a_patch_being_read(shm_tmp: str, monkeypatch: pytest.Monke
     1` that ran while it read the old one, and got `object-missing` (found by starting gc at
     patch's first object). patch now holds the lock (shared) while it reads both."""
     store, _want = _two_versions(shm_tmp)
-    procs: list[subprocess.Popen[str]] = []
-    real: Callable[..., Any] = Store.open_object
-
-    def first_open_starts_gc(self: Store, digest: bytes) -> int:
-        if not procs:
-            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
-        return real(self, digest)
-
     repo = Repo.open(store)
     try:
         (change,) = [c for c in repo.changes("t@{1}", "t") if os.fsdecode(c.path) == "a.txt"]
         # (the objects of version 1 go with it: gc --keep 1 drops it)
-        monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+        procs = verb_at_first_call(monkeypatch, Store, "open_object", store, GC_KEEP_1)
         lines = repo.patch(change)
     finally:
         repo.close()

@@ -16,13 +16,10 @@ waits for the lock (tests/helpers/races.py): no sleep decides."""
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from tests.helpers.races import settle, start_and_settle
+from tests.helpers.races import settle, start_and_settle, verb_at_first_call
 from tests.helpers.trees import make_tree
 from veloverlay import _libc
 from veloverlay.ingest import ingest
@@ -54,15 +51,7 @@ def test_a_verb_waiting_for_remove_store_finds_the_store_gone(
         "gc": ["gc"],
         "ingest": ["ingest", src, "--name", "u"],
     }[verb]
-    procs: list[subprocess.Popen[str]] = []
-    real: Callable[..., Any] = repo_mod._remove_tree
-
-    def first_removal_starts_the_verb(*a: Any) -> None:
-        if not procs:
-            procs.append(start_and_settle(store, args))
-        real(*a)
-
-    monkeypatch.setattr(repo_mod, "_remove_tree", first_removal_starts_the_verb)
+    procs = verb_at_first_call(monkeypatch, repo_mod, "_remove_tree", store, args)
     repo_mod.remove_store(store)
     assert procs
     _o, err = procs[0].communicate(timeout=120)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from collections.abc import Callable
 from typing import Any
 
-from tests.helpers.races import start_and_settle
+from tests.helpers.races import GC_KEEP_1, verb_at_first_call
 from tests.helpers.trees import assert_same_tree, make_tree
 from tests.remote.conftest import Registry
 from veloverlay.ingest import ingest
@@ -38,15 +36,8 @@ def test_gc_waits_for_a_push_of_the_version_it_drops(
     finally:
         repo.close()
 
-    procs: list[subprocess.Popen[str]] = []
-    real: Callable[..., Any] = Store.open_object
-
-    def first_open_starts_gc(self: Store, digest: bytes) -> int:
-        if not procs:
-            procs.append(start_and_settle(store, ["gc", "--keep", "1", "--grace", "0"]))
-        return real(self, digest)
-
-    monkeypatch.setattr(Store, "open_object", first_open_starts_gc)
+    real = Store.open_object
+    procs = verb_at_first_call(monkeypatch, Store, "open_object", store, GC_KEEP_1)
     target = logged_in.remote(f"test/gc-push-{os.getpid()}", "v1")
     opts = Options(ca_cert=str(logged_in.ca))
     repo = Repo.open(store)
