@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.fulldisk import private_tmpfs
 from tests.helpers.trees import assert_same_tree
 
@@ -20,16 +19,10 @@ def _onto_a_full_disk(base: str) -> dict[str, object]:
     mnt = private_tmpfs(base, "3m")
     disk = os.path.join(base, "disk")  # a mount point as DEST: written into, not replaced
     mount.mount_tmpfs(disk, "size=3m")
-    env = {**os.environ, "VELO_STORE": os.path.join(base, "store"), "NO_COLOR": "1"}
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    store = os.path.join(base, "store")
 
     def velo(*args: str) -> tuple[int, dict[str, object] | None]:
-        p = subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        p = velo_text(store, "--json", *args)
         return p.returncode, (json.loads(p.stdout) if p.returncode else None)
 
     out: dict[str, object] = {}

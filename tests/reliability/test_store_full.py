@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.fulldisk import fill, private_tmpfs
 
 
@@ -21,7 +21,6 @@ def _in_small_tmpfs(base: str) -> list[tuple[int, str, str]]:
     os.makedirs(src)
     with open(os.path.join(src, "a"), "w") as f:
         f.write("hi\n")
-    env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
     out = []
     for args in (
         ["ingest", src, "--name", "t"],
@@ -37,12 +36,7 @@ def _in_small_tmpfs(base: str) -> list[tuple[int, str, str]]:
         ],
         ["refs"],
     ):
-        p = subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        p = velo_text(os.path.join(mnt, "store"), "--json", *args)
         out.append((p.returncode, p.stdout, p.stderr))
     return out
 
@@ -65,16 +59,10 @@ def test_a_full_store_during_a_session_is_store_full(shm_tmp: str) -> None:
 def _gc_on_a_full_disk(base: str) -> dict[str, object]:
 
     mnt = private_tmpfs(base, "3m")
-    env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
-    env["VELO_RUNTIME_DIR"] = "off"
+    store = os.path.join(mnt, "store")
 
     def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        return velo_text(store, "--json", *args, env={"VELO_RUNTIME_DIR": "off"})
 
     out: dict[str, object] = {}
     src = os.path.join(base, "old")
@@ -144,15 +132,10 @@ def _harvest_on_a_full_disk(base: str) -> dict[str, object]:
     with open(os.path.join(src, "a"), "w") as f:
         f.write("hi\n")
     at = os.path.join(base, "at")
-    env = {**os.environ, "VELO_STORE": os.path.join(mnt, "store"), "NO_COLOR": "1"}
+    store = os.path.join(mnt, "store")
 
     def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        return velo_text(store, "--json", *args)
 
     assert velo("ingest", src, "--name", "t").returncode == 0
     script = f"head -c 5000000 /dev/zero | tr '\\0' x > {at}/big && echo y > {at}/a"
@@ -200,15 +183,14 @@ def _delete_pulled_ref_on_a_full_disk(base: str) -> dict[str, object]:
 
     mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
     src = os.path.join(base, "src")
     os.makedirs(src)
     for i in range(5):
         with open(os.path.join(src, f"f{i}"), "wb") as f:
             f.write(os.urandom(50_000))
     out: dict[str, object] = {}
-    velo = [sys.executable, "-m", "veloverlay"]
-    out["ingest"] = subprocess.run([*velo, "ingest", src, "--name", "t"], env=env).returncode
+    ingested = velo_text(store, "ingest", src, "--name", "t", env={"VELO_RUNTIME_DIR": "off"})
+    out["ingest"] = ingested.returncode
     repo = Repo.open(store)
     try:  # as a pull from this registry would have noted it
         Versions(repo.store).set("reg.example:5000", "t", "team/t", "sha256:" + "0" * 64, None)
@@ -258,15 +240,9 @@ def _delete_refs_on_a_full_disk(base: str) -> dict[str, object]:
 
     mnt = private_tmpfs(base, "3m")
     store = os.path.join(mnt, "store")
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "VELO_RUNTIME_DIR": "off"}
 
     def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        return velo_text(store, "--json", *args, env={"VELO_RUNTIME_DIR": "off"})
 
     src = os.path.join(base, "src")
     os.makedirs(src)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import unprotect
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import new_store
@@ -167,7 +168,6 @@ def test_a_materialisation_killed_midway_is_named_by_the_rerun_and_resume_remove
     tree; then the run works and nothing else is left beside DIR."""
     import json
     import subprocess
-    import sys
 
     src, parent = os.path.join(shm_tmp, "src"), os.path.join(shm_tmp, "parent")
     os.makedirs(parent)
@@ -175,18 +175,10 @@ def test_a_materialisation_killed_midway_is_named_by_the_rerun_and_resume_remove
         os.makedirs(os.path.join(src, f"d{i % 4}"), exist_ok=True)
         with open(os.path.join(src, f"d{i % 4}", f"f{i}"), "w") as f:
             f.write(f"file {i}\n")
-    env = {**os.environ, "VELO_STORE": os.path.join(shm_tmp, "store"), "NO_COLOR": "1"}
-    env.pop("VELO_INTERNAL__TEST_FAULT", None)
+    store = os.path.join(shm_tmp, "store")
 
     def velo(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-        e = {**env, "VELO_INTERNAL__TEST_FAULT": fault} if fault else env
-        return subprocess.run(
-            [sys.executable, "-m", "veloverlay", "--json", *args],
-            env=e,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return velo_text(store, "--json", *args, fault=fault, timeout=120)
 
     at = os.path.join(parent, "at")
     run = ("run", "t", "--backend", "shim", "--at", at, "--", "true")
