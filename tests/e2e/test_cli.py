@@ -62,11 +62,6 @@ def commands(help_text: str) -> list[str]:
 
 
 @pytest.fixture
-def store(shm_tmp: str) -> str:
-    return os.path.join(shm_tmp, "store")
-
-
-@pytest.fixture
 def src(shm_tmp: str) -> str:
     path = os.path.join(shm_tmp, "proj")
     make_tree(

@@ -24,11 +24,6 @@ _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)
 
 
 @pytest.fixture
-def store(shm_tmp: str) -> str:
-    return os.path.join(shm_tmp, "store")
-
-
-@pytest.fixture
 def src(shm_tmp: str) -> str:
     path = os.path.join(shm_tmp, "proj")
     make_tree(path, {"README": b"hello\n", "lib/a.txt": b"a\n"})

@@ -36,11 +36,6 @@ _PROJ_SPEC: dict[str, object] = {
 
 
 @pytest.fixture
-def store(shm_tmp: str) -> str:
-    return os.path.join(shm_tmp, "store")
-
-
-@pytest.fixture
 def proj(store: str, shm_tmp: str) -> str:
     src = os.path.join(shm_tmp, "proj")
     make_tree(src, _PROJ_SPEC)

@@ -21,11 +21,6 @@ from tests.helpers.trees import make_tree
 pytestmark = pytest.mark.needs("root", "overlay_root")
 
 
-@pytest.fixture
-def store(shm_tmp: str) -> str:
-    return os.path.join(shm_tmp, "store")
-
-
 def _stack(store: str, shm_tmp: str) -> tuple[str, str]:
     """Refs `lo` and `hi` (stacked `lo hi`): `d` in both, `e` in lo alone, `f` in hi alone."""
     lo, hi = os.path.join(shm_tmp, "lo"), os.path.join(shm_tmp, "hi")
