@@ -16,11 +16,10 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import TOP
 from tests.helpers.timing import bound
 from tests.session._util import new_store, run_session
 from veloverlay.session import state
-
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _limited() -> None:  # a read of /dev/zero without end fails here, not on the machine
@@ -28,7 +27,7 @@ def _limited() -> None:  # a read of /dev/zero without end fails here, not on th
 
 
 def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1", "VELO_STORE": store}
+    env = {**os.environ, "PYTHONPATH": TOP, "NO_COLOR": "1", "VELO_STORE": store}
     try:
         return subprocess.run(
             [sys.executable, "-m", "veloverlay", "--json", *args],

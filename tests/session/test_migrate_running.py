@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store, use_form, while_running
 from veloverlay.session import state
 from veloverlay.store.cas import Store
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _gc(store: str) -> dict[str, int]:
-    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "veloverlay", "--json", "--store", store, "gc", "--grace", "0"]
-    done = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, timeout=300)
+    done = velo_text(None, "--json", "--store", store, "gc", "--grace", "0", cwd="/")
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout))
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import TOP
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import (
     as_mode,
@@ -30,9 +31,6 @@ from veloverlay.session import state
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(stacks.__file__))))
-
-
 _UPGRADED = (
     "import runpy, sys; from veloverlay.lower import stacks; "
     "stacks.STACK_FORMAT = getattr(stacks, 'STACK_FORMAT', 1) + 1; "
@@ -43,7 +41,7 @@ _UPGRADED = (
 def _cli(store: Store, *args: str, upgraded: bool = False, check: bool = True) -> str:
     """`veloverlay --json ARGS` in a process of its own (`upgraded`: by code whose stack format
     is the next one); its stdout."""
-    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONPATH": TOP, "NO_COLOR": "1"}
     how = ["-c", _UPGRADED] if upgraded else ["-m", "veloverlay"]
     cmd = [sys.executable, *how, "--json", "--store", os.fspath(store.root), *args]
     done = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, timeout=300)

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, mode_form_params, new_store, use_form, while_running
 from veloverlay.session import state
 
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _cli(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": _TOP, "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "veloverlay", "--json", "--store", store, *args]
-    return subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, timeout=300)
+    return velo_text(None, "--json", "--store", store, *args, cwd="/")
 
 
 def _moved_while_running(base: str, form: str) -> dict[str, object]:

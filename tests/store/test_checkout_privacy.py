@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-import veloverlay
+from tests.helpers.cli import TOP
 from tests.helpers.unpriv import UNPRIV_UID, unpriv_tmpdir
 
 pytestmark = pytest.mark.skipif(
@@ -26,14 +26,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 OTHER_UID = UNPRIV_UID + 1  # a second unprivileged uid (it need not exist in /etc/passwd)
-_TOP = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
 
 
 def _velo(
     uid: int, store: str, *args: str, fault: str = "", cwd: str = "/"
 ) -> subprocess.CompletedProcess[str]:
     """The CLI as `uid` (root: 0), with a crash point when `fault` is given."""
-    env = {"PATH": "/usr/bin:/bin", "VELO_STORE": store, "PYTHONPATH": _TOP, "NO_COLOR": "1"}
+    env = {"PATH": "/usr/bin:/bin", "VELO_STORE": store, "PYTHONPATH": TOP, "NO_COLOR": "1"}
     if fault:
         env["VELO_INTERNAL__TEST_FAULT"] = fault
     who = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]

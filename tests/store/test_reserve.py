@@ -8,12 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.envs.realtree import make_project
+from tests.helpers.cli import velo_text
 from tests.helpers.fulldisk import fill, private_tmpfs
 from veloverlay.errors import Reason, VeloError
 from veloverlay.ingest import ingest
@@ -21,8 +20,6 @@ from veloverlay.store import reserve
 from veloverlay.verbs.fsck import fsck
 from veloverlay.verbs.gc import gc
 from veloverlay.verbs.repo import Repo
-
-_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _allocated(repo: Repo) -> int:
@@ -78,14 +75,7 @@ def test_a_fifo_under_the_reserves_name_is_not_waited_on(repo: Repo) -> None:
 
 
 def _doctor(store: str) -> dict[str, object]:
-    env = {**os.environ, "VELO_STORE": store, "NO_COLOR": "1", "PYTHONPATH": _TOP}
-    res = subprocess.run(
-        [sys.executable, "-m", "veloverlay", "--json", "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = velo_text(store, "--json", "doctor", timeout=120)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res
     return json.loads(res.stdout)["store"]["reserve"]  # type: ignore[no-any-return]
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-import veloverlay
+from tests.helpers.cli import TOP
 from tests.helpers.unpriv import UNPRIV_UID, unpriv_tmpdir
 
 pytestmark = pytest.mark.skipif(
@@ -24,11 +24,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 OTHER_UID = UNPRIV_UID + 1  # a second unprivileged uid (it need not exist in /etc/passwd)
-_TOP = os.path.dirname(os.path.dirname(os.path.abspath(veloverlay.__file__)))
 
 
 def _as(uid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": _TOP, "NO_COLOR": "1"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": TOP, "NO_COLOR": "1"}
     who = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return subprocess.run(
         [*who, *cmd], env=env, cwd="/", capture_output=True, text=True, timeout=120
