@@ -152,7 +152,7 @@ def _killed_deleting(repo: Repo, ref: str) -> subprocess.CompletedProcess[bytes]
         "from veloverlay.verbs.repo import Repo\n"
         "Repo.open(sys.argv[1]).delete_ref(sys.argv[2])\n"
     )
-    env = {**os.environ, "PYTHONPATH": _TOP, "VELO_INTERNAL__TEST_FAULT": "refs.delete.forgotten:1"}
+    env = {**os.environ, "PYTHONPATH": TOP, "VELO_INTERNAL__TEST_FAULT": "refs.delete.forgotten:1"}
     return subprocess.run(
         [sys.executable, "-c", script, str(repo.store.root), ref],
         env=env,
