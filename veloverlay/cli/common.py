@@ -120,6 +120,25 @@ def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[
     return register
 
 
+def versions(*specs: str | None) -> None:
+    """Refuse (BAD_REF) a version no store could hold, before any store, lock or network is
+    touched: the same reason from every verb, whatever the store holds."""
+    from veloverlay.store.versions import check_revision
+
+    for spec in specs:
+        if spec is not None:
+            check_revision(spec)
+
+
+def ref_names(*names: str | None) -> None:
+    """As `versions`, for refs named as such (to log, delete, roll back or create)."""
+    from veloverlay.store.versions import check_ref_name
+
+    for name in names:
+        if name is not None:
+            check_ref_name(name)
+
+
 def store_path() -> str:
     from veloverlay.store.cas import default_store_path
 

@@ -57,6 +57,7 @@ def diff(
         return
     if a is None or b is None:
         raise VeloError("diff needs A and B (or --session ID)", reason=Reason.USAGE)
+    common.versions(a, b)
     repo = common.repo()
     with repo.reading():  # --stat and -p read objects: gc waits until they are read
         _versions(repo, a, b, name_status, stat, patch)

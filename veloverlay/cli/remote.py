@@ -81,6 +81,7 @@ def push(
             reason=Reason.USAGE,
             hint="veloverlay push REF HOST[:PORT]/REPO[:TAG]",
         )
+    common.versions(*args[:-1])
     opts = _options(tls_verify, ca_cert, authfile, jobs)
     repo = common.repo()
     bar, show = _bar("push")
@@ -141,6 +142,7 @@ def pull(
     same registry and repository (else --name another ref, or --force)."""
     from veloverlay.remote import pull as pull_ref
 
+    common.ref_names(name)
     opts = _options(tls_verify, ca_cert, authfile, jobs)
     repo = common.repo(create=True)
     bar, show = _bar("pull")

@@ -100,6 +100,7 @@ def ingest(
     from veloverlay.ingest.pipeline import ingest as do_ingest
     from veloverlay.tiers import parse_rules
 
+    common.ref_names(name)  # `--name ''` is no name (not the directory's: that is no --name)
     rules = None
     if tiers is not None:  # read before the store is touched: a bad file changes nothing
         try:
@@ -213,6 +214,7 @@ def refs(
         from veloverlay.errors import Reason, VeloError
 
         raise VeloError("--grace goes with --delete REF", reason=Reason.USAGE)
+    common.ref_names(delete)
     repo = common.repo()
     if delete is not None:
         from veloverlay.cli.versions import freed
@@ -258,6 +260,7 @@ def ls_cmd(
     """List a directory of a manifest."""
     from veloverlay.paths import given_path
 
+    common.versions(ref)
     entries = common.repo().ls(ref, given_path(path), recursive=recursive)
     if state.json:
         render.emit_json([e.to_dict() for e in entries])
@@ -281,6 +284,7 @@ def cat(
     JSON on stderr)."""
     from veloverlay.paths import given_path
 
+    common.versions(ref)
     out = render.data_on_stdout()
     repo = common.repo()
     sys.stdout.flush()
@@ -298,6 +302,7 @@ def log(
     """Show the commit log of a ref, newest first."""
     import time
 
+    common.ref_names(ref)
     commits = common.repo().log(ref, limit)
     if state.json:
         render.emit_json([c.to_dict() for c in commits])
@@ -321,6 +326,7 @@ def checkout(
     ] = False,
 ) -> None:
     """Materialise a manifest as a real tree in DEST (new or empty directory)."""
+    common.versions(ref)
     progress = render.Progress("checking out", unit="entries")
     try:
         n = common.repo().checkout(ref, dest, progress=progress, keep_setid=keep_setid)
@@ -346,6 +352,8 @@ def rollback(
 ) -> None:
     """Make an earlier version the new head of REF (as a new commit; history is kept); the
     version's recorded path comes back with its tree."""
+    common.ref_names(ref)
+    common.versions(None if version.isdigit() else version)
     c = common.repo().rollback(ref, version)
     if state.json:
         render.emit_json(c.to_dict())
@@ -362,6 +370,7 @@ def export_cmd(
     """Write a self-contained .velo bundle (manifest + objects) of one version."""
     from veloverlay.store.bundle import export_bundle, export_to_path
 
+    common.versions(ref)
     out = render.data_on_stdout() if output == "-" else None
     repo = common.repo()
     if out is not None:
@@ -398,6 +407,7 @@ def import_cmd(
     from veloverlay.store.bundle import import_bundle
 
     given_path(bundle, "the bundle", hint="name the bundle file ('-' for stdin)")
+    common.ref_names(name)
     repo = common.repo(create=True)
     try:
         f = sys.stdin.buffer if bundle == "-" else open(bundle, "rb")  # noqa: SIM115
@@ -439,6 +449,7 @@ def tiers_explain(
     from veloverlay.paths import given_path
 
     given_path(path)
+    common.versions(ref)
     if ref is not None:
         tier, rule, _rules = common.repo().explain_tier(path, ref)
     else:

@@ -39,6 +39,7 @@ def tag(
         raise VeloError("--delete takes no NAME VERSION", reason=Reason.USAGE)
     if message and name is None:
         raise VeloError("-m goes with NAME VERSION (the tag made)", reason=Reason.USAGE)
+    common.versions(version)
     repo = common.repo()
     if delete is not None:
         repo.delete_tag(delete)

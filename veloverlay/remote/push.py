@@ -247,13 +247,16 @@ def push(
             "several refs go to one tag each: name the repository without a tag",
             reason=Reason.USAGE,
         )
+    with m.read() as txn:  # every version and tag checked before the registry is asked anything
+        for spec in refs:
+            m.resolve(txn, spec)
+    tags = [name.tag or check_tag(spec.split("@")[0]) for spec in refs]
     out = []
     with Registry(name, options, push=True) as reg:
         reg.ping()
-        for spec in refs:
+        for spec, tag in zip(refs, tags, strict=True):
             # The store lock, shared, per ref: gc waits, so the version keeps its objects.
             with store.read_lock():
-                tag = name.tag or check_tag(spec.split("@")[0])
                 out.append(_push_one(store, m, reg, spec, name.with_tag(tag), progress))
     return out
 

@@ -55,7 +55,7 @@ class History(Versions):
         return json_record(self.store, v, f"ref {name}", lambda d: ref_from(name, d))
 
     def require_ref(self, txn: Txn, name: str) -> Ref:
-        ref = self.get_ref(txn, name)
+        ref = self.get_ref(txn, check_ref_name(name))
         if ref is None:
             raise VeloError(
                 f"no ref named {name!r}",

@@ -60,6 +60,7 @@ from veloverlay.store.versions import (
     Ref,
     Tag,
     check_ref_name,
+    check_revision,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "REF_RE",
     "MIN_PREFIX",
     "check_ref_name",
+    "check_revision",
     "check_data_file",
     "read_record",
     "write_record",

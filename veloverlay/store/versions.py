@@ -27,6 +27,7 @@ __all__ = [
     "REF_RE",
     "MIN_PREFIX",
     "check_ref_name",
+    "check_revision",
     "ref_from",
     "new_lineage",
     "commit_from",
@@ -184,14 +185,29 @@ def name_key(name: str) -> bytes | None:
     return key if 0 < len(key) <= _MAX_KEY else None
 
 
+_REF_HINT = "ref names use letters, digits and . _ + - (a session ref adds @<session>)"
+
+
 def check_ref_name(name: str) -> str:
+    """`name` if it can be a ref's name; else BAD_REF (before any store is read or written:
+    every verb gives the same reason for the same bad name, not not-found for some)."""
     if not REF_RE.match(name):
-        raise VeloError(
-            f"invalid ref name {name!r}",
-            reason=Reason.BAD_REF,
-            hint="ref names use letters, digits and . _ + - (a session ref adds @<session>)",
-        )
+        raise VeloError(f"invalid ref name '{name}'", reason=Reason.BAD_REF, hint=_REF_HINT)
     return name
+
+
+def check_revision(spec: str) -> str:
+    """`spec` if it can name a version as `resolve` takes it (`BASE` or `BASE@{n}`, BASE a ref's,
+    a tag's or a commit id's name: all spelled as ref names); else BAD_REF, as `check_ref_name`
+    (an empty spec, `..`, a space, a newline or NUL never names one)."""
+    m = _REV_RE.match(spec)
+    if m is None or not REF_RE.match(m.group("name")):
+        raise VeloError(
+            f"invalid version '{spec}'",
+            reason=Reason.BAD_REF,
+            hint="a version is REF, REF@{n}, REF@SESSION, a tag or a commit id; " + _REF_HINT,
+        )
+    return spec
 
 
 class Versions:
@@ -244,9 +260,8 @@ class Versions:
         unique prefix of one (at least `MIN_PREFIX` hex digits). The ref returned is the one the
         version belongs to (for a tag or a commit id: the ref that made the commit; a detached
         record carrying the commit's path if that ref was deleted)."""
-        m = _REV_RE.match(spec)
-        if m is None:
-            raise VeloError(f"cannot parse revision {spec!r}", reason=Reason.BAD_REF)
+        m = _REV_RE.match(check_revision(spec))
+        assert m is not None
         base = m.group("name")
         ref = self.get_ref(txn, base)
         if ref is not None:
