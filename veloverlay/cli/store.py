@@ -19,6 +19,7 @@ tiers_app = common.new_app(
 app.add_typer(tiers_app, name="tiers")
 
 
+
 Ref = Annotated[
     str,
     typer.Argument(
@@ -214,7 +215,7 @@ def refs(
         from veloverlay.errors import Reason, VeloError
 
         raise VeloError("--grace goes with --delete REF", reason=Reason.USAGE)
-    common.ref_names(delete)
+    common.versions(delete)
     repo = common.repo()
     if delete is not None:
         from veloverlay.cli.versions import freed
@@ -302,7 +303,7 @@ def log(
     """Show the commit log of a ref, newest first."""
     import time
 
-    common.ref_names(ref)
+    common.versions(ref)
     commits = common.repo().log(ref, limit)
     if state.json:
         render.emit_json([c.to_dict() for c in commits])
@@ -352,8 +353,7 @@ def rollback(
 ) -> None:
     """Make an earlier version the new head of REF (as a new commit; history is kept); the
     version's recorded path comes back with its tree."""
-    common.ref_names(ref)
-    common.versions(None if version.isdigit() else version)
+    common.versions(ref, None if version.isdigit() else version)
     c = common.repo().rollback(ref, version)
     if state.json:
         render.emit_json(c.to_dict())

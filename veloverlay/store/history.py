@@ -24,6 +24,7 @@ from veloverlay.store.versions import (
     Ref,
     Versions,
     check_ref_name,
+    check_revision,
     commit_from,
     name_key,
     new_lineage,
@@ -55,7 +56,7 @@ class History(Versions):
         return json_record(self.store, v, f"ref {name}", lambda d: ref_from(name, d))
 
     def require_ref(self, txn: Txn, name: str) -> Ref:
-        ref = self.get_ref(txn, check_ref_name(name))
+        ref = self.get_ref(txn, check_revision(name))  # bad-ref, not not-found, for ''
         if ref is None:
             raise VeloError(
                 f"no ref named {name!r}",

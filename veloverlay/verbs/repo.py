@@ -20,7 +20,7 @@ from veloverlay.records import Record
 from veloverlay.store import reserve
 from veloverlay.store.cas import Store, default_store_path
 from veloverlay.store.changes import Change, changes
-from veloverlay.store.manifest import MIN_PREFIX, Commit, Manifests, Ref, Tag, check_ref_name
+from veloverlay.store.manifest import MIN_PREFIX, Commit, Manifests, Ref, Tag, check_revision
 from veloverlay.store.patch import TEXT_LIMIT, entry_mode, object_lines, unified
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
 from veloverlay.tiers import Rule, Rules
@@ -273,7 +273,7 @@ class Repo:
         later, and would otherwise delete the version this names in between."""
         from veloverlay.session.state import refuse_live_view
 
-        check_ref_name(name)
+        check_revision(name)
         refuse_live_view(self.store, name, doing="roll back")
         with self.store.lock(), self.m.write() as txn:
             ref = self.m.require_ref(txn, name)
@@ -329,7 +329,7 @@ class Repo:
         from veloverlay.session.state import refuse_live_view
         from veloverlay.verbs.gc import ref_footprint
 
-        check_ref_name(name)
+        check_revision(name)
         refuse_live_view(self.store, name, doing="delete")
         fp = ref_footprint(self.store, self.m, name, grace=grace)
         # The notes of where it came from go first: a crash (or a failed delete) in between
