@@ -360,6 +360,8 @@ def test_json_doc_lists_the_keys_each_verb_prints(shm_tmp: str, request: Any) ->
     os.mkdir(mnt)
     runs: dict[str, list[str]] = {
         "--version": ["--version"],
+        "--help": ["--help"],
+        "--help-man": ["--help-man"],
         "init": ["init"],
         "ingest": ["ingest", src, "-n", "proj"],
         "refs": ["refs"],

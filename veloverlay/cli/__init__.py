@@ -28,7 +28,6 @@ from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from veloverlay import __version__, progress
 from veloverlay.cli import common, render
@@ -108,7 +107,7 @@ def _build(name: str, verbs: typer.Typer) -> Any:
     raise KeyError(name)
 
 
-class _Verbs(TyperGroup):
+class _Verbs(common.Group):
     """The top-level group: its commands are `_Commands` (typer suggests from their names)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -124,21 +123,25 @@ app = common.new_app(cls=_Verbs, help=HELP, add_completion=True, no_args_is_help
 
 def _version(value: bool) -> None:
     if value:  # eager: a --json after it is not parsed yet, so the words say whether it is given
-        if common.state.json or "--json" in _WORDS:
+        if common.wants_json():
             render.emit_json({"version": __version__})
         else:
             sys.stdout.write(f"veloverlay {__version__}\n")
         raise typer.Exit()
 
 
-_WORDS: list[str] = []  # this command line's words before any `--`
+_WORDS = common.WORDS  # this command line's words before any `--`
 
 
 def _help_man(ctx: typer.Context, value: bool) -> None:
     if value:
         from veloverlay.cli.man import man_page
 
-        sys.stdout.write(man_page(ctx.command, ctx))
+        page = man_page(ctx.command, ctx)
+        if common.wants_json():  # one JSON document, as --help's `{"help": ...}`
+            render.emit_json({"man": page})
+        else:
+            sys.stdout.write(page)
         raise typer.Exit()
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from veloverlay.cli import render
 
@@ -19,7 +20,19 @@ if TYPE_CHECKING:
     from veloverlay.store.cas import Store
     from veloverlay.verbs.repo import Repo
 
-__all__ = ["state", "verb", "new_app", "repo", "store", "JsonOpt", "DebugOpt", "StoreOpt"]
+__all__ = [
+    "state",
+    "verb",
+    "new_app",
+    "repo",
+    "store",
+    "JsonOpt",
+    "DebugOpt",
+    "StoreOpt",
+    "WORDS",
+    "Command",
+    "Group",
+]
 
 _STORE_HELP = "Store directory (default: $XDG_DATA_HOME/veloverlay)"
 StoreRootOpt = Annotated[
@@ -47,6 +60,50 @@ class _State:
 
 
 state = _State()
+
+WORDS: list[str] = []  # this command line's words before any `--` (main sets them)
+
+
+def wants_json() -> bool:
+    """`--json` given, also where an eager option (`--help`, `--version`) runs before it is
+    parsed: the words say whether it is given."""
+    return state.json or "--json" in WORDS
+
+
+def _help(ctx: Any, _param: Any, value: bool) -> None:
+    """`--help` of every command: the help page, or with --json one document `{"help": TEXT}`
+    (the plain page) on stdout, as every verb's output with --json is one JSON document."""
+    if not value or ctx.resilient_parsing:
+        return
+    if wants_json():
+        cmd = ctx.command
+        markup = getattr(cmd, "rich_markup_mode", None)
+        cmd.rich_markup_mode = None  # rich would print the page itself, not return it
+        try:
+            render.emit_json({"help": ctx.get_help() + "\n"})
+        finally:
+            cmd.rich_markup_mode = markup
+    else:
+        typer.echo(ctx.get_help(), color=ctx.color)
+    ctx.exit()
+
+
+class _JsonHelp:
+    """A command whose `--help` honours `--json` (`_help`)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.callback = _help
+        return option
+
+
+class Command(_JsonHelp, TyperCommand):
+    pass
+
+
+class Group(_JsonHelp, TyperGroup):
+    pass
 
 
 def reset() -> None:
@@ -77,6 +134,7 @@ def new_app(**kwargs: Any) -> typer.Typer:
         "pretty_exceptions_enable": False,
         "rich_markup_mode": "rich" if render.color_enabled(sys.stdout) else None,
         "context_settings": {"help_option_names": ["--help"]},
+        "cls": Group,
     }
     settings.update(kwargs)
     return typer.Typer(**settings)
@@ -114,6 +172,7 @@ def verb(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[
             **fn.__annotations__,
             **{p.name: p.annotation for p in _GLOBALS},
         }
+        kwargs.setdefault("cls", Command)
         app.command(name or fn.__name__.replace("_", "-"), **kwargs)(wrapper)
         return fn
 

@@ -12,7 +12,6 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand
 
 from veloverlay.cli import common, render
 from veloverlay.cli.common import complete_ref, state, verb
@@ -79,7 +78,7 @@ Link = Annotated[
 ]
 
 
-class _RunCommand(TyperCommand):
+class _RunCommand(common.Command):
     """`run`: the words after the first `--` are the command, kept out of typer's parsing."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:

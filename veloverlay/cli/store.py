@@ -19,6 +19,13 @@ tiers_app = common.new_app(
 app.add_typer(tiers_app, name="tiers")
 
 
+@tiers_app.callback()
+def _tiers(
+    store: common.StoreOpt = None, debug: common.DebugOpt = False, as_json: common.JsonOpt = False
+) -> None:
+    """The global options after `tiers` too (`tiers --json explain PATH`, `tiers --help --json`)."""
+    common.set_globals(store=store, debug=debug, as_json=as_json)
+
 
 Ref = Annotated[
     str,
