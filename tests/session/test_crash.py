@@ -207,6 +207,11 @@ def test_harvest_all_goes_past_a_session_it_cannot_harvest(mode: str) -> None:
     assert isinstance(doc, dict) and doc["reason"] and doc["error"], doc
     assert [h["session_id"] for h in doc["harvested"]] == [s for s in states]
     assert [f["session_id"] for f in doc["failed"]] == [r["first"]]
+    # each failure is an error object (docs/errors.md): `error` as every one has (not only
+    # `message`), with the first failure's text and reason
+    (one,) = doc["failed"]
+    assert {"error", "reason", "hint", "detail", "path"} <= set(one), one
+    assert (one["error"], one["reason"]) == (doc["error"], doc["reason"]), doc
     assert r["fsck"] == []
 
 

@@ -433,7 +433,12 @@ def harvest(
             first["error"] = first.pop("message")
             report = {
                 "harvested": [r.to_dict() for r in results],
-                "failed": [{"session_id": sid, **render.describe(e)} for sid, e in failed],
+                # each failure keyed as every error is (`error`); `message`, the same text,
+                # kept: docs/json.md named it so before
+                "failed": [
+                    {"session_id": sid, "error": d["message"], **d}
+                    for sid, d in ((sid, render.describe(e)) for sid, e in failed)
+                ],
             }
             render.emit_json({**report, **first})
         raise failed[0][1]
