@@ -33,3 +33,28 @@ def test_help_man_with_json_is_one_document_holding_the_page() -> None:
 def test_the_tiers_group_takes_the_global_options() -> None:
     shown = json.loads(ok(velo(None, "tiers", "--json", "explain", "a.gguf")))
     assert shown["path"] == "a.gguf"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["cat", "proj"],  # PATH missing
+        ["cat", "proj", "README", "--bogus"],
+        ["export", "proj", "-o", "-", "--bogus"],
+        ["export", "proj", "-o"],  # -o without its value
+    ],
+)
+def test_a_usage_error_of_a_data_verb_is_json_on_stdout(shm_tmp: str, args: list[str]) -> None:
+    """`cat` and `export -o -` keep JSON off stdout once a byte of data went there; typer's
+    usage errors come before any: told as every verb's (docs/json.md), status 2, and nothing
+    else on stdout."""
+    import os
+
+    store = os.path.join(shm_tmp, "store")
+    p = velo(store, "--json", *args)
+    assert p.returncode == 2, p.stderr
+    report = json.loads(p.stdout)
+    assert report["reason"] == "usage" and report["error"], report
+    err = p.stderr.decode()
+    assert err.startswith("error: ") and "\nreason: usage\n" in err and "{" not in err, err
+    assert not os.path.exists(store)
