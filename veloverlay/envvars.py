@@ -59,7 +59,7 @@ def get_int(name: str, *, minimum: int, maximum: int | None = None) -> int | Non
     if value is None or value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise VeloError(
-            f"{name}={raw!r} is not an integer {bound}",
+            f"{name}='{raw}' is not an integer {bound}",
             reason=Reason.USAGE,
             hint=f"{name}: {VARS[name]}",
         )

@@ -160,6 +160,12 @@ def syscall_hint(syscall: str, err: int) -> str | None:
     return _HINTS.get((syscall, err))
 
 
+def _shown(name: object) -> str:
+    """A file name in a message: as it is (a bytes one decoded as os.fsdecode does), in quotes
+    the message adds; the renderer escapes it once (repr() escaped it, and it was again)."""
+    return os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+
+
 class SysError(OSError):
     """A failed system call: carries errno, the call's name and the path(s) it acted on."""
 
@@ -181,9 +187,9 @@ class SysError(OSError):
     def __str__(self) -> str:
         where = ""
         if self.filename is not None:
-            where = f" {self.filename!r}"
+            where = f" '{_shown(self.filename)}'"
             if self.filename2 is not None:
-                where += f" -> {self.filename2!r}"
+                where += f" -> '{_shown(self.filename2)}'"
         code = _errno.errorcode.get(self.errno, str(self.errno)) if self.errno else "?"
         return f"{self.syscall}{where}: {self.strerror} ({code})"
 

@@ -237,7 +237,7 @@ def _fill(src_fd: int, dst_fd: int, src: StrPath, dst: StrPath, *, allow_copy: b
         why = f"{exc.syscall}: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
     if not allow_copy:
         raise VeloError(
-            f"cannot reflink {os.fspath(src)!r} to {os.fspath(dst)!r} ({why}) and copying is "
+            f"cannot reflink '{os.fspath(src)}' to '{os.fspath(dst)}' ({why}) and copying is "
             "not allowed",
             reason=Reason.FALLBACK_FORBIDDEN,
             path=os.fspath(dst),

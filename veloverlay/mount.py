@@ -165,7 +165,7 @@ def umount_exact(path: str, mnt_id: int, *, readonly_first: bool = False) -> Non
     `readonly_first`: `remount_super` before, undone if the unmount fails."""
     parent, name = os.path.split(path)
     if not name or name in (".", ".."):
-        raise VeloError(f"cannot unmount {path!r}", reason=Reason.TARGET_INVALID, path=path)
+        raise VeloError(f"cannot unmount '{path}'", reason=Reason.TARGET_INVALID, path=path)
     pfd = pin_dir(parent)
     try:
         try:

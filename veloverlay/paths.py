@@ -43,7 +43,7 @@ def check_name(name: bytes) -> bytes:
     if not name:
         raise VeloError("empty name", reason=Reason.BAD_NAME)
     if name in (b".", b".."):
-        raise VeloError(f"the name {display(name)!r} is not allowed", reason=Reason.BAD_NAME)
+        raise VeloError(f"the name '{display(name)}' is not allowed", reason=Reason.BAD_NAME)
     if b"/" in name or b"\0" in name:
         shown = display(name.replace(b"\0", b"\\0"))
         raise VeloError(f"a name may not contain '/' or NUL: {shown}", reason=Reason.BAD_NAME)

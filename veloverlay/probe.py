@@ -77,7 +77,7 @@ class Capabilities(Record, frozen=True):
         found = self.features.get(name)
         if found is None:
             known = ", ".join(sorted(self.features))
-            return Feature(False, f"unknown feature {name!r} (known: {known})")
+            return Feature(False, f"unknown feature '{name}' (known: {known})")
         return found
 
     def to_dict(self) -> dict[str, object]:

@@ -54,7 +54,7 @@ _MAX_STATES = 256  # DFA states kept per glob (1 KiB each); past them a match ru
 
 
 def _bad_glob(glob: str, why: str) -> VeloError:
-    return VeloError(f"{why} in tier glob {glob!r}", reason=Reason.USAGE, hint="globs are relative")
+    return VeloError(f"{why} in tier glob '{glob}'", reason=Reason.USAGE, hint="globs are relative")
 
 
 def _class_table(glob: str, body: str) -> bytes:
@@ -255,7 +255,7 @@ def parse_rules(text: str) -> Rules:
         parts = body.split()
         if len(parts) != 2 or parts[0] not in ("1", "2"):
             raise VeloError(
-                f"tiers file line {n}: expected '<1|2> <glob>', got {raw!r}", reason=Reason.USAGE
+                f"tiers file line {n}: expected '<1|2> <glob>', got '{raw}'", reason=Reason.USAGE
             )
         rules.append(Rule(int(parts[0]), parts[1], why.strip()))
     return Rules(rules)

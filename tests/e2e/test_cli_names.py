@@ -142,3 +142,29 @@ def test_the_paths_init_export_and_remove_store_report_read_back_exactly(
     [line] = _lines(velo(other, "remove-store", "--yes"))
     assert not os.path.exists(other)
     assert unescape(line.split(": ", 1)[0]) == b"removed the store at " + os.fsencode(other)
+
+
+def test_a_name_in_a_message_is_escaped_once(shm_tmp: str) -> None:
+    """Messages built with `{name!r}` were escaped by repr() and again by the renderer: a
+    backslash showed as four, a name with both quotes as `\\\\'`. Each name given on the
+    command line now reads back (`unescape`) to exactly itself between the quotes."""
+    store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
+    os.mkdir(src)
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    name = "t'\"\\x"  # a quote of each kind and a backslash
+    tiers = os.path.join(shm_tmp, "tiers")
+    with open(tiers, "w") as f:
+        f.write(f"3 {name}\n")
+    for args, reason in (
+        (["tag", name, "proj"], "bad-name"),
+        (["tag", "--delete", name], "not-found"),
+        (["push", "proj", f"127.0.0.1:1/x/y:{name}"], "bad-name"),
+        (["pull", "--tls-verify", name, "127.0.0.1:1/x/y:z"], "usage"),
+        (["diff", "--session", name], "session-not-found"),
+        (["ingest", src, "-n", "proj", "--tiers", tiers], "usage"),
+    ):
+        err = failed(velo(store, "--json", *args), reason, code=2 if reason == "usage" else 1)
+        first = err.splitlines()[0]
+        assert (
+            f"'{name}'" in unescape(first).decode() or f"'3 {name}'" in unescape(first).decode()
+        ), (args, first)

@@ -38,7 +38,7 @@ def _options(tls_verify: str, ca_cert: str | None, authfile: str | None, jobs: i
 
     if tls_verify not in ("true", "false"):
         raise VeloError(
-            f"--tls-verify takes true or false, not {tls_verify!r}", reason=Reason.USAGE
+            f"--tls-verify takes true or false, not '{tls_verify}'", reason=Reason.USAGE
         )
     if authfile is not None:
         if not os.path.isfile(authfile):

@@ -242,7 +242,7 @@ def _check_same_source(ref: Ref, top: bytes, *, force: bool, moved: bool) -> Non
     if ref.path == new or os.path.realpath(ref.path) == new:
         return
     raise VeloError(
-        f"ref {ref.name!r} was ingested from {ref.path}, not from {new}",
+        f"ref '{ref.name}' was ingested from {ref.path}, not from {new}",
         reason=Reason.OTHER_SOURCE,
         hint=f"if this is the same tree moved, re-run with --moved; to make this tree the next "
         f"version of {ref.name} anyway, --force; else choose another --name",

@@ -184,7 +184,7 @@ class _Contents:
         if kind == "symlink":  # Tier-1: the link must lead to the object itself
             if obj is None or _inode(name, dfd) == obj:
                 return None  # a missing object is fsck's object-missing
-            return f"leads to {os.readlink(name, dir_fd=dfd)!r}, not to its object"
+            return f"leads to '{os.fsdecode(os.readlink(name, dir_fd=dfd))}', not to its object"
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             names = _libc.listxattr_at(dfd, name)
@@ -205,7 +205,7 @@ class _Contents:
             if obj is None and st.st_size:
                 return None
             if _inode(self.data_dir + redirect) != obj:
-                return f"redirects to {redirect!r}, not to its object"
+                return f"redirects to '{os.fsdecode(redirect)}', not to its object"
             return None
         if st.st_size == 0:
             return None  # an empty file shows no bytes

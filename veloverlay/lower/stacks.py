@@ -215,9 +215,9 @@ def ensure_lowers(
     (`_built_here`): those stay, mounted under the sessions that run.
     """
     if form not in FORMS:
-        raise VeloError(f"unknown lower form {form!r}", reason=Reason.USAGE)
+        raise VeloError(f"unknown lower form '{form}'", reason=Reason.USAGE)
     if xattr not in XATTR_PREFIXES:
-        raise VeloError(f"unknown overlay xattr prefix {xattr!r}", reason=Reason.USAGE)
+        raise VeloError(f"unknown overlay xattr prefix '{xattr}'", reason=Reason.USAGE)
     t0 = time.perf_counter()
     disk = disk_home(store)
     fast = boot_home(store) if form == "data-only" else None

@@ -120,7 +120,7 @@ def _helper(name: str, host: str, path: str) -> Credentials | None:
     prog = f"docker-credential-{name}"
     if "/" in name or "\0" in name:  # a '/' makes it a path (from the cwd), not a program on PATH
         raise VeloError(
-            f"the credential helper {prog!r} named in {path} is not a program name",
+            f"the credential helper '{prog}' named in {path} is not a program name",
             reason=Reason.REMOTE_AUTH,
             hint="credHelpers and credsStore name a docker-credential-NAME program found on "
             "PATH; NAME holds no '/'",

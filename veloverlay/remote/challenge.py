@@ -38,7 +38,7 @@ def refused(host: str, creds: Credentials | None, detail: str) -> VeloError:
             detail=detail,
         )
     return VeloError(
-        f"{host} refused the credentials of user {creds.username!r} (from {creds.source})",
+        f"{host} refused the credentials of user '{creds.username}' (from {creds.source})",
         reason=Reason.REMOTE_AUTH,
         hint="check the user name and password; log in again",
         detail=detail,
@@ -65,7 +65,7 @@ def answer_challenge(
         return "basic", creds.basic()
     if scheme != "bearer" or "realm" not in params:
         raise VeloError(
-            f"{name.host} asks for an authentication scheme this client does not speak: {header!r}",
+            f"{name.host} asks for an authentication scheme this client does not speak: '{header}'",
             reason=Reason.REMOTE_AUTH,
         )
     query: list[tuple[str, str | int | float | bool | None]] = []
@@ -126,13 +126,13 @@ def _realm(name: RemoteName, realm: str) -> httpx.URL:
         url = httpx.URL(realm)
     except httpx.InvalidURL as exc:
         raise VeloError(
-            f"{name.host} names an invalid token service {realm!r}: {exc}",
+            f"{name.host} names an invalid token service '{realm}': {exc}",
             reason=Reason.REMOTE_AUTH,
         ) from None
     ok = url.scheme == "https" or (url.scheme == "http" and name.scheme == "http")
     if not ok or not url.host:
         raise VeloError(
-            f"{name.host} names the token service {realm!r}: refused (credentials go "
+            f"{name.host} names the token service '{realm}': refused (credentials go "
             "to a token service only over https, unless the registry itself is plain http)",
             reason=Reason.REMOTE_AUTH,
         )

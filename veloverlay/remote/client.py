@@ -466,7 +466,7 @@ class Registry:
         got = r.headers.get("docker-content-digest", "").strip()
         if got and got != digest:
             raise VeloError(
-                f"{self.name.host} says it stored the {what} {digest} as {got[:80]!r}",
+                f"{self.name.host} says it stored the {what} {digest} as '{got[:80]}'",
                 reason=Reason.REMOTE_INVALID,
                 hint="the registry alters or loses what it is sent; push elsewhere",
             )

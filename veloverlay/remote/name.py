@@ -77,7 +77,7 @@ def _shown(text: str) -> str:
 
 def _bad(text: str, why: str) -> VeloError:
     return VeloError(
-        f"bad remote {_shown(text)!r}: {why}",
+        f"bad remote '{_shown(text)}': {why}",
         reason=Reason.BAD_NAME,
         hint="write HOST[:PORT]/REPOSITORY[:TAG], e.g. localhost:5000/team/envs:py311",
     )
@@ -86,7 +86,7 @@ def _bad(text: str, why: str) -> VeloError:
 def check_tag(tag: str) -> str:
     if not _TAG_RE.match(tag):
         raise VeloError(
-            f"{tag!r} cannot be a registry tag",
+            f"'{tag}' cannot be a registry tag",
             reason=Reason.BAD_NAME,
             hint="tags are 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'",
         )
@@ -102,7 +102,7 @@ def parse_remote(text: str) -> RemoteName:
             scheme, rest, explicit = s[:-3], rest[len(s) :], True
     if "/" in rest and "@" in rest.partition("/")[0]:  # (`ubuntu@sha256:…` is a name)
         raise VeloError(
-            f"bad remote {_shown(text)!r}: credentials do not go in a remote name",
+            f"bad remote '{_shown(text)}': credentials do not go in a remote name",
             reason=Reason.BAD_NAME,
             hint="log in ('podman login HOST' or 'docker login HOST') or pass --authfile FILE",
         )
@@ -130,7 +130,7 @@ def parse_remote(text: str) -> RemoteName:
         if "/" not in repo:
             repo = "library/" + repo
     if not _HOST_RE.match(host):
-        raise _bad(text, f"{host!r} is not a host name")
+        raise _bad(text, f"'{host}' is not a host name")
     if not _REPO_RE.match(repo):
         raise _bad(text, "a repository is lowercase components separated by '/'")
     return RemoteName(scheme, host, repo, tag, digest)

@@ -249,7 +249,7 @@ def _check_target(
         if repo is not None:
             came = f"was last pulled from or pushed to {host}/{repo}"
     raise VeloError(
-        f"ref {refname!r} exists and {came}; the version {rn} would become its next commit",
+        f"ref '{refname}' exists and {came}; the version {rn} would become its next commit",
         reason=Reason.OTHER_SOURCE,
         hint=f"pull it under another name with --name REF (then run REF); to make it the next "
         f"version of {refname} anyway, --force",

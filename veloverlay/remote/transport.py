@@ -335,7 +335,7 @@ def check_encoding(host: str, resp: httpx.Response) -> None:
     if enc not in ("", "identity"):
         resp.close()
         raise VeloError(
-            f"{host} sent a body with Content-Encoding {enc!r} after being asked for none",
+            f"{host} sent a body with Content-Encoding '{enc}' after being asked for none",
             reason=Reason.REMOTE_INVALID,
         )
 

@@ -141,10 +141,10 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
         raise _bad("not a JSON object")
     if m.get("artifactType") != ARTIFACT_TYPE:
         got = m.get("artifactType") or m.get("mediaType") or media_type
-        raise _bad(f"its artifactType is {got!r}, not {ARTIFACT_TYPE}")
+        raise _bad(f"its artifactType is '{got}', not {ARTIFACT_TYPE}")
     config = _descriptor(m.get("config"))
     if config.media_type != CONFIG_TYPE:
-        raise _bad(f"config media type {config.media_type!r}")
+        raise _bad(f"config media type '{config.media_type}'")
     layers = m.get("layers")
     if not isinstance(layers, list):
         raise _bad("no layers")
@@ -167,7 +167,7 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
             packs_seen.add(d.digest)
             index = by_digest[idx]
             if index.media_type != INDEX_TYPE:
-                raise _bad(f"the index of pack {d.digest} has media type {index.media_type!r}")
+                raise _bad(f"the index of pack {d.digest} has media type '{index.media_type}'")
             v.packs.append(PackRef(kind, d, index))
         elif d.media_type == OBJECT_TYPE:
             hexd = a.get(A_BLAKE3, "")
@@ -175,7 +175,7 @@ def parse_manifest(body: bytes, digest: str, media_type: str) -> Version:
                 raise _bad(f"object blob {d.digest} has no BLAKE3 annotation")
             v.large[bytes.fromhex(hexd)] = d
         elif d.media_type != INDEX_TYPE:
-            raise _bad(f"unknown layer media type {d.media_type!r}")
+            raise _bad(f"unknown layer media type '{d.media_type}'")
     if sum(p.index.size for p in v.packs) > index_bytes_max(len(v.packs)):
         # each index alone is bounded; a version of thousands of full ones would be read whole
         raise _bad(f"its pack indexes hold more than {MAX_INDEX_ENTRIES:,} entries together")

@@ -60,7 +60,7 @@ class Caps:
         return self.features.get(name, (False, ""))[0]
 
     def reason(self, name: str) -> str:
-        return self.features.get(name, (False, f"unknown feature {name!r}"))[1]
+        return self.features.get(name, (False, f"unknown feature '{name}'"))[1]
 
 
 class Choice(Record, frozen=True):
@@ -164,7 +164,7 @@ def choose_form(caps: Caps, privileged: bool, mode: str = "userns") -> tuple[str
     if forced:
         if forced not in LOWER_FORMS:
             raise VeloError(
-                f"VELO_FORCE_LOWER={forced!r} is not one of {', '.join(LOWER_FORMS)}",
+                f"VELO_FORCE_LOWER='{forced}' is not one of {', '.join(LOWER_FORMS)}",
                 reason=Reason.USAGE,
             )
         needed = data_only if forced == "data-only" else links
@@ -188,7 +188,7 @@ def choose_form(caps: Caps, privileged: bool, mode: str = "userns") -> tuple[str
 def decide(caps: Caps, requested: str = "auto") -> Choice:
     """The backend (and lower form) a session asking for `requested` gets with `caps`."""
     if requested not in ("auto", "overlay", "shim"):
-        raise VeloError(f"unknown backend {requested!r}", reason=Reason.USAGE)
+        raise VeloError(f"unknown backend '{requested}'", reason=Reason.USAGE)
     privileged = caps.ok("root")
     protect = privileged and caps.ok("chattr")
     if requested == "shim":
@@ -293,7 +293,7 @@ def _mode(caps: Caps, privileged: bool) -> tuple[str, str, str]:
     forced = os.environ.get("VELO_OVERLAY_MODE", "").strip()
     if forced and forced not in MODES:
         raise VeloError(
-            f"VELO_OVERLAY_MODE={forced!r} is not one of {', '.join(MODES)}", reason=Reason.USAGE
+            f"VELO_OVERLAY_MODE='{forced}' is not one of {', '.join(MODES)}", reason=Reason.USAGE
         )
     native_ok = privileged and caps.ok("overlay_native")
     native_why = caps.reason("overlay_native") if privileged else "not real root"

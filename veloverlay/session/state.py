@@ -306,7 +306,7 @@ def save(store: Store, st: State) -> None:
 
 def load(store: Store, sid: str) -> State:
     if not sid or "/" in sid or sid.startswith("."):
-        raise VeloError(f"bad session id {sid!r}", reason=Reason.SESSION_NOT_FOUND)
+        raise VeloError(f"bad session id '{sid}'", reason=Reason.SESSION_NOT_FOUND)
     try:
         data = json.loads(read_regular(session_dir(store, sid) / "state.json"))
         version = data.get("version", STATE_VERSION) if isinstance(data, dict) else None
@@ -322,7 +322,7 @@ def load(store: Store, sid: str) -> State:
         return State.from_json(data)
     except (FileNotFoundError, NotADirectoryError):
         raise VeloError(
-            f"no session {sid!r}",
+            f"no session '{sid}'",
             reason=Reason.SESSION_NOT_FOUND,
             hint="'veloverlay sessions' lists the sessions of this store",
         ) from None

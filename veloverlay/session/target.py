@@ -70,7 +70,7 @@ def _refuse_top_below(specs: list[str], refs: list[Ref]) -> None:
     for spec, ref in zip(specs[:-1], refs[:-1], strict=True):
         if ref.name == top:
             raise VeloError(
-                f"{specs[-1]!r} is also below itself in the stack (as {spec!r}): its deletions "
+                f"'{specs[-1]}' is also below itself in the stack (as '{spec}'): its deletions "
                 f"would be recorded as masks in {top} itself",
                 reason=Reason.USAGE,
                 hint=f"name {top} once, on top; stack other refs below it",
@@ -190,7 +190,7 @@ def _find_target(store: Store, at: str | None, top: Ref) -> tuple[str, tuple[int
     where = at if at is not None else top.path
     if not where:
         raise VeloError(
-            f"ref {top.name!r} has no recorded path to project at",
+            f"ref '{top.name}' has no recorded path to project at",
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR",
         )

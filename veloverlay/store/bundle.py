@@ -303,7 +303,7 @@ def _check_new_ref(m: Manifests, txn: Txn, refname: str, force: bool) -> Ref | N
     existing = m.get_ref(txn, refname)
     if existing is not None and not force:
         raise VeloError(
-            f"ref {refname!r} exists",
+            f"ref '{refname}' exists",
             reason=Reason.EXISTS,
             hint="import under another name with --name, or --force to add a version",
         )
@@ -490,7 +490,7 @@ def import_bundle(
         root = bytes.fromhex(meta["root"])
         ref = meta.get("ref")  # (export writes a ref's name without its '@<session>')
         if name is None and not (isinstance(ref, str) and REF_RE.match(ref) and "@" not in ref):
-            raise _bad(f"bad ref name {ref!r}")
+            raise _bad(f"bad ref name '{ref}'")
         refname = incoming.target_ref(name or meta["ref"])
         tiers = meta.get("tiers")
         if tiers is not None and not incoming.valid_tiers(tiers):

@@ -59,7 +59,7 @@ class History(Versions):
         ref = self.get_ref(txn, check_revision(name))  # bad-ref, not not-found, for ''
         if ref is None:
             raise VeloError(
-                f"no ref named {name!r}",
+                f"no ref named '{name}'",
                 reason=Reason.NOT_FOUND,
                 hint="'veloverlay refs' lists the refs of this store",
             )
@@ -84,13 +84,14 @@ class History(Versions):
             for k, _v in cur:
                 ref = self.get_ref(txn, bytes(k).decode())
                 if ref is None:  # listed, yet not found by its key: a damaged B-tree
-                    raise corrupt(self.store, f"ref {bytes(k)!r} is listed but cannot be read")
+                    name = bytes(k).decode("utf-8", "surrogateescape")
+                    raise corrupt(self.store, f"ref '{name}' is listed but cannot be read")
                 out.append(ref)
         return out
 
     def get_commit(self, txn: Txn, cid: str) -> Commit:
         if len(cid) != 64:  # a key of a damaged B-tree (LMDB refuses an empty one: a traceback)
-            raise corrupt(self.store, f"commit {cid!r} has no commit id's length")
+            raise corrupt(self.store, f"commit '{cid}' has no commit id's length")
         v = txn.get(bytes.fromhex(cid), db=self._commits)
         if v is None:
             raise corrupt(self.store, f"commit {cid} is missing")
@@ -162,7 +163,7 @@ class History(Versions):
         head = ref.head if ref else None
         if head != expect_head:
             raise VeloError(
-                f"ref {name!r} moved while this change was prepared",
+                f"ref '{name}' moved while this change was prepared",
                 reason=Reason.REF_MOVED,
                 hint="retry: the change will be merged with the new head",
             )
@@ -170,7 +171,7 @@ class History(Versions):
             raise VeloError(f"root {root.hex()} is not stored", reason=Reason.MANIFEST_CORRUPT)
         if ref is None and self.get_tag(txn, name) is not None:
             raise VeloError(
-                f"{name!r} is a tag; a ref needs another name",
+                f"'{name}' is a tag; a ref needs another name",
                 reason=Reason.EXISTS,
                 hint="choose another --name, or delete the tag ('veloverlay tag --delete')",
             )

@@ -46,7 +46,7 @@ def target_ref(name: str) -> str:
     check_ref_name(name)
     if "@" in name:
         raise VeloError(
-            f"cannot import or pull into the session ref {name!r}",
+            f"cannot import or pull into the session ref '{name}'",
             reason=Reason.BAD_REF,
             hint="name a ref without '@'",
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 
@@ -172,7 +173,7 @@ def encode(mode: int, mtime_ns: int, entries: Iterable[Entry]) -> tuple[Digest, 
     prev: bytes | None = None
     for e in ordered:
         if e.name == prev:
-            raise _bad(f"duplicate name {e.name!r}")
+            raise _bad(f"duplicate name '{os.fsdecode(e.name)}'")
         check_name(e.name)  # never write a node that decode() would refuse (BAD_NAME)
         prev = e.name
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
@@ -193,7 +194,7 @@ def encode_mixed(
             parts.append(e)
             continue
         if e.name != name:
-            raise _bad(f"entry {e.name!r} filed as {name!r}")
+            raise _bad(f"entry '{os.fsdecode(e.name)}' filed as '{os.fsdecode(name)}'")
         check_name(name)
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
         parts.append(entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload))
@@ -231,7 +232,7 @@ def encode_changed(
                 kept[name] = None
             continue
         if e.name != name:
-            raise _bad(f"entry {e.name!r} filed as {name!r}")
+            raise _bad(f"entry '{os.fsdecode(e.name)}' filed as '{os.fsdecode(name)}'")
         check_name(name)
         payload = e.target if e.kind is Kind.SYMLINK else e.digest
         enc = entry_bytes(name, e.kind, e.tier, e.mode, e.size, e.mtime_ns, payload)
@@ -296,7 +297,7 @@ def decode(data: bytes) -> Node:
             except VeloError as exc:
                 raise _bad(exc.message) from None
         if name <= prev:  # (a name is never empty: the first one is above b"")
-            raise _bad(f"entries not strictly sorted at {name!r}")
+            raise _bad(f"entries not strictly sorted at '{os.fsdecode(name)}'")
         prev = name
         kind_v, tier, emode, size, emtime, plen = unpack(data, off)
         off += esize
@@ -311,19 +312,19 @@ def decode(data: bytes) -> Node:
             raise _bad("entry mode has non-permission bits")
         if kind is file_:
             if plen != DIGEST_SIZE or tier not in (1, 2):
-                raise _bad(f"bad file entry {name!r}")
+                raise _bad(f"bad file entry '{os.fsdecode(name)}'")
             add(Entry(name, kind, emode, size, emtime, payload, b"", tier))
         elif kind is dir_:
             if plen != DIGEST_SIZE or tier or emode or size or emtime:
-                raise _bad(f"bad dir entry {name!r}")
+                raise _bad(f"bad dir entry '{os.fsdecode(name)}'")
             add(Entry(name, kind, 0, 0, 0, payload))
         elif kind is symlink:
             if not 0 < plen <= SYMLINK_MAX or b"\0" in payload or tier or size != plen:
-                raise _bad(f"bad symlink entry {name!r}")
+                raise _bad(f"bad symlink entry '{os.fsdecode(name)}'")
             add(Entry(name, kind, emode, size, emtime, b"", payload, 0))
         else:
             if plen or tier or emode or size or emtime:
-                raise _bad(f"bad mask entry {name!r}")
+                raise _bad(f"bad mask entry '{os.fsdecode(name)}'")
             add(Entry(name, kind))
     if off != end:
         raise _bad("trailing bytes")

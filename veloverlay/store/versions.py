@@ -274,7 +274,7 @@ class Versions:
                 commit = self.get_commit(txn, self.commit_by_prefix(txn, base))
             else:
                 raise VeloError(
-                    f"no ref, tag or commit named {base!r}",
+                    f"no ref, tag or commit named '{base}'",
                     reason=Reason.NOT_FOUND,
                     hint="'veloverlay refs' lists the refs, 'veloverlay tag' the tags, "
                     "'veloverlay log REF' the commit ids",
@@ -300,7 +300,7 @@ class Versions:
         prefix = prefix.lower()
         if len(prefix) < MIN_PREFIX or not _HEX_RE.match(prefix):
             raise VeloError(
-                f"{prefix!r} is not a commit id (at least {MIN_PREFIX} hex digits)",
+                f"'{prefix}' is not a commit id (at least {MIN_PREFIX} hex digits)",
                 reason=Reason.BAD_REF,
             )
         start = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
@@ -357,17 +357,17 @@ class Versions:
         so the tag could never be read) nor look like a commit id."""
         if "@" in name or not REF_RE.match(name):
             raise VeloError(
-                f"invalid tag name {name!r}",
+                f"invalid tag name '{name}'",
                 reason=Reason.BAD_NAME,
                 hint="tag names use letters, digits and . _ + -",
             )
         if self.get_ref(txn, name) is not None:
-            raise VeloError(f"{name!r} is a ref; a tag needs another name", reason=Reason.EXISTS)
+            raise VeloError(f"'{name}' is a ref; a tag needs another name", reason=Reason.EXISTS)
         if _HEX_RE.match(name) and len(name) >= MIN_PREFIX:
-            raise VeloError(f"tag name {name!r} looks like a commit id", reason=Reason.BAD_NAME)
+            raise VeloError(f"tag name '{name}' looks like a commit id", reason=Reason.BAD_NAME)
         if self.get_tag(txn, name) is not None:
             raise VeloError(
-                f"tag {name!r} exists",
+                f"tag '{name}' exists",
                 reason=Reason.EXISTS,
                 hint="delete it first ('veloverlay tag --delete NAME') to move it",
             )

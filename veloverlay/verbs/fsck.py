@@ -506,7 +506,7 @@ def fsck(
                 try:
                     record = read(name)
                     if record is None:  # its key was just listed: a damaged B-tree
-                        raise corrupt(store, f"{kind} {name!r} is listed but cannot be read")
+                        raise corrupt(store, f"{kind} '{name}' is listed but cannot be read")
                 except VeloError as exc:
                     rep.findings.append(Finding(f"{kind}-corrupt", name, exc.message))
                     continue

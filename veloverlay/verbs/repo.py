@@ -314,7 +314,7 @@ class Repo:
             with self.m.write() as txn:
                 if not self.m.delete_tag(txn, name):
                     raise VeloError(
-                        f"no tag named {name!r}",
+                        f"no tag named '{name}'",
                         reason=Reason.NOT_FOUND,
                         hint="'veloverlay tag' lists the tags",
                     )
@@ -343,7 +343,7 @@ class Repo:
         def attempt() -> None:
             with self.m.write() as txn:
                 if not self.m.delete_ref(txn, name):
-                    raise VeloError(f"no ref named {name!r}", reason=Reason.NOT_FOUND)
+                    raise VeloError(f"no ref named '{name}'", reason=Reason.NOT_FOUND)
                 drop_cache(self.m, txn, name)
 
         # the documented way out of a full disk (delete refs, then gc) must work on one: LMDB

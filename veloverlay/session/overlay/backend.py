@@ -92,7 +92,7 @@ def _prepare(
     progress: Progress | None = None,
 ) -> _Plan:
     if opts.net not in ("host", "none"):
-        raise VeloError(f"unknown network mode {opts.net!r}", reason=Reason.USAGE)
+        raise VeloError(f"unknown network mode '{opts.net}'", reason=Reason.USAGE)
     choice.raise_error()
     assert choice.form is not None
     form, privileged, protect = choice.form, choice.privileged, choice.protect

@@ -96,7 +96,7 @@ def _resolve(m: Manifests, opts: SessionOptions) -> tuple[Stack, str]:
     where = opts.at if opts.at is not None else top.path
     if not where:
         raise VeloError(
-            f"ref {top.name!r} has no recorded path to project at",
+            f"ref '{top.name}' has no recorded path to project at",
             reason=Reason.TARGET_INVALID,
             hint="pass --at DIR",
         )
