@@ -214,25 +214,7 @@ def test_a_merged_sessions_summary_says_what_the_merged_commit_changed(
     `A n` alone; with every change there already nothing is committed, and the summary listed
     both. Now it says what the merged commit changed, checked against checkouts of the ref
     before and after."""
-    src = os.path.join(shm_tmp, "src")
-    make_tree(src, {"f1": b"one\n", "f2": b"two\n"})
-    ok(velo(store, "ingest", src, "-n", "t"))
-    at = os.path.join(shm_tmp, "at")
-    command = f"cd {at} && echo same > f1 && echo mine > n && touch -d @1500000000 f1 n ."
-    with live_session(
-        store, "--json", "run", "t", "--at", at, "--backend", backend, command=command,
-        base=shm_tmp,
-    ) as session:  # fmt: skip
-        session.sid()
-        same = {"f1": b"same\n", **({"n": b"mine\n"} if meanwhile == "all" else {})}
-        make_tree(src, same)
-        for name in [*same, "."]:  # the same entries as the session's: content, mode, mtime
-            os.utime(os.path.join(src, name), (1500000000, 1500000000))
-        ok(velo(store, "ingest", src, "-n", "t"))
-        before = _checkout(store, "t", os.path.join(shm_tmp, "before"))  # the moved ref
-        [moved] = [r["head"] for r in data(velo(store, "refs", "--json")) if r["name"] == "t"]
-    assert session.returncode == 0, (session.out, session.err)
-    res = json.loads(session.out)
+    res, _err, moved, before = _merge_race(store, shm_tmp, backend, meanwhile, ["--json"])
     after = _checkout(store, "t", os.path.join(shm_tmp, "after"))
     want = _expected_changes(before, after)
     assert want == ({"n": "A"} if meanwhile == "part" else {})
@@ -244,3 +226,47 @@ def test_a_merged_sessions_summary_says_what_the_merged_commit_changed(
     else:
         committed = data(velo(store, "diff", "t@{1}", "t", "--json"))
         assert res["changes"] == [{"status": c["status"], "path": c["path"]} for c in committed]
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+def test_a_merged_session_with_nothing_new_says_so_in_its_end_line(
+    store: str, shm_tmp: str, backend: str
+) -> None:
+    """The ref got every change of the session meanwhile: nothing is committed, yet the end line
+    said "only timestamps changed (commit <the other writer's head>)", as if the session had
+    committed. It now says nothing new was committed and where the ref is (its head, read from
+    `refs`), and no undo hint (there is nothing of the session's to roll back)."""
+    _res, err, moved, _before = _merge_race(store, shm_tmp, backend, "all", [])
+    assert "only timestamps changed" not in err, err
+    assert f"t: nothing new to commit (the ref is at commit {moved[:12]})" in err, err
+    assert "rollback" not in err, err
+    [head] = [r["head"] for r in data(velo(store, "refs", "--json")) if r["name"] == "t"]
+    assert head == moved
+
+
+def _merge_race(
+    store: str, shm_tmp: str, backend: str, meanwhile: str, flags: list[str]
+) -> tuple[Any, str, str, Any]:
+    """A session of ref `t` that changes f1 (and adds n) while `t` is ingested again with the
+    same change (`part`: f1 only): (its JSON report or stdout, its stderr, the moved head,
+    a checkout of the moved ref)."""
+    src = os.path.join(shm_tmp, "src")
+    make_tree(src, {"f1": b"one\n", "f2": b"two\n"})
+    ok(velo(store, "ingest", src, "-n", "t"))
+    at = os.path.join(shm_tmp, "at")
+    command = f"cd {at} && echo same > f1 && echo mine > n && touch -d @1500000000 f1 n ."
+    with live_session(
+        store, *flags, "run", "t", "--at", at, "--backend", backend, command=command,
+        base=shm_tmp,
+    ) as session:  # fmt: skip
+        session.sid()
+        same = {"f1": b"same\n", **({"n": b"mine\n"} if meanwhile == "all" else {})}
+        make_tree(src, same)
+        for name in [*same, "."]:  # the same entries as the session's: content, mode, mtime
+            os.utime(os.path.join(src, name), (1500000000, 1500000000))
+        ok(velo(store, "ingest", src, "-n", "t"))
+        before = _checkout(store, "t", os.path.join(shm_tmp, "before"))  # the moved ref
+        [moved] = [r["head"] for r in data(velo(store, "refs", "--json")) if r["name"] == "t"]
+    assert session.returncode == 0, (session.out, session.err)
+    out = json.loads(session.out) if flags else session.out
+    return out, session.err.decode(), moved, before

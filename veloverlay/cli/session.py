@@ -144,6 +144,9 @@ def _render(res: Any, *, shown: int = 20) -> int:
         return int(res.exit_status) or 1
     if d.get("conflict_ref"):
         render.info(f"kept {len(changes)} changes as {d['conflict_ref']} (not committed to {ref})")
+    elif res.up_to_date:  # the ref had them all: no commit of the session's
+        render.info(f"{ref}: nothing new to commit (the ref is at commit {d['commit'][:12]})")
+        return int(res.exit_status)
     elif d.get("commit") and not changes:
         render.info(f"{ref}: only timestamps changed (commit {d['commit'][:12]})")
     elif d.get("commit"):

@@ -379,6 +379,7 @@ def _commit(
                 res.commit = c.id
             else:
                 res.commit = ref.head  # the ref already holds every change of the session
+                res.up_to_date = True
                 res.warnings.append(
                     f"{top} already had every change of this session (made meanwhile, commit "
                     f"{ref.head[:12]}): nothing was committed"

@@ -47,6 +47,9 @@ class SessionResult(Record):
     # what was found and not committed, with why: (path, kind); the shim's "other-owner" (a
     # file another user put in a writable directory of the tree)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # the ref had every change of the session already (made meanwhile): nothing was committed,
+    # `commit` is the ref's head (the end line says so; JSON: a warning, `changes` empty)
+    up_to_date: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
