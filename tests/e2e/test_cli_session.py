@@ -861,3 +861,47 @@ def test_a_session_commit_says_what_a_shared_store_opens_to_every_user(
         assert len(said) == 1 and said[0].startswith("2 files or directories other users"), said
     else:
         assert said == []
+
+
+def test_diff_back_over_masks_says_the_masks_go(store: str, shm_tmp: str) -> None:
+    """A stacked session deletes `x` (a file of both refs) and `d` (a directory of both): the
+    top ref's file and directory become MASKs, which `diff hi@{1} hi` shows (x's D with the
+    mask as its new side; d's files' D and the mask's own D). `diff hi hi@{1}`, the way back,
+    showed the files coming and nothing of the masks going: x an A from nothing, d's files
+    only. It now shows each as the mirror: x's A with the mask as its old side, d's files' A
+    and the mask's own A (`-p`: "unmasked"). Expected from the trees made here."""
+    lo, hi, at = (os.path.join(shm_tmp, n) for n in ("lo", "hi", "at"))
+    make_tree(lo, {"x": b"lower\n", "d/k": b"low\n"})
+    make_tree(hi, {"x": b"top\n", "d/f": b"top\n", "y": b"y\n"})
+    ok(velo(store, "ingest", lo, "-n", "lo"))
+    ok(velo(store, "ingest", hi, "-n", "hi"))
+    rm = ["rm", "-r", os.path.join(at, "x"), os.path.join(at, "d")]
+    ok(velo(store, "run", "lo", "hi", "--at", at, "--", *rm))
+
+    def kinds(args: list[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        return {
+            c["path"]: (c["status"], (c["old"] or {}).get("kind"), (c["new"] or {}).get("kind"))
+            for c in data(velo(store, "diff", *args, "--json"))
+        }
+
+    assert kinds(["hi@{1}", "hi"]) == {
+        "x": ("D", "file", "mask"),
+        "d/f": ("D", "file", None),
+        "d": ("D", None, "mask"),
+    }
+    assert kinds(["hi", "hi@{1}"]) == {
+        "x": ("A", "mask", "file"),
+        "d/f": ("A", None, "file"),
+        "d": ("A", "mask", None),
+    }
+    assert ok(velo(store, "diff", "--name-status", "hi", "hi@{1}")).splitlines() == [
+        "A\td",
+        "A\td/f",
+        "A\tx",
+    ]
+    patch = ok(velo(store, "diff", "-p", "hi", "hi@{1}"))
+    unmasked = "unmasked: what the refs below provide at this path shows again"
+    assert f"diff --velo a/d b/d\n{unmasked}\n" in patch, patch
+    mode = f"{stat.S_IMODE(os.lstat(os.path.join(hi, 'x')).st_mode):o}"
+    taken = "unmasked: this ref's own entry takes the mask's place"
+    assert f"diff --velo a/x b/x\nnew file mode {mode}\n{taken}\n--- /dev/null\n" in patch, patch

@@ -105,6 +105,8 @@ def _mask_note(old: Any, new: Any) -> str:
 
     if new is not None and new.kind is Kind.MASK:
         return _MASKED
+    if old is not None and old.kind is Kind.MASK and new is not None:  # a file where it was
+        return "unmasked: this ref's own entry takes the mask's place"
     if old is not None and old.kind is Kind.MASK:
         return "unmasked: what the refs below provide at this path shows again"
     return ""

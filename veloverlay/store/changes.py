@@ -6,7 +6,8 @@ per file, symlink or empty directory (a subtree added or deleted whole is listed
 A mode change counts; a directory's own mtime does not, nor a file's mtime alone (its content and
 mode unchanged), as in git. A MASK entry (a stack's top ref deleting a lower ref's path) that
 comes is a deletion, one that goes an addition, with the mask as the entry on its side (a file
-replaced by one: its D; a directory replaced by one: its entries' D and the mask's own D).
+replaced by one: its D; a directory replaced by one: its entries' D and the mask's own D; and
+back: a file replacing one, its A; a directory, its entries' A and the mask's own A).
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
             # replaces it hides that one as well, which the D says with the mask as its new side
             out.append(Change("D", op.path, old, _mask(m, txn, b, op.path)))
             continue
+        if old is None and new is not None and new.kind is not Kind.DIR:
+            # the other way (`diff hi hi@{1}`): a file where a MASK was is an A with the mask
+            # as its old side (it said nothing of the mask going)
+            out.append(Change("A", op.path, _mask(m, txn, a, op.path), new))
+            continue
         if old is not None and new is not None and Kind.DIR not in (old.kind, new.kind):
             out.append(Change("M" if old.kind is new.kind else "T", op.path, old, new))
             continue
@@ -104,6 +110,9 @@ def changes(m: Manifests, txn: Txn, a: bytes, b: bytes) -> list[Change]:
             # too, which its entries' D do not say: the mask is a D of its own, as where the top
             # ref had nothing there (a directory replacing a mask masks what it does not have
             # inside, `harvest.to_top_ref`: nothing of theirs shows through again)
+            out += _mask_change(m, txn, a, b, op.path)
+        if new is not None and new.kind is Kind.DIR and old is None:
+            # and back: a directory replacing a mask, its entries' A and the mask's own A
             out += _mask_change(m, txn, a, b, op.path)
     out.sort(key=lambda c: (c.path, c.status != "D"))
     return out
