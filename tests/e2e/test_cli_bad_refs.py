@@ -109,3 +109,16 @@ def test_no_bad_ref_is_a_ref_name_or_a_version(bad: str) -> None:
         assert e.value.reason.value == "bad-ref"
     for good in ("proj", "proj@{1}", "proj@s1", "v1.0", "abcd1234"):
         assert check_revision(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "a@b", "..", "a\nb", "a/b"])
+def test_a_name_no_tag_can_have_is_bad_name_to_make_and_to_delete(
+    setup: tuple[str, str, str], bad: str
+) -> None:
+    """`tag 'a b' proj` said bad-name, `tag --delete 'a b'` not-found (as if such a tag could
+    be): both now say bad-name, and the tags are untouched."""
+    store, _src, _bundle = setup
+    ok(velo(store, "tag", "keep", "proj"))
+    for args in (["tag", bad, "proj"], ["tag", "--delete", bad]):
+        failed(velo(store, "--json", *args), "bad-name")
+    assert [t["name"] for t in data(velo(store, "tag", "--json"))] == ["keep"]

@@ -40,6 +40,10 @@ def tag(
     if message and name is None:
         raise VeloError("-m goes with NAME VERSION (the tag made)", reason=Reason.USAGE)
     common.versions(version)
+    if name is not None or delete is not None:  # a name no tag can have: before the store
+        from veloverlay.store.versions import check_tag_name
+
+        check_tag_name(name if delete is None else delete)
     repo = common.repo()
     if delete is not None:
         repo.delete_tag(delete)

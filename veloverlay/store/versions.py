@@ -28,6 +28,7 @@ __all__ = [
     "MIN_PREFIX",
     "check_ref_name",
     "check_revision",
+    "check_tag_name",
     "ref_from",
     "new_lineage",
     "commit_from",
@@ -210,6 +211,18 @@ def check_revision(spec: str) -> str:
     return spec
 
 
+def check_tag_name(name: str) -> str:
+    """`name` if a tag may be called so (a ref's spelling without `@`); else BAD_NAME: to make
+    one (`tag NAME VERSION`) and to delete one (`tag --delete NAME`) alike."""
+    if "@" in name or not REF_RE.match(name):
+        raise VeloError(
+            f"invalid tag name '{name}'",
+            reason=Reason.BAD_NAME,
+            hint="tag names use letters, digits and . _ + -",
+        )
+    return name
+
+
 class Versions:
     """Naming versions and tags; mixed into `Manifests`, which supplies the handles below."""
 
@@ -355,12 +368,7 @@ class Versions:
     def put_tag(self, txn: Txn, name: str, commit_id: str, *, message: str = "") -> Tag:
         """Name the version `commit_id`. A tag name may not be a ref's (refs resolve first,
         so the tag could never be read) nor look like a commit id."""
-        if "@" in name or not REF_RE.match(name):
-            raise VeloError(
-                f"invalid tag name '{name}'",
-                reason=Reason.BAD_NAME,
-                hint="tag names use letters, digits and . _ + -",
-            )
+        check_tag_name(name)
         if self.get_ref(txn, name) is not None:
             raise VeloError(f"'{name}' is a ref; a tag needs another name", reason=Reason.EXISTS)
         if _HEX_RE.match(name) and len(name) >= MIN_PREFIX:
@@ -379,7 +387,7 @@ class Versions:
         return tag
 
     def delete_tag(self, txn: Txn, name: str) -> bool:
-        key = name_key(name)
+        key = name_key(check_tag_name(name))
         if self._tags is None or key is None:
             return False
         return bool(txn.delete(key, db=self._tags))
