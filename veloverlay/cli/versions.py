@@ -40,10 +40,11 @@ def tag(
     if message and name is None:
         raise VeloError("-m goes with NAME VERSION (the tag made)", reason=Reason.USAGE)
     common.versions(version)
-    if name is not None or delete is not None:  # a name no tag can have: before the store
+    tag_name = delete if delete is not None else name
+    if tag_name is not None:  # a name no tag can have: refused before the store is opened
         from veloverlay.store.versions import check_tag_name
 
-        check_tag_name(name if delete is None else delete)
+        check_tag_name(tag_name)
     repo = common.repo()
     if delete is not None:
         repo.delete_tag(delete)
