@@ -110,6 +110,22 @@ def parse_user_path(text: str | bytes) -> bytes:
     return b"/".join(parts)
 
 
+def names_a_directory(text: str | bytes) -> bool:
+    """Whether a path typed by a user can only name a directory (`d/`, `d/.`), as the kernel
+    reads it: `cat REF file/` is ENOTDIR there, not the file."""
+    raw = os.fsencode(text)
+    return raw.endswith(b"/") or raw.endswith(b"/.") or raw == b"."
+
+
+def not_a_directory(spec: str, key: bytes) -> VeloError:
+    """`spec`'s `key` is a file, named with a trailing slash (`names_a_directory`)."""
+    return VeloError(
+        f"{spec}: {display(key)} is a file, not a directory (named with a trailing '/')",
+        reason=Reason.BAD_PATH,
+        hint=f"name the file without the trailing slash: {display(key)}",
+    )
+
+
 def display(path: bytes) -> str:
     """A bytes path for a message (never an exception): its bytes exactly, undecodable ones as
     surrogate escapes (os.fsdecode). Whoever shows a message escapes it once (the CLI: each such

@@ -8,6 +8,7 @@ working directory that would have been taken, and checks that directory and the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,24 @@ def test_pull_path_empty_is_refused_before_the_registry_is_asked(shm_tmp: str) -
     ok(velo(store, "init"))
     p = _velo_in(shm_tmp, store, "pull", "localhost:1/team/envs:x", "--path", "")
     failed(p, "usage", code=2)
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "//"])
+def test_a_file_named_as_a_directory_is_refused_as_the_kernel_does(
+    shm_tmp: str, suffix: str
+) -> None:
+    """`cat REF d/f/` wrote the file and `ls REF d/f/` listed it, where the same path in the
+    source tree is ENOTDIR (`cat src/d/f/`: Not a directory). Both now say bad-path; a
+    directory named so, and the file without the slash, work as before."""
+    store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
+    make_tree(src, {"d/f": b"hi\n"})
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    with pytest.raises(NotADirectoryError):
+        open(os.path.join(src, "d", "f") + suffix, "rb").close()
+    for verb in (["cat"], ["ls"]):
+        p = velo(store, "--json", *verb, "proj", "d/f" + suffix)
+        failed(p, "bad-path")
+        assert json.loads(p.stdout)["reason"] == "bad-path"
+    with open(os.path.join(src, "d", "f"), "rb") as f:
+        assert velo(store, "cat", "proj", "d/f").stdout == f.read()
+    assert [e["path"] for e in data(velo(store, "ls", "--json", "proj", "d" + suffix))] == ["d/f"]

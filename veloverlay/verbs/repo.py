@@ -104,6 +104,8 @@ class Repo:
                 raise VeloError(
                     f"{spec}: no such path {paths.display(key)}", reason=Reason.NOT_FOUND
                 )
+            if e.kind is Kind.FILE and paths.names_a_directory(path):
+                raise paths.not_a_directory(spec, key)
             if e.kind is not Kind.DIR:
                 return [_ls_entry(key, e)]
             if recursive:  # in name order, each directory followed by what it holds (find's)
@@ -148,6 +150,8 @@ class Repo:
                     f"{spec}: {paths.display(key)} is a {e.kind.name.lower()}, not a file",
                     reason=Reason.BAD_PATH,
                 )
+            if paths.names_a_directory(path):
+                raise paths.not_a_directory(spec, key)
             n = 0
             for chunk in self.store.stream_object(e.digest, e.size):
                 out.write(chunk)
