@@ -122,3 +122,33 @@ def test_a_file_named_as_a_directory_is_refused_as_the_kernel_does(
     with open(os.path.join(src, "d", "f"), "rb") as f:
         assert velo(store, "cat", "proj", "d/f").stdout == f.read()
     assert [e["path"] for e in data(velo(store, "ls", "--json", "proj", "d" + suffix))] == ["d/f"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pull", "127.0.0.1:PORT/x/y:z", "--ca-cert", ""],
+        ["pull", "127.0.0.1:PORT/x/y:z", "--authfile", ""],
+        ["push", "proj", "127.0.0.1:PORT/x/y", "--ca-cert", ""],
+        ["ingest", "SRC", "-n", "other", "--tiers", ""],
+    ],
+)
+def test_an_empty_file_option_is_a_usage_error_not_no_option(shm_tmp: str, args: list[str]) -> None:
+    """`--ca-cert ''` was taken for no --ca-cert (the registry asked without the CA meant),
+    `--authfile ''` and `--tiers ''` said not-found ("no such credentials file "): each names no
+    file, a usage error before any registry is asked or ref made."""
+    import socket
+
+    store, src = os.path.join(shm_tmp, "store"), os.path.join(shm_tmp, "src")
+    make_tree(src, {"f": b"x\n"})
+    ok(velo(store, "ingest", src, "-n", "proj"))
+    with socket.socket() as registry:
+        registry.bind(("127.0.0.1", 0))
+        registry.listen(8)
+        registry.setblocking(False)
+        port = str(registry.getsockname()[1])
+        words = [a.replace("PORT", port).replace("SRC", src) for a in args]
+        failed(velo(store, "--json", *words), "usage", code=2)
+        with pytest.raises(BlockingIOError):
+            registry.accept()
+    assert [r["name"] for r in data(velo(store, "refs", "--json"))] == ["proj"]

@@ -34,8 +34,12 @@ Jobs = Annotated[int, typer.Option("--jobs", "-j", help="Parallel transfers", mi
 
 def _options(tls_verify: str, ca_cert: str | None, authfile: str | None, jobs: int) -> Any:
     from veloverlay.errors import Reason, VeloError
+    from veloverlay.files import given_path
     from veloverlay.remote import Options
 
+    for option, value in (("--ca-cert", ca_cert), ("--authfile", authfile)):
+        if value is not None:  # '' is no file: not "no --ca-cert" (a script's unset variable)
+            given_path(value, option, hint=f"name the file, or leave {option} out")
     if tls_verify not in ("true", "false"):
         raise VeloError(
             f"--tls-verify takes true or false, not '{tls_verify}'", reason=Reason.USAGE

@@ -111,6 +111,9 @@ def ingest(
     common.ref_names(name)  # `--name ''` is no name (not the directory's: that is no --name)
     rules = None
     if tiers is not None:  # read before the store is touched: a bad file changes nothing
+        from veloverlay.files import given_path
+
+        given_path(tiers, "--tiers", hint="name the rules file, or leave --tiers out")
         try:
             with open(tiers, "rb") as f:
                 rules = parse_rules(f.read().decode("utf-8"))
