@@ -157,7 +157,7 @@ def test_a_name_in_a_message_is_escaped_once(shm_tmp: str) -> None:
         f.write(f"3 {name}\n")
     for args, reason in (
         (["tag", name, "proj"], "bad-name"),
-        (["tag", "--delete", name], "not-found"),
+        (["tag", "--delete", name], "bad-name"),
         (["push", "proj", f"127.0.0.1:1/x/y:{name}"], "bad-name"),
         (["pull", "--tls-verify", name, "127.0.0.1:1/x/y:z"], "usage"),
         (["diff", "--session", name], "session-not-found"),
