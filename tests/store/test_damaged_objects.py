@@ -70,8 +70,9 @@ def test_a_fifo_in_place_of_an_object_is_corrupt_and_blocks_nothing(
 @pytest.mark.parametrize(
     ("name", "args", "reason"),
     [
-        ("manifests.record", ["fsck"], "manifest-corrupt"),
-        ("manifests.record", ["gc", "--grace", "0"], "manifest-corrupt"),
+        ("manifests.record", ["fsck"], "store-unsafe"),  # (manifest-corrupt, with a hint to
+        ("manifests.record", ["gc", "--grace", "0"], "store-unsafe"),  # restore the database)
+        ("manifests.record.lock", ["gc", "--grace", "0"], "store-unsafe"),
         ("lock", ["cat", "t", "a.txt"], "store-unsafe"),
         ("lock.gate", ["checkout", "t", "{out}"], "store-unsafe"),
         ("fsverity-v1.json", ["fsck"], None),

@@ -983,8 +983,8 @@ def test_ingest_says_what_a_shared_store_opens_to_every_user(shared: bool, shm_t
     [
         ("lock", "store-unsafe"),
         ("lock.gate", "store-unsafe"),
-        ("manifests.record", "manifest-corrupt"),
-        ("manifests.record.lock", "manifest-corrupt"),
+        ("manifests.record", "store-unsafe"),
+        ("manifests.record.lock", "store-unsafe"),
     ],
 )
 def test_a_directory_in_place_of_a_store_file_is_refused_by_name(
@@ -1004,7 +1004,9 @@ def test_a_directory_in_place_of_a_store_file_is_refused_by_name(
     assert res.returncode == 1, res
     got = json.loads(res.stdout)
     assert got["reason"] == reason and "not a regular file" in got["error"], got
-    assert got["hint"], got
+    assert name in got["error"] and got["hint"], got
+    # the database is sound: no hint to restore it (the record and its lock sent users to)
+    assert "manifests.lmdb" not in got["hint"] and "restore" not in got["hint"], got
     os.rmdir(path)
     refs = velo(ingested, "refs")
     assert [r["name"] for r in json.loads(refs.stdout)] == ["t"], refs.stdout

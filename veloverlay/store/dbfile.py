@@ -75,6 +75,19 @@ def corrupt(store: Store, what: str) -> VeloError:
     )
 
 
+def not_regular(store: Store, name: str) -> VeloError:
+    """`name`, a file of the store beside the database (the record or its lock), is a
+    directory, a FIFO or a device: the database itself is not what is wrong."""
+    path = store.root / name
+    return VeloError(
+        f"{path} is not a regular file (the manifest database itself is not damaged)",
+        reason=Reason.STORE_UNSAFE,
+        hint=f"someone who can write the store put it there; remove {path} (it is made again "
+        "by the next commit that changes the ref count) and check who can",
+        path=path,
+    )
+
+
 def check_data_file(store: Store, *, writable: bool = True) -> bool:
     """Check an existing `data.mdb` against its own header before LMDB maps it. Returns False
     when there is no data file yet (a new store).
@@ -235,11 +248,12 @@ def never_used(store: Store, env: Any) -> bool:
 
 def _open_record(store: Store, flags: int) -> int:
     """The store record, opened without blocking: a FIFO in its place (damage) would block the
-    open for ever (fsck and gc hung on one); anything but a regular file is MANIFEST_CORRUPT."""
+    open for ever (fsck and gc hung on one); anything but a regular file is STORE_UNSAFE, by
+    name (the database is not what is damaged)."""
     try:
         return open_regular(_RECORD, flags, 0o644, dir_fd=store.fd)
     except NotRegular:
-        raise corrupt(store, f"{_RECORD} is not a regular file") from None
+        raise not_regular(store, _RECORD) from None
 
 
 @contextlib.contextmanager
@@ -278,13 +292,13 @@ def record_read_lock(store: Store) -> Iterator[None]:
 
 
 def _open_record_lock(store: Store, how: int) -> int:
-    """The record's lock file, opened without blocking (a FIFO in its place: MANIFEST_CORRUPT,
-    as for the record itself)."""
+    """The record's lock file, opened without blocking (a FIFO in its place: STORE_UNSAFE, as
+    for the record itself)."""
     try:
         with exact_modes():
             return open_regular(_RECORD_LOCK, how | os.O_CREAT, 0o600, dir_fd=store.fd)
     except NotRegular:
-        raise corrupt(store, f"{_RECORD_LOCK} is not a regular file") from None
+        raise not_regular(store, _RECORD_LOCK) from None
 
 
 def put_record(fd: int, refs: int) -> None:
