@@ -245,6 +245,33 @@ def test_stages_of_dead_writers_are_reclaimed(repo: Repo) -> None:
     assert not repo.store.has(hash_bytes(b"orphan" * 100))
 
 
+def test_a_dead_stage_without_its_lock_file_is_reclaimed_by_gc(repo: Repo) -> None:
+    """A stage whose `.lock` was removed (by hand, a cleaner of tmp files) was never reclaimed,
+    not even by gc: reclaiming went by the lock files alone. gc, holding the store lock
+    exclusively (no writer alive), now removes it; a writer's reclaim, which cannot tell a
+    live stage from a dead one without the lock, leaves it."""
+    pid = os.fork()
+    if pid == 0:  # a writer that dies between staging and publishing
+        stage = repo.store.stage()
+        stage.open()
+        stage.add_bytes(b"orphan" * 100)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    (lock,) = [n for n in os.listdir(repo.store.tmp) if n.endswith(".lock")]
+    os.unlink(os.path.join(repo.store.tmp, lock))
+    dead = lock[: -len(".lock")]
+    with repo.store.stage() as live:  # a live stage (its lock file removed too) is kept
+        os.unlink(os.path.join(repo.store.tmp, live.name + ".lock"))
+        live.add_bytes(b"mine")
+        repo.store.reclaim_tmp()
+        assert sorted(os.listdir(repo.store.tmp)) == sorted([dead, live.name])
+        live.publish()
+    assert os.listdir(repo.store.tmp) == [dead] and repo.store.has(hash_bytes(b"mine"))
+    gc(repo.store, repo.m, grace=0)
+    assert os.listdir(repo.store.tmp) == []
+    assert not repo.store.has(hash_bytes(b"orphan" * 100))
+
+
 def test_default_store_is_never_relative_to_the_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty or relative HOME/XDG_DATA_HOME (an `env -i` cron job, a script's typo) gave a
     store path relative to wherever the command ran, or `/.local/share/veloverlay` for HOME="":

@@ -536,11 +536,24 @@ def _clear_dir(fd: int) -> int:
     return count
 
 
-def reclaim_stages(tmp_fd: int) -> int:
+def reclaim_stages(tmp_fd: int, *, no_writer: bool = False) -> int:
     """Remove the stages in the store's `tmp/` (the directory `tmp_fd`) left by dead writers
-    (their flock is free)."""
+    (their flock is free). `no_writer`: the caller holds the store lock exclusively (gc), so no
+    stage is live (every writer holds it shared while its stage lasts), and a stage directory
+    whose `.lock` is gone (removed by hand, a cleaner of tmp files) goes too: nothing else could
+    ever remove it, its lock being what says that its writer is dead."""
     removed = 0
-    for name in os.listdir(tmp_fd):
+    names = os.listdir(tmp_fd)
+    if no_writer:
+        present = set(names)
+        for name in names:
+            if name.endswith(".lock") or f"{name}.lock" in present:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=tmp_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):  # (files in tmp/ are not stages: a probe's)
+                    removed += rmtree_count(name, dir_fd=tmp_fd)
+    for name in names:
         if not name.endswith(".lock"):
             continue
         try:

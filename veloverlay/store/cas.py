@@ -561,9 +561,11 @@ class Store(Presence):
     def stage(self) -> Stage:
         return Stage(self)
 
-    def reclaim_tmp(self) -> int:
-        """Remove stages left by dead writers (their flock is free). Returns entries removed."""
-        return access.reclaim_stages(self.tmp_fd())
+    def reclaim_tmp(self, *, no_writer: bool = False) -> int:
+        """Remove stages left by dead writers (their flock is free); `no_writer`: the caller
+        holds the store lock exclusively, and a stage without its lock file goes too. Returns
+        the entries removed."""
+        return access.reclaim_stages(self.tmp_fd(), no_writer=no_writer)
 
 
 def _iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:

@@ -394,7 +394,8 @@ def gc(
         elif not dry_run:  # accepted: the record follows the database from now on
             write_record(store, refs)
         if not dry_run:
-            store.reclaim_tmp()  # stages of writers that died (none is alive: we hold the lock)
+            store.reclaim_tmp(no_writer=True)  # stages of writers that died (none is alive:
+            # we hold the lock), those without their lock file too
             rep.objects_migrated = migrate_objects(store)
         with m.read() as txn:
             nodes, objects, kept_commits = _mark(store, m, txn, keep)
