@@ -216,3 +216,38 @@ def test_a_cache_that_says_verity_works_where_it_does_not_is_probed_again(
     with open(cache) as f:
         assert json.load(f)["ok"] is False  # written again by the probe
     assert velo("fsck").returncode == 0
+
+
+def test_fsck_repair_probes_again_where_the_cache_is_wrong(shm_tmp: str) -> None:
+    """The same wrong cache met by `fsck --repair`: each seal was refused (ENOTTY), the objects
+    were counted as "unsealed" with the hint to run fsck --repair, which could never seal them,
+    and the cache stayed wrong. Now fsck probes again as publish does: the cache is written
+    again and no object is counted as unsealed. (Real probe: /dev/shm has no fs-verity.)"""
+    import json
+    import subprocess
+    import sys
+
+    if verity.usable_under(shm_tmp)[0]:
+        pytest.skip("fs-verity works here: no wrong cache to make")
+    store = os.path.join(shm_tmp, "store")
+    _tree(os.path.join(shm_tmp, "src"), 10)
+
+    def velo(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VELO_STORE": store}
+        cmd = [sys.executable, "-m", "veloverlay", "--json", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+    assert velo("ingest", os.path.join(shm_tmp, "src"), "--name", "t").returncode == 0
+    cache = os.path.join(store, "fsverity-v1.json")
+    with open(cache) as f:
+        data = json.load(f)
+    assert data["ok"] is False
+    with open(cache, "w") as f:
+        json.dump({**data, "ok": True, "reason": "works (damaged)"}, f)
+    r = velo("fsck", "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["fsverity"] == {"sealed": 0, "unsealed": 0, "repaired": 0}, r
+    with open(cache) as f:
+        assert json.load(f)["ok"] is False  # written again by the probe
+    again = velo("fsck")
+    assert json.loads(again.stdout)["fsverity"]["unsealed"] == 0, again.stdout

@@ -186,7 +186,9 @@ def _check_object(item: tuple[str, str], opts: _Opts = _Opts()) -> _CheckResult:
 
 def _seal_existing(path: str) -> str:
     """Seal an object fsck has just found correct; +i (set by root sessions) is lifted for the
-    ioctl and set again — only root may, anyone else leaves it unsealed."""
+    ioctl and set again — only root may, anyone else leaves it unsealed. "unsupported": the
+    seal was refused as where there is no fs-verity (the cached verdict was wrong: `fsck`
+    probes again)."""
     immutable = False
     with contextlib.suppress(OSError):
         immutable = fsflags.is_immutable(path)
@@ -198,8 +200,8 @@ def _seal_existing(path: str) -> str:
         finally:
             if immutable:
                 fsflags.set_immutable(path, True)
-    except OSError:
-        return "unsealed"
+    except OSError as exc:
+        return "unsupported" if exc.errno in verity.UNSUPPORTED else "unsealed"
     return "repaired"
 
 
@@ -405,7 +407,7 @@ def fsck(
     present = {n for n, _ in items}
     jobs = jobs or default_jobs()
     chunks = [(items[i : i + 256], opts) for i in range(0, len(items), 256)]
-    checked = nbytes = 0
+    checked = nbytes = refused = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(Workers(jobs)) if jobs > 1 and len(items) > 2000 else None
         results = pool.map_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
@@ -420,6 +422,8 @@ def fsck(
                     rep.sealed += 1
                 elif state == "unsealed":
                     rep.unsealed += 1
+                elif state == "unsupported":
+                    refused += 1
                 elif state == "repaired":
                     rep.repaired += 1
                     rep.sealed += 1
@@ -433,6 +437,13 @@ def fsck(
             checked += 256
             if progress is not None:
                 progress(min(checked, len(items)), len(items), nbytes)
+    if refused and not store.verity(recheck=True)[0]:
+        # A seal refused as unsupported: fsverity-v1.json said fs-verity works where it does
+        # not (as publish finds it: probed again, the cache written again). No object here can
+        # carry it, so none is counted as unsealed (one that was sealed is counted as such).
+        rep.unsealed = 0
+    else:
+        rep.unsealed += refused
     if repair:
         present -= _set_aside_corrupt(store, m, rep)
     if repair and protect and recorded and rep.immutable == rep.objects:
