@@ -213,3 +213,47 @@ def test_a_pull_that_notes_the_ref_while_it_is_deleted(
     with repo.m.read() as txn:
         assert repo.m.get_ref(txn, "env") is None
     assert Versions(repo.store).load().get(f"http://{fake.host}", {}).get("env") is None
+
+
+def test_nothing_exclusive_runs_in_the_middle_of_a_ref_delete(
+    fake: FakeRegistry, repo: Repo
+) -> None:
+    """`refs --delete` took no store lock, unlike every other ref writer: gc, `fsck --repair`
+    and `remove-store` (the store lock, exclusive) ran in the middle of it. gc with
+    --accept-lost-refs writes the ref count it read to the store record (a delete in between
+    leaves it above the truth), and remove-store removed the store under the delete. Now the
+    delete holds the store lock shared: at its point between the notes and the ref, gc waits
+    (here: its timeout ends, `locked`) and remove-store is refused (`locked`)."""
+    from veloverlay import faults
+    from veloverlay.remote.state import Versions
+    from veloverlay.verbs.gc import gc
+    from veloverlay.verbs.repo import remove_store
+
+    _serve(fake, b"one\n", "v1")
+    pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    real = faults.point
+    got: dict[str, Reason | None] = {}
+
+    def meanwhile(name: str) -> None:
+        if name == "refs.delete.forgotten":
+            for what, run in (
+                ("gc", lambda: gc(repo.store, repo.m, grace=0, accept_lost_refs=True, timeout=0.3)),
+                ("remove-store", lambda: remove_store(repo.store.root, force=True)),
+            ):
+                try:
+                    run()
+                    got[what] = None
+                except VeloError as exc:
+                    got[what] = exc.reason
+        real(name)
+
+    faults.point = meanwhile
+    try:
+        repo.delete_ref("env")
+    finally:
+        faults.point = real
+    assert got == {"gc": Reason.LOCKED, "remove-store": Reason.LOCKED}, got
+    with repo.m.read() as txn:
+        assert repo.m.get_ref(txn, "env") is None
+    assert Versions(repo.store).load().get(f"http://{fake.host}", {}).get("env") is None
+    assert os.path.exists(repo.store.db_path / "data.mdb")

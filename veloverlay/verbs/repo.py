@@ -327,14 +327,25 @@ class Repo:
 
     def delete_ref(self, name: str, *, grace: float = 3600.0) -> RefFootprint:
         """Delete ref `name` (its tags stay). Returns what that frees and when: its objects that
-        nothing else keeps go at the first `gc` once older than `grace` (gc's default)."""
-        from veloverlay.ingest.pipeline import drop_cache
-        from veloverlay.remote.state import Versions
+        nothing else keeps go at the first `gc` once older than `grace` (gc's default).
+
+        Under the store lock, shared, as every ref writer: gc, `fsck --repair` and
+        `remove-store` (exclusive) never run in the middle of it. gc counts the refs and, with
+        --accept-lost-refs, writes that count to the store record: a delete in between left the
+        record above the truth (refs-lost at the next gc); remove-store removed the store under
+        a delete that then made remote-v1/ in it again."""
         from veloverlay.session.state import refuse_live_view
-        from veloverlay.verbs.gc import ref_footprint
 
         check_revision(name)
         refuse_live_view(self.store, name, doing="delete")
+        with self.store.lock():
+            return self._delete_ref(name, grace)
+
+    def _delete_ref(self, name: str, grace: float) -> RefFootprint:
+        from veloverlay.ingest.pipeline import drop_cache
+        from veloverlay.remote.state import Versions
+        from veloverlay.verbs.gc import ref_footprint
+
         fp = ref_footprint(self.store, self.m, name, grace=grace)
         # The notes of where it came from go first: a crash (or a failed delete) in between
         # leaves the ref without them, and a pull of it then needs --force, the safe side. The
