@@ -244,6 +244,11 @@ class BlobCache:
         except (OSError, NotRegular):  # (a FIFO: refused, never waited on)
             return None
         try:
+            # `size` is what the manifest claims: read(size) would make a buffer of that size
+            # first (up to MAX, per index) for a copy of a few bytes. A copy of another size
+            # is not this blob (nor deleted: the manifest may be what is wrong).
+            if os.fstat(fd).st_size != size:
+                return None
             data = os.read(fd, size + 1)
         finally:
             os.close(fd)
