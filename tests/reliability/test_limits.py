@@ -234,3 +234,45 @@ def test_os_error_out_of_files_has_the_limit_hint() -> None:
         plain = describe(OSError(err, os.strerror(err), "some/file"))
         assert plain["reason"] == "os-error" and plain["hint"], (err, plain)
         assert plain["hint"] == describe(SysError(err, "open", "some/file"))["hint"]
+
+
+def _deep_source(base: str) -> tuple[str, str]:
+    """A tree DEEP directories deep with a file at every tenth level and at its bottom, and a
+    directory mode of its own on the way; (its root, the path of its bottom)."""
+    rel = "/".join(f"d{i}" for i in range(DEEP))
+    src = os.path.join(base, "src")
+    os.makedirs(os.path.join(src, rel))
+    for i in range(0, DEEP + 1, 10):
+        with open(os.path.join(src, *[f"d{j}" for j in range(i)], "f"), "w") as f:
+            f.write(f"level {i}\n")
+    os.chmod(os.path.join(src, "d0", "d1"), 0o750)
+    return src, rel
+
+
+def _deep_checkout(base: str) -> object:
+    """Ingest and check out the deep tree under RLIMIT_NOFILE 64; None, or what was raised."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, DEEP_LIMIT))
+    src, _rel = _deep_source(base)
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "deep", jobs=1)
+        with m.read() as txn:
+            root = bytes.fromhex(m.resolve(txn, "deep")[1].root)
+            checkout(store, m, txn, root, os.path.join(base, "co"))
+    except OSError as exc:  # the bare EMFILE of one open directory per level
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        m.close()
+    return None
+
+
+def test_deeper_tree_than_open_files_checks_out() -> None:
+    """`ulimit -n 64` and a tree 100 directories deep that ingest stores under that limit:
+    checkout held one open directory per level and failed with a bare EMFILE (os-error) near
+    level 55. It keeps a quarter of the limit open now, and opens a level again (no link
+    followed, the same inode) when it comes back to it. The checkout is the source tree."""
+    with unpriv_tmpdir() as base:
+        raised = ns.run_in_child(_deep_checkout, base)
+        assert raised is None, raised
+        assert_same_tree(os.path.join(base, "src"), os.path.join(base, "co"))

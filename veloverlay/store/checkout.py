@@ -27,6 +27,7 @@ from veloverlay.progress import Progress
 from veloverlay.store.access import refuse_kernel_fs, refuse_overlap
 from veloverlay.store.cas import Store, verified_chunks
 from veloverlay.store.dest import InPlace, Place, resolve_dest
+from veloverlay.store.dirstack import DirStack
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, shape, totals_of
 
@@ -104,29 +105,23 @@ def _write_tree(
     except BaseException:
         os.close(top)
         raise
-    # Depth first, one open directory fd per level (never one per directory: a tree with more
-    # directories than RLIMIT_NOFILE must check out too). A directory's own mode and mtime are
-    # set when everything below it is written, and its fd is closed then.
-    stack: list[tuple[int, Iterator[Entry], int, int]] = []
-
-    def enter(dfd: int, digest: bytes) -> None:
-        try:
-            node = m.get_node(txn, digest)
-        except BaseException:
-            os.close(dfd)
-            raise
-        stack.append((dfd, iter(node.entries), node.mode, node.mtime_ns))
-
-    stack.append((top, iter(node.entries), node.mode, node.mtime_ns))
+    # Depth first, one directory per level (never one per directory: a tree with more
+    # directories than RLIMIT_NOFILE must check out too), at most a quarter of that limit of
+    # them open (`DirStack`: a tree deeper than that must too). A directory's own mode and
+    # mtime are set when everything below it is written, and it is closed then.
+    stack: list[tuple[Iterator[Entry], int, int]] = [(iter(node.entries), node.mode, node.mtime_ns)]
+    dirs = DirStack(top)
     try:
         while stack:
-            dfd, entries, mode, mtime = stack[-1]
+            entries, mode, mtime = stack[-1]
+            dfd = dirs.fd()
             e = next(entries, None)
             if e is None:
                 stack.pop()
                 os.utime(dfd, ns=(mtime, mtime))
                 os.chmod(dfd, mode)
-                os.close(dfd)
+                if dirs:
+                    dirs.pop()
                 continue
             name = e.name
             top_level = len(stack) == 1
@@ -134,7 +129,9 @@ def _write_tree(
                 os.mkdir(name, 0o700, dir_fd=dfd)
                 if top_level:
                     _note(made, dfd, name)
-                enter(os.open(name, DIRFLAGS, dir_fd=dfd), e.digest)
+                child = m.get_node(txn, e.digest)
+                dirs.push(os.open(name, DIRFLAGS, dir_fd=dfd), name)
+                stack.append((iter(child.entries), child.mode, child.mtime_ns))
             elif e.kind is Kind.SYMLINK:
                 os.symlink(e.target, name, dir_fd=dfd)
                 if top_level:
@@ -161,8 +158,8 @@ def _write_tree(
             ) from exc
         raise SysError(exc.errno or errno.EIO, "checkout", dest) from exc
     finally:
-        for dfd, _e, _m, _t in stack:
-            os.close(dfd)
+        dirs.close()
+        os.close(top)
     return count
 
 
