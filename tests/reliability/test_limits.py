@@ -3,6 +3,7 @@ files checks out and projects (both lower forms, a delta layer after a commit) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -181,6 +182,27 @@ def _deep_harvest(base: str, form: str) -> dict[str, object]:
     at = os.path.join(base, "at")
 
     def limited() -> object:  # in a child, the session's manager, gone when it returns
+        # The harvest walks any depth under the limit now (DirStack): halfway down the tree,
+        # another part of the process takes every descriptor left (real EMFILE from the kernel
+        # at the walk's next open), and gives them back as the failure unwinds the walk.
+        from veloverlay.store.dirstack import DirStack
+
+        hog: list[int] = []
+        push, pop = DirStack.push, DirStack.pop
+
+        def hogging_push(self: DirStack, fd: int, name: bytes) -> None:
+            push(self, fd, name)
+            if len(self) == DEEP // 2:
+                with contextlib.suppress(OSError):
+                    while True:
+                        hog.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+
+        def giving_pop(self: DirStack) -> None:
+            while hog:
+                os.close(hog.pop())
+            pop(self)
+
+        DirStack.push, DirStack.pop = hogging_push, giving_pop  # type: ignore[method-assign]
         resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, DEEP_LIMIT))
         try:
             opts = session.SessionOptions(refs=["t"], at=at)
@@ -208,11 +230,12 @@ def _deep_harvest(base: str, form: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(("mode", "form"), mode_form_params())
 def test_harvest_out_of_open_files_says_ulimit_and_resumes(mode: str, form: str) -> None:
-    """A session that made a tree deeper than `ulimit -n` allows its harvest to walk: the
-    harvest failed with 'Too many open files (EMFILE)' and the hint 'once that is fixed: ...'
-    (what is to fix, not said); an OSError outside veloverlay's own calls got no hint at all.
-    Now the hint names `ulimit -n` (errors.errno_hint) before the resume command, and the
-    session, kept, is committed whole once the limit is raised."""
+    """A harvest that runs out of open files (here: the process's descriptors taken halfway
+    down a deep tree; a tree deeper than `ulimit -n` allowed did it before the walk kept a
+    bounded number open): it failed with 'Too many open files (EMFILE)' and the hint 'once
+    that is fixed: ...' (what is to fix, not said); an OSError outside veloverlay's own calls
+    got no hint at all. Now the hint names `ulimit -n` (errors.errno_hint) before the resume
+    command, and the session, kept, is committed whole once the limit is raised."""
     with unpriv_tmpdir() as base:
         out = as_mode(mode, _deep_harvest, base, form)
         said = out["said"]
@@ -276,3 +299,55 @@ def test_deeper_tree_than_open_files_checks_out() -> None:
         raised = ns.run_in_child(_deep_checkout, base)
         assert raised is None, raised
         assert_same_tree(os.path.join(base, "src"), os.path.join(base, "co"))
+
+
+def _deep_change(base: str, form: str) -> dict[str, object]:
+    """A session under RLIMIT_NOFILE 64 changes the file at the bottom of the deep tree and makes
+    a new tree as deep; its harvest, then the ref checked out (the limit back), and the same
+    command run on a plain copy of the source."""
+    import shutil
+
+    from veloverlay.errors import VeloError
+
+    os.environ["VELO_FORCE_LOWER"] = form
+    src, rel = _deep_source(base)
+    new = "/".join(f"n{i}" for i in range(DEEP))
+    plain = os.path.join(base, "plain")
+    shutil.copytree(src, plain, symlinks=True)
+    change = f"echo changed > {rel}/f && mkdir -p {new} && echo new > {new}/f"
+    subprocess.run(["sh", "-c", change], cwd=plain, check=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, hard))
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "deep", jobs=1)
+    finally:
+        m.close()
+    at = os.path.join(base, "at")
+    try:
+        r = session.run(
+            store,
+            session.SessionOptions(refs=["deep"], at=at),
+            ["sh", "-c", f"cd {at} && {change}"],
+        )
+        status: object = (r.exit_status, r.changed)
+    except (OSError, VeloError) as exc:  # EMFILE from the harvest's walk
+        status = f"{type(exc).__name__}: {exc}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    checkout_ref(store, "deep", os.path.join(base, "co"))
+    return {"status": status}
+
+
+@pytest.mark.parametrize(("mode", "form"), mode_form_params())
+def test_deeper_tree_than_open_files_harvests(mode: str, form: str) -> None:
+    """`ulimit -n 64`: the harvest walked the upper with one open directory per level (both its
+    merge of copied-up directories and its build of new ones) and failed with a bare EMFILE
+    on a tree ~55 levels deep. It keeps a quarter of the limit open now (`DirStack`). The ref
+    it made is what the same command makes of a plain copy of the source."""
+    with unpriv_tmpdir() as base:
+        out = as_mode(mode, _deep_change, base, form)
+        assert out["status"] == [0, 2] or out["status"] == (0, 2), out
+        assert_same_tree(
+            os.path.join(base, "plain"), os.path.join(base, "co"), mtimes=False, dir_mtimes=False
+        )

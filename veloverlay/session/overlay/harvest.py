@@ -45,13 +45,15 @@ built here are returned as encodings (pure) and written by the caller in that tr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from veloverlay import _libc, faults, paths, posixacl
 from veloverlay.errors import VeloError
-from veloverlay.files import DIRFLAGS, opened_dir
+from veloverlay.files import DIRFLAGS, open_opened_up, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
 from veloverlay.session.harvest import (
@@ -65,6 +67,7 @@ from veloverlay.session.harvest import (
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
 from veloverlay.store.digest import hash_fd
+from veloverlay.store.dirstack import DirStack
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, NodeView, Op, OpKind
 from veloverlay.tiers import Rules
@@ -157,6 +160,7 @@ class _Harvester:
         # (65,000 links to a 1 GB file cost the command nothing, and the harvest 65 TB of reads)
         self.inodes: dict[tuple[int, int], tuple[bytes, int]] = {}
         self.extents: dict[bytes, tuple[int, int]] = {}  # node digest -> _extent
+        self.dirs = DirStack(-1)  # the walk's open directories (`run` gives it the upper's top)
 
     # -- opening what the session made unreadable (given its mode back at once: a harvest
     # interrupted and resumed must find the modes the session left)
@@ -190,14 +194,54 @@ class _Harvester:
                 self.res.ops.append(Op(OpKind.META, b"", mode=kept, mtime_ns=mtime))
             # the session may have made its tree's root unreadable too (chmod 600 .)
             with opened_dir(parent, os.fsencode(os.path.basename(upper)), mode) as top:
-                self._merged(top, b"", node)
+                self.dirs = DirStack(top)
+                try:
+                    self._merged(top, b"", node)
+                finally:
+                    self.dirs.close()
         finally:
             os.close(parent)
         return self.res
 
+    @contextlib.contextmanager
+    def _entered(self, name: bytes, mode: int) -> Iterator[int]:
+        """`files.opened_dir` of the directory `name` in the one the walk is in, kept by
+        `self.dirs` (a tree deeper than the open-files limit allows open levels is harvested
+        too: a level may be closed while the walk is below it, and opened again after)."""
+        dfd = self.dirs.fd()
+        try:
+            fd = os.open(name, DIRFLAGS, dir_fd=dfd)
+            back = None
+        except PermissionError:  # its owner made it unreadable: u+rwx while the walk is in it
+            fd = open_opened_up(os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd), mode)
+            back = mode
+        try:
+            os.lstat(".", dir_fd=fd)
+        except PermissionError:  # opened, but unsearchable (0600): u+rwx meanwhile too
+            back = stat.S_IMODE(os.fstat(fd).st_mode)
+            try:
+                os.fchmod(fd, back | stat.S_IRWXU)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        self.dirs.push(fd, name)
+        try:
+            yield fd
+        finally:
+            try:
+                if back is not None:  # its permission bits back, also when the walk failed
+                    with contextlib.suppress(OSError):
+                        os.fchmod(self.dirs.fd(), back)
+            finally:
+                self.dirs.pop()
+
     def _merged(self, dfd: int, rel: bytes, lower: Node | NodeView) -> None:
         ops = self.res.ops
         for name in self._names(dfd):
+            dfd = self.dirs.fd()  # (opened again if a deeper level closed it)
             p = paths.join(rel, name)
             if not kept_in_bounds(dfd, name, p, self.aside, self.res.warnings):
                 continue
@@ -210,7 +254,7 @@ class _Harvester:
                     ops.append(Op(OpKind.DELETE, p))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                with opened_dir(dfd, name, stat.S_IMODE(st.st_mode)) as cfd:
+                with self._entered(name, stat.S_IMODE(st.st_mode)) as cfd:
                     origin = self._redirect(cfd, rel)
                     opaque = _getx_fd(cfd, self.x_opaque) == b"y"
                     if origin is not None:
@@ -280,6 +324,7 @@ class _Harvester:
             entries = {e.name: e for e in origin.entries if e.kind is not Kind.MASK}
         listed = self._names(dfd)
         for child in listed:
+            dfd = self.dirs.fd()  # (opened again if a deeper level closed it)
             p = paths.join(rel, child)
             if not kept_in_bounds(dfd, child, p, self.aside, self.res.warnings):
                 continue
@@ -289,7 +334,7 @@ class _Harvester:
                 entries.pop(child, None)
                 continue
             if stat.S_ISDIR(cst.st_mode):
-                with opened_dir(dfd, child, stat.S_IMODE(cst.st_mode)) as cfd:
+                with self._entered(child, stat.S_IMODE(cst.st_mode)) as cfd:
                     redirected = self._redirect(cfd, origin_path)
                     if redirected is not None:
                         sub: Node | None = self._origin_node(redirected)
@@ -320,6 +365,7 @@ class _Harvester:
                     del entries[e.name]
                 else:
                     entries[e.name] = kept
+        dfd = self.dirs.fd()
         mode, _acl = posixacl.mode_of(dfd, stat.S_IMODE(st.st_mode))  # dfd: this directory
         digest, data = tree.encode(mode, st.st_mtime_ns, entries.values())
         self.res.nodes[digest] = data
