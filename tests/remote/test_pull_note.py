@@ -187,8 +187,11 @@ def test_a_ref_delete_killed_between_its_notes_and_its_ref(
 def test_a_pull_that_notes_the_ref_while_it_is_deleted(
     fake: FakeRegistry, repo: Repo, shm_tmp: str
 ) -> None:
-    """A pull (or push) does not wait for a delete: one that notes the ref between the delete's
-    forgetting and its delete left a note of a ref that is gone. The delete forgets again after."""
+    """A pull started between the delete's forgetting and its delete: its note waits for the
+    delete (the notes' lock is held until the ref is gone), then it makes the ref anew, and
+    the ref it made is vouched for by its note, whichever came first."""
+    import threading
+
     from veloverlay import faults
     from veloverlay.remote.state import Versions
 
@@ -197,11 +200,20 @@ def test_a_pull_that_notes_the_ref_while_it_is_deleted(
     pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
     real = faults.point
     seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def pulling() -> None:
+        try:
+            pull(repo.store, repo.m, fake.remote("v2"), options=OPTS, force=True)
+        except BaseException as exc:  # (re-raised below)
+            errors.append(exc)
+
+    puller = threading.Thread(target=pulling)
 
     def meanwhile(name: str) -> None:
         if name == "refs.delete.forgotten":
             seen.append(name)
-            pull(repo.store, repo.m, fake.remote("v2"), options=OPTS, force=True)
+            puller.start()
         real(name)
 
     faults.point = meanwhile
@@ -209,7 +221,39 @@ def test_a_pull_that_notes_the_ref_while_it_is_deleted(
         repo.delete_ref("env")
     finally:
         faults.point = real
+        if seen:
+            puller.join(60)
     assert seen, "the delete has no point between its notes and its ref"
+    assert not puller.is_alive() and not errors, errors
+    with repo.m.read() as txn:
+        ref = repo.m.get_ref(txn, "env")
+    assert ref is not None and _cat(repo, "env", shm_tmp, "b") == b"two\n"
+    assert Versions(repo.store).source(f"http://{fake.host}", ref) == "team/env"
+
+
+def test_a_pull_whose_ref_is_deleted_before_its_last_note(fake: FakeRegistry, repo: Repo) -> None:
+    """A pull commits the ref, then notes its head; a `refs --delete` in between (run here from
+    the pull's call of `Versions.set` for the head, before it writes) left a note of a ref that
+    was gone: the delete's forgetting was over. The note now checks, under the notes' lock that
+    the delete holds until the ref is gone, that the ref is still the one it noted."""
+    from veloverlay.remote.state import Versions
+
+    _serve(fake, b"one\n", "v1")
+    real = Versions.set
+    deleted: list[str] = []
+
+    def set_after_a_delete(self: Versions, *args: object, **kw: object) -> None:
+        if len(args) >= 6 and args[5] is not None and not deleted:  # the head's note
+            deleted.append(str(args[1]))
+            repo.delete_ref(str(args[1]))
+        real(self, *args, **kw)  # type: ignore[arg-type]
+
+    Versions.set = set_after_a_delete  # type: ignore[method-assign]
+    try:
+        pull(repo.store, repo.m, fake.remote("v1"), options=OPTS)
+    finally:
+        Versions.set = real  # type: ignore[method-assign]
+    assert deleted == ["env"]
     with repo.m.read() as txn:
         assert repo.m.get_ref(txn, "env") is None
     assert Versions(repo.store).load().get(f"http://{fake.host}", {}).get("env") is None

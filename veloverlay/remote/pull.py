@@ -134,8 +134,15 @@ def pull(
             same = existing is not None and m.get_commit(txn, existing.head).root == root.hex()
         if same and not heal:  # up to date (a ref's whole closure is stored)
             assert existing is not None  # as below: a --force adopts it, a newer manifest of
+            had = existing.head  # (a `refs --delete` meanwhile: no note of a ref that is gone)
             Versions(store).set(
-                rn.registry, refname, rn.repo, digest, existing.lineage, existing.head
+                rn.registry,
+                refname,
+                rn.repo,
+                digest,
+                existing.lineage,
+                had,
+                still=lambda: _head_is(m, refname, had),
             )
             res.requests = reg.requests  # the tree is noted
             res.seconds = time.monotonic() - t0
@@ -226,10 +233,26 @@ def pull(
             now = m.get_ref(txn, refname)
         if now is not None:  # the head that came from there (and the lineage, for a --force
             # onto a ref made meanwhile): a ref moved later by anything else is not from there
-            Versions(store).set(rn.registry, refname, rn.repo, digest, now.lineage, now.head)
+            head = now.head  # (a `refs --delete` since: no note of a ref that is gone)
+            Versions(store).set(
+                rn.registry,
+                refname,
+                rn.repo,
+                digest,
+                now.lineage,
+                head,
+                still=lambda: _head_is(m, refname, head),
+            )
         res.requests = reg.requests
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _head_is(m: Manifests, refname: str, head: str) -> bool:
+    """Is `head` still the head of ref `refname`?"""
+    with m.read() as txn:
+        ref = m.get_ref(txn, refname)
+    return ref is not None and ref.head == head
 
 
 def _check_target(

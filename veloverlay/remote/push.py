@@ -432,7 +432,15 @@ def _push_one(
         base_ref = m.get_ref(txn, base_name)
     lineage = base_ref.lineage if base_ref is not None else None
     try:
-        versions.set(reg.name.registry, base_name, reg.name.repo, res.digest, lineage, commit.id)
+        versions.set(
+            reg.name.registry,
+            base_name,
+            reg.name.repo,
+            res.digest,
+            lineage,
+            commit.id,
+            still=lambda: _lineage_of(m, base_name) == lineage,  # (not deleted since)
+        )
         res.noted = True
     except VeloError as exc:  # the registry holds the tag: the push is done, whatever this says
         if exc.reason not in (Reason.STORE_FULL, Reason.STORE_PERMISSION):
@@ -442,3 +450,10 @@ def _push_one(
     res.requests = reg.requests - requests0
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _lineage_of(m: Manifests, name: str) -> str | None:
+    """The lineage of ref `name` now (None: no such ref, or one made before lineages)."""
+    with m.read() as txn:
+        ref = m.get_ref(txn, name)
+    return ref.lineage if ref is not None else None

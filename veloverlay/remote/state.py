@@ -20,7 +20,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,17 @@ class Versions:
         digest: str,
         lineage: str | None,
         head: str | None = None,
+        *,
+        still: Callable[[], bool] | None = None,
     ) -> None:
         """Note `ref` as pulled from or pushed to `host`/`repo` (`head`: the commit that came
-        from or went there; None: not yet known, the lineage alone vouches)."""
+        from or went there; None: not yet known, the lineage alone vouches). `still`, asked
+        under the notes' lock: is the ref still the one noted? Not (a `refs --delete` between
+        the caller's reading it and this): no note is written (see `forgetting`)."""
 
         def change(data: dict[str, Any]) -> bool:
+            if still is not None and not still():
+                return False
             refs = data.get(host)
             if not isinstance(refs, dict):  # damaged notes: start this registry's again
                 refs = data[host] = {}
@@ -163,19 +169,30 @@ class Versions:
     def forget(self, ref: str) -> None:
         """Drop the notes of `ref` (deleted: a ref of that name made later is another one,
         which a pull must not take for the one it pulled before)."""
-
-        def change(data: dict[str, Any]) -> bool:
-            hits = [refs for refs in data.values() if isinstance(refs, dict) and ref in refs]
-            for refs in hits:
-                del refs[ref]
-            return bool(hits)
-
         if self.path.exists():
-            self._update(change)
+            self._update(_without(ref))
+
+    @contextlib.contextmanager
+    def forgetting(self, ref: str) -> Iterator[None]:
+        """Forget `ref`'s notes and keep their lock while the block deletes the ref: a pull or
+        push that read the ref before and notes it now waits, then finds it gone (`set`'s
+        `still`) and notes nothing. (No notes yet: nothing to forget, no lock: on a full disk
+        remote-v1/ could not even be made.)"""
+        if not self.path.exists():
+            yield
+            return
+        with self._locked():
+            self._apply(_without(ref))
+            yield
 
     def _update(self, change: Callable[[dict[str, Any]], bool]) -> None:
         """Change the notes under their lock; a store this user may not write, or a full disk,
         is STORE_PERMISSION or STORE_FULL (it was a raw OSError where remote-v1/ was missing)."""
+        with self._locked():
+            self._apply(change)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         lock = self.path.parent / "versions.lock"
         try:
             makedirs(self.path.parent)
@@ -184,15 +201,18 @@ class Versions:
             raise store_error(exc, "open", os.fsencode(lock)) from exc
         try:
             _libc.ofd_lock(fd, write=True, wait=True)
-            data: dict[str, Any] = dict(self.load())
-            if change(data):
-                try:
-                    write_json_atomic(self.path, data)
-                except VeloError as exc:
-                    if exc.reason is not Reason.STORE_FULL or not self._shrink(data):
-                        raise
+            yield
         finally:
             os.close(fd)
+
+    def _apply(self, change: Callable[[dict[str, Any]], bool]) -> None:
+        data: dict[str, Any] = dict(self.load())
+        if change(data):
+            try:
+                write_json_atomic(self.path, data)
+            except VeloError as exc:
+                if exc.reason is not Reason.STORE_FULL or not self._shrink(data):
+                    raise
 
     def _shrink(self, data: dict[str, Any]) -> bool:
         """Rewrite the notes in place when they got no longer (a deleted ref's forgotten): on a
@@ -213,6 +233,18 @@ class Versions:
         finally:
             os.close(fd)
         return True
+
+
+def _without(ref: str) -> Callable[[dict[str, Any]], bool]:
+    """The change to the notes that drops every note of `ref`."""
+
+    def change(data: dict[str, Any]) -> bool:
+        hits = [refs for refs in data.values() if isinstance(refs, dict) and ref in refs]
+        for refs in hits:
+            del refs[ref]
+        return bool(hits)
+
+    return change
 
 
 class BlobCache:

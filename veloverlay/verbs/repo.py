@@ -347,26 +347,25 @@ class Repo:
         from veloverlay.verbs.gc import ref_footprint
 
         fp = ref_footprint(self.store, self.m, name, grace=grace)
+
         # The notes of where it came from go first: a crash (or a failed delete) in between
         # leaves the ref without them, and a pull of it then needs --force, the safe side. The
         # other order leaves notes without their ref, and a note of an earlier version (no
         # lineage) would vouch for a ref made later under the name (remote.state.Versions).
-        notes = Versions(self.store)
-        notes.forget(name)
-        faults.point("refs.delete.forgotten")
-
         def attempt() -> None:
             with self.m.write() as txn:
                 if not self.m.delete_ref(txn, name):
                     raise VeloError(f"no ref named '{name}'", reason=Reason.NOT_FOUND)
                 drop_cache(self.m, txn, name)
 
-        # the documented way out of a full disk (delete refs, then gc) must work on one: LMDB
-        # needs free pages even to delete, which the store's reserve gives (reserve.py)
-        reserve.freeing(self.store, attempt)
-        # and once more after: a pull or push that noted the ref meanwhile (they do not wait
-        # for this) left a note of a ref that is gone
-        notes.forget(name)
+        # The notes' lock is held until the ref is gone: a pull or push that read the ref
+        # before and notes it meanwhile waits for it, then finds the ref gone and notes
+        # nothing (a note written after a second forget named a ref that was gone).
+        with Versions(self.store).forgetting(name):
+            faults.point("refs.delete.forgotten")
+            # the documented way out of a full disk (delete refs, then gc) must work on one:
+            # LMDB needs free pages even to delete, which the store's reserve gives (reserve.py)
+            reserve.freeing(self.store, attempt)
         return fp
 
     def disk_usage(self) -> dict[str, dict[str, int]]:
