@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from veloverlay.lower.objects import Objects, verified_copy
 from veloverlay.progress import Progress
 from veloverlay.records import Record, field
 from veloverlay.store.cas import object_corrupt, object_missing
+from veloverlay.store.dirstack import open_dirs_max
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
 from veloverlay.store.tree import extent as tree_extent
@@ -177,19 +177,6 @@ class _DirMeta(Record):
     mtime_ns: int
 
 
-_MAX_OPEN_DIRS = 64
-
-
-def _open_dirs_max() -> int:
-    """How many layer directories a build keeps open: `_MAX_OPEN_DIRS`, or a quarter of the
-    open-files limit where that is lower (`ulimit -n 64`: a cache of 64 took every descriptor
-    left, and a deep tree's build failed with a bare EMFILE before its session started)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return _MAX_OPEN_DIRS
-    return max(1, min(_MAX_OPEN_DIRS, soft // 4))
-
-
 class _Build(Record):
     """An open layer under construction. Directories are addressed by path and their fds kept
     in a small LRU: a tree may have more directories than RLIMIT_NOFILE allows open at once."""
@@ -220,7 +207,7 @@ class _Build(Record):
             self._drop_cached()
             fd = os.open(rel, DIRFLAGS, dir_fd=self.top_fd)
         self._fds[rel] = fd
-        if len(self._fds) > _open_dirs_max():
+        if len(self._fds) > open_dirs_max():  # (a low `ulimit -n`: a quarter of it)
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
