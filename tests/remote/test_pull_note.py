@@ -38,21 +38,27 @@ def _cat(repo: Repo, ref: str, shm_tmp: str, name: str) -> bytes:
         return f.read()
 
 
-def _killed_before_commit(repo: Repo, remote: str) -> subprocess.CompletedProcess[bytes]:
+def _killed_at(fault: str, code: str, repo: Repo, arg: str) -> subprocess.CompletedProcess[bytes]:
+    """Run `code` (a Repo `r` of this store is open, `arg` is sys.argv[2]) in a process that
+    the crash point `fault` kills the first time it is reached."""
     script = (
-        "import sys\n"
-        "from veloverlay.verbs.repo import Repo\n"
-        "from veloverlay.remote import Options, pull\n"
-        "r = Repo.open(sys.argv[1])\n"
-        "pull(r.store, r.m, sys.argv[2], options=Options(retries=0, timeout=10))\n"
+        f"import sys\nfrom veloverlay.verbs.repo import Repo\nr = Repo.open(sys.argv[1])\n{code}\n"
     )
-    env = {**os.environ, "PYTHONPATH": TOP, "VELO_INTERNAL__TEST_FAULT": "remote.pull.noted:1"}
+    env = {**os.environ, "PYTHONPATH": TOP, "VELO_INTERNAL__TEST_FAULT": f"{fault}:1"}
     return subprocess.run(
-        [sys.executable, "-c", script, str(repo.store.root), remote],
+        [sys.executable, "-c", script, str(repo.store.root), arg],
         env=env,
         capture_output=True,
         timeout=120,
     )
+
+
+def _killed_before_commit(repo: Repo, remote: str) -> subprocess.CompletedProcess[bytes]:
+    code = (
+        "from veloverlay.remote import Options, pull\n"
+        "pull(r.store, r.m, sys.argv[2], options=Options(retries=0, timeout=10))"
+    )
+    return _killed_at("remote.pull.noted", code, repo, remote)
 
 
 def test_a_pull_killed_between_note_and_commit(
@@ -147,18 +153,7 @@ def test_a_forced_pull_on_a_disk_that_fills_before_its_commit(
 
 
 def _killed_deleting(repo: Repo, ref: str) -> subprocess.CompletedProcess[bytes]:
-    script = (
-        "import sys\n"
-        "from veloverlay.verbs.repo import Repo\n"
-        "Repo.open(sys.argv[1]).delete_ref(sys.argv[2])\n"
-    )
-    env = {**os.environ, "PYTHONPATH": TOP, "VELO_INTERNAL__TEST_FAULT": "refs.delete.forgotten:1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, str(repo.store.root), ref],
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
+    return _killed_at("refs.delete.forgotten", "r.delete_ref(sys.argv[2])", repo, ref)
 
 
 def test_a_ref_delete_killed_between_its_notes_and_its_ref(
