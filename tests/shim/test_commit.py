@@ -16,6 +16,7 @@ import veloverlay
 from tests.helpers.unpriv import unpriv_tmpdir
 from tests.session._util import as_mode, fsck_ok, mode_params, new_store
 from tests.shim._util import run_shim
+from veloverlay.ingest import ingest
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
@@ -207,6 +208,46 @@ def test_setid_bits_a_session_sets_are_not_committed(mode: str, backend: str) ->
     assert modes == {"s": 0o755, "g": 0o711, "f1": 0o1755}
     assert any("setuid/setgid bits removed from 2 file(s)" in w for w in warnings), warnings
     assert findings == []
+
+
+def _setid_rewritten(base: str, backend: str) -> tuple[dict[str, int], bytes, list[str]]:
+    from tests.session._util import run_session
+
+    store, src = new_store(base)
+    os.chmod(os.path.join(src, "exec.sh"), 0o4755)
+    os.chmod(os.path.join(src, "f2"), 0o2755)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1, keep_setid=True)
+    finally:
+        m.close()
+    proj = os.path.join(base, "proj")
+    # New content behind the setuid path, and the bit set again after the write (the kernel
+    # clears it on a write); f2 is only touched (copied up, content the manifest's).
+    script = f"cd {proj} && printf '#!/bin/sh\\nid\\n' > exec.sh && chmod 4755 exec.sh && touch f2"
+    res = run_session(store, ["t"], ["sh", "-c", script], at=proj, backend=backend)
+    r = Repo.open(os.fspath(store.root))
+    try:
+        with r.m.read() as txn:
+            root = r.resolve_root("t")
+            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("exec.sh", "f2")}  # type: ignore[union-attr]
+    finally:
+        r.close()
+    return modes, _cat(store, "t", "exec.sh"), res.warnings
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_new_content_under_kept_setid_bits_loses_them(mode: str, backend: str) -> None:
+    """A setuid file of the ref (ingested --keep-setid) that the command rewrote and made
+    setuid again kept the bit with the command's content: a root-free user's program, setuid
+    root in a later root checkout --keep-setid or root session. Bits are kept only with the
+    content they were stored with."""
+    with unpriv_tmpdir() as base:
+        modes, content, warnings = as_mode(mode, _setid_rewritten, base, backend)
+    assert content == b"#!/bin/sh\nid\n"  # what the command wrote, committed
+    assert modes["exec.sh"] == 0o755, oct(modes["exec.sh"])
+    assert any("setuid/setgid bits removed from 1 file(s)" in w for w in warnings), warnings
 
 
 def test_a_file_that_kept_changing_at_the_end_keeps_the_tree(monkeypatch: Any) -> None:

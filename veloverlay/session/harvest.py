@@ -28,11 +28,29 @@ __all__ = [
     "kept_in_bounds",
     "leaf_op",
     "other_leaf",
+    "setid_kept",
     "to_top_ref",
 ]
 
 # At most this many of a content's stored paths are looked up to tell which one a program moved
 _CANDIDATES = 64
+
+
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def setid_kept(mode: int, digest: bytes, low: Entry | None) -> bool:
+    """May a harvested file keep its setuid/setgid bits? Only where the view's file at its path
+    had the same bits AND the same content. New content under kept bits (a command that writes
+    its own program over a setuid file and sets `u+s` again) is a setuid program the session
+    made: as ingest does unless asked, a session does not mint one, since a root checkout
+    (`--keep-setid`) or a root session of the ref would later run it as root."""
+    return (
+        low is not None
+        and low.kind is Kind.FILE
+        and low.mode & _SETID == mode & _SETID
+        and low.digest == digest
+    )
 
 
 class RecordedMtimes:

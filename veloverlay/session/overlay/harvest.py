@@ -32,7 +32,7 @@ contents are staged (v1 does not model xattrs).
 * hard links are two files (v1 does not model link identity; the inode is read once); fifos,
   sockets and devices are skipped with a warning (one that replaced a stored entry deletes it);
   setuid/setgid bits a session sets are removed (as ingest does unless asked), bits the
-  manifest already had are kept.
+  manifest already had are kept while the file's content is the manifest's (`setid_kept`).
 An entry whose path is past the bound a tree is kept in (paths.bounded) stops the harvest
 (`too-deep`, the whole path in the error), or, with `harvest --resume ID --set-aside DIR`, is
 moved out to DIR and said (session/harvest.py `SetAside`).
@@ -63,6 +63,7 @@ from veloverlay.session.harvest import (
     kept_in_bounds,
     leaf_op,
     other_leaf,
+    setid_kept,
 )
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
@@ -451,9 +452,9 @@ class _Harvester:
             if inode is not None:
                 self.inodes[inode] = (digest, size)
         faults.point("harvest.file")
-        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
+        if mode & _SETID and not setid_kept(mode, digest, low_file):
             # As ingest does unless asked (keep_setid): a session does not mint setuid/setgid
-            # files; bits the manifest already had are kept.
+            # files; bits the manifest already had for this very content are kept.
             mode &= ~_SETID
             self.res.stripped_setid += 1
         if low_file is not None and digest == low_file.digest:

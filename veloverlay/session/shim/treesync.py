@@ -30,6 +30,7 @@ from veloverlay.session.harvest import (
     kept_in_bounds,
     leaf_op,
     other_leaf,
+    setid_kept,
 )
 from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
@@ -438,8 +439,8 @@ class TreeSync:
         else:
             digest, size, st = self._hash(dfd, name, st, low_file, stage, res)
         mtime = st.st_mtime_ns
-        if mode & _SETID and not (low_file is not None and low_file.mode & _SETID == mode & _SETID):
-            mode &= ~_SETID  # a session does not mint setuid/setgid files; bits kept are kept
+        if mode & _SETID and not setid_kept(mode, digest, low_file):
+            mode &= ~_SETID  # a session does not mint setuid/setgid files (nor new content)
             res.stripped_setid += 1
         if low_file is not None and digest == low_file.digest:
             if self.link and mtime == PROXY_MTIME_NS:
