@@ -246,8 +246,54 @@ def test_new_content_under_kept_setid_bits_loses_them(mode: str, backend: str) -
     with unpriv_tmpdir() as base:
         modes, content, warnings = as_mode(mode, _setid_rewritten, base, backend)
     assert content == b"#!/bin/sh\nid\n"  # what the command wrote, committed
-    assert modes["exec.sh"] == 0o755, oct(modes["exec.sh"])
+    assert modes == {"exec.sh": 0o755, "f2": 0o2755}  # (a touch keeps them, as on a plain dir)
     assert any("setuid/setgid bits removed from 1 file(s)" in w for w in warnings), warnings
+
+
+def _setid_on_host(base: str, link: bool) -> tuple[str, dict[str, int], list[str], list[str]]:
+    """A shim session of a ref with a setuid and a setgid file (kept at ingest): what the
+    command finds with setid bits in the projection (a real tree on the host) and in the
+    store's proxies, and the modes committed after it touched one and left the other."""
+    store, src = new_store(base)
+    os.chmod(os.path.join(src, "exec.sh"), 0o4755)
+    os.chmod(os.path.join(src, "f2"), 0o2755)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1, keep_setid=True)
+    finally:
+        m.close()
+    proj, out = os.path.join(base, "proj"), os.path.join(base, "found")
+    find = f"find {proj} {store.root} -type f -perm /6000 > {out}"
+    res = run_shim(store, "t", ["sh", "-c", f"{find} && touch {proj}/f2"], link=link, at=proj)
+    assert res.exit_status == 0, res
+    r = Repo.open(os.fspath(store.root))
+    try:
+        with r.m.read() as txn:
+            root = r.resolve_root("t")
+            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("exec.sh", "f2")}  # type: ignore[union-attr]
+    finally:
+        r.close()
+    with open(out) as f:
+        return f.read(), modes, res.warnings, fsck_ok(store)
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_shim_projection_writes_no_setid_file_and_keeps_the_refs_bits(
+    mode: str, link: bool
+) -> None:
+    """The shim wrote a setuid file's bits into its tree on the host (and into the --link
+    proxy the tree links to): a root session made a setuid-root program any user reaching the
+    target could run, which `checkout` never writes unless asked. Root-free, the data written
+    after the create cleared the bits instead, and the touched f2 was committed without its
+    setgid bit, where a plain directory keeps it. Now no setid file is written; the ref keeps
+    the bits of files whose content the session did not change, and the session says so."""
+    with unpriv_tmpdir() as base:
+        found, modes, warnings, findings = as_mode(mode, _setid_on_host, base, link)
+    assert found == ""
+    assert modes == {"exec.sh": 0o4755, "f2": 0o2755}
+    assert any("2 setuid/setgid file(s) projected without" in w for w in warnings), warnings
+    assert findings == []
 
 
 def test_a_file_that_kept_changing_at_the_end_keeps_the_tree(monkeypatch: Any) -> None:

@@ -65,6 +65,7 @@ __all__ = [
     "ProxyFinding",
 ]
 
+_SETID = stat.S_ISUID | stat.S_ISGID
 _BL_MAGIC = b"VBL1"
 _BL_REC = struct.Struct("<QQqq32s")
 
@@ -122,6 +123,7 @@ class Materialized(Record):
     seconds: float = 0.0
     tier1_protected: bool = False
     warnings: list[str] = field(default_factory=list)
+    setid_withheld: int = 0  # files written without the setuid/setgid bits their entry has
 
 
 class TargetDir(Record, frozen=True):
@@ -441,6 +443,13 @@ def materialize(
                     progress(res.entries, total, placed, total_bytes)
                 if e.kind is Kind.FILE:
                     placed += e.size
+                    if e.mode & _SETID and e.tier != 1:
+                        # As checkout does unless asked: the tree is on the host, for every
+                        # user who can reach it (and a --link proxy stays in the store), so a
+                        # root session would put a setuid-root program there. The harvest
+                        # gives an unchanged file its bits back (treesync `_file`).
+                        e = e.replace(mode=e.mode & ~_SETID)
+                        res.setid_withheld += 1
                     if e.tier == 1:
                         placer.tier1(dfd, e)
                     elif not link or not placer.hardlink(dfd, e):
@@ -479,6 +488,11 @@ def materialize(
     if not link and placer.reflink and res.counts.get("reflink"):
         res.form = "reflink"
     res.tier1_protected = protect and placer.protect_failed == 0
+    if res.setid_withheld:
+        res.warnings.append(
+            f"{res.setid_withheld} setuid/setgid file(s) projected without those bits, as "
+            "checkout writes them; the ref keeps them unless the session changes the file"
+        )
     res.seconds = time.perf_counter() - t0
     return res
 

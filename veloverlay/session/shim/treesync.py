@@ -439,6 +439,8 @@ class TreeSync:
         else:
             digest, size, st = self._hash(dfd, name, st, low_file, stage, res)
         mtime = st.st_mtime_ns
+        if low_file is not None and mode == low_file.mode & ~_SETID and digest == low_file.digest:
+            mode = low_file.mode  # projected without its setid bits (materialize) and unchanged
         if mode & _SETID and not setid_kept(mode, digest, low_file):
             mode &= ~_SETID  # a session does not mint setuid/setgid files (nor new content)
             res.stripped_setid += 1
