@@ -59,3 +59,51 @@ def test_a_hand_made_link_to_another_trees_object_stays_a_link(mode: str) -> Non
         r = as_mode(mode, _scenario, base)
     assert r["stolen"] == (Kind.SYMLINK, True), r
     assert r["copy"] == (Kind.FILE, True, 1), r  # a copied Tier-1 link is its file again
+
+
+def _setid_tier1_copied(base: str, backend: str) -> dict[str, Any]:
+    """A setuid Tier-1 file of the ref (kept at ingest), `cp -a`-ed in the session: the copy
+    is the store link again, harvested back into a FILE of that object."""
+    store, src = new_store(base)
+    os.chmod(os.path.join(src, "model.gguf"), 0o4755)
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "t", jobs=1, keep_setid=True)
+    finally:
+        m.close()
+    proj = os.path.join(base, "proj")
+    plain = os.path.join(base, "plain")  # a plain directory given the same cp -a, as this user
+    os.makedirs(plain)
+    with open(os.path.join(plain, "model.gguf"), "wb") as f:
+        f.write(b"x")
+    os.chmod(os.path.join(plain, "model.gguf"), 0o4755)
+    cmd = f"cd {proj} && cp -a model.gguf copy.gguf && cd {plain} && cp -a model.gguf copy.gguf"
+    res = run_session(store, ["t"], ["sh", "-c", cmd], at=proj, backend=backend)
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            root = bytes.fromhex(m.resolve(txn, "t")[1].root)
+            got = {n: m.lookup(txn, root, n.encode()) for n in ("model.gguf", "copy.gguf")}
+    finally:
+        m.close()
+    return {
+        "kinds": {n: (e.kind, e.tier) for n, e in got.items() if e is not None},
+        "modes": {n: e.mode for n, e in got.items() if e is not None},
+        "plain_copy_setid": bool(os.stat(os.path.join(plain, "copy.gguf")).st_mode & 0o6000),
+        "warnings": res.warnings,
+    }
+
+
+@pytest.mark.parametrize("backend", ["overlay", "shim"])
+@pytest.mark.parametrize("mode", mode_params("root", "rootfree"))
+def test_a_copied_setuid_tier1_link_is_no_new_setuid_file(mode: str, backend: str) -> None:
+    """The copy got the mode the view records for its object, setuid bit and all, at a path
+    where the ref had nothing: a setuid file the session made, which a copy of a Tier-2 file
+    never became. Its bits are removed (and counted) as for any file a session makes; the
+    original keeps its own."""
+    with unpriv_tmpdir() as base:
+        r = as_mode(mode, _setid_tier1_copied, base, backend)
+    assert r["kinds"] == {"model.gguf": (Kind.FILE, 1), "copy.gguf": (Kind.FILE, 1)}, r
+    assert r["plain_copy_setid"]  # a plain directory keeps it: it is the policy, not the copy
+    assert r["modes"] == {"model.gguf": 0o4755, "copy.gguf": 0o755}, r
+    assert any("setuid/setgid bits removed from 1 file(s)" in w for w in r["warnings"]), r

@@ -29,6 +29,7 @@ __all__ = [
     "leaf_op",
     "other_leaf",
     "setid_kept",
+    "without_minted_setid",
     "to_top_ref",
 ]
 
@@ -51,6 +52,18 @@ def setid_kept(mode: int, digest: bytes, low: Entry | None) -> bool:
         and low.mode & _SETID == mode & _SETID
         and low.digest == digest
     )
+
+
+def without_minted_setid(e: Entry | None, low: Entry | None) -> tuple[Entry | None, bool]:
+    """`e` (an `other_leaf`: a copied Tier-1 store link is a FILE with the mode the view
+    records for its object) without setuid/setgid bits `setid_kept` does not keep, and whether
+    any were removed: `cp -a` of a setuid Tier-1 file to another path is a new setuid file,
+    as a copy of a Tier-2 one is."""
+    if e is None or e.kind is not Kind.FILE or not e.mode & _SETID:
+        return e, False
+    if setid_kept(e.mode, e.digest, low):
+        return e, False
+    return e.replace(mode=e.mode & ~_SETID), True
 
 
 class RecordedMtimes:

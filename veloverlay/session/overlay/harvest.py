@@ -64,6 +64,7 @@ from veloverlay.session.harvest import (
     leaf_op,
     other_leaf,
     setid_kept,
+    without_minted_setid,
 )
 from veloverlay.store import tree
 from veloverlay.store.cas import Stage, Store
@@ -423,19 +424,24 @@ class _Harvester:
     ) -> Entry | None:
         if stat.S_ISREG(st.st_mode):
             return self._file(dfd, name, st, p, low)
-        return other_leaf(
-            self.links,
-            self.m,
-            self.txn,
-            self.view_root,
-            self.rules,
-            dfd,
-            name,
-            st,
-            p,
+        e, stripped = without_minted_setid(
+            other_leaf(
+                self.links,
+                self.m,
+                self.txn,
+                self.view_root,
+                self.rules,
+                dfd,
+                name,
+                st,
+                p,
+                low,
+                self.res.warnings,
+            ),
             low,
-            self.res.warnings,
         )
+        self.res.stripped_setid += stripped
+        return e
 
     def _file(
         self, dfd: int, name: bytes, st: os.stat_result, p: bytes, low: Entry | None

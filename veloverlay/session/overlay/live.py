@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator
 
 from veloverlay import files, paths, posixacl
-from veloverlay.session.harvest import StoreLinks, leaf_op
+from veloverlay.session.harvest import StoreLinks, leaf_op, without_minted_setid
 from veloverlay.session.overlay.harvest import is_whiteout
 from veloverlay.store.manifest import Manifests, Txn
 from veloverlay.store.tree import Entry, Kind, Node, Op, OpKind
@@ -83,7 +83,7 @@ def upper_ops(
                 mtime = st.st_mtime_ns
                 copied = links.entry(m, txn, view_root, name, target, mtime, low, lambda: tier)
                 if copied is not None:
-                    return copied
+                    return without_minted_setid(copied, low)[0]  # as the harvester records it
             return Entry(name, Kind.SYMLINK, 0o777, len(target), st.st_mtime_ns, b"", target)
         if not stat.S_ISREG(st.st_mode):
             return None  # a fifo, socket or device: not modelled (the harvest skips it too)

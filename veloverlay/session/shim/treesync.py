@@ -31,6 +31,7 @@ from veloverlay.session.harvest import (
     leaf_op,
     other_leaf,
     setid_kept,
+    without_minted_setid,
 )
 from veloverlay.session.shim.materialize import Baseline, open_target
 from veloverlay.store import tree
@@ -406,19 +407,11 @@ class TreeSync:
     ) -> Entry | None:
         if stat.S_ISREG(st.st_mode):
             return self._file(dfd, name, st, p, low, stage, res)
-        return other_leaf(
-            self.links,
-            self.m,
-            self._txn,
-            self._root,
-            self.rules,
-            dfd,
-            name,
-            st,
-            p,
-            low,
-            res.warnings,
-        )
+        view = (self.links, self.m, self._txn, self._root, self.rules)
+        leaf = other_leaf(*view, dfd, name, st, p, low, res.warnings)
+        e, stripped = without_minted_setid(leaf, low)
+        res.stripped_setid += stripped
+        return e
 
     def _file(
         self,
