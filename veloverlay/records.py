@@ -58,7 +58,10 @@ def _values_source(fields: tuple[str, ...]) -> str:
 
 def _init_source(fields: tuple[str, ...], defaults: dict[str, object], frozen: bool) -> str:
     params, body = [], []
-    assign = "_set(self, {0!r}, {1})" if frozen else "self.{0} = {1}"
+    # A frozen record's fields are set through their slots' own descriptors: what
+    # object.__setattr__ would find after looking the name up, for ~2/3 of its cost (an Entry
+    # with 8 fields: 0.67 against 1.03 us, measured; a tree's decode makes one per entry).
+    assign = "_s_{0}(self, {1})" if frozen else "self.{0} = {1}"
     for name in fields:
         d = defaults.get(name, _MISSING)
         if d is _MISSING:
@@ -113,8 +116,9 @@ class _Meta(type):
 def _compile(cls: Any, source: str, methods: tuple[str, ...]) -> None:
     """Compile `source` for record class `cls` and put its `methods` on the class (a race
     between two threads compiles twice and installs equal methods)."""
-    scope: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
+    scope: dict[str, object] = {"_MISSING": _MISSING}
     scope.update({f"_d_{f}": d for f, d in cls._defaults.items()})
+    scope.update({f"_s_{f}": cls.__dict__[f].__set__ for f in cls._fields})  # the slots
     exec(source, scope)  # noqa: S102 - our own source
     for method in methods:
         fn = scope[method]
