@@ -119,6 +119,17 @@ DEEP = 100  # levels: more than a build's cache of 64 open directories, under a 
 DEEP_LIMIT = 64
 
 
+def _ingested(base: str, src: str) -> Store:
+    """A new store in `base` holding `src` as ref `deep` (ingested under the caller's limits)."""
+    store = Store.init(os.path.join(base, "store"))
+    m = Manifests(store)
+    try:
+        ingest(store, m, src, "deep", jobs=1)
+    finally:
+        m.close()
+    return store
+
+
 def _deep_scenario(base: str, form: str) -> dict[str, object]:
     """A tree DEEP directories deep, ingested and projected under RLIMIT_NOFILE 64; what the
     session reads at its bottom and what the source holds there."""
@@ -129,12 +140,7 @@ def _deep_scenario(base: str, form: str) -> dict[str, object]:
     os.makedirs(os.path.join(src, rel))
     with open(os.path.join(src, rel, "f"), "w") as f:
         f.write("bottom\n")
-    store = Store.init(os.path.join(base, "store"))
-    m = Manifests(store)
-    try:
-        ingest(store, m, src, "deep", jobs=1)
-    finally:
-        m.close()
+    store = _ingested(base, src)
     at = os.path.join(base, "at")
     out = os.path.join(base, "seen")
     try:
@@ -318,12 +324,7 @@ def _deep_change(base: str, form: str) -> dict[str, object]:
     subprocess.run(["sh", "-c", change], cwd=plain, check=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (DEEP_LIMIT, hard))
-    store = Store.init(os.path.join(base, "store"))
-    m = Manifests(store)
-    try:
-        ingest(store, m, src, "deep", jobs=1)
-    finally:
-        m.close()
+    store = _ingested(base, src)
     at = os.path.join(base, "at")
     try:
         r = session.run(
