@@ -31,6 +31,7 @@ __all__ = [
     "open_dir_at",
     "open_opened_up",
     "opened_dir",
+    "open_walkable",
     "searchable",
     "empty_dir",
     "rmdir_at",
@@ -247,26 +248,44 @@ def open_dir_at(
 @contextlib.contextmanager
 def opened_dir(dfd: int, name: bytes, mode: int) -> Iterator[int]:
     """A descriptor of the directory `name` in `dfd` (no link followed) whose entries can be
-    listed and looked up while the block runs. One its owner made unreadable or unsearchable
-    (000, 0100, 0300, and 0600: that one opens, but no entry in it can be stat-ed) gets u+rwx
-    meanwhile, then its permission bits `mode` back (chmod leaves its mtime alone), also when the
-    block fails: a walk that is interrupted and run again finds the modes the tree's processes
-    left."""
+    listed and looked up while the block runs (`open_walkable`), its permission bits given
+    back at the end, also when the block fails: a walk that is interrupted and run again finds
+    the modes the tree's processes left."""
+    fd, back = open_walkable(dfd, name, mode)
+    try:
+        yield fd
+    finally:
+        if back is not None:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, back)
+        os.close(fd)
+
+
+def open_walkable(dfd: int, name: bytes, mode: int) -> tuple[int, int | None]:
+    """A descriptor of the directory `name` in `dfd` (no link followed) whose entries can be
+    listed and looked up, and the permission bits to give it back (fchmod, which leaves its
+    mtime alone) once the walk leaves it, or None. One its owner made unreadable or
+    unsearchable (000, 0100, 0300, and 0600: that one opens, but no entry in it can be
+    stat-ed) has u+rwx meanwhile; `mode` is its mode as listed."""
     try:
         fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-        opened_up = False
+        back = None
     except PermissionError:
-        pfd = os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd)
-        fd = open_opened_up(pfd, mode)
-        opened_up = True
+        fd = open_opened_up(os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd), mode)
+        back = mode
     try:
-        with searchable(fd):
-            yield fd
-    finally:
-        if opened_up:
-            with contextlib.suppress(OSError):
-                os.fchmod(fd, mode)
+        os.lstat(".", dir_fd=fd)  # resolving "." needs the search permission a lookup needs
+    except PermissionError:  # opened, but unsearchable (0600)
+        try:
+            back = stat.S_IMODE(os.fstat(fd).st_mode)
+            os.fchmod(fd, back | stat.S_IRWXU)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, back
 
 
 @contextlib.contextmanager

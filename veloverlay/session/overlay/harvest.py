@@ -53,7 +53,7 @@ from collections.abc import Iterator
 
 from veloverlay import _libc, faults, paths, posixacl
 from veloverlay.errors import VeloError
-from veloverlay.files import DIRFLAGS, open_opened_up, opened_dir
+from veloverlay.files import DIRFLAGS, open_walkable, opened_dir
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import Record, field
 from veloverlay.session.harvest import (
@@ -210,25 +210,7 @@ class _Harvester:
         """`files.opened_dir` of the directory `name` in the one the walk is in, kept by
         `self.dirs` (a tree deeper than the open-files limit allows open levels is harvested
         too: a level may be closed while the walk is below it, and opened again after)."""
-        dfd = self.dirs.fd()
-        try:
-            fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-            back = None
-        except PermissionError:  # its owner made it unreadable: u+rwx while the walk is in it
-            fd = open_opened_up(os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd), mode)
-            back = mode
-        try:
-            os.lstat(".", dir_fd=fd)
-        except PermissionError:  # opened, but unsearchable (0600): u+rwx meanwhile too
-            back = stat.S_IMODE(os.fstat(fd).st_mode)
-            try:
-                os.fchmod(fd, back | stat.S_IRWXU)
-            except BaseException:
-                os.close(fd)
-                raise
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, back = open_walkable(self.dirs.fd(), name, mode)
         self.dirs.push(fd, name)
         try:
             yield fd
