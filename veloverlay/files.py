@@ -32,7 +32,7 @@ __all__ = [
     "open_opened_up",
     "opened_dir",
     "open_walkable",
-    "searchable",
+    "let_search",
     "empty_dir",
     "rmdir_at",
     "makedirs",
@@ -247,10 +247,8 @@ def open_dir_at(
 
 @contextlib.contextmanager
 def opened_dir(dfd: int, name: bytes, mode: int) -> Iterator[int]:
-    """A descriptor of the directory `name` in `dfd` (no link followed) whose entries can be
-    listed and looked up while the block runs (`open_walkable`), its permission bits given
-    back at the end, also when the block fails: a walk that is interrupted and run again finds
-    the modes the tree's processes left."""
+    """`open_walkable` for the block; the directory's bits are given back at its end, also when
+    it fails: a walk run again finds the modes the tree's processes left."""
     fd, back = open_walkable(dfd, name, mode)
     try:
         yield fd
@@ -262,51 +260,33 @@ def opened_dir(dfd: int, name: bytes, mode: int) -> Iterator[int]:
 
 
 def open_walkable(dfd: int, name: bytes, mode: int) -> tuple[int, int | None]:
-    """A descriptor of the directory `name` in `dfd` (no link followed) whose entries can be
-    listed and looked up, and the permission bits to give it back (fchmod, which leaves its
-    mtime alone) once the walk leaves it, or None. One its owner made unreadable or
-    unsearchable (000, 0100, 0300, and 0600: that one opens, but no entry in it can be
-    stat-ed) has u+rwx meanwhile; `mode` is its mode as listed."""
+    """A descriptor of the directory `name` in `dfd` (no link followed) in which names can be
+    listed and looked up, and the bits to give it back (fchmod: its mtime stays) when the walk
+    leaves it, or None: one its owner made unreadable or unsearchable (000, 0100, 0300, 0600)
+    has u+rwx meanwhile. `mode`: its mode as listed."""
     try:
-        fd = os.open(name, DIRFLAGS, dir_fd=dfd)
-        back = None
+        fd, back = os.open(name, DIRFLAGS, dir_fd=dfd), None
     except PermissionError:
         fd = open_opened_up(os.open(name, os.O_PATH | DIRFLAGS, dir_fd=dfd), mode)
-        back = mode
+        back = mode  # (u+rwx now: searchable)
     try:
-        os.lstat(".", dir_fd=fd)  # resolving "." needs the search permission a lookup needs
-    except PermissionError:  # opened, but unsearchable (0600)
-        try:
-            back = stat.S_IMODE(os.fstat(fd).st_mode)
-            os.fchmod(fd, back | stat.S_IRWXU)
-        except BaseException:
-            os.close(fd)
-            raise
+        searched = let_search(fd)
     except BaseException:
         os.close(fd)
         raise
-    return fd, back
+    return fd, back if searched is None else searched
 
 
-@contextlib.contextmanager
-def searchable(fd: int) -> Iterator[None]:
-    """While the block runs, names can be looked up in the directory `fd`: one its owner opened
-    but cannot search (0600) gets u+rwx through the descriptor, then its mode back. Resolving
-    "." in it needs the search permission that an entry's lookup needs and the open did not."""
+def let_search(fd: int) -> int | None:
+    """u+rwx on the directory `fd` if no name can be looked up in it (0600: "." resolves not);
+    its bits before, or None."""
     try:
         os.lstat(".", dir_fd=fd)
+        return None
     except PermissionError:
-        pass
-    else:
-        yield
-        return
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    os.fchmod(fd, mode | stat.S_IRWXU)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.fchmod(fd, mode)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.fchmod(fd, mode | stat.S_IRWXU)
+        return mode
 
 
 def _opened_up(dfd: int, name: str, expect: tuple[int, int] | None) -> int:

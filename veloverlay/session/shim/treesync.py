@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 from veloverlay import paths, posixacl, records
-from veloverlay.files import DIRFLAGS, opened_dir, searchable, wait_for_writes
+from veloverlay.files import DIRFLAGS, let_search, opened_dir, wait_for_writes
 from veloverlay.lower.objects import PROXY_MTIME_NS
 from veloverlay.records import field
 from veloverlay.session.harvest import (
@@ -316,7 +316,7 @@ class TreeSync:
 
     def _searchable(self, fd: int) -> contextlib.AbstractContextManager[None]:
         if not self.live:
-            return searchable(fd)
+            return _given_back(fd, let_search(fd))
         try:
             os.lstat(".", dir_fd=fd)
         except PermissionError:
@@ -531,6 +531,18 @@ class TreeSync:
                 return digest, size, after
             st = after
         raise Unstable()
+
+
+@contextlib.contextmanager
+def _given_back(fd: int, mode: int | None) -> Iterator[None]:
+    """The block, then the directory `fd`'s permission bits `mode` back (`files.let_search`
+    gave it u+rwx so that names could be looked up in it), if it said any."""
+    try:
+        yield
+    finally:
+        if mode is not None:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, mode)
 
 
 @contextlib.contextmanager
