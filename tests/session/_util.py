@@ -12,7 +12,7 @@ import os
 import stat
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pytest
@@ -24,6 +24,7 @@ from veloverlay.ingest import ingest
 from veloverlay.store.cas import Store
 from veloverlay.store.checkout import checkout
 from veloverlay.store.manifest import Manifests
+from veloverlay.store.tree import Entry
 from veloverlay.verbs.fsck import fsck
 
 T = TypeVar("T")
@@ -152,18 +153,46 @@ def make_base(root: str, *, real_modes: bool = False) -> None:
     os.utime(root, ns=(OLD_NS, OLD_NS))
 
 
-def new_store(base: str, name: str = "t", *, real_modes: bool = False) -> tuple[Store, str]:
+def new_store(
+    base: str,
+    name: str = "t",
+    *,
+    real_modes: bool = False,
+    modes: dict[str, int] | None = None,
+    keep_setid: bool = False,
+) -> tuple[Store, str]:
     """A store at base/store with ref `name` ingested from base/src (path recorded); with
-    `real_modes` the tree also has REAL_MODE_FILES."""
+    `real_modes` the tree also has REAL_MODE_FILES; `modes`: files of the tree chmod-ed so
+    before the ingest (setid bits stored only with `keep_setid`)."""
     src = os.path.join(base, "src")
     make_base(src, real_modes=real_modes)
+    for rel, mode in (modes or {}).items():
+        os.chmod(os.path.join(src, rel), mode)
     store = Store.init(os.path.join(base, "store"))
     m = Manifests(store)
     try:
-        ingest(store, m, src, name, jobs=1)
+        ingest(store, m, src, name, jobs=1, keep_setid=keep_setid)
     finally:
         m.close()
     return store, src
+
+
+def ref_entries(store: Store, name: str, paths: Iterable[str]) -> dict[str, Entry | None]:
+    """The entries at `paths` (None: none there) in the head of ref `name`."""
+    m = Manifests(store)
+    try:
+        with m.read() as txn:
+            root = bytes.fromhex(m.resolve(txn, name)[1].root)
+            return {p: m.lookup(txn, root, p.encode()) for p in paths}
+    finally:
+        m.close()
+
+
+def ref_modes(store: Store, name: str, paths: Iterable[str]) -> dict[str, int]:
+    """The modes of the entries at `paths` in the head of ref `name` (each must be there)."""
+    got = ref_entries(store, name, paths)
+    assert all(e is not None for e in got.values()), got
+    return {p: e.mode for p, e in got.items() if e is not None}
 
 
 def head_root(store: Store, name: str) -> bytes:

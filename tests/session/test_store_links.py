@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, mode_params, new_store, run_session
+from tests.session._util import as_mode, mode_params, new_store, ref_entries, run_session
 from veloverlay.ingest import ingest
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Kind
@@ -64,13 +64,7 @@ def test_a_hand_made_link_to_another_trees_object_stays_a_link(mode: str) -> Non
 def _setid_tier1_copied(base: str, backend: str) -> dict[str, Any]:
     """A setuid Tier-1 file of the ref (kept at ingest), `cp -a`-ed in the session: the copy
     is the store link again, harvested back into a FILE of that object."""
-    store, src = new_store(base)
-    os.chmod(os.path.join(src, "model.gguf"), 0o4755)
-    m = Manifests(store)
-    try:
-        ingest(store, m, src, "t", jobs=1, keep_setid=True)
-    finally:
-        m.close()
+    store, _src = new_store(base, modes={"model.gguf": 0o4755}, keep_setid=True)
     proj = os.path.join(base, "proj")
     plain = os.path.join(base, "plain")  # a plain directory given the same cp -a, as this user
     os.makedirs(plain)
@@ -79,13 +73,7 @@ def _setid_tier1_copied(base: str, backend: str) -> dict[str, Any]:
     os.chmod(os.path.join(plain, "model.gguf"), 0o4755)
     cmd = f"cd {proj} && cp -a model.gguf copy.gguf && cd {plain} && cp -a model.gguf copy.gguf"
     res = run_session(store, ["t"], ["sh", "-c", cmd], at=proj, backend=backend)
-    m = Manifests(store)
-    try:
-        with m.read() as txn:
-            root = bytes.fromhex(m.resolve(txn, "t")[1].root)
-            got = {n: m.lookup(txn, root, n.encode()) for n in ("model.gguf", "copy.gguf")}
-    finally:
-        m.close()
+    got = ref_entries(store, "t", ("model.gguf", "copy.gguf"))
     return {
         "kinds": {n: (e.kind, e.tier) for n, e in got.items() if e is not None},
         "modes": {n: e.mode for n, e in got.items() if e is not None},

@@ -14,9 +14,8 @@ import pytest
 
 import veloverlay
 from tests.helpers.unpriv import unpriv_tmpdir
-from tests.session._util import as_mode, fsck_ok, mode_params, new_store
+from tests.session._util import as_mode, fsck_ok, mode_params, new_store, ref_modes
 from tests.shim._util import run_shim
-from veloverlay.ingest import ingest
 from veloverlay.store.cas import Store
 from veloverlay.store.manifest import Manifests
 from veloverlay.store.tree import Entry, Kind, Op, OpKind
@@ -188,14 +187,7 @@ def _setid_session(base: str, backend: str) -> tuple[dict[str, int], list[str], 
     proj = os.path.join(base, "proj")
     script = f"cd {proj} && : > s && chmod 6755 s && : > g && chmod 2711 g && chmod 1755 f1"
     res = run_session(store, ["t"], ["sh", "-c", script], at=proj, backend=backend)
-    r = Repo.open(os.fspath(store.root))
-    try:
-        with r.m.read() as txn:
-            root = r.resolve_root("t")
-            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("s", "g", "f1")}  # type: ignore[union-attr]
-    finally:
-        r.close()
-    return modes, res.warnings, fsck_ok(store)
+    return ref_modes(store, "t", ("s", "g", "f1")), res.warnings, fsck_ok(store)
 
 
 @pytest.mark.parametrize("backend", ["overlay", "shim"])
@@ -213,26 +205,13 @@ def test_setid_bits_a_session_sets_are_not_committed(mode: str, backend: str) ->
 def _setid_rewritten(base: str, backend: str) -> tuple[dict[str, int], bytes, list[str]]:
     from tests.session._util import run_session
 
-    store, src = new_store(base)
-    os.chmod(os.path.join(src, "exec.sh"), 0o4755)
-    os.chmod(os.path.join(src, "f2"), 0o2755)
-    m = Manifests(store)
-    try:
-        ingest(store, m, src, "t", jobs=1, keep_setid=True)
-    finally:
-        m.close()
+    store, _src = new_store(base, modes={"exec.sh": 0o4755, "f2": 0o2755}, keep_setid=True)
     proj = os.path.join(base, "proj")
     # New content behind the setuid path, and the bit set again after the write (the kernel
     # clears it on a write); f2 is only touched (copied up, content the manifest's).
     script = f"cd {proj} && printf '#!/bin/sh\\nid\\n' > exec.sh && chmod 4755 exec.sh && touch f2"
     res = run_session(store, ["t"], ["sh", "-c", script], at=proj, backend=backend)
-    r = Repo.open(os.fspath(store.root))
-    try:
-        with r.m.read() as txn:
-            root = r.resolve_root("t")
-            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("exec.sh", "f2")}  # type: ignore[union-attr]
-    finally:
-        r.close()
+    modes = ref_modes(store, "t", ("exec.sh", "f2"))
     return modes, _cat(store, "t", "exec.sh"), res.warnings
 
 
@@ -254,25 +233,12 @@ def _setid_on_host(base: str, link: bool) -> tuple[str, dict[str, int], list[str
     """A shim session of a ref with a setuid and a setgid file (kept at ingest): what the
     command finds with setid bits in the projection (a real tree on the host) and in the
     store's proxies, and the modes committed after it touched one and left the other."""
-    store, src = new_store(base)
-    os.chmod(os.path.join(src, "exec.sh"), 0o4755)
-    os.chmod(os.path.join(src, "f2"), 0o2755)
-    m = Manifests(store)
-    try:
-        ingest(store, m, src, "t", jobs=1, keep_setid=True)
-    finally:
-        m.close()
+    store, _src = new_store(base, modes={"exec.sh": 0o4755, "f2": 0o2755}, keep_setid=True)
     proj, out = os.path.join(base, "proj"), os.path.join(base, "found")
     find = f"find {proj} {store.root} -type f -perm /6000 > {out}"
     res = run_shim(store, "t", ["sh", "-c", f"{find} && touch {proj}/f2"], link=link, at=proj)
     assert res.exit_status == 0, res
-    r = Repo.open(os.fspath(store.root))
-    try:
-        with r.m.read() as txn:
-            root = r.resolve_root("t")
-            modes = {n: r.m.lookup(txn, root, n.encode()).mode for n in ("exec.sh", "f2")}  # type: ignore[union-attr]
-    finally:
-        r.close()
+    modes = ref_modes(store, "t", ("exec.sh", "f2"))
     with open(out) as f:
         return f.read(), modes, res.warnings, fsck_ok(store)
 
