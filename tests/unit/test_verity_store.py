@@ -11,10 +11,13 @@ deb13-verity).
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 
 import pytest
 
+from tests.helpers.cli import velo_text
 from tests.helpers.trees import make_tree
 from veloverlay import verity
 from veloverlay.errors import Reason, VeloError
@@ -176,6 +179,18 @@ def test_fsck_reports_an_unreadable_object_instead_of_crashing(
     assert "read failed" in rep.findings[0].detail
 
 
+def _make_the_cache_lie(store: str) -> str:
+    """The store's fsverity-v1.json, which a real probe wrote saying no, rewritten to say
+    fs-verity works; its path."""
+    cache = os.path.join(store, "fsverity-v1.json")
+    with open(cache) as f:
+        data = json.load(f)
+    assert data["ok"] is False
+    with open(cache, "w") as f:
+        json.dump({**data, "ok": True, "reason": "works (damaged)"}, f)
+    return cache
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_cache_that_says_verity_works_where_it_does_not_is_probed_again(
     shm_tmp: str, jobs: str
@@ -186,28 +201,17 @@ def test_a_cache_that_says_verity_works_where_it_does_not_is_probed_again(
     ...: Operation not supported' (ENOTTY on tmpfs) and stored nothing. A seal refused as
     unsupported now probes again, rewrites the cache, and publishes the objects unsealed. (No
     monkeypatching: this machine's /dev/shm has no fs-verity; the probe is real.)"""
-    import json
-    import subprocess
-    import sys
-
     if verity.usable_under(shm_tmp)[0]:
         pytest.skip("fs-verity works here: no wrong cache to make")
     store = os.path.join(shm_tmp, "store")
     files = _tree(os.path.join(shm_tmp, "src"), 40)
 
     def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "VELO_STORE": store, "VELO_JOBS": jobs}
-        cmd = [sys.executable, "-m", "veloverlay", "--json", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return velo_text(store, "--json", *args, env={"VELO_JOBS": jobs})
 
     make_tree(os.path.join(shm_tmp, "first"), {"a": b"first\n"})
     assert velo("ingest", os.path.join(shm_tmp, "first"), "--name", "first").returncode == 0
-    cache = os.path.join(store, "fsverity-v1.json")
-    with open(cache) as f:
-        data = json.load(f)
-    assert data["ok"] is False
-    with open(cache, "w") as f:
-        json.dump({**data, "ok": True, "reason": "works (damaged)"}, f)
+    cache = _make_the_cache_lie(store)
     r = velo("ingest", os.path.join(shm_tmp, "src"), "--name", "t")
     assert r.returncode == 0, r.stdout + r.stderr
     for rel, data_ in files.items():
@@ -223,27 +227,16 @@ def test_fsck_repair_probes_again_where_the_cache_is_wrong(shm_tmp: str) -> None
     were counted as "unsealed" with the hint to run fsck --repair, which could never seal them,
     and the cache stayed wrong. Now fsck probes again as publish does: the cache is written
     again and no object is counted as unsealed. (Real probe: /dev/shm has no fs-verity.)"""
-    import json
-    import subprocess
-    import sys
-
     if verity.usable_under(shm_tmp)[0]:
         pytest.skip("fs-verity works here: no wrong cache to make")
     store = os.path.join(shm_tmp, "store")
     _tree(os.path.join(shm_tmp, "src"), 10)
 
     def velo(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "VELO_STORE": store}
-        cmd = [sys.executable, "-m", "veloverlay", "--json", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return velo_text(store, "--json", *args)
 
     assert velo("ingest", os.path.join(shm_tmp, "src"), "--name", "t").returncode == 0
-    cache = os.path.join(store, "fsverity-v1.json")
-    with open(cache) as f:
-        data = json.load(f)
-    assert data["ok"] is False
-    with open(cache, "w") as f:
-        json.dump({**data, "ok": True, "reason": "works (damaged)"}, f)
+    cache = _make_the_cache_lie(store)
     r = velo("fsck", "--repair")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["fsverity"] == {"sealed": 0, "unsealed": 0, "repaired": 0}, r
